@@ -1,0 +1,98 @@
+"""The Python API: a plain PyTorch script becomes a Tessera worker in a few lines.
+
+    import tessera
+    tessera.init()                                   # join the job the launcher started
+    model = tessera.distribute(model, optimizer="sgd", lr=0.1, momentum=0.9)
+    sampler = tessera.shard(len(train_x), batch_size=32)
+    for step in range(steps):
+        idx = sampler.indices(step)
+        loss = loss_fn(model(train_x[idx]), train_y[idx])
+        loss.backward()                              # gradients pushed while backward runs
+        model.step()                                 # servers applied the optimizer; fresh params
+    tessera.finish()
+
+Run it with ``tessera launch --workers 2 --servers 2 script.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from tessera.cluster.session import Session
+from tessera.config.schema import OptimizerConfig
+from tessera.data.sampler import ShardSampler
+from tessera.parallel.ps import PSDataParallel, param_layout
+from tessera.ps.client import PSClient
+
+_session: Optional[Session] = None
+_model: Optional[PSDataParallel] = None
+
+
+def init() -> Session:
+    """Join the running job as the worker the launcher started this process as."""
+    global _session
+    if _session is None:
+        _session = Session.from_env(expect_role="worker")
+    return _session
+
+
+def _require() -> Session:
+    if _session is None:
+        raise RuntimeError("call tessera.init() first")
+    return _session
+
+
+def rank() -> int:
+    return _require().rank
+
+
+def num_workers() -> int:
+    return _require().num_workers
+
+
+def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
+               **optimizer_args: Any) -> PSDataParallel:
+    """Move ``model``'s parameters to the parameter servers.
+
+    ``optimizer`` names the update rule the servers apply (``sgd``, ``adam``,
+    ``adamw``, ``adagrad``) with ``torch.optim``'s keyword arguments; it is taken
+    from worker 0 (every worker should pass the same).
+    """
+    global _model
+    session = _require()
+    if _model is not None:
+        raise RuntimeError("tessera.distribute() was already called in this process")
+    opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(
+        name=optimizer, **optimizer_args)
+    first = session.rank == 0
+    session.register(layout=param_layout(model) if first else None,
+                     optimizer=opt if first else None)
+    client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
+                      server_addresses=session.server_addresses(), secret=session.secret,
+                      worker=session.rank, timeout_s=session.timeout_s,
+                      wire_dtype=session.cfg.ps.wire_dtype, check=session.check)
+    client.connect()
+    _model = PSDataParallel(model, client, session.shard_map(), is_first=first)
+    return _model
+
+
+def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> ShardSampler:
+    """This worker's deterministic share of a dataset of ``num_samples`` samples."""
+    session = _require()
+    return ShardSampler(num_samples, batch_size=batch_size, num_workers=session.num_workers,
+                        rank=session.rank, seed=session.cfg.train.seed if seed is None else seed)
+
+
+def finish(**stats: Any) -> None:
+    """Report this worker's counters and leave the job cleanly."""
+    global _session, _model
+    session = _require()
+    if _model is not None:
+        stats.setdefault("bytes_pushed", _model.client.bytes_pushed)
+        stats.setdefault("bytes_pulled", _model.client.bytes_pulled)
+        _model.client.close()
+    session.finish(stats)
+    session.close()
+    _session, _model = None, None

@@ -1,0 +1,79 @@
+"""Liveness: every process heartbeats the coordinator; failures become exceptions.
+
+A :class:`Heartbeat` thread owns its own socket to the coordinator. Every
+``interval`` it says "alive"; the coordinator answers with the job's state:
+``running``, ``shutdown`` (work done: exit cleanly) or ``failed`` with the
+reason (which process died, and how it was noticed). Silence from the
+coordinator for ``timeout`` seconds is itself a failure.
+
+Code that waits (a server's loop, a worker waiting for a push reply) calls
+:meth:`Heartbeat.check` between 100 ms slices: a failure anywhere in the
+cluster surfaces as :class:`ClusterFailure` within about ``timeout`` seconds
+instead of a hang (pytorch/pytorch#46874 is what we avoid).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+
+from tessera.transport import wire
+from tessera.transport.endpoint import ClientEndpoint, TransportError
+
+
+class ClusterFailure(RuntimeError):
+    """Another process of the job failed; the message names it."""
+
+
+class Heartbeat:
+    def __init__(self, ctx: zmq.Context, coordinator: str, secret: str, role: str, rank: int,
+                 *, interval_s: float, timeout_s: float):
+        self._ep = ClientEndpoint(ctx, coordinator, secret, "coordinator", sndtimeo_s=timeout_s)
+        self.role, self.rank = role, rank
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self._failure = ""
+        self._shutdown = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}{rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_ack = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                req = self._ep.new_req()
+                try:
+                    self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank))
+                    msg, _ = self._ep.wait(req, self.interval_s * 2, "heartbeat")
+                except TransportError:
+                    if time.monotonic() - last_ack > self.timeout_s:
+                        self._failure = (f"the coordinator ({self._ep.address}) has not answered "
+                                         f"heartbeats for {time.monotonic() - last_ack:.1f} s")
+                        return
+                    continue
+                last_ack = time.monotonic()
+                if isinstance(msg, wire.HeartbeatAck):
+                    if msg.state == "failed":
+                        self._failure = msg.reason or "the coordinator declared the job failed"
+                        return
+                    if msg.state == "shutdown":
+                        self._shutdown.set()
+                self._stop.wait(self.interval_s)
+        finally:
+            self._ep.close()
+
+    @property
+    def shutdown_requested(self) -> bool:
+        return self._shutdown.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`ClusterFailure` if the cluster has failed."""
+        if self._failure:
+            raise ClusterFailure(self._failure)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s * 4 + 1)

@@ -1,0 +1,93 @@
+"""Entry points of the processes the launcher starts: coordinator and server.
+
+Workers run :mod:`tessera.cluster.trainer` (``tessera run``) or the user's own
+script (``tessera launch``). Each process turns the failures it expects (a dead
+peer, a refused request, bad data) into one line on stderr naming itself and
+the peer, and exit code 3; anything else is a bug and keeps its traceback.
+
+    python -m tessera.cluster.role coordinator|server
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_CLUSTER_FAILURE = 3
+
+
+def run_guarded(fn: Callable[[], None], name: str) -> None:
+    from tessera.cluster.health import ClusterFailure
+    from tessera.cluster.session import NotLaunched
+    from tessera.data.datasets import DataError
+    from tessera.ps.client import ServerError
+    from tessera.transport.endpoint import TransportError
+
+    label = f"{name} {os.environ.get('TESSERA_RANK', '')}".strip()
+    # The launcher ends processes with SIGTERM; leave quietly.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    try:
+        fn()
+    except (ClusterFailure, TransportError, ServerError, DataError, NotLaunched) as exc:
+        print(f"{label}: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_CLUSTER_FAILURE)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def coordinator_main() -> None:
+    import zmq
+
+    from tessera.cluster.coordinator import Coordinator, write_json_atomic
+    from tessera.config import config_from_dict
+
+    run_dir = Path(os.environ["TESSERA_RUN_DIR"])
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    ctx = zmq.Context()
+    coord = Coordinator(cfg, run_dir, os.environ["TESSERA_SECRET"], ctx=ctx)
+    write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
+    code = coord.run()
+    ctx.destroy(linger=0)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def server_main() -> None:
+    import torch
+
+    from tessera.cluster.session import Session
+    from tessera.ps.server import ParameterServer
+    from tessera.ps.sharding import partition_elems_for
+    from tessera.transport.endpoint import ServerEndpoint
+
+    torch.set_num_threads(1)  # servers sum and step; workers need the cores
+    session = Session.from_env(expect_role="server")
+    cfg = session.cfg
+    max_frame = partition_elems_for(cfg.ps.partition_mb) * 4 + (1 << 20)
+    endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
+                              max_frame_bytes=max_frame)
+    view = session.register(address=endpoint.address)
+    server = ParameterServer(
+        rank=session.rank, endpoint=endpoint,
+        partitions=[p for p in view.partitions if p.server == session.rank],
+        optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=cfg.ps.mode,
+        check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested)
+    server.serve()
+    session.finish(dict(server.stats, partitions=len(server.parts)))
+    endpoint.close()
+    session.close()
+
+
+if __name__ == "__main__":
+    role = sys.argv[1] if len(sys.argv) > 1 else ""
+    if role == "coordinator":
+        run_guarded(coordinator_main, "coordinator")
+    elif role == "server":
+        run_guarded(server_main, "server")
+    else:
+        sys.exit(f"usage: python -m tessera.cluster.role coordinator|server (got {role!r})")

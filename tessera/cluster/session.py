@@ -1,0 +1,120 @@
+"""A process's membership in a running job, and the user-facing ``tessera.init()``.
+
+The launcher starts every process with its identity in a handful of
+``TESSERA_*`` environment variables; :meth:`Session.from_env` is the only code
+that reads them (STYLE: only the launcher reads the environment). Everything
+after that is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+import zmq
+
+from tessera.cluster.health import ClusterFailure, Heartbeat
+from tessera.config import config_from_dict
+from tessera.config.schema import JobConfig, OptimizerConfig
+from tessera.ps.sharding import ShardMap
+from tessera.transport import wire
+from tessera.transport.endpoint import ClientEndpoint
+
+ENV_VARS = ("TESSERA_ROLE", "TESSERA_RANK", "TESSERA_RUN_DIR", "TESSERA_COORDINATOR",
+            "TESSERA_SECRET")
+
+
+class NotLaunched(RuntimeError):
+    pass
+
+
+class Session:
+    """Who this process is, how to reach the coordinator, and the job's config."""
+
+    def __init__(self, *, role: str, rank: int, cfg: JobConfig, run_dir: Path, coordinator: str,
+                 secret: str):
+        self.role, self.rank, self.cfg, self.run_dir = role, rank, cfg, Path(run_dir)
+        self.coordinator, self.secret = coordinator, secret
+        self.ctx = zmq.Context()
+        cl = cfg.cluster
+        self.heartbeat = Heartbeat(self.ctx, coordinator, secret, role, rank,
+                                   interval_s=cl.heartbeat_interval_s,
+                                   timeout_s=cl.heartbeat_timeout_s)
+        self._coord = ClientEndpoint(self.ctx, coordinator, secret, "coordinator",
+                                     sndtimeo_s=cl.timeout_s)
+        self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
+        self.view: Optional[wire.ClusterView] = None
+
+    @classmethod
+    def from_env(cls, expect_role: Optional[str] = None) -> "Session":
+        missing = [v for v in ENV_VARS if not os.environ.get(v)]
+        if missing:
+            raise NotLaunched(
+                "this process was not started by a Tessera launcher (missing "
+                f"{', '.join(missing)}); run your script with "
+                "`tessera launch --workers 2 --servers 2 your_script.py`")
+        role = os.environ["TESSERA_ROLE"]
+        if expect_role and role != expect_role:
+            raise NotLaunched(f"this process was launched as a {role}, not a {expect_role}")
+        run_dir = Path(os.environ["TESSERA_RUN_DIR"])
+        import json
+        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+        return cls(role=role, rank=int(os.environ["TESSERA_RANK"]), cfg=cfg, run_dir=run_dir,
+                   coordinator=os.environ["TESSERA_COORDINATOR"],
+                   secret=os.environ["TESSERA_SECRET"])
+
+    @property
+    def num_workers(self) -> int:
+        return self.cfg.cluster.workers
+
+    @property
+    def num_servers(self) -> int:
+        return self.cfg.cluster.servers
+
+    @property
+    def timeout_s(self) -> float:
+        return self.cfg.cluster.timeout_s
+
+    def check(self) -> None:
+        self.heartbeat.check()
+
+    def register(self, *, address: str = "", layout=None,
+                 optimizer: Optional[OptimizerConfig] = None) -> wire.ClusterView:
+        """Join the job; returns once everyone has joined (the cluster view)."""
+        req = self._coord.new_req()
+        msg, _ = self._coord.request(
+            wire.Register(req=req, role=self.role, rank=self.rank, host=socket.gethostname(),
+                          pid=os.getpid(), address=address, layout=layout, optimizer=optimizer),
+            timeout_s=self.cfg.cluster.startup_timeout_s, what="registration",
+            check=self.heartbeat.check)
+        if isinstance(msg, wire.Error):
+            raise ClusterFailure(msg.message)
+        if not isinstance(msg, wire.ClusterView):
+            raise ClusterFailure(f"coordinator answered registration with {type(msg).__name__}")
+        self.view = msg
+        return msg
+
+    def shard_map(self) -> ShardMap:
+        assert self.view is not None, "register() first"
+        return ShardMap(layout=tuple(self.view.layout), partitions=tuple(self.view.partitions),
+                        num_servers=self.num_servers)
+
+    def server_addresses(self) -> list[str]:
+        assert self.view is not None, "register() first"
+        servers = sorted((p for p in self.view.processes if p.role == "server"),
+                         key=lambda p: p.rank)
+        return [p.address for p in servers]
+
+    def finish(self, stats: dict[str, Any]) -> None:
+        """Report this process's counters; the coordinator folds them into summary.json."""
+        req = self._coord.new_req()
+        clean = {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) or v is None}
+        self._coord.request(wire.Finished(req=req, role=self.role, rank=self.rank, stats=clean),
+                            timeout_s=self.timeout_s, what="final report")
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        self._coord.close()
+        self.ctx.destroy(linger=0)

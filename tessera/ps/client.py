@@ -1,0 +1,158 @@
+"""The worker's side of the parameter servers: push, pull, and their handles.
+
+Phases of one client step (the calls :class:`tessera.parallel.ps.PSDataParallel` makes):
+
+1. ``push(partition, grad, clock)`` as soon as backward has produced a
+   partition's gradient. The send is queued and returns a :class:`Handle` at
+   once; ZeroMQ's I/O thread moves the bytes while backward continues.
+2. The server answers a push with the partition's values after the update the
+   push took part in: push and pull in one round trip.
+3. ``handle.wait()`` before the next forward returns those values.
+
+``pull(partitions, clock)`` fetches values without pushing (start-up, and a
+worker that rejoins). All sockets are used from the calling thread only;
+``wait`` polls in 100 ms slices and runs ``check`` between them, so a cluster
+failure seen by the heartbeat thread surfaces here instead of a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import zmq
+
+from tessera.ps.sharding import ShardMap
+from tessera.transport import wire
+from tessera.transport.endpoint import ClientEndpoint, TransportError
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+
+
+class ServerError(RuntimeError):
+    """A server refused a request; the message says which server and why."""
+
+
+class Handle:
+    """An outstanding request; :meth:`wait` returns ``{partition id: tensor}``."""
+
+    def __init__(self, client: "PSClient", server: int, req: int, what: str, keep=None):
+        self._client, self._server, self._req, self._what = client, server, req, what
+        self._keep = keep  # buffers ZeroMQ may still be sending from
+        self._result: Optional[dict[int, torch.Tensor]] = None
+
+    def wait(self, timeout_s: Optional[float] = None) -> dict[int, torch.Tensor]:
+        if self._result is None:
+            self._result = self._client._finish(self._server, self._req, self._what, timeout_s)
+            self._keep = None
+        return self._result
+
+
+class PSClient:
+    def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
+                 secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
+                 check: Callable[[], None] = lambda: None):
+        if len(server_addresses) != shard_map.num_servers:
+            raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
+                             f"{shard_map.num_servers} servers")
+        self.shard_map = shard_map
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.wire_dtype = wire_dtype
+        self.check = check
+        self.servers = [ClientEndpoint(ctx, addr, secret, f"server {i}", sndtimeo_s=timeout_s)
+                        for i, addr in enumerate(server_addresses)]
+        self.parts = {p.id: p for p in shard_map.partitions}
+        self.seq = 0
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+
+    def connect(self, timeout_s: Optional[float] = None) -> None:
+        for ep in self.servers:
+            ep.wait_connected(timeout_s or self.timeout_s, self.check)
+
+    def close(self) -> None:
+        for ep in self.servers:
+            ep.close()
+
+    # ----------------------------------------------------------------- calls
+
+    def init_params(self, flat: torch.Tensor) -> None:
+        """Send every partition's initial values (worker 0 only) and wait for the acks."""
+        flat = flat.detach().to("cpu", torch.float32).contiguous()
+        pending = []
+        for server, ep in enumerate(self.servers):
+            ids = [p.id for p in self.shard_map.on_server(server)]
+            if not ids:
+                continue
+            frames = [tensor_to_frame(flat[self.parts[i].start:self.parts[i].stop]) for i in ids]
+            req = ep.new_req()
+            ep.send(wire.InitParams(req=req, partitions=ids, dtype="float32"), frames)
+            pending.append((server, req))
+        for server, req in pending:
+            self._expect(server, req, "initial values", None, wire.Ack)
+
+    def pull(self, partitions: Optional[list[int]] = None, clock: int = 0) -> list[Handle]:
+        """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
+        ids = list(self.parts) if partitions is None else partitions
+        by_server: dict[int, list[int]] = {}
+        for pid in ids:
+            by_server.setdefault(self.parts[pid].server, []).append(pid)
+        handles = []
+        for server, pids in by_server.items():
+            ep = self.servers[server]
+            req = ep.new_req()
+            ep.send(wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
+                              dtype=self.wire_dtype))
+            handles.append(Handle(self, server, req, f"pull of partitions {pids} at clock {clock}"))
+        return handles
+
+    def push(self, partition: int, grad: torch.Tensor, clock: int) -> Handle:
+        """Send one partition's gradient for ``clock``; the handle yields the new values."""
+        info = self.parts[partition]
+        payload = grad.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
+        if payload.numel() != info.stop - info.start:
+            raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
+                             f"gradient has {payload.numel()}")
+        frame = tensor_to_frame(payload)
+        ep = self.servers[info.server]
+        req = ep.new_req()
+        self.seq += 1
+        ep.send(wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
+                          partitions=[partition], dtype=self.wire_dtype), [frame])
+        self.bytes_pushed += frame.nbytes
+        return Handle(self, info.server, req, f"push of partition {partition} at clock {clock}",
+                      keep=payload)
+
+    # -------------------------------------------------------------- replies
+
+    def _expect(self, server: int, req: int, what: str, timeout_s, kind):
+        try:
+            msg, frames = self.servers[server].wait(req, timeout_s or self.timeout_s, what,
+                                                    self.check)
+        except TransportError:
+            raise
+        if isinstance(msg, wire.Error):
+            raise ServerError(f"{self.servers[server].peer_name} refused {what}: {msg.message}")
+        if not isinstance(msg, kind):
+            raise ServerError(f"{self.servers[server].peer_name} answered {what} with "
+                              f"{type(msg).__name__}, expected {kind.__name__}")
+        return msg, frames
+
+    def _finish(self, server: int, req: int, what: str, timeout_s) -> dict[int, torch.Tensor]:
+        msg, frames = self._expect(server, req, what, timeout_s, wire.Params)
+        if len(frames) != len(msg.partitions):
+            raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
+                              f"for {len(msg.partitions)} partitions")
+        out = {}
+        for pid, frame in zip(msg.partitions, frames):
+            info = self.parts.get(pid)
+            if info is None or info.server != server:
+                raise ServerError(f"{self.servers[server].peer_name} sent partition {pid}, "
+                                  f"which it does not hold")
+            out[pid] = frame_to_tensor(frame.buffer, msg.dtype, info.stop - info.start)
+            self.bytes_pulled += len(frame)
+        return out
+
+
+def wire_bytes(numel: int, wire_dtype: str) -> int:
+    return numel * itemsize(wire_dtype)

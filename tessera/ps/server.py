@@ -1,0 +1,253 @@
+"""A parameter server: owns partitions, applies updates, answers pulls.
+
+One thread runs :meth:`ParameterServer.serve`, a loop over one ROUTER socket;
+ZeroMQ's I/O thread receives the next partitions while this thread applies the
+optimizer to the current one, so receiving and updating overlap.
+
+Consistency, per partition (each partition keeps its own clock):
+
+* ``sync``: a partition at clock ``c`` sums the pushes for ``c`` from every worker,
+  divides by the number of workers (the mean, as DDP averages), applies the
+  optimizer once, moves to ``c + 1`` and answers all of those pushes with the new
+  values. A pull for clock ``c`` waits until the partition has reached ``c``.
+* ``async``: each push is applied the moment it arrives and answered with the
+  values it produced; pulls never wait (Hogwild-style, as MXNet ``dist_async``).
+
+Every request is validated before any state changes: partition ids must be this
+server's, payload frames must have exactly the lengths this server expects.
+A request that fails validation is answered with an :class:`Error` and forgotten.
+Each push carries ``(worker, seq)``; a push already applied is not applied again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from tessera.config.schema import OptimizerConfig
+from tessera.ps.optim import UpdateRule, make_rule
+from tessera.transport import wire
+from tessera.transport.endpoint import ServerEndpoint
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request answered once all its partitions are initialised and at ``clock``."""
+
+    peer: bytes
+    req: int
+    clock: int
+    dtype: str
+    states: list["PartitionState"]
+
+    def ready(self) -> bool:
+        return all(st.rule is not None and st.clock >= self.clock for st in self.states)
+
+
+@dataclass
+class PartitionState:
+    info: wire.PartitionInfo
+    rule: Optional[UpdateRule] = None
+    clock: int = 0
+    accum: Optional[torch.Tensor] = None
+    pushed_by: set[int] = field(default_factory=set)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.info.stop - self.info.start
+
+
+class RequestError(ValueError):
+    """A request this server refuses; the message goes back to the sender."""
+
+
+class ParameterServer:
+    def __init__(self, *, rank: int, endpoint: ServerEndpoint, partitions: list[wire.PartitionInfo],
+                 optimizer: OptimizerConfig, num_workers: int, mode: str,
+                 check: Callable[[], None] = lambda: None,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.rank = rank
+        self.endpoint = endpoint
+        self.parts = {p.id: PartitionState(p) for p in partitions}
+        self.optimizer = optimizer
+        self.num_workers = num_workers
+        self.mode = mode
+        self.check = check
+        self.should_stop = should_stop
+        self.last_seq: dict[int, int] = {}
+        self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
+                          errors=0, apply_s=0.0)
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self) -> None:
+        """Serve until ``should_stop()``; ``check()`` raises on a cluster failure."""
+        while not self.should_stop():
+            self.check()
+            if not self.endpoint.poll(0.1):
+                continue
+            for _ in range(256):  # drain what is queued before checking health again
+                self.handle(self.endpoint.recv())
+                if not self.endpoint.poll(0):
+                    break
+
+    def handle(self, got) -> None:
+        msg = got.msg
+        if msg is None:
+            self._refuse(got.peer, 0, got.error)
+            return
+        try:
+            if isinstance(msg, wire.Push):
+                self._on_push(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.Pull):
+                self._on_pull(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.InitParams):
+                self._on_init(got.peer, msg, got.frames)
+            else:
+                raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
+        except RequestError as exc:
+            self._refuse(got.peer, getattr(msg, "req", 0), str(exc))
+
+    def _refuse(self, peer: bytes, req: int, why: str) -> None:
+        self.stats["errors"] += 1
+        self.endpoint.send(peer, wire.Error(req=req, message=f"server {self.rank}: {why}"))
+
+    # ------------------------------------------------------------ validation
+
+    def _states(self, ids: list[int], frames: Optional[list], dtype: str) -> list[PartitionState]:
+        if not ids:
+            raise RequestError("request names no partitions")
+        if len(set(ids)) != len(ids):
+            raise RequestError("request names a partition twice")
+        states = []
+        for pid in ids:
+            st = self.parts.get(pid)
+            if st is None:
+                raise RequestError(f"partition {pid} is not held by this server "
+                                   f"(it holds {sorted(self.parts)})")
+            states.append(st)
+        if frames is not None:
+            if len(frames) != len(ids):
+                raise RequestError(f"{len(ids)} partitions named but {len(frames)} payload frames sent")
+            for st, frame in zip(states, frames):
+                expected = st.numel * itemsize(dtype)
+                if len(frame) != expected:
+                    raise RequestError(f"partition {st.info.id} payload is {len(frame)} bytes; "
+                                       f"{st.numel} {dtype} elements are {expected} bytes")
+        return states
+
+    # -------------------------------------------------------------- handlers
+
+    def _on_init(self, peer: bytes, msg: wire.InitParams, frames: list) -> None:
+        states = self._states(msg.partitions, frames, msg.dtype)
+        for st, frame in zip(states, frames):
+            if st.rule is None:  # first writer wins: a re-sent init changes nothing
+                values = frame_to_tensor(frame.buffer, msg.dtype, st.numel).to(torch.float32)
+                st.rule = make_rule(values, self.optimizer)
+                self.stats["bytes_received"] += len(frame)
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
+        self._wake(states)
+
+    def _on_pull(self, peer: bytes, msg: wire.Pull, frames: list) -> None:
+        if frames:
+            raise RequestError("a pull carries no payload frames")
+        states = self._states(msg.partitions, None, msg.dtype)
+        self.stats["pulls"] += 1
+        # Async pulls never wait for a clock, only for initial values.
+        clock = msg.clock if self.mode == "sync" else 0
+        self._wait_or_answer(_Waiter(peer, msg.req, clock, msg.dtype, states))
+
+    def _on_push(self, peer: bytes, msg: wire.Push, frames: list) -> None:
+        states = self._states(msg.partitions, frames, msg.dtype)
+        for st in states:
+            if st.rule is None:
+                raise RequestError(f"partition {st.info.id} has not been initialised yet "
+                                   f"(worker 0 sends initial values first)")
+        if not 0 <= msg.worker < self.num_workers:
+            raise RequestError(f"worker {msg.worker} is not in this job "
+                               f"(workers are 0..{self.num_workers - 1})")
+        if msg.seq <= self.last_seq.get(msg.worker, -1):
+            # A retried push that was already applied: answer, do not apply again.
+            self._send_params(peer, msg.req, states, msg.dtype)
+            return
+        if self.mode == "sync":
+            for st in states:
+                if msg.clock != st.clock:
+                    raise RequestError(f"push for clock {msg.clock} but partition {st.info.id} "
+                                       f"is at clock {st.clock} (sync mode)")
+                if msg.worker in st.pushed_by:
+                    raise RequestError(f"worker {msg.worker} already pushed partition "
+                                       f"{st.info.id} for clock {msg.clock}")
+        self.last_seq[msg.worker] = msg.seq
+        self.stats["pushes"] += 1
+        for st, frame in zip(states, frames):
+            grad = frame_to_tensor(frame.buffer, msg.dtype, st.numel)
+            self.stats["bytes_received"] += len(frame)
+            if self.mode == "async":
+                self._apply(st, grad.to(torch.float32))
+                continue
+            if st.accum is None:
+                st.accum = grad.to(torch.float32, copy=True)
+            else:
+                st.accum.add_(grad)
+            st.pushed_by.add(msg.worker)
+        if self.mode == "async":
+            self._send_params(peer, msg.req, states, msg.dtype)
+            return
+        self._wait_or_answer(_Waiter(peer, msg.req, msg.clock + 1, msg.dtype, states))
+        advanced = []
+        for st in states:
+            if len(st.pushed_by) == self.num_workers:
+                grad = st.accum.div_(self.num_workers)
+                st.accum = None
+                st.pushed_by.clear()
+                self._apply(st, grad)
+                advanced.append(st)
+        self._wake(advanced)
+
+    # --------------------------------------------------------------- replies
+
+    def _apply(self, st: PartitionState, grad: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        st.rule.apply(grad)
+        st.clock += 1
+        self.stats["updates"] += 1
+        self.stats["apply_s"] += time.perf_counter() - t0
+
+    def _values(self, st: PartitionState, dtype: str) -> torch.Tensor:
+        # A copy: ZeroMQ sends from the buffer later, and the master moves on.
+        return st.rule.master.to(torch_dtype(dtype), copy=True)
+
+    def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str) -> None:
+        values = [self._values(st, dtype) for st in states]
+        frames = [tensor_to_frame(v) for v in values]
+        self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
+        clock = min(st.clock for st in states)
+        self.endpoint.send(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
+                                             clock=clock, dtype=dtype), frames)
+
+    def _wait_or_answer(self, w: _Waiter) -> None:
+        if w.ready():
+            self._send_params(w.peer, w.req, w.states, w.dtype)
+        else:
+            for st in w.states:
+                st.waiters.append(w)
+
+    def _wake(self, states: list[PartitionState]) -> None:
+        """Answer every request waiting on ``states`` that is now ready."""
+        for st in states:
+            still = []
+            for w in st.waiters:
+                if not w.ready():
+                    still.append(w)
+                    continue
+                self._send_params(w.peer, w.req, w.states, w.dtype)
+                for other in w.states:
+                    if other is not st:
+                        other.waiters.remove(w)
+            st.waiters = still

@@ -1,0 +1,1 @@
+"""Bytes between processes: typed headers, raw tensor frames, authenticated sockets."""
