@@ -19,11 +19,12 @@ import time
 
 import zmq
 
+from tessera.errors import TesseraError
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
 
 
-class ClusterFailure(RuntimeError):
+class ClusterFailure(TesseraError):
     """Another process of the job failed; the message names it."""
 
 

@@ -21,18 +21,14 @@ EXIT_CLUSTER_FAILURE = 3
 
 
 def run_guarded(fn: Callable[[], None], name: str) -> None:
-    from tessera.cluster.health import ClusterFailure
-    from tessera.cluster.session import NotLaunched
-    from tessera.data.datasets import DataError
-    from tessera.ps.client import ServerError
-    from tessera.transport.endpoint import TransportError
+    from tessera.errors import TesseraError
 
     label = f"{name} {os.environ.get('TESSERA_RANK', '')}".strip()
     # The launcher ends processes with SIGTERM; leave quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     try:
         fn()
-    except (ClusterFailure, TransportError, ServerError, DataError, NotLaunched) as exc:
+    except TesseraError as exc:
         print(f"{label}: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_CLUSTER_FAILURE)

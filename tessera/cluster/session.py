@@ -18,6 +18,7 @@ import zmq
 from tessera.cluster.health import ClusterFailure, Heartbeat
 from tessera.config import config_from_dict
 from tessera.config.schema import JobConfig, OptimizerConfig
+from tessera.errors import TesseraError
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint
@@ -26,7 +27,7 @@ ENV_VARS = ("TESSERA_ROLE", "TESSERA_RANK", "TESSERA_RUN_DIR", "TESSERA_COORDINA
             "TESSERA_SECRET")
 
 
-class NotLaunched(RuntimeError):
+class NotLaunched(TesseraError):
     pass
 
 

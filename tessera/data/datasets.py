@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from tessera.config.schema import DataConfig
+from tessera.errors import TesseraError
 
 
-class DataError(ValueError):
+class DataError(TesseraError):
     """The data the job names cannot be read; the message says what to fix."""
 
 

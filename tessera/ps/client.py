@@ -22,13 +22,14 @@ from typing import Callable, Optional
 import torch
 import zmq
 
+from tessera.errors import TesseraError
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 
-class ServerError(RuntimeError):
+class ServerError(TesseraError):
     """A server refused a request; the message says which server and why."""
 
 

@@ -10,8 +10,10 @@ Consistency, per partition (each partition keeps its own clock):
   divides by the number of workers (the mean, as DDP averages), applies the
   optimizer once, moves to ``c + 1`` and answers all of those pushes with the new
   values. A pull for clock ``c`` waits until the partition has reached ``c``.
-* ``async``: each push is applied the moment it arrives and answered with the
-  values it produced; pulls never wait (Hogwild-style, as MXNet ``dist_async``).
+* ``async``: each push, scaled by ``1 / workers``, is applied the moment it
+  arrives and answered with the values it produced; pulls never wait
+  (Hogwild-style, as MXNet ``dist_async``). The scaling keeps one learning rate
+  right for both modes: W async pushes move the parameters as far as one sync step.
 
 Every request is validated before any state changes: partition ids must be this
 server's, payload frames must have exactly the lengths this server expects.
@@ -189,7 +191,9 @@ class ParameterServer:
             grad = frame_to_tensor(frame.buffer, msg.dtype, st.numel)
             self.stats["bytes_received"] += len(frame)
             if self.mode == "async":
-                self._apply(st, grad.to(torch.float32))
+                # Scaled by 1/workers so that the W pushes of one "round" move the
+                # parameters as far as one sync step: the same lr serves both modes.
+                self._apply(st, grad.to(torch.float32).mul(1.0 / self.num_workers))
                 continue
             if st.accum is None:
                 st.accum = grad.to(torch.float32, copy=True)

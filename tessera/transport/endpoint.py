@@ -19,13 +19,14 @@ from typing import Callable, Optional, Sequence
 import zmq
 import zmq.auth.thread
 
+from tessera.errors import TesseraError
 from tessera.transport.wire import Message, WireError, decode, encode
 
 _ZAP_DOMAIN = "tessera"
 _USER = "tessera"
 
 
-class TransportError(RuntimeError):
+class TransportError(TesseraError):
     """A peer failed us: it timed out, refused us, or answered nonsense."""
 
 

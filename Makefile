@@ -1,0 +1,31 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+# Both create .venv/ and install what they need (torch pinned: torch==2.13.0
+# takes the CPU wheel on this machine's disk; any torch >= 2.11 works).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/tessera run examples/digits.toml --workers 2 --servers 2 --mode sync
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/ps_roundtrip.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
