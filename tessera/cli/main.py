@@ -44,11 +44,14 @@ def _overrides(kwargs) -> dict:
 
 
 def _load(job, kwargs):
+    from tessera.data.location import DataError, check_data_location
     try:
-        return load_config(job, _overrides(kwargs))
-    except ConfigError as exc:
+        cfg = load_config(job, _overrides(kwargs))
+        check_data_location(cfg.data)
+    except (ConfigError, DataError) as exc:
         click.echo(f"tessera: {exc}", err=True)
         sys.exit(2)
+    return cfg
 
 
 @click.group()

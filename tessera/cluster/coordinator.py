@@ -73,7 +73,10 @@ class Coordinator:
     def run(self) -> int:
         """Serve until the job ends; returns the process exit code."""
         cl = self.cfg.cluster
+        parent = os.getppid()
         while True:
+            if os.getppid() != parent:
+                return 3  # the launcher is gone: nobody is watching this job
             if self.endpoint.poll(0.1):
                 for _ in range(64):
                     self._handle(self.endpoint.recv())

@@ -14,6 +14,7 @@ instead of a hang (pytorch/pytorch#46874 is what we avoid).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -43,8 +44,13 @@ class Heartbeat:
 
     def _run(self) -> None:
         last_ack = time.monotonic()
+        parent = os.getppid()
         try:
             while not self._stop.is_set():
+                if os.getppid() != parent:
+                    # The launcher died (even by SIGKILL): nobody will clean up after us.
+                    self._failure = f"the launcher (pid {parent}) is gone"
+                    return
                 req = self._ep.new_req()
                 try:
                     self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank))

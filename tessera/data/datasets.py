@@ -24,11 +24,7 @@ import numpy as np
 import torch
 
 from tessera.config.schema import DataConfig
-from tessera.errors import TesseraError
-
-
-class DataError(TesseraError):
-    """The data the job names cannot be read; the message says what to fix."""
+from tessera.data.location import DataError, check_data_location
 
 
 @dataclass
@@ -90,14 +86,9 @@ def _mnist(cfg: DataConfig) -> Dataset:
 
 def _npy(cfg: DataConfig) -> Dataset:
     import fsspec
+    check_data_location(cfg)
     path = cfg.path.rstrip("/")
-    try:
-        fs, root = fsspec.core.url_to_fs(path)
-    except (ValueError, ImportError) as exc:
-        raise DataError(f"data.path {path!r}: cannot open this location: {exc}") from None
-    if not fs.isdir(root):
-        raise DataError(f"data.path {path!r} does not exist or is not a directory; "
-                        f"point it at a directory holding x.npy and y.npy or *.npz shards")
+    fs, root = fsspec.core.url_to_fs(path)
     names = sorted(fs.ls(root, detail=False))
     npz = [n for n in names if n.endswith(".npz")]
     if any(n.rsplit("/", 1)[-1] == "x.npy" for n in names):

@@ -1,0 +1,79 @@
+"""The one spawn helper for tests with real processes (STYLE.md item 12).
+
+Every cluster a test starts goes through :func:`run_cli` or :class:`Job`: a hard
+timeout, the launcher's own process group killed on timeout or failure (the
+launcher ends its children; their heartbeat watchdog ends them if it cannot),
+ports taken from the OS by the processes themselves, and the launcher's output
+(with the failing process's log tail) attached to any assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESSERA = [sys.executable, "-m", "tessera.cli.main"]
+
+
+class Job:
+    """A ``tessera`` command running in the background."""
+
+    def __init__(self, args: list[str], *, timeout_s: float = 180):
+        self.args = [str(a) for a in args]
+        self.timeout_s = timeout_s
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(TESSERA + self.args, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+
+    def wait(self) -> tuple[int, str]:
+        try:
+            out, _ = self.proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, _ = self.proc.communicate(timeout=30)
+            raise AssertionError(f"tessera {' '.join(self.args)} did not finish within "
+                                 f"{self.timeout_s} s; output:\n{out}")
+        return self.proc.returncode, out
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_cli(args: list, *, timeout_s: float = 180) -> tuple[int, str]:
+    job = Job(args, timeout_s=timeout_s)
+    try:
+        return job.wait()
+    finally:
+        if job.proc.poll() is None:
+            job.kill()
+
+
+def run_job(job_file: str, out: Path, *flags, timeout_s: float = 180) -> dict:
+    """Run a job to completion; returns summary.json (asserts exit code 0)."""
+    code, output = run_cli(["run", job_file, "--out", out, "--quiet", *flags], timeout_s=timeout_s)
+    assert code == 0, f"tessera run failed (exit {code}):\n{output}"
+    return json.loads((out / "summary.json").read_text())
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -1,0 +1,37 @@
+"""The single-process oracle: the same job in a plain PyTorch loop, no Tessera.
+
+Same data order (one worker with the global batch), same model initialisation
+(seeded), and ``torch.optim`` itself. Synchronous Tessera with W workers of batch
+B must match this with batch W*B up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessera.cluster.trainer import evaluate
+from tessera.config import load_config
+from tessera.data.datasets import load_dataset
+from tessera.data.sampler import ShardSampler
+from tessera.models import build_model
+from tessera.ps.optim import _OPTIMIZERS
+
+
+def train_reference(job_file: str, *, global_batch: int, steps: int, overrides=None) -> dict:
+    cfg = load_config(job_file, overrides or {})
+    torch.set_num_threads(1)
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    opt = _OPTIMIZERS[cfg.optimizer.name](model.parameters(), foreach=False,
+                                          **cfg.optimizer.torch_kwargs())
+    sampler = ShardSampler(len(data.train), batch_size=global_batch, num_workers=1, rank=0,
+                           seed=cfg.train.seed)
+    for step in range(steps):
+        idx = torch.from_numpy(sampler.indices(step))
+        loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return evaluate(model, data.test.x, data.test.y, torch.device("cpu"))

@@ -1,0 +1,182 @@
+"""Tier 1: the wire schema (tessera.transport.wire) and tensor frames (frames.py).
+
+Anything a peer sends must either decode into one known struct or raise
+:class:`WireError`; never another exception, never an unpickle.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tessera.config.schema import OptimizerConfig
+from tessera.transport import wire
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.wire import MAX_HEADER_BYTES, WIRE_DTYPES, WireError, decode, encode
+
+LAYOUT = [wire.ParamSpec(name="fc.weight", shape=[3, 4], numel=12),
+          wire.ParamSpec(name="fc.bias", shape=[3], numel=3)]
+PARTS = [wire.PartitionInfo(0, 0, 8, 0), wire.PartitionInfo(1, 8, 15, 1)]
+
+EVERY_MESSAGE = [
+    wire.Register(req=1, role="worker", rank=0, host="127.0.0.1", pid=42, address="",
+                  layout=LAYOUT, optimizer=OptimizerConfig(name="adam", lr=1e-3, betas=(0.8, 0.9))),
+    wire.Register(req=2, role="server", rank=1, host="127.0.0.1", pid=43,
+                  address="tcp://127.0.0.1:5000"),
+    wire.ClusterView(req=3, processes=[wire.ProcessInfo(role="server", rank=0, host="127.0.0.1",
+                                                        pid=1, address="tcp://127.0.0.1:1")],
+                     partitions=PARTS, layout=LAYOUT,
+                     optimizer=OptimizerConfig(name="sgd", momentum=0.9, nesterov=True)),
+    wire.Heartbeat(req=4, role="worker", rank=3),
+    wire.HeartbeatAck(req=5, state="failed", reason="server 1 died"),
+    wire.Finished(req=6, role="server", rank=0, stats={"pushes": 3, "apply_s": 0.25,
+                                                       "note": "x", "none": None}),
+    wire.Ack(req=7),
+    wire.Error(req=8, message="server 0: nope"),
+    wire.InitParams(req=9, partitions=[0, 1], dtype="float32"),
+    wire.Pull(req=10, worker=1, partitions=[1], clock=4, dtype="bfloat16"),
+    wire.Push(req=11, worker=0, seq=12, clock=3, partitions=[0], dtype="float16"),
+    wire.Params(req=12, partitions=[0, 1], clock=5),
+]
+
+
+@pytest.mark.parametrize("msg", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    frame = encode(msg)
+    assert isinstance(frame, bytes)
+    back = decode(frame)
+    assert type(back) is type(msg)
+    assert back == msg
+    assert decode(memoryview(frame)) == msg
+
+
+def test_every_message_type_is_covered():
+    covered = {type(m) for m in EVERY_MESSAGE}
+    assert covered == set(wire.Message.__args__)
+
+
+def raw(**fields) -> bytes:
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.parametrize("frame, fragment", [
+    (b"", "malformed"),
+    (b"\xc1", "malformed"),  # a msgpack byte that is never valid
+    (msgspec.msgpack.encode(5), "malformed"),
+    (msgspec.msgpack.encode([1, 2]), "malformed"),
+    (raw(op="Pull", req="1", worker=0, partitions=[0]), "req"),
+    (raw(op="Pull", req=1, worker=0, partitions="0"), "partitions"),
+    (raw(op="Push", req=1, worker=0, seq=1, partitions=[0]), "clock"),
+    (raw(op="Pull", req=1, worker=0, partitions=[0], extra=1), "extra"),
+    (raw(op="Shutdown", req=1), "op"),
+    (raw(req=1), "op"),
+    (raw(op="Pull", req=1, worker=0, partitions=[0], dtype="int8"), "int8"),
+    (raw(op="Push", req=1, worker=0, seq=1, clock=0, partitions=[0], dtype="float64"), "float64"),
+    (raw(op="Params", req=1, partitions=[0], clock=0, dtype=""), "dtype"),
+    (raw(op="ClusterView", req=1, processes=[], partitions=[], layout=[],
+         optimizer={"lr": -1.0}), "lr"),
+    (raw(op="ClusterView", req=1, processes=[], partitions=[[0, 1, 2]], layout=[],
+         optimizer={}), "partitions"),
+])
+def test_decode_refuses(frame, fragment):
+    with pytest.raises(WireError, match=fragment):
+        decode(frame)
+
+
+def test_oversized_header():
+    msg = wire.Error(req=1, message="x" * MAX_HEADER_BYTES)
+    frame = encode(msg)
+    with pytest.raises(WireError, match="exceeds"):
+        decode(frame)
+    # The limit is on size alone, checked before any decoding.
+    with pytest.raises(WireError, match=str(MAX_HEADER_BYTES)):
+        decode(b"\x00" * (MAX_HEADER_BYTES + 1))
+
+
+def test_every_wire_dtype_is_accepted():
+    for dtype in WIRE_DTYPES:
+        msg = wire.Pull(req=1, worker=0, partitions=[0], dtype=dtype)
+        assert decode(encode(msg)).dtype == dtype
+        assert torch_dtype(dtype).itemsize == itemsize(dtype)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_wire_error(data):
+    try:
+        msg = decode(data)
+    except WireError:
+        return
+    assert type(msg) in wire.Message.__args__
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children,
+                                                                      max_size=3),
+    max_leaves=4)
+_ops = st.sampled_from([cls.__name__ for cls in wire.Message.__args__] + ["Bogus", ""])
+_fields = st.sampled_from(["req", "worker", "seq", "clock", "partitions", "dtype", "role", "rank",
+                           "host", "pid", "layout", "optimizer", "processes", "message", "state",
+                           "stats", "other"])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(op=_ops, fields=st.dictionaries(_fields, _values, max_size=5))
+def test_random_headers_raise_only_wire_error(op, fields):
+    """Headers that look almost right: a real op, plausible field names, random values."""
+    data = msgspec.msgpack.encode({"op": op, **fields})
+    try:
+        msg = decode(data)
+    except WireError:
+        return
+    assert type(msg).__name__ == op
+    assert getattr(msg, "dtype", "float32") in WIRE_DTYPES
+
+
+# ------------------------------------------------------------------ frames
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES)
+@pytest.mark.parametrize("numel", [0, 1, 37])
+def test_frame_round_trip(dtype, numel):
+    torch.manual_seed(numel)
+    t = torch.randn(numel).to(torch_dtype(dtype))
+    frame = tensor_to_frame(t)
+    assert frame.nbytes == numel * itemsize(dtype)
+    # Writable buffer (no copy) and read-only bytes (as ZeroMQ hands them out).
+    for buf in (bytearray(frame), bytes(frame)):
+        back = frame_to_tensor(buf, dtype, numel)
+        assert back.dtype == torch_dtype(dtype)
+        torch.testing.assert_close(back, t, rtol=0, atol=0)
+
+
+def test_frame_of_non_contiguous_tensor():
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    view = base.t()
+    assert not view.is_contiguous()
+    back = frame_to_tensor(bytes(tensor_to_frame(view)), "float32", 24)
+    torch.testing.assert_close(back, view.reshape(-1), rtol=0, atol=0)
+
+
+def test_frame_is_zero_copy():
+    t = torch.zeros(4)
+    frame = tensor_to_frame(t)
+    t[2] = 5.0
+    assert np.frombuffer(frame, dtype=np.float32)[2] == 5.0
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES)
+def test_frame_length_mismatch(dtype):
+    frame = tensor_to_frame(torch.ones(5, dtype=torch_dtype(dtype)))
+    with pytest.raises(ValueError, match="expected"):
+        frame_to_tensor(frame, dtype, 6)
+    with pytest.raises(ValueError, match="expected"):
+        frame_to_tensor(bytes(frame)[:-1], dtype, 5)
+    with pytest.raises(ValueError):
+        frame_to_tensor(b"", dtype, 1)
