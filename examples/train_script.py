@@ -24,7 +24,9 @@ torch.set_num_threads(1)
 digits = load_digits()
 x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
 y = torch.tensor(digits.target)
-train_x, train_y, test_x, test_y = x[:1500], y[:1500], x[1500:], y[1500:]
+perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+train, test = perm[:1400], perm[1400:]
+train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
