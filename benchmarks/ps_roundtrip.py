@@ -311,8 +311,8 @@ def _rpc_push_pull(grad):
     return w
 
 
-def _rpc_proc(conn, rank: int, world: int, port: int, sizes, warmup: int, iters: int,
-              rounds: int) -> None:
+def _rpc_proc(conn, rank: int, world: int, port: int) -> None:
+    """Rank 0 is the worker (takes commands); ranks 1.. are servers ps0, ps1, ..."""
     import torch
     import torch.distributed.rpc as rpc
 
@@ -320,73 +320,95 @@ def _rpc_proc(conn, rank: int, world: int, port: int, sizes, warmup: int, iters:
                                            rpc_timeout=120)
     name = "worker" if rank == 0 else f"ps{rank - 1}"
     rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
-    if rank == 0:
-        servers = world - 1
-        out = {}
-        for n in sizes:
+    servers = world - 1
+    state = {}
+    while rank == 0:
+        cmd = conn.recv()
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "open":
+            n = cmd[1]
             bounds = [(n * s // servers, n * (s + 1) // servers) for s in range(servers)]
             gen = torch.Generator().manual_seed(0)
             init = torch.randn(n, generator=gen)
             grad = torch.randn(n, generator=gen).mul_(1e-3)
             for s, (a, b) in enumerate(bounds):
                 rpc.rpc_sync(f"ps{s}", _rpc_set, args=(init[a:b].clone(),))
-            shards = [grad[a:b].clone() for a, b in bounds]
-
-            def step():
+            state["shards"] = [grad[a:b].clone() for a, b in bounds]
+            conn.send("open")
+        elif cmd[0] == "run":
+            shards = state["shards"]
+            times = []
+            for _ in range(cmd[1]):
+                t0 = time.perf_counter()
                 futs = [rpc.rpc_async(f"ps{s}", _rpc_push_pull, args=(shards[s],))
                         for s in range(servers)]
                 for f in futs:
                     f.wait()
-
-            times = []
-            for _ in range(warmup):
-                step()
-            for _ in range(rounds * iters):
-                t0 = time.perf_counter()
-                step()
                 times.append(time.perf_counter() - t0)
-            out[n] = times
-        conn.send(out)
-    rpc.shutdown()
+            conn.send(times)
+        elif cmd[0] == "close":
+            state.clear()
+            conn.send("closed")
+    rpc.shutdown()  # servers wait here until the worker is done
 
 
 # -------------------------------------------------------------- Gloo all_reduce
 
 
-def _gloo_proc(conn, rank: int, port: int, sizes, warmup: int, iters: int, rounds: int) -> None:
+def _gloo_proc(conn, rank: int, port: int) -> None:
+    """Both ranks take the same commands; rank 0 reports the times."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
-    out = {}
-    for n in sizes:
-        t = torch.randn(n, generator=torch.Generator().manual_seed(rank))
-        for _ in range(warmup):
-            dist.all_reduce(t)
-        times = []
-        for _ in range(rounds * iters):
+    state = {}
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "open":
+            state["t"] = torch.randn(cmd[1], generator=torch.Generator().manual_seed(rank))
             dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(t)
-            times.append(time.perf_counter() - t0)
-        out[n] = times
-    dist.barrier()
+            conn.send("open")
+        elif cmd[0] == "run":
+            t, times = state["t"], []
+            for _ in range(cmd[1]):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(t)
+                times.append(time.perf_counter() - t0)
+            conn.send(times)
+        elif cmd[0] == "close":
+            state.clear()
+            conn.send("closed")
     dist.destroy_process_group()
-    if rank == 0:
-        conn.send(out)
 
 
 # ------------------------------------------------------------------ driver
 
 
-class Driver:
+def _plan(n: int, servers: int):
+    from tessera.ps.sharding import partition_elems_for, plan_shards
+    from tessera.transport.wire import ParamSpec
+    return plan_shards([ParamSpec(name="w", shape=[n], numel=n)], servers,
+                       partition_elems_for(PARTITION_MB))
+
+
+class Bench:
+    """Owns every child process; measures the systems case by case, round-robin."""
+
     def __init__(self, args):
-        self.args = args
+        self.a = args
         self.ctx = mp.get_context("spawn")
         self.procs = []
-        self.deadline = time.monotonic() + args.timeout - 5
+        self.proc_of = {}
+        self.deadline = time.monotonic() + args.timeout - 10
         self.secret = secrets.token_hex(16)
+        self.stop = self.ctx.Event()  # ends a Tessera server's serve() loop
+
+    # ---------------------------------------------------------- processes
 
     def spawn(self, name, fn, *args):
         parent, child = self.ctx.Pipe()
@@ -394,12 +416,35 @@ class Driver:
         p.start()
         child.close()
         self.procs.append(p)
-        return p, parent
+        self.proc_of[parent] = p
+        return parent
 
-    def recv(self, conn, procs, what):
-        return _recv(conn, procs, self.deadline, what)
+    def ask(self, conn, msg, what):
+        conn.send(msg)
+        return self.recv(conn, what)
+
+    def recv(self, conn, what):
+        return _recv(conn, self.procs, self.deadline, what)
+
+    def retire(self, conns, grace: float = 20.0) -> None:
+        """Ask these children to quit and wait for them (killing any that hang)."""
+        for c in conns:
+            try:
+                c.send(("quit",))
+            except (BrokenPipeError, OSError):
+                pass
+        end = time.monotonic() + grace
+        for c in conns:
+            p = self.proc_of[c]
+            p.join(timeout=max(0.1, end - time.monotonic()))
+            if p.is_alive():
+                _log(f"  {p.name} did not quit within {grace:.0f} s; killing it")
+                p.kill()
+                p.join(timeout=5)
+            self.procs.remove(p)
 
     def cleanup(self) -> None:
+        self.stop.set()
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
@@ -410,112 +455,98 @@ class Driver:
                 p.join(timeout=5)
         self.procs.clear()
 
-    def reap(self, procs, grace: float = 30.0) -> None:
-        for p in procs:
-            p.join(timeout=grace)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-            if p in self.procs:
-                self.procs.remove(p)
+    # -------------------------------------------------------------- cases
 
-
-def _plan(n: int, servers: int):
-    from tessera.ps.sharding import partition_elems_for, plan_shards
-    from tessera.transport.wire import ParamSpec
-    return plan_shards([ParamSpec(name="w", shape=[n], numel=n)], servers,
-                       partition_elems_for(PARTITION_MB))
-
-
-def run_ps_systems(d: Driver, sizes, server_counts, results) -> None:
-    """Tessera and raw zmq, interleaved round by round on the same cases."""
-    a = d.args
-    max_s = max(server_counts)
-    stop = d.ctx.Event()
-    t_servers = [d.spawn(f"tessera-server{r}", _tessera_server, r, d.secret, stop, a.profile)
-                 for r in range(max_s)]
-    t_worker = d.spawn("tessera-worker", _tessera_worker, d.secret, a.profile)
-    z_echo = [d.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(max_s)]
-    z_worker = d.spawn("zmq-worker", _zmq_worker)
-    all_procs = [p for p, _ in t_servers + [t_worker] + z_echo + [z_worker]]
-    echo_addrs = [d.recv(c, all_procs, "zmq echo start") for _, c in z_echo]
-    try:
-        for n in sizes:
-            for servers in server_counts:
-                case = (n, servers)
+    def run(self, systems):
+        a = self.a
+        max_s = max(a.servers)
+        results = {}
+        if "tessera" in systems:
+            t_servers = [self.spawn(f"tessera-server{r}", _tessera_server, r, self.secret,
+                                    self.stop, a.profile) for r in range(max_s)]
+            t_worker = self.spawn("tessera-worker", _tessera_worker, self.secret, a.profile)
+        if "zmq" in systems:
+            z_echo = [self.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(max_s)]
+            z_worker = self.spawn("zmq-worker", _zmq_worker)
+            echo_addrs = [self.recv(c, "zmq echo start") for c in z_echo]
+        if "gloo" in systems:
+            port = _free_port()
+            gloo = [self.spawn(f"gloo{r}", _gloo_proc, r, port) for r in range(2)]
+        for servers in a.servers:
+            if "rpc" in systems:
+                port = _free_port()
+                rpc_procs = [self.spawn(f"rpc{r}-of-{servers + 1}", _rpc_proc, r, servers + 1,
+                                        port) for r in range(servers + 1)]
+                rpc_worker = rpc_procs[0]
+            for n in a.sizes:
                 tag = f"{n}-{servers}"
                 shard_map = _plan(n, servers)
-                # Tessera: servers with their partitions, worker seeds the values.
-                addrs = []
-                for r in range(servers):
-                    _, c = t_servers[r]
-                    c.send(("serve", list(shard_map.on_server(r)), a.mode, tag))
-                    addrs.append(d.recv(c, all_procs, f"tessera server {r} start"))
-                wc = t_worker[1]
-                wc.send(("open", n, servers, addrs))
-                d.recv(wc, all_procs, "tessera worker connect")
-                zc = z_worker[1]
-                zc.send(("open", n, echo_addrs[:servers],
-                         [(p.start, p.stop, p.server) for p in shard_map.partitions]))
-                d.recv(zc, all_procs, "zmq worker connect")
-                t_times, z_times = [], []
-                # Warm-up, then rounds alternating the two systems.
-                for conn, sink in ((wc, None), (zc, None)):
-                    conn.send(("run", a.warmup, f"{tag}-warmup"))
-                    d.recv(conn, all_procs, f"{tag} warm-up")
+                runners = {}  # system -> function(iters, tag) -> times
+                if "tessera" in systems:
+                    addrs = [self.ask(t_servers[r], ("serve", list(shard_map.on_server(r)),
+                                                     a.mode, tag), f"tessera server {r} start")
+                             for r in range(servers)]
+                    self.ask(t_worker, ("open", n, servers, addrs), "tessera worker connect")
+                    runners["tessera"] = lambda k, t: self.ask(t_worker, ("run", k, t), "tessera")
+                if "zmq" in systems:
+                    self.ask(z_worker, ("open", n, echo_addrs[:servers],
+                                        [(p.start, p.stop, p.server) for p in shard_map.partitions]),
+                             "zmq worker connect")
+                    runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
+                if "rpc" in systems:
+                    self.ask(rpc_worker, ("open", n), "rpc open")
+                    runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
+                if "gloo" in systems:
+                    for c in gloo:
+                        c.send(("open", n))
+                    for c in gloo:
+                        self.recv(c, "gloo open")
+
+                    def gloo_run(k, t):
+                        for c in gloo:
+                            c.send(("run", k, t))
+                        out = [self.recv(c, "gloo all_reduce") for c in gloo]
+                        return out[0]
+                    runners["gloo"] = gloo_run
+                # Warm-up, then rounds that alternate the systems, so that whatever
+                # else the machine does (or loopback TCP's moods) hits all of them.
+                times = {k: [] for k in runners}
+                for name, fn in runners.items():
+                    fn(a.warmup, f"{tag}-warmup")
                 for rnd in range(a.rounds):
-                    for conn, sink, name in ((wc, t_times, "tessera"), (zc, z_times, "zmq")):
-                        conn.send(("run", a.iters, f"{tag}-r{rnd}"))
-                        sink.extend(d.recv(conn, all_procs, f"{name} {tag}"))
-                for conn in (wc, zc):
-                    conn.send(("close",))
-                    d.recv(conn, all_procs, "close")
-                stop.set()
-                stats = [d.recv(t_servers[r][1], all_procs, f"tessera server {r} stop")
-                         for r in range(servers)]
-                stop.clear()
-                results[case]["tessera"] = t_times
-                results[case]["zmq"] = z_times
-                results[case]["tessera_server_apply_s"] = sum(s["apply_s"] for s in stats)
-                results[case]["tessera_server_updates"] = sum(s["updates"] for s in stats)
-                _log(f"  tessera/zmq {n:>9,d} elems, {servers} server(s): tessera "
-                     f"{_gbps(n, statistics.median(t_times)):.2f} GB/s, zmq "
-                     f"{_gbps(n, statistics.median(z_times)):.2f} GB/s")
-        for _, c in t_servers + [t_worker, z_worker]:
-            c.send(("quit",))
-        for _, c in z_echo:
-            c.send("quit")
-        d.reap(all_procs, grace=10)
-    finally:
-        stop.set()
-
-
-def run_rpc(d: Driver, sizes, server_counts, results) -> None:
-    a = d.args
-    for servers in server_counts:
-        port = _free_port()
-        world = servers + 1
-        procs = [d.spawn(f"rpc{r}", _rpc_proc, r, world, port, sizes, a.warmup, a.iters, a.rounds)
-                 for r in range(world)]
-        out = d.recv(procs[0][1], [p for p, _ in procs], f"rpc with {servers} server(s)")
-        for n in sizes:
-            results[(n, servers)]["rpc"] = out[n]
-            _log(f"  rpc         {n:>9,d} elems, {servers} server(s): "
-                 f"{_gbps(n, statistics.median(out[n])):.2f} GB/s")
-        d.reap([p for p, _ in procs])
-
-
-def run_gloo(d: Driver, sizes, server_counts, results) -> None:
-    a = d.args
-    port = _free_port()
-    procs = [d.spawn(f"gloo{r}", _gloo_proc, r, port, sizes, a.warmup, a.iters, a.rounds)
-             for r in range(2)]
-    out = d.recv(procs[0][1], [p for p, _ in procs], "gloo all_reduce")
-    for n in sizes:
-        for servers in server_counts:
-            results[(n, servers)]["gloo"] = out[n]
-        _log(f"  gloo        {n:>9,d} elems, 2 ranks: {_gbps(n, statistics.median(out[n])):.2f} GB/s")
-    d.reap([p for p, _ in procs])
+                    for name, fn in runners.items():
+                        times[name].extend(fn(a.iters, f"{tag}-r{rnd}"))
+                # Close the case.
+                row = results[(n, servers)] = {k: statistics.median(v) for k, v in times.items()}
+                if "tessera" in systems:
+                    self.ask(t_worker, ("close",), "tessera close")
+                    self.stop.set()
+                    stats = [self.recv(t_servers[r], f"tessera server {r} stop")
+                             for r in range(servers)]
+                    self.stop.clear()
+                    served = sum(st["updates"] for st in stats) / len(shard_map.partitions)
+                    row["tessera_server_apply_ms_per_iter"] = (
+                        1e3 * sum(st["apply_s"] for st in stats) / max(1.0, served))
+                if "zmq" in systems:
+                    self.ask(z_worker, ("close",), "zmq close")
+                if "rpc" in systems:
+                    self.ask(rpc_worker, ("close",), "rpc close")
+                if "gloo" in systems:
+                    for c in gloo:
+                        c.send(("close",))
+                    for c in gloo:
+                        self.recv(c, "gloo close")
+                _log(f"  {n:>11,d} elements, {servers} server(s): " + ", ".join(
+                    f"{k} {_gbps(n, row[k]):.2f} GB/s" for k in runners))
+            if "rpc" in systems:
+                self.retire(rpc_procs)
+        if "tessera" in systems:
+            self.retire(t_servers + [t_worker])
+        if "zmq" in systems:
+            self.retire(z_echo + [z_worker])
+        if "gloo" in systems:
+            self.retire(gloo)
+        return results
 
 
 def main(argv=None) -> int:
@@ -532,8 +563,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=4, help="timed iterations per round")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
-    ap.add_argument("--systems", default="tessera,rpc,gloo",
-                    help="which to run: tessera (runs zmq alongside), rpc, gloo")
+    ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
+                    help="comma-separated subset of tessera,zmq,rpc,gloo")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server and worker processes into DIR/*.prof")
@@ -556,22 +587,14 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(a.timeout))
-    d = Driver(a)
-    results = {(n, s): {} for n in a.sizes for s in a.servers}
+    bench = Bench(a)
+    load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
-        if "tessera" in systems:
-            _log("tessera + raw zmq ...")
-            run_ps_systems(d, a.sizes, a.servers, results)
-        if "rpc" in systems:
-            _log("torch.distributed.rpc ...")
-            run_rpc(d, a.sizes, a.servers, results)
-        if "gloo" in systems:
-            _log("gloo all_reduce ...")
-            run_gloo(d, a.sizes, a.servers, results)
+        results = bench.run(systems)
     finally:
         signal.alarm(0)
-        d.cleanup()
+        bench.cleanup()
 
     import torch
     for (n, servers), r in results.items():
@@ -581,18 +604,17 @@ def main(argv=None) -> int:
         for key in ("tessera", "zmq", "rpc", "gloo"):
             if key in r:
                 field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
-                row[field] = round(_gbps(n, statistics.median(r[key])), 3)
-        if "tessera_gbps" in row:
-            for other in ("zmq", "rpc"):
-                if f"{other}_gbps" in row:
-                    row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
-            # Time the servers spent in the optimizer step, per push+pull of the vector.
-            iters_served = r["tessera_server_updates"] / row["partitions"]
-            row["tessera_server_apply_ms_per_iter"] = round(
-                1e3 * r["tessera_server_apply_s"] / max(1.0, iters_served), 2)
-        row.update(timed_iters=a.rounds * a.iters, torch=torch.__version__)
+                row[field] = round(_gbps(n, r[key]), 3)
+        for other in ("zmq", "rpc"):
+            if "tessera_gbps" in row and f"{other}_gbps" in row:
+                row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
+        if "tessera_server_apply_ms_per_iter" in r:
+            row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
+        row.update(timed_iters=a.rounds * a.iters, loadavg_1m=round(load_before, 2),
+                   torch=torch.__version__)
         print(json.dumps(row), flush=True)
-    _log(f"done in {time.monotonic() - t0:.0f} s")
+    _log(f"done in {time.monotonic() - t0:.0f} s (load average before: {load_before:.2f}, "
+         f"after: {os.getloadavg()[0]:.2f})")
     return 0
 
 

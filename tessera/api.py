@@ -7,7 +7,7 @@
     for step in range(steps):
         idx = sampler.indices(step)
         loss = loss_fn(model(train_x[idx]), train_y[idx])
-        loss.backward()                              # gradients pushed while backward runs
+        model.scale_loss(loss).backward()            # gradients pushed while backward runs
         model.step()                                 # servers applied the optimizer; fresh params
     tessera.finish()
 
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from tessera.amp.policy import make_policy
+from tessera.amp.scaler import LossScaler
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.data.sampler import ShardSampler
@@ -66,16 +68,31 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
         raise RuntimeError("tessera.distribute() was already called in this process")
     opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(
         name=optimizer, **optimizer_args)
+    cfg = session.cfg
     first = session.rank == 0
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    policy = make_policy(cfg.precision, device_type)
+    if policy.note and first:
+        print(f"worker 0: {policy.note}", flush=True)
+    scaler = LossScaler(init_scale=cfg.amp.init_scale, growth_factor=cfg.amp.growth_factor,
+                        backoff_factor=cfg.amp.backoff_factor,
+                        growth_interval=cfg.amp.growth_interval, enabled=policy.loss_scaling)
     session.register(layout=param_layout(model) if first else None,
                      optimizer=opt if first else None)
     client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
                       server_addresses=session.server_addresses(), secret=session.secret,
                       worker=session.rank, timeout_s=session.timeout_s,
-                      wire_dtype=session.cfg.ps.wire_dtype, check=session.check)
+                      wire_dtype=policy.wire_dtype, check=session.check)
     client.connect()
-    _model = PSDataParallel(model, client, session.shard_map(), is_first=first)
+    _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
+                            scaler=scaler, two_phase=two_phase(cfg),
+                            log=lambda line: print(line, flush=True))
     return _model
+
+
+def two_phase(cfg) -> bool:
+    """Loss-scaled sync training decides skips cluster-wide (see tessera.amp.scaler)."""
+    return cfg.precision == "fp16" and cfg.ps.mode == "sync"
 
 
 def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> ShardSampler:
@@ -92,6 +109,11 @@ def finish(**stats: Any) -> None:
     if _model is not None:
         stats.setdefault("bytes_pushed", _model.client.bytes_pushed)
         stats.setdefault("bytes_pulled", _model.client.bytes_pulled)
+        stats.setdefault("skipped_steps", _model.skipped_steps)
+        stats.setdefault("loss_scale", _model.loss_scale)
+        if _model.overflows:
+            first = _model.overflows[0]
+            stats.setdefault("first_overflow", f"step {first['step']} {first['where']}")
         _model.client.close()
     session.finish(stats)
     session.close()

@@ -39,8 +39,14 @@ EVERY_MESSAGE = [
     wire.Error(req=8, message="server 0: nope"),
     wire.InitParams(req=9, partitions=[0, 1], dtype="float32"),
     wire.Pull(req=10, worker=1, partitions=[1], clock=4, dtype="bfloat16"),
+    wire.Pull(req=13, worker=0, partitions=[0, 1], clock=2, commit=False),
     wire.Push(req=11, worker=0, seq=12, clock=3, partitions=[0], dtype="float16"),
+    wire.Push(req=14, worker=1, seq=2, clock=0, partitions=[1], dtype="float16", scale=1024.0,
+              nonfinite="fc.weight"),
     wire.Params(req=12, partitions=[0, 1], clock=5),
+    wire.Params(req=15, partitions=[1], clock=6, skipped=True),
+    wire.Verdict(req=16, partitions=[0], clock=3, finite=False,
+                 overflows=[wire.Overflow(worker=1, param="fc.bias")]),
 ]
 
 

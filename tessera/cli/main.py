@@ -29,6 +29,7 @@ def _run_flags(fn):
         click.option("--out", type=str, help="Run directory (default runs/<job>-<time>)."),
         click.option("--partition-mb", "partition_mb", type=float,
                      help="Partition size in MiB (ps.partition_mb)."),
+        click.option("--precision", type=str, help="fp32 | bf16 | fp16 (precision)."),
         click.option("--quiet", is_flag=True, help="No progress bar or table."),
     ]
     for option in reversed(options):
@@ -40,7 +41,8 @@ def _overrides(kwargs) -> dict:
     return {"--workers": kwargs["workers"], "--servers": kwargs["servers"],
             "--mode": kwargs["mode"], "--batch-size": kwargs["batch_size"],
             "--steps": kwargs["steps"], "--epochs": kwargs["epochs"], "--seed": kwargs["seed"],
-            "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"]}
+            "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
+            "--precision": kwargs["precision"]}
 
 
 def _load(job, kwargs):

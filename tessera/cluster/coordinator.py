@@ -192,16 +192,18 @@ class Coordinator:
         servers = [self.finished[("server", r)] for r in range(cfg.cluster.servers)]
         lead = workers[0]
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
-            "wall_s", "samples_per_s", "steps", "final_loss")}
+            "wall_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
+            "first_overflow")}
         summary.update({
             "bytes_pushed": sum(int(w.get("bytes_pushed", 0)) for w in workers),
             "bytes_pulled": sum(int(w.get("bytes_pulled", 0)) for w in workers),
             "mode": cfg.ps.mode,
-            "precision": "fp32",
+            "precision": cfg.precision,
             "workers": cfg.cluster.workers,
             "servers": cfg.cluster.servers,
             "partitions": len(self.shard_map.partitions) if self.shard_map else 0,
             "server_updates": [int(s.get("updates", 0)) for s in servers],
+            "server_skipped": [int(s.get("skipped", 0)) for s in servers],
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "config": msgspec.to_builtins(cfg),
         })

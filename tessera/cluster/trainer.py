@@ -60,8 +60,8 @@ def main() -> None:
         # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
         idx = torch.from_numpy(sampler.indices(step - 1))
         x, y = data.train.x[idx].to(device), data.train.y[idx].to(device)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        loss = F.cross_entropy(model(x), y).float()
+        model.scale_loss(loss).backward()
         model.step()
         samples_window += len(idx) * cfg.cluster.workers
         # log / evaluate (worker 0 writes metrics.jsonl)

@@ -33,6 +33,7 @@ FLAG_FIELDS: dict[str, str] = {
     "--seed": "train.seed",
     "--out": "out",
     "--partition-mb": "ps.partition_mb",
+    "--precision": "precision",
 }
 
 

@@ -124,6 +124,26 @@ class OptimizerConfig(msgspec.Struct, **_STRICT):
                     initial_accumulator_value=self.initial_accumulator_value, eps=self.eps)
 
 
+class AmpConfig(msgspec.Struct, **_STRICT):
+    """Dynamic loss scaling for ``precision = "fp16"`` (GradScaler's defaults)."""
+
+    #: First loss scale: 2^16, as torch.cuda.amp.GradScaler.
+    init_scale: float = 65536.0
+    #: Scale multiplier after ``growth_interval`` clean steps in a row.
+    growth_factor: float = 2.0
+    #: Scale multiplier after a step whose gradients overflowed (the step is skipped).
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+        if self.growth_factor < 1 or not 0 < self.backoff_factor < 1:
+            raise ValueError("growth_factor must be >= 1 and backoff_factor in (0, 1)")
+        if self.growth_interval < 1:
+            raise ValueError(f"growth_interval must be >= 1, got {self.growth_interval}")
+
+
 class PSConfig(msgspec.Struct, **_STRICT):
     """How parameters are kept on the servers and how updates are applied."""
 
@@ -133,9 +153,6 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: Target partition size in MiB. 4 MiB follows BytePS; loopback ZeroMQ moves
     #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
     partition_mb: float = 4.0
-    #: Dtype gradients and parameters travel in. fp32 only until mixed precision lands.
-    wire_dtype: Literal["float32"] = "float32"
-
     def __post_init__(self) -> None:
         if not 0.0 < self.partition_mb <= 256:
             raise ValueError(f"partition_mb must be in (0, 256], got {self.partition_mb}")
@@ -175,11 +192,15 @@ class JobConfig(msgspec.Struct, **_STRICT):
     name: str = "job"
     #: Output directory; default ``runs/<name>-<time>``.
     out: Optional[str] = None
+    #: ``fp32``; ``bf16`` (bf16 compute and wire, fp32 masters on the servers); ``fp16``
+    #: (fp16 wire with loss scaling the cluster agrees on; fp16 compute on CUDA only).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     data: DataConfig = msgspec.field(default_factory=DataConfig)
     train: TrainConfig = msgspec.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     ps: PSConfig = msgspec.field(default_factory=PSConfig)
+    amp: AmpConfig = msgspec.field(default_factory=AmpConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:

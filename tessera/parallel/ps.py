@@ -1,33 +1,44 @@
 """Data parallelism over parameter servers: the model wrapper a worker trains.
 
 The wrapper lays the model's parameters (and their gradients) end to end in two
-flat buffers, so that a partition of the shard map is a plain slice of each,
-sent and received without gathering.
+flat buffers of the policy's parameter dtype, so that a partition of the shard
+map is a plain slice of each, sent and received without gathering.
 
 Phases of one step (STYLE: numbered, as the code runs them):
 
-1. Forward runs on the parameters the last step pulled.
-2. Backward: a post-accumulate-grad hook on every parameter counts down the
-   partitions that parameter touches; when a partition's last gradient has
-   arrived, its slice of the flat gradient is pushed at once, so pushes of the
-   last layers overlap the backward of the first (DDP's bucketing, in the
-   order the PS needs).
+1. Forward runs on the parameters the last step pulled (under the precision
+   policy's autocast; see :meth:`PSDataParallel.autocast`).
+2. Backward (of ``scale_loss(loss)``): a post-accumulate-grad hook on every
+   parameter counts down the partitions that parameter touches; when a
+   partition's last gradient has arrived, its slice of the flat gradient is
+   pushed at once in the wire dtype, so pushes of the last layers overlap the
+   backward of the first (DDP's bucketing, in the order the PS needs). Under loss
+   scaling the push also names the first parameter whose gradient overflowed.
 3. :meth:`PSDataParallel.step` pushes what backward did not touch (unused
-   parameters push zeros), waits for every push's reply (the new values) and
-   copies them into the flat parameter buffer: the next forward sees the
-   update. The clock advances.
+   parameters push zeros) and waits for the replies:
+   - without loss scaling, each reply carries the partition's new values;
+   - with loss scaling (fp16, sync), each reply is a verdict; every worker
+     derives the same decision from the same verdicts (skip if any partition
+     overflowed anywhere), sends it with a pull of the next clock, and gets
+     the new (or, when skipped, unchanged) values back. The loss scaler moves
+     the same way on every worker.
+4. The values are copied into the flat parameter buffer; the clock advances.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 from torch import nn
 
+from tessera.amp.policy import PrecisionPolicy, make_policy
+from tessera.amp.scaler import LossScaler
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
-from tessera.transport.wire import ParamSpec
+from tessera.transport.frames import torch_dtype
+from tessera.transport.wire import ParamSpec, Verdict
 
 
 def param_layout(model: nn.Module) -> list[ParamSpec]:
@@ -35,13 +46,18 @@ def param_layout(model: nn.Module) -> list[ParamSpec]:
             for name, p in model.named_parameters() if p.requires_grad]
 
 
-def flatten_model(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rebind every trainable parameter (and its grad) to views of two flat buffers."""
+def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rebind every trainable parameter (and its grad) to views of two flat buffers.
+
+    Returns ``(fp32 copy of the initial values, flat params, flat grads)``.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
-    total = sum(p.numel() for p in params)
-    flat = torch.empty(total, dtype=torch.float32, device=device)
-    flat_grad = torch.zeros(total, dtype=torch.float32, device=device)
+    initial = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params]).cpu()
+    total = initial.numel()
+    flat = torch.empty(total, dtype=dtype, device=device)
+    flat_grad = torch.zeros(total, dtype=dtype, device=device)
     off = 0
     with torch.no_grad():
         for p in params:
@@ -50,43 +66,69 @@ def flatten_model(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             p.data = flat[off:off + n].view_as(p)
             p.grad = flat_grad[off:off + n].view_as(p)
             off += n
-    return flat, flat_grad
+    return initial, flat, flat_grad
 
 
 class PSDataParallel(nn.Module):
     """Wraps ``module`` so that its parameters live on the parameter servers."""
 
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
-                 is_first: bool):
+                 is_first: bool, policy: Optional[PrecisionPolicy] = None,
+                 scaler: Optional[LossScaler] = None, two_phase: bool = False,
+                 log=print):
         super().__init__()
         self.module = module
         self.client = client
         self.shard_map = shard_map
+        self.policy = policy or make_policy("fp32", "cpu")
+        self.scaler = scaler or LossScaler(enabled=False)
+        self.two_phase = two_phase
+        self.log = log
         self.clock = 0
-        self.flat, self.flat_grad = flatten_model(module)
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
         if self.flat.numel() != shard_map.total_elems:
             raise ValueError(f"model has {self.flat.numel()} trainable elements but the shard map "
                              f"covers {shard_map.total_elems}: workers built different models")
         self._params = [p for p in module.parameters() if p.requires_grad]
         offsets = shard_map.param_offsets()
         self._views = [(p, offsets[i], p.numel()) for i, p in enumerate(self._params)]
+        self._names = names
         self._parts_of_param = shard_map.partitions_of_param()
+        self._params_of_part: dict[int, list[int]] = {p.id: [] for p in shard_map.partitions}
         self._needed = {part.id: 0 for part in shard_map.partitions}
-        for parts in self._parts_of_param:
+        for index, parts in enumerate(self._parts_of_param):
             for pid in parts:
                 self._needed[pid] += 1
+                self._params_of_part[pid].append(index)
         self._remaining = dict(self._needed)
+        self._fired: dict[int, int] = {}  # param index -> order its gradient arrived in
         self._handles: dict[int, Handle] = {}
+        self._wire = torch_dtype(client.wire_dtype)
         self.comm_wait_s = 0.0
+        self.skipped_steps = 0
+        self.overflows: list[dict] = []
         for i, p in enumerate(self._params):
             p.register_post_accumulate_grad_hook(self._make_hook(i))
-        # 0. Start from the servers' values: worker 0 seeds them, everyone pulls.
+        # 0. Start from the servers' values: worker 0 seeds them (fp32), everyone pulls.
         if is_first:
-            client.init_params(self.flat)
+            client.init_params(initial)
         self._copy_in(client.pull(clock=0))
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        with self.autocast():
+            return self.module(*args, **kwargs)
+
+    def autocast(self):
+        return self.policy.autocast(self.flat.device.type)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale (1 unless the policy scales): backward this."""
+        return loss * self.scaler.scale if self.scaler.enabled else loss
 
     # --------------------------------------------------------------- phase 2
 
@@ -99,6 +141,7 @@ class PSDataParallel(nn.Module):
                 # Someone replaced .grad (zero_grad(set_to_none=True)): fold it back.
                 view.copy_(param.grad.reshape(-1))
                 param.grad = view.view_as(param)
+            self._fired.setdefault(index, len(self._fired))
             for pid in self._parts_of_param[index]:
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
@@ -107,25 +150,79 @@ class PSDataParallel(nn.Module):
 
     def _push(self, pid: int) -> None:
         info = self.client.parts[pid]
-        self._handles[pid] = self.client.push(pid, self.flat_grad[info.start:info.stop], self.clock)
+        grad = self.flat_grad[info.start:info.stop]
+        nonfinite = ""
+        if self.scaler.enabled:
+            grad = grad.to(self._wire)  # overflow happens here, at the cast
+            if not bool(torch.isfinite(grad).all()):
+                nonfinite = self._first_nonfinite(pid, grad)
+        self._handles[pid] = self.client.push(pid, grad, self.clock, scale=self.scaler.scale,
+                                              nonfinite=nonfinite)
+
+    def _first_nonfinite(self, pid: int, wire_grad: torch.Tensor) -> str:
+        """Name of the first parameter, in backward order, with a non-finite gradient."""
+        start = self.client.parts[pid].start
+        order = sorted(self._params_of_part[pid], key=lambda i: self._fired.get(i, 1 << 30))
+        for index in order:
+            _, off, n = self._views[index]
+            lo, hi = max(off, start) - start, min(off + n, start + wire_grad.numel()) - start
+            if not bool(torch.isfinite(wire_grad[lo:hi]).all()):
+                return self._names[index]
+        return self._names[order[0]] if order else "?"
 
     # --------------------------------------------------------------- phase 3
 
-    def step(self) -> None:
-        """Finish the step: push the rest, wait for new values, advance the clock."""
+    def step(self) -> bool:
+        """Finish the step: push the rest, get new values, advance the clock.
+
+        Returns False when the step was skipped (gradients overflowed somewhere).
+        """
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
         t0 = time.perf_counter()
-        results = [h.wait() for h in self._handles.values()]
+        replies = [h.wait() for h in self._handles.values()]
+        applied = True
+        if self.two_phase:
+            verdicts: list[Verdict] = replies
+            applied = all(v.finite for v in verdicts)
+            replies = [h.wait() for h in self.client.pull(clock=self.clock + 1, commit=applied)]
+            if not applied:
+                self._report_overflow(verdicts)
+        elif self.scaler.enabled:  # async: each push was applied or refused on its own
+            applied = not any(h.skipped for h in self._handles.values())
         self.comm_wait_s += time.perf_counter() - t0
         with torch.no_grad():
-            for values in results:
+            for values in replies:
                 self._write(values)
             self.flat_grad.zero_()
+        self.scaler.update(found_inf=not applied)
+        if not applied:
+            self.skipped_steps += 1
         self._handles.clear()
+        self._fired.clear()
         self._remaining = dict(self._needed)
         self.clock += 1
+        return applied
+
+    def _report_overflow(self, verdicts: list[Verdict]) -> None:
+        # Verdicts are in push order, which is backward order: the first named is first.
+        culprits = [o for v in verdicts for o in v.overflows]
+        old = self.scaler.scale
+        new = old * self.scaler.backoff_factor
+        if culprits:
+            first = culprits[0]
+            where = f"on worker {first.worker} in parameter '{first.param}'"
+            others = sorted({(o.worker, o.param) for o in culprits[1:]} - {(first.worker, first.param)})
+            if others:
+                where += " (also " + ", ".join(f"worker {w} '{p}'" for w, p in others[:5]) + ")"
+        else:
+            bad = [pid for v in verdicts if not v.finite for pid in v.partitions]
+            where = f"in the sum of the workers' gradients of partitions {bad}"
+        event = {"step": self.clock + 1, "where": where, "scale": old, "new_scale": new}
+        self.overflows.append(event)
+        self.log(f"worker {self.client.worker}: fp16 gradient overflow at step {self.clock + 1} "
+                 f"{where}; step skipped on every worker and server; loss scale {old:g} -> {new:g}")
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
         self.flat_grad.zero_()

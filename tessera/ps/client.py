@@ -26,7 +26,7 @@ from tessera.errors import TesseraError
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.frames import frame_to_tensor, tensor_to_frame, torch_dtype
 
 
 class ServerError(TesseraError):
@@ -34,16 +34,23 @@ class ServerError(TesseraError):
 
 
 class Handle:
-    """An outstanding request; :meth:`wait` returns ``{partition id: tensor}``."""
+    """An outstanding request.
+
+    :meth:`wait` returns ``{partition id: tensor}`` for pulls and pushes, or the
+    :class:`~tessera.transport.wire.Verdict` for a push under loss scaling in sync
+    mode. ``skipped`` is True when an async server refused a non-finite push.
+    """
 
     def __init__(self, client: "PSClient", server: int, req: int, what: str, keep=None):
         self._client, self._server, self._req, self._what = client, server, req, what
         self._keep = keep  # buffers ZeroMQ may still be sending from
-        self._result: Optional[dict[int, torch.Tensor]] = None
+        self._result = None
+        self.skipped = False
 
-    def wait(self, timeout_s: Optional[float] = None) -> dict[int, torch.Tensor]:
+    def wait(self, timeout_s: Optional[float] = None):
         if self._result is None:
-            self._result = self._client._finish(self._server, self._req, self._what, timeout_s)
+            self._result, self.skipped = self._client._finish(self._server, self._req,
+                                                              self._what, timeout_s)
             self._keep = None
         return self._result
 
@@ -92,7 +99,8 @@ class PSClient:
         for server, req in pending:
             self._expect(server, req, "initial values", None, wire.Ack)
 
-    def pull(self, partitions: Optional[list[int]] = None, clock: int = 0) -> list[Handle]:
+    def pull(self, partitions: Optional[list[int]] = None, clock: int = 0,
+             commit: Optional[bool] = None) -> list[Handle]:
         """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
         ids = list(self.parts) if partitions is None else partitions
         by_server: dict[int, list[int]] = {}
@@ -103,12 +111,16 @@ class PSClient:
             ep = self.servers[server]
             req = ep.new_req()
             ep.send(wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
-                              dtype=self.wire_dtype))
+                              dtype=self.wire_dtype, commit=commit))
             handles.append(Handle(self, server, req, f"pull of partitions {pids} at clock {clock}"))
         return handles
 
-    def push(self, partition: int, grad: torch.Tensor, clock: int) -> Handle:
-        """Send one partition's gradient for ``clock``; the handle yields the new values."""
+    def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
+             nonfinite: str = "") -> Handle:
+        """Send one partition's gradient for ``clock``; the handle yields the new values.
+
+        ``grad`` may already be in the wire dtype (then it is sent without a copy).
+        """
         info = self.parts[partition]
         payload = grad.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
         if payload.numel() != info.stop - info.start:
@@ -119,7 +131,8 @@ class PSClient:
         req = ep.new_req()
         self.seq += 1
         ep.send(wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
-                          partitions=[partition], dtype=self.wire_dtype), [frame])
+                          partitions=[partition], dtype=self.wire_dtype, scale=scale,
+                          nonfinite=nonfinite), [frame])
         self.bytes_pushed += frame.nbytes
         return Handle(self, info.server, req, f"push of partition {partition} at clock {clock}",
                       keep=payload)
@@ -136,11 +149,13 @@ class PSClient:
             raise ServerError(f"{self.servers[server].peer_name} refused {what}: {msg.message}")
         if not isinstance(msg, kind):
             raise ServerError(f"{self.servers[server].peer_name} answered {what} with "
-                              f"{type(msg).__name__}, expected {kind.__name__}")
+                              f"{type(msg).__name__}")
         return msg, frames
 
-    def _finish(self, server: int, req: int, what: str, timeout_s) -> dict[int, torch.Tensor]:
-        msg, frames = self._expect(server, req, what, timeout_s, wire.Params)
+    def _finish(self, server: int, req: int, what: str, timeout_s):
+        msg, frames = self._expect(server, req, what, timeout_s, (wire.Params, wire.Verdict))
+        if isinstance(msg, wire.Verdict):
+            return msg, False
         if len(frames) != len(msg.partitions):
             raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
                               f"for {len(msg.partitions)} partitions")
@@ -152,8 +167,5 @@ class PSClient:
                                   f"which it does not hold")
             out[pid] = frame_to_tensor(frame.buffer, msg.dtype, info.stop - info.start)
             self.bytes_pulled += len(frame)
-        return out
+        return out, msg.skipped
 
-
-def wire_bytes(numel: int, wire_dtype: str) -> int:
-    return numel * itemsize(wire_dtype)

@@ -15,6 +15,14 @@ Consistency, per partition (each partition keeps its own clock):
   (Hogwild-style, as MXNet ``dist_async``). The scaling keeps one learning rate
   right for both modes: W async pushes move the parameters as far as one sync step.
 
+With loss scaling (``two_phase``, fp16 in sync mode) a complete clock is not
+applied at once: the server answers the pushes with a :class:`Verdict` (is the
+sum finite, and which workers sent non-finite values), holds the sum, and
+applies or drops it when a worker's next pull carries the cluster's decision
+(``commit``). Every worker derives the same decision from the same verdicts, so
+a step is skipped on every server or on none. Async mode never applies a
+non-finite push.
+
 Every request is validated before any state changes: partition ids must be this
 server's, payload frames must have exactly the lengths this server expects.
 A request that fails validation is answered with an :class:`Error` and forgotten.
@@ -58,6 +66,10 @@ class PartitionState:
     accum: Optional[torch.Tensor] = None
     pushed_by: set[int] = field(default_factory=set)
     waiters: list[_Waiter] = field(default_factory=list)
+    overflows: list[wire.Overflow] = field(default_factory=list)
+    #: Two-phase: the verdict on the held sum of clock ``clock`` (None: not complete).
+    verdict: Optional[bool] = None
+    verdict_waiters: list[tuple[bytes, int]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -71,6 +83,7 @@ class RequestError(ValueError):
 class ParameterServer:
     def __init__(self, *, rank: int, endpoint: ServerEndpoint, partitions: list[wire.PartitionInfo],
                  optimizer: OptimizerConfig, num_workers: int, mode: str,
+                 two_phase: bool = False,
                  check: Callable[[], None] = lambda: None,
                  should_stop: Callable[[], bool] = lambda: False):
         self.rank = rank
@@ -79,11 +92,12 @@ class ParameterServer:
         self.optimizer = optimizer
         self.num_workers = num_workers
         self.mode = mode
+        self.two_phase = two_phase and mode == "sync"
         self.check = check
         self.should_stop = should_stop
         self.last_seq: dict[int, int] = {}
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
-                          errors=0, apply_s=0.0)
+                          errors=0, skipped=0, apply_s=0.0)
 
     # ------------------------------------------------------------------ loop
 
@@ -160,6 +174,8 @@ class ParameterServer:
             raise RequestError("a pull carries no payload frames")
         states = self._states(msg.partitions, None, msg.dtype)
         self.stats["pulls"] += 1
+        if msg.commit is not None:
+            self._commit(states, msg.clock - 1, msg.commit)
         # Async pulls never wait for a clock, only for initial values.
         clock = msg.clock if self.mode == "sync" else 0
         self._wait_or_answer(_Waiter(peer, msg.req, clock, msg.dtype, states))
@@ -177,8 +193,13 @@ class ParameterServer:
             # A retried push that was already applied: answer, do not apply again.
             self._send_params(peer, msg.req, states, msg.dtype)
             return
+        if self.two_phase and len(states) != 1:
+            raise RequestError("with loss scaling, push one partition per message")
         if self.mode == "sync":
             for st in states:
+                if st.verdict is not None:
+                    raise RequestError(f"partition {st.info.id} waits for the commit of clock "
+                                       f"{st.clock}; pull with commit before pushing again")
                 if msg.clock != st.clock:
                     raise RequestError(f"push for clock {msg.clock} but partition {st.info.id} "
                                        f"is at clock {st.clock} (sync mode)")
@@ -187,21 +208,44 @@ class ParameterServer:
                                        f"{st.info.id} for clock {msg.clock}")
         self.last_seq[msg.worker] = msg.seq
         self.stats["pushes"] += 1
+        if msg.scale <= 0 or msg.scale != msg.scale:
+            raise RequestError(f"loss scale must be a positive number, got {msg.scale}")
+        unscale = 1.0 / msg.scale
+        if self.mode == "async":
+            # Scaled by 1/workers so that the W pushes of one "round" move the
+            # parameters as far as one sync step: the same lr serves both modes.
+            grads = [frame_to_tensor(f.buffer, msg.dtype, st.numel).to(torch.float32)
+                     .mul(unscale / self.num_workers) for st, f in zip(states, frames)]
+            self.stats["bytes_received"] += sum(len(f) for f in frames)
+            if msg.nonfinite or not all(bool(torch.isfinite(g).all()) for g in grads):
+                self.stats["skipped"] += 1
+                self._send_params(peer, msg.req, states, msg.dtype, skipped=True)
+                return
+            for st, grad in zip(states, grads):
+                self._apply(st, grad)
+            self._send_params(peer, msg.req, states, msg.dtype)
+            return
         for st, frame in zip(states, frames):
             grad = frame_to_tensor(frame.buffer, msg.dtype, st.numel)
             self.stats["bytes_received"] += len(frame)
-            if self.mode == "async":
-                # Scaled by 1/workers so that the W pushes of one "round" move the
-                # parameters as far as one sync step: the same lr serves both modes.
-                self._apply(st, grad.to(torch.float32).mul(1.0 / self.num_workers))
-                continue
             if st.accum is None:
-                st.accum = grad.to(torch.float32, copy=True)
+                st.accum = grad.to(torch.float32, copy=True).mul_(unscale)
             else:
-                st.accum.add_(grad)
+                st.accum.add_(grad.to(torch.float32), alpha=unscale)
             st.pushed_by.add(msg.worker)
-        if self.mode == "async":
-            self._send_params(peer, msg.req, states, msg.dtype)
+            if msg.nonfinite:
+                st.overflows.append(wire.Overflow(worker=msg.worker, param=msg.nonfinite))
+        if self.two_phase:
+            st = states[0]
+            st.verdict_waiters.append((peer, msg.req))
+            if len(st.pushed_by) == self.num_workers:
+                st.verdict = not st.overflows and bool(torch.isfinite(st.accum).all())
+                verdict = wire.Verdict(req=0, partitions=[st.info.id], clock=st.clock,
+                                       finite=st.verdict, overflows=st.overflows)
+                for w_peer, w_req in st.verdict_waiters:
+                    verdict.req = w_req
+                    self.endpoint.send(w_peer, verdict)
+                st.verdict_waiters.clear()
             return
         self._wait_or_answer(_Waiter(peer, msg.req, msg.clock + 1, msg.dtype, states))
         advanced = []
@@ -212,6 +256,30 @@ class ParameterServer:
                 st.pushed_by.clear()
                 self._apply(st, grad)
                 advanced.append(st)
+        self._wake(advanced)
+
+    def _commit(self, states: list[PartitionState], clock: int, apply: bool) -> None:
+        """The cluster's decision on the held sums of ``clock``: apply them or skip."""
+        for st in states:
+            if st.verdict is None or st.clock != clock:
+                continue  # already decided by another worker's pull (or nothing held)
+            if apply and not st.verdict:
+                raise RequestError(f"commit to apply clock {clock}, but partition {st.info.id}'s "
+                                   f"gradient sum is not finite")
+        advanced = []
+        for st in states:
+            if st.verdict is None or st.clock != clock:
+                continue
+            grad = st.accum.div_(self.num_workers)
+            st.accum, st.verdict = None, None
+            st.pushed_by.clear()
+            st.overflows = []
+            if apply:
+                self._apply(st, grad)
+            else:
+                st.clock += 1
+                self.stats["skipped"] += 1
+            advanced.append(st)
         self._wake(advanced)
 
     # --------------------------------------------------------------- replies
@@ -227,13 +295,14 @@ class ParameterServer:
         # A copy: ZeroMQ sends from the buffer later, and the master moves on.
         return st.rule.master.to(torch_dtype(dtype), copy=True)
 
-    def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str) -> None:
+    def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str,
+                     skipped: bool = False) -> None:
         values = [self._values(st, dtype) for st in states]
         frames = [tensor_to_frame(v) for v in values]
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
         clock = min(st.clock for st in states)
         self.endpoint.send(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
-                                             clock=clock, dtype=dtype), frames)
+                                             clock=clock, dtype=dtype, skipped=skipped), frames)
 
     def _wait_or_answer(self, w: _Waiter) -> None:
         if w.ready():

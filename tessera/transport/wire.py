@@ -130,13 +130,17 @@ class Pull(msgspec.Struct, **_MSG):
     partitions: list[int]
     clock: int = 0
     dtype: str = "float32"
+    #: With loss scaling in sync mode: apply (True) or skip (False) the update of
+    #: clock ``clock - 1`` that the partitions hold pending a verdict.
+    commit: Optional[bool] = None
 
 
 class Push(msgspec.Struct, **_MSG):
     """Gradients of partitions for ``clock``; one payload frame per partition.
 
     The reply is a :class:`Params` with the partitions' values after the update
-    this push took part in (one round trip for push and pull, DESIGN.md).
+    this push took part in (one round trip for push and pull, DESIGN.md), or,
+    when the job scales its loss (fp16) in sync mode, a :class:`Verdict`.
     """
 
     req: int
@@ -145,6 +149,30 @@ class Push(msgspec.Struct, **_MSG):
     clock: int
     partitions: list[int]
     dtype: str = "float32"
+    #: The loss scale the gradients carry; the server divides by it in fp32.
+    scale: float = 1.0
+    #: Name of the first parameter (in backward order) whose gradient in this push
+    #: is not finite on the sending worker; "" when all are finite.
+    nonfinite: str = ""
+
+
+class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    worker: int
+    param: str
+
+
+class Verdict(msgspec.Struct, **_MSG):
+    """Whether the sum of every worker's gradients for a partition and clock is finite.
+
+    Every worker gets the same verdicts, takes the same decision (apply only if all
+    partitions are finite) and sends it with its next :class:`Pull` as ``commit``.
+    """
+
+    req: int
+    partitions: list[int]
+    clock: int
+    finite: bool
+    overflows: list[Overflow] = []
 
 
 class Params(msgspec.Struct, **_MSG):
@@ -154,10 +182,12 @@ class Params(msgspec.Struct, **_MSG):
     partitions: list[int]
     clock: int
     dtype: str = "float32"
+    #: Async mode: the push was not applied because its gradient was not finite.
+    skipped: bool = False
 
 
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
-                InitParams, Pull, Push, Params]
+                InitParams, Pull, Push, Params, Verdict]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,0 +1,61 @@
+"""Mixed precision on real clusters: quality, bytes on the wire, cluster-wide skips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.harness import ROOT, run_cli, run_job
+
+DIGITS = str(ROOT / "examples" / "digits.toml")
+STEPS = "120"
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    return run_job(DIGITS, tmp_path_factory.mktemp("fp32") / "run", "--steps", STEPS)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_matches_fp32_quality_with_half_the_bytes(tmp_path, fp32_run, precision):
+    half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision)
+    assert half["precision"] == precision and fp32_run["precision"] == "fp32"
+    assert half["eval_accuracy"] >= fp32_run["eval_accuracy"] - 0.01, (half, fp32_run)
+    assert half["bytes_pushed"] <= 0.55 * fp32_run["bytes_pushed"]
+    assert half["bytes_pulled"] <= 0.55 * fp32_run["bytes_pulled"]
+    if precision == "fp16":
+        assert half["skipped_steps"] == 0 and half["loss_scale"] == 65536.0
+
+
+def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path):
+    out = tmp_path / "run"
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--precision", "fp16",
+                            "--out", out, "--quiet", ROOT / "tests" / "scripts" / "poison.py", 40],
+                           timeout_s=180)
+    assert code == 0, output
+    records = [json.loads((out / f"poison-{r}.json").read_text()) for r in (0, 1)]
+    for rec in records:
+        # The poisoned step (10) was skipped on this worker, and only that one.
+        assert rec["applied"][10] is False and sum(not a for a in rec["applied"]) == 1
+        # Parameters did not move across the skipped step, but did on the next.
+        torch.testing.assert_close(torch.tensor(rec["after"]), torch.tensor(rec["before"]),
+                                   rtol=0, atol=0)
+        assert not torch.equal(torch.tensor(rec["next"]), torch.tensor(rec["after"]))
+        assert rec["scale_after"] == rec["scale_before"] / 2
+        assert rec["eval_accuracy"] >= 0.85  # training went on
+    # Both workers hold the same parameters and the same scale.
+    assert records[0]["next"] == records[1]["next"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    # Every server skipped every partition it holds, exactly once.
+    cluster = json.loads((out / "cluster.json").read_text())
+    per_server = [sum(p["server"] == s for p in cluster["partitions"]) for s in (0, 1)]
+    assert summary["server_skipped"] == per_server
+    # The log names the worker and the parameter that overflowed.
+    log = (out / "logs" / "worker-0.log").read_text()
+    assert "fp16 gradient overflow at step 11 on worker 1 in parameter '" in log, log
+    named = log.split("in parameter '")[1].split("'")[0]
+    assert named in {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert "worker 1" in summary["first_overflow"]
