@@ -320,14 +320,13 @@ def _rpc_proc(conn, rank: int, world: int, port: int) -> None:
                                            rpc_timeout=120)
     name = "worker" if rank == 0 else f"ps{rank - 1}"
     rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
-    servers = world - 1
     state = {}
     while rank == 0:
         cmd = conn.recv()
         if cmd[0] == "quit":
             break
         if cmd[0] == "open":
-            n = cmd[1]
+            _, n, servers = cmd  # the first `servers` of the world's servers take part
             bounds = [(n * s // servers, n * (s + 1) // servers) for s in range(servers)]
             gen = torch.Generator().manual_seed(0)
             init = torch.randn(n, generator=gen)
@@ -338,6 +337,7 @@ def _rpc_proc(conn, rank: int, world: int, port: int) -> None:
             conn.send("open")
         elif cmd[0] == "run":
             shards = state["shards"]
+            servers = len(shards)
             times = []
             for _ in range(cmd[1]):
                 t0 = time.perf_counter()
@@ -472,12 +472,12 @@ class Bench:
         if "gloo" in systems:
             port = _free_port()
             gloo = [self.spawn(f"gloo{r}", _gloo_proc, r, port) for r in range(2)]
+        if "rpc" in systems:  # one world: the worker and max(servers) servers
+            port = _free_port()
+            rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port)
+                         for r in range(max_s + 1)]
+            rpc_worker = rpc_procs[0]
         for servers in a.servers:
-            if "rpc" in systems:
-                port = _free_port()
-                rpc_procs = [self.spawn(f"rpc{r}-of-{servers + 1}", _rpc_proc, r, servers + 1,
-                                        port) for r in range(servers + 1)]
-                rpc_worker = rpc_procs[0]
             for n in a.sizes:
                 tag = f"{n}-{servers}"
                 shard_map = _plan(n, servers)
@@ -494,7 +494,7 @@ class Bench:
                              "zmq worker connect")
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
                 if "rpc" in systems:
-                    self.ask(rpc_worker, ("open", n), "rpc open")
+                    self.ask(rpc_worker, ("open", n, servers), "rpc open")
                     runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
                 if "gloo" in systems:
                     for c in gloo:
@@ -538,8 +538,8 @@ class Bench:
                         self.recv(c, "gloo close")
                 _log(f"  {n:>11,d} elements, {servers} server(s): " + ", ".join(
                     f"{k} {_gbps(n, row[k]):.2f} GB/s" for k in runners))
-            if "rpc" in systems:
-                self.retire(rpc_procs)
+        if "rpc" in systems:
+            self.retire(rpc_procs)
         if "tessera" in systems:
             self.retire(t_servers + [t_worker])
         if "zmq" in systems:

@@ -57,5 +57,6 @@ def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path):
     log = (out / "logs" / "worker-0.log").read_text()
     assert "fp16 gradient overflow at step 11 on worker 1 in parameter '" in log, log
     named = log.split("in parameter '")[1].split("'")[0]
-    assert named in {"1.weight", "1.bias", "3.weight", "3.bias"}
+    # Backward reaches the last layer first: its weight is the first to overflow.
+    assert named == "3.weight", log
     assert "worker 1" in summary["first_overflow"]

@@ -206,8 +206,11 @@ class PSDataParallel(nn.Module):
         return applied
 
     def _report_overflow(self, verdicts: list[Verdict]) -> None:
-        # Verdicts are in push order, which is backward order: the first named is first.
-        culprits = [o for v in verdicts for o in v.overflows]
+        # Every worker runs the same model, so this worker's backward order ranks the
+        # parameters the others named: the first in backward order is reported first.
+        order = {self._names[i]: k for i, k in self._fired.items()}
+        culprits = sorted((o for v in verdicts for o in v.overflows),
+                          key=lambda o: (order.get(o.param, 1 << 30), o.worker))
         old = self.scaler.scale
         new = old * self.scaler.backoff_factor
         if culprits:
