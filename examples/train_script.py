@@ -36,7 +36,7 @@ sampler = tessera.shard(len(train_x), batch_size=args.batch_size)  # tessera: th
 for step in range(args.steps):
     idx = torch.from_numpy(sampler.indices(step))
     loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-    loss.backward()  # gradients stream to the servers while backward runs
+    model.scale_loss(loss).backward()  # tessera: loss scaling (a no-op unless fp16)
     model.step()  # tessera: replaces optimizer.step(); optimizer.zero_grad()
 
 with torch.no_grad():

@@ -30,7 +30,18 @@ from tessera.transport.endpoint import AuthRefused, ClientEndpoint, PeerTimeout,
 from tessera.transport.frames import tensor_to_frame
 
 SECRET = "test-secret-7f3a"
-TIMEOUT_S = 5.0
+#: Only failing tests ever wait this long; generous because the machine may be busy.
+TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_torch_optim_once():
+    """The first torch.optim optimizer of a process costs ~2 s of lazy imports; pay it
+    here, not inside a server thread while a client's timeout runs."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    for cls in _OPTIMIZERS.values():
+        p.grad = torch.ones(1)
+        cls([p], lr=0.1, foreach=False).step()
 
 
 class InprocCluster:
