@@ -21,13 +21,12 @@ from torch import nn
 
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.ps import PSDataParallel, param_layout
-from tessera.ps.client import PSClient
+from tessera.ps.client import PSClient, ServerError
 from tessera.ps.optim import _OPTIMIZERS
 from tessera.ps.server import ParameterServer
 from tessera.ps.sharding import ShardMap, plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint, _Auth
-from tessera.transport.frames import tensor_to_frame
 
 SECRET = "test-secret-7f3a"
 #: Only failing tests ever wait this long; generous because the machine may be busy.
@@ -298,7 +297,6 @@ def test_sync_pull_waits_for_every_worker(make_cluster):
 
 def test_sync_push_refusals(make_cluster):
     cfg = OptimizerConfig(name="sgd", lr=0.1)
-    from tessera.ps.client import ServerError
     model, cluster, (c0, c1) = start(make_cluster, mode="sync", num_workers=2, optimizer=cfg,
                                      num_servers=1, partition_elems=1000)
     g = torch.ones(cluster.shard_map.total_elems)
@@ -535,7 +533,6 @@ def test_push_before_init_is_refused(make_cluster):
     model = small_model()
     cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=1000, mode="sync",
                            num_workers=1, optimizer=OptimizerConfig())
-    from tessera.ps.client import ServerError
     c = cluster.client(0)
     with pytest.raises(ServerError, match="not been initialised"):
         c.push(0, torch.zeros(cluster.shard_map.total_elems), 0).wait()

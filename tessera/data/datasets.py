@@ -50,7 +50,7 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, shape) -> Dataset
     n_test = max(1, int(round(n * test_fraction)))
     test, train = perm[:n_test], perm[n_test:]
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    yt = torch.from_numpy(np.array(y, dtype=np.int64))  # a copy: y may be a read-only mmap
     return Dataset(train=Split(xt[train], yt[train]), test=Split(xt[test], yt[test]),
                    input_shape=shape, num_classes=int(yt.max().item()) + 1)
 
@@ -98,6 +98,8 @@ def _npy(cfg: DataConfig) -> Dataset:
                 return np.load(f"{root}/{name}", mmap_mode="r")
             with fs.open(f"{root}/{name}", "rb") as f:
                 return np.load(io.BytesIO(f.read()))
+        if not any(n.rsplit("/", 1)[-1] == "y.npy" for n in names):
+            raise DataError(f"data.path {path!r} holds x.npy but no y.npy (the labels)")
         x, y = load("x.npy"), load("y.npy")
     elif npz:
         xs, ys = [], []
@@ -109,6 +111,10 @@ def _npy(cfg: DataConfig) -> Dataset:
                                         f"(it has {list(z.keys())})")
                     xs.append(z["x"])
                     ys.append(z["y"])
+        for name, arr in zip(npz[1:], xs[1:]):
+            if arr.shape[1:] != xs[0].shape[1:]:
+                raise DataError(f"shards {npz[0]!r} and {name!r} hold samples of different "
+                                f"shapes {xs[0].shape[1:]} and {arr.shape[1:]}")
         x, y = np.concatenate(xs), np.concatenate(ys)
     else:
         raise DataError(f"data.path {path!r} holds neither x.npy/y.npy nor *.npz shards")

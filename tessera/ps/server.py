@@ -189,6 +189,10 @@ class ParameterServer:
         if not 0 <= msg.worker < self.num_workers:
             raise RequestError(f"worker {msg.worker} is not in this job "
                                f"(workers are 0..{self.num_workers - 1})")
+        if msg.seq < 0:
+            raise RequestError(f"push sequence numbers start at 0, got {msg.seq}")
+        if msg.scale <= 0 or msg.scale != msg.scale:
+            raise RequestError(f"loss scale must be a positive number, got {msg.scale}")
         if msg.seq <= self.last_seq.get(msg.worker, -1):
             # A retried push that was already applied: answer, do not apply again.
             self._send_params(peer, msg.req, states, msg.dtype)
@@ -206,10 +210,9 @@ class ParameterServer:
                 if msg.worker in st.pushed_by:
                     raise RequestError(f"worker {msg.worker} already pushed partition "
                                        f"{st.info.id} for clock {msg.clock}")
+        # Validated: from here on the push is applied (or held), exactly once.
         self.last_seq[msg.worker] = msg.seq
         self.stats["pushes"] += 1
-        if msg.scale <= 0 or msg.scale != msg.scale:
-            raise RequestError(f"loss scale must be a positive number, got {msg.scale}")
         unscale = 1.0 / msg.scale
         if self.mode == "async":
             # Scaled by 1/workers so that the W pushes of one "round" move the

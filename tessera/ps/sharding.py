@@ -4,8 +4,9 @@ All dense parameters, in ``named_parameters()`` order, are laid end to end in on
 flat fp32 vector. The vector is cut into contiguous *partitions* of at most
 ``partition_elems`` elements, so a tensor larger than a partition is split
 across partitions (and so across servers), as MXNet's KVStore does for arrays
-over 1M elements and BytePS does with its 4 MB partitions. Partitions are then
-placed on servers greedily, biggest first onto the server holding the fewest
+over 1M elements and BytePS does with its 4 MB partitions (neighbouring
+partitions may land on the same server: the balance is by bytes, not by
+tensor). Partitions are then placed on servers greedily, biggest first onto the server holding the fewest
 bytes (LPT scheduling), which keeps every server within one partition of the
 mean load.
 

@@ -170,7 +170,7 @@ class ClientEndpoint:
                                       f"does not hold the job's secret")
                 raise TransportError(f"{self.peer_name} failed the ZeroMQ handshake "
                                      f"(event {event}): is it a Tessera process?")
-        raise PeerTimeout(f"could not connect to {self.peer_name} within {timeout_s:.0f} s")
+        raise PeerTimeout(f"could not connect to {self.peer_name} within {timeout_s:g} s")
 
     def new_req(self) -> int:
         req = self._next_req
@@ -200,7 +200,7 @@ class ClientEndpoint:
             check()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerTimeout(f"{self.peer_name} did not answer {what} within {timeout_s:.0f} s")
+                raise PeerTimeout(f"{self.peer_name} did not answer {what} within {timeout_s:g} s")
             if self._poller.poll(int(min(left, 0.1) * 1000)):
                 while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._take_one()
