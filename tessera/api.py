@@ -82,17 +82,23 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
     client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
                       server_addresses=session.server_addresses(), secret=session.secret,
                       worker=session.rank, timeout_s=session.timeout_s,
-                      wire_dtype=policy.wire_dtype, check=session.check)
+                      wire_dtype=policy.wire_dtype, check=session.check,
+                      profiler=session.profiler)
     client.connect()
     _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
                             scaler=scaler, two_phase=two_phase(cfg),
-                            log=lambda line: print(line, flush=True))
+                            log=lambda line: print(line, flush=True), profiler=session.profiler)
     return _model
 
 
 def two_phase(cfg) -> bool:
     """Loss-scaled sync training decides skips cluster-wide (see tessera.amp.scaler)."""
     return cfg.precision == "fp16" and cfg.ps.mode == "sync"
+
+
+def profiler():
+    """This process's span recorder (a no-op unless the job runs with --profile)."""
+    return _require().profiler
 
 
 def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> ShardSampler:

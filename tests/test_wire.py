@@ -47,6 +47,8 @@ EVERY_MESSAGE = [
     wire.Params(req=15, partitions=[1], clock=6, skipped=True),
     wire.Verdict(req=16, partitions=[0], clock=3, finite=False,
                  overflows=[wire.Overflow(worker=1, param="fc.bias")]),
+    wire.TimeSync(req=17, t0_ns=1_700_000_000_000_000_000),
+    wire.TimeSyncAck(req=18, t1_ns=1_700_000_000_000_000_123),
 ]
 
 

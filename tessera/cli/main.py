@@ -30,6 +30,8 @@ def _run_flags(fn):
         click.option("--partition-mb", "partition_mb", type=float,
                      help="Partition size in MiB (ps.partition_mb)."),
         click.option("--precision", type=str, help="fp32 | bf16 | fp16 (precision)."),
+        click.option("--profile", is_flag=True, default=None,
+                     help="Record spans on every process; write trace.json and report.md."),
         click.option("--quiet", is_flag=True, help="No progress bar or table."),
     ]
     for option in reversed(options):
@@ -42,7 +44,7 @@ def _overrides(kwargs) -> dict:
             "--mode": kwargs["mode"], "--batch-size": kwargs["batch_size"],
             "--steps": kwargs["steps"], "--epochs": kwargs["epochs"], "--seed": kwargs["seed"],
             "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
-            "--precision": kwargs["precision"]}
+            "--precision": kwargs["precision"], "--profile": kwargs["profile"]}
 
 
 def _load(job, kwargs):
@@ -83,6 +85,47 @@ def launch(job, script, script_args, **kwargs) -> None:
     from tessera.cluster.launcher import Launcher
     cmd = [sys.executable, script, *script_args]
     sys.exit(Launcher(cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
+
+
+@cli.command()
+@click.argument("run_dir", type=str)
+def report(run_dir: str) -> None:
+    """Show where each step's time went in a run made with --profile."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tessera.profiler.report import write_report
+    from tessera.profiler.trace import load_profiles
+
+    path = Path(run_dir)
+    docs = load_profiles(path) if path.is_dir() else []
+    if not docs:
+        click.echo(f"tessera: {run_dir!r} holds no profile; run the job with --profile "
+                   f"(profile/*.json is written there)", err=True)
+        sys.exit(2)
+    rep = write_report(path, docs)
+    console = Console()
+    table = Table(title=f"ms per step ({path})")
+    for col in ("worker", "step", "data", "forward", "backward", "optimizer", "communication",
+                "waiting", "overlap", "vs others"):
+        table.add_column(col, justify="right")
+    for w in rep["workers"]:
+        table.add_row(str(w["rank"]), *(f"{w[k]:.2f}" for k in (
+            "step_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms",
+            "communication_ms", "waiting_ms")), f"{w['overlap']:.0%}", f"{w['straggler_ratio']:.2f}x")
+    console.print(table)
+    servers = Table(title="servers by load")
+    for col in ("server", "MB received", "share", "queue ms", "optimizer ms", "hottest partition"):
+        servers.add_column(col, justify="right")
+    for s in rep["servers"]:
+        hot = s["hot_partitions"][0]["id"] if s["hot_partitions"] else "-"
+        servers.add_row(str(s["rank"]), f"{s['bytes'] / 1e6:.1f}", f"{s['bytes_share']:.0%}",
+                        f"{s['queue_ms']:.1f}", f"{s['apply_ms']:.1f}", f"p{hot}")
+    console.print(servers)
+    console.print(f"[bold]Bottleneck:[/] {rep['bottleneck']}")
+    console.print(f"Details: {path / 'report.md'}, {path / 'report.html'}, {path / 'trace.json'}")
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import msgspec
 import zmq
 
 from tessera.config.schema import JobConfig, OptimizerConfig
+from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.sharding import ShardMap, partition_elems_for, plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
@@ -63,6 +64,8 @@ class Coordinator:
         self.reason = ""
         self.started = time.monotonic()
         self.failed_at = 0.0
+        self.profiler: SpanRecorder = (SpanRecorder("coordinator", 0) if cfg.profile.enabled
+                                       else OFF)
 
     @property
     def address(self) -> str:
@@ -118,7 +121,9 @@ class Coordinator:
         if msg is None:
             self.endpoint.send(got.peer, wire.Error(req=0, message=f"coordinator: {got.error}"))
             return
-        if isinstance(msg, wire.Heartbeat):
+        if isinstance(msg, wire.TimeSync):
+            self.endpoint.send(got.peer, wire.TimeSyncAck(req=msg.req, t1_ns=time.time_ns()))
+        elif isinstance(msg, wire.Heartbeat):
             key = (msg.role, msg.rank)
             if key in self.procs:
                 self.last_seen[key] = time.monotonic()
@@ -128,10 +133,12 @@ class Coordinator:
             self._on_register(got.peer, msg)
         elif isinstance(msg, wire.Finished):
             self.finished[(msg.role, msg.rank)] = dict(msg.stats)
+            self.profiler.instant(f"finished {msg.role} {msg.rank}", "membership")
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if all(("worker", r) in self.finished for r in range(self.cfg.cluster.workers)) \
                     and self.state == "running":
                 self.state = "shutdown"
+                self.profiler.instant("shutdown", "membership")
         else:
             self.endpoint.send(got.peer, wire.Error(
                 req=getattr(msg, "req", 0),
@@ -156,6 +163,7 @@ class Coordinator:
             self.layout, self.optimizer = msg.layout, msg.optimizer
         self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
                                            pid=msg.pid, address=msg.address)
+        self.profiler.instant(f"registered {msg.role} {msg.rank}", "membership", pid=msg.pid)
         self.last_seen[key] = time.monotonic()
         self.held.append((peer, msg.req))
         if set(self.procs) == self.expected and self.layout is not None and self.state == "starting":
@@ -164,7 +172,8 @@ class Coordinator:
     def _start(self) -> None:
         cfg = self.cfg
         self.shard_map = plan_shards(self.layout, cfg.cluster.servers,
-                                     partition_elems_for(cfg.ps.partition_mb))
+                                     partition_elems_for(cfg.ps.partition_mb),
+                                     cfg.ps.server_weights)
         procs = sorted(self.procs.values(), key=lambda p: (p.role != "server", p.role, p.rank))
         me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
                               address=self.address)
@@ -180,6 +189,8 @@ class Coordinator:
                 layout=self.layout, optimizer=self.optimizer))
         self.held.clear()
         self.state = "running"
+        self.profiler.instant("cluster up", "membership",
+                              partitions=len(self.shard_map.partitions))
         loads = self.shard_map.server_bytes()
         print(f"coordinator: cluster up: {len(procs)} processes, {len(self.shard_map.partitions)} "
               f"partitions, bytes per server {loads}", flush=True)
@@ -208,3 +219,14 @@ class Coordinator:
             "config": msgspec.to_builtins(cfg),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.cfg.profile.enabled:
+            self._write_profile()
+
+    def _write_profile(self) -> None:
+        from tessera.profiler.report import write_report
+        from tessera.profiler.trace import load_profiles, write_trace
+        self.profiler.dump(self.run_dir / "profile" / "coordinator-0.json")
+        docs = load_profiles(self.run_dir)
+        write_trace(self.run_dir, docs)
+        report = write_report(self.run_dir, docs)
+        print(f"coordinator: profile written; bottleneck: {report['bottleneck']}", flush=True)

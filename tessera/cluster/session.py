@@ -19,6 +19,7 @@ from tessera.cluster.health import ClusterFailure, Heartbeat
 from tessera.config import config_from_dict
 from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.errors import TesseraError
+from tessera.profiler.recorder import OFF, SpanRecorder, estimate_offset
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint
@@ -47,6 +48,18 @@ class Session:
                                      sndtimeo_s=cl.timeout_s)
         self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
         self.view: Optional[wire.ClusterView] = None
+        self.profiler: SpanRecorder = OFF
+        if cfg.profile.enabled:
+            offset, error = estimate_offset(self._time_exchange)
+            self.profiler = SpanRecorder(role, rank, offset, error)
+
+    def _time_exchange(self, t0_ns: int) -> int:
+        msg, _ = self._coord.request(wire.TimeSync(req=self._coord.new_req(), t0_ns=t0_ns),
+                                     timeout_s=self.cfg.cluster.timeout_s, what="clock sync",
+                                     check=self.heartbeat.check)
+        if not isinstance(msg, wire.TimeSyncAck):
+            raise ClusterFailure(f"coordinator answered clock sync with {type(msg).__name__}")
+        return msg.t1_ns
 
     @classmethod
     def from_env(cls, expect_role: Optional[str] = None) -> "Session":
@@ -110,6 +123,7 @@ class Session:
 
     def finish(self, stats: dict[str, Any]) -> None:
         """Report this process's counters; the coordinator folds them into summary.json."""
+        self.profiler.dump(self.run_dir / "profile" / f"{self.role}-{self.rank}.json")
         req = self._coord.new_req()
         clean = {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) or v is None}
         self._coord.request(wire.Finished(req=req, role=self.role, rank=self.rank, stats=clean),

@@ -53,15 +53,17 @@ def main() -> None:
     if lead:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps}))
 
+    prof = session.profiler
     t_start = time.perf_counter()
     t_window, samples_window = t_start, 0
     loss = torch.zeros(())
     for step in range(1, steps + 1):
         # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
-        idx = torch.from_numpy(sampler.indices(step - 1))
-        x, y = data.train.x[idx].to(device), data.train.y[idx].to(device)
-        loss = F.cross_entropy(model(x), y).float()
-        model.scale_loss(loss).backward()
+        with prof.span("data", "data"):
+            idx = torch.from_numpy(sampler.indices(step - 1))
+            x, y = data.train.x[idx].to(device), data.train.y[idx].to(device)
+        loss = F.cross_entropy(model(x), y).float()  # forward: spans recorded by the wrapper
+        model.scale_loss(loss).backward()             # backward: likewise
         model.step()
         samples_window += len(idx) * cfg.cluster.workers
         # log / evaluate (worker 0 writes metrics.jsonl)
@@ -72,7 +74,8 @@ def main() -> None:
                       "samples_per_s": samples_window / max(now - t_window, 1e-9),
                       "wall_s": now - t_start}
             if step % cfg.train.eval_every == 0 or step == steps:
-                record.update(evaluate(model, data.test.x, data.test.y, device))
+                with prof.span("eval", "eval"):
+                    record.update(evaluate(model, data.test.x, data.test.y, device))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             t_window, samples_window = time.perf_counter(), 0

@@ -34,6 +34,7 @@ FLAG_FIELDS: dict[str, str] = {
     "--out": "out",
     "--partition-mb": "ps.partition_mb",
     "--precision": "precision",
+    "--profile": "profile.enabled",
 }
 
 
@@ -90,6 +91,8 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, bool):  # `profile = true` is short for `[profile] enabled = true`
+            child = node[part] = {"enabled": child}
         if not isinstance(child, dict):
             raise ConfigError(f"{part}: expected a table, got {type(child).__name__}")
         node = child

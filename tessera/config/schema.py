@@ -12,7 +12,7 @@ unknown fields for us; cross-field rules live in ``__post_init__`` and raise
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import msgspec
 
@@ -144,12 +144,27 @@ class AmpConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"growth_interval must be >= 1, got {self.growth_interval}")
 
 
+class ProfileConfig(msgspec.Struct, **_STRICT):
+    """The cluster-wide profiler (``--profile``; ``profile = true`` is short for ``enabled``)."""
+
+    enabled: bool = False
+    #: Add PyTorch profiler operator detail for this many steps on each worker.
+    torch_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.torch_steps < 0:
+            raise ValueError(f"torch_steps must be >= 0, got {self.torch_steps}")
+
+
 class PSConfig(msgspec.Struct, **_STRICT):
     """How parameters are kept on the servers and how updates are applied."""
 
     #: ``sync``: each server sums every worker's push for a clock and applies once.
     #: ``async``: each push is applied the moment it arrives.
     mode: Literal["sync", "async"] = "sync"
+    #: Relative capacity of each server (one number per server): partitions are placed
+    #: so that server s holds about weight[s] / sum(weights) of the bytes. Default: equal.
+    server_weights: Optional[list[float]] = None
     #: Target partition size in MiB. 4 MiB follows BytePS; loopback ZeroMQ moves
     #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
     partition_mb: float = 4.0
@@ -201,11 +216,19 @@ class JobConfig(msgspec.Struct, **_STRICT):
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     ps: PSConfig = msgspec.field(default_factory=PSConfig)
     amp: AmpConfig = msgspec.field(default_factory=AmpConfig)
+    profile: Union[bool, ProfileConfig] = False
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\"):
             raise ValueError(f"name must be a non-empty string without slashes, got {self.name!r}")
+        if isinstance(self.profile, bool):
+            self.profile = ProfileConfig(enabled=self.profile)
+        weights = self.ps.server_weights
+        if weights is not None and (len(weights) != self.cluster.servers
+                                    or any(w <= 0 for w in weights)):
+            raise ValueError(f"ps.server_weights must hold {self.cluster.servers} positive numbers "
+                             f"(one per server), got {weights}")
         if self.train.steps is None and self.train.epochs is None:
             # Resolve the default here so everything downstream sees a number.
             self.train.epochs = 1

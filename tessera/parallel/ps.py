@@ -35,6 +35,7 @@ from torch import nn
 
 from tessera.amp.policy import PrecisionPolicy, make_policy
 from tessera.amp.scaler import LossScaler
+from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
 from tessera.transport.frames import torch_dtype
@@ -75,7 +76,7 @@ class PSDataParallel(nn.Module):
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
                  is_first: bool, policy: Optional[PrecisionPolicy] = None,
                  scaler: Optional[LossScaler] = None, two_phase: bool = False,
-                 log=print):
+                 log=print, profiler: SpanRecorder = OFF):
         super().__init__()
         self.module = module
         self.client = client
@@ -84,6 +85,10 @@ class PSDataParallel(nn.Module):
         self.scaler = scaler or LossScaler(enabled=False)
         self.two_phase = two_phase
         self.log = log
+        self.profiler = profiler
+        self._first_push_ns = 0
+        self._backward_start_ns = 0
+        self._last_hook_ns = 0
         self.clock = 0
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
@@ -116,7 +121,7 @@ class PSDataParallel(nn.Module):
         self._copy_in(client.pull(clock=0))
 
     def forward(self, *args, **kwargs):
-        with self.autocast():
+        with self.profiler.span("forward", "compute"), self.autocast():
             return self.module(*args, **kwargs)
 
     def autocast(self):
@@ -128,7 +133,17 @@ class PSDataParallel(nn.Module):
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the loss scale (1 unless the policy scales): backward this."""
-        return loss * self.scaler.scale if self.scaler.enabled else loss
+        scaled = loss * self.scaler.scale if self.scaler.enabled else loss
+        if self.profiler.enabled and scaled.requires_grad:
+            # The loss's gradient is the first thing backward computes: backward starts.
+            if not self.scaler.enabled:
+                scaled = scaled * 1.0  # a fresh node, so the hook is not on the user's tensor
+            scaled.register_hook(self._mark_backward_start)
+        return scaled
+
+    def _mark_backward_start(self, grad):
+        self._backward_start_ns = self.profiler.now()
+        return grad
 
     # --------------------------------------------------------------- phase 2
 
@@ -142,6 +157,10 @@ class PSDataParallel(nn.Module):
                 view.copy_(param.grad.reshape(-1))
                 param.grad = view.view_as(param)
             self._fired.setdefault(index, len(self._fired))
+            if self.profiler.enabled:
+                self._last_hook_ns = self.profiler.now()
+                if not self._backward_start_ns:
+                    self._backward_start_ns = self._last_hook_ns
             for pid in self._parts_of_param[index]:
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
@@ -156,6 +175,8 @@ class PSDataParallel(nn.Module):
             grad = grad.to(self._wire)  # overflow happens here, at the cast
             if not bool(torch.isfinite(grad).all()):
                 nonfinite = self._first_nonfinite(pid, grad)
+        if not self._handles and self.profiler.enabled:
+            self._first_push_ns = self.profiler.now()
         self._handles[pid] = self.client.push(pid, grad, self.clock, scale=self.scaler.scale,
                                               nonfinite=nonfinite)
 
@@ -181,6 +202,8 @@ class PSDataParallel(nn.Module):
             if left > 0 and pid not in self._handles:
                 self._push(pid)
         t0 = time.perf_counter()
+        prof = self.profiler
+        wait_start = prof.now()
         replies = [h.wait() for h in self._handles.values()]
         applied = True
         if self.two_phase:
@@ -191,11 +214,26 @@ class PSDataParallel(nn.Module):
                 self._report_overflow(verdicts)
         elif self.scaler.enabled:  # async: each push was applied or refused on its own
             applied = not any(h.skipped for h in self._handles.values())
-        self.comm_wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.comm_wait_s += waited
+        copy_start = prof.now()
         with torch.no_grad():
             for values in replies:
                 self._write(values)
             self.flat_grad.zero_()
+        if prof.enabled:
+            if self._backward_start_ns:
+                prof.add("backward", "compute", self._backward_start_ns,
+                         max(0, self._last_hook_ns - self._backward_start_ns))
+            self._backward_start_ns = 0
+            prof.add("wait", "comm", wait_start, int(waited * 1e9), clock=self.clock)
+            prof.add("copy", "optimizer", copy_start, prof.now() - copy_start)
+            # Communication in flight: first push sent .. last reply sent by a server.
+            end = max(self.client.last_reply_ns, wait_start)
+            prof.add("in flight", "inflight", self._first_push_ns,
+                     max(0, end - self._first_push_ns), clock=self.clock,
+                     bytes=sum(self.client.parts[p].stop - self.client.parts[p].start
+                               for p in self._handles) * self._wire.itemsize)
         self.scaler.update(found_inf=not applied)
         if not applied:
             self.skipped_steps += 1

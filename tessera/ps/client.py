@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from tessera.errors import TesseraError
+from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
@@ -58,7 +59,7 @@ class Handle:
 class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
-                 check: Callable[[], None] = lambda: None):
+                 check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -73,6 +74,9 @@ class PSClient:
         self.seq = 0
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self.profiler = profiler
+        #: Latest server send time of a reply seen (aligned clock; profiling only).
+        self.last_reply_ns = 0
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
         for ep in self.servers:
@@ -132,7 +136,8 @@ class PSClient:
         self.seq += 1
         ep.send(wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
                           partitions=[partition], dtype=self.wire_dtype, scale=scale,
-                          nonfinite=nonfinite), [frame])
+                          nonfinite=nonfinite,
+                          sent_ns=self.profiler.now() if self.profiler.enabled else 0), [frame])
         self.bytes_pushed += frame.nbytes
         return Handle(self, info.server, req, f"push of partition {partition} at clock {clock}",
                       keep=payload)
@@ -156,6 +161,7 @@ class PSClient:
         msg, frames = self._expect(server, req, what, timeout_s, (wire.Params, wire.Verdict))
         if isinstance(msg, wire.Verdict):
             return msg, False
+        self.last_reply_ns = max(self.last_reply_ns, msg.sent_ns)
         if len(frames) != len(msg.partitions):
             raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
                               f"for {len(msg.partitions)} partitions")

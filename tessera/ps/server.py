@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from tessera.config.schema import OptimizerConfig
+from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.optim import UpdateRule, make_rule
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
@@ -67,6 +68,8 @@ class PartitionState:
     pushed_by: set[int] = field(default_factory=set)
     waiters: list[_Waiter] = field(default_factory=list)
     overflows: list[wire.Overflow] = field(default_factory=list)
+    #: Aligned arrival time of each worker's push for the current clock (profiling).
+    arrivals: dict[int, int] = field(default_factory=dict)
     #: Two-phase: the verdict on the held sum of clock ``clock`` (None: not complete).
     verdict: Optional[bool] = None
     verdict_waiters: list[tuple[bytes, int]] = field(default_factory=list)
@@ -83,7 +86,7 @@ class RequestError(ValueError):
 class ParameterServer:
     def __init__(self, *, rank: int, endpoint: ServerEndpoint, partitions: list[wire.PartitionInfo],
                  optimizer: OptimizerConfig, num_workers: int, mode: str,
-                 two_phase: bool = False,
+                 two_phase: bool = False, profiler: SpanRecorder = OFF,
                  check: Callable[[], None] = lambda: None,
                  should_stop: Callable[[], bool] = lambda: False):
         self.rank = rank
@@ -93,6 +96,7 @@ class ParameterServer:
         self.num_workers = num_workers
         self.mode = mode
         self.two_phase = two_phase and mode == "sync"
+        self.profiler = profiler
         self.check = check
         self.should_stop = should_stop
         self.last_seq: dict[int, int] = {}
@@ -119,6 +123,8 @@ class ParameterServer:
             return
         try:
             if isinstance(msg, wire.Push):
+                if self.profiler.enabled:
+                    self._profile_push(msg, got.frames)
                 self._on_push(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Pull):
                 self._on_pull(got.peer, msg, got.frames)
@@ -128,6 +134,22 @@ class ParameterServer:
                 raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
         except RequestError as exc:
             self._refuse(got.peer, getattr(msg, "req", 0), str(exc))
+
+    def _profile_push(self, msg: wire.Push, frames: list) -> None:
+        now = self.profiler.now()
+        prof = self.profiler
+        if msg.sent_ns:
+            # Time from the worker's send to this server taking the message: the wire
+            # plus the queue behind earlier messages (clocks aligned at start-up).
+            prof.count(f"queue_ns.w{msg.worker}", max(0, now - msg.sent_ns))
+        nbytes = sum(len(f) for f in frames)
+        prof.count(f"bytes.w{msg.worker}", nbytes)
+        prof.count("pushes")
+        for pid, frame in zip(msg.partitions, frames):
+            prof.count(f"bytes.p{pid}", len(frame))
+            st = self.parts.get(pid)
+            if st is not None and self.mode == "sync":
+                st.arrivals[msg.worker] = now
 
     def _refuse(self, peer: bytes, req: int, why: str) -> None:
         self.stats["errors"] += 1
@@ -281,6 +303,7 @@ class ParameterServer:
                 self._apply(st, grad)
             else:
                 st.clock += 1
+                st.arrivals.clear()
                 self.stats["skipped"] += 1
             advanced.append(st)
         self._wake(advanced)
@@ -289,10 +312,24 @@ class ParameterServer:
 
     def _apply(self, st: PartitionState, grad: torch.Tensor) -> None:
         t0 = time.perf_counter()
+        start = self.profiler.now()
         st.rule.apply(grad)
         st.clock += 1
         self.stats["updates"] += 1
-        self.stats["apply_s"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats["apply_s"] += elapsed
+        if self.profiler.enabled:
+            self.profiler.add("apply", "server", start, int(elapsed * 1e9), partition=st.info.id)
+            self.profiler.count(f"apply_ns.p{st.info.id}", elapsed * 1e9)
+            self._barrier_done(st)
+
+    def _barrier_done(self, st: PartitionState) -> None:
+        """Each worker's push waited from its arrival until the last worker's arrived."""
+        if st.arrivals:
+            last = max(st.arrivals.values())
+            for worker, at in st.arrivals.items():
+                self.profiler.count(f"barrier_ns.w{worker}", last - at)
+            st.arrivals.clear()
 
     def _values(self, st: PartitionState, dtype: str) -> torch.Tensor:
         # A copy: ZeroMQ sends from the buffer later, and the master moves on.
@@ -305,7 +342,9 @@ class ParameterServer:
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
         clock = min(st.clock for st in states)
         self.endpoint.send(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
-                                             clock=clock, dtype=dtype, skipped=skipped), frames)
+                                             clock=clock, dtype=dtype, skipped=skipped,
+                                             sent_ns=self.profiler.now() if self.profiler.enabled
+                                             else 0), frames)
 
     def _wait_or_answer(self, w: _Waiter) -> None:
         if w.ready():

@@ -76,8 +76,13 @@ def partition_elems_for(partition_mb: float, itemsize: int = 4) -> int:
     return max(1, int(partition_mb * MiB) // itemsize)
 
 
-def plan_shards(layout: list[ParamSpec], num_servers: int, partition_elems: int) -> ShardMap:
-    """Cut the flat vector into partitions and place them on ``num_servers`` servers."""
+def plan_shards(layout: list[ParamSpec], num_servers: int, partition_elems: int,
+                weights: list[float] | None = None) -> ShardMap:
+    """Cut the flat vector into partitions and place them on ``num_servers`` servers.
+
+    ``weights`` (one positive number per server) makes server s hold about
+    ``weights[s] / sum(weights)`` of the bytes, for servers of unequal capacity.
+    """
     if num_servers < 1:
         raise ValueError(f"num_servers must be >= 1, got {num_servers}")
     if partition_elems < 1:
@@ -95,10 +100,14 @@ def plan_shards(layout: list[ParamSpec], num_servers: int, partition_elems: int)
         stop = start + base + (1 if i < extra else 0)
         bounds.append((start, stop))
         start = stop
+    w = weights or [1.0] * num_servers
+    if len(w) != num_servers or any(x <= 0 for x in w):
+        raise ValueError(f"weights must be {num_servers} positive numbers, got {weights}")
     load = [0] * num_servers
     owner = [0] * num_parts
     for i in sorted(range(num_parts), key=lambda i: (-(bounds[i][1] - bounds[i][0]), i)):
-        server = min(range(num_servers), key=lambda s: (load[s], s))
+        size = bounds[i][1] - bounds[i][0]
+        server = min(range(num_servers), key=lambda s: ((load[s] + size) / w[s], s))
         owner[i] = server
         load[server] += bounds[i][1] - bounds[i][0]
     parts = tuple(PartitionInfo(id=i, start=a, stop=b, server=owner[i])

@@ -93,6 +93,18 @@ class HeartbeatAck(msgspec.Struct, **_MSG):
     reason: str = ""
 
 
+class TimeSync(msgspec.Struct, **_MSG):
+    """NTP-style clock probe: the reply carries the coordinator's clock at receipt."""
+
+    req: int
+    t0_ns: int
+
+
+class TimeSyncAck(msgspec.Struct, **_MSG):
+    req: int
+    t1_ns: int
+
+
 class Finished(msgspec.Struct, **_MSG):
     """A process's final report: its counters for summary.json."""
 
@@ -154,6 +166,8 @@ class Push(msgspec.Struct, **_MSG):
     #: Name of the first parameter (in backward order) whose gradient in this push
     #: is not finite on the sending worker; "" when all are finite.
     nonfinite: str = ""
+    #: Sender's clock (aligned to the coordinator's) when sent; 0 when not profiling.
+    sent_ns: int = 0
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
@@ -184,10 +198,12 @@ class Params(msgspec.Struct, **_MSG):
     dtype: str = "float32"
     #: Async mode: the push was not applied because its gradient was not finite.
     skipped: bool = False
+    #: Server's aligned clock when it sent this reply (for the profiler's overlap figure).
+    sent_ns: int = 0
 
 
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
-                InitParams, Pull, Push, Params, Verdict]
+                InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

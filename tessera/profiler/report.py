@@ -1,0 +1,242 @@
+"""From spans to a finding: where each step's time went, and the main bottleneck.
+
+Per worker, each step is broken into data loading, compute (forward and
+backward), optimizer/copy (writing pulled values into the model), and the time
+spent in ``step()`` waiting for the servers' replies, which the servers' own
+counters split into *waiting for other workers* (a push sat at the server until
+the last worker's push of the same clock arrived) and *communication* (the
+rest). *Overlap* is the share of the time communication was in flight (first
+push sent .. last reply sent) that backward was still running.
+
+Servers are ranked by bytes received, queue time (worker send .. server
+receive, on aligned clocks) and optimizer time; their hottest partitions named.
+
+The bottleneck is the first that applies of: a straggler (a worker whose compute
+per step is at least 1.3x the median of the others), a hot server (one holding
+over 1.25x its fair share of pushed bytes), communication (exposed waiting over
+30% of the step), else compute. The thresholds are judgement, not measurement:
+they name a clear imbalance without flagging run-to-run noise (~10% here).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Optional
+
+STRAGGLER_RATIO = 1.3
+HOT_SERVER_FACTOR = 1.25
+COMM_BOUND_SHARE = 0.30
+
+
+def _sum(spans, name):
+    return sum(s[3] for s in spans if s[0] == name) / 1e6  # ms
+
+
+def _overlap(spans) -> float:
+    back = [(s[2], s[2] + s[3]) for s in spans if s[0] == "backward"]
+    flight = [(s[2], s[2] + s[3]) for s in spans if s[0] == "in flight" and s[3] > 0]
+    total = sum(b - a for a, b in flight)
+    if not total:
+        return 0.0
+    covered = 0
+    for a, b in flight:
+        for c, d in back:
+            covered += max(0, min(b, d) - max(a, c))
+    return min(1.0, covered / total)
+
+
+def _worker_row(doc: dict, servers: list[dict]) -> dict:
+    spans = doc["spans"]
+    steps = sum(1 for s in spans if s[0] == "wait") or 1
+    per = {k: _sum(spans, k) / steps for k in ("data", "forward", "backward", "wait", "copy")}
+    # A worker waits on every server at once: average the per-partition barrier time
+    # of each server, then over servers.
+    per_server = []
+    for srv in servers:
+        parts = max(1, sum(1 for k in srv["counters"] if k.startswith("bytes.p")))
+        per_server.append(srv["counters"].get(f"barrier_ns.w{doc['rank']}", 0.0) / parts)
+    barrier_ms = min(per["wait"], (statistics.mean(per_server) if per_server else 0.0) / 1e6 / steps)
+    train = [s for s in spans if s[0] in ("data", "forward", "backward", "wait", "copy")]
+    wall = ((max(s[2] + s[3] for s in train) - min(s[2] for s in train)) / 1e6 / steps
+            if train else 0.0)
+    compute = per["forward"] + per["backward"]
+    return {
+        "rank": doc["rank"], "steps": steps, "step_ms": wall,
+        "data_ms": per["data"], "forward_ms": per["forward"], "backward_ms": per["backward"],
+        "compute_ms": compute, "optimizer_ms": per["copy"],
+        "waiting_ms": barrier_ms, "communication_ms": max(0.0, per["wait"] - barrier_ms),
+        "other_ms": max(0.0, wall - compute - per["data"] - per["copy"] - per["wait"]),
+        "overlap": _overlap(spans),
+    }
+
+
+def _server_row(doc: dict) -> dict:
+    c = doc["counters"]
+    parts = sorted({int(k.split(".p")[1]) for k in c if k.startswith("bytes.p")})
+    hot = sorted(({"id": p, "bytes": int(c.get(f"bytes.p{p}", 0)),
+                   "apply_ms": c.get(f"apply_ns.p{p}", 0) / 1e6} for p in parts),
+                 key=lambda r: (-r["bytes"], -r["apply_ms"]))
+    return {
+        "rank": doc["rank"],
+        "bytes": int(sum(v for k, v in c.items() if k.startswith("bytes.w"))),
+        "queue_ms": sum(v for k, v in c.items() if k.startswith("queue_ns.w")) / 1e6,
+        "apply_ms": sum(v for k, v in c.items() if k.startswith("apply_ns.p")) / 1e6,
+        "pushes": int(c.get("pushes", 0)),
+        "partitions": len(parts),
+        "hot_partitions": hot[:3],
+    }
+
+
+def analyze(docs: list[dict], summary: Optional[dict] = None) -> dict:
+    servers_docs = [d for d in docs if d["role"] == "server"]
+    workers = [_worker_row(d, servers_docs) for d in docs if d["role"] == "worker"]
+    servers = [_server_row(d) for d in servers_docs]
+    total_bytes = sum(s["bytes"] for s in servers) or 1
+    for s in servers:
+        s["bytes_share"] = s["bytes"] / total_bytes
+    for w in workers:
+        others = [o["compute_ms"] + o["data_ms"] for o in workers if o is not w]
+        base = statistics.median(others) if others else 0.0
+        w["straggler_ratio"] = (w["compute_ms"] + w["data_ms"]) / base if base > 0 else 1.0
+    stragglers = sorted((w for w in workers if w["straggler_ratio"] >= STRAGGLER_RATIO),
+                        key=lambda w: -w["straggler_ratio"])
+    servers_ranked = sorted(servers, key=lambda s: (-s["bytes"], -s["queue_ms"]))
+    report = {
+        "bottleneck": "", "kind": "",
+        "workers": workers, "stragglers": [w["rank"] for w in stragglers],
+        "servers": servers_ranked,
+        "samples_per_s": (summary or {}).get("samples_per_s"),
+        "clock_error_us_max": max((d.get("clock_error_ns", 0) for d in docs), default=0) / 1e3,
+    }
+    report["kind"], report["bottleneck"] = _finding(workers, stragglers, servers_ranked)
+    return report
+
+
+def _finding(workers, stragglers, servers) -> tuple[str, str]:
+    if stragglers:
+        w = stragglers[0]
+        others = [o for o in workers if o is not w]
+        phase = max(("forward", "backward", "data"),
+                    key=lambda k: w[f"{k}_ms"] - statistics.median(o[f"{k}_ms"] for o in others))
+        ref = statistics.median(o[f"{phase}_ms"] for o in others)
+        ratio = w[f"{phase}_ms"] / ref if ref > 0 else w["straggler_ratio"]
+        return "straggler", (
+            f"worker {w['rank']} is {ratio:.1f}x slower in {phase} ({w[f'{phase}_ms']:.1f} ms vs "
+            f"{ref:.1f} ms per step): a straggler that every synchronous step waits for; "
+            f"try --mode async, or find what slows that worker's machine")
+    if len(servers) > 1:
+        top = servers[0]
+        fair = 1.0 / len(servers)
+        if top["bytes_share"] > HOT_SERVER_FACTOR * fair:
+            part = top["hot_partitions"][0] if top["hot_partitions"] else None
+            where = f" (partition {part['id']} is its largest)" if part else ""
+            return "hot_server", (
+                f"server {top['rank']} holds {top['bytes_share']:.0%} of pushed bytes{where}, "
+                f"{top['bytes_share'] / fair:.1f}x its fair share: even out ps.server_weights, "
+                f"add servers or lower the partition size (--partition-mb)")
+    if workers:
+        step = statistics.mean(w["step_ms"] for w in workers) or 1.0
+        exposed = statistics.mean(w["communication_ms"] + w["waiting_ms"] for w in workers)
+        overlap = statistics.mean(w["overlap"] for w in workers)
+        if exposed / step > COMM_BOUND_SHARE:
+            return "communication", (
+                f"workers spend {exposed / step:.0%} of each step waiting for the servers "
+                f"({overlap:.0%} of communication overlaps backward): try --precision bf16 to "
+                f"halve the bytes, add servers, or raise the batch size")
+        compute = statistics.mean(w["compute_ms"] for w in workers)
+        return "compute", (
+            f"compute (forward and backward) is {compute / step:.0%} of each step and "
+            f"communication is mostly hidden ({overlap:.0%} overlapped): the job is compute-bound; "
+            f"more workers or a faster device would help")
+    return "none", "no worker spans were recorded"
+
+
+# ----------------------------------------------------------------- outputs
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# Tessera profile", "", f"**Bottleneck:** {report['bottleneck']}", ""]
+    if report.get("samples_per_s"):
+        lines += [f"Throughput: {report['samples_per_s']:.0f} samples/s. "
+                  f"Clock alignment error: at most {report['clock_error_us_max']:.0f} µs.", ""]
+    lines += ["## Workers (ms per step)", "",
+              "| worker | step | data | forward | backward | optimizer | communication | "
+              "waiting for others | overlap | vs others |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in report["workers"]:
+        lines.append(f"| {w['rank']} | {w['step_ms']:.2f} | {w['data_ms']:.2f} | "
+                     f"{w['forward_ms']:.2f} | {w['backward_ms']:.2f} | {w['optimizer_ms']:.2f} | "
+                     f"{w['communication_ms']:.2f} | {w['waiting_ms']:.2f} | {w['overlap']:.0%} | "
+                     f"{w['straggler_ratio']:.2f}x |")
+    lines += ["", "Stragglers (slowest first): " +
+              (", ".join(f"worker {r}" for r in report["stragglers"]) or "none"), "",
+              "## Servers (by load)", "",
+              "| server | bytes received | share | queue ms | optimizer ms | pushes | hottest partitions |",
+              "|---|---|---|---|---|---|---|"]
+    for s in report["servers"]:
+        hot = ", ".join(f"p{p['id']} ({p['bytes'] / 1e6:.1f} MB)" for p in s["hot_partitions"])
+        lines.append(f"| {s['rank']} | {s['bytes'] / 1e6:.1f} MB | {s['bytes_share']:.0%} | "
+                     f"{s['queue_ms']:.1f} | {s['apply_ms']:.1f} | {s['pushes']} | {hot} |")
+    lines += ["", "Open `trace.json` in https://ui.perfetto.dev or chrome://tracing for the "
+              "timeline; `report.html` draws the breakdown."]
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {"data": "#8dd3c7", "forward": "#80b1d3", "backward": "#bebada",
+           "optimizer": "#fdb462", "communication": "#fb8072", "waiting": "#d9d9d9",
+           "other": "#f0f0f0", "queue": "#fb8072", "apply": "#fdb462"}
+
+
+def to_html(report: dict) -> str:
+    """Stacked bars per process, as a self-contained page (inline SVG, no scripts)."""
+    rows = [(f"worker {w['rank']}", [(k, w[f"{k}_ms"]) for k in
+             ("data", "forward", "backward", "optimizer", "communication", "waiting", "other")])
+            for w in report["workers"]]
+    steps = max((w["steps"] for w in report["workers"]), default=1)
+    rows += [(f"server {s['rank']}", [("apply", s["apply_ms"] / steps),
+                                      ("queue", s["queue_ms"] / steps / max(1, s["pushes"] / steps))])
+             for s in report["servers"]]
+    scale_max = max((sum(v for _, v in parts) for _, parts in rows), default=1.0) or 1.0
+    width, bar_h, left = 720, 26, 90
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + left + 20}" '
+           f'height="{len(rows) * (bar_h + 10) + 60}" font-family="sans-serif" font-size="12">']
+    for i, (label, parts) in enumerate(rows):
+        y = 10 + i * (bar_h + 10)
+        svg.append(f'<text x="0" y="{y + 17}">{label}</text>')
+        x = left
+        for key, value in parts:
+            w = width * value / scale_max
+            if w <= 0:
+                continue
+            svg.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" '
+                       f'fill="{_COLORS[key]}"><title>{key}: {value:.2f} ms</title></rect>')
+            x += w
+        svg.append(f'<text x="{x + 4:.1f}" y="{y + 17}">{sum(v for _, v in parts):.2f} ms</text>')
+    y = 20 + len(rows) * (bar_h + 10)
+    x = left
+    for key in ("data", "forward", "backward", "optimizer", "communication", "waiting", "apply",
+                "queue"):
+        svg.append(f'<rect x="{x}" y="{y}" width="12" height="12" fill="{_COLORS[key]}"/>'
+                   f'<text x="{x + 16}" y="{y + 11}">{key}</text>')
+        x += 95
+    svg.append("</svg>")
+    return ("<!doctype html><meta charset='utf-8'><title>Tessera profile</title>"
+            "<body style='font-family:sans-serif;max-width:900px;margin:2em auto'>"
+            f"<h1>Tessera profile</h1><p><b>Bottleneck:</b> {report['bottleneck']}</p>"
+            "<h2>Time per step, by process</h2>"
+            "<p>Workers: ms per step by phase. Servers: optimizer ms per step, and mean queue ms "
+            "per push.</p>" + "".join(svg) + "</body>")
+
+
+def write_report(run_dir: Path, docs: list[dict]) -> dict:
+    run_dir = Path(run_dir)
+    summary = None
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    report = analyze(docs, summary)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(to_markdown(report))
+    (run_dir / "report.html").write_text(to_html(report))
+    return report

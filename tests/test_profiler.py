@@ -1,0 +1,103 @@
+"""The cluster-wide profiler on real clusters: it names the straggler and the hot
+server (asserted on report.json), and its trace is valid Chrome trace JSON with
+spans from every process."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.harness import ROOT, run_cli, run_job
+
+PHASES = {"B", "E", "X", "i", "I", "M", "C", "b", "e", "n", "s", "t", "f"}
+
+
+def validate_chrome_trace(doc: dict) -> None:
+    """The Trace Event Format's rules that viewers rely on (JSON object form)."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)
+    for ev in doc["traceEvents"]:
+        assert ev["ph"] in PHASES, ev
+        assert isinstance(ev["pid"], int) and isinstance(ev.get("tid", 0), int), ev
+        assert isinstance(ev["name"], str) and ev["name"], ev
+        if ev["ph"] != "M":
+            assert isinstance(ev["ts"], (int, float)) and ev["ts"] >= 0, ev
+        if ev["ph"] == "X":
+            assert isinstance(ev["dur"], (int, float)) and ev["dur"] >= 0, ev
+        if "args" in ev:
+            assert isinstance(ev["args"], dict)
+    json.dumps(doc)  # serialisable as is
+
+
+@pytest.fixture(scope="module")
+def straggler_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straggler") / "run"
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--profile", "--out", out,
+                            "--quiet", ROOT / "tests" / "scripts" / "straggler.py", 40],
+                           timeout_s=180)
+    assert code == 0, output
+    return out
+
+
+def test_report_names_the_straggler(straggler_run):
+    report = json.loads((straggler_run / "report.json").read_text())
+    assert report["kind"] == "straggler", report["bottleneck"]
+    assert report["stragglers"][0] == 1
+    assert "worker 1" in report["bottleneck"] and "forward" in report["bottleneck"]
+    slow = next(w for w in report["workers"] if w["rank"] == 1)
+    fast = next(w for w in report["workers"] if w["rank"] == 0)
+    assert slow["forward_ms"] > 10.0 > fast["forward_ms"]  # the 12 ms sleep is seen
+    # Worker 0 pays for it by waiting at the servers for worker 1's pushes.
+    assert fast["waiting_ms"] > slow["waiting_ms"]
+    assert {"rank", "bytes", "bytes_share", "queue_ms", "apply_ms", "hot_partitions"} <= \
+        set(report["servers"][0])
+    assert (straggler_run / "report.md").read_text().count("| 1 |") >= 1
+    assert "<svg" in (straggler_run / "report.html").read_text()
+
+
+def test_trace_is_chrome_json_with_spans_from_every_process(straggler_run):
+    doc = json.loads((straggler_run / "trace.json").read_text())
+    validate_chrome_trace(doc)
+    names = {ev["pid"]: ev["args"]["name"] for ev in doc["traceEvents"]
+             if ev["ph"] == "M" and ev["name"] == "process_name"}
+    assert sorted(names.values()) == ["coordinator 0", "server 0", "server 1", "worker 0",
+                                      "worker 1"]
+    spans_by_pid = {pid: [ev for ev in doc["traceEvents"] if ev["pid"] == pid and ev["ph"] != "M"]
+                    for pid in names}
+    assert all(spans_by_pid[pid] for pid in names), {names[p]: len(s) for p, s in spans_by_pid.items()}
+    worker_spans = {ev["name"] for pid, evs in spans_by_pid.items() if names[pid].startswith("worker")
+                    for ev in evs}
+    assert {"forward", "backward", "wait", "copy", "in flight"} <= worker_spans
+    server_spans = {ev["name"] for pid, evs in spans_by_pid.items() if names[pid].startswith("server")
+                    for ev in evs}
+    assert "apply" in server_spans
+    assert doc["metadata"]["clock_error_us_max"] >= 0
+
+
+def test_report_names_the_hot_server(tmp_path):
+    job = tmp_path / "hot.toml"
+    job.write_text(textwrap.dedent("""
+        name = "hot"
+        profile = true
+        [data]
+        dataset = "digits"
+        [train]
+        steps = 40
+        [ps]
+        partition_mb = 0.005
+        server_weights = [5.0, 1.0]
+    """))
+    run_job(str(job), tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["kind"] == "hot_server", report["bottleneck"]
+    assert report["servers"][0]["rank"] == 0 and report["servers"][0]["bytes_share"] > 0.7
+    assert "server 0" in report["bottleneck"]
+
+
+def test_report_command_prints_the_table(straggler_run):
+    code, output = run_cli(["report", straggler_run], timeout_s=60)
+    assert code == 0, output
+    assert "Bottleneck" in output and "worker 1" in output
+    code, output = run_cli(["report", straggler_run / "nope"], timeout_s=60)
+    assert code == 2 and "--profile" in output
