@@ -118,6 +118,16 @@ def _recv(conn, procs, deadline: float, what: str):
     return msg
 
 
+def _cpu_s(pids) -> float:
+    """CPU seconds (user + system, all threads) the processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _gbps(elements: int, seconds: float) -> float:
     return 2 * 4 * elements / seconds / GB
 
@@ -485,20 +495,24 @@ class Bench:
                 tag = f"{n}-{servers}"
                 shard_map = _plan(n, servers)
                 runners = {}  # system -> function(iters, tag) -> times
+                pids = {}  # system -> the processes that do its work in this case
                 if "tessera" in systems:
                     addrs = [self.ask(t_servers[r], ("serve", list(shard_map.on_server(r)),
                                                      a.mode, tag), f"tessera server {r} start")
                              for r in range(servers)]
                     self.ask(t_worker, ("open", n, servers, addrs), "tessera worker connect")
                     runners["tessera"] = lambda k, t: self.ask(t_worker, ("run", k, t), "tessera")
+                    pids["tessera"] = [self.proc_of[c].pid for c in t_servers[:servers] + [t_worker]]
                 if "zmq" in systems:
                     self.ask(z_worker, ("open", n, echo_addrs[:servers],
                                         [(p.start, p.stop, p.server) for p in shard_map.partitions]),
                              "zmq worker connect")
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
+                    pids["zmq"] = [self.proc_of[c].pid for c in z_echo[:servers] + [z_worker]]
                 if "rpc" in systems:
                     self.ask(rpc_worker, ("open", n, servers), "rpc open")
                     runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
+                    pids["rpc"] = [self.proc_of[c].pid for c in rpc_procs[:servers + 1]]
                 if "gloo" in systems:
                     for c in gloo:
                         c.send(("open", n))
@@ -511,16 +525,23 @@ class Bench:
                         out = [self.recv(c, "gloo all_reduce") for c in gloo]
                         return out[0]
                     runners["gloo"] = gloo_run
+                    pids["gloo"] = [self.proc_of[c].pid for c in gloo]
                 # Warm-up, then rounds that alternate the systems, so that whatever
                 # else the machine does (or loopback TCP's moods) hits all of them.
+                # CPU time of each system's processes is summed over the timed rounds:
+                # unlike wall time, it does not depend on what else the machine runs.
                 times = {k: [] for k in runners}
+                cpu = {k: 0.0 for k in runners}
                 for name, fn in runners.items():
                     fn(a.warmup, f"{tag}-warmup")
                 for rnd in range(a.rounds):
                     for name, fn in runners.items():
+                        c0 = _cpu_s(pids[name])
                         times[name].extend(fn(a.iters, f"{tag}-r{rnd}"))
+                        cpu[name] += _cpu_s(pids[name]) - c0
                 # Close the case.
                 row = results[(n, servers)] = {k: statistics.median(v) for k, v in times.items()}
+                row["cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k]) for k, v in cpu.items()}
                 if "tessera" in systems:
                     self.ask(t_worker, ("close",), "tessera close")
                     self.stop.set()
@@ -605,6 +626,8 @@ def main(argv=None) -> int:
         for other in ("zmq", "rpc"):
             if "tessera_gbps" in row and f"{other}_gbps" in row:
                 row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
+        for key, ms in r["cpu_ms_per_iter"].items():
+            row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
         if "tessera_server_apply_ms_per_iter" in r:
             row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
         row.update(timed_iters=a.rounds * a.iters, loadavg_1m=round(load_before, 2),

@@ -31,6 +31,8 @@ class SpanRecorder:
         self.offset_ns, self.error_ns = offset_ns, error_ns
         self.spans: list[tuple] = []
         self.counters: dict[str, float] = {}
+        #: Further JSON-able fields for this process's profile (e.g. torch operator events).
+        self.extra: dict[str, Any] = {}
 
     def now(self) -> int:
         return time.time_ns() + self.offset_ns
@@ -58,7 +60,8 @@ class SpanRecorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"role": self.role, "rank": self.rank, "offset_ns": self.offset_ns,
                "clock_error_ns": self.error_ns, "counters": self.counters,
-               "spans": [[n, c, s, d, a] for n, c, s, d, a in self.spans], **(extra or {})}
+               "spans": [[n, c, s, d, a] for n, c, s, d, a in self.spans], **self.extra,
+               **(extra or {})}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         tmp.replace(path)

@@ -52,7 +52,8 @@ def build_trace(docs: list[dict]) -> dict:
             if args:
                 ev["args"] = args
             events.append(ev)
-        events.extend(doc.get("torch_events", []) and _torch_events(doc, pid, origin))
+        if doc.get("torch_events"):
+            events.extend(_torch_events(doc, pid, origin))
     errors = [d.get("clock_error_ns", 0) for d in docs]
     return {
         "traceEvents": events,
@@ -73,10 +74,11 @@ def _torch_events(doc: dict, pid: int, origin: int) -> list[dict]:
     out = []
     shift = doc.get("torch_shift_us", 0.0) - origin / 1000.0
     for ev in doc["torch_events"]:
-        if ev.get("ph") not in ("X", "i") or "ts" not in ev:
+        if ev.get("ph") != "X" or "ts" not in ev or not ev.get("name"):
             continue
-        ev = dict(ev, pid=pid, tid=2, ts=ev["ts"] + shift)
-        out.append(ev)
+        out.append({"name": ev["name"], "cat": "torch." + str(ev.get("cat", "op")), "ph": "X",
+                    "pid": pid, "tid": 2, "ts": max(0.0, ev["ts"] + shift),
+                    "dur": max(0.0, float(ev.get("dur", 0)))})
     if out:
         out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": 2,
                     "args": {"name": "torch operators"}})
