@@ -502,13 +502,13 @@ class Bench:
                              for r in range(servers)]
                     self.ask(t_worker, ("open", n, servers, addrs), "tessera worker connect")
                     runners["tessera"] = lambda k, t: self.ask(t_worker, ("run", k, t), "tessera")
-                    pids["tessera"] = [self.proc_of[c].pid for c in t_servers[:servers] + [t_worker]]
+                    pids["tessera"] = [self.proc_of[c].pid for c in [t_worker] + t_servers[:servers]]
                 if "zmq" in systems:
                     self.ask(z_worker, ("open", n, echo_addrs[:servers],
                                         [(p.start, p.stop, p.server) for p in shard_map.partitions]),
                              "zmq worker connect")
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
-                    pids["zmq"] = [self.proc_of[c].pid for c in z_echo[:servers] + [z_worker]]
+                    pids["zmq"] = [self.proc_of[c].pid for c in [z_worker] + z_echo[:servers]]
                 if "rpc" in systems:
                     self.ask(rpc_worker, ("open", n, servers), "rpc open")
                     runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
@@ -532,16 +532,20 @@ class Bench:
                 # unlike wall time, it does not depend on what else the machine runs.
                 times = {k: [] for k in runners}
                 cpu = {k: 0.0 for k in runners}
+                cpu_worker = {k: 0.0 for k in runners}  # the first pid is the worker's
                 for name, fn in runners.items():
                     fn(a.warmup, f"{tag}-warmup")
                 for rnd in range(a.rounds):
                     for name, fn in runners.items():
-                        c0 = _cpu_s(pids[name])
+                        c0, w0 = _cpu_s(pids[name]), _cpu_s(pids[name][:1])
                         times[name].extend(fn(a.iters, f"{tag}-r{rnd}"))
                         cpu[name] += _cpu_s(pids[name]) - c0
+                        cpu_worker[name] += _cpu_s(pids[name][:1]) - w0
                 # Close the case.
                 row = results[(n, servers)] = {k: statistics.median(v) for k, v in times.items()}
                 row["cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k]) for k, v in cpu.items()}
+                row["worker_cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k])
+                                                 for k, v in cpu_worker.items()}
                 if "tessera" in systems:
                     self.ask(t_worker, ("close",), "tessera close")
                     self.stop.set()
@@ -628,6 +632,8 @@ def main(argv=None) -> int:
                 row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
         for key, ms in r["cpu_ms_per_iter"].items():
             row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
+            if key in ("tessera", "zmq"):  # of which the worker process (the rest: servers)
+                row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
         if "tessera_server_apply_ms_per_iter" in r:
             row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
         row.update(timed_iters=a.rounds * a.iters, loadavg_1m=round(load_before, 2),

@@ -20,7 +20,9 @@ def _run_flags(fn):
     options = [
         click.option("--workers", type=int, help="Worker processes (cluster.workers)."),
         click.option("--servers", type=int, help="Parameter server processes (cluster.servers)."),
-        click.option("--mode", type=str, help="sync | async (ps.mode)."),
+        click.option("--mode", type=str, help="sync | async | ssp (ps.mode)."),
+        click.option("--staleness", type=int,
+                     help="ssp: clocks a worker may run ahead of the slowest (ps.staleness)."),
         click.option("--batch-size", "batch_size", type=int,
                      help="Samples per worker per step (data.batch_size)."),
         click.option("--steps", type=int, help="Training steps (train.steps)."),
@@ -41,7 +43,7 @@ def _run_flags(fn):
 
 def _overrides(kwargs) -> dict:
     return {"--workers": kwargs["workers"], "--servers": kwargs["servers"],
-            "--mode": kwargs["mode"], "--batch-size": kwargs["batch_size"],
+            "--mode": kwargs["mode"], "--staleness": kwargs["staleness"], "--batch-size": kwargs["batch_size"],
             "--steps": kwargs["steps"], "--epochs": kwargs["epochs"], "--seed": kwargs["seed"],
             "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
             "--precision": kwargs["precision"], "--profile": kwargs["profile"]}

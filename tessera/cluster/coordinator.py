@@ -215,6 +215,8 @@ class Coordinator:
             "partitions": len(self.shard_map.partitions) if self.shard_map else 0,
             "server_updates": [int(s.get("updates", 0)) for s in servers],
             "server_skipped": [int(s.get("skipped", 0)) for s in servers],
+            "staleness": cfg.ps.staleness,
+            "max_clock_gap": max(int(s.get("max_clock_gap", 0)) for s in servers),
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "config": msgspec.to_builtins(cfg),
         })

@@ -72,6 +72,7 @@ def server_main() -> None:
         rank=session.rank, endpoint=endpoint,
         partitions=[p for p in view.partitions if p.server == session.rank],
         optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=cfg.ps.mode,
+        staleness=cfg.ps.staleness,
         two_phase=cfg.precision == "fp16", profiler=session.profiler,
         check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested)
     server.serve()

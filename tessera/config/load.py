@@ -27,6 +27,7 @@ FLAG_FIELDS: dict[str, str] = {
     "--workers": "cluster.workers",
     "--servers": "cluster.servers",
     "--mode": "ps.mode",
+    "--staleness": "ps.staleness",
     "--batch-size": "data.batch_size",
     "--steps": "train.steps",
     "--epochs": "train.epochs",

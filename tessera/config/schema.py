@@ -161,7 +161,11 @@ class PSConfig(msgspec.Struct, **_STRICT):
 
     #: ``sync``: each server sums every worker's push for a clock and applies once.
     #: ``async``: each push is applied the moment it arrives.
-    mode: Literal["sync", "async"] = "sync"
+    #: ``ssp``: as async, but no worker runs more than ``staleness`` clocks ahead of
+    #: the slowest (stale synchronous parallel; ``staleness = 0`` is lock-step).
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    #: For ``mode = "ssp"``: how many clocks a worker may run ahead of the slowest.
+    staleness: int = 0
     #: Relative capacity of each server (one number per server): partitions are placed
     #: so that server s holds about weight[s] / sum(weights) of the bytes. Default: equal.
     server_weights: Optional[list[float]] = None
@@ -169,6 +173,11 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
     partition_mb: float = 4.0
     def __post_init__(self) -> None:
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+        if self.staleness and self.mode != "ssp":
+            raise ValueError(f"staleness {self.staleness} only applies to mode 'ssp' "
+                             f"(mode is {self.mode!r}); pass --mode ssp")
         if not 0.0 < self.partition_mb <= 256:
             raise ValueError(f"partition_mb must be in (0, 256], got {self.partition_mb}")
 

@@ -14,6 +14,13 @@ Consistency, per partition (each partition keeps its own clock):
   arrives and answered with the values it produced; pulls never wait
   (Hogwild-style, as MXNet ``dist_async``). The scaling keeps one learning rate
   right for both modes: W async pushes move the parameters as far as one sync step.
+* ``ssp`` (stale synchronous parallel; Ho et al., "More Effective Distributed ML
+  via a Stale Synchronous Parallel Parameter Server", NIPS 2013, as Petuum's
+  Bosen ships it): pushes are applied as in async, but a partition counts the
+  clocks each worker has pushed, and its clock is the *slowest* worker's count.
+  The reply to worker w's push for clock c (which lets w start clock c + 1) is
+  held until that slowest count is at least c + 1 - K: no worker computes more
+  than K clocks ahead of the slowest. K = 0 is lock-step; K = infinity is async.
 
 With loss scaling (``two_phase``, fp16 in sync mode) a complete clock is not
 applied at once: the server answers the pushes with a :class:`Verdict` (is the
@@ -54,6 +61,8 @@ class _Waiter:
     clock: int
     dtype: str
     states: list["PartitionState"]
+    #: ssp: the clock the worker will compute once answered (for the staleness record).
+    run_clock: int = -1
 
     def ready(self) -> bool:
         return all(st.rule is not None and st.clock >= self.clock for st in self.states)
@@ -68,6 +77,8 @@ class PartitionState:
     pushed_by: set[int] = field(default_factory=set)
     waiters: list[_Waiter] = field(default_factory=list)
     overflows: list[wire.Overflow] = field(default_factory=list)
+    #: ssp: clocks pushed by each worker (``clock`` is then their minimum).
+    counts: dict[int, int] = field(default_factory=dict)
     #: Aligned arrival time of each worker's push for the current clock (profiling).
     arrivals: dict[int, int] = field(default_factory=dict)
     #: Two-phase: the verdict on the held sum of clock ``clock`` (None: not complete).
@@ -85,7 +96,7 @@ class RequestError(ValueError):
 
 class ParameterServer:
     def __init__(self, *, rank: int, endpoint: ServerEndpoint, partitions: list[wire.PartitionInfo],
-                 optimizer: OptimizerConfig, num_workers: int, mode: str,
+                 optimizer: OptimizerConfig, num_workers: int, mode: str, staleness: int = 0,
                  two_phase: bool = False, profiler: SpanRecorder = OFF,
                  check: Callable[[], None] = lambda: None,
                  should_stop: Callable[[], bool] = lambda: False):
@@ -95,13 +106,14 @@ class ParameterServer:
         self.optimizer = optimizer
         self.num_workers = num_workers
         self.mode = mode
+        self.staleness = staleness
         self.two_phase = two_phase and mode == "sync"
         self.profiler = profiler
         self.check = check
         self.should_stop = should_stop
         self.last_seq: dict[int, int] = {}
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
-                          errors=0, skipped=0, apply_s=0.0)
+                          errors=0, skipped=0, apply_s=0.0, max_clock_gap=0)
 
     # ------------------------------------------------------------------ loop
 
@@ -198,8 +210,9 @@ class ParameterServer:
         self.stats["pulls"] += 1
         if msg.commit is not None:
             self._commit(states, msg.clock - 1, msg.commit)
-        # Async pulls never wait for a clock, only for initial values.
-        clock = msg.clock if self.mode == "sync" else 0
+        # Async pulls never wait for a clock, only for initial values; ssp pulls wait
+        # until the slowest worker is within the staleness bound of the asked clock.
+        clock = {"sync": msg.clock, "ssp": msg.clock - self.staleness}.get(self.mode, 0)
         self._wait_or_answer(_Waiter(peer, msg.req, clock, msg.dtype, states))
 
     def _on_push(self, peer: bytes, msg: wire.Push, frames: list) -> None:
@@ -236,7 +249,7 @@ class ParameterServer:
         self.last_seq[msg.worker] = msg.seq
         self.stats["pushes"] += 1
         unscale = 1.0 / msg.scale
-        if self.mode == "async":
+        if self.mode in ("async", "ssp"):
             # Scaled by 1/workers so that the W pushes of one "round" move the
             # parameters as far as one sync step: the same lr serves both modes.
             grads = [frame_to_tensor(f.buffer, msg.dtype, st.numel).to(torch.float32)
@@ -245,10 +258,21 @@ class ParameterServer:
             if msg.nonfinite or not all(bool(torch.isfinite(g).all()) for g in grads):
                 self.stats["skipped"] += 1
                 self._send_params(peer, msg.req, states, msg.dtype, skipped=True)
+                if self.mode == "ssp":  # a refused push still ends the worker's clock
+                    for st in states:
+                        st.counts[msg.worker] = max(st.counts.get(msg.worker, 0), msg.clock + 1)
+                    self._advance_ssp(states)
                 return
             for st, grad in zip(states, grads):
                 self._apply(st, grad)
-            self._send_params(peer, msg.req, states, msg.dtype)
+            if self.mode == "async":
+                self._send_params(peer, msg.req, states, msg.dtype)
+                return
+            for st in states:
+                st.counts[msg.worker] = max(st.counts.get(msg.worker, 0), msg.clock + 1)
+            self._wait_or_answer(_Waiter(peer, msg.req, msg.clock + 1 - self.staleness,
+                                         msg.dtype, states, run_clock=msg.clock + 1))
+            self._advance_ssp(states)
             return
         for st, frame in zip(states, frames):
             grad = frame_to_tensor(frame.buffer, msg.dtype, st.numel)
@@ -283,6 +307,17 @@ class ParameterServer:
                 advanced.append(st)
         self._wake(advanced)
 
+    def _advance_ssp(self, states: list[PartitionState]) -> None:
+        """A partition's ssp clock is the slowest worker's count of pushed clocks."""
+        moved = []
+        for st in states:
+            slowest = (min(st.counts.get(w, 0) for w in range(self.num_workers))
+                       if len(st.counts) == self.num_workers else 0)
+            if slowest > st.clock:
+                st.clock = slowest
+                moved.append(st)
+        self._wake(moved)
+
     def _commit(self, states: list[PartitionState], clock: int, apply: bool) -> None:
         """The cluster's decision on the held sums of ``clock``: apply them or skip."""
         for st in states:
@@ -314,7 +349,8 @@ class ParameterServer:
         t0 = time.perf_counter()
         start = self.profiler.now()
         st.rule.apply(grad)
-        st.clock += 1
+        if self.mode != "ssp":  # in ssp the clock is the slowest worker's, not the updates'
+            st.clock += 1
         self.stats["updates"] += 1
         elapsed = time.perf_counter() - t0
         self.stats["apply_s"] += elapsed
@@ -346,9 +382,15 @@ class ParameterServer:
                                              sent_ns=self.profiler.now() if self.profiler.enabled
                                              else 0), frames)
 
+    def _answer(self, w: _Waiter) -> None:
+        if w.run_clock >= 0:
+            gap = w.run_clock - min(st.clock for st in w.states)
+            self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
+        self._send_params(w.peer, w.req, w.states, w.dtype)
+
     def _wait_or_answer(self, w: _Waiter) -> None:
         if w.ready():
-            self._send_params(w.peer, w.req, w.states, w.dtype)
+            self._answer(w)
         else:
             for st in w.states:
                 st.waiters.append(w)
@@ -361,7 +403,7 @@ class ParameterServer:
                 if not w.ready():
                     still.append(w)
                     continue
-                self._send_params(w.peer, w.req, w.states, w.dtype)
+                self._answer(w)
                 for other in w.states:
                     if other is not st:
                         other.waiters.remove(w)
