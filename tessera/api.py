@@ -25,6 +25,7 @@ from tessera.amp.scaler import LossScaler
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.data.sampler import ShardSampler
+from tessera.parallel.embedding import find_tables
 from tessera.parallel.ps import PSDataParallel, param_layout
 from tessera.ps.client import PSClient
 
@@ -70,15 +71,21 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
         name=optimizer, **optimizer_args)
     cfg = session.cfg
     first = session.rank == 0
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device_type = device.type
     policy = make_policy(cfg.precision, device_type)
     if policy.note and first:
         print(f"worker 0: {policy.note}", flush=True)
     scaler = LossScaler(init_scale=cfg.amp.init_scale, growth_factor=cfg.amp.growth_factor,
                         backoff_factor=cfg.amp.backoff_factor,
                         growth_interval=cfg.amp.growth_interval, enabled=policy.loss_scaling)
+    tables = find_tables(model)
+    if tables and two_phase(cfg):
+        raise ValueError("sharded embedding tables with precision fp16 in sync mode are not "
+                         "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
     session.register(layout=param_layout(model) if first else None,
-                     optimizer=opt if first else None)
+                     optimizer=opt if first else None,
+                     tables=[t.spec for t in tables] if first else [])
     client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
                       server_addresses=session.server_addresses(), secret=session.secret,
                       worker=session.rank, timeout_s=session.timeout_s,
@@ -87,7 +94,8 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
     client.connect()
     _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
                             scaler=scaler, two_phase=two_phase(cfg),
-                            log=lambda line: print(line, flush=True), profiler=session.profiler)
+                            log=lambda line: print(line, flush=True), profiler=session.profiler,
+                            tables=tables, device=device)
     return _model
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessera.cluster.trainer import evaluate
 from tessera.config import load_config
 from tessera.data.datasets import load_dataset
 from tessera.data.sampler import ShardSampler
@@ -34,4 +33,8 @@ def train_reference(job_file: str, *, global_batch: int, steps: int, overrides=N
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return evaluate(model, data.test.x, data.test.y, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(data.test.x)
+        return {"eval_loss": F.cross_entropy(logits, data.test.y, reduction="sum").item()
+                / len(data.test.y),
+                "eval_accuracy": (logits.argmax(1) == data.test.y).float().mean().item()}

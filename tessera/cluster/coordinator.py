@@ -56,6 +56,7 @@ class Coordinator:
         self.held: list[tuple[bytes, int]] = []
         self.layout: Optional[list[wire.ParamSpec]] = None
         self.optimizer: Optional[OptimizerConfig] = None
+        self.tables: list[wire.TableSpec] = []
         self.view: Optional[wire.ClusterView] = None
         self.shard_map: Optional[ShardMap] = None
         self.last_seen: dict[tuple[str, int], float] = {}
@@ -156,11 +157,11 @@ class Coordinator:
                 f"coordinator: {msg.role} {msg.rank} registered twice")))
             return
         if msg.role == "worker" and msg.rank == 0:
-            if not msg.layout or msg.optimizer is None:
+            if msg.layout is None or msg.optimizer is None or not (msg.layout or msg.tables):
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
-            self.layout, self.optimizer = msg.layout, msg.optimizer
+            self.layout, self.optimizer, self.tables = msg.layout, msg.optimizer, msg.tables
         self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
                                            pid=msg.pid, address=msg.address)
         self.profiler.instant(f"registered {msg.role} {msg.rank}", "membership", pid=msg.pid)
@@ -171,9 +172,13 @@ class Coordinator:
 
     def _start(self) -> None:
         cfg = self.cfg
-        self.shard_map = plan_shards(self.layout, cfg.cluster.servers,
-                                     partition_elems_for(cfg.ps.partition_mb),
-                                     cfg.ps.server_weights)
+        if sum(p.numel for p in self.layout):
+            self.shard_map = plan_shards(self.layout, cfg.cluster.servers,
+                                         partition_elems_for(cfg.ps.partition_mb),
+                                         cfg.ps.server_weights)
+        else:  # only sharded tables: no dense partitions
+            self.shard_map = ShardMap(layout=tuple(self.layout), partitions=(),
+                                      num_servers=cfg.cluster.servers)
         procs = sorted(self.procs.values(), key=lambda p: (p.role != "server", p.role, p.rank))
         me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
                               address=self.address)
@@ -186,7 +191,7 @@ class Coordinator:
         for peer, req in self.held:
             self.endpoint.send(peer, wire.ClusterView(
                 req=req, processes=procs, partitions=list(self.shard_map.partitions),
-                layout=self.layout, optimizer=self.optimizer))
+                layout=self.layout, optimizer=self.optimizer, tables=self.tables))
         self.held.clear()
         self.state = "running"
         self.profiler.instant("cluster up", "membership",

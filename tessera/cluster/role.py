@@ -64,7 +64,9 @@ def server_main() -> None:
     torch.set_num_threads(1)  # servers sum and step; workers need the cores
     session = Session.from_env(expect_role="server")
     cfg = session.cfg
-    max_frame = partition_elems_for(cfg.ps.partition_mb) * 4 + (1 << 20)
+    # Frames are at most a partition (dense), or a batch's rows (tables): refuse
+    # anything larger before it is read into memory.
+    max_frame = max(partition_elems_for(cfg.ps.partition_mb) * 4 + (1 << 20), 256 << 20)
     endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
                               max_frame_bytes=max_frame)
     view = session.register(address=endpoint.address)
@@ -73,10 +75,13 @@ def server_main() -> None:
         partitions=[p for p in view.partitions if p.server == session.rank],
         optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=cfg.ps.mode,
         staleness=cfg.ps.staleness,
-        two_phase=cfg.precision == "fp16", profiler=session.profiler,
+        two_phase=cfg.precision == "fp16", profiler=session.profiler, tables=view.tables,
         check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested)
     server.serve()
-    session.finish(dict(server.stats, partitions=len(server.parts)))
+    stats = dict(server.stats, partitions=len(server.parts))
+    if server.tables is not None:
+        stats.update(server.tables.table_stats())
+    session.finish(stats)
     endpoint.close()
     session.close()
 

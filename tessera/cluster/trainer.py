@@ -11,11 +11,8 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
-
 from tessera import api
-from tessera.data.datasets import load_dataset
-from tessera.models import build_model
+from tessera.cluster.tasks import make_task
 
 
 class TorchOperatorProfile:
@@ -58,19 +55,6 @@ class TorchOperatorProfile:
             self.recorder.extra["torch_shift_us"] = self.started_ns / 1000.0 - min(stamps)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> dict:
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), 1024):
-        xb, yb = x[i:i + 1024].to(device), y[i:i + 1024].to(device)
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    model.train()
-    return {"eval_loss": loss_sum / len(y), "eval_accuracy": correct / len(y)}
-
-
 def main() -> None:
     session = api.init()
     cfg = session.cfg
@@ -82,12 +66,11 @@ def main() -> None:
         print("worker 0: device = 'cuda' asked for but no GPU is visible; computing on the CPU",
               flush=True)
 
-    data = load_dataset(cfg.data)
+    task = make_task(cfg, session.rank, cfg.cluster.workers)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    model = task.build_model().to(device)
     model = api.distribute(model, cfg.optimizer)
-    sampler = api.shard(len(data.train), cfg.data.batch_size)
-    steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
+    steps = cfg.train.steps or cfg.train.epochs * task.steps_per_epoch
     lead = session.rank == 0
     metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
     if lead:
@@ -102,12 +85,11 @@ def main() -> None:
         # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
         torch_prof.step(step)
         with prof.span("data", "data"):
-            idx = torch.from_numpy(sampler.indices(step - 1))
-            x, y = data.train.x[idx].to(device), data.train.y[idx].to(device)
-        loss = F.cross_entropy(model(x), y).float()  # forward: spans recorded by the wrapper
-        model.scale_loss(loss).backward()             # backward: likewise
+            inputs, target = task.batch(step - 1, device)
+        loss = task.loss(model(*inputs), target)  # forward: spans recorded by the wrapper
+        model.scale_loss(loss).backward()         # backward: likewise
         model.step()
-        samples_window += len(idx) * cfg.cluster.workers
+        samples_window += len(target) * cfg.cluster.workers
         # log / evaluate (worker 0 writes metrics.jsonl)
         if lead and (step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0
                      or step == steps):
@@ -117,7 +99,7 @@ def main() -> None:
                       "wall_s": now - t_start}
             if step % cfg.train.eval_every == 0 or step == steps:
                 with prof.span("eval", "eval"):
-                    record.update(evaluate(model, data.test.x, data.test.y, device))
+                    record.update(task.evaluate(model, device))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             t_window, samples_window = time.perf_counter(), 0
@@ -128,7 +110,7 @@ def main() -> None:
              "samples_per_s": steps * cfg.data.batch_size * cfg.cluster.workers / wall,
              "comm_wait_s": model.comm_wait_s}
     if lead:
-        stats.update(evaluate(model, data.test.x, data.test.y, device))
+        stats.update(task.evaluate(model, device))
         metrics.close()
     api.finish(**stats)
 

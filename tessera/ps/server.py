@@ -98,6 +98,7 @@ class ParameterServer:
     def __init__(self, *, rank: int, endpoint: ServerEndpoint, partitions: list[wire.PartitionInfo],
                  optimizer: OptimizerConfig, num_workers: int, mode: str, staleness: int = 0,
                  two_phase: bool = False, profiler: SpanRecorder = OFF,
+                 tables: Optional[list[wire.TableSpec]] = None,
                  check: Callable[[], None] = lambda: None,
                  should_stop: Callable[[], bool] = lambda: False):
         self.rank = rank
@@ -114,6 +115,12 @@ class ParameterServer:
         self.last_seq: dict[int, int] = {}
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
                           errors=0, skipped=0, apply_s=0.0, max_clock_gap=0)
+        self.tables = None
+        if tables:
+            from tessera.ps.table_server import TableService
+            self.tables = TableService(rank=rank, tables=tables, num_workers=num_workers,
+                                       mode=mode, staleness=staleness, send=endpoint.send,
+                                       stats=self.stats)
 
     # ------------------------------------------------------------------ loop
 
@@ -142,6 +149,15 @@ class ParameterServer:
                 self._on_pull(got.peer, msg, got.frames)
             elif isinstance(msg, wire.InitParams):
                 self._on_init(got.peer, msg, got.frames)
+            elif isinstance(msg, (wire.PullRows, wire.PushRows)) and self.tables is not None:
+                from tessera.ps.table_server import RowRequestError
+                try:
+                    if isinstance(msg, wire.PullRows):
+                        self.tables.on_pull(got.peer, msg, got.frames)
+                    else:
+                        self.tables.on_push(got.peer, msg, got.frames)
+                except RowRequestError as exc:
+                    raise RequestError(str(exc)) from None
             else:
                 raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
         except RequestError as exc:

@@ -42,6 +42,45 @@ class ParamSpec(msgspec.Struct, forbid_unknown_fields=True):
     numel: int
 
 
+class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A sharded embedding table: rows live on the servers, hashed by id.
+
+    Declared by the model (``tessera.nn.ShardedEmbedding``), sent by worker 0 at
+    registration, and handed by the coordinator to every server.
+    """
+
+    name: str
+    dim: int
+    #: None: an unbounded hashed id space (any id >= 0); else ids lie in [0, num_embeddings).
+    num_embeddings: Optional[int] = None
+    #: Rows start uniform in [-init_scale, init_scale], a function of (seed, id) only.
+    init_scale: float = 0.01
+    seed: int = 0
+    #: A row is stored only once seen this many times (1: at first touch).
+    admit_after: int = 1
+    #: > 0: rows untouched for this many clocks are dropped.
+    evict_after: int = 0
+    #: > 0: per-server row budget; least recently touched rows beyond it are dropped.
+    max_rows: int = 0
+    #: The sparse update rule (sgd, adagrad, adam with lazy per-row state).
+    optimizer: OptimizerConfig = msgspec.field(
+        default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("table name must be non-empty")
+        if self.dim < 1:
+            raise ValueError(f"table {self.name!r}: dim must be >= 1, got {self.dim}")
+        if self.num_embeddings is not None and self.num_embeddings < 1:
+            raise ValueError(f"table {self.name!r}: num_embeddings must be >= 1 or None, "
+                             f"got {self.num_embeddings}")
+        if self.init_scale < 0:
+            raise ValueError(f"table {self.name!r}: init_scale must be >= 0")
+        if self.admit_after < 1 or self.evict_after < 0 or self.max_rows < 0:
+            raise ValueError(f"table {self.name!r}: admit_after must be >= 1, evict_after and "
+                             f"max_rows >= 0")
+
+
 class ProcessInfo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: str
     rank: int
@@ -70,6 +109,7 @@ class Register(msgspec.Struct, **_MSG):
     #: and names the optimizer the servers are to apply.
     layout: Optional[list[ParamSpec]] = None
     optimizer: Optional[OptimizerConfig] = None
+    tables: list[TableSpec] = []
 
 
 class ClusterView(msgspec.Struct, **_MSG):
@@ -78,6 +118,7 @@ class ClusterView(msgspec.Struct, **_MSG):
     partitions: list[PartitionInfo]
     layout: list[ParamSpec]
     optimizer: OptimizerConfig
+    tables: list[TableSpec] = []
 
 
 class Heartbeat(msgspec.Struct, **_MSG):
@@ -202,8 +243,43 @@ class Params(msgspec.Struct, **_MSG):
     sent_ns: int = 0
 
 
+class PullRows(msgspec.Struct, **_MSG):
+    """Rows of ``table`` for the ids in payload frame 0 (int64, unique), at ``clock``."""
+
+    req: int
+    worker: int
+    table: str
+    clock: int = 0
+    dtype: str = "float32"
+
+
+class Rows(msgspec.Struct, **_MSG):
+    """Reply to :class:`PullRows`: payload frame 0 holds the rows, [n, dim] in ``dtype``."""
+
+    req: int
+    table: str
+    clock: int
+    dtype: str = "float32"
+
+
+class PushRows(msgspec.Struct, **_MSG):
+    """Row-sparse gradient of ``table`` for ``clock``: frame 0 ids (int64, unique),
+    frame 1 gradients [n, dim] in ``dtype``. Every worker pushes every table to every
+    server once per clock, with no rows if it touched none there. Answered with
+    :class:`Ack` once the worker may go on (sync: at once; ssp: within the bound)."""
+
+    req: int
+    worker: int
+    seq: int
+    clock: int
+    table: str
+    dtype: str = "float32"
+    scale: float = 1.0
+
+
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
-                InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck]
+                InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck,
+                PullRows, Rows, PushRows]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,0 +1,144 @@
+"""What the built-in trainer trains: data, model, loss and evaluation, per dataset.
+
+A task hands the training loop (:mod:`tessera.cluster.trainer`) four things: the
+model, this worker's batch for a step, the loss, and the evaluation. Three
+kinds exist: classification (digits, mnist, npy shards), ratings (MovieLens,
+``eval_rmse``) and clicks (a streamed synthetic click log, ``eval_auc`` next to
+``reference_auc``, the AUC of the planted model on the same samples).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config.schema import JobConfig
+from tessera.data.sampler import ShardSampler
+
+
+class ClassificationTask:
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+        from tessera.data.datasets import load_dataset
+        self.data = load_dataset(cfg.data)
+        self.cfg = cfg
+        self.sampler = ShardSampler(len(self.data.train), batch_size=cfg.data.batch_size,
+                                    num_workers=num_workers, rank=rank, seed=cfg.train.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def build_model(self) -> nn.Module:
+        from tessera.models import build_model
+        return build_model(self.cfg.model, self.data.input_shape, self.data.num_classes)
+
+    def batch(self, step: int, device):
+        idx = torch.from_numpy(self.sampler.indices(step))
+        return (self.data.train.x[idx].to(device),), self.data.train.y[idx].to(device)
+
+    def loss(self, out, target):
+        return F.cross_entropy(out, target).float()
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        model.eval()
+        x, y = self.data.test.x, self.data.test.y
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(y), 1024):
+            xb, yb = x[i:i + 1024].to(device), y[i:i + 1024].to(device)
+            logits = model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+        model.train()
+        return {"eval_loss": loss_sum / len(y), "eval_accuracy": correct / len(y)}
+
+
+class RatingsTask:
+    SIDE = ("age_bucket", "gender", "occupation", "genre", "year_bucket")
+
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+        from tessera.data.movielens import load_movielens
+        self.cfg = cfg
+        self.d = load_movielens(test_fraction=cfg.data.test_fraction, seed=0)
+        self.sizes = {k: v for k, v in self.d.feature_sizes.items() if k in self.SIDE}
+        self.sampler = ShardSampler(len(self.d.train_ratings), batch_size=cfg.data.batch_size,
+                                    num_workers=num_workers, rank=rank, seed=cfg.train.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def _side(self, users, items):
+        cols = []
+        for name in self.sizes:
+            table = self.d.user_features.get(name)
+            cols.append(table[users] if table is not None else self.d.item_features[name][items])
+        return torch.stack(cols, 1) if cols else torch.zeros(len(users), 0, dtype=torch.int64)
+
+    def build_model(self) -> nn.Module:
+        from tessera.models.recsys import DLRM
+        return DLRM(self.cfg.model, num_users=self.d.num_users, num_items=self.d.num_items,
+                    side_sizes=self.sizes, global_mean=self.d.global_mean)
+
+    def batch(self, step: int, device):
+        idx = torch.from_numpy(self.sampler.indices(step))
+        u, i = self.d.train_users[idx], self.d.train_items[idx]
+        return (u, i, self._side(u, i)), self.d.train_ratings[idx].to(device)
+
+    def loss(self, out, target):
+        return F.mse_loss(out.float(), target)
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        model.eval()
+        u, i, r = self.d.test_users, self.d.test_items, self.d.test_ratings
+        se = 0.0
+        for k in range(0, len(r), 4096):
+            pred = model(u[k:k + 4096], i[k:k + 4096], self._side(u[k:k + 4096], i[k:k + 4096]))
+            se += ((pred.float().clamp(1, 5) - r[k:k + 4096].to(device)) ** 2).sum().item()
+        model.train()
+        mse = se / len(r)
+        return {"eval_loss": mse, "eval_rmse": math.sqrt(mse)}
+
+
+class ClicksTask:
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+        from tessera.data.clicks import ClickLog
+        self.cfg, self.rank, self.num_workers = cfg, rank, num_workers
+        self.log = ClickLog(num_fields=cfg.data.num_fields, id_space=cfg.data.id_space,
+                            seed=cfg.train.seed)
+        self.steps_per_epoch = max(1, cfg.data.samples_per_epoch
+                                   // (cfg.data.batch_size * num_workers))
+        self._eval = None
+
+    def build_model(self) -> nn.Module:
+        from tessera.models.recsys import HashedLogReg
+        return HashedLogReg(self.cfg.model, id_space=self.cfg.data.id_space)
+
+    def batch(self, step: int, device):
+        # Worker r of W takes batches r, r + W, ...: disjoint, and the same global
+        # stream for any worker count.
+        ids, labels = self.log.batch(step * self.num_workers + self.rank, self.cfg.data.batch_size)
+        return (ids.to(device),), labels.to(device)
+
+    def loss(self, out, target):
+        return F.binary_cross_entropy_with_logits(out.float(), target)
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        from tessera.data.clicks import roc_auc
+        if self._eval is None:
+            self._eval = self.log.eval_set(self.cfg.data.eval_samples)
+        ids, labels, planted = self._eval
+        model.eval()
+        scores = torch.cat([model(ids[k:k + 4096].to(device)).float().cpu()
+                            for k in range(0, len(labels), 4096)])
+        model.train()
+        return {"eval_loss": F.binary_cross_entropy_with_logits(scores, labels).item(),
+                "eval_auc": roc_auc(scores, labels), "reference_auc": roc_auc(planted, labels)}
+
+
+def make_task(cfg: JobConfig, rank: int, num_workers: int):
+    if cfg.data.dataset == "movielens":
+        return RatingsTask(cfg, rank, num_workers)
+    if cfg.data.dataset == "clicks":
+        return ClicksTask(cfg, rank, num_workers)
+    return ClassificationTask(cfg, rank, num_workers)
+

@@ -1,0 +1,526 @@
+"""One server's shard of a sharded embedding table: storage and sparse update rule.
+
+Recommendation models keep one row per user, item or feature value; the ids come
+from an open, hashed space (any int64), so the table cannot be allocated up front
+and does not fit one machine. PERSIA (Lian et al., "PERSIA: An Open, Hybrid System
+Scaling Deep Learning-based Recommenders up to 100 Trillion Parameters", KDD 2022)
+and Monolith (Liu et al., "Monolith: Real Time Recommendation System With
+Collisionless Embedding Table", 2022) keep such tables on parameter servers:
+
+1. **Placement by hash.** Row ``id`` lives on server ``owner_of(id)``: a 64-bit
+   mixing hash of the id modulo the number of servers. Consecutive ids (a new
+   user block, a vocabulary) spread evenly, and every process computes the same
+   owner without a map.
+2. **Lazy rows.** A row exists only once it is touched. Its first value is a pure
+   function of ``(seed, id)`` -- counter-based random numbers in the sense of
+   Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3" (SC 2011), here
+   SplitMix64 (Steele, Lea & Flood, "Fast Splittable Pseudorandom Number
+   Generators", OOPSLA 2014) -- so a row created on any server, at any time, after
+   any eviction, equals the row a single-process reference holds.
+3. **Admission** (Monolith's frequency filter): an id is stored only once it has
+   been looked up ``admit_after`` times; until then lookups answer the initial row
+   and updates to it are dropped, so one-off ids do not fill the memory.
+4. **Expiry** (Monolith's expirable embeddings): rows untouched for
+   ``evict_after`` clocks are dropped, and ``max_rows`` bounds a server's rows by
+   dropping the least recently touched ones.
+5. **Sparse optimizers.** Only rows in the gradient change, and optimizer state
+   exists only for rows that have been updated. ``sgd`` and ``adagrad`` are the
+   ``torch.optim`` arithmetic applied row by row (identical to the dense optimizer
+   wherever the dense one would leave a zero-gradient row unchanged, i.e. without
+   weight decay); ``adam`` is lazy Adam, exactly ``torch.optim.SparseAdam``.
+   The step count in learning-rate decay and bias correction is the shard's own
+   number of :meth:`EmbeddingShard.apply` calls, as torch counts ``step()`` calls.
+
+This module is pure logic (no sockets, no threads): the server calls ``lookup``
+to answer pulls and ``apply`` once per clock with the workers' averaged gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import msgspec
+import numpy as np
+import torch
+
+from tessera.config.schema import OptimizerConfig
+
+_MASK64 = (1 << 64) - 1
+#: SplitMix64's increment, 2^64 / golden ratio (Steele, Lea & Flood 2014).
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+
+#: Rows of storage allocated at first growth; later growth doubles (amortised O(1)).
+_MIN_CAPACITY = 64
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 output for state ``x`` (uint64 array, wraps mod 2^64), in place."""
+    with np.errstate(over="ignore"):
+        x += _GAMMA
+        x ^= x >> np.uint64(30)
+        x *= _MUL1
+        x ^= x >> np.uint64(27)
+        x *= _MUL2
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _as_uint64(ids: np.ndarray) -> np.ndarray:
+    """A fresh uint64 copy holding the two's-complement bits of int64 ``ids``."""
+    return np.array(ids, dtype=np.int64, copy=True).reshape(-1).view(np.uint64)
+
+
+def owner_of(ids: np.ndarray, num_servers: int) -> np.ndarray:
+    """The server (``0 .. num_servers - 1``, int64) that stores each id's row.
+
+    ``splitmix64(id) mod num_servers``: the same in every process and run.
+    """
+    if num_servers < 1:
+        raise ValueError(f"num_servers must be >= 1, got {num_servers}")
+    h = _splitmix64(_as_uint64(ids))
+    return (h % np.uint64(num_servers)).astype(np.int64)
+
+
+def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Tensor:
+    """The initial values of rows ``ids``: fp32 ``[len(ids), dim]``, uniform in
+    ``(-scale, scale)``.
+
+    Column ``c`` of row ``id`` is the ``c``-th output of a SplitMix64 generator
+    seeded with ``splitmix64(splitmix64(seed) xor id)``; its top 24 bits ``k`` give
+    ``(2k + 1 - 2^24) / 2^24`` (exact in fp32, symmetric around 0), times ``scale``
+    in fp32. A row depends on ``(seed, id)`` only, not on the batch it comes in.
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    row_key = _splitmix64(_as_uint64(ids) ^ seed_key)
+    with np.errstate(over="ignore"):
+        columns = np.arange(dim, dtype=np.uint64) * _GAMMA
+        h = row_key[:, None] + columns[None, :]
+    _splitmix64(h)
+    h >>= np.uint64(40)
+    odd = h.view(np.int64)
+    odd *= 2
+    odd += 1 - (1 << 24)
+    unit = odd.astype(np.float32)
+    unit *= np.float32(2.0 ** -24)
+    unit *= np.float32(scale)
+    return torch.from_numpy(unit)
+
+
+class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One embedding table, as every server holding a shard of it sees it."""
+
+    #: Names the table in errors, metrics and checkpoints.
+    name: str
+    #: Width of each row.
+    dim: int
+    #: ``None``: an unbounded hashed id space (any int64 >= 0). Otherwise ids must be
+    #: in ``[0, num_embeddings)``; rows are still created lazily.
+    num_embeddings: Optional[int] = None
+    #: Rows start uniform in ``(-init_scale, init_scale)``.
+    init_scale: float = 0.01
+    #: Seeds the initial rows (with the id); same seed, same rows on every server.
+    seed: int = 0
+    #: A row is stored once it has been looked up this many times (1: at first touch).
+    admit_after: int = 1
+    #: > 0: rows not touched for this many clocks are dropped (0: never).
+    evict_after: int = 0
+    #: > 0: per-server row budget; the least recently touched rows beyond it are
+    #: dropped after each apply (0: no budget).
+    max_rows: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"table {self.name!r}"
+        if not self.name:
+            raise ValueError("TableSpec.name must be a non-empty string")
+        if self.dim < 1:
+            raise ValueError(f"{where}: dim must be >= 1 (the width of a row), got {self.dim}")
+        if self.num_embeddings is not None and self.num_embeddings < 1:
+            raise ValueError(f"{where}: num_embeddings must be >= 1, or None for an unbounded "
+                             f"hashed id space, got {self.num_embeddings}")
+        if not (np.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise ValueError(f"{where}: init_scale must be a finite number >= 0, "
+                             f"got {self.init_scale}")
+        if self.admit_after < 1:
+            raise ValueError(f"{where}: admit_after must be >= 1 (1 stores a row at first "
+                             f"touch), got {self.admit_after}")
+        if self.evict_after < 0:
+            raise ValueError(f"{where}: evict_after must be >= 0 (0 never evicts), "
+                             f"got {self.evict_after}")
+        if self.max_rows < 0:
+            raise ValueError(f"{where}: max_rows must be >= 0 (0 means no budget), "
+                             f"got {self.max_rows}")
+
+
+class TableError(ValueError):
+    """A bad lookup or update request; the message names the table and the fault."""
+
+
+def _grown(array, needed: int):
+    """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling."""
+    have = array.shape[0]
+    if have >= needed:
+        return array
+    rows = max(needed, 2 * have, _MIN_CAPACITY)
+    if isinstance(array, torch.Tensor):
+        out = torch.empty((rows, *array.shape[1:]), dtype=array.dtype)
+    else:
+        out = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+    out[:have] = array
+    return out
+
+
+class _Slots:
+    """Slot numbers ``0 .. end - 1`` handed out and taken back; freed ones are reused."""
+
+    def __init__(self) -> None:
+        self.end = 0
+        self._free = np.empty(0, dtype=np.int64)
+
+    def take(self, n: int) -> np.ndarray:
+        reused = self._free[len(self._free) - min(n, len(self._free)):]
+        self._free = self._free[:len(self._free) - len(reused)]
+        fresh = np.arange(self.end, self.end + n - len(reused), dtype=np.int64)
+        self.end += len(fresh)
+        return np.concatenate([reused, fresh])
+
+    def give(self, slots: np.ndarray) -> None:
+        self._free = np.concatenate([self._free, slots])
+
+
+class _IdIndex:
+    """A set of int64 ids, each at a slot, with the clock each was last touched."""
+
+    def __init__(self) -> None:
+        self.slot_of: dict[int, int] = {}
+        self.slots = _Slots()
+        self.ids = np.empty(0, dtype=np.int64)   # id at each slot; -1: free
+        self.last = np.empty(0, dtype=np.int64)  # clock of last touch
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        get = self.slot_of.get
+        return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+
+    def insert(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        """Slots for ``ids`` (absent and unique); arrays grow to ``self.slots.end``."""
+        slots = self.slots.take(len(ids))
+        self.ids = _grown(self.ids, self.slots.end)
+        self.last = _grown(self.last, self.slots.end)
+        self.ids[slots] = ids
+        self.last[slots] = clock
+        self.slot_of.update(zip(ids.tolist(), slots.tolist()))
+        return slots
+
+    def touch(self, slots: np.ndarray, clock: int) -> None:
+        # max: in async mode a late request may carry an older clock.
+        self.last[slots] = np.maximum(self.last[slots], clock)
+
+    def remove(self, slots: np.ndarray) -> None:
+        for i in self.ids[slots].tolist():
+            del self.slot_of[i]
+        self.ids[slots] = -1
+        self.slots.give(slots)
+
+    def live(self) -> np.ndarray:
+        """Occupied slots, in increasing id order."""
+        slots = np.flatnonzero(self.ids[:self.slots.end] >= 0)
+        return slots[np.argsort(self.ids[slots], kind="stable")]
+
+    def expired(self, clock: int, evict_after: int, max_rows: int) -> np.ndarray:
+        """Slots untouched for ``evict_after`` clocks, then the least recently
+        touched beyond ``max_rows`` (ties: smaller id first, so it is deterministic)."""
+        slots = np.flatnonzero(self.ids[:self.slots.end] >= 0)
+        old = np.zeros(len(slots), dtype=bool)
+        if evict_after > 0:
+            old = clock - self.last[slots] >= evict_after
+        if max_rows > 0 and len(slots) - old.sum() > max_rows:
+            kept = slots[~old]
+            order = np.lexsort((self.ids[kept], self.last[kept]))
+            return np.concatenate([slots[old], kept[order[max_rows:]]])
+        return slots[old]
+
+
+#: Per-row optimizer state arrays, named as ``torch.optim`` names them.
+_STATE_NAMES = {"sgd": (), "adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq")}
+
+
+class EmbeddingShard:
+    """The rows of one table that one server owns, and their optimizer.
+
+    Storage is an id -> slot dict over growable fp32 arrays; freed slots are reused.
+    Optimizer state lives in its own slots, allocated at a row's first update.
+    """
+
+    def __init__(self, spec: TableSpec, optimizer: OptimizerConfig):
+        where = f"embedding table {spec.name!r}"
+        if optimizer.name not in _STATE_NAMES:
+            raise ValueError(
+                f"optimizer.name {optimizer.name!r} is not supported by {where}: use 'sgd', "
+                "'adagrad' or 'adam' (lazy Adam, as torch.optim.SparseAdam). Dense rules "
+                "would change every row at every step.")
+        if optimizer.name == "sgd" and optimizer.momentum != 0:
+            raise ValueError(
+                f"optimizer.momentum = {optimizer.momentum} is not supported by {where} with "
+                "sgd: set momentum = 0, or use 'adagrad' or 'adam' for per-row state")
+        if optimizer.name == "adam" and (optimizer.weight_decay != 0 or optimizer.amsgrad):
+            raise ValueError(
+                f"{where} runs adam as torch.optim.SparseAdam, which has no weight_decay or "
+                f"amsgrad: got weight_decay = {optimizer.weight_decay}, amsgrad = "
+                f"{optimizer.amsgrad}; set weight_decay = 0 and amsgrad = false")
+        self.spec = spec
+        self.optimizer = optimizer
+        #: Number of apply() calls: torch's ``step`` for lr decay and bias correction.
+        self.steps = 0
+        self._rows = _IdIndex()
+        self._values = torch.empty((0, spec.dim), dtype=torch.float32)
+        self._state_slot = np.empty(0, dtype=np.int64)  # row slot -> state slot; -1: none
+        self._state_slots = _Slots()
+        self._num_state_rows = 0
+        self._state = {name: torch.empty((0, spec.dim), dtype=torch.float32)
+                       for name in _STATE_NAMES[optimizer.name]}
+        # Ids seen by lookup but not yet admitted, with their lookup counts.
+        self._pending = _IdIndex()
+        self._pending_count = np.empty(0, dtype=np.int64)
+
+    # ---- validation -------------------------------------------------------------
+
+    def _range(self) -> str:
+        n = self.spec.num_embeddings
+        return f"[0, {n})" if n is not None else "[0, 2**63) (unbounded hashed ids)"
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        """Raise :class:`TableError` unless ``ids`` is a 1-D int64 array of valid ids."""
+        where = f"table {self.spec.name!r}"
+        if not isinstance(ids, np.ndarray):
+            raise TableError(f"{where}: ids must be a numpy int64 array, got "
+                             f"{type(ids).__name__}; convert with np.asarray(ids, np.int64)")
+        if ids.dtype != np.int64:
+            raise TableError(f"{where}: ids must be int64, got dtype {ids.dtype}; "
+                             "convert integer ids with ids.astype(np.int64)")
+        if ids.ndim != 1:
+            raise TableError(f"{where}: ids must be 1-D, got shape {ids.shape}; "
+                             "flatten them with ids.reshape(-1)")
+        n = self.spec.num_embeddings
+        bad = ids < 0 if n is None else (ids < 0) | (ids >= n)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise TableError(f"{where}: id {int(ids[pos])} (position {pos}) is outside "
+                             f"{self._range()}; check the feature's id mapping"
+                             + ("" if n is None else
+                                " or raise num_embeddings (None: unbounded)"))
+
+    def _check_update(self, ids: np.ndarray, grads: torch.Tensor) -> None:
+        where = f"table {self.spec.name!r}"
+        self.check_ids(ids)
+        num_distinct = len(np.unique(ids))
+        if num_distinct != len(ids):
+            raise TableError(f"{where}: apply() needs unique ids (sum the gradients of "
+                             f"repeated ids first); got {len(ids)} ids, {num_distinct} distinct")
+        if not isinstance(grads, torch.Tensor) or grads.dtype != torch.float32:
+            got = grads.dtype if isinstance(grads, torch.Tensor) else type(grads).__name__
+            raise TableError(f"{where}: grads must be a float32 torch.Tensor, got {got}")
+        if tuple(grads.shape) != (len(ids), self.spec.dim):
+            raise TableError(f"{where}: grads must have shape (len(ids), dim) = "
+                             f"({len(ids)}, {self.spec.dim}), got {tuple(grads.shape)}")
+        if not bool(torch.isfinite(grads).all()):
+            row = int(torch.nonzero(~torch.isfinite(grads))[0, 0])
+            raise TableError(f"{where}: gradient of id {int(ids[row])} is not finite; "
+                             "skip this update (or unscale the loss) before applying")
+
+    # ---- storage ----------------------------------------------------------------
+
+    def _create(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        slots = self._rows.insert(ids, clock)
+        end = self._rows.slots.end
+        self._values = _grown(self._values, end)
+        self._state_slot = _grown(self._state_slot, end)
+        spec = self.spec
+        self._values[torch.from_numpy(slots)] = initial_rows(ids, spec.dim, spec.seed,
+                                                             spec.init_scale)
+        self._state_slot[slots] = -1
+        return slots
+
+    def _initial_state(self, name: str, n: int) -> torch.Tensor:
+        fill = self.optimizer.initial_accumulator_value if name == "sum" else 0.0
+        return torch.full((n, self.spec.dim), fill, dtype=torch.float32)
+
+    def _state_of(self, slots: np.ndarray) -> np.ndarray:
+        """State slots of row ``slots``, allocating (initialised) ones where missing."""
+        missing = slots[self._state_slot[slots] < 0]
+        if len(missing):
+            new = self._state_slots.take(len(missing))
+            for name, array in self._state.items():
+                array = _grown(array, self._state_slots.end)
+                array[torch.from_numpy(new)] = self._initial_state(name, len(new))
+                self._state[name] = array
+            self._state_slot[missing] = new
+            self._num_state_rows += len(new)
+        return self._state_slot[slots]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows stored (admitted and not evicted)."""
+        return len(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored values plus optimizer state (allocated capacity, up to 2x
+        after growth, is not counted)."""
+        row_bytes = self.spec.dim * 4
+        return (self.num_rows + self._num_state_rows * len(self._state)) * row_bytes
+
+    # ---- requests -----------------------------------------------------------------
+
+    def lookup(self, ids: np.ndarray, clock: int) -> torch.Tensor:
+        """Current rows of ``ids`` (repeats allowed): a new fp32 ``[len(ids), dim]``.
+
+        Unknown ids are created from :func:`initial_rows` once admitted. Each call
+        counts one lookup per distinct id toward ``admit_after``; ids not yet
+        admitted answer their initial row without storing it.
+        """
+        self.check_ids(ids)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        slots = self._rows.find(unique)
+        self._rows.touch(slots[slots >= 0], clock)
+        absent = slots < 0
+        if absent.any():
+            admitted = self._admit(unique[absent], clock)
+            where = np.flatnonzero(absent)[admitted]
+            slots[where] = self._create(unique[where], clock)
+        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
+        stored = slots >= 0
+        out[torch.from_numpy(stored)] = self._values[torch.from_numpy(slots[stored])]
+        if not stored.all():
+            spec = self.spec
+            out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
+                                                          spec.seed, spec.init_scale)
+        return out[torch.from_numpy(inverse.reshape(-1))]
+
+    def _admit(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        """Count one lookup of each (absent, unique) id; mask of those now admitted."""
+        if self.spec.admit_after == 1:
+            return np.ones(len(ids), dtype=bool)
+        pending = self._pending
+        slots = pending.find(ids)
+        new = slots < 0
+        if new.any():
+            slots[new] = pending.insert(ids[new], clock)
+            self._pending_count = _grown(self._pending_count, pending.slots.end)
+            self._pending_count[slots[new]] = 0
+        pending.touch(slots, clock)
+        self._pending_count[slots] += 1
+        admitted = self._pending_count[slots] >= self.spec.admit_after
+        pending.remove(slots[admitted])
+        return admitted
+
+    def apply(self, ids: np.ndarray, grads: torch.Tensor, clock: int) -> None:
+        """One optimizer step on rows ``ids`` (unique) with ``grads`` (fp32, averaged).
+
+        Called exactly once per clock, with zero ids if none were pushed: the step
+        count advances on every call. Updates to ids not admitted yet are dropped;
+        with ``admit_after = 1`` a missing row is created from its initial value
+        first, as a single process would hold it. Evicts afterwards.
+        """
+        self._check_update(ids, grads)
+        self.steps += 1
+        slots = self._rows.find(ids)
+        missing = slots < 0
+        if missing.any() and self.spec.admit_after == 1:
+            slots[missing] = self._create(ids[missing], clock)
+        keep = slots >= 0
+        slots, grads = slots[keep], grads[torch.from_numpy(keep)]
+        if len(slots):
+            self._rows.touch(slots, clock)
+            self._step(slots, grads)
+        self.evict(clock)
+
+    def _step(self, slots: np.ndarray, grad: torch.Tensor) -> None:
+        # Each branch repeats the per-element operations of torch's single-tensor
+        # implementation, in the same order, on the gathered rows.
+        opt = self.optimizer
+        index = torch.from_numpy(slots)
+        param = self._values[index]
+        if opt.name == "sgd":
+            if opt.weight_decay != 0:
+                grad = grad.add(param, alpha=opt.weight_decay)
+            param.add_(grad, alpha=-opt.lr)
+            self._values[index] = param
+            return
+        state_index = torch.from_numpy(self._state_of(slots))
+        if opt.name == "adagrad":  # torch.optim.adagrad._single_tensor_adagrad
+            state_sum = self._state["sum"][state_index]
+            if opt.weight_decay != 0:
+                grad = grad.add(param, alpha=opt.weight_decay)
+            clr = opt.lr / (1 + (self.steps - 1) * opt.lr_decay)
+            state_sum.addcmul_(grad, grad, value=1)
+            std = state_sum.sqrt().add_(opt.eps)
+            param.addcdiv_(grad, std, value=-clr)
+            self._state["sum"][state_index] = state_sum
+        else:  # adam: torch.optim._functional.sparse_adam
+            beta1, beta2 = opt.betas
+            old_exp_avg = self._state["exp_avg"][state_index]
+            old_exp_avg_sq = self._state["exp_avg_sq"][state_index]
+            exp_avg_update = grad.sub(old_exp_avg).mul_(1 - beta1)
+            self._state["exp_avg"][state_index] = old_exp_avg + exp_avg_update
+            exp_avg_sq_update = grad.pow(2).sub_(old_exp_avg_sq).mul_(1 - beta2)
+            self._state["exp_avg_sq"][state_index] = old_exp_avg_sq + exp_avg_sq_update
+            numer = exp_avg_update.add_(old_exp_avg)
+            denom = exp_avg_sq_update.add_(old_exp_avg_sq).sqrt_().add_(opt.eps)
+            bias_correction1 = 1 - beta1 ** self.steps
+            bias_correction2 = 1 - beta2 ** self.steps
+            step_size = opt.lr * math.sqrt(bias_correction2) / bias_correction1
+            param.add_(-step_size * numer.div_(denom))
+        self._values[index] = param
+
+    def evict(self, clock: int) -> int:
+        """Drop rows untouched for ``evict_after`` clocks, then the least recently
+        touched beyond ``max_rows``; returns the number of rows dropped.
+
+        Admission counts of ids not yet admitted expire by the same rules. A dropped
+        row that is touched again starts over from its initial value (and, with
+        ``admit_after > 1``, must be admitted again).
+        """
+        spec = self.spec
+        if spec.evict_after == 0 and spec.max_rows == 0:
+            return 0
+        pending = self._pending.expired(clock, spec.evict_after, spec.max_rows)
+        self._pending.remove(pending)
+        dropped = self._rows.expired(clock, spec.evict_after, spec.max_rows)
+        if len(dropped):
+            state = self._state_slot[dropped]
+            state = state[state >= 0]
+            self._state_slots.give(state)
+            self._num_state_rows -= len(state)
+            self._state_slot[dropped] = -1
+            self._rows.remove(dropped)
+        return len(dropped)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Stored rows in increasing id order, for checkpoints and tests.
+
+        ``ids`` (int64 ``[n]``), ``values`` (fp32 ``[n, dim]``), ``last_clock`` (int64
+        ``[n]``, last touch) and the optimizer's per-row state (``sum`` for adagrad;
+        ``exp_avg``, ``exp_avg_sq`` for adam), aligned with ``ids``; a row never updated
+        shows the state it would start from. The step count is :attr:`steps`.
+        """
+        slots = self._rows.live()
+        index = torch.from_numpy(slots)
+        out = {
+            "ids": torch.from_numpy(self._rows.ids[slots].copy()),
+            "values": self._values[index],
+            "last_clock": torch.from_numpy(self._rows.last[slots].copy()),
+        }
+        state_slots = self._state_slot[slots]
+        has = state_slots >= 0
+        for name, array in self._state.items():
+            rows = self._initial_state(name, len(slots))
+            rows[torch.from_numpy(has)] = array[torch.from_numpy(state_slots[has])]
+            out[name] = rows
+        return out

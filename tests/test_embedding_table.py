@@ -1,0 +1,335 @@
+"""Tier 1: one server's shard of a sharded embedding table (tessera.ps.embedding).
+
+The oracles: a pure-Python SplitMix64 (Python integers, masked to 64 bits) for the
+vectorised hashes, and torch.optim on the whole table in one process for the
+sparse update rules -- SGD and Adagrad on a dense parameter whose gradient is the
+sparse rows scattered into zeros, SparseAdam on a parameter with a sparse
+gradient, as nn.Embedding(sparse=True) produces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tessera.config.schema import OptimizerConfig
+from tessera.ps.embedding import (EmbeddingShard, TableError, TableSpec, initial_rows,
+                                  owner_of)
+
+M64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """Reference SplitMix64 output for state x (Steele, Lea & Flood 2014)."""
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def reference_row(seed: int, row_id: int, dim: int, scale: float) -> np.ndarray:
+    key = splitmix64(splitmix64(seed & M64) ^ (row_id & M64))
+    out = []
+    for c in range(dim):
+        k = splitmix64((key + c * 0x9E3779B97F4A7C15) & M64) >> 40
+        out.append(np.float32((2 * k + 1 - (1 << 24)) / (1 << 24)) * np.float32(scale))
+    return np.array(out, dtype=np.float32)
+
+
+# ---- 1. placement -------------------------------------------------------------------
+
+def test_owner_of_spreads_consecutive_ids_evenly_and_deterministically():
+    ids = np.arange(100_000, dtype=np.int64)
+    owners = owner_of(ids, 4)
+    assert owners.dtype == np.int64
+    counts = np.bincount(owners, minlength=4)
+    assert counts.sum() == 100_000 and len(counts) == 4
+    assert np.all(np.abs(counts - 25_000) <= 0.05 * 25_000), counts
+    np.testing.assert_array_equal(owner_of(ids[::-1].copy(), 4), owners[::-1])
+    # The same owners any process computes: the pure-Python hash, incl. huge ids.
+    probe = np.array([0, 1, 2, 99_999, 10**12, 2**62 + 7, 2**63 - 1], dtype=np.int64)
+    expected = [splitmix64(int(i)) % 5 for i in probe]
+    np.testing.assert_array_equal(owner_of(probe, 5), expected)
+    with pytest.raises(ValueError, match="num_servers"):
+        owner_of(ids, 0)
+
+
+# ---- 2. initial rows ------------------------------------------------------------------
+
+def test_initial_rows_depend_on_seed_and_id_only():
+    ids = np.array([5, 0, 10**12, 17, 2**62 + 3, 42], dtype=np.int64)
+    rows = initial_rows(ids, 16, seed=7, scale=0.05)
+    assert rows.dtype == torch.float32 and rows.shape == (6, 16)
+    for i, row_id in enumerate(ids.tolist()):
+        assert_close(rows[i], torch.from_numpy(reference_row(7, row_id, 16, 0.05)),
+                     rtol=0, atol=0)
+    # Independent of batch composition and order.
+    perm = np.array([3, 1, 5, 0, 4, 2])
+    assert_close(initial_rows(ids[perm], 16, 7, 0.05), rows[perm], rtol=0, atol=0)
+    assert_close(initial_rows(ids[2:3], 16, 7, 0.05), rows[2:3], rtol=0, atol=0)
+    # A different seed gives different rows.
+    other = initial_rows(ids, 16, seed=8, scale=0.05)
+    assert (other != rows).float().mean() > 0.99
+    # Uniform in (-scale, scale): bounds, mean 0, std scale / sqrt(3).
+    big = initial_rows(np.arange(20_000, dtype=np.int64), 32, seed=0, scale=0.05)
+    assert big.abs().max() <= torch.tensor(0.05, dtype=torch.float32)
+    assert abs(big.mean().item()) < 0.05 * 0.01
+    assert abs(big.std().item() / (0.05 / 3 ** 0.5) - 1) < 0.01
+    assert_close(initial_rows(ids, 4, 0, 0.0), torch.zeros(6, 4))
+
+
+# ---- 3. sparse optimizers against torch.optim on the whole table ----------------------
+
+NUM_ROWS, DIM, SEED, SCALE = 50, 8, 3, 0.1
+
+
+def drive(shard: EmbeddingShard, torch_step, param: torch.Tensor, id_sets, rng) -> None:
+    """Apply the same random sparse gradients to the shard and to ``param``."""
+    for clock, ids in enumerate(id_sets):
+        grads = torch.from_numpy(rng.standard_normal((len(ids), DIM)).astype(np.float32))
+        shard.apply(ids, grads, clock)
+        torch_step(ids, grads)
+        probe = np.concatenate([ids[:3], ids[:2], [0]]).astype(np.int64)
+        assert_close(shard.lookup(probe, clock), param.detach()[torch.from_numpy(probe)])
+    assert shard.num_rows < NUM_ROWS  # some rows were never touched...
+    assert_close(shard.lookup(np.arange(NUM_ROWS, dtype=np.int64), len(id_sets)),
+                 param.detach())       # ...and still hold their initial values.
+    assert_close(shard.state_tensors()["ids"], torch.arange(NUM_ROWS))
+
+
+def random_id_sets(rng, num_steps=6, empty_at=3):
+    sets = [np.sort(rng.choice(NUM_ROWS, size=rng.integers(1, 20), replace=False))
+            .astype(np.int64) for _ in range(num_steps)]
+    sets[empty_at] = np.empty(0, dtype=np.int64)  # a clock with no pushes still counts
+    return sets
+
+
+def dense_reference(optimizer_cls, **kwargs):
+    initial = initial_rows(np.arange(NUM_ROWS, dtype=np.int64), DIM, SEED, SCALE)
+    param = torch.nn.Parameter(initial.clone())
+    opt = optimizer_cls([param], foreach=False, **kwargs)
+
+    def step(ids, grads):
+        dense = torch.zeros(NUM_ROWS, DIM)
+        dense[torch.from_numpy(ids)] = grads
+        param.grad = dense
+        opt.step()
+
+    return param, step, opt
+
+
+def table(**kwargs) -> TableSpec:
+    return TableSpec(name="items", dim=DIM, num_embeddings=NUM_ROWS, init_scale=SCALE,
+                     seed=SEED, **kwargs)
+
+
+@pytest.mark.parametrize("cfg", [
+    OptimizerConfig(name="sgd", lr=0.3),
+    OptimizerConfig(name="adagrad", lr=0.2, lr_decay=0.05, initial_accumulator_value=0.1,
+                    eps=1e-10),
+], ids=["sgd", "adagrad"])
+def test_sgd_and_adagrad_match_torch_on_dense_table(cfg):
+    rng = np.random.default_rng(0)
+    cls = torch.optim.SGD if cfg.name == "sgd" else torch.optim.Adagrad
+    param, step, opt = dense_reference(cls, **cfg.torch_kwargs())
+    shard = EmbeddingShard(table(), cfg)
+    drive(shard, step, param, random_id_sets(rng), rng)
+    assert shard.steps == 6
+    if cfg.name == "adagrad":
+        assert_close(shard.state_tensors()["sum"], opt.state[param]["sum"])
+
+
+@pytest.mark.parametrize("cfg", [
+    OptimizerConfig(name="sgd", lr=0.3, weight_decay=0.1),
+    OptimizerConfig(name="adagrad", lr=0.2, lr_decay=0.05, weight_decay=0.1),
+], ids=["sgd", "adagrad"])
+def test_weight_decay_matches_torch_when_every_row_is_updated(cfg):
+    # Dense weight decay moves rows without gradient too; a sparse rule only the
+    # rows it updates. The two agree when every step updates every row.
+    rng = np.random.default_rng(1)
+    cls = torch.optim.SGD if cfg.name == "sgd" else torch.optim.Adagrad
+    param, step, _ = dense_reference(cls, **cfg.torch_kwargs())
+    shard = EmbeddingShard(table(), cfg)
+    id_sets = [rng.permutation(NUM_ROWS).astype(np.int64) for _ in range(4)]
+    for clock, ids in enumerate(id_sets):
+        grads = torch.from_numpy(rng.standard_normal((NUM_ROWS, DIM)).astype(np.float32))
+        shard.apply(ids, grads, clock)
+        step(ids, grads)
+    assert_close(shard.lookup(np.arange(NUM_ROWS, dtype=np.int64), 4), param.detach())
+
+
+def test_adam_matches_torch_sparse_adam():
+    rng = np.random.default_rng(2)
+    cfg = OptimizerConfig(name="adam", lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    weight = torch.nn.Parameter(
+        initial_rows(np.arange(NUM_ROWS, dtype=np.int64), DIM, SEED, SCALE).clone())
+    opt = torch.optim.SparseAdam([weight], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+    def step(ids, grads):
+        index = torch.from_numpy(ids).reshape(1, -1)
+        weight.grad = torch.sparse_coo_tensor(index, grads, (NUM_ROWS, DIM),
+                                              check_invariants=True)
+        opt.step()
+
+    shard = EmbeddingShard(table(), cfg)
+    drive(shard, step, weight, random_id_sets(rng), rng)
+    state, torch_state = shard.state_tensors(), opt.state[weight]
+    assert shard.steps == torch_state["step"] == 6
+    assert_close(state["exp_avg"], torch_state["exp_avg"])
+    assert_close(state["exp_avg_sq"], torch_state["exp_avg_sq"])
+
+
+def test_unsupported_optimizers_are_refused_by_name():
+    spec = table()
+    with pytest.raises(ValueError, match="optimizer.name 'adamw'.*'sgd', 'adagrad' or 'adam'"):
+        EmbeddingShard(spec, OptimizerConfig(name="adamw"))
+    with pytest.raises(ValueError, match="optimizer.momentum = 0.9"):
+        EmbeddingShard(spec, OptimizerConfig(name="sgd", momentum=0.9))
+    with pytest.raises(ValueError, match="weight_decay = 0.01"):
+        EmbeddingShard(spec, OptimizerConfig(name="adam", weight_decay=0.01))
+
+
+# ---- 4. lazy memory -------------------------------------------------------------------
+
+def test_unbounded_table_stores_only_touched_rows():
+    rng = np.random.default_rng(3)
+    ids = np.unique(rng.integers(0, 10**12, size=1100))[:1000]
+    ids = rng.permutation(ids).astype(np.int64)
+    dim = 16
+    shard = EmbeddingShard(TableSpec(name="users", dim=dim), OptimizerConfig(name="adam"))
+    assert shard.num_rows == 0 and shard.nbytes == 0
+    assert_close(shard.lookup(ids, 0), initial_rows(ids, dim, 0, 0.01))
+    shard.apply(ids, torch.ones(1000, dim), 0)
+    assert shard.num_rows == 1000
+    assert shard.nbytes == 1000 * dim * 4 * (1 + 2)  # values, exp_avg, exp_avg_sq
+    assert_close(shard.state_tensors()["ids"], torch.from_numpy(np.sort(ids)))
+    # Looked up but never updated: values only, no optimizer state yet.
+    more = np.arange(2**62, 2**62 + 500, dtype=np.int64)
+    shard.lookup(more, 1)
+    assert shard.num_rows == 1500
+    assert shard.nbytes == 1000 * dim * 4 * 3 + 500 * dim * 4
+
+
+# ---- 5. admission ---------------------------------------------------------------------
+
+def test_rows_are_admitted_after_three_lookups():
+    lr = 0.5
+    spec = TableSpec(name="ads", dim=4, admit_after=3, init_scale=0.2, seed=11)
+    shard = EmbeddingShard(spec, OptimizerConfig(name="sgd", lr=lr))
+    ids = np.array([7], dtype=np.int64)
+    initial = initial_rows(ids, 4, 11, 0.2)
+    grad = torch.full((1, 4), 1.0)
+    for clock in range(2):
+        assert_close(shard.lookup(ids, clock), initial)
+        assert shard.num_rows == 0
+        shard.apply(ids, grad, clock)          # dropped: not admitted
+        assert shard.num_rows == 0
+    # Repeats within one lookup count once.
+    assert_close(shard.lookup(np.array([8, 8, 8], dtype=np.int64), 2)[2],
+                 initial_rows(np.array([8]), 4, 11, 0.2)[0])
+    assert_close(shard.lookup(ids, 2), initial)  # third lookup: stored now
+    assert shard.num_rows == 1
+    shard.apply(ids, grad, 2)
+    assert_close(shard.lookup(ids, 3), initial - lr * grad)
+    assert_close(shard.state_tensors()["ids"], torch.tensor([7]))
+
+
+# ---- 6. eviction ----------------------------------------------------------------------
+
+def test_rows_untouched_for_evict_after_clocks_are_dropped():
+    lr = 0.5
+    spec = TableSpec(name="clicks", dim=4, evict_after=2, seed=5)
+    shard = EmbeddingShard(spec, OptimizerConfig(name="adagrad", lr=lr))
+    a = np.array([1, 2, 3], dtype=np.int64)
+    b = np.array([4, 5], dtype=np.int64)
+    shard.lookup(a, 0)
+    shard.apply(a, torch.ones(3, 4), 0)
+    shard.lookup(b, 1)
+    shard.apply(b, torch.ones(2, 4), 1)
+    assert shard.num_rows == 5                   # a untouched for 1 clock: kept
+    shard.apply(b[:1], torch.ones(1, 4), 2)      # a untouched for 2 clocks: dropped
+    assert_close(shard.state_tensors()["ids"], torch.tensor([4, 5]))
+    assert shard.evict(3) == 1                   # 5 last touched at clock 1
+    assert_close(shard.state_tensors()["ids"], torch.tensor([4]))
+    assert shard.nbytes == 4 * 4 * 2             # state freed with the rows
+    # An evicted row comes back as its initial value, with fresh optimizer state.
+    assert_close(shard.lookup(a, 3), initial_rows(a, 4, 5, 0.01))
+    assert_close(shard.state_tensors()["sum"][:3], torch.zeros(3, 4))
+
+
+def test_max_rows_keeps_the_most_recently_touched():
+    lr = 0.1
+    spec = TableSpec(name="queries", dim=3, max_rows=10, seed=2)
+    shard = EmbeddingShard(spec, OptimizerConfig(name="sgd", lr=lr))
+
+    def touch(i: int, clock: int) -> None:
+        ids = np.array([i], dtype=np.int64)
+        shard.lookup(ids, clock)
+        shard.apply(ids, torch.full((1, 3), float(i + 1)), clock)
+        assert shard.num_rows <= 10
+
+    def expected(i: int) -> torch.Tensor:  # one sgd step from the initial row
+        return initial_rows(np.array([i]), 3, 2, 0.01)[0] - lr * float(i + 1)
+
+    for clock in range(20):  # id i at clock i
+        touch(clock, clock)
+    state = shard.state_tensors()
+    assert_close(state["ids"], torch.arange(10, 20))
+    assert_close(state["last_clock"], torch.arange(10, 20))
+    # Id 3 was dropped: it comes back from its initial value, into a reused slot,
+    # and pushes out the least recently touched row (10).
+    touch(3, 20)
+    state = shard.state_tensors()
+    assert_close(state["ids"], torch.tensor([3, *range(11, 20)]))
+    assert_close(state["values"], torch.stack([expected(i) for i in [3, *range(11, 20)]]))
+    assert_close(shard.lookup(np.array([0, 10], dtype=np.int64), 21),
+                 initial_rows(np.array([0, 10]), 3, 2, 0.01))
+
+
+# ---- 7. bad input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("ids, grads, match", [
+    (np.array([1, -3]), None, r"id -3 \(position 1\) is outside \[0, 50\)"),
+    (np.array([1, 50]), None, r"id 50 \(position 1\) is outside \[0, 50\)"),
+    (np.array([1.0, 2.0]), None, "must be int64, got dtype float64"),
+    (np.array([[1, 2]]), None, r"must be 1-D, got shape \(1, 2\)"),
+    (np.array([1, 2]), torch.zeros(2, DIM + 1), r"shape .* = \(2, 8\), got \(2, 9\)"),
+    (np.array([1, 2]), torch.tensor([[0.0] * DIM, [float("nan")] * DIM]),
+     "gradient of id 2 is not finite"),
+    (np.array([1, 1]), torch.zeros(2, DIM), "unique ids"),
+], ids=["negative", "too-large", "float", "2-D", "grad-shape", "nan-grad", "repeated"])
+def test_bad_requests_name_the_table_and_change_nothing(ids, grads, match):
+    shard = EmbeddingShard(table(admit_after=2), OptimizerConfig(name="adam"))
+    warm = np.array([1, 2, 3], dtype=np.int64)
+    for clock in range(2):
+        shard.lookup(warm, clock)
+        shard.apply(warm, torch.ones(3, DIM), clock)
+    shard.lookup(np.array([9], dtype=np.int64), 2)  # pending admission
+    before, steps = shard.state_tensors(), shard.steps
+    with pytest.raises(TableError, match="table 'items'") as err:
+        if grads is None:
+            shard.lookup(ids, 3)
+        else:
+            shard.apply(ids, grads, 3)
+    assert err.match(match)
+    if grads is None:
+        with pytest.raises(TableError, match=match):
+            shard.apply(ids, torch.zeros(len(ids), DIM), 3)
+    after = shard.state_tensors()
+    assert after.keys() == before.keys() and shard.steps == steps == 2
+    for key in before:
+        assert_close(after[key], before[key], rtol=0, atol=0)
+    # 9 was seen once before the failed requests: still one lookup short.
+    shard.lookup(np.array([9], dtype=np.int64), 3)
+    assert shard.num_rows == 4
+
+
+def test_table_spec_names_the_bad_field():
+    for field, value in [("dim", 0), ("num_embeddings", 0), ("init_scale", -1.0),
+                         ("admit_after", 0), ("evict_after", -1), ("max_rows", -1)]:
+        kwargs = dict(name="t", dim=4)
+        kwargs[field] = value
+        with pytest.raises(ValueError, match=f"table 't': {field} must be"):
+            TableSpec(**kwargs)
