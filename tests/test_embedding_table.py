@@ -229,6 +229,7 @@ def test_rows_are_admitted_after_three_lookups():
     # Repeats within one lookup count once.
     assert_close(shard.lookup(np.array([8, 8, 8], dtype=np.int64), 2)[2],
                  initial_rows(np.array([8]), 4, 11, 0.2)[0])
+    assert shard.num_rows == 0
     assert_close(shard.lookup(ids, 2), initial)  # third lookup: stored now
     assert shard.num_rows == 1
     shard.apply(ids, grad, 2)

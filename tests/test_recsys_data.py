@@ -66,8 +66,12 @@ def test_movielens_ids_and_ratings_in_range(ratings):
     assert d.global_mean == pytest.approx(d.train_ratings.double().mean().item())
 
 
-def test_movielens_split_is_fixed(ratings):
+def test_movielens_split_is_fixed_and_loads_fast(ratings):
+    # CPU time, not wall time: other processes on a shared machine do not inflate it.
+    start = time.process_time()
     again = load_or_fail()
+    cpu = time.process_time() - start
+    assert cpu < 2.0, f"load_movielens took {cpu:.2f} s of CPU"
     for name in ("train_users", "train_items", "train_ratings", "test_users", "test_items",
                  "test_ratings"):
         torch.testing.assert_close(getattr(again, name), getattr(ratings, name), rtol=0, atol=0)
@@ -98,11 +102,6 @@ def test_movielens_side_features(ratings):
     assert d.item_features["genres"][:, movielens.GENRES.index("Drama")].sum() == 725
     # The first genre is the first one set in the multi-hot.
     assert torch.equal(d.item_features["genre"], d.item_features["genres"].argmax(dim=1))
-
-
-def test_movielens_loads_fast():
-    best = min(_timed(load_or_fail) for _ in range(2))
-    assert best < 2.0, f"load_movielens took {best:.2f} s"
 
 
 def test_movielens_widedeep_gives_the_same_data(ratings, monkeypatch):
@@ -200,9 +199,14 @@ def test_clicks_eval_set_extends(log, eval_set):
 
 
 def test_clicks_batch_is_fast(log):
+    # CPU time of this thread, best of 5: what the generator costs, whatever else runs.
     log.batch(0, 4096)
-    best = min(_timed(lambda i=i: log.batch(i, 4096)) for i in range(5))
-    assert best < 0.05, f"a batch of 4096 took {best * 1000:.0f} ms"
+    best = float("inf")
+    for i in range(5):
+        start = time.thread_time()
+        log.batch(i, 4096)
+        best = min(best, time.thread_time() - start)
+    assert best < 0.05, f"a batch of 4096 took {best * 1000:.0f} ms of CPU"
 
 
 def test_clicks_reject_bad_arguments(log):
@@ -229,9 +233,3 @@ def test_roc_auc_matches_sklearn_with_ties():
     assert roc_auc(torch.ones(4), y) == 0.5
     with pytest.raises(ValueError, match="both classes"):
         roc_auc(torch.rand(5), torch.ones(5))
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

@@ -49,6 +49,9 @@ EVERY_MESSAGE = [
                  overflows=[wire.Overflow(worker=1, param="fc.bias")]),
     wire.TimeSync(req=17, t0_ns=1_700_000_000_000_000_000),
     wire.TimeSyncAck(req=18, t1_ns=1_700_000_000_000_000_123),
+    wire.PullRows(req=19, worker=1, table="user", clock=3, dtype="bfloat16"),
+    wire.Rows(req=20, table="user", clock=3),
+    wire.PushRows(req=21, worker=0, seq=9, clock=3, table="item", scale=2.0),
 ]
 
 

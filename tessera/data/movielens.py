@@ -4,8 +4,9 @@ The ratings were collected by GroupLens in 1997-98 (Harper & Konstan, "The
 MovieLens Datasets: History and Context", ACM TiiS 2015). Every user rated at
 least 20 movies, so a random split leaves every user with training ratings.
 It is the usual first benchmark for matrix factorisation: predicting the
-training mean for every test rating scores an RMSE of about 1.125, a tuned
-factorisation about 0.90.
+training mean for every test rating scores an RMSE of 1.12 (1.1218 with the
+default split), biased matrix factorisation 0.92-0.94 (the Surprise library's
+published ml-100k benchmarks for SVD and SVD++).
 
 Nothing is downloaded. Two packages ship the data, and tessera reads their
 files itself instead of importing them (importing either pulls in pandas,

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from tessera.config.schema import OptimizerConfig
+from tessera.transport.wire import TableSpec  # noqa: F401 - re-exported
 
 _MASK64 = (1 << 64) - 1
 #: SplitMix64's increment, 2^64 / golden ratio (Steele, Lea & Flood 2014).
@@ -109,51 +110,6 @@ def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Te
     unit *= np.float32(2.0 ** -24)
     unit *= np.float32(scale)
     return torch.from_numpy(unit)
-
-
-class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One embedding table, as every server holding a shard of it sees it."""
-
-    #: Names the table in errors, metrics and checkpoints.
-    name: str
-    #: Width of each row.
-    dim: int
-    #: ``None``: an unbounded hashed id space (any int64 >= 0). Otherwise ids must be
-    #: in ``[0, num_embeddings)``; rows are still created lazily.
-    num_embeddings: Optional[int] = None
-    #: Rows start uniform in ``(-init_scale, init_scale)``.
-    init_scale: float = 0.01
-    #: Seeds the initial rows (with the id); same seed, same rows on every server.
-    seed: int = 0
-    #: A row is stored once it has been looked up this many times (1: at first touch).
-    admit_after: int = 1
-    #: > 0: rows not touched for this many clocks are dropped (0: never).
-    evict_after: int = 0
-    #: > 0: per-server row budget; the least recently touched rows beyond it are
-    #: dropped after each apply (0: no budget).
-    max_rows: int = 0
-
-    def __post_init__(self) -> None:
-        where = f"table {self.name!r}"
-        if not self.name:
-            raise ValueError("TableSpec.name must be a non-empty string")
-        if self.dim < 1:
-            raise ValueError(f"{where}: dim must be >= 1 (the width of a row), got {self.dim}")
-        if self.num_embeddings is not None and self.num_embeddings < 1:
-            raise ValueError(f"{where}: num_embeddings must be >= 1, or None for an unbounded "
-                             f"hashed id space, got {self.num_embeddings}")
-        if not (np.isfinite(self.init_scale) and self.init_scale >= 0):
-            raise ValueError(f"{where}: init_scale must be a finite number >= 0, "
-                             f"got {self.init_scale}")
-        if self.admit_after < 1:
-            raise ValueError(f"{where}: admit_after must be >= 1 (1 stores a row at first "
-                             f"touch), got {self.admit_after}")
-        if self.evict_after < 0:
-            raise ValueError(f"{where}: evict_after must be >= 0 (0 never evicts), "
-                             f"got {self.evict_after}")
-        if self.max_rows < 0:
-            raise ValueError(f"{where}: max_rows must be >= 0 (0 means no budget), "
-                             f"got {self.max_rows}")
 
 
 class TableError(ValueError):
@@ -243,7 +199,7 @@ class _IdIndex:
         if max_rows > 0 and len(slots) - old.sum() > max_rows:
             kept = slots[~old]
             order = np.lexsort((self.ids[kept], self.last[kept]))
-            return np.concatenate([slots[old], kept[order[max_rows:]]])
+            return np.concatenate([slots[old], kept[order[:len(kept) - max_rows]]])
         return slots[old]
 
 
@@ -396,7 +352,8 @@ class EmbeddingShard:
             slots[where] = self._create(unique[where], clock)
         out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
         stored = slots >= 0
-        out[torch.from_numpy(stored)] = self._values[torch.from_numpy(slots[stored])]
+        out[torch.from_numpy(stored)] = self._values.index_select(
+            0, torch.from_numpy(slots[stored]))
         if not stored.all():
             spec = self.spec
             out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
@@ -446,38 +403,39 @@ class EmbeddingShard:
         # implementation, in the same order, on the gathered rows.
         opt = self.optimizer
         index = torch.from_numpy(slots)
-        param = self._values[index]
+        param = self._values.index_select(0, index)
         if opt.name == "sgd":
             if opt.weight_decay != 0:
                 grad = grad.add(param, alpha=opt.weight_decay)
             param.add_(grad, alpha=-opt.lr)
-            self._values[index] = param
+            self._values.index_copy_(0, index, param)
             return
         state_index = torch.from_numpy(self._state_of(slots))
         if opt.name == "adagrad":  # torch.optim.adagrad._single_tensor_adagrad
-            state_sum = self._state["sum"][state_index]
+            state_sum = self._state["sum"].index_select(0, state_index)
             if opt.weight_decay != 0:
                 grad = grad.add(param, alpha=opt.weight_decay)
             clr = opt.lr / (1 + (self.steps - 1) * opt.lr_decay)
             state_sum.addcmul_(grad, grad, value=1)
             std = state_sum.sqrt().add_(opt.eps)
             param.addcdiv_(grad, std, value=-clr)
-            self._state["sum"][state_index] = state_sum
+            self._state["sum"].index_copy_(0, state_index, state_sum)
         else:  # adam: torch.optim._functional.sparse_adam
             beta1, beta2 = opt.betas
-            old_exp_avg = self._state["exp_avg"][state_index]
-            old_exp_avg_sq = self._state["exp_avg_sq"][state_index]
+            old_exp_avg = self._state["exp_avg"].index_select(0, state_index)
+            old_exp_avg_sq = self._state["exp_avg_sq"].index_select(0, state_index)
             exp_avg_update = grad.sub(old_exp_avg).mul_(1 - beta1)
-            self._state["exp_avg"][state_index] = old_exp_avg + exp_avg_update
+            self._state["exp_avg"].index_copy_(0, state_index, old_exp_avg + exp_avg_update)
             exp_avg_sq_update = grad.pow(2).sub_(old_exp_avg_sq).mul_(1 - beta2)
-            self._state["exp_avg_sq"][state_index] = old_exp_avg_sq + exp_avg_sq_update
+            self._state["exp_avg_sq"].index_copy_(0, state_index,
+                                               old_exp_avg_sq + exp_avg_sq_update)
             numer = exp_avg_update.add_(old_exp_avg)
             denom = exp_avg_sq_update.add_(old_exp_avg_sq).sqrt_().add_(opt.eps)
             bias_correction1 = 1 - beta1 ** self.steps
             bias_correction2 = 1 - beta2 ** self.steps
             step_size = opt.lr * math.sqrt(bias_correction2) / bias_correction1
             param.add_(-step_size * numer.div_(denom))
-        self._values[index] = param
+        self._values.index_copy_(0, index, param)
 
     def evict(self, clock: int) -> int:
         """Drop rows untouched for ``evict_after`` clocks, then the least recently
@@ -498,7 +456,6 @@ class EmbeddingShard:
             state = state[state >= 0]
             self._state_slots.give(state)
             self._num_state_rows -= len(state)
-            self._state_slot[dropped] = -1
             self._rows.remove(dropped)
         return len(dropped)
 

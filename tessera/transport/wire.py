@@ -15,6 +15,7 @@ in order.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import msgspec
@@ -43,42 +44,51 @@ class ParamSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A sharded embedding table: rows live on the servers, hashed by id.
+    """One embedding table, as every server holding a shard of it sees it."""
 
-    Declared by the model (``tessera.nn.ShardedEmbedding``), sent by worker 0 at
-    registration, and handed by the coordinator to every server.
-    """
-
+    #: Names the table in errors, metrics and checkpoints.
     name: str
+    #: Width of each row.
     dim: int
-    #: None: an unbounded hashed id space (any id >= 0); else ids lie in [0, num_embeddings).
+    #: ``None``: an unbounded hashed id space (any int64 >= 0). Otherwise ids must be
+    #: in ``[0, num_embeddings)``; rows are still created lazily.
     num_embeddings: Optional[int] = None
-    #: Rows start uniform in [-init_scale, init_scale], a function of (seed, id) only.
+    #: Rows start uniform in ``(-init_scale, init_scale)``.
     init_scale: float = 0.01
+    #: Seeds the initial rows (with the id); same seed, same rows on every server.
     seed: int = 0
-    #: A row is stored only once seen this many times (1: at first touch).
+    #: A row is stored once it has been looked up this many times (1: at first touch).
     admit_after: int = 1
-    #: > 0: rows untouched for this many clocks are dropped.
+    #: > 0: rows not touched for this many clocks are dropped (0: never).
     evict_after: int = 0
-    #: > 0: per-server row budget; least recently touched rows beyond it are dropped.
+    #: > 0: per-server row budget; the least recently touched rows beyond it are
+    #: dropped after each apply (0: no budget).
     max_rows: int = 0
-    #: The sparse update rule (sgd, adagrad, adam with lazy per-row state).
+    #: The sparse update rule the servers apply to the rows (sgd, adagrad, adam).
     optimizer: OptimizerConfig = msgspec.field(
         default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
 
     def __post_init__(self) -> None:
+        where = f"table {self.name!r}"
         if not self.name:
-            raise ValueError("table name must be non-empty")
+            raise ValueError("TableSpec.name must be a non-empty string")
         if self.dim < 1:
-            raise ValueError(f"table {self.name!r}: dim must be >= 1, got {self.dim}")
+            raise ValueError(f"{where}: dim must be >= 1 (the width of a row), got {self.dim}")
         if self.num_embeddings is not None and self.num_embeddings < 1:
-            raise ValueError(f"table {self.name!r}: num_embeddings must be >= 1 or None, "
-                             f"got {self.num_embeddings}")
-        if self.init_scale < 0:
-            raise ValueError(f"table {self.name!r}: init_scale must be >= 0")
-        if self.admit_after < 1 or self.evict_after < 0 or self.max_rows < 0:
-            raise ValueError(f"table {self.name!r}: admit_after must be >= 1, evict_after and "
-                             f"max_rows >= 0")
+            raise ValueError(f"{where}: num_embeddings must be >= 1, or None for an unbounded "
+                             f"hashed id space, got {self.num_embeddings}")
+        if not (math.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise ValueError(f"{where}: init_scale must be a finite number >= 0, "
+                             f"got {self.init_scale}")
+        if self.admit_after < 1:
+            raise ValueError(f"{where}: admit_after must be >= 1 (1 stores a row at first "
+                             f"touch), got {self.admit_after}")
+        if self.evict_after < 0:
+            raise ValueError(f"{where}: evict_after must be >= 0 (0 never evicts), "
+                             f"got {self.evict_after}")
+        if self.max_rows < 0:
+            raise ValueError(f"{where}: max_rows must be >= 0 (0 means no budget), "
+                             f"got {self.max_rows}")
 
 
 class ProcessInfo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
