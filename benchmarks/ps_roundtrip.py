@@ -118,6 +118,27 @@ def _recv(conn, procs, deadline: float, what: str):
     return msg
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    """CPU seconds of this process and of every child it has waited for."""
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
+    """Share of the machine's CPU that processes other than this benchmark used."""
+    foreign = (_busy_s() - busy0) - (_own_s() - own0)
+    return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
+
+
 def _cpu_s(pids) -> float:
     """CPU seconds (user + system, all threads) the processes ``pids`` have used so far."""
     total = 0
@@ -612,11 +633,13 @@ def main(argv=None) -> int:
     bench = Bench(a)
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
+    busy0, own0 = _busy_s(), _own_s()
     try:
         results = bench.run(systems)
     finally:
         signal.alarm(0)
         bench.cleanup()
+    foreign = _foreign_cpu_pct(busy0, own0, time.monotonic() - t0)
 
     import torch
     for (n, servers), r in results.items():
@@ -637,10 +660,10 @@ def main(argv=None) -> int:
         if "tessera_server_apply_ms_per_iter" in r:
             row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
         row.update(timed_iters=a.rounds * a.iters, loadavg_1m=round(load_before, 2),
-                   torch=torch.__version__)
+                   foreign_cpu_pct=round(foreign, 1), torch=torch.__version__)
         print(json.dumps(row), flush=True)
-    _log(f"done in {time.monotonic() - t0:.0f} s (load average before: {load_before:.2f}, "
-         f"after: {os.getloadavg()[0]:.2f})")
+    _log(f"done in {time.monotonic() - t0:.0f} s; other processes used {foreign:.0f}% of the "
+         f"machine's CPU meanwhile (load average before: {load_before:.2f})")
     return 0
 
 

@@ -57,6 +57,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    """CPU seconds of this process and of every child it has waited for."""
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
+    """Share of the machine's CPU that processes other than this benchmark used."""
+    foreign = (_busy_s() - busy0) - (_own_s() - own0)
+    return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
+
+
 # ------------------------------------------------------------------ Tessera
 
 
@@ -237,6 +258,8 @@ def main(argv=None) -> int:
     signal.alarm(int(a.timeout))
     deadline = time.monotonic() + a.timeout - 5
     load_before = os.getloadavg()[0]
+    t0 = time.monotonic()
+    busy0, own0 = _busy_s(), _own_s()
     tessera, ddp = [], []
     try:
         for i in range(a.repeats):
@@ -250,6 +273,9 @@ def main(argv=None) -> int:
     finally:
         signal.alarm(0)
 
+    foreign = _foreign_cpu_pct(busy0, own0, time.monotonic() - t0)
+    _log(f"done in {time.monotonic() - t0:.0f} s; other processes used {foreign:.0f}% of the "
+         f"machine's CPU meanwhile")
     import torch
     t_all = statistics.median(t["samples_per_s"] for t in tessera)
     t_steady = statistics.median(t["steady_samples_per_s"] for t in tessera)
@@ -261,7 +287,8 @@ def main(argv=None) -> int:
            "tessera_steady_samples_per_s": round(t_steady, 1),
            "ddp_samples_per_s": round(d_sps, 1),
            "ratio": round(t_all / d_sps, 3), "ratio_steady": round(t_steady / d_sps, 3),
-           "loadavg_1m": round(load_before, 2), "torch": torch.__version__}
+           "loadavg_1m": round(load_before, 2), "foreign_cpu_pct": round(foreign, 1),
+           "torch": torch.__version__}
     print(json.dumps(row), flush=True)
     return 0
 

@@ -209,7 +209,14 @@ class Coordinator:
         lead = workers[0]
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
             "wall_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
-            "first_overflow")}
+            "first_overflow", "reference_auc")}
+        tables = sorted({k.split(".", 1)[1] for s in servers for k in s if k.startswith("rows.")})
+        if tables:
+            summary["rows_per_server"] = {t: [int(s.get(f"rows.{t}", 0)) for s in servers]
+                                          for t in tables}
+            summary["table_bytes_per_server"] = {
+                t: [int(s.get(f"table_bytes.{t}", 0)) for s in servers] for t in tables}
+            summary["rows_pulled"] = sum(int(s.get("rows_pulled", 0)) for s in servers)
         summary.update({
             "bytes_pushed": sum(int(w.get("bytes_pushed", 0)) for w in workers),
             "bytes_pulled": sum(int(w.get("bytes_pulled", 0)) for w in workers),

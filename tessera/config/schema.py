@@ -36,6 +36,8 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     #: Sparse update rule of the sharded tables (sgd, adagrad, adam) and its rate.
     embedding_optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
     embedding_lr: float = 0.05
+    #: L2 penalty on the rows a batch touches (applied by the sparse optimizer).
+    embedding_weight_decay: float = 0.0
     #: Rows start uniform in [-embedding_init, embedding_init].
     embedding_init: float = 0.01
     #: Per-server row budget of each table (0: unlimited); see TableSpec.

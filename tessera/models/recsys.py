@@ -12,6 +12,7 @@ from tessera.nn import ShardedEmbedding
 def _table(cfg: ModelConfig, num: int | None, dim: int, name: str, seed: int) -> ShardedEmbedding:
     return ShardedEmbedding(num, dim, name=name, init_scale=cfg.embedding_init, seed=seed,
                             optimizer=cfg.embedding_optimizer, lr=cfg.embedding_lr,
+                            weight_decay=cfg.embedding_weight_decay,
                             admit_after=cfg.admit_after, evict_after=cfg.evict_after,
                             max_rows=cfg.max_rows_per_server)
 

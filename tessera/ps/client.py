@@ -149,7 +149,7 @@ class PSClient:
         req = ep.new_req()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         ep.send(wire.PullRows(req=req, worker=self.worker, table=table, clock=clock,
-                              dtype=self.wire_dtype), [memoryview(ids).cast("B")])
+                              dtype=self.wire_dtype), [ids.tobytes()])
         self.bytes_pushed += ids.nbytes
         return Handle(self, server, req, f"row pull of table {table!r} at clock {clock}",
                       keep=ids)
@@ -165,7 +165,7 @@ class PSClient:
         self.seq += 1
         ep.send(wire.PushRows(req=req, worker=self.worker, seq=self.seq, clock=clock, table=table,
                               dtype=self.wire_dtype, scale=scale),
-                [memoryview(ids).cast("B"), frame])
+                [ids.tobytes(), frame])
         self.bytes_pushed += ids.nbytes + frame.nbytes
         return Handle(self, server, req, f"row push of table {table!r} at clock {clock}",
                       keep=(ids, payload))

@@ -30,9 +30,11 @@ def tensor_to_frame(t: torch.Tensor) -> memoryview:
         t = t.to("cpu")
     if not t.is_contiguous():
         t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: same bytes, as int16
         t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
 def frame_to_tensor(buf, wire_dtype: str, numel: int) -> torch.Tensor:
