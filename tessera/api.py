@@ -80,6 +80,9 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                         backoff_factor=cfg.amp.backoff_factor,
                         growth_interval=cfg.amp.growth_interval, enabled=policy.loss_scaling)
     tables = find_tables(model)
+    if cfg.ps.mode == "hybrid":
+        _model = _distribute_hybrid(session, model, opt, tables, policy, device)
+        return _model
     if tables and two_phase(cfg):
         raise ValueError("sharded embedding tables with precision fp16 in sync mode are not "
                          "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
@@ -97,6 +100,42 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                             log=lambda line: print(line, flush=True), profiler=session.profiler,
                             tables=tables, device=device)
     return _model
+
+
+def _distribute_hybrid(session, model, opt, tables, policy, device):
+    import datetime
+    import socket as _socket
+
+    import torch.distributed as dist
+
+    from tessera.parallel.hybrid import HybridParallel
+    cfg = session.cfg
+    if not tables:
+        raise ValueError("--mode hybrid keeps sharded embedding tables on the servers, but this "
+                         "model has none (tessera.nn.ShardedEmbedding); use --mode sync or async")
+    if policy.loss_scaling:
+        raise ValueError("--mode hybrid does not support precision fp16 yet; use bf16")
+    first = session.rank == 0
+    address = ""
+    if first:  # worker 0 hosts the all-reduce rendezvous on a port the OS picks
+        with _socket.socket() as s:
+            s.bind((cfg.cluster.host, 0))
+            address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
+    view = session.register(address=address, layout=[] if first else None,
+                            optimizer=opt if first else None,
+                            tables=[t.spec for t in tables] if first else [])
+    rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
+                            rank=session.rank, world_size=session.num_workers,
+                            timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))
+    client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
+                      server_addresses=session.server_addresses(), secret=session.secret,
+                      worker=session.rank, timeout_s=session.timeout_s,
+                      wire_dtype=policy.wire_dtype, check=session.check,
+                      profiler=session.profiler)
+    client.connect()
+    return HybridParallel(model, client, optimizer=opt, tables=tables, policy=policy,
+                          profiler=session.profiler, device=device)
 
 
 def two_phase(cfg) -> bool:
@@ -129,6 +168,9 @@ def finish(**stats: Any) -> None:
             first = _model.overflows[0]
             stats.setdefault("first_overflow", f"step {first['step']} {first['where']}")
         _model.client.close()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     session.finish(stats)
     session.close()
     _session, _model = None, None

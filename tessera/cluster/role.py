@@ -36,6 +36,13 @@ def run_guarded(fn: Callable[[], None], name: str) -> None:
     sys.stderr.flush()
 
 
+def server_mode(cfg) -> str:
+    """Hybrid jobs keep only tables on the servers: async, or ssp with a staleness bound."""
+    if cfg.ps.mode == "hybrid":
+        return "ssp" if cfg.ps.staleness else "async"
+    return cfg.ps.mode
+
+
 def coordinator_main() -> None:
     import zmq
 
@@ -73,7 +80,7 @@ def server_main() -> None:
     server = ParameterServer(
         rank=session.rank, endpoint=endpoint,
         partitions=[p for p in view.partitions if p.server == session.rank],
-        optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=cfg.ps.mode,
+        optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=server_mode(cfg),
         staleness=cfg.ps.staleness,
         two_phase=cfg.precision == "fp16", profiler=session.profiler, tables=view.tables,
         check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested)

@@ -191,8 +191,11 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: ``async``: each push is applied the moment it arrives.
     #: ``ssp``: as async, but no worker runs more than ``staleness`` clocks ahead of
     #: the slowest (stale synchronous parallel; ``staleness = 0`` is lock-step).
-    mode: Literal["sync", "async", "ssp"] = "sync"
-    #: For ``mode = "ssp"``: how many clocks a worker may run ahead of the slowest.
+    #: ``hybrid``: dense parameters by all-reduce among the workers (DDP over Gloo,
+    #: NCCL on GPU); sharded embedding tables on the servers, async (``staleness = 0``)
+    #: or bounded-stale (``staleness = K``), as PERSIA does.
+    mode: Literal["sync", "async", "ssp", "hybrid"] = "sync"
+    #: For ``ssp`` (and the tables of ``hybrid``): clocks a worker may run ahead of the slowest.
     staleness: int = 0
     #: Relative capacity of each server (one number per server): partitions are placed
     #: so that server s holds about weight[s] / sum(weights) of the bytes. Default: equal.
@@ -203,9 +206,9 @@ class PSConfig(msgspec.Struct, **_STRICT):
     def __post_init__(self) -> None:
         if self.staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {self.staleness}")
-        if self.staleness and self.mode != "ssp":
-            raise ValueError(f"staleness {self.staleness} only applies to mode 'ssp' "
-                             f"(mode is {self.mode!r}); pass --mode ssp")
+        if self.staleness and self.mode not in ("ssp", "hybrid"):
+            raise ValueError(f"staleness {self.staleness} only applies to modes 'ssp' and "
+                             f"'hybrid' (mode is {self.mode!r}); pass --mode ssp")
         if not 0.0 < self.partition_mb <= 256:
             raise ValueError(f"partition_mb must be in (0, 256], got {self.partition_mb}")
 
