@@ -1,0 +1,554 @@
+"""Row pulls and row-sparse pushes of a sharded embedding table through Tessera's
+parameter servers, against a ``torch.distributed.rpc`` embedding server, in one run
+(DESIGN.md, "Performance principles").
+
+Table: dim 64, unbounded hashed ids (``num_embeddings=None``), rows created on
+first touch, Adagrad (lr 0.05) applied by the servers. Each batch draws
+``batch`` ids from a Zipf distribution (a = 1.1, truncated to an id space of 10^7)
+and the client sends its *unique* ids, as a recommender's embedding layer does;
+rows/s counts those unique rows. One iteration:
+
+1. pull: split the unique ids by owner (:func:`tessera.ps.embedding.owner_of`),
+   ask every server for its rows at once, wait for all replies;
+2. push: send every server the random gradients of its rows (clock = iteration),
+   wait for all acks.
+
+Systems measured (same batches, same owner split, same client process):
+
+* ``tessera``: real :class:`tessera.ps.server.ParameterServer` processes, each on
+  an authenticated ``ServerEndpoint`` (127.0.0.1) with one
+  ``TableSpec(name="emb", dim=64, num_embeddings=None, optimizer=adagrad lr 0.05)``,
+  ``mode="async"``, ``num_workers=1``; one :class:`tessera.ps.client.PSClient`.
+* ``rpc``: one ``torch.distributed.rpc`` (TensorPipe) server process per server
+  holding a plain ``dict`` id -> slot over a growable fp32 tensor, rows created
+  lazily (uniform +-0.01), the same Adagrad arithmetic; the client
+  ``rpc_async``-calls every server with the ids tensor and gets the rows back,
+  then sends ``(ids, grads)``.
+
+Rates are median over the timed iterations (after warm-up) of rows / seconds of
+that phase; ``*_per_server`` divides by the number of servers. Rounds of the two
+systems alternate so that a busy phase of the machine hits both alike. Each
+server count gets fresh servers (empty tables); batch sizes run in increasing
+order on the same tables, so the Zipf head is already stored and tail ids keep
+creating rows, in both systems alike.
+
+Output: one JSON object per line and case on stdout; progress on stderr.
+
+    .venv/bin/python benchmarks/sparse_embedding.py            # 10k, 50k, 100k x 1, 2 servers
+    .venv/bin/python benchmarks/sparse_embedding.py --quick    # smoke run, seconds
+    .venv/bin/python benchmarks/sparse_embedding.py --profile DIR   # cProfile the servers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+import traceback
+
+DIM = 64
+LR = 0.05
+EPS = 1e-10  # torch.optim.Adagrad's default, as OptimizerConfig's
+ID_SPACE = 10 ** 7
+ZIPF_A = 1.1
+
+_T0 = time.monotonic()
+
+
+def _log(*args) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch_parent() -> None:
+    """Exit if the benchmark driver dies (no orphans)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _cpu_s(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def zipf_batches(batch: int, count: int, seed: int):
+    """``count`` arrays of the unique ids of ``batch`` Zipf(a) draws in [0, ID_SPACE)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        got, have = [], 0
+        while have < batch:  # truncated Zipf: redraw values beyond the id space
+            z = rng.zipf(ZIPF_A, size=batch)
+            z = z[z <= ID_SPACE]
+            got.append(z)
+            have += len(z)
+        ids = np.concatenate(got)[:batch] - 1
+        out.append(np.unique(ids).astype(np.int64))
+    return out
+
+
+# ------------------------------------------------------------------ Tessera
+
+
+def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
+    """A real ParameterServer holding one table; serves until ``stop`` is set."""
+    _watch_parent()
+    try:
+        import torch
+        import zmq
+
+        from tessera.config.schema import OptimizerConfig
+        from tessera.ps.server import ParameterServer
+        from tessera.transport.endpoint import ServerEndpoint
+        from tessera.transport.wire import TableSpec
+
+        torch.set_num_threads(1)
+        ctx = zmq.Context()
+        spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
+                         optimizer=OptimizerConfig(name="adagrad", lr=LR))
+        endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
+        server = ParameterServer(rank=rank, endpoint=endpoint, partitions=[],
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=1,
+                                 mode="async", tables=[spec], should_stop=stop.is_set)
+        conn.send(endpoint.address)
+        if profile_path:
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
+            server.serve()
+            prof.disable()
+            prof.dump_stats(profile_path)
+        else:
+            server.serve()
+        stats = dict(server.stats)
+        stats.update(server.tables.table_stats())
+        endpoint.close()
+        ctx.destroy(linger=0)
+        conn.send(("stats", stats))
+    except BaseException:  # noqa: BLE001 - the driver shows it
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class TesseraSystem:
+    name = "tessera"
+
+    def __init__(self, mpctx, servers: int, secret: str, profile_dir, deadline: float):
+        import zmq
+
+        from tessera.ps.client import PSClient
+        from tessera.ps.sharding import ShardMap
+
+        self.servers = servers
+        self.stop = mpctx.Event()
+        self.conns, self.procs = [], []
+        for r in range(servers):
+            parent, child = mpctx.Pipe()
+            prof = (os.path.join(profile_dir, f"tessera-server{r}-of{servers}.prof")
+                    if profile_dir else None)
+            p = mpctx.Process(target=_tessera_server, args=(r, secret, child, self.stop, prof),
+                              name=f"tessera-server-{r}", daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        addresses = [_recv(c, self.procs, deadline, f"tessera server {r} start")
+                     for r, c in enumerate(self.conns)]
+        self.ctx = zmq.Context()
+        self.client = PSClient(ctx=self.ctx, shard_map=ShardMap(layout=(), partitions=(),
+                                                                num_servers=servers),
+                               server_addresses=addresses, secret=secret, worker=0,
+                               timeout_s=60.0)
+        self.client.connect()
+        self.clock = 0
+        self.pids = [p.pid for p in self.procs]
+
+    def pull(self, parts):
+        hs = [self.client.pull_rows("emb", s, ids, self.clock) for s, ids in enumerate(parts)]
+        return [h.wait().view(-1, DIM) for h in hs]
+
+    def push(self, parts, grads):
+        hs = [self.client.push_rows("emb", s, ids, g, self.clock)
+              for s, (ids, g) in enumerate(zip(parts, grads))]
+        for h in hs:
+            h.wait()
+        self.clock += 1
+
+    def close(self, deadline: float) -> list[dict]:
+        self.client.close()
+        self.stop.set()
+        stats = []
+        for r, c in enumerate(self.conns):
+            msg = _recv(c, self.procs, deadline, f"tessera server {r} stop")
+            stats.append(msg[1])
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.ctx.destroy(linger=0)
+        return stats
+
+
+# ------------------------------------------------------ torch.distributed.rpc
+
+_TABLE = {}
+
+
+class _RpcTable:
+    """A plain embedding server: dict id -> slot, growable fp32 rows, Adagrad state."""
+
+    def __init__(self):
+        import torch
+        self.slot_of: dict[int, int] = {}
+        self.values = torch.empty((1024, DIM))
+        self.sums = torch.zeros((1024, DIM))
+        self.lock = threading.Lock()  # TensorPipe runs requests on a thread pool
+
+    def slots(self, ids):
+        import numpy as np
+        import torch
+        get = self.slot_of.get
+        id_list = ids.tolist()
+        slots = np.fromiter((get(i, -1) for i in id_list), dtype=np.int64, count=len(id_list))
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):  # lazily create rows: uniform in (-0.01, 0.01)
+            n = len(self.slot_of)
+            new = np.arange(n, n + len(missing), dtype=np.int64)
+            slots[missing] = new
+            self.slot_of.update(zip((id_list[i] for i in missing.tolist()), new.tolist()))
+            need = n + len(missing)
+            if need > self.values.shape[0]:
+                cap = max(need, 2 * self.values.shape[0])
+                values, sums = torch.empty((cap, DIM)), torch.zeros((cap, DIM))
+                values[:n], sums[:n] = self.values[:n], self.sums[:n]
+                self.values, self.sums = values, sums
+            self.values[n:need] = torch.rand((len(missing), DIM)).mul_(0.02).sub_(0.01)
+        return torch.from_numpy(slots)
+
+    def pull(self, ids):
+        with self.lock:
+            return self.values.index_select(0, self.slots(ids))
+
+    def push(self, ids, grads):
+        with self.lock:
+            index = self.slots(ids)
+            s = self.sums.index_select(0, index).addcmul_(grads, grads, value=1)
+            p = self.values.index_select(0, index)
+            p.addcdiv_(grads, s.sqrt().add_(EPS), value=-LR)
+            self.sums.index_copy_(0, index, s)
+            self.values.index_copy_(0, index, p)
+        return len(ids)
+
+
+def _rpc_reset() -> int:
+    _TABLE["emb"] = _RpcTable()
+    return 0
+
+
+def _rpc_pull(ids):
+    return _TABLE["emb"].pull(ids)
+
+
+def _rpc_push(ids, grads):
+    return _TABLE["emb"].push(ids, grads)
+
+
+def _rpc_rows() -> int:
+    return len(_TABLE["emb"].slot_of)
+
+
+def _rpc_server(rank: int, world: int, port: int, conn) -> None:
+    _watch_parent()
+    try:
+        import warnings
+
+        import torch
+        import torch.distributed.rpc as rpc
+
+        warnings.filterwarnings("ignore", message="You are using a Backend")
+        torch.set_num_threads(1)
+        conn.send(os.getpid())
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
+                                               rpc_timeout=120)
+        rpc.init_rpc(f"ps{rank - 1}", rank=rank, world_size=world, rpc_backend_options=opts)
+        _rpc_reset()
+        rpc.shutdown()  # waits here until the worker is done
+    except BaseException:  # noqa: BLE001
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class RpcSystem:
+    name = "rpc"
+
+    def __init__(self, servers: int):
+        self.servers = servers
+
+    def reset(self):
+        import torch.distributed.rpc as rpc
+        for s in range(self.servers):
+            rpc.rpc_sync(f"ps{s}", _rpc_reset)
+
+    def pull(self, parts):
+        import torch
+        import torch.distributed.rpc as rpc
+        futs = [rpc.rpc_async(f"ps{s}", _rpc_pull, args=(torch.from_numpy(ids),))
+                for s, ids in enumerate(parts)]
+        return [f.wait() for f in futs]
+
+    def push(self, parts, grads):
+        import torch
+        import torch.distributed.rpc as rpc
+        futs = [rpc.rpc_async(f"ps{s}", _rpc_push, args=(torch.from_numpy(ids), g))
+                for s, (ids, g) in enumerate(zip(parts, grads))]
+        for f in futs:
+            f.wait()
+
+    def rows(self) -> list[int]:
+        import torch.distributed.rpc as rpc
+        return [rpc.rpc_sync(f"ps{s}", _rpc_rows) for s in range(self.servers)]
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _recv(conn, procs, deadline: float, what: str):
+    while not conn.poll(0.2):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead and not conn.poll(0):
+            raise RuntimeError(f"{what}: process {dead[0].name} exited with code "
+                               f"{dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no answer before the benchmark's deadline")
+    msg = conn.recv()
+    if isinstance(msg, tuple) and msg and msg[0] == "error":
+        raise RuntimeError(f"{what}: child failed:\n{msg[1]}")
+    return msg
+
+
+def run_iters(system, batches, servers: int, grad_pool):
+    """Run ``batches`` through ``system``; per iteration (rows, pull s, push s)."""
+    from tessera.ps.embedding import owner_of
+    out = []
+    for ids in batches:
+        t0 = time.perf_counter()
+        owners = owner_of(ids, servers) if servers > 1 else None
+        parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
+        rows = system.pull(parts)
+        t1 = time.perf_counter()
+        assert sum(r.shape[0] for r in rows) == len(ids)
+        # Gradients are data the trainer hands over: made outside the timed phases.
+        grads, at = [], 0
+        for p in parts:
+            grads.append(grad_pool[at:at + len(p)])
+            at += len(p)
+        t2 = time.perf_counter()
+        system.push(parts, grads)
+        t3 = time.perf_counter()
+        out.append((len(ids), t1 - t0, t3 - t2))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=lambda s: [int(float(x)) for x in s.split(",")],
+                    default=[10_000, 50_000, 100_000], help="ids per batch before dedup")
+    ap.add_argument("--servers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per system and case")
+    ap.add_argument("--iters", type=int, default=6, help="timed iterations per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the systems alternate")
+    ap.add_argument("--systems", default="tessera,rpc", help="subset of tessera,rpc")
+    ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="cProfile Tessera's server loops into DIR/*.prof")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10k ids, few iterations")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batches, a.warmup, a.iters, a.rounds = [10_000], 1, 3, 1
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+        a.profile = os.path.abspath(a.profile)
+    systems = [s for s in ("tessera", "rpc") if s in a.systems.split(",")]
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
+                      OMP_NUM_THREADS="1")
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"sparse_embedding: hard timeout of {a.timeout:.0f} s reached")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(a.timeout))
+    deadline = time.monotonic() + a.timeout - 10
+
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+
+    mpctx = mp.get_context("spawn")
+    secret = secrets.token_hex(16)  # handed to each server process as an argument
+    load_before = os.getloadavg()[0]
+    busy0, own0, t_start = _busy_s(), _own_s(), time.monotonic()
+    rpc_procs, rpc_conns, rpc_pids = [], [], []
+    tessera = None
+    results = []
+    try:
+        per_case = a.warmup + a.rounds * a.iters
+        batches = {b: zipf_batches(b, per_case, seed=b) for b in a.batches}
+        max_rows = max(len(ids) for bs in batches.values() for ids in bs)
+        grad_pool = torch.randn((max_rows, DIM), generator=torch.Generator().manual_seed(1))
+        grad_pool.mul_(0.1)
+        _log("unique ids per batch: " + ", ".join(
+            f"{b}: {statistics.median(len(x) for x in bs):.0f}" for b, bs in batches.items()))
+        if "rpc" in systems:
+            import torch.distributed.rpc as rpc
+            world = 1 + max(a.servers)
+            port = _free_port()
+            for r in range(1, world):
+                parent, child = mpctx.Pipe()
+                p = mpctx.Process(target=_rpc_server, args=(r, world, port, child),
+                                  name=f"rpc-server-{r - 1}", daemon=True)
+                p.start()
+                child.close()
+                rpc_procs.append(p)
+                rpc_conns.append(parent)
+            rpc_pids = [_recv(c, rpc_procs, deadline, "rpc server start") for c in rpc_conns]
+            opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
+                                                   rpc_timeout=120)
+            rpc.init_rpc("worker", rank=0, world_size=world, rpc_backend_options=opts)
+        for servers in a.servers:
+            runners = {}
+            pids = {}
+            if "tessera" in systems:
+                tessera = TesseraSystem(mpctx, servers, secret, a.profile, deadline)
+                runners["tessera"] = tessera
+                pids["tessera"] = tessera.pids
+            if "rpc" in systems:
+                rpc_sys = RpcSystem(servers)
+                rpc_sys.reset()
+                runners["rpc"] = rpc_sys
+                pids["rpc"] = rpc_pids[:servers]
+            for b in a.batches:
+                bs = batches[b]
+                timed = {k: [] for k in runners}
+                cpu = {k: 0.0 for k in runners}
+                for name, system in runners.items():
+                    run_iters(system, bs[:a.warmup], servers, grad_pool)
+                for rnd in range(a.rounds):
+                    chunk = bs[a.warmup + rnd * a.iters:a.warmup + (rnd + 1) * a.iters]
+                    for name, system in runners.items():
+                        c0 = _cpu_s(pids[name])
+                        timed[name].extend(run_iters(system, chunk, servers, grad_pool))
+                        cpu[name] += _cpu_s(pids[name]) - c0
+                row = {"bench": "sparse_embedding", "batch": b, "servers": servers, "dim": DIM,
+                       "zipf_a": ZIPF_A, "id_space": ID_SPACE,
+                       "unique_rows": int(statistics.median(len(x) for x in bs)),
+                       "optimizer": "adagrad", "mode": "async", "workers": 1}
+                for name, its in timed.items():
+                    pull = statistics.median(n / tp for n, tp, _ in its)
+                    push = statistics.median(n / tq for n, _, tq in its)
+                    row[f"{name}_pull_rows_per_s"] = round(pull)
+                    row[f"{name}_push_rows_per_s"] = round(push)
+                    row[f"{name}_pull_rows_per_server_per_s"] = round(pull / servers)
+                    row[f"{name}_push_rows_per_server_per_s"] = round(push / servers)
+                    row[f"{name}_pull_ms"] = round(1e3 * statistics.median(tp for _, tp, _ in its), 2)
+                    row[f"{name}_push_ms"] = round(1e3 * statistics.median(tq for _, _, tq in its), 2)
+                    row[f"{name}_server_cpu_ms_per_iter"] = round(1e3 * cpu[name] / len(its), 1)
+                if "tessera" in timed and "rpc" in timed:
+                    row["tessera_vs_rpc_pull"] = round(row["tessera_pull_rows_per_s"]
+                                                       / row["rpc_pull_rows_per_s"], 3)
+                    row["tessera_vs_rpc_push"] = round(row["tessera_push_rows_per_s"]
+                                                       / row["rpc_push_rows_per_s"], 3)
+                row["timed_iters"] = a.rounds * a.iters
+                results.append(row)
+                _log(f"  batch {b:>7,d} ({row['unique_rows']} unique), {servers} server(s): " +
+                     ", ".join(f"{k} pull {row[f'{k}_pull_rows_per_s'] / 1e6:.2f}M/s push "
+                               f"{row[f'{k}_push_rows_per_s'] / 1e6:.2f}M/s" for k in timed))
+            if tessera is not None:
+                stats = tessera.close(deadline)
+                tessera = None
+                rows = [int(s.get("rows.emb", 0)) for s in stats]
+                _log(f"  tessera servers: rows stored {rows}, errors "
+                     f"{sum(s['errors'] for s in stats)}")
+                if any(s["errors"] for s in stats):
+                    raise RuntimeError(f"tessera servers refused requests: {stats}")
+                if "rpc" in runners:
+                    rpc_rows = runners["rpc"].rows()
+                    if sum(rpc_rows) != sum(rows):
+                        raise RuntimeError(f"tables differ: tessera {rows} rows, rpc {rpc_rows}")
+    finally:
+        signal.alarm(0)
+        if tessera is not None:
+            try:
+                tessera.stop.set()
+                for p in tessera.procs:
+                    p.join(timeout=5)
+                    if p.is_alive():
+                        p.kill()
+            except Exception:  # noqa: BLE001
+                pass
+        if rpc_procs:
+            try:
+                import torch.distributed.rpc as rpc
+                rpc.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            for p in rpc_procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    wall = time.monotonic() - t_start
+    foreign = max(0.0, 100.0 * ((_busy_s() - busy0) - (_own_s() - own0))
+                  / (wall * (os.cpu_count() or 1)))
+    for row in results:
+        row.update(loadavg_1m=round(load_before, 2), foreign_cpu_pct=round(foreign, 1),
+                   torch=torch.__version__, numpy=np.__version__)
+        print(json.dumps(row), flush=True)
+    _log(f"done in {wall:.0f} s; other processes used {foreign:.0f}% of the machine's CPU "
+         f"meanwhile (load average before: {load_before:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

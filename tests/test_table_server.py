@@ -1,0 +1,96 @@
+"""Tier 2: a parameter server holding an embedding table, in process with real
+sockets: sync merging of row-sparse pushes from two workers equals the mean
+gradient applied once; bad ids and wrong dtypes are refused and change nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from tessera.config.schema import OptimizerConfig
+from tessera.ps.client import PSClient, ServerError
+from tessera.ps.embedding import EmbeddingShard, initial_rows
+from tessera.ps.server import ParameterServer
+from tessera.ps.sharding import ShardMap
+from tessera.transport import wire
+from tessera.transport.endpoint import ServerEndpoint
+
+SECRET = "table-test"
+SPEC = wire.TableSpec(name="items", dim=4, num_embeddings=100, init_scale=0.1, seed=5,
+                      optimizer=OptimizerConfig(name="sgd", lr=0.5))
+
+
+@pytest.fixture
+def server():
+    ctx = zmq.Context()
+    ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
+    stop = threading.Event()
+    srv = ParameterServer(rank=0, endpoint=ep, partitions=[], optimizer=OptimizerConfig(),
+                          num_workers=2, mode="sync", tables=[SPEC], should_stop=stop.is_set)
+    t = threading.Thread(target=srv.serve, daemon=True)
+    t.start()
+    shard_map = ShardMap(layout=(), partitions=(), num_servers=1)
+    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[ep.address],
+                        secret=SECRET, worker=w, timeout_s=10) for w in (0, 1)]
+    for c in clients:
+        c.connect()
+    yield srv, clients
+    stop.set()
+    t.join(timeout=5)
+    for c in clients:
+        c.close()
+    ep.close()
+    ctx.destroy(linger=0)
+
+
+def test_sync_row_pushes_merge_to_the_mean_applied_once(server):
+    srv, (c0, c1) = server
+    ids0, ids1 = np.array([1, 5, 7]), np.array([5, 9])
+    g0, g1 = torch.randn(3, 4), torch.randn(2, 4)
+    c0.push_rows("items", 0, ids0, g0, clock=0).wait()
+    c1.push_rows("items", 0, ids1, g1, clock=0).wait()
+    got = c0.pull_rows("items", 0, np.array([1, 5, 7, 9, 11]), clock=1).wait().reshape(5, 4)
+    # Oracle: a plain shard applying the mean of the two workers' gradients once.
+    ref = EmbeddingShard(SPEC, SPEC.optimizer)
+    summed = {1: g0[0], 5: g0[1] + g1[0], 7: g0[2], 9: g1[1]}
+    ids = np.array(sorted(summed))
+    ref.apply(ids, torch.stack([summed[i] for i in ids]) / 2, clock=0)
+    expected = ref.lookup(np.array([1, 5, 7, 9, 11]), clock=1)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[4], initial_rows(np.array([11]), 4, 5, 0.1)[0])
+
+
+@pytest.mark.parametrize("bad", [np.array([-1, 3]), np.array([3, 100])], ids=["negative", "range"])
+def test_bad_ids_are_refused_and_change_nothing(server, bad):
+    srv, (c0, c1) = server
+    before = srv.tables.tables["items"].shard.state_tensors()
+    with pytest.raises(ServerError, match="items"):
+        c0.pull_rows("items", 0, bad, clock=0).wait()
+    with pytest.raises(ServerError, match="items"):
+        c0.push_rows("items", 0, bad, torch.zeros(2, 4), clock=0).wait()
+    after = srv.tables.tables["items"].shard.state_tensors()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(before[k], after[k])
+    # The server still serves, and the clock was not consumed by the refused push.
+    c0.push_rows("items", 0, np.array([2]), torch.ones(1, 4), clock=0).wait()
+    c1.push_rows("items", 0, np.array([], dtype=np.int64), torch.zeros(0, 4), clock=0).wait()
+    row = c0.pull_rows("items", 0, np.array([2]), clock=1).wait()
+    torch.testing.assert_close(row, initial_rows(np.array([2]), 4, 5, 0.1)[0] - 0.5 * 0.5)
+
+
+def test_module_rejects_wrong_dtype_and_range_before_sending():
+    from tessera.nn import ShardedEmbedding
+    emb = ShardedEmbedding(10, 4, name="t")
+    with pytest.raises(ValueError, match="int64 or int32"):
+        emb._check(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="out of range"):
+        emb._check(torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=">= 0"):
+        emb._check(torch.tensor([-2]))
+    with pytest.raises(RuntimeError, match="tessera.distribute"):
+        emb(torch.tensor([1]))
