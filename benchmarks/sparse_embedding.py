@@ -269,7 +269,8 @@ class _RpcTable:
 
     def pull(self, ids):
         with self.lock:
-            return self.values.index_select(0, self.slots(ids))
+            index = self.slots(ids)  # may grow self.values: look it up afterwards
+            return self.values.index_select(0, index)
 
     def push(self, ids, grads):
         with self.lock:

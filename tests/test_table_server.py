@@ -94,3 +94,33 @@ def test_module_rejects_wrong_dtype_and_range_before_sending():
         emb._check(torch.tensor([-2]))
     with pytest.raises(RuntimeError, match="tessera.distribute"):
         emb(torch.tensor([1]))
+
+
+def test_embedding_bag_module_matches_torch_and_pushes_row_grads(server):
+    """ShardedEmbeddingBag against nn.EmbeddingBag over the same initial rows."""
+    import torch.nn.functional as F
+
+    from tessera.nn import ShardedEmbeddingBag
+    from tessera.parallel.embedding import _Attached
+    srv, (c0, c1) = server
+    bag = ShardedEmbeddingBag(100, 4, name="items", mode="mean")
+    bag.spec = SPEC  # the table the fixture's server holds
+    clock = {"c": 0}
+    bag.attach(_Attached(c0, lambda: clock["c"], torch.float32, torch.device("cpu")))
+    ids = torch.tensor([3, 8, 3, 50, 8, 8])
+    offsets = torch.tensor([0, 2, 4])
+    out = bag(ids, offsets)
+    table = initial_rows(np.arange(100), 4, 5, 0.1)
+    ref_weight = table.clone().requires_grad_()
+    ref = F.embedding_bag(ids, ref_weight, offsets, mode="mean")
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    handles = bag.push(clock=0)
+    c1.push_rows("items", 0, np.array([], dtype=np.int64), torch.zeros(0, 4), clock=0).wait()
+    for h in handles:
+        h.wait()
+    got = c0.pull_rows("items", 0, np.array([3, 8, 50]), clock=1).wait().reshape(3, 4)
+    # sgd lr 0.5 on the mean of the two workers' pushes (worker 1 pushed nothing).
+    expected = table[[3, 8, 50]] - 0.5 * ref_weight.grad[[3, 8, 50]] / 2
+    torch.testing.assert_close(got, expected)
