@@ -80,8 +80,8 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                         backoff_factor=cfg.amp.backoff_factor,
                         growth_interval=cfg.amp.growth_interval, enabled=policy.loss_scaling)
     tables = find_tables(model)
-    if cfg.ps.mode == "hybrid":
-        _model = _distribute_hybrid(session, model, opt, tables, policy, device)
+    if cfg.ps.mode in ("hybrid", "allreduce"):
+        _model = _distribute_hybrid(session, model, opt, tables, policy, scaler, device)
         return _model
     if tables and two_phase(cfg):
         raise ValueError("sharded embedding tables with precision fp16 in sync mode are not "
@@ -102,7 +102,7 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
     return _model
 
 
-def _distribute_hybrid(session, model, opt, tables, policy, device):
+def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
     import datetime
     import socket as _socket
 
@@ -110,10 +110,14 @@ def _distribute_hybrid(session, model, opt, tables, policy, device):
 
     from tessera.parallel.hybrid import HybridParallel
     cfg = session.cfg
-    if not tables:
+    allreduce = cfg.ps.mode == "allreduce"
+    if not tables and not allreduce:
         raise ValueError("--mode hybrid keeps sharded embedding tables on the servers, but this "
-                         "model has none (tessera.nn.ShardedEmbedding); use --mode sync or async")
-    if policy.loss_scaling:
+                         "model has none (tessera.nn.ShardedEmbedding); use --mode allreduce")
+    if tables and allreduce:
+        raise ValueError("--mode allreduce has no parameter servers for the model's sharded "
+                         "embedding tables; use --mode hybrid")
+    if policy.loss_scaling and tables:
         raise ValueError("--mode hybrid does not support precision fp16 yet; use bf16")
     first = session.rank == 0
     address = ""
@@ -128,14 +132,17 @@ def _distribute_hybrid(session, model, opt, tables, policy, device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
                             rank=session.rank, world_size=session.num_workers,
                             timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))
-    client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
-                      server_addresses=session.server_addresses(), secret=session.secret,
-                      worker=session.rank, timeout_s=session.timeout_s,
-                      wire_dtype=policy.wire_dtype, check=session.check,
-                      profiler=session.profiler)
-    client.connect()
+    client = None
+    if session.num_servers:
+        client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
+                          server_addresses=session.server_addresses(), secret=session.secret,
+                          worker=session.rank, timeout_s=session.timeout_s,
+                          wire_dtype=policy.wire_dtype, check=session.check,
+                          profiler=session.profiler)
+        client.connect()
     return HybridParallel(model, client, optimizer=opt, tables=tables, policy=policy,
-                          profiler=session.profiler, device=device)
+                          scaler=scaler, profiler=session.profiler, device=device,
+                          log=lambda line: print(line, flush=True))
 
 
 def two_phase(cfg) -> bool:
@@ -160,14 +167,17 @@ def finish(**stats: Any) -> None:
     global _session, _model
     session = _require()
     if _model is not None:
-        stats.setdefault("bytes_pushed", _model.client.bytes_pushed)
-        stats.setdefault("bytes_pulled", _model.client.bytes_pulled)
+        client = _model.client
+        stats.setdefault("bytes_pushed", client.bytes_pushed if client else 0)
+        stats.setdefault("bytes_pulled", client.bytes_pulled if client else 0)
+        stats.setdefault("allreduce_bytes", getattr(_model, "allreduce_bytes", 0))
         stats.setdefault("skipped_steps", _model.skipped_steps)
         stats.setdefault("loss_scale", _model.loss_scale)
         if _model.overflows:
             first = _model.overflows[0]
             stats.setdefault("first_overflow", f"step {first['step']} {first['where']}")
-        _model.client.close()
+        if client is not None:
+            client.close()
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -20,7 +20,7 @@ def _run_flags(fn):
     options = [
         click.option("--workers", type=int, help="Worker processes (cluster.workers)."),
         click.option("--servers", type=int, help="Parameter server processes (cluster.servers)."),
-        click.option("--mode", type=str, help="sync | async | ssp | hybrid (ps.mode)."),
+        click.option("--mode", type=str, help="sync | async | ssp | hybrid | allreduce (ps.mode)."),
         click.option("--staleness", type=int,
                      help="ssp: clocks a worker may run ahead of the slowest (ps.staleness)."),
         click.option("--batch-size", "batch_size", type=int,

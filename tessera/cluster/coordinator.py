@@ -157,7 +157,8 @@ class Coordinator:
                 f"coordinator: {msg.role} {msg.rank} registered twice")))
             return
         if msg.role == "worker" and msg.rank == 0:
-            if msg.layout is None or msg.optimizer is None or not (msg.layout or msg.tables):
+            if msg.layout is None or msg.optimizer is None or not (
+                    msg.layout or msg.tables or self.cfg.ps.mode == "allreduce"):
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
@@ -172,7 +173,7 @@ class Coordinator:
 
     def _start(self) -> None:
         cfg = self.cfg
-        if sum(p.numel for p in self.layout):
+        if sum(p.numel for p in self.layout) and cfg.cluster.servers:
             self.shard_map = plan_shards(self.layout, cfg.cluster.servers,
                                          partition_elems_for(cfg.ps.partition_mb),
                                          cfg.ps.server_weights)
@@ -220,6 +221,7 @@ class Coordinator:
         summary.update({
             "bytes_pushed": sum(int(w.get("bytes_pushed", 0)) for w in workers),
             "bytes_pulled": sum(int(w.get("bytes_pulled", 0)) for w in workers),
+            "allreduce_bytes": sum(int(w.get("allreduce_bytes", 0)) for w in workers),
             "mode": cfg.ps.mode,
             "precision": cfg.precision,
             "workers": cfg.cluster.workers,
@@ -228,7 +230,7 @@ class Coordinator:
             "server_updates": [int(s.get("updates", 0)) for s in servers],
             "server_skipped": [int(s.get("skipped", 0)) for s in servers],
             "staleness": cfg.ps.staleness,
-            "max_clock_gap": max(int(s.get("max_clock_gap", 0)) for s in servers),
+            "max_clock_gap": max((int(s.get("max_clock_gap", 0)) for s in servers), default=0),
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "config": msgspec.to_builtins(cfg),
         })

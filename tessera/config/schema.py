@@ -194,7 +194,9 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: ``hybrid``: dense parameters by all-reduce among the workers (DDP over Gloo,
     #: NCCL on GPU); sharded embedding tables on the servers, async (``staleness = 0``)
     #: or bounded-stale (``staleness = K``), as PERSIA does.
-    mode: Literal["sync", "async", "ssp", "hybrid"] = "sync"
+    #: ``allreduce``: no parameter servers; gradients averaged among the workers by
+    #: DistributedDataParallel (Gloo on CPU, NCCL on GPU), each worker steps its replica.
+    mode: Literal["sync", "async", "ssp", "hybrid", "allreduce"] = "sync"
     #: For ``ssp`` (and the tables of ``hybrid``): clocks a worker may run ahead of the slowest.
     staleness: int = 0
     #: Relative capacity of each server (one number per server): partitions are placed
@@ -233,8 +235,9 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.servers < 1:
-            raise ValueError(f"servers must be >= 1, got {self.servers}")
+        if self.servers < 0:
+            raise ValueError(f"servers must be >= 0 (0 only with mode 'allreduce'), "
+                             f"got {self.servers}")
         if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
             raise ValueError("timeout_s and heartbeat_interval_s must be > 0")
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
@@ -262,6 +265,9 @@ class JobConfig(msgspec.Struct, **_STRICT):
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\"):
             raise ValueError(f"name must be a non-empty string without slashes, got {self.name!r}")
+        if self.cluster.servers == 0 and self.ps.mode != "allreduce":
+            raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
+                             f"(only --mode allreduce runs without parameter servers)")
         if isinstance(self.profile, bool):
             self.profile = ProfileConfig(enabled=self.profile)
         weights = self.ps.server_weights

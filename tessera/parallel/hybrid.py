@@ -1,4 +1,5 @@
-"""Hybrid parallelism: dense parameters by all-reduce, embedding tables on the servers.
+"""All-reduce data parallelism, alone (``--mode allreduce``) or with embedding tables on
+the parameter servers (``--mode hybrid``).
 
 This is the PERSIA design (Lian et al., "PERSIA: An Open, Hybrid System Scaling
 Deep Learning-based Recommenders up to 100 Trillion Parameters", KDD 2022): the
@@ -17,6 +18,11 @@ Phases of one step:
 3. ``step()``: row gradients are pushed to the servers (async/ssp), the local
    optimizer steps the dense replica (identical on every worker: same initial
    values, same averaged gradients), and the row pushes are waited for.
+
+Precision: bf16/fp16 policies all-reduce in half width (DDP's bf16/fp16
+compression hooks). Under fp16 loss scaling the gradients are unscaled after
+the all-reduce and a found-inf flag is all-reduced (MAX), so every worker skips
+the same steps and its scaler moves the same way.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from tessera.ps.optim import _OPTIMIZERS
 
 
 class HybridParallel(nn.Module):
-    def __init__(self, module: nn.Module, client: PSClient, *, optimizer: OptimizerConfig,
-                 tables, policy: Optional[PrecisionPolicy] = None,
-                 profiler: SpanRecorder = OFF, device=None):
+    def __init__(self, module: nn.Module, client: Optional[PSClient], *,
+                 optimizer: OptimizerConfig, tables, policy: Optional[PrecisionPolicy] = None,
+                 scaler: Optional[LossScaler] = None, profiler: SpanRecorder = OFF, device=None,
+                 log=print):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -46,12 +53,27 @@ class HybridParallel(nn.Module):
         self.policy = policy or make_policy("fp32", "cpu")
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = DDP(module) if params else module
+        if params and self.policy.wire_dtype != "float32":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            hook = (default_hooks.bf16_compress_hook if self.policy.wire_dtype == "bfloat16"
+                    else default_hooks.fp16_compress_hook)
+            self.dense.register_comm_hook(None, hook)
+        import torch.distributed as dist
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        itemsize = 4 if self.policy.wire_dtype == "float32" else 2
+        # Ring all-reduce: each worker sends (and receives) 2(W-1)/W of the gradient bytes.
+        self._allreduce_step_bytes = int(sum(p.numel() for p in params) * itemsize
+                                         * 2 * (world - 1) / max(world, 1))
+        self.allreduce_bytes = 0
+        self._params = params
+        self._names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.log = log
         self.module = module
         self.client = client
         self.profiler = profiler
         self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
                           if params else None)
-        self.scaler = LossScaler(enabled=False)
+        self.scaler = scaler or LossScaler(enabled=False)
         self.tables = list(tables)
         self.clock = 0
         self.comm_wait_s = 0.0
@@ -64,10 +86,10 @@ class HybridParallel(nn.Module):
 
     @property
     def loss_scale(self) -> float:
-        return 1.0
+        return self.scaler.scale
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+        return loss * self.scaler.scale if self.scaler.enabled else loss
 
     def forward(self, *args, **kwargs):
         with self.profiler.span("forward", "compute"), self.policy.autocast(
@@ -86,15 +108,46 @@ class HybridParallel(nn.Module):
         t0 = time.perf_counter()
         start = prof.now()
         handles = [h for t in self.tables for h in t.push(self.clock)]
+        applied = True
         if self.optimizer is not None:
-            self.optimizer.step()
+            if self.scaler.enabled:
+                applied = self._unscale_and_agree()
+            if applied:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
+            self.allreduce_bytes += self._allreduce_step_bytes
+        self.scaler.update(found_inf=not applied)
+        if not applied:
+            self.skipped_steps += 1
         wait_start = time.perf_counter()
         for h in handles:
             h.wait()
         self.comm_wait_s += time.perf_counter() - wait_start
         prof.add("step", "comm", start, int((time.perf_counter() - t0) * 1e9), clock=self.clock)
         self.clock += 1
+        return applied
+
+    def _unscale_and_agree(self) -> bool:
+        """Unscale the averaged gradients; all workers agree whether any overflowed."""
+        import torch.distributed as dist
+        bad = ""
+        for name, p in zip(reversed(self._names), reversed(self._params)):  # backward order
+            if p.grad is None:
+                continue
+            p.grad.div_(self.scaler.scale)
+            if not bad and not bool(torch.isfinite(p.grad).all()):
+                bad = name
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            old = self.scaler.scale
+            where = f"in parameter '{bad}'" if bad else "on another worker"
+            self.overflows.append({"step": self.clock + 1, "where": where, "scale": old})
+            self.log(f"fp16 gradient overflow at step {self.clock + 1} {where} (after the "
+                     f"all-reduce); step skipped on every worker; loss scale {old:g} -> "
+                     f"{old * self.scaler.backoff_factor:g}")
+            return False
         return True
 
     def zero_grad(self, set_to_none: bool = False) -> None:
