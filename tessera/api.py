@@ -56,12 +56,14 @@ def num_workers() -> int:
 
 
 def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
-               **optimizer_args: Any) -> PSDataParallel:
+               loss_fn=None, **optimizer_args: Any) -> PSDataParallel:
     """Move ``model``'s parameters to the parameter servers.
 
     ``optimizer`` names the update rule the servers apply (``sgd``, ``adam``,
     ``adamw``, ``adagrad``) with ``torch.optim``'s keyword arguments; it is taken
-    from worker 0 (every worker should pass the same).
+    from worker 0 (every worker should pass the same). With pipeline stages
+    (``--stages P``), ``model`` must be an ``nn.Sequential`` and ``loss_fn(output,
+    target)`` is required; train with ``model.train_step(inputs, target)``.
     """
     global _model
     session = _require()
@@ -80,6 +82,9 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                         backoff_factor=cfg.amp.backoff_factor,
                         growth_interval=cfg.amp.growth_interval, enabled=policy.loss_scaling)
     tables = find_tables(model)
+    if cfg.pipeline.stages > 1:
+        _model = _distribute_pipeline(session, model, opt, loss_fn, device)
+        return _model
     if cfg.ps.mode in ("hybrid", "allreduce"):
         _model = _distribute_hybrid(session, model, opt, tables, policy, scaler, device)
         return _model
@@ -102,12 +107,46 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
     return _model
 
 
-def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
+def _join_process_group(session, device, *, layout=None, opt=None, tables=()):
+    """Register (worker 0 hosting the torch.distributed rendezvous) and init the group."""
     import datetime
     import socket as _socket
 
     import torch.distributed as dist
+    cfg = session.cfg
+    first = session.rank == 0
+    address = ""
+    if first:  # worker 0 hosts the rendezvous on a port the OS picks
+        with _socket.socket() as s:
+            s.bind((cfg.cluster.host, 0))
+            address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
+    view = session.register(address=address, layout=(layout or []) if first else None,
+                            optimizer=opt if first else None,
+                            tables=[t.spec for t in tables] if first else [])
+    rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
+                            rank=session.rank, world_size=session.num_workers,
+                            timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))
 
+
+def _distribute_pipeline(session, model, opt, loss_fn, device):
+    from tessera.parallel.pipeline import PipelineParallel
+    cfg = session.cfg
+    if loss_fn is None:
+        raise ValueError("pipeline stages need tessera.distribute(model, ..., loss_fn=...): the "
+                         "last stage computes the loss of each micro-batch")
+    if find_tables(model):
+        raise ValueError("sharded embedding tables cannot be pipelined yet; drop --stages")
+    _join_process_group(session, device, opt=opt)
+    pp = cfg.pipeline
+    return PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
+                            num_stages=pp.stages, microbatches=pp.microbatches,
+                            schedule=pp.schedule, optimizer=opt, loss_fn=loss_fn,
+                            split_points=pp.split_points, device=device,
+                            profiler=session.profiler)
+
+
+def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
     from tessera.parallel.hybrid import HybridParallel
     cfg = session.cfg
     allreduce = cfg.ps.mode == "allreduce"
@@ -119,19 +158,7 @@ def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
                          "embedding tables; use --mode hybrid")
     if policy.loss_scaling and tables:
         raise ValueError("--mode hybrid does not support precision fp16 yet; use bf16")
-    first = session.rank == 0
-    address = ""
-    if first:  # worker 0 hosts the all-reduce rendezvous on a port the OS picks
-        with _socket.socket() as s:
-            s.bind((cfg.cluster.host, 0))
-            address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
-    view = session.register(address=address, layout=[] if first else None,
-                            optimizer=opt if first else None,
-                            tables=[t.spec for t in tables] if first else [])
-    rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
-                            rank=session.rank, world_size=session.num_workers,
-                            timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))
+    _join_process_group(session, device, opt=opt, tables=tables)
     client = None
     if session.num_servers:
         client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),

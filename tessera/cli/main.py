@@ -34,6 +34,9 @@ def _run_flags(fn):
         click.option("--precision", type=str, help="fp32 | bf16 | fp16 (precision)."),
         click.option("--profile", is_flag=True, default=None,
                      help="Record spans on every process; write trace.json and report.md."),
+        click.option("--stages", type=int, help="Pipeline stages P (pipeline.stages)."),
+        click.option("--microbatches", type=int, help="Micro-batches per batch."),
+        click.option("--schedule", type=str, help="gpipe | 1f1b (pipeline.schedule)."),
         click.option("--quiet", is_flag=True, help="No progress bar or table."),
     ]
     for option in reversed(options):
@@ -46,7 +49,9 @@ def _overrides(kwargs) -> dict:
             "--mode": kwargs["mode"], "--staleness": kwargs["staleness"], "--batch-size": kwargs["batch_size"],
             "--steps": kwargs["steps"], "--epochs": kwargs["epochs"], "--seed": kwargs["seed"],
             "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
-            "--precision": kwargs["precision"], "--profile": kwargs["profile"]}
+            "--precision": kwargs["precision"], "--profile": kwargs["profile"],
+            "--stages": kwargs["stages"], "--microbatches": kwargs["microbatches"],
+            "--schedule": kwargs["schedule"]}
 
 
 def _load(job, kwargs):

@@ -207,7 +207,8 @@ class Coordinator:
         cfg = self.cfg
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
         servers = [self.finished[("server", r)] for r in range(cfg.cluster.servers)]
-        lead = workers[0]
+        # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
+        lead = next((w for w in workers if any(k.startswith("eval_") for k in w)), workers[0])
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
             "wall_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
             "first_overflow", "reference_auc")}

@@ -39,18 +39,15 @@ class ClassificationTask:
     def loss(self, out, target):
         return F.cross_entropy(out, target).float()
 
-    @torch.no_grad()
-    def evaluate(self, model, device) -> dict:
-        model.eval()
+    def eval_batches(self, device):
         x, y = self.data.test.x, self.data.test.y
-        loss_sum, correct = 0.0, 0
         for i in range(0, len(y), 1024):
-            xb, yb = x[i:i + 1024].to(device), y[i:i + 1024].to(device)
-            logits = model(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-        model.train()
-        return {"eval_loss": loss_sum / len(y), "eval_accuracy": correct / len(y)}
+            yield (x[i:i + 1024].to(device),), y[i:i + 1024]
+
+    def metrics(self, outs, targets) -> dict:
+        logits, y = torch.cat(outs), torch.cat(targets)
+        return {"eval_loss": F.cross_entropy(logits, y, reduction="sum").item() / len(y),
+                "eval_accuracy": (logits.argmax(1) == y).float().mean().item()}
 
 
 class RatingsTask:
@@ -85,16 +82,15 @@ class RatingsTask:
     def loss(self, out, target):
         return F.mse_loss(out.float(), target)
 
-    @torch.no_grad()
-    def evaluate(self, model, device) -> dict:
-        model.eval()
+    def eval_batches(self, device):
         u, i, r = self.d.test_users, self.d.test_items, self.d.test_ratings
-        se = 0.0
         for k in range(0, len(r), 4096):
-            pred = model(u[k:k + 4096], i[k:k + 4096], self._side(u[k:k + 4096], i[k:k + 4096]))
-            se += ((pred.float().clamp(1, 5) - r[k:k + 4096].to(device)) ** 2).sum().item()
-        model.train()
-        mse = se / len(r)
+            yield (u[k:k + 4096], i[k:k + 4096], self._side(u[k:k + 4096], i[k:k + 4096])), \
+                r[k:k + 4096]
+
+    def metrics(self, outs, targets) -> dict:
+        pred, r = torch.cat(outs).clamp(1, 5), torch.cat(targets)
+        mse = ((pred - r) ** 2).mean().item()
         return {"eval_loss": mse, "eval_rmse": math.sqrt(mse)}
 
 
@@ -121,21 +117,79 @@ class ClicksTask:
     def loss(self, out, target):
         return F.binary_cross_entropy_with_logits(out.float(), target)
 
-    @torch.no_grad()
-    def evaluate(self, model, device) -> dict:
-        from tessera.data.clicks import roc_auc
+    def eval_batches(self, device):
         if self._eval is None:
             self._eval = self.log.eval_set(self.cfg.data.eval_samples)
-        ids, labels, planted = self._eval
-        model.eval()
-        scores = torch.cat([model(ids[k:k + 4096].to(device)).float().cpu()
-                            for k in range(0, len(labels), 4096)])
-        model.train()
+        ids, labels, _ = self._eval
+        for k in range(0, len(labels), 4096):
+            yield (ids[k:k + 4096].to(device),), labels[k:k + 4096]
+
+    def metrics(self, outs, targets) -> dict:
+        from tessera.data.clicks import roc_auc
+        scores, labels = torch.cat(outs), torch.cat(targets)
         return {"eval_loss": F.binary_cross_entropy_with_logits(scores, labels).item(),
-                "eval_auc": roc_auc(scores, labels), "reference_auc": roc_auc(planted, labels)}
+                "eval_auc": roc_auc(scores, labels),
+                "reference_auc": roc_auc(self._eval[2], labels)}
+
+
+class LanguageTask:
+    """Character-level language modelling on the Shakespeare texts: eval_loss in nats/char."""
+
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+        from tessera.data.shakespeare import CharWindows, load_shakespeare
+        self.cfg = cfg
+        self.corpus = load_shakespeare()
+        self.context = cfg.model.context
+        self.train = CharWindows(self.corpus.train, self.context)
+        self.test = CharWindows(self.corpus.test, self.context)
+        self.sampler = ShardSampler(len(self.train), batch_size=cfg.data.batch_size,
+                                    num_workers=num_workers, rank=rank, seed=cfg.train.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def build_model(self) -> nn.Module:
+        from tessera.models.transformer import char_transformer
+        m = self.cfg.model
+        return char_transformer(self.corpus.vocab_size, context=self.context, dim=m.dim,
+                                heads=m.heads, layers=m.layers)
+
+    def batch(self, step: int, device):
+        x, y = self.train.get(self.sampler.indices(step))
+        return (x.to(device),), y.to(device)
+
+    def loss(self, out, target):
+        from tessera.models.transformer import lm_loss
+        return lm_loss(out.float(), target)
+
+    def eval_batches(self, device):
+        n = min(len(self.test), self.cfg.data.eval_samples)
+        for k in range(0, n, 256):
+            x, y = self.test.get(torch.arange(k, min(k + 256, n)))
+            yield (x.to(device),), y
+
+    def metrics(self, outs, targets) -> dict:
+        from tessera.models.transformer import lm_loss
+        total = sum(lm_loss(o, t).item() * t.numel() for o, t in zip(outs, targets))
+        return {"eval_loss": total / sum(t.numel() for t in targets)}
+
+
+@torch.no_grad()
+def evaluate(task, model, device) -> dict:
+    """Run the task's evaluation batches through ``model``; metrics where outputs appear
+    (under pipelining only the last stage sees outputs; the others return {})."""
+    model.eval()
+    outs, targets = [], []
+    for inputs, target in task.eval_batches(device):
+        out = model(*inputs)
+        if out is not None:
+            outs.append(out.float().cpu())
+            targets.append(target.cpu())
+    model.train()
+    return task.metrics(outs, targets) if outs else {}
 
 
 def make_task(cfg: JobConfig, rank: int, num_workers: int):
+    if cfg.data.dataset == "shakespeare":
+        return LanguageTask(cfg, rank, num_workers)
     if cfg.data.dataset == "movielens":
         return RatingsTask(cfg, rank, num_workers)
     if cfg.data.dataset == "clicks":

@@ -12,7 +12,7 @@ import time
 
 import torch
 from tessera import api
-from tessera.cluster.tasks import make_task
+from tessera.cluster.tasks import evaluate, make_task
 
 
 class TorchOperatorProfile:
@@ -66,12 +66,17 @@ def main() -> None:
         print("worker 0: device = 'cuda' asked for but no GPU is visible; computing on the CPU",
               flush=True)
 
-    task = make_task(cfg, session.rank, cfg.cluster.workers)
+    # Pipelining: worker r is stage r % P of replica r // P; replicas shard the data.
+    num_stages = cfg.pipeline.stages
+    pipelined = num_stages > 1
+    replica, replicas = session.rank // num_stages, cfg.cluster.workers // num_stages
+    task = make_task(cfg, replica, replicas)
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().to(device)
-    model = api.distribute(model, cfg.optimizer)
+    model = api.distribute(model, cfg.optimizer, loss_fn=task.loss)
     steps = cfg.train.steps or cfg.train.epochs * task.steps_per_epoch
-    lead = session.rank == 0
+    lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
+    evaluator = replica == 0 if pipelined else lead  # a pipelined eval needs every stage
     metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
     if lead:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps}))
@@ -80,38 +85,45 @@ def main() -> None:
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
     t_start = time.perf_counter()
     t_window, samples_window = t_start, 0
-    loss = torch.zeros(())
+    loss_value = float("nan")
     for step in range(1, steps + 1):
         # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
         torch_prof.step(step)
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
-        loss = task.loss(model(*inputs), target)  # forward: spans recorded by the wrapper
-        model.scale_loss(loss).backward()         # backward: likewise
-        model.step()
-        samples_window += len(target) * cfg.cluster.workers
-        # log / evaluate (worker 0 writes metrics.jsonl)
-        if lead and (step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0
-                     or step == steps):
+        if pipelined:  # the schedule runs forward and backward over the micro-batches
+            loss_value = model.train_step(inputs, target)
+        else:
+            loss = task.loss(model(*inputs), target)  # forward: spans recorded by the wrapper
+            model.scale_loss(loss).backward()         # backward: likewise
+            model.step()
+            loss_value = loss.item()
+        samples_window += len(target) * replicas
+        # log / evaluate (the lead writes metrics.jsonl)
+        evaluate_now = step % cfg.train.eval_every == 0 or step == steps
+        result = {}
+        if evaluator and evaluate_now:
+            with prof.span("eval", "eval"):
+                result = evaluate(task, model, device)
+        if lead and (step % cfg.train.log_every == 0 or evaluate_now):
             now = time.perf_counter()
-            record = {"step": step, "loss": loss.item(),
+            record = {"step": step, "loss": loss_value,
                       "samples_per_s": samples_window / max(now - t_window, 1e-9),
-                      "wall_s": now - t_start}
-            if step % cfg.train.eval_every == 0 or step == steps:
-                with prof.span("eval", "eval"):
-                    record.update(task.evaluate(model, device))
+                      "wall_s": now - t_start, **result}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             t_window, samples_window = time.perf_counter(), 0
     wall = time.perf_counter() - t_start
     torch_prof.stop()
 
-    stats = {"steps": steps, "wall_s": wall, "final_loss": loss.item(),
-             "samples_per_s": steps * cfg.data.batch_size * cfg.cluster.workers / wall,
+    stats = {"steps": steps, "wall_s": wall, "final_loss": loss_value,
+             "samples_per_s": steps * cfg.data.batch_size * replicas / wall,
              "comm_wait_s": model.comm_wait_s}
-    if lead:
-        stats.update(task.evaluate(model, device))
-        metrics.close()
+    if evaluator:
+        final = evaluate(task, model, device)
+        if lead:
+            stats.update(final)
+            metrics.close()
     api.finish(**stats)
 
 

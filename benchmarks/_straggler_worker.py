@@ -1,0 +1,120 @@
+"""Worker script of benchmarks/stragglers.py (run by ``tessera launch``, not by hand).
+
+Trains an MLP on digits with ``tessera.distribute(model, "sgd", lr=0.1,
+momentum=0.9)``; rank ``--slow-rank`` sleeps ``--sleep-ms`` at the start of every
+step, which makes it a persistent straggler.
+
+How many steps each worker takes:
+
+* default: every worker takes ``--steps`` steps (sync and ssp need equal clock
+  counts: a worker that stops early would leave the other waiting for it);
+* ``--budget B``: the workers share a budget of B steps, claimed one at a time
+  from a counter file under ``--sync-dir`` (flock); a faster worker claims more.
+  Only safe in async mode, where nobody waits for anybody.
+
+All workers start their first step together (a file barrier under ``--sync-dir``,
+after start-up), and each writes ``stats.<rank>.json`` there: steps taken, wall
+clock of its first step's start and last step's end, median step time. Worker 0
+waits until every worker has finished training, pulls the final parameters,
+evaluates on the test split and passes ``eval_accuracy`` to ``tessera.finish``.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tessera
+from tessera.config.schema import DataConfig
+from tessera.data.datasets import load_dataset
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--steps", type=int, default=200)
+ap.add_argument("--budget", type=int, default=0, help="shared step budget (async only)")
+ap.add_argument("--sleep-ms", type=float, default=8.0)
+ap.add_argument("--slow-rank", type=int, default=1)
+ap.add_argument("--batch-size", type=int, default=32)
+ap.add_argument("--sync-dir", required=True)
+args = ap.parse_args()
+
+
+def wait_files(names, timeout_s=120.0):
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(os.path.join(args.sync_dir, n)) for n in names):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for {names} in {args.sync_dir}")
+        time.sleep(0.001)
+
+
+def touch(name):
+    with open(os.path.join(args.sync_dir, name), "w"):
+        pass
+
+
+class Budget:
+    """A step counter shared by the workers: claim() -> the global index of this step."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def claim(self) -> int:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(self.fd, 8, 0)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            os.pwrite(self.fd, (n + 1).to_bytes(8, "little"), 0)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return n
+
+
+tessera.init()
+torch.set_num_threads(1)
+rank, workers = tessera.rank(), tessera.num_workers()
+data = load_dataset(DataConfig(dataset="digits"))
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                      nn.Linear(64, 10))
+model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)
+sampler = tessera.shard(len(data.train), batch_size=args.batch_size)
+sleep_s = args.sleep_ms / 1e3 if rank == args.slow_rank else 0.0
+budget = Budget(os.path.join(args.sync_dir, "budget")) if args.budget else None
+
+touch(f"ready.{rank}")
+wait_files([f"ready.{r}" for r in range(workers)])
+t_first = time.time()
+step_s = []
+step = 0
+while (budget.claim() < args.budget) if budget else step < args.steps:
+    t0 = time.perf_counter()
+    if sleep_s:
+        time.sleep(sleep_s)  # the straggler's extra compute
+    idx = torch.from_numpy(sampler.indices(step))
+    loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+    model.scale_loss(loss).backward()
+    model.step()
+    step_s.append(time.perf_counter() - t0)
+    step += 1
+t_last = time.time()
+with open(os.path.join(args.sync_dir, f"stats.{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "steps": step, "t_first": t_first, "t_last": t_last,
+               "step_ms": 1e3 * statistics.median(step_s) if step_s else 0.0,
+               "slow": bool(sleep_s), "final_loss": float(loss.item()) if step_s else None}, f)
+touch(f"done.{rank}")
+
+stats = {"steps": step}
+if rank == 0:
+    # Every worker's last push has been applied once its done file exists: pull the
+    # final parameters (clock 0 never waits) and evaluate them.
+    wait_files([f"done.{r}" for r in range(workers)])
+    model._copy_in(model.client.pull(clock=0))
+    with torch.no_grad():
+        accuracy = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
+    stats["eval_accuracy"] = accuracy
+tessera.finish(**stats)

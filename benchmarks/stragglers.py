@@ -1,0 +1,189 @@
+"""A persistent straggler: samples/s and accuracy of sync, ssp (K=2) and async on
+the same total samples (DESIGN.md, "Performance principles").
+
+Each case is a real ``tessera launch --workers 2 --servers 2 --mode M`` of
+``benchmarks/_straggler_worker.py``: an MLP (64-128-64-10) on digits, batch 32
+per worker, ``tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)``. Worker 1
+sleeps ``--sleep-ms`` (default 8 ms) at the start of every step, about twice a
+fast step on this machine, so it runs at about a third of worker 0's speed (the
+measured ratio is reported as ``slow_factor``: the two workers' median step times
+in the async run, where neither waits for the other).
+
+Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
+
+* ``sync`` and ``ssp``: each worker takes ``steps`` steps (clock counts must match:
+  a worker that stopped early would leave the other waiting for it). In ssp the
+  fast worker may run at most K clocks ahead, so it ends at most K steps earlier.
+* ``async``: the two workers share a budget of 2 x ``steps`` steps, claimed one at
+  a time from a counter file; the fast worker takes about three quarters of them.
+
+``wall_s`` runs from the first step (both workers start together after start-up,
+at a file barrier) to the end of the last one; ``tessera_samples_per_s`` = total
+samples / ``wall_s``. Worker 0 then pulls the final parameters and evaluates on
+the test split (``eval_accuracy``). The modes are run in interleaved rounds
+(``--repeats``); a case reports the median run by throughput and every run's
+numbers.
+
+Output: one JSON object per line and mode on stdout; progress on stderr.
+
+    .venv/bin/python benchmarks/stragglers.py            # 300 steps per worker, 2 rounds
+    .venv/bin/python benchmarks/stragglers.py --quick    # 40 steps, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "benchmarks" / "_straggler_worker.py"
+BATCH = 32
+WORKERS, SERVERS = 2, 2
+
+_T0 = time.monotonic()
+
+
+def _log(*args) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
+
+
+def _busy_s() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_s() -> float:
+    import resource
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return c.ru_utime + c.ru_stime
+
+
+def run_case(mode: str, staleness: int, steps: int, sleep_ms: float, timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tessera-stragglers-") as tmp:
+        tmp = Path(tmp)
+        sync_dir = tmp / "sync"
+        sync_dir.mkdir()
+        cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--workers", str(WORKERS),
+               "--servers", str(SERVERS), "--mode", mode, "--quiet", "--out", str(tmp / "run")]
+        if mode == "ssp":
+            cmd += ["--staleness", str(staleness)]
+        cmd += [str(WORKER), "--sleep-ms", str(sleep_ms), "--slow-rank", "1",
+                "--batch-size", str(BATCH), "--sync-dir", str(sync_dir)]
+        cmd += ["--budget", str(WORKERS * steps)] if mode == "async" else ["--steps", str(steps)]
+        t0 = time.monotonic()
+        busy0, own0 = _busy_s(), _children_s()
+        # Own session: on a timeout the launcher's whole process group goes.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                out, _ = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            raise RuntimeError(f"tessera launch --mode {mode} did not finish in {timeout_s:.0f} s:"
+                               f"\n{out}")
+        launch_s = time.monotonic() - t0
+        if proc.returncode != 0:
+            logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}"
+                           for p in sorted((tmp / "run" / "logs").glob("*.log")))
+            raise RuntimeError(f"tessera launch --mode {mode} failed ({proc.returncode}):\n"
+                               f"{out}{logs}")
+        foreign = max(0.0, 100.0 * ((_busy_s() - busy0) - (_children_s() - own0))
+                      / (launch_s * (os.cpu_count() or 1)))
+        summary = json.loads((tmp / "run" / "summary.json").read_text())
+        stats = [json.loads((sync_dir / f"stats.{r}.json").read_text()) for r in range(WORKERS)]
+    wall = max(s["t_last"] for s in stats) - min(s["t_first"] for s in stats)
+    total_steps = sum(s["steps"] for s in stats)
+    fast = [s for s in stats if not s["slow"]]
+    slow = [s for s in stats if s["slow"]]
+    return {"mode": mode, "staleness": staleness if mode == "ssp" else None,
+            "wall_s": wall, "total_samples": total_steps * BATCH,
+            "samples_per_s": total_steps * BATCH / wall,
+            "steps_per_worker": [s["steps"] for s in stats],
+            "eval_accuracy": summary["eval_accuracy"],
+            "max_clock_gap": summary.get("max_clock_gap", 0),
+            "fast_step_ms": statistics.median(s["step_ms"] for s in fast),
+            "slow_step_ms": statistics.median(s["step_ms"] for s in slow),
+            "launch_s": launch_s, "foreign_cpu_pct": foreign}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="steps per worker in sync (default 300)")
+    ap.add_argument("--sleep-ms", type=float, default=8.0,
+                    help="the straggler's extra time per step (default 8 ms)")
+    ap.add_argument("--staleness", type=int, default=2, help="ssp bound K (default 2)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes")
+    ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 40 steps, one round")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.steps, a.repeats = 40, 1
+    modes = [("sync", 0), ("ssp", a.staleness), ("async", 0)]
+    deadline = time.monotonic() + a.timeout
+    runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
+    load_before = os.getloadavg()[0]
+    for rnd in range(a.repeats):
+        for mode, k in modes:
+            left = deadline - time.monotonic()
+            if left < 20:
+                raise TimeoutError("stragglers: out of time (raise --timeout or lower --repeats)")
+            r = run_case(mode, k, a.steps, a.sleep_ms, timeout_s=min(left, 150.0))
+            runs[mode].append(r)
+            _log(f"round {rnd}: {mode:5s} {r['samples_per_s']:7.0f} samples/s "
+                 f"(wall {r['wall_s']:.2f} s, steps {r['steps_per_worker']}), accuracy "
+                 f"{r['eval_accuracy']:.4f}, steps fast {r['fast_step_ms']:.1f} ms / slow "
+                 f"{r['slow_step_ms']:.1f} ms, launch {r['launch_s']:.0f} s, "
+                 f"foreign CPU {r['foreign_cpu_pct']:.0f}%")
+
+    def median_run(rs):
+        return sorted(rs, key=lambda r: r["samples_per_s"])[(len(rs) - 1) // 2]
+
+    chosen = {m: median_run(rs) for m, rs in runs.items()}
+    async_runs = runs["async"]
+    slow_factor = statistics.median(r["slow_step_ms"] / r["fast_step_ms"] for r in async_runs)
+    import torch
+    base = chosen["sync"]
+    for mode, k in modes:
+        r = chosen[mode]
+        row = {"bench": "stragglers", "mode": mode, "staleness": r["staleness"],
+               "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
+               "steps_per_worker_sync": a.steps, "total_samples": r["total_samples"],
+               "steps_per_worker": r["steps_per_worker"], "sleep_ms": a.sleep_ms,
+               "slow_factor": round(slow_factor, 2),
+               "wall_s": round(r["wall_s"], 3),
+               "tessera_samples_per_s": round(r["samples_per_s"], 1),
+               "eval_accuracy": round(r["eval_accuracy"], 4),
+               "vs_sync_samples_per_s": round(r["samples_per_s"] / base["samples_per_s"], 3),
+               "vs_sync_accuracy_points": round(100 * (r["eval_accuracy"]
+                                                       - base["eval_accuracy"]), 2),
+               "max_clock_gap": r["max_clock_gap"],
+               "fast_step_ms": round(r["fast_step_ms"], 2),
+               "slow_step_ms": round(r["slow_step_ms"], 2),
+               "runs_samples_per_s": [round(x["samples_per_s"], 1) for x in runs[mode]],
+               "runs_eval_accuracy": [round(x["eval_accuracy"], 4) for x in runs[mode]],
+               "loadavg_1m": round(load_before, 2),
+               "foreign_cpu_pct": round(statistics.median(x["foreign_cpu_pct"]
+                                                          for x in runs[mode]), 1),
+               "torch": torch.__version__}
+        print(json.dumps(row), flush=True)
+    _log(f"done in {time.monotonic() - _T0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

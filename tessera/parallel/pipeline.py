@@ -1,0 +1,239 @@
+"""Pipeline model parallelism: a model cut into stages, one worker process per stage.
+
+Mechanism (who sends what to whom) comes from ``torch.distributed.pipelining``,
+which works on Gloo and the CPU in the torch versions we support: a
+:class:`~torch.distributed.pipelining.PipelineStage` per process sends
+activations forward and gradients backward between neighbouring stages, and
+the schedules split each batch into micro-batches:
+
+* GPipe (Huang et al., 2019): all micro-batches forward, then all backward. Every
+  stage holds the activations of all M micro-batches at the peak.
+* 1F1B (PipeDream-Flush, Narayanan et al., 2019): after a warm-up of at most P
+  forwards, each stage alternates one forward and one backward, so it holds the
+  activations of at most P micro-batches, not M.
+
+Both have the same bubble, (P - 1) / (M + P - 1) of a step, and both compute
+exactly the gradient of the mean loss over the batch: the schedules scale each
+micro-batch loss by 1/M (tests hold this against the unsplit model).
+
+What Tessera adds around it (policy):
+
+1. *Cutting*: the model is an ``nn.Sequential``; stage boundaries come from
+   :class:`Stage` markers in it, from ``pipeline.split_points`` (names of the
+   children where stages 1..P-1 begin), or, by default, from balancing the
+   parameter count (the contiguous split minimising the largest stage).
+2. *Replicas*: W workers and P stages give W/P pipeline replicas; worker r is
+   stage ``r % P`` of replica ``r // P``. After the schedule, the gradients of
+   each stage are averaged over its replicas (an all-reduce in the group of
+   that stage), and each stage steps its own optimizer.
+3. *Evaluation*: a forward-only pass along the replica's pipeline by plain
+   point-to-point sends (shape header, then data), without autograd state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tessera.config.schema import OptimizerConfig
+from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.ps.optim import _OPTIMIZERS
+
+
+class Stage(nn.Identity):
+    """Marker module: in an ``nn.Sequential``, a new pipeline stage starts after it."""
+
+
+class PipelineConfigError(ValueError):
+    pass
+
+
+def stage_boundaries(model: nn.Sequential, num_stages: int,
+                     split_points: Optional[list[str]] = None) -> list[int]:
+    """Child indices where stages 1..P-1 begin."""
+    if not isinstance(model, nn.Sequential):
+        raise PipelineConfigError(f"pipeline.stages needs an nn.Sequential model to cut into "
+                                  f"stages, got {type(model).__name__}")
+    names = [name for name, _ in model.named_children()]
+    children = list(model.children())
+    markers = [i + 1 for i, m in enumerate(children) if isinstance(m, Stage)]
+    if markers:
+        if len(markers) != num_stages - 1:
+            raise PipelineConfigError(f"pipeline.stages = {num_stages} but the model has "
+                                      f"{len(markers)} tessera.pipeline.Stage markers "
+                                      f"({len(markers) + 1} stages)")
+        return markers
+    if split_points:
+        if len(split_points) != num_stages - 1:
+            raise PipelineConfigError(f"pipeline.split_points names {len(split_points)} points; "
+                                      f"{num_stages} stages need {num_stages - 1}")
+        out = []
+        for point in split_points:
+            if point not in names:
+                raise PipelineConfigError(f"pipeline.split_points: {point!r} is not a child of "
+                                          f"the model; its children are {names}")
+            out.append(names.index(point))
+        if out != sorted(set(out)) or out[0] == 0:
+            raise PipelineConfigError(f"pipeline.split_points must be increasing and after the "
+                                      f"first child, got {split_points}")
+        return out
+    if len(children) < num_stages:
+        raise PipelineConfigError(f"pipeline.stages = {num_stages} but the model has only "
+                                  f"{len(children)} children to spread over them")
+    return _balanced([sum(p.numel() for p in c.parameters()) for c in children], num_stages)
+
+
+def _balanced(weights: list[int], parts: int) -> list[int]:
+    """Contiguous split of ``weights`` into ``parts`` minimising the largest part
+    (the linear partition problem, by dynamic programming; n is small)."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][i]
+        bounds.append(i)
+    return sorted(bounds)[1:]
+
+
+def cut(model: nn.Sequential, boundaries: list[int]) -> list[nn.Sequential]:
+    children = list(model.children())
+    edges = [0, *boundaries, len(children)]
+    return [nn.Sequential(*children[a:b]) for a, b in zip(edges, edges[1:])]
+
+
+class PipelineParallel(nn.Module):
+    """This process's stage of a pipelined, possibly replicated, model."""
+
+    def __init__(self, model: nn.Sequential, *, rank: int, num_workers: int, num_stages: int,
+                 microbatches: int, schedule: str, optimizer: OptimizerConfig,
+                 loss_fn: Callable, split_points: Optional[list[str]] = None,
+                 device=torch.device("cpu"), profiler: SpanRecorder = OFF):
+        super().__init__()
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.num_stages, self.stage_index = num_stages, rank % num_stages
+        self.replica, self.num_replicas = rank // num_stages, num_workers // num_stages
+        self.microbatches = microbatches
+        self.profiler = profiler
+        boundaries = stage_boundaries(model, num_stages, split_points)
+        self.module = cut(model, boundaries)[self.stage_index].to(device)
+        self.device = device
+        # Every process must create every group, in the same order.
+        pipe_groups = [dist.new_group(list(range(r * num_stages, (r + 1) * num_stages)))
+                       for r in range(self.num_replicas)]
+        stage_groups = [dist.new_group([r * num_stages + s for r in range(self.num_replicas)])
+                        for s in range(num_stages)]
+        self.pipe_ranks = list(range(self.replica * num_stages, (self.replica + 1) * num_stages))
+        self.stage_group = stage_groups[self.stage_index]
+        self.pipe_stage = PipelineStage(self.module, self.stage_index, num_stages, device,
+                                        group=pipe_groups[self.replica])
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        self.schedule = kind(self.pipe_stage, n_microbatches=microbatches, loss_fn=loss_fn)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
+                          if params else None)
+        self.clock = 0
+        self.comm_wait_s = 0.0
+        self.skipped_steps = 0
+        self.overflows: list[dict] = []
+        self.client = None
+        self.loss_scale = 1.0
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    # ------------------------------------------------------------- training
+
+    def compute_gradients(self, inputs: tuple, target: torch.Tensor) -> Optional[float]:
+        """Run the schedule over the micro-batches; average gradients over replicas.
+
+        Returns the batch's mean loss on the last stage, None elsewhere.
+        """
+        losses: list[torch.Tensor] = []
+        with self.profiler.span("pipeline", "compute", schedule=type(self.schedule).__name__):
+            if self.num_stages == 1:
+                self.schedule.step(*inputs, target=target, losses=losses)
+            elif self.is_first:
+                self.schedule.step(*inputs)
+            elif self.is_last:
+                self.schedule.step(target=target, losses=losses)
+            else:
+                self.schedule.step()
+        if self.num_replicas > 1:
+            with self.profiler.span("allreduce", "comm"):
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=self.stage_group)
+                        p.grad.div_(self.num_replicas)
+        return float(torch.stack(losses).mean()) if losses else None
+
+    def apply_gradients(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=False)
+        self.clock += 1
+
+    def train_step(self, inputs: tuple, target: torch.Tensor) -> Optional[float]:
+        loss = self.compute_gradients(inputs, target)
+        self.apply_gradients()
+        return loss
+
+    def step(self) -> bool:  # the PS wrappers' interface; train_step does the work here
+        return True
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def forward(self, *inputs):
+        """Forward-only along this replica's pipeline: the output on the last stage,
+        None on the others. Every stage of the replica must call it together."""
+        prev = self.pipe_ranks[self.stage_index - 1] if not self.is_first else None
+        nxt = self.pipe_ranks[self.stage_index + 1] if not self.is_last else None
+        x = inputs[0].to(self.device) if self.is_first else _recv(prev)
+        out = self.module(x)
+        if nxt is not None:
+            _send(out, nxt)
+            return None
+        return out
+
+
+def _send(t: torch.Tensor, dst: int) -> None:
+    t = t.contiguous().float()
+    if t.dim() > 7:
+        raise PipelineConfigError(f"activations with {t.dim()} dimensions cannot cross stages "
+                                  f"(at most 7)")
+    header = torch.zeros(8, dtype=torch.int64)
+    header[0] = t.dim()
+    header[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.send(header, dst)
+    dist.send(t, dst)
+
+
+def _recv(src: int) -> torch.Tensor:
+    header = torch.zeros(8, dtype=torch.int64)
+    dist.recv(header, src)
+    ndim = int(header[0])
+    out = torch.empty(*[int(s) for s in header[1:1 + ndim]])
+    dist.recv(out, src)
+    return out
+
