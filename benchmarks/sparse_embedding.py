@@ -399,8 +399,8 @@ def main(argv=None) -> int:
                     default=[10_000, 50_000, 100_000], help="ids per batch before dedup")
     ap.add_argument("--servers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per system and case")
-    ap.add_argument("--iters", type=int, default=6, help="timed iterations per round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; the systems alternate")
+    ap.add_argument("--iters", type=int, default=8, help="timed iterations per round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds; the systems alternate")
     ap.add_argument("--systems", default="tessera,rpc", help="subset of tessera,rpc")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",

@@ -263,13 +263,17 @@ def main(argv=None) -> int:
     tessera, ddp = [], []
     try:
         for i in range(a.repeats):
+            r0 = time.monotonic(), _busy_s(), _own_s()
             t = run_tessera(a.steps, a.warmup, a.batch_size, deadline)
             tessera.append(t)
             _log(f"tessera run {i + 1}/{a.repeats}: {t['samples_per_s']:.0f} samples/s "
-                 f"(steady {t['steady_samples_per_s']:.0f}; job {t['job_wall_s']:.1f} s)")
+                 f"(steady {t['steady_samples_per_s']:.0f}; job {t['job_wall_s']:.1f} s; other "
+                 f"processes {_foreign_cpu_pct(r0[1], r0[2], time.monotonic() - r0[0]):.0f}% CPU)")
+            r0 = time.monotonic(), _busy_s(), _own_s()
             d = run_ddp(a.steps, a.warmup, a.batch_size, deadline)
             ddp.append(d)
-            _log(f"ddp run {i + 1}/{a.repeats}: {d['samples_per_s']:.0f} samples/s")
+            _log(f"ddp run {i + 1}/{a.repeats}: {d['samples_per_s']:.0f} samples/s (other "
+                 f"processes {_foreign_cpu_pct(r0[1], r0[2], time.monotonic() - r0[0]):.0f}% CPU)")
     finally:
         signal.alarm(0)
 

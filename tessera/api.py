@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from tessera.amp.policy import make_policy
+from tessera.errors import UsageError
 from tessera.amp.scaler import LossScaler
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
@@ -89,7 +90,7 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
         _model = _distribute_hybrid(session, model, opt, tables, policy, scaler, device)
         return _model
     if tables and two_phase(cfg):
-        raise ValueError("sharded embedding tables with precision fp16 in sync mode are not "
+        raise UsageError("sharded embedding tables with precision fp16 in sync mode are not "
                          "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
     session.register(layout=param_layout(model) if first else None,
                      optimizer=opt if first else None,
@@ -133,10 +134,10 @@ def _distribute_pipeline(session, model, opt, loss_fn, device):
     from tessera.parallel.pipeline import PipelineParallel
     cfg = session.cfg
     if loss_fn is None:
-        raise ValueError("pipeline stages need tessera.distribute(model, ..., loss_fn=...): the "
+        raise UsageError("pipeline stages need tessera.distribute(model, ..., loss_fn=...): the "
                          "last stage computes the loss of each micro-batch")
     if find_tables(model):
-        raise ValueError("sharded embedding tables cannot be pipelined yet; drop --stages")
+        raise UsageError("sharded embedding tables cannot be pipelined yet; drop --stages")
     _join_process_group(session, device, opt=opt)
     pp = cfg.pipeline
     return PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
@@ -151,13 +152,13 @@ def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
     cfg = session.cfg
     allreduce = cfg.ps.mode == "allreduce"
     if not tables and not allreduce:
-        raise ValueError("--mode hybrid keeps sharded embedding tables on the servers, but this "
+        raise UsageError("--mode hybrid keeps sharded embedding tables on the servers, but this "
                          "model has none (tessera.nn.ShardedEmbedding); use --mode allreduce")
     if tables and allreduce:
-        raise ValueError("--mode allreduce has no parameter servers for the model's sharded "
+        raise UsageError("--mode allreduce has no parameter servers for the model's sharded "
                          "embedding tables; use --mode hybrid")
     if policy.loss_scaling and tables:
-        raise ValueError("--mode hybrid does not support precision fp16 yet; use bf16")
+        raise UsageError("--mode hybrid does not support precision fp16 yet; use bf16")
     _join_process_group(session, device, opt=opt, tables=tables)
     client = None
     if session.num_servers:

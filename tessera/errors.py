@@ -9,3 +9,7 @@ and keeps its traceback.
 
 class TesseraError(Exception):
     """An expected failure; ``str(exc)`` names the process or peer and what to do."""
+
+
+class UsageError(TesseraError, ValueError):
+    """The user asked for something that cannot work (a bad setting for this model)."""

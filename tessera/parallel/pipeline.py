@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
+from tessera.errors import UsageError
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.optim import _OPTIMIZERS
 
@@ -47,8 +48,8 @@ class Stage(nn.Identity):
     """Marker module: in an ``nn.Sequential``, a new pipeline stage starts after it."""
 
 
-class PipelineConfigError(ValueError):
-    pass
+class PipelineConfigError(UsageError):
+    """A pipeline setting that does not fit the model; the message names the field."""
 
 
 def stage_boundaries(model: nn.Sequential, num_stages: int,
