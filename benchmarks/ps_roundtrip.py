@@ -511,8 +511,15 @@ class Bench:
             rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port)
                          for r in range(max_s + 1)]
             rpc_worker = rpc_procs[0]
+        longest = 0.0
         for servers in a.servers:
             for n in a.sizes:
+                # Leave time to stop everything (~15 s) rather than overrun --timeout.
+                if time.monotonic() + 1.5 * longest + 15 > self.deadline:
+                    _log(f"  skipping {n:,d} elements, {servers} server(s): it would overrun "
+                         f"--timeout")
+                    continue
+                case_start = time.monotonic()
                 tag = f"{n}-{servers}"
                 shard_map = _plan(n, servers)
                 runners = {}  # system -> function(iters, tag) -> times
@@ -587,6 +594,7 @@ class Bench:
                         self.recv(c, "gloo close")
                 _log(f"  {n:>11,d} elements, {servers} server(s): " + ", ".join(
                     f"{k} {_gbps(n, row[k]):.2f} GB/s" for k in runners))
+                longest = max(longest, time.monotonic() - case_start)
         # Everyone quits at once (each exit costs a second or two of CPU).
         self.retire([c for c in self.proc_of if self.proc_of[c] in self.procs])
         return results

@@ -369,16 +369,19 @@ def _recv(conn, procs, deadline: float, what: str):
     return msg
 
 
-def run_iters(system, batches, servers: int, grad_pool):
-    """Run ``batches`` through ``system``; per iteration (rows, pull s, push s)."""
+def run_iters(system, batches, servers: int, grad_pool, pids=()):
+    """Run ``batches`` through ``system``; per iteration (rows, pull s, push s,
+    servers' CPU s in the pull, in the push)."""
     from tessera.ps.embedding import owner_of
     out = []
     for ids in batches:
+        c0 = _cpu_s(pids)
         t0 = time.perf_counter()
         owners = owner_of(ids, servers) if servers > 1 else None
         parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
         rows = system.pull(parts)
         t1 = time.perf_counter()
+        c1 = _cpu_s(pids)
         assert sum(r.shape[0] for r in rows) == len(ids)
         # Gradients are data the trainer hands over: made outside the timed phases.
         grads, at = [], 0
@@ -388,7 +391,7 @@ def run_iters(system, batches, servers: int, grad_pool):
         t2 = time.perf_counter()
         system.push(parts, grads)
         t3 = time.perf_counter()
-        out.append((len(ids), t1 - t0, t3 - t2))
+        out.append((len(ids), t1 - t0, t3 - t2, c1 - c0, _cpu_s(pids) - c1))
     return out
 
 
@@ -473,29 +476,35 @@ def main(argv=None) -> int:
             for b in a.batches:
                 bs = batches[b]
                 timed = {k: [] for k in runners}
-                cpu = {k: 0.0 for k in runners}
                 for name, system in runners.items():
                     run_iters(system, bs[:a.warmup], servers, grad_pool)
                 for rnd in range(a.rounds):
                     chunk = bs[a.warmup + rnd * a.iters:a.warmup + (rnd + 1) * a.iters]
                     for name, system in runners.items():
-                        c0 = _cpu_s(pids[name])
-                        timed[name].extend(run_iters(system, chunk, servers, grad_pool))
-                        cpu[name] += _cpu_s(pids[name]) - c0
+                        timed[name].extend(run_iters(system, chunk, servers, grad_pool,
+                                                     pids[name]))
                 row = {"bench": "sparse_embedding", "batch": b, "servers": servers, "dim": DIM,
                        "zipf_a": ZIPF_A, "id_space": ID_SPACE,
                        "unique_rows": int(statistics.median(len(x) for x in bs)),
                        "optimizer": "adagrad", "mode": "async", "workers": 1}
                 for name, its in timed.items():
-                    pull = statistics.median(n / tp for n, tp, _ in its)
-                    push = statistics.median(n / tq for n, _, tq in its)
+                    pull = statistics.median(n / tp for n, tp, *_ in its)
+                    push = statistics.median(n / tq for n, _, tq, *_ in its)
+                    rows_total = sum(n for n, *_ in its)
                     row[f"{name}_pull_rows_per_s"] = round(pull)
                     row[f"{name}_push_rows_per_s"] = round(push)
                     row[f"{name}_pull_rows_per_server_per_s"] = round(pull / servers)
                     row[f"{name}_push_rows_per_server_per_s"] = round(push / servers)
-                    row[f"{name}_pull_ms"] = round(1e3 * statistics.median(tp for _, tp, _ in its), 2)
-                    row[f"{name}_push_ms"] = round(1e3 * statistics.median(tq for _, _, tq in its), 2)
-                    row[f"{name}_server_cpu_ms_per_iter"] = round(1e3 * cpu[name] / len(its), 1)
+                    row[f"{name}_pull_ms"] = round(1e3 * statistics.median(x[1] for x in its), 2)
+                    row[f"{name}_push_ms"] = round(1e3 * statistics.median(x[2] for x in its), 2)
+                    # CPU the servers spent per row (all servers together; clock-tick
+                    # sampled, summed over the timed iterations): unlike wall time, it
+                    # hardly depends on what else the machine runs. 1 us/row = 1M rows/s
+                    # for one server on one core.
+                    row[f"{name}_server_cpu_us_per_pulled_row"] = round(
+                        1e6 * sum(x[3] for x in its) / rows_total, 2)
+                    row[f"{name}_server_cpu_us_per_pushed_row"] = round(
+                        1e6 * sum(x[4] for x in its) / rows_total, 2)
                 if "tessera" in timed and "rpc" in timed:
                     row["tessera_vs_rpc_pull"] = round(row["tessera_pull_rows_per_s"]
                                                        / row["rpc_pull_rows_per_s"], 3)

@@ -4,11 +4,12 @@ the same total samples (DESIGN.md, "Performance principles").
 Each case is a real ``tessera launch --workers 2 --servers 2 --mode M`` of
 ``benchmarks/_straggler_worker.py``: an MLP (64-128-64-10) on digits, batch 32
 per worker, ``tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)``. Worker 1
-sleeps ``--sleep-ms`` (default 14 ms) at the start of every step, about twice a
-fast step on the shared 2-core machine it was tuned on (5-13 ms depending on the
-load), so it runs at about a third of worker 0's speed. The measured ratio is
-reported as ``slow_factor``: the two workers' median step times in the async
-run, where neither waits for the other.
+is slowed to a third of worker 0's speed: at the start of every step it sleeps
+twice the median of its own last 20 step times without the sleep (a fixed
+sleep, ``--sleep-ms``, would make a 2x straggler on an idle machine and a 6x one
+on a busy one: a fast step takes 2-13 ms on the shared 2-core machine this was
+written on). The resulting ratio is reported as ``slow_factor``: the two
+workers' median step times in the async run, where neither waits for the other.
 
 Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
 
@@ -22,12 +23,13 @@ Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
 at a file barrier) to the end of the last one; ``tessera_samples_per_s`` = total
 samples / ``wall_s``. Worker 0 then pulls the final parameters and evaluates on
 the test split (``eval_accuracy``). The modes are run in interleaved rounds
-(``--repeats``); a case reports the median run by throughput and every run's
+(``--repeats``); a case reports its median run by throughput (of two: the
+slower) and every run's
 numbers.
 
 Output: one JSON object per line and mode on stdout; progress on stderr.
 
-    .venv/bin/python benchmarks/stragglers.py            # 300 steps per worker, 2 rounds
+    .venv/bin/python benchmarks/stragglers.py            # 200 steps per worker, 2 rounds
     .venv/bin/python benchmarks/stragglers.py --quick    # 40 steps, 1 round
 """
 
@@ -68,7 +70,8 @@ def _children_s() -> float:
     return c.ru_utime + c.ru_stime
 
 
-def run_case(mode: str, staleness: int, steps: int, sleep_ms: float, timeout_s: float) -> dict:
+def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms: float,
+             timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tessera-stragglers-") as tmp:
         tmp = Path(tmp)
         sync_dir = tmp / "sync"
@@ -77,7 +80,8 @@ def run_case(mode: str, staleness: int, steps: int, sleep_ms: float, timeout_s: 
                "--servers", str(SERVERS), "--mode", mode, "--quiet", "--out", str(tmp / "run")]
         if mode == "ssp":
             cmd += ["--staleness", str(staleness)]
-        cmd += [str(WORKER), "--sleep-ms", str(sleep_ms), "--slow-rank", "1",
+        cmd += [str(WORKER), "--slow-factor", str(slow_factor), "--sleep-ms", str(sleep_ms),
+                "--slow-rank", "1",
                 "--batch-size", str(BATCH), "--sync-dir", str(sync_dir)]
         cmd += ["--budget", str(WORKERS * steps)] if mode == "async" else ["--steps", str(steps)]
         t0 = time.monotonic()
@@ -118,15 +122,19 @@ def run_case(mode: str, staleness: int, steps: int, sleep_ms: float, timeout_s: 
             "max_clock_gap": summary.get("max_clock_gap", 0),
             "fast_step_ms": statistics.median(s["step_ms"] for s in fast),
             "slow_step_ms": statistics.median(s["step_ms"] for s in slow),
+            "slow_work_ms": statistics.median(s["work_ms"] for s in slow),
+            "slow_sleep_ms": statistics.median(s["sleep_ms"] for s in slow),
             "launch_s": launch_s, "foreign_cpu_pct": foreign}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="steps per worker in sync (default 300)")
-    ap.add_argument("--sleep-ms", type=float, default=14.0,
-                    help="the straggler's extra time per step (default 14 ms)")
+    ap.add_argument("--steps", type=int, default=200, help="steps per worker in sync (default 200)")
+    ap.add_argument("--slow-factor", type=float, default=3.0,
+                    help="the straggler's step time over its own time without the sleep")
+    ap.add_argument("--sleep-ms", type=float, default=0.0,
+                    help="> 0: the straggler sleeps this long per step instead")
     ap.add_argument("--staleness", type=int, default=2, help="ssp bound K (default 2)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
@@ -138,18 +146,27 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + a.timeout
     runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
     load_before = os.getloadavg()[0]
+    round_s = 0.0
     for rnd in range(a.repeats):
+        if rnd and deadline - time.monotonic() < 1.3 * round_s:
+            _log(f"skipping rounds {rnd}..{a.repeats - 1}: a round took {round_s:.0f} s and "
+                 f"{deadline - time.monotonic():.0f} s are left of --timeout {a.timeout:.0f}")
+            break
+        t_round = time.monotonic()
         for mode, k in modes:
             left = deadline - time.monotonic()
             if left < 20:
                 raise TimeoutError("stragglers: out of time (raise --timeout or lower --repeats)")
-            r = run_case(mode, k, a.steps, a.sleep_ms, timeout_s=min(left, 150.0))
+            r = run_case(mode, k, a.steps, a.slow_factor, a.sleep_ms,
+                         timeout_s=min(left, 150.0))
             runs[mode].append(r)
             _log(f"round {rnd}: {mode:5s} {r['samples_per_s']:7.0f} samples/s "
                  f"(wall {r['wall_s']:.2f} s, steps {r['steps_per_worker']}), accuracy "
                  f"{r['eval_accuracy']:.4f}, steps fast {r['fast_step_ms']:.1f} ms / slow "
-                 f"{r['slow_step_ms']:.1f} ms, launch {r['launch_s']:.0f} s, "
+                 f"{r['slow_step_ms']:.1f} ms (slept {r['slow_sleep_ms']:.1f}), "
+                 f"launch {r['launch_s']:.0f} s, "
                  f"foreign CPU {r['foreign_cpu_pct']:.0f}%")
+        round_s = max(round_s, time.monotonic() - t_round)
 
     def median_run(rs):
         return sorted(rs, key=lambda r: r["samples_per_s"])[(len(rs) - 1) // 2]
@@ -164,7 +181,8 @@ def main(argv=None) -> int:
         row = {"bench": "stragglers", "mode": mode, "staleness": r["staleness"],
                "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
                "steps_per_worker_sync": a.steps, "total_samples": r["total_samples"],
-               "steps_per_worker": r["steps_per_worker"], "sleep_ms": a.sleep_ms,
+               "steps_per_worker": r["steps_per_worker"],
+               "slow_sleep_ms": round(r["slow_sleep_ms"], 2),
                "slow_factor": round(slow_factor, 2),
                "wall_s": round(r["wall_s"], 3),
                "tessera_samples_per_s": round(r["samples_per_s"], 1),
@@ -175,6 +193,7 @@ def main(argv=None) -> int:
                "max_clock_gap": r["max_clock_gap"],
                "fast_step_ms": round(r["fast_step_ms"], 2),
                "slow_step_ms": round(r["slow_step_ms"], 2),
+               "runs": len(runs[mode]),
                "runs_samples_per_s": [round(x["samples_per_s"], 1) for x in runs[mode]],
                "runs_eval_accuracy": [round(x["eval_accuracy"], 4) for x in runs[mode]],
                "loadavg_1m": round(load_before, 2),
