@@ -520,6 +520,7 @@ class Bench:
                          f"--timeout")
                     continue
                 case_start = time.monotonic()
+                busy0, own0 = _busy_s(), _tree_cpu_s([p.pid for p in self.procs])
                 tag = f"{n}-{servers}"
                 shard_map = _plan(n, servers)
                 runners = {}  # system -> function(iters, tag) -> times
@@ -592,12 +593,54 @@ class Bench:
                         c.send(("close",))
                     for c in gloo:
                         self.recv(c, "gloo close")
+                wall = time.monotonic() - case_start
+                foreign = (_busy_s() - busy0) - (_tree_cpu_s([p.pid for p in self.procs]) - own0)
+                row["foreign_cpu_pct"] = max(0.0, 100 * foreign / (wall * (os.cpu_count() or 1)))
+                print(json.dumps(_row(a, n, servers, row)), flush=True)
                 _log(f"  {n:>11,d} elements, {servers} server(s): " + ", ".join(
-                    f"{k} {_gbps(n, row[k]):.2f} GB/s" for k in runners))
+                    f"{k} {_gbps(n, row[k]):.2f} GB/s" for k in runners)
+                    + f" (other processes: {row['foreign_cpu_pct']:.0f}% CPU)")
                 longest = max(longest, time.monotonic() - case_start)
         # Everyone quits at once (each exit costs a second or two of CPU).
         self.retire([c for c in self.proc_of if self.proc_of[c] in self.procs])
         return results
+
+
+def _row(a, n: int, servers: int, r: dict) -> dict:
+    """The JSON line of one case (DESIGN.md: ``bench``, parameters, ``<system>_<unit>``)."""
+    import torch
+    row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
+           "mode": a.mode, "partition_mb": PARTITION_MB,
+           "partitions": len(_plan(n, servers).partitions)}
+    for key in ("tessera", "zmq", "rpc", "gloo"):
+        if key in r:
+            field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
+            row[field] = round(_gbps(n, r[key]), 3)
+    for other in ("zmq", "rpc"):
+        if "tessera_gbps" in row and f"{other}_gbps" in row:
+            row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
+    # Diagnostics: CPU time of each system's processes per iteration (all threads, user +
+    # system), the worker's share of it, and the servers' time in the optimizer step.
+    for key, ms in r["cpu_ms_per_iter"].items():
+        row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
+        if key in ("tessera", "zmq"):
+            row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
+    if "tessera_server_apply_ms_per_iter" in r:
+        row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
+    row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
+               torch=torch.__version__)
+    return row
+
+
+def _tree_cpu_s(pids) -> float:
+    """CPU seconds of this process, its reaped children and the live ones in ``pids``."""
+    total = _own_s()
+    for pid in pids:
+        try:
+            total += _cpu_s([pid])
+        except OSError:  # exited meanwhile (then counted once reaped)
+            pass
+    return total
 
 
 def main(argv=None) -> int:
@@ -644,32 +687,15 @@ def main(argv=None) -> int:
     busy0, own0 = _busy_s(), _own_s()
     try:
         results = bench.run(systems)
+    except TimeoutError as exc:  # the cases measured so far were printed already
+        _log(str(exc))
+        return 2
     finally:
         signal.alarm(0)
         bench.cleanup()
     foreign = _foreign_cpu_pct(busy0, own0, time.monotonic() - t0)
-
-    import torch
-    for (n, servers), r in results.items():
-        row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
-               "mode": a.mode, "partition_mb": PARTITION_MB,
-               "partitions": len(_plan(n, servers).partitions)}
-        for key in ("tessera", "zmq", "rpc", "gloo"):
-            if key in r:
-                field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
-                row[field] = round(_gbps(n, r[key]), 3)
-        for other in ("zmq", "rpc"):
-            if "tessera_gbps" in row and f"{other}_gbps" in row:
-                row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
-        for key, ms in r["cpu_ms_per_iter"].items():
-            row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
-            if key in ("tessera", "zmq"):  # of which the worker process (the rest: servers)
-                row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
-        if "tessera_server_apply_ms_per_iter" in r:
-            row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
-        row.update(timed_iters=a.rounds * a.iters, loadavg_1m=round(load_before, 2),
-                   foreign_cpu_pct=round(foreign, 1), torch=torch.__version__)
-        print(json.dumps(row), flush=True)
+    if not results:
+        return 1
     _log(f"done in {time.monotonic() - t0:.0f} s; other processes used {foreign:.0f}% of the "
          f"machine's CPU meanwhile (load average before: {load_before:.2f})")
     return 0
