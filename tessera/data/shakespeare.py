@@ -142,7 +142,7 @@ def load_shakespeare(test_fraction: float = 0.1) -> CharCorpus:
         test_parts.append(text[at:])
 
     # Code points as uint32 (utf-32 has one unit per character); counting and mapping
-    # them in numpy is ~50x faster than a Counter over a 5M-character str.
+    # them in numpy takes 0.03 s of CPU; collections.Counter over the str takes 0.23 s.
     def code_points(parts: list[str]) -> np.ndarray:
         return np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
 
@@ -194,9 +194,10 @@ class CharWindows:
             raise ValueError(f"window indices must be a 1-D integer array, got "
                              f"{idx.dtype} {tuple(idx.shape)}")
         idx = idx.to(torch.int64)
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise IndexError(f"window index {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())} "
-                             f"is outside 0..{len(self) - 1} ({len(self)} windows of "
-                             f"{self.context} characters)")
+        outside = idx[(idx < 0) | (idx >= len(self))]
+        if len(outside):
+            raise IndexError(f"window index {int(outside[0])} is outside 0..{len(self) - 1} "
+                             f"({len(self)} windows of {self.context} characters); size the "
+                             f"sampler with len(windows)")
         start = idx[:, None] * self.context + self._offsets
         return self.data[start], self.data[start + 1]
