@@ -1,10 +1,13 @@
 """Worker script of benchmarks/stragglers.py (run by ``tessera launch``, not by hand).
 
 Trains an MLP on digits with ``tessera.distribute(model, "sgd", lr=0.1,
-momentum=0.9)``; rank ``--slow-rank`` is a persistent straggler: at the start of
-every step it sleeps ``--slow-factor - 1`` times the median of its own last 20
-step times without the sleep (so its steps take ``--slow-factor`` times as long as
-the same work takes it, whatever the machine's load), or a fixed ``--sleep-ms``.
+momentum=0.9)``; rank ``--slow-rank`` is a persistent straggler that sleeps at the
+start of every step: a fixed ``--sleep-ms``, or (calibration, ``--sleep-ms 0``)
+whatever makes its step ``--slow-factor`` times the other workers' median step
+time: the others publish their median of the last 20 steps in ``fast_ms`` under
+``--sync-dir``, and the straggler sleeps ``factor * fast - own work`` (its own
+median step time without the sleep), or ``(factor - 1) * own work`` before the
+first number arrives.
 
 How many steps each worker takes:
 
@@ -40,7 +43,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--budget", type=int, default=0, help="shared step budget (async only)")
 ap.add_argument("--slow-factor", type=float, default=3.0)
-ap.add_argument("--sleep-ms", type=float, default=0.0, help="> 0: sleep this long instead")
+ap.add_argument("--sleep-ms", type=float, default=0.0, help="> 0: sleep this long per step")
 ap.add_argument("--slow-rank", type=int, default=1)
 ap.add_argument("--batch-size", type=int, default=32)
 ap.add_argument("--sync-dir", required=True)
@@ -58,6 +61,21 @@ def wait_files(names, timeout_s=120.0):
 def touch(name):
     with open(os.path.join(args.sync_dir, name), "w"):
         pass
+
+
+def publish_fast_ms(ms: float) -> None:
+    path = os.path.join(args.sync_dir, "fast_ms")
+    with open(path + f".{rank}", "w") as f:
+        f.write(repr(ms))
+    os.replace(path + f".{rank}", path)
+
+
+def read_fast_ms() -> float:
+    try:
+        with open(os.path.join(args.sync_dir, "fast_ms")) as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return 0.0
 
 
 class Budget:
@@ -99,8 +117,13 @@ while (budget.claim() < args.budget) if budget else step < args.steps:
     if slow:  # the straggler's extra compute
         if args.sleep_ms > 0:
             pause = args.sleep_ms / 1e3
+        elif work_s:
+            own = statistics.median(work_s[-20:])
+            fast = read_fast_ms()
+            pause = (max(0.0, args.slow_factor * fast / 1e3 - own) if fast
+                     else (args.slow_factor - 1) * own)
         else:
-            pause = (args.slow_factor - 1) * statistics.median(work_s[-20:]) if work_s else 0.0
+            pause = 0.0
         time.sleep(pause)
         slept_s.append(pause)
     t1 = time.perf_counter()
@@ -112,6 +135,8 @@ while (budget.claim() < args.budget) if budget else step < args.steps:
     step_s.append(t2 - t0)
     work_s.append(t2 - t1)
     step += 1
+    if not slow and args.sleep_ms <= 0 and step % 10 == 0:
+        publish_fast_ms(1e3 * statistics.median(step_s[-20:]))
 t_last = time.time()
 with open(os.path.join(args.sync_dir, f"stats.{rank}.json"), "w") as f:
     json.dump({"rank": rank, "steps": step, "t_first": t_first, "t_last": t_last,

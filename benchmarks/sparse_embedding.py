@@ -26,7 +26,12 @@ Systems measured (same batches, same owner split, same client process):
   then sends ``(ids, grads)``.
 
 Rates are median over the timed iterations (after warm-up) of rows / seconds of
-that phase; ``*_per_server`` divides by the number of servers. Rounds of the two
+that phase; ``*_per_server`` divides by the number of servers. On a machine
+shared with other work wall-clock rates swing with the load, so each row also
+gives CPU microseconds per row, summed over the timed iterations:
+``*_server_cpu_us_per_{pulled,pushed}_row`` (all server processes, from
+/proc/PID/stat) and ``*_client_cpu_us_per_{pulled,pushed}_row`` (this process).
+A server needs <= 1 us of CPU per pulled row to pull 1M rows/s on one core. Rounds of the two
 systems alternate so that a busy phase of the machine hits both alike. Each
 server count gets fresh servers (empty tables); batch sizes run in increasing
 order on the same tables, so the Zipf head is already stored and tail ids keep
@@ -371,16 +376,19 @@ def _recv(conn, procs, deadline: float, what: str):
 
 def run_iters(system, batches, servers: int, grad_pool, pids=()):
     """Run ``batches`` through ``system``; per iteration (rows, pull s, push s,
-    servers' CPU s in the pull, in the push)."""
+    servers' CPU s in the pull, in the push, this process's CPU s in the pull, in
+    the push)."""
     from tessera.ps.embedding import owner_of
     out = []
     for ids in batches:
         c0 = _cpu_s(pids)
+        p0 = time.process_time()
         t0 = time.perf_counter()
         owners = owner_of(ids, servers) if servers > 1 else None
         parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
         rows = system.pull(parts)
         t1 = time.perf_counter()
+        p1 = time.process_time()
         c1 = _cpu_s(pids)
         assert sum(r.shape[0] for r in rows) == len(ids)
         # Gradients are data the trainer hands over: made outside the timed phases.
@@ -388,10 +396,12 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
         for p in parts:
             grads.append(grad_pool[at:at + len(p)])
             at += len(p)
+        p2 = time.process_time()
         t2 = time.perf_counter()
         system.push(parts, grads)
         t3 = time.perf_counter()
-        out.append((len(ids), t1 - t0, t3 - t2, c1 - c0, _cpu_s(pids) - c1))
+        p3 = time.process_time()
+        out.append((len(ids), t1 - t0, t3 - t2, c1 - c0, _cpu_s(pids) - c1, p1 - p0, p3 - p2))
     return out
 
 
@@ -505,6 +515,10 @@ def main(argv=None) -> int:
                         1e6 * sum(x[3] for x in its) / rows_total, 2)
                     row[f"{name}_server_cpu_us_per_pushed_row"] = round(
                         1e6 * sum(x[4] for x in its) / rows_total, 2)
+                    row[f"{name}_client_cpu_us_per_pulled_row"] = round(
+                        1e6 * sum(x[5] for x in its) / rows_total, 2)
+                    row[f"{name}_client_cpu_us_per_pushed_row"] = round(
+                        1e6 * sum(x[6] for x in its) / rows_total, 2)
                 if "tessera" in timed and "rpc" in timed:
                     row["tessera_vs_rpc_pull"] = round(row["tessera_pull_rows_per_s"]
                                                        / row["rpc_pull_rows_per_s"], 3)

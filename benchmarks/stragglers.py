@@ -4,12 +4,16 @@ the same total samples (DESIGN.md, "Performance principles").
 Each case is a real ``tessera launch --workers 2 --servers 2 --mode M`` of
 ``benchmarks/_straggler_worker.py``: an MLP (64-128-64-10) on digits, batch 32
 per worker, ``tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)``. Worker 1
-is slowed to a third of worker 0's speed: at the start of every step it sleeps
-twice the median of its own last 20 step times without the sleep (a fixed
-sleep, ``--sleep-ms``, would make a 2x straggler on an idle machine and a 6x one
-on a busy one: a fast step takes 2-13 ms on the shared 2-core machine this was
-written on). The resulting ratio is reported as ``slow_factor``: the two
-workers' median step times in the async run, where neither waits for the other.
+is slowed to a third of worker 0's speed. Calibration: the first run (async,
+where neither worker waits for the other) has the straggler sleep, at the start
+of every step, what makes its step three times worker 0's median step (worker 0
+publishes it in a file); the median of those sleeps is then fixed for every
+later run, so every mode meets the same straggler (``slow_sleep_ms``). A fixed
+sleep chosen up front would not do: a fast step takes 2-13 ms on the shared
+2-core machine this was written on, depending on what else runs, and the
+straggler's own work is slower than the fast worker's (it wakes up to busy
+cores). ``slow_factor`` is the two workers' median step time ratio in the async
+runs.
 
 Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
 
@@ -23,9 +27,9 @@ Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
 at a file barrier) to the end of the last one; ``tessera_samples_per_s`` = total
 samples / ``wall_s``. Worker 0 then pulls the final parameters and evaluates on
 the test split (``eval_accuracy``). The modes are run in interleaved rounds
-(``--repeats``); a case reports its median run by throughput (of two: the
-slower) and every run's
-numbers.
+(``--repeats``); a mode reports medians over its runs, ``vs_sync_*`` as the
+median of ratios (differences) to the sync run of the same round, which saw the
+same minutes of the machine's load, and every run's numbers.
 
 Output: one JSON object per line and mode on stdout; progress on stderr.
 
@@ -132,73 +136,74 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200, help="steps per worker in sync (default 200)")
     ap.add_argument("--slow-factor", type=float, default=3.0,
-                    help="the straggler's step time over its own time without the sleep")
+                    help="calibration: the straggler's step time over the fast worker's")
     ap.add_argument("--sleep-ms", type=float, default=0.0,
-                    help="> 0: the straggler sleeps this long per step instead")
+                    help="> 0: skip the calibration, the straggler sleeps this long per step")
     ap.add_argument("--staleness", type=int, default=2, help="ssp bound K (default 2)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes")
-    ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
+    ap.add_argument("--timeout", type=float, default=285.0, help="hard limit for the run, s")
     ap.add_argument("--quick", action="store_true", help="smoke run: 40 steps, one round")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.repeats = 40, 1
-    modes = [("sync", 0), ("ssp", a.staleness), ("async", 0)]
+    # async first: its first run calibrates the straggler's sleep for every later run.
+    modes = [("async", 0), ("sync", 0), ("ssp", a.staleness)]
     deadline = time.monotonic() + a.timeout
-    runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
+    rounds: list[dict[str, dict]] = []
+    sleep_ms = a.sleep_ms
     load_before = os.getloadavg()[0]
     round_s = 0.0
     for rnd in range(a.repeats):
-        if rnd and deadline - time.monotonic() < 1.3 * round_s:
+        if rnd and deadline - time.monotonic() < 1.2 * round_s:
             _log(f"skipping rounds {rnd}..{a.repeats - 1}: a round took {round_s:.0f} s and "
                  f"{deadline - time.monotonic():.0f} s are left of --timeout {a.timeout:.0f}")
             break
         t_round = time.monotonic()
+        rounds.append({})
         for mode, k in modes:
             left = deadline - time.monotonic()
             if left < 20:
                 raise TimeoutError("stragglers: out of time (raise --timeout or lower --repeats)")
-            r = run_case(mode, k, a.steps, a.slow_factor, a.sleep_ms,
-                         timeout_s=min(left, 150.0))
-            runs[mode].append(r)
+            r = run_case(mode, k, a.steps, a.slow_factor, sleep_ms, timeout_s=min(left, 150.0))
+            if sleep_ms <= 0:
+                sleep_ms = round(r["slow_sleep_ms"], 1)
+                _log(f"calibrated: the straggler sleeps {sleep_ms} ms per step from now on")
+            rounds[-1][mode] = r
             _log(f"round {rnd}: {mode:5s} {r['samples_per_s']:7.0f} samples/s "
                  f"(wall {r['wall_s']:.2f} s, steps {r['steps_per_worker']}), accuracy "
                  f"{r['eval_accuracy']:.4f}, steps fast {r['fast_step_ms']:.1f} ms / slow "
                  f"{r['slow_step_ms']:.1f} ms (slept {r['slow_sleep_ms']:.1f}), "
-                 f"launch {r['launch_s']:.0f} s, "
-                 f"foreign CPU {r['foreign_cpu_pct']:.0f}%")
+                 f"launch {r['launch_s']:.0f} s, foreign CPU {r['foreign_cpu_pct']:.0f}%")
         round_s = max(round_s, time.monotonic() - t_round)
 
-    def median_run(rs):
-        return sorted(rs, key=lambda r: r["samples_per_s"])[(len(rs) - 1) // 2]
-
-    chosen = {m: median_run(rs) for m, rs in runs.items()}
-    async_runs = runs["async"]
-    slow_factor = statistics.median(r["slow_step_ms"] / r["fast_step_ms"] for r in async_runs)
+    med = statistics.median
+    slow_factor = med(rd["async"]["slow_step_ms"] / rd["async"]["fast_step_ms"] for rd in rounds)
     import torch
-    base = chosen["sync"]
-    for mode, k in modes:
-        r = chosen[mode]
-        row = {"bench": "stragglers", "mode": mode, "staleness": r["staleness"],
+    for mode, k in [("sync", 0), ("ssp", a.staleness), ("async", 0)]:
+        rs = [rd[mode] for rd in rounds]
+        # Ratios within a round (same minutes of the machine's load), then the median.
+        speedup = [rd[mode]["samples_per_s"] / rd["sync"]["samples_per_s"] for rd in rounds]
+        points = [100 * (rd[mode]["eval_accuracy"] - rd["sync"]["eval_accuracy"])
+                  for rd in rounds]
+        row = {"bench": "stragglers", "mode": mode, "staleness": k if mode == "ssp" else None,
                "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
-               "steps_per_worker_sync": a.steps, "total_samples": r["total_samples"],
-               "steps_per_worker": r["steps_per_worker"],
-               "slow_sleep_ms": round(r["slow_sleep_ms"], 2),
-               "slow_factor": round(slow_factor, 2),
-               "wall_s": round(r["wall_s"], 3),
-               "tessera_samples_per_s": round(r["samples_per_s"], 1),
-               "eval_accuracy": round(r["eval_accuracy"], 4),
-               "vs_sync_samples_per_s": round(r["samples_per_s"] / base["samples_per_s"], 3),
-               "vs_sync_accuracy_points": round(100 * (r["eval_accuracy"]
-                                                       - base["eval_accuracy"]), 2),
-               "max_clock_gap": r["max_clock_gap"],
-               "fast_step_ms": round(r["fast_step_ms"], 2),
-               "slow_step_ms": round(r["slow_step_ms"], 2),
-               "runs": len(runs[mode]),
-               "runs_samples_per_s": [round(x["samples_per_s"], 1) for x in runs[mode]],
-               "runs_eval_accuracy": [round(x["eval_accuracy"], 4) for x in runs[mode]],
+               "steps_per_worker_sync": a.steps, "total_samples": rs[0]["total_samples"],
+               "steps_per_worker": rs[0]["steps_per_worker"],
+               "slow_sleep_ms": sleep_ms, "slow_factor": round(slow_factor, 2),
+               "wall_s": round(med(r["wall_s"] for r in rs), 3),
+               "tessera_samples_per_s": round(med(r["samples_per_s"] for r in rs), 1),
+               "eval_accuracy": round(med(r["eval_accuracy"] for r in rs), 4),
+               "vs_sync_samples_per_s": round(med(speedup), 3),
+               "vs_sync_accuracy_points": round(med(points), 2),
+               "max_clock_gap": max(r["max_clock_gap"] for r in rs),
+               "fast_step_ms": round(med(r["fast_step_ms"] for r in rs), 2),
+               "slow_step_ms": round(med(r["slow_step_ms"] for r in rs), 2),
+               "runs": len(rs),
+               "runs_samples_per_s": [round(r["samples_per_s"], 1) for r in rs],
+               "runs_vs_sync_samples_per_s": [round(x, 3) for x in speedup],
+               "runs_eval_accuracy": [round(r["eval_accuracy"], 4) for r in rs],
                "loadavg_1m": round(load_before, 2),
-               "foreign_cpu_pct": round(statistics.median(x["foreign_cpu_pct"]
-                                                          for x in runs[mode]), 1),
+               "foreign_cpu_pct": round(med(r["foreign_cpu_pct"] for r in rs), 1),
                "torch": torch.__version__}
         print(json.dumps(row), flush=True)
     _log(f"done in {time.monotonic() - _T0:.0f} s")

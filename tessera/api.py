@@ -95,17 +95,23 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
     session.register(layout=param_layout(model) if first else None,
                      optimizer=opt if first else None,
                      tables=[t.spec for t in tables] if first else [])
+    client = _connect_client(session, policy)
+    _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
+                            scaler=scaler, two_phase=two_phase(cfg),
+                            log=lambda line: print(line, flush=True), profiler=session.profiler,
+                            tables=tables, device=device)
+    return _model
+
+
+def _connect_client(session: Session, policy) -> PSClient:
+    """A client of this job's parameter servers, connected (authenticated) to each."""
     client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
                       server_addresses=session.server_addresses(), secret=session.secret,
                       worker=session.rank, timeout_s=session.timeout_s,
                       wire_dtype=policy.wire_dtype, check=session.check,
                       profiler=session.profiler)
     client.connect()
-    _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
-                            scaler=scaler, two_phase=two_phase(cfg),
-                            log=lambda line: print(line, flush=True), profiler=session.profiler,
-                            tables=tables, device=device)
-    return _model
+    return client
 
 
 def _join_process_group(session, device, *, layout=None, opt=None, tables=()):
@@ -160,14 +166,7 @@ def _distribute_hybrid(session, model, opt, tables, policy, scaler, device):
     if policy.loss_scaling and tables:
         raise UsageError("--mode hybrid does not support precision fp16 yet; use bf16")
     _join_process_group(session, device, opt=opt, tables=tables)
-    client = None
-    if session.num_servers:
-        client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
-                          server_addresses=session.server_addresses(), secret=session.secret,
-                          worker=session.rank, timeout_s=session.timeout_s,
-                          wire_dtype=policy.wire_dtype, check=session.check,
-                          profiler=session.profiler)
-        client.connect()
+    client = _connect_client(session, policy) if session.num_servers else None
     return HybridParallel(model, client, optimizer=opt, tables=tables, policy=policy,
                           scaler=scaler, profiler=session.profiler, device=device,
                           log=lambda line: print(line, flush=True))

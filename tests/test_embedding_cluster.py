@@ -23,7 +23,8 @@ def test_movielens_rmse_at_most_095(tmp_path, flags):
     assert summary["wall_s"] < 300
     # Only touched rows exist, spread over both servers.
     rows = summary["rows_per_server"]
-    assert set(rows) >= {"user", "item"} and all(min(r) > 0 for r in rows.values())
+    # (tiny side tables, e.g. gender's 2 rows, may all hash to one server)
+    assert set(rows) >= {"user", "item"} and min(rows["user"]) > 0 and min(rows["item"]) > 0
     assert sum(rows["user"]) <= 943 and sum(rows["item"]) <= 1682
 
 
