@@ -334,3 +334,58 @@ def test_table_spec_names_the_bad_field():
         kwargs[field] = value
         with pytest.raises(ValueError, match=f"table 't': {field} must be"):
             TableSpec(**kwargs)
+
+
+# ---- 8. vectorised index and cheap update checks ---------------------------------------
+
+def test_initial_rows_across_blocks_match_the_reference():
+    # More rows than one block of the blocked computation, with an odd dim.
+    ids = np.random.default_rng(4).integers(0, 2**63 - 1, size=3000, dtype=np.int64)
+    rows = initial_rows(ids, 37, seed=11, scale=0.3)
+    for i in (0, 1, 884, 885, 886, 1769, 1770, 2999):  # blocks of 885 rows
+        assert_close(rows[i], torch.from_numpy(reference_row(11, int(ids[i]), 37, 0.3)),
+                     rtol=0, atol=0)
+
+
+def test_sorted_index_matches_a_dict_through_inserts_and_evictions():
+    from tessera.ps.embedding import _IdIndex
+    rng = np.random.default_rng(5)
+    index, ref = _IdIndex(), {}
+    for clock in range(40):
+        ids = np.unique(rng.integers(0, 500, size=rng.integers(0, 60)))
+        slots = index.find(ids)
+        np.testing.assert_array_equal(slots, [ref.get(i, -1) for i in ids.tolist()])
+        new = ids[slots < 0]
+        rng.shuffle(new)  # insert takes any order
+        for i, s in zip(new.tolist(), index.insert(new, clock).tolist()):
+            ref[i] = s
+        gone = index.expired(clock, evict_after=3, max_rows=120)
+        for i in index.ids[gone].tolist():
+            del ref[i]
+        index.remove(gone)
+        assert len(index) == len(ref)
+        live = index.live()
+        np.testing.assert_array_equal(index.ids[live], sorted(ref))
+        np.testing.assert_array_equal(live, [ref[i] for i in sorted(ref)])
+        probe = rng.integers(-5, 600, size=50)  # unsorted, repeats, absent ids
+        np.testing.assert_array_equal(index.find(probe),
+                                      [ref.get(i, -1) for i in probe.tolist()])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_every_non_finite_gradient_is_refused(bad):
+    shard = EmbeddingShard(table(), OptimizerConfig(name="adagrad", lr=0.1))
+    grads = torch.zeros(3, DIM)
+    grads[2, 5] = bad
+    with pytest.raises(TableError, match="id 9 is not finite"):
+        shard.apply(np.array([1, 4, 9]), grads, 0)
+    assert shard.num_rows == 0 and shard.steps == 0
+
+
+def test_unsorted_repeated_ids_are_refused():
+    shard = EmbeddingShard(table(), OptimizerConfig(name="sgd", lr=0.1))
+    with pytest.raises(TableError, match="unique ids"):
+        shard.apply(np.array([7, 3, 7]), torch.zeros(3, DIM), 0)
+    shard.apply(np.array([7, 3, 5]), torch.ones(3, DIM), 0)  # unsorted unique: fine
+    assert_close(shard.lookup(np.array([3, 5, 7, 3]), 0),
+                 initial_rows(np.array([3, 5, 7, 3]), DIM, SEED, SCALE) - 0.1)

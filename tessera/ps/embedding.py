@@ -85,6 +85,11 @@ def owner_of(ids: np.ndarray, num_servers: int) -> np.ndarray:
     return (h % np.uint64(num_servers)).astype(np.int64)
 
 
+#: Rows of :func:`initial_rows` computed per block: the uint64 temporaries of one
+#: block (``_INIT_BLOCK_ELEMENTS`` x 8 bytes each) stay in the CPU cache.
+_INIT_BLOCK_ELEMENTS = 1 << 15
+
+
 def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Tensor:
     """The initial values of rows ``ids``: fp32 ``[len(ids), dim]``, uniform in
     ``(-scale, scale)``.
@@ -93,23 +98,44 @@ def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Te
     seeded with ``splitmix64(splitmix64(seed) xor id)``; its top 24 bits ``k`` give
     ``(2k + 1 - 2^24) / 2^24`` (exact in fp32, symmetric around 0), times ``scale``
     in fp32. A row depends on ``(seed, id)`` only, not on the batch it comes in.
+
+    Computed in blocks of rows into preallocated buffers (no full-size uint64
+    temporaries), with two exact shortcuts: SplitMix64's ``+ gamma`` is folded into
+    the column offsets (addition mod 2^64 is associative), and its last
+    ``z ^= z >> 31`` is skipped because it does not change the top 24 bits.
     """
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
     seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
     row_key = _splitmix64(_as_uint64(ids) ^ seed_key)
+    n = len(row_key)
+    out = np.empty((n, dim), dtype=np.float32)
     with np.errstate(over="ignore"):
-        columns = np.arange(dim, dtype=np.uint64) * _GAMMA
-        h = row_key[:, None] + columns[None, :]
-    _splitmix64(h)
-    h >>= np.uint64(40)
-    odd = h.view(np.int64)
-    odd *= 2
-    odd += 1 - (1 << 24)
-    unit = odd.astype(np.float32)
-    unit *= np.float32(2.0 ** -24)
-    unit *= np.float32(scale)
-    return torch.from_numpy(unit)
+        # State of column c before mixing: row_key + c * gamma, plus splitmix's gamma.
+        columns = np.arange(1, dim + 1, dtype=np.uint64) * _GAMMA
+    block = max(1, _INIT_BLOCK_ELEMENTS // dim)
+    h_buf = np.empty((min(block, n), dim), dtype=np.uint64)
+    t_buf = np.empty_like(h_buf)
+    # (2k + 1 - 2^24) / 2^24 == k * 2^-23 + (2^-24 - 1): every term and the sum are
+    # exact in fp32 (k < 2^24), so this equals the integer formula bit for bit.
+    step, offset, fscale = np.float32(2.0 ** -23), np.float32(2.0 ** -24 - 1), np.float32(scale)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        h, t = h_buf[:stop - start], t_buf[:stop - start]
+        np.add(row_key[start:stop, None], columns[None, :], out=h)
+        np.right_shift(h, np.uint64(30), out=t)
+        h ^= t
+        h *= _MUL1
+        np.right_shift(h, np.uint64(27), out=t)
+        h ^= t
+        h *= _MUL2
+        h >>= np.uint64(40)  # top 24 bits; the skipped ``h ^= h >> 31`` keeps them
+        unit = out[start:stop]
+        np.copyto(unit, h.view(np.int64), casting="unsafe")
+        unit *= step
+        unit += offset
+        unit *= fscale
+    return torch.from_numpy(out)
 
 
 class TableError(ValueError):
@@ -149,20 +175,48 @@ class _Slots:
 
 
 class _IdIndex:
-    """A set of int64 ids, each at a slot, with the clock each was last touched."""
+    """A set of int64 ids, each at a slot, with the clock each was last touched.
+
+    Per slot: ``ids`` (the id stored there; -1: free) and ``last`` (clock of its
+    last touch). To map ids to slots without a per-id Python loop, the index also
+    keeps ``_keys``, the stored ids in increasing order, and ``_key_slots``, the
+    slot of each key:
+
+    * :meth:`find` is one ``np.searchsorted`` of the query ids into ``_keys``
+      (O(k log n) in C for k queries against n ids);
+    * :meth:`insert` merges the new ids into ``_keys`` with one ``np.insert``
+      (O(n + k log k));
+    * :meth:`remove` drops keys with one ``np.delete`` (O(n)).
+
+    Requests come in batches of thousands of ids, so the O(n) merge per batch
+    costs far less than a dict operation per id.
+    """
 
     def __init__(self) -> None:
-        self.slot_of: dict[int, int] = {}
         self.slots = _Slots()
         self.ids = np.empty(0, dtype=np.int64)   # id at each slot; -1: free
         self.last = np.empty(0, dtype=np.int64)  # clock of last touch
+        self._keys = np.empty(0, dtype=np.int64)       # stored ids, increasing
+        self._key_slots = np.empty(0, dtype=np.int64)  # slot of each key
 
     def __len__(self) -> int:
-        return len(self.slot_of)
+        return len(self._keys)
+
+    def _positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index into ``_keys`` of each id (clipped), and whether the id is there."""
+        pos = np.searchsorted(self._keys, ids)
+        if len(self._keys) == 0:
+            return pos, np.zeros(len(ids), dtype=bool)
+        np.minimum(pos, len(self._keys) - 1, out=pos)
+        return pos, self._keys[pos] == ids
 
     def find(self, ids: np.ndarray) -> np.ndarray:
-        get = self.slot_of.get
-        return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        """Slot of each id (any order, repeats allowed); -1 where absent."""
+        pos, found = self._positions(ids)
+        slots = np.full(len(ids), -1, dtype=np.int64)
+        if len(self._keys):
+            np.copyto(slots, self._key_slots[pos], where=found)
+        return slots
 
     def insert(self, ids: np.ndarray, clock: int) -> np.ndarray:
         """Slots for ``ids`` (absent and unique); arrays grow to ``self.slots.end``."""
@@ -171,7 +225,11 @@ class _IdIndex:
         self.last = _grown(self.last, self.slots.end)
         self.ids[slots] = ids
         self.last[slots] = clock
-        self.slot_of.update(zip(ids.tolist(), slots.tolist()))
+        order = np.argsort(ids)
+        new_keys = ids[order]
+        at = np.searchsorted(self._keys, new_keys)
+        self._keys = np.insert(self._keys, at, new_keys)
+        self._key_slots = np.insert(self._key_slots, at, slots[order])
         return slots
 
     def touch(self, slots: np.ndarray, clock: int) -> None:
@@ -179,15 +237,17 @@ class _IdIndex:
         self.last[slots] = np.maximum(self.last[slots], clock)
 
     def remove(self, slots: np.ndarray) -> None:
-        for i in self.ids[slots].tolist():
-            del self.slot_of[i]
+        if len(slots) == 0:
+            return
+        pos, _ = self._positions(self.ids[slots])
+        self._keys = np.delete(self._keys, pos)
+        self._key_slots = np.delete(self._key_slots, pos)
         self.ids[slots] = -1
         self.slots.give(slots)
 
     def live(self) -> np.ndarray:
         """Occupied slots, in increasing id order."""
-        slots = np.flatnonzero(self.ids[:self.slots.end] >= 0)
-        return slots[np.argsort(self.ids[slots], kind="stable")]
+        return self._key_slots.copy()
 
     def expired(self, clock: int, evict_after: int, max_rows: int) -> np.ndarray:
         """Slots untouched for ``evict_after`` clocks, then the least recently
@@ -210,7 +270,8 @@ _STATE_NAMES = {"sgd": (), "adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq"
 class EmbeddingShard:
     """The rows of one table that one server owns, and their optimizer.
 
-    Storage is an id -> slot dict over growable fp32 arrays; freed slots are reused.
+    Storage is a sorted id -> slot index (:class:`_IdIndex`) over growable fp32
+    arrays; freed slots are reused.
     Optimizer state lives in its own slots, allocated at a row's first update.
     """
 
@@ -264,6 +325,8 @@ class EmbeddingShard:
             raise TableError(f"{where}: ids must be 1-D, got shape {ids.shape}; "
                              "flatten them with ids.reshape(-1)")
         n = self.spec.num_embeddings
+        if len(ids) == 0 or (ids.min() >= 0 and (n is None or ids.max() < n)):
+            return
         bad = ids < 0 if n is None else (ids < 0) | (ids >= n)
         if bad.any():
             pos = int(np.flatnonzero(bad)[0])
@@ -273,9 +336,14 @@ class EmbeddingShard:
                                 " or raise num_embeddings (None: unbounded)"))
 
     def _check_update(self, ids: np.ndarray, grads: torch.Tensor) -> None:
+        """Raise :class:`TableError` (changing nothing) unless ``apply(ids, grads)`` is
+        well formed: valid unique ids, fp32 ``[len(ids), dim]`` finite gradients."""
         where = f"table {self.spec.name!r}"
         self.check_ids(ids)
-        num_distinct = len(np.unique(ids))
+        # Strictly increasing ids (what np.unique gives the callers) are unique
+        # without sorting; otherwise sort and compare neighbours.
+        increasing = ids if bool(np.all(ids[1:] > ids[:-1])) else np.sort(ids)
+        num_distinct = len(ids) - int(np.count_nonzero(increasing[1:] == increasing[:-1]))
         if num_distinct != len(ids):
             raise TableError(f"{where}: apply() needs unique ids (sum the gradients of "
                              f"repeated ids first); got {len(ids)} ids, {num_distinct} distinct")
@@ -285,7 +353,9 @@ class EmbeddingShard:
         if tuple(grads.shape) != (len(ids), self.spec.dim):
             raise TableError(f"{where}: grads must have shape (len(ids), dim) = "
                              f"({len(ids)}, {self.spec.dim}), got {tuple(grads.shape)}")
-        if not bool(torch.isfinite(grads).all()):
+        # One pass, no temporaries: min and max propagate NaN, and any +-inf is the
+        # max or the min, so both are finite exactly when every element is.
+        if grads.numel() and not all(map(math.isfinite, map(float, torch.aminmax(grads)))):
             row = int(torch.nonzero(~torch.isfinite(grads))[0, 0])
             raise TableError(f"{where}: gradient of id {int(ids[row])} is not finite; "
                              "skip this update (or unscale the loss) before applying")
@@ -298,8 +368,8 @@ class EmbeddingShard:
         self._values = _grown(self._values, end)
         self._state_slot = _grown(self._state_slot, end)
         spec = self.spec
-        self._values[torch.from_numpy(slots)] = initial_rows(ids, spec.dim, spec.seed,
-                                                             spec.init_scale)
+        self._values.index_copy_(0, torch.from_numpy(slots),
+                                 initial_rows(ids, spec.dim, spec.seed, spec.init_scale))
         self._state_slot[slots] = -1
         return slots
 
@@ -314,7 +384,8 @@ class EmbeddingShard:
             new = self._state_slots.take(len(missing))
             for name, array in self._state.items():
                 array = _grown(array, self._state_slots.end)
-                array[torch.from_numpy(new)] = self._initial_state(name, len(new))
+                fill = self.optimizer.initial_accumulator_value if name == "sum" else 0.0
+                array.index_fill_(0, torch.from_numpy(new), fill)
                 self._state[name] = array
             self._state_slot[missing] = new
             self._num_state_rows += len(new)
@@ -343,6 +414,7 @@ class EmbeddingShard:
         """
         self.check_ids(ids)
         unique, inverse = np.unique(ids, return_inverse=True)
+        inverse = inverse.reshape(-1)
         slots = self._rows.find(unique)
         self._rows.touch(slots[slots >= 0], clock)
         absent = slots < 0
@@ -350,15 +422,18 @@ class EmbeddingShard:
             admitted = self._admit(unique[absent], clock)
             where = np.flatnonzero(absent)[admitted]
             slots[where] = self._create(unique[where], clock)
-        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
         stored = slots >= 0
+        if stored.all():
+            # Every row is stored: one gather of the rows straight into the answer
+            # (slot per position, repeats included), no per-unique-id intermediate.
+            return self._values.index_select(0, torch.from_numpy(slots[inverse]))
+        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
         out[torch.from_numpy(stored)] = self._values.index_select(
             0, torch.from_numpy(slots[stored]))
-        if not stored.all():
-            spec = self.spec
-            out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
-                                                          spec.seed, spec.init_scale)
-        return out[torch.from_numpy(inverse.reshape(-1))]
+        spec = self.spec
+        out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
+                                                      spec.seed, spec.init_scale)
+        return out[torch.from_numpy(inverse)]
 
     def _admit(self, ids: np.ndarray, clock: int) -> np.ndarray:
         """Count one lookup of each (absent, unique) id; mask of those now admitted."""
@@ -392,7 +467,8 @@ class EmbeddingShard:
         if missing.any() and self.spec.admit_after == 1:
             slots[missing] = self._create(ids[missing], clock)
         keep = slots >= 0
-        slots, grads = slots[keep], grads[torch.from_numpy(keep)]
+        if not keep.all():
+            slots, grads = slots[keep], grads[torch.from_numpy(keep)]
         if len(slots):
             self._rows.touch(slots, clock)
             self._step(slots, grads)
