@@ -5,10 +5,11 @@ Gloo with 2 processes, in the same run (DESIGN.md, "Performance principles").
 * ``tessera``: ``tessera run examples/mnist.toml --workers 2 --servers 2 --mode sync
   --steps N --quiet --out DIR`` as a subprocess (the whole job: coordinator,
   2 servers, 2 workers). ``tessera_samples_per_s`` is summary.json's
-  ``samples_per_s``: every step of the loop, the first ones and worker 0's
-  periodic evaluation included. ``tessera_steady_samples_per_s`` is the same run
-  measured like DDP below: the metrics.jsonl windows after the first
-  ``--warmup`` steps (they exclude evaluation).
+  ``samples_per_s``: every step of the loop, the first ones and the periodic
+  evaluation (every 50 steps, on the test split) included.
+  ``tessera_steady_samples_per_s`` is the same run measured like DDP below: the
+  metrics.jsonl windows (5 steps each) after the first ``--warmup`` steps,
+  leaving out the windows an evaluation ran in.
 * ``ddp``: the same model (``tessera.models.build_model``), data
   (``load_dataset`` + the same ``ShardSampler`` order), batch 32 per worker, SGD
   lr 0.05 momentum 0.9 (all read from the same job file), one intra-op thread
@@ -106,13 +107,14 @@ def run_tessera(steps: int, warmup: int, batch_size: int, deadline: float) -> di
         summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
-    # Steady state: metrics.jsonl windows that start after the warm-up. Each
-    # record covers the steps since the previous one; its samples_per_s was taken
-    # before any evaluation, which the next window does not include either.
+    # Steady state: the metrics.jsonl windows that start after the warm-up and hold
+    # no evaluation. Each record covers the steps since the previous record; a
+    # record that carries eval_* fields is the window the evaluation ran in.
     samples = seconds = 0.0
     prev = 0
     for r in records:
-        if prev >= warmup:
+        evaluated = any(k.startswith("eval_") for k in r)
+        if prev >= warmup and not evaluated:
             n = (r["step"] - prev) * batch_size * WORKERS
             samples += n
             seconds += n / r["samples_per_s"]
