@@ -30,6 +30,12 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/ps_roundtrip.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/precision.py
+	$(BIN)/python benchmarks/profiler_overhead.py
+	$(BIN)/python benchmarks/sparse_embedding.py
+	$(BIN)/python benchmarks/stragglers.py
+	$(BIN)/python benchmarks/allreduce_vs_ps.py
+	$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
