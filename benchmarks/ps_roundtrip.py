@@ -195,7 +195,8 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
                                  optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=1,
                                  mode=mode, check=lambda: None, should_stop=stop.is_set)
         conn.send(endpoint.address)
-        prof = os.path.join(profile_dir, f"tessera-server{rank}-{tag}.prof") if profile_dir else None
+        prof = (os.path.join(profile_dir, f"tessera-server{rank}-{tag}.prof")
+                if profile_dir else None)
         with _profile_to(prof):
             server.serve()
         endpoint.close()
@@ -515,7 +516,7 @@ class Bench:
         for servers in a.servers:
             for n in a.sizes:
                 # Leave time to stop everything (~15 s) rather than overrun --timeout.
-                if time.monotonic() + 1.5 * longest + 15 > self.deadline:
+                if longest and time.monotonic() + 1.5 * longest + 15 > self.deadline:
                     _log(f"  skipping {n:,d} elements, {servers} server(s): it would overrun "
                          f"--timeout")
                     continue
@@ -531,10 +532,11 @@ class Bench:
                              for r in range(servers)]
                     self.ask(t_worker, ("open", n, servers, addrs), "tessera worker connect")
                     runners["tessera"] = lambda k, t: self.ask(t_worker, ("run", k, t), "tessera")
-                    pids["tessera"] = [self.proc_of[c].pid for c in [t_worker] + t_servers[:servers]]
+                    pids["tessera"] = [self.proc_of[c].pid
+                                       for c in [t_worker] + t_servers[:servers]]
                 if "zmq" in systems:
-                    self.ask(z_worker, ("open", n, echo_addrs[:servers],
-                                        [(p.start, p.stop, p.server) for p in shard_map.partitions]),
+                    parts = [(p.start, p.stop, p.server) for p in shard_map.partitions]
+                    self.ask(z_worker, ("open", n, echo_addrs[:servers], parts),
                              "zmq worker connect")
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
                     pids["zmq"] = [self.proc_of[c].pid for c in [z_worker] + z_echo[:servers]]

@@ -282,6 +282,11 @@ def main(argv=None) -> int:
             _log(f"ddp run {i + 1}/{a.repeats}: {d['samples_per_s']:.0f} samples/s (other "
                  f"processes {_foreign_cpu_pct(r0[1], r0[2], time.monotonic() - r0[0]):.0f}% CPU)")
             longest = max(longest, time.monotonic() - started)
+    except TimeoutError as exc:
+        _log(f"{exc}; {len(ddp)} complete repeat(s)")
+        if not ddp:
+            return 2
+        tessera = tessera[:len(ddp)]
     finally:
         signal.alarm(0)
 
