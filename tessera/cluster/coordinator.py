@@ -208,9 +208,9 @@ class Coordinator:
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
         servers = [self.finished[("server", r)] for r in range(cfg.cluster.servers)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
-        lead = next((w for w in workers if any(k.startswith("eval_") for k in w)), workers[0])
+        lead = next((w for w in workers if "eval_loss" in w), workers[0])
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
-            "wall_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
+            "wall_s", "eval_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
             "first_overflow", "reference_auc")}
         tables = sorted({k.split(".", 1)[1] for s in servers for k in s if k.startswith("rows.")})
         if tables:

@@ -186,7 +186,7 @@ class PipelineParallel(nn.Module):
                     if p.grad is not None:
                         dist.all_reduce(p.grad, group=self.stage_group)
                         p.grad.div_(self.num_replicas)
-        return float(torch.stack(losses).mean()) if losses else None
+        return float(torch.stack([x.detach() for x in losses]).mean()) if losses else None
 
     def apply_gradients(self) -> None:
         if self.optimizer is not None:

@@ -49,6 +49,10 @@ class Handle:
         self._result = None
         self.skipped = False
 
+    def release(self) -> None:
+        """Drop the received buffers (after their values were copied out)."""
+        self._result = {}
+
     def wait(self, timeout_s: Optional[float] = None):
         if self._result is None:
             self._result, self.skipped = self._client._finish(self._server, self._req,
