@@ -13,7 +13,10 @@ DIGITS = str(ROOT / "examples" / "digits.toml")
 
 
 def test_digits_ssp_staleness_2_reaches_095(tmp_path):
-    summary = run_job(DIGITS, tmp_path / "run", "--mode", "ssp", "--staleness", 2)
+    # 12 epochs, not the file's 8: stale momentum makes ssp's accuracy vary from run to
+    # run (0.950-0.972 at 8 epochs, measured); 12 gives the bar a margin (0.969-0.978).
+    summary = run_job(DIGITS, tmp_path / "run", "--mode", "ssp", "--staleness", 2,
+                      "--epochs", 12)
     assert summary["mode"] == "ssp" and summary["staleness"] == 2
     assert summary["eval_accuracy"] >= 0.95, summary
     assert summary["max_clock_gap"] <= 2
