@@ -13,10 +13,11 @@ DIGITS = str(ROOT / "examples" / "digits.toml")
 
 
 def test_digits_ssp_staleness_2_reaches_095(tmp_path):
-    # 12 epochs, not the file's 8: stale momentum makes ssp's accuracy vary from run to
-    # run (0.950-0.972 at 8 epochs, measured); 12 gives the bar a margin (0.969-0.978).
+    # 20 epochs, not the file's 8: stale momentum makes ssp's accuracy vary from run to
+    # run (measured: 0.950-0.972 at 8 epochs, 0.955-0.981 at 12, 0.981-0.986 at 20), and
+    # the bar must hold on every run, not most.
     summary = run_job(DIGITS, tmp_path / "run", "--mode", "ssp", "--staleness", 2,
-                      "--epochs", 12)
+                      "--epochs", 20)
     assert summary["mode"] == "ssp" and summary["staleness"] == 2
     assert summary["eval_accuracy"] >= 0.95, summary
     assert summary["max_clock_gap"] <= 2
