@@ -52,7 +52,6 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -65,17 +64,8 @@ EPS = 1e-10  # torch.optim.Adagrad's default, as OptimizerConfig's
 ID_SPACE = 10 ** 7
 ZIPF_A = 1.1
 
-_T0 = time.monotonic()
-
-
-def _log(*args) -> None:
-    print(f"[{time.monotonic() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _machine import busy_s as _busy_s  # noqa: E402
+from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 
 
 def _watch_parent() -> None:
@@ -89,20 +79,6 @@ def _watch_parent() -> None:
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def _busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_s() -> float:
-    import resource
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def _cpu_s(pids) -> float:

@@ -55,17 +55,7 @@ WORKER = ROOT / "benchmarks" / "_straggler_worker.py"
 BATCH = 32
 WORKERS, SERVERS = 2, 2
 
-_T0 = time.monotonic()
-
-
-def _log(*args) -> None:
-    print(f"[{time.monotonic() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
-
-
-def _busy_s() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+from _machine import T0 as _T0, busy_s as _busy_s, log as _log  # noqa: E402
 
 
 def _children_s() -> float:

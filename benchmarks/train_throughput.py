@@ -30,7 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,38 +44,8 @@ JOB = ROOT / "examples" / "mnist.toml"
 WORKERS = 2
 SERVERS = 2
 
-_T0 = time.monotonic()
-
-
-def _log(*args) -> None:
-    print(f"[{time.monotonic() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_s() -> float:
-    """CPU seconds of this process and of every child it has waited for."""
-    import resource
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def _foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
-    """Share of the machine's CPU that processes other than this benchmark used."""
-    foreign = (_busy_s() - busy0) - (_own_s() - own0)
-    return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
+from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
+from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 
 
 # ------------------------------------------------------------------ Tessera

@@ -1,0 +1,45 @@
+"""What every benchmark here needs from the machine: a timestamped log, a free
+loopback port, and CPU accounting to say how much of the machine *other*
+processes used during a run (this machine is often shared, and wall-clock rates
+swing with that load, so every line reports it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+#: When the benchmark started (its first import of this module).
+T0 = time.monotonic()
+
+
+def log(*args) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s]", *args, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_s() -> float:
+    """CPU seconds of this process and of every child it has waited for."""
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
+    """Share of the machine's CPU that processes other than this benchmark used."""
+    foreign = (busy_s() - busy0) - (own_s() - own0)
+    return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
