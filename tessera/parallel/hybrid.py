@@ -51,6 +51,7 @@ class HybridParallel(nn.Module):
 
         from tessera.parallel.embedding import _Attached
         self.policy = policy or make_policy("fp32", "cpu")
+        self._device_type = next((p.device.type for p in module.parameters()), "cpu")
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = DDP(module) if params else module
         if params and self.policy.wire_dtype != "float32":
@@ -92,8 +93,7 @@ class HybridParallel(nn.Module):
         return loss * self.scaler.scale if self.scaler.enabled else loss
 
     def forward(self, *args, **kwargs):
-        with self.profiler.span("forward", "compute"), self.policy.autocast(
-                next(iter(self.module.parameters()), torch.zeros(())).device.type):
+        with self.profiler.span("forward", "compute"), self.policy.autocast(self._device_type):
             # Evaluation (one worker, no gradients) must not enter DDP's collectives.
             train = self.module.training and torch.is_grad_enabled()
             return (self.dense if train else self.module)(*args, **kwargs)

@@ -296,9 +296,8 @@ class PSDataParallel(nn.Module):
         return time.perf_counter() - t0
 
     def _copy_in(self, handles: list[Handle]) -> None:
-        with torch.no_grad():
-            for h in handles:
-                self._write(h.wait())
+        for h in handles:
+            self._consume(h, h.wait())
 
     def _write(self, values: dict[int, torch.Tensor]) -> None:
         for pid, tensor in values.items():

@@ -38,9 +38,7 @@ to answer pulls and ``apply`` once per clock with the workers' averaged gradient
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-import msgspec
 import numpy as np
 import torch
 
