@@ -37,6 +37,22 @@ def _run_flags(fn):
         click.option("--stages", type=int, help="Pipeline stages P (pipeline.stages)."),
         click.option("--microbatches", type=int, help="Micro-batches per batch."),
         click.option("--schedule", type=str, help="gpipe | 1f1b (pipeline.schedule)."),
+        click.option("--checkpoint-every", "checkpoint_every", type=int,
+                     help="Checkpoint the servers every N steps (checkpoint.every)."),
+        click.option("--checkpoint-dir", "checkpoint_dir", type=str,
+                     help="Where checkpoints go: a path or fsspec URL (checkpoint.dir)."),
+        click.option("--resume", type=str,
+                     help="Continue from the last complete checkpoint of this run directory."),
+        click.option("--max-restarts", "max_restarts", type=int,
+                     help="Restart a dead worker up to R times (cluster.max_restarts)."),
+        click.option("--replication", type=int,
+                     help="Copies of each partition: 1, or 2 for a backup (ps.replication)."),
+        click.option("--encrypt", is_flag=True, default=None,
+                     help="CURVE-encrypt every connection (cluster.encrypt)."),
+        click.option("--backend", type=str, help="local | ray (cluster.backend)."),
+        click.option("--address", type=str, help="Ray cluster address (cluster.address)."),
+        click.option("--host", type=str,
+                     help="Address servers and coordinator bind to (cluster.host)."),
         click.option("--quiet", is_flag=True, help="No progress bar or table."),
     ]
     for option in reversed(options):
@@ -51,7 +67,11 @@ def _overrides(kwargs) -> dict:
             "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
             "--precision": kwargs["precision"], "--profile": kwargs["profile"],
             "--stages": kwargs["stages"], "--microbatches": kwargs["microbatches"],
-            "--schedule": kwargs["schedule"]}
+            "--schedule": kwargs["schedule"], "--checkpoint-every": kwargs["checkpoint_every"],
+            "--checkpoint-dir": kwargs["checkpoint_dir"], "--resume": kwargs["resume"],
+            "--max-restarts": kwargs["max_restarts"], "--replication": kwargs["replication"],
+            "--encrypt": kwargs["encrypt"], "--backend": kwargs["backend"],
+            "--address": kwargs["address"], "--host": kwargs["host"]}
 
 
 def _load(job, kwargs):

@@ -39,6 +39,15 @@ FLAG_FIELDS: dict[str, str] = {
     "--partition-mb": "ps.partition_mb",
     "--precision": "precision",
     "--profile": "profile.enabled",
+    "--checkpoint-every": "checkpoint.every",
+    "--checkpoint-dir": "checkpoint.dir",
+    "--resume": "resume",
+    "--max-restarts": "cluster.max_restarts",
+    "--replication": "ps.replication",
+    "--encrypt": "cluster.encrypt",
+    "--backend": "cluster.backend",
+    "--address": "cluster.address",
+    "--host": "cluster.host",
 }
 
 

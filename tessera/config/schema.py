@@ -233,7 +233,13 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: Target partition size in MiB. 4 MiB follows BytePS; loopback ZeroMQ moves
     #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
     partition_mb: float = 4.0
+    #: Copies of every dense partition: 1, or 2 (a primary and a backup on the next
+    #: server, which takes over when the primary dies; ``--replication 2``).
+    replication: int = 1
+
     def __post_init__(self) -> None:
+        if self.replication not in (1, 2):
+            raise ValueError(f"replication must be 1 or 2, got {self.replication}")
         if self.staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {self.staleness}")
         if self.staleness and self.mode not in ("ssp", "hybrid"):
@@ -259,8 +265,27 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     #: How long processes have to start and register with the coordinator
     #: (``import torch`` alone costs ~1.3 s of CPU per process here).
     startup_timeout_s: float = 120.0
+    #: Times a dead worker is restarted (it pulls current parameters and rejoins);
+    #: 0: the first death stops the job.
+    max_restarts: int = 0
+    #: Encrypt every connection with CURVE (ZeroMQ's CurveZMQ) on top of the job's
+    #: secret; keys are derived from the secret, so nothing else is to distribute.
+    encrypt: bool = False
+    #: ``local``: every process on this machine (the embedded default); ``ray``: the
+    #: processes run as Ray actors, placed by a placement group (``tessera[ray]``).
+    backend: Literal["local", "ray"] = "local"
+    #: Ray only: the cluster to join (``ray://...``, ``auto``, or ``HOST:PORT``);
+    #: default: start a local Ray instance.
+    address: Optional[str] = None
+    #: Ray only: ``spread`` servers and workers over nodes, or ``pack`` them.
+    placement: Literal["spread", "pack"] = "spread"
 
     def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.address is not None and self.backend != "ray":
+            raise ValueError("address needs backend = 'ray' (--backend ray): it names the "
+                             "Ray cluster to join")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.servers < 0:
@@ -270,6 +295,24 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
             raise ValueError("timeout_s and heartbeat_interval_s must be > 0")
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be at least twice heartbeat_interval_s")
+
+
+class CheckpointConfig(msgspec.Struct, **_STRICT):
+    """Checkpoints of the servers' state (``--checkpoint-every N``)."""
+
+    #: Write a checkpoint every this many clocks (steps); 0: only when the launcher
+    #: is interrupted (SIGINT / SIGTERM).
+    every: int = 0
+    #: Where: a local/NFS path or an fsspec URL; default ``<run dir>/checkpoints``.
+    dir: Optional[str] = None
+    #: Complete checkpoints kept (older ones are deleted once a newer one is complete).
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 (0: only on interrupt), got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
 
 
 class JobConfig(msgspec.Struct, **_STRICT):
@@ -290,6 +333,10 @@ class JobConfig(msgspec.Struct, **_STRICT):
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     profile: Union[bool, ProfileConfig] = False
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
+    #: Continue from the last complete checkpoint of this run directory (or
+    #: checkpoint location); servers and workers may differ from the saved run.
+    resume: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\"):
@@ -313,6 +360,21 @@ class JobConfig(msgspec.Struct, **_STRICT):
                 raise ValueError("pipeline stages run in fp32 for now; drop --precision")
         if isinstance(self.profile, bool):
             self.profile = ProfileConfig(enabled=self.profile)
+        mode = self.ps.mode
+        if self.ps.replication == 2:
+            if mode not in ("sync", "async", "ssp"):
+                raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions on two servers; mode "
+                                 f"{mode!r} keeps none there (use sync, async or ssp)")
+            if self.cluster.servers < 2:
+                raise ValueError(f"ps.replication 2 needs at least 2 servers (a primary and a "
+                                 f"backup), got --servers {self.cluster.servers}")
+            if self.precision == "fp16" and mode == "sync":
+                raise ValueError("ps.replication 2 with precision fp16 in sync mode is not "
+                                 "supported yet; use --precision bf16")
+        if self.cluster.max_restarts and (mode in ("allreduce", "hybrid") or pp.stages > 1):
+            raise ValueError(f"cluster.max_restarts (--max-restarts) needs a parameter-server mode (sync, async, ssp): in "
+                             f"mode {mode!r} the workers form a torch.distributed group, which "
+                             f"cannot lose a member")
         weights = self.ps.server_weights
         if weights is not None and (len(weights) != self.cluster.servers
                                     or any(w <= 0 for w in weights)):
