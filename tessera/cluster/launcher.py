@@ -76,7 +76,8 @@ class Launcher:
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "tessera.cluster.trainer"]
         self.quiet = quiet
         self.children: list[Child] = []
-        self.secret = secrets.token_hex(32)
+        # "curve:" asks every endpoint for CURVE encryption; keys derive from the secret.
+        self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
 
     # --------------------------------------------------------------- phases
 
