@@ -52,6 +52,19 @@ EVERY_MESSAGE = [
     wire.PullRows(req=19, worker=1, table="user", clock=3, dtype="bfloat16"),
     wire.Rows(req=20, table="user", clock=3),
     wire.PushRows(req=21, worker=0, seq=9, clock=3, table="item", scale=2.0),
+    wire.Departed(req=22, role="worker", rank=1, reason="killed by SIGKILL"),
+    wire.CheckpointNow(req=23),
+    wire.CheckpointSaved(req=24, rank=1, clock=20, file="server-1.safetensors", nbytes=4096),
+    wire.Join(req=25, worker=1, incarnation=2, clock=40, partitions=[0, 1], dtype="bfloat16"),
+    wire.Replicate(req=26, kind="grad", partitions=[1], clock=7, pushes=2),
+    wire.Replicate(req=27, kind="grad", partitions=[0], clock=3, pushes=1, worker=1, seq=5),
+    wire.HeartbeatAck(req=28, state="running", checkpoint=True, departed={1: 0},
+                      dead_servers=[0]),
+    wire.ClusterView(req=29, processes=[], partitions=PARTS, layout=LAYOUT,
+                     optimizer=OptimizerConfig(), clock=20, incarnation=1,
+                     restore=wire.Restore(path="memory://ck/clock-00000020", clock=20,
+                                          partitions=PARTS, files=["server-0.safetensors"],
+                                          epoch=1, offset=64)),
 ]
 
 

@@ -1,29 +1,67 @@
 """Authenticated ZeroMQ endpoints: a ROUTER that serves, a DEALER that asks.
 
-Authentication happens in ZeroMQ's own handshake (ZAP, RFC 27): every server
-socket runs the PLAIN mechanism and a ZAP handler that accepts only the job's
-secret, so a peer without it never gets a single message delivered, let alone
-served. Clients watch their socket's handshake events and fail at once, naming
-the server, when it refuses them. (PLAIN sends the secret in the clear; fine on
-loopback and private networks; CURVE encryption is the upgrade path.)
+Authentication happens in ZeroMQ's own handshake (ZAP, RFC 27), so a peer
+without the job's secret never gets a single message delivered, let alone
+served. Two mechanisms, picked by the secret the launcher draws:
+
+* **PLAIN** (a plain hex secret, the default): every server socket runs the
+  PLAIN mechanism and a ZAP handler that accepts only the job's secret as the
+  password. PLAIN sends the secret and all traffic in the clear: fine on
+  loopback and private networks.
+* **CURVE** (``tessera run --encrypt``: the secret is ``"curve:<64 hex>"``;
+  CurveZMQ, RFC 26, ZeroMQ's CurveCP handshake over Curve25519): traffic is
+  encrypted and authenticated per message and the secret itself never crosses
+  the wire. Two long-term keypairs derive from the secret, so no key files are
+  distributed: the *server* keypair (shared by every server socket of the job:
+  coordinator and parameter servers) and the *client* keypair (shared by every
+  client socket), each secret key being ``z85(sha256(tag + secret))``
+  (tags ``tessera-server:`` and ``tessera-client:``), each public key
+  ``zmq.curve_public`` of it. Clients know the server's public key; the ZAP
+  handler accepts only the job's client public key. A client with another
+  secret derives another server key, so the server cannot even open its first
+  handshake message and hangs up.
+
+Clients watch their socket's handshake events and fail at once, naming the
+server, when it refuses them (:class:`AuthRefused`): a wrong PLAIN password, a
+server that hangs up twice during a CURVE handshake, or a server that runs the
+other mechanism (one side started with ``--encrypt``, the other not).
+
+Size limits: ``max_frame_bytes`` sets ``ZMQ_MAXMSGSIZE`` on a socket (servers
+and, optionally, clients; -1: no limit). ZeroMQ checks every frame's length
+prefix *before* allocating it, so a peer that announces a larger frame is
+disconnected and the frame never reaches Python nor memory. The limit applies
+to each frame of a multipart message on the wire; under CURVE a frame on the
+wire carries 33 bytes more than its payload (flags, nonce and MAC), so limits
+need a margin over the largest frame a job sends (the roles add 1 MiB). Headers
+are further capped at :data:`tessera.transport.wire.MAX_HEADER_BYTES` when
+decoded, and receivers check every payload frame's length against their own
+shard map (:mod:`tessera.transport.frames`).
 
 Every wait takes a timeout; a :class:`PeerTimeout` names the peer and the request.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import zmq
 import zmq.auth.thread
+from zmq.utils import z85
 
 from tessera.errors import TesseraError
 from tessera.transport.wire import Message, WireError, decode, encode
 
-_ZAP_DOMAIN = "tessera"
 _USER = "tessera"
+#: A job secret with this prefix asks for CURVE encryption (set by the launcher).
+CURVE_PREFIX = "curve:"
+#: libzmq retries a refused connection every 100 ms; two CURVE hang-ups in a row
+#: (not one, which a server restarting mid-handshake could also cause) mean the
+#: server cannot open our handshake: it holds another secret.
+_CURVE_HANGUPS = 2
 
 
 class TransportError(TesseraError):
@@ -38,26 +76,79 @@ class AuthRefused(TransportError):
     pass
 
 
+class _Keys:
+    """What a job secret means to ZeroMQ: the mechanism and, for CURVE, the keys."""
+
+    __slots__ = ("curve", "domain", "server_public", "server_secret", "client_public",
+                 "client_secret")
+
+    def __init__(self, secret: str):
+        self.curve = secret.startswith(CURVE_PREFIX)
+        # One ZAP domain per secret: one handler per context can then serve
+        # endpoints of different secrets (tests do) without mixing them up.
+        self.domain = "tessera-" + hashlib.sha256(b"tessera-zap:" + secret.encode()).hexdigest()[:16]
+        if self.curve:
+            self.server_public, self.server_secret = _curve_keypair(b"tessera-server:", secret)
+            self.client_public, self.client_secret = _curve_keypair(b"tessera-client:", secret)
+
+    @property
+    def mechanism(self) -> str:
+        return "CURVE" if self.curve else "PLAIN"
+
+
+@functools.lru_cache(maxsize=8)
+def _keys(secret: str) -> _Keys:
+    return _Keys(secret)
+
+
+def _curve_keypair(tag: bytes, secret: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys derived from ``secret``: any 32 bytes make a Curve25519
+    secret key (it is clamped when used), and the public key follows from it."""
+    secret_key = z85.encode(hashlib.sha256(tag + secret.encode()).digest())
+    return zmq.curve_public(secret_key), secret_key
+
+
+class _OnlyKey:
+    """ZAP credentials provider that accepts exactly one CURVE client key."""
+
+    def __init__(self, public_key: bytes):
+        self.public_key = public_key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.public_key
+
+
 class _Auth:
-    """One ZAP handler thread per (context, secret): ZeroMQ asks it about every connection."""
+    """One ZAP handler thread per context (ZeroMQ asks it about every connection),
+    configured once per secret served from that context (a ZAP domain each)."""
 
     _lock = threading.Lock()
     _running: dict[int, zmq.auth.thread.ThreadAuthenticator] = {}
+    _domains: dict[int, set[str]] = {}
 
     @classmethod
-    def ensure(cls, ctx: zmq.Context, secret: str) -> None:
+    def ensure(cls, ctx: zmq.Context, keys: _Keys, secret: str) -> None:
         with cls._lock:
-            if id(ctx) in cls._running:
+            auth = cls._running.get(id(ctx))
+            if auth is None:
+                auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=_quiet_logger())
+                auth.start()
+                cls._running[id(ctx)] = auth
+                cls._domains[id(ctx)] = set()
+            if keys.domain in cls._domains[id(ctx)]:
                 return
-            auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=_quiet_logger())
-            auth.start()
-            auth.configure_plain(domain=_ZAP_DOMAIN, passwords={_USER: secret})
-            cls._running[id(ctx)] = auth
+            if keys.curve:
+                auth.configure_curve_callback(domain=keys.domain,
+                                              credentials_provider=_OnlyKey(keys.client_public))
+            else:
+                auth.configure_plain(domain=keys.domain, passwords={_USER: secret})
+            cls._domains[id(ctx)].add(keys.domain)
 
     @classmethod
     def stop(cls, ctx: zmq.Context) -> None:
         with cls._lock:
             auth = cls._running.pop(id(ctx), None)
+            cls._domains.pop(id(ctx), None)
         if auth is not None:
             auth.stop()
 
@@ -79,14 +170,24 @@ class Received:
 
 
 class ServerEndpoint:
-    """A bound ROUTER socket that only authenticated peers can reach."""
+    """A bound ROUTER socket that only authenticated peers can reach.
+
+    ``max_frame_bytes``: ``ZMQ_MAXMSGSIZE``, the largest frame a peer may send
+    (-1: no limit); a peer announcing a larger one is disconnected (module docstring).
+    """
 
     def __init__(self, ctx: zmq.Context, host: str, secret: str, *, max_frame_bytes: int = -1,
                  port: int = 0):
-        _Auth.ensure(ctx, secret)
+        keys = _keys(secret)
+        _Auth.ensure(ctx, keys, secret)
         self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.zap_domain = _ZAP_DOMAIN.encode()
-        self.sock.plain_server = True
+        self.sock.zap_domain = keys.domain.encode()
+        if keys.curve:
+            self.sock.curve_secretkey = keys.server_secret
+            self.sock.curve_publickey = keys.server_public
+            self.sock.curve_server = True
+        else:
+            self.sock.plain_server = True
         self.sock.linger = 0
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
@@ -132,23 +233,31 @@ class ClientEndpoint:
     """A DEALER connected to one server; many requests may be in flight.
 
     Replies are matched to requests by ``req``; replies that arrive while waiting
-    for another request are kept until asked for.
+    for another request are kept until asked for. ``max_frame_bytes``: the largest
+    frame the server may send us (``ZMQ_MAXMSGSIZE``; -1: no limit).
     """
 
     def __init__(self, ctx: zmq.Context, address: str, secret: str, peer_name: str,
-                 *, sndtimeo_s: float = 30.0):
+                 *, sndtimeo_s: float = 30.0, max_frame_bytes: int = -1):
         self.address = address
         self.peer_name = f"{peer_name} ({address})"
+        self._keys = keys = _keys(secret)
         self.sock = ctx.socket(zmq.DEALER)
-        self.sock.plain_username = _USER.encode()
-        self.sock.plain_password = secret.encode()
+        if keys.curve:
+            self.sock.curve_serverkey = keys.server_public
+            self.sock.curve_publickey = keys.client_public
+            self.sock.curve_secretkey = keys.client_secret
+        else:
+            self.sock.plain_username = _USER.encode()
+            self.sock.plain_password = secret.encode()
         self.sock.linger = 0
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, int(sndtimeo_s * 1000))
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.sock.connect(address)
         self._pending: dict[int, tuple[Message, list]] = {}
         self._next_req = 1
@@ -159,17 +268,37 @@ class ClientEndpoint:
         """Block until the handshake (authentication included) has succeeded."""
         from zmq.utils.monitor import recv_monitor_message
         deadline = time.monotonic() + timeout_s
+        hangups = 0
         while time.monotonic() < deadline:
             check()
             if self._monitor.poll(100):
-                event = recv_monitor_message(self._monitor)["event"]
+                got = recv_monitor_message(self._monitor)
+                event, value = got["event"], got["value"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     return
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     raise AuthRefused(f"{self.peer_name} refused our credentials: this process "
                                       f"does not hold the job's secret")
+                if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    # The server closed the connection mid-handshake. Under PLAIN that
+                    # is not a verdict (ZeroMQ reconnects); under CURVE it is how a
+                    # server that cannot open our HELLO (other secret) answers.
+                    hangups += 1
+                    if self._keys.curve and hangups >= _CURVE_HANGUPS:
+                        raise AuthRefused(
+                            f"{self.peer_name} hung up during the CURVE handshake {hangups} times: "
+                            f"it holds another server key, so this process does not hold the "
+                            f"job's secret (or the server is not a Tessera process)")
+                    continue
+                if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                    raise AuthRefused(
+                        f"{self.peer_name} runs another security mechanism than our "
+                        f"{self._keys.mechanism}: one side was started with --encrypt "
+                        f"(CURVE) and the other without, so this process does not hold "
+                        f"the job's secret")
                 raise TransportError(f"{self.peer_name} failed the ZeroMQ handshake "
-                                     f"(event {event}): is it a Tessera process?")
+                                     f"(event {event}, value {value:#x}): is it a Tessera "
+                                     f"process?")
         raise PeerTimeout(f"could not connect to {self.peer_name} within {timeout_s:g} s")
 
     def new_req(self) -> int:

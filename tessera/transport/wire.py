@@ -120,6 +120,24 @@ class Register(msgspec.Struct, **_MSG):
     layout: Optional[list[ParamSpec]] = None
     optimizer: Optional[OptimizerConfig] = None
     tables: list[TableSpec] = []
+    #: Worker 0: samples in its training set (0: unknown or a stream), so that the
+    #: coordinator can record each worker's data position in checkpoints.
+    samples: int = 0
+
+
+class Restore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where servers load their state from when a job resumes from a checkpoint."""
+
+    #: The checkpoint directory (local path or fsspec URL) holding the files below.
+    path: str
+    clock: int
+    #: The saved run's partitions (the new map may cut the vector differently).
+    partitions: list[PartitionInfo]
+    #: File of each saved server, by saved rank.
+    files: list[str]
+    #: Data position at ``clock``: epoch, and offset into that epoch's permutation.
+    epoch: int = 0
+    offset: int = 0
 
 
 class ClusterView(msgspec.Struct, **_MSG):
@@ -129,12 +147,23 @@ class ClusterView(msgspec.Struct, **_MSG):
     layout: list[ParamSpec]
     optimizer: OptimizerConfig
     tables: list[TableSpec] = []
+    #: Set when the job resumes from a checkpoint.
+    restore: Optional[Restore] = None
+    #: The clock this process starts at (a resumed job's checkpoint clock, or for a
+    #: restarted worker the last clock it reported).
+    clock: int = 0
+    #: How many times this rank has (re)joined: 0 for the first start. Push sequence
+    #: numbers of incarnation i start above those of every earlier one.
+    incarnation: int = 0
 
 
 class Heartbeat(msgspec.Struct, **_MSG):
     req: int
     role: str
     rank: int
+    #: Workers: the last clock they completed (-1: none yet); servers: their lowest
+    #: partition clock.
+    clock: int = -1
 
 
 class HeartbeatAck(msgspec.Struct, **_MSG):
@@ -142,6 +171,37 @@ class HeartbeatAck(msgspec.Struct, **_MSG):
     #: ``running``; ``shutdown`` (work is done, exit cleanly); ``failed`` (see reason).
     state: str
     reason: str = ""
+    #: To worker 0: write a checkpoint at your next step (the launcher was interrupted).
+    checkpoint: bool = False
+    #: Workers that died (worker -> the incarnation that died): servers stop waiting for them.
+    departed: dict[int, int] = {}
+    #: Servers that died; with replication their backups now own their partitions.
+    dead_servers: list[int] = []
+
+
+class Departed(msgspec.Struct, **_MSG):
+    """From the launcher: a process of the job exited (faster than a heartbeat timeout)."""
+
+    req: int
+    role: str
+    rank: int
+    reason: str
+
+
+class CheckpointNow(msgspec.Struct, **_MSG):
+    """From the launcher: write a checkpoint; answered with Ack once it is complete."""
+
+    req: int
+
+
+class CheckpointSaved(msgspec.Struct, **_MSG):
+    """From a server: its file of the checkpoint at ``clock`` is written."""
+
+    req: int
+    rank: int
+    clock: int
+    file: str
+    nbytes: int
 
 
 class TimeSync(msgspec.Struct, **_MSG):
@@ -219,6 +279,39 @@ class Push(msgspec.Struct, **_MSG):
     nonfinite: str = ""
     #: Sender's clock (aligned to the coordinator's) when sent; 0 when not profiling.
     sent_ns: int = 0
+    #: > 0 (worker 0 only): servers write a checkpoint when they reach this clock.
+    checkpoint: int = 0
+
+
+class Join(msgspec.Struct, **_MSG):
+    """A restarted worker joins sync training at ``clock``: servers count its pushes
+    from that clock on. Answered with the partitions' values at ``clock`` (a Params),
+    or an Error when a partition is already past it (ask again later)."""
+
+    req: int
+    worker: int
+    incarnation: int
+    clock: int
+    partitions: list[int]
+    dtype: str = "float32"
+
+
+class Replicate(msgspec.Struct, **_MSG):
+    """Primary -> backup: apply this update (or initial values) to your copy.
+
+    ``kind`` ``init``: frames are initial values; ``grad``: frames are the fp32
+    gradient the primary applied, which the backup applies with the same optimizer
+    (so both copies stay bit-identical). ``pushes`` worker pushes went into it;
+    ``worker``/``seq`` name the push for async dedupe (-1 for a sync sum).
+    """
+
+    req: int
+    kind: str
+    partitions: list[int]
+    clock: int
+    pushes: int = 0
+    worker: int = -1
+    seq: int = -1
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
@@ -289,7 +382,8 @@ class PushRows(msgspec.Struct, **_MSG):
 
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
                 InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck,
-                PullRows, Rows, PushRows]
+                PullRows, Rows, PushRows, Departed, CheckpointNow, CheckpointSaved, Join,
+                Replicate]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
