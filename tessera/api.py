@@ -96,10 +96,16 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                      optimizer=opt if first else None,
                      tables=[t.spec for t in tables] if first else [])
     client = _connect_client(session, policy)
+    view = session.view
+    hb = session.heartbeat
     _model = PSDataParallel(model, client, session.shard_map(), is_first=first, policy=policy,
                             scaler=scaler, two_phase=two_phase(cfg),
                             log=lambda line: print(line, flush=True), profiler=session.profiler,
-                            tables=tables, device=device)
+                            tables=tables, device=device, start_clock=view.clock,
+                            incarnation=view.incarnation, restored=view.restore is not None,
+                            mode=cfg.ps.mode, checkpoint_every=cfg.checkpoint.every,
+                            checkpoint_wanted=lambda: hb.checkpoint_requested,
+                            on_clock=lambda clock: setattr(hb, "clock", clock))
     return _model
 
 
@@ -109,7 +115,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       server_addresses=session.server_addresses(), secret=session.secret,
                       worker=session.rank, timeout_s=session.timeout_s,
                       wire_dtype=policy.wire_dtype, check=session.check,
-                      profiler=session.profiler)
+                      profiler=session.profiler, incarnation=session.view.incarnation,
+                      dead_servers=lambda: session.heartbeat.dead_servers)
     client.connect()
     return client
 
@@ -185,8 +192,13 @@ def profiler():
 def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> ShardSampler:
     """This worker's deterministic share of a dataset of ``num_samples`` samples."""
     session = _require()
-    return ShardSampler(num_samples, batch_size=batch_size, num_workers=session.num_workers,
-                        rank=session.rank, seed=session.cfg.train.seed if seed is None else seed)
+    session.data_samples = num_samples
+    sampler = ShardSampler(num_samples, batch_size=batch_size, num_workers=session.num_workers,
+                           rank=session.rank, seed=session.cfg.train.seed if seed is None else seed)
+    if session.view is not None and session.view.restore is not None:
+        r = session.view.restore
+        sampler.seek(r.clock, r.epoch, r.offset)
+    return sampler
 
 
 def finish(**stats: Any) -> None:
@@ -199,6 +211,7 @@ def finish(**stats: Any) -> None:
         stats.setdefault("bytes_pulled", client.bytes_pulled if client else 0)
         stats.setdefault("allreduce_bytes", getattr(_model, "allreduce_bytes", 0))
         stats.setdefault("skipped_steps", _model.skipped_steps)
+        stats.setdefault("pushes_acked", getattr(client, "pushes_acked", 0) if client else 0)
         stats.setdefault("loss_scale", _model.loss_scale)
         if _model.overflows:
             first = _model.overflows[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tessera.data.sampler import ShardSampler
@@ -84,3 +84,30 @@ def test_rank_out_of_range():
         ShardSampler(100, batch_size=4, num_workers=2, rank=2, seed=0)
     with pytest.raises(ValueError, match="rank"):
         ShardSampler(100, batch_size=4, num_workers=2, rank=-1, seed=0)
+
+
+@given(n=st.integers(50, 400), b=st.integers(1, 8), w_old=st.integers(1, 4),
+       w_new=st.integers(1, 4), stop=st.integers(0, 30), seed=st.integers(0, 5))
+@settings(max_examples=80, deadline=None)
+def test_resume_with_another_worker_count_sees_each_sample_of_the_epoch_once(
+        n, b, w_old, w_new, stop, seed):
+    """Run `stop` steps with w_old workers, checkpoint the cursor, resume with w_new:
+    over the epoch being read at the checkpoint, no sample is taken twice, and what is
+    left out is less than one new global batch (the dropped remainder)."""
+    from tessera.data.sampler import advance_cursor
+    assume(n // (b * w_old) >= 1 and n // (b * w_new) >= 1)
+    old = [ShardSampler(n, batch_size=b, num_workers=w_old, rank=r, seed=seed)
+           for r in range(w_old)]
+    epoch, offset = advance_cursor(0, 0, stop, b * w_old, n)
+    new = [ShardSampler(n, batch_size=b, num_workers=w_new, rank=r, seed=seed)
+           for r in range(w_new)]
+    for s in new:
+        s.seek(stop, epoch, offset)
+    seen = [i for step in range(stop) for s in old
+            if s._locate(step)[0] == epoch for i in s.indices(step)]
+    end = new[0].steps_until_epoch(epoch + 1)
+    seen += [i for step in range(stop, end) for s in new for i in s.indices(step)]
+    assert len(seen) == len(set(seen))
+    assert n - len(seen) < max(b * w_new, b * w_old)
+    # The resumed sampler's cursor arithmetic agrees with advance_cursor.
+    assert new[0]._locate(end) == (epoch + 1, 0)

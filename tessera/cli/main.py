@@ -2,6 +2,7 @@
 
     tessera run JOB.toml [--workers N] [--servers M] [--mode sync|async] ...
     tessera launch [--workers N] [--servers M] [--mode ...] SCRIPT.py [ARGS...]
+    tessera node JOB.toml --coordinator HOST:PORT --nodes N --node-rank K [--host ADDR] ...
 
 A bad file or flag exits with code 2 and one line naming the field and what is
 allowed; a failed job exits non-zero naming the process that failed.
@@ -85,6 +86,20 @@ def _load(job, kwargs):
     return cfg
 
 
+def _launcher_class(cfg):
+    """The local launcher, or the Ray one for ``--backend ray`` (needs ``tessera[ray]``)."""
+    if cfg.cluster.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            click.echo("tessera: --backend ray needs Ray: pip install 'tessera[ray]'", err=True)
+            sys.exit(2)
+        from tessera.cluster.ray_backend import RayLauncher
+        return RayLauncher
+    from tessera.cluster.launcher import Launcher
+    return Launcher
+
+
 @click.group()
 @click.version_option(package_name="tessera")
 def cli() -> None:
@@ -97,8 +112,7 @@ def cli() -> None:
 def run(job: str, **kwargs) -> None:
     """Train the job described by the TOML file JOB on a local cluster."""
     cfg = _load(job, kwargs)
-    from tessera.cluster.launcher import Launcher
-    sys.exit(Launcher(cfg, quiet=kwargs["quiet"]).run())
+    sys.exit(_launcher_class(cfg)(cfg, quiet=kwargs["quiet"]).run())
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
@@ -109,9 +123,39 @@ def run(job: str, **kwargs) -> None:
 def launch(job, script, script_args, **kwargs) -> None:
     """Run your own SCRIPT as every worker of a local cluster (see README)."""
     cfg = _load(job, kwargs)
-    from tessera.cluster.launcher import Launcher
     cmd = [sys.executable, script, *script_args]
-    sys.exit(Launcher(cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
+    sys.exit(_launcher_class(cfg)(cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
+
+
+@cli.command()
+@click.argument("job", type=str)
+@click.option("--coordinator", type=str, default=None,
+              help="HOST:PORT of the coordinator, which node 0 runs (env TESSERA_COORDINATOR, "
+                   "or MASTER_ADDR and MASTER_PORT).")
+@click.option("--nodes", type=int, default=None,
+              help="Nodes in the job (env NNODES, SLURM_NNODES, WORLD_SIZE).")
+@click.option("--node-rank", "node_rank", type=int, default=None,
+              help="This node's index, 0..N-1 (env NODE_RANK, SLURM_NODEID, "
+                   "JOB_COMPLETION_INDEX, GROUP_RANK).")
+@click.option("--secret-file", "secret_file", type=str, default=None,
+              help="File holding the job's secret (else env TESSERA_SECRET); same on every node.")
+@_run_flags
+def node(job: str, coordinator, nodes, node_rank, secret_file, **kwargs) -> None:
+    """Run this machine's share of JOB spread over many machines: the same command on
+    every node; node 0 also runs the coordinator at --coordinator."""
+    import os
+
+    from tessera.cluster.node import NodeLauncher, NodeSettingError, node_settings
+    cfg = _load(job, kwargs)
+    try:
+        settings = node_settings(cfg, coordinator=coordinator, nodes=nodes, node_rank=node_rank,
+                                 host=kwargs["host"], secret_file=secret_file, env=os.environ)
+    except NodeSettingError as exc:
+        click.echo(f"tessera: {exc}", err=True)
+        sys.exit(2)
+    for warning in settings.warnings:
+        click.echo(f"tessera: warning: {warning}", err=True)
+    sys.exit(NodeLauncher(cfg, settings, quiet=kwargs["quiet"]).run())
 
 
 @cli.command()

@@ -13,7 +13,17 @@ One per job. Its life:
    ``heartbeat_timeout_s`` is declared dead, and every heartbeat reply from then
    on says ``failed`` with the reason, so all processes stop with an error that
    names the dead one.
-4. **End.** When every worker has sent :class:`Finished`, heartbeats answer
+   With ``--max-restarts`` a dead worker is *departed* instead: heartbeat replies
+   carry ``departed`` so servers stop waiting for it, and when it registers again
+   it gets the view at once (with a new incarnation and the clock it last reported).
+   With ``--replication 2`` a dead server is added to ``dead_servers`` so clients
+   re-route to its backup; only losing both copies of a partition fails the job.
+4. **Checkpoints.** Servers report each file they write (:class:`CheckpointSaved`);
+   once every live server has reported a clock, the coordinator writes that
+   checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
+   config and each worker's data position, and prunes old checkpoints. The launcher
+   asks for one on SIGINT/SIGTERM (:class:`CheckpointNow`, answered when complete).
+5. **End.** When every worker has sent :class:`Finished`, heartbeats answer
    ``shutdown``; servers send their own reports and exit; the coordinator writes
    ``summary.json`` and exits.
 
@@ -51,7 +61,9 @@ class Coordinator:
         cl = cfg.cluster
         self.expected = {("server", r) for r in range(cl.servers)} | \
                         {("worker", r) for r in range(cl.workers)}
-        self.endpoint = ServerEndpoint(ctx, cl.host, secret)
+        # Coordinator messages are headers only (the largest: worker 0's layout).
+        self.endpoint = ServerEndpoint(ctx, cl.host, secret,
+                                       max_frame_bytes=wire.MAX_HEADER_BYTES + 4096)
         self.procs: dict[tuple[str, int], wire.ProcessInfo] = {}
         self.held: list[tuple[bytes, int]] = []
         self.layout: Optional[list[wire.ParamSpec]] = None
@@ -67,6 +79,29 @@ class Coordinator:
         self.failed_at = 0.0
         self.profiler: SpanRecorder = (SpanRecorder("coordinator", 0) if cfg.profile.enabled
                                        else OFF)
+        # Membership under failures.
+        self.incarnation: dict[int, int] = {}
+        self.departed: dict[int, int] = {}
+        self.lost_at: dict[tuple[str, int], float] = {}
+        self.dead_servers: set[int] = set()
+        self.worker_clock: dict[int, int] = {}
+        self.restarts = 0
+        self.departures = 0
+        # Checkpoints.
+        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, find_resume
+        self.store = CheckpointStore(checkpoint_url(cfg, self.run_dir))
+        self.reports: dict[int, dict[int, tuple[str, int]]] = {}
+        self.checkpoints: list[int] = []
+        self.checkpoint_waiters: list[tuple[bytes, int]] = []
+        self.samples = 0
+        self.resume_manifest: Optional[dict] = None
+        self.resume_store = None
+        if cfg.resume:
+            self.resume_store, self.resume_manifest = find_resume(cfg.resume)
+        # The data cursor at the start of this run: (clock, epoch, offset).
+        data = (self.resume_manifest or {}).get("data", {})
+        self.cursor0 = ((self.resume_manifest or {}).get("clock", 0), data.get("epoch", 0),
+                        data.get("offset", 0))
 
     @property
     def address(self) -> str:
@@ -93,22 +128,61 @@ class Coordinator:
                            f"still waiting for {', '.join(f'{r} {k}' for r, k in missing)} "
                            f"to register (see its log in {self.run_dir / 'logs'})")
             if self.state in ("starting", "running", "shutdown"):
-                for key, seen in self.last_seen.items():
+                for key, seen in list(self.last_seen.items()):
                     if key in self.finished:
                         continue
                     if now - seen > cl.heartbeat_timeout_s:
                         info = self.procs.get(key)
                         where = f" (pid {info.pid} on {info.host})" if info else ""
-                        self._fail(f"{key[0]} {key[1]}{where} sent no heartbeat for "
-                                   f"{now - seen:.1f} s: it died or hangs")
-                        break
-            if self.state == "shutdown" and all(k in self.finished for k in self.expected):
+                        self._lost(key, f"{key[0]} {key[1]}{where} sent no heartbeat for "
+                                        f"{now - seen:.1f} s: it died or hangs")
+                        if self.state == "failed":
+                            break
+                for key, since in list(self.lost_at.items()):
+                    if now - since > cl.startup_timeout_s:
+                        self._fail(f"{key[0]} {key[1]} died and did not come back within "
+                                   f"{cl.startup_timeout_s:.0f} s")
+            needed = {k for k in self.expected
+                      if not (k[0] == "server" and k[1] in self.dead_servers)}
+            if self.state == "shutdown" and all(k in self.finished for k in needed):
                 self._write_summary()
                 return 0
             # After a failure keep answering heartbeats long enough that every
             # process hears about it, then exit non-zero.
             if self.state == "failed" and now - self.failed_at > 2 * cl.heartbeat_interval_s + 1:
                 return 3
+
+    def _lost(self, key: tuple[str, int], reason: str) -> None:
+        """A process died: go on without it where the job allows, else fail."""
+        role, rank = key
+        cl = self.cfg.cluster
+        if self.state not in ("running", "starting") or key in self.lost_at:
+            if self.state != "failed" and key not in self.lost_at:
+                self._fail(reason)
+            return
+        if self.state == "running" and role == "worker" and cl.max_restarts > 0:
+            self.departed[rank] = self.incarnation.get(rank, 0)
+            self.departures += 1
+            self.last_seen.pop(key, None)
+            self.lost_at[key] = time.monotonic()
+            self.profiler.instant(f"departed worker {rank}", "membership")
+            print(f"coordinator: {reason}; worker {rank} left the job, waiting for it to "
+                  f"rejoin", flush=True)
+            return
+        if self.state == "running" and role == "server" and self.cfg.ps.replication == 2:
+            servers = cl.servers
+            self.dead_servers.add(rank)
+            self.last_seen.pop(key, None)
+            if (rank + 1) % servers in self.dead_servers or (rank - 1) % servers in self.dead_servers:
+                self._fail(f"{reason}; with server {rank} and its neighbour both dead, some "
+                           f"partitions have no copy left")
+                return
+            print(f"coordinator: {reason}; server {(rank + 1) % servers} takes over its "
+                  f"partitions", flush=True)
+            self.profiler.instant(f"server {rank} dead, backup promoted", "membership")
+            self._maybe_manifest()
+            return
+        self._fail(reason)
 
     def _fail(self, reason: str) -> None:
         if self.state != "failed":
@@ -126,10 +200,29 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.TimeSyncAck(req=msg.req, t1_ns=time.time_ns()))
         elif isinstance(msg, wire.Heartbeat):
             key = (msg.role, msg.rank)
-            if key in self.procs:
+            if key in self.procs and key not in self.lost_at:
                 self.last_seen[key] = time.monotonic()
-            self.endpoint.send(got.peer, wire.HeartbeatAck(req=msg.req, state=(
-                "running" if self.state == "starting" else self.state), reason=self.reason))
+                if msg.role == "worker" and msg.clock >= 0:
+                    self.worker_clock[msg.rank] = msg.clock
+            self.endpoint.send(got.peer, wire.HeartbeatAck(
+                req=msg.req, state=("running" if self.state == "starting" else self.state),
+                reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
+                departed=self.departed, dead_servers=sorted(self.dead_servers)))
+        elif isinstance(msg, wire.Departed):
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
+            key = (msg.role, msg.rank)
+            if key in self.procs and key not in self.finished:
+                self._lost(key, msg.reason)
+        elif isinstance(msg, wire.CheckpointSaved):
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
+            self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
+            self._maybe_manifest()
+        elif isinstance(msg, wire.CheckpointNow):
+            if self.state != "running" or not self.cfg.cluster.servers:
+                self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: no checkpoint possible now (job {self.state})")))
+            else:
+                self.checkpoint_waiters.append((got.peer, msg.req))
         elif isinstance(msg, wire.Register):
             self._on_register(got.peer, msg)
         elif isinstance(msg, wire.Finished):
@@ -152,6 +245,9 @@ class Coordinator:
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: {msg.role} {msg.rank} is not part of this job ({roles})")))
             return
+        if key in self.lost_at and self.state == "running" and msg.role == "worker":
+            self._rejoin(peer, msg)
+            return
         if key in self.procs and self.state != "starting":
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: {msg.role} {msg.rank} registered twice")))
@@ -162,7 +258,13 @@ class Coordinator:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
+            problem = self._check_against_checkpoint(msg)
+            if problem:
+                self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
+                self._fail(problem)
+                return
             self.layout, self.optimizer, self.tables = msg.layout, msg.optimizer, msg.tables
+            self.samples = msg.samples
         self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
                                            pid=msg.pid, address=msg.address)
         self.profiler.instant(f"registered {msg.role} {msg.rank}", "membership", pid=msg.pid)
@@ -189,10 +291,9 @@ class Coordinator:
             "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
                            for p in self.shard_map.partitions],
         })
+        self.procs_sorted = procs
         for peer, req in self.held:
-            self.endpoint.send(peer, wire.ClusterView(
-                req=req, processes=procs, partitions=list(self.shard_map.partitions),
-                layout=self.layout, optimizer=self.optimizer, tables=self.tables))
+            self.endpoint.send(peer, self._view(req))
         self.held.clear()
         self.state = "running"
         self.profiler.instant("cluster up", "membership",
@@ -201,12 +302,114 @@ class Coordinator:
         print(f"coordinator: cluster up: {len(procs)} processes, {len(self.shard_map.partitions)} "
               f"partitions, bytes per server {loads}", flush=True)
 
+    def _view(self, req: int, rank: int = -1) -> wire.ClusterView:
+        restore = None
+        if self.resume_manifest is not None:
+            from tessera.ps.checkpoint import restore_info
+            restore = restore_info(self.resume_store, self.resume_manifest)
+        clock = restore.clock if restore else 0
+        if rank >= 0:  # a restarted worker: where it got to (the servers may be further)
+            clock = max(clock, self.worker_clock.get(rank, clock))
+        return wire.ClusterView(
+            req=req, processes=self.procs_sorted, partitions=list(self.shard_map.partitions),
+            layout=self.layout, optimizer=self.optimizer, tables=self.tables, restore=restore,
+            clock=clock, incarnation=self.incarnation.get(rank, 0) if rank >= 0 else 0)
+
+    def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
+        key = (msg.role, msg.rank)
+        self.incarnation[msg.rank] = self.incarnation.get(msg.rank, 0) + 1
+        self.restarts += 1
+        del self.lost_at[key]
+        self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
+                                           pid=msg.pid, address=msg.address)
+        self.last_seen[key] = time.monotonic()
+        self.profiler.instant(f"rejoined worker {msg.rank}", "membership", pid=msg.pid)
+        print(f"coordinator: worker {msg.rank} rejoined (pid {msg.pid}, incarnation "
+              f"{self.incarnation[msg.rank]})", flush=True)
+        self.endpoint.send(peer, self._view(msg.req, rank=msg.rank))
+
+    def _check_against_checkpoint(self, msg: wire.Register) -> str:
+        """Why worker 0's model cannot resume from the checkpoint ("" if it can)."""
+        m = self.resume_manifest
+        if m is None:
+            return ""
+        saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
+        now = [(p.name, list(p.shape)) for p in msg.layout or []]
+        if saved != now:
+            diff = next(((a, b) for a, b in zip(saved, now) if a != b), None)
+            detail = (f"parameter {diff[1][0]!r} {diff[1][1]} where the checkpoint has "
+                      f"{diff[0][0]!r} {diff[0][1]}" if diff else
+                      f"{len(now)} parameters where the checkpoint has {len(saved)}")
+            return (f"--resume {self.cfg.resume}: the model does not match the checkpoint "
+                    f"({detail}); resume with the same model")
+        saved_tables = {t["name"]: t["dim"] for t in m.get("tables", [])}
+        now_tables = {t.name: t.dim for t in msg.tables}
+        if saved_tables != now_tables:
+            return (f"--resume {self.cfg.resume}: the model's tables {now_tables} do not match "
+                    f"the checkpoint's {saved_tables}")
+        return ""
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _maybe_manifest(self) -> None:
+        """Write the manifest of every clock all live servers have reported, last."""
+        live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers}
+        for clock in sorted(self.reports):
+            got = self.reports[clock]
+            if not live <= set(got) or clock in self.checkpoints:
+                continue
+            try:
+                self._write_manifest(clock, got)
+            except OSError as exc:
+                print(f"coordinator: checkpoint manifest at clock {clock} could not be "
+                      f"written to {self.store.url}: {exc}", flush=True)
+                continue
+            self.checkpoints.append(clock)
+            del self.reports[clock]
+            for peer, req in self.checkpoint_waiters:
+                self.endpoint.send(peer, wire.Ack(req=req))
+            self.checkpoint_waiters.clear()
+            self.store.prune(self.cfg.checkpoint.keep)
+
+    def _write_manifest(self, clock: int, files: dict[int, tuple[str, int]]) -> None:
+        from tessera.data.sampler import advance_cursor
+        cfg = self.cfg
+        w, b = cfg.cluster.workers, cfg.data.batch_size
+        c0, e0, o0 = self.cursor0
+        epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, self.samples)
+        owner = {p.id: p.server for p in self.shard_map.partitions}
+        for pid, server in owner.items():  # a dead primary's partitions: its backup's file
+            if server in self.dead_servers:
+                owner[pid] = (server + 1) % cfg.cluster.servers
+        manifest = {
+            "format": 1,
+            "clock": clock,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mode": cfg.ps.mode,
+            "servers": cfg.cluster.servers,
+            "files": {str(r): f for r, (f, _) in sorted(files.items())},
+            "bytes": sum(n for _, n in files.values()),
+            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": owner[p.id]}
+                           for p in self.shard_map.partitions],
+            "layout": [msgspec.to_builtins(p) for p in self.layout],
+            "tables": [msgspec.to_builtins(t) for t in self.tables],
+            "optimizer": msgspec.to_builtins(self.optimizer),
+            "data": {"epoch": epoch, "offset": offset, "samples": self.samples,
+                     "workers": w, "batch_size": b,
+                     "positions": [{"worker": r, "epoch": epoch, "offset": offset + r * b}
+                                   for r in range(w)]},
+            "config": msgspec.to_builtins(cfg),
+        }
+        self.store.write_manifest(clock, manifest)
+        print(f"coordinator: checkpoint at clock {clock} complete "
+              f"({self.store.url_of(clock)})", flush=True)
+
     # ---------------------------------------------------------------- summary
 
     def _write_summary(self) -> None:
         cfg = self.cfg
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
-        servers = [self.finished[("server", r)] for r in range(cfg.cluster.servers)]
+        servers = [self.finished.get(("server", r), {}) for r in range(cfg.cluster.servers)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
         lead = next((w for w in workers if "eval_loss" in w), workers[0])
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
@@ -233,11 +436,31 @@ class Coordinator:
             "staleness": cfg.ps.staleness,
             "max_clock_gap": max((int(s.get("max_clock_gap", 0)) for s in servers), default=0),
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
+            "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
+            "pushes_applied": self._applied(servers),
+            "restarts": self.restarts,
+            "departures": self.departures,
+            "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
+            "dead_servers": sorted(self.dead_servers),
+            "checkpoints": self.checkpoints,
+            "resumed_from": (f"{self.resume_store.url} clock {self.resume_manifest['clock']}"
+                             if self.resume_manifest else None),
             "config": msgspec.to_builtins(cfg),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)
+        self._maybe_manifest()
         if self.cfg.profile.enabled:
             self._write_profile()
+
+    def _applied(self, servers: list[dict]) -> int:
+        """Worker pushes applied, counted on the copy of each partition that survived."""
+        total = 0
+        for p in self.shard_map.partitions if self.shard_map else ():
+            owner = p.server
+            if owner in self.dead_servers:
+                owner = (owner + 1) % self.cfg.cluster.servers
+            total += int(servers[owner].get(f"applied.p{p.id}", 0))
+        return total
 
     def _write_profile(self) -> None:
         from tessera.profiler.report import write_report

@@ -36,6 +36,12 @@ class Heartbeat:
         self.role, self.rank = role, rank
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self._failure = ""
+        #: What this process reports: a worker's completed clock, a server's lowest.
+        self.clock = -1
+        #: The coordinator's latest word on membership and checkpoints.
+        self.departed: dict[int, int] = {}
+        self.dead_servers: list[int] = []
+        self.checkpoint_requested = False
         self._shutdown = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}{rank}",
@@ -53,7 +59,8 @@ class Heartbeat:
                     return
                 req = self._ep.new_req()
                 try:
-                    self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank))
+                    self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank,
+                                                 clock=self.clock))
                     msg, _ = self._ep.wait(req, self.interval_s * 2, "heartbeat")
                 except TransportError:
                     if time.monotonic() - last_ack > self.timeout_s:
@@ -63,6 +70,9 @@ class Heartbeat:
                     continue
                 last_ack = time.monotonic()
                 if isinstance(msg, wire.HeartbeatAck):
+                    self.departed = msg.departed
+                    self.dead_servers = msg.dead_servers
+                    self.checkpoint_requested = msg.checkpoint
                     if msg.state == "failed":
                         self._failure = msg.reason or "the coordinator declared the job failed"
                         return
@@ -75,6 +85,10 @@ class Heartbeat:
     @property
     def shutdown_requested(self) -> bool:
         return self._shutdown.is_set()
+
+    def membership(self) -> tuple[dict[int, int], list[int]]:
+        """(departed workers -> incarnation, dead servers), as last heard."""
+        return self.departed, self.dead_servers
 
     def check(self) -> None:
         """Raise :class:`ClusterFailure` if the cluster has failed."""

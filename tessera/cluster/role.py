@@ -52,7 +52,17 @@ def coordinator_main() -> None:
     run_dir = Path(os.environ["TESSERA_RUN_DIR"])
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     ctx = zmq.Context()
+    # `tessera node` fixes the coordinator's address (HOST:PORT, the --coordinator every
+    # node is given); `tessera run` lets it take a random port on cluster.host.
+    bind = os.environ.get("TESSERA_COORDINATOR_BIND", "")
+    if bind:
+        from tessera.transport.endpoint import ServerEndpoint
+        host, _, port = bind.rpartition(":")
+        cfg.cluster.host = host
     coord = Coordinator(cfg, run_dir, os.environ["TESSERA_SECRET"], ctx=ctx)
+    if bind:
+        coord.endpoint.close()
+        coord.endpoint = ServerEndpoint(ctx, host, os.environ["TESSERA_SECRET"], port=int(port))
     write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
     code = coord.run()
     ctx.destroy(linger=0)
@@ -77,18 +87,54 @@ def server_main() -> None:
     endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
                               max_frame_bytes=max_frame)
     view = session.register(address=endpoint.address)
+    rank, num_servers = session.rank, cfg.cluster.servers
+    # Replication: server s keeps the backup copy of server s - 1's partitions, and
+    # forwards its own updates to server s + 1.
+    replicated = cfg.ps.replication == 2 and num_servers > 1
+    primary_of_backups = (rank - 1) % num_servers if replicated else -1
+    backup_peer = None
+    if replicated:
+        from tessera.transport.endpoint import ClientEndpoint
+        addresses = session.server_addresses()
+        backup = (rank + 1) % num_servers
+        backup_peer = ClientEndpoint(session.ctx, addresses[backup], session.secret,
+                                     f"server {backup} (backup)", sndtimeo_s=cfg.cluster.timeout_s)
+        backup_peer.wait_connected(cfg.cluster.timeout_s, session.check)
+    # Always a store: an interrupted launcher asks for a checkpoint at any time.
+    from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
+    store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
+
+    def report_checkpoint(clock: int, name: str, nbytes: int) -> None:
+        session.report_checkpoint(clock, name, nbytes)
+
     server = ParameterServer(
-        rank=session.rank, endpoint=endpoint,
-        partitions=[p for p in view.partitions if p.server == session.rank],
+        rank=rank, endpoint=endpoint,
+        partitions=[p for p in view.partitions if p.server == rank],
         optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=server_mode(cfg),
         staleness=cfg.ps.staleness,
         two_phase=cfg.precision == "fp16", profiler=session.profiler, tables=view.tables,
-        check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested)
+        check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested,
+        membership=session.heartbeat.membership,
+        backups=[p for p in view.partitions if p.server == primary_of_backups],
+        backup_peer=backup_peer, primary_of_backups=primary_of_backups,
+        checkpoint_store=store, checkpoint_every=cfg.checkpoint.every,
+        on_checkpoint=report_checkpoint, timeout_s=cfg.cluster.timeout_s,
+        num_servers=num_servers)
+    if view.restore is not None:
+        server.restore(view.restore)
+        print(f"server {rank}: restored {len(server.parts)} partitions at clock "
+              f"{view.restore.clock} from {view.restore.path}", flush=True)
     server.serve()
     stats = dict(server.stats, partitions=len(server.parts))
+    for pid, st in server.parts.items():
+        stats[f"applied.p{pid}"] = st.applied_pushes
+    for pid, st in server.backups.items():
+        stats[f"backup_applied.p{pid}"] = st.applied_pushes
     if server.tables is not None:
         stats.update(server.tables.table_stats())
     session.finish(stats)
+    if backup_peer is not None:
+        backup_peer.close()
     endpoint.close()
     session.close()
 

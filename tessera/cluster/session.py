@@ -48,6 +48,8 @@ class Session:
                                      sndtimeo_s=cl.timeout_s)
         self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
         self.view: Optional[wire.ClusterView] = None
+        #: Worker 0: training samples, sent at registration for checkpoints' data positions.
+        self.data_samples = 0
         self.profiler: SpanRecorder = OFF
         if cfg.profile.enabled:
             offset, error = estimate_offset(self._time_exchange)
@@ -102,7 +104,7 @@ class Session:
         msg, _ = self._coord.request(
             wire.Register(req=req, role=self.role, rank=self.rank, host=socket.gethostname(),
                           pid=os.getpid(), address=address, layout=layout, optimizer=optimizer,
-                          tables=tables or []),
+                          tables=tables or [], samples=self.data_samples),
             timeout_s=self.cfg.cluster.startup_timeout_s, what="registration",
             check=self.heartbeat.check)
         if isinstance(msg, wire.Error):
@@ -122,6 +124,13 @@ class Session:
         servers = sorted((p for p in self.view.processes if p.role == "server"),
                          key=lambda p: p.rank)
         return [p.address for p in servers]
+
+    def report_checkpoint(self, clock: int, name: str, nbytes: int) -> None:
+        """A server tells the coordinator its file of the checkpoint at ``clock`` is written."""
+        self._coord.request(wire.CheckpointSaved(req=self._coord.new_req(), rank=self.rank,
+                                                 clock=clock, file=name, nbytes=nbytes),
+                            timeout_s=self.timeout_s, what="checkpoint report",
+                            check=self.heartbeat.check)
 
     def finish(self, stats: dict[str, Any]) -> None:
         """Report this process's counters; the coordinator folds them into summary.json."""

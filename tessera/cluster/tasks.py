@@ -103,6 +103,17 @@ class ClicksTask:
         self.steps_per_epoch = max(1, cfg.data.samples_per_epoch
                                    // (cfg.data.batch_size * num_workers))
         self._eval = None
+        self.num_samples = 0  # a stream: the cursor is a sample offset, never an epoch
+        self._clock0, self._batch0 = 0, 0
+
+    def seek(self, clock: int, epoch: int, offset: int) -> None:  # noqa: ARG002 - one epoch
+        self._clock0, self._batch0 = clock, offset // self.cfg.data.batch_size
+
+    def total_steps(self, cfg: JobConfig) -> int:
+        if cfg.train.steps:
+            return cfg.train.steps
+        left = cfg.train.epochs * cfg.data.samples_per_epoch // cfg.data.batch_size - self._batch0
+        return self._clock0 + max(0, left // self.num_workers)
 
     def build_model(self) -> nn.Module:
         from tessera.models.recsys import HashedLogReg
@@ -111,7 +122,8 @@ class ClicksTask:
     def batch(self, step: int, device):
         # Worker r of W takes batches r, r + W, ...: disjoint, and the same global
         # stream for any worker count.
-        ids, labels = self.log.batch(step * self.num_workers + self.rank, self.cfg.data.batch_size)
+        index = self._batch0 + (step - self._clock0) * self.num_workers + self.rank
+        ids, labels = self.log.batch(index, self.cfg.data.batch_size)
         return (ids.to(device),), labels.to(device)
 
     def loss(self, out, target):
@@ -170,6 +182,27 @@ class LanguageTask:
         from tessera.models.transformer import lm_loss
         total = sum(lm_loss(o, t).item() * t.numel() for o, t in zip(outs, targets))
         return {"eval_loss": total / sum(t.numel() for t in targets)}
+
+
+class _Cursor:
+    """Resume and step counting for tasks that read through a ShardSampler."""
+
+    sampler: ShardSampler
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def seek(self, clock: int, epoch: int, offset: int) -> None:
+        self.sampler.seek(clock, epoch, offset)
+
+    def total_steps(self, cfg: JobConfig) -> int:
+        return cfg.train.steps or self.sampler.steps_until_epoch(cfg.train.epochs)
+
+
+for _task in (ClassificationTask, RatingsTask, LanguageTask):
+    for _name in ("num_samples", "seek", "total_steps"):
+        setattr(_task, _name, getattr(_Cursor, _name))
 
 
 @torch.no_grad()

@@ -71,15 +71,22 @@ def main() -> None:
     pipelined = num_stages > 1
     replica, replicas = session.rank // num_stages, cfg.cluster.workers // num_stages
     task = make_task(cfg, replica, replicas)
+    session.data_samples = task.num_samples
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().to(device)
     model = api.distribute(model, cfg.optimizer, loss_fn=task.loss)
-    steps = cfg.train.steps or cfg.train.epochs * task.steps_per_epoch
+    restore = session.view.restore
+    if restore is not None:  # resumed: the data position of the checkpoint
+        task.seek(restore.clock, restore.epoch, restore.offset)
+    # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
+    first_step = getattr(model, "clock", 0)
+    steps = task.total_steps(cfg)
     lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
     evaluator = replica == 0 if pipelined else lead  # a pipelined eval needs every stage
     metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
     if lead:
-        (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps}))
+        (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
+                                                               "first_step": first_step}))
 
     prof = session.profiler
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
@@ -87,7 +94,7 @@ def main() -> None:
     t_window, samples_window = t_start, 0
     loss_value = float("nan")
     eval_s = 0.0
-    for step in range(1, steps + 1):
+    for step in range(first_step + 1, steps + 1):
         # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
         torch_prof.step(step)
         with prof.span("data", "data"):
@@ -119,8 +126,10 @@ def main() -> None:
     torch_prof.stop()
 
     # samples/s counts training time only: evaluation is reported apart, as eval_s.
-    stats = {"steps": steps, "wall_s": wall, "final_loss": loss_value, "eval_s": eval_s,
-             "samples_per_s": steps * cfg.data.batch_size * replicas / max(wall - eval_s, 1e-9),
+    done = steps - first_step
+    stats = {"steps": steps, "first_step": first_step, "wall_s": wall, "final_loss": loss_value,
+             "eval_s": eval_s,
+             "samples_per_s": done * cfg.data.batch_size * replicas / max(wall - eval_s, 1e-9),
              "comm_wait_s": model.comm_wait_s}
     if evaluator:
         final = evaluate(task, model, device)

@@ -7,8 +7,13 @@ dropped), and worker ``r`` takes slice ``[r * batch_size, (r + 1) * batch_size)`
 of each. So the union of the workers' batches at step ``t`` is exactly global
 batch ``t`` of one process with batch ``num_workers * batch_size``: this is what
 makes synchronous training equal to large-batch training on one process, and
-what lets a job change its worker count at an epoch boundary and still see
-every sample once.
+what lets a job change its worker count and still see every sample once.
+
+A job resumed from a checkpoint starts from a *cursor*: the clock it resumes at,
+the epoch, and the offset into that epoch's permutation (samples already taken by
+all workers together). :meth:`ShardSampler.seek` continues from there with any
+worker count: the rest of the epoch is cut into the new global batches, so each
+sample of the epoch is still seen exactly once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,34 @@ class ShardSampler:
                              f"training samples; lower data.batch_size or the worker count")
         self._epoch = -1
         self._perm: np.ndarray | None = None
+        # The cursor: at clock ``_clock0`` the next sample is ``_offset0`` into epoch ``_epoch0``.
+        self._clock0, self._epoch0, self._offset0 = 0, 0, 0
+
+    def seek(self, clock: int, epoch: int, offset: int) -> None:
+        """Continue from a checkpoint's cursor: global step ``clock`` starts ``offset``
+        samples into epoch ``epoch``."""
+        if not 0 <= offset <= self.num_samples:
+            raise ValueError(f"data offset {offset} is outside this dataset of "
+                             f"{self.num_samples} samples: the checkpoint is of other data")
+        self._clock0, self._epoch0, self._offset0 = clock, epoch, offset
+
+    def _locate(self, step: int) -> tuple[int, int]:
+        """(epoch, offset of the global batch) of global step ``step``."""
+        k = step - self._clock0
+        if k < 0:
+            raise ValueError(f"step {step} is before the resumed clock {self._clock0}")
+        first = (self.num_samples - self._offset0) // self.global_batch
+        if k < first:
+            return self._epoch0, self._offset0 + k * self.global_batch
+        epoch, i = divmod(k - first, self.steps_per_epoch)
+        return self._epoch0 + 1 + epoch, i * self.global_batch
+
+    def steps_until_epoch(self, epochs: int) -> int:
+        """The global step at which ``epochs`` whole epochs are done."""
+        first = (self.num_samples - self._offset0) // self.global_batch
+        if self._epoch0 >= epochs:
+            return self._clock0
+        return self._clock0 + first + (epochs - self._epoch0 - 1) * self.steps_per_epoch
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
@@ -44,6 +77,20 @@ class ShardSampler:
 
     def indices(self, step: int) -> np.ndarray:
         """This worker's sample indices for global step ``step`` (epochs roll over)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        start = i * self.global_batch + self.rank * self.batch_size
+        epoch, offset = self._locate(step)
+        start = offset + self.rank * self.batch_size
         return self.permutation(epoch)[start:start + self.batch_size]
+
+
+def advance_cursor(epoch: int, offset: int, steps: int, global_batch: int,
+                   num_samples: int) -> tuple[int, int]:
+    """The cursor ``steps`` global batches after ``(epoch, offset)`` (what
+    :class:`ShardSampler` does; ``num_samples`` 0 means an endless stream)."""
+    if num_samples <= 0:
+        return epoch, offset + steps * global_batch
+    first = (num_samples - offset) // global_batch
+    if steps < first:
+        return epoch, offset + steps * global_batch
+    per_epoch = num_samples // global_batch
+    more, i = divmod(steps - first, per_epoch)
+    return epoch + 1 + more, i * global_batch

@@ -77,7 +77,10 @@ class PSDataParallel(nn.Module):
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
                  is_first: bool, policy: Optional[PrecisionPolicy] = None,
                  scaler: Optional[LossScaler] = None, two_phase: bool = False,
-                 log=print, profiler: SpanRecorder = OFF, tables=(), device=None):
+                 log=print, profiler: SpanRecorder = OFF, tables=(), device=None,
+                 start_clock: int = 0, incarnation: int = 0, restored: bool = False,
+                 mode: str = "sync", checkpoint_every: int = 0,
+                 checkpoint_wanted=lambda: False, on_clock=lambda clock: None):
         super().__init__()
         self.module = module
         self.client = client
@@ -90,7 +93,14 @@ class PSDataParallel(nn.Module):
         self._first_push_ns = 0
         self._backward_start_ns = 0
         self._last_hook_ns = 0
-        self.clock = 0
+        self.clock = start_clock
+        self.mode = mode
+        self.is_first = is_first
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_wanted = checkpoint_wanted
+        self.on_clock = on_clock
+        self._ckpt_asked = False
+        self._ckpt_flag = 0
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
         if self.flat.numel() != shard_map.total_elems:
@@ -123,9 +133,52 @@ class PSDataParallel(nn.Module):
         for table in self.tables:
             table.attach(attached)
         # 0. Start from the servers' values: worker 0 seeds them (fp32), everyone pulls.
-        if is_first:
+        #    Resumed jobs start from the checkpoint's values; a restarted worker joins.
+        if is_first and not restored and not incarnation:
             client.init_params(initial)
-        self._copy_in(client.pull(clock=0))
+        if incarnation:
+            self._join(incarnation)
+        else:
+            self._copy_in(client.pull(clock=start_clock))
+        self._ckpt_flag = self._checkpoint_flag()
+
+    def _join(self, incarnation: int) -> None:
+        """A restarted worker takes current values and, in sync mode, a clock that every
+        server has yet to reach, from which its pushes count (see ParameterServer)."""
+        from tessera.ps.client import ServerError
+        if self.mode != "sync":
+            handles = self.client.join(self.clock, incarnation)
+            self._copy_in(handles)
+            return
+        for _ in range(50):
+            current = self.client.pull(clock=0)
+            clocks = []
+            for h in current:
+                h.wait()
+                clocks.append(h.clock)
+                h.release()
+            target = max(clocks) + 2
+            try:
+                self._copy_in(self.client.join(target, incarnation))
+            except ServerError as exc:
+                if "too late" not in str(exc):
+                    raise
+                continue
+            self.clock = target
+            self.log(f"worker {self.client.worker}: rejoined at clock {target}")
+            return
+        raise ServerError("could not join: the servers moved past every clock offered")
+
+    def _checkpoint_flag(self) -> int:
+        """Worker 0 asks the servers for a checkpoint at clock + 1 (0: not now)."""
+        if not self.is_first:
+            return 0
+        wanted = bool(self.checkpoint_wanted())
+        ask = wanted and not self._ckpt_asked
+        self._ckpt_asked = wanted
+        periodic = (self.mode != "sync" and self.checkpoint_every
+                    and (self.clock + 1) % self.checkpoint_every == 0)
+        return self.clock + 1 if ask or periodic else 0
 
     def forward(self, *args, **kwargs):
         with self.profiler.span("forward", "compute"), self.autocast():
@@ -185,7 +238,7 @@ class PSDataParallel(nn.Module):
         if not self._handles and self.profiler.enabled:
             self._first_push_ns = self.profiler.now()
         self._handles[pid] = self.client.push(pid, grad, self.clock, scale=self.scaler.scale,
-                                              nonfinite=nonfinite)
+                                              nonfinite=nonfinite, checkpoint=self._ckpt_flag)
 
     def _first_nonfinite(self, pid: int, wire_grad: torch.Tensor) -> str:
         """Name of the first parameter, in backward order, with a non-finite gradient."""
@@ -261,6 +314,8 @@ class PSDataParallel(nn.Module):
         self._fired.clear()
         self._remaining = dict(self._needed)
         self.clock += 1
+        self.on_clock(self.clock)
+        self._ckpt_flag = self._checkpoint_flag()
         return applied
 
     def _report_overflow(self, verdicts: list[Verdict]) -> None:

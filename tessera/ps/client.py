@@ -10,7 +10,13 @@ Phases of one client step (the calls :class:`tessera.parallel.ps.PSDataParallel`
 3. ``handle.wait()`` before the next forward returns those values.
 
 ``pull(partitions, clock)`` fetches values without pushing (start-up, and a
-worker that rejoins). All sockets are used from the calling thread only;
+worker that rejoins: :meth:`PSClient.join`).
+
+Failover (``--replication 2``): ``dead_servers()`` reports the servers the
+coordinator declared dead. Their partitions then belong to their backups (server
+s is backed up by server s + 1 mod S), and every request still outstanding at a
+dead server is sent again, same sequence number, to the new owner, which applies
+it at most once. All sockets are used from the calling thread only;
 ``wait`` polls in 100 ms slices and runs ``check`` between them, so a cluster
 failure seen by the heartbeat thread surfaces here instead of a hang.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import msgspec
 import numpy as np
 import torch
 import zmq
@@ -43,11 +50,15 @@ class Handle:
     mode. ``skipped`` is True when an async server refused a non-finite push.
     """
 
-    def __init__(self, client: "PSClient", server: int, req: int, what: str, keep=None):
+    def __init__(self, client: "PSClient", server: int, req: int, what: str, keep=None,
+                 request=None):
         self._client, self._server, self._req, self._what = client, server, req, what
         self._keep = keep  # buffers ZeroMQ may still be sending from
+        self._request = request  # (message, frames), to send again after a failover
         self._result = None
         self.skipped = False
+        #: The server clock of the values a Params reply carried.
+        self.clock = 0
 
     def release(self) -> None:
         """Drop the received buffers (after their values were copied out)."""
@@ -55,16 +66,16 @@ class Handle:
 
     def wait(self, timeout_s: Optional[float] = None):
         if self._result is None:
-            self._result, self.skipped = self._client._finish(self._server, self._req,
-                                                              self._what, timeout_s)
-            self._keep = None
+            self._result, self.skipped = self._client._finish_handle(self, timeout_s)
+            self._keep = self._request = None
         return self._result
 
 
 class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
-                 check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF):
+                 check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
+                 incarnation: int = 0, dead_servers: Callable[[], list] = lambda: []):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -76,7 +87,15 @@ class PSClient:
         self.servers = [ClientEndpoint(ctx, addr, secret, f"server {i}", sndtimeo_s=timeout_s)
                         for i, addr in enumerate(server_addresses)]
         self.parts = {p.id: p for p in shard_map.partitions}
-        self.seq = 0
+        #: Partition -> the server that owns it now (its backup once its primary died).
+        self.owner = {p.id: p.server for p in shard_map.partitions}
+        self._dead_servers = dead_servers
+        self._failed_over: set[int] = set()
+        self._outstanding: dict[tuple[int, int], Handle] = {}
+        # A restarted worker's sequence numbers start above all of its earlier lives'.
+        self.seq = incarnation << 40
+        self.pushes_acked = 0
+        self._reply_clock = 0
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self.profiler = profiler
@@ -84,8 +103,67 @@ class PSClient:
         self.last_reply_ns = 0
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
-        for ep in self.servers:
-            ep.wait_connected(timeout_s or self.timeout_s, self.check)
+        dead = set(self._dead_servers())
+        for server, ep in enumerate(self.servers):
+            if server not in dead:
+                ep.wait_connected(timeout_s or self.timeout_s, self.check)
+        self._follow_failures()
+
+    # --------------------------------------------------------------- failover
+
+    class _Failover(Exception):
+        pass
+
+    def _check(self) -> None:
+        self.check()
+        if set(self._dead_servers()) - self._failed_over:
+            raise PSClient._Failover()
+
+    def _follow_failures(self) -> None:
+        """Re-route the partitions of newly dead servers and re-send what is pending."""
+        for server in sorted(set(self._dead_servers()) - self._failed_over):
+            self._failed_over.add(server)
+            backup = (server + 1) % len(self.servers)
+            moved = [pid for pid, s in self.owner.items() if s == server]
+            if not moved:
+                continue
+            if backup in self._failed_over or len(self.servers) < 2:
+                raise ServerError(f"server {server} died and its backup (server {backup}) is "
+                                  f"gone too: partitions {moved} have no copy left")
+            for pid in moved:
+                self.owner[pid] = backup
+            for (srv, req), handle in list(self._outstanding.items()):
+                if srv != server or handle._request is None:
+                    continue
+                msg, frames = handle._request
+                ep = self.servers[backup]
+                new_req = ep.new_req()
+                msg = msgspec.structs.replace(msg, req=new_req)
+                ep.send(msg, frames)
+                del self._outstanding[(srv, req)]
+                handle._server, handle._req = backup, new_req
+                handle._request = (msg, frames)
+                self._outstanding[(backup, new_req)] = handle
+
+    def _track(self, handle: Handle) -> Handle:
+        self._outstanding[(handle._server, handle._req)] = handle
+        return handle
+
+    def join(self, clock: int, incarnation: int, timeout_s: Optional[float] = None) -> list[Handle]:
+        """A restarted worker joins at ``clock``: one handle per server; a handle's wait()
+        raises ServerError when that server is already past ``clock``."""
+        by_server: dict[int, list[int]] = {}
+        for pid in self.parts:
+            by_server.setdefault(self.owner[pid], []).append(pid)
+        handles = []
+        for server, pids in by_server.items():
+            ep = self.servers[server]
+            msg = wire.Join(req=ep.new_req(), worker=self.worker, incarnation=incarnation,
+                            clock=clock, partitions=pids, dtype=self.wire_dtype)
+            ep.send(msg)
+            handles.append(self._track(Handle(self, server, msg.req, f"join at clock {clock}",
+                                              request=(msg, []))))
+        return handles
 
     def close(self) -> None:
         for ep in self.servers:
@@ -114,18 +192,21 @@ class PSClient:
         ids = list(self.parts) if partitions is None else partitions
         by_server: dict[int, list[int]] = {}
         for pid in ids:
-            by_server.setdefault(self.parts[pid].server, []).append(pid)
+            by_server.setdefault(self.owner[pid], []).append(pid)
         handles = []
         for server, pids in by_server.items():
             ep = self.servers[server]
             req = ep.new_req()
-            ep.send(wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
-                              dtype=self.wire_dtype, commit=commit))
-            handles.append(Handle(self, server, req, f"pull of partitions {pids} at clock {clock}"))
+            msg = wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
+                            dtype=self.wire_dtype, commit=commit)
+            ep.send(msg)
+            handles.append(self._track(Handle(self, server, req,
+                                              f"pull of partitions {pids} at clock {clock}",
+                                              request=(msg, []))))
         return handles
 
     def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
-             nonfinite: str = "") -> Handle:
+             nonfinite: str = "", checkpoint: int = 0) -> Handle:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
 
         ``grad`` may already be in the wire dtype (then it is sent without a copy).
@@ -136,16 +217,19 @@ class PSClient:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
         frame = tensor_to_frame(payload)
-        ep = self.servers[info.server]
+        server = self.owner[partition]
+        ep = self.servers[server]
         req = ep.new_req()
         self.seq += 1
-        ep.send(wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
-                          partitions=[partition], dtype=self.wire_dtype, scale=scale,
-                          nonfinite=nonfinite,
-                          sent_ns=self.profiler.now() if self.profiler.enabled else 0), [frame])
+        msg = wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
+                        partitions=[partition], dtype=self.wire_dtype, scale=scale,
+                        nonfinite=nonfinite, checkpoint=checkpoint,
+                        sent_ns=self.profiler.now() if self.profiler.enabled else 0)
+        ep.send(msg, [frame])
         self.bytes_pushed += frame.nbytes
-        return Handle(self, info.server, req, f"push of partition {partition} at clock {clock}",
-                      keep=payload)
+        return self._track(Handle(self, server, req,
+                                  f"push of partition {partition} at clock {clock}",
+                                  keep=payload, request=(msg, [frame])))
 
     def pull_rows(self, table: str, server: int, ids: np.ndarray, clock: int) -> Handle:
         """Rows of ``table`` for unique int64 ``ids`` held by ``server``; wait() -> [n, dim]."""
@@ -179,7 +263,7 @@ class PSClient:
     def _expect(self, server: int, req: int, what: str, timeout_s, kind):
         try:
             msg, frames = self.servers[server].wait(req, timeout_s or self.timeout_s, what,
-                                                    self.check)
+                                                    self._check)
         except TransportError:
             raise
         if isinstance(msg, wire.Error):
@@ -188,6 +272,19 @@ class PSClient:
             raise ServerError(f"{self.servers[server].peer_name} answered {what} with "
                               f"{type(msg).__name__}")
         return msg, frames
+
+    def _finish_handle(self, handle: Handle, timeout_s):
+        while True:
+            try:
+                result = self._finish(handle._server, handle._req, handle._what, timeout_s)
+            except PSClient._Failover:
+                self._follow_failures()
+                continue
+            self._outstanding.pop((handle._server, handle._req), None)
+            handle.clock = self._reply_clock
+            if handle._what.startswith("push") and not result[1]:
+                self.pushes_acked += 1
+            return result
 
     def _finish(self, server: int, req: int, what: str, timeout_s):
         msg, frames = self._expect(server, req, what, timeout_s,
@@ -205,13 +302,14 @@ class PSClient:
             rows = frame_to_tensor(buf, msg.dtype, len(buf) // itemsize(msg.dtype))
             return rows, False
         self.last_reply_ns = max(self.last_reply_ns, msg.sent_ns)
+        self._reply_clock = msg.clock
         if len(frames) != len(msg.partitions):
             raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
                               f"for {len(msg.partitions)} partitions")
         out = {}
         for pid, frame in zip(msg.partitions, frames):
             info = self.parts.get(pid)
-            if info is None or info.server != server:
+            if info is None or self.owner[pid] != server:
                 raise ServerError(f"{self.servers[server].peer_name} sent partition {pid}, "
                                   f"which it does not hold")
             out[pid] = frame_to_tensor(frame.buffer, msg.dtype, info.stop - info.start)

@@ -38,7 +38,6 @@ to answer pulls and ``apply`` once per clock with the workers' averaged gradient
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -602,8 +601,8 @@ class EmbeddingShard:
         return out
 
     def import_state(self, state: dict[str, torch.Tensor],
-                     keep: Optional[np.ndarray | torch.Tensor] = None, *,
-                     keep_pending: Optional[np.ndarray | torch.Tensor] = None) -> int:
+                     keep: np.ndarray | torch.Tensor | None = None, *,
+                     keep_pending: np.ndarray | torch.Tensor | None = None) -> int:
         """Load the rows of one :meth:`export_state` dict into this shard (empty or
         not); returns the number of rows loaded.
 

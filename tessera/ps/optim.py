@@ -32,6 +32,8 @@ class UpdateRule(Protocol):
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
 
 class TorchOptimRule:
     """A ``torch.optim`` optimizer stepping one flat fp32 partition."""
@@ -54,6 +56,11 @@ class TorchOptimRule:
         self.optimizer.step()
         self.param.grad = None
         self.steps += 1
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint)."""
+        if state:
+            self.optimizer.state[self.param] = {k: v.clone() for k, v in state.items()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer state as named tensors (for checkpoints and tests)."""

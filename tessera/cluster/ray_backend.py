@@ -1,0 +1,529 @@
+"""The Ray launcher: the same job, with every process a Ray actor (``--backend ray``).
+
+``tessera run JOB.toml --backend ray [--address RAY_ADDRESS]`` runs exactly the
+processes the local launcher runs (coordinator, servers, workers: the unchanged
+entry points, as subprocesses), but each one is started by a Ray actor, and the
+actors are placed by a placement group: one bundle per process, strategy
+``SPREAD`` (``cluster.placement = "spread"``) or ``PACK`` (``"pack"``).
+
+Contract: as :meth:`tessera.cluster.launcher.Launcher.run` (``config.json`` in
+the run directory, progress bar, summary table, one paragraph naming the failed
+process, exit codes 0 / 1 / 130).
+
+What this needs from the Ray cluster:
+
+* **Shared storage.** The run directory (``--out``) must be a path every Ray
+  node and the driver see (NFS or similar): ``config.json`` is written by the
+  driver and read by every process, ``coordinator.json`` is written by the
+  coordinator, logs and ``metrics.jsonl`` by the processes, ``summary.json`` read
+  by the driver.
+* **Tessera installed on every node**, importable by Ray's Python (the actors run
+  ``python -m tessera.cluster.role ...`` with the actor's own interpreter).
+* **Reachable addresses.** Every process gets ``TESSERA_HOST``: ``cluster.host``,
+  or, when joining an existing cluster (``--address``) with a loopback or
+  wildcard ``cluster.host``, the IP of the node its actor runs on.
+
+Failures: each actor watches its subprocess; the driver polls the actors. Worker
+actors are created with ``max_restarts = cluster.max_restarts``: when a worker's
+actor dies (its node went away, ``ray.kill``), Ray restarts the actor and its
+constructor starts the worker again with the same rank, as the original was
+started; when only the worker process died and restarts are left, the driver
+asks the live actor to start it again. Either way it counts against the
+worker's ``max_restarts``, and the coordinator takes the new process as a
+rejoin. Any other failure (coordinator or server, or a worker with no restarts
+left) fails the job like the local launcher: named, others given time to stop,
+then everything stopped. A subprocess dies with its actor (``PR_SET_PDEATHSIG``
+on Linux, plus the heartbeat thread's parent check).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from tessera.cluster.launcher import LaunchError, default_run_dir, describe_exit, tail
+from tessera.config import config_to_dict
+from tessera.config.schema import JobConfig
+
+#: The namespace of Tessera's named actors: ``tessera-<run dir name>-<role>-<rank>``.
+NAMESPACE = "tessera"
+#: Stands for "the actor's own Python" in a command (nodes may install Python elsewhere).
+PYTHON = "{python}"
+#: CPU each actor (and its bundle) asks for: placement, not a share of the machine.
+ACTOR_CPUS = 0.01
+_LOOPBACK = ("127.", "localhost", "0.0.0.0", "::", "::1", "*")
+
+
+def actor_name(run_dir: Path, role: str, rank: int) -> str:
+    return f"tessera-{Path(run_dir).name}-{role}-{rank}"
+
+
+# ---------------------------------------------------------------- in the actor
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+class ProcessActor:
+    """One Tessera process: starts the role's entry point as a subprocess and watches it.
+
+    Ray runs this class as an actor (see :data:`ProcessActorRemote`); a restarted
+    actor (``max_restarts``) runs the constructor again, which starts the process
+    again with the same command and environment.
+    """
+
+    def __init__(self, role: str, rank: int, cmd: list[str], env: dict[str, str],
+                 log_path: str, cwd: Optional[str] = None, bind_node_ip: bool = False):
+        self.role, self.rank = role, rank
+        self.cmd = [sys.executable if c == PYTHON else c for c in cmd]
+        self.log_path = Path(log_path)
+        self.cwd = cwd if cwd and os.path.isdir(cwd) else None
+        self.node_ip = ray.util.get_node_ip_address()
+        env = dict(env)
+        if bind_node_ip:
+            env["TESSERA_HOST"] = self.node_ip
+        # Ray sets OMP_NUM_THREADS=1 in actors; the launcher's children inherit the
+        # driver's choice instead (env carries it when the driver had one).
+        base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        self.env = dict(base, **env)
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
+        self.starts = 0
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._start("its Ray actor was restarted" if self.restarted else "")
+
+    def _start(self, why: str) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a" if why else "w") as log:
+            if why:
+                log.write(f"\n--- tessera: {self.role} {self.rank} started again on "
+                          f"{self.node_ip}: {why} ---\n")
+                log.flush()
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        self.starts += 1
+
+    def info(self) -> dict[str, Any]:
+        return {"node_ip": self.node_ip, "actor_pid": os.getpid(), "pid": self.proc.pid,
+                "incarnation": self.incarnation}
+
+    def poll(self) -> dict[str, Any]:
+        return {"incarnation": self.incarnation, "pid": self.proc.pid,
+                "code": self.proc.poll(), "node_ip": self.node_ip}
+
+    def restart(self, why: str) -> int:
+        """Start the process again (it exited); returns its pid."""
+        if self.proc.poll() is None:
+            return self.proc.pid
+        self._start(why)
+        return self.proc.pid
+
+    def tail(self, lines: int = 12) -> str:
+        return tail(self.log_path, lines)
+
+    def stop(self, grace_s: float = 3.0) -> Optional[int]:
+        proc = self.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+
+ProcessActorRemote = ray.remote(ProcessActor)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class RayChild:
+    role: str
+    rank: int
+    actor: Any
+    name: str  # the named actor's name
+    log_path: Path
+    pid: int = 0
+    node_ip: str = ""
+    incarnation: str = ""
+    code: Optional[int] = None
+    restarts: int = 0
+    pending: Any = field(default=None, repr=False)  # an unanswered poll
+    unavailable_since: float = 0.0
+    died: str = ""  # Ray's reason, when the actor is gone for good
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.rank}"
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.died) or self.code not in (None, 0)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.died) or self.code is not None
+
+
+class RayLauncher:
+    def __init__(self, cfg: JobConfig, *, worker_cmd: Optional[list[str]] = None,
+                 quiet: bool = False):
+        self.cfg = cfg
+        self.run_dir = default_run_dir(cfg).resolve()
+        cmd = worker_cmd or [PYTHON, "-m", "tessera.cluster.trainer"]
+        self.worker_cmd = [PYTHON if c == sys.executable else c for c in cmd]
+        self.quiet = quiet
+        self.children: list[RayChild] = []
+        self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
+        self.pg = None
+        self.connected = False
+        #: Joining a cluster (--address or RAY_ADDRESS), not a local instance of our own.
+        self.joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+    # ------------------------------------------------------------ Ray itself
+
+    def connect(self) -> None:
+        address = self.cfg.cluster.address
+        kwargs: dict[str, Any] = dict(namespace=NAMESPACE, log_to_driver=False,
+                                      logging_level=logging.ERROR)
+        if not self.joined:
+            # A local instance for this job: the actors only ask for a sliver of CPU.
+            kwargs.update(num_cpus=1, include_dashboard=False)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:  # ConnectionError, ValueError, RuntimeError, ...
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+            raise LaunchError(f"could not connect to {where}: {exc}") from exc
+        self.connected = True
+
+    def disconnect(self) -> None:
+        if self.connected:
+            ray.shutdown()
+            self.connected = False
+
+    def _note(self, text: str) -> None:
+        if self.quiet:
+            print(f"tessera: {text}", file=sys.stderr, flush=True)
+        else:
+            from tessera.cluster.console import _console
+            _console.print(f"[bold]tessera[/] {text}")
+
+    # --------------------------------------------------------------- phases
+
+    def _spawn(self, role: str, rank: int, cmd: list[str], env: dict, bundle: int,
+               max_restarts: int = 0) -> RayChild:
+        log_path = self.run_dir / "logs" / f"{role}-{rank}.log"
+        name = actor_name(self.run_dir, role, rank)
+        cl = self.cfg.cluster
+        bind_node_ip = self.joined and cl.host.startswith(_LOOPBACK)
+        try:
+            actor = ProcessActorRemote.options(
+                name=name, num_cpus=ACTOR_CPUS, max_restarts=max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=bundle),
+            ).remote(role, rank, cmd, dict(env, TESSERA_ROLE=role, TESSERA_RANK=str(rank)),
+                     str(log_path), os.getcwd(), bind_node_ip)
+        except ValueError as exc:  # the name is taken: the same run directory is running
+            raise LaunchError(f"could not create the Ray actor {name!r} in namespace "
+                              f"{NAMESPACE!r}: {exc}") from exc
+        child = RayChild(role, rank, actor, name, log_path)
+        self.children.append(child)
+        return child
+
+    def _info(self, child: RayChild) -> None:
+        try:
+            info = ray.get(child.actor.info.remote(), timeout=self.cfg.cluster.startup_timeout_s)
+        except GetTimeoutError:
+            raise LaunchError(f"the Ray actor of {child.label} did not start within "
+                              f"{self.cfg.cluster.startup_timeout_s:.0f} s") from None
+        except RayActorError as exc:
+            raise LaunchError(f"the Ray actor of {child.label} could not start the process: "
+                              f"{_first_line(exc)}") from None
+        child.pid, child.node_ip, child.incarnation = info["pid"], info["node_ip"], \
+            info["incarnation"]
+
+    def start(self) -> None:
+        cfg, cl = self.cfg, self.cfg.cluster
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        for stale in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl",
+                      "ray.json"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        count = 1 + cl.servers + cl.workers
+        strategy = "PACK" if cl.placement == "pack" else "SPREAD"
+        self.pg = placement_group([{"CPU": ACTOR_CPUS}] * count, strategy=strategy,
+                                  name=f"tessera-{self.run_dir.name}")
+        try:
+            ray.get(self.pg.ready(), timeout=cl.startup_timeout_s)
+        except GetTimeoutError:
+            raise LaunchError(f"the Ray cluster could not place {count} processes "
+                              f"({strategy} placement group) within "
+                              f"{cl.startup_timeout_s:.0f} s") from None
+
+        env = {"TESSERA_RUN_DIR": str(self.run_dir), "TESSERA_SECRET": self.secret,
+               "TESSERA_HOST": cl.host, "PYTHONUNBUFFERED": "1"}
+        if "OMP_NUM_THREADS" in os.environ:
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        coord = self._spawn("coordinator", 0, [PYTHON, "-m", "tessera.cluster.role",
+                                               "coordinator"], env, bundle=0)
+        self._info(coord)
+        addr_file = self.run_dir / "coordinator.json"
+        deadline = time.monotonic() + 60
+        while not addr_file.exists():
+            try:
+                code = ray.get(coord.actor.poll.remote(), timeout=30)["code"]
+            except (RayActorError, GetTimeoutError) as exc:
+                raise LaunchError(f"the coordinator's Ray actor failed before the coordinator "
+                                  f"was up: {_first_line(exc)}") from None
+            if code is not None:
+                raise LaunchError(f"the coordinator {describe_exit(code)} before it was up:\n"
+                                  f"{self._tail(coord)}")
+            if time.monotonic() > deadline:
+                raise LaunchError("the coordinator did not publish its address within 60 s "
+                                  f"(is the run directory {self.run_dir} on storage every Ray "
+                                  f"node shares?)")
+            time.sleep(0.05)
+        env["TESSERA_COORDINATOR"] = json.loads(addr_file.read_text())["address"]
+        for rank in range(cl.servers):
+            self._spawn("server", rank, [PYTHON, "-m", "tessera.cluster.role", "server"], env,
+                        bundle=1 + rank)
+        for rank in range(cl.workers):
+            self._spawn("worker", rank, self.worker_cmd, env, bundle=1 + cl.servers + rank,
+                        max_restarts=cl.max_restarts)
+        for child in self.children[1:]:
+            self._info(child)
+        nodes = sorted({c.node_ip for c in self.children})
+        (self.run_dir / "ray.json").write_text(json.dumps({
+            "namespace": NAMESPACE, "placement": strategy,
+            "actors": {c.label: {"name": c.name, "node_ip": c.node_ip, "pid": c.pid}
+                       for c in self.children}}, indent=2))
+        if not self.quiet:
+            self._note(f"on Ray: {count} processes on {len(nodes)} node(s) "
+                       f"({strategy.lower()}), actors in namespace {NAMESPACE!r}")
+
+    def _tail(self, child: RayChild) -> str:
+        """The process's last log lines, read by its actor (the log is on its node)."""
+        try:
+            return ray.get(child.actor.tail.remote(), timeout=5)
+        except Exception:  # the actor is gone: the shared run directory may still have it
+            return tail(child.log_path)
+
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        refs = {}
+        for c in self.children:
+            if not c.died:
+                refs[c.actor.stop.remote(grace_s)] = c
+        if refs:
+            ray.wait(list(refs), num_returns=len(refs), timeout=grace_s + 6)
+        for c in self.children:
+            try:
+                ray.kill(c.actor, no_restart=True)
+            except Exception:
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    # ---------------------------------------------------------------- watch
+
+    def _poll_all(self) -> None:
+        now = time.monotonic()
+        for c in self.children:
+            if c.died or c.code == 0:
+                continue
+            if c.pending is None:
+                c.pending = c.actor.poll.remote()
+        pending = [c.pending for c in self.children if c.pending is not None]
+        if not pending:
+            return
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        ready = set(ready)
+        for c in self.children:
+            if c.pending is None or c.pending not in ready:
+                if c.pending is not None and not c.unavailable_since:
+                    c.unavailable_since = now  # a restarting actor answers once it is back
+                continue
+            ref, c.pending = c.pending, None
+            try:
+                state = ray.get(ref)
+            except ActorUnavailableError:  # the actor died and Ray is restarting it
+                c.unavailable_since = c.unavailable_since or now
+                continue
+            except (ActorDiedError, RayActorError) as exc:  # gone for good
+                c.died = _first_line(exc)
+                continue
+            c.unavailable_since = 0.0
+            if state["incarnation"] != c.incarnation:
+                self._actor_restarted(c, state)
+            c.pid, c.node_ip, c.code = state["pid"], state["node_ip"], state["code"]
+
+    def _actor_restarted(self, c: RayChild, state: dict) -> None:
+        c.incarnation = state["incarnation"]
+        c.restarts += 1
+        self._note(f"{c.label} (pid {c.pid}): its Ray actor died and Ray restarted it; the "
+                   f"{c.role} started again as pid {state['pid']} on {state['node_ip']} "
+                   f"(restart {c.restarts} of {self.cfg.cluster.max_restarts})")
+        if c.restarts > self.cfg.cluster.max_restarts:
+            c.died = (f"its Ray actor died and was restarted more than "
+                      f"cluster.max_restarts = {self.cfg.cluster.max_restarts} times")
+
+    def _restart_process(self, c: RayChild) -> bool:
+        """A worker process died but its actor lives: start it again if restarts are left."""
+        if c.role != "worker" or c.restarts >= self.cfg.cluster.max_restarts:
+            return False
+        c.restarts += 1
+        why = f"the previous process (pid {c.pid}) {describe_exit(c.code)}"
+        try:
+            pid = ray.get(c.actor.restart.remote(why), timeout=30)
+        except (RayActorError, GetTimeoutError):
+            # The actor went too: Ray restarts it (a new incarnation, counted when it
+            # answers) or it is gone for good; the next polls tell which.
+            c.restarts -= 1
+            c.code = None
+            c.unavailable_since = c.unavailable_since or time.monotonic()
+            return True
+        self._note(f"{c.label} (pid {c.pid}) {describe_exit(c.code)}; started it again as "
+                   f"pid {pid} (restart {c.restarts} of {self.cfg.cluster.max_restarts})")
+        c.pid, c.code = pid, None
+        return True
+
+    def watch(self, progress=None) -> Optional[str]:
+        """Wait for the job; returns None on success, else the failure (one paragraph)."""
+        cl = self.cfg.cluster
+        first: Optional[RayChild] = None
+        failed_at = 0.0
+        settle_s = min(10.0, cl.heartbeat_timeout_s + 2.0)
+        while True:
+            if progress:
+                progress()
+            self._poll_all()
+            now = time.monotonic()
+            if first is None:
+                for c in self.children:
+                    if c.code not in (None, 0) and not c.died and self._restart_process(c):
+                        continue
+                    if not c.failed and c.unavailable_since and \
+                            now - c.unavailable_since > cl.startup_timeout_s:
+                        c.died = (f"its Ray actor did not answer for "
+                                  f"{now - c.unavailable_since:.0f} s")
+                    if c.failed:
+                        first, failed_at = c, now
+                        break
+            if all(c.done for c in self.children):
+                break
+            if first and now - failed_at > settle_s:
+                break
+            time.sleep(0.1)
+        if progress:
+            progress()
+        if first is None:
+            return None
+        log = self._tail(first)
+        self.stop_all()
+        where = f" on {first.node_ip}" if first.node_ip else ""
+        if first.died:
+            what = f"died with its Ray actor ({first.died})"
+            if first.role == "worker" and first.restarts >= cl.max_restarts:
+                what += f"; no restarts left (cluster.max_restarts = {cl.max_restarts})"
+        else:
+            what = describe_exit(first.code)
+        return (f"{first.label} (pid {first.pid}{where}) {what}; the job was stopped. "
+                f"Last lines of {first.log_path}:\n{log}")
+
+    def run(self) -> int:
+        """Connect, start, watch, report. Returns the exit code for the CLI."""
+        from tessera.cluster.console import ProgressView, print_failure, print_summary
+        view = None if self.quiet else ProgressView(self.run_dir, self.cfg)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def interrupted(signum, _frame):
+            raise KeyboardInterrupt
+
+        try:
+            try:
+                self.connect()  # ray.init sets its own SIGTERM handler: ours go on after
+            except LaunchError as exc:
+                print_failure(str(exc), self.run_dir)
+                return 1
+            except KeyboardInterrupt:
+                print_failure("interrupted while connecting to Ray", self.run_dir)
+                return 130
+            for s in previous:
+                signal.signal(s, interrupted)
+            try:
+                self.start()
+                if view:
+                    view.start()
+                failure = self.watch(view.update if view else None)
+            except KeyboardInterrupt:
+                if view:
+                    view.stop()
+                self.stop_all()
+                print_failure("interrupted: every process of the job was stopped", self.run_dir)
+                return 130
+            except (LaunchError, ray.exceptions.RayError) as exc:
+                if view:
+                    view.stop()
+                self.stop_all()
+                print_failure(str(exc) if isinstance(exc, LaunchError)
+                              else f"Ray failed: {_first_line(exc)}", self.run_dir)
+                return 1
+            if view:
+                view.stop()
+            self.stop_all()
+        finally:
+            self.disconnect()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if failure:
+            print_failure(failure, self.run_dir)
+            return 1
+        summary_path = self.run_dir / "summary.json"
+        if not summary_path.exists():
+            print_failure("every process exited cleanly but no summary.json was written",
+                          self.run_dir)
+            return 1
+        print_summary(json.loads(summary_path.read_text()), self.run_dir, quiet=self.quiet)
+        return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,280 @@
+"""Checkpoints: each server's state as safetensors, and a JSON manifest written last.
+
+Layout of a checkpoint location (a local/NFS path or any fsspec URL)::
+
+    clock-00000020/server-0.safetensors   partitions and tables server 0 owned at clock 20
+    clock-00000020/server-1.safetensors
+    clock-00000020/manifest.json          written last, atomically: the checkpoint is complete
+
+A server file holds, per partition ``p``: ``p<id>/values`` (fp32 master) and
+``p<id>/state/<name>`` (the torch.optim state: momentum_buffer, exp_avg, step ...);
+per table ``t``: ``t/<name>/<tensor>`` (see ``EmbeddingShard.export_state``). Its
+safetensors metadata says which elements each partition covers. Only tensors are
+stored, so loading executes nothing (no pickle anywhere).
+
+The manifest (written by the coordinator once every server reported its file)
+holds the shard map, the clock, the config, the layout and each worker's data
+position. Resuming with another server count re-cuts the flat vector: a new
+partition reads its elements from whichever saved partitions cover them.
+
+This module imports torch and safetensors only inside the functions that need
+them: the coordinator writes manifests without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import fsspec
+
+from tessera.errors import TesseraError
+
+_CLOCK_DIR = re.compile(r"^clock-(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(TesseraError):
+    """A checkpoint that cannot be read or written; the message names it."""
+
+
+def checkpoint_url(cfg, run_dir) -> str:
+    """Where this job's checkpoints go: ``checkpoint.dir`` or ``<run dir>/checkpoints``."""
+    return cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
+
+
+class CheckpointStore:
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise CheckpointError(f"checkpoint location {url!r}: {exc}") from None
+        self.root = self.root.rstrip("/") or "/"
+
+    def dir_of(self, clock: int) -> str:
+        return posixpath.join(self.root, f"clock-{clock:08d}")
+
+    def url_of(self, clock: int) -> str:
+        """The checkpoint's directory as a URL another process can open."""
+        return self.fs.unstrip_protocol(self.dir_of(clock)) if _has_protocol(self.url) \
+            else self.dir_of(clock)
+
+    # ----------------------------------------------------------------- write
+
+    def write_shard(self, clock: int, rank: int, tensors: dict, meta: dict) -> tuple[str, int]:
+        from safetensors.torch import save
+        data = save(tensors, metadata={"tessera": json.dumps(meta)})
+        directory = self.dir_of(clock)
+        self.fs.makedirs(directory, exist_ok=True)
+        name = f"server-{rank}.safetensors"
+        with self.fs.open(posixpath.join(directory, name), "wb") as f:
+            f.write(data)
+        return name, len(data)
+
+    def write_manifest(self, clock: int, manifest: dict) -> str:
+        """Write the manifest atomically (a temporary name, then a rename)."""
+        directory = self.dir_of(clock)
+        final = posixpath.join(directory, MANIFEST)
+        tmp = posixpath.join(directory, f".{MANIFEST}.tmp{time.monotonic_ns()}")
+        with self.fs.open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=2))
+        self.fs.mv(tmp, final)
+        return final
+
+    # ------------------------------------------------------------------ read
+
+    def clocks(self) -> tuple[list[int], list[int]]:
+        """(complete clocks, incomplete clocks), each ascending."""
+        try:
+            entries = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        complete, incomplete = [], []
+        for entry in entries:
+            m = _CLOCK_DIR.match(posixpath.basename(entry.rstrip("/")))
+            if not m:
+                continue
+            clock = int(m.group(1))
+            has = self.fs.exists(posixpath.join(self.dir_of(clock), MANIFEST))
+            (complete if has else incomplete).append(clock)
+        return sorted(complete), sorted(incomplete)
+
+    def manifest(self, clock: int) -> dict:
+        path = posixpath.join(self.dir_of(clock), MANIFEST)
+        try:
+            with self.fs.open(path, "r") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint manifest {path!r} cannot be read: {exc}") from None
+
+    def latest(self) -> Optional[dict]:
+        complete, _ = self.clocks()
+        return self.manifest(complete[-1]) if complete else None
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and any
+        incomplete one older than the newest complete."""
+        complete, incomplete = self.clocks()
+        if not complete:
+            return
+        doomed = complete[:-keep] + [c for c in incomplete if c < complete[-1]]
+        for clock in doomed:
+            try:
+                self.fs.rm(self.dir_of(clock), recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def open_shard(self, clock: int, name: str) -> "ShardFile":
+        return ShardFile(self, posixpath.join(self.dir_of(clock), name))
+
+
+def _has_protocol(url: str) -> bool:
+    return "://" in url
+
+
+class ShardFile:
+    """One server's safetensors file, read by slices (lazily when it is local)."""
+
+    def __init__(self, store: CheckpointStore, path: str):
+        from safetensors import safe_open
+        from safetensors.torch import load
+        self.path = path
+        try:
+            if store.fs.protocol in ("file", "local") or "file" in store.fs.protocol:
+                self._file = safe_open(path, framework="pt")
+                self._tensors = None
+                meta = self._file.metadata() or {}
+            else:
+                with store.fs.open(path, "rb") as f:
+                    data = f.read()
+                self._file = None
+                self._tensors = load(data)
+                meta = _metadata_of(data)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint file {path!r} cannot be read: {exc}") from None
+        try:
+            self.meta = json.loads(meta.get("tessera", "{}"))
+        except ValueError:
+            raise CheckpointError(f"checkpoint file {path!r} has no Tessera metadata") from None
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys()) if self._file is not None else list(self._tensors)
+
+    def get(self, name: str, lo: Optional[int] = None, hi: Optional[int] = None):
+        if self._file is not None:
+            if lo is None:
+                return self._file.get_tensor(name)
+            return self._file.get_slice(name)[lo:hi]
+        t = self._tensors[name]
+        return t if lo is None else t[lo:hi]
+
+
+def _metadata_of(data: bytes) -> dict:
+    import struct
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    return header.get("__metadata__", {}) or {}
+
+
+# --------------------------------------------------------------- server side
+
+
+def partition_tensors(pid: int, rule) -> dict:
+    """A partition's master and optimizer state, copied (the master moves on)."""
+    out = {f"p{pid}/values": rule.master.detach().clone()}
+    for key, value in rule.state_tensors().items():
+        out[f"p{pid}/state/{key}"] = value.detach().clone().contiguous()
+    return out
+
+
+def read_partition(store: CheckpointStore, restore, files: dict, start: int, stop: int):
+    """Values and optimizer state of elements [start, stop) of the flat vector from a
+    checkpoint, whatever partitions they were saved in. Returns (values, state)."""
+    import torch
+    pieces, state_pieces, scalars = [], {}, {}
+    covered = start
+    for old in sorted(restore.partitions, key=lambda p: p.start):
+        lo, hi = max(start, old.start), min(stop, old.stop)
+        if lo >= hi:
+            continue
+        if lo != covered:
+            raise CheckpointError(f"checkpoint {restore.path!r} does not cover elements "
+                                  f"{covered}..{lo} of the parameters")
+        name = restore.files[old.server] if old.server < len(restore.files) else ""
+        if not name:
+            raise CheckpointError(f"checkpoint {restore.path!r} has no file for server "
+                                  f"{old.server}, which held partition {old.id}")
+        if name not in files:
+            files[name] = store.open_shard(restore.clock, name)
+        f = files[name]
+        a, b = lo - old.start, hi - old.start
+        pieces.append(f.get(f"p{old.id}/values", a, b))
+        prefix = f"p{old.id}/state/"
+        for key in f.keys():
+            if not key.startswith(prefix):
+                continue
+            sub = key[len(prefix):]
+            full = f.get(key)
+            if full.dim() == 0:  # a per-partition scalar (Adam's step): same everywhere
+                scalars.setdefault(sub, full.clone())
+            else:
+                state_pieces.setdefault(sub, []).append(full[a:b])
+        covered = hi
+    if covered != stop:
+        raise CheckpointError(f"checkpoint {restore.path!r} does not cover elements "
+                              f"{covered}..{stop} of the parameters: was it written for "
+                              f"another model?")
+    values = torch.cat(pieces).to(torch.float32).contiguous()
+    state = {k: torch.cat(v).contiguous() for k, v in state_pieces.items()}
+    state.update(scalars)
+    return values, state
+
+
+def read_flat(url: str, clock: Optional[int] = None):
+    """The whole flat parameter vector and optimizer state of a checkpoint (for tests
+    and tools): returns (manifest, values, {state name: flat tensor})."""
+    from tessera.transport import wire
+    store = CheckpointStore(url)
+    manifest = store.manifest(clock) if clock is not None else store.latest()
+    if manifest is None:
+        raise CheckpointError(f"no complete checkpoint under {url!r}")
+    restore = restore_info(store, manifest)
+    total = max((p.stop for p in restore.partitions), default=0)
+    values, state = read_partition(store, restore, {}, 0, total)
+    return manifest, values, state
+
+
+def restore_info(store: CheckpointStore, manifest: dict):
+    """The :class:`~tessera.transport.wire.Restore` a ClusterView carries for ``manifest``."""
+    from tessera.transport import wire
+    servers = manifest["servers"]
+    files = [manifest["files"].get(str(r), "") for r in range(servers)]
+    data = manifest.get("data", {})
+    return wire.Restore(path=store.url, clock=manifest["clock"],
+                        partitions=[wire.PartitionInfo(p["id"], p["start"], p["stop"], p["server"])
+                                    for p in manifest["partitions"]],
+                        files=files, epoch=data.get("epoch", 0), offset=data.get("offset", 0))
+
+
+def find_resume(path: str) -> tuple[CheckpointStore, dict]:
+    """The store and latest complete manifest for ``--resume PATH`` (a run directory
+    or a checkpoint location). Raises CheckpointError naming what is missing."""
+    candidates = [path.rstrip("/") + "/checkpoints", path]
+    for url in candidates:
+        try:
+            store = CheckpointStore(url)
+            manifest = store.latest()
+        except CheckpointError:
+            continue
+        except OSError:
+            continue
+        if manifest is not None:
+            return store, manifest
+    raise CheckpointError(f"--resume {path!r}: no complete checkpoint there (looked for "
+                          f"clock-*/manifest.json in {path}/checkpoints and in {path}); run "
+                          f"with --checkpoint-every N to write some")
