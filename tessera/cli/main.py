@@ -77,10 +77,14 @@ def _overrides(kwargs) -> dict:
 
 def _load(job, kwargs):
     from tessera.data.location import DataError, check_data_location
+    from tessera.ps.checkpoint import CheckpointError, find_resume
     try:
         cfg = load_config(job, _overrides(kwargs))
         check_data_location(cfg.data)
-    except (ConfigError, DataError) as exc:
+        if cfg.resume:
+            store, _ = find_resume(cfg.resume)
+            cfg.resume = store.url  # the checkpoint location itself, found once
+    except (ConfigError, DataError, CheckpointError) as exc:
         click.echo(f"tessera: {exc}", err=True)
         sys.exit(2)
     return cfg

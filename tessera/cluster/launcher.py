@@ -7,10 +7,15 @@ Phases:
    a command line where ``ps`` would show it).
 2. Start the coordinator; wait for it to publish its address.
 3. Start the servers and workers, each its own process, logs in ``logs/``.
-4. Watch: the progress bar follows ``metrics.jsonl``; the first process to exit
-   with an error (or be killed) fails the job. The launcher names it, gives the
-   others a moment to notice through their heartbeats, then ends them.
-5. On success, print the summary table from ``summary.json``.
+4. Watch: the progress bar follows ``metrics.jsonl``. A worker that dies while
+   ``--max-restarts`` allows is started again (same rank; it rejoins), and with
+   ``--replication 2`` a dead server is left to its backup; either way the
+   coordinator hears it at once (:class:`~tessera.transport.wire.Departed`). Any
+   other death fails the job: the launcher names the process, gives the others a
+   moment to notice through their heartbeats, then ends them.
+5. On SIGINT/SIGTERM, ask the coordinator for a checkpoint and wait for it to be
+   complete (a second signal stops at once), then end every process.
+6. On success, print the summary table from ``summary.json``.
 """
 
 from __future__ import annotations
@@ -76,14 +81,23 @@ class Launcher:
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "tessera.cluster.trainer"]
         self.quiet = quiet
         self.children: list[Child] = []
+        self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}
+        self.restarted = 0
+        self._coord_ep = None
+        self._ctx = None
+        self._env: dict = {}
         # "curve:" asks every endpoint for CURVE encryption; keys derive from the secret.
         self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
 
     # --------------------------------------------------------------- phases
 
-    def _spawn(self, role: str, rank: int, cmd: list[str], env: dict) -> Child:
+    def _spawn(self, role: str, rank: int, cmd: list[str], env: dict, append: bool = False
+               ) -> Child:
         log_path = self.run_dir / "logs" / f"{role}-{rank}.log"
-        log = open(log_path, "w")
+        log = open(log_path, "a" if append else "w")
+        if append:
+            log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
+            log.flush()
         child_env = dict(env, TESSERA_ROLE=role, TESSERA_RANK=str(rank))
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -111,6 +125,7 @@ class Launcher:
                 raise LaunchError("the coordinator did not publish its address within 60 s")
             time.sleep(0.02)
         env["TESSERA_COORDINATOR"] = json.loads(addr_file.read_text())["address"]
+        self._env = env
         for rank in range(cfg.cluster.servers):
             self._spawn("server", rank, [sys.executable, "-m", "tessera.cluster.role", "server"],
                         env)
@@ -131,22 +146,95 @@ class Launcher:
         for c in self.children:
             if c.log:
                 c.log.close()
+        if self._coord_ep is not None:
+            self._coord_ep.close()
+            self._ctx.destroy(linger=0)
+            self._coord_ep = None
+
+    # ------------------------------------------------------- talking to the job
+
+    def _coordinator(self):
+        """A client endpoint to the coordinator (for Departed and CheckpointNow)."""
+        if self._coord_ep is None:
+            import zmq
+
+            from tessera.transport.endpoint import ClientEndpoint
+            self._ctx = zmq.Context()
+            self._coord_ep = ClientEndpoint(self._ctx, self._env["TESSERA_COORDINATOR"],
+                                            self.secret, "coordinator", sndtimeo_s=2.0)
+        return self._coord_ep
+
+    def _tell(self, msg_factory, timeout_s: float, what: str):
+        """Send a request to the coordinator; None if it does not answer in time."""
+        from tessera.transport.endpoint import TransportError
+        if not self._env.get("TESSERA_COORDINATOR"):
+            return None
+        ep = self._coordinator()
+        try:
+            reply, _ = ep.request(msg_factory(ep.new_req()), timeout_s=timeout_s, what=what)
+        except TransportError:
+            return None
+        return reply
+
+    def _departed(self, c: Child) -> None:
+        from tessera.transport import wire
+        reason = f"{c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
+        self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank, reason=reason),
+                   2.0, "departure notice")
+
+    def _survivable(self, c: Child) -> bool:
+        """A death the job goes on after: restart the worker, or leave it to the backup."""
+        if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0:
+            self.restarts_left[c.rank] -= 1
+            self.restarted += 1
+            left = self.restarts_left[c.rank]
+            print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
+                  f"; restarting it ({left} restart{'s' if left != 1 else ''} left for it)",
+                  flush=True)
+            self._departed(c)
+            if c.log:
+                c.log.close()
+            self.children.remove(c)
+            self._spawn("worker", c.rank, self.worker_cmd, self._env, append=True)
+            return True
+        if c.role == "server" and self.cfg.ps.replication == 2:
+            print(f"tessera: server {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
+                  f"; its backup takes over", flush=True)
+            self._departed(c)
+            return True
+        return False
+
+    def checkpoint_now(self, timeout_s: float) -> Optional[str]:
+        """Ask for a checkpoint and wait until it is complete; returns where, or None."""
+        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
+        from tessera.transport import wire
+        reply = self._tell(lambda req: wire.CheckpointNow(req=req), timeout_s, "checkpoint")
+        if not isinstance(reply, wire.Ack):
+            return None
+        store = CheckpointStore(checkpoint_url(self.cfg, self.run_dir))
+        latest = store.latest()
+        return f"clock {latest['clock']} in {store.url}" if latest else None
 
     def watch(self, progress=None) -> Optional[str]:
         """Wait for the job; returns None on success, else the failure (one paragraph)."""
         first_failure: Optional[Child] = None
         failed_at = 0.0
+        handled: set[int] = set()  # pids of deaths the job survived
         # After the first failure, the others get this long to stop on their own
         # (they learn from heartbeats within heartbeat_timeout_s).
         settle_s = min(10.0, self.cfg.cluster.heartbeat_timeout_s + 2.0)
         while True:
             if progress:
                 progress()
-            running = [c for c in self.children if c.proc.poll() is None]
-            for c in self.children:
-                code = c.proc.returncode
-                if code not in (None, 0) and first_failure is None:
+            for c in list(self.children):
+                code = c.proc.poll()
+                if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
+                    continue
+                if self._survivable(c):
+                    handled.add(c.proc.pid)
+                else:
                     first_failure, failed_at = c, time.monotonic()
+            running = [c for c in self.children if c.proc.poll() is None]
             if not running:
                 break
             if first_failure and time.monotonic() - failed_at > settle_s:
@@ -180,8 +268,19 @@ class Launcher:
         except KeyboardInterrupt:
             if view:
                 view.stop()
+            where = None
+            if self._env and self.cfg.cluster.servers:
+                print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
+                      flush=True)
+                try:
+                    where = self.checkpoint_now(timeout_s=self.cfg.cluster.timeout_s * 2)
+                except KeyboardInterrupt:
+                    where = None
             self.stop_all()
-            print_failure("interrupted: every process of the job was stopped", self.run_dir)
+            note = (f"; checkpoint at {where}: continue with --resume {self.run_dir}" if where
+                    else "; no checkpoint was completed")
+            print_failure(f"interrupted: every process of the job was stopped{note}",
+                          self.run_dir)
             return 130
         except LaunchError as exc:
             if view:

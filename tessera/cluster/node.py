@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from tessera.cluster.launcher import LaunchError, Launcher, describe_exit, tail
+from tessera.cluster.launcher import Launcher, LaunchError, describe_exit, tail
 from tessera.config import config_to_dict
 from tessera.config.schema import JobConfig
 
@@ -73,8 +73,7 @@ def _ranks(r: range) -> str:
 def parse_host_port(text: str, flag: str = "--coordinator") -> tuple[str, int]:
     """``HOST:PORT`` (``tcp://`` and ``[v6]`` brackets allowed) -> (host, port)."""
     raw = text.strip()
-    if raw.startswith("tcp://"):
-        raw = raw[len("tcp://"):]
+    raw = raw.removeprefix("tcp://")
     host, sep, port = raw.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -299,6 +298,7 @@ class NodeLauncher(Launcher):
         cfg.out = cfg.out.replace("{node}", str(settings.rank))
         super().__init__(cfg, worker_cmd=worker_cmd, quiet=quiet)
         self.settings = settings
+        self.worker_gpu: dict[int, dict[str, str]] = {}  # rank -> CUDA_VISIBLE_DEVICES
         # The job's secret is shared by every node (the Launcher drew a fresh one).
         self.secret = ("curve:" if cfg.cluster.encrypt else "") + settings.secret
 
@@ -360,15 +360,23 @@ class NodeLauncher(Launcher):
             self._say(f"tessera node {st.rank}: waiting for the coordinator at {st.coordinator}")
             wait_reachable(ip, st.coordinator_port, deadline, st.coordinator)
         env["TESSERA_COORDINATOR"] = f"tcp://{ip}:{st.coordinator_port}"
+        self._env = env  # the Launcher's restarts and coordinator requests use it
         for rank in st.servers:
             self._spawn("server", rank, [sys.executable, "-m", "tessera.cluster.role", "server"],
                         env)
         gpus = visible_gpus() if cfg.train.device == "cuda" else []
         if cfg.train.device == "cuda" and not gpus and st.workers:
-            self._say(f"tessera node {st.rank}: train.device is 'cuda' but this node shows no "
-                      f"GPU (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
-        for local, rank in enumerate(st.workers):
-            self._spawn("worker", rank, self.worker_cmd, dict(env, **gpu_env(local, gpus)))
+            print(f"tessera: warning: train.device is 'cuda' but node {st.rank} shows no GPU "
+                  f"(CUDA_VISIBLE_DEVICES, nvidia-smi -L)", file=sys.stderr, flush=True)
+        self.worker_gpu = {rank: gpu_env(local, gpus) for local, rank in enumerate(st.workers)}
+        for rank in st.workers:
+            self._spawn("worker", rank, self.worker_cmd, env)
+
+    def _spawn(self, role: str, rank: int, cmd: list[str], env: dict, *args, **kwargs):
+        # Every start of a worker, restarts included, gets that worker's GPU.
+        if role == "worker":
+            env = dict(env, **self.worker_gpu.get(rank, {}))
+        return super()._spawn(role, rank, cmd, env, *args, **kwargs)
 
     def run(self) -> int:
         """Node 0 ends as ``tessera run`` does (progress, summary.json, the table); other
@@ -395,6 +403,7 @@ class NodeLauncher(Launcher):
             self.start()
             failure = self.watch()
         except KeyboardInterrupt:
+            self._let_node0_finish()
             self.stop_all()
             print_failure("interrupted: every process of this node was stopped", self.run_dir)
             return 130
@@ -412,3 +421,21 @@ class NodeLauncher(Launcher):
         self._say(f"tessera node {self.settings.rank}: {len(self.children)} processes finished "
                   f"cleanly; the job's summary.json is on node 0")
         return 0
+
+    def _let_node0_finish(self) -> None:
+        """Slurm and Kubernetes signal every node at once; node 0 then checkpoints the job,
+        which needs this node's servers, and ends it. Give it that long (the processes end
+        on their own when the coordinator goes); a second interrupt stops at once."""
+        grace_s = min(self.cfg.cluster.timeout_s, 25.0)
+        if not any(c.proc.poll() is None for c in self.children):
+            return
+        print(f"tessera node {self.settings.rank}: interrupted; leaving node 0 up to "
+              f"{grace_s:.0f} s to end the job (interrupt again to stop now)",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + grace_s
+        try:
+            while time.monotonic() < deadline and any(c.proc.poll() is None
+                                                      for c in self.children):
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass

@@ -58,6 +58,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tessera.cluster.launcher import LaunchError, default_run_dir, describe_exit, tail
+from tessera.cluster.role import EXIT_CLUSTER_FAILURE
 from tessera.config import config_to_dict
 from tessera.config.schema import JobConfig
 
@@ -387,7 +388,7 @@ class RayLauncher:
                 c.unavailable_since = c.unavailable_since or now
                 continue
             except (ActorDiedError, RayActorError) as exc:  # gone for good
-                c.died = _first_line(exc)
+                c.died = _death_reason(exc)
                 continue
             c.unavailable_since = 0.0
             if state["incarnation"] != c.incarnation:
@@ -405,8 +406,13 @@ class RayLauncher:
                       f"cluster.max_restarts = {self.cfg.cluster.max_restarts} times")
 
     def _restart_process(self, c: RayChild) -> bool:
-        """A worker process died but its actor lives: start it again if restarts are left."""
-        if c.role != "worker" or c.restarts >= self.cfg.cluster.max_restarts:
+        """A worker process died but its actor lives: start it again if restarts are left.
+
+        Not when it exited with EXIT_CLUSTER_FAILURE: it stopped because it heard the
+        job failed elsewhere, and another start would only hide that cause.
+        """
+        if c.role != "worker" or c.restarts >= self.cfg.cluster.max_restarts or \
+                c.code == EXIT_CLUSTER_FAILURE:
             return False
         c.restarts += 1
         why = f"the previous process (pid {c.pid}) {describe_exit(c.code)}"
@@ -459,7 +465,7 @@ class RayLauncher:
         self.stop_all()
         where = f" on {first.node_ip}" if first.node_ip else ""
         if first.died:
-            what = f"died with its Ray actor ({first.died})"
+            what = f"died with its Ray actor: {first.died}"
             if first.role == "worker" and first.restarts >= cl.max_restarts:
                 what += f"; no restarts left (cluster.max_restarts = {cl.max_restarts})"
         else:
@@ -527,3 +533,13 @@ class RayLauncher:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _death_reason(exc: BaseException) -> str:
+    """Ray's own words on why an actor died ("... because it was killed by `ray.kill`")."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith("The actor is dead because"):
+            line = line[len("The actor is dead because"):].strip()
+            return line.split(" Worker exit detail:")[0].rstrip(".")
+    return _first_line(exc)

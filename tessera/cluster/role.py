@@ -60,9 +60,11 @@ def coordinator_main() -> None:
         host, _, port = bind.rpartition(":")
         cfg.cluster.host = host
     coord = Coordinator(cfg, run_dir, os.environ["TESSERA_SECRET"], ctx=ctx)
-    if bind:
+    if bind:  # same socket, at the agreed port (keeping the frame limit the coordinator set)
+        limit = coord.endpoint.sock.getsockopt(zmq.MAXMSGSIZE)
         coord.endpoint.close()
-        coord.endpoint = ServerEndpoint(ctx, host, os.environ["TESSERA_SECRET"], port=int(port))
+        coord.endpoint = ServerEndpoint(ctx, host, os.environ["TESSERA_SECRET"],
+                                        max_frame_bytes=limit, port=int(port))
     write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
     code = coord.run()
     ctx.destroy(linger=0)

@@ -371,6 +371,12 @@ class JobConfig(msgspec.Struct, **_STRICT):
             if self.precision == "fp16" and mode == "sync":
                 raise ValueError("ps.replication 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
+        if (self.checkpoint.every or self.resume) and (mode in ("allreduce", "hybrid")
+                                                       or pp.stages > 1):
+            flag = "--resume" if self.resume else "--checkpoint-every"
+            raise ValueError(f"{flag}: checkpoints hold the parameter servers' state, and in mode "
+                             f"{mode!r} the dense parameters are not on the servers (use sync, "
+                             f"async or ssp)")
         if self.cluster.max_restarts and (mode in ("allreduce", "hybrid") or pp.stages > 1):
             raise ValueError(f"cluster.max_restarts (--max-restarts) needs a parameter-server mode (sync, async, ssp): in "
                              f"mode {mode!r} the workers form a torch.distributed group, which "

@@ -136,11 +136,20 @@ class PSDataParallel(nn.Module):
         #    Resumed jobs start from the checkpoint's values; a restarted worker joins.
         if is_first and not restored and not incarnation:
             client.init_params(initial)
-        if incarnation:
-            self._join(incarnation)
-        else:
+        #: The last clock of the run, when known: a restarted worker never joins past it.
+        self.max_clock: Optional[int] = None
+        self._incarnation = incarnation
+        if not incarnation:
             self._copy_in(client.pull(clock=start_clock))
         self._ckpt_flag = self._checkpoint_flag()
+
+    def ensure_joined(self) -> None:
+        """A restarted worker joins the running job (done by the first forward, or
+        earlier by a trainer that sets ``max_clock`` first)."""
+        if self._incarnation:
+            incarnation, self._incarnation = self._incarnation, 0
+            self._join(incarnation)
+            self._ckpt_flag = self._checkpoint_flag()
 
     def _join(self, incarnation: int) -> None:
         """A restarted worker takes current values and, in sync mode, a clock that every
@@ -154,10 +163,14 @@ class PSDataParallel(nn.Module):
             current = self.client.pull(clock=0)
             clocks = []
             for h in current:
-                h.wait()
+                self._consume(h, h.wait())
                 clocks.append(h.clock)
-                h.release()
             target = max(clocks) + 2
+            if self.max_clock is not None and target > self.max_clock:
+                if max(clocks) >= self.max_clock:  # the others finished: nothing left to do
+                    self.clock = max(clocks)
+                    return
+                target = self.max_clock
             try:
                 self._copy_in(self.client.join(target, incarnation))
             except ServerError as exc:
@@ -181,6 +194,7 @@ class PSDataParallel(nn.Module):
         return self.clock + 1 if ask or periodic else 0
 
     def forward(self, *args, **kwargs):
+        self.ensure_joined()
         with self.profiler.span("forward", "compute"), self.autocast():
             return self.module(*args, **kwargs)
 
