@@ -145,6 +145,11 @@ class PSClient:
                 handle._request = (msg, frames)
                 self._outstanding[(backup, new_req)] = handle
 
+    def _route(self) -> None:
+        """Before sending: re-route first if the coordinator declared a server dead."""
+        if set(self._dead_servers()) - self._failed_over:
+            self._follow_failures()
+
     def _track(self, handle: Handle) -> Handle:
         self._outstanding[(handle._server, handle._req)] = handle
         return handle
@@ -190,6 +195,7 @@ class PSClient:
              commit: Optional[bool] = None) -> list[Handle]:
         """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
         ids = list(self.parts) if partitions is None else partitions
+        self._route()
         by_server: dict[int, list[int]] = {}
         for pid in ids:
             by_server.setdefault(self.owner[pid], []).append(pid)
@@ -217,6 +223,7 @@ class PSClient:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
         frame = tensor_to_frame(payload)
+        self._route()
         server = self.owner[partition]
         ep = self.servers[server]
         req = ep.new_req()

@@ -330,8 +330,13 @@ class ParameterServer:
         if msg.checkpoint > self.last_ckpt:
             self.ckpt_target = max(self.ckpt_target, msg.checkpoint)
         if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
-            # A retried push that was already applied: answer, do not apply again.
-            self._send_params(peer, msg.req, states, msg.dtype)
+            # A retried push: not applied again. Answered as the original will be: at
+            # once if its clock is done, else when it is.
+            self.stats["retries"] = self.stats.get("retries", 0) + 1
+            if self.mode == "sync" and any(msg.worker in st.pushed_by for st in states):
+                self._wait_or_answer(_Waiter(peer, msg.req, msg.clock + 1, msg.dtype, states))
+            else:
+                self._send_params(peer, msg.req, states, msg.dtype)
             return
         if self.two_phase and len(states) != 1:
             raise RequestError("with loss scaling, push one partition per message")
