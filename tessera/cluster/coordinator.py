@@ -439,6 +439,7 @@ class Coordinator:
             "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
             "pushes_applied": self._applied(servers),
             "restarts": self.restarts,
+            "worker_first_steps": [int(w.get("first_step", 0) or 0) for w in workers],
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),

@@ -184,7 +184,9 @@ class Launcher:
 
     def _survivable(self, c: Child) -> bool:
         """A death the job goes on after: restart the worker, or leave it to the backup."""
-        if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0:
+        # Exit code 3 means the job already failed elsewhere: a restart would hide why.
+        if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0 \
+                and c.proc.returncode != 3:
             self.restarts_left[c.rank] -= 1
             self.restarted += 1
             left = self.restarts_left[c.rank]

@@ -6,9 +6,11 @@ entry points, as subprocesses), but each one is started by a Ray actor, and the
 actors are placed by a placement group: one bundle per process, strategy
 ``SPREAD`` (``cluster.placement = "spread"``) or ``PACK`` (``"pack"``).
 
-Contract: as :meth:`tessera.cluster.launcher.Launcher.run` (``config.json`` in
-the run directory, progress bar, summary table, one paragraph naming the failed
-process, exit codes 0 / 1 / 130).
+Contract: :class:`RayLauncher` is a :class:`~tessera.cluster.launcher.Launcher`
+whose ``start``, ``watch`` and ``stop_all`` work through actors; ``run`` is the
+local launcher's (``config.json`` in the run directory, progress bar, summary
+table, one paragraph naming the failed process, a checkpoint on SIGINT/SIGTERM,
+exit codes 0 / 1 / 130), inside a Ray connection.
 
 What this needs from the Ray cluster:
 
@@ -19,9 +21,14 @@ What this needs from the Ray cluster:
   by the driver.
 * **Tessera installed on every node**, importable by Ray's Python (the actors run
   ``python -m tessera.cluster.role ...`` with the actor's own interpreter).
-* **Reachable addresses.** Every process gets ``TESSERA_HOST``: ``cluster.host``,
-  or, when joining an existing cluster (``--address``) with a loopback or
-  wildcard ``cluster.host``, the IP of the node its actor runs on.
+* **Reachable addresses.** On a local instance every process binds
+  ``cluster.host`` (loopback), as with the local launcher. When joining a cluster
+  (``--address`` or ``RAY_ADDRESS``) with a loopback or wildcard ``cluster.host``,
+  the coordinator binds the IP of its actor's node (``TESSERA_COORDINATOR_BIND``)
+  and every process is also given its node's IP as ``TESSERA_HOST``. Servers (and
+  hybrid mode's worker 0) bind ``cluster.host`` from ``config.json`` until they
+  honour ``TESSERA_HOST``; until then a job on a multi-node Ray cluster needs
+  ``placement = "pack"`` (every process on one node) or ``tessera node``.
 
 Failures: each actor watches its subprocess; the driver polls the actors. Worker
 actors are created with ``max_restarts = cluster.max_restarts``: when a worker's
@@ -29,8 +36,11 @@ actor dies (its node went away, ``ray.kill``), Ray restarts the actor and its
 constructor starts the worker again with the same rank, as the original was
 started; when only the worker process died and restarts are left, the driver
 asks the live actor to start it again. Either way it counts against the
-worker's ``max_restarts``, and the coordinator takes the new process as a
-rejoin. Any other failure (coordinator or server, or a worker with no restarts
+worker's ``max_restarts``. Before the new process starts, the actor tells the
+coordinator the old one departed (``wire.Departed``, as the local launcher does),
+so the coordinator takes the new process as a rejoin, never as a second
+registration. With ``ps.replication = 2`` a dead server is left to its backup.
+Any other failure (coordinator or server, or a worker with no restarts
 left) fails the job like the local launcher: named, others given time to stop,
 then everything stopped. A subprocess dies with its actor (``PR_SET_PDEATHSIG``
 on Linux, plus the heartbeat thread's parent check).
@@ -42,8 +52,8 @@ import ctypes
 import json
 import logging
 import os
-import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,11 +63,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tessera.cluster.launcher import LaunchError, default_run_dir, describe_exit, tail
+from tessera.cluster.launcher import Launcher, LaunchError, describe_exit, tail
 from tessera.cluster.role import EXIT_CLUSTER_FAILURE
 from tessera.config import config_to_dict
 from tessera.config.schema import JobConfig
@@ -110,18 +125,53 @@ class ProcessActor:
         self.log_path = Path(log_path)
         self.cwd = cwd if cwd and os.path.isdir(cwd) else None
         self.node_ip = ray.util.get_node_ip_address()
+        self.node_id = ray.get_runtime_context().get_node_id()
         env = dict(env)
         if bind_node_ip:
             env["TESSERA_HOST"] = self.node_ip
-        # Ray sets OMP_NUM_THREADS=1 in actors; the launcher's children inherit the
-        # driver's choice instead (env carries it when the driver had one).
-        base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            if role == "coordinator":
+                env["TESSERA_COORDINATOR_BIND"] = f"{self.node_ip}:{_free_port(self.node_ip)}"
+        # The actor's environment, less what the driver decides: Ray sets
+        # OMP_NUM_THREADS=1 in actors, the children get the driver's choice (env
+        # carries it when the driver had one); TESSERA_* only from the driver.
+        base = {k: v for k, v in os.environ.items()
+                if k != "OMP_NUM_THREADS" and not k.startswith("TESSERA_")}
         self.env = dict(base, **env)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
         self.starts = 0
         self.proc: Optional[subprocess.Popen] = None
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self._start("its Ray actor was restarted" if self.restarted else "")
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            why = "its Ray actor died and Ray restarted it"
+            self._depart(f"{role} {rank}: {why}")
+            self._start(why)
+        else:
+            self._start("")
+
+    def _depart(self, reason: str) -> None:
+        """Tell the coordinator the previous process is gone, before a new one registers.
+
+        The coordinator then takes the new process's registration as a rejoin; left
+        to heartbeats, a quick restart could register before the death is noticed.
+        """
+        coordinator = self.env.get("TESSERA_COORDINATOR")
+        if not coordinator:
+            return
+        try:
+            import zmq
+
+            from tessera.transport import wire
+            from tessera.transport.endpoint import ClientEndpoint
+            ctx = zmq.Context()
+            ep = ClientEndpoint(ctx, coordinator, self.env["TESSERA_SECRET"], "coordinator",
+                                sndtimeo_s=2.0)
+            try:
+                ep.request(wire.Departed(req=ep.new_req(), role=self.role, rank=self.rank,
+                                         reason=reason), timeout_s=2.0, what="departure notice")
+            finally:
+                ep.close()
+                ctx.destroy(linger=0)
+        except Exception:  # noqa: BLE001  the coordinator still notices by heartbeats
+            pass
 
     def _start(self, why: str) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +186,8 @@ class ProcessActor:
         self.starts += 1
 
     def info(self) -> dict[str, Any]:
-        return {"node_ip": self.node_ip, "actor_pid": os.getpid(), "pid": self.proc.pid,
-                "incarnation": self.incarnation}
+        return {"node_ip": self.node_ip, "node_id": self.node_id, "actor_pid": os.getpid(),
+                "pid": self.proc.pid, "incarnation": self.incarnation}
 
     def poll(self) -> dict[str, Any]:
         return {"incarnation": self.incarnation, "pid": self.proc.pid,
@@ -147,6 +197,8 @@ class ProcessActor:
         """Start the process again (it exited); returns its pid."""
         if self.proc.poll() is None:
             return self.proc.pid
+        self._depart(f"{self.role} {self.rank} (pid {self.proc.pid}) "
+                     f"{describe_exit(self.proc.returncode)}")
         self._start(why)
         return self.proc.pid
 
@@ -168,6 +220,12 @@ class ProcessActor:
 ProcessActorRemote = ray.remote(ProcessActor)
 
 
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -180,12 +238,14 @@ class RayChild:
     log_path: Path
     pid: int = 0
     node_ip: str = ""
+    node_id: str = ""
     incarnation: str = ""
     code: Optional[int] = None
     restarts: int = 0
     pending: Any = field(default=None, repr=False)  # an unanswered poll
     unavailable_since: float = 0.0
     died: str = ""  # Ray's reason, when the actor is gone for good
+    survived: bool = False  # a death the job goes on after (a server left to its backup)
 
     @property
     def label(self) -> str:
@@ -193,25 +253,29 @@ class RayChild:
 
     @property
     def failed(self) -> bool:
-        return bool(self.died) or self.code not in (None, 0)
+        return not self.survived and (bool(self.died) or self.code not in (None, 0))
 
     @property
     def done(self) -> bool:
-        return bool(self.died) or self.code is not None
+        return self.survived or bool(self.died) or self.code is not None
 
 
-class RayLauncher:
+class RayLauncher(Launcher):
+    """The local launcher's run (progress, interrupts, checkpoint, summary), on Ray actors."""
+
     def __init__(self, cfg: JobConfig, *, worker_cmd: Optional[list[str]] = None,
                  quiet: bool = False):
-        self.cfg = cfg
-        self.run_dir = default_run_dir(cfg).resolve()
-        cmd = worker_cmd or [PYTHON, "-m", "tessera.cluster.trainer"]
-        self.worker_cmd = [PYTHON if c == sys.executable else c for c in cmd]
-        self.quiet = quiet
-        self.children: list[RayChild] = []
-        self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
+        super().__init__(cfg, worker_cmd=worker_cmd, quiet=quiet)
+        # The actor's own Python stands in for the driver's (nodes may differ), and a
+        # script named relative to here is named absolutely (an actor's cwd may differ).
+        cmd = [PYTHON if c == sys.executable else c for c in self.worker_cmd]
+        if len(cmd) > 1 and cmd[0] == PYTHON and os.path.isfile(cmd[1]):
+            cmd[1] = os.path.abspath(cmd[1])
+        self.worker_cmd = cmd
+        self.children: list[RayChild] = []  # type: ignore[assignment]
         self.pg = None
         self.connected = False
+        self._stopped = False
         #: Joining a cluster (--address or RAY_ADDRESS), not a local instance of our own.
         self.joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
 
@@ -237,11 +301,7 @@ class RayLauncher:
             self.connected = False
 
     def _note(self, text: str) -> None:
-        if self.quiet:
-            print(f"tessera: {text}", file=sys.stderr, flush=True)
-        else:
-            from tessera.cluster.console import _console
-            _console.print(f"[bold]tessera[/] {text}")
+        print(f"tessera: {text}", flush=True)  # as the local launcher's restart notes
 
     # --------------------------------------------------------------- phases
 
@@ -274,10 +334,16 @@ class RayLauncher:
         except RayActorError as exc:
             raise LaunchError(f"the Ray actor of {child.label} could not start the process: "
                               f"{_first_line(exc)}") from None
-        child.pid, child.node_ip, child.incarnation = info["pid"], info["node_ip"], \
-            info["incarnation"]
+        child.pid, child.node_ip, child.node_id, child.incarnation = \
+            info["pid"], info["node_ip"], info["node_id"], info["incarnation"]
 
     def start(self) -> None:
+        try:
+            self._start_actors()
+        except ray.exceptions.RayError as exc:
+            raise LaunchError(f"Ray failed while starting the job: {_first_line(exc)}") from None
+
+    def _start_actors(self) -> None:
         cfg, cl = self.cfg, self.cfg.cluster
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
@@ -319,6 +385,7 @@ class RayLauncher:
                                   f"node shares?)")
             time.sleep(0.05)
         env["TESSERA_COORDINATOR"] = json.loads(addr_file.read_text())["address"]
+        self._env = env  # Launcher.checkpoint_now and _tell reach the coordinator with it
         for rank in range(cl.servers):
             self._spawn("server", rank, [PYTHON, "-m", "tessera.cluster.role", "server"], env,
                         bundle=1 + rank)
@@ -327,11 +394,11 @@ class RayLauncher:
                         max_restarts=cl.max_restarts)
         for child in self.children[1:]:
             self._info(child)
-        nodes = sorted({c.node_ip for c in self.children})
+        nodes = sorted({c.node_id for c in self.children})
         (self.run_dir / "ray.json").write_text(json.dumps({
             "namespace": NAMESPACE, "placement": strategy,
-            "actors": {c.label: {"name": c.name, "node_ip": c.node_ip, "pid": c.pid}
-                       for c in self.children}}, indent=2))
+            "actors": {c.label: {"name": c.name, "node_ip": c.node_ip, "node_id": c.node_id,
+                                 "pid": c.pid} for c in self.children}}, indent=2))
         if not self.quiet:
             self._note(f"on Ray: {count} processes on {len(nodes)} node(s) "
                        f"({strategy.lower()}), actors in namespace {NAMESPACE!r}")
@@ -344,6 +411,15 @@ class RayLauncher:
             return tail(child.log_path)
 
     def stop_all(self, grace_s: float = 3.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._coord_ep is not None:
+            self._coord_ep.close()
+            self._ctx.destroy(linger=0)
+            self._coord_ep = None
+        if not self.connected:
+            return
         refs = {}
         for c in self.children:
             if not c.died:
@@ -367,7 +443,7 @@ class RayLauncher:
     def _poll_all(self) -> None:
         now = time.monotonic()
         for c in self.children:
-            if c.died or c.code == 0:
+            if c.died or c.survived or c.code == 0:
                 continue
             if c.pending is None:
                 c.pending = c.actor.poll.remote()
@@ -430,26 +506,44 @@ class RayLauncher:
         c.pid, c.code = pid, None
         return True
 
+    def _survivable(self, c: RayChild) -> bool:  # type: ignore[override]
+        """A death the job goes on after; counts and starts again where it should."""
+        if c.role == "worker" and c.code not in (None, 0) and not c.died:
+            return self._restart_process(c)
+        if c.role == "server" and self.cfg.ps.replication == 2:
+            how = f"died with its Ray actor: {c.died}" if c.died else describe_exit(c.code)
+            self._note(f"server {c.rank} (pid {c.pid}) {how}; its backup takes over")
+            from tessera.transport import wire
+            reason = f"server {c.rank} (pid {c.pid}) {how}"
+            self._tell(lambda req: wire.Departed(req=req, role="server", rank=c.rank,
+                                                 reason=reason), 2.0, "departure notice")
+            c.survived = True
+            return True
+        return False
+
     def watch(self, progress=None) -> Optional[str]:
         """Wait for the job; returns None on success, else the failure (one paragraph)."""
         cl = self.cfg.cluster
         first: Optional[RayChild] = None
         failed_at = 0.0
+        # After the first failure, the others get this long to stop on their own.
         settle_s = min(10.0, cl.heartbeat_timeout_s + 2.0)
         while True:
             if progress:
                 progress()
-            self._poll_all()
+            try:
+                self._poll_all()
+            except ray.exceptions.RayError as exc:
+                raise LaunchError(f"Ray failed while watching the job: {_first_line(exc)}") \
+                    from None
             now = time.monotonic()
             if first is None:
                 for c in self.children:
-                    if c.code not in (None, 0) and not c.died and self._restart_process(c):
-                        continue
                     if not c.failed and c.unavailable_since and \
                             now - c.unavailable_since > cl.startup_timeout_s:
                         c.died = (f"its Ray actor did not answer for "
                                   f"{now - c.unavailable_since:.0f} s")
-                    if c.failed:
+                    if c.failed and not self._survivable(c):
                         first, failed_at = c, now
                         break
             if all(c.done for c in self.children):
@@ -474,60 +568,21 @@ class RayLauncher:
                 f"Last lines of {first.log_path}:\n{log}")
 
     def run(self) -> int:
-        """Connect, start, watch, report. Returns the exit code for the CLI."""
-        from tessera.cluster.console import ProgressView, print_failure, print_summary
-        view = None if self.quiet else ProgressView(self.run_dir, self.cfg)
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def interrupted(signum, _frame):
-            raise KeyboardInterrupt
-
+        """Connect to Ray, then the local launcher's run (start, watch, report), then leave."""
+        from tessera.cluster.console import print_failure
         try:
-            try:
-                self.connect()  # ray.init sets its own SIGTERM handler: ours go on after
-            except LaunchError as exc:
-                print_failure(str(exc), self.run_dir)
-                return 1
-            except KeyboardInterrupt:
-                print_failure("interrupted while connecting to Ray", self.run_dir)
-                return 130
-            for s in previous:
-                signal.signal(s, interrupted)
-            try:
-                self.start()
-                if view:
-                    view.start()
-                failure = self.watch(view.update if view else None)
-            except KeyboardInterrupt:
-                if view:
-                    view.stop()
-                self.stop_all()
-                print_failure("interrupted: every process of the job was stopped", self.run_dir)
-                return 130
-            except (LaunchError, ray.exceptions.RayError) as exc:
-                if view:
-                    view.stop()
-                self.stop_all()
-                print_failure(str(exc) if isinstance(exc, LaunchError)
-                              else f"Ray failed: {_first_line(exc)}", self.run_dir)
-                return 1
-            if view:
-                view.stop()
-            self.stop_all()
+            self.connect()  # before run() installs its signal handlers: ray.init sets one
+        except LaunchError as exc:
+            print_failure(str(exc), self.run_dir)
+            return 1
+        except KeyboardInterrupt:
+            print_failure("interrupted while connecting to Ray", self.run_dir)
+            return 130
+        try:
+            return super().run()
         finally:
+            self.stop_all()
             self.disconnect()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        if failure:
-            print_failure(failure, self.run_dir)
-            return 1
-        summary_path = self.run_dir / "summary.json"
-        if not summary_path.exists():
-            print_failure("every process exited cleanly but no summary.json was written",
-                          self.run_dir)
-            return 1
-        print_summary(json.loads(summary_path.read_text()), self.run_dir, quiet=self.quiet)
-        return 0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -540,6 +595,7 @@ def _death_reason(exc: BaseException) -> str:
     for line in str(exc).splitlines():
         line = line.strip()
         if line.startswith("The actor is dead because"):
-            line = line[len("The actor is dead because"):].strip()
-            return line.split(" Worker exit detail:")[0].rstrip(".")
+            line = line[len("The actor is dead because"):].split(" Worker exit detail:")[0]
+            why, _, kind = line.strip().rstrip(".").partition(". Worker exit type: ")
+            return f"{why} ({kind})" if kind else why
     return _first_line(exc)

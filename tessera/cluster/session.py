@@ -77,6 +77,8 @@ class Session:
         run_dir = Path(os.environ["TESSERA_RUN_DIR"])
         import json
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+        if os.environ.get("TESSERA_HOST"):  # a multi-node backend: this node's address
+            cfg.cluster.host = os.environ["TESSERA_HOST"]
         return cls(role=role, rank=int(os.environ["TESSERA_RANK"]), cfg=cfg, run_dir=run_dir,
                    coordinator=os.environ["TESSERA_COORDINATOR"],
                    secret=os.environ["TESSERA_SECRET"])

@@ -366,10 +366,10 @@ class JobConfig(msgspec.Struct, **_STRICT):
                 raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions on two servers; mode "
                                  f"{mode!r} keeps none there (use sync, async or ssp)")
             if self.cluster.servers < 2:
-                raise ValueError(f"ps.replication 2 needs at least 2 servers (a primary and a "
+                raise ValueError(f"--replication (ps.replication) 2 needs at least 2 servers (a primary and a "
                                  f"backup), got --servers {self.cluster.servers}")
             if self.precision == "fp16" and mode == "sync":
-                raise ValueError("ps.replication 2 with precision fp16 in sync mode is not "
+                raise ValueError("--replication (ps.replication) 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
         if (self.checkpoint.every or self.resume) and (mode in ("allreduce", "hybrid")
                                                        or pp.stages > 1):

@@ -158,6 +158,7 @@ class PSDataParallel(nn.Module):
         if self.mode != "sync":
             handles = self.client.join(self.clock, incarnation)
             self._copy_in(handles)
+            self.log(f"worker {self.client.worker}: rejoined at clock {self.clock}")
             return
         for _ in range(50):
             current = self.client.pull(clock=0)

@@ -325,10 +325,11 @@ class ParameterServer:
             raise RequestError(f"push sequence numbers start at 0, got {msg.seq}")
         if msg.clock < 0:
             raise RequestError(f"push clocks start at 0, got {msg.clock}")
-        if msg.scale <= 0 or msg.scale != msg.scale:
-            raise RequestError(f"loss scale must be a positive number, got {msg.scale}")
-        if msg.checkpoint > self.last_ckpt:
-            self.ckpt_target = max(self.ckpt_target, msg.checkpoint)
+        if not (0 < msg.scale < float("inf")):
+            raise RequestError(f"loss scale must be a positive finite number, got {msg.scale}")
+        if msg.checkpoint < 0 or msg.checkpoint > msg.clock + 1:
+            raise RequestError(f"a push for clock {msg.clock} can only ask for a checkpoint at "
+                               f"clock {msg.clock + 1}, got {msg.checkpoint}")
         if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
             # A retried push: not applied again. Answered as the original will be: at
             # once if its clock is done, else when it is.
@@ -340,7 +341,6 @@ class ParameterServer:
             return
         if self.two_phase and len(states) != 1:
             raise RequestError("with loss scaling, push one partition per message")
-        self.worker_clock[msg.worker] = max(self.worker_clock.get(msg.worker, 0), msg.clock + 1)
         if self.mode == "sync":
             if msg.worker not in self.live:
                 raise RequestError(f"worker {msg.worker} left the job (declared dead); a "
@@ -364,6 +364,9 @@ class ParameterServer:
         # Validated: from here on the push is applied (or held), exactly once.
         for st in states:
             st.last_seq[msg.worker] = msg.seq
+        self.worker_clock[msg.worker] = max(self.worker_clock.get(msg.worker, 0), msg.clock + 1)
+        if msg.checkpoint > self.last_ckpt:
+            self.ckpt_target = max(self.ckpt_target, msg.checkpoint)
         self.stats["pushes"] += 1
         unscale = 1.0 / msg.scale
         if self.mode in ("async", "ssp"):

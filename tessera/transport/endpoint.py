@@ -84,9 +84,14 @@ class _Keys:
 
     def __init__(self, secret: str):
         self.curve = secret.startswith(CURVE_PREFIX)
+        if not secret[len(CURVE_PREFIX) if self.curve else 0:]:
+            # ZeroMQ refuses an empty PLAIN password with a bare EINVAL; say what it is.
+            raise TransportError(f"the job secret is empty ({secret!r}): every process needs "
+                                 f"the secret the launcher drew (TESSERA_SECRET)")
         # One ZAP domain per secret: one handler per context can then serve
         # endpoints of different secrets (tests do) without mixing them up.
-        self.domain = "tessera-" + hashlib.sha256(b"tessera-zap:" + secret.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(b"tessera-zap:" + secret.encode()).hexdigest()
+        self.domain = "tessera-" + digest[:16]
         if self.curve:
             self.server_public, self.server_secret = _curve_keypair(b"tessera-server:", secret)
             self.client_public, self.client_secret = _curve_keypair(b"tessera-client:", secret)

@@ -1,0 +1,789 @@
+"""Security: nothing is ever unpickled, CURVE when asked, and a live server that
+survives hostile input.
+
+1. A scan of every module under ``tessera/`` for deserialisers that can run code
+   (pickle and kin, ``torch.load`` without ``weights_only=True``, ...).
+2. CURVE endpoints (``"curve:"`` secrets) on real sockets: they talk, the
+   traffic and the secret are not readable on the wire (a TCP relay records the
+   bytes), and every other key or mechanism is refused fast.
+3. A parameter server in a process of its own (``tests/scripts/lone_server.py``)
+   takes over 10,000 hypothesis-generated malformed or hostile messages through
+   real, authenticated DEALER sockets, frames above its size limit, and dozens of
+   connections with wrong secrets. Every malformed message is answered with a
+   ``wire.Error``; afterwards the values are the initial ones, nothing was
+   applied, and its memory did not grow.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
+
+from tessera.transport import wire
+from tessera.transport.endpoint import (AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint,
+                                        TransportError, _Auth, _keys)
+from tests.scripts.lone_server import initial_values
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN_SECRET = "9c" * 32
+CURVE_SECRET = "curve:" + "5e" * 32
+OTHER_CURVE_SECRET = "curve:" + "a1" * 32
+#: Only failing tests wait this long; generous because the machine may be busy.
+TIMEOUT_S = 10.0
+#: A refusal must come well before any timeout a caller would set.
+FAST_S = 3.0
+
+
+# ------------------------------------------------------------------- 1. no pickle
+
+#: Modules whose loading runs code chosen by whoever wrote the bytes.
+BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve",
+                  "joblib"}
+BANNED_METHODS = {"recv_pyobj", "send_pyobj", "read_pickle", "to_pickle"}
+BANNED_CALLS = {"yaml.load": "use yaml.safe_load", "yaml.load_all": "use yaml.safe_load_all",
+                "yaml.unsafe_load": "use yaml.safe_load", "yaml.full_load": "use yaml.safe_load"}
+
+
+def pickle_findings(source: str, filename: str) -> list[str]:
+    """``file:line: what`` for every use of a code-running deserialiser in ``source``."""
+    tree = ast.parse(source, filename)
+    aliases: dict[str, str] = {}  # local name -> dotted origin ("np" -> "numpy")
+    found = []
+
+    def report(node, what):
+        found.append(f"{filename}:{node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in BANNED_MODULES:
+                    report(node, f"import {a.name}")
+                top = a.name.split(".")[0]
+                aliases[a.asname or top] = a.name if a.asname else top
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if mod.split(".")[0] in BANNED_MODULES:
+                report(node, f"from {mod} import ...")
+            for a in node.names:
+                if a.name in BANNED_MODULES:
+                    report(node, f"from {mod} import {a.name}")
+                aliases[a.asname or a.name] = f"{mod}.{a.name}"
+
+    def dotted(expr) -> str:
+        parts = []
+        while isinstance(expr, ast.Attribute):
+            parts.append(expr.attr)
+            expr = expr.value
+        if not isinstance(expr, ast.Name):
+            return ""
+        parts.append(aliases.get(expr.id, expr.id))
+        return ".".join(reversed(parts))
+
+    def keyword(call, name):
+        return next((k.value for k in call.keywords if k.arg == name), None)
+
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in BANNED_METHODS:
+            report(node, f"{node.func.attr}() unpickles")
+        elif name in ("torch.load", "torch.serialization.load"):
+            wo = keyword(node, "weights_only")
+            if not (isinstance(wo, ast.Constant) and wo.value is True):
+                report(node, "torch.load without weights_only=True unpickles")
+        elif name in ("numpy.load", "numpy.lib.npyio.load"):
+            ap = keyword(node, "allow_pickle")
+            if ap is not None and not (isinstance(ap, ast.Constant) and ap.value is False):
+                report(node, "numpy.load with allow_pickle unpickles")
+        elif name in BANNED_CALLS:
+            report(node, f"{name}: {BANNED_CALLS[name]}")
+        elif name in ("__import__", "importlib.import_module") and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] in BANNED_MODULES:
+                report(node, f"{name}({arg.value!r})")
+    return found
+
+
+def test_scanner_catches_each_banned_use():
+    bad = "\n".join([
+        "import pickle", "import cPickle as cp", "from dill import loads", "import marshal",
+        "import shelve", "import torch as T", "import numpy as np", "import yaml",
+        "from torch import load", "sock.recv_pyobj()", "sock.send_pyobj(x)", "T.load(f)",
+        "load(f, weights_only=False)", "np.load(f, allow_pickle=True)", "yaml.load(s)",
+        "__import__('pickle')",
+    ])
+    found = pickle_findings(bad, "bad.py")
+    lines = [int(f.split(":")[1]) for f in found]
+    assert lines == [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16], found
+    good = ("import torch\nimport numpy as np\nimport yaml\ntorch.load(f, weights_only=True)\n"
+            "np.load(f)\nnp.load(f, allow_pickle=False)\nyaml.safe_load(s)\n"
+            "'''pickle is never used'''  # import pickle\n")
+    assert pickle_findings(good, "good.py") == []
+
+
+def test_no_module_uses_pickle():
+    files = sorted((ROOT / "tessera").rglob("*.py"))
+    assert len(files) > 20
+    found = []
+    for path in files:
+        found += pickle_findings(path.read_text(), str(path.relative_to(ROOT)))
+    for line in found:
+        print(line)
+    assert not found, "code-running deserialisers in tessera/:\n" + "\n".join(found)
+
+
+# ------------------------------------------------------------------- 2. CURVE
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    _Auth.stop(context)
+    context.destroy(linger=0)
+
+
+class Relay:
+    """A TCP relay on loopback that records every byte passing through it, both ways."""
+
+    def __init__(self, target_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        self.seen = bytearray()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pairs: dict[socket.socket, socket.socket] = {}
+        while not self._stop:
+            readable, _, _ = select.select([self.listener, *pairs], [], [], 0.05)
+            for s in readable:
+                if s is self.listener:
+                    a, _ = s.accept()
+                    b = socket.create_connection(("127.0.0.1", self.target))
+                    pairs[a], pairs[b] = b, a
+                    continue
+                if s not in pairs:  # its other end closed earlier in this pass
+                    continue
+                try:
+                    data = s.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    other = pairs.pop(s)
+                    pairs.pop(other, None)
+                    s.close()
+                    other.close()
+                    continue
+                self.seen += data
+                pairs[s].sendall(data)
+        for s in pairs:
+            s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=5)
+        self.listener.close()
+
+
+def _exchange(ctx, secret: str) -> tuple[ServerEndpoint, ClientEndpoint, bytes]:
+    """A request with a recognisable payload and the server's answer, through a Relay:
+    the endpoints, and the bytes that crossed the wire."""
+    server = ServerEndpoint(ctx, "127.0.0.1", secret)
+    relay = Relay(server.port)
+    client = ClientEndpoint(ctx, f"tcp://127.0.0.1:{relay.port}", secret, "server 0",
+                            sndtimeo_s=TIMEOUT_S)
+    try:
+        client.wait_connected(TIMEOUT_S)
+        marker = b"TESSERA-PLAINTEXT-MARKER-" * 8
+        client.send(wire.InitParams(req=7, partitions=[3]), [marker])
+        assert server.poll(TIMEOUT_S)
+        got = server.recv()
+        assert isinstance(got.msg, wire.InitParams) and got.msg.req == 7
+        assert bytes(got.frames[0].buffer) == marker
+        server.send(got.peer, wire.Error(req=7, message="MARKER-REPLY-" * 4))
+        reply, _ = client.wait(7, TIMEOUT_S, "the marker request")
+        assert isinstance(reply, wire.Error) and reply.message.startswith("MARKER-REPLY-")
+        return server, client, bytes(relay.seen)
+    finally:
+        relay.close()
+
+
+def test_curve_endpoints_talk_encrypted(ctx):
+    server, client, seen = _exchange(ctx, CURVE_SECRET)
+    assert server.sock.mechanism == zmq.CURVE
+    assert client.sock.mechanism == zmq.CURVE
+    assert b"CURVE" in seen[:64]  # the ZMTP greeting names the mechanism
+    for plaintext in (b"TESSERA-PLAINTEXT-MARKER", b"MARKER-REPLY", b"InitParams",
+                      CURVE_SECRET.encode(), CURVE_SECRET[6:].encode()):
+        assert plaintext not in seen, f"{plaintext!r} crossed the wire in the clear"
+    client.close()
+    server.close()
+
+
+def test_plain_endpoints_still_send_in_the_clear(ctx):
+    """The control for the test above: the relay does see PLAIN traffic."""
+    server, client, seen = _exchange(ctx, PLAIN_SECRET)
+    assert server.sock.mechanism == zmq.PLAIN
+    assert b"TESSERA-PLAINTEXT-MARKER" in seen and PLAIN_SECRET.encode() in seen
+    client.close()
+    server.close()
+
+
+@pytest.mark.parametrize("secret, why", [
+    (OTHER_CURVE_SECRET, "hung up during the CURVE handshake"),
+    (CURVE_SECRET[6:], "another security mechanism"),  # the same hex, PLAIN
+    (PLAIN_SECRET, "another security mechanism"),
+], ids=["other-curve-secret", "same-hex-plain", "plain-secret"])
+def test_curve_server_refuses_other_secrets_fast(ctx, secret, why):
+    server = ServerEndpoint(ctx, "127.0.0.1", CURVE_SECRET)
+    intruder = ClientEndpoint(ctx, server.address, secret, "server 3", sndtimeo_s=1)
+    t0 = time.monotonic()
+    with pytest.raises(AuthRefused, match=f"server 3 \\(tcp://127.0.0.1:{server.port}\\).*{why}"):
+        intruder.wait_connected(TIMEOUT_S)
+    assert time.monotonic() - t0 < FAST_S
+    try:  # nothing it sends reaches the server
+        intruder.sock.send(wire.encode(wire.Pull(req=1, worker=0, partitions=[0])), zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    assert not server.poll(0.3)
+    intruder.close()
+    server.close()
+
+
+def test_curve_client_refused_by_plain_server(ctx):
+    server = ServerEndpoint(ctx, "127.0.0.1", PLAIN_SECRET)
+    intruder = ClientEndpoint(ctx, server.address, "curve:" + PLAIN_SECRET, "server 0")
+    with pytest.raises(AuthRefused, match="another security mechanism than our CURVE"):
+        intruder.wait_connected(TIMEOUT_S)
+    intruder.close()
+    server.close()
+
+
+def test_curve_zap_accepts_only_the_job_client_key(ctx):
+    """A client that knows the server's public key (it is public) but has its own
+    keypair is refused by the ZAP handler, not let in by CURVE alone."""
+    server = ServerEndpoint(ctx, "127.0.0.1", CURVE_SECRET)
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    public, secret = zmq.curve_keypair()
+    sock.curve_serverkey = _keys(CURVE_SECRET).server_public
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sock.connect(server.address)
+    assert monitor.poll(int(TIMEOUT_S * 1000))
+    assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+    assert not server.poll(0.1)
+    server.close()
+
+
+def test_one_context_serves_secrets_apart(ctx):
+    """The ZAP handler is per context, its configuration per secret: endpoints of
+    different secrets in one context each admit only their own clients."""
+    servers = {s: ServerEndpoint(ctx, "127.0.0.1", s)
+               for s in (PLAIN_SECRET, "0f" * 32, CURVE_SECRET, OTHER_CURVE_SECRET)}
+    for s, server in servers.items():
+        for other in servers:
+            client = ClientEndpoint(ctx, server.address, other, "server 0")
+            if other == s:
+                client.wait_connected(TIMEOUT_S)
+            else:
+                with pytest.raises(AuthRefused):
+                    client.wait_connected(TIMEOUT_S)
+            client.close()
+    for server in servers.values():
+        server.close()
+
+
+@pytest.mark.parametrize("secret", ["", "curve:"])
+def test_empty_secret_is_named(ctx, secret):
+    with pytest.raises(TransportError, match="secret is empty"):
+        ServerEndpoint(ctx, "127.0.0.1", secret)
+    with pytest.raises(TransportError, match="secret is empty"):
+        ClientEndpoint(ctx, "tcp://127.0.0.1:9", secret, "server 0")
+
+
+def test_client_max_frame_bytes_drops_oversize_replies(ctx):
+    server = ServerEndpoint(ctx, "127.0.0.1", CURVE_SECRET)
+    client = ClientEndpoint(ctx, server.address, CURVE_SECRET, "server 0", max_frame_bytes=1000)
+    assert client.sock.getsockopt(zmq.MAXMSGSIZE) == 1000
+    client.wait_connected(TIMEOUT_S)
+    for req, size in ((1, 900), (2, 5000)):
+        client.send(wire.Pull(req=req, worker=0, partitions=[0]))
+        assert server.poll(TIMEOUT_S)
+        got = server.recv()
+        server.send(got.peer, wire.Params(req=req, partitions=[0], clock=0), [bytes(size)])
+    _, frames = client.wait(1, TIMEOUT_S, "the small reply")
+    assert len(frames[0]) == 900
+    with pytest.raises(PeerTimeout):  # the 5000-byte frame was refused, never delivered
+        client.wait(2, 0.5, "the oversize reply")
+    client.close()
+    server.close()
+
+
+# ------------------------------------------------- 3. a live server under attack
+
+PARTITIONS, ELEMS, SEED = 2, 1000, 1234
+#: The lone server's ZMQ_MAXMSGSIZE: above a partition (4000 bytes) and any honest header.
+MAX_FRAME = 64 << 10
+BATCH = 50
+MIN_MESSAGES = 10_000
+#: A partition id no server holds.
+FOREIGN = 1_000_003
+#: Every op the wire knows, and every field name any message has (kept in step with wire.py).
+MESSAGE_TYPES = typing.get_args(wire.Message)
+OPS = [t.__struct_config__.tag for t in MESSAGE_TYPES]
+FIELDS = sorted({f for t in MESSAGE_TYPES for f in t.__struct_fields__})
+#: Int-typed fields (the rest get arbitrary msgpack values).
+INT_FIELDS = {"req", "worker", "seq", "clock", "rank", "pid", "incarnation", "pushes", "nbytes",
+              "t0_ns", "sent_ns", "checkpoint", "samples"}
+
+
+class LoneServer:
+    """tests/scripts/lone_server.py as a child process: address, pid, memory, stop."""
+
+    def __init__(self, tmp: Path):
+        addr_file = tmp / "address"
+        # stderr to a file: a pipe nobody reads while the test runs could fill and block it.
+        self.err_path = tmp / "lone_server.err"
+        self._err = self.err_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "scripts" / "lone_server.py"), str(addr_file),
+             "--partitions", str(PARTITIONS), "--elems", str(ELEMS), "--seed", str(SEED),
+             "--workers", "2", "--mode", "async", "--max-frame-bytes", str(MAX_FRAME)],
+            cwd=ROOT, env=dict(os.environ, TESSERA_SECRET=PLAIN_SECRET), stdout=subprocess.PIPE,
+            stderr=self._err, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not addr_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"lone server did not start:\n{self.stderr()}")
+            time.sleep(0.05)
+        self.address = addr_file.read_text()
+
+    def memory_kb(self) -> dict[str, int]:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+    def alive_or_fail(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lone server died (exit {self.proc.returncode}):\n"
+                                 f"{self.stderr()}")
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, (f"lone server exited {self.proc.returncode}:\n"
+                                           f"{self.stderr()}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._err.close()
+
+
+@pytest.fixture
+def lone_server(tmp_path):
+    server = LoneServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@dataclass
+class Case:
+    """One hostile message and the ``req`` its Error reply must echo."""
+
+    kind: str
+    header: bytes
+    frames: list
+    req: int
+
+    def __repr__(self) -> str:
+        return (f"Case({self.kind}, header={self.header[:120]!r}, "
+                f"frames={[len(f) for f in self.frames][:8]}, req={self.req})")
+
+
+def _expected_req(header: bytes) -> int:
+    """The req an Error reply echoes: the message's own, or 0 if it does not decode."""
+    try:
+        return wire.decode(header).req
+    except wire.WireError:
+        return 0
+
+
+def _payload(n: int) -> bytes:
+    return bytes(n)
+
+
+ints = st.one_of(st.integers(-3, 5), st.integers(-2 ** 63, 2 ** 64 - 1))
+reqs = st.integers(-2 ** 63, 2 ** 64 - 1)
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | ints | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=4)
+small_frames = st.lists(st.binary(max_size=12), max_size=3)
+good_parts = st.sampled_from([[0], [1], [0, 1], [1, 0]])
+bad_dtypes = st.sampled_from(["float64", "int8", "int64", "uint8", "bool", "", "Float32",
+                              "float32\x00", "<f4", "object"]) | st.text(max_size=6).filter(
+    lambda s: s not in wire.WIRE_DTYPES)
+valid_dtype = st.sampled_from(wire.WIRE_DTYPES)
+request_kinds = st.sampled_from(("Push", "Pull", "InitParams"))
+push_defects = st.sampled_from(("worker", "seq", "clock", "scale"))
+
+
+def _frames_for(parts: list[int], dtype: str) -> list[bytes]:
+    return [_payload(ELEMS * (2 if dtype != "float32" else 4)) for _ in parts]
+
+
+@st.composite
+def junk(draw):
+    header = draw(st.binary(max_size=80))
+    return Case("junk", header, draw(small_frames), _expected_req(header))
+
+
+any_op = st.sampled_from(OPS) | st.text(max_size=10)
+field_names = st.lists(st.sampled_from(FIELDS), max_size=6, unique=True)
+made_up_op = st.text(max_size=12).filter(lambda s: s not in OPS)
+
+
+@st.composite
+def wrong_shape(draw):
+    """msgpack that is not a Tessera message: random values, or dicts with real or
+    made-up ops and random fields. A dict that happens to decode into a request
+    names a partition nobody holds, so the server refuses it whatever else it says."""
+    if draw(st.booleans()):
+        value = draw(msgpack_values)
+    else:
+        value = {"op": draw(any_op)}
+        for name in draw(field_names):
+            value[name] = draw(ints if name in INT_FIELDS else msgpack_values)
+        if isinstance(value.get("partitions"), list):
+            value["partitions"].append(FOREIGN)
+    header = msgspec.msgpack.encode(value)
+    return Case("wrong-shape", header, draw(small_frames), _expected_req(header))
+
+
+@st.composite
+def unknown_op(draw):
+    op = draw(made_up_op)
+    header = msgspec.msgpack.encode({"op": op, "req": draw(reqs), "partitions": [0]})
+    return Case("unknown-op", header, [], 0)
+
+
+@st.composite
+def wrong_dtype(draw):
+    parts, dtype = draw(good_parts), draw(bad_dtypes)
+    req = draw(reqs)
+    kind = draw(request_kinds)
+    fields = {"op": kind, "req": req, "partitions": parts, "dtype": dtype}
+    if kind == "Push":
+        fields.update(worker=0, seq=draw(st.integers(0, 10)), clock=0)
+    if kind == "Pull":
+        fields.update(worker=0)
+    frames = [] if kind == "Pull" else [_payload(ELEMS * 4) for _ in parts]
+    return Case("wrong-dtype", msgspec.msgpack.encode(fields), frames, 0)
+
+
+def _lying_lengths(expected: int):
+    """Frame lengths of which at least one, or the count, does not match."""
+    return st.lists(st.integers(0, 3 * expected) | st.sampled_from(
+        [expected - 1, expected + 1, expected // 2, 2 * expected]), max_size=4)
+
+
+#: Built once: hypothesis validates a strategy the first time it draws from it.
+lying_lengths = {4000: _lying_lengths(ELEMS * 4), 2000: _lying_lengths(ELEMS * 2)}
+bad_ids = st.one_of(
+    st.just([]),
+    st.lists(st.integers(-2 ** 63, -1) | st.integers(2, 2 ** 64 - 1), min_size=1, max_size=3),
+    st.sampled_from([[0, 0], [1, 1], [0, 1, 0]]),
+    st.tuples(st.lists(st.integers(0, 1), max_size=2, unique=True),
+              st.integers(2, 2 ** 64 - 1)).map(lambda t: t[0] + [t[1]]),
+)
+bad_workers = st.integers(-2 ** 63, -1) | st.integers(2, 2 ** 64 - 1)
+bad_scales = st.floats(max_value=0.0) | st.just(math.nan)
+negative = st.integers(-2 ** 63, -1)
+
+
+@st.composite
+def lying_sizes(draw):
+    """Payload frames whose lengths do not match the partitions, or whose count does not."""
+    parts, dtype = draw(good_parts), draw(valid_dtype)
+    expected = ELEMS * (4 if dtype == "float32" else 2)
+    lengths = draw(lying_lengths[expected])
+    if len(lengths) == len(parts) and all(n == expected for n in lengths):
+        lengths.append(expected)  # one frame too many
+    req = draw(reqs)
+    if draw(st.booleans()):
+        msg = wire.Push(req=req, worker=draw(st.integers(0, 1)), seq=draw(st.integers(0, 99)),
+                        clock=draw(st.integers(0, 5)), partitions=parts, dtype=dtype)
+    else:
+        msg = wire.InitParams(req=req, partitions=parts, dtype=dtype)
+    return Case("lying-sizes", wire.encode(msg), [_payload(n) for n in lengths], req)
+
+
+@st.composite
+def bad_partitions(draw):
+    ids = draw(bad_ids)
+    req, dtype = draw(reqs), draw(valid_dtype)
+    kind = draw(request_kinds)
+    if kind == "Pull":
+        msg, frames = wire.Pull(req=req, worker=0, partitions=ids, dtype=dtype), []
+    elif kind == "Push":
+        msg = wire.Push(req=req, worker=0, seq=draw(st.integers(0, 99)), clock=0, partitions=ids,
+                        dtype=dtype)
+        frames = _frames_for(ids, dtype)
+    else:
+        msg, frames = wire.InitParams(req=req, partitions=ids, dtype=dtype), _frames_for(ids, dtype)
+    return Case("bad-partitions", wire.encode(msg), frames, req)
+
+
+@st.composite
+def too_many_frames(draw):
+    req, parts = draw(reqs), draw(good_parts)
+    count = draw(st.integers(len(parts) + 1, 2000))
+    if draw(st.booleans()):
+        msg = wire.Pull(req=req, worker=1, partitions=parts)
+        frames = [_payload(draw(st.integers(0, 8)))] * min(count, 2000)
+    else:
+        msg = wire.Push(req=req, worker=1, seq=3, clock=0, partitions=parts)
+        frames = [_payload(ELEMS * 4)] * min(count, 50)
+    return Case("too-many-frames", wire.encode(msg), frames, req)
+
+
+@st.composite
+def bad_push_fields(draw):
+    """A push with the right partitions and frames but one field out of bounds."""
+    parts, dtype, req = draw(good_parts), draw(valid_dtype), draw(reqs)
+    worker, seq, scale = draw(st.integers(0, 1)), draw(st.integers(0, 99)), 1.0
+    clock = draw(st.integers(0, 9))
+    which = draw(push_defects)
+    if which == "worker":
+        worker = draw(bad_workers)
+    elif which == "seq":
+        seq = draw(negative)
+    elif which == "clock":
+        clock = draw(negative)
+    else:
+        scale = draw(bad_scales)
+    msg = wire.Push(req=req, worker=worker, seq=seq, clock=clock, partitions=parts, dtype=dtype,
+                    scale=scale)
+    return Case(f"bad-push-{which}", wire.encode(msg), _frames_for(parts, dtype), req)
+
+
+@st.composite
+def bad_join(draw):
+    """A restarted worker's Join naming partitions it cannot have, or a worker not in the job."""
+    req, dtype = draw(reqs), draw(valid_dtype)
+    if draw(st.booleans()):
+        ids, worker = draw(bad_ids), draw(st.integers(0, 1))
+    else:
+        ids, worker = draw(good_parts), draw(bad_workers)
+    msg = wire.Join(req=req, worker=worker, incarnation=draw(ints), clock=draw(ints),
+                    partitions=ids, dtype=dtype)
+    return Case("bad-join", wire.encode(msg), [], req)
+
+
+replicate_kinds = st.sampled_from(("init", "grad")) | st.text(max_size=6)
+
+
+@st.composite
+def stray_replicate(draw):
+    """Replication from a peer that is not our primary: this server backs nobody up."""
+    req = draw(reqs)
+    ids = draw(good_parts | bad_ids)
+    msg = wire.Replicate(req=req, kind=draw(replicate_kinds), partitions=ids, clock=draw(ints),
+                         pushes=draw(ints), worker=draw(ints), seq=draw(ints))
+    frames = [_payload(n) for n in draw(lying_lengths[ELEMS * 4])] or [_payload(ELEMS * 4)]
+    return Case("stray-replicate", wire.encode(msg), frames, req)
+
+
+#: Well-formed messages that a parameter server does not serve, by req.
+NOT_SERVED = (
+    lambda req: wire.Heartbeat(req=req, role="worker", rank=0),
+    lambda req: wire.Ack(req=req),
+    lambda req: wire.Error(req=req, message="x"),
+    lambda req: wire.TimeSync(req=req, t0_ns=1),
+    lambda req: wire.Finished(req=req, role="worker", rank=0, stats={}),
+    lambda req: wire.Register(req=req, role="server", rank=0, host="h", pid=1),
+    lambda req: wire.HeartbeatAck(req=req, state="running"),
+    lambda req: wire.Params(req=req, partitions=[0], clock=0),
+    lambda req: wire.PullRows(req=req, worker=0, table="t"),
+    lambda req: wire.PushRows(req=req, worker=0, seq=0, clock=0, table="t"),
+    lambda req: wire.Departed(req=req, role="worker", rank=0, reason="x"),
+    lambda req: wire.CheckpointNow(req=req),
+    lambda req: wire.CheckpointSaved(req=req, rank=0, clock=0, file="/etc/passwd", nbytes=1),
+)
+not_served_makers = st.sampled_from(NOT_SERVED)
+
+
+@st.composite
+def not_served(draw):
+    req = draw(reqs)
+    msg = draw(not_served_makers)(req)
+    return Case("not-served", wire.encode(msg), draw(small_frames), req)
+
+
+hostile = st.one_of(junk(), wrong_shape(), unknown_op(), wrong_dtype(), lying_sizes(),
+                    bad_partitions(), too_many_frames(), bad_push_fields(), bad_join(),
+                    stray_replicate(), not_served())
+
+
+def _connect(ctx, address: str, secret: str = PLAIN_SECRET) -> ClientEndpoint:
+    ep = ClientEndpoint(ctx, address, secret, "lone server", sndtimeo_s=TIMEOUT_S)
+    ep.wait_connected(TIMEOUT_S)
+    return ep
+
+
+def _send_batch(ctx, server: LoneServer, cases: list[Case]) -> None:
+    """Send the batch over one fresh socket; every message must be answered, in order,
+    with an Error echoing its req."""
+    ep = _connect(ctx, server.address)
+    try:
+        for case in cases:
+            ep.sock.send_multipart([case.header, *case.frames])
+        for i, case in enumerate(cases):
+            if not ep.sock.poll(int(TIMEOUT_S * 1000)):
+                server.alive_or_fail()
+                raise AssertionError(f"no reply to message {i} of the batch: {case!r}")
+            parts = ep.sock.recv_multipart()
+            reply = wire.decode(parts[0])
+            assert isinstance(reply, wire.Error), f"{case!r} was answered with {reply!r}"
+            assert reply.req == case.req, f"{case!r}: reply {reply!r}"
+            assert reply.message.startswith("server 0: ") and len(parts) == 1
+    finally:
+        ep.close()
+
+
+def _oversize_disconnects(ctx, server: LoneServer, frames: list[bytes]) -> None:
+    """A message with a frame above the server's ZMQ_MAXMSGSIZE: the server drops the
+    connection (it never allocates the frame) and answers nothing."""
+    sock = ctx.socket(zmq.DEALER)  # by hand: its monitor must also watch disconnects
+    sock.linger = 0
+    sock.plain_username, sock.plain_password = b"tessera", PLAIN_SECRET.encode()
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(server.address)
+        assert monitor.poll(int(TIMEOUT_S * 1000)), "no handshake with the lone server"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        sock.send_multipart(frames, copy=False)
+        assert monitor.poll(int(TIMEOUT_S * 1000)), "the server kept an oversize sender"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        assert not sock.poll(0)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+def _pull_all(ctx, server: LoneServer) -> np.ndarray:
+    ep = _connect(ctx, server.address)
+    try:
+        msg, frames = ep.request(wire.Pull(req=ep.new_req(), worker=0, partitions=[0, 1]),
+                                 timeout_s=TIMEOUT_S)
+        assert isinstance(msg, wire.Params) and msg.partitions == [0, 1], msg
+        return np.concatenate([np.frombuffer(f.buffer, dtype=np.float32) for f in frames])
+    finally:
+        ep.close()
+
+
+def test_live_server_survives_hostile_messages(lone_server):
+    server = lone_server
+    ctx = zmq.Context()
+    before = server.memory_kb()
+    t0 = time.monotonic()
+    counts: dict[str, int] = {}
+
+    @settings(max_examples=MIN_MESSAGES // BATCH + 10, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(hostile, min_size=BATCH, max_size=BATCH))
+    def answered_with_errors(cases):
+        _send_batch(ctx, server, cases)
+        for case in cases:
+            counts[case.kind] = counts.get(case.kind, 0) + 1
+
+    @settings(max_examples=6, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(size=st.integers(MAX_FRAME + 1, 16 * MAX_FRAME), position=st.integers(0, 2))
+    def oversize_dropped(size, position):
+        header = wire.encode(wire.Push(req=1, worker=0, seq=1, clock=0, partitions=[0]))
+        frames = [header, _payload(ELEMS * 4), _payload(8)]
+        frames[position] = _payload(size)
+        _oversize_disconnects(ctx, server, frames)
+        counts["oversize"] = counts.get("oversize", 0) + 1
+
+    try:
+        answered_with_errors()
+        fuzz_s = time.monotonic() - t0
+        oversize_dropped()
+        _oversize_disconnects(ctx, server, [_payload(256 << 20)])  # 256 MiB: never allocated
+        counts["oversize"] += 1
+        refused = 0
+        for i in range(36):  # wrong secrets: PLAIN near-misses, and CURVE
+            secret = [PLAIN_SECRET[:-1], PLAIN_SECRET + "0", PLAIN_SECRET.upper(), "0",
+                      "curve:" + PLAIN_SECRET, f"guess-{i}"][i % 6]
+            intruder = ClientEndpoint(ctx, server.address, secret, "lone server", sndtimeo_s=1)
+            with pytest.raises(AuthRefused):
+                intruder.wait_connected(TIMEOUT_S)
+            try:
+                intruder.sock.send(wire.encode(wire.Ack(req=i)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            intruder.close()
+            refused += 1
+        server.alive_or_fail()
+        values = _pull_all(ctx, server)
+        after = server.memory_kb()
+    finally:
+        ctx.destroy(linger=0)
+    stats = server.stop()
+    answered = sum(n for kind, n in counts.items() if kind != "oversize")
+    print(f"\n{answered} hostile messages answered with errors in {fuzz_s:.1f} s; "
+          f"{counts.get('oversize')} oversize dropped; {refused} wrong-secret connections refused; "
+          f"by kind: {counts}; memory before {before}, after {after}, stats {stats}")
+    assert answered >= MIN_MESSAGES
+    assert len([k for k in counts if k != "oversize"]) >= 14  # every kind was exercised
+    np.testing.assert_array_equal(values, initial_values(SEED, PARTITIONS * ELEMS))
+    # Every answered message, and nothing else (not the intruders', not the oversize
+    # ones), reached the server as a refusal; nothing was applied.
+    assert stats["errors"] == answered
+    assert (stats["pushes"], stats["updates"], stats["skipped"], stats["pulls"]) == (0, 0, 0, 1)
+    assert after["VmRSS"] - before["VmRSS"] < 100 * 1024
+    assert stats["vm_hwm_kb"] - before["VmHWM"] < 100 * 1024
