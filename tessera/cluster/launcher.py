@@ -99,6 +99,11 @@ class Launcher:
             log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
             log.flush()
         child_env = dict(env, TESSERA_ROLE=role, TESSERA_RANK=str(rank))
+        if role == "worker" and self.cfg.train.device == "cuda":
+            # One GPU per worker, round robin over the visible ones (as torchrun users
+            # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
+            from tessera.cluster.node import gpu_env, visible_gpus
+            child_env.update(gpu_env(rank, visible_gpus(child_env)))
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         child = Child(role, rank, proc, log_path, log)

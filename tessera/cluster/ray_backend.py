@@ -25,10 +25,9 @@ What this needs from the Ray cluster:
   ``cluster.host`` (loopback), as with the local launcher. When joining a cluster
   (``--address`` or ``RAY_ADDRESS``) with a loopback or wildcard ``cluster.host``,
   the coordinator binds the IP of its actor's node (``TESSERA_COORDINATOR_BIND``)
-  and every process is also given its node's IP as ``TESSERA_HOST``. Servers (and
-  hybrid mode's worker 0) bind ``cluster.host`` from ``config.json`` until they
-  honour ``TESSERA_HOST``; until then a job on a multi-node Ray cluster needs
-  ``placement = "pack"`` (every process on one node) or ``tessera node``.
+  and every process is given its node's IP as ``TESSERA_HOST``, which
+  ``Session.from_env`` uses as ``cluster.host``: servers (and hybrid mode's worker
+  0) bind and publish their own node's address.
 
 Failures: each actor watches its subprocess; the driver polls the actors. Worker
 actors are created with ``max_restarts = cluster.max_restarts``: when a worker's
