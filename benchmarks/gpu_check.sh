@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU checks, run on a machine with one CUDA GPU (see benchmarks/README.md):
+#   mnist (CNN) on the GPU through the parameter servers in fp32, bf16 and fp16
+#   (CUDA autocast, loss scaling agreed by the cluster), all-reduce over NCCL,
+#   and the same fp32 job on the CPU, as a throughput ratio.
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR   (prints one JSON line; writes OUT_DIR/gpu.json)
+# Wheels for packages the machine lacks may sit in .whl/ (pip install --no-deps).
+set -uo pipefail
+out=${1:-runs/gpu-check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then $py -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1; fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi -L
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+job=$out/mnist_cuda.toml
+sed 's/^\[train\]/[train]\ndevice = "cuda"/' examples/mnist.toml > "$job"
+run() {  # name, args...
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  timeout 300 $py -m tessera.cli.main run "$@" --out "$out/$name" --quiet > "$out/$name.out" 2>&1
+  local code=$?
+  local t1=$(date +%s.%N)
+  echo "$name exit $code in $(python3 -c "print(round($t1 - $t0, 1))") s"
+  [ $code -eq 0 ] || tail -20 "$out/$name.out"
+}
+run fp32 "$job"
+run bf16 "$job" --precision bf16
+run fp16 "$job" --precision fp16
+run nccl "$job" --mode allreduce --servers 0 --workers 1
+run cpu examples/mnist.toml
+$py - "$out" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+res = {"bench": "gpu_check"}
+for name in ("fp32", "bf16", "fp16", "nccl", "cpu"):
+    p = out / name / "summary.json"
+    if not p.exists():
+        res[name] = None
+        continue
+    s = json.loads(p.read_text())
+    res[name] = {k: s.get(k) for k in ("eval_accuracy", "samples_per_s", "wall_s", "precision",
+                                       "mode", "skipped_steps", "loss_scale", "bytes_pushed")}
+    logs = " ".join(f.read_text(errors="replace") for f in (out / name / "logs").glob("worker-*.log"))
+    res[name]["note"] = [l for l in logs.splitlines() if "cuda" in l.lower() or "nccl" in l.lower()][:3]
+if res.get("fp32") and res.get("cpu"):
+    res["gpu_vs_cpu_samples_per_s"] = res["fp32"]["samples_per_s"] / res["cpu"]["samples_per_s"]
+for half in ("bf16", "fp16"):
+    if res.get(half) and res.get("fp32"):
+        res[f"{half}_vs_fp32_samples_per_s"] = res[half]["samples_per_s"] / res["fp32"]["samples_per_s"]
+        res[f"{half}_bytes_vs_fp32"] = res[half]["bytes_pushed"] / res["fp32"]["bytes_pushed"]
+(out / "gpu.json").write_text(json.dumps(res, indent=1))
+print(json.dumps(res))
+EOF
