@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/stragglers.py
 	$(BIN)/python benchmarks/allreduce_vs_ps.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/server_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

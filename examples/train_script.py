@@ -30,10 +30,11 @@ train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)  # tessera: replaces torch.optim.SGD
 sampler = tessera.shard(len(train_x), batch_size=args.batch_size)  # tessera: this worker's share
+model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)  # tessera: replaces torch.optim.SGD
 
-for step in range(args.steps):
+# A resumed job (--resume) or a restarted worker (--max-restarts) starts mid-run.
+for step in range(model.start_step(args.steps), args.steps):
     idx = torch.from_numpy(sampler.indices(step))
     loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
     model.scale_loss(loss).backward()  # tessera: loss scaling (a no-op unless fp16)

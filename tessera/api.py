@@ -32,6 +32,7 @@ from tessera.ps.client import PSClient
 
 _session: Optional[Session] = None
 _model: Optional[PSDataParallel] = None
+_samplers: list[ShardSampler] = []
 
 
 def init() -> Session:
@@ -106,7 +107,15 @@ def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
                             mode=cfg.ps.mode, checkpoint_every=cfg.checkpoint.every,
                             checkpoint_wanted=lambda: hb.checkpoint_requested,
                             on_clock=lambda clock: setattr(hb, "clock", clock))
+    for sampler in _samplers:  # made by tessera.shard() before the job's view was known
+        _seek(sampler, view)
     return _model
+
+
+def _seek(sampler: ShardSampler, view) -> None:
+    if view is not None and view.restore is not None:
+        r = view.restore
+        sampler.seek(r.clock, r.epoch, r.offset)
 
 
 def _connect_client(session: Session, policy) -> PSClient:
@@ -195,9 +204,8 @@ def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> Shar
     session.data_samples = num_samples
     sampler = ShardSampler(num_samples, batch_size=batch_size, num_workers=session.num_workers,
                            rank=session.rank, seed=session.cfg.train.seed if seed is None else seed)
-    if session.view is not None and session.view.restore is not None:
-        r = session.view.restore
-        sampler.seek(r.clock, r.epoch, r.offset)
+    _seek(sampler, session.view)
+    _samplers.append(sampler)
     return sampler
 
 
@@ -224,3 +232,4 @@ def finish(**stats: Any) -> None:
     session.finish(stats)
     session.close()
     _session, _model = None, None
+    _samplers.clear()

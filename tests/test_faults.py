@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,6 @@ from tessera.ps.checkpoint import CheckpointStore, read_flat
 from tests.harness import ROOT, Job, run_job, wait_for
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
-MNIST = str(ROOT / "examples" / "mnist.toml")
 ADAM = str(ROOT / "tests" / "jobs" / "digits_adam.toml")
 
 
@@ -34,10 +34,12 @@ def pid_of(out: Path, role: str, rank: int) -> int:
     return next(p["pid"] for p in procs if p["role"] == role and p["rank"] == rank)
 
 
-def kill_after(job: Job, out: Path, role: str, rank: int, lines: int) -> None:
-    """SIGKILL ``role rank`` once metrics.jsonl has ``lines`` lines (5 steps each)."""
+def kill_after(job: Job, out: Path, role: str, rank: int, lines: int, delay_s: float = 0.0
+               ) -> None:
+    """SIGKILL ``role rank`` ``delay_s`` after metrics.jsonl has ``lines`` lines (5 steps each)."""
     wait_for(lambda: metric_lines(out) >= lines or job.proc.poll() is not None, 120,
              f"{lines} metrics lines in {out}")
+    time.sleep(delay_s)
     assert job.proc.poll() is None, "the job ended before the kill"
     os.kill(pid_of(out, role, rank), signal.SIGKILL)
 
@@ -52,10 +54,14 @@ def finish(job: Job) -> str:
 def test_killed_worker_is_restarted_and_rejoins(tmp_path, mode):
     out = tmp_path / "run"
     extra = ["--staleness", "2"] if mode == "ssp" else []
-    job = Job(["run", MNIST, "--out", out, "--quiet", "--mode", mode, "--max-restarts", "1",
-               *extra], timeout_s=240)
+    # digits for 100 epochs (2,200 steps, 15-30 s): long enough for the restart (~5 s of
+    # imports) to happen mid-run.
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", mode, "--max-restarts", "1",
+               "--epochs", "100", *extra], timeout_s=240)
     step_lines = random.Random(mode).randint(2, 5)  # a "random" step, reproducible per mode
-    kill_after(job, out, "worker", 1, step_lines)
+    # A second later: the worker has reported its clock in a heartbeat (every 0.5 s), so
+    # the restarted one resumes near where it died rather than at step 0.
+    kill_after(job, out, "worker", 1, step_lines, delay_s=1.0)
     output = finish(job)
     summary = json.loads((out / "summary.json").read_text())
     log = (out / "logs" / "worker-1.log").read_text()
@@ -66,7 +72,8 @@ def test_killed_worker_is_restarted_and_rejoins(tmp_path, mode):
     assert 0 < first < summary["steps"], summary
     if mode == "sync":  # clocks completed without worker 1 while it was away, and counted
         assert min(summary["short_clocks"]) > 0, summary
-    assert summary["eval_accuracy"] >= 0.93, summary
+    # The foundation's bars on digits: 0.95 in sync mode, 0.93 in the stale modes.
+    assert summary["eval_accuracy"] >= (0.95 if mode == "sync" else 0.93), summary
 
 
 @pytest.mark.parametrize("mode, victim", [("sync", 0), ("async", 1)])

@@ -79,11 +79,8 @@ def main() -> None:
     if restore is not None:  # resumed: the data position of the checkpoint
         task.seek(restore.clock, restore.epoch, restore.offset)
     steps = task.total_steps(cfg)
-    if hasattr(model, "ensure_joined"):  # a restarted worker joins now, never past the end
-        model.max_clock = steps
-        model.ensure_joined()
     # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
-    first_step = getattr(model, "clock", 0)
+    first_step = model.start_step(steps)
     lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
     evaluator = replica == 0 if pipelined else lead  # a pipelined eval needs every stage
     metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None

@@ -103,6 +103,10 @@ class HybridParallel(nn.Module):
         params = [p.detach().reshape(-1).float() for p in self.module.parameters()]
         return torch.cat(params) if params else torch.zeros(0)
 
+    def start_step(self, max_clock=None) -> int:  # noqa: ARG002 - no restarts in this mode
+        """The step to start training at (always 0: this mode has no resume or rejoin)."""
+        return 0
+
     def step(self) -> bool:
         prof = self.profiler
         t0 = time.perf_counter()

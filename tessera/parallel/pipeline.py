@@ -194,6 +194,10 @@ class PipelineParallel(nn.Module):
             self.optimizer.zero_grad(set_to_none=False)
         self.clock += 1
 
+    def start_step(self, max_clock=None) -> int:  # noqa: ARG002 - no restarts in this mode
+        """The step to start training at (always 0: this mode has no resume or rejoin)."""
+        return 0
+
     def train_step(self, inputs: tuple, target: torch.Tensor) -> Optional[float]:
         loss = self.compute_gradients(inputs, target)
         self.apply_gradients()

@@ -143,6 +143,15 @@ class PSDataParallel(nn.Module):
             self._copy_in(client.pull(clock=start_clock))
         self._ckpt_flag = self._checkpoint_flag()
 
+    def start_step(self, max_clock: Optional[int] = None) -> int:
+        """The step a training loop starts at: 0, a resumed job's checkpoint clock, or
+        where a restarted worker joined (``max_clock``: the run's last step, never joined
+        past). Write loops as ``for step in range(model.start_step(steps), steps)``."""
+        if max_clock is not None:
+            self.max_clock = max_clock
+        self.ensure_joined()
+        return self.clock
+
     def ensure_joined(self) -> None:
         """A restarted worker joins the running job (done by the first forward, or
         earlier by a trainer that sets ``max_clock`` first)."""
