@@ -43,3 +43,17 @@ def foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
     """Share of the machine's CPU that processes other than this benchmark used."""
     foreign = (busy_s() - busy0) - (own_s() - own0)
     return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
+
+
+def watch_parent() -> None:
+    """Exit (code 3) if the benchmark driver dies, so no child is left behind."""
+    import threading
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -42,7 +42,6 @@ import secrets
 import signal
 import statistics
 import sys
-import threading
 import time
 import traceback
 
@@ -67,15 +66,8 @@ def _child_setup(needs_torch: bool) -> None:
         torch.set_num_threads(1)
     # rpc.shutdown() warns about its own internal use of a Gloo group.
     warnings.filterwarnings("ignore", message="You are using a Backend")
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
+    from _machine import watch_parent
+    watch_parent()
 
 
 def _child(fn, conn, *args) -> None:

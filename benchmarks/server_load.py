@@ -47,12 +47,12 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 import traceback
 
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import log as _log, own_s as _own_s  # noqa: E402
+from _machine import watch_parent as _watch_parent  # noqa: E402
 
 LR = 0.01
 #: A client that has not had its reply this long after the run counts it as an error.
@@ -60,18 +60,6 @@ DRAIN_S = 30.0
 
 
 # ------------------------------------------------------------------ children
-
-
-def _watch_parent() -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def _child(fn, conn, *args) -> None:

@@ -66,19 +66,7 @@ ZIPF_A = 1.1
 
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
-
-
-def _watch_parent() -> None:
-    """Exit if the benchmark driver dies (no orphans)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
+from _machine import watch_parent as _watch_parent  # noqa: E402
 
 
 def _cpu_s(pids) -> float:

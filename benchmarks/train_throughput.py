@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -111,15 +110,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _ddp_rank(rank: int, port: int, steps: int, warmup: int, batch_size: int, conn) -> None:
     try:
-        parent = os.getppid()
-
-        def watch() -> None:  # exit if the benchmark driver dies
-            while True:
-                time.sleep(1.0)
-                if os.getppid() != parent:
-                    os._exit(3)
-
-        threading.Thread(target=watch, daemon=True).start()
+        from _machine import watch_parent
+        watch_parent()
         import torch
         import torch.distributed as dist
         import torch.nn.functional as F

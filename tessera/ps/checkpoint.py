@@ -238,7 +238,6 @@ def read_partition(store: CheckpointStore, restore, files: dict, start: int, sto
 def read_flat(url: str, clock: Optional[int] = None):
     """The whole flat parameter vector and optimizer state of a checkpoint (for tests
     and tools): returns (manifest, values, {state name: flat tensor})."""
-    from tessera.transport import wire
     store = CheckpointStore(url)
     manifest = store.manifest(clock) if clock is not None else store.latest()
     if manifest is None:
