@@ -128,7 +128,8 @@ class Register(msgspec.Struct, **_MSG):
 class Restore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Where servers load their state from when a job resumes from a checkpoint."""
 
-    #: The checkpoint directory (local path or fsspec URL) holding the files below.
+    #: The checkpoint location (local path or fsspec URL) whose ``clock-<clock>/``
+    #: directory holds the files below.
     path: str
     clock: int
     #: The saved run's partitions (the new map may cut the vector differently).
