@@ -10,6 +10,9 @@ out=${1:-runs/gpu-check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then $py -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1; fi
+if ls .whl/*.tar.gz >/dev/null 2>&1; then
+  $py -m pip install -q --no-deps --no-build-isolation .whl/*.tar.gz 2>&1 | tail -1
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
@@ -29,17 +32,27 @@ run bf16 "$job" --precision bf16
 run fp16 "$job" --precision fp16
 run nccl "$job" --mode allreduce --servers 0 --workers 1
 run cpu examples/mnist.toml
+# A model big enough for the GPU to matter: a character transformer (dim 256, 4 blocks,
+# context 128, batch 64) on the Shakespeare texts, 150 steps, one worker.
+lm=$out/lm_cuda.toml
+sed -e 's/^dim = .*/dim = 256/' -e 's/^layers = .*/layers = 4/' -e 's/^context = .*/context = 128/' \
+    -e 's/^batch_size = .*/batch_size = 64/' -e 's/^steps = .*/steps = 150/' \
+    -e 's/^eval_every = .*/eval_every = 1000/' -e 's/^\[train\]/[train]\ndevice = "cuda"/' \
+    examples/shakespeare.toml > "$lm"
+run lm_fp32 "$lm" --stages 1 --workers 1
+run lm_bf16 "$lm" --stages 1 --workers 1 --precision bf16
+run lm_ps_bf16 "$lm" --stages 1 --workers 1 --mode sync --servers 1 --precision bf16
 $py - "$out" <<'EOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 res = {"bench": "gpu_check"}
-for name in ("fp32", "bf16", "fp16", "nccl", "cpu"):
+for name in ("fp32", "bf16", "fp16", "nccl", "cpu", "lm_fp32", "lm_bf16", "lm_ps_bf16"):
     p = out / name / "summary.json"
     if not p.exists():
         res[name] = None
         continue
     s = json.loads(p.read_text())
-    res[name] = {k: s.get(k) for k in ("eval_accuracy", "samples_per_s", "wall_s", "precision",
+    res[name] = {k: s.get(k) for k in ("eval_accuracy", "eval_loss", "samples_per_s", "wall_s", "precision",
                                        "mode", "skipped_steps", "loss_scale", "bytes_pushed")}
     logs = " ".join(f.read_text(errors="replace") for f in (out / name / "logs").glob("worker-*.log"))
     res[name]["note"] = [l for l in logs.splitlines() if "cuda" in l.lower() or "nccl" in l.lower()][:3]
@@ -49,6 +62,9 @@ for half in ("bf16", "fp16"):
     if res.get(half) and res.get("fp32"):
         res[f"{half}_vs_fp32_samples_per_s"] = res[half]["samples_per_s"] / res["fp32"]["samples_per_s"]
         res[f"{half}_bytes_vs_fp32"] = res[half]["bytes_pushed"] / res["fp32"]["bytes_pushed"]
+if res.get("lm_fp32") and res.get("lm_bf16"):
+    res["lm_bf16_vs_fp32_samples_per_s"] = (res["lm_bf16"]["samples_per_s"]
+                                            / res["lm_fp32"]["samples_per_s"])
 (out / "gpu.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res))
 EOF
