@@ -218,11 +218,11 @@ def test_sync_updates_equal_torch_optim(make_cluster, name):
     for ps in cluster.servers:
         assert ps.stats["updates"] == 5 * len(ps.parts)
         assert ps.stats["errors"] == 0
-        assert all(st.clock == 5 for st in ps.parts.values())
+        assert all(part.clock == 5 for part in ps.parts.values())
         # Optimizer state lives on the servers, one flat slice per partition.
-        for st in ps.parts.values():
-            state = st.rule.state_tensors()
-            assert state, f"{name}: no optimizer state on partition {st.info.id}"
+        for part in ps.parts.values():
+            state = part.rule.state_tensors()
+            assert state, f"{name}: no optimizer state on partition {part.info.id}"
 
 
 # -------------------------------------------------------- b. async == torch
