@@ -1,5 +1,5 @@
 """What every benchmark here needs from the machine: a timestamped log, a free
-loopback port, and CPU accounting to say how much of the machine *other*
+loopback port, a child's answer that never hangs, and CPU accounting to say how much of the machine *other*
 processes used during a run (this machine is often shared, and wall-clock rates
 swing with that load, so every line reports it)."""
 
@@ -57,3 +57,35 @@ def watch_parent() -> None:
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def cpu_s(pids, missing_ok: bool = False) -> float:
+    """CPU seconds (user + system, all threads) the processes ``pids`` have used so far;
+    with ``missing_ok``, processes that are gone count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            if missing_ok:
+                continue
+            raise
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def recv(conn, procs, deadline: float, what: str):
+    """The next message from a child over ``conn``, failing (not hanging) if one of
+    ``procs`` died or the deadline passed; a child's ("error", traceback) is raised."""
+    while not conn.poll(0.2):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead and not conn.poll(0):
+            raise RuntimeError(f"{what}: process {dead[0].name} exited with code "
+                               f"{dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no answer before the benchmark's deadline")
+    msg = conn.recv()
+    if isinstance(msg, tuple) and msg and msg[0] == "error":
+        raise RuntimeError(f"{what}: child failed:\n{msg[1]}")
+    return msg

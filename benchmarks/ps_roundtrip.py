@@ -53,6 +53,7 @@ LR = 0.01
 # ------------------------------------------------------------------ helpers
 
 
+from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 
@@ -81,33 +82,6 @@ def _child(fn, conn, *args) -> None:
         except Exception:  # noqa: BLE001
             pass
         raise
-
-
-def _recv(conn, procs, deadline: float, what: str):
-    """The next message from a child, failing (not hanging) if it died or took too long."""
-    while not conn.poll(0.2):
-        dead = [p for p in procs if not p.is_alive()]
-        if dead:
-            if conn.poll(0):
-                break
-            raise RuntimeError(f"{what}: process {dead[0].name} exited with code "
-                               f"{dead[0].exitcode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: no answer before the benchmark's deadline")
-    msg = conn.recv()
-    if isinstance(msg, tuple) and msg and msg[0] == "error":
-        raise RuntimeError(f"{what}: child failed:\n{msg[1]}")
-    return msg
-
-
-def _cpu_s(pids) -> float:
-    """CPU seconds (user + system, all threads) the processes ``pids`` have used so far."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _gbps(elements: int, seconds: float) -> float:
@@ -597,13 +571,8 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
 
 def _tree_cpu_s(pids) -> float:
     """CPU seconds of this process, its reaped children and the live ones in ``pids``."""
-    total = _own_s()
-    for pid in pids:
-        try:
-            total += _cpu_s([pid])
-        except OSError:  # exited meanwhile (then counted once reaped)
-            pass
-    return total
+    # A process that exited meanwhile counts once reaped (in own_s), not here.
+    return _own_s() + _cpu_s(pids, missing_ok=True)
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,7 @@ import sys
 import time
 import traceback
 
+from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
@@ -268,27 +269,6 @@ def _drive(clients: list, seconds: float) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _recv(conn, procs, deadline: float, what: str):
-    """The next message from a child, failing (not hanging) if it died or took too long."""
-    while not conn.poll(0.2):
-        dead = [p for p in procs if not p.is_alive()]
-        if dead and not conn.poll(0):
-            raise RuntimeError(f"{what}: process {dead[0].name} exited with code "
-                               f"{dead[0].exitcode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: no answer before the benchmark's deadline")
-    msg = conn.recv()
-    if isinstance(msg, tuple) and msg and msg[0] == "error":
-        raise RuntimeError(f"{what}: child failed:\n{msg[1]}")
-    return msg
-
-
 def _init_partitions(address: str, secret: str, clients: int, elems: int) -> None:
     """Worker 0's part: initial values for every partition (one InitParams)."""
     import numpy as np
@@ -361,19 +341,19 @@ def run(a) -> dict:
 
         results = {s: dict(latencies=[], errors=0, first_error="", acked=0, wall=0.0, cpu=0.0)
                    for s in systems}
-        busy0, own0 = _busy_s(), _own_s() + sum(_cpu_s(p.pid) for p in procs)
+        busy0, own0 = _busy_s(), _own_s() + _cpu_s([p.pid for p in procs])
         t_all = time.monotonic()
         per_round = a.seconds / a.rounds
         for rnd in range(a.rounds):
             for s in systems:
                 server_pid = servers[s][1].pid
-                cpu0, t0 = _cpu_s(server_pid), time.monotonic()
+                cpu0, t0 = _cpu_s([server_pid]), time.monotonic()
                 for c in clients:
                     c.send(("run", s, per_round))
                 outs = [_recv(c, procs, deadline, f"{s} round {rnd}") for c in clients]
                 r = results[s]
                 r["wall"] += time.monotonic() - t0
-                r["cpu"] += _cpu_s(server_pid) - cpu0
+                r["cpu"] += _cpu_s([server_pid]) - cpu0
                 for o in outs:
                     r["latencies"] += o["latencies"]
                     r["errors"] += o["errors"]
@@ -382,7 +362,7 @@ def run(a) -> dict:
                 _log(f"  round {rnd}: {s} {sum(len(o['latencies']) for o in outs) / per_round:,.0f}"
                      f" ops/s")
         wall_all = time.monotonic() - t_all
-        foreign = (_busy_s() - busy0) - (_own_s() + sum(_cpu_s(p.pid) for p in procs) - own0)
+        foreign = (_busy_s() - busy0) - (_own_s() + _cpu_s([p.pid for p in procs]) - own0)
         foreign_pct = max(0.0, 100 * foreign / (wall_all * (os.cpu_count() or 1)))
         for s in systems:
             for c in clients:

@@ -64,21 +64,10 @@ EPS = 1e-10  # torch.optim.Adagrad's default, as OptimizerConfig's
 ID_SPACE = 10 ** 7
 ZIPF_A = 1.1
 
+from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
-
-
-def _cpu_s(pids) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def zipf_batches(batch: int, count: int, seed: int):
@@ -324,20 +313,6 @@ class RpcSystem:
 # ------------------------------------------------------------------ driver
 
 
-def _recv(conn, procs, deadline: float, what: str):
-    while not conn.poll(0.2):
-        dead = [p for p in procs if not p.is_alive()]
-        if dead and not conn.poll(0):
-            raise RuntimeError(f"{what}: process {dead[0].name} exited with code "
-                               f"{dead[0].exitcode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: no answer before the benchmark's deadline")
-    msg = conn.recv()
-    if isinstance(msg, tuple) and msg and msg[0] == "error":
-        raise RuntimeError(f"{what}: child failed:\n{msg[1]}")
-    return msg
-
-
 def run_iters(system, batches, servers: int, grad_pool, pids=()):
     """Run ``batches`` through ``system``; per iteration (rows, pull s, push s,
     servers' CPU s in the pull, in the push, this process's CPU s in the pull, in
@@ -345,7 +320,7 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
     from tessera.ps.embedding import owner_of
     out = []
     for ids in batches:
-        c0 = _cpu_s(pids)
+        c0 = _cpu_s(pids, missing_ok=True)
         p0 = time.process_time()
         t0 = time.perf_counter()
         owners = owner_of(ids, servers) if servers > 1 else None
@@ -353,7 +328,7 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
         rows = system.pull(parts)
         t1 = time.perf_counter()
         p1 = time.process_time()
-        c1 = _cpu_s(pids)
+        c1 = _cpu_s(pids, missing_ok=True)
         assert sum(r.shape[0] for r in rows) == len(ids)
         # Gradients are data the trainer hands over: made outside the timed phases.
         grads, at = [], 0
@@ -365,7 +340,7 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
         system.push(parts, grads)
         t3 = time.perf_counter()
         p3 = time.process_time()
-        out.append((len(ids), t1 - t0, t3 - t2, c1 - c0, _cpu_s(pids) - c1, p1 - p0, p3 - p2))
+        out.append((len(ids), t1 - t0, t3 - t2, c1 - c0, _cpu_s(pids, missing_ok=True) - c1, p1 - p0, p3 - p2))
     return out
 
 
