@@ -20,6 +20,7 @@ Phases:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -71,6 +72,24 @@ def tail(path: Path, lines: int = 12) -> str:
     except OSError:
         return ""
     return "\n".join(text[-lines:])
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While inside: SIGINT and SIGTERM raise KeyboardInterrupt (the launcher's cue to
+    checkpoint and stop the job); the previous handlers come back on leaving."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt
+
+    for s in previous:
+        signal.signal(s, interrupted)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Launcher:
@@ -260,13 +279,26 @@ class Launcher:
         """Start, watch, report. Returns the exit code for the CLI."""
         from tessera.cluster.console import ProgressView, print_failure, print_summary
         view = None if self.quiet else ProgressView(self.run_dir, self.cfg)
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with signals_interrupt():
+            code, failure = self._start_and_watch(view, print_failure)
+        if code is not None:
+            return code
+        if view:
+            view.stop()
+        self.stop_all()
+        if failure:
+            print_failure(failure, self.run_dir)
+            return 1
+        summary_path = self.run_dir / "summary.json"
+        if not summary_path.exists():
+            print_failure("every process exited cleanly but no summary.json was written",
+                          self.run_dir)
+            return 1
+        print_summary(json.loads(summary_path.read_text()), self.run_dir, quiet=self.quiet)
+        return 0
 
-        def interrupted(signum, _frame):
-            raise KeyboardInterrupt
-
-        for s in previous:
-            signal.signal(s, interrupted)
+    def _start_and_watch(self, view, print_failure) -> tuple[Optional[int], Optional[str]]:
+        """(exit code, None) when interrupted or the start failed; else (None, failure)."""
         try:
             self.start()
             if view:
@@ -288,26 +320,11 @@ class Launcher:
                     else "; no checkpoint was completed")
             print_failure(f"interrupted: every process of the job was stopped{note}",
                           self.run_dir)
-            return 130
+            return 130, None
         except LaunchError as exc:
             if view:
                 view.stop()
             self.stop_all()
             print_failure(str(exc), self.run_dir)
-            return 1
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        if view:
-            view.stop()
-        self.stop_all()
-        if failure:
-            print_failure(failure, self.run_dir)
-            return 1
-        summary_path = self.run_dir / "summary.json"
-        if not summary_path.exists():
-            print_failure("every process exited cleanly but no summary.json was written",
-                          self.run_dir)
-            return 1
-        print_summary(json.loads(summary_path.read_text()), self.run_dir, quiet=self.quiet)
-        return 0
+            return 1, None
+        return None, failure

@@ -33,7 +33,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from tessera.cluster.launcher import Launcher, LaunchError, describe_exit, tail
+from tessera.cluster.launcher import (Launcher, LaunchError, describe_exit, signals_interrupt,
+                                      tail)
 from tessera.config import config_to_dict
 from tessera.config.schema import JobConfig
 
@@ -392,28 +392,10 @@ class NodeLauncher(Launcher):
             return 2
 
     def _run_follower(self, print_failure) -> int:
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def interrupted(signum, _frame):
-            raise KeyboardInterrupt
-
-        for s in previous:
-            signal.signal(s, interrupted)
-        try:
-            self.start()
-            failure = self.watch()
-        except KeyboardInterrupt:
-            self._let_node0_finish()
-            self.stop_all()
-            print_failure("interrupted: every process of this node was stopped", self.run_dir)
-            return 130
-        except LaunchError as exc:
-            self.stop_all()
-            print_failure(str(exc), self.run_dir)
-            return 1
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        with signals_interrupt():
+            code, failure = self._start_and_follow(print_failure)
+        if code is not None:
+            return code
         self.stop_all()
         if failure:
             print_failure(failure, self.run_dir)
@@ -421,6 +403,22 @@ class NodeLauncher(Launcher):
         self._say(f"tessera node {self.settings.rank}: {len(self.children)} processes finished "
                   f"cleanly; the job's summary.json is on node 0")
         return 0
+
+    def _start_and_follow(self, print_failure) -> tuple[Optional[int], Optional[str]]:
+        """(exit code, None) when interrupted or the start failed; else (None, failure)."""
+        try:
+            self.start()
+            failure = self.watch()
+        except KeyboardInterrupt:
+            self._let_node0_finish()
+            self.stop_all()
+            print_failure("interrupted: every process of this node was stopped", self.run_dir)
+            return 130, None
+        except LaunchError as exc:
+            self.stop_all()
+            print_failure(str(exc), self.run_dir)
+            return 1, None
+        return None, failure
 
     def _let_node0_finish(self) -> None:
         """Slurm and Kubernetes signal every node at once; node 0 then checkpoints the job,
