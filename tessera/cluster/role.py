@@ -106,9 +106,6 @@ def server_main() -> None:
     from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
     store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
 
-    def report_checkpoint(clock: int, name: str, nbytes: int) -> None:
-        session.report_checkpoint(clock, name, nbytes)
-
     server = ParameterServer(
         rank=rank, endpoint=endpoint,
         partitions=[p for p in view.partitions if p.server == rank],
@@ -120,7 +117,7 @@ def server_main() -> None:
         backups=[p for p in view.partitions if p.server == primary_of_backups],
         backup_peer=backup_peer, primary_of_backups=primary_of_backups,
         checkpoint_store=store, checkpoint_every=cfg.checkpoint.every,
-        on_checkpoint=report_checkpoint, timeout_s=cfg.cluster.timeout_s,
+        on_checkpoint=session.report_checkpoint, timeout_s=cfg.cluster.timeout_s,
         num_servers=num_servers)
     if view.restore is not None:
         server.restore(view.restore)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tessera.config.schema import DataConfig
-from tessera.data.location import DataError, check_data_location
+from tessera.data.location import DataError, check_data_location, is_local
 
 
 @dataclass
@@ -152,15 +152,13 @@ def _npy(cfg: DataConfig) -> Dataset:
     npz = [n for n in names if n.endswith(".npz")]
     if any(n.rsplit("/", 1)[-1] == "x.npy" for n in names):
         def load(name):
-            local = getattr(fs, "protocol", "file") in ("file", ("file", "local"))
-            if local:
+            if is_local(fs):
                 return np.load(f"{root}/{name}", mmap_mode="r")
             with fs.open(f"{root}/{name}", "rb") as f:
                 return np.load(io.BytesIO(f.read()))
         if not any(n.rsplit("/", 1)[-1] == "y.npy" for n in names):
             raise DataError(f"data.path {path!r} holds x.npy but no y.npy (the labels)")
-        local = getattr(fs, "protocol", "file") in ("file", ("file", "local"))
-        x, y = NpyRows(fs, f"{root}/x.npy", local), np.asarray(load("y.npy"))
+        x, y = NpyRows(fs, f"{root}/x.npy", is_local(fs)), np.asarray(load("y.npy"))
         if len(x) != len(y):
             raise DataError(f"data.path {path!r}: x has {len(x)} samples but y has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer):

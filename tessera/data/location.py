@@ -10,6 +10,12 @@ class DataError(TesseraError):
     """The data the job names cannot be read; the message says what to fix."""
 
 
+def is_local(fs) -> bool:
+    """Whether an fsspec filesystem is this machine's own (paths can be opened directly)."""
+    protocol = getattr(fs, "protocol", "file")
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+
 def check_data_location(cfg: DataConfig) -> None:
     """Raise :class:`DataError` naming ``data.path`` if it cannot serve a dataset."""
     if cfg.dataset != "npy":

@@ -143,9 +143,11 @@ class ShardFile:
     def __init__(self, store: CheckpointStore, path: str):
         from safetensors import safe_open
         from safetensors.torch import load
+
+        from tessera.data.location import is_local
         self.path = path
         try:
-            if store.fs.protocol in ("file", "local") or "file" in store.fs.protocol:
+            if is_local(store.fs):
                 self._file = safe_open(path, framework="pt")
                 self._tensors = None
                 meta = self._file.metadata() or {}
@@ -268,9 +270,7 @@ def find_resume(path: str) -> tuple[CheckpointStore, dict]:
         try:
             store = CheckpointStore(url)
             manifest = store.latest()
-        except CheckpointError:
-            continue
-        except OSError:
+        except (CheckpointError, OSError):
             continue
         if manifest is not None:
             return store, manifest

@@ -167,7 +167,7 @@ class ParameterServer:
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
                           errors=0, skipped=0, apply_s=0.0, max_clock_gap=0, short_clocks=0,
                           departures=0, joins=0, replicated=0, promoted=0, checkpoints=0,
-                          stale_pushes=0)
+                          stale_pushes=0, retries=0)
         self.tables = None
         if tables:
             from tessera.ps.table_server import TableService
@@ -333,7 +333,7 @@ class ParameterServer:
         if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
             # A retried push: not applied again. Answered as the original will be: at
             # once if its clock is done, else when it is.
-            self.stats["retries"] = self.stats.get("retries", 0) + 1
+            self.stats["retries"] += 1
             if self.mode == "sync" and any(msg.worker in st.pushed_by for st in states):
                 self._wait_or_answer(_Waiter(peer, msg.req, msg.clock + 1, msg.dtype, states))
             else:
@@ -645,14 +645,14 @@ class ParameterServer:
     def _maybe_checkpoint(self) -> None:
         if self.checkpoint_store is None:
             return
-        if self.mode == "sync" and self.checkpoint_every:
-            clock = self._progress()
-            if clock > self.last_ckpt and clock % self.checkpoint_every == 0 and clock > 0:
-                self.ckpt_target = max(self.ckpt_target, clock)
+        progress = self._progress() if self.mode == "sync" else 0
+        if (self.checkpoint_every and progress > self.last_ckpt and progress > 0
+                and progress % self.checkpoint_every == 0):
+            self.ckpt_target = max(self.ckpt_target, progress)
         target = self.ckpt_target
         if target <= 0 or target <= self.last_ckpt:
             return
-        if self.mode == "sync" and self._progress() < target:
+        if self.mode == "sync" and progress < target:
             return  # every partition reaches ``target`` before any passes it (see docs)
         self._snapshot(target)
 
