@@ -85,7 +85,6 @@ class Coordinator:
         self.lost_at: dict[tuple[str, int], float] = {}
         self.dead_servers: set[int] = set()
         self.worker_clock: dict[int, int] = {}
-        self.restarts = 0
         self.departures = 0
         # Checkpoints.
         from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, find_resume
@@ -156,9 +155,7 @@ class Coordinator:
         """A process died: go on without it where the job allows, else fail."""
         role, rank = key
         cl = self.cfg.cluster
-        if self.state not in ("running", "starting") or key in self.lost_at:
-            if self.state != "failed" and key not in self.lost_at:
-                self._fail(reason)
+        if key in self.lost_at or self.state == "failed":
             return
         if self.state == "running" and role == "worker" and cl.max_restarts > 0:
             self.departed[rank] = self.incarnation.get(rank, 0)
@@ -318,7 +315,6 @@ class Coordinator:
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
         self.incarnation[msg.rank] = self.incarnation.get(msg.rank, 0) + 1
-        self.restarts += 1
         del self.lost_at[key]
         self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
                                            pid=msg.pid, address=msg.address)
@@ -438,7 +434,7 @@ class Coordinator:
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
             "pushes_applied": self._applied(servers),
-            "restarts": self.restarts,
+            "restarts": sum(self.incarnation.values()),
             "worker_first_steps": [int(w.get("first_step", 0) or 0) for w in workers],
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],

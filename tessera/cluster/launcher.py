@@ -101,7 +101,6 @@ class Launcher:
         self.quiet = quiet
         self.children: list[Child] = []
         self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}
-        self.restarted = 0
         self._coord_ep = None
         self._ctx = None
         self._env: dict = {}
@@ -212,7 +211,6 @@ class Launcher:
         if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0 \
                 and c.proc.returncode != 3:
             self.restarts_left[c.rank] -= 1
-            self.restarted += 1
             left = self.restarts_left[c.rank]
             print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
                   f"; restarting it ({left} restart{'s' if left != 1 else ''} left for it)",
