@@ -15,13 +15,8 @@ import time
 
 import pytest
 
-from tessera.cluster.node import (
-    NodeSettingError,
-    gpu_env,
-    parse_host_port,
-    share,
-    visible_gpus,
-)
+from tessera.launch.node_plan import NodeSettingError, parse_host_port, share
+from tessera.launch.process import gpu_env, visible_gpus
 from tests.harness import ROOT, TESSERA, Job
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
@@ -175,9 +170,9 @@ def test_gpu_per_worker_without_torch(tmp_path, monkeypatch):
     assert visible_gpus() == ["0", "1"]
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert visible_gpus() == []  # no nvidia-smi: no GPU
-    probe = "import sys, tessera.cluster.node; sys.exit('torch' in sys.modules)"
+    probe = "import sys, tessera.launch.node; sys.exit('torch' in sys.modules)"
     code = subprocess.run([TESSERA[0], "-c", probe], cwd=ROOT, check=False).returncode
-    assert code == 0, "tessera.cluster.node imports torch"
+    assert code == 0, "tessera.launch.node imports torch"
 
 
 # ------------------------------------------------------------------ a whole job

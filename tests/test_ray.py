@@ -1,4 +1,4 @@
-"""``--backend ray``: the same jobs with every process a Ray actor (tessera/cluster/ray_backend.py).
+"""``--backend ray``: the same jobs with every process a Ray actor (tessera/launch/ray_backend.py).
 
 Each job goes through tests/harness.py like every other cluster test. The first
 starts its own local Ray instance (no ``--address``); the restart test joins a
@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray", reason="--backend ray needs Ray: pip install 't
 from tests.harness import ROOT, TESSERA, Job, run_job, wait_for  # noqa: E402
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
-NAMESPACE = "tessera"  # tessera.cluster.ray_backend.NAMESPACE
+NAMESPACE = "tessera"  # tessera.launch.ray_backend.NAMESPACE
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,9 @@ def _launcher_class(cfg):
         except ImportError:
             click.echo("tessera: --backend ray needs Ray: pip install 'tessera[ray]'", err=True)
             sys.exit(2)
-        from tessera.cluster.ray_backend import RayLauncher
+        from tessera.launch.ray_backend import RayLauncher
         return RayLauncher
-    from tessera.cluster.launcher import Launcher
+    from tessera.launch.launcher import Launcher
     return Launcher
 
 
@@ -147,13 +147,14 @@ def launch(job, script, script_args, **kwargs) -> None:
 def node(job: str, coordinator, nodes, node_rank, secret_file, **kwargs) -> None:
     """Run this machine's share of JOB spread over many machines: the same command on
     every node; node 0 also runs the coordinator at --coordinator."""
-    import os
-
-    from tessera.cluster.node import NodeLauncher, NodeSettingError, node_settings
+    from tessera.config.env import process_environ
+    from tessera.launch.node import NodeLauncher
+    from tessera.launch.node_plan import NodeSettingError, node_settings
     cfg = _load(job, kwargs)
     try:
         settings = node_settings(cfg, coordinator=coordinator, nodes=nodes, node_rank=node_rank,
-                                 host=kwargs["host"], secret_file=secret_file, env=os.environ)
+                                 host=kwargs["host"], secret_file=secret_file,
+                                 env=process_environ())
     except NodeSettingError as exc:
         click.echo(f"tessera: {exc}", err=True)
         sys.exit(2)

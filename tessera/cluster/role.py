@@ -23,7 +23,8 @@ EXIT_CLUSTER_FAILURE = 3
 def run_guarded(fn: Callable[[], None], name: str) -> None:
     from tessera.errors import TesseraError
 
-    label = f"{name} {os.environ.get('TESSERA_RANK', '')}".strip()
+    from tessera.config import env as envvars
+    label = envvars.rank_label(envvars.process_environ(), name)
     # The launcher ends processes with SIGTERM; leave quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     try:
@@ -48,23 +49,26 @@ def coordinator_main() -> None:
 
     from tessera.cluster.coordinator import Coordinator, write_json_atomic
     from tessera.config import config_from_dict
+    from tessera.config import env as envvars
 
-    run_dir = Path(os.environ["TESSERA_RUN_DIR"])
+    me = envvars.Identity.from_env(envvars.process_environ(),
+                                   required=(envvars.RUN_DIR, envvars.SECRET))
+    run_dir = Path(me.run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     ctx = zmq.Context()
     # `tessera node` fixes the coordinator's address (HOST:PORT, the --coordinator every
     # node is given); `tessera run` lets it take a random port on cluster.host.
-    bind = os.environ.get("TESSERA_COORDINATOR_BIND", "")
+    bind = me.coordinator_bind
     if bind:
         from tessera.transport.endpoint import ServerEndpoint
         host, _, port = bind.rpartition(":")
         cfg.cluster.host = host
-    coord = Coordinator(cfg, run_dir, os.environ["TESSERA_SECRET"], ctx=ctx)
+    coord = Coordinator(cfg, run_dir, me.secret, ctx=ctx)
     if bind:  # same socket, at the agreed port (keeping the frame limit the coordinator set)
         limit = coord.endpoint.sock.getsockopt(zmq.MAXMSGSIZE)
         coord.endpoint.close()
-        coord.endpoint = ServerEndpoint(ctx, host, os.environ["TESSERA_SECRET"],
-                                        max_frame_bytes=limit, port=int(port))
+        coord.endpoint = ServerEndpoint(ctx, host, me.secret, max_frame_bytes=limit,
+                                        port=int(port))
     write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
     code = coord.run()
     ctx.destroy(linger=0)

@@ -1,13 +1,15 @@
 """A process's membership in a running job, and the user-facing ``tessera.init()``.
 
 The launcher starts every process with its identity in a handful of
-``TESSERA_*`` environment variables; :meth:`Session.from_env` is the only code
-that reads them (STYLE: only the launcher reads the environment). Everything
-after that is passed down explicitly.
+``TESSERA_*`` environment variables, which :mod:`tessera.config.env` alone
+spells, writes and reads; :meth:`Session.from_env` asks it for this process's
+:class:`~tessera.config.env.Identity`. Everything after that is passed down
+explicitly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -17,19 +19,15 @@ import zmq
 
 from tessera.cluster.health import ClusterFailure, Heartbeat
 from tessera.config import config_from_dict
+from tessera.config import env as envvars
+from tessera.config.env import NotLaunched
 from tessera.config.schema import JobConfig, OptimizerConfig
-from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder, estimate_offset
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint
 
-ENV_VARS = ("TESSERA_ROLE", "TESSERA_RANK", "TESSERA_RUN_DIR", "TESSERA_COORDINATOR",
-            "TESSERA_SECRET")
-
-
-class NotLaunched(TesseraError):
-    pass
+__all__ = ["Session", "NotLaunched"]
 
 
 class Session:
@@ -65,23 +63,14 @@ class Session:
 
     @classmethod
     def from_env(cls, expect_role: Optional[str] = None) -> "Session":
-        missing = [v for v in ENV_VARS if not os.environ.get(v)]
-        if missing:
-            raise NotLaunched(
-                "this process was not started by a Tessera launcher (missing "
-                f"{', '.join(missing)}); run your script with "
-                "`tessera launch --workers 2 --servers 2 your_script.py`")
-        role = os.environ["TESSERA_ROLE"]
-        if expect_role and role != expect_role:
-            raise NotLaunched(f"this process was launched as a {role}, not a {expect_role}")
-        run_dir = Path(os.environ["TESSERA_RUN_DIR"])
-        import json
+        """The session of a launched process; :class:`NotLaunched` if it was not."""
+        me = envvars.Identity.from_env(envvars.process_environ(), expect_role=expect_role)
+        run_dir = Path(me.run_dir)
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-        if os.environ.get("TESSERA_HOST"):  # a multi-node backend: this node's address
-            cfg.cluster.host = os.environ["TESSERA_HOST"]
-        return cls(role=role, rank=int(os.environ["TESSERA_RANK"]), cfg=cfg, run_dir=run_dir,
-                   coordinator=os.environ["TESSERA_COORDINATOR"],
-                   secret=os.environ["TESSERA_SECRET"])
+        if me.host:  # a multi-node backend: this node's address
+            cfg.cluster.host = me.host
+        return cls(role=me.role, rank=me.rank, cfg=cfg, run_dir=run_dir,
+                   coordinator=me.coordinator, secret=me.secret)
 
     @property
     def num_workers(self) -> int:

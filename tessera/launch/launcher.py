@@ -20,76 +20,23 @@ Phases:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Optional
+from typing import Optional
 
 from tessera.config import config_to_dict
+from tessera.config import env as envvars
+from tessera.config.env import Identity
 from tessera.config.schema import JobConfig
+from tessera.launch.process import (WORKER_MODULE, Child, LaunchError, default_run_dir,
+                                    describe_exit, gpu_env, role_cmd, signals_interrupt, tail,
+                                    visible_gpus)
 
-
-class LaunchError(RuntimeError):
-    pass
-
-
-@dataclass
-class Child:
-    role: str
-    rank: int
-    proc: subprocess.Popen
-    log_path: Path
-    log: IO = field(repr=False, default=None)
-
-    @property
-    def name(self) -> str:
-        return f"{self.role} {self.rank}"
-
-
-def default_run_dir(cfg: JobConfig) -> Path:
-    return Path(cfg.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-@contextlib.contextmanager
-def signals_interrupt():
-    """While inside: SIGINT and SIGTERM raise KeyboardInterrupt (the launcher's cue to
-    checkpoint and stop the job); the previous handlers come back on leaving."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt
-
-    for s in previous:
-        signal.signal(s, interrupted)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+__all__ = ["Launcher", "LaunchError"]
 
 
 class Launcher:
@@ -97,13 +44,16 @@ class Launcher:
                  quiet: bool = False):
         self.cfg = cfg
         self.run_dir = default_run_dir(cfg).resolve()
-        self.worker_cmd = worker_cmd or [sys.executable, "-m", "tessera.cluster.trainer"]
+        self.worker_cmd = worker_cmd or [sys.executable, "-m", WORKER_MODULE]
         self.quiet = quiet
         self.children: list[Child] = []
         self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}
         self._coord_ep = None
         self._ctx = None
         self._env: dict = {}
+        #: What every child is told (role and rank per child); the coordinator's
+        #: address is added once it has published it.
+        self.identity: Optional[Identity] = None
         # "curve:" asks every endpoint for CURVE encryption; keys derive from the secret.
         self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
 
@@ -116,11 +66,10 @@ class Launcher:
         if append:
             log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
             log.flush()
-        child_env = dict(env, TESSERA_ROLE=role, TESSERA_RANK=str(rank))
+        child_env = dict(env, **envvars.role_env(role, rank))
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
-            from tessera.cluster.node import gpu_env, visible_gpus
             child_env.update(gpu_env(rank, visible_gpus(child_env)))
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -130,30 +79,39 @@ class Launcher:
 
     def start(self) -> None:
         cfg = self.cfg
+        self._prepare_run_dir()
+        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret)
+        env = self.identity.child_env(envvars.process_environ())
+        coord = self._spawn("coordinator", 0, role_cmd(sys.executable, "coordinator"), env)
+        address = self._wait_published(coord, time.monotonic() + 60, 60)
+        self.identity = self.identity.but(coordinator=address)
+        env = self._env = self.identity.child_env(env)
+        for rank in range(cfg.cluster.servers):
+            self._spawn("server", rank, role_cmd(sys.executable, "server"), env)
+        for rank in range(cfg.cluster.workers):
+            self._spawn("worker", rank, self.worker_cmd, env)
+
+    def _prepare_run_dir(self, *stale: str) -> None:
+        """``logs/``, the resolved ``config.json`` every process reads, and no file left
+        from an earlier run in the same directory (``stale`` names backend-specific ones)."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        for stale in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl"):
-            (self.run_dir / stale).unlink(missing_ok=True)
-        env = dict(os.environ, TESSERA_RUN_DIR=str(self.run_dir), TESSERA_SECRET=self.secret,
-                   PYTHONUNBUFFERED="1")
-        coord = self._spawn("coordinator", 0, [sys.executable, "-m", "tessera.cluster.role",
-                                               "coordinator"], env)
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        for name in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl", *stale):
+            (self.run_dir / name).unlink(missing_ok=True)
+
+    def _wait_published(self, coord: Child, deadline: float, timeout_s: float) -> str:
+        """The coordinator's address, once it has written ``coordinator.json``
+        (``timeout_s``: how the error names the wait that ends at ``deadline``)."""
         addr_file = self.run_dir / "coordinator.json"
-        deadline = time.monotonic() + 60
         while not addr_file.exists():
             if coord.proc.poll() is not None:
                 raise LaunchError(f"the coordinator {describe_exit(coord.proc.returncode)} "
                                   f"before it was up:\n{tail(coord.log_path)}")
             if time.monotonic() > deadline:
-                raise LaunchError("the coordinator did not publish its address within 60 s")
+                raise LaunchError("the coordinator did not publish its address within "
+                                  f"{timeout_s:.0f} s")
             time.sleep(0.02)
-        env["TESSERA_COORDINATOR"] = json.loads(addr_file.read_text())["address"]
-        self._env = env
-        for rank in range(cfg.cluster.servers):
-            self._spawn("server", rank, [sys.executable, "-m", "tessera.cluster.role", "server"],
-                        env)
-        for rank in range(cfg.cluster.workers):
-            self._spawn("worker", rank, self.worker_cmd, env)
+        return json.loads(addr_file.read_text())["address"]
 
     def stop_all(self, grace_s: float = 3.0) -> None:
         for c in self.children:
@@ -183,14 +141,14 @@ class Launcher:
 
             from tessera.transport.endpoint import ClientEndpoint
             self._ctx = zmq.Context()
-            self._coord_ep = ClientEndpoint(self._ctx, self._env["TESSERA_COORDINATOR"],
+            self._coord_ep = ClientEndpoint(self._ctx, self.identity.coordinator,
                                             self.secret, "coordinator", sndtimeo_s=2.0)
         return self._coord_ep
 
     def _tell(self, msg_factory, timeout_s: float, what: str):
         """Send a request to the coordinator; None if it does not answer in time."""
         from tessera.transport.endpoint import TransportError
-        if not self._env.get("TESSERA_COORDINATOR"):
+        if self.identity is None or not self.identity.coordinator:
             return None
         ep = self._coordinator()
         try:
@@ -275,7 +233,7 @@ class Launcher:
 
     def run(self) -> int:
         """Start, watch, report. Returns the exit code for the CLI."""
-        from tessera.cluster.console import ProgressView, print_failure, print_summary
+        from tessera.launch.console import ProgressView, print_failure, print_summary
         view = None if self.quiet else ProgressView(self.run_dir, self.cfg)
         with signals_interrupt():
             code, failure = self._start_and_watch(view, print_failure)

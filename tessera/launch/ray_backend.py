@@ -6,7 +6,7 @@ entry points, as subprocesses), but each one is started by a Ray actor, and the
 actors are placed by a placement group: one bundle per process, strategy
 ``SPREAD`` (``cluster.placement = "spread"``) or ``PACK`` (``"pack"``).
 
-Contract: :class:`RayLauncher` is a :class:`~tessera.cluster.launcher.Launcher`
+Contract: :class:`RayLauncher` is a :class:`~tessera.launch.launcher.Launcher`
 whose ``start``, ``watch`` and ``stop_all`` work through actors; ``run`` is the
 local launcher's (``config.json`` in the run directory, progress bar, summary
 table, one paragraph naming the failed process, a checkpoint on SIGINT/SIGTERM,
@@ -47,16 +47,11 @@ on Linux, plus the heartbeat thread's parent check).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -71,15 +66,16 @@ from ray.exceptions import (
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tessera.cluster.launcher import Launcher, LaunchError, describe_exit, tail
 from tessera.cluster.role import EXIT_CLUSTER_FAILURE
-from tessera.config import config_to_dict
+from tessera.config import env as envvars
+from tessera.config.env import Identity
 from tessera.config.schema import JobConfig
+from tessera.launch.launcher import Launcher
+from tessera.launch.process import LaunchError, describe_exit, role_cmd, tail
+from tessera.launch.ray_actor import PYTHON, ProcessActorRemote
 
 #: The namespace of Tessera's named actors: ``tessera-<run dir name>-<role>-<rank>``.
 NAMESPACE = "tessera"
-#: Stands for "the actor's own Python" in a command (nodes may install Python elsewhere).
-PYTHON = "{python}"
 #: CPU each actor (and its bundle) asks for: placement, not a share of the machine.
 ACTOR_CPUS = 0.01
 _LOOPBACK = ("127.", "localhost", "0.0.0.0", "::", "::1", "*")
@@ -87,145 +83,6 @@ _LOOPBACK = ("127.", "localhost", "0.0.0.0", "::", "::1", "*")
 
 def actor_name(run_dir: Path, role: str, rank: int) -> str:
     return f"tessera-{Path(run_dir).name}-{role}-{rank}"
-
-
-# ---------------------------------------------------------------- in the actor
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-class ProcessActor:
-    """One Tessera process: starts the role's entry point as a subprocess and watches it.
-
-    Ray runs this class as an actor (see :data:`ProcessActorRemote`); a restarted
-    actor (``max_restarts``) runs the constructor again, which starts the process
-    again with the same command and environment.
-    """
-
-    def __init__(self, role: str, rank: int, cmd: list[str], env: dict[str, str],
-                 log_path: str, cwd: Optional[str] = None, bind_node_ip: bool = False):
-        self.role, self.rank = role, rank
-        self.cmd = [sys.executable if c == PYTHON else c for c in cmd]
-        self.log_path = Path(log_path)
-        self.cwd = cwd if cwd and os.path.isdir(cwd) else None
-        self.node_ip = ray.util.get_node_ip_address()
-        self.node_id = ray.get_runtime_context().get_node_id()
-        env = dict(env)
-        if bind_node_ip:
-            env["TESSERA_HOST"] = self.node_ip
-            if role == "coordinator":
-                env["TESSERA_COORDINATOR_BIND"] = f"{self.node_ip}:{_free_port(self.node_ip)}"
-        # The actor's environment, less what the driver decides: Ray sets
-        # OMP_NUM_THREADS=1 in actors, the children get the driver's choice (env
-        # carries it when the driver had one); TESSERA_* only from the driver.
-        base = {k: v for k, v in os.environ.items()
-                if k != "OMP_NUM_THREADS" and not k.startswith("TESSERA_")}
-        self.env = dict(base, **env)
-        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
-        self.starts = 0
-        self.proc: Optional[subprocess.Popen] = None
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            why = "its Ray actor died and Ray restarted it"
-            self._depart(f"{role} {rank}: {why}")
-            self._start(why)
-        else:
-            self._start("")
-
-    def _depart(self, reason: str) -> None:
-        """Tell the coordinator the previous process is gone, before a new one registers.
-
-        The coordinator then takes the new process's registration as a rejoin; left
-        to heartbeats, a quick restart could register before the death is noticed.
-        """
-        coordinator = self.env.get("TESSERA_COORDINATOR")
-        if not coordinator:
-            return
-        try:
-            import zmq
-
-            from tessera.transport import wire
-            from tessera.transport.endpoint import ClientEndpoint
-            ctx = zmq.Context()
-            ep = ClientEndpoint(ctx, coordinator, self.env["TESSERA_SECRET"], "coordinator",
-                                sndtimeo_s=2.0)
-            try:
-                ep.request(wire.Departed(req=ep.new_req(), role=self.role, rank=self.rank,
-                                         reason=reason), timeout_s=2.0, what="departure notice")
-            finally:
-                ep.close()
-                ctx.destroy(linger=0)
-        except Exception:  # noqa: BLE001  the coordinator still notices by heartbeats
-            pass
-
-    def _start(self, why: str) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a" if why else "w") as log:
-            if why:
-                log.write(f"\n--- tessera: {self.role} {self.rank} started again on "
-                          f"{self.node_ip}: {why} ---\n")
-                log.flush()
-            self.proc = subprocess.Popen(
-                self.cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        self.starts += 1
-
-    def info(self) -> dict[str, Any]:
-        return {"node_ip": self.node_ip, "node_id": self.node_id, "actor_pid": os.getpid(),
-                "pid": self.proc.pid, "incarnation": self.incarnation}
-
-    def poll(self) -> dict[str, Any]:
-        return {"incarnation": self.incarnation, "pid": self.proc.pid,
-                "code": self.proc.poll(), "node_ip": self.node_ip}
-
-    def restart(self, why: str) -> int:
-        """Start the process again (it exited); returns its pid."""
-        if self.proc.poll() is None:
-            return self.proc.pid
-        self._depart(f"{self.role} {self.rank} (pid {self.proc.pid}) "
-                     f"{describe_exit(self.proc.returncode)}")
-        self._start(why)
-        return self.proc.pid
-
-    def tail(self, lines: int = 12) -> str:
-        return tail(self.log_path, lines)
-
-    def stop(self, grace_s: float = 3.0) -> Optional[int]:
-        proc = self.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        return proc.returncode
-
-
-ProcessActorRemote = ray.remote(ProcessActor)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------- the driver
 
 
 @dataclass
@@ -276,7 +133,7 @@ class RayLauncher(Launcher):
         self.connected = False
         self._stopped = False
         #: Joining a cluster (--address or RAY_ADDRESS), not a local instance of our own.
-        self.joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+        self.joined = bool(cfg.cluster.address or envvars.ray_address(envvars.process_environ()))
 
     # ------------------------------------------------------------ Ray itself
 
@@ -315,7 +172,7 @@ class RayLauncher(Launcher):
                 name=name, num_cpus=ACTOR_CPUS, max_restarts=max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=bundle),
-            ).remote(role, rank, cmd, dict(env, TESSERA_ROLE=role, TESSERA_RANK=str(rank)),
+            ).remote(role, rank, cmd, dict(env, **envvars.role_env(role, rank)),
                      str(log_path), os.getcwd(), bind_node_ip)
         except ValueError as exc:  # the name is taken: the same run directory is running
             raise LaunchError(f"could not create the Ray actor {name!r} in namespace "
@@ -344,11 +201,7 @@ class RayLauncher(Launcher):
 
     def _start_actors(self) -> None:
         cfg, cl = self.cfg, self.cfg.cluster
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        for stale in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl",
-                      "ray.json"):
-            (self.run_dir / stale).unlink(missing_ok=True)
+        self._prepare_run_dir("ray.json")
         count = 1 + cl.servers + cl.workers
         strategy = "PACK" if cl.placement == "pack" else "SPREAD"
         self.pg = placement_group([{"CPU": ACTOR_CPUS}] * count, strategy=strategy,
@@ -360,12 +213,10 @@ class RayLauncher(Launcher):
                               f"({strategy} placement group) within "
                               f"{cl.startup_timeout_s:.0f} s") from None
 
-        env = {"TESSERA_RUN_DIR": str(self.run_dir), "TESSERA_SECRET": self.secret,
-               "TESSERA_HOST": cl.host, "PYTHONUNBUFFERED": "1"}
-        if "OMP_NUM_THREADS" in os.environ:
-            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
-        coord = self._spawn("coordinator", 0, [PYTHON, "-m", "tessera.cluster.role",
-                                               "coordinator"], env, bundle=0)
+        # Not the driver's whole environment: each actor starts from its node's own.
+        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret, host=cl.host)
+        env = self.identity.child_env(envvars.passed_through(envvars.process_environ()))
+        coord = self._spawn("coordinator", 0, role_cmd(PYTHON, "coordinator"), env, bundle=0)
         self._info(coord)
         addr_file = self.run_dir / "coordinator.json"
         deadline = time.monotonic() + 60
@@ -383,10 +234,12 @@ class RayLauncher(Launcher):
                                   f"(is the run directory {self.run_dir} on storage every Ray "
                                   f"node shares?)")
             time.sleep(0.05)
-        env["TESSERA_COORDINATOR"] = json.loads(addr_file.read_text())["address"]
-        self._env = env  # Launcher.checkpoint_now and _tell reach the coordinator with it
+        self.identity = self.identity.but(
+            coordinator=json.loads(addr_file.read_text())["address"])
+        # Launcher.checkpoint_now and _tell reach the coordinator with it.
+        env = self._env = self.identity.child_env(env)
         for rank in range(cl.servers):
-            self._spawn("server", rank, [PYTHON, "-m", "tessera.cluster.role", "server"], env,
+            self._spawn("server", rank, role_cmd(PYTHON, "server"), env,
                         bundle=1 + rank)
         for rank in range(cl.workers):
             self._spawn("worker", rank, self.worker_cmd, env, bundle=1 + cl.servers + rank,
@@ -568,7 +421,7 @@ class RayLauncher(Launcher):
 
     def run(self) -> int:
         """Connect to Ray, then the local launcher's run (start, watch, report), then leave."""
-        from tessera.cluster.console import print_failure
+        from tessera.launch.console import print_failure
         try:
             self.connect()  # before run() installs its signal handlers: ray.init sets one
         except LaunchError as exc:

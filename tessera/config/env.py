@@ -1,0 +1,218 @@
+"""The process environment: the one module that writes and reads Tessera's variables.
+
+A launcher tells each process who it is through a handful of ``TESSERA_*``
+variables (never its command line, where ``ps`` would show the secret). This
+module names them, writes them (:meth:`Identity.child_env`) and reads them
+(:meth:`Identity.from_env`); the launchers in :mod:`tessera.launch` and the
+process side (:mod:`tessera.cluster.session`, :mod:`tessera.cluster.role`) both
+import it, so a variable is spelled once. After ``from_env`` everything is passed
+down explicitly (STYLE 4 and 5).
+
+The other variables launchers exchange go through here too: the ones a
+multi-node launcher reads from Slurm, Kubernetes or torchrun (``MASTER_ADDR``,
+``NNODES``, ``NODE_RANK``, ...), Ray's ``RAY_ADDRESS``, ``OMP_NUM_THREADS`` and
+``CUDA_VISIBLE_DEVICES``.
+
+It sits at the bottom layer: it imports nothing from Tessera but the errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from tessera.errors import TesseraError
+
+PREFIX = "TESSERA_"
+ROLE = "TESSERA_ROLE"
+RANK = "TESSERA_RANK"
+RUN_DIR = "TESSERA_RUN_DIR"
+SECRET = "TESSERA_SECRET"
+#: ``tcp://HOST:PORT`` of the coordinator; every process but the coordinator has it.
+COORDINATOR = "TESSERA_COORDINATOR"
+#: A multi-node backend's address of this process's node (bind and publish it).
+HOST = "TESSERA_HOST"
+#: ``HOST:PORT`` the coordinator must bind (``tessera node``, Ray clusters).
+COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
+#: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
+REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
+
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+RAY_ADDRESS = "RAY_ADDRESS"
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+PYTHONUNBUFFERED = "PYTHONUNBUFFERED"
+
+#: Where ``tessera node`` finds settings its flags leave out; the first one set wins.
+#: Coordinator: TESSERA_COORDINATOR, then MASTER_ADDR + MASTER_PORT (torchrun's).
+NODE_COORDINATOR = (COORDINATOR,)
+MASTER_ADDR, MASTER_PORT = "MASTER_ADDR", "MASTER_PORT"
+NODES = ("NNODES", "SLURM_NNODES", "WORLD_SIZE")
+NODE_RANK = ("NODE_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX", "GROUP_RANK")
+
+
+class NotLaunched(TesseraError):
+    """This process lacks the variables a launcher sets (one line, what to do)."""
+
+
+class EnvError(ValueError):
+    """A launcher variable holds something unusable; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a process is in a job, as its launcher tells it through the environment.
+
+    ``coordinator`` is empty for the coordinator itself (it publishes its own
+    address); ``host`` and ``coordinator_bind`` are set by multi-node backends only.
+    """
+
+    run_dir: str
+    secret: str
+    role: str = ""
+    rank: int = 0
+    coordinator: str = ""
+    host: str = ""
+    coordinator_bind: str = ""
+
+    @property
+    def label(self) -> str:
+        """``server 1``: how this process names itself in one-line errors."""
+        return f"{self.role} {self.rank}".strip()
+
+    def but(self, **changes) -> "Identity":
+        """A copy with some fields changed (the launcher's children differ in role, rank)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The variables this identity sets; empty fields are left out."""
+        values = {RUN_DIR: self.run_dir, SECRET: self.secret, ROLE: self.role,
+                  RANK: str(self.rank) if self.role else "", COORDINATOR: self.coordinator,
+                  HOST: self.host, COORDINATOR_BIND: self.coordinator_bind}
+        return {k: v for k, v in values.items() if v}
+
+    def child_env(self, base: Mapping[str, str], **extra: str) -> dict[str, str]:
+        """A child's whole environment: ``base`` (the launcher's own), this identity,
+        unbuffered output (logs follow the process), then ``extra``."""
+        return dict(base, **self.to_env(), **{PYTHONUNBUFFERED: "1"}, **extra)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], *, expect_role: Optional[str] = None,
+                 required: tuple[str, ...] = REQUIRED) -> "Identity":
+        """Read a launched process's identity; :class:`NotLaunched` if it was not."""
+        missing = [v for v in required if not environ.get(v)]
+        if missing:
+            raise NotLaunched(
+                "this process was not started by a Tessera launcher (missing "
+                f"{', '.join(missing)}); run your script with "
+                "`tessera launch --workers 2 --servers 2 your_script.py`")
+        role = environ.get(ROLE, "")
+        if expect_role and role != expect_role:
+            raise NotLaunched(f"this process was launched as a {role}, not a {expect_role}")
+        text = environ.get(RANK, "0") or "0"
+        try:
+            rank = int(text)
+        except ValueError:
+            raise NotLaunched(f"{RANK}={text!r} is not an integer; start this process with a "
+                              f"Tessera launcher") from None
+        return cls(run_dir=environ.get(RUN_DIR, ""), secret=environ.get(SECRET, ""), role=role,
+                   rank=rank, coordinator=environ.get(COORDINATOR, ""),
+                   host=environ.get(HOST, ""), coordinator_bind=environ.get(COORDINATOR_BIND, ""))
+
+
+def role_env(role: str, rank: int) -> dict[str, str]:
+    """What tells one child of a launcher its role and rank."""
+    return {ROLE: role, RANK: str(rank)}
+
+
+def rank_label(environ: Mapping[str, str], name: str) -> str:
+    """``server 1`` from the environment, without requiring the rest (error labels)."""
+    return f"{name} {environ.get(RANK, '')}".strip()
+
+
+def without(environ: Mapping[str, str], *names: str) -> dict[str, str]:
+    """A copy of ``environ`` less ``names``."""
+    return {k: v for k, v in environ.items() if k not in names}
+
+
+def actor_base(environ: Mapping[str, str]) -> dict[str, str]:
+    """A Ray actor's own environment less what the driver decides: Ray sets
+    ``OMP_NUM_THREADS=1`` in actors (children get the driver's choice), and
+    ``TESSERA_*`` comes only from the driver."""
+    return {k: v for k, v in environ.items()
+            if k != OMP_NUM_THREADS and not k.startswith(PREFIX)}
+
+
+def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables the driver forwards to children it does not start itself (Ray actors)."""
+    return {OMP_NUM_THREADS: environ[OMP_NUM_THREADS]} if OMP_NUM_THREADS in environ else {}
+
+
+def ray_address(environ: Mapping[str, str]) -> str:
+    """The Ray cluster ``ray.init`` would join on its own (``RAY_ADDRESS``), or ''."""
+    return environ.get(RAY_ADDRESS, "")
+
+
+# ------------------------------------------------------------------ GPUs
+
+
+def cuda_visible_devices(environ: Mapping[str, str]) -> Optional[list[str]]:
+    """The ``CUDA_VISIBLE_DEVICES`` list (``[]``: none, as ``-1`` says), or None if unset."""
+    if CUDA_VISIBLE_DEVICES not in environ:
+        return None
+    listed = [d.strip() for d in environ[CUDA_VISIBLE_DEVICES].split(",") if d.strip()]
+    if any(d.startswith("-") for d in listed):  # "-1": CUDA's way to say none
+        return []
+    return listed
+
+
+def gpu_env(local_index: int, gpus: list[str]) -> dict[str, str]:
+    """Environment giving this node's ``local_index``-th worker one GPU (round robin)."""
+    if not gpus:
+        return {}
+    return {CUDA_VISIBLE_DEVICES: gpus[local_index % len(gpus)]}
+
+
+# ------------------------------------------------------------------ tessera node
+
+
+def node_coordinator(environ: Mapping[str, str]) -> Optional[str]:
+    """``tessera node``'s coordinator from the environment: TESSERA_COORDINATOR, else
+    MASTER_ADDR:MASTER_PORT; None when neither is set."""
+    found = next((environ[n] for n in NODE_COORDINATOR if environ.get(n, "").strip()), None)
+    if found is not None:
+        return found
+    addr, port = environ.get(MASTER_ADDR, "").strip(), environ.get(MASTER_PORT, "").strip()
+    if addr and port:
+        return f"{addr}:{port}"
+    if addr or port:
+        missing = MASTER_PORT if addr else MASTER_ADDR
+        raise EnvError(f"--coordinator: {MASTER_ADDR} and {MASTER_PORT} go together; "
+                       f"{missing} is not set (or pass --coordinator HOST:PORT)")
+    return None
+
+
+def first_int(flag: str, names: tuple[str, ...],
+              environ: Mapping[str, str]) -> tuple[Optional[int], str]:
+    """The first of ``names`` set, as an int, with how to name it in an error
+    (``--nodes (SLURM_NNODES=4)``); (None, flag) when none is set."""
+    for name in names:
+        text = environ.get(name, "").strip()
+        if text:
+            try:
+                return int(text), f"{flag} ({name}={text})"
+            except ValueError:
+                raise EnvError(f"{flag}: {name}={text!r} in the environment is not an "
+                               f"integer") from None
+    return None, flag
+
+
+def node_secret(environ: Mapping[str, str]) -> str:
+    """The job's secret every node holds in TESSERA_SECRET; '' when unset."""
+    return environ.get(SECRET, "").strip()
+
+
+def process_environ() -> Mapping[str, str]:
+    """This process's environment: the only place Tessera touches ``os.environ``."""
+    return os.environ
