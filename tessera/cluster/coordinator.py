@@ -21,8 +21,9 @@ One per job. Its life:
 4. **Checkpoints.** Servers report each file they write (:class:`CheckpointSaved`);
    once every live server has reported a clock, the coordinator writes that
    checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
-   config and each worker's data position, and prunes old checkpoints. The launcher
-   asks for one on SIGINT/SIGTERM (:class:`CheckpointNow`, answered when complete).
+   config and each worker's data position, and prunes old checkpoints
+   (:mod:`tessera.cluster.checkpoint_rounds`). The launcher asks for one on
+   SIGINT/SIGTERM (:class:`CheckpointNow`, answered when complete).
 5. **End.** When every worker has sent :class:`Finished`, heartbeats answer
    ``shutdown``; servers send their own reports and exit; the coordinator writes
    ``summary.json`` and exits.
@@ -41,6 +42,7 @@ from typing import Optional
 import msgspec
 import zmq
 
+from tessera.cluster.checkpoint_rounds import CheckpointRounds
 from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.sharding import ShardMap, partition_elems_for, plan_shards
@@ -87,20 +89,9 @@ class Coordinator:
         self.worker_clock: dict[int, int] = {}
         self.departures = 0
         # Checkpoints.
-        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, find_resume
-        self.store = CheckpointStore(checkpoint_url(cfg, self.run_dir))
-        self.reports: dict[int, dict[int, tuple[str, int]]] = {}
-        self.checkpoints: list[int] = []
+        self.rounds = CheckpointRounds(cfg, self.run_dir)
         self.checkpoint_waiters: list[tuple[bytes, int]] = []
         self.samples = 0
-        self.resume_manifest: Optional[dict] = None
-        self.resume_store = None
-        if cfg.resume:
-            self.resume_store, self.resume_manifest = find_resume(cfg.resume)
-        # The data cursor at the start of this run: (clock, epoch, offset).
-        data = (self.resume_manifest or {}).get("data", {})
-        self.cursor0 = ((self.resume_manifest or {}).get("clock", 0), data.get("epoch", 0),
-                        data.get("offset", 0))
 
     @property
     def address(self) -> str:
@@ -212,7 +203,7 @@ class Coordinator:
                 self._lost(key, msg.reason)
         elif isinstance(msg, wire.CheckpointSaved):
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
-            self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
+            self.rounds.report(msg)
             self._maybe_manifest()
         elif isinstance(msg, wire.CheckpointNow):
             if self.state != "running" or not self.cfg.cluster.servers:
@@ -255,7 +246,7 @@ class Coordinator:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
-            problem = self._check_against_checkpoint(msg)
+            problem = self.rounds.mismatch(msg)
             if problem:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
                 self._fail(problem)
@@ -300,10 +291,7 @@ class Coordinator:
               f"partitions, bytes per server {loads}", flush=True)
 
     def _view(self, req: int, rank: int = -1) -> wire.ClusterView:
-        restore = None
-        if self.resume_manifest is not None:
-            from tessera.ps.checkpoint import restore_info
-            restore = restore_info(self.resume_store, self.resume_manifest)
+        restore = self.rounds.restore()
         clock = restore.clock if restore else 0
         if rank >= 0:  # a restarted worker: where it got to (the servers may be further)
             clock = max(clock, self.worker_clock.get(rank, clock))
@@ -324,81 +312,22 @@ class Coordinator:
               f"{self.incarnation[msg.rank]})", flush=True)
         self.endpoint.send(peer, self._view(msg.req, rank=msg.rank))
 
-    def _check_against_checkpoint(self, msg: wire.Register) -> str:
-        """Why worker 0's model cannot resume from the checkpoint ("" if it can)."""
-        m = self.resume_manifest
-        if m is None:
-            return ""
-        saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
-        now = [(p.name, list(p.shape)) for p in msg.layout or []]
-        if saved != now:
-            diff = next(((a, b) for a, b in zip(saved, now) if a != b), None)
-            detail = (f"parameter {diff[1][0]!r} {diff[1][1]} where the checkpoint has "
-                      f"{diff[0][0]!r} {diff[0][1]}" if diff else
-                      f"{len(now)} parameters where the checkpoint has {len(saved)}")
-            return (f"--resume {self.cfg.resume}: the model does not match the checkpoint "
-                    f"({detail}); resume with the same model")
-        saved_tables = {t["name"]: t["dim"] for t in m.get("tables", [])}
-        now_tables = {t.name: t.dim for t in msg.tables}
-        if saved_tables != now_tables:
-            return (f"--resume {self.cfg.resume}: the model's tables {now_tables} do not match "
-                    f"the checkpoint's {saved_tables}")
-        return ""
-
     # ------------------------------------------------------------ checkpoints
 
     def _maybe_manifest(self) -> None:
         """Write the manifest of every clock all live servers have reported, last."""
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers}
-        for clock in sorted(self.reports):
-            got = self.reports[clock]
-            if not live <= set(got) or clock in self.checkpoints:
-                continue
-            try:
-                self._write_manifest(clock, got)
-            except OSError as exc:
-                print(f"coordinator: checkpoint manifest at clock {clock} could not be "
-                      f"written to {self.store.url}: {exc}", flush=True)
-                continue
-            self.checkpoints.append(clock)
-            del self.reports[clock]
-            for peer, req in self.checkpoint_waiters:
-                self.endpoint.send(peer, wire.Ack(req=req))
-            self.checkpoint_waiters.clear()
-            self.store.prune(self.cfg.checkpoint.keep)
+        self.rounds.complete(live, self._manifest, self._checkpoint_done)
 
-    def _write_manifest(self, clock: int, files: dict[int, tuple[str, int]]) -> None:
-        from tessera.data.sampler import advance_cursor
-        cfg = self.cfg
-        w, b = cfg.cluster.workers, cfg.data.batch_size
-        c0, e0, o0 = self.cursor0
-        epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, self.samples)
-        owner = {p.id: p.server for p in self.shard_map.partitions}
-        for pid, server in owner.items():  # a dead primary's partitions: its backup's file
-            if server in self.dead_servers:
-                owner[pid] = (server + 1) % cfg.cluster.servers
-        manifest = {
-            "format": 1,
-            "clock": clock,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mode": cfg.ps.mode,
-            "servers": cfg.cluster.servers,
-            "files": {str(r): f for r, (f, _) in sorted(files.items())},
-            "bytes": sum(n for _, n in files.values()),
-            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": owner[p.id]}
-                           for p in self.shard_map.partitions],
-            "layout": [msgspec.to_builtins(p) for p in self.layout],
-            "tables": [msgspec.to_builtins(t) for t in self.tables],
-            "optimizer": msgspec.to_builtins(self.optimizer),
-            "data": {"epoch": epoch, "offset": offset, "samples": self.samples,
-                     "workers": w, "batch_size": b,
-                     "positions": [{"worker": r, "epoch": epoch, "offset": offset + r * b}
-                                   for r in range(w)]},
-            "config": msgspec.to_builtins(cfg),
-        }
-        self.store.write_manifest(clock, manifest)
-        print(f"coordinator: checkpoint at clock {clock} complete "
-              f"({self.store.url_of(clock)})", flush=True)
+    def _manifest(self, clock: int, files: dict[int, tuple[str, int]]) -> dict:
+        return self.rounds.manifest(clock, files, shard_map=self.shard_map, layout=self.layout,
+                                    tables=self.tables, optimizer=self.optimizer,
+                                    samples=self.samples, dead_servers=self.dead_servers)
+
+    def _checkpoint_done(self) -> None:
+        for peer, req in self.checkpoint_waiters:
+            self.endpoint.send(peer, wire.Ack(req=req))
+        self.checkpoint_waiters.clear()
 
     # ---------------------------------------------------------------- summary
 
@@ -439,9 +368,8 @@ class Coordinator:
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),
-            "checkpoints": self.checkpoints,
-            "resumed_from": (f"{self.resume_store.url} clock {self.resume_manifest['clock']}"
-                             if self.resume_manifest else None),
+            "checkpoints": self.rounds.completed,
+            "resumed_from": self.rounds.resumed_from,
             "config": msgspec.to_builtins(cfg),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)

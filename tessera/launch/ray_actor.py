@@ -1,4 +1,4 @@
-"""Inside a Ray actor: one Tessera process, started as a subprocess and watched.
+"""One Ray actor per Tessera process: what runs inside it, and the driver's record of it.
 
 :mod:`tessera.launch.ray_backend` (the driver) creates one :class:`ProcessActor`
 per process of the job. The actor runs the role's unchanged entry point as a
@@ -12,6 +12,9 @@ the new one is taken as a rejoin. The subprocess dies with its actor
 When the job joins a Ray cluster with a loopback ``cluster.host``, the actor
 gives its process its node's IP (``TESSERA_HOST``) and the coordinator a free
 port there to bind (``TESSERA_COORDINATOR_BIND``).
+
+The driver keeps a :class:`RayChild` per actor (pid, node, incarnation, exit
+code, Ray's reason when the actor is gone for good).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -162,3 +166,55 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- seen from the driver
+
+
+@dataclass
+class RayChild:
+    """The driver's record of one actor and its process, updated from its polls."""
+
+    role: str
+    rank: int
+    actor: Any
+    name: str  # the named actor's name
+    log_path: Path
+    pid: int = 0
+    node_ip: str = ""
+    node_id: str = ""
+    incarnation: str = ""
+    code: Optional[int] = None
+    restarts: int = 0
+    pending: Any = field(default=None, repr=False)  # an unanswered poll
+    unavailable_since: float = 0.0
+    died: str = ""  # Ray's reason, when the actor is gone for good
+    survived: bool = False  # a death the job goes on after (a server left to its backup)
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.rank}"
+
+    @property
+    def failed(self) -> bool:
+        return not self.survived and (bool(self.died) or self.code not in (None, 0))
+
+    @property
+    def done(self) -> bool:
+        return self.survived or bool(self.died) or self.code is not None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def death_reason(exc: BaseException) -> str:
+    """Ray's own words on why an actor died ("... because it was killed by `ray.kill`")."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith("The actor is dead because"):
+            line = line[len("The actor is dead because"):].split(" Worker exit detail:")[0]
+            why, _, kind = line.strip().rstrip(".").partition(". Worker exit type: ")
+            return f"{why} ({kind})" if kind else why
+    return first_line(exc)

@@ -52,7 +52,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,7 +71,8 @@ from tessera.config.env import Identity
 from tessera.config.schema import JobConfig
 from tessera.launch.launcher import Launcher
 from tessera.launch.process import LaunchError, describe_exit, role_cmd, tail
-from tessera.launch.ray_actor import PYTHON, ProcessActorRemote
+from tessera.launch.ray_actor import (PYTHON, ProcessActorRemote, RayChild, death_reason,
+                                      first_line)
 
 #: The namespace of Tessera's named actors: ``tessera-<run dir name>-<role>-<rank>``.
 NAMESPACE = "tessera"
@@ -83,37 +83,6 @@ _LOOPBACK = ("127.", "localhost", "0.0.0.0", "::", "::1", "*")
 
 def actor_name(run_dir: Path, role: str, rank: int) -> str:
     return f"tessera-{Path(run_dir).name}-{role}-{rank}"
-
-
-@dataclass
-class RayChild:
-    role: str
-    rank: int
-    actor: Any
-    name: str  # the named actor's name
-    log_path: Path
-    pid: int = 0
-    node_ip: str = ""
-    node_id: str = ""
-    incarnation: str = ""
-    code: Optional[int] = None
-    restarts: int = 0
-    pending: Any = field(default=None, repr=False)  # an unanswered poll
-    unavailable_since: float = 0.0
-    died: str = ""  # Ray's reason, when the actor is gone for good
-    survived: bool = False  # a death the job goes on after (a server left to its backup)
-
-    @property
-    def label(self) -> str:
-        return f"{self.role} {self.rank}"
-
-    @property
-    def failed(self) -> bool:
-        return not self.survived and (bool(self.died) or self.code not in (None, 0))
-
-    @property
-    def done(self) -> bool:
-        return self.survived or bool(self.died) or self.code is not None
 
 
 class RayLauncher(Launcher):
@@ -189,7 +158,7 @@ class RayLauncher(Launcher):
                               f"{self.cfg.cluster.startup_timeout_s:.0f} s") from None
         except RayActorError as exc:
             raise LaunchError(f"the Ray actor of {child.label} could not start the process: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         child.pid, child.node_ip, child.node_id, child.incarnation = \
             info["pid"], info["node_ip"], info["node_id"], info["incarnation"]
 
@@ -197,7 +166,7 @@ class RayLauncher(Launcher):
         try:
             self._start_actors()
         except ray.exceptions.RayError as exc:
-            raise LaunchError(f"Ray failed while starting the job: {_first_line(exc)}") from None
+            raise LaunchError(f"Ray failed while starting the job: {first_line(exc)}") from None
 
     def _start_actors(self) -> None:
         cfg, cl = self.cfg, self.cfg.cluster
@@ -225,7 +194,7 @@ class RayLauncher(Launcher):
                 code = ray.get(coord.actor.poll.remote(), timeout=30)["code"]
             except (RayActorError, GetTimeoutError) as exc:
                 raise LaunchError(f"the coordinator's Ray actor failed before the coordinator "
-                                  f"was up: {_first_line(exc)}") from None
+                                  f"was up: {first_line(exc)}") from None
             if code is not None:
                 raise LaunchError(f"the coordinator {describe_exit(code)} before it was up:\n"
                                   f"{self._tail(coord)}")
@@ -316,7 +285,7 @@ class RayLauncher(Launcher):
                 c.unavailable_since = c.unavailable_since or now
                 continue
             except (ActorDiedError, RayActorError) as exc:  # gone for good
-                c.died = _death_reason(exc)
+                c.died = death_reason(exc)
                 continue
             c.unavailable_since = 0.0
             if state["incarnation"] != c.incarnation:
@@ -386,7 +355,7 @@ class RayLauncher(Launcher):
             try:
                 self._poll_all()
             except ray.exceptions.RayError as exc:
-                raise LaunchError(f"Ray failed while watching the job: {_first_line(exc)}") \
+                raise LaunchError(f"Ray failed while watching the job: {first_line(exc)}") \
                     from None
             now = time.monotonic()
             if first is None:
@@ -435,19 +404,3 @@ class RayLauncher(Launcher):
         finally:
             self.stop_all()
             self.disconnect()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _death_reason(exc: BaseException) -> str:
-    """Ray's own words on why an actor died ("... because it was killed by `ray.kill`")."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line.startswith("The actor is dead because"):
-            line = line[len("The actor is dead because"):].split(" Worker exit detail:")[0]
-            why, _, kind = line.strip().rstrip(".").partition(". Worker exit type: ")
-            return f"{why} ({kind})" if kind else why
-    return _first_line(exc)

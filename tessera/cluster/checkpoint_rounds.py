@@ -1,0 +1,152 @@
+"""Checkpoint rounds as the coordinator sees them: reports in, manifests out.
+
+A checkpoint at clock ``c`` is complete when every live server has written its
+file for ``c`` and told the coordinator (:class:`~tessera.transport.wire.CheckpointSaved`).
+Only then is the round's ``manifest.json`` written, last and atomically, so a
+reader that finds a manifest finds every file it names; a crash half-way
+leaves files without a manifest, which :class:`~tessera.ps.checkpoint.CheckpointStore`
+ignores and prunes.
+
+The manifest records what a resumed job needs besides the tensors: the shard
+map (a dead primary's partitions point at its backup's file), the model layout
+and tables (a resumed model must match), the optimizer, the config, and each
+worker's data position. Data positions are derived, not reported: every clock
+consumed ``workers * batch_size`` samples since the cursor this run started
+from (:func:`~tessera.data.sampler.advance_cursor`).
+
+The same object answers the resume side at start: which checkpoint
+``--resume`` named, whether worker 0's model matches it, and what the servers
+restore.
+
+No torch here: the coordinator starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+
+from tessera.config.schema import JobConfig
+from tessera.ps.sharding import ShardMap
+from tessera.transport import wire
+
+
+class CheckpointRounds:
+    """Reports per clock, the clocks completed, and the checkpoint a run resumes from."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path):
+        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, find_resume
+        self.cfg = cfg
+        self.store = CheckpointStore(checkpoint_url(cfg, run_dir))
+        #: clock -> server rank -> (file name, bytes)
+        self.reports: dict[int, dict[int, tuple[str, int]]] = {}
+        #: Clocks whose manifest is written, in order.
+        self.completed: list[int] = []
+        self.resume_manifest: Optional[dict] = None
+        self.resume_store = None
+        if cfg.resume:
+            self.resume_store, self.resume_manifest = find_resume(cfg.resume)
+        # The data cursor at the start of this run: (clock, epoch, offset).
+        data = (self.resume_manifest or {}).get("data", {})
+        self.cursor0 = ((self.resume_manifest or {}).get("clock", 0), data.get("epoch", 0),
+                        data.get("offset", 0))
+
+    # ---------------------------------------------------------------- resume
+
+    def restore(self) -> Optional[wire.Restore]:
+        """What the servers load at start (None: a fresh run)."""
+        if self.resume_manifest is None:
+            return None
+        from tessera.ps.checkpoint import restore_info
+        return restore_info(self.resume_store, self.resume_manifest)
+
+    @property
+    def resumed_from(self) -> Optional[str]:
+        if self.resume_manifest is None:
+            return None
+        return f"{self.resume_store.url} clock {self.resume_manifest['clock']}"
+
+    def mismatch(self, msg: wire.Register) -> str:
+        """Why worker 0's model cannot resume from the checkpoint ("" if it can)."""
+        m = self.resume_manifest
+        if m is None:
+            return ""
+        saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
+        now = [(p.name, list(p.shape)) for p in msg.layout or []]
+        if saved != now:
+            diff = next(((a, b) for a, b in zip(saved, now) if a != b), None)
+            detail = (f"parameter {diff[1][0]!r} {diff[1][1]} where the checkpoint has "
+                      f"{diff[0][0]!r} {diff[0][1]}" if diff else
+                      f"{len(now)} parameters where the checkpoint has {len(saved)}")
+            return (f"--resume {self.cfg.resume}: the model does not match the checkpoint "
+                    f"({detail}); resume with the same model")
+        saved_tables = {t["name"]: t["dim"] for t in m.get("tables", [])}
+        now_tables = {t.name: t.dim for t in msg.tables}
+        if saved_tables != now_tables:
+            return (f"--resume {self.cfg.resume}: the model's tables {now_tables} do not match "
+                    f"the checkpoint's {saved_tables}")
+        return ""
+
+    # ---------------------------------------------------------------- rounds
+
+    def report(self, msg: wire.CheckpointSaved) -> None:
+        self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
+
+    def complete(self, live: set[int], manifest_of, on_complete) -> None:
+        """Write the manifest of every clock all ``live`` servers have reported, last.
+
+        ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
+        each one is written (the coordinator answers who waits for a checkpoint).
+        """
+        for clock in sorted(self.reports):
+            got = self.reports[clock]
+            if not live <= set(got) or clock in self.completed:
+                continue
+            try:
+                self.store.write_manifest(clock, manifest_of(clock, got))
+            except OSError as exc:
+                print(f"coordinator: checkpoint manifest at clock {clock} could not be "
+                      f"written to {self.store.url}: {exc}", flush=True)
+                continue
+            print(f"coordinator: checkpoint at clock {clock} complete "
+                  f"({self.store.url_of(clock)})", flush=True)
+            self.completed.append(clock)
+            del self.reports[clock]
+            on_complete()
+            self.store.prune(self.cfg.checkpoint.keep)
+
+    def manifest(self, clock: int, files: dict[int, tuple[str, int]], *, shard_map: ShardMap,
+                 layout: list, tables: list, optimizer, samples: int,
+                 dead_servers: set[int]) -> dict:
+        """The manifest of the checkpoint at ``clock`` (``files``: server -> (name, bytes))."""
+        from tessera.data.sampler import advance_cursor
+        cfg = self.cfg
+        w, b = cfg.cluster.workers, cfg.data.batch_size
+        c0, e0, o0 = self.cursor0
+        epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, samples)
+        owner = {p.id: p.server for p in shard_map.partitions}
+        for pid, server in owner.items():  # a dead primary's partitions: its backup's file
+            if server in dead_servers:
+                owner[pid] = (server + 1) % cfg.cluster.servers
+        return {
+            "format": 1,
+            "clock": clock,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mode": cfg.ps.mode,
+            "servers": cfg.cluster.servers,
+            "files": {str(r): f for r, (f, _) in sorted(files.items())},
+            "bytes": sum(n for _, n in files.values()),
+            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": owner[p.id]}
+                           for p in shard_map.partitions],
+            "layout": [msgspec.to_builtins(p) for p in layout],
+            "tables": [msgspec.to_builtins(t) for t in tables],
+            "optimizer": msgspec.to_builtins(optimizer),
+            "data": {"epoch": epoch, "offset": offset, "samples": samples,
+                     "workers": w, "batch_size": b,
+                     "positions": [{"worker": r, "epoch": epoch, "offset": offset + r * b}
+                                   for r in range(w)]},
+            "config": msgspec.to_builtins(cfg),
+        }
