@@ -15,71 +15,33 @@ import sys
 import click
 
 from tessera.config import ConfigError, load_config
+from tessera.config.flags import NODE_FLAGS, RUN_FLAGS, Flag, overrides
 
 
-def _run_flags(fn):
-    options = [
-        click.option("--workers", type=int, help="Worker processes (cluster.workers)."),
-        click.option("--servers", type=int, help="Parameter server processes (cluster.servers)."),
-        click.option("--mode", type=str, help="sync | async | ssp | hybrid | allreduce (ps.mode)."),
-        click.option("--staleness", type=int,
-                     help="ssp: clocks a worker may run ahead of the slowest (ps.staleness)."),
-        click.option("--batch-size", "batch_size", type=int,
-                     help="Samples per worker per step (data.batch_size)."),
-        click.option("--steps", type=int, help="Training steps (train.steps)."),
-        click.option("--epochs", type=int, help="Passes over the data when --steps is unset."),
-        click.option("--seed", type=int, help="Seed of model init and data order (train.seed)."),
-        click.option("--out", type=str, help="Run directory (default runs/<job>-<time>)."),
-        click.option("--partition-mb", "partition_mb", type=float,
-                     help="Partition size in MiB (ps.partition_mb)."),
-        click.option("--precision", type=str, help="fp32 | bf16 | fp16 (precision)."),
-        click.option("--profile", is_flag=True, default=None,
-                     help="Record spans on every process; write trace.json and report.md."),
-        click.option("--stages", type=int, help="Pipeline stages P (pipeline.stages)."),
-        click.option("--microbatches", type=int, help="Micro-batches per batch."),
-        click.option("--schedule", type=str, help="gpipe | 1f1b (pipeline.schedule)."),
-        click.option("--checkpoint-every", "checkpoint_every", type=int,
-                     help="Checkpoint the servers every N steps (checkpoint.every)."),
-        click.option("--checkpoint-dir", "checkpoint_dir", type=str,
-                     help="Where checkpoints go: a path or fsspec URL (checkpoint.dir)."),
-        click.option("--resume", type=str,
-                     help="Continue from the last complete checkpoint of this run directory."),
-        click.option("--max-restarts", "max_restarts", type=int,
-                     help="Restart a dead worker up to R times (cluster.max_restarts)."),
-        click.option("--replication", type=int,
-                     help="Copies of each partition: 1, or 2 for a backup (ps.replication)."),
-        click.option("--encrypt", is_flag=True, default=None,
-                     help="CURVE-encrypt every connection (cluster.encrypt)."),
-        click.option("--backend", type=str, help="local | ray (cluster.backend)."),
-        click.option("--address", type=str, help="Ray cluster address (cluster.address)."),
-        click.option("--host", type=str,
-                     help="Address servers and coordinator bind to (cluster.host)."),
-        click.option("--quiet", is_flag=True, help="No progress bar or table."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _option(flag: Flag):
+    """One row of the flag table as a click option."""
+    if flag.type is bool:  # a switch: unset (None) leaves the job file's value
+        return click.option(flag.name, flag.dest, is_flag=True,
+                            default=None if flag.field else False, help=flag.help)
+    return click.option(flag.name, flag.dest, type=flag.type, default=None, help=flag.help)
 
 
-def _overrides(kwargs) -> dict:
-    return {"--workers": kwargs["workers"], "--servers": kwargs["servers"],
-            "--mode": kwargs["mode"], "--staleness": kwargs["staleness"], "--batch-size": kwargs["batch_size"],
-            "--steps": kwargs["steps"], "--epochs": kwargs["epochs"], "--seed": kwargs["seed"],
-            "--out": kwargs["out"], "--partition-mb": kwargs["partition_mb"],
-            "--precision": kwargs["precision"], "--profile": kwargs["profile"],
-            "--stages": kwargs["stages"], "--microbatches": kwargs["microbatches"],
-            "--schedule": kwargs["schedule"], "--checkpoint-every": kwargs["checkpoint_every"],
-            "--checkpoint-dir": kwargs["checkpoint_dir"], "--resume": kwargs["resume"],
-            "--max-restarts": kwargs["max_restarts"], "--replication": kwargs["replication"],
-            "--encrypt": kwargs["encrypt"], "--backend": kwargs["backend"],
-            "--address": kwargs["address"], "--host": kwargs["host"]}
+def _flags(table):
+    def decorate(fn):
+        for flag in reversed(table):
+            fn = _option(flag)(fn)
+        return fn
+    return decorate
+
+
+_run_flags = _flags(RUN_FLAGS)
 
 
 def _load(job, kwargs):
     from tessera.data.location import DataError, check_data_location
     from tessera.ps.checkpoint import CheckpointError, find_resume
     try:
-        cfg = load_config(job, _overrides(kwargs))
+        cfg = load_config(job, overrides(kwargs))
         check_data_location(cfg.data)
         if cfg.resume:
             store, _ = find_resume(cfg.resume)
@@ -133,16 +95,7 @@ def launch(job, script, script_args, **kwargs) -> None:
 
 @cli.command()
 @click.argument("job", type=str)
-@click.option("--coordinator", type=str, default=None,
-              help="HOST:PORT of the coordinator, which node 0 runs (env TESSERA_COORDINATOR, "
-                   "or MASTER_ADDR and MASTER_PORT).")
-@click.option("--nodes", type=int, default=None,
-              help="Nodes in the job (env NNODES, SLURM_NNODES, WORLD_SIZE).")
-@click.option("--node-rank", "node_rank", type=int, default=None,
-              help="This node's index, 0..N-1 (env NODE_RANK, SLURM_NODEID, "
-                   "JOB_COMPLETION_INDEX, GROUP_RANK).")
-@click.option("--secret-file", "secret_file", type=str, default=None,
-              help="File holding the job's secret (else env TESSERA_SECRET); same on every node.")
+@_flags(NODE_FLAGS)
 @_run_flags
 def node(job: str, coordinator, nodes, node_rank, secret_file, **kwargs) -> None:
     """Run this machine's share of JOB spread over many machines: the same command on

@@ -15,40 +15,12 @@ from typing import Any, Mapping
 
 import msgspec
 
+from tessera.config.flags import FLAG_FIELDS
 from tessera.config.schema import JobConfig
 
 
 class ConfigError(ValueError):
     """A job file or flag the user must fix; the message is one line."""
-
-
-#: Command-line flag -> dotted path of the field it overrides (DESIGN.md contract).
-FLAG_FIELDS: dict[str, str] = {
-    "--workers": "cluster.workers",
-    "--servers": "cluster.servers",
-    "--mode": "ps.mode",
-    "--staleness": "ps.staleness",
-    "--stages": "pipeline.stages",
-    "--microbatches": "pipeline.microbatches",
-    "--schedule": "pipeline.schedule",
-    "--batch-size": "data.batch_size",
-    "--steps": "train.steps",
-    "--epochs": "train.epochs",
-    "--seed": "train.seed",
-    "--out": "out",
-    "--partition-mb": "ps.partition_mb",
-    "--precision": "precision",
-    "--profile": "profile.enabled",
-    "--checkpoint-every": "checkpoint.every",
-    "--checkpoint-dir": "checkpoint.dir",
-    "--resume": "resume",
-    "--max-restarts": "cluster.max_restarts",
-    "--replication": "ps.replication",
-    "--encrypt": "cluster.encrypt",
-    "--backend": "cluster.backend",
-    "--address": "cluster.address",
-    "--host": "cluster.host",
-}
 
 
 def _type_at(path: list[str]) -> Any:
