@@ -93,17 +93,15 @@ def server_main() -> None:
     endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
                               max_frame_bytes=max_frame)
     view = session.register(address=endpoint.address)
-    rank, num_servers = session.rank, cfg.cluster.servers
-    # Replication: server s keeps the backup copy of server s - 1's partitions, and
-    # forwards its own updates to server s + 1.
-    replicated = cfg.ps.replication == 2 and num_servers > 1
-    primary_of_backups = (rank - 1) % num_servers if replicated else -1
+    topo = session.topology
+    rank, num_servers = topo.rank, topo.num_servers
+    # Replication is a ring (Topology): back up server rank - 1, forward to rank + 1.
+    primary_of_backups = topo.primary_of_backups
     backup_peer = None
-    if replicated:
+    if topo.replicated:
         from tessera.transport.endpoint import ClientEndpoint
-        addresses = session.server_addresses()
-        backup = (rank + 1) % num_servers
-        backup_peer = ClientEndpoint(session.ctx, addresses[backup], session.secret,
+        backup = topo.backup_server
+        backup_peer = ClientEndpoint(session.ctx, topo.server_addresses[backup], session.secret,
                                      f"server {backup} (backup)", sndtimeo_s=cfg.cluster.timeout_s)
         backup_peer.wait_connected(cfg.cluster.timeout_s, session.check)
     # Always a store: an interrupted launcher asks for a checkpoint at any time.

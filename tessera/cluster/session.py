@@ -18,6 +18,7 @@ from typing import Any, Optional
 import zmq
 
 from tessera.cluster.health import ClusterFailure, Heartbeat
+from tessera.cluster.topology import Topology
 from tessera.config import config_from_dict
 from tessera.config import env as envvars
 from tessera.config.env import NotLaunched
@@ -46,6 +47,8 @@ class Session:
                                      sndtimeo_s=cl.timeout_s)
         self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
         self.view: Optional[wire.ClusterView] = None
+        #: Who is who in the job; set by :meth:`register`.
+        self.topology: Optional[Topology] = None
         #: Worker 0: training samples, sent at registration for checkpoints' data positions.
         self.data_samples = 0
         self.profiler: SpanRecorder = OFF
@@ -103,18 +106,22 @@ class Session:
         if not isinstance(msg, wire.ClusterView):
             raise ClusterFailure(f"coordinator answered registration with {type(msg).__name__}")
         self.view = msg
+        self.topology = Topology.from_view(msg, role=self.role, rank=self.rank, cfg=self.cfg)
         return msg
 
+    def _registered(self) -> Topology:
+        if self.topology is None:
+            raise RuntimeError(f"{self.role} {self.rank}: register() with the coordinator "
+                               f"before asking for the cluster's topology")
+        return self.topology
+
     def shard_map(self) -> ShardMap:
-        assert self.view is not None, "register() first"
-        return ShardMap(layout=tuple(self.view.layout), partitions=tuple(self.view.partitions),
-                        num_servers=self.num_servers)
+        """``session.topology.shard_map`` (kept for callers written before Topology)."""
+        return self._registered().shard_map
 
     def server_addresses(self) -> list[str]:
-        assert self.view is not None, "register() first"
-        servers = sorted((p for p in self.view.processes if p.role == "server"),
-                         key=lambda p: p.rank)
-        return [p.address for p in servers]
+        """``session.topology.server_addresses`` as a list (kept for older callers)."""
+        return list(self._registered().server_addresses)
 
     def report_checkpoint(self, clock: int, name: str, nbytes: int) -> None:
         """A server tells the coordinator its file of the checkpoint at ``clock`` is written."""
