@@ -16,7 +16,8 @@ import time
 import pytest
 
 from tessera.launch.node_plan import NodeSettingError, parse_host_port, share
-from tessera.launch.process import gpu_env, visible_gpus
+from tessera.config.env import gpu_env
+from tessera.launch.process import visible_gpus
 from tests.harness import ROOT, TESSERA, Job
 
 DIGITS = str(ROOT / "examples" / "digits.toml")

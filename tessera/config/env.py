@@ -76,11 +76,6 @@ class Identity:
     host: str = ""
     coordinator_bind: str = ""
 
-    @property
-    def label(self) -> str:
-        """``server 1``: how this process names itself in one-line errors."""
-        return f"{self.role} {self.rank}".strip()
-
     def but(self, **changes) -> "Identity":
         """A copy with some fields changed (the launcher's children differ in role, rank)."""
         return dataclasses.replace(self, **changes)

@@ -30,10 +30,10 @@ from typing import Optional
 
 from tessera.config import config_to_dict
 from tessera.config import env as envvars
-from tessera.config.env import Identity
+from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.launch.process import (WORKER_MODULE, Child, LaunchError, default_run_dir,
-                                    describe_exit, gpu_env, role_cmd, signals_interrupt, tail,
+                                    describe_exit, role_cmd, signals_interrupt, tail,
                                     visible_gpus)
 
 __all__ = ["Launcher", "LaunchError"]

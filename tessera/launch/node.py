@@ -37,12 +37,13 @@ import time
 from typing import Optional
 
 from tessera.config import env as envvars
-from tessera.config.env import Identity
+from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.launch.launcher import Launcher
-from tessera.launch.node_plan import (NodeSettingError, NodeSettings, describe_ranks, check_bindable,
-                                      is_loopback, route_address, wait_reachable, wait_resolve)
-from tessera.launch.process import LaunchError, gpu_env, role_cmd, signals_interrupt, visible_gpus
+from tessera.launch.node_plan import (NodeSettingError, NodeSettings, check_bindable,
+                                      describe_ranks, is_loopback, route_address,
+                                      wait_reachable, wait_resolve)
+from tessera.launch.process import LaunchError, role_cmd, signals_interrupt, visible_gpus
 
 
 class NodeLauncher(Launcher):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Mapping, Optional
 
 from tessera.config import env as envvars
-from tessera.config.env import gpu_env  # noqa: F401  (re-exported: launchers' GPU share)
 from tessera.config.schema import JobConfig
 
 #: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``.
