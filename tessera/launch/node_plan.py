@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -68,7 +68,7 @@ def _int_setting(flag: str, value: Optional[int], names: tuple[str, ...],
     return envvars.first_int(flag, names, env)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeSettings:
     """Everything ``tessera node`` decided before it starts anything."""
 
@@ -80,7 +80,7 @@ class NodeSettings:
     servers: range
     workers: range
     host: Optional[str] = None  # --host; None: the route toward the coordinator
-    warnings: list[str] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
 
     @property
     def coordinator(self) -> str:
@@ -149,23 +149,23 @@ def _node_settings(cfg: JobConfig, *, coordinator: Optional[str], nodes: Optiona
     secret = read_secret(secret_file, env)
     cl = cfg.cluster
     s, w = share(cl.servers, n, k), share(cl.workers, n, k)
-    settings = NodeSettings(nodes=n, rank=k, coordinator_host=c_host, coordinator_port=c_port,
-                            secret=secret, servers=s, workers=w, host=host)
+    warnings = []
     if not s and not w:
         what = "it runs only the coordinator" if k == 0 else "it has nothing to run"
-        settings.warnings.append(
+        warnings.append(
             f"node {k} of {n} gets no servers and no workers ({cl.servers} servers and "
             f"{cl.workers} workers are split in contiguous blocks over {n} nodes); {what}")
     if host is None and cl.host != "127.0.0.1":
-        settings.warnings.append(f"cluster.host {cl.host!r} in the job file is ignored by "
-                                 f"tessera node: each node binds to --host (default: its "
-                                 f"address toward the coordinator)")
+        warnings.append(f"cluster.host {cl.host!r} in the job file is ignored by "
+                        f"tessera node: each node binds to --host (default: its "
+                        f"address toward the coordinator)")
     if cfg.profile.enabled and n > 1:
-        settings.warnings.append("--profile: each node keeps its processes' profile/*.json in "
-                                 "its own run directory; node 0 merges only what it finds in "
-                                 "its own (share the directory, or copy them and run "
-                                 "`tessera report`)")
-    return settings
+        warnings.append("--profile: each node keeps its processes' profile/*.json in "
+                        "its own run directory; node 0 merges only what it finds in "
+                        "its own (share the directory, or copy them and run "
+                        "`tessera report`)")
+    return NodeSettings(nodes=n, rank=k, coordinator_host=c_host, coordinator_port=c_port,
+                        secret=secret, servers=s, workers=w, host=host, warnings=tuple(warnings))
 
 
 # ------------------------------------------------------------------ addresses
