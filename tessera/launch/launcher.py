@@ -40,6 +40,13 @@ __all__ = ["Launcher", "LaunchError"]
 
 
 class Launcher:
+    """Starts one job's processes on this machine, watches them, and reports.
+
+    :class:`~tessera.launch.node.NodeLauncher` (one node's share) and
+    :class:`~tessera.launch.ray_backend.RayLauncher` (Ray actors) override how
+    processes start and are watched; the run, its interrupts and its report stay here.
+    """
+
     def __init__(self, cfg: JobConfig, *, worker_cmd: Optional[list[str]] = None,
                  quiet: bool = False):
         self.cfg = cfg
