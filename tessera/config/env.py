@@ -77,7 +77,7 @@ class Identity:
     coordinator_bind: str = ""
 
     def but(self, **changes) -> "Identity":
-        """A copy with some fields changed (the launcher's children differ in role, rank)."""
+        """A copy with some fields changed (the coordinator's address, once published)."""
         return dataclasses.replace(self, **changes)
 
     def to_env(self) -> dict[str, str]:
@@ -87,10 +87,10 @@ class Identity:
                   HOST: self.host, COORDINATOR_BIND: self.coordinator_bind}
         return {k: v for k, v in values.items() if v}
 
-    def child_env(self, base: Mapping[str, str], **extra: str) -> dict[str, str]:
+    def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """A child's whole environment: ``base`` (the launcher's own), this identity,
-        unbuffered output (logs follow the process), then ``extra``."""
-        return dict(base, **self.to_env(), **{PYTHONUNBUFFERED: "1"}, **extra)
+        and unbuffered output (logs follow the process)."""
+        return dict(base, **self.to_env(), **{PYTHONUNBUFFERED: "1"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, expect_role: Optional[str] = None,
