@@ -97,7 +97,7 @@ class Launcher:
                  quiet: bool = False):
         self.cfg = cfg
         self.run_dir = default_run_dir(cfg).resolve()
-        self.worker_cmd = worker_cmd or [sys.executable, "-m", "tessera.cluster.trainer"]
+        self.worker_cmd = worker_cmd or [sys.executable, "-m", "tessera.train.trainer"]
         self.quiet = quiet
         self.children: list[Child] = []
         self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}

@@ -12,7 +12,7 @@ import time
 
 import torch
 from tessera import api
-from tessera.cluster.tasks import evaluate, make_task
+from tessera.train.tasks import evaluate, make_task
 
 
 class TorchOperatorProfile:
