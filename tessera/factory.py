@@ -57,7 +57,8 @@ def wrap(session: Session, model: torch.nn.Module, opt: OptimizerConfig,
 
 
 def _parameter_servers(session, model, opt, tables, amp, device):
-    from tessera.parallel.ps import PSComm, PSDataParallel, Start, param_layout
+    from tessera.parallel.flat import param_layout
+    from tessera.parallel.ps import PSComm, PSDataParallel, Start
     cfg = session.cfg
     first = session.rank == 0
     if tables and two_phase(cfg):
