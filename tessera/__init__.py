@@ -7,7 +7,8 @@ checks) do not pay for importing it.
 
 __version__ = "0.1.0"
 
-_API = ("init", "distribute", "shard", "finish", "rank", "num_workers", "profiler")
+_API = ("init", "distribute", "shard", "finish", "rank", "num_workers", "profiler", "current",
+        "Job")
 
 
 def __getattr__(name):

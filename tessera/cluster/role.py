@@ -1,6 +1,6 @@
 """Entry points of the processes the launcher starts: coordinator and server.
 
-Workers run :mod:`tessera.cluster.trainer` (``tessera run``) or the user's own
+Workers run :mod:`tessera.train.trainer` (``tessera run``) or the user's own
 script (``tessera launch``). Each process turns the failures it expects (a dead
 peer, a refused request, bad data) into one line on stderr naming itself and
 the peer, and exit code 3; anything else is a bug and keeps its traceback.

@@ -23,7 +23,7 @@ from tessera.config import env as envvars
 from tessera.config.schema import JobConfig
 
 #: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``.
-WORKER_MODULE = "tessera.cluster.trainer"
+WORKER_MODULE = "tessera.train.trainer"
 #: Coordinator and server entry points: ``python -m ROLE_MODULE coordinator|server``.
 ROLE_MODULE = "tessera.cluster.role"
 

@@ -27,30 +27,36 @@ the same steps and its scaler moves the same way.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from tessera.amp.policy import PrecisionPolicy, make_policy
-from tessera.amp.scaler import LossScaler
 from tessera.config.schema import OptimizerConfig
-from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
 from tessera.ps.optim import _OPTIMIZERS
 
 
-class HybridParallel(nn.Module):
+class HybridParallel(DistributedModel):
+    """A dense replica averaged by DDP, tables (if any) on the parameter servers.
+
+    ``no_sync`` and ``clip_grad_norm_`` are DDP's and torch's own in allreduce
+    mode; with tables (hybrid mode) they are refused, since rows' gradients are
+    pushed every step and are not part of the local norm.
+    """
+
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
-                 optimizer: OptimizerConfig, tables, policy: Optional[PrecisionPolicy] = None,
-                 scaler: Optional[LossScaler] = None, profiler: SpanRecorder = OFF, device=None,
-                 log=print):
+                 optimizer: OptimizerConfig, tables, amp: Optional[Amp] = None,
+                 hooks: Hooks = Hooks(), device=None):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from tessera.parallel.embedding import _Attached
-        self.policy = policy or make_policy("fp32", "cpu")
+        amp = amp or Amp()
+        self.policy = amp.policy
         self._device_type = next((p.device.type for p in module.parameters()), "cpu")
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = DDP(module) if params else module
@@ -68,18 +74,17 @@ class HybridParallel(nn.Module):
         self.allreduce_bytes = 0
         self._params = params
         self._names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.log = log
+        self.log = hooks.log
         self.module = module
         self.client = client
-        self.profiler = profiler
+        self.profiler = hooks.profiler
         self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
                           if params else None)
-        self.scaler = scaler or LossScaler(enabled=False)
+        self.scaler = amp.scaler
         self.tables = list(tables)
+        self.mode = "hybrid" if self.tables else "allreduce"
         self.clock = 0
-        self.comm_wait_s = 0.0
-        self.skipped_steps = 0
-        self.overflows: list[dict] = []
+        self._finite: Optional[bool] = None  # unscale_()'s answer this step
         attached = _Attached(client, lambda: self.clock, torch.float32,
                              device or torch.device("cpu"))
         for table in self.tables:
@@ -103,9 +108,24 @@ class HybridParallel(nn.Module):
         params = [p.detach().reshape(-1).float() for p in self.module.parameters()]
         return torch.cat(params) if params else torch.zeros(0)
 
-    def start_step(self, max_clock=None) -> int:  # noqa: ARG002 - no restarts in this mode
-        """The step to start training at (always 0: this mode has no resume or rejoin)."""
-        return 0
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        if self.tables:
+            raise self.refuse("no_sync()", "sharded tables push their rows' gradients every step")
+        return self.dense.no_sync() if self.dense is not self.module else contextlib.nullcontext()
+
+    def unscale_(self) -> bool:
+        """Unscale the averaged gradients (fp16); True when finite on every worker."""
+        if self._finite is None:
+            self._finite = (self._unscale_and_agree()
+                            if self.optimizer is not None and self.scaler.enabled else True)
+        return self._finite
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        if self.tables:
+            raise self.refuse("clip_grad_norm_", "the rows' gradients of sharded tables are "
+                              "not part of the local norm")
+        self.unscale_()
+        return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type=norm_type)
 
     def step(self) -> bool:
         prof = self.profiler
@@ -114,13 +134,13 @@ class HybridParallel(nn.Module):
         handles = [h for t in self.tables for h in t.push(self.clock)]
         applied = True
         if self.optimizer is not None:
-            if self.scaler.enabled:
-                applied = self._unscale_and_agree()
+            applied = self.unscale_()
             if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
             self.allreduce_bytes += self._allreduce_step_bytes
         self.scaler.update(found_inf=not applied)
+        self._finite = None
         if not applied:
             self.skipped_steps += 1
         wait_start = time.perf_counter()

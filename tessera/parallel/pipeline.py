@@ -32,14 +32,17 @@ What Tessera adds around it (policy):
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tessera.config.schema import OptimizerConfig
+from tessera.config.schema import OptimizerConfig, PipelineConfig
 from tessera.errors import UsageError
+from tessera.parallel.protocol import DistributedModel
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.optim import _OPTIMIZERS
 
@@ -112,26 +115,37 @@ def _balanced(weights: list[int], parts: int) -> list[int]:
 
 
 def cut(model: nn.Sequential, boundaries: list[int]) -> list[nn.Sequential]:
-    children = list(model.children())
+    """The stages, each keeping its children's names in ``model`` (so a stage's
+    ``state_dict`` keys are the whole model's)."""
+    children = list(model.named_children())
     edges = [0, *boundaries, len(children)]
-    return [nn.Sequential(*children[a:b]) for a, b in zip(edges, edges[1:])]
+    return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(edges, edges[1:])]
 
 
-class PipelineParallel(nn.Module):
-    """This process's stage of a pipelined, possibly replicated, model."""
+class PipelineParallel(DistributedModel):
+    """This process's stage of a pipelined, possibly replicated, model.
 
-    def __init__(self, model: nn.Sequential, *, rank: int, num_workers: int, num_stages: int,
-                 microbatches: int, schedule: str, optimizer: OptimizerConfig,
-                 loss_fn: Callable, split_points: Optional[list[str]] = None,
+    :meth:`forward_backward` runs the schedule over the micro-batches;
+    :meth:`step` steps this stage's optimizer. ``no_sync`` and
+    ``clip_grad_norm_`` are refused (the schedule runs forward and backward
+    together; the norm spans every stage); ``state_dict`` holds this stage's
+    entries under the whole model's keys.
+    """
+
+    mode = "pipeline"
+
+    def __init__(self, model: nn.Sequential, *, rank: int, num_workers: int,
+                 plan: PipelineConfig, optimizer: OptimizerConfig, loss_fn: Callable,
                  device=torch.device("cpu"), profiler: SpanRecorder = OFF):
         super().__init__()
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+        num_stages, microbatches, schedule = plan.stages, plan.microbatches, plan.schedule
         self.num_stages, self.stage_index = num_stages, rank % num_stages
         self.replica, self.num_replicas = rank // num_stages, num_workers // num_stages
         self.microbatches = microbatches
         self.profiler = profiler
-        boundaries = stage_boundaries(model, num_stages, split_points)
+        boundaries = stage_boundaries(model, num_stages, plan.split_points)
         self.module = cut(model, boundaries)[self.stage_index].to(device)
         self.device = device
         # Every process must create every group, in the same order.
@@ -149,11 +163,6 @@ class PipelineParallel(nn.Module):
         self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
                           if params else None)
         self.clock = 0
-        self.comm_wait_s = 0.0
-        self.skipped_steps = 0
-        self.overflows: list[dict] = []
-        self.client = None
-        self.loss_scale = 1.0
 
     @property
     def is_first(self) -> bool:
@@ -188,23 +197,37 @@ class PipelineParallel(nn.Module):
                         p.grad.div_(self.num_replicas)
         return float(torch.stack([x.detach() for x in losses]).mean()) if losses else None
 
-    def apply_gradients(self) -> None:
+    def forward_backward(self, inputs: tuple, target: torch.Tensor,
+                         loss_fn: Callable = None) -> Optional[torch.Tensor]:  # noqa: ARG002
+        """The schedule's forward and backward over the micro-batches (its loss_fn was
+        given at construction); the batch's mean loss on the last stage, else None."""
+        loss = self.compute_gradients(inputs, target)
+        return None if loss is None else torch.tensor(loss, dtype=torch.float64)
+
+    def step(self) -> bool:
+        """Step this stage's optimizer on the replica-averaged gradients."""
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
         self.clock += 1
+        return True
 
-    def start_step(self, max_clock=None) -> int:  # noqa: ARG002 - no restarts in this mode
-        """The step to start training at (always 0: this mode has no resume or rejoin)."""
-        return 0
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        raise self.refuse("no_sync()", "the schedule runs forward and backward of every "
+                          "micro-batch in one call; raise pipeline.microbatches instead")
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        raise self.refuse("clip_grad_norm_", "the total norm spans every stage")
 
     def train_step(self, inputs: tuple, target: torch.Tensor) -> Optional[float]:
+        """``forward_backward`` then ``step``: the batch's mean loss on the last stage."""
         loss = self.compute_gradients(inputs, target)
-        self.apply_gradients()
+        self.step()
         return loss
-
-    def step(self) -> bool:  # the PS wrappers' interface; train_step does the work here
-        return True
 
     # ------------------------------------------------------------ evaluation
 

@@ -14,7 +14,8 @@ Phases of one step (STYLE: numbered, as the code runs them):
    pushed at once in the wire dtype, so pushes of the last layers overlap the
    backward of the first (DDP's bucketing, in the order the PS needs). Under loss
    scaling the push also names the first parameter whose gradient overflowed.
-3. :meth:`PSDataParallel.step` pushes what backward did not touch (unused
+3. :meth:`PSDataParallel.unscale_` (with loss scaling; otherwise
+   :meth:`PSDataParallel.step`) pushes what backward did not touch (unused
    parameters push zeros) and waits for the replies:
    - without loss scaling, each reply carries the partition's new values;
    - with loss scaling (fp16, sync), each reply is a verdict; every worker
@@ -28,79 +29,79 @@ Phases of one step (STYLE: numbered, as the code runs them):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from tessera.amp.policy import PrecisionPolicy, make_policy
-from tessera.amp.scaler import LossScaler
-from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.parallel.flat import flatten_model, param_layout  # noqa: F401 - re-exported
+from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
 from tessera.transport.frames import torch_dtype
-from tessera.transport.wire import ParamSpec, Verdict
+from tessera.transport.wire import Verdict
 
 
-def param_layout(model: nn.Module) -> list[ParamSpec]:
-    return [ParamSpec(name=name, shape=list(p.shape), numel=p.numel())
-            for name, p in model.named_parameters() if p.requires_grad]
+@dataclass(frozen=True)
+class PSComm:
+    """How this worker's pushes are consumed by the servers."""
+
+    #: consistency: "sync", "async" or "ssp".
+    mode: str = "sync"
+    #: loss-scaled sync training: skips are decided cluster-wide (tessera.amp.scaler).
+    two_phase: bool = False
+    #: async/ssp: worker 0 asks for a checkpoint every this many clocks (0: never).
+    checkpoint_every: int = 0
 
 
-def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rebind every trainable parameter (and its grad) to views of two flat buffers.
+@dataclass(frozen=True)
+class Start:
+    """Where this worker starts: a fresh job, a resumed one, or a restarted worker."""
 
-    Returns ``(fp32 copy of the initial values, flat params, flat grads)``.
+    clock: int = 0
+    #: > 0 for a restarted worker, which joins the running job.
+    incarnation: int = 0
+    #: the servers restored a checkpoint: worker 0 does not seed them.
+    restored: bool = False
+
+
+class PSDataParallel(DistributedModel):
+    """Wraps ``module`` so that its parameters live on the parameter servers.
+
+    ``no_sync``, ``clip_grad_norm_`` and ``load_state_dict`` are refused: the
+    gradients leave during backward and the servers hold the parameters.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device if params else torch.device("cpu")
-    initial = (torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params]).cpu()
-               if params else torch.zeros(0))
-    total = initial.numel()
-    flat = torch.empty(total, dtype=dtype, device=device)
-    flat_grad = torch.zeros(total, dtype=dtype, device=device)
-    off = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            flat[off:off + n].copy_(p.detach().reshape(-1))
-            p.data = flat[off:off + n].view_as(p)
-            p.grad = flat_grad[off:off + n].view_as(p)
-            off += n
-    return initial, flat, flat_grad
-
-
-class PSDataParallel(nn.Module):
-    """Wraps ``module`` so that its parameters live on the parameter servers."""
 
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
-                 is_first: bool, policy: Optional[PrecisionPolicy] = None,
-                 scaler: Optional[LossScaler] = None, two_phase: bool = False,
-                 log=print, profiler: SpanRecorder = OFF, tables=(), device=None,
-                 start_clock: int = 0, incarnation: int = 0, restored: bool = False,
-                 mode: str = "sync", checkpoint_every: int = 0,
-                 checkpoint_wanted=lambda: False, on_clock=lambda clock: None):
+                 is_first: bool, comm: PSComm = PSComm(), amp: Optional[Amp] = None,
+                 hooks: Hooks = Hooks(), start: Start = Start(), tables=(), device=None):
         super().__init__()
+        amp = amp or Amp()
         self.module = module
         self.client = client
         self.shard_map = shard_map
-        self.policy = policy or make_policy("fp32", "cpu")
-        self.scaler = scaler or LossScaler(enabled=False)
-        self.two_phase = two_phase
-        self.log = log
-        self.profiler = profiler
+        self.policy = amp.policy
+        self.scaler = amp.scaler
+        self.two_phase = comm.two_phase
+        self.log = hooks.log
+        self.profiler = hooks.profiler
         self._first_push_ns = 0
         self._backward_start_ns = 0
         self._last_hook_ns = 0
-        self.clock = start_clock
-        self.mode = mode
+        self.clock = start.clock
+        self.mode = comm.mode
         self.is_first = is_first
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_wanted = checkpoint_wanted
-        self.on_clock = on_clock
+        self.checkpoint_every = comm.checkpoint_every
+        self.checkpoint_wanted = hooks.checkpoint_wanted
+        self.on_clock = hooks.on_clock
         self._ckpt_asked = False
         self._ckpt_flag = 0
+        self._finite: Optional[bool] = None  # unscale_()'s answer this step
+        self._wait_t0 = 0.0
+        self._wait_start_ns = 0
+        self._copy_s = 0.0
+        self._verdicts: list[Verdict] = []
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
         if self.flat.numel() != shard_map.total_elems:
@@ -121,9 +122,6 @@ class PSDataParallel(nn.Module):
         self._fired: dict[int, int] = {}  # param index -> order its gradient arrived in
         self._handles: dict[int, Handle] = {}
         self._wire = torch_dtype(client.wire_dtype)
-        self.comm_wait_s = 0.0
-        self.skipped_steps = 0
-        self.overflows: list[dict] = []
         for i, p in enumerate(self._params):
             p.register_post_accumulate_grad_hook(self._make_hook(i))
         from tessera.parallel.embedding import _Attached
@@ -134,13 +132,13 @@ class PSDataParallel(nn.Module):
             table.attach(attached)
         # 0. Start from the servers' values: worker 0 seeds them (fp32), everyone pulls.
         #    Resumed jobs start from the checkpoint's values; a restarted worker joins.
-        if is_first and not restored and not incarnation:
+        if is_first and not start.restored and not start.incarnation:
             client.init_params(initial)
         #: The last clock of the run, when known: a restarted worker never joins past it.
         self.max_clock: Optional[int] = None
-        self._incarnation = incarnation
-        if not incarnation:
-            self._copy_in(client.pull(clock=start_clock))
+        self._incarnation = start.incarnation
+        if not start.incarnation:
+            self._copy_in(client.pull(clock=start.clock))
         self._ckpt_flag = self._checkpoint_flag()
 
     def start_step(self, max_clock: Optional[int] = None) -> int:
@@ -277,41 +275,61 @@ class PSDataParallel(nn.Module):
 
     # --------------------------------------------------------------- phase 3
 
-    def step(self) -> bool:
-        """Finish the step: push the rest, get new values, advance the clock.
+    def unscale_(self) -> bool:
+        """Push what backward did not, and with loss scaling take every reply: True
+        when every worker's gradients were finite (the same answer everywhere).
 
-        Returns False when the step was skipped (gradients overflowed somewhere).
+        Without loss scaling there is nothing to check: it returns True at once and
+        :meth:`step` waits for the new values.
         """
+        if not self.scaler.enabled:
+            return True
+        if self._finite is None:
+            self._finite = self._collect()
+        return self._finite
+
+    def _collect(self) -> bool:
+        """Phase 3: push the rest, take every reply; whether the gradients were finite."""
         row_handles = [h for t in self.tables
                        for h in t.push(self.clock, self.scaler.scale if self.scaler.enabled else 1.0)]
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
-        t0 = time.perf_counter()
-        prof = self.profiler
-        wait_start = prof.now()
+        self._wait_t0 = time.perf_counter()
+        self._wait_start_ns = self.profiler.now()
         # Each reply's values are copied into the model as soon as it is taken, and
         # its receive buffer dropped: holding a whole model of buffers until the end
         # of the step cost ~9,000 page faults per 100 MB (benchmarks/ps_roundtrip).
-        copy_s = 0.0
-        verdicts: list[Verdict] = []
         for h in self._handles.values():
             reply = h.wait()
             if isinstance(reply, Verdict):
-                verdicts.append(reply)
+                self._verdicts.append(reply)
             else:
-                copy_s += self._consume(h, reply)
+                self._copy_s += self._consume(h, reply)
         for h in row_handles:
             h.wait()
-        applied = True
         if self.two_phase:
-            applied = all(v.finite for v in verdicts)
+            return all(v.finite for v in self._verdicts)
+        if self.scaler.enabled:  # async: each push was applied or refused on its own
+            return not any(h.skipped for h in self._handles.values())
+        return True
+
+    def step(self) -> bool:
+        """Finish the step: push the rest (unless :meth:`unscale_` did), send the
+        cluster's decision with the pull of the next clock (fp16, sync), take the
+        new values, advance the clock and decide whether to ask for a checkpoint.
+
+        Returns False when the step was skipped (gradients overflowed somewhere).
+        """
+        applied = self._collect() if self._finite is None else self._finite
+        prof = self.profiler
+        t0, wait_start, verdicts = self._wait_t0, self._wait_start_ns, self._verdicts
+        if self.two_phase:  # the decision travels with the pull of the next clock
             for h in self.client.pull(clock=self.clock + 1, commit=applied):
-                copy_s += self._consume(h, h.wait())
+                self._copy_s += self._consume(h, h.wait())
             if not applied:
                 self._report_overflow(verdicts)
-        elif self.scaler.enabled:  # async: each push was applied or refused on its own
-            applied = not any(h.skipped for h in self._handles.values())
+        copy_s = self._copy_s
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited
         copy_start = prof.now()
@@ -336,6 +354,8 @@ class PSDataParallel(nn.Module):
             self.skipped_steps += 1
         self._handles.clear()
         self._fired.clear()
+        self._verdicts = []
+        self._finite, self._copy_s = None, 0.0
         self._remaining = dict(self._needed)
         self.clock += 1
         self.on_clock(self.clock)
@@ -366,6 +386,10 @@ class PSDataParallel(nn.Module):
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
         self.flat_grad.zero_()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        raise self.refuse("load_state_dict()", "the servers hold the parameters; resume a "
+                          "job from its checkpoint with --resume")
 
     def _consume(self, handle: Handle, values: dict) -> float:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """What the built-in trainer trains: data, model, loss and evaluation, per dataset.
 
-A task hands the training loop (:mod:`tessera.cluster.trainer`) four things: the
+A task hands the training loop (:mod:`tessera.train.trainer`) four things: the
 model, this worker's batch for a step, the loss, and the evaluation. Three
 kinds exist: classification (digits, mnist, npy shards), ratings (MovieLens,
 ``eval_rmse``) and clicks (a streamed synthetic click log, ``eval_auc`` next to

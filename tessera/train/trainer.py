@@ -1,7 +1,17 @@
 """The built-in worker program that ``tessera run`` starts for a job file.
 
 It is an ordinary user of the public API (:mod:`tessera.api`), the same calls
-the README shows for your own script, plus logging and evaluation.
+the README shows for your own script, plus logging and evaluation. Whatever the
+mode, the loop is one body over the wrapper's protocol
+(:class:`tessera.parallel.protocol.DistributedModel`):
+
+    batch -> forward + backward (pushes overlap; a pipeline runs its schedule)
+          -> unscale / finite check (fp16, agreed cluster-wide)
+          -> step (update, or wait for the servers' values)
+          -> log / evaluate -> profiler step
+
+Checkpoints are the servers' (they save their shards at the clocks the
+wrapper's pushes ask for), so no checkpoint call appears here.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import time
 
 import torch
 from tessera import api
-from tessera.cluster.tasks import evaluate, make_task
+from tessera.train.tasks import evaluate, make_task
 
 
 class TorchOperatorProfile:
@@ -24,13 +34,16 @@ class TorchOperatorProfile:
     """
 
     def __init__(self, recorder, num_steps: int, first_step: int):
+        """Operators of steps ``first_step`` .. ``first_step + num_steps - 1``."""
         self.recorder, self.num_steps, self.first_step = recorder, num_steps, first_step
         self.prof = None
         self.started_ns = 0
 
-    def step(self, step: int) -> None:
+    def step(self, done: int) -> None:
+        """Called after step ``done``: start or stop recording at the right boundary."""
         if not (self.num_steps and self.recorder.enabled):
             return
+        step = done + 1  # the step about to start
         if step == self.first_step:
             self.prof = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
@@ -56,8 +69,8 @@ class TorchOperatorProfile:
 
 
 def main() -> None:
-    session = api.init()
-    cfg = session.cfg
+    job = api.init()
+    session, cfg = job.session, job.cfg
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.cluster.workers)
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.train.device == "cuda" and torch.cuda.is_available()
@@ -68,13 +81,12 @@ def main() -> None:
 
     # Pipelining: worker r is stage r % P of replica r // P; replicas shard the data.
     num_stages = cfg.pipeline.stages
-    pipelined = num_stages > 1
     replica, replicas = session.rank // num_stages, cfg.cluster.workers // num_stages
     task = make_task(cfg, replica, replicas)
     session.data_samples = task.num_samples
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().to(device)
-    model = api.distribute(model, cfg.optimizer, loss_fn=task.loss)
+    model = job.distribute(model, cfg.optimizer, loss_fn=task.loss)
     restore = session.view.restore
     if restore is not None:  # resumed: the data position of the checkpoint
         task.seek(restore.clock, restore.epoch, restore.offset)
@@ -82,7 +94,7 @@ def main() -> None:
     # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
     first_step = model.start_step(steps)
     lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
-    evaluator = replica == 0 if pipelined else lead  # a pipelined eval needs every stage
+    evaluator = replica == 0 if num_stages > 1 else lead  # a pipelined eval needs every stage
     metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
     if lead:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
@@ -90,22 +102,19 @@ def main() -> None:
 
     prof = session.profiler
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
+    torch_prof.step(first_step)
     t_start = time.perf_counter()
     t_window, samples_window = t_start, 0
     loss_value = float("nan")
     eval_s = 0.0
     for step in range(first_step + 1, steps + 1):
-        # batch -> forward -> backward (pushes overlap) -> wait for fresh parameters
-        torch_prof.step(step)
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
-        if pipelined:  # the schedule runs forward and backward over the micro-batches
-            loss_value = model.train_step(inputs, target)
-        else:
-            loss = task.loss(model(*inputs), target)  # forward: spans recorded by the wrapper
-            model.scale_loss(loss).backward()         # backward: likewise
-            model.step()
-            loss_value = loss.item()
+        # forward and backward; pushes overlap backward (spans recorded by the wrapper)
+        loss = model.forward_backward(inputs, target, task.loss)
+        model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
+        model.step()      # update (or skip, everywhere), or wait for the servers' values
+        loss_value = None if loss is None else loss.item()  # None: not the last stage
         samples_window += len(target) * replicas
         # log / evaluate (the lead writes metrics.jsonl)
         evaluate_now = step % cfg.train.eval_every == 0 or step == steps
@@ -122,6 +131,8 @@ def main() -> None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             t_window, samples_window = time.perf_counter(), 0
+        prof.instant("step", "step", step=step)  # profiler step: this step ends here
+        torch_prof.step(step)
     wall = time.perf_counter() - t_start
     torch_prof.stop()
 
@@ -136,7 +147,7 @@ def main() -> None:
         if lead:
             stats.update(final)
             metrics.close()
-    api.finish(**stats)
+    job.finish(**stats)
 
 
 if __name__ == "__main__":

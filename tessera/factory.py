@@ -1,0 +1,145 @@
+"""The one factory that turns a model into this job's :class:`DistributedModel`.
+
+``wrap(session, model, optimizer, loss_fn)`` reads the job's configuration once,
+picks the wrapper (pipeline stages, all-reduce/hybrid over DDP, or data
+parallelism over the parameter servers), registers this worker with the
+coordinator in the way that wrapper needs, and hands the wrapper only the narrow
+things it uses: a client, a shard map, and small frozen groups of settings
+(:class:`~tessera.parallel.protocol.Amp`, :class:`~tessera.parallel.protocol.Hooks`,
+:class:`~tessera.parallel.ps.PSComm`, :class:`~tessera.parallel.ps.Start`).
+
+It sits in the api layer: it needs the session (cluster) and every wrapper (parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from tessera.amp.policy import make_policy
+from tessera.amp.scaler import LossScaler
+from tessera.cluster.session import Session
+from tessera.config.schema import OptimizerConfig
+from tessera.errors import UsageError
+from tessera.parallel.embedding import find_tables
+from tessera.parallel.protocol import Amp, DistributedModel, Hooks
+from tessera.ps.client import PSClient
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def two_phase(cfg) -> bool:
+    """Loss-scaled sync training decides skips cluster-wide (see tessera.amp.scaler)."""
+    return cfg.precision == "fp16" and cfg.ps.mode == "sync"
+
+
+def wrap(session: Session, model: torch.nn.Module, opt: OptimizerConfig,
+         loss_fn: Optional[Callable] = None) -> DistributedModel:
+    """This worker's wrapper of ``model``, for the job's mode (see the module docstring)."""
+    cfg = session.cfg
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    policy = make_policy(cfg.precision, device.type)
+    if policy.note and session.rank == 0:
+        print(f"worker 0: {policy.note}", flush=True)
+    a = cfg.amp
+    amp = Amp(policy, LossScaler(init_scale=a.init_scale, growth_factor=a.growth_factor,
+                                 backoff_factor=a.backoff_factor,
+                                 growth_interval=a.growth_interval, enabled=policy.loss_scaling))
+    tables = find_tables(model)
+    if cfg.pipeline.stages > 1:
+        return _pipeline(session, model, opt, loss_fn, tables, device)
+    if cfg.ps.mode in ("hybrid", "allreduce"):
+        return _dense_replicas(session, model, opt, tables, amp, device)
+    return _parameter_servers(session, model, opt, tables, amp, device)
+
+
+def _parameter_servers(session, model, opt, tables, amp, device):
+    from tessera.parallel.flat import param_layout
+    from tessera.parallel.ps import PSComm, PSDataParallel, Start
+    cfg = session.cfg
+    first = session.rank == 0
+    if tables and two_phase(cfg):
+        raise UsageError("sharded embedding tables with precision fp16 in sync mode are not "
+                         "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
+    session.register(layout=param_layout(model) if first else None,
+                     optimizer=opt if first else None,
+                     tables=[t.spec for t in tables] if first else [])
+    client = _connect_client(session, amp.policy)
+    view, hb = session.view, session.heartbeat
+    hooks = Hooks(log=_log, profiler=session.profiler,
+                  checkpoint_wanted=lambda: hb.checkpoint_requested,
+                  on_clock=lambda clock: setattr(hb, "clock", clock))
+    comm = PSComm(mode=cfg.ps.mode, two_phase=two_phase(cfg),
+                  checkpoint_every=cfg.checkpoint.every)
+    start = Start(clock=view.clock, incarnation=view.incarnation,
+                  restored=view.restore is not None)
+    return PSDataParallel(model, client, session.shard_map(), is_first=first, comm=comm,
+                          amp=amp, hooks=hooks, start=start, tables=tables, device=device)
+
+
+def _dense_replicas(session, model, opt, tables, amp, device):
+    from tessera.parallel.hybrid import HybridParallel
+    cfg = session.cfg
+    allreduce = cfg.ps.mode == "allreduce"
+    if not tables and not allreduce:
+        raise UsageError("--mode hybrid keeps sharded embedding tables on the servers, but this "
+                         "model has none (tessera.nn.ShardedEmbedding); use --mode allreduce")
+    if tables and allreduce:
+        raise UsageError("--mode allreduce has no parameter servers for the model's sharded "
+                         "embedding tables; use --mode hybrid")
+    if amp.policy.loss_scaling and tables:
+        raise UsageError("--mode hybrid does not support precision fp16 yet; use bf16")
+    _join_process_group(session, device, opt=opt, tables=tables)
+    client = _connect_client(session, amp.policy) if session.num_servers else None
+    return HybridParallel(model, client, optimizer=opt, tables=tables, amp=amp,
+                          hooks=Hooks(log=_log, profiler=session.profiler), device=device)
+
+
+def _pipeline(session, model, opt, loss_fn, tables, device):
+    from tessera.parallel.pipeline import PipelineParallel
+    if loss_fn is None:
+        raise UsageError("pipeline stages need tessera.distribute(model, ..., loss_fn=...): the "
+                         "last stage computes the loss of each micro-batch")
+    if tables:
+        raise UsageError("sharded embedding tables cannot be pipelined yet; drop --stages")
+    _join_process_group(session, device, opt=opt)
+    return PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
+                            plan=session.cfg.pipeline, optimizer=opt, loss_fn=loss_fn,
+                            device=device, profiler=session.profiler)
+
+
+def _connect_client(session: Session, policy) -> PSClient:
+    """A client of this job's parameter servers, connected (authenticated) to each."""
+    client = PSClient(ctx=session.ctx, shard_map=session.shard_map(),
+                      server_addresses=session.server_addresses(), secret=session.secret,
+                      worker=session.rank, timeout_s=session.timeout_s,
+                      wire_dtype=policy.wire_dtype, check=session.check,
+                      profiler=session.profiler, incarnation=session.view.incarnation,
+                      dead_servers=lambda: session.heartbeat.dead_servers)
+    client.connect()
+    return client
+
+
+def _join_process_group(session, device, *, opt=None, tables=()):
+    """Register (worker 0 hosting the torch.distributed rendezvous) and init the group."""
+    import datetime
+    import socket as _socket
+
+    import torch.distributed as dist
+    cfg = session.cfg
+    first = session.rank == 0
+    address = ""
+    if first:  # worker 0 hosts the rendezvous on a port the OS picks
+        with _socket.socket() as s:
+            s.bind((cfg.cluster.host, 0))
+            address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
+    view = session.register(address=address, layout=[] if first else None,
+                            optimizer=opt if first else None,
+                            tables=[t.spec for t in tables] if first else [])
+    rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
+                            rank=session.rank, world_size=session.num_workers,
+                            timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))

@@ -1,0 +1,1 @@
+"""The training loop of built-in jobs (``tessera run``), above the public API."""
