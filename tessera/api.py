@@ -36,10 +36,13 @@ _samplers: list[ShardSampler] = []
 
 
 def init() -> Session:
-    """Join the running job as the worker the launcher started this process as."""
+    """Join the running job as the worker the launcher started this process as; in a
+    process no launcher started, run the whole job here (tessera.cluster.inprocess)."""
     global _session
     if _session is None:
-        _session = Session.from_env(expect_role="worker")
+        from tessera.cluster import inprocess
+        _session = (Session.from_env(expect_role="worker") if inprocess.launched()
+                    else inprocess.worker_session())
     return _session
 
 
