@@ -225,7 +225,6 @@ class InProcessJob:
             self.session.closed = True  # its close() would call back here
             Session.close(self.session)
         if failure:
-            self.failures.insert(0, failure)
             self._depart("worker", failure)
             if self.session is None or self.session.view is None:
                 # Worker 0 never registered, so the coordinator ignores its departure and
@@ -254,13 +253,17 @@ class InProcessJob:
                                  f"{self.coordinator_code}")
         if not failure and not self.failures and not (self.run_dir / "summary.json").exists():
             self.failures.append("the job ended but wrote no summary.json")
+        if failure:  # what followed from it (the server hearing it) says nothing new
+            self.failures = [failure] + [f for f in self.failures if failure not in f]
         if self.failures:
             raise ClusterFailure("; ".join(self.failures))
 
     def _at_exit(self) -> None:
+        exc = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught one
+        why = f"raised {type(exc).__name__}: {exc}" if exc is not None else \
+            "ended without tessera.finish()"
         try:
-            self.close(failure="worker 0 (this process's main thread) ended without "
-                               "tessera.finish()")
+            self.close(failure=f"worker 0 (this process's main thread) {why}")
         except ClusterFailure as exc:
             print(f"tessera: job failed: {exc}", file=sys.stderr, flush=True)
 
@@ -288,7 +291,11 @@ def run(cfg: JobConfig, main: Callable[[], None], *, quiet: bool = False) -> int
     """Run ``main`` (a worker program: it calls ``tessera.init()`` ... ``tessera.finish()``)
     as worker 0 of ``cfg`` in this thread; returns the exit code a launched run has."""
     from tessera.cluster.console import print_failure, print_summary
-    job = start(cfg)
+    try:
+        job = start(cfg)
+    except UsageError as exc:  # a setting one process cannot run: as a bad flag, exit 2
+        print(f"tessera: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         main()
         if not job._closed:
