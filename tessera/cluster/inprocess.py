@@ -221,9 +221,8 @@ class InProcessJob:
         atexit.unregister(self._at_exit)
         if _current is self:
             _current = None
-        if self.session is not None and not self.session.closed:
-            self.session.closed = True  # its close() would call back here
-            Session.close(self.session)
+        if self.session is not None:
+            self.session.close()  # its heartbeat stops; its call back here returns at once
         if failure:
             self._depart("worker", failure)
             if self.session is None or self.session.view is None:
