@@ -124,10 +124,13 @@ def _seek(sampler: ShardSampler, view) -> None:
 
 
 def init() -> Job:
-    """Join the running job as the worker the launcher started this process as."""
+    """Join the running job as the worker the launcher started this process as; in a
+    process no launcher started, run the whole job here (tessera.cluster.inprocess)."""
     job = _current.get()
     if job is None:
-        job = Job(Session.from_env(expect_role="worker"))
+        from tessera.cluster import inprocess
+        job = Job(Session.from_env(expect_role="worker") if inprocess.launched()
+                  else inprocess.worker_session())
         _current.set(job)
     return job
 

@@ -83,6 +83,20 @@ def test_every_message_type_is_covered():
     assert covered == set(wire.Message.__args__)
 
 
+def test_every_message_of_each_plane_is_in_the_union_and_reexported():
+    """wire.py assembles the planes' modules: a message added to one must decode too."""
+    from tessera.transport import control_plane, data_plane, header
+    tagged = set()
+    for module in (header, control_plane, data_plane):
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, msgspec.Struct) \
+                    and obj.__module__ == module.__name__:
+                assert getattr(wire, name) is obj, f"wire.{name} is not {module.__name__}.{name}"
+                if obj.__struct_config__.tag is not None:
+                    tagged.add(obj)
+    assert tagged == set(wire.Message.__args__)
+
+
 def raw(**fields) -> bytes:
     return msgspec.msgpack.encode(fields)
 

@@ -74,10 +74,16 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("job", type=str)
+@click.option("--in-process", "in_process", is_flag=True,
+              help="Run it all in this process (1 worker here, coordinator and 1 server as "
+                   "threads): to debug, e.g. under pdb.")
 @_run_flags
-def run(job: str, **kwargs) -> None:
+def run(job: str, in_process: bool, **kwargs) -> None:
     """Train the job described by the TOML file JOB on a local cluster."""
     cfg = _load(job, kwargs)
+    if in_process:
+        from tessera.cluster.inprocess import run_trainer
+        sys.exit(run_trainer(cfg, quiet=kwargs["quiet"]))
     sys.exit(_launcher_class(cfg)(cfg, quiet=kwargs["quiet"]).run())
 
 

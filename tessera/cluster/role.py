@@ -5,6 +5,10 @@ script (``tessera launch``). Each process turns the failures it expects (a dead
 peer, a refused request, bad data) into one line on stderr naming itself and
 the peer, and exit code 3; anything else is a bug and keeps its traceback.
 
+The roles themselves, :func:`start_coordinator` and :func:`serve`, take what they
+need and never exit the process: :mod:`tessera.cluster.inprocess` runs them as
+threads of one process; the ``*_main`` functions only read the environment.
+
     python -m tessera.cluster.role coordinator|server
 """
 
@@ -44,10 +48,32 @@ def server_mode(cfg) -> str:
     return cfg.ps.mode
 
 
-def coordinator_main() -> None:
+def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = ""):
+    """The job's coordinator, bound and announced in ``coordinator.json``; call its
+    ``run()`` (it returns the exit code: 0 once ``summary.json`` is written).
+
+    ``bind``: ``HOST:PORT`` to bind to (``tessera node`` fixes the coordinator's
+    address); "" takes a random port on ``cluster.host`` (or an inproc address).
+    """
     import zmq
 
     from tessera.cluster.coordinator import Coordinator, write_json_atomic
+    if bind:
+        from tessera.transport.endpoint import ServerEndpoint
+        host, _, port = bind.rpartition(":")
+        cfg.cluster.host = host
+    coord = Coordinator(cfg, run_dir, secret, ctx=ctx)
+    if bind:  # same socket, at the agreed port (keeping the frame limit the coordinator set)
+        limit = coord.endpoint.sock.getsockopt(zmq.MAXMSGSIZE)
+        coord.endpoint.close()
+        coord.endpoint = ServerEndpoint(ctx, host, secret, max_frame_bytes=limit, port=int(port))
+    write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
+    return coord
+
+
+def coordinator_main() -> None:
+    import zmq
+
     from tessera.config import config_from_dict
     from tessera.config import env as envvars
 
@@ -56,36 +82,20 @@ def coordinator_main() -> None:
     run_dir = Path(me.run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     ctx = zmq.Context()
-    # `tessera node` fixes the coordinator's address (HOST:PORT, the --coordinator every
-    # node is given); `tessera run` lets it take a random port on cluster.host.
-    bind = me.coordinator_bind
-    if bind:
-        from tessera.transport.endpoint import ServerEndpoint
-        host, _, port = bind.rpartition(":")
-        cfg.cluster.host = host
-    coord = Coordinator(cfg, run_dir, me.secret, ctx=ctx)
-    if bind:  # same socket, at the agreed port (keeping the frame limit the coordinator set)
-        limit = coord.endpoint.sock.getsockopt(zmq.MAXMSGSIZE)
-        coord.endpoint.close()
-        coord.endpoint = ServerEndpoint(ctx, host, me.secret, max_frame_bytes=limit,
-                                        port=int(port))
-    write_json_atomic(run_dir / "coordinator.json", {"address": coord.address, "pid": os.getpid()})
+    coord = start_coordinator(cfg, run_dir, me.secret, ctx, bind=me.coordinator_bind)
     code = coord.run()
     ctx.destroy(linger=0)
     sys.stdout.flush()
     os._exit(code)
 
 
-def server_main() -> None:
-    import torch
-
-    from tessera.cluster.session import Session
+def serve(session) -> None:
+    """Be parameter server ``session.rank`` of the job until the coordinator says
+    shutdown: register, serve, report. The session stays open (its owner closes it)."""
     from tessera.ps.server import ParameterServer
     from tessera.ps.sharding import partition_elems_for
     from tessera.transport.endpoint import ServerEndpoint
 
-    torch.set_num_threads(1)  # servers sum and step; workers need the cores
-    session = Session.from_env(expect_role="server")
     cfg = session.cfg
     # Frames are at most a partition (dense), or a batch's rows (tables): refuse
     # anything larger before it is read into memory.
@@ -137,6 +147,16 @@ def server_main() -> None:
     if backup_peer is not None:
         backup_peer.close()
     endpoint.close()
+
+
+def server_main() -> None:
+    import torch
+
+    from tessera.cluster.session import Session
+
+    torch.set_num_threads(1)  # servers sum and step; workers need the cores
+    session = Session.from_env(expect_role="server")
+    serve(session)
     session.close()
 
 

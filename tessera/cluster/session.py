@@ -35,10 +35,13 @@ class Session:
     """Who this process is, how to reach the coordinator, and the job's config."""
 
     def __init__(self, *, role: str, rank: int, cfg: JobConfig, run_dir: Path, coordinator: str,
-                 secret: str):
+                 secret: str, ctx: Optional[zmq.Context] = None):
         self.role, self.rank, self.cfg, self.run_dir = role, rank, cfg, Path(run_dir)
         self.coordinator, self.secret = coordinator, secret
-        self.ctx = zmq.Context()
+        # A given context is shared with the rest of an in-process job (inproc
+        # addresses reach only sockets of one context): its owner destroys it.
+        self._owns_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         cl = cfg.cluster
         self.heartbeat = Heartbeat(self.ctx, coordinator, secret, role, rank,
                                    interval_s=cl.heartbeat_interval_s,
@@ -141,4 +144,5 @@ class Session:
     def close(self) -> None:
         self.heartbeat.stop()
         self._coord.close()
-        self.ctx.destroy(linger=0)
+        if self._owns_ctx:
+            self.ctx.destroy(linger=0)

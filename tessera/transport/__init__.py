@@ -1,1 +1,2 @@
-"""Bytes between processes: typed headers, raw tensor frames, authenticated sockets."""
+"""Bytes between processes (tcp) or threads of one process (inproc): typed headers, raw
+tensor frames, authenticated sockets."""

@@ -37,6 +37,13 @@ are further capped at :data:`tessera.transport.wire.MAX_HEADER_BYTES` when
 decoded, and receivers check every payload frame's length against their own
 shard map (:mod:`tessera.transport.frames`).
 
+Transports: the address a server binds to, ``tcp://`` between processes or
+``inproc://`` between threads of one process, is chosen in one place,
+:mod:`tessera.transport.address`, from the host the server is given; the code
+here is the same for both. On inproc, ZeroMQ runs no handshake: no mechanism, no
+ZAP, no frame limit; that module's docstring says why that is the right trust
+boundary (the peers are this process).
+
 Every wait takes a timeout; a :class:`PeerTimeout` names the peer and the request.
 """
 
@@ -53,6 +60,7 @@ import zmq.auth.thread
 from zmq.utils import z85
 
 from tessera.errors import TesseraError
+from tessera.transport import address as addresses
 from tessera.transport.wire import Message, WireError, decode, encode
 
 _USER = "tessera"
@@ -184,7 +192,8 @@ class ServerEndpoint:
     def __init__(self, ctx: zmq.Context, host: str, secret: str, *, max_frame_bytes: int = -1,
                  port: int = 0):
         keys = _keys(secret)
-        _Auth.ensure(ctx, keys, secret)
+        if host != addresses.INPROC:  # ZeroMQ asks no ZAP handler about inproc peers
+            _Auth.ensure(ctx, keys, secret)
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.zap_domain = keys.domain.encode()
         if keys.curve:
@@ -198,12 +207,8 @@ class ServerEndpoint:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        if port:
-            self.sock.bind(f"tcp://{host}:{port}")
-            self.port = port
-        else:
-            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{self.port}"
+        self.address = addresses.bind(self.sock, ctx, host, port)
+        self.port = addresses.port_of(self.address)  # 0 on inproc
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
 
@@ -231,6 +236,7 @@ class ServerEndpoint:
             pass
 
     def close(self) -> None:
+        addresses.unbind(self.address)
         self.sock.close(linger=0)
 
 
@@ -247,6 +253,10 @@ class ClientEndpoint:
         self.address = address
         self.peer_name = f"{peer_name} ({address})"
         self._keys = keys = _keys(secret)
+        self._inproc = addresses.is_inproc(address)
+        why = addresses.unreachable(ctx, address)
+        if why:
+            raise TransportError(f"cannot connect to {peer_name}: {why}")
         self.sock = ctx.socket(zmq.DEALER)
         if keys.curve:
             self.sock.curve_serverkey = keys.server_public
@@ -270,8 +280,15 @@ class ClientEndpoint:
         self._poller.register(self.sock, zmq.POLLIN)
 
     def wait_connected(self, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
-        """Block until the handshake (authentication included) has succeeded."""
+        """Block until the handshake (authentication included) has succeeded.
+
+        An inproc peer is connected once ``connect`` returns (it is bound: see
+        :func:`tessera.transport.address.unreachable`); there is no handshake to await.
+        """
         from zmq.utils.monitor import recv_monitor_message
+        if self._inproc:
+            check()
+            return
         deadline = time.monotonic() + timeout_s
         hangups = 0
         while time.monotonic() < deadline:

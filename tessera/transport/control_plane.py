@@ -1,0 +1,208 @@
+"""Control-plane messages: between every process and the coordinator.
+
+Rendezvous (:class:`Register` -> :class:`ClusterView`), liveness
+(:class:`Heartbeat` -> :class:`HeartbeatAck`), the launcher's notices
+(:class:`Departed`, :class:`CheckpointNow`), checkpoint reports, clock sync and
+final reports. Headers only: no message here carries payload frames.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import msgspec
+
+from tessera.config.schema import OptimizerConfig
+from tessera.transport.header import MESSAGE
+
+
+class ParamSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """One model parameter: its name, shape and element count."""
+
+    name: str
+    shape: list[int]
+    numel: int
+
+
+class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One embedding table, as every server holding a shard of it sees it."""
+
+    #: Names the table in errors, metrics and checkpoints.
+    name: str
+    #: Width of each row.
+    dim: int
+    #: ``None``: an unbounded hashed id space (any int64 >= 0). Otherwise ids must be
+    #: in ``[0, num_embeddings)``; rows are still created lazily.
+    num_embeddings: Optional[int] = None
+    #: Rows start uniform in ``(-init_scale, init_scale)``.
+    init_scale: float = 0.01
+    #: Seeds the initial rows (with the id); same seed, same rows on every server.
+    seed: int = 0
+    #: A row is stored once it has been looked up this many times (1: at first touch).
+    admit_after: int = 1
+    #: > 0: rows not touched for this many clocks are dropped (0: never).
+    evict_after: int = 0
+    #: > 0: per-server row budget; the least recently touched rows beyond it are
+    #: dropped after each apply (0: no budget).
+    max_rows: int = 0
+    #: The sparse update rule the servers apply to the rows (sgd, adagrad, adam).
+    optimizer: OptimizerConfig = msgspec.field(
+        default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
+
+    def __post_init__(self) -> None:
+        where = f"table {self.name!r}"
+        if not self.name:
+            raise ValueError("TableSpec.name must be a non-empty string")
+        if self.dim < 1:
+            raise ValueError(f"{where}: dim must be >= 1 (the width of a row), got {self.dim}")
+        if self.num_embeddings is not None and self.num_embeddings < 1:
+            raise ValueError(f"{where}: num_embeddings must be >= 1, or None for an unbounded "
+                             f"hashed id space, got {self.num_embeddings}")
+        if not (math.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise ValueError(f"{where}: init_scale must be a finite number >= 0, "
+                             f"got {self.init_scale}")
+        if self.admit_after < 1:
+            raise ValueError(f"{where}: admit_after must be >= 1 (1 stores a row at first "
+                             f"touch), got {self.admit_after}")
+        if self.evict_after < 0:
+            raise ValueError(f"{where}: evict_after must be >= 0 (0 never evicts), "
+                             f"got {self.evict_after}")
+        if self.max_rows < 0:
+            raise ValueError(f"{where}: max_rows must be >= 0 (0 means no budget), "
+                             f"got {self.max_rows}")
+
+
+class ProcessInfo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: str
+    rank: int
+    host: str
+    pid: int
+    address: str = ""
+
+
+class PartitionInfo(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """Partition ``id`` is elements ``[start, stop)`` of the flat parameter vector."""
+
+    id: int
+    start: int
+    stop: int
+    server: int
+
+
+class Register(msgspec.Struct, **MESSAGE):
+    req: int
+    role: str
+    rank: int
+    host: str
+    pid: int
+    address: str = ""
+    #: Worker 0 describes the model so the coordinator can cut the shard map,
+    #: and names the optimizer the servers are to apply.
+    layout: Optional[list[ParamSpec]] = None
+    optimizer: Optional[OptimizerConfig] = None
+    tables: list[TableSpec] = []
+    #: Worker 0: samples in its training set (0: unknown or a stream), so that the
+    #: coordinator can record each worker's data position in checkpoints.
+    samples: int = 0
+
+
+class Restore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where servers load their state from when a job resumes from a checkpoint."""
+
+    #: The checkpoint location (local path or fsspec URL) whose ``clock-<clock>/``
+    #: directory holds the files below.
+    path: str
+    clock: int
+    #: The saved run's partitions (the new map may cut the vector differently).
+    partitions: list[PartitionInfo]
+    #: File of each saved server, by saved rank.
+    files: list[str]
+    #: Data position at ``clock``: epoch, and offset into that epoch's permutation.
+    epoch: int = 0
+    offset: int = 0
+
+
+class ClusterView(msgspec.Struct, **MESSAGE):
+    req: int
+    processes: list[ProcessInfo]
+    partitions: list[PartitionInfo]
+    layout: list[ParamSpec]
+    optimizer: OptimizerConfig
+    tables: list[TableSpec] = []
+    #: Set when the job resumes from a checkpoint.
+    restore: Optional[Restore] = None
+    #: The clock this process starts at (a resumed job's checkpoint clock, or for a
+    #: restarted worker the last clock it reported).
+    clock: int = 0
+    #: How many times this rank has (re)joined: 0 for the first start. Push sequence
+    #: numbers of incarnation i start above those of every earlier one.
+    incarnation: int = 0
+
+
+class Heartbeat(msgspec.Struct, **MESSAGE):
+    req: int
+    role: str
+    rank: int
+    #: Workers: the last clock they completed (-1: none yet); servers: their lowest
+    #: partition clock.
+    clock: int = -1
+
+
+class HeartbeatAck(msgspec.Struct, **MESSAGE):
+    req: int
+    #: ``running``; ``shutdown`` (work is done, exit cleanly); ``failed`` (see reason).
+    state: str
+    reason: str = ""
+    #: To worker 0: write a checkpoint at your next step (the launcher was interrupted).
+    checkpoint: bool = False
+    #: Workers that died (worker -> the incarnation that died): servers stop waiting for them.
+    departed: dict[int, int] = {}
+    #: Servers that died; with replication their backups now own their partitions.
+    dead_servers: list[int] = []
+
+
+class Departed(msgspec.Struct, **MESSAGE):
+    """From the launcher: a process of the job exited (faster than a heartbeat timeout)."""
+
+    req: int
+    role: str
+    rank: int
+    reason: str
+
+
+class CheckpointNow(msgspec.Struct, **MESSAGE):
+    """From the launcher: write a checkpoint; answered with Ack once it is complete."""
+
+    req: int
+
+
+class CheckpointSaved(msgspec.Struct, **MESSAGE):
+    """From a server: its file of the checkpoint at ``clock`` is written."""
+
+    req: int
+    rank: int
+    clock: int
+    file: str
+    nbytes: int
+
+
+class TimeSync(msgspec.Struct, **MESSAGE):
+    """NTP-style clock probe: the reply carries the coordinator's clock at receipt."""
+
+    req: int
+    t0_ns: int
+
+
+class TimeSyncAck(msgspec.Struct, **MESSAGE):
+    req: int
+    t1_ns: int
+
+
+class Finished(msgspec.Struct, **MESSAGE):
+    """A process's final report: its counters for summary.json."""
+
+    req: int
+    role: str
+    rank: int
+    stats: dict[str, Union[int, float, str, None]]

@@ -1,0 +1,158 @@
+"""Data-plane messages: between workers and parameter servers (and server to backup).
+
+Dense partitions (:class:`InitParams`, :class:`Push`, :class:`Pull`,
+:class:`Params`, :class:`Verdict`, :class:`Join`, :class:`Replicate`) and
+embedding-table rows (:class:`PullRows`, :class:`Rows`, :class:`PushRows`).
+Tensor payloads follow the header as raw frames (:mod:`tessera.transport.frames`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+from tessera.transport.header import MESSAGE
+
+
+class InitParams(msgspec.Struct, **MESSAGE):
+    """Initial values of partitions (from worker 0), one payload frame each."""
+
+    req: int
+    partitions: list[int]
+    dtype: str = "float32"
+
+
+class Pull(msgspec.Struct, **MESSAGE):
+    """Ask for partitions' current values, once the server has reached ``clock``."""
+
+    req: int
+    worker: int
+    partitions: list[int]
+    clock: int = 0
+    dtype: str = "float32"
+    #: With loss scaling in sync mode: apply (True) or skip (False) the update of
+    #: clock ``clock - 1`` that the partitions hold pending a verdict.
+    commit: Optional[bool] = None
+
+
+class Push(msgspec.Struct, **MESSAGE):
+    """Gradients of partitions for ``clock``; one payload frame per partition.
+
+    The reply is a :class:`Params` with the partitions' values after the update
+    this push took part in (one round trip for push and pull, DESIGN.md), or,
+    when the job scales its loss (fp16) in sync mode, a :class:`Verdict`.
+    """
+
+    req: int
+    worker: int
+    seq: int
+    clock: int
+    partitions: list[int]
+    dtype: str = "float32"
+    #: The loss scale the gradients carry; the server divides by it in fp32.
+    scale: float = 1.0
+    #: Name of the first parameter (in backward order) whose gradient in this push
+    #: is not finite on the sending worker; "" when all are finite.
+    nonfinite: str = ""
+    #: Sender's clock (aligned to the coordinator's) when sent; 0 when not profiling.
+    sent_ns: int = 0
+    #: > 0 (worker 0 only): servers write a checkpoint when they reach this clock.
+    checkpoint: int = 0
+
+
+class Join(msgspec.Struct, **MESSAGE):
+    """A restarted worker joins sync training at ``clock``: servers count its pushes
+    from that clock on. Answered with the partitions' values at ``clock`` (a Params),
+    or an Error when a partition is already past it (ask again later)."""
+
+    req: int
+    worker: int
+    incarnation: int
+    clock: int
+    partitions: list[int]
+    dtype: str = "float32"
+
+
+class Replicate(msgspec.Struct, **MESSAGE):
+    """Primary -> backup: apply this update (or initial values) to your copy.
+
+    ``kind`` ``init``: frames are initial values; ``grad``: frames are the fp32
+    gradient the primary applied, which the backup applies with the same optimizer
+    (so both copies stay bit-identical). ``pushes`` worker pushes went into it;
+    ``worker``/``seq`` name the push for async dedupe (-1 for a sync sum).
+    """
+
+    req: int
+    kind: str
+    partitions: list[int]
+    clock: int
+    pushes: int = 0
+    worker: int = -1
+    seq: int = -1
+
+
+class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    worker: int
+    param: str
+
+
+class Verdict(msgspec.Struct, **MESSAGE):
+    """Whether the sum of every worker's gradients for a partition and clock is finite.
+
+    Every worker gets the same verdicts, takes the same decision (apply only if all
+    partitions are finite) and sends it with its next :class:`Pull` as ``commit``.
+    """
+
+    req: int
+    partitions: list[int]
+    clock: int
+    finite: bool
+    overflows: list[Overflow] = []
+
+
+class Params(msgspec.Struct, **MESSAGE):
+    """Values of partitions (one payload frame each) as of server clock ``clock``."""
+
+    req: int
+    partitions: list[int]
+    clock: int
+    dtype: str = "float32"
+    #: Async mode: the push was not applied because its gradient was not finite.
+    skipped: bool = False
+    #: Server's aligned clock when it sent this reply (for the profiler's overlap figure).
+    sent_ns: int = 0
+
+
+class PullRows(msgspec.Struct, **MESSAGE):
+    """Rows of ``table`` for the ids in payload frame 0 (int64, unique), at ``clock``."""
+
+    req: int
+    worker: int
+    table: str
+    clock: int = 0
+    dtype: str = "float32"
+
+
+class Rows(msgspec.Struct, **MESSAGE):
+    """Reply to :class:`PullRows`: payload frame 0 holds the rows, [n, dim] in ``dtype``."""
+
+    req: int
+    table: str
+    clock: int
+    dtype: str = "float32"
+
+
+class PushRows(msgspec.Struct, **MESSAGE):
+    """Row-sparse gradient of ``table`` for ``clock``: frame 0 ids (int64, unique),
+    frame 1 gradients [n, dim] in ``dtype``. Every worker pushes every table to every
+    server once per clock, with no rows if it touched none there. Answered with
+    :class:`Ack` once the worker may go on (sync: at once; ssp: within the bound)."""
+
+    req: int
+    worker: int
+    seq: int
+    clock: int
+    table: str
+    dtype: str = "float32"
+    scale: float = 1.0
