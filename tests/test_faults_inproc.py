@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from tessera.config.schema import OptimizerConfig
-from tessera.parallel.ps import param_layout
+from tessera.parallel.flat import param_layout
 from tessera.ps.client import PSClient
 from tessera.ps.server import ParameterServer
 from tessera.ps.sharding import plan_shards

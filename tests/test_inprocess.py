@@ -23,6 +23,7 @@ import zmq
 
 import tessera
 from tessera.cluster import inprocess
+from tessera.launch.inprocess import run as run_in_process
 from tessera.config.schema import JobConfig, TrainConfig
 from tessera.transport import wire
 from tessera.transport.address import INPROC
@@ -114,7 +115,7 @@ def _tiny_worker(fail: bool = False):
 
 def test_run_in_this_process_ends_its_threads(tmp_path):
     cfg = JobConfig(name="tiny", out=str(tmp_path / "run"), train=TrainConfig(steps=3))
-    assert inprocess.run(cfg, _tiny_worker(), quiet=True) == 0
+    assert run_in_process(cfg, _tiny_worker(), quiet=True) == 0
     assert not _job_threads()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["workers"] == 1 and summary["servers"] == 1 and summary["server_updates"] == [3]
@@ -128,10 +129,10 @@ def test_run_in_this_process_ends_its_threads(tmp_path):
 def test_exception_in_the_worker_ends_the_job(tmp_path):
     cfg = JobConfig(name="tiny", out=str(tmp_path / "run"), train=TrainConfig(steps=3))
     with pytest.raises(RuntimeError, match="worker bug"):
-        inprocess.run(cfg, _tiny_worker(fail=True), quiet=True)
+        run_in_process(cfg, _tiny_worker(fail=True), quiet=True)
     assert not _job_threads()
     assert not (tmp_path / "run" / "summary.json").exists()
-    assert inprocess._current is None
+    assert inprocess._pending.get() is None
 
 
 # ---------------------------------------------------- reference tests (processes)

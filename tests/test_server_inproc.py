@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
-from tessera.parallel.ps import PSDataParallel, param_layout
+from tessera.parallel.flat import param_layout
+from tessera.parallel.ps import PSDataParallel
 from tessera.ps.client import PSClient, ServerError
 from tessera.ps.optim import _OPTIMIZERS
 from tessera.ps.server import ParameterServer

@@ -82,7 +82,7 @@ def run(job: str, in_process: bool, **kwargs) -> None:
     """Train the job described by the TOML file JOB on a local cluster."""
     cfg = _load(job, kwargs)
     if in_process:
-        from tessera.cluster.inprocess import run_trainer
+        from tessera.launch.inprocess import run_trainer
         sys.exit(run_trainer(cfg, quiet=kwargs["quiet"]))
     sys.exit(_launcher_class(cfg)(cfg, quiet=kwargs["quiet"]).run())
 

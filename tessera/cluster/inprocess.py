@@ -28,26 +28,27 @@ both threads end within seconds. Every join has a timeout and the threads are
 daemons: nothing here can keep the process alive.
 
     python script.py                        # tessera.init() without a launcher
-    tessera run JOB.toml --in-process       # the built-in trainer: run_trainer(cfg)
+    tessera run JOB.toml --in-process       # tessera.launch.inprocess.run_trainer(cfg)
 """
 
 from __future__ import annotations
 
 import atexit
-import json
-import os
+import contextvars
 import secrets
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import zmq
 
 from tessera.cluster.health import ClusterFailure
-from tessera.cluster.session import ENV_VARS, Session
+from tessera.cluster.rundir import default_run_dir, prepare_run_dir
+from tessera.cluster.session import Session
+from tessera.config import env as envvars
 from tessera.config import ConfigError, config_from_dict, config_to_dict
 from tessera.config.schema import ClusterConfig, JobConfig
 from tessera.errors import TesseraError, UsageError
@@ -58,7 +59,10 @@ from tessera.transport.address import INPROC
 #: torch.distributed group, which needs a rendezvous address, not threads).
 _MODES = ("sync", "async", "ssp")
 
-_current: Optional["InProcessJob"] = None
+#: The job started in this context that the next ``tessera.init()`` joins (a context
+#: variable, not a global: each thread or asyncio task has its own).
+_pending: contextvars.ContextVar[Optional["InProcessJob"]] = contextvars.ContextVar(
+    "tessera_inprocess_job", default=None)
 
 
 def launched() -> bool:
@@ -66,7 +70,7 @@ def launched() -> bool:
 
     Part of it set is a broken launch, not a plain script: Session.from_env names
     what is missing."""
-    return any(os.environ.get(v) for v in ENV_VARS)
+    return envvars.launched(envvars.process_environ())
 
 
 def job_config(cfg: JobConfig) -> JobConfig:
@@ -122,7 +126,6 @@ class InProcessJob:
     """Coordinator and server 0 in threads of this process; the caller is worker 0."""
 
     def __init__(self, cfg: JobConfig):
-        from tessera.cluster.launcher import default_run_dir
         self.cfg = job_config(cfg)
         self.run_dir = default_run_dir(self.cfg).resolve()
         self.secret = secrets.token_hex(32)  # as launched; inproc peers skip the handshake
@@ -140,10 +143,7 @@ class InProcessJob:
     def start(self) -> Session:
         """Start the coordinator and server threads; returns worker 0's session."""
         from tessera.cluster.role import start_coordinator
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl"):
-            (self.run_dir / stale).unlink(missing_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        prepare_run_dir(self.run_dir, self.cfg, logs=False)
         print(f"tessera: no launcher started this process: it runs the whole job (coordinator "
               f"and server 0 in threads, worker 0 in this thread); run directory {self.run_dir}",
               flush=True)
@@ -214,13 +214,12 @@ class InProcessJob:
         """End the job and wait for its threads. ``failure`` "": worker 0 has finished
         (``tessera.finish()``); else why worker 0 stopped. Raises :class:`ClusterFailure`
         when the job failed; calling it again does nothing."""
-        global _current
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self._at_exit)
-        if _current is self:
-            _current = None
+        if _pending.get() is self:
+            _pending.set(None)
         if self.session is not None:
             self.session.close()  # its heartbeat stops; its call back here returns at once
         if failure:
@@ -270,59 +269,16 @@ class InProcessJob:
 def start(cfg: Optional[JobConfig] = None) -> InProcessJob:
     """Start a job in this process (``cfg`` default: :func:`script_config`); the next
     ``tessera.init()`` joins it as worker 0."""
-    global _current
-    if _current is not None:
+    if _pending.get() is not None:
         raise UsageError("an in-process job is already running in this process; "
                          "call tessera.finish() before starting another")
     job = InProcessJob(cfg if cfg is not None else script_config())
     job.start()
-    _current = job
+    _pending.set(job)
     return job
 
 
 def worker_session() -> Session:
     """Worker 0's session of the in-process job, started with defaults if none is
     (what ``tessera.init()`` calls in a process no launcher started)."""
-    return (_current or start()).session
-
-
-def run(cfg: JobConfig, main: Callable[[], None], *, quiet: bool = False) -> int:
-    """Run ``main`` (a worker program: it calls ``tessera.init()`` ... ``tessera.finish()``)
-    as worker 0 of ``cfg`` in this thread; returns the exit code a launched run has."""
-    from tessera.cluster.console import print_failure, print_summary
-    try:
-        job = start(cfg)
-    except UsageError as exc:  # a setting one process cannot run: as a bad flag, exit 2
-        print(f"tessera: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        main()
-        if not job._closed:
-            job.close(failure="worker 0 returned without calling tessera.finish()")
-    except KeyboardInterrupt:
-        _close_quietly(job, "worker 0 was interrupted")
-        print_failure("interrupted: the in-process job was stopped", job.run_dir)
-        return 130
-    except TesseraError as exc:
-        _close_quietly(job, f"worker 0: {exc}")
-        print_failure(f"{exc}", job.run_dir)
-        return 3
-    except BaseException as exc:
-        _close_quietly(job, f"worker 0 raised {type(exc).__name__}: {exc}")
-        raise
-    print_summary(json.loads((job.run_dir / "summary.json").read_text()), job.run_dir,
-                  quiet=quiet)
-    return 0
-
-
-def run_trainer(cfg: JobConfig, *, quiet: bool = False) -> int:
-    """``tessera run JOB --in-process``: the built-in trainer as worker 0, in this process."""
-    from tessera.cluster.trainer import main
-    return run(cfg, main, quiet=quiet)
-
-
-def _close_quietly(job: InProcessJob, failure: str) -> None:
-    try:
-        job.close(failure=failure)
-    except ClusterFailure:
-        pass  # the caller reports the failure that started it
+    return (_pending.get() or start()).session

@@ -208,6 +208,12 @@ def node_secret(environ: Mapping[str, str]) -> str:
     return environ.get(SECRET, "").strip()
 
 
+def launched(environ: Mapping[str, str]) -> bool:
+    """Whether a launcher started this process: any of its identity variables is set
+    (part of them set is a broken launch, which :meth:`Identity.from_env` names)."""
+    return any(environ.get(v) for v in REQUIRED)
+
+
 def process_environ() -> Mapping[str, str]:
     """This process's environment: the only place Tessera touches ``os.environ``."""
     return os.environ

@@ -28,11 +28,11 @@ import sys
 import time
 from typing import Optional
 
-from tessera.config import config_to_dict
 from tessera.config import env as envvars
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
-from tessera.launch.process import (WORKER_MODULE, Child, LaunchError, default_run_dir,
+from tessera.cluster.rundir import default_run_dir, prepare_run_dir
+from tessera.launch.process import (WORKER_MODULE, Child, LaunchError,
                                     describe_exit, role_cmd, signals_interrupt, tail,
                                     visible_gpus)
 
@@ -99,12 +99,7 @@ class Launcher:
             self._spawn("worker", rank, self.worker_cmd, env)
 
     def _prepare_run_dir(self, *stale: str) -> None:
-        """``logs/``, the resolved ``config.json`` every process reads, and no file left
-        from an earlier run in the same directory (``stale`` names backend-specific ones)."""
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-        for name in ("coordinator.json", "cluster.json", "summary.json", "metrics.jsonl", *stale):
-            (self.run_dir / name).unlink(missing_ok=True)
+        prepare_run_dir(self.run_dir, self.cfg, *stale)
 
     def _wait_published(self, coord: Child, deadline: float, timeout_s: float) -> str:
         """The coordinator's address, once it has written ``coordinator.json``

@@ -14,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, Optional
 
 from tessera.config import env as envvars
-from tessera.config.schema import JobConfig
 
 #: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``.
 WORKER_MODULE = "tessera.train.trainer"
@@ -50,10 +48,6 @@ class Child:
     @property
     def name(self) -> str:
         return f"{self.role} {self.rank}"
-
-
-def default_run_dir(cfg: JobConfig) -> Path:
-    return Path(cfg.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def describe_exit(code: int) -> str:

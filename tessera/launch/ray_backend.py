@@ -169,7 +169,7 @@ class RayLauncher(Launcher):
             raise LaunchError(f"Ray failed while starting the job: {first_line(exc)}") from None
 
     def _start_actors(self) -> None:
-        cfg, cl = self.cfg, self.cfg.cluster
+        cl = self.cfg.cluster
         self._prepare_run_dir("ray.json")
         count = 1 + cl.servers + cl.workers
         strategy = "PACK" if cl.placement == "pack" else "SPREAD"

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tessera.parallel.flat import flatten_model, param_layout  # noqa: F401 - re-exported
+from tessera.parallel.flat import flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
