@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tessera.config.schema import ModelConfig
-from tessera.nn import ShardedEmbedding
+from tessera.parallel.embedding import ShardedEmbedding
 
 
 def _table(cfg: ModelConfig, num: int | None, dim: int, name: str, seed: int) -> ShardedEmbedding:

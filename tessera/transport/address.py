@@ -29,18 +29,18 @@ frame (the server copies or casts what it keeps; the worker copies replies out).
 
 from __future__ import annotations
 
-import itertools
-import threading
+import secrets
 
 import zmq
 
 #: The host that asks for the in-process transport (see the module docstring).
 INPROC = "inproc"
 
-_names = itertools.count()
-_lock = threading.Lock()
-#: inproc addresses bound in this process -> id() of the context they are bound in.
-_bound: dict[str, int] = {}
+
+def _bound(ctx: zmq.Context) -> set:
+    """The inproc addresses bound in ``ctx`` (kept on the context itself: an inproc
+    address exists only within one context)."""
+    return ctx.__dict__.setdefault("_tessera_inproc_bound", set())  # atomic under the GIL
 
 
 def is_inproc(address: str) -> bool:
@@ -55,10 +55,9 @@ def port_of(address: str) -> int:
 def bind(sock: zmq.Socket, ctx: zmq.Context, host: str, port: int = 0) -> str:
     """Bind ``sock`` where ``host`` says; returns the address peers connect to."""
     if host == INPROC:
-        address = f"inproc://tessera-{next(_names)}"
+        address = f"inproc://tessera-{secrets.token_hex(8)}"
         sock.bind(address)
-        with _lock:
-            _bound[address] = id(ctx)
+        _bound(ctx).add(address)
         return address
     if port:
         sock.bind(f"tcp://{host}:{port}")
@@ -67,10 +66,9 @@ def bind(sock: zmq.Socket, ctx: zmq.Context, host: str, port: int = 0) -> str:
     return f"tcp://{host}:{port}"
 
 
-def unbind(address: str) -> None:
+def unbind(ctx: zmq.Context, address: str) -> None:
     """Forget an inproc address whose socket is closed (tcp: nothing to do)."""
-    with _lock:
-        _bound.pop(address, None)
+    _bound(ctx).discard(address)
 
 
 def unreachable(ctx: zmq.Context, address: str) -> str:
@@ -82,13 +80,9 @@ def unreachable(ctx: zmq.Context, address: str) -> str:
     """
     if not is_inproc(address):
         return ""
-    with _lock:
-        owner = _bound.get(address)
-    if owner != id(ctx):
-        where = ("is bound in another zmq.Context of this process" if owner is not None
-                 else "is not bound in this process")
+    if address not in _bound(ctx):
         return (
-            f"{address} {where}: an inproc address reaches only threads of the "
+            f"{address} is not bound in this process's ZeroMQ context: an inproc address reaches only threads of the "
             f"one process (and ZeroMQ context) that runs the whole job (tessera run "
             f"--in-process, or python script.py without a launcher); a launched job needs a "
             f"network host (cluster.host, --host 127.0.0.1)")

@@ -133,37 +133,44 @@ class _OnlyKey:
 
 class _Auth:
     """One ZAP handler thread per context (ZeroMQ asks it about every connection),
-    configured once per secret served from that context (a ZAP domain each)."""
+    configured once per secret served from that context (a ZAP domain each).
 
-    _lock = threading.Lock()
-    _running: dict[int, zmq.auth.thread.ThreadAuthenticator] = {}
-    _domains: dict[int, set[str]] = {}
+    Its state lives on the context it serves (``ctx.__dict__``), not in this module:
+    two contexts, two handlers, and nothing left over once a context is gone."""
+
+    def __init__(self, ctx: zmq.Context):
+        self.lock = threading.Lock()
+        self.thread: Optional[zmq.auth.thread.ThreadAuthenticator] = None
+        self.domains: set[str] = set()
+
+    @staticmethod
+    def of(ctx: zmq.Context) -> "_Auth":
+        return ctx.__dict__.setdefault("_tessera_zap", _Auth(ctx))  # atomic under the GIL
 
     @classmethod
     def ensure(cls, ctx: zmq.Context, keys: _Keys, secret: str) -> None:
-        with cls._lock:
-            auth = cls._running.get(id(ctx))
-            if auth is None:
-                auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=_quiet_logger())
-                auth.start()
-                cls._running[id(ctx)] = auth
-                cls._domains[id(ctx)] = set()
-            if keys.domain in cls._domains[id(ctx)]:
+        auth = cls.of(ctx)
+        with auth.lock:
+            if auth.thread is None:
+                auth.thread = zmq.auth.thread.ThreadAuthenticator(ctx, log=_quiet_logger())
+                auth.thread.start()
+            if keys.domain in auth.domains:
                 return
             if keys.curve:
-                auth.configure_curve_callback(domain=keys.domain,
-                                              credentials_provider=_OnlyKey(keys.client_public))
+                auth.thread.configure_curve_callback(
+                    domain=keys.domain, credentials_provider=_OnlyKey(keys.client_public))
             else:
-                auth.configure_plain(domain=keys.domain, passwords={_USER: secret})
-            cls._domains[id(ctx)].add(keys.domain)
+                auth.thread.configure_plain(domain=keys.domain, passwords={_USER: secret})
+            auth.domains.add(keys.domain)
 
     @classmethod
     def stop(cls, ctx: zmq.Context) -> None:
-        with cls._lock:
-            auth = cls._running.pop(id(ctx), None)
-            cls._domains.pop(id(ctx), None)
-        if auth is not None:
-            auth.stop()
+        auth = cls.of(ctx)
+        with auth.lock:
+            thread, auth.thread = auth.thread, None
+            auth.domains.clear()
+        if thread is not None:
+            thread.stop()
 
 
 def _quiet_logger():
@@ -194,6 +201,7 @@ class ServerEndpoint:
         keys = _keys(secret)
         if host != addresses.INPROC:  # ZeroMQ asks no ZAP handler about inproc peers
             _Auth.ensure(ctx, keys, secret)
+        self.ctx = ctx
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.zap_domain = keys.domain.encode()
         if keys.curve:
@@ -236,7 +244,7 @@ class ServerEndpoint:
             pass
 
     def close(self) -> None:
-        addresses.unbind(self.address)
+        addresses.unbind(self.ctx, self.address)
         self.sock.close(linger=0)
 
 
