@@ -98,7 +98,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         import zmq
 
         from tessera.config.schema import OptimizerConfig
-        from tessera.ps.server import ParameterServer
+        from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
         from tessera.transport.endpoint import ServerEndpoint
         from tessera.transport.wire import TableSpec
 
@@ -107,9 +107,10 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=LR))
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
-        server = ParameterServer(rank=rank, endpoint=endpoint, partitions=[],
-                                 optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=1,
-                                 mode="async", tables=[spec], should_stop=stop.is_set)
+        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
+                                 endpoint=endpoint, partitions=[],
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR), tables=[spec],
+                                 hooks=ServerHooks(should_stop=stop.is_set))
         conn.send(endpoint.address)
         if profile_path:
             import cProfile

@@ -72,6 +72,10 @@ class Clocked:
         """Whether the unit can answer at all (a dense partition needs initial values)."""
         return True
 
+    def named(self) -> tuple[str, str]:
+        """For error messages: a prefix naming the unit's kind, and the unit itself."""
+        return "", "the unit"
+
 
 @dataclass(eq=False)
 class Waiter:
@@ -152,6 +156,9 @@ class Consistency:
         """Whether ``unit``'s current clock has every push it waits for (sync)."""
         return False
 
+    def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
+        """Refuse a push that is not ``worker``'s next one on ``unit`` (sync)."""
+
     def counted(self, units: Iterable[Clocked], worker: int, pushed: int) -> None:
         """``worker`` finished clock ``pushed`` on ``units`` (whether or not applied)."""
 
@@ -203,6 +210,15 @@ class Sync(Consistency):
 
     def push_clock(self, pushed: int) -> int:
         return pushed + 1
+
+    def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
+        if clock != unit.clock:
+            where, name = unit.named()
+            raise RequestError(f"{where}push for clock {clock} but {name} is at clock "
+                               f"{unit.clock} (sync mode)")
+        if worker in unit.pushed_by:
+            where, name = unit.named()
+            raise RequestError(f"{where}worker {worker} already pushed {name} for clock {clock}")
 
     def complete(self, unit: Clocked) -> bool:
         return bool(unit.pushed_by) and unit.pushed_by >= self.members.expected(unit.clock)
@@ -258,6 +274,9 @@ class SSP(Consistency):
 
     def replayed(self, unit: Clocked, primary_clock: int) -> None:
         unit.clock = max(unit.clock, primary_clock)
+
+    def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
+        """Refuse a push that is not ``worker``'s next one on ``unit`` (sync)."""
 
     def counted(self, units: Iterable[Clocked], worker: int, pushed: int) -> None:
         for u in units:

@@ -46,6 +46,9 @@ class PartitionState(Clocked):
     def ready(self) -> bool:
         return self.rule is not None
 
+    def named(self) -> tuple[str, str]:
+        return "", f"partition {self.info.id}"
+
     @property
     def numel(self) -> int:
         return self.info.stop - self.info.start

@@ -29,6 +29,7 @@ import torch
 
 from tessera.ps.consistency import Consistency, RequestError
 from tessera.ps.optim import make_rule
+from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 
@@ -46,16 +47,17 @@ class Replicas:
 class Replicator:
     """The replication side of one server: sends to its backup, applies for its primary."""
 
-    def __init__(self, *, rank: int, num_servers: int, timeout_s: float, replicas: Replicas,
-                 parts: dict, backups: dict, policy: Consistency, optimizer, stats: dict,
-                 endpoint, handle: Callable, check: Callable[[], None],
-                 membership: Callable[[], tuple[dict, list]]):
-        self.rank, self.num_servers, self.timeout_s = rank, num_servers, timeout_s
+    def __init__(self, options: ServerOptions, hooks: ServerHooks, replicas: Replicas, *,
+                 endpoint, handle: Callable, parts: dict, backups: dict, policy: Consistency,
+                 optimizer, stats: dict):
+        self.rank, self.num_servers = options.rank, options.num_servers
+        self.timeout_s = options.timeout_s
         self.peer = replicas.peer
         self.primary = replicas.primary
         self.parts, self.backups = parts, backups  # the server's dicts, shared
         self.policy, self.optimizer, self.stats = policy, optimizer, stats
-        self.endpoint, self.handle, self.check, self.membership = endpoint, handle, check, membership
+        self.endpoint, self.handle = endpoint, handle
+        self.check, self.membership = hooks.check, hooks.membership
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
         self.deferred: list = []
         self._dead_servers: set[int] = set()

@@ -4,7 +4,7 @@ One thread runs :meth:`ParameterServer.serve`, a loop over one ROUTER socket;
 ZeroMQ's I/O thread receives the next partitions while this thread applies the
 optimizer to the current one, so receiving and updating overlap.
 
-A server is put together from small parts, each a module that teaches its concept:
+A server is put together from parts, each a module that teaches its concept:
 
 * :mod:`tessera.ps.consistency`: sync, async and ssp (Ho et al., NIPS 2013), the
   workers a clock waits for (departures, joins) and two-phase verdicts for loss
@@ -16,12 +16,10 @@ A server is put together from small parts, each a module that teaches its concep
 * :mod:`tessera.ps.optim`: the update rule (a ``torch.optim`` optimizer on the fp32
   master of each partition).
 
-This module is the serve loop, validation, the update itself and the replies. In
-sync mode a partition sums the pushes of a clock into ``accum``, divides by the
-number of pushes and applies once; in async/ssp each push is scaled by
-``1 / workers`` and applied as it comes. With loss scaling (``two_phase``, sync
-only) the pushes are answered with a :class:`~tessera.transport.wire.Verdict` and
-the sum waits for the cluster's decision, carried by the next pull (``commit``).
+This module is the serve loop, validation, the update and the replies: in sync
+mode a partition (:mod:`tessera.ps.partition`) sums a clock's pushes and applies
+their mean once (under loss scaling, once a pull brings the cluster's ``commit``);
+in async/ssp each push, scaled by ``1 / workers``, is applied as it comes.
 
 Every request is validated before any state changes: partition ids must be this
 server's, payload frames must have exactly the lengths this server expects.
@@ -76,16 +74,11 @@ class ParameterServer:
             from tessera.ps.table_server import TableService
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=endpoint.send, stats=self.stats)
-        self.replication = Replicator(
-            rank=options.rank, num_servers=options.num_servers, timeout_s=options.timeout_s,
-            replicas=replicas, parts=self.parts, backups=self.backups, policy=self.policy,
-            optimizer=optimizer, stats=self.stats, endpoint=endpoint, handle=self.handle,
-            check=hooks.check, membership=hooks.membership)
-        self.snapshots = Snapshots(
-            rank=options.rank, num_servers=options.num_servers, store=checkpoint_store,
-            every=options.checkpoint_every, on_checkpoint=hooks.on_checkpoint,
-            policy=self.policy, parts=self.parts, backups=self.backups, tables=self.tables,
-            optimizer=optimizer, stats=self.stats, timeout_s=options.timeout_s)
+        shared = dict(parts=self.parts, backups=self.backups, policy=self.policy,
+                      optimizer=optimizer, stats=self.stats)
+        self.replication = Replicator(options, hooks, replicas, endpoint=endpoint,
+                                      handle=self.handle, **shared)
+        self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
 
     # ------------------------------------------------------------------ loop
@@ -199,12 +192,7 @@ class ParameterServer:
             if st.verdict is not None:
                 raise RequestError(f"partition {st.info.id} waits for the commit of clock "
                                    f"{st.clock}; pull with commit before pushing again")
-            if msg.clock != st.clock:
-                raise RequestError(f"push for clock {msg.clock} but partition {st.info.id} "
-                                   f"is at clock {st.clock} (sync mode)")
-            if msg.worker in st.pushed_by:
-                raise RequestError(f"worker {msg.worker} already pushed partition "
-                                   f"{st.info.id} for clock {msg.clock}")
+            self.policy.check_turn(st, msg.worker, msg.clock)
         return False
 
     # -------------------------------------------------------------- handlers

@@ -20,23 +20,23 @@ loop reports finished writes (``on_checkpoint``) and failures, with the location
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 from tessera.ps.consistency import Consistency
 from tessera.ps.optim import make_rule
+from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 
 
 class Snapshots:
     """Checkpoint snapshots of one server's partitions, backups and tables."""
 
-    def __init__(self, *, rank: int, num_servers: int, store, every: int,
-                 on_checkpoint: Callable[[int, str, int], None], policy: Consistency,
-                 parts: dict, backups: dict, tables, optimizer, stats: dict, timeout_s: float):
-        self.rank, self.num_servers = rank, num_servers
-        self.store, self.every, self.on_checkpoint = store, every, on_checkpoint
+    def __init__(self, options: ServerOptions, hooks: ServerHooks, store, *, tables,
+                 parts: dict, backups: dict, policy: Consistency, optimizer, stats: dict):
+        self.rank, self.num_servers = options.rank, options.num_servers
+        self.store, self.every = store, options.checkpoint_every
+        self.on_checkpoint, self.timeout_s = hooks.on_checkpoint, options.timeout_s
         self.policy, self.parts, self.backups, self.tables = policy, parts, backups, tables
-        self.optimizer, self.stats, self.timeout_s = optimizer, stats, timeout_s
+        self.optimizer, self.stats = optimizer, stats
         #: The clock a checkpoint is due at (asked by a push or by ``every``).
         self.target = 0
         self.last = -1

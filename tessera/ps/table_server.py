@@ -39,6 +39,9 @@ class _TableState(Clocked):
     #: sync: (worker, ids, grads) of the current clock.
     pending: list = field(default_factory=list)
 
+    def named(self) -> tuple[str, str]:
+        return f"table {self.spec.name!r}: ", "the table"
+
 
 @dataclass(eq=False)
 class _RowReply(Waiter):
@@ -129,13 +132,7 @@ class TableService:
             self.send(peer, wire.Ack(req=msg.req))  # a retry: already applied
             return
         policy = self.policy
-        if policy.sums_clock:
-            if msg.clock != st.clock:
-                raise RequestError(f"table {msg.table!r}: push for clock {msg.clock} but the "
-                                   f"table is at clock {st.clock} (sync mode)")
-            if msg.worker in st.pushed_by:
-                raise RequestError(f"table {msg.table!r}: worker {msg.worker} already pushed "
-                                   f"clock {msg.clock}")
+        policy.check_turn(st, msg.worker, msg.clock)
         self.last_seq[msg.worker] = msg.seq
         self.stats["rows_pushed"] += len(ids)
         self.stats["bytes_received"] += len(ids) * (8 + dim * itemsize(msg.dtype))
