@@ -8,7 +8,7 @@ first touch, Adagrad (lr 0.05) applied by the servers. Each batch draws
 and the client sends its *unique* ids, as a recommender's embedding layer does;
 rows/s counts those unique rows. One iteration:
 
-1. pull: split the unique ids by owner (:func:`tessera.ps.embedding.owner_of`),
+1. pull: split the unique ids by owner (:func:`tessera.ps.embedding_ids.owner_of`),
    ask every server for its rows at once, wait for all replies;
 2. push: send every server the random gradients of its rows (clock = iteration),
    wait for all acks.
@@ -318,7 +318,7 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
     """Run ``batches`` through ``system``; per iteration (rows, pull s, push s,
     servers' CPU s in the pull, in the push, this process's CPU s in the pull, in
     the push)."""
-    from tessera.ps.embedding import owner_of
+    from tessera.ps.embedding_ids import owner_of
     out = []
     for ids in batches:
         c0 = _cpu_s(pids, missing_ok=True)

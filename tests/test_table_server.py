@@ -13,7 +13,8 @@ import zmq
 
 from tessera.config.schema import OptimizerConfig
 from tessera.ps.client import PSClient, ServerError
-from tessera.ps.embedding import EmbeddingShard, initial_rows
+from tessera.ps.embedding import EmbeddingShard
+from tessera.ps.embedding_ids import initial_rows
 from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire

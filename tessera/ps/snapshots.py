@@ -142,7 +142,7 @@ class Snapshots:
             self._restore_tables(store, restore, files)
 
     def _restore_tables(self, store, restore: wire.Restore, files: dict) -> None:
-        from tessera.ps.embedding import owner_of
+        from tessera.ps.embedding_ids import owner_of
         for name in [n for n in restore.files if n]:
             if name not in files:
                 files[name] = store.open_shard(restore.clock, name)
