@@ -226,8 +226,9 @@ class Sync(Consistency):
     def join(self, units: list[Clocked], worker: int, clock: int) -> Optional[int]:
         late = [u for u in units if u.clock > clock]
         if late:
-            raise RequestError(f"join at clock {clock} is too late: partition "
-                               f"{late[0].info.id} is at clock {late[0].clock}")
+            where, name = late[0].named()
+            raise RequestError(f"join at clock {clock} is too late: {where}{name} is at "
+                               f"clock {late[0].clock}")
         # Counted from ``clock`` on; a clock before it no longer waits for this worker.
         self.members.joined_at[worker] = clock
         return clock
@@ -235,9 +236,13 @@ class Sync(Consistency):
     # -- two-phase verdicts (loss scaling)
 
     @staticmethod
-    def judge(overflows: list[wire.Overflow], total: torch.Tensor) -> bool:
-        """The verdict on a complete clock's held sum: finite, with no reported overflow."""
-        return not overflows and bool(torch.isfinite(total).all())
+    def judge(unit) -> wire.Verdict:
+        """Judge a complete clock's held sum (``unit.accum``): finite, with no overflow
+        reported. The unit holds the sum until the decision; the Verdict goes to its
+        pushers (``req`` set per pusher)."""
+        unit.verdict = not unit.overflows and bool(torch.isfinite(unit.accum).all())
+        return wire.Verdict(req=0, partitions=[unit.info.id], clock=unit.clock,
+                            finite=unit.verdict, overflows=unit.overflows)
 
     @staticmethod
     def decided(units: list, clock: int, apply: bool) -> list:

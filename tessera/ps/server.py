@@ -41,13 +41,18 @@ from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import make_rule
 from tessera.ps.partition import PartitionState, Reply
 from tessera.ps.replication import Replicas, Replicator
-from tessera.ps.server_profile import barrier_done, profile_push
+from tessera.ps.server_profile import profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 class ParameterServer:
+    """One server: ``ParameterServer(options, endpoint=..., partitions=..., optimizer=...)``
+    then :meth:`serve`. A push goes through (1) validation, (2) the consistency rule
+    (held into the clock's sum, or applied at once), (3) replication to the backup,
+    (4) the update, (5) the reply, now or when the rule lets it go."""
+
     def __init__(self, options: ServerOptions, *, endpoint: ServerEndpoint,
                  partitions: list[wire.PartitionInfo], optimizer: OptimizerConfig,
                  tables: Optional[list[wire.TableSpec]] = None, hooks: ServerHooks = ServerHooks(),
@@ -230,8 +235,8 @@ class ParameterServer:
             # once if its clock is done, else when it is.
             self.stats["retries"] += 1
             if policy.sums_clock and any(msg.worker in st.pushed_by for st in states):
-                policy.wait_or_answer(Reply(msg.clock + 1, states, self._reply, peer, msg.req,
-                                             msg.dtype))
+                policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply,
+                                            peer, msg.req, msg.dtype))
             else:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
@@ -292,8 +297,8 @@ class ParameterServer:
         if self.two_phase:
             states[0].verdict_waiters.append((peer, msg.req))
         else:
-            self.policy.wait_or_answer(Reply(msg.clock + 1, states, self._reply, peer, msg.req,
-                                              msg.dtype))
+            self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock), states,
+                                             self._reply, peer, msg.req, msg.dtype))
         self._complete(states)
 
     def _complete(self, states: list[PartitionState]) -> None:
@@ -305,9 +310,7 @@ class ParameterServer:
             if len(st.pushed_by) < self.options.num_workers:
                 self.stats["short_clocks"] += 1
             if self.two_phase:
-                st.verdict = self.policy.judge(st.overflows, st.accum)
-                verdict = wire.Verdict(req=0, partitions=[st.info.id], clock=st.clock,
-                                       finite=st.verdict, overflows=st.overflows)
+                verdict = self.policy.judge(st)
                 for w_peer, w_req in st.verdict_waiters:
                     verdict.req = w_req
                     self.endpoint.send(w_peer, verdict)
@@ -337,20 +340,15 @@ class ParameterServer:
     def _follow_membership(self) -> None:
         """Apply the coordinator's latest word on dead workers and servers."""
         departed, dead_servers = self.hooks.membership()
-        for worker, incarnation in departed.items():
-            self.depart(int(worker), int(incarnation))
+        gone = [w for w, inc in departed.items() if self.members.depart(int(w), int(inc))]
+        if gone:
+            self.stats["departures"] += len(gone)
+            states = list(self.parts.values())
+            self._complete(states)  # sync: clocks that waited only for them
+            self.policy.advance(states)  # ssp: they no longer hold the slowest count down
+            if self.tables is not None:
+                self.tables.follow_membership()
         self.replication.follow(dead_servers)
-
-    def depart(self, worker: int, incarnation: int) -> None:
-        """Stop waiting for ``worker`` (its incarnation ``incarnation`` died)."""
-        if not self.members.depart(worker, incarnation):
-            return
-        self.stats["departures"] += 1
-        states = list(self.parts.values())
-        self._complete(states)  # sync: clocks that waited only for it
-        self.policy.advance(states)  # ssp: it no longer holds the slowest count down
-        if self.tables is not None:
-            self.tables.follow_membership()
 
     def _on_join(self, peer: bytes, msg: wire.Join) -> None:
         states = self._states(msg.partitions, None, msg.dtype)
@@ -377,9 +375,7 @@ class ParameterServer:
         elapsed = time.perf_counter() - t0
         self.stats["apply_s"] += elapsed
         if self.profiler.enabled:
-            self.profiler.add("apply", "server", start, int(elapsed * 1e9), partition=st.info.id)
-            self.profiler.count(f"apply_ns.p{st.info.id}", elapsed * 1e9)
-            barrier_done(self.profiler, st)
+            profile_apply(self.profiler, st, start, elapsed)
 
     def _values(self, st: PartitionState, dtype: str) -> torch.Tensor:
         if self.policy.sums_clock and not self.two_phase and dtype == "float32":

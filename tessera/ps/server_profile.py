@@ -32,8 +32,11 @@ def profile_push(prof: SpanRecorder, msg: wire.Push, frames: list, parts: dict,
             st.arrivals[msg.worker] = now
 
 
-def barrier_done(prof: SpanRecorder, st) -> None:
-    """Each worker's push waited from its arrival until the last worker's arrived."""
+def profile_apply(prof: SpanRecorder, st, start: int, elapsed: float) -> None:
+    """Partition ``st`` applied an update that began at ``start`` and took ``elapsed`` s."""
+    prof.add("apply", "server", start, int(elapsed * 1e9), partition=st.info.id)
+    prof.count(f"apply_ns.p{st.info.id}", elapsed * 1e9)
+    # Each worker's push waited from its arrival until the last worker's arrived.
     if st.arrivals:
         last = max(st.arrivals.values())
         for worker, at in st.arrivals.items():
