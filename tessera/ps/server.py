@@ -12,19 +12,18 @@ A server is put together from parts, each a module that teaches its concept:
   (:mod:`tessera.ps.table_server`) follow the same rule and the same membership.
 * :mod:`tessera.ps.replication`: a backup copy of each partition on the next server,
   kept bit-identical, promoted when the primary dies.
-* :mod:`tessera.ps.snapshots`: checkpoint snapshots written in the background.
-* :mod:`tessera.ps.optim`: the update rule (a ``torch.optim`` optimizer on the fp32
-  master of each partition).
+* :mod:`tessera.ps.snapshots`: checkpoint snapshots written in the background;
+  :mod:`tessera.ps.optim`: ``torch.optim`` on each partition's fp32 master.
 
 This module is the serve loop, validation, the update and the replies: in sync
 mode a partition (:mod:`tessera.ps.partition`) sums a clock's pushes and applies
 their mean once (under loss scaling, once a pull brings the cluster's ``commit``);
 in async/ssp each push, scaled by ``1 / workers``, is applied as it comes.
 
-Every request is validated before any state changes: partition ids must be this
-server's, payload frames must have exactly the lengths this server expects.
-A request that fails validation is answered with an :class:`Error` and forgotten.
-Each push carries ``(worker, seq)``; a push already applied is not applied again.
+Every request is validated before any state changes (partition ids must be this
+server's, payload frames exactly the lengths it expects); one that fails is answered
+with an :class:`Error` and forgotten. Each push carries ``(worker, seq)``; a push
+already applied is not applied again.
 """
 
 from __future__ import annotations
