@@ -46,6 +46,7 @@ from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
+
 class ParameterServer:
     """One server: ``ParameterServer(options, endpoint=..., partitions=..., optimizer=...)``
     then :meth:`serve`. A push goes through (1) validation, (2) the consistency rule
