@@ -66,6 +66,8 @@ class Clocked:
     #: ssp: clocks pushed by each worker (``clock`` is then the live minimum).
     counts: dict[int, int] = field(default_factory=dict)
     waiters: list["Waiter"] = field(default_factory=list)
+    #: Two-phase: the verdict on the held sum of clock ``clock`` (None: not judged).
+    verdict: Optional[bool] = None
 
     @property
     def ready(self) -> bool:
@@ -159,6 +161,11 @@ class Consistency:
     def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
         """Refuse a push that is not ``worker``'s next one on ``unit`` (sync)."""
 
+    def stale_push(self, units: list[Clocked], worker: int, clock: int) -> bool:
+        """True for a push whose clock all ``units`` have passed (sync: it was applied,
+        or its clock completed without it); refuses one out of turn."""
+        return False
+
     def counted(self, units: Iterable[Clocked], worker: int, pushed: int) -> None:
         """``worker`` finished clock ``pushed`` on ``units`` (whether or not applied)."""
 
@@ -210,6 +217,20 @@ class Sync(Consistency):
 
     def push_clock(self, pushed: int) -> int:
         return pushed + 1
+
+    def stale_push(self, units: list[Clocked], worker: int, clock: int) -> bool:
+        if worker not in self.members.live:
+            raise RequestError(f"worker {worker} left the job (declared dead); a "
+                               f"restarted worker joins again with a Join request")
+        if all(clock < u.clock for u in units):
+            return True
+        for u in units:
+            if u.verdict is not None:
+                where, name = u.named()
+                raise RequestError(f"{where}{name} waits for the commit of clock {u.clock}; "
+                                   f"pull with commit before pushing again")
+            self.check_turn(u, worker, clock)
+        return False
 
     def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
         if clock != unit.clock:
@@ -282,6 +303,11 @@ class SSP(Consistency):
 
     def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
         """Refuse a push that is not ``worker``'s next one on ``unit`` (sync)."""
+
+    def stale_push(self, units: list[Clocked], worker: int, clock: int) -> bool:
+        """True for a push whose clock all ``units`` have passed (sync: it was applied,
+        or its clock completed without it); refuses one out of turn."""
+        return False
 
     def counted(self, units: Iterable[Clocked], worker: int, pushed: int) -> None:
         for u in units:

@@ -34,8 +34,7 @@ class PartitionState(Clocked):
     overflows: list[wire.Overflow] = field(default_factory=list)
     #: Aligned arrival time of each worker's push for the current clock (profiling).
     arrivals: dict[int, int] = field(default_factory=dict)
-    #: Two-phase: the verdict on the held sum of clock ``clock`` (None: not complete).
-    verdict: Optional[bool] = None
+    #: Two-phase: the pushes answered with the verdict on clock ``clock``'s sum.
     verdict_waiters: list[tuple[bytes, int]] = field(default_factory=list)
     #: Last push sequence number applied, per worker (a retried push is not applied again).
     last_seq: dict[int, int] = field(default_factory=dict)

@@ -186,20 +186,6 @@ class ParameterServer:
             raise RequestError(f"a push for clock {msg.clock} can only ask for a checkpoint at "
                                f"clock {msg.clock + 1}, got {msg.checkpoint}")
 
-    def _stale_sync_push(self, msg: wire.Push, states: list[PartitionState]) -> bool:
-        """Sync: True for a push of a clock already done; raises for one out of turn."""
-        if msg.worker not in self.members.live:
-            raise RequestError(f"worker {msg.worker} left the job (declared dead); a "
-                               f"restarted worker joins again with a Join request")
-        if all(msg.clock < st.clock for st in states):
-            return True
-        for st in states:
-            if st.verdict is not None:
-                raise RequestError(f"partition {st.info.id} waits for the commit of clock "
-                                   f"{st.clock}; pull with commit before pushing again")
-            self.policy.check_turn(st, msg.worker, msg.clock)
-        return False
-
     # -------------------------------------------------------------- handlers
 
     def _on_init(self, peer: bytes, msg: wire.InitParams, frames: list) -> None:
@@ -242,7 +228,7 @@ class ParameterServer:
             return
         if self.two_phase and len(states) != 1:
             raise RequestError("with loss scaling, push one partition per message")
-        if policy.sums_clock and self._stale_sync_push(msg, states):
+        if policy.stale_push(states, msg.worker, msg.clock):
             # Applied already (a re-sent push after a failover, or its clock was
             # completed without it): answer with the current values.
             self.stats["stale_pushes"] += 1
