@@ -56,7 +56,7 @@ def _serve(n: int, secret: str, addr_q, stop) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.server import ParameterServer
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.ps.sharding import partition_elems_for, plan_shards
     from tessera.transport.endpoint import ServerEndpoint
     from tessera.transport.wire import ParamSpec
@@ -65,9 +65,10 @@ def _serve(n: int, secret: str, addr_q, stop) -> None:
     shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], 1, partition_elems_for(4.0))
     ep = ServerEndpoint(zmq.Context(), "127.0.0.1", secret)
     addr_q.put(ep.address)
-    ParameterServer(rank=0, endpoint=ep, partitions=list(shard_map.partitions),
-                    optimizer=OptimizerConfig(name="sgd", lr=1e-6), num_workers=1,
-                    mode="async", should_stop=stop.is_set).serve()
+    ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"), endpoint=ep,
+                    partitions=list(shard_map.partitions),
+                    optimizer=OptimizerConfig(name="sgd", lr=1e-6),
+                    hooks=ServerHooks(should_stop=stop.is_set)).serve()
 
 
 def wire_case(n: int, wire_dtype: str, iters: int) -> dict:

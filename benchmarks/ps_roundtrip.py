@@ -114,7 +114,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.server import ParameterServer
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.ps.sharding import partition_elems_for
     from tessera.transport.endpoint import ServerEndpoint
 
@@ -126,9 +126,10 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
             break
         _, partitions, mode, tag = cmd
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame)
-        server = ParameterServer(rank=rank, endpoint=endpoint, partitions=partitions,
-                                 optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=1,
-                                 mode=mode, check=lambda: None, should_stop=stop.is_set)
+        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode=mode),
+                                 endpoint=endpoint, partitions=partitions,
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR),
+                                 hooks=ServerHooks(should_stop=stop.is_set))
         conn.send(endpoint.address)
         prof = (os.path.join(profile_dir, f"tessera-server{rank}-{tag}.prof")
                 if profile_dir else None)

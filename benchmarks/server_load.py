@@ -81,7 +81,7 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.server import ParameterServer
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.transport.endpoint import ServerEndpoint
     from tessera.transport.wire import PartitionInfo
 
@@ -90,9 +90,10 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop) -> None:
     endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=elems * 4 + (1 << 20))
     parts = [PartitionInfo(id=i, start=i * elems, stop=(i + 1) * elems, server=0)
              for i in range(clients)]
-    server = ParameterServer(rank=0, endpoint=endpoint, partitions=parts,
-                             optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=clients,
-                             mode="async", should_stop=stop.is_set)
+    server = ParameterServer(ServerOptions(rank=0, num_workers=clients, mode="async"),
+                             endpoint=endpoint, partitions=parts,
+                             optimizer=OptimizerConfig(name="sgd", lr=LR),
+                             hooks=ServerHooks(should_stop=stop.is_set))
     conn.send(endpoint.address)
     server.serve()
     endpoint.close()

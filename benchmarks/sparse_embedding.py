@@ -8,7 +8,7 @@ first touch, Adagrad (lr 0.05) applied by the servers. Each batch draws
 and the client sends its *unique* ids, as a recommender's embedding layer does;
 rows/s counts those unique rows. One iteration:
 
-1. pull: split the unique ids by owner (:func:`tessera.ps.embedding.owner_of`),
+1. pull: split the unique ids by owner (:func:`tessera.ps.embedding_ids.owner_of`),
    ask every server for its rows at once, wait for all replies;
 2. push: send every server the random gradients of its rows (clock = iteration),
    wait for all acks.
@@ -98,7 +98,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         import zmq
 
         from tessera.config.schema import OptimizerConfig
-        from tessera.ps.server import ParameterServer
+        from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
         from tessera.transport.endpoint import ServerEndpoint
         from tessera.transport.wire import TableSpec
 
@@ -107,9 +107,10 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=LR))
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
-        server = ParameterServer(rank=rank, endpoint=endpoint, partitions=[],
-                                 optimizer=OptimizerConfig(name="sgd", lr=LR), num_workers=1,
-                                 mode="async", tables=[spec], should_stop=stop.is_set)
+        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
+                                 endpoint=endpoint, partitions=[],
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR), tables=[spec],
+                                 hooks=ServerHooks(should_stop=stop.is_set))
         conn.send(endpoint.address)
         if profile_path:
             import cProfile
@@ -317,7 +318,7 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
     """Run ``batches`` through ``system``; per iteration (rows, pull s, push s,
     servers' CPU s in the pull, in the push, this process's CPU s in the pull, in
     the push)."""
-    from tessera.ps.embedding import owner_of
+    from tessera.ps.embedding_ids import owner_of
     out = []
     for ids in batches:
         c0 = _cpu_s(pids, missing_ok=True)

@@ -17,7 +17,7 @@ import zmq
 
 from tessera.config.schema import OptimizerConfig
 from tessera.ps.client import PSClient
-from tessera.ps.server import ParameterServer
+from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import plan_shards
 from tessera.transport.endpoint import ServerEndpoint
 from tessera.transport.wire import ParamSpec
@@ -34,9 +34,10 @@ def _cluster(n: int, wire_dtype: str, lr: float):
     for rank in range(2):
         ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
         endpoints.append(ep)
-        server = ParameterServer(rank=rank, endpoint=ep, partitions=shard_map.on_server(rank),
-                                 optimizer=OptimizerConfig(name="sgd", lr=lr), num_workers=1,
-                                 mode="sync", should_stop=stop.is_set)
+        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="sync"),
+                                 endpoint=ep, partitions=shard_map.on_server(rank),
+                                 optimizer=OptimizerConfig(name="sgd", lr=lr),
+                                 hooks=ServerHooks(should_stop=stop.is_set))
         t = threading.Thread(target=server.serve, daemon=True)
         t.start()
         threads.append((t, server))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tessera.config.schema import OptimizerConfig
-from tessera.ps.embedding import EmbeddingShard, TableError, TableSpec, owner_of
+from tessera.ps.embedding import EmbeddingShard, TableError, TableSpec
+from tessera.ps.embedding_ids import owner_of
 
 DIM = 6
 

@@ -15,8 +15,8 @@ import torch
 from torch.testing import assert_close
 
 from tessera.config.schema import OptimizerConfig
-from tessera.ps.embedding import (EmbeddingShard, TableError, TableSpec, initial_rows,
-                                  owner_of)
+from tessera.ps.embedding import EmbeddingShard, TableError, TableSpec
+from tessera.ps.embedding_ids import initial_rows, owner_of
 
 M64 = (1 << 64) - 1
 
@@ -348,9 +348,9 @@ def test_initial_rows_across_blocks_match_the_reference():
 
 
 def test_sorted_index_matches_a_dict_through_inserts_and_evictions():
-    from tessera.ps.embedding import _IdIndex
+    from tessera.ps.embedding_index import IdIndex
     rng = np.random.default_rng(5)
-    index, ref = _IdIndex(), {}
+    index, ref = IdIndex(), {}
     for clock in range(40):
         ids = np.unique(rng.integers(0, 500, size=rng.integers(0, 60)))
         slots = index.find(ids)

@@ -19,7 +19,7 @@ import zmq
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.flat import param_layout
 from tessera.ps.client import PSClient
-from tessera.ps.server import ParameterServer
+from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
 from tessera.ps.sharding import plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import PeerTimeout, ServerEndpoint, _Auth
@@ -62,11 +62,12 @@ class Cluster:
                 primary = (rank - 1) % num_servers
                 backups = self.shard_map.on_server(primary)
             self.servers.append(ParameterServer(
-                rank=rank, endpoint=self.endpoints[rank],
-                partitions=self.shard_map.on_server(rank), optimizer=optimizer,
-                num_workers=num_workers, mode=mode, should_stop=self.stops[rank].is_set,
-                membership=self.membership, backups=backups, backup_peer=backup_peer,
-                primary_of_backups=primary, timeout_s=TIMEOUT_S, num_servers=num_servers))
+                ServerOptions(rank=rank, num_workers=num_workers, num_servers=num_servers,
+                              mode=mode, timeout_s=TIMEOUT_S),
+                endpoint=self.endpoints[rank], partitions=self.shard_map.on_server(rank),
+                optimizer=optimizer,
+                hooks=ServerHooks(should_stop=self.stops[rank].is_set, membership=self.membership),
+                replicas=Replicas(backups=tuple(backups), peer=backup_peer, primary=primary)))
         self.threads = [threading.Thread(target=self._serve, args=(ps,), daemon=True)
                         for ps in self.servers]
         for t in self.threads:

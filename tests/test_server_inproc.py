@@ -24,7 +24,7 @@ from tessera.parallel.flat import param_layout
 from tessera.parallel.ps import PSDataParallel
 from tessera.ps.client import PSClient, ServerError
 from tessera.ps.optim import _OPTIMIZERS
-from tessera.ps.server import ParameterServer
+from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import ShardMap, plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint, _Auth
@@ -59,9 +59,10 @@ class InprocCluster:
         self.endpoints: list = []  # client side, closed at teardown
         for rank in range(num_servers):
             ep = ServerEndpoint(self.ctx, "127.0.0.1", SECRET)
-            ps = ParameterServer(rank=rank, endpoint=ep, partitions=self.shard_map.on_server(rank),
-                                 optimizer=optimizer, num_workers=num_workers, mode=mode,
-                                 should_stop=self.stop.is_set)
+            ps = ParameterServer(ServerOptions(rank=rank, num_workers=num_workers,
+                                               num_servers=num_servers, mode=mode),
+                                 endpoint=ep, partitions=self.shard_map.on_server(rank),
+                                 optimizer=optimizer, hooks=ServerHooks(should_stop=self.stop.is_set))
             self.servers.append(ps)
             self.server_endpoints.append(ep)
         for ps in self.servers:

@@ -13,8 +13,9 @@ import zmq
 
 from tessera.config.schema import OptimizerConfig
 from tessera.ps.client import PSClient, ServerError
-from tessera.ps.embedding import EmbeddingShard, initial_rows
-from tessera.ps.server import ParameterServer
+from tessera.ps.embedding import EmbeddingShard
+from tessera.ps.embedding_ids import initial_rows
+from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
@@ -29,8 +30,9 @@ def server():
     ctx = zmq.Context()
     ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
     stop = threading.Event()
-    srv = ParameterServer(rank=0, endpoint=ep, partitions=[], optimizer=OptimizerConfig(),
-                          num_workers=2, mode="sync", tables=[SPEC], should_stop=stop.is_set)
+    srv = ParameterServer(ServerOptions(rank=0, num_workers=2, mode="sync"), endpoint=ep,
+                          partitions=[], optimizer=OptimizerConfig(), tables=[SPEC],
+                          hooks=ServerHooks(should_stop=stop.is_set))
     t = threading.Thread(target=srv.serve, daemon=True)
     t.start()
     shard_map = ShardMap(layout=(), partitions=(), num_servers=1)

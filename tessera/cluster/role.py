@@ -92,7 +92,7 @@ def coordinator_main() -> None:
 def serve(session) -> None:
     """Be parameter server ``session.rank`` of the job until the coordinator says
     shutdown: register, serve, report. The session stays open (its owner closes it)."""
-    from tessera.ps.server import ParameterServer
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
     from tessera.ps.sharding import partition_elems_for
     from tessera.transport.endpoint import ServerEndpoint
 
@@ -119,18 +119,19 @@ def serve(session) -> None:
     store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
 
     server = ParameterServer(
-        rank=rank, endpoint=endpoint,
-        partitions=[p for p in view.partitions if p.server == rank],
-        optimizer=view.optimizer, num_workers=cfg.cluster.workers, mode=server_mode(cfg),
-        staleness=cfg.ps.staleness,
-        two_phase=cfg.precision == "fp16", profiler=session.profiler, tables=view.tables,
-        check=session.check, should_stop=lambda: session.heartbeat.shutdown_requested,
-        membership=session.heartbeat.membership,
-        backups=[p for p in view.partitions if p.server == primary_of_backups],
-        backup_peer=backup_peer, primary_of_backups=primary_of_backups,
-        checkpoint_store=store, checkpoint_every=cfg.checkpoint.every,
-        on_checkpoint=session.report_checkpoint, timeout_s=cfg.cluster.timeout_s,
-        num_servers=num_servers)
+        ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
+                      mode=server_mode(cfg), staleness=cfg.ps.staleness,
+                      two_phase=cfg.precision == "fp16", timeout_s=cfg.cluster.timeout_s,
+                      checkpoint_every=cfg.checkpoint.every),
+        endpoint=endpoint, partitions=[p for p in view.partitions if p.server == rank],
+        optimizer=view.optimizer, tables=view.tables,
+        hooks=ServerHooks(check=session.check,
+                          should_stop=lambda: session.heartbeat.shutdown_requested,
+                          membership=session.heartbeat.membership,
+                          on_checkpoint=session.report_checkpoint),
+        replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
+                          peer=backup_peer, primary=primary_of_backups),
+        checkpoint_store=store, profiler=session.profiler)
     if view.restore is not None:
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "

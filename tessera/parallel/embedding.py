@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
-from tessera.ps.embedding import owner_of
+from tessera.ps.embedding_ids import owner_of
 from tessera.transport.wire import TableSpec
 
 

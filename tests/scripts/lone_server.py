@@ -82,7 +82,7 @@ def main() -> int:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.server import ParameterServer
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.transport import wire
     from tessera.transport.endpoint import ServerEndpoint
 
@@ -104,10 +104,10 @@ def main() -> int:
         if os.getppid() != parent:
             raise SystemExit("lone_server: parent exited")
 
-    server = ParameterServer(rank=0, endpoint=endpoint, partitions=parts,
+    server = ParameterServer(ServerOptions(rank=0, num_workers=args.workers, mode=args.mode),
+                             endpoint=endpoint, partitions=parts,
                              optimizer=OptimizerConfig(name="sgd", lr=args.lr),
-                             num_workers=args.workers, mode=args.mode, check=check,
-                             should_stop=stop.is_set)
+                             hooks=ServerHooks(check=check, should_stop=stop.is_set))
     threading.Thread(target=_initialise, daemon=True,
                      args=(ctx, endpoint.address, secret, parts, values, args.address_file,
                            failed)).start()

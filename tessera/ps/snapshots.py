@@ -1,0 +1,160 @@
+"""A server's side of checkpoints: when to snapshot, copying state, writing in the background.
+
+:mod:`tessera.ps.checkpoint` owns the files (store, shards, manifest); this module
+decides *when* a server snapshots and *what* goes in, and restores from a checkpoint.
+
+When: every ``checkpoint_every`` clocks in sync mode, or at the clock worker 0's push
+asks for (``Push.checkpoint``: the trainer's rule in async/ssp, or an interrupted
+launcher). In sync mode a snapshot at clock ``c`` waits until every partition of this
+server has reached ``c``; no partition passes ``c`` before all have reached it, because
+a worker pushes ``c + 1`` only after every partition answered its push of ``c``. So
+the snapshot is a consistent cut without stopping anyone (the same argument as
+Chandy and Lamport's snapshots, with the clock as the marker).
+
+What: each partition's fp32 master and optimizer state, and every table's rows, copied
+at that clock in the serve thread (cheap: memory bandwidth), then written by a daemon
+thread so that serving goes on while the bytes go to disk or object storage. The serve
+loop reports finished writes (``on_checkpoint``) and failures, with the location.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tessera.ps.consistency import Consistency
+from tessera.ps.optim import make_rule
+from tessera.ps.options import ServerHooks, ServerOptions
+from tessera.transport import wire
+
+
+class Snapshots:
+    """Checkpoint snapshots of one server's partitions, backups and tables."""
+
+    def __init__(self, options: ServerOptions, hooks: ServerHooks, store, *, tables,
+                 parts: dict, backups: dict, policy: Consistency, optimizer, stats: dict):
+        self.rank, self.num_servers = options.rank, options.num_servers
+        self.store, self.every = store, options.checkpoint_every
+        self.on_checkpoint, self.timeout_s = hooks.on_checkpoint, options.timeout_s
+        self.policy, self.parts, self.backups, self.tables = policy, parts, backups, tables
+        self.optimizer, self.stats = optimizer, stats
+        #: The clock a checkpoint is due at (asked by a push or by ``every``).
+        self.target = 0
+        self.last = -1
+        self._writes: list = []
+
+    def progress(self) -> int:
+        """The clock every worker has completed, as far as this server knows."""
+        return self.policy.progress(st for st in self.parts.values() if st.rule is not None)
+
+    def ask(self, clock: int) -> None:
+        """A push asked for a checkpoint at ``clock``."""
+        if clock > self.last:
+            self.target = max(self.target, clock)
+
+    def maybe(self) -> None:
+        if self.store is None:
+            return
+        periodic = self.policy.sums_clock
+        progress = self.progress() if periodic else 0
+        if self.every and progress > self.last and progress > 0 and progress % self.every == 0:
+            self.target = max(self.target, progress)
+        target = self.target
+        if target <= 0 or target <= self.last:
+            return
+        if periodic and progress < target:
+            return  # every partition reaches ``target`` before any passes it (see above)
+        self.snapshot(target)
+
+    def snapshot(self, clock: int) -> None:
+        from tessera.ps.checkpoint import partition_tensors
+        self.last = clock
+        tensors: dict = {}
+        parts = []
+        for pid, st in sorted(self.parts.items()):
+            if st.rule is None:
+                continue
+            tensors.update(partition_tensors(pid, st.rule))
+            parts.append([pid, st.info.start, st.info.stop])
+        tables = []
+        if self.tables is not None:
+            for name, ts in self.tables.tables.items():
+                for key, value in ts.shard.export_state().items():
+                    tensors[f"t/{name}/{key}"] = value
+                tables.append(name)
+        meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
+                "mode": self.policy.name}
+        store, rank = self.store, self.rank
+        result: dict = {}
+
+        def write() -> None:
+            try:
+                result["file"], result["nbytes"] = store.write_shard(clock, rank, tensors, meta)
+            except Exception as exc:  # reported by the serve loop, with the location
+                result["error"] = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=write, name=f"checkpoint-{clock}", daemon=True)
+        thread.start()
+        self._writes.append((thread, (clock, result)))
+
+    def finish_writes(self) -> None:
+        still = []
+        for thread, (clock, result) in self._writes:
+            if thread.is_alive():
+                still.append((thread, (clock, result)))
+                continue
+            if "error" in result:
+                print(f"server {self.rank}: checkpoint at clock {clock} could not be written to "
+                      f"{self.store.url}: {result['error']}", flush=True)
+                continue
+            self.stats["checkpoints"] += 1
+            self.on_checkpoint(clock, result["file"], result["nbytes"])
+        self._writes = still
+
+    def final(self) -> None:
+        """At the end of a run with checkpoints, save the final state and wait for writes."""
+        if self.store is not None and self.every:
+            clock = self.progress()
+            if clock > self.last:
+                self.snapshot(clock)
+        for thread, _ in self._writes:
+            thread.join(timeout=self.timeout_s * 4)
+        self.finish_writes()
+
+    def restore(self, restore: wire.Restore) -> None:
+        """Load this server's partitions (however the map cuts them now), backups and
+        table rows from a checkpoint."""
+        from tessera.ps.checkpoint import CheckpointStore, read_partition
+        store = CheckpointStore(restore.path)
+        files: dict = {}
+        workers = range(self.policy.members.num_workers)
+        for st in [*self.parts.values(), *self.backups.values()]:
+            values, state = read_partition(store, restore, files, st.info.start, st.info.stop)
+            st.rule = make_rule(values, self.optimizer)
+            st.rule.load_state(state)
+            st.clock = restore.clock
+            st.counts = {w: restore.clock for w in workers}
+        # Into another location, the restored state is this run's first checkpoint;
+        # never rewrite the files of the complete checkpoint being read.
+        same = self.store is not None and self.store.url == restore.path
+        self.last = restore.clock if same else -1
+        self.policy.members.worker_clock = {w: restore.clock for w in workers}
+        if self.tables is not None:
+            self._restore_tables(store, restore, files)
+
+    def _restore_tables(self, store, restore: wire.Restore, files: dict) -> None:
+        from tessera.ps.embedding_ids import owner_of
+        for name in [n for n in restore.files if n]:
+            if name not in files:
+                files[name] = store.open_shard(restore.clock, name)
+            f = files[name]
+            for table, ts in self.tables.tables.items():
+                prefix = f"t/{table}/"
+                state = {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+                if not state:
+                    continue
+                keep = owner_of(state["ids"].numpy(), self.num_servers) == self.rank
+                pending = state.get("pending_ids")
+                kp = (owner_of(pending.numpy(), self.num_servers) == self.rank
+                      if pending is not None else None)
+                ts.shard.import_state(state, keep, keep_pending=kp)
+                ts.clock = restore.clock
