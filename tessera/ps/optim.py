@@ -1,28 +1,118 @@
-"""Server-side update rules on fp32 master partitions.
+"""Server-side update rules: the user's ``torch.optim`` class, stepping partitions.
 
-The server does not reimplement optimizers: it runs ``torch.optim`` itself on each
-partition, held as one flat fp32 ``Parameter``. SGD (momentum, Nesterov, weight
-decay), Adam, AdamW and Adagrad are all element-wise, so stepping each slice of
-the flat vector separately is the same arithmetic as stepping the whole model on
-one process; tests hold this against ``torch.optim`` on an unsplit model.
+The server does not reimplement optimizers: it runs the very ``torch.optim`` class
+the user built on the worker, with the same parameter groups and per-group
+hyperparameters, on its fp32 master partitions. That is exact only for
+optimizers whose update of an element depends on that element's gradient and
+state alone (and on scalars such as the step count, which every slice of a
+parameter shares): SGD, Adam, AdamW, Adagrad, Adadelta, RMSprop, Adamax, NAdam,
+RAdam, ASGD and Rprop. For them, stepping each slice of the flat vector apart is
+the same arithmetic as stepping the whole model on one process; tests hold this
+against ``torch.optim`` on an unsplit model, for every class.
+
+A partition is a slice ``[start, stop)`` of the flat vector of trainable
+parameters and may cross parameter groups (a bias with no weight decay next to
+a weight with it). The rule cuts it into *segments*, one per group it touches,
+each an ``nn.Parameter`` that aliases its slice of the partition's master, and
+gives each segment its group's hyperparameters: one optimizer per partition,
+one param group per segment. Elements in no group (parameters the user left
+out of the optimizer) are never changed, as in torch.
+
+Hyperparameters change during training (an lr scheduler, or by hand): a worker
+sends the groups' current values with its next push, and :meth:`set_hparams`
+writes them into every segment's param group before the update they belong to.
+
+Optimizers that are not element-wise (LBFGS needs a closure and a line search
+over the whole model; Adafactor and Muon shape their update by the matrix;
+SparseAdam takes sparse gradients) are refused in one line by
+:func:`check_optimizer_class`.
 
 The seam is :class:`UpdateRule`: ``apply(grad)`` updates the master in place.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
-from tessera.config.schema import OptimizerConfig
+from tessera.errors import UsageError
 
-_OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adagrad": torch.optim.Adagrad,
+#: The element-wise ``torch.optim`` classes the servers can run, by class name.
+ELEMENTWISE = {name: getattr(torch.optim, name) for name in (
+    "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "RMSprop", "Adamax", "NAdam", "RAdam",
+    "ASGD", "Rprop")}
+
+#: The string form (``optimizer = "adamw"`` in a job file) names one of them.
+BY_SHORT_NAME = {name.lower(): name for name in ELEMENTWISE}
+
+#: Why the other optimizers torch ships cannot be split over servers.
+_NOT_ELEMENTWISE = {
+    "LBFGS": "it needs a closure and a line search over the whole model",
+    "Adafactor": "its second moment is factored by rows and columns of each matrix",
+    "Muon": "it orthogonalises each weight matrix as a whole",
+    "SparseAdam": "it takes sparse gradients; use tessera.nn.ShardedEmbedding for sparse rows",
 }
+
+#: Group keys that choose an implementation, not arithmetic: the server picks its own.
+_IMPLEMENTATION_KEYS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
+
+HParam = Any  # float | int | bool | str | None | list[float] (tuples travel as lists)
+
+
+def check_optimizer_class(cls: type) -> str:
+    """The name of ``cls`` if the servers can run it; else a one-line UsageError."""
+    name = cls.__name__
+    if ELEMENTWISE.get(name) is cls:
+        return name
+    why = _NOT_ELEMENTWISE.get(name, "its update is not known to be element-wise per parameter")
+    raise UsageError(
+        f"optimizer {cls.__module__}.{name} cannot run on the parameter servers: {why}. "
+        f"Use one of {', '.join(ELEMENTWISE)} in the ps modes, or --mode allreduce, where "
+        f"every worker steps its own optimizer")
+
+
+def group_hparams(group: dict, where: str) -> dict[str, HParam]:
+    """A param group's hyperparameters in wire form (one line naming a bad value)."""
+    out: dict[str, HParam] = {}
+    for key, value in group.items():
+        if key in _IMPLEMENTATION_KEYS:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        ok = value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
+        if not ok:
+            raise UsageError(f"{where}: hyperparameter {key!r} is a {type(value).__name__}; the "
+                             f"servers take numbers, booleans, strings and tuples of numbers")
+        out[key] = value
+    return out
+
+
+def _torch_value(value: HParam) -> HParam:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def segments(groups: list, start: int, stop: int) -> list[tuple[int, int, Optional[int]]]:
+    """Cut partition ``[start, stop)`` by group: ``(lo, hi, group index or None)``,
+    offsets relative to ``start``, in order, covering the partition."""
+    cuts = []
+    for index, group in enumerate(groups):
+        for a, b in group.ranges:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                cuts.append((lo - start, hi - start, index))
+    cuts.sort()
+    out: list[tuple[int, int, Optional[int]]] = []
+    at = 0
+    for lo, hi, index in cuts:
+        if lo > at:
+            out.append((at, lo, None))  # in no group: frozen, as in torch
+        out.append((lo, hi, index))
+        at = hi
+    if at < stop - start:
+        out.append((at, stop - start, None))
+    return out
 
 
 class UpdateRule(Protocol):
@@ -30,46 +120,93 @@ class UpdateRule(Protocol):
 
     def apply(self, grad: torch.Tensor) -> None: ...
 
+    def set_hparams(self, hparams: list[dict[str, HParam]]) -> None: ...
+
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 class TorchOptimRule:
-    """A ``torch.optim`` optimizer stepping one flat fp32 partition."""
+    """The user's ``torch.optim`` class stepping one flat fp32 partition, by group."""
 
-    def __init__(self, initial: torch.Tensor, cfg: OptimizerConfig):
-        self.param = torch.nn.Parameter(initial.detach().to(torch.float32).clone(),
-                                        requires_grad=True)
-        # foreach=False: one tensor per optimizer, the plain loop is as fast and
-        # matches the reference arithmetic exactly.
-        self.optimizer = _OPTIMIZERS[cfg.name]([self.param], foreach=False, **cfg.torch_kwargs())
+    def __init__(self, initial: torch.Tensor, spec, start: int, stop: int):
+        self.master = initial.detach().to(torch.float32).clone()
+        cls = ELEMENTWISE[spec.name]
+        self._segments: list[tuple[int, int, int, torch.nn.Parameter]] = []
+        param_groups = []
+        for lo, hi, index in segments(spec.groups, start, stop):
+            if index is None:
+                continue
+            # Parameter(view) shares the view's storage: the optimizer's in-place
+            # update lands in the master, which replies send without a gather.
+            param = torch.nn.Parameter(self.master[lo:hi], requires_grad=True)
+            hp = {k: _torch_value(v) for k, v in spec.groups[index].hparams.items()}
+            param_groups.append({**hp, "params": [param]})
+            self._segments.append((lo, hi, index, param))
+        # foreach=False: one small tensor per group; the plain loop matches the
+        # single-process arithmetic exactly.
+        self.optimizer = cls(param_groups, foreach=False) if param_groups else None
         self.steps = 0
-
-    @property
-    def master(self) -> torch.Tensor:
-        return self.param.data
 
     def apply(self, grad: torch.Tensor) -> None:
         """One optimizer step with ``grad`` (fp32, same length as the partition)."""
-        self.param.grad = grad
-        self.optimizer.step()
-        self.param.grad = None
+        if self.optimizer is not None:
+            for lo, hi, _, param in self._segments:
+                param.grad = grad[lo:hi]
+            self.optimizer.step()
+            for *_, param in self._segments:
+                param.grad = None
         self.steps += 1
+
+    def set_hparams(self, hparams: list[dict[str, HParam]]) -> None:
+        """The groups' current hyperparameters (an lr scheduler moved them)."""
+        if self.optimizer is None:
+            return
+        for (_, _, index, _), group in zip(self._segments, self.optimizer.param_groups):
+            if index < len(hparams):
+                for key, value in hparams[index].items():
+                    group[key] = _torch_value(value)
+
+    def hparams(self) -> list[dict[str, HParam]]:
+        """Each segment's group values (for tests and checkpoints)."""
+        if self.optimizer is None:
+            return []
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer state as named tensors over the whole partition: element-wise
+        state concatenated over the segments (zeros where no group), scalars once."""
+        if self.optimizer is None:
+            return {}
+        numel = self.master.numel()
+        out: dict[str, torch.Tensor] = {}
+        for lo, hi, _, param in self._segments:
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.dim() == 0 or value.numel() != hi - lo:
+                    out.setdefault(key, value)
+                    continue
+                if key not in out:
+                    out[key] = torch.zeros(numel, dtype=value.dtype)
+                out[key][lo:hi] = value.reshape(-1)
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint)."""
-        if state:
-            self.optimizer.state[self.param] = {k: v.clone() for k, v in state.items()}
+        if not state or self.optimizer is None:
+            return
+        numel = self.master.numel()
+        for lo, hi, _, param in self._segments:
+            seg = {}
+            for key, value in state.items():
+                if value.dim() == 1 and value.numel() == numel and numel != 1:
+                    seg[key] = value[lo:hi].clone()
+                else:
+                    seg[key] = value.clone()
+            self.optimizer.state[param] = seg
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optimizer state as named tensors (for checkpoints and tests)."""
-        out = {}
-        for key, value in self.optimizer.state.get(self.param, {}).items():
-            if isinstance(value, torch.Tensor):
-                out[key] = value
-        return out
 
-
-def make_rule(initial: torch.Tensor, cfg: OptimizerConfig) -> UpdateRule:
-    return TorchOptimRule(initial, cfg)
+def make_rule(initial: torch.Tensor, spec, start: int, stop: int) -> UpdateRule:
+    return TorchOptimRule(initial, spec, start, stop)

@@ -1,0 +1,90 @@
+"""``tessera.DistributedSampler``: torch's sampler, knowing the job, resumable mid-epoch.
+
+A drop-in subclass of ``torch.utils.data.DistributedSampler``: the same indices in
+the same order for the same ``(seed, epoch, num_replicas, rank)``. Two things
+differ:
+
+* ``num_replicas`` and ``rank`` default to this worker's place in the Tessera job
+  (torch asks ``torch.distributed``, which the parameter-server modes never
+  initialise);
+* it can start part-way into an epoch. torch's sampler deals the epoch's
+  permutation round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``.
+  So after ``k`` optimizer steps of ``b`` samples per worker, the job has consumed
+  exactly the first ``k * b * W`` positions of the permutation, whatever each
+  worker's share. :meth:`DistributedSampler.seek` (called by Tessera after
+  ``--resume`` or when a killed worker rejoins) continues from such a position:
+  the rest of the epoch is dealt round-robin again over the current workers, so
+  every sample of the epoch is still seen once, even with a different worker
+  count. Epochs before the cursor's yield nothing, so a script's
+  ``for epoch in range(epochs)`` loop (and a per-epoch lr scheduler in it) runs
+  unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.utils.data
+
+
+class DistributedSampler(torch.utils.data.DistributedSampler):
+    def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        if num_replicas is None or rank is None:
+            from tessera.api import _job_place
+            place_rank, place_workers = _job_place()
+            num_replicas = place_workers if num_replicas is None else num_replicas
+            rank = place_rank if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        #: The cursor: epoch ``_cursor_epoch`` starts ``_cursor_offset`` positions in.
+        self._cursor_epoch, self._cursor_offset = 0, 0
+
+    def seek(self, epoch: int, offset: int) -> None:
+        """Continue from position ``offset`` of epoch ``epoch``'s permutation (the
+        samples every worker together consumed before)."""
+        if offset < 0:
+            raise ValueError(f"sampler offset must be >= 0, got {offset}")
+        self._cursor_epoch, self._cursor_offset = epoch, offset
+
+    def _order(self) -> list[int]:
+        """Epoch ``self.epoch``'s whole order, as torch builds it (before dealing)."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def _start(self) -> int:
+        """The first position of this epoch's order still to deal."""
+        if self.epoch < self._cursor_epoch:
+            return len(self.dataset)  # type: ignore[arg-type]
+        if self.epoch == self._cursor_epoch:
+            return min(self._cursor_offset, len(self.dataset))  # type: ignore[arg-type]
+        return 0
+
+    def _rest(self) -> list[int]:
+        """What is left of the epoch, cut or padded (by wrapping) to a multiple of the
+        workers, as torch does for a whole epoch."""
+        rest = self._order()[self._start():]
+        extra = len(rest) % self.num_replicas
+        if extra and self.drop_last:
+            rest = rest[:len(rest) - extra]
+        elif extra and rest:
+            pad = self.num_replicas - extra
+            rest += (rest * math.ceil(pad / len(rest)))[:pad]
+        return rest
+
+    def __iter__(self) -> Iterator[int]:
+        if self._start() == 0:
+            yield from super().__iter__()  # torch's own order, bit for bit
+            return
+        yield from self._rest()[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        if self._start() == 0:
+            return self.num_samples
+        return len(self._rest()) // self.num_replicas

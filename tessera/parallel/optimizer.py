@@ -1,0 +1,121 @@
+"""The user's ``torch.optim`` optimizer, run by the parameter servers.
+
+``model, optimizer = tessera.distribute(model, torch.optim.AdamW(groups, ...))``
+takes the optimizer the script built and describes it to the servers as an
+:class:`~tessera.transport.wire.OptimSpec`: the class name, and for each param
+group its hyperparameters and the ranges of the flat parameter vector its
+parameters occupy. Every server builds the same class with the same groups on
+its partitions (:mod:`tessera.ps.optim`).
+
+What the script keeps is a :class:`RemoteOptimizer`, a real
+``torch.optim.Optimizer`` whose ``param_groups`` are the script's own, so any
+``torch.optim.lr_scheduler`` (or a hand-written warm-up) moves them as usual:
+
+1. ``zero_grad()`` clears the flat gradient buffer the model's gradients live in.
+2. ``step()`` finishes the distributed step (the pushes went out during backward;
+   it waits for the new values and copies them into the model).
+3. Before each step's first push, the model compares the groups' hyperparameters
+   with those the servers last received (:meth:`RemoteOptimizer.changed_hparams`)
+   and sends them with the push when they moved, so the servers apply a changed
+   learning rate at the same step as one process would.
+4. ``state_dict()``/``load_state_dict()`` carry the param groups (what schedulers
+   and scripts change); the optimizer's per-element state lives on the servers
+   and travels in Tessera's checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from tessera.errors import UsageError
+from tessera.ps.optim import BY_SHORT_NAME, check_optimizer_class, group_hparams
+from tessera.transport.wire import OptimGroup, OptimSpec
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the flat vector holds, in its order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def spec_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimSpec:
+    """Describe ``optimizer`` (built on ``model``'s parameters) to the servers."""
+    name = check_optimizer_class(type(optimizer))
+    offsets: dict[int, tuple[int, int]] = {}
+    at = 0
+    for _, p in trainable(model):
+        offsets[id(p)] = (at, at + p.numel())
+        at += p.numel()
+    groups = []
+    for index, group in enumerate(optimizer.param_groups):
+        ranges = []
+        for p in group["params"]:
+            if id(p) not in offsets:
+                if not p.requires_grad:
+                    continue  # never has a gradient, never changes: as in torch
+                raise UsageError(f"{name} param group {index} holds a tensor of shape "
+                                 f"{tuple(p.shape)} that is not a parameter of the model given "
+                                 f"to tessera.distribute; build the optimizer on "
+                                 f"model.parameters()")
+            ranges.append(offsets[id(p)])
+        groups.append(OptimGroup(hparams=group_hparams(group, f"{name} param group {index}"),
+                                 ranges=_merge(ranges)))
+    return OptimSpec(name=name, groups=groups)
+
+
+def spec_from_config(cfg, total: int) -> OptimSpec:
+    """The string form (``optimizer="sgd", lr=0.1``): one group over everything."""
+    name = BY_SHORT_NAME[cfg.name]
+    return OptimSpec(name=name, groups=[OptimGroup(
+        hparams=group_hparams(cfg.torch_kwargs(), f"optimizer {cfg.name!r}"),
+        ranges=[(0, total)] if total else [])])
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """The optimizer a script steps while the servers run the real one (see module)."""
+
+    def __init__(self, user: torch.optim.Optimizer, finish_step: Callable[[], bool],
+                 zero_grad: Callable[[], None]):
+        # The script's own group dicts: a scheduler built on either object moves them.
+        super().__init__(user.param_groups, user.defaults)
+        self.user_class = type(user).__name__
+        self._finish_step = finish_step
+        self._zero_grad = zero_grad
+        self._sent: Optional[list[dict]] = None
+        #: Whether the last step was applied (False: skipped on every worker, fp16).
+        self.applied = True
+
+    def step(self, closure=None):  # noqa: D102 - see the module docstring
+        if closure is not None:
+            raise UsageError(f"{self.user_class}.step(closure) cannot run on parameter servers: "
+                             f"a closure re-evaluates the whole model inside step(); call "
+                             f"loss.backward() and optimizer.step() instead")
+        self.applied = self._finish_step()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - grads are views
+        self._zero_grad()
+
+    def current_hparams(self) -> list[dict]:
+        return [group_hparams(g, f"{self.user_class} param group {i}")
+                for i, g in enumerate(self.param_groups)]
+
+    def changed_hparams(self) -> Optional[list[dict]]:
+        """The groups' hyperparameters if they changed since last sent (else None)."""
+        now = self.current_hparams()
+        if now == self._sent:
+            return None
+        self._sent = now
+        return now
