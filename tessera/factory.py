@@ -13,7 +13,7 @@ It sits in the api layer: it needs the session (cluster) and every wrapper (para
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -23,7 +23,9 @@ from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
 from tessera.parallel.embedding import find_tables
+from tessera.parallel.optimizer import DistributedOptimizer, describe, spec_from_optimizer
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
+from tessera.ps.optim import spec_from_config, with_buffers
 from tessera.ps.client import PSClient
 
 
@@ -36,9 +38,13 @@ def two_phase(cfg) -> bool:
     return cfg.precision == "fp16" and cfg.ps.mode == "sync"
 
 
-def wrap(session: Session, model: torch.nn.Module, opt: OptimizerConfig,
+def wrap(session: Session, model: torch.nn.Module,
+         opt: Union[OptimizerConfig, torch.optim.Optimizer],
          loss_fn: Optional[Callable] = None) -> DistributedModel:
-    """This worker's wrapper of ``model``, for the job's mode (see the module docstring)."""
+    """This worker's wrapper of ``model``, for the job's mode (see the module docstring).
+
+    ``opt`` is the script's own ``torch.optim`` optimizer (the wrapper's ``optimizer``
+    attribute is then its :class:`DistributedOptimizer`) or the string form's config."""
     cfg = session.cfg
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     policy = make_policy(cfg.precision, device.type)
@@ -50,10 +56,23 @@ def wrap(session: Session, model: torch.nn.Module, opt: OptimizerConfig,
                                  growth_interval=a.growth_interval, enabled=policy.loss_scaling))
     tables = find_tables(model)
     if cfg.pipeline.stages > 1:
+        if isinstance(opt, torch.optim.Optimizer):
+            raise UsageError("pipeline stages build one optimizer per stage from its own "
+                             "parameters: pass the optimizer by name, tessera.distribute(model, "
+                             "\"adam\", lr=..., loss_fn=...)")
         return _pipeline(session, model, opt, loss_fn, tables, device)
     if cfg.ps.mode in ("hybrid", "allreduce"):
-        return _dense_replicas(session, model, opt, tables, amp, device)
-    return _parameter_servers(session, model, opt, tables, amp, device)
+        wrapped = _dense_replicas(session, model, opt, tables, amp, device)
+        local = True
+    else:
+        wrapped = _parameter_servers(session, model, opt, tables, amp, device)
+        local = False
+    if isinstance(opt, torch.optim.Optimizer):
+        wrapped.optimizer_handle = DistributedOptimizer(opt, wrapped.step, wrapped.zero_grad,
+                                                        local=local)
+        if not local:
+            wrapped.hparams_source = wrapped.optimizer_handle.changed_hparams
+    return wrapped
 
 
 def _parameter_servers(session, model, opt, tables, amp, device):
@@ -64,8 +83,13 @@ def _parameter_servers(session, model, opt, tables, amp, device):
     if tables and two_phase(cfg):
         raise UsageError("sharded embedding tables with precision fp16 in sync mode are not "
                          "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
-    session.register(layout=param_layout(model) if first else None,
-                     optimizer=opt if first else None,
+    layout = param_layout(model)
+    spec = (spec_from_optimizer(opt, model) if isinstance(opt, torch.optim.Optimizer)
+            else spec_from_config(opt))
+    params = sum(p.numel for p in layout if not p.buffer)
+    spec = with_buffers(spec, params, sum(p.numel for p in layout))
+    session.register(layout=layout if first else None,
+                     optimizer=spec if first else None,
                      tables=[t.spec for t in tables] if first else [])
     client = _connect_client(session, amp.policy)
     view, hb = session.view, session.heartbeat
@@ -136,8 +160,9 @@ def _join_process_group(session, device, *, opt=None, tables=()):
         with _socket.socket() as s:
             s.bind((cfg.cluster.host, 0))
             address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
+    spec = describe(opt) if isinstance(opt, torch.optim.Optimizer) else spec_from_config(opt)
     view = session.register(address=address, layout=[] if first else None,
-                            optimizer=opt if first else None,
+                            optimizer=spec if first else None,
                             tables=[t.spec for t in tables] if first else [])
     rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,

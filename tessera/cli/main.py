@@ -163,6 +163,22 @@ def report(run_dir: str) -> None:
     console.print(f"Details: {path / 'report.md'}, {path / 'report.html'}, {path / 'trace.json'}")
 
 
+@cli.command()
+@click.argument("path", type=str)
+@click.option("--out", required=True, type=str, help="The safetensors file to write.")
+def export(path: str, out: str) -> None:
+    """Write the trained model of a run directory or checkpoint location as one
+    safetensors file of state_dict keys (tables: touched rows and their ids)."""
+    from tessera.ps.checkpoint import CheckpointError
+    from tessera.ps.export import export_checkpoint
+    try:
+        clock, count = export_checkpoint(path, out)
+    except (CheckpointError, OSError) as exc:
+        click.echo(f"tessera: export: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"tessera: wrote {out}: {count} tensors from the checkpoint at clock {clock}")
+
+
 def main() -> None:
     cli(prog_name="tessera")
 

@@ -116,9 +116,23 @@ class Identity:
                    host=environ.get(HOST, ""), coordinator_bind=environ.get(COORDINATOR_BIND, ""))
 
 
-def role_env(role: str, rank: int) -> dict[str, str]:
-    """What tells one child of a launcher its role and rank."""
-    return {ROLE: role, RANK: str(rank)}
+#: torchrun's variables, which scripts (and libraries) read for their place in the job.
+TORCHRUN_RANK, WORLD_SIZE = "RANK", "WORLD_SIZE"
+LOCAL_RANK, LOCAL_WORLD_SIZE = "LOCAL_RANK", "LOCAL_WORLD_SIZE"
+
+
+def role_env(role: str, rank: int, num_workers: int = 0,
+             local: Optional[tuple[int, int]] = None) -> dict[str, str]:
+    """What tells one child of a launcher its role and rank. A worker also gets
+    torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``
+    (``local``: its index among this node's workers, and their count; default: one
+    node)."""
+    env = {ROLE: role, RANK: str(rank)}
+    if role == "worker" and num_workers:
+        local_rank, local_world = local if local is not None else (rank, num_workers)
+        env.update({TORCHRUN_RANK: str(rank), WORLD_SIZE: str(num_workers),
+                    LOCAL_RANK: str(local_rank), LOCAL_WORLD_SIZE: str(local_world)})
+    return env
 
 
 def rank_label(environ: Mapping[str, str], name: str) -> str:

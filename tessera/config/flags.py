@@ -54,6 +54,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--out", "out", str, "Run directory (default runs/<job>-<time>)."),
     Flag("--partition-mb", "ps.partition_mb", float, "Partition size in MiB (ps.partition_mb)."),
     Flag("--precision", "precision", str, "fp32 | bf16 | fp16 (precision)."),
+    Flag("--tensorboard", "train.tensorboard", bool,
+         "Also write metrics as TensorBoard scalars under <run dir>/tensorboard."),
     Flag("--profile", "profile.enabled", bool,
          "Record spans on every process; write trace.json and report.md."),
     Flag("--stages", "pipeline.stages", int, "Pipeline stages P (pipeline.stages)."),

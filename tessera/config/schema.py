@@ -110,6 +110,8 @@ class TrainConfig(msgspec.Struct, **_STRICT):
     device: Literal["cpu", "cuda"] = "cpu"
     #: Intra-op threads per worker process; 0 lets Tessera split the cores evenly.
     threads: int = 0
+    #: Also write every logged metric as a TensorBoard scalar under <run dir>/tensorboard.
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:

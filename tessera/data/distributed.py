@@ -1,17 +1,16 @@
-"""``tessera.DistributedSampler``: torch's sampler, knowing the job, resumable mid-epoch.
+"""torch's ``DistributedSampler``, able to start part-way into an epoch.
 
-A drop-in subclass of ``torch.utils.data.DistributedSampler``: the same indices in
-the same order for the same ``(seed, epoch, num_replicas, rank)``. Two things
-differ:
+:class:`ResumableSampler` is a subclass of ``torch.utils.data.DistributedSampler``
+with the same indices in the same order for the same ``(seed, epoch,
+num_replicas, rank)``; ``tessera.DistributedSampler`` (:mod:`tessera.api`) is this
+class with ``num_replicas`` and ``rank`` taken from the job (torch asks
+``torch.distributed``, which the parameter-server modes never initialise).
 
-* ``num_replicas`` and ``rank`` default to this worker's place in the Tessera job
-  (torch asks ``torch.distributed``, which the parameter-server modes never
-  initialise);
-* it can start part-way into an epoch. torch's sampler deals the epoch's
+What it adds is a start part-way into an epoch. torch's sampler deals the epoch's
   permutation round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``.
   So after ``k`` optimizer steps of ``b`` samples per worker, the job has consumed
   exactly the first ``k * b * W`` positions of the permutation, whatever each
-  worker's share. :meth:`DistributedSampler.seek` (called by Tessera after
+  worker's share. :meth:`ResumableSampler.seek` (called by Tessera after
   ``--resume`` or when a killed worker rejoins) continues from such a position:
   the rest of the epoch is dealt round-robin again over the current workers, so
   every sample of the epoch is still seen once, even with a different worker
@@ -23,20 +22,15 @@ differ:
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.utils.data
 
 
-class DistributedSampler(torch.utils.data.DistributedSampler):
-    def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-        if num_replicas is None or rank is None:
-            from tessera.api import _job_place
-            place_rank, place_workers = _job_place()
-            num_replicas = place_workers if num_replicas is None else num_replicas
-            rank = place_rank if rank is None else rank
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                          seed=seed, drop_last=drop_last)
         #: The cursor: epoch ``_cursor_epoch`` starts ``_cursor_offset`` positions in.

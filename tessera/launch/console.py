@@ -16,7 +16,8 @@ _err = Console(stderr=True)
 
 
 class ProgressView:
-    """Follows ``metrics.jsonl`` (written by worker 0) and draws step, loss, samples/s."""
+    """Follows ``metrics.jsonl`` (written by worker 0) and draws step, loss, samples/s,
+    and the rest of each record (evaluation, or a script's own ``tessera.log`` values)."""
 
     def __init__(self, run_dir: Path, cfg: JobConfig):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -25,7 +26,7 @@ class ProgressView:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
-            TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), console=_console,
+            TextColumn("{task.fields[more]}"), TimeElapsedColumn(), console=_console,
             transient=False)
         self._task = None
 
@@ -35,7 +36,7 @@ class ProgressView:
                        f"servers, mode {self.cfg.ps.mode}; run directory {self.path.parent}")
         self._progress.start()
         self._task = self._progress.add_task("starting cluster", total=None, loss="-", rate="-",
-                                             acc="-")
+                                             more="")
 
     def update(self) -> None:
         if self._task is None or not self.path.exists():
@@ -51,11 +52,10 @@ class ProgressView:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            fields = dict(loss=f"{rec['loss']:.4f}", rate=f"{rec['samples_per_s']:.0f}")
-            if "eval_accuracy" in rec:
-                fields["acc"] = f"{rec['eval_accuracy']:.4f}"
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
             self._progress.update(self._task, description="training", completed=rec["step"],
-                                  total=self._total(), **fields)
+                                  total=self._total(), **_fields(rec))
 
     def _total(self):
         if self.cfg.train.steps:
@@ -69,6 +69,21 @@ class ProgressView:
         if self._task is not None:
             self._progress.stop()
             self._task = None
+
+
+def _number(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def _fields(rec: dict) -> dict:
+    """The bar's columns from one metrics record: loss, samples/s, and up to three more
+    values (``eval_accuracy`` first), whatever the script logged."""
+    rest = [(k, v) for k, v in rec.items() if k not in ("step", "loss", "samples_per_s", "wall_s")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    rest.sort(key=lambda kv: kv[0] != "eval_accuracy")
+    more = "  ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in rest[:3])
+    return dict(loss=_number(rec.get("loss"), ".4f"), rate=_number(rec.get("samples_per_s"), ".0f"),
+                more=more)
 
 
 def _human_bytes(n: float) -> str:

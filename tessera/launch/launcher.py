@@ -73,7 +73,8 @@ class Launcher:
         if append:
             log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
             log.flush()
-        child_env = dict(env, **envvars.role_env(role, rank))
+        child_env = dict(env, **envvars.role_env(role, rank, self.cfg.cluster.workers,
+                                                 self._local_place(rank)))
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
@@ -97,6 +98,10 @@ class Launcher:
             self._spawn("server", rank, role_cmd(sys.executable, "server"), env)
         for rank in range(cfg.cluster.workers):
             self._spawn("worker", rank, self.worker_cmd, env)
+
+    def _local_place(self, rank: int) -> Optional[tuple[int, int]]:
+        """A worker's (index, count) among the workers of this machine (all, here)."""
+        return None
 
     def _prepare_run_dir(self, *stale: str) -> None:
         prepare_run_dir(self.run_dir, self.cfg, *stale)

@@ -120,6 +120,10 @@ class NodeLauncher(Launcher):
         for rank in st.workers:
             self._spawn("worker", rank, self.worker_cmd, env)
 
+    def _local_place(self, rank: int):
+        workers = list(self.settings.workers) if self.settings is not None else []
+        return (workers.index(rank), len(workers)) if rank in workers else None
+
     def _spawn(self, role: str, rank: int, cmd: list[str], env: dict, *args, **kwargs):
         # Every start of a worker, restarts included, gets that worker's GPU.
         if role == "worker":

@@ -141,7 +141,7 @@ class RayLauncher(Launcher):
                 name=name, num_cpus=ACTOR_CPUS, max_restarts=max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=bundle),
-            ).remote(role, rank, cmd, dict(env, **envvars.role_env(role, rank)),
+            ).remote(role, rank, cmd, dict(env, **envvars.role_env(role, rank, cl.workers)),
                      str(log_path), os.getcwd(), bind_node_ip)
         except ValueError as exc:  # the name is taken: the same run directory is running
             raise LaunchError(f"could not create the Ray actor {name!r} in namespace "

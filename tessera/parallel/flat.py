@@ -4,6 +4,13 @@ Every trainable parameter (and its ``.grad``) is rebound to a view of one of two
 contiguous buffers laid out in ``named_parameters()`` order, the same order as
 the layout worker 0 registers and the shard map cuts: sending or receiving a
 partition is then a slice, without gathering.
+
+The model's floating-point buffers that ``state_dict`` holds (BatchNorm's running
+mean and variance) follow the parameters in the layout, and live in a third flat
+fp32 buffer (:func:`flatten_buffers`): the servers keep them too, averaged over
+the workers, so every worker evaluates with the same statistics and checkpoints
+and exports hold them. Integer buffers (``num_batches_tracked``) stay local: every
+worker counts the same steps.
 """
 
 from __future__ import annotations
@@ -14,9 +21,35 @@ from torch import nn
 from tessera.transport.wire import ParamSpec
 
 
+def shared_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers the servers keep: floating point and in ``state_dict``."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return [(name, b) for name, b in model.named_buffers()
+            if b.is_floating_point() and name in persistent]
+
+
 def param_layout(model: nn.Module) -> list[ParamSpec]:
-    return [ParamSpec(name=name, shape=list(p.shape), numel=p.numel())
-            for name, p in model.named_parameters() if p.requires_grad]
+    return ([ParamSpec(name=name, shape=list(p.shape), numel=p.numel())
+             for name, p in model.named_parameters() if p.requires_grad]
+            + [ParamSpec(name=name, shape=list(b.shape), numel=b.numel(), buffer=True)
+               for name, b in shared_buffers(model)])
+
+
+def flatten_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebind the shared buffers to views of one flat fp32 buffer (BatchNorm updates
+    them in place there). Returns ``(fp32 copy of the initial values, the flat buffer)``."""
+    buffers = shared_buffers(model)
+    device = buffers[0][1].device if buffers else torch.device("cpu")
+    initial = (torch.cat([b.detach().reshape(-1).to(torch.float32) for _, b in buffers]).cpu()
+               if buffers else torch.zeros(0))
+    flat = initial.to(device, copy=True)
+    off = 0
+    for name, b in buffers:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, attr, flat[off:off + b.numel()].view(b.shape))
+        off += b.numel()
+    return initial, flat
 
 
 def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class HybridParallel(DistributedModel):
     """
 
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
-                 optimizer: OptimizerConfig, tables, amp: Optional[Amp] = None,
+                 optimizer: Union[OptimizerConfig, torch.optim.Optimizer], tables, amp: Optional[Amp] = None,
                  hooks: Hooks = Hooks(), device=None):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -78,8 +78,11 @@ class HybridParallel(DistributedModel):
         self.module = module
         self.client = client
         self.profiler = hooks.profiler
-        self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
-                          if params else None)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizer = optimizer  # the script's own, on the replica's parameters
+        else:
+            self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
+                              if params else None)
         self.scaler = amp.scaler
         self.tables = list(tables)
         self.mode = "hybrid" if self.tables else "allreduce"

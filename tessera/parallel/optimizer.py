@@ -7,20 +7,24 @@ group its hyperparameters and the ranges of the flat parameter vector its
 parameters occupy. Every server builds the same class with the same groups on
 its partitions (:mod:`tessera.ps.optim`).
 
-What the script keeps is a :class:`RemoteOptimizer`, a real
+What the script keeps is a :class:`DistributedOptimizer`, a real
 ``torch.optim.Optimizer`` whose ``param_groups`` are the script's own, so any
-``torch.optim.lr_scheduler`` (or a hand-written warm-up) moves them as usual:
+``torch.optim.lr_scheduler`` (or a hand-written warm-up) moves them as usual. In
+every mode it is the handle on the wrapper's step; in the parameter-server modes:
 
 1. ``zero_grad()`` clears the flat gradient buffer the model's gradients live in.
 2. ``step()`` finishes the distributed step (the pushes went out during backward;
    it waits for the new values and copies them into the model).
 3. Before each step's first push, the model compares the groups' hyperparameters
-   with those the servers last received (:meth:`RemoteOptimizer.changed_hparams`)
+   with those the servers last received (:meth:`DistributedOptimizer.changed_hparams`)
    and sends them with the push when they moved, so the servers apply a changed
    learning rate at the same step as one process would.
 4. ``state_dict()``/``load_state_dict()`` carry the param groups (what schedulers
    and scripts change); the optimizer's per-element state lives on the servers
    and travels in Tessera's checkpoints.
+
+With all-reduce (and hybrid) the script's optimizer itself steps the replica
+after DDP's averaged gradients, so ``state_dict()`` is the script's own.
 """
 
 from __future__ import annotations
@@ -31,13 +35,18 @@ import torch
 from torch import nn
 
 from tessera.errors import UsageError
-from tessera.ps.optim import BY_SHORT_NAME, check_optimizer_class, group_hparams
+from tessera.ps.optim import check_optimizer_class, group_hparams
 from tessera.transport.wire import OptimGroup, OptimSpec
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters the flat vector holds, in its order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def describe(optimizer: torch.optim.Optimizer) -> OptimSpec:
+    """An optimizer that steps on the workers (all-reduce), named for the manifest."""
+    return OptimSpec(name=type(optimizer).__name__, groups=[])
 
 
 def spec_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimSpec:
@@ -65,14 +74,6 @@ def spec_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> O
     return OptimSpec(name=name, groups=groups)
 
 
-def spec_from_config(cfg, total: int) -> OptimSpec:
-    """The string form (``optimizer="sgd", lr=0.1``): one group over everything."""
-    name = BY_SHORT_NAME[cfg.name]
-    return OptimSpec(name=name, groups=[OptimGroup(
-        hparams=group_hparams(cfg.torch_kwargs(), f"optimizer {cfg.name!r}"),
-        ranges=[(0, total)] if total else [])])
-
-
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
@@ -83,13 +84,15 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-class RemoteOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(torch.optim.Optimizer):
     """The optimizer a script steps while the servers run the real one (see module)."""
 
     def __init__(self, user: torch.optim.Optimizer, finish_step: Callable[[], bool],
-                 zero_grad: Callable[[], None]):
+                 zero_grad: Callable[[], None], local: bool = False):
         # The script's own group dicts: a scheduler built on either object moves them.
         super().__init__(user.param_groups, user.defaults)
+        self.user = user
+        self.local = local  # the script's optimizer steps here (all-reduce), not on servers
         self.user_class = type(user).__name__
         self._finish_step = finish_step
         self._zero_grad = zero_grad
@@ -107,6 +110,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - grads are views
         self._zero_grad()
+
+    def state_dict(self) -> dict:
+        return self.user.state_dict() if self.local else super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.local:
+            self.user.load_state_dict(state_dict)
+            self.param_groups = self.user.param_groups
+        else:
+            super().load_state_dict(state_dict)
 
     def current_hparams(self) -> list[dict]:
         return [group_hparams(g, f"{self.user_class} param group {i}")

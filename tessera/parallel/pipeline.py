@@ -134,6 +134,8 @@ class PipelineParallel(DistributedModel):
 
     mode = "pipeline"
 
+    whole_model = False  # this stage's slice only: no final.safetensors from one stage
+
     def __init__(self, model: nn.Sequential, *, rank: int, num_workers: int,
                  plan: PipelineConfig, optimizer: OptimizerConfig, loss_fn: Callable,
                  device=torch.device("cpu"), profiler: SpanRecorder = OFF):

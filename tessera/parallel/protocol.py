@@ -152,3 +152,16 @@ class DistributedModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    #: Whether this process holds the whole model (a pipeline stage holds a slice).
+    whole_model = True
+
+    def final_values(self) -> None:
+        """Bring the model to the job's final values before export (nothing to do
+        unless another process may have moved them since this one's last step)."""
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The trained model as this process holds it: parameters and buffers under the
+        plain module's keys, as separate contiguous CPU tensors (for safetensors)."""
+        return {k: v.detach().to("cpu").clone().contiguous()
+                for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -14,20 +14,35 @@ Phases of one step (STYLE: numbered, as the code runs them):
    pushed at once in the wire dtype, so pushes of the last layers overlap the
    backward of the first (DDP's bucketing, in the order the PS needs). Under loss
    scaling the push also names the first parameter whose gradient overflowed.
-3. :meth:`PSDataParallel.unscale_` (with loss scaling; otherwise
-   :meth:`PSDataParallel.step`) pushes what backward did not touch (unused
+   Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
+   the flat buffer (DDP's gradient accumulation), and the next backward outside
+   it pushes the sum. Any other second backward before the step is refused.
+3. :meth:`PSDataParallel.unscale_`, :meth:`PSDataParallel.clip_grad_norm_` or
+   :meth:`PSDataParallel.step` pushes what backward did not touch (unused
    parameters push zeros) and waits for the replies:
-   - without loss scaling, each reply carries the partition's new values;
-   - with loss scaling (fp16, sync), each reply is a verdict; every worker
-     derives the same decision from the same verdicts (skip if any partition
-     overflowed anywhere), sends it with a pull of the next clock, and gets
-     the new (or, when skipped, unchanged) values back. The loss scaler moves
-     the same way on every worker.
+   - for a plain push, each reply carries the partition's new values;
+   - for a *held* push (sync mode, under loss scaling or while the script clips
+     its gradients), the server keeps the clock's mean gradient and answers with
+     a verdict: is it finite, and its norm. Every worker derives the same
+     decision from the same verdicts (skip if any partition overflowed anywhere;
+     the clipping coefficient from the norm of all partitions together, which is
+     the norm of the workers' averaged gradient, as one process with batch W·b
+     computes it), sends it with a pull of the next clock, and gets the new (or,
+     when skipped, unchanged) values back. The loss scaler moves the same way on
+     every worker.
 4. The values are copied into the flat parameter buffer; the clock advances.
+
+Whether a step's pushes are held is decided one step ahead, since they leave
+during backward: the first step of a sync job is held, and every step after one
+that clipped. So a script clips on every step or on none (:meth:`clip_grad_norm_`
+says so otherwise). Worker 0's first push of each step carries the optimizer's
+param-group hyperparameters when a scheduler (or the script) changed them, so the
+servers apply them to that step's update, as ``optimizer.step()`` would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -35,7 +50,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tessera.parallel.flat import flatten_model
+from tessera.errors import UsageError
+from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
@@ -69,8 +85,8 @@ class Start:
 class PSDataParallel(DistributedModel):
     """Wraps ``module`` so that its parameters live on the parameter servers.
 
-    ``no_sync``, ``clip_grad_norm_`` and ``load_state_dict`` are refused: the
-    gradients leave during backward and the servers hold the parameters.
+    ``load_state_dict`` is refused (the servers hold the parameters); clipping needs
+    sync mode (see the module docstring).
     """
 
     def __init__(self, module: nn.Module, client: PSClient, shard_map: ShardMap, *,
@@ -102,11 +118,26 @@ class PSDataParallel(DistributedModel):
         self._wait_start_ns = 0
         self._copy_s = 0.0
         self._verdicts: list[Verdict] = []
+        #: False inside no_sync(): gradients accumulate locally, nothing is pushed.
+        self._sync = True
+        #: This step's pushes are held for a verdict (sync: first step, or clipping).
+        self._hold = comm.mode == "sync"
+        self._norm_type = 2.0
+        self._clipped, self._coef = False, 1.0
+        #: Worker 0: the optimizer's changed hyperparameters, sent with a step's pushes.
+        self.hparams_source = lambda: None
+        self._step_hparams: Optional[list] = None
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
-        if self.flat.numel() != shard_map.total_elems:
-            raise ValueError(f"model has {self.flat.numel()} trainable elements but the shard map "
-                             f"covers {shard_map.total_elems}: workers built different models")
+        # Buffers (BatchNorm's statistics) follow the parameters; the servers average them.
+        buffers_initial, self.flat_buffers = flatten_buffers(module)
+        self._buffers_at = self.flat.numel()
+        initial = torch.cat([initial, buffers_initial])
+        if initial.numel() != shard_map.total_elems:
+            raise ValueError(f"model has {initial.numel()} trainable and buffer elements but the "
+                             f"shard map covers {shard_map.total_elems}: workers built different "
+                             f"models")
+        self._buffer_parts = {p.id for p in shard_map.partitions if p.start >= self._buffers_at}
         self._params = [p for p in module.parameters() if p.requires_grad]
         offsets = shard_map.param_offsets()
         self._views = [(p, offsets[i], p.numel()) for i, p in enumerate(self._params)]
@@ -243,7 +274,15 @@ class PSDataParallel(DistributedModel):
                 self._last_hook_ns = self.profiler.now()
                 if not self._backward_start_ns:
                     self._backward_start_ns = self._last_hook_ns
+            if not self._sync:
+                return  # no_sync(): accumulate; the next synced backward pushes the sum
             for pid in self._parts_of_param[index]:
+                if pid in self._handles:
+                    raise UsageError(
+                        f"worker {self.client.worker}: a second backward() before step() would "
+                        f"push parameter '{self._names[index]}' twice: to accumulate gradients, "
+                        f"run all but the last micro-batch's backward inside `with "
+                        f"model.no_sync():`, or call optimizer.step() in between")
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
                     self._push(pid)
@@ -251,16 +290,27 @@ class PSDataParallel(DistributedModel):
 
     def _push(self, pid: int) -> None:
         info = self.client.parts[pid]
+        if pid in self._buffer_parts:  # values, not gradients: fp32, unscaled, never held
+            at = self._buffers_at
+            self._handles[pid] = self.client.push(
+                pid, self.flat_buffers[info.start - at:info.stop - at], self.clock,
+                checkpoint=self._ckpt_flag, dtype="float32")
+            return
         grad = self.flat_grad[info.start:info.stop]
         nonfinite = ""
         if self.scaler.enabled:
             grad = grad.to(self._wire)  # overflow happens here, at the cast
             if not bool(torch.isfinite(grad).all()):
                 nonfinite = self._first_nonfinite(pid, grad)
-        if not self._handles and self.profiler.enabled:
-            self._first_push_ns = self.profiler.now()
-        self._handles[pid] = self.client.push(pid, grad, self.clock, scale=self.scaler.scale,
-                                              nonfinite=nonfinite, checkpoint=self._ckpt_flag)
+        if not self._handles:  # the step's first push
+            self._step_hparams = self.hparams_source() if self.is_first else None
+            if self.profiler.enabled:
+                self._first_push_ns = self.profiler.now()
+        hold = self.two_phase or self._hold
+        self._handles[pid] = self.client.push(
+            pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
+            checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
+            norm_type=self._norm_type if self._hold else 0.0)
 
     def _first_nonfinite(self, pid: int, wire_grad: torch.Tensor) -> str:
         """Name of the first parameter, in backward order, with a non-finite gradient."""
@@ -308,7 +358,7 @@ class PSDataParallel(DistributedModel):
                 self._copy_s += self._consume(h, reply)
         for h in row_handles:
             h.wait()
-        if self.two_phase:
+        if self.two_phase or self._hold:
             return all(v.finite for v in self._verdicts)
         if self.scaler.enabled:  # async: each push was applied or refused on its own
             return not any(h.skipped for h in self._handles.values())
@@ -324,11 +374,14 @@ class PSDataParallel(DistributedModel):
         applied = self._collect() if self._finite is None else self._finite
         prof = self.profiler
         t0, wait_start, verdicts = self._wait_t0, self._wait_start_ns, self._verdicts
-        if self.two_phase:  # the decision travels with the pull of the next clock
-            for h in self.client.pull(clock=self.clock + 1, commit=applied):
+        if self.two_phase or self._hold:  # the decision travels with the next clock's pull
+            for h in self.client.pull(clock=self.clock + 1, commit=applied, coef=self._coef):
                 self._copy_s += self._consume(h, h.wait())
-            if not applied:
+            if not applied and self.two_phase:
                 self._report_overflow(verdicts)
+            elif not applied:
+                self.log(f"worker {self.client.worker}: the averaged gradient of step "
+                         f"{self.clock + 1} is not finite; the step was skipped on every worker")
         copy_s = self._copy_s
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited
@@ -356,6 +409,8 @@ class PSDataParallel(DistributedModel):
         self._fired.clear()
         self._verdicts = []
         self._finite, self._copy_s = None, 0.0
+        self._hold = self.mode == "sync" and self._clipped
+        self._clipped, self._coef = False, 1.0
         self._remaining = dict(self._needed)
         self.clock += 1
         self.on_clock(self.clock)
@@ -387,6 +442,53 @@ class PSDataParallel(DistributedModel):
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
         self.flat_grad.zero_()
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward inside accumulates gradients locally; nothing is pushed (DDP's name)."""
+        if self.tables:
+            raise self.refuse("no_sync()", "sharded tables push their rows' gradients every step")
+        was, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = was
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the norm of the gradient the servers will apply (sync: the workers'
+        average, as one process with batch W·b); returns that norm (FSDP's name)."""
+        if self.mode != "sync":
+            raise self.refuse("clip_grad_norm_", "each push is applied on arrival, so there is "
+                              "no global gradient to clip; use --mode sync or allreduce")
+        if self.tables:
+            raise self.refuse("clip_grad_norm_", "the rows' gradients of sharded tables are "
+                              "not part of the norm")
+        norm_type = float(norm_type)
+        if not self._hold or (self._handles and norm_type != self._norm_type):
+            raise UsageError(
+                f"worker {self.client.worker}: clip_grad_norm_(norm_type={norm_type:g}) at step "
+                f"{self.clock + 1}, but this step's gradients left without a norm: the servers "
+                f"keep a step's gradient for clipping when the step before clipped (and the "
+                f"first step, for the 2-norm), so call it on every step with the same norm_type")
+        self._norm_type = norm_type
+        finite = self.unscale_() if self.scaler.enabled else self._collect()
+        self._finite = finite
+        if not finite:
+            total = float("inf")
+        else:
+            norms = torch.tensor([v.norm for v in self._verdicts
+                                  if v.partitions[0] not in self._buffer_parts],
+                                 dtype=torch.float64)
+            total = float(torch.linalg.vector_norm(norms, norm_type)) if len(norms) else 0.0
+        self._coef = min(1.0, float(max_norm) / (total + 1e-6))
+        self._clipped = True
+        return torch.tensor(total)
+
+    def final_values(self) -> None:
+        """async/ssp: other workers may have pushed since this one's last step: take the
+        servers' current values (sync: the last step's values are the final ones)."""
+        if self.mode != "sync":
+            self._copy_in(self.client.pull(clock=0))
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         raise self.refuse("load_state_dict()", "the servers hold the parameters; resume a "
                           "job from its checkpoint with --resume")
@@ -403,6 +505,10 @@ class PSDataParallel(DistributedModel):
             self._consume(h, h.wait())
 
     def _write(self, values: dict[int, torch.Tensor]) -> None:
+        at = self._buffers_at
         for pid, tensor in values.items():
             info = self.client.parts[pid]
-            self.flat[info.start:info.stop].copy_(tensor)
+            if info.start >= at:
+                self.flat_buffers[info.start - at:info.stop - at].copy_(tensor)
+            else:
+                self.flat[info.start:info.stop].copy_(tensor)

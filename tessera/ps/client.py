@@ -192,7 +192,7 @@ class PSClient:
             self._expect(server, req, "initial values", None, wire.Ack)
 
     def pull(self, partitions: Optional[list[int]] = None, clock: int = 0,
-             commit: Optional[bool] = None) -> list[Handle]:
+             commit: Optional[bool] = None, coef: float = 1.0) -> list[Handle]:
         """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
         ids = list(self.parts) if partitions is None else partitions
         self._route()
@@ -204,7 +204,7 @@ class PSClient:
             ep = self.servers[server]
             req = ep.new_req()
             msg = wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
-                            dtype=self.wire_dtype, commit=commit)
+                            dtype=self.wire_dtype, commit=commit, coef=coef)
             ep.send(msg)
             handles.append(self._track(Handle(self, server, req,
                                               f"pull of partitions {pids} at clock {clock}",
@@ -212,13 +212,16 @@ class PSClient:
         return handles
 
     def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
-             nonfinite: str = "", checkpoint: int = 0) -> Handle:
+             nonfinite: str = "", checkpoint: int = 0, hold: bool = False,
+             norm_type: float = 0.0, hparams: Optional[list] = None,
+             dtype: Optional[str] = None) -> Handle:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
 
         ``grad`` may already be in the wire dtype (then it is sent without a copy).
         """
         info = self.parts[partition]
-        payload = grad.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
+        dtype = dtype or self.wire_dtype
+        payload = grad.detach().to("cpu", torch_dtype(dtype)).contiguous()
         if payload.numel() != info.stop - info.start:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
@@ -229,8 +232,9 @@ class PSClient:
         req = ep.new_req()
         self.seq += 1
         msg = wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
-                        partitions=[partition], dtype=self.wire_dtype, scale=scale,
-                        nonfinite=nonfinite, checkpoint=checkpoint,
+                        partitions=[partition], dtype=dtype, scale=scale,
+                        nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
+                        norm_type=norm_type, hparams=hparams,
                         sent_ns=self.profiler.now() if self.profiler.enabled else 0)
         ep.send(msg, [frame])
         self.bytes_pushed += frame.nbytes

@@ -262,8 +262,14 @@ class Sync(Consistency):
         reported. The unit holds the sum until the decision; the Verdict goes to its
         pushers (``req`` set per pusher)."""
         unit.verdict = not unit.overflows and bool(torch.isfinite(unit.accum).all())
+        norm = 0.0
+        if unit.norm_type and unit.verdict:
+            # The norm of the mean: p-norms are homogeneous, so |sum| / n (one pass, and
+            # only for a clock a worker will clip).
+            n = max(1, len(unit.pushed_by))
+            norm = float(torch.linalg.vector_norm(unit.accum, unit.norm_type)) / n
         return wire.Verdict(req=0, partitions=[unit.info.id], clock=unit.clock,
-                            finite=unit.verdict, overflows=unit.overflows)
+                            finite=unit.verdict, overflows=unit.overflows, norm=norm)
 
     @staticmethod
     def decided(units: list, clock: int, apply: bool) -> list:

@@ -22,6 +22,11 @@ Hyperparameters change during training (an lr scheduler, or by hand): a worker
 sends the groups' current values with its next push, and :meth:`set_hparams`
 writes them into every segment's param group before the update they belong to.
 
+The model's buffers (BatchNorm's running statistics) are a last, non-optimizer
+group (``average``): their segments take the workers' mean (sync: the clock's
+mean of the values pushed; async and ssp: each push moves them ``1/W`` of the way,
+a running mean over the workers), and clipping never scales them.
+
 Optimizers that are not element-wise (LBFGS needs a closure and a line search
 over the whole model; Adafactor and Muon shape their update by the matrix;
 SparseAdam takes sparse gradients) are refused in one line by
@@ -37,6 +42,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from tessera.errors import UsageError
+from tessera.transport.wire import OptimGroup, OptimSpec
 
 #: The element-wise ``torch.optim`` classes the servers can run, by class name.
 ELEMENTWISE = {name: getattr(torch.optim, name) for name in (
@@ -89,6 +95,45 @@ def group_hparams(group: dict, where: str) -> dict[str, HParam]:
     return out
 
 
+#: The string form's one group covers every element of any flat vector.
+_EVERYTHING = (0, 1 << 62)
+
+
+def spec_from_config(cfg) -> OptimSpec:
+    """The string form (``optimizer = "sgd"``, ``lr = 0.1``): one group over everything."""
+    return OptimSpec(name=BY_SHORT_NAME[cfg.name], groups=[OptimGroup(
+        hparams=group_hparams(cfg.torch_kwargs(), f"optimizer {cfg.name!r}"),
+        ranges=[_EVERYTHING])])
+
+
+def with_buffers(spec: OptimSpec, start: int, stop: int) -> OptimSpec:
+    """``spec`` with the flat vector's buffer region ``[start, stop)`` as an averaged
+    group (and no optimizer group reaching into it)."""
+    if stop <= start:
+        return spec
+    groups = [OptimGroup(hparams=g.hparams, average=g.average,
+                         ranges=[(a, min(b, start)) for a, b in g.ranges if a < start])
+              for g in spec.groups]
+    return OptimSpec(name=spec.name, groups=[
+        *groups, OptimGroup(hparams={}, ranges=[(start, stop)], average=True)])
+
+
+def as_spec(optimizer) -> OptimSpec:
+    """An :class:`OptimSpec`, given one or a job file's ``OptimizerConfig``."""
+    from tessera.config.schema import OptimizerConfig
+    return spec_from_config(optimizer) if isinstance(optimizer, OptimizerConfig) else optimizer
+
+
+def _kind(value: HParam) -> str:
+    if isinstance(value, bool):
+        return "flag"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return f"tuple of {len(value)}"
+    return "text" if isinstance(value, str) else "None"
+
+
 def _torch_value(value: HParam) -> HParam:
     return tuple(value) if isinstance(value, list) else value
 
@@ -118,7 +163,13 @@ def segments(groups: list, start: int, stop: int) -> list[tuple[int, int, Option
 class UpdateRule(Protocol):
     master: torch.Tensor
 
+    num_groups: int
+
     def apply(self, grad: torch.Tensor) -> None: ...
+
+    def clip(self, grad: torch.Tensor, coef: float) -> torch.Tensor: ...
+
+    def check_hparams(self, hparams: list[dict[str, HParam]]) -> str: ...
 
     def set_hparams(self, hparams: list[dict[str, HParam]]) -> None: ...
 
@@ -130,13 +181,20 @@ class UpdateRule(Protocol):
 class TorchOptimRule:
     """The user's ``torch.optim`` class stepping one flat fp32 partition, by group."""
 
-    def __init__(self, initial: torch.Tensor, spec, start: int, stop: int):
+    def __init__(self, initial: torch.Tensor, spec, start: int, stop: int,
+                 average_keep: float = 0.0):
         self.master = initial.detach().to(torch.float32).clone()
         cls = ELEMENTWISE[spec.name]
         self._segments: list[tuple[int, int, int, torch.nn.Parameter]] = []
+        #: Buffer segments: master <- keep * master + pushed (0: sync's mean replaces it).
+        self._averaged: list[tuple[int, int]] = []
+        self._keep = average_keep
         param_groups = []
         for lo, hi, index in segments(spec.groups, start, stop):
             if index is None:
+                continue
+            if spec.groups[index].average:
+                self._averaged.append((lo, hi))
                 continue
             # Parameter(view) shares the view's storage: the optimizer's in-place
             # update lands in the master, which replies send without a gather.
@@ -147,6 +205,8 @@ class TorchOptimRule:
         # foreach=False: one small tensor per group; the plain loop matches the
         # single-process arithmetic exactly.
         self.optimizer = cls(param_groups, foreach=False) if param_groups else None
+        self.num_groups = sum(not g.average for g in spec.groups)
+        self._initial = [dict(g.hparams) for g in spec.groups if not g.average]
         self.steps = 0
 
     def apply(self, grad: torch.Tensor) -> None:
@@ -157,7 +217,19 @@ class TorchOptimRule:
             self.optimizer.step()
             for *_, param in self._segments:
                 param.grad = None
+        for lo, hi in self._averaged:
+            if self._keep:
+                self.master[lo:hi].mul_(self._keep).add_(grad[lo:hi])
+            else:
+                self.master[lo:hi].copy_(grad[lo:hi])
         self.steps += 1
+
+    def clip(self, grad: torch.Tensor, coef: float) -> torch.Tensor:
+        """``grad`` with its optimizer segments scaled by ``coef`` (clipping), in place."""
+        if coef != 1.0:
+            for lo, hi, _, _ in self._segments:
+                grad[lo:hi].mul_(coef)
+        return grad
 
     def set_hparams(self, hparams: list[dict[str, HParam]]) -> None:
         """The groups' current hyperparameters (an lr scheduler moved them)."""
@@ -167,6 +239,18 @@ class TorchOptimRule:
             if index < len(hparams):
                 for key, value in hparams[index].items():
                     group[key] = _torch_value(value)
+
+    def check_hparams(self, hparams: list[dict[str, HParam]]) -> str:
+        """Why ``hparams`` cannot replace the groups' values ("" if it can): each value
+        keeps the kind (number, flag, tuple, text) it had when the optimizer was built."""
+        for index, (now, first) in enumerate(zip(hparams, self._initial)):
+            for key, value in now.items():
+                if key in first and _kind(value) != _kind(first[key]) and first[key] is not None:
+                    return (f"param group {index}: {key!r} was a {_kind(first[key])}, "
+                            f"got a {_kind(value)}")
+                if isinstance(value, float) and value != value:
+                    return f"param group {index}: {key!r} is NaN"
+        return ""
 
     def hparams(self) -> list[dict[str, HParam]]:
         """Each segment's group values (for tests and checkpoints)."""
@@ -208,5 +292,14 @@ class TorchOptimRule:
             self.optimizer.state[param] = seg
 
 
-def make_rule(initial: torch.Tensor, spec, start: int, stop: int) -> UpdateRule:
-    return TorchOptimRule(initial, spec, start, stop)
+def make_rule(initial: torch.Tensor, spec, start: int, stop: int,
+              average_keep: float = 0.0) -> UpdateRule:
+    """The update rule of partition ``[start, stop)``; ValueError names what is wrong with
+    ``spec`` (it came over the wire: a class the servers do not run, a bad value)."""
+    if spec.name not in ELEMENTWISE:
+        raise ValueError(f"optimizer {spec.name!r} is not one the servers run "
+                         f"({', '.join(ELEMENTWISE)})")
+    try:
+        return TorchOptimRule(initial, spec, start, stop, average_keep)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"optimizer {spec.name}: {exc}") from None

@@ -40,6 +40,12 @@ class PartitionState(Clocked):
     last_seq: dict[int, int] = field(default_factory=dict)
     #: Worker pushes folded into applied updates (the "nothing lost" counter).
     applied_pushes: int = 0
+    #: The current clock is held for a verdict (loss scaling, or a worker clipping).
+    held: bool = False
+    #: > 0: the verdict carries this norm of the mean gradient (clipping).
+    norm_type: float = 0.0
+    #: Hyperparameters worker 0 sent for the next update (None: unchanged).
+    hparams: Optional[list] = None
 
     @property
     def ready(self) -> bool:
@@ -70,6 +76,7 @@ class PartitionState(Clocked):
         n = max(1, len(self.pushed_by))
         grad = self.accum.div_(n) if n > 1 else self.accum
         self.accum, self.verdict = None, None
+        self.held, self.norm_type = False, 0.0
         self.pushed_by.clear()
         self.overflows = []
         return grad, n

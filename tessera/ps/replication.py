@@ -28,7 +28,6 @@ from typing import Callable, Optional
 import torch
 
 from tessera.ps.consistency import Consistency, RequestError
-from tessera.ps.optim import make_rule
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
@@ -49,13 +48,13 @@ class Replicator:
 
     def __init__(self, options: ServerOptions, hooks: ServerHooks, replicas: Replicas, *,
                  endpoint, handle: Callable, parts: dict, backups: dict, policy: Consistency,
-                 optimizer, stats: dict):
+                 new_rule, stats: dict):
         self.rank, self.num_servers = options.rank, options.num_servers
         self.timeout_s = options.timeout_s
         self.peer = replicas.peer
         self.primary = replicas.primary
         self.parts, self.backups = parts, backups  # the server's dicts, shared
-        self.policy, self.optimizer, self.stats = policy, optimizer, stats
+        self.policy, self.new_rule, self.stats = policy, new_rule, stats
         self.endpoint, self.handle = endpoint, handle
         self.check, self.membership = hooks.check, hooks.membership
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
@@ -65,7 +64,7 @@ class Replicator:
     # --------------------------------------------------------------- primary
 
     def send(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
-             seq: int = -1) -> None:
+             seq: int = -1, hparams: Optional[list] = None) -> None:
         """Have the backup apply the same thing, and wait for its Ack."""
         peer = self.peer
         if peer is None or st.info.server != self.rank:
@@ -73,7 +72,7 @@ class Replicator:
         from tessera.transport.endpoint import TransportError
         req = peer.new_req()
         peer.send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id], clock=st.clock,
-                                 pushes=pushes, worker=worker, seq=seq),
+                                 pushes=pushes, worker=worker, seq=seq, hparams=hparams),
                   [tensor_to_frame(tensor.contiguous())])
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -133,13 +132,15 @@ class Replicator:
         values = frame_to_tensor(frames[0].buffer, "float32", st.numel)
         if msg.kind == "init":
             if st.rule is None:
-                st.rule = make_rule(values.clone(), self.optimizer)
+                st.rule = self.new_rule(values.clone(), st.info)
         elif msg.kind == "grad":
             if st.rule is None:
                 raise RequestError(f"partition {st.info.id} replica has no initial values")
             fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
                 else msg.clock >= st.clock
             if fresh:
+                if msg.hparams is not None:
+                    st.rule.set_hparams(msg.hparams)
                 st.rule.apply(values.clone())
                 self.policy.replayed(st, msg.clock)
                 st.applied_pushes += msg.pushes

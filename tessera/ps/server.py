@@ -33,11 +33,10 @@ from typing import Optional
 
 import torch
 
-from tessera.config.schema import OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
-from tessera.ps.optim import make_rule
+from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.partition import PartitionState, Reply
 from tessera.ps.replication import Replicas, Replicator
 from tessera.ps.server_profile import profile_apply, profile_push
@@ -54,14 +53,14 @@ class ParameterServer:
     (4) the update, (5) the reply, now or when the rule lets it go."""
 
     def __init__(self, options: ServerOptions, *, endpoint: ServerEndpoint,
-                 partitions: list[wire.PartitionInfo], optimizer: OptimizerConfig,
+                 partitions: list[wire.PartitionInfo], optimizer: wire.OptimSpec,
                  tables: Optional[list[wire.TableSpec]] = None, hooks: ServerHooks = ServerHooks(),
                  replicas: Replicas = Replicas(), checkpoint_store=None,
                  profiler: SpanRecorder = OFF):
         self.options = options
         self.rank = options.rank
         self.endpoint = endpoint
-        self.optimizer = optimizer
+        self.optimizer = as_spec(optimizer)
         self.hooks = hooks
         self.profiler = profiler
         self.policy = make_consistency(options.mode, options.num_workers, options.staleness)
@@ -80,7 +79,7 @@ class ParameterServer:
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=endpoint.send, stats=self.stats)
         shared = dict(parts=self.parts, backups=self.backups, policy=self.policy,
-                      optimizer=optimizer, stats=self.stats)
+                      new_rule=self._new_rule, stats=self.stats)
         self.replication = Replicator(options, hooks, replicas, endpoint=endpoint,
                                       handle=self.handle, **shared)
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
@@ -194,7 +193,10 @@ class ParameterServer:
         for st, frame in zip(states, frames):
             if st.rule is None:  # first writer wins: a re-sent init changes nothing
                 values = frame_to_tensor(frame.buffer, msg.dtype, st.numel).to(torch.float32)
-                st.rule = make_rule(values, self.optimizer)
+                try:
+                    st.rule = self._new_rule(values, st.info)
+                except ValueError as exc:
+                    raise RequestError(str(exc)) from None
                 self.stats["bytes_received"] += len(frame)
                 fresh.append((st, values))
         for st, values in fresh:
@@ -207,8 +209,11 @@ class ParameterServer:
             raise RequestError("a pull carries no payload frames")
         states = self._states(msg.partitions, None, msg.dtype)
         self.stats["pulls"] += 1
-        if msg.commit is not None and self.two_phase:
-            self._commit(states, msg.clock - 1, msg.commit)
+        if msg.commit is not None:
+            if not (0.0 < msg.coef < float("inf")):
+                raise RequestError(f"a commit's clipping coefficient must be a positive finite "
+                                   f"number, got {msg.coef}")
+            self._commit(states, msg.clock - 1, msg.commit, msg.coef)
         self.policy.wait_or_answer(Reply(self.policy.pull_clock(msg.clock), states, self._reply,
                                           peer, msg.req, msg.dtype))
 
@@ -226,8 +231,22 @@ class ParameterServer:
             else:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
-        if self.two_phase and len(states) != 1:
-            raise RequestError("with loss scaling, push one partition per message")
+        held = self.two_phase or msg.hold
+        if held and len(states) != 1:
+            raise RequestError("a held push (loss scaling, clipping) carries one partition")
+        if held and not policy.sums_clock:
+            raise RequestError(f"only sync mode holds a clock's gradient for a verdict "
+                               f"(this server runs {policy.name})")
+        if msg.hparams is not None:
+            if msg.worker != 0:
+                raise RequestError("only worker 0 sends hyperparameters")
+            for st in states:
+                if len(msg.hparams) != st.rule.num_groups:
+                    raise RequestError(f"hyperparameters of {len(msg.hparams)} param groups "
+                                       f"sent; the optimizer has {st.rule.num_groups}")
+                why = st.rule.check_hparams(msg.hparams)
+                if why:
+                    raise RequestError(f"hyperparameters refused: {why}")
         if policy.stale_push(states, msg.worker, msg.clock):
             # Applied already (a re-sent push after a failover, or its clock was
             # completed without it): answer with the current values.
@@ -237,6 +256,8 @@ class ParameterServer:
         # Validated: from here on the push is applied (or held), exactly once.
         for st in states:
             st.last_seq[msg.worker] = msg.seq
+            if msg.hparams is not None:  # applied with this clock's update (and replicated)
+                st.hparams = msg.hparams
         self.members.pushed(msg.worker, msg.clock)
         self.snapshots.ask(msg.checkpoint)
         self.stats["pushes"] += 1
@@ -262,8 +283,7 @@ class ParameterServer:
             policy.advance(states)
             return
         for st, grad in zip(states, grads):
-            self.replication.send("grad", st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
-            self._apply(st, grad, pushes=1)
+            self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
             self._send_params(peer, msg.req, states, msg.dtype)
             return
@@ -280,7 +300,9 @@ class ParameterServer:
             self.stats["bytes_received"] += len(frame)
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
                    msg.nonfinite)
-        if self.two_phase:
+        if self.two_phase or msg.hold:  # one partition (checked): answered with its verdict
+            states[0].held = True
+            states[0].norm_type = max(states[0].norm_type, msg.norm_type)
             states[0].verdict_waiters.append((peer, msg.req))
         else:
             self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock), states,
@@ -295,7 +317,7 @@ class ParameterServer:
                 continue
             if len(st.pushed_by) < self.options.num_workers:
                 self.stats["short_clocks"] += 1
-            if self.two_phase:
+            if st.held:
                 verdict = self.policy.judge(st)
                 for w_peer, w_req in st.verdict_waiters:
                     verdict.req = w_req
@@ -303,18 +325,19 @@ class ParameterServer:
                 st.verdict_waiters.clear()
                 continue
             grad, n = st.take_mean()
-            self.replication.send("grad", st, grad, pushes=n)
-            self._apply(st, grad, pushes=n)
+            self._update(st, grad, pushes=n)
             advanced.append(st)
         self.policy.wake(advanced)
 
-    def _commit(self, states: list[PartitionState], clock: int, apply: bool) -> None:
-        """The cluster's decision on the held sums of ``clock``: apply them or skip."""
+    def _commit(self, states: list[PartitionState], clock: int, apply: bool,
+                coef: float = 1.0) -> None:
+        """The cluster's decision on the held means of ``clock``: apply them (times the
+        clipping coefficient ``coef``) or skip."""
         due = self.policy.decided(states, clock, apply)
         for st in due:
             grad, n = st.take_mean()
             if apply:
-                self._apply(st, grad, pushes=n)
+                self._update(st, st.rule.clip(grad, coef), pushes=n)
             else:
                 st.clock += 1
                 st.arrivals.clear()
@@ -350,6 +373,22 @@ class ParameterServer:
         self.policy.wait_or_answer(Reply(wait, states, self._reply, peer, msg.req, msg.dtype))
 
     # --------------------------------------------------------------- replies
+
+    def _new_rule(self, values: torch.Tensor, info: wire.PartitionInfo):
+        """The update rule of a partition: the job's optimizer on its groups; buffers
+        averaged (sync: replaced by the clock's mean; else a running mean over workers)."""
+        keep = 0.0 if self.policy.sums_clock else 1.0 - 1.0 / self.options.num_workers
+        return make_rule(values, self.optimizer, info.start, info.stop, keep)
+
+    def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
+                seq: int = -1) -> None:
+        """Replicate, then apply, one update (with the hyperparameters worker 0 last sent)."""
+        hparams, st.hparams = st.hparams, None
+        self.replication.send("grad", st, grad, pushes=pushes, worker=worker, seq=seq,
+                              hparams=hparams)
+        if hparams is not None:
+            st.rule.set_hparams(hparams)
+        self._apply(st, grad, pushes=pushes)
 
     def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1) -> None:
         t0 = time.perf_counter()

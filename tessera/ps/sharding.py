@@ -76,6 +76,23 @@ def partition_elems_for(partition_mb: float, itemsize: int = 4) -> int:
     return max(1, int(partition_mb * MiB) // itemsize)
 
 
+def _cut(start: int, stop: int, num_servers: int, partition_elems: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` in near-equal partitions of at most ``partition_elems``: cutting
+    into ceil(n / partition_elems) near-equal pieces balances better than fixed-size
+    pieces plus a small remainder."""
+    total = stop - start
+    if total <= 0:
+        return []
+    num_parts = max(-(-total // partition_elems), min(num_servers, total))
+    base, extra = divmod(total, num_parts)
+    bounds = []
+    for i in range(num_parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def plan_shards(layout: list[ParamSpec], num_servers: int, partition_elems: int,
                 weights: list[float] | None = None) -> ShardMap:
     """Cut the flat vector into partitions and place them on ``num_servers`` servers.
@@ -90,16 +107,12 @@ def plan_shards(layout: list[ParamSpec], num_servers: int, partition_elems: int,
     total = sum(p.numel for p in layout)
     if total == 0:
         raise ValueError("the model has no parameters to put on servers")
-    # Equal-sized partitions (the last one no smaller than needed): cutting
-    # ``total`` into ceil(total / partition_elems) near-equal pieces balances
-    # better than fixed-size pieces plus a small remainder.
-    num_parts = max(-(-total // partition_elems), min(num_servers, total))
-    base, extra = divmod(total, num_parts)
-    bounds, start = [], 0
-    for i in range(num_parts):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
+    # Parameters and buffers (which the servers average, not step) never share a
+    # partition: each region is cut on its own.
+    params = sum(p.numel for p in layout if not p.buffer)
+    bounds = _cut(0, params, num_servers, partition_elems) + \
+        _cut(params, total, num_servers, partition_elems)
+    num_parts = len(bounds)
     w = weights or [1.0] * num_servers
     if len(w) != num_servers or any(x <= 0 for x in w):
         raise ValueError(f"weights must be {num_servers} positive numbers, got {weights}")

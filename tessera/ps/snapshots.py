@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 
 from tessera.ps.consistency import Consistency
-from tessera.ps.optim import make_rule
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 
@@ -31,12 +30,12 @@ class Snapshots:
     """Checkpoint snapshots of one server's partitions, backups and tables."""
 
     def __init__(self, options: ServerOptions, hooks: ServerHooks, store, *, tables,
-                 parts: dict, backups: dict, policy: Consistency, optimizer, stats: dict):
+                 parts: dict, backups: dict, policy: Consistency, new_rule, stats: dict):
         self.rank, self.num_servers = options.rank, options.num_servers
         self.store, self.every = store, options.checkpoint_every
         self.on_checkpoint, self.timeout_s = hooks.on_checkpoint, options.timeout_s
         self.policy, self.parts, self.backups, self.tables = policy, parts, backups, tables
-        self.optimizer, self.stats = optimizer, stats
+        self.new_rule, self.stats = new_rule, stats
         #: The clock a checkpoint is due at (asked by a push or by ``every``).
         self.target = 0
         self.last = -1
@@ -129,7 +128,7 @@ class Snapshots:
         workers = range(self.policy.members.num_workers)
         for st in [*self.parts.values(), *self.backups.values()]:
             values, state = read_partition(store, restore, files, st.info.start, st.info.stop)
-            st.rule = make_rule(values, self.optimizer)
+            st.rule = self.new_rule(values, st.info)
             st.rule.load_state(state)
             st.clock = restore.clock
             st.counts = {w: restore.clock for w in workers}

@@ -22,6 +22,7 @@ import time
 
 import torch
 from tessera import api
+from tessera.cluster.metrics import MetricsLog
 from tessera.train.tasks import evaluate, make_task
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     first_step = model.start_step(steps)
     lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
     evaluator = replica == 0 if num_stages > 1 else lead  # a pipelined eval needs every stage
-    metrics = open(session.run_dir / "metrics.jsonl", "a") if lead else None
+    metrics = MetricsLog(session.run_dir, lead=lead, tensorboard=cfg.train.tensorboard)
     if lead:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
                                                                "first_step": first_step}))
@@ -125,11 +126,9 @@ def main() -> None:
                 result = evaluate(task, model, device)
             eval_s += time.perf_counter() - now
         if lead and (step % cfg.train.log_every == 0 or evaluate_now):
-            record = {"step": step, "loss": loss_value,
-                      "samples_per_s": samples_window / max(now - t_window, 1e-9),
-                      "wall_s": now - t_start, **result}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.log({"loss": loss_value,
+                         "samples_per_s": samples_window / max(now - t_window, 1e-9),
+                         "wall_s": now - t_start, **result}, step=step)
             t_window, samples_window = time.perf_counter(), 0
         prof.instant("step", "step", step=step)  # profiler step: this step ends here
         torch_prof.step(step)
@@ -146,7 +145,7 @@ def main() -> None:
         final = evaluate(task, model, device)
         if lead:
             stats.update(final)
-            metrics.close()
+    metrics.close()
     job.finish(**stats)
 
 

@@ -18,11 +18,15 @@ from tessera.transport.header import MESSAGE
 
 
 class ParamSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One model parameter: its name, shape and element count."""
+    """One model parameter (or float buffer): its name, shape and element count.
+
+    Buffers (BatchNorm's running statistics) follow every parameter in the flat
+    vector; the servers average them over the workers instead of stepping them."""
 
     name: str
     shape: list[int]
     numel: int
+    buffer: bool = False
 
 
 class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,6 +77,28 @@ class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                              f"got {self.max_rows}")
 
 
+#: A hyperparameter value as it travels: torch.optim groups hold numbers, booleans,
+#: strings, None and tuples of numbers (sent as lists).
+HParam = Union[None, bool, int, float, str, list[float]]
+
+
+class OptimGroup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One ``torch.optim`` param group: its hyperparameters and the ``[start, stop)``
+    ranges of the flat parameter vector its parameters occupy."""
+
+    hparams: dict[str, HParam]
+    ranges: list[tuple[int, int]]
+    #: Not an optimizer group: the model's buffers, averaged over the workers.
+    average: bool = False
+
+
+class OptimSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The optimizer the servers run: a ``torch.optim`` class by name, and its groups."""
+
+    name: str
+    groups: list[OptimGroup]
+
+
 class ProcessInfo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: str
     rank: int
@@ -100,7 +126,7 @@ class Register(msgspec.Struct, **MESSAGE):
     #: Worker 0 describes the model so the coordinator can cut the shard map,
     #: and names the optimizer the servers are to apply.
     layout: Optional[list[ParamSpec]] = None
-    optimizer: Optional[OptimizerConfig] = None
+    optimizer: Optional[OptimSpec] = None
     tables: list[TableSpec] = []
     #: Worker 0: samples in its training set (0: unknown or a stream), so that the
     #: coordinator can record each worker's data position in checkpoints.
@@ -128,7 +154,7 @@ class ClusterView(msgspec.Struct, **MESSAGE):
     processes: list[ProcessInfo]
     partitions: list[PartitionInfo]
     layout: list[ParamSpec]
-    optimizer: OptimizerConfig
+    optimizer: OptimSpec
     tables: list[TableSpec] = []
     #: Set when the job resumes from a checkpoint.
     restore: Optional[Restore] = None

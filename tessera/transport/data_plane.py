@@ -12,6 +12,7 @@ from typing import Optional
 
 import msgspec
 
+from tessera.transport.control_plane import HParam
 from tessera.transport.header import MESSAGE
 
 
@@ -31,9 +32,12 @@ class Pull(msgspec.Struct, **MESSAGE):
     partitions: list[int]
     clock: int = 0
     dtype: str = "float32"
-    #: With loss scaling in sync mode: apply (True) or skip (False) the update of
-    #: clock ``clock - 1`` that the partitions hold pending a verdict.
+    #: After held pushes (sync: loss scaling, or clipping): apply (True) or skip
+    #: (False) the update of clock ``clock - 1`` that the partitions hold pending a verdict.
     commit: Optional[bool] = None
+    #: With ``commit = True``: the held mean gradient is multiplied by this first
+    #: (gradient clipping's coefficient, the same on every worker).
+    coef: float = 1.0
 
 
 class Push(msgspec.Struct, **MESSAGE):
@@ -59,6 +63,15 @@ class Push(msgspec.Struct, **MESSAGE):
     sent_ns: int = 0
     #: > 0 (worker 0 only): servers write a checkpoint when they reach this clock.
     checkpoint: int = 0
+    #: Sync: hold the clock's mean gradient and answer with a :class:`Verdict`; a
+    #: worker's next :class:`Pull` carries the cluster's ``commit`` (and ``coef``).
+    hold: bool = False
+    #: > 0 (with ``hold``): the verdict carries the ``norm_type``-norm of the mean
+    #: gradient (``inf``: the max norm), for clipping by the global norm.
+    norm_type: float = 0.0
+    #: Worker 0, when they changed: every param group's hyperparameters (an lr
+    #: scheduler moved them), applied before this clock's update.
+    hparams: Optional[list[dict[str, HParam]]] = None
 
 
 class Join(msgspec.Struct, **MESSAGE):
@@ -90,6 +103,8 @@ class Replicate(msgspec.Struct, **MESSAGE):
     pushes: int = 0
     worker: int = -1
     seq: int = -1
+    #: The param groups' hyperparameters the primary applied this update with.
+    hparams: Optional[list[dict[str, HParam]]] = None
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
@@ -98,10 +113,12 @@ class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
 
 
 class Verdict(msgspec.Struct, **MESSAGE):
-    """Whether the sum of every worker's gradients for a partition and clock is finite.
+    """Whether the mean of every worker's gradients for a partition and clock is
+    finite, and (when asked) its norm.
 
     Every worker gets the same verdicts, takes the same decision (apply only if all
-    partitions are finite) and sends it with its next :class:`Pull` as ``commit``.
+    partitions are finite; clip by the norm of all partitions together) and sends it
+    with its next :class:`Pull` as ``commit`` and ``coef``.
     """
 
     req: int
@@ -109,6 +126,8 @@ class Verdict(msgspec.Struct, **MESSAGE):
     clock: int
     finite: bool
     overflows: list[Overflow] = []
+    #: The ``norm_type``-norm of the partition's mean gradient (0 when not asked).
+    norm: float = 0.0
 
 
 class Params(msgspec.Struct, **MESSAGE):

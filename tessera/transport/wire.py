@@ -25,14 +25,15 @@ from typing import Union
 
 import msgspec
 
-from tessera.transport.control_plane import (ParamSpec, TableSpec, ProcessInfo, PartitionInfo,
+from tessera.transport.control_plane import (HParam, OptimGroup, OptimSpec, ParamSpec, TableSpec, ProcessInfo, PartitionInfo,
     Register, Restore, ClusterView, Heartbeat, HeartbeatAck, Departed, CheckpointNow,
     CheckpointSaved, TimeSync, TimeSyncAck, Finished)
 from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, Overflow,
     Verdict, Params, PullRows, Rows, PushRows)
 from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
 
-__all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "ParamSpec", "TableSpec",
+__all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGroup",
+           "OptimSpec", "ParamSpec", "TableSpec",
            "ProcessInfo", "PartitionInfo", "Register", "Restore", "ClusterView", "Heartbeat",
            "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "TimeSync",
            "TimeSyncAck", "Finished", "InitParams", "Pull", "Push", "Join", "Replicate",

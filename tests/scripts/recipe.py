@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -62,11 +64,9 @@ def main() -> None:
     y = torch.tensor(y)
     train = TensorDataset(x[:1500], y[:1500])
     test_x, test_y = x[1500:], y[1500:]
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = nn.Sequential(nn.Linear(64, 64), *([nn.BatchNorm1d(64)] if args.bn else []),
+                          nn.ReLU(), nn.Linear(64, 10))
     optimizer = build_optimizer(args.optimizer, model)
-    warmup, total = 5, args.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * s / total)))
     if args.plain:
         sampler = torch.utils.data.DistributedSampler(train, num_replicas=1, rank=0, seed=0)
         micro = args.batch * args.workers // args.accum
@@ -74,6 +74,9 @@ def main() -> None:
         model, optimizer = tessera.distribute(model, optimizer)
         sampler = tessera.DistributedSampler(train, seed=0)
         micro = args.batch // args.accum
+    warmup, total = 5, args.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * s / total)))
     loader = DataLoader(train, batch_size=micro, sampler=sampler, drop_last=True)
 
     step, epoch = 0, 0
@@ -101,10 +104,13 @@ def main() -> None:
             step += 1
         epoch += 1
 
+    model.eval()
     with torch.no_grad():
         eval_loss = F.cross_entropy(model(test_x), test_y).item()
     state = model.state_dict()
-    with open(args.out, "w") as f:
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's variable; every Tessera worker has it
+    out = args.out if rank == 0 else f"{args.out}.rank{rank}"
+    with open(out, "w") as f:
         json.dump({"eval_loss": eval_loss, "steps": step,
                    "lr": [g["lr"] for g in optimizer.param_groups],
                    "params": {k: v.reshape(-1).tolist() for k, v in state.items()}}, f)

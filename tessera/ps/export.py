@@ -1,0 +1,64 @@
+"""A trained model out of a run: one safetensors file a plain PyTorch model loads.
+
+``tessera export RUN_DIR_OR_CHECKPOINT --out model.safetensors`` reads the newest
+complete checkpoint (the manifest's layout names every parameter and its shape;
+the servers' files hold the flat vector in partitions, cut however the run cut
+them) and writes ``{parameter name: tensor}``, the keys of the model's own
+``state_dict()``, so ``model.load_state_dict(safetensors.torch.load_file(path),
+strict=False)`` restores it. Embedding tables are written as the rows the run
+touched: ``tables.<name>.ids`` (int64, increasing) and ``tables.<name>.rows``
+(fp32, one row per id), gathered from every server's shard.
+
+At the end of every run worker 0 writes the same format from the live model as
+``final.safetensors`` (:func:`tessera.parallel.protocol.DistributedModel.export_state`).
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from tessera.ps.checkpoint import CheckpointError, find_resume, read_partition, restore_info
+
+
+def checkpoint_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The named tensors of the newest complete checkpoint under ``path``, and its manifest."""
+    store, manifest = find_resume(path)
+    restore = restore_info(store, manifest)
+    total = max((p.stop for p in restore.partitions), default=0)
+    files: dict = {}
+    values, _ = read_partition(store, restore, files, 0, total) if total else (torch.zeros(0), {})
+    out: dict[str, torch.Tensor] = {}
+    at = 0
+    for spec in manifest.get("layout") or []:
+        n = int(spec["numel"])
+        if at + n > values.numel():
+            raise CheckpointError(f"checkpoint at clock {manifest['clock']}: parameter "
+                                  f"{spec['name']!r} ends past the saved vector")
+        out[spec["name"]] = values[at:at + n].reshape(spec["shape"]).clone()
+        at += n
+    tables = [t["name"] if isinstance(t, dict) else t for t in manifest.get("tables") or []]
+    for name in tables:
+        ids, rows = [], []
+        for file in restore.files:
+            if not file:
+                continue
+            if file not in files:
+                files[file] = store.open_shard(restore.clock, file)
+            shard = files[file]
+            if f"t/{name}/ids" in shard.keys():
+                ids.append(shard.get(f"t/{name}/ids"))
+                rows.append(shard.get(f"t/{name}/values"))
+        if ids:
+            all_ids, all_rows = torch.cat(ids), torch.cat(rows)
+            order = torch.argsort(all_ids)
+            out[f"tables.{name}.ids"] = all_ids[order].contiguous()
+            out[f"tables.{name}.rows"] = all_rows[order].contiguous()
+    return out, manifest
+
+
+def export_checkpoint(path: str, out: str) -> tuple[int, int]:
+    """Write ``out`` from the newest checkpoint under ``path``; (clock, tensors written)."""
+    state, manifest = checkpoint_state(path)
+    save_file(state, out, metadata={"clock": str(manifest["clock"]), "source": str(path)})
+    return manifest["clock"], len(state)
