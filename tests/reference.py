@@ -14,7 +14,7 @@ from tessera.config import load_config
 from tessera.data.datasets import load_dataset
 from tessera.data.sampler import ShardSampler
 from tessera.models import build_model
-from tessera.ps.optim import _OPTIMIZERS
+from tessera.ps.optim import torch_optimizer
 
 
 def train_reference(job_file: str, *, global_batch: int, steps: int, overrides=None) -> dict:
@@ -23,8 +23,7 @@ def train_reference(job_file: str, *, global_batch: int, steps: int, overrides=N
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    opt = _OPTIMIZERS[cfg.optimizer.name](model.parameters(), foreach=False,
-                                          **cfg.optimizer.torch_kwargs())
+    opt = torch_optimizer(cfg.optimizer, model.parameters(), foreach=False)
     sampler = ShardSampler(len(data.train), batch_size=global_batch, num_workers=1, rank=0,
                            seed=cfg.train.seed)
     for step in range(steps):

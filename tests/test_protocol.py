@@ -85,7 +85,8 @@ def test_parameter_server_modes_refuse_what_needs_the_servers():
     wrapped = PSDataParallel.__new__(PSDataParallel)  # the refusals need no servers
     nn.Module.__init__(wrapped)
     wrapped.mode = "ssp"
-    for call, method in [(wrapped.no_sync, "no_sync()"),
+    wrapped.tables = ["a table"]
+    for call, method in [(lambda: wrapped.no_sync().__enter__(), "no_sync()"),
                          (lambda: wrapped.clip_grad_norm_(1.0), "clip_grad_norm_"),
                          (lambda: wrapped.load_state_dict({}), "load_state_dict()")]:
         with pytest.raises(UsageError) as info:

@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps.optim import spec_from_config
 from tessera.parallel.flat import param_layout
 from tessera.parallel.ps import PSDataParallel
 from tessera.ps.client import PSClient, ServerError
-from tessera.ps.optim import _OPTIMIZERS
+from tessera.ps.optim import ELEMENTWISE, torch_optimizer
 from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import ShardMap, plan_shards
 from tessera.transport import wire
@@ -39,7 +40,7 @@ def _import_torch_optim_once():
     """The first torch.optim optimizer of a process costs ~2 s of lazy imports; pay it
     here, not inside a server thread while a client's timeout runs."""
     p = torch.nn.Parameter(torch.zeros(1))
-    for cls in _OPTIMIZERS.values():
+    for cls in ELEMENTWISE.values():
         p.grad = torch.ones(1)
         cls([p], lr=0.1, foreach=False).step()
 
@@ -140,7 +141,7 @@ class Reference:
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig):
         self.params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-        self.opt = _OPTIMIZERS[cfg.name](self.params, **cfg.torch_kwargs())
+        self.opt = torch_optimizer(cfg, self.params)
 
     def step(self, flat_grad: torch.Tensor) -> None:
         off = 0
@@ -442,11 +443,11 @@ def bad_requests(draw, held: list[wire.PartitionInfo], foreign: list[int]):
     if kind == "wrong_op":
         msg = draw(st.sampled_from([
             wire.Register(req=req, role="worker", rank=0, host="127.0.0.1", pid=1,
-                          layout=[wire.ParamSpec("w", [2], 2)], optimizer=OptimizerConfig()),
+                          layout=[wire.ParamSpec("w", [2], 2)], optimizer=spec_from_config(OptimizerConfig())),
             wire.Heartbeat(req=req, role="worker", rank=0),
             wire.Finished(req=req, role="worker", rank=0, stats={"x": 1}),
             wire.ClusterView(req=req, processes=[], partitions=[], layout=[],
-                             optimizer=OptimizerConfig())]))
+                             optimizer=spec_from_config(OptimizerConfig()))]))
         return [wire.encode(msg)], req
     msg = draw(st.sampled_from([wire.Ack(req=req), wire.Error(req=req, message="hi"),
                                 wire.HeartbeatAck(req=req, state="running"),
@@ -534,7 +535,7 @@ def test_refused_push_leaves_no_trace(make_cluster):
 def test_push_before_init_is_refused(make_cluster):
     model = small_model()
     cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=1000, mode="sync",
-                           num_workers=1, optimizer=OptimizerConfig())
+                           num_workers=1, optimizer=spec_from_config(OptimizerConfig()))
     c = cluster.client(0)
     with pytest.raises(ServerError, match="not been initialised"):
         c.push(0, torch.zeros(cluster.shard_map.total_elems), 0).wait()

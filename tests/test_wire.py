@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps.optim import spec_from_config
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 from tessera.transport.wire import MAX_HEADER_BYTES, WIRE_DTYPES, WireError, decode, encode
@@ -24,13 +25,13 @@ PARTS = [wire.PartitionInfo(0, 0, 8, 0), wire.PartitionInfo(1, 8, 15, 1)]
 
 EVERY_MESSAGE = [
     wire.Register(req=1, role="worker", rank=0, host="127.0.0.1", pid=42, address="",
-                  layout=LAYOUT, optimizer=OptimizerConfig(name="adam", lr=1e-3, betas=(0.8, 0.9))),
+                  layout=LAYOUT, optimizer=spec_from_config(OptimizerConfig(name="adam", lr=1e-3, betas=(0.8, 0.9)))),
     wire.Register(req=2, role="server", rank=1, host="127.0.0.1", pid=43,
                   address="tcp://127.0.0.1:5000"),
     wire.ClusterView(req=3, processes=[wire.ProcessInfo(role="server", rank=0, host="127.0.0.1",
                                                         pid=1, address="tcp://127.0.0.1:1")],
                      partitions=PARTS, layout=LAYOUT,
-                     optimizer=OptimizerConfig(name="sgd", momentum=0.9, nesterov=True)),
+                     optimizer=spec_from_config(OptimizerConfig(name="sgd", momentum=0.9, nesterov=True))),
     wire.Heartbeat(req=4, role="worker", rank=3),
     wire.HeartbeatAck(req=5, state="failed", reason="server 1 died"),
     wire.Finished(req=6, role="server", rank=0, stats={"pushes": 3, "apply_s": 0.25,
@@ -61,7 +62,7 @@ EVERY_MESSAGE = [
     wire.HeartbeatAck(req=28, state="running", checkpoint=True, departed={1: 0},
                       dead_servers=[0]),
     wire.ClusterView(req=29, processes=[], partitions=PARTS, layout=LAYOUT,
-                     optimizer=OptimizerConfig(), clock=20, incarnation=1,
+                     optimizer=spec_from_config(OptimizerConfig()), clock=20, incarnation=1,
                      restore=wire.Restore(path="memory://ck/clock-00000020", clock=20,
                                           partitions=PARTS, files=["server-0.safetensors"],
                                           epoch=1, offset=64)),

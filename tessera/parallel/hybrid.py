@@ -37,7 +37,7 @@ from torch import nn
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
-from tessera.ps.optim import _OPTIMIZERS
+from tessera.ps.optim import torch_optimizer
 
 
 class HybridParallel(DistributedModel):
@@ -81,7 +81,7 @@ class HybridParallel(DistributedModel):
         if isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = optimizer  # the script's own, on the replica's parameters
         else:
-            self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
+            self.optimizer = (torch_optimizer(optimizer, params)
                               if params else None)
         self.scaler = amp.scaler
         self.tables = list(tables)

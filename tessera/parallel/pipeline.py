@@ -44,7 +44,7 @@ from tessera.config.schema import OptimizerConfig, PipelineConfig
 from tessera.errors import UsageError
 from tessera.parallel.protocol import DistributedModel
 from tessera.profiler.recorder import OFF, SpanRecorder
-from tessera.ps.optim import _OPTIMIZERS
+from tessera.ps.optim import torch_optimizer
 
 
 class Stage(nn.Identity):
@@ -162,7 +162,7 @@ class PipelineParallel(DistributedModel):
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
         self.schedule = kind(self.pipe_stage, n_microbatches=microbatches, loss_fn=loss_fn)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = (_OPTIMIZERS[optimizer.name](params, **optimizer.torch_kwargs())
+        self.optimizer = (torch_optimizer(optimizer, params)
                           if params else None)
         self.clock = 0
 

@@ -99,6 +99,12 @@ def group_hparams(group: dict, where: str) -> dict[str, HParam]:
 _EVERYTHING = (0, 1 << 62)
 
 
+def torch_optimizer(cfg, params, **kwargs) -> torch.optim.Optimizer:
+    """The string form's ``torch.optim`` optimizer on ``params`` (workers that step
+    their own replica: all-reduce, pipeline stages; and single-process references)."""
+    return ELEMENTWISE[BY_SHORT_NAME[cfg.name]](params, **kwargs, **cfg.torch_kwargs())
+
+
 def spec_from_config(cfg) -> OptimSpec:
     """The string form (``optimizer = "sgd"``, ``lr = 0.1``): one group over everything."""
     return OptimSpec(name=BY_SHORT_NAME[cfg.name], groups=[OptimGroup(
