@@ -19,7 +19,7 @@ from tessera.config.schema import DataConfig, OptimizerConfig
 from tessera.data.datasets import load_dataset
 from tessera.data.sampler import ShardSampler
 from tessera.ps.checkpoint import CheckpointStore, read_flat, read_partition, restore_info
-from tessera.ps.optim import make_rule
+from tessera.ps.optim import make_rule, spec_from_config
 from tests.harness import ROOT, run_job
 
 
@@ -83,7 +83,8 @@ def _write_checkpoint(url: str) -> dict:
     parts = [(0, 0, 40, 0), (1, 40, 70, 1), (2, 70, 100, 0)]
     tensors: dict = {0: {}, 1: {}}
     for pid, start, stop, server in parts:
-        rule = make_rule(torch.randn(stop - start, generator=gen), cfg)
+        rule = make_rule(torch.randn(stop - start, generator=gen), spec_from_config(cfg), start,
+                         stop)
         for _ in range(3):
             rule.apply(torch.randn(stop - start, generator=gen))
         tensors[server][f"p{pid}/values"] = rule.master.clone()

@@ -212,3 +212,29 @@ def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
         assert json.loads((run / "config.json").read_text())["cluster"]["host"] == "127.0.0.1"
     assert not (tmp_path / "node1" / "summary.json").exists()
     print(f"two loopback nodes: {time.monotonic() - t0:.1f} s")
+
+
+def test_two_nodes_run_a_users_script(tmp_path, monkeypatch):
+    """`tessera node SCRIPT.py`: a user's own script goes multi-node as `launch` runs it
+    (its arguments after `--`)."""
+    monkeypatch.setenv("TESSERA_SECRET", SECRET)
+    for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    script = ROOT / "examples" / "train_script.py"
+    common = [script, "--coordinator", f"127.0.0.1:{port}", "--nodes", 2, "--workers", 2,
+              "--servers", 2, "--out", tmp_path / "node{node}", "--quiet"]
+    n1 = Job(["node", *common, "--node-rank", 1, "--", "--steps", 60], timeout_s=150)
+    n0 = Job(["node", *common, "--node-rank", 0, "--", "--steps", 60], timeout_s=150)
+    try:
+        code0, out0 = n0.wait()
+        code1, out1 = n1.wait()
+    finally:
+        n0.kill()
+        n1.kill()
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["workers"] == 2, summary
+    assert summary["eval_accuracy"] >= 0.85, summary
+    assert "worker-1.log" in {p.name for p in (tmp_path / "node1" / "logs").iterdir()}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.harness import ROOT, run_cli
 
@@ -100,3 +101,29 @@ def test_batchnorm_statistics_are_averaged_and_exported(tmp_path):
         loss = F.cross_entropy(plain(torch.tensor(x[1500:] / 16.0, dtype=torch.float32)),
                                torch.tensor(y[1500:])).item()
     assert loss == pytest.approx(dist["eval_loss"], rel=1e-6)
+
+
+def test_example_recipe_logs_exports_and_checkpoints(tmp_path):
+    """examples/recipe.py on 2 workers x 2 servers with --tensorboard and checkpoints: its
+    own metrics reach metrics.jsonl and TensorBoard, it learns, and `tessera export` of the
+    last checkpoint equals the final.safetensors the run wrote."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--out", run, "--quiet",
+                            "--tensorboard", "--checkpoint-every", 25,
+                            ROOT / "examples" / "recipe.py", "--epochs", "1"], timeout_s=300)
+    assert code == 0, output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "lr"} <= set(records[0]) and records[0]["step"] == 10
+    final = records[-1]
+    assert final["eval_accuracy"] >= 0.9, final
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    code, output = run_cli(["export", run, "--out", tmp_path / "export.safetensors"])
+    assert code == 0, output
+    exported = load_file(tmp_path / "export.safetensors")
+    written = load_file(run / "final.safetensors")
+    float_keys = {k for k, v in written.items() if v.is_floating_point()}
+    assert set(exported) == float_keys  # parameters and BatchNorm statistics
+    for key in float_keys:
+        assert torch.equal(exported[key], written[key]), key

@@ -2,7 +2,8 @@
 
     tessera run JOB.toml [--workers N] [--servers M] [--mode sync|async] ...
     tessera launch [--workers N] [--servers M] [--mode ...] SCRIPT.py [ARGS...]
-    tessera node JOB.toml --coordinator HOST:PORT --nodes N --node-rank K [--host ADDR] ...
+    tessera node JOB.toml|SCRIPT.py --coordinator HOST:PORT --nodes N --node-rank K [--host ADDR] ...
+    tessera export RUN_DIR --out model.safetensors
 
 A bad file or flag exits with code 2 and one line naming the field and what is
 allowed; a failed job exits non-zero naming the process that failed.
@@ -11,6 +12,7 @@ allowed; a failed job exits non-zero naming the process that failed.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -99,17 +101,31 @@ def launch(job, script, script_args, **kwargs) -> None:
     sys.exit(_launcher_class(cfg)(cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
 
 
-@cli.command()
-@click.argument("job", type=str)
+@cli.command(context_settings=dict(ignore_unknown_options=True))
+@click.option("--job", "job_file", type=str, default=None,
+              help="With a SCRIPT: an optional TOML job file for the cluster.")
 @_flags(NODE_FLAGS)
 @_run_flags
-def node(job: str, coordinator, nodes, node_rank, secret_file, **kwargs) -> None:
-    """Run this machine's share of JOB spread over many machines: the same command on
-    every node; node 0 also runs the coordinator at --coordinator."""
+@click.argument("job", type=str)
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def node(job: str, job_file, script_args, coordinator, nodes, node_rank, secret_file,
+         **kwargs) -> None:
+    """Run this machine's share of a job spread over many machines: the same command on
+    every node; node 0 also runs the coordinator at --coordinator. JOB is a TOML job file
+    (the built-in trainer), or your own SCRIPT.py, as `tessera launch` runs it; the
+    script's own arguments go after `--` (tessera node SCRIPT.py --nodes 2 ... -- --lr 0.1)."""
     from tessera.config.env import process_environ
     from tessera.launch.node import NodeLauncher
     from tessera.launch.node_plan import NodeSettingError, node_settings
-    cfg = _load(job, kwargs)
+    script = job.endswith(".py")
+    if script and not Path(job).is_file():
+        click.echo(f"tessera: node: script {job!r} does not exist", err=True)
+        sys.exit(2)
+    if not script and script_args:
+        click.echo(f"tessera: node: unexpected arguments {' '.join(script_args)!r} after the "
+                   f"job file; only a SCRIPT.py takes arguments", err=True)
+        sys.exit(2)
+    cfg = _load(job_file if script else job, kwargs)
     try:
         settings = node_settings(cfg, coordinator=coordinator, nodes=nodes, node_rank=node_rank,
                                  host=kwargs["host"], secret_file=secret_file,
@@ -119,7 +135,8 @@ def node(job: str, coordinator, nodes, node_rank, secret_file, **kwargs) -> None
         sys.exit(2)
     for warning in settings.warnings:
         click.echo(f"tessera: warning: {warning}", err=True)
-    sys.exit(NodeLauncher(cfg, settings, quiet=kwargs["quiet"]).run())
+    worker_cmd = [sys.executable, job, *script_args] if script else None
+    sys.exit(NodeLauncher(cfg, settings, worker_cmd=worker_cmd, quiet=kwargs["quiet"]).run())
 
 
 @cli.command()

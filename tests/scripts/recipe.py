@@ -55,17 +55,19 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     torch.manual_seed(0)
     x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
+    device = torch.device(args.device)
+    x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
+    y = torch.tensor(y, device=device)
     train = TensorDataset(x[:1500], y[:1500])
     test_x, test_y = x[1500:], y[1500:]
     model = nn.Sequential(nn.Linear(64, 64), *([nn.BatchNorm1d(64)] if args.bn else []),
-                          nn.ReLU(), nn.Linear(64, 10))
+                          nn.ReLU(), nn.Linear(64, 10)).to(device)
     optimizer = build_optimizer(args.optimizer, model)
     if args.plain:
         sampler = torch.utils.data.DistributedSampler(train, num_replicas=1, rank=0, seed=0)
@@ -113,7 +115,8 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump({"eval_loss": eval_loss, "steps": step,
                    "lr": [g["lr"] for g in optimizer.param_groups],
-                   "params": {k: v.reshape(-1).tolist() for k, v in state.items()}}, f)
+                   "params": {k: v.reshape(-1).tolist() for k, v in state.items()},
+                   "device": str(next(model.parameters()).device)}, f)
     if not args.plain:
         tessera.finish()
 

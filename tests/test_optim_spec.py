@@ -1,0 +1,109 @@
+"""The servers' update rule is the user's torch.optim class with the user's groups
+(issue 13): pure logic, against torch.optim on the unsplit model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tessera.errors import UsageError
+from tessera.parallel.optimizer import spec_from_optimizer
+from tessera.ps.optim import ELEMENTWISE, check_optimizer_class, make_rule, with_buffers
+
+KWARGS = {"SGD": dict(lr=0.05, momentum=0.9, nesterov=True), "Adam": dict(lr=3e-3, amsgrad=True),
+          "AdamW": dict(lr=3e-3), "Adagrad": dict(lr=0.05, lr_decay=0.01),
+          "Adadelta": dict(lr=1.0), "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
+          "Adamax": dict(lr=3e-3), "NAdam": dict(lr=3e-3), "RAdam": dict(lr=3e-3),
+          "ASGD": dict(lr=0.05, t0=2), "Rprop": dict(lr=1e-3)}
+
+
+def _groups(model: nn.Module, lr: float) -> list[dict]:
+    return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")],
+             "weight_decay": 0.01},
+            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
+             "lr": lr * 2}]
+
+
+def _hparams(opt: torch.optim.Optimizer) -> list[dict]:
+    skip = ("params", "foreach", "fused", "capturable", "differentiable")
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k not in skip}
+            for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_partitions_crossing_groups_step_like_torch(name):
+    assert set(KWARGS) == set(ELEMENTWISE)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    ref = copy.deepcopy(model)
+    cls, kw = ELEMENTWISE[name], KWARGS[name]
+    opt_ref = cls(_groups(ref, kw["lr"]), **kw)
+    spec = spec_from_optimizer(cls(_groups(model, kw["lr"]), **kw), model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    cuts = [0, 13, 37, 40, flat.numel()]  # partitions that cut parameters and groups
+    rules = [make_rule(flat[a:b], spec, a, b) for a, b in zip(cuts, cuts[1:])]
+    for step in range(6):
+        ref.zero_grad()
+        ref(torch.randn(4, 5)).pow(2).sum().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        if step == 3:  # a scheduler halves every group's lr: sent to the servers
+            for group in opt_ref.param_groups:
+                group["lr"] *= 0.5
+            for rule in rules:
+                assert rule.check_hparams(_hparams(opt_ref)) == ""
+                rule.set_hparams(_hparams(opt_ref))
+        opt_ref.step()
+        for (a, b), rule in zip(zip(cuts, cuts[1:]), rules):
+            rule.apply(grad[a:b].clone())
+    want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    torch.testing.assert_close(torch.cat([r.master for r in rules]), want, rtol=0, atol=0)
+    again = make_rule(rules[1].master, spec, 13, 37)  # a checkpoint's state restores
+    again.load_state(rules[1].state_tensors())
+    assert again.state_tensors().keys() == rules[1].state_tensors().keys()
+
+
+@pytest.mark.parametrize("cls", [torch.optim.LBFGS, torch.optim.SparseAdam,
+                                 torch.optim.Adafactor])
+def test_other_optimizers_are_refused_in_one_line(cls):
+    with pytest.raises(UsageError) as info:
+        check_optimizer_class(cls)
+    message = str(info.value)
+    assert cls.__name__ in message and "--mode allreduce" in message and "\n" not in message
+
+
+def test_a_subclass_is_not_taken_for_its_base():
+    class MyAdam(torch.optim.Adam):
+        pass
+    with pytest.raises(UsageError, match="MyAdam"):
+        check_optimizer_class(MyAdam)
+
+
+def test_hyperparameters_keep_their_kind():
+    model = nn.Linear(3, 2)
+    spec = spec_from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    rule = make_rule(torch.zeros(8), spec, 0, 8)
+    assert "was a number, got a text" in rule.check_hparams([{"lr": "fast"}])
+    assert "NaN" in rule.check_hparams([{"lr": float("nan")}])
+
+
+def test_a_tensor_outside_the_model_is_named():
+    model = nn.Linear(3, 2)
+    stray = nn.Parameter(torch.zeros(4))
+    with pytest.raises(UsageError, match="not a parameter of the model"):
+        spec_from_optimizer(torch.optim.SGD([*model.parameters(), stray], lr=0.1), model)
+
+
+def test_buffers_are_averaged_not_stepped_and_never_clipped():
+    model = nn.Linear(2, 2)
+    spec = with_buffers(spec_from_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model),
+                        6, 8)  # 6 parameter elements, then 2 buffer elements
+    sync = make_rule(torch.zeros(8), spec, 0, 8)
+    grad = torch.ones(8)
+    sync.apply(sync.clip(grad.clone(), 0.5))
+    torch.testing.assert_close(sync.master, torch.tensor([-0.5] * 6 + [1.0, 1.0]))
+    run = make_rule(torch.zeros(2), spec, 6, 8, average_keep=0.75)  # async, 4 workers
+    run.apply(torch.full((2,), 0.25))  # a worker pushed 1.0, scaled by 1/4
+    torch.testing.assert_close(run.master, torch.full((2,), 0.25))
