@@ -37,9 +37,10 @@ args = parser.parse_args()
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
-images, labels = mnist_data()  # 5,000 28x28 digits
-x = torch.tensor(images.reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
-y = torch.tensor(labels.astype(np.int64))
+images, labels = mnist_data()  # 5,000 28x28 digits, sorted by label: shuffle once
+order = np.random.default_rng(0).permutation(len(labels))
+x = torch.tensor(images[order].reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
+y = torch.tensor(labels[order].astype(np.int64))
 train = TensorDataset(x[:4500], y[:4500])
 test_x, test_y = x[4500:], y[4500:]
 

@@ -1,5 +1,8 @@
 """Data parallelism over parameter servers: the model wrapper a worker trains.
 
+(One concept, one step's phases, so one module of about 420 lines; what happens after a
+failure, rejoining and overflow reports, is in :mod:`tessera.parallel.ps_faults`.)
+
 The wrapper lays the model's parameters (and their gradients) end to end in two
 flat buffers of the policy's parameter dtype, so that a partition of the shard
 map is a plain slice of each, sent and received without gathering.
@@ -53,6 +56,7 @@ from torch import nn
 from tessera.errors import UsageError
 from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
+from tessera.parallel.ps_faults import OverflowReport, Rejoin
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
 from tessera.transport.frames import torch_dtype
@@ -82,7 +86,7 @@ class Start:
     restored: bool = False
 
 
-class PSDataParallel(DistributedModel):
+class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
     """Wraps ``module`` so that its parameters live on the parameter servers.
 
     ``load_state_dict`` is refused (the servers hold the parameters); clipping needs
@@ -172,66 +176,6 @@ class PSDataParallel(DistributedModel):
             self._copy_in(client.pull(clock=start.clock))
         self._ckpt_flag = self._checkpoint_flag()
 
-    def start_step(self, max_clock: Optional[int] = None) -> int:
-        """The step a training loop starts at: 0, a resumed job's checkpoint clock, or
-        where a restarted worker joined (``max_clock``: the run's last step, never joined
-        past). Write loops as ``for step in range(model.start_step(steps), steps)``."""
-        if max_clock is not None:
-            self.max_clock = max_clock
-        self.ensure_joined()
-        return self.clock
-
-    def ensure_joined(self) -> None:
-        """A restarted worker joins the running job (done by the first forward, or
-        earlier by a trainer that sets ``max_clock`` first)."""
-        if self._incarnation:
-            incarnation, self._incarnation = self._incarnation, 0
-            self._join(incarnation)
-            self._ckpt_flag = self._checkpoint_flag()
-
-    def _join(self, incarnation: int) -> None:
-        """A restarted worker takes current values and, in sync mode, a clock that every
-        server has yet to reach, from which its pushes count (see ParameterServer)."""
-        from tessera.ps.client import ServerError
-        if self.mode != "sync":
-            handles = self.client.join(self.clock, incarnation)
-            self._copy_in(handles)
-            self.log(f"worker {self.client.worker}: rejoined at clock {self.clock}")
-            return
-        for _ in range(50):
-            current = self.client.pull(clock=0)
-            clocks = []
-            for h in current:
-                self._consume(h, h.wait())
-                clocks.append(h.clock)
-            target = max(clocks) + 2
-            if self.max_clock is not None and target > self.max_clock:
-                if max(clocks) >= self.max_clock:  # the others finished: nothing left to do
-                    self.clock = max(clocks)
-                    return
-                target = self.max_clock
-            try:
-                self._copy_in(self.client.join(target, incarnation))
-            except ServerError as exc:
-                if "too late" not in str(exc):
-                    raise
-                continue
-            self.clock = target
-            self.log(f"worker {self.client.worker}: rejoined at clock {target}")
-            return
-        raise ServerError("could not join: the servers moved past every clock offered")
-
-    def _checkpoint_flag(self) -> int:
-        """Worker 0 asks the servers for a checkpoint at clock + 1 (0: not now)."""
-        if not self.is_first:
-            return 0
-        wanted = bool(self.checkpoint_wanted())
-        ask = wanted and not self._ckpt_asked
-        self._ckpt_asked = wanted
-        periodic = (self.mode != "sync" and self.checkpoint_every
-                    and (self.clock + 1) % self.checkpoint_every == 0)
-        return self.clock + 1 if ask or periodic else 0
-
     def forward(self, *args, **kwargs):
         self.ensure_joined()
         with self.profiler.span("forward", "compute"), self.autocast():
@@ -311,17 +255,6 @@ class PSDataParallel(DistributedModel):
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
             norm_type=self._norm_type if self._hold else 0.0)
-
-    def _first_nonfinite(self, pid: int, wire_grad: torch.Tensor) -> str:
-        """Name of the first parameter, in backward order, with a non-finite gradient."""
-        start = self.client.parts[pid].start
-        order = sorted(self._params_of_part[pid], key=lambda i: self._fired.get(i, 1 << 30))
-        for index in order:
-            _, off, n = self._views[index]
-            lo, hi = max(off, start) - start, min(off + n, start + wire_grad.numel()) - start
-            if not bool(torch.isfinite(wire_grad[lo:hi]).all()):
-                return self._names[index]
-        return self._names[order[0]] if order else "?"
 
     # --------------------------------------------------------------- phase 3
 
@@ -416,28 +349,6 @@ class PSDataParallel(DistributedModel):
         self.on_clock(self.clock)
         self._ckpt_flag = self._checkpoint_flag()
         return applied
-
-    def _report_overflow(self, verdicts: list[Verdict]) -> None:
-        # Every worker runs the same model, so this worker's backward order ranks the
-        # parameters the others named: the first in backward order is reported first.
-        order = {self._names[i]: k for i, k in self._fired.items()}
-        culprits = sorted((o for v in verdicts for o in v.overflows),
-                          key=lambda o: (order.get(o.param, 1 << 30), o.worker))
-        old = self.scaler.scale
-        new = old * self.scaler.backoff_factor
-        if culprits:
-            first = culprits[0]
-            where = f"on worker {first.worker} in parameter '{first.param}'"
-            others = sorted({(o.worker, o.param) for o in culprits[1:]} - {(first.worker, first.param)})
-            if others:
-                where += " (also " + ", ".join(f"worker {w} '{p}'" for w, p in others[:5]) + ")"
-        else:
-            bad = [pid for v in verdicts if not v.finite for pid in v.partitions]
-            where = f"in the sum of the workers' gradients of partitions {bad}"
-        event = {"step": self.clock + 1, "where": where, "scale": old, "new_scale": new}
-        self.overflows.append(event)
-        self.log(f"worker {self.client.worker}: fp16 gradient overflow at step {self.clock + 1} "
-                 f"{where}; step skipped on every worker and server; loss scale {old:g} -> {new:g}")
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
         self.flat_grad.zero_()

@@ -37,6 +37,7 @@ from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
+from tessera.ps.push_checks import check_held, check_push
 from tessera.ps.partition import PartitionState, Reply
 from tessera.ps.replication import Replicas, Replicator
 from tessera.ps.server_profile import profile_apply, profile_push
@@ -167,24 +168,6 @@ class ParameterServer:
                                        f"{st.numel} {dtype} elements are {expected} bytes")
         return states
 
-    def _check_push(self, msg: wire.Push, states: list[PartitionState]) -> None:
-        for st in states:
-            if st.rule is None:
-                raise RequestError(f"partition {st.info.id} has not been initialised yet "
-                                   f"(worker 0 sends initial values first)")
-        if not 0 <= msg.worker < self.options.num_workers:
-            raise RequestError(f"worker {msg.worker} is not in this job "
-                               f"(workers are 0..{self.options.num_workers - 1})")
-        if msg.seq < 0:
-            raise RequestError(f"push sequence numbers start at 0, got {msg.seq}")
-        if msg.clock < 0:
-            raise RequestError(f"push clocks start at 0, got {msg.clock}")
-        if not (0 < msg.scale < float("inf")):
-            raise RequestError(f"loss scale must be a positive finite number, got {msg.scale}")
-        if msg.checkpoint < 0 or msg.checkpoint > msg.clock + 1:
-            raise RequestError(f"a push for clock {msg.clock} can only ask for a checkpoint at "
-                               f"clock {msg.clock + 1}, got {msg.checkpoint}")
-
     # -------------------------------------------------------------- handlers
 
     def _on_init(self, peer: bytes, msg: wire.InitParams, frames: list) -> None:
@@ -219,7 +202,7 @@ class ParameterServer:
 
     def _on_push(self, peer: bytes, msg: wire.Push, frames: list) -> None:
         states = self._states(msg.partitions, frames, msg.dtype)
-        self._check_push(msg, states)
+        check_push(msg, states, self.options.num_workers)
         policy = self.policy
         if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
             # A retried push: not applied again. Answered as the original will be: at
@@ -232,21 +215,7 @@ class ParameterServer:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
         held = self.two_phase or msg.hold
-        if held and len(states) != 1:
-            raise RequestError("a held push (loss scaling, clipping) carries one partition")
-        if held and not policy.sums_clock:
-            raise RequestError(f"only sync mode holds a clock's gradient for a verdict "
-                               f"(this server runs {policy.name})")
-        if msg.hparams is not None:
-            if msg.worker != 0:
-                raise RequestError("only worker 0 sends hyperparameters")
-            for st in states:
-                if len(msg.hparams) != st.rule.num_groups:
-                    raise RequestError(f"hyperparameters of {len(msg.hparams)} param groups "
-                                       f"sent; the optimizer has {st.rule.num_groups}")
-                why = st.rule.check_hparams(msg.hparams)
-                if why:
-                    raise RequestError(f"hyperparameters refused: {why}")
+        check_held(msg, states, held, policy)
         if policy.stale_push(states, msg.worker, msg.clock):
             # Applied already (a re-sent push after a failover, or its clock was
             # completed without it): answer with the current values.

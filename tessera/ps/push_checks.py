@@ -1,0 +1,55 @@
+"""What a server checks in a push before any state changes.
+
+A push that fails a check is answered with an :class:`~tessera.transport.wire.Error`
+naming the field and forgotten (:class:`~tessera.ps.consistency.RequestError`):
+ids and payload lengths are checked by the server itself, the rest here. Workers are
+authenticated, so these guard against bugs and version skew as much as malice; every
+bound a peer could exceed is checked before it is used.
+"""
+
+from __future__ import annotations
+
+from tessera.ps.consistency import RequestError
+from tessera.transport import wire
+
+
+def check_push(msg: wire.Push, states: list, num_workers: int) -> None:
+    """Initialised partitions, a worker of this job, sane counters and loss scale."""
+    for st in states:
+        if st.rule is None:
+            raise RequestError(f"partition {st.info.id} has not been initialised yet "
+                               f"(worker 0 sends initial values first)")
+    if not 0 <= msg.worker < num_workers:
+        raise RequestError(f"worker {msg.worker} is not in this job "
+                           f"(workers are 0..{num_workers - 1})")
+    if msg.seq < 0:
+        raise RequestError(f"push sequence numbers start at 0, got {msg.seq}")
+    if msg.clock < 0:
+        raise RequestError(f"push clocks start at 0, got {msg.clock}")
+    if not (0 < msg.scale < float("inf")):
+        raise RequestError(f"loss scale must be a positive finite number, got {msg.scale}")
+    if msg.checkpoint < 0 or msg.checkpoint > msg.clock + 1:
+        raise RequestError(f"a push for clock {msg.clock} can only ask for a checkpoint at "
+                           f"clock {msg.clock + 1}, got {msg.checkpoint}")
+    if msg.norm_type < 0 or msg.norm_type != msg.norm_type:
+        raise RequestError(f"norm_type must be >= 0 (0: no norm), got {msg.norm_type}")
+
+
+def check_held(msg: wire.Push, states: list, held: bool, policy) -> None:
+    """A held push (loss scaling, clipping) and the hyperparameters worker 0 sends."""
+    if held and len(states) != 1:
+        raise RequestError("a held push (loss scaling, clipping) carries one partition")
+    if held and not policy.sums_clock:
+        raise RequestError(f"only sync mode holds a clock's gradient for a verdict "
+                           f"(this server runs {policy.name})")
+    if msg.hparams is None:
+        return
+    if msg.worker != 0:
+        raise RequestError("only worker 0 sends hyperparameters")
+    for st in states:
+        if len(msg.hparams) != st.rule.num_groups:
+            raise RequestError(f"hyperparameters of {len(msg.hparams)} param groups sent; "
+                               f"the optimizer has {st.rule.num_groups}")
+        why = st.rule.check_hparams(msg.hparams)
+        if why:
+            raise RequestError(f"hyperparameters refused: {why}")
