@@ -32,6 +32,8 @@ so it should be handed the :class:`Job` rather than call ``tessera.rank()``.
 from __future__ import annotations
 
 import contextvars
+import json
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -58,6 +60,8 @@ class Job:
         self.session = session
         self.model: Optional[DistributedModel] = None
         self.metrics: Optional[MetricsLog] = None
+        #: tessera.DistributedSamplers whose position each step records (restarts).
+        self.tracked: list[ResumableSampler] = []
         #: made by shard() perhaps before the job's view was known: seeked on distribute().
         self.samplers: list[ShardSampler] = []
 
@@ -87,6 +91,10 @@ class Job:
         self.model = wrap(self.session, model, opt, loss_fn)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
+        if hasattr(self.model, "on_clock"):  # parameter servers: positions per step
+            after_step = self.model.on_clock
+            self.model.on_clock = lambda clock: (after_step(clock), self._save_cursor(clock))
+        self._resume_tracked()
         if isinstance(optimizer, torch.optim.Optimizer):
             return self.model, self.model.optimizer_handle
         return self.model
@@ -102,6 +110,44 @@ class Job:
         _seek(sampler, session.view)
         self.samplers.append(sampler)
         return sampler
+
+    # -------------------------------------------------- data position (restarts)
+
+    def track(self, sampler: ResumableSampler) -> None:
+        """Keep ``sampler``'s position with every step, so that a replacement of this
+        worker (``--max-restarts``) continues its share where the last applied step left
+        it: ``<run dir>/cursors/worker-<rank>.json``, rewritten after each step (the
+        replacement runs on the same node, under the same launcher)."""
+        self.tracked.append(sampler)
+        self._resume_tracked()
+
+    def _cursor_path(self):
+        return self.run_dir / "cursors" / f"worker-{self.rank}.json"
+
+    def _resume_tracked(self) -> None:
+        view = self.session.view
+        if view is None or not view.incarnation or not self.tracked:
+            return  # not known yet (before distribute), or not a replacement
+        path = self._cursor_path()
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())["samplers"]
+        for sampler, cursor in zip(self.tracked, saved):
+            if not sampler.resumed:
+                sampler.skip_own(cursor["epoch"], cursor["taken"])
+                sampler.resumed = True
+                print(f"worker {self.rank}: the data continues at epoch {cursor['epoch']}, "
+                      f"after {cursor['taken']} samples of this worker's share", flush=True)
+
+    def _save_cursor(self, clock: int) -> None:
+        if not self.tracked:
+            return
+        path = self._cursor_path()
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"clock": clock, "samplers": [
+            {"epoch": s.epoch, "taken": s.taken} for s in self.tracked]}))
+        os.replace(tmp, path)
 
     def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
         """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at
@@ -211,12 +257,12 @@ class DistributedSampler(ResumableSampler):
 
     def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-        if num_replicas is None or rank is None:
-            job = init()
-            num_replicas = job.num_workers if num_replicas is None else num_replicas
-            rank = job.rank if rank is None else rank
+        job = init()
+        num_replicas = job.num_workers if num_replicas is None else num_replicas
+        rank = job.rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                          seed=seed, drop_last=drop_last)
+        job.track(self)
 
 
 def profiler():

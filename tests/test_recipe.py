@@ -127,3 +127,51 @@ def test_example_recipe_logs_exports_and_checkpoints(tmp_path):
     assert set(exported) == float_keys  # parameters and BatchNorm statistics
     for key in float_keys:
         assert torch.equal(exported[key], written[key]), key
+
+
+def test_killed_worker_continues_its_share_every_sample_seen_once(tmp_path):
+    """kill -9 of worker 1 mid-epoch with --max-restarts 1: its replacement continues
+    its DistributedSampler share where the last applied step left it, so over the
+    epoch every sample is trained on, and none twice (a lost step's are re-read)."""
+    import os
+    import random
+    import signal
+
+    from tests.harness import Job, wait_for
+    from tests.test_faults import pid_of
+
+    seen, run = tmp_path / "seen", tmp_path / "run"
+    seen.mkdir()
+    job = Job(["launch", "--workers", 2, "--servers", 2, "--max-restarts", 1, "--out", run,
+               "--quiet", RECIPE, "--out", tmp_path / "dist.json", "--steps", 100, "--batch",
+               30, "--sleep", 0.1, "--samples-log", seen], timeout_s=240)
+    kill_at = random.Random(13).randint(4, 10)  # a step of the first epoch (25 steps)
+    log = seen / "worker-1.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= kill_at
+             or job.proc.poll() is not None, 120, "worker 1's first steps")
+    assert job.proc.poll() is None, "the job ended before the kill"
+    os.kill(pid_of(run, "worker", 1), signal.SIGKILL)
+    code, output = job.wait()
+    assert code == 0, output
+    assert "the data continues at epoch 0" in (run / "logs" / "worker-1.log").read_text()
+    ids = [i for name in ("worker-0.jsonl", "worker-1.jsonl")
+           for line in (seen / name).read_text().splitlines()
+           for rec in [json.loads(line)] if rec["epoch"] == 0 for i in rec["ids"]]
+    assert sorted(ids) == list(range(1500))  # every sample of epoch 0, each once
+
+
+def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
+    """Hybrid mode (dense part on the workers by DDP, a table on the servers): the same
+    recipe, one worker (the tables are asynchronous, so one worker is the exact case),
+    against plain torch with the table as an nn.Embedding from the same rows."""
+    script = ROOT / "tests" / "scripts" / "recipe_tables.py"
+    out = tmp_path / "plain.json"
+    proc = subprocess.run([sys.executable, str(script), "--plain", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plain = json.loads(out.read_text())
+    code, output = run_cli(["launch", "--workers", 1, "--servers", 1, "--mode", "hybrid",
+                            "--out", tmp_path / "run", "--quiet", script,
+                            "--out", tmp_path / "dist.json"], timeout_s=180)
+    assert code == 0, output
+    _close(json.loads((tmp_path / "dist.json").read_text()), plain)

@@ -17,6 +17,11 @@ What it adds is a start part-way into an epoch. torch's sampler deals the epoch'
   count. Epochs before the cursor's yield nothing, so a script's
   ``for epoch in range(epochs)`` loop (and a per-epoch lr scheduler in it) runs
   unchanged.
+
+It also counts what it has handed out in the current epoch (:attr:`taken`), and
+:meth:`ResumableSampler.skip_own` continues one worker's share after that many:
+a killed worker's replacement picks up its predecessor's share where the last
+applied step left it (``tessera.DistributedSampler`` keeps that count per step).
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
                          seed=seed, drop_last=drop_last)
         #: The cursor: epoch ``_cursor_epoch`` starts ``_cursor_offset`` positions in.
         self._cursor_epoch, self._cursor_offset = 0, 0
+        #: This worker's own share: epoch ``_own_epoch`` starts ``_own_skip`` indices in.
+        self._own_epoch, self._own_skip = 0, 0
+        #: Indices handed out so far in epoch ``self.epoch`` (by the last iterator).
+        self.taken = 0
+        #: A replacement worker's sampler was moved to its predecessor's position.
+        self.resumed = False
+
+    def skip_own(self, epoch: int, taken: int) -> None:
+        """Continue this worker's share of epoch ``epoch`` after its first ``taken``
+        indices (earlier epochs yield nothing)."""
+        if taken < 0:
+            raise ValueError(f"sampler position must be >= 0, got {taken}")
+        self._own_epoch, self._own_skip = epoch, taken
 
     def seek(self, epoch: int, offset: int) -> None:
         """Continue from position ``offset`` of epoch ``epoch``'s permutation (the
@@ -72,13 +90,25 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
             rest += (rest * math.ceil(pad / len(rest)))[:pad]
         return rest
 
-    def __iter__(self) -> Iterator[int]:
+    def _share(self) -> list[int]:
         if self._start() == 0:
-            yield from super().__iter__()  # torch's own order, bit for bit
-            return
-        yield from self._rest()[self.rank::self.num_replicas]
+            share = list(super().__iter__())  # torch's own order, bit for bit
+        else:
+            share = self._rest()[self.rank::self.num_replicas]
+        if self.epoch < self._own_epoch:
+            return []
+        return share[self._own_skip:] if self.epoch == self._own_epoch else share
+
+    def __iter__(self) -> Iterator[int]:
+        share = self._share()
+        self.taken = self.num_samples_before()
+        for index in share:
+            self.taken += 1
+            yield index
+
+    def num_samples_before(self) -> int:
+        """Indices of this epoch this worker's share skips (a replacement's start)."""
+        return self._own_skip if self.epoch == self._own_epoch else 0
 
     def __len__(self) -> int:
-        if self._start() == 0:
-            return self.num_samples
-        return len(self._rest()) // self.num_replicas
+        return len(self._share())

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--samples-log", help="append each applied step's sample ids here")
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step (slow workers)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -64,7 +67,7 @@ def main() -> None:
     device = torch.device(args.device)
     x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
     y = torch.tensor(y, device=device)
-    train = TensorDataset(x[:1500], y[:1500])
+    train = TensorDataset(x[:1500], y[:1500], torch.arange(1500, device=device))
     test_x, test_y = x[1500:], y[1500:]
     model = nn.Sequential(nn.Linear(64, 64), *([nn.BatchNorm1d(64)] if args.bn else []),
                           nn.ReLU(), nn.Linear(64, 10)).to(device)
@@ -81,15 +84,21 @@ def main() -> None:
                                                  * 0.5 * (1 + math.cos(math.pi * s / total)))
     loader = DataLoader(train, batch_size=micro, sampler=sampler, drop_last=True)
 
-    step, epoch = 0, 0
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's variable; every Tessera worker has it
+    # A replacement worker (--max-restarts) starts at the job's step, its data where its
+    # predecessor's last applied step left it (tessera.DistributedSampler).
+    step, epoch = (0 if args.plain else model.start_step(args.steps)), 0
+    seen = open(f"{args.samples_log}/worker-{rank}.jsonl", "a") if args.samples_log else None
     while step < args.steps:
         sampler.set_epoch(epoch)
         batches = iter(loader)
         for _ in range(len(loader) // args.accum):
             if step == args.steps:
                 break
+            ids = []
             for k in range(args.accum):
-                xb, yb = next(batches)
+                xb, yb, ib = next(batches)
+                ids += ib.tolist()
                 last = k == args.accum - 1
                 ctx = model.no_sync() if (not args.plain and not last) else _nothing()
                 with ctx:
@@ -104,13 +113,16 @@ def main() -> None:
             optimizer.zero_grad()
             schedule.step()
             step += 1
+            if seen is not None:  # applied: these samples count as seen
+                seen.write(json.dumps({"epoch": epoch, "step": step, "ids": ids}) + "\n")
+                seen.flush()
+            time.sleep(args.sleep)
         epoch += 1
 
     model.eval()
     with torch.no_grad():
         eval_loss = F.cross_entropy(model(test_x), test_y).item()
     state = model.state_dict()
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's variable; every Tessera worker has it
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     with open(out, "w") as f:
         json.dump({"eval_loss": eval_loss, "steps": step,
