@@ -126,8 +126,12 @@ class Job:
 
     def _resume_tracked(self) -> None:
         view = self.session.view
-        if view is None or not view.incarnation or not self.tracked:
-            return  # not known yet (before distribute), or not a replacement
+        if view is None or not self.tracked:
+            return  # not known yet (before distribute)
+        if view.restore is not None:
+            self._resume_from_checkpoint(view.restore)
+        if not view.incarnation:
+            return  # not a replacement
         path = self._cursor_path()
         if not path.exists():
             return
@@ -139,9 +143,37 @@ class Job:
                 print(f"worker {self.rank}: the data continues at epoch {cursor['epoch']}, "
                       f"after {cursor['taken']} samples of this worker's share", flush=True)
 
+    def _resume_from_checkpoint(self, restore) -> None:
+        """``--resume``: every worker's position at the checkpoint's clock, as one offset
+        into the epoch (the workers of a sync job each took the same count, dealt
+        round-robin, so together they took the first ``sum`` positions), re-dealt over
+        this job's workers (another worker count is fine)."""
+        from tessera.ps.checkpoint import read_cursors
+        saved = read_cursors(restore.path, restore.clock)
+        for index, sampler in enumerate(self.tracked):
+            if sampler.resumed:
+                continue
+            cursors = [c["samplers"][index] for c in saved if index < len(c["samplers"])]
+            if not cursors:
+                print(f"worker {self.rank}: the checkpoint at clock {restore.clock} holds no "
+                      f"sampler position; the data restarts its epoch", flush=True)
+                continue
+            epoch = max(c["epoch"] for c in cursors)
+            offset = sum(c["taken"] for c in cursors if c["epoch"] == epoch)
+            sampler.seek(epoch, offset)
+            sampler.resumed = True
+            if self.rank == 0:
+                print(f"worker 0: the data continues at epoch {epoch}, {offset} samples in",
+                      flush=True)
+
     def _save_cursor(self, clock: int) -> None:
         if not self.tracked:
             return
+        every = self.cfg.checkpoint.every
+        if every and clock % every == 0:  # the clocks servers checkpoint at
+            from tessera.ps.checkpoint import checkpoint_url, write_cursor
+            write_cursor(checkpoint_url(self.cfg, self.run_dir), clock, self.rank, {
+                "samplers": [{"epoch": s.epoch, "taken": s.taken} for s in self.tracked]})
         path = self._cursor_path()
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -175,3 +175,41 @@ def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
                             "--out", tmp_path / "dist.json"], timeout_s=180)
     assert code == 0, output
     _close(json.loads((tmp_path / "dist.json").read_text()), plain)
+
+
+def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):
+    """kill -9 of the whole job mid-epoch, then --resume: the data continues from the
+    checkpoint's position (every worker's sampler position is saved beside it), so
+    epoch 0's samples are each trained once, counting the first run up to the
+    checkpoint and the resumed run after it."""
+    from tests.harness import Job, wait_for
+    from tests.test_faults import kill_cluster
+
+    seen, run = tmp_path / "seen", tmp_path / "run"
+    seen.mkdir()
+    args = [RECIPE, "--out", tmp_path / "dist.json", "--steps", 50, "--batch", 30,
+            "--samples-log", seen]
+    job = Job(["launch", "--workers", 2, "--servers", 2, "--checkpoint-every", 5, "--out", run,
+               "--quiet", *args, "--sleep", 0.1], timeout_s=240)
+    log = seen / "worker-0.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 13
+             or job.proc.poll() is not None, 120, "worker 0's first 13 steps")
+    assert job.proc.poll() is None, "the job ended before the kill"
+    kill_cluster(job, run)
+    first = [json.loads(line) for name in ("worker-0.jsonl", "worker-1.jsonl")
+             for line in (seen / name).read_text().splitlines()]
+    for name in ("worker-0.jsonl", "worker-1.jsonl"):
+        (seen / name).rename(seen / f"first-{name}")
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--resume", run,
+                            "--out", tmp_path / "run2", "--quiet", *args], timeout_s=240)
+    assert code == 0, output
+    clock = json.loads((tmp_path / "run2" / "summary.json").read_text()).get("resumed_from")
+    resumed_at = min(r["step"] for name in ("worker-0.jsonl", "worker-1.jsonl")
+                     for line in (seen / name).read_text().splitlines()
+                     for r in [json.loads(line)]) - 1
+    assert resumed_at % 5 == 0 and resumed_at >= 10, (resumed_at, clock)
+    ids = [i for r in first if r["epoch"] == 0 and r["step"] <= resumed_at for i in r["ids"]]
+    ids += [i for name in ("worker-0.jsonl", "worker-1.jsonl")
+            for line in (seen / name).read_text().splitlines()
+            for r in [json.loads(line)] if r["epoch"] == 0 for i in r["ids"]]
+    assert sorted(ids) == list(range(1500))

@@ -42,6 +42,33 @@ class CheckpointError(TesseraError):
     """A checkpoint that cannot be read or written; the message names it."""
 
 
+def write_cursor(url: str, clock: int, worker: int, cursor: dict) -> None:
+    """A worker's data position after ``clock`` steps, beside that clock's checkpoint
+    (``cursors/clock-<C>/worker-<rank>.json``): what ``tessera.DistributedSampler``
+    continues from on ``--resume``."""
+    fs, root = fsspec.core.url_to_fs(url)
+    where = f"{root.rstrip('/')}/cursors/clock-{clock:08d}"
+    fs.makedirs(where, exist_ok=True)
+    with fs.open(f"{where}/worker-{worker}.json", "w") as f:
+        f.write(json.dumps(cursor))
+
+
+def read_cursors(url: str, clock: int) -> list[dict]:
+    """Every worker's data position saved at ``clock`` (empty if none was)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    where = f"{root.rstrip('/')}/cursors/clock-{clock:08d}"
+    try:
+        names = sorted(fs.ls(where, detail=False))
+    except (FileNotFoundError, OSError):
+        return []
+    out = []
+    for name in names:
+        if name.rsplit("/", 1)[-1].startswith("worker-") and name.endswith(".json"):
+            with fs.open(name, "r") as f:
+                out.append(json.loads(f.read()))
+    return out
+
+
 def checkpoint_url(cfg, run_dir) -> str:
     """Where this job's checkpoints go: ``checkpoint.dir`` or ``<run dir>/checkpoints``."""
     return cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
