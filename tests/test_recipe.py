@@ -175,6 +175,12 @@ def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
                             "--out", tmp_path / "dist.json"], timeout_s=180)
     assert code == 0, output
     _close(json.loads((tmp_path / "dist.json").read_text()), plain)
+    # final.safetensors holds the table as the rows the run touched, with their ids.
+    from safetensors.torch import load_file
+    final = load_file(tmp_path / "run" / "final.safetensors")
+    assert torch.equal(final["tables.users.ids"], torch.arange(50))
+    torch.testing.assert_close(final["tables.users.rows"], torch.tensor(plain["table"]),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):

@@ -53,6 +53,7 @@ EVERY_MESSAGE = [
     wire.PullRows(req=19, worker=1, table="user", clock=3, dtype="bfloat16"),
     wire.Rows(req=20, table="user", clock=3),
     wire.PushRows(req=21, worker=0, seq=9, clock=3, table="item", scale=2.0),
+    wire.DumpRows(req=31, table="item"),
     wire.Departed(req=22, role="worker", rank=1, reason="killed by SIGKILL"),
     wire.CheckpointNow(req=23),
     wire.CheckpointSaved(req=24, rank=1, clock=20, file="server-1.safetensors", nbytes=4096),

@@ -160,6 +160,21 @@ class ShardedEmbeddingBag(ShardedEmbeddingBase):
                                per_sample_weights=per_sample_weights)
 
 
+def tables_state(client, tables) -> dict[str, torch.Tensor]:
+    """Every row the servers hold of each table, with its id (``tables.<name>.ids``,
+    increasing, and ``tables.<name>.rows``): what ``final.safetensors`` and ``tessera
+    export`` write for a table."""
+    out: dict[str, torch.Tensor] = {}
+    for table in tables:
+        parts = [client.dump_rows(table.name, server) for server in range(len(client.servers))]
+        ids = torch.cat([i for i, _ in parts])
+        rows = torch.cat([r.reshape(len(i), table.embedding_dim) for i, r in parts])
+        order = torch.argsort(ids)
+        out[f"tables.{table.name}.ids"] = ids[order].contiguous()
+        out[f"tables.{table.name}.rows"] = rows[order].contiguous()
+    return out
+
+
 def find_tables(model: nn.Module) -> list[ShardedEmbeddingBase]:
     """The model's sharded tables, named by their module path unless named explicitly."""
     tables = []

@@ -163,5 +163,10 @@ class DistributedModel(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         """The trained model as this process holds it: parameters and buffers under the
         plain module's keys, as separate contiguous CPU tensors (for safetensors)."""
-        return {k: v.detach().to("cpu").clone().contiguous()
-                for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
+        state = {k: v.detach().to("cpu").clone().contiguous()
+                 for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
+        tables = getattr(self, "tables", None)
+        if tables and self.client is not None:  # rows live on the servers: ask for them
+            from tessera.parallel.embedding import tables_state
+            state.update(tables_state(self.client, tables))
+        return state

@@ -253,6 +253,20 @@ class PSClient:
         return Handle(self, server, req, f"row pull of table {table!r} at clock {clock}",
                       keep=ids)
 
+    def dump_rows(self, table: str, server: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of ``table`` that ``server`` holds: (ids int64 [n], rows fp32 [n, dim])."""
+        ep = self.servers[server]
+        req = ep.new_req()
+        ep.send(wire.DumpRows(req=req, table=table))
+        _, frames = self._expect(server, req, f"export of table {table!r}", None, wire.Rows)
+        if len(frames) != 2 or len(frames[1]) % 8:
+            raise ServerError(f"{ep.peer_name} answered the export of table {table!r} with "
+                              f"{len(frames)} frames; expected rows and ids")
+        raw = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+        ids = torch.from_numpy(np.frombuffer(raw[1], dtype=np.int64).copy())
+        rows = torch.from_numpy(np.frombuffer(raw[0], dtype=np.float32).copy())
+        return ids, rows.reshape(len(ids), -1) if len(ids) else rows.reshape(0, 0)
+
     def push_rows(self, table: str, server: int, ids: np.ndarray, grads: torch.Tensor,
                   clock: int, scale: float = 1.0) -> Handle:
         """Row-sparse gradient of ``table`` for ``clock`` (possibly no rows); wait() -> None."""

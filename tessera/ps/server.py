@@ -132,6 +132,8 @@ class ParameterServer:
                 self.tables.on_pull(got.peer, msg, got.frames)
             elif isinstance(msg, wire.PushRows) and self.tables is not None:
                 self.tables.on_push(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.DumpRows) and self.tables is not None:
+                self.tables.on_dump(got.peer, msg)
             else:
                 raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
         except RequestError as exc:

@@ -82,6 +82,14 @@ class TableService:
 
     # ----------------------------------------------------------------- pulls
 
+    def on_dump(self, peer: bytes, msg: wire.DumpRows) -> None:
+        """Every row of a table this server holds, with its id (a run's export)."""
+        st = self._table(msg.table)
+        state = st.shard.export_state()
+        self.send(peer, wire.Rows(req=msg.req, table=msg.table, clock=st.clock, dtype="float32"),
+                  [tensor_to_frame(state["values"].contiguous()),
+                   tensor_to_frame(state["ids"].contiguous())])
+
     def on_pull(self, peer: bytes, msg: wire.PullRows, frames: list) -> None:
         st = self._table(msg.table)
         if len(frames) != 1:

@@ -162,6 +162,15 @@ class Rows(msgspec.Struct, **MESSAGE):
     dtype: str = "float32"
 
 
+class DumpRows(msgspec.Struct, **MESSAGE):
+    """Every row of ``table`` this server holds (a run's export): answered with a
+    :class:`Rows` whose frame 0 holds the rows [n, dim] fp32 and frame 1 their ids
+    (int64, increasing)."""
+
+    req: int
+    table: str
+
+
 class PushRows(msgspec.Struct, **MESSAGE):
     """Row-sparse gradient of ``table`` for ``clock``: frame 0 ids (int64, unique),
     frame 1 gradients [n, dim] in ``dtype``. Every worker pushes every table to every

@@ -58,7 +58,7 @@ def main() -> None:
         with torch.no_grad():
             table.weight.copy_(initial_rows(np.arange(ROWS), DIM, 0, 0.01))
     else:
-        table = tessera.nn.ShardedEmbedding(ROWS, DIM, name="ids", optimizer="sgd", lr=0.1)
+        table = tessera.nn.ShardedEmbedding(ROWS, DIM, name="users", optimizer="sgd", lr=0.1)
     torch.manual_seed(1)  # the dense part's init, whatever building the table drew
     model = Model(table)
     dense = [p for n, p in model.mlp.named_parameters()]
@@ -92,7 +92,8 @@ def main() -> None:
         eval_loss = F.cross_entropy(model(x[1500:], ids[1500:]), y[1500:]).item()
     with open(args.out, "w") as f:
         json.dump({"eval_loss": eval_loss, "steps": step,
-                   "lr": [g["lr"] for g in optimizer.param_groups]}, f)
+                   "lr": [g["lr"] for g in optimizer.param_groups],
+                   "table": table.weight.tolist() if args.plain else None}, f)
     if not args.plain:
         tessera.finish()
 
