@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,7 +44,7 @@ from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.data.distributed import ResumableSampler
 from tessera.data.sampler import ShardSampler
-from tessera.errors import UsageError
+from tessera.errors import TesseraError, UsageError
 from tessera.parallel.export import export_final
 from tessera.parallel.protocol import DistributedModel
 
@@ -237,10 +238,29 @@ def init() -> Job:
     job = _current.get()
     if job is None:
         from tessera.cluster import inprocess
+        _report_mistakes_in_one_line()
         job = Job(Session.from_env(expect_role="worker") if inprocess.launched()
                   else inprocess.worker_session())
         _current.set(job)
     return job
+
+
+def _report_mistakes_in_one_line() -> None:
+    """A script's uncaught TesseraError (a mistake Tessera names: a refused optimizer, a
+    second backward, a dead peer) ends it with its one line, not a traceback; anything
+    else keeps Python's report."""
+    previous = sys.excepthook
+    if getattr(previous, "tessera", False):
+        return
+
+    def hook(kind, exc, tb):
+        if issubclass(kind, TesseraError):
+            print(f"tessera: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, exc, tb)
+
+    hook.tessera = True
+    sys.excepthook = hook
 
 
 def current() -> Job:

@@ -219,3 +219,16 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):
             for line in (seen / name).read_text().splitlines()
             for r in [json.loads(line)] if r["epoch"] == 0 for i in r["ids"]]
     assert sorted(ids) == list(range(1500))
+
+
+@pytest.mark.parametrize("mistake, says", [
+    ("lbfgs", "optimizer torch.optim.lbfgs.LBFGS cannot run on the parameter servers"),
+    ("second_backward", "a second backward() before step() would push parameter"),
+    ("closure", "SGD.step(closure) cannot run on parameter servers")])
+def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
+                           mistake], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"tessera: worker 0: {says}" in proc.stderr or f"tessera: {says}" in proc.stderr, \
+        proc.stderr
