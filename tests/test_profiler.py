@@ -76,16 +76,19 @@ def test_trace_is_chrome_json_with_spans_from_every_process(straggler_run):
 
 
 def test_report_names_the_hot_server(tmp_path):
-    # 150 steps: per-step compute is ~1 ms on digits, so one worker's slow first steps
-    # (lazy initialisation) over 40 steps read as a 1.3x straggler on a busy 2-core machine.
+    # One worker: per-step compute is ~1 ms on digits, so with two workers scheduling
+    # noise on a 2-core machine can make one read as a 1.3x straggler, which the report
+    # names first; a lone worker has no one to straggle behind.
     job = tmp_path / "hot.toml"
     job.write_text(textwrap.dedent("""
         name = "hot"
         profile = true
+        [cluster]
+        workers = 1
         [data]
         dataset = "digits"
         [train]
-        steps = 150
+        steps = 60
         [ps]
         partition_mb = 0.005
         server_weights = [5.0, 1.0]
