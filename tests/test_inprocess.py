@@ -27,7 +27,7 @@ from tessera.launch.inprocess import run as run_in_process
 from tessera.config.schema import JobConfig, TrainConfig
 from tessera.transport import wire
 from tessera.transport.address import INPROC
-from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint, TransportError, _Auth
+from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint, TransportError
 from tests.harness import ROOT, run_cli
 
 SCRIPT = ROOT / "tests" / "scripts" / "plain_digits.py"
@@ -36,14 +36,6 @@ TIMEOUT_S = 10.0
 
 
 # ------------------------------------------------------------ transport seam
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    _Auth.stop(context)
-    context.destroy(linger=0)
 
 
 def _echo(server: ServerEndpoint, client: ClientEndpoint) -> None:

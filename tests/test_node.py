@@ -179,17 +179,19 @@ def test_gpu_per_worker_without_torch(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ a whole job
 
 
-def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
+def _two_nodes(tmp_path, monkeypatch, target, *script_args) -> int:
+    """``tessera node TARGET`` as nodes 0 and 1 on loopback (2 workers, 2 servers, run
+    directories ``node0``/``node1``); asserts both exit 0 and returns the coordinator port."""
     monkeypatch.setenv("TESSERA_SECRET", SECRET)
     for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
     port = free_port()
-    common = [DIGITS, "--coordinator", f"127.0.0.1:{port}", "--nodes", 2, "--workers", 2,
+    common = [target, "--coordinator", f"127.0.0.1:{port}", "--nodes", 2, "--workers", 2,
               "--servers", 2, "--out", tmp_path / "node{node}", "--quiet"]
-    t0 = time.monotonic()
+    tail = ["--", *script_args] if script_args else []
     # Node 1 first: it waits for the coordinator that node 0 brings up.
-    n1 = Job(["node", *common, "--node-rank", 1], timeout_s=150)
-    n0 = Job(["node", *common, "--node-rank", 0], timeout_s=150)
+    n1 = Job(["node", *common, "--node-rank", 1, *tail], timeout_s=150)
+    n0 = Job(["node", *common, "--node-rank", 0, *tail], timeout_s=150)
     try:
         code0, out0 = n0.wait()
         code1, out1 = n1.wait()
@@ -198,6 +200,12 @@ def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
         n1.kill()
     assert code0 == 0, out0
     assert code1 == 0, out1
+    return port
+
+
+def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
+    t0 = time.monotonic()
+    port = _two_nodes(tmp_path, monkeypatch, DIGITS)
     summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.95, summary
     assert summary["workers"] == 2 and summary["servers"] == 2
@@ -217,23 +225,7 @@ def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
 def test_two_nodes_run_a_users_script(tmp_path, monkeypatch):
     """`tessera node SCRIPT.py`: a user's own script goes multi-node as `launch` runs it
     (its arguments after `--`)."""
-    monkeypatch.setenv("TESSERA_SECRET", SECRET)
-    for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    port = free_port()
-    script = ROOT / "examples" / "train_script.py"
-    common = [script, "--coordinator", f"127.0.0.1:{port}", "--nodes", 2, "--workers", 2,
-              "--servers", 2, "--out", tmp_path / "node{node}", "--quiet"]
-    n1 = Job(["node", *common, "--node-rank", 1, "--", "--steps", 60], timeout_s=150)
-    n0 = Job(["node", *common, "--node-rank", 0, "--", "--steps", 60], timeout_s=150)
-    try:
-        code0, out0 = n0.wait()
-        code1, out1 = n1.wait()
-    finally:
-        n0.kill()
-        n1.kill()
-    assert code0 == 0, out0
-    assert code1 == 0, out1
+    _two_nodes(tmp_path, monkeypatch, ROOT / "examples" / "train_script.py", "--steps", 60)
     summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["workers"] == 2, summary
     assert summary["eval_accuracy"] >= 0.85, summary

@@ -41,7 +41,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tessera.transport import wire
 from tessera.transport.endpoint import (AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint,
-                                        TransportError, _Auth, _keys)
+                                        TransportError, _keys)
 from tests.scripts.lone_server import initial_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,14 +154,6 @@ def test_no_module_uses_pickle():
 
 
 # ------------------------------------------------------------------- 2. CURVE
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    _Auth.stop(context)
-    context.destroy(linger=0)
 
 
 class Relay:
