@@ -27,12 +27,21 @@ What Tessera adds around it (policy):
    each stage are averaged over its replicas (an all-reduce in the group of
    that stage), and each stage steps its own optimizer.
 3. *Evaluation*: a forward-only pass along the replica's pipeline by plain
-   point-to-point sends (shape header, then data), without autograd state.
+   point-to-point sends of the activations, without autograd state.
+4. *Shapes, computed locally*: every stage is given the shapes of what it
+   receives and sends (``PipelineStage``'s static ``input_args`` and
+   ``output_args``), computed by running meta copies of the stages up to its own
+   on the shape of this process's batch (every stage of a replica is called with
+   the same batch). So torch never infers them at run time, which it does by
+   ``send_object_list``/``recv_object_list`` (pickle), and no receive is sized
+   by a peer: every receive buffer's size comes from the model and the local
+   batch, and Gloo refuses a message of another size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -140,7 +149,7 @@ class PipelineParallel(DistributedModel):
                  plan: PipelineConfig, optimizer: OptimizerConfig, loss_fn: Callable,
                  device=torch.device("cpu"), profiler: SpanRecorder = OFF):
         super().__init__()
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         num_stages, microbatches, schedule = plan.stages, plan.microbatches, plan.schedule
         self.num_stages, self.stage_index = num_stages, rank % num_stages
@@ -148,19 +157,27 @@ class PipelineParallel(DistributedModel):
         self.microbatches = microbatches
         self.profiler = profiler
         boundaries = stage_boundaries(model, num_stages, plan.split_points)
-        self.module = cut(model, boundaries)[self.stage_index].to(device)
+        pieces = cut(model, boundaries)
+        self.module = pieces[self.stage_index].to(device)
         self.device = device
+        # Meta copies of the stages up to this one (no memory): the shapes this stage
+        # receives and sends, for any batch, without asking a peer. A plain list, so
+        # they are not submodules (state_dict, .to(), parameters() never see them).
+        self._meta_stages = [_meta_copy(p) for p in pieces[:self.stage_index + 1]]
+        self._shape_cache: dict = {}
         # Every process must create every group, in the same order.
         pipe_groups = [dist.new_group(list(range(r * num_stages, (r + 1) * num_stages)))
                        for r in range(self.num_replicas)]
         stage_groups = [dist.new_group([r * num_stages + s for r in range(self.num_replicas)])
                         for s in range(num_stages)]
         self.pipe_ranks = list(range(self.replica * num_stages, (self.replica + 1) * num_stages))
+        self.pipe_group = pipe_groups[self.replica]
         self.stage_group = stage_groups[self.stage_index]
-        self.pipe_stage = PipelineStage(self.module, self.stage_index, num_stages, device,
-                                        group=pipe_groups[self.replica])
-        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-        self.schedule = kind(self.pipe_stage, n_microbatches=microbatches, loss_fn=loss_fn)
+        self.schedule_kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        self.loss_fn = loss_fn
+        # Built at the first batch, whose shape fixes the stage's static shapes.
+        self.pipe_stage = self.schedule = None
+        self.batch_meta: Optional[tuple] = None
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = (torch_optimizer(optimizer, params)
                           if params else None)
@@ -174,6 +191,67 @@ class PipelineParallel(DistributedModel):
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
 
+    # --------------------------------------------------------------- shapes
+
+    def stage_shapes(self, inputs: tuple, grad: bool = False) -> tuple[tuple, tuple]:
+        """(what this stage receives, what it sends) for a batch shaped as ``inputs``, as
+        meta tensors: the meta stages up to this one run on meta copies of ``inputs``.
+        With ``grad``, as in training: what a stage receives requires grad (floating
+        point), and so does what it sends where it depends on parameters or inputs
+        that do (the schedule sends gradients back for those)."""
+        key = (tuple((tuple(t.shape), t.dtype) for t in inputs), grad)
+        if key not in self._shape_cache:
+            acts = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in key[0])
+            received = acts
+            try:
+                with torch.set_grad_enabled(grad), torch.random.fork_rng(devices=[]):
+                    for k, piece in enumerate(self._meta_stages):
+                        if k > 0:  # crossing a stage boundary, as a received activation
+                            acts = tuple(t.detach().requires_grad_(grad and t.is_floating_point())
+                                         for t in acts)
+                        received = acts
+                        acts = _as_tuple(piece(*acts))
+            except Exception as exc:  # a module that cannot run on the meta device
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise PipelineConfigError(
+                    f"pipeline stage {self.stage_index}: the shapes between stages are computed "
+                    f"on the meta device, and this model's forward fails there "
+                    f"({type(exc).__name__}: {first}); use modules that run on "
+                    f"torch.device('meta')") from None
+            if len(self._shape_cache) > 16:
+                self._shape_cache.clear()
+            self._shape_cache[key] = (received, acts)
+        return self._shape_cache[key]
+
+    def _build(self, inputs: tuple) -> None:
+        """The stage and schedule for batches shaped as ``inputs`` (static shapes: torch
+        exchanges no metadata objects, so nothing is pickled between stages)."""
+        from torch.distributed.pipelining import PipelineStage
+        rows = inputs[0].shape[0]
+        if rows % self.microbatches:
+            raise PipelineConfigError(f"a batch of {rows} rows does not split into "
+                                      f"pipeline.microbatches = {self.microbatches}: make the "
+                                      f"batch size a multiple of --microbatches")
+        micro = tuple(torch.empty((t.shape[0] // self.microbatches, *t.shape[1:]),
+                                  dtype=t.dtype, device="meta") for t in inputs)
+        received, sent = self.stage_shapes(micro, grad=True)
+        self.pipe_stage = PipelineStage(self.module, self.stage_index, self.num_stages,
+                                        self.device, input_args=received, output_args=sent,
+                                        group=self.pipe_group)
+        self.schedule = self.schedule_kind(self.pipe_stage, n_microbatches=self.microbatches,
+                                           loss_fn=self.loss_fn)
+        self.batch_meta = _meta_of(inputs)
+
+    def _check_batch(self, inputs: tuple) -> None:
+        self._check_inputs(inputs)
+        if self.schedule is None:
+            self._build(inputs)
+        elif _meta_of(inputs) != self.batch_meta:
+            raise PipelineConfigError(
+                f"pipeline stages are built for batches shaped {_shapes(self.batch_meta)}, "
+                f"got {_shapes(_meta_of(inputs))}: every training batch must have the same "
+                f"shape (drop the last, smaller batch)")
+
     # ------------------------------------------------------------- training
 
     def compute_gradients(self, inputs: tuple, target: torch.Tensor) -> Optional[float]:
@@ -182,6 +260,7 @@ class PipelineParallel(DistributedModel):
         Returns the batch's mean loss on the last stage, None elsewhere.
         """
         losses: list[torch.Tensor] = []
+        self._check_batch(tuple(inputs))
         with self.profiler.span("pipeline", "compute", schedule=type(self.schedule).__name__):
             if self.num_stages == 1:
                 self.schedule.step(*inputs, target=target, losses=losses)
@@ -236,34 +315,45 @@ class PipelineParallel(DistributedModel):
     @torch.no_grad()
     def forward(self, *inputs):
         """Forward-only along this replica's pipeline: the output on the last stage,
-        None on the others. Every stage of the replica must call it together."""
+        None on the others. Every stage of the replica must call it together, with the
+        same inputs: each sizes what it receives from them (no size crosses the wire)."""
+        self._check_inputs(inputs)
+        received, _ = self.stage_shapes(tuple(inputs))
         prev = self.pipe_ranks[self.stage_index - 1] if not self.is_first else None
         nxt = self.pipe_ranks[self.stage_index + 1] if not self.is_last else None
-        x = inputs[0].to(self.device) if self.is_first else _recv(prev)
-        out = self.module(x)
+        if self.is_first:
+            acts = tuple(t.to(self.device) for t in inputs)
+        else:
+            acts = tuple(torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                         for m in received)
+            for t in acts:
+                dist.recv(t, prev)
+        out = self.module(*acts)
         if nxt is not None:
-            _send(out, nxt)
+            for t in _as_tuple(out):
+                dist.send(t.contiguous(), nxt)
             return None
         return out
 
-
-def _send(t: torch.Tensor, dst: int) -> None:
-    t = t.contiguous().float()
-    if t.dim() > 7:
-        raise PipelineConfigError(f"activations with {t.dim()} dimensions cannot cross stages "
-                                  f"(at most 7)")
-    header = torch.zeros(8, dtype=torch.int64)
-    header[0] = t.dim()
-    header[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    dist.send(header, dst)
-    dist.send(t, dst)
+    def _check_inputs(self, inputs) -> None:
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise PipelineConfigError("every pipeline stage must be given the batch's inputs "
+                                      "(model.train_step((x,), y) and model(x) on every "
+                                      "stage): each computes its shapes from them")
 
 
-def _recv(src: int) -> torch.Tensor:
-    header = torch.zeros(8, dtype=torch.int64)
-    dist.recv(header, src)
-    ndim = int(header[0])
-    out = torch.empty(*[int(s) for s in header[1:1 + ndim]])
-    dist.recv(out, src)
-    return out
+def _meta_copy(piece: nn.Module) -> nn.Module:
+    """``piece`` on the meta device (shapes only), in eval mode, apart from ``piece``."""
+    return copy.deepcopy(piece).to("meta").eval()
 
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _meta_of(inputs: tuple) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in inputs)
+
+
+def _shapes(meta: tuple) -> str:
+    return ", ".join(f"{list(shape)} {str(dtype).replace('torch.', '')}" for shape, dtype in meta)
