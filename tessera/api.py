@@ -238,6 +238,8 @@ def init() -> Job:
     job = _current.get()
     if job is None:
         from tessera.cluster import inprocess
+        from tessera.config import env as envvars, nopickle
+        nopickle.install_if_asked(envvars.process_environ())  # tests; once more, after imports
         _report_mistakes_in_one_line()
         job = Job(Session.from_env(expect_role="worker") if inprocess.launched()
                   else inprocess.worker_session())

@@ -162,6 +162,8 @@ def server_main() -> None:
 
 
 if __name__ == "__main__":
+    from tessera.config import env as _env, nopickle as _nopickle
+    _nopickle.install_if_asked(_env.process_environ())  # tests: unpickling ends the process
     role = sys.argv[1] if len(sys.argv) > 1 else ""
     if role == "coordinator":
         run_guarded(coordinator_main, "coordinator")

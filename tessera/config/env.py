@@ -36,6 +36,9 @@ COORDINATOR = "TESSERA_COORDINATOR"
 HOST = "TESSERA_HOST"
 #: ``HOST:PORT`` the coordinator must bind (``tessera node``, Ray clusters).
 COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
+#: Set to 1 (tests): every process a launcher starts ends itself on any attempt to
+#: unpickle (:mod:`tessera.config.nopickle`); children inherit it.
+FORBID_PICKLE = "TESSERA_FORBID_PICKLE"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
@@ -226,6 +229,12 @@ def launched(environ: Mapping[str, str]) -> bool:
     """Whether a launcher started this process: any of its identity variables is set
     (part of them set is a broken launch, which :meth:`Identity.from_env` names)."""
     return any(environ.get(v) for v in REQUIRED)
+
+
+def forbid_pickle(environ: Mapping[str, str]) -> bool:
+    """Whether this process must run under the no-pickle guard (``TESSERA_FORBID_PICKLE``
+    set to anything but '', 0, false or no)."""
+    return environ.get(FORBID_PICKLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def process_environ() -> Mapping[str, str]:

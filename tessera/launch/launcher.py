@@ -29,6 +29,7 @@ import time
 from typing import Optional
 
 from tessera.config import env as envvars
+from tessera.config import nopickle
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
@@ -79,6 +80,7 @@ class Launcher:
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
             child_env.update(gpu_env(rank, visible_gpus(child_env)))
+        cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         child = Child(role, rank, proc, log_path, log)

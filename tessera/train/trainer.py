@@ -151,4 +151,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     from tessera.cluster.role import run_guarded
+    from tessera.config import env as _env, nopickle as _nopickle
+    _nopickle.install_if_asked(_env.process_environ())  # tests: unpickling ends the process
     run_guarded(main, "worker")
