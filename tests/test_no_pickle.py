@@ -89,6 +89,8 @@ def _completes(jobs, name) -> dict:
 def test_every_mode_runs_under_the_guard(jobs, name):
     summary = _completes(jobs, name)
     assert summary.get("steps", 3) == 3, summary
+    if name == "pipeline":  # evaluated along the stages, receives sized from the local batch
+        assert summary["eval_loss"] > 0, summary
 
 
 def test_replicated_checkpointed_run_and_its_resume_run_under_the_guard(jobs, tmp_path,

@@ -1,5 +1,6 @@
 """Pipeline parallelism with real processes: gradients equal the unsplit model's
-(GPipe and 1F1B, 2 and 4 stages); cutting rules; bad input named."""
+(GPipe and 1F1B, 2 and 4 stages); static stage shapes from the local batch (another
+shape refused, a larger message from a peer refused); cutting rules; bad input named."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_pipelined_gradients_equal_the_unsplit_model(tmp_path, stages, schedule)
         got.update(doc["grads"])
         if doc["loss"] is not None:
             losses.append(doc["loss"])
+        # The stages were built for this batch's shape: another is refused in one line.
+        assert "built for batches shaped [16, 12] float32, got [8, 12]" in doc["refused"]
     # The oracle: the whole model, the whole batch, one process.
     ref = make_model()
     x, y = batch()
@@ -42,6 +45,21 @@ def test_pipelined_gradients_equal_the_unsplit_model(tmp_path, stages, schedule)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(torch.tensor(got[name]), p.grad, rtol=1e-5, atol=1e-6)
     assert losses == pytest.approx([loss.item()], rel=1e-5)
+
+
+def test_a_stage_sizes_what_it_receives_from_its_own_batch_not_a_peer(tmp_path):
+    """Stage shapes are static, computed from the local batch (no metadata object is
+    received, nothing unpickled): a previous stage sending more than that is refused
+    by Gloo on receipt, not received into a buffer the peer sized."""
+    out = tmp_path / "run"
+    code, output = run_cli(["launch", "--mode", "allreduce", "--servers", 0, "--workers", 2,
+                            "--stages", 2, "--microbatches", 4, "--batch-size", 16, "--out", out,
+                            "--quiet", ROOT / "tests" / "scripts" / "pipeline_grads.py",
+                            "mismatch"], timeout_s=180)
+    assert code != 0 and "worker 1" in output, output
+    log = (out / "logs" / "worker-1.log").read_text()
+    assert "Received data size doesn't match expected size" in log, log
+    assert not (out / "grads-1.json").exists()
 
 
 def test_balanced_cut_minimises_the_largest_stage():
