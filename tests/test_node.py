@@ -77,6 +77,9 @@ REFUSALS = [
     # a loopback --host cannot serve nodes that reach the coordinator elsewhere
     (["--coordinator", "192.0.2.1:29500", "--nodes", 2, "--node-rank", 1, "--host", "127.0.0.1"],
      {}, ["--host 127.0.0.1", "loopback"]),
+    # every node's servers write their part of each checkpoint: one shared location
+    (["--coordinator", "127.0.0.1:29500", "--nodes", 2, "--node-rank", 1,
+      "--checkpoint-every", 10], {}, ["--checkpoint-every 10", "--checkpoint-dir", "share"]),
 ]
 
 
