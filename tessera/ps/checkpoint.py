@@ -37,7 +37,7 @@ from tessera.errors import TesseraError
 _CLOCK_DIR = re.compile(r"^clock-(\d{8})$")
 MANIFEST = "manifest.json"
 #: The only names a server's checkpoint file may have: a plain file name, never a path.
-SHARD_NAME = re.compile(r"^server-\d{1,6}\.safetensors$")
+SHARD_NAME = re.compile(r"server-\d{1,6}\.safetensors")
 
 
 class CheckpointError(TesseraError):
@@ -76,7 +76,7 @@ def check_shard_name(name, where: str) -> str:
     CheckpointError naming ``where`` it came from. A name from a manifest or a server's
     report is joined into a path: ``../x`` or ``/x`` would read or write outside the
     checkpoint, so nothing else is accepted."""
-    if not isinstance(name, str) or not SHARD_NAME.match(name):
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
         raise CheckpointError(f"{where}: checkpoint file name {name!r} is not a server file's "
                               f"plain name (server-<rank>.safetensors); refusing to use it "
                               f"(the manifest was altered or damaged)")
