@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,3 +123,102 @@ def test_host_dropping_off_the_network_fails_the_job_naming_it(hosts, tmp_path):
     for k, (code, out) in enumerate(results):
         print(f"node {k} (exit {code}): {out}")
     print(f"three hosts: cut after {cut - t0:.1f} s, all nodes ended {ended:.1f} s after the cut")
+
+
+def _node_pair(h, job_flags, tmp_path, run: str):
+    """Nodes 1 and 0 of a 2-node job (node k on host k+1), run dirs ``<run>-node<k>``."""
+    n1 = start_node(h, 2, DIGITS, 1, 2, tmp_path / f"{run}-node1", *job_flags)
+    n0 = start_node(h, 1, DIGITS, 0, 2, tmp_path / f"{run}-node0", *job_flags)
+    return n0, n1
+
+
+def _steps_logged(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_hosts_checkpoint_to_one_shared_dir_killed_and_resumed(hosts, tmp_path):
+    """Every checkpoint of a 2-node job lands in --checkpoint-dir (the servers' files of
+    both nodes and node 0's manifest), on SIGTERM as on schedule; a job killed -9 there
+    (the launchers only: their children die with them) resumes and ends at the asked step.
+
+    2 servers and 1 worker over 2 hosts: host 1 (node 0) runs the coordinator and server 0,
+    host 2 (node 1) server 1 and worker 0 (so metrics.jsonl is in node 1's run dir)."""
+    from tessera.ps.checkpoint import CheckpointStore
+    h = hosts(2)
+    t0 = time.monotonic()
+    ck = tmp_path / "ck"  # one filesystem for both "hosts": a shared path
+    flags = ["--workers", 1, "--servers", 2, "--checkpoint-dir", ck, "--steps", 100000]
+    store = CheckpointStore(str(ck))
+    marks = []
+
+    def mark(what: str) -> None:
+        marks.append(f"{what} {time.monotonic() - t0:.1f}")
+
+    def check_complete(clock: int) -> None:
+        m = store.manifest(clock)
+        assert m["files"] == {"0": "server-0.safetensors", "1": "server-1.safetensors"}, m
+        assert all((ck / f"clock-{clock:08d}" / f).is_file() for f in m["files"].values())
+
+    # A: trains; SIGTERM to both launchers (as Slurm does): node 0 checkpoints into ck.
+    n0, n1 = _node_pair(h, flags, tmp_path, "a")
+    wait_for(lambda: _steps_logged(tmp_path / "a-node1") >= 20 or n0.poll() is not None,
+             60, "run A to train 20 steps")
+    mark("A training")
+    for p in (n1, n0):
+        p.send_signal(signal.SIGTERM)
+    code0, out0 = finish(n0, 60)
+    mark("A node 0 ended")
+    code1, out1 = finish(n1, 60)
+    mark("A node 1 ended")
+    assert code0 == 130 and f"continue with --resume {ck}" in out0, out0
+    assert code1 == 130, out1
+    first = store.latest()["clock"]
+    assert first >= 20
+    check_complete(first)
+    assert not list(tmp_path.glob("a-node*/checkpoints")), "a checkpoint left in a run dir"
+
+    # B: resumes, checkpoints every 10 steps; kill -9 of both launchers after one.
+    n0, n1 = _node_pair(h, [*flags, "--resume", ck, "--checkpoint-every", 10], tmp_path, "b")
+    wait_for(lambda: store.clocks()[0][-1] > first or n0.poll() is not None, 60,
+             "a periodic checkpoint in run B")
+    mark("B checkpointed")
+    assert n0.poll() is None and n1.poll() is None, "run B ended before the kill"
+    pids = [p["pid"] for p in json.loads((tmp_path / "b-node0" / "cluster.json").read_text())
+            ["processes"]]
+    assert len(pids) == 4  # the coordinator, 2 servers, 1 worker over the 2 hosts
+    for p in (n0, n1):
+        p.kill()  # SIGKILL to the launcher alone (`ip netns exec` execs it: same pid)
+    for p in (n0, n1):
+        p.wait(timeout=10)
+    killed = time.monotonic()
+    wait_for(lambda: not any(_alive(p) for p in pids), 5, "every process of run B to end")
+    gone_s = time.monotonic() - killed
+    second = store.latest()["clock"]
+    assert second > first and second % 10 == 0
+    check_complete(second)
+    mark("B gone")
+
+    # C: resumes from B's last checkpoint and finishes 30 steps later.
+    n0, n1 = _node_pair(h, [*flags, "--resume", ck, "--steps", second + 30], tmp_path, "c")
+    (code0, out0), (code1, out1) = finish(n0, 90), finish(n1, 30)
+    mark("C done")
+    print(f"SIGTERM checkpoint at clock {first}, kill -9 after clock {second}: children gone "
+          f"{gone_s:.2f} s after it; at s: {', '.join(marks)}")
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "c-node0" / "summary.json").read_text())
+    assert summary["steps"] == second + 30 and summary["worker_first_steps"] == [second], summary
+    # It went on from the checkpoint's parameters (a fresh model's loss is about 2.3).
+    first_loss = json.loads((tmp_path / "c-node1" / "metrics.jsonl").read_text()
+                            .splitlines()[0])["loss"]
+    assert first_loss < 1.0 and summary["eval_accuracy"] >= 0.8, (first_loss, summary)
