@@ -106,9 +106,11 @@ class CheckpointRounds:
     def missing_files(self, clock: int, files: dict[int, tuple[str, int]]) -> list[str]:
         """Reported files of ``clock`` that this process does not see in the checkpoint
         location: servers on other nodes wrote somewhere else (a path that is not shared)."""
+        directory = self.store.dir_of(clock)
         try:
+            self.store.fs.invalidate_cache(directory)  # object stores cache listings
             there = {posixpath.basename(p.rstrip("/"))
-                     for p in self.store.fs.ls(self.store.dir_of(clock), detail=False)}
+                     for p in self.store.fs.ls(directory, detail=False)}
         except (FileNotFoundError, OSError):
             there = set()
         return [f"server {r}'s {name}" for r, (name, _) in sorted(files.items())
