@@ -174,6 +174,11 @@ def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, t
     pids = [p["pid"] for p in json.loads((tmp_path / "a-node0" / "cluster.json").read_text())
             ["processes"]]
     assert len(pids) == 4  # the coordinator, 2 servers, 1 worker over the 2 hosts
+    # Slurm's --signal=USR1 reaches every process of the job: the children ignore it.
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(_alive(pid) for pid in pids) and n0.poll() is None and n1.poll() is None
     for p in (n1, n0):
         p.send_signal(signal.SIGTERM)
     code0, out0 = finish(n0, 60)

@@ -9,6 +9,9 @@ import os
 import signal
 import time
 
+import pytest
+
+from tessera.launch.process import signals_interrupt
 from tests.harness import ROOT, Job, wait_for
 
 BLOCKED = str(ROOT / "tests" / "scripts" / "blocked.py")
@@ -43,3 +46,15 @@ def test_kill_9_of_the_launcher_ends_every_process_it_started(tmp_path):
         print(f"all {len(pids)} children gone {time.monotonic() - t0:.2f} s after kill -9")
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_launchers_cue_to_checkpoint_and_stop(sig):
+    """SIGUSR1 interrupts a launcher as SIGINT and SIGTERM do (Slurm's --signal=USR1@T
+    reaches every process; the children ignore it: tests/test_multihost.py)."""
+    before = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt):
+        with signals_interrupt():
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+    assert signal.getsignal(sig) == before

@@ -52,13 +52,25 @@ _PRCTL = _load_prctl()
 PR_SET_PDEATHSIG = 1
 
 
+#: What makes a launcher checkpoint the job and stop it (:func:`signals_interrupt`).
+#: Its children ignore SIGUSR1 (:func:`die_with_parent`), so a scheduler that signals every
+#: process of a job, as Slurm does (``#SBATCH --signal=USR1@120``), reaches only launchers;
+#: SIGTERM from Slurm reaches every process, and a server ends on it at once.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` of every process a launcher starts: the kernel sends it SIGKILL
     when the launcher ends, whatever way (even ``kill -9``), whatever the child is blocked
     in (a C call, a collective, a socket). Runs in the child between fork and exec; the
-    setting survives exec. Elsewhere than Linux the heartbeat's parent check remains."""
+    setting survives exec. Elsewhere than Linux the heartbeat's parent check remains.
+    SIGUSR1 is ignored (that too survives exec): it is the launchers' cue alone."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # forked from another thread than the main one: leave it
+        pass
 
 
 def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
@@ -102,9 +114,10 @@ def tail(path: Path, lines: int = 12) -> str:
 
 @contextlib.contextmanager
 def signals_interrupt():
-    """While inside: SIGINT and SIGTERM raise KeyboardInterrupt (the launcher's cue to
-    checkpoint and stop the job); the previous handlers come back on leaving."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """While inside: SIGINT, SIGTERM and SIGUSR1 (:data:`INTERRUPTS`) raise
+    KeyboardInterrupt (the launcher's cue to checkpoint and stop the job); the previous
+    handlers come back on leaving."""
+    previous = {s: signal.getsignal(s) for s in INTERRUPTS}
 
     def interrupted(signum, _frame):
         raise KeyboardInterrupt
