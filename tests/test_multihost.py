@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,3 +123,87 @@ def test_host_dropping_off_the_network_fails_the_job_naming_it(hosts, tmp_path):
     for k, (code, out) in enumerate(results):
         print(f"node {k} (exit {code}): {out}")
     print(f"three hosts: cut after {cut - t0:.1f} s, all nodes ended {ended:.1f} s after the cut")
+
+
+def _node_pair(h, job_flags, tmp_path, run: str):
+    """Nodes 1 and 0 of a 2-node job (node k on host k+1), run dirs ``<run>-node<k>``."""
+    n1 = start_node(h, 2, DIGITS, 1, 2, tmp_path / f"{run}-node1", *job_flags)
+    n0 = start_node(h, 1, DIGITS, 0, 2, tmp_path / f"{run}-node0", *job_flags)
+    return n0, n1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, tmp_path):
+    """Every checkpoint of a 2-node job lands in --checkpoint-dir: both nodes' server files
+    and node 0's manifest, on schedule and on SIGTERM to the launchers (as Slurm sends it);
+    the job resumes from it and ends at the asked step. (kill -9 of a launcher:
+    tests/test_orphans.py; the refusal without --checkpoint-dir: tests/test_node.py.)
+
+    2 servers and 1 worker over 2 hosts: host 1 (node 0) runs the coordinator and server 0,
+    host 2 (node 1) server 1 and worker 0 (so metrics.jsonl is in node 1's run dir)."""
+    from tessera.ps.checkpoint import CheckpointStore
+    h = hosts(2)
+    t0 = time.monotonic()
+    ck = tmp_path / "ck"  # one filesystem for both "hosts": a shared path
+    flags = ["--workers", 1, "--servers", 2, "--checkpoint-dir", ck]
+    store = CheckpointStore(str(ck))
+    marks = []
+
+    def mark(what: str) -> None:
+        marks.append(f"{what} {time.monotonic() - t0:.1f}")
+
+    def check_complete(clock: int) -> None:
+        m = store.manifest(clock)
+        assert m["files"] == {"0": "server-0.safetensors", "1": "server-1.safetensors"}, m
+        assert all((ck / f"clock-{clock:08d}" / f).is_file() for f in m["files"].values())
+
+    # A: checkpoints every 10 steps; after the first, SIGTERM to both launchers: node 0
+    # asks for one more, then every process of both nodes ends.
+    n0, n1 = _node_pair(h, [*flags, "--steps", 100000, "--checkpoint-every", 10], tmp_path, "a")
+    wait_for(lambda: store.clocks()[0] or n0.poll() is not None, 60, "a checkpoint in run A")
+    mark("A checkpointed")
+    periodic = store.clocks()[0][0]
+    check_complete(periodic)
+    pids = [p["pid"] for p in json.loads((tmp_path / "a-node0" / "cluster.json").read_text())
+            ["processes"]]
+    assert len(pids) == 4  # the coordinator, 2 servers, 1 worker over the 2 hosts
+    # Slurm's --signal=USR1 reaches every process of the job: the children ignore it.
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(_alive(pid) for pid in pids) and n0.poll() is None and n1.poll() is None
+    for p in (n1, n0):
+        p.send_signal(signal.SIGTERM)
+    code0, out0 = finish(n0, 60)
+    mark("A node 0 ended")
+    code1, out1 = finish(n1, 60)
+    mark("A node 1 ended")
+    assert code0 == 130 and f"continue with --resume {ck}" in out0, out0
+    assert code1 == 130, out1
+    wait_for(lambda: not any(_alive(p) for p in pids), 5, "every process of run A to end")
+    last = store.latest()["clock"]
+    assert last > periodic and f"checkpoint at clock {last} in {ck}" in out0, out0
+    check_complete(last)
+    assert not list(tmp_path.glob("a-node*/checkpoints")), "a checkpoint left in a run dir"
+
+    # B: resumes from the SIGTERM checkpoint and finishes 10 steps later.
+    n0, n1 = _node_pair(h, [*flags, "--resume", ck, "--steps", last + 10], tmp_path, "b")
+    (code0, out0), (code1, out1) = finish(n0, 90), finish(n1, 30)
+    mark("B done")
+    print(f"checkpoints at clocks {periodic} (every 10) and {last} (SIGTERM); at s: "
+          f"{', '.join(marks)}")
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "b-node0" / "summary.json").read_text())
+    assert summary["steps"] == last + 10 and summary["worker_first_steps"] == [last], summary
+    # Each node's server read its part from the shared location.
+    for k in (0, 1):
+        log = (tmp_path / f"b-node{k}" / "logs" / f"server-{k}.log").read_text()
+        assert f"at clock {last} from {ck}" in log, log

@@ -77,6 +77,9 @@ REFUSALS = [
     # a loopback --host cannot serve nodes that reach the coordinator elsewhere
     (["--coordinator", "192.0.2.1:29500", "--nodes", 2, "--node-rank", 1, "--host", "127.0.0.1"],
      {}, ["--host 127.0.0.1", "loopback"]),
+    # every node's servers write their part of each checkpoint: one shared location
+    (["--coordinator", "127.0.0.1:29500", "--nodes", 2, "--node-rank", 1,
+      "--checkpoint-every", 10], {}, ["--checkpoint-every 10", "--checkpoint-dir", "share"]),
 ]
 
 
@@ -230,3 +233,43 @@ def test_two_nodes_run_a_users_script(tmp_path, monkeypatch):
     assert summary["steps"] == 60 and summary["workers"] == 2, summary
     assert summary["eval_accuracy"] >= 0.85, summary
     assert "worker-1.log" in {p.name for p in (tmp_path / "node1" / "logs").iterdir()}
+
+
+def test_interrupt_checkpoints_only_into_a_shared_location(tmp_path):
+    """Node 0 of a multi-node job asks for a checkpoint on SIGTERM only when --checkpoint-dir
+    gives one location for every node (tests/test_multihost.py runs it on two hosts)."""
+    from tessera.config import load_config
+    from tessera.launch.node import NodeLauncher
+    from tessera.launch.node_plan import node_settings
+
+    def launcher(nodes, *flags):
+        cfg = load_config(DIGITS, dict(zip(flags[::2], flags[1::2])))
+        st = node_settings(cfg, coordinator="127.0.0.1:29500", nodes=nodes, node_rank=0,
+                           host=None, secret_file=None, env={"TESSERA_SECRET": SECRET})
+        return NodeLauncher(cfg, st, quiet=True)
+
+    out = str(tmp_path / "n{node}")
+    why = launcher(2, "--out", out)._why_no_checkpoint()
+    assert "--checkpoint-dir" in why and "2 nodes" in why, why
+    assert launcher(2, "--out", out, "--checkpoint-dir", str(tmp_path / "ck")
+                    )._why_no_checkpoint() is None
+    assert launcher(1, "--out", out)._why_no_checkpoint() is None
+    with pytest.raises(NodeSettingError, match="--checkpoint-dir"):
+        launcher(2, "--out", out, "--checkpoint-every", 5)
+
+
+def test_deploy_examples_give_every_checkpoint_one_shared_location(tmp_path):
+    """deploy/slurm.sbatch passes --checkpoint-dir on the shared $JOBDIR; the Kubernetes
+    job file checkpoints to an fsspec URL, which `tessera node` accepts on 2 nodes."""
+    yaml = pytest.importorskip("yaml")
+    from tessera.config import load_config
+    from tessera.launch.node_plan import node_settings
+    sbatch = (ROOT / "deploy" / "slurm.sbatch").read_text()
+    assert '--checkpoint-dir "$JOBDIR/checkpoints"' in sbatch
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    job = next(d for d in docs if d and d["kind"] == "ConfigMap")["data"]["job.toml"]
+    (tmp_path / "job.toml").write_text(job)
+    cfg = load_config(tmp_path / "job.toml")
+    assert cfg.checkpoint.every and cfg.checkpoint.dir.startswith("s3://")
+    node_settings(cfg, coordinator="127.0.0.1:29500", nodes=2, node_rank=1, host=None,
+                  secret_file=None, env={"TESSERA_SECRET": SECRET})

@@ -23,6 +23,7 @@ No torch here: the coordinator starts in a fraction of a second.
 
 from __future__ import annotations
 
+import posixpath
 import time
 from pathlib import Path
 from typing import Optional
@@ -93,10 +94,31 @@ class CheckpointRounds:
     # ---------------------------------------------------------------- rounds
 
     def report(self, msg: wire.CheckpointSaved) -> None:
+        from tessera.ps.checkpoint import CheckpointError, check_shard_name
+        try:
+            check_shard_name(msg.file, f"server {msg.rank}'s report of its checkpoint at "
+                                       f"clock {msg.clock}")
+        except CheckpointError as exc:  # never written into a manifest
+            print(f"coordinator: {exc}", flush=True)
+            return
         self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
+
+    def missing_files(self, clock: int, files: dict[int, tuple[str, int]]) -> list[str]:
+        """Reported files of ``clock`` that this process does not see in the checkpoint
+        location: servers on other nodes wrote somewhere else (a path that is not shared)."""
+        directory = self.store.dir_of(clock)
+        try:
+            self.store.fs.invalidate_cache(directory)  # object stores cache listings
+            there = {posixpath.basename(p.rstrip("/"))
+                     for p in self.store.fs.ls(directory, detail=False)}
+        except (FileNotFoundError, OSError):
+            there = set()
+        return [f"server {r}'s {name}" for r, (name, _) in sorted(files.items())
+                if name not in there]
 
     def complete(self, live: set[int], manifest_of, on_complete) -> None:
         """Write the manifest of every clock all ``live`` servers have reported, last.
+        Raises CheckpointError when a reported file is not in the checkpoint location.
 
         ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
         each one is written (the coordinator answers who waits for a checkpoint).
@@ -105,6 +127,14 @@ class CheckpointRounds:
             got = self.reports[clock]
             if not live <= set(got) or clock in self.completed:
                 continue
+            missing = self.missing_files(clock, got)
+            if missing:
+                from tessera.ps.checkpoint import CheckpointError
+                raise CheckpointError(
+                    f"checkpoint at clock {clock}: {', '.join(missing)} reported written but "
+                    f"not in {self.store.url_of(clock)} as the coordinator sees it: the "
+                    f"checkpoint location must be one every node shares (--checkpoint-dir: "
+                    f"a shared filesystem path or an fsspec URL such as s3://bucket/path)")
             try:
                 self.store.write_manifest(clock, manifest_of(clock, got))
             except OSError as exc:

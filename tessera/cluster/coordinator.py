@@ -316,8 +316,12 @@ class Coordinator:
 
     def _maybe_manifest(self) -> None:
         """Write the manifest of every clock all live servers have reported, last."""
+        from tessera.ps.checkpoint import CheckpointError
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers}
-        self.rounds.complete(live, self._manifest, self._checkpoint_done)
+        try:
+            self.rounds.complete(live, self._manifest, self._checkpoint_done)
+        except CheckpointError as exc:  # a checkpoint split over several locations
+            self._fail(str(exc))
 
     def _manifest(self, clock: int, files: dict[int, tuple[str, int]]) -> dict:
         return self.rounds.manifest(clock, files, shard_map=self.shard_map, layout=self.layout,

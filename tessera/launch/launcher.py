@@ -34,7 +34,7 @@ from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
 from tessera.launch.process import (WORKER_MODULE, Child, LaunchError,
-                                    describe_exit, role_cmd, signals_interrupt, tail,
+                                    describe_exit, role_cmd, signals_interrupt, spawn, tail,
                                     visible_gpus)
 
 __all__ = ["Launcher", "LaunchError"]
@@ -81,8 +81,7 @@ class Launcher:
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
             child_env.update(gpu_env(rank, visible_gpus(child_env)))
         cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
-        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = spawn(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
         child = Child(role, rank, proc, log_path, log)
         self.children.append(child)
         return child
@@ -103,6 +102,10 @@ class Launcher:
 
     def _local_place(self, rank: int) -> Optional[tuple[int, int]]:
         """A worker's (index, count) among the workers of this machine (all, here)."""
+        return None
+
+    def _why_no_checkpoint(self) -> Optional[str]:
+        """Why an interrupt must not checkpoint this job (None: it may)."""
         return None
 
     def _prepare_run_dir(self, *stale: str) -> None:
@@ -273,7 +276,11 @@ class Launcher:
             if view:
                 view.stop()
             where = None
-            if self._env and self.cfg.cluster.servers:
+            refused = self._why_no_checkpoint() if self._env and self.cfg.cluster.servers \
+                else None
+            if refused:
+                print(f"tessera: interrupted; no checkpoint: {refused}", flush=True)
+            elif self._env and self.cfg.cluster.servers:
                 print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
                       flush=True)
                 try:
@@ -281,7 +288,8 @@ class Launcher:
                 except KeyboardInterrupt:
                     where = None
             self.stop_all()
-            note = (f"; checkpoint at {where}: continue with --resume {self.run_dir}" if where
+            resume = self.cfg.checkpoint.dir or self.run_dir
+            note = (f"; checkpoint at {where}: continue with --resume {resume}" if where
                     else "; no checkpoint was completed")
             print_failure(f"interrupted: every process of the job was stopped{note}",
                           self.run_dir)

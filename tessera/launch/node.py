@@ -86,6 +86,10 @@ class NodeLauncher(Launcher):
                       f"(loopback) on node 0: nodes on other machines cannot reach that; pass "
                       f"node 0's network address instead", file=sys.stderr, flush=True)
             check_bindable(ip, st.coordinator_port, st.coordinator)
+            if self._why_no_checkpoint() and cfg.cluster.servers:
+                print(f"tessera: warning: no --checkpoint-dir: a job on {st.nodes} nodes "
+                      f"checkpoints only into one location all nodes share, so an interrupt "
+                      f"(SIGTERM) will end it without a checkpoint", file=sys.stderr, flush=True)
         cfg.cluster.host = host
         self._prepare_run_dir()
         (self.run_dir / "node.json").write_text(json.dumps({
@@ -119,6 +123,14 @@ class NodeLauncher(Launcher):
         self.worker_gpu = {rank: gpu_env(local, gpus) for local, rank in enumerate(st.workers)}
         for rank in st.workers:
             self._spawn("worker", rank, self.worker_cmd, env)
+
+    def _why_no_checkpoint(self) -> Optional[str]:
+        st = self.settings
+        if st is not None and st.nodes > 1 and self.cfg.checkpoint.dir is None:
+            return (f"a job on {st.nodes} nodes checkpoints only into --checkpoint-dir (one "
+                    f"location all nodes share); without it each node's servers would write "
+                    f"their part into their own run directory")
+        return None
 
     def _local_place(self, rank: int):
         workers = list(self.settings.workers) if self.settings is not None else []

@@ -142,6 +142,13 @@ def _node_settings(cfg: JobConfig, *, coordinator: Optional[str], nodes: Optiona
     if not 0 <= k < n:
         raise NodeSettingError(f"{k_from} must be < {n_from} and >= 0: node ranks run "
                                f"0..{n - 1}")
+    ck = cfg.checkpoint
+    if n > 1 and ck.dir is None and ck.every:
+        raise NodeSettingError(
+            f"--checkpoint-every {ck.every} on {n} nodes needs --checkpoint-dir PATH_OR_URL "
+            f"(checkpoint.dir): every node's servers write their part of each checkpoint, so "
+            f"it must be one location all nodes share (a shared filesystem path or an fsspec "
+            f"URL such as s3://bucket/checkpoints), not each node's run directory")
     if host is not None:
         if not host.strip() or host.strip() in ("*", "0.0.0.0", "::"):
             raise NodeSettingError(f"--host {host!r}: give this node's own address (other "

@@ -12,8 +12,10 @@ It imports no torch (a launcher starts in a fraction of a second).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, Optional
@@ -33,6 +35,49 @@ def role_cmd(python: str, role: str) -> list[str]:
 
 class LaunchError(RuntimeError):
     """The job could not be started or watched; the message is for a person."""
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+    except (OSError, AttributeError):
+        return None
+
+
+#: libc's prctl (Linux), looked up once at import: never between fork and exec.
+_PRCTL = _load_prctl()
+#: prctl option: the signal this process gets when its parent ends.
+PR_SET_PDEATHSIG = 1
+
+
+#: What makes a launcher checkpoint the job and stop it (:func:`signals_interrupt`).
+#: Its children ignore SIGUSR1 (:func:`die_with_parent`), so a scheduler that signals every
+#: process of a job, as Slurm does (``#SBATCH --signal=USR1@120``), reaches only launchers;
+#: SIGTERM from Slurm reaches every process, and a server ends on it at once.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of every process a launcher starts: the kernel sends it SIGKILL
+    when the launcher ends, whatever way (even ``kill -9``), whatever the child is blocked
+    in (a C call, a collective, a socket). Runs in the child between fork and exec; the
+    setting survives exec. Elsewhere than Linux the heartbeat's parent check remains.
+    SIGUSR1 is ignored (that too survives exec): it is the launchers' cue alone."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # forked from another thread than the main one: leave it
+        pass
+
+
+def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start a launcher's child: its own session (a signal to the launcher's terminal
+    group does not reach it) and :func:`die_with_parent`."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent, **kwargs)
 
 
 @dataclass
@@ -69,9 +114,10 @@ def tail(path: Path, lines: int = 12) -> str:
 
 @contextlib.contextmanager
 def signals_interrupt():
-    """While inside: SIGINT and SIGTERM raise KeyboardInterrupt (the launcher's cue to
-    checkpoint and stop the job); the previous handlers come back on leaving."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """While inside: SIGINT, SIGTERM and SIGUSR1 (:data:`INTERRUPTS`) raise
+    KeyboardInterrupt (the launcher's cue to checkpoint and stop the job); the previous
+    handlers come back on leaving."""
+    previous = {s: signal.getsignal(s) for s in INTERRUPTS}
 
     def interrupted(signum, _frame):
         raise KeyboardInterrupt

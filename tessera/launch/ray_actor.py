@@ -19,7 +19,6 @@ code, Ray's reason when the actor is gone for good).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -33,27 +32,10 @@ from typing import Any, Optional
 import ray
 
 from tessera.config import env as envvars
-from tessera.launch.process import describe_exit, tail
+from tessera.launch.process import describe_exit, spawn, tail
 
 #: Stands for "the actor's own Python" in a command (nodes may install Python elsewhere).
 PYTHON = "{python}"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
 
 
 class ProcessActor:
@@ -122,9 +104,8 @@ class ProcessActor:
                 log.write(f"\n--- tessera: {self.role} {self.rank} started again on "
                           f"{self.node_ip}: {why} ---\n")
                 log.flush()
-            self.proc = subprocess.Popen(
-                self.cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = spawn(self.cmd, env=self.env, cwd=self.cwd, stdout=log,
+                              stderr=subprocess.STDOUT)
         self.starts += 1
 
     def info(self) -> dict[str, Any]:

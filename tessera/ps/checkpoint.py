@@ -36,6 +36,8 @@ from tessera.errors import TesseraError
 
 _CLOCK_DIR = re.compile(r"^clock-(\d{8})$")
 MANIFEST = "manifest.json"
+#: The only names a server's checkpoint file may have: a plain file name, never a path.
+SHARD_NAME = re.compile(r"server-\d{1,6}\.safetensors")
 
 
 class CheckpointError(TesseraError):
@@ -67,6 +69,37 @@ def read_cursors(url: str, clock: int) -> list[dict]:
             with fs.open(name, "r") as f:
                 out.append(json.loads(f.read()))
     return out
+
+
+def check_shard_name(name, where: str) -> str:
+    """``name`` if it is a server file's plain name (``server-<rank>.safetensors``); else
+    CheckpointError naming ``where`` it came from. A name from a manifest or a server's
+    report is joined into a path: ``../x`` or ``/x`` would read or write outside the
+    checkpoint, so nothing else is accepted."""
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        raise CheckpointError(f"{where}: checkpoint file name {name!r} is not a server file's "
+                              f"plain name (server-<rank>.safetensors); refusing to use it "
+                              f"(the manifest was altered or damaged)")
+    return name
+
+
+def check_manifest(manifest, where: str) -> dict:
+    """A manifest whose clock, server count and file names are what this module wrote;
+    CheckpointError (one line naming ``where``) otherwise."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{where}: the checkpoint manifest is not a JSON object")
+    clock, servers, files = (manifest.get(k) for k in ("clock", "servers", "files"))
+    if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
+        raise CheckpointError(f"{where}: the checkpoint manifest's clock {clock!r} is not a "
+                              f"count of steps")
+    if not isinstance(servers, int) or isinstance(servers, bool) or not 0 < servers < 10**6:
+        raise CheckpointError(f"{where}: the checkpoint manifest's server count {servers!r} "
+                              f"is not a positive number")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: the checkpoint manifest has no file table")
+    for rank, name in files.items():
+        check_shard_name(name, f"{where} (server {rank})")
+    return manifest
 
 
 def checkpoint_url(cfg, run_dir) -> str:
@@ -157,6 +190,7 @@ class CheckpointStore:
                 pass
 
     def open_shard(self, clock: int, name: str) -> "ShardFile":
+        check_shard_name(name, self.url_of(clock))
         return ShardFile(self, posixpath.join(self.dir_of(clock), name))
 
 
@@ -280,6 +314,7 @@ def read_flat(url: str, clock: Optional[int] = None):
 def restore_info(store: CheckpointStore, manifest: dict):
     """The :class:`~tessera.transport.wire.Restore` a ClusterView carries for ``manifest``."""
     from tessera.transport import wire
+    check_manifest(manifest, store.url)
     servers = manifest["servers"]
     files = [manifest["files"].get(str(r), "") for r in range(servers)]
     data = manifest.get("data", {})
@@ -300,7 +335,7 @@ def find_resume(path: str) -> tuple[CheckpointStore, dict]:
         except (CheckpointError, OSError):
             continue
         if manifest is not None:
-            return store, manifest
+            return store, check_manifest(manifest, f"--resume {path}")
     raise CheckpointError(f"--resume {path!r}: no complete checkpoint there (looked for "
                           f"clock-*/manifest.json in {path}/checkpoints and in {path}); run "
                           f"with --checkpoint-every N to write some")

@@ -1,0 +1,60 @@
+"""Every process a launcher starts ends when the launcher ends, whatever way (here
+``kill -9``), whatever the process is blocked in: the kernel sends it SIGKILL
+(``PR_SET_PDEATHSIG``, set in :func:`tessera.launch.process.spawn`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tessera.launch.process import signals_interrupt
+from tests.harness import ROOT, Job, wait_for
+
+BLOCKED = str(ROOT / "tests" / "scripts" / "blocked.py")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie of an unrelated parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_kill_9_of_the_launcher_ends_every_process_it_started(tmp_path):
+    out = tmp_path / "run"
+    # Worker 0 blocks in a C call holding the GIL (its heartbeat watchdog cannot run);
+    # worker 1 still trains, waiting on worker 0 in sync mode; the servers serve.
+    job = Job(["launch", "--workers", 2, "--servers", 2, "--out", out, "--quiet", BLOCKED],
+              timeout_s=120)
+    try:
+        wait_for(lambda: (out / "blocked").exists() or job.proc.poll() is not None, 90,
+                 "worker 0 to block")
+        assert job.proc.poll() is None, job.wait()[1]
+        pids = [p["pid"] for p in json.loads((out / "cluster.json").read_text())["processes"]]
+        assert len(pids) == 5 and all(alive(p) for p in pids), pids
+        os.kill(job.proc.pid, signal.SIGKILL)  # the launcher only, not its group
+        job.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        wait_for(lambda: not any(alive(p) for p in pids), 5,
+                 f"the launcher's children {[p for p in pids if alive(p)]} to end")
+        print(f"all {len(pids)} children gone {time.monotonic() - t0:.2f} s after kill -9")
+    finally:
+        job.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_launchers_cue_to_checkpoint_and_stop(sig):
+    """SIGUSR1 interrupts a launcher as SIGINT and SIGTERM do (Slurm's --signal=USR1@T
+    reaches every process; the children ignore it: tests/test_multihost.py)."""
+    before = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt):
+        with signals_interrupt():
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+    assert signal.getsignal(sig) == before
