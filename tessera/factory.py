@@ -148,23 +148,16 @@ def _connect_client(session: Session, policy) -> PSClient:
 
 
 def _join_process_group(session, device, *, opt=None, tables=()):
-    """Register (worker 0 hosting the torch.distributed rendezvous) and init the group."""
-    import datetime
-    import socket as _socket
-
-    import torch.distributed as dist
-    cfg = session.cfg
+    """Register, then init the torch.distributed group: rendezvous through the
+    coordinator's authenticated store, Gloo pinned to this node's address
+    (:mod:`tessera.parallel.rendezvous`)."""
+    from tessera.parallel.rendezvous import join_process_group
     first = session.rank == 0
-    address = ""
-    if first:  # worker 0 hosts the rendezvous on a port the OS picks
-        with _socket.socket() as s:
-            s.bind((cfg.cluster.host, 0))
-            address = f"tcp://{cfg.cluster.host}:{s.getsockname()[1]}"
     spec = describe(opt) if isinstance(opt, torch.optim.Optimizer) else spec_from_config(opt)
-    view = session.register(address=address, layout=[] if first else None,
-                            optimizer=spec if first else None,
-                            tables=[t.spec for t in tables] if first else [])
-    rendezvous = next(p.address for p in view.processes if p.role == "worker" and p.rank == 0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
-                            rank=session.rank, world_size=session.num_workers,
-                            timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s * 2))
+    session.register(layout=[] if first else None, optimizer=spec if first else None,
+                     tables=[t.spec for t in tables] if first else [])
+    session.collective_store = join_process_group(
+        session.ctx, session.coordinator, session.secret,
+        host=session.cfg.cluster.host, rank=session.rank, world_size=session.num_workers,
+        cuda=device.type == "cuda", timeout_s=session.cfg.cluster.timeout_s * 2,
+        check=session.check, log=_log)

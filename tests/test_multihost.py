@@ -20,6 +20,8 @@ from tests import netns
 from tests.harness import ROOT, wait_for
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
+MOVIELENS = str(ROOT / "examples" / "movielens.toml")
+SHAKESPEARE = str(ROOT / "examples" / "shakespeare.toml")
 JOB = str(ROOT / "tests" / "jobs" / "multihost.toml")  # heartbeat timeout 4 s
 HEARTBEAT_TIMEOUT_S = 4.0
 SECRET = "tessera-test-multihost-secret-0123456789"
@@ -85,6 +87,37 @@ def test_two_hosts_train_digits(hosts, tmp_path):
     assert where[("server", 1)].startswith("tcp://10.77.0.2:")
     assert json.loads((tmp_path / "node1" / "node.json").read_text())["host"] == "10.77.0.2"
     print(f"two hosts: {time.monotonic() - t0:.1f} s")
+
+
+# The collective modes on two hosts, one worker each: Gloo rendezvous through the
+# coordinator and binds to each host's own address (10.77.0.i), not the 127.0.0.1
+# its hostname resolves to. What each job must reach, from its summary.json.
+COLLECTIVE = {
+    "allreduce": (DIGITS, ["--mode", "allreduce", "--workers", 2, "--servers", 0,
+                           "--precision", "bf16", "--steps", 200],
+                  lambda s: s["eval_accuracy"] >= 0.9 and s["allreduce_bytes"] > 0),
+    "hybrid": (MOVIELENS, ["--mode", "hybrid", "--workers", 2, "--servers", 2, "--steps", 30],
+               lambda s: s["eval_rmse"] < 1.2 and sum(s["server_bytes_received"]) > 0),
+    "pipeline": (SHAKESPEARE, ["--stages", 2, "--workers", 2, "--steps", 20],
+                 lambda s: s["eval_loss"] < 3.5),
+}
+
+
+@pytest.mark.parametrize("mode", list(COLLECTIVE))
+def test_two_hosts_collective_modes(hosts, tmp_path, mode):
+    h = hosts(2)
+    job, flags, good = COLLECTIVE[mode]
+    t0 = time.monotonic()
+    n1 = start_node(h, 2, job, 1, 2, tmp_path / "node1", *flags)
+    n0 = start_node(h, 1, job, 0, 2, tmp_path / "node0", *flags)
+    code0, out0 = finish(n0, 150)
+    code1, out1 = finish(n1, 60)
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert summary["workers"] == 2 and good(summary), summary
+    assert json.loads((tmp_path / "node1" / "node.json").read_text())["host"] == "10.77.0.2"
+    print(f"two hosts, {mode}: {time.monotonic() - t0:.1f} s")
 
 
 def test_host_dropping_off_the_network_fails_the_job_naming_it(hosts, tmp_path):

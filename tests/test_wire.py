@@ -67,7 +67,17 @@ EVERY_MESSAGE = [
                      restore=wire.Restore(path="memory://ck/clock-00000020", clock=20,
                                           partitions=PARTS, files=["server-0.safetensors"],
                                           epoch=1, offset=64)),
+    wire.StoreOp(req=30, call="compare_set", keys=["default_pg/0//cpu//0/1"], value=b"\x00\xff",
+                 expected=b"old"),
+    wire.StoreOp(req=32, call="wait", keys=["a", "b"], wait_s=60.0),
+    wire.StoreReply(req=33, value=b"\x01addr", number=2, found=False),
 ]
+
+
+def test_store_op_names_only_torch_store_calls():
+    frame = encode(wire.StoreOp(req=1, call="set", keys=["k"])).replace(b"set", b"pwn")
+    with pytest.raises(WireError, match="malformed header"):
+        decode(frame)
 
 
 @pytest.mark.parametrize("msg", EVERY_MESSAGE, ids=lambda m: type(m).__name__)

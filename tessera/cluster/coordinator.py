@@ -5,7 +5,9 @@ One per job. Its life:
 1. **Rendezvous.** Servers register with their address, workers with their pid;
    worker 0 also sends the model's parameter layout and the optimizer. Replies
    are held until everyone expected has registered (or ``startup_timeout_s``
-   passes, which fails the job naming who is missing).
+   passes, which fails the job naming who is missing). Workers of the collective
+   modes (allreduce, hybrid, pipeline) then rendezvous their torch.distributed
+   group through the store the coordinator keeps (:mod:`tessera.cluster.store`).
 2. **Shard map.** The coordinator cuts the flat parameter vector into partitions
    (:func:`tessera.ps.sharding.plan_shards`), writes ``cluster.json`` and
    answers every held registration with the same :class:`ClusterView`.
@@ -43,6 +45,7 @@ import msgspec
 import zmq
 
 from tessera.cluster.checkpoint_rounds import CheckpointRounds
+from tessera.cluster.store import RendezvousStore
 from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.sharding import ShardMap, partition_elems_for, plan_shards
@@ -92,6 +95,8 @@ class Coordinator:
         self.rounds = CheckpointRounds(cfg, self.run_dir)
         self.checkpoint_waiters: list[tuple[bytes, int]] = []
         self.samples = 0
+        # torch.distributed's rendezvous (allreduce, hybrid, pipeline modes).
+        self.store = RendezvousStore()
 
     @property
     def address(self) -> str:
@@ -112,6 +117,7 @@ class Coordinator:
                     if not self.endpoint.poll(0):
                         break
             now = time.monotonic()
+            self._reply_all(self.store.expire(now))
             if self.state == "starting" and now - self.started > cl.startup_timeout_s:
                 missing = sorted(self.expected - set(self.procs))
                 self._fail(f"the cluster did not come up within {cl.startup_timeout_s:.0f} s: "
@@ -176,6 +182,11 @@ class Coordinator:
         if self.state != "failed":
             self.state, self.reason, self.failed_at = "failed", reason, time.monotonic()
             print(f"coordinator: job failed: {reason}", flush=True)
+            self._reply_all(self.store.fail(reason))
+
+    def _reply_all(self, replies) -> None:
+        for peer, reply in replies:
+            self.endpoint.send(peer, reply)
 
     # -------------------------------------------------------------- handlers
 
@@ -213,6 +224,12 @@ class Coordinator:
                 self.checkpoint_waiters.append((got.peer, msg.req))
         elif isinstance(msg, wire.Register):
             self._on_register(got.peer, msg)
+        elif isinstance(msg, wire.StoreOp):
+            if self.state == "failed":
+                self.endpoint.send(got.peer, wire.Error(
+                    req=msg.req, message=f"coordinator: job failed: {self.reason}"))
+            else:
+                self._reply_all(self.store.handle(got.peer, msg, time.monotonic()))
         elif isinstance(msg, wire.Finished):
             self.finished[(msg.role, msg.rank)] = dict(msg.stats)
             self.profiler.instant(f"finished {msg.role} {msg.rank}", "membership")

@@ -54,6 +54,9 @@ class Session:
         self.topology: Optional[Topology] = None
         #: Worker 0: training samples, sent at registration for checkpoints' data positions.
         self.data_samples = 0
+        #: The collective modes' rendezvous store (tessera.parallel.rendezvous): held here
+        #: because torch's group calls its Python methods for as long as the group lives.
+        self.collective_store: Any = None
         self.profiler: SpanRecorder = OFF
         if cfg.profile.enabled:
             offset, error = estimate_offset(self._time_exchange)

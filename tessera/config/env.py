@@ -11,7 +11,8 @@ down explicitly (STYLE 4 and 5).
 The other variables launchers exchange go through here too: the ones a
 multi-node launcher reads from Slurm, Kubernetes or torchrun (``MASTER_ADDR``,
 ``NNODES``, ``NODE_RANK``, ...), Ray's ``RAY_ADDRESS``, ``OMP_NUM_THREADS`` and
-``CUDA_VISIBLE_DEVICES``.
+``CUDA_VISIBLE_DEVICES``; and the interface Gloo and NCCL bind to
+(``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``), which a worker sets for itself.
 
 It sits at the bottom layer: it imports nothing from Tessera but the errors.
 """
@@ -184,6 +185,25 @@ def gpu_env(local_index: int, gpus: list[str]) -> dict[str, str]:
     if not gpus:
         return {}
     return {CUDA_VISIBLE_DEVICES: gpus[local_index % len(gpus)]}
+
+
+# ------------------------------------------------------------------ collectives
+
+#: The network interface Gloo binds its listener to and advertises (a comma list).
+GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
+#: NCCL's bootstrap and socket transport interface (``=name``: that name exactly).
+NCCL_SOCKET_IFNAME = "NCCL_SOCKET_IFNAME"
+
+
+def pin_collectives(interface: str) -> dict[str, str]:
+    """Make this process's Gloo and NCCL groups bind and connect on ``interface`` only
+    (the one holding the node's address: see :mod:`tessera.parallel.rendezvous`).
+    Returns the values it replaced that named something else (for the log)."""
+    want = {GLOO_SOCKET_IFNAME: interface, NCCL_SOCKET_IFNAME: f"={interface}"}
+    environ = os.environ
+    replaced = {k: environ[k] for k, v in want.items() if environ.get(k, v) != v}
+    environ.update(want)
+    return replaced
 
 
 # ------------------------------------------------------------------ tessera node

@@ -19,8 +19,8 @@ Phases of one step:
    optimizer steps the dense replica (identical on every worker: same initial
    values, same averaged gradients), and the row pushes are waited for.
 
-Precision: bf16/fp16 policies all-reduce in half width (DDP's bf16/fp16
-compression hooks). Under fp16 loss scaling the gradients are unscaled after
+Precision: bf16/fp16 policies all-reduce in half width, on Gloo too
+(:mod:`tessera.parallel.halfwidth`). Under fp16 loss scaling the gradients are unscaled after
 the all-reduce and a found-inf flag is all-reduced (MAX), so every worker skips
 the same steps and its scaler moves the same way.
 """
@@ -61,10 +61,8 @@ class HybridParallel(DistributedModel):
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = DDP(module) if params else module
         if params and self.policy.wire_dtype != "float32":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            hook = (default_hooks.bf16_compress_hook if self.policy.wire_dtype == "bfloat16"
-                    else default_hooks.fp16_compress_hook)
-            self.dense.register_comm_hook(None, hook)
+            from tessera.parallel.halfwidth import half_width_hook
+            self.dense.register_comm_hook(None, half_width_hook(self.policy.wire_dtype))
         import torch.distributed as dist
         world = dist.get_world_size() if dist.is_initialized() else 1
         itemsize = 4 if self.policy.wire_dtype == "float32" else 2

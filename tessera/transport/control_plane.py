@@ -9,7 +9,7 @@ final reports. Headers only: no message here carries payload frames.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import msgspec
 
@@ -232,3 +232,33 @@ class Finished(msgspec.Struct, **MESSAGE):
     role: str
     rank: int
     stats: dict[str, Union[int, float, str, None]]
+
+
+class StoreOp(msgspec.Struct, **MESSAGE):
+    """One call on the job's collective rendezvous store, which the coordinator keeps
+    (:mod:`tessera.cluster.store`): ``torch.distributed`` rendezvous (Gloo's and NCCL's
+    addresses) travels over this authenticated connection, never an open TCPStore."""
+
+    req: int
+    #: Which ``torch.distributed.Store`` method.
+    call: Literal["set", "get", "add", "compare_set", "wait", "check", "delete_key",
+                  "num_keys"]
+    keys: list[str] = []
+    #: set: the value; compare_set: the desired value.
+    value: bytes = b""
+    #: compare_set: the value expected now (empty: the key must not exist).
+    expected: bytes = b""
+    #: add: the increment.
+    amount: int = 0
+    #: get and wait: how long the coordinator may hold the request for missing keys.
+    wait_s: float = 0.0
+
+
+class StoreReply(msgspec.Struct, **MESSAGE):
+    req: int
+    #: get: the value; compare_set: the value stored after the call.
+    value: bytes = b""
+    #: add: the new count; num_keys: the number of keys; check, delete_key: 1 or 0.
+    number: int = 0
+    #: get and wait: False when keys were still missing after ``wait_s``.
+    found: bool = True

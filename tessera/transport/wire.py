@@ -27,7 +27,7 @@ import msgspec
 
 from tessera.transport.control_plane import (HParam, OptimGroup, OptimSpec, ParamSpec, TableSpec, ProcessInfo, PartitionInfo,
     Register, Restore, ClusterView, Heartbeat, HeartbeatAck, Departed, CheckpointNow,
-    CheckpointSaved, TimeSync, TimeSyncAck, Finished)
+    CheckpointSaved, TimeSync, TimeSyncAck, Finished, StoreOp, StoreReply)
 from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, Overflow,
     Verdict, Params, PullRows, Rows, PushRows, DumpRows)
 from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
@@ -36,14 +36,14 @@ __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGr
            "OptimSpec", "ParamSpec", "TableSpec",
            "ProcessInfo", "PartitionInfo", "Register", "Restore", "ClusterView", "Heartbeat",
            "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "TimeSync",
-           "TimeSyncAck", "Finished", "InitParams", "Pull", "Push", "Join", "Replicate",
+           "TimeSyncAck", "Finished", "StoreOp", "StoreReply", "InitParams", "Pull", "Push", "Join", "Replicate",
            "Overflow", "Verdict", "Params", "PullRows", "Rows", "PushRows", "DumpRows", "Message",
            "WireError", "encode", "decode"]
 
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
                 InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck,
                 PullRows, Rows, PushRows, Departed, CheckpointNow, CheckpointSaved, Join,
-                Replicate, DumpRows]
+                Replicate, DumpRows, StoreOp, StoreReply]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
