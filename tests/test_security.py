@@ -47,8 +47,8 @@ from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
 from tessera.transport import wire
-from tessera.transport.endpoint import (AuthRefused, ClientEndpoint, ServerEndpoint,
-                                        TransportError, _keys)
+from tessera.transport.endpoint import (CLIENT_MAX_FRAME_BYTES, MAX_FRAMES, RCV_HWM, AuthRefused,
+                                        ClientEndpoint, ServerEndpoint, TransportError, _keys)
 from tests.scripts.lone_server import initial_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,6 +350,127 @@ def test_client_max_frame_bytes_drops_oversize_replies(ctx):
     assert time.monotonic() - t0 < FAST_S
     with pytest.raises(TransportError, match="closed for good while sending Pull"):
         client.send(wire.Pull(req=3, worker=0, partitions=[0]))
+    client.close()
+    server.close()
+
+
+def _pair(ctx, secret: str = CURVE_SECRET, **client):
+    server = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=1 << 20)
+    client = ClientEndpoint(ctx, server.address, secret, "server 0", sndtimeo_s=TIMEOUT_S,
+                            **client)
+    client.wait_connected(TIMEOUT_S)
+    return server, client
+
+
+def _take(server: ServerEndpoint):
+    assert server.poll(TIMEOUT_S)
+    return server.recv()
+
+
+def test_every_socket_is_bounded(ctx):
+    server, client = _pair(ctx)
+    for sock in (server.sock, client.sock):
+        assert sock.getsockopt(zmq.RCVHWM) == RCV_HWM
+    assert server.sock.getsockopt(zmq.MAXMSGSIZE) == 1 << 20
+    assert client.sock.getsockopt(zmq.MAXMSGSIZE) == CLIENT_MAX_FRAME_BYTES
+    client.close()
+    server.close()
+
+
+def test_too_many_frames_refused_both_ways(ctx):
+    server, client = _pair(ctx)
+    # A server takes the message frame by frame and refuses it, echoing its req.
+    client.sock.send_multipart([wire.encode(wire.Pull(req=9, worker=0, partitions=[0])),
+                                *[b"x"] * (MAX_FRAMES + 3)])
+    got = _take(server)
+    assert got.msg is None and got.req == 9 and got.frames == []
+    assert f"{MAX_FRAMES + 3} payload frames exceeds the limit of {MAX_FRAMES}" in got.error
+    # A client refuses to send one, in one line naming the server and what to do.
+    with pytest.raises(TransportError, match=r"cannot send Push to server 0 .*--partition-mb"):
+        client.send(wire.Push(req=1, worker=0, seq=1, clock=0, partitions=[0]),
+                    [b""] * (MAX_FRAMES + 1))
+    # A client receiving one raises naming the server.
+    client.send(wire.Pull(req=2, worker=0, partitions=[0]))
+    got = _take(server)
+    server.sock.send_multipart([got.peer, wire.encode(wire.Ack(req=2)), *[b""] * (MAX_FRAMES + 1)])
+    with pytest.raises(TransportError, match=r"server 0 .* malformed reply: .*limit of 65536"):
+        client.wait(2, TIMEOUT_S, "the pull")
+    client.close()
+    server.close()
+
+
+def test_server_send_errors_reach_the_peer_at_once(ctx, capfd):
+    server, client = _pair(ctx)
+    # A reply that cannot go out as it is goes out as an Error with its req.
+    bad_replies = [
+        (wire.Params(req=1, partitions=[0], clock=0), [object()]),       # not a buffer
+        (wire.Params(req=2, partitions=[0], clock=2 ** 70), []),          # does not encode
+        (wire.Params(req=3, partitions=[0], clock=0), [b""] * (MAX_FRAMES + 1)),
+    ]
+    for reply, frames in bad_replies:
+        client.send(wire.Pull(req=reply.req, worker=0, partitions=[0]))
+        got = _take(server)
+        t0 = time.monotonic()
+        assert server.send(got.peer, reply, frames)
+        msg, frames_back = client.wait(reply.req, TIMEOUT_S, "the pull")
+        assert time.monotonic() - t0 < FAST_S
+        assert isinstance(msg, wire.Error) and frames_back == [], msg
+        assert "Params reply could not be" in msg.message or "frames" in msg.message, msg
+    # A peer that is gone: no reply possible; send says so and the log has one line.
+    client.send(wire.Pull(req=4, worker=0, partitions=[0]))
+    got = _take(server)
+    client.close()
+    time.sleep(0.3)
+    assert server.send(got.peer, wire.Ack(req=4)) is False
+    assert server.undelivered == 1
+    err = capfd.readouterr().err
+    assert "could not deliver a Ack reply (req 4)" in err and "it disconnected" in err, err
+    server.close()
+
+
+def test_client_send_errors_name_the_server(ctx):
+    server, client = _pair(ctx)
+    with pytest.raises(TransportError, match=r"cannot send Ack to server 0 \(tcp://.*encode"):
+        client.send(wire.Ack(req=2 ** 70))
+    with pytest.raises(TransportError, match=r"cannot send Pull to server 0 "):
+        client.send(wire.Pull(req=1, worker=0, partitions=[0]), [object()])
+    client.close()
+    server.close()
+
+
+def test_client_fails_fast_when_the_server_drops_its_request(ctx):
+    """A request with a frame over the server's limit: the server breaks the connection
+    off (never reading the frame) and ZeroMQ re-makes it; the request is lost, and the
+    client says so in seconds, not at its timeout."""
+    server, client = _pair(ctx)
+    client.send(wire.Push(req=1, worker=0, seq=1, clock=0, partitions=[0]), [bytes(2 << 20)])
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match=r"server 0 .* dropped our connection while the "
+                                             r"push was unanswered .* request was lost"):
+        client.wait(1, 30, "the push")
+    assert time.monotonic() - t0 < FAST_S + 2
+    # The connection was re-made: the next request is answered.
+    client.send(wire.Pull(req=2, worker=0, partitions=[0]))
+    got = _take(server)
+    server.send(got.peer, wire.Ack(req=2))
+    assert isinstance(client.wait(2, TIMEOUT_S, "the pull")[0], wire.Ack)
+    client.close()
+    server.close()
+
+
+def test_error_without_req_fails_the_waiting_client(ctx):
+    """A server that could not read a message answers Error with req 0: the client
+    raises at once instead of waiting for a reply that will never come."""
+    server, client = _pair(ctx, secret=PLAIN_SECRET)
+    client.sock.send_multipart([b"\xc1 not msgpack"])
+    got = _take(server)
+    assert got.msg is None and got.req == 0
+    server.send(got.peer, wire.Error(req=0, message=f"server 0: {got.error}"))
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match=r"server 0 .* could not read a message of ours: "
+                                             r"server 0: malformed header"):
+        client.wait(5, TIMEOUT_S, "the pull")
+    assert time.monotonic() - t0 < FAST_S
     client.close()
     server.close()
 
@@ -1115,7 +1236,6 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
     tables, the frame limits `tessera run` sets. The worker is stopped meanwhile, so
     the server's state must read back bit for bit the same; then the job finishes."""
     from tessera.ps.sharding import partition_elems_for
-    from tessera.transport.endpoint import MAX_FRAMES
     from tests.harness import Job, wait_for
 
     out = tmp_path / "run"

@@ -317,8 +317,7 @@ class ServerEndpoint:
         self._poller.register(self.sock, zmq.POLLIN)
         #: Replies that could not be delivered (the peer was gone), and when we last said so.
         self.undelivered = 0
-        self._logged_at = 0.0
-        self._unlogged = 0
+        self._logged: dict[str, tuple[float, int]] = {}  # kind -> (last logged, since then)
 
     def poll(self, timeout_s: float) -> bool:
         return bool(self._poller.poll(int(timeout_s * 1000)))
@@ -355,21 +354,23 @@ class ServerEndpoint:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise  # our own socket is closed or broken: not the peer's doing
             self.undelivered += 1
-            self._log(f"could not deliver a {type(msg).__name__} reply "
+            self._log("undelivered", f"could not deliver a {type(msg).__name__} reply "
                       f"(req {getattr(msg, 'req', '?')}) to peer {peer.hex()}: {exc.strerror} "
                       f"(it disconnected)")
             return False
         if why:
-            self._log(f"answered Error instead of {type(msg).__name__}: {why}")
+            self._log("replaced", f"answered Error instead of {type(msg).__name__}: {why}")
         return True
 
-    def _log(self, line: str) -> None:
+    def _log(self, kind: str, line: str) -> None:
+        """One line on stderr, at most one per :data:`_LOG_EVERY_S` of each kind."""
         now = time.monotonic()
-        if now - self._logged_at < _LOG_EVERY_S:
-            self._unlogged += 1
+        last, unlogged = self._logged.get(kind, (-_LOG_EVERY_S, 0))
+        if now - last < _LOG_EVERY_S:
+            self._logged[kind] = (last, unlogged + 1)
             return
-        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
-        self._logged_at, self._unlogged = now, 0
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
+        self._logged[kind] = (now, 0)
         print(f"tessera endpoint {self.address}: {line}{more}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
