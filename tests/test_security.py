@@ -921,7 +921,7 @@ def test_live_server_survives_hostile_messages(lone_server):
 #: The job: MovieLens's DLRM (dense MLP on the servers, nine embedding tables) in sync
 #: mode with --encrypt, one worker and one server. Long waits only: the worker is
 #: stopped (SIGSTOP) while the server is attacked, and must not be declared dead.
-JOB_STEPS = 40
+JOB_STEPS = 24
 JOB_MESSAGES = 10_000
 JOB_BATCH = 100
 FUZZ_SEED = 20261130
@@ -1289,7 +1289,6 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         cap = max(partition_elems_for(4.0) * 4 + (1 << 20), 256 << 20)
         header = wire.encode(wire.Push(req=5, worker=0, seq=1, clock=0, partitions=[0]))
         _curve_oversize_disconnects(ctx, server["address"], secret, [header, bytes(cap + 1)])
-        _curve_oversize_disconnects(ctx, server["address"], secret, [bytes(cap + 1)])
         ep.sock.send_multipart([wire.encode(wire.Pull(req=77, worker=0, partitions=[0])),
                                 *[b""] * (MAX_FRAMES + 1)])
         msg, _ = ep.wait(77, JOB_WAIT_S, "the pull of too many frames")
