@@ -107,10 +107,11 @@ MAX_FRAMES = 1 << 16
 #: ``ZMQ_RCVHWM`` of every socket: complete messages queued per connection before
 #: ZeroMQ stops reading from it (the sender is pushed back by TCP; nothing is lost).
 RCV_HWM = 256
-#: ``ZMQ_MAXMSGSIZE`` of client sockets unless told otherwise: the largest frame a
-#: server sends is a partition (at most 256 MiB, ``ps.partition_mb``) or a batch's
-#: rows (the servers refuse requests for more than 256 MiB of them), plus 1 MiB
-#: as the servers' own limit has, plus room for CURVE's 33 bytes a frame.
+#: ``ZMQ_MAXMSGSIZE`` of client sockets unless told otherwise: the servers' own limit
+#: (a partition, at most 256 MiB by ``ps.partition_mb``, plus 1 MiB) plus room for
+#: CURVE's 33 bytes a frame. Row replies share it: a reply with a larger frame (a
+#: table export of a shard over 257 MiB) ends that connection, and the client says so
+#: in one line naming the server.
 CLIENT_MAX_FRAME_BYTES = (257 << 20) + 4096
 #: After our connection was dropped and re-made while a request was unanswered,
 #: how long its reply may still come (it may have waited in our queue) before the
@@ -351,12 +352,11 @@ class ServerEndpoint:
                 self.sock.send_multipart(
                     [peer, encode(Error(req=getattr(msg, "req", 0), message=why))])
         except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise  # our own socket is closed or broken: not the peer's doing
             self.undelivered += 1
+            gone = " (it disconnected)" if exc.errno == zmq.EHOSTUNREACH else ""
             self._log("undelivered", f"could not deliver a {type(msg).__name__} reply "
-                      f"(req {getattr(msg, 'req', '?')}) to peer {peer.hex()}: {exc.strerror} "
-                      f"(it disconnected)")
+                      f"(req {getattr(msg, 'req', '?')}) to peer {peer.hex()}: {exc.strerror}"
+                      f"{gone}")
             return False
         if why:
             self._log("replaced", f"answered Error instead of {type(msg).__name__}: {why}")
