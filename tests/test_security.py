@@ -879,6 +879,7 @@ def test_live_server_survives_hostile_messages(lone_server):
     try:
         answered_with_errors()
         fuzz_s = time.monotonic() - t0
+        marks.append(("fuzz", time.monotonic()))
         oversize_dropped()
         _oversize_disconnects(ctx, server, [_payload(256 << 20)])  # 256 MiB: never allocated
         counts["oversize"] += 1
@@ -1245,6 +1246,7 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
                "--servers", 1, "--steps", JOB_STEPS, "--out", out, "--quiet"], timeout_s=240)
     ctx = zmq.Context()
     worker_pid = None
+    marks = [("start", time.monotonic())]
     try:
         def cluster():
             try:
@@ -1257,6 +1259,7 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         wait_for(lambda: (out / "metrics.jsonl").exists()
                  and (out / "metrics.jsonl").read_text().strip(), 120, "the first steps")
         os.kill(worker_pid, signal.SIGSTOP)  # training stands still from here
+        marks.append(("training", time.monotonic()))
         secret = _secret_of(server["pid"])
         assert secret.startswith("curve:")
         parts = {p["id"]: p["stop"] - p["start"] for p in view["partitions"] if p["server"] == 0}
@@ -1282,6 +1285,7 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
             finally:
                 batch_ep.close()
         fuzz_s = time.monotonic() - t0
+        marks.append(("fuzz", time.monotonic()))
 
         # Past the limits the job really runs with: a frame one byte over the server's
         # ZMQ_MAXMSGSIZE (256 MiB here) is never read; one frame more than MAX_FRAMES
@@ -1294,6 +1298,7 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         msg, _ = ep.wait(77, JOB_WAIT_S, "the pull of too many frames")
         assert isinstance(msg, wire.Error) and f"limit of {MAX_FRAMES} frames" in msg.message, msg
         ep.close()
+        marks.append(("limits", time.monotonic()))
         near_miss = secret[:-1] + ("1" if secret.endswith("0") else "0")
         for wrong in (PLAIN_SECRET, OTHER_CURVE_SECRET, near_miss):
             intruder = ClientEndpoint(ctx, server["address"], wrong, "server 0", sndtimeo_s=5)
@@ -1307,8 +1312,10 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         ep.close()
         memory_after = _proc_memory_kb(server["pid"])
         os.kill(worker_pid, signal.SIGCONT)
+        marks.append(("checks", time.monotonic()))
         worker_pid = None
         code, output = job.wait()
+        marks.append(("finish", time.monotonic()))
     finally:
         if worker_pid is not None:
             os.kill(worker_pid, signal.SIGCONT)
@@ -1317,7 +1324,8 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
     answered = sum(counts.values())
     print(f"\n{answered} hostile messages refused by a live --encrypt sync server with "
           f"{len(names)} tables in {fuzz_s:.1f} s ({answered / fuzz_s:.0f}/s); by kind: {counts}; "
-          f"server memory before {memory_before}, after {memory_after}")
+          f"server memory before {memory_before}, after {memory_after}; seconds to "
+          + ", ".join(f"{b[0]} {b[1] - a[1]:.1f}" for a, b in zip(marks, marks[1:])))
     assert answered == JOB_MESSAGES and len(counts) >= 20, counts
     for key in before:  # nothing was applied: every value and row is as it was
         assert after[key] == before[key], f"{key} changed under attack"
