@@ -112,7 +112,7 @@ class ParameterServer:
     def handle(self, got) -> None:
         msg = got.msg
         if msg is None:
-            self._refuse(got.peer, 0, got.error)
+            self._refuse(got.peer, got.req, got.error)
             return
         try:
             if isinstance(msg, wire.Push):

@@ -26,16 +26,43 @@ server, when it refuses them (:class:`AuthRefused`): a wrong PLAIN password, a
 server that hangs up twice during a CURVE handshake, or a server that runs the
 other mechanism (one side started with ``--encrypt``, the other not).
 
-Size limits: ``max_frame_bytes`` sets ``ZMQ_MAXMSGSIZE`` on a socket (servers
-and, optionally, clients; -1: no limit). ZeroMQ checks every frame's length
-prefix *before* allocating it, so a peer that announces a larger frame is
-disconnected and the frame never reaches Python nor memory. The limit applies
-to each frame of a multipart message on the wire; under CURVE a frame on the
-wire carries 33 bytes more than its payload (flags, nonce and MAC), so limits
-need a margin over the largest frame a job sends (the roles add 1 MiB). Headers
-are further capped at :data:`tessera.transport.wire.MAX_HEADER_BYTES` when
-decoded, and receivers check every payload frame's length against their own
-shard map (:mod:`tessera.transport.frames`).
+Size limits, against a peer that wants us to allocate without bound:
+
+* ``max_frame_bytes`` sets ``ZMQ_MAXMSGSIZE`` on every socket (servers: the
+  roles pass theirs; clients: :data:`CLIENT_MAX_FRAME_BYTES` unless told;
+  -1: no limit). ZeroMQ checks every frame's length prefix *before* allocating
+  it, so a peer that announces a larger frame is disconnected and the frame
+  never reaches Python nor memory. The limit applies to each frame of a
+  multipart message on the wire; under CURVE a frame on the wire carries 33
+  bytes more than its payload (flags, nonce and MAC), so limits need a margin
+  over the largest frame a job sends (the roles add 1 MiB).
+* ``ZMQ_RCVHWM`` is :data:`RCV_HWM` on every socket: at most that many complete
+  messages wait per connection; past it ZeroMQ stops reading that connection
+  (TCP pushes back on the sender; nothing is dropped).
+* A message may carry at most :data:`MAX_FRAMES` payload frames besides its
+  header. Messages are taken frame by frame, so a longer one is refused (a
+  server answers ``Error``; a client raises naming the server) without a
+  Python object for each frame; the rest of it is read and dropped one frame
+  at a time. Senders refuse to send one in one line.
+* Headers are capped at :data:`tessera.transport.wire.MAX_HEADER_BYTES` when
+  decoded, and receivers check every payload frame's length against their own
+  shard map (:mod:`tessera.transport.frames`).
+
+What these do not bound: ZeroMQ (libzmq 4.3) delivers a multipart message only
+once its last frame has arrived, and has no limit on the number of frames in
+one; until then the frames wait inside libzmq. A peer *that holds the job's
+secret* can therefore make a process hold as many bytes as it sends in one
+message it never finishes. Peers without the secret cannot: nothing they send
+passes the handshake, and each handshake command is itself capped at the
+socket's ``ZMQ_MAXMSGSIZE``.
+
+Errors are never swallowed: a server that cannot encode or send a reply answers
+``Error`` where it still can and logs one line on stderr where it cannot (the
+peer is gone); a client raises :class:`TransportError` naming the server when
+it cannot send, when a reply is malformed, when the server answers ``Error``
+with ``req`` 0 (it could not read one of our messages), and when the server
+dropped and re-took our connection while a request was unanswered (a frame over
+its limit, or a restart), instead of waiting out its timeout.
 
 Transports: the address a server binds to, ``tcp://`` between processes or
 ``inproc://`` between threads of one process, is chosen in one place,
@@ -51,6 +78,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -61,7 +89,7 @@ from zmq.utils import z85
 
 from tessera.errors import TesseraError
 from tessera.transport import address as addresses
-from tessera.transport.wire import Message, WireError, decode, encode
+from tessera.transport.wire import Error, Message, WireError, decode, encode
 
 _USER = "tessera"
 #: A job secret with this prefix asks for CURVE encryption (set by the launcher).
@@ -70,6 +98,28 @@ CURVE_PREFIX = "curve:"
 #: (not one, which a server restarting mid-handshake could also cause) mean the
 #: server cannot open our handshake: it holds another secret.
 _CURVE_HANGUPS = 2
+
+#: Payload frames one message may carry besides its header. An honest message
+#: carries one frame per partition it names (a pull's reply: every partition one
+#: server holds), so this admits 64 Ki partitions on one server: a 256 GiB share
+#: of a model at the default 4 MiB partitions.
+MAX_FRAMES = 1 << 16
+#: ``ZMQ_RCVHWM`` of every socket: complete messages queued per connection before
+#: ZeroMQ stops reading from it (the sender is pushed back by TCP; nothing is lost).
+RCV_HWM = 256
+#: ``ZMQ_MAXMSGSIZE`` of client sockets unless told otherwise: the servers' own limit
+#: (a partition, at most 256 MiB by ``ps.partition_mb``, plus 1 MiB) plus room for
+#: CURVE's 33 bytes a frame. Row replies share it: a reply with a larger frame (a
+#: table export of a shard over 257 MiB) ends that connection, and the client says so
+#: in one line naming the server.
+CLIENT_MAX_FRAME_BYTES = (257 << 20) + 4096
+#: After our connection was dropped and re-made while a request was unanswered,
+#: how long its reply may still come (it may have waited in our queue) before the
+#: request counts as lost.
+_LOST_GRACE_S = 2.0
+#: A server logs at most one line per this many seconds about replies it could
+#: not deliver (a peer that hangs up on purpose must not flood its log).
+_LOG_EVERY_S = 5.0
 
 
 class TransportError(TesseraError):
@@ -181,12 +231,59 @@ def _quiet_logger():
 
 
 class Received:
-    """One message taken off a server socket."""
+    """One message taken off a server socket. ``msg`` is None when it was refused
+    (``error`` says why); ``req`` is then the request id its header named, if it
+    could be read (0 otherwise), for the ``Error`` reply to echo."""
 
-    __slots__ = ("peer", "msg", "frames", "error")
+    __slots__ = ("peer", "msg", "frames", "error", "req")
 
-    def __init__(self, peer: bytes, msg: Optional[Message], frames: list, error: str = ""):
-        self.peer, self.msg, self.frames, self.error = peer, msg, frames, error
+    def __init__(self, peer: bytes, msg: Optional[Message], frames: list, error: str = "",
+                 req: int = 0):
+        self.peer, self.msg, self.frames, self.error, self.req = peer, msg, frames, error, req
+
+
+def _recv_bounded(sock: zmq.Socket, max_parts: int) -> tuple[list, int]:
+    """One whole message, frame by frame: (its first ``max_parts`` frames, how many it
+    had). Frames past ``max_parts`` are read and dropped one at a time, so a hostile
+    message costs no Python object per frame."""
+    parts = [sock.recv(copy=False)]
+    while parts[-1].more:
+        if len(parts) == max_parts:
+            count = len(parts)
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv(copy=False)
+                count += 1
+            return parts, count
+        parts.append(sock.recv(copy=False))
+    return parts, len(parts)
+
+
+def _too_many(count: int) -> str:
+    return (f"a message of {count} payload frames exceeds the limit of {MAX_FRAMES} "
+            f"frames a message")
+
+
+def _req_of(header) -> int:
+    try:
+        return decode(header.buffer).req
+    except (WireError, AttributeError):
+        return 0
+
+
+def _encode_or_error(msg: Message, frames: Sequence) -> tuple[bytes, Sequence, str]:
+    """(header, frames, "") or, when ``msg`` cannot go out as it is, an ``Error``
+    reply with its req and the reason ("" -> what went wrong)."""
+    why = ""
+    if len(frames) > MAX_FRAMES:
+        why = _too_many(len(frames))
+    else:
+        try:
+            return encode(msg), frames, ""
+        except Exception as exc:  # msgspec.EncodeError, OverflowError, TypeError, ...
+            why = f"{type(msg).__name__} reply could not be encoded: {exc}"
+    req = getattr(msg, "req", 0)
+    req = req if isinstance(req, int) and -2 ** 63 <= req < 2 ** 64 else 0
+    return encode(Error(req=req, message=why)), (), why
 
 
 class ServerEndpoint:
@@ -213,35 +310,68 @@ class ServerEndpoint:
         self.sock.linger = 0
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # replies to requests we took: never dropped
+        self.sock.setsockopt(zmq.RCVHWM, RCV_HWM)
         self.address = addresses.bind(self.sock, ctx, host, port)
         self.port = addresses.port_of(self.address)  # 0 on inproc
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
+        #: Replies that could not be delivered (the peer was gone), and when we last said so.
+        self.undelivered = 0
+        self._logged: dict[str, tuple[float, int]] = {}  # kind -> (last logged, since then)
 
     def poll(self, timeout_s: float) -> bool:
         return bool(self._poller.poll(int(timeout_s * 1000)))
 
     def recv(self) -> Received:
         """Take one message (call after :meth:`poll` said there is one)."""
-        parts = self.sock.recv_multipart(copy=False)
+        # [routing id, header, payload frames...]
+        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 2)
         peer = parts[0].bytes
-        if len(parts) < 2:
+        if count < 2:
             return Received(peer, None, [], "empty message: expected a header frame")
+        if count > MAX_FRAMES + 2:
+            return Received(peer, None, [], _too_many(count - 2), req=_req_of(parts[1]))
         try:
             msg = decode(parts[1].buffer)
         except WireError as exc:
             return Received(peer, None, [], str(exc))
         return Received(peer, msg, parts[2:])
 
-    def send(self, peer: bytes, msg: Message, frames: Sequence = ()) -> None:
+    def send(self, peer: bytes, msg: Message, frames: Sequence = ()) -> bool:
+        """Send a reply; False when it could not be delivered. A reply that cannot
+        go out as it is (not encodable, too many frames, a frame that is no buffer)
+        goes out as an ``Error`` with its req, so the peer fails now rather than at
+        its timeout; a peer that is gone (ROUTER_MANDATORY) is logged on stderr."""
+        header, frames, why = _encode_or_error(msg, frames)
         try:
-            self.sock.send_multipart([peer, encode(msg), *frames], copy=False)
-        except zmq.ZMQError:
-            # The peer is gone (ROUTER_MANDATORY): nothing to answer; its own
-            # side reports the failure.
-            pass
+            try:
+                self.sock.send_multipart([peer, header, *frames], copy=False)
+            except (TypeError, ValueError) as exc:  # a frame pyzmq cannot send: nothing went
+                why = f"{type(msg).__name__} reply could not be sent: {exc}"
+                self.sock.send_multipart(
+                    [peer, encode(Error(req=getattr(msg, "req", 0), message=why))])
+        except zmq.ZMQError as exc:
+            self.undelivered += 1
+            gone = " (it disconnected)" if exc.errno == zmq.EHOSTUNREACH else ""
+            self._log("undelivered", f"could not deliver a {type(msg).__name__} reply "
+                      f"(req {getattr(msg, 'req', '?')}) to peer {peer.hex()}: {exc.strerror}"
+                      f"{gone}")
+            return False
+        if why:
+            self._log("replaced", f"answered Error instead of {type(msg).__name__}: {why}")
+        return True
+
+    def _log(self, kind: str, line: str) -> None:
+        """One line on stderr, at most one per :data:`_LOG_EVERY_S` of each kind."""
+        now = time.monotonic()
+        last, unlogged = self._logged.get(kind, (-_LOG_EVERY_S, 0))
+        if now - last < _LOG_EVERY_S:
+            self._logged[kind] = (last, unlogged + 1)
+            return
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
+        self._logged[kind] = (now, 0)
+        print(f"tessera endpoint {self.address}: {line}{more}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         addresses.unbind(self.ctx, self.address)
@@ -254,10 +384,12 @@ class ClientEndpoint:
     Replies are matched to requests by ``req``; replies that arrive while waiting
     for another request are kept until asked for. ``max_frame_bytes``: the largest
     frame the server may send us (``ZMQ_MAXMSGSIZE``; -1: no limit).
+
+    Every failure raises :class:`TransportError` naming the server (module docstring).
     """
 
     def __init__(self, ctx: zmq.Context, address: str, secret: str, peer_name: str,
-                 *, sndtimeo_s: float = 30.0, max_frame_bytes: int = -1):
+                 *, sndtimeo_s: float = 30.0, max_frame_bytes: int = CLIENT_MAX_FRAME_BYTES):
         self.address = address
         self.peer_name = f"{peer_name} ({address})"
         self._keys = keys = _keys(secret)
@@ -275,17 +407,24 @@ class ClientEndpoint:
             self.sock.plain_password = secret.encode()
         self.sock.linger = 0
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, RCV_HWM)
         self.sock.setsockopt(zmq.SNDTIMEO, int(sndtimeo_s * 1000))
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_DISCONNECTED)
         self.sock.connect(address)
         self._pending: dict[int, tuple[Message, list]] = {}
         self._next_req = 1
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
+        #: Handshakes completed, and the count when each unanswered request was sent:
+        #: a request sent on an earlier connection than the current one was dropped
+        #: with that connection (see :meth:`wait`).
+        self._connections = 0
+        self._dropped = False
+        self._sent_on: dict[int, int] = {}
 
     def wait_connected(self, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
         """Block until the handshake (authentication included) has succeeded.
@@ -305,7 +444,10 @@ class ClientEndpoint:
                 got = recv_monitor_message(self._monitor)
                 event, value = got["event"], got["value"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._connections += 1
                     return
+                if event == zmq.EVENT_DISCONNECTED:
+                    continue  # ZeroMQ reconnects; a refusal comes as its own event
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     raise AuthRefused(f"{self.peer_name} refused our credentials: this process "
                                       f"does not hold the job's secret")
@@ -337,32 +479,110 @@ class ClientEndpoint:
         return req
 
     def send(self, msg: Message, frames: Sequence = ()) -> None:
+        what = type(msg).__name__
+        if len(frames) > MAX_FRAMES:
+            raise TransportError(f"cannot send {what} to {self.peer_name}: "
+                                 f"{_too_many(len(frames))} (use larger partitions: "
+                                 f"--partition-mb)")
         try:
-            self.sock.send_multipart([encode(msg), *frames], copy=False)
+            header = encode(msg)
+        except Exception as exc:  # msgspec.EncodeError, OverflowError, TypeError, ...
+            raise TransportError(f"cannot send {what} to {self.peer_name}: it does not "
+                                 f"encode: {exc}") from None
+        self._follow_connection()
+        if self._dropped:
+            self._check_closed(f"sending {what}")
+        try:
+            self.sock.send_multipart([header, *frames], copy=False)
         except zmq.Again:
-            raise PeerTimeout(f"{self.peer_name} did not take our {type(msg).__name__} "
+            raise PeerTimeout(f"{self.peer_name} did not take our {what} "
                               f"request (send timed out)") from None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send {what} to {self.peer_name}: "
+                                 f"{exc.strerror}") from None
+        except (TypeError, ValueError) as exc:  # a frame that is not a buffer
+            raise TransportError(f"cannot send {what} to {self.peer_name}: {exc}") from None
+        req = getattr(msg, "req", None)
+        if isinstance(req, int):
+            if len(self._sent_on) >= MAX_FRAMES:  # requests nobody waits for: forget them
+                self._sent_on.clear()
+            self._sent_on[req] = self._connections
+
+    def _follow_connection(self) -> None:
+        """Take the monitor's news: count handshakes, note drops (never blocks)."""
+        if self._inproc:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connections += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._dropped = True
+
+    def _check_closed(self, what: str) -> None:
+        """After a drop: a DEALER without a connection that ZeroMQ will re-make has no
+        pipe and cannot send. That happens when *we* broke the connection off, on a
+        protocol error (a reply frame over our ``ZMQ_MAXMSGSIZE``): ZeroMQ never
+        reconnects then, so no reply can come and nothing more can be sent."""
+        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            limit = self.sock.getsockopt(zmq.MAXMSGSIZE)
+            raise TransportError(
+                f"our connection to {self.peer_name} closed for good while {what}: its "
+                f"reply broke the protocol or had a frame over our limit of {limit} bytes "
+                f"(ZMQ_MAXMSGSIZE); a Tessera server sends none, so it is not one")
 
     def _take_one(self) -> None:
-        parts = self.sock.recv_multipart(copy=False)
+        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 1)
+        if count > MAX_FRAMES + 1:
+            raise TransportError(f"{self.peer_name} sent a malformed reply: "
+                                 f"{_too_many(count - 1)}")
         try:
             msg = decode(parts[0].buffer)
         except WireError as exc:
             raise TransportError(f"{self.peer_name} sent a malformed reply: {exc}") from None
+        if isinstance(msg, Error) and msg.req == 0 and 0 not in self._sent_on:
+            # Not an answer to a request of ours: the server could not read one of them.
+            raise TransportError(f"{self.peer_name} could not read a message of ours: "
+                                 f"{msg.message}")
         self._pending[msg.req] = (msg, parts[1:])
 
     def wait(self, req: int, timeout_s: float, what: str,
              check: Callable[[], None] = lambda: None) -> tuple[Message, list]:
-        """The reply to request ``req``; ``check`` runs every 100 ms (it may raise)."""
+        """The reply to request ``req``; ``check`` runs every 100 ms (it may raise).
+
+        When the server dropped our connection and took us back while ``req`` was
+        unanswered (it refused a frame over its limit, or it restarted), the reply
+        is lost: after :data:`_LOST_GRACE_S` (it may still come if the request had
+        waited in our queue) this raises naming the server, not at ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        lost_at = None
         while req not in self._pending:
             check()
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
+                self._sent_on.pop(req, None)
                 raise PeerTimeout(f"{self.peer_name} did not answer {what} within {timeout_s:g} s")
+            if lost_at is None and self._dropped:
+                self._follow_connection()
+                # A request sent before the first handshake went out on connection 1.
+                if self._connections > max(self._sent_on.get(req, self._connections), 1):
+                    lost_at = now
+            if self._dropped:
+                self._check_closed(f"waiting for {what}")
+            if lost_at is not None and now - lost_at > _LOST_GRACE_S:
+                self._sent_on.pop(req, None)
+                raise TransportError(
+                    f"{self.peer_name} dropped our connection while {what} was unanswered "
+                    f"and took us back: the request was lost (a frame over its size limit, "
+                    f"or it restarted)")
             if self._poller.poll(int(min(left, 0.1) * 1000)):
                 while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._take_one()
+            elif not self._dropped:
+                self._follow_connection()
+        self._sent_on.pop(req, None)
         return self._pending.pop(req)
 
     def request(self, msg: Message, frames: Sequence = (), *, timeout_s: float, what: str = "",
