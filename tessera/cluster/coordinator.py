@@ -202,8 +202,9 @@ class Coordinator:
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
         elif isinstance(msg, wire.CheckpointSaved):
-            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
-            self.rounds.report(msg)
+            refused = self.rounds.report(msg)
+            self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
+                               if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
         elif isinstance(msg, wire.CheckpointNow):
             if self.state != "running" or not self.cfg.cluster.servers:

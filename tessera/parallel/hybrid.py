@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
+from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
 from tessera.ps.optim import torch_optimizer
@@ -50,7 +51,8 @@ class HybridParallel(DistributedModel):
 
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
                  optimizer: Union[OptimizerConfig, torch.optim.Optimizer], tables, amp: Optional[Amp] = None,
-                 hooks: Hooks = Hooks(), device=None):
+                 hooks: Hooks = Hooks(), device=None,
+                 checkpoints: Optional[DenseCheckpoints] = None):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -87,6 +89,8 @@ class HybridParallel(DistributedModel):
         self.tables = list(tables)
         self.mode = "hybrid" if self.tables else "allreduce"
         self.clock = 0
+        self.checkpoints = checkpoints or DenseCheckpoints()
+        self._asked = False  # the launcher's request was seen (answered once)
         self._finite: Optional[bool] = None  # unscale_()'s answer this step
         attached = _Attached(client, lambda: self.clock, torch.float32,
                              device or torch.device("cpu"))
@@ -152,7 +156,33 @@ class HybridParallel(DistributedModel):
         self.comm_wait_s += time.perf_counter() - wait_start
         prof.add("step", "comm", start, int((time.perf_counter() - t0) * 1e9), clock=self.clock)
         self.clock += 1
+        self._maybe_checkpoint()
         return applied
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _maybe_checkpoint(self) -> None:
+        """Worker 0 saves the replica every ``--checkpoint-every`` steps (the replicas are
+        identical, so one copy is the job's) and when the launcher asks for one."""
+        ck = self.checkpoints
+        if ck.save is None:
+            return
+        asked = ck.wanted()
+        due = (ck.every and self.clock % ck.every == 0) or (asked and not self._asked)
+        self._asked = asked
+        if due:
+            with self.profiler.span("checkpoint", "checkpoint"):
+                tensors, meta = dense_state(self.module, self.optimizer, self.scaler, self.clock)
+                ck.save(self.clock, tensors, meta)
+
+    def restore(self, url: str, clock: int, manifest: dict) -> None:
+        """Load the dense replica of the checkpoint at ``clock`` (every worker loads worker
+        0's file); training continues from that clock."""
+        tensors, meta, where = read_dense(url, clock, manifest)
+        self.clock = load_dense(tensors, meta, self.module, self.optimizer, self.scaler, where)
+
+    def start_step(self, max_clock: Optional[int] = None) -> int:
+        return self.clock
 
     def _unscale_and_agree(self) -> bool:
         """Unscale the averaged gradients; all workers agree whether any overflowed."""

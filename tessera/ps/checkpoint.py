@@ -36,6 +36,9 @@ from tessera.errors import TesseraError
 
 _CLOCK_DIR = re.compile(r"^clock-(\d{8})$")
 MANIFEST = "manifest.json"
+#: Worker 0's file of a checkpoint in allreduce/hybrid mode (the dense replica, see
+#: :mod:`tessera.parallel.dense_checkpoint`); the manifest names it under ``dense``.
+DENSE_FILE = "worker-0.safetensors"
 
 
 class CheckpointError(TesseraError):
@@ -94,11 +97,14 @@ class CheckpointStore:
     # ----------------------------------------------------------------- write
 
     def write_shard(self, clock: int, rank: int, tensors: dict, meta: dict) -> tuple[str, int]:
+        return self.write_file(clock, f"server-{rank}.safetensors", tensors, meta)
+
+    def write_file(self, clock: int, name: str, tensors: dict, meta: dict) -> tuple[str, int]:
+        """One safetensors file of the checkpoint at ``clock`` (``meta``: JSON metadata)."""
         from safetensors.torch import save
         data = save(tensors, metadata={"tessera": json.dumps(meta)})
         directory = self.dir_of(clock)
         self.fs.makedirs(directory, exist_ok=True)
-        name = f"server-{rank}.safetensors"
         with self.fs.open(posixpath.join(directory, name), "wb") as f:
             f.write(data)
         return name, len(data)
