@@ -1,0 +1,116 @@
+"""Faults in the process-group modes: checkpoints of the dense replica, --resume, and
+--max-restarts re-forming the worker group, with real processes (issue 14 item 7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.harness import ROOT, Job, run_cli, run_job, wait_for
+from tests.test_faults import finish, kill_after
+
+DIGITS = str(ROOT / "examples" / "digits.toml")
+ADAM = str(ROOT / "tests" / "jobs" / "digits_adam.toml")
+ALLREDUCE = ["--mode", "allreduce", "--servers", 0, "--workers", 2]
+
+
+def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
+    """Adam (step, exp_avg, exp_avg_sq and its groups) on 2 Gloo workers: 20 steps with a
+    checkpoint every 10, resumed to 30, ends bit-identical to 30 steps in one go; and
+    `tessera export` of the checkpoint is the model worker 0 held at its clock."""
+    first = run_job(ADAM, tmp_path / "first", *ALLREDUCE, "--steps", 20,
+                    "--checkpoint-every", 10)
+    assert first["checkpoints"] == [10, 20], first
+    manifest = json.loads((tmp_path / "first" / "checkpoints" / "clock-00000020"
+                           / "manifest.json").read_text())
+    assert manifest["dense"]["file"] == "worker-0.safetensors" and manifest["mode"] == "allreduce"
+    resumed = run_job(ADAM, tmp_path / "resumed", *ALLREDUCE, "--steps", 30,
+                      "--resume", tmp_path / "first")
+    whole = run_job(ADAM, tmp_path / "whole", *ALLREDUCE, "--steps", 30)
+    assert resumed["worker_first_steps"] == [20, 20] and resumed["steps"] == 30, resumed
+    assert "clock 20" in resumed["resumed_from"], resumed
+    a = load_file(str(tmp_path / "resumed" / "final.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "final.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
+    assert resumed["eval_loss"] == whole["eval_loss"], (resumed, whole)
+    # The checkpoint exports as the plain model's state_dict.
+    out = tmp_path / "exported.safetensors"
+    code, output = run_cli(["export", tmp_path / "first", "--out", out], timeout_s=60)
+    assert code == 0, output
+    exported, final = load_file(str(out)), load_file(str(tmp_path / "first" / "final.safetensors"))
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_allreduce_worker_killed_the_group_is_reformed_from_the_checkpoint(tmp_path):
+    """kill -9 of worker 1 mid-run: the launcher ends the group, starts every process
+    again (a new generation) from the newest checkpoint, and the job completes its
+    steps at the no-kill accuracy bar."""
+    out = tmp_path / "run"
+    # digits for 30 epochs: 660 steps of 2 x 32, a checkpoint every 50.
+    job = Job(["run", DIGITS, "--out", out, "--quiet", *ALLREDUCE, "--epochs", 30,
+               "--checkpoint-every", 50, "--max-restarts", 1], timeout_s=240)
+    # Once the first checkpoint is complete (its manifest is written last), at step 60 or later.
+    wait_for(lambda: list((out / "checkpoints").glob("clock-*/manifest.json"))
+             or job.proc.poll() is not None, 120, "the first checkpoint")
+    kill_after(job, out, "worker", 1, 12)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "re-forming the worker group" in output and "resuming at clock" in output, output
+    assert summary["group_restarts"] == 1 and summary["restarts"] == 1, summary
+    assert summary["steps"] == 660, summary
+    first = summary["worker_first_steps"]
+    assert first[0] == first[1] and first[0] > 0 and first[0] % 50 == 0, summary
+    assert summary["eval_accuracy"] >= 0.95, summary  # the allreduce bar without a kill
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--stages", 2, "--checkpoint-every", 10], "--checkpoint-every: pipeline stages"),
+    (["--max-restarts", 1], "add --checkpoint-every N"),
+    (["--mode", "hybrid", "--servers", 1, "--checkpoint-every", 10], "hybrid mode cannot"),
+], ids=["pipeline", "restarts-without-checkpoints", "hybrid"])
+def test_refused_in_one_line(tmp_path, flags, says):
+    args = ["run", DIGITS, "--out", tmp_path / "r", "--mode", "allreduce", "--servers", 0,
+            *flags]
+    code, output = run_cli(args, timeout_s=60)
+    assert code == 2 and says in output and "Traceback" not in output, output
+
+
+def test_dense_state_round_trip_keeps_buffers_optimizer_groups_and_loss_scale():
+    """The pieces of worker 0's file: BatchNorm buffers, Adam's tuple betas, the fp16
+    loss scaler's state, into a fresh replica; nothing but tensors and JSON."""
+    from tessera.amp.scaler import LossScaler
+    from tessera.parallel.dense_checkpoint import dense_state, load_dense
+
+    def replica():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        return model, torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
+
+    model, opt = replica()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        opt.step()
+    scaler = LossScaler(init_scale=1024.0, growth_interval=7)
+    scaler.update(found_inf=True)
+    scaler.update(found_inf=False)
+    tensors, meta = dense_state(model, opt, scaler, clock=3)
+    json.dumps(meta)  # plain JSON
+    assert "model/1.running_mean" in tensors and "model/1.num_batches_tracked" in tensors
+    fresh, fresh_opt = replica()
+    fresh_scaler = LossScaler(init_scale=1024.0, growth_interval=7)
+    assert load_dense(tensors, json.loads(json.dumps(meta)), fresh, fresh_opt, fresh_scaler,
+                      "test") == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    assert fresh_opt.param_groups[0]["betas"] == (0.8, 0.95)
+    a, b = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+    assert (fresh_scaler.scale, fresh_scaler.clean_steps, fresh_scaler.skipped_steps) == \
+        (512.0, 1, 1)
