@@ -379,11 +379,6 @@ class JobConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"{flag}: pipeline stages (--stages) cannot checkpoint or restart "
                              f"yet; drop {flag}, or train without --stages (allreduce and "
                              f"hybrid mode checkpoint and restart)")
-        if (self.checkpoint.every or self.resume) and mode == "hybrid":
-            flag = "--resume" if self.resume else "--checkpoint-every"
-            raise ValueError(f"{flag}: hybrid mode cannot checkpoint its tables at the dense "
-                             f"replica's clock yet; use --mode allreduce (dense models) or a "
-                             f"parameter-server mode (sync, async, ssp)")
         if self.cluster.max_restarts and mode in ("allreduce", "hybrid") \
                 and not self.checkpoint.every:
             raise ValueError(f"cluster.max_restarts (--max-restarts) in mode {mode!r} re-forms "

@@ -163,15 +163,29 @@ class HybridParallel(DistributedModel):
 
     def _maybe_checkpoint(self) -> None:
         """Worker 0 saves the replica every ``--checkpoint-every`` steps (the replicas are
-        identical, so one copy is the job's) and when the launcher asks for one."""
+        identical, so one copy is the job's) and, in allreduce mode, when the launcher
+        asks for one.
+
+        With tables (hybrid) the servers copy the tables at the same clock: every worker
+        waits at a barrier (so every row push of the clocks before is applied), worker 0
+        asks each server for its snapshot, and a second barrier keeps the next clock's
+        pushes out until the copies are taken."""
         ck = self.checkpoints
-        if ck.save is None:
+        due = bool(ck.every and self.clock % ck.every == 0)
+        if ck.save is not None and not self.tables:
+            asked = ck.wanted()
+            due = due or (asked and not self._asked)
+            self._asked = asked
+        if not due:
             return
-        asked = ck.wanted()
-        due = (ck.every and self.clock % ck.every == 0) or (asked and not self._asked)
-        self._asked = asked
-        if due:
-            with self.profiler.span("checkpoint", "checkpoint"):
+        with self.profiler.span("checkpoint", "checkpoint"):
+            if self.tables:
+                import torch.distributed as dist
+                dist.barrier()
+                if ck.save is not None:
+                    self.client.snapshot_tables(self.clock)
+                dist.barrier()
+            if ck.save is not None:
                 tensors, meta = dense_state(self.module, self.optimizer, self.scaler, self.clock)
                 ck.save(self.clock, tensors, meta)
 
