@@ -14,6 +14,7 @@ from tests.test_faults import finish, kill_after
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
 ADAM = str(ROOT / "tests" / "jobs" / "digits_adam.toml")
+MOVIELENS = str(ROOT / "examples" / "movielens.toml")
 ALLREDUCE = ["--mode", "allreduce", "--servers", 0, "--workers", 2]
 
 
@@ -72,8 +73,7 @@ def test_allreduce_worker_killed_the_group_is_reformed_from_the_checkpoint(tmp_p
 @pytest.mark.parametrize("flags, says", [
     (["--stages", 2, "--checkpoint-every", 10], "--checkpoint-every: pipeline stages"),
     (["--max-restarts", 1], "add --checkpoint-every N"),
-    (["--mode", "hybrid", "--servers", 1, "--checkpoint-every", 10], "hybrid mode cannot"),
-], ids=["pipeline", "restarts-without-checkpoints", "hybrid"])
+], ids=["pipeline", "restarts-without-checkpoints"])
 def test_refused_in_one_line(tmp_path, flags, says):
     args = ["run", DIGITS, "--out", tmp_path / "r", "--mode", "allreduce", "--servers", 0,
             *flags]
@@ -114,3 +114,33 @@ def test_dense_state_round_trip_keeps_buffers_optimizer_groups_and_loss_scale():
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
     assert (fresh_scaler.scale, fresh_scaler.clean_steps, fresh_scaler.skipped_steps) == \
         (512.0, 1, 1)
+
+
+def test_hybrid_worker_killed_tables_and_replica_resume_at_one_clock(tmp_path):
+    """Hybrid mode (MovieLens DLRM: tables on 2 servers, dense MLP on 2 workers): kill -9
+    of worker 1 after the first checkpoint re-forms the job from it; the checkpoint holds
+    the servers' tables and worker 0's replica at one clock, and exports as one model."""
+    out = tmp_path / "run"
+    job = Job(["run", MOVIELENS, "--out", out, "--quiet", "--mode", "hybrid", "--workers", 2,
+               "--servers", 2, "--steps", 200, "--checkpoint-every", 40, "--max-restarts", 1],
+              timeout_s=240)
+    wait_for(lambda: list((out / "checkpoints").glob("clock-*/manifest.json"))
+             or job.proc.poll() is not None, 120, "the first checkpoint")
+    kill_after(job, out, "worker", 1, 1)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "re-forming the worker group" in output and "resuming at clock" in output, output
+    assert summary["group_restarts"] == 1 and summary["steps"] == 200, summary
+    first = summary["worker_first_steps"]
+    assert first[0] == first[1] and first[0] > 0 and first[0] % 40 == 0, summary
+    for server in (0, 1):
+        log = (out / "logs" / f"server-{server}.log").read_text()
+        assert f"at clock {first[0]} from" in log, log[-2000:]
+    assert summary["eval_rmse"] <= 0.95, summary  # the MovieLens bar
+    manifest = json.loads((out / "checkpoints" / "clock-00000200" / "manifest.json").read_text())
+    assert manifest["dense"] and sorted(manifest["files"]) == ["0", "1"], manifest
+    exported = tmp_path / "model.safetensors"
+    code, text = run_cli(["export", out, "--out", exported], timeout_s=60)
+    assert code == 0, text
+    keys = set(load_file(str(exported)))
+    assert {"tables.user.rows", "tables.item.rows", "mlp.0.weight"} <= keys, keys

@@ -100,6 +100,16 @@ class CheckpointRounds:
         on the servers), so that a round is complete only with its file too."""
         return self.cfg.ps.mode in ("allreduce", "hybrid")
 
+    @property
+    def on_request(self) -> bool:
+        """Whether a checkpoint can be taken when the launcher asks (SIGINT/SIGTERM): the
+        servers' (PS modes) or worker 0's alone (allreduce); not where the workers must
+        agree on the clock first (hybrid tables, pipeline stages)."""
+        cfg = self.cfg
+        if cfg.pipeline.stages > 1 or cfg.ps.mode == "hybrid":
+            return False
+        return bool(cfg.cluster.servers) or cfg.ps.mode == "allreduce"
+
     def report(self, msg: wire.CheckpointSaved) -> str:
         """Record a written file; a refusal (one line) for a report that cannot be right."""
         if msg.role == "worker":

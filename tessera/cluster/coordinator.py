@@ -210,7 +210,7 @@ class Coordinator:
                                if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
         elif isinstance(msg, wire.CheckpointNow):
-            if self.state != "running" or not self.cfg.cluster.servers:
+            if self.state != "running" or not self.rounds.on_request:
                 self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
                     f"coordinator: no checkpoint possible now (job {self.state})")))
             else:

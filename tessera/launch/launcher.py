@@ -358,7 +358,7 @@ class Launcher:
             if view:
                 view.stop()
             where = None
-            if self._env and self.cfg.cluster.servers:
+            if self._env and (self.cfg.cluster.servers or self.cfg.ps.mode == "allreduce"):
                 print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
                       flush=True)
                 try:
