@@ -90,6 +90,8 @@ class HybridParallel(DistributedModel):
         self.mode = "hybrid" if self.tables else "allreduce"
         self.clock = 0
         self.checkpoints = checkpoints or DenseCheckpoints()
+        #: Told the new clock after each step (tessera.api saves sampler positions there).
+        self.on_clock = lambda clock: None
         self._asked = False  # the launcher's request was seen (answered once)
         self._finite: Optional[bool] = None  # unscale_()'s answer this step
         attached = _Attached(client, lambda: self.clock, torch.float32,
@@ -156,6 +158,7 @@ class HybridParallel(DistributedModel):
         self.comm_wait_s += time.perf_counter() - wait_start
         prof.add("step", "comm", start, int((time.perf_counter() - t0) * 1e9), clock=self.clock)
         self.clock += 1
+        self.on_clock(self.clock)
         self._maybe_checkpoint()
         return applied
 
