@@ -19,18 +19,23 @@ ALLREDUCE = ["--mode", "allreduce", "--servers", 0, "--workers", 2]
 
 
 def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
-    """Adam (step, exp_avg, exp_avg_sq and its groups) on 2 Gloo workers: 20 steps with a
-    checkpoint every 10, resumed to 30, ends bit-identical to 30 steps in one go; and
-    `tessera export` of the checkpoint is the model worker 0 held at its clock."""
-    first = run_job(ADAM, tmp_path / "first", *ALLREDUCE, "--steps", 20,
+    """Adam (step, exp_avg, exp_avg_sq and its groups) in fp16 with loss scaling on 2 Gloo
+    workers: 20 steps with a checkpoint every 10, resumed to 30, ends bit-identical to 30
+    steps in one go, with the same loss scale (it grows every 6 clean steps, so a scaler
+    restarted from scratch would end lower); and `tessera export` of the checkpoint is the
+    model worker 0 held at its clock."""
+    job = tmp_path / "adam_fp16.toml"
+    job.write_text('precision = "fp16"\n' + open(ADAM).read() + "\n[amp]\ngrowth_interval = 6\n")
+    job = str(job)
+    first = run_job(job, tmp_path / "first", *ALLREDUCE, "--steps", 20,
                     "--checkpoint-every", 10)
     assert first["checkpoints"] == [10, 20], first
     manifest = json.loads((tmp_path / "first" / "checkpoints" / "clock-00000020"
                            / "manifest.json").read_text())
     assert manifest["dense"]["file"] == "worker-0.safetensors" and manifest["mode"] == "allreduce"
-    resumed = run_job(ADAM, tmp_path / "resumed", *ALLREDUCE, "--steps", 30,
+    resumed = run_job(job, tmp_path / "resumed", *ALLREDUCE, "--steps", 30,
                       "--resume", tmp_path / "first")
-    whole = run_job(ADAM, tmp_path / "whole", *ALLREDUCE, "--steps", 30)
+    whole = run_job(job, tmp_path / "whole", *ALLREDUCE, "--steps", 30)
     assert resumed["worker_first_steps"] == [20, 20] and resumed["steps"] == 30, resumed
     assert "clock 20" in resumed["resumed_from"], resumed
     a = load_file(str(tmp_path / "resumed" / "final.safetensors"))
@@ -39,6 +44,7 @@ def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
     assert resumed["eval_loss"] == whole["eval_loss"], (resumed, whole)
+    assert resumed["loss_scale"] == whole["loss_scale"] > 65536.0 * 4, (resumed, whole)
     # The checkpoint exports as the plain model's state_dict.
     out = tmp_path / "exported.safetensors"
     code, output = run_cli(["export", tmp_path / "first", "--out", out], timeout_s=60)
