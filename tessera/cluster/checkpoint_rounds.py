@@ -76,6 +76,12 @@ class CheckpointRounds:
         m = self.resume_manifest
         if m is None:
             return ""
+        if bool(m.get("dense")) != self.dense:
+            where, modes = (("in worker 0's file", "allreduce or hybrid") if m.get("dense")
+                            else ("on the servers", "sync, async or ssp"))
+            return (f"--resume {self.cfg.resume}: the checkpoint was written in mode "
+                    f"{m.get('mode')!r}, which keeps the dense parameters {where}; resume "
+                    f"it in {modes} mode")
         saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
         now = [(p.name, list(p.shape)) for p in msg.layout or []]
         if saved != now:
