@@ -124,7 +124,9 @@ def serve(session) -> None:
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
                       mode=server_mode(cfg), staleness=cfg.ps.staleness,
                       two_phase=cfg.precision == "fp16", timeout_s=cfg.cluster.timeout_s,
-                      checkpoint_every=cfg.checkpoint.every),
+                      # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
+                      # the dense replica's clock, never on a schedule of their own
+                      checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every),
         endpoint=endpoint, partitions=[p for p in view.partitions if p.server == rank],
         optimizer=view.optimizer, tables=view.tables,
         hooks=ServerHooks(check=session.check,
