@@ -20,22 +20,23 @@ ALLREDUCE = ["--mode", "allreduce", "--servers", 0, "--workers", 2]
 
 def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
     """Adam (step, exp_avg, exp_avg_sq and its groups) in fp16 with loss scaling on 2 Gloo
-    workers: 20 steps with a checkpoint every 10, resumed to 30, ends bit-identical to 30
-    steps in one go, with the same loss scale (it grows every 6 clean steps, so a scaler
-    restarted from scratch would end lower); and `tessera export` of the checkpoint is the
-    model worker 0 held at its clock."""
+    workers: 30 steps with a checkpoint every 10; the checkpoint at step 20, resumed to 30,
+    ends bit-identical to the run never interrupted, with the same loss scale (it grows
+    every 6 clean steps, so a scaler restarted from scratch would end lower); and `tessera
+    export` of the last checkpoint is the model the run ended with."""
+    import shutil
     job = tmp_path / "adam_fp16.toml"
     job.write_text('precision = "fp16"\n' + open(ADAM).read() + "\n[amp]\ngrowth_interval = 6\n")
     job = str(job)
-    first = run_job(job, tmp_path / "first", *ALLREDUCE, "--steps", 20,
-                    "--checkpoint-every", 10)
-    assert first["checkpoints"] == [10, 20], first
-    manifest = json.loads((tmp_path / "first" / "checkpoints" / "clock-00000020"
-                           / "manifest.json").read_text())
+    whole = run_job(job, tmp_path / "whole", *ALLREDUCE, "--steps", 30, "--checkpoint-every", 10)
+    assert whole["checkpoints"] == [10, 20, 30], whole
+    # The checkpoint at step 20 alone (--resume takes the newest complete one).
+    at20 = tmp_path / "at20" / "clock-00000020"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "clock-00000020", at20)
+    manifest = json.loads((at20 / "manifest.json").read_text())
     assert manifest["dense"]["file"] == "worker-0.safetensors" and manifest["mode"] == "allreduce"
     resumed = run_job(job, tmp_path / "resumed", *ALLREDUCE, "--steps", 30,
-                      "--resume", tmp_path / "first")
-    whole = run_job(job, tmp_path / "whole", *ALLREDUCE, "--steps", 30)
+                      "--resume", tmp_path / "at20")
     assert resumed["worker_first_steps"] == [20, 20] and resumed["steps"] == 30, resumed
     assert "clock 20" in resumed["resumed_from"], resumed
     a = load_file(str(tmp_path / "resumed" / "final.safetensors"))
@@ -45,13 +46,13 @@ def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
         assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
     assert resumed["eval_loss"] == whole["eval_loss"], (resumed, whole)
     assert resumed["loss_scale"] == whole["loss_scale"] > 65536.0 * 4, (resumed, whole)
-    # The checkpoint exports as the plain model's state_dict.
+    # The last checkpoint (step 30) exports as the plain model's state_dict.
     out = tmp_path / "exported.safetensors"
-    code, output = run_cli(["export", tmp_path / "first", "--out", out], timeout_s=60)
+    code, output = run_cli(["export", tmp_path / "whole", "--out", out], timeout_s=60)
     assert code == 0, output
-    exported, final = load_file(str(out)), load_file(str(tmp_path / "first" / "final.safetensors"))
-    assert exported.keys() == final.keys()
-    assert all(torch.equal(exported[k], final[k]) for k in final)
+    exported = load_file(str(out))
+    assert exported.keys() == b.keys()
+    assert all(torch.equal(exported[k], b[k]) for k in b)
 
 
 def test_allreduce_worker_killed_the_group_is_reformed_from_the_checkpoint(tmp_path):
