@@ -164,3 +164,33 @@ def test_hybrid_worker_killed_tables_and_replica_resume_at_one_clock(tmp_path):
     assert code == 0, text
     keys = set(load_file(str(exported)))
     assert {"tables.user.rows", "tables.item.rows", "mlp.0.weight"} <= keys, keys
+
+
+def test_the_coordinator_takes_a_dense_file_only_from_worker_0(tmp_path):
+    """A round of a dense mode completes with worker 0's `worker-0.safetensors` (and every
+    live server's file); any other worker report is refused, not joined into a path."""
+    from tessera.cluster.checkpoint_rounds import CheckpointRounds
+    from tessera.config import load_config
+    from tessera.transport import wire
+
+    cfg = load_config(DIGITS, {"ps.mode": "allreduce", "cluster.servers": 0,
+                               "checkpoint.every": 5})
+    rounds = CheckpointRounds(cfg, tmp_path)
+
+    def saved(rank, name, clock=5):
+        return wire.CheckpointSaved(req=1, rank=rank, clock=clock, file=name, nbytes=8,
+                                    role="worker")
+
+    assert "only worker 0" in rounds.report(saved(1, "worker-0.safetensors"))
+    assert "only worker 0" in rounds.report(saved(0, "../../etc/passwd"))
+    done = []
+    rounds.complete(set(), lambda clock, files: {"clock": clock}, lambda: done.append(1))
+    assert not done and rounds.completed == []
+    assert rounds.report(saved(0, "worker-0.safetensors")) == ""
+    (tmp_path / "checkpoints" / "clock-00000005").mkdir(parents=True)  # where its file went
+    rounds.complete(set(), lambda clock, files: {"clock": clock,
+                                                 "dense": rounds.dense_reports[clock]},
+                    lambda: done.append(1))
+    assert done and rounds.completed == [5]
+    sync = CheckpointRounds(load_config(DIGITS, {"checkpoint.every": 5}), tmp_path / "s")
+    assert "allreduce or hybrid" in sync.report(saved(0, "worker-0.safetensors"))
