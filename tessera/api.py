@@ -92,7 +92,7 @@ class Job:
         self.model = wrap(self.session, model, opt, loss_fn)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
-        if hasattr(self.model, "on_clock"):  # parameter servers: positions per step
+        if hasattr(self.model, "on_clock"):  # PS and allreduce/hybrid: positions per step
             after_step = self.model.on_clock
             self.model.on_clock = lambda clock: (after_step(clock), self._save_cursor(clock))
         self._resume_tracked()

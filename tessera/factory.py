@@ -118,8 +118,36 @@ def _dense_replicas(session, model, opt, tables, amp, device):
         raise UsageError("--mode hybrid does not support precision fp16 yet; use bf16")
     _join_process_group(session, device, opt=opt, tables=tables)
     client = _connect_client(session, amp.policy) if session.num_servers else None
-    return HybridParallel(model, client, optimizer=opt, tables=tables, amp=amp,
-                          hooks=Hooks(log=_log, profiler=session.profiler), device=device)
+    wrapped = HybridParallel(model, client, optimizer=opt, tables=tables, amp=amp,
+                             hooks=Hooks(log=_log, profiler=session.profiler), device=device,
+                             checkpoints=_dense_checkpoints(session))
+    restore = session.view.restore
+    if restore is not None:  # --resume, or the group re-formed after a worker died
+        from tessera.ps.checkpoint import CheckpointStore
+        manifest = CheckpointStore(restore.path).manifest(restore.clock)
+        wrapped.restore(restore.path, restore.clock, manifest)
+        if session.rank == 0:
+            _log(f"worker 0: dense replica restored from {restore.path} clock {restore.clock}")
+    return wrapped
+
+
+def _dense_checkpoints(session):
+    """Worker 0 writes the dense replica into the job's checkpoint location and reports it
+    to the coordinator, which writes the manifest once the round is complete."""
+    from tessera.parallel.dense_checkpoint import DENSE_FILE, DenseCheckpoints
+    from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
+    cfg = session.cfg
+    if session.rank != 0:
+        return DenseCheckpoints(every=cfg.checkpoint.every)
+    store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
+
+    def save(clock: int, tensors: dict, meta: dict) -> None:
+        name, nbytes = store.write_file(clock, DENSE_FILE, tensors, meta)
+        session.report_checkpoint(clock, name, nbytes)
+
+    hb = session.heartbeat
+    return DenseCheckpoints(every=cfg.checkpoint.every, save=save,
+                            wanted=lambda: hb.checkpoint_requested)
 
 
 def _pipeline(session, model, opt, loss_fn, tables, device):

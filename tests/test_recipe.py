@@ -183,11 +183,14 @@ def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):
+@pytest.mark.parametrize("cluster", [["--servers", 2], ["--servers", 0, "--mode", "allreduce"]],
+                         ids=["sync", "allreduce"])
+def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     """kill -9 of the whole job mid-epoch, then --resume: the data continues from the
     checkpoint's position (every worker's sampler position is saved beside it), so
     epoch 0's samples are each trained once, counting the first run up to the
-    checkpoint and the resumed run after it."""
+    checkpoint and the resumed run after it (in allreduce mode too: worker 0's dense
+    replica file and every worker's position)."""
     from tests.harness import Job, wait_for
     from tests.test_faults import kill_cluster
 
@@ -195,7 +198,7 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):
     seen.mkdir()
     args = [RECIPE, "--out", tmp_path / "dist.json", "--steps", 50, "--batch", 30,
             "--samples-log", seen]
-    job = Job(["launch", "--workers", 2, "--servers", 2, "--checkpoint-every", 5, "--out", run,
+    job = Job(["launch", "--workers", 2, *cluster, "--checkpoint-every", 5, "--out", run,
                "--quiet", *args, "--sleep", 0.1], timeout_s=240)
     log = seen / "worker-0.jsonl"
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 13
@@ -206,7 +209,7 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path):
              for line in (seen / name).read_text().splitlines()]
     for name in ("worker-0.jsonl", "worker-1.jsonl"):
         (seen / name).rename(seen / f"first-{name}")
-    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--resume", run,
+    code, output = run_cli(["launch", "--workers", 2, *cluster, "--resume", run,
                             "--out", tmp_path / "run2", "--quiet", *args], timeout_s=240)
     assert code == 0, output
     clock = json.loads((tmp_path / "run2" / "summary.json").read_text()).get("resumed_from")

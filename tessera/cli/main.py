@@ -68,6 +68,16 @@ def _launcher_class(cfg):
     return Launcher
 
 
+def _made(launcher_class, *args, **kwargs):
+    """A launcher, or one line and exit 2 when it refuses the job (a UsageError)."""
+    from tessera.errors import UsageError
+    try:
+        return launcher_class(*args, **kwargs)
+    except UsageError as exc:
+        click.echo(f"tessera: {exc}", err=True)
+        sys.exit(2)
+
+
 @click.group()
 @click.version_option(package_name="tessera")
 def cli() -> None:
@@ -86,7 +96,7 @@ def run(job: str, in_process: bool, **kwargs) -> None:
     if in_process:
         from tessera.launch.inprocess import run_trainer
         sys.exit(run_trainer(cfg, quiet=kwargs["quiet"]))
-    sys.exit(_launcher_class(cfg)(cfg, quiet=kwargs["quiet"]).run())
+    sys.exit(_made(_launcher_class(cfg), cfg, quiet=kwargs["quiet"]).run())
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
@@ -98,7 +108,7 @@ def launch(job, script, script_args, **kwargs) -> None:
     """Run your own SCRIPT as every worker of a local cluster (see README)."""
     cfg = _load(job, kwargs)
     cmd = [sys.executable, script, *script_args]
-    sys.exit(_launcher_class(cfg)(cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
+    sys.exit(_made(_launcher_class(cfg), cfg, worker_cmd=cmd, quiet=kwargs["quiet"]).run())
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True))
@@ -136,7 +146,8 @@ def node(job: str, job_file, script_args, coordinator, nodes, node_rank, secret_
     for warning in settings.warnings:
         click.echo(f"tessera: warning: {warning}", err=True)
     worker_cmd = [sys.executable, job, *script_args] if script else None
-    sys.exit(NodeLauncher(cfg, settings, worker_cmd=worker_cmd, quiet=kwargs["quiet"]).run())
+    sys.exit(_made(NodeLauncher, cfg, settings, worker_cmd=worker_cmd,
+                   quiet=kwargs["quiet"]).run())
 
 
 @cli.command()

@@ -44,6 +44,8 @@ class CheckpointRounds:
         self.store = CheckpointStore(checkpoint_url(cfg, run_dir))
         #: clock -> server rank -> (file name, bytes)
         self.reports: dict[int, dict[int, tuple[str, int]]] = {}
+        #: clock -> (worker 0's dense file, bytes) in allreduce/hybrid mode.
+        self.dense_reports: dict[int, tuple[str, int]] = {}
         #: Clocks whose manifest is written, in order.
         self.completed: list[int] = []
         self.resume_manifest: Optional[dict] = None
@@ -75,6 +77,12 @@ class CheckpointRounds:
         m = self.resume_manifest
         if m is None:
             return ""
+        if bool(m.get("dense")) != self.dense:
+            where, modes = (("in worker 0's file", "allreduce or hybrid") if m.get("dense")
+                            else ("on the servers", "sync, async or ssp"))
+            return (f"--resume {self.cfg.resume}: the checkpoint was written in mode "
+                    f"{m.get('mode')!r}, which keeps the dense parameters {where}; resume "
+                    f"it in {modes} mode")
         saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
         now = [(p.name, list(p.shape)) for p in msg.layout or []]
         if saved != now:
@@ -93,15 +101,41 @@ class CheckpointRounds:
 
     # ---------------------------------------------------------------- rounds
 
-    def report(self, msg: wire.CheckpointSaved) -> None:
+    @property
+    def dense(self) -> bool:
+        """Whether worker 0 writes the dense replica (allreduce/hybrid: no dense partitions
+        on the servers), so that a round is complete only with its file too."""
+        return self.cfg.ps.mode in ("allreduce", "hybrid")
+
+    @property
+    def on_request(self) -> bool:
+        """Whether a checkpoint can be taken when the launcher asks (SIGINT/SIGTERM): the
+        servers' (PS modes) or worker 0's alone (allreduce); not where the workers must
+        agree on the clock first (hybrid tables, pipeline stages)."""
+        cfg = self.cfg
+        if cfg.pipeline.stages > 1 or cfg.ps.mode == "hybrid":
+            return False
+        return bool(cfg.cluster.servers) or cfg.ps.mode == "allreduce"
+
+    def report(self, msg: wire.CheckpointSaved) -> str:
+        """Record a written file; a refusal (one line) for a report that cannot be right."""
+        if msg.role == "worker":
+            from tessera.ps.checkpoint import DENSE_FILE
+            if not self.dense or msg.rank != 0 or msg.file != DENSE_FILE:
+                return (f"worker {msg.rank} reported checkpoint file {msg.file!r}: only worker "
+                        f"0 writes one ({DENSE_FILE}), in allreduce or hybrid mode")
+            self.dense_reports[msg.clock] = (msg.file, msg.nbytes)
+            self.reports.setdefault(msg.clock, {})
+            return ""
         from tessera.ps.checkpoint import CheckpointError, check_shard_name
         try:
             check_shard_name(msg.file, f"server {msg.rank}'s report of its checkpoint at "
                                        f"clock {msg.clock}")
         except CheckpointError as exc:  # never written into a manifest
             print(f"coordinator: {exc}", flush=True)
-            return
+            return ""
         self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
+        return ""
 
     def missing_files(self, clock: int, files: dict[int, tuple[str, int]]) -> list[str]:
         """Reported files of ``clock`` that this process does not see in the checkpoint
@@ -117,8 +151,9 @@ class CheckpointRounds:
                 if name not in there]
 
     def complete(self, live: set[int], manifest_of, on_complete) -> None:
-        """Write the manifest of every clock all ``live`` servers have reported, last.
-        Raises CheckpointError when a reported file is not in the checkpoint location.
+        """Write the manifest of every clock all ``live`` servers (and, in allreduce/hybrid
+        mode, worker 0 with the dense replica) have reported, last. Raises CheckpointError
+        when a reported file is not in the checkpoint location.
 
         ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
         each one is written (the coordinator answers who waits for a checkpoint).
@@ -126,6 +161,8 @@ class CheckpointRounds:
         for clock in sorted(self.reports):
             got = self.reports[clock]
             if not live <= set(got) or clock in self.completed:
+                continue
+            if self.dense and clock not in self.dense_reports:
                 continue
             missing = self.missing_files(clock, got)
             if missing:
@@ -145,6 +182,7 @@ class CheckpointRounds:
                   f"({self.store.url_of(clock)})", flush=True)
             self.completed.append(clock)
             del self.reports[clock]
+            self.dense_reports.pop(clock, None)
             on_complete()
             self.store.prune(self.cfg.checkpoint.keep)
 
@@ -161,14 +199,19 @@ class CheckpointRounds:
         for pid, server in owner.items():  # a dead primary's partitions: its backup's file
             if server in dead_servers:
                 owner[pid] = (server + 1) % cfg.cluster.servers
+        dense = {}
+        if clock in self.dense_reports:
+            name, nbytes = self.dense_reports[clock]
+            dense = {"dense": {"file": name, "bytes": nbytes}}
         return {
+            **dense,
             "format": 1,
             "clock": clock,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mode": cfg.ps.mode,
             "servers": cfg.cluster.servers,
             "files": {str(r): f for r, (f, _) in sorted(files.items())},
-            "bytes": sum(n for _, n in files.values()),
+            "bytes": sum(n for _, n in files.values()) + dense.get("dense", {}).get("bytes", 0),
             "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": owner[p.id]}
                            for p in shard_map.partitions],
             "layout": [msgspec.to_builtins(p) for p in layout],

@@ -60,8 +60,11 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class Coordinator:
-    def __init__(self, cfg: JobConfig, run_dir: Path, secret: str, *, ctx: zmq.Context):
+    def __init__(self, cfg: JobConfig, run_dir: Path, secret: str, *, ctx: zmq.Context,
+                 generation: int = 0):
         self.cfg = cfg
+        #: Times the launcher re-formed the worker group before this start (allreduce/hybrid).
+        self.generation = generation
         self.run_dir = Path(run_dir)
         cl = cfg.cluster
         self.expected = {("server", r) for r in range(cl.servers)} | \
@@ -213,11 +216,12 @@ class Coordinator:
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
         elif isinstance(msg, wire.CheckpointSaved):
-            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
-            self.rounds.report(msg)
+            refused = self.rounds.report(msg)
+            self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
+                               if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
         elif isinstance(msg, wire.CheckpointNow):
-            if self.state != "running" or not self.cfg.cluster.servers:
+            if self.state != "running" or not self.rounds.on_request:
                 self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
                     f"coordinator: no checkpoint possible now (job {self.state})")))
             else:
@@ -384,7 +388,8 @@ class Coordinator:
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
             "pushes_applied": self._applied(servers),
-            "restarts": sum(self.incarnation.values()),
+            "restarts": sum(self.incarnation.values()) + self.generation,
+            "group_restarts": self.generation,
             "worker_first_steps": [int(w.get("first_step", 0) or 0) for w in workers],
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],

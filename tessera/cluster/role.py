@@ -48,7 +48,8 @@ def server_mode(cfg) -> str:
     return cfg.ps.mode
 
 
-def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = ""):
+def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = "",
+                      generation: int = 0):
     """The job's coordinator, bound and announced in ``coordinator.json``; call its
     ``run()`` (it returns the exit code: 0 once ``summary.json`` is written).
 
@@ -62,7 +63,7 @@ def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = ""):
         from tessera.transport.endpoint import ServerEndpoint
         host, _, port = bind.rpartition(":")
         cfg.cluster.host = host
-    coord = Coordinator(cfg, run_dir, secret, ctx=ctx)
+    coord = Coordinator(cfg, run_dir, secret, ctx=ctx, generation=generation)
     if bind:  # same socket, at the agreed port (keeping the frame limit the coordinator set)
         limit = coord.endpoint.sock.getsockopt(zmq.MAXMSGSIZE)
         coord.endpoint.close()
@@ -82,7 +83,8 @@ def coordinator_main() -> None:
     run_dir = Path(me.run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     ctx = zmq.Context()
-    coord = start_coordinator(cfg, run_dir, me.secret, ctx, bind=me.coordinator_bind)
+    coord = start_coordinator(cfg, run_dir, me.secret, ctx, bind=me.coordinator_bind,
+                              generation=me.generation)
     code = coord.run()
     ctx.destroy(linger=0)
     sys.stdout.flush()
@@ -122,7 +124,9 @@ def serve(session) -> None:
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
                       mode=server_mode(cfg), staleness=cfg.ps.staleness,
                       two_phase=cfg.precision == "fp16", timeout_s=cfg.cluster.timeout_s,
-                      checkpoint_every=cfg.checkpoint.every),
+                      # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
+                      # the dense replica's clock, never on a schedule of their own
+                      checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every),
         endpoint=endpoint, partitions=[p for p in view.partitions if p.server == rank],
         optimizer=view.optimizer, tables=view.tables,
         hooks=ServerHooks(check=session.check,

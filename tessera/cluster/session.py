@@ -130,9 +130,11 @@ class Session:
         return list(self._registered().server_addresses)
 
     def report_checkpoint(self, clock: int, name: str, nbytes: int) -> None:
-        """A server tells the coordinator its file of the checkpoint at ``clock`` is written."""
+        """A server (or worker 0 in allreduce/hybrid mode, with the dense replica) tells the
+        coordinator its file of the checkpoint at ``clock`` is written."""
         self._coord.request(wire.CheckpointSaved(req=self._coord.new_req(), rank=self.rank,
-                                                 clock=clock, file=name, nbytes=nbytes),
+                                                 clock=clock, file=name, nbytes=nbytes,
+                                                 role=self.role),
                             timeout_s=self.timeout_s, what="checkpoint report",
                             check=self.heartbeat.check)
 

@@ -40,6 +40,9 @@ COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
 #: Set to 1 (tests): every process a launcher starts ends itself on any attempt to
 #: unpickle (:mod:`tessera.config.nopickle`); children inherit it.
 FORBID_PICKLE = "TESSERA_FORBID_PICKLE"
+#: How many times the launcher has re-formed the worker group (allreduce/hybrid
+#: ``--max-restarts``): 0 for the first start, as torchrun's TORCHELASTIC_RESTART_COUNT.
+GENERATION = "TESSERA_GENERATION"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
@@ -79,6 +82,7 @@ class Identity:
     coordinator: str = ""
     host: str = ""
     coordinator_bind: str = ""
+    generation: int = 0
 
     def but(self, **changes) -> "Identity":
         """A copy with some fields changed (the coordinator's address, once published)."""
@@ -88,7 +92,8 @@ class Identity:
         """The variables this identity sets; empty fields are left out."""
         values = {RUN_DIR: self.run_dir, SECRET: self.secret, ROLE: self.role,
                   RANK: str(self.rank) if self.role else "", COORDINATOR: self.coordinator,
-                  HOST: self.host, COORDINATOR_BIND: self.coordinator_bind}
+                  HOST: self.host, COORDINATOR_BIND: self.coordinator_bind,
+                  GENERATION: str(self.generation) if self.generation else ""}
         return {k: v for k, v in values.items() if v}
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
@@ -115,9 +120,16 @@ class Identity:
         except ValueError:
             raise NotLaunched(f"{RANK}={text!r} is not an integer; start this process with a "
                               f"Tessera launcher") from None
+        text = environ.get(GENERATION, "0") or "0"
+        try:
+            generation = int(text)
+        except ValueError:
+            raise NotLaunched(f"{GENERATION}={text!r} is not an integer; start this process "
+                              f"with a Tessera launcher") from None
         return cls(run_dir=environ.get(RUN_DIR, ""), secret=environ.get(SECRET, ""), role=role,
                    rank=rank, coordinator=environ.get(COORDINATOR, ""),
-                   host=environ.get(HOST, ""), coordinator_bind=environ.get(COORDINATOR_BIND, ""))
+                   host=environ.get(HOST, ""), coordinator_bind=environ.get(COORDINATOR_BIND, ""),
+                   generation=generation)
 
 
 #: torchrun's variables, which scripts (and libraries) read for their place in the job.

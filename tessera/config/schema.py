@@ -373,16 +373,17 @@ class JobConfig(msgspec.Struct, **_STRICT):
             if self.precision == "fp16" and mode == "sync":
                 raise ValueError("--replication (ps.replication) 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
-        if (self.checkpoint.every or self.resume) and (mode in ("allreduce", "hybrid")
-                                                       or pp.stages > 1):
-            flag = "--resume" if self.resume else "--checkpoint-every"
-            raise ValueError(f"{flag}: checkpoints hold the parameter servers' state, and in mode "
-                             f"{mode!r} the dense parameters are not on the servers (use sync, "
-                             f"async or ssp)")
-        if self.cluster.max_restarts and (mode in ("allreduce", "hybrid") or pp.stages > 1):
-            raise ValueError(f"cluster.max_restarts (--max-restarts) needs a parameter-server mode (sync, async, ssp): in "
-                             f"mode {mode!r} the workers form a torch.distributed group, which "
-                             f"cannot lose a member")
+        if (self.checkpoint.every or self.resume or self.cluster.max_restarts) and pp.stages > 1:
+            flag = ("--resume" if self.resume else "--checkpoint-every" if self.checkpoint.every
+                    else "--max-restarts")
+            raise ValueError(f"{flag}: pipeline stages (--stages) cannot checkpoint or restart "
+                             f"yet; drop {flag}, or train without --stages (allreduce and "
+                             f"hybrid mode checkpoint and restart)")
+        if self.cluster.max_restarts and mode in ("allreduce", "hybrid") \
+                and not self.checkpoint.every:
+            raise ValueError(f"cluster.max_restarts (--max-restarts) in mode {mode!r} re-forms "
+                             f"the worker group from the newest checkpoint: add "
+                             f"--checkpoint-every N")
         weights = self.ps.server_weights
         if weights is not None and (len(weights) != self.cluster.servers
                                     or any(w <= 0 for w in weights)):

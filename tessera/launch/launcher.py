@@ -56,6 +56,14 @@ class Launcher:
         self.quiet = quiet
         self.children: list[Child] = []
         self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}
+        #: allreduce/hybrid: re-formings of the whole worker group left, and done.
+        self.group_restarts_left = cfg.cluster.max_restarts
+        self.generation = 0
+        if self._group_mode() and cfg.cluster.max_restarts and not self.GROUP_RESTARTS:
+            from tessera.errors import UsageError
+            raise UsageError(f"--max-restarts in mode {cfg.ps.mode!r} re-forms the whole worker "
+                             f"group, which only `tessera run` and `tessera launch` on one "
+                             f"machine do yet; drop --max-restarts (or use sync, async or ssp)")
         self._coord_ep = None
         self._ctx = None
         self._env: dict = {}
@@ -64,6 +72,10 @@ class Launcher:
         self.identity: Optional[Identity] = None
         # "curve:" asks every endpoint for CURVE encryption; keys derive from the secret.
         self.secret = ("curve:" if cfg.cluster.encrypt else "") + secrets.token_hex(32)
+
+    #: Whether this launcher can re-form an allreduce/hybrid worker group (it must stop
+    #: and start every process of the job; multi-node and Ray launchers cannot yet).
+    GROUP_RESTARTS = True
 
     # --------------------------------------------------------------- phases
 
@@ -87,18 +99,25 @@ class Launcher:
         return child
 
     def start(self) -> None:
-        cfg = self.cfg
         self._prepare_run_dir()
-        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret)
+        self._start_processes()
+
+    def _start_processes(self, append: bool = False) -> None:
+        """The coordinator, then the servers and workers (``append``: to their logs, when
+        the launcher re-forms an allreduce/hybrid group)."""
+        cfg = self.cfg
+        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret,
+                                 generation=self.generation)
         env = self.identity.child_env(envvars.process_environ())
-        coord = self._spawn("coordinator", 0, role_cmd(sys.executable, "coordinator"), env)
+        coord = self._spawn("coordinator", 0, role_cmd(sys.executable, "coordinator"), env,
+                            append=append)
         address = self._wait_published(coord, time.monotonic() + 60, 60)
         self.identity = self.identity.but(coordinator=address)
         env = self._env = self.identity.child_env(env)
         for rank in range(cfg.cluster.servers):
-            self._spawn("server", rank, role_cmd(sys.executable, "server"), env)
+            self._spawn("server", rank, role_cmd(sys.executable, "server"), env, append=append)
         for rank in range(cfg.cluster.workers):
-            self._spawn("worker", rank, self.worker_cmd, env)
+            self._spawn("worker", rank, self.worker_cmd, env, append=append)
 
     def _local_place(self, rank: int) -> Optional[tuple[int, int]]:
         """A worker's (index, count) among the workers of this machine (all, here)."""
@@ -198,6 +217,70 @@ class Launcher:
             return True
         return False
 
+    # ------------------------------------------- allreduce/hybrid: re-form the group
+
+    def _group_mode(self) -> bool:
+        """allreduce/hybrid: the workers form one torch.distributed group, which cannot
+        lose a member: a worker's death re-forms the whole group from the newest
+        checkpoint (as torchrun does), instead of restarting that worker alone."""
+        return self.cfg.ps.mode in ("allreduce", "hybrid")
+
+    def _restart_group(self, c: Child) -> bool:
+        """Stop every process of the job and start them all again from the newest complete
+        checkpoint, as generation ``self.generation + 1``; False when no restart is left."""
+        # Exit code 3 means the job already failed elsewhere: a restart would hide why.
+        if self.group_restarts_left <= 0 or c.proc.returncode == 3:
+            return False
+        self.group_restarts_left -= 1
+        self.generation += 1
+        print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}; "
+              f"re-forming the worker group from the newest checkpoint (restart "
+              f"{self.generation} of {self.cfg.cluster.max_restarts})", flush=True)
+        self._stop_group()
+        self._resume_from_newest()
+        self._start_processes(append=True)
+        return True
+
+    def _stop_group(self) -> None:
+        """End every process at once: survivors may be blocked inside a collective,
+        where SIGTERM waits (a checkpoint half written has no manifest and is ignored)."""
+        for c in self.children:
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGKILL if c.role == "worker" else signal.SIGTERM)
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=3.0)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait(timeout=5)
+            if c.log:
+                c.log.close()
+        self.children = []
+        if self._coord_ep is not None:
+            self._coord_ep.close()
+            self._ctx.destroy(linger=0)
+            self._coord_ep = None
+
+    def _resume_from_newest(self) -> None:
+        """Point the job at its own newest complete checkpoint (kept as it was when there
+        is none yet: from the start, or from the run it resumed) and clear what the
+        stopped generation published."""
+        import msgspec
+
+        from tessera.config import config_to_dict
+        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
+        store = CheckpointStore(checkpoint_url(self.cfg, self.run_dir))
+        latest = store.latest()
+        if latest is not None:
+            self.cfg = msgspec.structs.replace(self.cfg, resume=store.url)
+            print(f"tessera: resuming at clock {latest['clock']} from {store.url}", flush=True)
+        else:
+            print("tessera: no complete checkpoint yet; starting again from the beginning",
+                  flush=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        for name in ("coordinator.json", "cluster.json", "summary.json"):
+            (self.run_dir / name).unlink(missing_ok=True)
+
     def checkpoint_now(self, timeout_s: float) -> Optional[str]:
         """Ask for a checkpoint and wait until it is complete; returns where, or None."""
         from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
@@ -224,7 +307,11 @@ class Launcher:
                 code = c.proc.poll()
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
                     continue
-                if self._survivable(c):
+                if self._group_mode() and c.role == "worker":
+                    if self._restart_group(c):
+                        break  # every process is new: look again
+                    first_failure, failed_at = c, time.monotonic()
+                elif self._survivable(c):
                     handled.add(c.proc.pid)
                 else:
                     first_failure, failed_at = c, time.monotonic()
@@ -276,11 +363,12 @@ class Launcher:
             if view:
                 view.stop()
             where = None
-            refused = self._why_no_checkpoint() if self._env and self.cfg.cluster.servers \
-                else None
+            checkpointable = self._env and (self.cfg.cluster.servers
+                                            or self.cfg.ps.mode == "allreduce")
+            refused = self._why_no_checkpoint() if checkpointable else None
             if refused:
                 print(f"tessera: interrupted; no checkpoint: {refused}", flush=True)
-            elif self._env and self.cfg.cluster.servers:
+            elif checkpointable:
                 print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
                       flush=True)
                 try:

@@ -50,6 +50,8 @@ class NodeLauncher(Launcher):
     """A :class:`Launcher` that starts one node's share and, on node 0, the coordinator
     at the agreed address. Watching, stopping and reporting are the Launcher's."""
 
+    GROUP_RESTARTS = False  # re-forming the group needs every node's processes
+
     def __init__(self, cfg: JobConfig, settings: NodeSettings, *,
                  worker_cmd: Optional[list[str]] = None, quiet: bool = False):
         if cfg.out is None:

@@ -88,6 +88,8 @@ def actor_name(run_dir: Path, role: str, rank: int) -> str:
 class RayLauncher(Launcher):
     """The local launcher's run (progress, interrupts, checkpoint, summary), on Ray actors."""
 
+    GROUP_RESTARTS = False  # Ray restarts actors one by one (see above)
+
     def __init__(self, cfg: JobConfig, *, worker_cmd: Optional[list[str]] = None,
                  quiet: bool = False):
         super().__init__(cfg, worker_cmd=worker_cmd, quiet=quiet)

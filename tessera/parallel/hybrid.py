@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tessera.config.schema import OptimizerConfig
+from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
 from tessera.ps.optim import torch_optimizer
@@ -50,7 +51,8 @@ class HybridParallel(DistributedModel):
 
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
                  optimizer: Union[OptimizerConfig, torch.optim.Optimizer], tables, amp: Optional[Amp] = None,
-                 hooks: Hooks = Hooks(), device=None):
+                 hooks: Hooks = Hooks(), device=None,
+                 checkpoints: Optional[DenseCheckpoints] = None):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -85,6 +87,10 @@ class HybridParallel(DistributedModel):
         self.tables = list(tables)
         self.mode = "hybrid" if self.tables else "allreduce"
         self.clock = 0
+        self.checkpoints = checkpoints or DenseCheckpoints()
+        #: Told the new clock after each step (tessera.api saves sampler positions there).
+        self.on_clock = lambda clock: None
+        self._asked = False  # the launcher's request was seen (answered once)
         self._finite: Optional[bool] = None  # unscale_()'s answer this step
         attached = _Attached(client, lambda: self.clock, torch.float32,
                              device or torch.device("cpu"))
@@ -150,7 +156,48 @@ class HybridParallel(DistributedModel):
         self.comm_wait_s += time.perf_counter() - wait_start
         prof.add("step", "comm", start, int((time.perf_counter() - t0) * 1e9), clock=self.clock)
         self.clock += 1
+        self.on_clock(self.clock)
+        self._maybe_checkpoint()
         return applied
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _maybe_checkpoint(self) -> None:
+        """Worker 0 saves the replica every ``--checkpoint-every`` steps (the replicas are
+        identical, so one copy is the job's) and, in allreduce mode, when the launcher
+        asks for one.
+
+        With tables (hybrid) the servers copy the tables at the same clock: every worker
+        waits at a barrier (so every row push of the clocks before is applied), worker 0
+        asks each server for its snapshot, and a second barrier keeps the next clock's
+        pushes out until the copies are taken."""
+        ck = self.checkpoints
+        due = bool(ck.every and self.clock % ck.every == 0)
+        if ck.save is not None and not self.tables:
+            asked = ck.wanted()
+            due = due or (asked and not self._asked)
+            self._asked = asked
+        if not due:
+            return
+        with self.profiler.span("checkpoint", "checkpoint"):
+            if self.tables:
+                import torch.distributed as dist
+                dist.barrier()
+                if ck.save is not None:
+                    self.client.snapshot_tables(self.clock)
+                dist.barrier()
+            if ck.save is not None:
+                tensors, meta = dense_state(self.module, self.optimizer, self.scaler, self.clock)
+                ck.save(self.clock, tensors, meta)
+
+    def restore(self, url: str, clock: int, manifest: dict) -> None:
+        """Load the dense replica of the checkpoint at ``clock`` (every worker loads worker
+        0's file); training continues from that clock."""
+        tensors, meta, where = read_dense(url, clock, manifest)
+        self.clock = load_dense(tensors, meta, self.module, self.optimizer, self.scaler, where)
+
+    def start_step(self, max_clock: Optional[int] = None) -> int:
+        return self.clock
 
     def _unscale_and_agree(self) -> bool:
         """Unscale the averaged gradients; all workers agree whether any overflowed."""

@@ -38,6 +38,9 @@ _CLOCK_DIR = re.compile(r"^clock-(\d{8})$")
 MANIFEST = "manifest.json"
 #: The only names a server's checkpoint file may have: a plain file name, never a path.
 SHARD_NAME = re.compile(r"server-\d{1,6}\.safetensors")
+#: Worker 0's file of a checkpoint in allreduce/hybrid mode (the dense replica, see
+#: :mod:`tessera.parallel.dense_checkpoint`); the manifest names it under ``dense``.
+DENSE_FILE = "worker-0.safetensors"
 
 
 class CheckpointError(TesseraError):
@@ -127,11 +130,14 @@ class CheckpointStore:
     # ----------------------------------------------------------------- write
 
     def write_shard(self, clock: int, rank: int, tensors: dict, meta: dict) -> tuple[str, int]:
+        return self.write_file(clock, f"server-{rank}.safetensors", tensors, meta)
+
+    def write_file(self, clock: int, name: str, tensors: dict, meta: dict) -> tuple[str, int]:
+        """One safetensors file of the checkpoint at ``clock`` (``meta``: JSON metadata)."""
         from safetensors.torch import save
         data = save(tensors, metadata={"tessera": json.dumps(meta)})
         directory = self.dir_of(clock)
         self.fs.makedirs(directory, exist_ok=True)
-        name = f"server-{rank}.safetensors"
         with self.fs.open(posixpath.join(directory, name), "wb") as f:
             f.write(data)
         return name, len(data)

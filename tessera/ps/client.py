@@ -267,6 +267,16 @@ class PSClient:
         rows = torch.from_numpy(np.frombuffer(raw[0], dtype=np.float32).copy())
         return ids, rows.reshape(len(ids), -1) if len(ids) else rows.reshape(0, 0)
 
+    def snapshot_tables(self, clock: int) -> None:
+        """Hybrid mode: every server copies its tables into the checkpoint at ``clock``."""
+        reqs = []
+        for server, ep in enumerate(self.servers):
+            req = ep.new_req()
+            ep.send(wire.SnapshotTables(req=req, clock=clock))
+            reqs.append((server, req))
+        for server, req in reqs:
+            self._expect(server, req, f"table snapshot at clock {clock}", None, wire.Ack)
+
     def push_rows(self, table: str, server: int, ids: np.ndarray, grads: torch.Tensor,
                   clock: int, scale: float = 1.0) -> Handle:
         """Row-sparse gradient of ``table`` for ``clock`` (possibly no rows); wait() -> None."""

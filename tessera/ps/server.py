@@ -105,6 +105,15 @@ class ParameterServer:
                     break
         self.snapshots.final()
 
+    def _on_snapshot_tables(self, peer: bytes, msg: wire.SnapshotTables) -> None:
+        """Hybrid mode: copy the tables into the checkpoint at ``msg.clock`` (worker 0 asks
+        while every worker waits at a barrier, so the rows are those of that clock)."""
+        if msg.clock <= 0:
+            raise RequestError(f"a table snapshot needs a clock > 0, got {msg.clock}")
+        if msg.clock > self.snapshots.last:
+            self.snapshots.snapshot(msg.clock)
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
+
     def restore(self, restore: wire.Restore) -> None:
         """Load partitions, backups and table rows from a checkpoint (before serving)."""
         self.snapshots.restore(restore)
@@ -134,6 +143,8 @@ class ParameterServer:
                 self.tables.on_push(got.peer, msg, got.frames)
             elif isinstance(msg, wire.DumpRows) and self.tables is not None:
                 self.tables.on_dump(got.peer, msg)
+            elif isinstance(msg, wire.SnapshotTables) and self.tables is not None:
+                self._on_snapshot_tables(got.peer, msg)
             else:
                 raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
         except RequestError as exc:

@@ -113,7 +113,7 @@ class Snapshots:
         """At the end of a run with checkpoints, save the final state and wait for writes."""
         if self.store is not None and self.every:
             clock = self.progress()
-            if clock > self.last:
+            if clock > self.last and clock > 0:
                 self.snapshot(clock)
         for thread, _ in self._writes:
             thread.join(timeout=self.timeout_s * 4)

@@ -204,13 +204,15 @@ class CheckpointNow(msgspec.Struct, **MESSAGE):
 
 
 class CheckpointSaved(msgspec.Struct, **MESSAGE):
-    """From a server: its file of the checkpoint at ``clock`` is written."""
+    """From a server (or, in allreduce/hybrid mode, worker 0 with the dense replica):
+    its file of the checkpoint at ``clock`` is written."""
 
     req: int
     rank: int
     clock: int
     file: str
     nbytes: int
+    role: str = "server"
 
 
 class TimeSync(msgspec.Struct, **MESSAGE):

@@ -171,6 +171,16 @@ class DumpRows(msgspec.Struct, **MESSAGE):
     table: str
 
 
+class SnapshotTables(msgspec.Struct, **MESSAGE):
+    """From worker 0 in hybrid mode: copy every table's rows as of ``clock`` into the
+    checkpoint at ``clock`` now (every worker's row pushes of the clocks before are
+    applied, none after: the workers wait at a barrier). Answered with :class:`Ack`
+    once copied; the file is reported to the coordinator when written."""
+
+    req: int
+    clock: int
+
+
 class PushRows(msgspec.Struct, **MESSAGE):
     """Row-sparse gradient of ``table`` for ``clock``: frame 0 ids (int64, unique),
     frame 1 gradients [n, dim] in ``dtype``. Every worker pushes every table to every
