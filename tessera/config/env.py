@@ -36,6 +36,9 @@ COORDINATOR = "TESSERA_COORDINATOR"
 HOST = "TESSERA_HOST"
 #: ``HOST:PORT`` the coordinator must bind (``tessera node``, Ray clusters).
 COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
+#: Unix time at which the launcher started (or handed a standby) this process: how a
+#: restarted worker reports the time its rejoin took.
+STARTED_AT = "TESSERA_STARTED_AT"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
@@ -226,6 +229,21 @@ def launched(environ: Mapping[str, str]) -> bool:
     """Whether a launcher started this process: any of its identity variables is set
     (part of them set is a broken launch, which :meth:`Identity.from_env` names)."""
     return any(environ.get(v) for v in REQUIRED)
+
+
+def started_at(environ: Mapping[str, str]) -> float:
+    """When the launcher started this process (unix time), or 0.0 if it did not say."""
+    try:
+        return float(environ.get(STARTED_AT, "") or 0.0)
+    except ValueError:
+        return 0.0
+
+
+def adopt(environ: Mapping[str, str]) -> None:
+    """A standby worker process becomes the worker it is handed: its whole environment
+    is replaced by ``environ`` (as if it had been started with it)."""
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def process_environ() -> Mapping[str, str]:

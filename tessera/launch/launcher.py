@@ -32,9 +32,9 @@ from tessera.config import env as envvars
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
-from tessera.launch.process import (WORKER_MODULE, Child, LaunchError,
-                                    describe_exit, role_cmd, signals_interrupt, tail,
-                                    visible_gpus)
+from tessera.launch.process import (STANDBY_MODULE, WORKER_MODULE, Child, LaunchError,
+                                    describe_exit, role_cmd, signals_interrupt,
+                                    standby_runs, tail, visible_gpus)
 
 __all__ = ["Launcher", "LaunchError"]
 
@@ -58,6 +58,10 @@ class Launcher:
         self._coord_ep = None
         self._ctx = None
         self._env: dict = {}
+        #: A worker process with its imports done, waiting to replace a dead worker
+        #: (``--max-restarts``; :mod:`tessera.train.standby`), and its log.
+        self.standby: Optional[subprocess.Popen] = None
+        self._standby_log = None
         #: What every child is told (role and rank per child); the coordinator's
         #: address is added once it has published it.
         self.identity: Optional[Identity] = None
@@ -74,16 +78,62 @@ class Launcher:
             log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
             log.flush()
         child_env = dict(env, **envvars.role_env(role, rank, self.cfg.cluster.workers,
-                                                 self._local_place(rank)))
+                                                 self._local_place(rank)),
+                         **{envvars.STARTED_AT: repr(time.time())})
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
             child_env.update(gpu_env(rank, visible_gpus(child_env)))
-        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = self._from_standby(cmd, child_env, log_path) if append else None
+        if proc is None:
+            proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         child = Child(role, rank, proc, log_path, log)
         self.children.append(child)
         return child
+
+    # ------------------------------------------------------------- standby
+
+    def _wants_standby(self) -> bool:
+        """A standby is kept while a worker may still be restarted, once the cluster is up
+        (so that its imports do not compete with the job's start)."""
+        return (self.standby is None and bool(self._env)
+                and any(n > 0 for n in self.restarts_left.values())
+                and standby_runs(self.worker_cmd, sys.executable)
+                and (self.run_dir / "cluster.json").exists())
+
+    def _start_standby(self) -> None:
+        if self._standby_log is None:
+            self._standby_log = open(self.run_dir / "logs" / "standby.log", "a")
+        self.standby = subprocess.Popen(
+            [sys.executable, "-m", STANDBY_MODULE], env=self._env, stdin=subprocess.PIPE,
+            stdout=self._standby_log, stderr=subprocess.STDOUT, start_new_session=True,
+            text=True)
+
+    def _from_standby(self, cmd: list[str], env: dict, log_path) -> Optional[subprocess.Popen]:
+        """Hand a dead worker's place to the standby; None when there is none to take it."""
+        proc, self.standby = self.standby, None
+        if proc is None or proc.poll() is not None or not standby_runs(cmd, sys.executable):
+            return None
+        try:
+            proc.stdin.write(json.dumps({"env": env, "cmd": cmd, "log": str(log_path)}) + "\n")
+            proc.stdin.close()
+        except OSError:
+            return None
+        return proc
+
+    def _stop_standby(self) -> None:
+        proc, self.standby = self.standby, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()  # end of input: it exits
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._standby_log is not None:
+            self._standby_log.close()
+            self._standby_log = None
 
     def start(self) -> None:
         cfg = self.cfg
@@ -121,6 +171,7 @@ class Launcher:
         return json.loads(addr_file.read_text())["address"]
 
     def stop_all(self, grace_s: float = 3.0) -> None:
+        self._stop_standby()
         for c in self.children:
             if c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGTERM)
@@ -215,6 +266,8 @@ class Launcher:
         while True:
             if progress:
                 progress()
+            if self._wants_standby():
+                self._start_standby()
             for c in list(self.children):
                 code = c.proc.poll()
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:

@@ -20,9 +20,12 @@ from tessera.data.sampler import ShardSampler
 
 
 class ClassificationTask:
-    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+    #: The datasets it trains on (a standby worker loads them ahead: tessera.train.standby).
+    DATASETS = ("digits", "mnist", "npy")
+
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int, data=None):
         from tessera.data.datasets import load_dataset
-        self.data = load_dataset(cfg.data)
+        self.data = data if data is not None else load_dataset(cfg.data)
         self.cfg = cfg
         self.sampler = ShardSampler(len(self.data.train), batch_size=cfg.data.batch_size,
                                     num_workers=num_workers, rank=rank, seed=cfg.train.seed)
@@ -220,12 +223,13 @@ def evaluate(task, model, device) -> dict:
     return task.metrics(outs, targets) if outs else {}
 
 
-def make_task(cfg: JobConfig, rank: int, num_workers: int):
+def make_task(cfg: JobConfig, rank: int, num_workers: int, data=None):
+    """The task of ``cfg``; ``data``: a classification dataset already loaded (or None)."""
     if cfg.data.dataset == "shakespeare":
         return LanguageTask(cfg, rank, num_workers)
     if cfg.data.dataset == "movielens":
         return RatingsTask(cfg, rank, num_workers)
     if cfg.data.dataset == "clicks":
         return ClicksTask(cfg, rank, num_workers)
-    return ClassificationTask(cfg, rank, num_workers)
+    return ClassificationTask(cfg, rank, num_workers, data)
 
