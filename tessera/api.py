@@ -89,7 +89,7 @@ class Job:
         elif isinstance(optimizer, OptimizerConfig):
             opt = optimizer
         else:
-            opt = OptimizerConfig(name=optimizer, **optimizer_args)
+            opt = _named_optimizer(optimizer, optimizer_args)
         self.model = wrap(self.session, model, opt, loss_fn)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
@@ -249,6 +249,23 @@ class Job:
         self.session.close()
         self.model = None
         self.samplers.clear()
+
+
+def _named_optimizer(optimizer: Any, args: dict) -> OptimizerConfig:
+    """The string form's optimizer, checked: a mistake is one line naming it."""
+    import msgspec
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        raise UsageError(f"tessera.distribute(model, optimizer): pass an optimizer object, "
+                         f"e.g. torch.optim.{optimizer.__name__}(model.parameters(), lr=0.1), "
+                         f"not the class {optimizer.__name__}")
+    if not isinstance(optimizer, str):
+        raise UsageError(f"tessera.distribute(model, optimizer): optimizer must be a "
+                         f"torch.optim optimizer object or a name ('sgd', 'adam', 'adamw', "
+                         f"'adagrad'), got {type(optimizer).__name__}")
+    try:
+        return msgspec.convert({"name": optimizer, **args}, OptimizerConfig)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise UsageError(f"tessera.distribute(model, {optimizer!r}, ...): {exc}") from None
 
 
 _current: contextvars.ContextVar[Optional[Job]] = contextvars.ContextVar("tessera_job",
