@@ -95,19 +95,14 @@ class Launcher:
     # ------------------------------------------------------------- standby
 
     def _wants_standby(self) -> bool:
-        """A standby is kept while a worker may still be restarted, once the job trains
-        (so that its imports do not compete with the job's start)."""
+        """A standby is kept while a worker may still be restarted. It starts with the job:
+        its imports then overlap the workers' own, and it is ready before the first kill
+        (started once the job trains, it was still importing torch under the job's load
+        for the first 5 s or so)."""
         return (self.standby is None and bool(self._env)
                 and any(n > 0 for n in self.restarts_left.values())
                 and standby_runs(self.worker_cmd, sys.executable)
-                and self._training())
-
-    def _training(self) -> bool:
-        """The job trains: metrics flow, or the cluster has been up a few seconds."""
-        if (self.run_dir / "metrics.jsonl").exists():
-            return True
-        up = self.run_dir / "cluster.json"
-        return up.exists() and time.time() - up.stat().st_mtime > 5.0
+                and (self.run_dir / "config.json").exists())
 
     def _start_standby(self) -> None:
         if self._standby_log is None:
