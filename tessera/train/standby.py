@@ -29,19 +29,15 @@ from tessera.config import env as envvars
 
 
 def preload():
-    """The job's dataset, loaded ahead for the built-in trainer (classification data);
-    None when there is nothing to load ahead, or loading failed (the worker then loads
-    it itself and reports what went wrong)."""
+    """The job's dataset, loaded ahead for the built-in trainer (classification data,
+    MovieLens); None when there is nothing to load ahead, or loading failed (the worker
+    then loads it itself and reports what went wrong)."""
     try:
         from tessera.config import config_from_dict
-        from tessera.data.datasets import load_dataset
-        from tessera.train.tasks import ClassificationTask
+        from tessera.train.tasks import load_ahead
         me = envvars.Identity.from_env(envvars.process_environ(), required=(envvars.RUN_DIR,))
         with open(os.path.join(me.run_dir, "config.json")) as f:
-            cfg = config_from_dict(json.load(f))
-        if cfg.data.dataset not in ClassificationTask.DATASETS:
-            return None
-        return load_dataset(cfg.data)
+            return load_ahead(config_from_dict(json.load(f)))
     except Exception:  # noqa: BLE001 - the worker will load (and report) it itself
         return None
 
