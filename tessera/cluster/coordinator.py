@@ -211,8 +211,12 @@ class Coordinator:
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
-            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             key = (msg.role, msg.rank)
+            if key in self.finished:  # it had reported: nothing to replace
+                self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: {msg.role} {msg.rank} had finished")))
+                return
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
         elif isinstance(msg, wire.CheckpointSaved):

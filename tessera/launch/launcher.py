@@ -217,23 +217,29 @@ class Launcher:
             return None
         return reply
 
-    def _departed(self, c: Child) -> None:
+    def _departed(self, c: Child) -> bool:
+        """Tell the coordinator; False when it says the process had already finished."""
         from tessera.transport import wire
         reason = f"{c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
-        self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank, reason=reason),
-                   2.0, "departure notice")
+        reply = self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank,
+                                                     reason=reason), 2.0, "departure notice")
+        return not (isinstance(reply, wire.Error) and reply.message.endswith("had finished"))
 
     def _survivable(self, c: Child) -> bool:
         """A death the job goes on after: restart the worker, or leave it to the backup."""
         # Exit code 3 means the job already failed elsewhere: a restart would hide why.
         if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0 \
                 and c.proc.returncode != 3:
+            if not self._departed(c):
+                print(f"tessera: worker {c.rank} (pid {c.proc.pid}) "
+                      f"{describe_exit(c.proc.returncode)} after its final report; not "
+                      f"restarted", flush=True)
+                return True
             self.restarts_left[c.rank] -= 1
             left = self.restarts_left[c.rank]
             print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
                   f"; restarting it ({left} restart{'s' if left != 1 else ''} left for it)",
                   flush=True)
-            self._departed(c)
             if c.log:
                 c.log.close()
             self.children.remove(c)
@@ -245,6 +251,10 @@ class Launcher:
             self._departed(c)
             return True
         return False
+
+    def _job_complete(self) -> bool:
+        """The coordinator has ended cleanly (it exits 0 once summary.json is written)."""
+        return any(c.role == "coordinator" and c.proc.poll() == 0 for c in self.children)
 
     def checkpoint_now(self, timeout_s: float) -> Optional[str]:
         """Ask for a checkpoint and wait until it is complete; returns where, or None."""
@@ -273,6 +283,11 @@ class Launcher:
             for c in list(self.children):
                 code = c.proc.poll()
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
+                    continue
+                if self._job_complete():
+                    # summary.json is written: every worker had reported. A process that
+                    # dies now (killed while leaving) takes nothing from the job.
+                    handled.add(c.proc.pid)
                     continue
                 if self._survivable(c):
                     handled.add(c.proc.pid)
