@@ -80,7 +80,7 @@ def assert_every_ack_counted(summary: dict) -> None:
 def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path):
     out = tmp_path / "run"
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--max-restarts", "1",
-               "--epochs", "40"], timeout_s=240)
+               "--epochs", "20"], timeout_s=240)
     killed = kill_worker(job, out, 1, at_step=60)
     output = finish(job)
     summary = strict_summary(out)
@@ -126,7 +126,7 @@ def test_async_worker_0_evaluates_after_every_push_and_counts_the_dead_life(tmp_
     # Worker 1 is killed late, so its replacement is still pushing when worker 0 ends
     # its loop: worker 0 must wait for it before evaluating.
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "async", "--max-restarts",
-               "1", "--epochs", "20"], timeout_s=240)
+               "1", "--epochs", "12"], timeout_s=240)
     steps = planned_steps(job, out)
     kill_worker(job, out, 1, at_step=steps - 40)
     finish(job)
