@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/allreduce_vs_ps.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/server_load.py
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -65,6 +65,7 @@ class Job:
         self.tracked: list[ResumableSampler] = []
         #: made by shard() perhaps before the job's view was known: seeked on distribute().
         self.samplers: list[ShardSampler] = []
+        self._settled = False
 
     rank = property(lambda self: self.session.rank)
     num_workers = property(lambda self: self.session.num_workers)
@@ -88,13 +89,14 @@ class Job:
         elif isinstance(optimizer, OptimizerConfig):
             opt = optimizer
         else:
-            opt = OptimizerConfig(name=optimizer, **optimizer_args)
+            opt = _named_optimizer(optimizer, optimizer_args)
         self.model = wrap(self.session, model, opt, loss_fn)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
         if hasattr(self.model, "on_clock"):  # PS and allreduce/hybrid: positions per step
             after_step = self.model.on_clock
-            self.model.on_clock = lambda clock: (after_step(clock), self._save_cursor(clock))
+            self.model.on_clock = lambda clock: (after_step(clock), self._save_cursor(clock),
+                                                 self._count_step())
         self._resume_tracked()
         if isinstance(optimizer, torch.optim.Optimizer):
             return self.model, self.model.optimizer_handle
@@ -182,6 +184,12 @@ class Job:
             {"epoch": s.epoch, "taken": s.taken} for s in self.tracked]}))
         os.replace(tmp, path)
 
+    def _count_step(self) -> None:
+        """Keep this worker's acknowledged pushes where a replacement finds them."""
+        tally, client = self.session.tally, getattr(self.model, "client", None)
+        if tally is not None and client is not None:
+            tally.step(acked=client.pushes_acked)
+
     def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
         """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at
         ``step`` (default: the model's step count); other workers' calls are dropped."""
@@ -192,10 +200,27 @@ class Job:
             step = getattr(self.model, "clock", None)
         self.metrics.log(values, step)
 
+    def settle(self) -> None:
+        """Worker 0, async/ssp: wait until every other worker has finished (its last
+        pushes applied), then take the servers' values, so that what worker 0 evaluates
+        and exports comes after every update (sync: the last step's values already are)."""
+        model = self.model
+        if (self._settled or model is None or self.rank != 0
+                or getattr(model, "mode", "sync") not in ("async", "ssp")
+                or getattr(model, "client", None) is None):
+            return
+        self._settled = True
+        limit = self.cfg.cluster.startup_timeout_s  # a restarted worker may still be coming
+        if not self.session.wait_workers_finished(limit):
+            print(f"worker 0: not every worker finished within {limit:.0f} s; evaluating "
+                  f"the servers' values as they are", flush=True)
+        model.final_values()
+
     def finish(self, **stats: Any) -> None:
         """Write the trained model (worker 0: ``final.safetensors``), report this worker's
         counters and leave the job cleanly."""
         model = self.model
+        self.settle()
         if model is not None and self.rank == 0:
             export_final(model, self.run_dir / "final.safetensors")
         if self.metrics is not None:
@@ -206,7 +231,11 @@ class Job:
             stats.setdefault("bytes_pulled", client.bytes_pulled if client else 0)
             stats.setdefault("allreduce_bytes", getattr(model, "allreduce_bytes", 0))
             stats.setdefault("skipped_steps", model.skipped_steps)
-            stats.setdefault("pushes_acked", getattr(client, "pushes_acked", 0) if client else 0)
+            acked = getattr(client, "pushes_acked", 0) if client else 0
+            tally = self.session.tally
+            # Every life's acknowledged pushes: a dead predecessor's too (--max-restarts).
+            stats.setdefault("pushes_acked", tally.total_acked(acked) if tally else acked)
+            stats.setdefault("pushes_unanswered", tally.unanswered if tally else 0)
             stats.setdefault("loss_scale", model.loss_scale)
             if model.overflows:
                 first = model.overflows[0]
@@ -220,6 +249,23 @@ class Job:
         self.session.close()
         self.model = None
         self.samplers.clear()
+
+
+def _named_optimizer(optimizer: Any, args: dict) -> OptimizerConfig:
+    """The string form's optimizer, checked: a mistake is one line naming it."""
+    import msgspec
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        raise UsageError(f"tessera.distribute(model, optimizer): pass an optimizer object, "
+                         f"e.g. torch.optim.{optimizer.__name__}(model.parameters(), lr=0.1), "
+                         f"not the class {optimizer.__name__}")
+    if not isinstance(optimizer, str):
+        raise UsageError(f"tessera.distribute(model, optimizer): optimizer must be a "
+                         f"torch.optim optimizer object or a name ('sgd', 'adam', 'adamw', "
+                         f"'adagrad'), got {type(optimizer).__name__}")
+    try:
+        return msgspec.convert({"name": optimizer, **args}, OptimizerConfig)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise UsageError(f"tessera.distribute(model, {optimizer!r}, ...): {exc}") from None
 
 
 _current: contextvars.ContextVar[Optional[Job]] = contextvars.ContextVar("tessera_job",

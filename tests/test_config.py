@@ -179,3 +179,10 @@ def test_config_from_dict_rejects_unknown_field():
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw)
     assert "ps.modde" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_allreduce_with_servers_is_one_line_naming_the_flag(tmp_path):
+    # It used to start the servers, which died with a traceback ("server mode 'allreduce'").
+    path = write(tmp_path, 'name = "ok"\n[ps]\nmode = "allreduce"\n[cluster]\nservers = 2\n')
+    message = config_error(path)
+    assert "--servers" in message and "--servers 0" in message and "\n" not in message

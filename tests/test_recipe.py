@@ -227,7 +227,10 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
 @pytest.mark.parametrize("mistake, says", [
     ("lbfgs", "optimizer torch.optim.lbfgs.LBFGS cannot run on the parameter servers"),
     ("second_backward", "a second backward() before step() would push parameter"),
-    ("closure", "SGD.step(closure) cannot run on parameter servers")])
+    ("closure", "SGD.step(closure) cannot run on parameter servers"),
+    ("optimizer_class", "tessera.distribute(model, optimizer): pass an optimizer object, e.g."),
+    ("unknown_name", "tessera.distribute(model, 'sgdd', ...): Invalid enum value 'sgdd'"),
+    ("bad_setting", "tessera.distribute(model, 'sgd', ...): Expected `float`, got `SGD`")])
 def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
                            mistake], capture_output=True, text=True, timeout=120, cwd=tmp_path)

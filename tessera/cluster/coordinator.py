@@ -36,6 +36,7 @@ It imports no torch: it starts in a fraction of a second.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -53,9 +54,21 @@ from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
 
 
+def strict_json(obj):
+    """``obj`` with every NaN or infinite float as None: strict JSON, which any parser
+    reads (``json.dumps`` would write ``NaN``, which is not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -209,10 +222,15 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.HeartbeatAck(
                 req=msg.req, state=("running" if self.state == "starting" else self.state),
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
-                departed=self.departed, dead_servers=sorted(self.dead_servers)))
+                departed=self.departed, dead_servers=sorted(self.dead_servers),
+                finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
-            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             key = (msg.role, msg.rank)
+            if key in self.finished:  # it had reported: nothing to replace
+                self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: {msg.role} {msg.rank} had finished")))
+                return
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
         elif isinstance(msg, wire.CheckpointSaved):
@@ -388,9 +406,15 @@ class Coordinator:
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
             "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
             "pushes_applied": self._applied(servers),
+            # Pushes a killed worker sent in its last step and never saw answered: the
+            # servers may have applied them (pushes_acked <= pushes_applied <= acked + this).
+            "pushes_unanswered": sum(int(w.get("pushes_unanswered", 0)) for w in workers),
             "restarts": sum(self.incarnation.values()) + self.generation,
             "group_restarts": self.generation,
             "worker_first_steps": [int(w.get("first_step", 0) or 0) for w in workers],
+            # A restarted worker: seconds from its restart to its joining (None: never).
+            "worker_rejoin_s": [w.get("rejoin_s") for w in workers],
+            "worker_rejoined_at_unix": [w.get("rejoined_at_unix") for w in workers],
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),

@@ -41,6 +41,8 @@ class Heartbeat:
         #: The coordinator's latest word on membership and checkpoints.
         self.departed: dict[int, int] = {}
         self.dead_servers: list[int] = []
+        #: Workers that have sent their final report.
+        self.finished: list[int] = []
         self.checkpoint_requested = False
         self._shutdown = threading.Event()
         self._stop = threading.Event()
@@ -72,6 +74,7 @@ class Heartbeat:
                 if isinstance(msg, wire.HeartbeatAck):
                     self.departed = msg.departed
                     self.dead_servers = msg.dead_servers
+                    self.finished = msg.finished
                     self.checkpoint_requested = msg.checkpoint
                     if msg.state == "failed":
                         self._failure = msg.reason or "the coordinator declared the job failed"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import zmq
 
 from tessera.cluster.health import ClusterFailure, Heartbeat
+from tessera.cluster.lives import LifeTally
 from tessera.cluster.topology import Topology
 from tessera.config import config_from_dict
 from tessera.config import env as envvars
@@ -58,6 +60,8 @@ class Session:
         #: because torch's group calls its Python methods for as long as the group lives.
         self.collective_store: Any = None
         self.profiler: SpanRecorder = OFF
+        #: A worker's totals over its lives (restarts); set by :meth:`register`.
+        self.tally: Optional[LifeTally] = None
         if cfg.profile.enabled:
             offset, error = estimate_offset(self._time_exchange)
             self.profiler = SpanRecorder(role, rank, offset, error)
@@ -113,6 +117,9 @@ class Session:
             raise ClusterFailure(f"coordinator answered registration with {type(msg).__name__}")
         self.view = msg
         self.topology = Topology.from_view(msg, role=self.role, rank=self.rank, cfg=self.cfg)
+        if self.role == "worker":
+            self.tally = LifeTally(self.run_dir / "cursors" / f"worker-{self.rank}.tally",
+                                   fresh=not msg.incarnation)
         return msg
 
     def _registered(self) -> Topology:
@@ -138,6 +145,18 @@ class Session:
                             timeout_s=self.timeout_s, what="checkpoint report",
                             check=self.heartbeat.check)
 
+    def wait_workers_finished(self, timeout_s: float) -> bool:
+        """Wait until every other worker has sent its final report (its last pushes were
+        answered, so applied); False if ``timeout_s`` passed first."""
+        others = set(range(self.num_workers)) - {self.rank}
+        deadline = time.monotonic() + timeout_s
+        while not others <= set(self.heartbeat.finished):
+            self.heartbeat.check()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def finish(self, stats: dict[str, Any]) -> None:
         """Report this process's counters; the coordinator folds them into summary.json."""
         self.profiler.dump(self.run_dir / "profile" / f"{self.role}-{self.rank}.json")
@@ -147,6 +166,8 @@ class Session:
                             timeout_s=self.timeout_s, what="final report")
 
     def close(self) -> None:
+        if self.tally is not None:
+            self.tally.close()
         self.heartbeat.stop()
         self._coord.close()
         if self._owns_ctx:

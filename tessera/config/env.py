@@ -43,6 +43,9 @@ FORBID_PICKLE = "TESSERA_FORBID_PICKLE"
 #: How many times the launcher has re-formed the worker group (allreduce/hybrid
 #: ``--max-restarts``): 0 for the first start, as torchrun's TORCHELASTIC_RESTART_COUNT.
 GENERATION = "TESSERA_GENERATION"
+#: Unix time at which the launcher started (or handed a standby) this process: how a
+#: restarted worker reports the time its rejoin took.
+STARTED_AT = "TESSERA_STARTED_AT"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
@@ -267,6 +270,21 @@ def forbid_pickle(environ: Mapping[str, str]) -> bool:
     """Whether this process must run under the no-pickle guard (``TESSERA_FORBID_PICKLE``
     set to anything but '', 0, false or no)."""
     return environ.get(FORBID_PICKLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def started_at(environ: Mapping[str, str]) -> float:
+    """When the launcher started this process (unix time), or 0.0 if it did not say."""
+    try:
+        return float(environ.get(STARTED_AT, "") or 0.0)
+    except ValueError:
+        return 0.0
+
+
+def adopt(environ: Mapping[str, str]) -> None:
+    """A standby worker process becomes the worker it is handed: its whole environment
+    is replaced by ``environ`` (as if it had been started with it)."""
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def process_environ() -> Mapping[str, str]:

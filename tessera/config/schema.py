@@ -346,6 +346,10 @@ class JobConfig(msgspec.Struct, **_STRICT):
         if self.cluster.servers == 0 and self.ps.mode != "allreduce":
             raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
                              f"(only --mode allreduce runs without parameter servers)")
+        if self.cluster.servers and self.ps.mode == "allreduce":
+            raise ValueError(f"cluster.servers (--servers) is {self.cluster.servers}, but mode "
+                             f"'allreduce' runs without parameter servers: pass --servers 0 "
+                             f"(or --mode hybrid to keep sharded tables on servers)")
         pp = self.pipeline
         if pp.stages > 1:
             if self.cluster.workers % pp.stages:

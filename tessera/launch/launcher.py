@@ -33,9 +33,9 @@ from tessera.config import nopickle
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
-from tessera.launch.process import (WORKER_MODULE, Child, LaunchError,
-                                    describe_exit, role_cmd, signals_interrupt, spawn, tail,
-                                    visible_gpus)
+from tessera.launch.process import (STANDBY_MODULE, WORKER_MODULE, Child, LaunchError,
+                                    describe_exit, role_cmd, signals_interrupt, spawn,
+                                    standby_runs, tail, visible_gpus)
 
 __all__ = ["Launcher", "LaunchError"]
 
@@ -67,6 +67,10 @@ class Launcher:
         self._coord_ep = None
         self._ctx = None
         self._env: dict = {}
+        #: A worker process with its imports done, waiting to replace a dead worker
+        #: (``--max-restarts``; :mod:`tessera.train.standby`), and its log.
+        self.standby: Optional[subprocess.Popen] = None
+        self._standby_log = None
         #: What every child is told (role and rank per child); the coordinator's
         #: address is added once it has published it.
         self.identity: Optional[Identity] = None
@@ -87,16 +91,65 @@ class Launcher:
             log.write(f"\n===== restarted by the launcher at {time.strftime('%H:%M:%S')} =====\n")
             log.flush()
         child_env = dict(env, **envvars.role_env(role, rank, self.cfg.cluster.workers,
-                                                 self._local_place(rank)))
+                                                 self._local_place(rank)),
+                         **{envvars.STARTED_AT: repr(time.time())})
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
             child_env.update(gpu_env(rank, visible_gpus(child_env)))
-        cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
-        proc = spawn(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = (self._from_standby(cmd, child_env, log_path)
+                if append and role == "worker" and not self._group_mode() else None)
+        if proc is None:
+            cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
+            proc = spawn(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
         child = Child(role, rank, proc, log_path, log)
         self.children.append(child)
         return child
+
+    # ------------------------------------------------------------- standby
+
+    def _wants_standby(self) -> bool:
+        """A standby is kept while a worker may still be restarted. It starts with the job:
+        its imports then overlap the workers' own, and it is ready before the first kill
+        (started once the job trains, it was still importing torch under the job's load
+        for the first 5 s or so)."""
+        return (self.standby is None and bool(self._env)
+                and not self._group_mode()
+                and any(n > 0 for n in self.restarts_left.values())
+                and standby_runs(self.worker_cmd, sys.executable)
+                and (self.run_dir / "config.json").exists())
+
+    def _start_standby(self) -> None:
+        if self._standby_log is None:
+            self._standby_log = open(self.run_dir / "logs" / "standby.log", "a")
+        cmd = nopickle.wrap_command([sys.executable, "-m", STANDBY_MODULE], self._env)
+        self.standby = spawn(cmd, env=self._env, stdin=subprocess.PIPE,
+                             stdout=self._standby_log, stderr=subprocess.STDOUT, text=True)
+
+    def _from_standby(self, cmd: list[str], env: dict, log_path) -> Optional[subprocess.Popen]:
+        """Hand a dead worker's place to the standby; None when there is none to take it."""
+        proc, self.standby = self.standby, None
+        if proc is None or proc.poll() is not None or not standby_runs(cmd, sys.executable):
+            return None
+        try:
+            proc.stdin.write(json.dumps({"env": env, "cmd": cmd, "log": str(log_path)}) + "\n")
+            proc.stdin.close()
+        except OSError:
+            return None
+        return proc
+
+    def _stop_standby(self) -> None:
+        proc, self.standby = self.standby, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()  # end of input: it exits
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._standby_log is not None:
+            self._standby_log.close()
+            self._standby_log = None
 
     def start(self) -> None:
         self._prepare_run_dir()
@@ -145,6 +198,7 @@ class Launcher:
         return json.loads(addr_file.read_text())["address"]
 
     def stop_all(self, grace_s: float = 3.0) -> None:
+        self._stop_standby()
         for c in self.children:
             if c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGTERM)
@@ -188,23 +242,29 @@ class Launcher:
             return None
         return reply
 
-    def _departed(self, c: Child) -> None:
+    def _departed(self, c: Child) -> bool:
+        """Tell the coordinator; False when it says the process had already finished."""
         from tessera.transport import wire
         reason = f"{c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
-        self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank, reason=reason),
-                   2.0, "departure notice")
+        reply = self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank,
+                                                     reason=reason), 2.0, "departure notice")
+        return not (isinstance(reply, wire.Error) and reply.message.endswith("had finished"))
 
     def _survivable(self, c: Child) -> bool:
         """A death the job goes on after: restart the worker, or leave it to the backup."""
         # Exit code 3 means the job already failed elsewhere: a restart would hide why.
         if c.role == "worker" and self.restarts_left.get(c.rank, 0) > 0 \
                 and c.proc.returncode != 3:
+            if not self._departed(c):
+                print(f"tessera: worker {c.rank} (pid {c.proc.pid}) "
+                      f"{describe_exit(c.proc.returncode)} after its final report; not "
+                      f"restarted", flush=True)
+                return True
             self.restarts_left[c.rank] -= 1
             left = self.restarts_left[c.rank]
             print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
                   f"; restarting it ({left} restart{'s' if left != 1 else ''} left for it)",
                   flush=True)
-            self._departed(c)
             if c.log:
                 c.log.close()
             self.children.remove(c)
@@ -281,6 +341,10 @@ class Launcher:
         for name in ("coordinator.json", "cluster.json", "summary.json"):
             (self.run_dir / name).unlink(missing_ok=True)
 
+    def _job_complete(self) -> bool:
+        """The coordinator has ended cleanly (it exits 0 once summary.json is written)."""
+        return any(c.role == "coordinator" and c.proc.poll() == 0 for c in self.children)
+
     def checkpoint_now(self, timeout_s: float) -> Optional[str]:
         """Ask for a checkpoint and wait until it is complete; returns where, or None."""
         from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
@@ -303,9 +367,16 @@ class Launcher:
         while True:
             if progress:
                 progress()
+            if self._wants_standby():
+                self._start_standby()
             for c in list(self.children):
                 code = c.proc.poll()
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
+                    continue
+                if self._job_complete():
+                    # summary.json is written: every worker had reported. A process that
+                    # dies now (killed while leaving) takes nothing from the job.
+                    handled.add(c.proc.pid)
                     continue
                 if self._group_mode() and c.role == "worker":
                     if self._restart_group(c):

@@ -24,6 +24,8 @@ from tessera.config import env as envvars
 
 #: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``.
 WORKER_MODULE = "tessera.train.trainer"
+#: A standby worker (``--max-restarts``): imports done, waiting to replace a dead worker.
+STANDBY_MODULE = "tessera.train.standby"
 #: Coordinator and server entry points: ``python -m ROLE_MODULE coordinator|server``.
 ROLE_MODULE = "tessera.cluster.role"
 
@@ -31,6 +33,16 @@ ROLE_MODULE = "tessera.cluster.role"
 def role_cmd(python: str, role: str) -> list[str]:
     """The command that starts the coordinator or a server with interpreter ``python``."""
     return [python, "-m", ROLE_MODULE, role]
+
+
+def standby_runs(cmd: list[str], python: str) -> bool:
+    """Whether a standby started with ``python`` can become a worker started as ``cmd``:
+    ``python -m MODULE ...`` or ``python SCRIPT ...`` (no interpreter flags)."""
+    if len(cmd) < 2 or cmd[0] != python:
+        return False
+    if cmd[1] == "-m":
+        return len(cmd) >= 3
+    return not cmd[1].startswith("-")
 
 
 class LaunchError(RuntimeError):
@@ -76,8 +88,8 @@ def die_with_parent() -> None:
 def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
     """Start a launcher's child: its own session (a signal to the launcher's terminal
     group does not reach it) and :func:`die_with_parent`."""
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent, **kwargs)
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
 @dataclass

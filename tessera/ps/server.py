@@ -352,6 +352,10 @@ class ParameterServer:
             self._send_params(peer, msg.req, states, msg.dtype)
             return
         self._complete(list(self.parts.values()))
+        if self.tables is not None:
+            # A join that arrives before the departure it follows (a fast restart):
+            # table clocks that waited only for the dead incarnation complete now too.
+            self.tables.follow_membership()
         self.policy.wait_or_answer(Reply(wait, states, self._reply, peer, msg.req, msg.dtype))
 
     # --------------------------------------------------------------- replies

@@ -20,9 +20,12 @@ from tessera.data.sampler import ShardSampler
 
 
 class ClassificationTask:
-    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+    #: The datasets it trains on (a standby worker loads them ahead: tessera.train.standby).
+    DATASETS = ("digits", "mnist", "npy")
+
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int, data=None):
         from tessera.data.datasets import load_dataset
-        self.data = load_dataset(cfg.data)
+        self.data = data if data is not None else load_dataset(cfg.data)
         self.cfg = cfg
         self.sampler = ShardSampler(len(self.data.train), batch_size=cfg.data.batch_size,
                                     num_workers=num_workers, rank=rank, seed=cfg.train.seed)
@@ -53,10 +56,11 @@ class ClassificationTask:
 class RatingsTask:
     SIDE = ("age_bucket", "gender", "occupation", "genre", "year_bucket")
 
-    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int, data=None):
         from tessera.data.movielens import load_movielens
         self.cfg = cfg
-        self.d = load_movielens(test_fraction=cfg.data.test_fraction, seed=0)
+        self.d = data if data is not None else load_movielens(
+            test_fraction=cfg.data.test_fraction, seed=0)
         self.sizes = {k: v for k, v in self.d.feature_sizes.items() if k in self.SIDE}
         self.sampler = ShardSampler(len(self.d.train_ratings), batch_size=cfg.data.batch_size,
                                     num_workers=num_workers, rank=rank, seed=cfg.train.seed)
@@ -220,12 +224,25 @@ def evaluate(task, model, device) -> dict:
     return task.metrics(outs, targets) if outs else {}
 
 
-def make_task(cfg: JobConfig, rank: int, num_workers: int):
+def load_ahead(cfg: JobConfig):
+    """The data a task of ``cfg`` would load, loaded now (a standby worker's head start,
+    tessera.train.standby); None for a task that reads its data as it goes."""
+    if cfg.data.dataset == "movielens":
+        from tessera.data.movielens import load_movielens
+        return load_movielens(test_fraction=cfg.data.test_fraction, seed=0)
+    if cfg.data.dataset in ClassificationTask.DATASETS:
+        from tessera.data.datasets import load_dataset
+        return load_dataset(cfg.data)
+    return None
+
+
+def make_task(cfg: JobConfig, rank: int, num_workers: int, data=None):
+    """The task of ``cfg``; ``data``: what :func:`load_ahead` loaded for it (or None)."""
     if cfg.data.dataset == "shakespeare":
         return LanguageTask(cfg, rank, num_workers)
     if cfg.data.dataset == "movielens":
-        return RatingsTask(cfg, rank, num_workers)
+        return RatingsTask(cfg, rank, num_workers, data)
     if cfg.data.dataset == "clicks":
         return ClicksTask(cfg, rank, num_workers)
-    return ClassificationTask(cfg, rank, num_workers)
+    return ClassificationTask(cfg, rank, num_workers, data)
 

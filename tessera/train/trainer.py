@@ -17,6 +17,7 @@ wrapper's pushes ask for), so no checkpoint call appears here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -69,7 +70,29 @@ class TorchOperatorProfile:
             self.recorder.extra["torch_shift_us"] = self.started_ns / 1000.0 - min(stamps)
 
 
-def main() -> None:
+def _finite(value):
+    """A float for JSON (strict: no NaN or infinity), or None."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def _report_rejoin(session, first_step: int, marks: dict) -> float:
+    """A restarted worker says where its rejoin's time went (the launcher's start or
+    hand-over of this process, imports, data, registration, the join)."""
+    from tessera.config import env as envvars
+    started = envvars.started_at(envvars.process_environ()) or marks["main"]
+    parts = {"start and imports": marks["main"] - started, "data": marks["data"] - marks["main"],
+             "registration": marks["registered"] - marks["data"],
+             "join": marks["joined"] - marks["registered"]}
+    detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+    print(f"worker {session.rank}: rejoined the job at clock {first_step}, "
+          f"{marks['joined'] - started:.2f} s after it was restarted ({detail})", flush=True)
+    return marks["joined"] - started
+
+
+def main(data=None) -> None:
+    """The worker of ``tessera run``; ``data``: the job's dataset, when a standby worker
+    (tessera.train.standby) loaded it ahead."""
+    marks = {"main": time.time()}
     job = api.init()
     session, cfg = job.session, job.cfg
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.cluster.workers)
@@ -83,17 +106,23 @@ def main() -> None:
     # Pipelining: worker r is stage r % P of replica r // P; replicas shard the data.
     num_stages = cfg.pipeline.stages
     replica, replicas = session.rank // num_stages, cfg.cluster.workers // num_stages
-    task = make_task(cfg, replica, replicas)
+    task = make_task(cfg, replica, replicas, data)
     session.data_samples = task.num_samples
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().to(device)
+    marks["data"] = time.time()
     model = job.distribute(model, cfg.optimizer, loss_fn=task.loss)
+    marks["registered"] = time.time()
     restore = session.view.restore
     if restore is not None:  # resumed: the data position of the checkpoint
         task.seek(restore.clock, restore.epoch, restore.offset)
     steps = task.total_steps(cfg)
     # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
     first_step = model.start_step(steps)
+    marks["joined"] = time.time()
+    tally = session.tally  # this worker's totals over its lives (restarts)
+    rejoined = bool(session.view and session.view.incarnation)
+    rejoin_s = _report_rejoin(session, first_step, marks) if rejoined else 0.0
     lead = session.rank == num_stages - 1  # worker 0, or replica 0's last stage
     evaluator = replica == 0 if num_stages > 1 else lead  # a pipelined eval needs every stage
     metrics = MetricsLog(session.run_dir, lead=lead, tensorboard=cfg.train.tensorboard)
@@ -105,18 +134,29 @@ def main() -> None:
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
     torch_prof.step(first_step)
     t_start = time.perf_counter()
+    if tally is not None:
+        tally.restart_clock()  # the job's clock: the first life's loop start
     t_window, samples_window = t_start, 0
+    client = getattr(model, "client", None)
+    pushes_per_step = len(client.parts) if client is not None and hasattr(model, "on_clock") else 0
     loss_value = float("nan")
     eval_s = 0.0
     for step in range(first_step + 1, steps + 1):
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
+        if tally is not None and pushes_per_step:
+            tally.open_step(pushes_per_step)  # a kill from here on leaves pushes unanswered
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
         model.step()      # update (or skip, everywhere), or wait for the servers' values
         loss_value = None if loss is None else loss.item()  # None: not the last stage
         samples_window += len(target) * replicas
+        if tally is not None:
+            tally.trained(len(target) * replicas, loss_value)
+        if rejoined and step == first_step + 1:
+            print(f"worker {session.rank}: completed step {step} at unix {time.time():.3f}",
+                  flush=True)
         # log / evaluate (the lead writes metrics.jsonl)
         evaluate_now = step % cfg.train.eval_every == 0 or step == steps
         now = time.perf_counter()  # throughput is measured before evaluation, without it
@@ -125,10 +165,14 @@ def main() -> None:
             with prof.span("eval", "eval"):
                 result = evaluate(task, model, device)
             eval_s += time.perf_counter() - now
+            if tally is not None:
+                tally.add_eval(time.perf_counter() - now)
         if lead and (step % cfg.train.log_every == 0 or evaluate_now):
-            metrics.log({"loss": loss_value,
+            metrics.log({"loss": _finite(loss_value),
                          "samples_per_s": samples_window / max(now - t_window, 1e-9),
-                         "wall_s": now - t_start, **result}, step=step)
+                         "wall_s": (time.time() - tally.started_unix if tally is not None
+                                    else now - t_start),
+                         "time": time.time(), **result}, step=step)
             t_window, samples_window = time.perf_counter(), 0
         prof.instant("step", "step", step=step)  # profiler step: this step ends here
         torch_prof.step(step)
@@ -136,11 +180,23 @@ def main() -> None:
     torch_prof.stop()
 
     # samples/s counts training time only: evaluation is reported apart, as eval_s.
+    # Over every life of this worker (--max-restarts): wall from the first life's start.
     done = steps - first_step
-    stats = {"steps": steps, "first_step": first_step, "wall_s": wall, "final_loss": loss_value,
-             "eval_s": eval_s,
-             "samples_per_s": done * cfg.data.batch_size * replicas / max(wall - eval_s, 1e-9),
+    samples = done * cfg.data.batch_size * replicas
+    if tally is not None:
+        wall = time.time() - tally.started_unix
+        samples, eval_s = int(tally.get("samples")), tally.get("eval_s")
+        if lead and (loss_value is None or not math.isfinite(loss_value)):
+            loss_value = tally.get("last_loss")  # this life ran no step: the last one's
+    stats = {"steps": steps, "first_step": first_step, "wall_s": wall,
+             "final_loss": _finite(loss_value), "eval_s": eval_s,
+             "samples_per_s": samples / max(wall - eval_s, 1e-9),
              "comm_wait_s": model.comm_wait_s}
+    if rejoined:
+        stats.update(rejoined_at_unix=marks["joined"], rejoin_s=rejoin_s)
+    # The evaluated values are the servers' latest, after every worker's last push
+    # (async/ssp: the others may still be pushing when this worker ends its loop).
+    job.settle()
     if evaluator:
         final = evaluate(task, model, device)
         if lead:

@@ -186,6 +186,8 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     departed: dict[int, int] = {}
     #: Servers that died; with replication their backups now own their partitions.
     dead_servers: list[int] = []
+    #: Workers that sent their final report (async/ssp: worker 0 evaluates after them).
+    finished: list[int] = []
 
 
 class Departed(msgspec.Struct, **MESSAGE):

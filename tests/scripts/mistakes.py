@@ -10,6 +10,12 @@ import tessera
 
 mistake = sys.argv[1]
 model = nn.Linear(4, 2)
+if mistake == "optimizer_class":  # the class, not an object
+    tessera.distribute(model, torch.optim.SGD)
+if mistake == "unknown_name":
+    tessera.distribute(model, "sgdd", lr=0.1)
+if mistake == "bad_setting":  # the string form with an optimizer object as a setting
+    tessera.distribute(model, "sgd", lr=torch.optim.SGD(model.parameters(), lr=0.1))
 optimizer = (torch.optim.LBFGS(model.parameters()) if mistake == "lbfgs"
              else torch.optim.SGD(model.parameters(), lr=0.1))
 model, optimizer = tessera.distribute(model, optimizer)
