@@ -113,7 +113,19 @@ def serve(session) -> None:
         backup = topo.backup_server
         backup_peer = ClientEndpoint(session.ctx, topo.server_addresses[backup], session.secret,
                                      f"server {backup} (backup)", sndtimeo_s=cfg.cluster.timeout_s)
-        backup_peer.wait_connected(cfg.cluster.timeout_s, session.check)
+
+        class BackupGone(Exception):
+            pass
+
+        def check() -> None:  # a backup that died at start-up: carry on with one copy
+            session.check()
+            if backup in session.heartbeat.membership()[1]:
+                raise BackupGone()
+        try:
+            backup_peer.wait_connected(cfg.cluster.timeout_s, check)
+        except BackupGone:
+            backup_peer.close()
+            backup_peer = None
     # Always a store: an interrupted launcher asks for a checkpoint at any time.
     from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
     store = CheckpointStore(checkpoint_url(cfg, session.run_dir))

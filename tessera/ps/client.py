@@ -23,6 +23,7 @@ failure seen by the heartbeat thread surfaces here instead of a hang.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import msgspec
@@ -32,6 +33,7 @@ import zmq
 
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.ps.replication import NOT_PROMOTED
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
@@ -103,10 +105,15 @@ class PSClient:
         self.last_reply_ns = 0
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
-        dead = set(self._dead_servers())
         for server, ep in enumerate(self.servers):
-            if server not in dead:
-                ep.wait_connected(timeout_s or self.timeout_s, self.check)
+            def check(server=server) -> None:  # a server declared dead: its backup serves
+                self.check()
+                if server in self._dead_servers():
+                    raise PSClient._Failover()
+            try:
+                ep.wait_connected(timeout_s or self.timeout_s, check)
+            except PSClient._Failover:
+                pass
         self._follow_failures()
 
     # --------------------------------------------------------------- failover
@@ -119,31 +126,45 @@ class PSClient:
         if set(self._dead_servers()) - self._failed_over:
             raise PSClient._Failover()
 
+    def _next_live(self, server: int) -> int:
+        """The server that holds ``server``'s partitions now: the first live one after it
+        in the ring (its backup; with re-replication, the backup's backup and so on)."""
+        n = len(self.servers)
+        for step in range(1, n):
+            candidate = (server + step) % n
+            if candidate not in self._failed_over:
+                return candidate
+        return -1
+
     def _follow_failures(self) -> None:
         """Re-route the partitions of newly dead servers and re-send what is pending."""
         for server in sorted(set(self._dead_servers()) - self._failed_over):
             self._failed_over.add(server)
-            backup = (server + 1) % len(self.servers)
+        for server in sorted(self._failed_over):
             moved = [pid for pid, s in self.owner.items() if s == server]
             if not moved:
                 continue
-            if backup in self._failed_over or len(self.servers) < 2:
-                raise ServerError(f"server {server} died and its backup (server {backup}) is "
-                                  f"gone too: partitions {moved} have no copy left")
+            backup = self._next_live(server)
+            if backup < 0:
+                raise ServerError(f"server {server} died and no server is left: partitions "
+                                  f"{moved} have no copy left")
             for pid in moved:
                 self.owner[pid] = backup
             for (srv, req), handle in list(self._outstanding.items()):
-                if srv != server or handle._request is None:
-                    continue
-                msg, frames = handle._request
-                ep = self.servers[backup]
-                new_req = ep.new_req()
-                msg = msgspec.structs.replace(msg, req=new_req)
-                ep.send(msg, frames)
-                del self._outstanding[(srv, req)]
-                handle._server, handle._req = backup, new_req
-                handle._request = (msg, frames)
-                self._outstanding[(backup, new_req)] = handle
+                if srv == server and handle._request is not None:
+                    self._resend(handle, backup)
+
+    def _resend(self, handle: "Handle", server: int) -> None:
+        """Send a handle's request again, same (worker, seq), to ``server``."""
+        msg, frames = handle._request
+        ep = self.servers[server]
+        new_req = ep.new_req()
+        msg = msgspec.structs.replace(msg, req=new_req)
+        ep.send(msg, frames)
+        self._outstanding.pop((handle._server, handle._req), None)
+        handle._server, handle._req = server, new_req
+        handle._request = (msg, frames)
+        self._outstanding[(server, new_req)] = handle
 
     def _route(self) -> None:
         """Before sending: re-route first if the coordinator declared a server dead."""
@@ -177,19 +198,23 @@ class PSClient:
     # ----------------------------------------------------------------- calls
 
     def init_params(self, flat: torch.Tensor) -> None:
-        """Send every partition's initial values (worker 0 only) and wait for the acks."""
+        """Send every partition's initial values (worker 0 only) and wait for the acks.
+        A server that dies meanwhile: its backup gets them (the first init wins)."""
         flat = flat.detach().to("cpu", torch.float32).contiguous()
-        pending = []
-        for server, ep in enumerate(self.servers):
-            ids = [p.id for p in self.shard_map.on_server(server)]
-            if not ids:
-                continue
+        self._route()
+        by_server: dict[int, list[int]] = {}
+        for p in self.shard_map.partitions:
+            by_server.setdefault(self.owner[p.id], []).append(p.id)
+        handles = []
+        for server, ids in by_server.items():
+            ep = self.servers[server]
             frames = [tensor_to_frame(flat[self.parts[i].start:self.parts[i].stop]) for i in ids]
-            req = ep.new_req()
-            ep.send(wire.InitParams(req=req, partitions=ids, dtype="float32"), frames)
-            pending.append((server, req))
-        for server, req in pending:
-            self._expect(server, req, "initial values", None, wire.Ack)
+            msg = wire.InitParams(req=ep.new_req(), partitions=ids, dtype="float32")
+            ep.send(msg, frames)
+            handles.append(self._track(Handle(self, server, msg.req, "initial values",
+                                              keep=flat, request=(msg, frames))))
+        for handle in handles:
+            handle.wait()
 
     def pull(self, partitions: Optional[list[int]] = None, clock: int = 0,
              commit: Optional[bool] = None, coef: float = 1.0) -> list[Handle]:
@@ -299,17 +324,37 @@ class PSClient:
         return msg, frames
 
     def _finish_handle(self, handle: Handle, timeout_s):
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             try:
                 result = self._finish(handle._server, handle._req, handle._what, timeout_s)
             except PSClient._Failover:
                 self._follow_failures()
                 continue
+            except ServerError as exc:
+                # A backup not yet promoted (it has not heard of its primary's death from
+                # the coordinator yet): ask again until it has, within the timeout.
+                if NOT_PROMOTED not in str(exc) or handle._request is None:
+                    raise
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{exc} (still after {timeout_s or self.timeout_s:g} s "
+                                      f"of retries)") from None
+                time.sleep(0.05)
+                self.check()
+                self._route()
+                self._resend(handle, self.owner.get(self._first_partition(handle),
+                                                    handle._server))
+                continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
             if handle._what.startswith("push") and not result[1]:
                 self.pushes_acked += 1
             return result
+
+    @staticmethod
+    def _first_partition(handle: Handle) -> int:
+        parts = getattr(handle._request[0], "partitions", None) or [-1]
+        return parts[0]
 
     def _finish(self, server: int, req: int, what: str, timeout_s):
         msg, frames = self._expect(server, req, what, timeout_s,

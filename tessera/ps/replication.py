@@ -32,6 +32,10 @@ from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 
+#: In a refusal: the server backs the partition up and will own it once the coordinator's
+#: word that its primary died arrives; the client asks again (PSClient).
+NOT_PROMOTED = "not promoted yet"
+
 
 @dataclass(frozen=True)
 class Replicas:
@@ -69,7 +73,7 @@ class Replicator:
         peer = self.peer
         if peer is None or st.info.server != self.rank:
             return
-        from tessera.transport.endpoint import TransportError
+        from tessera.transport.endpoint import PeerTimeout, TransportError
         req = peer.new_req()
         peer.send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id], clock=st.clock,
                                  pushes=pushes, worker=worker, seq=seq, hparams=hparams),
@@ -80,8 +84,11 @@ class Replicator:
             try:
                 msg, _ = peer.wait(req, 0.01, "replication")
                 break
-            except TransportError:
-                pass
+            except PeerTimeout:
+                pass  # not yet
+            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
+                raise RequestError(f"backup {peer.peer_name} answered replication of partition "
+                                   f"{st.info.id} with a malformed reply: {exc}") from None
             self._serve_replication_meanwhile()
             if self._backup_dead():
                 self._drop_backup("it was declared dead")
@@ -91,6 +98,9 @@ class Replicator:
                                    f"within {self.timeout_s:g} s")
         if isinstance(msg, wire.Error):
             raise RequestError(f"backup {peer.peer_name} refused replication: {msg.message}")
+        if not isinstance(msg, wire.Ack):
+            raise RequestError(f"backup {peer.peer_name} answered replication of partition "
+                               f"{st.info.id} with {type(msg).__name__}, not an Ack")
         self.stats["replicated"] += 1
 
     def _replicated_ids(self) -> set[int]:
@@ -133,7 +143,7 @@ class Replicator:
         if msg.kind == "init":
             if st.rule is None:
                 st.rule = self.new_rule(values.clone(), st.info)
-        elif msg.kind == "grad":
+        elif msg.kind in ("grad", "sum"):
             if st.rule is None:
                 raise RequestError(f"partition {st.info.id} replica has no initial values")
             fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
@@ -141,7 +151,10 @@ class Replicator:
             if fresh:
                 if msg.hparams is not None:
                     st.rule.set_hparams(msg.hparams)
-                st.rule.apply(values.clone())
+                grad = values.clone()
+                if msg.kind == "sum" and msg.pushes > 1:  # the primary's take_mean, same op
+                    grad.div_(msg.pushes)
+                st.rule.apply(grad)
                 self.policy.replayed(st, msg.clock)
                 st.applied_pushes += msg.pushes
                 if msg.seq >= 0:
@@ -165,19 +178,31 @@ class Replicator:
         self.backups.clear()
 
     def promote_for(self, pid: int) -> Optional[object]:
-        """A client asked for ``pid``, which we back up: clients only send here once the
-        coordinator declared the primary dead, so take over. The partition, or None."""
-        st = self.backups.get(pid)
-        if st is None or st.rule is None:
-            return None
-        self.promote(f"a client asked for partition {pid}")
-        return self.parts.get(pid)
+        """A client asked for ``pid``, which we back up: it sends here once the coordinator
+        declared the primary dead. Take over once the coordinator told us too (the
+        client asks again meanwhile: :data:`NOT_PROMOTED`). The partition, or None.
 
-    def follow(self, dead_servers) -> None:
-        """Apply the coordinator's word on dead servers: promote if our primary is one."""
+        A copy without values yet (the primary died before replicating worker 0's
+        initial values) is taken over too: worker 0 sends them here again, and pulls
+        wait for them."""
+        if pid not in self.backups:
+            return None
+        _, dead = self.membership()
+        self.follow(dead)
+        if pid in self.parts:
+            return self.parts[pid]
+        raise RequestError(f"partition {pid} is backed up here and {NOT_PROMOTED}: its "
+                           f"primary, server {self.primary}, is not declared dead yet")
+
+    def follow(self, dead_servers) -> bool:
+        """Apply the coordinator's word on dead servers: promote if our primary is one.
+        True when a server died since the last call."""
+        changed = False
         for server in dead_servers:
             if server in self._dead_servers:
                 continue
+            changed = True
             self._dead_servers.add(server)
             if server == self.primary and self.backups:
                 self.promote(f"server {server} was declared dead")
+        return changed

@@ -1,0 +1,32 @@
+"""Tier 3: replication under faults with real processes (issue 14 items 6, 8, 9).
+
+A server killed during the start-up pull, and two servers killed one after the
+other (the second after re-replication), with ``--replication 2``: the job ends
+and every acknowledged push was applied on a surviving copy, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from tests.harness import Job, wait_for
+from tests.test_faults import DIGITS, finish, pid_of
+
+
+def test_server_killed_during_start_up_pull(tmp_path):
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--replication", "2", "--steps", "60"],
+              timeout_s=150)
+    # cluster.json is written as the coordinator answers the registrations: the workers
+    # are about to send the initial values and pull them.
+    wait_for(lambda: (out / "cluster.json").exists() or job.proc.poll() is not None, 90,
+             "the cluster to come up")
+    assert job.proc.poll() is None, "the job ended before the kill"
+    os.kill(pid_of(out, "server", 1), signal.SIGKILL)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dead_servers"] == [1] and summary["steps"] == 60, output
+    expected = summary["steps"] * summary["workers"] * summary["partitions"]
+    assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
