@@ -11,7 +11,8 @@ import json
 import os
 import signal
 
-from tests.harness import Job, wait_for
+from tessera.ps.checkpoint import CheckpointStore
+from tests.harness import ROOT, Job, wait_for
 from tests.test_faults import DIGITS, finish, pid_of
 
 
@@ -30,3 +31,19 @@ def test_server_killed_during_start_up_pull(tmp_path):
     assert summary["dead_servers"] == [1] and summary["steps"] == 60, output
     expected = summary["steps"] * summary["workers"] * summary["partitions"]
     assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
+
+
+def test_slow_store_does_not_stall_the_coordinator(tmp_path, monkeypatch):
+    """Each manifest takes 6 s to commit (longer than the 5 s heartbeat timeout): the
+    coordinator writes it from its writer thread and keeps answering heartbeats."""
+    store = tmp_path / "ckpt"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "slow_store"),
+                                                      str(ROOT)]))
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--steps", "20", "--checkpoint-every",
+               "10", "--checkpoint-dir", f"slowfile://{store}"], timeout_s=150)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"] == [10, 20], output
+    latest = CheckpointStore(str(store)).latest()
+    assert latest is not None and latest["clock"] == 20

@@ -22,7 +22,8 @@ One per job. Its life:
    once every live server has reported a clock, the coordinator writes that
    checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
    config and each worker's data position, and prunes old checkpoints
-   (:mod:`tessera.cluster.checkpoint_rounds`). The launcher asks for one on
+   (:mod:`tessera.cluster.checkpoint_rounds`), both on a writer thread: a slow
+   object store never delays a heartbeat reply. The launcher asks for one on
    SIGINT/SIGTERM (:class:`CheckpointNow`, answered when complete).
 5. **End.** When every worker has sent :class:`Finished`, heartbeats answer
    ``shutdown``; servers send their own reports and exit; the coordinator writes
@@ -132,6 +133,8 @@ class Coordinator:
                     if now - since > cl.startup_timeout_s:
                         self._fail(f"{key[0]} {key[1]} died and did not come back within "
                                    f"{cl.startup_timeout_s:.0f} s")
+            if self.rounds.reports:  # manifests handed to (and back from) the writer thread
+                self._maybe_manifest()
             needed = {k for k in self.expected
                       if not (k[0] == "server" and k[1] in self.dead_servers)}
             if self.state == "shutdown" and all(k in self.finished for k in needed):
@@ -333,6 +336,8 @@ class Coordinator:
 
     def _write_summary(self) -> None:
         cfg = self.cfg
+        self._maybe_manifest()
+        self.rounds.flush(cfg.cluster.timeout_s, self._checkpoint_done)
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
         servers = [self.finished.get(("server", r), {}) for r in range(cfg.cluster.servers)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
@@ -373,7 +378,6 @@ class Coordinator:
             "config": msgspec.to_builtins(cfg),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)
-        self._maybe_manifest()
         if self.cfg.profile.enabled:
             self._write_profile()
 
