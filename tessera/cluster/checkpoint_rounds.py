@@ -184,15 +184,18 @@ class CheckpointRounds:
 
     def manifest(self, clock: int, files: dict[int, tuple[str, int]], *, shard_map: ShardMap,
                  layout: list, tables: list, optimizer, samples: int,
-                 dead_servers: set[int]) -> dict:
-        """The manifest of the checkpoint at ``clock`` (``files``: server -> (name, bytes))."""
+                 dead_servers: set[int], owners: Optional[dict] = None) -> dict:
+        """The manifest of the checkpoint at ``clock`` (``files``: server -> (name, bytes);
+        ``owners``: partition -> the server holding it now, after failovers)."""
         from tessera.data.sampler import advance_cursor
         cfg = self.cfg
         w, b = cfg.cluster.workers, cfg.data.batch_size
         c0, e0, o0 = self.cursor0
         epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, samples)
         owner = {p.id: p.server for p in shard_map.partitions}
-        for pid, server in owner.items():  # a dead primary's partitions: its backup's file
+        if owners:  # a dead primary's partitions: the file of the server that took over
+            owner.update(owners)
+        for pid, server in owner.items():
             if server in dead_servers:
                 owner[pid] = (server + 1) % cfg.cluster.servers
         return {

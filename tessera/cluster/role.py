@@ -142,7 +142,10 @@ def serve(session) -> None:
                           membership=session.heartbeat.membership,
                           on_checkpoint=session.report_checkpoint),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
-                          peer=backup_peer, primary=primary_of_backups),
+                          peer=backup_peer, primary=primary_of_backups,
+                          partitions=tuple(view.partitions),
+                          connect=lambda r: connect_server(session, topo, r),
+                          report=session.report_replicated),
         checkpoint_store=store, profiler=session.profiler)
     if view.restore is not None:
         server.restore(view.restore)
@@ -160,6 +163,28 @@ def serve(session) -> None:
     if backup_peer is not None:
         backup_peer.close()
     endpoint.close()
+
+
+def connect_server(session, topo, rank: int):
+    """A connected endpoint to server ``rank`` (a new backup, re-replication); None if
+    it is declared dead before the handshake."""
+    from tessera.transport.endpoint import ClientEndpoint
+
+    class Gone(Exception):
+        pass
+
+    def check() -> None:
+        session.check()
+        if rank in session.heartbeat.membership()[1]:
+            raise Gone()
+    peer = ClientEndpoint(session.ctx, topo.server_addresses[rank], session.secret,
+                          f"server {rank} (backup)", sndtimeo_s=session.cfg.cluster.timeout_s)
+    try:
+        peer.wait_connected(session.cfg.cluster.timeout_s, check)
+    except Gone:
+        peer.close()
+        return None
+    return peer
 
 
 def server_main() -> None:

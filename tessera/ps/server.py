@@ -31,7 +31,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import msgspec
 import torch
+import zmq
 
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
@@ -91,19 +93,36 @@ class ParameterServer:
     def serve(self) -> None:
         """Serve until ``should_stop()``; ``check()`` raises on a cluster failure."""
         deferred = self.replication.deferred
+        replication = self.replication
         while not self.hooks.should_stop():
             self.hooks.check()
             self._follow_membership()
             self.snapshots.finish_writes()
+            replication.take_acks()
             while deferred:
                 self.handle(deferred.pop(0))
-            if not self.endpoint.poll(0.1):
+            if not self._poll(0.1):
                 continue
             for _ in range(256):  # drain what is queued before checking health again
                 self.handle(self.endpoint.recv())
+                if replication.pending():
+                    replication.take_acks()
                 if not self.endpoint.poll(0):
                     break
+        deadline = time.monotonic() + self.options.timeout_s
+        while replication.pending() and time.monotonic() < deadline:  # answers held for Acks
+            self.hooks.check()
+            self._poll(0.01)
+            replication.take_acks()
         self.snapshots.final()
+
+    def _poll(self, timeout_s: float) -> bool:
+        """Wait for a request, or for the backup's Acks while answers are held for them."""
+        socks = self.replication.sockets()
+        if len(socks) == 1:
+            return self.endpoint.poll(timeout_s)
+        ready, _, _ = zmq.select(socks, [], [], timeout_s)
+        return self.endpoint.sock in ready
 
     def restore(self, restore: wire.Restore) -> None:
         """Load partitions, backups and table rows from a checkpoint (before serving)."""
@@ -185,8 +204,8 @@ class ParameterServer:
                 self.stats["bytes_received"] += len(frame)
                 fresh.append((st, values))
         for st, values in fresh:
-            self.replication.send("init", st, values)
-        self.endpoint.send(peer, wire.Ack(req=msg.req))
+            self.replication.forward("init", st, values)
+        self.replication.reply(peer, wire.Ack(req=msg.req))
         self.policy.wake(states)
 
     def _on_pull(self, peer: bytes, msg: wire.Pull, frames: list) -> None:
@@ -300,8 +319,7 @@ class ParameterServer:
             if st.held:
                 verdict = self.policy.judge(st)
                 for w_peer, w_req in st.verdict_waiters:
-                    verdict.req = w_req
-                    self.endpoint.send(w_peer, verdict)
+                    self.replication.reply(w_peer, msgspec.structs.replace(verdict, req=w_req))
                 st.verdict_waiters.clear()
                 continue
             # The sum goes to the backup first (it divides as take_mean does): when that
@@ -380,9 +398,9 @@ class ParameterServer:
 
     def _replicate(self, st: PartitionState, kind: str, tensor: torch.Tensor, pushes: int,
                    worker: int = -1, seq: int = -1) -> None:
-        """Have the backup apply the update first; nothing changes here if that fails."""
-        self.replication.send(kind, st, tensor, pushes=pushes, worker=worker, seq=seq,
-                              hparams=st.hparams)
+        """Send the backup the update this server applies next (answers wait for its Ack)."""
+        self.replication.forward(kind, st, tensor, pushes=pushes, worker=worker, seq=seq,
+                                 hparams=st.hparams)
         if st.hparams is not None:
             st.rule.set_hparams(st.hparams)
             st.hparams = None
@@ -414,7 +432,7 @@ class ParameterServer:
         frames = [tensor_to_frame(self._values(st, dtype)) for st in states]
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
         clock = min(st.clock for st in states)
-        self.endpoint.send(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
+        self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
                                              else 0), frames)
