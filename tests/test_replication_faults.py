@@ -13,7 +13,7 @@ import signal
 
 from tessera.ps.checkpoint import CheckpointStore
 from tests.harness import ROOT, Job, wait_for
-from tests.test_faults import DIGITS, finish, pid_of
+from tests.test_faults import DIGITS, finish, kill_after, metric_lines, pid_of
 
 
 def test_server_killed_during_start_up_pull(tmp_path):
@@ -47,3 +47,29 @@ def test_slow_store_does_not_stall_the_coordinator(tmp_path, monkeypatch):
     assert summary["checkpoints"] == [10, 20], output
     latest = CheckpointStore(str(store)).latest()
     assert latest is not None and latest["clock"] == 20
+
+
+def test_two_servers_killed_one_after_the_other_with_re_replication(tmp_path):
+    """3 servers, --replication 2: server 1 dies; server 2 takes over its partitions and
+    copies them to server 0, server 0 copies its own to server 2 (its backup was 1).
+    Then server 2 dies too: server 0 holds everything, and nothing acknowledged is lost."""
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "async", "--servers", "3",
+               "--replication", "2", "--epochs", "16"], timeout_s=240)
+    kill_after(job, out, "server", 1, 3)
+    logs = out / "logs"
+
+    def copied(rank: int) -> bool:
+        path = logs / f"server-{rank}.log"
+        return path.exists() and "two copies again" in path.read_text()
+    wait_for(lambda: (copied(0) and copied(2)) or job.proc.poll() is not None, 60,
+             "re-replication onto servers 0 and 2")
+    lines = metric_lines(out)
+    kill_after(job, out, "server", 2, lines + 2)  # training goes on in between
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dead_servers"] == [1, 2], output
+    expected = summary["steps"] * summary["workers"] * summary["partitions"]
+    assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
+    assert summary["eval_accuracy"] >= 0.93, summary
+    assert "promoted to primary" in (logs / "server-0.log").read_text()
