@@ -73,3 +73,65 @@ def test_two_servers_killed_one_after_the_other_with_re_replication(tmp_path):
     assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
     assert summary["eval_accuracy"] >= 0.93, summary
     assert "promoted to primary" in (logs / "server-0.log").read_text()
+
+
+def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
+    """A backup that answers Replicate with bytes that are no message: the push's answer
+    is an error naming that backup within a second, not a wait for the 10 s timeout."""
+    import threading
+    import time
+
+    import pytest
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient, ServerError
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport import wire
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 1, 10_000)
+    primary_ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
+    liar = ServerEndpoint(ctx, "127.0.0.1", SECRET)  # the "backup"
+    peer = ClientEndpoint(ctx, liar.address, SECRET, "server 1 (backup)", sndtimeo_s=TIMEOUT_S)
+    stop = threading.Event()
+    server = ParameterServer(
+        ServerOptions(rank=0, num_workers=1, num_servers=2, mode="async", timeout_s=TIMEOUT_S),
+        endpoint=primary_ep, partitions=list(shard_map.partitions),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stop.is_set), replicas=Replicas(peer=peer, primary=1))
+
+    def lie() -> None:  # acks the initial values, then answers nonsense
+        while not stop.is_set():
+            if liar.poll(0.05):
+                got = liar.recv()
+                if isinstance(got.msg, wire.Replicate) and got.msg.kind == "init":
+                    liar.send(got.peer, wire.Ack(req=got.msg.req))
+                elif isinstance(got.msg, wire.Replicate):
+                    liar.sock.send_multipart([got.peer, b"\xc1 not msgpack"])
+    threads = [threading.Thread(target=server.serve, daemon=True),
+               threading.Thread(target=lie, daemon=True)]
+    for t in threads:
+        t.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[primary_ep.address],
+                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S)
+    try:
+        client.connect()
+        client.init_params(flat_of(model))
+        started = time.monotonic()
+        grad = torch.ones(shard_map.total_elems)
+        with pytest.raises(ServerError, match=r"backup server 1 \(backup\).*malformed"):
+            for p in shard_map.partitions:
+                client.push(p.id, grad[p.start:p.stop], 0).wait()
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+        client.close()
+        for ep in (peer, liar, primary_ep):
+            ep.close()
