@@ -232,7 +232,6 @@ class ParameterServer:
             if policy.sums_clock and any(msg.worker in st.pushed_by for st in states):
                 policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply,
                                             peer, msg.req, msg.dtype))
-                self._complete(states)  # a clock whose replication failed is tried again
             else:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
@@ -245,7 +244,6 @@ class ParameterServer:
             self._send_params(peer, msg.req, states, msg.dtype)
             return
         # Validated: from here on the push is applied (or held), exactly once.
-        before = [(st.last_seq.get(msg.worker, -1), st.applied_pushes) for st in states]
         for st in states:
             st.last_seq[msg.worker] = msg.seq
             if msg.hparams is not None:  # applied with this clock's update (and replicated)
@@ -255,15 +253,8 @@ class ParameterServer:
         self.stats["pushes"] += 1
         if policy.sums_clock:
             self._hold(peer, msg, states, frames)
-            return
-        try:
+        else:
             self._apply_now(peer, msg, states, frames)
-        except RequestError:
-            # Replication failed: what was not applied may be sent again and applied then.
-            for st, (seq, applied) in zip(states, before):
-                if st.applied_pushes == applied:
-                    st.last_seq[msg.worker] = seq
-            raise
 
     def _apply_now(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
                    frames: list) -> None:
@@ -322,8 +313,8 @@ class ParameterServer:
                     self.replication.reply(w_peer, msgspec.structs.replace(verdict, req=w_req))
                 st.verdict_waiters.clear()
                 continue
-            # The sum goes to the backup first (it divides as take_mean does): when that
-            # fails, the sum and who pushed it are still here for the next attempt.
+            # The backup gets the sum (and divides as take_mean does); the replicator keeps
+            # it until the backup's Ack, and the answers to these pushes wait for that Ack.
             self._replicate(st, "sum", st.accum, pushes=max(1, len(st.pushed_by)))
             grad, n = st.take_mean()
             self._apply(st, grad, pushes=n)
@@ -336,15 +327,10 @@ class ParameterServer:
         clipping coefficient ``coef``) or skip."""
         due = self.policy.decided(states, clock, apply)
         for st in due:
+            grad, n = st.take_mean()
             if apply:
-                n = max(1, len(st.pushed_by))
-                # A copy of the mean: the sum stays until the backup has the update.
-                grad = st.rule.clip(st.accum / n if n > 1 else st.accum.clone(), coef)
-                self._replicate(st, "grad", grad, pushes=n)
-                st.take_mean()
-                self._apply(st, grad, pushes=n)
+                self._update(st, st.rule.clip(grad, coef), pushes=n)
             else:
-                st.take_mean()
                 st.clock += 1
                 st.arrivals.clear()
                 self.stats["skipped"] += 1
@@ -363,11 +349,7 @@ class ParameterServer:
             self.policy.advance(states)  # ssp: they no longer hold the slowest count down
             if self.tables is not None:
                 self.tables.follow_membership()
-        if self.replication.follow(dead_servers):
-            try:  # a sum kept while replication failed: its backup is gone now
-                self._complete(list(self.parts.values()))
-            except RequestError as exc:
-                print(f"server {self.rank}: {exc}", flush=True)
+        self.replication.follow(dead_servers)
 
     def _on_join(self, peer: bytes, msg: wire.Join) -> None:
         states = self._states(msg.partitions, None, msg.dtype)
