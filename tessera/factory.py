@@ -142,7 +142,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       worker=session.rank, timeout_s=session.timeout_s,
                       wire_dtype=policy.wire_dtype, check=session.check,
                       profiler=session.profiler, incarnation=session.view.incarnation,
-                      dead_servers=lambda: session.heartbeat.dead_servers)
+                      dead_servers=lambda: session.heartbeat.dead_servers,
+                      retain=session.cfg.ps.replication == 2 and session.cfg.ps.mode == "async")
     client.connect()
     return client
 

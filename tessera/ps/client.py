@@ -77,7 +77,8 @@ class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
                  check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
-                 incarnation: int = 0, dead_servers: Callable[[], list] = lambda: []):
+                 incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
+                 retain: bool = False):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -93,6 +94,11 @@ class PSClient:
         self.owner = {p.id: p.server for p in shard_map.partitions}
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
+        #: Replication: the last answered push per partition, (message, frames, buffers).
+        #: An async server answers a push once its backup has the updates before it; this
+        #: one it may lack, so after a failover it is sent again (applied at most once).
+        self.retain = retain
+        self._retained: dict[int, tuple] = {}
         self._outstanding: dict[tuple[int, int], Handle] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
         self.seq = incarnation << 40
@@ -150,9 +156,18 @@ class PSClient:
                                   f"{moved} have no copy left")
             for pid in moved:
                 self.owner[pid] = backup
+            again = []
+            for pid in moved:  # answered, maybe not yet on the backup: first, in order
+                if pid in self._retained:
+                    msg, frames, keep = self._retained.pop(pid)
+                    again.append(Handle(self, server, msg.req, f"re-sent answered push of "
+                                        f"partition {pid}", keep=keep, request=(msg, frames)))
+                    self._resend(again[-1], backup)
             for (srv, req), handle in list(self._outstanding.items()):
                 if srv == server and handle._request is not None:
                     self._resend(handle, backup)
+            for handle in again:  # not counted again: "push" does not start its name
+                handle.wait()
 
     def _resend(self, handle: "Handle", server: int) -> None:
         """Send a handle's request again, same (worker, seq), to ``server``."""
@@ -247,6 +262,8 @@ class PSClient:
         info = self.parts[partition]
         dtype = dtype or self.wire_dtype
         payload = grad.detach().to("cpu", torch_dtype(dtype)).contiguous()
+        if self.retain and payload.data_ptr() == grad.data_ptr():
+            payload = payload.clone()  # kept after the answer (retain): not the live gradient
         if payload.numel() != info.stop - info.start:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
@@ -347,8 +364,12 @@ class PSClient:
                 continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
-            if handle._what.startswith("push") and not result[1]:
-                self.pushes_acked += 1
+            if handle._what.startswith("push"):
+                if not result[1]:
+                    self.pushes_acked += 1
+                if self.retain and handle._request is not None:
+                    msg, frames = handle._request
+                    self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
             return result
 
     @staticmethod

@@ -11,6 +11,8 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    (:meth:`Replicator.forward`, :meth:`Replicator.reply`). The serve loop goes on
    meanwhile, so the round trip to the backup overlaps the primary's own work and
    further requests instead of blocking them, and acknowledged still means on both.
+   An async push waits only for the updates before its own (:meth:`Replicator.mark`;
+   its worker keeps it and sends it again after a failover).
 2. The backup applies the same gradient with the same optimizer, so the copies stay
    bit-identical; a push sequence number (or the clock) keeps a re-sent update from
    being applied twice.
@@ -157,12 +159,27 @@ class Replicator:
             return
         self._unacked.append((msg.req, time.monotonic(), tensors))
 
-    def reply(self, peer: bytes, msg, frames: list = ()) -> None:
-        """Answer a client: now, or once the backup has every update sent before."""
-        if self._unacked:
-            self._held.append((self._unacked[-1][0], peer, msg, list(frames)))
+    def reply(self, peer: bytes, msg, frames: list = (), after: Optional[int] = None) -> None:
+        """Answer a client: now, or once the backup has every update sent before
+        (``after``: only those up to that request, :meth:`mark`)."""
+        needed = self._unacked[-1][0] if self._unacked else -1
+        if after is not None:
+            needed = min(needed, after)
+        if needed >= 0 and self._unacked and needed >= self._unacked[0][0]:
+            self._held.append((needed, peer, msg, list(frames)))
         else:
             self.endpoint.send(peer, msg, frames)
+
+    def mark(self) -> int:
+        """The last request forwarded so far (-1: none is unacknowledged).
+
+        Async pushes are answered once the backup acked the updates forwarded *before*
+        theirs (:meth:`reply` ``after=mark()``), not their own: the client keeps its last
+        answered push per partition and sends it again to the new owner after a
+        failover (:class:`~tessera.ps.client.PSClient`, ``retain``), so the one update
+        the backup may lack is never lost, and the round trip to the backup leaves the
+        push's critical path."""
+        return self._unacked[-1][0] if self._unacked else -1
 
     def pending(self) -> bool:
         return bool(self._unacked)
@@ -196,9 +213,14 @@ class Replicator:
                 return
             self._unacked.popleft()
             self.stats["replicated"] += 1
-            while self._held and (not self._unacked or self._held[0][0] <= req):
-                _, to, reply, frames = self._held.popleft()
-                self.endpoint.send(to, reply, frames)
+            if self._held:  # held in order of arrival; each waits for its own request
+                still: deque = deque()
+                for entry in self._held:
+                    if entry[0] <= req or not self._unacked:
+                        self.endpoint.send(entry[1], entry[2], entry[3])
+                    else:
+                        still.append(entry)
+                self._held = still
             if self._copy is not None and self._copy[0] == req:
                 _, backup, pids = self._copy
                 self._copy = None
@@ -277,13 +299,11 @@ class Replicator:
             raise RequestError(f"unknown replication kind {msg.kind!r}")
         if msg.kind != "init" and st.rule is None:
             raise RequestError(f"partition {st.info.id} replica has no initial values")
-        # Validated: acknowledged now (the primary's answers wait only for this), then
-        # applied, in order, before the next request is read.
-        self.endpoint.send(peer, wire.Ack(req=msg.req))
         values = frame_to_tensor(frames[0].buffer, "float32", st.numel)
         if msg.kind == "init":
             if st.rule is None:
                 st.rule = self.new_rule(values.clone(), st.info)
+            self.endpoint.send(peer, wire.Ack(req=msg.req))
             return
         fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
             else msg.clock >= st.clock
@@ -298,6 +318,7 @@ class Replicator:
             st.applied_pushes += msg.pushes
             if msg.seq >= 0:
                 st.last_seq[msg.worker] = msg.seq
+        self.endpoint.send(peer, wire.Ack(req=msg.req))  # applied: acknowledged
 
     def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A primary's full copy of one partition: this server is its backup now."""

@@ -260,6 +260,7 @@ class ParameterServer:
                    frames: list) -> None:
         """Async/ssp: apply each push as it comes, scaled by 1/workers."""
         policy = self.policy
+        mark = self.replication.mark()  # async: the answer waits for the updates before
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
@@ -275,7 +276,7 @@ class ParameterServer:
         for st, grad in zip(states, grads):
             self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
-            self._send_params(peer, msg.req, states, msg.dtype)
+            self._send_params(peer, msg.req, states, msg.dtype, after=mark)
             return
         policy.counted(states, msg.worker, msg.clock)
         policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply, peer,
@@ -410,14 +411,14 @@ class ParameterServer:
         return st.rule.master.to(torch_dtype(dtype), copy=True)
 
     def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str,
-                     skipped: bool = False) -> None:
+                     skipped: bool = False, after: Optional[int] = None) -> None:
         frames = [tensor_to_frame(self._values(st, dtype)) for st in states]
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
         clock = min(st.clock for st in states)
         self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
-                                             else 0), frames)
+                                             else 0), frames, after=after)
 
     def _answer(self, w: Reply) -> None:
         if w.run_clock >= 0:
