@@ -100,7 +100,7 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
     peer = ClientEndpoint(ctx, liar.address, SECRET, "server 1 (backup)", sndtimeo_s=TIMEOUT_S)
     stop = threading.Event()
     server = ParameterServer(
-        ServerOptions(rank=0, num_workers=1, num_servers=2, mode="async", timeout_s=TIMEOUT_S),
+        ServerOptions(rank=0, num_workers=1, num_servers=2, mode="sync", timeout_s=TIMEOUT_S),
         endpoint=primary_ep, partitions=list(shard_map.partitions),
         optimizer=OptimizerConfig(name="sgd", lr=0.1),
         hooks=ServerHooks(should_stop=stop.is_set), replicas=Replicas(peer=peer, primary=1))
