@@ -19,6 +19,7 @@ import torch
 
 from tessera.amp.policy import make_policy
 from tessera.amp.scaler import LossScaler
+from tessera.cluster.role import answer_early
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
@@ -143,7 +144,7 @@ def _connect_client(session: Session, policy) -> PSClient:
                       wire_dtype=policy.wire_dtype, check=session.check,
                       profiler=session.profiler, incarnation=session.view.incarnation,
                       dead_servers=lambda: session.heartbeat.dead_servers,
-                      retain=session.cfg.ps.replication == 2 and session.cfg.ps.mode == "async")
+                      retain=answer_early(session.cfg))
     client.connect()
     return client
 

@@ -145,7 +145,8 @@ def serve(session) -> None:
                           peer=backup_peer, primary=primary_of_backups,
                           partitions=tuple(view.partitions),
                           connect=lambda r: connect_server(session, topo, r),
-                          report=session.report_replicated),
+                          report=session.report_replicated,
+                          answer_early=answer_early(cfg)),
         checkpoint_store=store, profiler=session.profiler)
     if view.restore is not None:
         server.restore(view.restore)
@@ -163,6 +164,13 @@ def serve(session) -> None:
     if backup_peer is not None:
         backup_peer.close()
     endpoint.close()
+
+
+def answer_early(cfg) -> bool:
+    """Replication answers a push once the updates before it are on the backup, the
+    clients keeping their last answered push (not under sync loss scaling, whose held
+    pushes wait for a verdict). The client's ``retain`` follows the same rule."""
+    return cfg.ps.replication == 2 and not (cfg.precision == "fp16" and cfg.ps.mode == "sync")
 
 
 def connect_server(session, topo, rank: int):

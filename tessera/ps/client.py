@@ -163,11 +163,11 @@ class PSClient:
                     again.append(Handle(self, server, msg.req, f"re-sent answered push of "
                                         f"partition {pid}", keep=keep, request=(msg, frames)))
                     self._resend(again[-1], backup)
+            for handle in again:  # not counted again: "push" does not start its name
+                handle.wait()  # before the next clock's pushes (sync takes them in turn)
             for (srv, req), handle in list(self._outstanding.items()):
                 if srv == server and handle._request is not None:
                     self._resend(handle, backup)
-            for handle in again:  # not counted again: "push" does not start its name
-                handle.wait()
 
     def _resend(self, handle: "Handle", server: int) -> None:
         """Send a handle's request again, same (worker, seq), to ``server``."""

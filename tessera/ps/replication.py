@@ -11,8 +11,9 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    (:meth:`Replicator.forward`, :meth:`Replicator.reply`). The serve loop goes on
    meanwhile, so the round trip to the backup overlaps the primary's own work and
    further requests instead of blocking them, and acknowledged still means on both.
-   An async push waits only for the updates before its own (:meth:`Replicator.mark`;
-   its worker keeps it and sends it again after a failover).
+   With ``answer_early`` a push waits only for the updates before its own (sync: the
+   previous clock's; :meth:`Replicator.mark`): its worker keeps it and sends it again
+   after a failover, so the round trip to the backup leaves the step's critical path.
 2. The backup applies the same gradient with the same optimizer, so the copies stay
    bit-identical; a push sequence number (or the clock) keeps a re-sent update from
    being applied twice.
@@ -65,6 +66,9 @@ class Replicas:
     partitions: tuple[wire.PartitionInfo, ...] = ()
     connect: Optional[Callable[[int], object]] = None
     report: Callable[[int, list], None] = lambda backup, pids: None
+    #: Answer a push once the updates before its own are on the backup (the clients
+    #: keep their last answered push: PSClient ``retain``); False: once its own is.
+    answer_early: bool = False
 
 
 class Replicator:
@@ -83,6 +87,7 @@ class Replicator:
         self.check, self.membership = hooks.check, hooks.membership
         self.infos = {p.id: p for p in replicas.partitions}
         self.connect, self.report = replicas.connect, replicas.report
+        self.answer_early = replicas.answer_early
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
         self.deferred: list = []
         self._dead_servers: set[int] = set()
@@ -170,15 +175,18 @@ class Replicator:
         else:
             self.endpoint.send(peer, msg, frames)
 
-    def mark(self) -> int:
-        """The last request forwarded so far (-1: none is unacknowledged).
+    def mark(self) -> Optional[int]:
+        """The last request forwarded so far (-1: none is unacknowledged; None: answers
+        wait for every update, ``answer_early`` is off).
 
-        Async pushes are answered once the backup acked the updates forwarded *before*
-        theirs (:meth:`reply` ``after=mark()``), not their own: the client keeps its last
+        Pushes are answered once the backup acked the updates forwarded *before* theirs
+        (:meth:`reply` ``after=mark()``; sync: the clock before), not their own: the client keeps its last
         answered push per partition and sends it again to the new owner after a
         failover (:class:`~tessera.ps.client.PSClient`, ``retain``), so the one update
         the backup may lack is never lost, and the round trip to the backup leaves the
         push's critical path."""
+        if not self.answer_early:
+            return None
         return self._unacked[-1][0] if self._unacked else -1
 
     def pending(self) -> bool:

@@ -87,6 +87,8 @@ class ParameterServer:
                                       handle=self.handle, **shared)
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
+        #: While a completed clock wakes its waiters: the request their answers wait for.
+        self._reply_after: Optional[int] = None
 
     # ------------------------------------------------------------------ loop
 
@@ -303,6 +305,7 @@ class ParameterServer:
     def _complete(self, states: list[PartitionState]) -> None:
         """Sync: apply (or, under loss scaling, judge) every clock all live workers pushed."""
         advanced = []
+        mark = self.replication.mark()  # answer_early: the answers wait for the clock before
         for st in states:
             if st.verdict is not None or not self.policy.complete(st):
                 continue
@@ -320,7 +323,11 @@ class ParameterServer:
             grad, n = st.take_mean()
             self._apply(st, grad, pushes=n)
             advanced.append(st)
-        self.policy.wake(advanced)
+        self._reply_after = mark
+        try:
+            self.policy.wake(advanced)
+        finally:
+            self._reply_after = None
 
     def _commit(self, states: list[PartitionState], clock: int, apply: bool,
                 coef: float = 1.0) -> None:
@@ -424,4 +431,4 @@ class ParameterServer:
         if w.run_clock >= 0:
             gap = w.run_clock - min(st.clock for st in w.units)
             self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
-        self._send_params(w.peer, w.req, w.units, w.dtype)
+        self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after)
