@@ -11,6 +11,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from tessera.ps.checkpoint import CheckpointStore
 from tests.harness import ROOT, Job, wait_for
 from tests.test_faults import DIGITS, finish, kill_after, metric_lines, pid_of
@@ -49,12 +51,13 @@ def test_slow_store_does_not_stall_the_coordinator(tmp_path, monkeypatch):
     assert latest is not None and latest["clock"] == 20
 
 
-def test_two_servers_killed_one_after_the_other_with_re_replication(tmp_path):
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_two_servers_killed_one_after_the_other_with_re_replication(tmp_path, mode):
     """3 servers, --replication 2: server 1 dies; server 2 takes over its partitions and
     copies them to server 0, server 0 copies its own to server 2 (its backup was 1).
     Then server 2 dies too: server 0 holds everything, and nothing acknowledged is lost."""
     out = tmp_path / "run"
-    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "async", "--servers", "3",
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", mode, "--servers", "3",
                "--replication", "2", "--epochs", "16"], timeout_s=240)
     kill_after(job, out, "server", 1, 3)
     logs = out / "logs"
@@ -81,7 +84,6 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
     import threading
     import time
 
-    import pytest
     import torch
 
     from tessera.config.schema import OptimizerConfig
