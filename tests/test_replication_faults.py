@@ -137,3 +137,77 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
         client.close()
         for ep in (peer, liar, primary_ep):
             ep.close()
+
+
+def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
+    """answer_early: a push is answered before its own update is on the backup. Here the
+    backup drops that update (as if the primary died with it unsent); after the primary
+    is gone the worker sends its retained push to the backup, which applies it: every
+    acknowledged push is applied once on the surviving copy."""
+    import threading
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_faults_inproc import Membership
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 2, 10_000)
+    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
+    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
+                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
+    membership, stops = Membership(), [threading.Event() for _ in range(2)]
+    servers = [ParameterServer(
+        ServerOptions(rank=r, num_workers=1, num_servers=2, mode="async", timeout_s=1.0),
+        endpoint=eps[r], partitions=shard_map.on_server(r),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
+        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
+                          primary=1 - r, answer_early=True)) for r in range(2)]
+    backup = servers[1].replication
+    dropping = threading.Event()
+    on_replicate = backup.on_replicate
+
+    def drop_updates(peer, msg, frames):  # the lost update: never applied, never acked
+        if not (dropping.is_set() and msg.kind == "grad"):
+            on_replicate(peer, msg, frames)
+    backup.on_replicate = drop_updates
+    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
+    for t in threads:
+        t.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
+                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S, retain=True,
+                      dead_servers=lambda: membership.dead)
+    try:
+        client.connect()
+        client.init_params(flat_of(model))
+        (part,) = shard_map.on_server(0)
+        grad = torch.ones(part.stop - part.start)
+        client.push(part.id, grad, 0).wait()
+        dropping.set()
+        client.push(part.id, grad, 1).wait()  # answered; the backup drops its update
+        assert client.pushes_acked == 2
+        stops[0].set()  # server 0 goes (its Ack never comes); the coordinator says so
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        dropping.clear()
+        for h in client.pull([part.id], clock=0):
+            h.wait()
+        survivor = servers[1].parts[part.id]
+        assert survivor.applied_pushes == client.pushes_acked == 2
+        torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
+                                   rtol=0, atol=0)
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5)
+        client.close()
+        for ep in peers + eps:
+            ep.close()
