@@ -19,6 +19,7 @@ import torch
 
 from tessera.amp.policy import make_policy
 from tessera.amp.scaler import LossScaler
+from tessera.cluster.role import answer_early
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
@@ -170,7 +171,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       worker=session.rank, timeout_s=session.timeout_s,
                       wire_dtype=policy.wire_dtype, check=session.check,
                       profiler=session.profiler, incarnation=session.view.incarnation,
-                      dead_servers=lambda: session.heartbeat.dead_servers)
+                      dead_servers=lambda: session.heartbeat.dead_servers,
+                      retain=answer_early(session.cfg))
     client.connect()
     return client
 

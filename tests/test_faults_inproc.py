@@ -235,7 +235,12 @@ def test_replicas_stay_identical_and_failover_loses_nothing(cluster, mode, opt):
 
     for clock in range(3):
         step(clock)
-    # Every partition's backup copy is bit-identical to its primary (values and state).
+    # Every partition's backup copy is bit-identical to its primary (values and state),
+    # once the backups acked what was forwarded (an async push is answered once the
+    # updates before its own are acked).
+    from tests.harness import wait_for
+    wait_for(lambda: not any(ps.replication.pending() for ps in c.servers), TIMEOUT_S,
+             "the backups' acks")
     for rank, ps in enumerate(c.servers):
         backup = c.servers[(rank + 1) % 2].backups
         for pid, st in ps.parts.items():

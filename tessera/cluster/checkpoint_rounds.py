@@ -24,6 +24,8 @@ No torch here: the coordinator starts in a fraction of a second.
 from __future__ import annotations
 
 import posixpath
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +35,9 @@ import msgspec
 from tessera.config.schema import JobConfig
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
+
+#: Manifests handed to the writer thread and not yet written, at most.
+MANIFEST_QUEUE = 4
 
 
 class CheckpointRounds:
@@ -48,6 +53,12 @@ class CheckpointRounds:
         self.dense_reports: dict[int, tuple[str, int]] = {}
         #: Clocks whose manifest is written, in order.
         self.completed: list[int] = []
+        # The manifest writer thread: (clock, manifest) in, (clock, error) out.
+        self._queue: queue.Queue = queue.Queue(maxsize=MANIFEST_QUEUE)
+        self._done: queue.Queue = queue.Queue()
+        self._inflight: set[int] = set()
+        self._retry_at: dict[int, float] = {}
+        self._writer: Optional[threading.Thread] = None
         self.resume_manifest: Optional[dict] = None
         self.resume_store = None
         if cfg.resume:
@@ -157,10 +168,18 @@ class CheckpointRounds:
 
         ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
         each one is written (the coordinator answers who waits for a checkpoint).
+
+        The writes (and the pruning after each) happen on a writer thread, so that a
+        slow object store never holds up the coordinator's loop (heartbeats, the
+        membership): this call hands them over and reports the ones finished since
+        the last call. The hand-over queue is bounded (:data:`MANIFEST_QUEUE`); while
+        it is full, a round's reports wait here and it is handed over later.
         """
+        self._collect(on_complete)
         for clock in sorted(self.reports):
             got = self.reports[clock]
-            if not live <= set(got) or clock in self.completed:
+            if not live <= set(got) or clock in self.completed or clock in self._inflight \
+                    or time.monotonic() < self._retry_at.get(clock, 0.0):
                 continue
             if self.dense and clock not in self.dense_reports:
                 continue
@@ -173,30 +192,78 @@ class CheckpointRounds:
                     f"checkpoint location must be one every node shares (--checkpoint-dir: "
                     f"a shared filesystem path or an fsspec URL such as s3://bucket/path)")
             try:
-                self.store.write_manifest(clock, manifest_of(clock, got))
-            except OSError as exc:
+                self._queue.put_nowait((clock, manifest_of(clock, got)))
+            except queue.Full:
+                break  # the store is slow: hand it over at a later call
+            self._inflight.add(clock)
+            self._start_writer()
+
+    def flush(self, timeout_s: float, on_complete) -> None:
+        """Wait (at most ``timeout_s``) for the manifests handed over to be written."""
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._collect(on_complete)
+        if self._inflight:
+            print(f"coordinator: checkpoint manifests at clocks {sorted(self._inflight)} were "
+                  f"not written to {self.store.url} within {timeout_s:g} s", flush=True)
+
+    def _collect(self, on_complete) -> None:
+        while True:
+            try:
+                clock, error = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._inflight.discard(clock)
+            if error:  # the reports stay: tried again a little later
+                self._retry_at[clock] = time.monotonic() + 5.0
                 print(f"coordinator: checkpoint manifest at clock {clock} could not be "
-                      f"written to {self.store.url}: {exc}", flush=True)
+                      f"written to {self.store.url}: {error}", flush=True)
                 continue
             print(f"coordinator: checkpoint at clock {clock} complete "
                   f"({self.store.url_of(clock)})", flush=True)
             self.completed.append(clock)
-            del self.reports[clock]
+            self.reports.pop(clock, None)
             self.dense_reports.pop(clock, None)
             on_complete()
-            self.store.prune(self.cfg.checkpoint.keep)
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="manifest-writer",
+                                            daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        """The writer thread: each manifest, then pruning, in order; results go back."""
+        while True:
+            clock, manifest = self._queue.get()
+            error = ""
+            try:
+                self.store.write_manifest(clock, manifest)
+            except Exception as exc:  # reported by the coordinator's loop
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                try:
+                    self.store.prune(self.cfg.checkpoint.keep)
+                except Exception as exc:  # the checkpoint is complete; older ones stay
+                    print(f"coordinator: old checkpoints in {self.store.url} could not be "
+                          f"pruned: {type(exc).__name__}: {exc}", flush=True)
+            self._done.put((clock, error))
 
     def manifest(self, clock: int, files: dict[int, tuple[str, int]], *, shard_map: ShardMap,
                  layout: list, tables: list, optimizer, samples: int,
-                 dead_servers: set[int]) -> dict:
-        """The manifest of the checkpoint at ``clock`` (``files``: server -> (name, bytes))."""
+                 dead_servers: set[int], owners: Optional[dict] = None) -> dict:
+        """The manifest of the checkpoint at ``clock`` (``files``: server -> (name, bytes);
+        ``owners``: partition -> the server holding it now, after failovers)."""
         from tessera.data.sampler import advance_cursor
         cfg = self.cfg
         w, b = cfg.cluster.workers, cfg.data.batch_size
         c0, e0, o0 = self.cursor0
         epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, samples)
         owner = {p.id: p.server for p in shard_map.partitions}
-        for pid, server in owner.items():  # a dead primary's partitions: its backup's file
+        if owners:  # a dead primary's partitions: the file of the server that took over
+            owner.update(owners)
+        for pid, server in owner.items():
             if server in dead_servers:
                 owner[pid] = (server + 1) % cfg.cluster.servers
         dense = {}

@@ -20,11 +20,15 @@ One per job. Its life:
    it gets the view at once (with a new incarnation and the clock it last reported).
    With ``--replication 2`` a dead server is added to ``dead_servers`` so clients
    re-route to its backup; only losing both copies of a partition fails the job.
+   The coordinator keeps where each partition is (``owner``) and where its
+   acknowledged second copy is (``copy_at``): servers re-replicate after a death and
+   report it (:class:`Replicated`), so a later death is survived too.
 4. **Checkpoints.** Servers report each file they write (:class:`CheckpointSaved`);
    once every live server has reported a clock, the coordinator writes that
    checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
    config and each worker's data position, and prunes old checkpoints
-   (:mod:`tessera.cluster.checkpoint_rounds`). The launcher asks for one on
+   (:mod:`tessera.cluster.checkpoint_rounds`), both on a writer thread: a slow
+   object store never delays a heartbeat reply. The launcher asks for one on
    SIGINT/SIGTERM (:class:`CheckpointNow`, answered when complete).
 5. **End.** When every worker has sent :class:`Finished`, heartbeats answer
    ``shutdown``; servers send their own reports and exit; the coordinator writes
@@ -105,6 +109,10 @@ class Coordinator:
         self.departed: dict[int, int] = {}
         self.lost_at: dict[tuple[str, int], float] = {}
         self.dead_servers: set[int] = set()
+        #: Partition -> the server that owns it now, and the one holding its acknowledged
+        #: second copy (replication; a primary re-replicating has none until it reports).
+        self.owner: dict[int, int] = {}
+        self.copy_at: dict[int, int] = {}
         self.worker_clock: dict[int, int] = {}
         self.departures = 0
         # Checkpoints.
@@ -154,6 +162,8 @@ class Coordinator:
                     if now - since > cl.startup_timeout_s:
                         self._fail(f"{key[0]} {key[1]} died and did not come back within "
                                    f"{cl.startup_timeout_s:.0f} s")
+            if self.rounds.reports:  # manifests handed to (and back from) the writer thread
+                self._maybe_manifest()
             needed = {k for k in self.expected
                       if not (k[0] == "server" and k[1] in self.dead_servers)}
             if self.state == "shutdown" and all(k in self.finished for k in needed):
@@ -180,15 +190,25 @@ class Coordinator:
                   f"rejoin", flush=True)
             return
         if self.state == "running" and role == "server" and self.cfg.ps.replication == 2:
-            servers = cl.servers
             self.dead_servers.add(rank)
             self.last_seen.pop(key, None)
-            if (rank + 1) % servers in self.dead_servers or (rank - 1) % servers in self.dead_servers:
-                self._fail(f"{reason}; with server {rank} and its neighbour both dead, some "
-                           f"partitions have no copy left")
+            # Its partitions move to the server holding their acknowledged copy; copies
+            # it held are gone (their primaries re-replicate and report: Replicated).
+            lost = sorted(pid for pid, s in self.owner.items()
+                          if s == rank and self.copy_at.get(pid, -1) in self.dead_servers | {-1})
+            if lost:
+                self._fail(f"{reason}; partitions {lost} had their other copy on it or on a "
+                           f"server dead before (re-replication had not finished): no copy left")
                 return
-            print(f"coordinator: {reason}; server {(rank + 1) % servers} takes over its "
-                  f"partitions", flush=True)
+            heirs = sorted({self.copy_at[pid] for pid, s in self.owner.items() if s == rank})
+            for pid, s in list(self.owner.items()):
+                if s == rank:
+                    self.owner[pid] = self.copy_at.pop(pid)
+            for pid, s in list(self.copy_at.items()):
+                if s == rank:
+                    del self.copy_at[pid]
+            print(f"coordinator: {reason}; server(s) {heirs or '-'} take over its partitions; "
+                  f"re-replicating", flush=True)
             self.profiler.instant(f"server {rank} dead, backup promoted", "membership")
             self._maybe_manifest()
             return
@@ -238,6 +258,14 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
                                if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
+        elif isinstance(msg, wire.Replicated):
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
+            if msg.backup not in self.dead_servers:
+                moved = [pid for pid in msg.partitions if self.owner.get(pid) == msg.rank]
+                for pid in moved:
+                    self.copy_at[pid] = msg.backup
+                print(f"coordinator: server {msg.rank}'s partitions {moved} have their second "
+                      f"copy on server {msg.backup} again", flush=True)
         elif isinstance(msg, wire.CheckpointNow):
             if self.state != "running" or not self.rounds.on_request:
                 self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
@@ -319,6 +347,10 @@ class Coordinator:
                            for p in self.shard_map.partitions],
         })
         self.procs_sorted = procs
+        servers = cfg.cluster.servers
+        self.owner = {p.id: p.server for p in self.shard_map.partitions}
+        if cfg.ps.replication == 2 and servers > 1:  # the ring: server s + 1 backs up s
+            self.copy_at = {p.id: (p.server + 1) % servers for p in self.shard_map.partitions}
         for peer, req in self.held:
             self.endpoint.send(peer, self._view(req))
         self.held.clear()
@@ -365,7 +397,8 @@ class Coordinator:
     def _manifest(self, clock: int, files: dict[int, tuple[str, int]]) -> dict:
         return self.rounds.manifest(clock, files, shard_map=self.shard_map, layout=self.layout,
                                     tables=self.tables, optimizer=self.optimizer,
-                                    samples=self.samples, dead_servers=self.dead_servers)
+                                    samples=self.samples, dead_servers=self.dead_servers,
+                                    owners=self.owner)
 
     def _checkpoint_done(self) -> None:
         for peer, req in self.checkpoint_waiters:
@@ -376,6 +409,8 @@ class Coordinator:
 
     def _write_summary(self) -> None:
         cfg = self.cfg
+        self._maybe_manifest()
+        self.rounds.flush(cfg.cluster.timeout_s, self._checkpoint_done)
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
         servers = [self.finished.get(("server", r), {}) for r in range(cfg.cluster.servers)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
@@ -423,7 +458,6 @@ class Coordinator:
             "config": msgspec.to_builtins(cfg),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)
-        self._maybe_manifest()
         if self.cfg.profile.enabled:
             self._write_profile()
 
@@ -431,10 +465,7 @@ class Coordinator:
         """Worker pushes applied, counted on the copy of each partition that survived."""
         total = 0
         for p in self.shard_map.partitions if self.shard_map else ():
-            owner = p.server
-            if owner in self.dead_servers:
-                owner = (owner + 1) % self.cfg.cluster.servers
-            total += int(servers[owner].get(f"applied.p{p.id}", 0))
+            total += int(servers[self.owner.get(p.id, p.server)].get(f"applied.p{p.id}", 0))
         return total
 
     def _write_profile(self) -> None:

@@ -115,7 +115,19 @@ def serve(session) -> None:
         backup = topo.backup_server
         backup_peer = ClientEndpoint(session.ctx, topo.server_addresses[backup], session.secret,
                                      f"server {backup} (backup)", sndtimeo_s=cfg.cluster.timeout_s)
-        backup_peer.wait_connected(cfg.cluster.timeout_s, session.check)
+
+        class BackupGone(Exception):
+            pass
+
+        def check() -> None:  # a backup that died at start-up: carry on with one copy
+            session.check()
+            if backup in session.heartbeat.membership()[1]:
+                raise BackupGone()
+        try:
+            backup_peer.wait_connected(cfg.cluster.timeout_s, check)
+        except BackupGone:
+            backup_peer.close()
+            backup_peer = None
     # Always a store: an interrupted launcher asks for a checkpoint at any time.
     from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
     store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
@@ -134,7 +146,11 @@ def serve(session) -> None:
                           membership=session.heartbeat.membership,
                           on_checkpoint=session.report_checkpoint),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
-                          peer=backup_peer, primary=primary_of_backups),
+                          peer=backup_peer, primary=primary_of_backups,
+                          partitions=tuple(view.partitions),
+                          connect=lambda r: connect_server(session, topo, r),
+                          report=session.report_replicated,
+                          answer_early=answer_early(cfg)),
         checkpoint_store=store, profiler=session.profiler)
     if view.restore is not None:
         server.restore(view.restore)
@@ -152,6 +168,35 @@ def serve(session) -> None:
     if backup_peer is not None:
         backup_peer.close()
     endpoint.close()
+
+
+def answer_early(cfg) -> bool:
+    """Replication answers a push once the updates before it are on the backup, the
+    clients keeping their last answered push (not under sync loss scaling, whose held
+    pushes wait for a verdict). The client's ``retain`` follows the same rule."""
+    return cfg.ps.replication == 2 and not (cfg.precision == "fp16" and cfg.ps.mode == "sync")
+
+
+def connect_server(session, topo, rank: int):
+    """A connected endpoint to server ``rank`` (a new backup, re-replication); None if
+    it is declared dead before the handshake."""
+    from tessera.transport.endpoint import ClientEndpoint
+
+    class Gone(Exception):
+        pass
+
+    def check() -> None:
+        session.check()
+        if rank in session.heartbeat.membership()[1]:
+            raise Gone()
+    peer = ClientEndpoint(session.ctx, topo.server_addresses[rank], session.secret,
+                          f"server {rank} (backup)", sndtimeo_s=session.cfg.cluster.timeout_s)
+    try:
+        peer.wait_connected(session.cfg.cluster.timeout_s, check)
+    except Gone:
+        peer.close()
+        return None
+    return peer
 
 
 def server_main() -> None:

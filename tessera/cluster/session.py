@@ -157,6 +157,13 @@ class Session:
             time.sleep(0.02)
         return True
 
+    def report_replicated(self, backup: int, partitions: list[int]) -> None:
+        """A server tells the coordinator a full copy of its partitions is on ``backup``."""
+        self._coord.request(wire.Replicated(req=self._coord.new_req(), rank=self.rank,
+                                            backup=backup, partitions=partitions),
+                            timeout_s=self.timeout_s, what="re-replication report",
+                            check=self.heartbeat.check)
+
     def finish(self, stats: dict[str, Any]) -> None:
         """Report this process's counters; the coordinator folds them into summary.json."""
         self.profiler.dump(self.run_dir / "profile" / f"{self.role}-{self.rank}.json")

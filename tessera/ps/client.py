@@ -23,6 +23,7 @@ failure seen by the heartbeat thread surfaces here instead of a hang.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import msgspec
@@ -32,6 +33,7 @@ import zmq
 
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.ps.replication import NOT_PROMOTED
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
@@ -75,7 +77,8 @@ class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
                  check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
-                 incarnation: int = 0, dead_servers: Callable[[], list] = lambda: []):
+                 incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
+                 retain: bool = False):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -91,6 +94,11 @@ class PSClient:
         self.owner = {p.id: p.server for p in shard_map.partitions}
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
+        #: Replication: the last answered push per partition, (message, frames, buffers).
+        #: An async server answers a push once its backup has the updates before it; this
+        #: one it may lack, so after a failover it is sent again (applied at most once).
+        self.retain = retain
+        self._retained: dict[int, tuple] = {}
         self._outstanding: dict[tuple[int, int], Handle] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
         self.seq = incarnation << 40
@@ -103,10 +111,15 @@ class PSClient:
         self.last_reply_ns = 0
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
-        dead = set(self._dead_servers())
         for server, ep in enumerate(self.servers):
-            if server not in dead:
-                ep.wait_connected(timeout_s or self.timeout_s, self.check)
+            def check(server=server) -> None:  # a server declared dead: its backup serves
+                self.check()
+                if server in self._dead_servers():
+                    raise PSClient._Failover()
+            try:
+                ep.wait_connected(timeout_s or self.timeout_s, check)
+            except PSClient._Failover:
+                pass
         self._follow_failures()
 
     # --------------------------------------------------------------- failover
@@ -119,31 +132,54 @@ class PSClient:
         if set(self._dead_servers()) - self._failed_over:
             raise PSClient._Failover()
 
+    def _next_live(self, server: int) -> int:
+        """The server that holds ``server``'s partitions now: the first live one after it
+        in the ring (its backup; with re-replication, the backup's backup and so on)."""
+        n = len(self.servers)
+        for step in range(1, n):
+            candidate = (server + step) % n
+            if candidate not in self._failed_over:
+                return candidate
+        return -1
+
     def _follow_failures(self) -> None:
         """Re-route the partitions of newly dead servers and re-send what is pending."""
         for server in sorted(set(self._dead_servers()) - self._failed_over):
             self._failed_over.add(server)
-            backup = (server + 1) % len(self.servers)
+        for server in sorted(self._failed_over):
             moved = [pid for pid, s in self.owner.items() if s == server]
             if not moved:
                 continue
-            if backup in self._failed_over or len(self.servers) < 2:
-                raise ServerError(f"server {server} died and its backup (server {backup}) is "
-                                  f"gone too: partitions {moved} have no copy left")
+            backup = self._next_live(server)
+            if backup < 0:
+                raise ServerError(f"server {server} died and no server is left: partitions "
+                                  f"{moved} have no copy left")
             for pid in moved:
                 self.owner[pid] = backup
+            again = []
+            for pid in moved:  # answered, maybe not yet on the backup: first, in order
+                if pid in self._retained:
+                    msg, frames, keep = self._retained.pop(pid)
+                    again.append(Handle(self, server, msg.req, f"re-sent answered push of "
+                                        f"partition {pid}", keep=keep, request=(msg, frames)))
+                    self._resend(again[-1], backup)
+            for handle in again:  # not counted again: "push" does not start its name
+                handle.wait()  # before the next clock's pushes (sync takes them in turn)
             for (srv, req), handle in list(self._outstanding.items()):
-                if srv != server or handle._request is None:
-                    continue
-                msg, frames = handle._request
-                ep = self.servers[backup]
-                new_req = ep.new_req()
-                msg = msgspec.structs.replace(msg, req=new_req)
-                ep.send(msg, frames)
-                del self._outstanding[(srv, req)]
-                handle._server, handle._req = backup, new_req
-                handle._request = (msg, frames)
-                self._outstanding[(backup, new_req)] = handle
+                if srv == server and handle._request is not None:
+                    self._resend(handle, backup)
+
+    def _resend(self, handle: "Handle", server: int) -> None:
+        """Send a handle's request again, same (worker, seq), to ``server``."""
+        msg, frames = handle._request
+        ep = self.servers[server]
+        new_req = ep.new_req()
+        msg = msgspec.structs.replace(msg, req=new_req)
+        ep.send(msg, frames)
+        self._outstanding.pop((handle._server, handle._req), None)
+        handle._server, handle._req = server, new_req
+        handle._request = (msg, frames)
+        self._outstanding[(server, new_req)] = handle
 
     def _route(self) -> None:
         """Before sending: re-route first if the coordinator declared a server dead."""
@@ -177,19 +213,23 @@ class PSClient:
     # ----------------------------------------------------------------- calls
 
     def init_params(self, flat: torch.Tensor) -> None:
-        """Send every partition's initial values (worker 0 only) and wait for the acks."""
+        """Send every partition's initial values (worker 0 only) and wait for the acks.
+        A server that dies meanwhile: its backup gets them (the first init wins)."""
         flat = flat.detach().to("cpu", torch.float32).contiguous()
-        pending = []
-        for server, ep in enumerate(self.servers):
-            ids = [p.id for p in self.shard_map.on_server(server)]
-            if not ids:
-                continue
+        self._route()
+        by_server: dict[int, list[int]] = {}
+        for p in self.shard_map.partitions:
+            by_server.setdefault(self.owner[p.id], []).append(p.id)
+        handles = []
+        for server, ids in by_server.items():
+            ep = self.servers[server]
             frames = [tensor_to_frame(flat[self.parts[i].start:self.parts[i].stop]) for i in ids]
-            req = ep.new_req()
-            ep.send(wire.InitParams(req=req, partitions=ids, dtype="float32"), frames)
-            pending.append((server, req))
-        for server, req in pending:
-            self._expect(server, req, "initial values", None, wire.Ack)
+            msg = wire.InitParams(req=ep.new_req(), partitions=ids, dtype="float32")
+            ep.send(msg, frames)
+            handles.append(self._track(Handle(self, server, msg.req, "initial values",
+                                              keep=flat, request=(msg, frames))))
+        for handle in handles:
+            handle.wait()
 
     def pull(self, partitions: Optional[list[int]] = None, clock: int = 0,
              commit: Optional[bool] = None, coef: float = 1.0) -> list[Handle]:
@@ -222,6 +262,8 @@ class PSClient:
         info = self.parts[partition]
         dtype = dtype or self.wire_dtype
         payload = grad.detach().to("cpu", torch_dtype(dtype)).contiguous()
+        if self.retain and payload.data_ptr() == grad.data_ptr():
+            payload = payload.clone()  # kept after the answer (retain): not the live gradient
         if payload.numel() != info.stop - info.start:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
@@ -309,17 +351,41 @@ class PSClient:
         return msg, frames
 
     def _finish_handle(self, handle: Handle, timeout_s):
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             try:
                 result = self._finish(handle._server, handle._req, handle._what, timeout_s)
             except PSClient._Failover:
                 self._follow_failures()
                 continue
+            except ServerError as exc:
+                # A backup not yet promoted (it has not heard of its primary's death from
+                # the coordinator yet): ask again until it has, within the timeout.
+                if NOT_PROMOTED not in str(exc) or handle._request is None:
+                    raise
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{exc} (still after {timeout_s or self.timeout_s:g} s "
+                                      f"of retries)") from None
+                time.sleep(0.05)
+                self.check()
+                self._route()
+                self._resend(handle, self.owner.get(self._first_partition(handle),
+                                                    handle._server))
+                continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
-            if handle._what.startswith("push") and not result[1]:
-                self.pushes_acked += 1
+            if handle._what.startswith("push"):
+                if not result[1]:
+                    self.pushes_acked += 1
+                if self.retain and handle._request is not None:
+                    msg, frames = handle._request
+                    self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
             return result
+
+    @staticmethod
+    def _first_partition(handle: Handle) -> int:
+        parts = getattr(handle._request[0], "partitions", None) or [-1]
+        return parts[0]
 
     def _finish(self, server: int, req: int, what: str, timeout_s):
         msg, frames = self._expect(server, req, what, timeout_s,

@@ -5,8 +5,15 @@ and a backup (the next server, ``rank + 1``). The protocol is primary-backup
 replication in its plainest form (Alsberg and Day, 1976; the chain of two that
 ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
 
-1. Before answering any push, the primary forwards the gradient it applies
-   (:class:`~tessera.transport.wire.Replicate`) and waits for the backup's Ack.
+1. The primary forwards the gradient it applies
+   (:class:`~tessera.transport.wire.Replicate`) and applies it too; every answer to a
+   client sent after that is held until the backup's Ack for it has come back
+   (:meth:`Replicator.forward`, :meth:`Replicator.reply`). The serve loop goes on
+   meanwhile, so the round trip to the backup overlaps the primary's own work and
+   further requests instead of blocking them, and acknowledged still means on both.
+   With ``answer_early`` a push waits only for the updates before its own (sync: the
+   previous clock's; :meth:`Replicator.mark`): its worker keeps it and sends it again
+   after a failover, so the round trip to the backup leaves the step's critical path.
 2. The backup applies the same gradient with the same optimizer, so the copies stay
    bit-identical; a push sequence number (or the clock) keeps a re-sent update from
    being applied twice.
@@ -16,12 +23,19 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
 4. When the coordinator declares the primary dead, or a client first asks the backup
    for one of those partitions, the backup is promoted: it owns them from then on;
    pushes for a clock it has already applied are answered, not applied again.
-5. When the backup dies, the primary drops it and carries on with one copy.
+5. When the backup dies, the primary drops it (the held answers go out).
+6. Re-replication: after any server death each live server's backup is the next live
+   server in the ring. A primary whose backup changed (its backup died, or it was
+   promoted) streams a full copy of its partitions (values, optimizer state, clock,
+   counters) to the new backup (``kind="copy"``), then forwards updates there as
+   before, and tells the coordinator (``report``), which from then on counts that copy
+   as the partitions' second one: a later death of the primary is survived too.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -32,15 +46,29 @@ from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 
+#: In a refusal: the server backs the partition up and will own it once the coordinator's
+#: word that its primary died arrives; the client asks again (PSClient).
+NOT_PROMOTED = "not promoted yet"
+
 
 @dataclass(frozen=True)
 class Replicas:
     """What one server knows of replication: whose partitions it backs up, and who
-    backs up its own (``peer``: a ClientEndpoint to server ``rank + 1``)."""
+    backs up its own (``peer``: a ClientEndpoint to server ``rank + 1``).
+
+    For re-replication: ``partitions`` (every partition of the job), ``connect(rank)``
+    (a connected ClientEndpoint to server ``rank``, or None if it died meanwhile) and
+    ``report(backup, partition ids)`` (tells the coordinator a full copy is there)."""
 
     backups: tuple[wire.PartitionInfo, ...] = ()
     peer: object = None
     primary: int = -1
+    partitions: tuple[wire.PartitionInfo, ...] = ()
+    connect: Optional[Callable[[int], object]] = None
+    report: Callable[[int, list], None] = lambda backup, pids: None
+    #: Answer a push once the updates before its own are on the backup (the clients
+    #: keep their last answered push: PSClient ``retain``); False: once its own is.
+    answer_early: bool = False
 
 
 class Replicator:
@@ -57,19 +85,35 @@ class Replicator:
         self.policy, self.new_rule, self.stats = policy, new_rule, stats
         self.endpoint, self.handle = endpoint, handle
         self.check, self.membership = hooks.check, hooks.membership
+        self.infos = {p.id: p for p in replicas.partitions}
+        self.connect, self.report = replicas.connect, replicas.report
+        self.answer_early = replicas.answer_early
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
         self.deferred: list = []
         self._dead_servers: set[int] = set()
+        #: The backup's rank (-1: none), and the partitions it holds a copy of.
+        self.peer_rank = (self.rank + 1) % max(1, self.num_servers) if self.peer else -1
+        self.replicated: set[int] = set(parts) if self.peer else set()
+        #: Which primary each backed-up partition came from.
+        self.source = {pid: self.primary for pid in backups}
+        #: Replicate requests sent and not yet acknowledged: (req, sent at, kept buffers).
+        self._unacked: deque = deque()
+        #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
+        self._held: deque = deque()
+        #: Re-replication in flight: the copies' last request, and what to report.
+        self._copy: Optional[tuple[int, int, list]] = None
+        self._sockets = None
 
     # --------------------------------------------------------------- primary
 
     def send(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
              seq: int = -1, hparams: Optional[list] = None) -> None:
-        """Have the backup apply the same thing, and wait for its Ack."""
+        """Have the backup apply the same thing, and wait for its Ack (blocking; the
+        serve loop's dense updates use :meth:`forward`)."""
         peer = self.peer
-        if peer is None or st.info.server != self.rank:
+        if peer is None or st.info.id not in self.replicated:
             return
-        from tessera.transport.endpoint import TransportError
+        from tessera.transport.endpoint import PeerTimeout, TransportError
         req = peer.new_req()
         peer.send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id], clock=st.clock,
                                  pushes=pushes, worker=worker, seq=seq, hparams=hparams),
@@ -80,8 +124,11 @@ class Replicator:
             try:
                 msg, _ = peer.wait(req, 0.01, "replication")
                 break
-            except TransportError:
-                pass
+            except PeerTimeout:
+                pass  # not yet
+            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
+                raise RequestError(f"backup {peer.peer_name} answered replication of partition "
+                                   f"{st.info.id} with a malformed reply: {exc}") from None
             self._serve_replication_meanwhile()
             if self._backup_dead():
                 self._drop_backup("it was declared dead")
@@ -91,20 +138,144 @@ class Replicator:
                                    f"within {self.timeout_s:g} s")
         if isinstance(msg, wire.Error):
             raise RequestError(f"backup {peer.peer_name} refused replication: {msg.message}")
+        if not isinstance(msg, wire.Ack):
+            raise RequestError(f"backup {peer.peer_name} answered replication of partition "
+                               f"{st.info.id} with {type(msg).__name__}, not an Ack")
         self.stats["replicated"] += 1
 
+    def forward(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
+                seq: int = -1, hparams: Optional[list] = None) -> None:
+        """Send the backup what the primary applies now, without waiting: answers sent
+        from here on (:meth:`reply`) wait for its Ack (:meth:`take_acks`)."""
+        peer = self.peer
+        if peer is None or st.info.id not in self.replicated:
+            return
+        keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
+        self._send(wire.Replicate(req=peer.new_req(), kind=kind, partitions=[st.info.id],
+                                  clock=st.clock, pushes=pushes, worker=worker, seq=seq,
+                                  hparams=hparams), [keep])
+
+    def _send(self, msg: wire.Replicate, tensors: list) -> None:
+        from tessera.transport.endpoint import TransportError
+        try:
+            self.peer.send(msg, [tensor_to_frame(t) for t in tensors])
+        except TransportError as exc:
+            self._fail(f"backup {self.peer.peer_name} did not take replication: {exc}")
+            return
+        self._unacked.append((msg.req, time.monotonic(), tensors))
+
+    def reply(self, peer: bytes, msg, frames: list = (), after: Optional[int] = None) -> None:
+        """Answer a client: now, or once the backup has every update sent before
+        (``after``: only those up to that request, :meth:`mark`)."""
+        needed = self._unacked[-1][0] if self._unacked else -1
+        if after is not None:
+            needed = min(needed, after)
+        if needed >= 0 and self._unacked and needed >= self._unacked[0][0]:
+            self._held.append((needed, peer, msg, list(frames)))
+        else:
+            self.endpoint.send(peer, msg, frames)
+
+    def mark(self) -> Optional[int]:
+        """The last request forwarded so far (-1: none is unacknowledged; None: answers
+        wait for every update, ``answer_early`` is off).
+
+        Pushes are answered once the backup acked the updates forwarded *before* theirs
+        (:meth:`reply` ``after=mark()``; sync: the clock before), not their own: the client keeps its last
+        answered push per partition and sends it again to the new owner after a
+        failover (:class:`~tessera.ps.client.PSClient`, ``retain``), so the one update
+        the backup may lack is never lost, and the round trip to the backup leaves the
+        push's critical path."""
+        if not self.answer_early:
+            return None
+        return self._unacked[-1][0] if self._unacked else -1
+
+    def pending(self) -> bool:
+        return bool(self._unacked)
+
+    def take_acks(self) -> None:
+        """Take the backup's Acks that have arrived; send the answers they release."""
+        from tessera.transport.endpoint import PeerTimeout, TransportError
+        peer = self.peer
+        while self._unacked and peer is not None:
+            req, sent, _ = self._unacked[0]
+            try:
+                msg, _ = peer.wait(req, 1e-4, "replication")
+            except PeerTimeout:
+                if time.monotonic() - sent > self.timeout_s:
+                    if self._backup_dead():
+                        self._drop_backup("it was declared dead")
+                    else:
+                        self._fail(f"backup {peer.peer_name} did not acknowledge replication "
+                                   f"within {self.timeout_s:g} s")
+                return
+            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
+                self._fail(f"backup {peer.peer_name} answered replication with a malformed "
+                           f"reply: {exc}")
+                return
+            if isinstance(msg, wire.Error):
+                self._fail(f"backup {peer.peer_name} refused replication: {msg.message}")
+                return
+            if not isinstance(msg, wire.Ack):
+                self._fail(f"backup {peer.peer_name} answered replication with "
+                           f"{type(msg).__name__}, not an Ack")
+                return
+            self._unacked.popleft()
+            self.stats["replicated"] += 1
+            if self._held:  # held in order of arrival; each waits for its own request
+                still: deque = deque()
+                for entry in self._held:
+                    if entry[0] <= req or not self._unacked:
+                        self.endpoint.send(entry[1], entry[2], entry[3])
+                    else:
+                        still.append(entry)
+                self._held = still
+            if self._copy is not None and self._copy[0] == req:
+                _, backup, pids = self._copy
+                self._copy = None
+                print(f"server {self.rank}: partitions {sorted(pids)} copied to server "
+                      f"{backup}, the new backup: two copies again", flush=True)
+                self.report(backup, sorted(pids))
+
+    def _release_held(self) -> None:
+        while self._held:
+            _, to, reply, frames = self._held.popleft()
+            self.endpoint.send(to, reply, frames)
+
+    def _fail(self, why: str) -> None:
+        """The backup failed us (not declared dead): refuse every held answer, naming it."""
+        print(f"server {self.rank}: {why}", flush=True)
+        while self._held:
+            _, to, reply, _ = self._held.popleft()
+            self.endpoint.send(to, wire.Error(req=getattr(reply, "req", 0),
+                                              message=f"server {self.rank}: {why}"))
+        self._unacked.clear()
+        self.stats["errors"] += 1
+
+    def sockets(self) -> list:
+        """What the serve loop polls: the server's socket, and the backup's while Acks
+        are due."""
+        return [self.endpoint.sock] + ([self.peer.sock] if self.peer is not None
+                                       and self._unacked else [])
+
     def _replicated_ids(self) -> set[int]:
-        return {pid for pid, st in self.parts.items() if st.info.server == self.rank}
+        return set(self.parts)
 
     def _backup_dead(self) -> bool:
         _, dead = self.membership()
-        return (self.rank + 1) % max(1, self.num_servers) in dead
+        return self.peer_rank in dead
 
     def _drop_backup(self, why: str) -> None:
-        print(f"server {self.rank}: backup server {(self.rank + 1) % self.num_servers} is "
-              f"gone ({why}); partitions {sorted(self._replicated_ids())} now have one copy",
+        if self.peer is None:
+            return
+        print(f"server {self.rank}: backup server {self.peer_rank} is gone ({why}); "
+              f"partitions {sorted(self._replicated_ids())} have one copy until re-replicated",
               flush=True)
-        self.peer = None
+        self._release_held()  # their updates are here; the backup is gone
+        self._unacked.clear()
+        self._copy = None
+        # Not closed here: its owner closes it (the process's context, at the end).
+        self.peer, self.peer_rank = None, -1
+        self.replicated = set()
 
     def _serve_replication_meanwhile(self) -> None:
         """While our backup has not answered, answer our primary's Replicate requests
@@ -119,6 +290,9 @@ class Replicator:
     # ---------------------------------------------------------------- backup
 
     def on_replicate(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        if msg.kind == "copy":
+            self._on_copy(peer, msg, frames)
+            return
         if len(msg.partitions) != 1 or len(frames) != 1:
             raise RequestError("a Replicate request carries one partition and one frame")
         st = self.backups.get(msg.partitions[0])
@@ -129,55 +303,176 @@ class Replicator:
         if len(frames[0]) != st.numel * 4:
             raise RequestError(f"partition {st.info.id} replica payload is {len(frames[0])} "
                                f"bytes; {st.numel} float32 elements are {st.numel * 4} bytes")
+        if msg.kind not in ("init", "grad", "sum"):
+            raise RequestError(f"unknown replication kind {msg.kind!r}")
+        if msg.kind != "init" and st.rule is None:
+            raise RequestError(f"partition {st.info.id} replica has no initial values")
         values = frame_to_tensor(frames[0].buffer, "float32", st.numel)
         if msg.kind == "init":
             if st.rule is None:
                 st.rule = self.new_rule(values.clone(), st.info)
-        elif msg.kind == "grad":
-            if st.rule is None:
-                raise RequestError(f"partition {st.info.id} replica has no initial values")
-            fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
-                else msg.clock >= st.clock
-            if fresh:
-                if msg.hparams is not None:
-                    st.rule.set_hparams(msg.hparams)
-                st.rule.apply(values.clone())
-                self.policy.replayed(st, msg.clock)
-                st.applied_pushes += msg.pushes
-                if msg.seq >= 0:
-                    st.last_seq[msg.worker] = msg.seq
-        else:
-            raise RequestError(f"unknown replication kind {msg.kind!r}")
+            self.endpoint.send(peer, wire.Ack(req=msg.req))
+            return
+        fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
+            else msg.clock >= st.clock
+        if fresh:
+            if msg.hparams is not None:
+                st.rule.set_hparams(msg.hparams)
+            grad = values.clone()
+            if msg.kind == "sum" and msg.pushes > 1:  # the primary's take_mean, same op
+                grad.div_(msg.pushes)
+            st.rule.apply(grad)
+            self.policy.replayed(st, msg.clock)
+            st.applied_pushes += msg.pushes
+            if msg.seq >= 0:
+                st.last_seq[msg.worker] = msg.seq
+        self.endpoint.send(peer, wire.Ack(req=msg.req))  # applied: acknowledged
+
+    def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        """A primary's full copy of one partition: this server is its backup now."""
+        from tessera.ps.partition import PartitionState
+        if len(msg.partitions) != 1:
+            raise RequestError("a copy carries one partition")
+        pid = msg.partitions[0]
+        info = self.infos.get(pid)
+        if info is None or pid in self.parts:
+            raise RequestError(f"copy of partition {pid} refused: "
+                               f"{'it is owned here' if info else 'no such partition'}")
+        if len(frames) != len(msg.names) or (frames and msg.names[0] != "values"):
+            raise RequestError(f"a copy of partition {pid} names {len(msg.names)} tensors "
+                               f"but carries {len(frames)} frames")
+        st = PartitionState(info=info)
+        if frames:
+            numel = info.stop - info.start
+            if len(frames[0]) != numel * 4:
+                raise RequestError(f"copy of partition {pid}: values are {len(frames[0])} "
+                                   f"bytes, expected {numel * 4}")
+            st.rule = self.new_rule(frame_to_tensor(frames[0].buffer, "float32", numel).clone(),
+                                    info)
+            state = {}
+            if len(msg.dtypes) != len(frames):
+                raise RequestError(f"a copy of partition {pid} gives {len(msg.dtypes)} dtypes "
+                                   f"for {len(frames)} frames")
+            for name, frame, dtype in zip(msg.names[1:], frames[1:], msg.dtypes[1:]):
+                kind = getattr(torch, dtype.removesuffix("[]"), None)
+                if not isinstance(kind, torch.dtype):
+                    raise RequestError(f"copy of partition {pid}: {dtype!r} is not a dtype")
+                raw = bytearray(frame.buffer)
+                if len(raw) % kind.itemsize:
+                    raise RequestError(f"copy of partition {pid}: {name} is {len(raw)} bytes, "
+                                       f"not a whole number of {dtype} elements")
+                value = torch.frombuffer(raw, dtype=kind) if raw else torch.zeros(0, dtype=kind)
+                state[name] = value.reshape(()) if dtype.endswith("[]") else value
+            if state:
+                try:
+                    st.rule.load_state(state)
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    raise RequestError(f"copy of partition {pid}: bad optimizer state: {exc}")
+        st.clock, st.applied_pushes = msg.clock, msg.pushes
+        st.last_seq = dict(msg.last_seq)
+        self.backups[pid] = st
+        self.source[pid] = msg.source
+        self.stats["copies_received"] = self.stats.get("copies_received", 0) + 1
         self.endpoint.send(peer, wire.Ack(req=msg.req))
 
-    def promote(self, why: str) -> None:
-        """Take over the partitions we back up: their primary is dead."""
-        if not self.backups:
+    def promote(self, why: str, pids=None) -> None:
+        """Take over the partitions we back up (``pids``: those; default all): their
+        primary is dead."""
+        pids = sorted(self.backups if pids is None else pids)
+        if not pids:
             return
-        for pid, st in self.backups.items():
+        for pid in pids:
+            st = self.backups.pop(pid)
+            self.source.pop(pid, None)
             st.waiters, st.accum = [], None
             st.pushed_by = set()
             self.policy.taken_over(st)
             self.parts[pid] = st
-        self.stats["promoted"] += len(self.backups)
-        print(f"server {self.rank}: promoted to primary of partitions {sorted(self.backups)} "
-              f"({why})", flush=True)
-        self.backups.clear()
+        self.stats["promoted"] += len(pids)
+        print(f"server {self.rank}: promoted to primary of partitions {pids} ({why})",
+              flush=True)
 
     def promote_for(self, pid: int) -> Optional[object]:
-        """A client asked for ``pid``, which we back up: clients only send here once the
-        coordinator declared the primary dead, so take over. The partition, or None."""
-        st = self.backups.get(pid)
-        if st is None or st.rule is None:
-            return None
-        self.promote(f"a client asked for partition {pid}")
-        return self.parts.get(pid)
+        """A client asked for ``pid``, which we back up: it sends here once the coordinator
+        declared the primary dead. Take over once the coordinator told us too (the
+        client asks again meanwhile: :data:`NOT_PROMOTED`). The partition, or None.
 
-    def follow(self, dead_servers) -> None:
-        """Apply the coordinator's word on dead servers: promote if our primary is one."""
-        for server in dead_servers:
-            if server in self._dead_servers:
-                continue
-            self._dead_servers.add(server)
-            if server == self.primary and self.backups:
-                self.promote(f"server {server} was declared dead")
+        A copy without values yet (the primary died before replicating worker 0's
+        initial values) is taken over too: worker 0 sends them here again, and pulls
+        wait for them."""
+        if pid not in self.backups:
+            return None
+        _, dead = self.membership()
+        self.follow(dead)
+        if pid in self.parts:
+            return self.parts[pid]
+        raise RequestError(f"partition {pid} is backed up here and {NOT_PROMOTED}: its "
+                           f"primary, server {self.source.get(pid, self.primary)}, is not "
+                           f"declared dead yet")
+
+    # ------------------------------------------------------- re-replication
+
+    def _live_after(self, server: int, step: int) -> int:
+        n = max(1, self.num_servers)
+        for k in range(1, n):
+            candidate = (server + step * k) % n
+            if candidate not in self._dead_servers:
+                return candidate
+        return -1
+
+    def follow(self, dead_servers) -> bool:
+        """Apply the coordinator's word on dead servers: promote what a dead primary's
+        partitions we hold, then make sure our partitions have a copy on the next live
+        server. True when a server died since the last call."""
+        new = set(dead_servers) - self._dead_servers
+        if not new:
+            return False
+        self._dead_servers |= new
+        for server in sorted(new):
+            mine = [pid for pid, src in self.source.items() if src == server]
+            self.promote(f"server {server} was declared dead", mine)
+        self.primary = self._live_after(self.rank, -1)
+        backup = self._live_after(self.rank, +1)
+        if self.peer_rank in new:
+            self._drop_backup("it was declared dead")
+        if backup < 0 or backup == self.rank:
+            return True  # the last server: one copy
+        if backup != self.peer_rank:
+            self._drop_backup(f"server {backup} is the next live one now")
+            if self.connect is None:
+                return True
+            self.peer = self.connect(backup)
+            if self.peer is None:
+                return True  # it died meanwhile: the coordinator says so next
+            self.peer_rank = backup
+        self._recopy()
+        return True
+
+    def _recopy(self) -> None:
+        """Stream a full copy of every partition the backup does not have yet."""
+        from tessera.ps.checkpoint import partition_tensors
+        missing = sorted(set(self.parts) - self.replicated)
+        if not missing or self.peer is None:
+            return
+        for pid in missing:
+            st = self.parts[pid]
+            names, tensors = [], []
+            if st.rule is not None:
+                for key, value in partition_tensors(pid, st.rule).items():
+                    names.append("values" if key.endswith("/values") else
+                                 key.split("/state/", 1)[1])
+                    tensors.append(value.contiguous())
+            # sync: the backup's dedupe is by clock (a held push is sent again); async/ssp:
+            # by sequence, as the primary's.
+            seqs = {} if self.policy.sums_clock else dict(st.last_seq)
+            msg = wire.Replicate(req=self.peer.new_req(), kind="copy", partitions=[pid],
+                                 clock=st.clock, pushes=st.applied_pushes, source=self.rank,
+                                 names=names, dtypes=[str(t.dtype).split(".")[-1] +
+                                                      ("[]" if t.dim() == 0 else "")
+                                                      for t in tensors],
+                                 last_seq=seqs)
+            self._send(msg, tensors)
+            self.replicated.add(pid)
+        if self._unacked:
+            self._copy = (self._unacked[-1][0], self.peer_rank, missing)
+        self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing)

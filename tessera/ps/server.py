@@ -31,7 +31,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import msgspec
 import torch
+import zmq
 
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
@@ -85,24 +87,35 @@ class ParameterServer:
                                       handle=self.handle, **shared)
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
+        #: While a completed clock wakes its waiters: the request their answers wait for.
+        self._reply_after: Optional[int] = None
 
     # ------------------------------------------------------------------ loop
 
     def serve(self) -> None:
         """Serve until ``should_stop()``; ``check()`` raises on a cluster failure."""
         deferred = self.replication.deferred
+        replication = self.replication
         while not self.hooks.should_stop():
             self.hooks.check()
             self._follow_membership()
             self.snapshots.finish_writes()
+            replication.take_acks()
             while deferred:
                 self.handle(deferred.pop(0))
-            if not self.endpoint.poll(0.1):
+            if not self._poll(0.1):
                 continue
             for _ in range(256):  # drain what is queued before checking health again
                 self.handle(self.endpoint.recv())
+                if replication.pending():
+                    replication.take_acks()
                 if not self.endpoint.poll(0):
                     break
+        deadline = time.monotonic() + self.options.timeout_s
+        while replication.pending() and time.monotonic() < deadline:  # answers held for Acks
+            self.hooks.check()
+            self._poll(0.01)
+            replication.take_acks()
         self.snapshots.final()
 
     def _on_snapshot_tables(self, peer: bytes, msg: wire.SnapshotTables) -> None:
@@ -113,6 +126,14 @@ class ParameterServer:
         if msg.clock > self.snapshots.last:
             self.snapshots.snapshot(msg.clock)
         self.endpoint.send(peer, wire.Ack(req=msg.req))
+
+    def _poll(self, timeout_s: float) -> bool:
+        """Wait for a request, or for the backup's Acks while answers are held for them."""
+        socks = self.replication.sockets()
+        if len(socks) == 1:
+            return self.endpoint.poll(timeout_s)
+        ready, _, _ = zmq.select(socks, [], [], timeout_s)
+        return self.endpoint.sock in ready
 
     def restore(self, restore: wire.Restore) -> None:
         """Load partitions, backups and table rows from a checkpoint (before serving)."""
@@ -196,8 +217,8 @@ class ParameterServer:
                 self.stats["bytes_received"] += len(frame)
                 fresh.append((st, values))
         for st, values in fresh:
-            self.replication.send("init", st, values)
-        self.endpoint.send(peer, wire.Ack(req=msg.req))
+            self.replication.forward("init", st, values)
+        self.replication.reply(peer, wire.Ack(req=msg.req))
         self.policy.wake(states)
 
     def _on_pull(self, peer: bytes, msg: wire.Pull, frames: list) -> None:
@@ -252,6 +273,7 @@ class ParameterServer:
                    frames: list) -> None:
         """Async/ssp: apply each push as it comes, scaled by 1/workers."""
         policy = self.policy
+        mark = self.replication.mark()  # async: the answer waits for the updates before
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
@@ -267,7 +289,7 @@ class ParameterServer:
         for st, grad in zip(states, grads):
             self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
-            self._send_params(peer, msg.req, states, msg.dtype)
+            self._send_params(peer, msg.req, states, msg.dtype, after=mark)
             return
         policy.counted(states, msg.worker, msg.clock)
         policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply, peer,
@@ -294,6 +316,7 @@ class ParameterServer:
     def _complete(self, states: list[PartitionState]) -> None:
         """Sync: apply (or, under loss scaling, judge) every clock all live workers pushed."""
         advanced = []
+        mark = self.replication.mark()  # answer_early: the answers wait for the clock before
         for st in states:
             if st.verdict is not None or not self.policy.complete(st):
                 continue
@@ -302,14 +325,20 @@ class ParameterServer:
             if st.held:
                 verdict = self.policy.judge(st)
                 for w_peer, w_req in st.verdict_waiters:
-                    verdict.req = w_req
-                    self.endpoint.send(w_peer, verdict)
+                    self.replication.reply(w_peer, msgspec.structs.replace(verdict, req=w_req))
                 st.verdict_waiters.clear()
                 continue
+            # The backup gets the sum (and divides as take_mean does); the replicator keeps
+            # it until the backup's Ack, and the answers to these pushes wait for that Ack.
+            self._replicate(st, "sum", st.accum, pushes=max(1, len(st.pushed_by)))
             grad, n = st.take_mean()
-            self._update(st, grad, pushes=n)
+            self._apply(st, grad, pushes=n)
             advanced.append(st)
-        self.policy.wake(advanced)
+        self._reply_after = mark
+        try:
+            self.policy.wake(advanced)
+        finally:
+            self._reply_after = None
 
     def _commit(self, states: list[PartitionState], clock: int, apply: bool,
                 coef: float = 1.0) -> None:
@@ -369,12 +398,17 @@ class ParameterServer:
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1) -> None:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent)."""
-        hparams, st.hparams = st.hparams, None
-        self.replication.send("grad", st, grad, pushes=pushes, worker=worker, seq=seq,
-                              hparams=hparams)
-        if hparams is not None:
-            st.rule.set_hparams(hparams)
+        self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
         self._apply(st, grad, pushes=pushes)
+
+    def _replicate(self, st: PartitionState, kind: str, tensor: torch.Tensor, pushes: int,
+                   worker: int = -1, seq: int = -1) -> None:
+        """Send the backup the update this server applies next (answers wait for its Ack)."""
+        self.replication.forward(kind, st, tensor, pushes=pushes, worker=worker, seq=seq,
+                                 hparams=st.hparams)
+        if st.hparams is not None:
+            st.rule.set_hparams(st.hparams)
+            st.hparams = None
 
     def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1) -> None:
         t0 = time.perf_counter()
@@ -399,17 +433,17 @@ class ParameterServer:
         return st.rule.master.to(torch_dtype(dtype), copy=True)
 
     def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str,
-                     skipped: bool = False) -> None:
+                     skipped: bool = False, after: Optional[int] = None) -> None:
         frames = [tensor_to_frame(self._values(st, dtype)) for st in states]
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
         clock = min(st.clock for st in states)
-        self.endpoint.send(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
+        self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
-                                             else 0), frames)
+                                             else 0), frames, after=after)
 
     def _answer(self, w: Reply) -> None:
         if w.run_clock >= 0:
             gap = w.run_clock - min(st.clock for st in w.units)
             self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
-        self._send_params(w.peer, w.req, w.units, w.dtype)
+        self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after)

@@ -217,6 +217,16 @@ class CheckpointSaved(msgspec.Struct, **MESSAGE):
     role: str = "server"
 
 
+class Replicated(msgspec.Struct, **MESSAGE):
+    """From a server (re-replication): a full copy of ``partitions``, which it is the
+    primary of, is on server ``backup`` and kept there from now on."""
+
+    req: int
+    rank: int
+    backup: int
+    partitions: list[int]
+
+
 class TimeSync(msgspec.Struct, **MESSAGE):
     """NTP-style clock probe: the reply carries the coordinator's clock at receipt."""
 

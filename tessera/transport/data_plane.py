@@ -105,6 +105,14 @@ class Replicate(msgspec.Struct, **MESSAGE):
     seq: int = -1
     #: The param groups' hyperparameters the primary applied this update with.
     hparams: Optional[list[dict[str, HParam]]] = None
+    #: ``kind`` ``copy`` (re-replication: a full copy of a partition to a new backup):
+    #: the primary's rank, the frames' names (``values``, then optimizer state) and
+    #: dtypes (``[]`` appended: a 0-d tensor), and the primary's per-worker sequence
+    #: numbers (async/ssp dedupe); ``clock``, ``pushes``: its clock and applied pushes.
+    source: int = -1
+    names: list[str] = []
+    dtypes: list[str] = []
+    last_seq: dict[int, int] = {}
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):

@@ -1,0 +1,213 @@
+"""Tier 3: replication under faults with real processes (issue 14 items 6, 8, 9).
+
+A server killed during the start-up pull, and two servers killed one after the
+other (the second after re-replication), with ``--replication 2``: the job ends
+and every acknowledged push was applied on a surviving copy, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tessera.ps.checkpoint import CheckpointStore
+from tests.harness import ROOT, Job, wait_for
+from tests.test_faults import DIGITS, finish, kill_after, metric_lines, pid_of
+
+
+def test_server_killed_during_start_up_pull(tmp_path):
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--replication", "2", "--steps", "60"],
+              timeout_s=150)
+    # cluster.json is written as the coordinator answers the registrations: the workers
+    # are about to send the initial values and pull them.
+    wait_for(lambda: (out / "cluster.json").exists() or job.proc.poll() is not None, 90,
+             "the cluster to come up")
+    assert job.proc.poll() is None, "the job ended before the kill"
+    os.kill(pid_of(out, "server", 1), signal.SIGKILL)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dead_servers"] == [1] and summary["steps"] == 60, output
+    expected = summary["steps"] * summary["workers"] * summary["partitions"]
+    assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
+
+
+def test_slow_store_does_not_stall_the_coordinator(tmp_path, monkeypatch):
+    """Each manifest takes 6 s to commit (longer than the 5 s heartbeat timeout): the
+    coordinator writes it from its writer thread and keeps answering heartbeats."""
+    store = tmp_path / "ckpt"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "slow_store"),
+                                                      str(ROOT)]))
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--steps", "20", "--checkpoint-every",
+               "10", "--checkpoint-dir", f"slowfile://{store}"], timeout_s=150)
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"] == [10, 20], output
+    latest = CheckpointStore(str(store)).latest()
+    assert latest is not None and latest["clock"] == 20
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_two_servers_killed_one_after_the_other_with_re_replication(tmp_path, mode):
+    """3 servers, --replication 2: server 1 dies; server 2 takes over its partitions and
+    copies them to server 0, server 0 copies its own to server 2 (its backup was 1).
+    Then server 2 dies too: server 0 holds everything, and nothing acknowledged is lost."""
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", mode, "--servers", "3",
+               "--replication", "2", "--epochs", "16"], timeout_s=240)
+    kill_after(job, out, "server", 1, 3)
+    logs = out / "logs"
+
+    def copied(rank: int) -> bool:
+        path = logs / f"server-{rank}.log"
+        return path.exists() and "two copies again" in path.read_text()
+    wait_for(lambda: (copied(0) and copied(2)) or job.proc.poll() is not None, 60,
+             "re-replication onto servers 0 and 2")
+    lines = metric_lines(out)
+    kill_after(job, out, "server", 2, lines + 2)  # training goes on in between
+    output = finish(job)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dead_servers"] == [1, 2], output
+    expected = summary["steps"] * summary["workers"] * summary["partitions"]
+    assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
+    assert summary["eval_accuracy"] >= 0.93, summary
+    assert "promoted to primary" in (logs / "server-0.log").read_text()
+
+
+def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
+    """A backup that answers Replicate with bytes that are no message: the push's answer
+    is an error naming that backup within a second, not a wait for the 10 s timeout."""
+    import threading
+    import time
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient, ServerError
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport import wire
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 1, 10_000)
+    primary_ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
+    liar = ServerEndpoint(ctx, "127.0.0.1", SECRET)  # the "backup"
+    peer = ClientEndpoint(ctx, liar.address, SECRET, "server 1 (backup)", sndtimeo_s=TIMEOUT_S)
+    stop = threading.Event()
+    server = ParameterServer(
+        ServerOptions(rank=0, num_workers=1, num_servers=2, mode="sync", timeout_s=TIMEOUT_S),
+        endpoint=primary_ep, partitions=list(shard_map.partitions),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stop.is_set), replicas=Replicas(peer=peer, primary=1))
+
+    def lie() -> None:  # acks the initial values, then answers nonsense
+        while not stop.is_set():
+            if liar.poll(0.05):
+                got = liar.recv()
+                if isinstance(got.msg, wire.Replicate) and got.msg.kind == "init":
+                    liar.send(got.peer, wire.Ack(req=got.msg.req))
+                elif isinstance(got.msg, wire.Replicate):
+                    liar.sock.send_multipart([got.peer, b"\xc1 not msgpack"])
+    threads = [threading.Thread(target=server.serve, daemon=True),
+               threading.Thread(target=lie, daemon=True)]
+    for t in threads:
+        t.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[primary_ep.address],
+                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S)
+    try:
+        client.connect()
+        client.init_params(flat_of(model))
+        started = time.monotonic()
+        grad = torch.ones(shard_map.total_elems)
+        with pytest.raises(ServerError, match=r"backup server 1 \(backup\).*malformed"):
+            for p in shard_map.partitions:
+                client.push(p.id, grad[p.start:p.stop], 0).wait()
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+        client.close()
+        for ep in (peer, liar, primary_ep):
+            ep.close()
+
+
+def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
+    """answer_early: a push is answered before its own update is on the backup. Here the
+    backup drops that update (as if the primary died with it unsent); after the primary
+    is gone the worker sends its retained push to the backup, which applies it: every
+    acknowledged push is applied once on the surviving copy."""
+    import threading
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_faults_inproc import Membership
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 2, 10_000)
+    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
+    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
+                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
+    membership, stops = Membership(), [threading.Event() for _ in range(2)]
+    servers = [ParameterServer(
+        ServerOptions(rank=r, num_workers=1, num_servers=2, mode="async", timeout_s=1.0),
+        endpoint=eps[r], partitions=shard_map.on_server(r),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
+        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
+                          primary=1 - r, answer_early=True)) for r in range(2)]
+    backup = servers[1].replication
+    dropping = threading.Event()
+    on_replicate = backup.on_replicate
+
+    def drop_updates(peer, msg, frames):  # the lost update: never applied, never acked
+        if not (dropping.is_set() and msg.kind == "grad"):
+            on_replicate(peer, msg, frames)
+    backup.on_replicate = drop_updates
+    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
+    for t in threads:
+        t.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
+                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S, retain=True,
+                      dead_servers=lambda: membership.dead)
+    try:
+        client.connect()
+        client.init_params(flat_of(model))
+        (part,) = shard_map.on_server(0)
+        grad = torch.ones(part.stop - part.start)
+        client.push(part.id, grad, 0).wait()
+        dropping.set()
+        client.push(part.id, grad, 1).wait()  # answered; the backup drops its update
+        assert client.pushes_acked == 2
+        stops[0].set()  # server 0 goes (its Ack never comes); the coordinator says so
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        dropping.clear()
+        for h in client.pull([part.id], clock=0):
+            h.wait()
+        survivor = servers[1].parts[part.id]
+        assert survivor.applied_pushes == client.pushes_acked == 2
+        torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
+                                   rtol=0, atol=0)
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5)
+        client.close()
+        for ep in peers + eps:
+            ep.close()
