@@ -247,6 +247,9 @@ class Coordinator:
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
             problem = self.rounds.mismatch(msg)
+            if not problem and self.cfg.ps.replication == 2 and msg.tables:
+                from tessera.ps.table_server import replication_problem
+                problem = replication_problem(msg.tables)
             if problem:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
                 self._fail(problem)
@@ -385,6 +388,14 @@ class Coordinator:
             if owner in self.dead_servers:
                 owner = (owner + 1) % self.cfg.cluster.servers
             total += int(servers[owner].get(f"applied.p{p.id}", 0))
+        # Table row pushes, per shard (the rows hashed to server s), on the surviving copy.
+        for shard in range(self.cfg.cluster.servers):
+            owner = shard
+            if owner in self.dead_servers:
+                owner = (owner + 1) % self.cfg.cluster.servers
+            suffix = f".s{shard}"
+            total += sum(int(v) for k, v in servers[owner].items()
+                         if k.startswith("table_applied.") and k.endswith(suffix))
         return total
 
     def _write_profile(self) -> None:

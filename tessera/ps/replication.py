@@ -93,6 +93,47 @@ class Replicator:
             raise RequestError(f"backup {peer.peer_name} refused replication: {msg.message}")
         self.stats["replicated"] += 1
 
+    def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
+                  seq: int = -1) -> None:
+        """Tables: have the backup apply the same row update to its copy of this
+        server's shard of ``st``'s table (``st.owner``), and wait for its Ack."""
+        peer = self.peer
+        if peer is None or st.owner != self.rank:
+            return
+        req = peer.new_req()
+        peer.send(wire.Replicate(req=req, kind="rows", partitions=[self.rank], clock=st.clock,
+                                 pushes=pushes, worker=worker, seq=seq, table=st.spec.name),
+                  [ids.tobytes(), tensor_to_frame(grads.to(torch.float32).contiguous())])
+        self._await_ack(req, f"table {st.spec.name!r}")
+
+    def _await_ack(self, req: int, what: str) -> None:
+        """Wait for the backup's Ack of ``req``, serving our primary's Replicate
+        requests meanwhile; a dead backup is dropped, a refusal raises."""
+        from tessera.transport.endpoint import TransportError
+        peer = self.peer
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            self.check()
+            try:
+                msg, _ = peer.wait(req, 0.01, "replication")
+                break
+            except TransportError:
+                pass
+            self._serve_replication_meanwhile()
+            if self._backup_dead():
+                self._drop_backup("it was declared dead")
+                return
+            if time.monotonic() > deadline:
+                raise RequestError(f"backup {peer.peer_name} did not acknowledge replication "
+                                   f"of {what} within {self.timeout_s:g} s")
+        if isinstance(msg, wire.Error):
+            raise RequestError(f"backup {peer.peer_name} refused replication of {what}: "
+                               f"{msg.message}")
+        if not isinstance(msg, wire.Ack):
+            raise RequestError(f"backup {peer.peer_name} answered replication of {what} with "
+                               f"{type(msg).__name__}, not an Ack")
+        self.stats["replicated"] += 1
+
     def _replicated_ids(self) -> set[int]:
         return {pid for pid, st in self.parts.items() if st.info.server == self.rank}
 
