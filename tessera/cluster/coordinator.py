@@ -248,7 +248,7 @@ class Coordinator:
                 return
             problem = self.rounds.mismatch(msg)
             if not problem and self.cfg.ps.replication == 2 and msg.tables:
-                from tessera.ps.table_server import replication_problem
+                from tessera.ps.table_replication import replication_problem
                 problem = replication_problem(msg.tables)
             if problem:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
