@@ -50,7 +50,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = tessera.distribute(Model(), "sgd", lr=0.05, momentum=0.9)
     sampler = tessera.shard(1500, batch_size=args.batch)
-    for step in range(model.start_step(args.steps), args.steps):
+    first = model.start_step(args.steps)
+    for step in range(first, args.steps):
         idx = torch.from_numpy(sampler.indices(step))
         loss = F.cross_entropy(model(x[idx], ids[idx]), y[idx])
         loss.backward()
@@ -62,7 +63,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         accuracy = (model(x[1500:], ids[1500:]).argmax(1) == y[1500:]).float().mean().item()
-    tessera.finish(eval_accuracy=accuracy, steps=args.steps)
+    tessera.finish(eval_accuracy=accuracy, steps=args.steps, first_step=first)
 
 
 if __name__ == "__main__":
