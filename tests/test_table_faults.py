@@ -28,6 +28,7 @@ SCRIPT = str(ROOT / "tests" / "scripts" / "table_job.py")
 
 
 def launch(out: Path, *flags, steps: int, sleep: float = 0.0) -> Job:
+    """``flags`` may override ``--mode sync``."""
     return Job(["launch", "--workers", "2", "--servers", "2", "--mode", "sync", "--out", out,
                 "--quiet", *flags, SCRIPT, "--steps", str(steps), "--sleep", str(sleep)],
                timeout_s=240)
@@ -70,16 +71,17 @@ def test_killed_worker_in_a_sync_job_with_tables_rejoins(tmp_path):
     assert summary["steps"] == steps and summary["eval_accuracy"] >= 0.8, summary
 
 
-def test_killed_server_with_replication_loses_no_acknowledged_table_push(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "hybrid"])
+def test_killed_server_with_replication_loses_no_acknowledged_table_push(tmp_path, mode):
     out = tmp_path / "run"
     steps = 300
-    job = launch(out, "--replication", "2", steps=steps, sleep=0.02)
+    job = launch(out, "--replication", "2", "--mode", mode, steps=steps, sleep=0.02)
     kill_mid_training(job, out, "server", 1, 4)
     summary = finish(job, out)
     assert summary["dead_servers"] == [1], summary
     # Every push a worker saw acknowledged (dense partitions and each table shard) was
     # applied once on the surviving copy: per step and worker, one push per partition
-    # and one per table per server.
+    # and one per table per server (hybrid: the servers hold only the table).
     expected = steps * 2 * (summary["partitions"] + 2)
     assert summary["pushes_acked"] == summary["pushes_applied"] == expected, summary
     survivor = (out / "logs" / "server-0.log").read_text()

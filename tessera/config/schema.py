@@ -364,9 +364,10 @@ class JobConfig(msgspec.Struct, **_STRICT):
             self.profile = ProfileConfig(enabled=self.profile)
         mode = self.ps.mode
         if self.ps.replication == 2:
-            if mode not in ("sync", "async", "ssp"):
-                raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions on two servers; mode "
-                                 f"{mode!r} keeps none there (use sync, async or ssp)")
+            if mode not in ("sync", "async", "ssp", "hybrid"):
+                raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions and table "
+                                 f"shards on two servers; mode {mode!r} keeps none there (use sync, "
+                                 f"async, ssp or hybrid)")
             if self.cluster.servers < 2:
                 raise ValueError(f"--replication (ps.replication) 2 needs at least 2 servers (a primary and a "
                                  f"backup), got --servers {self.cluster.servers}")
