@@ -75,7 +75,8 @@ def test_killed_worker_in_a_sync_job_with_tables_rejoins(tmp_path):
 def test_killed_server_with_replication_loses_no_acknowledged_table_push(tmp_path, mode):
     out = tmp_path / "run"
     steps = 300
-    job = launch(out, "--replication", "2", "--mode", mode, steps=steps, sleep=0.02)
+    ckpt = ["--checkpoint-every", "100"] if mode == "sync" else []
+    job = launch(out, "--replication", "2", "--mode", mode, *ckpt, steps=steps, sleep=0.02)
     kill_mid_training(job, out, "server", 1, 4)
     summary = finish(job, out)
     assert summary["dead_servers"] == [1], summary
@@ -88,6 +89,11 @@ def test_killed_server_with_replication_loses_no_acknowledged_table_push(tmp_pat
     assert "promoted to primary of the table shards of server 1" in survivor, survivor[-2000:]
     assert sum(summary["rows_per_server"]["users"]) == 200, summary
     assert summary["eval_accuracy"] >= 0.8, summary
+    if mode == "sync":  # the survivor saves the shard it took over, at the same clock
+        saved = table_tensors(str(out / "checkpoints"), steps)
+        assert {int(v) for k, v in saved.items() if k.endswith("/steps")} == {steps}, saved.keys()
+        ids = torch.cat([v for k, v in saved.items() if k.endswith("/ids")])
+        assert any("t/users@s1/" in k for k in saved) and sorted(ids.tolist()) == list(range(200))
 
 
 def table_tensors(url: str, clock: int) -> dict:
