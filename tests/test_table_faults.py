@@ -204,3 +204,13 @@ def test_a_huge_row_pull_is_refused_split_and_bounded(table_server):
     assert srv.tables.tables["items"].shard.num_rows == 100
     got = client.pull_rows("items", 0, ids[-2:], clock=1, dim=4).wait().reshape(2, 4)
     torch.testing.assert_close(got, initial_rows(ids[-2:], 4, 3, 0.1) - 0.5)
+
+
+def test_replication_refuses_tables_whose_rows_depend_on_lookups():
+    from tests.harness import run_cli
+    # clicks caps each server's rows (max_rows_per_server): the backup, which replays
+    # updates and not lookups, would keep other rows. One line, before anything starts.
+    code, output = run_cli(["run", str(ROOT / "examples" / "clicks.toml"), "--replication", "2"],
+                           timeout_s=60)
+    assert code == 2 and "--replication" in output and "max_rows_per_server" in output, output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output

@@ -374,6 +374,14 @@ class JobConfig(msgspec.Struct, **_STRICT):
             if self.precision == "fp16" and mode == "sync":
                 raise ValueError("--replication (ps.replication) 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
+            m = self.model
+            if m.max_rows_per_server or m.admit_after > 1 or m.evict_after:
+                raise ValueError(f"--replication (ps.replication) 2: a table's backup replays its "
+                                 f"updates, not its lookups, so tables that admit, evict or cap rows "
+                                 f"by lookups cannot be replicated (model.max_rows_per_server="
+                                 f"{m.max_rows_per_server}, admit_after={m.admit_after}, "
+                                 f"evict_after={m.evict_after}); set them to 0, 1, 0 or use "
+                                 f"--replication 1")
         if (self.checkpoint.every or self.resume) and (mode in ("allreduce", "hybrid")
                                                        or pp.stages > 1):
             flag = "--resume" if self.resume else "--checkpoint-every"
