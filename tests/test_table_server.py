@@ -53,8 +53,10 @@ def test_sync_row_pushes_merge_to_the_mean_applied_once(server):
     srv, (c0, c1) = server
     ids0, ids1 = np.array([1, 5, 7]), np.array([5, 9])
     g0, g1 = torch.randn(3, 4), torch.randn(2, 4)
-    c0.push_rows("items", 0, ids0, g0, clock=0).wait()
+    # Sync: a push is answered once its clock is applied, i.e. after both are in.
+    h0 = c0.push_rows("items", 0, ids0, g0, clock=0)
     c1.push_rows("items", 0, ids1, g1, clock=0).wait()
+    h0.wait()
     got = c0.pull_rows("items", 0, np.array([1, 5, 7, 9, 11]), clock=1).wait().reshape(5, 4)
     # Oracle: a plain shard applying the mean of the two workers' gradients once.
     ref = EmbeddingShard(SPEC, SPEC.optimizer)
@@ -79,8 +81,9 @@ def test_bad_ids_are_refused_and_change_nothing(server, bad):
     for k in before:
         torch.testing.assert_close(before[k], after[k])
     # The server still serves, and the clock was not consumed by the refused push.
-    c0.push_rows("items", 0, np.array([2]), torch.ones(1, 4), clock=0).wait()
+    h0 = c0.push_rows("items", 0, np.array([2]), torch.ones(1, 4), clock=0)
     c1.push_rows("items", 0, np.array([], dtype=np.int64), torch.zeros(0, 4), clock=0).wait()
+    h0.wait()
     row = c0.pull_rows("items", 0, np.array([2]), clock=1).wait()
     torch.testing.assert_close(row, initial_rows(np.array([2]), 4, 5, 0.1)[0] - 0.5 * 0.5)
 

@@ -314,6 +314,9 @@ class Coordinator:
                     "coordinator: worker 0 must send the model layout and the optimizer")))
                 return
             problem = self.rounds.mismatch(msg)
+            if not problem and self.cfg.ps.replication == 2 and msg.tables:
+                from tessera.ps.table_replication import replication_problem
+                problem = replication_problem(msg.tables)
             if problem:
                 self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
                 self._fail(problem)
@@ -466,6 +469,15 @@ class Coordinator:
         total = 0
         for p in self.shard_map.partitions if self.shard_map else ():
             total += int(servers[self.owner.get(p.id, p.server)].get(f"applied.p{p.id}", 0))
+        # Table row pushes, per shard (the rows hashed to server s), on the surviving copy:
+        # the shard's own server, or the next one (its backup; table shards are not
+        # re-replicated, so a shard survives one death).
+        n = self.cfg.cluster.servers
+        for shard in range(n):
+            owner = shard if shard not in self.dead_servers else (shard + 1) % n
+            suffix = f".s{shard}"
+            total += sum(int(v) for k, v in servers[owner].items()
+                         if k.startswith("table_applied.") and k.endswith(suffix))
         return total
 
     def _write_profile(self) -> None:

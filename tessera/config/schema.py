@@ -368,15 +368,24 @@ class JobConfig(msgspec.Struct, **_STRICT):
             self.profile = ProfileConfig(enabled=self.profile)
         mode = self.ps.mode
         if self.ps.replication == 2:
-            if mode not in ("sync", "async", "ssp"):
-                raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions on two servers; mode "
-                                 f"{mode!r} keeps none there (use sync, async or ssp)")
+            if mode not in ("sync", "async", "ssp", "hybrid"):
+                raise ValueError(f"ps.replication (--replication) 2 keeps dense partitions and table "
+                                 f"shards on two servers; mode {mode!r} keeps none there (use sync, "
+                                 f"async, ssp or hybrid)")
             if self.cluster.servers < 2:
                 raise ValueError(f"--replication (ps.replication) 2 needs at least 2 servers (a primary and a "
                                  f"backup), got --servers {self.cluster.servers}")
             if self.precision == "fp16" and mode == "sync":
                 raise ValueError("--replication (ps.replication) 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
+            m = self.model
+            if m.max_rows_per_server or m.admit_after > 1 or m.evict_after:
+                raise ValueError(f"--replication (ps.replication) 2: a table's backup replays its "
+                                 f"updates, not its lookups, so tables that admit, evict or cap rows "
+                                 f"by lookups cannot be replicated (model.max_rows_per_server="
+                                 f"{m.max_rows_per_server}, admit_after={m.admit_after}, "
+                                 f"evict_after={m.evict_after}); set them to 0, 1, 0 or use "
+                                 f"--replication 1")
         if (self.checkpoint.every or self.resume or self.cluster.max_restarts) and pp.stages > 1:
             flag = ("--resume" if self.resume else "--checkpoint-every" if self.checkpoint.every
                     else "--max-restarts")

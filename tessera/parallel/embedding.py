@@ -95,7 +95,8 @@ class ShardedEmbeddingBase(nn.Module):
         for s in range(num_servers):
             mask = owners == s
             if mask.any():
-                handles.append((mask, ps.client.pull_rows(self.name, s, uniq_np[mask], clock)))
+                handles.append((mask, ps.client.pull_rows(self.name, s, uniq_np[mask], clock,
+                                                           dim=self.embedding_dim)))
         rows = torch.empty(len(uniq_np), self.embedding_dim, dtype=ps.param_dtype)
         for mask, h in handles:
             rows[torch.from_numpy(mask)] = h.wait().reshape(-1, self.embedding_dim).to(
@@ -166,7 +167,7 @@ def tables_state(client, tables) -> dict[str, torch.Tensor]:
     export`` write for a table."""
     out: dict[str, torch.Tensor] = {}
     for table in tables:
-        parts = [client.dump_rows(table.name, server) for server in range(len(client.servers))]
+        parts = [client.dump_rows(table.name, server) for server in client.row_servers()]
         ids = torch.cat([i for i, _ in parts])
         rows = torch.cat([r.reshape(len(i), table.embedding_dim) for i, r in parts])
         order = torch.argsort(ids)

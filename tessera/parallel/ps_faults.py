@@ -46,7 +46,7 @@ class Rejoin:
         server has yet to reach, from which its pushes count (see ParameterServer)."""
         from tessera.ps.client import ServerError
         if self.mode != "sync":
-            handles = self.client.join(self.clock, incarnation)
+            handles = self.client.join(self.clock, incarnation, tables=bool(self.tables))
             self._copy_in(handles)
             self.log(f"worker {self.client.worker}: rejoined at clock {self.clock}")
             return
@@ -63,7 +63,7 @@ class Rejoin:
                     return
                 target = self.max_clock
             try:
-                self._copy_in(self.client.join(target, incarnation))
+                self._copy_in(self.client.join(target, incarnation, tables=bool(self.tables)))
             except ServerError as exc:
                 if "too late" not in str(exc):
                     raise

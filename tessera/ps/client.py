@@ -73,6 +73,20 @@ class Handle:
         return self._result
 
 
+class _Chunks:
+    """A row pull sent as several requests: wait() -> their rows, concatenated."""
+
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def wait(self, timeout_s: Optional[float] = None) -> torch.Tensor:
+        return torch.cat([h.wait(timeout_s) for h in self._handles])
+
+    def release(self) -> None:
+        for h in self._handles:
+            h.release()
+
+
 class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
@@ -92,6 +106,9 @@ class PSClient:
         self.parts = {p.id: p for p in shard_map.partitions}
         #: Partition -> the server that owns it now (its backup once its primary died).
         self.owner = {p.id: p.server for p in shard_map.partitions}
+        #: Table rows hashed to server s -> the server serving them now (its backup
+        #: once s died).
+        self.shard_owner = list(range(shard_map.num_servers))
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
         #: Replication: the last answered push per partition, (message, frames, buffers).
@@ -148,7 +165,8 @@ class PSClient:
             self._failed_over.add(server)
         for server in sorted(self._failed_over):
             moved = [pid for pid, s in self.owner.items() if s == server]
-            if not moved:
+            shards = [k for k, s in enumerate(self.shard_owner) if s == server]
+            if not moved and not shards:
                 continue
             backup = self._next_live(server)
             if backup < 0:
@@ -156,6 +174,10 @@ class PSClient:
                                   f"{moved} have no copy left")
             for pid in moved:
                 self.owner[pid] = backup
+            for k in shards:  # table shards: only server k + 1 has a copy (never re-copied)
+                nxt = (k + 1) % len(self.servers)
+                self.shard_owner[k] = nxt if server == k and nxt not in self._failed_over \
+                    and len(self.servers) > 1 else -1
             again = []
             for pid in moved:  # answered, maybe not yet on the backup: first, in order
                 if pid in self._retained:
@@ -167,7 +189,18 @@ class PSClient:
                 handle.wait()  # before the next clock's pushes (sync takes them in turn)
             for (srv, req), handle in list(self._outstanding.items()):
                 if srv == server and handle._request is not None:
-                    self._resend(handle, backup)
+                    msg = handle._request[0]
+                    rows = isinstance(msg, (wire.PullRows, wire.PushRows))
+                    self._resend(handle, self._shard_target(msg.shard) if rows else backup)
+
+    def _shard_target(self, shard: int) -> int:
+        """The server serving the table rows hashed to ``shard`` now."""
+        target = self.shard_owner[shard]
+        if target < 0:
+            raise ServerError(f"the table rows of server {shard} have no copy left: that "
+                              f"server and its backup (server {(shard + 1) % len(self.servers)}"
+                              f") died, and table shards are not re-replicated")
+        return target
 
     def _resend(self, handle: "Handle", server: int) -> None:
         """Send a handle's request again, same (worker, seq), to ``server``."""
@@ -190,12 +223,18 @@ class PSClient:
         self._outstanding[(handle._server, handle._req)] = handle
         return handle
 
-    def join(self, clock: int, incarnation: int, timeout_s: Optional[float] = None) -> list[Handle]:
+    def join(self, clock: int, incarnation: int, timeout_s: Optional[float] = None,
+             tables: bool = False) -> list[Handle]:
         """A restarted worker joins at ``clock``: one handle per server; a handle's wait()
-        raises ServerError when that server is already past ``clock``."""
+        raises ServerError when that server is already past ``clock``. With ``tables``,
+        servers that hold only table rows are joined too."""
+        self._route()
         by_server: dict[int, list[int]] = {}
         for pid in self.parts:
             by_server.setdefault(self.owner[pid], []).append(pid)
+        if tables:
+            for server in self.shard_owner:
+                by_server.setdefault(server, [])
         handles = []
         for server, pids in by_server.items():
             ep = self.servers[server]
@@ -284,16 +323,33 @@ class PSClient:
                                   f"push of partition {partition} at clock {clock}",
                                   keep=payload, request=(msg, [frame])))
 
-    def pull_rows(self, table: str, server: int, ids: np.ndarray, clock: int) -> Handle:
-        """Rows of ``table`` for unique int64 ``ids`` held by ``server``; wait() -> [n, dim]."""
-        ep = self.servers[server]
-        req = ep.new_req()
+    def pull_rows(self, table: str, server: int, ids: np.ndarray, clock: int,
+                  dim: Optional[int] = None):
+        """Rows of ``table`` for unique int64 ``ids`` that hash to ``server``; wait() ->
+        the rows, flat ([n * dim]). With ``dim``, a pull whose reply would exceed the
+        servers' limit goes as several requests (each answered on its own)."""
+        from tessera.ps.table_server import ids_per_pull
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        ep.send(wire.PullRows(req=req, worker=self.worker, table=table, clock=clock,
-                              dtype=self.wire_dtype), [ids.tobytes()])
+        step = ids_per_pull(dim, self.wire_dtype) if dim else max(1, len(ids))
+        if len(ids) > step:
+            return _Chunks([self.pull_rows(table, server, ids[i:i + step], clock)
+                            for i in range(0, len(ids), step)])
+        self._route()
+        target = self._shard_target(server)
+        ep = self.servers[target]
+        req = ep.new_req()
+        msg = wire.PullRows(req=req, worker=self.worker, table=table, clock=clock,
+                            dtype=self.wire_dtype, shard=server)
+        frames = [ids.tobytes()]
+        ep.send(msg, frames)
         self.bytes_pushed += ids.nbytes
-        return Handle(self, server, req, f"row pull of table {table!r} at clock {clock}",
-                      keep=ids)
+        return self._track(Handle(self, target, req, f"row pull of table {table!r} at clock "
+                                  f"{clock}", keep=ids, request=(msg, frames)))
+
+    def row_servers(self) -> list[int]:
+        """The servers that serve table rows now (each dead server's backup for it)."""
+        self._route()
+        return sorted({self._shard_target(k) for k in range(len(self.shard_owner))})
 
     def dump_rows(self, table: str, server: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of ``table`` that ``server`` holds: (ids int64 [n], rows fp32 [n, dim])."""
@@ -321,19 +377,23 @@ class PSClient:
 
     def push_rows(self, table: str, server: int, ids: np.ndarray, grads: torch.Tensor,
                   clock: int, scale: float = 1.0) -> Handle:
-        """Row-sparse gradient of ``table`` for ``clock`` (possibly no rows); wait() -> None."""
-        ep = self.servers[server]
-        req = ep.new_req()
+        """Row-sparse gradient of ``table`` for ``clock`` (possibly no rows) for the rows
+        that hash to ``server``; wait() -> True once the server answered it."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         payload = grads.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
         frame = tensor_to_frame(payload)
+        self._route()
+        target = self._shard_target(server)
+        ep = self.servers[target]
+        req = ep.new_req()
         self.seq += 1
-        ep.send(wire.PushRows(req=req, worker=self.worker, seq=self.seq, clock=clock, table=table,
-                              dtype=self.wire_dtype, scale=scale),
-                [ids.tobytes(), frame])
+        msg = wire.PushRows(req=req, worker=self.worker, seq=self.seq, clock=clock, table=table,
+                            dtype=self.wire_dtype, scale=scale, shard=server)
+        frames = [ids.tobytes(), frame]
+        ep.send(msg, frames)
         self.bytes_pushed += ids.nbytes + frame.nbytes
-        return Handle(self, server, req, f"row push of table {table!r} at clock {clock}",
-                      keep=(ids, payload))
+        return self._track(Handle(self, target, req, f"row push of table {table!r} at clock "
+                                  f"{clock}", keep=(ids, payload), request=(msg, frames)))
 
     # -------------------------------------------------------------- replies
 
@@ -374,12 +434,11 @@ class PSClient:
                 continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
-            if handle._what.startswith("push"):
-                if not result[1]:
-                    self.pushes_acked += 1
-                if self.retain and handle._request is not None:
-                    msg, frames = handle._request
-                    self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
+            if handle._what.startswith(("push", "row push")) and not result[1]:
+                self.pushes_acked += 1
+            if handle._what.startswith("push") and self.retain and handle._request is not None:
+                msg, frames = handle._request
+                self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
             return result
 
     @staticmethod

@@ -183,6 +183,12 @@ class EmbeddingShard(ShardState):
         if absent.any():
             admitted = self._admit(unique[absent], clock)
             where = np.flatnonzero(absent)[admitted]
+            budget = self.spec.max_rows
+            if budget and len(self._rows) + len(where) > budget:
+                # The row budget holds on pulls too: rows beyond it are answered with
+                # their initial value (a pure function of the id) without being stored;
+                # an update creates them, evicting the least recently touched.
+                where = where[:max(0, budget - len(self._rows))]
             slots[where] = self._create(unique[where], clock)
         stored = slots >= 0
         if stored.all():
@@ -212,6 +218,9 @@ class EmbeddingShard(ShardState):
         self._pending_count[slots] += 1
         admitted = self._pending_count[slots] >= self.spec.admit_after
         pending.remove(slots[admitted])
+        budget = self.spec.max_rows
+        if budget and len(pending) > budget:  # admission counts are bounded the same way
+            pending.remove(pending.expired(clock, 0, budget))
         return admitted
 
     def apply(self, ids: np.ndarray, grads: torch.Tensor, clock: int) -> None:

@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from tessera.ps.consistency import Consistency, RequestError
@@ -154,6 +155,24 @@ class Replicator:
         self._send(wire.Replicate(req=peer.new_req(), kind=kind, partitions=[st.info.id],
                                   clock=st.clock, pushes=pushes, worker=worker, seq=seq,
                                   hparams=hparams), [keep])
+
+    def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
+                  seq: int = -1) -> None:
+        """Tables: forward to the backup the row update this server applies next to its
+        own shard of ``st``'s table (``st.owner``), without waiting, as :meth:`forward`
+        does for dense partitions: answers sent from here on (:meth:`reply`) wait for
+        its Ack (:meth:`take_acks`). Only the first backup (``rank + 1``) holds a copy
+        of the shard: table shards are not re-replicated, so once it died (and another
+        server backs up the dense partitions) the shard has one copy."""
+        peer = self.peer
+        if peer is None or st.owner != self.rank or \
+                self.peer_rank != (self.rank + 1) % max(1, self.num_servers):
+            return
+        keep_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).copy())
+        keep = grads.detach().to(torch.float32).contiguous().clone()
+        self._send(wire.Replicate(req=peer.new_req(), kind="rows", partitions=[self.rank],
+                                  clock=st.clock, pushes=pushes, worker=worker, seq=seq,
+                                  table=st.spec.name), [keep_ids, keep])
 
     def _send(self, msg: wire.Replicate, tensors: list) -> None:
         from tessera.transport.endpoint import TransportError

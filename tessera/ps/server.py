@@ -77,14 +77,19 @@ class ParameterServer:
                           departures=0, joins=0, replicated=0, promoted=0, checkpoints=0,
                           stale_pushes=0, retries=0)
         self.tables = None
-        if tables:
-            from tessera.ps.table_server import TableService
-            self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
-                                       send=endpoint.send, stats=self.stats)
         shared = dict(parts=self.parts, backups=self.backups, policy=self.policy,
                       new_rule=self._new_rule, stats=self.stats)
         self.replication = Replicator(options, hooks, replicas, endpoint=endpoint,
                                       handle=self.handle, **shared)
+        if tables:
+            from tessera.ps.table_server import TableService
+            # Replicated tables: this server backs up its primary's shards (the ring of
+            # the dense partitions) and forwards its own shards' updates to its backup.
+            backup_of = replicas.primary if replicas.primary != options.rank else -1
+            self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
+                                       send=self.replication.reply, ack=endpoint.send,
+                                       stats=self.stats, replicate=self.replication.send_rows,
+                                       backup_of=backup_of)
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
@@ -156,6 +161,8 @@ class ParameterServer:
                 self._on_init(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
+            elif isinstance(msg, wire.Replicate) and msg.kind == "rows" and self.tables:
+                self.tables.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate):
                 self.replication.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.PullRows) and self.tables is not None:
@@ -369,12 +376,18 @@ class ParameterServer:
             if self.tables is not None:
                 self.tables.follow_membership()
         self.replication.follow(dead_servers)
+        if self.tables is not None:
+            self.tables.follow_servers(dead_servers)
 
     def _on_join(self, peer: bytes, msg: wire.Join) -> None:
-        states = self._states(msg.partitions, None, msg.dtype)
+        states = self._states(msg.partitions, None, msg.dtype) if msg.partitions else []
         if not 0 <= msg.worker < self.options.num_workers:
             raise RequestError(f"worker {msg.worker} is not in this job")
-        wait = self.policy.join(states, msg.worker, msg.clock)
+        if not states and self.tables is None:
+            raise RequestError("request names no partitions")
+        # The join holds for this server's table shards too: none may be past its clock.
+        tables = self.tables.units() if self.tables is not None else []
+        wait = self.policy.join([*states, *tables], msg.worker, msg.clock)
         self.members.join(msg.worker, msg.incarnation)
         self.stats["joins"] += 1
         if wait is None:
@@ -385,6 +398,9 @@ class ParameterServer:
             # A join that arrives before the departure it follows (a fast restart):
             # table clocks that waited only for the dead incarnation complete now too.
             self.tables.follow_membership()
+        if not states:  # only table shards here: the join holds from now on
+            self._send_params(peer, msg.req, states, msg.dtype)
+            return
         self.policy.wait_or_answer(Reply(wait, states, self._reply, peer, msg.req, msg.dtype))
 
     # --------------------------------------------------------------- replies
@@ -436,7 +452,7 @@ class ParameterServer:
                      skipped: bool = False, after: Optional[int] = None) -> None:
         frames = [tensor_to_frame(self._values(st, dtype)) for st in states]
         self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
-        clock = min(st.clock for st in states)
+        clock = min((st.clock for st in states), default=0)
         self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled

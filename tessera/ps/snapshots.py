@@ -43,7 +43,10 @@ class Snapshots:
 
     def progress(self) -> int:
         """The clock every worker has completed, as far as this server knows."""
-        return self.policy.progress(st for st in self.parts.values() if st.rule is not None)
+        units = [st for st in self.parts.values() if st.rule is not None]
+        if self.tables is not None:  # tables are checkpointed at the same clock
+            units += self.tables.units()
+        return self.policy.progress(units)
 
     def ask(self, clock: int) -> None:
         """A push asked for a checkpoint at ``clock``."""
@@ -76,10 +79,14 @@ class Snapshots:
             parts.append([pid, st.info.start, st.info.stop])
         tables = []
         if self.tables is not None:
-            for name, ts in self.tables.tables.items():
+            for ts in self.tables.units():
+                name = ts.spec.name
+                # A shard taken over from a dead server is saved beside this one's own.
+                at = f"t/{name}/" if ts.owner == self.rank else f"t/{name}@s{ts.owner}/"
                 for key, value in ts.shard.export_state().items():
-                    tensors[f"t/{name}/{key}"] = value
-                tables.append(name)
+                    tensors[at + key] = value
+                if name not in tables:
+                    tables.append(name)
         meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
                 "mode": self.policy.name}
         store, rank = self.store, self.rank
@@ -146,14 +153,26 @@ class Snapshots:
             if name not in files:
                 files[name] = store.open_shard(restore.clock, name)
             f = files[name]
-            for table, ts in self.tables.tables.items():
-                prefix = f"t/{table}/"
-                state = {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
-                if not state:
-                    continue
-                keep = owner_of(state["ids"].numpy(), self.num_servers) == self.rank
-                pending = state.get("pending_ids")
-                kp = (owner_of(pending.numpy(), self.num_servers) == self.rank
-                      if pending is not None else None)
-                ts.shard.import_state(state, keep, keep_pending=kp)
-                ts.clock = restore.clock
+            keys = list(f.keys())
+            for table in self.tables.tables:
+                # This server's own shard of the saved run, and any it had taken over.
+                prefixes = {k[:k.index("/", len(f"t/{table}")) + 1] for k in keys
+                            if k.startswith(f"t/{table}/") or k.startswith(f"t/{table}@s")}
+                for prefix in sorted(prefixes):
+                    state = {k[len(prefix):]: f.get(k) for k in keys if k.startswith(prefix)}
+                    self._import_table(table, state, owner_of)
+        for ts in [*self.tables.tables.values(), *self.tables.backups.values()]:
+            ts.clock = restore.clock
+            ts.counts = {w: restore.clock for w in range(self.policy.members.num_workers)}
+
+    def _import_table(self, table: str, state: dict, owner_of) -> None:
+        """Rows of one saved shard into this server's shard and backup copy (replication)."""
+        owners = owner_of(state["ids"].numpy(), self.num_servers)
+        pending = state.get("pending_ids")
+        p_owners = owner_of(pending.numpy(), self.num_servers) if pending is not None else None
+        targets = [(self.rank, self.tables.tables[table])]
+        if table in self.tables.backups:
+            targets.append((self.tables.backup_of, self.tables.backups[table]))
+        for rank, ts in targets:
+            ts.shard.import_state(state, owners == rank,
+                                  keep_pending=p_owners == rank if p_owners is not None else None)

@@ -7,15 +7,35 @@ creates rows on first touch, applies the sparse optimizer and evicts. A table is
 the server's consistency rule and membership (:mod:`tessera.ps.consistency`):
 
 * ``sync``: the pushes of clock c from the live workers are merged (gradients of the
-  same id summed, then divided by W) and applied once; a pull for clock c waits
-  until clock c - 1 has been applied. Every worker pushes every table to every
-  server once per clock (with no rows if it touched none there), so the server
-  knows when a clock is complete.
+  same id summed, then divided by their number) and applied once; the pushes are
+  answered then, and a pull for clock c waits until clock c - 1 has been applied.
+  Every worker pushes every table to every server once per clock (with no rows if
+  it touched none there), so the server knows when a clock is complete. A worker
+  the coordinator declares dead leaves the set a clock waits for, and a restarted
+  one counts again from the clock it joined at (the dense partitions' Join sets it
+  for every unit of the server, tables included).
 * ``async``: each push is applied at once, scaled by 1/W.
 * ``ssp``: as async, but the push reply (which lets the worker start its next
   clock) waits until the slowest worker is within ``staleness`` clocks.
 
-Only the rows a batch touches travel: ids are int64 frames, rows raw frames.
+Only the rows a batch touches travel: ids are int64 frames, rows raw frames. A pull
+whose reply would exceed :data:`MAX_ROWS_REPLY_BYTES` is refused (the client splits
+big pulls into chunks below it), and a pull never stores rows beyond the table's
+``max_rows`` budget.
+
+Faults, the same seam as dense partitions:
+
+* Exactly once: every push carries ``(worker, seq)``; each shard keeps the last
+  ``seq`` applied per worker, so a re-sent push is answered, not applied again; in
+  sync mode a push for a clock the shard has passed is answered too (it was
+  applied, or its clock completed without it).
+* Replication (``--replication 2``): server ``r``'s shard of every table has a copy
+  on server ``r + 1``. Before a push is answered, the update it took part in (the
+  ids and the fp32 gradient rows applied, with the clock and the ``(worker, seq)``)
+  is forwarded to the backup (:meth:`Replicator.send_rows`, not blocking: the answer
+  is held until its Ack, :meth:`Replicator.reply`), which applies it with the same
+  sparse optimizer. Table shards are not re-replicated after a death. When the primary dies, clients send that shard's requests
+  (``shard`` names it) to the backup, which takes the shard over.
 """
 
 from __future__ import annotations
@@ -31,13 +51,28 @@ from tessera.ps.embedding import EmbeddingShard, TableError
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
+#: The most bytes of rows one PullRows may be answered with (the client splits bigger
+#: pulls into chunks below it: :func:`ids_per_pull`).
+MAX_ROWS_REPLY_BYTES = 64 << 20
+
+
+def ids_per_pull(dim: int, dtype: str) -> int:
+    """The most ids one row pull of a ``dim``-wide table may ask for in ``dtype``."""
+    return max(1, MAX_ROWS_REPLY_BYTES // (max(1, dim) * itemsize(dtype)))
+
 
 @dataclass(eq=False, kw_only=True)
 class _TableState(Clocked):
     spec: wire.TableSpec
     shard: EmbeddingShard
+    #: The server whose rows (``owner_of``) this shard holds.
+    owner: int = 0
     #: sync: (worker, ids, grads) of the current clock.
     pending: list = field(default_factory=list)
+    #: Last push sequence number applied, per worker (a re-sent push is not applied again).
+    last_seq: dict[int, int] = field(default_factory=dict)
+    #: Worker pushes folded into applied updates (the "nothing lost" counter).
+    applied_pushes: int = 0
 
     def named(self) -> tuple[str, str]:
         return f"table {self.spec.name!r}: ", "the table"
@@ -45,7 +80,7 @@ class _TableState(Clocked):
 
 @dataclass(eq=False)
 class _RowReply(Waiter):
-    """A row pull (answered with Rows) or an ssp push (answered with an Ack), waiting."""
+    """A row pull (answered with Rows) or a push (answered with an Ack), waiting."""
 
     peer: bytes = b""
     msg: object = None
@@ -60,41 +95,87 @@ def _ids_from(frame, table: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.int64)
 
 
+def _new_states(tables: list[wire.TableSpec], owner: int) -> dict[str, _TableState]:
+    return {t.name: _TableState(spec=t, shard=EmbeddingShard(t, t.optimizer), owner=owner)
+            for t in tables}
+
+
 class TableService:
+    """The tables of one server: its own shard of each, and (``--replication 2``) a
+    copy of its primary's shards, which it takes over when that server dies."""
+
     def __init__(self, *, rank: int, tables: list[wire.TableSpec], policy: Consistency,
-                 send: Callable, stats: dict):
+                 send: Callable, stats: dict, replicate: Optional[Callable] = None,
+                 backup_of: int = -1, ack: Optional[Callable] = None):
         self.rank = rank
-        self.tables = {t.name: _TableState(spec=t, shard=EmbeddingShard(t, t.optimizer))
-                       for t in tables}
+        self.tables = _new_states(tables, rank)
+        #: Copies of server ``backup_of``'s shards (replication), until promoted.
+        self.backup_of = backup_of
+        self.backups = _new_states(tables, backup_of) if backup_of >= 0 else {}
+        #: The backups taken over after their primary died.
+        self.promoted: dict[str, _TableState] = {}
         self.policy = policy
         self.num_workers = policy.members.num_workers
+        #: Answers to clients (replication: held until the backup acked the updates
+        #: forwarded before them, :meth:`Replicator.reply`).
         self.send = send
+        #: Acks of our primary's Replicate requests: sent at once (two servers backing
+        #: each other up would otherwise wait on each other).
+        self.ack = ack or send
         self.stats = stats
-        self.last_seq: dict[int, int] = {}
+        #: replicate(unit, ids, grads, pushes, worker, seq): the backup applies it first.
+        self.replicate = replicate
         self._reply = self._answer  # bound once: every waiting request carries it
-        stats.update(rows_pulled=0, rows_pushed=0)
+        stats.update(rows_pulled=0, rows_pushed=0, table_stale_pushes=0)
 
-    def _table(self, name: str) -> _TableState:
-        st = self.tables.get(name)
-        if st is None:
+    def units(self) -> list[_TableState]:
+        """The shards this server serves (its own and those it took over)."""
+        return [*self.tables.values(), *self.promoted.values()]
+
+    def _table(self, name: str, shard: int = -1) -> _TableState:
+        if name not in self.tables:
             raise RequestError(f"no table {name!r} (tables: {sorted(self.tables)})")
+        if shard < 0 or shard == self.rank:
+            return self.tables[name]
+        if shard == self.backup_of and self.backups:
+            # Clients send a shard here only once the coordinator declared its primary dead.
+            self.promote(f"a client asked for table {name!r}'s rows of server {shard}")
+        st = self.promoted.get(name) if shard == self.backup_of else None
+        if st is None:
+            raise RequestError(f"table {name!r}: the rows of server {shard} are not held by "
+                               f"server {self.rank}")
         return st
 
     # ----------------------------------------------------------------- pulls
 
     def on_dump(self, peer: bytes, msg: wire.DumpRows) -> None:
-        """Every row of a table this server holds, with its id (a run's export)."""
-        st = self._table(msg.table)
-        state = st.shard.export_state()
-        self.send(peer, wire.Rows(req=msg.req, table=msg.table, clock=st.clock, dtype="float32"),
-                  [tensor_to_frame(state["values"].contiguous()),
-                   tensor_to_frame(state["ids"].contiguous())])
+        """Every row of a table this server serves, with its id (a run's export)."""
+        self._table(msg.table)
+        states = [st for st in self.units() if st.spec.name == msg.table]
+        parts = [st.shard.export_state() for st in states]
+        values = torch.cat([p["values"].reshape(-1, states[0].spec.dim) for p in parts])
+        ids = torch.cat([p["ids"] for p in parts])
+        order = torch.argsort(ids)
+        self.send(peer, wire.Rows(req=msg.req, table=msg.table, clock=states[0].clock,
+                                  dtype="float32"),
+                  [tensor_to_frame(values[order].contiguous()),
+                   tensor_to_frame(ids[order].contiguous())])
 
     def on_pull(self, peer: bytes, msg: wire.PullRows, frames: list) -> None:
-        st = self._table(msg.table)
+        st = self._table(msg.table, msg.shard)
         if len(frames) != 1:
             raise RequestError(f"a row pull carries one ids frame, got {len(frames)}")
-        ids = _ids_from(frames[0], msg.table).copy()
+        ids = _ids_from(frames[0], msg.table)
+        if msg.dtype not in ("float32", "bfloat16", "float16"):
+            raise RequestError(f"table {msg.table!r}: rows dtype {msg.dtype!r} is not one of "
+                               f"float32, bfloat16, float16")
+        limit = ids_per_pull(st.spec.dim, msg.dtype)
+        if len(ids) > limit:
+            raise RequestError(
+                f"table {msg.table!r}: a row pull of {len(ids)} ids would answer "
+                f"{len(ids) * st.spec.dim * itemsize(msg.dtype)} bytes, over the "
+                f"{MAX_ROWS_REPLY_BYTES}-byte reply limit; pull at most {limit} ids at once")
+        ids = ids.copy()
         try:
             st.shard.check_ids(ids)
         except TableError as exc:
@@ -116,14 +197,17 @@ class TableService:
     # ----------------------------------------------------------------- pushes
 
     def on_push(self, peer: bytes, msg: wire.PushRows, frames: list) -> None:
-        st = self._table(msg.table)
+        st = self._table(msg.table, msg.shard)
         if len(frames) != 2:
             raise RequestError(f"a row push carries an ids frame and a rows frame, "
                                f"got {len(frames)} frames")
         if not 0 <= msg.worker < self.num_workers:
             raise RequestError(f"worker {msg.worker} is not in this job")
-        if msg.scale <= 0 or msg.scale != msg.scale:
-            raise RequestError(f"loss scale must be a positive number, got {msg.scale}")
+        if msg.scale <= 0 or msg.scale != msg.scale or msg.scale == float("inf"):
+            raise RequestError(f"loss scale must be a positive finite number, got {msg.scale}")
+        if msg.seq < 0 or msg.clock < 0:
+            raise RequestError(f"push sequence numbers and clocks start at 0, got seq "
+                               f"{msg.seq}, clock {msg.clock}")
         ids = _ids_from(frames[0], msg.table).copy()
         dim = st.spec.dim
         grads = frame_to_tensor_checked(frames[1], msg.dtype, len(ids) * dim, msg.table)
@@ -136,22 +220,38 @@ class TableService:
             raise RequestError(f"table {msg.table!r}: pushed ids must be unique")
         if not bool(torch.isfinite(grads).all()):
             raise RequestError(f"table {msg.table!r}: gradient rows are not finite")
-        if msg.seq <= self.last_seq.get(msg.worker, -1):
-            self.send(peer, wire.Ack(req=msg.req))  # a retry: already applied
-            return
         policy = self.policy
+        if msg.seq <= st.last_seq.get(msg.worker, -1):
+            # A re-sent push, already taken: answered as the original will be.
+            self.stats["retries"] += 1
+            self._ack_when(peer, msg, st, pending=msg.worker in st.pushed_by)
+            return
+        if policy.sums_clock:
+            if msg.worker not in policy.members.live:
+                raise RequestError(f"worker {msg.worker} left the job (declared dead); a "
+                                   f"restarted worker joins again with a Join request")
+            if msg.clock < st.clock:
+                # Applied already (re-sent after a failover), or its clock completed
+                # without it (the worker was declared dead meanwhile): answered.
+                self.stats["table_stale_pushes"] += 1
+                self.send(peer, wire.Ack(req=msg.req))
+                return
         policy.check_turn(st, msg.worker, msg.clock)
-        self.last_seq[msg.worker] = msg.seq
+        # Validated: from here on the push is applied (or held), exactly once.
+        st.last_seq[msg.worker] = msg.seq
         self.stats["rows_pushed"] += len(ids)
         self.stats["bytes_received"] += len(ids) * (8 + dim * itemsize(msg.dtype))
         if policy.sums_clock:
             st.pending.append((msg.worker, ids, grads))
             st.pushed_by.add(msg.worker)
-            self.send(peer, wire.Ack(req=msg.req))
+            self._ack_when(peer, msg, st, pending=True)
             if policy.complete(st):
                 self._apply_clock(st)
             return
-        st.shard.apply(ids, grads / self.num_workers, st.clock)
+        grads = grads / self.num_workers
+        self._replicate(st, ids, grads, pushes=1, worker=msg.worker, seq=msg.seq)
+        st.shard.apply(ids, grads, st.clock)
+        st.applied_pushes += 1
         if policy.answers_at_once:
             self.send(peer, wire.Ack(req=msg.req))
             return
@@ -159,31 +259,105 @@ class TableService:
         policy.wait_or_answer(_RowReply(policy.push_clock(msg.clock), [st], self._reply, peer, msg))
         policy.advance([st])
 
+    def _ack_when(self, peer: bytes, msg: wire.PushRows, st: _TableState, pending: bool) -> None:
+        """Sync: a push held in its clock's sum is answered once the clock is applied."""
+        if self.policy.sums_clock and pending:
+            self.policy.wait_or_answer(_RowReply(self.policy.push_clock(msg.clock), [st],
+                                                 self._reply, peer, msg))
+        else:
+            self.send(peer, wire.Ack(req=msg.req))
+
     def _apply_clock(self, st: _TableState) -> None:
         st.pending.sort(key=lambda p: p[0])  # by worker: the same sum order every run
         ids = np.concatenate([i for _, i, _ in st.pending])
         grads = torch.cat([g for _, _, g in st.pending])
         uniq, inverse = np.unique(ids, return_inverse=True)
         summed = torch.zeros(len(uniq), st.spec.dim)
-        summed.index_add_(0, torch.from_numpy(inverse.astype(np.int64)), grads)
-        st.shard.apply(uniq.astype(np.int64), summed / len(st.pending), st.clock)
+        summed.index_add_(0, torch.from_numpy(inverse.astype(np.int64).reshape(-1)), grads)
+        n = len(st.pending)
+        if n < self.num_workers:
+            self.stats["short_clocks"] += 1
+        mean, uniq = summed / n, uniq.astype(np.int64)
+        self._replicate(st, uniq, mean, pushes=n)
+        st.shard.apply(uniq, mean, st.clock)
+        st.applied_pushes += n
         st.pending.clear()
         st.pushed_by.clear()
         self.policy.updated(st)
         self.stats["updates"] += 1
         self.policy.wake([st])
 
+    def _replicate(self, st: _TableState, ids: np.ndarray, grads: torch.Tensor, pushes: int,
+                   worker: int = -1, seq: int = -1) -> None:
+        if self.replicate is not None and st.owner == self.rank:
+            self.replicate(st, ids, grads, pushes, worker, seq)
+
+    # ------------------------------------------------------------ replication
+
+    def on_replicate(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        """Backup: apply the update the primary applied to its shard of ``msg.table``."""
+        if len(msg.partitions) != 1 or len(frames) != 2:
+            raise RequestError("a rows Replicate request names one shard and carries ids "
+                               "and rows")
+        st = self.backups.get(msg.table)
+        if st is None or msg.partitions[0] != self.backup_of:
+            owned = "it owns that shard now" if msg.table in self.promoted else \
+                "it is not this shard's backup"
+            raise RequestError(f"replication of table {msg.table!r}'s rows of server "
+                               f"{msg.partitions[0]} refused: {owned}")
+        ids = _ids_from(frames[0], msg.table).copy()
+        grads = frame_to_tensor_checked(frames[1], "float32", len(ids) * st.spec.dim, msg.table)
+        fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
+            else msg.clock >= st.clock
+        if fresh:
+            try:
+                st.shard.apply(ids, grads.reshape(len(ids), st.spec.dim).clone(), msg.clock)
+            except TableError as exc:
+                raise RequestError(str(exc)) from None
+            self.policy.replayed(st, msg.clock)
+            st.applied_pushes += msg.pushes
+            if msg.seq >= 0:
+                st.last_seq[msg.worker] = msg.seq
+        self.ack(peer, wire.Ack(req=msg.req))
+
+    def promote(self, why: str) -> None:
+        """Take over the shards we back up: their primary is dead."""
+        if not self.backups:
+            return
+        for name, st in self.backups.items():
+            st.waiters, st.pending, st.pushed_by = [], [], set()
+            self.policy.taken_over(st)
+            self.promoted[name] = st
+        self.stats["promoted"] += len(self.backups)
+        print(f"server {self.rank}: promoted to primary of the table shards of server "
+              f"{self.backup_of} ({why})", flush=True)
+        self.backups = {}
+
+    def follow_servers(self, dead_servers) -> None:
+        if self.backup_of in set(dead_servers) and self.backups:
+            self.promote(f"server {self.backup_of} was declared dead")
+
+    # ------------------------------------------------------------ membership
+
     def follow_membership(self) -> None:
         """A worker left: complete the sync clocks that waited only for it, and let ssp
         clocks move past it."""
-        for st in self.tables.values():
+        units = self.units()
+        for st in units:
             if self.policy.complete(st):
                 self._apply_clock(st)
-        self.policy.advance(self.tables.values())
+        self.policy.advance(units)
 
     def table_stats(self) -> dict:
-        return {f"rows.{name}": st.shard.num_rows for name, st in self.tables.items()} | \
-               {f"table_bytes.{name}": st.shard.nbytes for name, st in self.tables.items()}
+        out: dict = {}
+        for st in self.units():
+            name = st.spec.name
+            out[f"rows.{name}"] = out.get(f"rows.{name}", 0) + st.shard.num_rows
+            out[f"table_bytes.{name}"] = out.get(f"table_bytes.{name}", 0) + st.shard.nbytes
+            out[f"table_applied.{name}.s{st.owner}"] = st.applied_pushes
+        for st in self.backups.values():
+            out[f"backup_table_applied.{st.spec.name}.s{st.owner}"] = st.applied_pushes
+        return out
 
 
 def frame_to_tensor_checked(frame, dtype: str, numel: int, table: str) -> torch.Tensor:

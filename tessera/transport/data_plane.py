@@ -113,6 +113,9 @@ class Replicate(msgspec.Struct, **MESSAGE):
     names: list[str] = []
     dtypes: list[str] = []
     last_seq: dict[int, int] = {}
+    #: ``kind`` ``rows``: the table whose shard (of server ``partitions[0]``) this
+    #: updates; frames are the ids (int64) and the fp32 gradient rows applied.
+    table: str = ""
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
@@ -152,13 +155,16 @@ class Params(msgspec.Struct, **MESSAGE):
 
 
 class PullRows(msgspec.Struct, **MESSAGE):
-    """Rows of ``table`` for the ids in payload frame 0 (int64, unique), at ``clock``."""
+    """Rows of ``table`` for the ids in payload frame 0 (int64, unique), at ``clock``.
+    ``shard``: the server the ids hash to (-1: the receiver); after that server died,
+    its backup serves the shard."""
 
     req: int
     worker: int
     table: str
     clock: int = 0
     dtype: str = "float32"
+    shard: int = -1
 
 
 class Rows(msgspec.Struct, **MESSAGE):
@@ -193,7 +199,7 @@ class PushRows(msgspec.Struct, **MESSAGE):
     """Row-sparse gradient of ``table`` for ``clock``: frame 0 ids (int64, unique),
     frame 1 gradients [n, dim] in ``dtype``. Every worker pushes every table to every
     server once per clock, with no rows if it touched none there. Answered with
-    :class:`Ack` once the worker may go on (sync: at once; ssp: within the bound)."""
+    :class:`Ack` once the worker may go on (sync: once the clock is applied; ssp: within the bound)."""
 
     req: int
     worker: int
@@ -202,3 +208,5 @@ class PushRows(msgspec.Struct, **MESSAGE):
     table: str
     dtype: str = "float32"
     scale: float = 1.0
+    #: The server the ids hash to (-1: the receiver); see :class:`PullRows`.
+    shard: int = -1

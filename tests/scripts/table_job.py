@@ -1,0 +1,70 @@
+"""A small job with a sharded embedding table, for fault tests (tests/test_table_faults.py).
+
+Digits features plus a categorical id (the sample's index mod 200) looked up in an
+8-wide ``tessera.nn.ShardedEmbedding`` (adagrad on the servers); an MLP on top (SGD
+with momentum on the servers). Written as a restartable loop (``model.start_step``),
+so ``--max-restarts`` and ``--resume`` continue it; ``--sleep`` slows each step so a
+test can kill a process while training runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import tessera
+import tessera.nn
+
+ROWS, DIM = 200, 8
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = tessera.nn.ShardedEmbedding(ROWS, DIM, name="users", optimizer="adagrad",
+                                                 lr=0.1)
+        self.mlp = nn.Sequential(nn.Linear(64 + DIM, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x, ids):
+        return self.mlp(torch.cat([x, self.table(ids)], 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    args = ap.parse_args()
+
+    tessera.init()
+    torch.set_num_threads(1)
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    ids = torch.arange(len(y)) % ROWS
+    torch.manual_seed(0)
+    model = tessera.distribute(Model(), "sgd", lr=0.05, momentum=0.9)
+    sampler = tessera.shard(1500, batch_size=args.batch)
+    first = model.start_step(args.steps)
+    for step in range(first, args.steps):
+        idx = torch.from_numpy(sampler.indices(step))
+        loss = F.cross_entropy(model(x[idx], ids[idx]), y[idx])
+        loss.backward()
+        model.step()
+        if step % 5 == 4:
+            tessera.log({"loss": loss.item()}, step=step + 1)
+        if args.sleep:
+            time.sleep(args.sleep)
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x[1500:], ids[1500:]).argmax(1) == y[1500:]).float().mean().item()
+    tessera.finish(eval_accuracy=accuracy, steps=args.steps, first_step=first)
+
+
+if __name__ == "__main__":
+    main()
