@@ -129,3 +129,22 @@ def test_embedding_bag_module_matches_torch_and_pushes_row_grads(server):
     # sgd lr 0.5 on the mean of the two workers' pushes (worker 1 pushed nothing).
     expected = table[[3, 8, 50]] - 0.5 * ref_weight.grad[[3, 8, 50]] / 2
     torch.testing.assert_close(got, expected)
+
+
+def test_export_comes_in_pages_below_the_reply_limit(server, monkeypatch):
+    """A DumpRows reply holds at most MAX_ROWS_REPLY_BYTES of rows (the client's frame
+    limit would otherwise break its connection on a big shard): the client asks page
+    after page and gets every row, in id order (here 3 rows a page, 10 rows)."""
+    import tessera.ps.table_server as ts
+    srv, (c0, c1) = server
+    monkeypatch.setattr(ts, "MAX_ROWS_REPLY_BYTES", 3 * SPEC.dim * 4)
+    touched = np.array([2, 3, 11, 17, 19, 23, 40, 41, 77, 99])
+    got_rows = c0.pull_rows("items", 0, touched, clock=0, dim=SPEC.dim).wait()
+    sent = []
+    ep = c0.servers[0]
+    real_send = ep.send
+    monkeypatch.setattr(ep, "send", lambda msg, *a, **k: (sent.append(msg), real_send(msg, *a, **k))[1])
+    ids, rows = c0.dump_rows("items", 0)
+    assert ids.tolist() == touched.tolist()
+    torch.testing.assert_close(rows, got_rows.reshape(len(touched), SPEC.dim))
+    assert [m.start for m in sent] == [0, 3, 6, 9]  # four pages, none over the limit

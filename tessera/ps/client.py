@@ -354,16 +354,32 @@ class PSClient:
     def dump_rows(self, table: str, server: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of ``table`` that ``server`` holds: (ids int64 [n], rows fp32 [n, dim])."""
         ep = self.servers[server]
-        req = ep.new_req()
-        ep.send(wire.DumpRows(req=req, table=table))
-        _, frames = self._expect(server, req, f"export of table {table!r}", None, wire.Rows)
-        if len(frames) != 2 or len(frames[1]) % 8:
-            raise ServerError(f"{ep.peer_name} answered the export of table {table!r} with "
-                              f"{len(frames)} frames; expected rows and ids")
-        raw = [f.buffer if hasattr(f, "buffer") else f for f in frames]
-        ids = torch.from_numpy(np.frombuffer(raw[1], dtype=np.int64).copy())
-        rows = torch.from_numpy(np.frombuffer(raw[0], dtype=np.float32).copy())
-        return ids, rows.reshape(len(ids), -1) if len(ids) else rows.reshape(0, 0)
+        all_ids, all_rows, start, dim = [], [], 0, 0
+        while True:  # pages of at most MAX_ROWS_REPLY_BYTES (the server's)
+            req = ep.new_req()
+            ep.send(wire.DumpRows(req=req, table=table, start=start))
+            reply, frames = self._expect(server, req, f"export of table {table!r}", None,
+                                         wire.Rows)
+            if len(frames) != 2 or len(frames[1]) % 8:
+                raise ServerError(f"{ep.peer_name} answered the export of table {table!r} "
+                                  f"with {len(frames)} frames; expected rows and ids")
+            raw = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+            ids = np.frombuffer(raw[1], dtype=np.int64).copy()
+            rows = np.frombuffer(raw[0], dtype=np.float32).copy()
+            if len(ids):
+                if len(rows) % len(ids) or (dim and len(rows) // len(ids) != dim):
+                    raise ServerError(f"{ep.peer_name} answered the export of table "
+                                      f"{table!r} with {len(rows)} values for {len(ids)} ids")
+                dim = len(rows) // len(ids)
+                all_ids.append(ids)
+                all_rows.append(rows.reshape(len(ids), dim))
+            start += len(ids)
+            if not reply.more or not len(ids):
+                break
+        if not all_ids:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+        return (torch.from_numpy(np.concatenate(all_ids)),
+                torch.from_numpy(np.concatenate(all_rows)))
 
     def snapshot_tables(self, clock: int) -> None:
         """Hybrid mode: every server copies its tables into the checkpoint at ``clock``."""

@@ -149,15 +149,22 @@ class TableService:
     # ----------------------------------------------------------------- pulls
 
     def on_dump(self, peer: bytes, msg: wire.DumpRows) -> None:
-        """Every row of a table this server serves, with its id (a run's export)."""
+        """Every row of a table this server serves, with its id (a run's export), a
+        page of at most :data:`MAX_ROWS_REPLY_BYTES` from ``msg.start`` on."""
         self._table(msg.table)
         states = [st for st in self.units() if st.spec.name == msg.table]
         parts = [st.shard.export_state() for st in states]
         values = torch.cat([p["values"].reshape(-1, states[0].spec.dim) for p in parts])
         ids = torch.cat([p["ids"] for p in parts])
-        order = torch.argsort(ids)
+        if msg.start < 0:
+            raise RequestError(f"table {msg.table!r}: an export starts at row 0 or later, "
+                               f"got {msg.start}")
+        # One page: the client's frame limit is far above MAX_ROWS_REPLY_BYTES.
+        page = ids_per_pull(states[0].spec.dim, "float32")
+        order = torch.argsort(ids)[msg.start:msg.start + page]
+        more = msg.start + len(order) < len(ids)
         self.send(peer, wire.Rows(req=msg.req, table=msg.table, clock=states[0].clock,
-                                  dtype="float32"),
+                                  dtype="float32", more=more),
                   [tensor_to_frame(values[order].contiguous()),
                    tensor_to_frame(ids[order].contiguous())])
 

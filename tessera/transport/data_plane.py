@@ -174,15 +174,19 @@ class Rows(msgspec.Struct, **MESSAGE):
     table: str
     clock: int
     dtype: str = "float32"
+    #: Reply to :class:`DumpRows`: more rows follow (ask again from ``start`` + n).
+    more: bool = False
 
 
 class DumpRows(msgspec.Struct, **MESSAGE):
     """Every row of ``table`` this server holds (a run's export): answered with a
     :class:`Rows` whose frame 0 holds the rows [n, dim] fp32 and frame 1 their ids
-    (int64, increasing)."""
+    (int64, increasing), from the ``start``-th id on; a reply holds at most
+    ``MAX_ROWS_REPLY_BYTES`` of rows (``more``: ask again for the rest)."""
 
     req: int
     table: str
+    start: int = 0
 
 
 class SnapshotTables(msgspec.Struct, **MESSAGE):
