@@ -214,3 +214,32 @@ def test_replication_refuses_tables_whose_rows_depend_on_lookups():
                            timeout_s=60)
     assert code == 2 and "--replication" in output and "max_rows_per_server" in output, output
     assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_table_shards_route_to_their_one_backup_and_stop_when_both_copies_died(ctx):
+    """Dense partitions are re-replicated after a death, table shards are not: shard s
+    has its copy on server s + 1 only. After server 1 dies its rows go to server 2;
+    after server 2 dies too, shard 2's rows go to server 0 and shard 1's have no copy
+    left: a row request for them stops in one line naming them (no hang, no wrong server)."""
+    from tessera.ps.client import PSClient, ServerError
+    from tessera.ps.sharding import ShardMap
+    from tessera.transport.endpoint import ServerEndpoint
+    eps = [ServerEndpoint(ctx, "127.0.0.1", "secret") for _ in range(3)]
+    dead: list = []
+    client = PSClient(ctx=ctx, shard_map=ShardMap(layout=(), partitions=(), num_servers=3),
+                      server_addresses=[ep.address for ep in eps], secret="secret", worker=0,
+                      timeout_s=5, dead_servers=lambda: list(dead))
+    try:
+        dead.append(1)
+        assert client.row_servers() == [0, 2] and client.shard_owner == [0, 2, 2]
+        dead.append(2)
+        client._route()
+        assert client.shard_owner == [0, -1, 0]
+        with pytest.raises(ServerError, match="table rows of server 1 have no copy left"):
+            client.push_rows("items", 1, np.array([4]), torch.ones(1, 4), clock=0)
+        with pytest.raises(ServerError, match="table rows of server 1 have no copy left"):
+            client.row_servers()
+    finally:
+        client.close()
+        for ep in eps:
+            ep.close()

@@ -234,7 +234,8 @@ class PSClient:
             by_server.setdefault(self.owner[pid], []).append(pid)
         if tables:
             for server in self.shard_owner:
-                by_server.setdefault(server, [])
+                if server >= 0:  # -1: no copy left (a row request names it)
+                    by_server.setdefault(server, [])
         handles = []
         for server, pids in by_server.items():
             ep = self.servers[server]
