@@ -57,7 +57,7 @@ def finish(job: Job, out: Path) -> dict:
 
 def test_killed_worker_in_a_sync_job_with_tables_rejoins(tmp_path):
     out = tmp_path / "run"
-    steps = 300
+    steps = 160
     job = launch(out, "--max-restarts", "1", steps=steps, sleep=0.03)
     kill_mid_training(job, out, "worker", 1, 4)
     summary = finish(job, out)
@@ -74,8 +74,8 @@ def test_killed_worker_in_a_sync_job_with_tables_rejoins(tmp_path):
 @pytest.mark.parametrize("mode", ["sync", "hybrid"])
 def test_killed_server_with_replication_loses_no_acknowledged_table_push(tmp_path, mode):
     out = tmp_path / "run"
-    steps = 300
-    ckpt = ["--checkpoint-every", "100"] if mode == "sync" else []
+    steps = 160
+    ckpt = ["--checkpoint-every", "80"] if mode == "sync" else []
     job = launch(out, "--replication", "2", "--mode", mode, *ckpt, steps=steps, sleep=0.02)
     kill_mid_training(job, out, "server", 1, 4)
     summary = finish(job, out)
