@@ -79,9 +79,10 @@ def check_shard_name(name, where: str) -> str:
     CheckpointError naming ``where`` it came from. A name from a manifest or a server's
     report is joined into a path: ``../x`` or ``/x`` would read or write outside the
     checkpoint, so nothing else is accepted."""
-    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not (SHARD_NAME.fullmatch(name) or name == DENSE_FILE):
         raise CheckpointError(f"{where}: checkpoint file name {name!r} is not a server file's "
-                              f"plain name (server-<rank>.safetensors); refusing to use it "
+                              f"plain name (server-<rank>.safetensors, or {DENSE_FILE} for "
+                              f"worker 0's dense replica); refusing to use it "
                               f"(the manifest was altered or damaged)")
     return name
 
@@ -95,13 +96,19 @@ def check_manifest(manifest, where: str) -> dict:
     if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
         raise CheckpointError(f"{where}: the checkpoint manifest's clock {clock!r} is not a "
                               f"count of steps")
-    if not isinstance(servers, int) or isinstance(servers, bool) or not 0 < servers < 10**6:
+    dense = manifest.get("dense")
+    least = 0 if dense is not None else 1  # allreduce: worker 0's file alone, no servers
+    if not isinstance(servers, int) or isinstance(servers, bool) or not least <= servers < 10**6:
         raise CheckpointError(f"{where}: the checkpoint manifest's server count {servers!r} "
-                              f"is not a positive number")
+                              f"is not a {'count' if least == 0 else 'positive number'}")
     if not isinstance(files, dict):
         raise CheckpointError(f"{where}: the checkpoint manifest has no file table")
     for rank, name in files.items():
         check_shard_name(name, f"{where} (server {rank})")
+    if dense is not None:
+        if not isinstance(dense, dict) or dense.get("file") != DENSE_FILE:
+            raise CheckpointError(f"{where}: the checkpoint manifest's dense file must be "
+                                  f"{DENSE_FILE}, got {dense!r}")
     return manifest
 
 
