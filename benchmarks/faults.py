@@ -11,8 +11,8 @@ kill lands anywhere inside a step), and sends SIGKILL to the victim by its pid i
 worker-sync         digits, 2 workers x 2 servers, ``--max-restarts 1``, kill worker 1
 worker-async        the same in async mode
 worker-ssp          the same in ssp mode (staleness 2)
-worker-hybrid       MovieLens (tables), ``--mode hybrid --max-restarts 1``
-worker-allreduce    digits, ``--mode allreduce --servers 0 --max-restarts 1``
+worker-hybrid       MovieLens (tables), ``--mode hybrid --max-restarts 1 --checkpoint-every 20``
+worker-allreduce    digits, ``--mode allreduce --servers 0 --max-restarts 1 --checkpoint-every 50``
 worker-tables       MovieLens (DLRM with sharded tables), sync, ``--max-restarts 1``
 server-dense        digits, 3 servers, ``--replication 2``, kill server 1
 server-tables       MovieLens, 3 servers, ``--replication 2``, kill server 1
@@ -74,10 +74,12 @@ CASES = {
                      "worker", 1, "eval_accuracy", 0.93, True),
     "worker-ssp": (DIGITS, ["--epochs", "16", "--max-restarts", "1", "--mode", "ssp",
                             "--staleness", "2"], "worker", 1, "eval_accuracy", 0.93, True),
-    "worker-hybrid": (MOVIELENS, ["--epochs", "1", "--max-restarts", "1", "--mode", "hybrid"],
+    "worker-hybrid": (MOVIELENS, ["--epochs", "1", "--max-restarts", "1", "--mode", "hybrid",
+                                  "--checkpoint-every", "20"],
                       "worker", 1, "eval_rmse", 1.0, False),
     "worker-allreduce": (DIGITS, ["--epochs", "16", "--max-restarts", "1", "--mode",
-                                  "allreduce", "--servers", "0"], "worker", 1,
+                                  "allreduce", "--servers", "0", "--checkpoint-every", "50"],
+                         "worker", 1,
                          "eval_accuracy", 0.95, True),
     "worker-tables": (MOVIELENS, ["--epochs", "1", "--max-restarts", "1"], "worker", 1,
                       "eval_rmse", 1.0, False),
