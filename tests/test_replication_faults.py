@@ -164,7 +164,7 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
                             sndtimeo_s=TIMEOUT_S) for r in range(2)]
     membership, stops = Membership(), [threading.Event() for _ in range(2)]
     servers = [ParameterServer(
-        ServerOptions(rank=r, num_workers=1, num_servers=2, mode="async", timeout_s=1.0),
+        ServerOptions(rank=r, num_workers=1, num_servers=2, mode="async", timeout_s=3.0),
         endpoint=eps[r], partitions=shard_map.on_server(r),
         optimizer=OptimizerConfig(name="sgd", lr=0.1),
         hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
