@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -190,6 +191,12 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
         (part,) = shard_map.on_server(0)
         grad = torch.ones(part.stop - part.start)
         client.push(part.id, grad, 0).wait()
+        # Push 0's update acked by the backup (answer_early answered push 0 before that):
+        # push 1 is then answered at once, while the backup drops its update.
+        deadline = time.monotonic() + 20
+        while servers[0].replication.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not servers[0].replication.pending(), "the backup never acked push 0"
         dropping.set()
         client.push(part.id, grad, 1).wait()  # answered; the backup drops its update
         assert client.pushes_acked == 2
