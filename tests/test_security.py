@@ -832,19 +832,7 @@ def _oversize_disconnects(ctx, server: LoneServer, frames: list[bytes]) -> None:
     sock = ctx.socket(zmq.DEALER)  # by hand: its monitor must also watch disconnects
     sock.linger = 0
     sock.plain_username, sock.plain_password = b"tessera", PLAIN_SECRET.encode()
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    try:
-        sock.connect(server.address)
-        assert monitor.poll(int(TIMEOUT_S * 1000)), "no handshake with the lone server"
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        sock.send_multipart(frames, copy=False)
-        assert monitor.poll(int(TIMEOUT_S * 1000)), "the server kept an oversize sender"
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
-        assert not sock.poll(0)
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
-        sock.close(linger=0)
+    assert_oversize_sender_cut(sock, server.address, frames, TIMEOUT_S, "the lone server")
 
 
 def _pull_all(ctx, server: LoneServer) -> np.ndarray:
@@ -1225,19 +1213,7 @@ def _curve_oversize_disconnects(ctx, address: str, secret: str, frames: list) ->
     sock.linger = 0
     sock.curve_serverkey, sock.curve_publickey = keys.server_public, keys.client_public
     sock.curve_secretkey = keys.client_secret
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    try:
-        sock.connect(address)
-        assert monitor.poll(int(JOB_WAIT_S * 1000)), "no handshake with the job's server"
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        sock.send_multipart(frames, copy=False)
-        assert monitor.poll(int(JOB_WAIT_S * 1000)), "the server kept an oversize sender"
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
-        assert not sock.poll(0)
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
-        sock.close(linger=0)
+    assert_oversize_sender_cut(sock, address, frames, JOB_WAIT_S, "the job's server")
 
 
 def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path):
@@ -1352,3 +1328,22 @@ def _Auth_stop(ctx) -> None:
     from tessera.transport.endpoint import _Auth
     _Auth.stop(ctx)
     ctx.destroy(linger=0)
+
+
+def assert_oversize_sender_cut(sock, address: str, frames: list, wait_s: float,
+                               who: str) -> None:
+    """Connect ``sock`` (authenticated), send ``frames`` (over the server's frame limit),
+    and assert the server drops the connection without answering; closes ``sock``."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(address)
+        assert monitor.poll(int(wait_s * 1000)), f"no handshake with {who}"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        sock.send_multipart(frames, copy=False)
+        assert monitor.poll(int(wait_s * 1000)), "the server kept an oversize sender"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        assert not sock.poll(0)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)

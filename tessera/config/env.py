@@ -117,18 +117,7 @@ class Identity:
         role = environ.get(ROLE, "")
         if expect_role and role != expect_role:
             raise NotLaunched(f"this process was launched as a {role}, not a {expect_role}")
-        text = environ.get(RANK, "0") or "0"
-        try:
-            rank = int(text)
-        except ValueError:
-            raise NotLaunched(f"{RANK}={text!r} is not an integer; start this process with a "
-                              f"Tessera launcher") from None
-        text = environ.get(GENERATION, "0") or "0"
-        try:
-            generation = int(text)
-        except ValueError:
-            raise NotLaunched(f"{GENERATION}={text!r} is not an integer; start this process "
-                              f"with a Tessera launcher") from None
+        rank, generation = _int_var(environ, RANK), _int_var(environ, GENERATION)
         return cls(run_dir=environ.get(RUN_DIR, ""), secret=environ.get(SECRET, ""), role=role,
                    rank=rank, coordinator=environ.get(COORDINATOR, ""),
                    host=environ.get(HOST, ""), coordinator_bind=environ.get(COORDINATOR_BIND, ""),
@@ -285,6 +274,16 @@ def adopt(environ: Mapping[str, str]) -> None:
     is replaced by ``environ`` (as if it had been started with it)."""
     os.environ.clear()
     os.environ.update(environ)
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    """An integer variable a launcher sets (0 when unset); NotLaunched naming it otherwise."""
+    text = environ.get(name, "0") or "0"
+    try:
+        return int(text)
+    except ValueError:
+        raise NotLaunched(f"{name}={text!r} is not an integer; start this process with a "
+                          f"Tessera launcher") from None
 
 
 def process_environ() -> Mapping[str, str]:
