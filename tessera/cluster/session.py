@@ -37,8 +37,10 @@ class Session:
     """Who this process is, how to reach the coordinator, and the job's config."""
 
     def __init__(self, *, role: str, rank: int, cfg: JobConfig, run_dir: Path, coordinator: str,
-                 secret: str, ctx: Optional[zmq.Context] = None):
+                 secret: str, ctx: Optional[zmq.Context] = None, generation: int = 0):
         self.role, self.rank, self.cfg, self.run_dir = role, rank, cfg, Path(run_dir)
+        #: allreduce/hybrid: how many times the launcher re-formed the worker group.
+        self.generation = generation
         self.coordinator, self.secret = coordinator, secret
         # A given context is shared with the rest of an in-process job (inproc
         # addresses reach only sockets of one context): its owner destroys it.
@@ -83,7 +85,7 @@ class Session:
         if me.host:  # a multi-node backend: this node's address
             cfg.cluster.host = me.host
         return cls(role=me.role, rank=me.rank, cfg=cfg, run_dir=run_dir,
-                   coordinator=me.coordinator, secret=me.secret)
+                   coordinator=me.coordinator, secret=me.secret, generation=me.generation)
 
     @property
     def num_workers(self) -> int:

@@ -154,7 +154,7 @@ def main(data=None) -> None:
         samples_window += len(target) * replicas
         if tally is not None:
             tally.trained(len(target) * replicas, loss_value)
-        if rejoined and step == first_step + 1:
+        if (rejoined or session.generation) and step == first_step + 1:
             print(f"worker {session.rank}: completed step {step} at unix {time.time():.3f}",
                   flush=True)
         # log / evaluate (the lead writes metrics.jsonl)
