@@ -275,7 +275,15 @@ _current: contextvars.ContextVar[Optional[Job]] = contextvars.ContextVar("tesser
 def _seek(sampler: ShardSampler, view) -> None:
     if view is not None and view.restore is not None:
         r = view.restore
-        sampler.seek(r.clock, r.epoch, r.offset)
+        epoch, offset = r.epoch, r.offset
+        if not r.samples and r.global_batch and sampler.num_samples:
+            # Counted as an endless stream (the size came after registration): the same
+            # steps over this dataset's epochs.
+            from tessera.data.sampler import advance_cursor
+            steps, rest = divmod(offset, r.global_batch)
+            epoch, offset = advance_cursor(epoch, rest, steps, r.global_batch,
+                                           sampler.num_samples)
+        sampler.seek(r.clock, epoch, offset)
 
 
 def init() -> Job:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tessera.errors import UsageError
+
 
 class ShardSampler:
     def __init__(self, num_samples: int, *, batch_size: int, num_workers: int, rank: int,
@@ -46,8 +48,10 @@ class ShardSampler:
         """Continue from a checkpoint's cursor: global step ``clock`` starts ``offset``
         samples into epoch ``epoch``."""
         if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"data offset {offset} is outside this dataset of "
-                             f"{self.num_samples} samples: the checkpoint is of other data")
+            raise UsageError(f"--resume: the checkpoint's data position ({offset} samples into "
+                             f"epoch {epoch}) is outside this dataset of {self.num_samples} "
+                             f"samples: it was saved from other data; resume with the same "
+                             f"dataset, or start a new run")
         self._clock0, self._epoch0, self._offset0 = clock, epoch, offset
 
     def _locate(self, step: int) -> tuple[int, int]:

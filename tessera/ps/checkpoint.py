@@ -334,7 +334,9 @@ def restore_info(store: CheckpointStore, manifest: dict):
     return wire.Restore(path=store.url, clock=manifest["clock"],
                         partitions=[wire.PartitionInfo(p["id"], p["start"], p["stop"], p["server"])
                                     for p in manifest["partitions"]],
-                        files=files, epoch=data.get("epoch", 0), offset=data.get("offset", 0))
+                        files=files, epoch=data.get("epoch", 0), offset=data.get("offset", 0),
+                        samples=data.get("samples", 0),
+                        global_batch=data.get("workers", 0) * data.get("batch_size", 0))
 
 
 def find_resume(path: str) -> tuple[CheckpointStore, dict]:

@@ -147,6 +147,12 @@ class Restore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Data position at ``clock``: epoch, and offset into that epoch's permutation.
     epoch: int = 0
     offset: int = 0
+    #: The dataset size the position was counted over (0: not known when the checkpoint
+    #: was written, e.g. a script that called ``tessera.shard`` after ``distribute``; the
+    #: offset is then a count of samples from the start of ``epoch``), and the saved
+    #: run's samples per step.
+    samples: int = 0
+    global_batch: int = 0
 
 
 class ClusterView(msgspec.Struct, **MESSAGE):
