@@ -107,7 +107,10 @@ def test_a_report_of_a_file_the_coordinator_does_not_see_fails_the_round(tmp_pat
     for rank in (0, 1):  # server 1 wrote "its" file elsewhere
         rounds.report(wire.CheckpointSaved(req=1, rank=rank, clock=5,
                                            file=f"server-{rank}.safetensors", nbytes=8))
+    # The writer thread lists the location (never the coordinator's loop); the failure
+    # comes back at the next call.
+    rounds.complete({0, 1}, lambda clock, files: {}, lambda: None)
     with pytest.raises(CheckpointError, match="server 1's server-1.safetensors") as info:
-        rounds.complete({0, 1}, lambda clock, files: {}, lambda: None)
+        rounds.flush(10.0, lambda: None)
     assert "--checkpoint-dir" in str(info.value) and "server 0" not in str(info.value)
     assert rounds.store.clocks() == ([], [5])  # no manifest

@@ -183,16 +183,8 @@ class CheckpointRounds:
                 continue
             if self.dense and clock not in self.dense_reports:
                 continue
-            missing = self.missing_files(clock, got)
-            if missing:
-                from tessera.ps.checkpoint import CheckpointError
-                raise CheckpointError(
-                    f"checkpoint at clock {clock}: {', '.join(missing)} reported written but "
-                    f"not in {self.store.url_of(clock)} as the coordinator sees it: the "
-                    f"checkpoint location must be one every node shares (--checkpoint-dir: "
-                    f"a shared filesystem path or an fsspec URL such as s3://bucket/path)")
             try:
-                self._queue.put_nowait((clock, manifest_of(clock, got)))
+                self._queue.put_nowait((clock, dict(got), manifest_of(clock, got)))
             except queue.Full:
                 break  # the store is slow: hand it over at a later call
             self._inflight.add(clock)
@@ -211,10 +203,17 @@ class CheckpointRounds:
     def _collect(self, on_complete) -> None:
         while True:
             try:
-                clock, error = self._done.get_nowait()
+                clock, error, missing = self._done.get_nowait()
             except queue.Empty:
                 return
             self._inflight.discard(clock)
+            if missing:
+                from tessera.ps.checkpoint import CheckpointError
+                raise CheckpointError(
+                    f"checkpoint at clock {clock}: {', '.join(missing)} reported written but "
+                    f"not in {self.store.url_of(clock)} as the coordinator sees it: the "
+                    f"checkpoint location must be one every node shares (--checkpoint-dir: "
+                    f"a shared filesystem path or an fsspec URL such as s3://bucket/path)")
             if error:  # the reports stay: tried again a little later
                 self._retry_at[clock] = time.monotonic() + 5.0
                 print(f"coordinator: checkpoint manifest at clock {clock} could not be "
@@ -234,10 +233,18 @@ class CheckpointRounds:
             self._writer.start()
 
     def _write_loop(self) -> None:
-        """The writer thread: each manifest, then pruning, in order; results go back."""
+        """The writer thread: each round's files checked, its manifest written, then
+        pruning, in order; results go back."""
         while True:
-            clock, manifest = self._queue.get()
+            clock, files, manifest = self._queue.get()
             error = ""
+            try:
+                missing = self.missing_files(clock, files)  # a listing of the store
+            except Exception as exc:
+                missing, error = [], f"{type(exc).__name__}: {exc}"
+            if missing or error:
+                self._done.put((clock, error, missing))
+                continue
             try:
                 self.store.write_manifest(clock, manifest)
             except Exception as exc:  # reported by the coordinator's loop
@@ -248,7 +255,7 @@ class CheckpointRounds:
                 except Exception as exc:  # the checkpoint is complete; older ones stay
                     print(f"coordinator: old checkpoints in {self.store.url} could not be "
                           f"pruned: {type(exc).__name__}: {exc}", flush=True)
-            self._done.put((clock, error))
+            self._done.put((clock, error, []))
 
     def manifest(self, clock: int, files: dict[int, tuple[str, int]], *, shard_map: ShardMap,
                  layout: list, tables: list, optimizer, samples: int,

@@ -168,7 +168,8 @@ class Coordinator:
                       if not (k[0] == "server" and k[1] in self.dead_servers)}
             if self.state == "shutdown" and all(k in self.finished for k in needed):
                 self._write_summary()
-                return 0
+                if self.state != "failed":  # else: the failure's answers go out first
+                    return 0
             # After a failure keep answering heartbeats long enough that every
             # process hears about it, then exit non-zero.
             if self.state == "failed" and now - self.failed_at > 2 * cl.heartbeat_interval_s + 1:
@@ -413,7 +414,13 @@ class Coordinator:
     def _write_summary(self) -> None:
         cfg = self.cfg
         self._maybe_manifest()
-        self.rounds.flush(cfg.cluster.timeout_s, self._checkpoint_done)
+        from tessera.ps.checkpoint import CheckpointError
+        try:
+            self.rounds.flush(cfg.cluster.timeout_s, self._checkpoint_done)
+        except CheckpointError as exc:  # the last round's files are not all there
+            self._fail(str(exc))
+        if self.state == "failed":
+            return
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
         servers = [self.finished.get(("server", r), {}) for r in range(cfg.cluster.servers)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
