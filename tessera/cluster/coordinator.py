@@ -428,6 +428,11 @@ class Coordinator:
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (
             "wall_s", "eval_s", "samples_per_s", "steps", "final_loss", "skipped_steps", "loss_scale",
             "first_overflow", "reference_auc")}
+        if all("own_samples" in w for w in workers):
+            # Every worker's samples over the job's training time (the slowest worker's),
+            # not the lead's rate times the worker count.
+            busy = max(float(w.get("wall_s", 0.0)) - float(w.get("eval_s", 0.0)) for w in workers)
+            summary["samples_per_s"] = sum(int(w["own_samples"]) for w in workers) / max(busy, 1e-9)
         tables = sorted({k.split(".", 1)[1] for s in servers for k in s if k.startswith("rows.")})
         if tables:
             summary["rows_per_server"] = {t: [int(s.get(f"rows.{t}", 0)) for s in servers]

@@ -188,9 +188,14 @@ def main(data=None) -> None:
         samples, eval_s = int(tally.get("samples")), tally.get("eval_s")
         if lead and (loss_value is None or not math.isfinite(loss_value)):
             loss_value = tally.get("last_loss")  # this life ran no step: the last one's
+    # This worker's own samples (a pipeline counts each replica's once, at its last stage):
+    # the coordinator sums them over the workers for the job's rate, so that workers
+    # running at different rates (async, ssp) are each counted as they ran.
+    last_stage = session.rank % num_stages == num_stages - 1
     stats = {"steps": steps, "first_step": first_step, "wall_s": wall,
              "final_loss": _finite(loss_value), "eval_s": eval_s,
              "samples_per_s": samples / max(wall - eval_s, 1e-9),
+             "own_samples": samples // replicas if last_stage else 0,
              "comm_wait_s": model.comm_wait_s}
     if rejoined:
         stats.update(rejoined_at_unix=marks["joined"], rejoin_s=rejoin_s)

@@ -1,0 +1,41 @@
+"""``samples_per_s`` in async mode counts every worker's samples over the job's training
+time, not worker 0's rate times the worker count: a worker paused mid-run (SIGSTOP, as a
+preempted or swapping machine would) finishes late, and the job's rate says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from tests.harness import ROOT, Job, wait_for
+from tests.test_restarts import finish, metric_records, planned_steps, strict_summary
+
+DIGITS = str(ROOT / "examples" / "digits.toml")
+PAUSE_S = 2.0
+
+
+def test_async_rate_counts_a_slow_worker_as_it_ran(tmp_path):
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "async", "--epochs", "6"],
+              timeout_s=240)
+    steps = planned_steps(job, out)
+    wait_for(lambda: (metric_records(out) and metric_records(out)[-1]["step"] >= steps // 4)
+             or job.proc.poll() is not None, 120, "a quarter of the run", interval_s=0.02)
+    assert job.proc.poll() is None, "the job ended before the pause"
+    procs = json.loads((out / "cluster.json").read_text())["processes"]
+    pid = next(p["pid"] for p in procs if p["role"] == "worker" and p["rank"] == 1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(PAUSE_S)  # worker 0 trains on meanwhile (async: nobody waits)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    finish(job)
+    summary = strict_summary(out)
+    total = 2 * steps * 32  # both workers, every step, batch 32
+    lead_busy = summary["wall_s"] - summary["eval_s"]  # worker 0's training time
+    # Worker 0's rate times two would be total / lead_busy; worker 1 ran about PAUSE_S
+    # longer than worker 0 (it lost the pause and caught up none of it).
+    assert summary["samples_per_s"] <= total / (lead_busy + 0.5 * PAUSE_S), (summary, total)
+    assert summary["samples_per_s"] >= 0.5 * total / (lead_busy + PAUSE_S + 5.0), summary
