@@ -50,12 +50,15 @@ from _machine import free_port as _free_port, log as _log, own_s as _own_s  # no
 # ------------------------------------------------------------------ Tessera
 
 
-def run_tessera(steps: int, warmup: int, batch_size: int, deadline: float) -> dict:
-    """One ``tessera run``; returns summary.json's and the steady-state throughput."""
+def run_tessera(steps: int, warmup: int, batch_size: int, deadline: float, *,
+                mode: str = "sync", servers: int = SERVERS) -> dict:
+    """One ``tessera run``; returns summary.json's and the steady-state throughput
+    (steady: worker 0's metric windows, so only for the modes where every worker
+    steps together: sync and allreduce)."""
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "tessera.cli.main", "run", str(JOB),
-               "--workers", str(WORKERS), "--servers", str(SERVERS), "--mode", "sync",
+               "--workers", str(WORKERS), "--servers", str(servers), "--mode", mode,
                "--batch-size", str(batch_size), "--steps", str(warmup + steps),
                "--quiet", "--out", str(out)]
         t0 = time.monotonic()
