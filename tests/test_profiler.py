@@ -32,18 +32,39 @@ def validate_chrome_trace(doc: dict) -> None:
 
 @pytest.fixture(scope="module")
 def straggler_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straggler") / "run"
-    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--profile", "--out", out,
-                            "--quiet", ROOT / "tests" / "scripts" / "straggler.py", 40],
-                           timeout_s=180)
+    """Two planted causes of known size: worker 1 sleeps 12 ms in every forward, and
+    server 0 holds three quarters of the partitions (a hot server)."""
+    tmp = tmp_path_factory.mktemp("straggler")
+    job = tmp / "job.toml"
+    job.write_text("[ps]\npartition_mb = 0.005\nserver_weights = [3.0, 1.0]\n")
+    out = tmp / "run"
+    code, output = run_cli(["launch", "--job", job, "--workers", 2, "--servers", 2, "--profile",
+                            "--out", out, "--quiet", ROOT / "tests" / "scripts" / "straggler.py",
+                            40], timeout_s=180)
     assert code == 0, output
     return out
+
+
+def assert_ranked(report: dict) -> None:
+    """Every cause's share printed, largest first, and together about the step."""
+    shares = [c["share"] for c in report["causes"]]
+    assert shares == sorted(shares, reverse=True), report["causes"]
+    assert 0.8 <= sum(shares) <= 1.2, report["causes"]
+    assert report["kind"] == report["causes"][0]["cause"]
 
 
 def test_report_names_the_straggler(straggler_run):
     report = json.loads((straggler_run / "report.json").read_text())
     assert report["kind"] == "straggler", report["bottleneck"]
     assert report["stragglers"][0] == 1
+    assert_ranked(report)
+    # The planted 12 ms is what the straggler costs each step, and the planted hot
+    # server, a smaller cost on digits' small partitions, ranks below it.
+    causes = {c["cause"]: c for c in report["causes"]}
+    assert causes["straggler"]["who"] == "worker 1" and 8.0 <= causes["straggler"]["ms"] <= 20.0
+    assert causes["hot_server"]["who"] == "server 0", report["causes"]
+    assert 0 < causes["hot_server"]["ms"] < causes["straggler"]["ms"]
+    assert f"{causes['hot_server']['share']:.0%}" in report["bottleneck"]  # every share printed
     assert "worker 1" in report["bottleneck"] and "forward" in report["bottleneck"]
     slow = next(w for w in report["workers"] if w["rank"] == 1)
     fast = next(w for w in report["workers"] if w["rank"] == 0)
@@ -76,27 +97,31 @@ def test_trace_is_chrome_json_with_spans_from_every_process(straggler_run):
 
 
 def test_report_names_the_hot_server(tmp_path):
-    # One worker: per-step compute is ~1 ms on digits, so with two workers scheduling
-    # noise on a 2-core machine can make one read as a 1.3x straggler, which the report
-    # names first; a lone worker has no one to straggle behind.
+    # One worker (no one to straggle behind) and four servers, server 0 holding about
+    # 10/13 of the bytes: balanced servers would save about 1 - (1/4)/(10/13) = 2/3 of
+    # the communication, the largest cost of a digits step (compute is ~1 ms).
     job = tmp_path / "hot.toml"
     job.write_text(textwrap.dedent("""
         name = "hot"
         profile = true
         [cluster]
         workers = 1
+        servers = 4
         [data]
         dataset = "digits"
         [train]
         steps = 60
+        threads = 1
         [ps]
         partition_mb = 0.005
-        server_weights = [5.0, 1.0]
+        server_weights = [10.0, 1.0, 1.0, 1.0]
     """))
     run_job(str(job), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["kind"] == "hot_server", report["bottleneck"]
+    assert_ranked(report)
     assert report["servers"][0]["rank"] == 0 and report["servers"][0]["bytes_share"] > 0.7
+    assert report["servers"][0]["hot"] and not any(s["hot"] for s in report["servers"][1:])
     assert "server 0" in report["bottleneck"]
 
 
@@ -104,5 +129,6 @@ def test_report_command_prints_the_table(straggler_run):
     code, output = run_cli(["report", straggler_run], timeout_s=60)
     assert code == 0, output
     assert "Bottleneck" in output and "worker 1" in output
+    assert "causes, by share of step time" in output and "straggler (worker 1)" in output
     code, output = run_cli(["report", straggler_run / "nope"], timeout_s=60)
     assert code == 2 and "--profile" in output

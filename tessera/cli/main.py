@@ -187,6 +187,13 @@ def report(run_dir: str) -> None:
         servers.add_row(str(s["rank"]), f"{s['bytes'] / 1e6:.1f}", f"{s['bytes_share']:.0%}",
                         f"{s['queue_ms']:.1f}", f"{s['apply_ms']:.1f}", f"p{hot}")
     console.print(servers)
+    causes = Table(title="causes, by share of step time")
+    for col in ("cause", "ms per step", "share"):
+        causes.add_column(col, justify="right")
+    for c in rep["causes"]:
+        causes.add_row(c["cause"].replace("_", " ") + (f" ({c['who']})" if c["who"] else ""),
+                       f"{c['ms']:.2f}", f"{c['share']:.0%}")
+    console.print(causes)
     console.print(f"[bold]Bottleneck:[/] {rep['bottleneck']}")
     console.print(f"Details: {path / 'report.md'}, {path / 'report.html'}, {path / 'trace.json'}")
 

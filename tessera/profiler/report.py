@@ -11,11 +11,24 @@ push sent .. last reply sent) that backward was still running.
 Servers are ranked by bytes received, queue time (worker send .. server
 receive, on aligned clocks) and optimizer time; their hottest partitions named.
 
-The bottleneck is the first that applies of: a straggler (a worker whose compute
-per step is at least 1.3x the median of the others), a hot server (one holding
-over 1.25x its fair share of pushed bytes), communication (exposed waiting over
-30% of the step), else compute. The thresholds are judgement, not measurement:
-they name a clear imbalance without flagging run-to-run noise (~10% here).
+The finding ranks the *causes* of step time by the milliseconds each costs per
+step, prints every share, and names the largest:
+
+- a straggler: the slowest worker's compute and data time beyond the median of
+  the others' (what every synchronous step waits for it);
+- a hot server: the part of the workers' communication that balanced servers
+  would save. A worker's exposed communication waits for its busiest server, so
+  with the top server holding share ``h`` of the pushed bytes against a fair
+  ``1/S``, balancing saves ``communication * (1 - (1/S) / h)``;
+- communication: the rest of the exposed communication;
+- compute (forward and backward), data loading, optimizer/copy: the median
+  worker's (the straggler's excess is counted above, not here);
+- other: what is left of the step (logging, evaluation windows, Python).
+
+``STRAGGLER_RATIO`` and ``HOT_SERVER_FACTOR`` only decide which workers and servers
+the report flags (``stragglers``, each server's ``hot``); they no longer pick the
+finding, so a straggler 0.4 ms slow is not named over communication that costs
+1.8 ms of a 4.9 ms step.
 """
 
 from __future__ import annotations
@@ -27,7 +40,6 @@ from typing import Optional
 
 STRAGGLER_RATIO = 1.3
 HOT_SERVER_FACTOR = 1.25
-COMM_BOUND_SHARE = 0.30
 
 
 def _sum(spans, name):
@@ -96,6 +108,7 @@ def analyze(docs: list[dict], summary: Optional[dict] = None) -> dict:
     total_bytes = sum(s["bytes"] for s in servers) or 1
     for s in servers:
         s["bytes_share"] = s["bytes"] / total_bytes
+        s["hot"] = len(servers) > 1 and s["bytes_share"] > HOT_SERVER_FACTOR / len(servers)
     for w in workers:
         others = [o["compute_ms"] + o["data_ms"] for o in workers if o is not w]
         base = statistics.median(others) if others else 0.0
@@ -110,54 +123,97 @@ def analyze(docs: list[dict], summary: Optional[dict] = None) -> dict:
         "samples_per_s": (summary or {}).get("samples_per_s"),
         "clock_error_us_max": max((d.get("clock_error_ns", 0) for d in docs), default=0) / 1e3,
     }
-    report["kind"], report["bottleneck"] = _finding(workers, stragglers, servers_ranked)
+    report["causes"] = _causes(workers, servers_ranked)
+    report["kind"], report["bottleneck"] = _finding(report["causes"])
     return report
 
 
-def _finding(workers, stragglers, servers) -> tuple[str, str]:
-    if stragglers:
-        w = stragglers[0]
-        others = [o for o in workers if o is not w]
-        phase = max(("forward", "backward", "data"),
-                    key=lambda k: w[f"{k}_ms"] - statistics.median(o[f"{k}_ms"] for o in others))
-        ref = statistics.median(o[f"{phase}_ms"] for o in others)
-        ratio = w[f"{phase}_ms"] / ref if ref > 0 else w["straggler_ratio"]
-        return "straggler", (
-            f"worker {w['rank']} is {ratio:.1f}x slower in {phase} ({w[f'{phase}_ms']:.1f} ms vs "
-            f"{ref:.1f} ms per step): a straggler that every synchronous step waits for; "
-            f"try --mode async, or find what slows that worker's machine")
-    if len(servers) > 1:
-        top = servers[0]
-        fair = 1.0 / len(servers)
-        if top["bytes_share"] > HOT_SERVER_FACTOR * fair:
+def _causes(workers: list[dict], servers: list[dict]) -> list[dict]:
+    """What each cause costs per step (ms) and its share of the mean step, largest first."""
+    if not workers:
+        return []
+    med = lambda key: statistics.median(w[key] for w in workers)  # noqa: E731
+    step = statistics.mean(w["step_ms"] for w in workers) or 1.0
+    causes = []
+    slow = max(workers, key=lambda w: w["compute_ms"] + w["data_ms"])
+    others = [o for o in workers if o is not slow]
+    if others:
+        base = {k: statistics.median(o[f"{k}_ms"] for o in others)
+                for k in ("forward", "backward", "data")}
+        excess = sum(slow[f"{k}_ms"] - base[k] for k in base)
+        if excess > 0:
+            phase = max(base, key=lambda k: slow[f"{k}_ms"] - base[k])
+            ref = base[phase]
+            ratio = slow[f"{phase}_ms"] / ref if ref > 0 else float("inf")
+            causes.append({"cause": "straggler", "who": f"worker {slow['rank']}", "ms": excess,
+                           "detail": f"worker {slow['rank']} is {ratio:.1f}x slower in {phase} "
+                                     f"({slow[f'{phase}_ms']:.1f} ms vs {ref:.1f} ms per step): "
+                                     f"every synchronous step waits for it; try --mode async "
+                                     f"or ssp, or find what slows that worker's machine"})
+        compute = statistics.median(o["compute_ms"] for o in others)
+        data = statistics.median(o["data_ms"] for o in others)
+    else:
+        compute, data = med("compute_ms"), med("data_ms")
+    comm = statistics.mean(w["communication_ms"] for w in workers)
+    hot_ms = 0.0
+    if len(servers) > 1 and comm > 0:
+        top, fair = servers[0], 1.0 / len(servers)
+        if top["bytes_share"] > fair:
+            hot_ms = comm * (1.0 - fair / top["bytes_share"])
             part = top["hot_partitions"][0] if top["hot_partitions"] else None
             where = f" (partition {part['id']} is its largest)" if part else ""
-            return "hot_server", (
-                f"server {top['rank']} holds {top['bytes_share']:.0%} of pushed bytes{where}, "
-                f"{top['bytes_share'] / fair:.1f}x its fair share: even out ps.server_weights, "
-                f"add servers or lower the partition size (--partition-mb)")
-    if workers:
-        step = statistics.mean(w["step_ms"] for w in workers) or 1.0
-        exposed = statistics.mean(w["communication_ms"] + w["waiting_ms"] for w in workers)
-        overlap = statistics.mean(w["overlap"] for w in workers)
-        if exposed / step > COMM_BOUND_SHARE:
-            return "communication", (
-                f"workers spend {exposed / step:.0%} of each step waiting for the servers "
-                f"({overlap:.0%} of communication overlaps backward): try --precision bf16 to "
-                f"halve the bytes, add servers, or raise the batch size")
-        compute = statistics.mean(w["compute_ms"] for w in workers)
-        return "compute", (
-            f"compute (forward and backward) is {compute / step:.0%} of each step and "
-            f"communication is mostly hidden ({overlap:.0%} overlapped): the job is compute-bound; "
-            f"more workers or a faster device would help")
-    return "none", "no worker spans were recorded"
+            causes.append({"cause": "hot_server", "who": f"server {top['rank']}", "ms": hot_ms,
+                           "detail": f"server {top['rank']} holds {top['bytes_share']:.0%} of "
+                                     f"pushed bytes{where}, {top['bytes_share'] / fair:.1f}x its "
+                                     f"fair share: even out ps.server_weights, add servers or "
+                                     f"lower the partition size (--partition-mb)"})
+    overlap = statistics.mean(w["overlap"] for w in workers)
+    causes.append({"cause": "communication", "who": "", "ms": comm - hot_ms,
+                   "detail": f"workers wait for the servers' replies ({overlap:.0%} of "
+                             f"communication overlaps backward): try --precision bf16 to halve "
+                             f"the bytes, add servers, or raise the batch size"})
+    causes.append({"cause": "compute", "who": "", "ms": compute,
+                   "detail": "forward and backward: the job is compute-bound; more workers or "
+                             "a faster device would help"})
+    causes.append({"cause": "data", "who": "", "ms": data,
+                   "detail": "loading batches: more DataLoader workers, or data nearer the "
+                             "workers"})
+    causes.append({"cause": "optimizer", "who": "", "ms": med("optimizer_ms"),
+                   "detail": "writing the pulled values into the model"})
+    named = sum(c["ms"] for c in causes)
+    causes.append({"cause": "other", "who": "", "ms": max(0.0, step - named),
+                   "detail": "the rest of the step: logging, evaluation windows, Python"})
+    for c in causes:
+        c["ms"] = max(0.0, c["ms"])
+        c["share"] = c["ms"] / step
+    return sorted(causes, key=lambda c: -c["ms"])
+
+
+def _label(cause: dict) -> str:
+    return cause["cause"].replace("_", " ") + (f" ({cause['who']})" if cause["who"] else "")
+
+
+def _finding(causes: list[dict]) -> tuple[str, str]:
+    if not causes:
+        return "none", "no worker spans were recorded"
+    top = causes[0]
+    step = top["ms"] / top["share"] if top["share"] else 0.0
+    ranked = ", ".join(f"{_label(c)} {c['share']:.0%}" for c in causes if c["share"] >= 0.005)
+    return top["cause"], (f"{_label(top)} costs {top['ms']:.2f} ms of each {step:.2f} ms step "
+                          f"({top['share']:.0%}): {top['detail']}. Ranked by share of step "
+                          f"time: {ranked}")
 
 
 # ----------------------------------------------------------------- outputs
 
 
 def to_markdown(report: dict) -> str:
-    lines = ["# Tessera profile", "", f"**Bottleneck:** {report['bottleneck']}", ""]
+    lines = ["# Tessera profile", "", f"**Bottleneck:** {report['bottleneck']}", "",
+             "## Causes, by share of step time", "", "| cause | ms per step | share |",
+             "|---|---|---|"]
+    lines += [f"| {_label(c)} | {c['ms']:.2f} | {c['share']:.0%} |"
+              for c in report.get("causes", [])]
+    lines.append("")
     if report.get("samples_per_s"):
         lines += [f"Throughput: {report['samples_per_s']:.0f} samples/s. "
                   f"Clock alignment error: at most {report['clock_error_us_max']:.0f} µs.", ""]
