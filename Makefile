@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/sparse_embedding.py
 	$(BIN)/python benchmarks/stragglers.py
 	$(BIN)/python benchmarks/allreduce_vs_ps.py
+	$(BIN)/python benchmarks/lm_shakespeare.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/server_load.py
 	$(BIN)/python benchmarks/faults.py
