@@ -28,6 +28,7 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import statistics
 import time
 
@@ -47,7 +48,20 @@ ap.add_argument("--sleep-ms", type=float, default=0.0, help="> 0: sleep this lon
 ap.add_argument("--slow-rank", type=int, default=1)
 ap.add_argument("--batch-size", type=int, default=32)
 ap.add_argument("--sync-dir", required=True)
+ap.add_argument("--transient", type=float, default=0.0,
+                help="> 0: no persistent straggler; at each step, with this probability, one "
+                     "worker drawn at random takes 3x --base-ms instead of --base-ms")
+ap.add_argument("--base-ms", type=float, default=10.0,
+                help="transient case: every step's emulated compute (a sleep), ms")
 args = ap.parse_args()
+
+
+def transient_pause(index: int) -> float:
+    """Seconds this worker sleeps at global step ``index`` in the transient case: the
+    same draw on every worker (seeded by the step), so exactly one is delayed."""
+    draw = random.Random(index * 1_000_003 + 17)
+    delayed = draw.random() < args.transient and draw.randrange(workers) == rank
+    return (3.0 if delayed else 1.0) * args.base_ms / 1e3
 
 
 def wait_files(names, timeout_s=120.0):
@@ -104,7 +118,7 @@ model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128
                       nn.Linear(64, 10))
 model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)
 sampler = tessera.shard(len(data.train), batch_size=args.batch_size)
-slow = rank == args.slow_rank
+slow = rank == args.slow_rank and not args.transient
 budget = Budget(os.path.join(args.sync_dir, "budget")) if args.budget else None
 
 touch(f"ready.{rank}")
@@ -112,9 +126,17 @@ wait_files([f"ready.{r}" for r in range(workers)])
 t_first = time.time()
 step_s, work_s, slept_s = [], [], []
 step = 0
-while (budget.claim() < args.budget) if budget else step < args.steps:
+delayed = 0
+while True:
+    index = budget.claim() if budget else step
+    if index >= (args.budget if budget else args.steps):
+        break
     t0 = time.perf_counter()
-    if slow:  # the straggler's extra compute
+    if args.transient:
+        pause = transient_pause(index)
+        delayed += pause > args.base_ms / 1e3
+        time.sleep(pause)
+    elif slow:  # the straggler's extra compute
         if args.sleep_ms > 0:
             pause = args.sleep_ms / 1e3
         elif work_s:
@@ -143,7 +165,8 @@ with open(os.path.join(args.sync_dir, f"stats.{rank}.json"), "w") as f:
                "step_ms": 1e3 * statistics.median(step_s) if step_s else 0.0,
                "work_ms": 1e3 * statistics.median(work_s) if work_s else 0.0,
                "sleep_ms": 1e3 * statistics.median(slept_s) if slept_s else 0.0,
-               "slow": slow, "final_loss": float(loss.item()) if step_s else None}, f)
+               "slow": slow, "delayed_steps": delayed,
+               "final_loss": float(loss.item()) if step_s else None}, f)
 touch(f"done.{rank}")
 
 stats = {"steps": step}

@@ -65,7 +65,7 @@ def _children_s() -> float:
 
 
 def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms: float,
-             timeout_s: float) -> dict:
+             timeout_s: float, transient: float = 0.0, base_ms: float = 10.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="tessera-stragglers-") as tmp:
         tmp = Path(tmp)
         sync_dir = tmp / "sync"
@@ -76,7 +76,8 @@ def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms
             cmd += ["--staleness", str(staleness)]
         cmd += [str(WORKER), "--slow-factor", str(slow_factor), "--sleep-ms", str(sleep_ms),
                 "--slow-rank", "1",
-                "--batch-size", str(BATCH), "--sync-dir", str(sync_dir)]
+                "--batch-size", str(BATCH), "--sync-dir", str(sync_dir),
+                "--transient", str(transient), "--base-ms", str(base_ms)]
         cmd += ["--budget", str(WORKERS * steps)] if mode == "async" else ["--steps", str(steps)]
         t0 = time.monotonic()
         busy0, own0 = _busy_s(), _children_s()
@@ -107,7 +108,7 @@ def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms
     wall = max(s["t_last"] for s in stats) - min(s["t_first"] for s in stats)
     total_steps = sum(s["steps"] for s in stats)
     fast = [s for s in stats if not s["slow"]]
-    slow = [s for s in stats if s["slow"]]
+    slow = [s for s in stats if s["slow"]] or fast  # transient: nobody is slow for good
     return {"mode": mode, "staleness": staleness if mode == "ssp" else None,
             "wall_s": wall, "total_samples": total_steps * BATCH,
             "samples_per_s": total_steps * BATCH / wall,
@@ -118,6 +119,7 @@ def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms
             "slow_step_ms": statistics.median(s["step_ms"] for s in slow),
             "slow_work_ms": statistics.median(s["work_ms"] for s in slow),
             "slow_sleep_ms": statistics.median(s["sleep_ms"] for s in slow),
+            "delayed_steps": [s.get("delayed_steps", 0) for s in stats],
             "launch_s": launch_s, "foreign_cpu_pct": foreign}
 
 
@@ -133,9 +135,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes")
     ap.add_argument("--timeout", type=float, default=285.0, help="hard limit for the run, s")
     ap.add_argument("--quick", action="store_true", help="smoke run: 40 steps, one round")
+    ap.add_argument("--transient", type=float, default=0.0,
+                    help="the transient case: at each step, with this probability (issue 15: "
+                         "0.25), one worker drawn at random takes 3x --base-ms")
+    ap.add_argument("--base-ms", type=float, default=10.0,
+                    help="transient case: every step's emulated compute (a sleep), ms")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.repeats = 40, 1
+    global WORKERS
+    WORKERS = a.workers
     # async first: its first run calibrates the straggler's sleep for every later run.
     modes = [("async", 0), ("sync", 0), ("ssp", a.staleness)]
     deadline = time.monotonic() + a.timeout
@@ -154,8 +164,9 @@ def main(argv=None) -> int:
             left = deadline - time.monotonic()
             if left < 20:
                 raise TimeoutError("stragglers: out of time (raise --timeout or lower --repeats)")
-            r = run_case(mode, k, a.steps, a.slow_factor, sleep_ms, timeout_s=min(left, 150.0))
-            if sleep_ms <= 0:
+            r = run_case(mode, k, a.steps, a.slow_factor, sleep_ms, timeout_s=min(left, 150.0),
+                         transient=a.transient, base_ms=a.base_ms)
+            if sleep_ms <= 0 and not a.transient:
                 sleep_ms = round(r["slow_sleep_ms"], 1)
                 _log(f"calibrated: the straggler sleeps {sleep_ms} ms per step from now on")
             rounds[-1][mode] = r
@@ -179,6 +190,9 @@ def main(argv=None) -> int:
                "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
                "steps_per_worker_sync": a.steps, "total_samples": rs[0]["total_samples"],
                "steps_per_worker": rs[0]["steps_per_worker"],
+               "case": f"transient p={a.transient}" if a.transient else "persistent",
+               "base_ms": a.base_ms if a.transient else None,
+               "delayed_steps": rs[0]["delayed_steps"],
                "slow_sleep_ms": sleep_ms, "slow_factor": round(slow_factor, 2),
                "wall_s": round(med(r["wall_s"] for r in rs), 3),
                "tessera_samples_per_s": round(med(r["samples_per_s"] for r in rs), 1),
