@@ -147,15 +147,21 @@ class DenseCheckpoints:
     wanted: Callable[[], bool] = lambda: False
 
 
-def read_dense(url: str, clock: int, manifest: dict):
-    """The tensors and metadata of the dense file of the checkpoint at ``clock``."""
-    from tessera.ps.checkpoint import CheckpointStore
+def read_dense(url: str, clock: int, manifest: dict, stage: Optional[int] = None):
+    """The tensors and metadata of the dense file of the checkpoint at ``clock``: worker
+    0's replica, or (``stage``) the file of that pipeline stage."""
+    from tessera.ps.checkpoint import CheckpointStore, check_stage_files
     dense = manifest.get("dense")
     if not dense:
         raise CheckpointError(
             f"--resume: the checkpoint at clock {clock} in {url} was written in mode "
             f"{manifest.get('mode')!r}, where the dense parameters are on the servers; resume "
             f"it in that mode (allreduce and hybrid resume their own checkpoints)")
+    stages = check_stage_files(dense, url)
+    if (stage is not None) != bool(stages) or (stage is not None and stage >= len(stages)):
+        have = f"{len(stages)} pipeline stages" if stages else "no pipeline stages"
+        raise CheckpointError(f"--resume: the checkpoint at clock {clock} in {url} holds "
+                              f"{have}; resume it with --stages {len(stages) or 1}")
     store = CheckpointStore(url)
-    f = store.open_shard(clock, DENSE_FILE)
+    f = store.open_shard(clock, DENSE_FILE if stage is None else stages[stage])
     return {k: f.get(k) for k in f.keys()}, f.meta, f.path
