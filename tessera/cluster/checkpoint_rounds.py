@@ -98,13 +98,11 @@ class CheckpointRounds:
             return (f"--resume {self.cfg.resume}: the checkpoint was written in mode "
                     f"{m.get('mode')!r}, which keeps the dense parameters {where}; resume "
                     f"it in {modes} mode")
-        saved_stages = len((m.get("dense") or {}).get("stages") or []) or 1
-        if saved_stages != self.stages:
-            return (f"--resume {self.cfg.resume}: the checkpoint holds "
-                    + (f"{saved_stages} pipeline stages" if saved_stages > 1
-                       else "an unpipelined model")
-                    + f"; resume it with --stages {saved_stages} (this job has "
-                    f"--stages {self.stages})")
+        from tessera.ps.checkpoint import CheckpointError, check_stages
+        try:
+            check_stages(m, self.stages, f"--resume {self.cfg.resume}")
+        except CheckpointError as exc:
+            return str(exc)
         saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
         now = [(p.name, list(p.shape)) for p in msg.layout or []]
         if saved != now:

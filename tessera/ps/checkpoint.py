@@ -144,6 +144,20 @@ def check_manifest(manifest, where: str) -> dict:
     return manifest
 
 
+def check_stages(manifest: dict, stages: int, where: str) -> None:
+    """CheckpointError (one line naming ``where``) when a dense checkpoint was written with
+    another pipeline stage count than ``stages`` (1: no pipeline): each stage's file holds
+    that stage's parameters and optimizer state, cut as the run cut the model."""
+    dense = manifest.get("dense")
+    if not isinstance(dense, dict):
+        return  # the servers hold the model: the mode check names what to do
+    saved = len(check_stage_files(dense, where)) or 1
+    if saved != max(1, stages):
+        held = f"{saved} pipeline stages" if saved > 1 else "a model without pipeline stages"
+        raise CheckpointError(f"{where}: the checkpoint holds {held}; resume it with "
+                              f"--stages {saved} (this job has --stages {max(1, stages)})")
+
+
 def checkpoint_url(cfg, run_dir) -> str:
     """Where this job's checkpoints go: ``checkpoint.dir`` or ``<run dir>/checkpoints``."""
     return cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
