@@ -20,7 +20,15 @@ PIPELINE = ["--mode", "allreduce", "--servers", 0, "--stages", 2, "--microbatche
 STAGE_FILES = ["worker-0.safetensors", "worker-1.safetensors"]
 
 
-def test_pipeline_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
+@pytest.fixture
+def no_pickle(monkeypatch):
+    """Every process of the job under the no-pickle guard: writing, reading and restoring
+    stage checkpoints unpickles nothing (an unpickle would end the process)."""
+    from tessera.config import env as envvars
+    monkeypatch.setenv(envvars.FORBID_PICKLE, "1")
+
+
+def test_pipeline_resumed_run_ends_equal_to_one_never_interrupted(tmp_path, no_pickle):
     """Adam on 2 stages: 30 steps with a checkpoint every 10; the checkpoint at step 20,
     resumed to 30, ends bit-identical to the run never interrupted: each stage's
     parameters and Adam state (step, exp_avg, exp_avg_sq) in the step-30 checkpoint, the
@@ -61,7 +69,8 @@ def test_pipeline_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
     assert "Traceback" not in output and not (tmp_path / "no").exists()
 
 
-def test_pipeline_stage_killed_the_stages_are_reformed_from_the_checkpoint(tmp_path):
+def test_pipeline_stage_killed_the_stages_are_reformed_from_the_checkpoint(tmp_path,
+                                                                           no_pickle):
     """2 stages x 2 replicas; kill -9 of worker 2 (replica 1's first stage) while training
     runs, after the first checkpoint: the launcher ends every process and starts them again
     from the newest checkpoint (replica 0's stage files, loaded by both replicas), and the
@@ -138,3 +147,19 @@ def test_the_coordinator_takes_stage_files_only_from_replica_0s_stages(tmp_path)
 def _no_shards():
     from tessera.ps.sharding import ShardMap
     return ShardMap(layout=(), partitions=(), num_servers=0)
+
+
+def test_pipeline_replicas_start_from_replica_0_and_stay_equal(tmp_path):
+    """2 stages x 2 replicas, every worker built from its own seed and fed its replica's
+    own batches: after 3 Adam steps stage s holds the same parameters, bit for bit, on
+    both replicas (replica 0's are broadcast at the start, gradients averaged), which is
+    why replica 0's stage files are the whole job's checkpoint."""
+    out = tmp_path / "run"
+    code, output = run_cli(["launch", "--mode", "allreduce", "--servers", 0, "--workers", 4,
+                            "--stages", 2, "--microbatches", 2, "--batch-size", 16, "--out",
+                            out, "--quiet", ROOT / "tests" / "scripts" / "pipeline_replicas.py"],
+                           timeout_s=180)
+    assert code == 0, output
+    digest = [json.loads((out / f"replica-{r}.json").read_text())["digest"] for r in range(4)]
+    assert digest[0] == digest[2] and digest[1] == digest[3], digest
+    assert digest[0] != digest[1]
