@@ -17,6 +17,10 @@ back as tuples, taken from the live optimizer's own groups.
 
 On ``--resume`` (or a restart of the group) every worker loads worker 0's file:
 the replicas are identical, so they stay so.
+
+Pipeline stages (:mod:`tessera.parallel.pipeline`) write the same format, one file
+per stage (``worker-<s>.safetensors``, replica 0's stage ``s``), listed in the
+manifest under ``dense.stages``; :func:`read_dense` with ``stage`` reads one.
 """
 
 from __future__ import annotations
