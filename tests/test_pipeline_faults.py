@@ -29,27 +29,27 @@ def no_pickle(monkeypatch):
 
 
 def test_pipeline_resumed_run_ends_equal_to_one_never_interrupted(tmp_path, no_pickle):
-    """Adam on 2 stages: 30 steps with a checkpoint every 10; the checkpoint at step 20,
-    resumed to 30, ends bit-identical to the run never interrupted: each stage's
-    parameters and Adam state (step, exp_avg, exp_avg_sq) in the step-30 checkpoint, the
+    """Adam on 2 stages: K = 20 steps with a checkpoint every 10; the checkpoint at step
+    K/2, resumed to K, ends bit-identical to the run never interrupted: each stage's
+    parameters and Adam state (step, exp_avg, exp_avg_sq) in the step-20 checkpoint, the
     evaluated loss, and so the data position too (a resumed run that took other batches
     would end elsewhere). `tessera export` joins the stages into one model."""
-    whole = run_job(ADAM, tmp_path / "whole", *PIPELINE, "--workers", 2, "--steps", 30,
+    whole = run_job(ADAM, tmp_path / "whole", *PIPELINE, "--workers", 2, "--steps", 20,
                     "--checkpoint-every", 10)
-    assert whole["checkpoints"] == [10, 20, 30], whole
-    at20 = tmp_path / "at20" / "clock-00000020"
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "clock-00000020", at20)
-    manifest = json.loads((at20 / "manifest.json").read_text())
+    assert whole["checkpoints"] == [10, 20], whole
+    at10 = tmp_path / "at10" / "clock-00000010"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "clock-00000010", at10)
+    manifest = json.loads((at10 / "manifest.json").read_text())
     assert [s["file"] for s in manifest["dense"]["stages"]] == STAGE_FILES, manifest
-    assert manifest["data"]["offset"] == 20 * 32, manifest["data"]  # one replica's batches
-    resumed = run_job(ADAM, tmp_path / "resumed", *PIPELINE, "--workers", 2, "--steps", 30,
-                      "--checkpoint-every", 10, "--resume", tmp_path / "at20")
-    assert resumed["worker_first_steps"] == [20, 20] and resumed["checkpoints"] == [30], resumed
-    assert "clock 20" in resumed["resumed_from"], resumed
+    assert manifest["data"]["offset"] == 10 * 32, manifest["data"]  # one replica's batches
+    resumed = run_job(ADAM, tmp_path / "resumed", *PIPELINE, "--workers", 2, "--steps", 20,
+                      "--checkpoint-every", 10, "--resume", tmp_path / "at10")
+    assert resumed["worker_first_steps"] == [10, 10] and resumed["checkpoints"] == [20], resumed
+    assert "clock 10" in resumed["resumed_from"], resumed
     keys = set()
     for name in STAGE_FILES:
-        a = load_file(str(tmp_path / "resumed" / "checkpoints" / "clock-00000030" / name))
-        b = load_file(str(tmp_path / "whole" / "checkpoints" / "clock-00000030" / name))
+        a = load_file(str(tmp_path / "resumed" / "checkpoints" / "clock-00000020" / name))
+        b = load_file(str(tmp_path / "whole" / "checkpoints" / "clock-00000020" / name))
         assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a), a.keys()
         params = {k for k in a if k.startswith("model/")}
         assert not keys & params, "two stages saved the same parameter"
@@ -64,7 +64,7 @@ def test_pipeline_resumed_run_ends_equal_to_one_never_interrupted(tmp_path, no_p
     # Another stage count cannot load these files: one line, before anything starts.
     code, output = run_cli(["run", ADAM, "--out", tmp_path / "no", "--quiet", "--mode",
                             "allreduce", "--servers", 0, "--workers", 2, "--resume",
-                            tmp_path / "at20"], timeout_s=60)
+                            tmp_path / "at10"], timeout_s=60)
     assert code == 2 and "holds 2 pipeline stages; resume it with --stages 2" in output, output
     assert "Traceback" not in output and not (tmp_path / "no").exists()
 
