@@ -95,6 +95,31 @@ def test_pipeline_stage_killed_the_stages_are_reformed_from_the_checkpoint(tmp_p
     assert last["data"]["workers"] == 2, last["data"]  # two pipelines share the data
 
 
+def test_interrupted_pipeline_checkpoints_every_stage_at_one_clock(tmp_path):
+    """SIGINT on the launcher of a pipelined job without --checkpoint-every: the stages
+    agree (every 4 steps) that the launcher asked, each of replica 0's stages writes its
+    file of that one clock, the launcher stops at exit 130 naming it, and --resume
+    continues from it."""
+    import signal
+
+    from tessera.ps.checkpoint import CheckpointStore
+    from tests.test_faults import metric_lines
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", *PIPELINE, "--workers", 2,
+               "--steps", 100000], timeout_s=120)
+    wait_for(lambda: metric_lines(out) >= 2 or job.proc.poll() is not None, 90,
+             "training to start")
+    job.proc.send_signal(signal.SIGINT)
+    code, output = job.wait()
+    assert code == 130 and "checkpoint at clock" in output, output
+    latest = CheckpointStore(str(out / "checkpoints")).latest()
+    assert latest is not None and latest["clock"] > 0 and latest["clock"] % 4 == 0, latest
+    assert [s["file"] for s in latest["dense"]["stages"]] == STAGE_FILES, latest
+    summary = run_job(DIGITS, tmp_path / "more", *PIPELINE, "--workers", 2, "--resume", out,
+                      "--steps", latest["clock"] + 4)
+    assert summary["worker_first_steps"] == [latest["clock"]] * 2, summary
+
+
 def test_the_coordinator_takes_stage_files_only_from_replica_0s_stages(tmp_path):
     """A pipeline round completes with worker-<s>.safetensors from worker s of every stage
     s; a report from another replica, or of another name, is refused, not joined into a

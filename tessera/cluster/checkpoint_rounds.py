@@ -130,10 +130,11 @@ class CheckpointRounds:
     @property
     def on_request(self) -> bool:
         """Whether a checkpoint can be taken when the launcher asks (SIGINT/SIGTERM): the
-        servers' (PS modes) or worker 0's alone (allreduce); not where the workers must
-        agree on the clock first (hybrid tables, pipeline stages)."""
+        servers' (PS modes), worker 0's alone (allreduce), or the pipeline stages' at a
+        clock they agree on (every few steps); not in hybrid mode (tables and replica
+        would have to agree on a clock first)."""
         cfg = self.cfg
-        if cfg.pipeline.stages > 1 or cfg.ps.mode == "hybrid":
+        if cfg.ps.mode == "hybrid":
             return False
         return bool(cfg.cluster.servers) or cfg.ps.mode == "allreduce"
 

@@ -178,10 +178,6 @@ class Launcher:
 
     def _why_no_checkpoint(self) -> Optional[str]:
         """Why an interrupt must not checkpoint this job (None: it may)."""
-        if self.cfg.pipeline.stages > 1:
-            return ("pipeline stages checkpoint only at their --checkpoint-every clocks (the "
-                    "stages would have to agree on a clock first); --resume continues from "
-                    "the newest of those")
         return None
 
     def _prepare_run_dir(self, *stale: str) -> None:

@@ -149,6 +149,10 @@ class DenseCheckpoints:
     save: Optional[Callable[[int, dict, dict], None]] = None
     #: Asked after each step: has the launcher asked for a checkpoint (SIGINT/SIGTERM)?
     wanted: Callable[[], bool] = lambda: False
+    #: Pipeline stages: every this many steps all workers agree (one all-reduce of a flag)
+    #: whether any saw the launcher's request, so that every stage saves the same clock
+    #: (0: never; allreduce's worker 0 alone decides, every step).
+    agree_every: int = 0
 
 
 def read_dense(url: str, clock: int, manifest: dict, stage: Optional[int] = None):

@@ -196,6 +196,7 @@ class PipelineParallel(DistributedModel):
                           if params else None)
         self.clock = 0
         self.checkpoints = checkpoints or DenseCheckpoints()
+        self._asked = False  # the launcher's request, as the workers last agreed on it
         if self.num_replicas > 1:
             self._sync_replicas()
 
@@ -324,9 +325,21 @@ class PipelineParallel(DistributedModel):
     def _maybe_checkpoint(self) -> None:
         """Every ``--checkpoint-every`` steps replica 0's stage saves its part (the other
         replicas hold the same values; no barrier: each stage's state after step N is
-        its own, and the manifest waits for every stage's report)."""
+        its own, and the manifest waits for every stage's report).
+
+        The launcher's request (SIGINT/SIGTERM) reaches each worker's heartbeat at its own
+        moment, so every ``agree_every`` steps all workers all-reduce (MAX) whether they
+        saw it: all then know it at the same clock, and replica 0's stages save that one
+        (once per request)."""
         ck = self.checkpoints
-        if ck.save is None or not ck.every or self.clock % ck.every:
+        due = bool(ck.every and self.clock % ck.every == 0)
+        if ck.agree_every and self.clock % ck.agree_every == 0:
+            flag = torch.tensor([1.0 if ck.wanted() else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item() > 0)
+            due = due or (asked and not self._asked)
+            self._asked = asked
+        if ck.save is None or not due:
             return
         with self.profiler.span("checkpoint", "checkpoint"):
             tensors, meta = dense_state(self.module, self.optimizer, None, self.clock)
