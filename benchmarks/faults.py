@@ -13,6 +13,8 @@ worker-async        the same in async mode
 worker-ssp          the same in ssp mode (staleness 2)
 worker-hybrid       MovieLens (tables), ``--mode hybrid --max-restarts 1 --checkpoint-every 20``
 worker-allreduce    digits, ``--mode allreduce --servers 0 --max-restarts 1 --checkpoint-every 50``
+worker-pipeline     digits, 2 pipeline stages (``--stages 2 --servers 0``), ``--max-restarts 1
+                    --checkpoint-every 50``, kill worker 1 (the last stage)
 worker-tables       MovieLens (DLRM with sharded tables), sync, ``--max-restarts 1``
 server-dense        digits, 3 servers, ``--replication 2``, kill server 1
 server-tables       MovieLens, 3 servers, ``--replication 2``, kill server 1
@@ -81,6 +83,10 @@ CASES = {
                                   "allreduce", "--servers", "0", "--checkpoint-every", "50"],
                          "worker", 1,
                          "eval_accuracy", 0.95, True),
+    "worker-pipeline": (DIGITS, ["--epochs", "16", "--max-restarts", "1", "--mode",
+                                 "allreduce", "--servers", "0", "--stages", "2",
+                                 "--microbatches", "2", "--checkpoint-every", "50"],
+                        "worker", 1, "eval_accuracy", 0.95, True),
     "worker-tables": (MOVIELENS, ["--epochs", "1", "--max-restarts", "1"], "worker", 1,
                       "eval_rmse", 1.0, False),
     "server-dense": (DIGITS, ["--epochs", "16", "--servers", "3", "--replication", "2"],

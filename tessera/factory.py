@@ -159,9 +159,44 @@ def _pipeline(session, model, opt, loss_fn, tables, device):
     if tables:
         raise UsageError("sharded embedding tables cannot be pipelined yet; drop --stages")
     _join_process_group(session, device, opt=opt)
-    return PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
-                            plan=session.cfg.pipeline, optimizer=opt, loss_fn=loss_fn,
-                            device=device, profiler=session.profiler)
+    wrapped = PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
+                               plan=session.cfg.pipeline, optimizer=opt, loss_fn=loss_fn,
+                               device=device, profiler=session.profiler,
+                               checkpoints=_stage_checkpoints(session))
+    restore = session.view.restore
+    if restore is not None:  # --resume, or the group re-formed after a worker died
+        from tessera.ps.checkpoint import CheckpointStore
+        manifest = CheckpointStore(restore.path).manifest(restore.clock)
+        wrapped.restore(restore.path, restore.clock, manifest)
+        if session.rank == session.cfg.pipeline.stages - 1:
+            _log(f"worker {session.rank}: pipeline stages restored from {restore.path} clock "
+                 f"{restore.clock}")
+    return wrapped
+
+
+#: Pipeline stages agree every this many steps whether the launcher asked for a checkpoint
+#: (one all-reduce of one number over every worker; the checkpoint lands within as many).
+STAGE_AGREE_EVERY = 4
+
+
+def _stage_checkpoints(session):
+    """Replica 0's stage s (worker s) writes worker-<s>.safetensors into the job's checkpoint
+    location and reports it; the coordinator writes the manifest once every stage has."""
+    from tessera.parallel.dense_checkpoint import DenseCheckpoints
+    from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, stage_file
+    cfg = session.cfg
+    hb = session.heartbeat
+    # Every worker takes part in agreeing on the launcher's request (SIGINT/SIGTERM).
+    agree = dict(wanted=lambda: hb.checkpoint_requested, agree_every=STAGE_AGREE_EVERY)
+    if session.rank >= cfg.pipeline.stages:
+        return DenseCheckpoints(every=cfg.checkpoint.every, **agree)
+    store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
+
+    def save(clock: int, tensors: dict, meta: dict) -> None:
+        name, nbytes = store.write_file(clock, stage_file(session.rank), tensors, meta)
+        session.report_checkpoint(clock, name, nbytes)
+
+    return DenseCheckpoints(every=cfg.checkpoint.every, save=save, **agree)
 
 
 def _connect_client(session: Session, policy) -> PSClient:

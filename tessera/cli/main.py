@@ -41,12 +41,13 @@ _run_flags = _flags(RUN_FLAGS)
 
 def _load(job, kwargs):
     from tessera.data.location import DataError, check_data_location
-    from tessera.ps.checkpoint import CheckpointError, find_resume
+    from tessera.ps.checkpoint import CheckpointError, check_stages, find_resume
     try:
         cfg = load_config(job, overrides(kwargs))
         check_data_location(cfg.data)
         if cfg.resume:
-            store, _ = find_resume(cfg.resume)
+            store, manifest = find_resume(cfg.resume)
+            check_stages(manifest, cfg.pipeline.stages, f"--resume {cfg.resume}")
             cfg.resume = store.url  # the checkpoint location itself, found once
     except (ConfigError, DataError, CheckpointError) as exc:
         click.echo(f"tessera: {exc}", err=True)

@@ -11,8 +11,9 @@ The manifest records what a resumed job needs besides the tensors: the shard
 map (a dead primary's partitions point at its backup's file), the model layout
 and tables (a resumed model must match), the optimizer, the config, and each
 worker's data position. Data positions are derived, not reported: every clock
-consumed ``workers * batch_size`` samples since the cursor this run started
-from (:func:`~tessera.data.sampler.advance_cursor`).
+consumed ``replicas * batch_size`` samples since the cursor this run started
+from (:func:`~tessera.data.sampler.advance_cursor`; the replicas are the workers,
+or with pipeline stages the ``workers / stages`` pipelines, whose stages share a batch).
 
 The same object answers the resume side at start: which checkpoint
 ``--resume`` named, whether worker 0's model matches it, and what the servers
@@ -49,8 +50,9 @@ class CheckpointRounds:
         self.store = CheckpointStore(checkpoint_url(cfg, run_dir))
         #: clock -> server rank -> (file name, bytes)
         self.reports: dict[int, dict[int, tuple[str, int]]] = {}
-        #: clock -> (worker 0's dense file, bytes) in allreduce/hybrid mode.
-        self.dense_reports: dict[int, tuple[str, int]] = {}
+        #: clock -> worker rank -> (its dense file, bytes): worker 0's in allreduce/hybrid
+        #: mode; with pipeline stages, replica 0's stage s (rank s) writes stage s's.
+        self.dense_reports: dict[int, dict[int, tuple[str, int]]] = {}
         #: Clocks whose manifest is written, in order.
         self.completed: list[int] = []
         # The manifest writer thread: (clock, manifest) in, (clock, error) out.
@@ -63,6 +65,8 @@ class CheckpointRounds:
         self.resume_store = None
         if cfg.resume:
             self.resume_store, self.resume_manifest = find_resume(cfg.resume)
+        #: Pipeline stages (1: none); each writes its own file of a round.
+        self.stages = max(1, cfg.pipeline.stages)
         # The data cursor at the start of this run: (clock, epoch, offset).
         data = (self.resume_manifest or {}).get("data", {})
         self.cursor0 = ((self.resume_manifest or {}).get("clock", 0), data.get("epoch", 0),
@@ -94,6 +98,11 @@ class CheckpointRounds:
             return (f"--resume {self.cfg.resume}: the checkpoint was written in mode "
                     f"{m.get('mode')!r}, which keeps the dense parameters {where}; resume "
                     f"it in {modes} mode")
+        from tessera.ps.checkpoint import CheckpointError, check_stages
+        try:
+            check_stages(m, self.stages, f"--resume {self.cfg.resume}")
+        except CheckpointError as exc:
+            return str(exc)
         saved = [(p["name"], list(p["shape"])) for p in m["layout"]]
         now = [(p.name, list(p.shape)) for p in msg.layout or []]
         if saved != now:
@@ -121,21 +130,27 @@ class CheckpointRounds:
     @property
     def on_request(self) -> bool:
         """Whether a checkpoint can be taken when the launcher asks (SIGINT/SIGTERM): the
-        servers' (PS modes) or worker 0's alone (allreduce); not where the workers must
-        agree on the clock first (hybrid tables, pipeline stages)."""
+        servers' (PS modes), worker 0's alone (allreduce), or the pipeline stages' at a
+        clock they agree on (every few steps); not in hybrid mode (tables and replica
+        would have to agree on a clock first)."""
         cfg = self.cfg
-        if cfg.pipeline.stages > 1 or cfg.ps.mode == "hybrid":
+        if cfg.ps.mode == "hybrid":
             return False
         return bool(cfg.cluster.servers) or cfg.ps.mode == "allreduce"
 
     def report(self, msg: wire.CheckpointSaved) -> str:
         """Record a written file; a refusal (one line) for a report that cannot be right."""
         if msg.role == "worker":
-            from tessera.ps.checkpoint import DENSE_FILE
-            if not self.dense or msg.rank != 0 or msg.file != DENSE_FILE:
+            from tessera.ps.checkpoint import DENSE_FILE, stage_file
+            if self.stages > 1:
+                if not 0 <= msg.rank < self.stages or msg.file != stage_file(msg.rank):
+                    return (f"worker {msg.rank} reported checkpoint file {msg.file!r}: with "
+                            f"{self.stages} pipeline stages only workers 0..{self.stages - 1} "
+                            f"(replica 0) write one each, worker-<rank>.safetensors")
+            elif not self.dense or msg.rank != 0 or msg.file != DENSE_FILE:
                 return (f"worker {msg.rank} reported checkpoint file {msg.file!r}: only worker "
                         f"0 writes one ({DENSE_FILE}), in allreduce or hybrid mode")
-            self.dense_reports[msg.clock] = (msg.file, msg.nbytes)
+            self.dense_reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
             self.reports.setdefault(msg.clock, {})
             return ""
         from tessera.ps.checkpoint import CheckpointError, check_shard_name
@@ -148,9 +163,11 @@ class CheckpointRounds:
         self.reports.setdefault(msg.clock, {})[msg.rank] = (msg.file, msg.nbytes)
         return ""
 
-    def missing_files(self, clock: int, files: dict[int, tuple[str, int]]) -> list[str]:
+    def missing_files(self, clock: int, files: dict[int, tuple[str, int]],
+                      workers: Optional[dict[int, tuple[str, int]]] = None) -> list[str]:
         """Reported files of ``clock`` that this process does not see in the checkpoint
-        location: servers on other nodes wrote somewhere else (a path that is not shared)."""
+        location: servers (or pipeline stages) on other nodes wrote somewhere else (a path
+        that is not shared)."""
         directory = self.store.dir_of(clock)
         try:
             self.store.fs.invalidate_cache(directory)  # object stores cache listings
@@ -158,13 +175,15 @@ class CheckpointRounds:
                      for p in self.store.fs.ls(directory, detail=False)}
         except (FileNotFoundError, OSError):
             there = set()
-        return [f"server {r}'s {name}" for r, (name, _) in sorted(files.items())
-                if name not in there]
+        return [f"{role} {r}'s {name}" for role, table in (("server", files),
+                                                            ("worker", workers or {}))
+                for r, (name, _) in sorted(table.items()) if name not in there]
 
     def complete(self, live: set[int], manifest_of, on_complete) -> None:
         """Write the manifest of every clock all ``live`` servers (and, in allreduce/hybrid
         mode, worker 0 with the dense replica) have reported, last. Raises CheckpointError
-        when a reported file is not in the checkpoint location.
+        (at a later call: the writer thread lists the store) when a reported file is not in
+        the checkpoint location.
 
         ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
         each one is written (the coordinator answers who waits for a checkpoint).
@@ -181,10 +200,11 @@ class CheckpointRounds:
             if not live <= set(got) or clock in self.completed or clock in self._inflight \
                     or time.monotonic() < self._retry_at.get(clock, 0.0):
                 continue
-            if self.dense and clock not in self.dense_reports:
+            if self.dense and len(self.dense_reports.get(clock, {})) < self.stages:
                 continue
             try:
-                self._queue.put_nowait((clock, dict(got), manifest_of(clock, got)))
+                stages = dict(self.dense_reports.get(clock, {})) if self.stages > 1 else None
+                self._queue.put_nowait((clock, (dict(got), stages), manifest_of(clock, got)))
             except queue.Full:
                 break  # the store is slow: hand it over at a later call
             self._inflight.add(clock)
@@ -239,7 +259,7 @@ class CheckpointRounds:
             clock, files, manifest = self._queue.get()
             error = ""
             try:
-                missing = self.missing_files(clock, files)  # a listing of the store
+                missing = self.missing_files(clock, *files)  # a listing of the store
             except Exception as exc:
                 missing, error = [], f"{type(exc).__name__}: {exc}"
             if missing or error:
@@ -264,7 +284,9 @@ class CheckpointRounds:
         ``owners``: partition -> the server holding it now, after failovers)."""
         from tessera.data.sampler import advance_cursor
         cfg = self.cfg
-        w, b = cfg.cluster.workers, cfg.data.batch_size
+        # The data is sharded over the data-parallel replicas: every worker, or (pipeline
+        # stages) every pipeline replica, whose stages all take the same batch.
+        w, b = cfg.cluster.workers // self.stages, cfg.data.batch_size
         c0, e0, o0 = self.cursor0
         epoch, offset = advance_cursor(e0, o0, clock - c0, w * b, samples)
         owner = {p.id: p.server for p in shard_map.partitions}
@@ -275,8 +297,12 @@ class CheckpointRounds:
                 owner[pid] = (server + 1) % cfg.cluster.servers
         dense = {}
         if clock in self.dense_reports:
-            name, nbytes = self.dense_reports[clock]
-            dense = {"dense": {"file": name, "bytes": nbytes}}
+            got = self.dense_reports[clock]
+            name, _ = got[0]
+            dense = {"dense": {"file": name, "bytes": sum(n for _, n in got.values())}}
+            if self.stages > 1:  # one file per stage, replica 0's (the replicas are equal)
+                dense["dense"]["stages"] = [{"file": got[s][0], "bytes": got[s][1]}
+                                            for s in range(self.stages)]
         return {
             **dense,
             "format": 1,

@@ -386,12 +386,6 @@ class JobConfig(msgspec.Struct, **_STRICT):
                                  f"{m.max_rows_per_server}, admit_after={m.admit_after}, "
                                  f"evict_after={m.evict_after}); set them to 0, 1, 0 or use "
                                  f"--replication 1")
-        if (self.checkpoint.every or self.resume or self.cluster.max_restarts) and pp.stages > 1:
-            flag = ("--resume" if self.resume else "--checkpoint-every" if self.checkpoint.every
-                    else "--max-restarts")
-            raise ValueError(f"{flag}: pipeline stages (--stages) cannot checkpoint or restart "
-                             f"yet; drop {flag}, or train without --stages (allreduce and "
-                             f"hybrid mode checkpoint and restart)")
         if self.cluster.max_restarts and mode in ("allreduce", "hybrid") \
                 and not self.checkpoint.every:
             raise ValueError(f"cluster.max_restarts (--max-restarts) in mode {mode!r} re-forms "

@@ -17,6 +17,10 @@ back as tuples, taken from the live optimizer's own groups.
 
 On ``--resume`` (or a restart of the group) every worker loads worker 0's file:
 the replicas are identical, so they stay so.
+
+Pipeline stages (:mod:`tessera.parallel.pipeline`) write the same format, one file
+per stage (``worker-<s>.safetensors``, replica 0's stage ``s``), listed in the
+manifest under ``dense.stages``; :func:`read_dense` with ``stage`` reads one.
 """
 
 from __future__ import annotations
@@ -145,17 +149,27 @@ class DenseCheckpoints:
     save: Optional[Callable[[int, dict, dict], None]] = None
     #: Asked after each step: has the launcher asked for a checkpoint (SIGINT/SIGTERM)?
     wanted: Callable[[], bool] = lambda: False
+    #: Pipeline stages: every this many steps all workers agree (one all-reduce of a flag)
+    #: whether any saw the launcher's request, so that every stage saves the same clock
+    #: (0: never; allreduce's worker 0 alone decides, every step).
+    agree_every: int = 0
 
 
-def read_dense(url: str, clock: int, manifest: dict):
-    """The tensors and metadata of the dense file of the checkpoint at ``clock``."""
-    from tessera.ps.checkpoint import CheckpointStore
+def read_dense(url: str, clock: int, manifest: dict, stage: Optional[int] = None):
+    """The tensors and metadata of the dense file of the checkpoint at ``clock``: worker
+    0's replica, or (``stage``) the file of that pipeline stage."""
+    from tessera.ps.checkpoint import CheckpointStore, check_stage_files
     dense = manifest.get("dense")
     if not dense:
         raise CheckpointError(
             f"--resume: the checkpoint at clock {clock} in {url} was written in mode "
             f"{manifest.get('mode')!r}, where the dense parameters are on the servers; resume "
             f"it in that mode (allreduce and hybrid resume their own checkpoints)")
+    stages = check_stage_files(dense, url)
+    if (stage is not None) != bool(stages) or (stage is not None and stage >= len(stages)):
+        have = f"{len(stages)} pipeline stages" if stages else "no pipeline stages"
+        raise CheckpointError(f"--resume: the checkpoint at clock {clock} in {url} holds "
+                              f"{have}; resume it with --stages {len(stages) or 1}")
     store = CheckpointStore(url)
-    f = store.open_shard(clock, DENSE_FILE)
+    f = store.open_shard(clock, DENSE_FILE if stage is None else stages[stage])
     return {k: f.get(k) for k in f.keys()}, f.meta, f.path

@@ -36,6 +36,17 @@ What Tessera adds around it (policy):
    ``send_object_list``/``recv_object_list`` (pickle), and no receive is sized
    by a peer: every receive buffer's size comes from the model and the local
    batch, and Gloo refuses a message of another size.
+5. *Checkpoints* (``--checkpoint-every N``): the stages step in lock-step (the
+   schedule needs every stage of a replica for each step, and the replicas'
+   all-reduce every replica), so after step ``N`` every stage holds its part of one
+   model state. Replica 0's stage ``s`` (rank ``s``) writes its parameters,
+   buffers and optimizer state as ``worker-<s>.safetensors`` (the format of
+   :mod:`tessera.parallel.dense_checkpoint`) and reports it; the coordinator
+   writes the manifest once every stage has. The replicas are equal (replica 0's
+   parameters are broadcast at the start, and each step averages the gradients),
+   so one replica's files are the job's: on ``--resume``, or when the launcher
+   re-forms the group after a worker died, every replica's stage ``s`` loads file
+   ``s`` (another replica count is fine; the stage count must be the same).
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from torch import nn
 
 from tessera.config.schema import OptimizerConfig, PipelineConfig
 from tessera.errors import UsageError
+from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.protocol import DistributedModel
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.optim import torch_optimizer
@@ -147,7 +159,8 @@ class PipelineParallel(DistributedModel):
 
     def __init__(self, model: nn.Sequential, *, rank: int, num_workers: int,
                  plan: PipelineConfig, optimizer: OptimizerConfig, loss_fn: Callable,
-                 device=torch.device("cpu"), profiler: SpanRecorder = OFF):
+                 device=torch.device("cpu"), profiler: SpanRecorder = OFF,
+                 checkpoints: Optional[DenseCheckpoints] = None):
         super().__init__()
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
@@ -182,6 +195,10 @@ class PipelineParallel(DistributedModel):
         self.optimizer = (torch_optimizer(optimizer, params)
                           if params else None)
         self.clock = 0
+        self.checkpoints = checkpoints or DenseCheckpoints()
+        self._asked = False  # the launcher's request, as the workers last agreed on it
+        if self.num_replicas > 1:
+            self._sync_replicas()
 
     @property
     def is_first(self) -> bool:
@@ -286,12 +303,62 @@ class PipelineParallel(DistributedModel):
         return None if loss is None else torch.tensor(loss, dtype=torch.float64)
 
     def step(self) -> bool:
-        """Step this stage's optimizer on the replica-averaged gradients."""
+        """Step this stage's optimizer on the replica-averaged gradients (then, every
+        ``--checkpoint-every`` steps, replica 0's stage writes its file)."""
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
         self.clock += 1
+        self._maybe_checkpoint()
         return True
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _sync_replicas(self) -> None:
+        """Replica 0's parameters of this stage on every replica (as DDP broadcasts rank
+        0's at construction): with equal starts and averaged gradients the replicas stay
+        equal, so replica 0's checkpoint files are every replica's."""
+        with torch.no_grad():
+            for p in self.module.parameters():
+                dist.broadcast(p.data, self.stage_index, group=self.stage_group)
+
+    def _maybe_checkpoint(self) -> None:
+        """Every ``--checkpoint-every`` steps replica 0's stage saves its part (the other
+        replicas hold the same values; no barrier: each stage's state after step N is
+        its own, and the manifest waits for every stage's report).
+
+        The launcher's request (SIGINT/SIGTERM) reaches each worker's heartbeat at its own
+        moment, so every ``agree_every`` steps all workers all-reduce (MAX) whether they
+        saw it: all then know it at the same clock, and replica 0's stages save that one
+        (once per request)."""
+        ck = self.checkpoints
+        due = bool(ck.every and self.clock % ck.every == 0)
+        if ck.agree_every and self.clock % ck.agree_every == 0:
+            flag = torch.tensor([1.0 if ck.wanted() else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item() > 0)
+            due = due or (asked and not self._asked)
+            self._asked = asked
+        if ck.save is None or not due:
+            return
+        with self.profiler.span("checkpoint", "checkpoint"):
+            tensors, meta = dense_state(self.module, self.optimizer, None, self.clock)
+            meta["stage"] = {"index": self.stage_index, "stages": self.num_stages}
+            ck.save(self.clock, tensors, meta)
+
+    def restore(self, url: str, clock: int, manifest: dict) -> None:
+        """Load this stage's file of the checkpoint at ``clock`` (every replica loads
+        replica 0's); training continues from that clock."""
+        tensors, meta, where = read_dense(url, clock, manifest, stage=self.stage_index)
+        saved = meta.get("stage") or {}
+        if saved.get("index") != self.stage_index or saved.get("stages") != self.num_stages:
+            from tessera.ps.checkpoint import CheckpointError
+            raise CheckpointError(f"--resume: {where} is not stage {self.stage_index} of "
+                                  f"{self.num_stages} (its metadata says {saved or 'none'})")
+        self.clock = load_dense(tensors, meta, self.module, self.optimizer, None, where)
+
+    def start_step(self, max_clock: Optional[int] = None) -> int:  # noqa: ARG002
+        return self.clock
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         if self.optimizer is not None:

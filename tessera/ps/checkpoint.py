@@ -41,6 +41,15 @@ SHARD_NAME = re.compile(r"server-\d{1,6}\.safetensors")
 #: Worker 0's file of a checkpoint in allreduce/hybrid mode (the dense replica, see
 #: :mod:`tessera.parallel.dense_checkpoint`); the manifest names it under ``dense``.
 DENSE_FILE = "worker-0.safetensors"
+#: Pipeline stage ``s``'s file (replica 0's stage-``s`` worker, rank ``s``, writes it):
+#: ``worker-<s>.safetensors``; stage 0's is :data:`DENSE_FILE`. The manifest lists them
+#: under ``dense.stages``, in stage order.
+STAGE_NAME = re.compile(r"worker-\d{1,6}\.safetensors")
+
+
+def stage_file(stage: int) -> str:
+    """The checkpoint file of pipeline stage ``stage`` (stage 0's is :data:`DENSE_FILE`)."""
+    return f"worker-{stage}.safetensors"
 
 
 class CheckpointError(TesseraError):
@@ -79,12 +88,34 @@ def check_shard_name(name, where: str) -> str:
     CheckpointError naming ``where`` it came from. A name from a manifest or a server's
     report is joined into a path: ``../x`` or ``/x`` would read or write outside the
     checkpoint, so nothing else is accepted."""
-    if not isinstance(name, str) or not (SHARD_NAME.fullmatch(name) or name == DENSE_FILE):
+    if not isinstance(name, str) or not (SHARD_NAME.fullmatch(name)
+                                         or STAGE_NAME.fullmatch(name)):
         raise CheckpointError(f"{where}: checkpoint file name {name!r} is not a server file's "
-                              f"plain name (server-<rank>.safetensors, or {DENSE_FILE} for "
-                              f"worker 0's dense replica); refusing to use it "
+                              f"plain name (server-<rank>.safetensors, or "
+                              f"worker-<stage>.safetensors for worker 0's dense replica or a "
+                              f"pipeline stage); refusing to use it "
                               f"(the manifest was altered or damaged)")
     return name
+
+
+def check_stage_files(dense: dict, where: str) -> list[str]:
+    """The stage files a pipeline checkpoint's ``dense.stages`` names, each checked to be
+    exactly ``worker-<s>.safetensors`` for stage ``s`` ([] when it is not a pipeline's)."""
+    stages = dense.get("stages")
+    if stages is None:
+        return []
+    if not isinstance(stages, list) or not stages:
+        raise CheckpointError(f"{where}: the checkpoint manifest's pipeline stage table is "
+                              f"not a list of files")
+    names = []
+    for s, entry in enumerate(stages):
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if name != stage_file(s):
+            raise CheckpointError(f"{where}: the checkpoint manifest names {name!r} for "
+                                  f"pipeline stage {s}, not its plain name {stage_file(s)!r}; "
+                                  f"refusing to use it (the manifest was altered or damaged)")
+        names.append(name)
+    return names
 
 
 def check_manifest(manifest, where: str) -> dict:
@@ -109,7 +140,22 @@ def check_manifest(manifest, where: str) -> dict:
         if not isinstance(dense, dict) or dense.get("file") != DENSE_FILE:
             raise CheckpointError(f"{where}: the checkpoint manifest's dense file must be "
                                   f"{DENSE_FILE}, got {dense!r}")
+        check_stage_files(dense, where)
     return manifest
+
+
+def check_stages(manifest: dict, stages: int, where: str) -> None:
+    """CheckpointError (one line naming ``where``) when a dense checkpoint was written with
+    another pipeline stage count than ``stages`` (1: no pipeline): each stage's file holds
+    that stage's parameters and optimizer state, cut as the run cut the model."""
+    dense = manifest.get("dense")
+    if not isinstance(dense, dict):
+        return  # the servers hold the model: the mode check names what to do
+    saved = len(check_stage_files(dense, where)) or 1
+    if saved != max(1, stages):
+        held = f"{saved} pipeline stages" if saved > 1 else "a model without pipeline stages"
+        raise CheckpointError(f"{where}: the checkpoint holds {held}; resume it with "
+                              f"--stages {saved} (this job has --stages {max(1, stages)})")
 
 
 def checkpoint_url(cfg, run_dir) -> str:

@@ -3,7 +3,9 @@
 ``tessera export RUN_DIR_OR_CHECKPOINT --out model.safetensors`` reads the newest
 complete checkpoint (the manifest's layout names every parameter and its shape;
 the servers' files hold the flat vector in partitions, cut however the run cut
-them; in allreduce and hybrid mode worker 0's file holds the dense replica) and writes ``{parameter name: tensor}``, the keys of the model's own
+them; in allreduce and hybrid mode worker 0's file holds the dense replica, and with
+pipeline stages each stage's file its part of it) and writes ``{parameter name: tensor}``,
+the keys of the model's own
 ``state_dict()``, so ``model.load_state_dict(safetensors.torch.load_file(path),
 strict=False)`` restores it. Embedding tables are written as the rows the run
 touched: ``tables.<name>.ids`` (int64, increasing) and ``tables.<name>.rows``
@@ -18,7 +20,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from tessera.ps.checkpoint import CheckpointError, find_resume, read_partition, restore_info
+from tessera.ps.checkpoint import (CheckpointError, check_stage_files, find_resume,
+                                   read_partition, restore_info)
 
 
 def checkpoint_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -38,10 +41,13 @@ def checkpoint_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         out[spec["name"]] = values[at:at + n].reshape(spec["shape"]).clone()
         at += n
     if manifest.get("dense"):  # allreduce/hybrid: worker 0's file holds the dense replica
-        dense = store.open_shard(restore.clock, manifest["dense"]["file"])
-        for key in dense.keys():
-            if key.startswith("model/"):
-                out[key[len("model/"):]] = dense.get(key).contiguous()
+        # Pipeline stages: one file per stage, each under the whole model's keys.
+        names = check_stage_files(manifest["dense"], store.url) or [manifest["dense"]["file"]]
+        for name in names:
+            dense = store.open_shard(restore.clock, name)
+            for key in dense.keys():
+                if key.startswith("model/"):
+                    out[key[len("model/"):]] = dense.get(key).contiguous()
     tables = [t["name"] if isinstance(t, dict) else t for t in manifest.get("tables") or []]
     for name in tables:
         ids, rows = [], []
