@@ -51,7 +51,7 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
     says so), the job completes, and the first step after the kill comes within 5 s."""
     out = tmp_path / "run"
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "allreduce", "--servers", 0,
-               "--workers", 2, "--epochs", 12, "--checkpoint-every", 40, "--max-restarts", 1],
+               "--workers", 2, "--epochs", 30, "--checkpoint-every", 40, "--max-restarts", 1],
               timeout_s=180)
     _first_checkpoint(out / "checkpoints", job.proc)
     # Every process of the next generation is waiting (imports done) before the kill.
@@ -63,7 +63,7 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
     output = finish_job(job)
     summary = json.loads((out / "summary.json").read_text())
     assert "re-forming the worker group" in output and summary["group_restarts"] == 1, output
-    assert summary["steps"] == 264 and summary["eval_accuracy"] >= 0.95, summary
+    assert summary["steps"] == 660 and summary["eval_accuracy"] >= 0.95, summary
     for name in ("coordinator-0", "worker-0", "worker-1"):
         log = (out / "logs" / f"{name}.log").read_text()
         assert "from a standby" in log.split("restarted by the launcher")[-1], (name, log[-800:])

@@ -37,10 +37,10 @@ WARM_BY_ROLE = {"": WARM,
                 # DistributedDataParallel's first construction imports torch._dynamo: ~1 s
                 # on a quiet machine, 5-6 s under load, most of a re-form's time.
                 "worker": (*WARM, "torch.distributed", "torch.nn.parallel", "torch._dynamo"),
-                "server": ("torch", "tessera.cluster.session", "tessera.cluster.role",
-                           "tessera.ps.server", "tessera.ps.checkpoint"),
-                "coordinator": ("tessera.cluster.coordinator", "tessera.cluster.role",
-                                "tessera.ps.checkpoint")}
+                # (not tessera.cluster.role itself: runpy runs it afresh as __main__)
+                "server": ("torch", "tessera.cluster.session", "tessera.ps.server",
+                           "tessera.ps.checkpoint"),
+                "coordinator": ("tessera.cluster.coordinator", "tessera.ps.checkpoint")}
 
 from tessera.config import env as envvars
 
