@@ -198,12 +198,20 @@ class NodeLauncher(Launcher):
         processes (the coordinator too) and starts generation + 1 with a new coordinator
         at the same address; another node stops its processes and starts them again once
         a coordinator of a higher generation answers. False: the job failed instead
-        (the coordinator says so, or nothing came within ``deadline``)."""
-        st = self.settings
+        (the coordinator says so, or nothing came within ``deadline``, or the coordinator
+        went silent without having said ``regroup``: node 0 failed)."""
+        st, cl = self.settings, self.cfg.cluster
         stopped = False
+        silent_since: Optional[float] = None
         while time.monotonic() < deadline:
             if ack is None:
                 ack = self._ask_state(1.0)
+            if ack is not None:
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif not stopped and time.monotonic() - silent_since > 2 * cl.heartbeat_timeout_s + 5:
+                return False
             if ack is not None and st.rank != 0 and ack.generation > self.generation:
                 if not stopped:
                     self._stop_group()
@@ -228,7 +236,8 @@ class NodeLauncher(Launcher):
                     return True
                 if not stopped:
                     print(f"tessera node {st.rank}: the coordinator re-forms the worker group; "
-                          f"stopping this node's processes", flush=True)
+                          f"stopping this node's processes until generation "
+                          f"{self.generation + 1} starts", flush=True)
                     self._stop_group()
                     stopped = True
             elif ack is not None and ack.state in ("failed", "shutdown") \
