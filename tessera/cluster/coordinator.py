@@ -270,6 +270,13 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
+        elif isinstance(msg, (wire.CheckpointSaved, wire.Finished)) \
+                and (msg.role, msg.rank) not in self.procs:
+            # Only from this coordinator's members: after a re-form across nodes, a process
+            # of the generation before may still be ending when the new coordinator is up.
+            self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
+                f"coordinator: {msg.role} {msg.rank} has not registered with generation "
+                f"{self.generation}")))
         elif isinstance(msg, wire.CheckpointSaved):
             refused = self.rounds.report(msg)
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
