@@ -19,6 +19,7 @@ from tests.test_faults import finish as finish_job
 from tests.test_multihost import finish, start_node
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
+MOVIELENS = str(ROOT / "examples" / "movielens.toml")
 
 
 @pytest.fixture
@@ -72,18 +73,31 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
     assert recovery <= 5.0 or float(open("/proc/loadavg").read().split()[0]) > 4, recovery
 
 
-def test_two_nodes_worker_killed_on_node_1_the_group_is_reformed_on_both(two_hosts, tmp_path):
-    """allreduce on two hosts (a worker each, checkpoints in one shared --checkpoint-dir):
-    kill -9 of node 1's worker while the job trains; node 1's launcher tells the
-    coordinator, both node launchers stop their processes and start generation 1 (node 0
-    a new coordinator at the same address) from the newest checkpoint; both end cleanly."""
+# (job, flags, the worker killed and so the node it runs on, what the job must reach)
+TWO_NODES = {
+    "allreduce-node1": (DIGITS, ["--mode", "allreduce", "--workers", 2, "--servers", 0,
+                                 "--epochs", 12, "--checkpoint-every", 40], 1,
+                        lambda s: s["steps"] == 264 and s["eval_accuracy"] >= 0.95),
+    "hybrid-node0": (MOVIELENS, ["--mode", "hybrid", "--workers", 2, "--servers", 2,
+                                 "--steps", 200, "--checkpoint-every", 40], 0,
+                     lambda s: s["steps"] == 200 and s["eval_rmse"] <= 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_NODES))
+def test_two_nodes_worker_killed_the_group_is_reformed_on_both(two_hosts, tmp_path, case):
+    """Two hosts, a worker each (hybrid: a server each too), checkpoints in one shared
+    --checkpoint-dir: kill -9 of a worker while the job trains; its node's launcher tells
+    the coordinator, both node launchers stop their processes and start generation 1
+    (node 0 a new coordinator at the same address) from the newest checkpoint, and both
+    end cleanly with the job's steps done at its accuracy bar."""
     h, ck = two_hosts, tmp_path / "shared-checkpoints"
-    flags = ["--mode", "allreduce", "--workers", 2, "--servers", 0, "--epochs", 12,
-             "--checkpoint-dir", ck, "--checkpoint-every", 40, "--max-restarts", 1]
-    n1 = start_node(h, 2, DIGITS, 1, 2, tmp_path / "node1", *flags)
-    n0 = start_node(h, 1, DIGITS, 0, 2, tmp_path / "node0", *flags)
+    job, flags, victim, good = TWO_NODES[case]
+    flags = [*flags, "--checkpoint-dir", ck, "--max-restarts", 1]
+    n1 = start_node(h, 2, job, 1, 2, tmp_path / "node1", *flags)
+    n0 = start_node(h, 1, job, 0, 2, tmp_path / "node0", *flags)
     _first_checkpoint(ck, n0, n1)
-    os.kill(_pid(tmp_path / "node0", "worker", 1), signal.SIGKILL)
+    os.kill(_pid(tmp_path / "node0", "worker", victim), signal.SIGKILL)
     killed = time.time()
     code0, out0 = finish(n0, 120)
     code1, out1 = finish(n1, 30)
@@ -91,11 +105,8 @@ def test_two_nodes_worker_killed_on_node_1_the_group_is_reformed_on_both(two_hos
     assert "re-forming the worker group on every node" in out0, out0
     assert "starting generation 1 of the worker group" in out1, out1
     summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
-    assert summary["group_restarts"] == 1 and summary["steps"] == 264, summary
+    assert summary["group_restarts"] == 1 and good(summary), summary
     first = summary["worker_first_steps"]
     assert first[0] == first[1] and first[0] > 0 and first[0] % 40 == 0, summary
-    assert summary["eval_accuracy"] >= 0.95, summary
-    coord = (tmp_path / "node0" / "logs" / "coordinator-0.log").read_text()
-    assert f"at clock {first[0]}" in coord or "resum" in out0, coord[-1500:]
-    recovery = _recovered_s(tmp_path / "node1" / "logs" / "worker-1.log", killed)
-    print(f"two nodes: recovery {recovery:.2f} s")
+    recovery = _recovered_s(tmp_path / f"node{victim}" / "logs" / f"worker-{victim}.log", killed)
+    print(f"two nodes, {case}: recovery {recovery:.2f} s")
