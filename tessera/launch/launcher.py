@@ -74,6 +74,9 @@ class Launcher:
         #: allreduce/hybrid: the next generation's processes, imports done (one standby per
         #: process of this launcher's share: (role, rank) -> process), waiting for a re-form.
         self.next_generation: dict[tuple[str, int], subprocess.Popen] = {}
+        #: train.device cuda: each worker's GPU (its CUDA_VISIBLE_DEVICES), kept for its
+        #: standby, which must never see another GPU (CUDA reads it once, at its first use).
+        self.gpu_of: dict[int, dict[str, str]] = {}
         #: What every child is told (role and rank per child); the coordinator's
         #: address is added once it has published it.
         self.identity: Optional[Identity] = None
@@ -99,7 +102,8 @@ class Launcher:
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
-            child_env.update(gpu_env(rank, visible_gpus(child_env)))
+            self.gpu_of[rank] = gpu_env(rank, visible_gpus(child_env))
+            child_env.update(self.gpu_of[rank])
         if not append:
             proc = None
         elif self._group_mode():
@@ -127,14 +131,15 @@ class Launcher:
                 and standby_runs(self.worker_cmd, sys.executable)
                 and (self.run_dir / "config.json").exists())
 
-    def _start_standby(self, role: str = "") -> subprocess.Popen:
-        """A standby process (``role``: the role it will take in a re-formed group; ""
-        a restarted worker of the PS modes, kept as ``self.standby``)."""
+    def _start_standby(self, role: str = "", rank: int = -1) -> subprocess.Popen:
+        """A standby process (``role`` ``rank``: the process it will be in a re-formed
+        group; "": a restarted worker of the PS modes, kept as ``self.standby``)."""
         if self._standby_log is None:
             self._standby_log = open(self.run_dir / "logs" / "standby.log", "a")
         cmd = nopickle.wrap_command([sys.executable, "-m", STANDBY_MODULE,
                                      *([role] if role else [])], self._env)
-        proc = spawn(cmd, env=self._env, stdin=subprocess.PIPE,
+        env = dict(self._env, **(self.gpu_of.get(rank, {}) if role == "worker" else {}))
+        proc = spawn(cmd, env=env, stdin=subprocess.PIPE,
                      stdout=self._standby_log, stderr=subprocess.STDOUT, text=True)
         if not role:
             self.standby = proc
@@ -326,7 +331,7 @@ class Launcher:
                 or not (self.run_dir / "config.json").exists()):
             return
         for c in self.children:
-            self.next_generation[(c.role, c.rank)] = self._start_standby(c.role)
+            self.next_generation[(c.role, c.rank)] = self._start_standby(c.role, c.rank)
 
     def _restart_group(self, c: Child) -> bool:
         """Stop every process of the job and start them all again from the newest complete
