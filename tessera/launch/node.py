@@ -18,6 +18,11 @@ The same command runs on every node (a Slurm task, a Kubernetes pod)::
   ``{node}`` in ``--out`` is replaced by K) with its ``config.json``, ``node.json``
   and ``logs/``. Node 0's coordinator writes ``cluster.json`` and ``summary.json``;
   worker 0 (on the first node that has workers) writes ``metrics.jsonl``.
+* allreduce/hybrid with ``--max-restarts``: a worker's death re-forms the group on every
+  node. The coordinator says ``regroup`` to the node launchers (they ask it every
+  :attr:`NodeLauncher.REGROUP_POLL_S`); node 0 starts generation g+1 from the newest
+  checkpoint in the shared ``--checkpoint-dir`` with a new coordinator at the same
+  address, the other nodes start their share once it answers with generation g+1.
 
 Settings that flags leave out are read from the variables launchers set:
 coordinator ``TESSERA_COORDINATOR`` or ``MASTER_ADDR`` + ``MASTER_PORT``; nodes
