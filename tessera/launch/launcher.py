@@ -173,11 +173,12 @@ class Launcher:
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.stdin.close()  # end of input: it exits
+        deadline = time.monotonic() + 2.0  # one grace for all (each may still be importing)
         for proc in procs:
             if proc is None:
                 continue
             try:
-                proc.wait(timeout=2)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
@@ -323,15 +324,21 @@ class Launcher:
         """While a re-form is allowed, keep a standby (imports done, the worker's data
         loaded) for each process of this launcher's share, so that a re-form starts no
         interpreter: it costs the stop, the registration, the restore and the rendezvous.
-        They start with the job (their imports overlap the job's own) and again after
-        each re-form, for the next one."""
+        They start with the job (their imports overlap the job's own, and they are ready
+        for an early death) and again after each re-form, for the next one, once the new
+        generation is up (:meth:`_group_up`: not competing with its start)."""
         if (self.next_generation or not self._env or not self._group_mode()
                 or self.group_restarts_left <= 0
                 or not standby_runs(self.worker_cmd, sys.executable)
-                or not (self.run_dir / "config.json").exists()):
+                or not (self.run_dir / "config.json").exists()
+                or (self.generation and not self._group_up())):
             return
         for c in self.children:
             self.next_generation[(c.role, c.rank)] = self._start_standby(c.role, c.rank)
+
+    def _group_up(self) -> bool:
+        """Every process of the current generation has registered (``cluster.json``)."""
+        return (self.run_dir / "cluster.json").exists()
 
     def _restart_group(self, c: Child) -> bool:
         """Stop every process of the job and start them all again from the newest complete

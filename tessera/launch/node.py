@@ -156,6 +156,10 @@ class NodeLauncher(Launcher):
         # Exit code 3 here may be the coordinator's "re-forming": ask it (_restart_group).
         return c.role == "worker" or (c.proc.returncode == 3 and self._regroup_allowed())
 
+    def _group_up(self) -> bool:
+        # Only node 0 has cluster.json; elsewhere the next standbys start at once.
+        return self.settings.rank != 0 or super()._group_up()
+
     def _regroup_allowed(self) -> bool:
         return self._group_mode() and self.group_restarts_left > 0
 
