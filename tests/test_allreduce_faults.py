@@ -89,19 +89,6 @@ def test_refused_in_one_line(tmp_path, flags, says):
     assert code == 2 and says in output and "Traceback" not in output, output
 
 
-def test_node_refuses_group_restarts_in_one_line(tmp_path):
-    """Re-forming the group needs every node's processes: `tessera node` says so."""
-    secret = tmp_path / "secret"
-    secret.write_text("ab" * 16)
-    secret.chmod(0o600)
-    code, output = run_cli(["node", DIGITS, "--mode", "allreduce", "--servers", 0,
-                            "--max-restarts", 1, "--checkpoint-every", 5, "--nodes", 1,
-                            "--node-rank", 0, "--coordinator", "127.0.0.1:29411",
-                            "--secret-file", secret, "--out", tmp_path / "r"], timeout_s=60)
-    assert code == 2 and "only `tessera run` and `tessera launch`" in output, output
-    assert "Traceback" not in output
-
-
 def test_dense_state_round_trip_keeps_buffers_optimizer_groups_and_loss_scale():
     """The pieces of worker 0's file: BatchNorm buffers, Adam's tuple betas, the fp16
     loss scaler's state, into a fresh replica; nothing but tensors and JSON."""

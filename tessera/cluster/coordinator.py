@@ -174,12 +174,26 @@ class Coordinator:
             # process hears about it, then exit non-zero.
             if self.state == "failed" and now - self.failed_at > 2 * cl.heartbeat_interval_s + 1:
                 return 3
+            # A re-form: node 0's launcher ends this process; if it does not, leave.
+            if self.state == "regroup" and now - self.failed_at > cl.startup_timeout_s:
+                return 3
 
     def _lost(self, key: tuple[str, int], reason: str) -> None:
         """A process died: go on without it where the job allows, else fail."""
         role, rank = key
         cl = self.cfg.cluster
-        if key in self.lost_at or self.state == "failed":
+        if key in self.lost_at or self.state in ("failed", "regroup"):
+            return
+        if self.state in ("starting", "running") and role == "worker" \
+                and self.cfg.ps.mode in ("allreduce", "hybrid") \
+                and self.generation < cl.max_restarts:
+            # The group cannot lose a member: the node launchers stop every process and
+            # start generation + 1 from the newest checkpoint (node 0 starts a new
+            # coordinator at this address). Processes hear "failed"; launchers "regroup".
+            self.state, self.failed_at = "regroup", time.monotonic()
+            self.reason = f"{reason}; the worker group is re-formed from the newest checkpoint"
+            print(f"coordinator: {self.reason} (generation {self.generation + 1})", flush=True)
+            self._reply_all(self.store.fail(self.reason))
             return
         if self.state == "running" and role == "worker" and cl.max_restarts > 0:
             self.departed[rank] = self.incarnation.get(rank, 0)
@@ -216,7 +230,7 @@ class Coordinator:
         self._fail(reason)
 
     def _fail(self, reason: str) -> None:
-        if self.state != "failed":
+        if self.state not in ("failed", "regroup"):  # a re-form ends this generation anyway
             self.state, self.reason, self.failed_at = "failed", reason, time.monotonic()
             print(f"coordinator: job failed: {reason}", flush=True)
             self._reply_all(self.store.fail(reason))
@@ -240,8 +254,11 @@ class Coordinator:
                 self.last_seen[key] = time.monotonic()
                 if msg.role == "worker" and msg.clock >= 0:
                     self.worker_clock[msg.rank] = msg.clock
+            state = "running" if self.state == "starting" else self.state
+            if state == "regroup" and msg.role != "launcher":
+                state = "failed"
             self.endpoint.send(got.peer, wire.HeartbeatAck(
-                req=msg.req, state=("running" if self.state == "starting" else self.state),
+                req=msg.req, state=state, generation=self.generation,
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
                 finished=sorted(r for role, r in self.finished if role == "worker")))
@@ -254,6 +271,13 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
+        elif isinstance(msg, (wire.CheckpointSaved, wire.Finished)) \
+                and (msg.role, msg.rank) not in self.procs:
+            # Only from this coordinator's members: after a re-form across nodes, a process
+            # of the generation before may still be ending when the new coordinator is up.
+            self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
+                f"coordinator: {msg.role} {msg.rank} has not registered with generation "
+                f"{self.generation}")))
         elif isinstance(msg, wire.CheckpointSaved):
             refused = self.rounds.report(msg)
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
@@ -276,7 +300,7 @@ class Coordinator:
         elif isinstance(msg, wire.Register):
             self._on_register(got.peer, msg)
         elif isinstance(msg, wire.StoreOp):
-            if self.state == "failed":
+            if self.state in ("failed", "regroup"):
                 self.endpoint.send(got.peer, wire.Error(
                     req=msg.req, message=f"coordinator: job failed: {self.reason}"))
             else:

@@ -71,6 +71,12 @@ class Launcher:
         #: (``--max-restarts``; :mod:`tessera.train.standby`), and its log.
         self.standby: Optional[subprocess.Popen] = None
         self._standby_log = None
+        #: allreduce/hybrid: the next generation's processes, imports done (one standby per
+        #: process of this launcher's share: (role, rank) -> process), waiting for a re-form.
+        self.next_generation: dict[tuple[str, int], subprocess.Popen] = {}
+        #: train.device cuda: each worker's GPU (its CUDA_VISIBLE_DEVICES), kept for its
+        #: standby, which must never see another GPU (CUDA reads it once, at its first use).
+        self.gpu_of: dict[int, dict[str, str]] = {}
         #: What every child is told (role and rank per child); the coordinator's
         #: address is added once it has published it.
         self.identity: Optional[Identity] = None
@@ -96,9 +102,15 @@ class Launcher:
         if role == "worker" and self.cfg.train.device == "cuda":
             # One GPU per worker, round robin over the visible ones (as torchrun users
             # set LOCAL_RANK devices): NCCL needs a distinct device per rank.
-            child_env.update(gpu_env(rank, visible_gpus(child_env)))
-        proc = (self._from_standby(cmd, child_env, log_path)
-                if append and role == "worker" and not self._group_mode() else None)
+            self.gpu_of[rank] = gpu_env(rank, visible_gpus(child_env))
+            child_env.update(self.gpu_of[rank])
+        if not append:
+            proc = None
+        elif self._group_mode():
+            proc = self._hand_over(self.next_generation.pop((role, rank), None), cmd,
+                                   child_env, log_path)
+        else:
+            proc = self._from_standby(cmd, child_env, log_path) if role == "worker" else None
         if proc is None:
             cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
             proc = spawn(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
@@ -119,17 +131,34 @@ class Launcher:
                 and standby_runs(self.worker_cmd, sys.executable)
                 and (self.run_dir / "config.json").exists())
 
-    def _start_standby(self) -> None:
+    def _start_standby(self, role: str = "", rank: int = -1) -> subprocess.Popen:
+        """A standby process (``role`` ``rank``: the process it will be in a re-formed
+        group; "": a restarted worker of the PS modes, kept as ``self.standby``)."""
         if self._standby_log is None:
             self._standby_log = open(self.run_dir / "logs" / "standby.log", "a")
-        cmd = nopickle.wrap_command([sys.executable, "-m", STANDBY_MODULE], self._env)
-        self.standby = spawn(cmd, env=self._env, stdin=subprocess.PIPE,
-                             stdout=self._standby_log, stderr=subprocess.STDOUT, text=True)
+        cmd = nopickle.wrap_command([sys.executable, "-m", STANDBY_MODULE,
+                                     *([role] if role else [])], self._env)
+        env = dict(self._env, **(self.gpu_of.get(rank, {}) if role == "worker" else {}))
+        proc = spawn(cmd, env=env, stdin=subprocess.PIPE,
+                     stdout=self._standby_log, stderr=subprocess.STDOUT, text=True)
+        if not role:
+            self.standby = proc
+        return proc
 
     def _from_standby(self, cmd: list[str], env: dict, log_path) -> Optional[subprocess.Popen]:
         """Hand a dead worker's place to the standby; None when there is none to take it."""
         proc, self.standby = self.standby, None
-        if proc is None or proc.poll() is not None or not standby_runs(cmd, sys.executable):
+        return self._hand_over(proc, cmd, env, log_path)
+
+    @staticmethod
+    def _hand_over(proc: Optional[subprocess.Popen], cmd: list[str], env: dict, log_path
+                   ) -> Optional[subprocess.Popen]:
+        """Tell a standby to become the process ``cmd`` starts; None when it cannot."""
+        if proc is None or proc.poll() is not None:
+            return None
+        if not standby_runs(cmd, sys.executable):
+            proc.kill()
+            proc.wait(timeout=5)
             return None
         try:
             proc.stdin.write(json.dumps({"env": env, "cmd": cmd, "log": str(log_path)}) + "\n")
@@ -139,11 +168,17 @@ class Launcher:
         return proc
 
     def _stop_standby(self) -> None:
-        proc, self.standby = self.standby, None
-        if proc is not None and proc.poll() is None:
-            proc.stdin.close()  # end of input: it exits
+        procs = [self.standby, *self.next_generation.values()]
+        self.standby, self.next_generation = None, {}
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.stdin.close()  # end of input: it exits
+        deadline = time.monotonic() + 2.0  # one grace for all (each may still be importing)
+        for proc in procs:
+            if proc is None:
+                continue
             try:
-                proc.wait(timeout=2)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
@@ -285,6 +320,26 @@ class Launcher:
         checkpoint (as torchrun does), instead of restarting that worker alone."""
         return self.cfg.ps.mode in ("allreduce", "hybrid")
 
+    def _keep_next_generation(self) -> None:
+        """While a re-form is allowed, keep a standby (imports done, the worker's data
+        loaded) for each process of this launcher's share, so that a re-form starts no
+        interpreter: it costs the stop, the registration, the restore and the rendezvous.
+        They start with the job (their imports overlap the job's own, and they are ready
+        for an early death) and again after each re-form, for the next one, once the new
+        generation is up (:meth:`_group_up`: not competing with its start)."""
+        if (self.next_generation or not self._env or not self._group_mode()
+                or self.group_restarts_left <= 0
+                or not standby_runs(self.worker_cmd, sys.executable)
+                or not (self.run_dir / "config.json").exists()
+                or (self.generation and not self._group_up())):
+            return
+        for c in self.children:
+            self.next_generation[(c.role, c.rank)] = self._start_standby(c.role, c.rank)
+
+    def _group_up(self) -> bool:
+        """Every process of the current generation has registered (``cluster.json``)."""
+        return (self.run_dir / "cluster.json").exists()
+
     def _restart_group(self, c: Child) -> bool:
         """Stop every process of the job and start them all again from the newest complete
         checkpoint, as generation ``self.generation + 1``; False when no restart is left."""
@@ -296,10 +351,31 @@ class Launcher:
         print(f"tessera: worker {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}; "
               f"re-forming the worker group from the newest checkpoint (restart "
               f"{self.generation} of {self.cfg.cluster.max_restarts})", flush=True)
+        t0 = time.monotonic()
         self._stop_group()
+        t1 = time.monotonic()
         self._resume_from_newest()
         self._start_processes(append=True)
+        self._end_unused_standbys()
+        print(f"tessera: generation {self.generation} started ({t1 - t0:.2f} s to stop the old "
+              f"one, {time.monotonic() - t1:.2f} s to start the new one)", flush=True)
         return True
+
+    def _end_unused_standbys(self) -> None:
+        """After a re-form: standbys no process took (they are started again, fresh)."""
+        for proc in self.next_generation.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+        self.next_generation = {}
+
+    def _regroups_on(self, c: Child) -> bool:
+        """Whether ``c``'s death is one :meth:`_restart_group` handles (group modes)."""
+        return c.role == "worker"
+
+    def _regroup_elsewhere(self) -> bool:
+        """Whether another launcher began a re-form, which this one has now joined (its
+        processes are the next generation's); here, one machine, never."""
+        return False
 
     def _stop_group(self) -> None:
         """End every process at once: survivors may be blocked inside a collective,
@@ -369,6 +445,9 @@ class Launcher:
                 progress()
             if self._wants_standby():
                 self._start_standby()
+            self._keep_next_generation()
+            if first_failure is None and self._regroup_elsewhere():
+                continue  # every process of this node is new: look again
             for c in list(self.children):
                 code = c.proc.poll()
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
@@ -378,7 +457,7 @@ class Launcher:
                     # dies now (killed while leaving) takes nothing from the job.
                     handled.add(c.proc.pid)
                     continue
-                if self._group_mode() and c.role == "worker":
+                if self._group_mode() and self._regroups_on(c):
                     if self._restart_group(c):
                         break  # every process is new: look again
                     first_failure, failed_at = c, time.monotonic()

@@ -18,6 +18,11 @@ The same command runs on every node (a Slurm task, a Kubernetes pod)::
   ``{node}`` in ``--out`` is replaced by K) with its ``config.json``, ``node.json``
   and ``logs/``. Node 0's coordinator writes ``cluster.json`` and ``summary.json``;
   worker 0 (on the first node that has workers) writes ``metrics.jsonl``.
+* allreduce/hybrid with ``--max-restarts``: a worker's death re-forms the group on every
+  node. The coordinator says ``regroup`` to the node launchers (they ask it every
+  :attr:`NodeLauncher.REGROUP_POLL_S`); node 0 starts generation g+1 from the newest
+  checkpoint in the shared ``--checkpoint-dir`` with a new coordinator at the same
+  address, the other nodes start their share once it answers with generation g+1.
 
 Settings that flags leave out are read from the variables launchers set:
 coordinator ``TESSERA_COORDINATOR`` or ``MASTER_ADDR`` + ``MASTER_PORT``; nodes
@@ -43,14 +48,20 @@ from tessera.launch.launcher import Launcher
 from tessera.launch.node_plan import (NodeSettingError, NodeSettings, check_bindable,
                                       describe_ranks, is_loopback, route_address,
                                       wait_reachable, wait_resolve)
-from tessera.launch.process import LaunchError, role_cmd, signals_interrupt, visible_gpus
+from tessera.launch.process import (LaunchError, describe_exit, role_cmd, signals_interrupt,
+                                    visible_gpus)
 
 
 class NodeLauncher(Launcher):
     """A :class:`Launcher` that starts one node's share and, on node 0, the coordinator
     at the agreed address. Watching, stopping and reporting are the Launcher's."""
 
-    GROUP_RESTARTS = False  # re-forming the group needs every node's processes
+    #: allreduce/hybrid re-forms span every node: the coordinator (node 0) tells every
+    #: node launcher (``regroup``), each stops its processes and starts the next generation.
+    GROUP_RESTARTS = True
+    #: How often a node launcher asks the coordinator whether a re-form has begun (group
+    #: modes with --max-restarts).
+    REGROUP_POLL_S = 0.2
 
     def __init__(self, cfg: JobConfig, settings: NodeSettings, *,
                  worker_cmd: Optional[list[str]] = None, quiet: bool = False):
@@ -60,6 +71,8 @@ class NodeLauncher(Launcher):
         super().__init__(cfg, worker_cmd=worker_cmd, quiet=quiet)
         self.settings = settings
         self.worker_gpu: dict[int, dict[str, str]] = {}  # rank -> CUDA_VISIBLE_DEVICES
+        self._coordinator_ip = ""
+        self._next_poll = 0.0
         # The job's secret is shared by every node (the Launcher drew a fresh one).
         self.secret = ("curve:" if cfg.cluster.encrypt else "") + settings.secret
 
@@ -102,29 +115,146 @@ class NodeLauncher(Launcher):
                   f"workers {describe_ranks(st.workers)}"
                   f"{', the coordinator' if st.rank == 0 else ''}; binding to {host}; "
                   f"run directory {self.run_dir}")
-        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret)
-        env = self.identity.child_env(envvars.without(envvars.process_environ(),
-                                                      envvars.COORDINATOR_BIND))
-        if st.rank == 0:
-            bind = self.identity.but(coordinator_bind=f"{ip}:{st.coordinator_port}")
-            coord = self._spawn("coordinator", 0, role_cmd(sys.executable, "coordinator"),
-                                bind.child_env(env))
-            self._wait_published(coord, deadline, cfg.cluster.startup_timeout_s)
-        elif st.servers or st.workers:
-            self._say(f"tessera node {st.rank}: waiting for the coordinator at {st.coordinator}")
-            wait_reachable(ip, st.coordinator_port, deadline, st.coordinator)
-        self.identity = self.identity.but(coordinator=f"tcp://{ip}:{st.coordinator_port}")
-        # The Launcher's restarts and coordinator requests use these.
-        env = self._env = self.identity.child_env(env)
-        for rank in st.servers:
-            self._spawn("server", rank, role_cmd(sys.executable, "server"), env)
+        self._coordinator_ip = ip
         gpus = visible_gpus() if cfg.train.device == "cuda" else []
         if cfg.train.device == "cuda" and not gpus and st.workers:
             print(f"tessera: warning: train.device is 'cuda' but node {st.rank} shows no GPU "
                   f"(CUDA_VISIBLE_DEVICES, nvidia-smi -L)", file=sys.stderr, flush=True)
         self.worker_gpu = {rank: gpu_env(local, gpus) for local, rank in enumerate(st.workers)}
+        if st.rank != 0 and (st.servers or st.workers):
+            self._say(f"tessera node {st.rank}: waiting for the coordinator at {st.coordinator}")
+        self._start_processes(deadline=deadline)
+
+    def _start_processes(self, append: bool = False, deadline: Optional[float] = None) -> None:
+        """This node's share (and on node 0 the coordinator, at the agreed address), as
+        generation ``self.generation`` (``append``: to the logs, in a re-form)."""
+        cfg, st, ip = self.cfg, self.settings, self._coordinator_ip
+        if deadline is None:
+            deadline = time.monotonic() + cfg.cluster.startup_timeout_s
+        self.identity = Identity(run_dir=str(self.run_dir), secret=self.secret,
+                                 generation=self.generation)
+        env = self.identity.child_env(envvars.without(envvars.process_environ(),
+                                                      envvars.COORDINATOR_BIND))
+        if st.rank == 0:
+            bind = self.identity.but(coordinator_bind=f"{ip}:{st.coordinator_port}")
+            coord = self._spawn("coordinator", 0, role_cmd(sys.executable, "coordinator"),
+                                bind.child_env(env), append=append)
+            self._wait_published(coord, deadline, cfg.cluster.startup_timeout_s)
+        elif st.servers or st.workers:
+            wait_reachable(ip, st.coordinator_port, deadline, st.coordinator)
+        self.identity = self.identity.but(coordinator=f"tcp://{ip}:{st.coordinator_port}")
+        # The Launcher's restarts and coordinator requests use these.
+        env = self._env = self.identity.child_env(env)
+        for rank in st.servers:
+            self._spawn("server", rank, role_cmd(sys.executable, "server"), env, append=append)
         for rank in st.workers:
-            self._spawn("worker", rank, self.worker_cmd, env)
+            self._spawn("worker", rank, self.worker_cmd, env, append=append)
+
+    # ------------------------------------- allreduce/hybrid: re-form across nodes
+
+    def _regroups_on(self, c) -> bool:
+        # Exit code 3 here may be the coordinator's "re-forming": ask it (_restart_group).
+        return c.role == "worker" or (c.proc.returncode == 3 and self._regroup_allowed())
+
+    def _group_up(self) -> bool:
+        # Only node 0 has cluster.json; elsewhere the next standbys start at once.
+        return self.settings.rank != 0 or super()._group_up()
+
+    def _regroup_allowed(self) -> bool:
+        return self._group_mode() and self.group_restarts_left > 0
+
+    def _restart_group(self, c) -> bool:
+        """A process of this node died: a worker killed tells the coordinator, which
+        begins the re-form (or fails the job); then this node follows it."""
+        if not self._regroup_allowed():
+            return False
+        if c.proc.returncode != 3 and c.role == "worker":
+            self._departed(c)
+        print(f"tessera node {self.settings.rank}: {c.name} (pid {c.proc.pid}) "
+              f"{describe_exit(c.proc.returncode)}; asking the coordinator whether the worker "
+              f"group is re-formed", flush=True)
+        return self._follow_regroup(time.monotonic() + self.cfg.cluster.startup_timeout_s)
+
+    def _regroup_elsewhere(self) -> bool:
+        if not self._regroup_allowed() or self.identity is None \
+                or not self.identity.coordinator or time.monotonic() < self._next_poll:
+            return False
+        self._next_poll = time.monotonic() + self.REGROUP_POLL_S
+        ack = self._ask_state(1.0)
+        if ack is None or not (ack.state == "regroup" or ack.generation > self.generation):
+            return False
+        return self._follow_regroup(time.monotonic() + self.cfg.cluster.startup_timeout_s, ack)
+
+    def _ask_state(self, timeout_s: float):
+        """The coordinator's HeartbeatAck to this launcher, or None (no answer)."""
+        from tessera.transport import wire
+        reply = self._tell(lambda req: wire.Heartbeat(req=req, role="launcher",
+                                                      rank=self.settings.rank, clock=-1),
+                           timeout_s, "re-form check")
+        if isinstance(reply, wire.HeartbeatAck):
+            return reply
+        self._drop_coordinator()  # a new coordinator may come up at the same address
+        return None
+
+    def _drop_coordinator(self) -> None:
+        if self._coord_ep is not None:
+            self._coord_ep.close()
+            self._ctx.destroy(linger=0)
+            self._coord_ep = None
+
+    def _follow_regroup(self, deadline: float, ack=None) -> bool:
+        """Take part in a re-form: node 0 once the coordinator says ``regroup`` stops its
+        processes (the coordinator too) and starts generation + 1 with a new coordinator
+        at the same address; another node stops its processes and starts them again once
+        a coordinator of a higher generation answers. False: the job failed instead
+        (the coordinator says so, or nothing came within ``deadline``, or the coordinator
+        went silent without having said ``regroup``: node 0 failed)."""
+        st, cl = self.settings, self.cfg.cluster
+        stopped = False
+        silent_since: Optional[float] = None
+        while time.monotonic() < deadline:
+            if ack is None:
+                ack = self._ask_state(1.0)
+            if ack is not None:
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif not stopped and time.monotonic() - silent_since > 2 * cl.heartbeat_timeout_s + 5:
+                return False
+            if ack is not None and st.rank != 0 and ack.generation > self.generation:
+                if not stopped:
+                    self._stop_group()
+                self.group_restarts_left -= ack.generation - self.generation
+                self.generation = ack.generation
+                print(f"tessera node {st.rank}: starting generation {self.generation} of the "
+                      f"worker group", flush=True)
+                self._start_processes(append=True)
+                self._end_unused_standbys()
+                return True
+            if ack is not None and ack.state == "regroup":
+                if st.rank == 0:
+                    self.group_restarts_left -= 1
+                    self.generation += 1
+                    print(f"tessera: {ack.reason}: re-forming the worker group on every node "
+                          f"(restart {self.generation} of {self.cfg.cluster.max_restarts})",
+                          flush=True)
+                    self._stop_group()
+                    self._resume_from_newest()
+                    self._start_processes(append=True)
+                    self._end_unused_standbys()
+                    return True
+                if not stopped:
+                    print(f"tessera node {st.rank}: the coordinator re-forms the worker group; "
+                          f"stopping this node's processes until generation "
+                          f"{self.generation + 1} starts", flush=True)
+                    self._stop_group()
+                    stopped = True
+            elif ack is not None and ack.state in ("failed", "shutdown") \
+                    and ack.generation == self.generation:
+                return False
+            ack = None
+            time.sleep(0.05)
+        return False
 
     def _why_no_checkpoint(self) -> Optional[str]:
         st = self.settings

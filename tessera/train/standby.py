@@ -9,7 +9,13 @@ worker's program runs as ``__main__``. Rejoining then costs the registration and
 join, not the ~2-5 s that starting an interpreter and importing torch takes (measured
 in ``benchmarks/faults.py``). End of input (the launcher is gone) ends it.
 
-    python -m tessera.train.standby        # started by the launcher only
+In allreduce and hybrid modes a worker's death re-forms the whole group (every
+process, as a new generation, from the newest checkpoint). There the launcher keeps
+one standby per process of its share of the job: ``ROLE`` (worker, server or
+coordinator) picks the imports paid ahead, and the order's command (``python -m
+tessera.cluster.role coordinator|server`` too) is run as ``__main__``.
+
+    python -m tessera.train.standby [ROLE]   # started by the launcher only
 """
 
 from __future__ import annotations
@@ -19,11 +25,22 @@ import json
 import os
 import runpy
 import sys
+import time
 from typing import Optional
 
 #: The imports a worker pays for, done before it is needed (the point of a standby).
 WARM = ("torch", "tessera.api", "tessera.factory", "tessera.parallel.ps",
         "tessera.train.tasks", "tessera.data.datasets", "tessera.models")
+#: What a standby for the next generation of a re-formed allreduce/hybrid group imports,
+#: by the role it will take (``python -m tessera.train.standby ROLE``; "": a PS worker).
+WARM_BY_ROLE = {"": WARM,
+                # DistributedDataParallel's first construction imports torch._dynamo: ~1 s
+                # on a quiet machine, 5-6 s under load, most of a re-form's time.
+                "worker": (*WARM, "torch.distributed", "torch.nn.parallel", "torch._dynamo"),
+                # (not tessera.cluster.role itself: runpy runs it afresh as __main__)
+                "server": ("torch", "tessera.cluster.session", "tessera.ps.server",
+                           "tessera.ps.checkpoint"),
+                "coordinator": ("tessera.cluster.coordinator", "tessera.ps.checkpoint")}
 
 from tessera.config import env as envvars
 
@@ -51,6 +68,8 @@ def become(order: dict, data=None) -> None:
     os.dup2(log, 2)
     os.close(log)
     envvars.adopt(order["env"])
+    print(f"started from a standby (pid {os.getpid()}, imports done {order.get('ready', '?')} s "
+          f"before)", flush=True)
     cmd = order["cmd"]
     if cmd[1] == "-m":
         module, args = cmd[2], cmd[3:]
@@ -68,18 +87,20 @@ def become(order: dict, data=None) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
-def main(stdin=None) -> Optional[int]:
-    for name in WARM:
+def main(stdin=None, role: str = "") -> Optional[int]:
+    for name in WARM_BY_ROLE.get(role, WARM):
         importlib.import_module(name)
-    data = preload()
+    data = preload() if role in ("", "worker") else None
+    print(f"standby ready ({role or 'worker'}, pid {os.getpid()})", flush=True)
+    ready = time.time()
     line = (stdin or sys.stdin).readline()
     if not line.strip():
         return 0  # the launcher is gone, or the job ended without needing us
-    become(json.loads(line), data)
+    become(dict(json.loads(line), ready=f"{time.time() - ready:.1f}"), data)
     return None
 
 
 if __name__ == "__main__":
-    code = main()
+    code = main(role=sys.argv[1] if len(sys.argv) > 1 else "")
     if code is not None:
         sys.exit(code)

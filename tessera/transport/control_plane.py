@@ -183,7 +183,8 @@ class Heartbeat(msgspec.Struct, **MESSAGE):
 
 class HeartbeatAck(msgspec.Struct, **MESSAGE):
     req: int
-    #: ``running``; ``shutdown`` (work is done, exit cleanly); ``failed`` (see reason).
+    #: ``running``; ``shutdown`` (work is done, exit cleanly); ``failed`` (see reason);
+    #: ``regroup`` (to node launchers only: the others hear ``failed``).
     state: str
     reason: str = ""
     #: To worker 0: write a checkpoint at your next step (the launcher was interrupted).
@@ -194,6 +195,10 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     dead_servers: list[int] = []
     #: Workers that sent their final report (async/ssp: worker 0 evaluates after them).
     finished: list[int] = []
+    #: allreduce/hybrid: the group's generation (re-formings so far). To a node launcher
+    #: (role ``launcher``) the state ``regroup`` says: stop your processes and start them
+    #: again once a coordinator of a higher generation answers.
+    generation: int = 0
 
 
 class Departed(msgspec.Struct, **MESSAGE):
