@@ -109,6 +109,8 @@ class Coordinator:
         self.departed: dict[int, int] = {}
         self.lost_at: dict[tuple[str, int], float] = {}
         self.dead_servers: set[int] = set()
+        #: Servers the launcher replaced (rank -> times): the new process joins as a backup.
+        self.server_lives: dict[int, int] = {}
         #: Partition -> the server that owns it now, and the one holding its acknowledged
         #: second copy (replication; a primary re-replicating has none until it reports).
         self.owner: dict[int, int] = {}
@@ -243,6 +245,7 @@ class Coordinator:
                 req=msg.req, state=("running" if self.state == "starting" else self.state),
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
+                server_lives=self.server_lives, owners=self._moved(),
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
             key = (msg.role, msg.rank)
@@ -303,6 +306,10 @@ class Coordinator:
         if key in self.lost_at and self.state == "running" and msg.role == "worker":
             self._rejoin(peer, msg)
             return
+        if key in self.procs and self.state == "running" and msg.role == "server" \
+                and msg.rank in self.dead_servers and self.cfg.ps.replication == 2:
+            self._replace_server(peer, msg)
+            return
         if key in self.procs and self.state != "starting":
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: {msg.role} {msg.rank} registered twice")))
@@ -341,15 +348,8 @@ class Coordinator:
             self.shard_map = ShardMap(layout=tuple(self.layout), partitions=(),
                                       num_servers=cfg.cluster.servers)
         procs = sorted(self.procs.values(), key=lambda p: (p.role != "server", p.role, p.rank))
-        me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
-                              address=self.address)
-        write_json_atomic(self.run_dir / "cluster.json", {
-            "processes": [{"role": p.role, "rank": p.rank, "host": p.host, "pid": p.pid,
-                           "address": p.address} for p in [me, *procs]],
-            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
-                           for p in self.shard_map.partitions],
-        })
         self.procs_sorted = procs
+        self._write_cluster_json()
         servers = cfg.cluster.servers
         self.owner = {p.id: p.server for p in self.shard_map.partitions}
         if cfg.ps.replication == 2 and servers > 1:  # the ring: server s + 1 backs up s
@@ -364,6 +364,17 @@ class Coordinator:
         print(f"coordinator: cluster up: {len(procs)} processes, {len(self.shard_map.partitions)} "
               f"partitions, bytes per server {loads}", flush=True)
 
+    def _write_cluster_json(self) -> None:
+        cfg = self.cfg
+        me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
+                              address=self.address)
+        write_json_atomic(self.run_dir / "cluster.json", {
+            "processes": [{"role": p.role, "rank": p.rank, "host": p.host, "pid": p.pid,
+                           "address": p.address} for p in [me, *self.procs_sorted]],
+            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
+                           for p in self.shard_map.partitions],
+        })
+
     def _view(self, req: int, rank: int = -1) -> wire.ClusterView:
         restore = self.rounds.restore()
         clock = restore.clock if restore else 0
@@ -373,6 +384,39 @@ class Coordinator:
             req=req, processes=self.procs_sorted, partitions=list(self.shard_map.partitions),
             layout=self.layout, optimizer=self.optimizer, tables=self.tables, restore=restore,
             clock=clock, incarnation=self.incarnation.get(rank, 0) if rank >= 0 else 0)
+
+    def _moved(self) -> dict[int, int]:
+        """Partitions whose owner is not their shard-map server (clients route by it)."""
+        if not self.dead_servers and not self.server_lives:
+            return {}
+        home = {p.id: p.server for p in self.shard_map.partitions} if self.shard_map else {}
+        return {pid: s for pid, s in self.owner.items() if home.get(pid) != s}
+
+    def _replace_server(self, peer: bytes, msg: wire.Register) -> None:
+        """A new process for a dead server's rank: it holds nothing yet and joins the
+        ring as a backup (servers without a backup copy their partitions to it and report
+        :class:`Replicated`). It binds its predecessor's address, so every socket already
+        connected to that rank reaches it."""
+        key = (msg.role, msg.rank)
+        old = self.procs[key].address
+        if msg.address != old:
+            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                f"coordinator: the replacement of server {msg.rank} must bind its "
+                f"predecessor's address {old} (it bound {msg.address})")))
+            return
+        self.dead_servers.discard(msg.rank)
+        self.server_lives[msg.rank] = self.server_lives.get(msg.rank, 0) + 1
+        self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
+                                           pid=msg.pid, address=msg.address)
+        self.procs_sorted = [self.procs[(p.role, p.rank)] for p in self.procs_sorted]
+        self._write_cluster_json()  # the new pid (the address is the old one)
+        self.last_seen[key] = time.monotonic()
+        self.profiler.instant(f"server {msg.rank} replaced", "membership", pid=msg.pid)
+        print(f"coordinator: server {msg.rank} replaced (pid {msg.pid}, replacement "
+              f"{self.server_lives[msg.rank]}): it joins as a backup", flush=True)
+        view = self._view(msg.req)
+        self.endpoint.send(peer, msgspec.structs.replace(
+            view, dead_servers=sorted(self.dead_servers), server_lives=dict(self.server_lives)))
 
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
@@ -456,6 +500,7 @@ class Coordinator:
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),
+            "servers_replaced": {str(r): n for r, n in sorted(self.server_lives.items())},
             "checkpoints": self.rounds.completed,
             "resumed_from": self.rounds.resumed_from,
             "config": msgspec.to_builtins(cfg),
@@ -474,7 +519,8 @@ class Coordinator:
         # re-replicated, so a shard survives one death).
         n = self.cfg.cluster.servers
         for shard in range(n):
-            owner = shard if shard not in self.dead_servers else (shard + 1) % n
+            gone = shard in self.dead_servers or shard in self.server_lives
+            owner = (shard + 1) % n if gone else shard
             suffix = f".s{shard}"
             total += sum(int(v) for k, v in servers[owner].items()
                          if k.startswith("table_applied.") and k.endswith(suffix))

@@ -376,6 +376,7 @@ class ParameterServer:
             if self.tables is not None:
                 self.tables.follow_membership()
         self.replication.follow(dead_servers)
+        self.replication.follow_lives()
         if self.tables is not None:
             self.tables.follow_servers(dead_servers)
 

@@ -164,6 +164,9 @@ class ClusterView(msgspec.Struct, **MESSAGE):
     #: How many times this rank has (re)joined: 0 for the first start. Push sequence
     #: numbers of incarnation i start above those of every earlier one.
     incarnation: int = 0
+    #: A replacement server: the servers dead now, and the replaced ones (as HeartbeatAck).
+    dead_servers: list[int] = []
+    server_lives: dict[int, int] = {}
 
 
 class Heartbeat(msgspec.Struct, **MESSAGE):
@@ -188,6 +191,11 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     dead_servers: list[int] = []
     #: Workers that sent their final report (async/ssp: worker 0 evaluates after them).
     finished: list[int] = []
+    #: Servers replaced by the launcher (rank -> how many times): a rank whose count went
+    #: up died and has a new process, which joined as a backup (``--max-restarts``).
+    server_lives: dict[int, int] = {}
+    #: Partitions whose owner is not their shard-map server any more (partition -> owner).
+    owners: dict[int, int] = {}
 
 
 class Departed(msgspec.Struct, **MESSAGE):
