@@ -38,7 +38,10 @@ def test_replacement_server_joins_then_the_survivor_dies(tmp_path, mode):
     kill_after(job, out, "server", 0, lines + 2)  # training goes on in between
     output = finish(job)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dead_servers"] == [0] and summary["servers_replaced"] == {"1": 1}, output
+    # --max-restarts 1 replaces server 0 too: it may join before the job ends.
+    replaced = summary["servers_replaced"]
+    assert replaced.get("1") == 1 and summary["dead_servers"] == ([] if "0" in replaced
+                                                                   else [0]), output
     expected = summary["steps"] * summary["workers"] * summary["partitions"]
     assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
     assert summary["eval_accuracy"] >= 0.93, summary
