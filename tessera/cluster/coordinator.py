@@ -23,6 +23,9 @@ One per job. Its life:
    The coordinator keeps where each partition is (``owner``) and where its
    acknowledged second copy is (``copy_at``): servers re-replicate after a death and
    report it (:class:`Replicated`), so a later death is survived too.
+   With ``--max-restarts`` too, a new process for a dead server's rank registers at
+   its predecessor's address and joins as a backup (``server_lives``; heartbeat replies
+   carry it and ``owners``, where moved partitions are, which clients route by).
 4. **Checkpoints.** Servers report each file they write (:class:`CheckpointSaved`);
    once every live server has reported a clock, the coordinator writes that
    checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
@@ -192,6 +195,8 @@ class Coordinator:
                   f"rejoin", flush=True)
             return
         if self.state == "running" and role == "server" and self.cfg.ps.replication == 2:
+            if rank in self.dead_servers:  # told twice (Departed, then silence), or a
+                return                     # replacement that never joined
             self.dead_servers.add(rank)
             self.last_seen.pop(key, None)
             # Its partitions move to the server holding their acknowledged copy; copies
@@ -399,6 +404,12 @@ class Coordinator:
         connected to that rank reaches it."""
         key = (msg.role, msg.rank)
         old = self.procs[key].address
+        if self.tables:
+            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                f"coordinator: a replacement server cannot join a job with embedding tables "
+                f"(table shards are not re-replicated); server {msg.rank} stays dead and its "
+                f"backup serves its partitions and rows")))
+            return
         if msg.address != old:
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: the replacement of server {msg.rank} must bind its "
@@ -435,7 +446,10 @@ class Coordinator:
     def _maybe_manifest(self) -> None:
         """Write the manifest of every clock all live servers have reported, last."""
         from tessera.ps.checkpoint import CheckpointError
-        live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers}
+        # A replacement that owns nothing yet (it holds copies only) writes no file.
+        owners = set(self.owner.values())
+        live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
+                and (r not in self.server_lives or r in owners)}
         try:
             self.rounds.complete(live, self._manifest, self._checkpoint_done)
         except CheckpointError as exc:  # a checkpoint split over several locations

@@ -30,6 +30,9 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    counters) to the new backup (``kind="copy"``), then forwards updates there as
    before, and tells the coordinator (``report``), which from then on counts that copy
    as the partitions' second one: a later death of the primary is survived too.
+7. A replacement server (``--max-restarts``) joins empty, as a backup: a server without
+   a backup whose next live server it is sends it the same full copy
+   (:meth:`Replicator.follow_lives`). A server with a live backup keeps it.
 """
 
 from __future__ import annotations
