@@ -391,11 +391,11 @@ class Coordinator:
             clock=clock, incarnation=self.incarnation.get(rank, 0) if rank >= 0 else 0)
 
     def _moved(self) -> dict[int, int]:
-        """Partitions whose owner is not their shard-map server (clients route by it)."""
+        """Every partition's owner once a server died (clients route by it; a partition
+        back on its shard-map server, a replacement, is in it too), else nothing."""
         if not self.dead_servers and not self.server_lives:
             return {}
-        home = {p.id: p.server for p in self.shard_map.partitions} if self.shard_map else {}
-        return {pid: s for pid, s in self.owner.items() if home.get(pid) != s}
+        return dict(self.owner)
 
     def _replace_server(self, peer: bytes, msg: wire.Register) -> None:
         """A new process for a dead server's rank: it holds nothing yet and joins the

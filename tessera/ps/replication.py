@@ -326,6 +326,9 @@ class Replicator:
         if msg.kind == "copy":
             self._on_copy(peer, msg, frames)
             return
+        if msg.kind == "join":
+            self._on_join(peer, msg, frames)
+            return
         if len(msg.partitions) != 1 or len(frames) != 1:
             raise RequestError("a Replicate request carries one partition and one frame")
         st = self.backups.get(msg.partitions[0])
@@ -403,9 +406,34 @@ class Replicator:
                     raise RequestError(f"copy of partition {pid}: bad optimizer state: {exc}")
         st.clock, st.applied_pushes = msg.clock, msg.pushes
         st.last_seq = dict(msg.last_seq)
+        members = self.policy.members
+        for worker, incarnation in msg.members.items():
+            if 0 <= worker < members.num_workers and incarnation > \
+                    members.incarnations.get(worker, 0):
+                members.join(worker, incarnation)
         self.backups[pid] = st
         self.source[pid] = msg.source
         self.stats["copies_received"] = self.stats.get("copies_received", 0) + 1
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
+
+    def forward_join(self, worker: int, incarnation: int, clock: int) -> None:
+        """A worker joined again here: the backup's membership follows (a replacement
+        server sees no Join of its own, and would wait for a departed incarnation's
+        clocks, or not for the new one's, once promoted)."""
+        if self.peer is None or not self.replicated:
+            return
+        self._send(wire.Replicate(req=self.peer.new_req(), kind="join", partitions=[],
+                                  clock=clock, worker=worker, seq=incarnation), [])
+
+    def _on_join(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        members = self.policy.members
+        if frames or msg.partitions or not 0 <= msg.worker < members.num_workers \
+                or msg.seq < 0:
+            raise RequestError("a join Replicate names a worker of this job and an "
+                               f"incarnation, without partitions or frames")
+        members.join(msg.worker, msg.seq)
+        if msg.clock > 0:
+            members.joined_at[msg.worker] = max(members.joined_at.get(msg.worker, 0), msg.clock)
         self.endpoint.send(peer, wire.Ack(req=msg.req))
 
     def promote(self, why: str, pids=None) -> None:
@@ -515,6 +543,10 @@ class Replicator:
               f"{backup}, its new backup", flush=True)
         self._recopy()
 
+    def _live_members(self) -> dict[int, int]:
+        members = self.policy.members
+        return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+
     def _recopy(self) -> None:
         """Stream a full copy of every partition the backup does not have yet."""
         from tessera.ps.checkpoint import partition_tensors
@@ -537,7 +569,7 @@ class Replicator:
                                  names=names, dtypes=[str(t.dtype).split(".")[-1] +
                                                       ("[]" if t.dim() == 0 else "")
                                                       for t in tensors],
-                                 last_seq=seqs)
+                                 last_seq=seqs, members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
         if self._unacked:

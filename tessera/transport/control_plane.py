@@ -194,7 +194,7 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     #: Servers replaced by the launcher (rank -> how many times): a rank whose count went
     #: up died and has a new process, which joined as a backup (``--max-restarts``).
     server_lives: dict[int, int] = {}
-    #: Partitions whose owner is not their shard-map server any more (partition -> owner).
+    #: Once a server died: where every partition is now (partition -> owner).
     owners: dict[int, int] = {}
 
 
