@@ -430,7 +430,7 @@ class Replicator:
         if frames or msg.partitions or not 0 <= msg.worker < members.num_workers \
                 or msg.seq < 0:
             raise RequestError("a join Replicate names a worker of this job and an "
-                               f"incarnation, without partitions or frames")
+                               "incarnation, without partitions or frames")
         members.join(msg.worker, msg.seq)
         if msg.clock > 0:
             members.joined_at[msg.worker] = max(members.joined_at.get(msg.worker, 0), msg.clock)
