@@ -185,6 +185,9 @@ class Coordinator:
         cl = self.cfg.cluster
         if key in self.lost_at or self.state == "failed":
             return
+        if role == "server" and rank in self.dead_servers:  # told twice (Departed, then
+            self.last_seen.pop(key, None)                  # silence), or a replacement
+            return                                         # that never joined
         if self.state == "running" and role == "worker" and cl.max_restarts > 0:
             self.departed[rank] = self.incarnation.get(rank, 0)
             self.departures += 1
@@ -195,8 +198,6 @@ class Coordinator:
                   f"rejoin", flush=True)
             return
         if self.state == "running" and role == "server" and self.cfg.ps.replication == 2:
-            if rank in self.dead_servers:  # told twice (Departed, then silence), or a
-                return                     # replacement that never joined
             self.dead_servers.add(rank)
             self.last_seen.pop(key, None)
             # Its partitions move to the server holding their acknowledged copy; copies
@@ -311,9 +312,14 @@ class Coordinator:
         if key in self.lost_at and self.state == "running" and msg.role == "worker":
             self._rejoin(peer, msg)
             return
-        if key in self.procs and self.state == "running" and msg.role == "server" \
-                and msg.rank in self.dead_servers and self.cfg.ps.replication == 2:
-            self._replace_server(peer, msg)
+        if key in self.procs and self.state != "starting" and msg.role == "server" \
+                and msg.rank in self.dead_servers:
+            if self.state == "running":
+                self._replace_server(peer, msg)
+            else:
+                self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: the job is {self.state}: the replacement of server "
+                    f"{msg.rank} does not join")))
             return
         if key in self.procs and self.state != "starting":
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(

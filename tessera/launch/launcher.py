@@ -277,12 +277,12 @@ class Launcher:
         if c.role == "server" and self.cfg.ps.replication == 2:
             left = self.server_restarts_left.get(c.rank, 0)
             replace = left > 0 and c.proc.returncode != 3
-            if c.proc.returncode == 3 and left < self.cfg.cluster.max_restarts:
+            if c.proc.returncode == 3 and left < self.cfg.cluster.max_restarts \
+                    and "joined the running job" not in tail(c.log_path, 40):
                 last = (tail(c.log_path).strip().splitlines() or [""])[-1]
                 print(f"tessera: the replacement of server {c.rank} did not join: {last}",
                       flush=True)
-                self._departed(c)
-                return True
+                return True  # never a member: nothing to tell the coordinator
             print(f"tessera: server {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
                   f"; its backup takes over" + (f"; starting a replacement, which joins as a "
                                                 f"backup ({left - 1} left for it)" if replace
