@@ -278,7 +278,8 @@ class Launcher:
             left = self.server_restarts_left.get(c.rank, 0)
             replace = left > 0 and c.proc.returncode != 3
             if c.proc.returncode == 3 and left < self.cfg.cluster.max_restarts \
-                    and "joined the running job" not in tail(c.log_path, 40):
+                    and "joined the running job" not in \
+                    tail(c.log_path, 40).rsplit("restarted by the launcher", 1)[-1]:
                 last = (tail(c.log_path).strip().splitlines() or [""])[-1]
                 print(f"tessera: the replacement of server {c.rank} did not join: {last}",
                       flush=True)
