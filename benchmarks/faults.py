@@ -18,6 +18,8 @@ worker-pipeline     digits, 2 pipeline stages (``--stages 2 --servers 0``), ``--
 worker-tables       MovieLens (DLRM with sharded tables), sync, ``--max-restarts 1``
 server-dense        digits, 3 servers, ``--replication 2``, kill server 1
 server-tables       MovieLens, 3 servers, ``--replication 2``, kill server 1
+server-replace      digits (60 epochs), 2 servers, ``--replication 2 --max-restarts 1``,
+                    kill server 1: a replacement must join (``servers_replaced``) before the end
 ==================  ====================================================================
 
 Per case, one JSON line on stdout:
@@ -93,6 +95,8 @@ CASES = {
                      "server", 1, "eval_accuracy", 0.95, True),
     "server-tables": (MOVIELENS, ["--epochs", "1", "--servers", "3", "--replication", "2"],
                       "server", 1, "eval_rmse", 1.0, False),
+    "server-replace": (DIGITS, ["--epochs", "60", "--servers", "2", "--replication", "2",
+                                "--max-restarts", "1"], "server", 1, "eval_accuracy", 0.95, True),
 }
 
 
@@ -197,6 +201,11 @@ def trial(name: str, index: int, rng: random.Random, timeout_s: float) -> dict:
             result.update(ok=False, why=first_line(output), refused=proc.returncode == 2)
             return result
         summary = json.loads((out / "summary.json").read_text())
+        if role == "server" and "--max-restarts" in flags and \
+                not summary.get("servers_replaced", {}).get(str(rank)):
+            result.update(ok=False, why=f"the replacement of server {rank} did not join "
+                          f"before the job ended")
+            return result
         result.update(ok=True, metric=summary.get(metric),
                       acked=summary.get("pushes_acked", 0),
                       applied=summary.get("pushes_applied", 0),

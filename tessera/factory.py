@@ -206,7 +206,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       worker=session.rank, timeout_s=session.timeout_s,
                       wire_dtype=policy.wire_dtype, check=session.check,
                       profiler=session.profiler, incarnation=session.view.incarnation,
-                      dead_servers=lambda: session.heartbeat.dead_servers,
+                      dead_servers=lambda: session.heartbeat.membership()[1],
+                      servers=session.heartbeat.servers,
                       retain=answer_early(session.cfg))
     client.connect()
     return client

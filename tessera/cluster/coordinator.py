@@ -23,6 +23,9 @@ One per job. Its life:
    The coordinator keeps where each partition is (``owner``) and where its
    acknowledged second copy is (``copy_at``): servers re-replicate after a death and
    report it (:class:`Replicated`), so a later death is survived too.
+   With ``--max-restarts`` too, a new process for a dead server's rank registers at
+   its predecessor's address and joins as a backup (``server_lives``; heartbeat replies
+   carry it and ``owners``, where moved partitions are, which clients route by).
 4. **Checkpoints.** Servers report each file they write (:class:`CheckpointSaved`);
    once every live server has reported a clock, the coordinator writes that
    checkpoint's ``manifest.json`` last (atomically), with the shard map, layout,
@@ -109,6 +112,8 @@ class Coordinator:
         self.departed: dict[int, int] = {}
         self.lost_at: dict[tuple[str, int], float] = {}
         self.dead_servers: set[int] = set()
+        #: Servers the launcher replaced (rank -> times): the new process joins as a backup.
+        self.server_lives: dict[int, int] = {}
         #: Partition -> the server that owns it now, and the one holding its acknowledged
         #: second copy (replication; a primary re-replicating has none until it reports).
         self.owner: dict[int, int] = {}
@@ -195,6 +200,9 @@ class Coordinator:
             print(f"coordinator: {self.reason} (generation {self.generation + 1})", flush=True)
             self._reply_all(self.store.fail(self.reason))
             return
+        if role == "server" and rank in self.dead_servers:  # told twice (Departed, then
+            self.last_seen.pop(key, None)                  # silence), or a replacement
+            return                                         # that never joined
         if self.state == "running" and role == "worker" and cl.max_restarts > 0:
             self.departed[rank] = self.incarnation.get(rank, 0)
             self.departures += 1
@@ -261,6 +269,7 @@ class Coordinator:
                 req=msg.req, state=state, generation=self.generation,
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
+                server_lives=self.server_lives, owners=self._moved(),
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
             key = (msg.role, msg.rank)
@@ -328,6 +337,15 @@ class Coordinator:
         if key in self.lost_at and self.state == "running" and msg.role == "worker":
             self._rejoin(peer, msg)
             return
+        if key in self.procs and self.state != "starting" and msg.role == "server" \
+                and msg.rank in self.dead_servers:
+            if self.state == "running":
+                self._replace_server(peer, msg)
+            else:
+                self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: the job is {self.state}: the replacement of server "
+                    f"{msg.rank} does not join")))
+            return
         if key in self.procs and self.state != "starting":
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: {msg.role} {msg.rank} registered twice")))
@@ -366,15 +384,8 @@ class Coordinator:
             self.shard_map = ShardMap(layout=tuple(self.layout), partitions=(),
                                       num_servers=cfg.cluster.servers)
         procs = sorted(self.procs.values(), key=lambda p: (p.role != "server", p.role, p.rank))
-        me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
-                              address=self.address)
-        write_json_atomic(self.run_dir / "cluster.json", {
-            "processes": [{"role": p.role, "rank": p.rank, "host": p.host, "pid": p.pid,
-                           "address": p.address} for p in [me, *procs]],
-            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
-                           for p in self.shard_map.partitions],
-        })
         self.procs_sorted = procs
+        self._write_cluster_json()
         servers = cfg.cluster.servers
         self.owner = {p.id: p.server for p in self.shard_map.partitions}
         if cfg.ps.replication == 2 and servers > 1:  # the ring: server s + 1 backs up s
@@ -389,6 +400,17 @@ class Coordinator:
         print(f"coordinator: cluster up: {len(procs)} processes, {len(self.shard_map.partitions)} "
               f"partitions, bytes per server {loads}", flush=True)
 
+    def _write_cluster_json(self) -> None:
+        cfg = self.cfg
+        me = wire.ProcessInfo(role="coordinator", rank=0, host=cfg.cluster.host, pid=os.getpid(),
+                              address=self.address)
+        write_json_atomic(self.run_dir / "cluster.json", {
+            "processes": [{"role": p.role, "rank": p.rank, "host": p.host, "pid": p.pid,
+                           "address": p.address} for p in [me, *self.procs_sorted]],
+            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
+                           for p in self.shard_map.partitions],
+        })
+
     def _view(self, req: int, rank: int = -1) -> wire.ClusterView:
         restore = self.rounds.restore()
         clock = restore.clock if restore else 0
@@ -398,6 +420,45 @@ class Coordinator:
             req=req, processes=self.procs_sorted, partitions=list(self.shard_map.partitions),
             layout=self.layout, optimizer=self.optimizer, tables=self.tables, restore=restore,
             clock=clock, incarnation=self.incarnation.get(rank, 0) if rank >= 0 else 0)
+
+    def _moved(self) -> dict[int, int]:
+        """Every partition's owner once a server died (clients route by it; a partition
+        back on its shard-map server, a replacement, is in it too), else nothing."""
+        if not self.dead_servers and not self.server_lives:
+            return {}
+        return dict(self.owner)
+
+    def _replace_server(self, peer: bytes, msg: wire.Register) -> None:
+        """A new process for a dead server's rank: it holds nothing yet and joins the
+        ring as a backup (servers without a backup copy their partitions to it and report
+        :class:`Replicated`). It binds its predecessor's address, so every socket already
+        connected to that rank reaches it."""
+        key = (msg.role, msg.rank)
+        old = self.procs[key].address
+        if self.tables:
+            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                f"coordinator: a replacement server cannot join a job with embedding tables "
+                f"(table shards are not re-replicated); server {msg.rank} stays dead and its "
+                f"backup serves its partitions and rows")))
+            return
+        if msg.address != old:
+            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                f"coordinator: the replacement of server {msg.rank} must bind its "
+                f"predecessor's address {old} (it bound {msg.address})")))
+            return
+        self.dead_servers.discard(msg.rank)
+        self.server_lives[msg.rank] = self.server_lives.get(msg.rank, 0) + 1
+        self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
+                                           pid=msg.pid, address=msg.address)
+        self.procs_sorted = [self.procs[(p.role, p.rank)] for p in self.procs_sorted]
+        self._write_cluster_json()  # the new pid (the address is the old one)
+        self.last_seen[key] = time.monotonic()
+        self.profiler.instant(f"server {msg.rank} replaced", "membership", pid=msg.pid)
+        print(f"coordinator: server {msg.rank} replaced (pid {msg.pid}, replacement "
+              f"{self.server_lives[msg.rank]}): it joins as a backup", flush=True)
+        view = self._view(msg.req)
+        self.endpoint.send(peer, msgspec.structs.replace(
+            view, dead_servers=sorted(self.dead_servers), server_lives=dict(self.server_lives)))
 
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
@@ -416,7 +477,10 @@ class Coordinator:
     def _maybe_manifest(self) -> None:
         """Write the manifest of every clock all live servers have reported, last."""
         from tessera.ps.checkpoint import CheckpointError
-        live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers}
+        # A replacement that owns nothing yet (it holds copies only) writes no file.
+        owners = set(self.owner.values())
+        live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
+                and (r not in self.server_lives or r in owners)}
         try:
             self.rounds.complete(live, self._manifest, self._checkpoint_done)
         except CheckpointError as exc:  # a checkpoint split over several locations
@@ -492,6 +556,7 @@ class Coordinator:
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),
+            "servers_replaced": {str(r): n for r, n in sorted(self.server_lives.items())},
             "checkpoints": self.rounds.completed,
             "resumed_from": self.rounds.resumed_from,
             "config": msgspec.to_builtins(cfg),
@@ -510,7 +575,8 @@ class Coordinator:
         # re-replicated, so a shard survives one death).
         n = self.cfg.cluster.servers
         for shard in range(n):
-            owner = shard if shard not in self.dead_servers else (shard + 1) % n
+            gone = shard in self.dead_servers or shard in self.server_lives
+            owner = (shard + 1) % n if gone else shard
             suffix = f".s{shard}"
             total += sum(int(v) for k, v in servers[owner].items()
                          if k.startswith("table_applied.") and k.endswith(suffix))

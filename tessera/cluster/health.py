@@ -41,6 +41,9 @@ class Heartbeat:
         #: The coordinator's latest word on membership and checkpoints.
         self.departed: dict[int, int] = {}
         self.dead_servers: list[int] = []
+        #: (dead servers, replaced servers -> times, moved partitions -> owner): one
+        #: tuple, replaced at once, so a reader never mixes two heartbeats' word.
+        self.server_view: tuple[list[int], dict[int, int], dict[int, int]] = ([], {}, {})
         #: Workers that have sent their final report.
         self.finished: list[int] = []
         self.checkpoint_requested = False
@@ -73,6 +76,7 @@ class Heartbeat:
                 last_ack = time.monotonic()
                 if isinstance(msg, wire.HeartbeatAck):
                     self.departed = msg.departed
+                    self.server_view = (msg.dead_servers, msg.server_lives, msg.owners)
                     self.dead_servers = msg.dead_servers
                     self.finished = msg.finished
                     self.checkpoint_requested = msg.checkpoint
@@ -90,8 +94,14 @@ class Heartbeat:
         return self._shutdown.is_set()
 
     def membership(self) -> tuple[dict[int, int], list[int]]:
-        """(departed workers -> incarnation, dead servers), as last heard."""
-        return self.departed, self.dead_servers
+        """(departed workers -> incarnation, dead servers), as last heard (the dead servers
+        of :meth:`servers`: a server that came back is never read as dead again)."""
+        return self.departed, self.server_view[0]
+
+    def servers(self) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        """(dead servers, replaced servers -> times, moved partitions -> owner), as last
+        heard, from one heartbeat."""
+        return self.server_view
 
     def check(self) -> None:
         """Raise :class:`ClusterFailure` if the cluster has failed."""

@@ -102,15 +102,30 @@ def serve(session) -> None:
     # Frames are at most a partition (dense), or a batch's rows (tables): refuse
     # anything larger before it is read into memory.
     max_frame = max(partition_elems_for(cfg.ps.partition_mb) * 4 + (1 << 20), 256 << 20)
-    endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
-                              max_frame_bytes=max_frame)
+    # A replacement (the launcher restarted a dead server, --max-restarts): its
+    # predecessor's address, which every peer's socket to this rank reconnects to.
+    old_port = replaced_port(session.run_dir, session.rank, cfg.cluster.host)
+    try:
+        endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
+                                  max_frame_bytes=max_frame, port=old_port)
+    except Exception as exc:  # zmq.ZMQError: the port is taken
+        from tessera.cluster.health import ClusterFailure
+        raise ClusterFailure(f"the replacement of server {session.rank} could not bind its "
+                             f"predecessor's port {old_port}: {exc}") from None
     view = session.register(address=endpoint.address)
     topo = session.topology
     rank, num_servers = topo.rank, topo.num_servers
+    replacement = view.server_lives.get(rank, 0) > 0
+    if replacement:
+        print(f"server {rank}: replacement {view.server_lives[rank]} joined the running job "
+              f"at {endpoint.address}; it holds nothing until a server copies its partitions "
+              f"here (dead servers {view.dead_servers})", flush=True)
     # Replication is a ring (Topology): back up server rank - 1, forward to rank + 1.
-    primary_of_backups = topo.primary_of_backups
+    # A replacement starts with neither: it is given copies, and connects to a backup
+    # once it owns something (Replicator.follow).
+    primary_of_backups = topo.primary_of_backups if not replacement else -1
     backup_peer = None
-    if topo.replicated:
+    if topo.replicated and not replacement:
         from tessera.transport.endpoint import ClientEndpoint
         backup = topo.backup_server
         backup_peer = ClientEndpoint(session.ctx, topo.server_addresses[backup], session.secret,
@@ -139,20 +154,23 @@ def serve(session) -> None:
                       # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
                       # the dense replica's clock, never on a schedule of their own
                       checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every),
-        endpoint=endpoint, partitions=[p for p in view.partitions if p.server == rank],
+        endpoint=endpoint, partitions=[p for p in view.partitions
+                                       if p.server == rank and not replacement],
         optimizer=view.optimizer, tables=view.tables,
         hooks=ServerHooks(check=session.check,
                           should_stop=lambda: session.heartbeat.shutdown_requested,
                           membership=session.heartbeat.membership,
+                          servers=session.heartbeat.servers,
                           on_checkpoint=session.report_checkpoint),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
                           peer=backup_peer, primary=primary_of_backups,
                           partitions=tuple(view.partitions),
                           connect=lambda r: connect_server(session, topo, r),
                           report=session.report_replicated,
-                          answer_early=answer_early(cfg)),
+                          answer_early=answer_early(cfg),
+                          dead=tuple(view.dead_servers), lives=tuple(view.server_lives.items())),
         checkpoint_store=store, profiler=session.profiler)
-    if view.restore is not None:
+    if view.restore is not None and not replacement:  # a replacement is sent copies
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "
               f"{view.restore.clock} from {view.restore.path}", flush=True)
@@ -168,6 +186,25 @@ def serve(session) -> None:
     if backup_peer is not None:
         backup_peer.close()
     endpoint.close()
+
+
+def replaced_port(run_dir: Path, rank: int, host: str) -> int:
+    """The port server ``rank`` had, if this process replaces it (0: a first start).
+
+    ``cluster.json`` exists only once the cluster is up (a run directory is cleared of it
+    before the job starts), so a server that finds itself there at start is a replacement."""
+    try:
+        procs = json.loads((Path(run_dir) / "cluster.json").read_text())["processes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    from tessera.transport.address import is_inproc, port_of
+    for p in procs:
+        if p.get("role") == "server" and p.get("rank") == rank:
+            address = str(p.get("address", ""))
+            if is_inproc(address) or not address.startswith(f"tcp://{host}:"):
+                return 0
+            return port_of(address)
+    return 0
 
 
 def answer_early(cfg) -> bool:

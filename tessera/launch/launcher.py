@@ -10,7 +10,8 @@ Phases:
 4. Watch: the progress bar follows ``metrics.jsonl``. A worker that dies while
    ``--max-restarts`` allows is started again (same rank; it rejoins), and with
    ``--replication 2`` a dead server is left to its backup; either way the
-   coordinator hears it at once (:class:`~tessera.transport.wire.Departed`). Any
+   coordinator hears it at once (:class:`~tessera.transport.wire.Departed`); with
+   ``--max-restarts`` too, a new server process for that rank joins as a backup. Any
    other death fails the job: the launcher names the process, gives the others a
    moment to notice through their heartbeats, then ends them.
 5. On SIGINT/SIGTERM, ask the coordinator for a checkpoint and wait for it to be
@@ -56,6 +57,9 @@ class Launcher:
         self.quiet = quiet
         self.children: list[Child] = []
         self.restarts_left = {r: cfg.cluster.max_restarts for r in range(cfg.cluster.workers)}
+        #: --replication 2: replacements left per server rank (a new process joins as a backup).
+        self.server_restarts_left = {r: cfg.cluster.max_restarts if cfg.ps.replication == 2
+                                     else 0 for r in range(cfg.cluster.servers)}
         #: allreduce/hybrid: re-formings of the whole worker group left, and done.
         self.group_restarts_left = cfg.cluster.max_restarts
         self.generation = 0
@@ -306,9 +310,27 @@ class Launcher:
             self._spawn("worker", c.rank, self.worker_cmd, self._env, append=True)
             return True
         if c.role == "server" and self.cfg.ps.replication == 2:
+            left = self.server_restarts_left.get(c.rank, 0)
+            replace = left > 0 and c.proc.returncode != 3
+            if c.proc.returncode == 3 and left < self.cfg.cluster.max_restarts \
+                    and "joined the running job" not in \
+                    tail(c.log_path, 40).rsplit("restarted by the launcher", 1)[-1]:
+                last = (tail(c.log_path).strip().splitlines() or [""])[-1]
+                print(f"tessera: the replacement of server {c.rank} did not join: {last}",
+                      flush=True)
+                return True  # never a member: nothing to tell the coordinator
             print(f"tessera: server {c.rank} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
-                  f"; its backup takes over", flush=True)
-            self._departed(c)
+                  f"; its backup takes over" + (f"; starting a replacement, which joins as a "
+                                                f"backup ({left - 1} left for it)" if replace
+                                                else ""), flush=True)
+            self._departed(c)  # answered once the coordinator counts it dead
+            if replace:
+                self.server_restarts_left[c.rank] = left - 1
+                if c.log:
+                    c.log.close()
+                self.children.remove(c)
+                self._spawn("server", c.rank, role_cmd(sys.executable, "server"), self._env,
+                            append=True)
             return True
         return False
 

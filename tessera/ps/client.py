@@ -92,7 +92,8 @@ class PSClient:
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
                  check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
                  incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
-                 retain: bool = False):
+                 retain: bool = False,
+                 servers: Optional[Callable[[], tuple[list, dict, dict]]] = None):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -111,6 +112,12 @@ class PSClient:
         self.shard_owner = list(range(shard_map.num_servers))
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
+        #: The coordinator's (dead servers, replaced servers -> times, moved partitions ->
+        #: owner) from one heartbeat (None: dead servers only, routed by the ring).
+        self._servers = servers
+        self._lives: dict[int, int] = {}
+        #: Servers that ever died (a replacement holds no table shard: never routed to).
+        self._ever_failed: set[int] = set()
         #: Replication: the last answered push per partition, (message, frames, buffers).
         #: An async server answers a push once its backup has the updates before it; this
         #: one it may lack, so after a failover it is sent again (applied at most once).
@@ -144,9 +151,17 @@ class PSClient:
     class _Failover(Exception):
         pass
 
+    def _news(self) -> bool:
+        """A server died (or was replaced) since the last :meth:`_follow_failures`."""
+        if self._servers is None:
+            return bool(set(self._dead_servers()) - self._failed_over)
+        dead, lives, _ = self._servers()
+        return bool(set(dead) - self._failed_over) or \
+            any(n > self._lives.get(r, 0) for r, n in lives.items())
+
     def _check(self) -> None:
         self.check()
-        if set(self._dead_servers()) - self._failed_over:
+        if self._news():
             raise PSClient._Failover()
 
     def _next_live(self, server: int) -> int:
@@ -161,22 +176,34 @@ class PSClient:
 
     def _follow_failures(self) -> None:
         """Re-route the partitions of newly dead servers and re-send what is pending."""
-        for server in sorted(set(self._dead_servers()) - self._failed_over):
+        if self._servers is not None:
+            dead, lives, owners = self._servers()
+            fresh = {r: n for r, n in lives.items() if n > self._lives.get(r, 0)}
+        else:
+            dead, fresh, owners = self._dead_servers(), {}, {}
+        # A replaced server died, even if its death came and went between two heartbeats.
+        for server in sorted((set(dead) | set(fresh)) - self._failed_over):
             self._failed_over.add(server)
-        for server in sorted(self._failed_over):
+            self._ever_failed.add(server)
+        replaced = set(fresh)
+        for server, n in fresh.items():  # back in the ring (as a backup: it owns nothing)
+            self._lives[server] = n
+            if server not in dead:
+                self._failed_over.discard(server)
+        for server in sorted(self._failed_over | replaced):
             moved = [pid for pid, s in self.owner.items() if s == server]
             shards = [k for k, s in enumerate(self.shard_owner) if s == server]
             if not moved and not shards:
                 continue
             backup = self._next_live(server)
-            if backup < 0:
-                raise ServerError(f"server {server} died and no server is left: partitions "
-                                  f"{moved} have no copy left")
-            for pid in moved:
-                self.owner[pid] = backup
+            for pid in moved:  # where the coordinator says its copy is (else: the ring)
+                self.owner[pid] = owners.get(pid, backup)
+                if self.owner[pid] < 0 or self.owner[pid] in dead:
+                    raise ServerError(f"server {server} died and no server is left: partition "
+                                      f"{pid} has no copy left")
             for k in shards:  # table shards: only server k + 1 has a copy (never re-copied)
                 nxt = (k + 1) % len(self.servers)
-                self.shard_owner[k] = nxt if server == k and nxt not in self._failed_over \
+                self.shard_owner[k] = nxt if server == k and nxt not in self._ever_failed \
                     and len(self.servers) > 1 else -1
             again = []
             for pid in moved:  # answered, maybe not yet on the backup: first, in order
@@ -184,14 +211,16 @@ class PSClient:
                     msg, frames, keep = self._retained.pop(pid)
                     again.append(Handle(self, server, msg.req, f"re-sent answered push of "
                                         f"partition {pid}", keep=keep, request=(msg, frames)))
-                    self._resend(again[-1], backup)
+                    self._resend(again[-1], self.owner[pid])
             for handle in again:  # not counted again: "push" does not start its name
                 handle.wait()  # before the next clock's pushes (sync takes them in turn)
             for (srv, req), handle in list(self._outstanding.items()):
                 if srv == server and handle._request is not None:
                     msg = handle._request[0]
                     rows = isinstance(msg, (wire.PullRows, wire.PushRows))
-                    self._resend(handle, self._shard_target(msg.shard) if rows else backup)
+                    pids = getattr(msg, "partitions", None)
+                    self._resend(handle, self._shard_target(msg.shard) if rows else
+                                 self.owner[pids[0]] if pids else backup)
 
     def _shard_target(self, shard: int) -> int:
         """The server serving the table rows hashed to ``shard`` now."""
@@ -216,7 +245,7 @@ class PSClient:
 
     def _route(self) -> None:
         """Before sending: re-route first if the coordinator declared a server dead."""
-        if set(self._dead_servers()) - self._failed_over:
+        if self._news():
             self._follow_failures()
 
     def _track(self, handle: Handle) -> Handle:

@@ -56,5 +56,8 @@ class ServerHooks:
     should_stop: Callable[[], bool] = lambda: False
     #: The coordinator's latest word: ({worker: incarnation} departed, [dead servers]).
     membership: Callable[[], tuple[dict, list]] = lambda: ({}, [])
+    #: (dead servers, replaced servers -> times, moved partitions -> owner), from one
+    #: heartbeat: a replaced server joins again as a backup (Replicator.follow_lives).
+    servers: Callable[[], tuple[list, dict, dict]] = lambda: ([], {}, {})
     #: A checkpoint file was written: (clock, file, bytes).
     on_checkpoint: Callable[[int, str, int], None] = lambda *a: None

@@ -30,6 +30,9 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    counters) to the new backup (``kind="copy"``), then forwards updates there as
    before, and tells the coordinator (``report``), which from then on counts that copy
    as the partitions' second one: a later death of the primary is survived too.
+7. A replacement server (``--max-restarts``) joins empty, as a backup: a server without
+   a backup whose next live server it is sends it the same full copy
+   (:meth:`Replicator.follow_lives`). A server with a live backup keeps it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ class Replicas:
     #: Answer a push once the updates before its own are on the backup (the clients
     #: keep their last answered push: PSClient ``retain``); False: once its own is.
     answer_early: bool = False
+    #: At start: the servers dead now, and those replaced ((rank, times) pairs): a
+    #: replacement server starts from the coordinator's word, not from none.
+    dead: tuple[int, ...] = ()
+    lives: tuple[tuple[int, int], ...] = ()
 
 
 class Replicator:
@@ -91,7 +98,13 @@ class Replicator:
         self.answer_early = replicas.answer_early
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
         self.deferred: list = []
-        self._dead_servers: set[int] = set()
+        self._dead_servers: set[int] = set(replicas.dead)
+        #: Servers replaced (rank -> times) as far as this server has followed.
+        self._lives: dict[int, int] = dict(replicas.lives)
+        self.servers = hooks.servers
+        #: Table rows go to the backup only while it is the first one (rank + 1, never
+        #: replaced): table shards are not re-replicated.
+        self._rows_to_peer = replicas.peer is not None
         #: The backup's rank (-1: none), and the partitions it holds a copy of.
         self.peer_rank = (self.rank + 1) % max(1, self.num_servers) if self.peer else -1
         self.replicated: set[int] = set(parts) if self.peer else set()
@@ -165,7 +178,7 @@ class Replicator:
         of the shard: table shards are not re-replicated, so once it died (and another
         server backs up the dense partitions) the shard has one copy."""
         peer = self.peer
-        if peer is None or st.owner != self.rank or \
+        if peer is None or st.owner != self.rank or not self._rows_to_peer or \
                 self.peer_rank != (self.rank + 1) % max(1, self.num_servers):
             return
         keep_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).copy())
@@ -292,6 +305,7 @@ class Replicator:
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
         self._copy = None
+        self._rows_to_peer = False
         # Not closed here: its owner closes it (the process's context, at the end).
         self.peer, self.peer_rank = None, -1
         self.replicated = set()
@@ -311,6 +325,9 @@ class Replicator:
     def on_replicate(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         if msg.kind == "copy":
             self._on_copy(peer, msg, frames)
+            return
+        if msg.kind == "join":
+            self._on_join(peer, msg, frames)
             return
         if len(msg.partitions) != 1 or len(frames) != 1:
             raise RequestError("a Replicate request carries one partition and one frame")
@@ -389,9 +406,34 @@ class Replicator:
                     raise RequestError(f"copy of partition {pid}: bad optimizer state: {exc}")
         st.clock, st.applied_pushes = msg.clock, msg.pushes
         st.last_seq = dict(msg.last_seq)
+        members = self.policy.members
+        for worker, incarnation in msg.members.items():
+            if 0 <= worker < members.num_workers and incarnation > \
+                    members.incarnations.get(worker, 0):
+                members.join(worker, incarnation)
         self.backups[pid] = st
         self.source[pid] = msg.source
         self.stats["copies_received"] = self.stats.get("copies_received", 0) + 1
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
+
+    def forward_join(self, worker: int, incarnation: int, clock: int) -> None:
+        """A worker joined again here: the backup's membership follows (a replacement
+        server sees no Join of its own, and would wait for a departed incarnation's
+        clocks, or not for the new one's, once promoted)."""
+        if self.peer is None or not self.replicated:
+            return
+        self._send(wire.Replicate(req=self.peer.new_req(), kind="join", partitions=[],
+                                  clock=clock, worker=worker, seq=incarnation), [])
+
+    def _on_join(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        members = self.policy.members
+        if frames or msg.partitions or not 0 <= msg.worker < members.num_workers \
+                or msg.seq < 0:
+            raise RequestError("a join Replicate names a worker of this job and an "
+                               "incarnation, without partitions or frames")
+        members.join(msg.worker, msg.seq)
+        if msg.clock > 0:
+            members.joined_at[msg.worker] = max(members.joined_at.get(msg.worker, 0), msg.clock)
         self.endpoint.send(peer, wire.Ack(req=msg.req))
 
     def promote(self, why: str, pids=None) -> None:
@@ -451,9 +493,11 @@ class Replicator:
             mine = [pid for pid, src in self.source.items() if src == server]
             self.promote(f"server {server} was declared dead", mine)
         self.primary = self._live_after(self.rank, -1)
-        backup = self._live_after(self.rank, +1)
         if self.peer_rank in new:
             self._drop_backup("it was declared dead")
+        # A live backup is kept (after a replacement joined it may not be the next live
+        # server: moving would leave a copy behind that no longer follows).
+        backup = self.peer_rank if self.peer is not None else self._live_after(self.rank, +1)
         if backup < 0 or backup == self.rank:
             return True  # the last server: one copy
         if backup != self.peer_rank:
@@ -466,6 +510,42 @@ class Replicator:
             self.peer_rank = backup
         self._recopy()
         return True
+
+    def follow_lives(self) -> None:
+        """Apply the coordinator's word on replaced servers: a rank whose count went up
+        died (followed now if its death came and went between two heartbeats) and has a
+        new, empty process, which joined the ring again. A server without a backup whose
+        next live server it is streams it a full copy of its partitions (:meth:`_recopy`:
+        the same ``copy`` transfer as re-replication) and reports it once acknowledged."""
+        dead, lives, _ = self.servers()
+        fresh = {int(r): int(n) for r, n in lives.items() if int(n) > self._lives.get(int(r), 0)}
+        if not fresh:
+            return
+        missed = set(fresh) - self._dead_servers
+        if missed:  # died and came back between two heartbeats: its death first
+            self.follow(self._dead_servers | missed | set(dead))
+        for r, n in sorted(fresh.items()):
+            self._lives[r] = n
+            if r not in dead:
+                self._dead_servers.discard(r)
+                print(f"server {self.rank}: server {r} was replaced (replacement {n}); it "
+                      f"is in the ring again", flush=True)
+        if self.peer is not None or not self.parts or self.connect is None:
+            return  # a live backup is kept; nothing to copy
+        backup = self._live_after(self.rank, +1)
+        if backup < 0 or backup == self.rank or backup not in fresh:
+            return
+        self.peer = self.connect(backup)
+        if self.peer is None:
+            return  # it died meanwhile: the coordinator says so next
+        self.peer_rank = backup
+        print(f"server {self.rank}: copying partitions {sorted(self.parts)} to server "
+              f"{backup}, its new backup", flush=True)
+        self._recopy()
+
+    def _live_members(self) -> dict[int, int]:
+        members = self.policy.members
+        return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
 
     def _recopy(self) -> None:
         """Stream a full copy of every partition the backup does not have yet."""
@@ -489,7 +569,7 @@ class Replicator:
                                  names=names, dtypes=[str(t.dtype).split(".")[-1] +
                                                       ("[]" if t.dim() == 0 else "")
                                                       for t in tensors],
-                                 last_seq=seqs)
+                                 last_seq=seqs, members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
         if self._unacked:

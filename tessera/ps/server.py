@@ -376,6 +376,7 @@ class ParameterServer:
             if self.tables is not None:
                 self.tables.follow_membership()
         self.replication.follow(dead_servers)
+        self.replication.follow_lives()
         if self.tables is not None:
             self.tables.follow_servers(dead_servers)
 
@@ -389,6 +390,8 @@ class ParameterServer:
         tables = self.tables.units() if self.tables is not None else []
         wait = self.policy.join([*states, *tables], msg.worker, msg.clock)
         self.members.join(msg.worker, msg.incarnation)
+        self.replication.forward_join(msg.worker, msg.incarnation,
+                                      self.members.joined_at.get(msg.worker, 0))
         self.stats["joins"] += 1
         if wait is None:
             self._send_params(peer, msg.req, states, msg.dtype)

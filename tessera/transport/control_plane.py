@@ -170,6 +170,9 @@ class ClusterView(msgspec.Struct, **MESSAGE):
     #: How many times this rank has (re)joined: 0 for the first start. Push sequence
     #: numbers of incarnation i start above those of every earlier one.
     incarnation: int = 0
+    #: A replacement server: the servers dead now, and the replaced ones (as HeartbeatAck).
+    dead_servers: list[int] = []
+    server_lives: dict[int, int] = {}
 
 
 class Heartbeat(msgspec.Struct, **MESSAGE):
@@ -199,6 +202,11 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     #: (role ``launcher``) the state ``regroup`` says: stop your processes and start them
     #: again once a coordinator of a higher generation answers.
     generation: int = 0
+    #: Servers replaced by the launcher (rank -> how many times): a rank whose count went
+    #: up died and has a new process, which joined as a backup (``--max-restarts``).
+    server_lives: dict[int, int] = {}
+    #: Once a server died: where every partition is now (partition -> owner).
+    owners: dict[int, int] = {}
 
 
 class Departed(msgspec.Struct, **MESSAGE):

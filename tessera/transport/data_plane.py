@@ -116,6 +116,11 @@ class Replicate(msgspec.Struct, **MESSAGE):
     #: ``kind`` ``rows``: the table whose shard (of server ``partitions[0]``) this
     #: updates; frames are the ids (int64) and the fp32 gradient rows applied.
     table: str = ""
+    #: ``kind`` ``copy``: the primary's live workers (worker -> incarnation), so that a
+    #: replacement server, which sees no Join, knows restarted workers; ``kind`` ``join``
+    #: (no partitions, no frames): worker ``worker`` joined again as incarnation ``seq``
+    #: at clock ``clock``.
+    members: dict[int, int] = {}
 
 
 class Overflow(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
