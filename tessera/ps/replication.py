@@ -101,6 +101,9 @@ class Replicator:
         self._unacked: deque = deque()
         #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
         self._held: deque = deque()
+        #: Each worker's last update forwarded (its request; answer_early, async: a
+        #: push's answer waits only for its worker's updates before it, :meth:`mark`).
+        self._last_of: dict[int, int] = {}
         #: Re-replication in flight: the copies' last request, and what to report.
         self._copy: Optional[tuple[int, int, list]] = None
         self._sockets = None
@@ -152,9 +155,12 @@ class Replicator:
         if peer is None or st.info.id not in self.replicated:
             return
         keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
-        self._send(wire.Replicate(req=peer.new_req(), kind=kind, partitions=[st.info.id],
+        req = peer.new_req()
+        self._send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id],
                                   clock=st.clock, pushes=pushes, worker=worker, seq=seq,
                                   hparams=hparams), [keep])
+        if worker >= 0:
+            self._last_of[worker] = req
 
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
@@ -194,32 +200,50 @@ class Replicator:
         else:
             self.endpoint.send(peer, msg, frames)
 
-    def mark(self) -> Optional[int]:
-        """The last request forwarded so far (-1: none is unacknowledged; None: answers
-        wait for every update, ``answer_early`` is off).
+    def mark(self, worker: Optional[int] = None) -> Optional[int]:
+        """The last request forwarded so far (``worker``: the last one of that worker's
+        updates; -1: none is unacknowledged; None: answers wait for every update,
+        ``answer_early`` is off).
 
         Pushes are answered once the backup acked the updates forwarded *before* theirs
-        (:meth:`reply` ``after=mark()``; sync: the clock before), not their own: the client keeps its last
+        (:meth:`reply` ``after=mark()``; sync: the clock before; async: only those of
+        the same worker, ``mark(worker)``), not their own: the client keeps its last
         answered push per partition and sends it again to the new owner after a
         failover (:class:`~tessera.ps.client.PSClient`, ``retain``), so the one update
         the backup may lack is never lost, and the round trip to the backup leaves the
-        push's critical path."""
+        push's critical path.
+
+        Why a worker's own updates are enough (async): the backup takes the forwarded
+        updates in order, so after a failover it lacks a suffix of them. An answered
+        push of worker w had w's earlier updates acked, so of w's updates at most one
+        answered one is in that suffix: w's last answered push, which w keeps and sends
+        again. Waiting for every worker's updates (``mark()``) would put another worker's
+        round trip to the backup on this push's critical path."""
         if not self.answer_early:
             return None
-        return self._unacked[-1][0] if self._unacked else -1
+        if not self._unacked:
+            return -1
+        if worker is None:
+            return self._unacked[-1][0]
+        last = self._last_of.get(worker, -1)
+        return last if last >= self._unacked[0][0] else -1
 
     def pending(self) -> bool:
         return bool(self._unacked)
 
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
-        from tessera.transport.endpoint import PeerTimeout, TransportError
+        from tessera.transport.endpoint import TransportError
         peer = self.peer
         while self._unacked and peer is not None:
             req, sent, _ = self._unacked[0]
             try:
-                msg, _ = peer.wait(req, 1e-4, "replication")
-            except PeerTimeout:
+                got = peer.take(req)  # never waits: the serve loop polls the backup's socket
+            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
+                self._fail(f"backup {peer.peer_name} answered replication with a malformed "
+                           f"reply: {exc}")
+                return
+            if got is None:  # not yet
                 if time.monotonic() - sent > self.timeout_s:
                     if self._backup_dead():
                         self._drop_backup("it was declared dead")
@@ -227,10 +251,7 @@ class Replicator:
                         self._fail(f"backup {peer.peer_name} did not acknowledge replication "
                                    f"within {self.timeout_s:g} s")
                 return
-            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
-                self._fail(f"backup {peer.peer_name} answered replication with a malformed "
-                           f"reply: {exc}")
-                return
+            msg = got[0]
             if isinstance(msg, wire.Error):
                 self._fail(f"backup {peer.peer_name} refused replication: {msg.message}")
                 return
@@ -268,6 +289,7 @@ class Replicator:
             self.endpoint.send(to, wire.Error(req=getattr(reply, "req", 0),
                                               message=f"server {self.rank}: {why}"))
         self._unacked.clear()
+        self._last_of.clear()
         self.stats["errors"] += 1
 
     def sockets(self) -> list:
@@ -291,6 +313,7 @@ class Replicator:
               flush=True)
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
+        self._last_of.clear()
         self._copy = None
         # Not closed here: its owner closes it (the process's context, at the end).
         self.peer, self.peer_rank = None, -1
@@ -334,6 +357,12 @@ class Replicator:
             return
         fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
             else msg.clock >= st.clock
+        # Acknowledged on receipt, before it is applied: the update is in this process's
+        # memory, validated, and applied next, before any other request (one thread), so
+        # the ack means what it meant after the apply: a second copy that only this
+        # process's death can lose, which would lose the applied values too. The primary
+        # releases the answers it holds one optimizer step sooner.
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
         if fresh:
             if msg.hparams is not None:
                 st.rule.set_hparams(msg.hparams)
@@ -345,7 +374,6 @@ class Replicator:
             st.applied_pushes += msg.pushes
             if msg.seq >= 0:
                 st.last_seq[msg.worker] = msg.seq
-        self.endpoint.send(peer, wire.Ack(req=msg.req))  # applied: acknowledged
 
     def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A primary's full copy of one partition: this server is its backup now."""

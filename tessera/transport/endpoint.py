@@ -585,6 +585,18 @@ class ClientEndpoint:
         self._sent_on.pop(req, None)
         return self._pending.pop(req)
 
+    def take(self, req: int) -> Optional[tuple[Message, list]]:
+        """The reply to request ``req`` if it has arrived, else None, without waiting
+        (the caller polls :attr:`sock`; :meth:`wait` with a short timeout spins until it
+        runs out). A malformed reply raises :class:`TransportError`, as in :meth:`wait`."""
+        if req not in self._pending:
+            while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._take_one()
+            if req not in self._pending:
+                return None
+        self._sent_on.pop(req, None)
+        return self._pending.pop(req)
+
     def request(self, msg: Message, frames: Sequence = (), *, timeout_s: float, what: str = "",
                 check: Callable[[], None] = lambda: None) -> tuple[Message, list]:
         self.send(msg, frames)
