@@ -231,6 +231,11 @@ class Replicator:
     def pending(self) -> bool:
         return bool(self._unacked)
 
+    def waiting(self) -> bool:
+        """Whether something waits for the backup's next Acks: answers held for them, or
+        a re-replication copy to report."""
+        return bool(self._held) or self._copy is not None
+
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
         from tessera.transport.endpoint import TransportError
@@ -293,10 +298,12 @@ class Replicator:
         self.stats["errors"] += 1
 
     def sockets(self) -> list:
-        """What the serve loop polls: the server's socket, and the backup's while Acks
-        are due."""
+        """What the serve loop polls: the server's socket, and the backup's while
+        something waits for its Acks (:meth:`waiting`). Other Acks wait in the socket's
+        queue for the loop's next turn (:meth:`take_acks`): waking the loop for each
+        costs a turn of it per update, and nothing is released by them."""
         return [self.endpoint.sock] + ([self.peer.sock] if self.peer is not None
-                                       and self._unacked else [])
+                                       and self._unacked and self.waiting() else [])
 
     def _replicated_ids(self) -> set[int]:
         return set(self.parts)
@@ -357,12 +364,6 @@ class Replicator:
             return
         fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
             else msg.clock >= st.clock
-        # Acknowledged on receipt, before it is applied: the update is in this process's
-        # memory, validated, and applied next, before any other request (one thread), so
-        # the ack means what it meant after the apply: a second copy that only this
-        # process's death can lose, which would lose the applied values too. The primary
-        # releases the answers it holds one optimizer step sooner.
-        self.endpoint.send(peer, wire.Ack(req=msg.req))
         if fresh:
             if msg.hparams is not None:
                 st.rule.set_hparams(msg.hparams)
@@ -374,6 +375,9 @@ class Replicator:
             st.applied_pushes += msg.pushes
             if msg.seq >= 0:
                 st.last_seq[msg.worker] = msg.seq
+        # Applied, then acknowledged (docs/architecture.md: acking on receipt would be as
+        # safe, and gains nothing while the Ack is off the answers' critical path).
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
 
     def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A primary's full copy of one partition: this server is its backup now."""

@@ -112,7 +112,7 @@ class ParameterServer:
                 continue
             for _ in range(256):  # drain what is queued before checking health again
                 self.handle(self.endpoint.recv())
-                if replication.pending():
+                if replication.waiting():  # answers held for Acks: release them promptly
                     replication.take_acks()
                 if not self.endpoint.poll(0):
                     break
