@@ -12,8 +12,10 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    meanwhile, so the round trip to the backup overlaps the primary's own work and
    further requests instead of blocking them, and acknowledged still means on both.
    With ``answer_early`` a push waits only for the updates before its own (sync: the
-   previous clock's; :meth:`Replicator.mark`): its worker keeps it and sends it again
-   after a failover, so the round trip to the backup leaves the step's critical path.
+   previous clock's; async: its own worker's; :meth:`Replicator.mark`): its worker keeps
+   it and sends it again after a failover, so the round trip to the backup leaves the
+   step's critical path. The loop wakes for the backup's Acks only while an answer waits
+   for them; the others are taken at its next turn (:meth:`Replicator.take_acks`).
 2. The backup applies the same gradient with the same optimizer, so the copies stay
    bit-identical; a push sequence number (or the clock) keeps a re-sent update from
    being applied twice.
