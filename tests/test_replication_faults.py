@@ -218,3 +218,90 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
         client.close()
         for ep in peers + eps:
             ep.close()
+
+
+def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
+    """answer_early, async: worker 0's push is answered while worker 1's earlier update
+    is not yet on the backup (waiting for it would put that round trip on worker 0's
+    path). After the primary dies with both updates missing on the backup, each worker
+    sends its own answered push again: every acknowledged push is applied once."""
+    import threading
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_faults_inproc import Membership
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 2, 10_000)
+    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
+    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
+                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
+    membership, stops = Membership(), [threading.Event() for _ in range(2)]
+    servers = [ParameterServer(
+        ServerOptions(rank=r, num_workers=2, num_servers=2, mode="async", timeout_s=3.0),
+        endpoint=eps[r], partitions=shard_map.on_server(r),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
+        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
+                          primary=1 - r, answer_early=True)) for r in range(2)]
+    backup = servers[1].replication
+    stalling, stalled = threading.Event(), []
+    on_replicate = backup.on_replicate
+
+    def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
+        if msg.kind == "grad" and (stalled or (stalling.is_set() and msg.worker == 1)):
+            stalled.append(msg)
+            return
+        on_replicate(peer, msg, frames)
+    backup.on_replicate = stall
+    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
+    for t in threads:
+        t.start()
+    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
+                        secret=SECRET, worker=w, timeout_s=TIMEOUT_S, retain=True,
+                        dead_servers=lambda: membership.dead) for w in range(2)]
+    try:
+        for c in clients:
+            c.connect()
+        clients[0].init_params(flat_of(model))
+        (part,) = shard_map.on_server(0)
+        grad = torch.ones(part.stop - part.start)
+        for c in clients:
+            c.push(part.id, grad, 0).wait()
+        deadline = time.monotonic() + 20
+        while servers[0].replication.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not servers[0].replication.pending(), "the backup never acked clock 0"
+        stalling.set()
+        clients[1].push(part.id, grad, 1).wait()  # its update stalls on the backup
+        started = time.monotonic()
+        clients[0].push(part.id, grad, 1).wait(timeout_s=2.0)  # not held for worker 1's
+        assert time.monotonic() - started < 2.0
+        assert [m.worker for m in stalled] == [1, 0]
+        stops[0].set()  # server 0 goes with both updates missing on the backup
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        for c in clients:
+            for h in c.pull([part.id], clock=0):
+                h.wait()
+        survivor = servers[1].parts[part.id]
+        acked = sum(c.pushes_acked for c in clients)
+        assert survivor.applied_pushes == acked == 4
+        torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
+                                   rtol=0, atol=0)
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5)
+        for c in clients:
+            c.close()
+        for ep in peers + eps:
+            ep.close()

@@ -211,6 +211,14 @@ class TorchOptimRule:
         # foreach=False: one small tensor per group; the plain loop matches the
         # single-process arithmetic exactly.
         self.optimizer = cls(param_groups, foreach=False) if param_groups else None
+        # The class's step without torch.optim's profiling wrapper (profile_hook_step:
+        # a record_function and the step hooks, none of which a server registers). That
+        # wrapper cost more than SGD's arithmetic on a partition of a few thousand
+        # elements, and a replicated server steps twice per update (its own copy and
+        # the one it backs up): benchmarks/replication_cost.py.
+        step = type(self.optimizer).step if self.optimizer is not None else None
+        self._step = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) \
+            else None
         self.num_groups = sum(not g.average for g in spec.groups)
         self._initial = [dict(g.hparams) for g in spec.groups if not g.average]
         self.steps = 0
@@ -220,7 +228,10 @@ class TorchOptimRule:
         if self.optimizer is not None:
             for lo, hi, _, param in self._segments:
                 param.grad = grad[lo:hi]
-            self.optimizer.step()
+            if self._step is not None:
+                self._step(self.optimizer)
+            else:
+                self.optimizer.step()
             for *_, param in self._segments:
                 param.grad = None
         for lo, hi in self._averaged:

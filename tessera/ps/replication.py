@@ -12,8 +12,10 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    meanwhile, so the round trip to the backup overlaps the primary's own work and
    further requests instead of blocking them, and acknowledged still means on both.
    With ``answer_early`` a push waits only for the updates before its own (sync: the
-   previous clock's; :meth:`Replicator.mark`): its worker keeps it and sends it again
-   after a failover, so the round trip to the backup leaves the step's critical path.
+   previous clock's; async: its own worker's; :meth:`Replicator.mark`): its worker keeps
+   it and sends it again after a failover, so the round trip to the backup leaves the
+   step's critical path. The loop wakes for the backup's Acks only while an answer waits
+   for them; the others are taken at its next turn (:meth:`Replicator.take_acks`).
 2. The backup applies the same gradient with the same optimizer, so the copies stay
    bit-identical; a push sequence number (or the clock) keeps a re-sent update from
    being applied twice.
@@ -114,6 +116,9 @@ class Replicator:
         self._unacked: deque = deque()
         #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
         self._held: deque = deque()
+        #: Each worker's last update forwarded (its request; answer_early, async: a
+        #: push's answer waits only for its worker's updates before it, :meth:`mark`).
+        self._last_of: dict[int, int] = {}
         #: Re-replication in flight: the copies' last request, and what to report.
         self._copy: Optional[tuple[int, int, list]] = None
         self._sockets = None
@@ -165,9 +170,12 @@ class Replicator:
         if peer is None or st.info.id not in self.replicated:
             return
         keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
-        self._send(wire.Replicate(req=peer.new_req(), kind=kind, partitions=[st.info.id],
+        req = peer.new_req()
+        self._send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id],
                                   clock=st.clock, pushes=pushes, worker=worker, seq=seq,
                                   hparams=hparams), [keep])
+        if worker >= 0:
+            self._last_of[worker] = req
 
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
@@ -207,32 +215,55 @@ class Replicator:
         else:
             self.endpoint.send(peer, msg, frames)
 
-    def mark(self) -> Optional[int]:
-        """The last request forwarded so far (-1: none is unacknowledged; None: answers
-        wait for every update, ``answer_early`` is off).
+    def mark(self, worker: Optional[int] = None) -> Optional[int]:
+        """The last request forwarded so far (``worker``: the last one of that worker's
+        updates; -1: none is unacknowledged; None: answers wait for every update,
+        ``answer_early`` is off).
 
         Pushes are answered once the backup acked the updates forwarded *before* theirs
-        (:meth:`reply` ``after=mark()``; sync: the clock before), not their own: the client keeps its last
+        (:meth:`reply` ``after=mark()``; sync: the clock before; async: only those of
+        the same worker, ``mark(worker)``), not their own: the client keeps its last
         answered push per partition and sends it again to the new owner after a
         failover (:class:`~tessera.ps.client.PSClient`, ``retain``), so the one update
         the backup may lack is never lost, and the round trip to the backup leaves the
-        push's critical path."""
+        push's critical path.
+
+        Why a worker's own updates are enough (async): the backup takes the forwarded
+        updates in order, so after a failover it lacks a suffix of them. An answered
+        push of worker w had w's earlier updates acked, so of w's updates at most one
+        answered one is in that suffix: w's last answered push, which w keeps and sends
+        again. Waiting for every worker's updates (``mark()``) would put another worker's
+        round trip to the backup on this push's critical path."""
         if not self.answer_early:
             return None
-        return self._unacked[-1][0] if self._unacked else -1
+        if not self._unacked:
+            return -1
+        if worker is None:
+            return self._unacked[-1][0]
+        last = self._last_of.get(worker, -1)
+        return last if last >= self._unacked[0][0] else -1
 
     def pending(self) -> bool:
         return bool(self._unacked)
 
+    def waiting(self) -> bool:
+        """Whether something waits for the backup's next Acks: answers held for them, or
+        a re-replication copy to report."""
+        return bool(self._held) or self._copy is not None
+
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
-        from tessera.transport.endpoint import PeerTimeout, TransportError
+        from tessera.transport.endpoint import TransportError
         peer = self.peer
         while self._unacked and peer is not None:
             req, sent, _ = self._unacked[0]
             try:
-                msg, _ = peer.wait(req, 1e-4, "replication")
-            except PeerTimeout:
+                got = peer.take(req)  # never waits: the serve loop polls the backup's socket
+            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
+                self._fail(f"backup {peer.peer_name} answered replication with a malformed "
+                           f"reply: {exc}")
+                return
+            if got is None:  # not yet
                 if time.monotonic() - sent > self.timeout_s:
                     if self._backup_dead():
                         self._drop_backup("it was declared dead")
@@ -240,10 +271,7 @@ class Replicator:
                         self._fail(f"backup {peer.peer_name} did not acknowledge replication "
                                    f"within {self.timeout_s:g} s")
                 return
-            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
-                self._fail(f"backup {peer.peer_name} answered replication with a malformed "
-                           f"reply: {exc}")
-                return
+            msg = got[0]
             if isinstance(msg, wire.Error):
                 self._fail(f"backup {peer.peer_name} refused replication: {msg.message}")
                 return
@@ -281,13 +309,16 @@ class Replicator:
             self.endpoint.send(to, wire.Error(req=getattr(reply, "req", 0),
                                               message=f"server {self.rank}: {why}"))
         self._unacked.clear()
+        self._last_of.clear()
         self.stats["errors"] += 1
 
     def sockets(self) -> list:
-        """What the serve loop polls: the server's socket, and the backup's while Acks
-        are due."""
+        """What the serve loop polls: the server's socket, and the backup's while
+        something waits for its Acks (:meth:`waiting`). Other Acks wait in the socket's
+        queue for the loop's next turn (:meth:`take_acks`): waking the loop for each
+        costs a turn of it per update, and nothing is released by them."""
         return [self.endpoint.sock] + ([self.peer.sock] if self.peer is not None
-                                       and self._unacked else [])
+                                       and self._unacked and self.waiting() else [])
 
     def _replicated_ids(self) -> set[int]:
         return set(self.parts)
@@ -304,6 +335,7 @@ class Replicator:
               flush=True)
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
+        self._last_of.clear()
         self._copy = None
         self._rows_to_peer = False
         # Not closed here: its owner closes it (the process's context, at the end).
@@ -362,7 +394,9 @@ class Replicator:
             st.applied_pushes += msg.pushes
             if msg.seq >= 0:
                 st.last_seq[msg.worker] = msg.seq
-        self.endpoint.send(peer, wire.Ack(req=msg.req))  # applied: acknowledged
+        # Applied, then acknowledged (docs/architecture.md: acking on receipt would be as
+        # safe, and gains nothing while the Ack is off the answers' critical path).
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
 
     def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A primary's full copy of one partition: this server is its backup now."""

@@ -112,7 +112,7 @@ class ParameterServer:
                 continue
             for _ in range(256):  # drain what is queued before checking health again
                 self.handle(self.endpoint.recv())
-                if replication.pending():
+                if replication.waiting():  # answers held for Acks: release them promptly
                     replication.take_acks()
                 if not self.endpoint.poll(0):
                     break
@@ -280,7 +280,8 @@ class ParameterServer:
                    frames: list) -> None:
         """Async/ssp: apply each push as it comes, scaled by 1/workers."""
         policy = self.policy
-        mark = self.replication.mark()  # async: the answer waits for the updates before
+        # async: the answer waits for this worker's updates before this one (mark)
+        mark = self.replication.mark(msg.worker)
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
