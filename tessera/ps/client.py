@@ -201,8 +201,13 @@ class PSClient:
                 if self.owner[pid] < 0 or self.owner[pid] in dead:
                     raise ServerError(f"server {server} died and no server is left: partition "
                                       f"{pid} has no copy left")
-            for k in shards:  # table shards: only server k + 1 has a copy (never re-copied)
-                nxt = (k + 1) % len(self.servers)
+            for k in shards:  # table shards: where the coordinator says (re-replicated)
+                if -k - 1 in owners:  # keyed -(k + 1): tessera.ps.replication.shard_key
+                    target = owners[-k - 1]
+                    self.shard_owner[k] = target if target >= 0 and target not in dead \
+                        else -1
+                    continue
+                nxt = (k + 1) % len(self.servers)  # else: the ring's first copy, k + 1
                 self.shard_owner[k] = nxt if server == k and nxt not in self._ever_failed \
                     and len(self.servers) > 1 else -1
             again = []
@@ -226,9 +231,8 @@ class PSClient:
         """The server serving the table rows hashed to ``shard`` now."""
         target = self.shard_owner[shard]
         if target < 0:
-            raise ServerError(f"the table rows of server {shard} have no copy left: that "
-                              f"server and its backup (server {(shard + 1) % len(self.servers)}"
-                              f") died, and table shards are not re-replicated")
+            raise ServerError(f"the table rows of server {shard} have no copy left: the "
+                              f"servers holding them died before they were copied again")
         return target
 
     def _resend(self, handle: "Handle", server: int) -> None:

@@ -102,9 +102,11 @@ class Replicator:
         #: Servers replaced (rank -> times) as far as this server has followed.
         self._lives: dict[int, int] = dict(replicas.lives)
         self.servers = hooks.servers
-        #: Table rows go to the backup only while it is the first one (rank + 1, never
-        #: replaced): table shards are not re-replicated.
-        self._rows_to_peer = replicas.peer is not None
+        #: The server's TableService (set by the server when it has tables).
+        self.tables = None
+        #: The table shards (by the server their rows hash to) the backup has a copy of:
+        #: their row updates go there (:meth:`send_rows`). At first the server's own.
+        self.rows_replicated: set[int] = {self.rank} if replicas.peer is not None else set()
         #: The backup's rank (-1: none), and the partitions it holds a copy of.
         self.peer_rank = (self.rank + 1) % max(1, self.num_servers) if self.peer else -1
         self.replicated: set[int] = set(parts) if self.peer else set()
@@ -172,18 +174,16 @@ class Replicator:
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
         """Tables: forward to the backup the row update this server applies next to its
-        own shard of ``st``'s table (``st.owner``), without waiting, as :meth:`forward`
-        does for dense partitions: answers sent from here on (:meth:`reply`) wait for
-        its Ack (:meth:`take_acks`). Only the first backup (``rank + 1``) holds a copy
-        of the shard: table shards are not re-replicated, so once it died (and another
-        server backs up the dense partitions) the shard has one copy."""
+        shard of ``st``'s table (``st.owner``: its own or one it took over), without
+        waiting, as :meth:`forward` does for dense partitions: answers sent from here on
+        (:meth:`reply`) wait for its Ack (:meth:`take_acks`). Only to a backup that has
+        a copy of that shard (the first backup, or one :meth:`_recopy` sent it to)."""
         peer = self.peer
-        if peer is None or st.owner != self.rank or not self._rows_to_peer or \
-                self.peer_rank != (self.rank + 1) % max(1, self.num_servers):
+        if peer is None or st.owner not in self.rows_replicated:
             return
         keep_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).copy())
         keep = grads.detach().to(torch.float32).contiguous().clone()
-        self._send(wire.Replicate(req=peer.new_req(), kind="rows", partitions=[self.rank],
+        self._send(wire.Replicate(req=peer.new_req(), kind="rows", partitions=[st.owner],
                                   clock=st.clock, pushes=pushes, worker=worker, seq=seq,
                                   table=st.spec.name), [keep_ids, keep])
 
@@ -264,7 +264,7 @@ class Replicator:
             if self._copy is not None and self._copy[0] == req:
                 _, backup, pids = self._copy
                 self._copy = None
-                print(f"server {self.rank}: partitions {sorted(pids)} copied to server "
+                print(f"server {self.rank}: {copied(pids)} copied to server "
                       f"{backup}, the new backup: two copies again", flush=True)
                 self.report(backup, sorted(pids))
 
@@ -305,7 +305,7 @@ class Replicator:
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
         self._copy = None
-        self._rows_to_peer = False
+        self.rows_replicated = set()
         # Not closed here: its owner closes it (the process's context, at the end).
         self.peer, self.peer_rank = None, -1
         self.replicated = set()
@@ -492,6 +492,8 @@ class Replicator:
         for server in sorted(new):
             mine = [pid for pid, src in self.source.items() if src == server]
             self.promote(f"server {server} was declared dead", mine)
+        if self.tables is not None:  # table shards too, before they are copied on
+            self.tables.follow_servers(self._dead_servers)
         self.primary = self._live_after(self.rank, -1)
         if self.peer_rank in new:
             self._drop_backup("it was declared dead")
@@ -548,10 +550,14 @@ class Replicator:
         return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
 
     def _recopy(self) -> None:
-        """Stream a full copy of every partition the backup does not have yet."""
+        """Stream a full copy of every partition and table shard the backup does not
+        have yet, then report them once acknowledged (table shard ``s`` reported as
+        ``-(s + 1)``: :func:`shard_key`)."""
         from tessera.ps.checkpoint import partition_tensors
         missing = sorted(set(self.parts) - self.replicated)
-        if not missing or self.peer is None:
+        shards = sorted(set(self.tables.served()) - self.rows_replicated) \
+            if self.tables is not None else []
+        if (not missing and not shards) or self.peer is None:
             return
         for pid in missing:
             st = self.parts[pid]
@@ -572,6 +578,32 @@ class Replicator:
                                  last_seq=seqs, members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
+        if shards:
+            print(f"server {self.rank}: copying the table shards of servers {shards} to "
+                  f"server {self.peer_rank}, the backup", flush=True)
+        for shard in shards:  # on the same socket as, and ahead of, their row updates
+            for st in self.tables.shard_units(shard):
+                msg, tensors = self.tables.copy_message(st, self.peer.new_req(), self.rank,
+                                                        self._live_members())
+                self._send(msg, tensors)
+            self.rows_replicated.add(shard)
         if self._unacked:
-            self._copy = (self._unacked[-1][0], self.peer_rank, missing)
-        self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing)
+            self._copy = (self._unacked[-1][0], self.peer_rank,
+                          missing + [shard_key(s) for s in shards])
+        self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing) + len(shards)
+
+
+def shard_key(shard: int) -> int:
+    """Table shard ``shard`` (the rows hashed to server ``shard``) where partition ids are
+    reported and routed (wire.Replicated ``partitions``, the coordinator's ``owners``):
+    ``-(shard + 1)``, never a partition id. Its own inverse."""
+    return -(shard + 1)
+
+
+def copied(pids) -> str:
+    """'partitions [..]', 'table shards of servers [..]' or both, for a log line."""
+    parts = sorted(p for p in pids if p >= 0)
+    shards = sorted(shard_key(p) for p in pids if p < 0)
+    words = ([f"partitions {parts}"] if parts else []) + \
+        ([f"table shards of servers {shards}"] if shards else [])
+    return " and ".join(words) or "nothing"

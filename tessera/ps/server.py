@@ -90,6 +90,7 @@ class ParameterServer:
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
                                        backup_of=backup_of)
+            self.replication.tables = self.tables  # re-replication copies its shards too
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
@@ -161,7 +162,8 @@ class ParameterServer:
                 self._on_init(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
-            elif isinstance(msg, wire.Replicate) and msg.kind == "rows" and self.tables:
+            elif isinstance(msg, wire.Replicate) and msg.kind in ("rows", "tablecopy") \
+                    and self.tables:
                 self.tables.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate):
                 self.replication.on_replicate(got.peer, msg, got.frames)

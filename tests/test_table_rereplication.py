@@ -1,0 +1,42 @@
+"""Table shards are re-replicated after a server death (issue 14 item 8, last part), with
+real processes: three servers, ``--replication 2``, a sync job with an embedding table
+(tests/scripts/table_job.py). Server 1 is kill -9'd while training runs: server 2 takes
+its shard over and, being its only holder, copies it to server 0 (and server 0, whose
+backup died, copies its own to server 2). Once the coordinator has that copy reported,
+server 2 is kill -9'd too: server 0 takes over the shards of servers 1 and 2 and the job
+completes, every acknowledged table push applied exactly once.
+"""
+
+from __future__ import annotations
+
+from tests.harness import wait_for
+from tests.test_table_faults import finish, kill_mid_training, launch, metric_lines
+
+
+def test_a_table_shard_survives_the_death_of_its_second_holder(tmp_path):
+    out = tmp_path / "run"
+    steps = 160
+    job = launch(out, "--servers", "3", "--replication", "2", steps=steps, sleep=0.02)
+    kill_mid_training(job, out, "server", 1, 4)
+    logs = out / "logs"
+
+    def text(name: str) -> str:
+        path = logs / name
+        return path.read_text() if path.exists() else ""
+    wait_for(lambda: "table shards of servers [1] have their second copy on server 0"
+             in text("coordinator-0.log") or job.proc.poll() is not None, 60,
+             "server 2's copy of shard 1 on server 0, reported")
+    assert job.proc.poll() is None, text("coordinator-0.log")
+    kill_mid_training(job, out, "server", 2, metric_lines(out) + 2)  # training goes on
+    summary = finish(job, out)
+    assert sorted(summary["dead_servers"]) == [1, 2], summary
+    # Per step and worker: one push per partition and one per table per shard (3).
+    expected = steps * 2 * (summary["partitions"] + 3)
+    assert summary["pushes_acked"] == summary["pushes_applied"] == expected, summary
+    survivor = text("server-0.log")
+    for shard in (1, 2):
+        assert f"promoted to primary of the table shards of server {shard}" in survivor, \
+            survivor[-2000:]
+    assert "copying the table shards of servers [1] to server 0" in text("server-2.log")
+    assert sum(summary["rows_per_server"]["users"]) == 200, summary
+    assert summary["eval_accuracy"] >= 0.8, summary
