@@ -40,3 +40,35 @@ def test_a_table_shard_survives_the_death_of_its_second_holder(tmp_path):
     assert "copying the table shards of servers [1] to server 0" in text("server-2.log")
     assert sum(summary["rows_per_server"]["users"]) == 200, summary
     assert summary["eval_accuracy"] >= 0.8, summary
+
+
+def test_a_replacement_server_is_given_the_table_shards(tmp_path):
+    """Two servers, ``--max-restarts 1``: server 1 dies, server 0 serves both shards; the
+    launcher's new server 1 joins, server 0 copies it both (and the dense partitions).
+    Then server 0 dies too: the replacement takes everything over and the job completes."""
+    out = tmp_path / "run"
+    steps = 240  # a replacement process starts (seconds) while training runs
+    job = launch(out, "--replication", "2", "--max-restarts", "1", steps=steps, sleep=0.02)
+    kill_mid_training(job, out, "server", 1, 4)
+    logs = out / "logs"
+
+    def text(name: str) -> str:
+        path = logs / name
+        return path.read_text() if path.exists() else ""
+    wait_for(lambda: "table shards of servers [0, 1] have their second copy on server 1"
+             in text("coordinator-0.log") or job.proc.poll() is not None, 60,
+             "server 0's copy of both table shards on the replacement, reported")
+    assert job.proc.poll() is None, text("coordinator-0.log")
+    assert "joined the running job" in text("server-1.log")
+    kill_mid_training(job, out, "server", 0, metric_lines(out) + 2)
+    summary = finish(job, out)
+    replaced = summary["servers_replaced"]  # server 0's replacement may join before the end
+    assert replaced.get("1") == 1 and summary["dead_servers"] == ([] if "0" in replaced
+                                                                   else [0]), summary
+    expected = steps * 2 * (summary["partitions"] + 2)
+    assert summary["pushes_acked"] == summary["pushes_applied"] == expected, summary
+    for shard in (0, 1):
+        assert f"promoted to primary of the table shards of server {shard}" in \
+            text("server-1.log"), text("server-1.log")[-2000:]
+    assert sum(summary["rows_per_server"]["users"]) == 200, summary
+    assert summary["eval_accuracy"] >= 0.8, summary

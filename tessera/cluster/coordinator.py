@@ -316,8 +316,8 @@ class Coordinator:
                 for pid in moved:
                     self.copy_at[pid] = msg.backup
                 # Table shard s comes as -(s + 1) (tessera.ps.replication.shard_key).
-                shards = [-pid - 1 for pid in msg.partitions
-                          if pid < 0 and self.shard_owner.get(-pid - 1) == msg.rank]
+                shards = sorted(-pid - 1 for pid in msg.partitions
+                                if pid < 0 and self.shard_owner.get(-pid - 1) == msg.rank)
                 for k in shards:
                     self.shard_copy[k] = msg.backup
                 what = (f"partitions {moved}" if moved or not shards else "") + \
@@ -460,17 +460,11 @@ class Coordinator:
 
     def _replace_server(self, peer: bytes, msg: wire.Register) -> None:
         """A new process for a dead server's rank: it holds nothing yet and joins the
-        ring as a backup (servers without a backup copy their partitions to it and report
-        :class:`Replicated`). It binds its predecessor's address, so every socket already
+        ring as a backup (servers without a backup copy their partitions and table shards
+        to it and report :class:`Replicated`). It binds its predecessor's address, so every socket already
         connected to that rank reaches it."""
         key = (msg.role, msg.rank)
         old = self.procs[key].address
-        if self.tables:
-            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
-                f"coordinator: a replacement server cannot join a job with embedding tables "
-                f"(table shards are not re-replicated); server {msg.rank} stays dead and its "
-                f"backup serves its partitions and rows")))
-            return
         if msg.address != old:
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: the replacement of server {msg.rank} must bind its "
@@ -508,7 +502,7 @@ class Coordinator:
         """Write the manifest of every clock all live servers have reported, last."""
         from tessera.ps.checkpoint import CheckpointError
         # A replacement that owns nothing yet (it holds copies only) writes no file.
-        owners = set(self.owner.values())
+        owners = set(self.owner.values()) | set(self.shard_owner.values())
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
                 and (r not in self.server_lives or r in owners)}
         try:

@@ -532,7 +532,8 @@ class Replicator:
                 self._dead_servers.discard(r)
                 print(f"server {self.rank}: server {r} was replaced (replacement {n}); it "
                       f"is in the ring again", flush=True)
-        if self.peer is not None or not self.parts or self.connect is None:
+        served = self.tables.served() if self.tables is not None else []
+        if self.peer is not None or not (self.parts or served) or self.connect is None:
             return  # a live backup is kept; nothing to copy
         backup = self._live_after(self.rank, +1)
         if backup < 0 or backup == self.rank or backup not in fresh:
@@ -541,8 +542,8 @@ class Replicator:
         if self.peer is None:
             return  # it died meanwhile: the coordinator says so next
         self.peer_rank = backup
-        print(f"server {self.rank}: copying partitions {sorted(self.parts)} to server "
-              f"{backup}, its new backup", flush=True)
+        print(f"server {self.rank}: copying {copied([*self.parts, *map(shard_key, served)])} "
+              f"to server {backup}, its new backup", flush=True)
         self._recopy()
 
     def _live_members(self) -> dict[int, int]:

@@ -85,11 +85,13 @@ class ParameterServer:
             from tessera.ps.table_server import TableService
             # Replicated tables: this server backs up its primary's shards (the ring of
             # the dense partitions) and forwards its own shards' updates to its backup.
+            # A replacement server holds no shard of its own: it is given copies.
             backup_of = replicas.primary if replicas.primary != options.rank else -1
+            replacement = dict(replicas.lives).get(options.rank, 0) > 0
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
-                                       backup_of=backup_of)
+                                       backup_of=backup_of, own=not replacement)
             self.replication.tables = self.tables  # re-replication copies its shards too
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it

@@ -115,10 +115,12 @@ class TableService:
 
     def __init__(self, *, rank: int, tables: list[wire.TableSpec], policy: Consistency,
                  send: Callable, stats: dict, replicate: Optional[Callable] = None,
-                 backup_of: int = -1, ack: Optional[Callable] = None):
+                 backup_of: int = -1, ack: Optional[Callable] = None, own: bool = True):
         self.rank = rank
         self.specs = {t.name: t for t in tables}
-        self.tables = _new_states(tables, rank)
+        #: This server's own shard of each table; none on a replacement server (``own``
+        #: False: its rank's rows are served where their copy was; it is given copies).
+        self.tables = _new_states(tables, rank) if own else {}
         #: The server this one backs up first (replication; -1: none).
         self.backup_of = backup_of
         #: Copies of other servers' shards (shard -> table -> state), until promoted, and
@@ -154,20 +156,22 @@ class TableService:
 
     def served(self) -> list[int]:
         """The shards (by the server their rows hash to) this server serves."""
-        return sorted({self.rank} | {shard for shard, _ in self.promoted})
+        return sorted(({self.rank} if self.tables else set()) |
+                      {shard for shard, _ in self.promoted})
 
     def shard_units(self, shard: int) -> list[_TableState]:
         """The served states of ``shard``, one per table, in table order."""
-        if shard == self.rank:
+        if shard == self.rank and self.tables:
             return list(self.tables.values())
-        return [self.promoted[(shard, name)] for name in self.tables
+        return [self.promoted[(shard, name)] for name in self.specs
                 if (shard, name) in self.promoted]
 
     def _table(self, name: str, shard: int = -1) -> _TableState:
-        if name not in self.tables:
-            raise RequestError(f"no table {name!r} (tables: {sorted(self.tables)})")
-        if shard < 0 or shard == self.rank:
+        if name not in self.specs:
+            raise RequestError(f"no table {name!r} (tables: {sorted(self.specs)})")
+        if (shard < 0 or shard == self.rank) and self.tables:
             return self.tables[name]
+        shard = self.rank if shard < 0 else shard
         if shard in self.copies:
             # Clients send a shard here only once the coordinator declared its primary dead.
             self.promote(f"a client asked for table {name!r}'s rows of server {shard}", shard)
@@ -182,8 +186,11 @@ class TableService:
     def on_dump(self, peer: bytes, msg: wire.DumpRows) -> None:
         """Every row of a table this server serves, with its id (a run's export), a
         page of at most :data:`MAX_ROWS_REPLY_BYTES` from ``msg.start`` on."""
-        self._table(msg.table)
+        if msg.table not in self.specs:
+            raise RequestError(f"no table {msg.table!r} (tables: {sorted(self.specs)})")
         states = [st for st in self.units() if st.spec.name == msg.table]
+        if not states:
+            raise RequestError(f"table {msg.table!r}: server {self.rank} serves no rows of it")
         parts = [st.shard.export_state() for st in states]
         values = torch.cat([p["values"].reshape(-1, states[0].spec.dim) for p in parts])
         ids = torch.cat([p["ids"] for p in parts])
@@ -343,8 +350,8 @@ class TableService:
         shard = msg.partitions[0]
         st = self.copies.get(shard, {}).get(msg.table)
         if st is None:
-            owned = "it owns that shard now" if (shard, msg.table) in self.promoted or \
-                shard == self.rank else "it is not this shard's backup"
+            owned = "it owns that shard now" if shard in self.served() else \
+                "it is not this shard's backup"
             raise RequestError(f"replication of table {msg.table!r}'s rows of server "
                                f"{shard} refused: {owned}")
         ids = _ids_from(frames[0], msg.table).copy()
@@ -388,7 +395,7 @@ class TableService:
         spec = self.specs.get(msg.table)
         if spec is None:
             raise RequestError(f"a copy of table {msg.table!r}: no such table here")
-        if shard == self.rank or (shard, msg.table) in self.promoted:
+        if shard in self.served():
             raise RequestError(f"copy of table {msg.table!r}'s rows of server {shard} "
                                f"refused: this server serves them")
         if len(frames) != len(msg.names) or len(msg.dtypes) != len(frames):
