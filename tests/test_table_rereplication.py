@@ -37,7 +37,8 @@ def test_a_table_shard_survives_the_death_of_its_second_holder(tmp_path):
     for shard in (1, 2):
         assert f"promoted to primary of the table shards of server {shard}" in survivor, \
             survivor[-2000:]
-    assert "copying the table shards of servers [1] to server 0" in text("server-2.log")
+    assert "partitions [1] and table shards of servers [1] copied to server 0" in \
+        text("server-2.log"), text("server-2.log")[-2000:]
     assert sum(summary["rows_per_server"]["users"]) == 200, summary
     assert summary["eval_accuracy"] >= 0.8, summary
 

@@ -420,7 +420,7 @@ class Replicator:
         """A worker joined again here: the backup's membership follows (a replacement
         server sees no Join of its own, and would wait for a departed incarnation's
         clocks, or not for the new one's, once promoted)."""
-        if self.peer is None or not self.replicated:
+        if self.peer is None or not (self.replicated or self.rows_replicated):
             return
         self._send(wire.Replicate(req=self.peer.new_req(), kind="join", partitions=[],
                                   clock=clock, worker=worker, seq=incarnation), [])
@@ -579,9 +579,6 @@ class Replicator:
                                  last_seq=seqs, members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
-        if shards:
-            print(f"server {self.rank}: copying the table shards of servers {shards} to "
-                  f"server {self.peer_rank}, the backup", flush=True)
         for shard in shards:  # on the same socket as, and ahead of, their row updates
             for st in self.tables.shard_units(shard):
                 msg, tensors = self.tables.copy_message(st, self.peer.new_req(), self.rank,
