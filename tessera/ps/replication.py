@@ -585,9 +585,11 @@ class Replicator:
                                                         self._live_members())
                 self._send(msg, tensors)
             self.rows_replicated.add(shard)
-        if self._unacked:
+        if self._unacked:  # reported once the last is acked (in order: all before it too)
+            prior = self._copy[2] if self._copy is not None and \
+                self._copy[1] == self.peer_rank else []
             self._copy = (self._unacked[-1][0], self.peer_rank,
-                          missing + [shard_key(s) for s in shards])
+                          sorted({*prior, *missing, *map(shard_key, shards)}))
         self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing) + len(shards)
 
 
