@@ -107,8 +107,8 @@ class PSClient:
         self.parts = {p.id: p for p in shard_map.partitions}
         #: Partition -> the server that owns it now (its backup once its primary died).
         self.owner = {p.id: p.server for p in shard_map.partitions}
-        #: Table rows hashed to server s -> the server serving them now (its backup
-        #: once s died).
+        #: Table rows hashed to server s -> the server serving them now (where the
+        #: coordinator says their copy was, once the server serving them died).
         self.shard_owner = list(range(shard_map.num_servers))
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
@@ -116,7 +116,8 @@ class PSClient:
         #: owner) from one heartbeat (None: dead servers only, routed by the ring).
         self._servers = servers
         self._lives: dict[int, int] = {}
-        #: Servers that ever died (a replacement holds no table shard: never routed to).
+        #: Servers that ever died (without the coordinator's word on table shards, a
+        #: replacement is never routed table rows: it holds no shard of its own).
         self._ever_failed: set[int] = set()
         #: Replication: the last answered push per partition, (message, frames, buffers).
         #: An async server answers a push once its backup has the updates before it; this
