@@ -118,6 +118,10 @@ class Coordinator:
         #: second copy (replication; a primary re-replicating has none until it reports).
         self.owner: dict[int, int] = {}
         self.copy_at: dict[int, int] = {}
+        #: The same for table shards (the rows hashed to server s): s -> the server serving
+        #: them now, and the one holding their acknowledged copy (replication).
+        self.shard_owner: dict[int, int] = {}
+        self.shard_copy: dict[int, int] = {}
         self.worker_clock: dict[int, int] = {}
         self.departures = 0
         # Checkpoints.
@@ -223,6 +227,19 @@ class Coordinator:
                 self._fail(f"{reason}; partitions {lost} had their other copy on it or on a "
                            f"server dead before (re-replication had not finished): no copy left")
                 return
+            lost = sorted(k for k, s in self.shard_owner.items()
+                          if s == rank and self.shard_copy.get(k, -1) in self.dead_servers | {-1})
+            if lost:
+                self._fail(f"{reason}; the table rows of servers {lost} had their other copy "
+                           f"on it or on a server dead before (re-replication had not "
+                           f"finished): no copy left")
+                return
+            for k, s in list(self.shard_owner.items()):
+                if s == rank:
+                    self.shard_owner[k] = self.shard_copy.pop(k)
+            for k, s in list(self.shard_copy.items()):
+                if s == rank:
+                    del self.shard_copy[k]
             heirs = sorted({self.copy_at[pid] for pid, s in self.owner.items() if s == rank})
             for pid, s in list(self.owner.items()):
                 if s == rank:
@@ -298,7 +315,15 @@ class Coordinator:
                 moved = [pid for pid in msg.partitions if self.owner.get(pid) == msg.rank]
                 for pid in moved:
                     self.copy_at[pid] = msg.backup
-                print(f"coordinator: server {msg.rank}'s partitions {moved} have their second "
+                # Table shard s comes as -(s + 1) (tessera.ps.replication.shard_key).
+                shards = sorted(-pid - 1 for pid in msg.partitions
+                                if pid < 0 and self.shard_owner.get(-pid - 1) == msg.rank)
+                for k in shards:
+                    self.shard_copy[k] = msg.backup
+                what = (f"partitions {moved}" if moved or not shards else "") + \
+                    (" and " if moved and shards else "") + \
+                    (f"table shards of servers {shards}" if shards else "")
+                print(f"coordinator: server {msg.rank}'s {what} have their second "
                       f"copy on server {msg.backup} again", flush=True)
         elif isinstance(msg, wire.CheckpointNow):
             if self.state != "running" or not self.rounds.on_request:
@@ -390,6 +415,10 @@ class Coordinator:
         self.owner = {p.id: p.server for p in self.shard_map.partitions}
         if cfg.ps.replication == 2 and servers > 1:  # the ring: server s + 1 backs up s
             self.copy_at = {p.id: (p.server + 1) % servers for p in self.shard_map.partitions}
+        if self.tables:
+            self.shard_owner = {s: s for s in range(servers)}
+            if cfg.ps.replication == 2 and servers > 1:
+                self.shard_copy = {s: (s + 1) % servers for s in range(servers)}
         for peer, req in self.held:
             self.endpoint.send(peer, self._view(req))
         self.held.clear()
@@ -426,21 +455,16 @@ class Coordinator:
         back on its shard-map server, a replacement, is in it too), else nothing."""
         if not self.dead_servers and not self.server_lives:
             return {}
-        return dict(self.owner)
+        # Table shard s as -(s + 1) (tessera.ps.replication.shard_key): where its rows are.
+        return {**self.owner, **{-k - 1: s for k, s in self.shard_owner.items()}}
 
     def _replace_server(self, peer: bytes, msg: wire.Register) -> None:
         """A new process for a dead server's rank: it holds nothing yet and joins the
-        ring as a backup (servers without a backup copy their partitions to it and report
-        :class:`Replicated`). It binds its predecessor's address, so every socket already
+        ring as a backup (servers without a backup copy their partitions and table shards
+        to it and report :class:`Replicated`). It binds its predecessor's address, so every socket already
         connected to that rank reaches it."""
         key = (msg.role, msg.rank)
         old = self.procs[key].address
-        if self.tables:
-            self.endpoint.send(peer, wire.Error(req=msg.req, message=(
-                f"coordinator: a replacement server cannot join a job with embedding tables "
-                f"(table shards are not re-replicated); server {msg.rank} stays dead and its "
-                f"backup serves its partitions and rows")))
-            return
         if msg.address != old:
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: the replacement of server {msg.rank} must bind its "
@@ -478,7 +502,7 @@ class Coordinator:
         """Write the manifest of every clock all live servers have reported, last."""
         from tessera.ps.checkpoint import CheckpointError
         # A replacement that owns nothing yet (it holds copies only) writes no file.
-        owners = set(self.owner.values())
+        owners = set(self.owner.values()) | set(self.shard_owner.values())
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
                 and (r not in self.server_lives or r in owners)}
         try:
@@ -571,12 +595,11 @@ class Coordinator:
         for p in self.shard_map.partitions if self.shard_map else ():
             total += int(servers[self.owner.get(p.id, p.server)].get(f"applied.p{p.id}", 0))
         # Table row pushes, per shard (the rows hashed to server s), on the surviving copy:
-        # the shard's own server, or the next one (its backup; table shards are not
-        # re-replicated, so a shard survives one death).
+        # the server serving the shard now (its own, or where its copy was).
         n = self.cfg.cluster.servers
         for shard in range(n):
             gone = shard in self.dead_servers or shard in self.server_lives
-            owner = (shard + 1) % n if gone else shard
+            owner = self.shard_owner.get(shard, (shard + 1) % n if gone else shard)
             suffix = f".s{shard}"
             total += sum(int(v) for k, v in servers[owner].items()
                          if k.startswith("table_applied.") and k.endswith(suffix))

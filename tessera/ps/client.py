@@ -107,8 +107,8 @@ class PSClient:
         self.parts = {p.id: p for p in shard_map.partitions}
         #: Partition -> the server that owns it now (its backup once its primary died).
         self.owner = {p.id: p.server for p in shard_map.partitions}
-        #: Table rows hashed to server s -> the server serving them now (its backup
-        #: once s died).
+        #: Table rows hashed to server s -> the server serving them now (where the
+        #: coordinator says their copy was, once the server serving them died).
         self.shard_owner = list(range(shard_map.num_servers))
         self._dead_servers = dead_servers
         self._failed_over: set[int] = set()
@@ -116,7 +116,8 @@ class PSClient:
         #: owner) from one heartbeat (None: dead servers only, routed by the ring).
         self._servers = servers
         self._lives: dict[int, int] = {}
-        #: Servers that ever died (a replacement holds no table shard: never routed to).
+        #: Servers that ever died (without the coordinator's word on table shards, a
+        #: replacement is never routed table rows: it holds no shard of its own).
         self._ever_failed: set[int] = set()
         #: Replication: the last answered push per partition, (message, frames, buffers).
         #: An async server answers a push once its backup has the updates before it; this
@@ -201,8 +202,13 @@ class PSClient:
                 if self.owner[pid] < 0 or self.owner[pid] in dead:
                     raise ServerError(f"server {server} died and no server is left: partition "
                                       f"{pid} has no copy left")
-            for k in shards:  # table shards: only server k + 1 has a copy (never re-copied)
-                nxt = (k + 1) % len(self.servers)
+            for k in shards:  # table shards: where the coordinator says (re-replicated)
+                if -k - 1 in owners:  # keyed -(k + 1): tessera.ps.replication.shard_key
+                    target = owners[-k - 1]
+                    self.shard_owner[k] = target if target >= 0 and target not in dead \
+                        else -1
+                    continue
+                nxt = (k + 1) % len(self.servers)  # else: the ring's first copy, k + 1
                 self.shard_owner[k] = nxt if server == k and nxt not in self._ever_failed \
                     and len(self.servers) > 1 else -1
             again = []
@@ -226,9 +232,8 @@ class PSClient:
         """The server serving the table rows hashed to ``shard`` now."""
         target = self.shard_owner[shard]
         if target < 0:
-            raise ServerError(f"the table rows of server {shard} have no copy left: that "
-                              f"server and its backup (server {(shard + 1) % len(self.servers)}"
-                              f") died, and table shards are not re-replicated")
+            raise ServerError(f"the table rows of server {shard} have no copy left: the "
+                              f"servers holding them died before they were copied again")
         return target
 
     def _resend(self, handle: "Handle", server: int) -> None:

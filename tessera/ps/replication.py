@@ -104,9 +104,11 @@ class Replicator:
         #: Servers replaced (rank -> times) as far as this server has followed.
         self._lives: dict[int, int] = dict(replicas.lives)
         self.servers = hooks.servers
-        #: Table rows go to the backup only while it is the first one (rank + 1, never
-        #: replaced): table shards are not re-replicated.
-        self._rows_to_peer = replicas.peer is not None
+        #: The server's TableService (set by the server when it has tables).
+        self.tables = None
+        #: The table shards (by the server their rows hash to) the backup has a copy of:
+        #: their row updates go there (:meth:`send_rows`). At first the server's own.
+        self.rows_replicated: set[int] = {self.rank} if replicas.peer is not None else set()
         #: The backup's rank (-1: none), and the partitions it holds a copy of.
         self.peer_rank = (self.rank + 1) % max(1, self.num_servers) if self.peer else -1
         self.replicated: set[int] = set(parts) if self.peer else set()
@@ -180,18 +182,16 @@ class Replicator:
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
         """Tables: forward to the backup the row update this server applies next to its
-        own shard of ``st``'s table (``st.owner``), without waiting, as :meth:`forward`
-        does for dense partitions: answers sent from here on (:meth:`reply`) wait for
-        its Ack (:meth:`take_acks`). Only the first backup (``rank + 1``) holds a copy
-        of the shard: table shards are not re-replicated, so once it died (and another
-        server backs up the dense partitions) the shard has one copy."""
+        shard of ``st``'s table (``st.owner``: its own or one it took over), without
+        waiting, as :meth:`forward` does for dense partitions: answers sent from here on
+        (:meth:`reply`) wait for its Ack (:meth:`take_acks`). Only to a backup that has
+        a copy of that shard (the first backup, or one :meth:`_recopy` sent it to)."""
         peer = self.peer
-        if peer is None or st.owner != self.rank or not self._rows_to_peer or \
-                self.peer_rank != (self.rank + 1) % max(1, self.num_servers):
+        if peer is None or st.owner not in self.rows_replicated:
             return
         keep_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).copy())
         keep = grads.detach().to(torch.float32).contiguous().clone()
-        self._send(wire.Replicate(req=peer.new_req(), kind="rows", partitions=[self.rank],
+        self._send(wire.Replicate(req=peer.new_req(), kind="rows", partitions=[st.owner],
                                   clock=st.clock, pushes=pushes, worker=worker, seq=seq,
                                   table=st.spec.name), [keep_ids, keep])
 
@@ -292,7 +292,7 @@ class Replicator:
             if self._copy is not None and self._copy[0] == req:
                 _, backup, pids = self._copy
                 self._copy = None
-                print(f"server {self.rank}: partitions {sorted(pids)} copied to server "
+                print(f"server {self.rank}: {copied(pids)} copied to server "
                       f"{backup}, the new backup: two copies again", flush=True)
                 self.report(backup, sorted(pids))
 
@@ -337,7 +337,7 @@ class Replicator:
         self._unacked.clear()
         self._last_of.clear()
         self._copy = None
-        self._rows_to_peer = False
+        self.rows_replicated = set()
         # Not closed here: its owner closes it (the process's context, at the end).
         self.peer, self.peer_rank = None, -1
         self.replicated = set()
@@ -454,7 +454,7 @@ class Replicator:
         """A worker joined again here: the backup's membership follows (a replacement
         server sees no Join of its own, and would wait for a departed incarnation's
         clocks, or not for the new one's, once promoted)."""
-        if self.peer is None or not self.replicated:
+        if self.peer is None or not (self.replicated or self.rows_replicated):
             return
         self._send(wire.Replicate(req=self.peer.new_req(), kind="join", partitions=[],
                                   clock=clock, worker=worker, seq=incarnation), [])
@@ -526,6 +526,8 @@ class Replicator:
         for server in sorted(new):
             mine = [pid for pid, src in self.source.items() if src == server]
             self.promote(f"server {server} was declared dead", mine)
+        if self.tables is not None:  # table shards too, before they are copied on
+            self.tables.follow_servers(self._dead_servers)
         self.primary = self._live_after(self.rank, -1)
         if self.peer_rank in new:
             self._drop_backup("it was declared dead")
@@ -564,7 +566,8 @@ class Replicator:
                 self._dead_servers.discard(r)
                 print(f"server {self.rank}: server {r} was replaced (replacement {n}); it "
                       f"is in the ring again", flush=True)
-        if self.peer is not None or not self.parts or self.connect is None:
+        served = self.tables.served() if self.tables is not None else []
+        if self.peer is not None or not (self.parts or served) or self.connect is None:
             return  # a live backup is kept; nothing to copy
         backup = self._live_after(self.rank, +1)
         if backup < 0 or backup == self.rank or backup not in fresh:
@@ -573,8 +576,8 @@ class Replicator:
         if self.peer is None:
             return  # it died meanwhile: the coordinator says so next
         self.peer_rank = backup
-        print(f"server {self.rank}: copying partitions {sorted(self.parts)} to server "
-              f"{backup}, its new backup", flush=True)
+        print(f"server {self.rank}: copying {copied([*self.parts, *map(shard_key, served)])} "
+              f"to server {backup}, its new backup", flush=True)
         self._recopy()
 
     def _live_members(self) -> dict[int, int]:
@@ -582,10 +585,14 @@ class Replicator:
         return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
 
     def _recopy(self) -> None:
-        """Stream a full copy of every partition the backup does not have yet."""
+        """Stream a full copy of every partition and table shard the backup does not
+        have yet, then report them once acknowledged (table shard ``s`` reported as
+        ``-(s + 1)``: :func:`shard_key`)."""
         from tessera.ps.checkpoint import partition_tensors
         missing = sorted(set(self.parts) - self.replicated)
-        if not missing or self.peer is None:
+        shards = sorted(set(self.tables.served()) - self.rows_replicated) \
+            if self.tables is not None else []
+        if (not missing and not shards) or self.peer is None:
             return
         for pid in missing:
             st = self.parts[pid]
@@ -606,6 +613,31 @@ class Replicator:
                                  last_seq=seqs, members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
-        if self._unacked:
-            self._copy = (self._unacked[-1][0], self.peer_rank, missing)
-        self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing)
+        for shard in shards:  # on the same socket as, and ahead of, their row updates
+            for st in self.tables.shard_units(shard):
+                msg, tensors = self.tables.copy_message(st, self.peer.new_req(), self.rank,
+                                                        self._live_members())
+                self._send(msg, tensors)
+            self.rows_replicated.add(shard)
+        if self._unacked:  # reported once the last is acked (in order: all before it too)
+            prior = self._copy[2] if self._copy is not None and \
+                self._copy[1] == self.peer_rank else []
+            self._copy = (self._unacked[-1][0], self.peer_rank,
+                          sorted({*prior, *missing, *map(shard_key, shards)}))
+        self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing) + len(shards)
+
+
+def shard_key(shard: int) -> int:
+    """Table shard ``shard`` (the rows hashed to server ``shard``) where partition ids are
+    reported and routed (wire.Replicated ``partitions``, the coordinator's ``owners``):
+    ``-(shard + 1)``, never a partition id. Its own inverse."""
+    return -(shard + 1)
+
+
+def copied(pids) -> str:
+    """'partitions [..]', 'table shards of servers [..]' or both, for a log line."""
+    parts = sorted(p for p in pids if p >= 0)
+    shards = sorted(shard_key(p) for p in pids if p < 0)
+    words = ([f"partitions {parts}"] if parts else []) + \
+        ([f"table shards of servers {shards}"] if shards else [])
+    return " and ".join(words) or "nothing"

@@ -85,11 +85,14 @@ class ParameterServer:
             from tessera.ps.table_server import TableService
             # Replicated tables: this server backs up its primary's shards (the ring of
             # the dense partitions) and forwards its own shards' updates to its backup.
+            # A replacement server holds no shard of its own: it is given copies.
             backup_of = replicas.primary if replicas.primary != options.rank else -1
+            replacement = dict(replicas.lives).get(options.rank, 0) > 0
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
-                                       backup_of=backup_of)
+                                       backup_of=backup_of, own=not replacement)
+            self.replication.tables = self.tables  # re-replication copies its shards too
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
@@ -161,7 +164,8 @@ class ParameterServer:
                 self._on_init(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
-            elif isinstance(msg, wire.Replicate) and msg.kind == "rows" and self.tables:
+            elif isinstance(msg, wire.Replicate) and msg.kind in ("rows", "tablecopy") \
+                    and self.tables:
                 self.tables.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate):
                 self.replication.on_replicate(got.peer, msg, got.frames)

@@ -34,8 +34,17 @@ Faults, the same seam as dense partitions:
   ids and the fp32 gradient rows applied, with the clock and the ``(worker, seq)``)
   is forwarded to the backup (:meth:`Replicator.send_rows`, not blocking: the answer
   is held until its Ack, :meth:`Replicator.reply`), which applies it with the same
-  sparse optimizer. Table shards are not re-replicated after a death. When the primary dies, clients send that shard's requests
-  (``shard`` names it) to the backup, which takes the shard over.
+  sparse optimizer. When the primary dies, clients send that shard's requests
+  (``shard`` names it) to the server the coordinator says holds its copy, which takes
+  the shard over.
+* Re-replication: after a death, a server whose backup changed (its backup died) or
+  that took a shard over streams a full copy of each shard it serves and its backup
+  lacks (rows, ids, sparse optimizer state, clock, applied pushes, per-worker
+  sequence numbers: ``Replicate(kind="tablecopy")``, :meth:`TableService.on_copy`)
+  on the replication socket, ahead of the row updates that follow, and reports it to
+  the coordinator (:meth:`Replicator._recopy`), which from then on routes the shard to
+  that copy when its server dies: a shard survives one death after another, as long
+  as its copy was reported before the next.
 """
 
 from __future__ import annotations
@@ -106,14 +115,22 @@ class TableService:
 
     def __init__(self, *, rank: int, tables: list[wire.TableSpec], policy: Consistency,
                  send: Callable, stats: dict, replicate: Optional[Callable] = None,
-                 backup_of: int = -1, ack: Optional[Callable] = None):
+                 backup_of: int = -1, ack: Optional[Callable] = None, own: bool = True):
         self.rank = rank
-        self.tables = _new_states(tables, rank)
-        #: Copies of server ``backup_of``'s shards (replication), until promoted.
+        self.specs = {t.name: t for t in tables}
+        #: This server's own shard of each table; none on a replacement server (``own``
+        #: False: its rank's rows are served where their copy was; it is given copies).
+        self.tables = _new_states(tables, rank) if own else {}
+        #: The server this one backs up first (replication; -1: none).
         self.backup_of = backup_of
-        self.backups = _new_states(tables, backup_of) if backup_of >= 0 else {}
-        #: The backups taken over after their primary died.
-        self.promoted: dict[str, _TableState] = {}
+        #: Copies of other servers' shards (shard -> table -> state), until promoted, and
+        #: the server each copy's updates come from (its primary: when it dies, the copy
+        #: is taken over). At first: server ``backup_of``'s shards, from that server.
+        self.copies: dict[int, dict[str, _TableState]] = \
+            {backup_of: _new_states(tables, backup_of)} if backup_of >= 0 else {}
+        self.source: dict[int, int] = {backup_of: backup_of} if backup_of >= 0 else {}
+        #: The copies taken over after their primary died: (shard, table) -> state.
+        self.promoted: dict[tuple[int, str], _TableState] = {}
         self.policy = policy
         self.num_workers = policy.members.num_workers
         #: Answers to clients (replication: held until the backup acked the updates
@@ -128,19 +145,37 @@ class TableService:
         self._reply = self._answer  # bound once: every waiting request carries it
         stats.update(rows_pulled=0, rows_pushed=0, table_stale_pushes=0)
 
+    @property
+    def backups(self) -> dict[str, _TableState]:
+        """The copies of server ``backup_of``'s shards (checkpoint restore), until promoted."""
+        return self.copies.get(self.backup_of, {})
+
     def units(self) -> list[_TableState]:
         """The shards this server serves (its own and those it took over)."""
         return [*self.tables.values(), *self.promoted.values()]
 
+    def served(self) -> list[int]:
+        """The shards (by the server their rows hash to) this server serves."""
+        return sorted(({self.rank} if self.tables else set()) |
+                      {shard for shard, _ in self.promoted})
+
+    def shard_units(self, shard: int) -> list[_TableState]:
+        """The served states of ``shard``, one per table, in table order."""
+        if shard == self.rank and self.tables:
+            return list(self.tables.values())
+        return [self.promoted[(shard, name)] for name in self.specs
+                if (shard, name) in self.promoted]
+
     def _table(self, name: str, shard: int = -1) -> _TableState:
-        if name not in self.tables:
-            raise RequestError(f"no table {name!r} (tables: {sorted(self.tables)})")
-        if shard < 0 or shard == self.rank:
+        if name not in self.specs:
+            raise RequestError(f"no table {name!r} (tables: {sorted(self.specs)})")
+        if (shard < 0 or shard == self.rank) and self.tables:
             return self.tables[name]
-        if shard == self.backup_of and self.backups:
+        shard = self.rank if shard < 0 else shard
+        if shard in self.copies:
             # Clients send a shard here only once the coordinator declared its primary dead.
-            self.promote(f"a client asked for table {name!r}'s rows of server {shard}")
-        st = self.promoted.get(name) if shard == self.backup_of else None
+            self.promote(f"a client asked for table {name!r}'s rows of server {shard}", shard)
+        st = self.promoted.get((shard, name))
         if st is None:
             raise RequestError(f"table {name!r}: the rows of server {shard} are not held by "
                                f"server {self.rank}")
@@ -151,8 +186,11 @@ class TableService:
     def on_dump(self, peer: bytes, msg: wire.DumpRows) -> None:
         """Every row of a table this server serves, with its id (a run's export), a
         page of at most :data:`MAX_ROWS_REPLY_BYTES` from ``msg.start`` on."""
-        self._table(msg.table)
+        if msg.table not in self.specs:
+            raise RequestError(f"no table {msg.table!r} (tables: {sorted(self.specs)})")
         states = [st for st in self.units() if st.spec.name == msg.table]
+        if not states:
+            raise RequestError(f"table {msg.table!r}: server {self.rank} serves no rows of it")
         parts = [st.shard.export_state() for st in states]
         values = torch.cat([p["values"].reshape(-1, states[0].spec.dim) for p in parts])
         ids = torch.cat([p["ids"] for p in parts])
@@ -296,22 +334,26 @@ class TableService:
 
     def _replicate(self, st: _TableState, ids: np.ndarray, grads: torch.Tensor, pushes: int,
                    worker: int = -1, seq: int = -1) -> None:
-        if self.replicate is not None and st.owner == self.rank:
+        if self.replicate is not None:  # a shard served here: its own or one taken over
             self.replicate(st, ids, grads, pushes, worker, seq)
 
     # ------------------------------------------------------------ replication
 
     def on_replicate(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """Backup: apply the update the primary applied to its shard of ``msg.table``."""
+        if msg.kind == "tablecopy":
+            self.on_copy(peer, msg, frames)
+            return
         if len(msg.partitions) != 1 or len(frames) != 2:
             raise RequestError("a rows Replicate request names one shard and carries ids "
                                "and rows")
-        st = self.backups.get(msg.table)
-        if st is None or msg.partitions[0] != self.backup_of:
-            owned = "it owns that shard now" if msg.table in self.promoted else \
+        shard = msg.partitions[0]
+        st = self.copies.get(shard, {}).get(msg.table)
+        if st is None:
+            owned = "it owns that shard now" if shard in self.served() else \
                 "it is not this shard's backup"
             raise RequestError(f"replication of table {msg.table!r}'s rows of server "
-                               f"{msg.partitions[0]} refused: {owned}")
+                               f"{shard} refused: {owned}")
         ids = _ids_from(frames[0], msg.table).copy()
         grads = frame_to_tensor_checked(frames[1], "float32", len(ids) * st.spec.dim, msg.table)
         fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
@@ -327,22 +369,92 @@ class TableService:
                 st.last_seq[msg.worker] = msg.seq
         self.ack(peer, wire.Ack(req=msg.req))
 
-    def promote(self, why: str) -> None:
-        """Take over the shards we back up: their primary is dead."""
-        if not self.backups:
+    def copy_message(self, st: _TableState, req: int, source: int,
+                     members: dict) -> tuple[wire.Replicate, list]:
+        """Re-replication: a full copy of one served shard of one table, for the backup
+        (:meth:`on_copy`): the shard's exported state (rows, ids, optimizer state, step
+        count) as frames, with its clock, applied pushes and per-worker sequence numbers
+        (sync: none; its dedupe is by clock, as the primary's is for an unapplied clock)."""
+        state = st.shard.export_state()
+        names = sorted(state)
+        tensors = [state[n].contiguous() for n in names]
+        dtypes = [str(t.dtype).split(".")[-1] + ("[]" if t.dim() == 0 else "") for t in tensors]
+        seqs = {} if self.policy.sums_clock else dict(st.last_seq)
+        msg = wire.Replicate(req=req, kind="tablecopy", partitions=[st.owner], clock=st.clock,
+                             pushes=st.applied_pushes, source=source, names=names,
+                             dtypes=dtypes, last_seq=seqs, members=members,
+                             table=st.spec.name)
+        return msg, tensors
+
+    def on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        """A full copy of one shard of one table (:meth:`copy_message`): kept as a copy of
+        that shard, updated by ``msg.source`` from now on, taken over when it dies."""
+        if len(msg.partitions) != 1:
+            raise RequestError("a table copy names one shard")
+        shard = msg.partitions[0]
+        spec = self.specs.get(msg.table)
+        if spec is None:
+            raise RequestError(f"a copy of table {msg.table!r}: no such table here")
+        if shard in self.served():
+            raise RequestError(f"copy of table {msg.table!r}'s rows of server {shard} "
+                               f"refused: this server serves them")
+        if len(frames) != len(msg.names) or len(msg.dtypes) != len(frames):
+            raise RequestError(f"a copy of table {msg.table!r} names {len(msg.names)} tensors "
+                               f"and {len(msg.dtypes)} dtypes but carries {len(frames)} frames")
+        state = {}
+        for name, frame, dtype in zip(msg.names, frames, msg.dtypes):
+            kind = getattr(torch, dtype.removesuffix("[]"), None)
+            if not isinstance(kind, torch.dtype):
+                raise RequestError(f"copy of table {msg.table!r}: {dtype!r} is not a dtype")
+            raw = bytearray(frame.buffer if hasattr(frame, "buffer") else frame)
+            if len(raw) % kind.itemsize:
+                raise RequestError(f"copy of table {msg.table!r}: {name} is {len(raw)} bytes, "
+                                   f"not a whole number of {dtype} elements")
+            value = torch.frombuffer(raw, dtype=kind) if raw else torch.zeros(0, dtype=kind)
+            if dtype.endswith("[]"):
+                value = value.reshape(())
+            elif name in ("values",) or name.startswith("state."):
+                value = value.reshape(-1, spec.dim)
+            state[name] = value
+        st = _TableState(spec=spec, shard=EmbeddingShard(spec, spec.optimizer), owner=shard)
+        try:
+            st.shard.import_state(state)
+        except TableError as exc:
+            raise RequestError(str(exc)) from None
+        st.clock, st.applied_pushes = msg.clock, msg.pushes
+        st.last_seq = dict(msg.last_seq)
+        members = self.policy.members
+        for worker, incarnation in msg.members.items():  # as a dense copy's (tables only)
+            if 0 <= worker < members.num_workers and incarnation > \
+                    members.incarnations.get(worker, 0):
+                members.join(worker, incarnation)
+        self.copies.setdefault(shard, {})[msg.table] = st
+        self.source[shard] = msg.source
+        self.stats["table_copies_received"] = self.stats.get("table_copies_received", 0) + 1
+        self.ack(peer, wire.Ack(req=msg.req))
+
+    def promote(self, why: str, shard: Optional[int] = None) -> None:
+        """Take over the copies of ``shard`` (default: of server ``backup_of``): their
+        primary is dead."""
+        shard = self.backup_of if shard is None else shard
+        copies = self.copies.pop(shard, {})
+        self.source.pop(shard, None)
+        if not copies:
             return
-        for name, st in self.backups.items():
+        for name, st in copies.items():
             st.waiters, st.pending, st.pushed_by = [], [], set()
             self.policy.taken_over(st)
-            self.promoted[name] = st
-        self.stats["promoted"] += len(self.backups)
+            self.promoted[(shard, name)] = st
+        self.stats["promoted"] += len(copies)
         print(f"server {self.rank}: promoted to primary of the table shards of server "
-              f"{self.backup_of} ({why})", flush=True)
-        self.backups = {}
+              f"{shard} ({why})", flush=True)
 
     def follow_servers(self, dead_servers) -> None:
-        if self.backup_of in set(dead_servers) and self.backups:
-            self.promote(f"server {self.backup_of} was declared dead")
+        """Take over the copies whose primary is declared dead."""
+        dead = set(dead_servers)
+        for shard, source in sorted(self.source.items()):
+            if source in dead:
+                self.promote(f"server {source} was declared dead", shard)
 
     # ------------------------------------------------------------ membership
 
@@ -362,8 +474,9 @@ class TableService:
             out[f"rows.{name}"] = out.get(f"rows.{name}", 0) + st.shard.num_rows
             out[f"table_bytes.{name}"] = out.get(f"table_bytes.{name}", 0) + st.shard.nbytes
             out[f"table_applied.{name}.s{st.owner}"] = st.applied_pushes
-        for st in self.backups.values():
-            out[f"backup_table_applied.{st.spec.name}.s{st.owner}"] = st.applied_pushes
+        for copies in self.copies.values():
+            for st in copies.values():
+                out[f"backup_table_applied.{st.spec.name}.s{st.owner}"] = st.applied_pushes
         return out
 
 

@@ -205,7 +205,8 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     #: Servers replaced by the launcher (rank -> how many times): a rank whose count went
     #: up died and has a new process, which joined as a backup (``--max-restarts``).
     server_lives: dict[int, int] = {}
-    #: Once a server died: where every partition is now (partition -> owner).
+    #: Once a server died: where every partition is now (partition -> owner), and every
+    #: table shard (the rows hashed to server s, keyed ``-(s + 1)``) -> the server serving it.
     owners: dict[int, int] = {}
 
 

@@ -115,6 +115,9 @@ class Replicate(msgspec.Struct, **MESSAGE):
     last_seq: dict[int, int] = {}
     #: ``kind`` ``rows``: the table whose shard (of server ``partitions[0]``) this
     #: updates; frames are the ids (int64) and the fp32 gradient rows applied.
+    #: ``kind`` ``tablecopy`` (re-replication of a table shard): the table whose shard
+    #: ``partitions[0]`` this copies whole; frames named by ``names`` (its exported state),
+    #: with ``source``, ``dtypes``, ``last_seq``, ``members``, ``clock``, ``pushes`` as a copy.
     table: str = ""
     #: ``kind`` ``copy``: the primary's live workers (worker -> incarnation), so that a
     #: replacement server, which sees no Join, knows restarted workers; ``kind`` ``join``
