@@ -65,7 +65,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import log  # noqa: E402
+from _machine import busy_s, foreign_cpu_pct, log, own_s  # noqa: E402
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
 MOVIELENS = str(ROOT / "examples" / "movielens.toml")
@@ -223,6 +223,7 @@ def run_case(name: str, trials: int, give_up: int, seed: int, timeout_s: float) 
     _, _, role, _, metric, bar, higher = CASES[name]
     rng = random.Random(f"{seed}-{name}")
     runs = []
+    load, t0, busy0, own0 = os.getloadavg()[0], time.monotonic(), busy_s(), own_s()
     for i in range(trials):
         r = trial(name, i, rng, timeout_s)
         runs.append(r)
@@ -248,6 +249,8 @@ def run_case(name: str, trials: int, give_up: int, seed: int, timeout_s: float) 
         "recovery_s_median": round(statistics.median(rec), 3) if rec else None,
         "recovery_s_max": round(max(rec), 3) if rec else None,
         "failures": sorted({r["why"] for r in runs if not r.get("ok")}),
+        "loadavg_1m": round(load, 2),
+        "foreign_cpu_pct": round(foreign_cpu_pct(busy0, own0, time.monotonic() - t0), 1),
     }
     if runs and runs[-1].get("refused"):
         line["refused"] = runs[-1]["why"]
