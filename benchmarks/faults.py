@@ -242,6 +242,9 @@ def run_case(name: str, trials: int, give_up: int, seed: int, timeout_s: float) 
         "acked_lost": sum(max(0, r["acked"] - r["applied"]) for r in done),
         "acked_minus_applied": [r["acked"] - r["applied"] for r in done],
         "unanswered": [r["unanswered"] for r in done],
+        # Trials whose servers applied more than acknowledged + unanswered (the README's
+        # bound: pushes_acked <= pushes_applied <= pushes_acked + pushes_unanswered).
+        "beyond_bound": sum(r["applied"] - r["acked"] > r["unanswered"] for r in done),
         "metric": metric, "bar": bar,
         "metric_median": statistics.median(values) if values else None,
         "metric_worst": (min(values) if higher else max(values)) if values else None,

@@ -97,6 +97,7 @@ class Job:
             after_step = self.model.on_clock
             self.model.on_clock = lambda clock: (after_step(clock), self._save_cursor(clock),
                                                  self._count_step())
+            self._count_step(completed=False)  # the first step's pushes may go out next
         self._resume_tracked()
         if isinstance(optimizer, torch.optim.Optimizer):
             return self.model, self.model.optimizer_handle
@@ -184,11 +185,18 @@ class Job:
             {"epoch": s.epoch, "taken": s.taken} for s in self.tracked]}))
         os.replace(tmp, path)
 
-    def _count_step(self) -> None:
-        """Keep this worker's acknowledged pushes where a replacement finds them."""
+    def _count_step(self, completed: bool = True) -> None:
+        """Keep this worker's acknowledged pushes where a replacement finds them, and how
+        many the next step sends: a kill before its end leaves up to that many applied
+        without their answer having been counted (every partition, and every table's
+        row push to every server: ``pushes_unanswered`` bounds ``applied - acked``)."""
         tally, client = self.session.tally, getattr(self.model, "client", None)
-        if tally is not None and client is not None:
+        if tally is None or client is None:
+            return
+        if completed:
             tally.step(acked=client.pushes_acked)
+        tables = getattr(self.model, "tables", ())
+        tally.open_step(len(client.parts) + len(tables) * len(client.servers))
 
     def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
         """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at

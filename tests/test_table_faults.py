@@ -69,6 +69,11 @@ def test_killed_worker_in_a_sync_job_with_tables_rejoins(tmp_path):
     assert 0 < first < steps, summary
     assert min(summary["short_clocks"]) > 0, summary
     assert summary["steps"] == steps and summary["eval_accuracy"] >= 0.8, summary
+    # Every acknowledgement of both lives counted, table row pushes included; what the
+    # servers applied beyond them is bounded by the pushes of the step the kill cut
+    # (partitions plus each table's push to each server).
+    acked, applied = summary["pushes_acked"], summary["pushes_applied"]
+    assert acked <= applied <= acked + summary["pushes_unanswered"], summary
 
 
 @pytest.mark.parametrize("mode", ["sync", "hybrid"])

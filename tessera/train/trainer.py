@@ -137,15 +137,11 @@ def main(data=None) -> None:
     if tally is not None:
         tally.restart_clock()  # the job's clock: the first life's loop start
     t_window, samples_window = t_start, 0
-    client = getattr(model, "client", None)
-    pushes_per_step = len(client.parts) if client is not None and hasattr(model, "on_clock") else 0
     loss_value = float("nan")
     eval_s = 0.0
     for step in range(first_step + 1, steps + 1):
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
-        if tally is not None and pushes_per_step:
-            tally.open_step(pushes_per_step)  # a kill from here on leaves pushes unanswered
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
