@@ -74,6 +74,8 @@ class Launcher:
         #: A worker process with its imports done, waiting to replace a dead worker
         #: (``--max-restarts``; :mod:`tessera.train.standby`), and its log.
         self.standby: Optional[subprocess.Popen] = None
+        #: ``--replication 2 --max-restarts``: a standby server for the next replacement.
+        self.server_standby: Optional[subprocess.Popen] = None
         self._standby_log = None
         #: allreduce/hybrid: the next generation's processes, imports done (one standby per
         #: process of this launcher's share: (role, rank) -> process), waiting for a re-form.
@@ -113,6 +115,9 @@ class Launcher:
         elif self._group_mode():
             proc = self._hand_over(self.next_generation.pop((role, rank), None), cmd,
                                    child_env, log_path)
+        elif role == "server":
+            proc, self.server_standby = self.server_standby, None
+            proc = self._hand_over(proc, cmd, child_env, log_path)
         else:
             proc = self._from_standby(cmd, child_env, log_path) if role == "worker" else None
         if proc is None:
@@ -133,6 +138,15 @@ class Launcher:
                 and not self._group_mode()
                 and any(n > 0 for n in self.restarts_left.values())
                 and standby_runs(self.worker_cmd, sys.executable)
+                and (self.run_dir / "config.json").exists())
+
+    def _wants_server_standby(self) -> bool:
+        """A standby server is kept while a dead server may still be replaced: a fresh
+        process spent seconds importing torch, and a death late in a run left the job
+        without its second copy until the end."""
+        return (self.server_standby is None and bool(self._env)
+                and not self._group_mode() and self.cfg.ps.replication == 2
+                and any(n > 0 for n in self.server_restarts_left.values())
                 and (self.run_dir / "config.json").exists())
 
     def _start_standby(self, role: str = "", rank: int = -1) -> subprocess.Popen:
@@ -172,8 +186,8 @@ class Launcher:
         return proc
 
     def _stop_standby(self) -> None:
-        procs = [self.standby, *self.next_generation.values()]
-        self.standby, self.next_generation = None, {}
+        procs = [self.standby, self.server_standby, *self.next_generation.values()]
+        self.standby, self.server_standby, self.next_generation = None, None, {}
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.stdin.close()  # end of input: it exits
@@ -467,6 +481,8 @@ class Launcher:
                 progress()
             if self._wants_standby():
                 self._start_standby()
+            if self._wants_server_standby():
+                self.server_standby = self._start_standby("server")
             self._keep_next_generation()
             if first_failure is None and self._regroup_elsewhere():
                 continue  # every process of this node is new: look again
