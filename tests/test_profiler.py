@@ -98,8 +98,9 @@ def test_trace_is_chrome_json_with_spans_from_every_process(straggler_run):
 
 def test_report_names_the_hot_server(tmp_path):
     # One worker (no one to straggle behind) and four servers, server 0 holding about
-    # 10/13 of the bytes: balanced servers would save about 1 - (1/4)/(10/13) = 2/3 of
-    # the communication, the largest cost of a digits step (compute is ~1 ms).
+    # 10/13 of a 0.7 MB model's bytes in 20 KB partitions: balanced servers would save
+    # about 1 - (1/4)/(10/13) = 2/3 of the communication, the largest cost of a step
+    # whose batch is one sample (compute is small; no evaluation inside the timed steps).
     job = tmp_path / "hot.toml"
     job.write_text(textwrap.dedent("""
         name = "hot"
@@ -107,13 +108,19 @@ def test_report_names_the_hot_server(tmp_path):
         [cluster]
         workers = 1
         servers = 4
+        [model]
+        name = "mlp"
+        hidden = [512, 256]
         [data]
         dataset = "digits"
+        batch_size = 1
         [train]
         steps = 60
         threads = 1
+        eval_every = 1000
+        log_every = 1000
         [ps]
-        partition_mb = 0.005
+        partition_mb = 0.02
         server_weights = [10.0, 1.0, 1.0, 1.0]
     """))
     run_job(str(job), tmp_path / "run")

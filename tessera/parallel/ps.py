@@ -109,6 +109,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._first_push_ns = 0
         self._backward_start_ns = 0
         self._last_hook_ns = 0
+        #: Profiling: time spent sending pushes from backward's hooks this step (it is
+        #: communication, not compute: the report takes it out of backward).
+        self._send_ns = 0
         self.clock = start.clock
         self.mode = comm.mode
         self.is_first = is_first
@@ -251,10 +254,13 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             if self.profiler.enabled:
                 self._first_push_ns = self.profiler.now()
         hold = self.two_phase or self._hold
+        sent_from = self.profiler.now() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
             norm_type=self._norm_type if self._hold else 0.0)
+        if sent_from:
+            self._send_ns += self.profiler.now() - sent_from
 
     # --------------------------------------------------------------- phase 3
 
@@ -323,9 +329,11 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self.flat_grad.zero_()
         if prof.enabled:
             if self._backward_start_ns:
-                prof.add("backward", "compute", self._backward_start_ns,
-                         max(0, self._last_hook_ns - self._backward_start_ns))
-            self._backward_start_ns = 0
+                during = max(0, self._last_hook_ns - self._backward_start_ns)
+                sent = min(self._send_ns, during)  # pushes sent from backward's hooks
+                prof.add("backward", "compute", self._backward_start_ns, during - sent)
+                prof.add("send", "comm", self._backward_start_ns, sent)
+            self._backward_start_ns = self._send_ns = 0
             prof.add("wait", "comm", wait_start, int(waited * 1e9), clock=self.clock)
             prof.add("copy", "optimizer", copy_start,
                      prof.now() - copy_start + int(copy_s * 1e9))

@@ -2,7 +2,8 @@
 
 Per worker, each step is broken into data loading, compute (forward and
 backward), optimizer/copy (writing pulled values into the model), and the time
-spent in ``step()`` waiting for the servers' replies, which the servers' own
+spent sending pushes from backward's hooks (taken out of backward) and in
+``step()`` waiting for the servers' replies, which the servers' own
 counters split into *waiting for other workers* (a push sat at the server until
 the last worker's push of the same clock arrived) and *communication* (the
 rest). *Overlap* is the share of the time communication was in flight (first
@@ -62,7 +63,8 @@ def _overlap(spans) -> float:
 def _worker_row(doc: dict, servers: list[dict]) -> dict:
     spans = doc["spans"]
     steps = sum(1 for s in spans if s[0] == "wait") or 1
-    per = {k: _sum(spans, k) / steps for k in ("data", "forward", "backward", "wait", "copy")}
+    per = {k: _sum(spans, k) / steps for k in ("data", "forward", "backward", "wait", "copy",
+                                                "send")}
     # A worker waits on every server at once: average the per-partition barrier time
     # of each server, then over servers.
     per_server = []
@@ -78,8 +80,12 @@ def _worker_row(doc: dict, servers: list[dict]) -> dict:
         "rank": doc["rank"], "steps": steps, "step_ms": wall,
         "data_ms": per["data"], "forward_ms": per["forward"], "backward_ms": per["backward"],
         "compute_ms": compute, "optimizer_ms": per["copy"],
-        "waiting_ms": barrier_ms, "communication_ms": max(0.0, per["wait"] - barrier_ms),
-        "other_ms": max(0.0, wall - compute - per["data"] - per["copy"] - per["wait"]),
+        # Communication: waiting for the replies beyond the barrier, and sending the
+        # pushes from backward's hooks (taken out of backward).
+        "waiting_ms": barrier_ms,
+        "communication_ms": max(0.0, per["wait"] - barrier_ms) + per["send"],
+        "other_ms": max(0.0, wall - compute - per["data"] - per["copy"] - per["wait"]
+                        - per["send"]),
         "overlap": _overlap(spans),
     }
 
