@@ -33,7 +33,7 @@ import zmq
 
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
-from tessera.ps.replication import NOT_PROMOTED
+from tessera.ps.replication import NOT_PROMOTED, REPLACED
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
@@ -472,7 +472,10 @@ class PSClient:
             except ServerError as exc:
                 # A backup not yet promoted (it has not heard of its primary's death from
                 # the coordinator yet): ask again until it has, within the timeout.
-                if NOT_PROMOTED not in str(exc) or handle._request is None:
+                # Or a replacement at a dead server's address that this client has not
+                # heard of: route again (the coordinator's word arrives) and retry.
+                if not (NOT_PROMOTED in str(exc) or REPLACED in str(exc)) \
+                        or handle._request is None:
                     raise
                 if time.monotonic() > deadline:
                     raise ServerError(f"{exc} (still after {timeout_s or self.timeout_s:g} s "

@@ -55,6 +55,10 @@ from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 #: In a refusal: the server backs the partition up and will own it once the coordinator's
 #: word that its primary died arrives; the client asks again (PSClient).
 NOT_PROMOTED = "not promoted yet"
+#: A replacement server's answer for a partition it does not hold: it took its dead
+#: predecessor's address, so a client that has not heard of the death yet reaches it
+#: (the client routes again and retries, as for :data:`NOT_PROMOTED`).
+REPLACED = "a replacement holding none of its predecessor's partitions"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.push_checks import check_held, check_push
 from tessera.ps.partition import PartitionState, Reply
-from tessera.ps.replication import Replicas, Replicator
+from tessera.ps.replication import REPLACED, Replicas, Replicator
 from tessera.ps.server_profile import profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
@@ -72,6 +72,8 @@ class ParameterServer:
         self.parts = {p.id: PartitionState(info=p) for p in partitions}
         #: Copies this server keeps for its primary (replication).
         self.backups = {p.id: PartitionState(info=p) for p in replicas.backups}
+        #: Started by the launcher in a dead server's place (it holds only copies).
+        self.replacement = dict(replicas.lives).get(options.rank, 0) > 0
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
                           errors=0, skipped=0, apply_s=0.0, max_clock_gap=0, short_clocks=0,
                           departures=0, joins=0, replicated=0, promoted=0, checkpoints=0,
@@ -87,7 +89,7 @@ class ParameterServer:
             # the dense partitions) and forwards its own shards' updates to its backup.
             # A replacement server holds no shard of its own: it is given copies.
             backup_of = replicas.primary if replicas.primary != options.rank else -1
-            replacement = dict(replicas.lives).get(options.rank, 0) > 0
+            replacement = self.replacement
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
@@ -201,7 +203,8 @@ class ParameterServer:
                 st = self.replication.promote_for(pid)
             if st is None:
                 raise RequestError(f"partition {pid} is not held by this server "
-                                   f"(it holds {sorted(self.parts)})")
+                                   f"(it holds {sorted(self.parts)})"
+                                   + (f": {REPLACED}" if self.replacement else ""))
             states.append(st)
         if frames is not None:
             if len(frames) != len(ids):
