@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -39,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_s, foreign_cpu_pct, free_port, log, own_s  # noqa: E402
+import train_throughput  # noqa: E402  (its DDP process runner)
+from _machine import busy_s, foreign_cpu_pct, log, own_s  # noqa: E402
 
 WORKERS, SERVERS, BATCH = 2, 2, 8
 SYSTEMS = ("ps_fp32", "ps_bf16", "allreduce", "ddp")
@@ -126,39 +126,8 @@ def _ddp_rank(rank: int, port: int, job: str, steps: int, conn) -> None:
 
 
 def run_ddp(job: Path, steps: int, timeout_s: float) -> dict:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    os.environ.update(GLOO_SOCKET_IFNAME="lo")
-    deadline = time.monotonic() + timeout_s
-    pipes, procs = [], []
-    try:
-        for rank in range(WORKERS):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_ddp_rank, args=(rank, port, str(job), steps, child),
-                            daemon=True)
-            p.start()
-            child.close()
-            pipes.append(parent)
-            procs.append(p)
-        results = []
-        for rank, (conn, p) in enumerate(zip(pipes, procs)):
-            while not conn.poll(0.2):
-                if not p.is_alive() and not conn.poll(0):
-                    raise SystemExit(f"DDP rank {rank} exited with code {p.exitcode}")
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"DDP did not finish within {timeout_s:.0f} s")
-            r = conn.recv()
-            if "error" in r:
-                raise SystemExit(f"DDP rank {rank} failed:\n{r['error']}")
-            results.append(r)
-        for p in procs:
-            p.join(timeout=20)
-        return min(results, key=lambda r: r["samples_per_s"])
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+    return train_throughput.run_ranks(_ddp_rank, (str(job), steps),
+                                      time.monotonic() + timeout_s, world=WORKERS)
 
 
 def main() -> None:

@@ -162,14 +162,20 @@ def _ddp_rank(rank: int, port: int, steps: int, warmup: int, batch_size: int, co
 
 
 def run_ddp(steps: int, warmup: int, batch_size: int, deadline: float) -> dict:
+    return run_ranks(_ddp_rank, (steps, warmup, batch_size), deadline)
+
+
+def run_ranks(target, args: tuple, deadline: float, world: int = WORKERS) -> dict:
+    """``world`` spawned processes of ``target(rank, port, *args, conn)``, each sending
+    one dict back (``error``: its traceback); the slowest rank's dict."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     os.environ.update(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     pipes, procs = [], []
     try:
-        for rank in range(WORKERS):
+        for rank in range(world):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_ddp_rank, args=(rank, port, steps, warmup, batch_size, child),
+            p = ctx.Process(target=target, args=(rank, port, *args, child),
                             name=f"ddp{rank}", daemon=True)
             p.start()
             child.close()
