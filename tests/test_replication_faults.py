@@ -7,6 +7,8 @@ and every acknowledged push was applied on a surviving copy, once.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import signal
@@ -140,6 +142,66 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
             ep.close()
 
 
+@contextlib.contextmanager
+def _async_pair(ctx, workers: int, intercept):
+    """Two in-process async servers, each the other's backup (``answer_early``), serving
+    on threads; ``intercept(on_replicate)`` wraps server 1's handler of forwarded updates.
+    Yields (model, shard map, servers, stops, threads, membership, clients of ``workers``
+    workers, connected, retaining their last answered push)."""
+    import threading
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_faults_inproc import Membership
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 2, 10_000)
+    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
+    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
+                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
+    membership, stops = Membership(), [threading.Event() for _ in range(2)]
+    servers = [ParameterServer(
+        ServerOptions(rank=r, num_workers=workers, num_servers=2, mode="async", timeout_s=3.0),
+        endpoint=eps[r], partitions=shard_map.on_server(r),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
+        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
+                          primary=1 - r, answer_early=True)) for r in range(2)]
+    backup = servers[1].replication
+    backup.on_replicate = intercept(backup.on_replicate)
+    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
+    for t in threads:
+        t.start()
+    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
+                        secret=SECRET, worker=w, timeout_s=TIMEOUT_S, retain=True,
+                        dead_servers=lambda: membership.dead) for w in range(workers)]
+    try:
+        for c in clients:
+            c.connect()
+        yield model, shard_map, servers, stops, threads, membership, clients
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5)
+        for c in clients:
+            c.close()
+        for ep in peers + eps:
+            ep.close()
+
+
+def _wait_backup_acked(servers, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while servers[0].replication.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not servers[0].replication.pending(), f"the backup never acked {what}"
+
+
 def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
     """answer_early: a push is answered before its own update is on the backup. Here the
     backup drops that update (as if the primary died with it unsent); after the primary
@@ -149,54 +211,25 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
 
     import torch
 
-    from tessera.config.schema import OptimizerConfig
-    from tessera.parallel.flat import param_layout
-    from tessera.ps.client import PSClient
-    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
-    from tessera.ps.sharding import plan_shards
-    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
-    from tests.test_faults_inproc import Membership
-    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+    from tests.test_server_inproc import flat_of
 
-    model = small_model(0)
-    shard_map = plan_shards(param_layout(model), 2, 10_000)
-    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
-    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
-                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
-    membership, stops = Membership(), [threading.Event() for _ in range(2)]
-    servers = [ParameterServer(
-        ServerOptions(rank=r, num_workers=1, num_servers=2, mode="async", timeout_s=3.0),
-        endpoint=eps[r], partitions=shard_map.on_server(r),
-        optimizer=OptimizerConfig(name="sgd", lr=0.1),
-        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
-        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
-                          primary=1 - r, answer_early=True)) for r in range(2)]
-    backup = servers[1].replication
     dropping = threading.Event()
-    on_replicate = backup.on_replicate
 
-    def drop_updates(peer, msg, frames):  # the lost update: never applied, never acked
-        if not (dropping.is_set() and msg.kind == "grad"):
-            on_replicate(peer, msg, frames)
-    backup.on_replicate = drop_updates
-    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
-    for t in threads:
-        t.start()
-    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
-                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S, retain=True,
-                      dead_servers=lambda: membership.dead)
-    try:
-        client.connect()
+    def intercept(on_replicate):
+        def drop_updates(peer, msg, frames):  # the lost update: never applied, never acked
+            if not (dropping.is_set() and msg.kind == "grad"):
+                on_replicate(peer, msg, frames)
+        return drop_updates
+
+    with _async_pair(ctx, 1, intercept) as (model, shard_map, servers, stops, threads,
+                                            membership, (client,)):
         client.init_params(flat_of(model))
         (part,) = shard_map.on_server(0)
         grad = torch.ones(part.stop - part.start)
         client.push(part.id, grad, 0).wait()
         # Push 0's update acked by the backup (answer_early answered push 0 before that):
         # push 1 is then answered at once, while the backup drops its update.
-        deadline = time.monotonic() + 20
-        while servers[0].replication.pending() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not servers[0].replication.pending(), "the backup never acked push 0"
+        _wait_backup_acked(servers, "push 0")
         dropping.set()
         client.push(part.id, grad, 1).wait()  # answered; the backup drops its update
         assert client.pushes_acked == 2
@@ -210,14 +243,6 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
         assert survivor.applied_pushes == client.pushes_acked == 2
         torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
                                    rtol=0, atol=0)
-    finally:
-        for s in stops:
-            s.set()
-        for t in threads:
-            t.join(timeout=5)
-        client.close()
-        for ep in peers + eps:
-            ep.close()
 
 
 def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
@@ -229,56 +254,26 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
 
     import torch
 
-    from tessera.config.schema import OptimizerConfig
-    from tessera.parallel.flat import param_layout
-    from tessera.ps.client import PSClient
-    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
-    from tessera.ps.sharding import plan_shards
-    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
-    from tests.test_faults_inproc import Membership
-    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+    from tests.test_server_inproc import flat_of
 
-    model = small_model(0)
-    shard_map = plan_shards(param_layout(model), 2, 10_000)
-    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
-    peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
-                            sndtimeo_s=TIMEOUT_S) for r in range(2)]
-    membership, stops = Membership(), [threading.Event() for _ in range(2)]
-    servers = [ParameterServer(
-        ServerOptions(rank=r, num_workers=2, num_servers=2, mode="async", timeout_s=3.0),
-        endpoint=eps[r], partitions=shard_map.on_server(r),
-        optimizer=OptimizerConfig(name="sgd", lr=0.1),
-        hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
-        replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
-                          primary=1 - r, answer_early=True)) for r in range(2)]
-    backup = servers[1].replication
     stalling, stalled = threading.Event(), []
-    on_replicate = backup.on_replicate
 
-    def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
-        if msg.kind == "grad" and (stalled or (stalling.is_set() and msg.worker == 1)):
-            stalled.append(msg)
-            return
-        on_replicate(peer, msg, frames)
-    backup.on_replicate = stall
-    threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
-    for t in threads:
-        t.start()
-    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
-                        secret=SECRET, worker=w, timeout_s=TIMEOUT_S, retain=True,
-                        dead_servers=lambda: membership.dead) for w in range(2)]
-    try:
-        for c in clients:
-            c.connect()
+    def intercept(on_replicate):
+        def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
+            if msg.kind == "grad" and (stalled or (stalling.is_set() and msg.worker == 1)):
+                stalled.append(msg)
+                return
+            on_replicate(peer, msg, frames)
+        return stall
+
+    with _async_pair(ctx, 2, intercept) as (model, shard_map, servers, stops, threads,
+                                            membership, clients):
         clients[0].init_params(flat_of(model))
         (part,) = shard_map.on_server(0)
         grad = torch.ones(part.stop - part.start)
         for c in clients:
             c.push(part.id, grad, 0).wait()
-        deadline = time.monotonic() + 20
-        while servers[0].replication.pending() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not servers[0].replication.pending(), "the backup never acked clock 0"
+        _wait_backup_acked(servers, "clock 0")
         stalling.set()
         clients[1].push(part.id, grad, 1).wait()  # its update stalls on the backup
         started = time.monotonic()
@@ -296,12 +291,3 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
         assert survivor.applied_pushes == acked == 4
         torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
                                    rtol=0, atol=0)
-    finally:
-        for s in stops:
-            s.set()
-        for t in threads:
-            t.join(timeout=5)
-        for c in clients:
-            c.close()
-        for ep in peers + eps:
-            ep.close()
