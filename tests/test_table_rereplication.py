@@ -15,22 +15,34 @@ from tests.harness import wait_for
 from tests.test_table_faults import finish, kill_mid_training, launch, metric_lines
 
 
+def log_text(out, name: str) -> str:
+    path = out / "logs" / name
+    return path.read_text() if path.exists() else ""
+
+
+def kill_once_copied(job, out, copied: str, what: str, victim: int, check=None) -> None:
+    """Wait until the coordinator logs ``copied`` (a second copy reported), run ``check``,
+    then kill -9 server ``victim`` while training goes on."""
+    wait_for(lambda: copied in log_text(out, "coordinator-0.log")
+             or job.proc.poll() is not None, 60, what)
+    assert job.proc.poll() is None, log_text(out, "coordinator-0.log")
+    if check is not None:
+        check()
+    kill_mid_training(job, out, "server", victim, metric_lines(out) + 2)
+
+
+
 def test_a_table_shard_survives_the_death_of_its_second_holder(tmp_path):
     out = tmp_path / "run"
     steps = 160
     job = launch(out, "--servers", "3", "--replication", "2", steps=steps, sleep=0.02)
     kill_mid_training(job, out, "server", 1, 4)
-    logs = out / "logs"
+    kill_once_copied(job, out, "table shards of servers [1] have their second copy on server 0",
+                     "server 2's copy of shard 1 on server 0, reported", victim=2)
+    summary = finish(job, out)
 
     def text(name: str) -> str:
-        path = logs / name
-        return path.read_text() if path.exists() else ""
-    wait_for(lambda: "table shards of servers [1] have their second copy on server 0"
-             in text("coordinator-0.log") or job.proc.poll() is not None, 60,
-             "server 2's copy of shard 1 on server 0, reported")
-    assert job.proc.poll() is None, text("coordinator-0.log")
-    kill_mid_training(job, out, "server", 2, metric_lines(out) + 2)  # training goes on
-    summary = finish(job, out)
+        return log_text(out, name)
     assert sorted(summary["dead_servers"]) == [1, 2], summary
     # Per step and worker: one push per partition and one per table per shard (3).
     expected = steps * 2 * (summary["partitions"] + 3)
@@ -53,18 +65,15 @@ def test_a_replacement_server_is_given_the_table_shards(tmp_path):
     steps = 240  # a replacement process starts (seconds) while training runs
     job = launch(out, "--replication", "2", "--max-restarts", "1", steps=steps, sleep=0.02)
     kill_mid_training(job, out, "server", 1, 4)
-    logs = out / "logs"
+    def joined() -> None:
+        assert "joined the running job" in log_text(out, "server-1.log")
+    kill_once_copied(job, out, "table shards of servers [0, 1] have their second copy on "
+                     "server 1", "server 0's copy of both table shards on the replacement, "
+                     "reported", victim=0, check=joined)
+    summary = finish(job, out)
 
     def text(name: str) -> str:
-        path = logs / name
-        return path.read_text() if path.exists() else ""
-    wait_for(lambda: "table shards of servers [0, 1] have their second copy on server 1"
-             in text("coordinator-0.log") or job.proc.poll() is not None, 60,
-             "server 0's copy of both table shards on the replacement, reported")
-    assert job.proc.poll() is None, text("coordinator-0.log")
-    assert "joined the running job" in text("server-1.log")
-    kill_mid_training(job, out, "server", 0, metric_lines(out) + 2)
-    summary = finish(job, out)
+        return log_text(out, name)
     replaced = summary["servers_replaced"]  # server 0's replacement may join before the end
     assert replaced.get("1") == 1 and summary["dead_servers"] == ([] if "0" in replaced
                                                                    else [0]), summary
