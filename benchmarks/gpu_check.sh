@@ -30,7 +30,12 @@ run() {  # name, args...
 run fp32 "$job"
 run bf16 "$job" --precision bf16
 run fp16 "$job" --precision fp16
-run nccl "$job" --mode allreduce --servers 0 --workers 1
+# NCCL needs one GPU per rank (two ranks on one device fail with "Duplicate GPU detected"):
+# 2 workers where the machine has 2+ GPUs, else 1, and the JSON says which.
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+nccl_workers=$(( ngpu >= 2 ? 2 : 1 ))
+echo "nccl all-reduce with $nccl_workers worker(s) on $ngpu GPU(s)"
+run nccl "$job" --mode allreduce --servers 0 --workers $nccl_workers
 run cpu examples/mnist.toml
 # A model big enough for the GPU to matter: a character transformer (dim 256, 4 blocks,
 # context 128, batch 64) on the Shakespeare texts, 150 steps, one worker.
@@ -42,10 +47,10 @@ sed -e 's/^dim = .*/dim = 256/' -e 's/^layers = .*/layers = 4/' -e 's/^context =
 run lm_fp32 "$lm" --stages 1 --workers 1
 run lm_bf16 "$lm" --stages 1 --workers 1 --precision bf16
 run lm_ps_bf16 "$lm" --stages 1 --workers 1 --mode sync --servers 1 --precision bf16
-$py - "$out" <<'EOF'
+$py - "$out" "$nccl_workers" <<'EOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-res = {"bench": "gpu_check"}
+res = {"bench": "gpu_check", "nccl_workers": int(sys.argv[2])}
 for name in ("fp32", "bf16", "fp16", "nccl", "cpu", "lm_fp32", "lm_bf16", "lm_ps_bf16"):
     p = out / name / "summary.json"
     if not p.exists():
