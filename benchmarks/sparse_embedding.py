@@ -196,34 +196,36 @@ _TABLE = {}
 
 
 class _RpcTable:
-    """A plain embedding server: dict id -> slot, growable fp32 rows, Adagrad state."""
+    """A plain embedding server: the same vectorised id index as Tessera's shard
+    (:class:`tessera.ps.embedding_index.IdIndex`, whole batches at a time, no per-id
+    Python), growable fp32 rows, Adagrad state; so that the ratio measures the
+    system around the table (transport, dispatch, validation), not the index."""
 
     def __init__(self):
         import torch
-        self.slot_of: dict[int, int] = {}
+
+        from tessera.ps.embedding_index import IdIndex
+        self.index = IdIndex()
         self.values = torch.empty((1024, DIM))
         self.sums = torch.zeros((1024, DIM))
         self.lock = threading.Lock()  # TensorPipe runs requests on a thread pool
 
     def slots(self, ids):
-        import numpy as np
         import torch
-        get = self.slot_of.get
-        id_list = ids.tolist()
-        slots = np.fromiter((get(i, -1) for i in id_list), dtype=np.int64, count=len(id_list))
-        missing = np.flatnonzero(slots < 0)
-        if len(missing):  # lazily create rows: uniform in (-0.01, 0.01)
-            n = len(self.slot_of)
-            new = np.arange(n, n + len(missing), dtype=np.int64)
-            slots[missing] = new
-            self.slot_of.update(zip((id_list[i] for i in missing.tolist()), new.tolist()))
-            need = n + len(missing)
-            if need > self.values.shape[0]:
-                cap = max(need, 2 * self.values.shape[0])
+        ids = ids.numpy()
+        slots = self.index.find(ids)
+        missing = slots < 0
+        if missing.any():  # lazily create rows: uniform in (-0.01, 0.01)
+            slots[missing] = self.index.insert(ids[missing], 0)
+            need = self.index.slots.end
+            n = self.values.shape[0]
+            if need > n:
+                cap = max(need, 2 * n)
                 values, sums = torch.empty((cap, DIM)), torch.zeros((cap, DIM))
-                values[:n], sums[:n] = self.values[:n], self.sums[:n]
+                values[:n], sums[:n] = self.values, self.sums
                 self.values, self.sums = values, sums
-            self.values[n:need] = torch.rand((len(missing), DIM)).mul_(0.02).sub_(0.01)
+            new = torch.from_numpy(slots[missing])
+            self.values.index_copy_(0, new, torch.rand((len(new), DIM)).mul_(0.02).sub_(0.01))
         return torch.from_numpy(slots)
 
     def pull(self, ids):
@@ -256,7 +258,7 @@ def _rpc_push(ids, grads):
 
 
 def _rpc_rows() -> int:
-    return len(_TABLE["emb"].slot_of)
+    return len(_TABLE["emb"].index)
 
 
 def _rpc_server(rank: int, world: int, port: int, conn) -> None:
@@ -311,6 +313,45 @@ class RpcSystem:
         return [rpc.rpc_sync(f"ps{s}", _rpc_rows) for s in range(self.servers)]
 
 
+# ------------------------------------------------------------- local limit
+
+
+class LocalSystem:
+    """The local limit: the same table trained in this one process, as a single-machine
+    recommender does it: ``nn.Embedding(V, 64, sparse=True)`` and ``torch.optim.Adagrad``
+    (lr 0.05, which takes sparse gradients), with the ids mapped to a contiguous vocabulary
+    of the V distinct ids of the whole run *beforehand*, outside the timed phases (a
+    recommender builds its vocabulary offline). Pull: the forward lookup of the batch's
+    unique ids; push: backward of the same gradient rows, ``step()``, ``zero_grad()``."""
+
+    name = "local"
+
+    def __init__(self, vocab):
+        import torch
+        from torch import nn
+        self.vocab = vocab
+        self.emb = nn.Embedding(len(vocab), DIM, sparse=True)
+        with torch.no_grad():
+            self.emb.weight.uniform_(-0.01, 0.01)
+        self.opt = torch.optim.Adagrad(self.emb.parameters(), lr=LR, eps=EPS)
+        self.out = None
+
+    def remap(self, ids):
+        import numpy as np
+        import torch
+        return torch.from_numpy(np.searchsorted(self.vocab, ids))
+
+    def pull(self, parts):
+        self.out = self.emb(parts[0])
+        return [self.out]
+
+    def push(self, parts, grads):
+        self.out.backward(grads[0])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.out = None
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -321,11 +362,16 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
     from tessera.ps.embedding_ids import owner_of
     out = []
     for ids in batches:
+        # The local limit's vocabulary mapping is made offline (untimed).
+        local = [system.remap(ids)] if system.name == "local" else None
         c0 = _cpu_s(pids, missing_ok=True)
         p0 = time.process_time()
         t0 = time.perf_counter()
-        owners = owner_of(ids, servers) if servers > 1 else None
-        parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
+        if local is not None:
+            parts = local
+        else:
+            owners = owner_of(ids, servers) if servers > 1 else None
+            parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
         rows = system.pull(parts)
         t1 = time.perf_counter()
         p1 = time.process_time()
@@ -354,7 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per system and case")
     ap.add_argument("--iters", type=int, default=8, help="timed iterations per round")
     ap.add_argument("--rounds", type=int, default=4, help="rounds; the systems alternate")
-    ap.add_argument("--systems", default="tessera,rpc", help="subset of tessera,rpc")
+    ap.add_argument("--systems", default="tessera,rpc,local",
+                    help="subset of tessera,rpc,local")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server loops into DIR/*.prof")
@@ -365,7 +412,7 @@ def main(argv=None) -> int:
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
         a.profile = os.path.abspath(a.profile)
-    systems = [s for s in ("tessera", "rpc") if s in a.systems.split(",")]
+    systems = [s for s in ("tessera", "rpc", "local") if s in a.systems.split(",")]
     os.environ.update(GLOO_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                       OMP_NUM_THREADS="1")
 
@@ -391,6 +438,7 @@ def main(argv=None) -> int:
         per_case = a.warmup + a.rounds * a.iters
         batches = {b: zipf_batches(b, per_case, seed=b) for b in a.batches}
         max_rows = max(len(ids) for bs in batches.values() for ids in bs)
+        vocab = np.unique(np.concatenate([ids for bs in batches.values() for ids in bs]))
         grad_pool = torch.randn((max_rows, DIM), generator=torch.Generator().manual_seed(1))
         grad_pool.mul_(0.1)
         _log("unique ids per batch: " + ", ".join(
@@ -423,6 +471,9 @@ def main(argv=None) -> int:
                 rpc_sys.reset()
                 runners["rpc"] = rpc_sys
                 pids["rpc"] = rpc_pids[:servers]
+            if "local" in systems:
+                runners["local"] = LocalSystem(vocab)
+                pids["local"] = []
             for b in a.batches:
                 bs = batches[b]
                 timed = {k: [] for k in runners}
@@ -459,11 +510,14 @@ def main(argv=None) -> int:
                         1e6 * sum(x[5] for x in its) / rows_total, 2)
                     row[f"{name}_client_cpu_us_per_pushed_row"] = round(
                         1e6 * sum(x[6] for x in its) / rows_total, 2)
-                if "tessera" in timed and "rpc" in timed:
-                    row["tessera_vs_rpc_pull"] = round(row["tessera_pull_rows_per_s"]
-                                                       / row["rpc_pull_rows_per_s"], 3)
-                    row["tessera_vs_rpc_push"] = round(row["tessera_push_rows_per_s"]
-                                                       / row["rpc_push_rows_per_s"], 3)
+                    row[f"{name}_rows_per_s"] = round(statistics.median(
+                        n / (tp + tq) for n, tp, tq, *_ in its))
+                for other in ("rpc", "local"):
+                    if "tessera" in timed and other in timed:
+                        for phase in ("pull_", "push_", ""):
+                            row[f"tessera_vs_{other}" + (f"_{phase[:-1]}" if phase else "")] = \
+                                round(row[f"tessera_{phase}rows_per_s"]
+                                      / row[f"{other}_{phase}rows_per_s"], 3)
                 row["timed_iters"] = a.rounds * a.iters
                 results.append(row)
                 _log(f"  batch {b:>7,d} ({row['unique_rows']} unique), {servers} server(s): " +
