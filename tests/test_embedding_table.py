@@ -347,7 +347,7 @@ def test_initial_rows_across_blocks_match_the_reference():
                      rtol=0, atol=0)
 
 
-def test_sorted_index_matches_a_dict_through_inserts_and_evictions():
+def test_id_index_matches_a_dict_through_inserts_and_evictions():
     from tessera.ps.embedding_index import IdIndex
     rng = np.random.default_rng(5)
     index, ref = IdIndex(), {}
