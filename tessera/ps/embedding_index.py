@@ -35,6 +35,30 @@ def grown(array, needed: int):
     return out
 
 
+def rows_view(t: torch.Tensor) -> np.ndarray:
+    """A 1-D numpy view of the contiguous 2-D tensor ``t`` with one opaque item per
+    row: numpy moves a row as one ``memcpy`` of its bytes, which makes gathers and
+    scatters of whole rows an order of magnitude faster than ``index_select`` and
+    ``index_copy_`` (those step element by element); the bytes are the same."""
+    return t.numpy().view(np.dtype((np.void, t.shape[1] * t.element_size()))).reshape(-1)
+
+
+def gather_rows(src: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+    """``src[slots]`` (rows, repeats allowed) as a new contiguous tensor."""
+    out = np.take(rows_view(src), slots)
+    return torch.from_numpy(out.view(src.numpy().dtype).reshape(len(slots), src.shape[1]))
+
+
+def scatter_rows(dst: torch.Tensor, slots: np.ndarray, rows: torch.Tensor) -> None:
+    """``dst[slots] = rows`` (``slots`` unique; ``rows`` of ``dst``'s dtype and width)."""
+    rows_view(dst)[slots] = rows_view(rows.contiguous())
+
+
+def fill_rows(dst: torch.Tensor, slots: np.ndarray, value: float) -> None:
+    """``dst[slots] = value``."""
+    rows_view(dst)[slots] = rows_view(torch.full((1, dst.shape[1]), value, dtype=dst.dtype))[0]
+
+
 class Slots:
     """Slot numbers ``0 .. end - 1`` handed out and taken back; freed ones are reused."""
 

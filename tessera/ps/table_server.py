@@ -233,7 +233,7 @@ class TableService:
         if w.ids is None:
             self.send(w.peer, wire.Ack(req=msg.req))
             return
-        rows = st.shard.lookup(w.ids, st.clock).to(torch_dtype(msg.dtype))
+        rows = st.shard.lookup(w.ids, st.clock, checked=True).to(torch_dtype(msg.dtype))
         self.stats["rows_pulled"] += len(w.ids)
         self.stats["bytes_sent"] += rows.numel() * itemsize(msg.dtype)
         self.send(w.peer, wire.Rows(req=msg.req, table=msg.table, clock=st.clock,
@@ -256,15 +256,13 @@ class TableService:
         ids = _ids_from(frames[0], msg.table).copy()
         dim = st.spec.dim
         grads = frame_to_tensor_checked(frames[1], msg.dtype, len(ids) * dim, msg.table)
-        grads = grads.to(torch.float32).reshape(len(ids), dim) / msg.scale
-        try:
-            st.shard.check_ids(ids)
+        grads = grads.to(torch.float32).reshape(len(ids), dim)
+        if msg.scale != 1.0:
+            grads = grads / msg.scale
+        try:  # the one validation of a push: ids, uniqueness, shape, finite rows
+            st.shard.check_update(ids, grads)
         except TableError as exc:
             raise RequestError(str(exc)) from None
-        if len(np.unique(ids)) != len(ids):
-            raise RequestError(f"table {msg.table!r}: pushed ids must be unique")
-        if not bool(torch.isfinite(grads).all()):
-            raise RequestError(f"table {msg.table!r}: gradient rows are not finite")
         policy = self.policy
         if msg.seq <= st.last_seq.get(msg.worker, -1):
             # A re-sent push, already taken: answered as the original will be.
@@ -293,9 +291,10 @@ class TableService:
             if policy.complete(st):
                 self._apply_clock(st)
             return
-        grads = grads / self.num_workers
+        if self.num_workers != 1:
+            grads = grads / self.num_workers
         self._replicate(st, ids, grads, pushes=1, worker=msg.worker, seq=msg.seq)
-        st.shard.apply(ids, grads, st.clock)
+        st.shard.apply(ids, grads, st.clock, checked=True)
         st.applied_pushes += 1
         if policy.answers_at_once:
             self.send(peer, wire.Ack(req=msg.req))
