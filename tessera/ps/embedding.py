@@ -127,12 +127,21 @@ class EmbeddingShard(ShardState):
     # ---- storage ----------------------------------------------------------------
 
     def _create(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        first_fresh = self._rows.slots.end
         slots = self._rows.insert(ids, clock)
         end = self._rows.slots.end
         self._values = grown(self._values, end)
         self._state_slot = grown(self._state_slot, end)
         spec = self.spec
-        scatter_rows(self._values, slots, initial_rows(ids, spec.dim, spec.seed, spec.init_scale))
+        n = len(slots)
+        if n and slots[0] == first_fresh and end - first_fresh == n:
+            # Only fresh slots, in order (no freed ones to reuse): the initial rows are
+            # computed straight into their storage.
+            initial_rows(ids, spec.dim, spec.seed, spec.init_scale,
+                         out=self._values[first_fresh:end].numpy())
+        else:
+            scatter_rows(self._values, slots,
+                         initial_rows(ids, spec.dim, spec.seed, spec.init_scale))
         self._state_slot[slots] = -1
         return slots
 
@@ -140,14 +149,23 @@ class EmbeddingShard(ShardState):
         return initial_state(self.optimizer, name, n, self.spec.dim)
 
     def _state_of(self, slots: np.ndarray) -> np.ndarray:
-        """State slots of row ``slots``, allocating (initialised) ones where missing."""
+        """State slots of row ``slots``, allocating (initialised) ones where missing.
+
+        New state rows are allocated in bulk: storage grows at most once per call, and
+        rows never used before are zero already (:func:`grown`), so only reused rows,
+        or any rows when the initial value is not 0 (adagrad's
+        ``initial_accumulator_value``), are filled."""
         missing = slots[self._state_slot[slots] < 0]
         if len(missing):
+            first_fresh = self._state_slots.end
             new = self._state_slots.take(len(missing))
             for name, array in self._state.items():
                 array = grown(array, self._state_slots.end)
                 fill = self.optimizer.initial_accumulator_value if name == "sum" else 0.0
-                fill_rows(array, new, fill)
+                zero = fill == 0 and math.copysign(1.0, fill) > 0  # +0.0, as fresh rows
+                fill_at = new[new < first_fresh] if zero else new
+                if len(fill_at):
+                    fill_rows(array, fill_at, fill)
                 self._state[name] = array
             self._state_slot[missing] = new
             self._num_state_rows += len(new)

@@ -14,22 +14,47 @@ per id.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import numpy as np
 import torch
 
 #: Rows of storage allocated at first growth; later growth doubles (amortised O(1)).
 _MIN_CAPACITY = 64
+#: Row storage (a tensor) at least this large is an anonymous memory map: the kernel
+#: hands out its pages, zeroed, only when first touched, so capacity not used yet
+#: costs address space, not memory. Such storage grows 8x at a time (each growth
+#: copies the rows held, so 8x copies a seventh as much as doubling does), and asks
+#: for transparent huge pages where the kernel offers them (a first touch faults
+#: 2 MiB at once, and random row reads miss the TLB far less).
+_MAPPED_BYTES = 8 << 20
+_MAPPED_GROWTH = 8
+
+
+def zero_rows(rows: int, tail: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor ``[rows, *tail]``; big ones mapped (see ``_MAPPED_BYTES``)."""
+    nbytes = rows * math.prod(tail) * dtype.itemsize
+    if nbytes < _MAPPED_BYTES:
+        return torch.zeros((rows, *tail), dtype=dtype)
+    area = mmap.mmap(-1, nbytes)  # anonymous, zero; unmapped when the tensor is freed
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        area.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(area, dtype=dtype).view(rows, *tail)
 
 
 def grown(array, needed: int):
-    """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling."""
+    """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling
+    (8x for mapped tensors). Rows of a tensor beyond those copied are zero."""
     have = array.shape[0]
     if have >= needed:
         return array
-    rows = max(needed, 2 * have, _MIN_CAPACITY)
     if isinstance(array, torch.Tensor):
-        out = torch.empty((rows, *array.shape[1:]), dtype=array.dtype)
+        growth = _MAPPED_GROWTH if array.nbytes >= _MAPPED_BYTES else 2
+        rows = max(needed, growth * have, _MIN_CAPACITY)
+        out = zero_rows(rows, tuple(array.shape[1:]), array.dtype)
     else:
+        rows = max(needed, 2 * have, _MIN_CAPACITY)
         out = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
     out[:have] = array
     return out
