@@ -20,13 +20,24 @@ Systems measured (same batches, same owner split, same client process):
   ``TableSpec(name="emb", dim=64, num_embeddings=None, optimizer=adagrad lr 0.05)``,
   ``mode="async"``, ``num_workers=1``; one :class:`tessera.ps.client.PSClient`.
 * ``rpc``: one ``torch.distributed.rpc`` (TensorPipe) server process per server
-  holding a plain ``dict`` id -> slot over a growable fp32 tensor, rows created
-  lazily (uniform +-0.01), the same Adagrad arithmetic; the client
+  holding the same vectorised id index as Tessera's shard
+  (:class:`tessera.ps.embedding_index.IdIndex`) over a growable fp32 tensor, rows
+  created lazily (uniform +-0.01), the same Adagrad arithmetic; the client
   ``rpc_async``-calls every server with the ids tensor and gets the rows back,
-  then sends ``(ids, grads)``.
+  then sends ``(ids, grads)``. With the same index on both sides, the ratio measures
+  the system around the table, not the index.
+* ``local`` (the local limit): the same table trained in this one process,
+  ``nn.Embedding(V, 64, sparse=True)`` with ``torch.optim.Adagrad`` (lr 0.05, sparse
+  gradients), the ids mapped beforehand (untimed) to a vocabulary of the V distinct ids
+  of the run, as a single-machine recommender builds its vocabulary offline. Pull: the
+  forward lookup of the batch's unique ids; push: backward of the same gradient rows,
+  ``step()``, ``zero_grad()``.
 
 Rates are median over the timed iterations (after warm-up) of rows / seconds of
-that phase; ``*_per_server`` divides by the number of servers. On a machine
+that phase (``*_rows_per_s`` without a phase: rows / seconds of pull + push);
+``*_per_server`` divides by the number of servers. ``tessera_vs_rpc``,
+``tessera_vs_local`` (and their ``_pull``, ``_push`` forms) are Tessera's rate over the
+other system's, from the same run. On a machine
 shared with other work wall-clock rates swing with the load, so each row also
 gives CPU microseconds per row, summed over the timed iterations:
 ``*_server_cpu_us_per_{pulled,pushed}_row`` (all server processes, from
@@ -63,6 +74,8 @@ LR = 0.05
 EPS = 1e-10  # torch.optim.Adagrad's default, as OptimizerConfig's
 ID_SPACE = 10 ** 7
 ZIPF_A = 1.1
+#: The several-tables case: this many more tables (t0, t1, ...) on every server.
+TABLES = 4
 
 from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
@@ -94,6 +107,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
     """A real ParameterServer holding one table; serves until ``stop`` is set."""
     _watch_parent()
     try:
+        import msgspec
         import torch
         import zmq
 
@@ -109,7 +123,9 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
                                  endpoint=endpoint, partitions=[],
-                                 optimizer=OptimizerConfig(name="sgd", lr=LR), tables=[spec],
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR),
+                                 tables=[spec] + [msgspec.structs.replace(spec, name=f"t{k}")
+                                                  for k in range(TABLES)],
                                  hooks=ServerHooks(should_stop=stop.is_set))
         conn.send(endpoint.address)
         if profile_path:
@@ -129,6 +145,45 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
     except BaseException:  # noqa: BLE001 - the driver shows it
         conn.send(("error", traceback.format_exc()))
         raise
+
+
+def torch_rows(ids):
+    """Gradient rows for ``ids`` (made outside any measured phase in the main cases;
+    here the same for both variants)."""
+    import torch
+    return torch.full((len(ids), DIM), 0.01)
+
+
+def tables_case(system, batches, servers: int, rounds: int, iters: int) -> dict:
+    """Steps of TABLES tables, each with its own Zipf batch's unique ids, batched (one
+    message per server per step) and per table, in alternating rounds."""
+    from tessera.ps.embedding_ids import owner_of
+
+    def split(ids):
+        owners = owner_of(ids, servers)
+        return [ids[owners == s] for s in range(servers)]
+    steps = [[(f"t{k}", split(batches[(i * TABLES + k) % len(batches)]))
+              for k in range(TABLES)] for i in range(rounds * iters * 2 + 2)]
+    times = {True: [], False: []}
+    system.step_tables(steps[0], True)
+    system.step_tables(steps[1], False)
+    at = 2
+    for _ in range(rounds):
+        for batched in (True, False):
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                system.step_tables(steps[at], batched)
+                times[batched].append(time.perf_counter() - t0)
+                at += 1
+    rows = statistics.median(sum(len(p) for _, parts in st for p in parts) for st in steps)
+    return {"bench": "sparse_embedding_tables", "tables": TABLES, "servers": servers,
+            "unique_rows_per_table": int(rows / TABLES),
+            "batched_step_ms": round(1e3 * statistics.median(times[True]), 2),
+            "per_table_step_ms": round(1e3 * statistics.median(times[False]), 2),
+            "messages_per_step_batched": 2 * servers,
+            "messages_per_step_per_table": 2 * servers * TABLES,
+            "batched_vs_per_table": round(statistics.median(times[False])
+                                          / statistics.median(times[True]), 3)}
 
 
 class TesseraSystem:
@@ -173,6 +228,30 @@ class TesseraSystem:
               for s, (ids, g) in enumerate(zip(parts, grads))]
         for h in hs:
             h.wait()
+        self.clock += 1
+
+    def step_tables(self, tables, batched: bool) -> None:
+        """One step of several tables: ``tables`` is ``[(name, per-server ids), ...]``;
+        pull every table's rows, then push a gradient for each (``batched``: one message
+        per server for all tables, else one per table and server)."""
+        c, clock = self.client, self.clock
+        servers = range(self.servers)
+        if batched:
+            hs = [c.pull_tables(s, [(n, parts[s], DIM) for n, parts in tables], clock)
+                  for s in servers]
+        else:
+            hs = [c.pull_rows(n, s, parts[s], clock) for n, parts in tables for s in servers]
+        rows = [h.wait() for h in hs]
+        grads = {n: [torch_rows(r) for r in parts] for n, parts in tables}
+        if batched:
+            hs = [c.push_tables(s, [(n, parts[s], grads[n][s]) for n, parts in tables], clock)
+                  for s in servers]
+        else:
+            hs = [c.push_rows(n, s, parts[s], grads[n][s], clock)
+                  for n, parts in tables for s in servers]
+        for h in hs:
+            h.wait()
+        del rows
         self.clock += 1
 
     def close(self, deadline: float) -> list[dict]:
@@ -402,6 +481,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="rounds; the systems alternate")
     ap.add_argument("--systems", default="tessera,rpc,local",
                     help="subset of tessera,rpc,local")
+    ap.add_argument("--tables-batch", type=int, default=2000,
+                    help="ids per table per step in the several-tables case (0: skip it)")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server loops into DIR/*.prof")
@@ -523,6 +604,13 @@ def main(argv=None) -> int:
                 _log(f"  batch {b:>7,d} ({row['unique_rows']} unique), {servers} server(s): " +
                      ", ".join(f"{k} pull {row[f'{k}_pull_rows_per_s'] / 1e6:.2f}M/s push "
                                f"{row[f'{k}_push_rows_per_s'] / 1e6:.2f}M/s" for k in timed))
+            if tessera is not None and a.tables_batch:
+                row = tables_case(tessera, zipf_batches(a.tables_batch, 16, seed=7), servers,
+                                  a.rounds, a.iters)
+                results.append(row)
+                _log(f"  {TABLES} tables of {row['unique_rows_per_table']} rows, {servers} "
+                     f"server(s): batched {row['batched_step_ms']} ms/step, per table "
+                     f"{row['per_table_step_ms']} ms/step")
             if tessera is not None:
                 stats = tessera.close(deadline)
                 tessera = None

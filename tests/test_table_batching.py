@@ -137,3 +137,33 @@ def test_a_resent_batched_push_is_applied_once_and_bad_batches_change_nothing():
             assert torch.equal(srv.tables.tables[n].shard.state_tensors()["values"], v), n
     finally:
         close()
+
+
+def test_model_tables_pull_and_push_in_one_message_each():
+    from tessera.parallel.embedding import (ShardedEmbedding, ShardedEmbeddingBag, _Attached,
+                                            pull_tables, push_tables)
+    srv, (c0,), close = start("async", 1)
+    try:
+        users = ShardedEmbedding(None, 4, name="users")
+        bias = ShardedEmbeddingBag(None, 1, name="user_bias", mode="sum")
+        for t in (users, bias):
+            t.attach(_Attached(c0, lambda: 0, torch.float32, "cpu"))
+        u = torch.tensor([[3, 8], [8, 40]])
+        before = c0.pull_rows("users", 0, np.array([3, 8, 40]), 0).wait().reshape(3, 4)
+        seen = sent_frames(c0)
+        pull_tables([(users, u), (bias, u)])
+        out, b = users(u), bias(u)  # served from the rows pulled above
+        assert [kind for kind, _ in seen] == ["PullRows"] and seen[0][1] == 1
+        assert torch.equal(out.detach(), before[torch.tensor([[0, 1], [1, 2]])])
+        (out.sum() + b.sum()).backward()
+        push_tables([users, bias], clock=0)[0].wait()
+        assert [kind for kind, _ in seen] == ["PullRows", "PushRows"]
+        after = c0.pull_rows("users", 0, np.array([3, 8, 40]), 0).wait().reshape(3, 4)
+        # Adagrad's first step moves each touched row by lr against its (positive) gradient.
+        assert torch.allclose(after, before - USERS.optimizer.lr, atol=1e-6)
+        # A table looked up with other ids than it was pulled for pulls as before.
+        pull_tables([(users, torch.tensor([1]))])
+        users(torch.tensor([2]))
+        assert [kind for kind, _ in seen][-2:] == ["PullRows", "PullRows"]
+    finally:
+        close()
