@@ -147,7 +147,7 @@ class IdIndex:
     def _home(self, ids: np.ndarray) -> np.ndarray:
         """Each id's home bucket: the top bits of a Fibonacci hash."""
         with np.errstate(over="ignore"):
-            h = ids.view(np.uint64) * _HASH_MUL
+            h = np.asarray(ids, dtype=np.int64).view(np.uint64) * _HASH_MUL
         h >>= np.uint64(64 - self._bits)
         return h.view(np.int64)
 
