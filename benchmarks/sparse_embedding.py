@@ -20,13 +20,24 @@ Systems measured (same batches, same owner split, same client process):
   ``TableSpec(name="emb", dim=64, num_embeddings=None, optimizer=adagrad lr 0.05)``,
   ``mode="async"``, ``num_workers=1``; one :class:`tessera.ps.client.PSClient`.
 * ``rpc``: one ``torch.distributed.rpc`` (TensorPipe) server process per server
-  holding a plain ``dict`` id -> slot over a growable fp32 tensor, rows created
-  lazily (uniform +-0.01), the same Adagrad arithmetic; the client
+  holding the same vectorised id index as Tessera's shard
+  (:class:`tessera.ps.embedding_index.IdIndex`) over a growable fp32 tensor, rows
+  created lazily (uniform +-0.01), the same Adagrad arithmetic; the client
   ``rpc_async``-calls every server with the ids tensor and gets the rows back,
-  then sends ``(ids, grads)``.
+  then sends ``(ids, grads)``. With the same index on both sides, the ratio measures
+  the system around the table, not the index.
+* ``local`` (the local limit): the same table trained in this one process,
+  ``nn.Embedding(V, 64, sparse=True)`` with ``torch.optim.Adagrad`` (lr 0.05, sparse
+  gradients), the ids mapped beforehand (untimed) to a vocabulary of the V distinct ids
+  of the run, as a single-machine recommender builds its vocabulary offline. Pull: the
+  forward lookup of the batch's unique ids; push: backward of the same gradient rows,
+  ``step()``, ``zero_grad()``.
 
 Rates are median over the timed iterations (after warm-up) of rows / seconds of
-that phase; ``*_per_server`` divides by the number of servers. On a machine
+that phase (``*_rows_per_s`` without a phase: rows / seconds of pull + push);
+``*_per_server`` divides by the number of servers. ``tessera_vs_rpc``,
+``tessera_vs_local`` (and their ``_pull``, ``_push`` forms) are Tessera's rate over the
+other system's, from the same run. On a machine
 shared with other work wall-clock rates swing with the load, so each row also
 gives CPU microseconds per row, summed over the timed iterations:
 ``*_server_cpu_us_per_{pulled,pushed}_row`` (all server processes, from
@@ -63,6 +74,8 @@ LR = 0.05
 EPS = 1e-10  # torch.optim.Adagrad's default, as OptimizerConfig's
 ID_SPACE = 10 ** 7
 ZIPF_A = 1.1
+#: The several-tables case: this many more tables (t0, t1, ...) on every server.
+TABLES = 4
 
 from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
@@ -94,6 +107,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
     """A real ParameterServer holding one table; serves until ``stop`` is set."""
     _watch_parent()
     try:
+        import msgspec
         import torch
         import zmq
 
@@ -109,7 +123,9 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
                                  endpoint=endpoint, partitions=[],
-                                 optimizer=OptimizerConfig(name="sgd", lr=LR), tables=[spec],
+                                 optimizer=OptimizerConfig(name="sgd", lr=LR),
+                                 tables=[spec] + [msgspec.structs.replace(spec, name=f"t{k}")
+                                                  for k in range(TABLES)],
                                  hooks=ServerHooks(should_stop=stop.is_set))
         conn.send(endpoint.address)
         if profile_path:
@@ -129,6 +145,45 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
     except BaseException:  # noqa: BLE001 - the driver shows it
         conn.send(("error", traceback.format_exc()))
         raise
+
+
+def torch_rows(ids):
+    """Gradient rows for ``ids`` (made outside any measured phase in the main cases;
+    here the same for both variants)."""
+    import torch
+    return torch.full((len(ids), DIM), 0.01)
+
+
+def tables_case(system, batches, servers: int, rounds: int, iters: int) -> dict:
+    """Steps of TABLES tables, each with its own Zipf batch's unique ids, batched (one
+    message per server per step) and per table, in alternating rounds."""
+    from tessera.ps.embedding_ids import owner_of
+
+    def split(ids):
+        owners = owner_of(ids, servers)
+        return [ids[owners == s] for s in range(servers)]
+    steps = [[(f"t{k}", split(batches[(i * TABLES + k) % len(batches)]))
+              for k in range(TABLES)] for i in range(rounds * iters * 2 + 2)]
+    times = {True: [], False: []}
+    system.step_tables(steps[0], True)
+    system.step_tables(steps[1], False)
+    at = 2
+    for _ in range(rounds):
+        for batched in (True, False):
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                system.step_tables(steps[at], batched)
+                times[batched].append(time.perf_counter() - t0)
+                at += 1
+    rows = statistics.median(sum(len(p) for _, parts in st for p in parts) for st in steps)
+    return {"bench": "sparse_embedding_tables", "tables": TABLES, "servers": servers,
+            "unique_rows_per_table": int(rows / TABLES),
+            "batched_step_ms": round(1e3 * statistics.median(times[True]), 2),
+            "per_table_step_ms": round(1e3 * statistics.median(times[False]), 2),
+            "messages_per_step_batched": 2 * servers,
+            "messages_per_step_per_table": 2 * servers * TABLES,
+            "batched_vs_per_table": round(statistics.median(times[False])
+                                          / statistics.median(times[True]), 3)}
 
 
 class TesseraSystem:
@@ -175,6 +230,30 @@ class TesseraSystem:
             h.wait()
         self.clock += 1
 
+    def step_tables(self, tables, batched: bool) -> None:
+        """One step of several tables: ``tables`` is ``[(name, per-server ids), ...]``;
+        pull every table's rows, then push a gradient for each (``batched``: one message
+        per server for all tables, else one per table and server)."""
+        c, clock = self.client, self.clock
+        servers = range(self.servers)
+        if batched:
+            hs = [c.pull_tables(s, [(n, parts[s], DIM) for n, parts in tables], clock)
+                  for s in servers]
+        else:
+            hs = [c.pull_rows(n, s, parts[s], clock) for n, parts in tables for s in servers]
+        rows = [h.wait() for h in hs]
+        grads = {n: [torch_rows(r) for r in parts] for n, parts in tables}
+        if batched:
+            hs = [c.push_tables(s, [(n, parts[s], grads[n][s]) for n, parts in tables], clock)
+                  for s in servers]
+        else:
+            hs = [c.push_rows(n, s, parts[s], grads[n][s], clock)
+                  for n, parts in tables for s in servers]
+        for h in hs:
+            h.wait()
+        del rows
+        self.clock += 1
+
     def close(self, deadline: float) -> list[dict]:
         self.client.close()
         self.stop.set()
@@ -196,34 +275,36 @@ _TABLE = {}
 
 
 class _RpcTable:
-    """A plain embedding server: dict id -> slot, growable fp32 rows, Adagrad state."""
+    """A plain embedding server: the same vectorised id index as Tessera's shard
+    (:class:`tessera.ps.embedding_index.IdIndex`, whole batches at a time, no per-id
+    Python), growable fp32 rows, Adagrad state; so that the ratio measures the
+    system around the table (transport, dispatch, validation), not the index."""
 
     def __init__(self):
         import torch
-        self.slot_of: dict[int, int] = {}
+
+        from tessera.ps.embedding_index import IdIndex
+        self.index = IdIndex()
         self.values = torch.empty((1024, DIM))
         self.sums = torch.zeros((1024, DIM))
         self.lock = threading.Lock()  # TensorPipe runs requests on a thread pool
 
     def slots(self, ids):
-        import numpy as np
         import torch
-        get = self.slot_of.get
-        id_list = ids.tolist()
-        slots = np.fromiter((get(i, -1) for i in id_list), dtype=np.int64, count=len(id_list))
-        missing = np.flatnonzero(slots < 0)
-        if len(missing):  # lazily create rows: uniform in (-0.01, 0.01)
-            n = len(self.slot_of)
-            new = np.arange(n, n + len(missing), dtype=np.int64)
-            slots[missing] = new
-            self.slot_of.update(zip((id_list[i] for i in missing.tolist()), new.tolist()))
-            need = n + len(missing)
-            if need > self.values.shape[0]:
-                cap = max(need, 2 * self.values.shape[0])
+        ids = ids.numpy()
+        slots = self.index.find(ids)
+        missing = slots < 0
+        if missing.any():  # lazily create rows: uniform in (-0.01, 0.01)
+            slots[missing] = self.index.insert(ids[missing], 0)
+            need = self.index.slots.end
+            n = self.values.shape[0]
+            if need > n:
+                cap = max(need, 2 * n)
                 values, sums = torch.empty((cap, DIM)), torch.zeros((cap, DIM))
-                values[:n], sums[:n] = self.values[:n], self.sums[:n]
+                values[:n], sums[:n] = self.values, self.sums
                 self.values, self.sums = values, sums
-            self.values[n:need] = torch.rand((len(missing), DIM)).mul_(0.02).sub_(0.01)
+            new = torch.from_numpy(slots[missing])
+            self.values.index_copy_(0, new, torch.rand((len(new), DIM)).mul_(0.02).sub_(0.01))
         return torch.from_numpy(slots)
 
     def pull(self, ids):
@@ -256,7 +337,7 @@ def _rpc_push(ids, grads):
 
 
 def _rpc_rows() -> int:
-    return len(_TABLE["emb"].slot_of)
+    return len(_TABLE["emb"].index)
 
 
 def _rpc_server(rank: int, world: int, port: int, conn) -> None:
@@ -311,6 +392,45 @@ class RpcSystem:
         return [rpc.rpc_sync(f"ps{s}", _rpc_rows) for s in range(self.servers)]
 
 
+# ------------------------------------------------------------- local limit
+
+
+class LocalSystem:
+    """The local limit: the same table trained in this one process, as a single-machine
+    recommender does it: ``nn.Embedding(V, 64, sparse=True)`` and ``torch.optim.Adagrad``
+    (lr 0.05, which takes sparse gradients), with the ids mapped to a contiguous vocabulary
+    of the V distinct ids of the whole run *beforehand*, outside the timed phases (a
+    recommender builds its vocabulary offline). Pull: the forward lookup of the batch's
+    unique ids; push: backward of the same gradient rows, ``step()``, ``zero_grad()``."""
+
+    name = "local"
+
+    def __init__(self, vocab):
+        import torch
+        from torch import nn
+        self.vocab = vocab
+        self.emb = nn.Embedding(len(vocab), DIM, sparse=True)
+        with torch.no_grad():
+            self.emb.weight.uniform_(-0.01, 0.01)
+        self.opt = torch.optim.Adagrad(self.emb.parameters(), lr=LR, eps=EPS)
+        self.out = None
+
+    def remap(self, ids):
+        import numpy as np
+        import torch
+        return torch.from_numpy(np.searchsorted(self.vocab, ids))
+
+    def pull(self, parts):
+        self.out = self.emb(parts[0])
+        return [self.out]
+
+    def push(self, parts, grads):
+        self.out.backward(grads[0])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.out = None
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -321,11 +441,16 @@ def run_iters(system, batches, servers: int, grad_pool, pids=()):
     from tessera.ps.embedding_ids import owner_of
     out = []
     for ids in batches:
+        # The local limit's vocabulary mapping is made offline (untimed).
+        local = [system.remap(ids)] if system.name == "local" else None
         c0 = _cpu_s(pids, missing_ok=True)
         p0 = time.process_time()
         t0 = time.perf_counter()
-        owners = owner_of(ids, servers) if servers > 1 else None
-        parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
+        if local is not None:
+            parts = local
+        else:
+            owners = owner_of(ids, servers) if servers > 1 else None
+            parts = [ids] if owners is None else [ids[owners == s] for s in range(servers)]
         rows = system.pull(parts)
         t1 = time.perf_counter()
         p1 = time.process_time()
@@ -354,7 +479,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per system and case")
     ap.add_argument("--iters", type=int, default=8, help="timed iterations per round")
     ap.add_argument("--rounds", type=int, default=4, help="rounds; the systems alternate")
-    ap.add_argument("--systems", default="tessera,rpc", help="subset of tessera,rpc")
+    ap.add_argument("--systems", default="tessera,rpc,local",
+                    help="subset of tessera,rpc,local")
+    ap.add_argument("--tables-batch", type=int, default=2000,
+                    help="ids per table per step in the several-tables case (0: skip it)")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server loops into DIR/*.prof")
@@ -365,7 +493,7 @@ def main(argv=None) -> int:
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
         a.profile = os.path.abspath(a.profile)
-    systems = [s for s in ("tessera", "rpc") if s in a.systems.split(",")]
+    systems = [s for s in ("tessera", "rpc", "local") if s in a.systems.split(",")]
     os.environ.update(GLOO_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                       OMP_NUM_THREADS="1")
 
@@ -391,6 +519,7 @@ def main(argv=None) -> int:
         per_case = a.warmup + a.rounds * a.iters
         batches = {b: zipf_batches(b, per_case, seed=b) for b in a.batches}
         max_rows = max(len(ids) for bs in batches.values() for ids in bs)
+        vocab = np.unique(np.concatenate([ids for bs in batches.values() for ids in bs]))
         grad_pool = torch.randn((max_rows, DIM), generator=torch.Generator().manual_seed(1))
         grad_pool.mul_(0.1)
         _log("unique ids per batch: " + ", ".join(
@@ -423,6 +552,9 @@ def main(argv=None) -> int:
                 rpc_sys.reset()
                 runners["rpc"] = rpc_sys
                 pids["rpc"] = rpc_pids[:servers]
+            if "local" in systems:
+                runners["local"] = LocalSystem(vocab)
+                pids["local"] = []
             for b in a.batches:
                 bs = batches[b]
                 timed = {k: [] for k in runners}
@@ -459,16 +591,26 @@ def main(argv=None) -> int:
                         1e6 * sum(x[5] for x in its) / rows_total, 2)
                     row[f"{name}_client_cpu_us_per_pushed_row"] = round(
                         1e6 * sum(x[6] for x in its) / rows_total, 2)
-                if "tessera" in timed and "rpc" in timed:
-                    row["tessera_vs_rpc_pull"] = round(row["tessera_pull_rows_per_s"]
-                                                       / row["rpc_pull_rows_per_s"], 3)
-                    row["tessera_vs_rpc_push"] = round(row["tessera_push_rows_per_s"]
-                                                       / row["rpc_push_rows_per_s"], 3)
+                    row[f"{name}_rows_per_s"] = round(statistics.median(
+                        n / (tp + tq) for n, tp, tq, *_ in its))
+                for other in ("rpc", "local"):
+                    if "tessera" in timed and other in timed:
+                        for phase in ("pull_", "push_", ""):
+                            row[f"tessera_vs_{other}" + (f"_{phase[:-1]}" if phase else "")] = \
+                                round(row[f"tessera_{phase}rows_per_s"]
+                                      / row[f"{other}_{phase}rows_per_s"], 3)
                 row["timed_iters"] = a.rounds * a.iters
                 results.append(row)
                 _log(f"  batch {b:>7,d} ({row['unique_rows']} unique), {servers} server(s): " +
                      ", ".join(f"{k} pull {row[f'{k}_pull_rows_per_s'] / 1e6:.2f}M/s push "
                                f"{row[f'{k}_push_rows_per_s'] / 1e6:.2f}M/s" for k in timed))
+            if tessera is not None and a.tables_batch:
+                row = tables_case(tessera, zipf_batches(a.tables_batch, 16, seed=7), servers,
+                                  a.rounds, a.iters)
+                results.append(row)
+                _log(f"  {TABLES} tables of {row['unique_rows_per_table']} rows, {servers} "
+                     f"server(s): batched {row['batched_step_ms']} ms/step, per table "
+                     f"{row['per_table_step_ms']} ms/step")
             if tessera is not None:
                 stats = tessera.close(deadline)
                 tessera = None

@@ -347,7 +347,7 @@ def test_initial_rows_across_blocks_match_the_reference():
                      rtol=0, atol=0)
 
 
-def test_sorted_index_matches_a_dict_through_inserts_and_evictions():
+def test_id_index_matches_a_dict_through_inserts_and_evictions():
     from tessera.ps.embedding_index import IdIndex
     rng = np.random.default_rng(5)
     index, ref = IdIndex(), {}
@@ -389,3 +389,45 @@ def test_unsorted_repeated_ids_are_refused():
     shard.apply(np.array([7, 3, 5]), torch.ones(3, DIM), 0)  # unsorted unique: fine
     assert_close(shard.lookup(np.array([3, 5, 7, 3]), 0),
                  initial_rows(np.array([3, 5, 7, 3]), DIM, SEED, SCALE) - 0.1)
+
+
+@pytest.mark.parametrize("accumulator", [0.0, 0.1])
+def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, monkeypatch):
+    """Past 8 MiB a shard's rows and optimizer state live in lazily zeroed memory maps
+    that grow 8x; state rows never used are not filled (they are zero already), reused
+    ones are. Growing to 40k rows (10 MiB of values), evicting half, and updating 25k
+    new ids (reusing the freed slots, then growing the mapped storage) give bit for bit
+    what the same shard on plain storage (doubling, every new state row filled) gives."""
+    import tessera.ps.embedding_index as index
+    dim, n = 64, 40_000
+    assert n * dim * 4 > index._MAPPED_BYTES
+    opt = OptimizerConfig(name="adagrad", lr=0.1, initial_accumulator_value=accumulator)
+    spec = TableSpec(name="big", dim=dim, num_embeddings=None, seed=3, init_scale=0.05,
+                     evict_after=2, optimizer=opt)
+    ids = np.arange(n, dtype=np.int64) * 7919
+    fresh = np.arange(n // 2 + 5000, dtype=np.int64) * 7919 + 1
+
+    def run(mapped_bytes: int):
+        monkeypatch.setattr(index, "_MAPPED_BYTES", mapped_bytes)
+        gen = torch.Generator().manual_seed(0)
+        shard = EmbeddingShard(spec, opt)
+        shard.apply(ids[: n // 2], torch.randn(n // 2, dim, generator=gen), 0)
+        shard.apply(ids, torch.randn(n, dim, generator=gen), 1)
+        shard.apply(ids[: n // 2], torch.randn(n // 2, dim, generator=gen), 2)
+        assert shard.evict(3) == n // 2  # the second half expires
+        g = torch.randn(len(fresh), dim, generator=gen)
+        shard.apply(fresh, g.clone(), 3)
+        return shard, g
+
+    mapped, g = run(index._MAPPED_BYTES)
+    assert mapped._values.shape[0] == 8 * n  # mapped once past 8 MiB, then grown 8x
+    plain, _ = run(1 << 62)
+    assert plain._values.shape[0] == 2 * n
+    a, b = mapped.export_state(), plain.export_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(a["ids"]) == n // 2 + len(fresh)
+    # The new ids' state started from the accumulator, whether their state rows were
+    # reused (20k of them: they held evicted rows' sums) or never used.
+    at = np.searchsorted(a["ids"].numpy(), fresh)
+    expected = torch.full((len(fresh), dim), accumulator).addcmul_(g, g, value=1)
+    assert torch.equal(a["state.sum"][torch.from_numpy(at)], expected)

@@ -55,6 +55,8 @@ class ShardedEmbeddingBase(nn.Module):
         self.num_embeddings = num_embeddings
         self._ps: Optional[_Attached] = None
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        #: (ids, unique ids, inverse, rows) pulled ahead by :func:`pull_tables`.
+        self._prefetched: Optional[tuple] = None
 
     @property
     def name(self) -> str:
@@ -79,15 +81,29 @@ class ShardedEmbeddingBase(nn.Module):
                 raise ValueError(f"{where}: id {high} is out of range; this table has "
                                  f"{self.num_embeddings} rows (ids 0..{self.num_embeddings - 1})")
 
-    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plan(self, ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """The batch's unique ids (numpy, increasing) and each position's index into them."""
         if self._ps is None:
             raise RuntimeError(f"table {self.name!r} lives on the parameter servers: pass the "
                                f"model through tessera.distribute() before calling it")
         self._check(ids)
-        ps = self._ps
         flat = ids.reshape(-1).to("cpu", torch.int64)
         uniq, inverse = torch.unique(flat, return_inverse=True)
-        uniq_np = uniq.numpy()
+        return uniq.numpy(), inverse
+
+    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ready = self._prefetched
+        self._prefetched = None
+        if ready is not None and (ready[0] is ids or (ready[0].shape == ids.shape and
+                                                      torch.equal(ready[0], ids))):
+            _, uniq_np, inverse, rows = ready  # pulled by pull_tables()
+        else:
+            uniq_np, inverse = self._plan(ids)
+            rows = self._pull(uniq_np)
+        return self._rows(uniq_np, rows), inverse.reshape(ids.shape).to(self._ps.device)
+
+    def _pull(self, uniq_np: np.ndarray) -> torch.Tensor:
+        ps = self._ps
         num_servers = len(ps.client.servers)
         owners = owner_of(uniq_np, num_servers)
         clock = ps.clock_fn()
@@ -101,17 +117,18 @@ class ShardedEmbeddingBase(nn.Module):
         for mask, h in handles:
             rows[torch.from_numpy(mask)] = h.wait().reshape(-1, self.embedding_dim).to(
                 ps.param_dtype)
-        rows = rows.to(ps.device)
+        return rows
+
+    def _rows(self, uniq_np: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self._ps.device)
         if torch.is_grad_enabled() and self.training:
             rows.requires_grad_()
             self._pending.append((uniq_np, rows))
-        return rows, inverse.reshape(ids.shape).to(ps.device)
+        return rows
 
-    def push(self, clock: int, scale: float = 1.0) -> list:
-        """Phase 3: push this step's row gradients to every server; returns handles."""
-        ps = self._ps
-        if ps is None:
-            return []
+    def gradient(self) -> tuple[np.ndarray, torch.Tensor]:
+        """This step's row gradients (unique ids, increasing; fp32 rows), taken: phase 3's
+        payload, before it is split by server."""
         dim = self.embedding_dim
         if self._pending:
             ids = np.concatenate([u for u, _ in self._pending])
@@ -125,6 +142,14 @@ class ShardedEmbeddingBase(nn.Module):
         else:
             ids, grads = np.empty(0, dtype=np.int64), torch.zeros(0, dim)
         self._pending.clear()
+        return ids, grads
+
+    def push(self, clock: int, scale: float = 1.0) -> list:
+        """Phase 3: push this step's row gradients to every server; returns handles."""
+        ps = self._ps
+        if ps is None:
+            return []
+        ids, grads = self.gradient()
         num_servers = len(ps.client.servers)
         owners = owner_of(ids, num_servers) if len(ids) else np.empty(0, dtype=np.int64)
         handles = []
@@ -133,6 +158,68 @@ class ShardedEmbeddingBase(nn.Module):
             handles.append(ps.client.push_rows(self.name, s, ids[mask],
                                                grads[torch.from_numpy(mask)], clock, scale))
         return handles
+
+
+def push_tables(tables, clock: int, scale: float = 1.0) -> list:
+    """Phase 3 for every table at once: one push per server carrying all tables' row
+    gradients (ids shared by tables sent once), as TorchRec batches an
+    ``EmbeddingBagCollection``; returns the handles. One table pushes as before."""
+    tables = [t for t in tables if t._ps is not None]
+    if len(tables) < 2:
+        return [h for t in tables for h in t.push(clock, scale)]
+    client = tables[0]._ps.client
+    num_servers = len(client.servers)
+    parts = []  # per table: ids, grads, owner of each id
+    for t in tables:
+        ids, grads = t.gradient()
+        parts.append((t.name, ids, grads,
+                      owner_of(ids, num_servers) if len(ids) else np.empty(0, np.int64)))
+    handles = []
+    for s in range(num_servers):
+        items = []
+        for name, ids, grads, owners in parts:
+            mask = owners == s
+            items.append((name, ids[mask], grads[torch.from_numpy(mask)]))
+        handles.append(client.push_tables(s, items, clock, scale))
+    return handles
+
+
+def pull_tables(lookups) -> None:
+    """Pull the rows of several tables' next lookups in one message per server.
+
+    ``lookups`` is ``[(table, ids), ...]``, the tables and the ids tensors the model's
+    forward is about to call them with (``model.user(u)``, ``model.user_bias(u)``, ...).
+    Ids that hash to one server go in one request, and tables looked up with the same
+    ids send them once; each table's next call with those ids (the same tensor, or an
+    equal one) uses the rows pulled here instead of pulling again."""
+    lookups = [(t, ids) for t, ids in lookups]
+    if not lookups:
+        return
+    names = [t.name for t, _ in lookups]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pull_tables: table {sorted(n for n in names if names.count(n) > 1)[0]!r}"
+                         f" appears twice; pass each table once with all its ids")
+    plans = [(t, ids, *t._plan(ids)) for t, ids in lookups]
+    ps = lookups[0][0]._ps
+    num_servers = len(ps.client.servers)
+    clock = ps.clock_fn()
+    owners = [owner_of(u, num_servers) for _, _, u, _ in plans]
+    pulls = []
+    for s in range(num_servers):
+        masks = [o == s for o in owners]
+        asked = [(k, m) for k, m in enumerate(masks) if m.any()]
+        if asked:
+            requests = [(plans[k][0].name, plans[k][2][m], plans[k][0].embedding_dim)
+                        for k, m in asked]
+            pulls.append((asked, ps.client.pull_tables(s, requests, clock)))
+    rows = [torch.empty(len(u), t.embedding_dim, dtype=t._ps.param_dtype)
+            for t, _, u, _ in plans]
+    for asked, h in pulls:
+        for (k, m), got in zip(asked, h.wait()):
+            t = plans[k][0]
+            rows[k][torch.from_numpy(m)] = got.reshape(-1, t.embedding_dim).to(t._ps.param_dtype)
+    for (t, ids, u, inverse), r in zip(plans, rows):
+        t._prefetched = (ids, u, inverse, r)
 
 
 class ShardedEmbedding(ShardedEmbeddingBase):

@@ -36,6 +36,7 @@ from torch import nn
 
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
+from tessera.parallel.embedding import push_tables
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
 from tessera.ps.optim import torch_optimizer
@@ -138,7 +139,7 @@ class HybridParallel(DistributedModel):
         prof = self.profiler
         t0 = time.perf_counter()
         start = prof.now()
-        handles = [h for t in self.tables for h in t.push(self.clock)]
+        handles = push_tables(self.tables, self.clock)
         applied = True
         if self.optimizer is not None:
             applied = self.unscale_()

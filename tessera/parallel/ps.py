@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from tessera.errors import UsageError
+from tessera.parallel.embedding import push_tables
 from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.parallel.ps_faults import OverflowReport, Rejoin
@@ -279,8 +280,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
 
     def _collect(self) -> bool:
         """Phase 3: push the rest, take every reply; whether the gradients were finite."""
-        row_handles = [h for t in self.tables
-                       for h in t.push(self.clock, self.scaler.scale if self.scaler.enabled else 1.0)]
+        row_handles = push_tables(self.tables, self.clock,
+                                  self.scaler.scale if self.scaler.enabled else 1.0)
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)

@@ -87,6 +87,36 @@ class _Chunks:
             h.release()
 
 
+class _Each:
+    """Several requests standing for one: wait() -> their results, in order."""
+
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def wait(self, timeout_s: Optional[float] = None) -> list:
+        return [h.wait(timeout_s) for h in self._handles]
+
+    def release(self) -> None:
+        for h in self._handles:
+            h.release()
+
+
+def _distinct(ids: list) -> tuple[list, list[int]]:
+    """The distinct arrays of ``ids`` (equal ones sent once) and, per array, its index
+    among them."""
+    frames: list = []
+    index: list[int] = []
+    for i in ids:
+        for j, f in enumerate(frames):
+            if f is i or (len(f) == len(i) and np.array_equal(f, i)):
+                index.append(j)
+                break
+        else:
+            index.append(len(frames))
+            frames.append(i)
+    return frames, index
+
+
 class PSClient:
     def __init__(self, *, ctx: zmq.Context, shard_map: ShardMap, server_addresses: list[str],
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
@@ -381,6 +411,56 @@ class PSClient:
         return self._track(Handle(self, target, req, f"row pull of table {table!r} at clock "
                                   f"{clock}", keep=ids, request=(msg, frames)))
 
+    def pull_tables(self, server: int, requests: list, clock: int):
+        """Rows of several tables in one message to ``server`` (the server their ids hash
+        to): ``requests`` is ``[(table, unique int64 ids, dim), ...]``; tables whose ids are
+        the same array (or equal) send them once. wait() -> a list of flat rows, one per
+        request. A pull whose reply would exceed the servers' limit goes table by table."""
+        from tessera.ps.table_server import MAX_ROWS_REPLY_BYTES
+        ids = [np.ascontiguousarray(i, dtype=np.int64) for _, i, _ in requests]
+        answer = sum(len(i) * dim for i, (_, _, dim) in zip(ids, requests)) * \
+            itemsize(self.wire_dtype)
+        if answer > MAX_ROWS_REPLY_BYTES:
+            return _Each([self.pull_rows(t, server, i, clock, dim=dim)
+                          for i, (t, _, dim) in zip(ids, requests)])
+        frames, ids_frame = _distinct(ids)
+        self._route()
+        target = self._shard_target(server)
+        ep = self.servers[target]
+        req = ep.new_req()
+        tables = [t for t, _, _ in requests]
+        msg = wire.PullRows(req=req, worker=self.worker, table="", clock=clock,
+                            dtype=self.wire_dtype, shard=server, tables=tables,
+                            ids_frame=ids_frame)
+        payload = [f.tobytes() for f in frames]
+        ep.send(msg, payload)
+        self.bytes_pushed += sum(f.nbytes for f in frames)
+        return self._track(Handle(self, target, req, f"row pull of tables {tables} at clock "
+                                  f"{clock}", keep=frames, request=(msg, payload)))
+
+    def push_tables(self, server: int, items: list, clock: int, scale: float = 1.0) -> Handle:
+        """Row-sparse gradients of several tables for ``clock`` in one message to ``server``
+        (possibly no rows): ``items`` is ``[(table, unique int64 ids, grads), ...]``; tables
+        with the same ids send them once. wait() -> True once the server answered it."""
+        ids = [np.ascontiguousarray(i, dtype=np.int64) for _, i, _ in items]
+        payloads = [g.detach().to("cpu", torch_dtype(self.wire_dtype)).contiguous()
+                    for _, _, g in items]
+        frames, ids_frame = _distinct(ids)
+        self._route()
+        target = self._shard_target(server)
+        ep = self.servers[target]
+        req = ep.new_req()
+        self.seq += 1
+        tables = [t for t, _, _ in items]
+        msg = wire.PushRows(req=req, worker=self.worker, seq=self.seq, clock=clock, table="",
+                            dtype=self.wire_dtype, scale=scale, shard=server, tables=tables,
+                            ids_frame=ids_frame)
+        out = [f.tobytes() for f in frames] + [tensor_to_frame(p) for p in payloads]
+        ep.send(msg, out)
+        self.bytes_pushed += sum(f.nbytes for f in frames) + sum(p.nbytes for p in payloads)
+        return self._track(Handle(self, target, req, f"row push of tables {tables} at clock "
+                                  f"{clock}", keep=(frames, payloads), request=(msg, out)))
+
     def row_servers(self) -> list[int]:
         """The servers that serve table rows now (each dead server's backup for it)."""
         self._route()
@@ -507,6 +587,16 @@ class PSClient:
             return msg, False
         if isinstance(msg, wire.Ack):
             return True, False
+        if isinstance(msg, wire.Rows) and msg.tables:
+            if len(frames) != len(msg.tables):
+                raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
+                                  f"for the rows of tables {msg.tables}")
+            out = []
+            for frame in frames:
+                buf = frame.buffer
+                self.bytes_pulled += len(frame)
+                out.append(frame_to_tensor(buf, msg.dtype, len(buf) // itemsize(msg.dtype)))
+            return out, False
         if isinstance(msg, wire.Rows):
             if len(frames) != 1:
                 raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "

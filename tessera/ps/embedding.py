@@ -38,7 +38,8 @@ import torch
 
 from tessera.config.schema import OptimizerConfig
 from tessera.ps.embedding_ids import TableError, initial_rows
-from tessera.ps.embedding_index import IdIndex, Slots, grown
+from tessera.ps.embedding_index import (IdIndex, Slots, fill_rows, gather_rows, grown,
+                                         scatter_rows)
 from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer, initial_state, sparse_step
 from tessera.ps.embedding_state import ShardState
 from tessera.transport.wire import TableSpec  # noqa: F401 - re-exported
@@ -98,7 +99,7 @@ class EmbeddingShard(ShardState):
                              + ("" if n is None else
                                 " or raise num_embeddings (None: unbounded)"))
 
-    def _check_update(self, ids: np.ndarray, grads: torch.Tensor) -> None:
+    def check_update(self, ids: np.ndarray, grads: torch.Tensor) -> None:
         """Raise :class:`TableError` (changing nothing) unless ``apply(ids, grads)`` is
         well formed: valid unique ids, fp32 ``[len(ids), dim]`` finite gradients."""
         where = f"table {self.spec.name!r}"
@@ -126,13 +127,21 @@ class EmbeddingShard(ShardState):
     # ---- storage ----------------------------------------------------------------
 
     def _create(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        first_fresh = self._rows.slots.end
         slots = self._rows.insert(ids, clock)
         end = self._rows.slots.end
         self._values = grown(self._values, end)
         self._state_slot = grown(self._state_slot, end)
         spec = self.spec
-        self._values.index_copy_(0, torch.from_numpy(slots),
-                                 initial_rows(ids, spec.dim, spec.seed, spec.init_scale))
+        n = len(slots)
+        if n and slots[0] == first_fresh and end - first_fresh == n:
+            # Only fresh slots, in order (no freed ones to reuse): the initial rows are
+            # computed straight into their storage.
+            initial_rows(ids, spec.dim, spec.seed, spec.init_scale,
+                         out=self._values[first_fresh:end].numpy())
+        else:
+            scatter_rows(self._values, slots,
+                         initial_rows(ids, spec.dim, spec.seed, spec.init_scale))
         self._state_slot[slots] = -1
         return slots
 
@@ -140,14 +149,23 @@ class EmbeddingShard(ShardState):
         return initial_state(self.optimizer, name, n, self.spec.dim)
 
     def _state_of(self, slots: np.ndarray) -> np.ndarray:
-        """State slots of row ``slots``, allocating (initialised) ones where missing."""
+        """State slots of row ``slots``, allocating (initialised) ones where missing.
+
+        New state rows are allocated in bulk: storage grows at most once per call, and
+        rows never used before are zero already (:func:`grown`), so only reused rows,
+        or any rows when the initial value is not 0 (adagrad's
+        ``initial_accumulator_value``), are filled."""
         missing = slots[self._state_slot[slots] < 0]
         if len(missing):
+            first_fresh = self._state_slots.end
             new = self._state_slots.take(len(missing))
             for name, array in self._state.items():
                 array = grown(array, self._state_slots.end)
                 fill = self.optimizer.initial_accumulator_value if name == "sum" else 0.0
-                array.index_fill_(0, torch.from_numpy(new), fill)
+                zero = fill == 0 and math.copysign(1.0, fill) > 0  # +0.0, as fresh rows
+                fill_at = new[new < first_fresh] if zero else new
+                if len(fill_at):
+                    fill_rows(array, fill_at, fill)
                 self._state[name] = array
             self._state_slot[missing] = new
             self._num_state_rows += len(new)
@@ -167,16 +185,21 @@ class EmbeddingShard(ShardState):
 
     # ---- requests -----------------------------------------------------------------
 
-    def lookup(self, ids: np.ndarray, clock: int) -> torch.Tensor:
+    def lookup(self, ids: np.ndarray, clock: int, checked: bool = False) -> torch.Tensor:
         """Current rows of ``ids`` (repeats allowed): a new fp32 ``[len(ids), dim]``.
 
         Unknown ids are created from :func:`initial_rows` once admitted. Each call
         counts one lookup per distinct id toward ``admit_after``; ids not yet
-        admitted answer their initial row without storing it.
+        admitted answer their initial row without storing it. ``checked``: the
+        caller has passed ``ids`` through :meth:`check_ids` already.
         """
-        self.check_ids(ids)
-        unique, inverse = np.unique(ids, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        if not checked:
+            self.check_ids(ids)
+        if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+            unique, inverse = ids, None  # increasing: unique already (what clients send)
+        else:
+            unique, inverse = np.unique(ids, return_inverse=True)
+            inverse = inverse.reshape(-1)
         slots = self._rows.find(unique)
         self._rows.touch(slots[slots >= 0], clock)
         absent = slots < 0
@@ -194,14 +217,13 @@ class EmbeddingShard(ShardState):
         if stored.all():
             # Every row is stored: one gather of the rows straight into the answer
             # (slot per position, repeats included), no per-unique-id intermediate.
-            return self._values.index_select(0, torch.from_numpy(slots[inverse]))
+            return gather_rows(self._values, slots if inverse is None else slots[inverse])
         out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
-        out[torch.from_numpy(stored)] = self._values.index_select(
-            0, torch.from_numpy(slots[stored]))
+        out[torch.from_numpy(stored)] = gather_rows(self._values, slots[stored])
         spec = self.spec
         out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
                                                       spec.seed, spec.init_scale)
-        return out[torch.from_numpy(inverse)]
+        return out if inverse is None else out[torch.from_numpy(inverse)]
 
     def _admit(self, ids: np.ndarray, clock: int) -> np.ndarray:
         """Count one lookup of each (absent, unique) id; mask of those now admitted."""
@@ -223,15 +245,19 @@ class EmbeddingShard(ShardState):
             pending.remove(pending.expired(clock, 0, budget))
         return admitted
 
-    def apply(self, ids: np.ndarray, grads: torch.Tensor, clock: int) -> None:
+    def apply(self, ids: np.ndarray, grads: torch.Tensor, clock: int,
+              checked: bool = False) -> None:
         """One optimizer step on rows ``ids`` (unique) with ``grads`` (fp32, averaged).
 
         Called exactly once per clock, with zero ids if none were pushed: the step
         count advances on every call. Updates to ids not admitted yet are dropped;
         with ``admit_after = 1`` a missing row is created from its initial value
-        first, as a single process would hold it. Evicts afterwards.
+        first, as a single process would hold it. Evicts afterwards. ``checked``: the
+        caller has passed ``(ids, grads)`` through :meth:`check_update` already (a
+        push is validated once).
         """
-        self._check_update(ids, grads)
+        if not checked:
+            self.check_update(ids, grads)
         self.steps += 1
         slots = self._rows.find(ids)
         missing = slots < 0
@@ -246,9 +272,9 @@ class EmbeddingShard(ShardState):
         self.evict(clock)
 
     def _step(self, slots: np.ndarray, grad: torch.Tensor) -> None:
-        state_index = torch.from_numpy(self._state_of(slots)) if self._state else None
+        state_index = self._state_of(slots) if self._state else None
         sparse_step(self.optimizer, self.steps, self._values, self._state,
-                    torch.from_numpy(slots), state_index, grad)
+                    slots, state_index, grad)
 
     def evict(self, clock: int) -> int:
         """Drop rows untouched for ``evict_after`` clocks, then the least recently

@@ -62,9 +62,10 @@ def owner_of(ids: np.ndarray, num_servers: int) -> np.ndarray:
 _INIT_BLOCK_ELEMENTS = 1 << 15
 
 
-def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Tensor:
+def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float,
+                 out: np.ndarray | None = None) -> torch.Tensor:
     """The initial values of rows ``ids``: fp32 ``[len(ids), dim]``, uniform in
-    ``(-scale, scale)``.
+    ``(-scale, scale)``; written into ``out`` (fp32 ``[len(ids), dim]``) when given.
 
     Column ``c`` of row ``id`` is the ``c``-th output of a SplitMix64 generator
     seeded with ``splitmix64(splitmix64(seed) xor id)``; its top 24 bits ``k`` give
@@ -81,7 +82,10 @@ def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float) -> torch.Te
     seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
     row_key = _splitmix64(_as_uint64(ids) ^ seed_key)
     n = len(row_key)
-    out = np.empty((n, dim), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, dim), dtype=np.float32)
+    elif out.shape != (n, dim) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(n, dim)}, got {out.dtype} {out.shape}")
     with np.errstate(over="ignore"):
         # State of column c before mixing: row_key + c * gamma, plus splitmix's gamma.
         columns = np.arange(1, dim + 1, dtype=np.uint64) * _GAMMA

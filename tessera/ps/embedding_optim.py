@@ -22,6 +22,7 @@ import math
 import torch
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps.embedding_index import gather_rows, scatter_rows
 
 #: Per-row optimizer state arrays, named as ``torch.optim`` names them.
 STATE_NAMES = {"sgd": (), "adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq")}
@@ -53,39 +54,40 @@ def check_sparse_optimizer(table: str, optimizer: OptimizerConfig) -> None:
 
 
 def sparse_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: dict,
-                index: torch.Tensor, state_index, grad: torch.Tensor) -> None:
-    """One optimizer step on the rows ``index`` of ``values`` (and of the per-row
-    ``state`` arrays, at ``state_index``); ``steps`` counts this step."""
+                index, state_index, grad: torch.Tensor) -> None:
+    """One optimizer step on the rows ``index`` (unique int64 numpy slots) of ``values``
+    (and of the per-row ``state`` arrays, at ``state_index``); ``steps`` counts this step."""
     # Each branch repeats the per-element operations of torch's single-tensor
-    # implementation, in the same order, on the gathered rows.
-    param = values.index_select(0, index)
+    # implementation, in the same order, on the gathered rows (gathered and scattered
+    # back whole, :func:`gather_rows`: byte copies, so the arithmetic is unchanged).
+    param = gather_rows(values, index)
     if opt.name == "sgd":
         if opt.weight_decay != 0:
             grad = grad.add(param, alpha=opt.weight_decay)
         param.add_(grad, alpha=-opt.lr)
-        values.index_copy_(0, index, param)
+        scatter_rows(values, index, param)
         return
     if opt.name == "adagrad":  # torch.optim.adagrad._single_tensor_adagrad
-        state_sum = state["sum"].index_select(0, state_index)
+        state_sum = gather_rows(state["sum"], state_index)
         if opt.weight_decay != 0:
             grad = grad.add(param, alpha=opt.weight_decay)
         clr = opt.lr / (1 + (steps - 1) * opt.lr_decay)
         state_sum.addcmul_(grad, grad, value=1)
         std = state_sum.sqrt().add_(opt.eps)
         param.addcdiv_(grad, std, value=-clr)
-        state["sum"].index_copy_(0, state_index, state_sum)
+        scatter_rows(state["sum"], state_index, state_sum)
     else:  # adam: torch.optim._functional.sparse_adam
         beta1, beta2 = opt.betas
-        old_exp_avg = state["exp_avg"].index_select(0, state_index)
-        old_exp_avg_sq = state["exp_avg_sq"].index_select(0, state_index)
+        old_exp_avg = gather_rows(state["exp_avg"], state_index)
+        old_exp_avg_sq = gather_rows(state["exp_avg_sq"], state_index)
         exp_avg_update = grad.sub(old_exp_avg).mul_(1 - beta1)
-        state["exp_avg"].index_copy_(0, state_index, old_exp_avg + exp_avg_update)
+        scatter_rows(state["exp_avg"], state_index, old_exp_avg + exp_avg_update)
         exp_avg_sq_update = grad.pow(2).sub_(old_exp_avg_sq).mul_(1 - beta2)
-        state["exp_avg_sq"].index_copy_(0, state_index, old_exp_avg_sq + exp_avg_sq_update)
+        scatter_rows(state["exp_avg_sq"], state_index, old_exp_avg_sq + exp_avg_sq_update)
         numer = exp_avg_update.add_(old_exp_avg)
         denom = exp_avg_sq_update.add_(old_exp_avg_sq).sqrt_().add_(opt.eps)
         bias_correction1 = 1 - beta1 ** steps
         bias_correction2 = 1 - beta2 ** steps
         step_size = opt.lr * math.sqrt(bias_correction2) / bias_correction1
         param.add_(-step_size * numer.div_(denom))
-    values.index_copy_(0, index, param)
+    scatter_rows(values, index, param)

@@ -93,8 +93,9 @@ class _RowReply(Waiter):
 
     peer: bytes = b""
     msg: object = None
-    #: The ids a pull asks for; None for a push's Ack.
-    ids: Optional[np.ndarray] = None
+    #: The ids a pull asks for (a list, one per unit: a pull of several tables); None
+    #: for a push's Ack.
+    ids: Optional[np.ndarray | list] = None
 
 
 def _ids_from(frame, table: str) -> np.ndarray:
@@ -207,45 +208,70 @@ class TableService:
                    tensor_to_frame(ids[order].contiguous())])
 
     def on_pull(self, peer: bytes, msg: wire.PullRows, frames: list) -> None:
-        st = self._table(msg.table, msg.shard)
-        if len(frames) != 1:
-            raise RequestError(f"a row pull carries one ids frame, got {len(frames)}")
-        ids = _ids_from(frames[0], msg.table)
         if msg.dtype not in ("float32", "bfloat16", "float16"):
-            raise RequestError(f"table {msg.table!r}: rows dtype {msg.dtype!r} is not one of "
-                               f"float32, bfloat16, float16")
-        limit = ids_per_pull(st.spec.dim, msg.dtype)
-        if len(ids) > limit:
+            raise RequestError(f"table {msg.table or msg.tables!r}: rows dtype {msg.dtype!r} "
+                               f"is not one of float32, bfloat16, float16")
+        if msg.tables:
+            sts, ids = self._many(msg, frames, 0)
+        else:
+            sts = [self._table(msg.table, msg.shard)]
+            if len(frames) != 1:
+                raise RequestError(f"a row pull carries one ids frame, got {len(frames)}")
+            ids = [_ids_from(frames[0], msg.table)]
+        answer = sum(len(i) * st.spec.dim for st, i in zip(sts, ids)) * itemsize(msg.dtype)
+        if answer > MAX_ROWS_REPLY_BYTES:
+            name = msg.table or ", ".join(msg.tables)
             raise RequestError(
-                f"table {msg.table!r}: a row pull of {len(ids)} ids would answer "
-                f"{len(ids) * st.spec.dim * itemsize(msg.dtype)} bytes, over the "
-                f"{MAX_ROWS_REPLY_BYTES}-byte reply limit; pull at most {limit} ids at once")
-        ids = ids.copy()
-        try:
-            st.shard.check_ids(ids)
-        except TableError as exc:
-            raise RequestError(str(exc)) from None
-        self.policy.wait_or_answer(_RowReply(self.policy.pull_clock(msg.clock), [st],
-                                             self._reply, peer, msg, ids))
+                f"table {name!r}: a row pull of {sum(map(len, ids))} ids would answer "
+                f"{answer} bytes, over the {MAX_ROWS_REPLY_BYTES}-byte reply limit; pull at "
+                f"most {ids_per_pull(sts[0].spec.dim, msg.dtype)} ids at once")
+        ids = [i.copy() for i in ids]
+        for st, i in zip(sts, ids):
+            try:
+                st.shard.check_ids(i)
+            except TableError as exc:
+                raise RequestError(str(exc)) from None
+        self.policy.wait_or_answer(_RowReply(self.policy.pull_clock(msg.clock), sts,
+                                             self._reply, peer, msg,
+                                             ids if msg.tables else ids[0]))
+
+    def _many(self, msg, frames: list, grad_frames: int) -> tuple[list, list]:
+        """The shards and ids of a request for several tables (:class:`wire.PullRows` or
+        :class:`wire.PushRows` with ``tables``): the distinct id frames come first."""
+        names = msg.tables
+        if msg.table or len(set(names)) != len(names):
+            raise RequestError(f"a request for several tables names each once and no "
+                               f"'table'; got table {msg.table!r}, tables {names}")
+        n_ids = len(frames) - grad_frames
+        if len(msg.ids_frame) != len(names) or n_ids < 1 or \
+                sorted(set(msg.ids_frame)) != list(range(n_ids)):
+            raise RequestError(f"a request for tables {names} carries {len(frames)} frames "
+                               f"with ids_frame {msg.ids_frame}: expected its distinct id "
+                               f"frames, each used by a table, then {grad_frames} gradient "
+                               f"frames")
+        sts = [self._table(name, msg.shard) for name in names]
+        id_frames = [_ids_from(f, names[msg.ids_frame.index(j)])
+                     for j, f in enumerate(frames[:n_ids])]
+        return sts, [id_frames[j] for j in msg.ids_frame]
 
     def _answer(self, w: _RowReply) -> None:
         msg, st = w.msg, w.units[0]
         if w.ids is None:
             self.send(w.peer, wire.Ack(req=msg.req))
             return
-        rows = st.shard.lookup(w.ids, st.clock).to(torch_dtype(msg.dtype))
-        self.stats["rows_pulled"] += len(w.ids)
-        self.stats["bytes_sent"] += rows.numel() * itemsize(msg.dtype)
-        self.send(w.peer, wire.Rows(req=msg.req, table=msg.table, clock=st.clock,
-                                    dtype=msg.dtype), [tensor_to_frame(rows.contiguous())])
+        many = isinstance(w.ids, list)
+        frames = []
+        for st, ids in zip(w.units, w.ids if many else [w.ids]):
+            rows = st.shard.lookup(ids, st.clock, checked=True).to(torch_dtype(msg.dtype))
+            self.stats["rows_pulled"] += len(ids)
+            self.stats["bytes_sent"] += rows.numel() * itemsize(msg.dtype)
+            frames.append(tensor_to_frame(rows.contiguous()))
+        self.send(w.peer, wire.Rows(req=msg.req, table=msg.table, clock=w.units[0].clock,
+                                    dtype=msg.dtype, tables=msg.tables), frames)
 
     # ----------------------------------------------------------------- pushes
 
     def on_push(self, peer: bytes, msg: wire.PushRows, frames: list) -> None:
-        st = self._table(msg.table, msg.shard)
-        if len(frames) != 2:
-            raise RequestError(f"a row push carries an ids frame and a rows frame, "
-                               f"got {len(frames)} frames")
         if not 0 <= msg.worker < self.num_workers:
             raise RequestError(f"worker {msg.worker} is not in this job")
         if msg.scale <= 0 or msg.scale != msg.scale or msg.scale == float("inf"):
@@ -253,61 +279,89 @@ class TableService:
         if msg.seq < 0 or msg.clock < 0:
             raise RequestError(f"push sequence numbers and clocks start at 0, got seq "
                                f"{msg.seq}, clock {msg.clock}")
-        ids = _ids_from(frames[0], msg.table).copy()
-        dim = st.spec.dim
-        grads = frame_to_tensor_checked(frames[1], msg.dtype, len(ids) * dim, msg.table)
-        grads = grads.to(torch.float32).reshape(len(ids), dim) / msg.scale
-        try:
-            st.shard.check_ids(ids)
+        if msg.tables:
+            sts, ids = self._many(msg, frames, len(msg.tables))
+            grad_frames = frames[len(frames) - len(sts):]
+        else:
+            sts = [self._table(msg.table, msg.shard)]
+            if len(frames) != 2:
+                raise RequestError(f"a row push carries an ids frame and a rows frame, "
+                                   f"got {len(frames)} frames")
+            ids, grad_frames = [_ids_from(frames[0], msg.table)], frames[1:]
+        items = [(st, *self._pushed_rows(st, i, f, msg))
+                 for st, i, f in zip(sts, ids, grad_frames)]
+        self._take(peer, msg, items)
+
+    def _pushed_rows(self, st: _TableState, ids: np.ndarray, frame,
+                     msg: wire.PushRows) -> tuple[np.ndarray, torch.Tensor]:
+        """The ids and fp32 gradient rows of one table of a push, validated (once)."""
+        name, dim = st.spec.name, st.spec.dim
+        grads = frame_to_tensor_checked(frame, msg.dtype, len(ids) * dim, name)
+        grads = grads.to(torch.float32).reshape(len(ids), dim)
+        if msg.scale != 1.0:
+            grads = grads / msg.scale
+        try:  # the one validation of a push: ids, uniqueness, shape, finite rows
+            st.shard.check_update(ids, grads)
         except TableError as exc:
             raise RequestError(str(exc)) from None
-        if len(np.unique(ids)) != len(ids):
-            raise RequestError(f"table {msg.table!r}: pushed ids must be unique")
-        if not bool(torch.isfinite(grads).all()):
-            raise RequestError(f"table {msg.table!r}: gradient rows are not finite")
+        return ids.copy(), grads
+
+    def _take(self, peer: bytes, msg: wire.PushRows, items: list) -> None:
+        """Apply (or hold, sync) a validated push of one or more tables, exactly once, and
+        answer it once, when every table's rule allows."""
         policy = self.policy
-        if msg.seq <= st.last_seq.get(msg.worker, -1):
+        sts = [st for st, _, _ in items]
+        if any(msg.seq <= st.last_seq.get(msg.worker, -1) for st in sts):
             # A re-sent push, already taken: answered as the original will be.
             self.stats["retries"] += 1
-            self._ack_when(peer, msg, st, pending=msg.worker in st.pushed_by)
+            self._ack_when(peer, msg, [st for st in sts if msg.worker in st.pushed_by])
             return
         if policy.sums_clock:
             if msg.worker not in policy.members.live:
                 raise RequestError(f"worker {msg.worker} left the job (declared dead); a "
                                    f"restarted worker joins again with a Join request")
-            if msg.clock < st.clock:
-                # Applied already (re-sent after a failover), or its clock completed
-                # without it (the worker was declared dead meanwhile): answered.
-                self.stats["table_stale_pushes"] += 1
+            fresh = [item for item in items if msg.clock >= item[0].clock]
+            # The rest were applied already (re-sent after a failover), or their clock
+            # completed without them (the worker was declared dead meanwhile): answered.
+            self.stats["table_stale_pushes"] += len(items) - len(fresh)
+            if not fresh:
                 self.send(peer, wire.Ack(req=msg.req))
                 return
-        policy.check_turn(st, msg.worker, msg.clock)
+            items, sts = fresh, [st for st, _, _ in fresh]
+        for st in sts:
+            policy.check_turn(st, msg.worker, msg.clock)
         # Validated: from here on the push is applied (or held), exactly once.
-        st.last_seq[msg.worker] = msg.seq
-        self.stats["rows_pushed"] += len(ids)
-        self.stats["bytes_received"] += len(ids) * (8 + dim * itemsize(msg.dtype))
+        for st, ids, _ in items:
+            st.last_seq[msg.worker] = msg.seq
+            self.stats["rows_pushed"] += len(ids)
+            self.stats["bytes_received"] += len(ids) * (8 + st.spec.dim * itemsize(msg.dtype))
         if policy.sums_clock:
-            st.pending.append((msg.worker, ids, grads))
-            st.pushed_by.add(msg.worker)
-            self._ack_when(peer, msg, st, pending=True)
-            if policy.complete(st):
-                self._apply_clock(st)
+            for st, ids, grads in items:
+                st.pending.append((msg.worker, ids, grads))
+                st.pushed_by.add(msg.worker)
+            self._ack_when(peer, msg, sts)
+            for st in sts:
+                if policy.complete(st):
+                    self._apply_clock(st)
             return
-        grads = grads / self.num_workers
-        self._replicate(st, ids, grads, pushes=1, worker=msg.worker, seq=msg.seq)
-        st.shard.apply(ids, grads, st.clock)
-        st.applied_pushes += 1
+        for st, ids, grads in items:
+            if self.num_workers != 1:
+                grads = grads / self.num_workers
+            self._replicate(st, ids, grads, pushes=1, worker=msg.worker, seq=msg.seq)
+            st.shard.apply(ids, grads, st.clock, checked=True)
+            st.applied_pushes += 1
         if policy.answers_at_once:
             self.send(peer, wire.Ack(req=msg.req))
             return
-        policy.counted([st], msg.worker, msg.clock)
-        policy.wait_or_answer(_RowReply(policy.push_clock(msg.clock), [st], self._reply, peer, msg))
-        policy.advance([st])
+        policy.counted(sts, msg.worker, msg.clock)
+        policy.wait_or_answer(_RowReply(policy.push_clock(msg.clock), sts, self._reply, peer, msg))
+        policy.advance(sts)
 
-    def _ack_when(self, peer: bytes, msg: wire.PushRows, st: _TableState, pending: bool) -> None:
-        """Sync: a push held in its clock's sum is answered once the clock is applied."""
-        if self.policy.sums_clock and pending:
-            self.policy.wait_or_answer(_RowReply(self.policy.push_clock(msg.clock), [st],
+    def _ack_when(self, peer: bytes, msg: wire.PushRows, held: list) -> None:
+        """Sync: a push held in its clock's sum (of the tables ``held``) is answered once
+        those clocks are applied."""
+        if self.policy.sums_clock and held:
+            self.policy.wait_or_answer(_RowReply(self.policy.push_clock(msg.clock), held,
                                                  self._reply, peer, msg))
         else:
             self.send(peer, wire.Ack(req=msg.req))

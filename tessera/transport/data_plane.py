@@ -173,10 +173,18 @@ class PullRows(msgspec.Struct, **MESSAGE):
     clock: int = 0
     dtype: str = "float32"
     shard: int = -1
+    #: Several tables in one message (one pull per server per step, as TorchRec's
+    #: EmbeddingBagCollection batches its tables): ``table`` is "" and table
+    #: ``tables[i]`` asks for the ids of payload frame ``ids_frame[i]``; tables looked up
+    #: with the same ids share one frame (the ids travel once). Answered with one
+    #: :class:`Rows` naming the same ``tables``, frame i holding table i's rows.
+    tables: list[str] = []
+    ids_frame: list[int] = []
 
 
 class Rows(msgspec.Struct, **MESSAGE):
-    """Reply to :class:`PullRows`: payload frame 0 holds the rows, [n, dim] in ``dtype``."""
+    """Reply to :class:`PullRows`: payload frame 0 holds the rows, [n, dim] in ``dtype``
+    (a pull of several ``tables``: frame i holds table i's rows)."""
 
     req: int
     table: str
@@ -184,6 +192,7 @@ class Rows(msgspec.Struct, **MESSAGE):
     dtype: str = "float32"
     #: Reply to :class:`DumpRows`: more rows follow (ask again from ``start`` + n).
     more: bool = False
+    tables: list[str] = []
 
 
 class DumpRows(msgspec.Struct, **MESSAGE):
@@ -222,3 +231,9 @@ class PushRows(msgspec.Struct, **MESSAGE):
     scale: float = 1.0
     #: The server the ids hash to (-1: the receiver); see :class:`PullRows`.
     shard: int = -1
+    #: Several tables in one push (``table`` ""), all for ``clock`` under one ``seq``:
+    #: the payload is the distinct id frames (table ``tables[i]`` uses frame
+    #: ``ids_frame[i]``; tables with the same ids share one), then one gradient frame
+    #: per table, in ``tables`` order. Answered with one :class:`Ack`.
+    tables: list[str] = []
+    ids_frame: list[int] = []
