@@ -545,6 +545,9 @@ class Coordinator:
             # not the lead's rate times the worker count.
             busy = max(float(w.get("wall_s", 0.0)) - float(w.get("eval_s", 0.0)) for w in workers)
             summary["samples_per_s"] = sum(int(w["own_samples"]) for w in workers) / max(busy, 1e-9)
+        if any("balance_samples" in w for w in workers):  # train.balance: each worker's share
+            summary["balance"] = [{k: v for k, v in w.items() if k.startswith("balance_")}
+                                  for w in workers]
         tables = sorted({k.split(".", 1)[1] for s in servers for k in s if k.startswith("rows.")})
         if tables:
             summary["rows_per_server"] = {t: [int(s.get(f"rows.{t}", 0)) for s in servers]

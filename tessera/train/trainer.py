@@ -130,6 +130,11 @@ def main(data=None) -> None:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
                                                                "first_step": first_step}))
 
+    balance = None
+    if cfg.train.balance == "speed":  # sync only (the schema refuses other modes)
+        from tessera.train.balance import SpeedBalance
+        balance = SpeedBalance(model.client, task.sampler)
+        balance.after_step(first_step, joined=True)  # a rejoined worker: the current split
     prof = session.profiler
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
     torch_prof.step(first_step)
@@ -140,16 +145,25 @@ def main(data=None) -> None:
     loss_value = float("nan")
     eval_s = 0.0
     for step in range(first_step + 1, steps + 1):
+        if balance is not None:
+            balance.begin()
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
+        if balance is not None:
+            balance.computed()
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
         model.step()      # update (or skip, everywhere), or wait for the servers' values
+        if balance is not None:
+            balance.after_step(model.clock)
         loss_value = None if loss is None else loss.item()  # None: not the last stage
-        samples_window += len(target) * replicas
+        # The job's samples this step, as this worker counts them (balance: its share
+        # varies, the global batch does not).
+        job_samples = (cfg.data.batch_size if balance is not None else len(target)) * replicas
+        samples_window += job_samples
         if tally is not None:
-            tally.trained(len(target) * replicas, loss_value)
+            tally.trained(job_samples, loss_value)
         if (rejoined or session.generation) and step == first_step + 1:
             print(f"worker {session.rank}: completed step {step} at unix {time.time():.3f}",
                   flush=True)
@@ -195,6 +209,8 @@ def main(data=None) -> None:
              "comm_wait_s": model.comm_wait_s}
     if rejoined:
         stats.update(rejoined_at_unix=marks["joined"], rejoin_s=rejoin_s)
+    if balance is not None:
+        stats.update(balance.stats())
     # The evaluated values are the servers' latest, after every worker's last push
     # (async/ssp: the others may still be pushing when this worker ends its loop).
     job.settle()
