@@ -141,3 +141,17 @@ def speed_shares(reports, global_batch: int, *, min_share: int = 1,
                 key=lambda k: (shares[k] - want[k], -k))
         shares[i] -= 1
     return None if shares == [even] * w else shares
+
+
+def advance_cursor(epoch: int, offset: int, steps: int, global_batch: int,
+                   num_samples: int) -> tuple[int, int]:
+    """The cursor ``steps`` global batches after ``(epoch, offset)`` (what
+    :class:`ShardSampler` does; ``num_samples`` 0 means an endless stream)."""
+    if num_samples <= 0:
+        return epoch, offset + steps * global_batch
+    first = (num_samples - offset) // global_batch
+    if steps < first:
+        return epoch, offset + steps * global_batch
+    per_epoch = num_samples // global_batch
+    more, i = divmod(steps - first, per_epoch)
+    return epoch + 1 + more, i * global_batch
