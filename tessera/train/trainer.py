@@ -139,6 +139,7 @@ def main(data=None) -> None:
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
     torch_prof.step(first_step)
     t_start = time.perf_counter()
+    cpu_start, eval_cpu = time.process_time(), 0.0  # this process's CPU over the loop
     if tally is not None:
         tally.restart_clock()  # the job's clock: the first life's loop start
     t_window, samples_window = t_start, 0
@@ -172,8 +173,10 @@ def main(data=None) -> None:
         now = time.perf_counter()  # throughput is measured before evaluation, without it
         result = {}
         if evaluator and evaluate_now:
+            cpu_eval = time.process_time()
             with prof.span("eval", "eval"):
                 result = evaluate(task, model, device)
+            eval_cpu += time.process_time() - cpu_eval
             eval_s += time.perf_counter() - now
             if tally is not None:
                 tally.add_eval(time.perf_counter() - now)
@@ -187,6 +190,7 @@ def main(data=None) -> None:
         prof.instant("step", "step", step=step)  # profiler step: this step ends here
         torch_prof.step(step)
     wall = time.perf_counter() - t_start
+    loop_cpu = time.process_time() - cpu_start - eval_cpu
     torch_prof.stop()
 
     # samples/s counts training time only: evaluation is reported apart, as eval_s.
@@ -206,7 +210,9 @@ def main(data=None) -> None:
              "final_loss": _finite(loss_value), "eval_s": eval_s,
              "samples_per_s": samples / max(wall - eval_s, 1e-9),
              "own_samples": samples // replicas if last_stage else 0,
-             "comm_wait_s": model.comm_wait_s}
+             "comm_wait_s": model.comm_wait_s,
+             # CPU seconds of this process over its loop, evaluation left out (this life)
+             "loop_cpu_s": loop_cpu, "loop_steps": done}
     if rejoined:
         stats.update(rejoined_at_unix=marks["joined"], rejoin_s=rejoin_s)
     if balance is not None:
