@@ -195,15 +195,12 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         """``loss`` times the loss scale (1 unless the policy scales): backward this."""
         scaled = loss * self.scaler.scale if self.scaler.enabled else loss
         if self.profiler.enabled and scaled.requires_grad:
-            # The loss's gradient is the first thing backward computes: backward starts.
-            if not self.scaler.enabled:
-                scaled = scaled * 1.0  # a fresh node, so the hook is not on the user's tensor
-            scaled.register_hook(self._mark_backward_start)
+            # Backward follows at once (``scale_loss(loss).backward()``): it starts now. (A
+            # tensor hook on the loss said the same a few microseconds later, at the cost
+            # of an extra autograd node and a Python call every step: the profiler's
+            # largest per-step cost, benchmarks/profiler_overhead.py.)
+            self._backward_start_ns = self.profiler.now()
         return scaled
-
-    def _mark_backward_start(self, grad):
-        self._backward_start_ns = self.profiler.now()
-        return grad
 
     # --------------------------------------------------------------- phase 2
 
