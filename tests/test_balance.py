@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from tessera.config.schema import DataConfig
+from tessera.config.schema import DataConfig, OptimizerConfig
 from tessera.data.datasets import load_dataset
 from tessera.data.sampler import ShardSampler, speed_shares
+from tessera.ps.client import ServerError
 from tests.harness import ROOT, run_cli
+from tests.test_server_inproc import InprocCluster, flat_of, start
 
 SCRIPT = ROOT / "tests" / "scripts" / "balance.py"
 STEPS = 40
@@ -98,3 +102,50 @@ def test_balance_needs_sync_mode_and_a_known_value(tmp_path):
     code, output = run_cli(["run", ROOT / "examples" / "digits.toml", "--balance", "speed",
                             "--mode", "async", "--out", tmp_path / "b"], timeout_s=60)
     assert code != 0 and "needs --mode sync" in output and "Traceback" not in output
+
+
+@pytest.fixture
+def make_cluster():
+    """Parameter servers in threads of this process (tests/test_server_inproc.py)."""
+    p = nn.Parameter(torch.zeros(1))
+    p.grad = torch.ones(1)
+    torch.optim.SGD([p], lr=0.1).step()  # torch.optim's lazy imports, before a timeout runs
+    made: list[InprocCluster] = []
+
+    def make(layout, **kwargs) -> InprocCluster:
+        made.append(InprocCluster(layout, **kwargs))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def test_server_weights_pushes_and_echoes_speeds(make_cluster):
+    # Real server threads and clients: worker 0 had 48 of 64 samples (weight 1.5), worker
+    # 1 had 16 (0.5): the step is (1.5 g0 + 0.5 g1) / 2, and each reply of clock 1 carries
+    # both workers' [speed, weight] of clock 0. A weight outside (0, W] is refused.
+    model, cluster, (c0, c1) = start(make_cluster, mode="sync", num_workers=2,
+                                     optimizer=OptimizerConfig(name="sgd", lr=0.1),
+                                     num_servers=1, partition_elems=1000)
+    g0 = torch.full((cluster.shard_map.total_elems,), 1.0)
+    g1 = torch.full((cluster.shard_map.total_elems,), 3.0)
+    c0.weight, c0.rate = 1.5, 3000.0
+    c1.weight, c1.rate = 0.5, 1000.0
+    first = c0.push(0, g0, 0)
+    got = c1.push(0, g1, 0).wait()
+    torch.testing.assert_close(got[0], flat_of(model) - 0.1 * (1.5 * g0 + 0.5 * g1) / 2)
+    first.wait()
+    assert c0.rates[1] == c1.rates[1] == [[3000.0, 1.5], [1000.0, 0.5]]
+    c0.weight = 2.5
+    with pytest.raises(ServerError, match="push weight must be in"):
+        c0.push(0, g0, 1).wait()
+
+
+def test_async_server_refuses_a_weighted_push(make_cluster):
+    _, cluster, (c0, _) = start(make_cluster, mode="async", num_workers=2,
+                                optimizer=OptimizerConfig(name="sgd", lr=0.1),
+                                num_servers=1, partition_elems=1000)
+    c0.weight = 1.5
+    with pytest.raises(ServerError, match="needs sync mode"):
+        c0.push(0, torch.ones(cluster.shard_map.total_elems), 0).wait()
