@@ -12,7 +12,16 @@ shared machine hits both alike. Two figures per run, both from summary.json:
 The overhead is the median over rounds of (profiled / plain - 1), each round's
 pair measured in the same minutes. Target (issue 15): <= 1%.
 
+Then, with finer resolution than separate jobs on a shared machine allow
+(``profiler_inproc`` line): one process (``tessera.init()`` without a launcher: the
+coordinator and a server in threads, this thread the worker) trains the mnist CNN
+(batch 32, sync) in blocks of ``--block`` steps, the worker's recorder switched
+between the no-op and a real one block by block, and compares this thread's CPU time
+per step (``time.thread_time``) of adjacent blocks: the cost of recording on the
+worker's step path, paired within seconds.
+
     .venv/bin/python benchmarks/profiler_overhead.py [--quick] [--rounds 5] [--job examples/mnist.toml]
+    .venv/bin/python benchmarks/profiler_overhead.py --inproc-only
 """
 
 from __future__ import annotations
@@ -50,15 +59,81 @@ def run(job: str, steps: int, profile: bool) -> dict:
             "foreign_cpu_pct": foreign}
 
 
+def inproc(blocks: int, block: int) -> dict:
+    """Worker CPU per step with the recorder off and on, alternating blocks, one process."""
+    import tempfile as _tf
+
+    import torch
+    import torch.nn.functional as F
+
+    import tessera
+    from tessera.config.schema import DataConfig, ModelConfig
+    from tessera.data.datasets import load_dataset
+    from tessera.models import build_model
+    from tessera.profiler.recorder import OFF, SpanRecorder
+
+    os.chdir(_tf.mkdtemp(prefix="tessera-profiler-overhead-"))  # the run directory goes here
+    tessera.init()
+    torch.set_num_threads(1)
+    data = load_dataset(DataConfig(dataset="mnist"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn", channels=[16, 32]), data.input_shape,
+                        data.num_classes)
+    model = tessera.distribute(model, "sgd", lr=0.05, momentum=0.9)
+    sampler = tessera.shard(len(data.train), batch_size=32)
+    rec = SpanRecorder("worker", 0)
+    step = 0
+
+    def run(n: int, prof) -> float:
+        nonlocal step
+        model.profiler = model.client.profiler = prof
+        t0 = time.thread_time()
+        for _ in range(n):
+            with prof.span("data", "data"):
+                idx = torch.from_numpy(sampler.indices(step))
+                x, y = data.train.x[idx], data.train.y[idx]
+            loss = F.cross_entropy(model(x), y)
+            model.scale_loss(loss).backward()
+            model.step()
+            prof.instant("step", "step", step=step)
+            step += 1
+        return (time.thread_time() - t0) / n * 1e3
+
+    run(block, OFF)  # warm-up
+    off, on = [], []
+    for b in range(blocks):
+        order = (OFF, rec) if b % 2 == 0 else (rec, OFF)
+        for prof in order:
+            (off if prof is OFF else on).append(run(block, prof))
+    tessera.finish()
+    over = [b / a - 1 for a, b in zip(off, on)]
+    return {"bench": "profiler_inproc", "model": "mnist cnn", "batch": 32,
+            "blocks": blocks, "block_steps": block,
+            "off_cpu_ms_per_step": round(statistics.median(off), 4),
+            "profile_cpu_ms_per_step": round(statistics.median(on), 4),
+            "cpu_overhead": round(statistics.median(over), 4),
+            "spans_per_step": round(len(rec.spans) / max(1, blocks * block), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", default=str(ROOT / "examples" / "mnist.toml"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="30 steps, 2 rounds")
+    ap.add_argument("--blocks", type=int, default=20, help="in-process: blocks each way")
+    ap.add_argument("--block", type=int, default=25, help="in-process: steps per block")
+    ap.add_argument("--inproc-only", action="store_true", help="only the in-process pairing")
     args = ap.parse_args()
     steps, rounds = (30, 2) if args.quick else (args.steps, args.rounds)
     load = os.getloadavg()[0]
+    if args.inproc_only:
+        busy0, own0, t0 = busy_s(), own_s(), time.monotonic()
+        row = inproc(args.blocks, args.block)
+        row.update(loadavg_1m=round(load, 2), foreign_cpu_pct=round(
+            foreign_cpu_pct(busy0, own0, time.monotonic() - t0), 1))
+        print(json.dumps(row), flush=True)
+        return
     runs = {False: [], True: []}
     for rnd in range(rounds):
         for profile in ((False, True) if rnd % 2 == 0 else (True, False)):
