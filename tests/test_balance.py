@@ -149,3 +149,32 @@ def test_async_server_refuses_a_weighted_push(make_cluster):
     c0.weight = 1.5
     with pytest.raises(ServerError, match="needs sync mode"):
         c0.push(0, torch.ones(cluster.shard_map.total_elems), 0).wait()
+
+
+def test_tessera_run_with_balance_trains_the_global_batch(tmp_path):
+    # The built-in trainer's path ([train] balance through --balance): whatever split the
+    # workers' speeds gave, every step is the one-process step on the same 64 samples.
+    from tessera.config.load import load_config
+    from tessera.models import build_model
+    code, output = run_cli(["run", ROOT / "examples" / "digits.toml", "--steps", 30,
+                            "--balance", "speed", "--out", tmp_path / "run", "--quiet"],
+                           timeout_s=180)
+    assert code == 0, output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sum(w["balance_samples"] for w in summary["balance"]) == 30 * 64
+    cfg = load_config(ROOT / "examples" / "digits.toml")
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr,
+                          momentum=cfg.optimizer.momentum)
+    sampler = ShardSampler(len(data.train), batch_size=64, num_workers=1, rank=0,
+                           seed=cfg.train.seed)
+    for step in range(30):
+        idx = torch.from_numpy(sampler.indices(step))
+        opt.zero_grad()
+        F.cross_entropy(model(data.train.x[idx]), data.train.y[idx]).backward()
+        opt.step()
+    got = load_file(tmp_path / "run" / "final.safetensors")
+    for name, want in model.state_dict().items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=name)
