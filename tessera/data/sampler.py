@@ -96,20 +96,23 @@ class ShardSampler:
         return self.permutation(epoch)[start:start + self.shares[self.rank]]
 
 
-#: Balance: a split is kept while the slowest worker's part of a step takes less than
-#: this much over the workers' mean (noise on a shared machine must not move it: an
-#: even split never moved is bit-identical to sync).
+#: Balance: the even split is kept while the slowest worker's part of a step takes less
+#: than this much over the workers' mean (noise on a shared machine must not move it: an
+#: even split never moved is bit-identical to sync) ...
 BALANCE_BAND = 0.15
+#: ... and an uneven split, once moved, while within this (closer to equal times).
+TUNE_BAND = 0.05
 
 
 def speed_shares(reports, global_batch: int, *, min_share: int = 1,
-                 band: float = BALANCE_BAND) -> list[int] | None:
+                 band: float | None = None) -> list[int] | None:
     """The next split of a global batch of ``global_batch`` samples (None: even), from
     every worker's ``[rate, weight]`` report: ``rate`` its samples/s measured at its
     current share, ``weight`` that share over the even share.
 
     The current split is kept while the workers' times for their parts (share / rate)
-    are within ``band`` of their mean; otherwise shares become proportional to the
+    are within ``band`` of their mean (default: ``BALANCE_BAND`` for the even split,
+    ``TUNE_BAND`` for an uneven one); otherwise shares become proportional to the
     rates, each at least ``min_share`` (largest remainders, ties to the lower rank). A
     fixed per-step cost makes that undershoot, never overshoot, so repeated updates
     converge towards equal times. A pure function of its inputs: every worker computes
@@ -127,6 +130,8 @@ def speed_shares(reports, global_batch: int, *, min_share: int = 1,
         return None
     rates = [float(r[0]) for r in reports]
     times = [n / r for n, r in zip(current, rates)]
+    if band is None:
+        band = BALANCE_BAND if current == [even] * w else TUNE_BAND
     if max(times) <= (1.0 + band) * (sum(times) / w):
         return None if current == [even] * w else current
     total = sum(rates)

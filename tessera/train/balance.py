@@ -19,7 +19,8 @@ share) and its weight; a server echoes every worker's ``[speed, weight]`` of clo
 each reply at clock t + 1, the same vector for every worker, and at a period's end each
 worker derives the next split from it with the same pure function
 (:func:`tessera.data.sampler.speed_shares`): kept while the workers' times are within
-``BALANCE_BAND`` of their mean, else proportional to speed. A restarted worker learns
+``BALANCE_BAND`` (15%) of their mean while the split is even, ``TUNE_BAND`` (5%) once
+it has moved, else proportional to speed. A restarted worker learns
 the current split from the weights in its join reply. While the split stays even, every
 push has weight 1.0 and the old slice: the run is bit-identical to plain sync.
 """
