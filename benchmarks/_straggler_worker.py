@@ -17,6 +17,13 @@ How many steps each worker takes:
   from a counter file under ``--sync-dir`` (flock); a faster worker claims more.
   Only safe in async mode, where nobody waits for anybody.
 
+With the job's ``--balance speed`` (stragglers.py's "balance" system), each step's
+global batch is split by the workers' measured speeds
+(:class:`tessera.train.balance.SpeedBalance`), and the straggler's sleep is per
+sample: ``--sleep-ms`` is for a step of ``--batch-size`` samples and scales with its
+share (it computes 3x slower, whatever its share). Without balance every share is
+``--batch-size``, so the sleep is the same as before.
+
 All workers start their first step together (a file barrier under ``--sync-dir``,
 after start-up), and each writes ``stats.<rank>.json`` there: steps taken, wall
 clock of its first step's start and last step's end, median step time. Worker 0
@@ -109,7 +116,7 @@ class Budget:
         return n
 
 
-tessera.init()
+job = tessera.init()
 torch.set_num_threads(1)
 rank, workers = tessera.rank(), tessera.num_workers()
 data = load_dataset(DataConfig(dataset="digits"))
@@ -120,6 +127,11 @@ model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)
 sampler = tessera.shard(len(data.train), batch_size=args.batch_size)
 slow = rank == args.slow_rank and not args.transient
 budget = Budget(os.path.join(args.sync_dir, "budget")) if args.budget else None
+balance = None
+if job.cfg.train.balance == "speed":
+    from tessera.train.balance import SpeedBalance
+    balance = SpeedBalance(model.client, sampler)
+samples = 0
 
 touch(f"ready.{rank}")
 wait_files([f"ready.{r}" for r in range(workers)])
@@ -132,6 +144,11 @@ while True:
     if index >= (args.budget if budget else args.steps):
         break
     t0 = time.perf_counter()
+    if balance:
+        balance.begin()
+    idx = torch.from_numpy(sampler.indices(step))
+    share = len(idx) / args.batch_size  # 1 unless balanced
+    samples += len(idx)
     if args.transient:
         pause = transient_pause(index)
         delayed += pause > args.base_ms / 1e3
@@ -146,13 +163,16 @@ while True:
                      else (args.slow_factor - 1) * own)
         else:
             pause = 0.0
-        time.sleep(pause)
-        slept_s.append(pause)
+        time.sleep(pause * share)
+        slept_s.append(pause * share)
     t1 = time.perf_counter()
-    idx = torch.from_numpy(sampler.indices(step))
     loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
     model.scale_loss(loss).backward()
+    if balance:
+        balance.computed()
     model.step()
+    if balance:
+        balance.after_step(model.clock)
     t2 = time.perf_counter()
     step_s.append(t2 - t0)
     work_s.append(t2 - t1)
@@ -165,7 +185,7 @@ with open(os.path.join(args.sync_dir, f"stats.{rank}.json"), "w") as f:
                "step_ms": 1e3 * statistics.median(step_s) if step_s else 0.0,
                "work_ms": 1e3 * statistics.median(work_s) if work_s else 0.0,
                "sleep_ms": 1e3 * statistics.median(slept_s) if slept_s else 0.0,
-               "slow": slow, "delayed_steps": delayed,
+               "slow": slow, "delayed_steps": delayed, "samples": samples,
                "final_loss": float(loss.item()) if step_s else None}, f)
 touch(f"done.{rank}")
 

@@ -1,5 +1,6 @@
-"""A persistent straggler: samples/s and accuracy of sync, ssp (K=2) and async on
-the same total samples (DESIGN.md, "Performance principles").
+"""A persistent straggler: samples/s and accuracy of sync, ssp (K=2), async and
+the remedy (sync with ``--balance speed``) on the same total samples (DESIGN.md,
+"Performance principles").
 
 Each case is a real ``tessera launch --workers 2 --servers 2 --mode M`` of
 ``benchmarks/_straggler_worker.py``: an MLP (64-128-64-10) on digits, batch 32
@@ -20,6 +21,13 @@ Same total samples in every mode: 2 x ``steps`` steps of 32 samples.
 * ``sync`` and ``ssp``: each worker takes ``steps`` steps (clock counts must match:
   a worker that stopped early would leave the other waiting for it). In ssp the
   fast worker may run at most K clocks ahead, so it ends at most K steps earlier.
+* ``balance`` (the remedy, issue 15 item 6): sync with ``--balance speed``; each
+  worker takes ``steps`` steps, but each step's global batch of 2 x 32 is split by
+  the workers' measured speeds (tessera/train/balance.py) and the servers weight
+  each push by its share, so every step is still the mean over its 64 samples. The
+  straggler's sleep is per sample (it scales with its share): a worker that computes
+  3x slower, not one that loses a fixed time per step. ``remedy_vs_sync`` is its
+  ``vs_sync_samples_per_s``.
 * ``async``: the two workers share a budget of 2 x ``steps`` steps, claimed one at
   a time from a counter file; the fast worker takes about three quarters of them.
 
@@ -70,8 +78,11 @@ def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms
         tmp = Path(tmp)
         sync_dir = tmp / "sync"
         sync_dir.mkdir()
+        system = "sync" if mode == "balance" else mode
         cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--workers", str(WORKERS),
-               "--servers", str(SERVERS), "--mode", mode, "--quiet", "--out", str(tmp / "run")]
+               "--servers", str(SERVERS), "--mode", system, "--quiet", "--out", str(tmp / "run")]
+        if mode == "balance":
+            cmd += ["--balance", "speed"]
         if mode == "ssp":
             cmd += ["--staleness", str(staleness)]
         cmd += [str(WORKER), "--slow-factor", str(slow_factor), "--sleep-ms", str(sleep_ms),
@@ -120,6 +131,7 @@ def run_case(mode: str, staleness: int, steps: int, slow_factor: float, sleep_ms
             "slow_work_ms": statistics.median(s["work_ms"] for s in slow),
             "slow_sleep_ms": statistics.median(s["sleep_ms"] for s in slow),
             "delayed_steps": [s.get("delayed_steps", 0) for s in stats],
+            "samples_per_worker": [s.get("samples", 0) for s in stats],
             "launch_s": launch_s, "foreign_cpu_pct": foreign}
 
 
@@ -141,13 +153,22 @@ def main(argv=None) -> int:
     ap.add_argument("--base-ms", type=float, default=10.0,
                     help="transient case: every step's emulated compute (a sleep), ms")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--systems", default="async,sync,ssp,balance",
+                    help="comma-separated, of async,sync,ssp,balance (sync is always run: "
+                         "the ratios are to it; async calibrates unless --sleep-ms is set)")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.repeats = 40, 1
     global WORKERS
     WORKERS = a.workers
+    wanted = set(a.systems.split(",")) | {"sync"}
+    if a.sleep_ms <= 0 and not a.transient:
+        wanted.add("async")
     # async first: its first run calibrates the straggler's sleep for every later run.
-    modes = [("async", 0), ("sync", 0), ("ssp", a.staleness)]
+    # The remedy runs on the persistent straggler only (a transient one is not a speed).
+    modes = [(m, k) for m, k in [("async", 0), ("sync", 0), ("ssp", a.staleness),
+                                 ("balance", 0)]
+             if m in wanted and not (m == "balance" and a.transient)]
     deadline = time.monotonic() + a.timeout
     rounds: list[dict[str, dict]] = []
     sleep_ms = a.sleep_ms
@@ -178,9 +199,11 @@ def main(argv=None) -> int:
         round_s = max(round_s, time.monotonic() - t_round)
 
     med = statistics.median
-    slow_factor = med(rd["async"]["slow_step_ms"] / rd["async"]["fast_step_ms"] for rd in rounds)
+    ref = "async" if "async" in rounds[0] else "sync"
+    slow_factor = med(rd[ref]["slow_step_ms"] / rd[ref]["fast_step_ms"] for rd in rounds)
     import torch
-    for mode, k in [("sync", 0), ("ssp", a.staleness), ("async", 0)]:
+    for mode, k in [(m, k) for m, k in [("sync", 0), ("ssp", a.staleness), ("async", 0),
+                                        ("balance", 0)] if m in rounds[0]]:
         rs = [rd[mode] for rd in rounds]
         # Ratios within a round (same minutes of the machine's load), then the median.
         speedup = [rd[mode]["samples_per_s"] / rd["sync"]["samples_per_s"] for rd in rounds]
@@ -193,6 +216,7 @@ def main(argv=None) -> int:
                "case": f"transient p={a.transient}" if a.transient else "persistent",
                "base_ms": a.base_ms if a.transient else None,
                "delayed_steps": rs[0]["delayed_steps"],
+               "samples_per_worker": rs[0]["samples_per_worker"],
                "slow_sleep_ms": sleep_ms, "slow_factor": round(slow_factor, 2),
                "wall_s": round(med(r["wall_s"] for r in rs), 3),
                "tessera_samples_per_s": round(med(r["samples_per_s"] for r in rs), 1),
@@ -209,6 +233,9 @@ def main(argv=None) -> int:
                "loadavg_1m": round(load_before, 2),
                "foreign_cpu_pct": round(med(r["foreign_cpu_pct"] for r in rs), 1),
                "torch": torch.__version__}
+        if mode == "balance":
+            row.update(remedy_vs_sync=row["vs_sync_samples_per_s"],
+                       remedy_vs_sync_accuracy_points=row["vs_sync_accuracy_points"])
         print(json.dumps(row), flush=True)
     _log(f"done in {time.monotonic() - _T0:.0f} s")
     return 0

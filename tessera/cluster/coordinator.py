@@ -545,6 +545,12 @@ class Coordinator:
             # not the lead's rate times the worker count.
             busy = max(float(w.get("wall_s", 0.0)) - float(w.get("eval_s", 0.0)) for w in workers)
             summary["samples_per_s"] = sum(int(w["own_samples"]) for w in workers) / max(busy, 1e-9)
+        if all("loop_cpu_s" in w for w in workers):  # CPU per step (profiler_overhead.py)
+            summary["worker_loop_cpu_s"] = [float(w["loop_cpu_s"]) for w in workers]
+            summary["worker_loop_steps"] = [int(w["loop_steps"]) for w in workers]
+        if any("balance_samples" in w for w in workers):  # train.balance: each worker's share
+            summary["balance"] = [{k: v for k, v in w.items() if k.startswith("balance_")}
+                                  for w in workers]
         tables = sorted({k.split(".", 1)[1] for s in servers for k in s if k.startswith("rows.")})
         if tables:
             summary["rows_per_server"] = {t: [int(s.get(f"rows.{t}", 0)) for s in servers]

@@ -56,6 +56,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--precision", "precision", str, "fp32 | bf16 | fp16 (precision)."),
     Flag("--tensorboard", "train.tensorboard", bool,
          "Also write metrics as TensorBoard scalars under <run dir>/tensorboard."),
+    Flag("--balance", "train.balance", str,
+         "off | speed: split sync batches by worker speed (train.balance)."),
     Flag("--profile", "profile.enabled", bool,
          "Record spans on every process; write trace.json and report.md."),
     Flag("--stages", "pipeline.stages", int, "Pipeline stages P (pipeline.stages)."),

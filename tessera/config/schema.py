@@ -112,6 +112,10 @@ class TrainConfig(msgspec.Struct, **_STRICT):
     threads: int = 0
     #: Also write every logged metric as a TensorBoard scalar under <run dir>/tensorboard.
     tensorboard: bool = False
+    #: Persistent stragglers (sync): "speed" splits each global batch over the workers
+    #: by their measured speed, each push weighted by its samples (the step stays the
+    #: mean over the whole global batch); "off" gives every worker data.batch_size.
+    balance: Literal["off", "speed"] = "off"
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -346,6 +350,12 @@ class JobConfig(msgspec.Struct, **_STRICT):
         if self.cluster.servers == 0 and self.ps.mode != "allreduce":
             raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
                              f"(only --mode allreduce runs without parameter servers)")
+        if self.train.balance == "speed" and (self.ps.mode != "sync" or
+                                              self.data.dataset == "clicks"):
+            raise ValueError(f"train.balance (--balance) 'speed' splits the global batch of "
+                             f"a sync step by worker speed: it needs --mode sync and a "
+                             f"dataset read by index (not {self.ps.mode!r} / "
+                             f"{self.data.dataset!r}); use --balance off")
         if self.cluster.servers and self.ps.mode == "allreduce":
             raise ValueError(f"cluster.servers (--servers) is {self.cluster.servers}, but mode "
                              f"'allreduce' runs without parameter servers: pass --servers 0 "

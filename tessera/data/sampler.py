@@ -9,6 +9,11 @@ batch ``t`` of one process with batch ``num_workers * batch_size``: this is what
 makes synchronous training equal to large-batch training on one process, and
 what lets a job change its worker count and still see every sample once.
 
+Balance (``[train] balance = "speed"``, :func:`speed_shares`): the global batch of a
+step may be split unevenly, worker ``r`` taking ``shares[r]`` samples starting at
+``sum(shares[:r])``. The union is still exactly global batch ``t``, so the cursor,
+resuming and every-sample-once are unchanged; only who computes which sample moves.
+
 A job resumed from a checkpoint starts from a *cursor*: the clock it resumes at,
 the epoch, and the offset into that epoch's permutation (samples already taken by
 all workers together). :meth:`ShardSampler.seek` continues from there with any
@@ -41,6 +46,8 @@ class ShardSampler:
                              f"training samples; lower data.batch_size or the worker count")
         self._epoch = -1
         self._perm: np.ndarray | None = None
+        #: Balance: every worker's samples of the next step (None: batch_size each).
+        self.shares: list[int] | None = None
         # The cursor: at clock ``_clock0`` the next sample is ``_offset0`` into epoch ``_epoch0``.
         self._clock0, self._epoch0, self._offset0 = 0, 0, 0
 
@@ -82,8 +89,63 @@ class ShardSampler:
     def indices(self, step: int) -> np.ndarray:
         """This worker's sample indices for global step ``step`` (epochs roll over)."""
         epoch, offset = self._locate(step)
-        start = offset + self.rank * self.batch_size
-        return self.permutation(epoch)[start:start + self.batch_size]
+        if self.shares is None:
+            start = offset + self.rank * self.batch_size
+            return self.permutation(epoch)[start:start + self.batch_size]
+        start = offset + sum(self.shares[:self.rank])
+        return self.permutation(epoch)[start:start + self.shares[self.rank]]
+
+
+#: Balance: the even split is kept while the slowest worker's part of a step takes less
+#: than this much over the workers' mean (noise on a shared machine must not move it: an
+#: even split never moved is bit-identical to sync) ...
+BALANCE_BAND = 0.15
+#: ... and an uneven split, once moved, while within this (closer to equal times).
+TUNE_BAND = 0.05
+
+
+def speed_shares(reports, global_batch: int, *, min_share: int = 1,
+                 band: float | None = None) -> list[int] | None:
+    """The next split of a global batch of ``global_batch`` samples (None: even), from
+    every worker's ``[rate, weight]`` report: ``rate`` its samples/s measured at its
+    current share, ``weight`` that share over the even share.
+
+    The current split is kept while the workers' times for their parts (share / rate)
+    are within ``band`` of their mean (default: ``BALANCE_BAND`` for the even split,
+    ``TUNE_BAND`` for an uneven one); otherwise shares become proportional to the
+    rates, each at least ``min_share`` (largest remainders, ties to the lower rank). A
+    fixed per-step cost makes that undershoot, never overshoot, so repeated updates
+    converge towards equal times. A pure function of its inputs: every worker computes
+    the same split from the same reports, and a worker that just joined knows the
+    current split from the weights. None while any report is missing."""
+    w = len(reports)
+    if w < 2 or global_batch % w:
+        return None
+    even = global_batch // w
+    if not all(len(r) == 2 and 0.0 < r[0] < float("inf") and 0.0 < r[1] <= w
+               for r in reports):
+        return None
+    current = [round(weight * even) for _, weight in reports]
+    if sum(current) != global_batch:
+        return None
+    rates = [float(r[0]) for r in reports]
+    times = [n / r for n, r in zip(current, rates)]
+    if band is None:
+        band = BALANCE_BAND if current == [even] * w else TUNE_BAND
+    if max(times) <= (1.0 + band) * (sum(times) / w):
+        return None if current == [even] * w else current
+    total = sum(rates)
+    min_share = max(1, min(min_share, even))
+    want = [global_batch * r / total for r in rates]
+    shares = [max(min_share, int(q)) for q in want]
+    while sum(shares) < global_batch:
+        i = max(range(w), key=lambda k: (want[k] - shares[k], -k))
+        shares[i] += 1
+    while sum(shares) > global_batch:
+        i = max((k for k in range(w) if shares[k] > min_share),
+                key=lambda k: (shares[k] - want[k], -k))
+        shares[i] -= 1
+    return None if shares == [even] * w else shares
 
 
 def advance_cursor(epoch: int, offset: int, steps: int, global_batch: int,

@@ -76,6 +76,18 @@ class PSComm:
     checkpoint_every: int = 0
 
 
+class StepMarks:
+    """Profiling timestamps of the current step (aligned clock, ns)."""
+
+    __slots__ = ("first_push_ns", "backward_start_ns", "last_hook_ns", "send_ns")
+
+    def __init__(self):
+        self.first_push_ns = self.backward_start_ns = self.last_hook_ns = 0
+        #: Time spent sending pushes from backward's hooks this step (it is
+        #: communication, not compute: the report takes it out of backward).
+        self.send_ns = 0
+
+
 @dataclass(frozen=True)
 class Start:
     """Where this worker starts: a fresh job, a resumed one, or a restarted worker."""
@@ -107,12 +119,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self.two_phase = comm.two_phase
         self.log = hooks.log
         self.profiler = hooks.profiler
-        self._first_push_ns = 0
-        self._backward_start_ns = 0
-        self._last_hook_ns = 0
-        #: Profiling: time spent sending pushes from backward's hooks this step (it is
-        #: communication, not compute: the report takes it out of backward).
-        self._send_ns = 0
+        #: Profiling: this step's timestamps (a plain object: nn.Module.__setattr__ costs
+        #: microseconds a write, ~13 writes a step were most of the profiler's overhead).
+        self._marks = StepMarks()
         self.clock = start.clock
         self.mode = comm.mode
         self.is_first = is_first
@@ -196,15 +205,12 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         """``loss`` times the loss scale (1 unless the policy scales): backward this."""
         scaled = loss * self.scaler.scale if self.scaler.enabled else loss
         if self.profiler.enabled and scaled.requires_grad:
-            # The loss's gradient is the first thing backward computes: backward starts.
-            if not self.scaler.enabled:
-                scaled = scaled * 1.0  # a fresh node, so the hook is not on the user's tensor
-            scaled.register_hook(self._mark_backward_start)
+            # Backward follows at once (``scale_loss(loss).backward()``): it starts now. (A
+            # tensor hook on the loss said the same a few microseconds later, at the cost
+            # of an extra autograd node and a Python call every step: the profiler's
+            # largest per-step cost, benchmarks/profiler_overhead.py.)
+            self._marks.backward_start_ns = self.profiler.now()
         return scaled
-
-    def _mark_backward_start(self, grad):
-        self._backward_start_ns = self.profiler.now()
-        return grad
 
     # --------------------------------------------------------------- phase 2
 
@@ -219,9 +225,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 param.grad = view.view_as(param)
             self._fired.setdefault(index, len(self._fired))
             if self.profiler.enabled:
-                self._last_hook_ns = self.profiler.now()
-                if not self._backward_start_ns:
-                    self._backward_start_ns = self._last_hook_ns
+                marks = self._marks
+                marks.last_hook_ns = self.profiler.now()
+                if not marks.backward_start_ns:
+                    marks.backward_start_ns = marks.last_hook_ns
             if not self._sync:
                 return  # no_sync(): accumulate; the next synced backward pushes the sum
             for pid in self._parts_of_param[index]:
@@ -253,7 +260,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         if not self._handles:  # the step's first push
             self._step_hparams = self.hparams_source() if self.is_first else None
             if self.profiler.enabled:
-                self._first_push_ns = self.profiler.now()
+                self._marks.first_push_ns = self.profiler.now()
         hold = self.two_phase or self._hold
         sent_from = self.profiler.now() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
@@ -261,7 +268,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
             norm_type=self._norm_type if self._hold else 0.0)
         if sent_from:
-            self._send_ns += self.profiler.now() - sent_from
+            self._marks.send_ns += self.profiler.now() - sent_from
 
     # --------------------------------------------------------------- phase 3
 
@@ -329,19 +336,20 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         with torch.no_grad():
             self.flat_grad.zero_()
         if prof.enabled:
-            if self._backward_start_ns:
-                during = max(0, self._last_hook_ns - self._backward_start_ns)
-                sent = min(self._send_ns, during)  # pushes sent from backward's hooks
-                prof.add("backward", "compute", self._backward_start_ns, during - sent)
-                prof.add("send", "comm", self._backward_start_ns, sent)
-            self._backward_start_ns = self._send_ns = 0
+            marks = self._marks
+            if marks.backward_start_ns:
+                during = max(0, marks.last_hook_ns - marks.backward_start_ns)
+                sent = min(marks.send_ns, during)  # pushes sent from backward's hooks
+                prof.add("backward", "compute", marks.backward_start_ns, during - sent)
+                prof.add("send", "comm", marks.backward_start_ns, sent)
+            marks.backward_start_ns = marks.send_ns = 0
             prof.add("wait", "comm", wait_start, int(waited * 1e9), clock=self.clock)
             prof.add("copy", "optimizer", copy_start,
                      prof.now() - copy_start + int(copy_s * 1e9))
             # Communication in flight: first push sent .. last reply sent by a server.
             end = max(self.client.last_reply_ns, wait_start)
-            prof.add("in flight", "inflight", self._first_push_ns,
-                     max(0, end - self._first_push_ns), clock=self.clock,
+            prof.add("in flight", "inflight", self._marks.first_push_ns,
+                     max(0, end - self._marks.first_push_ns), clock=self.clock,
                      bytes=sum(self.client.parts[p].stop - self.client.parts[p].start
                                for p in self._handles) * self._wire.itemsize)
         self.scaler.update(found_inf=not applied)

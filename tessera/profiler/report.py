@@ -154,8 +154,10 @@ def _causes(workers: list[dict], servers: list[dict]) -> list[dict]:
             causes.append({"cause": "straggler", "who": f"worker {slow['rank']}", "ms": excess,
                            "detail": f"worker {slow['rank']} is {ratio:.1f}x slower in {phase} "
                                      f"({slow[f'{phase}_ms']:.1f} ms vs {ref:.1f} ms per step): "
-                                     f"every synchronous step waits for it; try --mode async "
-                                     f"or ssp, or find what slows that worker's machine"})
+                                     f"every synchronous step waits for it; if it is always "
+                                     f"slower, --balance speed gives it less of each batch "
+                                     f"(sync stays exact); if now and then, --mode ssp; or "
+                                     f"find what slows that worker's machine"})
         compute = statistics.median(o["compute_ms"] for o in others)
         data = statistics.median(o["data_ms"] for o in others)
     else:

@@ -164,6 +164,10 @@ class PSClient:
         self.profiler = profiler
         #: Latest server send time of a reply seen (aligned clock; profiling only).
         self.last_reply_ns = 0
+        #: Balance (tessera.train.balance): every push carries this weight and rate, and
+        #: ``rates[clock]`` keeps the workers' rates the replies at ``clock`` carried.
+        self.weight, self.rate = 1.0, 0.0
+        self.rates: dict[int, list[list[float]]] = {}
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
         for server, ep in enumerate(self.servers):
@@ -380,7 +384,8 @@ class PSClient:
         msg = wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
                         partitions=[partition], dtype=dtype, scale=scale,
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
-                        norm_type=norm_type, hparams=hparams,
+                        norm_type=norm_type, hparams=hparams, weight=self.weight,
+                        rate=self.rate,
                         sent_ns=self.profiler.now() if self.profiler.enabled else 0)
         ep.send(msg, [frame])
         self.bytes_pushed += frame.nbytes
@@ -607,6 +612,10 @@ class PSClient:
             return rows, False
         self.last_reply_ns = max(self.last_reply_ns, msg.sent_ns)
         self._reply_clock = msg.clock
+        if msg.rates is not None and msg.clock not in self.rates:
+            if len(self.rates) > 4:
+                self.rates.pop(min(self.rates))
+            self.rates[msg.clock] = msg.rates
         if len(frames) != len(msg.partitions):
             raise ServerError(f"{self.servers[server].peer_name} sent {len(frames)} frames "
                               f"for {len(msg.partitions)} partitions")

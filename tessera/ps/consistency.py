@@ -183,6 +183,20 @@ class Consistency:
         """The clock every worker has completed, as far as these units know."""
         return min((st.clock for st in units), default=0)
 
+    # -- balance (``[train] balance = "speed"``, sync only)
+
+    def report(self, worker: int, clock: int, weight: float, rate: float) -> None:
+        """Check a push's balance fields before any state changes (and, in sync, keep
+        its rate for the replies of ``clock + 1``)."""
+        if weight != 1.0:
+            raise RequestError(f"a weighted push (weight {weight}: train.balance = 'speed') "
+                               f"needs sync mode; this server runs {self.name}")
+
+    def rates(self, clock: int) -> Optional[list[list[float]]]:
+        """What a reply at ``clock`` carries: every worker's [rate, weight] reported with
+        its pushes of ``clock - 1`` (None: none)."""
+        return None
+
     # -- waiting (shared)
 
     def wait_or_answer(self, w: Waiter) -> None:
@@ -211,6 +225,35 @@ class Sync(Consistency):
     name = "sync"
     sums_clock = True
     answers_at_once = False
+
+    def __init__(self, num_workers: int, staleness: int = 0):
+        super().__init__(num_workers, staleness)
+        #: Balance: clock -> every worker's reported [samples/s, weight] (0: not reported).
+        self._rates: dict[int, list[list[float]]] = {}
+
+    def report(self, worker: int, clock: int, weight: float, rate: float) -> None:
+        """Balance (``[train] balance = "speed"``): a push counts ``weight`` times in
+        the clock's mean (its share of the global batch over the even share, so that
+        the mean stays the mean over every sample of the step), and its sender's
+        measured ``rate`` (samples/s) and weight go back to every worker with the
+        replies of ``clock + 1``, where each derives the same split of the next step."""
+        if not 0.0 < weight <= self.members.num_workers:
+            raise RequestError(f"push weight must be in (0, {self.members.num_workers}] "
+                               f"(the share of the global batch over the even share), "
+                               f"got {weight}")
+        if rate == 0.0:
+            return
+        if not 0.0 < rate < float("inf"):
+            raise RequestError(f"push rate must be a positive finite samples/s, got {rate}")
+        row = self._rates.get(clock)
+        if row is None:
+            for old in [c for c in self._rates if c < clock - 3]:
+                del self._rates[old]
+            row = self._rates[clock] = [[0.0, 0.0] for _ in range(self.members.num_workers)]
+        row[worker] = [rate, weight]
+
+    def rates(self, clock: int) -> Optional[list[list[float]]]:
+        return self._rates.get(clock - 1)
 
     def pull_clock(self, asked: int) -> int:
         return asked

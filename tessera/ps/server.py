@@ -264,6 +264,7 @@ class ParameterServer:
             return
         held = self.two_phase or msg.hold
         check_held(msg, states, held, policy)
+        policy.report(msg.worker, msg.clock, msg.weight, msg.rate)  # balance (h-straggler)
         if policy.stale_push(states, msg.worker, msg.clock):
             # Applied already (a re-sent push after a failover, or its clock was
             # completed without it): answer with the current values.
@@ -314,7 +315,7 @@ class ParameterServer:
     def _hold(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
               frames: list) -> None:
         """Sync: add the push to its clock's sum; the clock completes with the last one."""
-        unscale = 1.0 / msg.scale
+        unscale = msg.weight / msg.scale  # weight: balance (1.0 unless train.balance)
         for st, frame in zip(states, frames):
             self.stats["bytes_received"] += len(frame)
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
@@ -467,7 +468,8 @@ class ParameterServer:
         self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
-                                             else 0), frames, after=after)
+                                             else 0, rates=self.policy.rates(clock)),
+                                 frames, after=after)
 
     def _answer(self, w: Reply) -> None:
         if w.run_clock >= 0:

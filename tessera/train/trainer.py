@@ -130,26 +130,41 @@ def main(data=None) -> None:
         (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
                                                                "first_step": first_step}))
 
+    balance = None
+    if cfg.train.balance == "speed":  # sync only (the schema refuses other modes)
+        from tessera.train.balance import SpeedBalance
+        balance = SpeedBalance(model.client, task.sampler)
+        balance.after_step(first_step, joined=True)  # a rejoined worker: the current split
     prof = session.profiler
     torch_prof = TorchOperatorProfile(prof, cfg.profile.torch_steps, first_step=2)
     torch_prof.step(first_step)
     t_start = time.perf_counter()
+    cpu_start, eval_cpu = time.process_time(), 0.0  # this process's CPU over the loop
     if tally is not None:
         tally.restart_clock()  # the job's clock: the first life's loop start
     t_window, samples_window = t_start, 0
     loss_value = float("nan")
     eval_s = 0.0
     for step in range(first_step + 1, steps + 1):
+        if balance is not None:
+            balance.begin()
         with prof.span("data", "data"):
             inputs, target = task.batch(step - 1, device)
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
+        if balance is not None:
+            balance.computed()
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
         model.step()      # update (or skip, everywhere), or wait for the servers' values
+        if balance is not None:
+            balance.after_step(model.clock)
         loss_value = None if loss is None else loss.item()  # None: not the last stage
-        samples_window += len(target) * replicas
+        # The job's samples this step, as this worker counts them (balance: its share
+        # varies, the global batch does not).
+        job_samples = (cfg.data.batch_size if balance is not None else len(target)) * replicas
+        samples_window += job_samples
         if tally is not None:
-            tally.trained(len(target) * replicas, loss_value)
+            tally.trained(job_samples, loss_value)
         if (rejoined or session.generation) and step == first_step + 1:
             print(f"worker {session.rank}: completed step {step} at unix {time.time():.3f}",
                   flush=True)
@@ -158,8 +173,10 @@ def main(data=None) -> None:
         now = time.perf_counter()  # throughput is measured before evaluation, without it
         result = {}
         if evaluator and evaluate_now:
+            cpu_eval = time.process_time()
             with prof.span("eval", "eval"):
                 result = evaluate(task, model, device)
+            eval_cpu += time.process_time() - cpu_eval
             eval_s += time.perf_counter() - now
             if tally is not None:
                 tally.add_eval(time.perf_counter() - now)
@@ -173,6 +190,7 @@ def main(data=None) -> None:
         prof.instant("step", "step", step=step)  # profiler step: this step ends here
         torch_prof.step(step)
     wall = time.perf_counter() - t_start
+    loop_cpu = time.process_time() - cpu_start - eval_cpu
     torch_prof.stop()
 
     # samples/s counts training time only: evaluation is reported apart, as eval_s.
@@ -192,9 +210,13 @@ def main(data=None) -> None:
              "final_loss": _finite(loss_value), "eval_s": eval_s,
              "samples_per_s": samples / max(wall - eval_s, 1e-9),
              "own_samples": samples // replicas if last_stage else 0,
-             "comm_wait_s": model.comm_wait_s}
+             "comm_wait_s": model.comm_wait_s,
+             # CPU seconds of this process over its loop, evaluation left out (this life)
+             "loop_cpu_s": loop_cpu, "loop_steps": done}
     if rejoined:
         stats.update(rejoined_at_unix=marks["joined"], rejoin_s=rejoin_s)
+    if balance is not None:
+        stats.update(balance.stats())
     # The evaluated values are the servers' latest, after every worker's last push
     # (async/ssp: the others may still be pushing when this worker ends its loop).
     job.settle()

@@ -72,6 +72,12 @@ class Push(msgspec.Struct, **MESSAGE):
     #: Worker 0, when they changed: every param group's hyperparameters (an lr
     #: scheduler moved them), applied before this clock's update.
     hparams: Optional[list[dict[str, HParam]]] = None
+    #: Sync, ``[train] balance = "speed"``: this push counts ``weight`` times in its
+    #: clock's mean (the sender's share of the global batch over the even share), so
+    #: that the mean is over every sample of the step however the batch was split.
+    weight: float = 1.0
+    #: Balance: the sender's measured samples/s (0: none); echoed in :attr:`Params.rates`.
+    rate: float = 0.0
 
 
 class Join(msgspec.Struct, **MESSAGE):
@@ -160,6 +166,10 @@ class Params(msgspec.Struct, **MESSAGE):
     skipped: bool = False
     #: Server's aligned clock when it sent this reply (for the profiler's overlap figure).
     sent_ns: int = 0
+    #: Balance (sync): every worker's ``[Push.rate, Push.weight]`` of clock ``clock - 1``
+    #: (index: worker; zeros where unknown), the same in every reply at ``clock``; None
+    #: when no worker reported a rate.
+    rates: Optional[list[list[float]]] = None
 
 
 class PullRows(msgspec.Struct, **MESSAGE):
