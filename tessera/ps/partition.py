@@ -60,8 +60,9 @@ class ReplyBuffers:
         master, kind = rule.master, torch_dtype(dtype)
         if master.numel() * kind.itemsize < _COPIED_BELOW:
             # pyzmq copies a small frame when it is made: no buffer to keep or track.
-            values = master if kind == torch.float32 else master.to(kind)
-            return zmq.Frame(tensor_to_frame(values))
+            if kind == torch.float32:
+                return zmq.Frame(master.numpy())  # a 1-d contiguous fp32 view: its bytes
+            return zmq.Frame(tensor_to_frame(master.to(kind)))
         entry = None
         for e in self._all:
             if e[1] is rule and e[2] == rule.steps and e[0].dtype == kind:  # these values

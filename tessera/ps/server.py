@@ -124,7 +124,7 @@ class ParameterServer:
                     got = self.endpoint.recv()
                     costs.lap("decode")
                     self.handle(got)
-                    costs.done()
+                    costs.done(isinstance(got.msg, (wire.Push, wire.Pull)))
                 else:
                     self.handle(self.endpoint.recv())
                 if replication.waiting():  # answers held for Acks: release them promptly

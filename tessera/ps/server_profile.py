@@ -56,14 +56,14 @@ PHASES = ("decode", "validation", "dedup", "copy", "replicate", "apply", "encode
 
 
 class MessageCosts:
-    """Server CPU per request, by phase (``ServerOptions.cost_breakdown``).
+    """Server CPU per push or pull, by phase (``ServerOptions.cost_breakdown``).
 
     The serve loop calls :meth:`start` before it takes a message and :meth:`lap` after
-    each phase; a lap charges the time since the previous one to its phase. The clock
-    is ``perf_counter_ns`` (vDSO, ~50 ns): the thread's own CPU clock costs a system
-    call (~1 µs), which would distort phases of a few µs. The serve thread does not
-    block inside a request, so this is its CPU time unless the OS preempted it (on a
-    loaded machine compare the total with the process's CPU per request):
+    each phase; a lap charges the serve thread's CPU time since the previous one to its
+    phase (``time.thread_time_ns``: a wall clock would charge whatever phase was running
+    when the OS preempted the thread, which on a loaded machine is most of it; each lap
+    costs one ``clock_gettime``, ~0.3-1 µs, only while on). ZeroMQ's I/O thread is not
+    in it: the process's CPU per request minus this total is the I/O thread's share:
 
     * ``decode``: taking the frames off the socket and msgspec-decoding the header;
     * ``validation``: partition ids, payload lengths, the push's fields (and, under
@@ -81,25 +81,33 @@ class MessageCosts:
     a local variable.
     """
 
-    __slots__ = ("ns", "messages", "_t")
+    __slots__ = ("ns", "messages", "_t", "_cur")
 
     def __init__(self) -> None:
         self.ns = dict.fromkeys(PHASES, 0)
         self.messages = 0
         self._t = 0
+        self._cur = dict.fromkeys(PHASES, 0)
 
     def start(self) -> None:
-        self._t = time.perf_counter_ns()
+        self._t = time.thread_time_ns()
 
     def lap(self, phase: str) -> None:
-        now = time.perf_counter_ns()
-        self.ns[phase] += now - self._t
+        now = time.thread_time_ns()
+        self._cur[phase] += now - self._t
         self._t = now
 
-    def done(self) -> None:
-        """One request served: the rest of its turn is ``other``."""
+    def done(self, counted: bool) -> None:
+        """One request served: the rest of its turn is ``other``. Only ``counted`` ones
+        (pushes and pulls) go into the totals: an init or a join is a one-off."""
         self.lap("other")
-        self.messages += 1
+        cur = self._cur
+        if counted:
+            ns = self.ns
+            for phase, spent in cur.items():
+                ns[phase] += spent
+            self.messages += 1
+        self._cur = dict.fromkeys(PHASES, 0)
 
     def per_message_us(self) -> dict[str, float]:
         """Microseconds of CPU per request, by phase, and their total."""
