@@ -116,3 +116,26 @@ def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster):
         assert _reply(sock, "float32")[0] == 2
     finally:
         sock.close(linger=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plain_sgd_on_a_half_width_gradient_is_torch_sgd_bit_for_bit(dtype):
+    """A bf16/fp16 gradient goes into plain SGD without a cast copy: the same bits as
+    casting it to fp32 and stepping torch.optim.SGD; with momentum it is refused (cast)."""
+    from tessera.ps.optim import make_rule, spec_from_config
+    torch.manual_seed(0)
+    w = torch.randn(10_001)
+    rule = make_rule(w, spec_from_config(OptimizerConfig(name="sgd", lr=0.03)), 0, w.numel())
+    ref = torch.nn.Parameter(w.clone())
+    opt = torch.optim.SGD([ref], lr=0.03, foreach=False)
+    assert rule.takes_half()
+    for _ in range(3):
+        g = (torch.randn(w.numel()) * 10).to(dtype)
+        rule.apply(g)
+        ref.grad = g.to(torch.float32)
+        opt.step()
+    assert torch.equal(rule.master, ref.detach())
+    assert not rule.takes_half([{"lr": 0.03, "momentum": 0.9}])
+    momentum = make_rule(w, spec_from_config(OptimizerConfig(name="sgd", lr=0.03, momentum=0.9)),
+                         0, w.numel())
+    assert not momentum.takes_half()

@@ -233,8 +233,30 @@ class TorchOptimRule:
         self._initial = [dict(g.hparams) for g in spec.groups if not g.average]
         self.steps = 0
 
+    def takes_half(self, hparams: Optional[list] = None) -> bool:
+        """Whether :meth:`apply` may be given a bf16/fp16 gradient as it came off the wire
+        (with ``hparams``, the groups' values about to be set): plain SGD (no momentum,
+        weight decay or maximize) on one group over the whole partition, whose step is
+        ``master.add_(grad, alpha=-lr)``: ``add_`` reads the half-width gradient as fp32,
+        bit for bit what casting it first and running torch's SGD gives, without the
+        cast's pass and buffer."""
+        if not self._whole or self._averaged or type(self.optimizer) is not torch.optim.SGD:
+            return False
+        lo, hi, index, _ = self._segments[0]
+        group = dict(self.optimizer.param_groups[0])
+        if hparams is not None and index < len(hparams):
+            group.update(hparams[index])
+        return (not group.get("momentum") and not group.get("weight_decay")
+                and not group.get("maximize") and not group.get("differentiable")
+                and isinstance(group.get("lr"), float))
+
     def apply(self, grad: torch.Tensor) -> None:
-        """One optimizer step with ``grad`` (fp32, same length as the partition)."""
+        """One optimizer step with ``grad`` (fp32, same length as the partition; bf16 or
+        fp16 only where :meth:`takes_half` said so)."""
+        if grad.dtype != torch.float32:  # plain SGD: torch's own step, on the wire dtype
+            self.master.add_(grad, alpha=-self.optimizer.param_groups[0]["lr"])
+            self.steps += 1
+            return
         if self.optimizer is not None:
             if self._whole:
                 self._segments[0][3].grad = grad

@@ -137,11 +137,12 @@ class PartitionState(Clocked):
         """Sync: fold one worker's push into the clock's sum, divided by ``workers``
         (the clock's mean comes out directly) or not (``workers=1``: a held clock).
         ``direct``: the job has one worker and the clock is applied at once, so an
-        unscaled fp32 frame may be the mean itself (it is only read)."""
+        unscaled frame may be the mean itself (it is only read; a half-width one is cast
+        when applied, unless the rule takes it as it is)."""
         alpha = unscale / workers if workers > 1 else unscale
         if self.accum is None:
             self.divided_by = workers
-            if direct and alpha == 1.0 and grad.dtype == torch.float32:
+            if direct and alpha == 1.0:
                 self.accum = grad  # one worker: the frame is the mean (read, never written)
             elif grad.dtype == torch.float32:
                 self.accum = torch.mul(grad, alpha, out=self.buffer())

@@ -348,10 +348,11 @@ class ParameterServer:
         """Async/ssp: ``grad * scale`` in fp32, in the partition's reused buffer (the
         received frame itself when it is fp32 and the scale 1); applied before the
         partition's next push is taken."""
+        if scale == 1.0:
+            return grad  # fp32, or half-width (_update casts it unless the rule takes it)
         if grad.dtype == torch.float32:
-            return grad if scale == 1.0 else torch.mul(grad, scale, out=st.buffer())
-        out = st.buffer().copy_(grad)  # cast, then scale in fp32 (as .to(fp32).mul did)
-        return out if scale == 1.0 else out.mul_(scale)
+            return torch.mul(grad, scale, out=st.buffer())
+        return st.buffer().copy_(grad).mul_(scale)  # cast, then scale in fp32 (as before)
 
     def _hold(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
               frames: list) -> None:
@@ -473,7 +474,14 @@ class ParameterServer:
 
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1) -> None:
-        """Replicate, then apply, one update (with the hyperparameters worker 0 last sent)."""
+        """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
+        A half-width gradient (one worker, unscaled) is applied as it came when the rule
+        takes it (plain SGD, no backup to send it to); else cast into the fp32 buffer."""
+        if grad.dtype != torch.float32 and (self.replication.peer is not None
+                                            or not st.rule.takes_half(st.hparams)):
+            grad = st.buffer().copy_(grad)
+            if self.costs is not None:
+                self.costs.lap("copy")
         self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
         self._apply(st, grad, pushes=pushes)
 
