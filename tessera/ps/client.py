@@ -33,7 +33,6 @@ import zmq
 
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
-from tessera.ps.memory import retain_freed_memory
 from tessera.ps.replication import NOT_PROMOTED, REPLACED
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
@@ -98,7 +97,6 @@ class PSClient:
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
-        retain_freed_memory()  # replies reuse freed heap: no page faults per step
         self.shard_map = shard_map
         self.worker = worker
         self.timeout_s = timeout_s

@@ -37,7 +37,6 @@ import zmq
 
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
-from tessera.ps.memory import retain_freed_memory
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.push_checks import check_held, check_push
@@ -61,7 +60,6 @@ class ParameterServer:
                  tables: Optional[list[wire.TableSpec]] = None, hooks: ServerHooks = ServerHooks(),
                  replicas: Replicas = Replicas(), checkpoint_store=None,
                  profiler: SpanRecorder = OFF):
-        retain_freed_memory()  # received partitions reuse freed heap: no faults per push
         self.options = options
         self.rank = options.rank
         self.endpoint = endpoint
