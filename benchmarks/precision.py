@@ -2,10 +2,12 @@
 vector, and training samples/s of examples/mnist.toml under each precision, in one run.
 
 Part 1 (``bench: precision_wire``): one parameter-server process (a real
-``ParameterServer`` on an authenticated endpoint, SGD on fp32 masters) and this
-process as the worker. Each iteration pushes a gradient for every 4 MiB partition
-in the wire dtype and waits for the replies, which carry the new values in the
-same dtype. Median of the timed iterations after warm-up.
+``ParameterServer`` on an authenticated endpoint, async, SGD on fp32 masters) and
+this process as the worker. Each iteration pushes a gradient for every 4 MiB
+partition in the wire dtype and waits for the replies, which carry the new values in
+the same dtype. The three dtypes take turns round by round, from one client; median
+time of the timed iterations after warm-up, and the CPU of both processes per step
+(``--wire-only`` stops after this part).
 
 Part 2 (``bench: precision_train``): ``tessera run examples/mnist.toml`` with 2
 workers and 2 servers in sync mode, ``--precision fp32|bf16|fp16``, same steps;
@@ -71,15 +73,22 @@ def _serve(n: int, secret: str, addr_q, stop) -> None:
                     hooks=ServerHooks(should_stop=stop.is_set)).serve()
 
 
-def wire_case(n: int, wire_dtype: str, iters: int) -> dict:
+def wire_cases(n: int, iters: int, rounds: int) -> list[dict]:
+    """fp32, bf16 and fp16 push+pull through one server, from one client, taking turns
+    round by round (so a slow phase of a shared machine hits all three); per dtype the
+    median time, and the CPU of both processes per iteration."""
     import torch
     import zmq
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _machine import busy_s, cpu_s, foreign_cpu_pct, own_s
 
     from tessera.ps.client import PSClient
     from tessera.ps.sharding import partition_elems_for, plan_shards
     from tessera.transport.frames import torch_dtype
     from tessera.transport.wire import ParamSpec
 
+    dtypes = ("float32", "bfloat16", "float16")
     ctx_mp = mp.get_context("spawn")
     addr_q, stop = ctx_mp.Queue(), ctx_mp.Event()
     proc = ctx_mp.Process(target=_serve, args=(n, SECRET, addr_q, stop), daemon=True)
@@ -90,25 +99,51 @@ def wire_case(n: int, wire_dtype: str, iters: int) -> dict:
         shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], 1,
                                 partition_elems_for(4.0))
         client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[address],
-                          secret=SECRET, worker=0, timeout_s=60, wire_dtype=wire_dtype)
+                          secret=SECRET, worker=0, timeout_s=60)
         client.connect()
         client.init_params(torch.zeros(n))
-        grad = torch.randn(n).to(torch_dtype(wire_dtype))  # gradients arrive in the working dtype
-        times = []
-        for i in range(iters + 2):
-            b0 = client.bytes_pushed + client.bytes_pulled
+        base = torch.randn(n)
+        grads = {d: base.to(torch_dtype(d)) for d in dtypes}  # gradients in the working dtype
+        times = {d: [] for d in dtypes}
+        cpu = {d: 0.0 for d in dtypes}
+        moved = {}
+        clock = 0
+        busy0, own0, t_all = busy_s(), own_s() + cpu_s([proc.pid]), time.monotonic()
+
+        def step(d: str) -> float:
+            nonlocal clock
             t0 = time.perf_counter()
-            handles = [client.push(p.id, grad[p.start:p.stop], i) for p in shard_map.partitions]
-            for h in handles:
+            handles = [client.push(p.id, grads[d][p.start:p.stop], clock, dtype=d)
+                       for p in shard_map.partitions]
+            for h in handles:  # consumed as taken (a worker copies each into its model)
                 h.wait()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-                moved = client.bytes_pushed + client.bytes_pulled - b0
+                h.release()
+            clock += 1
+            return time.perf_counter() - t0
+
+        for d in dtypes:  # warm-up: buffers allocated, pages touched
+            for _ in range(2):
+                step(d)
+        for _ in range(rounds):
+            for d in dtypes:
+                b0 = client.bytes_pushed + client.bytes_pulled
+                c0 = time.process_time() + cpu_s([proc.pid])
+                for _ in range(iters):
+                    times[d].append(step(d))
+                cpu[d] += time.process_time() + cpu_s([proc.pid]) - c0
+                moved[d] = (client.bytes_pushed + client.bytes_pulled - b0) // iters
+        foreign = foreign_cpu_pct(busy0, own0 + 0.0, time.monotonic() - t_all)
         client.close()
-        t = statistics.median(times)
-        return {"bench": "precision_wire", "elements": n, "wire_dtype": wire_dtype,
-                "tessera_ms": round(t * 1e3, 2), "bytes_per_step": moved,
-                "tessera_gbps": round(moved / t / 1e9, 3)}
+        rows = []
+        for d in dtypes:
+            t = statistics.median(times[d])
+            rows.append({"bench": "precision_wire", "elements": n, "wire_dtype": d,
+                         "tessera_ms": round(t * 1e3, 2), "bytes_per_step": moved[d],
+                         "tessera_gbps": round(moved[d] / t / 1e9, 3),
+                         "cpu_ms_per_step": round(1e3 * cpu[d] / (iters * rounds), 1),
+                         "timed_iters": iters * rounds, "foreign_cpu_pct": round(foreign, 1),
+                         "loadavg_1m": os.getloadavg()[0]})
+        return rows
     finally:
         stop.set()
         proc.join(timeout=10)
@@ -137,16 +172,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M elements, 30 training steps")
     ap.add_argument("--elements", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="wire: rounds of the three dtypes")
+    ap.add_argument("--wire-only", action="store_true", help="part 1 only")
     args = ap.parse_args()
     n = args.elements or (1_000_000 if args.quick else 25_000_000)
-    iters = 3 if args.quick else 8
+    iters = 2 if args.quick else 3
+    rounds = args.rounds or (2 if args.quick else 4)
     steps = 30 if args.quick else 150
     print(json.dumps(cpu_flags()), flush=True)
-    wire = {d: wire_case(n, d, iters) for d in ("float32", "bfloat16", "float16")}
+    wire = {row["wire_dtype"]: row for row in wire_cases(n, iters, rounds)}
     for d, row in wire.items():
         row["vs_fp32_time"] = round(row["tessera_ms"] / wire["float32"]["tessera_ms"], 3)
+        row["vs_fp32_cpu"] = round(row["cpu_ms_per_step"] / wire["float32"]["cpu_ms_per_step"], 3)
         row["vs_fp32_bytes"] = round(row["bytes_per_step"] / wire["float32"]["bytes_per_step"], 3)
         print(json.dumps(row), flush=True)
+    if args.wire_only:
+        return
     base = None
     for precision in ("fp32", "bf16", "fp16"):
         row = train_case(precision, steps)

@@ -110,6 +110,12 @@ def _profile_to(path):
 # ------------------------------------------------------------------ Tessera
 
 
+def _breakdown(options_cls) -> dict:
+    """Ask for the per-request CPU breakdown (servers older than it run without)."""
+    return {"cost_breakdown": True} if "cost_breakdown" in options_cls.__dataclass_fields__ \
+        else {}
+
+
 def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
     import zmq
 
@@ -126,7 +132,8 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
             break
         _, partitions, mode, tag = cmd
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame)
-        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode=mode),
+        server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode=mode,
+                                               **_breakdown(ServerOptions)),
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
                                  hooks=ServerHooks(should_stop=stop.is_set))
@@ -176,8 +183,9 @@ def _tessera_worker(conn, secret: str, profile_dir) -> None:
                     clock = state["clock"]
                     t0 = time.perf_counter()
                     handles = [client.push(p.id, grad[p.start:p.stop], clock) for p in parts]
-                    for h in handles:
-                        h.wait()
+                    for h in handles:  # each reply consumed as it is taken, as the zmq
+                        h.wait()       # worker does (and PSDataParallel, which copies it)
+                        h.release()
                     times.append(time.perf_counter() - t0)
                     state["clock"] = clock + 1
             conn.send(times)
@@ -522,6 +530,7 @@ class Bench:
                     served = sum(st["updates"] for st in stats) / len(shard_map.partitions)
                     row["tessera_server_apply_ms_per_iter"] = (
                         1e3 * sum(st["apply_s"] for st in stats) / max(1.0, served))
+                    row["tessera_server_cpu_us_per_msg"] = _merge_costs(stats)
                 if "zmq" in systems:
                     self.ask(z_worker, ("close",), "zmq close")
                 if "rpc" in systems:
@@ -542,6 +551,18 @@ class Bench:
         # Everyone quits at once (each exit costs a second or two of CPU).
         self.retire([c for c in self.proc_of if self.proc_of[c] in self.procs])
         return results
+
+
+def _merge_costs(stats: list[dict]) -> dict:
+    """The servers' per-request CPU by phase (ServerOptions.cost_breakdown), weighted by
+    the requests each served; {} from a server without it."""
+    have = [st for st in stats if "cpu_us_per_msg" in st]
+    total = sum(st["cpu_messages"] for st in have)
+    if not total:
+        return {}
+    phases = have[0]["cpu_us_per_msg"]
+    return {k: round(sum(st["cpu_us_per_msg"][k] * st["cpu_messages"] for st in have) / total, 1)
+            for k in phases}
 
 
 def _row(a, n: int, servers: int, r: dict) -> dict:
@@ -565,6 +586,8 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
             row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
     if "tessera_server_apply_ms_per_iter" in r:
         row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
+    if r.get("tessera_server_cpu_us_per_msg"):
+        row["tessera_server_cpu_us_per_msg"] = r["tessera_server_cpu_us_per_msg"]
     row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
                torch=torch.__version__)
     return row

@@ -90,7 +90,10 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop) -> None:
     endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=elems * 4 + (1 << 20))
     parts = [PartitionInfo(id=i, start=i * elems, stop=(i + 1) * elems, server=0)
              for i in range(clients)]
-    server = ParameterServer(ServerOptions(rank=0, num_workers=clients, mode="async"),
+    breakdown = {"cost_breakdown": True} \
+        if "cost_breakdown" in ServerOptions.__dataclass_fields__ else {}  # older servers: none
+    server = ParameterServer(ServerOptions(rank=0, num_workers=clients, mode="async",
+                                           **breakdown),
                              endpoint=endpoint, partitions=parts,
                              optimizer=OptimizerConfig(name="sgd", lr=LR),
                              hooks=ServerHooks(should_stop=stop.is_set))
@@ -409,6 +412,8 @@ def run(a) -> dict:
             updates = stats[s]["updates"]
             row.update({f"{s}_acked_pushes": r["acked"], f"{s}_server_updates": updates,
                         f"{s}_lost_updates": updates - r["acked"]})
+            if "cpu_us_per_msg" in stats[s]:  # the serve thread's time per request, by phase
+                row[f"{s}_server_cpu_us_per_msg"] = stats[s]["cpu_us_per_msg"]
     if "zmq" in systems:
         for s in systems:
             if s != "zmq":

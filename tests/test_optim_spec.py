@@ -11,7 +11,7 @@ from torch import nn
 
 from tessera.errors import UsageError
 from tessera.parallel.optimizer import spec_from_optimizer
-from tessera.ps.optim import ELEMENTWISE, check_optimizer_class, make_rule, with_buffers
+from tessera.ps.optim import ELEMENTWISE, FUSED, check_optimizer_class, make_rule, with_buffers
 
 KWARGS = {"SGD": dict(lr=0.05, momentum=0.9, nesterov=True), "Adam": dict(lr=3e-3, amsgrad=True),
           "AdamW": dict(lr=3e-3), "Adagrad": dict(lr=0.05, lr_decay=0.01),
@@ -59,7 +59,10 @@ def test_partitions_crossing_groups_step_like_torch(name):
         for (a, b), rule in zip(zip(cuts, cuts[1:]), rules):
             rule.apply(grad[a:b].clone())
     want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    torch.testing.assert_close(torch.cat([r.master for r in rules]), want, rtol=0, atol=0)
+    # Fused kernels (the servers' for Adam, AdamW, Adagrad) round the same operations in
+    # another order than torch's plain loop; every other class is bit for bit.
+    tol = 1e-6 if name in FUSED else 0.0
+    torch.testing.assert_close(torch.cat([r.master for r in rules]), want, rtol=tol, atol=tol)
     again = make_rule(rules[1].master, spec, 13, 37)  # a checkpoint's state restores
     again.load_state(rules[1].state_tensors())
     assert again.state_tensors().keys() == rules[1].state_tensors().keys()

@@ -36,6 +36,9 @@ class ServerOptions:
     timeout_s: float = 30.0
     #: Sync: snapshot every this many clocks (0: only when a push asks).
     checkpoint_every: int = 0
+    #: Measure each request's CPU by phase (tessera.ps.server_profile.MessageCosts);
+    #: ``stats["cpu_us_per_msg"]`` holds it at the end (benchmarks print it).
+    cost_breakdown: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -8,9 +8,21 @@ unit with its own clock, so a slow partition never holds up another one's update
 In sync mode the pushes of one clock are summed into ``accum`` as they arrive, in
 fp32 whatever the wire dtype (summing fp16 frames in fp16 would lose the small
 gradients that loss scaling exists to keep), and unscaled by each push's loss scale
-on the way in. The clock's mean is ``accum / pushes``, taken once the clock is
-complete. Under loss scaling the sum is held until the cluster's decision: the
-partition remembers its verdict and who is waiting for it.
+on the way in. A clock that is applied at once is summed already divided by the
+workers: each push goes in as ``grad * (unscale / W)`` (``torch.mul(..., out=)``
+into one fp32 buffer per partition, reused every clock, then ``add_(grad,
+alpha=unscale / W)``, which reads a bf16/fp16 frame without a cast copy), so the
+complete clock *is* the mean and no pass divides it. With one worker, an fp32 wire
+and no loss scale the received frame itself is the mean: no pass at all. Under loss
+scaling (or clipping) the clock is held for the cluster's decision, the verdict needs
+the plain sum, and its mean is ``accum / pushes`` as before; the partition remembers
+its verdict and who is waiting for it.
+
+Replies in the wire dtype of a half-width wire, and every reply of async/ssp mode,
+need a copy of the master that ZeroMQ sends from later: :class:`ReplyBuffers` keeps
+a few per partition and reuses one once its ``zmq.MessageTracker`` says ZeroMQ is
+done with it; a buffer holding the current values (same rule, same step count) is
+sent again as it is, so a sync clock's W replies cast the master once.
 """
 
 from __future__ import annotations
@@ -19,10 +31,60 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import zmq
 
 from tessera.ps.consistency import Clocked, Waiter
 from tessera.ps.optim import UpdateRule
 from tessera.transport import wire
+from tessera.transport.frames import tensor_to_frame, torch_dtype
+
+#: Reply buffers kept per partition and wire dtype; past that, a reply gets a fresh copy.
+REPLY_BUFFERS = 4
+#: Below this many bytes pyzmq copies a frame when it is made (``zmq.COPY_THRESHOLD``),
+#: so ZeroMQ never reads the buffer later: no tracker is needed to reuse it.
+_COPIED_BELOW = zmq.COPY_THRESHOLD
+
+
+class ReplyBuffers:
+    """Reused send buffers of one partition's replies (see the module docstring)."""
+
+    __slots__ = ("_all",)
+
+    def __init__(self) -> None:
+        #: [tensor, rule, steps, trackers] per buffer.
+        self._all: list[list] = []
+
+    def frame(self, rule, dtype: str):
+        """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
+        ZeroMQ may still be reading (its trackers are all done)."""
+        master, kind = rule.master, torch_dtype(dtype)
+        if master.numel() * kind.itemsize < _COPIED_BELOW:
+            # pyzmq copies a small frame when it is made: no buffer to keep or track.
+            if kind == torch.float32:
+                return zmq.Frame(master.numpy())  # a 1-d contiguous fp32 view: its bytes
+            return zmq.Frame(tensor_to_frame(master.to(kind)))
+        entry = None
+        for e in self._all:
+            if e[1] is rule and e[2] == rule.steps and e[0].dtype == kind:  # these values
+                entry = e
+                break
+        if entry is None:
+            for e in self._all:
+                e[3] = [t for t in e[3] if not t.done]
+                if not e[3] and e[0].dtype == kind:
+                    entry = e
+                    break
+            if entry is None:
+                if len(self._all) >= REPLY_BUFFERS:  # all in flight: a one-off copy
+                    return tensor_to_frame(master.to(kind, copy=True))
+                entry = [torch.empty(master.numel(), dtype=kind), None, 0, []]
+                self._all.append(entry)
+            entry[0].copy_(master)
+            entry[1], entry[2] = rule, rule.steps
+        view = tensor_to_frame(entry[0])
+        frame = zmq.Frame(view, track=True, copy=False)
+        entry[3].append(frame.tracker)
+        return frame
 
 
 @dataclass(eq=False, kw_only=True)
@@ -46,6 +108,12 @@ class PartitionState(Clocked):
     norm_type: float = 0.0
     #: Hyperparameters worker 0 sent for the next update (None: unchanged).
     hparams: Optional[list] = None
+    #: What ``accum`` was divided by on the way in: the workers (a clock applied at
+    #: once) or 1 (a held clock: the verdict needs the sum).
+    divided_by: int = 1
+    #: The fp32 buffer ``accum`` lives in, reused every clock (and async's scaled grad).
+    scratch: Optional[torch.Tensor] = None
+    replies: ReplyBuffers = field(default_factory=ReplyBuffers)
 
     @property
     def ready(self) -> bool:
@@ -58,23 +126,44 @@ class PartitionState(Clocked):
     def numel(self) -> int:
         return self.info.stop - self.info.start
 
-    def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str) -> None:
-        """Sync: fold one worker's push into the clock's sum."""
+    def buffer(self) -> torch.Tensor:
+        """The partition's fp32 scratch buffer (allocated once)."""
+        if self.scratch is None:
+            self.scratch = torch.empty(self.numel, dtype=torch.float32)
+        return self.scratch
+
+    def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str,
+            workers: int = 1, direct: bool = False) -> None:
+        """Sync: fold one worker's push into the clock's sum, divided by ``workers``
+        (the clock's mean comes out directly) or not (``workers=1``: a held clock).
+        ``direct``: the job has one worker and the clock is applied at once, so an
+        unscaled frame may be the mean itself (it is only read; a half-width one is cast
+        when applied, unless the rule takes it as it is)."""
+        alpha = unscale / workers if workers > 1 else unscale
         if self.accum is None:
-            self.accum = grad.to(torch.float32, copy=True)
-            if unscale != 1.0:
-                self.accum.mul_(unscale)
+            self.divided_by = workers
+            if direct and alpha == 1.0:
+                self.accum = grad  # one worker: the frame is the mean (read, never written)
+            elif grad.dtype == torch.float32:
+                self.accum = torch.mul(grad, alpha, out=self.buffer())
+            else:  # a half-width frame: cast into the buffer, then scale in fp32
+                self.accum = self.buffer().copy_(grad)
+                if alpha != 1.0:
+                    self.accum.mul_(alpha)
         else:
-            self.accum.add_(grad.to(torch.float32), alpha=unscale)
+            self.accum.add_(grad, alpha=alpha)  # reads bf16/fp16 as fp32, no copy
         self.pushed_by.add(worker)
         if nonfinite:
             self.overflows.append(wire.Overflow(worker=worker, param=nonfinite))
 
     def take_mean(self) -> tuple[torch.Tensor, int]:
         """Sync: the clock's mean gradient (in place) and its number of pushes; the
-        partition is then ready for the next clock's pushes."""
+        partition is then ready for the next clock's pushes. The mean aliases the
+        partition's buffer (or the received frame): apply it before the next clock."""
         n = max(1, len(self.pushed_by))
-        grad = self.accum.div_(n) if n > 1 else self.accum
+        grad = self.accum
+        if self.divided_by != n:  # a held clock (the sum), or a clock short of workers
+            grad = grad.div_(n) if self.divided_by == 1 else grad.mul_(self.divided_by / n)
         self.accum, self.verdict = None, None
         self.held, self.norm_type = False, 0.0
         self.pushed_by.clear()

@@ -42,11 +42,11 @@ from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.push_checks import check_held, check_push
 from tessera.ps.partition import PartitionState, Reply
 from tessera.ps.replication import REPLACED, Replicas, Replicator
-from tessera.ps.server_profile import profile_apply, profile_push
+from tessera.ps.server_profile import MessageCosts, profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame
 
 
 class ParameterServer:
@@ -96,6 +96,8 @@ class ParameterServer:
                                        backup_of=backup_of, own=not replacement)
             self.replication.tables = self.tables  # re-replication copies its shards too
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
+        #: Per-request CPU by phase (tessera.ps.server_profile); None: not measured.
+        self.costs = MessageCosts() if options.cost_breakdown else None
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
@@ -106,6 +108,7 @@ class ParameterServer:
         """Serve until ``should_stop()``; ``check()`` raises on a cluster failure."""
         deferred = self.replication.deferred
         replication = self.replication
+        costs = self.costs
         while not self.hooks.should_stop():
             self.hooks.check()
             self._follow_membership()
@@ -116,7 +119,14 @@ class ParameterServer:
             if not self._poll(0.1):
                 continue
             for _ in range(256):  # drain what is queued before checking health again
-                self.handle(self.endpoint.recv())
+                if costs is not None:
+                    costs.start()
+                    got = self.endpoint.recv()
+                    costs.lap("decode")
+                    self.handle(got)
+                    costs.done(isinstance(got.msg, (wire.Push, wire.Pull)))
+                else:
+                    self.handle(self.endpoint.recv())
                 if replication.waiting():  # answers held for Acks: release them promptly
                     replication.take_acks()
                 if not self.endpoint.poll(0):
@@ -127,6 +137,12 @@ class ParameterServer:
             self._poll(0.01)
             replication.take_acks()
         self.snapshots.final()
+        if costs is not None:
+            self.stats["cpu_us_per_msg"] = costs.per_message_us()
+            self.stats["cpu_messages"] = costs.messages
+            if self.profiler.enabled:
+                for phase, ns in costs.ns.items():
+                    self.profiler.count(f"cpu_ns.{phase}", ns)
 
     def _on_snapshot_tables(self, peer: bytes, msg: wire.SnapshotTables) -> None:
         """Hybrid mode: copy the tables into the checkpoint at ``msg.clock`` (worker 0 asks
@@ -249,8 +265,11 @@ class ParameterServer:
                                           peer, msg.req, msg.dtype))
 
     def _on_push(self, peer: bytes, msg: wire.Push, frames: list) -> None:
+        costs = self.costs
         states = self._states(msg.partitions, frames, msg.dtype)
         check_push(msg, states, self.options.num_workers)
+        if costs is not None:
+            costs.lap("validation")
         policy = self.policy
         if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
             # A retried push: not applied again. Answered as the original will be: at
@@ -279,6 +298,8 @@ class ParameterServer:
         self.members.pushed(msg.worker, msg.clock)
         self.snapshots.ask(msg.checkpoint)
         self.stats["pushes"] += 1
+        if costs is not None:
+            costs.lap("dedup")
         if policy.sums_clock:
             self._hold(peer, msg, states, frames)
         else:
@@ -293,15 +314,24 @@ class ParameterServer:
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
-        grads = [frame_to_tensor(f.buffer, msg.dtype, st.numel).to(torch.float32).mul(scale)
+        grads = [self._scaled(st, frame_to_tensor(f.buffer, msg.dtype, st.numel), scale)
                  for st, f in zip(states, frames)]
         self.stats["bytes_received"] += sum(len(f) for f in frames)
-        if msg.nonfinite or not all(bool(torch.isfinite(g).all()) for g in grads):
+        costs = self.costs
+        if costs is not None:
+            costs.lap("copy")
+        # Finiteness is tested only under loss scaling (the scale divides, and the
+        # worker's own test at the cast names what overflowed): a plain fp32 push is
+        # applied as torch.optim would apply it, without a pass over it to check.
+        if msg.nonfinite or (msg.scale != 1.0
+                             and not all(bool(torch.isfinite(g).all()) for g in grads)):
             self.stats["skipped"] += 1
             self._send_params(peer, msg.req, states, msg.dtype, skipped=True)
             policy.counted(states, msg.worker, msg.clock)  # a refused push still ends the clock
             policy.advance(states)
             return
+        if costs is not None:
+            costs.lap("validation")
         for st, grad in zip(states, grads):
             self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
@@ -312,15 +342,33 @@ class ParameterServer:
                                      msg.req, msg.dtype, run_clock=msg.clock + 1))
         policy.advance(states)
 
+    @staticmethod
+    def _scaled(st: PartitionState, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """Async/ssp: ``grad * scale`` in fp32, in the partition's reused buffer (the
+        received frame itself when it is fp32 and the scale 1); applied before the
+        partition's next push is taken."""
+        if scale == 1.0:
+            return grad  # fp32, or half-width (_update casts it unless the rule takes it)
+        if grad.dtype == torch.float32:
+            return torch.mul(grad, scale, out=st.buffer())
+        return st.buffer().copy_(grad).mul_(scale)  # cast, then scale in fp32 (as before)
+
     def _hold(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
               frames: list) -> None:
-        """Sync: add the push to its clock's sum; the clock completes with the last one."""
+        """Sync: add the push to its clock's sum; the clock completes with the last one.
+        A clock applied at once sums the pushes divided by the workers (the mean comes
+        out directly); a held one keeps the sum its verdict is computed on."""
         unscale = msg.weight / msg.scale  # weight: balance (1.0 unless train.balance)
+        held = self.two_phase or msg.hold
+        workers = 1 if held else self.options.num_workers
+        direct = workers == 1 and not held
         for st, frame in zip(states, frames):
             self.stats["bytes_received"] += len(frame)
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
-                   msg.nonfinite)
-        if self.two_phase or msg.hold:  # one partition (checked): answered with its verdict
+                   msg.nonfinite, workers, direct)
+        if self.costs is not None:
+            self.costs.lap("copy")
+        if held:  # one partition (checked): answered with its verdict
             states[0].held = True
             states[0].norm_type = max(states[0].norm_type, msg.norm_type)
             states[0].verdict_waiters.append((peer, msg.req))
@@ -344,11 +392,11 @@ class ParameterServer:
                     self.replication.reply(w_peer, msgspec.structs.replace(verdict, req=w_req))
                 st.verdict_waiters.clear()
                 continue
-            # The backup gets the sum (and divides as take_mean does); the replicator keeps
-            # it until the backup's Ack, and the answers to these pushes wait for that Ack.
-            self._replicate(st, "sum", st.accum, pushes=max(1, len(st.pushed_by)))
+            # The backup gets the mean this server applies (bit for bit the same update);
+            # the replicator keeps it until the backup's Ack, and the answers to these
+            # pushes wait for that Ack.
             grad, n = st.take_mean()
-            self._apply(st, grad, pushes=n)
+            self._update(st, grad, pushes=n)
             advanced.append(st)
         self._reply_after = mark
         try:
@@ -425,7 +473,14 @@ class ParameterServer:
 
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1) -> None:
-        """Replicate, then apply, one update (with the hyperparameters worker 0 last sent)."""
+        """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
+        A half-width gradient (one worker, unscaled) is applied as it came when the rule
+        takes it (plain SGD, no backup to send it to); else cast into the fp32 buffer."""
+        if grad.dtype != torch.float32 and (self.replication.peer is not None
+                                            or not st.rule.takes_half(st.hparams)):
+            grad = st.buffer().copy_(grad)
+            if self.costs is not None:
+                self.costs.lap("copy")
         self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
         self._apply(st, grad, pushes=pushes)
 
@@ -437,6 +492,8 @@ class ParameterServer:
         if st.hparams is not None:
             st.rule.set_hparams(st.hparams)
             st.hparams = None
+        if self.costs is not None:
+            self.costs.lap("replicate")
 
     def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1) -> None:
         t0 = time.perf_counter()
@@ -449,27 +506,39 @@ class ParameterServer:
         self.stats["apply_s"] += elapsed
         if self.profiler.enabled:
             profile_apply(self.profiler, st, start, elapsed)
+        if self.costs is not None:
+            self.costs.lap("apply")
 
-    def _values(self, st: PartitionState, dtype: str) -> torch.Tensor:
+    def _frame(self, st: PartitionState, dtype: str):
+        """A reply frame of ``st``'s values in ``dtype``, without a fresh allocation."""
         if self.policy.sums_clock and not self.two_phase and dtype == "float32":
-            # No copy: in sync mode the master changes only once every worker has
-            # pushed the next clock, and each worker pushes it only after it has
-            # received this reply, so ZeroMQ has sent these bytes by then. (A fresh
-            # copy per reply cost ~1.5 ms per 4 MiB in page faults: ps_roundtrip.)
-            return st.rule.master
-        # A copy: ZeroMQ sends from the buffer later, and the master moves on.
-        return st.rule.master.to(torch_dtype(dtype), copy=True)
+            # The master itself, zero-copy: in sync mode the master changes only once
+            # every live worker has pushed the next clock, and each worker pushes it
+            # only after it has received this reply, so ZeroMQ has sent these bytes by
+            # then (docs/architecture.md, "Replies without copies"; a fresh copy per
+            # reply cost ~1.5 ms per 4 MiB in page faults: ps_roundtrip).
+            return tensor_to_frame(st.rule.master)
+        # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
+        # with (its MessageTracker), or the one that already holds these values.
+        return st.replies.frame(st.rule, dtype)
 
     def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str,
                      skipped: bool = False, after: Optional[int] = None) -> None:
-        frames = [tensor_to_frame(self._values(st, dtype)) for st in states]
-        self.stats["bytes_sent"] += sum(f.nbytes for f in frames)
+        costs = self.costs
+        if costs is not None:
+            costs.lap("other")
+        frames = [self._frame(st, dtype) for st in states]
+        self.stats["bytes_sent"] += sum(len(f) for f in frames)
+        if costs is not None:
+            costs.lap("copy")
         clock = min((st.clock for st in states), default=0)
         self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
                                              else 0, rates=self.policy.rates(clock)),
                                  frames, after=after)
+        if costs is not None:
+            costs.lap("encode")
 
     def _answer(self, w: Reply) -> None:
         if w.run_clock >= 0:
