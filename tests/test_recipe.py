@@ -10,6 +10,7 @@ and one in-process server) for the per-optimizer sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,12 +23,25 @@ from tests.harness import ROOT, run_cli
 RECIPE = ROOT / "tests" / "scripts" / "recipe.py"
 
 
-def _plain(tmp_path, *args: str) -> dict:
+@contextlib.contextmanager
+def _plain(tmp_path, *args: str):
+    """The recipe without Tessera, started at once and run alongside the system under
+    test (both mostly wait on imports and start-up); yields a call that waits for it."""
     out = tmp_path / "plain.json"
-    proc = subprocess.run([sys.executable, str(RECIPE), "--plain", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+    proc = subprocess.Popen([sys.executable, str(RECIPE), "--plain", "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result() -> dict:
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output
+        return json.loads(out.read_text())
+
+    try:
+        yield result
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _launched(tmp_path, flags: list, *args: str) -> dict:
@@ -56,17 +70,17 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     """AdamW (2 groups) + LambdaLR warm-up/cosine per step + clip_grad_norm_(1.0) +
     2 micro-batches + DistributedSampler/DataLoader, 2 workers x 2 servers, sync,
     against one process at batch W·b: eval_loss within 1e-4 after 32 steps."""
-    plain = _plain(tmp_path, "--workers", "2", "--steps", "32")
-    dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
-                                "--partition-mb", 0.004], "--steps", "32")
-    _close(dist, plain)
+    with _plain(tmp_path, "--workers", "2", "--steps", "32") as plain:
+        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
+                                    "--partition-mb", 0.004], "--steps", "32")
+        _close(dist, plain())
 
 
 def test_allreduce_mode_runs_the_same_recipe(tmp_path):
-    plain = _plain(tmp_path, "--workers", "2", "--steps", "12")
-    dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
-                     "--steps", "12")
-    _close(dist, plain)
+    with _plain(tmp_path, "--workers", "2", "--steps", "12") as plain:
+        dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
+                         "--steps", "12")
+        _close(dist, plain())
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "adadelta", "rmsprop", "adamax",
@@ -75,7 +89,8 @@ def test_every_elementwise_optimizer_runs_on_the_servers(tmp_path, name):
     """Each class with two param groups (weight decay on weights only), stepped by the
     in-process server (``python recipe.py``, one worker), equals plain torch."""
     args = ("--optimizer", name, "--steps", "6", "--workers", "1")
-    _close(_in_process(tmp_path, *args), _plain(tmp_path, *args))
+    with _plain(tmp_path, *args) as plain:
+        _close(_in_process(tmp_path, *args), plain())
 
 
 def test_batchnorm_statistics_are_averaged_and_exported(tmp_path):
