@@ -371,6 +371,8 @@ class ServerEndpoint:
         self.shm_bytes_in = self.shm_bytes_out = 0
 
     def poll(self, timeout_s: float) -> bool:
+        if self._shm is not None:  # segments of clients that are gone: dropped here too
+            self._shm_reap()
         return bool(self._poller.poll(int(timeout_s * 1000)))
 
     def recv(self) -> Received:
@@ -430,6 +432,8 @@ class ServerEndpoint:
                 self._log("shm", f"shared memory is unavailable, staying on TCP: {exc}")
             else:
                 self._shm_ctl[peer] = shm.Prefix(offer=offer)
+        if prefix.refused and self._shm is not None:  # the client cannot map it
+            self._shm.decline(peer)
         if prefix.prove:
             sid, why = self._shm.prove(peer, prefix.prove) if self._shm is not None else \
                 (0, "this server offers no shared memory")
@@ -555,6 +559,7 @@ class ClientEndpoint:
         #: offers none, or is on another host), or the attached segment.
         self._shm: object = "off" if self._inproc else None
         self._shm_prove = ""  # the nonce to send back, with the next message
+        self._shm_decline = ""  # why we could not map the segment offered
         #: Requests sent through the segment: (header, frames) to send again inline if
         #: the server no longer holds the segment (shm.SHM_LOST).
         self._shm_sent: dict[int, tuple[bytes, Sequence]] = {}
@@ -662,6 +667,9 @@ class ClientEndpoint:
                 return None, frames
             self._shm = "asked"
             return shm.encode_prefix(shm.Prefix(open=True)), frames
+        if state == "declined":  # tell the server, which then drops the segment at once
+            self._shm = "off"
+            return shm.encode_prefix(shm.Prefix(refused=self._shm_decline)), frames
         if not isinstance(state, shm.Attached):
             return None, frames
         if not state.active:
@@ -691,8 +699,8 @@ class ClientEndpoint:
             try:
                 self._shm = shm.Attached(prefix.offer)
                 self._shm_prove = self._shm.seg.nonce.hex()
-            except shm.ShmError:  # another host (or namespace): TCP it is
-                self._shm = "off"
+            except shm.ShmError as exc:  # another host (or namespace): TCP it is
+                self._shm, self._shm_decline = "declined", str(exc) or "cannot map it"
         state = self._shm
         if not isinstance(state, shm.Attached):
             return

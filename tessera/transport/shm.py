@@ -371,6 +371,12 @@ class Host:
         s.producer = Producer(s.seg, DOWN)
         return s.id, ""
 
+    def decline(self, peer: bytes) -> None:
+        """``peer`` could not map the segment offered (another host): drop it now."""
+        s = self.by_peer.get(peer)
+        if s is not None and not s.active:
+            self._drop(s)
+
     def active(self, peer: bytes) -> Optional[_Session]:
         s = self.by_peer.get(peer)
         return s if s is not None and s.active else None
@@ -505,5 +511,6 @@ class Attached:
 
     def close(self) -> None:
         self.active = False
+        self.producer = None
         self.conn.close()
         self.seg.close()
