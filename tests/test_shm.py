@@ -47,7 +47,21 @@ def segments(pid="self") -> dict[str, tuple[int, int]]:
 
 
 def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """Shared-memory files in /dev/shm (not POSIX semaphores, ``sem.*``, which other
+    processes on a shared machine make and remove all the time)."""
+    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
+
+
+def holds_dev_shm(pid) -> bool:
+    """Whether ``pid`` maps or holds open anything under /dev/shm."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if "/dev/shm/" in f.read():
+                return True
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
 
 
 class Echo:
@@ -202,6 +216,11 @@ def test_sync_results_are_the_same_through_shared_memory(tmp_path, flags):
     off = run_job(JOB, tmp_path / "off", "--shm", "off", *flags)
     assert on["eval_loss"] == off["eval_loss"], (on["eval_loss"], off["eval_loss"])
     assert on["pushes_acked"] == off["pushes_acked"]
+    said = {run: sum(log.read_text().count("through shared memory")
+                     for log in (tmp_path / run / "logs").glob("server-*"))
+            for run in ("on", "off")}
+    # Each server: both workers (and, replicated, its primary) proved a segment.
+    assert said == {"on": 2 * (2 + ("2" in flags)), "off": 0}, said
 
 
 def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
@@ -214,18 +233,31 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
                            json.loads((out / "cluster.json").read_text()), 90, "cluster.json")
         pid = {(p["role"], p["rank"]): p["pid"] for p in cluster["processes"]}
         servers = [pid["server", 0], pid["server", 1]]
-        worker1 = wait_for(lambda: segments(pid["worker", 1]), 60,
-                           "worker 1 to map its servers' segments")
-        assert len(worker1) == 2  # one per server: both on this host
+        metrics = out / "metrics.jsonl"
+
+        def steps_logged() -> int:
+            return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+        wait_for(steps_logged, 60, "training to start")
+        # One segment per server: both are on this host.
+        worker1 = wait_for(lambda: len(segments(pid["worker", 1])) == 2 and
+                           segments(pid["worker", 1]), 60, "worker 1 to map 2 segments")
         os.kill(pid["worker", 1], signal.SIGKILL)
         # The servers see its unix sockets close and drop its segments at once.
         wait_for(lambda: not set(worker1) & _segments_of(servers), 10,
                  "the servers to drop the killed worker's segments")
-        server1 = set(segments(pid["server", 1]))
-        assert server1
+        coordinator_log = out / "logs" / "coordinator-0.log"
+        wait_for(lambda: "worker 1 rejoined" in coordinator_log.read_text(), 60,
+                 "worker 1 to be restarted and rejoin")
+        logged = steps_logged()
         os.kill(pid["server", 1], signal.SIGKILL)
-        wait_for(lambda: (out / "metrics.jsonl").exists(), 30, "metrics")
+        # Training goes on (server 1's backup serves its partitions), over the segments
+        # the workers hold with server 0, and nothing appeared in /dev/shm.
+        wait_for(lambda: steps_logged() > logged + 2, 90,
+                 "training to go on after the server's death")
         assert dev_shm() == before
+        assert not any(holds_dev_shm(p) for p in [*pid.values(), job.proc.pid])
+        assert job.proc.poll() is None
     finally:
         job.kill()
     assert dev_shm() == before

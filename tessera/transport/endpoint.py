@@ -439,6 +439,10 @@ class ServerEndpoint:
                 (0, "this server offers no shared memory")
             ctl = self._shm_ctl.setdefault(peer, shm.Prefix())
             ctl.accepted, ctl.refused = sid, why
+            print(f"tessera endpoint {self.address}: " + (
+                f"a client on this host moves payloads through shared memory (segment {sid})"
+                if sid else f"refused a client's shared-memory proof: {why}"),
+                file=sys.stderr, flush=True)
 
     def _shm_reap(self) -> None:
         now = time.monotonic()
