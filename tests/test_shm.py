@@ -17,12 +17,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from tessera.transport import shm, wire
 from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 from tests.harness import ROOT, Job, run_job, wait_for
+from tests.test_multihost import hosts  # noqa: F401 - the namespaces fixture
 
 SECRET = "tessera-test-shm-secret"
 JOB = str(ROOT / "tests" / "jobs" / "shm.toml")
@@ -263,3 +263,27 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
     assert dev_shm() == before
     for p in cluster["processes"]:
         wait_for(lambda p=p: not segments(p["pid"]), 15, f"{p['role']} {p['rank']} to exit")
+
+
+def test_two_hosts_one_local_server_each_the_other_over_tcp(hosts, tmp_path):
+    """Two network-namespace hosts (tests/netns.py), each a node with one server and
+    one worker: each worker shares memory with its own host's server and reaches the
+    other host's over TCP (the abstract unix socket of a segment offer exists only in
+    its server's network namespace, so that worker declines the offer)."""
+    from tests.test_multihost import finish, start_node
+
+    h = hosts(2)
+    flags = ["--workers", 2, "--servers", 2, "--steps", 40]
+    n1 = start_node(h, 2, JOB, 1, 2, tmp_path / "node1", *flags)
+    n0 = start_node(h, 1, JOB, 0, 2, tmp_path / "node0", *flags)
+    code0, out0 = finish(n0, 150)
+    code1, out1 = finish(n1, 60)
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["eval_loss"] < 1.0, summary
+    for node, server in ((0, 0), (1, 1)):
+        log = (tmp_path / f"node{node}" / "logs" / f"server-{server}.log").read_text()
+        # Exactly one client proved a segment: the worker on its own host.
+        assert log.count("through shared memory") == 1, log
+        assert "refused" not in log, log
