@@ -21,8 +21,8 @@ import torch
 from tessera.transport import shm, wire
 from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
+from tests import netns
 from tests.harness import ROOT, Job, run_job, wait_for
-from tests.test_multihost import hosts  # noqa: F401 - the namespaces fixture
 
 SECRET = "tessera-test-shm-secret"
 JOB = str(ROOT / "tests" / "jobs" / "shm.toml")
@@ -265,14 +265,23 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
         wait_for(lambda p=p: not segments(p["pid"]), 15, f"{p['role']} {p['rank']} to exit")
 
 
-def test_two_hosts_one_local_server_each_the_other_over_tcp(hosts, tmp_path):
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces on a bridge (as tests/test_multihost.py's ``hosts``)."""
+    netns.require()
+    h = netns.Hosts(2).up()
+    yield h
+    h.down()
+
+
+def test_two_hosts_one_local_server_each_the_other_over_tcp(two_hosts, tmp_path):
     """Two network-namespace hosts (tests/netns.py), each a node with one server and
     one worker: each worker shares memory with its own host's server and reaches the
     other host's over TCP (the abstract unix socket of a segment offer exists only in
     its server's network namespace, so that worker declines the offer)."""
     from tests.test_multihost import finish, start_node
 
-    h = hosts(2)
+    h = two_hosts
     flags = ["--workers", 2, "--servers", 2, "--steps", 40]
     n1 = start_node(h, 2, JOB, 1, 2, tmp_path / "node1", *flags)
     n0 = start_node(h, 1, JOB, 0, 2, tmp_path / "node0", *flags)
