@@ -32,7 +32,8 @@ server needs no new request type):
    with an ``offer``: the name of an abstract unix socket and a one-time offer id.
 2. The client connects to that socket (abstract unix names are per network
    namespace: a client on another host, or another network namespace, gets
-   ``ECONNREFUSED`` at once and stays on TCP), presents the offer id, and gets
+   ``ECONNREFUSED`` at once, says so with its next message (``refused``: the server
+   drops the segment) and stays on TCP), presents the offer id, and gets
    the segment's fd (``SCM_RIGHTS``). The server hands it only to a process of its
    own uid (``SO_PEERCRED``) that presents a live offer id, once.
 3. The client checks the seals and sizes, maps it, reads the nonce, and sends it
