@@ -275,7 +275,10 @@ def _recv_bounded(sock: zmq.Socket, max_parts: int) -> tuple[list, int]:
 
 
 def _nbytes(frame) -> int:
-    return frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+    try:
+        return frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+    except TypeError:  # not a buffer: ZeroMQ refuses it when sent, naming the peer
+        return 0
 
 
 def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list) -> tuple[list, str]:
@@ -382,7 +385,7 @@ class ServerEndpoint:
         peer = parts[0].bytes
         if self._shm is not None:
             self._shm_reap()
-        if count >= 2 and shm.is_prefix(parts[1]):
+        if count >= 3 and shm.is_prefix(parts[1]):  # a prefix is followed by a header
             return self._recv_prefixed(peer, parts, count)
         if count < 2:
             return Received(peer, None, [], "empty message: expected a header frame")
@@ -398,8 +401,6 @@ class ServerEndpoint:
 
     def _recv_prefixed(self, peer: bytes, parts: list, count: int) -> Received:
         """A message with a prefix frame: its set-up requests, and its payload slots."""
-        if count < 3:
-            return Received(peer, None, [], "a prefix frame without a header frame")
         if count > MAX_FRAMES + 3:
             return Received(peer, None, [], _too_many(count - 3), req=_req_of(parts[2]))
         try:
@@ -741,11 +742,9 @@ class ClientEndpoint:
         parts, count = _recv_bounded(self.sock, MAX_FRAMES + 2)
         prefix = None
         try:
-            if shm.is_prefix(parts[0]):
+            if count >= 2 and shm.is_prefix(parts[0]):  # a prefix is followed by a header
                 prefix = shm.decode_prefix(parts[0], MAX_HEADER_BYTES)
                 parts, count = parts[1:], count - 1
-                if not parts:
-                    raise WireError("a prefix frame without a header frame")
             if count > MAX_FRAMES + 1:
                 raise WireError(_too_many(count - 1))
             msg = decode(parts[0].buffer)

@@ -276,7 +276,10 @@ class Producer:
         self._reclaim()
         slots, inline = [], []
         for frame in frames:
-            src = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
+            try:
+                src = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
+            except (TypeError, ValueError):  # not a buffer: inline, where ZeroMQ refuses it
+                src = np.empty(0, np.uint8)
             n = src.nbytes
             at = self._place(n) if n >= MIN_BYTES and self.free else -1
             if at < 0:
