@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import zmq
 
 from tessera.transport import shm, wire
 from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
@@ -77,8 +78,11 @@ class Echo:
 
     def serve(self) -> None:
         while not self.stop:
-            if not self.ep.poll(0.05):
-                continue
+            try:
+                if not self.ep.poll(0.05):
+                    continue
+            except zmq.ZMQError:  # the test failed and its context is gone
+                return
             got = self.ep.recv()
             if got.msg is None:
                 self.ep.send(got.peer, wire.Error(req=got.req, message=got.error))
@@ -145,6 +149,8 @@ def test_a_server_without_shm_and_a_squatted_socket_stay_on_tcp(ctx):
     # client proves it with that segment's nonce, which the server refuses.
     echo = Echo(ctx)
     echo.ep._shm = host = shm.Host()
+    host._stop = True  # its fd thread ends, and its socket name is free for the squatter
+    host.thread.join(timeout=5)
     host.listener.close()
     squat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     squat.bind("\0" + host.name)
