@@ -134,6 +134,31 @@ def test_payloads_travel_through_one_segment_exactly_and_it_goes_with_the_client
     echo.close()
 
 
+def test_a_request_naming_a_segment_the_server_lost_is_sent_again_inline(ctx):
+    """As after a replacement took the dead server's address, or a re-made connection
+    (a new routing id): the server holds no segment for this connection. It answers
+    Error (SHM_LOST); the client endpoint sends the request again inline and sets up
+    a new segment, and the caller sees only the right answer."""
+    echo = Echo(ctx)
+    client = ClientEndpoint(ctx, echo.ep.address, SECRET, "server 0")
+    client.wait_connected(10)
+    x = torch.randn(300_000)
+    try:
+        for _ in range(3):
+            assert torch.equal(round_trip(client, [x])[0], x * 2)
+        first = client._shm.id
+        echo.ep._shm.by_peer.clear()  # the server forgets the connection's segment
+        for _ in range(4):
+            assert torch.equal(round_trip(client, [x])[0], x * 2)
+        assert client._shm.active and client._shm.id != first
+        kinds = [s[0][0] for s in echo.seen]
+        # shm, then the lost one inline, then the set-up again, then shm
+        assert kinds[2] == "ShmFrame" and kinds[3] == "Frame" and kinds[-1] == "ShmFrame", kinds
+    finally:
+        client.close()
+        echo.close()
+
+
 def test_a_server_without_shm_and_a_squatted_socket_stay_on_tcp(ctx):
     plain = Echo(ctx, shm_on=False)
     client = ClientEndpoint(ctx, plain.ep.address, SECRET, "server 0")
