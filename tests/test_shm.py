@@ -148,12 +148,25 @@ def test_a_request_naming_a_segment_the_server_lost_is_sent_again_inline(ctx):
             assert torch.equal(round_trip(client, [x])[0], x * 2)
         first = client._shm.id
         echo.ep._shm.by_peer.clear()  # the server forgets the connection's segment
+        reqs = []
+        for k in range(3):  # three in flight through the lost segment
+            req = client.new_req()
+            client.send(wire.Push(req=req, worker=0, seq=req, clock=0, partitions=[0]),
+                        [tensor_to_frame(x + k)])
+            reqs.append(req)
+        for k, req in enumerate(reqs):
+            reply, frames = client.wait(req, 20, "a push")
+            assert isinstance(reply, wire.Params), reply
+            assert torch.equal(frame_to_tensor(frames[0].buffer, "float32", x.numel()),
+                               (x + k) * 2)
+        del frames
         for _ in range(4):
             assert torch.equal(round_trip(client, [x])[0], x * 2)
         assert client._shm.active and client._shm.id != first
         kinds = [s[0][0] for s in echo.seen]
-        # shm, then the lost one inline, then the set-up again, then shm
-        assert kinds[2] == "ShmFrame" and kinds[3] == "Frame" and kinds[-1] == "ShmFrame", kinds
+        # shm; three refused, then inline; the set-up again; shm
+        assert kinds[2] == "ShmFrame" and kinds[3:6] == ["Frame"] * 3, kinds
+        assert kinds[-1] == "ShmFrame", kinds
     finally:
         client.close()
         echo.close()

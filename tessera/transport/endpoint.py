@@ -565,9 +565,9 @@ class ClientEndpoint:
         self._shm: object = "off" if self._inproc else None
         self._shm_prove = ""  # the nonce to send back, with the next message
         self._shm_decline = ""  # why we could not map the segment offered
-        #: Requests sent through the segment: (header, frames) to send again inline if
+        #: Requests sent through the segment: (header, frames, segment) to send again inline if
         #: the server no longer holds the segment (shm.SHM_LOST).
-        self._shm_sent: dict[int, tuple[bytes, Sequence]] = {}
+        self._shm_sent: dict[int, tuple[bytes, Sequence, int]] = {}
         #: Payload bytes that went through shared memory, each way.
         self.shm_bytes_in = self.shm_bytes_out = 0
 
@@ -643,7 +643,7 @@ class ClientEndpoint:
             if prefix is not None and len(sent) < len(frames):
                 if len(self._shm_sent) >= MAX_FRAMES:  # requests nobody waits for
                     self._shm_sent.clear()
-                self._shm_sent[getattr(msg, "req", 0)] = (header, frames)
+                self._shm_sent[getattr(msg, "req", 0)] = (header, frames, self._shm.id)
         try:
             if prefix is not None:
                 self.sock.send_multipart([prefix, header, *sent], copy=False)
@@ -686,6 +686,7 @@ class ClientEndpoint:
             return None, frames
         if not state.server_alive():  # the server process ended: ask its successor
             self._shm_drop(None)
+            self._shm_sent.clear()  # (their buffers: a server gone answers none of them)
             return self._shm_prefix(frames)
         slots, inline = state.producer.put(frames)
         if len(inline) == len(frames):
@@ -770,9 +771,10 @@ class ClientEndpoint:
         if again is not None and isinstance(msg, Error) and shm.SHM_LOST in msg.message:
             # The server no longer holds our segment (a replacement at its address):
             # that request was not served; it goes again inline, and we ask anew.
-            self._shm_drop(None)
+            header, frames, sid = again
+            if isinstance(self._shm, shm.Attached) and self._shm.id == sid:
+                self._shm_drop(None)  # (not a newer segment set up since)
             self._shm_sent[msg.req] = again  # popped by the answer to the inline copy
-            header, frames = again
             self.sock.send_multipart([header, *frames], copy=False)
             return
         self._pending[msg.req] = (msg, frames)
@@ -793,6 +795,7 @@ class ClientEndpoint:
             left = deadline - now
             if left <= 0:
                 self._sent_on.pop(req, None)
+                self._shm_sent.pop(req, None)
                 raise PeerTimeout(f"{self.peer_name} did not answer {what} within {timeout_s:g} s")
             if lost_at is None and self._dropped:
                 self._follow_connection()
