@@ -256,6 +256,7 @@ def _segments_of(pids) -> set[str]:
 @pytest.mark.parametrize("flags", [["--precision", "bf16", "--replication", "2"],
                                    ["--precision", "fp16"]], ids=["bf16-replicated", "fp16"])
 def test_sync_results_are_the_same_through_shared_memory(tmp_path, flags):
+    flags = [*flags, "--steps", 20]
     on = run_job(JOB, tmp_path / "on", *flags)
     off = run_job(JOB, tmp_path / "off", "--shm", "off", *flags)
     assert on["eval_loss"] == off["eval_loss"], (on["eval_loss"], off["eval_loss"])
