@@ -107,7 +107,8 @@ def serve(session) -> None:
     old_port = replaced_port(session.run_dir, session.rank, cfg.cluster.host)
     try:
         endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
-                                  max_frame_bytes=max_frame, port=old_port)
+                                  max_frame_bytes=max_frame, port=old_port,
+                                  shm=cfg.cluster.shm == "auto")
     except Exception as exc:  # zmq.ZMQError: the port is taken
         from tessera.cluster.health import ClusterFailure
         raise ClusterFailure(f"the replacement of server {session.rank} could not bind its "

@@ -74,6 +74,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--replication", "ps.replication", int,
          "Copies of each partition: 1, or 2 for a backup (ps.replication)."),
     Flag("--encrypt", "cluster.encrypt", bool, "CURVE-encrypt every connection (cluster.encrypt)."),
+    Flag("--shm", "cluster.shm", str,
+         "auto | off: shared memory between a worker and a server on one host (cluster.shm)."),
     Flag("--backend", "cluster.backend", str, "local | ray (cluster.backend)."),
     Flag("--address", "cluster.address", str, "Ray cluster address (cluster.address)."),
     Flag("--host", "cluster.host", str,

@@ -277,6 +277,10 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     #: Encrypt every connection with CURVE (ZeroMQ's CurveZMQ) on top of the job's
     #: secret; keys are derived from the secret, so nothing else is to distribute.
     encrypt: bool = False
+    #: ``auto``: a worker and a parameter server on one host move payloads through
+    #: shared memory (a memfd segment per connection, set up over the authenticated
+    #: channel); servers on other hosts stay on TCP. ``off``: TCP everywhere.
+    shm: Literal["auto", "off"] = "auto"
     #: ``local``: every process on this machine (the embedded default); ``ray``: the
     #: processes run as Ray actors, placed by a placement group (``tessera[ray]``).
     backend: Literal["local", "ray"] = "local"

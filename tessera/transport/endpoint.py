@@ -71,6 +71,17 @@ here is the same for both. On inproc, ZeroMQ runs no handshake: no mechanism, no
 ZAP, no frame limit; that module's docstring says why that is the right trust
 boundary (the peers are this process).
 
+Shared memory (:mod:`tessera.transport.shm`): a server endpoint made with ``shm=True``
+offers each client a segment; a client on the same host maps it, and from then on
+payload frames of at least :data:`tessera.transport.shm.MIN_BYTES` travel through it.
+Such a message starts with a *prefix frame* (first byte 0xc1, which no msgpack header
+starts with) naming the session and, per payload frame, its slot in the segment or
+"inline"; the frames handed up are views over the segment (``.buffer``, ``len``, as a
+``zmq.Frame``). Set-up rides in prefix frames of ordinary messages too, so the roles
+above see nothing of it. A server asked about a segment it does not hold (it was
+restarted) answers ``Error`` with :data:`tessera.transport.shm.SHM_LOST`, and the
+client sends that request again inline, transparently.
+
 Every wait takes a timeout; a :class:`PeerTimeout` names the peer and the request.
 """
 
@@ -89,7 +100,8 @@ from zmq.utils import z85
 
 from tessera.errors import TesseraError
 from tessera.transport import address as addresses
-from tessera.transport.wire import Error, Message, WireError, decode, encode
+from tessera.transport import shm
+from tessera.transport.wire import MAX_HEADER_BYTES, Error, Message, WireError, decode, encode
 
 _USER = "tessera"
 #: A job secret with this prefix asks for CURVE encryption (set by the launcher).
@@ -262,6 +274,35 @@ def _recv_bounded(sock: zmq.Socket, max_parts: int) -> tuple[list, int]:
     return parts, len(parts)
 
 
+def _nbytes(frame) -> int:
+    try:
+        return frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+    except TypeError:  # not a buffer: ZeroMQ refuses it when sent, naming the peer
+        return 0
+
+
+def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list) -> tuple[list, str]:
+    """The payload frames a prefix describes: views over ``seg`` for its slots, the
+    inline ZeroMQ frames in their places; ("", why) when it does not add up."""
+    if len(slots) > MAX_FRAMES:
+        return [], _too_many(len(slots))
+    frames, k = [], 0
+    try:
+        for slot in slots:
+            if slot[0] < 0:
+                if k == len(inline):
+                    return [], "a prefix names more inline frames than the message has"
+                frames.append(inline[k])
+                k += 1
+            else:
+                frames.append(shm.receive(seg, direction, slot))
+    except shm.ShmError as exc:
+        return [], str(exc)
+    if k != len(inline):
+        return [], "a message has inline frames its prefix does not name"
+    return frames, ""
+
+
 def _too_many(count: int) -> str:
     return (f"a message of {count} payload frames exceeds the limit of {MAX_FRAMES} "
             f"frames a message")
@@ -298,7 +339,7 @@ class ServerEndpoint:
     """
 
     def __init__(self, ctx: zmq.Context, host: str, secret: str, *, max_frame_bytes: int = -1,
-                 port: int = 0):
+                 port: int = 0, shm: bool = False):
         keys = _keys(secret)
         if host != addresses.INPROC:  # ZeroMQ asks no ZAP handler about inproc peers
             _Auth.ensure(ctx, keys, secret)
@@ -323,15 +364,29 @@ class ServerEndpoint:
         #: Replies that could not be delivered (the peer was gone), and when we last said so.
         self.undelivered = 0
         self._logged: dict[str, tuple[float, int]] = {}  # kind -> (last logged, since then)
+        #: Shared memory: offered to clients that ask (same host only, and never inproc);
+        #: the segments, made at the first request for one; set-up replies per peer.
+        self._shm_offered = shm and host != addresses.INPROC
+        self._shm: Optional[shm.Host] = None
+        self._shm_ctl: dict[bytes, shm.Prefix] = {}
+        self._shm_reaped = 0.0
+        #: Payload bytes that went through shared memory, each way.
+        self.shm_bytes_in = self.shm_bytes_out = 0
 
     def poll(self, timeout_s: float) -> bool:
+        if self._shm is not None:  # segments of clients that are gone: dropped here too
+            self._shm_reap()
         return bool(self._poller.poll(int(timeout_s * 1000)))
 
     def recv(self) -> Received:
         """Take one message (call after :meth:`poll` said there is one)."""
-        # [routing id, header, payload frames...]
-        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 2)
+        # [routing id, (shm prefix,) header, payload frames...]
+        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 3)
         peer = parts[0].bytes
+        if self._shm is not None:
+            self._shm_reap()
+        if count >= 3 and shm.is_prefix(parts[1]):  # a prefix is followed by a header
+            return self._recv_prefixed(peer, parts, count)
         if count < 2:
             return Received(peer, None, [], "empty message: expected a header frame")
         if count > MAX_FRAMES + 2:
@@ -342,15 +397,88 @@ class ServerEndpoint:
             return Received(peer, None, [], str(exc))
         return Received(peer, msg, parts[2:])
 
+    # ------------------------------------------------------------ shared memory
+
+    def _recv_prefixed(self, peer: bytes, parts: list, count: int) -> Received:
+        """A message with a prefix frame: its set-up requests, and its payload slots."""
+        if count > MAX_FRAMES + 3:
+            return Received(peer, None, [], _too_many(count - 3), req=_req_of(parts[2]))
+        try:
+            prefix = shm.decode_prefix(parts[1], MAX_HEADER_BYTES)
+            msg = decode(parts[2].buffer)
+        except (shm.ShmError, WireError) as exc:
+            return Received(peer, None, [], str(exc), req=_req_of(parts[2]))
+        self._shm_control(peer, prefix)
+        frames = parts[3:]
+        if prefix.slots:
+            req = getattr(msg, "req", 0)
+            s = self._shm.active(peer) if self._shm is not None else None
+            if s is None or s.id != prefix.session:
+                return Received(peer, None, [], shm.SHM_LOST, req=req)
+            frames, why = _slotted(s.seg, shm.UP, prefix.slots, frames)
+            if why:
+                return Received(peer, None, [], why, req=req)
+            self.shm_bytes_in += sum(len(f) for f in frames if isinstance(f, shm.ShmFrame))
+        return Received(peer, msg, frames)
+
+    def _shm_control(self, peer: bytes, prefix: "shm.Prefix") -> None:
+        """A client asks for a segment, or proves it mapped the one offered."""
+        if prefix.open and self._shm_offered:
+            try:
+                if self._shm is None:
+                    self._shm = shm.Host()
+                offer = self._shm.open(peer)
+            except OSError as exc:  # no memfd or unix sockets here: TCP it is
+                self._shm_offered = False
+                self._log("shm", f"shared memory is unavailable, staying on TCP: {exc}")
+            else:
+                self._shm_ctl[peer] = shm.Prefix(offer=offer)
+        if prefix.refused and self._shm is not None:  # the client cannot map it
+            self._shm.decline(peer)
+        if prefix.prove:
+            sid, why = self._shm.prove(peer, prefix.prove) if self._shm is not None else \
+                (0, "this server offers no shared memory")
+            ctl = self._shm_ctl.setdefault(peer, shm.Prefix())
+            ctl.accepted, ctl.refused = sid, why
+            print(f"tessera endpoint {self.address}: " + (
+                f"a client on this host moves payloads through shared memory (segment {sid})"
+                if sid else f"refused a client's shared-memory proof: {why}"),
+                file=sys.stderr, flush=True)
+
+    def _shm_reap(self) -> None:
+        now = time.monotonic()
+        if self._shm.dead or now - self._shm_reaped > 1.0:
+            self._shm_reaped = now
+            self._shm.reap()
+
+    def _shm_prefix(self, peer: bytes, frames: Sequence) -> tuple[Optional[bytes], Sequence]:
+        """(prefix frame or None, the frames to send inline) for a message to ``peer``."""
+        ctl = self._shm_ctl.pop(peer, None) if self._shm_ctl else None
+        s = self._shm.active(peer)
+        if s is not None and frames and any(_nbytes(f) >= shm.MIN_BYTES for f in frames):
+            slots, inline = s.producer.put(frames)
+            if len(inline) < len(frames):
+                self.shm_bytes_out += sum(n for e, _, n in slots if e >= 0)
+                ctl = ctl or shm.Prefix()
+                ctl.session, ctl.slots = s.id, slots
+                frames = inline
+        return (shm.encode_prefix(ctl) if ctl is not None else None), frames
+
     def send(self, peer: bytes, msg: Message, frames: Sequence = ()) -> bool:
         """Send a reply; False when it could not be delivered. A reply that cannot
         go out as it is (not encodable, too many frames, a frame that is no buffer)
         goes out as an ``Error`` with its req, so the peer fails now rather than at
         its timeout; a peer that is gone (ROUTER_MANDATORY) is logged on stderr."""
         header, frames, why = _encode_or_error(msg, frames)
+        prefix = None
+        if self._shm is not None:
+            prefix, frames = self._shm_prefix(peer, frames)
         try:
             try:
-                self.sock.send_multipart([peer, header, *frames], copy=False)
+                if prefix is not None:
+                    self.sock.send_multipart([peer, prefix, header, *frames], copy=False)
+                else:
+                    self.sock.send_multipart([peer, header, *frames], copy=False)
             except (TypeError, ValueError) as exc:  # a frame pyzmq cannot send: nothing went
                 why = f"{type(msg).__name__} reply could not be sent: {exc}"
                 self.sock.send_multipart(
@@ -380,6 +508,9 @@ class ServerEndpoint:
     def close(self) -> None:
         addresses.unbind(self.ctx, self.address)
         self.sock.close(linger=0)
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
 
 class ClientEndpoint:
@@ -429,6 +560,16 @@ class ClientEndpoint:
         self._connections = 0
         self._dropped = False
         self._sent_on: dict[int, int] = {}
+        #: Shared memory with this server: None (not asked yet), "asked", "off" (it
+        #: offers none, or is on another host), or the attached segment.
+        self._shm: object = "off" if self._inproc else None
+        self._shm_prove = ""  # the nonce to send back, with the next message
+        self._shm_decline = ""  # why we could not map the segment offered
+        #: Requests sent through the segment: (header, frames, segment) to send again inline if
+        #: the server no longer holds the segment (shm.SHM_LOST).
+        self._shm_sent: dict[int, tuple[bytes, Sequence, int]] = {}
+        #: Payload bytes that went through shared memory, each way.
+        self.shm_bytes_in = self.shm_bytes_out = 0
 
     def wait_connected(self, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
         """Block until the handshake (authentication included) has succeeded.
@@ -496,8 +637,18 @@ class ClientEndpoint:
         self._follow_connection()
         if self._dropped:
             self._check_closed(f"sending {what}")
+        prefix, sent = None, frames
+        if self._shm != "off":
+            prefix, sent = self._shm_prefix(frames)
+            if prefix is not None and len(sent) < len(frames):
+                if len(self._shm_sent) >= MAX_FRAMES:  # requests nobody waits for
+                    self._shm_sent.clear()
+                self._shm_sent[getattr(msg, "req", 0)] = (header, frames, self._shm.id)
         try:
-            self.sock.send_multipart([header, *frames], copy=False)
+            if prefix is not None:
+                self.sock.send_multipart([prefix, header, *sent], copy=False)
+            else:
+                self.sock.send_multipart([header, *frames], copy=False)
         except zmq.Again:
             raise PeerTimeout(f"{self.peer_name} did not take our {what} "
                               f"request (send timed out)") from None
@@ -511,6 +662,58 @@ class ClientEndpoint:
             if len(self._sent_on) >= MAX_FRAMES:  # requests nobody waits for: forget them
                 self._sent_on.clear()
             self._sent_on[req] = self._connections
+
+    def _shm_prefix(self, frames: Sequence) -> tuple[Optional[bytes], Sequence]:
+        """(prefix frame or None, frames to send inline): ask for a segment with the
+        first large payload, prove the one offered, then put large payloads in it."""
+        state = self._shm
+        if state is None:
+            if not any(_nbytes(f) >= shm.MIN_BYTES for f in frames):
+                return None, frames
+            self._shm = "asked"
+            return shm.encode_prefix(shm.Prefix(open=True)), frames
+        if state == "declined":  # tell the server, which then drops the segment at once
+            self._shm = "off"
+            return shm.encode_prefix(shm.Prefix(refused=self._shm_decline)), frames
+        if not isinstance(state, shm.Attached):
+            return None, frames
+        if not state.active:
+            if self._shm_prove:
+                prove, self._shm_prove = self._shm_prove, ""
+                return shm.encode_prefix(shm.Prefix(prove=prove)), frames
+            return None, frames
+        if not frames or not any(_nbytes(f) >= shm.MIN_BYTES for f in frames):
+            return None, frames
+        if not state.server_alive():  # the server process ended: ask its successor
+            self._shm_drop(None)
+            self._shm_sent.clear()  # (their buffers: a server gone answers none of them)
+            return self._shm_prefix(frames)
+        slots, inline = state.producer.put(frames)
+        if len(inline) == len(frames):
+            return None, frames
+        self.shm_bytes_out += sum(n for e, _, n in slots if e >= 0)
+        return shm.encode_prefix(shm.Prefix(session=state.id, slots=slots)), inline
+
+    def _shm_drop(self, then) -> None:
+        if isinstance(self._shm, shm.Attached):
+            self._shm.close()
+        self._shm, self._shm_prove = then, ""
+
+    def _shm_control(self, prefix: "shm.Prefix") -> None:
+        """The server's side of the set-up: an offer, or its verdict on our proof."""
+        if prefix.offer is not None and self._shm == "asked":
+            try:
+                self._shm = shm.Attached(prefix.offer)
+                self._shm_prove = self._shm.seg.nonce.hex()
+            except shm.ShmError as exc:  # another host (or namespace): TCP it is
+                self._shm, self._shm_decline = "declined", str(exc) or "cannot map it"
+        state = self._shm
+        if not isinstance(state, shm.Attached):
+            return
+        if prefix.accepted and prefix.accepted == state.id:
+            state.active = True
+        elif prefix.refused:
+            self._shm_drop("off")
 
     def _follow_connection(self) -> None:
         """Take the monitor's news: count handshakes, note drops (never blocks)."""
@@ -537,19 +740,44 @@ class ClientEndpoint:
                 f"(ZMQ_MAXMSGSIZE); a Tessera server sends none, so it is not one")
 
     def _take_one(self) -> None:
-        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 1)
-        if count > MAX_FRAMES + 1:
-            raise TransportError(f"{self.peer_name} sent a malformed reply: "
-                                 f"{_too_many(count - 1)}")
+        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 2)
+        prefix = None
         try:
+            if count >= 2 and shm.is_prefix(parts[0]):  # a prefix is followed by a header
+                prefix = shm.decode_prefix(parts[0], MAX_HEADER_BYTES)
+                parts, count = parts[1:], count - 1
+            if count > MAX_FRAMES + 1:
+                raise WireError(_too_many(count - 1))
             msg = decode(parts[0].buffer)
-        except WireError as exc:
+        except (WireError, shm.ShmError) as exc:
             raise TransportError(f"{self.peer_name} sent a malformed reply: {exc}") from None
+        frames = parts[1:]
+        if prefix is not None:
+            self._shm_control(prefix)
+            if prefix.slots:
+                state = self._shm
+                if not isinstance(state, shm.Attached) or state.id != prefix.session:
+                    raise TransportError(f"{self.peer_name} sent a reply through a "
+                                         f"shared-memory segment we do not hold")
+                frames, why = _slotted(state.seg, shm.DOWN, prefix.slots, frames)
+                if why:
+                    raise TransportError(f"{self.peer_name} sent a malformed reply: {why}")
+                self.shm_bytes_in += sum(len(f) for f in frames if isinstance(f, shm.ShmFrame))
         if isinstance(msg, Error) and msg.req == 0 and 0 not in self._sent_on:
             # Not an answer to a request of ours: the server could not read one of them.
             raise TransportError(f"{self.peer_name} could not read a message of ours: "
                                  f"{msg.message}")
-        self._pending[msg.req] = (msg, parts[1:])
+        again = self._shm_sent.pop(msg.req, None) if self._shm_sent else None
+        if again is not None and isinstance(msg, Error) and shm.SHM_LOST in msg.message:
+            # The server no longer holds our segment (a replacement at its address):
+            # that request was not served; it goes again inline, and we ask anew.
+            header, frames, sid = again
+            if isinstance(self._shm, shm.Attached) and self._shm.id == sid:
+                self._shm_drop(None)  # (not a newer segment set up since)
+            self._shm_sent[msg.req] = again  # popped by the answer to the inline copy
+            self.sock.send_multipart([header, *frames], copy=False)
+            return
+        self._pending[msg.req] = (msg, frames)
 
     def wait(self, req: int, timeout_s: float, what: str,
              check: Callable[[], None] = lambda: None) -> tuple[Message, list]:
@@ -567,6 +795,7 @@ class ClientEndpoint:
             left = deadline - now
             if left <= 0:
                 self._sent_on.pop(req, None)
+                self._shm_sent.pop(req, None)
                 raise PeerTimeout(f"{self.peer_name} did not answer {what} within {timeout_s:g} s")
             if lost_at is None and self._dropped:
                 self._follow_connection()
@@ -607,6 +836,7 @@ class ClientEndpoint:
         return self.wait(msg.req, timeout_s, what or type(msg).__name__, check)
 
     def close(self) -> None:
+        self._shm_drop("off")
         self.sock.disable_monitor()
         self._monitor.close(linger=0)
         self.sock.close(linger=0)

@@ -1,0 +1,520 @@
+"""Shared memory between a worker and a parameter server on one host.
+
+When a client and a server share a host, the payload frames of their messages (the
+gradients pushed, the values answered) travel through one shared-memory segment per
+connection, and ZeroMQ carries only the headers and a small *prefix frame* that says
+where in the segment each payload lies. The endpoints do it
+(:mod:`tessera.transport.endpoint`); the server and client logic above them see the
+same frames as before.
+
+The segment: ``memfd_create`` (never a name in ``/dev/shm``), sealed against
+shrinking and growing (a peer cannot make our mapping fault), laid out as::
+
+    [header page: magic, nonce, sizes][status up][status down][data up][data down]
+
+*Up* is what the client writes (requests), *down* what the server writes
+(replies). Each direction has one producer and one consumer. The producer copies a
+frame into its data region at the lowest gap that fits (so a job touches only the
+pages its frames in flight need), marks the frame's status entry 1 and sends the
+prefix. The consumer hands the frame up as a NumPy array over the segment
+(:class:`ShmFrame`, no copy); when the last view of it is gone (every tensor made
+from it was dropped), a finalizer writes the entry's status back to 0, and the
+producer may reuse the bytes. A region that is full, or a frame under
+:data:`MIN_BYTES`, goes inline as an ordinary ZeroMQ frame: nothing ever waits for
+room.
+
+Setting a segment up (all control rides in prefix frames of ordinary messages, so a
+server needs no new request type):
+
+1. The client's first message with a payload of at least :data:`MIN_BYTES` asks
+   (``open``). A server endpoint that offers shared memory creates a segment,
+   writes a random nonce into it, and answers (on its next message to that peer)
+   with an ``offer``: the name of an abstract unix socket and a one-time offer id.
+2. The client connects to that socket (abstract unix names are per network
+   namespace: a client on another host, or another network namespace, gets
+   ``ECONNREFUSED`` at once, says so with its next message (``refused``: the server
+   drops the segment) and stays on TCP), presents the offer id, and gets
+   the segment's fd (``SCM_RIGHTS``). The server hands it only to a process of its
+   own uid (``SO_PEERCRED``) that presents a live offer id, once.
+3. The client checks the seals and sizes, maps it, reads the nonce, and sends it
+   back over the authenticated channel (``prove``). The server activates the
+   segment for that connection only if the nonce matches (``accepted``): the
+   client proved that it mapped *this* segment, and it learned where to fetch it
+   only over the authenticated channel. A process squatting the socket name hands
+   out another segment, whose nonce the server refuses: the client stays on TCP.
+
+Crashes leak nothing: a memfd segment disappears with its last fd and mapping, so
+``kill -9`` of either side frees it with that process. The unix connection of
+step 2 stays open as a liveness line: when the client process ends, the server sees
+EOF and drops the segment at once (a restarted worker gets a new one); when the
+server ends, the client stops writing into the segment and sends inline.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+import weakref
+from typing import Optional
+
+import msgspec
+import numpy as np
+
+#: First byte of a prefix frame. msgpack never uses 0xc1, so a Tessera header (a
+#: msgpack map) never starts with it: a message with a prefix is told apart at once.
+PREFIX = 0xC1
+#: Frames smaller than this go inline: a copy into the segment saves nothing on them.
+MIN_BYTES = 64 << 10
+#: Status entries per direction: frames that may be in flight (and held) at once.
+ENTRIES = 1 << 16
+#: Data region per direction (virtual: pages are allocated only when written).
+REGION_BYTES = 512 << 20
+#: A pending offer not proved within this many seconds is dropped.
+OFFER_TTL_S = 30.0
+#: How long a client waits for the segment's fd on the unix socket.
+ATTACH_TIMEOUT_S = 5.0
+#: Marker in the ``Error`` a server answers to a message naming a segment it does
+#: not hold for that connection (it restarted, or dropped it): the client endpoint
+#: sends that request again inline.
+SHM_LOST = "shared-memory segment unknown to this server"
+
+_MAGIC = b"TESSERA-SHM-v1\0\0"
+_HEADER = 4096
+_ALIGN = 64
+_SEALS_NEEDED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+UP, DOWN = 0, 1
+
+
+class ShmError(Exception):
+    """A segment that cannot be set up or used as it says (the caller falls back to TCP)."""
+
+
+# ------------------------------------------------------------------- prefix
+
+
+class Offer(msgspec.Struct, forbid_unknown_fields=True):
+    socket: str  # abstract unix socket name (without the leading NUL)
+    offer: str  # one-time offer id, hex
+    session: int
+    size: int  # the segment's size in bytes
+
+
+class Prefix(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a prefix frame says. ``slots``: one ``(entry, offset, nbytes)`` per payload
+    frame of the message, in order; entry -1: the next inline ZeroMQ frame."""
+
+    session: int = 0
+    slots: list[tuple[int, int, int]] = []
+    open: bool = False
+    offer: Optional[Offer] = None
+    prove: str = ""
+    accepted: int = 0
+    refused: str = ""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Prefix)
+
+
+def encode_prefix(prefix: Prefix) -> bytes:
+    return bytes([PREFIX]) + _encoder.encode(prefix)
+
+
+def is_prefix(frame) -> bool:
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    return len(buf) > 0 and buf[0] == PREFIX
+
+
+def decode_prefix(frame, max_bytes: int) -> Prefix:
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if len(buf) > max_bytes:
+        raise ShmError(f"prefix frame of {len(buf)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return _decoder.decode(buf[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ShmError(f"malformed prefix frame: {exc}") from None
+
+
+# ------------------------------------------------------------------ segment
+
+
+def _layout(region: int) -> tuple[int, list[int], list[int]]:
+    """(size, [status offset per direction], [data offset per direction])."""
+    status = [_HEADER, _HEADER + ENTRIES]
+    data0 = -(-(_HEADER + 2 * ENTRIES) // mmap.PAGESIZE) * mmap.PAGESIZE
+    data = [data0, data0 + region]
+    return data0 + 2 * region, status, data
+
+
+class Segment:
+    """One connection's segment, mapped in this process."""
+
+    def __init__(self, fd: int, nonce: bytes, region: int):
+        self.size, status_at, data_at = _layout(region)
+        self.region = region
+        self.nonce = nonce
+        self.fd = fd  # kept until handed to the peer (server) or closed at once (client)
+        self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.status = [np.frombuffer(self.mm, np.uint8, ENTRIES, at) for at in status_at]
+        self.data_at = data_at
+
+    @classmethod
+    def create(cls, region: int = REGION_BYTES) -> "Segment":
+        size = _layout(region)[0]
+        fd = os.memfd_create("tessera-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS_NEEDED)
+            nonce = secrets.token_bytes(32)
+            seg = cls(fd, nonce, region)
+        except BaseException:
+            os.close(fd)
+            raise
+        seg.mm[:_HEADER] = (_MAGIC + nonce + struct.pack("<QQ", region, ENTRIES)).ljust(
+            _HEADER, b"\0")
+        return seg
+
+    @classmethod
+    def attach(cls, fd: int, size: int) -> "Segment":
+        """Map a segment received from a peer; the fd is closed (the mapping stays)."""
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & _SEALS_NEEDED != _SEALS_NEEDED:
+                raise ShmError("the segment is not sealed against resizing")
+            if os.fstat(fd).st_size != size:
+                raise ShmError(f"the segment has {os.fstat(fd).st_size} bytes, "
+                               f"the offer said {size}")
+            with mmap.mmap(fd, _HEADER, mmap.MAP_SHARED, mmap.PROT_READ) as head:
+                raw = head[:len(_MAGIC) + 48]
+            if raw[:len(_MAGIC)] != _MAGIC:
+                raise ShmError("not a Tessera segment")
+            nonce = raw[len(_MAGIC):len(_MAGIC) + 32]
+            region, entries = struct.unpack("<QQ", raw[len(_MAGIC) + 32:])
+            if entries != ENTRIES or _layout(region)[0] != size:
+                raise ShmError("the segment's layout does not match its size")
+            seg = cls(fd, nonce, region)
+            seg.fd = -1  # closed below: the mapping is what stays
+            return seg
+        except OSError as exc:
+            raise ShmError(f"cannot map the segment: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        """Drop this process's hold (the mapping goes once no frame over it is alive)."""
+        self.close_fd()
+        self.status = []
+        try:
+            self.mm.close()
+        except BufferError:  # frames over it still alive: unmapped when they are gone
+            pass
+
+
+class ShmFrame(np.ndarray):
+    """A received payload in the segment: a uint8 NumPy array (buffer protocol,
+    ``len``), with ``.buffer`` and ``.bytes`` as a ``zmq.Frame`` has."""
+
+    @property
+    def buffer(self) -> np.ndarray:
+        return self.base if self.base is not None else self
+
+    @property
+    def bytes(self) -> bytes:
+        return self.tobytes()
+
+
+def _release(status: np.ndarray, entry: int) -> None:
+    status[entry] = 0
+
+
+def receive(seg: Segment, direction: int, slot: tuple[int, int, int]) -> ShmFrame:
+    """The frame a peer wrote at ``slot`` of ``direction``, as a view (no copy).
+    Its status entry is released when the last view over it is gone."""
+    entry, off, n = slot
+    if not (0 <= entry < ENTRIES and 0 <= off and 0 <= n and off + n <= seg.region):
+        raise ShmError(f"slot {slot} lies outside the segment")
+    # Made straight from the mmap: its base is no ndarray, so every NumPy view of it
+    # (and every tensor over it) keeps *this* array alive, and the finalizer waits.
+    arr = np.frombuffer(seg.mm, np.uint8, n, seg.data_at[direction] + off)
+    weakref.finalize(arr, _release, seg.status[direction], entry)
+    return arr.view(ShmFrame)
+
+
+class Producer:
+    """This side's writer into one direction of a segment: first-fit allocation of
+    frames, reclaimed once the consumer released them."""
+
+    def __init__(self, seg: Segment, direction: int):
+        self.seg, self.direction = seg, direction
+        self.status = seg.status[direction]
+        self.data = np.frombuffer(seg.mm, np.uint8, seg.region, seg.data_at[direction])
+        self.live: list[tuple[int, int, int]] = []  # (offset, size, entry), by offset
+        self.free = list(range(ENTRIES - 1, -1, -1))
+
+    def _reclaim(self) -> None:
+        status = self.status
+        kept = [x for x in self.live if status[x[2]]]
+        if len(kept) != len(self.live):
+            self.free.extend(x[2] for x in self.live if not status[x[2]])
+            self.live = kept
+
+    def put(self, frames) -> tuple[list, list]:
+        """(slots, inline frames): each frame of at least :data:`MIN_BYTES` copied into
+        the segment if there is room, the rest left to go inline."""
+        self._reclaim()
+        slots, inline = [], []
+        for frame in frames:
+            try:
+                src = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
+            except (TypeError, ValueError):  # not a buffer: inline, where ZeroMQ refuses it
+                src = np.empty(0, np.uint8)
+            n = src.nbytes
+            at = self._place(n) if n >= MIN_BYTES and self.free else -1
+            if at < 0:
+                slots.append((-1, 0, 0))
+                inline.append(frame)
+                continue
+            self.data[at:at + n] = src.reshape(-1).view(np.uint8)
+            entry = self.free.pop()
+            self.status[entry] = 1
+            self._insert((at, -(-n // _ALIGN) * _ALIGN, entry))
+            slots.append((entry, at, n))
+        return slots, inline
+
+    def _place(self, n: int) -> int:
+        size = -(-n // _ALIGN) * _ALIGN
+        end = 0
+        for off, used, _ in self.live:
+            if off - end >= size:
+                return end
+            end = off + used
+        return end if self.seg.region - end >= size else -1
+
+    def _insert(self, item: tuple[int, int, int]) -> None:
+        live = self.live
+        i = len(live)
+        while i and live[i - 1][0] > item[0]:
+            i -= 1
+        live.insert(i, item)
+
+
+# ------------------------------------------------------------- server side
+
+
+class _Session:
+    __slots__ = ("id", "peer", "seg", "offer", "conn", "created", "producer", "active")
+
+    def __init__(self, sid: int, peer: bytes, seg: Segment):
+        self.id, self.peer, self.seg = sid, peer, seg
+        self.offer = secrets.token_bytes(16)
+        self.conn: Optional[socket.socket] = None
+        self.created = time.monotonic()
+        self.producer: Optional[Producer] = None
+        self.active = False
+
+
+class Host:
+    """A server endpoint's segments, one per connection that proved it shares this
+    host, and the thread that hands out their fds and watches their clients live."""
+
+    def __init__(self, region: int = REGION_BYTES):
+        self.region = region
+        self.name = f"tessera-shm-{os.getpid()}-{secrets.token_hex(16)}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind("\0" + self.name)
+        self.listener.listen(64)
+        self.lock = threading.Lock()
+        self.by_offer: dict[bytes, _Session] = {}
+        self.by_peer: dict[bytes, _Session] = {}  # the peer's newest session
+        self.dead: list[_Session] = []  # clients gone (EOF): dropped by the serve thread
+        self._next = 1
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="tessera-shm", daemon=True)
+        self.thread.start()
+
+    # serve thread ---------------------------------------------------------
+
+    def open(self, peer: bytes) -> Offer:
+        """A new segment for ``peer`` (replacing its earlier one) and its offer."""
+        seg = Segment.create(self.region)
+        with self.lock:
+            sid, self._next = self._next, self._next + 1
+            s = _Session(sid, peer, seg)
+            old = self.by_peer.get(peer)
+            self.by_peer[peer] = s
+            self.by_offer[s.offer] = s
+        if old is not None:
+            self._drop(old)
+        return Offer(socket=self.name, offer=s.offer.hex(), session=sid, size=seg.size)
+
+    def prove(self, peer: bytes, nonce_hex: str) -> tuple[int, str]:
+        """(session id, "") when ``peer`` read its segment's nonce, else (0, why)."""
+        s = self.by_peer.get(peer)
+        if s is None or s.active:
+            return 0, "no segment is offered to this connection"
+        try:
+            nonce = bytes.fromhex(nonce_hex)
+        except ValueError:
+            nonce = b""
+        if s.conn is None or not secrets.compare_digest(nonce, s.seg.nonce):
+            self._drop(s)
+            return 0, "the nonce does not match the offered segment"
+        s.active = True
+        s.producer = Producer(s.seg, DOWN)
+        return s.id, ""
+
+    def decline(self, peer: bytes) -> None:
+        """``peer`` could not map the segment offered (another host): drop it now."""
+        s = self.by_peer.get(peer)
+        if s is not None and not s.active:
+            self._drop(s)
+
+    def active(self, peer: bytes) -> Optional[_Session]:
+        s = self.by_peer.get(peer)
+        return s if s is not None and s.active else None
+
+    def reap(self) -> None:
+        """Drop the segments of clients that are gone, and offers never proved."""
+        if self.dead:
+            with self.lock:
+                dead, self.dead = self.dead, []
+            for s in dead:
+                self._drop(s)
+        if len(self.by_offer) > 0:
+            now = time.monotonic()
+            for s in [s for s in self.by_peer.values()
+                      if not s.active and now - s.created > OFFER_TTL_S]:
+                self._drop(s)
+
+    def _drop(self, s: _Session) -> None:
+        with self.lock:
+            self.by_offer.pop(s.offer, None)
+            if self.by_peer.get(s.peer) is s:
+                del self.by_peer[s.peer]
+            conn, s.conn = s.conn, None
+        s.active = False
+        s.producer = None
+        if conn is not None:
+            conn.close()
+        s.seg.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(timeout=2.0)
+        with self.lock:
+            sessions = list(self.by_peer.values())
+        for s in sessions:
+            self._drop(s)
+        self.listener.close()
+
+    # fd thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            with self.lock:
+                watched = {s.conn: s for s in self.by_peer.values() if s.conn is not None}
+            try:
+                ready, _, _ = select.select([self.listener, *watched], [], [], 0.2)
+            except (OSError, ValueError):  # a socket closed meanwhile: look again
+                continue
+            for sock in ready:
+                if sock is self.listener:
+                    self._hand_out()
+                    continue
+                try:  # EOF: the client is gone; any byte: it broke the protocol
+                    sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+                    gone = True
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    with self.lock:
+                        s = watched[sock]
+                        if s.conn is sock and s not in self.dead:
+                            self.dead.append(s)
+
+    def _hand_out(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(ATTACH_TIMEOUT_S)
+            pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            if uid != os.getuid():
+                raise ShmError("another user")
+            offer = b""
+            while len(offer) < 16:
+                got = conn.recv(16 - len(offer))
+                if not got:
+                    raise ShmError("hung up")
+                offer += got
+            with self.lock:
+                s = self.by_offer.pop(offer, None)
+                if s is None or s.conn is not None or s.seg.fd < 0:
+                    raise ShmError("no such offer")
+                socket.send_fds(conn, [b"ok"], [s.seg.fd])
+                s.seg.close_fd()  # handed out once; the mapping stays
+                conn.setblocking(False)
+                s.conn = conn
+        except (OSError, ShmError):
+            conn.close()
+
+
+# ------------------------------------------------------------- client side
+
+
+class Attached:
+    """The client's side of a proved (or about to be proved) segment."""
+
+    def __init__(self, offer: Offer):
+        self.id = offer.session
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.conn.settimeout(ATTACH_TIMEOUT_S)
+            self.conn.connect("\0" + offer.socket)
+            self.conn.sendall(bytes.fromhex(offer.offer))
+            msg, fds, _, _ = socket.recv_fds(self.conn, 16, 1)
+            if msg != b"ok" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise ShmError("the server handed out no segment")
+            self.seg = Segment.attach(fds[0], offer.size)
+            self.conn.setblocking(False)
+        except (OSError, ValueError) as exc:
+            self.conn.close()
+            raise ShmError(f"cannot fetch the segment: {exc}") from None
+        except ShmError:
+            self.conn.close()
+            raise
+        self.producer = Producer(self.seg, UP)
+        self.active = False
+
+    def server_alive(self) -> bool:
+        """False once the server process is gone (its end of the unix socket closed)."""
+        try:
+            return self.conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.active = False
+        self.producer = None
+        self.conn.close()
+        self.seg.close()

@@ -1,0 +1,343 @@
+"""Shared memory between a worker and a parameter server on one host
+(:mod:`tessera.transport.shm`): payloads through a memfd segment, headers over
+ZeroMQ, set up over the authenticated channel; nothing left behind by a crash;
+servers on another host (a network namespace) stay on TCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from tessera.transport import shm, wire
+from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+from tessera.transport.frames import frame_to_tensor, tensor_to_frame
+from tests import netns
+from tests.harness import ROOT, Job, run_job, wait_for
+
+SECRET = "tessera-test-shm-secret"
+JOB = str(ROOT / "tests" / "jobs" / "shm.toml")
+
+
+def segments(pid="self") -> dict[str, tuple[int, int]]:
+    """The tessera-shm segments ``pid`` maps: inode -> (lowest, highest address)."""
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return found
+    for line in lines:
+        if "memfd:tessera-shm" not in line:
+            continue
+        span, _, _, _, inode = line.split()[:5]
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        old = found.get(inode, (lo, hi))
+        found[inode] = (min(lo, old[0]), max(hi, old[1]))
+    return found
+
+
+def dev_shm() -> set[str]:
+    """Shared-memory files in /dev/shm (not POSIX semaphores, ``sem.*``, which other
+    processes on a shared machine make and remove all the time)."""
+    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
+
+
+def holds_dev_shm(pid) -> bool:
+    """Whether ``pid`` maps or holds open anything under /dev/shm."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if "/dev/shm/" in f.read():
+                return True
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+class Echo:
+    """A server endpoint in a thread that answers each push with its payloads times 2,
+    and notes what each received frame was (a segment view, or a ZeroMQ frame)."""
+
+    def __init__(self, ctx, shm_on: bool = True):
+        self.ep = ServerEndpoint(ctx, "127.0.0.1", SECRET, shm=shm_on)
+        self.seen: list[list] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.stop:
+            try:
+                if not self.ep.poll(0.05):
+                    continue
+            except zmq.ZMQError:  # the test failed and its context is gone
+                return
+            got = self.ep.recv()
+            if got.msg is None:
+                self.ep.send(got.peer, wire.Error(req=got.req, message=got.error))
+                continue
+            self.seen.append([(type(f).__name__,
+                               f.ctypes.data if isinstance(f, np.ndarray) else 0)
+                              for f in got.frames])
+            out = [frame_to_tensor(f.buffer, "float32", len(f) // 4) * 2 for f in got.frames]
+            self.ep.send(got.peer, wire.Params(req=got.msg.req, partitions=got.msg.partitions,
+                                               clock=0), [tensor_to_frame(t) for t in out])
+            del got, out  # no view of the segment outlives the request, as in a server
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(timeout=5)
+        self.ep.close()
+
+
+def round_trip(client: ClientEndpoint, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    req = client.new_req()
+    msg = wire.Push(req=req, worker=0, seq=req, clock=0, partitions=list(range(len(tensors))))
+    reply, frames = client.request(msg, [tensor_to_frame(t) for t in tensors], timeout_s=20)
+    assert isinstance(reply, wire.Params), reply
+    return [frame_to_tensor(f.buffer, "float32", len(f) // 4).clone() for f in frames]
+
+
+def test_payloads_travel_through_one_segment_exactly_and_it_goes_with_the_client(ctx):
+    before = dev_shm()
+    echo = Echo(ctx)
+    client = ClientEndpoint(ctx, echo.ep.address, SECRET, "server 0")
+    client.wait_connected(10)
+    big = torch.randn(300_000, generator=torch.Generator().manual_seed(1))  # 1.2 MB
+    small = torch.randn(100)  # under shm.MIN_BYTES: inline
+    try:
+        for _ in range(4):  # ask, prove, then through the segment
+            got = round_trip(client, [big, small])
+            assert torch.equal(got[0], big * 2) and torch.equal(got[1], small * 2)
+        mapped = segments()
+        assert len(mapped) == 1, mapped  # one segment (this process maps both of its ends)
+        (kind, addr), (small_kind, _) = echo.seen[-1]
+        assert kind == "ShmFrame" and small_kind == "Frame", echo.seen
+        assert any(lo <= addr < hi for lo, hi in mapped.values()), (hex(addr), mapped)
+        assert echo.seen[0][0][0] == "Frame"  # the first push went before any segment
+        assert dev_shm() == before
+    finally:
+        client.close()
+    # The client is gone: the server sees its unix socket close and drops the segment.
+    wait_for(lambda: not segments(), 5, "the server to drop the closed client's segment")
+    echo.close()
+
+
+def test_a_request_naming_a_segment_the_server_lost_is_sent_again_inline(ctx):
+    """As after a replacement took the dead server's address, or a re-made connection
+    (a new routing id): the server holds no segment for this connection. It answers
+    Error (SHM_LOST); the client endpoint sends the request again inline and sets up
+    a new segment, and the caller sees only the right answer."""
+    echo = Echo(ctx)
+    client = ClientEndpoint(ctx, echo.ep.address, SECRET, "server 0")
+    client.wait_connected(10)
+    x = torch.randn(300_000)
+    try:
+        for _ in range(3):
+            assert torch.equal(round_trip(client, [x])[0], x * 2)
+        first = client._shm.id
+        echo.ep._shm.by_peer.clear()  # the server forgets the connection's segment
+        reqs = []
+        for k in range(3):  # three in flight through the lost segment
+            req = client.new_req()
+            client.send(wire.Push(req=req, worker=0, seq=req, clock=0, partitions=[0]),
+                        [tensor_to_frame(x + k)])
+            reqs.append(req)
+        for k, req in enumerate(reqs):
+            reply, frames = client.wait(req, 20, "a push")
+            assert isinstance(reply, wire.Params), reply
+            assert torch.equal(frame_to_tensor(frames[0].buffer, "float32", x.numel()),
+                               (x + k) * 2)
+        del frames
+        for _ in range(4):
+            assert torch.equal(round_trip(client, [x])[0], x * 2)
+        assert client._shm.active and client._shm.id != first
+        kinds = [s[0][0] for s in echo.seen]
+        # shm; three refused, then inline; the set-up again; shm
+        assert kinds[2] == "ShmFrame" and kinds[3:6] == ["Frame"] * 3, kinds
+        assert kinds[-1] == "ShmFrame", kinds
+    finally:
+        client.close()
+        echo.close()
+
+
+def test_a_server_without_shm_and_a_squatted_socket_stay_on_tcp(ctx):
+    plain = Echo(ctx, shm_on=False)
+    client = ClientEndpoint(ctx, plain.ep.address, SECRET, "server 0")
+    client.wait_connected(10)
+    x = torch.randn(300_000)
+    for _ in range(3):
+        assert torch.equal(round_trip(client, [x])[0], x * 2)
+    assert {k for s in plain.seen for k, _ in s} == {"Frame"} and not segments()
+    client.close()
+    plain.close()
+
+    # A process squatting the server's socket name hands out a segment of its own: the
+    # client proves it with that segment's nonce, which the server refuses.
+    echo = Echo(ctx)
+    echo.ep._shm = host = shm.Host()
+    host._stop = True  # its fd thread ends, and its socket name is free for the squatter
+    host.thread.join(timeout=5)
+    host.listener.close()
+    squat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squat.bind("\0" + host.name)
+    squat.listen(1)
+
+    def hand_out_own_segment() -> None:
+        conn, _ = squat.accept()
+        conn.recv(16)
+        socket.send_fds(conn, [b"ok"], [shm.Segment.create().fd])
+        time.sleep(2)
+        conn.close()
+
+    thief = threading.Thread(target=hand_out_own_segment, daemon=True)
+    thief.start()
+    client = ClientEndpoint(ctx, echo.ep.address, SECRET, "server 0")
+    client.wait_connected(10)
+    try:
+        for _ in range(4):
+            assert torch.equal(round_trip(client, [x])[0], x * 2)
+        assert client._shm == "off"
+        assert {k for s in echo.seen for k, _ in s} == {"Frame"}
+    finally:
+        client.close()
+        echo.close()
+        squat.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
+def test_a_segment_is_handed_only_to_our_uid_with_a_live_offer():
+    host = shm.Host()
+    try:
+        offer = host.open(b"peer")
+        probe = ("import socket,sys,os\n"
+                 "os.setuid(int(sys.argv[3]))\n"
+                 "s=socket.socket(socket.AF_UNIX);s.settimeout(5);s.connect('\\0'+sys.argv[1])\n"
+                 "try:\n"
+                 "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+                 "    m,fds,_,_=socket.recv_fds(s,16,1)\n"
+                 "except OSError:\n"
+                 "    fds=[]\n"
+                 "print(len(fds))\n")
+
+        def fetch(offer_hex: str, uid: int) -> str:
+            proc = subprocess.run([sys.executable, "-c", probe, offer.socket, offer_hex,
+                                   str(uid)], capture_output=True, text=True, timeout=20,
+                                  cwd="/")
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.strip()
+
+        assert fetch(offer.offer, 65534) == "0"  # nobody: refused (SO_PEERCRED)
+        assert fetch("00" * 16, 0) == "0"  # no such offer
+        assert fetch(offer.offer, 0) == "1"  # our uid, the live offer: the fd
+        assert fetch(offer.offer, 0) == "0"  # once only
+    finally:
+        host.close()
+
+
+# ----------------------------------------------------------------- clusters
+
+
+def _segments_of(pids) -> set[str]:
+    return set().union(*(segments(pid) for pid in pids))
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16", "--replication", "2"],
+                                   ["--precision", "fp16"]], ids=["bf16-replicated", "fp16"])
+def test_sync_results_are_the_same_through_shared_memory(tmp_path, flags):
+    flags = [*flags, "--steps", 20]
+    on = run_job(JOB, tmp_path / "on", *flags)
+    off = run_job(JOB, tmp_path / "off", "--shm", "off", *flags)
+    assert on["eval_loss"] == off["eval_loss"], (on["eval_loss"], off["eval_loss"])
+    assert on["pushes_acked"] == off["pushes_acked"]
+    said = {run: sum(log.read_text().count("through shared memory")
+                     for log in (tmp_path / run / "logs").glob("server-*"))
+            for run in ("on", "off")}
+    # Each server: both workers (and, replicated, its primary) proved a segment.
+    assert said == {"on": 2 * (2 + ("2" in flags)), "off": 0}, said
+
+
+def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
+    before = dev_shm()
+    out = tmp_path / "run"
+    job = Job(["run", JOB, "--out", out, "--quiet", "--steps", 100000, "--replication", 2,
+               "--max-restarts", 1], timeout_s=150)
+    try:
+        cluster = wait_for(lambda: (out / "cluster.json").exists() and
+                           json.loads((out / "cluster.json").read_text()), 90, "cluster.json")
+        pid = {(p["role"], p["rank"]): p["pid"] for p in cluster["processes"]}
+        servers = [pid["server", 0], pid["server", 1]]
+        metrics = out / "metrics.jsonl"
+
+        def steps_logged() -> int:
+            return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+        wait_for(steps_logged, 60, "training to start")
+        # One segment per server: both are on this host.
+        worker1 = wait_for(lambda: len(segments(pid["worker", 1])) == 2 and
+                           segments(pid["worker", 1]), 60, "worker 1 to map 2 segments")
+        os.kill(pid["worker", 1], signal.SIGKILL)
+        # The servers see its unix sockets close and drop its segments at once.
+        wait_for(lambda: not set(worker1) & _segments_of(servers), 10,
+                 "the servers to drop the killed worker's segments")
+        coordinator_log = out / "logs" / "coordinator-0.log"
+        wait_for(lambda: "worker 1 rejoined" in coordinator_log.read_text(), 60,
+                 "worker 1 to be restarted and rejoin")
+        logged = steps_logged()
+        os.kill(pid["server", 1], signal.SIGKILL)
+        # Training goes on (server 1's backup serves its partitions), over the segments
+        # the workers hold with server 0, and nothing appeared in /dev/shm.
+        wait_for(lambda: steps_logged() > logged + 2, 90,
+                 "training to go on after the server's death")
+        assert dev_shm() == before
+        assert not any(holds_dev_shm(p) for p in [*pid.values(), job.proc.pid])
+        assert job.proc.poll() is None
+    finally:
+        job.kill()
+    assert dev_shm() == before
+    for p in cluster["processes"]:
+        wait_for(lambda p=p: not segments(p["pid"]), 15, f"{p['role']} {p['rank']} to exit")
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces on a bridge (as tests/test_multihost.py's ``hosts``)."""
+    netns.require()
+    h = netns.Hosts(2).up()
+    yield h
+    h.down()
+
+
+def test_two_hosts_one_local_server_each_the_other_over_tcp(two_hosts, tmp_path):
+    """Two network-namespace hosts (tests/netns.py), each a node with one server and
+    one worker: each worker shares memory with its own host's server and reaches the
+    other host's over TCP (the abstract unix socket of a segment offer exists only in
+    its server's network namespace, so that worker declines the offer)."""
+    from tests.test_multihost import finish, start_node
+
+    h = two_hosts
+    flags = ["--workers", 2, "--servers", 2, "--steps", 40]
+    n1 = start_node(h, 2, JOB, 1, 2, tmp_path / "node1", *flags)
+    n0 = start_node(h, 1, JOB, 0, 2, tmp_path / "node0", *flags)
+    code0, out0 = finish(n0, 150)
+    code1, out1 = finish(n1, 60)
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["eval_loss"] < 1.0, summary
+    for node, server in ((0, 0), (1, 1)):
+        log = (tmp_path / f"node{node}" / "logs" / f"server-{server}.log").read_text()
+        # Exactly one client proved a segment: the worker on its own host.
+        assert log.count("through shared memory") == 1, log
+        assert "refused" not in log, log
