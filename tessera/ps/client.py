@@ -574,7 +574,11 @@ class PSClient:
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
             if handle._what.startswith(("push", "row push")) and not result[1]:
-                self.pushes_acked += 1
+                # A batched row push acknowledges every table it carries (the servers
+                # count each table's push as applied).
+                tables = getattr(handle._request[0], "tables", None) \
+                    if handle._request is not None else None
+                self.pushes_acked += len(tables) if tables else 1
             if handle._what.startswith("push") and self.retain and handle._request is not None:
                 msg, frames = handle._request
                 self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
