@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/lm_shakespeare.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/server_load.py
+	$(BIN)/python benchmarks/shm_roundtrip.py
 	$(BIN)/python benchmarks/faults.py
 
 clean:
