@@ -36,9 +36,9 @@ import time
 import traceback
 
 from _machine import busy_s, cpu_s, foreign_cpu_pct, log, own_s, recv as recv_from, watch_parent
+from ps_roundtrip import PARTITION_MB, _plan, _zmq_echo  # the same plan and raw echo
 
 GB = 1e9
-PARTITION_MB = 4.0
 LR = 0.01
 
 
@@ -54,13 +54,6 @@ def _child(fn, conn, *args) -> None:
         except Exception:  # noqa: BLE001
             pass
         raise
-
-
-def _plan(n: int, servers: int):
-    from tessera.ps.sharding import partition_elems_for, plan_shards
-    from tessera.transport.wire import ParamSpec
-    return plan_shards([ParamSpec(name="w", shape=[n], numel=n)], servers,
-                       partition_elems_for(PARTITION_MB))
 
 
 def _server(conn, rank: int, secret: str, use_shm: bool) -> None:
@@ -145,27 +138,6 @@ def _worker(conn, secret: str) -> None:
             client.close()
             state.clear()
             conn.send(stats)
-    ctx.destroy(linger=0)
-
-
-def _zmq_echo(conn) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.linger = 0
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    conn.send(f"tcp://127.0.0.1:{port}")
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    while not conn.poll(0):
-        if not poller.poll(100):
-            continue
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
-    sock.close(linger=0)
     ctx.destroy(linger=0)
 
 
