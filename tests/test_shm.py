@@ -216,6 +216,36 @@ def test_a_server_without_shm_and_a_squatted_socket_stay_on_tcp(ctx):
         squat.close()
 
 
+def test_a_proof_that_overtakes_the_handout_thread_is_accepted():
+    """The client can read the nonce and prove it (over ZeroMQ, served by the endpoint's
+    thread) before the fd thread that handed the fd out has recorded the connection: the
+    proof must wait for it, not be refused (under load that left a worker on TCP)."""
+    host = shm.Host()
+    try:
+        offer = host.open(b"peer")
+        s = host.by_peer[b"peer"]
+        handed = threading.Event()
+        close_fd = s.seg.close_fd
+
+        def slow_close_fd() -> None:  # the fd thread, descheduled right after the handout
+            handed.set()
+            time.sleep(0.5)
+            close_fd()
+
+        s.seg.close_fd = slow_close_fd
+        attached: list = []
+        client = threading.Thread(target=lambda: attached.append(shm.Attached(offer)))
+        client.start()
+        assert handed.wait(5)
+        client.join(5)
+        assert attached, "the client got no segment"
+        sid, why = host.prove(b"peer", attached[0].seg.nonce.hex())
+        assert (sid, why) == (offer.session, ""), why
+        attached[0].close()
+    finally:
+        host.close()
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
 def test_a_segment_is_handed_only_to_our_uid_with_a_live_offer():
     host = shm.Host()
@@ -285,8 +315,13 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
 
         wait_for(steps_logged, 60, "training to start")
         # One segment per server: both are on this host.
-        worker1 = wait_for(lambda: len(segments(pid["worker", 1])) == 2 and
-                           segments(pid["worker", 1]), 60, "worker 1 to map 2 segments")
+        try:
+            worker1 = wait_for(lambda: len(segments(pid["worker", 1])) == 2 and
+                               segments(pid["worker", 1]), 60, "worker 1 to map 2 segments")
+        except AssertionError:  # what the servers said about worker 1's segments
+            logs = {log.name: log.read_text()[-2000:] for log in (out / "logs").glob("server-*")}
+            raise AssertionError(f"worker 1 maps {len(segments(pid['worker', 1]))} "
+                                 f"segments; the servers said: {logs}") from None
         os.kill(pid["worker", 1], signal.SIGKILL)
         # The servers see its unix sockets close and drop its segments at once.
         wait_for(lambda: not set(worker1) & _segments_of(servers), 10,
@@ -340,4 +375,8 @@ def test_two_hosts_one_local_server_each_the_other_over_tcp(two_hosts, tmp_path)
         log = (tmp_path / f"node{node}" / "logs" / f"server-{server}.log").read_text()
         # Exactly one client proved a segment: the worker on its own host.
         assert log.count("through shared memory") == 1, log
-        assert "refused" not in log, log
+        assert "refused a client" not in log, log
+        # The other host's worker could not reach the offer's socket, said so, and
+        # stayed on TCP for good (it did not ask again).
+        assert log.count("declined the shared-memory offer") == 1, log
+        assert "Connection refused" in log, log

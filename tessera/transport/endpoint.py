@@ -110,6 +110,9 @@ CURVE_PREFIX = "curve:"
 #: (not one, which a server restarting mid-handshake could also cause) mean the
 #: server cannot open our handshake: it holds another secret.
 _CURVE_HANGUPS = 2
+#: Times a client asks a server again for shared memory after a set-up that failed
+#: for a reason that may pass (pauses of 2, 4, 8 s); then it stays on TCP.
+_SHM_TRIES = 3
 
 #: Payload frames one message may carry besides its header. An honest message
 #: carries one frame per partition it names (a pull's reply: every partition one
@@ -435,6 +438,8 @@ class ServerEndpoint:
                 self._shm_ctl[peer] = shm.Prefix(offer=offer)
         if prefix.refused and self._shm is not None:  # the client cannot map it
             self._shm.decline(peer)
+            self._log("shm-declined", f"a client declined the shared-memory offer "
+                                      f"({prefix.refused}): its payloads stay on TCP")
         if prefix.prove:
             sid, why = self._shm.prove(peer, prefix.prove) if self._shm is not None else \
                 (0, "this server offers no shared memory")
@@ -565,6 +570,9 @@ class ClientEndpoint:
         self._shm: object = "off" if self._inproc else None
         self._shm_prove = ""  # the nonce to send back, with the next message
         self._shm_decline = ""  # why we could not map the segment offered
+        self._shm_transient = False  # whether that reason may pass (then: ask again later)
+        self._shm_tries = 0
+        self._shm_retry_at = 0.0
         #: Requests sent through the segment: (header, frames, segment) to send again inline if
         #: the server no longer holds the segment (shm.SHM_LOST).
         self._shm_sent: dict[int, tuple[bytes, Sequence, int]] = {}
@@ -673,8 +681,13 @@ class ClientEndpoint:
             self._shm = "asked"
             return shm.encode_prefix(shm.Prefix(open=True)), frames
         if state == "declined":  # tell the server, which then drops the segment at once
-            self._shm = "off"
+            self._shm = self._shm_after_failure()
             return shm.encode_prefix(shm.Prefix(refused=self._shm_decline)), frames
+        if state == "later":  # a set-up that failed for a passing reason: ask again
+            if time.monotonic() < self._shm_retry_at:
+                return None, frames
+            self._shm = None
+            return self._shm_prefix(frames)
         if not isinstance(state, shm.Attached):
             return None, frames
         if not state.active:
@@ -694,6 +707,16 @@ class ClientEndpoint:
         self.shm_bytes_out += sum(n for e, _, n in slots if e >= 0)
         return shm.encode_prefix(shm.Prefix(session=state.id, slots=slots)), inline
 
+    def _shm_after_failure(self) -> str:
+        """"later" after a set-up failed for a reason that may pass (a timeout under
+        load, an offer that expired), at most :data:`_SHM_TRIES` times with a growing
+        pause; "off" for good otherwise (the server is on another host)."""
+        if not self._shm_transient or self._shm_tries >= _SHM_TRIES:
+            return "off"
+        self._shm_tries += 1
+        self._shm_retry_at = time.monotonic() + 2.0 ** self._shm_tries
+        return "later"
+
     def _shm_drop(self, then) -> None:
         if isinstance(self._shm, shm.Attached):
             self._shm.close()
@@ -707,13 +730,16 @@ class ClientEndpoint:
                 self._shm_prove = self._shm.seg.nonce.hex()
             except shm.ShmError as exc:  # another host (or namespace): TCP it is
                 self._shm, self._shm_decline = "declined", str(exc) or "cannot map it"
+                self._shm_transient = exc.transient
         state = self._shm
         if not isinstance(state, shm.Attached):
             return
         if prefix.accepted and prefix.accepted == state.id:
             state.active = True
-        elif prefix.refused:
-            self._shm_drop("off")
+        elif prefix.refused:  # our proof came too late (the offer expired), or was wrong
+            self._shm_transient = prefix.refused == shm.OFFER_GONE
+            self._shm_drop(None)
+            self._shm = self._shm_after_failure()
 
     def _follow_connection(self) -> None:
         """Take the monitor's news: count handshakes, note drops (never blocks)."""

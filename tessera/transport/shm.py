@@ -84,6 +84,9 @@ ATTACH_TIMEOUT_S = 5.0
 #: not hold for that connection (it restarted, or dropped it): the client endpoint
 #: sends that request again inline.
 SHM_LOST = "shared-memory segment unknown to this server"
+#: A server's answer to a proof for an offer it no longer holds (it expired after
+#: :data:`OFFER_TTL_S`, or a newer one replaced it): the client may ask again.
+OFFER_GONE = "no segment is offered to this connection"
 
 _MAGIC = b"TESSERA-SHM-v1\0\0"
 _HEADER = 4096
@@ -93,7 +96,14 @@ UP, DOWN = 0, 1
 
 
 class ShmError(Exception):
-    """A segment that cannot be set up or used as it says (the caller falls back to TCP)."""
+    """A segment that cannot be set up or used as it says (the caller falls back to TCP).
+    ``transient``: the reason may pass (a timeout under load, an offer that expired), so
+    asking again later may succeed; not so when the server's socket cannot be reached
+    at all (it is on another host, or in another network namespace)."""
+
+    def __init__(self, message: str = "", transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 # ------------------------------------------------------------------- prefix
@@ -361,18 +371,23 @@ class Host:
 
     def prove(self, peer: bytes, nonce_hex: str) -> tuple[int, str]:
         """(session id, "") when ``peer`` read its segment's nonce, else (0, why)."""
-        s = self.by_peer.get(peer)
-        if s is None or s.active:
-            return 0, "no segment is offered to this connection"
         try:
             nonce = bytes.fromhex(nonce_hex)
         except ValueError:
             nonce = b""
-        if s.conn is None or not secrets.compare_digest(nonce, s.seg.nonce):
+        # Under the lock: the fd thread hands the fd out and records the connection in
+        # one locked step, so a proof that follows the handout always sees it.
+        with self.lock:
+            s = self.by_peer.get(peer)
+            if s is None or s.active:
+                return 0, OFFER_GONE
+            proved = s.conn is not None and secrets.compare_digest(nonce, s.seg.nonce)
+            if proved:
+                s.active = True
+                s.producer = Producer(s.seg, DOWN)
+        if not proved:
             self._drop(s)
             return 0, "the nonce does not match the offered segment"
-        s.active = True
-        s.producer = Producer(s.seg, DOWN)
         return s.id, ""
 
     def decline(self, peer: bytes) -> None:
@@ -492,12 +507,14 @@ class Attached:
             if msg != b"ok" or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
-                raise ShmError("the server handed out no segment")
+                raise ShmError("the server handed out no segment", transient=True)
             self.seg = Segment.attach(fds[0], offer.size)
             self.conn.setblocking(False)
         except (OSError, ValueError) as exc:
             self.conn.close()
-            raise ShmError(f"cannot fetch the segment: {exc}") from None
+            unreachable = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
+            raise ShmError(f"cannot fetch the segment: {exc}",
+                           transient=not unreachable) from None
         except ShmError:
             self.conn.close()
             raise
