@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/tessera run examples/digits.toml --workers 2 --servers 2 --mode sync
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=40
 
 bench: setup
 	$(BIN)/python benchmarks/ps_roundtrip.py
