@@ -20,6 +20,10 @@ new values (push and pull in one round trip). Systems measured:
   environment, to keep freed memory (:data:`MALLOC_ENV`: ``MALLOC_MMAP_THRESHOLD_`` 32 MiB,
   ``MALLOC_TRIM_THRESHOLD_`` 512 MiB), so that a 4 MiB receive buffer freed after a push
   is reused rather than unmapped and faulted in again. Only with ``--systems`` naming it.
+* ``tessera_batched``: ``tessera`` with the worker's pushes of partitions under 256 KiB
+  batched per server (``PSClient(batch_bytes=...)``, ``[ps] batch_kib``): one message per
+  server and iteration where partitions are small (``--partition-mb``). Only with
+  ``--systems`` naming it.
 * ``gloo_allreduce``: ``all_reduce`` of the whole vector over Gloo with 2 processes
   (the DDP path; independent of the server count).
 
@@ -53,6 +57,10 @@ GB = 1e9
 #: The environment of tessera_malloc's processes (glibc reads it at start-up).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 PARTITION_MB = 4.0
+#: tessera_batched's PSClient batch_bytes ([ps] batch_kib's default).
+BATCH_BYTES = 256 * 1024
+#: The systems that run Tessera's servers and client, each in processes of its own.
+TESSERA_SYSTEMS = ("tessera", "tessera_malloc", "tessera_batched")
 LR = 0.01
 
 
@@ -153,7 +161,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
     ctx.destroy(linger=0)
 
 
-def _tessera_worker(conn, secret: str, profile_dir) -> None:
+def _tessera_worker(conn, secret: str, profile_dir, batch_bytes: int = 0) -> None:
     import torch
     import zmq
 
@@ -168,11 +176,11 @@ def _tessera_worker(conn, secret: str, profile_dir) -> None:
         if cmd[0] == "quit":
             break
         if cmd[0] == "open":
-            _, n, num_servers, addresses = cmd
+            _, n, num_servers, addresses, partition_mb = cmd
             shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], num_servers,
-                                    partition_elems_for(PARTITION_MB))
+                                    partition_elems_for(partition_mb))
             client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=addresses,
-                              secret=secret, worker=0, timeout_s=60.0)
+                              secret=secret, worker=0, timeout_s=60.0, batch_bytes=batch_bytes)
             client.connect()
             gen = torch.Generator().manual_seed(0)
             client.init_params(torch.randn(n, generator=gen))
@@ -372,11 +380,11 @@ def _gloo_proc(conn, rank: int, port: int) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def _plan(n: int, servers: int):
+def _plan(n: int, servers: int, partition_mb: float = PARTITION_MB):
     from tessera.ps.sharding import partition_elems_for, plan_shards
     from tessera.transport.wire import ParamSpec
     return plan_shards([ParamSpec(name="w", shape=[n], numel=n)], servers,
-                       partition_elems_for(PARTITION_MB))
+                       partition_elems_for(partition_mb))
 
 
 class Bench:
@@ -455,14 +463,14 @@ class Bench:
         a = self.a
         max_s = max(a.servers)
         results = {}
-        tess = [s for s in ("tessera", "tessera_malloc") if s in systems]
+        tess = [s for s in TESSERA_SYSTEMS if s in systems]
         t_servers, t_worker = {}, {}
         for s in tess:
             env = MALLOC_ENV if s == "tessera_malloc" else None
             t_servers[s] = [self.spawn(f"{s}-server{r}", _tessera_server, r, self.secret,
                                        self.stop, a.profile, env=env) for r in range(max_s)]
             t_worker[s] = self.spawn(f"{s}-worker", _tessera_worker, self.secret, a.profile,
-                                     env=env)
+                                     BATCH_BYTES if s == "tessera_batched" else 0, env=env)
         if "zmq" in systems:
             z_echo = [self.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(max_s)]
             z_worker = self.spawn("zmq-worker", _zmq_worker)
@@ -486,14 +494,15 @@ class Bench:
                 case_start = time.monotonic()
                 busy0, own0 = _busy_s(), _tree_cpu_s([p.pid for p in self.procs])
                 tag = f"{n}-{servers}"
-                shard_map = _plan(n, servers)
+                shard_map = _plan(n, servers, a.partition_mb)
                 runners = {}  # system -> function(iters, tag) -> times
                 pids = {}  # system -> the processes that do its work in this case
                 for s in tess:
                     addrs = [self.ask(t_servers[s][r], ("serve", list(shard_map.on_server(r)),
                                                         a.mode, tag), f"{s} server {r} start")
                              for r in range(servers)]
-                    self.ask(t_worker[s], ("open", n, servers, addrs), f"{s} worker connect")
+                    self.ask(t_worker[s], ("open", n, servers, addrs, a.partition_mb),
+                             f"{s} worker connect")
                     runners[s] = lambda k, t, s=s: self.ask(t_worker[s], ("run", k, t), s)
                     pids[s] = [self.proc_of[c].pid
                                for c in [t_worker[s]] + t_servers[s][:servers]]
@@ -590,23 +599,23 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     """The JSON line of one case (DESIGN.md: ``bench``, parameters, ``<system>_<unit>``)."""
     import torch
     row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
-           "mode": a.mode, "partition_mb": PARTITION_MB,
-           "partitions": len(_plan(n, servers).partitions)}
-    for key in ("tessera", "tessera_malloc", "zmq", "rpc", "gloo"):
+           "mode": a.mode, "partition_mb": a.partition_mb,
+           "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
+    for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
         if key in r:
             field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
             row[field] = round(_gbps(n, r[key]), 3)
     for other in ("zmq", "rpc"):
-        for t in ("tessera", "tessera_malloc"):
+        for t in TESSERA_SYSTEMS:
             if f"{t}_gbps" in row and f"{other}_gbps" in row:
                 row[f"{t}_vs_{other}"] = round(row[f"{t}_gbps"] / row[f"{other}_gbps"], 3)
     # Diagnostics: CPU time of each system's processes per iteration (all threads, user +
     # system), the worker's share of it, and the servers' time in the optimizer step.
     for key, ms in r["cpu_ms_per_iter"].items():
         row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
-        if key in ("tessera", "tessera_malloc", "zmq"):
+        if key in (*TESSERA_SYSTEMS, "zmq"):
             row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
-    for t in ("tessera", "tessera_malloc"):
+    for t in TESSERA_SYSTEMS:
         if f"{t}_server_apply_ms_per_iter" in r:
             row[f"{t}_server_apply_ms_per_iter"] = round(r[f"{t}_server_apply_ms_per_iter"], 2)
         if r.get(f"{t}_server_cpu_us_per_msg"):
@@ -614,6 +623,8 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     if "tessera_malloc_cpu_ms_per_iter" in row and "tessera_cpu_ms_per_iter" in row:
         row["malloc_cpu_vs_tessera"] = round(row["tessera_malloc_cpu_ms_per_iter"]
                                              / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
+    if "tessera_batched_gbps" in row and "tessera_gbps" in row:
+        row["batched_vs_tessera"] = round(row["tessera_batched_gbps"] / row["tessera_gbps"], 3)
     row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
                torch=torch.__version__)
     return row
@@ -640,7 +651,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
-                    help="comma-separated subset of tessera,tessera_malloc,zmq,rpc,gloo")
+                    help="comma-separated subset of tessera,tessera_malloc,tessera_batched,zmq,"
+                         "rpc,gloo")
+    ap.add_argument("--partition-mb", type=float, default=PARTITION_MB,
+                    help=f"partition size in MiB (default {PARTITION_MB}, as tessera run)")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server and worker processes into DIR/*.prof")

@@ -69,3 +69,13 @@ def test_batched_async_failover_and_ssp_lose_nothing(tmp_path):
     expected = p["steps"] * p["workers"] * p["partitions"]
     assert p["pushes_applied"] == p["pushes_acked"] == expected, p
     assert sum(p["server_messages"]) * 3 < expected, p["server_messages"]
+
+
+def test_launched_processes_get_the_malloc_thresholds_unless_set():
+    from tessera.config.env import MALLOC_DEFAULTS, Identity
+
+    ident = Identity(run_dir="/tmp/x", secret="s")
+    env = ident.child_env({"PATH": "/bin"})
+    assert all(env[k] == v for k, v in MALLOC_DEFAULTS.items()), env
+    mine = ident.child_env({"MALLOC_TRIM_THRESHOLD_": "0"})  # the user's own value wins
+    assert mine["MALLOC_TRIM_THRESHOLD_"] == "0"
