@@ -130,7 +130,8 @@ def _breakdown(options_cls) -> dict:
         else {}
 
 
-def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
+def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
+                    breakdown: bool = True) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
@@ -147,7 +148,8 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
         _, partitions, mode, tag = cmd
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame)
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode=mode,
-                                               **_breakdown(ServerOptions)),
+                                               **(_breakdown(ServerOptions) if breakdown
+                                                  else {})),
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
                                  hooks=ServerHooks(should_stop=stop.is_set))
@@ -468,7 +470,8 @@ class Bench:
         for s in tess:
             env = MALLOC_ENV if s == "tessera_malloc" else None
             t_servers[s] = [self.spawn(f"{s}-server{r}", _tessera_server, r, self.secret,
-                                       self.stop, a.profile, env=env) for r in range(max_s)]
+                                       self.stop, a.profile, a.breakdown, env=env)
+                            for r in range(max_s)]
             t_worker[s] = self.spawn(f"{s}-worker", _tessera_worker, self.secret, a.profile,
                                      BATCH_BYTES if s == "tessera_batched" else 0, env=env)
         if "zmq" in systems:
@@ -653,6 +656,9 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
                     help="comma-separated subset of tessera,tessera_malloc,tessera_batched,zmq,"
                          "rpc,gloo")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="servers without the per-request CPU breakdown (its clock reads cost "
+                         "~10-40 us per request: they matter with small partitions)")
     ap.add_argument("--partition-mb", type=float, default=PARTITION_MB,
                     help=f"partition size in MiB (default {PARTITION_MB}, as tessera run)")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
