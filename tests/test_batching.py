@@ -77,5 +77,6 @@ def test_launched_processes_get_the_malloc_thresholds_unless_set():
     ident = Identity(run_dir="/tmp/x", secret="s")
     env = ident.child_env({"PATH": "/bin"})
     assert all(env[k] == v for k, v in MALLOC_DEFAULTS.items()), env
+    assert ident.child_env(env) == env  # the launcher builds on its first one
     mine = ident.child_env({"MALLOC_TRIM_THRESHOLD_": "0"})  # the user's own value wins
     assert mine["MALLOC_TRIM_THRESHOLD_"] == "0"

@@ -110,7 +110,11 @@ class Identity:
         """A child's whole environment: ``base`` (the launcher's own), this identity,
         unbuffered output (logs follow the process) and :data:`MALLOC_DEFAULTS` where
         ``base`` does not set them."""
-        return dict(MALLOC_DEFAULTS, **base, **self.to_env(), **{PYTHONUNBUFFERED: "1"})
+        env = dict(MALLOC_DEFAULTS)
+        env.update(base)
+        env.update(self.to_env())
+        env[PYTHONUNBUFFERED] = "1"
+        return env
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, expect_role: Optional[str] = None,
