@@ -16,6 +16,14 @@ new values (push and pull in one round trip). Systems measured:
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
   shard, the server applies SGD and returns the new shard.
+* ``tessera_malloc``: ``tessera`` with glibc's malloc told, in its processes
+  environment, to keep freed memory (:data:`MALLOC_ENV`: ``MALLOC_MMAP_THRESHOLD_`` 32 MiB,
+  ``MALLOC_TRIM_THRESHOLD_`` 512 MiB), so that a 4 MiB receive buffer freed after a push
+  is reused rather than unmapped and faulted in again. Only with ``--systems`` naming it.
+* ``tessera_batched``: ``tessera`` with the worker's pushes of partitions under 256 KiB
+  batched per server (``PSClient(batch_bytes=...)``, ``[ps] batch_kib``): one message per
+  server and iteration where partitions are small (``--partition-mb``). Only with
+  ``--systems`` naming it.
 * ``gloo_allreduce``: ``all_reduce`` of the whole vector over Gloo with 2 processes
   (the DDP path; independent of the server count).
 
@@ -46,7 +54,13 @@ import time
 import traceback
 
 GB = 1e9
+#: The environment of tessera_malloc's processes (glibc reads it at start-up).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 PARTITION_MB = 4.0
+#: tessera_batched's PSClient batch_bytes ([ps] batch_kib's default).
+BATCH_BYTES = 256 * 1024
+#: The systems that run Tessera's servers and client, each in processes of its own.
+TESSERA_SYSTEMS = ("tessera", "tessera_malloc", "tessera_batched")
 LR = 0.01
 
 
@@ -116,7 +130,8 @@ def _breakdown(options_cls) -> dict:
         else {}
 
 
-def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
+def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
+                    breakdown: bool = True) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
@@ -133,7 +148,8 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
         _, partitions, mode, tag = cmd
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame)
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode=mode,
-                                               **_breakdown(ServerOptions)),
+                                               **(_breakdown(ServerOptions) if breakdown
+                                                  else {})),
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
                                  hooks=ServerHooks(should_stop=stop.is_set))
@@ -147,7 +163,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir) -> None:
     ctx.destroy(linger=0)
 
 
-def _tessera_worker(conn, secret: str, profile_dir) -> None:
+def _tessera_worker(conn, secret: str, profile_dir, batch_bytes: int = 0) -> None:
     import torch
     import zmq
 
@@ -162,11 +178,11 @@ def _tessera_worker(conn, secret: str, profile_dir) -> None:
         if cmd[0] == "quit":
             break
         if cmd[0] == "open":
-            _, n, num_servers, addresses = cmd
+            _, n, num_servers, addresses, partition_mb = cmd
             shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], num_servers,
-                                    partition_elems_for(PARTITION_MB))
+                                    partition_elems_for(partition_mb))
             client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=addresses,
-                              secret=secret, worker=0, timeout_s=60.0)
+                              secret=secret, worker=0, timeout_s=60.0, batch_bytes=batch_bytes)
             client.connect()
             gen = torch.Generator().manual_seed(0)
             client.init_params(torch.randn(n, generator=gen))
@@ -366,11 +382,11 @@ def _gloo_proc(conn, rank: int, port: int) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def _plan(n: int, servers: int):
+def _plan(n: int, servers: int, partition_mb: float = PARTITION_MB):
     from tessera.ps.sharding import partition_elems_for, plan_shards
     from tessera.transport.wire import ParamSpec
     return plan_shards([ParamSpec(name="w", shape=[n], numel=n)], servers,
-                       partition_elems_for(PARTITION_MB))
+                       partition_elems_for(partition_mb))
 
 
 class Bench:
@@ -387,10 +403,19 @@ class Bench:
 
     # ---------------------------------------------------------- processes
 
-    def spawn(self, name, fn, *args):
+    def spawn(self, name, fn, *args, env=None):
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_child, args=(fn, child, *args), name=name, daemon=True)
-        p.start()
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})  # a spawned child starts with this environment
+        try:
+            p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         self.procs.append(p)
         self.proc_of[parent] = p
@@ -440,10 +465,15 @@ class Bench:
         a = self.a
         max_s = max(a.servers)
         results = {}
-        if "tessera" in systems:
-            t_servers = [self.spawn(f"tessera-server{r}", _tessera_server, r, self.secret,
-                                    self.stop, a.profile) for r in range(max_s)]
-            t_worker = self.spawn("tessera-worker", _tessera_worker, self.secret, a.profile)
+        tess = [s for s in TESSERA_SYSTEMS if s in systems]
+        t_servers, t_worker = {}, {}
+        for s in tess:
+            env = MALLOC_ENV if s == "tessera_malloc" else None
+            t_servers[s] = [self.spawn(f"{s}-server{r}", _tessera_server, r, self.secret,
+                                       self.stop, a.profile, a.breakdown, env=env)
+                            for r in range(max_s)]
+            t_worker[s] = self.spawn(f"{s}-worker", _tessera_worker, self.secret, a.profile,
+                                     BATCH_BYTES if s == "tessera_batched" else 0, env=env)
         if "zmq" in systems:
             z_echo = [self.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(max_s)]
             z_worker = self.spawn("zmq-worker", _zmq_worker)
@@ -467,17 +497,18 @@ class Bench:
                 case_start = time.monotonic()
                 busy0, own0 = _busy_s(), _tree_cpu_s([p.pid for p in self.procs])
                 tag = f"{n}-{servers}"
-                shard_map = _plan(n, servers)
+                shard_map = _plan(n, servers, a.partition_mb)
                 runners = {}  # system -> function(iters, tag) -> times
                 pids = {}  # system -> the processes that do its work in this case
-                if "tessera" in systems:
-                    addrs = [self.ask(t_servers[r], ("serve", list(shard_map.on_server(r)),
-                                                     a.mode, tag), f"tessera server {r} start")
+                for s in tess:
+                    addrs = [self.ask(t_servers[s][r], ("serve", list(shard_map.on_server(r)),
+                                                        a.mode, tag), f"{s} server {r} start")
                              for r in range(servers)]
-                    self.ask(t_worker, ("open", n, servers, addrs), "tessera worker connect")
-                    runners["tessera"] = lambda k, t: self.ask(t_worker, ("run", k, t), "tessera")
-                    pids["tessera"] = [self.proc_of[c].pid
-                                       for c in [t_worker] + t_servers[:servers]]
+                    self.ask(t_worker[s], ("open", n, servers, addrs, a.partition_mb),
+                             f"{s} worker connect")
+                    runners[s] = lambda k, t, s=s: self.ask(t_worker[s], ("run", k, t), s)
+                    pids[s] = [self.proc_of[c].pid
+                               for c in [t_worker[s]] + t_servers[s][:servers]]
                 if "zmq" in systems:
                     parts = [(p.start, p.stop, p.server) for p in shard_map.partitions]
                     self.ask(z_worker, ("open", n, echo_addrs[:servers], parts),
@@ -521,16 +552,18 @@ class Bench:
                 row["cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k]) for k, v in cpu.items()}
                 row["worker_cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k])
                                                  for k, v in cpu_worker.items()}
-                if "tessera" in systems:
-                    self.ask(t_worker, ("close",), "tessera close")
+                for s in tess:
+                    self.ask(t_worker[s], ("close",), f"{s} close")
+                if tess:
                     self.stop.set()
-                    stats = [self.recv(t_servers[r], f"tessera server {r} stop")
-                             for r in range(servers)]
+                    for s in tess:
+                        stats = [self.recv(t_servers[s][r], f"{s} server {r} stop")
+                                 for r in range(servers)]
+                        served = sum(st["updates"] for st in stats) / len(shard_map.partitions)
+                        row[f"{s}_server_apply_ms_per_iter"] = (
+                            1e3 * sum(st["apply_s"] for st in stats) / max(1.0, served))
+                        row[f"{s}_server_cpu_us_per_msg"] = _merge_costs(stats)
                     self.stop.clear()
-                    served = sum(st["updates"] for st in stats) / len(shard_map.partitions)
-                    row["tessera_server_apply_ms_per_iter"] = (
-                        1e3 * sum(st["apply_s"] for st in stats) / max(1.0, served))
-                    row["tessera_server_cpu_us_per_msg"] = _merge_costs(stats)
                 if "zmq" in systems:
                     self.ask(z_worker, ("close",), "zmq close")
                 if "rpc" in systems:
@@ -569,25 +602,32 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     """The JSON line of one case (DESIGN.md: ``bench``, parameters, ``<system>_<unit>``)."""
     import torch
     row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
-           "mode": a.mode, "partition_mb": PARTITION_MB,
-           "partitions": len(_plan(n, servers).partitions)}
-    for key in ("tessera", "zmq", "rpc", "gloo"):
+           "mode": a.mode, "partition_mb": a.partition_mb,
+           "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
+    for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
         if key in r:
             field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
             row[field] = round(_gbps(n, r[key]), 3)
     for other in ("zmq", "rpc"):
-        if "tessera_gbps" in row and f"{other}_gbps" in row:
-            row[f"tessera_vs_{other}"] = round(row["tessera_gbps"] / row[f"{other}_gbps"], 3)
+        for t in TESSERA_SYSTEMS:
+            if f"{t}_gbps" in row and f"{other}_gbps" in row:
+                row[f"{t}_vs_{other}"] = round(row[f"{t}_gbps"] / row[f"{other}_gbps"], 3)
     # Diagnostics: CPU time of each system's processes per iteration (all threads, user +
     # system), the worker's share of it, and the servers' time in the optimizer step.
     for key, ms in r["cpu_ms_per_iter"].items():
         row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
-        if key in ("tessera", "zmq"):
+        if key in (*TESSERA_SYSTEMS, "zmq"):
             row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
-    if "tessera_server_apply_ms_per_iter" in r:
-        row["tessera_server_apply_ms_per_iter"] = round(r["tessera_server_apply_ms_per_iter"], 2)
-    if r.get("tessera_server_cpu_us_per_msg"):
-        row["tessera_server_cpu_us_per_msg"] = r["tessera_server_cpu_us_per_msg"]
+    for t in TESSERA_SYSTEMS:
+        if f"{t}_server_apply_ms_per_iter" in r:
+            row[f"{t}_server_apply_ms_per_iter"] = round(r[f"{t}_server_apply_ms_per_iter"], 2)
+        if r.get(f"{t}_server_cpu_us_per_msg"):
+            row[f"{t}_server_cpu_us_per_msg"] = r[f"{t}_server_cpu_us_per_msg"]
+    if "tessera_malloc_cpu_ms_per_iter" in row and "tessera_cpu_ms_per_iter" in row:
+        row["malloc_cpu_vs_tessera"] = round(row["tessera_malloc_cpu_ms_per_iter"]
+                                             / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
+    if "tessera_batched_gbps" in row and "tessera_gbps" in row:
+        row["batched_vs_tessera"] = round(row["tessera_batched_gbps"] / row["tessera_gbps"], 3)
     row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
                torch=torch.__version__)
     return row
@@ -614,7 +654,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
-                    help="comma-separated subset of tessera,zmq,rpc,gloo")
+                    help="comma-separated subset of tessera,tessera_malloc,tessera_batched,zmq,"
+                         "rpc,gloo")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="servers without the per-request CPU breakdown (its clock reads cost "
+                         "~10-40 us per request: they matter with small partitions)")
+    ap.add_argument("--partition-mb", type=float, default=PARTITION_MB,
+                    help=f"partition size in MiB (default {PARTITION_MB}, as tessera run)")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server and worker processes into DIR/*.prof")

@@ -208,7 +208,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       profiler=session.profiler, incarnation=session.view.incarnation,
                       dead_servers=lambda: session.heartbeat.membership()[1],
                       servers=session.heartbeat.servers,
-                      retain=answer_early(session.cfg))
+                      retain=answer_early(session.cfg),
+                      batch_bytes=int(session.cfg.ps.batch_kib * 1024))
     client.connect()
     return client
 

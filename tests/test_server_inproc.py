@@ -586,3 +586,43 @@ def test_ps_data_parallel_equals_plain_sgd(make_cluster, partition_elems):
     assert cluster.servers[0].stats["updates"] == 4 * len(cluster.shard_map.partitions)
     # What the server holds is what the worker trains on.
     torch.testing.assert_close(pull_all(client, clock=4), ddp.flat, rtol=0, atol=0)
+
+
+# ------------------------------------------------- batched pushes (issue 15)
+
+
+def test_a_resent_batch_is_applied_only_where_it_was_not(make_cluster):
+    """A batch (one Push, several partitions) sent again after a failover may find some of
+    its partitions updated already (the backup had those updates): it is applied to the
+    others only, and answered with all. Also: plain SGD's one add_ and the async scale
+    taken with numpy give torch.optim's SGD bit for bit."""
+    cfg = OptimizerConfig(name="sgd", lr=0.05)
+    model, cluster, (c0, c1) = start(make_cluster, mode="async", num_workers=2, optimizer=cfg)
+    smap = cluster.shard_map
+    p, q = [part.id for part in smap.on_server(0)][:2]
+    ref = Reference(model, cfg)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(smap.total_elems, generator=gen)
+    info = {part.id: part for part in smap.partitions}
+
+    def sliced(pid):
+        return g[info[pid].start:info[pid].stop]
+
+    seq = c0.seq
+    c0.push(p, sliced(p), 0).wait()  # the batch's first partition, applied alone
+    c0.seq = seq  # the batch below carries the same sequence number: a re-sent one
+    c0.batch_bytes = 1 << 20
+    h_p, h_q = c0.push(p, sliced(p), 0), c0.push(q, sliced(q), 0)
+    assert h_p._batch is h_q._batch  # one message
+    got = {**h_p.wait(), **h_q.wait()}
+    mask = torch.zeros(smap.total_elems)
+    for pid in (p, q):
+        mask[info[pid].start:info[pid].stop] = 1
+    ref.step(g * mask / 2)  # each partition's gradient applied once, scaled by 1/workers
+    expected = ref.flat()
+    for pid in (p, q):
+        torch.testing.assert_close(got[pid], expected[info[pid].start:info[pid].stop],
+                                   rtol=0, atol=0)
+    ps = cluster.servers[0]
+    assert ps.parts[p].applied_pushes == 1 and ps.parts[q].applied_pushes == 1
+    assert ps.stats["errors"] == 0

@@ -572,6 +572,7 @@ class Coordinator:
             "staleness": cfg.ps.staleness,
             "max_clock_gap": max((int(s.get("max_clock_gap", 0)) for s in servers), default=0),
             "server_bytes_received": [int(s.get("bytes_received", 0)) for s in servers],
+            "server_messages": [int(s.get("messages_in", 0)) for s in servers],
             "pushes_acked": sum(int(w.get("pushes_acked", 0)) for w in workers),
             "pushes_applied": self._applied(servers),
             # Pushes a killed worker sent in its last step and never saw answered: the

@@ -50,6 +50,13 @@ STARTED_AT = "TESSERA_STARTED_AT"
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
+#: glibc malloc's tunables, read once at a process's start. Tessera's launched processes
+#: keep freed blocks under 32 MiB and up to 512 MiB of free heap for reuse: glibc's own
+#: defaults give a freed 4 MiB receive buffer back to the kernel (munmap) and fault the
+#: next one in again, page by page, once per partition per step
+#: (benchmarks/ps_roundtrip.py ``tessera_malloc``). A value the user set is kept.
+MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                   "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 RAY_ADDRESS = "RAY_ADDRESS"
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 PYTHONUNBUFFERED = "PYTHONUNBUFFERED"
@@ -101,8 +108,13 @@ class Identity:
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """A child's whole environment: ``base`` (the launcher's own), this identity,
-        and unbuffered output (logs follow the process)."""
-        return dict(base, **self.to_env(), **{PYTHONUNBUFFERED: "1"})
+        unbuffered output (logs follow the process) and :data:`MALLOC_DEFAULTS` where
+        ``base`` does not set them."""
+        env = dict(MALLOC_DEFAULTS)
+        env.update(base)
+        env.update(self.to_env())
+        env[PYTHONUNBUFFERED] = "1"
+        return env
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, expect_role: Optional[str] = None,

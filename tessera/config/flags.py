@@ -53,6 +53,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--seed", "train.seed", int, "Seed of model init and data order (train.seed)."),
     Flag("--out", "out", str, "Run directory (default runs/<job>-<time>)."),
     Flag("--partition-mb", "ps.partition_mb", float, "Partition size in MiB (ps.partition_mb)."),
+    Flag("--batch-kib", "ps.batch_kib", float,
+         "Pushes of smaller partitions go to a server batched, up to this many KiB in one "
+         "message (ps.batch_kib; 0: off)."),
     Flag("--precision", "precision", str, "fp32 | bf16 | fp16 (precision)."),
     Flag("--tensorboard", "train.tensorboard", bool,
          "Also write metrics as TensorBoard scalars under <run dir>/tensorboard."),

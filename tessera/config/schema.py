@@ -239,6 +239,10 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: Target partition size in MiB. 4 MiB follows BytePS; loopback ZeroMQ moves
     #: 1-16 MiB frames fastest here (DESIGN.md, "Measured on this machine").
     partition_mb: float = 4.0
+    #: A worker's pushes of partitions smaller than this many KiB go to their server in
+    #: batches of about this size: one message and one reply for many partitions
+    #: (``--batch-kib``; 0: each partition in a message of its own).
+    batch_kib: float = 256.0
     #: Copies of every dense partition: 1, or 2 (a primary and a backup on the next
     #: server, which takes over when the primary dies; ``--replication 2``).
     replication: int = 1
@@ -253,6 +257,9 @@ class PSConfig(msgspec.Struct, **_STRICT):
                              f"'hybrid' (mode is {self.mode!r}); pass --mode ssp")
         if not 0.0 < self.partition_mb <= 256:
             raise ValueError(f"partition_mb must be in (0, 256], got {self.partition_mb}")
+        if not 0.0 <= self.batch_kib <= 65536:
+            raise ValueError(f"batch_kib must be in [0, 65536] (0: no batching), got "
+                             f"{self.batch_kib}")
 
 
 class ClusterConfig(msgspec.Struct, **_STRICT):

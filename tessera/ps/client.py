@@ -73,6 +73,57 @@ class Handle:
         return self._result
 
 
+class _Part:
+    """One partition's share of a batched push (:meth:`PSClient.push`, ``batch_bytes``):
+    wait() sends what is still waiting, then -> ``{partition: values}`` from the batch's
+    one reply."""
+
+    __slots__ = ("_batch", "_pid", "_result")
+
+    def __init__(self, batch: "_Batch", pid: int):
+        self._batch, self._pid, self._result = batch, pid, None
+
+    @property
+    def skipped(self) -> bool:
+        return self._batch.handle is not None and self._batch.handle.skipped
+
+    @property
+    def clock(self) -> int:
+        return self._batch.handle.clock if self._batch.handle is not None else 0
+
+    def release(self) -> None:
+        self._result = {}
+
+    def wait(self, timeout_s: Optional[float] = None):
+        if self._result is None:
+            batch = self._batch
+            if batch.handle is None:
+                batch.client.flush()
+            values = batch.handle.wait(timeout_s)
+            self._result = {self._pid: values[self._pid]}
+        return self._result
+
+
+class _Batch:
+    """Pushes of small partitions to one server, waiting to go as one message."""
+
+    __slots__ = ("client", "server", "clock", "fields", "hparams", "pids", "payloads",
+                 "nbytes", "handle")
+
+    def __init__(self, client: "PSClient", server: int, clock: int, fields: tuple,
+                 hparams):
+        self.client, self.server, self.clock = client, server, clock
+        self.fields, self.hparams = fields, hparams
+        self.pids: list[int] = []
+        self.payloads: list[torch.Tensor] = []
+        self.nbytes = 0
+        self.handle: Optional[Handle] = None  # once sent
+
+    def takes(self, server: int, clock: int, fields: tuple, hparams) -> bool:
+        return (server == self.server and clock == self.clock and fields == self.fields
+                and hparams is self.hparams)
+
+
 class _Chunks:
     """A row pull sent as several requests: wait() -> their rows, concatenated."""
 
@@ -123,7 +174,8 @@ class PSClient:
                  check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
                  incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
                  retain: bool = False,
-                 servers: Optional[Callable[[], tuple[list, dict, dict]]] = None):
+                 servers: Optional[Callable[[], tuple[list, dict, dict]]] = None,
+                 batch_bytes: int = 0):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -155,6 +207,13 @@ class PSClient:
         self.retain = retain
         self._retained: dict[int, tuple] = {}
         self._outstanding: dict[tuple[int, int], Handle] = {}
+        #: Pushes of partitions smaller than this many bytes wait to go to their server
+        #: together, as one message (0: every push goes at once, on its own; jobs take
+        #: ``[ps] batch_kib``). A caller that drives several clients from one thread
+        #: (tests) keeps it 0: a batch leaves at this client's wait(), not another's.
+        self.batch_bytes = batch_bytes
+        #: The batch still waiting, per server.
+        self._batches: dict[int, _Batch] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
         self.seq = incarnation << 40
         self.pushes_acked = 0
@@ -245,10 +304,13 @@ class PSClient:
                 nxt = (k + 1) % len(self.servers)  # else: the ring's first copy, k + 1
                 self.shard_owner[k] = nxt if server == k and nxt not in self._ever_failed \
                     and len(self.servers) > 1 else -1
-            again = []
+            again, resent = [], set()
             for pid in moved:  # answered, maybe not yet on the backup: first, in order
                 if pid in self._retained:
                     msg, frames, keep = self._retained.pop(pid)
+                    if id(msg) in resent:  # a batched push: sent again once, for all
+                        continue
+                    resent.add(id(msg))
                     again.append(Handle(self, server, msg.req, f"re-sent answered push of "
                                         f"partition {pid}", keep=keep, request=(msg, frames)))
                     self._resend(again[-1], self.owner[pid])
@@ -343,6 +405,7 @@ class PSClient:
              commit: Optional[bool] = None, coef: float = 1.0) -> list[Handle]:
         """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
         ids = list(self.parts) if partitions is None else partitions
+        self.flush()  # pushes before this pull go before it
         self._route()
         by_server: dict[int, list[int]] = {}
         for pid in ids:
@@ -375,23 +438,66 @@ class PSClient:
         if payload.numel() != info.stop - info.start:
             raise ValueError(f"partition {partition} has {info.stop - info.start} elements, "
                              f"gradient has {payload.numel()}")
-        frame = tensor_to_frame(payload)
         self._route()
         server = self.owner[partition]
+        if self.batch_bytes and payload.nbytes < self.batch_bytes and not hold \
+                and not nonfinite and scale == 1.0:
+            # A small partition waits for others to its server: one message, one header,
+            # one reply for many (sent when the batch is full, when the push's fields
+            # change, or at the first wait() or pull()). Held or overflowing pushes, and
+            # loss-scaled ones (an async server refuses a scaled message whole), go alone.
+            fields = (dtype, checkpoint, norm_type, self.weight, self.rate)
+            batch = self._batches.get(server)
+            if batch is not None and not batch.takes(server, clock, fields, hparams):
+                self._send_batch(batch)
+                batch = None
+            if batch is None:
+                batch = self._batches[server] = _Batch(self, server, clock, fields, hparams)
+            batch.pids.append(partition)
+            batch.payloads.append(payload)
+            batch.nbytes += payload.nbytes
+            part = _Part(batch, partition)
+            if batch.nbytes >= self.batch_bytes:
+                self._send_batch(batch)
+            return part
+        return self._send_push(server, [partition], [payload], clock, dtype, scale=scale,
+                               nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
+                               norm_type=norm_type, hparams=hparams)
+
+    def flush(self) -> None:
+        """Send every batch of pushes still waiting (:meth:`push`)."""
+        while self._batches:
+            self._send_batch(next(iter(self._batches.values())))
+
+    def _send_batch(self, batch: _Batch) -> None:
+        del self._batches[batch.server]
+        dtype, checkpoint, norm_type, _, _ = batch.fields
+        batch.handle = self._send_push(batch.server, batch.pids, batch.payloads, batch.clock,
+                                       dtype, checkpoint=checkpoint, norm_type=norm_type,
+                                       hparams=batch.hparams)
+
+    def _send_push(self, server: int, pids: list[int], payloads: list, clock: int,
+                   dtype: str, *, scale: float = 1.0, nonfinite: str = "", checkpoint: int = 0,
+                   hold: bool = False, norm_type: float = 0.0,
+                   hparams: Optional[list] = None) -> Handle:
+        """One Push message of ``pids``' gradients (one frame each) to ``server``."""
+        frames = [tensor_to_frame(p) for p in payloads]
         ep = self.servers[server]
         req = ep.new_req()
         self.seq += 1
         msg = wire.Push(req=req, worker=self.worker, seq=self.seq, clock=clock,
-                        partitions=[partition], dtype=dtype, scale=scale,
+                        partitions=pids, dtype=dtype, scale=scale,
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                         norm_type=norm_type, hparams=hparams, weight=self.weight,
                         rate=self.rate,
                         sent_ns=self.profiler.now() if self.profiler.enabled else 0)
-        ep.send(msg, [frame])
-        self.bytes_pushed += frame.nbytes
-        return self._track(Handle(self, server, req,
-                                  f"push of partition {partition} at clock {clock}",
-                                  keep=payload, request=(msg, [frame])))
+        ep.send(msg, frames)
+        self.bytes_pushed += sum(f.nbytes for f in frames)
+        what = f"push of partition {pids[0]}" if len(pids) == 1 else \
+            f"push of partitions {pids}"
+        return self._track(Handle(self, server, req, f"{what} at clock {clock}",
+                                  keep=payloads[0] if len(payloads) == 1 else payloads,
+                                  request=(msg, frames)))
 
     def pull_rows(self, table: str, server: int, ids: np.ndarray, clock: int,
                   dim: Optional[int] = None):
@@ -576,12 +682,15 @@ class PSClient:
             if handle._what.startswith(("push", "row push")) and not result[1]:
                 # A batched row push acknowledges every table it carries (the servers
                 # count each table's push as applied).
-                tables = getattr(handle._request[0], "tables", None) \
-                    if handle._request is not None else None
-                self.pushes_acked += len(tables) if tables else 1
+                # A batched dense push, every partition it carries.
+                msg = handle._request[0] if handle._request is not None else None
+                tables = getattr(msg, "tables", None)
+                pids = getattr(msg, "partitions", None)
+                self.pushes_acked += len(tables) if tables else len(pids) if pids else 1
             if handle._what.startswith("push") and self.retain and handle._request is not None:
                 msg, frames = handle._request
-                self._retained[msg.partitions[0]] = (msg, frames, handle._keep)
+                for pid in msg.partitions:
+                    self._retained[pid] = (msg, frames, handle._keep)
             return result
 
     @staticmethod

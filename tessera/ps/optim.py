@@ -232,6 +232,9 @@ class TorchOptimRule:
         self.num_groups = sum(not g.average for g in spec.groups)
         self._initial = [dict(g.hparams) for g in spec.groups if not g.average]
         self.steps = 0
+        #: Whether the step is plain SGD's one ``add_`` (:meth:`takes_half`): None until
+        #: asked, reset when the hyperparameters change.
+        self._plain: Optional[bool] = None
 
     def takes_half(self, hparams: Optional[list] = None) -> bool:
         """Whether :meth:`apply` may be given a bf16/fp16 gradient as it came off the wire
@@ -254,6 +257,16 @@ class TorchOptimRule:
         """One optimizer step with ``grad`` (fp32, same length as the partition; bf16 or
         fp16 only where :meth:`takes_half` said so)."""
         if grad.dtype != torch.float32:  # plain SGD: torch's own step, on the wire dtype
+            self.master.add_(grad, alpha=-self.optimizer.param_groups[0]["lr"])
+            self.steps += 1
+            return
+        plain = self._plain
+        if plain is None:
+            plain = self._plain = self.takes_half()
+        if plain:
+            # Plain SGD: torch's step is this one add_ (_single_tensor_sgd without momentum,
+            # weight decay or maximize), bit for bit, without the ~5 us of Python around it
+            # that a small partition pays per push (benchmarks/server_load.py).
             self.master.add_(grad, alpha=-self.optimizer.param_groups[0]["lr"])
             self.steps += 1
             return
@@ -285,6 +298,7 @@ class TorchOptimRule:
 
     def set_hparams(self, hparams: list[dict[str, HParam]]) -> None:
         """The groups' current hyperparameters (an lr scheduler moved them)."""
+        self._plain = None
         if self.optimizer is None:
             return
         for (_, _, index, _), group in zip(self._segments, self.optimizer.param_groups):
@@ -331,6 +345,7 @@ class TorchOptimRule:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint)."""
+        self._plain = None
         if not state or self.optimizer is None:
             return
         numel = self.master.numel()

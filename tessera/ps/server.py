@@ -32,6 +32,7 @@ import time
 from typing import Optional
 
 import msgspec
+import numpy as np
 import torch
 import zmq
 
@@ -47,6 +48,10 @@ from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame
+
+#: Async/ssp pushes of fp32 frames below this many bytes are scaled with numpy (less
+#: per-call overhead than torch, the same result bit for bit); larger ones with torch.
+_NUMPY_BELOW = 1 << 20
 
 
 class ParameterServer:
@@ -137,6 +142,7 @@ class ParameterServer:
             self._poll(0.01)
             replication.take_acks()
         self.snapshots.final()
+        self.stats["messages_in"] = self.endpoint.messages_in  # counted by the socket's side
         if costs is not None:
             self.stats["cpu_us_per_msg"] = costs.per_message_us()
             self.stats["cpu_messages"] = costs.messages
@@ -281,6 +287,14 @@ class ParameterServer:
             else:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
+        answer = None
+        if any(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
+            # A re-sent batch (after a failover) that some of its partitions applied
+            # already (the backup had their updates, not the others'): applied to the rest
+            # only, answered with all.
+            answer = states
+            fresh = [i for i, st in enumerate(states) if msg.seq > st.last_seq.get(msg.worker, -1)]
+            states, frames = [states[i] for i in fresh], [frames[i] for i in fresh]
         held = self.two_phase or msg.hold
         check_held(msg, states, held, policy)
         policy.report(msg.worker, msg.clock, msg.weight, msg.rate)  # balance (h-straggler)
@@ -288,7 +302,7 @@ class ParameterServer:
             # Applied already (a re-sent push after a failover, or its clock was
             # completed without it): answer with the current values.
             self.stats["stale_pushes"] += 1
-            self._send_params(peer, msg.req, states, msg.dtype)
+            self._send_params(peer, msg.req, answer or states, msg.dtype)
             return
         # Validated: from here on the push is applied (or held), exactly once.
         for st in states:
@@ -301,21 +315,26 @@ class ParameterServer:
         if costs is not None:
             costs.lap("dedup")
         if policy.sums_clock:
-            self._hold(peer, msg, states, frames)
+            self._hold(peer, msg, states, frames, answer)
         else:
-            self._apply_now(peer, msg, states, frames)
+            self._apply_now(peer, msg, states, frames, answer)
 
     def _apply_now(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
-                   frames: list) -> None:
-        """Async/ssp: apply each push as it comes, scaled by 1/workers."""
+                   frames: list, answer: Optional[list[PartitionState]] = None) -> None:
+        """Async/ssp: apply each push as it comes, scaled by 1/workers (``answer``: the
+        partitions the reply carries, when not all of ``states``)."""
+        answer = answer or states
         policy = self.policy
         # async: the answer waits for this worker's updates before this one (mark)
         mark = self.replication.mark(msg.worker)
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
-        grads = [self._scaled(st, frame_to_tensor(f.buffer, msg.dtype, st.numel), scale)
-                 for st, f in zip(states, frames)]
+        if msg.dtype == "float32" and scale != 1.0:
+            grads = [self._scaled32(st, f, scale) for st, f in zip(states, frames)]
+        else:
+            grads = [self._scaled(st, frame_to_tensor(f.buffer, msg.dtype, st.numel), scale)
+                     for st, f in zip(states, frames)]
         self.stats["bytes_received"] += sum(len(f) for f in frames)
         costs = self.costs
         if costs is not None:
@@ -326,7 +345,7 @@ class ParameterServer:
         if msg.nonfinite or (msg.scale != 1.0
                              and not all(bool(torch.isfinite(g).all()) for g in grads)):
             self.stats["skipped"] += 1
-            self._send_params(peer, msg.req, states, msg.dtype, skipped=True)
+            self._send_params(peer, msg.req, answer, msg.dtype, skipped=True)
             policy.counted(states, msg.worker, msg.clock)  # a refused push still ends the clock
             policy.advance(states)
             return
@@ -335,12 +354,24 @@ class ParameterServer:
         for st, grad in zip(states, grads):
             self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
-            self._send_params(peer, msg.req, states, msg.dtype, after=mark)
+            self._send_params(peer, msg.req, answer, msg.dtype, after=mark)
             return
         policy.counted(states, msg.worker, msg.clock)
-        policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply, peer,
+        policy.wait_or_answer(Reply(policy.push_clock(msg.clock), answer, self._reply, peer,
                                      msg.req, msg.dtype, run_clock=msg.clock + 1))
         policy.advance(states)
+
+    @staticmethod
+    def _scaled32(st: PartitionState, frame, scale: float) -> torch.Tensor:
+        """:meth:`_scaled` of an fp32 frame (its length checked by :meth:`_states`): numpy's
+        multiply into the partition's buffer, the same fp32 product as ``torch.mul`` bit
+        for bit (tests/test_server_inproc.py), at a third of its per-call cost, which a
+        small partition pays per push (benchmarks/server_load.py)."""
+        out = st.buffer()
+        if len(frame) >= _NUMPY_BELOW:  # torch may use several threads on a large one
+            return torch.mul(frame_to_tensor(frame.buffer, "float32", st.numel), scale, out=out)
+        np.multiply(np.frombuffer(frame.buffer, np.float32), scale, out=out.numpy())
+        return out
 
     @staticmethod
     def _scaled(st: PartitionState, grad: torch.Tensor, scale: float) -> torch.Tensor:
@@ -354,7 +385,7 @@ class ParameterServer:
         return st.buffer().copy_(grad).mul_(scale)  # cast, then scale in fp32 (as before)
 
     def _hold(self, peer: bytes, msg: wire.Push, states: list[PartitionState],
-              frames: list) -> None:
+              frames: list, answer: Optional[list[PartitionState]] = None) -> None:
         """Sync: add the push to its clock's sum; the clock completes with the last one.
         A clock applied at once sums the pushes divided by the workers (the mean comes
         out directly); a held one keeps the sum its verdict is computed on."""
@@ -373,8 +404,9 @@ class ParameterServer:
             states[0].norm_type = max(states[0].norm_type, msg.norm_type)
             states[0].verdict_waiters.append((peer, msg.req))
         else:
-            self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock), states,
-                                             self._reply, peer, msg.req, msg.dtype))
+            self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock),
+                                             answer or states, self._reply, peer, msg.req,
+                                             msg.dtype))
         self._complete(states)
 
     def _complete(self, states: list[PartitionState]) -> None:

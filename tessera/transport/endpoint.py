@@ -375,6 +375,8 @@ class ServerEndpoint:
         self._shm_reaped = 0.0
         #: Payload bytes that went through shared memory, each way.
         self.shm_bytes_in = self.shm_bytes_out = 0
+        #: Messages taken off the socket (:meth:`recv`), whatever they carried.
+        self.messages_in = 0
 
     def poll(self, timeout_s: float) -> bool:
         if self._shm is not None:  # segments of clients that are gone: dropped here too
@@ -385,6 +387,7 @@ class ServerEndpoint:
         """Take one message (call after :meth:`poll` said there is one)."""
         # [routing id, (shm prefix,) header, payload frames...]
         parts, count = _recv_bounded(self.sock, MAX_FRAMES + 3)
+        self.messages_in += 1
         peer = parts[0].bytes
         if self._shm is not None:
             self._shm_reap()
