@@ -117,6 +117,14 @@ def main(data=None) -> None:
     if restore is not None:  # resumed: the data position of the checkpoint
         task.seek(restore.clock, restore.epoch, restore.offset)
     steps = task.total_steps(cfg)
+    if getattr(task, "stream", None) is not None:  # [data] follow: what each worker read
+        from tessera.data.stream import StreamLedger
+        task.ledger = StreamLedger(session.run_dir, session.rank)
+        task.check = session.check
+        # Interrupted while waiting for shards: no push would carry the checkpoint
+        # request, so every worker ends its loop at the clock it completed and the
+        # servers' final checkpoint is taken there.
+        task.interrupted = lambda: session.heartbeat.checkpoint_requested
     # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
     first_step = model.start_step(steps)
     marks["joined"] = time.time()
@@ -149,7 +157,11 @@ def main(data=None) -> None:
         if balance is not None:
             balance.begin()
         with prof.span("data", "data"):
-            inputs, target = task.batch(step - 1, device)
+            got = task.batch(step - 1, device)
+        if got is None:  # a followed stream ended (every worker ends at the same step)
+            steps = step - 1
+            break
+        inputs, target = got
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
         if balance is not None:

@@ -1,0 +1,236 @@
+"""Training from a stream: a directory (or fsspec URL) that keeps receiving shards.
+
+``[data] follow = true`` reads ``data.path`` as a stream of shards:
+
+* **Shards** are ``.npz`` files (``numpy.savez``) holding, for the click model
+  (``dataset = "clicks"``), ``ids`` (int64 ``[n, fields]``: hashed feature ids) and
+  ``y`` (``[n]``: 0/1 labels). Their names order the stream: a new shard must sort after
+  every shard already there (zero-padded sequence numbers or UTC timestamps:
+  ``shard-000017.npz``). Names starting with ``.`` or ``_`` are not shards.
+* **Only whole shards are read**: a producer writes ``.NAME.npz.tmp`` (any name starting
+  with ``.``) and renames it to ``NAME.npz`` when complete (:func:`write_shard`; a rename
+  is atomic on a local or NFS filesystem, and object stores only show an object once it
+  is uploaded whole).
+* **The end**: the producer writes the marker ``_END`` last; the job then trains to the
+  end of the shards listed and finishes as any run (final checkpoint, export). Without a
+  marker the job follows the location until it is interrupted (SIGINT/SIGTERM to
+  ``tessera run``: a checkpoint, then ``--resume`` continues the stream where it stopped).
+* ``_eval.npz`` (same arrays), when present, is the evaluation set.
+
+The stream is the concatenation of the shards in name order; global step ``t`` takes
+samples ``[o + t G, o + (t + 1) G)`` of it (``G`` = workers x batch_size, ``o`` the
+position a resumed run starts from), and worker ``r`` the ``r``-th ``batch_size`` of
+those: every sample, hence every shard, is trained exactly once across the workers.
+The checkpoint records the position (samples consumed: the manifest's ``data.offset``
+of an endless stream), so a resumed run (any worker count) neither repeats nor skips a
+shard. A global batch may span two shards; a remainder shorter than one global batch at
+the end of a stream is not trained (a resume with more shards trains it).
+
+Each worker appends what it read to ``<run dir>/stream/worker-<rank>.jsonl``: one line
+per step and shard, ``{"step", "shard", "lo", "hi"}`` (sample rows ``[lo, hi)`` of the
+shard): the record that shows each shard was trained once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tessera.data.location import DataError
+
+SHARD_SUFFIX = ".npz"
+#: Written by the producer after its last shard: the stream ends with the shards listed.
+END_MARKER = "_END"
+#: The evaluation set beside the shards (not a shard: names starting with ``_`` are not).
+EVAL_FILE = "_eval.npz"
+#: Shards kept in memory by a reader (a global batch spans at most two).
+CACHED_SHARDS = 4
+
+
+def is_shard(name: str) -> bool:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.endswith(SHARD_SUFFIX) and not base.startswith((".", "_"))
+
+
+def write_shard(url: str, name: str, **arrays: np.ndarray) -> str:
+    """Write one shard so that a follower never sees it half-written: a temporary name
+    (starting with ``.``), then a rename. Returns the shard's path."""
+    import fsspec
+    if not is_shard(name) and name != EVAL_FILE:
+        raise DataError(f"shard name {name!r} must end in {SHARD_SUFFIX} and not start with "
+                        f"'.' or '_'")
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = posixpath.join(root, f".{name}.tmp{time.monotonic_ns()}")
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    final = posixpath.join(root, name)
+    fs.mv(tmp, final)
+    return final
+
+
+def end_stream(url: str) -> None:
+    """Mark the stream complete (after the last shard)."""
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(url)
+    with fs.open(posixpath.join(root, END_MARKER), "w") as f:
+        f.write("")
+
+
+class ShardStream:
+    """The shards of a followed location read as one sample stream (see the module)."""
+
+    def __init__(self, url: str, *, keys: tuple[str, ...] = ("ids", "y"), poll_s: float = 0.5):
+        import fsspec
+        self.url, self.keys, self.poll_s = url, keys, poll_s
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise DataError(f"data.path {url!r}: cannot open this location: {exc}") from None
+        self.root = root.rstrip("/") or "/"
+        #: Shards in stream order: name -> samples.
+        self.sizes: dict[str, int] = {}
+        self.names: list[str] = []
+        self.starts: list[int] = []  # stream position of each shard's first sample
+        self.ended = False
+        self._cache: OrderedDict = OrderedDict()
+        self.shards_read = 0
+
+    @property
+    def total(self) -> int:
+        """Samples in the shards listed so far."""
+        return self.starts[-1] + self.sizes[self.names[-1]] if self.names else 0
+
+    def refresh(self) -> bool:
+        """List the location again; True if a shard (or the end marker) appeared."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            raise DataError(f"data.path {self.url!r} does not exist; create the directory "
+                            f"the shards will be written to") from None
+        bases = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        # The marker is looked for before the shards: every shard it ends is listed then.
+        ended = END_MARKER in bases
+        if ended:
+            entries = self.fs.ls(self.root, detail=False)
+            bases = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        new = [b for b in bases if is_shard(b) and b not in self.sizes]
+        if new and self.names and new[0] < self.names[-1]:
+            raise DataError(f"data.path {self.url!r}: shard {new[0]!r} appeared after "
+                            f"{self.names[-1]!r}, which sorts after it; in follow mode "
+                            f"new shards must sort after every shard already written "
+                            f"(name them with zero-padded sequence numbers or UTC "
+                            f"timestamps)")
+        for name in new:
+            arrays = self._load(name)
+            self.starts.append(self.total)
+            self.sizes[name] = len(arrays[self.keys[0]])
+            self.names.append(name)
+        changed = bool(new) or ended != self.ended
+        self.ended = ended
+        return changed
+
+    def _load(self, name: str) -> dict:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        path = posixpath.join(self.root, name)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+            with np.load(io.BytesIO(data)) as z:
+                missing = [k for k in self.keys if k not in z]
+                if missing:
+                    raise DataError(f"shard {path!r} lacks arrays {missing} (it has "
+                                    f"{list(z.keys())}); a shard holds {list(self.keys)}")
+                arrays = {k: z[k] for k in self.keys}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"shard {path!r} cannot be read: {exc}") from None
+        n = len(arrays[self.keys[0]])
+        if any(len(a) != n for a in arrays.values()):
+            raise DataError(f"shard {path!r}: its arrays {list(self.keys)} have different "
+                            f"lengths {[len(a) for a in arrays.values()]}")
+        self._cache[name] = arrays
+        self.shards_read += 1
+        while len(self._cache) > CACHED_SHARDS:
+            self._cache.popitem(last=False)
+        return arrays
+
+    def wait_for(self, stop: int, check=None, interrupted=None) -> bool:
+        """Wait until samples ``[0, stop)`` are listed (True) or the stream ended before
+        them (False). ``check()``: called while waiting (raises for a failed job);
+        ``interrupted()``: True when the job is asked to stop (SIGINT/SIGTERM to the
+        launcher): the wait ends as the stream would (False)."""
+        self.refresh()
+        while self.total < stop and not self.ended:
+            if check is not None:
+                check()
+            if interrupted is not None and interrupted():
+                return False
+            time.sleep(self.poll_s)
+            self.refresh()
+        return self.total >= stop
+
+    def take(self, start: int, stop: int) -> tuple[dict, list[tuple[str, int, int]]]:
+        """Samples ``[start, stop)`` of the stream (listed already) as arrays, and the
+        parts of shards they came from: ``(name, lo, hi)``."""
+        import bisect
+        out: dict[str, list] = {k: [] for k in self.keys}
+        parts = []
+        at = start
+        while at < stop:
+            i = bisect.bisect_right(self.starts, at) - 1
+            name = self.names[i]
+            lo = at - self.starts[i]
+            hi = min(self.sizes[name], stop - self.starts[i])
+            arrays = self._load(name)
+            for k in self.keys:
+                out[k].append(arrays[k][lo:hi])
+            parts.append((name, lo, hi))
+            at = self.starts[i] + hi
+        return {k: np.concatenate(v) for k, v in out.items()}, parts
+
+    def eval_set(self) -> Optional[dict]:
+        path = posixpath.join(self.root, EVAL_FILE)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            with np.load(io.BytesIO(f.read())) as z:
+                return {k: z[k] for k in self.keys if k in z}
+
+
+class StreamLedger:
+    """``<run dir>/stream/worker-<rank>.jsonl``: what this worker read, per step and shard."""
+
+    def __init__(self, run_dir, rank: int):
+        where = Path(run_dir) / "stream"
+        where.mkdir(parents=True, exist_ok=True)
+        self._f = open(where / f"worker-{rank}.jsonl", "a", buffering=1)
+
+    def read(self, step: int, parts) -> None:
+        for name, lo, hi in parts:
+            self._f.write(json.dumps({"step": step, "shard": name, "lo": lo, "hi": hi}) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_ledgers(run_dir) -> list[dict]:
+    """Every worker's ledger lines of a run (tests, tools)."""
+    out = []
+    for path in sorted((Path(run_dir) / "stream").glob("worker-*.jsonl")):
+        rank = int(path.stem.split("-", 1)[1])
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.append({"worker": rank, **json.loads(line)})
+    return out
