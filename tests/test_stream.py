@@ -86,7 +86,7 @@ def test_follow_trains_every_shard_once_across_interrupt_and_delta_resume(tmp_pa
     for i in range(3):
         _shard(data, i, log)
     _eval_file(data, log)
-    job_file = _job(tmp_path, data, workers=2, name="follow", delta_every=4)
+    job_file = _job(tmp_path, data, workers=2, name="follow", delta_every=100)
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     job = Job(["run", job_file, "--out", run1, "--quiet"], timeout_s=120)
     written = [3]
@@ -109,6 +109,8 @@ def test_follow_trains_every_shard_once_across_interrupt_and_delta_resume(tmp_pa
         # Interrupt while shards arrive and steps run: after some delta checkpoints.
         wait_for(lambda: (run1 / "checkpoints" / "clock-00000012" / "manifest.json").exists(),
                  60, "three checkpoints of the followed stream")
+        stop.set()
+        producer.join(timeout=10)
         assert written[0] < 12, "the producer finished before the interrupt"
         job.proc.send_signal(signal.SIGINT)
         code, out1 = job.wait()
@@ -123,7 +125,7 @@ def test_follow_trains_every_shard_once_across_interrupt_and_delta_resume(tmp_pa
     complete, _ = store.clocks()
     last = store.manifest(complete[-1])
     clock = last["clock"]
-    # Full at clock 4, then deltas: the run resumes from a delta checkpoint.
+    # Full at clock 4, then only deltas: the run resumes from a delta checkpoint.
     assert last.get("delta") and last["delta"]["chain"][0] == 4, (complete, last.get("delta"))
     # The rest of the stream arrives; the resumed run trains it to the end marker.
     while written[0] < 12:
