@@ -22,8 +22,8 @@ from tessera.ps.embedding_ids import initial_rows
 from tessera.ps.checkpoint import CheckpointStore, apply_delta, read_flat, table_shards
 from tessera.ps.embedding import EmbeddingShard
 from tests.harness import Job, run_cli, wait_for
-from tests.test_embedding_checkpoint import (CASE_IDS, CASES, CONFIGS, assert_same_state, play,
-                                             spec)
+from tests.test_embedding_checkpoint import (CASE_IDS, CASES, CONFIGS, assert_same_state,
+                                             id_pool, play, spec)
 
 FIELDS, ID_SPACE, SHARD = 8, 50_000, 256
 
@@ -266,7 +266,13 @@ def test_delta_export_applied_to_its_base_is_the_full_export(name, admit_after):
     play([shard], range(20, 30), seed=3)
     second = shard.export_touched(20)
     assert_same_state(apply_delta(middle, second, "second"), shard.export_state())
-    # Rows evicted since the base are gone from the result, not resurrected.
-    assert len(np.setdiff1d(base["ids"].numpy(), second["all_ids"].numpy())) > 0
-    assert not np.isin(np.setdiff1d(base["ids"].numpy(), second["all_ids"].numpy()),
-                       apply_delta(middle, second)["ids"].numpy()).any()
+    # Rows evicted since (untouched for evict_after clocks) are dropped from the result.
+    later = apply_delta(middle, second, "second")
+    shard.lookup(np.sort(id_pool()[:20]), 37)
+    shard.evict(40)
+    third = shard.export_touched(30)
+    gone = np.setdiff1d(later["ids"].numpy(), third["all_ids"].numpy())
+    assert len(gone) > 0 and len(third["all_ids"]) > 0
+    result = apply_delta(later, third, "third")
+    assert_same_state(result, shard.export_state())
+    assert not np.isin(gone, result["ids"].numpy()).any()
