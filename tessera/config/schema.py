@@ -375,6 +375,14 @@ class JobConfig(msgspec.Struct, **_STRICT):
         if self.cluster.servers == 0 and self.ps.mode != "allreduce":
             raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
                              f"(only --mode allreduce runs without parameter servers)")
+        if self.data.follow and (self.ps.mode != "sync" or self.pipeline.stages > 1):
+            raise ValueError(f"data.follow trains on a stream in sync mode only (the workers "
+                             f"end it at one agreed step); drop --mode {self.ps.mode}"
+                             + (" and --stages" if self.pipeline.stages > 1 else ""))
+        if self.data.follow and self.checkpoint.every < 1:
+            raise ValueError("data.follow needs checkpoint.every (--checkpoint-every N): a "
+                             "stream runs until interrupted, and its interrupt and end "
+                             "checkpoints are what --resume continues the stream from")
         if self.train.balance == "speed" and (self.ps.mode != "sync" or
                                               self.data.dataset == "clicks"):
             raise ValueError(f"train.balance (--balance) 'speed' splits the global batch of "
