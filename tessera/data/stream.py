@@ -234,3 +234,39 @@ def read_ledgers(run_dir) -> list[dict]:
             if line.strip():
                 out.append({"worker": rank, **json.loads(line)})
     return out
+
+
+def produce_clicks(url: str, *, shards: int, size: int, every_s: float = 0.0, first: int = 0,
+                   num_fields: int = 26, id_space: int = 100_000_000, seed: int = 0,
+                   end: bool = False, eval_samples: int = 0) -> None:
+    """A producer for trying ``follow``: ``shards`` shards of ``size`` samples of the
+    synthetic click log (:class:`tessera.data.clicks.ClickLog`), one every ``every_s``
+    seconds, named ``shard-<n>.npz`` from ``first``; then ``_END`` if ``end``."""
+    from tessera.data.clicks import ClickLog
+    log = ClickLog(num_fields=num_fields, id_space=id_space, seed=seed)
+    if eval_samples:
+        ids, y = log.batch(10**9, eval_samples)
+        write_shard(url, EVAL_FILE, ids=ids.numpy(), y=y.numpy())
+    for n in range(first, first + shards):
+        ids, y = log.batch(n, size)
+        write_shard(url, f"shard-{n:06d}.npz", ids=ids.numpy(), y=y.numpy())
+        time.sleep(every_s)
+    if end:
+        end_stream(url)
+
+
+if __name__ == "__main__":  # python -m tessera.data.stream DIR --shards N ...
+    import argparse
+    ap = argparse.ArgumentParser(description="write click-log shards into DIR, as a stream")
+    ap.add_argument("dir")
+    ap.add_argument("--shards", type=int, default=20)
+    ap.add_argument("--size", type=int, default=4096, help="samples per shard")
+    ap.add_argument("--every-s", type=float, default=1.0, help="seconds between shards")
+    ap.add_argument("--first", type=int, default=0, help="number of the first shard")
+    ap.add_argument("--fields", type=int, default=26)
+    ap.add_argument("--id-space", type=int, default=100_000_000)
+    ap.add_argument("--eval", type=int, default=0, help="also write _eval.npz of N samples")
+    ap.add_argument("--end", action="store_true", help="write _END after the last shard")
+    a = ap.parse_args()
+    produce_clicks(a.dir, shards=a.shards, size=a.size, every_s=a.every_s, first=a.first,
+                   num_fields=a.fields, id_space=a.id_space, end=a.end, eval_samples=a.eval)

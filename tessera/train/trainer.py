@@ -135,7 +135,9 @@ def main(data=None) -> None:
     evaluator = replica == 0 if num_stages > 1 else lead  # a pipelined eval needs every stage
     metrics = MetricsLog(session.run_dir, lead=lead, tensorboard=cfg.train.tensorboard)
     if lead:
-        (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
+        streaming = getattr(task, "stream", None) is not None  # no step count ahead
+        (session.run_dir / "plan.json").write_text(json.dumps({"steps": None if streaming
+                                                               else steps,
                                                                "first_step": first_step}))
 
     balance = None
