@@ -276,3 +276,15 @@ def test_delta_export_applied_to_its_base_is_the_full_export(name, admit_after):
     result = apply_delta(later, third, "third")
     assert_same_state(result, shard.export_state())
     assert not np.isin(gone, result["ids"].numpy()).any()
+
+
+@pytest.mark.parametrize("admit_after", [1, 2])
+def test_delta_of_a_table_that_never_evicts_carries_no_id_list(admit_after):
+    cfg = CONFIGS["adagrad"]
+    shard = EmbeddingShard(spec(cfg, admit_after, evict_after=0), cfg)
+    play([shard], range(0, 10), seed=4)
+    base = shard.export_state()
+    play([shard], range(10, 20), seed=5)
+    delta = shard.export_touched(10)
+    assert "all_ids" not in delta and int(delta["stored"]) == len(shard.export_state()["ids"])
+    assert_same_state(apply_delta(base, delta, "delta"), shard.export_state())

@@ -444,9 +444,9 @@ def find_resume(path: str) -> tuple[CheckpointStore, dict]:
 #
 # A table shard saved as a delta (``[checkpoint] delta_every``) holds, under its usual
 # prefix (``t/<table>/`` or ``t/<table>@s<owner>/``), only the rows touched since the
-# shard's previous snapshot (``EmbeddingShard.export_touched``), plus ``all_ids`` (every
-# id stored at this clock) and ``since`` (0-d int64: the clock of the checkpoint it
-# applies to). The file's metadata lists those clocks under ``delta_of``; the manifest
+# shard's previous snapshot (``EmbeddingShard.export_touched``), plus ``stored`` (rows
+# stored at this clock), for a table that evicts ``all_ids`` (every id stored), and
+# ``since`` (0-d int64: the clock of the checkpoint it applies to). The file's metadata lists those clocks under ``delta_of``; the manifest
 # names the whole chain under ``delta.chain`` (what pruning keeps). Partitions (the dense
 # state) are always saved whole.
 
@@ -461,21 +461,22 @@ def apply_delta(base: dict, delta: dict, where: str = "") -> dict:
     have written at that clock."""
     import numpy as np
     import torch
-    all_ids = delta["all_ids"].numpy()
     touched = delta["ids"].numpy()
     base_ids = base["ids"].numpy()
-    keep = np.isin(base_ids, all_ids, assume_unique=True) & \
-        ~np.isin(base_ids, touched, assume_unique=True)
+    keep = ~np.isin(base_ids, touched, assume_unique=True)
+    if "all_ids" in delta:  # a table that evicts: the rows dropped since are missing there
+        keep &= np.isin(base_ids, delta["all_ids"].numpy(), assume_unique=True)
     kept_ids = base_ids[keep]
-    if len(kept_ids) + len(touched) != len(all_ids):
+    stored = int(delta["stored"].item())
+    if len(kept_ids) + len(touched) != stored:
         raise CheckpointError(f"{where}: the delta checkpoint's rows do not add up with its "
                               f"base ({len(kept_ids)} kept + {len(touched)} touched rows, "
-                              f"{len(all_ids)} stored): the chain is damaged")
+                              f"{stored} stored): the chain is damaged")
     order = torch.from_numpy(np.argsort(np.concatenate([kept_ids, touched]), kind="stable"))
     keep_t = torch.from_numpy(keep)
     out = {}
     for key, value in delta.items():
-        if key in ("all_ids", "since"):
+        if key in ("all_ids", "since", "stored"):
             continue
         if key in _ROW_KEYS or key.startswith("state."):
             if key not in base:

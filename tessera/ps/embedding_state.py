@@ -240,8 +240,10 @@ class ShardState:
             "ids": torch.from_numpy(self._rows.ids[slots].copy()),
             "values": self._values.index_select(0, index).contiguous(),
             "last": torch.from_numpy(self._rows.last[slots].copy()),
-            "all_ids": torch.from_numpy(self._rows.ids[live].copy()),
+            "stored": torch.tensor(len(live), dtype=torch.int64),
         }
+        if self.spec.evict_after or self.spec.max_rows:  # rows may have been dropped since
+            out["all_ids"] = torch.from_numpy(self._rows.ids[live].copy())
         if self._state:
             state_slots = self._state_slot[slots]
             has = state_slots >= 0
