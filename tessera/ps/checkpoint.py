@@ -542,19 +542,22 @@ def _resolve(store, clock: int, name: str, table: str, owner: int, prefix: str,
     state = {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
     if "since" in state:
         since = int(state["since"].item())
-        base = _find_shard(store, since, table, owner, files)
+        base = _find_shard(store, since, table, owner, files, prefer=name)
         state = apply_delta(base, state, f"{store.url_of(clock)}/{name} table {table!r}")
     files[memo] = state
     return state
 
 
-def _find_shard(store, clock: int, table: str, owner: int, files: dict) -> dict:
-    """Shard ``owner`` of ``table`` as saved (resolved) in the checkpoint at ``clock``."""
+def _find_shard(store, clock: int, table: str, owner: int, files: dict,
+                prefer: str = "") -> dict:
+    """Shard ``owner`` of ``table`` as saved (resolved) in the checkpoint at ``clock``;
+    from file ``prefer`` first (the server that wrote the delta saved its base too)."""
     if not store.has_manifest(clock):
         raise CheckpointError(f"{store.url}: a delta checkpoint needs the checkpoint at clock "
                               f"{clock}, which is missing or incomplete (pruned by hand?)")
     manifest = check_manifest(store.manifest(clock), store.url_of(clock))
-    for name in sorted(set(manifest["files"].values())):
+    names = sorted(set(manifest["files"].values()), key=lambda n: (n != prefer, n))
+    for name in names:
         if not SHARD_NAME.fullmatch(name):
             continue
         for got, prefix in _prefixes_of_file(store, clock, name, table, files):
