@@ -288,3 +288,27 @@ def test_delta_of_a_table_that_never_evicts_carries_no_id_list(admit_after):
     delta = shard.export_touched(10)
     assert "all_ids" not in delta and int(delta["stored"]) == len(shard.export_state()["ids"])
     assert_same_state(apply_delta(base, delta, "delta"), shard.export_state())
+
+
+def test_shard_stream_spans_shards_skips_temporary_names_and_refuses_a_late_name(tmp_path):
+    from tessera.data.location import DataError
+    from tessera.data.stream import ShardStream
+    data = tmp_path / "data"
+    sizes = {"a-000.npz": 5, "a-001.npz": 3, "a-002.npz": 9}
+    for n, (name, size) in enumerate(sizes.items()):
+        write_shard(str(data), name, ids=np.full((size, 2), n, dtype=np.int64),
+                    y=np.arange(size, dtype=np.float32))
+    (data / ".a-003.npz.tmp123").write_bytes(b"half a shard")  # a writer's temporary name
+    (data / "_notes.txt").write_text("not a shard")
+    stream = ShardStream(str(data), poll_s=0.01)
+    assert stream.wait_for(17) and stream.total == 17 and not stream.ended
+    arrays, parts = stream.take(4, 14)  # the end of a-000, all of a-001, most of a-002
+    assert parts == [("a-000.npz", 4, 5), ("a-001.npz", 0, 3), ("a-002.npz", 0, 6)]
+    assert arrays["ids"][:, 0].tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert arrays["y"].tolist() == [4, 0, 1, 2, 0, 1, 2, 3, 4, 5]
+    end_stream(str(data))
+    assert not stream.wait_for(18) and stream.ended  # past the end: the stream is over
+    write_shard(str(data), "a-0005.npz", ids=np.zeros((1, 2), dtype=np.int64),
+                y=np.zeros(1, dtype=np.float32))  # sorts before a-001.npz, which was read
+    with pytest.raises(DataError, match="must sort after every shard"):
+        stream.refresh()
