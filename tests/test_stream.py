@@ -312,3 +312,23 @@ def test_shard_stream_spans_shards_skips_temporary_names_and_refuses_a_late_name
                 y=np.zeros(1, dtype=np.float32))  # sorts before a-001.npz, which was read
     with pytest.raises(DataError, match="must sort after every shard"):
         stream.refresh()
+
+
+def test_stop_ends_a_followed_stream_at_the_last_shard_there(tmp_path):
+    from tessera.data.stream import ShardStream
+    data = tmp_path / "data"
+    for i in range(2):
+        write_shard(str(data), f"s-{i}.npz", ids=np.zeros((4, 1), dtype=np.int64),
+                    y=np.zeros(4, dtype=np.float32))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"follow": True, "path": str(data)}}))
+    code, out = run_cli(["stop", run], timeout_s=60)
+    assert code == 0 and "ends with s-1.npz" in out, out
+    write_shard(str(data), "s-2.npz", ids=np.zeros((4, 1), dtype=np.int64),
+                y=np.zeros(4, dtype=np.float32))  # after the stop: not part of the stream
+    stream = ShardStream(str(data), poll_s=0.01)
+    assert stream.wait_for(8) and not stream.wait_for(9) and stream.names == ["s-0.npz", "s-1.npz"]
+    (run / "config.json").write_text(json.dumps({"data": {"follow": False, "path": str(data)}}))
+    code, out = run_cli(["stop", run], timeout_s=60)
+    assert code == 2 and "does not follow a stream" in out and "Traceback" not in out, out

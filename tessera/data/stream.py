@@ -11,10 +11,14 @@
   with ``.``) and renames it to ``NAME.npz`` when complete (:func:`write_shard`; a rename
   is atomic on a local or NFS filesystem, and object stores only show an object once it
   is uploaded whole).
-* **The end**: the producer writes the marker ``_END`` last; the job then trains to the
-  end of the shards listed and finishes as any run (final checkpoint, export). Without a
-  marker the job follows the location until it is interrupted (SIGINT/SIGTERM to
-  ``tessera run``: a checkpoint, then ``--resume`` continues the stream where it stopped).
+* **The end**: the marker ``_END`` names the stream's last shard (:func:`end_stream`:
+  the producer after its last shard, or ``tessera stop RUN_DIR`` at any time: the last
+  shard there then); the job trains to the end of that shard and finishes as any run
+  (final checkpoint, export); shards arriving later are not read. An empty ``_END``
+  ends the stream with the shards there when a worker first sees it (only safe when
+  nothing is written after it). Without a marker the job follows the location until it
+  is interrupted (SIGINT/SIGTERM to ``tessera run``: a checkpoint, then ``--resume``
+  continues the stream where it stopped).
 * ``_eval.npz`` (same arrays), when present, is the evaluation set.
 
 The stream is the concatenation of the shards in name order; global step ``t`` takes
@@ -78,12 +82,22 @@ def write_shard(url: str, name: str, **arrays: np.ndarray) -> str:
     return final
 
 
-def end_stream(url: str) -> None:
-    """Mark the stream complete (after the last shard)."""
+def end_stream(url: str, last: Optional[str] = None) -> Optional[str]:
+    """Mark the stream complete: it ends with shard ``last`` (default: the last shard
+    there now), whatever arrives later. Returns that shard's name (None: no shard yet).
+    The marker ``_END`` holds the name, written under a temporary name and renamed."""
     import fsspec
     fs, root = fsspec.core.url_to_fs(url)
-    with fs.open(posixpath.join(root, END_MARKER), "w") as f:
-        f.write("")
+    root = root.rstrip("/") or "/"
+    if last is None:
+        shards = sorted(b for b in (e.rstrip("/").rsplit("/", 1)[-1]
+                                    for e in fs.ls(root, detail=False)) if is_shard(b))
+        last = shards[-1] if shards else None
+    tmp = posixpath.join(root, f".{END_MARKER}.tmp{time.monotonic_ns()}")
+    with fs.open(tmp, "w") as f:
+        f.write(last or "")
+    fs.mv(tmp, posixpath.join(root, END_MARKER))
+    return last
 
 
 class ShardStream:
@@ -119,11 +133,23 @@ class ShardStream:
             raise DataError(f"data.path {self.url!r} does not exist; create the directory "
                             f"the shards will be written to") from None
         bases = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        # The marker is looked for before the shards: every shard it ends is listed then.
+        # The marker names the stream's last shard (every worker ends at the same one,
+        # whatever arrives after it); it is read before the listing that follows, so
+        # every shard it ends is listed then.
         ended = END_MARKER in bases
         if ended:
+            with self.fs.open(posixpath.join(self.root, END_MARKER), "r") as f:
+                last = f.read().strip()
             entries = self.fs.ls(self.root, detail=False)
             bases = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+            if last:
+                if last not in bases:
+                    raise DataError(f"data.path {self.url!r}: {END_MARKER} ends the stream "
+                                    f"with shard {last!r}, which is not there")
+                bases = [b for b in bases if b <= last]
+                while self.names and self.names[-1] > last:  # listed just before the marker
+                    self.sizes.pop(self.names.pop())
+                    self.starts.pop()
         new = [b for b in bases if is_shard(b) and b not in self.sizes]
         if new and self.names and new[0] < self.names[-1]:
             raise DataError(f"data.path {self.url!r}: shard {new[0]!r} appeared after "
