@@ -18,7 +18,8 @@ CLICKS = str(ROOT / "examples" / "clicks.toml")
                                    ["--mode", "hybrid", "--staleness", 2]],
                          ids=["sync", "ssp2", "hybrid"])
 def test_movielens_rmse_at_most_095(tmp_path, flags):
-    summary = run_job(MOVIELENS, tmp_path / "run", *flags, timeout_s=300)
+    # Two of the example's four epochs keep it quick (the example's 4: 0.906-0.912).
+    summary = run_job(MOVIELENS, tmp_path / "run", *flags, "--epochs", 2, timeout_s=300)
     assert summary["eval_rmse"] <= 0.95, summary
     assert summary["wall_s"] < 300
     # Only touched rows exist, spread over both servers.

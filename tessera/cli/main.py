@@ -4,6 +4,7 @@
     tessera launch [--workers N] [--servers M] [--mode ...] SCRIPT.py [ARGS...]
     tessera node JOB.toml|SCRIPT.py --coordinator HOST:PORT --nodes N --node-rank K [--host ADDR] ...
     tessera export RUN_DIR --out model.safetensors
+    tessera stop RUN_DIR        (a [data] follow job: end its stream at the last shard there)
 
 A bad file or flag exits with code 2 and one line naming the field and what is
 allowed; a failed job exits non-zero naming the process that failed.
@@ -213,6 +214,35 @@ def export(path: str, out: str) -> None:
         click.echo(f"tessera: export: {exc}", err=True)
         sys.exit(2)
     click.echo(f"tessera: wrote {out}: {count} tensors from the checkpoint at clock {clock}")
+
+
+@cli.command()
+@click.argument("run_dir", type=str)
+def stop(run_dir: str) -> None:
+    """End the stream a [data] follow job trains on at the last shard there now: the
+    job trains it, writes its final checkpoint and exits (writes _END in data.path)."""
+    import json
+    from tessera.data.location import DataError
+    from tessera.data.stream import end_stream
+    try:
+        data = json.loads((Path(run_dir) / "config.json").read_text())["data"]
+    except (OSError, ValueError, KeyError):
+        click.echo(f"tessera: stop: {run_dir!r} is not a run directory (no config.json "
+                   f"with a data section); give the directory `tessera run` printed", err=True)
+        sys.exit(2)
+    if not data.get("follow"):
+        click.echo(f"tessera: stop: the job in {run_dir} does not follow a stream ([data] "
+                   f"follow = false); interrupt `tessera run` (Ctrl-C or SIGTERM) to stop it "
+                   f"with a checkpoint", err=True)
+        sys.exit(2)
+    try:
+        last = end_stream(data["path"])
+    except (DataError, OSError) as exc:
+        click.echo(f"tessera: stop: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"tessera: the stream in {data['path']} ends with "
+               f"{last or 'the shards there when the job next looks'}; the job trains it, "
+               f"writes its final checkpoint and exits")
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ class CheckpointRounds:
     def __init__(self, cfg: JobConfig, run_dir: Path):
         from tessera.ps.checkpoint import CheckpointStore, checkpoint_url, find_resume
         self.cfg = cfg
-        self.store = CheckpointStore(checkpoint_url(cfg, run_dir))
+        self.store = CheckpointStore(checkpoint_url(cfg, run_dir),
+                                     delta_every=cfg.checkpoint.delta_every)
         #: clock -> server rank -> (file name, bytes)
         self.reports: dict[int, dict[int, tuple[str, int]]] = {}
         #: clock -> worker rank -> (its dense file, bytes): worker 0's in allreduce/hybrid
@@ -260,6 +261,8 @@ class CheckpointRounds:
             error = ""
             try:
                 missing = self.missing_files(clock, *files)  # a listing of the store
+                if not missing:
+                    manifest = self.with_chain(clock, files[0], manifest)
             except Exception as exc:
                 missing, error = [], f"{type(exc).__name__}: {exc}"
             if missing or error:
@@ -276,6 +279,28 @@ class CheckpointRounds:
                     print(f"coordinator: old checkpoints in {self.store.url} could not be "
                           f"pruned: {type(exc).__name__}: {exc}", flush=True)
             self._done.put((clock, error, []))
+
+    def with_chain(self, clock: int, files: dict[int, tuple[str, int]], manifest: dict) -> dict:
+        """``manifest`` with its delta chain (``delta.of``: the checkpoints its servers'
+        table deltas apply to; ``delta.chain``: every older checkpoint a resume reads,
+        oldest first, which pruning keeps), read from the files' metadata; unchanged for
+        a checkpoint of full files. Raises CheckpointError when a delta's checkpoint is
+        not complete (a resume could not read it)."""
+        if self.store.delta_every < 2:
+            return manifest
+        from tessera.ps.checkpoint import CheckpointError
+        deps: set[int] = set()
+        for name, _ in files.values():
+            deps.update(int(c) for c in self.store.read_meta(clock, name).get("delta_of", []))
+        if not deps:
+            return manifest
+        chain = set(deps)
+        for dep in deps:
+            if not self.store.has_manifest(dep):
+                raise CheckpointError(f"checkpoint at clock {clock}: its table deltas apply to "
+                                      f"the checkpoint at clock {dep}, which is not complete")
+            chain.update(self.store.chain(dep))
+        return {**manifest, "delta": {"of": sorted(deps), "chain": sorted(chain)}}
 
     def manifest(self, clock: int, files: dict[int, tuple[str, int]], *, shard_map: ShardMap,
                  layout: list, tables: list, optimizer, samples: int,

@@ -146,7 +146,8 @@ def serve(session) -> None:
             backup_peer = None
     # Always a store: an interrupted launcher asks for a checkpoint at any time.
     from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
-    store = CheckpointStore(checkpoint_url(cfg, session.run_dir))
+    store = CheckpointStore(checkpoint_url(cfg, session.run_dir),
+                            delta_every=cfg.checkpoint.delta_every)
 
     server = ParameterServer(
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,

@@ -83,6 +83,12 @@ class DataConfig(msgspec.Struct, **_STRICT):
     num_fields: int = 26
     samples_per_epoch: int = 1_000_000
     eval_samples: int = 20_000
+    #: Train on ``path`` as a stream (``dataset = "clicks"``): ``.npz`` shards (``ids``,
+    #: ``y``) read in name order as they arrive, until the marker ``_END`` appears or the
+    #: run is interrupted (tessera.data.stream).
+    follow: bool = False
+    #: follow: seconds between listings of ``path`` while waiting for a shard.
+    follow_poll_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -91,6 +97,12 @@ class DataConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.dataset == "npy" and not self.path:
             raise ValueError("dataset 'npy' needs data.path: the directory holding the shards")
+        if self.follow and (self.dataset != "clicks" or not self.path):
+            raise ValueError("follow = true trains the click model on a stream of shards: set "
+                             "dataset = \"clicks\" and path = the directory (or fsspec URL) "
+                             "the shards arrive in")
+        if self.follow_poll_s <= 0:
+            raise ValueError(f"follow_poll_s must be > 0, got {self.follow_poll_s}")
 
 
 class TrainConfig(msgspec.Struct, **_STRICT):
@@ -322,10 +334,19 @@ class CheckpointConfig(msgspec.Struct, **_STRICT):
     every: int = 0
     #: Where: a local/NFS path or an fsspec URL; default ``<run dir>/checkpoints``.
     dir: Optional[str] = None
-    #: Complete checkpoints kept (older ones are deleted once a newer one is complete).
+    #: Complete checkpoints kept (older ones are deleted once a newer one is complete;
+    #: a kept delta checkpoint keeps its base and the deltas between).
     keep: int = 2
+    #: Delta checkpoints: every ``delta_every``-th checkpoint is full, the ones between
+    #: hold only the table rows touched since the previous one (plus the dense state,
+    #: always whole); resume and ``tessera export`` apply base + deltas in order.
+    #: 0 or 1: every checkpoint is full.
+    delta_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.delta_every < 0:
+            raise ValueError(f"delta_every must be >= 0 (0: every checkpoint full), got "
+                             f"{self.delta_every}")
         if self.every < 0:
             raise ValueError(f"every must be >= 0 (0: only on interrupt), got {self.every}")
         if self.keep < 1:
@@ -361,6 +382,14 @@ class JobConfig(msgspec.Struct, **_STRICT):
         if self.cluster.servers == 0 and self.ps.mode != "allreduce":
             raise ValueError(f"servers must be >= 1 in mode {self.ps.mode!r} "
                              f"(only --mode allreduce runs without parameter servers)")
+        if self.data.follow and (self.ps.mode != "sync" or self.pipeline.stages > 1):
+            raise ValueError(f"data.follow trains on a stream in sync mode only (the workers "
+                             f"end it at one agreed step); drop --mode {self.ps.mode}"
+                             + (" and --stages" if self.pipeline.stages > 1 else ""))
+        if self.data.follow and self.checkpoint.every < 1:
+            raise ValueError("data.follow needs checkpoint.every (--checkpoint-every N): a "
+                             "stream runs until interrupted, and its interrupt and end "
+                             "checkpoints are what --resume continues the stream from")
         if self.train.balance == "speed" and (self.ps.mode != "sync" or
                                               self.data.dataset == "clicks"):
             raise ValueError(f"train.balance (--balance) 'speed' splits the global batch of "

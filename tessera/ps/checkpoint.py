@@ -164,8 +164,11 @@ def checkpoint_url(cfg, run_dir) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, delta_every: int = 0):
         self.url = url
+        #: ``[checkpoint] delta_every``: a server's snapshots between two full ones hold
+        #: only the table rows touched since its previous snapshot (0: always full).
+        self.delta_every = delta_every
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ValueError, ImportError) as exc:
@@ -235,13 +238,48 @@ class CheckpointStore:
         complete, _ = self.clocks()
         return self.manifest(complete[-1]) if complete else None
 
+    def has_manifest(self, clock: int) -> bool:
+        """Whether the checkpoint at ``clock`` is complete."""
+        try:
+            return bool(self.fs.exists(posixpath.join(self.dir_of(clock), MANIFEST)))
+        except OSError:
+            return False
+
+    def read_meta(self, clock: int, name: str) -> dict:
+        """The Tessera metadata of one file of the checkpoint at ``clock``, from its
+        safetensors header alone (a few KiB read, whatever the file's size)."""
+        import struct
+        check_shard_name(name, self.url_of(clock))
+        path = posixpath.join(self.dir_of(clock), name)
+        try:
+            with self.fs.open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            return json.loads((header.get("__metadata__") or {}).get("tessera", "{}"))
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"checkpoint file {path!r} cannot be read: {exc}") from None
+
+    def chain(self, clock: int) -> list[int]:
+        """The older checkpoints the one at ``clock`` needs (its delta chain, oldest
+        first; [] for a full checkpoint), from its manifest."""
+        delta = self.manifest(clock).get("delta") or {}
+        return sorted(int(c) for c in delta.get("chain", []))
+
     def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop older ones and any
-        incomplete one older than the newest complete."""
+        """Keep the newest ``keep`` complete checkpoints and every checkpoint their delta
+        chains need (each delta's base and the deltas between); drop the other complete
+        ones and any incomplete one older than the newest complete."""
         complete, incomplete = self.clocks()
         if not complete:
             return
-        doomed = complete[:-keep] + [c for c in incomplete if c < complete[-1]]
+        kept = set(complete[-keep:])
+        for clock in complete[-keep:]:
+            try:
+                kept.update(self.chain(clock))
+            except CheckpointError:
+                return  # unreadable: delete nothing rather than a chain's base
+        doomed = [c for c in complete if c not in kept] + \
+            [c for c in incomplete if c < complete[-1]]
         for clock in doomed:
             try:
                 self.fs.rm(self.dir_of(clock), recursive=True)
@@ -400,3 +438,130 @@ def find_resume(path: str) -> tuple[CheckpointStore, dict]:
     raise CheckpointError(f"--resume {path!r}: no complete checkpoint there (looked for "
                           f"clock-*/manifest.json in {path}/checkpoints and in {path}); run "
                           f"with --checkpoint-every N to write some")
+
+
+# ------------------------------------------------------------ delta checkpoints
+#
+# A table shard saved as a delta (``[checkpoint] delta_every``) holds, under its usual
+# prefix (``t/<table>/`` or ``t/<table>@s<owner>/``), only the rows touched since the
+# shard's previous snapshot (``EmbeddingShard.export_touched``), plus ``stored`` (rows
+# stored at this clock), for a table that evicts ``all_ids`` (every id stored), and
+# ``since`` (0-d int64: the clock of the checkpoint it applies to). The file's metadata lists those clocks under ``delta_of``; the manifest
+# names the whole chain under ``delta.chain`` (what pruning keeps). Partitions (the dense
+# state) are always saved whole.
+
+#: Row-aligned keys of a table shard's exported state (the rest: ``steps``, ``pending_*``).
+_ROW_KEYS = ("ids", "values", "last", "has_state")
+
+
+def apply_delta(base: dict, delta: dict, where: str = "") -> dict:
+    """The export of a table shard at a delta's clock: ``base`` (its export at the
+    delta's ``since`` clock, itself resolved) with the rows of ``delta`` put over it and
+    the rows dropped since removed. Bit-identical to the export a full snapshot would
+    have written at that clock."""
+    import numpy as np
+    import torch
+    touched = delta["ids"].numpy()
+    base_ids = base["ids"].numpy()
+    keep = ~np.isin(base_ids, touched, assume_unique=True)
+    if "all_ids" in delta:  # a table that evicts: the rows dropped since are missing there
+        keep &= np.isin(base_ids, delta["all_ids"].numpy(), assume_unique=True)
+    kept_ids = base_ids[keep]
+    stored = int(delta["stored"].item())
+    if len(kept_ids) + len(touched) != stored:
+        raise CheckpointError(f"{where}: the delta checkpoint's rows do not add up with its "
+                              f"base ({len(kept_ids)} kept + {len(touched)} touched rows, "
+                              f"{stored} stored): the chain is damaged")
+    order = torch.from_numpy(np.argsort(np.concatenate([kept_ids, touched]), kind="stable"))
+    keep_t = torch.from_numpy(keep)
+    out = {}
+    for key, value in delta.items():
+        if key in ("all_ids", "since", "stored"):
+            continue
+        if key in _ROW_KEYS or key.startswith("state."):
+            if key not in base:
+                raise CheckpointError(f"{where}: the delta checkpoint holds {key!r} but its "
+                                      f"base does not (another optimizer?)")
+            out[key] = torch.cat([base[key][keep_t], value])[order].contiguous()
+        else:  # the step count and admission counts are saved whole
+            out[key] = value
+    return out
+
+
+def _shard_prefixes(keys, table: str) -> list[str]:
+    """The table shard prefixes of ``table`` in one file's keys (its own, taken-over)."""
+    return sorted({k[:k.index("/", len(f"t/{table}")) + 1] for k in keys
+                   if k.startswith(f"t/{table}/") or k.startswith(f"t/{table}@s")})
+
+
+def _owner_of_prefix(prefix: str, file: str, table: str) -> int:
+    """The shard (original owner) a prefix saves: ``t/<table>@s<k>/`` is shard ``k``,
+    ``t/<table>/`` the writing server's own (``server-<rank>``)."""
+    rest = prefix[len(f"t/{table}"):-1]
+    if rest.startswith("@s"):
+        return int(rest[2:])
+    return int(file.split("-", 1)[1].split(".", 1)[0])
+
+
+def table_shards(store: CheckpointStore, clock: int, table: str, files: dict | None = None,
+                 file_names=None) -> list[dict]:
+    """Every saved shard of ``table`` in the checkpoint at ``clock``, each as the
+    ``export_state`` dict of that clock: delta shards are resolved through their chain
+    (base, then each delta in order). ``files``: open :class:`ShardFile` by clock and
+    name (a cache); ``file_names``: the checkpoint's files (default: its manifest's)."""
+    files = {} if files is None else files
+    if file_names is None:
+        manifest = check_manifest(store.manifest(clock), store.url_of(clock))
+        file_names = sorted(set(manifest["files"].values()))
+    out = []
+    for name in [n for n in file_names if n and SHARD_NAME.fullmatch(n)]:
+        for owner, prefix in _prefixes_of_file(store, clock, name, table, files):
+            out.append(_resolve(store, clock, name, table, owner, prefix, files))
+    return out
+
+
+def _open(store, clock: int, name: str, files: dict) -> "ShardFile":
+    if (clock, name) not in files:
+        files[(clock, name)] = store.open_shard(clock, name)
+    return files[(clock, name)]
+
+
+def _prefixes_of_file(store, clock: int, name: str, table: str, files: dict):
+    """(owner, prefix) of each shard of ``table`` saved in one file."""
+    keys = _open(store, clock, name, files).keys()
+    return [(_owner_of_prefix(p, name, table), p) for p in _shard_prefixes(keys, table)]
+
+
+def _resolve(store, clock: int, name: str, table: str, owner: int, prefix: str,
+             files: dict) -> dict:
+    """The state a shard's prefix saves, its delta chain applied (memoised in ``files``)."""
+    memo = ("state", clock, table, owner)
+    if memo in files:
+        return files[memo]
+    f = _open(store, clock, name, files)
+    state = {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+    if "since" in state:
+        since = int(state["since"].item())
+        base = _find_shard(store, since, table, owner, files, prefer=name)
+        state = apply_delta(base, state, f"{store.url_of(clock)}/{name} table {table!r}")
+    files[memo] = state
+    return state
+
+
+def _find_shard(store, clock: int, table: str, owner: int, files: dict,
+                prefer: str = "") -> dict:
+    """Shard ``owner`` of ``table`` as saved (resolved) in the checkpoint at ``clock``;
+    from file ``prefer`` first (the server that wrote the delta saved its base too)."""
+    if not store.has_manifest(clock):
+        raise CheckpointError(f"{store.url}: a delta checkpoint needs the checkpoint at clock "
+                              f"{clock}, which is missing or incomplete (pruned by hand?)")
+    manifest = check_manifest(store.manifest(clock), store.url_of(clock))
+    names = sorted(set(manifest["files"].values()), key=lambda n: (n != prefer, n))
+    for name in names:
+        if not SHARD_NAME.fullmatch(name):
+            continue
+        for got, prefix in _prefixes_of_file(store, clock, name, table, files):
+            if got == owner:
+                return _resolve(store, clock, name, table, owner, prefix, files)
+    raise CheckpointError(f"{store.url_of(clock)}: holds no shard {owner} of table {table!r}, "
+                          f"which a later delta checkpoint applies to")

@@ -222,3 +222,41 @@ class ShardState:
             self._pending_count = grown(self._pending_count, self._pending.slots.end)
             self._pending_count[p_slots] = p_count
         return len(ids)
+
+    # ---- delta checkpoints (tessera.ps.snapshots, tessera.ps.checkpoint.apply_delta) ----
+
+    def export_touched(self, since: int) -> dict[str, torch.Tensor]:
+        """:meth:`export_state` of only the rows touched at clock ``since`` or later (a
+        delta checkpoint's rows: every row that changed since a snapshot taken at clock
+        ``since``, plus rows only looked up since), with ``all_ids``: every stored id,
+        increasing (the rows dropped since are the base's ids missing from it). The
+        optimizer step count and the pending admission counts are whole, as in
+        :meth:`export_state`. :func:`tessera.ps.checkpoint.apply_delta` of this onto the
+        export taken at ``since`` gives :meth:`export_state` now, bit for bit."""
+        live = self._rows.live()
+        slots = live[self._rows.last[live] >= since]
+        index = torch.from_numpy(slots)
+        out = {
+            "ids": torch.from_numpy(self._rows.ids[slots].copy()),
+            "values": self._values.index_select(0, index).contiguous(),
+            "last": torch.from_numpy(self._rows.last[slots].copy()),
+            "stored": torch.tensor(len(live), dtype=torch.int64),
+        }
+        if self.spec.evict_after or self.spec.max_rows:  # rows may have been dropped since
+            out["all_ids"] = torch.from_numpy(self._rows.ids[live].copy())
+        if self._state:
+            state_slots = self._state_slot[slots]
+            has = state_slots >= 0
+            has_t = torch.from_numpy(has.copy())
+            for name, array in self._state.items():
+                rows = self._initial_state(name, len(slots))
+                rows[has_t] = array.index_select(0, torch.from_numpy(state_slots[has]))
+                out[f"state.{name}"] = rows
+            out["has_state"] = has_t
+        out["steps"] = torch.tensor(self.steps, dtype=torch.int64)
+        if self.spec.admit_after > 1:
+            pending = self._pending.live()
+            out["pending_ids"] = torch.from_numpy(self._pending.ids[pending].copy())
+            out["pending_count"] = torch.from_numpy(self._pending_count[pending].copy())
+            out["pending_last"] = torch.from_numpy(self._pending.last[pending].copy())
+        return out

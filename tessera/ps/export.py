@@ -9,7 +9,8 @@ the keys of the model's own
 ``state_dict()``, so ``model.load_state_dict(safetensors.torch.load_file(path),
 strict=False)`` restores it. Embedding tables are written as the rows the run
 touched: ``tables.<name>.ids`` (int64, increasing) and ``tables.<name>.rows``
-(fp32, one row per id), gathered from every server's shard.
+(fp32, one row per id), gathered from every server's shard; a delta checkpoint
+(``[checkpoint] delta_every``) is read as its base with each delta applied in order.
 
 At the end of every run worker 0 writes the same format from the live model as
 ``final.safetensors`` (:func:`tessera.parallel.protocol.DistributedModel.export_state`).
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from tessera.ps.checkpoint import (CheckpointError, check_stage_files, find_resume,
-                                   read_partition, restore_info)
+                                   read_partition, restore_info, table_shards)
 
 
 def checkpoint_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -49,17 +50,12 @@ def checkpoint_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
                 if key.startswith("model/"):
                     out[key[len("model/"):]] = dense.get(key).contiguous()
     tables = [t["name"] if isinstance(t, dict) else t for t in manifest.get("tables") or []]
+    names = sorted({f for f in restore.files if f})
     for name in tables:
-        ids, rows = [], []
-        for file in restore.files:
-            if not file:
-                continue
-            if file not in files:
-                files[file] = store.open_shard(restore.clock, file)
-            shard = files[file]
-            if f"t/{name}/ids" in shard.keys():
-                ids.append(shard.get(f"t/{name}/ids"))
-                rows.append(shard.get(f"t/{name}/values"))
+        # Every saved shard (a server's own, any it took over), delta chains applied.
+        shards = table_shards(store, restore.clock, name, file_names=names)
+        ids = [s["ids"] for s in shards]
+        rows = [s["values"] for s in shards]
         if ids:
             all_ids, all_rows = torch.cat(ids), torch.cat(rows)
             order = torch.argsort(all_ids)

@@ -40,6 +40,11 @@ class Snapshots:
         self.target = 0
         self.last = -1
         self._writes: list = []
+        #: Delta checkpoints: (clock, snapshots since the last full one) of this life's
+        #: previous snapshot, and per table shard (name, owner) the clock its next delta
+        #: counts touches from (the shard's clock at that snapshot).
+        self._prev: tuple[int, int] | None = None
+        self._since: dict = {}
 
     def progress(self) -> int:
         """The clock every worker has completed, as far as this server knows."""
@@ -78,17 +83,32 @@ class Snapshots:
             tensors.update(partition_tensors(pid, st.rule))
             parts.append([pid, st.info.start, st.info.stop])
         tables = []
+        delta = self._delta_of()
+        since_now: dict = {}
+        delta_of: set = set()
         if self.tables is not None:
+            import torch
             for ts in self.tables.units():
                 name = ts.spec.name
                 # A shard taken over from a dead server is saved beside this one's own.
                 at = f"t/{name}/" if ts.owner == self.rank else f"t/{name}@s{ts.owner}/"
-                for key, value in ts.shard.export_state().items():
+                since = self._since.get((name, ts.owner)) if delta else None
+                if since is not None:  # only the rows touched since the previous snapshot
+                    state = ts.shard.export_touched(since)
+                    state["since"] = torch.tensor(self._prev[0], dtype=torch.int64)
+                    delta_of.add(self._prev[0])
+                else:
+                    state = ts.shard.export_state()
+                for key, value in state.items():
                     tensors[at + key] = value
+                since_now[(name, ts.owner)] = min(ts.clock, clock)
                 if name not in tables:
                     tables.append(name)
+        full = not delta_of
+        self._prev = (clock, 1 if full else self._prev[1] + 1)
+        self._since = since_now
         meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
-                "mode": self.policy.name}
+                "mode": self.policy.name, "delta_of": sorted(delta_of)}
         store, rank = self.store, self.rank
         result: dict = {}
 
@@ -101,6 +121,16 @@ class Snapshots:
         thread = threading.Thread(target=write, name=f"checkpoint-{clock}", daemon=True)
         thread.start()
         self._writes.append((thread, (clock, result)))
+
+    def _delta_of(self) -> bool:
+        """Whether this snapshot may save table deltas against this life's previous one:
+        ``delta_every`` asks for them, fewer than ``delta_every - 1`` deltas follow the last
+        full snapshot, and the previous checkpoint is complete (its manifest written:
+        a delta must apply to a checkpoint a resume can read)."""
+        every = getattr(self.store, "delta_every", 0)
+        if every < 2 or self._prev is None or self._prev[1] >= every:
+            return False
+        return self.store.has_manifest(self._prev[0])
 
     def finish_writes(self) -> None:
         still = []
@@ -148,19 +178,14 @@ class Snapshots:
             self._restore_tables(store, restore, files)
 
     def _restore_tables(self, store, restore: wire.Restore, files: dict) -> None:
+        from tessera.ps.checkpoint import table_shards
         from tessera.ps.embedding_ids import owner_of
-        for name in [n for n in restore.files if n]:
-            if name not in files:
-                files[name] = store.open_shard(restore.clock, name)
-            f = files[name]
-            keys = list(f.keys())
-            for table in self.tables.tables:
-                # This server's own shard of the saved run, and any it had taken over.
-                prefixes = {k[:k.index("/", len(f"t/{table}")) + 1] for k in keys
-                            if k.startswith(f"t/{table}/") or k.startswith(f"t/{table}@s")}
-                for prefix in sorted(prefixes):
-                    state = {k[len(prefix):]: f.get(k) for k in keys if k.startswith(prefix)}
-                    self._import_table(table, state, owner_of)
+        del files  # table_shards opens what it reads, older checkpoints of a delta chain too
+        for table in self.tables.tables:
+            # Every saved shard (each server's own, any taken over), deltas applied.
+            for state in table_shards(store, restore.clock, table,
+                                      file_names=sorted({n for n in restore.files if n})):
+                self._import_table(table, state, owner_of)
         for ts in [*self.tables.tables.values(), *self.tables.backups.values()]:
             ts.clock = restore.clock
             ts.counts = {w: restore.clock for w in range(self.policy.members.num_workers)}

@@ -148,6 +148,67 @@ class ClicksTask:
                 "reference_auc": roc_auc(self._eval[2], labels)}
 
 
+class StreamTask:
+    """Clicks from a followed location (``[data] follow = true``, :mod:`tessera.data.stream`):
+    the click model trained on shards as they arrive, until the stream ends."""
+
+    def __init__(self, cfg: JobConfig, rank: int, num_workers: int):
+        from tessera.data.stream import ShardStream
+        self.cfg, self.rank, self.num_workers = cfg, rank, num_workers
+        self.stream = ShardStream(cfg.data.path, keys=("ids", "y"),
+                                  poll_s=cfg.data.follow_poll_s)
+        self.num_samples = 0  # a stream: the cursor is a sample position, never an epoch
+        self.steps_per_epoch = 1
+        self._clock0, self._offset0 = 0, 0
+        self.ledger = None  # the trainer opens it in the run directory
+        self.check = None  # called while waiting for shards (raises for a failed job)
+        self.interrupted = None  # True once the launcher was interrupted
+        self._eval = None
+
+    def seek(self, clock: int, epoch: int, offset: int) -> None:  # noqa: ARG002 - no epochs
+        self._clock0, self._offset0 = clock, offset
+
+    def total_steps(self, cfg: JobConfig) -> int:
+        return cfg.train.steps or 2 ** 62  # until the stream ends (batch() returns None)
+
+    def build_model(self) -> nn.Module:
+        from tessera.models.recsys import HashedLogReg
+        return HashedLogReg(self.cfg.model, id_space=self.cfg.data.id_space)
+
+    def batch(self, step: int, device):
+        """This worker's part of global step ``step``; None once the stream has ended
+        before that step's global batch is complete (every worker agrees: the marker is
+        looked for before the last listing)."""
+        b = self.cfg.data.batch_size
+        start = self._offset0 + (step - self._clock0) * b * self.num_workers
+        if not self.stream.wait_for(start + b * self.num_workers, self.check, self.interrupted):
+            return None
+        arrays, parts = self.stream.take(start + self.rank * b, start + (self.rank + 1) * b)
+        if self.ledger is not None:
+            self.ledger.read(step, parts)
+        ids = torch.from_numpy(arrays["ids"].astype("int64", copy=False))
+        return (ids.to(device),), torch.from_numpy(arrays["y"].astype("float32")).to(device)
+
+    def loss(self, out, target):
+        return F.binary_cross_entropy_with_logits(out.float(), target)
+
+    def eval_batches(self, device):
+        if self._eval is None:
+            self._eval = self.stream.eval_set() or {}
+        if not self._eval:
+            return
+        ids = torch.from_numpy(self._eval["ids"].astype("int64", copy=False))
+        labels = torch.from_numpy(self._eval["y"].astype("float32"))
+        for k in range(0, len(labels), 4096):
+            yield (ids[k:k + 4096].to(device),), labels[k:k + 4096]
+
+    def metrics(self, outs, targets) -> dict:
+        from tessera.data.clicks import roc_auc
+        scores, labels = torch.cat(outs), torch.cat(targets)
+        return {"eval_loss": F.binary_cross_entropy_with_logits(scores, labels).item(),
+                "eval_auc": roc_auc(scores, labels)}
+
+
 class LanguageTask:
     """Character-level language modelling on the Shakespeare texts: eval_loss in nats/char."""
 
@@ -242,6 +303,8 @@ def make_task(cfg: JobConfig, rank: int, num_workers: int, data=None):
         return LanguageTask(cfg, rank, num_workers)
     if cfg.data.dataset == "movielens":
         return RatingsTask(cfg, rank, num_workers, data)
+    if cfg.data.dataset == "clicks" and cfg.data.follow:
+        return StreamTask(cfg, rank, num_workers)
     if cfg.data.dataset == "clicks":
         return ClicksTask(cfg, rank, num_workers)
     return ClassificationTask(cfg, rank, num_workers, data)

@@ -117,6 +117,14 @@ def main(data=None) -> None:
     if restore is not None:  # resumed: the data position of the checkpoint
         task.seek(restore.clock, restore.epoch, restore.offset)
     steps = task.total_steps(cfg)
+    if getattr(task, "stream", None) is not None:  # [data] follow: what each worker read
+        from tessera.data.stream import StreamLedger
+        task.ledger = StreamLedger(session.run_dir, session.rank)
+        task.check = session.check
+        # Interrupted while waiting for shards: no push would carry the checkpoint
+        # request, so every worker ends its loop at the clock it completed and the
+        # servers' final checkpoint is taken there.
+        task.interrupted = lambda: session.heartbeat.checkpoint_requested
     # A resumed job starts at the checkpoint's clock; a restarted worker where it joined.
     first_step = model.start_step(steps)
     marks["joined"] = time.time()
@@ -127,7 +135,9 @@ def main(data=None) -> None:
     evaluator = replica == 0 if num_stages > 1 else lead  # a pipelined eval needs every stage
     metrics = MetricsLog(session.run_dir, lead=lead, tensorboard=cfg.train.tensorboard)
     if lead:
-        (session.run_dir / "plan.json").write_text(json.dumps({"steps": steps,
+        streaming = getattr(task, "stream", None) is not None  # no step count ahead
+        (session.run_dir / "plan.json").write_text(json.dumps({"steps": None if streaming
+                                                               else steps,
                                                                "first_step": first_step}))
 
     balance = None
@@ -149,7 +159,11 @@ def main(data=None) -> None:
         if balance is not None:
             balance.begin()
         with prof.span("data", "data"):
-            inputs, target = task.batch(step - 1, device)
+            got = task.batch(step - 1, device)
+        if got is None:  # a followed stream ended (every worker ends at the same step)
+            steps = step - 1
+            break
+        inputs, target = got
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
         if balance is not None:
