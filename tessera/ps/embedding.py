@@ -40,7 +40,7 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.bloom import CountingBloom
 from tessera.ps.embedding_ids import TableError, initial_rows
 from tessera.ps.embedding_index import (IdIndex, Slots, fill_rows, gather_rows, grown,
-                                         scatter_rows, zero_rows)
+                                         return_freed_memory, scatter_rows, zero_rows)
 from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer, initial_state, sparse_step
 from tessera.ps.embedding_state import ShardState
 from tessera.transport.wire import TableSpec  # noqa: F401 - re-exported
@@ -129,6 +129,7 @@ class EmbeddingShard(ShardState):
     def _allocate_capped(self) -> None:
         spec = self.spec
         cap = self.capacity = Capacity(spec, len(self._state))
+        return_freed_memory()  # the cap is held in the process's RSS, not only in counts
         n = cap.rows
         self._rows = IdIndex(capacity=n, buckets=cap.buckets)
         self._values = zero_rows(n, (spec.dim,), torch.float32)

@@ -43,6 +43,25 @@ def zero_rows(rows: int, tail: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(area, dtype=dtype).view(rows, *tail)
 
 
+def return_freed_memory() -> None:
+    """Make this process give freed temporaries back to the kernel at once (glibc).
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after the first large
+    block is freed, and its trim threshold with it: the request path's temporaries
+    (ids, rows and gradients of a batch) then come from the heap and their pages stay
+    in the process after use, tens of MiB the byte cap of a table cannot see. Fixing
+    the thresholds (blocks >= 128 KiB mapped and unmapped on free; heap trimmed above
+    1 MiB) keeps the resident memory at the table plus one request's buffers.
+    Without glibc this does nothing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def grown(array, needed: int):
     """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling
     (8x for mapped tensors). Rows of a tensor beyond those copied are zero."""

@@ -527,6 +527,11 @@ class TableService:
             name = st.spec.name
             out[f"rows.{name}"] = out.get(f"rows.{name}", 0) + st.shard.num_rows
             out[f"table_bytes.{name}"] = out.get(f"table_bytes.{name}", 0) + st.shard.nbytes
+            if st.shard.capacity is not None:  # under a byte cap (model.table_memory_mb)
+                out[f"table_capacity.{name}"] = (out.get(f"table_capacity.{name}", 0)
+                                                 + st.shard.capacity.rows)
+                out[f"table_evictions.{name}"] = (out.get(f"table_evictions.{name}", 0)
+                                                  + st.shard.evictions)
             out[f"table_applied.{name}.s{st.owner}"] = st.applied_pushes
         for copies in self.copies.values():
             for st in copies.values():
