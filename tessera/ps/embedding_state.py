@@ -199,6 +199,8 @@ class ShardState:
         freq = (tensor("freq", (torch.float32,), (n,)).numpy()
                 if "freq" in state and len(self._freq) else np.ones(max(n, 0), np.float32))
         bloom = state.get("bloom") if self._bloom is not None else None
+        if isinstance(bloom, torch.Tensor) and tuple(bloom.shape) != (self._bloom.size,):
+            bloom = None  # a filter of another size (another cap): admission counts restart
         if bloom is not None:
             bloom = tensor("bloom", (torch.uint8,), (self._bloom.size,)).numpy()
             bloom_added = int(tensor("bloom_added", (torch.int64,), ()).item())
