@@ -17,9 +17,9 @@ Memory is measured from the processes, not from counts the table keeps:
 * each server samples its own RSS (``/proc/self/statm``) and row count every 0.25 s;
 * ``peak_rss_mb`` is the kernel's high-water mark (``VmHWM``), so no spike between
   samples is missed;
-* ``base_rss_mb`` is the server's RSS once started (interpreter, torch, zmq, and the
-  table's storage mapped but not touched yet); ``table_rss_mb = peak - base`` is what
-  the table and its traffic took, and ``over_cap_pct`` compares it with the cap.
+* ``base_rss_mb`` is the server's RSS before its ParameterServer and table are built
+  (interpreter, torch, zmq); ``table_rss_mb = peak - base`` is what the server, its
+  table and its traffic took, and ``over_cap_pct`` compares it with the cap.
 
 JSON lines: ``table_memory`` (memory, rows, rates and the CPU each server spent per
 id, ``capped_vs_unbounded_cpu_per_id``), then with ``--clicks`` a ``table_memory_auc``
@@ -90,6 +90,7 @@ def _server(name: str, secret: str, conn, stop, spec_kw: dict) -> None:
         ctx = zmq.Context()
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=0.05), **spec_kw)
+        base = _rss()  # before the server and its table exist
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
         server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"),
                                  endpoint=endpoint, partitions=[],
@@ -102,7 +103,6 @@ def _server(name: str, secret: str, conn, stop, spec_kw: dict) -> None:
             while not done.wait(0.25):
                 samples.append((time.monotonic(), _rss(), shard.num_rows))
 
-        base = _rss()
         conn.send((endpoint.address, base))
         threading.Thread(target=sample, daemon=True).start()
         server.serve()

@@ -1,7 +1,7 @@
 """Table memory that stays bounded (``[model] table_memory_mb``), with real processes:
 
-* a real server process under a byte cap takes a stream of 1.5M distinct ids (Zipf hot
-  ids and one-off ids) and its resident memory, read from /proc, grows by at most
+* a real server process under a byte cap takes a stream of 200k distinct ids (Zipf
+  hot ids and new ids, each seen twice) and its resident memory, read from /proc, grows by at most
   the cap (+5%) plus one request's buffers, while the same stream grows a server
   without a cap (exact admission counts) far past it;
 * the clicks job with a cap per server, LFU eviction and Bloom-filter admission
@@ -56,12 +56,13 @@ def _serve(secret: str, conn, stop, spec_kw: dict) -> None:
     ctx = zmq.Context()
     spec = TableSpec(name="emb", dim=DIM, optimizer=OptimizerConfig(name="adagrad", lr=0.05),
                      **spec_kw)
+    base = _rss("self")  # before the server and its table exist
     endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
     server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"),
                              endpoint=endpoint, partitions=[],
                              optimizer=OptimizerConfig(name="sgd", lr=0.05), tables=[spec],
                              hooks=ServerHooks(should_stop=stop.is_set))
-    conn.send((endpoint.address, _rss("self")))
+    conn.send((endpoint.address, base))
     server.serve()
     shard = server.tables.tables["emb"].shard
     conn.send({"rows": shard.num_rows, "evictions": shard.evictions,
@@ -96,13 +97,16 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
                              client=client)
     try:
         rng = np.random.default_rng(0)
-        grads = torch.full((32768, DIM), 0.01)
-        fresh = 1 << 40
-        for clock in range(64):  # 64 x 24,576 one-off ids + Zipf draws over 10^5 hot ids
-            hot = rng.zipf(1.1, 8192)
-            ids = np.unique(np.concatenate([hot[hot < 100_000],
-                                            np.arange(fresh, fresh + 24576)]).astype(np.int64))
-            fresh += 24576
+        grads = torch.full((16384, DIM), 0.01)
+        fresh, prev = 1 << 40, np.empty(0, dtype=np.int64)
+        for clock in range(48):
+            # 4,096 new ids, the previous batch's again (admitted at this second lookup),
+            # and Zipf draws over 10^5 hot ids: 200k distinct ids, 75k rows fit the cap.
+            hot = rng.zipf(1.1, 2048)
+            new = np.arange(fresh, fresh + 4096, dtype=np.int64)
+            fresh += 4096
+            ids = np.unique(np.concatenate([hot[hot < 100_000], prev, new]).astype(np.int64))
+            prev = new
             for s in servers.values():
                 rows = s["client"].pull_rows("emb", 0, ids, clock).wait()
                 assert rows.numel() == len(ids) * DIM
@@ -116,7 +120,7 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
             stats[name] = s["conn"].recv() if s["conn"].poll(60) else None
             s["proc"].join(30)
             s["ctx"].destroy(linger=0)
-    # One request's buffers (ids, rows, gradients of <= 33k ids, a few copies) on top.
+    # One request's buffers (ids, rows, gradients of <= 10k ids, a few copies) on top.
     request = 4 << 20
     assert grown["capped"] <= 1.05 * cap + request, (grown, stats)
     capped = stats["capped"]
