@@ -269,7 +269,9 @@ class ShardState:
                     self._state[name] = array
                 self._state_slot[with_state] = new
                 self._num_state_rows += len(new)
-        if bloom is not None:
+        if bloom is not None and (len(sel) or not n):
+            # A filter counts the lookups of its own server's ids: taken (counter-wise
+            # maximum, over re-sharded shards) from a shard that gives this one rows.
             self._bloom.merge(bloom, bloom_added)
         if "evict_at" in state and self.capacity is not None and len(ids):
             at = state["evict_at"]

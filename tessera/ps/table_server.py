@@ -144,6 +144,10 @@ class TableService:
         #: replicate(unit, ids, grads, pushes, worker, seq): the backup applies it first.
         self.replicate = replicate
         self._reply = self._answer  # bound once: every waiting request carries it
+        #: Called when a sync clock is applied, before the pulls waiting for it are
+        #: answered (the server's checkpoint): lookups change a capped or admitting
+        #: table, so a checkpoint of clock c holds no lookup of clock c + 1.
+        self.before_wake: Callable = lambda: None
         stats.update(rows_pulled=0, rows_pushed=0, table_stale_pushes=0)
 
     @property
@@ -384,6 +388,7 @@ class TableService:
         st.pushed_by.clear()
         self.policy.updated(st)
         self.stats["updates"] += 1
+        self.before_wake()
         self.policy.wake([st])
 
     def _replicate(self, st: _TableState, ids: np.ndarray, grads: torch.Tensor, pushes: int,
