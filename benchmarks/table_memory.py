@@ -273,7 +273,7 @@ def plot(curves: dict, row: dict, path: Path) -> bool:
         # Distinct one-off ids streamed by each sample's time (the hot set adds <= 10^6).
         x = np.interp(s[:, 0], marks[:, 0], marks[:, 1]) / 1e6
         ax.plot(x, (s[:, 1] - curves["base"][name]) / 2**20, color=color,
-                label=f"{name}: RSS - RSS at start")
+                label=f"{name}: RSS - RSS before the table")
         ax2.plot(x, s[:, 2] / 1e6, color=color, linestyle=":", label=f"{name}: rows")
     cap = curves["cap"] / 2**20
     ax.axhline(cap, color="black", linewidth=0.8, label=f"cap {cap:.0f} MiB")

@@ -19,6 +19,11 @@ concepts, one module each:
 4. **Expiry** (Monolith's expirable embeddings, here): rows untouched for
    ``evict_after`` clocks are dropped, and ``max_rows`` bounds a server's rows by
    dropping the least recently touched ones.
+4b. **A byte cap** (``memory_bytes``, ``[model] table_memory_mb``): everything the
+   shard keeps is allocated once at the cap (:class:`Capacity`) and reused in place;
+   new rows evict by time to live, then LRU or LFU with decay (``eviction``), and
+   admission counts live in a counting Bloom filter (:mod:`tessera.ps.bloom`) of
+   fixed size inside the cap, not in the exact (unbounded) pending map.
 5. **Sparse optimizers** (:mod:`tessera.ps.embedding_optim`): only rows in the
    gradient change; state exists only for rows that have been updated.
 6. **Checkpoints** (:mod:`tessera.ps.embedding_state`): exact export, and import
