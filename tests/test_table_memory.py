@@ -235,6 +235,9 @@ def test_memory_mistakes_are_one_line_errors(tmp_path):
     job = _clicks_job(tmp_path, "bad", "table_memory_mb = 8\nadmission_filter_mb = 9")
     code, output = run_cli(["run", job, "--out", tmp_path / "r", "--quiet"], timeout_s=60)
     assert code != 0 and "admission_filter_mb" in output and "Traceback" not in output
+    job = _clicks_job(tmp_path, "tiny", "table_memory_mb = 0.01")
+    code, output = run_cli(["run", job, "--out", tmp_path / "r1", "--quiet"], timeout_s=60)
+    assert code != 0 and "table_memory_mb" in output and "Traceback" not in output
     job = _clicks_job(tmp_path, "rep", "table_memory_mb = 8")
     code, output = run_cli(["run", job, "--out", tmp_path / "r2", "--replication", "2",
                             "--quiet"], timeout_s=60)

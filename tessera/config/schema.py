@@ -69,6 +69,9 @@ class ModelConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"model.table_memory_mb, admission_filter_mb and lfu_half_life "
                              f"must be >= 0 (0: none), got {self.table_memory_mb}, "
                              f"{self.admission_filter_mb}, {self.lfu_half_life}")
+        if 0 < self.table_memory_mb < 1:
+            raise ValueError(f"model.table_memory_mb = {self.table_memory_mb} is too small: "
+                             f"use 0 (no cap) or at least 1 (MiB per table per server)")
         if self.admission_filter_mb and self.admission_filter_mb >= self.table_memory_mb:
             raise ValueError(f"model.admission_filter_mb ({self.admission_filter_mb}) is part "
                              f"of model.table_memory_mb ({self.table_memory_mb}): make it "
