@@ -1,9 +1,10 @@
 """Table memory that stays bounded (``[model] table_memory_mb``), with real processes:
 
 * a real server process under a byte cap takes a stream of 200k distinct ids (Zipf
-  hot ids and new ids, each seen twice) and its resident memory, read from /proc, grows by at most
-  the cap (+5%) plus one request's buffers, while the same stream grows a server
-  without a cap (exact admission counts) far past it;
+  hot ids and new ids, each seen twice); its resident memory, read from /proc, stops
+  growing once the table is full (within 5% of the cap over the second half of the
+  stream), while the same stream grows a server without a cap (exact admission
+  counts) all along;
 * the clicks job with a cap per server, LFU eviction and Bloom-filter admission
   reaches the AUC of an unbounded table (same seed, same data) within 0.005, the
   capped tables full and evicting; its checkpoint restores the same rows, optimizer
@@ -99,9 +100,11 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
         rng = np.random.default_rng(0)
         grads = torch.full((16384, DIM), 0.01)
         fresh, prev = 1 << 40, np.empty(0, dtype=np.int64)
+        full = {}
         for clock in range(48):
             # 4,096 new ids, the previous batch's again (admitted at this second lookup),
-            # and Zipf draws over 10^5 hot ids: 200k distinct ids, 75k rows fit the cap.
+            # and Zipf draws over 10^5 hot ids: 200k distinct ids; 67k rows fit the cap,
+            # full after ~17 batches.
             hot = rng.zipf(1.1, 2048)
             new = np.arange(fresh, fresh + 4096, dtype=np.int64)
             fresh += 4096
@@ -111,6 +114,9 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
                 rows = s["client"].pull_rows("emb", 0, ids, clock).wait()
                 assert rows.numel() == len(ids) * DIM
                 s["client"].push_rows("emb", 0, ids, grads[:len(ids)], clock).wait()
+            if clock == 23:  # the capped table is full: from here on it only evicts
+                full = {n: _rss(s["proc"].pid) for n, s in servers.items()}
+        end = {n: _rss(s["proc"].pid) for n, s in servers.items()}
         grown = {n: _hwm(s["proc"].pid) - s["base"] for n, s in servers.items()}
     finally:
         stats = {}
@@ -120,13 +126,17 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
             stats[name] = s["conn"].recv() if s["conn"].poll(60) else None
             s["proc"].join(30)
             s["ctx"].destroy(linger=0)
-    # One request's buffers (ids, rows, gradients of <= 10k ids, a few copies) on top.
-    request = 4 << 20
-    assert grown["capped"] <= 1.05 * cap + request, (grown, stats)
     capped = stats["capped"]
     assert capped["rows"] == capped["capacity"] and capped["evictions"] > 0, stats
-    # The alternative, measured the same way, is not bounded: the test can fail.
-    assert grown["unbounded"] > 2 * cap, (grown, stats)
+    # Bounded: 100k more distinct ids into the full table add nothing but noise ...
+    later = {n: end[n] - full[n] for n in end}
+    assert later["capped"] <= 0.05 * cap, (later, stats)
+    # ... and in all it took the cap (+5%) plus what a server process needs besides its
+    # table (sockets, threads, lazy imports, allocator, one request's buffers: ~10-15 MiB,
+    # whatever the cap; benchmarks/table_memory.py holds +2.9% at a 256 MiB cap).
+    assert grown["capped"] <= 1.05 * cap + (20 << 20), (grown, stats)
+    # The alternative, measured the same way, grows all along: the test can fail.
+    assert later["unbounded"] > cap / 2 and grown["unbounded"] > 2 * cap, (later, grown)
 
 
 CLICKS = (ROOT / "examples" / "clicks.toml").read_text()
