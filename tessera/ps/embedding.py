@@ -119,8 +119,9 @@ class EmbeddingShard(ShardState):
         self._pending = IdIndex()
         self._pending_count = np.empty(0, dtype=np.int64)
         #: Under a byte cap (``spec.memory_bytes``): the storage plan, all of it
-        #: allocated here once (big arrays mapped: pages taken as rows fill them); the LFU lookup counts
-        #: (decayed to the clock of each row's last touch); the counting Bloom filter
+        #: allocated here once (big arrays mapped: pages taken as rows fill them); the
+        #: LFU lookup counts (decayed to the clock of each row's last touch); the counting
+        #: Bloom filter
         #: that admits new ids (in place of the exact counts above); the next slot the
         #: victim scan looks at and the clock of the next expiry sweep.
         self.capacity: Capacity | None = None
