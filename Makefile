@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python benchmarks/server_load.py
 	$(BIN)/python benchmarks/shm_roundtrip.py
 	$(BIN)/python benchmarks/faults.py
+	$(BIN)/python benchmarks/table_memory.py --clicks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -558,6 +558,10 @@ class Coordinator:
             summary["table_bytes_per_server"] = {
                 t: [int(s.get(f"table_bytes.{t}", 0)) for s in servers] for t in tables}
             summary["rows_pulled"] = sum(int(s.get("rows_pulled", 0)) for s in servers)
+            for key in ("table_capacity", "table_evictions"):  # model.table_memory_mb
+                if any(k.startswith(key + ".") for s in servers for k in s):
+                    summary[key + "_per_server"] = {
+                        t: [int(s.get(f"{key}.{t}", 0)) for s in servers] for t in tables}
         summary.update({
             "bytes_pushed": sum(int(w.get("bytes_pushed", 0)) for w in workers),
             "bytes_pulled": sum(int(w.get("bytes_pulled", 0)) for w in workers),

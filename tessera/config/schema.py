@@ -53,8 +53,29 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     admit_after: int = 1
     #: Rows untouched for this many clocks are dropped (0: never).
     evict_after: int = 0
+    #: Hard cap, in MiB, on each table's shard on each server: rows, optimizer state,
+    #: id index and admission filter together, allocated once (0: no cap).
+    table_memory_mb: float = 0
+    #: Which rows make room under table_memory_mb: lru (least recently touched) or
+    #: lfu (fewest lookups, halved every lfu_half_life clocks; 0: no decay).
+    eviction: Literal["lru", "lfu"] = "lru"
+    lfu_half_life: int = 0
+    #: MiB of table_memory_mb given to the counting Bloom filter that admits rows
+    #: after admit_after lookups (0: a sixteenth of table_memory_mb).
+    admission_filter_mb: float = 0
 
     def __post_init__(self) -> None:
+        if self.table_memory_mb < 0 or self.admission_filter_mb < 0 or self.lfu_half_life < 0:
+            raise ValueError(f"model.table_memory_mb, admission_filter_mb and lfu_half_life "
+                             f"must be >= 0 (0: none), got {self.table_memory_mb}, "
+                             f"{self.admission_filter_mb}, {self.lfu_half_life}")
+        if 0 < self.table_memory_mb < 1:
+            raise ValueError(f"model.table_memory_mb = {self.table_memory_mb} is too small: "
+                             f"use 0 (no cap) or at least 1 (MiB per table per server)")
+        if self.admission_filter_mb and self.admission_filter_mb >= self.table_memory_mb:
+            raise ValueError(f"model.admission_filter_mb ({self.admission_filter_mb}) is part "
+                             f"of model.table_memory_mb ({self.table_memory_mb}): make it "
+                             f"smaller, or set table_memory_mb")
         if self.embedding_dim < 1 or self.embedding_lr <= 0:
             raise ValueError("embedding_dim must be >= 1 and embedding_lr > 0")
         if any(h < 1 for h in self.hidden):
@@ -429,12 +450,13 @@ class JobConfig(msgspec.Struct, **_STRICT):
                 raise ValueError("--replication (ps.replication) 2 with precision fp16 in sync mode is not "
                                  "supported yet; use --precision bf16")
             m = self.model
-            if m.max_rows_per_server or m.admit_after > 1 or m.evict_after:
+            if m.max_rows_per_server or m.admit_after > 1 or m.evict_after or m.table_memory_mb:
                 raise ValueError(f"--replication (ps.replication) 2: a table's backup replays its "
                                  f"updates, not its lookups, so tables that admit, evict or cap rows "
                                  f"by lookups cannot be replicated (model.max_rows_per_server="
                                  f"{m.max_rows_per_server}, admit_after={m.admit_after}, "
-                                 f"evict_after={m.evict_after}); set them to 0, 1, 0 or use "
+                                 f"evict_after={m.evict_after}, table_memory_mb="
+                                 f"{m.table_memory_mb}); set them to 0, 1, 0, 0 or use "
                                  f"--replication 1")
         if self.cluster.max_restarts and mode in ("allreduce", "hybrid") \
                 and not self.checkpoint.every:

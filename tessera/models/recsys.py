@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import torch
 from torch import nn
 
@@ -10,11 +11,17 @@ from tessera.parallel.embedding import ShardedEmbedding
 
 
 def _table(cfg: ModelConfig, num: int | None, dim: int, name: str, seed: int) -> ShardedEmbedding:
-    return ShardedEmbedding(num, dim, name=name, init_scale=cfg.embedding_init, seed=seed,
-                            optimizer=cfg.embedding_optimizer, lr=cfg.embedding_lr,
-                            weight_decay=cfg.embedding_weight_decay,
-                            admit_after=cfg.admit_after, evict_after=cfg.evict_after,
-                            max_rows=cfg.max_rows_per_server)
+    table = ShardedEmbedding(num, dim, name=name, init_scale=cfg.embedding_init, seed=seed,
+                             optimizer=cfg.embedding_optimizer, lr=cfg.embedding_lr,
+                             weight_decay=cfg.embedding_weight_decay,
+                             admit_after=cfg.admit_after, evict_after=cfg.evict_after,
+                             max_rows=cfg.max_rows_per_server)
+    if cfg.table_memory_mb:  # the byte cap of each server's shard (tessera.ps.embedding)
+        table.spec = msgspec.structs.replace(
+            table.spec, memory_bytes=int(cfg.table_memory_mb * (1 << 20)),
+            eviction=cfg.eviction, lfu_half_life=cfg.lfu_half_life,
+            filter_bytes=int(cfg.admission_filter_mb * (1 << 20)))
+    return table
 
 
 class DLRM(nn.Module):

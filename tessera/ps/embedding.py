@@ -19,6 +19,11 @@ concepts, one module each:
 4. **Expiry** (Monolith's expirable embeddings, here): rows untouched for
    ``evict_after`` clocks are dropped, and ``max_rows`` bounds a server's rows by
    dropping the least recently touched ones.
+4b. **A byte cap** (``memory_bytes``, ``[model] table_memory_mb``): everything the
+   shard keeps is allocated once at the cap (:class:`Capacity`) and reused in place;
+   new rows evict by time to live, then LRU or LFU with decay (``eviction``), and
+   admission counts live in a counting Bloom filter (:mod:`tessera.ps.bloom`) of
+   fixed size inside the cap, not in the exact (unbounded) pending map.
 5. **Sparse optimizers** (:mod:`tessera.ps.embedding_optim`): only rows in the
    gradient change; state exists only for rows that have been updated.
 6. **Checkpoints** (:mod:`tessera.ps.embedding_state`): exact export, and import
@@ -37,12 +42,53 @@ import numpy as np
 import torch
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps.bloom import CountingBloom
 from tessera.ps.embedding_ids import TableError, initial_rows
 from tessera.ps.embedding_index import (IdIndex, Slots, fill_rows, gather_rows, grown,
-                                         scatter_rows)
+                                         return_freed_memory, scatter_rows, zero_rows)
 from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer, initial_state, sparse_step
 from tessera.ps.embedding_state import ShardState
 from tessera.transport.wire import TableSpec  # noqa: F401 - re-exported
+
+
+#: Hash functions of the admission filter.
+BLOOM_HASHES = 3
+#: A capped shard's hash buckets are at least this many times its row capacity (the
+#: index is cleaned in place at 70% used buckets).
+_BUCKETS_PER_ROW = 2.5
+#: Rows freed at once when a capped shard is full: at least this fraction of its
+#: capacity (the scan for victims is amortised over many new rows).
+_EVICT_FRACTION = 1 / 64
+
+
+class Capacity:
+    """How a byte cap (``TableSpec.memory_bytes``) is spent: ``rows`` of capacity,
+    ``buckets`` of the id index, ``filter`` counters of the admission filter, and the
+    total ``nbytes`` that storage takes (<= the cap)."""
+
+    def __init__(self, spec: TableSpec, num_state: int):
+        cap = spec.memory_bytes
+        self.filter = 0
+        if spec.admit_after > 1:
+            self.filter = spec.filter_bytes or max(4096, cap // 16)
+        # Per row: value and optimizer state rows, the row -> state slot map, the index's
+        # per-id arrays, the LFU count (float32), the state slots' free list.
+        self.per_row = (spec.dim * 4 * (1 + num_state) + 8 + IdIndex.bytes_per_id()
+                        + (4 if spec.eviction == "lfu" else 0) + (8 if num_state else 0))
+        left = cap - self.filter
+        self.rows = self.buckets = 0
+        buckets = 1 << 10
+        while 16 * buckets < left:
+            rows = min(int(buckets / _BUCKETS_PER_ROW), (left - 16 * buckets) // self.per_row)
+            if rows > self.rows:
+                self.rows, self.buckets = rows, buckets
+            buckets *= 2
+        if self.rows < 1:
+            raise TableError(
+                f"table {spec.name!r}: memory_bytes = {cap} (model.table_memory_mb) cannot "
+                f"hold one row: it needs at least {self.filter + 16 * 1024 + self.per_row} "
+                f"bytes with its admission filter and index; raise table_memory_mb")
+        self.nbytes = self.rows * self.per_row + 16 * self.buckets + self.filter
 
 
 class EmbeddingShard(ShardState):
@@ -59,6 +105,8 @@ class EmbeddingShard(ShardState):
         self.optimizer = optimizer
         #: Number of apply() calls: torch's ``step`` for lr decay and bias correction.
         self.steps = 0
+        #: Rows evicted to make room under a byte cap (not counting expiry).
+        self.evictions = 0
         self._rows = IdIndex()
         self._values = torch.empty((0, spec.dim), dtype=torch.float32)
         self._state_slot = np.empty(0, dtype=np.int64)  # row slot -> state slot; -1: none
@@ -66,9 +114,37 @@ class EmbeddingShard(ShardState):
         self._num_state_rows = 0
         self._state = {name: torch.empty((0, spec.dim), dtype=torch.float32)
                        for name in STATE_NAMES[optimizer.name]}
-        # Ids seen by lookup but not yet admitted, with their lookup counts.
+        # Ids seen by lookup but not yet admitted, with their lookup counts (exact: a
+        # shard without a byte cap).
         self._pending = IdIndex()
         self._pending_count = np.empty(0, dtype=np.int64)
+        #: Under a byte cap (``spec.memory_bytes``): the storage plan, all of it
+        #: allocated here once (big arrays mapped: pages taken as rows fill them); the
+        #: LFU lookup counts (decayed to the clock of each row's last touch); the counting
+        #: Bloom filter
+        #: that admits new ids (in place of the exact counts above); the next slot the
+        #: victim scan looks at and the clock of the next expiry sweep.
+        self.capacity: Capacity | None = None
+        self._freq = np.empty(0, dtype=np.float32)
+        self._bloom: CountingBloom | None = None
+        self._hand = 0
+        self._next_sweep = 0
+        if spec.memory_bytes:
+            self._allocate_capped()
+
+    def _allocate_capped(self) -> None:
+        spec = self.spec
+        cap = self.capacity = Capacity(spec, len(self._state))
+        return_freed_memory()  # the cap is held in the process's RSS, not only in counts
+        n = cap.rows
+        self._rows = IdIndex(capacity=n, buckets=cap.buckets)
+        self._values = zero_rows(n, (spec.dim,), torch.float32)
+        self._state_slot = np.full(n, -1, dtype=np.int64)
+        self._state = {name: zero_rows(n, (spec.dim,), torch.float32) for name in self._state}
+        if spec.eviction == "lfu":
+            self._freq = np.zeros(n, dtype=np.float32)
+        if cap.filter:
+            self._bloom = CountingBloom(cap.filter, BLOOM_HASHES)
 
     # ---- validation -------------------------------------------------------------
 
@@ -179,7 +255,10 @@ class EmbeddingShard(ShardState):
     @property
     def nbytes(self) -> int:
         """Bytes of stored values plus optimizer state (allocated capacity, up to 2x
-        after growth, is not counted)."""
+        after growth, is not counted); under a byte cap, the storage allocated for it
+        (rows, state, index, filter: at most the cap)."""
+        if self.capacity is not None:
+            return self.capacity.nbytes
         row_bytes = self.spec.dim * 4
         return (self.num_rows + self._num_state_rows * len(self._state)) * row_bytes
 
@@ -200,6 +279,8 @@ class EmbeddingShard(ShardState):
         else:
             unique, inverse = np.unique(ids, return_inverse=True)
             inverse = inverse.reshape(-1)
+        if self.capacity is not None:
+            return self._lookup_capped(unique, inverse, clock)
         slots = self._rows.find(unique)
         self._rows.touch(slots[slots >= 0], clock)
         absent = slots < 0
@@ -224,6 +305,144 @@ class EmbeddingShard(ShardState):
         out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
                                                       spec.seed, spec.init_scale)
         return out if inverse is None else out[torch.from_numpy(inverse)]
+
+    def _answer(self, unique: np.ndarray, inverse, slots: np.ndarray) -> torch.Tensor:
+        stored = slots >= 0
+        if stored.all():
+            return gather_rows(self._values, slots if inverse is None else slots[inverse])
+        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
+        out[torch.from_numpy(stored)] = gather_rows(self._values, slots[stored])
+        spec = self.spec
+        out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
+                                                      spec.seed, spec.init_scale)
+        return out if inverse is None else out[torch.from_numpy(inverse)]
+
+    # ---- under a byte cap ----------------------------------------------------------
+
+    def _find_live(self, ids: np.ndarray, clock: int) -> np.ndarray:
+        """Slots of ``ids`` (-1: absent); rows past their time to live are dropped
+        here first (the periodic sweep frees the others), so an expired row is never
+        answered or updated."""
+        slots = self._rows.find(ids)
+        ttl = self.spec.evict_after
+        if ttl:
+            found = np.flatnonzero(slots >= 0)
+            old = found[clock - self._rows.last[slots[found]] >= ttl]
+            if len(old):
+                self._drop(slots[old])
+                slots[old] = -1
+        return slots
+
+    def _lookup_capped(self, unique: np.ndarray, inverse, clock: int) -> torch.Tensor:
+        slots = self._find_live(unique, clock)
+        found = slots[slots >= 0]
+        if len(found):
+            self._count(found, clock, 1.0)
+            self._rows.touch(found, clock)
+        absent = slots < 0
+        if absent.any():
+            if self._bloom is None:
+                where = np.flatnonzero(absent)
+                seen = np.ones(len(where), dtype=np.float32)
+            else:
+                est = self._bloom.add(unique[absent])
+                admitted = est >= self.spec.admit_after
+                where = np.flatnonzero(absent)[admitted]
+                seen = est[admitted].astype(np.float32)
+            where, seen = where[:self.capacity.rows], seen[:self.capacity.rows]
+            if len(where):
+                if self._make_room(len(where), clock):
+                    kept = np.flatnonzero(~absent)  # rows touched now were evicted too
+                    slots[kept] = self._rows.find(unique[kept])
+                slots[where] = self._create(unique[where], clock)
+                if len(self._freq):
+                    self._freq[slots[where]] = seen
+        return self._answer(unique, inverse, slots)
+
+    def _count(self, slots: np.ndarray, clock: int, add: float) -> None:
+        """LFU: decay the lookup counts of ``slots`` to ``clock``, then add ``add``."""
+        if not len(self._freq):
+            return
+        self._freq[slots] = self._decayed(slots, clock) + np.float32(add)
+
+    def _decayed(self, slots: np.ndarray, clock: int) -> np.ndarray:
+        freq = self._freq[slots]
+        half = self.spec.lfu_half_life
+        if half:
+            age = (clock - self._rows.last[slots]).astype(np.float32)
+            freq = freq * np.exp2(-np.maximum(age, 0) / np.float32(half))
+        return freq
+
+    def _drop(self, slots: np.ndarray) -> None:
+        """Remove the rows at ``slots`` (and their optimizer state)."""
+        if not len(slots):
+            return
+        state = self._state_slot[slots]
+        state = state[state >= 0]
+        self._state_slots.give(state)
+        self._num_state_rows -= len(state)
+        self._state_slot[slots] = -1
+        self._rows.remove(slots)
+
+    def _make_room(self, n: int, clock: int) -> bool:
+        """Evict until ``n`` more rows fit the capacity: at least a 1/64th of it at once,
+        chosen by the policy (rows past their time to live first, then LRU: least
+        recently touched; LFU: fewest decayed lookups, then least recent) in windows of
+        slots that a hand walks round (approximate, as Redis' and CacheLib's are: no
+        sort of the whole table, no temporaries its size). Rows touched at ``clock``
+        are evicted only when nothing else is left; returns True if any was."""
+        cap, rows = self.capacity.rows, self._rows
+        need = len(rows) + n - cap
+        if need <= 0:
+            return False
+        target = min(len(rows), max(need, int(cap * _EVICT_FRACTION)))
+        window = min(cap, max(4 * target, 1 << 16))
+        freed, scanned, current = 0, 0, False
+        ttl = self.spec.evict_after
+        while freed < need or (freed < target and scanned < cap):
+            start = self._hand
+            span = np.arange(start, start + window) % cap
+            self._hand = (start + window) % cap
+            scanned += window
+            live = span[rows.ids[span] >= 0]
+            last = rows.last[live]
+            if not current:
+                live, last = live[last < clock], last[last < clock]
+            if not len(live):
+                if scanned >= cap:
+                    current = True  # only rows of this clock are left: they go too
+                continue
+            if len(self._freq):
+                key = self._decayed(live, clock)
+            else:
+                key = last.astype(np.float64)
+            if ttl:
+                key = np.where(clock - last >= ttl, -np.inf, key)
+            take = min(len(live), target - freed)
+            if take < len(live):
+                order = np.lexsort((last, key))[:take]
+            else:
+                order = np.arange(len(live))
+            self._drop(live[order])
+            freed += take
+            if scanned >= 2 * cap:
+                current = True
+        self.evictions += freed
+        return current
+
+    def _sweep(self, clock: int) -> None:
+        """Free the rows past their time to live, a chunk of slots at a time; at most
+        every quarter of the time to live (rows a lookup finds expired are dropped
+        at once, :meth:`_find_live`)."""
+        ttl = self.spec.evict_after
+        if not ttl or clock < self._next_sweep:
+            return
+        self._next_sweep = clock + max(1, ttl // 4)
+        rows, chunk = self._rows, 1 << 16
+        for start in range(0, rows.slots.end, chunk):
+            ids = rows.ids[start:start + chunk]
+            old = np.flatnonzero((ids >= 0) & (clock - rows.last[start:start + chunk] >= ttl))
+            self._drop(old + start)
 
     def _admit(self, ids: np.ndarray, clock: int) -> np.ndarray:
         """Count one lookup of each (absent, unique) id; mask of those now admitted."""
@@ -259,17 +478,29 @@ class EmbeddingShard(ShardState):
         if not checked:
             self.check_update(ids, grads)
         self.steps += 1
-        slots = self._rows.find(ids)
+        capped = self.capacity is not None
+        slots = self._find_live(ids, clock) if capped else self._rows.find(ids)
         missing = slots < 0
         if missing.any() and self.spec.admit_after == 1:
-            slots[missing] = self._create(ids[missing], clock)
+            where = np.flatnonzero(missing)
+            if capped:
+                where = where[:self.capacity.rows]
+                if self._make_room(len(where), clock):
+                    kept = np.flatnonzero(~missing)
+                    slots[kept] = self._rows.find(ids[kept])
+            slots[where] = self._create(ids[where], clock)
+            if len(self._freq):
+                self._freq[slots[where]] = 1.0
         keep = slots >= 0
         if not keep.all():
             slots, grads = slots[keep], grads[torch.from_numpy(keep)]
         if len(slots):
             self._rows.touch(slots, clock)
             self._step(slots, grads)
-        self.evict(clock)
+        if capped:
+            self._sweep(clock)
+        else:
+            self.evict(clock)
 
     def _step(self, slots: np.ndarray, grad: torch.Tensor) -> None:
         state_index = self._state_of(slots) if self._state else None

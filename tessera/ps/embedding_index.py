@@ -43,6 +43,25 @@ def zero_rows(rows: int, tail: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(area, dtype=dtype).view(rows, *tail)
 
 
+def return_freed_memory() -> None:
+    """Make this process give freed temporaries back to the kernel at once (glibc).
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after the first large
+    block is freed, and its trim threshold with it: the request path's temporaries
+    (ids, rows and gradients of a batch) then come from the heap and their pages stay
+    in the process after use, tens of MiB the byte cap of a table cannot see. Fixing
+    the thresholds (blocks >= 128 KiB mapped and unmapped on free; heap trimmed above
+    1 MiB) keeps the resident memory at the table plus one request's buffers.
+    Without glibc this does nothing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def grown(array, needed: int):
     """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling
     (8x for mapped tensors). Rows of a tensor beyond those copied are zero."""
@@ -133,13 +152,41 @@ class IdIndex:
     request path).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0, buckets: int = 0) -> None:
         self.slots = Slots()
-        self.ids = np.empty(0, dtype=np.int64)   # id at each slot; -1: free
-        self.last = np.empty(0, dtype=np.int64)  # clock of last touch
+        #: > 0: a fixed index (a shard under a byte cap): at most ``capacity`` ids, in
+        #: arrays allocated once, and ``buckets`` hash buckets (a power of two, at least
+        #: 2.5x ``capacity``) that are cleaned in place, never grown.
+        self.capacity = capacity
+        self.ids = np.full(capacity, -1, dtype=np.int64)  # id at each slot; -1: free
+        self.last = np.zeros(capacity, dtype=np.int64)    # clock of last touch
         self._count = 0
         self._used = 0  # live + removed buckets
-        self._rebuild(_MIN_BUCKETS, np.empty(0, dtype=np.int64))
+        self._rebuild(buckets or _MIN_BUCKETS, np.empty(0, dtype=np.int64))
+
+    @staticmethod
+    def bytes_per_id() -> int:
+        """Bytes a fixed index keeps per id of capacity (``ids``, ``last``, and the free
+        list of :class:`Slots` at its longest); buckets cost 16 bytes each on top."""
+        return 8 + 8 + 8
+
+    def _crowded(self, extra: int = 0) -> bool:
+        """Too many used (live or removed) buckets to probe quickly."""
+        if self.capacity:
+            return 10 * (self._used + extra) > 7 * len(self._table)
+        return 2 * (self._used + extra) > len(self._table)
+
+    def _clean_in_place(self) -> None:
+        """A fixed index: drop the removed buckets, re-placing the live ids a chunk at a
+        time (no second table, no temporaries the size of the index)."""
+        self._table[:, 0] = _EMPTY
+        self._used = 0
+        chunk = 1 << 16
+        for start in range(0, self.slots.end, chunk):
+            part = self.ids[start:start + chunk]
+            live = np.flatnonzero(part >= 0)
+            if len(live):
+                self._place(part[live], live + start)
 
     def __len__(self) -> int:
         return self._count
@@ -224,14 +271,36 @@ class IdIndex:
         self.ids[slots] = ids
         self.last[slots] = clock
         self._count += len(ids)
-        if 2 * (self._used + len(ids)) > len(self._table):
+        if self.capacity and self._count > self.capacity:
+            raise AssertionError(f"fixed id index over its capacity {self.capacity}")
+        if self._crowded(len(ids)):
             self._resize()
         else:
             self._place(ids, slots)
         return slots
 
+    def insert_at(self, ids: np.ndarray, slots: np.ndarray, end: int, free: np.ndarray,
+                  last: np.ndarray) -> None:
+        """Into an empty index: ``ids`` at the given ``slots`` (a checkpoint's layout),
+        with the slot allocator at ``end`` and free list ``free``."""
+        self.slots.end = end
+        self.slots._free = free.astype(np.int64)
+        self.ids = grown(self.ids, end)
+        self.last = grown(self.last, end)
+        self.ids[slots] = ids
+        self.last[slots] = last
+        self._count = len(ids)
+        if self._crowded():
+            self._resize()
+        else:
+            self._place(ids, slots)
+
     def _resize(self) -> None:
-        """Rebuild the table from the live slots, at most a quarter full afterwards."""
+        """Rebuild the table from the live slots, at most a quarter full afterwards (a
+        fixed index: cleaned in place)."""
+        if self.capacity:
+            self._clean_in_place()
+            return
         buckets = len(self._table)
         while 4 * self._count > buckets:
             buckets *= 2
@@ -250,7 +319,7 @@ class IdIndex:
         self._count -= len(slots)
         self.ids[slots] = -1
         self.slots.give(slots)
-        if 2 * self._used > len(self._table):  # too many removed buckets: clean them up
+        if self._crowded():  # too many removed buckets: clean them up
             self._resize()
 
     def live(self) -> np.ndarray:

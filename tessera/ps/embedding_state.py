@@ -63,6 +63,14 @@ class ShardState:
           ``pending_ids``, ``pending_count`` (lookups so far), ``pending_last`` (clock
           of the last lookup), all int64 ``[p]``.
 
+        * under a byte cap: with ``eviction = "lfu"``, ``freq`` fp32 ``[n]`` (each row's
+          lookup count, decayed to its last touch); with an admission filter,
+          ``bloom`` uint8 (its counters) and ``bloom_added`` int64 0-d; ``evict_at``
+          int64 ``[3]``: the next slot the victim scan looks at, the next expiry sweep,
+          the slots handed out; ``slot`` int64 ``[n]`` (each row's slot) and
+          ``free_slots`` (the free list): a restore into an empty shard of the same
+          capacity keeps the layout, so eviction goes on exactly as it would have.
+
         :meth:`import_state` into a fresh shard of the same spec and optimizer gives
         a shard whose answers and updates are bit-identical to this one's.
         """
@@ -83,12 +91,36 @@ class ShardState:
                 out[f"state.{name}"] = rows
             out["has_state"] = has_t
         out["steps"] = torch.tensor(self.steps, dtype=torch.int64)
-        if self.spec.admit_after > 1:
+        if len(self._freq):
+            out["freq"] = torch.from_numpy(self._freq[slots].copy())
+        if self.capacity is not None:
+            out["evict_at"] = torch.tensor([self._hand, self._next_sweep, self._rows.slots.end],
+                                           dtype=torch.int64)
+            out["slot"] = torch.from_numpy(slots.copy())
+            out["free_slots"] = torch.from_numpy(self._rows.slots._free.copy())
+        if self._bloom is not None:
+            out["bloom"] = torch.from_numpy(self._bloom.counters.copy())
+            out["bloom_added"] = torch.tensor(self._bloom.added, dtype=torch.int64)
+        if self.spec.admit_after > 1 and self.capacity is None:
             pending = self._pending.live()
             out["pending_ids"] = torch.from_numpy(self._pending.ids[pending].copy())
             out["pending_count"] = torch.from_numpy(self._pending_count[pending].copy())
             out["pending_last"] = torch.from_numpy(self._pending.last[pending].copy())
         return out
+
+    def _layout(self, state: dict, everything: bool):
+        """(slots, end, free list) of a capped checkpoint that an empty shard of the same
+        capacity can take as it is; None otherwise."""
+        if self.capacity is None or len(self._rows) or not everything or \
+                not all(k in state for k in ("slot", "free_slots", "evict_at")):
+            return None
+        slot = state["slot"].numpy().astype(np.int64)
+        end = int(state["evict_at"][2])
+        free = state["free_slots"].numpy().astype(np.int64)
+        if end > self.capacity.rows or len(slot) != len(state["ids"]) or \
+                len(slot) + len(free) != end:
+            return None
+        return slot, end, free
 
     def import_state(self, state: dict[str, torch.Tensor],
                      keep: np.ndarray | torch.Tensor | None = None, *,
@@ -164,7 +196,16 @@ class ShardState:
         keep_rows = mask(keep, n, "keep", "ids")
         self.check_ids(ids)
 
-        take_pending = self.spec.admit_after > 1 and "pending_ids" in state
+        freq = (tensor("freq", (torch.float32,), (n,)).numpy()
+                if "freq" in state and len(self._freq) else np.ones(max(n, 0), np.float32))
+        bloom = state.get("bloom") if self._bloom is not None else None
+        if isinstance(bloom, torch.Tensor) and tuple(bloom.shape) != (self._bloom.size,):
+            bloom = None  # a filter of another size (another cap): admission counts restart
+        if bloom is not None:
+            bloom = tensor("bloom", (torch.uint8,), (self._bloom.size,)).numpy()
+            bloom_added = int(tensor("bloom_added", (torch.int64,), ()).item())
+        take_pending = (self.spec.admit_after > 1 and "pending_ids" in state
+                        and self.capacity is None)
         if take_pending:
             p_ids_t = state["pending_ids"]
             p = (p_ids_t.shape[0] if isinstance(p_ids_t, torch.Tensor)
@@ -183,7 +224,12 @@ class ShardState:
             p_ids = np.empty(0, dtype=np.int64)
 
         sel = np.flatnonzero(keep_rows)
-        ids, last, has = ids[sel], last[sel], has[sel]
+        if self.capacity is not None:
+            room = self.capacity.rows - len(self._rows)
+            if len(sel) > room:  # a smaller cap (or fewer servers): the most recent rows
+                recent = np.lexsort((-ids[sel], -last[sel]))[:max(room, 0)]
+                sel = np.sort(sel[recent])
+        ids, last, has, freq = ids[sel], last[sel], has[sel], freq[sel]
         everything = np.concatenate([ids, p_ids])
         unique, counts = np.unique(everything, return_counts=True)
         if (counts > 1).any():
@@ -198,13 +244,20 @@ class ShardState:
         self.steps = steps if self.steps == 0 else self.steps
         if len(ids):
             index = torch.from_numpy(sel)
-            slots = self._rows.insert(ids, 0)
+            layout = self._layout(state, len(sel) == n)
+            if layout is not None:
+                slots = layout[0][sel]
+                self._rows.insert_at(ids, slots, layout[1], layout[2], last)
+            else:
+                slots = self._rows.insert(ids, 0)
             self._rows.last[slots] = last
             end = self._rows.slots.end
             self._values = grown(self._values, end)
             self._state_slot = grown(self._state_slot, end)
             self._values.index_copy_(0, torch.from_numpy(slots), values.index_select(0, index))
             self._state_slot[slots] = -1
+            if len(self._freq):
+                self._freq[slots] = freq
             with_state = slots[has]
             if names and len(with_state):
                 new = self._state_slots.take(len(with_state))
@@ -216,6 +269,14 @@ class ShardState:
                     self._state[name] = array
                 self._state_slot[with_state] = new
                 self._num_state_rows += len(new)
+        if bloom is not None and (len(sel) or not n):
+            # A filter counts the lookups of its own server's ids: taken (counter-wise
+            # maximum, over re-sharded shards) from a shard that gives this one rows.
+            self._bloom.merge(bloom, bloom_added)
+        if "evict_at" in state and self.capacity is not None and len(ids):
+            at = state["evict_at"]
+            self._hand = int(at[0]) % self.capacity.rows
+            self._next_sweep = max(self._next_sweep, int(at[1]))
         if len(p_ids):
             p_slots = self._pending.insert(p_ids, 0)
             self._pending.last[p_slots] = p_last

@@ -101,6 +101,8 @@ class ParameterServer:
                                        backup_of=backup_of, own=not replacement)
             self.replication.tables = self.tables  # re-replication copies its shards too
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
+        if self.tables is not None:  # a table's checkpoint: before the next clock's lookups
+            self.tables.before_wake = self.snapshots.maybe
         #: Per-request CPU by phase (tessera.ps.server_profile); None: not measured.
         self.costs = MessageCosts() if options.cost_breakdown else None
         self._reply = self._answer  # bound once: every waiting request carries it
@@ -170,6 +172,7 @@ class ParameterServer:
     def restore(self, restore: wire.Restore) -> None:
         """Load partitions, backups and table rows from a checkpoint (before serving)."""
         self.snapshots.restore(restore)
+        self.snapshots.maybe()  # written (if due) before a lookup changes a table
 
     def handle(self, got) -> None:
         msg = got.msg

@@ -144,6 +144,10 @@ class TableService:
         #: replicate(unit, ids, grads, pushes, worker, seq): the backup applies it first.
         self.replicate = replicate
         self._reply = self._answer  # bound once: every waiting request carries it
+        #: Called when a sync clock is applied, before the pulls waiting for it are
+        #: answered (the server's checkpoint): lookups change a capped or admitting
+        #: table, so a checkpoint of clock c holds no lookup of clock c + 1.
+        self.before_wake: Callable = lambda: None
         stats.update(rows_pulled=0, rows_pushed=0, table_stale_pushes=0)
 
     @property
@@ -384,6 +388,7 @@ class TableService:
         st.pushed_by.clear()
         self.policy.updated(st)
         self.stats["updates"] += 1
+        self.before_wake()
         self.policy.wake([st])
 
     def _replicate(self, st: _TableState, ids: np.ndarray, grads: torch.Tensor, pushes: int,
@@ -527,6 +532,11 @@ class TableService:
             name = st.spec.name
             out[f"rows.{name}"] = out.get(f"rows.{name}", 0) + st.shard.num_rows
             out[f"table_bytes.{name}"] = out.get(f"table_bytes.{name}", 0) + st.shard.nbytes
+            if st.shard.capacity is not None:  # under a byte cap (model.table_memory_mb)
+                out[f"table_capacity.{name}"] = (out.get(f"table_capacity.{name}", 0)
+                                                 + st.shard.capacity.rows)
+                out[f"table_evictions.{name}"] = (out.get(f"table_evictions.{name}", 0)
+                                                  + st.shard.evictions)
             out[f"table_applied.{name}.s{st.owner}"] = st.applied_pushes
         for copies in self.copies.values():
             for st in copies.values():

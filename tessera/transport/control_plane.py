@@ -50,6 +50,19 @@ class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: > 0: per-server row budget; the least recently touched rows beyond it are
     #: dropped after each apply (0: no budget).
     max_rows: int = 0
+    #: > 0: hard cap, in bytes, on this table's shard on one server: rows, optimizer
+    #: state, id index and admission filter, allocated once at this size (rows reused
+    #: in place); new rows evict old ones (``eviction``) once it is full. 0: no cap.
+    memory_bytes: int = 0
+    #: Under ``memory_bytes``: which rows make room, ``lru`` (least recently touched)
+    #: or ``lfu`` (fewest lookups, halved every ``lfu_half_life`` clocks).
+    eviction: str = "lru"
+    #: ``lfu``: lookup counts decay by half every this many clocks (0: no decay).
+    lfu_half_life: int = 0
+    #: Under ``memory_bytes`` with ``admit_after > 1``: bytes of the counting Bloom
+    #: filter that counts lookups toward admission (part of ``memory_bytes``; 0: a
+    #: sixteenth of it).
+    filter_bytes: int = 0
     #: The sparse update rule the servers apply to the rows (sgd, adagrad, adam).
     optimizer: OptimizerConfig = msgspec.field(
         default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
@@ -75,6 +88,12 @@ class TableSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.max_rows < 0:
             raise ValueError(f"{where}: max_rows must be >= 0 (0 means no budget), "
                              f"got {self.max_rows}")
+        if self.memory_bytes < 0 or self.filter_bytes < 0 or self.lfu_half_life < 0:
+            raise ValueError(f"{where}: memory_bytes, filter_bytes and lfu_half_life must be "
+                             f">= 0 (0: none), got {self.memory_bytes}, {self.filter_bytes}, "
+                             f"{self.lfu_half_life}")
+        if self.eviction not in ("lru", "lfu"):
+            raise ValueError(f"{where}: eviction must be 'lru' or 'lfu', got {self.eviction!r}")
 
 
 #: A hyperparameter value as it travels: torch.optim groups hold numbers, booleans,
