@@ -35,6 +35,7 @@ import msgspec
 import torch
 import zmq
 
+from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
@@ -324,7 +325,7 @@ class ParameterServer:
         # worker's own test at the cast names what overflowed): a plain fp32 push is
         # applied as torch.optim would apply it, without a pass over it to check.
         if msg.nonfinite or (msg.scale != 1.0
-                             and not all(bool(torch.isfinite(g).all()) for g in grads)):
+                             and not all(all_finite(g) for g in grads)):
             self.stats["skipped"] += 1
             self._send_params(peer, msg.req, states, msg.dtype, skipped=True)
             policy.counted(states, msg.worker, msg.clock)  # a refused push still ends the clock
