@@ -9,9 +9,20 @@ the same dtype. The three dtypes take turns round by round, from one client; med
 time of the timed iterations after warm-up, and the CPU of both processes per step
 (``--wire-only`` stops after this part).
 
-Part 2 (``bench: precision_train``): ``tessera run examples/mnist.toml`` with 2
-workers and 2 servers in sync mode, ``--precision fp32|bf16|fp16``, same steps;
-``samples_per_s`` and bytes from each run's summary.json.
+Part 2 (``bench: precision_torch``): the limit, torch alone (no Tessera) in this
+process, one thread as each of 2 workers gets on 2 cores: forward+backward of the MNIST
+CNN and of examples/shakespeare.toml's char_transformer in fp32 and bf16 (bf16
+parameters under bf16 autocast, as a bf16 worker computes), including the layouts and
+kernels before Tessera's model-side changes (``bf16_before``) and fp32 in channels_last;
+interleaved rounds, thread CPU per step.
+
+Part 3 (``bench: precision_train``): ``tessera run`` with 2 workers and 2 servers in sync
+mode, ``--precision fp32|bf16|fp16``, same steps, for examples/mnist.toml (the CNN) and
+examples/shakespeare.toml (the char_transformer, without pipeline stages). The
+precisions take turns over ``--train-rounds`` rounds in an order rotated each round;
+per precision the median ``samples_per_s`` (training loop, evaluation excluded) with
+every round's value, the CPU seconds of the whole job (every process), bytes, and
+``foreign_cpu_pct`` over the rounds.
 
 The first line (``bench: precision_cpu``) says whether this CPU has native bf16
 (the ``avx512_bf16`` or ``amx_bf16`` flags) and fp16 (``avx512_fp16``) arithmetic:
@@ -19,7 +30,7 @@ bf16 compute pays off only with the former; fp16 compute on a CPU without the
 latter is far slower than fp32, which is why ``fp16`` on CPU means fp16 on the
 wire and fp32 compute.
 
-    .venv/bin/python benchmarks/precision.py [--quick]
+    .venv/bin/python benchmarks/precision.py [--quick] [--wire-only | --train-only]
 """
 
 from __future__ import annotations
