@@ -21,7 +21,9 @@ mode, ``--precision fp32|bf16|fp16``, same steps, for examples/mnist.toml (the C
 examples/shakespeare.toml (the char_transformer, without pipeline stages). The
 precisions take turns over ``--train-rounds`` rounds in an order rotated each round;
 per precision the median ``samples_per_s`` (training loop, evaluation excluded) with
-every round's value, the CPU seconds of the whole job (every process), bytes, and
+every round's value, both workers' training-loop CPU per step (evaluation left out: the
+figure the machine's load blurs least), the CPU seconds of the whole job (every process,
+start-up included), bytes, and
 ``foreign_cpu_pct`` over the rounds.
 
 The first line (``bench: precision_cpu``) says whether this CPU has native bf16
@@ -272,7 +274,9 @@ def train_case(job: Path, flags: list[str], precision: str, steps: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"tessera run --precision {precision} failed:\n{proc.stdout}{proc.stderr}")
         s = json.loads((out / "summary.json").read_text())
+    workers_cpu = sum(s.get("worker_loop_cpu_s", [float("nan")]))
     return {"samples_per_s": s["samples_per_s"], "eval_loss": s["eval_loss"],
+            "worker_cpu_ms_per_step": 1e3 * workers_cpu / steps,
             "eval_accuracy": s.get("eval_accuracy"), "job_cpu_s": cpu,
             "bytes_pushed": s["bytes_pushed"], "bytes_pulled": s["bytes_pulled"]}
 
@@ -293,15 +297,21 @@ def train_cases(model: str, job: Path, flags: list[str], precisions: tuple, step
     foreign = foreign_cpu_pct(busy0, own0, time.monotonic() - t0)
     base = statistics.median(x["samples_per_s"] for x in runs[precisions[0]])
     base_cpu = statistics.median(x["job_cpu_s"] for x in runs[precisions[0]])
+    base_wcpu = statistics.median(x["worker_cpu_ms_per_step"] for x in runs[precisions[0]])
     rows = []
     for p, xs in runs.items():
         rate = statistics.median(x["samples_per_s"] for x in xs)
         cpu = statistics.median(x["job_cpu_s"] for x in xs)
+        wcpu = statistics.median(x["worker_cpu_ms_per_step"] for x in xs)
         last = xs[-1]
         rows.append({"bench": "precision_train", "model": model, "precision": p, "steps": steps,
                      "tessera_samples_per_s": round(rate, 1),
                      "rounds_samples_per_s": [round(x["samples_per_s"], 1) for x in xs],
                      "vs_fp32_samples_per_s": round(rate / base, 3),
+                     # both workers' training-loop CPU per step (evaluation left out)
+                     "worker_cpu_ms_per_step": round(wcpu, 2),
+                     "vs_fp32_worker_cpu": round(wcpu / base_wcpu, 3),
+                     # every process of the job, start-up included
                      "job_cpu_s": round(cpu, 2), "vs_fp32_job_cpu": round(cpu / base_cpu, 3),
                      "eval_loss": round(last["eval_loss"], 4),
                      **({"eval_accuracy": round(last["eval_accuracy"], 4)}
