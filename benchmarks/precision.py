@@ -330,7 +330,9 @@ def main() -> None:
     ap.add_argument("--train-rounds", type=int, default=None,
                     help="training: rounds of the precisions (default 3)")
     ap.add_argument("--wire-only", action="store_true", help="part 1 only")
-    ap.add_argument("--train-only", action="store_true", help="part 2 only")
+    ap.add_argument("--train-only", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--models", default="cnn,transformer",
+                    help="training: which models (comma-separated; default both)")
     args = ap.parse_args()
     n = args.elements or (1_000_000 if args.quick else 25_000_000)
     iters = 2 if args.quick else 3
@@ -349,11 +351,15 @@ def main() -> None:
         return
     for row in torch_cases(rounds=3 if args.quick else 7, steps=5 if args.quick else 20):
         print(json.dumps(row), flush=True)
-    for row in train_cases("cnn", CNN_JOB, [], ("fp32", "bf16", "fp16"), cnn_steps, train_rounds):
-        print(json.dumps(row), flush=True)
-    for row in train_cases("transformer", LM_JOB, LM_FLAGS, ("fp32", "bf16", "fp16"), lm_steps,
-                           train_rounds):
-        print(json.dumps(row), flush=True)
+    models = args.models.split(",")
+    if "cnn" in models:
+        for row in train_cases("cnn", CNN_JOB, [], ("fp32", "bf16", "fp16"), cnn_steps,
+                               train_rounds):
+            print(json.dumps(row), flush=True)
+    if "transformer" in models:
+        for row in train_cases("transformer", LM_JOB, LM_FLAGS, ("fp32", "bf16", "fp16"),
+                               lm_steps, train_rounds):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
