@@ -145,7 +145,9 @@ def wire_cases(n: int, iters: int, rounds: int) -> list[dict]:
                     times[d].append(step(d))
                 cpu[d] += time.process_time() + cpu_s([proc.pid]) - c0
                 moved[d] = (client.bytes_pushed + client.bytes_pulled - b0) // iters
-        foreign = foreign_cpu_pct(busy0, own0 + 0.0, time.monotonic() - t_all)
+        # The server is a child not yet waited for: its CPU is ours, not foreign (own_s()
+        # counts it only once reaped), so it is added to the own total as it ends.
+        foreign = foreign_cpu_pct(busy0, own0 - cpu_s([proc.pid]), time.monotonic() - t_all)
         client.close()
         rows = []
         for d in dtypes:
