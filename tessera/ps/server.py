@@ -475,10 +475,10 @@ class ParameterServer:
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1) -> None:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
-        A half-width gradient (one worker, unscaled) is applied as it came when the rule
-        takes it (plain SGD, no backup to send it to); else cast into the fp32 buffer."""
-        if grad.dtype != torch.float32 and (self.replication.peer is not None
-                                            or not st.rule.takes_half(st.hparams)):
+        A half-width gradient (one worker, unscaled) is cast into the fp32 buffer first:
+        a cast and an fp32 ``add_`` cost less than one mixed-dtype ``add_`` (torch 2.13 CPU,
+        benchmarks/README.md, precision.py), with the same bits."""
+        if grad.dtype != torch.float32:
             grad = st.buffer().copy_(grad)
             if self.costs is not None:
                 self.costs.lap("copy")
