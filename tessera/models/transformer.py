@@ -80,11 +80,25 @@ class Block(nn.Module):
         # [B, T, 3 * dim] -> three [B, heads, T, dim / heads]
         q, k, v = self.qkv(self.ln_attention(x)).view(batch, steps, 3, self.heads, -1) \
             .permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        attended = _causal_attention(q, k, v, self.dropout if self.training else 0.0)
         attended = attended.transpose(1, 2).reshape(batch, steps, dim)
         x = x + self.residual_dropout(self.attention_out(attended))
         return x + self.residual_dropout(self.mlp(self.ln_mlp(x)))
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      dropout_p: float) -> torch.Tensor:
+    """Causal ``scaled_dot_product_attention``; on the CPU, half-width inputs attend in
+    fp32 and the result is cast back: torch's CPU flash-attention kernel runs its bf16
+    backward ~7x slower than its fp32 one (torch 2.13, avx512_bf16), which made a small
+    model train slower under bf16 than under fp32 (benchmarks/precision.py). The
+    projections around it stay bf16; fp32 inputs take the unchanged path."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 is_causal=True, dropout_p=dropout_p)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 class Head(nn.Module):

@@ -34,6 +34,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from tessera.amp.finite import all_finite
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.embedding import push_tables
@@ -208,7 +209,7 @@ class HybridParallel(DistributedModel):
             if p.grad is None:
                 continue
             p.grad.div_(self.scaler.scale)
-            if not bad and not bool(torch.isfinite(p.grad).all()):
+            if not bad and not all_finite(p.grad):
                 bad = name
         flag = torch.tensor([1.0 if bad else 0.0])
         if dist.is_initialized():

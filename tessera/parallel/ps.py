@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tessera.amp.finite import all_finite
 from tessera.errors import UsageError
 from tessera.parallel.embedding import push_tables
 from tessera.parallel.flat import flatten_buffers, flatten_model
@@ -255,7 +256,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         nonfinite = ""
         if self.scaler.enabled:
             grad = grad.to(self._wire)  # overflow happens here, at the cast
-            if not bool(torch.isfinite(grad).all()):
+            if not all_finite(grad):
                 nonfinite = self._first_nonfinite(pid, grad)
         if not self._handles:  # the step's first push
             self._step_hparams = self.hparams_source() if self.is_first else None

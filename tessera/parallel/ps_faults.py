@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from tessera.amp.finite import all_finite
 from tessera.transport.wire import Verdict
 
 
@@ -94,7 +95,7 @@ class OverflowReport:
         for index in order:
             _, off, n = self._views[index]
             lo, hi = max(off, start) - start, min(off + n, start + wire_grad.numel()) - start
-            if not bool(torch.isfinite(wire_grad[lo:hi]).all()):
+            if not all_finite(wire_grad[lo:hi]):
                 return self._names[index]
         return self._names[order[0]] if order else "?"
 

@@ -47,6 +47,7 @@ from typing import Callable, ClassVar, Iterable, Optional
 
 import torch
 
+from tessera.amp.finite import all_finite
 from tessera.transport import wire
 
 MODES = ("sync", "async", "ssp")
@@ -304,7 +305,7 @@ class Sync(Consistency):
         """Judge a complete clock's held sum (``unit.accum``): finite, with no overflow
         reported. The unit holds the sum until the decision; the Verdict goes to its
         pushers (``req`` set per pusher)."""
-        unit.verdict = not unit.overflows and bool(torch.isfinite(unit.accum).all())
+        unit.verdict = not unit.overflows and all_finite(unit.accum)
         norm = 0.0
         if unit.norm_type and unit.verdict:
             # The norm of the mean: p-norms are homogeneous, so |sum| / n (one pass, and

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import zmq
 
+from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.consistency import RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
@@ -346,7 +347,7 @@ class ParameterServer:
         # worker's own test at the cast names what overflowed): a plain fp32 push is
         # applied as torch.optim would apply it, without a pass over it to check.
         if msg.nonfinite or (msg.scale != 1.0
-                             and not all(bool(torch.isfinite(g).all()) for g in grads)):
+                             and not all(all_finite(g) for g in grads)):
             self.stats["skipped"] += 1
             self._send_params(peer, msg.req, answer, msg.dtype, skipped=True)
             policy.counted(states, msg.worker, msg.clock)  # a refused push still ends the clock
@@ -509,10 +510,10 @@ class ParameterServer:
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1) -> None:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
-        A half-width gradient (one worker, unscaled) is applied as it came when the rule
-        takes it (plain SGD, no backup to send it to); else cast into the fp32 buffer."""
-        if grad.dtype != torch.float32 and (self.replication.peer is not None
-                                            or not st.rule.takes_half(st.hparams)):
+        A half-width gradient (one worker, unscaled) is cast into the fp32 buffer first:
+        a cast and an fp32 ``add_`` cost less than one mixed-dtype ``add_`` (torch 2.13 CPU,
+        benchmarks/README.md, precision.py), with the same bits."""
+        if grad.dtype != torch.float32:
             grad = st.buffer().copy_(grad)
             if self.costs is not None:
                 self.costs.lap("copy")
