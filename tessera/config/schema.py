@@ -53,10 +53,20 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     admit_after: int = 1
     #: Rows untouched for this many clocks are dropped (0: never).
     evict_after: int = 0
+    #: Pull the next step's table rows while this step finishes (the built-in trainer
+    #: names its next batch; see tessera.parallel.prefetch). Sync: bit-identical.
+    prefetch: bool = False
+    #: A cache of hot table rows on each worker, this many rows per table (0: none),
+    #: served while at most cache_staleness clocks old (sync: 0; ssp: <= staleness).
+    cache_rows: int = 0
+    cache_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1 or self.embedding_lr <= 0:
             raise ValueError("embedding_dim must be >= 1 and embedding_lr > 0")
+        if self.cache_rows < 0 or self.cache_staleness < 0:
+            raise ValueError(f"cache_rows and cache_staleness must be >= 0, got "
+                             f"{self.cache_rows}, {self.cache_staleness}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if len(self.channels) != 2 or any(c < 1 for c in self.channels):

@@ -57,6 +57,10 @@ class ShardedEmbeddingBase(nn.Module):
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         #: (ids, unique ids, inverse, rows) pulled ahead by :func:`pull_tables`.
         self._prefetched: Optional[tuple] = None
+        #: A worker cache of hot rows (use_cache), or None.
+        self._cache = None
+        #: While prefetch() runs the model dry: the ids tensors this table was called with.
+        self._recording: Optional[list] = None
 
     @property
     def name(self) -> str:
@@ -91,33 +95,30 @@ class ShardedEmbeddingBase(nn.Module):
         uniq, inverse = torch.unique(flat, return_inverse=True)
         return uniq.numpy(), inverse
 
+    def use_cache(self, rows: int, staleness: int) -> None:
+        """Keep up to ``rows`` hot rows on this worker, served while at most ``staleness``
+        clocks old (:class:`~tessera.parallel.table_cache.RowCache`); 0 rows: no cache."""
+        from tessera.parallel.table_cache import RowCache
+        self._cache = (RowCache(rows, staleness, self.embedding_dim, torch.float32)
+                       if rows > 0 else None)
+
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ready = self._prefetched
-        self._prefetched = None
+        if self._recording is not None:  # a dry run naming the next step's lookups
+            if not any(r is ids for r in self._recording):
+                self._recording.append(ids)
+            zeros = torch.zeros(1, self.embedding_dim, dtype=self._ps.param_dtype,
+                                device=self._ps.device)
+            return zeros, torch.zeros(ids.shape, dtype=torch.int64, device=self._ps.device)
         if ready is not None and (ready[0] is ids or (ready[0].shape == ids.shape and
                                                       torch.equal(ready[0], ids))):
-            _, uniq_np, inverse, rows = ready  # pulled by pull_tables()
-        else:
+            self._prefetched = None
+            _, uniq_np, inverse, pull, k = ready  # sent by pull_tables() / prefetch
+            rows = pull.take(k)
+        else:  # (a prefetch for other ids stays for the lookup it names)
             uniq_np, inverse = self._plan(ids)
-            rows = self._pull(uniq_np)
+            rows = _Pull([(self, uniq_np)], self._ps.clock_fn()).take(0)
         return self._rows(uniq_np, rows), inverse.reshape(ids.shape).to(self._ps.device)
-
-    def _pull(self, uniq_np: np.ndarray) -> torch.Tensor:
-        ps = self._ps
-        num_servers = len(ps.client.servers)
-        owners = owner_of(uniq_np, num_servers)
-        clock = ps.clock_fn()
-        handles = []
-        for s in range(num_servers):
-            mask = owners == s
-            if mask.any():
-                handles.append((mask, ps.client.pull_rows(self.name, s, uniq_np[mask], clock,
-                                                           dim=self.embedding_dim)))
-        rows = torch.empty(len(uniq_np), self.embedding_dim, dtype=ps.param_dtype)
-        for mask, h in handles:
-            rows[torch.from_numpy(mask)] = h.wait().reshape(-1, self.embedding_dim).to(
-                ps.param_dtype)
-        return rows
 
     def _rows(self, uniq_np: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self._ps.device)
@@ -184,15 +185,71 @@ def push_tables(tables, clock: int, scale: float = 1.0) -> list:
     return handles
 
 
-def pull_tables(lookups) -> None:
-    """Pull the rows of several tables' next lookups in one message per server.
+class _Pull:
+    """The rows of several tables' unique ids for one clock, asked of the servers at once
+    (one message per server, whatever the number of tables) and taken later:
+    :meth:`take` waits for the replies (the first call waits for all of them).
 
-    ``lookups`` is ``[(table, ids), ...]``, the tables and the ids tensors the model's
-    forward is about to call them with (``model.user(u)``, ``model.user_bias(u)``, ...).
-    Ids that hash to one server go in one request, and tables looked up with the same
-    ids send them once; each table's next call with those ids (the same tensor, or an
-    equal one) uses the rows pulled here instead of pulling again."""
-    lookups = [(t, ids) for t, ids in lookups]
+    Ids a table's :class:`~tessera.parallel.table_cache.RowCache` holds fresh enough for
+    ``clock`` are not asked for; the rows pulled go into the cache, stamped ``clock``."""
+
+    def __init__(self, items: list, clock: int):
+        self.items, self.clock = items, clock  # [(table, unique ids), ...]
+        ps = items[0][0]._ps
+        num_servers = len(ps.client.servers)
+        self.rows, self.asks = [], []  # per item: its rows; the ids pulled and their mask
+        for t, uniq in items:
+            rows = torch.empty(len(uniq), t.embedding_dim, dtype=t._ps.param_dtype)
+            ask = np.ones(len(uniq), dtype=bool)
+            if t._cache is not None and len(uniq):
+                hit, cached = t._cache.lookup(uniq, clock)
+                rows[torch.from_numpy(hit)] = cached.to(rows.dtype)
+                ask = ~hit
+            self.rows.append(rows)
+            self.asks.append(ask)
+        owners = [owner_of(u[m], num_servers) for (_, u), m in zip(items, self.asks)]
+        self.pulls = []  # (server, [(item, mask among the asked ids)], handle)
+        for s in range(num_servers):
+            asked = [(k, o == s) for k, o in enumerate(owners)]
+            asked = [(k, m) for k, m in asked if m.any()]
+            if len(asked) == 1:
+                (k, m), = asked
+                t = items[k][0]
+                h = ps.client.pull_rows(t.name, s, items[k][1][self.asks[k]][m], clock,
+                                        dim=t.embedding_dim)
+                self.pulls.append((asked, h, False))
+            elif asked:
+                requests = [(items[k][0].name, items[k][1][self.asks[k]][m],
+                             items[k][0].embedding_dim) for k, m in asked]
+                self.pulls.append((asked, ps.client.pull_tables(s, requests, clock), True))
+        self._taken = False
+
+    def take(self, k: int) -> torch.Tensor:
+        if not self._taken:
+            self._taken = True
+            got = [torch.empty(int(m.sum()), t.embedding_dim) for (t, _), m in
+                   zip(self.items, self.asks)]
+            for asked, h, many in self.pulls:
+                answers = h.wait() if many else [h.wait()]
+                for (j, m), rows in zip(asked, answers):
+                    t = self.items[j][0]
+                    got[j][torch.from_numpy(m)] = rows.reshape(-1, t.embedding_dim).to(
+                        torch.float32)
+            for (t, uniq), rows, ask, pulled in zip(self.items, self.rows, self.asks, got):
+                rows[torch.from_numpy(ask)] = pulled.to(rows.dtype)
+                if t._cache is not None:
+                    t._cache.insert(uniq[ask], pulled, self.clock)
+            self.pulls = []
+        return self.rows[k]
+
+
+def issue_pulls(lookups, clock: Optional[int] = None) -> None:
+    """Send the pulls of several tables' next lookups (``[(table, ids tensor), ...]``)
+    for ``clock`` (default: the current one) without waiting; each table's next call
+    with those ids (the same tensor, or an equal one) takes the rows then. A table
+    already holding a prefetch that was never used takes its rows first (the
+    replies of every request are collected)."""
+    lookups = [(t, ids) for t, ids in lookups if t._ps is not None]
     if not lookups:
         return
     names = [t.name for t, _ in lookups]
@@ -200,26 +257,46 @@ def pull_tables(lookups) -> None:
         raise ValueError(f"pull_tables: table {sorted(n for n in names if names.count(n) > 1)[0]!r}"
                          f" appears twice; pass each table once with all its ids")
     plans = [(t, ids, *t._plan(ids)) for t, ids in lookups]
-    ps = lookups[0][0]._ps
-    num_servers = len(ps.client.servers)
-    clock = ps.clock_fn()
-    owners = [owner_of(u, num_servers) for _, _, u, _ in plans]
-    pulls = []
-    for s in range(num_servers):
-        masks = [o == s for o in owners]
-        asked = [(k, m) for k, m in enumerate(masks) if m.any()]
-        if asked:
-            requests = [(plans[k][0].name, plans[k][2][m], plans[k][0].embedding_dim)
-                        for k, m in asked]
-            pulls.append((asked, ps.client.pull_tables(s, requests, clock)))
-    rows = [torch.empty(len(u), t.embedding_dim, dtype=t._ps.param_dtype)
-            for t, _, u, _ in plans]
-    for asked, h in pulls:
-        for (k, m), got in zip(asked, h.wait()):
-            t = plans[k][0]
-            rows[k][torch.from_numpy(m)] = got.reshape(-1, t.embedding_dim).to(t._ps.param_dtype)
-    for (t, ids, u, inverse), r in zip(plans, rows):
-        t._prefetched = (ids, u, inverse, r)
+    for t, _ in lookups:
+        if t._prefetched is not None:  # never used: drain its replies
+            t._prefetched[3].take(t._prefetched[4])
+            t._prefetched = None
+    pull = _Pull([(t, u) for t, _, u, _ in plans],
+                 lookups[0][0]._ps.clock_fn() if clock is None else clock)
+    for k, (t, ids, u, inverse) in enumerate(plans):
+        t._prefetched = (ids, u, inverse, pull, k)
+
+
+def pull_tables(lookups) -> None:
+    """Pull the rows of several tables' next lookups in one message per server.
+
+    ``lookups`` is ``[(table, ids), ...]``, the tables and the ids tensors the model's
+    forward is about to call them with (``model.user(u)``, ``model.user_bias(u)``, ...).
+    Ids that hash to one server go in one request, and tables looked up with the same
+    ids send them once; each table's next call with those ids (the same tensor, or an
+    equal one) uses the rows pulled here instead of pulling again. The requests go out
+    at once and the replies are taken by those calls (so the forward's own work before
+    them overlaps the round trip)."""
+    issue_pulls(lookups)
+
+
+def record_lookups(module: nn.Module, tables, inputs: tuple) -> list:
+    """The (table, ids) lookups ``module(*inputs)`` makes: ``module.table_lookups(*inputs)``
+    when the module defines it, else a dry run of its forward (no gradients, the tables
+    answering zeros without pulling). A table called twice in one forward is listed
+    with its first ids (its second lookup pulls as usual)."""
+    if hasattr(module, "table_lookups"):
+        return list(module.table_lookups(*inputs))
+    tables = [t for t in tables if t._ps is not None]
+    for t in tables:
+        t._recording = []
+    try:
+        with torch.no_grad():
+            module(*inputs)
+        return [(t, t._recording[0]) for t in tables if t._recording]
+    finally:
+        for t in tables:
+            t._recording = None
 
 
 class ShardedEmbedding(ShardedEmbeddingBase):

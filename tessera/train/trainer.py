@@ -145,13 +145,22 @@ def main(data=None) -> None:
     t_window, samples_window = t_start, 0
     loss_value = float("nan")
     eval_s = 0.0
+    # [model] prefetch: name the next batch (not under speed balancing: its split moves)
+    prefetch, ahead = cfg.model.prefetch and balance is None, None
     for step in range(first_step + 1, steps + 1):
         if balance is not None:
             balance.begin()
         with prof.span("data", "data"):
-            inputs, target = task.batch(step - 1, device)
+            if ahead is not None and ahead[0] == step - 1:
+                inputs, target = ahead[1]  # named to model.prefetch last step
+            else:
+                inputs, target = task.batch(step - 1, device)
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
+        if prefetch and step < steps:  # the next batch's rows leave with this step's pushes
+            with prof.span("data", "data"):
+                ahead = (step, task.batch(step, device))
+            model.prefetch(*ahead[1][0])
         if balance is not None:
             balance.computed()
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
