@@ -374,6 +374,14 @@ class JobConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"cluster.servers (--servers) is {self.cluster.servers}, but mode "
                              f"'allreduce' runs without parameter servers: pass --servers 0 "
                              f"(or --mode hybrid to keep sharded tables on servers)")
+        k = self.model.cache_staleness
+        if k and self.model.cache_rows and (self.ps.mode == "sync" or (
+                self.ps.mode in ("ssp", "hybrid") and self.ps.staleness < k
+                and (self.ps.mode == "ssp" or self.ps.staleness))):
+            raise ValueError(f"model.cache_staleness ({k}) is more than the job allows: sync "
+                             f"mode serves rows of the current clock only (0), ssp and hybrid "
+                             f"at most ps.staleness ({self.ps.staleness}, --staleness) clocks "
+                             f"old; lower cache_staleness")
         pp = self.pipeline
         if pp.stages > 1:
             if self.cluster.workers % pp.stages:
