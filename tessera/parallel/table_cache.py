@@ -64,39 +64,36 @@ class RowCache:
         return found, self.rows[torch.from_numpy(slots)]
 
     def insert(self, ids: np.ndarray, rows: torch.Tensor, clock: int) -> None:
-        """Store freshly pulled rows of unique ``ids`` (pulled for ``clock``)."""
+        """Store freshly pulled rows of unique, increasing ``ids`` (pulled for ``clock``)."""
         if not len(ids):
             return
         if len(ids) > self.capacity:  # keep the last ones (any subset is correct)
             ids, rows = ids[-self.capacity:], rows[-self.capacity:]
         found, pos = self._find(ids)
-        old = self.slot[pos[found]]
         new_ids = ids[~found]
-        short = len(new_ids) - len(self.free)
-        if short > 0:
-            self._evict(short, keep=old)
+        self.used[self.slot[pos[found]]] = self._tick  # refreshed now: evicted last
+        while len(new_ids) > len(self.free):  # make room in bulk (an eighth of the cache)
+            self._evict(min(max(len(new_ids) - len(self.free), self.capacity // 8),
+                            len(self.keys)))
             found, pos = self._find(ids)
-            old = self.slot[pos[found]]
-        new_slots = self.free[len(self.free) - len(new_ids):][::-1].copy()
-        self.free = self.free[:len(self.free) - len(new_ids)]
+            new_ids = ids[~found]
+        take = len(self.free) - len(new_ids)
+        new_slots = self.free[take:].copy()
+        self.free = self.free[:take]
         slots = np.empty(len(ids), dtype=np.int64)
-        slots[found], slots[~found] = old, new_slots
+        slots[found], slots[~found] = self.slot[pos[found]], new_slots
         self.rows[torch.from_numpy(slots)] = rows.to(self.rows.dtype)
         self.fetched[slots] = clock
         self.used[slots] = self._tick
-        if len(new_ids):
-            keys = np.concatenate([self.keys, new_ids])
-            order = np.argsort(keys, kind="stable")
-            self.keys = keys[order]
-            self.slot = np.concatenate([self.slot, new_slots])[order]
+        if len(new_ids):  # a merge: both sides are sorted
+            at = pos[~found]
+            self.keys = np.insert(self.keys, at, new_ids)
+            self.slot = np.insert(self.slot, at, new_slots)
 
-    def _evict(self, count: int, keep: np.ndarray) -> None:
-        """Free the ``count`` least recently used slots (never those in ``keep``)."""
-        used = self.used[self.slot].copy()
-        used[np.isin(self.slot, keep)] = np.iinfo(np.int64).max
+    def _evict(self, count: int) -> None:
+        """Free the ``count`` least recently used slots."""
+        used = self.used[self.slot]
         drop = np.argpartition(used, count - 1)[:count] if count < len(used) \
             else np.arange(len(used))
-        mask = np.ones(len(self.keys), dtype=bool)
-        mask[drop] = False
         self.free = np.concatenate([self.free, self.slot[drop]])
-        self.keys, self.slot = self.keys[mask], self.slot[mask]
+        self.keys, self.slot = np.delete(self.keys, drop), np.delete(self.slot, drop)
