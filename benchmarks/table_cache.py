@@ -12,7 +12,7 @@ Systems (the same batches, made before the clock starts; one torch thread each):
 * ``tessera_cached``: ``tessera launch --mode hybrid --workers 1 --servers 1`` (dense
   weights on the worker, the table on the server, as PERSIA does), batches through
   ``tessera.nn.prefetching`` (step t+1's rows pulled with step t's pushes) and
-  ``[model] cache_rows = 200000, cache_staleness = 4``.
+  ``[model] cache_rows = 50000, cache_staleness = 4``.
 * ``tessera_prefetch``: the same, prefetch without the cache.
 * ``tessera``: the same job, neither.
 * ``local``: one plain process, ``nn.EmbeddingBag(V, 64, sparse=True)`` over the V
@@ -49,7 +49,7 @@ from _machine import busy_s as _busy_s, foreign_cpu_pct, log as _log, own_s as _
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "_table_cache_worker.py"
 SYSTEMS = ("tessera_cached", "tessera_prefetch", "tessera", "local")
-CACHE_ROWS, CACHE_STALENESS = 200_000, 4
+CACHE_ROWS, CACHE_STALENESS = 50_000, 4
 
 
 def run_one(system: str, tmp: Path, steps: int, warmup: int, timeout: float) -> dict:

@@ -55,8 +55,9 @@ class ShardedEmbeddingBase(nn.Module):
         self.num_embeddings = num_embeddings
         self._ps: Optional[_Attached] = None
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        #: (ids, unique ids, inverse, rows) pulled ahead by :func:`pull_tables`.
-        self._prefetched: Optional[tuple] = None
+        #: Lookups pulled ahead (:func:`issue_pulls`), oldest first, at most
+        #: MAX_AHEAD: (ids, unique ids, inverse, the _Pull, this table's index in it).
+        self._prefetched: list[tuple] = []
         #: A worker cache of hot rows (use_cache), or None.
         self._cache = None
         #: While prefetch() runs the model dry: the ids tensors this table was called with.
@@ -103,21 +104,22 @@ class ShardedEmbeddingBase(nn.Module):
                        if rows > 0 else None)
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ready = self._prefetched
         if self._recording is not None:  # a dry run naming the next step's lookups
             if not any(r is ids for r in self._recording):
                 self._recording.append(ids)
             zeros = torch.zeros(1, self.embedding_dim, dtype=self._ps.param_dtype,
                                 device=self._ps.device)
             return zeros, torch.zeros(ids.shape, dtype=torch.int64, device=self._ps.device)
-        if ready is not None and (ready[0] is ids or (ready[0].shape == ids.shape and
-                                                      torch.equal(ready[0], ids))):
-            self._prefetched = None
-            _, uniq_np, inverse, pull, k = ready  # sent by pull_tables() / prefetch
-            rows = pull.take(k)
+        for n, ready in enumerate(self._prefetched):
+            if ready[0] is ids or (ready[0].shape == ids.shape and torch.equal(ready[0], ids)):
+                del self._prefetched[n]
+                _, uniq_np, inverse, pull, k = ready  # sent by pull_tables() / prefetch
+                rows = pull.take(k)
+                break
         else:  # (a prefetch for other ids stays for the lookup it names)
             uniq_np, inverse = self._plan(ids)
-            rows = _Pull([(self, uniq_np)], self._ps.clock_fn()).take(0)
+            clock = self._ps.clock_fn()
+            rows = _Pull([(self, uniq_np)], clock, clock).take(0)
         return self._rows(uniq_np, rows), inverse.reshape(ids.shape).to(self._ps.device)
 
     def _rows(self, uniq_np: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
@@ -191,9 +193,10 @@ class _Pull:
     :meth:`take` waits for the replies (the first call waits for all of them).
 
     Ids a table's :class:`~tessera.parallel.table_cache.RowCache` holds fresh enough for
-    ``clock`` are not asked for; the rows pulled go into the cache, stamped ``clock``."""
+    ``use_clock`` (the clock of the lookup that will take them) are not asked for; the
+    rows pulled go into the cache, stamped ``clock``."""
 
-    def __init__(self, items: list, clock: int):
+    def __init__(self, items: list, clock: int, use_clock: int):
         self.items, self.clock = items, clock  # [(table, unique ids), ...]
         ps = items[0][0]._ps
         num_servers = len(ps.client.servers)
@@ -202,7 +205,7 @@ class _Pull:
             rows = torch.empty(len(uniq), t.embedding_dim, dtype=t._ps.param_dtype)
             ask = np.ones(len(uniq), dtype=bool)
             if t._cache is not None and len(uniq):
-                hit, cached = t._cache.lookup(uniq, clock)
+                hit, cached = t._cache.lookup(uniq, use_clock)
                 rows[torch.from_numpy(hit)] = cached.to(rows.dtype)
                 ask = ~hit
             self.rows.append(rows)
@@ -243,12 +246,17 @@ class _Pull:
         return self.rows[k]
 
 
-def issue_pulls(lookups, clock: Optional[int] = None) -> None:
+#: Prefetched lookups a table keeps waiting for their forward (older ones are dropped).
+MAX_AHEAD = 2
+
+
+def issue_pulls(lookups, clock: Optional[int] = None, use_clock: Optional[int] = None) -> None:
     """Send the pulls of several tables' next lookups (``[(table, ids tensor), ...]``)
     for ``clock`` (default: the current one) without waiting; each table's next call
-    with those ids (the same tensor, or an equal one) takes the rows then. A table
-    already holding a prefetch that was never used takes its rows first (the
-    replies of every request are collected)."""
+    with those ids (the same tensor, or an equal one) takes the rows then, at
+    ``use_clock`` (default ``clock``: the cache serves rows fresh enough for it). A
+    table keeps at most MAX_AHEAD such lookups; an older one never used is dropped
+    (its replies taken first)."""
     lookups = [(t, ids) for t, ids in lookups if t._ps is not None]
     if not lookups:
         return
@@ -258,13 +266,14 @@ def issue_pulls(lookups, clock: Optional[int] = None) -> None:
                          f" appears twice; pass each table once with all its ids")
     plans = [(t, ids, *t._plan(ids)) for t, ids in lookups]
     for t, _ in lookups:
-        if t._prefetched is not None:  # never used: drain its replies
-            t._prefetched[3].take(t._prefetched[4])
-            t._prefetched = None
-    pull = _Pull([(t, u) for t, _, u, _ in plans],
-                 lookups[0][0]._ps.clock_fn() if clock is None else clock)
+        while len(t._prefetched) >= MAX_AHEAD:  # never used: drain its replies
+            old = t._prefetched.pop(0)
+            old[3].take(old[4])
+    clock = lookups[0][0]._ps.clock_fn() if clock is None else clock
+    pull = _Pull([(t, u) for t, _, u, _ in plans], clock,
+                 clock if use_clock is None else use_clock)
     for k, (t, ids, u, inverse) in enumerate(plans):
-        t._prefetched = (ids, u, inverse, pull, k)
+        t._prefetched.append((ids, u, inverse, pull, k))
 
 
 def pull_tables(lookups) -> None:

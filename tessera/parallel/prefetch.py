@@ -49,7 +49,12 @@ def name_next(model, tables, inputs: tuple, after_push: bool) -> None:
     the step's pushes (:func:`send_named`)."""
     lookups = _dry_run_lookups(model.module, tables, tuple(inputs))
     clock = None if after_push else model._prefetch_clock()
-    if clock is None:
+    if clock is None and all(t._cache is not None and t._cache.staleness >= 1 for t in tables):
+        # Rows may be a clock old: pull them now, while this step computes (for the
+        # current clock, so they count as one clock old when the next step takes them).
+        model._next_lookups = None
+        issue_pulls(lookups, model.clock, model.clock + 1)
+    elif clock is None:
         model._next_lookups = lookups
     else:
         model._next_lookups = None

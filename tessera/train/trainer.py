@@ -155,12 +155,12 @@ def main(data=None) -> None:
                 inputs, target = ahead[1]  # named to model.prefetch last step
             else:
                 inputs, target = task.batch(step - 1, device)
+        if prefetch and step < steps:  # the next batch's rows: with this step's pushes
+            with prof.span("data", "data"):  # (or now, where rows may be a clock old)
+                ahead = (step, task.batch(step, device))
+            model.prefetch(*ahead[1][0], after_push=True)
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
-        if prefetch and step < steps:  # the next batch's rows leave with this step's pushes
-            with prof.span("data", "data"):
-                ahead = (step, task.batch(step, device))
-            model.prefetch(*ahead[1][0])
         if balance is not None:
             balance.computed()
         model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
