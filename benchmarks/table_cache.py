@@ -23,7 +23,8 @@ Each round runs every system once, in turn (rotated each round); samples/s is ti
 inside the process over the steps after the warm-up (startup excluded). Reported: the
 median over rounds, ``<system>_vs_local`` ratios of medians, each system's worker CPU
 microseconds per sample (``*_cpu_us_per_sample``: the worker process only; for Tessera
-the server's CPU is not included), the cache hit rate (lookups of unique ids served
+the server's CPU is not included) and ``*_vs_local_cpu`` (local's CPU per sample over the
+worker's: what the ratio would be with the server on a core of its own and no other load), the cache hit rate (lookups of unique ids served
 by the cache), and ``foreign_cpu_pct`` (other processes' share of the machine meanwhile).
 Writes ``table_cache.png`` (samples/s per round and system) next to ``--png`` if
 matplotlib imports.
@@ -119,6 +120,10 @@ def main(argv=None) -> int:
     for system in SYSTEMS[:-1]:
         if local and f"{system}_samples_per_s" in row:
             row[f"{system}_vs_local"] = row[f"{system}_samples_per_s"] / local
+    for system in SYSTEMS[:-1]:  # worker CPU only: the bound an idle machine could give
+        if f"{system}_cpu_us_per_sample" in row and "local_cpu_us_per_sample" in row:
+            row[f"{system}_vs_local_cpu"] = (row["local_cpu_us_per_sample"]
+                                             / row[f"{system}_cpu_us_per_sample"])
     if "tessera_cached_samples_per_s" in row and "tessera_samples_per_s" in row:
         row["cached_vs_plain"] = row["tessera_cached_samples_per_s"] / row["tessera_samples_per_s"]
     row["foreign_cpu_pct"] = round(foreign_cpu_pct(busy0, own0, wall), 1)

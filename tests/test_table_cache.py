@@ -94,3 +94,37 @@ def test_cache_serves_no_row_older_than_its_bound(tmp_path):
     code, output, _ = _launch(tmp_path, "bad", cache.format(3), "--mode", "ssp",
                               "--staleness", 2)
     assert code != 0 and "model.cache_staleness (3)" in output and "Traceback" not in output
+
+
+def test_cache_and_prefetch_on_the_wire():
+    """In process, real sockets: what a table sends. A prefetch is one PullRows and the
+    forward sends none; cached rows are served without a pull while fresh enough, and
+    pulled again (only the stale ones) after."""
+    import numpy as np
+    import torch
+
+    from tessera.parallel.embedding import ShardedEmbedding, _Attached, issue_pulls
+    from tests.test_table_batching import sent_frames, start
+    srv, (c0,), close = start("async", 1)
+    try:
+        clock = [0]
+        users = ShardedEmbedding(None, 4, name="users")
+        users.attach(_Attached(c0, lambda: clock[0], torch.float32, "cpu"))
+        users.use_cache(rows=3, staleness=2)
+        seen = sent_frames(c0)
+        ids = torch.tensor([3, 8, 40])
+        issue_pulls([(users, ids)])
+        first = users(ids).detach()
+        assert [kind for kind, _ in seen] == ["PullRows"]
+        truth = c0.pull_rows("users", 0, np.array([3, 8, 40]), 0).wait().reshape(3, 4)
+        assert torch.equal(first, truth)
+        seen.clear()
+        clock[0] = 2  # within the bound: no pull, the cached rows
+        assert torch.equal(users(torch.tensor([8, 3])).detach(), truth[[1, 0]])
+        assert seen == []
+        clock[0] = 3  # 3 and 8 were last pulled for clock 0: too old now; 40 unused
+        users(torch.tensor([3, 8, 41])).detach()
+        assert [kind for kind, _ in seen] == ["PullRows"]
+        assert users._cache.keys.tolist() == [3, 8, 41]  # 40 (least recently used) evicted
+    finally:
+        close()
