@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ax.set_title("EmbeddingBag + MLP, Zipf ids in 10^7 rows")
     ax.legend()
     fig.tight_layout()
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png)
     _log(f"wrote {args.png}")
     return 0

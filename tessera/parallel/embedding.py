@@ -200,48 +200,61 @@ class _Pull:
         self.items, self.clock = items, clock  # [(table, unique ids), ...]
         ps = items[0][0]._ps
         num_servers = len(ps.client.servers)
-        self.rows, self.asks = [], []  # per item: its rows; the ids pulled and their mask
+        # Per item: rows served by its cache (or None) and the ids still to pull.
+        self.cached, self.asks = [], []
         for t, uniq in items:
-            rows = torch.empty(len(uniq), t.embedding_dim, dtype=t._ps.param_dtype)
-            ask = np.ones(len(uniq), dtype=bool)
+            cached = None
             if t._cache is not None and len(uniq):
-                hit, cached = t._cache.lookup(uniq, use_clock)
-                rows[torch.from_numpy(hit)] = cached.to(rows.dtype)
-                ask = ~hit
-            self.rows.append(rows)
-            self.asks.append(ask)
-        owners = [owner_of(u[m], num_servers) for (_, u), m in zip(items, self.asks)]
-        self.pulls = []  # (server, [(item, mask among the asked ids)], handle)
+                hit, rows = t._cache.lookup(uniq, use_clock)
+                if hit.any():
+                    cached = (hit, rows)
+            self.cached.append(cached)
+            self.asks.append(uniq if cached is None else uniq[~cached[0]])
+        owners = [owner_of(a, num_servers) for a in self.asks]
+        self.pulls = []  # ([(item, mask among its asked ids)], handle, several tables)
         for s in range(num_servers):
             asked = [(k, o == s) for k, o in enumerate(owners)]
             asked = [(k, m) for k, m in asked if m.any()]
             if len(asked) == 1:
                 (k, m), = asked
                 t = items[k][0]
-                h = ps.client.pull_rows(t.name, s, items[k][1][self.asks[k]][m], clock,
-                                        dim=t.embedding_dim)
+                ids = self.asks[k] if m.all() else self.asks[k][m]
+                h = ps.client.pull_rows(t.name, s, ids, clock, dim=t.embedding_dim)
                 self.pulls.append((asked, h, False))
             elif asked:
-                requests = [(items[k][0].name, items[k][1][self.asks[k]][m],
-                             items[k][0].embedding_dim) for k, m in asked]
+                requests = [(items[k][0].name, self.asks[k][m], items[k][0].embedding_dim)
+                            for k, m in asked]
                 self.pulls.append((asked, ps.client.pull_tables(s, requests, clock), True))
-        self._taken = False
+        self.rows: list = []
 
     def take(self, k: int) -> torch.Tensor:
-        if not self._taken:
-            self._taken = True
-            got = [torch.empty(int(m.sum()), t.embedding_dim) for (t, _), m in
-                   zip(self.items, self.asks)]
+        if not self.rows:
+            got: list = [None] * len(self.items)
             for asked, h, many in self.pulls:
                 answers = h.wait() if many else [h.wait()]
                 for (j, m), rows in zip(asked, answers):
                     t = self.items[j][0]
-                    got[j][torch.from_numpy(m)] = rows.reshape(-1, t.embedding_dim).to(
-                        torch.float32)
-            for (t, uniq), rows, ask, pulled in zip(self.items, self.rows, self.asks, got):
-                rows[torch.from_numpy(ask)] = pulled.to(rows.dtype)
+                    rows = rows.reshape(-1, t.embedding_dim)
+                    if m.all():  # one server held every id asked: its reply, copied once
+                        got[j] = rows.to(torch.float32, copy=True)
+                        continue
+                    if got[j] is None:
+                        got[j] = torch.empty(len(m), t.embedding_dim)
+                    got[j][torch.from_numpy(m)] = rows.to(torch.float32)
+            for (t, uniq), cached, ask, pulled in zip(self.items, self.cached, self.asks, got):
+                dtype = t._ps.param_dtype
+                if pulled is None:
+                    pulled = torch.empty(0, t.embedding_dim)
                 if t._cache is not None:
-                    t._cache.insert(uniq[ask], pulled, self.clock)
+                    t._cache.insert(ask, pulled, self.clock)
+                if cached is None:
+                    self.rows.append(pulled.to(dtype))
+                    continue
+                hit, rows_hit = cached
+                rows = torch.empty(len(uniq), t.embedding_dim, dtype=dtype)
+                rows[torch.from_numpy(hit)] = rows_hit.to(dtype)
+                rows[torch.from_numpy(~hit)] = pulled.to(dtype)
+                self.rows.append(rows)
             self.pulls = []
         return self.rows[k]
 
