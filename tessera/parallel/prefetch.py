@@ -16,6 +16,11 @@ When the pulls go out, and what they see (per mode):
   prefetch, and the pull's round trip overlaps the wait for the step's replies. In
   async, ssp and hybrid modes a server handles one worker's requests in order, so the
   rows include this worker's push of t (and the others' as they came, as before).
+* Where every table has a cache allowed to be >= 1 clock stale (async, ssp, hybrid;
+  ``[model] cache_staleness``): at once, even during step t's forward (the trainer and
+  :func:`prefetching` name batch t+1 before it), for clock t; the rows then overlap
+  step t's compute and count as one clock old when step t+1 takes them (within the
+  bound), and cache hits must be fresh enough for clock t+1.
 * Named between steps: at once, for the coming clock.
 
 Step t+1's forward with those ids (the same tensors, or equal ones) takes the replies;
