@@ -1,9 +1,9 @@
 """Prefetch and the worker row cache of sharded tables (issue 16 item 1), on real
 clusters.
 
-* Sync mode with ``[model] prefetch = true`` trains MovieLens to bit-identical final
-  values (``final.safetensors``) as without; ssp with prefetch and a cache 2 clocks
-  stale reaches the same quality.
+* Sync mode with ``[model] prefetch = true`` (the default) trains MovieLens to
+  bit-identical final values (``final.safetensors``) as with ``prefetch = false``; ssp
+  with prefetch and a cache 2 clocks stale reaches the same quality.
 * The cache never serves a row older than ``cache_staleness`` clocks, checked on the
   values the model saw (tests/scripts/cache_staleness.py: every push lowers a row by
   exactly 1, so a value tells the clock it was pulled for), and it does serve stale
@@ -31,7 +31,8 @@ def _movielens(tmp_path, name: str, extra: str) -> str:
 
 
 def test_movielens_prefetch_sync_bit_identical_and_cached_ssp_same_quality(tmp_path):
-    plain = run_job(_movielens(tmp_path, "plain", ""), tmp_path / "plain", timeout_s=240)
+    plain = run_job(_movielens(tmp_path, "plain", "prefetch = false"), tmp_path / "plain",
+                    timeout_s=240)
     pre = run_job(_movielens(tmp_path, "pre", "prefetch = true"), tmp_path / "pre",
                   timeout_s=240)
     assert pre["config"]["model"]["prefetch"] is True

@@ -54,8 +54,9 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     #: Rows untouched for this many clocks are dropped (0: never).
     evict_after: int = 0
     #: Pull the next step's table rows while this step finishes (the built-in trainer
-    #: names its next batch; see tessera.parallel.prefetch). Sync: bit-identical.
-    prefetch: bool = False
+    #: names its next batch; see tessera.parallel.prefetch). Sync: bit-identical
+    #: (MovieLens sync: 1.4-1.5x samples/s, benchmarks/README.md).
+    prefetch: bool = True
     #: A cache of hot table rows on each worker, this many rows per table (0: none),
     #: served while at most cache_staleness clocks old (sync: 0; ssp: <= staleness).
     cache_rows: int = 0

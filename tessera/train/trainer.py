@@ -146,7 +146,8 @@ def main(data=None) -> None:
     loss_value = float("nan")
     eval_s = 0.0
     # [model] prefetch: name the next batch (not under speed balancing: its split moves)
-    prefetch, ahead = cfg.model.prefetch and balance is None, None
+    prefetch = cfg.model.prefetch and balance is None and bool(getattr(model, "tables", None))
+    ahead = None
     for step in range(first_step + 1, steps + 1):
         if balance is not None:
             balance.begin()
