@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/profiler_overhead.py
 	$(BIN)/python benchmarks/sparse_embedding.py
+	$(BIN)/python benchmarks/table_cache.py --timeout 600 --png runs/table_cache.png
 	$(BIN)/python benchmarks/stragglers.py
 	$(BIN)/python benchmarks/allreduce_vs_ps.py
 	$(BIN)/python benchmarks/lm_shakespeare.py

@@ -24,6 +24,7 @@ from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
 from tessera.parallel.embedding import find_tables
+from tessera.parallel.prefetch import configure_caches
 from tessera.parallel.optimizer import DistributedOptimizer, describe, spec_from_optimizer
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.optim import spec_from_config, with_buffers
@@ -56,6 +57,7 @@ def wrap(session: Session, model: torch.nn.Module,
                                  backoff_factor=a.backoff_factor,
                                  growth_interval=a.growth_interval, enabled=policy.loss_scaling))
     tables = find_tables(model)
+    configure_caches(tables, cfg.model, cfg.ps)  # [model] cache_rows, cache_staleness
     if cfg.pipeline.stages > 1:
         if isinstance(opt, torch.optim.Optimizer):
             raise UsageError("pipeline stages build one optimizer per stage from its own "

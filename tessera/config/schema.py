@@ -63,6 +63,14 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     #: MiB of table_memory_mb given to the counting Bloom filter that admits rows
     #: after admit_after lookups (0: a sixteenth of table_memory_mb).
     admission_filter_mb: float = 0
+    #: Pull the next step's table rows while this step finishes (the built-in trainer
+    #: names its next batch; see tessera.parallel.prefetch). Sync: bit-identical
+    #: (MovieLens sync: 1.4-1.5x samples/s, benchmarks/README.md).
+    prefetch: bool = True
+    #: A cache of hot table rows on each worker, this many rows per table (0: none),
+    #: served while at most cache_staleness clocks old (sync: 0; ssp: <= staleness).
+    cache_rows: int = 0
+    cache_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.table_memory_mb < 0 or self.admission_filter_mb < 0 or self.lfu_half_life < 0:
@@ -78,6 +86,9 @@ class ModelConfig(msgspec.Struct, **_STRICT):
                              f"smaller, or set table_memory_mb")
         if self.embedding_dim < 1 or self.embedding_lr <= 0:
             raise ValueError("embedding_dim must be >= 1 and embedding_lr > 0")
+        if self.cache_rows < 0 or self.cache_staleness < 0:
+            raise ValueError(f"cache_rows and cache_staleness must be >= 0, got "
+                             f"{self.cache_rows}, {self.cache_staleness}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if len(self.channels) != 2 or any(c < 1 for c in self.channels):
@@ -421,6 +432,14 @@ class JobConfig(msgspec.Struct, **_STRICT):
             raise ValueError(f"cluster.servers (--servers) is {self.cluster.servers}, but mode "
                              f"'allreduce' runs without parameter servers: pass --servers 0 "
                              f"(or --mode hybrid to keep sharded tables on servers)")
+        k = self.model.cache_staleness
+        if k and self.model.cache_rows and (self.ps.mode == "sync" or (
+                self.ps.mode in ("ssp", "hybrid") and self.ps.staleness < k
+                and (self.ps.mode == "ssp" or self.ps.staleness))):
+            raise ValueError(f"model.cache_staleness ({k}) is more than the job allows: sync "
+                             f"mode serves rows of the current clock only (0), ssp and hybrid "
+                             f"at most ps.staleness ({self.ps.staleness}, --staleness) clocks "
+                             f"old; lower cache_staleness")
         pp = self.pipeline
         if pp.stages > 1:
             if self.cluster.workers % pp.stages:

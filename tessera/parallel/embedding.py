@@ -55,8 +55,13 @@ class ShardedEmbeddingBase(nn.Module):
         self.num_embeddings = num_embeddings
         self._ps: Optional[_Attached] = None
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        #: (ids, unique ids, inverse, rows) pulled ahead by :func:`pull_tables`.
-        self._prefetched: Optional[tuple] = None
+        #: Lookups pulled ahead (:func:`issue_pulls`), oldest first, at most
+        #: MAX_AHEAD: (ids, unique ids, inverse, the _Pull, this table's index in it).
+        self._prefetched: list[tuple] = []
+        #: A worker cache of hot rows (use_cache), or None.
+        self._cache = None
+        #: While prefetch() runs the model dry: the ids tensors this table was called with.
+        self._recording: Optional[list] = None
 
     @property
     def name(self) -> str:
@@ -91,33 +96,31 @@ class ShardedEmbeddingBase(nn.Module):
         uniq, inverse = torch.unique(flat, return_inverse=True)
         return uniq.numpy(), inverse
 
-    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ready = self._prefetched
-        self._prefetched = None
-        if ready is not None and (ready[0] is ids or (ready[0].shape == ids.shape and
-                                                      torch.equal(ready[0], ids))):
-            _, uniq_np, inverse, rows = ready  # pulled by pull_tables()
-        else:
-            uniq_np, inverse = self._plan(ids)
-            rows = self._pull(uniq_np)
-        return self._rows(uniq_np, rows), inverse.reshape(ids.shape).to(self._ps.device)
+    def use_cache(self, rows: int, staleness: int) -> None:
+        """Keep up to ``rows`` hot rows on this worker, served while at most ``staleness``
+        clocks old (:class:`~tessera.parallel.table_cache.RowCache`); 0 rows: no cache."""
+        from tessera.parallel.table_cache import RowCache
+        self._cache = (RowCache(rows, staleness, self.embedding_dim, torch.float32)
+                       if rows > 0 else None)
 
-    def _pull(self, uniq_np: np.ndarray) -> torch.Tensor:
-        ps = self._ps
-        num_servers = len(ps.client.servers)
-        owners = owner_of(uniq_np, num_servers)
-        clock = ps.clock_fn()
-        handles = []
-        for s in range(num_servers):
-            mask = owners == s
-            if mask.any():
-                handles.append((mask, ps.client.pull_rows(self.name, s, uniq_np[mask], clock,
-                                                           dim=self.embedding_dim)))
-        rows = torch.empty(len(uniq_np), self.embedding_dim, dtype=ps.param_dtype)
-        for mask, h in handles:
-            rows[torch.from_numpy(mask)] = h.wait().reshape(-1, self.embedding_dim).to(
-                ps.param_dtype)
-        return rows
+    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._recording is not None:  # a dry run naming the next step's lookups
+            if not any(r is ids for r in self._recording):
+                self._recording.append(ids)
+            zeros = torch.zeros(1, self.embedding_dim, dtype=self._ps.param_dtype,
+                                device=self._ps.device)
+            return zeros, torch.zeros(ids.shape, dtype=torch.int64, device=self._ps.device)
+        for n, ready in enumerate(self._prefetched):
+            if ready[0] is ids or (ready[0].shape == ids.shape and torch.equal(ready[0], ids)):
+                del self._prefetched[n]
+                _, uniq_np, inverse, pull, k = ready  # sent by pull_tables() / prefetch
+                rows = pull.take(k)
+                break
+        else:  # (a prefetch for other ids stays for the lookup it names)
+            uniq_np, inverse = self._plan(ids)
+            clock = self._ps.clock_fn()
+            rows = _Pull([(self, uniq_np)], clock, clock).take(0)
+        return self._rows(uniq_np, rows), inverse.reshape(ids.shape).to(self._ps.device)
 
     def _rows(self, uniq_np: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self._ps.device)
@@ -184,15 +187,90 @@ def push_tables(tables, clock: int, scale: float = 1.0) -> list:
     return handles
 
 
-def pull_tables(lookups) -> None:
-    """Pull the rows of several tables' next lookups in one message per server.
+class _Pull:
+    """The rows of several tables' unique ids for one clock, asked of the servers at once
+    (one message per server, whatever the number of tables) and taken later:
+    :meth:`take` waits for the replies (the first call waits for all of them).
 
-    ``lookups`` is ``[(table, ids), ...]``, the tables and the ids tensors the model's
-    forward is about to call them with (``model.user(u)``, ``model.user_bias(u)``, ...).
-    Ids that hash to one server go in one request, and tables looked up with the same
-    ids send them once; each table's next call with those ids (the same tensor, or an
-    equal one) uses the rows pulled here instead of pulling again."""
-    lookups = [(t, ids) for t, ids in lookups]
+    Ids a table's :class:`~tessera.parallel.table_cache.RowCache` holds fresh enough for
+    ``use_clock`` (the clock of the lookup that will take them) are not asked for; the
+    rows pulled go into the cache, stamped ``clock``."""
+
+    def __init__(self, items: list, clock: int, use_clock: int):
+        self.items, self.clock = items, clock  # [(table, unique ids), ...]
+        ps = items[0][0]._ps
+        num_servers = len(ps.client.servers)
+        # Per item: rows served by its cache (or None) and the ids still to pull.
+        self.cached, self.asks = [], []
+        for t, uniq in items:
+            cached = None
+            if t._cache is not None and len(uniq):
+                hit, rows = t._cache.lookup(uniq, use_clock)
+                if hit.any():
+                    cached = (hit, rows)
+            self.cached.append(cached)
+            self.asks.append(uniq if cached is None else uniq[~cached[0]])
+        owners = [owner_of(a, num_servers) for a in self.asks]
+        self.pulls = []  # ([(item, mask among its asked ids)], handle, several tables)
+        for s in range(num_servers):
+            asked = [(k, o == s) for k, o in enumerate(owners)]
+            asked = [(k, m) for k, m in asked if m.any()]
+            if len(asked) == 1:
+                (k, m), = asked
+                t = items[k][0]
+                ids = self.asks[k] if m.all() else self.asks[k][m]
+                h = ps.client.pull_rows(t.name, s, ids, clock, dim=t.embedding_dim)
+                self.pulls.append((asked, h, False))
+            elif asked:
+                requests = [(items[k][0].name, self.asks[k][m], items[k][0].embedding_dim)
+                            for k, m in asked]
+                self.pulls.append((asked, ps.client.pull_tables(s, requests, clock), True))
+        self.rows: list = []
+
+    def take(self, k: int) -> torch.Tensor:
+        if not self.rows:
+            got: list = [None] * len(self.items)
+            for asked, h, many in self.pulls:
+                answers = h.wait() if many else [h.wait()]
+                for (j, m), rows in zip(asked, answers):
+                    t = self.items[j][0]
+                    rows = rows.reshape(-1, t.embedding_dim)
+                    if m.all():  # one server held every id asked: its reply, copied once
+                        got[j] = rows.to(torch.float32, copy=True)
+                        continue
+                    if got[j] is None:
+                        got[j] = torch.empty(len(m), t.embedding_dim)
+                    got[j][torch.from_numpy(m)] = rows.to(torch.float32)
+            for (t, uniq), cached, ask, pulled in zip(self.items, self.cached, self.asks, got):
+                dtype = t._ps.param_dtype
+                if pulled is None:
+                    pulled = torch.empty(0, t.embedding_dim)
+                if t._cache is not None:
+                    t._cache.insert(ask, pulled, self.clock)
+                if cached is None:
+                    self.rows.append(pulled.to(dtype))
+                    continue
+                hit, rows_hit = cached
+                rows = torch.empty(len(uniq), t.embedding_dim, dtype=dtype)
+                rows[torch.from_numpy(hit)] = rows_hit.to(dtype)
+                rows[torch.from_numpy(~hit)] = pulled.to(dtype)
+                self.rows.append(rows)
+            self.pulls = []
+        return self.rows[k]
+
+
+#: Prefetched lookups a table keeps waiting for their forward (older ones are dropped).
+MAX_AHEAD = 2
+
+
+def issue_pulls(lookups, clock: Optional[int] = None, use_clock: Optional[int] = None) -> None:
+    """Send the pulls of several tables' next lookups (``[(table, ids tensor), ...]``)
+    for ``clock`` (default: the current one) without waiting; each table's next call
+    with those ids (the same tensor, or an equal one) takes the rows then, at
+    ``use_clock`` (default ``clock``: the cache serves rows fresh enough for it). A
+    table keeps at most MAX_AHEAD such lookups; an older one never used is dropped
+    (its replies taken first)."""
+    lookups = [(t, ids) for t, ids in lookups if t._ps is not None]
     if not lookups:
         return
     names = [t.name for t, _ in lookups]
@@ -200,26 +278,47 @@ def pull_tables(lookups) -> None:
         raise ValueError(f"pull_tables: table {sorted(n for n in names if names.count(n) > 1)[0]!r}"
                          f" appears twice; pass each table once with all its ids")
     plans = [(t, ids, *t._plan(ids)) for t, ids in lookups]
-    ps = lookups[0][0]._ps
-    num_servers = len(ps.client.servers)
-    clock = ps.clock_fn()
-    owners = [owner_of(u, num_servers) for _, _, u, _ in plans]
-    pulls = []
-    for s in range(num_servers):
-        masks = [o == s for o in owners]
-        asked = [(k, m) for k, m in enumerate(masks) if m.any()]
-        if asked:
-            requests = [(plans[k][0].name, plans[k][2][m], plans[k][0].embedding_dim)
-                        for k, m in asked]
-            pulls.append((asked, ps.client.pull_tables(s, requests, clock)))
-    rows = [torch.empty(len(u), t.embedding_dim, dtype=t._ps.param_dtype)
-            for t, _, u, _ in plans]
-    for asked, h in pulls:
-        for (k, m), got in zip(asked, h.wait()):
-            t = plans[k][0]
-            rows[k][torch.from_numpy(m)] = got.reshape(-1, t.embedding_dim).to(t._ps.param_dtype)
-    for (t, ids, u, inverse), r in zip(plans, rows):
-        t._prefetched = (ids, u, inverse, r)
+    for t, _ in lookups:
+        while len(t._prefetched) >= MAX_AHEAD:  # never used: drain its replies
+            old = t._prefetched.pop(0)
+            old[3].take(old[4])
+    clock = lookups[0][0]._ps.clock_fn() if clock is None else clock
+    pull = _Pull([(t, u) for t, _, u, _ in plans], clock,
+                 clock if use_clock is None else use_clock)
+    for k, (t, ids, u, inverse) in enumerate(plans):
+        t._prefetched.append((ids, u, inverse, pull, k))
+
+
+def pull_tables(lookups) -> None:
+    """Pull the rows of several tables' next lookups in one message per server.
+
+    ``lookups`` is ``[(table, ids), ...]``, the tables and the ids tensors the model's
+    forward is about to call them with (``model.user(u)``, ``model.user_bias(u)``, ...).
+    Ids that hash to one server go in one request, and tables looked up with the same
+    ids send them once; each table's next call with those ids (the same tensor, or an
+    equal one) uses the rows pulled here instead of pulling again. The requests go out
+    at once and the replies are taken by those calls (so the forward's own work before
+    them overlaps the round trip)."""
+    issue_pulls(lookups)
+
+
+def record_lookups(module: nn.Module, tables, inputs: tuple) -> list:
+    """The (table, ids) lookups ``module(*inputs)`` makes: ``module.table_lookups(*inputs)``
+    when the module defines it, else a dry run of its forward (no gradients, the tables
+    answering zeros without pulling). A table called twice in one forward is listed
+    with its first ids (its second lookup pulls as usual)."""
+    if hasattr(module, "table_lookups"):
+        return list(module.table_lookups(*inputs))
+    tables = [t for t in tables if t._ps is not None]
+    for t in tables:
+        t._recording = []
+    try:
+        with torch.no_grad():
+            module(*inputs)
+        return [(t, t._recording[0]) for t in tables if t._recording]
+    finally:
+        for t in tables:
+            t._recording = None
 
 
 class ShardedEmbedding(ShardedEmbeddingBase):

@@ -38,6 +38,7 @@ from tessera.amp.finite import all_finite
 from tessera.config.schema import OptimizerConfig
 from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.embedding import push_tables
+from tessera.parallel.prefetch import send_named
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.ps.client import PSClient
 from tessera.ps.optim import torch_optimizer
@@ -136,11 +137,18 @@ class HybridParallel(DistributedModel):
         self.unscale_()
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type=norm_type)
 
+    def _prefetch_clock(self) -> Optional[int]:
+        """The clock a prefetch named now pulls for; None: send it with this step's
+        pushes (a forward ran and they have not left)."""
+        return None if any(t._pending for t in self.tables) else self.clock
+
     def step(self) -> bool:
         prof = self.profiler
         t0 = time.perf_counter()
         start = prof.now()
         handles = push_tables(self.tables, self.clock)
+        if self._next_lookups is not None:  # prefetch(): the next clock's rows, now
+            send_named(self, self.clock + 1)
         applied = True
         if self.optimizer is not None:
             applied = self.unscale_()

@@ -20,6 +20,8 @@ call                  meaning
 ``no_sync()``         DDP's name: accumulate locally, do not communicate
 ``state_dict()``      the plain module's keys (parameters and buffers)
 ``start_step(steps)`` the step a loop starts at (resume, rejoin)
+``prefetch(*inputs)`` name the next step's inputs: its table rows are pulled
+                      while this step finishes (no-op without tables)
 ====================  =====================================================
 
 Counters every wrapper keeps: ``comm_wait_s``, ``skipped_steps``,
@@ -92,6 +94,9 @@ class DistributedModel(nn.Module):
         self.skipped_steps = 0
         self.overflows: list[dict] = []
 
+    #: Lookups named by prefetch() during a step, sent right after its table pushes.
+    _next_lookups: Optional[list] = None
+
     def refuse(self, method: str, why: str) -> UsageError:
         return UsageError(f"--mode {self.mode} does not support {method} yet: {why}")
 
@@ -115,6 +120,19 @@ class DistributedModel(nn.Module):
         loss = loss_fn(self(*inputs), target)
         self.scale_loss(loss).backward()
         return loss.detach()
+
+    def prefetch(self, *inputs, after_push: bool = False) -> None:
+        """Name the inputs of the next step's forward, so that its embedding-table rows
+        are pulled while this step finishes (:mod:`tessera.parallel.prefetch`). Called
+        between a step's forward and its ``step()`` (or with ``after_push=True`` at any
+        point before the step's ``step()``), the pulls leave right after the step's table
+        pushes, for the next clock; otherwise at once, for the coming step. The next
+        forward with those ids takes the rows. No-op without sharded tables."""
+        tables = getattr(self, "tables", None)
+        if not tables:
+            return
+        from tessera.parallel.prefetch import name_next
+        name_next(self, tables, inputs, after_push)
 
     def unscale_(self) -> bool:
         """Unscale the gradients; True when they are finite on every worker.

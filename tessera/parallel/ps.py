@@ -56,6 +56,7 @@ from torch import nn
 from tessera.amp.finite import all_finite
 from tessera.errors import UsageError
 from tessera.parallel.embedding import push_tables
+from tessera.parallel.prefetch import send_named
 from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.parallel.ps_faults import OverflowReport, Rejoin
@@ -290,6 +291,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         """Phase 3: push the rest, take every reply; whether the gradients were finite."""
         row_handles = push_tables(self.tables, self.clock,
                                   self.scaler.scale if self.scaler.enabled else 1.0)
+        if self._next_lookups is not None:  # prefetch(): the next clock's rows, now
+            send_named(self, self.clock + 1)
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
@@ -311,6 +314,13 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         if self.scaler.enabled:  # async: each push was applied or refused on its own
             return not any(h.skipped for h in self._handles.values())
         return True
+
+    def _prefetch_clock(self) -> Optional[int]:
+        """The clock a prefetch named now pulls for; None: send it with this step's
+        pushes (a forward ran and the pushes have not left)."""
+        if self._finite is not None:  # unscale_() pushed this step already
+            return self.clock + 1
+        return None if any(t._pending for t in self.tables) else self.clock
 
     def step(self) -> bool:
         """Finish the step: push the rest (unless :meth:`unscale_` did), send the

@@ -155,15 +155,27 @@ def main(data=None) -> None:
     t_window, samples_window = t_start, 0
     loss_value = float("nan")
     eval_s = 0.0
+    # [model] prefetch: name the next batch (not under speed balancing: its split moves)
+    # (nor on a followed stream: its next batch may not have arrived yet)
+    prefetch = (cfg.model.prefetch and balance is None and not cfg.data.follow
+                and bool(getattr(model, "tables", None)))
+    ahead = None
     for step in range(first_step + 1, steps + 1):
         if balance is not None:
             balance.begin()
         with prof.span("data", "data"):
-            got = task.batch(step - 1, device)
+            if ahead is not None and ahead[0] == step - 1:
+                got = ahead[1]  # named to model.prefetch last step
+            else:
+                got = task.batch(step - 1, device)
         if got is None:  # a followed stream ended (every worker ends at the same step)
             steps = step - 1
             break
         inputs, target = got
+        if prefetch and step < steps:  # the next batch's rows: with this step's pushes
+            with prof.span("data", "data"):  # (or now, where rows may be a clock old)
+                ahead = (step, task.batch(step, device))
+            model.prefetch(*ahead[1][0], after_push=True)
         # forward and backward; pushes overlap backward (spans recorded by the wrapper)
         loss = model.forward_backward(inputs, target, task.loss)
         if balance is not None:
