@@ -44,11 +44,16 @@ class ShardedEmbeddingBase(nn.Module):
     def __init__(self, num_embeddings: Optional[int], embedding_dim: int, *, name: str = "",
                  init_scale: float = 0.01, seed: int = 0, optimizer: str = "adagrad",
                  lr: float = 0.05, admit_after: int = 1, evict_after: int = 0,
-                 max_rows: int = 0, **optimizer_args):
+                 max_rows: int = 0, memory_mb: float = 0, eviction: str = "lru",
+                 lfu_half_life: int = 0, filter_mb: float = 0, **optimizer_args):
         super().__init__()
+        # memory_mb: a hard cap per server on this table's shard (rows, optimizer state,
+        # index, admission filter; [model] table_memory_mb), eviction "lru" or "lfu".
         self.spec = TableSpec(name=name or "unnamed", dim=embedding_dim,
                               num_embeddings=num_embeddings, init_scale=init_scale, seed=seed,
                               admit_after=admit_after, evict_after=evict_after, max_rows=max_rows,
+                              memory_bytes=int(memory_mb * (1 << 20)), eviction=eviction,
+                              lfu_half_life=lfu_half_life, filter_bytes=int(filter_mb * (1 << 20)),
                               optimizer=OptimizerConfig(name=optimizer, lr=lr, **optimizer_args))
         self._named = bool(name)
         self.embedding_dim = embedding_dim
