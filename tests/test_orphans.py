@@ -58,3 +58,26 @@ def test_a_launchers_cue_to_checkpoint_and_stop(sig):
             os.kill(os.getpid(), sig)
             time.sleep(5)
     assert signal.getsignal(sig) == before
+
+
+def test_an_interrupt_after_the_coordinator_died_stops_at_once(tmp_path):
+    """SIGTERM asks the coordinator for a checkpoint and waits for it; a coordinator that
+    is gone answers nothing, so the launcher stops at once (it waited out 2x
+    cluster.timeout_s, 60 s here, before) and says no checkpoint was completed."""
+    out = tmp_path / "run"
+    job = Job(["run", ROOT / "examples" / "digits.toml", "--steps", 100000, "--quiet",
+               "--out", out], timeout_s=120)
+    try:
+        cluster = wait_for(lambda: (out / "metrics.jsonl").exists() and
+                           json.loads((out / "cluster.json").read_text()), 90, "training")
+        coordinator = next(p["pid"] for p in cluster["processes"] if p["role"] == "coordinator")
+        os.kill(coordinator, signal.SIGKILL)
+        os.kill(job.proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        code, output = job.wait()
+        assert time.monotonic() - t0 < 15, output
+        said = " ".join(output.split())  # (the console wraps long lines)
+        assert code == 130 and "no checkpoint was completed" in said, output
+        assert "Traceback" not in output
+    finally:
+        job.kill()

@@ -289,8 +289,14 @@ class Launcher:
         if self.identity is None or not self.identity.coordinator:
             return None
         ep = self._coordinator()
+        ours = [c for c in self.children if c.role == "coordinator"]
+
+        def check() -> None:  # a coordinator of ours that ended answers nothing: stop now
+            if ours and all(c.proc.poll() is not None for c in ours):
+                raise TransportError(f"the coordinator exited before answering the {what}")
         try:
-            reply, _ = ep.request(msg_factory(ep.new_req()), timeout_s=timeout_s, what=what)
+            reply, _ = ep.request(msg_factory(ep.new_req()), timeout_s=timeout_s, what=what,
+                                  check=check)
         except TransportError:
             return None
         return reply
