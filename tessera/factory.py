@@ -211,9 +211,19 @@ def _connect_client(session: Session, policy) -> PSClient:
                       dead_servers=lambda: session.heartbeat.membership()[1],
                       servers=session.heartbeat.servers,
                       retain=answer_early(session.cfg),
-                      batch_bytes=int(session.cfg.ps.batch_kib * 1024))
+                      batch_bytes=_batch_bytes(session.cfg))
     client.connect()
     return client
+
+
+def _batch_bytes(cfg) -> int:
+    """[ps] batch_kib in bytes; 0 (one push per partition) in sync mode with
+    --replication 2: a batch re-sent across a failover onto a replacement server was
+    refused there on its clock (tests/test_server_replace.py), so that mode keeps the
+    per-partition path until batches are re-sent per partition."""
+    if cfg.ps.replication > 1 and cfg.ps.mode == "sync":
+        return 0
+    return int(cfg.ps.batch_kib * 1024)
 
 
 def _join_process_group(session, device, *, opt=None, tables=()):

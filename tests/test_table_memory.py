@@ -133,8 +133,9 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
     assert later["capped"] <= 0.05 * cap, (later, stats)
     # ... and in all it took the cap (+5%) plus what a server process needs besides its
     # table (sockets, threads, lazy imports, allocator, one request's buffers: ~10-15 MiB,
-    # whatever the cap; benchmarks/table_memory.py holds +2.6% at a 256 MiB cap).
-    assert grown["capped"] <= 1.05 * cap + (20 << 20), (grown, stats)
+    # whatever the cap, up to ~27 MiB at its peak on a loaded machine;
+    # benchmarks/table_memory.py holds +2.6% at a 256 MiB cap).
+    assert grown["capped"] <= 1.05 * cap + (32 << 20), (grown, stats)
     # The alternative, measured the same way, grows all along: the test can fail.
     assert later["unbounded"] > cap / 2 and grown["unbounded"] > 2 * cap, (later, grown)
 
