@@ -23,18 +23,16 @@ def check_data_location(cfg: DataConfig) -> None:
         return
     if cfg.dataset != "npy":
         return
-    import fsspec
-    try:
-        fs, root = fsspec.core.url_to_fs(cfg.path)
-        exists = fs.isdir(root)
-    except (ValueError, ImportError, OSError) as exc:
-        raise DataError(f"data.path {cfg.path!r}: cannot open this location: {exc}") from None
-    if not exists:
-        raise DataError(f"data.path {cfg.path!r} does not exist or is not a directory; point it "
-                        f"at a directory holding x.npy and y.npy, or *.npz shards with arrays x, y")
+    _require_dir(cfg, "point it at a directory holding x.npy and y.npy, or *.npz shards "
+                      "with arrays x, y")
 
 
 def _check_follow(cfg: DataConfig) -> None:
+    _require_dir(cfg, "with data.follow, create the directory the shards will be written to")
+
+
+def _require_dir(cfg: DataConfig, what_to_do: str) -> None:
+    """Raise :class:`DataError` naming ``data.path`` unless it is a directory we can open."""
     import fsspec
     try:
         fs, root = fsspec.core.url_to_fs(cfg.path)
@@ -42,5 +40,5 @@ def _check_follow(cfg: DataConfig) -> None:
     except (ValueError, ImportError, OSError) as exc:
         raise DataError(f"data.path {cfg.path!r}: cannot open this location: {exc}") from None
     if not exists:
-        raise DataError(f"data.path {cfg.path!r} does not exist or is not a directory; with "
-                        f"data.follow, create the directory the shards will be written to")
+        raise DataError(f"data.path {cfg.path!r} does not exist or is not a directory; "
+                        f"{what_to_do}")

@@ -294,21 +294,15 @@ class EmbeddingShard(ShardState):
                 # an update creates them, evicting the least recently touched.
                 where = where[:max(0, budget - len(self._rows))]
             slots[where] = self._create(unique[where], clock)
+        return self._answer(unique, inverse, slots)
+
+    def _answer(self, unique: np.ndarray, inverse, slots: np.ndarray) -> torch.Tensor:
+        """The rows of ``unique`` (stored at ``slots``, -1: not stored, answered with
+        the initial value), per position through ``inverse`` when given."""
         stored = slots >= 0
         if stored.all():
             # Every row is stored: one gather of the rows straight into the answer
             # (slot per position, repeats included), no per-unique-id intermediate.
-            return gather_rows(self._values, slots if inverse is None else slots[inverse])
-        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
-        out[torch.from_numpy(stored)] = gather_rows(self._values, slots[stored])
-        spec = self.spec
-        out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
-                                                      spec.seed, spec.init_scale)
-        return out if inverse is None else out[torch.from_numpy(inverse)]
-
-    def _answer(self, unique: np.ndarray, inverse, slots: np.ndarray) -> torch.Tensor:
-        stored = slots >= 0
-        if stored.all():
             return gather_rows(self._values, slots if inverse is None else slots[inverse])
         out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
         out[torch.from_numpy(stored)] = gather_rows(self._values, slots[stored])

@@ -81,15 +81,7 @@ class ShardState:
             "values": self._values.index_select(0, index).contiguous(),
             "last": torch.from_numpy(self._rows.last[slots].copy()),
         }
-        if self._state:
-            state_slots = self._state_slot[slots]
-            has = state_slots >= 0
-            has_t = torch.from_numpy(has.copy())
-            for name, array in self._state.items():
-                rows = self._initial_state(name, len(slots))
-                rows[has_t] = array.index_select(0, torch.from_numpy(state_slots[has]))
-                out[f"state.{name}"] = rows
-            out["has_state"] = has_t
+        self._export_rows_state(slots, out)
         out["steps"] = torch.tensor(self.steps, dtype=torch.int64)
         if len(self._freq):
             out["freq"] = torch.from_numpy(self._freq[slots].copy())
@@ -284,6 +276,20 @@ class ShardState:
             self._pending_count[p_slots] = p_count
         return len(ids)
 
+    def _export_rows_state(self, slots: np.ndarray, out: dict) -> None:
+        """Into ``out``: the optimizer state of the rows at ``slots`` (``state.<name>``;
+        rows without state show the state they would start from) and ``has_state``."""
+        if not self._state:
+            return
+        state_slots = self._state_slot[slots]
+        has = state_slots >= 0
+        has_t = torch.from_numpy(has.copy())
+        for name, array in self._state.items():
+            rows = self._initial_state(name, len(slots))
+            rows[has_t] = array.index_select(0, torch.from_numpy(state_slots[has]))
+            out[f"state.{name}"] = rows
+        out["has_state"] = has_t
+
     # ---- delta checkpoints (tessera.ps.snapshots, tessera.ps.checkpoint.apply_delta) ----
 
     def export_touched(self, since: int) -> dict[str, torch.Tensor]:
@@ -305,15 +311,7 @@ class ShardState:
         }
         if self.spec.evict_after or self.spec.max_rows:  # rows may have been dropped since
             out["all_ids"] = torch.from_numpy(self._rows.ids[live].copy())
-        if self._state:
-            state_slots = self._state_slot[slots]
-            has = state_slots >= 0
-            has_t = torch.from_numpy(has.copy())
-            for name, array in self._state.items():
-                rows = self._initial_state(name, len(slots))
-                rows[has_t] = array.index_select(0, torch.from_numpy(state_slots[has]))
-                out[f"state.{name}"] = rows
-            out["has_state"] = has_t
+        self._export_rows_state(slots, out)
         out["steps"] = torch.tensor(self.steps, dtype=torch.int64)
         if self.spec.admit_after > 1:
             pending = self._pending.live()
