@@ -40,11 +40,12 @@ class Snapshots:
         self.target = 0
         self.last = -1
         self._writes: list = []
-        #: Delta checkpoints: (clock, snapshots since the last full one) of this life's
-        #: previous snapshot, and per table shard (name, owner) the clock its next delta
-        #: counts touches from (the shard's clock at that snapshot).
-        self._prev: tuple[int, int] | None = None
-        self._since: dict = {}
+        #: Delta checkpoints: this life's snapshots since the last full one, newest last,
+        #: each (clock, its depth: 1 for the full one, then 1 more per delta, per table
+        #: shard (name, owner) the clock a delta against it counts touches from: the
+        #: shard's clock at that snapshot). A delta applies to the newest of them whose
+        #: manifest is written.
+        self._bases: list[tuple[int, int, dict]] = []
 
     def progress(self) -> int:
         """The clock every worker has completed, as far as this server knows."""
@@ -83,7 +84,7 @@ class Snapshots:
             tensors.update(partition_tensors(pid, st.rule))
             parts.append([pid, st.info.start, st.info.stop])
         tables = []
-        delta = self._delta_of()
+        base = self._base()
         since_now: dict = {}
         delta_of: set = set()
         if self.tables is not None:
@@ -92,11 +93,11 @@ class Snapshots:
                 name = ts.spec.name
                 # A shard taken over from a dead server is saved beside this one's own.
                 at = f"t/{name}/" if ts.owner == self.rank else f"t/{name}@s{ts.owner}/"
-                since = self._since.get((name, ts.owner)) if delta else None
-                if since is not None:  # only the rows touched since the previous snapshot
+                since = base[2].get((name, ts.owner)) if base else None
+                if since is not None:  # only the rows touched since the base snapshot
                     state = ts.shard.export_touched(since)
-                    state["since"] = torch.tensor(self._prev[0], dtype=torch.int64)
-                    delta_of.add(self._prev[0])
+                    state["since"] = torch.tensor(base[0], dtype=torch.int64)
+                    delta_of.add(base[0])
                 else:
                     state = ts.shard.export_state()
                 for key, value in state.items():
@@ -104,9 +105,10 @@ class Snapshots:
                 since_now[(name, ts.owner)] = min(ts.clock, clock)
                 if name not in tables:
                     tables.append(name)
-        full = not delta_of
-        self._prev = (clock, 1 if full else self._prev[1] + 1)
-        self._since = since_now
+        if not delta_of:
+            self._bases = [(clock, 1, since_now)]
+        else:
+            self._bases.append((clock, base[1] + 1, since_now))
         meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
                 "mode": self.policy.name, "delta_of": sorted(delta_of)}
         store, rank = self.store, self.rank
@@ -122,15 +124,19 @@ class Snapshots:
         thread.start()
         self._writes.append((thread, (clock, result)))
 
-    def _delta_of(self) -> bool:
-        """Whether this snapshot may save table deltas against this life's previous one:
-        ``delta_every`` asks for them, fewer than ``delta_every - 1`` deltas follow the last
-        full snapshot, and the previous checkpoint is complete (its manifest written:
-        a delta must apply to a checkpoint a resume can read)."""
+    def _base(self) -> tuple[int, int, dict] | None:
+        """The snapshot this one may save table deltas against, or None for a full one:
+        ``delta_every`` asks for deltas, and of this life's snapshots since the last full
+        one, the newest whose checkpoint is complete (its manifest written: a delta must
+        apply to a checkpoint a resume can read; the newest may still be waiting for its
+        manifest), if fewer than ``delta_every - 1`` deltas lead to it."""
         every = getattr(self.store, "delta_every", 0)
-        if every < 2 or self._prev is None or self._prev[1] >= every:
-            return False
-        return self.store.has_manifest(self._prev[0])
+        if every < 2:
+            return None
+        for base in reversed(self._bases):
+            if self.store.has_manifest(base[0]):
+                return base if base[1] < every else None
+        return None
 
     def finish_writes(self) -> None:
         still = []
