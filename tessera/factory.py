@@ -217,12 +217,9 @@ def _connect_client(session: Session, policy) -> PSClient:
 
 
 def _batch_bytes(cfg) -> int:
-    """[ps] batch_kib in bytes; 0 (one push per partition) in sync mode with
-    --replication 2: a batch re-sent across a failover onto a replacement server was
-    refused there on its clock (tests/test_server_replace.py), so that mode keeps the
-    per-partition path until batches are re-sent per partition."""
-    if cfg.ps.replication > 1 and cfg.ps.mode == "sync":
-        return 0
+    """[ps] batch_kib in bytes, in every mode: with --replication 2 a batch re-sent after
+    a failover goes one push per partition (PSClient.reroute), each clock-checked and
+    deduplicated on its own by its partition's new owner."""
     return int(cfg.ps.batch_kib * 1024)
 
 

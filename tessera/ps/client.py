@@ -16,7 +16,8 @@ Failover (``--replication 2``): ``dead_servers()`` reports the servers the
 coordinator declared dead. Their partitions then belong to their backups (server
 s is backed up by server s + 1 mod S), and every request still outstanding at a
 dead server is sent again, same sequence number, to the new owner, which applies
-it at most once. All sockets are used from the calling thread only;
+it at most once (:meth:`PSClient.reroute`; a batch of several partitions is split
+there, one push per partition, each deduplicated and clock-checked on its own). All sockets are used from the calling thread only;
 ``wait`` polls in 100 ms slices and runs ``check`` between them, so a cluster
 failure seen by the heartbeat thread surfaces here instead of a hang.
 """
@@ -40,6 +41,13 @@ from tessera.transport.endpoint import ClientEndpoint, TransportError
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 
+#: A table server's answer for rows it does not serve (tessera.ps.table_server: "the
+#: rows of server k are not held by server j"): sent there before this client heard
+#: that their server died or was replaced (a row pull named ahead, prefetch, most of
+#: all). Nothing was applied: routed again and retried, as NOT_PROMOTED and REPLACED.
+ROWS_NOT_HELD = "are not held by server"
+
+
 class ServerError(TesseraError):
     """A server refused a request; the message says which server and why."""
 
@@ -57,6 +65,9 @@ class Handle:
         self._client, self._server, self._req, self._what = client, server, req, what
         self._keep = keep  # buffers ZeroMQ may still be sending from
         self._request = request  # (message, frames), to send again after a failover
+        #: Once split on a re-send (PSClient.reroute): the handles of its pieces, each
+        #: sent on its own to its partitions' owner; wait() joins their answers.
+        self._parts: Optional[list[Handle]] = None
         self._result = None
         self.skipped = False
         #: The server clock of the values a Params reply carried.
@@ -166,6 +177,14 @@ def _distinct(ids: list) -> tuple[list, list[int]]:
             index.append(len(frames))
             frames.append(i)
     return frames, index
+
+
+def _piece(msg, frames: list, index: list[int]):
+    """The request ``msg`` (with its payload ``frames``, one per partition, or none)
+    restricted to its partitions at positions ``index``: (message, frames)."""
+    pids = [msg.partitions[i] for i in index]
+    return (msgspec.structs.replace(msg, partitions=pids),
+            [frames[i] for i in index] if frames else [])
 
 
 class PSClient:
@@ -304,13 +323,15 @@ class PSClient:
                 nxt = (k + 1) % len(self.servers)  # else: the ring's first copy, k + 1
                 self.shard_owner[k] = nxt if server == k and nxt not in self._ever_failed \
                     and len(self.servers) > 1 else -1
-            again, resent = [], set()
+            again = []
             for pid in moved:  # answered, maybe not yet on the backup: first, in order
                 if pid in self._retained:
+                    # One partition at a time, even when it went in a batch: the batch's
+                    # partitions may have reached the backup at different clocks (its
+                    # update of one forwarded before the death, of another not), and each
+                    # is deduplicated and clock-checked on its own there.
                     msg, frames, keep = self._retained.pop(pid)
-                    if id(msg) in resent:  # a batched push: sent again once, for all
-                        continue
-                    resent.add(id(msg))
+                    msg, frames = _piece(msg, frames, [msg.partitions.index(pid)])
                     again.append(Handle(self, server, msg.req, f"re-sent answered push of "
                                         f"partition {pid}", keep=keep, request=(msg, frames)))
                     self._resend(again[-1], self.owner[pid])
@@ -318,11 +339,7 @@ class PSClient:
                 handle.wait()  # before the next clock's pushes (sync takes them in turn)
             for (srv, req), handle in list(self._outstanding.items()):
                 if srv == server and handle._request is not None:
-                    msg = handle._request[0]
-                    rows = isinstance(msg, (wire.PullRows, wire.PushRows))
-                    pids = getattr(msg, "partitions", None)
-                    self._resend(handle, self._shard_target(msg.shard) if rows else
-                                 self.owner[pids[0]] if pids else backup)
+                    self.reroute(handle)
 
     def _shard_target(self, shard: int) -> int:
         """The server serving the table rows hashed to ``shard`` now."""
@@ -331,6 +348,59 @@ class PSClient:
             raise ServerError(f"the table rows of server {shard} have no copy left: the "
                               f"servers holding them died before they were copied again")
         return target
+
+    def reroute(self, handle: "Handle") -> None:
+        """Send an outstanding request again, same (worker, seq), to whoever holds what it
+        names now: after its server died (failover), was replaced, answered that it is not
+        promoted yet or does not hold it, or (``tessera scale``) moved it away.
+
+        * Table rows (``PullRows``, ``PushRows``): to the server serving their shard now.
+        * A push of several partitions (a batch, ``[ps] batch_kib``): split, one push per
+          partition, each to its partition's owner. Each keeps the batch's (worker, seq),
+          so a partition that already applied it is answered without applying it again
+          (its dedup key is per partition), and each is clock-checked alone: the batch's
+          partitions may have reached their new owners at different clocks.
+        * Other requests naming partitions (pulls, initial values, joins): to their
+          owner, split by owner if they now have several.
+        * Requests naming no partition (a join of a server holding only table rows):
+          to the same server, or its ring successor once it died.
+
+        The handle's wait() then joins the pieces' answers (``{partition: values}``)."""
+        msg, frames = handle._request
+        if isinstance(msg, (wire.PullRows, wire.PushRows)):
+            self._resend(handle, self._shard_target(msg.shard))
+            return
+        pids = list(getattr(msg, "partitions", None) or [])
+        if not pids:
+            server = handle._server
+            self._resend(handle, self._next_live(server) if server in self._failed_over
+                         else server)
+            return
+        groups: dict[int, list[int]] = {}
+        if isinstance(msg, wire.Push):
+            for i, pid in enumerate(pids):
+                groups[i] = [i]
+            owners = {i: self.owner[pids[i]] for i in groups}
+        else:
+            for i, pid in enumerate(pids):
+                groups.setdefault(self.owner[pid], []).append(i)
+            owners = {k: k for k in groups}
+        if len(groups) == 1:
+            self._resend(handle, owners[next(iter(groups))])
+            return
+        self._outstanding.pop((handle._server, handle._req), None)
+        parts = []
+        for key, index in groups.items():
+            sub_msg, sub_frames = _piece(msg, frames, index)
+            names = [pids[i] for i in index]
+            what = (handle._what.replace(f"partitions {pids}", f"partition {names[0]}")
+                    if len(names) == 1 else f"{handle._what} (partitions {names})")
+            part = Handle(self, handle._server, sub_msg.req, what, keep=handle._keep,
+                          request=(sub_msg, sub_frames))
+            self._resend(part, owners[key])
+            parts.append(part)
+        handle._parts = parts
+        handle._request = None
 
     def _resend(self, handle: "Handle", server: int) -> None:
         """Send a handle's request again, same (worker, seq), to ``server``."""
@@ -655,6 +725,8 @@ class PSClient:
     def _finish_handle(self, handle: Handle, timeout_s):
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
+            if handle._parts is not None:  # split on a re-send (reroute)
+                return self._join_parts(handle, timeout_s)
             try:
                 result = self._finish(handle._server, handle._req, handle._what, timeout_s)
             except PSClient._Failover:
@@ -664,9 +736,9 @@ class PSClient:
                 # A backup not yet promoted (it has not heard of its primary's death from
                 # the coordinator yet): ask again until it has, within the timeout.
                 # Or a replacement at a dead server's address that this client has not
-                # heard of: route again (the coordinator's word arrives) and retry.
-                if not (NOT_PROMOTED in str(exc) or REPLACED in str(exc)) \
-                        or handle._request is None:
+                # heard of, or table rows asked of a server that does not serve them (yet,
+                # or any more): route again (the coordinator's word arrives) and retry.
+                if handle._request is None or not self._retry_elsewhere(handle, str(exc)):
                     raise
                 if time.monotonic() > deadline:
                     raise ServerError(f"{exc} (still after {timeout_s or self.timeout_s:g} s "
@@ -674,8 +746,7 @@ class PSClient:
                 time.sleep(0.05)
                 self.check()
                 self._route()
-                self._resend(handle, self.owner.get(self._first_partition(handle),
-                                                    handle._server))
+                self.reroute(handle)
                 continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock
@@ -694,9 +765,28 @@ class PSClient:
             return result
 
     @staticmethod
-    def _first_partition(handle: Handle) -> int:
-        parts = getattr(handle._request[0], "partitions", None) or [-1]
-        return parts[0]
+    def _retry_elsewhere(handle: Handle, why: str) -> bool:
+        """A refusal that means "not here (yet)": route again (reroute) and retry."""
+        if NOT_PROMOTED in why or REPLACED in why:
+            return True
+        return ROWS_NOT_HELD in why and isinstance(handle._request[0],
+                                                   (wire.PullRows, wire.PushRows))
+
+    def _join_parts(self, handle: Handle, timeout_s):
+        """The answer of a request split on a re-send (:meth:`reroute`): its pieces'
+        answers joined (each piece counted as acknowledged, and kept, on its own)."""
+        result, skipped, clocks = {}, False, []
+        for part in handle._parts:
+            got = part.wait(timeout_s)
+            if isinstance(got, dict):
+                result.update(got)
+            elif not result:
+                result = got
+            skipped = skipped or part.skipped
+            clocks.append(part.clock)
+        self._outstanding.pop((handle._server, handle._req), None)
+        handle.clock = min(clocks)
+        return result, skipped
 
     def _finish(self, server: int, req: int, what: str, timeout_s):
         msg, frames = self._expect(server, req, what, timeout_s,

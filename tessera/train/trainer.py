@@ -157,9 +157,10 @@ def main(data=None) -> None:
     eval_s = 0.0
     # [model] prefetch: name the next batch (not under speed balancing: its split moves)
     # (nor on a followed stream: its next batch may not have arrived yet)
-    # (nor with --replication 2: a prefetched row pull is not yet re-routed on failover)
+    # (with --replication 2 a prefetched row pull whose server died is re-sent to the
+    # rows' new server: PSClient.reroute)
     prefetch = (cfg.model.prefetch and balance is None and not cfg.data.follow
-                and cfg.ps.replication == 1 and bool(getattr(model, "tables", None)))
+                and bool(getattr(model, "tables", None)))
     ahead = None
     for step in range(first_step + 1, steps + 1):
         if balance is not None:

@@ -4,7 +4,8 @@ Digits features plus a categorical id (the sample's index mod 200) looked up in 
 8-wide ``tessera.nn.ShardedEmbedding`` (adagrad on the servers); an MLP on top (SGD
 with momentum on the servers). Written as a restartable loop (``model.start_step``),
 so ``--max-restarts`` and ``--resume`` continue it; ``--sleep`` slows each step so a
-test can kill a process while training runs.
+test can kill a process while training runs; ``--prefetch`` names each next batch to
+``model.prefetch`` (its rows pulled with the step's pushes).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--prefetch", action="store_true",
+                    help="name each next batch to model.prefetch (rows pulled ahead)")
     args = ap.parse_args()
 
     tessera.init()
@@ -53,6 +56,9 @@ def main() -> None:
     first = model.start_step(args.steps)
     for step in range(first, args.steps):
         idx = torch.from_numpy(sampler.indices(step))
+        if args.prefetch and step + 1 < args.steps:  # sent with this step's pushes
+            ahead = torch.from_numpy(sampler.indices(step + 1))
+            model.prefetch(x[ahead], ids[ahead], after_push=True)
         loss = F.cross_entropy(model(x[idx], ids[idx]), y[idx])
         loss.backward()
         model.step()
