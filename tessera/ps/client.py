@@ -41,10 +41,14 @@ from tessera.transport.endpoint import ClientEndpoint, TransportError
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 
-#: A table server's answer for rows it does not serve (tessera.ps.table_server: "the
-#: rows of server k are not held by server j"): sent there before this client heard
-#: that their server died or was replaced (a row pull named ahead, prefetch, most of
-#: all). Nothing was applied: routed again and retried, as NOT_PROMOTED and REPLACED.
+#: Refusals that mean "not here (yet)": nothing was applied, so the client routes the
+#: request again (:meth:`PSClient.reroute`) and retries it within its timeout. A backup
+#: not promoted yet, and a replacement server reached at its predecessor's address.
+RETRY_ELSEWHERE = (NOT_PROMOTED, REPLACED)
+#: For table rows also a table server's answer for rows it does not serve
+#: (tessera.ps.table_server: "the rows of server k are not held by server j"): asked
+#: there before this client heard that their server died or was replaced (a row pull
+#: named ahead by prefetch, most of all).
 ROWS_NOT_HELD = "are not held by server"
 
 
@@ -767,7 +771,7 @@ class PSClient:
     @staticmethod
     def _retry_elsewhere(handle: Handle, why: str) -> bool:
         """A refusal that means "not here (yet)": route again (reroute) and retry."""
-        if NOT_PROMOTED in why or REPLACED in why:
+        if any(marker in why for marker in RETRY_ELSEWHERE):
             return True
         return ROWS_NOT_HELD in why and isinstance(handle._request[0],
                                                    (wire.PullRows, wire.PushRows))
