@@ -143,11 +143,13 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
 
 
 @contextlib.contextmanager
-def _async_pair(ctx, workers: int, intercept):
-    """Two in-process async servers, each the other's backup (``answer_early``), serving
-    on threads; ``intercept(on_replicate)`` wraps server 1's handler of forwarded updates.
-    Yields (model, shard map, servers, stops, threads, membership, clients of ``workers``
-    workers, connected, retaining their last answered push)."""
+def _async_pair(ctx, workers: int, intercept, mode: str = "async",
+                partition_elems: int = 10_000):
+    """Two in-process servers (async unless ``mode``), each the other's backup
+    (``answer_early``), serving on threads; ``intercept(on_replicate)`` wraps server 1's
+    handler of forwarded updates. Yields (model, shard map, servers, stops, threads,
+    membership, clients of ``workers`` workers, connected, retaining their last answered
+    push)."""
     import threading
 
     from tessera.config.schema import OptimizerConfig
@@ -160,13 +162,13 @@ def _async_pair(ctx, workers: int, intercept):
     from tests.test_server_inproc import SECRET, TIMEOUT_S, small_model
 
     model = small_model(0)
-    shard_map = plan_shards(param_layout(model), 2, 10_000)
+    shard_map = plan_shards(param_layout(model), 2, partition_elems)
     eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
     peers = [ClientEndpoint(ctx, eps[1 - r].address, SECRET, f"server {1 - r} (backup)",
                             sndtimeo_s=TIMEOUT_S) for r in range(2)]
     membership, stops = Membership(), [threading.Event() for _ in range(2)]
     servers = [ParameterServer(
-        ServerOptions(rank=r, num_workers=workers, num_servers=2, mode="async", timeout_s=3.0),
+        ServerOptions(rank=r, num_workers=workers, num_servers=2, mode=mode, timeout_s=3.0),
         endpoint=eps[r], partitions=shard_map.on_server(r),
         optimizer=OptimizerConfig(name="sgd", lr=0.1),
         hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
@@ -291,3 +293,67 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
         assert survivor.applied_pushes == acked == 4
         torch.testing.assert_close(survivor.rule.master, servers[0].parts[part.id].rule.master,
                                    rtol=0, atol=0)
+
+
+def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per_partition(ctx):
+    """Sync, answer_early, two small partitions pushed as one batch (``batch_bytes``): the
+    backup gets the clock's update of one partition and not of the other (as if the
+    primary died between the two). Re-sent whole, the batch was refused on the first
+    partition's clock ("push for clock 1 but partition 0 is at clock 2"); re-sent one
+    push per partition, the backup answers the applied one as a duplicate and applies
+    the other: both copies end equal, each push applied once."""
+    import threading
+
+    import torch
+
+    from tests.test_server_inproc import flat_of
+
+    lagging, dropped = threading.Event(), []
+
+    def intercept(on_replicate):
+        def drop_second(peer, msg, frames):  # the update of the batch's second partition
+            if lagging.is_set() and msg.kind == "grad" and second in msg.partitions:
+                dropped.append(msg.clock)
+                return
+            on_replicate(peer, msg, frames)
+        return drop_second
+
+    # torch.optim's first optimizer imports torch._dynamo (seconds on a loaded machine):
+    # here, not inside a server's first init, which the client waits for.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with _async_pair(ctx, 1, intercept, mode="sync", partition_elems=26) as (
+            model, shard_map, servers, stops, threads, membership, (client,)):
+        client.batch_bytes = 1 << 20  # small partitions to a server go as one message
+        client.init_params(flat_of(model))
+        parts = shard_map.on_server(0)
+        assert len(parts) >= 2, shard_map
+        second = parts[1].id
+
+        def step(clock: int) -> None:
+            handles = [client.push(p.id, torch.full((p.stop - p.start,), 0.5), clock)
+                       for p in parts]
+            for h in handles:
+                h.wait()
+        step(0)
+        _wait_backup_acked(servers, "clock 0")
+        lagging.set()
+        step(1)  # answered (the updates before it are on the backup); one lags there
+        first = servers[1].backups[parts[0].id]
+        deadline = time.monotonic() + 20
+        while first.clock < 2 and time.monotonic() < deadline:  # the other one's, applied
+            time.sleep(0.01)
+        assert first.clock == 2 and dropped == [1], (first.clock, dropped)
+        stops[0].set()  # server 0 goes with the second partition's update of clock 1 unsent
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        lagging.clear()
+        for h in client.pull([p.id for p in parts], clock=0):
+            h.wait()
+        for p in parts:  # the survivor holds what the dead primary held, bit for bit
+            survivor, primary = servers[1].parts[p.id], servers[0].parts[p.id]
+            assert survivor.clock == primary.clock == 2, (p.id, survivor.clock)
+            torch.testing.assert_close(survivor.rule.master, primary.rule.master, rtol=0,
+                                       atol=0)
+        step(2)  # training goes on, on the survivor
+        assert client.pushes_acked == 3 * len(parts)
+        assert [servers[1].parts[p.id].applied_pushes for p in parts] == [3] * len(parts)
