@@ -17,9 +17,10 @@ coordinator declared dead. Their partitions then belong to their backups (server
 s is backed up by server s + 1 mod S), and every request still outstanding at a
 dead server is sent again, same sequence number, to the new owner, which applies
 it at most once (:meth:`PSClient.reroute`; a batch of several partitions is split
-there, one push per partition, each deduplicated and clock-checked on its own). All sockets are used from the calling thread only;
-``wait`` polls in 100 ms slices and runs ``check`` between them, so a cluster
-failure seen by the heartbeat thread surfaces here instead of a hang.
+there, one push per partition, each deduplicated and clock-checked on its own).
+All sockets are used from the calling thread only; ``wait`` polls in 100 ms slices
+and runs ``check`` between them, so a cluster failure seen by the heartbeat thread
+surfaces here instead of a hang.
 """
 
 from __future__ import annotations
