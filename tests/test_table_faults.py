@@ -1,8 +1,10 @@
 """Embedding tables inside fault tolerance, with real processes: a worker kill -9'd in a
 sync job with a table is restarted and the job completes; a server kill -9'd under
-``--replication 2`` loses no acknowledged table push; a checkpoint holds the table at
-the dense partitions' clock and ``--resume`` restores its rows exactly; a huge row pull
-is refused by the server, split by the client, and never stores rows beyond the budget.
+``--replication 2`` (small partitions batched per server, rows prefetched) loses no
+acknowledged table push, and a sync job ends with the model of a run without the kill,
+bit for bit; a checkpoint holds the table at the dense partitions' clock and
+``--resume`` restores its rows exactly; a huge row pull is refused by the server, split
+by the client, and never stores rows beyond the budget.
 
 The jobs run tests/scripts/table_job.py (digits + a 200-row ShardedEmbedding) through
 ``tessera launch`` (tests/harness.py); processes are killed by the pids in cluster.json.
