@@ -166,6 +166,13 @@ class Session:
                             timeout_s=self.timeout_s, what="re-replication report",
                             check=self.heartbeat.check)
 
+    def report_moved(self, target: int, partitions: list[int]) -> None:
+        """A server tells the coordinator ``partitions`` are on server ``target`` now."""
+        self._coord.request(wire.Moved(req=self._coord.new_req(), rank=self.rank,
+                                       target=target, partitions=partitions),
+                            timeout_s=self.timeout_s, what="move report",
+                            check=self.heartbeat.check)
+
     def finish(self, stats: dict[str, Any]) -> None:
         """Report this process's counters; the coordinator folds them into summary.json."""
         self.profiler.dump(self.run_dir / "profile" / f"{self.role}-{self.rank}.json")
