@@ -314,6 +314,8 @@ class Coordinator:
                 f"{self.generation}")))
         elif isinstance(msg, wire.CheckpointSaved):
             refused = self.rounds.report(msg)
+            if not refused and msg.role == "server":
+                self.elastic.saved(msg.clock, msg.rank, msg.partitions)
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
                                if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
@@ -539,7 +541,7 @@ class Coordinator:
         return self.rounds.manifest(clock, files, shard_map=self.shard_map, layout=self.layout,
                                     tables=self.tables, optimizer=self.optimizer,
                                     samples=self.samples, dead_servers=self.dead_servers,
-                                    owners=self.owner)
+                                    owners=self.elastic.file_owners(clock, self.owner))
 
     def _checkpoint_done(self) -> None:
         for peer, req in self.checkpoint_waiters:

@@ -68,6 +68,8 @@ class Elastic:
         self._window_at = time.monotonic()
         self._hot = (-1, 0)  # (server, windows in a row)
         self._quiet_until = 0.0
+        #: Checkpoint clock -> server -> the partitions its file holds.
+        self._files: dict[int, dict[int, set]] = {}
 
     # ------------------------------------------------------------------- scale
 
@@ -159,6 +161,26 @@ class Elastic:
         self._order({pid: cool for pid in mine[-k:]},
                     f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} on "
                     f"server {cool})")
+
+    def saved(self, clock: int, rank: int, pids: list[int]) -> None:
+        """A server's checkpoint file at ``clock`` holds ``pids``."""
+        self._files.setdefault(clock, {})[rank] = set(pids)
+        for old in sorted(self._files)[:-16]:
+            del self._files[old]
+
+    def file_owners(self, clock: int, owner: dict[int, int]) -> dict[int, int]:
+        """Partition -> the server whose file of the checkpoint at ``clock`` holds it: its
+        owner, or (a partition that moved about that clock) the server it moved from."""
+        files = self._files.get(clock)
+        if not self.moved or not files:
+            return owner
+        out = dict(owner)
+        for pid, s in owner.items():
+            if pid not in files.get(s, ()):
+                held = sorted(r for r, pids in files.items() if pid in pids)
+                if held:
+                    out[pid] = held[0]
+        return out
 
     def summary(self) -> dict:
         return {"servers_active": sorted(self.active), "moves": self.moves}

@@ -138,12 +138,12 @@ class Session:
         """``session.topology.server_addresses`` as a list (kept for older callers)."""
         return list(self._registered().server_addresses)
 
-    def report_checkpoint(self, clock: int, name: str, nbytes: int) -> None:
+    def report_checkpoint(self, clock: int, name: str, nbytes: int, partitions=()) -> None:
         """A server (or worker 0 in allreduce/hybrid mode, with the dense replica) tells the
         coordinator its file of the checkpoint at ``clock`` is written."""
         self._coord.request(wire.CheckpointSaved(req=self._coord.new_req(), rank=self.rank,
                                                  clock=clock, file=name, nbytes=nbytes,
-                                                 role=self.role),
+                                                 role=self.role, partitions=list(partitions)),
                             timeout_s=self.timeout_s, what="checkpoint report",
                             check=self.heartbeat.check)
 

@@ -32,6 +32,8 @@ from tessera.transport import wire
 
 #: In a refusal: the partitions named moved to another server; ``pid->server`` pairs follow.
 MOVED = "moved (elastic):"
+#: A move refused for now (the target is a checkpoint ahead of the source): tried again.
+LATER = "moves later"
 _PAIR = re.compile(r"(\d+)->(\d+)")
 
 
@@ -61,6 +63,8 @@ class Mover:
         #: Partitions that moved here (their requests are counted: the log says it served).
         self.arrived: set[int] = set()
         self._peers: dict[int, object] = {}
+        #: A move the target put off (:data:`LATER`): not tried again before this.
+        self._later = 0.0
         self.stats = server.stats
         for key in ("moved_out", "moved_in", "served_moved"):
             self.stats.setdefault(key, 0)
@@ -80,7 +84,7 @@ class Mover:
         """Carry out the coordinator's orders for partitions this server owns and that
         are quiet now (the others at a later turn)."""
         orders = self.orders()
-        if not orders:
+        if not orders or time.monotonic() < self._later:
             return
         parts = self.server.parts
         by_target: dict[int, list[int]] = {}
@@ -120,11 +124,13 @@ class Mover:
                                  dtypes=[str(t.dtype).split(".")[-1] + ("[]" if t.dim() == 0
                                                                         else "")
                                          for t in tensors],
-                                 last_seq=dict(st.last_seq), members=live)
+                                 last_seq=dict(st.last_seq), members=live,
+                                 seq=self.server.snapshots.last)
             peer.send(msg, [tensor_to_frame(t) for t in tensors])
             reqs.append(msg.req)
         deadline = time.monotonic() + self.timeout_s
-        for req in reqs:  # the target acks each in order; nothing else is served meanwhile
+        taken = []
+        for pid, req in zip(pids, reqs):  # acked in order; nothing else is served meanwhile
             while True:
                 self.server.hooks.check()
                 try:
@@ -135,8 +141,15 @@ class Mover:
                         raise RequestError(f"server {target} did not take partitions {pids} "
                                            f"within {self.timeout_s:g} s") from None
             if isinstance(reply, wire.Error):
-                raise RequestError(f"server {target} refused partitions {pids}: "
-                                   f"{reply.message}")
+                if LATER not in reply.message:
+                    raise RequestError(f"server {target} refused partition {pid}: "
+                                       f"{reply.message}")
+                self._later = time.monotonic() + 0.2  # it stays here; tried again later
+                continue
+            taken.append(pid)
+        pids = taken
+        if not pids:
+            return
         for pid in pids:
             del self.server.parts[pid]
             self.moved_to[pid] = target
@@ -152,6 +165,11 @@ class Mover:
         """A partition moved here whole: serve it from now on."""
         replication = self.server.replication
         pid = msg.partitions[0] if len(msg.partitions) == 1 else -1
+        if self.server.snapshots.last > msg.seq:
+            # This server wrote a checkpoint its source has not yet: that one's file of it
+            # must hold the partition (tessera.cluster.elastic, file_owners).
+            raise RequestError(f"partition {pid} {LATER}: this server wrote the checkpoint at "
+                               f"clock {self.server.snapshots.last}, its source not yet")
         if pid in self.server.backups:
             raise RequestError(f"a move of partition {pid} to a server that backs it up")
         replication._on_copy(peer, msg, frames)  # the copy's checks and state; Acks it

@@ -65,8 +65,8 @@ class ServerHooks:
     #: (dead servers, replaced servers -> times, moved partitions -> owner), from one
     #: heartbeat: a replaced server joins again as a backup (Replicator.follow_lives).
     servers: Callable[[], tuple[list, dict, dict]] = lambda: ([], {}, {})
-    #: A checkpoint file was written: (clock, file, bytes).
-    on_checkpoint: Callable[[int, str, int], None] = lambda *a: None
+    #: A checkpoint file was written: (clock, file, bytes, the dense partitions in it).
+    on_checkpoint: Callable[[int, str, int, list], None] = lambda *a: None
     #: Elastic servers (tessera.ps.elastic): the coordinator's move orders (partition ->
     #: server), the report that a move is done (target, partitions), and where the
     #: server's busy seconds go (its heartbeat, which the coordinator rebalances by).

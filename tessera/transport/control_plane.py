@@ -259,6 +259,9 @@ class CheckpointSaved(msgspec.Struct, **MESSAGE):
     file: str
     nbytes: int
     role: str = "server"
+    #: A server's file: the dense partitions in it (elastic servers: the manifest names
+    #: the file that holds each partition, which after a move may not be its owner's).
+    partitions: list[int] = []
 
 
 class Replicated(msgspec.Struct, **MESSAGE):
