@@ -533,7 +533,13 @@ class Coordinator:
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
                 and (r not in self.server_lives or r in owners)}
         try:
-            self.rounds.complete(live, self._manifest, self._checkpoint_done)
+            # Scaled servers: a clock is complete once its files hold every partition
+            # (a server emptied by tessera scale writes none while it holds nothing).
+            ready = None
+            if self.elastic.moved and not self.tables and self.owner:
+                pids = set(self.owner)
+                ready = lambda clock, files: self.elastic.files_complete(clock, files, pids)  # noqa: E731
+            self.rounds.complete(live, self._manifest, self._checkpoint_done, ready)
         except CheckpointError as exc:  # a checkpoint split over several locations
             self._fail(str(exc))
 

@@ -168,6 +168,12 @@ class Elastic:
         for old in sorted(self._files)[:-16]:
             del self._files[old]
 
+    def files_complete(self, clock: int, files: dict, partitions: set) -> bool:
+        """Whether the servers' files of the checkpoint at ``clock`` hold every partition."""
+        held = self._files.get(clock, {})
+        have = set().union(*(held.get(r, set()) for r in files)) if files else set()
+        return bool(partitions) and partitions <= have
+
     def file_owners(self, clock: int, owner: dict[int, int]) -> dict[int, int]:
         """Partition -> the server whose file of the checkpoint at ``clock`` holds it: its
         owner, or (a partition that moved about that clock) the server it moved from."""

@@ -183,9 +183,10 @@ def serve(session) -> None:
               f"{view.restore.clock} from {view.restore.path}", flush=True)
     server.serve()
     server.mover.close()
-    if server.mover.arrived:
+    if server.stats["moved_in"]:
         print(f"server {rank}: served {server.stats['served_moved']} requests for partitions "
-              f"moved here {sorted(server.mover.arrived)}", flush=True)
+              f"moved here ({server.stats['moved_in']} moved in, "
+              f"{server.stats['moved_out']} moved out)", flush=True)
     stats = dict(server.stats, partitions=len(server.parts))
     for pid, st in server.parts.items():
         stats[f"applied.p{pid}"] = st.applied_pushes
