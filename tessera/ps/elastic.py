@@ -130,13 +130,16 @@ class Mover:
             reqs.append(msg.req)
         deadline = time.monotonic() + self.timeout_s
         taken = []
-        for pid, req in zip(pids, reqs):  # acked in order; nothing else is served meanwhile
+        for pid, req in zip(pids, reqs):  # acked in order; requests wait meanwhile
             while True:
                 self.server.hooks.check()
                 try:
                     reply, _ = peer.wait(req, 0.05, "partition move")
                     break
                 except PeerTimeout:
+                    # A server moving partitions here meanwhile is answered (two servers
+                    # moving to each other never wait on each other); others wait.
+                    self.server.replication._serve_replication_meanwhile()
                     if time.monotonic() > deadline:
                         raise RequestError(f"server {target} did not take partitions {pids} "
                                            f"within {self.timeout_s:g} s") from None
