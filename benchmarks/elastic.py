@@ -25,7 +25,7 @@ ended (``owners``), when the move was ordered, and the final accuracy of both.
 
 Output: one JSON line on stdout; progress on stderr.
 
-    .venv/bin/python benchmarks/elastic.py            # 300 steps, 2 rounds
+    .venv/bin/python benchmarks/elastic.py            # 500 steps, 2 rounds
     .venv/bin/python benchmarks/elastic.py --quick    # 150 steps, 1 round
 """
 
@@ -79,11 +79,11 @@ def run_case(system: str, steps: int, slow_ms: float, timeout_s: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--slow-ms", type=float, default=5.0,
                     help="server 0's sleep per partition of each push or pull")
-    ap.add_argument("--timeout", type=float, default=600.0, help="the whole benchmark")
+    ap.add_argument("--timeout", type=float, default=900.0, help="the whole benchmark")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
