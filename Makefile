@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/table_memory.py --clicks
 	$(BIN)/python benchmarks/delta_checkpoint.py
 	$(BIN)/python benchmarks/movielens_seeds.py
+	$(BIN)/python benchmarks/elastic.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

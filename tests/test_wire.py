@@ -61,6 +61,8 @@ EVERY_MESSAGE = [
     wire.CheckpointNow(req=23),
     wire.CheckpointSaved(req=24, rank=1, clock=20, file="server-1.safetensors", nbytes=4096),
     wire.Replicated(req=27, rank=2, backup=0, partitions=[1, 2]),
+    wire.Scale(req=28, servers=3),
+    wire.Moved(req=29, rank=1, target=0, partitions=[1, 3, -2]),
     wire.Join(req=25, worker=1, incarnation=2, clock=40, partitions=[0, 1], dtype="bfloat16"),
     wire.Replicate(req=26, kind="grad", partitions=[1], clock=7, pushes=2),
     wire.Replicate(req=27, kind="grad", partitions=[0], clock=3, pushes=1, worker=1, seq=5),

@@ -5,6 +5,7 @@
     tessera node JOB.toml|SCRIPT.py --coordinator HOST:PORT --nodes N --node-rank K [--host ADDR] ...
     tessera export RUN_DIR --out model.safetensors
     tessera stop RUN_DIR        (a [data] follow job: end its stream at the last shard there)
+    tessera scale RUN_DIR --servers N   (move a running job's partitions onto N servers)
 
 A bad file or flag exits with code 2 and one line naming the field and what is
 allowed; a failed job exits non-zero naming the process that failed.
@@ -243,6 +244,42 @@ def stop(run_dir: str) -> None:
     click.echo(f"tessera: the stream in {data['path']} ends with "
                f"{last or 'the shards there when the job next looks'}; the job trains it, "
                f"writes its final checkpoint and exits")
+
+
+@cli.command()
+@click.argument("run_dir", type=str)
+@click.option("--servers", "servers", type=int, required=True,
+              help="How many parameter servers serve the job's partitions from now on.")
+def scale(run_dir: str, servers: int) -> None:
+    """Move a running job's dense partitions live onto SERVERS servers (0..SERVERS-1):
+    workers keep training; requests that reach a former owner are re-sent."""
+    from tessera.cluster.elastic import request_scale
+    path = Path(run_dir)
+    if servers < 1:
+        click.echo(f"tessera: scale: --servers must be at least 1, got {servers}", err=True)
+        sys.exit(2)
+    if not (path / "config.json").is_file():
+        click.echo(f"tessera: scale: {run_dir!r} is not a run directory (no config.json); "
+                   f"give the directory `tessera run` printed", err=True)
+        sys.exit(2)
+    if (path / "summary.json").is_file() or not (path / "cluster.json").is_file():
+        click.echo(f"tessera: scale: the job in {run_dir} is not running "
+                   f"({'it has finished' if (path / 'summary.json').is_file() else 'no cluster is up'})",
+                   err=True)
+        sys.exit(2)
+    try:
+        ok, message = request_scale(path, servers, timeout_s=15.0)
+    except TimeoutError:
+        click.echo(f"tessera: scale: the job in {run_dir} is not running (its launcher did "
+                   f"not answer within 15 s)", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"tessera: scale: {exc}", err=True)
+        sys.exit(2)
+    if not ok:
+        click.echo(f"tessera: scale: {message.removeprefix('coordinator: ')}", err=True)
+        sys.exit(2)
+    click.echo(f"tessera: {message}; the job goes on training")
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ class CheckpointRounds:
                                                             ("worker", workers or {}))
                 for r, (name, _) in sorted(table.items()) if name not in there]
 
-    def complete(self, live: set[int], manifest_of, on_complete) -> None:
+    def complete(self, live: set[int], manifest_of, on_complete, ready=None) -> None:
         """Write the manifest of every clock all ``live`` servers (and, in allreduce/hybrid
         mode, worker 0 with the dense replica) have reported, last. Raises CheckpointError
         (at a later call: the writer thread lists the store) when a reported file is not in
@@ -188,6 +188,8 @@ class CheckpointRounds:
 
         ``manifest_of(clock, files)`` builds a manifest; ``on_complete()`` runs after
         each one is written (the coordinator answers who waits for a checkpoint).
+        ``ready(clock, files)``, when given, says instead of ``live`` whether the servers'
+        files are all there (elastic servers: the files hold every partition).
 
         The writes (and the pruning after each) happen on a writer thread, so that a
         slow object store never holds up the coordinator's loop (heartbeats, the
@@ -198,7 +200,8 @@ class CheckpointRounds:
         self._collect(on_complete)
         for clock in sorted(self.reports):
             got = self.reports[clock]
-            if not live <= set(got) or clock in self.completed or clock in self._inflight \
+            enough = ready(clock, got) if ready is not None else live <= set(got)
+            if not enough or clock in self.completed or clock in self._inflight \
                     or time.monotonic() < self._retry_at.get(clock, 0.0):
                 continue
             if self.dense and len(self.dense_reports.get(clock, {})) < self.stages:

@@ -53,6 +53,7 @@ import msgspec
 import zmq
 
 from tessera.cluster.checkpoint_rounds import CheckpointRounds
+from tessera.cluster.elastic import Elastic, scale_problem
 from tessera.cluster.store import RendezvousStore
 from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder
@@ -130,6 +131,8 @@ class Coordinator:
         self.samples = 0
         # torch.distributed's rendezvous (allreduce, hybrid, pipeline modes).
         self.store = RendezvousStore()
+        #: Elastic servers: tessera scale, [ps] rebalance (tessera.cluster.elastic).
+        self.elastic = Elastic(cfg)
 
     @property
     def address(self) -> str:
@@ -171,6 +174,8 @@ class Coordinator:
                     if now - since > cl.startup_timeout_s:
                         self._fail(f"{key[0]} {key[1]} died and did not come back within "
                                    f"{cl.startup_timeout_s:.0f} s")
+            if self.state == "running" and self.cfg.ps.rebalance:
+                self.elastic.tick(self.owner)
             if self.rounds.reports:  # manifests handed to (and back from) the writer thread
                 self._maybe_manifest()
             needed = {k for k in self.expected
@@ -279,6 +284,8 @@ class Coordinator:
                 self.last_seen[key] = time.monotonic()
                 if msg.role == "worker" and msg.clock >= 0:
                     self.worker_clock[msg.rank] = msg.clock
+                if msg.role == "server":
+                    self.elastic.load(msg.rank, msg.busy_s)
             state = "running" if self.state == "starting" else self.state
             if state == "regroup" and msg.role != "launcher":
                 state = "failed"
@@ -287,6 +294,7 @@ class Coordinator:
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
                 server_lives=self.server_lives, owners=self._moved(),
+                moves=self.elastic.orders if msg.role == "server" else {},
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
             key = (msg.role, msg.rank)
@@ -306,6 +314,8 @@ class Coordinator:
                 f"{self.generation}")))
         elif isinstance(msg, wire.CheckpointSaved):
             refused = self.rounds.report(msg)
+            if not refused and msg.role == "server":
+                self.elastic.saved(msg.clock, msg.rank, msg.partitions)
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=f"coordinator: {refused}")
                                if refused else wire.Ack(req=msg.req))
             self._maybe_manifest()
@@ -325,6 +335,22 @@ class Coordinator:
                     (f"table shards of servers {shards}" if shards else "")
                 print(f"coordinator: server {msg.rank}'s {what} have their second "
                       f"copy on server {msg.backup} again", flush=True)
+        elif isinstance(msg, wire.Scale):
+            problem = self.elastic.scale(
+                msg.servers, self.owner,
+                {p.id: p.stop - p.start for p in self.shard_map.partitions}
+                if self.shard_map else {}, self.state, scale_problem(self.cfg, self.tables))
+            self.endpoint.send(got.peer, wire.Error(req=msg.req, message=problem) if problem
+                               else wire.Ack(req=msg.req))
+        elif isinstance(msg, wire.Moved):
+            self.endpoint.send(got.peer, wire.Ack(req=msg.req))
+            taken = self.elastic.done(msg.rank, msg.target, msg.partitions, self.owner)
+            if taken:
+                print(f"coordinator: server {msg.rank} moved partitions {taken} to server "
+                      f"{msg.target}", flush=True)
+                self.profiler.instant(f"server {msg.rank} moved {len(taken)} partitions",
+                                      "membership")
+                self._write_cluster_json()
         elif isinstance(msg, wire.CheckpointNow):
             if self.state != "running" or not self.rounds.on_request:
                 self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
@@ -436,7 +462,8 @@ class Coordinator:
         write_json_atomic(self.run_dir / "cluster.json", {
             "processes": [{"role": p.role, "rank": p.rank, "host": p.host, "pid": p.pid,
                            "address": p.address} for p in [me, *self.procs_sorted]],
-            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": p.server}
+            "partitions": [{"id": p.id, "start": p.start, "stop": p.stop,
+                            "server": self.owner.get(p.id, p.server)}
                            for p in self.shard_map.partitions],
         })
 
@@ -453,7 +480,7 @@ class Coordinator:
     def _moved(self) -> dict[int, int]:
         """Every partition's owner once a server died (clients route by it; a partition
         back on its shard-map server, a replacement, is in it too), else nothing."""
-        if not self.dead_servers and not self.server_lives:
+        if not self.dead_servers and not self.server_lives and not self.elastic.moved:
             return {}
         # Table shard s as -(s + 1) (tessera.ps.replication.shard_key): where its rows are.
         return {**self.owner, **{-k - 1: s for k, s in self.shard_owner.items()}}
@@ -506,7 +533,13 @@ class Coordinator:
         live = {r for r in range(self.cfg.cluster.servers) if r not in self.dead_servers
                 and (r not in self.server_lives or r in owners)}
         try:
-            self.rounds.complete(live, self._manifest, self._checkpoint_done)
+            # Scaled servers: a clock is complete once its files hold every partition
+            # (a server emptied by tessera scale writes none while it holds nothing).
+            ready = None
+            if self.elastic.moved and not self.tables and self.owner:
+                pids = set(self.owner)
+                ready = lambda clock, files: self.elastic.files_complete(clock, files, pids)  # noqa: E731
+            self.rounds.complete(live, self._manifest, self._checkpoint_done, ready)
         except CheckpointError as exc:  # a checkpoint split over several locations
             self._fail(str(exc))
 
@@ -514,7 +547,7 @@ class Coordinator:
         return self.rounds.manifest(clock, files, shard_map=self.shard_map, layout=self.layout,
                                     tables=self.tables, optimizer=self.optimizer,
                                     samples=self.samples, dead_servers=self.dead_servers,
-                                    owners=self.owner)
+                                    owners=self.elastic.file_owners(clock, self.owner))
 
     def _checkpoint_done(self) -> None:
         for peer, req in self.checkpoint_waiters:
@@ -593,6 +626,8 @@ class Coordinator:
             "dead_servers": sorted(self.dead_servers),
             "servers_replaced": {str(r): n for r, n in sorted(self.server_lives.items())},
             "checkpoints": self.rounds.completed,
+            "elastic": self.elastic.summary(),
+            "owners": {str(k): v for k, v in sorted(self.owner.items())},
             "resumed_from": self.rounds.resumed_from,
             "config": msgspec.to_builtins(cfg),
         })

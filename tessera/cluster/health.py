@@ -38,6 +38,10 @@ class Heartbeat:
         self._failure = ""
         #: What this process reports: a worker's completed clock, a server's lowest.
         self.clock = -1
+        #: Servers: seconds spent serving so far (the coordinator's rebalancing reads it).
+        self.busy_s = 0.0
+        #: Elastic servers: partitions this server is to move (partition -> server).
+        self.moves: dict[int, int] = {}
         #: The coordinator's latest word on membership and checkpoints.
         self.departed: dict[int, int] = {}
         self.dead_servers: list[int] = []
@@ -65,7 +69,7 @@ class Heartbeat:
                 req = self._ep.new_req()
                 try:
                     self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank,
-                                                 clock=self.clock))
+                                                 clock=self.clock, busy_s=self.busy_s))
                     msg, _ = self._ep.wait(req, self.interval_s * 2, "heartbeat")
                 except TransportError:
                     if time.monotonic() - last_ack > self.timeout_s:
@@ -78,6 +82,7 @@ class Heartbeat:
                     self.departed = msg.departed
                     self.server_view = (msg.dead_servers, msg.server_lives, msg.owners)
                     self.dead_servers = msg.dead_servers
+                    self.moves = msg.moves
                     self.finished = msg.finished
                     self.checkpoint_requested = msg.checkpoint
                     if msg.state == "failed":

@@ -95,6 +95,7 @@ def serve(session) -> None:
     """Be parameter server ``session.rank`` of the job until the coordinator says
     shutdown: register, serve, report. The session stays open (its owner closes it)."""
     from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.config.env import process_environ, slow_server_ms
     from tessera.ps.sharding import partition_elems_for
     from tessera.transport.endpoint import ServerEndpoint
 
@@ -155,7 +156,8 @@ def serve(session) -> None:
                       two_phase=cfg.precision == "fp16", timeout_s=cfg.cluster.timeout_s,
                       # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
                       # the dense replica's clock, never on a schedule of their own
-                      checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every),
+                      checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every,
+                      slow_ms=slow_server_ms(process_environ(), rank)),
         endpoint=endpoint, partitions=[p for p in view.partitions
                                        if p.server == rank and not replacement],
         optimizer=view.optimizer, tables=view.tables,
@@ -163,7 +165,10 @@ def serve(session) -> None:
                           should_stop=lambda: session.heartbeat.shutdown_requested,
                           membership=session.heartbeat.membership,
                           servers=session.heartbeat.servers,
-                          on_checkpoint=session.report_checkpoint),
+                          on_checkpoint=session.report_checkpoint,
+                          moves=lambda: session.heartbeat.moves,
+                          report_moved=session.report_moved,
+                          busy=lambda s: setattr(session.heartbeat, "busy_s", s)),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
                           peer=backup_peer, primary=primary_of_backups,
                           partitions=tuple(view.partitions),
@@ -177,6 +182,11 @@ def serve(session) -> None:
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "
               f"{view.restore.clock} from {view.restore.path}", flush=True)
     server.serve()
+    server.mover.close()
+    if server.stats["moved_in"]:
+        print(f"server {rank}: served {server.stats['served_moved']} requests for partitions "
+              f"moved here ({server.stats['moved_in']} moved in, "
+              f"{server.stats['moved_out']} moved out)", flush=True)
     stats = dict(server.stats, partitions=len(server.parts))
     for pid, st in server.parts.items():
         stats[f"applied.p{pid}"] = st.applied_pushes

@@ -138,12 +138,12 @@ class Session:
         """``session.topology.server_addresses`` as a list (kept for older callers)."""
         return list(self._registered().server_addresses)
 
-    def report_checkpoint(self, clock: int, name: str, nbytes: int) -> None:
+    def report_checkpoint(self, clock: int, name: str, nbytes: int, partitions=()) -> None:
         """A server (or worker 0 in allreduce/hybrid mode, with the dense replica) tells the
         coordinator its file of the checkpoint at ``clock`` is written."""
         self._coord.request(wire.CheckpointSaved(req=self._coord.new_req(), rank=self.rank,
                                                  clock=clock, file=name, nbytes=nbytes,
-                                                 role=self.role),
+                                                 role=self.role, partitions=list(partitions)),
                             timeout_s=self.timeout_s, what="checkpoint report",
                             check=self.heartbeat.check)
 
@@ -164,6 +164,13 @@ class Session:
         self._coord.request(wire.Replicated(req=self._coord.new_req(), rank=self.rank,
                                             backup=backup, partitions=partitions),
                             timeout_s=self.timeout_s, what="re-replication report",
+                            check=self.heartbeat.check)
+
+    def report_moved(self, target: int, partitions: list[int]) -> None:
+        """A server tells the coordinator ``partitions`` are on server ``target`` now."""
+        self._coord.request(wire.Moved(req=self._coord.new_req(), rank=self.rank,
+                                       target=target, partitions=partitions),
+                            timeout_s=self.timeout_s, what="move report",
                             check=self.heartbeat.check)
 
     def finish(self, stats: dict[str, Any]) -> None:

@@ -46,6 +46,9 @@ GENERATION = "TESSERA_GENERATION"
 #: Unix time at which the launcher started (or handed a standby) this process: how a
 #: restarted worker reports the time its rejoin took.
 STARTED_AT = "TESSERA_STARTED_AT"
+#: Benchmarks only (benchmarks/elastic.py): ``RANK:MS``, server RANK sleeps MS per
+#: partition of every push or pull (a server made hot on purpose).
+SLOW_SERVER = "TESSERA_SLOW_SERVER"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
@@ -296,6 +299,19 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
     except ValueError:
         raise NotLaunched(f"{name}={text!r} is not an integer; start this process with a "
                           f"Tessera launcher") from None
+
+
+def slow_server_ms(environ: Mapping[str, str], rank: int) -> float:
+    """The per-partition delay TESSERA_SLOW_SERVER gives server ``rank`` (0: none)."""
+    text = environ.get(SLOW_SERVER, "").strip()
+    if not text:
+        return 0.0
+    who, _, ms = text.partition(":")
+    try:
+        return float(ms) if int(who) == rank else 0.0
+    except ValueError:
+        raise EnvError(f"{SLOW_SERVER}={text!r} must be RANK:MS (server RANK sleeps MS "
+                       f"per partition of each request)") from None
 
 
 def process_environ() -> Mapping[str, str]:

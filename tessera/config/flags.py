@@ -56,6 +56,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--batch-kib", "ps.batch_kib", float,
          "Pushes of smaller partitions go to a server batched, up to this many KiB in one "
          "message (ps.batch_kib; 0: off)."),
+    Flag("--rebalance", "ps.rebalance", bool,
+         "Move partitions off a server that stays hot (ps.rebalance)."),
     Flag("--precision", "precision", str, "fp32 | bf16 | fp16 (precision)."),
     Flag("--tensorboard", "train.tensorboard", bool,
          "Also write metrics as TensorBoard scalars under <run dir>/tensorboard."),

@@ -290,8 +290,17 @@ class PSConfig(msgspec.Struct, **_STRICT):
     #: Copies of every dense partition: 1, or 2 (a primary and a backup on the next
     #: server, which takes over when the primary dies; ``--replication 2``).
     replication: int = 1
+    #: Elastic servers: the coordinator watches each server's service time and moves
+    #: dense partitions off one that stays hot onto the coolest (``--rebalance``).
+    rebalance: bool = False
 
     def __post_init__(self) -> None:
+        if self.rebalance and self.mode not in ("sync", "async", "ssp"):
+            raise ValueError(f"rebalance moves parameter-server partitions: mode "
+                             f"{self.mode!r} has none to move; use sync, async or ssp")
+        if self.rebalance and self.replication == 2:
+            raise ValueError("rebalance does not move replicated partitions: set "
+                             "replication = 1 (or rebalance = false)")
         if self.replication not in (1, 2):
             raise ValueError(f"replication must be 1 or 2, got {self.replication}")
         if self.staleness < 0:

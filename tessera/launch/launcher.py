@@ -301,6 +301,25 @@ class Launcher:
             return None
         return reply
 
+    def _forward_scale_requests(self) -> None:
+        """``tessera scale``: its request files in the run directory go to the coordinator
+        (tessera.cluster.elastic); the answer goes back the same way."""
+        from tessera.cluster.elastic import answer_request, pending_requests
+        from tessera.transport import wire
+        for path, servers in pending_requests(self.run_dir):
+            if servers is None:
+                answer_request(path, False, f"malformed request {path.name}")
+                continue
+            reply = self._tell(lambda req: wire.Scale(req=req, servers=servers), 5.0,
+                               "scale request")
+            if reply is None:
+                answer_request(path, False, "the coordinator did not answer")
+            elif isinstance(reply, wire.Error):
+                answer_request(path, False, reply.message)
+            else:
+                answer_request(path, True, f"moving partitions onto {servers} server"
+                                           f"{'s' * (servers != 1)}")
+
     def _departed(self, c: Child) -> bool:
         """Tell the coordinator; False when it says the process had already finished."""
         from tessera.transport import wire
@@ -490,6 +509,8 @@ class Launcher:
             if self._wants_server_standby():
                 self.server_standby = self._start_standby("server")
             self._keep_next_generation()
+            if first_failure is None:
+                self._forward_scale_requests()
             if first_failure is None and self._regroup_elsewhere():
                 continue  # every process of this node is new: look again
             for c in list(self.children):

@@ -39,6 +39,9 @@ class ServerOptions:
     #: Measure each request's CPU by phase (tessera.ps.server_profile.MessageCosts);
     #: ``stats["cpu_us_per_msg"]`` holds it at the end (benchmarks print it).
     cost_breakdown: bool = False
+    #: Benchmarks only (TESSERA_SLOW_SERVER): sleep this many ms per partition a push or
+    #: pull names, a server made hot on purpose (benchmarks/elastic.py).
+    slow_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,5 +65,11 @@ class ServerHooks:
     #: (dead servers, replaced servers -> times, moved partitions -> owner), from one
     #: heartbeat: a replaced server joins again as a backup (Replicator.follow_lives).
     servers: Callable[[], tuple[list, dict, dict]] = lambda: ([], {}, {})
-    #: A checkpoint file was written: (clock, file, bytes).
-    on_checkpoint: Callable[[int, str, int], None] = lambda *a: None
+    #: A checkpoint file was written: (clock, file, bytes, the dense partitions in it).
+    on_checkpoint: Callable[[int, str, int, list], None] = lambda *a: None
+    #: Elastic servers (tessera.ps.elastic): the coordinator's move orders (partition ->
+    #: server), the report that a move is done (target, partitions), and where the
+    #: server's busy seconds go (its heartbeat, which the coordinator rebalances by).
+    moves: Callable[[], dict] = lambda: {}
+    report_moved: Callable[[int, list], None] = lambda target, pids: None
+    busy: Callable[[float], None] = lambda seconds: None

@@ -106,6 +106,10 @@ class ParameterServer:
             self.tables.before_wake = self.snapshots.maybe
         #: Per-request CPU by phase (tessera.ps.server_profile); None: not measured.
         self.costs = MessageCosts() if options.cost_breakdown else None
+        from tessera.ps.elastic import Mover
+        self.mover = Mover(self, orders=hooks.moves, report=hooks.report_moved,
+                           connect=replicas.connect, timeout_s=options.timeout_s)
+        self.stats["busy_s"] = 0.0
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
@@ -176,10 +180,20 @@ class ParameterServer:
         self.snapshots.maybe()  # written (if due) before a lookup changes a table
 
     def handle(self, got) -> None:
+        started = time.perf_counter()
+        try:
+            self._handle(got)
+        finally:
+            self.stats["busy_s"] += time.perf_counter() - started
+            self.hooks.busy(self.stats["busy_s"])
+
+    def _handle(self, got) -> None:
         msg = got.msg
         if msg is None:
             self._refuse(got.peer, got.req, got.error)
             return
+        if self.options.slow_ms > 0 and isinstance(msg, (wire.Push, wire.Pull)):
+            time.sleep(self.options.slow_ms * len(msg.partitions) / 1000.0)
         try:
             if isinstance(msg, wire.Push):
                 if self.profiler.enabled:
@@ -192,6 +206,8 @@ class ParameterServer:
                 self._on_init(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
+            elif isinstance(msg, wire.Replicate) and msg.kind == "move":
+                self.mover.on_move(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate) and msg.kind in ("rows", "tablecopy") \
                     and self.tables:
                 self.tables.on_replicate(got.peer, msg, got.frames)
@@ -222,6 +238,9 @@ class ParameterServer:
             raise RequestError("request names no partitions")
         if len(set(ids)) != len(ids):
             raise RequestError("request names a partition twice")
+        if self.mover.moved_to:
+            self.mover.check(ids)  # moved away (elastic): the client follows
+        self.mover.served(ids)
         states = []
         for pid in ids:
             st = self.parts.get(pid)
@@ -470,6 +489,7 @@ class ParameterServer:
                 self.tables.follow_membership()
         self.replication.follow(dead_servers)
         self.replication.follow_lives()
+        self.mover.follow()
         if self.tables is not None:
             self.tables.follow_servers(dead_servers)
 

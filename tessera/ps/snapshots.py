@@ -112,7 +112,7 @@ class Snapshots:
         meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
                 "mode": self.policy.name, "delta_of": sorted(delta_of)}
         store, rank = self.store, self.rank
-        result: dict = {}
+        result: dict = {"parts": [p[0] for p in parts]}
 
         def write() -> None:
             try:
@@ -149,7 +149,7 @@ class Snapshots:
                       f"{self.store.url}: {result['error']}", flush=True)
                 continue
             self.stats["checkpoints"] += 1
-            self.on_checkpoint(clock, result["file"], result["nbytes"])
+            self.on_checkpoint(clock, result["file"], result["nbytes"], result["parts"])
         self._writes = still
 
     def final(self) -> None:

@@ -201,6 +201,8 @@ class Heartbeat(msgspec.Struct, **MESSAGE):
     #: Workers: the last clock they completed (-1: none yet); servers: their lowest
     #: partition clock.
     clock: int = -1
+    #: Servers: seconds spent serving requests so far (elastic rebalancing's load).
+    busy_s: float = 0.0
 
 
 class HeartbeatAck(msgspec.Struct, **MESSAGE):
@@ -227,6 +229,9 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     #: Once a server died: where every partition is now (partition -> owner), and every
     #: table shard (the rows hashed to server s, keyed ``-(s + 1)``) -> the server serving it.
     owners: dict[int, int] = {}
+    #: Elastic servers (tessera scale, [ps] rebalance): partitions to move now (partition
+    #: -> the server to move it to; table shard s keyed ``-(s + 1)``), to their owners.
+    moves: dict[int, int] = {}
 
 
 class Departed(msgspec.Struct, **MESSAGE):
@@ -254,6 +259,9 @@ class CheckpointSaved(msgspec.Struct, **MESSAGE):
     file: str
     nbytes: int
     role: str = "server"
+    #: A server's file: the dense partitions in it (elastic servers: the manifest names
+    #: the file that holds each partition, which after a move may not be its owner's).
+    partitions: list[int] = []
 
 
 class Replicated(msgspec.Struct, **MESSAGE):
@@ -263,6 +271,25 @@ class Replicated(msgspec.Struct, **MESSAGE):
     req: int
     rank: int
     backup: int
+    partitions: list[int]
+
+
+class Scale(msgspec.Struct, **MESSAGE):
+    """From ``tessera scale``: serve the job's partitions from ``servers`` servers
+    (answered with an Error naming what is wrong, or an Ack once the moves are ordered)."""
+
+    req: int
+    servers: int
+
+
+class Moved(msgspec.Struct, **MESSAGE):
+    """From a server (elastic): ``partitions`` (table shard s as ``-(s + 1)``), which it
+    owned, are on server ``target`` now (copied whole and acknowledged there); it
+    answers requests for them with "moved"."""
+
+    req: int
+    rank: int
+    target: int
     partitions: list[int]
 
 

@@ -27,7 +27,7 @@ import msgspec
 
 from tessera.transport.control_plane import (HParam, OptimGroup, OptimSpec, ParamSpec, TableSpec, ProcessInfo, PartitionInfo,
     Register, Restore, ClusterView, Heartbeat, HeartbeatAck, Departed, CheckpointNow,
-    CheckpointSaved, Replicated, TimeSync, TimeSyncAck, Finished, StoreOp, StoreReply)
+    CheckpointSaved, Replicated, Scale, Moved, TimeSync, TimeSyncAck, Finished, StoreOp, StoreReply)
 from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, Overflow,
     Verdict, Params, PullRows, Rows, PushRows, DumpRows, SnapshotTables)
 from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
@@ -35,7 +35,7 @@ from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
 __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGroup",
            "OptimSpec", "ParamSpec", "TableSpec",
            "ProcessInfo", "PartitionInfo", "Register", "Restore", "ClusterView", "Heartbeat",
-           "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "Replicated", "TimeSync",
+           "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "Replicated", "Scale", "Moved", "TimeSync",
            "TimeSyncAck", "Finished", "StoreOp", "StoreReply", "InitParams", "Pull", "Push", "Join", "Replicate",
            "Overflow", "Verdict", "Params", "PullRows", "Rows", "PushRows", "DumpRows", "SnapshotTables", "Message",
            "WireError", "encode", "decode"]
@@ -43,7 +43,8 @@ __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGr
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
                 InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck,
                 PullRows, Rows, PushRows, Departed, CheckpointNow, CheckpointSaved, Join,
-                Replicate, DumpRows, StoreOp, StoreReply, SnapshotTables, Replicated]
+                Replicate, DumpRows, StoreOp, StoreReply, SnapshotTables, Replicated, Scale,
+                Moved]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,0 +1,285 @@
+"""Elastic servers, the coordinator's side: which partitions move where, and when.
+
+Two things order moves, and both use the one live-move path of
+:mod:`tessera.ps.elastic` (the owner copies a partition whole to its new server,
+then answers "moved" for it; clients follow):
+
+- ``tessera scale RUN_DIR --servers N`` (:meth:`Elastic.scale`): the job's dense
+  partitions are served by servers ``0 .. N-1`` from now on; those of servers ``>= N``
+  move onto them, balanced by bytes, and scaling up again spreads them back. A server
+  that serves nothing stays up, idle, until the job ends (it still answers heartbeats
+  and writes an empty checkpoint file): ``N`` may not exceed the servers the job was
+  started with (starting server processes mid-job is not done).
+- ``[ps] rebalance = true`` (:meth:`Elastic.tick`): every ``WINDOW_S`` the coordinator
+  reads each server's busy seconds (time spent serving requests, in its heartbeats);
+  when the busiest server was at least ``HOT_RATIO`` times as busy as the least busy one
+  for ``HOT_WINDOWS`` windows in a row, it moves partitions from it to that one: as many
+  as even out their measured per-partition costs.
+
+The coordinator orders one batch of moves at a time (heartbeat replies carry
+``moves``), and takes each done when the old owner reports :class:`wire.Moved`.
+"""
+
+from __future__ import annotations
+
+import time
+
+#: Seconds between two load readings (rebalance).
+WINDOW_S = 1.0
+#: A server this many times as busy as the least busy one is hot ...
+HOT_RATIO = 1.5
+#: ... for this many windows in a row: then its partitions move.
+HOT_WINDOWS = 2
+#: ... and busy at least this share of the window (else nobody waits on it).
+MIN_BUSY = 0.2
+
+
+def scale_problem(cfg, tables: list) -> str:
+    """Why this job cannot scale its servers ('' when it can)."""
+    ps = cfg.ps
+    if ps.mode not in ("sync", "async", "ssp"):
+        return (f"mode {ps.mode!r} keeps its dense parameters on the workers: only sync, "
+                f"async and ssp jobs have server partitions to move")
+    if ps.replication == 2:
+        return "--replication 2 jobs do not scale (a partition's backup would not follow it)"
+    if tables:
+        return ("jobs with sharded tables do not scale yet (table rows do not move live; "
+                "dense partitions do)")
+    if cfg.precision == "fp16" and ps.mode == "sync":
+        return "fp16 sync jobs do not scale (a held clock cannot move)"
+    return ""
+
+
+class Elastic:
+    """Move orders, the servers in use, and the load readings."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.launched = cfg.cluster.servers
+        #: Servers partitions may be placed on (scale down: the first N).
+        self.active = set(range(self.launched))
+        #: Partition -> the server to move it to, until its owner reports it moved.
+        self.orders: dict[int, int] = {}
+        #: Whether any partition ever moved (owners then go out with every heartbeat).
+        self.moved = False
+        self.moves: list[dict] = []
+        self._busy: dict[int, tuple[float, float]] = {}
+        self._rates: dict[int, float] = {}
+        self._window_at = time.monotonic()
+        self._hot = (-1, 0)  # (server, windows in a row)
+        self._quiet_until = 0.0
+        #: Checkpoint clock -> server -> the partitions its file holds.
+        self._files: dict[int, dict[int, set]] = {}
+
+    # ------------------------------------------------------------------- scale
+
+    def scale(self, n: int, owner: dict[int, int], sizes: dict[int, int], state: str,
+              problem: str) -> str:
+        """Order the moves that put every partition on servers 0..n-1; the refusal
+        ('' when ordered)."""
+        if state != "running":
+            return f"the job is not running (it is {state})"
+        if problem:
+            return problem
+        if n < 1:
+            return f"--servers must be at least 1, got {n}"
+        if n > self.launched:
+            return (f"--servers {n}: the job was started with {self.launched} servers and "
+                    f"scale does not start new server processes; start it with --servers "
+                    f"{n} and scale it down")
+        if n == len(self.active):
+            return f"the job is already served by {n} server{'s' * (n != 1)}"
+        if self.orders:
+            return (f"partitions {sorted(self.orders)} are still moving; scale again once "
+                    f"they are placed")
+        self.active = set(range(n))
+        plan = place(owner, sizes, self.active)
+        self._order(plan, f"scale to {n} servers")
+        return ""
+
+    def _order(self, plan: dict[int, int], why: str) -> None:
+        if not plan:
+            return
+        self.orders.update(plan)
+        self.moves.append({"why": why, "at_unix": time.time(), "partitions": dict(plan)})
+        print(f"coordinator: {why}: moving partitions "
+              f"{', '.join(f'{p}->{s}' for p, s in sorted(plan.items()))}", flush=True)
+
+    def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int]) -> list[int]:
+        """A server moved ``pids`` to ``target``: the ones that were ordered."""
+        taken = [pid for pid in pids if self.orders.get(pid) == target and owner.get(pid) == rank]
+        for pid in taken:
+            owner[pid] = target
+            del self.orders[pid]
+        if taken:
+            self.moved = True
+            self._quiet_until = time.monotonic() + HOT_WINDOWS * WINDOW_S
+            self._hot = (-1, 0)
+        return taken
+
+    # ---------------------------------------------------------------- rebalance
+
+    def load(self, rank: int, busy_s: float) -> None:
+        """A server's heartbeat: its busy seconds so far."""
+        now = time.monotonic()
+        last = self._busy.get(rank)
+        if last is None:
+            self._busy[rank] = (now, busy_s)
+            return
+        if now - last[0] >= WINDOW_S:
+            self._rates[rank] = max(0.0, busy_s - last[1]) / (now - last[0])
+            self._busy[rank] = (now, busy_s)
+
+    def tick(self, owner: dict[int, int]) -> None:
+        """Rebalance: once a window, move partitions off a server that stays hot."""
+        now = time.monotonic()
+        if not self.cfg.ps.rebalance or now - self._window_at < WINDOW_S:
+            return
+        self._window_at = now
+        if self.orders or now < self._quiet_until:
+            return
+        rates = {r: v for r, v in self._rates.items() if r in self.active}
+        if len(rates) < 2:
+            return
+        hot = max(rates, key=rates.get)
+        cool = min(rates, key=rates.get)
+        if rates[hot] < MIN_BUSY or rates[hot] < HOT_RATIO * max(rates[cool], 1e-3):
+            self._hot = (-1, 0)
+            return
+        self._hot = (hot, self._hot[1] + 1 if self._hot[0] == hot else 1)
+        if self._hot[1] < HOT_WINDOWS:
+            return
+        mine = sorted(pid for pid, s in owner.items() if s == hot)
+        theirs = sum(1 for s in owner.values() if s == cool)
+        if len(mine) < 2:
+            return
+        # Per-partition costs as measured: move k so that c_hot (n_hot - k) ~ c_cool (n_cool + k).
+        c_hot = rates[hot] / len(mine)
+        c_cool = rates[cool] / theirs if theirs else c_hot / HOT_RATIO
+        k = int((c_hot * len(mine) - c_cool * theirs) / (c_hot + c_cool))
+        k = max(1, min(len(mine) - 1, k))
+        self._order({pid: cool for pid in mine[-k:]},
+                    f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} on "
+                    f"server {cool})")
+
+    def saved(self, clock: int, rank: int, pids: list[int]) -> None:
+        """A server's checkpoint file at ``clock`` holds ``pids``."""
+        self._files.setdefault(clock, {})[rank] = set(pids)
+        for old in sorted(self._files)[:-16]:
+            del self._files[old]
+
+    def files_complete(self, clock: int, files: dict, partitions: set) -> bool:
+        """Whether the servers' files of the checkpoint at ``clock`` hold every partition."""
+        held = self._files.get(clock, {})
+        have = set().union(*(held.get(r, set()) for r in files)) if files else set()
+        return bool(partitions) and partitions <= have
+
+    def file_owners(self, clock: int, owner: dict[int, int]) -> dict[int, int]:
+        """Partition -> the server whose file of the checkpoint at ``clock`` holds it: its
+        owner, or (a partition that moved about that clock) the server it moved from."""
+        files = self._files.get(clock)
+        if not self.moved or not files:
+            return owner
+        out = dict(owner)
+        for pid, s in owner.items():
+            if pid not in files.get(s, ()):
+                held = sorted(r for r, pids in files.items() if pid in pids)
+                if held:
+                    out[pid] = held[0]
+        return out
+
+    def summary(self) -> dict:
+        return {"servers_active": sorted(self.active), "moves": self.moves}
+
+
+def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dict[int, int]:
+    """Moves (partition -> server) that empty the servers outside ``active`` and even
+    out the bytes among the active ones (greedy: largest partitions first)."""
+    load = {s: 0 for s in active}
+    for pid, s in owner.items():
+        if s in load:
+            load[s] += sizes[pid]
+    plan: dict[int, int] = {}
+    for pid in sorted((p for p, s in owner.items() if s not in active), key=lambda p: -sizes[p]):
+        target = min(load, key=lambda s: (load[s], s))
+        plan[pid] = target
+        load[target] += sizes[pid]
+    where = {pid: plan.get(pid, s) for pid, s in owner.items()}
+    while True:  # spread from the fullest server while that lowers the largest load
+        hi = max(load, key=lambda s: (load[s], -s))
+        lo = min(load, key=lambda s: (load[s], s))
+        fits = [pid for pid, s in where.items() if s == hi and load[lo] + sizes[pid] < load[hi]]
+        if hi == lo or not fits:
+            break
+        pid = min(fits, key=lambda p: (abs((load[hi] - sizes[p]) - (load[lo] + sizes[p])), p))
+        where[pid] = lo
+        load[hi] -= sizes[pid]
+        load[lo] += sizes[pid]
+        if owner[pid] == lo:
+            plan.pop(pid, None)
+        else:
+            plan[pid] = lo
+    return plan
+
+
+# ------------------------------------------------------ tessera scale <-> the launcher
+#
+# The job's secret never touches the disk, so ``tessera scale`` does not talk to the
+# coordinator itself: it drops a request file in ``RUN_DIR/control/``, which the job's
+# launcher (connected to the coordinator with the secret) forwards as :class:`wire.Scale`
+# and answers with a file next to it.
+
+CONTROL_DIR = "control"
+
+
+def pending_requests(run_dir) -> list:
+    """The scale requests waiting in ``run_dir``: [(path, servers or None if malformed)]."""
+    import json
+    from pathlib import Path
+    folder = Path(run_dir) / CONTROL_DIR
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("scale-*.request")):
+        try:
+            servers = json.loads(path.read_text())["servers"]
+            out.append((path, servers if isinstance(servers, int) else None))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append((path, None))
+    return out
+
+
+def answer_request(path, ok: bool, message: str) -> None:
+    """Answer a scale request (the launcher) and drop it."""
+    import json
+    import os
+    answer = path.with_suffix(".answer")
+    tmp = path.with_suffix(".answer.tmp")
+    tmp.write_text(json.dumps({"ok": ok, "message": message}))
+    os.replace(tmp, answer)
+    path.unlink(missing_ok=True)
+
+
+def request_scale(run_dir, servers: int, timeout_s: float) -> tuple[bool, str]:
+    """``tessera scale``: ask the job's launcher; (ok, message). Raises TimeoutError."""
+    import json
+    import os
+    import uuid
+    from pathlib import Path
+    folder = Path(run_dir) / CONTROL_DIR
+    folder.mkdir(exist_ok=True)
+    name = f"scale-{uuid.uuid4().hex[:12]}"
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps({"servers": servers}))
+    request = folder / f"{name}.request"
+    os.replace(tmp, request)
+    answer = folder / f"{name}.answer"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if answer.exists():
+            got = json.loads(answer.read_text())
+            answer.unlink(missing_ok=True)
+            return bool(got.get("ok")), str(got.get("message", ""))
+        time.sleep(0.05)
+    request.unlink(missing_ok=True)
+    raise TimeoutError(f"no answer within {timeout_s:g} s")

@@ -1,0 +1,194 @@
+"""Elastic servers, the server's side: move dense partitions live to another server.
+
+The coordinator orders moves (``tessera scale``, or ``[ps] rebalance`` away from a hot
+server: :mod:`tessera.cluster.elastic`); its heartbeat replies carry them
+(``HeartbeatAck.moves``: partition -> the server to move it to). A server that owns an
+ordered partition moves it at its next quiet moment (no push of the current clock held,
+no request waiting on it), between two requests of its one serve loop:
+
+1. it sends the partition whole (values, optimizer state, clock, applied-push count,
+   every worker's last push sequence number, the live workers) to the new owner
+   (``Replicate`` of kind ``move``, the format of re-replication's ``copy``), and waits
+   for its Ack (the new owner takes it as its own: it serves it from that message on);
+2. it drops the partition and answers every later request for it with
+   :data:`MOVED` and where it went; the client follows and sends the request again,
+   with the same sequence number (:class:`tessera.ps.client.PSClient`), so an update is
+   applied on one server only, once;
+3. it tells the coordinator (``Moved``), which from then on names the new owner in
+   ``owners`` (clients and checkpoints follow it) and stops ordering the move.
+
+Every push the old owner applied is in the copy; every push it refused goes to the new
+owner: nothing acknowledged is lost, nothing applied twice.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, Optional
+
+from tessera.ps.consistency import RequestError
+from tessera.transport import wire
+
+#: In a refusal: the partitions named moved to another server; ``pid->server`` pairs follow.
+MOVED = "moved (elastic):"
+#: A move refused for now (the target is a checkpoint ahead of the source): tried again.
+LATER = "moves later"
+_PAIR = re.compile(r"(\d+)->(\d+)")
+
+
+def moved_pairs(message: str) -> dict[int, int]:
+    """The ``partition -> server`` pairs of a :data:`MOVED` refusal."""
+    _, _, tail = message.partition(MOVED)
+    return {int(p): int(s) for p, s in _PAIR.findall(tail)}
+
+
+def quiet(st) -> bool:
+    """A partition with nothing in flight: it can move between two requests."""
+    return (not st.waiters and st.accum is None and not st.pushed_by and not st.held
+            and not st.verdict_waiters)
+
+
+class Mover:
+    """One server's moves: out (the coordinator's orders), in (``kind="move"``), and the
+    refusals for what moved away."""
+
+    def __init__(self, server, *, orders: Callable[[], dict], report: Callable[[int, list], None],
+                 connect: Optional[Callable[[int], object]], timeout_s: float):
+        self.server = server
+        self.orders, self.report, self.connect = orders, report, connect
+        self.timeout_s = timeout_s
+        #: Partition -> the server it moved to (answered :data:`MOVED`).
+        self.moved_to: dict[int, int] = {}
+        #: Partitions that moved here (their requests are counted: the log says it served).
+        self.arrived: set[int] = set()
+        self._peers: dict[int, object] = {}
+        #: A move the target put off (:data:`LATER`): not tried again before this.
+        self._later = 0.0
+        self.stats = server.stats
+        for key in ("moved_out", "moved_in", "served_moved"):
+            self.stats.setdefault(key, 0)
+
+    # ------------------------------------------------------------------ refusals
+
+    def check(self, pids) -> None:
+        """Refuse a request naming a partition that moved away (all of them named)."""
+        gone = {pid: self.moved_to[pid] for pid in pids if pid in self.moved_to}
+        if gone:
+            pairs = " ".join(f"{p}->{s}" for p, s in sorted(gone.items()))
+            raise RequestError(f"partitions {sorted(gone)} are no longer here: {MOVED} {pairs}")
+
+    # ----------------------------------------------------------------- moving out
+
+    def follow(self) -> None:
+        """Carry out the coordinator's orders for partitions this server owns and that
+        are quiet now (the others at a later turn)."""
+        orders = self.orders()
+        if not orders or time.monotonic() < self._later:
+            return
+        parts = self.server.parts
+        by_target: dict[int, list[int]] = {}
+        for pid, target in sorted(orders.items()):
+            pid, target = int(pid), int(target)
+            if pid >= 0 and target != self.server.rank and pid in parts \
+                    and parts[pid].rule is not None and quiet(parts[pid]):
+                by_target.setdefault(target, []).append(pid)
+        for target, pids in by_target.items():
+            self._move(target, pids)
+
+    def _peer(self, target: int):
+        peer = self._peers.get(target)
+        if peer is None and self.connect is not None:
+            peer = self._peers[target] = self.connect(target)
+        return peer
+
+    def _move(self, target: int, pids: list[int]) -> None:
+        from tessera.ps.checkpoint import partition_tensors
+        from tessera.transport.endpoint import PeerTimeout
+        from tessera.transport.frames import tensor_to_frame
+        peer = self._peer(target)
+        if peer is None:
+            return  # it died meanwhile: the coordinator drops the order
+        members = self.server.policy.members
+        live = {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+        reqs = []
+        for pid in pids:
+            st = self.server.parts[pid]
+            names, tensors = [], []
+            for key, value in partition_tensors(pid, st.rule).items():
+                names.append("values" if key.endswith("/values") else key.split("/state/", 1)[1])
+                tensors.append(value.contiguous())
+            msg = wire.Replicate(req=peer.new_req(), kind="move", partitions=[pid],
+                                 clock=st.clock, pushes=st.applied_pushes,
+                                 source=self.server.rank, names=names,
+                                 dtypes=[str(t.dtype).split(".")[-1] + ("[]" if t.dim() == 0
+                                                                        else "")
+                                         for t in tensors],
+                                 last_seq=dict(st.last_seq), members=live,
+                                 seq=self.server.snapshots.last)
+            peer.send(msg, [tensor_to_frame(t) for t in tensors])
+            reqs.append(msg.req)
+        deadline = time.monotonic() + self.timeout_s
+        taken = []
+        for pid, req in zip(pids, reqs):  # acked in order; requests wait meanwhile
+            while True:
+                self.server.hooks.check()
+                try:
+                    reply, _ = peer.wait(req, 0.05, "partition move")
+                    break
+                except PeerTimeout:
+                    # A server moving partitions here meanwhile is answered (two servers
+                    # moving to each other never wait on each other); others wait.
+                    self.server.replication._serve_replication_meanwhile()
+                    if time.monotonic() > deadline:
+                        raise RequestError(f"server {target} did not take partitions {pids} "
+                                           f"within {self.timeout_s:g} s") from None
+            if isinstance(reply, wire.Error):
+                if LATER not in reply.message:
+                    raise RequestError(f"server {target} refused partition {pid}: "
+                                       f"{reply.message}")
+                self._later = time.monotonic() + 0.2  # it stays here; tried again later
+                continue
+            taken.append(pid)
+        pids = taken
+        if not pids:
+            return
+        for pid in pids:
+            del self.server.parts[pid]
+            self.moved_to[pid] = target
+            self.arrived.discard(pid)
+        self.stats["moved_out"] += len(pids)
+        print(f"server {self.server.rank}: moved partitions {pids} to server {target}",
+              flush=True)
+        self.report(target, pids)
+
+    # ------------------------------------------------------------------ moving in
+
+    def on_move(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        """A partition moved here whole: serve it from now on."""
+        replication = self.server.replication
+        pid = msg.partitions[0] if len(msg.partitions) == 1 else -1
+        if self.server.snapshots.last > msg.seq:
+            # This server wrote a checkpoint its source has not yet: that one's file of it
+            # must hold the partition (tessera.cluster.elastic, file_owners).
+            raise RequestError(f"partition {pid} {LATER}: this server wrote the checkpoint at "
+                               f"clock {self.server.snapshots.last}, its source not yet")
+        if pid in self.server.backups:
+            raise RequestError(f"a move of partition {pid} to a server that backs it up")
+        replication._on_copy(peer, msg, frames)  # the copy's checks and state; Acks it
+        replication.promote(f"moved here from server {msg.source}", [pid])
+        st = self.server.parts[pid]
+        st.last_seq = dict(msg.last_seq)
+        self.moved_to.pop(pid, None)
+        self.arrived.add(pid)
+        self.stats["moved_in"] += 1
+
+    def served(self, pids) -> None:
+        if self.arrived and any(pid in self.arrived for pid in pids):
+            self.stats["served_moved"] += 1
+
+    def close(self) -> None:
+        for peer in self._peers.values():
+            if peer is not None:
+                peer.close()
+        self._peers.clear()
