@@ -138,7 +138,13 @@ class ShardedEmbeddingBase(nn.Module):
         """This step's row gradients (unique ids, increasing; fp32 rows), taken: phase 3's
         payload, before it is split by server."""
         dim = self.embedding_dim
-        if self._pending:
+        if len(self._pending) == 1 and _increasing(self._pending[0][0]):
+            # One lookup this step (the usual case): its ids are already unique and
+            # sorted, its gradient needs no merge and no copy.
+            ids, r = self._pending[0]
+            grads = (r.grad if r.grad is not None else torch.zeros_like(r)).detach() \
+                .to("cpu", torch.float32)
+        elif self._pending:
             ids = np.concatenate([u for u, _ in self._pending])
             grads = torch.cat([(r.grad if r.grad is not None else torch.zeros_like(r))
                                .detach().to("cpu", torch.float32) for _, r in self._pending])
@@ -163,9 +169,17 @@ class ShardedEmbeddingBase(nn.Module):
         handles = []
         for s in range(num_servers):
             mask = owners == s
+            if num_servers == 1 or mask.all():  # one server holds them all: no copies
+                handles.append(ps.client.push_rows(self.name, s, ids, grads, clock, scale))
+                continue
             handles.append(ps.client.push_rows(self.name, s, ids[mask],
                                                grads[torch.from_numpy(mask)], clock, scale))
         return handles
+
+
+def _increasing(ids: np.ndarray) -> bool:
+    """Strictly increasing (so unique): ids as :meth:`ShardedEmbeddingBase._plan` makes."""
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
 def push_tables(tables, clock: int, scale: float = 1.0) -> list:
@@ -186,6 +200,9 @@ def push_tables(tables, clock: int, scale: float = 1.0) -> list:
     for s in range(num_servers):
         items = []
         for name, ids, grads, owners in parts:
+            if num_servers == 1:
+                items.append((name, ids, grads))
+                continue
             mask = owners == s
             items.append((name, ids[mask], grads[torch.from_numpy(mask)]))
         handles.append(client.push_tables(s, items, clock, scale))

@@ -53,6 +53,8 @@ def owner_of(ids: np.ndarray, num_servers: int) -> np.ndarray:
     """
     if num_servers < 1:
         raise ValueError(f"num_servers must be >= 1, got {num_servers}")
+    if num_servers == 1:  # every id is server 0's: no hash to compute
+        return np.zeros(np.size(ids), np.int64)
     h = _splitmix64(_as_uint64(ids))
     return (h % np.uint64(num_servers)).astype(np.int64)
 
