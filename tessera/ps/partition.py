@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import zmq
 
@@ -113,6 +114,9 @@ class PartitionState(Clocked):
     divided_by: int = 1
     #: The fp32 buffer ``accum`` lives in, reused every clock (and async's scaled grad).
     scratch: Optional[torch.Tensor] = None
+    #: ``scratch`` as a numpy array (the same memory), made once: async's small fp32
+    #: pushes are scaled into it by numpy (server.py, ``_scaled32``).
+    scratch_np: Optional[np.ndarray] = None
     replies: ReplyBuffers = field(default_factory=ReplyBuffers)
 
     @property
@@ -131,6 +135,12 @@ class PartitionState(Clocked):
         if self.scratch is None:
             self.scratch = torch.empty(self.numel, dtype=torch.float32)
         return self.scratch
+
+    def buffer_np(self) -> np.ndarray:
+        """:meth:`buffer` as a numpy array over the same memory."""
+        if self.scratch_np is None:
+            self.scratch_np = self.buffer().numpy()
+        return self.scratch_np
 
     def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str,
             workers: int = 1, direct: bool = False) -> None:
