@@ -49,11 +49,13 @@ _COPIED_BELOW = zmq.COPY_THRESHOLD
 class ReplyBuffers:
     """Reused send buffers of one partition's replies (see the module docstring)."""
 
-    __slots__ = ("_all",)
+    __slots__ = ("_all", "_view")
 
     def __init__(self) -> None:
         #: [tensor, rule, steps, trackers] per buffer.
         self._all: list[list] = []
+        #: (master, master as numpy) of the small fp32 replies: the view made once.
+        self._view: Optional[tuple] = None
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
@@ -61,8 +63,11 @@ class ReplyBuffers:
         master, kind = rule.master, torch_dtype(dtype)
         if master.numel() * kind.itemsize < _COPIED_BELOW:
             # pyzmq copies a small frame when it is made: no buffer to keep or track.
-            if kind == torch.float32:
-                return zmq.Frame(master.numpy())  # a 1-d contiguous fp32 view: its bytes
+            if kind == torch.float32:  # a 1-d contiguous fp32 view: its bytes
+                view = self._view
+                if view is None or view[0] is not master:
+                    view = self._view = (master, master.numpy())
+                return zmq.Frame(view[1])
             return zmq.Frame(tensor_to_frame(master.to(kind)))
         entry = None
         for e in self._all:
