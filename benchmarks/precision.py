@@ -414,8 +414,9 @@ def main() -> None:
     cnn_steps, lm_steps = (30, 20) if args.quick else (150, 60)
     train_rounds = args.train_rounds or (1 if args.quick else 3)
     print(json.dumps(cpu_flags()), flush=True)
-    for row in kernel_cases(rounds=3 if args.quick else 7):
-        print(json.dumps(row), flush=True)
+    if args.kernels_only or not (args.wire_only or args.train_only):
+        for row in kernel_cases(rounds=3 if args.quick else 7):
+            print(json.dumps(row), flush=True)
     if args.kernels_only:
         return
     if not args.train_only:
