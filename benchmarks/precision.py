@@ -26,6 +26,10 @@ figure the machine's load blurs least), the CPU seconds of the whole job (every 
 start-up included), bytes, and
 ``foreign_cpu_pct`` over the rounds.
 
+Then ``bench: precision_kernels`` (:func:`kernel_cases`, ``--kernels-only`` stops
+there): torch's matmul, conv2d and cast kernels alone in fp32, bf16 and fp16, the bound
+the hardware puts on each precision.
+
 The first line (``bench: precision_cpu``) says whether this CPU has native bf16
 (the ``avx512_bf16`` or ``amx_bf16`` flags) and fp16 (``avx512_fp16``) arithmetic:
 bf16 compute pays off only with the former; fp16 compute on a CPU without the
@@ -259,6 +263,72 @@ def torch_cases(rounds: int, steps: int) -> list[dict]:
     return rows
 
 
+def kernel_cases(rounds: int) -> list[dict]:
+    """The hardware's bound on fp16 (``bench: precision_kernels``): torch's CPU kernels
+    alone, one thread, in fp32, bf16 and fp16, interleaved rounds, thread CPU per call:
+    a matmul (the transformer's and the CNN's classifier), a conv2d forward+backward of
+    the CNN's shapes, and the casts a half-width wire pays (fp32 to 16 bits and back, 4M
+    elements). Without ``avx512_fp16`` an fp16 matmul or conv has no native instruction:
+    torch converts through fp32 (F16C) or falls back to scalar code, so fp16 *compute*
+    costs more than fp32 here and a worker under ``--precision fp16`` computes in fp32
+    (fp16 is the wire only); ``vs_fp32_speed`` above 1 means faster than fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(256, 512, generator=gen), torch.randn(512, 256, generator=gen)
+    x32 = torch.randn(32, 16, 14, 14, generator=gen)
+    w32 = torch.randn(32, 16, 3, 3, generator=gen)
+    v32 = torch.randn(4_000_000, generator=gen)
+
+    def matmul(dt):
+        a, b = a32.to(dt), b32.to(dt)
+        return lambda: torch.mm(a, b)
+
+    def conv(dt):
+        x = x32.to(dt).contiguous(memory_format=torch.channels_last)
+        w = w32.to(dt).requires_grad_(True)
+
+        def f():
+            F.conv2d(x, w, padding=1).sum().backward()
+            w.grad = None
+        return f
+
+    def cast(dt):
+        half = v32.to(dt)
+        out = torch.empty_like(v32)
+        return lambda: (v32.to(dt), out.copy_(half)) if dt != torch.float32 else out.copy_(v32)
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    cases = {}
+    for name, make, calls in (("matmul_256x512x256", matmul, 20), ("conv2d_fwd_bwd", conv, 10),
+                              ("cast_4M_there_and_back", cast, 5)):
+        for d, dt in dtypes.items():
+            try:
+                cases[(name, d)] = (make(dt), calls)
+            except RuntimeError:  # a kernel this build lacks
+                pass
+    times: dict = {k: [] for k in cases}
+    for fn, calls in cases.values():
+        fn()
+    keys = list(cases)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn, calls = cases[k]
+            t0 = time.thread_time()
+            for _ in range(calls):
+                fn()
+            times[k].append((time.thread_time() - t0) / calls)
+    rows = []
+    for (name, d), t in times.items():
+        base = statistics.median(times[(name, "fp32")])
+        rows.append({"bench": "precision_kernels", "kernel": name, "dtype": d, "threads": 1,
+                     "cpu_us_per_call": round(1e6 * statistics.median(t), 1),
+                     "vs_fp32_speed": round(base / statistics.median(t), 3), "rounds": rounds})
+    return rows
+
+
 def train_case(job: Path, flags: list[str], precision: str, steps: int) -> dict:
     """One ``tessera run`` (2 workers, 2 servers, sync): its summary, and the CPU
     seconds of the whole job (every process of it) per step."""
@@ -333,6 +403,8 @@ def main() -> None:
                     help="training: rounds of the precisions (default 3)")
     ap.add_argument("--wire-only", action="store_true", help="part 1 only")
     ap.add_argument("--train-only", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="the fp32/bf16/fp16 kernel micro-benchmark only (precision_kernels)")
     ap.add_argument("--models", default="cnn,transformer",
                     help="training: which models (comma-separated; default both)")
     args = ap.parse_args()
@@ -342,6 +414,11 @@ def main() -> None:
     cnn_steps, lm_steps = (30, 20) if args.quick else (150, 60)
     train_rounds = args.train_rounds or (1 if args.quick else 3)
     print(json.dumps(cpu_flags()), flush=True)
+    if args.kernels_only or not (args.wire_only or args.train_only):
+        for row in kernel_cases(rounds=3 if args.quick else 7):
+            print(json.dumps(row), flush=True)
+    if args.kernels_only:
+        return
     if not args.train_only:
         wire = {row["wire_dtype"]: row for row in wire_cases(n, iters, rounds)}
         for d, row in wire.items():

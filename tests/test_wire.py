@@ -236,3 +236,37 @@ def test_frame_length_mismatch(dtype):
         frame_to_tensor(bytes(frame)[:-1], dtype, 5)
     with pytest.raises(ValueError):
         frame_to_tensor(b"", dtype, 1)
+
+
+def test_send_parts_copies_small_frames_and_refuses_non_buffers_whole():
+    """endpoint.send_parts: what send_multipart(copy=False) sends, frame for frame; a
+    small frame is copied as it is sent (its buffer may change right after), a large one
+    and a zmq.Frame go without a copy, and a part that is no buffer leaves nothing sent."""
+    import numpy as np
+    import zmq
+
+    from tessera.transport.endpoint import send_parts
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://send-parts")
+        b.connect("inproc://send-parts")
+        small = np.arange(16, dtype=np.float32)
+        large = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: above zmq.COPY_THRESHOLD
+        send_parts(a, [b"head", memoryview(small).cast("B"), zmq.Frame(b"frame"),
+                       memoryview(large).cast("B"), small])
+        small[:] = -1  # sent already: copied when sent
+        got = b.recv_multipart()
+        assert got[0] == b"head" and got[2] == b"frame"
+        assert np.array_equal(np.frombuffer(got[1], np.float32), np.arange(16, dtype=np.float32))
+        assert np.array_equal(np.frombuffer(got[3], np.float32), large)
+        assert np.array_equal(np.frombuffer(got[4], np.float32), np.arange(16, dtype=np.float32))
+        with pytest.raises(TypeError):
+            send_parts(a, [b"head", "not a buffer"])
+        send_parts(a, [b"next"])
+        assert b.recv_multipart() == [b"next"]  # nothing of the refused message went
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

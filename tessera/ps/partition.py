@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import zmq
 
@@ -48,11 +49,13 @@ _COPIED_BELOW = zmq.COPY_THRESHOLD
 class ReplyBuffers:
     """Reused send buffers of one partition's replies (see the module docstring)."""
 
-    __slots__ = ("_all",)
+    __slots__ = ("_all", "_view")
 
     def __init__(self) -> None:
         #: [tensor, rule, steps, trackers] per buffer.
         self._all: list[list] = []
+        #: (master, master as numpy) of the small fp32 replies: the view made once.
+        self._view: Optional[tuple] = None
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
@@ -60,8 +63,11 @@ class ReplyBuffers:
         master, kind = rule.master, torch_dtype(dtype)
         if master.numel() * kind.itemsize < _COPIED_BELOW:
             # pyzmq copies a small frame when it is made: no buffer to keep or track.
-            if kind == torch.float32:
-                return zmq.Frame(master.numpy())  # a 1-d contiguous fp32 view: its bytes
+            if kind == torch.float32:  # a 1-d contiguous fp32 view: its bytes
+                view = self._view
+                if view is None or view[0] is not master:
+                    view = self._view = (master, master.numpy())
+                return zmq.Frame(view[1])
             return zmq.Frame(tensor_to_frame(master.to(kind)))
         entry = None
         for e in self._all:
@@ -113,6 +119,9 @@ class PartitionState(Clocked):
     divided_by: int = 1
     #: The fp32 buffer ``accum`` lives in, reused every clock (and async's scaled grad).
     scratch: Optional[torch.Tensor] = None
+    #: ``scratch`` as a numpy array (the same memory), made once: async's small fp32
+    #: pushes are scaled into it by numpy (server.py, ``_scaled32``).
+    scratch_np: Optional[np.ndarray] = None
     replies: ReplyBuffers = field(default_factory=ReplyBuffers)
 
     @property
@@ -131,6 +140,12 @@ class PartitionState(Clocked):
         if self.scratch is None:
             self.scratch = torch.empty(self.numel, dtype=torch.float32)
         return self.scratch
+
+    def buffer_np(self) -> np.ndarray:
+        """:meth:`buffer` as a numpy array over the same memory."""
+        if self.scratch_np is None:
+            self.scratch_np = self.buffer().numpy()
+        return self.scratch_np
 
     def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str,
             workers: int = 1, direct: bool = False) -> None:

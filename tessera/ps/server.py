@@ -390,11 +390,11 @@ class ParameterServer:
         multiply into the partition's buffer, the same fp32 product as ``torch.mul`` bit
         for bit (tests/test_server_inproc.py), at a third of its per-call cost, which a
         small partition pays per push (benchmarks/server_load.py)."""
-        out = st.buffer()
         if len(frame) >= _NUMPY_BELOW:  # torch may use several threads on a large one
-            return torch.mul(frame_to_tensor(frame.buffer, "float32", st.numel), scale, out=out)
-        np.multiply(np.frombuffer(frame.buffer, np.float32), scale, out=out.numpy())
-        return out
+            return torch.mul(frame_to_tensor(frame.buffer, "float32", st.numel), scale,
+                             out=st.buffer())
+        np.multiply(np.frombuffer(frame.buffer, np.float32), scale, out=st.buffer_np())
+        return st.scratch
 
     @staticmethod
     def _scaled(st: PartitionState, grad: torch.Tensor, scale: float) -> torch.Tensor:

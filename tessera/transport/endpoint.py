@@ -139,6 +139,31 @@ _LOG_EVERY_S = 5.0
 #: microsecond, where ``getsockopt`` (an enum) and ``& zmq.POLLIN`` (Flag arithmetic)
 #: or ``sock.poll(0)`` (a new Poller) cost several, on every request sent and reply taken.
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+_SNDMORE = int(zmq.SNDMORE)
+#: The C-level ``send`` under pyzmq's Python ``Socket``: :func:`send_parts` calls it once a
+#: frame, where ``Socket.send_multipart`` adds a Python call, a type check and an enum
+#: ``|`` per frame (~6 µs a small reply; benchmarks/README.md, "Server under load").
+_SEND = zmq.backend.Socket.send
+#: Below this many bytes pyzmq copies a frame anyway (``copy=False`` or not).
+_COPY_BELOW = zmq.COPY_THRESHOLD
+
+
+def send_parts(sock: zmq.Socket, parts: Sequence) -> None:
+    """``sock.send_multipart(parts, copy=False)``, at less Python cost per frame: frames
+    under ``zmq.COPY_THRESHOLD`` bytes are copied into ZeroMQ's message as they are sent
+    (as pyzmq does), larger ones and ``zmq.Frame`` objects go without a copy. Every part
+    is checked to be a buffer before any is sent (a TypeError then leaves nothing half
+    sent, as ``send_multipart`` does)."""
+    for part in parts:
+        if not isinstance(part, (bytes, memoryview, zmq.Frame)):
+            memoryview(part)  # raises TypeError: not a buffer
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if isinstance(part, zmq.Frame):
+            _SEND(sock, part, 0 if i == last else _SNDMORE, copy=False)
+        else:
+            small = (len(part) if isinstance(part, bytes) else _nbytes(part)) < _COPY_BELOW
+            _SEND(sock, part, 0 if i == last else _SNDMORE, copy=small)
 
 
 class TransportError(TesseraError):
@@ -484,9 +509,9 @@ class ServerEndpoint:
         try:
             try:
                 if prefix is not None:
-                    self.sock.send_multipart([peer, prefix, header, *frames], copy=False)
+                    send_parts(self.sock, [peer, prefix, header, *frames])
                 else:
-                    self.sock.send_multipart([peer, header, *frames], copy=False)
+                    send_parts(self.sock, [peer, header, *frames])
             except (TypeError, ValueError) as exc:  # a frame pyzmq cannot send: nothing went
                 why = f"{type(msg).__name__} reply could not be sent: {exc}"
                 self.sock.send_multipart(
@@ -657,9 +682,9 @@ class ClientEndpoint:
                 self._shm_sent[getattr(msg, "req", 0)] = (header, frames, self._shm.id)
         try:
             if prefix is not None:
-                self.sock.send_multipart([prefix, header, *sent], copy=False)
+                send_parts(self.sock, [prefix, header, *sent])
             else:
-                self.sock.send_multipart([header, *frames], copy=False)
+                send_parts(self.sock, [header, *frames])
         except zmq.Again:
             raise PeerTimeout(f"{self.peer_name} did not take our {what} "
                               f"request (send timed out)") from None
