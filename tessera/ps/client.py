@@ -730,7 +730,6 @@ class PSClient:
 
     def _finish_handle(self, handle: Handle, timeout_s):
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        extra: list[Handle] = []  # the parts of a request split by a move (elastic)
         while True:
             if handle._parts is not None:  # split on a re-send (reroute)
                 return self._join_parts(handle, timeout_s)
@@ -741,7 +740,12 @@ class PSClient:
                 continue
             except ServerError as exc:
                 if MOVED in str(exc) and handle._request is not None:
-                    extra.extend(self._follow_moved(handle, moved_pairs(str(exc))))
+                    # tessera scale moved partitions away: their new owners, then the
+                    # request again to them, as after a failover.
+                    for pid, server in moved_pairs(str(exc)).items():
+                        if pid in self.owner:
+                            self.owner[pid] = server
+                    self.reroute(handle)
                     continue
                 # A backup not yet promoted (it has not heard of its primary's death from
                 # the coordinator yet): ask again until it has, within the timeout.
@@ -759,8 +763,6 @@ class PSClient:
                 self.reroute(handle)
                 continue
             self._outstanding.pop((handle._server, handle._req), None)
-            if extra:
-                result = self._merged(result, extra, timeout_s)
             handle.clock = self._reply_clock
             if handle._what.startswith(("push", "row push")) and not result[1]:
                 # A batched row push acknowledges every table it carries (the servers
@@ -775,54 +777,6 @@ class PSClient:
                 for pid in msg.partitions:
                     self._retained[pid] = (msg, frames, handle._keep)
             return result
-
-    def _follow_moved(self, handle: Handle, pairs: dict[int, int]) -> list[Handle]:
-        """Elastic servers: partitions of the handle's request moved to another server
-        (its refusal says where). Send the request again, same sequence number, to their
-        new owner; a request whose partitions are on several servers now goes as one
-        request per server (the others' handles are returned, to wait for too)."""
-        for pid, server in pairs.items():
-            if pid in self.owner:
-                self.owner[pid] = server
-        msg, frames = handle._request
-        pids = list(msg.partitions)
-        groups: dict[int, list[int]] = {}
-        for i, pid in enumerate(pids):
-            groups.setdefault(self.owner[pid], []).append(i)
-        if len(groups) == 1:
-            self._resend(handle, next(iter(groups)))
-            return []
-        if frames and len(frames) != len(pids):
-            raise ServerError(f"a request over partitions {pids} moved to several servers "
-                              f"and cannot be split")
-        split = []
-        for server, idx in groups.items():
-            part = msgspec.structs.replace(msg, partitions=[pids[i] for i in idx])
-            part_frames = [frames[i] for i in idx] if frames else []
-            split.append((server, part, part_frames))
-        server, part, part_frames = split[0]
-        handle._request = (part, part_frames)
-        self._resend(handle, server)
-        others = []
-        for server, part, part_frames in split[1:]:
-            ep = self.servers[server]
-            part = msgspec.structs.replace(part, req=ep.new_req())
-            ep.send(part, part_frames)
-            others.append(self._track(Handle(self, server, part.req, handle._what,
-                                             keep=handle._keep, request=(part, part_frames))))
-        return others
-
-    def _merged(self, result, extra: list[Handle], timeout_s):
-        """One request's answer from the answers of its parts (a move split it)."""
-        values, skipped = result
-        if not isinstance(values, dict):
-            raise ServerError("a held push (loss scaling) split by a partition move")
-        merged = dict(values)
-        for part in extra:
-            got = part.wait(timeout_s)
-            merged.update(got)
-            skipped = skipped or part.skipped
-        return merged, skipped
 
     @staticmethod
     def _retry_elsewhere(handle: Handle, why: str) -> bool:
