@@ -14,9 +14,10 @@ MOVIELENS = str(ROOT / "examples" / "movielens.toml")
 CLICKS = str(ROOT / "examples" / "clicks.toml")
 
 
-@pytest.mark.parametrize("flags", [["--mode", "sync"], ["--mode", "ssp", "--staleness", 2],
-                                   ["--mode", "hybrid", "--staleness", 2]],
-                         ids=["sync", "ssp2", "hybrid"])
+# Hybrid mode's MovieLens bar (and these row checks) is held by test_allreduce_faults'
+# test_hybrid_worker_killed_tables_and_replica_resume_at_one_clock, on a run with a kill.
+@pytest.mark.parametrize("flags", [["--mode", "sync"], ["--mode", "ssp", "--staleness", 2]],
+                         ids=["sync", "ssp2"])
 def test_movielens_rmse_at_most_095(tmp_path, flags):
     # Two of the example's four epochs keep it quick (the example's 4: 0.906-0.912).
     summary = run_job(MOVIELENS, tmp_path / "run", *flags, "--epochs", 2, timeout_s=300)

@@ -47,9 +47,12 @@ def _recovered_s(log_path, killed: float) -> float:
 
 
 def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
-    """On one machine: kill -9 of worker 1 mid-run; the next generation's coordinator
-    and workers are the standbys started with the job (no fresh interpreter: each log
-    says so), the job completes, and the first step after the kill comes within 5 s."""
+    """On one machine: kill -9 of worker 1 mid-run; the launcher ends the group and starts
+    every process again (a new generation) from the newest checkpoint; the next
+    generation's coordinator and workers are the standbys started with the job (no fresh
+    interpreter: each log says so), the job completes its steps at the no-kill accuracy
+    bar, and the first step after the kill comes within 5 s. (This run is also
+    test_allreduce_faults' worker-killed case: the two started the same job.)"""
     out = tmp_path / "run"
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "allreduce", "--servers", 0,
                "--workers", 2, "--epochs", 30, "--checkpoint-every", 40, "--max-restarts", 1],
@@ -63,8 +66,11 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
     killed = time.time()
     output = finish_job(job)
     summary = json.loads((out / "summary.json").read_text())
-    assert "re-forming the worker group" in output and summary["group_restarts"] == 1, output
+    assert "re-forming the worker group" in output and "resuming at clock" in output, output
+    assert summary["group_restarts"] == 1 and summary["restarts"] == 1, summary
     assert summary["steps"] == 660 and summary["eval_accuracy"] >= 0.95, summary
+    first = summary["worker_first_steps"]
+    assert first[0] == first[1] and first[0] > 0 and first[0] % 40 == 0, summary
     for name in ("coordinator-0", "worker-0", "worker-1"):
         log = (out / "logs" / f"{name}.log").read_text()
         assert "from a standby" in log.split("restarted by the launcher")[-1], (name, log[-800:])
@@ -78,9 +84,11 @@ TWO_NODES = {
     "allreduce-node1": (DIGITS, ["--mode", "allreduce", "--workers", 2, "--servers", 0,
                                  "--epochs", 12, "--checkpoint-every", 40], 1,
                         lambda s: s["steps"] == 264 and s["eval_accuracy"] >= 0.95),
+    # 120 steps: the first checkpoint at 40, then 80 steps of training for the kill to land in
+    # (RMSE 0.94-0.95 there, in sync and ssp runs of MovieLens).
     "hybrid-node0": (MOVIELENS, ["--mode", "hybrid", "--workers", 2, "--servers", 2,
-                                 "--steps", 200, "--checkpoint-every", 40], 0,
-                     lambda s: s["steps"] == 200 and s["eval_rmse"] <= 1.0),
+                                 "--steps", 120, "--checkpoint-every", 40], 0,
+                     lambda s: s["steps"] == 120 and s["eval_rmse"] <= 1.0),
 }
 
 

@@ -9,9 +9,13 @@ JOB = str(ROOT / "examples" / "shakespeare.toml")
 
 
 def test_two_stages_two_replicas_reach_2_5_nats_per_char(tmp_path):
-    summary = run_job(JOB, tmp_path / "run", timeout_s=600)  # 2 stages x 2 replicas
+    # 2 stages x 2 replicas, the example's layout; 200 of its 400 steps reach the bar
+    # (eval_loss 2.39 at step 200, 2.10 at 400; constant lr, so the first 200 steps are the
+    # example's own).
+    summary = run_job(JOB, tmp_path / "run", "--steps", 200, timeout_s=600)
     cfg = summary["config"]
     assert cfg["pipeline"]["stages"] == 2 and summary["workers"] == 4
+    assert summary["steps"] == 200, summary
     assert summary["eval_loss"] <= 2.5, summary
     assert summary["wall_s"] < 600
 

@@ -14,6 +14,7 @@ clusters.
 from __future__ import annotations
 
 import json
+import re
 
 from tests.harness import ROOT, run_cli, run_job
 
@@ -23,7 +24,11 @@ STEPS = 30
 
 
 def _movielens(tmp_path, name: str, extra: str) -> str:
-    text = MOVIELENS.read_text().replace("epochs = 3", "steps = 60") \
+    text = MOVIELENS.read_text()
+    # 60 steps, not the example's epochs (the example's epoch count once changed from 3 to 4
+    # and this replace silently stopped matching: the test ran all 4 epochs, 3 times).
+    assert re.search(r"^epochs = \d+$", text, re.M), "examples/movielens.toml has no epochs line"
+    text = re.sub(r"^epochs = \d+$", "steps = 60", text, flags=re.M) \
         .replace("eval_every = 100", "eval_every = 1000").replace("[model]", "[model]\n" + extra)
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
