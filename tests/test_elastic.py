@@ -162,3 +162,29 @@ def test_what_cannot_scale_is_named():
     assert set(plan) == {4} and plan[4] in (0, 1)
     plan = place({0: 0, 1: 0, 2: 0, 3: 0}, {p: 10 for p in range(4)}, {0, 1})
     assert sorted(plan.values()) == [1, 1]
+
+
+def test_scale_up_waits_for_new_servers_and_scale_down_retires_them(monkeypatch):
+    import tessera.cluster.elastic as elastic
+    cfg = JobConfig()
+    cfg.cluster.servers = 1
+    e = elastic.Elastic(cfg)
+    owner = {0: 0, 1: 0, 2: 0, 3: 0}
+    sizes = {p: 10 for p in owner}
+    assert "at most 4 servers" in e.scale(5, owner, sizes, "running", "")
+    assert e.scale(2, owner, sizes, "running", "") == "" and e.joining == {1}
+    assert not e.orders  # nothing moves before server 1 has joined
+    assert "still starting" in e.scale(1, owner, sizes, "running", "")
+    e.joined(1, owner)
+    assert sorted(e.orders.values()) == [1, 1] and not e.joining
+    for pid, target in list(e.orders.items()):
+        e.done(0, target, [pid], owner)
+    assert e.scale(1, owner, sizes, "running", "") == ""
+    monkeypatch.setattr(elastic, "RETIRE_AFTER_S", 0.0)
+    assert e.retire(owner) == []  # it still holds partitions
+    for pid, target in list(e.orders.items()):
+        e.done(1, target, [pid], owner)
+    assert e.retire(owner) == [1]
+    assert "still stopping" in e.scale(2, owner, sizes, "running", "")
+    e.exited(1)
+    assert e.scale(2, owner, sizes, "running", "") == "" and e.joining == {1}

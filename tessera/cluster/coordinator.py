@@ -178,6 +178,7 @@ class Coordinator:
                 self.elastic.tick(self.owner)
             if self.state == "running" and self.elastic.running != self.elastic.active:
                 self.elastic.retire(self.owner)
+                self.elastic.join_overdue(cl.startup_timeout_s)
             if self.rounds.reports:  # manifests handed to (and back from) the writer thread
                 self._maybe_manifest()
             needed = {k for k in self.expected

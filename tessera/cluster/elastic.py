@@ -69,6 +69,7 @@ class Elastic:
         #: Ranks the launcher is starting for a scale up (moves wait for them).
         self.joining: set[int] = set()
         self._deferred: dict[int, int] = {}  # partition sizes of the scale that waits
+        self._joining_since = 0.0
         #: Emptied servers scaled away -> when they were found empty; then told to exit.
         self.emptied: dict[int, float] = {}
         self.retired: set[int] = set()
@@ -118,6 +119,7 @@ class Elastic:
         self.joining = self.active - self.running
         if self.joining:  # the launcher starts them; the moves follow their joining
             self._deferred = dict(sizes)
+            self._joining_since = time.monotonic()
             self.retired -= self.joining
             print(f"coordinator: scale to {n} servers: starting server"
                   f"{'s' * (len(self.joining) != 1)} {sorted(self.joining)}", flush=True)
@@ -135,6 +137,18 @@ class Elastic:
             sizes, self._deferred = self._deferred, {}
             self._order(place(owner, sizes, self.active),
                         f"scale to {len(self.active)} servers")
+
+    def join_overdue(self, timeout_s: float) -> None:
+        """Servers started for a scale up that did not register within ``timeout_s``:
+        the scale is dropped (the job goes on with the servers it has)."""
+        if not self.joining or time.monotonic() - self._joining_since < timeout_s:
+            return
+        print(f"coordinator: server{'s' * (len(self.joining) != 1)} {sorted(self.joining)} "
+              f"did not join within {timeout_s:.0f} s (see {'their logs' if len(self.joining) != 1 else 'its log'}); the scale to {len(self.active)} servers "
+              f"is dropped", flush=True)
+        self.active = {r for r in self.active if r in self.running}
+        self.joining.clear()
+        self._deferred = {}
 
     def retire(self, owner: dict[int, int]) -> list[int]:
         """Servers scaled away that hold nothing and have been empty ``RETIRE_AFTER_S``:
