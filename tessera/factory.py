@@ -211,7 +211,8 @@ def _connect_client(session: Session, policy) -> PSClient:
                       dead_servers=lambda: session.heartbeat.membership()[1],
                       servers=session.heartbeat.servers,
                       retain=answer_early(session.cfg),
-                      batch_bytes=_batch_bytes(session.cfg))
+                      batch_bytes=_batch_bytes(session.cfg),
+                      elastic=lambda: session.heartbeat.elastic_view)
     client.connect()
     return client
 

@@ -45,45 +45,64 @@ def _one_line(code: int, output: str, *words: str) -> None:
         assert word in lines[0], output
 
 
-def test_scale_down_and_up_in_sync_mode_is_exact_and_resumes(tmp_path, monkeypatch):
+def _served_moved(log: str) -> int:
+    served = [line for line in log.splitlines() if "requests for partitions moved here" in line]
+    return int(served[-1].split("served ")[1].split()[0]) if served else 0
+
+
+def test_scale_starts_and_stops_servers_in_sync_mode_is_exact_and_resumes(tmp_path, monkeypatch):
+    """Launched with one server: scale 1 -> 2 starts server 1 (a new process, which
+    serves), 2 -> 1 stops it (exit 0, never counted dead), 1 -> 2 starts it again."""
     a, ref, again = tmp_path / "a", tmp_path / "ref", tmp_path / "again"
     steps = 300
-    # Server 0 takes 2 ms per partition it serves: a job long enough to scale twice on a
-    # busy machine, without more CPU (the delay changes no result).
-    monkeypatch.setenv("TESSERA_SLOW_SERVER", "0:2")
-    flags = [*SMALL, "--steps", str(steps), "--checkpoint-every", "25"]
+    # Server 0 takes 6 ms per partition it serves: a job long enough to start servers twice
+    # on a busy machine, without more CPU (the delay changes no result).
+    monkeypatch.setenv("TESSERA_SLOW_SERVER", "0:6")
+    flags = [*SMALL, "--servers", "1", "--steps", str(steps), "--checkpoint-every", "25"]
     digits = tmp_path / "digits.toml"  # every checkpoint kept: those about the moves too
     digits.write_text(Path(DIGITS).read_text() + "\n[checkpoint]\nkeep = 100\n")
     job = Job(["run", digits, "--out", a, *flags], timeout_s=240)
     reference = Job(["run", digits, "--out", ref, *flags], timeout_s=240)  # never scaled
     wait_for(lambda: metric_lines(a) >= 2 or job.proc.poll() is not None, 120, "training")
-    code, output = _scale(a, 1)
-    assert code == 0 and "moving partitions onto 1 server" in output, output
-    wait_for(lambda: _moves_done(a) >= 1 or job.proc.poll() is not None, 60, "the move to 1")
-    _one_line(*_scale(a, 1), "already served by 1 server")
     code, output = _scale(a, 2)
-    assert code == 0, output
+    assert code == 0 and "moving partitions onto 2 servers (started server 1)" in output, output
+    wait_for(lambda: _moves_done(a) >= 1 or job.proc.poll() is not None, 60, "the move to 2")
+    _one_line(*_scale(a, 2), "already served by 2 servers")
     # Bad input while it runs: one line each, naming what to do.
     _one_line(*_scale(a, 0), "--servers must be at least 1")
-    _one_line(*_scale(a, 3), "started with 2 servers", "--servers 3")
+    _one_line(*_scale(a, 8), "7 dense partitions", "--servers 8")
     _one_line(*_scale(tmp_path / "nothing", 1), "not a run directory")
-    wait_for(lambda: _moves_done(a) >= 2 or job.proc.poll() is not None, 60, "the move to 2")
-    finish(job)
+    code, output = _scale(a, 1)
+    assert code == 0, output
+    log1 = a / "logs" / "server-1.log"
+    wait_for(lambda: "scaled away" in _text(log1) or job.proc.poll() is not None, 60,
+             "server 1 to stop")
+    assert "joined the running job" in _text(log1) and _served_moved(_text(log1)) > 0, \
+        _text(log1)
+    # Rank 1 again: a new process. (The job may end while it starts: it ends cleanly.)
+    code, output = _scale(a, 2)
+    assert code == 0 and "(started server 1)" in output, output
+    wait_for(lambda: _moves_done(a) >= 3 or job.proc.poll() is not None, 60, "the move to 2")
+    output = finish(job)
     finish(reference)
+    assert "died" not in output and "restarting" not in output, output
     summary = json.loads((a / "summary.json").read_text())
     expected = steps * 2 * PARTITIONS
     assert summary["pushes_applied"] == summary["pushes_acked"] == expected, summary
-    assert [m["why"] for m in summary["elastic"]["moves"]] == \
-        ["scale to 1 servers", "scale to 2 servers"], summary["elastic"]
-    # Every partition of server 1 went to server 0, then some came back: both served
-    # partitions that moved to them (their logs), and the summary's owners say where.
+    whys = [m["why"] for m in summary["elastic"]["moves"]]
+    assert whys[:2] == ["scale to 2 servers", "scale to 1 servers"], summary["elastic"]
     coordinator = _text(a / "logs" / "coordinator-0.log")
-    assert "server 1 moved partitions [1, 3, 5] to server 0" in coordinator, coordinator
-    for rank in (0, 1):
-        log = _text(a / "logs" / f"server-{rank}.log")
-        served = [line for line in log.splitlines() if "requests for partitions moved here" in line]
-        assert served and int(served[0].split("served ")[1].split()[0]) > 0, log
-    assert set(summary["owners"].values()) == {0, 1}, summary["owners"]
+    assert "server 1 stopped (scaled away)" in coordinator, coordinator
+    assert "died" not in coordinator and "no heartbeat" not in coordinator, coordinator
+    # Server 1's first life exited 0 and said so; its second served moved partitions.
+    first, _, second = _text(log1).partition("restarted by the launcher")
+    assert "scaled away: it holds no partitions and exits" in first, first
+    if len(whys) == 3:  # it joined before the job ended: it served what moved there
+        assert "joined the running job" in second and _served_moved(second) > 0, second
+        assert set(summary["owners"].values()) == {0, 1}, summary["owners"]
+    else:
+        assert set(summary["owners"].values()) == {0}, summary["owners"]
+    assert _served_moved(_text(a / "logs" / "server-0.log")) > 0
     # Sync: bit for bit the job that never scaled (values and optimizer state).
     mine, theirs = load_file(str(a / "final.safetensors")), load_file(str(ref / "final.safetensors"))
     assert mine.keys() == theirs.keys()
@@ -143,3 +162,29 @@ def test_what_cannot_scale_is_named():
     assert set(plan) == {4} and plan[4] in (0, 1)
     plan = place({0: 0, 1: 0, 2: 0, 3: 0}, {p: 10 for p in range(4)}, {0, 1})
     assert sorted(plan.values()) == [1, 1]
+
+
+def test_scale_up_waits_for_new_servers_and_scale_down_retires_them(monkeypatch):
+    import tessera.cluster.elastic as elastic
+    cfg = JobConfig()
+    cfg.cluster.servers = 1
+    e = elastic.Elastic(cfg)
+    owner = {0: 0, 1: 0, 2: 0, 3: 0}
+    sizes = {p: 10 for p in owner}
+    assert "at most 4 servers" in e.scale(5, owner, sizes, "running", "")
+    assert e.scale(2, owner, sizes, "running", "") == "" and e.joining == {1}
+    assert not e.orders  # nothing moves before server 1 has joined
+    assert "still starting" in e.scale(1, owner, sizes, "running", "")
+    e.joined(1, owner)
+    assert sorted(e.orders.values()) == [1, 1] and not e.joining
+    for pid, target in list(e.orders.items()):
+        e.done(0, target, [pid], owner)
+    assert e.scale(1, owner, sizes, "running", "") == ""
+    monkeypatch.setattr(elastic, "RETIRE_AFTER_S", 0.0)
+    assert e.retire(owner) == []  # it still holds partitions
+    for pid, target in list(e.orders.items()):
+        e.done(1, target, [pid], owner)
+    assert e.retire(owner) == [1]
+    assert "still stopping" in e.scale(2, owner, sizes, "running", "")
+    e.exited(1)
+    assert e.scale(2, owner, sizes, "running", "") == "" and e.joining == {1}

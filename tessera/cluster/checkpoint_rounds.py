@@ -337,7 +337,9 @@ class CheckpointRounds:
             "clock": clock,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mode": cfg.ps.mode,
-            "servers": cfg.cluster.servers,
+            # Elastic servers: ranks started mid-job (tessera scale) hold files too.
+            "servers": max([cfg.cluster.servers, *(s + 1 for s in owner.values()),
+                            *(r + 1 for r in files)]),
             "files": {str(r): f for r, (f, _) in sorted(files.items())},
             "bytes": sum(n for _, n in files.values()) + dense.get("dense", {}).get("bytes", 0),
             "partitions": [{"id": p.id, "start": p.start, "stop": p.stop, "server": owner[p.id]}

@@ -176,6 +176,9 @@ class Coordinator:
                                    f"{cl.startup_timeout_s:.0f} s")
             if self.state == "running" and self.cfg.ps.rebalance:
                 self.elastic.tick(self.owner)
+            if self.state == "running" and self.elastic.running != self.elastic.active:
+                self.elastic.retire(self.owner)
+                self.elastic.join_overdue(cl.startup_timeout_s)
             if self.rounds.reports:  # manifests handed to (and back from) the writer thread
                 self._maybe_manifest()
             needed = {k for k in self.expected
@@ -295,6 +298,7 @@ class Coordinator:
                 departed=self.departed, dead_servers=sorted(self.dead_servers),
                 server_lives=self.server_lives, owners=self._moved(),
                 moves=self.elastic.orders if msg.role == "server" else {},
+                addresses=self._server_addresses(), retired=sorted(self.elastic.retired),
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
             key = (msg.role, msg.rank)
@@ -367,6 +371,9 @@ class Coordinator:
                 self._reply_all(self.store.handle(got.peer, msg, time.monotonic()))
         elif isinstance(msg, wire.Finished):
             self.finished[(msg.role, msg.rank)] = dict(msg.stats)
+            if msg.role == "server" and msg.rank in self.elastic.retired:
+                self.elastic.exited(msg.rank)
+                print(f"coordinator: server {msg.rank} stopped (scaled away)", flush=True)
             self.profiler.instant(f"finished {msg.role} {msg.rank}", "membership")
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if all(("worker", r) in self.finished for r in range(self.cfg.cluster.workers)) \
@@ -380,6 +387,13 @@ class Coordinator:
 
     def _on_register(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
+        if msg.role == "server" and msg.rank in self.elastic.joining:
+            if self.state == "running":
+                self._join_server(peer, msg)
+            else:
+                self.endpoint.send(peer, wire.Error(req=msg.req, message=(
+                    f"coordinator: the job is {self.state}: server {msg.rank} does not join")))
+            return
         if key not in self.expected:
             roles = f"servers 0..{self.cfg.cluster.servers - 1}, workers 0..{self.cfg.cluster.workers - 1}"
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
@@ -511,6 +525,34 @@ class Coordinator:
         self.endpoint.send(peer, msgspec.structs.replace(
             view, dead_servers=sorted(self.dead_servers), server_lives=dict(self.server_lives)))
 
+    def _server_addresses(self) -> dict[int, str]:
+        """Every server's address, once tessera scale started one mid-job (else nothing:
+        the processes know the addresses of the start)."""
+        if not self.elastic.started_any:
+            return {}
+        return {p.rank: p.address for p in self.procs_sorted if p.role == "server"}
+
+    def _join_server(self, peer: bytes, msg: wire.Register) -> None:
+        """A server the launcher started for ``tessera scale``: it holds nothing; every
+        process learns its address from the heartbeat replies, then partitions move to it
+        (tessera.cluster.elastic)."""
+        key = (msg.role, msg.rank)
+        self.finished.pop(key, None)  # a rank scaled away before, started again
+        self.expected.add(key)
+        self.procs[key] = wire.ProcessInfo(role=msg.role, rank=msg.rank, host=msg.host,
+                                           pid=msg.pid, address=msg.address)
+        self.procs_sorted = sorted(self.procs.values(),
+                                   key=lambda p: (p.role != "server", p.role, p.rank))
+        self.last_seen[key] = time.monotonic()
+        self.elastic.started_any = True
+        self._write_cluster_json()
+        self.profiler.instant(f"server {msg.rank} joined (scale)", "membership", pid=msg.pid)
+        print(f"coordinator: server {msg.rank} joined the running job (pid {msg.pid}, "
+              f"{msg.address})", flush=True)
+        view = self._view(msg.req)
+        self.endpoint.send(peer, msgspec.structs.replace(view, restore=None, scaled_in=True))
+        self.elastic.joined(msg.rank, self.owner)
+
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
         self.incarnation[msg.rank] = self.incarnation.get(msg.rank, 0) + 1
@@ -567,7 +609,8 @@ class Coordinator:
         if self.state == "failed":
             return
         workers = [self.finished[("worker", r)] for r in range(cfg.cluster.workers)]
-        servers = [self.finished.get(("server", r), {}) for r in range(cfg.cluster.servers)]
+        ranks = max([cfg.cluster.servers] + [r + 1 for role, r in self.procs if role == "server"])
+        servers = [self.finished.get(("server", r), {}) for r in range(ranks)]
         # The worker that evaluated (worker 0, or replica 0's last pipeline stage).
         lead = next((w for w in workers if "eval_loss" in w), workers[0])
         summary = {k: v for k, v in lead.items() if k.startswith("eval_") or k in (

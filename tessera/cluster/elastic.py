@@ -6,10 +6,13 @@ then answers "moved" for it; clients follow):
 
 - ``tessera scale RUN_DIR --servers N`` (:meth:`Elastic.scale`): the job's dense
   partitions are served by servers ``0 .. N-1`` from now on; those of servers ``>= N``
-  move onto them, balanced by bytes, and scaling up again spreads them back. A server
-  that serves nothing stays up, idle, until the job ends (it still answers heartbeats
-  and writes an empty checkpoint file): ``N`` may not exceed the servers the job was
-  started with (starting server processes mid-job is not done).
+  move onto them, balanced by bytes, and scaling up again spreads them back. Ranks
+  without a process (beyond those launched, or scaled away before) are started by the
+  launcher first: they register, every process learns their address (heartbeat replies'
+  ``addresses``), and only then are moves to them ordered (:meth:`Elastic.joined`). A
+  server scaled away that holds nothing is told to exit (``retired``) once the owners
+  after its moves have gone out for ``RETIRE_AFTER_S``: it exits 0, and is never
+  counted dead.
 - ``[ps] rebalance = true`` (:meth:`Elastic.tick`): every ``WINDOW_S`` the coordinator
   reads each server's busy seconds (time spent serving requests, in its heartbeats);
   when the busiest server was at least ``HOT_RATIO`` times as busy as the least busy one
@@ -32,6 +35,9 @@ HOT_RATIO = 1.5
 HOT_WINDOWS = 2
 #: ... and busy at least this share of the window (else nobody waits on it).
 MIN_BUSY = 0.2
+#: Seconds an emptied server scaled away waits before it is told to exit: every client
+#: has heard the owners after its moves (heartbeats) by then.
+RETIRE_AFTER_S = 2.0
 
 
 def scale_problem(cfg, tables: list) -> str:
@@ -58,6 +64,17 @@ class Elastic:
         self.launched = cfg.cluster.servers
         #: Servers partitions may be placed on (scale down: the first N).
         self.active = set(range(self.launched))
+        #: Server ranks with a process serving (registered, not retired).
+        self.running = set(range(self.launched))
+        #: Ranks the launcher is starting for a scale up (moves wait for them).
+        self.joining: set[int] = set()
+        self._deferred: dict[int, int] = {}  # partition sizes of the scale that waits
+        self._joining_since = 0.0
+        #: Emptied servers scaled away -> when they were found empty; then told to exit.
+        self.emptied: dict[int, float] = {}
+        self.retired: set[int] = set()
+        #: Whether a server was started mid-job (heartbeat replies then carry addresses).
+        self.started_any = False
         #: Partition -> the server to move it to, until its owner reports it moved.
         self.orders: dict[int, int] = {}
         #: Whether any partition ever moved (owners then go out with every heartbeat).
@@ -83,19 +100,76 @@ class Elastic:
             return problem
         if n < 1:
             return f"--servers must be at least 1, got {n}"
-        if n > self.launched:
-            return (f"--servers {n}: the job was started with {self.launched} servers and "
-                    f"scale does not start new server processes; start it with --servers "
-                    f"{n} and scale it down")
+        if n > max(len(owner), self.launched):
+            return (f"--servers {n}: the job has {len(owner)} dense partitions, so at most "
+                    f"{max(len(owner), self.launched)} servers can serve it (lower "
+                    f"--partition-mb at launch for more)")
         if n == len(self.active):
             return f"the job is already served by {n} server{'s' * (n != 1)}"
-        if self.orders:
-            return (f"partitions {sorted(self.orders)} are still moving; scale again once "
-                    f"they are placed")
+        if self.orders or self.joining:
+            busy = (f"partitions {sorted(self.orders)} are still moving" if self.orders else
+                    f"servers {sorted(self.joining)} are still starting")
+            return f"{busy}; scale again once they are placed"
+        stopping = sorted(r for r in self.running if r < n and r not in self.active)
+        if stopping:
+            return (f"server{'s' * (len(stopping) != 1)} {stopping} scaled away before "
+                    f"{'are' if len(stopping) != 1 else 'is'} still stopping; scale again "
+                    f"in a few seconds")
         self.active = set(range(n))
+        self.joining = self.active - self.running
+        if self.joining:  # the launcher starts them; the moves follow their joining
+            self._deferred = dict(sizes)
+            self._joining_since = time.monotonic()
+            self.retired -= self.joining
+            print(f"coordinator: scale to {n} servers: starting server"
+                  f"{'s' * (len(self.joining) != 1)} {sorted(self.joining)}", flush=True)
+            return ""
         plan = place(owner, sizes, self.active)
         self._order(plan, f"scale to {n} servers")
         return ""
+
+    def joined(self, rank: int, owner: dict[int, int]) -> None:
+        """Server ``rank`` (started for a scale up) registered: once all have, the moves."""
+        self.running.add(rank)
+        self.joining.discard(rank)
+        self.emptied.pop(rank, None)
+        if not self.joining and self._deferred:
+            sizes, self._deferred = self._deferred, {}
+            self._order(place(owner, sizes, self.active),
+                        f"scale to {len(self.active)} servers")
+
+    def join_overdue(self, timeout_s: float) -> None:
+        """Servers started for a scale up that did not register within ``timeout_s``:
+        the scale is dropped (the job goes on with the servers it has)."""
+        if not self.joining or time.monotonic() - self._joining_since < timeout_s:
+            return
+        print(f"coordinator: server{'s' * (len(self.joining) != 1)} {sorted(self.joining)} "
+              f"did not join within {timeout_s:.0f} s (see {'their logs' if len(self.joining) != 1 else 'its log'}); the scale to {len(self.active)} servers "
+              f"is dropped", flush=True)
+        self.active = {r for r in self.active if r in self.running}
+        self.joining.clear()
+        self._deferred = {}
+
+    def retire(self, owner: dict[int, int]) -> list[int]:
+        """Servers scaled away that hold nothing and have been empty ``RETIRE_AFTER_S``:
+        they are told to exit (newly told ones are printed)."""
+        now = time.monotonic()
+        held = set(owner.values()) | set(self.orders.values())
+        for r in sorted(self.running - self.active - self.retired):
+            if r in held:
+                self.emptied.pop(r, None)
+                continue
+            since = self.emptied.setdefault(r, now)
+            if now - since >= RETIRE_AFTER_S:
+                self.retired.add(r)
+                print(f"coordinator: server {r} holds no partitions after the scale to "
+                      f"{len(self.active)} servers: it stops", flush=True)
+        return sorted(self.retired)
+
+    def exited(self, rank: int) -> None:
+        """A retired server reported its last stats: it is gone (a scale up restarts it)."""
+        if rank in self.retired:
+            self.running.discard(rank)
 
     def _order(self, plan: dict[int, int], why: str) -> None:
         if not plan:
@@ -189,7 +263,8 @@ class Elastic:
         return out
 
     def summary(self) -> dict:
-        return {"servers_active": sorted(self.active), "moves": self.moves}
+        return {"servers_active": sorted(self.active), "moves": self.moves,
+                "servers_stopped": sorted(self.retired)}
 
 
 def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dict[int, int]:

@@ -42,6 +42,8 @@ class Heartbeat:
         self.busy_s = 0.0
         #: Elastic servers: partitions this server is to move (partition -> server).
         self.moves: dict[int, int] = {}
+        #: Elastic servers: (server rank -> address, servers told to exit), one heartbeat's.
+        self.elastic_view: tuple[dict[int, str], list[int]] = ({}, [])
         #: The coordinator's latest word on membership and checkpoints.
         self.departed: dict[int, int] = {}
         self.dead_servers: list[int] = []
@@ -83,6 +85,7 @@ class Heartbeat:
                     self.server_view = (msg.dead_servers, msg.server_lives, msg.owners)
                     self.dead_servers = msg.dead_servers
                     self.moves = msg.moves
+                    self.elastic_view = (msg.addresses, msg.retired)
                     self.finished = msg.finished
                     self.checkpoint_requested = msg.checkpoint
                     if msg.state == "failed":

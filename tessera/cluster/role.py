@@ -111,14 +111,26 @@ def serve(session) -> None:
                                   max_frame_bytes=max_frame, port=old_port,
                                   shm=cfg.cluster.shm == "auto")
     except Exception as exc:  # zmq.ZMQError: the port is taken
-        from tessera.cluster.health import ClusterFailure
-        raise ClusterFailure(f"the replacement of server {session.rank} could not bind its "
-                             f"predecessor's port {old_port}: {exc}") from None
+        # A rank scaled away and started again (tessera scale) may take any port (every
+        # process learns its address); a replacement must have its predecessor's (the
+        # coordinator refuses it otherwise, naming the port).
+        try:
+            endpoint = ServerEndpoint(session.ctx, cfg.cluster.host, session.secret,
+                                      max_frame_bytes=max_frame, port=0,
+                                      shm=cfg.cluster.shm == "auto")
+        except Exception:
+            from tessera.cluster.health import ClusterFailure
+            raise ClusterFailure(f"the replacement of server {session.rank} could not bind "
+                                 f"its predecessor's port {old_port}: {exc}") from None
     view = session.register(address=endpoint.address)
     topo = session.topology
     rank, num_servers = topo.rank, topo.num_servers
-    replacement = view.server_lives.get(rank, 0) > 0
-    if replacement:
+    scaled_in = view.scaled_in
+    if scaled_in:
+        print(f"server {rank}: joined the running job at {endpoint.address} (tessera scale); "
+              f"it serves the partitions moved here", flush=True)
+    replacement = view.server_lives.get(rank, 0) > 0 or scaled_in
+    if replacement and not scaled_in:
         print(f"server {rank}: replacement {view.server_lives[rank]} joined the running job "
               f"at {endpoint.address}; it holds nothing until a server copies its partitions "
               f"here (dead servers {view.dead_servers})", flush=True)
@@ -127,7 +139,7 @@ def serve(session) -> None:
     # once it owns something (Replicator.follow).
     primary_of_backups = topo.primary_of_backups if not replacement else -1
     backup_peer = None
-    if topo.replicated and not replacement:
+    if topo.replicated and not replacement and rank < topo.num_servers:
         from tessera.transport.endpoint import ClientEndpoint
         backup = topo.backup_server
         backup_peer = ClientEndpoint(session.ctx, topo.server_addresses[backup], session.secret,
@@ -150,6 +162,25 @@ def serve(session) -> None:
     store = CheckpointStore(checkpoint_url(cfg, session.run_dir),
                             delta_every=cfg.checkpoint.delta_every)
 
+    retired = {"quiet_at": 0.0}
+
+    def stop_now() -> bool:
+        """Shutdown, or (tessera scale) this server was scaled away, holds nothing, and
+        no request came for a while: it exits 0."""
+        if session.heartbeat.shutdown_requested:
+            return True
+        if rank not in session.heartbeat.elastic_view[1] or server.parts:
+            return False
+        import time
+        seen = server.endpoint.messages_in
+        if retired.get("seen") != seen:
+            retired["seen"], retired["quiet_at"] = seen, time.monotonic()
+            return False
+        if time.monotonic() - retired["quiet_at"] < 1.0:
+            return False
+        server.retired = True
+        return True
+
     server = ParameterServer(
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
                       mode=server_mode(cfg), staleness=cfg.ps.staleness,
@@ -162,13 +193,14 @@ def serve(session) -> None:
                                        if p.server == rank and not replacement],
         optimizer=view.optimizer, tables=view.tables,
         hooks=ServerHooks(check=session.check,
-                          should_stop=lambda: session.heartbeat.shutdown_requested,
+                          should_stop=stop_now,
                           membership=session.heartbeat.membership,
                           servers=session.heartbeat.servers,
                           on_checkpoint=session.report_checkpoint,
                           moves=lambda: session.heartbeat.moves,
                           report_moved=session.report_moved,
-                          busy=lambda s: setattr(session.heartbeat, "busy_s", s)),
+                          busy=lambda s: setattr(session.heartbeat, "busy_s", s),
+                          addresses=lambda: session.heartbeat.elastic_view[0]),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
                           peer=backup_peer, primary=primary_of_backups,
                           partitions=tuple(view.partitions),
@@ -183,6 +215,9 @@ def serve(session) -> None:
               f"{view.restore.clock} from {view.restore.path}", flush=True)
     server.serve()
     server.mover.close()
+    if server.retired:
+        print(f"server {rank}: scaled away: it holds no partitions and exits "
+              f"({server.stats['moved_out']} moved out)", flush=True)
     if server.stats["moved_in"]:
         print(f"server {rank}: served {server.stats['served_moved']} requests for partitions "
               f"moved here ({server.stats['moved_in']} moved in, "
@@ -238,7 +273,8 @@ def connect_server(session, topo, rank: int):
         session.check()
         if rank in session.heartbeat.membership()[1]:
             raise Gone()
-    peer = ClientEndpoint(session.ctx, topo.server_addresses[rank], session.secret,
+    address = session.heartbeat.elastic_view[0].get(rank) or topo.server_addresses[rank]
+    peer = ClientEndpoint(session.ctx, address, session.secret,
                           f"server {rank} (backup)", sndtimeo_s=session.cfg.cluster.timeout_s)
     try:
         peer.wait_connected(session.cfg.cluster.timeout_s, check)

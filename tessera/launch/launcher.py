@@ -317,8 +317,35 @@ class Launcher:
             elif isinstance(reply, wire.Error):
                 answer_request(path, False, reply.message)
             else:
+                started = self._start_scaled_servers(servers)
                 answer_request(path, True, f"moving partitions onto {servers} server"
-                                           f"{'s' * (servers != 1)}")
+                                           f"{'s' * (servers != 1)}" +
+                               (f" (started server{'s' * (len(started) != 1)} "
+                                f"{', '.join(map(str, started))})" if started else ""))
+
+    def _start_scaled_servers(self, servers: int) -> list[int]:
+        """A scale up the coordinator took: start server ranks 0..servers-1 that have no
+        process (beyond those launched, or scaled away before); they join the running job.
+        A rank scaled away that is still exiting gets a few seconds to finish first."""
+        started = []
+        for rank in range(servers):
+            mine = [c for c in self.children if c.role == "server" and c.rank == rank]
+            alive = [c for c in mine if c.proc.poll() is None]
+            for c in alive:
+                try:
+                    c.proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            if any(c.proc.poll() is None for c in mine):
+                continue
+            for c in mine:
+                if c.log:
+                    c.log.close()
+                self.children.remove(c)
+            self._spawn("server", rank, role_cmd(sys.executable, "server"), self._env,
+                        append=bool(mine))
+            started.append(rank)
+        return started
 
     def _departed(self, c: Child) -> bool:
         """Tell the coordinator; False when it says the process had already finished."""

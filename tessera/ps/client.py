@@ -200,7 +200,8 @@ class PSClient:
                  incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
                  retain: bool = False,
                  servers: Optional[Callable[[], tuple[list, dict, dict]]] = None,
-                 batch_bytes: int = 0):
+                 batch_bytes: int = 0,
+                 elastic: Callable[[], tuple[dict, list]] = lambda: ({}, [])):
         if len(server_addresses) != shard_map.num_servers:
             raise ValueError(f"{len(server_addresses)} server addresses for a shard map of "
                              f"{shard_map.num_servers} servers")
@@ -211,6 +212,11 @@ class PSClient:
         self.check = check
         self.servers = [ClientEndpoint(ctx, addr, secret, f"server {i}", sndtimeo_s=timeout_s)
                         for i, addr in enumerate(server_addresses)]
+        #: Elastic servers: (server rank -> address, servers scaled away), as last heard;
+        #: a server started mid-job is connected to when a partition moves to it.
+        self._elastic = elastic
+        self._ctx, self._secret = ctx, secret
+        self._retired_seen: list = []
         self.parts = {p.id: p for p in shard_map.partitions}
         #: Partition -> the server that owns it now (its backup once its primary died).
         self.owner = {p.id: p.server for p in shard_map.partitions}
@@ -424,6 +430,44 @@ class PSClient:
         """Before sending: re-route first if the coordinator declared a server dead."""
         if self._news():
             self._follow_failures()
+        retired = self._elastic()[1]
+        if retired and retired != self._retired_seen and self._servers is not None:
+            # Servers scaled away (tessera scale) exit: route what this client still
+            # thinks is there by the coordinator's owners (sent since their moves).
+            owners = self._servers()[2]
+            for pid, s in list(self.owner.items()):
+                if s in retired and owners.get(pid, s) != s:
+                    self._connect_scaled(owners[pid])
+                    self.owner[pid] = owners[pid]
+            self._retired_seen = list(retired)
+
+    def _connect_scaled(self, server: int) -> None:
+        """Elastic servers: connect (authenticated, as at start-up) to ``server`` and any
+        rank below it started mid-job by ``tessera scale``, or started again at another
+        address, once the coordinator's heartbeat replies carry their addresses."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            addresses = self._elastic()[0]
+            stale = [r for r in range(server + 1) if r >= len(self.servers)
+                     or (addresses.get(r) and addresses[r] != self.servers[r].address)]
+            if not stale:
+                return
+            if all(r in addresses for r in stale):
+                break
+            self.check()
+            if time.monotonic() > deadline:
+                raise ServerError(f"server {server}, started by tessera scale: its address "
+                                  f"did not reach this worker within {self.timeout_s:g} s")
+            time.sleep(0.02)
+        for r in stale:
+            ep = ClientEndpoint(self._ctx, addresses[r], self._secret, f"server {r}",
+                                sndtimeo_s=self.timeout_s)
+            ep.wait_connected(self.timeout_s, self.check)
+            if r < len(self.servers):
+                self.servers[r].close()
+                self.servers[r] = ep
+            else:
+                self.servers.append(ep)
 
     def _track(self, handle: Handle) -> Handle:
         self._outstanding[(handle._server, handle._req)] = handle
@@ -744,6 +788,7 @@ class PSClient:
                     # request again to them, as after a failover.
                     for pid, server in moved_pairs(str(exc)).items():
                         if pid in self.owner:
+                            self._connect_scaled(server)
                             self.owner[pid] = server
                     self.reroute(handle)
                     continue

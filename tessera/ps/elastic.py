@@ -54,8 +54,10 @@ class Mover:
     refusals for what moved away."""
 
     def __init__(self, server, *, orders: Callable[[], dict], report: Callable[[int, list], None],
-                 connect: Optional[Callable[[int], object]], timeout_s: float):
+                 connect: Optional[Callable[[int], object]], timeout_s: float,
+                 addresses: Callable[[], dict] = lambda: {}):
         self.server = server
+        self.addresses = addresses
         self.orders, self.report, self.connect = orders, report, connect
         self.timeout_s = timeout_s
         #: Partition -> the server it moved to (answered :data:`MOVED`).
@@ -98,6 +100,10 @@ class Mover:
 
     def _peer(self, target: int):
         peer = self._peers.get(target)
+        now_at = self.addresses().get(target)
+        if peer is not None and now_at and getattr(peer, "address", now_at) != now_at:
+            peer.close()  # a rank scaled away and started again, at another address
+            peer = self._peers[target] = None
         if peer is None and self.connect is not None:
             peer = self._peers[target] = self.connect(target)
         return peer

@@ -73,3 +73,5 @@ class ServerHooks:
     moves: Callable[[], dict] = lambda: {}
     report_moved: Callable[[int, list], None] = lambda target, pids: None
     busy: Callable[[float], None] = lambda seconds: None
+    #: Elastic servers: server rank -> address, once a server was started mid-job.
+    addresses: Callable[[], dict] = lambda: {}

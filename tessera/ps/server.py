@@ -108,7 +108,10 @@ class ParameterServer:
         self.costs = MessageCosts() if options.cost_breakdown else None
         from tessera.ps.elastic import Mover
         self.mover = Mover(self, orders=hooks.moves, report=hooks.report_moved,
-                           connect=replicas.connect, timeout_s=options.timeout_s)
+                           connect=replicas.connect, timeout_s=options.timeout_s,
+                           addresses=hooks.addresses)
+        #: Scaled away (tessera scale): it stopped holding nothing; no final checkpoint.
+        self.retired = False
         self.stats["busy_s"] = 0.0
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
@@ -148,7 +151,8 @@ class ParameterServer:
             self.hooks.check()
             self._poll(0.01)
             replication.take_acks()
-        self.snapshots.final()
+        if not self.retired:
+            self.snapshots.final()
         self.stats["messages_in"] = self.endpoint.messages_in  # counted by the socket's side
         if costs is not None:
             self.stats["cpu_us_per_msg"] = costs.per_message_us()

@@ -192,6 +192,9 @@ class ClusterView(msgspec.Struct, **MESSAGE):
     #: A replacement server: the servers dead now, and the replaced ones (as HeartbeatAck).
     dead_servers: list[int] = []
     server_lives: dict[int, int] = {}
+    #: A server started mid-job by ``tessera scale``: it holds nothing until partitions
+    #: move to it.
+    scaled_in: bool = False
 
 
 class Heartbeat(msgspec.Struct, **MESSAGE):
@@ -232,6 +235,12 @@ class HeartbeatAck(msgspec.Struct, **MESSAGE):
     #: Elastic servers (tessera scale, [ps] rebalance): partitions to move now (partition
     #: -> the server to move it to; table shard s keyed ``-(s + 1)``), to their owners.
     moves: dict[int, int] = {}
+    #: Elastic servers: every server's address once ``tessera scale`` started one mid-job
+    #: (rank -> address; clients connect to a new rank before partitions move to it) ...
+    addresses: dict[int, str] = {}
+    #: ... and the servers scaled away that hold nothing: they exit (0), clients route
+    #: their former partitions by ``owners``.
+    retired: list[int] = []
 
 
 class Departed(msgspec.Struct, **MESSAGE):
