@@ -42,9 +42,6 @@ def scale_problem(cfg, tables: list) -> str:
                 f"async and ssp jobs have server partitions to move")
     if ps.replication == 2:
         return "--replication 2 jobs do not scale (a partition's backup would not follow it)"
-    if tables:
-        return ("jobs with sharded tables do not scale yet (table rows do not move live; "
-                "dense partitions do)")
     if cfg.precision == "fp16" and ps.mode == "sync":
         return "fp16 sync jobs do not scale (a held clock cannot move)"
     return ""
@@ -74,7 +71,7 @@ class Elastic:
     # ------------------------------------------------------------------- scale
 
     def scale(self, n: int, owner: dict[int, int], sizes: dict[int, int], state: str,
-              problem: str) -> str:
+              problem: str, shards: dict[int, int] | None = None) -> str:
         """Order the moves that put every partition on servers 0..n-1; the refusal
         ('' when ordered)."""
         if state != "running":
@@ -94,6 +91,7 @@ class Elastic:
                     f"they are placed")
         self.active = set(range(n))
         plan = place(owner, sizes, self.active)
+        plan.update(place_shards(shards or {}, self.active))
         self._order(plan, f"scale to {n} servers")
         return ""
 
@@ -105,11 +103,21 @@ class Elastic:
         print(f"coordinator: {why}: moving partitions "
               f"{', '.join(f'{p}->{s}' for p, s in sorted(plan.items()))}", flush=True)
 
-    def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int]) -> list[int]:
-        """A server moved ``pids`` to ``target``: the ones that were ordered."""
-        taken = [pid for pid in pids if self.orders.get(pid) == target and owner.get(pid) == rank]
+    def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int],
+             shards: dict[int, int] | None = None) -> list[int]:
+        """A server moved ``pids`` to ``target`` (table shard k as ``-(k + 1)``, whose
+        owner ``shards`` keeps): the ones that were ordered."""
+        shards = {} if shards is None else shards
+
+        def where(pid: int):
+            return shards.get(-pid - 1) if pid < 0 else owner.get(pid)
+
+        taken = [pid for pid in pids if self.orders.get(pid) == target and where(pid) == rank]
         for pid in taken:
-            owner[pid] = target
+            if pid < 0:
+                shards[-pid - 1] = target
+            else:
+                owner[pid] = target
             del self.orders[pid]
         if taken:
             self.moved = True
@@ -219,6 +227,29 @@ def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dic
             plan.pop(pid, None)
         else:
             plan[pid] = lo
+    return plan
+
+
+def place_shards(shards: dict[int, int], active: set[int]) -> dict[int, int]:
+    """Moves of table shards (keyed ``-(k + 1)`` -> server) that empty the servers outside
+    ``active``: shard ``k`` goes home to server ``k`` when that one is active (scaling up
+    moves shards back), else to the active server serving the fewest shards."""
+    load = {s: 0 for s in active}
+    for k, s in shards.items():
+        if s in load:
+            load[s] += 1
+    plan: dict[int, int] = {}
+    for k, s in sorted(shards.items()):
+        if k in active and s != k:
+            target = k
+        elif s not in active:
+            target = min(load, key=lambda r: (load[r], r))
+        else:
+            continue
+        plan[-k - 1] = target
+        load[target] += 1
+        if s in load:
+            load[s] -= 1
     return plan
 
 

@@ -705,10 +705,11 @@ class PSClient:
         (its refusal says where). Send the request again, same sequence number, to their
         new owner; a request whose partitions are on several servers now goes as one
         request per server (the others' handles are returned, to wait for too)."""
-        for pid, server in pairs.items():
-            if pid in self.owner:
-                self.owner[pid] = server
+        self._moved_to(pairs)
         msg, frames = handle._request
+        if isinstance(msg, (wire.PullRows, wire.PushRows)):  # a table shard moved
+            self._resend(handle, self._shard_target(msg.shard))
+            return []
         pids = list(msg.partitions)
         groups: dict[int, list[int]] = {}
         for i, pid in enumerate(pids):
@@ -735,6 +736,15 @@ class PSClient:
             others.append(self._track(Handle(self, server, part.req, handle._what,
                                              keep=handle._keep, request=(part, part_frames))))
         return others
+
+    def _moved_to(self, pairs: dict[int, int]) -> None:
+        """Where moved partitions and table shards are now (a "moved" refusal's pairs;
+        table shard k keyed ``-(k + 1)``): the one place a move changes routing."""
+        for key, server in pairs.items():
+            if key < 0 and -key - 1 < len(self.shard_owner):
+                self.shard_owner[-key - 1] = server
+            elif key in self.owner:
+                self.owner[key] = server
 
     def _merged(self, result, extra: list[Handle], timeout_s):
         """One request's answer from the answers of its parts (a move split it)."""
