@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tessera.cluster.elastic import place, scale_problem
+from tessera.cluster.elastic import place, place_shards, scale_problem
 from tessera.config.schema import JobConfig
-from tessera.ps.checkpoint import CheckpointStore, read_flat
-from tests.harness import Job, run_cli, run_job, wait_for
+from tessera.ps.checkpoint import CheckpointStore, read_flat, table_shards
+from tests.harness import ROOT, Job, run_cli, run_job, wait_for
 from tests.test_faults import DIGITS, finish, metric_lines
 
 #: 7 dense partitions for the digits MLP: 4 on server 0, 3 on server 1.
@@ -133,7 +133,7 @@ def test_rebalance_moves_off_a_hot_server_then_scale_down_in_async_mode(tmp_path
 def test_what_cannot_scale_is_named():
     cfg = JobConfig()
     assert scale_problem(cfg, []) == ""
-    assert "sharded tables" in scale_problem(cfg, [object()])
+    assert scale_problem(cfg, [object()]) == ""  # table rows move too
     cfg.ps.replication = 2
     assert "--replication 2" in scale_problem(cfg, [])
     # Placement: the servers left get everything, balanced by bytes.
@@ -143,3 +143,70 @@ def test_what_cannot_scale_is_named():
     assert set(plan) == {4} and plan[4] in (0, 1)
     plan = place({0: 0, 1: 0, 2: 0, 3: 0}, {p: 10 for p in range(4)}, {0, 1})
     assert sorted(plan.values()) == [1, 1]
+    # Table shards (keyed -(k + 1)): off the servers left, spread; back home on scale up.
+    assert place_shards({0: 0, 1: 1, 2: 2}, {0}) == {-2: 0, -3: 0}
+    assert place_shards({0: 0, 1: 0, 2: 0}, {0, 1, 2}) == {-2: 1, -3: 2}
+    assert place_shards({0: 0, 1: 0, 2: 1}, {0, 1}) == {-2: 1}
+
+
+# ------------------------------------------------------------------ table rows move
+
+TABLE_JOB = str(ROOT / "tests" / "scripts" / "table_job.py")
+
+
+def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every saved shard of the table 'users' at ``clock``, as (ids, rows) sorted by id."""
+    shards = table_shards(CheckpointStore(str(run / "checkpoints")), clock, "users")
+    ids = torch.cat([s["ids"] for s in shards])
+    order = torch.argsort(ids)
+    assert len(set(ids.tolist())) == len(ids), f"a row saved twice at clock {clock}"
+    return ids[order], torch.cat([s["values"] for s in shards])[order]
+
+
+def test_scale_moves_table_rows_live_in_a_sync_job_exactly(tmp_path):
+    a, ref = tmp_path / "a", tmp_path / "ref"
+    steps = 120
+    flags = ["--workers", "2", "--servers", "2", "--mode", "sync", "--quiet",
+             "--checkpoint-every", "20"]
+    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.02"]
+    job = Job(["launch", *flags, "--out", a, *script], timeout_s=240)
+    reference = Job(["launch", *flags, "--out", ref, *script], timeout_s=240)  # never scaled
+
+    def shard_moves() -> int:
+        return _text(a / "logs" / "coordinator-0.log").count(" moved table shards ")
+
+    wait_for(lambda: metric_lines(a) >= 2 or job.proc.poll() is not None, 120, "training")
+    code, output = _scale(a, 1)
+    assert code == 0, output
+    wait_for(lambda: shard_moves() >= 1 or job.proc.poll() is not None, 60, "the move to 1")
+    code, output = _scale(a, 2)
+    assert code == 0, output
+    wait_for(lambda: shard_moves() >= 2 or job.proc.poll() is not None, 60, "the move to 2")
+    finish(job)
+    finish(reference)
+    summary = json.loads((a / "summary.json").read_text())
+    # Per step, each worker pushes 2 dense partitions and the table to 2 shards.
+    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    coordinator = _text(a / "logs" / "coordinator-0.log")
+    assert "server 1 moved table shards of servers [1] to server 0" in coordinator, coordinator
+    assert "server 0 moved table shards of servers [1] to server 1" in coordinator, coordinator
+    # The server that took the rows served them (row requests counted in its log).
+    log = _text(a / "logs" / "server-0.log")
+    assert "serves the table rows of server 1 (moved here from server 1)" in log, log
+    served = [line for line in log.splitlines() if "of them table row requests" in line]
+    assert served and int(served[0].split("; ")[1].split()[0]) > 0, log
+    # Sync: bit for bit the job that never scaled: the table, the dense values.
+    mine, theirs = load_file(str(a / "final.safetensors")), load_file(str(ref / "final.safetensors"))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    # Every checkpoint holds each row once, as the reference's (a moved shard's file is
+    # the server's that held it at that clock).
+    clocks = CheckpointStore(str(a / "checkpoints")).clocks()[0]
+    assert clocks and clocks[-1] == steps, clocks
+    for clock in clocks:
+        ids_a, rows_a = _table_rows(a, clock)
+        ids_r, rows_r = _table_rows(ref, clock)
+        assert torch.equal(ids_a, ids_r) and torch.equal(rows_a, rows_r), clock
+        assert torch.equal(read_flat(str(a / "checkpoints"), clock)[1],
+                           read_flat(str(ref / "checkpoints"), clock)[1]), clock

@@ -67,7 +67,7 @@ class Mover:
         #: A move the target put off (:data:`LATER`): not tried again before this.
         self._later = 0.0
         self.stats = server.stats
-        for key in ("moved_out", "moved_in", "served_moved"):
+        for key in ("moved_out", "moved_in", "served_moved", "served_moved_rows"):
             self.stats.setdefault(key, 0)
 
     # ------------------------------------------------------------------ refusals
@@ -264,6 +264,7 @@ class Mover:
         """A row request for table shard ``shard`` (counted if the shard moved here)."""
         if self.arrived and -(self.server.rank if shard < 0 else shard) - 1 in self.arrived:
             self.stats["served_moved"] += 1
+            self.stats["served_moved_rows"] += 1
 
     def close(self) -> None:
         for peer in self._peers.values():
