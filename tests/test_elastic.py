@@ -163,27 +163,35 @@ def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[order], torch.cat([s["values"] for s in shards])[order]
 
 
-def test_scale_moves_table_rows_live_in_a_sync_job_exactly(tmp_path):
-    a, ref = tmp_path / "a", tmp_path / "ref"
+def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
+    a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
     steps = 120
-    flags = ["--workers", "2", "--servers", "2", "--mode", "sync", "--quiet",
-             "--checkpoint-every", "20"]
+    flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20"]
     script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.02"]
-    job = Job(["launch", *flags, "--out", a, *script], timeout_s=240)
-    reference = Job(["launch", *flags, "--out", ref, *script], timeout_s=240)  # never scaled
+    job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
+    reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
+                    timeout_s=240)  # never scaled
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script], timeout_s=240)
 
-    def shard_moves() -> int:
-        return _text(a / "logs" / "coordinator-0.log").count(" moved table shards ")
+    def shard_moves(run: Path) -> int:
+        return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
 
-    wait_for(lambda: metric_lines(a) >= 2 or job.proc.poll() is not None, 120, "training")
-    code, output = _scale(a, 1)
-    assert code == 0, output
-    wait_for(lambda: shard_moves() >= 1 or job.proc.poll() is not None, 60, "the move to 1")
-    code, output = _scale(a, 2)
-    assert code == 0, output
-    wait_for(lambda: shard_moves() >= 2 or job.proc.poll() is not None, 60, "the move to 2")
+    for n, moves in ((1, 1), (2, 2)):  # 2 -> 1 -> 2, both jobs at once
+        for run, proc in ((a, job.proc), (asy, job_async.proc)):
+            wait_for(lambda: metric_lines(run) >= 2 or proc.poll() is not None, 120, "training")
+            code, output = _scale(run, n)
+            assert code == 0, output
+        for run, proc in ((a, job.proc), (asy, job_async.proc)):
+            wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 60,
+                     f"the move to {n} in {run.name}")
     finish(job)
     finish(reference)
+    finish(job_async)
+    # Async: every acknowledged push applied once (nothing lost, nothing twice).
+    summary = json.loads((asy / "summary.json").read_text())
+    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    assert shard_moves(asy) == 2 and "of them table row requests" in \
+        _text(asy / "logs" / "server-0.log")
     summary = json.loads((a / "summary.json").read_text())
     # Per step, each worker pushes 2 dense partitions and the table to 2 shards.
     assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
