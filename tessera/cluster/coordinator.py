@@ -542,7 +542,7 @@ class Coordinator:
             # Scaled servers: a clock is complete once its files hold every partition
             # (a server emptied by tessera scale writes none while it holds nothing).
             ready = None
-            if self.elastic.moved and self.owner:
+            if self.elastic.moved and (self.owner or self.shard_owner):
                 pids = set(self.owner) | {-k - 1 for k in self.shard_owner}
                 ready = lambda clock, files: self.elastic.files_complete(clock, files, pids)  # noqa: E731
             self.rounds.complete(live, self._manifest, self._checkpoint_done, ready)

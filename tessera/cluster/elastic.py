@@ -87,8 +87,11 @@ class Elastic:
         if n == len(self.active):
             return f"the job is already served by {n} server{'s' * (n != 1)}"
         if self.orders:
-            return (f"partitions {sorted(self.orders)} are still moving; scale again once "
-                    f"they are placed")
+            parts = sorted(p for p in self.orders if p >= 0)
+            shards = sorted(-p - 1 for p in self.orders if p < 0)  # table shard k: -(k + 1)
+            what = " and ".join(([f"partitions {parts}"] if parts else []) +
+                                ([f"the table rows of servers {shards}"] if shards else []))
+            return f"{what} are still moving; scale again once they are placed"
         self.active = set(range(n))
         plan = place(owner, sizes, self.active)
         plan.update(place_shards(shards or {}, self.active))
