@@ -10,6 +10,7 @@ checkpoints written after the moves restore.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -166,7 +167,10 @@ def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
     steps = 120
-    flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20"]
+    keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled down too
+    keep.write_text("[checkpoint]\nkeep = 100\n")
+    flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
+             "--job", str(keep)]
     script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.02"]
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
@@ -184,6 +188,10 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
         for run, proc in ((a, job.proc), (asy, job_async.proc)):
             wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 60,
                      f"the move to {n} in {run.name}")
+        if n == 1:  # a checkpoint written while one server holds every shard
+            wait_for(lambda: "complete" in _text(a / "logs" / "coordinator-0.log").split(
+                " moved table shards ")[-1] or job.proc.poll() is not None, 60,
+                "a checkpoint after the move")
     finish(job)
     finish(reference)
     finish(job_async)
@@ -218,3 +226,21 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
         assert torch.equal(ids_a, ids_r) and torch.equal(rows_a, rows_r), clock
         assert torch.equal(read_flat(str(a / "checkpoints"), clock)[1],
                            read_flat(str(ref / "checkpoints"), clock)[1]), clock
+    # One written while scaled down (server 0's file holds both shards) resumes onto 2
+    # servers: each takes its rows back, as the reference holds them.
+    store = CheckpointStore(str(a / "checkpoints"))
+    down = [c for c in clocks if len(store.manifest(c)["files"]) == 1]
+    assert down, [store.manifest(c)["files"] for c in clocks]
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy, ignore=lambda d, names: [
+        n for n in names if n.startswith("clock-") and int(n.split("-")[1]) > down[0]])
+    again = tmp_path / "again"
+    code, output = Job(["launch", *flags, "--mode", "sync", "--out", again, "--resume", copy,
+                        TABLE_JOB, "--steps", str(down[0])], timeout_s=120).wait()
+    assert code == 0, output
+    ids_b, rows_b = _table_rows(again, down[0])
+    ids_r, rows_r = _table_rows(ref, down[0])
+    assert torch.equal(ids_b, ids_r) and torch.equal(rows_b, rows_r)
+    for rank in (0, 1):  # each server saved only its own shard again
+        assert "@s" not in " ".join(load_file(str(again / "checkpoints" / f"clock-{down[0]:08d}"
+                                                  / f"server-{rank}.safetensors")).keys())
