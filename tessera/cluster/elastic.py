@@ -103,8 +103,9 @@ class Elastic:
             return
         self.orders.update(plan)
         self.moves.append({"why": why, "at_unix": time.time(), "partitions": dict(plan)})
-        print(f"coordinator: {why}: moving partitions "
-              f"{', '.join(f'{p}->{s}' for p, s in sorted(plan.items()))}", flush=True)
+        moves = [f"partition {p}->{s}" if p >= 0 else f"table shard {-p - 1}->{s}"
+                 for p, s in sorted(plan.items(), key=lambda kv: (kv[0] < 0, abs(kv[0])))]
+        print(f"coordinator: {why}: moving {', '.join(moves)}", flush=True)
 
     def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int],
              shards: dict[int, int] | None = None) -> list[int]:
