@@ -10,15 +10,16 @@ checkpoints written after the moves restore.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tessera.cluster.elastic import place, scale_problem
+from tessera.cluster.elastic import place, place_shards, scale_problem
 from tessera.config.schema import JobConfig
-from tessera.ps.checkpoint import CheckpointStore, read_flat
-from tests.harness import Job, run_cli, run_job, wait_for
+from tessera.ps.checkpoint import CheckpointStore, read_flat, table_shards
+from tests.harness import ROOT, Job, run_cli, run_job, wait_for
 from tests.test_faults import DIGITS, finish, metric_lines
 
 #: 7 dense partitions for the digits MLP: 4 on server 0, 3 on server 1.
@@ -152,7 +153,7 @@ def test_rebalance_moves_off_a_hot_server_then_scale_down_in_async_mode(tmp_path
 def test_what_cannot_scale_is_named():
     cfg = JobConfig()
     assert scale_problem(cfg, []) == ""
-    assert "sharded tables" in scale_problem(cfg, [object()])
+    assert scale_problem(cfg, [object()]) == ""  # table rows move too
     cfg.ps.replication = 2
     assert "--replication 2" in scale_problem(cfg, [])
     # Placement: the servers left get everything, balanced by bytes.
@@ -162,6 +163,11 @@ def test_what_cannot_scale_is_named():
     assert set(plan) == {4} and plan[4] in (0, 1)
     plan = place({0: 0, 1: 0, 2: 0, 3: 0}, {p: 10 for p in range(4)}, {0, 1})
     assert sorted(plan.values()) == [1, 1]
+    # Table shards (keyed -(k + 1)): off the servers left, spread; back home on scale up.
+    assert place_shards({0: 0, 1: 1, 2: 2}, {0}) == {-2: 0, -3: 0}
+    assert place_shards({0: 0, 1: 0, 2: 0}, {0, 1, 2}) == {-2: 1, -3: 2}
+    assert place_shards({0: 0, 1: 0, 2: 1}, {0, 1}) == {-2: 1}
+
 
 
 def test_scale_up_waits_for_new_servers_and_scale_down_retires_them(monkeypatch):
@@ -188,3 +194,119 @@ def test_scale_up_waits_for_new_servers_and_scale_down_retires_them(monkeypatch)
     assert "still stopping" in e.scale(2, owner, sizes, "running", "")
     e.exited(1)
     assert e.scale(2, owner, sizes, "running", "") == "" and e.joining == {1}
+
+
+# ------------------------------------------------------------------ table rows move
+
+TABLE_JOB = str(ROOT / "tests" / "scripts" / "table_job.py")
+
+
+def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every saved shard of the table 'users' at ``clock``, as (ids, rows) sorted by id."""
+    shards = table_shards(CheckpointStore(str(run / "checkpoints")), clock, "users")
+    ids = torch.cat([s["ids"] for s in shards])
+    order = torch.argsort(ids)
+    assert len(set(ids.tolist())) == len(ids), f"a row saved twice at clock {clock}"
+    return ids[order], torch.cat([s["values"] for s in shards])[order]
+
+
+def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
+    a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
+    steps = 120
+    keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled down too
+    keep.write_text("[checkpoint]\nkeep = 100\n")
+    flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
+             "--job", str(keep)]
+    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.02"]
+    job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
+    reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
+                    timeout_s=240)  # never scaled
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script], timeout_s=240)
+
+    def shard_moves(run: Path) -> int:
+        return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
+
+    for n, moves in ((1, 1), (2, 2)):  # 2 -> 1 -> 2, both jobs at once
+        for run, proc in ((a, job.proc), (asy, job_async.proc)):
+            wait_for(lambda: metric_lines(run) >= 2 or proc.poll() is not None, 120, "training")
+            code, output = _scale(run, n)
+            assert code == 0, output
+        for run, proc in ((a, job.proc), (asy, job_async.proc)):
+            wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 60,
+                     f"the move to {n} in {run.name}")
+        if n == 1:  # a checkpoint written while one server holds every shard
+            wait_for(lambda: "complete" in _text(a / "logs" / "coordinator-0.log").split(
+                " moved table shards ")[-1] or job.proc.poll() is not None, 60,
+                "a checkpoint after the move")
+    finish(job)
+    finish(reference)
+    finish(job_async)
+    # Async: every acknowledged push applied once (nothing lost, nothing twice).
+    summary = json.loads((asy / "summary.json").read_text())
+    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    assert shard_moves(asy) == 2 and "of them table row requests" in \
+        _text(asy / "logs" / "server-0.log")
+    summary = json.loads((a / "summary.json").read_text())
+    # Per step, each worker pushes 2 dense partitions and the table to 2 shards.
+    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    coordinator = _text(a / "logs" / "coordinator-0.log")
+    assert "server 1 moved table shards of servers [1] to server 0" in coordinator, coordinator
+    assert "server 0 moved table shards of servers [1] to server 1" in coordinator, coordinator
+    # The server that took the rows served them (row requests counted in its log).
+    log = _text(a / "logs" / "server-0.log")
+    assert "serves the table rows of server 1 (moved here from server 1)" in log, log
+    served = [line for line in log.splitlines() if "of them table row requests" in line]
+    assert served and int(served[0].split("; ")[1].split()[0]) > 0, log
+    # Sync: bit for bit the job that never scaled: the table, the dense values.
+    mine, theirs = load_file(str(a / "final.safetensors")), load_file(str(ref / "final.safetensors"))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    # Every checkpoint holds each row once, as the reference's (a moved shard's file is
+    # the server's that held it at that clock).
+    clocks = CheckpointStore(str(a / "checkpoints")).clocks()[0]
+    assert clocks and clocks[-1] == steps, clocks
+    for clock in clocks:
+        ids_a, rows_a = _table_rows(a, clock)
+        ids_r, rows_r = _table_rows(ref, clock)
+        assert torch.equal(ids_a, ids_r) and torch.equal(rows_a, rows_r), clock
+        assert torch.equal(read_flat(str(a / "checkpoints"), clock)[1],
+                           read_flat(str(ref / "checkpoints"), clock)[1]), clock
+    # One written while scaled down (server 0's file holds both shards) resumes onto 2
+    # servers: each takes its rows back, as the reference holds them.
+    store = CheckpointStore(str(a / "checkpoints"))
+    down = [c for c in clocks if len(store.manifest(c)["files"]) == 1]
+    assert down, [store.manifest(c)["files"] for c in clocks]
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy, ignore=lambda d, names: [
+        n for n in names if n.startswith("clock-") and int(n.split("-")[1]) > down[0]])
+    again = tmp_path / "again"
+    code, output = Job(["launch", *flags, "--mode", "sync", "--out", again, "--resume", copy,
+                        TABLE_JOB, "--steps", str(down[0])], timeout_s=120).wait()
+    assert code == 0, output
+    ids_b, rows_b = _table_rows(again, down[0])
+    ids_r, rows_r = _table_rows(ref, down[0])
+    assert torch.equal(ids_b, ids_r) and torch.equal(rows_b, rows_r)
+    for rank in (0, 1):  # each server saved only its own shard again
+        assert "@s" not in " ".join(load_file(str(again / "checkpoints" / f"clock-{down[0]:08d}"
+                                                  / f"server-{rank}.safetensors")).keys())
+
+
+def test_a_job_with_tables_scales_between_its_launched_servers(monkeypatch):
+    import tessera.cluster.elastic as elastic
+    cfg = JobConfig()
+    cfg.cluster.servers = 2
+    e = elastic.Elastic(cfg)
+    owner, shards = {0: 0, 1: 1, 2: 0, 3: 1}, {0: 0, 1: 1}
+    sizes = {p: 10 for p in owner}
+    assert "embedding tables scales between the 2 servers" in \
+        e.scale(3, owner, sizes, "running", "", shards)
+    assert e.scale(1, owner, sizes, "running", "", shards) == ""
+    assert e.orders[-2] == 0  # server 1's rows go to server 0
+    for key, target in list(e.orders.items()):
+        e.done(1, target, [key], owner, shards)
+    assert shards == {0: 0, 1: 0} and set(owner.values()) == {0}
+    monkeypatch.setattr(elastic, "RETIRE_AFTER_S", 0.0)
+    assert e.retire({**owner, **{-k - 1: s for k, s in shards.items()}}) == []  # stays up
+    assert e.scale(2, owner, sizes, "running", "", shards) == "" and not e.joining
+    assert e.orders[-2] == 1  # and its rows go home

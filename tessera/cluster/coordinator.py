@@ -177,7 +177,9 @@ class Coordinator:
             if self.state == "running" and self.cfg.ps.rebalance:
                 self.elastic.tick(self.owner)
             if self.state == "running" and self.elastic.running != self.elastic.active:
-                self.elastic.retire(self.owner)
+                # A server still holding table rows is not empty either.
+                self.elastic.retire({**self.owner,
+                                     **{-k - 1: s for k, s in self.shard_owner.items()}})
                 self.elastic.join_overdue(cl.startup_timeout_s)
             if self.rounds.reports:  # manifests handed to (and back from) the writer thread
                 self._maybe_manifest()
@@ -343,15 +345,21 @@ class Coordinator:
             problem = self.elastic.scale(
                 msg.servers, self.owner,
                 {p.id: p.stop - p.start for p in self.shard_map.partitions}
-                if self.shard_map else {}, self.state, scale_problem(self.cfg, self.tables))
+                if self.shard_map else {}, self.state, scale_problem(self.cfg, self.tables),
+                self.shard_owner)
             self.endpoint.send(got.peer, wire.Error(req=msg.req, message=problem) if problem
                                else wire.Ack(req=msg.req))
         elif isinstance(msg, wire.Moved):
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
-            taken = self.elastic.done(msg.rank, msg.target, msg.partitions, self.owner)
+            taken = self.elastic.done(msg.rank, msg.target, msg.partitions, self.owner,
+                                      self.shard_owner)
             if taken:
-                print(f"coordinator: server {msg.rank} moved partitions {taken} to server "
-                      f"{msg.target}", flush=True)
+                parts = [p for p in taken if p >= 0]  # table shard k as -(k + 1)
+                shards = sorted(-p - 1 for p in taken if p < 0)
+                what = " and ".join(([f"partitions {parts}"] if parts else []) +
+                                    ([f"table shards of servers {shards}"] if shards else []))
+                print(f"coordinator: server {msg.rank} moved {what} to server {msg.target}",
+                      flush=True)
                 self.profiler.instant(f"server {msg.rank} moved {len(taken)} partitions",
                                       "membership")
                 self._write_cluster_json()
@@ -551,7 +559,7 @@ class Coordinator:
               f"{msg.address})", flush=True)
         view = self._view(msg.req)
         self.endpoint.send(peer, msgspec.structs.replace(view, restore=None, scaled_in=True))
-        self.elastic.joined(msg.rank, self.owner)
+        self.elastic.joined(msg.rank, self.owner, self.shard_owner)
 
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)
@@ -578,8 +586,8 @@ class Coordinator:
             # Scaled servers: a clock is complete once its files hold every partition
             # (a server emptied by tessera scale writes none while it holds nothing).
             ready = None
-            if self.elastic.moved and not self.tables and self.owner:
-                pids = set(self.owner)
+            if self.elastic.moved and (self.owner or self.shard_owner):
+                pids = set(self.owner) | {-k - 1 for k in self.shard_owner}
                 ready = lambda clock, files: self.elastic.files_complete(clock, files, pids)  # noqa: E731
             self.rounds.complete(live, self._manifest, self._checkpoint_done, ready)
         except CheckpointError as exc:  # a checkpoint split over several locations

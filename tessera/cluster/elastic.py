@@ -48,9 +48,6 @@ def scale_problem(cfg, tables: list) -> str:
                 f"async and ssp jobs have server partitions to move")
     if ps.replication == 2:
         return "--replication 2 jobs do not scale (a partition's backup would not follow it)"
-    if tables:
-        return ("jobs with sharded tables do not scale yet (table rows do not move live; "
-                "dense partitions do)")
     if cfg.precision == "fp16" and ps.mode == "sync":
         return "fp16 sync jobs do not scale (a held clock cannot move)"
     return ""
@@ -69,6 +66,8 @@ class Elastic:
         #: Ranks the launcher is starting for a scale up (moves wait for them).
         self.joining: set[int] = set()
         self._deferred: dict[int, int] = {}  # partition sizes of the scale that waits
+        self._deferred_shards = False  # whether that scale moves table shards too
+        self.keep_running = False  # a job with tables: servers scaled away do not exit
         self._joining_since = 0.0
         #: Emptied servers scaled away -> when they were found empty; then told to exit.
         self.emptied: dict[int, float] = {}
@@ -91,7 +90,7 @@ class Elastic:
     # ------------------------------------------------------------------- scale
 
     def scale(self, n: int, owner: dict[int, int], sizes: dict[int, int], state: str,
-              problem: str) -> str:
+              problem: str, shards: dict[int, int] | None = None) -> str:
         """Order the moves that put every partition on servers 0..n-1; the refusal
         ('' when ordered)."""
         if state != "running":
@@ -106,37 +105,56 @@ class Elastic:
                     f"--partition-mb at launch for more)")
         if n == len(self.active):
             return f"the job is already served by {n} server{'s' * (n != 1)}"
+        if shards and n > self.launched:
+            return (f"--servers {n}: a job with embedding tables scales between the "
+                    f"{self.launched} servers it started with (a server started mid-job "
+                    f"does not take table rows yet); start it with --servers {n}")
         if self.orders or self.joining:
-            busy = (f"partitions {sorted(self.orders)} are still moving" if self.orders else
+            parts = sorted(p for p in self.orders if p >= 0)
+            moving = sorted(-p - 1 for p in self.orders if p < 0)  # table shard k: -(k + 1)
+            what = " and ".join(([f"partitions {parts}"] if parts else []) +
+                                ([f"the table rows of servers {moving}"] if moving else []))
+            busy = (f"{what} are still moving" if self.orders else
                     f"servers {sorted(self.joining)} are still starting")
             return f"{busy}; scale again once they are placed"
-        stopping = sorted(r for r in self.running if r < n and r not in self.active)
+        stopping = sorted(r for r in self.running if r < n and r not in self.active
+                          and not self.keep_running)
         if stopping:
             return (f"server{'s' * (len(stopping) != 1)} {stopping} scaled away before "
                     f"{'are' if len(stopping) != 1 else 'is'} still stopping; scale again "
                     f"in a few seconds")
         self.active = set(range(n))
+        # Table rows only move between servers that hold the tables: with tables, a
+        # server scaled away stays up, idle, for a later scale up.
+        self.keep_running = self.keep_running or bool(shards)
         self.joining = self.active - self.running
         if self.joining:  # the launcher starts them; the moves follow their joining
             self._deferred = dict(sizes)
+            self._deferred_shards = bool(shards)
             self._joining_since = time.monotonic()
             self.retired -= self.joining
             print(f"coordinator: scale to {n} servers: starting server"
                   f"{'s' * (len(self.joining) != 1)} {sorted(self.joining)}", flush=True)
             return ""
         plan = place(owner, sizes, self.active)
+        plan.update(place_shards(shards or {}, self.active))
         self._order(plan, f"scale to {n} servers")
         return ""
 
-    def joined(self, rank: int, owner: dict[int, int]) -> None:
-        """Server ``rank`` (started for a scale up) registered: once all have, the moves."""
+    def joined(self, rank: int, owner: dict[int, int],
+               shards: dict[int, int] | None = None) -> None:
+        """Server ``rank`` (started for a scale up) registered: once all have, the moves
+        (of partitions, and of table shards: ``shards``, where each is now)."""
         self.running.add(rank)
         self.joining.discard(rank)
         self.emptied.pop(rank, None)
-        if not self.joining and self._deferred:
+        if not self.joining and (self._deferred or self._deferred_shards):
             sizes, self._deferred = self._deferred, {}
-            self._order(place(owner, sizes, self.active),
-                        f"scale to {len(self.active)} servers")
+            plan = place(owner, sizes, self.active)
+            if self._deferred_shards:
+                plan.update(place_shards(shards or {}, self.active))
+            self._deferred_shards = False
+            self._order(plan, f"scale to {len(self.active)} servers")
 
     def join_overdue(self, timeout_s: float) -> None:
         """Servers started for a scale up that did not register within ``timeout_s``:
@@ -148,11 +166,13 @@ class Elastic:
               f"is dropped", flush=True)
         self.active = {r for r in self.active if r in self.running}
         self.joining.clear()
-        self._deferred = {}
+        self._deferred, self._deferred_shards = {}, False
 
     def retire(self, owner: dict[int, int]) -> list[int]:
         """Servers scaled away that hold nothing and have been empty ``RETIRE_AFTER_S``:
         they are told to exit (newly told ones are printed)."""
+        if self.keep_running:
+            return sorted(self.retired)
         now = time.monotonic()
         held = set(owner.values()) | set(self.orders.values())
         for r in sorted(self.running - self.active - self.retired):
@@ -176,14 +196,25 @@ class Elastic:
             return
         self.orders.update(plan)
         self.moves.append({"why": why, "at_unix": time.time(), "partitions": dict(plan)})
-        print(f"coordinator: {why}: moving partitions "
-              f"{', '.join(f'{p}->{s}' for p, s in sorted(plan.items()))}", flush=True)
+        moves = [f"partition {p}->{s}" if p >= 0 else f"table shard {-p - 1}->{s}"
+                 for p, s in sorted(plan.items(), key=lambda kv: (kv[0] < 0, abs(kv[0])))]
+        print(f"coordinator: {why}: moving {', '.join(moves)}", flush=True)
 
-    def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int]) -> list[int]:
-        """A server moved ``pids`` to ``target``: the ones that were ordered."""
-        taken = [pid for pid in pids if self.orders.get(pid) == target and owner.get(pid) == rank]
+    def done(self, rank: int, target: int, pids: list[int], owner: dict[int, int],
+             shards: dict[int, int] | None = None) -> list[int]:
+        """A server moved ``pids`` to ``target`` (table shard k as ``-(k + 1)``, whose
+        owner ``shards`` keeps): the ones that were ordered."""
+        shards = {} if shards is None else shards
+
+        def where(pid: int):
+            return shards.get(-pid - 1) if pid < 0 else owner.get(pid)
+
+        taken = [pid for pid in pids if self.orders.get(pid) == target and where(pid) == rank]
         for pid in taken:
-            owner[pid] = target
+            if pid < 0:
+                shards[-pid - 1] = target
+            else:
+                owner[pid] = target
             del self.orders[pid]
         if taken:
             self.moved = True
@@ -294,6 +325,29 @@ def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dic
             plan.pop(pid, None)
         else:
             plan[pid] = lo
+    return plan
+
+
+def place_shards(shards: dict[int, int], active: set[int]) -> dict[int, int]:
+    """Moves of table shards (keyed ``-(k + 1)`` -> server) that empty the servers outside
+    ``active``: shard ``k`` goes home to server ``k`` when that one is active (scaling up
+    moves shards back), else to the active server serving the fewest shards."""
+    load = {s: 0 for s in active}
+    for k, s in shards.items():
+        if s in load:
+            load[s] += 1
+    plan: dict[int, int] = {}
+    for k, s in sorted(shards.items()):
+        if k in active and s != k:
+            target = k
+        elif s not in active:
+            target = min(load, key=lambda r: (load[r], r))
+        else:
+            continue
+        plan[-k - 1] = target
+        load[target] += 1
+        if s in load:
+            load[s] -= 1
     return plan
 
 

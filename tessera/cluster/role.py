@@ -221,7 +221,9 @@ def serve(session) -> None:
     if server.stats["moved_in"]:
         print(f"server {rank}: served {server.stats['served_moved']} requests for partitions "
               f"moved here ({server.stats['moved_in']} moved in, "
-              f"{server.stats['moved_out']} moved out)", flush=True)
+              f"{server.stats['moved_out']} moved out; "
+              f"{server.stats.get('served_moved_rows', 0)} of them table row requests)",
+              flush=True)
     stats = dict(server.stats, partitions=len(server.parts))
     for pid, st in server.parts.items():
         stats[f"applied.p{pid}"] = st.applied_pushes

@@ -786,10 +786,7 @@ class PSClient:
                 if MOVED in str(exc) and handle._request is not None:
                     # tessera scale moved partitions away: their new owners, then the
                     # request again to them, as after a failover.
-                    for pid, server in moved_pairs(str(exc)).items():
-                        if pid in self.owner:
-                            self._connect_scaled(server)
-                            self.owner[pid] = server
+                    self._moved_to(moved_pairs(str(exc)))
                     self.reroute(handle)
                     continue
                 # A backup not yet promoted (it has not heard of its primary's death from
@@ -822,6 +819,18 @@ class PSClient:
                 for pid in msg.partitions:
                     self._retained[pid] = (msg, frames, handle._keep)
             return result
+
+    def _moved_to(self, pairs: dict[int, int]) -> None:
+        """Where moved partitions and table shards are now (a "moved" refusal's pairs;
+        table shard k keyed ``-(k + 1)``): the one place a move changes routing. A server
+        started mid-job by ``tessera scale`` is connected to first."""
+        for key, server in pairs.items():
+            if key < 0 and -key - 1 < len(self.shard_owner):
+                self._connect_scaled(server)
+                self.shard_owner[-key - 1] = server
+            elif key in self.owner:
+                self._connect_scaled(server)
+                self.owner[key] = server
 
     @staticmethod
     def _retry_elsewhere(handle: Handle, why: str) -> bool:

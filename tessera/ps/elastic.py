@@ -34,11 +34,12 @@ from tessera.transport import wire
 MOVED = "moved (elastic):"
 #: A move refused for now (the target is a checkpoint ahead of the source): tried again.
 LATER = "moves later"
-_PAIR = re.compile(r"(\d+)->(\d+)")
+_PAIR = re.compile(r"(-?\d+)->(\d+)")
 
 
 def moved_pairs(message: str) -> dict[int, int]:
-    """The ``partition -> server`` pairs of a :data:`MOVED` refusal."""
+    """The ``partition -> server`` pairs of a :data:`MOVED` refusal (a table shard ``k``
+    as ``-(k + 1)``: :func:`tessera.ps.replication.shard_key`)."""
     _, _, tail = message.partition(MOVED)
     return {int(p): int(s) for p, s in _PAIR.findall(tail)}
 
@@ -68,7 +69,7 @@ class Mover:
         #: A move the target put off (:data:`LATER`): not tried again before this.
         self._later = 0.0
         self.stats = server.stats
-        for key in ("moved_out", "moved_in", "served_moved"):
+        for key in ("moved_out", "moved_in", "served_moved", "served_moved_rows"):
             self.stats.setdefault(key, 0)
 
     # ------------------------------------------------------------------ refusals
@@ -97,6 +98,14 @@ class Mover:
                 by_target.setdefault(target, []).append(pid)
         for target, pids in by_target.items():
             self._move(target, pids)
+        tables = self.server.tables
+        if tables is None:
+            return
+        for key, target in sorted(orders.items()):
+            shard, target = -int(key) - 1, int(target)
+            if shard >= 0 and target != self.server.rank and shard in tables.served() \
+                    and tables.quiet(shard) and time.monotonic() >= self._later:
+                self._move_shard(target, shard)
 
     def _peer(self, target: int):
         peer = self._peers.get(target)
@@ -168,7 +177,71 @@ class Mover:
               flush=True)
         self.report(target, pids)
 
+    def _move_shard(self, target: int, shard: int) -> None:
+        """Table shard ``shard`` (the rows hashed to server ``shard``) whole to ``target``,
+        one message per table; dropped here once every table is acked."""
+        from tessera.ps.replication import shard_key
+        from tessera.transport.endpoint import PeerTimeout
+        from tessera.transport.frames import tensor_to_frame
+        peer = self._peer(target)
+        if peer is None:
+            return
+        members = self.server.policy.members
+        live = {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+        msgs = self.server.tables.move_messages(shard, peer.new_req, self.server.rank, live,
+                                                self.server.snapshots.last)
+        for msg, tensors in msgs:
+            peer.send(msg, [tensor_to_frame(t) for t in tensors])
+        deadline = time.monotonic() + self.timeout_s
+        refused = ""
+        for msg, _ in msgs:  # acked in order; requests wait meanwhile
+            while True:
+                self.server.hooks.check()
+                try:
+                    reply, _ = peer.wait(msg.req, 0.05, "table shard move")
+                    break
+                except PeerTimeout:
+                    self.server.replication._serve_replication_meanwhile()
+                    if time.monotonic() > deadline:
+                        raise RequestError(f"server {target} did not take the table rows of "
+                                           f"server {shard} within {self.timeout_s:g} s") \
+                            from None
+            if isinstance(reply, wire.Error):
+                refused = refused or reply.message
+        if refused:
+            if LATER not in refused:
+                raise RequestError(f"server {target} refused the table rows of server "
+                                   f"{shard}: {refused}")
+            self._later = time.monotonic() + 0.2  # they stay here; tried again later
+            return
+        self.server.tables.drop(shard, target)
+        self.arrived.discard(shard_key(shard))
+        self.stats["moved_out"] += 1
+        print(f"server {self.server.rank}: moved the table rows of server {shard} to server "
+              f"{target}", flush=True)
+        self.report(target, [shard_key(shard)])
+
     # ------------------------------------------------------------------ moving in
+
+    def on_table_move(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
+        """One table of a shard moved here (the last one: serve the shard from now on)."""
+        shard = msg.partitions[0] if len(msg.partitions) == 1 else -1
+        snapshots = self.server.snapshots
+        empty = not self.server.parts and not self.server.tables.units()
+        if snapshots.last != msg.seq and not (empty and snapshots.last < msg.seq):
+            # Each checkpoint holds the shard once, as of its clock: it moves between two
+            # servers that wrote the same last one (or to one that holds nothing, which
+            # then has written the source's: it writes that clock no more).
+            raise RequestError(f"table rows of server {shard} {LATER}: this server wrote the "
+                               f"checkpoint at clock {snapshots.last}, its source at "
+                               f"{msg.seq}")
+        if empty:
+            snapshots.last = msg.seq
+        if self.server.tables.on_move(peer, msg, frames):
+            self.arrived.add(-shard - 1)
+            self.stats["moved_in"] += 1
+            print(f"server {self.server.rank}: serves the table rows of server {shard} "
+                  f"(moved here from server {msg.source})", flush=True)
 
     def on_move(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A partition moved here whole: serve it from now on."""
@@ -192,6 +265,12 @@ class Mover:
     def served(self, pids) -> None:
         if self.arrived and any(pid in self.arrived for pid in pids):
             self.stats["served_moved"] += 1
+
+    def served_rows(self, shard: int) -> None:
+        """A row request for table shard ``shard`` (counted if the shard moved here)."""
+        if self.arrived and -(self.server.rank if shard < 0 else shard) - 1 in self.arrived:
+            self.stats["served_moved"] += 1
+            self.stats["served_moved_rows"] += 1
 
     def close(self) -> None:
         for peer in self._peers.values():

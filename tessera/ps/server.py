@@ -212,14 +212,18 @@ class ParameterServer:
                 self._on_join(got.peer, msg)
             elif isinstance(msg, wire.Replicate) and msg.kind == "move":
                 self.mover.on_move(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.Replicate) and msg.kind == "tablemove" and self.tables:
+                self.mover.on_table_move(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate) and msg.kind in ("rows", "tablecopy") \
                     and self.tables:
                 self.tables.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Replicate):
                 self.replication.on_replicate(got.peer, msg, got.frames)
             elif isinstance(msg, wire.PullRows) and self.tables is not None:
+                self.mover.served_rows(msg.shard)
                 self.tables.on_pull(got.peer, msg, got.frames)
             elif isinstance(msg, wire.PushRows) and self.tables is not None:
+                self.mover.served_rows(msg.shard)
                 self.tables.on_push(got.peer, msg, got.frames)
             elif isinstance(msg, wire.DumpRows) and self.tables is not None:
                 self.tables.on_dump(got.peer, msg)

@@ -112,7 +112,10 @@ class Snapshots:
         meta = {"rank": self.rank, "clock": clock, "partitions": parts, "tables": tables,
                 "mode": self.policy.name, "delta_of": sorted(delta_of)}
         store, rank = self.store, self.rank
-        result: dict = {"parts": [p[0] for p in parts]}
+        # The table shards too (as -(k + 1)): where a scaled job's checkpoint finds them.
+        shards = sorted({-ts.owner - 1 for ts in self.tables.units()}) \
+            if self.tables is not None else []
+        result: dict = {"parts": [p[0] for p in parts] + shards}
 
         def write() -> None:
             try:

@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import msgspec
 import numpy as np
 import torch
 
@@ -148,6 +149,10 @@ class TableService:
         #: answered (the server's checkpoint): lookups change a capped or admitting
         #: table, so a checkpoint of clock c holds no lookup of clock c + 1.
         self.before_wake: Callable = lambda: None
+        #: Elastic servers: shard -> the server it moved to (answered "moved": the client
+        #: follows), and the tables of shards moving here, until all have come.
+        self.moved_to: dict[int, int] = {}
+        self._arriving: dict[int, dict[str, _TableState]] = {}
         stats.update(rows_pulled=0, rows_pushed=0, table_stale_pushes=0)
 
     @property
@@ -174,6 +179,8 @@ class TableService:
     def _table(self, name: str, shard: int = -1) -> _TableState:
         if name not in self.specs:
             raise RequestError(f"no table {name!r} (tables: {sorted(self.specs)})")
+        if self.moved_to:
+            self._check_moved(self.rank if shard < 0 else shard)
         if (shard < 0 or shard == self.rank) and self.tables:
             return self.tables[name]
         shard = self.rank if shard < 0 else shard
@@ -185,6 +192,62 @@ class TableService:
             raise RequestError(f"table {name!r}: the rows of server {shard} are not held by "
                                f"server {self.rank}")
         return st
+
+    # ------------------------------------------------------------ elastic moves
+
+    def _check_moved(self, shard: int) -> None:
+        from tessera.ps.elastic import MOVED
+        target = self.moved_to.get(shard)
+        if target is not None:  # keyed -(shard + 1), as the coordinator's owners
+            raise RequestError(f"the table rows of server {shard} are no longer here: "
+                               f"{MOVED} {-shard - 1}->{target}")
+
+    def quiet(self, shard: int) -> bool:
+        """A served shard with nothing in flight (no push of its clock held, no request
+        waiting on it): it can move between two requests."""
+        units = self.shard_units(shard)
+        return bool(units) and all(not st.waiters and not st.pending and not st.pushed_by
+                                   for st in units)
+
+    def move_messages(self, shard: int, new_req: Callable, source: int,
+                      members: dict, seq: int) -> list[tuple[wire.Replicate, list]]:
+        """A served shard whole, one message per table (``kind="tablemove"``): its rows,
+        optimizer state, clock, applied pushes and every worker's last sequence number."""
+        out = []
+        for st in self.shard_units(shard):
+            msg, tensors = self.copy_message(st, new_req(), source, members)
+            out.append((msgspec.structs.replace(msg, kind="tablemove", last_seq=dict(st.last_seq),
+                                                seq=seq), tensors))
+        return out
+
+    def drop(self, shard: int, target: int) -> None:
+        """A shard moved to ``target``: no longer served here; its requests are answered
+        "moved"."""
+        if shard == self.rank and self.tables:
+            self.tables = {}
+        for name in self.specs:
+            self.promoted.pop((shard, name), None)
+        self.moved_to[shard] = target
+
+    def on_move(self, peer: bytes, msg: wire.Replicate, frames: list) -> bool:
+        """One table of a shard moving here (:meth:`move_messages`); once every table of
+        it has come, this server serves the shard. True then."""
+        shard = msg.partitions[0] if len(msg.partitions) == 1 else -1
+        if shard < 0 or shard in self.served():
+            raise RequestError(f"a move of table {msg.table!r}'s rows of server {shard} "
+                               f"refused: this server serves them already")
+        st = self._copy_state(msg, frames)
+        self._arriving.setdefault(shard, {})[msg.table] = st
+        if set(self._arriving[shard]) != set(self.specs):
+            self.ack(peer, wire.Ack(req=msg.req))
+            return False
+        for name, st in self._arriving.pop(shard).items():
+            st.waiters, st.pending, st.pushed_by = [], [], set()
+            self.policy.taken_over(st)
+            self.promoted[(shard, name)] = st
+        self.moved_to.pop(shard, None)
+        self.ack(peer, wire.Ack(req=msg.req))
+        return True
 
     # ----------------------------------------------------------------- pulls
 
@@ -457,6 +520,18 @@ class TableService:
         if shard in self.served():
             raise RequestError(f"copy of table {msg.table!r}'s rows of server {shard} "
                                f"refused: this server serves them")
+        st = self._copy_state(msg, frames)
+        self.copies.setdefault(shard, {})[msg.table] = st
+        self.source[shard] = msg.source
+        self.stats["table_copies_received"] = self.stats.get("table_copies_received", 0) + 1
+        self.ack(peer, wire.Ack(req=msg.req))
+
+    def _copy_state(self, msg: wire.Replicate, frames: list) -> _TableState:
+        """The state a full copy of one shard of one table carries (:meth:`copy_message`)."""
+        shard = msg.partitions[0]
+        spec = self.specs.get(msg.table)
+        if spec is None:
+            raise RequestError(f"a copy of table {msg.table!r}: no such table here")
         if len(frames) != len(msg.names) or len(msg.dtypes) != len(frames):
             raise RequestError(f"a copy of table {msg.table!r} names {len(msg.names)} tensors "
                                f"and {len(msg.dtypes)} dtypes but carries {len(frames)} frames")
@@ -487,10 +562,7 @@ class TableService:
             if 0 <= worker < members.num_workers and incarnation > \
                     members.incarnations.get(worker, 0):
                 members.join(worker, incarnation)
-        self.copies.setdefault(shard, {})[msg.table] = st
-        self.source[shard] = msg.source
-        self.stats["table_copies_received"] = self.stats.get("table_copies_received", 0) + 1
-        self.ack(peer, wire.Ack(req=msg.req))
+        return st
 
     def promote(self, why: str, shard: Optional[int] = None) -> None:
         """Take over the copies of ``shard`` (default: of server ``backup_of``): their
