@@ -212,7 +212,7 @@ def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
-    steps = 120
+    steps = 200
     keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled down too
     keep.write_text("[checkpoint]\nkeep = 100\n")
     flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
@@ -221,7 +221,10 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
                     timeout_s=240)  # never scaled
-    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script], timeout_s=240)
+    # The async job runs ahead of the sync ones: slower steps keep it training through both
+    # scales.
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.04"],
+                    timeout_s=240)
 
     def shard_moves(run: Path) -> int:
         return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
@@ -229,7 +232,11 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     for n, moves in ((1, 1), (2, 2)):  # 2 -> 1 -> 2, both jobs at once
         for run, proc in ((a, job.proc), (asy, job_async.proc)):
             wait_for(lambda: metric_lines(run) >= 2 or proc.poll() is not None, 120, "training")
-            code, output = _scale(run, n)
+        # Both scale commands at once (each is a process start: one after the other, the
+        # async job could finish before its turn).
+        scales = [Job(["scale", run, "--servers", str(n)], timeout_s=60) for run in (a, asy)]
+        for scale in scales:
+            code, output = scale.wait()
             assert code == 0, output
         for run, proc in ((a, job.proc), (asy, job_async.proc)):
             wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 60,
