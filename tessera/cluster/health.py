@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Callable
 
 import zmq
 
@@ -38,8 +39,9 @@ class Heartbeat:
         self._failure = ""
         #: What this process reports: a worker's completed clock, a server's lowest.
         self.clock = -1
-        #: Servers: seconds spent serving so far (the coordinator's rebalancing reads it).
-        self.busy_s = 0.0
+        #: Servers: seconds spent serving so far, read once a heartbeat (the coordinator's
+        #: rebalancing uses it).
+        self.busy_s: Callable[[], float] = lambda: 0.0
         #: Elastic servers: partitions this server is to move (partition -> server).
         self.moves: dict[int, int] = {}
         #: Elastic servers: (server rank -> address, servers told to exit), one heartbeat's.
@@ -71,7 +73,7 @@ class Heartbeat:
                 req = self._ep.new_req()
                 try:
                     self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank,
-                                                 clock=self.clock, busy_s=self.busy_s))
+                                                 clock=self.clock, busy_s=self.busy_s()))
                     msg, _ = self._ep.wait(req, self.interval_s * 2, "heartbeat")
                 except TransportError:
                     if time.monotonic() - last_ack > self.timeout_s:

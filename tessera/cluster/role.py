@@ -199,7 +199,6 @@ def serve(session) -> None:
                           on_checkpoint=session.report_checkpoint,
                           moves=lambda: session.heartbeat.moves,
                           report_moved=session.report_moved,
-                          busy=lambda s: setattr(session.heartbeat, "busy_s", s),
                           addresses=lambda: session.heartbeat.elastic_view[0]),
         replicas=Replicas(backups=tuple(p for p in view.partitions if p.server == primary_of_backups),
                           peer=backup_peer, primary=primary_of_backups,
@@ -209,6 +208,7 @@ def serve(session) -> None:
                           answer_early=answer_early(cfg),
                           dead=tuple(view.dead_servers), lives=tuple(view.server_lives.items())),
         checkpoint_store=store, profiler=session.profiler)
+    session.heartbeat.busy_s = lambda: server.stats["busy_s"]
     if view.restore is not None and not replacement:  # a replacement is sent copies
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "

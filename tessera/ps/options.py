@@ -68,10 +68,8 @@ class ServerHooks:
     #: A checkpoint file was written: (clock, file, bytes, the dense partitions in it).
     on_checkpoint: Callable[[int, str, int, list], None] = lambda *a: None
     #: Elastic servers (tessera.ps.elastic): the coordinator's move orders (partition ->
-    #: server), the report that a move is done (target, partitions), and where the
-    #: server's busy seconds go (its heartbeat, which the coordinator rebalances by).
+    #: server), and the report that a move is done (target, partitions).
     moves: Callable[[], dict] = lambda: {}
     report_moved: Callable[[int, list], None] = lambda target, pids: None
-    busy: Callable[[float], None] = lambda seconds: None
     #: Elastic servers: server rank -> address, once a server was started mid-job.
     addresses: Callable[[], dict] = lambda: {}

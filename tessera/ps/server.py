@@ -188,8 +188,8 @@ class ParameterServer:
         try:
             self._handle(got)
         finally:
+            # (read by the heartbeat: the coordinator rebalances by it)
             self.stats["busy_s"] += time.perf_counter() - started
-            self.hooks.busy(self.stats["busy_s"])
 
     def _handle(self, got) -> None:
         msg = got.msg
