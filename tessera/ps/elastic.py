@@ -118,29 +118,19 @@ class Mover:
         return peer
 
     def _move(self, target: int, pids: list[int]) -> None:
-        from tessera.ps.checkpoint import partition_tensors
+        from tessera.ps.replication import live_members, partition_copy
         from tessera.transport.endpoint import PeerTimeout
         from tessera.transport.frames import tensor_to_frame
         peer = self._peer(target)
         if peer is None:
             return  # it died meanwhile: the coordinator drops the order
-        members = self.server.policy.members
-        live = {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+        live = live_members(self.server.policy.members)
         reqs = []
         for pid in pids:
             st = self.server.parts[pid]
-            names, tensors = [], []
-            for key, value in partition_tensors(pid, st.rule).items():
-                names.append("values" if key.endswith("/values") else key.split("/state/", 1)[1])
-                tensors.append(value.contiguous())
-            msg = wire.Replicate(req=peer.new_req(), kind="move", partitions=[pid],
-                                 clock=st.clock, pushes=st.applied_pushes,
-                                 source=self.server.rank, names=names,
-                                 dtypes=[str(t.dtype).split(".")[-1] + ("[]" if t.dim() == 0
-                                                                        else "")
-                                         for t in tensors],
-                                 last_seq=dict(st.last_seq), members=live,
-                                 seq=self.server.snapshots.last)
+            msg, tensors = partition_copy(pid, st, peer.new_req(), "move", self.server.rank,
+                                          last_seq=dict(st.last_seq), members=live,
+                                          seq=self.server.snapshots.last)
             peer.send(msg, [tensor_to_frame(t) for t in tensors])
             reqs.append(msg.req)
         deadline = time.monotonic() + self.timeout_s
@@ -180,14 +170,13 @@ class Mover:
     def _move_shard(self, target: int, shard: int) -> None:
         """Table shard ``shard`` (the rows hashed to server ``shard``) whole to ``target``,
         one message per table; dropped here once every table is acked."""
-        from tessera.ps.replication import shard_key
+        from tessera.ps.replication import live_members, shard_key
         from tessera.transport.endpoint import PeerTimeout
         from tessera.transport.frames import tensor_to_frame
         peer = self._peer(target)
         if peer is None:
             return
-        members = self.server.policy.members
-        live = {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+        live = live_members(self.server.policy.members)
         msgs = self.server.tables.move_messages(shard, peer.new_req, self.server.rank, live,
                                                 self.server.snapshots.last)
         for msg, tensors in msgs:

@@ -585,14 +585,12 @@ class Replicator:
         self._recopy()
 
     def _live_members(self) -> dict[int, int]:
-        members = self.policy.members
-        return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+        return live_members(self.policy.members)
 
     def _recopy(self) -> None:
         """Stream a full copy of every partition and table shard the backup does not
         have yet, then report them once acknowledged (table shard ``s`` reported as
         ``-(s + 1)``: :func:`shard_key`)."""
-        from tessera.ps.checkpoint import partition_tensors
         missing = sorted(set(self.parts) - self.replicated)
         shards = sorted(set(self.tables.served()) - self.rows_replicated) \
             if self.tables is not None else []
@@ -600,21 +598,12 @@ class Replicator:
             return
         for pid in missing:
             st = self.parts[pid]
-            names, tensors = [], []
-            if st.rule is not None:
-                for key, value in partition_tensors(pid, st.rule).items():
-                    names.append("values" if key.endswith("/values") else
-                                 key.split("/state/", 1)[1])
-                    tensors.append(value.contiguous())
             # sync: the backup's dedupe is by clock (a held push is sent again); async/ssp:
             # by sequence, as the primary's.
-            seqs = {} if self.policy.sums_clock else dict(st.last_seq)
-            msg = wire.Replicate(req=self.peer.new_req(), kind="copy", partitions=[pid],
-                                 clock=st.clock, pushes=st.applied_pushes, source=self.rank,
-                                 names=names, dtypes=[str(t.dtype).split(".")[-1] +
-                                                      ("[]" if t.dim() == 0 else "")
-                                                      for t in tensors],
-                                 last_seq=seqs, members=self._live_members())
+            msg, tensors = partition_copy(
+                pid, st, self.peer.new_req(), "copy", self.rank,
+                last_seq={} if self.policy.sums_clock else dict(st.last_seq),
+                members=self._live_members())
             self._send(msg, tensors)
             self.replicated.add(pid)
         for shard in shards:  # on the same socket as, and ahead of, their row updates
@@ -629,6 +618,30 @@ class Replicator:
             self._copy = (self._unacked[-1][0], self.peer_rank,
                           sorted({*prior, *missing, *map(shard_key, shards)}))
         self.stats["recopied"] = self.stats.get("recopied", 0) + len(missing) + len(shards)
+
+
+def live_members(members) -> dict[int, int]:
+    """The live workers and their incarnations, as a copy or move of a partition carries."""
+    return {w: members.incarnations.get(w, 0) for w in sorted(members.live)}
+
+
+def partition_copy(pid: int, st, req: int, kind: str, source: int, *, last_seq: dict,
+                   members: dict, seq: int = -1) -> tuple[wire.Replicate, list]:
+    """One partition whole, as a ``Replicate`` of ``kind`` (re-replication's ``copy``,
+    an elastic ``move``) and its tensors: values and optimizer state (none before the
+    partition has values), clock, applied pushes, ``last_seq``, the live ``members``."""
+    from tessera.ps.checkpoint import partition_tensors
+    names, tensors = [], []
+    if st.rule is not None:
+        for key, value in partition_tensors(pid, st.rule).items():
+            names.append("values" if key.endswith("/values") else key.split("/state/", 1)[1])
+            tensors.append(value.contiguous())
+    msg = wire.Replicate(req=req, kind=kind, partitions=[pid], clock=st.clock,
+                         pushes=st.applied_pushes, source=source, names=names,
+                         dtypes=[str(t.dtype).split(".")[-1] + ("[]" if t.dim() == 0 else "")
+                                 for t in tensors],
+                         last_seq=last_seq, members=members, seq=seq)
+    return msg, tensors
 
 
 def shard_key(shard: int) -> int:
