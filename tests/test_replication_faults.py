@@ -142,6 +142,68 @@ def test_a_malformed_replication_reply_fails_at_once_naming_the_backup(ctx):
             ep.close()
 
 
+def test_a_replacement_answering_for_the_dead_backup_is_dropped_not_failed(ctx, capfd):
+    """The backup dies and its replacement takes its address before the coordinator's word
+    of the death reaches the primary: the primary's next forwarded update reaches the
+    replacement, which holds nothing yet. It refuses, saying it is a replacement, and the
+    primary drops that backup (one copy until it is sent a full one) instead of failing
+    its workers' pushes, which are answered and applied once."""
+    import threading
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.parallel.flat import param_layout
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+    from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of, small_model
+
+    model = small_model(0)
+    shard_map = plan_shards(param_layout(model), 1, 10_000)
+    eps = [ServerEndpoint(ctx, "127.0.0.1", SECRET) for _ in range(2)]
+    peer = ClientEndpoint(ctx, eps[1].address, SECRET, "server 1 (backup)", sndtimeo_s=TIMEOUT_S)
+    stops = [threading.Event(), threading.Event()]
+    options = dict(num_workers=1, num_servers=2, mode="sync", timeout_s=TIMEOUT_S)
+    primary = ParameterServer(
+        ServerOptions(rank=0, **options), endpoint=eps[0], partitions=list(shard_map.partitions),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[0].is_set), replicas=Replicas(peer=peer, primary=1))
+    # Server 1's replacement: it joined holding nothing (the coordinator counts it replaced).
+    replacement = ParameterServer(
+        ServerOptions(rank=1, **options), endpoint=eps[1], partitions=[],
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        hooks=ServerHooks(should_stop=stops[1].is_set), replicas=Replicas(lives=((1, 1),)))
+    threads = [threading.Thread(target=s.serve, daemon=True) for s in (primary, replacement)]
+    for t in threads:
+        t.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[eps[0].address],
+                      secret=SECRET, worker=0, timeout_s=TIMEOUT_S)
+    try:
+        client.connect()
+        client.init_params(flat_of(model))  # its Replicate "init" is refused too
+        grad = torch.ones(shard_map.total_elems)
+        for step in range(3):
+            for p in shard_map.partitions:
+                client.push(p.id, grad[p.start:p.stop], step).wait()
+        applied = {pid: st.applied_pushes for pid, st in primary.parts.items()}
+        assert client.pushes_acked == 3 * len(shard_map.partitions)
+        assert applied == {p.id: 3 for p in shard_map.partitions}, applied
+        assert primary.replication.peer is None and not primary.replication.replicated
+        assert primary.stats["errors"] == 0, primary.stats
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5)
+        client.close()
+        for ep in (peer, *eps):
+            ep.close()
+    out = capfd.readouterr().out
+    assert "a replacement took its address" in out and "refused" in out, out
+
+
 @contextlib.contextmanager
 def _async_pair(ctx, workers: int, intercept, mode: str = "async",
                 partition_elems: int = 10_000):

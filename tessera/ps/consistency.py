@@ -57,6 +57,12 @@ class RequestError(ValueError):
     """A request a server refuses; the message goes back to the sender."""
 
 
+class NotABackup(RequestError):
+    """A Replicate for a partition or table shard this server holds no copy of. From a
+    replacement server that holds no copies yet, the sender learns its backup died and
+    a new process took its address (:data:`tessera.ps.replication.REPLACED`)."""
+
+
 @dataclass(eq=False, kw_only=True)
 class Clocked:
     """One unit with its own clock (a dense partition, an embedding table)."""

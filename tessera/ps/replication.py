@@ -34,7 +34,10 @@ ps-lite and Parameter Server (Li et al., OSDI 2014) replicate key ranges with):
    as the partitions' second one: a later death of the primary is survived too.
 7. A replacement server (``--max-restarts``) joins empty, as a backup: a server without
    a backup whose next live server it is sends it the same full copy
-   (:meth:`Replicator.follow_lives`). A server with a live backup keeps it.
+   (:meth:`Replicator.follow_lives`). A server with a live backup keeps it. The
+   replacement takes its predecessor's address, so a primary that has not heard of the
+   death yet may forward an update to it: it refuses, naming itself a replacement
+   (:data:`REPLACED`), and the primary drops that backup as if it were declared dead.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from tessera.ps.consistency import Consistency, RequestError
+from tessera.ps.consistency import Consistency, NotABackup, RequestError
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
@@ -161,6 +164,9 @@ class Replicator:
             if time.monotonic() > deadline:
                 raise RequestError(f"backup {peer.peer_name} did not acknowledge replication "
                                    f"within {self.timeout_s:g} s")
+        if isinstance(msg, wire.Error) and REPLACED in msg.message:
+            self._drop_backup(self._replaced(msg))
+            return
         if isinstance(msg, wire.Error):
             raise RequestError(f"backup {peer.peer_name} refused replication: {msg.message}")
         if not isinstance(msg, wire.Ack):
@@ -276,6 +282,9 @@ class Replicator:
                                    f"within {self.timeout_s:g} s")
                 return
             msg = got[0]
+            if isinstance(msg, wire.Error) and REPLACED in msg.message:
+                self._drop_backup(self._replaced(msg))
+                return
             if isinstance(msg, wire.Error):
                 self._fail(f"backup {peer.peer_name} refused replication: {msg.message}")
                 return
@@ -299,6 +308,14 @@ class Replicator:
                 print(f"server {self.rank}: {copied(pids)} copied to server "
                       f"{backup}, the new backup: two copies again", flush=True)
                 self.report(backup, sorted(pids))
+
+    def _replaced(self, refusal: wire.Error) -> str:
+        """Why the backup is dropped when a replacement answered for it: the backup died
+        and a new, empty process took its address before the coordinator's word of the
+        death reached this server. Its updates are here; the replacement is sent a full
+        copy once the coordinator names it (:meth:`follow_lives`)."""
+        return (f"it died and a replacement took its address before its death was "
+                f"declared; the replacement refused: {refusal.message}")
 
     def _release_held(self) -> None:
         while self._held:
@@ -371,7 +388,7 @@ class Replicator:
         if st is None:
             owned = "it owns that partition now" if msg.partitions[0] in self.parts else \
                 "it is not this partition's backup"
-            raise RequestError(f"replication of partition {msg.partitions[0]} refused: {owned}")
+            raise NotABackup(f"replication of partition {msg.partitions[0]} refused: {owned}")
         if len(frames[0]) != st.numel * 4:
             raise RequestError(f"partition {st.info.id} replica payload is {len(frames[0])} "
                                f"bytes; {st.numel} float32 elements are {st.numel * 4} bytes")

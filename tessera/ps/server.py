@@ -38,7 +38,7 @@ import zmq
 
 from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
-from tessera.ps.consistency import RequestError, make_consistency
+from tessera.ps.consistency import NotABackup, RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.push_checks import check_held, check_push
@@ -232,8 +232,17 @@ class ParameterServer:
             else:
                 raise RequestError(f"a parameter server does not serve {type(msg).__name__} requests")
         except RequestError as exc:
-            self._refuse(got.peer, getattr(msg, "req", 0), str(exc))
+            why = str(exc)
+            if isinstance(exc, NotABackup) and self._replaced_empty():
+                why += f": {REPLACED}"  # the sender's backup died; it drops it (Replicator)
+            self._refuse(got.peer, getattr(msg, "req", 0), why)
         self.snapshots.maybe()
+
+    def _replaced_empty(self) -> bool:
+        """A replacement server given no copy yet: a Replicate reaching it was meant for
+        the process it replaced (the sender has not heard of that death yet)."""
+        return self.replacement and not self.backups and \
+            not (self.tables is not None and any(self.tables.copies.values()))
 
     def _refuse(self, peer: bytes, req: int, why: str) -> None:
         self.stats["errors"] += 1

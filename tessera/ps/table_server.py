@@ -56,7 +56,7 @@ import msgspec
 import numpy as np
 import torch
 
-from tessera.ps.consistency import Clocked, Consistency, RequestError, Waiter
+from tessera.ps.consistency import Clocked, Consistency, NotABackup, RequestError, Waiter
 from tessera.ps.embedding import EmbeddingShard, TableError
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
@@ -474,7 +474,7 @@ class TableService:
         if st is None:
             owned = "it owns that shard now" if shard in self.served() else \
                 "it is not this shard's backup"
-            raise RequestError(f"replication of table {msg.table!r}'s rows of server "
+            raise NotABackup(f"replication of table {msg.table!r}'s rows of server "
                                f"{shard} refused: {owned}")
         ids = _ids_from(frames[0], msg.table).copy()
         grads = frame_to_tensor_checked(frames[1], "float32", len(ids) * st.spec.dim, msg.table)
