@@ -24,13 +24,14 @@ TESSERA = [sys.executable, "-m", "tessera.cli.main"]
 class Job:
     """A ``tessera`` command running in the background."""
 
-    def __init__(self, args: list[str], *, timeout_s: float = 180):
+    def __init__(self, args: list[str], *, timeout_s: float = 180, env: dict = None):
         self.args = [str(a) for a in args]
         self.timeout_s = timeout_s
         self.started = time.monotonic()
         self.proc = subprocess.Popen(TESSERA + self.args, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     env=None if env is None else {**os.environ, **env})
 
     def wait(self) -> tuple[int, str]:
         try:

@@ -40,6 +40,8 @@ COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
 #: Set to 1 (tests): every process a launcher starts ends itself on any attempt to
 #: unpickle (:mod:`tessera.config.nopickle`); children inherit it.
 FORBID_PICKLE = "TESSERA_FORBID_PICKLE"
+#: "0": the local launchers start every process afresh, not as forks of a fork server.
+FORKSERVER = "TESSERA_FORKSERVER"
 #: How many times the launcher has re-formed the worker group (allreduce/hybrid
 #: ``--max-restarts``): 0 for the first start, as torchrun's TORCHELASTIC_RESTART_COUNT.
 GENERATION = "TESSERA_GENERATION"
@@ -268,6 +270,12 @@ def launched(environ: Mapping[str, str]) -> bool:
     """Whether a launcher started this process: any of its identity variables is set
     (part of them set is a broken launch, which :meth:`Identity.from_env` names)."""
     return any(environ.get(v) for v in REQUIRED)
+
+
+def use_forkserver(environ: Mapping[str, str]) -> bool:
+    """Whether a local launcher starts its processes as forks of one fork server
+    (:mod:`tessera.launch.forkserver`; ``TESSERA_FORKSERVER=0`` starts each afresh)."""
+    return environ.get(FORKSERVER, "1").strip().lower() not in ("0", "false", "no")
 
 
 def forbid_pickle(environ: Mapping[str, str]) -> bool:

@@ -34,6 +34,7 @@ from tessera.config import nopickle
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
+from tessera.launch.forkserver import ForkedProcess, ForkServer
 from tessera.launch.process import (STANDBY_MODULE, WORKER_MODULE, Child, LaunchError,
                                     describe_exit, role_cmd, signals_interrupt, spawn,
                                     standby_runs, tail, visible_gpus)
@@ -83,6 +84,9 @@ class Launcher:
         #: train.device cuda: each worker's GPU (its CUDA_VISIBLE_DEVICES), kept for its
         #: standby, which must never see another GPU (CUDA reads it once, at its first use).
         self.gpu_of: dict[int, dict[str, str]] = {}
+        #: The job's fork server (its processes start as its forks: imports paid once).
+        self.forkserver: Optional[ForkServer] = None
+        self._forkserver_log = None
         #: What every child is told (role and rank per child); the coordinator's
         #: address is added once it has published it.
         self.identity: Optional[Identity] = None
@@ -121,11 +125,31 @@ class Launcher:
         else:
             proc = self._from_standby(cmd, child_env, log_path) if role == "worker" else None
         if proc is None:
+            proc = self._fork(cmd, child_env, log_path)
+        if proc is None:
             cmd = nopickle.wrap_command(cmd, child_env)  # tests: unpickling ends the child
             proc = spawn(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
         child = Child(role, rank, proc, log_path, log)
         self.children.append(child)
         return child
+
+    def _fork(self, cmd: list[str], env: dict, log_path) -> Optional[ForkedProcess]:
+        """``cmd`` started as a fork of the job's fork server (started at the first call:
+        :mod:`tessera.launch.forkserver`); None where it cannot be (the caller spawns)."""
+        if self.forkserver is None:
+            if not envvars.use_forkserver(env):
+                return None
+            roles = ("worker", "server", "coordinator") if self._group_mode() else \
+                ("", "server", "coordinator")
+            self._forkserver_log = open(self.run_dir / "logs" / "forkserver.log", "a")
+            self.forkserver = ForkServer(env, self._forkserver_log, roles)
+        return self.forkserver.start(cmd, env, log_path)
+
+    def _stop_forkserver(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.close()
+            self._forkserver_log.close()
+            self.forkserver = None
 
     # ------------------------------------------------------------- standby
 
@@ -262,6 +286,7 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait(timeout=5)
+        self._stop_forkserver()
         for c in self.children:
             if c.log:
                 c.log.close()

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Optional
 
+#: The built-in worker program, whose dataset a standby loads ahead.
+TRAINER = "tessera.train.trainer"
 #: The imports a worker pays for, done before it is needed (the point of a standby).
 WARM = ("torch", "tessera.api", "tessera.factory", "tessera.parallel.ps",
         "tessera.train.tasks", "tessera.data.datasets", "tessera.models")
@@ -38,8 +40,10 @@ WARM_BY_ROLE = {"": WARM,
                 # on a quiet machine, 5-6 s under load, most of a re-form's time.
                 "worker": (*WARM, "torch.distributed", "torch.nn.parallel", "torch._dynamo"),
                 # (not tessera.cluster.role itself: runpy runs it afresh as __main__)
+                # A server's first torch.optim rule imports torch._dynamo too (its
+                # _disable_dynamo decorator): ~1.5 s of CPU in every server otherwise.
                 "server": ("torch", "tessera.cluster.session", "tessera.ps.server",
-                           "tessera.ps.checkpoint"),
+                           "tessera.ps.checkpoint", "torch._dynamo"),
                 "coordinator": ("tessera.cluster.coordinator", "tessera.ps.checkpoint")}
 
 from tessera.config import env as envvars
@@ -68,17 +72,19 @@ def become(order: dict, data=None) -> None:
     os.dup2(log, 2)
     os.close(log)
     envvars.adopt(order["env"])
-    print(f"started from a standby (pid {os.getpid()}, imports done {order.get('ready', '?')} s "
-          f"before)", flush=True)
+    if "ready" in order:
+        print(f"started from a standby (pid {os.getpid()}, imports done {order['ready']} s "
+              f"before)", flush=True)
     cmd = order["cmd"]
     if cmd[1] == "-m":
         module, args = cmd[2], cmd[3:]
         sys.argv = [module, *args]
-        if module == "tessera.train.trainer":  # the built-in worker, as `python -m` runs it
+        if module == TRAINER:  # the built-in worker, as `python -m` runs it
             from tessera.cluster.role import run_guarded
             from tessera.train import trainer
             run_guarded(lambda: trainer.main(data), "worker")
             return
+        sys.modules.pop(module, None)  # imported ahead by another: runpy runs it afresh
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return
     script, args = cmd[1], cmd[2:]

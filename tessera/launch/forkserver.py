@@ -1,0 +1,268 @@
+"""A fork server: the job's processes start as forks of one process whose imports are done.
+
+Every Tessera process imports Python, torch and Tessera: 1.5-2 s of CPU each, paid again
+by every coordinator, server and worker, and all at once at a job's start, where they
+compete for the same cores. The local launchers (``tessera run``, ``tessera launch``,
+``tessera node``) start one fork server per job instead, which pays for the imports
+(and loads the built-in trainer's dataset) once, then forks each process on order. A
+fork is a few milliseconds, shares the imported pages copy-on-write, and is as good a
+process as a fresh one: its own session, its own environment (replaced whole, as
+:mod:`tessera.train.standby` does), its log, ``SIGKILL`` when its parent ends.
+PyTorch's own DataLoader workers are forks of an interpreter that imported torch, and
+the same rules hold: the fork server runs no torch op and starts no thread of its own
+(OpenBLAS's pool is re-made in the child by its fork handlers), so nothing is held
+across the fork; and it runs on one intra-op thread, so no OpenMP pool exists to be
+inherited without its threads (the child sets its own count, as a fresh process has).
+
+Protocol (on the fork server's stdin and stdout, JSON lines): the launcher writes
+``{"id", "cmd", "env", "log"}``; the fork server answers ``{"id", "pid"}`` once forked
+and ``{"pid", "exit"}`` when that child ends (``exit`` as :attr:`subprocess.Popen.returncode`:
+negative for a signal). The launcher sees its children as :class:`ForkedProcess`, which
+answers ``poll``, ``wait``, ``kill`` as a ``Popen`` does. End of input ends the fork
+server once its children have ended; the fork server's own death ends its children
+(their parent-death signal), and the launcher counts them killed.
+
+A command the fork server cannot run (an interpreter other than this one, interpreter
+flags) is started as before, with :func:`~tessera.launch.process.spawn`; so is every
+process when the fork server could not start.
+
+    python -m tessera.launch.forkserver [ROLE ...]   # started by a launcher only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import IO, Optional
+
+from tessera.config import nopickle
+from tessera.launch.process import LaunchError, _PRCTL, PR_SET_PDEATHSIG, spawn, standby_runs
+
+#: The module a launcher starts as its fork server.
+MODULE = "tessera.launch.forkserver"
+
+
+class ForkedProcess:
+    """One child of the fork server, seen from the launcher as a ``subprocess.Popen``."""
+
+    def __init__(self, server: "ForkServer", pid: int, args: list[str]):
+        self.pid, self.args, self._server = pid, args, server
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            self._server.collect()
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._server.collect(wait_s=0.05 if left is None else min(0.05, left))
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped yet: the pid is still this child's
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """The launcher's side: starts the fork server, orders forks, collects exits."""
+
+    def __init__(self, env: dict, log: IO, roles: tuple[str, ...] = (),
+                 python: str = sys.executable):
+        self.python = python
+        cmd = nopickle.wrap_command([python, "-m", MODULE, *roles], env)
+        self.proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=log)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._buf = b""
+        self._next_id = 0
+        self._pids: dict[int, int] = {}  # order id -> pid
+        self._children: dict[int, ForkedProcess] = {}
+        self._exits: dict[int, int] = {}  # exits reported before their ForkedProcess exists
+        self._gone = False
+
+    def start(self, cmd: list[str], env: dict, log_path, timeout_s: float = 120.0
+              ) -> Optional[ForkedProcess]:
+        """``cmd`` as a fork (None: the fork server cannot run it, or is gone)."""
+        if self._gone or not standby_runs(cmd, self.python):
+            return None
+        self._next_id += 1
+        order = self._next_id
+        try:
+            self.proc.stdin.write(json.dumps({"id": order, "cmd": cmd, "env": env,
+                                              "log": str(log_path)}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            self._lost()
+            return None
+        deadline = time.monotonic() + timeout_s  # the first order waits for the imports
+        while order not in self._pids:
+            if self._gone:
+                return None
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the fork server (pid {self.proc.pid}) did not start "
+                                  f"{' '.join(cmd[1:3])} within {timeout_s:.0f} s")
+            self.collect(wait_s=0.05)
+        pid = self._pids.pop(order)
+        child = self._children[pid] = ForkedProcess(self, pid, cmd)
+        if pid in self._exits:
+            child.returncode = self._exits.pop(pid)
+        return child
+
+    def collect(self, wait_s: float = 0.0) -> None:
+        """Take the fork server's reports (waiting up to ``wait_s`` for one)."""
+        if self._gone:
+            return
+        out = self.proc.stdout
+        if wait_s > 0:
+            select.select([out], [], [], wait_s)
+        try:
+            chunk = out.read()
+        except OSError:
+            chunk = None
+        if chunk == b"":  # end of file: the fork server is gone, and its children with it
+            self._lost()
+            return
+        if chunk:
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            for line in lines:
+                self._report(json.loads(line))
+
+    def _report(self, msg: dict) -> None:
+        if "exit" in msg:
+            child = self._children.get(msg["pid"])
+            if child is None:
+                self._exits[msg["pid"]] = msg["exit"]
+            else:
+                child.returncode = msg["exit"]
+        elif "id" in msg:
+            self._pids[msg["id"]] = msg["pid"]
+
+    def _lost(self) -> None:
+        """The fork server ended: its children got their parent-death SIGKILL."""
+        self._gone = True
+        for child in self._children.values():
+            if child.returncode is None:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)  # where no parent-death signal exists
+                except ProcessLookupError:
+                    pass
+                child.returncode = -signal.SIGKILL
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """End of orders; the fork server ends once its children have (the launcher
+        stopped them first)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._gone = True
+
+
+# ------------------------------------------------------------ the fork server
+
+
+def _child(order: dict, reports: IO, threads: int) -> dict:
+    """In the fork: leave the fork server's pipes and session; die with it; take the
+    intra-op threads a fresh process would have (``OMP_NUM_THREADS`` of its own
+    environment, else torch's default, ``threads``)."""
+    import torch
+    wanted = order["env"].get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
+    reports.close()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.setsid()
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the launchers' cue alone
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return order
+
+
+def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
+    """Import, then fork on each order. Returns in a child: (its order, the dataset
+    loaded ahead); in the fork server at end of input, once its children ended: None."""
+    import importlib
+
+    import torch
+
+    from tessera.train import standby
+    # No OpenMP thread pool in this process: a fork inherits the pool's bookkeeping but
+    # not its threads, and its first parallel region would wait for them for ever. So
+    # whatever runs here (imports, the dataset loaded ahead) runs on one thread; each
+    # child sets its own count, and its pool is made in it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name in dict.fromkeys(n for r in roles or [""] for n in standby.WARM_BY_ROLE[r]):
+        importlib.import_module(name)
+    reports = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # what this process prints goes to its log, not into the reports
+    print(f"fork server ready (pid {os.getpid()}, roles {roles or ['worker']})", flush=True)
+    data, loaded = None, False
+    children: set[int] = set()
+    buf, open_ = b"", True
+    while open_ or children:
+        if open_ and select.select([0], [], [], 0.05)[0]:
+            chunk = os.read(0, 1 << 16)
+            open_ = bool(chunk)
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                order = json.loads(line)
+                if not loaded and order["cmd"][1:3] == ["-m", standby.TRAINER]:
+                    data, loaded = standby.preload(), True  # once, for every worker
+                pid = os.fork()
+                if pid == 0:
+                    return _child(order, reports, threads), data
+                children.add(pid)
+                reports.write(json.dumps({"id": order["id"], "pid": pid}) + "\n")
+        elif not open_:
+            time.sleep(0.05)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            children.discard(pid)
+            reports.write(json.dumps({"pid": pid,
+                                      "exit": os.waitstatus_to_exitcode(status)}) + "\n")
+    return None
+
+
+def main(argv: list[str]) -> None:
+    got = serve(argv)
+    if got is None:  # every child ended: no teardown of the imports (1-2 s of CPU)
+        sys.stdout.flush()
+        os._exit(0)
+    order, data = got
+    from tessera.train import standby
+    standby.become(order, data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

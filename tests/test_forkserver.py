@@ -1,0 +1,61 @@
+"""Tier 3: a job's processes start as forks of one fork server (tessera/launch/forkserver.py).
+
+The fork server pays for Python's, torch's and Tessera's imports once per job; every
+coordinator, server and worker is its fork, in a session of its own, and dies with it.
+``TESSERA_FORKSERVER=0`` starts each process afresh, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from tests.harness import Job, wait_for
+from tests.test_faults import DIGITS, metric_lines
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def test_every_process_is_a_fork_and_a_killed_fork_server_ends_the_job(tmp_path: Path):
+    """While training runs (sync, two workers, two threads each): every process of the job
+    is a child of the same fork server, in its own session; kill -9 of the fork server
+    kills them all, and the launcher names the failure and ends, leaving nothing behind."""
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--epochs", "60"], timeout_s=120)
+    wait_for(lambda: metric_lines(out) >= 3 or job.proc.poll() is not None, 90,
+             "training to run")
+    assert job.proc.poll() is None, job.wait()[1]
+    pids = [p["pid"] for p in json.loads((out / "cluster.json").read_text())["processes"]]
+    assert len(pids) == 5, pids  # coordinator, 2 servers, 2 workers
+    (server,) = {_parent(pid) for pid in pids}
+    assert server != job.proc.pid and _parent(server) == job.proc.pid
+    with open(f"/proc/{server}/cmdline", "rb") as f:
+        assert b"tessera.launch.forkserver" in f.read()
+    assert {os.getsid(pid) for pid in pids} == set(pids)  # each its own session
+    os.kill(server, signal.SIGKILL)
+    code, output = job.wait()
+    assert code != 0 and "was killed by SIGKILL" in output, output
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 10, "the forks to be gone")
+
+
+def test_forkserver_0_starts_every_process_afresh(tmp_path: Path):
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--epochs", "2"], timeout_s=120,
+              env={"TESSERA_FORKSERVER": "0"})
+    code, output = job.wait()
+    assert code == 0, output
+    assert not (out / "logs" / "forkserver.log").exists()
+    assert json.loads((out / "summary.json").read_text())["eval_accuracy"] > 0.5
