@@ -318,7 +318,7 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
         k = max(1, min(len(mine) - (0 if served else 1), k))
         options.append((max(rates[hot] - c_hot * k, rates[cool] + c_hot * k), 1,
                         {pid: cool for pid in mine[-k:]}))
-    if served:
+    if served and table > 0:
         share = table / len(served)
         if rates[cool] + share < rates[hot]:
             # One it is not the home of first (it moved here before).
