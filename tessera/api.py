@@ -196,7 +196,7 @@ class Job:
         if completed:
             tally.step(acked=client.pushes_acked)
         tables = getattr(self.model, "tables", ())
-        tally.open_step(len(client.parts) + len(tables) * len(client.servers))
+        tally.open_step(len(client.parts) + len(tables) * client.num_shards)
 
     def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
         """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +46,15 @@ def _one_line(code: int, output: str, *words: str) -> None:
     assert code == 2 and len(lines) == 1 and "Traceback" not in output, output
     for word in words:
         assert word in lines[0], output
+
+
+def _raised(fn, *args):
+    """What ``fn(*args)`` raised (None: nothing): a test thread's failure, for the test."""
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test's assert
+        return exc
+    return None
 
 
 def _served_moved(log: str) -> int:
@@ -211,59 +222,82 @@ def _table_rows(run: Path, clock: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
+    """Launched with 2 servers: the sync job scales 2 -> 3 -> 2 (server 2, started mid-job,
+    takes server 0's table rows and gives them back, then exits), the async one 2 -> 1 ->
+    2 (server 1 hands its rows over, exits, and is started again)."""
     a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
-    steps = 200
-    keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled down too
+    steps = 250
+    keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled up too
     keep.write_text("[checkpoint]\nkeep = 100\n")
     flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
              "--job", str(keep)]
-    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.02"]
+    # Steps long enough (sleeping: no more CPU) to train through a server's start.
+    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.1"]
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
                     timeout_s=240)  # never scaled
-    # The async job runs ahead of the sync ones: slower steps keep it training through both
-    # scales.
-    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.04"],
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.08"],
                     timeout_s=240)
 
     def shard_moves(run: Path) -> int:
         return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
 
-    for n, moves in ((1, 1), (2, 2)):  # 2 -> 1 -> 2, both jobs at once
-        for run, proc in ((a, job.proc), (asy, job_async.proc)):
-            wait_for(lambda: metric_lines(run) >= 2 or proc.poll() is not None, 120, "training")
-        # Both scale commands at once (each is a process start: one after the other, the
-        # async job could finish before its turn).
-        scales = [Job(["scale", run, "--servers", str(n)], timeout_s=60) for run in (a, asy)]
-        for scale in scales:
-            code, output = scale.wait()
-            assert code == 0, output
-        for run, proc in ((a, job.proc), (asy, job_async.proc)):
-            wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 60,
+    def scales(run: Path, proc, sizes: tuple[int, int]) -> None:
+        wait_for(lambda: metric_lines(run) >= 2 or proc.poll() is not None, 120, "training")
+        for moves, n in enumerate(sizes, 1):
+            for _ in range(40):  # (a server scaled away may still be stopping)
+                code, output = _scale(run, n)
+                if code == 0 or "still stopping" not in output or proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+            assert code == 0 or proc.poll() is not None, output
+            wait_for(lambda: shard_moves(run) >= moves or proc.poll() is not None, 90,
                      f"the move to {n} in {run.name}")
-        if n == 1:  # a checkpoint written while one server holds every shard
-            wait_for(lambda: "complete" in _text(a / "logs" / "coordinator-0.log").split(
-                " moved table shards ")[-1] or job.proc.poll() is not None, 60,
-                "a checkpoint after the move")
+            if n == 3:  # a checkpoint written while server 2 holds server 0's rows
+                wait_for(lambda: "complete" in _text(run / "logs" / "coordinator-0.log").split(
+                    " moved table shards ")[-1] or proc.poll() is not None, 60,
+                    "a checkpoint after the move")
+
+    # Both jobs scaled at once (one after the other, the async job could finish first).
+    failed = []
+    threads = [threading.Thread(target=lambda *args: failed.append(_raised(scales, *args)),
+                                args=args)
+               for args in ((a, job.proc, (3, 2)), (asy, job_async.proc, (1, 2)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [None, None], failed
     finish(job)
     finish(reference)
     finish(job_async)
     # Async: every acknowledged push applied once (nothing lost, nothing twice).
     summary = json.loads((asy / "summary.json").read_text())
     assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
-    assert shard_moves(asy) == 2 and "of them table row requests" in \
-        _text(asy / "logs" / "server-0.log")
+    coordinator = _text(asy / "logs" / "coordinator-0.log")
+    assert "server 1 moved table shards of servers [1] to server 0" in coordinator, coordinator
+    assert "server 1 stopped (scaled away)" in coordinator, coordinator
+    # Server 1 exited holding nothing, was started again and took its rows back.
+    assert "server 0 moved table shards of servers [1] to server 1" in coordinator, coordinator
+    first, _, second = _text(asy / "logs" / "server-1.log").partition("restarted by the launcher")
+    assert "scaled away: it holds no partitions and exits" in first, first
+    assert "serves the table rows of server 1 (moved here from server 0)" in second, second
     summary = json.loads((a / "summary.json").read_text())
     # Per step, each worker pushes 2 dense partitions and the table to 2 shards.
     assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
     coordinator = _text(a / "logs" / "coordinator-0.log")
-    assert "server 1 moved table shards of servers [1] to server 0" in coordinator, coordinator
-    assert "server 0 moved table shards of servers [1] to server 1" in coordinator, coordinator
-    # The server that took the rows served them (row requests counted in its log).
-    log = _text(a / "logs" / "server-0.log")
-    assert "serves the table rows of server 1 (moved here from server 1)" in log, log
+    assert "server 0 moved table shards of servers [0] to server 2" in coordinator, coordinator
+    assert "server 2 moved table shards of servers [0] to server 0" in coordinator, coordinator
+    assert "server 2 stopped (scaled away)" in coordinator, coordinator
+    assert "died" not in coordinator and "no heartbeat" not in coordinator, coordinator
+    # Server 2, started mid-job, served server 0's rows (row requests counted in its log),
+    # then exited holding nothing.
+    log = _text(a / "logs" / "server-2.log")
+    assert "joined the running job" in log and \
+        "serves the table rows of server 0 (moved here from server 0)" in log, log
     served = [line for line in log.splitlines() if "of them table row requests" in line]
     assert served and int(served[0].split("; ")[1].split()[0]) > 0, log
+    assert "scaled away: it holds no partitions and exits" in log, log
     # Sync: bit for bit the job that never scaled: the table, the dense values.
     mine, theirs = load_file(str(a / "final.safetensors")), load_file(str(ref / "final.safetensors"))
     assert mine.keys() == theirs.keys()
@@ -279,41 +313,70 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
         assert torch.equal(ids_a, ids_r) and torch.equal(rows_a, rows_r), clock
         assert torch.equal(read_flat(str(a / "checkpoints"), clock)[1],
                            read_flat(str(ref / "checkpoints"), clock)[1]), clock
-    # One written while scaled down (server 0's file holds both shards) resumes onto 2
+    # One written while scaled up (server 2's file holds server 0's rows) resumes onto 2
     # servers: each takes its rows back, as the reference holds them.
     store = CheckpointStore(str(a / "checkpoints"))
-    down = [c for c in clocks if len(store.manifest(c)["files"]) == 1]
-    assert down, [store.manifest(c)["files"] for c in clocks]
+    up = [c for c in clocks if "2" in store.manifest(c)["files"]]
+    assert up, [store.manifest(c)["files"] for c in clocks]
     copy = tmp_path / "copy"
     shutil.copytree(a, copy, ignore=lambda d, names: [
-        n for n in names if n.startswith("clock-") and int(n.split("-")[1]) > down[0]])
+        n for n in names if n.startswith("clock-") and int(n.split("-")[1]) > up[0]])
     again = tmp_path / "again"
     code, output = Job(["launch", *flags, "--mode", "sync", "--out", again, "--resume", copy,
-                        TABLE_JOB, "--steps", str(down[0])], timeout_s=120).wait()
+                        TABLE_JOB, "--steps", str(up[0])], timeout_s=120).wait()
     assert code == 0, output
-    ids_b, rows_b = _table_rows(again, down[0])
-    ids_r, rows_r = _table_rows(ref, down[0])
+    ids_b, rows_b = _table_rows(again, up[0])
+    ids_r, rows_r = _table_rows(ref, up[0])
     assert torch.equal(ids_b, ids_r) and torch.equal(rows_b, rows_r)
     for rank in (0, 1):  # each server saved only its own shard again
-        assert "@s" not in " ".join(load_file(str(again / "checkpoints" / f"clock-{down[0]:08d}"
+        assert "@s" not in " ".join(load_file(str(again / "checkpoints" / f"clock-{up[0]:08d}"
                                                   / f"server-{rank}.safetensors")).keys())
 
 
-def test_a_job_with_tables_scales_between_its_launched_servers(monkeypatch):
+def test_a_job_with_tables_scales_past_its_launched_servers_and_moves_hot_shards(monkeypatch):
     import tessera.cluster.elastic as elastic
     cfg = JobConfig()
     cfg.cluster.servers = 2
     e = elastic.Elastic(cfg)
-    owner, shards = {0: 0, 1: 1, 2: 0, 3: 1}, {0: 0, 1: 1}
+    e.shard_elems = 8
+    # 6 dense partitions of 10 elements, 3 per server; table shards of 8 elements.
+    owner, shards = {p: p % 2 for p in range(6)}, {0: 0, 1: 1}
     sizes = {p: 10 for p in owner}
-    assert "embedding tables scales between the 2 servers" in \
-        e.scale(3, owner, sizes, "running", "", shards)
+    assert "6 dense partitions and 2 table shards" in e.scale(9, owner, sizes, "running", "",
+                                                               shards)
+    assert e.scale(3, owner, sizes, "running", "", shards) == "" and e.joining == {2}
+    e.joined(2, owner, shards)
+    # Server 2 (no rows hash to it) takes one shard, and partitions even out around it.
+    assert e.orders[-1] == 2 and -2 not in e.orders, e.orders
+    assert e.orders == {-1: 2, 0: 2, 1: 2}, e.orders  # the shard, a partition of each
+    for key, target in list(e.orders.items()):
+        e.done(owner[key] if key >= 0 else shards[-key - 1], target, [key], owner, shards)
+    assert shards == {0: 2, 1: 1}
+    assert e.scale(2, owner, sizes, "running", "", shards) == ""
+    assert e.orders[-1] == 0  # back home; server 2's partitions onto 0 and 1
+    for key, target in list(e.orders.items()):
+        e.done(2, target, [key], owner, shards)
+    assert shards == {0: 0, 1: 1} and set(owner.values()) == {0, 1}
+    monkeypatch.setattr(elastic, "RETIRE_AFTER_S", 0.0)
+    held = {**owner, **{-k - 1: s for k, s in shards.items()}}
+    assert e.retire(held) == [2]  # it holds nothing: it stops (a table job's too)
     assert e.scale(1, owner, sizes, "running", "", shards) == ""
     assert e.orders[-2] == 0  # server 1's rows go to server 0
     for key, target in list(e.orders.items()):
         e.done(1, target, [key], owner, shards)
-    assert shards == {0: 0, 1: 0} and set(owner.values()) == {0}
-    monkeypatch.setattr(elastic, "RETIRE_AFTER_S", 0.0)
-    assert e.retire({**owner, **{-k - 1: s for k, s in shards.items()}}) == []  # stays up
-    assert e.scale(2, owner, sizes, "running", "", shards) == "" and not e.joining
-    assert e.orders[-2] == 1  # and its rows go home
+    assert e.retire({**owner, **{-k - 1: s for k, s in shards.items()}}) == [1, 2]
+
+
+def test_rebalance_moves_a_hot_table_shard_only_when_it_lowers_the_maximum():
+    from tessera.cluster.elastic import hot_moves
+    owner, shards = {0: 0, 1: 0, 2: 1, 3: 1}, {0: 0, 1: 1}
+    # Server 0's load is in its table shard: the shard moves, not partitions.
+    assert hot_moves(0, 1, {0: 0.9, 1: 0.1}, {0: 0.6}, owner, shards) == {-1: 1}
+    # A shard worth more than the gap stays (0.2 + 0.7 is not below 0.8): partitions move.
+    plan = hot_moves(0, 1, {0: 0.8, 1: 0.2}, {0: 0.7}, owner, shards)
+    assert plan and all(k >= 0 for k in plan), plan
+    # Load in the dense partitions: they move (as in a job without tables).
+    assert hot_moves(0, 1, {0: 0.9, 1: 0.2}, {0: 0.05}, owner, shards) == \
+        hot_moves(0, 1, {0: 0.9, 1: 0.2}, {}, owner, {}) == {1: 1}
+    # Of two shards on the hot server, one that moved there goes first.
+    assert hot_moves(0, 1, {0: 0.9, 1: 0.1}, {0: 0.8}, owner, {0: 0, 1: 0}) == {-2: 1}

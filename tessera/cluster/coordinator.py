@@ -53,7 +53,7 @@ import msgspec
 import zmq
 
 from tessera.cluster.checkpoint_rounds import CheckpointRounds
-from tessera.cluster.elastic import Elastic, scale_problem
+from tessera.cluster.elastic import Elastic, scale_problem, shard_elems
 from tessera.cluster.store import RendezvousStore
 from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder
@@ -175,7 +175,7 @@ class Coordinator:
                         self._fail(f"{key[0]} {key[1]} died and did not come back within "
                                    f"{cl.startup_timeout_s:.0f} s")
             if self.state == "running" and self.cfg.ps.rebalance:
-                self.elastic.tick(self.owner)
+                self.elastic.tick(self.owner, self.shard_owner)
             if self.state == "running" and self.elastic.running != self.elastic.active:
                 # A server still holding table rows is not empty either.
                 self.elastic.retire({**self.owner,
@@ -290,7 +290,7 @@ class Coordinator:
                 if msg.role == "worker" and msg.clock >= 0:
                     self.worker_clock[msg.rank] = msg.clock
                 if msg.role == "server":
-                    self.elastic.load(msg.rank, msg.busy_s)
+                    self.elastic.load(msg.rank, msg.busy_s, msg.table_busy_s)
             state = "running" if self.state == "starting" else self.state
             if state == "regroup" and msg.role != "launcher":
                 state = "failed"
@@ -465,6 +465,7 @@ class Coordinator:
             self.copy_at = {p.id: (p.server + 1) % servers for p in self.shard_map.partitions}
         if self.tables:
             self.shard_owner = {s: s for s in range(servers)}
+            self.elastic.shard_elems = shard_elems(self.tables, servers)
             if cfg.ps.replication == 2 and servers > 1:
                 self.shard_copy = {s: (s + 1) % servers for s in range(servers)}
         for peer, req in self.held:

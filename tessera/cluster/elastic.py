@@ -67,7 +67,9 @@ class Elastic:
         self.joining: set[int] = set()
         self._deferred: dict[int, int] = {}  # partition sizes of the scale that waits
         self._deferred_shards = False  # whether that scale moves table shards too
-        self.keep_running = False  # a job with tables: servers scaled away do not exit
+        #: Elements one table shard holds (all tables; :func:`shard_elems`): what a shard
+        #: weighs against dense partitions when a scale places them.
+        self.shard_elems = 0
         self._joining_since = 0.0
         #: Emptied servers scaled away -> when they were found empty; then told to exit.
         self.emptied: dict[int, float] = {}
@@ -79,8 +81,9 @@ class Elastic:
         #: Whether any partition ever moved (owners then go out with every heartbeat).
         self.moved = False
         self.moves: list[dict] = []
-        self._busy: dict[int, tuple[float, float]] = {}
+        self._busy: dict[int, tuple[float, float, float]] = {}
         self._rates: dict[int, float] = {}
+        self._table_rates: dict[int, float] = {}  # the part of _rates serving table rows
         self._window_at = time.monotonic()
         self._hot = (-1, 0)  # (server, windows in a row)
         self._quiet_until = 0.0
@@ -99,16 +102,15 @@ class Elastic:
             return problem
         if n < 1:
             return f"--servers must be at least 1, got {n}"
-        if n > max(len(owner), self.launched):
-            return (f"--servers {n}: the job has {len(owner)} dense partitions, so at most "
-                    f"{max(len(owner), self.launched)} servers can serve it (lower "
+        units = len(owner) + len(shards or {})
+        if n > max(units, self.launched):
+            what = f"{len(owner)} dense partitions" + \
+                (f" and {len(shards)} table shards" if shards else "")
+            return (f"--servers {n}: the job has {what}, so at most "
+                    f"{max(units, self.launched)} servers can serve it (lower "
                     f"--partition-mb at launch for more)")
         if n == len(self.active):
             return f"the job is already served by {n} server{'s' * (n != 1)}"
-        if shards and n > self.launched:
-            return (f"--servers {n}: a job with embedding tables scales between the "
-                    f"{self.launched} servers it started with (a server started mid-job "
-                    f"does not take table rows yet); start it with --servers {n}")
         if self.orders or self.joining:
             parts = sorted(p for p in self.orders if p >= 0)
             moving = sorted(-p - 1 for p in self.orders if p < 0)  # table shard k: -(k + 1)
@@ -117,16 +119,12 @@ class Elastic:
             busy = (f"{what} are still moving" if self.orders else
                     f"servers {sorted(self.joining)} are still starting")
             return f"{busy}; scale again once they are placed"
-        stopping = sorted(r for r in self.running if r < n and r not in self.active
-                          and not self.keep_running)
+        stopping = sorted(r for r in self.running if r < n and r not in self.active)
         if stopping:
             return (f"server{'s' * (len(stopping) != 1)} {stopping} scaled away before "
                     f"{'are' if len(stopping) != 1 else 'is'} still stopping; scale again "
                     f"in a few seconds")
         self.active = set(range(n))
-        # Table rows only move between servers that hold the tables: with tables, a
-        # server scaled away stays up, idle, for a later scale up.
-        self.keep_running = self.keep_running or bool(shards)
         self.joining = self.active - self.running
         if self.joining:  # the launcher starts them; the moves follow their joining
             self._deferred = dict(sizes)
@@ -136,9 +134,7 @@ class Elastic:
             print(f"coordinator: scale to {n} servers: starting server"
                   f"{'s' * (len(self.joining) != 1)} {sorted(self.joining)}", flush=True)
             return ""
-        plan = place(owner, sizes, self.active)
-        plan.update(place_shards(shards or {}, self.active))
-        self._order(plan, f"scale to {n} servers")
+        self._order(self._plan(owner, sizes, shards), f"scale to {n} servers")
         return ""
 
     def joined(self, rank: int, owner: dict[int, int],
@@ -150,11 +146,23 @@ class Elastic:
         self.emptied.pop(rank, None)
         if not self.joining and (self._deferred or self._deferred_shards):
             sizes, self._deferred = self._deferred, {}
-            plan = place(owner, sizes, self.active)
-            if self._deferred_shards:
-                plan.update(place_shards(shards or {}, self.active))
+            shards = shards if self._deferred_shards else None
             self._deferred_shards = False
-            self._order(plan, f"scale to {len(self.active)} servers")
+            self._order(self._plan(owner, sizes, shards), f"scale to {len(self.active)} servers")
+
+    def _plan(self, owner: dict[int, int], sizes: dict[int, int],
+              shards: dict[int, int] | None) -> dict[int, int]:
+        """The moves of a scale: table shards first (:func:`place_shards`), then the
+        dense partitions around them (:func:`place`, a shard weighing ``shard_elems``)."""
+        plan = place_shards(shards or {}, self.active, owner, sizes, self.shard_elems,
+                            self.launched)
+        where = {k: plan.get(-k - 1, s) for k, s in (shards or {}).items()}
+        base = {s: 0 for s in self.active}
+        for s in where.values():
+            if s in base:
+                base[s] += self.shard_elems
+        plan.update(place(owner, sizes, self.active, base))
+        return plan
 
     def join_overdue(self, timeout_s: float) -> None:
         """Servers started for a scale up that did not register within ``timeout_s``:
@@ -171,8 +179,6 @@ class Elastic:
     def retire(self, owner: dict[int, int]) -> list[int]:
         """Servers scaled away that hold nothing and have been empty ``RETIRE_AFTER_S``:
         they are told to exit (newly told ones are printed)."""
-        if self.keep_running:
-            return sorted(self.retired)
         now = time.monotonic()
         held = set(owner.values()) | set(self.orders.values())
         for r in sorted(self.running - self.active - self.retired):
@@ -224,19 +230,21 @@ class Elastic:
 
     # ---------------------------------------------------------------- rebalance
 
-    def load(self, rank: int, busy_s: float) -> None:
-        """A server's heartbeat: its busy seconds so far."""
+    def load(self, rank: int, busy_s: float, table_busy_s: float = 0.0) -> None:
+        """A server's heartbeat: its busy seconds so far, and the part serving table rows."""
         now = time.monotonic()
         last = self._busy.get(rank)
         if last is None:
-            self._busy[rank] = (now, busy_s)
+            self._busy[rank] = (now, busy_s, table_busy_s)
             return
         if now - last[0] >= WINDOW_S:
             self._rates[rank] = max(0.0, busy_s - last[1]) / (now - last[0])
-            self._busy[rank] = (now, busy_s)
+            self._table_rates[rank] = max(0.0, table_busy_s - last[2]) / (now - last[0])
+            self._busy[rank] = (now, busy_s, table_busy_s)
 
-    def tick(self, owner: dict[int, int]) -> None:
-        """Rebalance: once a window, move partitions off a server that stays hot."""
+    def tick(self, owner: dict[int, int], shards: dict[int, int] | None = None) -> None:
+        """Rebalance: once a window, move partitions (or a table shard: ``shards``, where
+        each is served) off a server that stays hot."""
         now = time.monotonic()
         if not self.cfg.ps.rebalance or now - self._window_at < WINDOW_S:
             return
@@ -254,18 +262,9 @@ class Elastic:
         self._hot = (hot, self._hot[1] + 1 if self._hot[0] == hot else 1)
         if self._hot[1] < HOT_WINDOWS:
             return
-        mine = sorted(pid for pid, s in owner.items() if s == hot)
-        theirs = sum(1 for s in owner.values() if s == cool)
-        if len(mine) < 2:
-            return
-        # Per-partition costs as measured: move k so that c_hot (n_hot - k) ~ c_cool (n_cool + k).
-        c_hot = rates[hot] / len(mine)
-        c_cool = rates[cool] / theirs if theirs else c_hot / HOT_RATIO
-        k = int((c_hot * len(mine) - c_cool * theirs) / (c_hot + c_cool))
-        k = max(1, min(len(mine) - 1, k))
-        self._order({pid: cool for pid in mine[-k:]},
-                    f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} on "
-                    f"server {cool})")
+        plan = hot_moves(hot, cool, rates, self._table_rates, owner, shards or {})
+        self._order(plan, f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} "
+                          f"on server {cool})")
 
     def saved(self, clock: int, rank: int, pids: list[int]) -> None:
         """A server's checkpoint file at ``clock`` holds ``pids``."""
@@ -298,10 +297,43 @@ class Elastic:
                 "servers_stopped": sorted(self.retired)}
 
 
-def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dict[int, int]:
+def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[int, float],
+              owner: dict[int, int], shards: dict[int, int]) -> dict[int, int]:
+    """Rebalance's moves off server ``hot`` onto ``cool`` (busy shares per second:
+    ``rates``, of which serving table rows ``table_rates``): k dense partitions, k evening
+    out the two servers' measured per-partition costs, or one table shard (keyed
+    ``-(k + 1)``) when the hot server's load is in its shards: a shard is a coarse unit,
+    so it moves only when ``cool``'s busy plus the shard's share stays below ``hot``'s,
+    and when that lowers the larger of the two more than the partitions would."""
+    mine = sorted(pid for pid, s in owner.items() if s == hot)
+    theirs = sum(1 for s in owner.values() if s == cool)
+    served = sorted(k for k, s in shards.items() if s == hot)
+    table = min(table_rates.get(hot, 0.0), rates[hot]) if served else 0.0
+    options = []
+    if len(mine) >= (2 if not served else 1) and rates[hot] > table:
+        # Per-partition costs as measured: move k so that c_hot (n_hot - k) ~ c_cool (n_cool + k).
+        c_hot = (rates[hot] - table) / len(mine)
+        c_cool = rates[cool] / theirs if theirs else c_hot / HOT_RATIO
+        k = int((c_hot * len(mine) - c_cool * theirs) / (c_hot + c_cool))
+        k = max(1, min(len(mine) - (0 if served else 1), k))
+        options.append((max(rates[hot] - c_hot * k, rates[cool] + c_hot * k), 1,
+                        {pid: cool for pid in mine[-k:]}))
+    if served and table > 0:
+        share = table / len(served)
+        if rates[cool] + share < rates[hot]:
+            # One it is not the home of first (it moved here before).
+            k = max(served, key=lambda k: (k != hot, k))
+            options.append((max(rates[hot] - share, rates[cool] + share), 0,
+                            {-k - 1: cool}))
+    return min(options, key=lambda o: (o[0], o[1]))[2] if options else {}
+
+
+def place(owner: dict[int, int], sizes: dict[int, int], active: set[int],
+          base: dict[int, int] | None = None) -> dict[int, int]:
     """Moves (partition -> server) that empty the servers outside ``active`` and even
-    out the bytes among the active ones (greedy: largest partitions first)."""
-    load = {s: 0 for s in active}
+    out the bytes among the active ones (greedy: largest partitions first); ``base``:
+    what each server holds besides (its table shards' elements)."""
+    load = {s: (base or {}).get(s, 0) for s in active}
     for pid, s in owner.items():
         if s in load:
             load[s] += sizes[pid]
@@ -328,10 +360,59 @@ def place(owner: dict[int, int], sizes: dict[int, int], active: set[int]) -> dic
     return plan
 
 
-def place_shards(shards: dict[int, int], active: set[int]) -> dict[int, int]:
+def shard_elems(tables: list, launched: int) -> int:
+    """Elements one table shard (every table's rows hashed to one server) holds, as a
+    scale weighs it against dense partitions: per table its ``memory_bytes`` cap (a
+    shard's whole size), else ``num_embeddings / launched`` rows, else its ``max_rows``
+    budget, else (unbounded) more than any dense partition set: ``2**40``."""
+    total = 0
+    for t in tables:
+        if t.memory_bytes:
+            total += t.memory_bytes // 4
+        elif t.num_embeddings:
+            total += -(-t.num_embeddings // max(1, launched)) * t.dim
+        elif t.max_rows:
+            total += t.max_rows * t.dim
+        else:
+            total += 1 << 40
+    return total
+
+
+def place_shards(shards: dict[int, int], active: set[int], owner: dict[int, int] | None = None,
+                 sizes: dict[int, int] | None = None, elems: int = 0,
+                 launched: int | None = None) -> dict[int, int]:
     """Moves of table shards (keyed ``-(k + 1)`` -> server) that empty the servers outside
     ``active``: shard ``k`` goes home to server ``k`` when that one is active (scaling up
-    moves shards back), else to the active server serving the fewest shards."""
+    moves shards back), else to the active server serving the fewest shards.
+
+    Then each server started mid-job (rank ``>= launched``: no rows hash to it) that
+    serves no shard takes one, from the server with the largest load (dense ``sizes`` of
+    its partitions in ``owner``, plus ``elems`` per shard) that serves one, when that
+    lowers the largest load (a shard is a coarse unit); :func:`place` then evens out the
+    dense partitions around the shards."""
+    plan = _shards_home(shards, active)
+    if launched is None or not shards:
+        return plan
+    where = {k: plan.get(-k - 1, s) for k, s in shards.items()}
+    load = {s: 0.0 for s in active}
+    for pid, s in (owner or {}).items():  # those of servers scaled away: shared out
+        for r in ([s] if s in active else active):
+            load[r] += (sizes or {}).get(pid, 0) / (1 if s in active else len(active))
+    for s in where.values():
+        load[s] += elems
+    for new in sorted(r for r in active if r >= launched and r not in where.values()):
+        hi = max(set(where.values()), key=lambda s: (load[s], -s))
+        if load[new] + elems >= load[hi]:
+            continue
+        # One it is not the home of, if it serves several.
+        k = max((k for k, s in where.items() if s == hi), key=lambda k: (k != hi, k))
+        where[k] = new
+        load[hi] -= elems
+        load[new] += elems
+    return {-k - 1: s for k, s in sorted(where.items()) if s != shards[k]}
+
+
+def _shards_home(shards: dict[int, int], active: set[int]) -> dict[int, int]:
     load = {s: 0 for s in active}
     for k, s in shards.items():
         if s in load:

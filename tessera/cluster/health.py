@@ -39,9 +39,9 @@ class Heartbeat:
         self._failure = ""
         #: What this process reports: a worker's completed clock, a server's lowest.
         self.clock = -1
-        #: Servers: seconds spent serving so far, read once a heartbeat (the coordinator's
-        #: rebalancing uses it).
-        self.busy_s: Callable[[], float] = lambda: 0.0
+        #: Servers: seconds spent serving so far, and the part of them serving table
+        #: rows, read once a heartbeat (the coordinator's rebalancing uses them).
+        self.busy_s: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
         #: Elastic servers: partitions this server is to move (partition -> server).
         self.moves: dict[int, int] = {}
         #: Elastic servers: (server rank -> address, servers told to exit), one heartbeat's.
@@ -71,9 +71,11 @@ class Heartbeat:
                     self._failure = f"the launcher (pid {parent}) is gone"
                     return
                 req = self._ep.new_req()
+                busy_s, table_busy_s = self.busy_s()
                 try:
                     self._ep.send(wire.Heartbeat(req=req, role=self.role, rank=self.rank,
-                                                 clock=self.clock, busy_s=self.busy_s()))
+                                                 clock=self.clock, busy_s=busy_s,
+                                                 table_busy_s=table_busy_s))
                     msg, _ = self._ep.wait(req, self.interval_s * 2, "heartbeat")
                 except TransportError:
                     if time.monotonic() - last_ack > self.timeout_s:

@@ -173,7 +173,8 @@ def serve(session) -> None:
         no request came for a while: it exits 0."""
         if session.heartbeat.shutdown_requested:
             return True
-        if rank not in session.heartbeat.elastic_view[1] or server.parts:
+        if rank not in session.heartbeat.elastic_view[1] or server.parts or \
+                (server.tables is not None and server.tables.units()):
             return False
         import time
         seen = server.endpoint.messages_in
@@ -192,7 +193,7 @@ def serve(session) -> None:
                       # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
                       # the dense replica's clock, never on a schedule of their own
                       checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every,
-                      slow_ms=slow_server_ms(process_environ(), rank)),
+                      slow_ms=slow_server_ms(process_environ(), rank), scaled_in=scaled_in),
         endpoint=endpoint, partitions=[p for p in view.partitions
                                        if p.server == rank and not replacement],
         optimizer=view.optimizer, tables=view.tables,
@@ -212,7 +213,7 @@ def serve(session) -> None:
                           answer_early=answer_early(cfg),
                           dead=tuple(view.dead_servers), lives=tuple(view.server_lives.items())),
         checkpoint_store=store, profiler=session.profiler)
-    session.heartbeat.busy_s = lambda: server.stats["busy_s"]
+    session.heartbeat.busy_s = lambda: (server.stats["busy_s"], server.stats["table_busy_s"])
     if view.restore is not None and not replacement:  # a replacement is sent copies
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "

@@ -164,7 +164,7 @@ class ShardedEmbeddingBase(nn.Module):
         if ps is None:
             return []
         ids, grads = self.gradient()
-        num_servers = len(ps.client.servers)
+        num_servers = ps.client.num_shards
         owners = owner_of(ids, num_servers) if len(ids) else np.empty(0, dtype=np.int64)
         handles = []
         for s in range(num_servers):
@@ -190,7 +190,7 @@ def push_tables(tables, clock: int, scale: float = 1.0) -> list:
     if len(tables) < 2:
         return [h for t in tables for h in t.push(clock, scale)]
     client = tables[0]._ps.client
-    num_servers = len(client.servers)
+    num_servers = client.num_shards
     parts = []  # per table: ids, grads, owner of each id
     for t in tables:
         ids, grads = t.gradient()
@@ -221,7 +221,7 @@ class _Pull:
     def __init__(self, items: list, clock: int, use_clock: int):
         self.items, self.clock = items, clock  # [(table, unique ids), ...]
         ps = items[0][0]._ps
-        num_servers = len(ps.client.servers)
+        num_servers = ps.client.num_shards
         # Per item: rows served by its cache (or None) and the ids still to pull.
         self.cached, self.asks = [], []
         for t, uniq in items:

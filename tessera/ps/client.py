@@ -353,6 +353,12 @@ class PSClient:
                 if srv == server and handle._request is not None:
                     self.reroute(handle)
 
+    @property
+    def num_shards(self) -> int:
+        """Table rows hash over this many servers (those launched): servers started mid-job
+        (``tessera scale``) add connections, not shards."""
+        return len(self.shard_owner)
+
     def _shard_target(self, shard: int) -> int:
         """The server serving the table rows hashed to ``shard`` now."""
         target = self.shard_owner[shard]
@@ -439,6 +445,10 @@ class PSClient:
                 if s in retired and owners.get(pid, s) != s:
                     self._connect_scaled(owners[pid])
                     self.owner[pid] = owners[pid]
+            for k, s in enumerate(self.shard_owner):  # table shard k keyed -(k + 1)
+                if s in retired and owners.get(-k - 1, s) != s:
+                    self._connect_scaled(owners[-k - 1])
+                    self.shard_owner[k] = owners[-k - 1]
             self._retired_seen = list(retired)
 
     def _connect_scaled(self, server: int) -> None:

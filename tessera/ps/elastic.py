@@ -117,9 +117,29 @@ class Mover:
             peer = self._peers[target] = self.connect(target)
         return peer
 
+    def _await_acks(self, peer, reqs: list[int], what: str, late: str) -> list:
+        """The target's replies to ``reqs`` (a move's messages), in order: an Ack, or an
+        Error (refused, or :data:`LATER`). Requests wait meanwhile, but a server moving
+        something here is answered (two servers moving to each other never wait on each
+        other). Raises :class:`RequestError` (``late`` ...) past ``timeout_s``."""
+        from tessera.transport.endpoint import PeerTimeout
+        deadline = time.monotonic() + self.timeout_s
+        replies = []
+        for req in reqs:
+            while True:
+                self.server.hooks.check()
+                try:
+                    reply, _ = peer.wait(req, 0.05, what)
+                    break
+                except PeerTimeout:
+                    self.server.replication._serve_replication_meanwhile()
+                    if time.monotonic() > deadline:
+                        raise RequestError(f"{late} within {self.timeout_s:g} s") from None
+            replies.append(reply)
+        return replies
+
     def _move(self, target: int, pids: list[int]) -> None:
         from tessera.ps.replication import live_members, partition_copy
-        from tessera.transport.endpoint import PeerTimeout
         from tessera.transport.frames import tensor_to_frame
         peer = self._peer(target)
         if peer is None:
@@ -133,21 +153,10 @@ class Mover:
                                           seq=self.server.snapshots.last)
             peer.send(msg, [tensor_to_frame(t) for t in tensors])
             reqs.append(msg.req)
-        deadline = time.monotonic() + self.timeout_s
+        replies = self._await_acks(peer, reqs, "partition move",
+                                   f"server {target} did not take partitions {pids}")
         taken = []
-        for pid, req in zip(pids, reqs):  # acked in order; requests wait meanwhile
-            while True:
-                self.server.hooks.check()
-                try:
-                    reply, _ = peer.wait(req, 0.05, "partition move")
-                    break
-                except PeerTimeout:
-                    # A server moving partitions here meanwhile is answered (two servers
-                    # moving to each other never wait on each other); others wait.
-                    self.server.replication._serve_replication_meanwhile()
-                    if time.monotonic() > deadline:
-                        raise RequestError(f"server {target} did not take partitions {pids} "
-                                           f"within {self.timeout_s:g} s") from None
+        for pid, reply in zip(pids, replies):
             if isinstance(reply, wire.Error):
                 if LATER not in reply.message:
                     raise RequestError(f"server {target} refused partition {pid}: "
@@ -171,7 +180,6 @@ class Mover:
         """Table shard ``shard`` (the rows hashed to server ``shard``) whole to ``target``,
         one message per table; dropped here once every table is acked."""
         from tessera.ps.replication import live_members, shard_key
-        from tessera.transport.endpoint import PeerTimeout
         from tessera.transport.frames import tensor_to_frame
         peer = self._peer(target)
         if peer is None:
@@ -181,22 +189,10 @@ class Mover:
                                                 self.server.snapshots.last)
         for msg, tensors in msgs:
             peer.send(msg, [tensor_to_frame(t) for t in tensors])
-        deadline = time.monotonic() + self.timeout_s
-        refused = ""
-        for msg, _ in msgs:  # acked in order; requests wait meanwhile
-            while True:
-                self.server.hooks.check()
-                try:
-                    reply, _ = peer.wait(msg.req, 0.05, "table shard move")
-                    break
-                except PeerTimeout:
-                    self.server.replication._serve_replication_meanwhile()
-                    if time.monotonic() > deadline:
-                        raise RequestError(f"server {target} did not take the table rows of "
-                                           f"server {shard} within {self.timeout_s:g} s") \
-                            from None
-            if isinstance(reply, wire.Error):
-                refused = refused or reply.message
+        replies = self._await_acks(peer, [msg.req for msg, _ in msgs], "table shard move",
+                                   f"server {target} did not take the table rows of server "
+                                   f"{shard}")
+        refused = next((r.message for r in replies if isinstance(r, wire.Error)), "")
         if refused:
             if LATER not in refused:
                 raise RequestError(f"server {target} refused the table rows of server "

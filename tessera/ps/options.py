@@ -42,6 +42,9 @@ class ServerOptions:
     #: Benchmarks only (TESSERA_SLOW_SERVER): sleep this many ms per partition a push or
     #: pull names, a server made hot on purpose (benchmarks/elastic.py).
     slow_ms: float = 0.0
+    #: Started mid-job by ``tessera scale``: no table rows hash to it (or they are served
+    #: elsewhere): it holds no shard of its own, only those moved to it.
+    scaled_in: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -93,9 +93,10 @@ class ParameterServer:
             from tessera.ps.table_server import TableService
             # Replicated tables: this server backs up its primary's shards (the ring of
             # the dense partitions) and forwards its own shards' updates to its backup.
-            # A replacement server holds no shard of its own: it is given copies.
+            # A replacement server holds no shard of its own: it is given copies; nor
+            # does a server started mid-job (tessera scale): shards move to it.
             backup_of = replicas.primary if replicas.primary != options.rank else -1
-            replacement = self.replacement
+            replacement = self.replacement or options.scaled_in
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
@@ -113,6 +114,7 @@ class ParameterServer:
         #: Scaled away (tessera scale): it stopped holding nothing; no final checkpoint.
         self.retired = False
         self.stats["busy_s"] = 0.0
+        self.stats["table_busy_s"] = 0.0  # the part of it serving table rows
         self._reply = self._answer  # bound once: every waiting request carries it
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
@@ -189,7 +191,10 @@ class ParameterServer:
             self._handle(got)
         finally:
             # (read by the heartbeat: the coordinator rebalances by it)
-            self.stats["busy_s"] += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.stats["busy_s"] += took
+            if isinstance(got.msg, (wire.PullRows, wire.PushRows)):
+                self.stats["table_busy_s"] += took
 
     def _handle(self, got) -> None:
         msg = got.msg

@@ -204,8 +204,10 @@ class Heartbeat(msgspec.Struct, **MESSAGE):
     #: Workers: the last clock they completed (-1: none yet); servers: their lowest
     #: partition clock.
     clock: int = -1
-    #: Servers: seconds spent serving requests so far (elastic rebalancing's load).
+    #: Servers: seconds spent serving requests so far (elastic rebalancing's load) ...
     busy_s: float = 0.0
+    #: ... of which serving table rows (a hot table shard may move).
+    table_busy_s: float = 0.0
 
 
 class HeartbeatAck(msgspec.Struct, **MESSAGE):
