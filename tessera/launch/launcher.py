@@ -42,6 +42,12 @@ from tessera.launch.process import (STANDBY_MODULE, WORKER_MODULE, Child, Launch
 __all__ = ["Launcher", "LaunchError"]
 
 
+def _scaled_away(log_path) -> bool:
+    """Whether a server's log, since its last start, says it was scaled away."""
+    text = tail(log_path, 40)
+    return "scaled away" in text.rsplit("===== restarted", 1)[-1]
+
+
 class Launcher:
     """Starts one job's processes on this machine, watches them, and reports.
 
@@ -355,7 +361,9 @@ class Launcher:
         started = []
         for rank in range(servers):
             mine = [c for c in self.children if c.role == "server" and c.rank == rank]
-            alive = [c for c in mine if c.proc.poll() is None]
+            # Only a rank that said it was scaled away is waited for (it is exiting); a
+            # live one still serving is left at once (waiting cost 5 s per server).
+            alive = [c for c in mine if c.proc.poll() is None and _scaled_away(c.log_path)]
             for c in alive:
                 try:
                     c.proc.wait(timeout=5.0)
