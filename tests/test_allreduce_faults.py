@@ -58,7 +58,7 @@ def test_allreduce_resumed_run_ends_equal_to_one_never_interrupted(tmp_path):
 
 # kill -9 of an allreduce worker mid-run, the group re-formed from the newest checkpoint,
 # the job's steps done at the no-kill bar: test_regroup.py's
-# test_group_reformed_by_standbys_of_the_next_generation (the same job; it was run twice).
+# test_group_reformed_by_forks_of_the_fork_server (the same job; it was run twice).
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -219,7 +219,8 @@ def test_two_nodes_on_loopback_train_digits(tmp_path, monkeypatch):
     for k in (0, 1):
         run = tmp_path / f"node{k}"
         assert sorted(p.name for p in (run / "logs").iterdir()) == sorted(
-            [f"server-{k}.log", f"worker-{k}.log"] + (["coordinator-0.log"] if k == 0 else []))
+            [f"server-{k}.log", f"worker-{k}.log", "forkserver.log"]
+            + (["coordinator-0.log"] if k == 0 else []))
         assert json.loads((run / "config.json").read_text())["cluster"]["host"] == "127.0.0.1"
     assert not (tmp_path / "node1" / "summary.json").exists()
     print(f"two loopback nodes: {time.monotonic() - t0:.1f} s")

@@ -46,10 +46,10 @@ def _recovered_s(log_path, killed: float) -> float:
     return float(found.group(1)) - killed
 
 
-def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
+def test_group_reformed_by_forks_of_the_fork_server(tmp_path):
     """On one machine: kill -9 of worker 1 mid-run; the launcher ends the group and starts
     every process again (a new generation) from the newest checkpoint; the next
-    generation's coordinator and workers are the standbys started with the job (no fresh
+    generation's coordinator and workers are forks of the job's fork server (no fresh
     interpreter: each log says so), the job completes its steps at the no-kill accuracy
     bar, and the first step after the kill comes within 5 s. (This run is also
     test_allreduce_faults' worker-killed case: the two started the same job.)"""
@@ -58,10 +58,7 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
                "--workers", 2, "--epochs", 30, "--checkpoint-every", 40, "--max-restarts", 1],
               timeout_s=180)
     _first_checkpoint(out / "checkpoints", job.proc)
-    # Every process of the next generation is waiting (imports done) before the kill.
-    wait_for(lambda: (out / "logs" / "standby.log").exists()
-             and (out / "logs" / "standby.log").read_text().count("standby ready") >= 3
-             or job.proc.poll() is not None, 60, "the next generation's standbys")
+    assert job.proc.poll() is None, "the job ended before the kill"
     os.kill(_pid(out, "worker", 1), signal.SIGKILL)
     killed = time.time()
     output = finish_job(job)
@@ -73,7 +70,9 @@ def test_group_reformed_by_standbys_of_the_next_generation(tmp_path):
     assert first[0] == first[1] and first[0] > 0 and first[0] % 40 == 0, summary
     for name in ("coordinator-0", "worker-0", "worker-1"):
         log = (out / "logs" / f"{name}.log").read_text()
-        assert "from a standby" in log.split("restarted by the launcher")[-1], (name, log[-800:])
+        assert "as a fork of the fork server" in log.split("restarted by the launcher")[-1], \
+            (name, log[-800:])
+    assert not (out / "logs" / "standby.log").exists()  # no standby: forks cost nothing ahead
     recovery = _recovered_s(out / "logs" / "worker-1.log", killed)
     print(f"recovery {recovery:.2f} s (load {open('/proc/loadavg').read().split()[0]})")
     assert recovery <= 5.0 or float(open("/proc/loadavg").read().split()[0]) > 4, recovery

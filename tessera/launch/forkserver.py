@@ -99,6 +99,10 @@ class ForkServer:
         self._exits: dict[int, int] = {}  # exits reported before their ForkedProcess exists
         self._gone = False
 
+    @property
+    def alive(self) -> bool:
+        return not self._gone and self.proc.poll() is None
+
     def start(self, cmd: list[str], env: dict, log_path, timeout_s: float = 120.0
               ) -> Optional[ForkedProcess]:
         """``cmd`` as a fork (None: the fork server cannot run it, or is gone)."""
@@ -224,6 +228,7 @@ def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
     reports = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what this process prints goes to its log, not into the reports
     print(f"fork server ready (pid {os.getpid()}, roles {roles or ['worker']})", flush=True)
+    ready = time.time()
     data, loaded = None, False
     children: set[int] = set()
     buf, open_ = b"", True
@@ -239,6 +244,7 @@ def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
                     data, loaded = standby.preload(), True  # once, for every worker
                 pid = os.fork()
                 if pid == 0:
+                    order["forked"] = f"{time.time() - ready:.1f}"
                     return _child(order, reports, threads), data
                 children.add(pid)
                 reports.write(json.dumps({"id": order["id"], "pid": pid}) + "\n")

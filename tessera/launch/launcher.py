@@ -151,6 +151,11 @@ class Launcher:
             self.forkserver = ForkServer(env, self._forkserver_log, roles)
         return self.forkserver.start(cmd, env, log_path)
 
+    def _forks(self) -> bool:
+        """Whether restarts fork from the fork server: then no standby is kept (a fork is
+        a standby that costs nothing until it is needed, with the data loaded too)."""
+        return self.forkserver is not None and self.forkserver.alive
+
     def _stop_forkserver(self) -> None:
         if self.forkserver is not None:
             self.forkserver.close()
@@ -164,7 +169,7 @@ class Launcher:
         its imports then overlap the workers' own, and it is ready before the first kill
         (started once the job trains, it was still importing torch under the job's load
         for the first 5 s or so)."""
-        return (self.standby is None and bool(self._env)
+        return (self.standby is None and bool(self._env) and not self._forks()
                 and not self._group_mode()
                 and any(n > 0 for n in self.restarts_left.values())
                 and standby_runs(self.worker_cmd, sys.executable)
@@ -174,7 +179,7 @@ class Launcher:
         """A standby server is kept while a dead server may still be replaced: a fresh
         process spent seconds importing torch, and a death late in a run left the job
         without its second copy until the end."""
-        return (self.server_standby is None and bool(self._env)
+        return (self.server_standby is None and bool(self._env) and not self._forks()
                 and not self._group_mode() and self.cfg.ps.replication == 2
                 and any(n > 0 for n in self.server_restarts_left.values())
                 and (self.run_dir / "config.json").exists())
@@ -448,7 +453,7 @@ class Launcher:
         They start with the job (their imports overlap the job's own, and they are ready
         for an early death) and again after each re-form, for the next one, once the new
         generation is up (:meth:`_group_up`: not competing with its start)."""
-        if (self.next_generation or not self._env or not self._group_mode()
+        if (self.next_generation or not self._env or not self._group_mode() or self._forks()
                 or self.group_restarts_left <= 0
                 or not standby_runs(self.worker_cmd, sys.executable)
                 or not (self.run_dir / "config.json").exists()

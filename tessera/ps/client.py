@@ -811,8 +811,12 @@ class PSClient:
                                       f"of retries)") from None
                 time.sleep(0.05)
                 self.check()
+                sent = (handle._server, handle._req)
                 self._route()
-                self.reroute(handle)
+                # _route may have re-sent it already (a death it just heard of re-routes
+                # every outstanding request, and may split this one): not twice.
+                if handle._parts is None and (handle._server, handle._req) == sent:
+                    self.reroute(handle)
                 continue
             self._outstanding.pop((handle._server, handle._req), None)
             handle.clock = self._reply_clock

@@ -102,6 +102,8 @@ class ParameterServer:
                                        stats=self.stats, replicate=self.replication.send_rows,
                                        backup_of=backup_of, own=not replacement)
             self.replication.tables = self.tables  # re-replication copies its shards too
+            self.tables.follow_dead = lambda: self.replication.follow(
+                self.replication.membership()[1])
         self.snapshots = Snapshots(options, hooks, checkpoint_store, tables=self.tables, **shared)
         if self.tables is not None:  # a table's checkpoint: before the next clock's lookups
             self.tables.before_wake = self.snapshots.maybe

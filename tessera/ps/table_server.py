@@ -58,6 +58,7 @@ import torch
 
 from tessera.ps.consistency import Clocked, Consistency, NotABackup, RequestError, Waiter
 from tessera.ps.embedding import EmbeddingShard, TableError
+from tessera.ps.replication import NOT_PROMOTED
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
@@ -149,6 +150,9 @@ class TableService:
         #: answered (the server's checkpoint): lookups change a capped or admitting
         #: table, so a checkpoint of clock c holds no lookup of clock c + 1.
         self.before_wake: Callable = lambda: None
+        #: Follow the coordinator's word on dead servers now (the server's replication:
+        #: copies whose primary died are promoted, :meth:`follow_servers`).
+        self.follow_dead: Callable = lambda: None
         #: Elastic servers: shard -> the server it moved to (answered "moved": the client
         #: follows), and the tables of shards moving here, until all have come.
         self.moved_to: dict[int, int] = {}
@@ -185,8 +189,16 @@ class TableService:
             return self.tables[name]
         shard = self.rank if shard < 0 else shard
         if shard in self.copies:
-            # Clients send a shard here only once the coordinator declared its primary dead.
-            self.promote(f"a client asked for table {name!r}'s rows of server {shard}", shard)
+            # A client sends a shard here once the coordinator told it the primary died, or
+            # (a replacement at the rows' home address) before it heard of the replacement:
+            # taken over only once this server hears of that death too (the client asks
+            # again meanwhile: NOT_PROMOTED), never while its primary lives.
+            self.follow_dead()
+            if shard in self.copies:
+                raise RequestError(f"table {name!r}: the rows of server {shard} are backed up "
+                                   f"here and {NOT_PROMOTED}: their primary, server "
+                                   f"{self.source.get(shard, shard)}, is not declared dead "
+                                   f"yet")
         st = self.promoted.get((shard, name))
         if st is None:
             raise RequestError(f"table {name!r}: the rows of server {shard} are not held by "

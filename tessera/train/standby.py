@@ -75,6 +75,9 @@ def become(order: dict, data=None) -> None:
     if "ready" in order:
         print(f"started from a standby (pid {os.getpid()}, imports done {order['ready']} s "
               f"before)", flush=True)
+    elif "forked" in order:
+        print(f"started as a fork of the fork server (pid {os.getpid()}, imports done "
+              f"{order['forked']} s before)", flush=True)
     cmd = order["cmd"]
     if cmd[1] == "-m":
         module, args = cmd[2], cmd[3:]
