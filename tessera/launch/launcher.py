@@ -590,11 +590,14 @@ class Launcher:
                 if self._group_mode() and self._regroups_on(c):
                     if self._restart_group(c):
                         break  # every process is new: look again
-                    first_failure, failed_at = c, time.monotonic()
                 elif self._survivable(c):
                     handled.add(c.proc.pid)
-                else:
-                    first_failure, failed_at = c, time.monotonic()
+                    continue
+                first_failure, failed_at = c, time.monotonic()
+                if not self._group_mode() or self.group_restarts_left <= 0:
+                    # The coordinator fails the job now: the others hear it in their next
+                    # heartbeat reply, not after their heartbeat timeout (5 s).
+                    self._departed(c)
             running = [c for c in self.children if c.proc.poll() is None]
             if not running:
                 break
