@@ -66,10 +66,10 @@ def test_scale_starts_and_stops_servers_in_sync_mode_is_exact_and_resumes(tmp_pa
     """Launched with one server: scale 1 -> 2 starts server 1 (a new process, which
     serves), 2 -> 1 stops it (exit 0, never counted dead), 1 -> 2 starts it again."""
     a, ref, again = tmp_path / "a", tmp_path / "ref", tmp_path / "again"
-    steps = 300
-    # Server 0 takes 6 ms per partition it serves: a job long enough to start servers twice
+    steps = 200
+    # Server 0 takes 5 ms per partition it serves: a job long enough to start servers twice
     # on a busy machine, without more CPU (the delay changes no result).
-    monkeypatch.setenv("TESSERA_SLOW_SERVER", "0:6")
+    monkeypatch.setenv("TESSERA_SLOW_SERVER", "0:5")
     flags = [*SMALL, "--servers", "1", "--steps", str(steps), "--checkpoint-every", "25"]
     digits = tmp_path / "digits.toml"  # every checkpoint kept: those about the moves too
     digits.write_text(Path(DIGITS).read_text() + "\n[checkpoint]\nkeep = 100\n")
@@ -226,17 +226,17 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     takes server 0's table rows and gives them back, then exits), the async one 2 -> 1 ->
     2 (server 1 hands its rows over, exits, and is started again)."""
     a, ref, asy = tmp_path / "a", tmp_path / "ref", tmp_path / "async"
-    steps = 250
+    steps = 200
     keep = tmp_path / "keep.toml"  # every checkpoint kept: those while scaled up too
     keep.write_text("[checkpoint]\nkeep = 100\n")
     flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
              "--job", str(keep)]
     # Steps long enough (sleeping: no more CPU) to train through a server's start.
-    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.1"]
+    script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.05"]
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
                     timeout_s=240)  # never scaled
-    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.08"],
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.04"],
                     timeout_s=240)
 
     def shard_moves(run: Path) -> int:
