@@ -158,11 +158,12 @@ def test_killed_worker_continues_its_share_every_sample_seen_once(tmp_path):
     seen, run = tmp_path / "seen", tmp_path / "run"
     seen.mkdir()
     job = Job(["launch", "--workers", 2, "--servers", 2, "--max-restarts", 1, "--out", run,
-               "--quiet", RECIPE, "--out", tmp_path / "dist.json", "--steps", 100, "--batch",
+               "--quiet", RECIPE, "--out", tmp_path / "dist.json", "--steps", 50, "--batch",
                30, "--sleep", 0.1, "--samples-log", seen], timeout_s=240)
-    # 100 steps, though the assertions are about epoch 0 (25 steps): worker 0 runs on while
-    # worker 1's replacement starts, and the replacement needs steps left to finish its
-    # share of epoch 0 (with 30 steps it did not under load: tried).
+    # 50 steps, though the assertions are about epoch 0 (25 steps): worker 0 runs on while
+    # worker 1's replacement starts (a fork: milliseconds), and the replacement needs steps
+    # left to finish its share of epoch 0 (with 30 steps and fresh processes it did not
+    # under load: tried).
     kill_at = random.Random(13).randint(4, 10)  # a step of the first epoch (25 steps)
     log = seen / "worker-1.jsonl"
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= kill_at
