@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/server_load.py
 	$(BIN)/python benchmarks/shm_roundtrip.py
+	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/table_memory.py --clicks
 	$(BIN)/python benchmarks/delta_checkpoint.py
