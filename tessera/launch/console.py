@@ -78,7 +78,8 @@ def _number(value, spec: str) -> str:
 def _fields(rec: dict) -> dict:
     """The bar's columns from one metrics record: loss, samples/s, and up to three more
     values (``eval_accuracy`` first), whatever the script logged."""
-    rest = [(k, v) for k, v in rec.items() if k not in ("step", "loss", "samples_per_s", "wall_s")
+    rest = [(k, v) for k, v in rec.items()
+            if k not in ("step", "loss", "samples_per_s", "wall_s", "time")  # time: unix s
             and isinstance(v, (int, float)) and not isinstance(v, bool)]
     rest.sort(key=lambda kv: kv[0] != "eval_accuracy")
     more = "  ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in rest[:3])
