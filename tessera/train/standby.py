@@ -1,6 +1,10 @@
 """A standby worker: a process that has already paid for Python, torch and Tessera's
 imports, waiting to become a restarted worker.
 
+Where the job has a fork server (:mod:`tessera.launch.forkserver`, the default) no
+standby is kept: a restarted process is a fork of it, and :func:`become` turns that fork
+into the process, as it turns a standby. Standbys serve ``TESSERA_FORKSERVER=0``.
+
 With ``--max-restarts`` the launcher keeps one standby per machine once the cluster
 is up. When a worker dies, the launcher hands the standby the dead worker's
 environment, command and log on its stdin (one JSON line), and the standby becomes
