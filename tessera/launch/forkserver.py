@@ -40,6 +40,7 @@ import sys
 import time
 from typing import IO, Optional
 
+from tessera.config import env as envvars
 from tessera.config import nopickle
 from tessera.launch.process import LaunchError, _PRCTL, PR_SET_PDEATHSIG, spawn, standby_runs
 
@@ -195,7 +196,7 @@ def _child(order: dict, reports: IO, threads: int) -> dict:
     intra-op threads a fresh process would have (``OMP_NUM_THREADS`` of its own
     environment, else torch's default, ``threads``)."""
     import torch
-    wanted = order["env"].get("OMP_NUM_THREADS", "")
+    wanted = order["env"].get(envvars.OMP_NUM_THREADS, "")
     torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
     reports.close()
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import IO, Mapping, Optional
 
 from tessera.config import env as envvars
+from tessera.train.standby import TRAINER
 
-#: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``.
-WORKER_MODULE = "tessera.train.trainer"
+#: The built-in worker program (``tessera run``), started as ``python -m WORKER_MODULE``
+#: (one name with the standby's and the fork server's, which load its data ahead).
+WORKER_MODULE = TRAINER
 #: A standby worker (``--max-restarts``): imports done, waiting to replace a dead worker.
 STANDBY_MODULE = "tessera.train.standby"
 #: Coordinator and server entry points: ``python -m ROLE_MODULE coordinator|server``.
