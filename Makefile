@@ -28,24 +28,7 @@ test: setup
 	$(BIN)/python -m pytest -q --durations=40
 
 bench: setup
-	$(BIN)/python benchmarks/ps_roundtrip.py
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/precision.py
-	$(BIN)/python benchmarks/profiler_overhead.py
-	$(BIN)/python benchmarks/sparse_embedding.py
-	$(BIN)/python benchmarks/table_cache.py --timeout 600 --png runs/table_cache.png
-	$(BIN)/python benchmarks/stragglers.py
-	$(BIN)/python benchmarks/allreduce_vs_ps.py
-	$(BIN)/python benchmarks/lm_shakespeare.py
-	$(BIN)/python benchmarks/pipeline.py
-	$(BIN)/python benchmarks/server_load.py
-	$(BIN)/python benchmarks/shm_roundtrip.py
-	$(BIN)/python benchmarks/startup.py
-	$(BIN)/python benchmarks/faults.py
-	$(BIN)/python benchmarks/table_memory.py --clicks
-	$(BIN)/python benchmarks/delta_checkpoint.py
-	$(BIN)/python benchmarks/movielens_seeds.py
-	$(BIN)/python benchmarks/elastic.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
