@@ -57,6 +57,7 @@ def wrap(session: Session, model: torch.nn.Module,
                                  backoff_factor=a.backoff_factor,
                                  growth_interval=a.growth_interval, enabled=policy.loss_scaling))
     tables = find_tables(model)
+    _check_tables(tables)
     configure_caches(tables, cfg.model, cfg.ps)  # [model] cache_rows, cache_staleness
     if cfg.pipeline.stages > 1:
         if isinstance(opt, torch.optim.Optimizer):
@@ -76,6 +77,21 @@ def wrap(session: Session, model: torch.nn.Module,
         if not local:
             wrapped.hparams_source = wrapped.optimizer_handle.changed_hparams
     return wrapped
+
+
+def _check_tables(tables) -> None:
+    """A table the servers could not hold (an optimizer without a sparse form, a byte cap
+    too small for one row) fails here, in one line naming it, before any server is asked
+    to build it."""
+    from tessera.ps.embedding import Capacity
+    from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer
+    for t in tables:
+        try:
+            check_sparse_optimizer(t.spec.name, t.spec.optimizer)
+            if t.spec.memory_bytes:
+                Capacity(t.spec, len(STATE_NAMES[t.spec.optimizer.name]))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _parameter_servers(session, model, opt, tables, amp, device):

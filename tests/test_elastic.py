@@ -161,6 +161,30 @@ def test_rebalance_moves_off_a_hot_server_then_scale_down_in_async_mode(tmp_path
     assert "requests for partitions moved here" in _text(out / "logs" / "server-1.log")
 
 
+def test_rebalance_moves_a_hot_table_shard_off_its_server_while_training(tmp_path, monkeypatch):
+    """A server slow only at its table rows (``TESSERA_SLOW_SERVER=RANK:MS:rows``): the
+    coordinator sees that its load is in its table shard and moves the shard, live, onto
+    the other server; the workers follow, and every acknowledged push is applied once."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("TESSERA_SLOW_SERVER", "0:6:rows")
+    steps = 300
+    job = Job(["launch", "--workers", "2", "--servers", "2", "--quiet", "--mode", "async",
+               "--rebalance", "--out", out, TABLE_JOB, "--steps", str(steps)], timeout_s=240)
+    wait_for(lambda: " moved table shards " in _text(out / "logs" / "coordinator-0.log")
+             or job.proc.poll() is not None, 120, "the move of the hot table shard")
+    finish(job)
+    coordinator = _text(out / "logs" / "coordinator-0.log")
+    assert "server 0 is hot" in coordinator, coordinator
+    assert "server 0 moved table shards of servers [0] to server 1" in coordinator, coordinator
+    summary = json.loads((out / "summary.json").read_text())
+    # Per step, each worker pushes 2 dense partitions and the table to 2 shards.
+    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    moves = summary["elastic"]["moves"]
+    assert moves[0]["why"].startswith("server 0 is hot"), moves
+    assert "serves the table rows of server 0 (moved here from server 0)" in \
+        _text(out / "logs" / "server-1.log")
+
+
 def test_what_cannot_scale_is_named():
     cfg = JobConfig()
     assert scale_problem(cfg, []) == ""
@@ -378,5 +402,9 @@ def test_rebalance_moves_a_hot_table_shard_only_when_it_lowers_the_maximum():
     # Load in the dense partitions: they move (as in a job without tables).
     assert hot_moves(0, 1, {0: 0.9, 1: 0.2}, {0: 0.05}, owner, shards) == \
         hot_moves(0, 1, {0: 0.9, 1: 0.2}, {}, owner, {}) == {1: 1}
+    # A slow server (its shard costs it 0.9, the same shard costs server 1 0.05): the shard
+    # moves, although its cost where it is would overload server 1.
+    assert hot_moves(0, 1, {0: 0.95, 1: 0.08}, {0: 0.9, 1: 0.05}, {0: 0, 1: 1}, shards) == \
+        {-1: 1}
     # Of two shards on the hot server, one that moved there goes first.
     assert hot_moves(0, 1, {0: 0.9, 1: 0.1}, {0: 0.8}, owner, {0: 0, 1: 0}) == {-2: 1}

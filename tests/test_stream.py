@@ -187,6 +187,40 @@ def test_follow_trains_every_shard_once_across_interrupt_and_delta_resume(tmp_pa
     assert abs(loss - summary["eval_loss"]) < 1e-5, (loss, summary["eval_loss"])
 
 
+def test_a_stream_that_goes_idle_ends_by_itself_after_follow_idle_s(tmp_path):
+    """[data] follow_idle_s: no _END is ever written, yet the job ends once no shard has
+    arrived for that long. Worker 0 writes the marker naming the last shard there; every
+    worker ends at it; each shard, those written while the job ran too, is trained once."""
+    data, log = tmp_path / "data", ClickLog(num_fields=FIELDS, id_space=ID_SPACE, seed=5)
+    data.mkdir()
+    for i in range(2):
+        _shard(data, i, log)
+    job_file = _job(tmp_path, data, workers=2, name="idle", delta_every=0, every=1000)
+    text = open(job_file).read().replace("follow_poll_s = 0.05",
+                                         "follow_poll_s = 0.05\nfollow_idle_s = 1.5")
+    open(job_file, "w").write(text)
+    run = tmp_path / "run"
+    job = Job(["run", job_file, "--out", run, "--quiet"], timeout_s=90)
+    try:
+        # Two more shards while the job trains (well inside the idle time of each other).
+        wait_for(lambda: any((run / "stream").glob("worker-*.jsonl")), 60, "the first step")
+        for i in (2, 3):
+            _shard(data, i, log)
+            time.sleep(0.3)
+        code, out = job.wait()
+    finally:
+        if job.proc.poll() is None:
+            job.kill()
+    assert code == 0, out
+    assert (data / END_MARKER).read_text() == "shard-000003.npz"
+    said = (run / "logs" / "worker-0.log").read_text()
+    assert "no new shard in 1.5 s ([data] follow_idle_s): the stream ends with " \
+           "shard-000003.npz" in said, said[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 * SHARD // 128, summary
+    _covered_once(read_ledgers(run), {f"shard-{i:06d}.npz": SHARD for i in range(4)})
+
+
 def test_delta_checkpoint_restores_what_a_full_one_holds(tmp_path):
     data, log = tmp_path / "data", ClickLog(num_fields=FIELDS, id_space=ID_SPACE, seed=5)
     data.mkdir()

@@ -249,6 +249,19 @@ def test_memory_mistakes_are_one_line_errors(tmp_path):
     job = _clicks_job(tmp_path, "tiny", "table_memory_mb = 0.01")
     code, output = run_cli(["run", job, "--out", tmp_path / "r1", "--quiet"], timeout_s=60)
     assert code != 0 and "table_memory_mb" in output and "Traceback" not in output
+    # A table too wide for its cap (one 200,000-wide row and its Adagrad state take 1.6 MB,
+    # over the 1 MiB cap): refused by worker 0 in one line before it registers the table,
+    # so no server is asked to build it.
+    out = tmp_path / "wide"
+    code, output = run_cli(["launch", "--workers", "1", "--servers", "1", "--quiet", "--out",
+                            out, str(ROOT / "tests" / "scripts" / "table_job.py"), "--dim",
+                            "200000", "--memory-mb", "1"], timeout_s=90)
+    said = " ".join(output.split())  # (the launcher wraps its lines)
+    assert code != 0 and "Traceback" not in output, output
+    assert "worker 0 (pid" in said and "tessera: table 'users': memory_bytes = 1048576" in said
+    assert "cannot hold one row" in said and "raise table_memory_mb" in said, output
+    for log in (out / "logs").glob("server-*.log"):
+        assert "cannot hold one row" not in log.read_text(), log.read_text()
     job = _clicks_job(tmp_path, "rep", "table_memory_mb = 8")
     code, output = run_cli(["run", job, "--out", tmp_path / "r2", "--replication", "2",
                             "--quiet"], timeout_s=60)

@@ -303,8 +303,9 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
     ``rates``, of which serving table rows ``table_rates``): k dense partitions, k evening
     out the two servers' measured per-partition costs, or one table shard (keyed
     ``-(k + 1)``) when the hot server's load is in its shards: a shard is a coarse unit,
-    so it moves only when ``cool``'s busy plus the shard's share stays below ``hot``'s,
-    and when that lowers the larger of the two more than the partitions would."""
+    so it moves only when ``cool``'s busy plus what a shard costs there (its own measured
+    per-shard cost, where it serves one) stays below ``hot``'s, and when that lowers the
+    larger of the two more than the partitions would."""
     mine = sorted(pid for pid, s in owner.items() if s == hot)
     theirs = sum(1 for s in owner.values() if s == cool)
     served = sorted(k for k, s in shards.items() if s == hot)
@@ -320,10 +321,15 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
                         {pid: cool for pid in mine[-k:]}))
     if served and table > 0:
         share = table / len(served)
-        if rates[cool] + share < rates[hot]:
+        # What a shard costs on ``cool``: its own per-shard cost where it serves shards (as
+        # for partitions: a slow server's cost is its own, not the shard's), else this one.
+        theirs_served = sum(1 for s in shards.values() if s == cool)
+        cool_table = min(table_rates.get(cool, 0.0), rates[cool])
+        there = cool_table / theirs_served if theirs_served and cool_table > 0 else share
+        if rates[cool] + there < rates[hot]:
             # One it is not the home of first (it moved here before).
             k = max(served, key=lambda k: (k != hot, k))
-            options.append((max(rates[hot] - share, rates[cool] + share), 0,
+            options.append((max(rates[hot] - share, rates[cool] + there), 0,
                             {-k - 1: cool}))
     return min(options, key=lambda o: (o[0], o[1]))[2] if options else {}
 

@@ -186,6 +186,7 @@ def serve(session) -> None:
         server.retired = True
         return True
 
+    slow = slow_server_ms(process_environ(), rank)
     server = ParameterServer(
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
                       mode=server_mode(cfg), staleness=cfg.ps.staleness,
@@ -193,7 +194,7 @@ def serve(session) -> None:
                       # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
                       # the dense replica's clock, never on a schedule of their own
                       checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every,
-                      slow_ms=slow_server_ms(process_environ(), rank), scaled_in=scaled_in),
+                      slow_ms=slow[0], slow_rows_only=slow[1], scaled_in=scaled_in),
         endpoint=endpoint, partitions=[p for p in view.partitions
                                        if p.server == rank and not replacement],
         optimizer=view.optimizer, tables=view.tables,

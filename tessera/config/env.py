@@ -48,8 +48,9 @@ GENERATION = "TESSERA_GENERATION"
 #: Unix time at which the launcher started (or handed a standby) this process: how a
 #: restarted worker reports the time its rejoin took.
 STARTED_AT = "TESSERA_STARTED_AT"
-#: Benchmarks only (benchmarks/elastic.py): ``RANK:MS``, server RANK sleeps MS per
-#: partition of every push or pull (a server made hot on purpose).
+#: Benchmarks and tests only (benchmarks/elastic.py): ``RANK:MS``, server RANK sleeps MS
+#: per partition of every push or pull and per table of every row request (a server made
+#: hot on purpose); ``RANK:MS:rows``: row requests only.
 SLOW_SERVER = "TESSERA_SLOW_SERVER"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
@@ -309,17 +310,22 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
                           f"Tessera launcher") from None
 
 
-def slow_server_ms(environ: Mapping[str, str], rank: int) -> float:
-    """The per-partition delay TESSERA_SLOW_SERVER gives server ``rank`` (0: none)."""
+def slow_server_ms(environ: Mapping[str, str], rank: int) -> tuple[float, bool]:
+    """The delay TESSERA_SLOW_SERVER gives server ``rank`` (0: none), and whether it
+    delays only table row requests (``RANK:MS:rows``)."""
     text = environ.get(SLOW_SERVER, "").strip()
     if not text:
-        return 0.0
-    who, _, ms = text.partition(":")
+        return 0.0, False
+    who, _, rest = text.partition(":")
+    ms, _, what = rest.partition(":")
     try:
-        return float(ms) if int(who) == rank else 0.0
+        if what not in ("", "rows"):
+            raise ValueError(what)
+        return (float(ms) if int(who) == rank else 0.0), what == "rows"
     except ValueError:
         raise EnvError(f"{SLOW_SERVER}={text!r} must be RANK:MS (server RANK sleeps MS "
-                       f"per partition of each request)") from None
+                       f"per partition or table of each request) or RANK:MS:rows (only "
+                       f"table row requests)") from None
 
 
 def process_environ() -> Mapping[str, str]:

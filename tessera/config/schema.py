@@ -65,7 +65,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     admission_filter_mb: float = 0
     #: Pull the next step's table rows while this step finishes (the built-in trainer
     #: names its next batch; see tessera.parallel.prefetch). Sync: bit-identical
-    #: (MovieLens sync: 1.4-1.5x samples/s, benchmarks/README.md).
+    #: (MovieLens sync: 1.4-1.5x samples/s, benchmarks/HISTORY.md).
     prefetch: bool = True
     #: A cache of hot table rows on each worker, this many rows per table (0: none),
     #: served while at most cache_staleness clocks old (sync: 0; ssp: <= staleness).
@@ -121,6 +121,10 @@ class DataConfig(msgspec.Struct, **_STRICT):
     follow: bool = False
     #: follow: seconds between listings of ``path`` while waiting for a shard.
     follow_poll_s: float = 0.5
+    #: follow: end the stream once no new shard has arrived for this many seconds
+    #: (worker 0 writes ``_END`` naming the last shard there, as ``tessera stop`` does,
+    #: and the job finishes as any run). 0: wait for ``_END`` or an interrupt.
+    follow_idle_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -135,6 +139,9 @@ class DataConfig(msgspec.Struct, **_STRICT):
                              "the shards arrive in")
         if self.follow_poll_s <= 0:
             raise ValueError(f"follow_poll_s must be > 0, got {self.follow_poll_s}")
+        if not self.follow_idle_s >= 0:
+            raise ValueError(f"follow_idle_s must be >= 0 seconds (0: no idle timeout), "
+                             f"got {self.follow_idle_s}")
 
 
 class TrainConfig(msgspec.Struct, **_STRICT):

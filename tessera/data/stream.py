@@ -118,6 +118,9 @@ class ShardStream:
         self.ended = False
         self._cache: OrderedDict = OrderedDict()
         self.shards_read = 0
+        #: When the last new shard (or the marker) was listed: the idle timeout counts
+        #: from there.
+        self.grew_at = time.monotonic()
 
     @property
     def total(self) -> int:
@@ -164,6 +167,8 @@ class ShardStream:
             self.names.append(name)
         changed = bool(new) or ended != self.ended
         self.ended = ended
+        if changed:
+            self.grew_at = time.monotonic()
         return changed
 
     def _load(self, name: str) -> dict:
@@ -192,17 +197,26 @@ class ShardStream:
             self._cache.popitem(last=False)
         return arrays
 
-    def wait_for(self, stop: int, check=None, interrupted=None) -> bool:
+    def wait_for(self, stop: int, check=None, interrupted=None, idle_s: float = 0.0,
+                 on_idle=None) -> bool:
         """Wait until samples ``[0, stop)`` are listed (True) or the stream ended before
         them (False). ``check()``: called while waiting (raises for a failed job);
         ``interrupted()``: True when the job is asked to stop (SIGINT/SIGTERM to the
-        launcher): the wait ends as the stream would (False)."""
+        launcher): the wait ends as the stream would (False). ``on_idle()``: called once
+        when no shard has arrived for ``idle_s`` seconds (> 0); it ends the stream by
+        writing the marker (worker 0 only, so that every worker ends at the shard the
+        marker names), and the wait goes on until the marker is listed."""
         self.refresh()
+        idled = False
         while self.total < stop and not self.ended:
             if check is not None:
                 check()
             if interrupted is not None and interrupted():
                 return False
+            if (idle_s > 0 and on_idle is not None and not idled
+                    and time.monotonic() - self.grew_at >= idle_s):
+                idled = True
+                on_idle()
             time.sleep(self.poll_s)
             self.refresh()
         return self.total >= stop

@@ -87,7 +87,8 @@ class Capacity:
             raise TableError(
                 f"table {spec.name!r}: memory_bytes = {cap} (model.table_memory_mb) cannot "
                 f"hold one row: it needs at least {self.filter + 16 * 1024 + self.per_row} "
-                f"bytes with its admission filter and index; raise table_memory_mb")
+                f"bytes with its admission filter and index; raise table_memory_mb "
+                f"(memory_mb of tessera.nn.ShardedEmbedding)")
         self.nbytes = self.rows * self.per_row + 16 * self.buckets + self.filter
 
 

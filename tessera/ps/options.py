@@ -39,9 +39,11 @@ class ServerOptions:
     #: Measure each request's CPU by phase (tessera.ps.server_profile.MessageCosts);
     #: ``stats["cpu_us_per_msg"]`` holds it at the end (benchmarks print it).
     cost_breakdown: bool = False
-    #: Benchmarks only (TESSERA_SLOW_SERVER): sleep this many ms per partition a push or
-    #: pull names, a server made hot on purpose (benchmarks/elastic.py).
+    #: Benchmarks and tests only (TESSERA_SLOW_SERVER): sleep this many ms per partition
+    #: a push or pull names and per table a row request names, a server made hot on
+    #: purpose (benchmarks/elastic.py); ``slow_rows_only``: row requests only.
     slow_ms: float = 0.0
+    slow_rows_only: bool = False
     #: Started mid-job by ``tessera scale``: no table rows hash to it (or they are served
     #: elsewhere): it holds no shard of its own, only those moved to it.
     scaled_in: bool = False

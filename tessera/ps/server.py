@@ -198,13 +198,20 @@ class ParameterServer:
             if isinstance(got.msg, (wire.PullRows, wire.PushRows)):
                 self.stats["table_busy_s"] += took
 
+    def _slow(self, msg) -> None:
+        """TESSERA_SLOW_SERVER: a server made hot on purpose (benchmarks, tests)."""
+        if isinstance(msg, (wire.Push, wire.Pull)) and not self.options.slow_rows_only:
+            time.sleep(self.options.slow_ms * len(msg.partitions) / 1000.0)
+        elif isinstance(msg, (wire.PullRows, wire.PushRows)):
+            time.sleep(self.options.slow_ms * max(1, len(msg.tables)) / 1000.0)
+
     def _handle(self, got) -> None:
         msg = got.msg
         if msg is None:
             self._refuse(got.peer, got.req, got.error)
             return
-        if self.options.slow_ms > 0 and isinstance(msg, (wire.Push, wire.Pull)):
-            time.sleep(self.options.slow_ms * len(msg.partitions) / 1000.0)
+        if self.options.slow_ms > 0:
+            self._slow(msg)
         try:
             if isinstance(msg, wire.Push):
                 if self.profiler.enabled:
@@ -556,7 +563,7 @@ class ParameterServer:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
         A half-width gradient (one worker, unscaled) is cast into the fp32 buffer first:
         a cast and an fp32 ``add_`` cost less than one mixed-dtype ``add_`` (torch 2.13 CPU,
-        benchmarks/README.md, precision.py), with the same bits."""
+        benchmarks/HISTORY.md, precision.py), with the same bits."""
         if grad.dtype != torch.float32:
             grad = st.buffer().copy_(grad)
             if self.costs is not None:

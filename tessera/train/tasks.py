@@ -181,13 +181,23 @@ class StreamTask:
         looked for before the last listing)."""
         b = self.cfg.data.batch_size
         start = self._offset0 + (step - self._clock0) * b * self.num_workers
-        if not self.stream.wait_for(start + b * self.num_workers, self.check, self.interrupted):
+        idle = self.cfg.data.follow_idle_s
+        if not self.stream.wait_for(start + b * self.num_workers, self.check, self.interrupted,
+                                    idle_s=idle, on_idle=self._end_idle_stream
+                                    if self.rank == 0 else None):
             return None
         arrays, parts = self.stream.take(start + self.rank * b, start + (self.rank + 1) * b)
         if self.ledger is not None:
             self.ledger.read(step, parts)
         ids = torch.from_numpy(arrays["ids"].astype("int64", copy=False))
         return (ids.to(device),), torch.from_numpy(arrays["y"].astype("float32")).to(device)
+
+    def _end_idle_stream(self) -> None:
+        from tessera.data.stream import end_stream
+        last = end_stream(self.cfg.data.path)
+        print(f"worker 0: no new shard in {self.cfg.data.follow_idle_s:g} s "
+              f"([data] follow_idle_s): the stream ends with "
+              f"{last or 'the shards there (none)'}", flush=True)
 
     def loss(self, out, target):
         return F.binary_cross_entropy_with_logits(out.float(), target)

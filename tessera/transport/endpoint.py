@@ -142,7 +142,7 @@ _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 _SNDMORE = int(zmq.SNDMORE)
 #: The C-level ``send`` under pyzmq's Python ``Socket``: :func:`send_parts` calls it once a
 #: frame, where ``Socket.send_multipart`` adds a Python call, a type check and an enum
-#: ``|`` per frame (~6 µs a small reply; benchmarks/README.md, "Server under load").
+#: ``|`` per frame (~6 µs a small reply; benchmarks/HISTORY.md, "Server under load").
 _SEND = zmq.backend.Socket.send
 #: Below this many bytes pyzmq copies a frame anyway (``copy=False`` or not).
 _COPY_BELOW = zmq.COPY_THRESHOLD

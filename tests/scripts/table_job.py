@@ -25,11 +25,11 @@ ROWS, DIM = 200, 8
 
 
 class Model(nn.Module):
-    def __init__(self):
+    def __init__(self, dim: int = DIM, memory_mb: float = 0):
         super().__init__()
-        self.table = tessera.nn.ShardedEmbedding(ROWS, DIM, name="users", optimizer="adagrad",
-                                                 lr=0.1)
-        self.mlp = nn.Sequential(nn.Linear(64 + DIM, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.table = tessera.nn.ShardedEmbedding(ROWS, dim, name="users", optimizer="adagrad",
+                                                 lr=0.1, memory_mb=memory_mb)
+        self.mlp = nn.Sequential(nn.Linear(64 + dim, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x, ids):
         return self.mlp(torch.cat([x, self.table(ids)], 1))
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--dim", type=int, default=DIM, help="the table's row width")
+    ap.add_argument("--memory-mb", type=float, default=0, help="the table's byte cap")
     ap.add_argument("--prefetch", action="store_true",
                     help="name each next batch to model.prefetch (rows pulled ahead)")
     args = ap.parse_args()
@@ -51,7 +53,7 @@ def main() -> None:
     y = torch.tensor(y)
     ids = torch.arange(len(y)) % ROWS
     torch.manual_seed(0)
-    model = tessera.distribute(Model(), "sgd", lr=0.05, momentum=0.9)
+    model = tessera.distribute(Model(args.dim, args.memory_mb), "sgd", lr=0.05, momentum=0.9)
     sampler = tessera.shard(1500, batch_size=args.batch)
     first = model.start_step(args.steps)
     for step in range(first, args.steps):

@@ -1,0 +1,487 @@
+"""Write benchmarks/README.md's results from the JSON lines of a `make bench` run.
+
+`run_all.py` leaves one `<name>.jsonl` per benchmark and an `index.json` in `runs/bench`.
+This script turns them into one table per benchmark and a table of the issues' goals (each
+goal evaluated from the numbers, never typed in), and replaces what lies between the two
+results markers of `benchmarks/README.md`. Nothing outside the markers is touched.
+
+    .venv/bin/python benchmarks/report.py                 # from runs/bench
+    .venv/bin/python benchmarks/report.py --stdout        # print instead of writing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BEGIN = "<!-- results:begin (written by benchmarks/report.py; edits here are overwritten) -->"
+END = "<!-- results:end -->"
+
+Col = tuple[str, Any]  # (header, key or row -> value)
+
+
+@dataclass
+class Table:
+    file: str  # the run_all.py name
+    bench: str  # rows whose "bench" field is this
+    title: str
+    cols: list[Col]
+    where: Callable[[dict], bool] = field(default=lambda r: True)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a >= 1e6:
+            return f"{v / 1e6:.2f}M"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}" if a < 1 else f"{v:.2f}"
+    if isinstance(v, int) and abs(v) >= 10000:
+        return f"{v:,d}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _get(row: dict, key: Any) -> Any:
+    if callable(key):
+        try:
+            return key(row)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+    return row.get(key)
+
+
+def _mega(key: str) -> Callable[[dict], Any]:
+    return lambda r: None if r.get(key) is None else r[key] / 1e6
+
+
+TABLES = [
+    Table("startup", "startup", "Job start-up: the fork server against fresh processes", [
+        ("job", "job"), ("rounds", "rounds"),
+        ("fork: start to exit s", "fork_wall_s"), ("fresh s", "fresh_wall_s"),
+        ("ratio", "fork_vs_fresh_wall"),
+        ("fork: start to first step s", "fork_first_step_s"),
+        ("fresh s", "fresh_first_step_s"), ("ratio", "fork_vs_fresh_first_step"),
+        ("CPU ratio", "fork_vs_fresh_cpu")]),
+    Table("ps_roundtrip", "ps_roundtrip", "Dense push + pull against raw ZeroMQ and "
+          "`torch.distributed.rpc`", [
+              ("elements", lambda r: f"{r['elements'] / 1e6:g}M"), ("servers", "servers"),
+              ("tessera GB/s", "tessera_gbps"), ("zmq GB/s", "zmq_gbps"),
+              ("rpc GB/s", "rpc_gbps"), ("gloo all-reduce GB/s", "gloo_allreduce_gbps"),
+              ("tessera / zmq", "tessera_vs_zmq"), ("tessera / rpc", "tessera_vs_rpc"),
+              ("CPU ms/iter tessera (worker)", lambda r: f"{r['tessera_cpu_ms_per_iter']:.0f} "
+               f"({r['tessera_worker_cpu_ms_per_iter']:.0f})"),
+              ("CPU ms/iter zmq (worker)", lambda r: f"{r['zmq_cpu_ms_per_iter']:.0f} "
+               f"({r['zmq_worker_cpu_ms_per_iter']:.0f})")]),
+    Table("shm_roundtrip", "shm_roundtrip", "Shared memory on one host against loopback TCP", [
+        ("elements", lambda r: f"{r['elements'] / 1e6:g}M"), ("servers", "servers"),
+        ("shm GB/s", "shm_gbps"), ("tcp GB/s", "tcp_gbps"), ("zmq echo GB/s", "zmq_gbps"),
+        ("shm / tcp", "shm_vs_tcp"), ("CPU ms/iter shm", "shm_cpu_ms_per_iter"),
+        ("CPU ms/iter tcp", "tcp_cpu_ms_per_iter"), ("same values", "same_values"),
+        ("payload through shm", "shm_payload_share")]),
+    Table("server_load", "server_load", "One server under many clients (async 16 KiB pushes)", [
+        ("clients", "clients"), ("tessera ops/s", "tessera_ops_per_s"),
+        ("zmq echo ops/s", "zmq_ops_per_s"), ("ops ratio", "tessera_ops_vs_zmq"),
+        ("tessera p50 / p99 ms", lambda r: f"{r['tessera_p50_ms']:.2f} / "
+         f"{r['tessera_p99_ms']:.2f}"),
+        ("echo p50 / p99 ms", lambda r: f"{r['zmq_p50_ms']:.2f} / {r['zmq_p99_ms']:.2f}"),
+        ("p99 ratio", "tessera_p99_vs_zmq"),
+        ("server CPU µs/op tessera", "tessera_server_cpu_us_per_op"),
+        ("echo", "zmq_server_cpu_us_per_op"), ("lost updates", "tessera_lost_updates")]),
+    Table("sparse_embedding", "sparse_embedding", "Embedding rows: pulls and pushes per "
+          "server, against an rpc server and one process", [
+              ("servers", "servers"), ("batch", "batch"), ("unique rows", "unique_rows"),
+              ("tessera pull M rows/s/server", _mega("tessera_pull_rows_per_server_per_s")),
+              ("push", _mega("tessera_push_rows_per_server_per_s")),
+              ("rpc pull", _mega("rpc_pull_rows_per_server_per_s")),
+              ("rpc push", _mega("rpc_push_rows_per_server_per_s")),
+              ("local pull", _mega("local_pull_rows_per_s")),
+              ("local push", _mega("local_push_rows_per_s")),
+              ("tessera / rpc pull", "tessera_vs_rpc_pull"),
+              ("push", "tessera_vs_rpc_push"),
+              ("tessera / local pull", "tessera_vs_local_pull"),
+              ("push", "tessera_vs_local_push")]),
+    Table("train_throughput", "train_throughput", "MNIST CNN, 2 workers: sync PS against DDP", [
+        ("mode", "mode"), ("servers", "servers"), ("steps", "steps"),
+        ("tessera samples/s", "tessera_samples_per_s"),
+        ("steady", "tessera_steady_samples_per_s"), ("DDP samples/s", "ddp_samples_per_s"),
+        ("ratio", "ratio"), ("ratio steady", "ratio_steady")]),
+    Table("precision", "precision_wire", "Half-width wire: 25M push + pull", [
+        ("elements", "elements"), ("wire", "wire_dtype"), ("ms", "tessera_ms"),
+        ("time vs fp32", "vs_fp32_time"), ("CPU vs fp32", "vs_fp32_cpu"),
+        ("bytes vs fp32", "vs_fp32_bytes")]),
+    Table("precision", "precision_train", "Training under bf16 / fp16 (2 workers, sync PS)", [
+        ("model", "model"), ("precision", "precision"),
+        ("samples/s", "tessera_samples_per_s"), ("vs fp32", "vs_fp32_samples_per_s"),
+        ("worker CPU vs fp32", "vs_fp32_worker_cpu"), ("eval loss", "eval_loss"),
+        ("eval accuracy", "eval_accuracy")]),
+    Table("precision", "precision_torch", "The same models in plain torch, one process", [
+        ("model", "model"), ("variant", "variant"), ("threads", "threads"),
+        ("CPU ms/step", "cpu_ms_per_step"), ("vs fp32", "vs_fp32_speed")]),
+    Table("profiler_overhead", "profiler_overhead", "Profiler overhead, whole job", [
+        ("job", "job"), ("steps", "steps"), ("rounds", "rounds"),
+        ("CPU ms/step off", "off_cpu_ms_per_step"), ("on", "profile_cpu_ms_per_step"),
+        ("CPU overhead", "cpu_overhead"), ("wall overhead", "overhead")]),
+    Table("profiler_overhead", "profiler_inproc", "Profiler overhead, in one process", [
+        ("code", "code"), ("model", "model"), ("CPU ms/step off", "off_cpu_ms_per_step"),
+        ("on", "profile_cpu_ms_per_step"), ("CPU overhead", "cpu_overhead"),
+        ("spans/step", "spans_per_step")]),
+    Table("allreduce_vs_ps", "allreduce_vs_ps", "All-reduce, sync and async PS against DDP", [
+        ("workers", "workers"), ("steps", "steps"),
+        ("tessera allreduce samples/s", "tessera_allreduce_samples_per_s"),
+        ("sync PS", "tessera_sync_samples_per_s"), ("async PS", "tessera_async_samples_per_s"),
+        ("DDP", "ddp_samples_per_s"), ("allreduce / DDP", "allreduce_vs_ddp"),
+        ("sync / DDP", "sync_vs_ddp"), ("async / DDP", "async_vs_ddp")]),
+    Table("stragglers", "stragglers", "A persistent 3x straggler: sync, ssp K=2, async and "
+          "the balancing remedy", [
+              ("workers", "workers"), ("mode", "mode"), ("samples/s", "tessera_samples_per_s"),
+              ("vs sync", "vs_sync_samples_per_s"), ("eval accuracy", "eval_accuracy"),
+              ("points vs sync", "vs_sync_accuracy_points"),
+              ("samples per worker", "samples_per_worker"), ("slow factor", "slow_factor")]),
+    Table("stragglers_transient", "stragglers", "Transient stragglers (p = 0.25, 3x)", [
+        ("workers", "workers"), ("mode", "mode"), ("samples/s", "tessera_samples_per_s"),
+        ("vs sync", "vs_sync_samples_per_s"), ("eval accuracy", "eval_accuracy"),
+        ("points vs sync", "vs_sync_accuracy_points"), ("delayed steps", "delayed_steps")]),
+    Table("pipeline", "pipeline", "Pipeline stages: GPipe and 1F1B", [
+        ("stages", "stages"), ("microbatches", "microbatches"), ("batch", "batch"),
+        ("one process s/step", "single_process_step_s"), ("ideal bubble", "ideal_bubble"),
+        ("GPipe s/step", "gpipe_step_s"), ("bubble", "gpipe_bubble"),
+        ("1F1B s/step", "1f1b_step_s"), ("bubble", "1f1b_bubble"),
+        ("1F1B / GPipe peak memory", "1f1b_vs_gpipe_peak_memory")]),
+    Table("lm_shakespeare", "lm_shakespeare", "A transformer LM on Shakespeare, 2 workers", [
+        ("parameters", lambda r: f"{r['parameters'] / 1e6:.1f}M"), ("steps", "steps"),
+        ("PS fp32 samples/s", "ps_fp32_samples_per_s"), ("PS bf16", "ps_bf16_samples_per_s"),
+        ("allreduce", "allreduce_samples_per_s"), ("DDP", "ddp_samples_per_s"),
+        ("PS fp32 / DDP", "ps_fp32_vs_ddp"), ("PS bf16 / DDP", "ps_bf16_vs_ddp"),
+        ("bf16 / fp32 wire", "ps_bf16_vs_ps_fp32"), ("allreduce / DDP", "allreduce_vs_ddp"),
+        ("fp32 losses agree", "fp32_final_losses_agree")]),
+    Table("table_cache", "table_cache", "Prefetch and a worker row cache against all-local "
+          "embeddings", [
+              ("id space", "id_space"), ("dim", "dim"), ("batch", "batch"),
+              ("local samples/s", "local_samples_per_s"),
+              ("tessera", "tessera_samples_per_s"),
+              ("+prefetch", "tessera_prefetch_samples_per_s"),
+              ("+cache", "tessera_cached_samples_per_s"),
+              ("tessera / local", "tessera_vs_local"),
+              ("prefetch / local", "tessera_prefetch_vs_local"),
+              ("cached / local", "tessera_cached_vs_local"),
+              ("CPU: best / local", lambda r: max(r["tessera_vs_local_cpu"],
+                                                  r["tessera_prefetch_vs_local_cpu"],
+                                                  r["tessera_cached_vs_local_cpu"])),
+              ("cache hit rate", "cache_hit_rate")]),
+    Table("elastic", "elastic", "A hot server: automatic migration against none", [
+        ("steps", "steps"), ("servers", "servers"), ("rounds", "rounds"),
+        ("static s", "static_total_s"), ("rebalance s", "rebalance_total_s"),
+        ("sooner %", "sooner_pct"), ("static accuracy", "static_eval_accuracy"),
+        ("rebalance accuracy", "rebalance_eval_accuracy"), ("moves", "rebalance_moves")]),
+    Table("replication_cost", "replication_cost", "What `--replication 2` costs (digits)", [
+        ("case", "case"), ("mode", "mode"), ("epochs", "epochs"), ("median s", "median_s"),
+        ("vs unreplicated", "vs_unreplicated"), ("vs same servers", "vs_same_servers"),
+        ("CPU ms/step", "cpu_ms_per_step")]),
+    Table("replicated_batching", "replicated_batching", "Batching with `--replication 2`", [
+        ("case", "case"), ("mode", "mode"), ("median s", "median_s"),
+        ("vs unbatched", "vs_unbatched"), ("CPU ms/step", "cpu_ms_per_step"),
+        ("messages", "messages")]),
+    Table("delta_checkpoint", "delta_checkpoint", "Delta checkpoints against full ones", [
+        ("shards", "shards"), ("every", "every"), ("rows at end", "rows_at_end"),
+        ("bytes full run", "bytes_full_run"), ("bytes delta run", "bytes_delta_run"),
+        ("delta / full bytes", "run_bytes_delta_vs_full"),
+        ("export s full", "export_s_full"), ("export s delta chain", "export_s_delta_chain"),
+        ("exports identical", "exports_identical")]),
+    Table("movielens_seeds", "movielens_seeds", "MovieLens-100k test RMSE on every seed", [
+        ("seeds", "seeds"), ("current recipe RMSE", "current_rmse"),
+        ("worst", "current_worst_rmse"), ("previous recipe RMSE", "previous_rmse"),
+        ("goal", "goal_rmse"), ("met", "current_meets_goal")]),
+    Table("faults", "faults", "Kills at random moments while training runs", [
+        ("case", "case"), ("completed", lambda r: f"{r['completed']}/{r['trials_run']}"),
+        ("replaced", "replaced"), ("acked lost", "acked_lost"),
+        ("acked − applied", "acked_minus_applied"), ("beyond bound", "beyond_bound"),
+        ("metric", "metric"), ("median / worst", lambda r: f"{r['metric_median']} / "
+                                                          f"{r['metric_worst']}"),
+        ("bar", "bar"), ("recovery s median / max", lambda r: f"{r['recovery_s_median']} / "
+                                                              f"{r['recovery_s_max']}")]),
+    Table("table_memory", "table_memory", "Table memory under a byte cap", [
+        ("distinct ids", "distinct_ids"), ("stream s", "stream_s"), ("cap MB", "cap_mb"),
+        ("peak RSS MB", "peak_rss_mb"), ("over cap %", "over_cap_pct"),
+        ("evictions", "evictions"), ("unbounded peak RSS MB", "unbounded_peak_rss_mb"),
+        ("ids/s", "ids_per_s")]),
+    Table("table_memory", "table_memory_auc", "The clicks job, capped against unbounded", [
+        ("cap MB/server", "cap_mb_per_server"), ("unbounded AUC", "unbounded_auc"),
+        ("capped AUC", "capped_auc"), ("gap", "auc_gap"),
+        ("reference AUC", "reference_auc")]),
+]
+
+
+# ---- goals: (issue, figure, goal, evaluate(data) -> (measured text, met or None)) ----------
+
+def _rows(data: dict, file: str, bench: str | None = None) -> list[dict]:
+    return [r for r in data.get(file, []) if bench is None or r.get("bench") == bench]
+
+
+def _span(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    lo, hi = min(vals), max(vals)
+    return f"{_fmt(lo)}" if lo == hi else f"{_fmt(lo)}–{_fmt(hi)}"
+
+
+def _all_at_least(rows: list[dict], key: str, bar: float, scale: float = 1.0):
+    vals = [r[key] * scale for r in rows if r.get(key) is not None]
+    if not vals:
+        return "not run", None
+    return _span(vals), min(vals) >= bar
+
+
+def _all_at_most(rows: list[dict], key: str, bar: float):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return "not run", None
+    return _span(vals), max(vals) <= bar
+
+
+def _ps(data, key, bar):
+    return _all_at_least(_rows(data, "ps_roundtrip"), key, bar)
+
+
+def _sparse(data, keys, bar, scale=1.0):
+    rows = _rows(data, "sparse_embedding")
+    vals = [r[k] * scale for r in rows for k in keys if r.get(k) is not None]
+    return (_span(vals), min(vals) >= bar) if vals else ("not run", None)
+
+
+def _wire(data):
+    rows = [r for r in _rows(data, "precision", "precision_wire")
+            if r.get("wire_dtype") in ("bf16", "fp16")]
+    vals = {r["wire_dtype"]: r["vs_fp32_time"] for r in rows}
+    if not vals:
+        return "not run", None
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(vals.items())), max(vals.values()) <= 0.6
+
+
+def _train_prec(data, model, bar):
+    rows = [r for r in _rows(data, "precision", "precision_train") if r.get("model") == model
+            and r.get("precision") in ("bf16", "fp16")]
+    vals = {r["precision"]: r["vs_fp32_samples_per_s"] for r in rows}
+    if not vals:
+        return "not run", None
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(vals.items())), min(vals.values()) >= bar
+
+
+def _straggle(data, file, mode, bar):
+    rows = [r for r in _rows(data, file, "stragglers") if r.get("mode") == mode]
+    if not rows:
+        return "not run", None
+    speed = [r["vs_sync_samples_per_s"] for r in rows]
+    pts = [r["vs_sync_accuracy_points"] for r in rows]
+    return (f"{_span(speed)}× at {_span(pts)} points",
+            min(speed) >= bar and min(pts) >= -0.5)
+
+
+def _table_cache(data):
+    rows = _rows(data, "table_cache")
+    keys = ("tessera_vs_local", "tessera_prefetch_vs_local", "tessera_cached_vs_local")
+    vals = [max(r.get(k) or 0 for k in keys) for r in rows]
+    return (_span(vals), min(vals) >= 0.8) if vals else ("not run", None)
+
+
+def _faults(data):
+    rows = _rows(data, "faults")
+    if not rows:
+        return "not run", None
+    done = sum(r["completed"] for r in rows)
+    trials = sum(r["trials_run"] for r in rows)
+    lost = sum(r["acked_lost"] for r in rows)
+    rec = [r["recovery_s_max"] for r in rows if r.get("recovery_s_max") is not None]
+    below = sum(r.get("below_bar", 0) for r in rows)
+    return (f"{done}/{trials} completed, {lost} acked lost, {below} below bar, "
+            f"recovery max {_fmt(max(rec)) if rec else '–'} s",
+            done == trials and lost == 0 and below == 0 and all(x <= 5 for x in rec))
+
+
+def _movielens(data):
+    rows = _rows(data, "movielens_seeds", "movielens_seeds")
+    if not rows:
+        return "not run", None
+    return f"worst {rows[-1]['current_worst_rmse']}", rows[-1]["current_meets_goal"]
+
+
+GOALS = [
+    ("15", "dense push+pull vs raw pyzmq, every size", "≥ 0.9×",
+     lambda d: _ps(d, "tessera_vs_zmq", 0.9)),
+    ("15", "dense push+pull vs `torch.distributed.rpc`, every size", "≥ 1.2×",
+     lambda d: _ps(d, "tessera_vs_rpc", 1.2)),
+    ("15", "server under 64 clients: ops/s vs echo", "≥ 0.8×",
+     lambda d: _all_at_least(_rows(d, "server_load"), "tessera_ops_vs_zmq", 0.8)),
+    ("15", "server under 64 clients: p99 vs echo", "≤ 2×",
+     lambda d: _all_at_most(_rows(d, "server_load"), "tessera_p99_vs_zmq", 2.0)),
+    ("15", "embedding rows per server, pull and push (M rows/s)", "≥ 3",
+     lambda d: _sparse(d, ("tessera_pull_rows_per_server_per_s",
+                           "tessera_push_rows_per_server_per_s"), 3.0, 1e-6)),
+    ("15", "embedding rows vs one process (pull, push)", "≥ 0.5×",
+     lambda d: _sparse(d, ("tessera_vs_local_pull", "tessera_vs_local_push"), 0.5)),
+    ("15", "MNIST CNN, sync PS vs DDP", "≥ 1.0×",
+     lambda d: _all_at_least(_rows(d, "train_throughput"), "ratio", 1.0)),
+    ("15", "half-width wire, 25M push+pull time vs fp32", "≤ 0.6×", _wire),
+    ("15", "training under bf16 / fp16 vs fp32 (CNN)", "≥ 1.0×",
+     lambda d: _train_prec(d, "cnn", 1.0)),
+    ("15", "training under bf16 / fp16 vs fp32 (transformer)", "≥ 1.2×",
+     lambda d: _train_prec(d, "transformer", 1.2)),
+    ("15", "profiler overhead (CPU, whole job)", "≤ 1%",
+     lambda d: _all_at_most(_rows(d, "profiler_overhead", "profiler_overhead"),
+                            "cpu_overhead", 0.01)),
+    ("15", "shared memory vs loopback TCP, 10M+", "≥ 3×",
+     lambda d: _all_at_least([r for r in _rows(d, "shm_roundtrip")
+                              if r["elements"] >= 10_000_000], "shm_vs_tcp", 3.0)),
+    ("15", "transformer LM: sync PS (fp32 wire) vs DDP", "≥ 1.0×",
+     lambda d: _all_at_least(_rows(d, "lm_shakespeare"), "ps_fp32_vs_ddp", 1.0)),
+    ("15", "transformer LM: bf16 wire vs fp32 wire", "≥ 1.2×",
+     lambda d: _all_at_least(_rows(d, "lm_shakespeare"), "ps_bf16_vs_ps_fp32", 1.2)),
+    ("15", "transient stragglers: ssp K=2 vs sync, ≤ 0.5 points", "≥ 1.5×",
+     lambda d: _straggle(d, "stragglers_transient", "ssp", 1.5)),
+    ("15", "persistent 3x straggler: remedy vs sync, ≤ 0.5 points", "≥ 1.5×",
+     lambda d: _straggle(d, "stragglers", "balance", 1.5)),
+    ("16", "Zipf tables far larger than a worker: best Tessera vs local", "≥ 0.8×",
+     _table_cache),
+    ("16", "byte cap over 10^8 distinct ids: peak over cap", "≤ 5%",
+     lambda d: _all_at_most(_rows(d, "table_memory", "table_memory"), "over_cap_pct", 5.0)),
+    ("16", "clicks AUC, capped vs unbounded", "gap ≤ 0.005",
+     lambda d: _all_at_most(_rows(d, "table_memory", "table_memory_auc"), "auc_gap", 0.005)),
+    ("16", "hot server: automatic migration finishes sooner", "≥ 30%",
+     lambda d: _all_at_least(_rows(d, "elastic"), "sooner_pct", 30.0)),
+    ("16", "delta chain restores what a full checkpoint does", "identical",
+     lambda d: (lambda rows: ("not run", None) if not rows else
+                (_fmt(all(r["exports_identical"] for r in rows)),
+                 all(r["exports_identical"] for r in rows)))(_rows(d, "delta_checkpoint"))),
+    ("16", "MovieLens test RMSE, every seed", "≤ 0.92", _movielens),
+    ("14", "kills at random moments: completed, nothing acked lost, recovery", "all; 0; ≤ 5 s",
+     _faults),
+]
+
+
+def load(out: Path) -> tuple[dict[str, list[dict]], dict]:
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    data = {}
+    for path in sorted(out.glob("*.jsonl")):
+        rows = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        data[path.stem] = rows
+    return data, index
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out
+
+
+def render(data: dict[str, list[dict]], index: dict) -> str:
+    lines = [BEGIN, ""]
+    commits = sorted({v["commit"] for v in index.values() if v.get("commit")})
+    dates = sorted(v["date"] for v in index.values() if v.get("date"))
+    foreign = [r["foreign_cpu_pct"] for rows in data.values() for r in rows
+               if isinstance(r.get("foreign_cpu_pct"), (int, float))]
+    lines += [
+        "## Results",
+        "",
+        f"Written by `benchmarks/report.py` from one `make bench` run: commit "
+        f"{', '.join(f'`{c}`' for c in commits) or 'unknown'}, "
+        f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC. "
+        f"`foreign_cpu_pct` (the machine's CPU used by other processes meanwhile) over all "
+        f"lines: median {statistics.median(foreign) if foreign else float('nan'):.1f}, "
+        f"max {max(foreign) if foreign else float('nan'):.1f}.",
+        "",
+        "### The issues' goals",
+        "",
+    ]
+    rows = []
+    for issue, figure, goal, fn in GOALS:
+        try:
+            measured, met = fn(data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            measured, met = f"unreadable ({type(exc).__name__}: {exc})", None
+        rows.append([issue, figure, goal, measured,
+                     "not run" if met is None else ("**met**" if met else "not met")])
+    lines += _markdown_table(["issue", "figure", "goal", "measured", ""], rows)
+    met = sum(r[4] == "**met**" for r in rows)
+    lines += ["", f"{met} of {len(rows)} goals met in this run.", ""]
+    for t in TABLES:
+        rows_t = [r for r in data.get(t.file, []) if r.get("bench") == t.bench and t.where(r)]
+        info = index.get(t.file, {})
+        lines += [f"### {t.title}", ""]
+        cmd = " ".join(info.get("argv", [])) or "?"
+        meta = f"`{cmd}`"
+        if info:
+            meta += (f": commit `{info.get('commit')}`, {info.get('date')} UTC, "
+                     f"{info.get('wall_s')} s, exit {info.get('rc')}")
+        lines += [meta, ""]
+        if not rows_t:
+            lines += ["Not run in this `make bench` run" + (
+                f" (exit {info['rc']}; see `runs/bench/{t.file}.log`)." if info.get("rc")
+                else "."), ""]
+            continue
+        cols = [c for c in t.cols if any(_get(r, c[1]) is not None for r in rows_t)]
+        body = [[_fmt(_get(r, c[1])) for c in cols] + [_fmt(r.get("foreign_cpu_pct"))]
+                for r in rows_t]
+        lines += _markdown_table([c[0] for c in cols] + ["foreign CPU %"], body)
+        lines += ["", "<details><summary>JSON lines</summary>", "", "```"]
+        lines += [json.dumps(r) for r in rows_t]
+        lines += ["```", "", "</details>", ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="run_all.py's output")
+    ap.add_argument("--readme", default=str(HERE / "README.md"))
+    ap.add_argument("--stdout", action="store_true", help="print the results, write nothing")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not out.is_dir():
+        print(f"report.py: --out {out} does not exist; run `make bench` first", file=sys.stderr)
+        return 2
+    text = render(*load(out))
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    readme = Path(args.readme)
+    old = readme.read_text()
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    readme.write_text(new)
+    n = sum(1 for _ in out.glob("*.jsonl"))
+    print(f"report.py: wrote the results of {n} benchmarks to {readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
