@@ -34,6 +34,7 @@ BENCHES: dict[str, list[str]] = {
     "ps_roundtrip": ["ps_roundtrip.py"],
     "shm_roundtrip": ["shm_roundtrip.py"],
     "server_load": ["server_load.py", "--seconds", "20"],
+    "server_costs": ["server_load.py", "--seconds", "10", "--systems", "tessera_costs,zmq"],
     "sparse_embedding": ["sparse_embedding.py"],
     "train_throughput": ["train_throughput.py"],
     "precision": ["precision.py"],

@@ -238,6 +238,10 @@ class Bench:
         for k in a.servers:
             for n in a.sizes:
                 t0, busy0, own0 = time.monotonic(), busy_s(), own_s()
+                # The benchmark's own children run all along (own_s counts only the
+                # waited-for): their CPU is this benchmark's, not other processes'.
+                kids = [p.pid for p in self.of.values()]
+                kids0 = cpu_s(kids, missing_ok=True)
                 shard_map = _plan(n, k)
                 pids = {}
                 for s in ("shm", "tcp"):
@@ -290,7 +294,8 @@ class Bench:
                         (stats["shm"]["shm_out"] + stats["shm"]["shm_in"])
                         / (2 * 4 * n * (a.warmup + a.rounds * a.iters) + 1), 3)
                 row.update(timed_iters=a.rounds * a.iters,
-                           foreign_cpu_pct=round(foreign_cpu_pct(busy0, own0, wall), 1),
+                           foreign_cpu_pct=round(foreign_cpu_pct(
+                               busy0, own0 - (cpu_s(kids, missing_ok=True) - kids0), wall), 1),
                            loadavg=round(os.getloadavg()[0], 2))
                 print(json.dumps(row), flush=True)
                 log(f"  {n:,d} elements, {k} server(s): " + ", ".join(

@@ -181,6 +181,7 @@ def stream(args, deadline: float) -> tuple[dict, dict]:
     fresh, distinct, marks, cpu = 0, 0, [], {s.name: 0.0 for s in servers}
     ub_stop = None
     load, t0, busy0, own0 = os.getloadavg()[0], time.monotonic(), busy_s(), own_s()
+    cpu0 = {s.name: s.cpu() for s in servers}  # (the servers are this benchmark's too)
     step = 0
     while distinct < args.distinct and time.monotonic() - t0 < args.seconds:
         half = BATCH // 2
@@ -214,7 +215,11 @@ def stream(args, deadline: float) -> tuple[dict, dict]:
                 f"{_rss(capped.proc.pid) / 2**20:.0f} MB")
     wall = time.monotonic() - t0
     distinct = fresh + int(hot_seen.sum())
-    foreign = foreign_cpu_pct(busy0, own0, wall)
+    # own_s() counts a server only once it is joined, and then its whole life: add the
+    # running ones' CPU since t0, take out the joined ones' CPU before it.
+    live = sum(s.cpu() - cpu0[s.name] for s in servers if s.open)
+    joined_before = sum(cpu0[s.name] for s in servers if not s.open)
+    foreign = foreign_cpu_pct(busy0, own0 - live + joined_before, wall)
     stats = capped.close(deadline)
     if unbounded.open:
         stats_ub = unbounded.close(deadline)
