@@ -115,7 +115,7 @@ TABLES = [
               *[(phase, (lambda p: lambda r: r["tessera_costs_server_cpu_us_per_msg"][p])(phase))
                 for phase in ("decode", "validation", "dedup", "copy", "replicate", "apply",
                               "encode", "other")],
-              ("sum", lambda r: sum(r["tessera_costs_server_cpu_us_per_msg"].values())),
+              ("serve thread total", lambda r: r["tessera_costs_server_cpu_us_per_msg"]["total"]),
               ("process CPU µs/op", "tessera_costs_server_cpu_us_per_op"),
               ("echo's", "zmq_server_cpu_us_per_op")]),
     Table("sparse_embedding", "sparse_embedding", "Embedding rows: pulls and pushes per "
@@ -245,9 +245,10 @@ TABLES = [
         ("evictions", "evictions"), ("unbounded peak RSS MB", "unbounded_peak_rss_mb"),
         ("ids/s", "ids_per_s")]),
     Table("table_memory", "table_memory_auc", "The clicks job, capped against unbounded", [
-        ("cap MB/server", "cap_mb_per_server"), ("unbounded AUC", "unbounded_auc"),
-        ("capped AUC", "capped_auc"), ("gap", "auc_gap"),
-        ("reference AUC", "reference_auc")]),
+        ("cap MB/server", "cap_mb_per_server"),
+        *[(head, (lambda k: lambda r: f"{r[k]:.5f}")(key)) for head, key in (
+            ("unbounded AUC", "unbounded_auc"), ("capped AUC", "capped_auc"),
+            ("gap", "auc_gap"), ("reference AUC", "reference_auc"))]]),
 ]
 
 
@@ -272,11 +273,12 @@ def _all_at_least(rows: list[dict], key: str, bar: float, scale: float = 1.0):
     return _span(vals), min(vals) >= bar
 
 
-def _all_at_most(rows: list[dict], key: str, bar: float):
+def _all_at_most(rows: list[dict], key: str, bar: float, digits: int = 0):
     vals = [r[key] for r in rows if r.get(key) is not None]
     if not vals:
         return "not run", None
-    return _span(vals), max(vals) <= bar
+    text = ", ".join(f"{v:.{digits}f}" for v in vals) if digits else _span(vals)
+    return text, max(vals) <= bar
 
 
 def _ps(data, key, bar):
@@ -402,7 +404,8 @@ GOALS = [
     ("16", "byte cap over 10^8 distinct ids: peak over cap", "≤ 5%",
      lambda d: _all_at_most(_rows(d, "table_memory", "table_memory"), "over_cap_pct", 5.0)),
     ("16", "clicks AUC, capped vs unbounded", "gap ≤ 0.005",
-     lambda d: _all_at_most(_rows(d, "table_memory", "table_memory_auc"), "auc_gap", 0.005)),
+     lambda d: _all_at_most(_rows(d, "table_memory", "table_memory_auc"), "auc_gap", 0.005,
+                            digits=5)),
     ("16", "hot server: automatic migration finishes sooner", "≥ 30%",
      lambda d: _all_at_least(_rows(d, "elastic"), "sooner_pct", 30.0)),
     ("16", "delta chain restores what a full checkpoint does", "identical",
@@ -438,18 +441,39 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _same_code(commits: list[str]) -> str:
+    """Whether the measured code (tessera/, examples/) is the same at these commits."""
+    import subprocess
+    shas = [c.split("+")[0] for c in commits]
+    if len(shas) < 2 or any("+" in c for c in commits):
+        return ""
+    try:
+        same = all(subprocess.run(["git", "diff", "--quiet", shas[0], sha, "--", "tessera",
+                                   "examples"], cwd=ROOT, timeout=30).returncode == 0
+                   for sha in shas[1:])
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (" `tessera/` and `examples/` are the same at these commits (only benchmarks or "
+            "docs changed between them)." if same else
+            " **`tessera/` differs between these commits**: compare rows with care.")
+
+
 def render(data: dict[str, list[dict]], index: dict) -> str:
     lines = [BEGIN, ""]
-    commits = sorted({v["commit"] for v in index.values() if v.get("commit")})
+    commits: dict[str, int] = {}
+    for v in index.values():
+        if v.get("commit"):
+            commits[v["commit"]] = commits.get(v["commit"], 0) + 1
     dates = sorted(v["date"] for v in index.values() if v.get("date"))
     foreign = [r["foreign_cpu_pct"] for rows in data.values() for r in rows
                if isinstance(r.get("foreign_cpu_pct"), (int, float))]
     lines += [
         "## Results",
         "",
-        f"Written by `benchmarks/report.py` from one `make bench` run: commit "
-        f"{', '.join(f'`{c}`' for c in commits) or 'unknown'}, "
-        f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC. "
+        f"Written by `benchmarks/report.py` from one `make bench` run: "
+        f"{', '.join(f'commit `{c}` ({n} benchmarks)' for c, n in commits.items()) or 'commit unknown'}, "
+        f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC."
+        f"{_same_code(list(commits))} "
         f"`foreign_cpu_pct` (the machine's CPU used by other processes meanwhile) over all "
         f"lines: median {statistics.median(foreign) if foreign else float('nan'):.1f}, "
         f"max {max(foreign) if foreign else float('nan'):.1f}.",
