@@ -343,6 +343,8 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
         started = time.monotonic()
         clients[0].push(part.id, grad, 1).wait(timeout_s=2.0)  # not held for worker 1's
         assert time.monotonic() - started < 2.0
+        # Its own update goes to the backup after its answer (it may still be on the way).
+        wait_for(lambda: len(stalled) >= 2, 5, "worker 0's update reaching the backup")
         assert [m.worker for m in stalled] == [1, 0]
         stops[0].set()  # server 0 goes with both updates missing on the backup
         threads[0].join(timeout=5)
