@@ -206,10 +206,14 @@ TABLES = [
                                                   r["tessera_cached_vs_local_cpu"])),
               ("cache hit rate", "cache_hit_rate")]),
     Table("elastic", "elastic", "A hot server: automatic migration against none", [
-        ("steps", "steps"), ("servers", "servers"), ("rounds", "rounds"),
-        ("static s", "static_total_s"), ("rebalance s", "rebalance_total_s"),
-        ("sooner %", "sooner_pct"), ("static accuracy", "static_eval_accuracy"),
-        ("rebalance accuracy", "rebalance_eval_accuracy"), ("moves", "rebalance_moves")]),
+        ("case", "case"), ("job", "job"), ("slowed", "slow_what"), ("steps", "steps"),
+        ("rounds", "rounds"), ("static train s", "static_train_s"),
+        ("rebalance train s", "rebalance_train_s"), ("sooner %", "sooner_pct"),
+        ("whole run, rebalance / static", "rebalance_vs_static_total"),
+        ("metric", "eval_metric"),
+        ("static", lambda r: r.get("static_eval", r.get("static_eval_accuracy"))),
+        ("rebalance", lambda r: r.get("rebalance_eval", r.get("rebalance_eval_accuracy"))),
+        ("pushes acked = applied", "pushes_ok"), ("moves", "rebalance_moves")]),
     Table("replication_cost", None, "What `--replication 2` costs (digits)", [
         ("case", "case"), ("mode", "mode"), ("epochs", "epochs"), ("median s", "median_s"),
         ("vs unreplicated", "vs_unreplicated"), ("vs same servers", "vs_same_servers"),
@@ -453,9 +457,18 @@ def _same_code(commits: list[str]) -> str:
                    for sha in shas[1:])
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return (" `tessera/` and `examples/` are the same at these commits (only benchmarks or "
-            "docs changed between them)." if same else
-            " **`tessera/` differs between these commits**: compare rows with care.")
+    if same:
+        return (" `tessera/` and `examples/` are the same at these commits (only benchmarks "
+                "or docs changed between them).")
+    try:
+        files = subprocess.run(["git", "diff", "--name-only", shas[0], shas[-1], "--",
+                                "tessera", "examples"], cwd=ROOT, timeout=30,
+                               capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        files = []
+    return (f" **`tessera/` differs between these commits** (`git diff {shas[0]} {shas[-1]}`: "
+            f"{', '.join(f'`{f}`' for f in files) or 'see git'}): a row measures the code of "
+            f"its own commit.")
 
 
 def render(data: dict[str, list[dict]], index: dict) -> str:

@@ -406,5 +406,12 @@ def test_rebalance_moves_a_hot_table_shard_only_when_it_lowers_the_maximum():
     # moves, although its cost where it is would overload server 1.
     assert hot_moves(0, 1, {0: 0.95, 1: 0.08}, {0: 0.9, 1: 0.05}, {0: 0, 1: 1}, shards) == \
         {-1: 1}
+    # Back the other way, server 0 now serving no shard: not onto a server a shard was
+    # measured to cost 0.9 (it would be hotter than server 1 is now); partitions move.
+    plan = hot_moves(1, 0, {0: 0.05, 1: 0.6}, {1: 0.5}, {0: 1, 1: 1, 2: 0, 3: 1},
+                     {0: 1, 1: 1}, {0: 0.9, 1: 0.25})
+    assert plan and all(k >= 0 for k in plan), plan
+    assert hot_moves(1, 0, {0: 0.05, 1: 0.6}, {1: 0.5}, {0: 1, 1: 1, 2: 0, 3: 1},
+                     {0: 1, 1: 1}) == {-1: 0}  # (without that memory, it would go back)
     # Of two shards on the hot server, one that moved there goes first.
     assert hot_moves(0, 1, {0: 0.9, 1: 0.1}, {0: 0.8}, owner, {0: 0, 1: 0}) == {-2: 1}

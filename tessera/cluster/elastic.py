@@ -84,6 +84,9 @@ class Elastic:
         self._busy: dict[int, tuple[float, float, float]] = {}
         self._rates: dict[int, float] = {}
         self._table_rates: dict[int, float] = {}  # the part of _rates serving table rows
+        #: What one table shard was last measured to cost each server that served one
+        #: (busy share per second): a shard is not moved back onto a server it was slow on.
+        self._shard_cost: dict[int, float] = {}
         self._window_at = time.monotonic()
         self._hot = (-1, 0)  # (server, windows in a row)
         self._quiet_until = 0.0
@@ -262,7 +265,12 @@ class Elastic:
         self._hot = (hot, self._hot[1] + 1 if self._hot[0] == hot else 1)
         if self._hot[1] < HOT_WINDOWS:
             return
-        plan = hot_moves(hot, cool, rates, self._table_rates, owner, shards or {})
+        for r in rates:
+            served = sum(1 for s in (shards or {}).values() if s == r)
+            if served and self._table_rates.get(r, 0.0) > 0:
+                self._shard_cost[r] = min(self._table_rates[r], rates[r]) / served
+        plan = hot_moves(hot, cool, rates, self._table_rates, owner, shards or {},
+                         self._shard_cost)
         self._order(plan, f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} "
                           f"on server {cool})")
 
@@ -298,13 +306,15 @@ class Elastic:
 
 
 def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[int, float],
-              owner: dict[int, int], shards: dict[int, int]) -> dict[int, int]:
+              owner: dict[int, int], shards: dict[int, int],
+              shard_cost: dict[int, float] | None = None) -> dict[int, int]:
     """Rebalance's moves off server ``hot`` onto ``cool`` (busy shares per second:
     ``rates``, of which serving table rows ``table_rates``): k dense partitions, k evening
     out the two servers' measured per-partition costs, or one table shard (keyed
     ``-(k + 1)``) when the hot server's load is in its shards: a shard is a coarse unit,
     so it moves only when ``cool``'s busy plus what a shard costs there (its own measured
-    per-shard cost, where it serves one) stays below ``hot``'s, and when that lowers the
+    per-shard cost where it serves one, else what one cost it when it last did:
+    ``shard_cost``, else the hot server's) stays below ``hot``'s, and when that lowers the
     larger of the two more than the partitions would."""
     mine = sorted(pid for pid, s in owner.items() if s == hot)
     theirs = sum(1 for s in owner.values() if s == cool)
@@ -325,7 +335,8 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
         # for partitions: a slow server's cost is its own, not the shard's), else this one.
         theirs_served = sum(1 for s in shards.values() if s == cool)
         cool_table = min(table_rates.get(cool, 0.0), rates[cool])
-        there = cool_table / theirs_served if theirs_served and cool_table > 0 else share
+        there = (cool_table / theirs_served if theirs_served and cool_table > 0
+                 else (shard_cost or {}).get(cool, share))
         if rates[cool] + there < rates[hot]:
             # One it is not the home of first (it moved here before).
             k = max(served, key=lambda k: (k != hot, k))
