@@ -484,7 +484,7 @@ def render(data: dict[str, list[dict]], index: dict) -> str:
         "## Results",
         "",
         f"Written by `benchmarks/report.py` from one `make bench` run: "
-        f"{', '.join(f'commit `{c}` ({n} benchmarks)' for c, n in commits.items()) or 'commit unknown'}, "
+        f"{', '.join(f'commit `{c}` ({n} benchmark{"s" if n != 1 else ""})' for c, n in commits.items()) or 'commit unknown'}, "
         f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC."
         f"{_same_code(list(commits))} "
         f"`foreign_cpu_pct` (the machine's CPU used by other processes meanwhile) over all "
