@@ -439,6 +439,10 @@ def load(out: Path) -> tuple[dict[str, list[dict]], dict]:
     return data, index
 
 
+def _plural(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -484,7 +488,7 @@ def render(data: dict[str, list[dict]], index: dict) -> str:
         "## Results",
         "",
         f"Written by `benchmarks/report.py` from one `make bench` run: "
-        f"{', '.join(f'commit `{c}` ({n} benchmark{"s" if n != 1 else ""})' for c, n in commits.items()) or 'commit unknown'}, "
+        f"{', '.join(f'commit `{c}` ({n} benchmark{_plural(n)})' for c, n in commits.items()) or 'commit unknown'}, "
         f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC."
         f"{_same_code(list(commits))} "
         f"`foreign_cpu_pct` (the machine's CPU used by other processes meanwhile) over all "
