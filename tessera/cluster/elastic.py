@@ -265,10 +265,6 @@ class Elastic:
         self._hot = (hot, self._hot[1] + 1 if self._hot[0] == hot else 1)
         if self._hot[1] < HOT_WINDOWS:
             return
-        for r in rates:
-            served = sum(1 for s in (shards or {}).values() if s == r)
-            if served and self._table_rates.get(r, 0.0) > 0:
-                self._shard_cost[r] = min(self._table_rates[r], rates[r]) / served
         plan = hot_moves(hot, cool, rates, self._table_rates, owner, shards or {},
                          self._shard_cost)
         self._order(plan, f"server {hot} is hot ({rates[hot]:.0%} busy vs {rates[cool]:.0%} "
@@ -313,9 +309,15 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
     out the two servers' measured per-partition costs, or one table shard (keyed
     ``-(k + 1)``) when the hot server's load is in its shards: a shard is a coarse unit,
     so it moves only when ``cool``'s busy plus what a shard costs there (its own measured
-    per-shard cost where it serves one, else what one cost it when it last did:
-    ``shard_cost``, else the hot server's) stays below ``hot``'s, and when that lowers the
-    larger of the two more than the partitions would."""
+    per-shard cost where it serves one, else what one cost it when it last did, else the
+    hot server's) stays below ``hot``'s, and when that lowers the larger of the two more
+    than the partitions would. ``shard_cost`` (server -> what one shard costs it) is
+    updated with this window's measurements: the caller keeps it, for later windows."""
+    costs = {} if shard_cost is None else shard_cost
+    for r in rates:
+        n = sum(1 for s in shards.values() if s == r)
+        if n and table_rates.get(r, 0.0) > 0:
+            costs[r] = min(table_rates[r], rates[r]) / n
     mine = sorted(pid for pid, s in owner.items() if s == hot)
     theirs = sum(1 for s in owner.values() if s == cool)
     served = sorted(k for k, s in shards.items() if s == hot)
@@ -330,13 +332,10 @@ def hot_moves(hot: int, cool: int, rates: dict[int, float], table_rates: dict[in
         options.append((max(rates[hot] - c_hot * k, rates[cool] + c_hot * k), 1,
                         {pid: cool for pid in mine[-k:]}))
     if served and table > 0:
-        share = table / len(served)
-        # What a shard costs on ``cool``: its own per-shard cost where it serves shards (as
-        # for partitions: a slow server's cost is its own, not the shard's), else this one.
-        theirs_served = sum(1 for s in shards.values() if s == cool)
-        cool_table = min(table_rates.get(cool, 0.0), rates[cool])
-        there = (cool_table / theirs_served if theirs_served and cool_table > 0
-                 else (shard_cost or {}).get(cool, share))
+        share = costs[hot]
+        # What a shard costs on ``cool`` is cool's own cost (as for partitions: a slow
+        # server's cost is its own, not the shard's); never measured there: this one.
+        there = costs.get(cool, share)
         if rates[cool] + there < rates[hot]:
             # One it is not the home of first (it moved here before).
             k = max(served, key=lambda k: (k != hot, k))
