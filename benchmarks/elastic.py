@@ -111,6 +111,7 @@ def main() -> None:
         args.rounds = 1
     deadline = time.monotonic() + args.timeout
     for case in cases:
+        job, _, slow_what, metric = CASES[case]
         steps = args.steps or (150 if args.quick else {"dense": 500, "tables": 300}[case])
         runs: dict[str, list[dict]] = {"static": [], "rebalance": []}
         for r in range(args.rounds):
@@ -130,9 +131,9 @@ def main() -> None:
         med = statistics.median
         train_ratio = med(b["train_s"] / a["train_s"] for a, b in pairs)
         total_ratio = med(b["total_s"] / a["total_s"] for a, b in pairs)
-        line = {"bench": "elastic", "case": case, "job": CASES[case][0],
-                "eval_metric": CASES[case][3], "steps": steps,
-                "slow_ms": args.slow_ms, "slow_what": CASES[case][2].lstrip(":") or "all",
+        line = {"bench": "elastic", "case": case, "job": job, "eval_metric": metric,
+                "steps": steps, "slow_ms": args.slow_ms,
+                "slow_what": slow_what.lstrip(":") or "all",
                 "rounds": len(pairs), "workers": 2, "servers": 2, "mode": "sync",
                 "static_train_s": round(med(a["train_s"] for a, _ in pairs), 2),
                 "rebalance_train_s": round(med(b["train_s"] for _, b in pairs), 2),

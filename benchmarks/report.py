@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,11 @@ def _get(row: dict, key: Any) -> Any:
 def _mega(key: str) -> Callable[[dict], Any]:
     return lambda r: None if r.get(key) is None else r[key] / 1e6
 
+
+_STRAGGLER_COLS: list[Col] = [
+    ("workers", "workers"), ("mode", "mode"), ("samples/s", "tessera_samples_per_s"),
+    ("vs sync", "vs_sync_samples_per_s"), ("eval accuracy", "eval_accuracy"),
+    ("points vs sync", "vs_sync_accuracy_points")]
 
 TABLES = [
     Table("startup", "startup", "Job start-up: the fork server against fresh processes", [
@@ -169,15 +175,10 @@ TABLES = [
         ("DDP", "ddp_samples_per_s"), ("allreduce / DDP", "allreduce_vs_ddp"),
         ("sync / DDP", "sync_vs_ddp"), ("async / DDP", "async_vs_ddp")]),
     Table("stragglers", "stragglers", "A persistent 3x straggler: sync, ssp K=2, async and "
-          "the balancing remedy", [
-              ("workers", "workers"), ("mode", "mode"), ("samples/s", "tessera_samples_per_s"),
-              ("vs sync", "vs_sync_samples_per_s"), ("eval accuracy", "eval_accuracy"),
-              ("points vs sync", "vs_sync_accuracy_points"),
-              ("samples per worker", "samples_per_worker"), ("slow factor", "slow_factor")]),
+          "the balancing remedy", [*_STRAGGLER_COLS, ("samples per worker", "samples_per_worker"),
+                                   ("slow factor", "slow_factor")]),
     Table("stragglers_transient", "stragglers", "Transient stragglers (p = 0.25, 3x)", [
-        ("workers", "workers"), ("mode", "mode"), ("samples/s", "tessera_samples_per_s"),
-        ("vs sync", "vs_sync_samples_per_s"), ("eval accuracy", "eval_accuracy"),
-        ("points vs sync", "vs_sync_accuracy_points"), ("delayed steps", "delayed_steps")]),
+        *_STRAGGLER_COLS, ("delayed steps", "delayed_steps")]),
     Table("pipeline", "pipeline", "Pipeline stages: GPipe and 1F1B", [
         ("stages", "stages"), ("microbatches", "microbatches"), ("batch", "batch"),
         ("one process s/step", "single_process_step_s"), ("ideal bubble", "ideal_bubble"),
@@ -270,8 +271,10 @@ def _span(vals: list[float]) -> str:
     return f"{_fmt(lo)}" if lo == hi else f"{_fmt(lo)}–{_fmt(hi)}"
 
 
-def _all_at_least(rows: list[dict], key: str, bar: float, scale: float = 1.0):
-    vals = [r[key] * scale for r in rows if r.get(key) is not None]
+def _all_at_least(rows: list[dict], keys: str | tuple[str, ...], bar: float,
+                  scale: float = 1.0):
+    keys = (keys,) if isinstance(keys, str) else keys
+    vals = [r[k] * scale for r in rows for k in keys if r.get(k) is not None]
     if not vals:
         return "not run", None
     return _span(vals), min(vals) >= bar
@@ -283,16 +286,6 @@ def _all_at_most(rows: list[dict], key: str, bar: float, digits: int = 0):
         return "not run", None
     text = ", ".join(f"{v:.{digits}f}" for v in vals) if digits else _span(vals)
     return text, max(vals) <= bar
-
-
-def _ps(data, key, bar):
-    return _all_at_least(_rows(data, "ps_roundtrip"), key, bar)
-
-
-def _sparse(data, keys, bar, scale=1.0):
-    rows = _rows(data, "sparse_embedding")
-    vals = [r[k] * scale for r in rows for k in keys if r.get(k) is not None]
-    return (_span(vals), min(vals) >= bar) if vals else ("not run", None)
 
 
 def _wire(data):
@@ -359,6 +352,13 @@ def _mnist(data):
             f"{_span([r['ratio'] for r in rows])})", min(steady) >= 1.0)
 
 
+def _all_true(rows: list[dict], key: str):
+    if not rows:
+        return "not run", None
+    ok = all(r[key] for r in rows)
+    return _fmt(ok), ok
+
+
 def _movielens(data):
     rows = _rows(data, "movielens_seeds", "movielens_seeds")
     if not rows:
@@ -368,18 +368,19 @@ def _movielens(data):
 
 GOALS = [
     ("15", "dense push+pull vs raw pyzmq, every size", "≥ 0.9×",
-     lambda d: _ps(d, "tessera_vs_zmq", 0.9)),
+     lambda d: _all_at_least(_rows(d, "ps_roundtrip"), "tessera_vs_zmq", 0.9)),
     ("15", "dense push+pull vs `torch.distributed.rpc`, every size", "≥ 1.2×",
-     lambda d: _ps(d, "tessera_vs_rpc", 1.2)),
+     lambda d: _all_at_least(_rows(d, "ps_roundtrip"), "tessera_vs_rpc", 1.2)),
     ("15", "server under 64 clients: ops/s vs echo", "≥ 0.8×",
      lambda d: _all_at_least(_rows(d, "server_load"), "tessera_ops_vs_zmq", 0.8)),
     ("15", "server under 64 clients: p99 vs echo", "≤ 2×",
      lambda d: _all_at_most(_rows(d, "server_load"), "tessera_p99_vs_zmq", 2.0)),
     ("15", "embedding rows per server, pull and push (M rows/s)", "≥ 3",
-     lambda d: _sparse(d, ("tessera_pull_rows_per_server_per_s",
-                           "tessera_push_rows_per_server_per_s"), 3.0, 1e-6)),
+     lambda d: _all_at_least(_rows(d, "sparse_embedding"),
+                             ("tessera_pull_rows_per_server_per_s",
+                              "tessera_push_rows_per_server_per_s"), 3.0, 1e-6)),
     ("15", "embedding rows vs one process (pull + push iteration)", "≥ 0.5×",
-     lambda d: _sparse(d, ("tessera_vs_local",), 0.5)),
+     lambda d: _all_at_least(_rows(d, "sparse_embedding"), "tessera_vs_local", 0.5)),
     ("15", "MNIST CNN, sync PS vs DDP (measured as DDP is: steady steps, no evaluation)",
      "≥ 1.0×", _mnist),
     ("15", "half-width wire, 25M push+pull time vs fp32", "≤ 0.6×", _wire),
@@ -413,9 +414,7 @@ GOALS = [
     ("16", "hot server: automatic migration finishes sooner", "≥ 30%",
      lambda d: _all_at_least(_rows(d, "elastic"), "sooner_pct", 30.0)),
     ("16", "delta chain restores what a full checkpoint does", "identical",
-     lambda d: (lambda rows: ("not run", None) if not rows else
-                (_fmt(all(r["exports_identical"] for r in rows)),
-                 all(r["exports_identical"] for r in rows)))(_rows(d, "delta_checkpoint"))),
+     lambda d: _all_true(_rows(d, "delta_checkpoint"), "exports_identical")),
     ("16", "MovieLens test RMSE, every seed", "≤ 0.92", _movielens),
     ("14", "kills at random moments: completed, nothing acked lost, recovery", "all; 0; ≤ 5 s",
      _faults),
@@ -451,7 +450,6 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def _same_code(commits: list[str]) -> str:
     """Whether the measured code (tessera/, examples/) is the same at these commits."""
-    import subprocess
     shas = [c.split("+")[0] for c in commits]
     if len(shas) < 2 or any("+" in c for c in commits):
         return ""
@@ -484,11 +482,12 @@ def render(data: dict[str, list[dict]], index: dict) -> str:
     dates = sorted(v["date"] for v in index.values() if v.get("date"))
     foreign = [r["foreign_cpu_pct"] for rows in data.values() for r in rows
                if isinstance(r.get("foreign_cpu_pct"), (int, float))]
+    measured = ", ".join(f"commit `{c}` ({n} benchmark{_plural(n)})"
+                         for c, n in commits.items()) or "commit unknown"
     lines += [
         "## Results",
         "",
-        f"Written by `benchmarks/report.py` from one `make bench` run: "
-        f"{', '.join(f'commit `{c}` ({n} benchmark{_plural(n)})' for c, n in commits.items()) or 'commit unknown'}, "
+        f"Written by `benchmarks/report.py` from one `make bench` run: {measured}, "
         f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC."
         f"{_same_code(list(commits))} "
         f"`foreign_cpu_pct` (the machine's CPU used by other processes meanwhile) over all "

@@ -60,7 +60,8 @@ def _commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "tessera", "benchmarks/*.py", "examples"], cwd=ROOT, text=True, capture_output=True, timeout=10).stdout
+                                "tessera", "benchmarks/*.py", "examples"], cwd=ROOT,
+                               text=True, capture_output=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (sha + ("+dirty" if dirty.strip() else "")) or "unknown"
