@@ -165,6 +165,22 @@ def _node_pair(h, job_flags, tmp_path, run: str):
     return n0, n1
 
 
+def _after_usr1(dead: list[dict], nodes, tmp_path) -> str:
+    """What the test saw when a process of run A was gone 0.5 s after SIGUSR1: which ones,
+    the node launchers' output, and every log of run A (the dead processes' first)."""
+    lines = [f"gone after SIGUSR1: {dead}"]
+    for k, p in enumerate(nodes):
+        lines.append(f"node {k} launcher: {'running' if p.poll() is None else p.returncode}")
+        if p.poll() is None:
+            p.kill()
+        lines.append(p.communicate(timeout=30)[0])
+    names = {f"{d['role']}-{d['rank']}.log" for d in dead}
+    logs = sorted(tmp_path.glob("a-node*/logs/*.log"), key=lambda f: f.name not in names)
+    for log in logs:
+        lines.append(f"--- {log.relative_to(tmp_path)}:\n{log.read_text()[-4000:]}")
+    return "\n".join(lines)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -204,14 +220,16 @@ def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, t
     mark("A checkpointed")
     periodic = store.clocks()[0][0]
     check_complete(periodic)
-    pids = [p["pid"] for p in json.loads((tmp_path / "a-node0" / "cluster.json").read_text())
-            ["processes"]]
+    procs = json.loads((tmp_path / "a-node0" / "cluster.json").read_text())["processes"]
+    pids = [p["pid"] for p in procs]
     assert len(pids) == 4  # the coordinator, 2 servers, 1 worker over the 2 hosts
     # Slurm's --signal=USR1 reaches every process of the job: the children ignore it.
     for pid in pids:
         os.kill(pid, signal.SIGUSR1)
     time.sleep(0.5)
-    assert all(_alive(pid) for pid in pids) and n0.poll() is None and n1.poll() is None
+    dead = [p for p in procs if not _alive(p["pid"])]
+    if dead or n0.poll() is not None or n1.poll() is not None:
+        raise AssertionError(_after_usr1(dead, (n0, n1), tmp_path))
     for p in (n1, n0):
         p.send_signal(signal.SIGTERM)
     code0, out0 = finish(n0, 60)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import traceback
 
 import pytest
@@ -316,10 +317,28 @@ def test_sync_push_refusals(make_cluster):
 # -------------------------------------------------------- d. wrong secret
 
 
+def settled(cluster, timeout_s: float = TIMEOUT_S) -> list[dict]:
+    """Every server's stats and received-message count, once two reads 50 ms apart agree.
+    (A server answers a request before it adds the time it took to ``busy_s``: a snapshot
+    taken right after the answer arrives can precede that addition.)"""
+    def read():
+        return [dict(ps.stats, endpoint_messages_in=ps.endpoint.messages_in)
+                for ps in cluster.servers]
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the servers' stats kept changing for {timeout_s} s: {last}")
+
+
 def test_wrong_secret_is_refused(make_cluster):
     cfg = OptimizerConfig(name="sgd", lr=0.1)
     model, cluster, (c0,) = start(make_cluster, mode="sync", num_workers=1, optimizer=cfg)
-    before = [dict(ps.stats) for ps in cluster.servers]
+    before = settled(cluster)
     for server in range(2):
         intruder = cluster.raw(server, secret="not-the-secret")
         with pytest.raises(AuthRefused, match=f"server {server}"):
@@ -334,7 +353,7 @@ def test_wrong_secret_is_refused(make_cluster):
         # No reply: a wait times out, or finds the refused connection closed for good.
         with pytest.raises(TransportError):
             intruder.wait(2, 0.2, "pull")
-    assert [dict(ps.stats) for ps in cluster.servers] == before
+    assert settled(cluster) == before
     torch.testing.assert_close(pull_all(c0), flat_of(model), rtol=0, atol=0)
     late = cluster.client(0)  # a correct client still connects and is served
     torch.testing.assert_close(pull_all(late), flat_of(model), rtol=0, atol=0)
