@@ -131,6 +131,34 @@ def test_embedding_bag_module_matches_torch_and_pushes_row_grads(server):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("shape", ["offsets", "empty_bag", "2d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bag_backward_equals_torchs(mode, shape, dtype):
+    """ShardedEmbeddingBag's own backward (one index_add_ per step) gives the row
+    gradients torch's embedding_bag gives, for every bag layout the module accepts."""
+    import torch.nn.functional as F
+
+    from tessera.parallel.embedding import _BagOfRows
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(7, 5, generator=gen).to(dtype)
+    if shape == "2d":
+        inverse, offsets = torch.randint(0, 7, (4, 3), generator=gen), None
+    else:
+        inverse = torch.randint(0, 7, (9,), generator=gen)
+        offsets = torch.tensor([0, 2, 2, 6] if shape == "empty_bag" else [0, 4, 5, 8])
+    mine, ref = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    out = _BagOfRows.apply(inverse, mine, offsets, mode)
+    expected = F.embedding_bag(inverse, ref, offsets, mode=mode)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    weights = torch.randn(out.shape, generator=gen).to(dtype)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert mine.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=tol, atol=tol)
+
+
 def test_export_comes_in_pages_below_the_reply_limit(server, monkeypatch):
     """A DumpRows reply holds at most MAX_ROWS_REPLY_BYTES of rows (the client's frame
     limit would otherwise break its connection on a big shard): the client asks page
