@@ -7,12 +7,19 @@ results markers of `benchmarks/README.md`. Nothing outside the markers is touche
 
     .venv/bin/python benchmarks/report.py                 # from runs/bench
     .venv/bin/python benchmarks/report.py --stdout        # print instead of writing
+    .venv/bin/python benchmarks/report.py --restore       # runs/bench back from the README
+
+``runs/bench`` is not in the repository, so a fresh checkout has none: ``--restore`` writes
+it back from the README's results (the JSON lines and each benchmark's command, commit,
+date, wall time and exit code), so that a partial rerun (``run_all.py --only NAME``) and
+this script then rewrite that benchmark's table and keep every other one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -535,13 +542,62 @@ def render(data: dict[str, list[dict]], index: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A table's run line as :func:`render` writes it.
+_RUN_LINE = re.compile(r"^`(?P<cmd>[^`]*)`: commit `(?P<commit>[^`]*)`, (?P<date>\S+ \S+) UTC, "
+                       r"(?P<wall>[-\d.]+) s, exit (?P<rc>-?\d+)$", re.M)
+
+
+def restore(text: str, out: Path) -> int:
+    """Write ``<name>.jsonl`` and ``index.json`` into ``out`` from the results block that
+    :func:`render` wrote into ``text``; returns the number of benchmarks found."""
+    if BEGIN not in text or END not in text:
+        raise ValueError("no results block (its markers) in the README")
+    block = text[text.index(BEGIN):text.index(END)]
+    file_of = {t.title: t.file for t in TABLES}
+    lines: dict[str, list[str]] = {}
+    index: dict[str, dict] = {}
+    for section in block.split("\n### ")[1:]:
+        title, _, body = section.partition("\n")
+        name = file_of.get(title.strip())
+        if name is None:  # the goals table
+            continue
+        run = _RUN_LINE.search(body)
+        if run:
+            index[name] = {"argv": run["cmd"].split(" "), "rc": int(run["rc"]),
+                           "wall_s": float(run["wall"]), "commit": run["commit"],
+                           "date": run["date"]}
+        kept = lines.setdefault(name, [])
+        for fenced in re.findall(r"```\n(.*?)```", body, re.S):
+            kept += [x for x in fenced.splitlines() if x.startswith("{") and x not in kept]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, kept in lines.items():
+        if kept:
+            (out / f"{name}.jsonl").write_text("\n".join(kept) + "\n")
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return len(index)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="run_all.py's output")
     ap.add_argument("--readme", default=str(HERE / "README.md"))
     ap.add_argument("--stdout", action="store_true", help="print the results, write nothing")
+    ap.add_argument("--restore", action="store_true",
+                    help="write --out back from the README's results (a fresh checkout)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.restore:
+        if out.is_dir() and any(out.glob("*.jsonl")):
+            print(f"report.py: --out {out} already holds a run; --restore writes only into "
+                  f"an empty or missing directory", file=sys.stderr)
+            return 2
+        try:
+            n = restore(Path(args.readme).read_text(), out)
+        except (OSError, ValueError) as exc:
+            print(f"report.py: cannot restore from {args.readme}: {exc}", file=sys.stderr)
+            return 2
+        print(f"report.py: wrote {n} benchmarks' lines into {out}", file=sys.stderr)
+        return 0
     if not out.is_dir():
         print(f"report.py: --out {out} does not exist; run `make bench` first", file=sys.stderr)
         return 2

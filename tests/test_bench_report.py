@@ -12,9 +12,9 @@ from tests.harness import ROOT
 REPORT = ROOT / "benchmarks" / "report.py"
 
 
-def _run(out, readme):
+def _run(out, readme, *flags):
     return subprocess.run([sys.executable, str(REPORT), "--out", str(out), "--readme",
-                           str(readme)], capture_output=True, text=True, timeout=60)
+                           str(readme), *flags], capture_output=True, text=True, timeout=60)
 
 
 def _line(**fields) -> str:
@@ -58,6 +58,28 @@ def test_report_writes_the_tables_and_judges_each_goal_from_the_numbers(tmp_path
     assert "| 10M | 1 | 2.00 | 2.10 |" in text  # the ps_roundtrip table, from the lines
     # Run again: the same text (the markers found, nothing appended twice).
     assert _run(out, readme).returncode == 0 and readme.read_text() == text
+    # A fresh checkout: the run restored from the README gives the same README again.
+    again = tmp_path / "restored"
+    done = _run(again, readme, "--restore")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in again.iterdir()) == [
+        "index.json", "ps_roundtrip.jsonl", "shm_roundtrip.jsonl"]
+    assert json.loads((again / "index.json").read_text()) == json.loads(
+        (out / "index.json").read_text())
+    assert _run(again, readme).returncode == 0 and readme.read_text() == text
+    # ...but never over a run that is there.
+    done = _run(out, readme, "--restore")
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+
+
+def test_the_readme_restores_to_its_own_results(tmp_path):
+    """benchmarks/README.md as committed: restored and rendered again, byte for byte."""
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "benchmarks" / "README.md").read_text())
+    done = _run(tmp_path / "bench", readme, "--restore")
+    assert done.returncode == 0, done.stderr
+    assert _run(tmp_path / "bench", readme).returncode == 0
+    assert readme.read_text() == (ROOT / "benchmarks" / "README.md").read_text()
 
 
 def test_report_without_a_run_says_what_to_do(tmp_path):
