@@ -76,6 +76,7 @@ class Launcher:
                              f"group, which only `tessera run` and `tessera launch` on one "
                              f"machine do yet; drop --max-restarts (or use sync, async or ssp)")
         self._coord_ep = None
+        self._tell_failure = ""  # why the last _tell got no answer
         self._ctx = None
         self._env: dict = {}
         #: A worker process with its imports done, waiting to replace a dead worker
@@ -322,6 +323,7 @@ class Launcher:
     def _tell(self, msg_factory, timeout_s: float, what: str):
         """Send a request to the coordinator; None if it does not answer in time."""
         from tessera.transport.endpoint import TransportError
+        self._tell_failure = ""
         if self.identity is None or not self.identity.coordinator:
             return None
         ep = self._coordinator()
@@ -333,7 +335,8 @@ class Launcher:
         try:
             reply, _ = ep.request(msg_factory(ep.new_req()), timeout_s=timeout_s, what=what,
                                   check=check)
-        except TransportError:
+        except TransportError as exc:
+            self._tell_failure = str(exc)  # (read by checkpoint_now: the user is told why)
             return None
         return reply
 
@@ -547,16 +550,22 @@ class Launcher:
         """The coordinator has ended cleanly (it exits 0 once summary.json is written)."""
         return any(c.role == "coordinator" and c.proc.poll() == 0 for c in self.children)
 
-    def checkpoint_now(self, timeout_s: float) -> Optional[str]:
-        """Ask for a checkpoint and wait until it is complete; returns where, or None."""
+    def checkpoint_now(self, timeout_s: float) -> tuple[Optional[str], str]:
+        """Ask for a checkpoint and wait until it is complete: (where, "") or (None, why)."""
         from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
         from tessera.transport import wire
         reply = self._tell(lambda req: wire.CheckpointNow(req=req), timeout_s, "checkpoint")
+        if reply is None:
+            return None, self._tell_failure or "the coordinator is not reachable"
+        if isinstance(reply, wire.Error):
+            return None, reply.message
         if not isinstance(reply, wire.Ack):
-            return None
+            return None, f"the coordinator answered {type(reply).__name__}"
         store = CheckpointStore(checkpoint_url(self.cfg, self.run_dir))
         latest = store.latest()
-        return f"clock {latest['clock']} in {store.url}" if latest else None
+        if not latest:
+            return None, f"the coordinator acknowledged it, but {store.url} holds no complete one"
+        return f"clock {latest['clock']} in {store.url}", ""
 
     def watch(self, progress=None) -> Optional[str]:
         """Wait for the job; returns None on success, else the failure (one paragraph)."""
@@ -645,7 +654,7 @@ class Launcher:
         except KeyboardInterrupt:
             if view:
                 view.stop()
-            where = None
+            where, why = None, ""
             checkpointable = self._env and (self.cfg.cluster.servers
                                             or self.cfg.ps.mode == "allreduce")
             refused = self._why_no_checkpoint() if checkpointable else None
@@ -655,12 +664,13 @@ class Launcher:
                 print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
                       flush=True)
                 try:
-                    where = self.checkpoint_now(timeout_s=self.cfg.cluster.timeout_s * 2)
+                    where, why = self.checkpoint_now(timeout_s=self.cfg.cluster.timeout_s * 2)
                 except KeyboardInterrupt:
-                    where = None
+                    where, why = None, "interrupted again"
             self.stop_all()
             resume = self.cfg.checkpoint.dir or self.run_dir
             note = (f"; checkpoint at {where}: continue with --resume {resume}" if where
+                    else f"; no checkpoint was completed ({why})" if why
                     else "; no checkpoint was completed")
             print_failure(f"interrupted: every process of the job was stopped{note}",
                           self.run_dir)
