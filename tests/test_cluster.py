@@ -71,7 +71,9 @@ def test_digits_sync_reaches_095(tmp_path):
 
 
 def test_digits_async_reaches_093(tmp_path):
-    summary = run_job(DIGITS, tmp_path / "run", "--mode", "async")
+    # 16 epochs, not the example's 8: at 8, async runs ended at 0.939-0.972 (16 runs),
+    # too near the bar; at 16, 0.975-0.989 (8 runs), for 0.3 s more.
+    summary = run_job(DIGITS, tmp_path / "run", "--mode", "async", "--epochs", 16)
     assert summary["mode"] == "async"
     assert summary["eval_accuracy"] >= 0.93, summary
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tessera.config.schema import DataConfig
-from tessera.data.datasets import load_dataset
+from tessera.data.datasets import digits_arrays, load_dataset
 from tessera.data.location import DataError, check_data_location
 
 
@@ -55,6 +55,9 @@ def check_fixed_split(cfg: DataConfig, first):
 def test_digits_equal_sklearn():
     from sklearn.datasets import load_digits
     ref = load_digits()
+    x, y = digits_arrays()  # what the test scripts train on
+    assert x.dtype == ref.data.dtype and y.dtype == ref.target.dtype
+    assert np.array_equal(x, ref.data) and np.array_equal(y, ref.target)
     cfg = DataConfig(dataset="digits", test_fraction=0.2)
     ds = load_dataset(cfg)
     assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10

@@ -34,7 +34,8 @@ def test_every_process_is_a_fork_and_a_killed_fork_server_ends_the_job(tmp_path:
     is a child of the same fork server, in its own session; kill -9 of the fork server
     kills them all, and the launcher names the failure and ends, leaving nothing behind."""
     out = tmp_path / "run"
-    job = Job(["run", DIGITS, "--out", out, "--quiet", "--epochs", "60"], timeout_s=120)
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--epochs", "60"], timeout_s=120,
+              env={"TESSERA_WARM_POOL": ""})  # the launcher's own fork server
     wait_for(lambda: metric_lines(out) >= 3 or job.proc.poll() is not None, 90,
              "training to run")
     assert job.proc.poll() is None, job.wait()[1]
@@ -59,3 +60,38 @@ def test_forkserver_0_starts_every_process_afresh(tmp_path: Path):
     assert code == 0, output
     assert not (out / "logs" / "forkserver.log").exists()
     assert json.loads((out / "summary.json").read_text())["eval_accuracy"] > 0.5
+
+
+def test_a_job_of_the_warm_pool_dies_with_its_launcher_and_a_refused_one_runs(
+        tmp_path: Path, warm_pool: Path):
+    """The session's warm pool (TESSERA_WARM_POOL, tests/conftest.py) serves a job: its
+    fork server is a fork of the pool, in a session of its own, the job's processes are
+    its forks; kill -9 of the launcher (not its parent) ends the fork server and every
+    process of the job. A job the pool cannot serve (the no-pickle guard is installed at
+    a process's start) gets a fork server of its own, and its log says why."""
+    out = tmp_path / "run"
+    job = Job(["run", DIGITS, "--out", out, "--quiet", "--epochs", "60"], timeout_s=120)
+    try:
+        wait_for(lambda: metric_lines(out) >= 3 or job.proc.poll() is not None, 90,
+                 "training to run")
+        assert job.proc.poll() is None, job.wait()[1]
+        pids = [p["pid"] for p in json.loads((out / "cluster.json").read_text())["processes"]]
+        (server,) = {_parent(pid) for pid in pids}
+        pool = _parent(server)
+        with open(f"/proc/{pool}/cmdline", "rb") as f:
+            assert str(warm_pool).encode() in f.read()  # the pool's fork, not the launcher's
+        assert os.getsid(server) == server and {os.getsid(p) for p in pids} == set(pids)
+        os.kill(job.proc.pid, signal.SIGKILL)  # the launcher only
+        job.proc.wait(timeout=10)
+        wait_for(lambda: not any(_alive(p) for p in [server, *pids]), 10,
+                 "the fork server and its forks to be gone")
+        assert _alive(pool)  # the pool serves on
+    finally:
+        job.kill()
+    guarded = tmp_path / "guarded"
+    job = Job(["run", DIGITS, "--out", guarded, "--quiet", "--steps", "3"], timeout_s=120,
+              env={"TESSERA_FORBID_PICKLE": "1"})
+    code, output = job.wait()
+    assert code == 0, output
+    log = (guarded / "logs" / "forkserver.log").read_text()
+    assert "warm pool" in log and "no-pickle guard" in log and "fork server ready" in log, log

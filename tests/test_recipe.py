@@ -100,7 +100,7 @@ def test_batchnorm_statistics_are_averaged_and_exported(tmp_path):
     import torch
     import torch.nn.functional as F
     from safetensors.torch import load_file
-    from sklearn.datasets import load_digits
+    from tessera.data.datasets import digits_arrays
     from torch import nn
 
     dist = _launched(tmp_path, ["--workers", 2, "--servers", 2], "--steps", "10", "--bn")
@@ -110,7 +110,7 @@ def test_batchnorm_statistics_are_averaged_and_exported(tmp_path):
         assert dist["params"][key] != [0.0 if "mean" in key else 1.0] * 64  # it did train
     plain = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
     plain.load_state_dict(load_file(tmp_path / "run" / "final.safetensors"))  # strict: all keys
-    x, y = load_digits(return_X_y=True)
+    x, y = digits_arrays()
     plain.eval()
     with torch.no_grad():
         loss = F.cross_entropy(plain(torch.tensor(x[1500:] / 16.0, dtype=torch.float32)),

@@ -1193,6 +1193,35 @@ def _state(ep: ClientEndpoint, parts: list[int], tables: list[str]) -> dict:
     return state
 
 
+def _settled_state(ep: ClientEndpoint, parts: list[int], tables: list[str]) -> dict:
+    state, deadline = _state(ep, parts, tables), time.monotonic() + JOB_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = _state(ep, parts, tables)
+        if again == state:
+            return state
+        state = again
+    raise AssertionError(f"server 0's state still changed {JOB_WAIT_S} s after the worker stopped")
+
+
+def _what_changed(key: str, before: dict, after: dict, parts: dict) -> str:
+    """Which dense partitions (by id) or how many table rows and ids differ."""
+    if key != "dense":
+        (rows_b, ids_b), (rows_a, ids_a) = before[key], after[key]
+        return f"rows {len(rows_b)} -> {len(rows_a)} bytes, ids {len(ids_b)} -> {len(ids_a)} bytes"
+    changed, offset = [], 0
+    for pid in sorted(parts):
+        size = parts[pid] * 4
+        if before[key][offset:offset + size] != after[key][offset:offset + size]:
+            changed.append(pid)
+        offset += size
+    return f"partitions {changed} of {sorted(parts)}"
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
 def _send_and_check(ep: ClientEndpoint, cases: list[Case], counts: dict) -> None:
     for case in cases:
         ep.sock.send_multipart([case.header, *case.frames])
@@ -1224,8 +1253,11 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
     from tests.harness import Job, wait_for
 
     out = tmp_path / "run"
+    # The launcher's own fork server: _secret_of reads /proc/PID/environ, which for a
+    # fork of the warm pool holds the pool's environment, not the job's.
     job = Job(["run", _job_file(tmp_path), "--mode", "sync", "--encrypt", "--workers", 1,
-               "--servers", 1, "--steps", JOB_STEPS, "--out", out, "--quiet"], timeout_s=240)
+               "--servers", 1, "--steps", JOB_STEPS, "--out", out, "--quiet"], timeout_s=240,
+              env={"TESSERA_WARM_POOL": ""})
     ctx = zmq.Context()
     worker_pid = None
     marks = [("start", time.monotonic())]
@@ -1251,7 +1283,9 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         msg, _ = ep.request(wire.DumpRows(req=ep.new_req(), table="?"), timeout_s=JOB_WAIT_S)
         assert isinstance(msg, wire.Error) and "tables: [" in msg.message, msg
         names = ast.literal_eval(msg.message[msg.message.index("tables: [") + 8:-1])
-        before = _state(ep, sorted(parts), names)
+        # A push the worker sent just before it stopped may still be on its way in:
+        # "before" is the state once two reads 0.3 s apart agree.
+        before = _settled_state(ep, sorted(parts), names)
         dims = {n: len(before[n][0]) // 4 // max(1, len(before[n][1]) // 8) for n in names}
         assert len(names) >= 2 and all(len(before[n][1]) for n in names), names
         memory_before = _proc_memory_kb(server["pid"])
@@ -1312,7 +1346,9 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
           + ", ".join(f"{b[0]} {b[1] - a[1]:.1f}" for a, b in zip(marks, marks[1:])))
     assert answered == JOB_MESSAGES and len(counts) >= 20, counts
     for key in before:  # nothing was applied: every value and row is as it was
-        assert after[key] == before[key], f"{key} changed under attack"
+        assert after[key] == before[key], (
+            f"{key} changed under attack: {_what_changed(key, before, after, parts)}; "
+            f"server log:\n{_tail(out / 'logs' / 'server-0.log')}")
     assert memory_after["VmRSS"] - memory_before["VmRSS"] < 100 * 1024
     assert memory_after["VmHWM"] - memory_before["VmHWM"] < 100 * 1024  # 256 MiB never read
     assert code == 0, output

@@ -42,6 +42,9 @@ COORDINATOR_BIND = "TESSERA_COORDINATOR_BIND"
 FORBID_PICKLE = "TESSERA_FORBID_PICKLE"
 #: "0": the local launchers start every process afresh, not as forks of a fork server.
 FORKSERVER = "TESSERA_FORKSERVER"
+#: The Unix socket of a warm pool (:mod:`tessera.launch.warmpool`): the local launchers
+#: take their fork server from it, imports done, instead of starting one.
+WARM_POOL = "TESSERA_WARM_POOL"
 #: How many times the launcher has re-formed the worker group (allreduce/hybrid
 #: ``--max-restarts``): 0 for the first start, as torchrun's TORCHELASTIC_RESTART_COUNT.
 GENERATION = "TESSERA_GENERATION"

@@ -87,11 +87,15 @@ class ForkServer:
     """The launcher's side: starts the fork server, orders forks, collects exits."""
 
     def __init__(self, env: dict, log: IO, roles: tuple[str, ...] = (),
-                 python: str = sys.executable):
+                 python: str = sys.executable, proc=None):
+        """``proc``: a fork server started already (:mod:`tessera.launch.warmpool`'s),
+        as a ``Popen`` with pipes on its stdin and stdout; else one is started here."""
         self.python = python
-        cmd = nopickle.wrap_command([python, "-m", MODULE, *roles], env)
-        self.proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=log)
+        self.proc = proc
+        if proc is None:
+            cmd = nopickle.wrap_command([python, "-m", MODULE, *roles], env)
+            self.proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=log)
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._buf = b""
         self._next_id = 0
@@ -210,9 +214,9 @@ def _child(order: dict, reports: IO, threads: int) -> dict:
     return order
 
 
-def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
-    """Import, then fork on each order. Returns in a child: (its order, the dataset
-    loaded ahead); in the fork server at end of input, once its children ended: None."""
+def warm(roles: list[str]) -> int:
+    """The imports of ``roles``' processes, on one intra-op thread; returns the thread
+    count a fresh process would have had (each child takes it back)."""
     import importlib
 
     import torch
@@ -226,6 +230,21 @@ def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
     torch.set_num_threads(1)
     for name in dict.fromkeys(n for r in roles or [""] for n in standby.WARM_BY_ROLE[r]):
         importlib.import_module(name)
+    return threads
+
+
+def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
+    """Import, then fork on each order. Returns in a child: (its order, the dataset
+    loaded ahead); in the fork server at end of input, once its children ended: None."""
+    return loop(roles, warm(roles))
+
+
+def loop(roles: list[str], threads: int, launcher: Optional[int] = None
+         ) -> Optional[tuple[dict, object]]:
+    """The fork server's orders on stdin, its reports on stdout (see the module's
+    docstring). ``launcher``: a pidfd to watch (:mod:`tessera.launch.warmpool`, where the
+    launcher is not the parent): its end ends this process, and so its children."""
+    from tessera.train import standby
     reports = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what this process prints goes to its log, not into the reports
     print(f"fork server ready (pid {os.getpid()}, roles {roles or ['worker']})", flush=True)
@@ -233,7 +252,10 @@ def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
     data, loaded = None, False
     children: set[int] = set()
     buf, open_ = b"", True
+    watched = [] if launcher is None else [launcher]
     while open_ or children:
+        if watched and select.select(watched, [], [], 0)[0]:
+            os._exit(1)  # the launcher ended: the children get their parent-death SIGKILL
         if open_ and select.select([0], [], [], 0.05)[0]:
             chunk = os.read(0, 1 << 16)
             open_ = bool(chunk)
@@ -245,6 +267,8 @@ def serve(roles: list[str]) -> Optional[tuple[dict, object]]:
                     data, loaded = standby.preload(), True  # once, for every worker
                 pid = os.fork()
                 if pid == 0:
+                    if launcher is not None:
+                        os.close(launcher)
                     order["forked"] = f"{time.time() - ready:.1f}"
                     return _child(order, reports, threads), data
                 children.add(pid)

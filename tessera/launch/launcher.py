@@ -34,6 +34,7 @@ from tessera.config import nopickle
 from tessera.config.env import Identity, gpu_env
 from tessera.config.schema import JobConfig
 from tessera.cluster.rundir import default_run_dir, prepare_run_dir
+from tessera.launch import warmpool
 from tessera.launch.forkserver import ForkedProcess, ForkServer
 from tessera.launch.process import (STANDBY_MODULE, WORKER_MODULE, Child, LaunchError,
                                     describe_exit, role_cmd, signals_interrupt, spawn,
@@ -149,7 +150,9 @@ class Launcher:
             roles = ("worker", "server", "coordinator") if self._group_mode() else \
                 ("", "server", "coordinator")
             self._forkserver_log = open(self.run_dir / "logs" / "forkserver.log", "a")
-            self.forkserver = ForkServer(env, self._forkserver_log, roles)
+            self.forkserver = ForkServer(env, self._forkserver_log, roles,
+                                         proc=warmpool.fork_server(env, self._forkserver_log,
+                                                                   roles))
         return self.forkserver.start(cmd, env, log_path)
 
     def _forks(self) -> bool:

@@ -11,17 +11,17 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import tessera
+from tessera.data.datasets import digits_arrays
 
 steps = int(sys.argv[1])
 session = tessera.init()
 torch.set_num_threads(1)
-digits = load_digits()
-x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-y = torch.tensor(digits.target)
+data, target = digits_arrays()  # sklearn's load_digits(), without importing sklearn
+x = torch.tensor(data / 16.0, dtype=torch.float32)
+y = torch.tensor(target)
 perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
 train, test = perm[:1400], perm[1400:]
 train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]

@@ -22,11 +22,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tessera
+from tessera.data.datasets import digits_arrays
 
 
 def build_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
+    x, y = digits_arrays()  # sklearn's load_digits(return_X_y=True)
     device = torch.device(args.device)
     x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
     y = torch.tensor(y, device=device)

@@ -18,11 +18,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tessera
+from tessera.data.datasets import digits_arrays
 import tessera.nn
 
 ROWS, DIM = 50, 8
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
+    x, y = digits_arrays()  # sklearn's load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
     ids = torch.arange(len(y)) % ROWS

@@ -15,10 +15,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import tessera
+from tessera.data.datasets import digits_arrays
 import tessera.nn
 
 ROWS, DIM = 200, 8
@@ -48,7 +48,7 @@ def main() -> None:
 
     tessera.init()
     torch.set_num_threads(1)
-    x, y = load_digits(return_X_y=True)
+    x, y = digits_arrays()  # sklearn's load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
     ids = torch.arange(len(y)) % ROWS
