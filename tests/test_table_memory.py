@@ -128,9 +128,10 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
             s["ctx"].destroy(linger=0)
     capped = stats["capped"]
     assert capped["rows"] == capped["capacity"] and capped["evictions"] > 0, stats
-    # Bounded: 100k more distinct ids into the full table add nothing but noise ...
+    # Bounded: 100k more distinct ids into the full table add nothing but noise (the
+    # allocator's: up to 0.86 MiB seen, where the unbounded table grows ~20 MiB) ...
     later = {n: end[n] - full[n] for n in end}
-    assert later["capped"] <= 0.05 * cap, (later, stats)
+    assert later["capped"] <= 0.05 * cap + (1 << 20), (later, stats)
     # ... and in all it took the cap (+5%) plus what a server process needs besides its
     # table (sockets, threads, lazy imports, allocator, one request's buffers: ~10-15 MiB,
     # whatever the cap, up to ~27 MiB at its peak on a loaded machine;
