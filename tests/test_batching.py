@@ -52,7 +52,7 @@ def test_batched_async_failover_and_ssp_lose_nothing(tmp_path):
     every acknowledged push applied exactly once). SSP batched beside it."""
     out, ssp_out = tmp_path / "async", tmp_path / "ssp"
     job = Job(["run", DIGITS, "--out", out, "--quiet", *SMALL, "--mode", "async",
-               "--replication", "2", "--epochs", "6"], timeout_s=240)
+               "--replication", "2", "--epochs", "10"], timeout_s=240)
     ssp = Job(["run", DIGITS, "--out", ssp_out, "--quiet", *SMALL, "--mode", "ssp",
                "--staleness", "1", "--steps", "30"], timeout_s=240)
     kill_after(job, out, "server", 1, 3)
@@ -62,6 +62,7 @@ def test_batched_async_failover_and_ssp_lose_nothing(tmp_path):
     assert s["dead_servers"] == [1], output
     expected = s["steps"] * s["workers"] * s["partitions"]
     assert s["pushes_applied"] == s["pushes_acked"] == expected, s
+    # (10 epochs: at 6, one run of 2026-12-01 ended at 0.844: async order varies.)
     assert s["eval_accuracy"] >= 0.85, s
     # Server 0 took far fewer messages than one per partition pushed to it.
     assert s["server_messages"][0] * 3 < expected, s["server_messages"]

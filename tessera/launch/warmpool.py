@@ -110,7 +110,7 @@ class PooledForkServer:
             request = json.dumps({"env": env, "cwd": os.getcwd(), "roles": list(roles),
                                   "python": python}).encode()
             socket.send_fds(conn, [request], [stdin_r, stdout_w, log.fileno()])
-            answer = _read_line(conn, ANSWER_S)
+            answer, rest = _read_line(conn, ANSWER_S)
             if "pid" not in answer:
                 raise OSError(answer.get("refused", f"unexpected answer {answer}"))
         except BaseException:
@@ -126,11 +126,11 @@ class PooledForkServer:
         self.stdin = os.fdopen(stdin_w, "wb")
         self.stdout = os.fdopen(stdout_r, "rb")
         self.returncode: Optional[int] = None
-        self._conn, self._buf = conn, b""
+        self._conn, self._buf = conn, rest  # (the exit, if it came with the pid)
         conn.setblocking(False)
 
     def poll(self) -> Optional[int]:
-        if self.returncode is None:
+        if self.returncode is None and b"\n" not in self._buf:
             try:
                 chunk = self._conn.recv(4096)
             except BlockingIOError:
@@ -139,12 +139,11 @@ class PooledForkServer:
                 chunk = b""
             if not chunk:  # the pool is gone: so is every fork server it made
                 self.returncode = -signal.SIGKILL
-            else:
-                self._buf += chunk
-                if b"\n" in self._buf:
-                    self.returncode = int(json.loads(self._buf.split(b"\n")[0])["exit"])
-            if self.returncode is not None:
-                self._conn.close()
+            self._buf += chunk
+        if self.returncode is None and b"\n" in self._buf:
+            self.returncode = int(json.loads(self._buf.split(b"\n")[0])["exit"])
+        if self.returncode is not None and self._conn.fileno() >= 0:
+            self._conn.close()
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -170,7 +169,8 @@ class PooledForkServer:
         self.send_signal(signal.SIGTERM)
 
 
-def _read_line(conn: socket.socket, timeout_s: float) -> dict:
+def _read_line(conn: socket.socket, timeout_s: float) -> tuple[dict, bytes]:
+    """The first JSON line on ``conn``, and what came after it."""
     buf, deadline = b"", time.monotonic() + timeout_s
     while b"\n" not in buf:
         conn.settimeout(max(0.01, deadline - time.monotonic()))
@@ -178,7 +178,8 @@ def _read_line(conn: socket.socket, timeout_s: float) -> dict:
         if not chunk:
             raise OSError("the warm pool closed the connection")
         buf += chunk
-    return json.loads(buf.split(b"\n")[0])
+    line, rest = buf.split(b"\n", 1)
+    return json.loads(line), rest
 
 
 # ------------------------------------------------------------------------- the pool
