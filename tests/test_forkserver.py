@@ -95,3 +95,17 @@ def test_a_job_of_the_warm_pool_dies_with_its_launcher_and_a_refused_one_runs(
     assert code == 0, output
     log = (guarded / "logs" / "forkserver.log").read_text()
     assert "warm pool" in log and "no-pickle guard" in log and "fork server ready" in log, log
+
+
+def test_a_pool_that_is_not_there_leaves_the_launcher_its_own_fork_server(tmp_path: Path):
+    """TESSERA_WARM_POOL naming no live pool (a stale path, a pool that died): no pool
+    fork server, and the reason in the log the launcher gives its own fork server."""
+    from tessera.launch import warmpool
+
+    log_path = tmp_path / "forkserver.log"
+    with open(log_path, "w") as log:
+        assert warmpool.fork_server({"TESSERA_WARM_POOL": str(tmp_path / "gone.sock")},
+                                    log, ("",)) is None
+        assert warmpool.fork_server({}, log, ("",)) is None  # no pool asked for: no line
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 1 and "gone.sock not used" in lines[0] and "own" in lines[0], lines
