@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules."""
 
+from pathlib import Path
+
 import pytest
 import zmq
 
@@ -27,7 +29,10 @@ def warm_pool(tmp_path_factory):
 
     from tessera.config import env as envvars
 
-    where = tmp_path_factory.mktemp("pool")
+    where, ours = tmp_path_factory.mktemp("pool"), None
+    if len(str(where)) > 80:  # a Unix socket's path has at most 107 bytes
+        import tempfile
+        where = ours = Path(tempfile.mkdtemp(prefix="tessera-pool-", dir="/tmp"))
     path, log = where / "pool.sock", where / "pool.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tessera.launch.warmpool", str(path)],
@@ -46,3 +51,6 @@ def warm_pool(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+    if ours is not None:
+        import shutil
+        shutil.rmtree(ours, ignore_errors=True)

@@ -302,6 +302,12 @@ def _send(conn: socket.socket, msg: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m tessera.launch.warmpool SOCKET")
+    if len(os.fsencode(argv[0])) > 107:
+        sys.exit(f"tessera: warm pool socket path {argv[0]!r} is longer than a Unix socket's "
+                 f"107 bytes; pick a shorter one (e.g. under /tmp)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(argv[0]))):
+        sys.exit(f"tessera: the directory of warm pool socket {argv[0]!r} does not exist; "
+                 f"create it (mode 0700) first")
     missing = {k: v for k, v in envvars.MALLOC_DEFAULTS.items() if k not in os.environ}
     if missing:  # as a launcher's children have them, read at start: start again with them
         os.execve(sys.executable, [sys.executable, "-m", MODULE, *argv],
