@@ -42,13 +42,14 @@ from typing import IO, Optional
 
 from tessera.config import env as envvars
 from tessera.config import nopickle
-from tessera.launch.process import LaunchError, _PRCTL, PR_SET_PDEATHSIG, spawn, standby_runs
+from tessera.launch.process import (LaunchError, PolledProcess, die_with_parent, spawn,
+                                    standby_runs)
 
 #: The module a launcher starts as its fork server.
 MODULE = "tessera.launch.forkserver"
 
 
-class ForkedProcess:
+class ForkedProcess(PolledProcess):
     """One child of the fork server, seen from the launcher as a ``subprocess.Popen``."""
 
     def __init__(self, server: "ForkServer", pid: int, args: list[str]):
@@ -60,27 +61,8 @@ class ForkedProcess:
             self._server.collect()
         return self.returncode
 
-    def wait(self, timeout: Optional[float] = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            self._server.collect(wait_s=0.05 if left is None else min(0.05, left))
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:  # not reaped yet: the pid is still this child's
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
+    def _pause(self, wait_s: float) -> None:
+        self._server.collect(wait_s=wait_s)
 
 
 class ForkServer:
@@ -207,9 +189,7 @@ def _child(order: dict, reports: IO, threads: int) -> dict:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.setsid()
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the launchers' cue alone
+    die_with_parent()  # SIGKILL with the fork server; SIGUSR1 is the launchers' cue alone
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return order
 
@@ -285,14 +265,19 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
     return None
 
 
-def main(argv: list[str]) -> None:
-    got = serve(argv)
-    if got is None:  # every child ended: no teardown of the imports (1-2 s of CPU)
+def finish(got: Optional[tuple[dict, object]]) -> None:
+    """After :func:`loop`: in a fork, become the process ordered; in the fork server
+    (every child ended), exit without the teardown of the imports (1-2 s of CPU)."""
+    if got is None:
         sys.stdout.flush()
         os._exit(0)
     order, data = got
     from tessera.train import standby
     standby.become(order, data)
+
+
+def main(argv: list[str]) -> None:
+    finish(serve(argv))
 
 
 if __name__ == "__main__":

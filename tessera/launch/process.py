@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, Optional
@@ -92,6 +94,46 @@ def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
     group does not reach it) and :func:`die_with_parent`."""
     kwargs.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+
+
+class PolledProcess:
+    """A process the launcher did not start itself, answering ``poll``, ``wait``,
+    ``send_signal``, ``terminate`` and ``kill`` as a ``subprocess.Popen`` does: a fork of
+    the fork server, or a fork server of the warm pool. A subclass sets ``pid``, ``args``
+    and ``returncode`` and gives :meth:`poll` and :meth:`_pause` (wait up to ``wait_s``
+    for news of the process)."""
+
+    pid: int
+    args: list
+    returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def _pause(self, wait_s: float) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._pause(0.05 if left is None else min(0.05, left))
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped yet: the pid is still this process's
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 @dataclass

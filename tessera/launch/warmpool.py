@@ -39,7 +39,7 @@ import time
 from typing import Optional
 
 from tessera.config import env as envvars
-from tessera.launch.process import _PRCTL, PR_SET_PDEATHSIG
+from tessera.launch.process import _PRCTL, PR_SET_PDEATHSIG, PolledProcess, die_with_parent
 
 MODULE = "tessera.launch.warmpool"
 #: Every role's imports (a job may need any of them).
@@ -95,7 +95,7 @@ def fork_server(env: dict, log, roles: tuple[str, ...], python: str = sys.execut
         return None
 
 
-class PooledForkServer:
+class PooledForkServer(PolledProcess):
     """A fork server forked by the pool, seen by the launcher as the ``subprocess.Popen``
     of one it started itself: ``stdin``, ``stdout``, ``pid``, ``poll``, ``wait``,
     ``kill``, ``returncode`` (the pool reports the exit on the request's connection)."""
@@ -146,27 +146,8 @@ class PooledForkServer:
             self._conn.close()
         return self.returncode
 
-    def wait(self, timeout: Optional[float] = None) -> int:
-        import subprocess
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            select.select([self._conn], [], [], 0.05)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
+    def _pause(self, wait_s: float) -> None:
+        select.select([self._conn], [], [], wait_s)
 
 
 def _read_line(conn: socket.socket, timeout_s: float) -> tuple[dict, bytes]:
@@ -272,9 +253,7 @@ def _become_forkserver(request: dict, fds: list[int], launcher: int, threads: in
         if fd > 2:
             os.close(fd)
     os.setsid()
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))  # with the pool
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()  # with the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fork server the launcher started
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -315,13 +294,8 @@ def main(argv: list[str]) -> None:
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM))  # ends with what started it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    got = serve(argv[0])
-    if got is None:  # a fork server whose children all ended
-        sys.stdout.flush()
-        os._exit(0)
-    order, data = got
-    from tessera.train import standby
-    standby.become(order, data)
+    from tessera.launch import forkserver
+    forkserver.finish(serve(argv[0]))  # (serve returns only in a job's fork server)
 
 
 if __name__ == "__main__":
