@@ -259,6 +259,23 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
             ep.close()
 
 
+def _updates(msg, frames) -> list:
+    """A forwarded Replicate's updates, each with its frame (a ``batch`` holds several)."""
+    from tessera.transport import wire
+    if msg.kind == "batch":
+        return list(zip(msg.updates, frames))
+    return [(wire.ReplicaUpdate(kind=msg.kind, partition=msg.partitions[0], clock=msg.clock,
+                                pushes=msg.pushes, worker=msg.worker, seq=msg.seq,
+                                hparams=msg.hparams), frames[0])] if frames else []
+
+
+def _batch_of(msg, kept: list):
+    """``msg`` carrying only the updates in ``kept`` (pairs from :func:`_updates`)."""
+    import msgspec
+    return msgspec.structs.replace(msg, kind="batch", partitions=[u.partition for u, _ in kept],
+                                   updates=[u for u, _ in kept]), [f for _, f in kept]
+
+
 def _wait_backup_acked(servers, what: str) -> None:
     deadline = time.monotonic() + 20
     while servers[0].replication.pending() and time.monotonic() < deadline:
@@ -281,7 +298,7 @@ def test_an_answered_push_the_backup_lacks_is_sent_again_after_failover(ctx):
 
     def intercept(on_replicate):
         def drop_updates(peer, msg, frames):  # the lost update: never applied, never acked
-            if not (dropping.is_set() and msg.kind == "grad"):
+            if not (dropping.is_set() and msg.kind in ("grad", "batch")):
                 on_replicate(peer, msg, frames)
         return drop_updates
 
@@ -324,8 +341,10 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
 
     def intercept(on_replicate):
         def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
-            if msg.kind == "grad" and (stalled or (stalling.is_set() and msg.worker == 1)):
-                stalled.append(msg)
+            updates = [u for u, _ in _updates(msg, frames) if u.kind == "grad"]
+            if updates and (stalled or (stalling.is_set()
+                                        and any(u.worker == 1 for u in updates))):
+                stalled.extend(updates)  # a batch with it: stalled whole (one Ack for all)
                 return
             on_replicate(peer, msg, frames)
         return stall
@@ -376,8 +395,13 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
 
     def intercept(on_replicate):
         def drop_second(peer, msg, frames):  # the update of the batch's second partition
-            if lagging.is_set() and msg.kind == "grad" and second in msg.partitions:
-                dropped.append(msg.clock)
+            pairs = _updates(msg, frames)
+            if lagging.is_set() and any(u.kind == "grad" and u.partition == second
+                                        for u, _ in pairs):
+                dropped.extend(u.clock for u, _ in pairs if u.partition == second)
+                kept = [(u, f) for u, f in pairs if u.partition != second]
+                if kept:  # the rest of a batch applied (and acked: the primary dies anyway)
+                    on_replicate(peer, *_batch_of(msg, kept))
                 return
             on_replicate(peer, msg, frames)
         return drop_second
@@ -421,3 +445,53 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
         step(2)  # training goes on, on the survivor
         assert client.pushes_acked == 3 * len(parts)
         assert [servers[1].parts[p.id].applied_pushes for p in parts] == [3] * len(parts)
+
+
+def test_the_updates_of_one_turn_reach_the_backup_as_one_batch(ctx):
+    """Sync, two small partitions pushed as one message: their clock completes in one
+    turn of the primary's loop, and both updates travel to the backup as one ``batch``
+    Replicate with one Ack. A batch whose frames do not match its updates is refused
+    whole, and the copies stay bit-identical to the primary's."""
+    import torch
+
+    from tessera.transport import wire
+    from tests.test_server_inproc import flat_of
+
+    seen = []
+
+    def intercept(on_replicate):
+        def record(peer, msg, frames):
+            seen.append((msg.kind, len(msg.updates)))
+            on_replicate(peer, msg, frames)
+        return record
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch._dynamo, here
+    with _async_pair(ctx, 1, intercept, mode="sync", partition_elems=26) as (
+            model, shard_map, servers, stops, threads, membership, (client,)):
+        client.batch_bytes = 1 << 20
+        client.init_params(flat_of(model))
+        parts = shard_map.on_server(0)
+        assert len(parts) >= 2, shard_map
+        for clock in range(3):
+            handles = [client.push(p.id, torch.full((p.stop - p.start,), 0.25 * (clock + 1)),
+                                   clock) for p in parts]
+            for h in handles:
+                h.wait()
+        _wait_backup_acked(servers, "clock 2")
+        assert ("batch", len(parts)) in seen, seen
+        for p in parts:
+            copy, primary = servers[1].backups[p.id], servers[0].parts[p.id]
+            assert copy.clock == primary.clock == 3
+            torch.testing.assert_close(copy.rule.master, primary.rule.master, rtol=0, atol=0)
+        before = [servers[1].backups[p.id].rule.master.clone() for p in parts]
+        # A batch naming two updates with one frame: refused before anything is applied.
+        backup = servers[1].replication
+        lying = wire.Replicate(req=1, kind="batch", partitions=[p.id for p in parts[:2]],
+                               clock=3, updates=[wire.ReplicaUpdate(kind="grad", partition=p.id,
+                                                                    clock=3) for p in parts[:2]])
+        from tessera.ps.consistency import RequestError
+        with pytest.raises(RequestError, match="one frame and one partition per update"):
+            backup.on_replicate(b"x", lying, [memoryview(bytes(4 * (parts[0].stop
+                                                                    - parts[0].start)))])
+        for p, old in zip(parts, before):
+            assert torch.equal(servers[1].backups[p.id].rule.master, old)

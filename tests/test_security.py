@@ -755,7 +755,7 @@ def bad_join(draw):
     return Case("bad-join", wire.encode(msg), [], req)
 
 
-replicate_kinds = st.sampled_from(("init", "grad")) | st.text(max_size=6)
+replicate_kinds = st.sampled_from(("init", "grad", "batch")) | st.text(max_size=6)
 
 
 @st.composite
@@ -763,8 +763,13 @@ def stray_replicate(draw):
     """Replication from a peer that is not our primary: this server backs nobody up."""
     req = draw(reqs)
     ids = draw(good_parts | bad_ids)
-    msg = wire.Replicate(req=req, kind=draw(replicate_kinds), partitions=ids, clock=draw(ints),
-                         pushes=draw(ints), worker=draw(ints), seq=draw(ints))
+    kind = draw(replicate_kinds)
+    updates = [wire.ReplicaUpdate(kind=draw(st.sampled_from(("init", "grad", "sum", "x"))),
+                                  partition=p, clock=draw(ints), pushes=draw(ints),
+                                  worker=draw(ints), seq=draw(ints))
+               for p in ids] if kind == "batch" else []
+    msg = wire.Replicate(req=req, kind=kind, partitions=ids, clock=draw(ints),
+                         pushes=draw(ints), worker=draw(ints), seq=draw(ints), updates=updates)
     frames = [_payload(n) for n in draw(lying_lengths[ELEMS * 4])] or [_payload(ELEMS * 4)]
     return Case("stray-replicate", wire.encode(msg), frames, req)
 
@@ -1105,8 +1110,13 @@ class Hostile:
     def k_stray_replicate(self):
         r, req = self.rng, self.req()
         parts = self.good_parts()
-        msg = wire.Replicate(req=req, kind=r.choice(["init", "grad", "x"]), partitions=parts,
-                             clock=r.randint(0, 9), pushes=1, worker=0, seq=r.randint(0, 9))
+        kind = r.choice(["init", "grad", "batch", "x"])
+        updates = [wire.ReplicaUpdate(kind=r.choice(["init", "grad"]), partition=p,
+                                      clock=r.randint(0, 9), pushes=1, worker=0,
+                                      seq=r.randint(0, 9)) for p in parts] \
+            if kind == "batch" else []
+        msg = wire.Replicate(req=req, kind=kind, partitions=parts, clock=r.randint(0, 9),
+                             pushes=1, worker=0, seq=r.randint(0, 9), updates=updates)
         return self.case("stray-replicate", msg, self.frames_for(parts))
 
     def k_not_served(self):

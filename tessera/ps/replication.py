@@ -123,6 +123,9 @@ class Replicator:
         self.source = {pid: self.primary for pid in backups}
         #: Replicate requests sent and not yet acknowledged: (req, sent at, kept buffers).
         self._unacked: deque = deque()
+        #: Updates forwarded this turn of the serve loop, not sent yet (:meth:`flush`);
+        #: their request is ``_unacked``'s last.
+        self._batch: list = []
         #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
         self._held: deque = deque()
         #: Each worker's last update forwarded (its request; answer_early, async: a
@@ -134,60 +137,46 @@ class Replicator:
 
     # --------------------------------------------------------------- primary
 
-    def send(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
-             seq: int = -1, hparams: Optional[list] = None) -> None:
-        """Have the backup apply the same thing, and wait for its Ack (blocking; the
-        serve loop's dense updates use :meth:`forward`)."""
-        peer = self.peer
-        if peer is None or st.info.id not in self.replicated:
-            return
-        from tessera.transport.endpoint import PeerTimeout, TransportError
-        req = peer.new_req()
-        peer.send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id], clock=st.clock,
-                                 pushes=pushes, worker=worker, seq=seq, hparams=hparams),
-                  [tensor_to_frame(tensor.contiguous())])
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            self.check()
-            try:
-                msg, _ = peer.wait(req, 0.01, "replication")
-                break
-            except PeerTimeout:
-                pass  # not yet
-            except TransportError as exc:  # a malformed reply: fail now, not at the timeout
-                raise RequestError(f"backup {peer.peer_name} answered replication of partition "
-                                   f"{st.info.id} with a malformed reply: {exc}") from None
-            self._serve_replication_meanwhile()
-            if self._backup_dead():
-                self._drop_backup("it was declared dead")
-                return
-            if time.monotonic() > deadline:
-                raise RequestError(f"backup {peer.peer_name} did not acknowledge replication "
-                                   f"within {self.timeout_s:g} s")
-        if isinstance(msg, wire.Error) and REPLACED in msg.message:
-            self._drop_backup(self._replaced(msg))
-            return
-        if isinstance(msg, wire.Error):
-            raise RequestError(f"backup {peer.peer_name} refused replication: {msg.message}")
-        if not isinstance(msg, wire.Ack):
-            raise RequestError(f"backup {peer.peer_name} answered replication of partition "
-                               f"{st.info.id} with {type(msg).__name__}, not an Ack")
-        self.stats["replicated"] += 1
-
     def forward(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
                 seq: int = -1, hparams: Optional[list] = None) -> None:
         """Send the backup what the primary applies now, without waiting: answers sent
-        from here on (:meth:`reply`) wait for its Ack (:meth:`take_acks`)."""
+        from here on (:meth:`reply`) wait for its Ack (:meth:`take_acks`).
+
+        The updates of one turn of the serve loop travel together: they join a batch
+        that :meth:`flush` sends as one ``Replicate`` (kind ``batch``) with one Ack, when
+        the loop has drained what was queued (at :meth:`take_acks`) or before anything
+        else goes to the backup. One request number names the batch from its first
+        update on, so answers and :meth:`mark` wait for it as for a single update."""
         peer = self.peer
         if peer is None or st.info.id not in self.replicated:
             return
         keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
-        req = peer.new_req()
-        self._send(wire.Replicate(req=req, kind=kind, partitions=[st.info.id],
-                                  clock=st.clock, pushes=pushes, worker=worker, seq=seq,
-                                  hparams=hparams), [keep])
+        if not self._batch:
+            self._unacked.append((peer.new_req(), time.monotonic(), []))
+        req, _, kept = self._unacked[-1]
+        kept.append(keep)
+        self._batch.append(wire.ReplicaUpdate(kind=kind, partition=st.info.id, clock=st.clock,
+                                              pushes=pushes, worker=worker, seq=seq,
+                                              hparams=hparams))
         if worker >= 0:
             self._last_of[worker] = req
+
+    def flush(self) -> None:
+        """Send the batch :meth:`forward` gathered (one update: as a plain Replicate)."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        req, _, kept = self._unacked[-1]
+        if len(batch) == 1:
+            u = batch[0]
+            msg = wire.Replicate(req=req, kind=u.kind, partitions=[u.partition], clock=u.clock,
+                                 pushes=u.pushes, worker=u.worker, seq=u.seq, hparams=u.hparams)
+        else:
+            msg = wire.Replicate(req=req, kind="batch", partitions=[u.partition for u in batch],
+                                 clock=batch[-1].clock, updates=batch)
+        self._put(msg, kept)
+        self.stats["replicate_messages"] = self.stats.get("replicate_messages", 0) + 1
 
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
@@ -206,13 +195,19 @@ class Replicator:
                                   table=st.spec.name), [keep_ids, keep])
 
     def _send(self, msg: wire.Replicate, tensors: list) -> None:
+        """Send the backup a request of its own (after the batch before it: in order)."""
+        self.flush()
+        if self.peer is None:  # the flush failed it
+            return
+        self._unacked.append((msg.req, time.monotonic(), tensors))
+        self._put(msg, tensors)
+
+    def _put(self, msg: wire.Replicate, tensors: list) -> None:
         from tessera.transport.endpoint import TransportError
         try:
             self.peer.send(msg, [tensor_to_frame(t) for t in tensors])
         except TransportError as exc:
             self._fail(f"backup {self.peer.peer_name} did not take replication: {exc}")
-            return
-        self._unacked.append((msg.req, time.monotonic(), tensors))
 
     def reply(self, peer: bytes, msg, frames: list = (), after: Optional[int] = None) -> None:
         """Answer a client: now, or once the backup has every update sent before
@@ -264,6 +259,7 @@ class Replicator:
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
         from tessera.transport.endpoint import TransportError
+        self.flush()
         peer = self.peer
         while self._unacked and peer is not None:
             req, sent, _ = self._unacked[0]
@@ -330,6 +326,7 @@ class Replicator:
             self.endpoint.send(to, wire.Error(req=getattr(reply, "req", 0),
                                               message=f"server {self.rank}: {why}"))
         self._unacked.clear()
+        self._batch = []
         self._last_of.clear()
         self.stats["errors"] += 1
 
@@ -356,6 +353,7 @@ class Replicator:
               flush=True)
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
+        self._batch = []
         self._last_of.clear()
         self._copy = None
         self.rows_replicated = set()
@@ -382,42 +380,63 @@ class Replicator:
         if msg.kind == "join":
             self._on_join(peer, msg, frames)
             return
-        if len(msg.partitions) != 1 or len(frames) != 1:
+        if msg.kind == "batch":
+            updates = msg.updates
+            if not updates or len(updates) != len(frames) or \
+                    [u.partition for u in updates] != list(msg.partitions):
+                raise RequestError(f"a batch Replicate carries one frame and one partition per "
+                                   f"update: {len(updates)} updates, {len(frames)} frames, "
+                                   f"{len(msg.partitions)} partitions")
+        elif len(msg.partitions) != 1 or len(frames) != 1:
             raise RequestError("a Replicate request carries one partition and one frame")
-        st = self.backups.get(msg.partitions[0])
-        if st is None:
-            owned = "it owns that partition now" if msg.partitions[0] in self.parts else \
-                "it is not this partition's backup"
-            raise NotABackup(f"replication of partition {msg.partitions[0]} refused: {owned}")
-        if len(frames[0]) != st.numel * 4:
-            raise RequestError(f"partition {st.info.id} replica payload is {len(frames[0])} "
-                               f"bytes; {st.numel} float32 elements are {st.numel * 4} bytes")
-        if msg.kind not in ("init", "grad", "sum"):
-            raise RequestError(f"unknown replication kind {msg.kind!r}")
-        if msg.kind != "init" and st.rule is None:
-            raise RequestError(f"partition {st.info.id} replica has no initial values")
-        values = frame_to_tensor(frames[0].buffer, "float32", st.numel)
-        if msg.kind == "init":
-            if st.rule is None:
-                st.rule = self.new_rule(values.clone(), st.info)
-            self.endpoint.send(peer, wire.Ack(req=msg.req))
-            return
-        fresh = (msg.seq > st.last_seq.get(msg.worker, -1)) if msg.seq >= 0 \
-            else msg.clock >= st.clock
-        if fresh:
-            if msg.hparams is not None:
-                st.rule.set_hparams(msg.hparams)
-            grad = values.clone()
-            if msg.kind == "sum" and msg.pushes > 1:  # the primary's take_mean, same op
-                grad.div_(msg.pushes)
-            st.rule.apply(grad)
-            self.policy.replayed(st, msg.clock)
-            st.applied_pushes += msg.pushes
-            if msg.seq >= 0:
-                st.last_seq[msg.worker] = msg.seq
+        else:
+            updates = [wire.ReplicaUpdate(kind=msg.kind, partition=msg.partitions[0],
+                                          clock=msg.clock, pushes=msg.pushes, worker=msg.worker,
+                                          seq=msg.seq, hparams=msg.hparams)]
+        # Every update is checked before any is applied: a refused batch changes nothing.
+        inits = {u.partition for u in updates if u.kind == "init"}  # before a grad in a batch
+        checked = [(u, self._replica_of(u, frame, inits), frame)
+                   for u, frame in zip(updates, frames)]
+        for u, st, frame in checked:
+            self._apply_replica(u, st, frame)
         # Applied, then acknowledged (docs/architecture.md: acking on receipt would be as
         # safe, and gains nothing while the Ack is off the answers' critical path).
         self.endpoint.send(peer, wire.Ack(req=msg.req))
+
+    def _replica_of(self, u, frame, inits: set):
+        """The backup copy one update is for, once the update is checked against it."""
+        st = self.backups.get(u.partition)
+        if st is None:
+            owned = "it owns that partition now" if u.partition in self.parts else \
+                "it is not this partition's backup"
+            raise NotABackup(f"replication of partition {u.partition} refused: {owned}")
+        if len(frame) != st.numel * 4:
+            raise RequestError(f"partition {st.info.id} replica payload is {len(frame)} "
+                               f"bytes; {st.numel} float32 elements are {st.numel * 4} bytes")
+        if u.kind not in ("init", "grad", "sum"):
+            raise RequestError(f"unknown replication kind {u.kind!r}")
+        if u.kind != "init" and st.rule is None and u.partition not in inits:
+            raise RequestError(f"partition {st.info.id} replica has no initial values")
+        return st
+
+    def _apply_replica(self, u, st, frame) -> None:
+        values = frame_to_tensor(frame.buffer, "float32", st.numel)
+        if u.kind == "init":
+            if st.rule is None:
+                st.rule = self.new_rule(values.clone(), st.info)
+            return
+        fresh = (u.seq > st.last_seq.get(u.worker, -1)) if u.seq >= 0 else u.clock >= st.clock
+        if fresh:
+            if u.hparams is not None:
+                st.rule.set_hparams(u.hparams)
+            grad = values.clone()
+            if u.kind == "sum" and u.pushes > 1:  # the primary's take_mean, same op
+                grad.div_(u.pushes)
+            st.rule.apply(grad)
+            self.policy.replayed(st, u.clock)
+            st.applied_pushes += u.pushes
+            if u.seq >= 0:
+                st.last_seq[u.worker] = u.seq
 
     def _on_copy(self, peer: bytes, msg: wire.Replicate, frames: list) -> None:
         """A primary's full copy of one partition: this server is its backup now."""

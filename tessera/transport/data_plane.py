@@ -93,6 +93,19 @@ class Join(msgspec.Struct, **MESSAGE):
     dtype: str = "float32"
 
 
+class ReplicaUpdate(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """One update of a ``batch`` :class:`Replicate`: its partition, and the fields a
+    single ``grad``/``sum``/``init`` Replicate carries for it."""
+
+    kind: str
+    partition: int
+    clock: int
+    pushes: int = 0
+    worker: int = -1
+    seq: int = -1
+    hparams: Optional[list[dict[str, HParam]]] = None
+
+
 class Replicate(msgspec.Struct, **MESSAGE):
     """Primary -> backup: apply this update (or initial values) to your copy.
 
@@ -125,6 +138,10 @@ class Replicate(msgspec.Struct, **MESSAGE):
     #: ``partitions[0]`` this copies whole; frames named by ``names`` (its exported state),
     #: with ``source``, ``dtypes``, ``last_seq``, ``members``, ``clock``, ``pushes`` as a copy.
     table: str = ""
+    #: ``kind`` ``batch``: the updates one turn of the primary's serve loop forwarded, in
+    #: the order it applied them, one frame each (``partitions`` names them too); the
+    #: backup applies them in that order and acknowledges them with one Ack.
+    updates: list[ReplicaUpdate] = []
     #: ``kind`` ``copy``: the primary's live workers (worker -> incarnation), so that a
     #: replacement server, which sees no Join, knows restarted workers; ``kind`` ``join``
     #: (no partitions, no frames): worker ``worker`` joined again as incarnation ``seq``

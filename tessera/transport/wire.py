@@ -28,7 +28,7 @@ import msgspec
 from tessera.transport.control_plane import (HParam, OptimGroup, OptimSpec, ParamSpec, TableSpec, ProcessInfo, PartitionInfo,
     Register, Restore, ClusterView, Heartbeat, HeartbeatAck, Departed, CheckpointNow,
     CheckpointSaved, Replicated, Scale, Moved, TimeSync, TimeSyncAck, Finished, StoreOp, StoreReply)
-from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, Overflow,
+from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, ReplicaUpdate, Overflow,
     Verdict, Params, PullRows, Rows, PushRows, DumpRows, SnapshotTables)
 from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
 
@@ -36,7 +36,7 @@ __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGr
            "OptimSpec", "ParamSpec", "TableSpec",
            "ProcessInfo", "PartitionInfo", "Register", "Restore", "ClusterView", "Heartbeat",
            "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "Replicated", "Scale", "Moved", "TimeSync",
-           "TimeSyncAck", "Finished", "StoreOp", "StoreReply", "InitParams", "Pull", "Push", "Join", "Replicate",
+           "TimeSyncAck", "Finished", "StoreOp", "StoreReply", "InitParams", "Pull", "Push", "Join", "Replicate", "ReplicaUpdate",
            "Overflow", "Verdict", "Params", "PullRows", "Rows", "PushRows", "DumpRows", "SnapshotTables", "Message",
            "WireError", "encode", "decode"]
 
