@@ -27,7 +27,7 @@ and after.
 
 Output: one JSON object per line and case on stdout; progress on stderr.
 
-    .venv/bin/python benchmarks/replication_cost.py --mode sync --epochs 150 --rounds 3
+    .venv/bin/python benchmarks/replication_cost.py --mode sync,async --epochs 150 --rounds 3
 """
 
 from __future__ import annotations
@@ -113,23 +113,34 @@ def run(mode: str, epochs: int, flags: list[str], out: Path) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="sync", choices=["sync", "async", "ssp"])
+    parser.add_argument("--mode", default="sync",
+                        help="sync, async or ssp, or several: sync,async (one after the other)")
     parser.add_argument("--epochs", type=int, default=150, help="150: 3,300 steps")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    modes = args.mode.split(",")
+    for mode in modes:
+        if mode not in ("sync", "async", "ssp"):
+            raise SystemExit(f"--mode: {mode!r} is not sync, async or ssp")
+    for mode in modes:
+        measure(mode, args.epochs, args.rounds)
+
+
+def measure(mode: str, epochs: int, rounds: int) -> None:
+    """Every case in ``rounds`` interleaved rounds; one JSON line per case."""
     times: dict[str, list[float]] = {name: [] for name in CASES}
     cpus: dict[str, list[float]] = {name: [] for name in CASES}
     load0 = os.getloadavg()[0]
     busy0, own0, t0 = busy_s(), own_s(), time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
+        for r in range(rounds):
             for name, flags in CASES.items():
-                wall, cpu = run(args.mode, args.epochs, flags, Path(tmp) / f"{r}-{len(times[name])}"
+                wall, cpu = run(mode, epochs, flags, Path(tmp) / f"{r}-{len(times[name])}"
                                 f"-{name.replace(' ', '_')}")
                 times[name].append(wall)
                 cpus[name].append(cpu)
-                print(f"round {r + 1}: {name}: {wall:.1f} s, {cpu:.2f} CPU ms/step, load "
-                      f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+                print(f"{mode} round {r + 1}: {name}: {wall:.1f} s, {cpu:.2f} CPU ms/step, "
+                      f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     # Our own CPU includes the jobs' (the CLI waits for its processes, we wait for it).
     foreign = round(foreign_cpu_pct(busy0, own0, time.monotonic() - t0), 1)
     load = [round(load0, 1), round(os.getloadavg()[0], 1)]
@@ -137,7 +148,7 @@ def main() -> None:
     cmed = {name: statistics.median(c) for name, c in cpus.items()}
     for name, walls in times.items():
         same = name.split(" --")[0]
-        print(json.dumps({"case": name, "mode": args.mode, "epochs": args.epochs,
+        print(json.dumps({"case": name, "mode": mode, "epochs": epochs,
                           "wall_s": [round(w, 2) for w in walls],
                           "median_s": round(med[name], 2),
                           "vs_unreplicated": round(med[name] / med["2 servers"], 2),
@@ -147,7 +158,7 @@ def main() -> None:
                           "cpu_vs_unreplicated": round(cmed[name] / cmed["2 servers"], 2),
                           **({"cpu_vs_same_servers": round(cmed[name] / cmed[same], 2)}
                              if "--replication" in name else {}),
-                          "foreign_cpu_pct": foreign, "loadavg": load}))
+                          "foreign_cpu_pct": foreign, "loadavg": load}), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ BENCHES: dict[str, list[str]] = {
     "lm_shakespeare": ["lm_shakespeare.py"],
     "table_cache": ["table_cache.py", "--timeout", "600", "--png", "{out}/table_cache.png"],
     "elastic": ["elastic.py"],
-    "replication_cost": ["replication_cost.py", "--epochs", "40"],
+    "replication_cost": ["replication_cost.py", "--epochs", "40", "--mode", "sync,async"],
     "replicated_batching": ["replicated_batching.py"],
     "delta_checkpoint": ["delta_checkpoint.py"],
     "movielens_seeds": ["movielens_seeds.py"],

@@ -19,7 +19,7 @@ import torch
 
 from tessera.amp.policy import make_policy
 from tessera.amp.scaler import LossScaler
-from tessera.cluster.role import answer_early
+from tessera.cluster.role import retain_window
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
@@ -226,7 +226,7 @@ def _connect_client(session: Session, policy) -> PSClient:
                       profiler=session.profiler, incarnation=session.view.incarnation,
                       dead_servers=lambda: session.heartbeat.membership()[1],
                       servers=session.heartbeat.servers,
-                      retain=answer_early(session.cfg),
+                      retain=retain_window(session.cfg),
                       batch_bytes=_batch_bytes(session.cfg),
                       elastic=lambda: session.heartbeat.elastic_view)
     client.connect()

@@ -217,6 +217,7 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
     from tessera.config.schema import OptimizerConfig
     from tessera.parallel.flat import param_layout
     from tessera.ps.client import PSClient
+    from tessera.ps.replication import WINDOW
     from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
     from tessera.ps.sharding import plan_shards
     from tessera.transport.endpoint import ClientEndpoint, ServerEndpoint
@@ -242,7 +243,8 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
     for t in threads:
         t.start()
     clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[e.address for e in eps],
-                        secret=SECRET, worker=w, timeout_s=TIMEOUT_S, retain=True,
+                        secret=SECRET, worker=w, timeout_s=TIMEOUT_S,
+                        retain=1 if mode == "sync" else WINDOW,
                         dead_servers=lambda: membership.dead) for w in range(workers)]
     try:
         for c in clients:
@@ -259,21 +261,40 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
             ep.close()
 
 
-def _updates(msg, frames) -> list:
-    """A forwarded Replicate's updates, each with its frame (a ``batch`` holds several)."""
+def _updates(msg) -> list:
+    """A forwarded Replicate's updates (a ``batch`` holds several)."""
     from tessera.transport import wire
     if msg.kind == "batch":
-        return list(zip(msg.updates, frames))
-    return [(wire.ReplicaUpdate(kind=msg.kind, partition=msg.partitions[0], clock=msg.clock,
-                                pushes=msg.pushes, worker=msg.worker, seq=msg.seq,
-                                hparams=msg.hparams), frames[0])] if frames else []
+        return list(msg.updates)
+    return [wire.ReplicaUpdate(kind=msg.kind, partition=msg.partitions[0], clock=msg.clock,
+                               pushes=msg.pushes, worker=msg.worker, seq=msg.seq,
+                               hparams=msg.hparams)] if msg.partitions else []
 
 
-def _batch_of(msg, kept: list):
-    """``msg`` carrying only the updates in ``kept`` (pairs from :func:`_updates`)."""
+def _without(msg, frames, pid: int, nbytes: dict):
+    """``msg`` (a batch) and its frame without partition ``pid``'s update (``nbytes``: each
+    partition's bytes); None when nothing is left."""
     import msgspec
-    return msgspec.structs.replace(msg, kind="batch", partitions=[u.partition for u, _ in kept],
-                                   updates=[u for u, _ in kept]), [f for _, f in kept]
+    view, at, kept, parts = memoryview(frames[0].buffer).cast("B"), 0, [], []
+    for u in msg.updates:
+        if u.partition != pid:
+            kept.append(u)
+            parts.append(bytes(view[at:at + nbytes[u.partition]]))
+        at += nbytes[u.partition]
+    if not kept:
+        return None
+    return msgspec.structs.replace(msg, partitions=[u.partition for u in kept],
+                                   updates=kept), [_Frame(b"".join(parts))]
+
+
+class _Frame:
+    """A received frame's face (``.buffer``, ``len``) over bytes."""
+
+    def __init__(self, data: bytes):
+        self.buffer = data
+
+    def __len__(self) -> int:
+        return len(self.buffer)
 
 
 def _wait_backup_acked(servers, what: str) -> None:
@@ -341,7 +362,7 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
 
     def intercept(on_replicate):
         def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
-            updates = [u for u, _ in _updates(msg, frames) if u.kind == "grad"]
+            updates = [u for u in _updates(msg) if u.kind == "grad"]
             if updates and (stalled or (stalling.is_set()
                                         and any(u.worker == 1 for u in updates))):
                 stalled.extend(updates)  # a batch with it: stalled whole (one Ack for all)
@@ -395,13 +416,13 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
 
     def intercept(on_replicate):
         def drop_second(peer, msg, frames):  # the update of the batch's second partition
-            pairs = _updates(msg, frames)
+            updates = _updates(msg)
             if lagging.is_set() and any(u.kind == "grad" and u.partition == second
-                                        for u, _ in pairs):
-                dropped.extend(u.clock for u, _ in pairs if u.partition == second)
-                kept = [(u, f) for u, f in pairs if u.partition != second]
-                if kept:  # the rest of a batch applied (and acked: the primary dies anyway)
-                    on_replicate(peer, *_batch_of(msg, kept))
+                                        for u in updates):
+                dropped.extend(u.clock for u in updates if u.partition == second)
+                rest = _without(msg, frames, second, nbytes) if msg.kind == "batch" else None
+                if rest is not None:  # the rest of a batch applied (and acked: the primary dies)
+                    on_replicate(peer, *rest)
                 return
             on_replicate(peer, msg, frames)
         return drop_second
@@ -416,6 +437,7 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
         parts = shard_map.on_server(0)
         assert len(parts) >= 2, shard_map
         second = parts[1].id
+        nbytes = {p.id: 4 * (p.stop - p.start) for p in parts}
 
         def step(clock: int) -> None:
             handles = [client.push(p.id, torch.full((p.stop - p.start,), 0.5), clock)
@@ -450,8 +472,8 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
 def test_the_updates_of_one_turn_reach_the_backup_as_one_batch(ctx):
     """Sync, two small partitions pushed as one message: their clock completes in one
     turn of the primary's loop, and both updates travel to the backup as one ``batch``
-    Replicate with one Ack. A batch whose frames do not match its updates is refused
-    whole, and the copies stay bit-identical to the primary's."""
+    Replicate (one frame, one Ack). A batch whose frame does not match its updates is
+    refused whole, and the copies stay bit-identical to the primary's."""
     import torch
 
     from tessera.transport import wire
@@ -484,14 +506,67 @@ def test_the_updates_of_one_turn_reach_the_backup_as_one_batch(ctx):
             assert copy.clock == primary.clock == 3
             torch.testing.assert_close(copy.rule.master, primary.rule.master, rtol=0, atol=0)
         before = [servers[1].backups[p.id].rule.master.clone() for p in parts]
-        # A batch naming two updates with one frame: refused before anything is applied.
+        # A batch of two updates carrying the values of one: refused before anything is
+        # applied (the first update's bytes are there), and one with two frames too.
         backup = servers[1].replication
         lying = wire.Replicate(req=1, kind="batch", partitions=[p.id for p in parts[:2]],
                                clock=3, updates=[wire.ReplicaUpdate(kind="grad", partition=p.id,
                                                                     clock=3) for p in parts[:2]])
+        one = _Frame(bytes(4 * (parts[0].stop - parts[0].start)))
         from tessera.ps.consistency import RequestError
-        with pytest.raises(RequestError, match="one frame and one partition per update"):
-            backup.on_replicate(b"x", lying, [memoryview(bytes(4 * (parts[0].stop
-                                                                    - parts[0].start)))])
+        with pytest.raises(RequestError, match="replica payload of partitions"):
+            backup.on_replicate(b"x", lying, [one])
+        with pytest.raises(RequestError, match="their values in one frame"):
+            backup.on_replicate(b"x", lying, [one, one])
         for p, old in zip(parts, before):
             assert torch.equal(servers[1].backups[p.id].rule.master, old)
+
+
+def test_async_answers_wait_for_the_update_a_window_back_and_failover_resends_the_window(ctx):
+    """Async, answer_early, a 40 KB partition (window of 8 pushes): with the backup
+    taking none of the updates from push 1 on, pushes 1-8 are still answered (each waits
+    only for its worker's update 8 pushes back: push 0's, on the backup), push 9's answer
+    is held (push 1's update is not acked). The primary dies: the worker sends its 8
+    kept pushes again, oldest first, and push 9 goes to the survivor, which applies
+    each once: the survivor's copy is the dead primary's, bit for bit."""
+    import threading
+
+    import torch
+
+    from tessera.ps.replication import WINDOW, window
+    from tests.test_server_inproc import flat_of
+
+    stalling, stalled = threading.Event(), []
+
+    def intercept(on_replicate):
+        def stall(peer, msg, frames):
+            updates = [u for u in _updates(msg) if u.kind == "grad"]
+            if updates and stalling.is_set():
+                stalled.extend(updates)  # neither applied nor acked
+                return
+            on_replicate(peer, msg, frames)
+        return stall
+
+    with _async_pair(ctx, 1, intercept) as (model, shard_map, servers, stops, threads,
+                                            membership, (client,)):
+        client.init_params(flat_of(model))
+        (part,) = shard_map.on_server(0)
+        assert window(part.stop - part.start) == WINDOW == 8
+        grad = torch.linspace(-1, 1, part.stop - part.start)
+        client.push(part.id, grad, 0).wait()
+        _wait_backup_acked(servers, "push 0")
+        stalling.set()
+        for seq in range(1, WINDOW + 1):  # answered: push seq - 8 is on the backup (or none)
+            client.push(part.id, grad * seq, seq).wait(timeout_s=5.0)
+        assert client.pushes_acked == WINDOW + 1
+        late = client.push(part.id, grad * 9, WINDOW + 1)
+        wait_for(lambda: len(servers[0].replication._held) == 1, 5,
+                 "push 9's answer held for push 1's update")
+        wait_for(lambda: len(stalled) == WINDOW + 1, 5, "updates 1-9 reaching the backup")
+        stops[0].set()  # server 0 goes with updates 1-9 missing on the backup
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        late.wait(timeout_s=20.0)  # failover: kept pushes 1-8 first, then push 9
+        survivor, primary = servers[1].parts[part.id], servers[0].parts[part.id]
+        assert survivor.applied_pushes == client.pushes_acked == WINDOW + 2
+        torch.testing.assert_close(survivor.rule.master, primary.rule.master, rtol=0, atol=0)

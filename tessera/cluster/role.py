@@ -262,6 +262,16 @@ def replaced_port(run_dir: Path, rank: int, host: str) -> int:
     return 0
 
 
+def retain_window(cfg) -> int:
+    """How many answered pushes per partition a worker keeps for a failover (0: none;
+    :func:`tessera.ps.replication.window` lowers it for large partitions): sync keeps
+    the last, async/ssp up to ``replication.WINDOW``, as their servers' answers assume."""
+    from tessera.ps.replication import WINDOW
+    if not answer_early(cfg):
+        return 0
+    return 1 if cfg.ps.mode == "sync" else WINDOW
+
+
 def answer_early(cfg) -> bool:
     """Replication answers a push once the updates before it are on the backup, the
     clients keeping their last answered push (not under sync loss scaling, whose held

@@ -26,6 +26,7 @@ surfaces here instead of a hang.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable, Optional
 
 import msgspec
@@ -36,7 +37,7 @@ import zmq
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps.elastic import MOVED, moved_pairs
-from tessera.ps.replication import NOT_PROMOTED, REPLACED
+from tessera.ps.replication import NOT_PROMOTED, REPLACED, window
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport.endpoint import ClientEndpoint, TransportError
@@ -198,7 +199,7 @@ class PSClient:
                  secret: str, worker: int, timeout_s: float = 30.0, wire_dtype: str = "float32",
                  check: Callable[[], None] = lambda: None, profiler: SpanRecorder = OFF,
                  incarnation: int = 0, dead_servers: Callable[[], list] = lambda: [],
-                 retain: bool = False,
+                 retain: int = 0,
                  servers: Optional[Callable[[], tuple[list, dict, dict]]] = None,
                  batch_bytes: int = 0,
                  elastic: Callable[[], tuple[dict, list]] = lambda: ({}, [])):
@@ -232,11 +233,14 @@ class PSClient:
         #: Servers that ever died (without the coordinator's word on table shards, a
         #: replacement is never routed table rows: it holds no shard of its own).
         self._ever_failed: set[int] = set()
-        #: Replication: the last answered push per partition, (message, frames, buffers).
-        #: An async server answers a push once its backup has the updates before it; this
-        #: one it may lack, so after a failover it is sent again (applied at most once).
-        self.retain = retain
-        self._retained: dict[int, tuple] = {}
+        #: Replication: the last answered pushes per partition, (message, frames, buffers),
+        #: at most ``retain`` of them (0: none; fewer for a large partition:
+        #: :func:`tessera.ps.replication.window`). A server answers a push once its
+        #: backup has this worker's updates that many pushes back; those after it the
+        #: backup may lack, so after a failover they are sent again, in order (each
+        #: applied at most once).
+        self.retain = int(retain)
+        self._retained: dict[int, deque] = {}
         self._outstanding: dict[tuple[int, int], Handle] = {}
         #: Pushes of partitions smaller than this many bytes wait to go to their server
         #: together, as one message (0: every push goes at once, on its own; jobs take
@@ -337,12 +341,12 @@ class PSClient:
                     and len(self.servers) > 1 else -1
             again = []
             for pid in moved:  # answered, maybe not yet on the backup: first, in order
-                if pid in self._retained:
+                for msg, frames, keep in self._retained.pop(pid, ()):
                     # One partition at a time, even when it went in a batch: the batch's
                     # partitions may have reached the backup at different clocks (its
                     # update of one forwarded before the death, of another not), and each
-                    # is deduplicated and clock-checked on its own there.
-                    msg, frames, keep = self._retained.pop(pid)
+                    # is deduplicated and clock-checked on its own there. Oldest first:
+                    # the backup lacks a suffix of them, if any.
                     msg, frames = _piece(msg, frames, [msg.partitions.index(pid)])
                     again.append(Handle(self, server, msg.req, f"re-sent answered push of "
                                         f"partition {pid}", keep=keep, request=(msg, frames)))
@@ -831,7 +835,12 @@ class PSClient:
             if handle._what.startswith("push") and self.retain and handle._request is not None:
                 msg, frames = handle._request
                 for pid in msg.partitions:
-                    self._retained[pid] = (msg, frames, handle._keep)
+                    kept = self._retained.get(pid)
+                    if kept is None:
+                        part = self.parts[pid]
+                        kept = self._retained[pid] = deque(
+                            maxlen=window(part.stop - part.start, self.retain))
+                    kept.append((msg, frames, handle._keep))
             return result
 
     def _moved_to(self, pairs: dict[int, int]) -> None:

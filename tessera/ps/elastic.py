@@ -144,6 +144,7 @@ class Mover:
         peer = self._peer(target)
         if peer is None:
             return  # it died meanwhile: the coordinator drops the order
+        self.server.replication.flush()  # updates waiting for the backup go before
         live = live_members(self.server.policy.members)
         reqs = []
         for pid in pids:

@@ -64,6 +64,26 @@ NOT_PROMOTED = "not promoted yet"
 REPLACED = "a replacement holding none of its predecessor's partitions"
 
 
+#: Async/ssp with ``answer_early``: a worker keeps up to this many of its last answered
+#: pushes of a partition (:func:`window`), and the primary answers a push once the
+#: backup has acked the worker's update that many pushes back, not the one just before:
+#: the updates in between may wait on the primary and travel to the backup together.
+WINDOW = 8
+#: ... but no more of them than fit in this many bytes (a large partition keeps one, and
+#: its worker's memory for kept pushes stays what it was).
+WINDOW_BYTES = 4 << 20
+#: A batch of updates (async/ssp) goes to the backup once it is this old, holds this many
+#: bytes, or an answer waits for it, whichever comes first.
+FLUSH_S = 0.002
+FLUSH_BYTES = 1 << 20
+
+
+def window(numel: int, cap: int = WINDOW) -> int:
+    """How many answered pushes of a partition of ``numel`` fp32 elements its worker
+    keeps, and how many pushes back the primary's answers wait for (async/ssp)."""
+    return max(1, min(cap, WINDOW_BYTES // max(1, 4 * numel)))
+
+
 @dataclass(frozen=True)
 class Replicas:
     """What one server knows of replication: whose partitions it backs up, and who
@@ -105,6 +125,9 @@ class Replicator:
         self.infos = {p.id: p for p in replicas.partitions}
         self.connect, self.report = replicas.connect, replicas.report
         self.answer_early = replicas.answer_early
+        #: Async/ssp answers wait for the update :func:`window` pushes back; batches may
+        #: then span turns of the loop (:meth:`flush_in`). Sync: one turn's updates.
+        self.windowed = replicas.answer_early and not policy.sums_clock
         #: Requests taken while waiting for an Ack; the serve loop handles them next.
         self.deferred: list = []
         self._dead_servers: set[int] = set(replicas.dead)
@@ -126,11 +149,13 @@ class Replicator:
         #: Updates forwarded this turn of the serve loop, not sent yet (:meth:`flush`);
         #: their request is ``_unacked``'s last.
         self._batch: list = []
+        self._batch_started, self._batch_bytes = 0.0, 0
         #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
         self._held: deque = deque()
-        #: Each worker's last update forwarded (its request; answer_early, async: a
-        #: push's answer waits only for its worker's updates before it, :meth:`mark`).
-        self._last_of: dict[int, int] = {}
+        #: Each worker's last pushes forwarded, (seq, request) (answer_early, async: a
+        #: push's answer waits only for its worker's updates :func:`window` pushes before
+        #: it, :meth:`mark`).
+        self._pushes_of: dict[int, deque] = {}
         #: Re-replication in flight: the copies' last request, and what to report.
         self._copy: Optional[tuple[int, int, list]] = None
         self._sockets = None
@@ -152,14 +177,41 @@ class Replicator:
             return
         keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
         if not self._batch:
-            self._unacked.append((peer.new_req(), time.monotonic(), []))
+            self._batch_started, self._batch_bytes = time.monotonic(), 0
+            self._unacked.append((peer.new_req(), self._batch_started, []))
         req, _, kept = self._unacked[-1]
         kept.append(keep)
         self._batch.append(wire.ReplicaUpdate(kind=kind, partition=st.info.id, clock=st.clock,
                                               pushes=pushes, worker=worker, seq=seq,
                                               hparams=hparams))
+        self._batch_bytes += keep.numel() * keep.element_size()
         if worker >= 0:
-            self._last_of[worker] = req
+            pushes_of = self._pushes_of.get(worker)
+            if pushes_of is None:
+                pushes_of = self._pushes_of[worker] = deque(maxlen=WINDOW)
+            if pushes_of and pushes_of[-1][0] == seq:  # the same push, another partition
+                pushes_of[-1] = (seq, req)
+            else:
+                pushes_of.append((seq, req))
+        if self._batch_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush_in(self) -> Optional[float]:
+        """Seconds until the batch is due to go (None: there is none; sync: 0)."""
+        if not self._batch:
+            return None
+        if not self.windowed:
+            return 0.0
+        return max(0.0, FLUSH_S - (time.monotonic() - self._batch_started))
+
+    def _flush_if_due(self) -> None:
+        if not self._batch:
+            return
+        req = self._unacked[-1][0]
+        if not self.windowed or self._copy is not None or \
+                any(held[0] >= req for held in self._held) or \
+                time.monotonic() - self._batch_started >= FLUSH_S:
+            self.flush()
 
     def flush(self) -> None:
         """Send the batch :meth:`forward` gathered (one update: as a plain Replicate)."""
@@ -172,9 +224,10 @@ class Replicator:
             u = batch[0]
             msg = wire.Replicate(req=req, kind=u.kind, partitions=[u.partition], clock=u.clock,
                                  pushes=u.pushes, worker=u.worker, seq=u.seq, hparams=u.hparams)
-        else:
+        else:  # one frame: through shared memory when it is large enough (same host)
             msg = wire.Replicate(req=req, kind="batch", partitions=[u.partition for u in batch],
                                  clock=batch[-1].clock, updates=batch)
+            kept[:] = [torch.cat(kept)]
         self._put(msg, kept)
         self.stats["replicate_messages"] = self.stats.get("replicate_messages", 0) + 1
 
@@ -220,10 +273,10 @@ class Replicator:
         else:
             self.endpoint.send(peer, msg, frames)
 
-    def mark(self, worker: Optional[int] = None) -> Optional[int]:
-        """The last request forwarded so far (``worker``: the last one of that worker's
-        updates; -1: none is unacknowledged; None: answers wait for every update,
-        ``answer_early`` is off).
+    def mark(self, worker: Optional[int] = None, back: int = 1) -> Optional[int]:
+        """The last request forwarded so far (``worker``: the request of that worker's
+        push ``back`` pushes before the one about to be forwarded; -1: none is
+        unacknowledged; None: answers wait for every update, ``answer_early`` is off).
 
         Pushes are answered once the backup acked the updates forwarded *before* theirs
         (:meth:`reply` ``after=mark()``; sync: the clock before; async: only those of
@@ -238,14 +291,22 @@ class Replicator:
         push of worker w had w's earlier updates acked, so of w's updates at most one
         answered one is in that suffix: w's last answered push, which w keeps and sends
         again. Waiting for every worker's updates (``mark()``) would put another worker's
-        round trip to the backup on this push's critical path."""
+        round trip to the backup on this push's critical path.
+
+        With ``back`` = k > 1 (async/ssp, :func:`window`), the same argument with the
+        worker keeping its last k answered pushes: at most k of w's answered updates are
+        in the suffix, and w sends all k again, in order (the new owner skips those it
+        has by sequence number)."""
         if not self.answer_early:
             return None
         if not self._unacked:
             return -1
         if worker is None:
             return self._unacked[-1][0]
-        last = self._last_of.get(worker, -1)
+        pushes_of = self._pushes_of.get(worker)
+        if not pushes_of or len(pushes_of) < back:
+            return -1
+        last = pushes_of[-back][1]
         return last if last >= self._unacked[0][0] else -1
 
     def pending(self) -> bool:
@@ -259,7 +320,7 @@ class Replicator:
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
         from tessera.transport.endpoint import TransportError
-        self.flush()
+        self._flush_if_due()
         peer = self.peer
         while self._unacked and peer is not None:
             req, sent, _ = self._unacked[0]
@@ -327,7 +388,7 @@ class Replicator:
                                               message=f"server {self.rank}: {why}"))
         self._unacked.clear()
         self._batch = []
-        self._last_of.clear()
+        self._pushes_of.clear()
         self.stats["errors"] += 1
 
     def sockets(self) -> list:
@@ -354,7 +415,7 @@ class Replicator:
         self._release_held()  # their updates are here; the backup is gone
         self._unacked.clear()
         self._batch = []
-        self._last_of.clear()
+        self._pushes_of.clear()
         self._copy = None
         self.rows_replicated = set()
         # Not closed here: its owner closes it (the process's context, at the end).
@@ -382,11 +443,11 @@ class Replicator:
             return
         if msg.kind == "batch":
             updates = msg.updates
-            if not updates or len(updates) != len(frames) or \
+            if not updates or len(frames) != 1 or \
                     [u.partition for u in updates] != list(msg.partitions):
-                raise RequestError(f"a batch Replicate carries one frame and one partition per "
-                                   f"update: {len(updates)} updates, {len(frames)} frames, "
-                                   f"{len(msg.partitions)} partitions")
+                raise RequestError(f"a batch Replicate carries one partition per update and "
+                                   f"their values in one frame: {len(updates)} updates, "
+                                   f"{len(frames)} frames, {len(msg.partitions)} partitions")
         elif len(msg.partitions) != 1 or len(frames) != 1:
             raise RequestError("a Replicate request carries one partition and one frame")
         else:
@@ -395,32 +456,35 @@ class Replicator:
                                           seq=msg.seq, hparams=msg.hparams)]
         # Every update is checked before any is applied: a refused batch changes nothing.
         inits = {u.partition for u in updates if u.kind == "init"}  # before a grad in a batch
-        checked = [(u, self._replica_of(u, frame, inits), frame)
-                   for u, frame in zip(updates, frames)]
-        for u, st, frame in checked:
-            self._apply_replica(u, st, frame)
+        checked = [(u, self._replica_of(u, inits)) for u in updates]
+        nbytes = sum(st.numel * 4 for _, st in checked)
+        if len(frames[0]) != nbytes:
+            raise RequestError(f"replica payload of partitions {list(msg.partitions)} is "
+                               f"{len(frames[0])} bytes; their float32 elements are {nbytes} "
+                               f"bytes")
+        view, at = memoryview(frames[0].buffer).cast("B"), 0
+        for u, st in checked:
+            self._apply_replica(u, st, view[at:at + st.numel * 4])
+            at += st.numel * 4
         # Applied, then acknowledged (docs/architecture.md: acking on receipt would be as
         # safe, and gains nothing while the Ack is off the answers' critical path).
         self.endpoint.send(peer, wire.Ack(req=msg.req))
 
-    def _replica_of(self, u, frame, inits: set):
+    def _replica_of(self, u, inits: set):
         """The backup copy one update is for, once the update is checked against it."""
         st = self.backups.get(u.partition)
         if st is None:
             owned = "it owns that partition now" if u.partition in self.parts else \
                 "it is not this partition's backup"
             raise NotABackup(f"replication of partition {u.partition} refused: {owned}")
-        if len(frame) != st.numel * 4:
-            raise RequestError(f"partition {st.info.id} replica payload is {len(frame)} "
-                               f"bytes; {st.numel} float32 elements are {st.numel * 4} bytes")
         if u.kind not in ("init", "grad", "sum"):
             raise RequestError(f"unknown replication kind {u.kind!r}")
         if u.kind != "init" and st.rule is None and u.partition not in inits:
             raise RequestError(f"partition {st.info.id} replica has no initial values")
         return st
 
-    def _apply_replica(self, u, st, frame) -> None:
-        values = frame_to_tensor(frame.buffer, "float32", st.numel)
+    def _apply_replica(self, u, st, buf) -> None:
+        values = frame_to_tensor(buf, "float32", st.numel)
         if u.kind == "init":
             if st.rule is None:
                 st.rule = self.new_rule(values.clone(), st.info)

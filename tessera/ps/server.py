@@ -28,6 +28,7 @@ already applied is not applied again.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -43,7 +44,7 @@ from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
 from tessera.ps.push_checks import check_held, check_push
 from tessera.ps.partition import PartitionState, Reply
-from tessera.ps.replication import REPLACED, Replicas, Replicator
+from tessera.ps.replication import REPLACED, Replicas, Replicator, window
 from tessera.ps.server_profile import MessageCosts, profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
@@ -135,7 +136,9 @@ class ParameterServer:
             replication.take_acks()
             while deferred:
                 self.handle(deferred.pop(0))
-            if not self._poll(0.1):
+            due = replication.flush_in()  # a batch for the backup, waiting for more
+            # (whole milliseconds, as ZeroMQ polls: a shorter wait would be none, a spin)
+            if not self._poll(0.1 if due is None else min(0.1, math.ceil(due * 1e3) / 1e3)):
                 continue
             for _ in range(256):  # drain what is queued before checking health again
                 if costs is not None:
@@ -151,6 +154,7 @@ class ParameterServer:
                 if not self.endpoint.poll(0):
                     break
         deadline = time.monotonic() + self.options.timeout_s
+        replication.flush()
         while replication.pending() and time.monotonic() < deadline:  # answers held for Acks
             self.hooks.check()
             self._poll(0.01)
@@ -379,8 +383,11 @@ class ParameterServer:
         partitions the reply carries, when not all of ``states``)."""
         answer = answer or states
         policy = self.policy
-        # async: the answer waits for this worker's updates before this one (mark)
-        mark = self.replication.mark(msg.worker)
+        # async: the answer waits for this worker's updates before this one, as many
+        # pushes back as it keeps (mark, window)
+        replication = self.replication
+        mark = replication.mark(msg.worker, min(window(st.numel) for st in states)
+                                if replication.windowed else 1)
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
