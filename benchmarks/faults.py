@@ -17,6 +17,7 @@ worker-pipeline     digits, 2 pipeline stages (``--stages 2 --servers 0``), ``--
                     --checkpoint-every 50``, kill worker 1 (the last stage)
 worker-tables       MovieLens (DLRM with sharded tables), sync, ``--max-restarts 1``
 server-dense        digits, 3 servers, ``--replication 2``, kill server 1
+server-async        the same in async mode (workers keep a window of answered pushes)
 server-tables       MovieLens, 3 servers, ``--replication 2``, kill server 1
 server-replace      digits (60 epochs), 2 servers, ``--replication 2 --max-restarts 1``,
                     kill server 1; ``replaced`` counts the trials whose replacement joined
@@ -94,6 +95,8 @@ CASES = {
                       "eval_rmse", 1.0, False),
     "server-dense": (DIGITS, ["--epochs", "16", "--servers", "3", "--replication", "2"],
                      "server", 1, "eval_accuracy", 0.95, True),
+    "server-async": (DIGITS, ["--epochs", "16", "--servers", "3", "--replication", "2",
+                              "--mode", "async"], "server", 1, "eval_accuracy", 0.93, True),
     "server-tables": (MOVIELENS, ["--epochs", "1", "--servers", "3", "--replication", "2"],
                       "server", 1, "eval_rmse", 1.0, False),
     "server-replace": (DIGITS, ["--epochs", "60", "--servers", "2", "--replication", "2",
