@@ -297,6 +297,22 @@ class _Frame:
         return len(self.buffer)
 
 
+def _stall_from(first, stalled: list):
+    """An interceptor of the backup's Replicate handler: from the first forwarded update
+    ``first`` accepts on, every gradient update that reaches the backup is neither applied
+    nor acked, only kept in ``stalled`` (a batch with one of them: stalled whole, since
+    one Ack answers all of it)."""
+    def intercept(on_replicate):
+        def stall(peer, msg, frames):
+            updates = [u for u in _updates(msg) if u.kind == "grad"]
+            if updates and (stalled or any(first(u) for u in updates)):
+                stalled.extend(updates)
+                return
+            on_replicate(peer, msg, frames)
+        return stall
+    return intercept
+
+
 def _wait_backup_acked(servers, what: str) -> None:
     deadline = time.monotonic() + 20
     while servers[0].replication.pending() and time.monotonic() < deadline:
@@ -359,16 +375,8 @@ def test_an_async_answer_waits_only_for_its_own_workers_updates(ctx):
     from tests.test_server_inproc import flat_of
 
     stalling, stalled = threading.Event(), []
-
-    def intercept(on_replicate):
-        def stall(peer, msg, frames):  # from worker 1's update on, in order: neither applied nor acked
-            updates = [u for u in _updates(msg) if u.kind == "grad"]
-            if updates and (stalled or (stalling.is_set()
-                                        and any(u.worker == 1 for u in updates))):
-                stalled.extend(updates)  # a batch with it: stalled whole (one Ack for all)
-                return
-            on_replicate(peer, msg, frames)
-        return stall
+    # from worker 1's update on, in order: neither applied nor acked
+    intercept = _stall_from(lambda u: stalling.is_set() and u.worker == 1, stalled)
 
     with _async_pair(ctx, 2, intercept) as (model, shard_map, servers, stops, threads,
                                             membership, clients):
@@ -537,15 +545,7 @@ def test_async_answers_wait_for_the_update_a_window_back_and_failover_resends_th
     from tests.test_server_inproc import flat_of
 
     stalling, stalled = threading.Event(), []
-
-    def intercept(on_replicate):
-        def stall(peer, msg, frames):
-            updates = [u for u in _updates(msg) if u.kind == "grad"]
-            if updates and stalling.is_set():
-                stalled.extend(updates)  # neither applied nor acked
-                return
-            on_replicate(peer, msg, frames)
-        return stall
+    intercept = _stall_from(lambda u: stalling.is_set(), stalled)  # from push 1 on
 
     with _async_pair(ctx, 1, intercept) as (model, shard_map, servers, stops, threads,
                                             membership, (client,)):

@@ -149,7 +149,7 @@ class Replicator:
         #: Updates forwarded this turn of the serve loop, not sent yet (:meth:`flush`);
         #: their request is ``_unacked``'s last.
         self._batch: list = []
-        self._batch_started, self._batch_bytes = 0.0, 0
+        self._batch_bytes = 0
         #: Answers held until the backup acked ``req``: (req, peer, msg, frames).
         self._held: deque = deque()
         #: Each worker's last pushes forwarded, (seq, request) (answer_early, async: a
@@ -176,9 +176,9 @@ class Replicator:
         if peer is None or st.info.id not in self.replicated:
             return
         keep = tensor.detach().clone()  # the caller's tensor may change before it is sent
-        if not self._batch:
-            self._batch_started, self._batch_bytes = time.monotonic(), 0
-            self._unacked.append((peer.new_req(), self._batch_started, []))
+        if not self._batch:  # its request, made now: "sent at" is when the batch began
+            self._batch_bytes = 0
+            self._unacked.append((peer.new_req(), time.monotonic(), []))
         req, _, kept = self._unacked[-1]
         kept.append(keep)
         self._batch.append(wire.ReplicaUpdate(kind=kind, partition=st.info.id, clock=st.clock,
@@ -202,15 +202,14 @@ class Replicator:
             return None
         if not self.windowed:
             return 0.0
-        return max(0.0, FLUSH_S - (time.monotonic() - self._batch_started))
+        return max(0.0, FLUSH_S - (time.monotonic() - self._unacked[-1][1]))
 
     def _flush_if_due(self) -> None:
         if not self._batch:
             return
-        req = self._unacked[-1][0]
-        if not self.windowed or self._copy is not None or \
-                any(held[0] >= req for held in self._held) or \
-                time.monotonic() - self._batch_started >= FLUSH_S:
+        req, began, _ = self._unacked[-1]
+        if not self.windowed or any(held[0] >= req for held in self._held) or \
+                time.monotonic() - began >= FLUSH_S:
             self.flush()
 
     def flush(self) -> None:
@@ -229,7 +228,6 @@ class Replicator:
                                  clock=batch[-1].clock, updates=batch)
             kept[:] = [torch.cat(kept)]
         self._put(msg, kept)
-        self.stats["replicate_messages"] = self.stats.get("replicate_messages", 0) + 1
 
     def send_rows(self, st, ids, grads: torch.Tensor, pushes: int, worker: int = -1,
                   seq: int = -1) -> None:
