@@ -18,7 +18,8 @@ Memory is measured from the processes, not from counts the table keeps:
 * ``peak_rss_mb`` is the kernel's high-water mark (``VmHWM``), so no spike between
   samples is missed;
 * ``base_rss_mb`` is the server's RSS before its ParameterServer and table are built
-  (interpreter, torch, zmq); ``table_rss_mb = peak - base`` is what the server, its
+  (interpreter, torch, zmq, the compiled row kernels a job's fork server loads before it
+  forks a server); ``table_rss_mb = peak - base`` is what the server, its
   table and its traffic took, and ``over_cap_pct`` compares it with the cap.
 
 JSON lines: ``table_memory`` (memory, rows, rates and the CPU each server spent per
@@ -90,6 +91,8 @@ def _server(name: str, secret: str, conn, stop, spec_kw: dict) -> None:
         ctx = zmq.Context()
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=0.05), **spec_kw)
+        from tessera.ps import kernels
+        kernels.warm()  # loaded before the fork, as a job's fork server does
         base = _rss()  # before the server and its table exist
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
         server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"),

@@ -5,6 +5,9 @@ vectorised hashes, and torch.optim on the whole table in one process for the
 sparse update rules -- SGD and Adagrad on a dense parameter whose gradient is the
 sparse rows scattered into zeros, SparseAdam on a parameter with a sparse
 gradient, as nn.Embedding(sparse=True) produces.
+
+Every test runs twice: on the compiled row kernels (tessera.ps.kernels, numba) and on
+the numpy and torch path a process without numba takes.
 """
 
 from __future__ import annotations
@@ -15,8 +18,19 @@ import torch
 from torch.testing import assert_close
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps import kernels
 from tessera.ps.embedding import EmbeddingShard, TableError, TableSpec
 from tessera.ps.embedding_ids import initial_rows, owner_of
+
+NUMBA = kernels.ENABLED  # as imported: numba is installed and not switched off
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def row_kernels(request, monkeypatch):
+    if request.param == "numba" and not NUMBA:
+        pytest.skip("numba is not importable here")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "numba")
+    return request.param
 
 M64 = (1 << 64) - 1
 
@@ -431,3 +445,4 @@ def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, monkeypat
     at = np.searchsorted(a["ids"].numpy(), fresh)
     expected = torch.full((len(fresh), dim), accumulator).addcmul_(g, g, value=1)
     assert torch.equal(a["state.sum"][torch.from_numpy(at)], expected)
+

@@ -50,10 +50,12 @@ def _serve(secret: str, conn, stop, spec_kw: dict) -> None:
     """A real ParameterServer with one table ``emb`` (a spawned process)."""
     import zmq
 
+    from tessera.ps import kernels
     from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.transport.endpoint import ServerEndpoint
 
     torch.set_num_threads(1)
+    kernels.warm()  # the process's code, loaded before its table, as a fork server does
     ctx = zmq.Context()
     spec = TableSpec(name="emb", dim=DIM, optimizer=OptimizerConfig(name="adagrad", lr=0.05),
                      **spec_kw)

@@ -56,6 +56,9 @@ STARTED_AT = "TESSERA_STARTED_AT"
 #: hot on purpose); ``RANK:MS:rows``: row requests only.
 SLOW_SERVER = "TESSERA_SLOW_SERVER"
 #: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
+#: ``numpy``: embedding shards run their numpy and torch code, not the compiled row
+#: kernels (:mod:`tessera.ps.kernels`); read once, at that module's import.
+KERNELS = "TESSERA_KERNELS"
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
 OMP_NUM_THREADS = "OMP_NUM_THREADS"

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tessera.ps import kernels
+
 _MASK64 = (1 << 64) - 1
 #: SplitMix64's increment, 2^64 / golden ratio (Steele, Lea & Flood 2014).
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -91,12 +93,15 @@ def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float,
     with np.errstate(over="ignore"):
         # State of column c before mixing: row_key + c * gamma, plus splitmix's gamma.
         columns = np.arange(1, dim + 1, dtype=np.uint64) * _GAMMA
-    block = max(1, _INIT_BLOCK_ELEMENTS // dim)
-    h_buf = np.empty((min(block, n), dim), dtype=np.uint64)
-    t_buf = np.empty_like(h_buf)
     # (2k + 1 - 2^24) / 2^24 == k * 2^-23 + (2^-24 - 1): every term and the sum are
     # exact in fp32 (k < 2^24), so this equals the integer formula bit for bit.
     step, offset, fscale = np.float32(2.0 ** -23), np.float32(2.0 ** -24 - 1), np.float32(scale)
+    if kernels.ENABLED and n:
+        kernels.fill_initial(row_key, columns, step, offset, fscale, out)
+        return torch.from_numpy(out)
+    block = max(1, _INIT_BLOCK_ELEMENTS // dim)
+    h_buf = np.empty((min(block, n), dim), dtype=np.uint64)
+    t_buf = np.empty_like(h_buf)
     for start in range(0, n, block):
         stop = min(start + block, n)
         h, t = h_buf[:stop - start], t_buf[:stop - start]

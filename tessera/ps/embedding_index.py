@@ -7,9 +7,9 @@ evicted, so storage stays as large as the live rows (plus doubling slack).
 touched, which is what admission (Monolith's frequency filter: an id is stored only
 after ``admit_after`` lookups) and expiry (Monolith's expirable embeddings: rows
 untouched for ``evict_after`` clocks, or the least recently touched beyond
-``max_rows``, are dropped) need. The index works on whole batches of ids with numpy
-(an open-addressing hash table probed a batch at a time), never with a Python loop
-per id.
+``max_rows``, are dropped) need. The index works on whole batches of ids, never with
+a Python loop per id: an open-addressing hash table probed id by id in a compiled loop
+(:mod:`tessera.ps.kernels`), or, without numba, a batch at a time with numpy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import mmap
 
 import numpy as np
 import torch
+
+from tessera.ps import kernels
 
 #: Rows of storage allocated at first growth; later growth doubles (amortised O(1)).
 _MIN_CAPACITY = 64
@@ -210,6 +212,10 @@ class IdIndex:
 
     def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Put absent, unique ``ids`` (at ``slots``) into free buckets."""
+        if kernels.ENABLED:
+            self._used += kernels.place_ids(self._table, np.ascontiguousarray(ids, np.int64),
+                                            np.ascontiguousarray(slots, np.int64), self._bits)
+            return
         flat, mask = self._table.reshape(-1), self._mask
         keys = flat[::2]
         pos = self._home(ids)
@@ -227,6 +233,15 @@ class IdIndex:
 
     def _lookup(self, ids: np.ndarray, buckets: bool = False):
         """Slot of each id (-1: absent); with ``buckets``, also its bucket (-1: absent)."""
+        if kernels.ENABLED:
+            ids = np.ascontiguousarray(ids, np.int64)
+            slot = np.empty(len(ids), dtype=np.int64)
+            kernels.find_slots(self._table, ids, self._bits, slot)
+            bucket = None
+            if buckets:
+                bucket = np.empty(len(ids), dtype=np.int64)
+                kernels.find_buckets(self._table, ids, self._bits, bucket)
+            return slot, bucket
         table, mask = self._table, self._mask
         pos = self._home(ids)
         got = np.take(table, pos, axis=0)  # (k, 2): key and slot of each home bucket

@@ -10,6 +10,11 @@ arithmetic is ``torch.optim``'s, applied to the gathered rows in the same order:
 * ``adam`` is lazy Adam, exactly ``torch.optim.SparseAdam`` (Kingma & Ba, ICLR 2015,
   with moments updated only for the rows present).
 
+With numba (:mod:`tessera.ps.kernels`) each rule is one compiled pass over the rows, in
+place: the same operations in the same order, SGD bit for bit as torch computes it,
+Adagrad and Adam within fp32 rounding of it (their square root is correctly rounded,
+torch's vectorised one is not always). Without numba, the torch code below runs.
+
 The step count in learning-rate decay and bias correction is the shard's own number
 of ``apply`` calls, as torch counts ``step()`` calls. Dense rules (momentum SGD,
 AdamW) would change every row at every step and are refused.
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from tessera.config.schema import OptimizerConfig
+from tessera.ps import kernels
 from tessera.ps.embedding_index import gather_rows, scatter_rows
 
 #: Per-row optimizer state arrays, named as ``torch.optim`` names them.
@@ -57,6 +64,9 @@ def sparse_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: d
                 index, state_index, grad: torch.Tensor) -> None:
     """One optimizer step on the rows ``index`` (unique int64 numpy slots) of ``values``
     (and of the per-row ``state`` arrays, at ``state_index``); ``steps`` counts this step."""
+    if kernels.ENABLED and len(index):
+        _kernel_step(opt, steps, values, state, index, state_index, grad)
+        return
     # Each branch repeats the per-element operations of torch's single-tensor
     # implementation, in the same order, on the gathered rows (gathered and scattered
     # back whole, :func:`gather_rows`: byte copies, so the arithmetic is unchanged).
@@ -91,3 +101,24 @@ def sparse_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: d
         step_size = opt.lr * math.sqrt(bias_correction2) / bias_correction1
         param.add_(-step_size * numer.div_(denom))
     scatter_rows(values, index, param)
+
+
+def _kernel_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: dict,
+                 index, state_index, grad: torch.Tensor) -> None:
+    """:func:`sparse_step` in one compiled pass over the rows (:mod:`tessera.ps.kernels`):
+    the same operations on the same fp32 values, with each Python scalar rounded to fp32
+    as torch rounds a scalar argument."""
+    f32 = np.float32
+    rows, g = values.numpy(), grad.contiguous().numpy()
+    if opt.name == "sgd":
+        kernels.sgd_rows(rows, index, g, f32(-opt.lr), f32(opt.weight_decay))
+    elif opt.name == "adagrad":
+        clr = opt.lr / (1 + (steps - 1) * opt.lr_decay)
+        kernels.adagrad_rows(rows, index, state["sum"].numpy(), state_index, g, f32(-clr),
+                             f32(opt.eps), f32(opt.weight_decay))
+    else:
+        beta1, beta2 = opt.betas
+        step_size = opt.lr * math.sqrt(1 - beta2 ** steps) / (1 - beta1 ** steps)
+        kernels.adam_rows(rows, index, state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
+                          state_index, g, f32(1 - beta1), f32(1 - beta2), f32(opt.eps),
+                          f32(-step_size))

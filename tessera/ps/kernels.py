@@ -1,0 +1,209 @@
+"""Compiled row kernels for an embedding shard's hot loops (numba), with numpy beside them.
+
+An embedding shard's request path does three things per row: find the row's slot in
+the id index, make the initial value of a row first seen, and apply the sparse
+optimizer to a row updated. Written with numpy and torch, each is several passes over
+temporaries the size of the batch (the index probes a whole batch per round; an
+Adagrad step gathers, computes in five kernels and scatters back). Here each is one
+loop over the rows, compiled by numba (a wheel: ``make setup`` needs no compiler),
+reading each row once where it lies:
+
+* :func:`find_slots` probes the open-addressing table of
+  :class:`tessera.ps.embedding_index.IdIndex` id by id (linear probing, as the numpy
+  rounds do; the answers are the same, the table layout is the index's own);
+* :func:`place_ids` puts new ids into free buckets the same way;
+* :func:`fill_initial` computes :func:`tessera.ps.embedding_ids.initial_rows`'s
+  SplitMix64 values, bit for bit (integer arithmetic, then three exact or
+  once-rounded fp32 operations in the same order);
+* :func:`sgd_rows`, :func:`adagrad_rows` and :func:`adam_rows` apply the optimizer
+  in place, with torch's per-element operations in torch's order, each rounded to
+  fp32 as torch rounds it (no fused multiply-add, no fast-math reassociation). The
+  tests compare them with ``torch.optim`` and with the torch path bit for bit.
+
+numba compiles each kernel at its first call in a process (0.1-0.3 s of CPU each; a
+server with a table uses four or five of them). Its on-disk cache is not used: numba
+writes and reads that cache with pickle, and nothing in Tessera unpickles.
+Without numba (not installed, or ``TESSERA_KERNELS=numpy``) ``ENABLED`` is False and
+the callers use their numpy and torch code, which computes the same values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tessera.config import env as envvars
+
+ENABLED = False
+if os.environ.get(envvars.KERNELS, "numba") != "numpy":
+    try:
+        import numba
+        ENABLED = True
+    except Exception:  # not installed, or built for another numpy: the numpy path serves
+        numba = None
+
+#: Hash multiplier of the id index (the index's ``_HASH_MUL``) and SplitMix64's
+#: constants (:mod:`tessera.ps.embedding_ids`), as Python ints for the kernels.
+HASH_MUL = 0x9E3779B97F4A7C15
+MUL1, MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _jit(fn=None, *, contract: bool = False):
+    """numba.njit, cached; no fast-math, except, with ``contract``, fusing a multiply
+    and an add into one fused multiply-add (rounded once) where torch's kernels do."""
+    if fn is None:
+        return lambda f: _jit(f, contract=contract)
+    if not ENABLED:
+        return fn
+    return numba.njit(cache=False, nogil=True, boundscheck=False, error_model="numpy",
+                      fastmath={"contract"} if contract else False)(fn)
+
+
+@_jit
+def find_slots(table, ids, bits, out):
+    """``out[i]``: the slot of ``ids[i]`` in ``table`` (int64 ``[buckets, 2]``: key, slot;
+    key -1 empty, -2 removed), -1 where absent. Ids must be >= 0."""
+    mask = table.shape[0] - 1
+    shift = np.uint64(64 - bits)
+    mul = np.uint64(HASH_MUL)
+    for i in range(ids.shape[0]):
+        key = ids[i]
+        pos = np.int64((np.uint64(key) * mul) >> shift)
+        slot = -1
+        while True:
+            k = table[pos, 0]
+            if k == key:
+                slot = table[pos, 1]
+                break
+            if k == -1:
+                break
+            pos = (pos + 1) & mask
+        out[i] = slot
+
+
+@_jit
+def find_buckets(table, ids, bits, out):
+    """``out[i]``: the bucket holding ``ids[i]`` (present, >= 0), -1 where absent."""
+    mask = table.shape[0] - 1
+    shift = np.uint64(64 - bits)
+    mul = np.uint64(HASH_MUL)
+    for i in range(ids.shape[0]):
+        key = ids[i]
+        pos = np.int64((np.uint64(key) * mul) >> shift)
+        found = -1
+        while True:
+            k = table[pos, 0]
+            if k == key:
+                found = pos
+                break
+            if k == -1:
+                break
+            pos = (pos + 1) & mask
+        out[i] = found
+
+
+@_jit
+def place_ids(table, ids, slots, bits):
+    """Put absent, unique ``ids`` (at ``slots``) into the first free bucket of their
+    probe sequence (empty or removed); returns how many were empty before."""
+    mask = table.shape[0] - 1
+    shift = np.uint64(64 - bits)
+    mul = np.uint64(HASH_MUL)
+    fresh = 0
+    for i in range(ids.shape[0]):
+        pos = np.int64((np.uint64(ids[i]) * mul) >> shift)
+        while table[pos, 0] >= 0:
+            pos = (pos + 1) & mask
+        if table[pos, 0] == -1:
+            fresh += 1
+        table[pos, 0] = ids[i]
+        table[pos, 1] = slots[i]
+    return fresh
+
+
+@_jit
+def fill_initial(row_key, columns, step, offset, scale, out):
+    """``out[r, c]``: the initial value of column ``c`` of the row whose SplitMix64 key
+    is ``row_key[r]`` (see :func:`tessera.ps.embedding_ids.initial_rows`)."""
+    mul1, mul2 = np.uint64(MUL1), np.uint64(MUL2)
+    s30, s27, s40 = np.uint64(30), np.uint64(27), np.uint64(40)
+    for r in range(row_key.shape[0]):
+        key = row_key[r]
+        for c in range(columns.shape[0]):
+            h = key + columns[c]
+            h = (h ^ (h >> s30)) * mul1
+            h = (h ^ (h >> s27)) * mul2
+            unit = np.float32(np.int64(h >> s40)) * step
+            unit = unit + offset
+            out[r, c] = unit * scale
+
+
+@_jit(contract=True)
+def sgd_rows(values, slots, grad, neg_lr, weight_decay):
+    """torch.optim.SGD (no momentum) on rows ``slots`` of ``values``: ``g + wd * p``
+    when ``weight_decay``, then ``p + (-lr) * g``."""
+    for r in range(slots.shape[0]):
+        s = slots[r]
+        for c in range(values.shape[1]):
+            p = values[s, c]
+            g = grad[r, c]
+            if weight_decay != 0:
+                g = g + weight_decay * p
+            values[s, c] = p + neg_lr * g
+
+
+@_jit(contract=True)
+def adagrad_rows(values, slots, sums, state_slots, grad, neg_clr, eps, weight_decay):
+    """torch.optim.Adagrad (``_single_tensor_adagrad``) on rows ``slots``:
+    ``sum + g * g``, ``std = sqrt(sum) + eps``, ``p + ((-clr) * g) / std``."""
+    for r in range(slots.shape[0]):
+        s, t = slots[r], state_slots[r]
+        for c in range(values.shape[1]):
+            p = values[s, c]
+            g = grad[r, c]
+            if weight_decay != 0:
+                g = g + weight_decay * p
+            acc = sums[t, c] + g * g
+            sums[t, c] = acc
+            std = np.float32(np.sqrt(acc)) + eps
+            values[s, c] = p + neg_clr * g / std
+
+
+@_jit
+def adam_rows(values, slots, exp_avg, exp_avg_sq, state_slots, grad, one_minus_b1,
+              one_minus_b2, eps, neg_step_size):
+    """Lazy Adam, torch's ``_functional.sparse_adam`` on rows ``slots``, operation by
+    operation: ``u = (g - m) * (1 - b1)``, ``m + u``; ``w = (g^2 - v) * (1 - b2)``,
+    ``v + w``; ``p + (-step_size) * ((u + m) / (sqrt(w + v) + eps))``."""
+    for r in range(slots.shape[0]):
+        s, t = slots[r], state_slots[r]
+        for c in range(values.shape[1]):
+            g = grad[r, c]
+            m = exp_avg[t, c]
+            v = exp_avg_sq[t, c]
+            u = (g - m) * one_minus_b1
+            w = (g * g - v) * one_minus_b2
+            exp_avg[t, c] = m + u
+            exp_avg_sq[t, c] = v + w
+            denom = np.float32(np.sqrt(w + v)) + eps
+            values[s, c] = values[s, c] + neg_step_size * ((u + m) / denom)
+
+
+def warm() -> None:
+    """Compile every kernel now, on tiny inputs (a process that measures its memory
+    before its table exists, the tests and benchmarks of ``table_memory``)."""
+    if not ENABLED:
+        return
+    f32, i64 = np.float32, np.int64
+    table = np.full((8, 2), -1, dtype=i64)
+    ids, slots = np.array([3], i64), np.zeros(1, i64)
+    place_ids(table, ids, slots, 3)
+    find_slots(table, ids, 3, slots)
+    find_buckets(table, ids, 3, slots)
+    rows, grad = np.zeros((1, 4), f32), np.zeros((1, 4), f32)
+    fill_initial(np.zeros(1, np.uint64), np.zeros(4, np.uint64), f32(1), f32(0), f32(1), rows)
+    at, one = np.zeros(1, i64), f32(1)
+    sgd_rows(rows, at, grad, one, one)
+    adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
+    adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)

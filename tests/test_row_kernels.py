@@ -1,0 +1,75 @@
+"""The compiled row kernels of an embedding shard (tessera.ps.kernels) against the numpy
+and torch path a process without numba takes: the same workload on a shard per path.
+
+(tests/test_embedding_table.py runs all its oracles, torch.optim and a pure-Python
+SplitMix64, on both paths as well.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tessera.config.schema import OptimizerConfig
+from tessera.ps import kernels
+from tessera.ps.embedding import EmbeddingShard, TableSpec
+
+pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
+
+
+def _drive_both(spec: TableSpec, cfg: OptimizerConfig, steps: int = 12):
+    """The same lookups and updates (Zipf-like ids, new ones every step, under a byte cap
+    evictions too) on a shard per path; returns both shards."""
+    shards = {}
+    for path in ("numba", "numpy"):
+        kernels.ENABLED = path == "numba"
+        rng = np.random.default_rng(7)
+        shard = EmbeddingShard(spec, cfg)
+        for clock in range(steps):
+            ids = np.unique(rng.zipf(1.2, size=3000) * 7919 % 50_000).astype(np.int64)
+            shard.lookup(ids, clock)
+            shard.apply(ids, torch.from_numpy(
+                rng.standard_normal((len(ids), spec.dim)).astype(np.float32)), clock)
+        shards[path] = shard
+    return shards["numba"], shards["numpy"]
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["unbounded", "capped"])
+@pytest.mark.parametrize("cfg", [
+    OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.01),
+    OptimizerConfig(name="adagrad", lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-6),
+    OptimizerConfig(name="adam", lr=0.01, betas=(0.8, 0.95), eps=1e-6),
+], ids=["sgd", "adagrad", "adam"])
+def test_row_kernels_compute_what_the_numpy_path_does(cfg, capped, monkeypatch):
+    """Same rows in the same slots, same evictions; SGD bit for bit (its multiply-add is
+    fused where torch fuses it); Adagrad and Adam to fp32 rounding: the kernels' square
+    root is correctly rounded, torch's vectorised one is not always."""
+    monkeypatch.setattr(kernels, "ENABLED", kernels.ENABLED)  # restored afterwards
+    spec = TableSpec(name="t", dim=24, num_embeddings=None, seed=3, init_scale=0.1,
+                     memory_bytes=(1 << 20) if capped else 0)
+    fast, slow = _drive_both(spec, cfg)
+    assert fast.num_rows == slow.num_rows and fast.evictions == slow.evictions
+    assert (fast.evictions > 0) == capped
+    a, b = fast.state_tensors(), slow.state_tensors()
+    assert a.keys() == b.keys()
+    assert torch.equal(a["ids"], b["ids"])
+    for key in a:
+        if cfg.name == "sgd" or a[key].dtype != torch.float32:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_process_told_to_use_numpy_does_not_import_numba():
+    code = ("import sys; from tessera.ps import kernels; "
+            "print(kernels.ENABLED, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TESSERA_KERNELS": "numpy"},
+                         timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
