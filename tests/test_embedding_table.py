@@ -405,13 +405,16 @@ def test_unsorted_repeated_ids_are_refused():
                  initial_rows(np.array([3, 5, 7, 3]), DIM, SEED, SCALE) - 0.1)
 
 
+@pytest.mark.parametrize("reserve", [True, False], ids=["in-place", "refused"])
 @pytest.mark.parametrize("accumulator", [0.0, 0.1])
-def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, monkeypatch):
+def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, reserve, monkeypatch):
     """Past 8 MiB a shard's rows and optimizer state live in lazily zeroed memory maps
-    that grow 8x; state rows never used are not filled (they are zero already), reused
-    ones are. Growing to 40k rows (10 MiB of values), evicting half, and updating 25k
-    new ids (reusing the freed slots, then growing the mapped storage) give bit for bit
-    what the same shard on plain storage (doubling, every new state row filled) gives."""
+    that grow in place within a reserved range of address space (or, where the kernel
+    refuses the reservation, into a copy 8x larger); state rows never used are not
+    filled (they are zero already), reused ones are. Growing to 40k rows (10 MiB of
+    values), evicting half, and updating 25k new ids (reusing the freed slots, then
+    growing the mapped storage) give bit for bit what the same shard on plain storage
+    (doubling, every new state row filled) gives."""
     import tessera.ps.embedding_index as index
     dim, n = 64, 40_000
     assert n * dim * 4 > index._MAPPED_BYTES
@@ -421,6 +424,9 @@ def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, monkeypat
     ids = np.arange(n, dtype=np.int64) * 7919
     fresh = np.arange(n // 2 + 5000, dtype=np.int64) * 7919 + 1
 
+    if not reserve:
+        monkeypatch.setattr(index, "_RESERVE_BYTES", 0)
+
     def run(mapped_bytes: int):
         monkeypatch.setattr(index, "_MAPPED_BYTES", mapped_bytes)
         gen = torch.Generator().manual_seed(0)
@@ -429,13 +435,17 @@ def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, monkeypat
         shard.apply(ids, torch.randn(n, dim, generator=gen), 1)
         shard.apply(ids[: n // 2], torch.randn(n // 2, dim, generator=gen), 2)
         assert shard.evict(3) == n // 2  # the second half expires
+        where = shard._values.data_ptr()
         g = torch.randn(len(fresh), dim, generator=gen)
         shard.apply(fresh, g.clone(), 3)
-        return shard, g
+        return shard, g, where == shard._values.data_ptr()
 
-    mapped, g = run(index._MAPPED_BYTES)
-    assert mapped._values.shape[0] == 8 * n  # mapped once past 8 MiB, then grown 8x
-    plain, _ = run(1 << 62)
+    mapped, g, stayed = run(index._MAPPED_BYTES)
+    if reserve:  # mapped once past 8 MiB, then grown in place (doubling: no copy)
+        assert mapped._values.shape[0] == 2 * n and stayed
+    else:  # mapped once past 8 MiB, then copied into a mapping 8x larger
+        assert mapped._values.shape[0] == 8 * n and not stayed
+    plain, _, _ = run(1 << 62)
     assert plain._values.shape[0] == 2 * n
     a, b = mapped.export_state(), plain.export_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
