@@ -14,6 +14,9 @@ Systems (the same batches, made before the clock starts; one torch thread each):
   ``tessera.nn.prefetching`` (step t+1's rows pulled with step t's pushes) and
   ``[model] cache_rows = 50000, cache_staleness = 4``.
 * ``tessera_prefetch``: the same, prefetch without the cache.
+* ``tessera_overlap``: prefetch without a cache, rows allowed one clock old
+  (``[model] cache_staleness = 1``): step t+1's rows are pulled during step t, so the
+  server's work for them overlaps the worker's step (they lack step t's push).
 * ``tessera``: the same job, neither.
 * ``local``: one plain process, ``nn.EmbeddingBag(V, 64, sparse=True)`` over the V
   distinct ids of the run (mapped beforehand, untimed, as a single-machine model
@@ -49,8 +52,11 @@ from _machine import busy_s as _busy_s, foreign_cpu_pct, log as _log, own_s as _
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "_table_cache_worker.py"
-SYSTEMS = ("tessera_cached", "tessera_prefetch", "tessera", "local")
 CACHE_ROWS, CACHE_STALENESS = 50_000, 4
+SYSTEMS = ("tessera_cached", "tessera_overlap", "tessera_prefetch", "tessera", "local")
+#: Each system's [model] table (the job file).
+MODEL = {"tessera_cached": f"cache_rows = {CACHE_ROWS}\ncache_staleness = {CACHE_STALENESS}\n",
+         "tessera_overlap": "cache_staleness = 1\n"}
 
 
 def run_one(system: str, tmp: Path, steps: int, warmup: int, timeout: float) -> dict:
@@ -61,9 +67,7 @@ def run_one(system: str, tmp: Path, steps: int, warmup: int, timeout: float) -> 
         cmd = [sys.executable, str(WORKER), "--local", *args]
     else:
         job = tmp / f"{system}.toml"
-        job.write_text("[model]\n" + (f"cache_rows = {CACHE_ROWS}\ncache_staleness = "
-                                      f"{CACHE_STALENESS}\n" if system == "tessera_cached"
-                                      else ""))
+        job.write_text("[model]\n" + MODEL.get(system, ""))
         cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--job", str(job),
                "--workers", "1", "--servers", "1", "--mode", "hybrid", "--quiet",
                "--out", str(tmp / f"run-{system}-{time.monotonic_ns()}"), str(WORKER),

@@ -8,6 +8,8 @@ clusters.
   values the model saw (tests/scripts/cache_staleness.py: every push lowers a row by
   exactly 1, so a value tells the clock it was pulled for), and it does serve stale
   rows (up to the bound) when allowed; in sync mode every row seen is the current one.
+* Without a cache, ``cache_staleness = 1`` sends each prefetch during the step before
+  it: the rows seen are one clock old, never more.
 * A cache staler than the mode allows is refused in one line.
 """
 
@@ -96,6 +98,13 @@ def test_cache_serves_no_row_older_than_its_bound(tmp_path):
     code, output, out = _launch(tmp_path, "sync", cache.format(0), "--mode", "sync")
     assert code == 0, output
     assert set(_ages(out)) == {0}
+    # No cache, rows allowed 1 clock old: each prefetch leaves during the step before it,
+    # so the hot rows seen lack that step's push (age 1), never more.
+    code, output, out = _launch(tmp_path, "overlap", "[model]\ncache_staleness = 1\n",
+                                "--mode", "async")
+    assert code == 0, output
+    ages = _ages(out)
+    assert max(ages) == 1 and ages.count(1) >= 8 * (STEPS - 2), ages
     # A bound the mode does not allow: one line naming the field.
     code, output, _ = _launch(tmp_path, "bad", cache.format(3), "--mode", "ssp",
                               "--staleness", 2)

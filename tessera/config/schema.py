@@ -69,6 +69,8 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     prefetch: bool = True
     #: A cache of hot table rows on each worker, this many rows per table (0: none),
     #: served while at most cache_staleness clocks old (sync: 0; ssp: <= staleness).
+    #: cache_staleness >= 1 also lets a prefetch overlap the step it follows (its rows
+    #: then lack that step's push), with or without a cache.
     cache_rows: int = 0
     cache_staleness: int = 0
 
@@ -449,7 +451,7 @@ class JobConfig(msgspec.Struct, **_STRICT):
                              f"'allreduce' runs without parameter servers: pass --servers 0 "
                              f"(or --mode hybrid to keep sharded tables on servers)")
         k = self.model.cache_staleness
-        if k and self.model.cache_rows and (self.ps.mode == "sync" or (
+        if k and (self.ps.mode == "sync" or (
                 self.ps.mode in ("ssp", "hybrid") and self.ps.staleness < k
                 and (self.ps.mode == "ssp" or self.ps.staleness))):
             raise ValueError(f"model.cache_staleness ({k}) is more than the job allows: sync "

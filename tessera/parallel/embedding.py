@@ -65,6 +65,9 @@ class ShardedEmbeddingBase(nn.Module):
         self._prefetched: list[tuple] = []
         #: A worker cache of hot rows (use_cache), or None.
         self._cache = None
+        #: How many clocks old the rows this table is served may be (use_cache; 0: the
+        #: current clock's). With >= 1 a prefetch goes out during the step it follows.
+        self.row_staleness = 0
         #: While prefetch() runs the model dry: the ids tensors this table was called with.
         self._recording: Optional[list] = None
 
@@ -102,9 +105,11 @@ class ShardedEmbeddingBase(nn.Module):
         return uniq.numpy(), inverse
 
     def use_cache(self, rows: int, staleness: int) -> None:
-        """Keep up to ``rows`` hot rows on this worker, served while at most ``staleness``
-        clocks old (:class:`~tessera.parallel.table_cache.RowCache`); 0 rows: no cache."""
+        """Serve this table rows at most ``staleness`` clocks old, and keep up to ``rows``
+        hot rows on this worker (:class:`~tessera.parallel.table_cache.RowCache`; 0 rows:
+        no cache, the staleness then only lets a prefetch overlap its step)."""
         from tessera.parallel.table_cache import RowCache
+        self.row_staleness = staleness
         self._cache = (RowCache(rows, staleness, self.embedding_dim, torch.float32)
                        if rows > 0 else None)
 

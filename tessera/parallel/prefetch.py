@@ -16,11 +16,12 @@ When the pulls go out, and what they see (per mode):
   prefetch, and the pull's round trip overlaps the wait for the step's replies. In
   async, ssp and hybrid modes a server handles one worker's requests in order, so the
   rows include this worker's push of t (and the others' as they came, as before).
-* Where every table has a cache allowed to be >= 1 clock stale (async, ssp, hybrid;
-  ``[model] cache_staleness``): at once, even during step t's forward (the trainer and
-  :func:`prefetching` name batch t+1 before it), for clock t; the rows then overlap
-  step t's compute and count as one clock old when step t+1 takes them (within the
-  bound), and cache hits must be fresh enough for clock t+1.
+* Where every table may be served rows >= 1 clock stale (async, ssp, hybrid;
+  ``[model] cache_staleness``, with or without a row cache): at once, even during step
+  t's forward (the trainer and :func:`prefetching` name batch t+1 before it), for clock
+  t; the rows then overlap step t's compute (the server's work for the pull included)
+  and count as one clock old when step t+1 takes them (within the bound): they lack
+  this worker's push of step t. Cache hits must be fresh enough for clock t+1.
 * Named between steps: at once, for the coming clock.
 
 Step t+1's forward with those ids (the same tensors, or equal ones) takes the replies;
@@ -58,7 +59,7 @@ def name_next(model, tables, inputs: tuple, after_push: bool) -> None:
     the step's pushes (:func:`send_named`)."""
     lookups = _dry_run_lookups(model.module, tables, tuple(inputs))
     clock = None if after_push else model._prefetch_clock()
-    if clock is None and all(t._cache is not None and t._cache.staleness >= 1 for t in tables):
+    if clock is None and all(t.row_staleness >= 1 for t in tables):
         # Rows may be a clock old: pull them now, while this step computes (for the
         # current clock, so they count as one clock old when the next step takes them).
         model._next_lookups = None
@@ -111,11 +112,11 @@ def prefetching(model, batches: Iterable,
 
 
 def configure_caches(tables, model_cfg, ps_cfg) -> None:
-    """``[model] cache_rows`` / ``cache_staleness``: a row cache on every table, checked
-    against the mode (sync serves rows of the current clock only; ssp within its
-    staleness)."""
+    """``[model] cache_rows`` / ``cache_staleness``: how stale every table's rows may be,
+    and a row cache on each (none with 0 rows), checked against the mode (sync serves
+    rows of the current clock only; ssp within its staleness)."""
     rows, k = model_cfg.cache_rows, model_cfg.cache_staleness
-    if not rows or not tables:
+    if not (rows or k) or not tables:
         return
     mode, bound = ps_cfg.mode, ps_cfg.staleness
     if mode == "sync" and k:
@@ -124,6 +125,6 @@ def configure_caches(tables, model_cfg, ps_cfg) -> None:
                          f"cache_staleness = 0 or use --mode ssp/async")
     if (mode == "ssp" or (mode == "hybrid" and bound)) and k > bound:
         raise UsageError(f"[model] cache_staleness = {k} is over the job's staleness "
-                         f"({bound}); cached rows may be at most --staleness clocks old")
+                         f"({bound}); rows may be at most --staleness clocks old")
     for t in tables:
         t.use_cache(rows, k)
