@@ -138,6 +138,7 @@ TABLES = [
     Table("sparse_embedding", "sparse_embedding", "Embedding rows: pulls and pushes per "
           "server, against an rpc server and one process", [
               ("servers", "servers"), ("batch", "batch"), ("unique rows", "unique_rows"),
+              ("tessera shm", lambda r: r.get("shm", "off")),
               ("tessera pull M rows/s/server", _mega("tessera_pull_rows_per_server_per_s")),
               ("push", _mega("tessera_push_rows_per_server_per_s")),
               ("rpc pull", _mega("rpc_pull_rows_per_server_per_s")),

@@ -16,7 +16,8 @@ rows/s counts those unique rows. One iteration:
 Systems measured (same batches, same owner split, same client process):
 
 * ``tessera``: real :class:`tessera.ps.server.ParameterServer` processes, each on
-  an authenticated ``ServerEndpoint`` (127.0.0.1) with one
+  an authenticated ``ServerEndpoint`` (127.0.0.1; payloads of 64 KiB and more through
+  shared memory, as a one-host job sends them, unless ``--shm off``) with one
   ``TableSpec(name="emb", dim=64, num_embeddings=None, optimizer=adagrad lr 0.05)``,
   ``mode="async"``, ``num_workers=1``; one :class:`tessera.ps.client.PSClient`.
 * ``rpc``: one ``torch.distributed.rpc`` (TensorPipe) server process per server
@@ -103,7 +104,7 @@ def zipf_batches(batch: int, count: int, seed: int):
 # ------------------------------------------------------------------ Tessera
 
 
-def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
+def _tessera_server(rank: int, secret: str, conn, stop, profile_path, shm: bool) -> None:
     """A real ParameterServer holding one table; serves until ``stop`` is set."""
     _watch_parent()
     try:
@@ -120,7 +121,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path) -> None:
         ctx = zmq.Context()
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=LR))
-        endpoint = ServerEndpoint(ctx, "127.0.0.1", secret)
+        endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, shm=shm)
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
                                  endpoint=endpoint, partitions=[],
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
@@ -189,7 +190,8 @@ def tables_case(system, batches, servers: int, rounds: int, iters: int) -> dict:
 class TesseraSystem:
     name = "tessera"
 
-    def __init__(self, mpctx, servers: int, secret: str, profile_dir, deadline: float):
+    def __init__(self, mpctx, servers: int, secret: str, profile_dir, deadline: float,
+                 shm: bool = True):
         import zmq
 
         from tessera.ps.client import PSClient
@@ -202,7 +204,7 @@ class TesseraSystem:
             parent, child = mpctx.Pipe()
             prof = (os.path.join(profile_dir, f"tessera-server{r}-of{servers}.prof")
                     if profile_dir else None)
-            p = mpctx.Process(target=_tessera_server, args=(r, secret, child, self.stop, prof),
+            p = mpctx.Process(target=_tessera_server, args=(r, secret, child, self.stop, prof, shm),
                               name=f"tessera-server-{r}", daemon=True)
             p.start()
             child.close()
@@ -487,6 +489,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server loops into DIR/*.prof")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10k ids, few iterations")
+    ap.add_argument("--shm", choices=("auto", "off"), default="auto",
+                    help="Tessera's payloads through shared memory, as a one-host job sends "
+                         "them ([cluster] shm = \"auto\", the default), or all over TCP")
     a = ap.parse_args(argv)
     if a.quick:
         a.batches, a.warmup, a.iters, a.rounds = [10_000], 1, 3, 1
@@ -544,7 +549,8 @@ def main(argv=None) -> int:
             runners = {}
             pids = {}
             if "tessera" in systems:
-                tessera = TesseraSystem(mpctx, servers, secret, a.profile, deadline)
+                tessera = TesseraSystem(mpctx, servers, secret, a.profile, deadline,
+                                        shm=a.shm == "auto")
                 runners["tessera"] = tessera
                 pids["tessera"] = tessera.pids
             if "rpc" in systems:
@@ -565,7 +571,8 @@ def main(argv=None) -> int:
                     for name, system in runners.items():
                         timed[name].extend(run_iters(system, chunk, servers, grad_pool,
                                                      pids[name]))
-                row = {"bench": "sparse_embedding", "batch": b, "servers": servers, "dim": DIM,
+                row = {"bench": "sparse_embedding", "batch": b, "servers": servers,
+                       "shm": a.shm, "dim": DIM,
                        "zipf_a": ZIPF_A, "id_space": ID_SPACE,
                        "unique_rows": int(statistics.median(len(x) for x in bs)),
                        "optimizer": "adagrad", "mode": "async", "workers": 1}
