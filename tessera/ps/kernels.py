@@ -17,14 +17,18 @@ reading each row once where it lies:
   once-rounded fp32 operations in the same order);
 * :func:`sgd_rows`, :func:`adagrad_rows` and :func:`adam_rows` apply the optimizer
   in place, with torch's per-element operations in torch's order, each rounded to
-  fp32 as torch rounds it (no fused multiply-add, no fast-math reassociation). The
-  tests compare them with ``torch.optim`` and with the torch path bit for bit.
+  fp32 once; a multiply and an add are fused only where torch's vector kernels fuse
+  them (SGD's ``p + (-lr) * g``, Adagrad's ``sum + g * g``), and nothing else is
+  reassociated. SGD equals the torch path bit for bit; Adagrad and Adam agree with it
+  to fp32 rounding (their square root is correctly rounded, torch's vectorised one is
+  not always). tests/test_row_kernels.py compares the paths, and
+  tests/test_embedding_table.py both with ``torch.optim``.
 
 numba compiles each kernel at its first call in a process (0.1-0.3 s of CPU each; a
 server with a table uses four or five of them). Its on-disk cache is not used: numba
 writes and reads that cache with pickle, and nothing in Tessera unpickles.
 Without numba (not installed, or ``TESSERA_KERNELS=numpy``) ``ENABLED`` is False and
-the callers use their numpy and torch code, which computes the same values.
+the callers use their numpy and torch code.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ MUL1, MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def _jit(fn=None, *, contract: bool = False):
-    """numba.njit, cached; no fast-math, except, with ``contract``, fusing a multiply
-    and an add into one fused multiply-add (rounded once) where torch's kernels do."""
+    """numba.njit (no disk cache); no fast-math, except, with ``contract``, fusing a
+    multiply and an add into one fused multiply-add (rounded once) where torch's kernels
+    do."""
     if fn is None:
         return lambda f: _jit(f, contract=contract)
     if not ENABLED:
