@@ -55,10 +55,10 @@ STARTED_AT = "TESSERA_STARTED_AT"
 #: per partition of every push or pull and per table of every row request (a server made
 #: hot on purpose); ``RANK:MS:rows``: row requests only.
 SLOW_SERVER = "TESSERA_SLOW_SERVER"
-#: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 #: ``numpy``: embedding shards run their numpy and torch code, not the compiled row
 #: kernels (:mod:`tessera.ps.kernels`); read once, at that module's import.
 KERNELS = "TESSERA_KERNELS"
+#: What a process that joins a job needs (the coordinator itself has no COORDINATOR).
 REQUIRED = (ROLE, RANK, RUN_DIR, COORDINATOR, SECRET)
 
 OMP_NUM_THREADS = "OMP_NUM_THREADS"

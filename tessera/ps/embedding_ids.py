@@ -26,9 +26,8 @@ from tessera.ps import kernels
 
 _MASK64 = (1 << 64) - 1
 #: SplitMix64's increment, 2^64 / golden ratio (Steele, Lea & Flood 2014).
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
+_GAMMA = np.uint64(kernels.HASH_MUL)
+_MUL1, _MUL2 = np.uint64(kernels.MUL1), np.uint64(kernels.MUL2)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -160,7 +160,7 @@ class Slots:
 
 #: Multiplier of the index's Fibonacci hash (2^64 / golden ratio, odd): consecutive
 #: ids land far apart.
-_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+_HASH_MUL = np.uint64(kernels.HASH_MUL)
 #: Hash-table buckets at first; the table doubles while over half full.
 _MIN_BUCKETS = 1 << 10
 _EMPTY, _GONE = -1, -2  # bucket markers: never used, and a removed id (a tombstone)
@@ -270,13 +270,12 @@ class IdIndex:
         """Slot of each id (-1: absent); with ``buckets``, also its bucket (-1: absent)."""
         if kernels.ENABLED:
             ids = np.ascontiguousarray(ids, np.int64)
-            slot = np.empty(len(ids), dtype=np.int64)
-            kernels.find_slots(self._table, ids, self._bits, slot)
-            bucket = None
-            if buckets:
-                bucket = np.empty(len(ids), dtype=np.int64)
-                kernels.find_buckets(self._table, ids, self._bits, bucket)
-            return slot, bucket
+            found = np.empty(len(ids), dtype=np.int64)
+            if not buckets:
+                kernels.find_slots(self._table, ids, self._bits, found)
+                return found, None
+            kernels.find_buckets(self._table, ids, self._bits, found)
+            return np.where(found >= 0, self._table[found, 1], -1), found
         table, mask = self._table, self._mask
         pos = self._home(ids)
         got = np.take(table, pos, axis=0)  # (k, 2): key and slot of each home bucket

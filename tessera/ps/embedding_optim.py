@@ -81,7 +81,7 @@ def sparse_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: d
         state_sum = gather_rows(state["sum"], state_index)
         if opt.weight_decay != 0:
             grad = grad.add(param, alpha=opt.weight_decay)
-        clr = opt.lr / (1 + (steps - 1) * opt.lr_decay)
+        clr = _adagrad_lr(opt, steps)
         state_sum.addcmul_(grad, grad, value=1)
         std = state_sum.sqrt().add_(opt.eps)
         param.addcdiv_(grad, std, value=-clr)
@@ -96,10 +96,7 @@ def sparse_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: d
         scatter_rows(state["exp_avg_sq"], state_index, old_exp_avg_sq + exp_avg_sq_update)
         numer = exp_avg_update.add_(old_exp_avg)
         denom = exp_avg_sq_update.add_(old_exp_avg_sq).sqrt_().add_(opt.eps)
-        bias_correction1 = 1 - beta1 ** steps
-        bias_correction2 = 1 - beta2 ** steps
-        step_size = opt.lr * math.sqrt(bias_correction2) / bias_correction1
-        param.add_(-step_size * numer.div_(denom))
+        param.add_(-_adam_step_size(opt, steps) * numer.div_(denom))
     scatter_rows(values, index, param)
 
 
@@ -113,12 +110,22 @@ def _kernel_step(opt: OptimizerConfig, steps: int, values: torch.Tensor, state: 
     if opt.name == "sgd":
         kernels.sgd_rows(rows, index, g, f32(-opt.lr), f32(opt.weight_decay))
     elif opt.name == "adagrad":
-        clr = opt.lr / (1 + (steps - 1) * opt.lr_decay)
-        kernels.adagrad_rows(rows, index, state["sum"].numpy(), state_index, g, f32(-clr),
-                             f32(opt.eps), f32(opt.weight_decay))
+        kernels.adagrad_rows(rows, index, state["sum"].numpy(), state_index, g,
+                             f32(-_adagrad_lr(opt, steps)), f32(opt.eps),
+                             f32(opt.weight_decay))
     else:
         beta1, beta2 = opt.betas
-        step_size = opt.lr * math.sqrt(1 - beta2 ** steps) / (1 - beta1 ** steps)
         kernels.adam_rows(rows, index, state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
                           state_index, g, f32(1 - beta1), f32(1 - beta2), f32(opt.eps),
-                          f32(-step_size))
+                          f32(-_adam_step_size(opt, steps)))
+
+
+def _adagrad_lr(opt: OptimizerConfig, steps: int) -> float:
+    """Adagrad's learning rate at step ``steps``, decayed as torch decays it."""
+    return opt.lr / (1 + (steps - 1) * opt.lr_decay)
+
+
+def _adam_step_size(opt: OptimizerConfig, steps: int) -> float:
+    """Adam's step size at step ``steps``: the lr with both bias corrections."""
+    beta1, beta2 = opt.betas
+    return opt.lr * math.sqrt(1 - beta2 ** steps) / (1 - beta1 ** steps)

@@ -47,8 +47,10 @@ if os.environ.get(envvars.KERNELS, "numba") != "numpy":
     except Exception:  # not installed, or built for another numpy: the numpy path serves
         numba = None
 
-#: Hash multiplier of the id index (the index's ``_HASH_MUL``) and SplitMix64's
-#: constants (:mod:`tessera.ps.embedding_ids`), as Python ints for the kernels.
+#: The id index's hash multiplier (2^64 / golden ratio, odd: consecutive ids land far
+#: apart; also SplitMix64's increment) and SplitMix64's two multipliers (Steele, Lea &
+#: Flood 2014). :mod:`tessera.ps.embedding_index` and :mod:`tessera.ps.embedding_ids`
+#: take them from here, so both paths hash alike.
 HASH_MUL = 0x9E3779B97F4A7C15
 MUL1, MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -66,46 +68,37 @@ def _jit(fn=None, *, contract: bool = False):
 
 
 @_jit
-def find_slots(table, ids, bits, out):
-    """``out[i]``: the slot of ``ids[i]`` in ``table`` (int64 ``[buckets, 2]``: key, slot;
-    key -1 empty, -2 removed), -1 where absent. Ids must be >= 0."""
+def _home(key, bits):
+    """The bucket an id's probe starts at: the top ``bits`` bits of its Fibonacci hash."""
+    return np.int64((np.uint64(key) * np.uint64(HASH_MUL)) >> np.uint64(64 - bits))
+
+
+@_jit
+def _bucket_of(table, key, bits):
+    """The bucket of ``table`` (int64 ``[buckets, 2]``: key, slot; key -1 empty, -2
+    removed) holding id ``key`` (>= 0), -1 where absent: linear probing from its home."""
     mask = table.shape[0] - 1
-    shift = np.uint64(64 - bits)
-    mul = np.uint64(HASH_MUL)
-    for i in range(ids.shape[0]):
-        key = ids[i]
-        pos = np.int64((np.uint64(key) * mul) >> shift)
-        slot = -1
-        while True:
-            k = table[pos, 0]
-            if k == key:
-                slot = table[pos, 1]
-                break
-            if k == -1:
-                break
-            pos = (pos + 1) & mask
-        out[i] = slot
+    pos = _home(key, bits)
+    while table[pos, 0] != key:
+        if table[pos, 0] == -1:
+            return -1
+        pos = (pos + 1) & mask
+    return pos
 
 
 @_jit
 def find_buckets(table, ids, bits, out):
-    """``out[i]``: the bucket holding ``ids[i]`` (present, >= 0), -1 where absent."""
-    mask = table.shape[0] - 1
-    shift = np.uint64(64 - bits)
-    mul = np.uint64(HASH_MUL)
+    """``out[i]``: the bucket holding ``ids[i]`` (:func:`_bucket_of`), -1 where absent."""
     for i in range(ids.shape[0]):
-        key = ids[i]
-        pos = np.int64((np.uint64(key) * mul) >> shift)
-        found = -1
-        while True:
-            k = table[pos, 0]
-            if k == key:
-                found = pos
-                break
-            if k == -1:
-                break
-            pos = (pos + 1) & mask
-        out[i] = found
+        out[i] = _bucket_of(table, ids[i], bits)
+
+
+@_jit
+def find_slots(table, ids, bits, out):
+    """``out[i]``: the slot of ``ids[i]``, -1 where absent."""
+    for i in range(ids.shape[0]):
+        b = _bucket_of(table, ids[i], bits)
+        out[i] = table[b, 1] if b >= 0 else -1
 
 
 @_jit
@@ -113,11 +106,9 @@ def place_ids(table, ids, slots, bits):
     """Put absent, unique ``ids`` (at ``slots``) into the first free bucket of their
     probe sequence (empty or removed); returns how many were empty before."""
     mask = table.shape[0] - 1
-    shift = np.uint64(64 - bits)
-    mul = np.uint64(HASH_MUL)
     fresh = 0
     for i in range(ids.shape[0]):
-        pos = np.int64((np.uint64(ids[i]) * mul) >> shift)
+        pos = _home(ids[i], bits)
         while table[pos, 0] >= 0:
             pos = (pos + 1) & mask
         if table[pos, 0] == -1:
