@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 import zmq
 
 from tessera.config.schema import OptimizerConfig
 from tessera.transport import wire
-from tessera.transport.frames import frame_to_tensor, tensor_to_frame
+from tessera.ps import kernels
+from tessera.transport.frames import frame_to_tensor, tensor_to_frame, torch_dtype
 from tests import test_server_inproc as inproc
 
 SECRET = inproc.SECRET
@@ -54,20 +56,22 @@ def _reply(sock: zmq.Socket, dtype: str) -> tuple[int, torch.Tensor]:
     return msg.req, frame_to_tensor(frames[0].buffer, dtype, ELEMS).to(torch.float32)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_async_replies_held_by_zeromq_keep_their_values(make_cluster, dtype):
     """Async: every push is applied at once and answered from a reused reply buffer;
     eight replies of 4 MiB to a worker that does not read stay queued in the server's
     ZeroMQ while later pushes update the master. Each must still carry the values right
     after its own update (a buffer reused before its MessageTracker is done would show
-    a later one)."""
+    a later one). Half-width pushes take the fused step, which writes the reply into a
+    free buffer as it updates (four exist: the last four pushes find none free and take
+    torch's passes)."""
     cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
                            num_servers=1, partition_elems=ELEMS, mode="async", num_workers=1,
                            optimizer=OptimizerConfig(name="sgd", lr=LR))
     cluster.client(0).init_params(torch.zeros(ELEMS))
     sock = _slow_dealer(cluster.ctx, cluster.addresses[0])
     try:
-        wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        wire_dtype = torch_dtype(dtype)
         grads = [torch.full((ELEMS,), float(k), dtype=wire_dtype) for k in range(1, 9)]
         for k, grad in enumerate(grads, start=1):
             _push(sock, k, 0, k - 1, grad, dtype)
@@ -139,3 +143,86 @@ def test_plain_sgd_on_a_half_width_gradient_is_torch_sgd_bit_for_bit(dtype):
     momentum = make_rule(w, spec_from_config(OptimizerConfig(name="sgd", lr=0.03, momentum=0.9)),
                          0, w.numel())
     assert not momentum.takes_half()
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fused_half_step_is_torch_bit_for_bit(dtype):
+    """The fused kernel (tessera.ps.kernels.SGD_HALF) against torch's three passes: cast
+    the gradient to fp32, scale it, SGD's ``add_``, cast the master back. Same master
+    and same reply bits, for odd lengths, scales that round (1/3) and values that
+    overflow the half-width range, are subnormal in it, or are NaN and infinities."""
+    kind = torch_dtype(dtype)
+    kernel = kernels.SGD_HALF[dtype]
+    gen = torch.Generator().manual_seed(3)
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3.4e38,
+                            7e4, 65519.0, 65520.0, 1e-40, 3e-8, 6e-5, -0.0])
+    for n, scale in ((1, 1.0), (17, 0.5), (100_003, 1 / 3), (1 << 18, 1.0)):
+        master = torch.randn(n, generator=gen) * 1e3
+        master[:min(n, len(special))] = special[:min(n, len(special))]
+        grad = (torch.randn(n, generator=gen) * 50).to(kind)
+        ref, ref_reply = master.clone(), torch.empty(n, dtype=kind)
+        g = grad.to(torch.float32)
+        if scale != 1.0:
+            g.mul_(scale)
+        ref.add_(g, alpha=-0.0123)
+        ref_reply.copy_(ref)
+        got, reply = master.clone(), torch.empty(n, dtype=kind)
+        kernel(got.numpy(), _bits(grad), np.float32(scale), np.float32(-0.0123), _bits(reply))
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (n, scale)
+        assert np.array_equal(_bits(reply), _bits(ref_reply)), (n, scale)
+    # Every half-width bit pattern widened (the master 0 minus each gradient), and fp32
+    # bit patterns from all over the range rounded back (a zero gradient).
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(kind)
+    got, reply = torch.zeros(1 << 16), torch.empty(1 << 16, dtype=kind)
+    kernel(got.numpy(), _bits(every), np.float32(1), np.float32(-1), _bits(reply))
+    assert torch.equal(got.view(torch.int32), torch.zeros(1 << 16).sub_(every.float()).view(torch.int32))
+    wide = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int32)
+    values = torch.cat([wide.view(torch.float32), torch.linspace(-7e4, 7e4, 1 << 16)])
+    got, reply = values.clone(), torch.empty(len(values), dtype=kind)
+    zero = torch.zeros(len(values), dtype=kind)
+    kernel(got.numpy(), _bits(zero), np.float32(1), np.float32(-1), _bits(reply))
+    assert np.array_equal(_bits(reply), _bits(values.to(kind)))
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_async_half_width_pushes_fused_or_not_give_the_same_bits(make_cluster, monkeypatch, dtype):
+    """A real server, async with three workers (each push scaled by 1/3), half-width
+    pushes to partitions of several sizes: the replies and the final master are the
+    same bits with the fused step (kernels on) and with torch's passes (kernels off),
+    and the fused step is the one that ran when the kernels are on."""
+    sizes = [40_000, 70_001, 1 << 18]
+    layout = [wire.ParamSpec(name=f"w{i}", shape=[n], numel=n) for i, n in enumerate(sizes)]
+    calls = []
+    fused = kernels.SGD_HALF[dtype]
+    monkeypatch.setitem(kernels.SGD_HALF, dtype, lambda *a: (calls.append(1), fused(*a)))
+    kind = torch_dtype(dtype)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", on)
+        cluster = make_cluster(layout, num_servers=1, partition_elems=100_000, mode="async",
+                               num_workers=3, optimizer=OptimizerConfig(name="sgd", lr=0.05))
+        clients = [cluster.client(w) for w in range(3)]
+        parts = cluster.shard_map.partitions
+        gen = torch.Generator().manual_seed(11)
+        clients[0].init_params(torch.randn(sum(sizes), generator=gen))
+        replies = []
+        for clock in range(3):
+            for c in clients:
+                for p in parts:
+                    grad = (torch.randn(p.stop - p.start, generator=gen) * 4).to(kind)
+                    values = c.push(p.id, grad, clock, dtype=dtype).wait()[p.id]
+                    replies.append(values.to(torch.float32).clone())
+        final = inproc.pull_all(clients[0], 3)
+        runs[on] = (replies, final, len(calls))
+        calls.clear()
+    (on_replies, on_final, on_calls), (off_replies, off_final, off_calls) = runs[True], runs[False]
+    assert on_calls == 3 * 3 * len(cluster.shard_map.partitions) and off_calls == 0
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(on_replies, off_replies))
+    assert torch.equal(on_final.view(torch.int32), off_final.view(torch.int32))

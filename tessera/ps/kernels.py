@@ -24,6 +24,10 @@ reading each row once where it lies:
   not always). tests/test_row_kernels.py compares the paths, and
   tests/test_embedding_table.py both with ``torch.optim``.
 
+Two kernels serve dense partitions (:data:`SGD_HALF`): plain SGD from a bf16 or fp16
+gradient that also writes the reply in the same dtype, in one pass where torch takes three (a half-width
+wire's casts cost more than its saved bytes otherwise: benchmarks/precision.py).
+
 numba compiles each kernel at its first call in a process (0.1-0.3 s of CPU each; a
 server with a table uses four or five of them). Its on-disk cache is not used: numba
 writes and reads that cache with pickle, and nothing in Tessera unpickles.
@@ -186,6 +190,82 @@ def adam_rows(values, slots, exp_avg, exp_avg_sq, state_slots, grad, one_minus_b
             values[s, c] = values[s, c] + neg_step_size * ((u + m) / denom)
 
 
+if ENABLED:
+    from llvmlite import ir as _ir
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _as_f32(typingctx, bits):
+        """The fp32 whose bits are the uint32 ``bits`` (an LLVM bitcast: no operation)."""
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return numba.types.float32(numba.types.uint32), codegen
+
+    @_intrinsic
+    def _as_u32(typingctx, value):
+        """The bits of the fp32 ``value`` as a uint32."""
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+        return numba.types.uint32(numba.types.float32), codegen
+
+    @_intrinsic
+    def _f16_to_f32(typingctx, bits):
+        """The fp16 whose bits are the uint16 ``bits``, widened to fp32 (exact; LLVM's
+        ``fpext``, the CPU's own conversion where it has one, as torch's)."""
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+        return numba.types.float32(numba.types.uint16), codegen
+
+    @_intrinsic
+    def _f32_to_f16(typingctx, value):
+        """The bits of fp32 ``value`` rounded to fp16, to nearest even (``fptrunc``)."""
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+        return numba.types.uint16(numba.types.float32), codegen
+else:
+    _as_f32 = _as_u32 = _f16_to_f32 = _f32_to_f16 = None
+
+
+@_jit
+def _bf16_to_f32(bits):
+    """The bf16 whose bits are the uint16 ``bits``, widened to fp32 (exact)."""
+    return _as_f32(np.uint32(bits) << np.uint32(16))
+
+
+@_jit
+def _f32_to_bf16(value):
+    """The bits of fp32 ``value`` rounded to bf16, to nearest even; NaN as 0xFFFF, as
+    torch's vector cast writes it."""
+    u = _as_u32(value)
+    rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                        >> np.uint32(16))
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(0xFFFF) if nan else rounded
+
+
+def _sgd_half(widen, narrow):
+    @_jit(contract=True)
+    def kernel(master, grad, scale, neg_lr, reply):
+        one = np.float32(1)
+        for i in range(master.shape[0]):
+            g = widen(grad[i])
+            if scale != one:
+                g = g * scale
+            p = master[i] + neg_lr * g
+            master[i] = p
+            reply[i] = narrow(p)
+    return kernel
+
+
+#: Plain SGD on a dense partition from a half-width gradient, writing the half-width
+#: reply, by wire dtype: for each element, the gradient widened to fp32 (exact), times
+#: ``scale`` unless 1, then ``p + (-lr) * g`` (one fused multiply-add, as torch's vector
+#: ``add_`` does), and the new value rounded back to nearest even. ``grad`` and
+#: ``reply`` are the uint16 bits. One pass where torch takes three (cast, ``add_``,
+#: cast back), bit for bit the same (tests/test_row_kernels.py).
+SGD_HALF = {"bfloat16": _sgd_half(_bf16_to_f32, _f32_to_bf16),
+            "float16": _sgd_half(_f16_to_f32, _f32_to_f16)}
+
 def warm() -> None:
     """Compile every kernel now, on tiny inputs (a process that measures its memory
     before its table exists, the tests and benchmarks of ``table_memory``)."""
@@ -203,3 +283,6 @@ def warm() -> None:
     sgd_rows(rows, at, grad, one, one)
     adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
     adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
+    half = np.zeros(4, np.uint16)
+    for kernel in SGD_HALF.values():
+        kernel(np.zeros(4, f32), half, one, one, half)

@@ -39,9 +39,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
+import numpy as np
 import torch
 
 from tessera.errors import UsageError
+from tessera.ps import kernels
 from tessera.transport.wire import OptimGroup, OptimSpec
 
 #: The element-wise ``torch.optim`` classes the servers can run, by class name.
@@ -287,6 +289,26 @@ class TorchOptimRule:
                 self.master[lo:hi].mul_(self._keep).add_(grad[lo:hi])
             else:
                 self.master[lo:hi].copy_(grad[lo:hi])
+        self.steps += 1
+
+    def fuses_half(self) -> bool:
+        """Whether :meth:`apply_half` may step this partition: plain SGD
+        (:meth:`takes_half`) and the compiled kernels loaded."""
+        plain = self._plain
+        if plain is None:
+            plain = self._plain = self.takes_half()
+        return plain and kernels.ENABLED
+
+    def apply_half(self, dtype: str, grad: np.ndarray, scale: float,
+                   reply: torch.Tensor) -> None:
+        """Where :meth:`fuses_half`: one plain SGD step from ``grad`` (the uint16 bits of a
+        ``dtype`` gradient, bf16 or fp16) times ``scale``, writing the new values in
+        ``dtype`` into ``reply`` as it goes (:data:`tessera.ps.kernels.SGD_HALF`: the same
+        bits as casting the gradient, :meth:`apply` and casting the master, in one pass
+        instead of three)."""
+        kernels.SGD_HALF[dtype](self.master.numpy(), grad, np.float32(scale),
+                         np.float32(-self.optimizer.param_groups[0]["lr"]),
+                         reply.view(torch.int16).numpy().view(np.uint16))
         self.steps += 1
 
     def clip(self, grad: torch.Tensor, coef: float) -> torch.Tensor:

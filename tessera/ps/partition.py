@@ -75,22 +75,44 @@ class ReplyBuffers:
                 entry = e
                 break
         if entry is None:
-            for e in self._all:
-                e[3] = [t for t in e[3] if not t.done]
-                if not e[3] and e[0].dtype == kind:
-                    entry = e
-                    break
-            if entry is None:
-                if len(self._all) >= REPLY_BUFFERS:  # all in flight: a one-off copy
-                    return tensor_to_frame(master.to(kind, copy=True))
-                entry = [torch.empty(master.numel(), dtype=kind), None, 0, []]
-                self._all.append(entry)
+            entry = self._free(master.numel(), kind)
+            if entry is None:  # all in flight: a one-off copy
+                return tensor_to_frame(master.to(kind, copy=True))
             entry[0].copy_(master)
             entry[1], entry[2] = rule, rule.steps
         view = tensor_to_frame(entry[0])
         frame = zmq.Frame(view, track=True, copy=False)
         entry[3].append(frame.tracker)
         return frame
+
+    def _free(self, numel: int, kind: torch.dtype) -> Optional[list]:
+        """A buffer of ``kind`` that ZeroMQ is done with (made if fewer than
+        :data:`REPLY_BUFFERS` exist), or None when every one is in flight."""
+        for e in self._all:
+            e[3] = [t for t in e[3] if not t.done]
+            if not e[3] and e[0].dtype == kind:
+                return e
+        if len(self._all) >= REPLY_BUFFERS:
+            return None
+        entry = [torch.empty(numel, dtype=kind), None, 0, []]
+        self._all.append(entry)
+        return entry
+
+    def update_into(self, rule, kind: torch.dtype, step) -> bool:
+        """Run ``step(buffer)``, an update of ``rule.master`` that writes the new values
+        in ``kind`` into ``buffer`` as it makes them (a fused kernel); the buffer then
+        answers :meth:`frame` for these values without a cast. False, with nothing run,
+        when no buffer is free or the partition is below the size ZeroMQ copies."""
+        master = rule.master
+        if master.numel() * kind.itemsize < _COPIED_BELOW:
+            return False
+        entry = self._free(master.numel(), kind)
+        if entry is None:
+            return False
+        entry[1] = None  # not the old values any more, whatever happens in step
+        step(entry[0])
+        entry[1], entry[2] = rule, rule.steps
+        return True
 
 
 @dataclass(eq=False, kw_only=True)

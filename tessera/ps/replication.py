@@ -162,6 +162,10 @@ class Replicator:
 
     # --------------------------------------------------------------- primary
 
+    def backs_up(self, st) -> bool:
+        """Whether :meth:`forward` sends ``st``'s updates to a backup."""
+        return self.peer is not None and st.info.id in self.replicated
+
     def forward(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
                 seq: int = -1, hparams: Optional[list] = None) -> None:
         """Send the backup what the primary applies now, without waiting: answers sent

@@ -49,7 +49,7 @@ from tessera.ps.server_profile import MessageCosts, profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame
+from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 #: Async/ssp pushes of fp32 frames below this many bytes are scaled with numpy (less
 #: per-call overhead than torch, the same result bit for bit); larger ones with torch.
@@ -391,7 +391,10 @@ class ParameterServer:
         # Scaled by 1/workers so that the W pushes of one "round" move the
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
-        if msg.dtype == "float32" and scale != 1.0:
+        fused = self._fuses_half(msg, states)
+        if fused:  # the bits as they came: the kernel widens and scales them
+            grads = [np.frombuffer(f.buffer, np.uint16) for f in frames]
+        elif msg.dtype == "float32" and scale != 1.0:
             grads = [self._scaled32(st, f, scale) for st, f in zip(states, frames)]
         else:
             grads = [self._scaled(st, frame_to_tensor(f.buffer, msg.dtype, st.numel), scale)
@@ -412,7 +415,12 @@ class ParameterServer:
             return
         if costs is not None:
             costs.lap("validation")
-        for st, grad in zip(states, grads):
+        for st, grad, frame in zip(states, grads, frames):
+            if fused and self._update_half(st, msg.dtype, grad, scale):
+                continue
+            if fused:  # no reply buffer free: torch's three passes
+                grad = self._scaled(st, frame_to_tensor(frame.buffer, msg.dtype, st.numel),
+                                    scale)
             self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
         if policy.answers_at_once:
             self._send_params(peer, msg.req, answer, msg.dtype, after=mark)
@@ -578,6 +586,31 @@ class ParameterServer:
         self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
         self._apply(st, grad, pushes=pushes)
 
+    def _fuses_half(self, msg: wire.Push, states: list[PartitionState]) -> bool:
+        """Whether an async/ssp push's partitions take the fused half-width step
+        (:meth:`_update_half`): a bf16 or fp16 frame without loss scaling, plain SGD,
+        compiled kernels, and no backup (a backup is sent the fp32 gradient it applies)."""
+        if msg.dtype == "float32" or msg.scale != 1.0 or msg.nonfinite:
+            return False
+        replication = self.replication
+        return all(st.hparams is None and st.rule.fuses_half() and not replication.backs_up(st)
+                   for st in states)
+
+    def _update_half(self, st: PartitionState, dtype: str, bits: np.ndarray,
+                     scale: float) -> bool:
+        """:meth:`_update` of a half-width push in one pass: the plain SGD step writes the
+        reply in ``dtype`` into a free reply buffer as it goes
+        (:meth:`ReplyBuffers.update_into`); False, with nothing applied, where no buffer
+        is free."""
+        t0 = time.perf_counter()
+        start = self.profiler.now()
+        rule = st.rule
+        if not st.replies.update_into(rule, torch_dtype(dtype),
+                                      lambda reply: rule.apply_half(dtype, bits, scale, reply)):
+            return False
+        self._applied(st, 1, start, time.perf_counter() - t0)
+        return True
+
     def _replicate(self, st: PartitionState, kind: str, tensor: torch.Tensor, pushes: int,
                    worker: int = -1, seq: int = -1) -> None:
         """Send the backup the update this server applies next (answers wait for its Ack)."""
@@ -593,10 +626,13 @@ class ParameterServer:
         t0 = time.perf_counter()
         start = self.profiler.now()
         st.rule.apply(grad)
+        self._applied(st, pushes, start, time.perf_counter() - t0)
+
+    def _applied(self, st: PartitionState, pushes: int, start: int, elapsed: float) -> None:
+        """The books of one update applied to ``st`` (``elapsed`` seconds from ``start``)."""
         self.policy.updated(st)
         st.applied_pushes += pushes
         self.stats["updates"] += 1
-        elapsed = time.perf_counter() - t0
         self.stats["apply_s"] += elapsed
         if self.profiler.enabled:
             profile_apply(self.profiler, st, start, elapsed)
