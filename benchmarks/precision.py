@@ -2,7 +2,8 @@
 vector, and training samples/s of examples/mnist.toml under each precision, in one run.
 
 Part 1 (``bench: precision_wire``): one parameter-server process (a real
-``ParameterServer`` on an authenticated endpoint, async, SGD on fp32 masters) and
+``ParameterServer`` on an authenticated endpoint, async (``--wire-mode sync``: sync,
+one worker), SGD on fp32 masters) and
 this process as the worker. Each iteration pushes a gradient for every 4 MiB
 partition in the wire dtype and waits for the replies, which carry the new values in
 the same dtype. The three dtypes take turns round by round, from one client; median
@@ -70,7 +71,7 @@ def cpu_flags() -> dict:
             "amx_bf16": "amx_bf16" in flags, "avx512_fp16": "avx512_fp16" in flags}
 
 
-def _serve(n: int, secret: str, addr_q, stop) -> None:
+def _serve(n: int, secret: str, addr_q, stop, mode: str) -> None:
     import torch
     import zmq
 
@@ -84,13 +85,13 @@ def _serve(n: int, secret: str, addr_q, stop) -> None:
     shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], 1, partition_elems_for(4.0))
     ep = ServerEndpoint(zmq.Context(), "127.0.0.1", secret)
     addr_q.put(ep.address)
-    ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"), endpoint=ep,
+    ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode), endpoint=ep,
                     partitions=list(shard_map.partitions),
                     optimizer=OptimizerConfig(name="sgd", lr=1e-6),
                     hooks=ServerHooks(should_stop=stop.is_set)).serve()
 
 
-def wire_cases(n: int, iters: int, rounds: int) -> list[dict]:
+def wire_cases(n: int, iters: int, rounds: int, mode: str = "async") -> list[dict]:
     """fp32, bf16 and fp16 push+pull through one server, from one client, taking turns
     round by round (so a slow phase of a shared machine hits all three); per dtype the
     median time, and the CPU of both processes per iteration."""
@@ -108,7 +109,7 @@ def wire_cases(n: int, iters: int, rounds: int) -> list[dict]:
     dtypes = ("float32", "bfloat16", "float16")
     ctx_mp = mp.get_context("spawn")
     addr_q, stop = ctx_mp.Queue(), ctx_mp.Event()
-    proc = ctx_mp.Process(target=_serve, args=(n, SECRET, addr_q, stop), daemon=True)
+    proc = ctx_mp.Process(target=_serve, args=(n, SECRET, addr_q, stop, mode), daemon=True)
     proc.start()
     ctx = zmq.Context()
     try:
@@ -156,7 +157,7 @@ def wire_cases(n: int, iters: int, rounds: int) -> list[dict]:
         rows = []
         for d in dtypes:
             t = statistics.median(times[d])
-            rows.append({"bench": "precision_wire", "elements": n, "wire_dtype": d,
+            rows.append({"bench": "precision_wire", "elements": n, "mode": mode, "wire_dtype": d,
                          "tessera_ms": round(t * 1e3, 2), "bytes_per_step": moved[d],
                          "tessera_gbps": round(moved[d] / t / 1e9, 3),
                          "cpu_ms_per_step": round(1e3 * cpu[d] / (iters * rounds), 1),
@@ -403,6 +404,8 @@ def main() -> None:
                     help="training: rounds of the precisions (default 3)")
     ap.add_argument("--wire-only", action="store_true", help="part 1 only")
     ap.add_argument("--train-only", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--wire-mode", choices=("async", "sync"), default="async",
+                    help="part 1: the server's mode (one worker either way; default async)")
     ap.add_argument("--kernels-only", action="store_true",
                     help="the fp32/bf16/fp16 kernel micro-benchmark only (precision_kernels)")
     ap.add_argument("--models", default="cnn,transformer",
@@ -420,7 +423,7 @@ def main() -> None:
     if args.kernels_only:
         return
     if not args.train_only:
-        wire = {row["wire_dtype"]: row for row in wire_cases(n, iters, rounds)}
+        wire = {row["wire_dtype"]: row for row in wire_cases(n, iters, rounds, args.wire_mode)}
         for d, row in wire.items():
             row["vs_fp32_time"] = round(row["tessera_ms"] / wire["float32"]["tessera_ms"], 3)
             row["vs_fp32_cpu"] = round(row["cpu_ms_per_step"] / wire["float32"]["cpu_ms_per_step"], 3)

@@ -152,12 +152,14 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 @pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_fused_half_step_is_torch_bit_for_bit(dtype):
-    """The fused kernel (tessera.ps.kernels.SGD_HALF) against torch's three passes: cast
-    the gradient to fp32, scale it, SGD's ``add_``, cast the master back. Same master
-    and same reply bits, for odd lengths, scales that round (1/3) and values that
-    overflow the half-width range, are subnormal in it, or are NaN and infinities."""
+    """The fused kernels (tessera.ps.kernels) against torch's passes. SGD_HALF: cast the
+    gradient (a half-width push, or a sync clock's fp32 mean) to fp32, scale it, SGD's
+    ``add_``, cast the master back. SCALE_HALF and ADD_HALF: a sync clock's sum (a cast
+    and ``mul_``, then mixed-dtype ``add_``). Same bits, for odd lengths, scales that
+    round (1/3) and values that overflow the half-width range, are subnormal in it, or
+    are NaN and infinities."""
     kind = torch_dtype(dtype)
-    kernel = kernels.SGD_HALF[dtype]
+    kernel = kernels.SGD_HALF[dtype, dtype]
     gen = torch.Generator().manual_seed(3)
     special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3.4e38,
                             7e4, 65519.0, 65520.0, 1e-40, 3e-8, 6e-5, -0.0])
@@ -165,16 +167,32 @@ def test_fused_half_step_is_torch_bit_for_bit(dtype):
         master = torch.randn(n, generator=gen) * 1e3
         master[:min(n, len(special))] = special[:min(n, len(special))]
         grad = (torch.randn(n, generator=gen) * 50).to(kind)
-        ref, ref_reply = master.clone(), torch.empty(n, dtype=kind)
-        g = grad.to(torch.float32)
+        for wide in (False, True):  # the push itself, or an fp32 mean
+            g = grad.to(torch.float32)
+            if scale != 1.0:
+                g.mul_(scale)
+            ref, ref_reply = master.clone(), torch.empty(n, dtype=kind)
+            ref.add_(g, alpha=-0.0123)
+            ref_reply.copy_(ref)
+            got, reply = master.clone(), torch.empty(n, dtype=kind)
+            if wide:
+                kernels.SGD_HALF["float32", dtype](got.numpy(), g.numpy(), np.float32(1),
+                                                   np.float32(-0.0123), _bits(reply))
+            else:
+                kernel(got.numpy(), _bits(grad), np.float32(scale), np.float32(-0.0123),
+                       _bits(reply))
+            assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (n, scale, wide)
+            assert np.array_equal(_bits(reply), _bits(ref_reply)), (n, scale, wide)
+        # A sync clock's sum: the first push scaled, a second added.
+        second = (torch.randn(n, generator=gen) * 50).to(kind)
+        ref = torch.empty(n).copy_(grad)
         if scale != 1.0:
-            g.mul_(scale)
-        ref.add_(g, alpha=-0.0123)
-        ref_reply.copy_(ref)
-        got, reply = master.clone(), torch.empty(n, dtype=kind)
-        kernel(got.numpy(), _bits(grad), np.float32(scale), np.float32(-0.0123), _bits(reply))
-        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (n, scale)
-        assert np.array_equal(_bits(reply), _bits(ref_reply)), (n, scale)
+            ref.mul_(scale)
+        ref.add_(second, alpha=scale)
+        got = torch.empty(n)
+        kernels.SCALE_HALF[dtype](got.numpy(), _bits(grad), np.float32(scale))
+        kernels.ADD_HALF[dtype](got.numpy(), _bits(second), np.float32(scale))
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (n, scale, "sum")
     # Every half-width bit pattern widened (the master 0 minus each gradient), and fp32
     # bit patterns from all over the range rounded back (a zero gradient).
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(kind)
@@ -199,8 +217,8 @@ def test_async_half_width_pushes_fused_or_not_give_the_same_bits(make_cluster, m
     sizes = [40_000, 70_001, 1 << 18]
     layout = [wire.ParamSpec(name=f"w{i}", shape=[n], numel=n) for i, n in enumerate(sizes)]
     calls = []
-    fused = kernels.SGD_HALF[dtype]
-    monkeypatch.setitem(kernels.SGD_HALF, dtype, lambda *a: (calls.append(1), fused(*a)))
+    fused = kernels.SGD_HALF[dtype, dtype]
+    monkeypatch.setitem(kernels.SGD_HALF, (dtype, dtype), lambda *a: (calls.append(1), fused(*a)))
     kind = torch_dtype(dtype)
     runs = {}
     for on in (True, False):
@@ -223,6 +241,47 @@ def test_async_half_width_pushes_fused_or_not_give_the_same_bits(make_cluster, m
         calls.clear()
     (on_replies, on_final, on_calls), (off_replies, off_final, off_calls) = runs[True], runs[False]
     assert on_calls == 3 * 3 * len(cluster.shard_map.partitions) and off_calls == 0
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(on_replies, off_replies))
+    assert torch.equal(on_final.view(torch.int32), off_final.view(torch.int32))
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sync_half_width_clocks_fused_or_not_give_the_same_bits(make_cluster, monkeypatch,
+                                                                dtype, workers):
+    """Sync: a clock's half-width pushes summed in fp32 (SCALE_HALF, ADD_HALF; with one
+    worker the push is the mean itself) and its mean applied with the reply cast as it
+    goes (SGD_HALF). Replies and the final master are the same bits with the kernels on
+    and off, and the fused step is the one that applied each clock with them on."""
+    sizes = [50_000, 1 << 17]
+    layout = [wire.ParamSpec(name=f"w{i}", shape=[n], numel=n) for i, n in enumerate(sizes)]
+    calls = []
+    key = (dtype if workers == 1 else "float32", dtype)
+    fused = kernels.SGD_HALF[key]
+    monkeypatch.setitem(kernels.SGD_HALF, key, lambda *a: (calls.append(1), fused(*a)))
+    kind = torch_dtype(dtype)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", on)
+        cluster = make_cluster(layout, num_servers=1, partition_elems=100_000, mode="sync",
+                               num_workers=workers,
+                               optimizer=OptimizerConfig(name="sgd", lr=0.05))
+        clients = [cluster.client(w) for w in range(workers)]
+        parts = cluster.shard_map.partitions
+        gen = torch.Generator().manual_seed(5)
+        clients[0].init_params(torch.randn(sum(sizes), generator=gen))
+        replies = []
+        for clock in range(3):
+            handles = [(p, c.push(p.id, (torch.randn(p.stop - p.start, generator=gen) * 4)
+                                  .to(kind), clock, dtype=dtype))
+                       for c in clients for p in parts]
+            replies += [h.wait()[p.id].to(torch.float32).clone() for p, h in handles]
+        runs[on] = (replies, inproc.pull_all(clients[0], 3), len(calls))
+        calls.clear()
+    (on_replies, on_final, on_calls), (off_replies, off_final, off_calls) = runs[True], runs[False]
+    assert on_calls == 3 * len(parts) and off_calls == 0
     assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
                for a, b in zip(on_replies, off_replies))
     assert torch.equal(on_final.view(torch.int32), off_final.view(torch.int32))

@@ -24,9 +24,11 @@ reading each row once where it lies:
   not always). tests/test_row_kernels.py compares the paths, and
   tests/test_embedding_table.py both with ``torch.optim``.
 
-Two kernels serve dense partitions (:data:`SGD_HALF`): plain SGD from a bf16 or fp16
-gradient that also writes the reply in the same dtype, in one pass where torch takes three (a half-width
-wire's casts cost more than its saved bytes otherwise: benchmarks/precision.py).
+Others serve dense partitions on a half-width wire (:data:`SGD_HALF`, :data:`SCALE_HALF`,
+:data:`ADD_HALF`): plain SGD that writes the bf16 or fp16 reply as it steps, and a sync
+clock's sum of half-width pushes, each one pass where torch takes two or three (a
+half-width wire's casts cost more than its saved bytes otherwise:
+benchmarks/precision.py). A server compiles those it uses at its first half-width push.
 
 numba compiles each kernel at its first call in a process (0.1-0.3 s of CPU each; a
 server with a table uses four or five of them). Its on-disk cache is not used: numba
@@ -40,6 +42,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from tessera.config import env as envvars
 
@@ -243,6 +246,17 @@ def _f32_to_bf16(value):
     return np.uint16(0xFFFF) if nan else rounded
 
 
+@_jit
+def _same(value):
+    """An fp32 gradient as it is (the widening of :func:`_sgd_half` for fp32)."""
+    return value
+
+
+#: Widening and rounding by wire dtype (the uint16 bits of bf16 and fp16).
+_WIDEN = {"float32": _same, "bfloat16": _bf16_to_f32, "float16": _f16_to_f32}
+_NARROW = {"bfloat16": _f32_to_bf16, "float16": _f32_to_f16}
+
+
 def _sgd_half(widen, narrow):
     @_jit(contract=True)
     def kernel(master, grad, scale, neg_lr, reply):
@@ -257,17 +271,50 @@ def _sgd_half(widen, narrow):
     return kernel
 
 
-#: Plain SGD on a dense partition from a half-width gradient, writing the half-width
-#: reply, by wire dtype: for each element, the gradient widened to fp32 (exact), times
-#: ``scale`` unless 1, then ``p + (-lr) * g`` (one fused multiply-add, as torch's vector
-#: ``add_`` does), and the new value rounded back to nearest even. ``grad`` and
-#: ``reply`` are the uint16 bits. One pass where torch takes three (cast, ``add_``,
-#: cast back), bit for bit the same (tests/test_row_kernels.py).
-SGD_HALF = {"bfloat16": _sgd_half(_bf16_to_f32, _f32_to_bf16),
-            "float16": _sgd_half(_f16_to_f32, _f32_to_f16)}
+def _scale_half(widen):
+    @_jit
+    def kernel(out, grad, alpha):
+        one = np.float32(1)
+        for i in range(out.shape[0]):
+            g = widen(grad[i])
+            out[i] = g if alpha == one else g * alpha
+    return kernel
+
+
+def _add_half(widen):
+    @_jit(contract=True)
+    def kernel(acc, grad, alpha):
+        for i in range(acc.shape[0]):
+            acc[i] = acc[i] + alpha * widen(grad[i])
+    return kernel
+
+
+#: Plain SGD on a dense partition that also writes the half-width reply, by (gradient
+#: dtype, reply dtype): a bf16/fp16 gradient as it came (async, or sync with one
+#: worker) or a sync clock's fp32 mean. For each element the gradient widened to fp32
+#: (exact), times ``scale`` unless 1, then ``p + (-lr) * g`` (one fused multiply-add,
+#: as torch's vector ``add_`` does), and the new value rounded to the reply's dtype to
+#: nearest even. Half-width arrays are the uint16 bits. One pass where torch takes
+#: three (cast, ``add_``, cast back), bit for bit the same (tests/test_dense_path.py).
+SGD_HALF = {(g, r): _sgd_half(_WIDEN[g], _NARROW[r]) for g in _WIDEN for r in _NARROW
+            if g in ("float32", r)}
+#: A sync clock's sum of half-width pushes in fp32, by wire dtype: the first push
+#: ``out = widen(g) * alpha`` (torch: a cast, then ``mul_`` unless alpha is 1), each
+#: later one ``acc + alpha * widen(g)`` (torch's mixed-dtype ``add_``, fused as its
+#: kernel fuses it). The same bits as those, in one pass each without a cast copy.
+SCALE_HALF = {d: _scale_half(_WIDEN[d]) for d in _NARROW}
+ADD_HALF = {d: _add_half(_WIDEN[d]) for d in _NARROW}
+
+
+def array_of(tensor):
+    """A CPU tensor's memory as the numpy array these kernels take: fp32 as it is,
+    bf16 and fp16 as their uint16 bits (numpy has no bf16)."""
+    if tensor.element_size() == 2:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 def warm() -> None:
-    """Compile every kernel now, on tiny inputs (a process that measures its memory
+    """Compile every row kernel now, on tiny inputs (a process that measures its memory
     before its table exists, the tests and benchmarks of ``table_memory``)."""
     if not ENABLED:
         return
@@ -283,6 +330,3 @@ def warm() -> None:
     sgd_rows(rows, at, grad, one, one)
     adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
     adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
-    half = np.zeros(4, np.uint16)
-    for kernel in SGD_HALF.values():
-        kernel(np.zeros(4, f32), half, one, one, half)

@@ -299,16 +299,17 @@ class TorchOptimRule:
             plain = self._plain = self.takes_half()
         return plain and kernels.ENABLED
 
-    def apply_half(self, dtype: str, grad: np.ndarray, scale: float,
-                   reply: torch.Tensor) -> None:
-        """Where :meth:`fuses_half`: one plain SGD step from ``grad`` (the uint16 bits of a
-        ``dtype`` gradient, bf16 or fp16) times ``scale``, writing the new values in
-        ``dtype`` into ``reply`` as it goes (:data:`tessera.ps.kernels.SGD_HALF`: the same
-        bits as casting the gradient, :meth:`apply` and casting the master, in one pass
-        instead of three)."""
-        kernels.SGD_HALF[dtype](self.master.numpy(), grad, np.float32(scale),
-                         np.float32(-self.optimizer.param_groups[0]["lr"]),
-                         reply.view(torch.int16).numpy().view(np.uint16))
+    def apply_half(self, grad, grad_dtype: str, scale: float, reply: torch.Tensor,
+                   reply_dtype: str) -> None:
+        """Where :meth:`fuses_half`: one plain SGD step from ``grad`` (a numpy array: a
+        ``grad_dtype`` gradient, bf16/fp16 as its uint16 bits, or a sync clock's fp32
+        mean) times ``scale``, writing the new values in ``reply_dtype`` (bf16 or fp16)
+        into ``reply`` as it goes (:data:`tessera.ps.kernels.SGD_HALF`: the same bits as
+        casting the gradient, :meth:`apply` and casting the master, in one pass instead
+        of three)."""
+        kernels.SGD_HALF[grad_dtype, reply_dtype](
+            self.master.numpy(), grad, np.float32(scale),
+            np.float32(-self.optimizer.param_groups[0]["lr"]), kernels.array_of(reply))
         self.steps += 1
 
     def clip(self, grad: torch.Tensor, coef: float) -> torch.Tensor:

@@ -34,9 +34,11 @@ import numpy as np
 import torch
 import zmq
 
+from tessera.ps import kernels
 from tessera.ps.consistency import Clocked, Waiter
 from tessera.ps.optim import UpdateRule
 from tessera.transport import wire
+from tessera.transport import frames
 from tessera.transport.frames import tensor_to_frame, torch_dtype
 
 #: Reply buffers kept per partition and wire dtype; past that, a reply gets a fresh copy.
@@ -145,6 +147,8 @@ class PartitionState(Clocked):
     #: pushes are scaled into it by numpy (server.py, ``_scaled32``).
     scratch_np: Optional[np.ndarray] = None
     replies: ReplyBuffers = field(default_factory=ReplyBuffers)
+    #: sync: the wire dtype of the current clock's pushes (its replies go out in it).
+    wire_dtype: str = "float32"
 
     @property
     def ready(self) -> bool:
@@ -183,10 +187,17 @@ class PartitionState(Clocked):
                 self.accum = grad  # one worker: the frame is the mean (read, never written)
             elif grad.dtype == torch.float32:
                 self.accum = torch.mul(grad, alpha, out=self.buffer())
+            elif kernels.ENABLED:  # a half-width frame, widened and scaled in one pass
+                self.accum = self.buffer()
+                kernels.SCALE_HALF[frames.wire_dtype(grad)](
+                    self.buffer_np(), kernels.array_of(grad), np.float32(alpha))
             else:  # a half-width frame: cast into the buffer, then scale in fp32
                 self.accum = self.buffer().copy_(grad)
                 if alpha != 1.0:
                     self.accum.mul_(alpha)
+        elif grad.dtype != torch.float32 and kernels.ENABLED and self.accum is self.scratch:
+            kernels.ADD_HALF[frames.wire_dtype(grad)](
+                self.buffer_np(), kernels.array_of(grad), np.float32(alpha))
         else:
             self.accum.add_(grad, alpha=alpha)  # reads bf16/fp16 as fp32, no copy
         self.pushed_by.add(worker)

@@ -39,6 +39,7 @@ import zmq
 
 from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.ps import kernels
 from tessera.ps.consistency import NotABackup, RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
@@ -416,7 +417,7 @@ class ParameterServer:
         if costs is not None:
             costs.lap("validation")
         for st, grad, frame in zip(states, grads, frames):
-            if fused and self._update_half(st, msg.dtype, grad, scale):
+            if fused and self._update_half(st, msg.dtype, msg.dtype, grad, scale):
                 continue
             if fused:  # no reply buffer free: torch's three passes
                 grad = self._scaled(st, frame_to_tensor(frame.buffer, msg.dtype, st.numel),
@@ -464,6 +465,7 @@ class ParameterServer:
         direct = workers == 1 and not held
         for st, frame in zip(states, frames):
             self.stats["bytes_received"] += len(frame)
+            st.wire_dtype = msg.dtype
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
                    msg.nonfinite, workers, direct)
         if self.costs is not None:
@@ -497,7 +499,7 @@ class ParameterServer:
             # the replicator keeps it until the backup's Ack, and the answers to these
             # pushes wait for that Ack.
             grad, n = st.take_mean()
-            self._update(st, grad, pushes=n)
+            self._update(st, grad, pushes=n, reply_dtype=st.wire_dtype)
             advanced.append(st)
         self._reply_after = mark
         try:
@@ -574,41 +576,52 @@ class ParameterServer:
         return make_rule(values, self.optimizer, info.start, info.stop, keep)
 
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
-                seq: int = -1) -> None:
+                seq: int = -1, reply_dtype: str = "float32") -> None:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
         A half-width gradient (one worker, unscaled) is cast into the fp32 buffer first:
         a cast and an fp32 ``add_`` cost less than one mixed-dtype ``add_`` (torch 2.13 CPU,
-        benchmarks/HISTORY.md, precision.py), with the same bits."""
-        if grad.dtype != torch.float32:
+        benchmarks/HISTORY.md, precision.py), with the same bits. Where the replies go out
+        in a half-width ``reply_dtype`` (sync), the fused step may take it instead
+        (:meth:`_update_half`)."""
+        fusable = (reply_dtype != "float32" and kernels.ENABLED
+                   and not self.replication.backs_up(st))
+        if grad.dtype != torch.float32 and not fusable:
             grad = st.buffer().copy_(grad)
             if self.costs is not None:
                 self.costs.lap("copy")
         self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
+        if fusable and st.rule.fuses_half():
+            dtype = "float32" if grad.dtype == torch.float32 else reply_dtype
+            if self._update_half(st, reply_dtype, dtype, kernels.array_of(grad), 1.0, pushes):
+                return
+        if grad.dtype != torch.float32:
+            grad = st.buffer().copy_(grad)
         self._apply(st, grad, pushes=pushes)
 
     def _fuses_half(self, msg: wire.Push, states: list[PartitionState]) -> bool:
         """Whether an async/ssp push's partitions take the fused half-width step
         (:meth:`_update_half`): a bf16 or fp16 frame without loss scaling, plain SGD,
         compiled kernels, and no backup (a backup is sent the fp32 gradient it applies)."""
-        if msg.dtype == "float32" or msg.scale != 1.0 or msg.nonfinite:
+        if msg.dtype == "float32" or msg.scale != 1.0 or msg.nonfinite or not kernels.ENABLED:
             return False
         replication = self.replication
         return all(st.hparams is None and st.rule.fuses_half() and not replication.backs_up(st)
                    for st in states)
 
-    def _update_half(self, st: PartitionState, dtype: str, bits: np.ndarray,
-                     scale: float) -> bool:
-        """:meth:`_update` of a half-width push in one pass: the plain SGD step writes the
-        reply in ``dtype`` into a free reply buffer as it goes
-        (:meth:`ReplyBuffers.update_into`); False, with nothing applied, where no buffer
-        is free."""
+    def _update_half(self, st: PartitionState, reply_dtype: str, grad_dtype: str,
+                     grad: np.ndarray, scale: float, pushes: int = 1) -> bool:
+        """:meth:`_update` in one pass, for replies in a half-width ``reply_dtype``: the
+        plain SGD step from ``grad`` (a numpy array of ``grad_dtype``: a half-width push
+        as it came, or a sync clock's fp32 mean) writes the reply into a free reply
+        buffer as it goes (:meth:`ReplyBuffers.update_into`); False, with nothing
+        applied, where no buffer is free or the partition is below pyzmq's copy size."""
         t0 = time.perf_counter()
         start = self.profiler.now()
         rule = st.rule
-        if not st.replies.update_into(rule, torch_dtype(dtype),
-                                      lambda reply: rule.apply_half(dtype, bits, scale, reply)):
+        if not st.replies.update_into(rule, torch_dtype(reply_dtype), lambda reply: rule.apply_half(
+                grad, grad_dtype, scale, reply, reply_dtype)):
             return False
-        self._applied(st, 1, start, time.perf_counter() - t0)
+        self._applied(st, pushes, start, time.perf_counter() - t0)
         return True
 
     def _replicate(self, st: PartitionState, kind: str, tensor: torch.Tensor, pushes: int,
