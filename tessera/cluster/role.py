@@ -215,6 +215,9 @@ def serve(session) -> None:
                           dead=tuple(view.dead_servers), lives=tuple(view.server_lives.items())),
         checkpoint_store=store, profiler=session.profiler)
     session.heartbeat.busy_s = lambda: (server.stats["busy_s"], server.stats["table_busy_s"])
+    if cfg.precision != "fp32":  # the half-width wire's kernels, compiled before step 0
+        from tessera.ps import kernels
+        kernels.warm_dense({"bf16": "bfloat16", "fp16": "float16"}[cfg.precision])
     if view.restore is not None and not replacement:  # a replacement is sent copies
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "

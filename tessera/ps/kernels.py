@@ -306,6 +306,25 @@ SCALE_HALF = {d: _scale_half(_WIDEN[d]) for d in _NARROW}
 ADD_HALF = {d: _add_half(_WIDEN[d]) for d in _NARROW}
 
 
+def warm_dense(wire_dtype: str) -> None:
+    """Compile the dense kernels a server uses on a ``wire_dtype`` wire (bf16 or fp16)
+    now, at start-up, rather than at the first clock, where their ~1 s of compiling
+    would stall every worker (a server's role calls it before it serves). The async
+    step is compiled for both kinds of gradient array: a frame's read-only bits (TCP)
+    and a writable one."""
+    if not ENABLED or wire_dtype not in _NARROW:
+        return
+    f32, one = np.float32, np.float32(1)
+    wide, bits, reply = np.zeros(4, f32), np.zeros(4, np.uint16), np.zeros(4, np.uint16)
+    frozen = bits.copy()
+    frozen.flags.writeable = False
+    SCALE_HALF[wire_dtype](wide, bits, one)  # sync sums a frame as a tensor: writable
+    ADD_HALF[wire_dtype](wide, bits, one)
+    SGD_HALF["float32", wire_dtype](np.zeros(4, f32), wide, one, one, reply)
+    SGD_HALF[wire_dtype, wire_dtype](np.zeros(4, f32), bits, one, one, reply)
+    SGD_HALF[wire_dtype, wire_dtype](np.zeros(4, f32), frozen, one, one, reply)
+
+
 def array_of(tensor):
     """A CPU tensor's memory as the numpy array these kernels take: fp32 as it is,
     bf16 and fp16 as their uint16 bits (numpy has no bf16)."""
