@@ -52,6 +52,22 @@ def server_mode(cfg) -> str:
     return cfg.ps.mode
 
 
+def warm_dense_kernels(cfg, optimizer) -> None:
+    """Compile the kernels this server's dense partitions will use on the job's
+    half-width wire (:func:`tessera.ps.kernels.warm_dense`): the sums of a sync clock
+    (more than one worker, or fp16's loss scaling), and plain SGD's fused step unless
+    the optimizer is something else (None: not known yet, so compiled)."""
+    from tessera.ps import kernels
+    sync = server_mode(cfg) == "sync"
+    two_phase = cfg.precision == "fp16" and sync
+    plain = optimizer is None or (optimizer.name == "sgd" and all(
+        g.average or not any(g.hparams.get(k) for k in ("momentum", "weight_decay", "maximize"))
+        for g in optimizer.groups))
+    kernels.warm_dense({"bf16": "bfloat16", "fp16": "float16"}[cfg.precision], sync=sync,
+                       sums=sync and (cfg.cluster.workers > 1 or two_phase),
+                       steps=plain and not two_phase)
+
+
 def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = "",
                       generation: int = 0):
     """The job's coordinator, bound and announced in ``coordinator.json``; call its
@@ -215,9 +231,8 @@ def serve(session) -> None:
                           dead=tuple(view.dead_servers), lives=tuple(view.server_lives.items())),
         checkpoint_store=store, profiler=session.profiler)
     session.heartbeat.busy_s = lambda: (server.stats["busy_s"], server.stats["table_busy_s"])
-    if cfg.precision != "fp32":  # the half-width wire's kernels, compiled before step 0
-        from tessera.ps import kernels
-        kernels.warm_dense({"bf16": "bfloat16", "fp16": "float16"}[cfg.precision])
+    if cfg.precision != "fp32" and cfg.ps.mode != "hybrid":  # dense partitions on a
+        warm_dense_kernels(cfg, view.optimizer)  # half-width wire: compiled before step 0
     if view.restore is not None and not replacement:  # a replacement is sent copies
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "

@@ -28,7 +28,9 @@ Others serve dense partitions on a half-width wire (:data:`SGD_HALF`, :data:`SCA
 :data:`ADD_HALF`): plain SGD that writes the bf16 or fp16 reply as it steps, and a sync
 clock's sum of half-width pushes, each one pass where torch takes two or three (a
 half-width wire's casts cost more than its saved bytes otherwise:
-benchmarks/precision.py). A server compiles those it uses at its first half-width push.
+benchmarks/precision.py). A server of a bf16 or fp16 job compiles them at start-up
+(:func:`warm_dense`, about 1 s of CPU): compiled at the first clock instead, they
+stalled every worker's first step.
 
 numba compiles each kernel at its first call in a process (0.1-0.3 s of CPU each; a
 server with a table uses four or five of them). Its on-disk cache is not used: numba
@@ -306,23 +308,31 @@ SCALE_HALF = {d: _scale_half(_WIDEN[d]) for d in _NARROW}
 ADD_HALF = {d: _add_half(_WIDEN[d]) for d in _NARROW}
 
 
-def warm_dense(wire_dtype: str) -> None:
-    """Compile the dense kernels a server uses on a ``wire_dtype`` wire (bf16 or fp16)
-    now, at start-up, rather than at the first clock, where their ~1 s of compiling
-    would stall every worker (a server's role calls it before it serves). The async
-    step is compiled for both kinds of gradient array: a frame's read-only bits (TCP)
-    and a writable one."""
+def warm_dense(wire_dtype: str, *, sync: bool, sums: bool, steps: bool) -> None:
+    """Compile now, at start-up, the dense kernels a server will use on a ``wire_dtype``
+    wire (bf16 or fp16), rather than at the first clock, where their compiling (about
+    0.3-1 s) would stall every worker (a server's role calls it before it serves).
+    ``sums``: sync clocks are summed (more than one worker, or loss scaling); ``steps``:
+    plain SGD steps with the reply written as it goes (not under loss scaling). The
+    async step is compiled for both kinds of gradient array: a frame's read-only bits
+    (TCP) and a writable one (shared memory)."""
     if not ENABLED or wire_dtype not in _NARROW:
         return
     f32, one = np.float32, np.float32(1)
     wide, bits, reply = np.zeros(4, f32), np.zeros(4, np.uint16), np.zeros(4, np.uint16)
-    frozen = bits.copy()
-    frozen.flags.writeable = False
-    SCALE_HALF[wire_dtype](wide, bits, one)  # sync sums a frame as a tensor: writable
-    ADD_HALF[wire_dtype](wide, bits, one)
-    SGD_HALF["float32", wire_dtype](np.zeros(4, f32), wide, one, one, reply)
+    if sums:  # a sync frame is summed as a tensor's (writable) memory
+        SCALE_HALF[wire_dtype](wide, bits, one)
+        ADD_HALF[wire_dtype](wide, bits, one)
+    if not steps:
+        return
+    if sums:
+        SGD_HALF["float32", wire_dtype](np.zeros(4, f32), wide, one, one, reply)
+        return
     SGD_HALF[wire_dtype, wire_dtype](np.zeros(4, f32), bits, one, one, reply)
-    SGD_HALF[wire_dtype, wire_dtype](np.zeros(4, f32), frozen, one, one, reply)
+    if not sync:
+        frozen = bits.copy()
+        frozen.flags.writeable = False
+        SGD_HALF[wire_dtype, wire_dtype](np.zeros(4, f32), frozen, one, one, reply)
 
 
 def array_of(tensor):
