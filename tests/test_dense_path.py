@@ -254,7 +254,9 @@ def test_sync_half_width_clocks_fused_or_not_give_the_same_bits(make_cluster, mo
     """Sync: a clock's half-width pushes summed in fp32 (SCALE_HALF, ADD_HALF; with one
     worker the push is the mean itself) and its mean applied with the reply cast as it
     goes (SGD_HALF). Replies and the final master are the same bits with the kernels on
-    and off, and the fused step is the one that applied each clock with them on."""
+    and off, and the fused step is the one that applied each clock with them on. The
+    workers push one after another (the server has taken one's pushes before the next
+    pushes): a sum's rounding depends on its order, which concurrent pushes leave open."""
     sizes = [50_000, 1 << 17]
     layout = [wire.ParamSpec(name=f"w{i}", shape=[n], numel=n) for i, n in enumerate(sizes)]
     calls = []
@@ -273,10 +275,17 @@ def test_sync_half_width_clocks_fused_or_not_give_the_same_bits(make_cluster, mo
         gen = torch.Generator().manual_seed(5)
         clients[0].init_params(torch.randn(sum(sizes), generator=gen))
         replies = []
+        server = cluster.servers[0]
         for clock in range(3):
-            handles = [(p, c.push(p.id, (torch.randn(p.stop - p.start, generator=gen) * 4)
-                                  .to(kind), clock, dtype=dtype))
-                       for c in clients for p in parts]
+            handles = []
+            for w, c in enumerate(clients):  # in turn: a sum's order sets its rounding
+                handles += [(p, c.push(p.id, (torch.randn(p.stop - p.start, generator=gen) * 4)
+                                       .to(kind), clock, dtype=dtype)) for p in parts]
+                deadline = time.monotonic() + 20
+                while w < workers - 1 and time.monotonic() < deadline and not all(
+                        w in server.parts[p.id].pushed_by for p in parts):
+                    time.sleep(0.002)
+                assert time.monotonic() < deadline, f"worker {w}'s pushes not taken in 20 s"
             replies += [h.wait()[p.id].to(torch.float32).clone() for p, h in handles]
         runs[on] = (replies, inproc.pull_all(clients[0], 3), len(calls))
         calls.clear()
