@@ -342,6 +342,7 @@ def array_of(tensor):
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
 
+
 def warm() -> None:
     """Compile every row kernel now, on tiny inputs (a process that measures its memory
     before its table exists, the tests and benchmarks of ``table_memory``)."""
