@@ -33,8 +33,13 @@ DIGITS = str(ROOT / "examples" / "digits.toml")
 
 
 def metric_records(out: Path) -> list[dict]:
+    """metrics.jsonl's complete lines (read while the job runs, the last one may still be
+    being written: it is left for the next read)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def kill_worker(job: Job, out: Path, rank: int, at_step: int) -> float:
