@@ -57,13 +57,14 @@ def warm_dense_kernels(cfg, optimizer) -> None:
     half-width wire (:func:`tessera.ps.kernels.warm_dense`): the sums of a sync clock
     (more than one worker, or fp16's loss scaling), and plain SGD's fused step unless
     the optimizer is something else (None: not known yet, so compiled)."""
+    from tessera.amp.policy import make_policy
     from tessera.ps import kernels
+    from tessera.ps.optim import plain_sgd
     sync = server_mode(cfg) == "sync"
     two_phase = cfg.precision == "fp16" and sync
     plain = optimizer is None or (optimizer.name == "sgd" and all(
-        g.average or not any(g.hparams.get(k) for k in ("momentum", "weight_decay", "maximize"))
-        for g in optimizer.groups))
-    kernels.warm_dense({"bf16": "bfloat16", "fp16": "float16"}[cfg.precision], sync=sync,
+        g.average or plain_sgd(g.hparams) for g in optimizer.groups))
+    kernels.warm_dense(make_policy(cfg.precision, "cpu").wire_dtype, sync=sync,
                        sums=sync and (cfg.cluster.workers > 1 or two_phase),
                        steps=plain and not two_phase)
 

@@ -142,6 +142,14 @@ def as_spec(optimizer) -> OptimSpec:
     return spec_from_config(optimizer) if isinstance(optimizer, OptimizerConfig) else optimizer
 
 
+def plain_sgd(group: dict) -> bool:
+    """Whether an SGD param group (its hyperparameters) steps as plain SGD, ``p - lr * g``:
+    no momentum, weight decay, maximize or differentiable, and a float lr."""
+    return (not group.get("momentum") and not group.get("weight_decay")
+            and not group.get("maximize") and not group.get("differentiable")
+            and isinstance(group.get("lr"), float))
+
+
 def _kind(value: HParam) -> str:
     if isinstance(value, bool):
         return "flag"
@@ -251,9 +259,14 @@ class TorchOptimRule:
         group = dict(self.optimizer.param_groups[0])
         if hparams is not None and index < len(hparams):
             group.update(hparams[index])
-        return (not group.get("momentum") and not group.get("weight_decay")
-                and not group.get("maximize") and not group.get("differentiable")
-                and isinstance(group.get("lr"), float))
+        return plain_sgd(group)
+
+    def _is_plain(self) -> bool:
+        """:meth:`takes_half` with the current hyperparameters, asked once."""
+        plain = self._plain
+        if plain is None:
+            plain = self._plain = self.takes_half()
+        return plain
 
     def apply(self, grad: torch.Tensor) -> None:
         """One optimizer step with ``grad`` (fp32, same length as the partition; bf16 or
@@ -262,10 +275,7 @@ class TorchOptimRule:
             self.master.add_(grad, alpha=-self.optimizer.param_groups[0]["lr"])
             self.steps += 1
             return
-        plain = self._plain
-        if plain is None:
-            plain = self._plain = self.takes_half()
-        if plain:
+        if self._is_plain():
             # Plain SGD: torch's step is this one add_ (_single_tensor_sgd without momentum,
             # weight decay or maximize), bit for bit, without the ~5 us of Python around it
             # that a small partition pays per push (benchmarks/server_load.py).
@@ -294,10 +304,7 @@ class TorchOptimRule:
     def fuses_half(self) -> bool:
         """Whether :meth:`apply_half` may step this partition: plain SGD
         (:meth:`takes_half`) and the compiled kernels loaded."""
-        plain = self._plain
-        if plain is None:
-            plain = self._plain = self.takes_half()
-        return plain and kernels.ENABLED
+        return self._is_plain() and kernels.ENABLED
 
     def apply_half(self, grad, grad_dtype: str, scale: float, reply: torch.Tensor,
                    reply_dtype: str) -> None:

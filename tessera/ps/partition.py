@@ -38,7 +38,6 @@ from tessera.ps import kernels
 from tessera.ps.consistency import Clocked, Waiter
 from tessera.ps.optim import UpdateRule
 from tessera.transport import wire
-from tessera.transport import frames
 from tessera.transport.frames import tensor_to_frame, torch_dtype
 
 #: Reply buffers kept per partition and wire dtype; past that, a reply gets a fresh copy.
@@ -174,13 +173,15 @@ class PartitionState(Clocked):
         return self.scratch_np
 
     def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str,
-            workers: int = 1, direct: bool = False) -> None:
+            workers: int = 1, direct: bool = False, wire_dtype: str = "float32") -> None:
         """Sync: fold one worker's push into the clock's sum, divided by ``workers``
         (the clock's mean comes out directly) or not (``workers=1``: a held clock).
         ``direct``: the job has one worker and the clock is applied at once, so an
         unscaled frame may be the mean itself (it is only read; a half-width one is cast
-        when applied, unless the rule takes it as it is)."""
+        when applied, unless the rule takes it as it is). ``wire_dtype``: the push's, in
+        which the clock's replies go out."""
         alpha = unscale / workers if workers > 1 else unscale
+        self.wire_dtype = wire_dtype
         if self.accum is None:
             self.divided_by = workers
             if direct and alpha == 1.0:
@@ -189,14 +190,14 @@ class PartitionState(Clocked):
                 self.accum = torch.mul(grad, alpha, out=self.buffer())
             elif kernels.ENABLED:  # a half-width frame, widened and scaled in one pass
                 self.accum = self.buffer()
-                kernels.SCALE_HALF[frames.wire_dtype(grad)](
+                kernels.SCALE_HALF[wire_dtype](
                     self.buffer_np(), kernels.array_of(grad), np.float32(alpha))
             else:  # a half-width frame: cast into the buffer, then scale in fp32
                 self.accum = self.buffer().copy_(grad)
                 if alpha != 1.0:
                     self.accum.mul_(alpha)
         elif grad.dtype != torch.float32 and kernels.ENABLED and self.accum is self.scratch:
-            kernels.ADD_HALF[frames.wire_dtype(grad)](
+            kernels.ADD_HALF[wire_dtype](
                 self.buffer_np(), kernels.array_of(grad), np.float32(alpha))
         else:
             self.accum.add_(grad, alpha=alpha)  # reads bf16/fp16 as fp32, no copy

@@ -465,9 +465,8 @@ class ParameterServer:
         direct = workers == 1 and not held
         for st, frame in zip(states, frames):
             self.stats["bytes_received"] += len(frame)
-            st.wire_dtype = msg.dtype
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
-                   msg.nonfinite, workers, direct)
+                   msg.nonfinite, workers, direct, msg.dtype)
         if self.costs is not None:
             self.costs.lap("copy")
         if held:  # one partition (checked): answered with its verdict

@@ -20,14 +20,6 @@ def torch_dtype(wire_dtype: str) -> torch.dtype:
     return _TORCH[wire_dtype]
 
 
-_WIRE = {v: k for k, v in _TORCH.items()}
-
-
-def wire_dtype(t: torch.Tensor) -> str:
-    """The wire dtype's name of ``t`` (fp32, bf16 or fp16)."""
-    return _WIRE[t.dtype]
-
-
 def itemsize(wire_dtype: str) -> int:
     return _ITEMSIZE[wire_dtype]
 
