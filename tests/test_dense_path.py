@@ -21,6 +21,7 @@ from tessera.transport import wire
 from tessera.ps import kernels
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame, torch_dtype
 from tests import test_server_inproc as inproc
+from tests.harness import ROOT
 
 SECRET = inproc.SECRET
 make_cluster = inproc.make_cluster  # the fixture: servers in threads, closed at teardown
@@ -294,3 +295,38 @@ def test_sync_half_width_clocks_fused_or_not_give_the_same_bits(make_cluster, mo
     assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
                for a, b in zip(on_replies, off_replies))
     assert torch.equal(on_final.view(torch.int32), off_final.view(torch.int32))
+
+
+_WARMED = """
+import sys
+from tessera.cluster.role import warm_dense_kernels
+from tessera.config.load import load_config
+from tessera.ps import kernels
+from tessera.ps.optim import spec_from_config
+cfg = load_config(sys.argv[1], {"precision": "bf16", "ps.mode": sys.argv[2],
+                                "optimizer.momentum": float(sys.argv[3])})
+warm_dense_kernels(cfg, spec_from_config(cfg.optimizer))
+print(sorted(f"{n}:{k}" for n, d in (("step", kernels.SGD_HALF), ("sum", kernels.SCALE_HALF))
+             for k, v in d.items() if v.signatures))
+"""
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba is not importable here")
+@pytest.mark.parametrize("mode, momentum, compiled", [
+    ("async", 0.0, ["step:('bfloat16', 'bfloat16')"]),
+    ("sync", 0.0, ["step:('float32', 'bfloat16')", "sum:bfloat16"]),
+    ("sync", 0.9, ["sum:bfloat16"]),
+    ("async", 0.9, []),
+])
+def test_a_server_compiles_at_start_up_the_kernels_its_job_uses(mode, momentum, compiled):
+    """A server's start-up (role.warm_dense_kernels) compiles what its job will run, so
+    the first clock does not wait for numba: plain SGD's fused step (for the push itself
+    in async, a sync clock's fp32 mean in sync), the sync sums, nothing for momentum in
+    async. Each case in a fresh process: compiled kernels are per process."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _WARMED, str(ROOT / "examples" / "mnist.toml"),
+                          mode, str(momentum)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == repr(compiled)

@@ -62,7 +62,7 @@ def warm_dense_kernels(cfg, optimizer) -> None:
     from tessera.ps.optim import plain_sgd
     sync = server_mode(cfg) == "sync"
     two_phase = cfg.precision == "fp16" and sync
-    plain = optimizer is None or (optimizer.name == "sgd" and all(
+    plain = optimizer is None or (optimizer.name == "SGD" and all(
         g.average or plain_sgd(g.hparams) for g in optimizer.groups))
     kernels.warm_dense(make_policy(cfg.precision, "cpu").wire_dtype, sync=sync,
                        sums=sync and (cfg.cluster.workers > 1 or two_phase),
