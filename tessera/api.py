@@ -196,7 +196,8 @@ class Job:
         if completed:
             tally.step(acked=client.pushes_acked)
         tables = getattr(self.model, "tables", ())
-        tally.open_step(len(client.parts) + len(tables) * client.num_shards)
+        tally.open_step(len(client.parts) + len(tables) * client.num_shards
+                        + self.model.pushes_in_flight)
 
     def log(self, values: dict[str, Any], step: Optional[int] = None) -> None:
         """Worker 0: one record of ``values`` in metrics.jsonl (and TensorBoard), at
@@ -228,6 +229,8 @@ class Job:
         """Write the trained model (worker 0: ``final.safetensors``), report this worker's
         counters and leave the job cleanly."""
         model = self.model
+        if model is not None:
+            model.wait_pushes()  # answered, and counted below
         self.settle()
         if model is not None and self.rank == 0:
             export_final(model, self.run_dir / "final.safetensors")

@@ -139,7 +139,9 @@ def _dense_replicas(session, model, opt, tables, amp, device):
     client = _connect_client(session, amp.policy) if session.num_servers else None
     wrapped = HybridParallel(model, client, optimizer=opt, tables=tables, amp=amp,
                              hooks=Hooks(log=_log, profiler=session.profiler), device=device,
-                             checkpoints=_dense_checkpoints(session))
+                             checkpoints=_dense_checkpoints(session),
+                             push_ahead=bool(tables) and not cfg.ps.staleness
+                             and cfg.ps.replication == 1)
     restore = session.view.restore
     if restore is not None:  # --resume, or the group re-formed after a worker died
         from tessera.ps.checkpoint import CheckpointStore

@@ -73,3 +73,54 @@ def test_a_process_told_to_use_numpy_does_not_import_numba():
                          env={**os.environ, "TESSERA_KERNELS": "numpy"},
                          timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+# -- a worker's lookups ------------------------------------------------------------
+
+@pytest.mark.parametrize("ids", [
+    np.random.default_rng(1).zipf(1.1, 8192) * 2654435761 % 10**7,  # table_cache's batch
+    np.random.default_rng(2).integers(0, 2**62, 10_000),  # wide ids: six radix passes
+    np.random.default_rng(3).integers(0, 50, 3000),  # few distinct ids, many repeats
+    np.zeros(2048, dtype=np.int64),  # one distinct id
+    np.arange(4096)[::-1].copy(),  # every id distinct, decreasing
+    np.random.default_rng(4).integers(0, 10**8, 40_000),  # many, mostly distinct: torch.sort
+    np.array([7]),
+], ids=["zipf", "wide", "repeats", "one", "distinct", "many", "single"])
+def test_unique_inverse_is_torch_unique(ids):
+    ids = ids.astype(np.int64)
+    uniq, inverse = kernels.unique_inverse(ids)
+    want, want_inverse = torch.unique(torch.from_numpy(ids), return_inverse=True)
+    assert np.array_equal(uniq, want.numpy())
+    assert np.array_equal(inverse, want_inverse.numpy())
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("shape", ["2d", "offsets"])
+def test_a_bags_row_gradients_are_the_same_bits_with_the_kernel(mode, shape, monkeypatch):
+    """_BagOfRows.backward through bag_sum_backward (a batch over WORKER_MIN_IDS) and
+    through index_add_ (the threshold raised): the same bits, in both bag layouts."""
+    from tessera.parallel.embedding import _BagOfRows
+    rng = np.random.default_rng(5)
+    rows = torch.from_numpy(rng.standard_normal((900, 16)).astype(np.float32))
+    if shape == "2d":
+        inverse = torch.from_numpy(rng.integers(0, 900, (512, 8)))
+        offsets = None
+    else:  # bags of 0 to 15 ids
+        lengths = rng.integers(0, 16, 600)
+        inverse = torch.from_numpy(rng.integers(0, 900, int(lengths.sum())))
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+    assert inverse.numel() >= kernels.WORKER_MIN_IDS
+    upstream = torch.from_numpy(rng.standard_normal(
+        (inverse.shape[0] if offsets is None else len(offsets), 16)).astype(np.float32))
+    calls = []
+    kernel = kernels.bag_sum_backward
+    monkeypatch.setattr(kernels, "bag_sum_backward", lambda *a: (calls.append(1), kernel(*a)))
+    grads = []
+    for floor in (kernels.WORKER_MIN_IDS, 10**9):
+        monkeypatch.setattr(kernels, "WORKER_MIN_IDS", floor)
+        leaf = rows.clone().requires_grad_()
+        _BagOfRows.apply(inverse, leaf, offsets, mode).backward(upstream)
+        grads.append(leaf.grad)
+    assert calls == [1]  # the first through the kernel, the second not
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

@@ -17,7 +17,18 @@ Phases of one step:
    rows' gradients land on the pulled rows.
 3. ``step()``: row gradients are pushed to the servers (async/ssp), the local
    optimizer steps the dense replica (identical on every worker: same initial
-   values, same averaged gradients), and the row pushes are waited for.
+   values, same averaged gradients), and the row pushes are waited for. Async
+   tables (``staleness = 0``): the pushes of step t are waited for at the end of
+   step t + 1, so the servers apply them while this worker computes (their answer
+   is only an Ack). Nothing a later request reads changes: a server takes the
+   requests of one worker in the order they were sent (one ZeroMQ connection each,
+   and a failover re-sends whatever is outstanding in that order), so a pull or a
+   dump sent after a push is answered after it is applied. A checkpoint and
+   :meth:`HybridParallel.wait_pushes` (``tessera.finish``) wait for them first.
+   Ssp tables wait at once: there the Ack is what holds a worker within the bound.
+   So do tables with ``--replication 2``: an answered push is kept for a re-send
+   after a failover (the backup may lack it) once it is waited for, and a failover
+   found meanwhile would not re-send one answered but not yet waited for.
 
 Precision: bf16/fp16 policies all-reduce in half width, on Gloo too
 (:mod:`tessera.parallel.halfwidth`). Under fp16 loss scaling the gradients are unscaled after
@@ -55,7 +66,7 @@ class HybridParallel(DistributedModel):
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
                  optimizer: Union[OptimizerConfig, torch.optim.Optimizer], tables, amp: Optional[Amp] = None,
                  hooks: Hooks = Hooks(), device=None,
-                 checkpoints: Optional[DenseCheckpoints] = None):
+                 checkpoints: Optional[DenseCheckpoints] = None, push_ahead: bool = False):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -99,6 +110,9 @@ class HybridParallel(DistributedModel):
         self.on_clock = lambda clock: None
         self._asked = False  # the launcher's request was seen (answered once)
         self._finite: Optional[bool] = None  # unscale_()'s answer this step
+        #: Async tables: wait for a step's row pushes at the end of the next one.
+        self.push_ahead = push_ahead
+        self._inflight: list = []  # the handles of the row pushes not waited for yet
         attached = _Attached(client, lambda: self.clock, torch.float32,
                              device or torch.device("cpu"))
         for table in self.tables:
@@ -164,15 +178,32 @@ class HybridParallel(DistributedModel):
         self._finite = None
         if not applied:
             self.skipped_steps += 1
-        wait_start = time.perf_counter()
-        for h in handles:
-            h.wait()
-        self.comm_wait_s += time.perf_counter() - wait_start
+        if self.push_ahead:  # this step's pushes are applied while the next one computes
+            handles, self._inflight = self._inflight, handles
+        self._wait(handles)
         prof.add("step", "comm", start, int((time.perf_counter() - t0) * 1e9), clock=self.clock)
         self.clock += 1
         self.on_clock(self.clock)
         self._maybe_checkpoint()
         return applied
+
+    def _wait(self, handles: list) -> None:
+        wait_start = time.perf_counter()
+        for h in handles:
+            h.wait()
+        self.comm_wait_s += time.perf_counter() - wait_start
+
+    @property
+    def pushes_in_flight(self) -> int:
+        """At most how many row pushes of an earlier step are still unanswered (a
+        worker killed now may leave them applied without their Ack counted)."""
+        return len(self.tables) * self.client.num_shards if self._inflight else 0
+
+    def wait_pushes(self) -> None:
+        """Wait for the row pushes still unanswered (``push_ahead``): their errors
+        surface here, and the Acks are counted."""
+        handles, self._inflight = self._inflight, []
+        self._wait(handles)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -196,6 +227,7 @@ class HybridParallel(DistributedModel):
         with self.profiler.span("checkpoint", "checkpoint"):
             if self.tables:
                 import torch.distributed as dist
+                self.wait_pushes()  # every row push of the clocks before: applied
                 dist.barrier()
                 if ck.save is not None:
                     self.client.snapshot_tables(self.clock)

@@ -178,6 +178,13 @@ class DistributedModel(nn.Module):
         """Bring the model to the job's final values before export (nothing to do
         unless another process may have moved them since this one's last step)."""
 
+    #: Pushes of an earlier step still unanswered (none: a step waits for its own).
+    pushes_in_flight = 0
+
+    def wait_pushes(self) -> None:
+        """Wait for every push this process sent (a wrapper that lets a step's pushes
+        run into the next step: :class:`~tessera.parallel.hybrid.HybridParallel`)."""
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The trained model as this process holds it: parameters and buffers under the
         plain module's keys, as separate contiguous CPU tensors (for safetensors)."""
