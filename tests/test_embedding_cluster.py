@@ -53,3 +53,7 @@ def test_hybrid_dense_replicas_identical_after_every_step(tmp_path):
     assert len(set(d0)) == 40  # and they did change every step
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.9
+    # Async tables: each step's row pushes are answered during the next step
+    # (HybridParallel.push_ahead); tessera.finish waits for the last step's, so every
+    # push (per step and worker, one to each server) was applied and its Ack counted.
+    assert summary["pushes_acked"] == summary["pushes_applied"] == 40 * 2 * 2, summary
