@@ -12,8 +12,9 @@ shared machine hits both alike. Two figures per run, both from summary.json:
 The overhead is the median over rounds of (profiled / plain - 1), each round's
 pair measured in the same minutes. Target (issue 15): <= 1%.
 
-Then, with finer resolution than separate jobs on a shared machine allow
-(``profiler_inproc`` line): one process (``tessera.init()`` without a launcher: the
+Then (also without ``--inproc-only``, after the jobs), with finer resolution than separate
+jobs on a shared machine allow (``profiler_inproc`` line; issue 15's goal is judged on
+it, the whole-job figure shown beside): one process (``tessera.init()`` without a launcher: the
 coordinator and a server in threads, this thread the worker) trains the mnist CNN
 (batch 32, sync) in blocks of ``--block`` steps, the worker's recorder switched
 between the no-op and a real one block by block, and compares this thread's CPU time
@@ -144,8 +145,7 @@ def main() -> None:
     med = statistics.median
     over = {k: [p[k] / o[k] - 1 for o, p in zip(runs[False], runs[True])]
             for k in ("cpu_ms", "wall_ms")}
-    print(json.dumps({
-        "bench": "profiler_overhead", "job": Path(args.job).name, "steps": steps,
+    whole = {
         "rounds": rounds,
         "off_cpu_ms_per_step": round(med(r["cpu_ms"] for r in runs[False]), 3),
         "profile_cpu_ms_per_step": round(med(r["cpu_ms"] for r in runs[True]), 3),
@@ -157,7 +157,16 @@ def main() -> None:
         "runs_wall_overhead": [round(x, 4) for x in over["wall_ms"]],
         "loadavg_1m": round(load, 2),
         "foreign_cpu_pct": round(med(r["foreign_cpu_pct"] for rs in runs.values() for r in rs), 1),
-    }), flush=True)
+    }
+    print(json.dumps({"bench": "profiler_overhead", "job": Path(args.job).name, "steps": steps,
+                      **whole}), flush=True)
+    # Then the finer pairing, in a process of its own (its tessera.init() and chdir).
+    cmd = [sys.executable, __file__, "--inproc-only", "--blocks", str(args.blocks),
+           "--block", str(args.block)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    print(proc.stdout.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ TABLES = [
         ("CPU ms/step off", "off_cpu_ms_per_step"), ("on", "profile_cpu_ms_per_step"),
         ("CPU overhead", "cpu_overhead"), ("wall overhead", "overhead")]),
     Table("profiler_overhead", "profiler_inproc", "Profiler overhead, in one process", [
-        ("code", "code"), ("model", "model"), ("CPU ms/step off", "off_cpu_ms_per_step"),
+        ("model", "model"), ("blocks", "blocks"), ("steps/block", "block_steps"),
+        ("CPU ms/step off", "off_cpu_ms_per_step"),
         ("on", "profile_cpu_ms_per_step"), ("CPU overhead", "cpu_overhead"),
         ("spans/step", "spans_per_step")]),
     Table("allreduce_vs_ps", "allreduce_vs_ps", "All-reduce, sync and async PS against DDP", [
@@ -318,11 +319,21 @@ def _train_prec(data, model, precision, bar):
 
 
 def _overhead(data):
-    rows = _rows(data, "profiler_overhead", "profiler_overhead")
-    vals = [r["cpu_overhead"] for r in rows if r.get("cpu_overhead") is not None]
-    if not vals:
+    """Judged on the in-process pairing (the worker thread's CPU per step, recorder on
+    and off in adjacent blocks of one process); the whole-job figure, separate jobs whose
+    CPU per step swings more between rounds than the profiler costs, is shown beside it."""
+    whole = [r["cpu_overhead"] for r in _rows(data, "profiler_overhead", "profiler_overhead")
+             if r.get("cpu_overhead") is not None]
+    paired = [r["cpu_overhead"] for r in _rows(data, "profiler_overhead", "profiler_inproc")
+              if r.get("cpu_overhead") is not None]
+    if not paired and not whole:
         return "not run", None
-    return ", ".join(f"{100 * v:+.2f}%" for v in vals), max(vals) <= 0.01
+    text = "; ".join(part for part in (
+        ", ".join(f"{100 * v:+.2f}%" for v in paired) + " paired in one process"
+        if paired else "",
+        "whole job " + ", ".join(f"{100 * v:+.2f}%" for v in whole) if whole else "")
+        if part)
+    return text, (max(paired) <= 0.01) if paired else None
 
 
 def _straggle(data, file, mode, bar):
@@ -417,7 +428,7 @@ GOALS = [
      lambda d: _train_prec(d, "transformer", "bf16", 1.2)),
     ("15", "training under fp16 vs fp32 (char transformer), samples/s", "≥ 1.2×",
      lambda d: _train_prec(d, "transformer", "fp16", 1.2)),
-    ("15", "profiler overhead (workers' CPU per step, whole job)", "≤ 1%", _overhead),
+    ("15", "profiler overhead (a worker's CPU per step)", "≤ 1%", _overhead),
     ("15", "shared memory vs loopback TCP, 10M+", "≥ 3×",
      lambda d: _all_at_least([r for r in _rows(d, "shm_roundtrip")
                               if r["elements"] >= 10_000_000], "shm_vs_tcp", 3.0)),
