@@ -266,8 +266,12 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
                     timeout_s=240)  # never scaled
-    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, *script[:-1], "0.04"],
-                    timeout_s=240)
+    # The async job runs longer: on a busy machine its scale-down and scale-up (two moves of
+    # a partition and a table shard each) once outlasted 200 steps (the job ended after the
+    # partition's move, before the shard's).
+    async_steps = 300
+    job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, TABLE_JOB, "--steps",
+                     str(async_steps), "--sleep", "0.04"], timeout_s=240)
 
     def shard_moves(run: Path) -> int:
         return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
@@ -303,7 +307,7 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     finish(job_async)
     # Async: every acknowledged push applied once (nothing lost, nothing twice).
     summary = json.loads((asy / "summary.json").read_text())
-    assert summary["pushes_applied"] == summary["pushes_acked"] == steps * 2 * 4, summary
+    assert summary["pushes_applied"] == summary["pushes_acked"] == async_steps * 2 * 4, summary
     coordinator = _text(asy / "logs" / "coordinator-0.log")
     assert "server 1 moved table shards of servers [1] to server 0" in coordinator, coordinator
     assert "server 1 stopped (scaled away)" in coordinator, coordinator
