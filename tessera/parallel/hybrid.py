@@ -26,13 +26,12 @@ Phases of one step:
    dump sent after a push is answered after it is applied. A checkpoint and
    :meth:`HybridParallel.wait_pushes` (``tessera.finish``) wait for them first.
    Ssp tables wait at once: there the Ack is what holds a worker within the bound.
-   So do tables with ``--replication 2``: there a failover re-sends a worker's
-   outstanding pushes to the backup, and with two of them to one shard their retries
-   (refused until the backup is promoted) need not arrive in order; the new owner's
-   exactly-once check, the last sequence number applied per worker, then answers the
-   earlier one as a duplicate without applying it (tests/test_table_faults.py lost two
-   acknowledged pushes so, two runs in three). One outstanding push per shard cannot be
-   overtaken.
+   So do tables with ``--replication 2``: after a failover an outstanding push that
+   the backup refused (not promoted yet) is sent again only when it is waited for, a
+   step later, and the next step's push, sent straight to the new owner, can get there
+   first; the owner's exactly-once check, the last sequence number applied per worker,
+   then answers the older one as a duplicate without applying it
+   (tests/test_table_faults.py lost two acknowledged pushes so, two runs in three).
 
 Precision: bf16/fp16 policies all-reduce in half width, on Gloo too
 (:mod:`tessera.parallel.halfwidth`). Under fp16 loss scaling the gradients are unscaled after
