@@ -83,7 +83,7 @@ def test_a_process_told_to_use_numpy_does_not_import_numba():
     np.random.default_rng(3).integers(0, 50, 3000),  # few distinct ids, many repeats
     np.zeros(2048, dtype=np.int64),  # one distinct id
     np.arange(4096)[::-1].copy(),  # every id distinct, decreasing
-    np.random.default_rng(4).integers(0, 10**8, 40_000),  # many, mostly distinct: torch.sort
+    np.random.default_rng(4).integers(0, 10**8, 40_000),  # many, mostly distinct
     np.array([7]),
 ], ids=["zipf", "wide", "repeats", "one", "distinct", "many", "single"])
 def test_unique_inverse_is_torch_unique(ids):

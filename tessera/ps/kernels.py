@@ -318,16 +318,17 @@ _DIGIT_BITS = 11
 
 
 @_jit
-def _first_seen(ids, keys, slots, shift, inverse, firsts):
+def _first_seen(ids, keys, slots, bits, inverse, firsts):
     """Number each distinct id of ``ids`` (>= 0) in order of first appearance, through
-    an open-addressing table (``keys`` all -1, its size a power of two above twice the
-    ids, ``shift`` = 64 - log2 of it): ``firsts[k]`` is the k-th distinct id and
-    ``inverse[i]`` the number of ``ids[i]``. Returns how many are distinct."""
+    an open-addressing table (``keys`` all -1, ``2 ** bits`` of them, above twice the
+    ids; probed from :func:`_home` as the id index is): ``firsts[k]`` is the k-th
+    distinct id and ``inverse[i]`` the number of ``ids[i]``. Returns how many are
+    distinct."""
     mask = keys.shape[0] - 1
     m = 0
     for i in range(ids.shape[0]):
         key = ids[i]
-        j = np.int64((np.uint64(key) * np.uint64(HASH_MUL)) >> np.uint64(shift))
+        j = _home(key, bits)
         while True:
             held = keys[j]
             if held == key:
@@ -391,8 +392,7 @@ def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     bits = max(4, (2 * n - 1).bit_length())
     keys = np.full(1 << bits, -1, dtype=np.int64)
     inverse, firsts = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-    m = _first_seen(ids, keys, np.empty(1 << bits, dtype=np.int64), 64 - bits, inverse,
-                    firsts)
+    m = _first_seen(ids, keys, np.empty(1 << bits, dtype=np.int64), bits, inverse, firsts)
     out = np.empty(m, dtype=np.int64)
     _sort_distinct(firsts, m, np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64),
                    np.empty(1 << _DIGIT_BITS, dtype=np.int64), inverse, out)
