@@ -145,7 +145,8 @@ def main() -> None:
     med = statistics.median
     over = {k: [p[k] / o[k] - 1 for o, p in zip(runs[False], runs[True])]
             for k in ("cpu_ms", "wall_ms")}
-    whole = {
+    print(json.dumps({
+        "bench": "profiler_overhead", "job": Path(args.job).name, "steps": steps,
         "rounds": rounds,
         "off_cpu_ms_per_step": round(med(r["cpu_ms"] for r in runs[False]), 3),
         "profile_cpu_ms_per_step": round(med(r["cpu_ms"] for r in runs[True]), 3),
@@ -157,9 +158,7 @@ def main() -> None:
         "runs_wall_overhead": [round(x, 4) for x in over["wall_ms"]],
         "loadavg_1m": round(load, 2),
         "foreign_cpu_pct": round(med(r["foreign_cpu_pct"] for rs in runs.values() for r in rs), 1),
-    }
-    print(json.dumps({"bench": "profiler_overhead", "job": Path(args.job).name, "steps": steps,
-                      **whole}), flush=True)
+    }), flush=True)
     # Then the finer pairing, in a process of its own (its tessera.init() and chdir).
     cmd = [sys.executable, __file__, "--inproc-only", "--blocks", str(args.blocks),
            "--block", str(args.block)]

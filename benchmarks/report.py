@@ -326,14 +326,13 @@ def _overhead(data):
              if r.get("cpu_overhead") is not None]
     paired = [r["cpu_overhead"] for r in _rows(data, "profiler_overhead", "profiler_inproc")
               if r.get("cpu_overhead") is not None]
-    if not paired and not whole:
+    def pct(vals):
+        return ", ".join(f"{100 * v:+.2f}%" for v in vals)
+    parts = ([f"{pct(paired)} paired in one process"] if paired else []) + \
+        ([f"whole job {pct(whole)}"] if whole else [])
+    if not parts:
         return "not run", None
-    text = "; ".join(part for part in (
-        ", ".join(f"{100 * v:+.2f}%" for v in paired) + " paired in one process"
-        if paired else "",
-        "whole job " + ", ".join(f"{100 * v:+.2f}%" for v in whole) if whole else "")
-        if part)
-    return text, (max(paired) <= 0.01) if paired else None
+    return "; ".join(parts), (max(paired) <= 0.01) if paired else None
 
 
 def _straggle(data, file, mode, bar):
