@@ -221,6 +221,32 @@ def test_a_stream_that_goes_idle_ends_by_itself_after_follow_idle_s(tmp_path):
     _covered_once(read_ledgers(run), {f"shard-{i:06d}.npz": SHARD for i in range(4)})
 
 
+def test_interrupt_while_waiting_for_shards_at_a_checkpointed_clock(tmp_path):
+    """SIGINT while every worker waits for the next shard, at a clock whose checkpoint is
+    complete already: the workers end there, the servers have nothing newer to write, and
+    the launcher still gets its answer and names that checkpoint (the coordinator once
+    ended without answering: "the coordinator exited before answering the checkpoint")."""
+    data, log = tmp_path / "data", ClickLog(num_fields=FIELDS, id_space=ID_SPACE, seed=7)
+    data.mkdir()
+    for i in range(4):  # 2 steps a shard: the stream runs dry at clock 8, checkpointed
+        _shard(data, i, log)
+    job_file = _job(tmp_path, data, workers=1, name="dry", delta_every=0, servers=1)
+    run = tmp_path / "run"
+    job = Job(["run", job_file, "--out", run, "--quiet"], timeout_s=90)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "clock-00000008" / "manifest.json").exists(),
+                 60, "the checkpoint at clock 8")
+        time.sleep(0.5)  # the worker is waiting for step 9's shard
+        job.proc.send_signal(signal.SIGINT)
+        code, out = job.wait()
+    finally:
+        if job.proc.poll() is None:
+            job.kill()
+    assert code == 130, out
+    assert "checkpoint at clock 8 in" in " ".join(out.split()), out
+    assert CheckpointStore(str(run / "checkpoints")).latest()["clock"] == 8
+
+
 def test_delta_checkpoint_restores_what_a_full_one_holds(tmp_path):
     data, log = tmp_path / "data", ClickLog(num_fields=FIELDS, id_space=ID_SPACE, seed=5)
     data.mkdir()

@@ -188,6 +188,7 @@ class Coordinator:
             if self.state == "shutdown" and all(k in self.finished for k in needed):
                 self._write_summary()
                 if self.state != "failed":  # else: the failure's answers go out first
+                    self._answer_checkpoint_at_end()
                     return 0
             # After a failure keep answering heartbeats long enough that every
             # process hears about it, then exit non-zero.
@@ -599,6 +600,21 @@ class Coordinator:
                                     tables=self.tables, optimizer=self.optimizer,
                                     samples=self.samples, dead_servers=self.dead_servers,
                                     owners=self.elastic.file_owners(clock, self.owner))
+
+    def _answer_checkpoint_at_end(self) -> None:
+        """The launcher asked for a checkpoint, and the job ended first (a followed stream:
+        the workers stop waiting for shards when asked, at the clock they completed).
+        Every server wrote its final state before it finished, unless a checkpoint at
+        that clock was complete already: the newest one is the job's end either way."""
+        if not self.checkpoint_waiters:
+            return
+        if self.rounds.completed or self.rounds.store.latest():
+            self._checkpoint_done()
+            return
+        for peer, req in self.checkpoint_waiters:
+            self.endpoint.send(peer, wire.Error(req=req, message=(
+                "coordinator: the job ended before any checkpoint was complete")))
+        self.checkpoint_waiters.clear()
 
     def _checkpoint_done(self) -> None:
         for peer, req in self.checkpoint_waiters:

@@ -107,7 +107,9 @@ def coordinator_main() -> None:
     coord = start_coordinator(cfg, run_dir, me.secret, ctx, bind=me.coordinator_bind,
                               generation=me.generation)
     code = coord.run()
-    ctx.destroy(linger=0)
+    # Its last answers (the launcher's checkpoint, a worker's Finished) go out first;
+    # answers to peers that are gone are dropped at once (a ROUTER socket's way).
+    ctx.destroy(linger=1000)
     sys.stdout.flush()
     os._exit(code)
 

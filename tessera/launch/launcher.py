@@ -334,7 +334,8 @@ class Launcher:
 
         def check() -> None:  # a coordinator of ours that ended answers nothing: stop now
             if ours and all(c.proc.poll() is not None for c in ours):
-                raise TransportError(f"the coordinator exited before answering the {what}")
+                codes = ", ".join(describe_exit(c.proc.returncode) for c in ours)
+                raise TransportError(f"the coordinator {codes} before answering the {what}")
         try:
             reply, _ = ep.request(msg_factory(ep.new_req()), timeout_s=timeout_s, what=what,
                                   check=check)
@@ -555,7 +556,6 @@ class Launcher:
 
     def checkpoint_now(self, timeout_s: float) -> tuple[Optional[str], str]:
         """Ask for a checkpoint and wait until it is complete: (where, "") or (None, why)."""
-        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
         from tessera.transport import wire
         reply = self._tell(lambda req: wire.CheckpointNow(req=req), timeout_s, "checkpoint")
         if reply is None:
@@ -564,6 +564,12 @@ class Launcher:
             return None, reply.message
         if not isinstance(reply, wire.Ack):
             return None, f"the coordinator answered {type(reply).__name__}"
+        return self.latest_checkpoint()
+
+    def latest_checkpoint(self) -> tuple[Optional[str], str]:
+        """The newest complete checkpoint, the one ``--resume`` takes: (where, "") or
+        (None, why)."""
+        from tessera.ps.checkpoint import CheckpointStore, checkpoint_url
         store = CheckpointStore(checkpoint_url(self.cfg, self.run_dir))
         latest = store.latest()
         if not latest:
@@ -671,6 +677,10 @@ class Launcher:
                 except KeyboardInterrupt:
                     where, why = None, "interrupted again"
             self.stop_all()
+            if where:
+                # The job went on training until stop_all ended it, and a scheduled
+                # checkpoint may have completed meanwhile: name the one --resume takes.
+                where = self.latest_checkpoint()[0] or where
             resume = self.cfg.checkpoint.dir or self.run_dir
             note = (f"; checkpoint at {where}: continue with --resume {resume}" if where
                     else f"; no checkpoint was completed ({why})" if why
