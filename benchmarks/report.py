@@ -149,6 +149,14 @@ TABLES = [
               ("push", "tessera_vs_rpc_push"),
               ("tessera / local pull", "tessera_vs_local_pull"),
               ("push", "tessera_vs_local_push")]),
+    Table("sparse_embedding", "sparse_embedding_tables", "Every table of a step in one "
+          "message per server, against one message per table", [
+              ("tables", "tables"), ("servers", "servers"),
+              ("unique rows per table", "unique_rows_per_table"),
+              ("messages/step batched", "messages_per_step_batched"),
+              ("per table", "messages_per_step_per_table"),
+              ("step ms batched", "batched_step_ms"), ("per table", "per_table_step_ms"),
+              ("per table / batched", "batched_vs_per_table")]),
     Table("train_throughput", "train_throughput", "MNIST CNN, 2 workers: sync PS against DDP", [
         ("mode", "mode"), ("servers", "servers"), ("steps", "steps"),
         ("tessera samples/s", "tessera_samples_per_s"),
