@@ -114,3 +114,48 @@ def test_a_report_of_a_file_the_coordinator_does_not_see_fails_the_round(tmp_pat
         rounds.flush(10.0, lambda: None)
     assert "--checkpoint-dir" in str(info.value) and "server 0" not in str(info.value)
     assert rounds.store.clocks() == ([], [5])  # no manifest
+
+
+def test_a_round_completed_after_a_newer_one_is_dropped_not_a_failure(tmp_path):
+    """Servers write checkpoints in background threads, so a server's write of clock 26 can
+    finish after its write of 27: the round of 27 completes first, and pruning removes the
+    incomplete 26 (older than the newest complete). Its late reports are dropped: the
+    job goes on (it once failed "reported written but not in ..." with --checkpoint-every
+    1 in the clean-clone CI)."""
+    cfg = load_config(DIGITS, {"--servers": 2, "--out": str(tmp_path / "run")})
+    rounds = CheckpointRounds(cfg, tmp_path / "run")
+    done = []
+
+    def write(clock: int, rank: int) -> None:
+        name, nbytes = rounds.store.write_shard(clock, rank, {"p0/values": torch.zeros(2)}, {})
+        rounds.report(wire.CheckpointSaved(req=1, rank=rank, clock=clock, file=name,
+                                           nbytes=nbytes))
+
+    def manifest(clock, files):
+        return {"clock": clock, "files": {str(r): n for r, (n, _) in files.items()}}
+
+    write(26, 0)
+    write(27, 0)
+    write(27, 1)  # server 1's 27 before its 26
+    rounds.complete({0, 1}, manifest, lambda: done.append(True))
+    rounds.flush(10.0, lambda: done.append(True))
+    assert rounds.completed == [27] and done
+    assert rounds.store.clocks() == ([27], [])  # 26 pruned: older than the newest complete
+    write(26, 1)  # the late write (its directory made again), then its report
+    rounds.complete({0, 1}, manifest, lambda: done.append(True))
+    rounds.flush(10.0, lambda: done.append(True))
+    assert rounds.completed == [27] and not rounds.reports
+    assert rounds.store.latest()["clock"] == 27
+
+    # Handed over before the newer round's manifest (written first: one writer thread,
+    # in order) pruned its files: its listing misses them, and it is dropped the same way.
+    write(28, 0)
+    write(29, 0)
+    write(29, 1)
+    rounds.complete({0, 1}, manifest, lambda: done.append(True))  # 29 handed over
+    write(28, 1)
+    rounds.complete({0, 1}, manifest, lambda: done.append(True))  # 28 too, 29 not collected
+    assert 28 in rounds._inflight
+    rounds.flush(10.0, lambda: done.append(True))
+    assert rounds.completed == [27, 29] and not rounds.reports
+    assert rounds.store.latest()["clock"] == 29

@@ -198,7 +198,14 @@ class CheckpointRounds:
         it is full, a round's reports wait here and it is handed over later.
         """
         self._collect(on_complete)
+        newest = max(self.completed, default=-1)
         for clock in sorted(self.reports):
+            if clock < newest and clock not in self._inflight:
+                # Superseded: a newer checkpoint completed first (a server's older write
+                # finished later), and pruning removes this one's files. Never written.
+                self.reports.pop(clock, None)
+                self.dense_reports.pop(clock, None)
+                continue
             got = self.reports[clock]
             enough = ready(clock, got) if ready is not None else live <= set(got)
             if not enough or clock in self.completed or clock in self._inflight \
@@ -231,6 +238,12 @@ class CheckpointRounds:
             except queue.Empty:
                 return
             self._inflight.discard(clock)
+            if missing and clock < max(self.completed, default=-1):
+                # Handed over just before a newer round's manifest pruned its files (the
+                # store drops an incomplete checkpoint older than the newest complete).
+                self.reports.pop(clock, None)
+                self.dense_reports.pop(clock, None)
+                continue
             if missing:
                 from tessera.ps.checkpoint import CheckpointError
                 raise CheckpointError(
