@@ -203,8 +203,7 @@ class CheckpointRounds:
             if clock < newest and clock not in self._inflight:
                 # Superseded: a newer checkpoint completed first (a server's older write
                 # finished later), and pruning removes this one's files. Never written.
-                self.reports.pop(clock, None)
-                self.dense_reports.pop(clock, None)
+                self._forget(clock)
                 continue
             got = self.reports[clock]
             enough = ready(clock, got) if ready is not None else live <= set(got)
@@ -241,8 +240,7 @@ class CheckpointRounds:
             if missing and clock < max(self.completed, default=-1):
                 # Handed over just before a newer round's manifest pruned its files (the
                 # store drops an incomplete checkpoint older than the newest complete).
-                self.reports.pop(clock, None)
-                self.dense_reports.pop(clock, None)
+                self._forget(clock)
                 continue
             if missing:
                 from tessera.ps.checkpoint import CheckpointError
@@ -259,9 +257,13 @@ class CheckpointRounds:
             print(f"coordinator: checkpoint at clock {clock} complete "
                   f"({self.store.url_of(clock)})", flush=True)
             self.completed.append(clock)
-            self.reports.pop(clock, None)
-            self.dense_reports.pop(clock, None)
+            self._forget(clock)
             on_complete()
+
+    def _forget(self, clock: int) -> None:
+        """Drop the reports of a round written, or superseded by a newer one."""
+        self.reports.pop(clock, None)
+        self.dense_reports.pop(clock, None)
 
     def _start_writer(self) -> None:
         if self._writer is None:

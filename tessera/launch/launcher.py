@@ -554,17 +554,18 @@ class Launcher:
         """The coordinator has ended cleanly (it exits 0 once summary.json is written)."""
         return any(c.role == "coordinator" and c.proc.poll() == 0 for c in self.children)
 
-    def checkpoint_now(self, timeout_s: float) -> tuple[Optional[str], str]:
-        """Ask for a checkpoint and wait until it is complete: (where, "") or (None, why)."""
+    def checkpoint_now(self, timeout_s: float) -> str:
+        """Ask for a checkpoint and wait until it is complete: "" once it is, else why not
+        (:meth:`latest_checkpoint` names it)."""
         from tessera.transport import wire
         reply = self._tell(lambda req: wire.CheckpointNow(req=req), timeout_s, "checkpoint")
         if reply is None:
-            return None, self._tell_failure or "the coordinator is not reachable"
+            return self._tell_failure or "the coordinator is not reachable"
         if isinstance(reply, wire.Error):
-            return None, reply.message
+            return reply.message
         if not isinstance(reply, wire.Ack):
-            return None, f"the coordinator answered {type(reply).__name__}"
-        return self.latest_checkpoint()
+            return f"the coordinator answered {type(reply).__name__}"
+        return ""
 
     def latest_checkpoint(self) -> tuple[Optional[str], str]:
         """The newest complete checkpoint, the one ``--resume`` takes: (where, "") or
@@ -663,7 +664,7 @@ class Launcher:
         except KeyboardInterrupt:
             if view:
                 view.stop()
-            where, why = None, ""
+            where, why, acked = None, "", False
             checkpointable = self._env and (self.cfg.cluster.servers
                                             or self.cfg.ps.mode == "allreduce")
             refused = self._why_no_checkpoint() if checkpointable else None
@@ -673,14 +674,15 @@ class Launcher:
                 print("tessera: interrupted; writing a checkpoint (interrupt again to stop now)",
                       flush=True)
                 try:
-                    where, why = self.checkpoint_now(timeout_s=self.cfg.cluster.timeout_s * 2)
+                    why = self.checkpoint_now(timeout_s=self.cfg.cluster.timeout_s * 2)
+                    acked = not why
                 except KeyboardInterrupt:
-                    where, why = None, "interrupted again"
+                    why = "interrupted again"
             self.stop_all()
-            if where:
-                # The job went on training until stop_all ended it, and a scheduled
-                # checkpoint may have completed meanwhile: name the one --resume takes.
-                where = self.latest_checkpoint()[0] or where
+            if acked:
+                # Read once every process has ended: the job trained on until then, and a
+                # scheduled checkpoint may have completed meanwhile; --resume takes that one.
+                where, why = self.latest_checkpoint()
             resume = self.cfg.checkpoint.dir or self.run_dir
             note = (f"; checkpoint at {where}: continue with --resume {resume}" if where
                     else f"; no checkpoint was completed ({why})" if why
