@@ -39,3 +39,30 @@ def test_async_rate_counts_a_slow_worker_as_it_ran(tmp_path):
     # longer than worker 0 (it lost the pause and caught up none of it).
     assert summary["samples_per_s"] <= total / (lead_busy + 0.5 * PAUSE_S), (summary, total)
     assert summary["samples_per_s"] >= 0.5 * total / (lead_busy + PAUSE_S + 5.0), summary
+
+
+def test_sync_rate_leaves_out_the_time_every_worker_waited_for_the_evaluation(tmp_path):
+    # Worker 0 evaluates MNIST's test split every 10 steps; in sync mode worker 1 waits at
+    # the next clock meanwhile. The job's rate is training time only: it must agree with
+    # the rate of the windows that held no evaluation (measured by worker 0, step to step),
+    # not fall by the evaluations' share of the wall (about half of it here).
+    job_file = tmp_path / "mnist.toml"
+    text = (ROOT / "examples" / "mnist.toml").read_text().replace("eval_every = 50",
+                                                                   "eval_every = 10")
+    assert "eval_every = 10" in text
+    job_file.write_text(text)
+    out = tmp_path / "run"
+    job = Job(["run", job_file, "--out", out, "--quiet", "--mode", "sync", "--steps", "80"],
+              timeout_s=240)
+    finish(job)
+    summary = strict_summary(out)
+    samples = seconds = 0.0
+    prev = 0
+    for r in metric_records(out):
+        if prev >= 10 and not any(k.startswith("eval_") for k in r):
+            n = (r["step"] - prev) * 32 * 2
+            samples, seconds = samples + n, seconds + n / r["samples_per_s"]
+        prev = r["step"]
+    steady = samples / seconds
+    assert summary["eval_s"] > 0.2 * (summary["wall_s"] - summary["eval_s"]), summary
+    assert 0.75 * steady <= summary["samples_per_s"] <= 1.3 * steady, (summary, steady)

@@ -643,8 +643,16 @@ class Coordinator:
             "first_overflow", "reference_auc")}
         if all("own_samples" in w for w in workers):
             # Every worker's samples over the job's training time (the slowest worker's),
-            # not the lead's rate times the worker count.
-            busy = max(float(w.get("wall_s", 0.0)) - float(w.get("eval_s", 0.0)) for w in workers)
+            # not the lead's rate times the worker count. Evaluation is not training time:
+            # where every step waits for every worker (sync, allreduce, hybrid's dense
+            # all-reduce, pipeline stages), the others stood still while the lead evaluated,
+            # so the lead's evaluation comes off every worker's wall; in async and ssp they
+            # train on meanwhile (ssp: up to K clocks), and only their own comes off.
+            lockstep = cfg.ps.mode in ("sync", "allreduce", "hybrid")
+            lead_eval = float(lead.get("eval_s", 0.0))
+            busy = max(float(w.get("wall_s", 0.0))
+                       - (lead_eval if lockstep else float(w.get("eval_s", 0.0)))
+                       for w in workers)
             summary["samples_per_s"] = sum(int(w["own_samples"]) for w in workers) / max(busy, 1e-9)
         if all("loop_cpu_s" in w for w in workers):  # CPU per step (profiler_overhead.py)
             summary["worker_loop_cpu_s"] = [float(w["loop_cpu_s"]) for w in workers]
