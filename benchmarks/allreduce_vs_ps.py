@@ -11,7 +11,9 @@ Every system is treated alike:
 - each runs ``--warmup + --steps`` steps, and every figure is the whole training
   loop's rate (start-up excluded, the warm-up steps included), for Tessera from
   ``summary.json`` (every worker's samples over the slowest worker's training
-  time, so async's workers each count as they ran), for DDP from its own
+  time, so async's workers each count as they ran; training time leaves out the
+  periodic evaluation, and in sync and allreduce modes the other worker's wait
+  for it, since DDP's loop evaluates nothing), for DDP from its own
   barrier-to-barrier loop with no untimed steps;
 - the systems alternate: ``--rounds`` rounds, each running all four once, in an
   order rotated by one per round, so that neither a busy phase of the machine nor
