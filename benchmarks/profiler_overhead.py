@@ -19,7 +19,11 @@ coordinator and a server in threads, this thread the worker) trains the mnist CN
 (batch 32, sync) in blocks of ``--block`` steps, the worker's recorder switched
 between the no-op and a real one block by block, and compares this thread's CPU time
 per step (``time.thread_time``) of adjacent blocks: the cost of recording on the
-worker's step path, paired within seconds.
+worker's step path, paired within seconds. Blocks are short (5 steps) and many (100),
+so that each pair is measured within a few tens of milliseconds. A third recorder in
+the rotation, a second no-op one, is paired with the first the same way
+(``control_cpu_overhead``): an A/A test, whose result is the method's noise floor on
+the machine at the time.
 
     .venv/bin/python benchmarks/profiler_overhead.py [--quick] [--rounds 5] [--job examples/mnist.toml]
     .venv/bin/python benchmarks/profiler_overhead.py --inproc-only
@@ -71,7 +75,7 @@ def inproc(blocks: int, block: int) -> dict:
     from tessera.config.schema import DataConfig, ModelConfig
     from tessera.data.datasets import load_dataset
     from tessera.models import build_model
-    from tessera.profiler.recorder import OFF, SpanRecorder
+    from tessera.profiler.recorder import OFF, SpanRecorder, _Off
 
     os.chdir(_tf.mkdtemp(prefix="tessera-profiler-overhead-"))  # the run directory goes here
     tessera.init()
@@ -100,19 +104,26 @@ def inproc(blocks: int, block: int) -> dict:
             step += 1
         return (time.thread_time() - t0) / n * 1e3
 
+    # The control: a second no-op recorder, paired with OFF exactly as the real one is.
+    # Its "overhead" is this method's noise floor on the machine at the time (an A/A test).
+    control = _Off()
     run(block, OFF)  # warm-up
-    off, on = [], []
+    times: dict[int, list[float]] = {id(OFF): [], id(rec): [], id(control): []}
     for b in range(blocks):
-        order = (OFF, rec) if b % 2 == 0 else (rec, OFF)
+        k = b % 3  # each recorder takes each place in the rotation equally often
+        order = (OFF, rec, control)[k:] + (OFF, rec, control)[:k]
         for prof in order:
-            (off if prof is OFF else on).append(run(block, prof))
+            times[id(prof)].append(run(block, prof))
     tessera.finish()
+    off, on, aa = times[id(OFF)], times[id(rec)], times[id(control)]
     over = [b / a - 1 for a, b in zip(off, on)]
+    over_aa = [b / a - 1 for a, b in zip(off, aa)]
     return {"bench": "profiler_inproc", "model": "mnist cnn", "batch": 32,
             "blocks": blocks, "block_steps": block,
             "off_cpu_ms_per_step": round(statistics.median(off), 4),
             "profile_cpu_ms_per_step": round(statistics.median(on), 4),
             "cpu_overhead": round(statistics.median(over), 4),
+            "control_cpu_overhead": round(statistics.median(over_aa), 4),
             "spans_per_step": round(len(rec.spans) / max(1, blocks * block), 2)}
 
 
@@ -122,8 +133,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="30 steps, 2 rounds")
-    ap.add_argument("--blocks", type=int, default=20, help="in-process: blocks each way")
-    ap.add_argument("--block", type=int, default=25, help="in-process: steps per block")
+    ap.add_argument("--blocks", type=int, default=100, help="in-process: blocks each way")
+    ap.add_argument("--block", type=int, default=5, help="in-process: steps per block")
     ap.add_argument("--inproc-only", action="store_true", help="only the in-process pairing")
     args = ap.parse_args()
     steps, rounds = (30, 2) if args.quick else (args.steps, args.rounds)

@@ -188,7 +188,7 @@ TABLES = [
         ("model", "model"), ("blocks", "blocks"), ("steps/block", "block_steps"),
         ("CPU ms/step off", "off_cpu_ms_per_step"),
         ("on", "profile_cpu_ms_per_step"), ("CPU overhead", "cpu_overhead"),
-        ("spans/step", "spans_per_step")]),
+        ("A/A control", "control_cpu_overhead"), ("spans/step", "spans_per_step")]),
     Table("allreduce_vs_ps", "allreduce_vs_ps", "All-reduce, sync and async PS against DDP", [
         ("workers", "workers"), ("steps", "steps"),
         ("tessera allreduce samples/s", "tessera_allreduce_samples_per_s"),
@@ -332,11 +332,14 @@ def _overhead(data):
     CPU per step swings more between rounds than the profiler costs, is shown beside it."""
     whole = [r["cpu_overhead"] for r in _rows(data, "profiler_overhead", "profiler_overhead")
              if r.get("cpu_overhead") is not None]
-    paired = [r["cpu_overhead"] for r in _rows(data, "profiler_overhead", "profiler_inproc")
+    inproc = [r for r in _rows(data, "profiler_overhead", "profiler_inproc")
               if r.get("cpu_overhead") is not None]
+    paired = [r["cpu_overhead"] for r in inproc]
+    control = [r["control_cpu_overhead"] for r in inproc if "control_cpu_overhead" in r]
     def pct(vals):
         return ", ".join(f"{100 * v:+.2f}%" for v in vals)
-    parts = ([f"{pct(paired)} paired in one process"] if paired else []) + \
+    parts = ([f"{pct(paired)} paired in one process"
+              + (f" (A/A control {pct(control)})" if control else "")] if paired else []) + \
         ([f"whole job {pct(whole)}"] if whole else [])
     if not parts:
         return "not run", None
