@@ -32,13 +32,12 @@ so it should be handed the :class:`Job` rather than call ``tessera.rank()``.
 from __future__ import annotations
 
 import contextvars
-import json
-import os
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 
+from tessera.cluster.lives import CursorMap
 from tessera.cluster.metrics import MetricsLog
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
@@ -66,6 +65,9 @@ class Job:
         #: made by shard() perhaps before the job's view was known: seeked on distribute().
         self.samplers: list[ShardSampler] = []
         self._settled = False
+        #: Where the tracked samplers' positions go after each step (made once the
+        #: job's view says whether this worker is a replacement: it reads it then).
+        self._cursors: Optional[CursorMap] = None
 
     rank = property(lambda self: self.session.rank)
     num_workers = property(lambda self: self.session.num_workers)
@@ -120,13 +122,17 @@ class Job:
     def track(self, sampler: ResumableSampler) -> None:
         """Keep ``sampler``'s position with every step, so that a replacement of this
         worker (``--max-restarts``) continues its share where the last applied step left
-        it: ``<run dir>/cursors/worker-<rank>.json``, rewritten after each step (the
-        replacement runs on the same node, under the same launcher)."""
+        it: ``<run dir>/cursors/worker-<rank>.cursor``, a memory map written after each
+        step (:class:`~tessera.cluster.lives.CursorMap`; the replacement runs on the
+        same node, under the same launcher)."""
         self.tracked.append(sampler)
         self._resume_tracked()
 
-    def _cursor_path(self):
-        return self.run_dir / "cursors" / f"worker-{self.rank}.json"
+    def _cursor_map(self) -> CursorMap:
+        if self._cursors is None:
+            self._cursors = CursorMap(self.run_dir / "cursors" / f"worker-{self.rank}.cursor",
+                                      fresh=not self.session.view.incarnation)
+        return self._cursors
 
     def _resume_tracked(self) -> None:
         view = self.session.view
@@ -136,16 +142,15 @@ class Job:
             self._resume_from_checkpoint(view.restore)
         if not view.incarnation:
             return  # not a replacement
-        path = self._cursor_path()
-        if not path.exists():
-            return
-        saved = json.loads(path.read_text())["samplers"]
-        for sampler, cursor in zip(self.tracked, saved):
+        saved = self._cursor_map().load()
+        if saved is None:
+            return  # the predecessor completed no step
+        for sampler, (epoch, taken) in zip(self.tracked, saved[1]):
             if not sampler.resumed:
-                sampler.skip_own(cursor["epoch"], cursor["taken"])
+                sampler.skip_own(epoch, taken)
                 sampler.resumed = True
-                print(f"worker {self.rank}: the data continues at epoch {cursor['epoch']}, "
-                      f"after {cursor['taken']} samples of this worker's share", flush=True)
+                print(f"worker {self.rank}: the data continues at epoch {epoch}, "
+                      f"after {taken} samples of this worker's share", flush=True)
 
     def _resume_from_checkpoint(self, restore) -> None:
         """``--resume``: every worker's position at the checkpoint's clock, as one offset
@@ -178,12 +183,7 @@ class Job:
             from tessera.ps.checkpoint import checkpoint_url, write_cursor
             write_cursor(checkpoint_url(self.cfg, self.run_dir), clock, self.rank, {
                 "samplers": [{"epoch": s.epoch, "taken": s.taken} for s in self.tracked]})
-        path = self._cursor_path()
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"clock": clock, "samplers": [
-            {"epoch": s.epoch, "taken": s.taken} for s in self.tracked]}))
-        os.replace(tmp, path)
+        self._cursor_map().save(clock, [(s.epoch, s.taken) for s in self.tracked])
 
     def _count_step(self, completed: bool = True) -> None:
         """Keep this worker's acknowledged pushes where a replacement finds them, and how
@@ -258,6 +258,9 @@ class Job:
             dist.destroy_process_group()
         self.session.finish(stats)
         self.session.close()
+        if self._cursors is not None:
+            self._cursors.close()
+            self._cursors = None
         self.model = None
         self.samplers.clear()
 
