@@ -195,6 +195,15 @@ TABLES = [
         ("sync PS", "tessera_sync_samples_per_s"), ("async PS", "tessera_async_samples_per_s"),
         ("DDP", "ddp_samples_per_s"), ("allreduce / DDP", "allreduce_vs_ddp"),
         ("sync / DDP", "sync_vs_ddp"), ("async / DDP", "async_vs_ddp")]),
+    Table("recipe_throughput", "recipe_throughput", "Your own recipe (examples/recipe.py) "
+          "under tessera launch against the same script on DDP", [
+        ("workers", "workers"), ("timed steps", "steps"), ("rounds", "rounds"),
+        ("sync PS samples/s", "tessera_sync_samples_per_s"),
+        ("allreduce", "tessera_allreduce_samples_per_s"), ("DDP", "ddp_samples_per_s"),
+        ("sync / DDP", "sync_vs_ddp"), ("allreduce / DDP", "allreduce_vs_ddp"),
+        ("test accuracy sync / allreduce / DDP", lambda r: " / ".join(
+            _fmt(r[f"{k}_eval_accuracy"]) for k in ("tessera_sync", "tessera_allreduce",
+                                                     "ddp")))]),
     Table("stragglers", "stragglers", "A persistent 3x straggler: sync, ssp K=2, async and "
           "the balancing remedy", [*_STRAGGLER_COLS, ("samples per worker", "samples_per_worker"),
                                    ("slow factor", "slow_factor")]),

@@ -40,6 +40,7 @@ BENCHES: dict[str, list[str]] = {
     "precision": ["precision.py"],
     "profiler_overhead": ["profiler_overhead.py"],
     "allreduce_vs_ps": ["allreduce_vs_ps.py"],
+    "recipe_throughput": ["recipe_throughput.py", "--steps", "600"],
     "stragglers": ["stragglers.py", "--steps", "600"],
     "stragglers_transient": ["stragglers.py", "--transient", "0.25"],
     "pipeline": ["pipeline.py"],
