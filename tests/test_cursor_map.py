@@ -34,7 +34,10 @@ def test_a_record_torn_by_a_kill_is_passed_over_for_the_step_before(tmp_path):
     at = (version % 2) * CursorMap._RECORD
     struct.pack_into("<qqq", cursors._map, at, version, 9, 1)
     struct.pack_into("<qq", cursors._map, at + 24, 3, 288)
-    assert CursorMap(path, fresh=False).load() == (8, [(3, 256)])
-    cursors._version = 2
-    cursors.save(9, [(3, 288)])  # the same write, whole
+    replacement = CursorMap(path, fresh=False)
+    assert replacement.load() == (8, [(3, 256)])
+    # The replacement writes its next step over the torn record, never over clock 8's (the
+    # torn record's version, 3, is the highest: a write after it would have gone there).
+    replacement.save(9, [(3, 288)])
+    assert struct.unpack_from("<qq", replacement._map, 0) == (2, 8)  # clock 8's, whole
     assert CursorMap(path, fresh=False).load() == (9, [(3, 288)])

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tessera.errors import UsageError
+
 #: The slots, in file order (float64 each).
 SLOTS = ("started_unix", "steps", "samples", "eval_s", "acked", "last_loss", "lives",
          "open", "unanswered")
@@ -129,16 +131,18 @@ class CursorMap:
             self.path.write_bytes(bytes(2 * self._RECORD))
         self._file = open(self.path, "r+b")
         self._map = mmap.mmap(self._file.fileno(), 2 * self._RECORD)
-        self._version = max(self._versions())
-
-    def _versions(self) -> list[int]:
-        return [struct.unpack_from("<q", self._map, r * self._RECORD)[0] for r in (0, 1)]
+        # Go on from the newest whole record, so that the next write goes to the other one
+        # (a torn record's own version may be higher: writing past it could overwrite the
+        # only whole record).
+        whole = self._newest()
+        self._version = whole[0] if whole else 0
 
     def save(self, clock: int, positions: list[tuple[int, int]]) -> None:
         """After an applied step: each tracked sampler's (epoch, taken)."""
         if len(positions) > self.MAX_SAMPLERS:
-            raise ValueError(f"a worker tracks at most {self.MAX_SAMPLERS} samplers for "
-                             f"restarts, not {len(positions)}")
+            raise UsageError(f"a worker can keep the position of at most {self.MAX_SAMPLERS} "
+                             f"tessera.DistributedSamplers for restarts, not {len(positions)}: "
+                             f"make fewer of them")
         self._version += 1
         at = (self._version % 2) * self._RECORD
         m = self._map
@@ -149,6 +153,10 @@ class CursorMap:
 
     def load(self) -> Optional[tuple[int, list[tuple[int, int]]]]:
         """The newest whole record, ``(clock, [(epoch, taken), ...])``; None if none."""
+        best = self._newest()
+        return None if best is None else (best[1], best[2])
+
+    def _newest(self) -> Optional[tuple[int, int, list[tuple[int, int]]]]:
         best = None
         for r in (0, 1):
             at = r * self._RECORD
@@ -160,7 +168,7 @@ class CursorMap:
                 pairs = [struct.unpack_from("<qq", self._map, at + 24 + 16 * i)
                          for i in range(n)]
                 best = (version, clock, pairs)
-        return None if best is None else (best[1], best[2])
+        return best
 
     def close(self) -> None:
         if self._map is not None:
