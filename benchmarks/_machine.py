@@ -39,6 +39,13 @@ def own_s() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+def rotated(items, by: int):
+    """``items`` (a tuple) rotated left by ``by``: round r of an alternating benchmark runs
+    its systems in ``rotated(systems, r)`` order, so each takes each place equally often."""
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
 def foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
     """Share of the machine's CPU that processes other than this benchmark used."""
     foreign = (busy_s() - busy0) - (own_s() - own0)

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402  (its DDP process runner)
-from _machine import busy_s, foreign_cpu_pct, log, own_s  # noqa: E402
+from _machine import busy_s, foreign_cpu_pct, log, own_s, rotated  # noqa: E402
 
 WORKERS, SERVERS, BATCH = 2, 2, 8
 SYSTEMS = ("ps_fp32", "ps_bf16", "allreduce", "ddp")
@@ -162,8 +162,7 @@ def main() -> None:
                      .build_model().parameters())
         log(f"char_transformer: {params / 1e6:.1f}M parameters; torch {torch.__version__}")
         for r in range(a.rounds):
-            order = systems[r % len(systems):] + systems[:r % len(systems)]
-            for system in order:
+            for system in rotated(systems, r):
                 res = (run_ddp(job, a.steps, a.timeout) if system == "ddp"
                        else run_tessera(system, job, a.timeout))
                 rates[system].append(round(res["samples_per_s"], 2))

@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_s, foreign_cpu_pct, log, own_s  # noqa: E402
+from _machine import busy_s, foreign_cpu_pct, log, own_s, rotated  # noqa: E402
 
 
 def run(job: str, steps: int, profile: bool) -> dict:
@@ -75,7 +75,7 @@ def inproc(blocks: int, block: int) -> dict:
     from tessera.config.schema import DataConfig, ModelConfig
     from tessera.data.datasets import load_dataset
     from tessera.models import build_model
-    from tessera.profiler.recorder import OFF, SpanRecorder, _Off
+    from tessera.profiler.recorder import OFF, SpanRecorder
 
     os.chdir(_tf.mkdtemp(prefix="tessera-profiler-overhead-"))  # the run directory goes here
     tessera.init()
@@ -106,13 +106,11 @@ def inproc(blocks: int, block: int) -> dict:
 
     # The control: a second no-op recorder, paired with OFF exactly as the real one is.
     # Its "overhead" is this method's noise floor on the machine at the time (an A/A test).
-    control = _Off()
+    control = type(OFF)()
     run(block, OFF)  # warm-up
     times: dict[int, list[float]] = {id(OFF): [], id(rec): [], id(control): []}
     for b in range(blocks):
-        k = b % 3  # each recorder takes each place in the rotation equally often
-        order = (OFF, rec, control)[k:] + (OFF, rec, control)[:k]
-        for prof in order:
+        for prof in rotated((OFF, rec, control), b):  # each in each place alike
             times[id(prof)].append(run(block, prof))
     tessera.finish()
     off, on, aa = times[id(OFF)], times[id(rec)], times[id(control)]

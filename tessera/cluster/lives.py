@@ -31,17 +31,32 @@ _FORMAT = "<" + "d" * len(SLOTS)
 _SIZE = struct.calcsize(_FORMAT)
 
 
-class LifeTally:
+class _MappedFile:
+    """A small file of ``size`` bytes mapped into memory: written anew as ``empty`` for a
+    fresh job (or when its size is not ``size``), else kept as a predecessor left it."""
+
+    def __init__(self, path: Path, size: int, empty: bytes, *, fresh: bool):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh or not self.path.exists() or self.path.stat().st_size != size:
+            self.path.write_bytes(empty)
+        self._file = open(self.path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), size)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+            self._map.close()
+            self._file.close()
+            self._map = None
+
+
+class LifeTally(_MappedFile):
     """Running totals of one worker over all its lives, kept in ``path``."""
 
     def __init__(self, path: Path, *, fresh: bool):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh or not self.path.exists() or self.path.stat().st_size != _SIZE:
-            empty = [math.nan if slot == "last_loss" else 0.0 for slot in SLOTS]
-            self.path.write_bytes(struct.pack(_FORMAT, *empty))
-        self._file = open(self.path, "r+b")
-        self._map = mmap.mmap(self._file.fileno(), _SIZE)
+        empty = [math.nan if slot == "last_loss" else 0.0 for slot in SLOTS]
+        super().__init__(path, _SIZE, struct.pack(_FORMAT, *empty), fresh=fresh)
         #: What the earlier lives had counted when this one began.
         self.before = dict(zip(SLOTS, struct.unpack(_FORMAT, self._map[:_SIZE])))
         self._acked_base = self.before["acked"]
@@ -98,15 +113,8 @@ class LifeTally:
         """Acknowledged pushes over every life: the earlier lives' and ``acked_now``."""
         return int(self._acked_base) + int(acked_now)
 
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.flush()
-            self._map.close()
-            self._file.close()
-            self._map = None
 
-
-class CursorMap:
+class CursorMap(_MappedFile):
     """A worker's data position (each tracked sampler's epoch and count), kept after
     every applied step where a replacement of it finds it, in a memory map like
     :class:`LifeTally`'s: ``<run dir>/cursors/worker-<rank>.cursor``.
@@ -125,12 +133,7 @@ class CursorMap:
     _RECORD = 8 * (3 + 2 * MAX_SAMPLERS + 1)
 
     def __init__(self, path: Path, *, fresh: bool):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh or not self.path.exists() or self.path.stat().st_size != 2 * self._RECORD:
-            self.path.write_bytes(bytes(2 * self._RECORD))
-        self._file = open(self.path, "r+b")
-        self._map = mmap.mmap(self._file.fileno(), 2 * self._RECORD)
+        super().__init__(path, 2 * self._RECORD, bytes(2 * self._RECORD), fresh=fresh)
         # Go on from the newest whole record, so that the next write goes to the other one
         # (a torn record's own version may be higher: writing past it could overwrite the
         # only whole record).
@@ -169,10 +172,3 @@ class CursorMap:
                          for i in range(n)]
                 best = (version, clock, pairs)
         return best
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.flush()
-            self._map.close()
-            self._file.close()
-            self._map = None
