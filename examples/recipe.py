@@ -14,6 +14,8 @@ all that changed from the single-process script (README, "Your own script").
 The run directory (printed; ``runs/recipe-<time>`` by default) ends with
 ``metrics.jsonl`` and ``final.safetensors``, which plain ``model.load_state_dict``
 takes.
+
+benchmarks/_recipe_worker.py times this recipe against DDP: change it there too.
 """
 
 import argparse
