@@ -19,7 +19,7 @@ import torch
 
 from tessera.amp.policy import make_policy
 from tessera.amp.scaler import LossScaler
-from tessera.cluster.role import retain_window
+from tessera.cluster.role import agrees, retain_window
 from tessera.cluster.session import Session
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
@@ -116,7 +116,7 @@ def _parameter_servers(session, model, opt, tables, amp, device):
                   checkpoint_wanted=lambda: hb.checkpoint_requested,
                   on_clock=lambda clock: setattr(hb, "clock", clock))
     comm = PSComm(mode=cfg.ps.mode, two_phase=two_phase(cfg),
-                  checkpoint_every=cfg.checkpoint.every)
+                  checkpoint_every=cfg.checkpoint.every, agree=agrees(cfg))
     start = Start(clock=view.clock, incarnation=view.incarnation,
                   restored=view.restore is not None)
     return PSDataParallel(model, client, session.shard_map(), is_first=first, comm=comm,

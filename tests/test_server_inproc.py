@@ -26,7 +26,7 @@ from tessera.parallel.flat import param_layout
 from tessera.parallel.ps import PSDataParallel
 from tessera.ps.client import PSClient, ServerError
 from tessera.ps.optim import ELEMENTWISE, torch_optimizer
-from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
+from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
 from tessera.ps.sharding import ShardMap, plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import (AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint,
@@ -51,7 +51,7 @@ class InprocCluster:
     """Parameter servers serving from threads of this process, on loopback."""
 
     def __init__(self, layout: list[wire.ParamSpec], *, num_servers: int, partition_elems: int,
-                 mode: str, num_workers: int, optimizer: OptimizerConfig):
+                 mode: str, num_workers: int, optimizer: OptimizerConfig, agree: bool = False):
         self.ctx = zmq.Context()
         self.shard_map: ShardMap = plan_shards(layout, num_servers, partition_elems)
         self.stop = threading.Event()
@@ -63,9 +63,11 @@ class InprocCluster:
         for rank in range(num_servers):
             ep = ServerEndpoint(self.ctx, "127.0.0.1", SECRET)
             ps = ParameterServer(ServerOptions(rank=rank, num_workers=num_workers,
-                                               num_servers=num_servers, mode=mode),
+                                               num_servers=num_servers, mode=mode, agree=agree),
                                  endpoint=ep, partitions=self.shard_map.on_server(rank),
-                                 optimizer=optimizer, hooks=ServerHooks(should_stop=self.stop.is_set))
+                                 optimizer=optimizer, hooks=ServerHooks(should_stop=self.stop.is_set),
+                                 replicas=Replicas(partitions=tuple(self.shard_map.partitions),
+                                                   connect=self._peer))
             self.servers.append(ps)
             self.server_endpoints.append(ep)
         for ps in self.servers:
@@ -73,6 +75,14 @@ class InprocCluster:
                                  daemon=True)
             t.start()
             self.threads.append(t)
+
+    def _peer(self, rank: int) -> ClientEndpoint:
+        """A server's endpoint to server ``rank`` (what the role's connect_server gives)."""
+        ep = ClientEndpoint(self.ctx, self.addresses[rank], SECRET, f"server {rank}",
+                            sndtimeo_s=TIMEOUT_S)
+        ep.wait_connected(TIMEOUT_S, self.check)
+        self.endpoints.append(ep)
+        return ep
 
     @property
     def addresses(self) -> list[str]:
@@ -179,11 +189,11 @@ OPTIMIZERS = {
 
 
 def start(make_cluster, *, mode: str, num_workers: int, optimizer: OptimizerConfig,
-          num_servers: int = 2, partition_elems: int = 17, seed: int = 0):
+          num_servers: int = 2, partition_elems: int = 17, seed: int = 0, agree: bool = False):
     model = small_model(seed)
     cluster = make_cluster(param_layout(model), num_servers=num_servers,
                            partition_elems=partition_elems, mode=mode, num_workers=num_workers,
-                           optimizer=optimizer)
+                           optimizer=optimizer, agree=agree)
     clients = [cluster.client(w) for w in range(num_workers)]
     clients[0].init_params(flat_of(model))
     return model, cluster, clients

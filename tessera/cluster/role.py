@@ -209,7 +209,8 @@ def serve(session) -> None:
     server = ParameterServer(
         ServerOptions(rank=rank, num_workers=cfg.cluster.workers, num_servers=num_servers,
                       mode=server_mode(cfg), staleness=cfg.ps.staleness,
-                      two_phase=cfg.precision == "fp16", timeout_s=cfg.cluster.timeout_s,
+                      two_phase=cfg.precision == "fp16", agree=agrees(cfg),
+                      timeout_s=cfg.cluster.timeout_s,
                       # hybrid: tables are saved when worker 0 asks (SnapshotTables), at
                       # the dense replica's clock, never on a schedule of their own
                       checkpoint_every=0 if cfg.ps.mode == "hybrid" else cfg.checkpoint.every,
@@ -242,6 +243,8 @@ def serve(session) -> None:
               f"{view.restore.clock} from {view.restore.path}", flush=True)
     server.serve()
     server.mover.close()
+    if server.agreement is not None:
+        server.agreement.close()
     if server.retired:
         print(f"server {rank}: scaled away: it holds no partitions and exits "
               f"({server.stats['moved_out']} moved out)", flush=True)
@@ -298,6 +301,14 @@ def answer_early(cfg) -> bool:
     clients keeping their last answered push (not under sync loss scaling, whose held
     pushes wait for a verdict). The client's ``retain`` follows the same rule."""
     return cfg.ps.replication == 2 and not (cfg.precision == "fp16" and cfg.ps.mode == "sync")
+
+
+def agrees(cfg) -> bool:
+    """Held sync clocks (loss scaling, clipping) are decided among the servers, one round
+    trip a step (tessera.ps.agreement), except with replication, whose promoted backup
+    would lack the verdicts and inputs sent to the dead primary. The workers' PSComm
+    follows the same rule."""
+    return cfg.ps.mode == "sync" and cfg.ps.replication == 1
 
 
 def connect_server(session, topo, rank: int):

@@ -26,13 +26,14 @@ Phases of one step (STYLE: numbered, as the code runs them):
    - for a plain push, each reply carries the partition's new values;
    - for a *held* push (sync mode, under loss scaling or while the script clips
      its gradients), the server keeps the clock's mean gradient and answers with
-     a verdict: is it finite, and its norm. Every worker derives the same
-     decision from the same verdicts (skip if any partition overflowed anywhere;
-     the clipping coefficient from the norm of all partitions together, which is
-     the norm of the workers' averaged gradient, as one process with batch W·b
-     computes it), sends it with a pull of the next clock, and gets the new (or,
-     when skipped, unchanged) values back. The loss scaler moves the same way on
-     every worker.
+     a verdict: is it finite, and its norm. The decision (skip if any partition
+     overflowed anywhere; the clipping coefficient from the norm of all
+     partitions together, which is the norm of the workers' averaged gradient, as
+     one process with batch W·b computes it) is the servers' own where they agree
+     (:mod:`tessera.ps.agreement`): the pull of the next clock leaves at once with
+     ``max_norm``, and brings the new (or, when skipped, unchanged) values. With
+     ``--replication 2`` every worker derives it from the same verdicts and sends
+     it with that pull. The loss scaler moves the same way on every worker.
 4. The values are copied into the flat parameter buffer; the clock advances.
 
 Whether a step's pushes are held is decided one step ahead, since they leave
@@ -60,6 +61,7 @@ from tessera.parallel.prefetch import send_named
 from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.parallel.ps_faults import OverflowReport, Rejoin
+from tessera.ps.agreement import decide
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
 from tessera.transport.frames import torch_dtype
@@ -76,6 +78,9 @@ class PSComm:
     two_phase: bool = False
     #: async/ssp: worker 0 asks for a checkpoint every this many clocks (0: never).
     checkpoint_every: int = 0
+    #: sync: the servers decide a held clock among themselves, and the pull of the next
+    #: clock leaves with the pushes (tessera.ps.agreement; tessera.cluster.role.agrees).
+    agree: bool = False
 
 
 class StepMarks:
@@ -143,6 +148,11 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._hold = comm.mode == "sync"
         self._norm_type = 2.0
         self._clipped, self._coef = False, 1.0
+        #: Servers that agree: the pull of the next clock, sent with the held pushes.
+        self.agree = comm.agree and comm.mode == "sync"
+        self._pulls: Optional[list[Handle]] = None
+        #: This step's table-row handles, once the rest was pushed (phase 3).
+        self._rest: Optional[list] = None
         #: Worker 0: the optimizer's changed hyperparameters, sent with a step's pushes.
         self.hparams_source = lambda: None
         self._step_hparams: Optional[list] = None
@@ -287,15 +297,31 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._finite = self._collect()
         return self._finite
 
-    def _collect(self) -> bool:
-        """Phase 3: push the rest, take every reply; whether the gradients were finite."""
-        row_handles = push_tables(self.tables, self.clock,
-                                  self.scaler.scale if self.scaler.enabled else 1.0)
+    def _send_rest(self) -> list:
+        """Phase 3 begins: push what backward did not (and the tables' rows); their handles."""
+        if self._rest is not None:
+            return self._rest
+        self._rest = push_tables(self.tables, self.clock,
+                                 self.scaler.scale if self.scaler.enabled else 1.0)
         if self._next_lookups is not None:  # prefetch(): the next clock's rows, now
             send_named(self, self.clock + 1)
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
+        return self._rest
+
+    def _pull_agreed(self, clip: float) -> None:
+        """Servers that agree: send the pull of the next clock now, with what they need to
+        decide this held clock (``clip``: the threshold, 0 for none), before any verdict."""
+        if self.agree and self._pulls is None and (self.two_phase or self._hold):
+            self._send_rest()
+            held = sum(1 for pid in self._handles if pid not in self._buffer_parts)
+            self._pulls = self.client.pull(clock=self.clock + 1, agree=held, clip=clip,
+                                           norm_type=self._norm_type)
+
+    def _collect(self) -> bool:
+        """Phase 3: push the rest, take every reply; whether the gradients were finite."""
+        row_handles = self._send_rest()
         self._wait_t0 = time.perf_counter()
         self._wait_start_ns = self.profiler.now()
         # Each reply's values are copied into the model as soon as it is taken, and
@@ -329,11 +355,15 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
 
         Returns False when the step was skipped (gradients overflowed somewhere).
         """
+        self._pull_agreed(0.0)  # (sent already where the script clipped)
         applied = self._collect() if self._finite is None else self._finite
         prof = self.profiler
         t0, wait_start, verdicts = self._wait_t0, self._wait_start_ns, self._verdicts
         if self.two_phase or self._hold:  # the decision travels with the next clock's pull
-            for h in self.client.pull(clock=self.clock + 1, commit=applied, coef=self._coef):
+            # (or the servers took it, and the pull left with the pushes: agree)
+            pulls = self._pulls if self._pulls is not None else self.client.pull(
+                clock=self.clock + 1, commit=applied, coef=self._coef)
+            for h in pulls:
                 self._copy_s += self._consume(h, h.wait())
             if not applied and self.two_phase:
                 self._report_overflow(verdicts)
@@ -369,6 +399,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._handles.clear()
         self._fired.clear()
         self._verdicts = []
+        self._pulls, self._rest = None, None
         self._finite, self._copy_s = None, 0.0
         self._hold = self.mode == "sync" and self._clipped
         self._clipped, self._coef = False, 1.0
@@ -408,17 +439,18 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 f"{self.clock + 1}, but this step's gradients left without a norm: the servers "
                 f"keep a step's gradient for clipping when the step before clipped (and the "
                 f"first step, for the 2-norm), so call it on every step with the same norm_type")
+        max_norm = float(max_norm)
+        if not max_norm > 0:
+            raise UsageError(f"worker {self.client.worker}: clip_grad_norm_(max_norm={max_norm:g}) "
+                             f"needs a max_norm > 0")
         self._norm_type = norm_type
+        self._pull_agreed(max_norm if max_norm < float("inf") else 0.0)
         finite = self.unscale_() if self.scaler.enabled else self._collect()
         self._finite = finite
-        if not finite:
-            total = float("inf")
-        else:
-            norms = torch.tensor([v.norm for v in self._verdicts
-                                  if v.partitions[0] not in self._buffer_parts],
-                                 dtype=torch.float64)
-            total = float(torch.linalg.vector_norm(norms, norm_type)) if len(norms) else 0.0
-        self._coef = min(1.0, float(max_norm) / (total + 1e-6))
+        # The servers' formula (tessera.ps.agreement.decide), on the same verdicts.
+        _, self._coef, total = decide({v.partitions[0]: (v.finite, v.norm) for v in self._verdicts
+                                       if v.partitions[0] not in self._buffer_parts},
+                                      max_norm, norm_type)
         self._clipped = True
         return torch.tensor(total)
 

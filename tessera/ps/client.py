@@ -536,8 +536,12 @@ class PSClient:
             handle.wait()
 
     def pull(self, partitions: Optional[list[int]] = None, clock: int = 0,
-             commit: Optional[bool] = None, coef: float = 1.0) -> list[Handle]:
-        """Ask each server for its partitions (all by default) at ``clock``; one handle per server."""
+             commit: Optional[bool] = None, coef: float = 1.0, agree: int = 0,
+             clip: float = 0.0, norm_type: float = 2.0) -> list[Handle]:
+        """Ask each server for its partitions (all by default) at ``clock``; one handle per
+        server. ``commit``/``coef``: the workers' decision on the held clock before it;
+        ``agree``/``clip``/``norm_type``: what the servers need to take it themselves
+        (:mod:`tessera.ps.agreement`)."""
         ids = list(self.parts) if partitions is None else partitions
         self.flush()  # pushes before this pull go before it
         self._route()
@@ -549,7 +553,8 @@ class PSClient:
             ep = self.servers[server]
             req = ep.new_req()
             msg = wire.Pull(req=req, worker=self.worker, partitions=pids, clock=clock,
-                            dtype=self.wire_dtype, commit=commit, coef=coef)
+                            dtype=self.wire_dtype, commit=commit, coef=coef, agree=agree,
+                            clip=clip, norm_type=norm_type)
             ep.send(msg)
             handles.append(self._track(Handle(self, server, req,
                                               f"pull of partitions {pids} at clock {clock}",

@@ -27,12 +27,13 @@ live workers' pushes, and the shortfall is counted) and the slowest-worker minim
 of ssp. A restarted worker joins again at a future clock; from that clock on its
 pushes count again. One membership serves every unit of a server, dense or table.
 
-Two-phase verdicts (loss scaling, fp16, sync only): a complete clock is not applied
-at once. The server judges the held sum (:meth:`Sync.judge`: finite, and which
-workers reported overflows), answers the pushes with that verdict, and applies or
-drops the sum when a pull carries the cluster's decision (:meth:`Sync.decided`).
-Every worker derives the same decision from the same verdicts, so a step is skipped
-on every server or on none.
+Two-phase verdicts (loss scaling, fp16, or clipping; sync only): a complete clock is
+not applied at once. The server judges the held sum (:meth:`Sync.judge`: finite, which
+workers reported overflows, its norm), answers the pushes with that verdict, and
+applies or drops the sum once the cluster's decision is known (:meth:`Sync.decided`):
+taken by the servers from each other's verdicts (:mod:`tessera.ps.agreement`), or
+carried by a worker's pull (with ``--replication 2``). Both take it from the same
+verdicts, so a step is skipped on every server or on none.
 
 Waiting: a request that may not be answered yet is a :class:`Waiter` hung on each
 of its units; :meth:`Consistency.wake` answers those that became ready after the

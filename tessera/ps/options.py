@@ -32,6 +32,9 @@ class ServerOptions:
     staleness: int = 0
     #: Loss scaling: answer complete sync clocks with a verdict, apply on commit.
     two_phase: bool = False
+    #: Sync: held clocks (loss scaling, clipping) are decided among the servers, from
+    #: each other's verdicts (tessera.ps.agreement), not by the workers' commits.
+    agree: bool = False
     #: Seconds to wait for a backup's Ack (and for checkpoint writes at the end).
     timeout_s: float = 30.0
     #: Sync: snapshot every this many clocks (0: only when a push asks).

@@ -40,6 +40,7 @@ import zmq
 from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps import kernels
+from tessera.ps.agreement import Agreement, check_inputs
 from tessera.ps.consistency import NotABackup, RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
@@ -115,6 +116,13 @@ class ParameterServer:
         self.mover = Mover(self, orders=hooks.moves, report=hooks.report_moved,
                            connect=replicas.connect, timeout_s=options.timeout_s,
                            addresses=hooks.addresses)
+        #: Held sync clocks decided among the servers (tessera.ps.agreement); None: by
+        #: the workers' commits.
+        self.agreement = None
+        if options.agree and self.policy.sums_clock:
+            self.agreement = Agreement(options.rank, {p.id for p in replicas.partitions} or
+                                       set(self.parts), peers=self._peer_ranks,
+                                       connect=replicas.connect)
         #: Scaled away (tessera scale): it stopped holding nothing; no final checkpoint.
         self.retired = False
         self.stats["busy_s"] = 0.0
@@ -227,6 +235,11 @@ class ParameterServer:
                 self._on_pull(got.peer, msg, got.frames)
             elif isinstance(msg, wire.InitParams):
                 self._on_init(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.Judged) and self.agreement is not None:
+                if got.frames:
+                    raise RequestError("Judged carries no payload frames")
+                self.agreement.heard(msg)
+                self._decide(msg.clock)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
             elif isinstance(msg, wire.Replicate) and msg.kind == "move":
@@ -321,7 +334,14 @@ class ParameterServer:
             raise RequestError("a pull carries no payload frames")
         states = self._states(msg.partitions, None, msg.dtype)
         self.stats["pulls"] += 1
-        if msg.commit is not None:
+        if msg.agree:
+            if self.agreement is None:
+                raise RequestError("this job's servers do not decide held clocks among "
+                                   "themselves (--replication 2): send the decision (commit)")
+            check_inputs(msg, len(self.agreement.partitions))
+            self.agreement.asked(msg.clock - 1, msg.agree, msg.clip, msg.norm_type)
+            self._decide(msg.clock - 1)
+        elif msg.commit is not None:
             if not (0.0 < msg.coef < float("inf")):
                 raise RequestError(f"a commit's clipping coefficient must be a positive finite "
                                    f"number, got {msg.coef}")
@@ -482,6 +502,7 @@ class ParameterServer:
     def _complete(self, states: list[PartitionState]) -> None:
         """Sync: apply (or, under loss scaling, judge) every clock all live workers pushed."""
         advanced = []
+        decide_at = None  # a held clock judged here: the servers may decide it now
         mark = self.replication.mark()  # answer_early: the answers wait for the clock before
         for st in states:
             if st.verdict is not None or not self.policy.complete(st):
@@ -493,6 +514,9 @@ class ParameterServer:
                 for w_peer, w_req in st.verdict_waiters:
                     self.replication.reply(w_peer, msgspec.structs.replace(verdict, req=w_req))
                 st.verdict_waiters.clear()
+                if self.agreement is not None:
+                    self.agreement.judged(st.clock, st.info.id, verdict.finite, verdict.norm)
+                    decide_at = st.clock
                 continue
             # The backup gets the mean this server applies (bit for bit the same update);
             # the replicator keeps it until the backup's Ack, and the answers to these
@@ -505,6 +529,23 @@ class ParameterServer:
             self.policy.wake(advanced)
         finally:
             self._reply_after = None
+        if decide_at is not None:
+            self._decide(decide_at)
+
+    def _decide(self, clock: int) -> None:
+        """Servers that agree: commit held ``clock`` once every server's verdicts and a
+        worker's inputs are in (:mod:`tessera.ps.agreement`)."""
+        decision = self.agreement.decision(clock)
+        if decision is None:
+            return
+        self.agreement.forget(clock)
+        self._commit(list(self.parts.values()), clock, *decision)
+
+    def _peer_ranks(self) -> list[int]:
+        """The other live servers (those started mid-job too): where verdicts go."""
+        _, dead = self.hooks.membership()
+        ranks = set(range(self.options.num_servers)) | {int(r) for r in self.hooks.addresses()}
+        return sorted(r for r in ranks if r != self.rank and r not in set(dead))
 
     def _commit(self, states: list[PartitionState], clock: int, apply: bool,
                 coef: float = 1.0) -> None:

@@ -182,8 +182,10 @@ def main(data=None) -> None:
         loss = model.forward_backward(inputs, target, task.loss)
         if balance is not None:
             balance.computed()
-        model.unscale_()  # fp16: unscale and agree, cluster-wide, whether it is finite
-        model.step()      # update (or skip, everywhere), or wait for the servers' values
+        # update (or skip everywhere: fp16 overflow), or wait for the servers' values;
+        # step() unscales and agrees first (not unscale_() here: with servers that
+        # agree, the pull of the next clock then leaves with the pushes)
+        model.step()
         if balance is not None:
             balance.after_step(model.clock)
         loss_value = None if loss is None else loss.item()  # None: not the last stage

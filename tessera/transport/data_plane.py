@@ -1,7 +1,7 @@
 """Data-plane messages: between workers and parameter servers (and server to backup).
 
 Dense partitions (:class:`InitParams`, :class:`Push`, :class:`Pull`,
-:class:`Params`, :class:`Verdict`, :class:`Join`, :class:`Replicate`) and
+:class:`Params`, :class:`Verdict`, :class:`Judged`, :class:`Join`, :class:`Replicate`) and
 embedding-table rows (:class:`PullRows`, :class:`Rows`, :class:`PushRows`).
 Tensor payloads follow the header as raw frames (:mod:`tessera.transport.frames`).
 """
@@ -38,6 +38,15 @@ class Pull(msgspec.Struct, **MESSAGE):
     #: With ``commit = True``: the held mean gradient is multiplied by this first
     #: (gradient clipping's coefficient, the same on every worker).
     coef: float = 1.0
+    #: > 0 (servers that agree among themselves, ``commit`` None): the decision on the
+    #: held clock ``clock - 1`` is the servers' own, taken once each has the
+    #: :class:`Judged` verdicts of this many held partitions (every one of the model's);
+    #: the pull is sent with the pushes, not after their verdicts (one round trip).
+    agree: int = 0
+    #: With ``agree``: clip the held mean by the ``norm_type``-norm of all of them
+    #: together to at most this (0: no clipping).
+    clip: float = 0.0
+    norm_type: float = 2.0
 
 
 class Push(msgspec.Struct, **MESSAGE):
@@ -63,8 +72,9 @@ class Push(msgspec.Struct, **MESSAGE):
     sent_ns: int = 0
     #: > 0 (worker 0 only): servers write a checkpoint when they reach this clock.
     checkpoint: int = 0
-    #: Sync: hold the clock's mean gradient and answer with a :class:`Verdict`; a
-    #: worker's next :class:`Pull` carries the cluster's ``commit`` (and ``coef``).
+    #: Sync: hold the clock's mean gradient and answer with a :class:`Verdict`; the
+    #: servers decide among themselves (a worker's next :class:`Pull` carries ``agree``)
+    #: or a worker's next :class:`Pull` carries the cluster's ``commit`` (and ``coef``).
     hold: bool = False
     #: > 0 (with ``hold``): the verdict carries the ``norm_type``-norm of the mean
     #: gradient (``inf``: the max norm), for clipping by the global norm.
@@ -170,6 +180,20 @@ class Verdict(msgspec.Struct, **MESSAGE):
     overflows: list[Overflow] = []
     #: The ``norm_type``-norm of the partition's mean gradient (0 when not asked).
     norm: float = 0.0
+
+
+class Judged(msgspec.Struct, **MESSAGE):
+    """Server -> every other server: the verdicts this server took on held partitions of
+    clock ``clock`` (``partitions[i]``: ``finite[i]``, ``norms[i]``; as in
+    :class:`Verdict`), so that each server decides the clock itself (:class:`Pull`
+    ``agree``). Not answered."""
+
+    req: int
+    sender: int
+    clock: int
+    partitions: list[int]
+    finite: list[bool]
+    norms: list[float]
 
 
 class Params(msgspec.Struct, **MESSAGE):

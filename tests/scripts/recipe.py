@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--max-norm", type=float, default=1.0, help="clip_grad_norm_'s max_norm")
     ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
@@ -88,6 +89,7 @@ def main() -> None:
     # A replacement worker (--max-restarts) starts at the job's step, its data where its
     # predecessor's last applied step left it (tessera.DistributedSampler).
     step, epoch = (0 if args.plain else model.start_step(args.steps)), 0
+    norms = []  # clip_grad_norm_'s return value, per step
     seen = open(f"{args.samples_log}/worker-{rank}.jsonl", "a") if args.samples_log else None
     while step < args.steps:
         sampler.set_epoch(epoch)
@@ -106,9 +108,10 @@ def main() -> None:
                     loss.backward()
             if not args.no_clip:
                 if args.plain:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
                 else:
-                    model.clip_grad_norm_(1.0)
+                    norm = model.clip_grad_norm_(args.max_norm)
+                norms.append(float(norm))
             optimizer.step()
             optimizer.zero_grad()
             schedule.step()
@@ -125,7 +128,7 @@ def main() -> None:
     state = model.state_dict()
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     with open(out, "w") as f:
-        json.dump({"eval_loss": eval_loss, "steps": step,
+        json.dump({"eval_loss": eval_loss, "steps": step, "norms": norms,
                    "lr": [g["lr"] for g in optimizer.param_groups],
                    "params": {k: v.reshape(-1).tolist() for k, v in state.items()},
                    "device": str(next(model.parameters()).device)}, f)

@@ -1,0 +1,117 @@
+"""Held sync clocks decided by the servers among themselves (tessera.ps.agreement).
+
+Real servers on loopback sockets (in this process's threads) and real clients: each
+worker pushes its held partitions and sends the pull of the next clock at once, with
+the clipping threshold, before any verdict is back. The servers exchange their verdicts
+and apply the clipped mean (or skip the clock everywhere), as torch would in one process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tessera.config.schema import OptimizerConfig
+from tessera.ps.agreement import decide
+from tessera.ps.client import ServerError
+from tessera.transport import wire
+from tests.test_server_inproc import (Reference, assemble, make_cluster, pull_all,  # noqa: F401
+                                      start)
+
+ADAM = OptimizerConfig(name="adam", lr=0.01)
+
+
+def _step(clients, smap, grads, clock, clip, nonfinite=("", "")):
+    """Every worker: held pushes of every partition, then the agreed pull at once."""
+    pushes, pulls = [], []
+    for c, g, bad in zip(clients, grads, nonfinite):
+        pushes.append([c.push(p.id, g[p.start:p.stop], clock, hold=True, norm_type=2.0,
+                              nonfinite=bad) for p in smap.partitions])
+        pulls.append(c.pull(clock=clock + 1, agree=len(smap.partitions), clip=clip))
+    verdicts = [[h.wait() for h in hs] for hs in pushes]
+    values = []
+    for hs in pulls:
+        got = {}
+        for h in hs:
+            got.update(h.wait())
+        values.append(assemble(smap, got))
+    return verdicts, values
+
+
+def test_servers_agree_on_the_clipping_coefficient_without_a_commit(make_cluster):
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                    agree=True)
+    smap = cluster.shard_map
+    assert all(smap.on_server(s) for s in range(2)) and len(smap.partitions) > 2
+    ref = Reference(model, ADAM)
+    gen = torch.Generator().manual_seed(3)
+    clipped = 0
+    for clock in range(4):
+        grads = [torch.randn(smap.total_elems, generator=gen) * (clock + 1) for _ in clients]
+        mean = (grads[0] + grads[1]) / 2
+        norm = float(mean.norm())
+        clip = 12.0  # norms about 7 x (clock + 1): the later clocks clip
+        clipped += norm > clip
+        verdicts, values = _step(clients, smap, grads, clock, clip)
+        # Each push was still answered with its partition's verdict (what unscale_() and
+        # clip_grad_norm_() read), and the workers' formula gives the same norm.
+        for vs in verdicts:
+            assert all(isinstance(v, wire.Verdict) and v.finite for v in vs)
+            _, _, total = decide({v.partitions[0]: (v.finite, v.norm) for v in vs}, clip, 2.0)
+            assert total == pytest.approx(norm, rel=1e-5)
+        ref.step(mean * min(1.0, clip / (norm + 1e-6)))
+        for got in values:
+            torch.testing.assert_close(got, ref.flat(), rtol=1e-6, atol=1e-7)
+    assert 0 < clipped < 4
+    torch.testing.assert_close(pull_all(clients[1], clock=4), ref.flat(), rtol=1e-6, atol=1e-7)
+    for ps in cluster.servers:
+        assert ps.stats["errors"] == 0 and all(st.clock == 4 for st in ps.parts.values())
+
+
+def test_an_overflow_on_one_worker_skips_the_clock_on_every_server(make_cluster):
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                    agree=True)
+    smap = cluster.shard_map
+    before = pull_all(clients[0])
+    grads = [torch.ones(smap.total_elems), torch.ones(smap.total_elems)]
+    grads[1][smap.partitions[-1].start] = math.inf  # on server 1's last partition only
+    verdicts, values = _step(clients, smap, grads, 0, 0.0, nonfinite=("", "0.weight"))
+    assert not all(v.finite for v in verdicts[0])
+    for got in values:  # the clock was skipped everywhere: the values did not move
+        torch.testing.assert_close(got, before, rtol=0, atol=0)
+    for ps in cluster.servers:
+        assert ps.stats["skipped"] == len(ps.parts)
+        assert all(st.clock == 1 for st in ps.parts.values())
+    # The next clock is applied as usual.
+    ref = Reference(model, ADAM)
+    grads = [torch.full((smap.total_elems,), 0.5), torch.full((smap.total_elems,), 1.5)]
+    _, values = _step(clients, smap, grads, 1, 0.0)
+    ref.step((grads[0] + grads[1]) / 2)
+    torch.testing.assert_close(values[0], ref.flat(), rtol=1e-6, atol=1e-7)
+
+
+def test_an_agreed_pull_is_refused_in_one_line_where_servers_do_not_agree(make_cluster):
+    _, cluster, clients = start(make_cluster, mode="sync", num_workers=1, optimizer=ADAM,
+                                agree=False)
+    with pytest.raises(ServerError, match=r"do not decide held clocks among themselves"):
+        for h in clients[0].pull(clock=1, agree=3, clip=1.0):
+            h.wait()
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(agree=1000), "the model has"),
+    (dict(agree=1, clip=-1.0), "clip must be a finite threshold"),
+    (dict(agree=1, clip=math.inf), "clip must be a finite threshold"),
+    (dict(agree=1, norm_type=0.0), "norm_type must be > 0"),
+    (dict(agree=1, commit=True), "not both"),
+])
+def test_bad_agreement_fields_are_refused_naming_the_field(make_cluster, fields, says):
+    _, cluster, clients = start(make_cluster, mode="sync", num_workers=1, optimizer=ADAM,
+                                agree=True)
+    with pytest.raises(ServerError, match=says):
+        for h in clients[0].pull(clock=1, **fields):
+            h.wait()
+    for ps in cluster.servers:
+        assert all(st.clock == 0 for st in ps.parts.values())
