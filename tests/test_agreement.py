@@ -17,8 +17,10 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.agreement import decide
 from tessera.ps.client import ServerError
 from tessera.transport import wire
-from tests.test_server_inproc import (Reference, assemble, make_cluster, pull_all,  # noqa: F401
-                                      start)
+from tests import test_server_inproc
+from tests.test_server_inproc import Reference, assemble, pull_all, start
+
+make_cluster = test_server_inproc.make_cluster  # its fixture: servers in threads, on loopback
 
 ADAM = OptimizerConfig(name="adam", lr=0.01)
 
