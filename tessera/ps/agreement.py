@@ -104,14 +104,19 @@ class Agreement:
                                "held clock")
         msg = wire.Judged(req=0, sender=self.rank, clock=clock, partitions=[pid],
                           finite=[finite], norms=[norm])
+        from tessera.transport.endpoint import TransportError
         for rank in ranks:
             peer = self._peers.get(rank)
-            if peer is None:
-                peer = self._connect(rank)
-                if peer is None:  # declared dead meanwhile: the job is failing
-                    continue
-                self._peers[rank] = peer
-            peer.send(msg)
+            try:
+                if peer is None:
+                    peer = self._connect(rank)
+                    if peer is None:  # declared dead meanwhile: the job is failing
+                        continue
+                    self._peers[rank] = peer
+                peer.send(msg)
+            except TransportError as exc:  # the pusher hears it, in one line
+                raise RequestError(f"server {self.rank} cannot send its verdict on clock "
+                                   f"{clock} to server {rank}: {exc}") from None
 
     def heard(self, msg: wire.Judged) -> None:
         """Another server's verdicts (checked before any is kept)."""
