@@ -117,3 +117,39 @@ def test_bad_agreement_fields_are_refused_naming_the_field(make_cluster, fields,
             h.wait()
     for ps in cluster.servers:
         assert all(st.clock == 0 for st in ps.parts.values())
+
+
+def test_a_server_heard_of_later_is_sent_the_kept_verdicts():
+    """A server started mid-job (tessera scale) may be given a partition whose clock the
+    others judged before they heard of it: they send it their kept verdicts when they do,
+    once; a rank scaled away and started again is a new process and is sent them again.
+    (One piece alone: the peers are recorders, not servers.)"""
+    from tessera.ps.agreement import Agreement
+
+    sent = []
+
+    class Peer:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def send(self, msg):
+            sent.append((self.rank, msg.clock, msg.partitions, msg.norms))
+
+        def close(self):
+            pass
+
+    ranks = [1]
+    agreement = Agreement(0, {0, 1, 2}, peers=lambda: list(ranks), connect=Peer)
+    agreement.follow()  # nothing judged yet: nothing to send, no connection made
+    assert sent == []
+    agreement.judged(5, 0, True, 0.5)
+    assert sent == [(1, 5, [0], [0.5])]
+    ranks.append(2)
+    agreement.follow()
+    agreement.follow()
+    assert sent[1:] == [(2, 5, [0], [0.5])]
+    ranks.remove(2)
+    agreement.follow()
+    ranks.append(2)
+    agreement.follow()
+    assert sent[2:] == [(2, 5, [0], [0.5])]

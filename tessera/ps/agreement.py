@@ -91,32 +91,56 @@ class Agreement:
         self.inputs: dict[int, tuple[int, float, float]] = {}
         #: Clocks decided here (their late messages are ignored).
         self.decided_through = -1
+        #: This server's own verdicts of its last clocks, for a server it hears of later.
+        self.mine: dict[int, dict[int, tuple[bool, float]]] = {}
+        #: The servers this one has sent its verdicts to.
+        self._sent_to: set[int] = set()
 
     def judged(self, clock: int, pid: int, finite: bool, norm: float) -> None:
         """This server's verdict on its partition ``pid`` at ``clock``: kept, and sent to
         every other server."""
         self._note(clock, pid, finite, norm)
-        ranks = self._peer_ranks()
-        if not ranks:
+        self.mine.setdefault(clock, {})[pid] = (finite, norm)
+        self._bound(self.mine)
+        for rank in self._peer_ranks():
+            self._send(rank, clock, {pid: (finite, norm)})
+
+    def follow(self) -> None:
+        """A server this one heard of since it last sent verdicts (started mid-job by
+        ``tessera scale``, its address in a later heartbeat) gets the kept ones: a
+        partition moved to it may be deciding a clock this server judged already."""
+        if not self.mine:
             return
+        ranks = self._peer_ranks()
+        for rank in [r for r in self._peers if r not in ranks]:  # scaled away, or dead: a
+            self._peers.pop(rank).close()  # rank started again is a new process, reached anew
+            self._sent_to.discard(rank)
+        for rank in ranks:
+            if rank not in self._sent_to:
+                for clock, verdicts in sorted(self.mine.items()):
+                    self._send(rank, clock, verdicts)
+
+    def _send(self, rank: int, clock: int, verdicts: dict[int, tuple[bool, float]]) -> None:
+        from tessera.transport.endpoint import TransportError
         if self._connect is None:
             raise RequestError("this server cannot reach the other servers to agree on a "
                                "held clock")
-        msg = wire.Judged(req=0, sender=self.rank, clock=clock, partitions=[pid],
-                          finite=[finite], norms=[norm])
-        from tessera.transport.endpoint import TransportError
-        for rank in ranks:
-            peer = self._peers.get(rank)
-            try:
-                if peer is None:
-                    peer = self._connect(rank)
-                    if peer is None:  # declared dead meanwhile: the job is failing
-                        continue
-                    self._peers[rank] = peer
-                peer.send(msg)
-            except TransportError as exc:  # the pusher hears it, in one line
-                raise RequestError(f"server {self.rank} cannot send its verdict on clock "
-                                   f"{clock} to server {rank}: {exc}") from None
+        pids = sorted(verdicts)
+        msg = wire.Judged(req=0, sender=self.rank, clock=clock, partitions=pids,
+                          finite=[verdicts[p][0] for p in pids],
+                          norms=[verdicts[p][1] for p in pids])
+        peer = self._peers.get(rank)
+        try:
+            if peer is None:
+                peer = self._connect(rank)
+                if peer is None:  # declared dead meanwhile: the job is failing
+                    return
+                self._peers[rank] = peer
+            peer.send(msg)
+        except TransportError as exc:  # the pusher hears it, in one line
+            raise RequestError(f"server {self.rank} cannot send its verdict on clock "
+                               f"{clock} to server {rank}: {exc}") from None
+        self._sent_to.add(rank)
 
     def heard(self, msg: wire.Judged) -> None:
         """Another server's verdicts (checked before any is kept)."""

@@ -81,3 +81,5 @@ class ServerHooks:
     report_moved: Callable[[int, list], None] = lambda target, pids: None
     #: Elastic servers: server rank -> address, once a server was started mid-job.
     addresses: Callable[[], dict] = lambda: {}
+    #: Elastic servers: the ranks scaled away (their processes exit).
+    retired: Callable[[], list] = lambda: []

@@ -542,10 +542,12 @@ class ParameterServer:
         self._commit(list(self.parts.values()), clock, *decision)
 
     def _peer_ranks(self) -> list[int]:
-        """The other live servers (those started mid-job too): where verdicts go."""
+        """The other live servers (those started mid-job too, not those scaled away): where
+        verdicts go."""
         _, dead = self.hooks.membership()
+        gone = {int(r) for r in dead} | {int(r) for r in self.hooks.retired()}
         ranks = set(range(self.options.num_servers)) | {int(r) for r in self.hooks.addresses()}
-        return sorted(r for r in ranks if r != self.rank and r not in set(dead))
+        return sorted(r for r in ranks if r != self.rank and r not in gone)
 
     def _commit(self, states: list[PartitionState], clock: int, apply: bool,
                 coef: float = 1.0) -> None:
@@ -580,6 +582,8 @@ class ParameterServer:
         self.mover.follow()
         if self.tables is not None:
             self.tables.follow_servers(dead_servers)
+        if self.agreement is not None:
+            self.agreement.follow()
 
     def _on_join(self, peer: bytes, msg: wire.Join) -> None:
         states = self._states(msg.partitions, None, msg.dtype) if msg.partitions else []
