@@ -149,7 +149,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._norm_type = 2.0
         self._clipped, self._coef = False, 1.0
         #: Servers that agree: the pull of the next clock, sent with the held pushes.
-        self.agree = comm.agree and comm.mode == "sync"
+        self.agree = comm.agree
         self._pulls: Optional[list[Handle]] = None
         #: This step's table-row handles, once the rest was pushed (phase 3).
         self._rest: Optional[list] = None
@@ -344,7 +344,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
     def _prefetch_clock(self) -> Optional[int]:
         """The clock a prefetch named now pulls for; None: send it with this step's
         pushes (a forward ran and the pushes have not left)."""
-        if self._finite is not None:  # unscale_() pushed this step already
+        if self._rest is not None:  # the rest was pushed already (unscale_(), a clip's pull)
             return self.clock + 1
         return None if any(t._pending for t in self.tables) else self.clock
 

@@ -43,6 +43,7 @@ import torch
 
 from tessera.ps.consistency import RequestError
 from tessera.transport import wire
+from tessera.transport.endpoint import TransportError
 
 #: Clocks whose verdicts a server keeps at once (a peer's next clock may arrive before
 #: this server decided the current one only by a few messages; more is a broken peer).
@@ -121,7 +122,6 @@ class Agreement:
                     self._send(rank, clock, verdicts)
 
     def _send(self, rank: int, clock: int, verdicts: dict[int, tuple[bool, float]]) -> None:
-        from tessera.transport.endpoint import TransportError
         if self._connect is None:
             raise RequestError("this server cannot reach the other servers to agree on a "
                                "held clock")
