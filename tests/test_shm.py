@@ -29,8 +29,9 @@ SECRET = "tessera-test-shm-secret"
 JOB = str(ROOT / "tests" / "jobs" / "shm.toml")
 
 
-def segments(pid="self") -> dict[str, tuple[int, int]]:
-    """The tessera-shm segments ``pid`` maps: inode -> (lowest, highest address)."""
+def segments(pid="self", name="tessera-shm") -> dict[str, tuple[int, int]]:
+    """The tessera-shm segments ``pid`` maps (``name="tessera-"``: and the servers'
+    arenas): inode -> (lowest, highest address)."""
     found: dict[str, tuple[int, int]] = {}
     try:
         with open(f"/proc/{pid}/maps") as f:
@@ -38,7 +39,7 @@ def segments(pid="self") -> dict[str, tuple[int, int]]:
     except OSError:
         return found
     for line in lines:
-        if "memfd:tessera-shm" not in line:
+        if f"memfd:{name}" not in line:
             continue
         span, _, _, _, inode = line.split()[:5]
         lo, hi = (int(x, 16) for x in span.split("-"))
@@ -279,12 +280,125 @@ def test_a_segment_is_handed_only_to_our_uid_with_a_live_offer():
 # ----------------------------------------------------------------- clusters
 
 
+# ---------------------------------------------------------- the masters' arena
+
+
+def _mapping(addr: int) -> tuple[str, str]:
+    """(permissions, name) of this process's mapping that holds ``addr``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr < hi:
+                return fields[1], " ".join(fields[5:])
+    return "", ""
+
+
+def _ps(ctx, mode: str, numel: int):
+    """A real ParameterServer (SGD, one worker) in a thread on a shared-memory
+    endpoint, and a PSClient that has set the segment up; -> (client, stop)."""
+    from tessera.config.schema import OptimizerConfig
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
+    from tessera.ps.sharding import plan_shards
+
+    shard_map = plan_shards([wire.ParamSpec(name="w", shape=[numel], numel=numel)], 1,
+                            numel // 2)
+    stop = threading.Event()
+    endpoint = ServerEndpoint(ctx, "127.0.0.1", SECRET, shm=True)
+    server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode), endpoint=endpoint,
+                             partitions=list(shard_map.on_server(0)),
+                             optimizer=OptimizerConfig(name="sgd", lr=0.5),
+                             hooks=ServerHooks(should_stop=stop.is_set))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[endpoint.address],
+                      secret=SECRET, worker=0, timeout_s=30.0)
+    client.connect()
+
+    def close():
+        client.close()
+        stop.set()
+        thread.join(timeout=10)
+        endpoint.close()
+    return client, shard_map, close
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies(ctx, mode):
+    """Sync: a push's reply is the master itself, read in the server's arena through a
+    read-only mapping (``r--s``: no client can write the master; no copy into the
+    segment); async, where the master moves on at
+    any time, the reply is a copy in the segment. The values are exact either way."""
+    numel = 400_000  # 2 partitions of 800 KB: through shared memory
+    client, shard_map, close = _ps(ctx, mode, numel)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        expected = torch.randn(numel, generator=gen)
+        client.init_params(expected.clone())
+        where = set()
+        for clock in range(6):
+            grad = torch.randn(numel, generator=gen)
+            expected.add_(grad, alpha=-0.5)
+            handles = [client.push(p.id, grad[p.start:p.stop], clock)
+                       for p in shard_map.partitions]
+            for p, h in zip(shard_map.partitions, handles):
+                got = h.wait()[p.id]
+                assert torch.equal(got, expected[p.start:p.stop]), (mode, clock, p.id)
+                where.add(_mapping(got.data_ptr()))
+                h.release()
+        # (the first pushes went before the segment was set up: inline)
+        if mode == "sync":
+            assert ("r--s", "/memfd:tessera-arena (deleted)") in where, where
+            assert not any("tessera-shm" in name for _, name in where), where
+        else:
+            assert ("rw-s", "/memfd:tessera-shm (deleted)") in where, where
+            assert not any("arena" in name for _, name in where), where
+    finally:
+        close()
+
+
+def test_the_arena_is_sealed_and_reuses_freed_blocks_after_their_grace(monkeypatch):
+    import gc
+    import mmap
+
+    arena = shm.Arena(size=1 << 24)
+    try:
+        if arena.fd >= 0 and fcntl_future_write(arena.fd):
+            with pytest.raises(PermissionError):  # no process maps it writable any more
+                mmap.mmap(arena.fd, arena.size, mmap.MAP_SHARED,
+                          mmap.PROT_READ | mmap.PROT_WRITE)
+        a = arena.empty(100_000)
+        a[:] = 7.0
+        first = arena.offset_of(a)
+        b = arena.empty(100_000)
+        assert arena.offset_of(b) > first
+        del a
+        gc.collect()
+        c = arena.empty(100_000)  # a is in its grace: not reused yet
+        assert arena.offset_of(c) not in (first, arena.offset_of(b))
+        monkeypatch.setattr(shm, "ARENA_GRACE_S", 0.0)
+        arena.reap()
+        d = arena.empty(100_000)
+        assert arena.offset_of(d) == first  # reused once its grace is over
+        assert arena.empty(1 << 24) is None  # full: the caller allocates as usual
+        del b, c, d
+    finally:
+        arena.close()
+
+
+def fcntl_future_write(fd: int) -> bool:
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & 0x10)
+
+
 def _segments_of(pids) -> set[str]:
     return set().union(*(segments(pid) for pid in pids))
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16", "--replication", "2"],
-                                   ["--precision", "fp16"]], ids=["bf16-replicated", "fp16"])
+                                   ["--precision", "fp16"], []],
+                         ids=["bf16-replicated", "fp16", "fp32"])
 def test_sync_results_are_the_same_through_shared_memory(tmp_path, flags):
     flags = [*flags, "--steps", 20]
     on = run_job(JOB, tmp_path / "on", *flags)
@@ -341,8 +455,9 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
     finally:
         job.kill()
     assert dev_shm() == before
-    for p in cluster["processes"]:
-        wait_for(lambda p=p: not segments(p["pid"]), 15, f"{p['role']} {p['rank']} to exit")
+    for p in cluster["processes"]:  # no segment, and no server's arena of masters
+        wait_for(lambda p=p: not segments(p["pid"], "tessera-"), 15,
+                 f"{p['role']} {p['rank']} to exit")
 
 
 @pytest.fixture

@@ -208,8 +208,16 @@ class TorchOptimRule:
     """The user's ``torch.optim`` class stepping one flat fp32 partition, by group."""
 
     def __init__(self, initial: torch.Tensor, spec, start: int, stop: int,
-                 average_keep: float = 0.0):
-        self.master = initial.detach().to(torch.float32).clone()
+                 average_keep: float = 0.0, alloc=None):
+        # ``alloc(numel)``: where the master lives (a NumPy fp32 array, or None: a
+        # fresh tensor); a server's endpoint puts it where same-host clients can read
+        # replies from without a copy (ServerEndpoint.shared_empty).
+        place = alloc(initial.numel()) if alloc is not None else None
+        if place is not None:
+            self.master = torch.from_numpy(place)
+            self.master.copy_(initial.detach().reshape(-1))
+        else:
+            self.master = initial.detach().to(torch.float32).clone()
         cls = ELEMENTWISE[spec.name]
         self._segments: list[tuple[int, int, int, torch.nn.Parameter]] = []
         #: Buffer segments: master <- keep * master + pushed (0: sync's mean replaces it).
@@ -395,13 +403,13 @@ def _kernel(name: str) -> dict:
 
 
 def make_rule(initial: torch.Tensor, spec, start: int, stop: int,
-              average_keep: float = 0.0) -> UpdateRule:
+              average_keep: float = 0.0, alloc=None) -> UpdateRule:
     """The update rule of partition ``[start, stop)``; ValueError names what is wrong with
     ``spec`` (it came over the wire: a class the servers do not run, a bad value)."""
     if spec.name not in ELEMENTWISE:
         raise ValueError(f"optimizer {spec.name!r} is not one the servers run "
                          f"({', '.join(ELEMENTWISE)})")
     try:
-        return TorchOptimRule(initial, spec, start, stop, average_keep)
+        return TorchOptimRule(initial, spec, start, stop, average_keep, alloc)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"optimizer {spec.name}: {exc}") from None

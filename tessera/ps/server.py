@@ -52,6 +52,7 @@ from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.shm import Shared
 
 #: Async/ssp pushes of fp32 frames below this many bytes are scaled with numpy (less
 #: per-call overhead than torch, the same result bit for bit); larger ones with torch.
@@ -78,6 +79,8 @@ class ParameterServer:
         self.policy = make_consistency(options.mode, options.num_workers, options.staleness)
         self.members = self.policy.members
         self.two_phase = options.two_phase and self.policy.sums_clock
+        #: Whether a push's reply may be the master itself (_frame): sync, one phase.
+        self._shares_master = self.policy.sums_clock and not self.two_phase
         self.parts = {p.id: PartitionState(info=p) for p in partitions}
         #: Copies this server keeps for its primary (replication).
         self.backups = {p.id: PartitionState(info=p) for p in replicas.backups}
@@ -128,6 +131,7 @@ class ParameterServer:
         self.stats["busy_s"] = 0.0
         self.stats["table_busy_s"] = 0.0  # the part of it serving table rows
         self._reply = self._answer  # bound once: every waiting request carries it
+        self._reply_push = self._answer_push
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
 
@@ -361,7 +365,7 @@ class ParameterServer:
             # once if its clock is done, else when it is.
             self.stats["retries"] += 1
             if policy.sums_clock and any(msg.worker in st.pushed_by for st in states):
-                policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply,
+                policy.wait_or_answer(Reply(policy.push_clock(msg.clock), states, self._reply_push,
                                             peer, msg.req, msg.dtype))
             else:
                 self._send_params(peer, msg.req, states, msg.dtype)
@@ -447,7 +451,7 @@ class ParameterServer:
             self._send_params(peer, msg.req, answer, msg.dtype, after=mark)
             return
         policy.counted(states, msg.worker, msg.clock)
-        policy.wait_or_answer(Reply(policy.push_clock(msg.clock), answer, self._reply, peer,
+        policy.wait_or_answer(Reply(policy.push_clock(msg.clock), answer, self._reply_push, peer,
                                      msg.req, msg.dtype, run_clock=msg.clock + 1))
         policy.advance(states)
 
@@ -495,7 +499,7 @@ class ParameterServer:
             states[0].verdict_waiters.append((peer, msg.req))
         else:
             self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock),
-                                             answer or states, self._reply, peer, msg.req,
+                                             answer or states, self._reply_push, peer, msg.req,
                                              msg.dtype))
         self._complete(states)
 
@@ -617,7 +621,9 @@ class ParameterServer:
         """The update rule of a partition: the job's optimizer on its groups; buffers
         averaged (sync: replaced by the clock's mean; else a running mean over workers)."""
         keep = 0.0 if self.policy.sums_clock else 1.0 - 1.0 / self.options.num_workers
-        return make_rule(values, self.optimizer, info.start, info.stop, keep)
+        # Sync: the master where same-host workers read their replies from (_frame).
+        alloc = self.endpoint.shared_empty if self._shares_master else None
+        return make_rule(values, self.optimizer, info.start, info.stop, keep, alloc)
 
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
                 seq: int = -1, reply_dtype: str = "float32") -> None:
@@ -696,25 +702,32 @@ class ParameterServer:
         if self.costs is not None:
             self.costs.lap("apply")
 
-    def _frame(self, st: PartitionState, dtype: str):
-        """A reply frame of ``st``'s values in ``dtype``, without a fresh allocation."""
-        if self.policy.sums_clock and not self.two_phase and dtype == "float32":
+    def _frame(self, st: PartitionState, dtype: str, shared: bool = False):
+        """A reply frame of ``st``'s values in ``dtype``, without a fresh allocation.
+        ``shared``: the reply to a worker's push, which that worker reads before it
+        pushes this partition again."""
+        if self._shares_master and dtype == "float32":
             # The master itself, zero-copy: in sync mode the master changes only once
             # every live worker has pushed the next clock, and each worker pushes it
             # only after it has received this reply, so ZeroMQ has sent these bytes by
             # then (docs/architecture.md, "Replies without copies"; a fresh copy per
             # reply cost ~1.5 ms per 4 MiB in page faults: ps_roundtrip).
+            if shared:  # the same argument holds while that worker reads it from shared
+                # memory, later than ZeroMQ would have sent it: through the segment it
+                # goes as the master's place in the arena (tessera.transport.shm).
+                return st.rule.master.numpy().view(np.uint8).view(Shared)
             return tensor_to_frame(st.rule.master)
         # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
         # with (its MessageTracker), or the one that already holds these values.
         return st.replies.frame(st.rule, dtype)
 
     def _send_params(self, peer: bytes, req: int, states: list[PartitionState], dtype: str,
-                     skipped: bool = False, after: Optional[int] = None) -> None:
+                     skipped: bool = False, after: Optional[int] = None,
+                     shared: bool = False) -> None:
         costs = self.costs
         if costs is not None:
             costs.lap("other")
-        frames = [self._frame(st, dtype) for st in states]
+        frames = [self._frame(st, dtype, shared) for st in states]
         self.stats["bytes_sent"] += sum(len(f) for f in frames)
         if costs is not None:
             costs.lap("copy")
@@ -732,3 +745,10 @@ class ParameterServer:
             gap = w.run_clock - min(st.clock for st in w.units)
             self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
         self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after)
+
+    def _answer_push(self, w: Reply) -> None:
+        if w.run_clock >= 0:
+            gap = w.run_clock - min(st.clock for st in w.units)
+            self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
+        self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after,
+                          shared=True)

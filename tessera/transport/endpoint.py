@@ -309,15 +309,19 @@ def _nbytes(frame) -> int:
         return 0
 
 
-def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list) -> tuple[list, str]:
-    """The payload frames a prefix describes: views over ``seg`` for its slots, the
-    inline ZeroMQ frames in their places; ("", why) when it does not add up."""
+def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list,
+             arena=None) -> tuple[list, str]:
+    """The payload frames a prefix describes: views over ``seg`` (or, in a reply, the
+    server's ``arena``) for its slots, the inline ZeroMQ frames in their places; ("",
+    why) when it does not add up."""
     if len(slots) > MAX_FRAMES:
         return [], _too_many(len(slots))
     frames, k = [], 0
     try:
         for slot in slots:
-            if slot[0] < 0:
+            if slot[0] == shm.ARENA:
+                frames.append(shm.receive_arena(arena, slot))
+            elif slot[0] < 0:
                 if k == len(inline):
                     return [], "a prefix names more inline frames than the message has"
                 frames.append(inline[k])
@@ -398,6 +402,9 @@ class ServerEndpoint:
         self._shm: Optional[shm.Host] = None
         self._shm_ctl: dict[bytes, shm.Prefix] = {}
         self._shm_reaped = 0.0
+        #: The masters' arena (:class:`tessera.transport.shm.Arena`), made with the first
+        #: segment or master, whichever comes first; False where it cannot be made.
+        self._arena = None
         #: Payload bytes that went through shared memory, each way.
         self.shm_bytes_in = self.shm_bytes_out = 0
         #: Messages taken off the socket (:meth:`recv`), whatever they carried.
@@ -457,7 +464,7 @@ class ServerEndpoint:
         if prefix.open and self._shm_offered:
             try:
                 if self._shm is None:
-                    self._shm = shm.Host()
+                    self._shm = shm.Host(arena=self._ensure_arena())
                 offer = self._shm.open(peer)
             except OSError as exc:  # no memfd or unix sockets here: TCP it is
                 self._shm_offered = False
@@ -478,11 +485,31 @@ class ServerEndpoint:
                 if sid else f"refused a client's shared-memory proof: {why}"),
                 file=sys.stderr, flush=True)
 
+    def _ensure_arena(self):
+        if self._arena is None:
+            try:
+                self._arena = shm.Arena()
+            except OSError as exc:  # no memfd here, or no room to map it: masters as before
+                self._arena = False
+                self._log("arena", f"the masters stay in ordinary memory: {exc}")
+        return self._arena or None
+
+    def shared_empty(self, count: int):
+        """``count`` fp32 values (a NumPy array, contents undefined) in memory that this
+        endpoint's same-host clients can read replies from without a copy, or None where
+        it offers no shared memory (the caller allocates as usual)."""
+        if not self._shm_offered:
+            return None
+        arena = self._ensure_arena()
+        return arena.empty(count) if arena is not None else None
+
     def _shm_reap(self) -> None:
         now = time.monotonic()
         if self._shm.dead or now - self._shm_reaped > 1.0:
             self._shm_reaped = now
             self._shm.reap()
+            if self._arena:
+                self._arena.reap()
 
     def _shm_prefix(self, peer: bytes, frames: Sequence) -> tuple[Optional[bytes], Sequence]:
         """(prefix frame or None, the frames to send inline) for a message to ``peer``."""
@@ -491,7 +518,7 @@ class ServerEndpoint:
         if s is not None and frames and any(_nbytes(f) >= shm.MIN_BYTES for f in frames):
             slots, inline = s.producer.put(frames)
             if len(inline) < len(frames):
-                self.shm_bytes_out += sum(n for e, _, n in slots if e >= 0)
+                self.shm_bytes_out += sum(n for e, _, n in slots if e != -1)
                 ctl = ctl or shm.Prefix()
                 ctl.session, ctl.slots = s.id, slots
                 frames = inline
@@ -544,6 +571,9 @@ class ServerEndpoint:
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        if self._arena:
+            self._arena.close()
+        self._arena = None
 
 
 class ClientEndpoint:
@@ -813,7 +843,7 @@ class ClientEndpoint:
                 if not isinstance(state, shm.Attached) or state.id != prefix.session:
                     raise TransportError(f"{self.peer_name} sent a reply through a "
                                          f"shared-memory segment we do not hold")
-                frames, why = _slotted(state.seg, shm.DOWN, prefix.slots, frames)
+                frames, why = _slotted(state.seg, shm.DOWN, prefix.slots, frames, state.arena)
                 if why:
                     raise TransportError(f"{self.peer_name} sent a malformed reply: {why}")
                 self.shm_bytes_in += sum(len(f) for f in frames if isinstance(f, shm.ShmFrame))

@@ -43,6 +43,19 @@ server needs no new request type):
    only over the authenticated channel. A process squatting the socket name hands
    out another segment, whose nonce the server refuses: the client stays on TCP.
 
+Replies that are a sync server's master itself (``Shared`` frames): a server endpoint
+that offers shared memory also keeps an *arena*, one more memfd that holds its dense
+partitions' fp32 masters (:meth:`Arena.empty`), handed to each client with its segment
+and mapped there read-only (the arena is sealed against new writable mappings where
+the kernel can, ``F_SEAL_FUTURE_WRITE``). A sync reply of fp32 values names the master's
+place in the arena (entry :data:`ARENA`) instead of copying it into the segment: the
+client copies the values out of the server's master, one pass over them in all where
+there were two. That is safe only where the master cannot change until the client has
+read it: in sync mode it changes once every live worker pushed the next clock, and a
+worker pushes it only after it has read this reply (the condition that already lets
+such a reply go over TCP without a copy; ``ParameterServer._frame``). Only the server
+marks a frame ``Shared``, and only then; any other frame over the arena is copied.
+
 Crashes leak nothing: a memfd segment disappears with its last fd and mapping, so
 ``kill -9`` of either side frees it with that process. The unix connection of
 step 2 stays open as a liveness line: when the client process ends, the server sees
@@ -76,6 +89,14 @@ MIN_BYTES = 64 << 10
 ENTRIES = 1 << 16
 #: Data region per direction (virtual: pages are allocated only when written).
 REGION_BYTES = 512 << 20
+#: A server's arena of masters (virtual, as above); past it, masters are ordinary memory.
+ARENA_BYTES = 16 << 30
+#: A freed arena block is reused (and, where the write seal allows it, its pages given
+#: back) only after this many seconds: a client may still be reading the last values it
+#: was answered with.
+ARENA_GRACE_S = 10.0
+#: A slot's entry that names the server's arena (a ``Shared`` reply), not the segment.
+ARENA = -2
 #: A pending offer not proved within this many seconds is dropped.
 OFFER_TTL_S = 30.0
 #: How long a client waits for the segment's fd on the unix socket.
@@ -92,6 +113,8 @@ _MAGIC = b"TESSERA-SHM-v1\0\0"
 _HEADER = 4096
 _ALIGN = 64
 _SEALS_NEEDED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1; not in fcntl
+_ARENA_ALIGN = 4096
 UP, DOWN = 0, 1
 
 
@@ -114,11 +137,13 @@ class Offer(msgspec.Struct, forbid_unknown_fields=True):
     offer: str  # one-time offer id, hex
     session: int
     size: int  # the segment's size in bytes
+    arena: int = 0  # the arena's size in bytes, handed out with the segment (0: none)
 
 
 class Prefix(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What a prefix frame says. ``slots``: one ``(entry, offset, nbytes)`` per payload
-    frame of the message, in order; entry -1: the next inline ZeroMQ frame."""
+    frame of the message, in order; entry -1: the next inline ZeroMQ frame; entry
+    :data:`ARENA` (replies only): at ``offset`` in the server's arena."""
 
     session: int = 0
     slots: list[tuple[int, int, int]] = []
@@ -262,12 +287,119 @@ def receive(seg: Segment, direction: int, slot: tuple[int, int, int]) -> ShmFram
     return arr.view(ShmFrame)
 
 
+class Shared(np.ndarray):
+    """A reply frame that is the server's master itself, marked by the server where the
+    master cannot change before the client has read it (module docstring): through
+    shared memory it goes as its place in the arena, over TCP as the bytes."""
+
+
+class Arena:
+    """A server's masters in one memfd that its same-host clients map read-only."""
+
+    def __init__(self, size: int = ARENA_BYTES):
+        self.size = size
+        self.fd = os.memfd_create("tessera-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+            try:  # no process may map it writable any more; ours stays so
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS_NEEDED | _SEAL_FUTURE_WRITE)
+            except OSError:  # an older kernel: sealed against resizing only
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS_NEEDED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.base = np.frombuffer(self.mm, np.uint8, 1).ctypes.data
+        self._top = 0
+        self._free: dict[int, list[int]] = {}  # size -> offsets past their grace
+        #: (when, offset, size) in grace: appended by finalizers (any thread, maybe
+        #: inside :meth:`empty`: no lock there), taken under the lock.
+        self._freed: list[tuple[float, int, int]] = []
+        self.lock = threading.Lock()
+
+    def empty(self, count: int) -> Optional[np.ndarray]:
+        """``count`` fp32 values in the arena (contents undefined), or None when it is
+        full. The block returns to the arena when the array's last view is gone."""
+        size = -(-count * 4 // _ARENA_ALIGN) * _ARENA_ALIGN
+        with self.lock:
+            self._reap_locked()
+            reused = self._free.get(size)
+            if reused:
+                off = reused.pop()
+            elif self._top + size <= self.size:
+                off, self._top = self._top, self._top + size
+            else:
+                return None
+        arr = np.frombuffer(self.mm, np.float32, count, off)
+        weakref.finalize(arr, self._release, off, size)
+        return arr
+
+    def _release(self, off: int, size: int) -> None:
+        self._freed.append((time.monotonic(), off, size))
+
+    def reap(self) -> None:
+        """Make the blocks freed more than :data:`ARENA_GRACE_S` ago reusable (and give
+        their pages back where the kernel allows it: not under ``F_SEAL_FUTURE_WRITE``,
+        where a block of the same size takes them over)."""
+        if self._freed:
+            with self.lock:
+                self._reap_locked()
+
+    def _reap_locked(self) -> None:
+        now = time.monotonic()
+        while self._freed and now - self._freed[0][0] > ARENA_GRACE_S:
+            _, off, size = self._freed.pop(0)
+            try:
+                self.mm.madvise(mmap.MADV_REMOVE, off, size)
+            except (OSError, ValueError):
+                pass
+            self._free.setdefault(size, []).append(off)
+
+    def offset_of(self, arr: np.ndarray) -> int:
+        """Where ``arr``'s bytes lie in the arena, or -1 when they do not."""
+        off = arr.ctypes.data - self.base
+        return off if 0 <= off and off + arr.nbytes <= self.size else -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.mm.close()
+        except BufferError:  # masters over it still alive: unmapped when they are gone
+            pass
+
+
+def attach_arena(fd: int, size: int) -> mmap.mmap:
+    """Map a server's arena read-only (the fd is closed; the mapping stays)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if seals & _SEALS_NEEDED != _SEALS_NEEDED:
+            raise ShmError("the arena is not sealed against resizing")
+        if os.fstat(fd).st_size != size:
+            raise ShmError(f"the arena has {os.fstat(fd).st_size} bytes, the offer said {size}")
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ)  # read-only buffers, too
+    except OSError as exc:
+        raise ShmError(f"cannot map the arena: {exc}") from None
+    finally:
+        os.close(fd)
+
+
+def receive_arena(arena: Optional[mmap.mmap], slot: tuple[int, int, int]) -> ShmFrame:
+    """A ``Shared`` reply's bytes in the server's arena, as a view (nothing to release)."""
+    _, off, n = slot
+    if arena is None or not (0 <= off and 0 <= n and off + n <= len(arena)):
+        raise ShmError(f"slot {slot} lies outside the server's arena")
+    return np.frombuffer(arena, np.uint8, n, off).view(ShmFrame)
+
+
 class Producer:
     """This side's writer into one direction of a segment: first-fit allocation of
     frames, reclaimed once the consumer released them."""
 
-    def __init__(self, seg: Segment, direction: int):
-        self.seg, self.direction = seg, direction
+    def __init__(self, seg: Segment, direction: int, arena: Optional[Arena] = None):
+        self.seg, self.direction, self.arena = seg, direction, arena
         self.status = seg.status[direction]
         self.data = np.frombuffer(seg.mm, np.uint8, seg.region, seg.data_at[direction])
         self.live: list[tuple[int, int, int]] = []  # (offset, size, entry), by offset
@@ -282,7 +414,8 @@ class Producer:
 
     def put(self, frames) -> tuple[list, list]:
         """(slots, inline frames): each frame of at least :data:`MIN_BYTES` copied into
-        the segment if there is room, the rest left to go inline."""
+        the segment if there is room, the rest left to go inline. A ``Shared`` frame in
+        the arena goes as its place there, without a copy."""
         self._reclaim()
         slots, inline = [], []
         for frame in frames:
@@ -291,6 +424,11 @@ class Producer:
             except (TypeError, ValueError):  # not a buffer: inline, where ZeroMQ refuses it
                 src = np.empty(0, np.uint8)
             n = src.nbytes
+            if type(src) is Shared and self.arena is not None and n >= MIN_BYTES:
+                off = self.arena.offset_of(src)
+                if off >= 0:
+                    slots.append((ARENA, off, n))
+                    continue
             at = self._place(n) if n >= MIN_BYTES and self.free else -1
             if at < 0:
                 slots.append((-1, 0, 0))
@@ -339,8 +477,9 @@ class Host:
     """A server endpoint's segments, one per connection that proved it shares this
     host, and the thread that hands out their fds and watches their clients live."""
 
-    def __init__(self, region: int = REGION_BYTES):
+    def __init__(self, region: int = REGION_BYTES, arena: Optional[Arena] = None):
         self.region = region
+        self.arena = arena  # handed out with every segment, when there is one
         self.name = f"tessera-shm-{os.getpid()}-{secrets.token_hex(16)}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.bind("\0" + self.name)
@@ -367,7 +506,8 @@ class Host:
             self.by_offer[s.offer] = s
         if old is not None:
             self._drop(old)
-        return Offer(socket=self.name, offer=s.offer.hex(), session=sid, size=seg.size)
+        return Offer(socket=self.name, offer=s.offer.hex(), session=sid, size=seg.size,
+                     arena=self.arena.size if self.arena is not None else 0)
 
     def prove(self, peer: bytes, nonce_hex: str) -> tuple[int, str]:
         """(session id, "") when ``peer`` read its segment's nonce, else (0, why)."""
@@ -384,7 +524,7 @@ class Host:
             proved = s.conn is not None and secrets.compare_digest(nonce, s.seg.nonce)
             if proved:
                 s.active = True
-                s.producer = Producer(s.seg, DOWN)
+                s.producer = Producer(s.seg, DOWN, self.arena)
         if not proved:
             self._drop(s)
             return 0, "the nonce does not match the offered segment"
@@ -482,7 +622,8 @@ class Host:
                 s = self.by_offer.pop(offer, None)
                 if s is None or s.conn is not None or s.seg.fd < 0:
                     raise ShmError("no such offer")
-                socket.send_fds(conn, [b"ok"], [s.seg.fd])
+                fds = [s.seg.fd] + ([self.arena.fd] if self.arena is not None else [])
+                socket.send_fds(conn, [b"ok"], fds)
                 s.seg.close_fd()  # handed out once; the mapping stays
                 conn.setblocking(False)
                 s.conn = conn
@@ -503,11 +644,17 @@ class Attached:
             self.conn.settimeout(ATTACH_TIMEOUT_S)
             self.conn.connect("\0" + offer.socket)
             self.conn.sendall(bytes.fromhex(offer.offer))
-            msg, fds, _, _ = socket.recv_fds(self.conn, 16, 1)
-            if msg != b"ok" or len(fds) != 1:
+            msg, fds, _, _ = socket.recv_fds(self.conn, 16, 2)
+            if msg != b"ok" or len(fds) != 1 + bool(offer.arena):
                 for fd in fds:
                     os.close(fd)
                 raise ShmError("the server handed out no segment", transient=True)
+            try:
+                #: The server's arena, read-only: ``Shared`` replies are read from it.
+                self.arena = attach_arena(fds[1], offer.arena) if offer.arena else None
+            except ShmError:
+                os.close(fds[0])
+                raise
             self.seg = Segment.attach(fds[0], offer.size)
             self.conn.setblocking(False)
         except (OSError, ValueError) as exc:
@@ -535,3 +682,8 @@ class Attached:
         self.producer = None
         self.conn.close()
         self.seg.close()
+        if self.arena is not None:
+            try:
+                self.arena.close()
+            except BufferError:  # replies over it still alive: unmapped when they are gone
+                pass
