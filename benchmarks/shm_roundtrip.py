@@ -8,7 +8,8 @@ that alternate so that the machine's load hits them alike:
 
 * ``shm``: real :class:`tessera.ps.server.ParameterServer` processes whose
   ``ServerEndpoint`` offers shared memory (``[cluster] shm = "auto"``, the default),
-  one :class:`tessera.ps.client.PSClient` worker: payloads through a memfd segment,
+  one :class:`tessera.ps.client.PSClient` worker: pushes through a memfd segment, the
+  sync replies read from the server's master in its arena (no copy on the server),
   headers over ZeroMQ;
 * ``tcp``: the same with ``shm = "off"``: every byte over loopback TCP;
 * ``zmq``: raw pyzmq moving the same bytes in the same partitions (DEALER -> ROUTER

@@ -568,6 +568,9 @@ class PSClient:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
 
         ``grad`` may already be in the wire dtype (then it is sent without a copy).
+        The values are views of what was received: copy them out before ``release()``
+        and never write into them (in sync mode on one host they are the server's
+        master itself, mapped read-only: ``tessera.transport.shm``).
         """
         info = self.parts[partition]
         dtype = dtype or self.wire_dtype
