@@ -324,14 +324,17 @@ def _ps(ctx, mode: str, numel: int):
     return client, shard_map, close
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies(ctx, mode):
+@pytest.mark.parametrize("mode", ["sync", "async", "sync-no-arena"])
+def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies(
+        ctx, mode, monkeypatch, capfd):
     """Sync: a push's reply is the master itself, read in the server's arena through a
     read-only mapping (``r--s``: no client can write the master; no copy into the
     segment); async, where the master moves on at
     any time, the reply is a copy in the segment. The values are exact either way."""
     numel = 400_000  # 2 partitions of 800 KB: through shared memory
-    client, shard_map, close = _ps(ctx, mode, numel)
+    if mode == "sync-no-arena":  # an arena that cannot be made (as under ulimit -v)
+        monkeypatch.setattr(shm, "ARENA_BYTES", 1 << 62)
+    client, shard_map, close = _ps(ctx, mode.split("-")[0], numel)
     try:
         gen = torch.Generator().manual_seed(3)
         expected = torch.randn(numel, generator=gen)
@@ -351,11 +354,13 @@ def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies
         if mode == "sync":
             assert ("r--s", "/memfd:tessera-arena (deleted)") in where, where
             assert not any("tessera-shm" in name for _, name in where), where
-        else:
+        else:  # copies in the segment; without an arena the masters stay where they were
             assert ("rw-s", "/memfd:tessera-shm (deleted)") in where, where
             assert not any("arena" in name for _, name in where), where
     finally:
         close()
+    said = capfd.readouterr().err
+    assert ("the masters stay in ordinary memory" in said) == (mode == "sync-no-arena"), said
 
 
 def test_the_arena_is_sealed_and_reuses_freed_blocks_after_their_grace(monkeypatch):

@@ -489,7 +489,9 @@ class ServerEndpoint:
         if self._arena is None:
             try:
                 self._arena = shm.Arena()
-            except OSError as exc:  # no memfd here, or no room to map it: masters as before
+            except (OSError, ValueError, AttributeError) as exc:
+                # no memfd on this OS, or no address space to map it (ulimit -v): the
+                # masters stay in ordinary memory and every reply is copied, as before
                 self._arena = False
                 self._log("arena", f"the masters stay in ordinary memory: {exc}")
         return self._arena or None

@@ -296,8 +296,8 @@ class Shared(np.ndarray):
 class Arena:
     """A server's masters in one memfd that its same-host clients map read-only."""
 
-    def __init__(self, size: int = ARENA_BYTES):
-        self.size = size
+    def __init__(self, size: Optional[int] = None):
+        self.size = size = ARENA_BYTES if size is None else size
         self.fd = os.memfd_create("tessera-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
