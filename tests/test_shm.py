@@ -392,6 +392,48 @@ def test_the_arena_is_sealed_and_reuses_freed_blocks_after_their_grace(monkeypat
         arena.close()
 
 
+class _ReleasedWhileRead:
+    """A status table whose entry ``entry`` the consumer releases right after the
+    producer first reads it (another process does that at any moment)."""
+
+    def __init__(self, status, entry: int):
+        self.status, self.entry, self.reads = status, entry, 0
+
+    def __getitem__(self, i):
+        value = self.status[i]
+        if i == self.entry:
+            self.reads += 1
+            if self.reads == 1:
+                self.status[i] = 0  # released just after this read
+        return value
+
+    def __setitem__(self, i, value):
+        self.status[i] = value
+
+
+def test_an_entry_released_while_the_producer_reclaims_is_freed_once():
+    """The consumer may release an entry between two reads of the producer's; the entry
+    must then be either live or free, once, never both (else two frames share it, and
+    releasing one hands the other's bytes to the next frame while they are read)."""
+    seg = shm.Segment.create(region=1 << 22)
+    try:
+        producer = shm.Producer(seg, shm.UP)
+        frames = [np.full(shm.MIN_BYTES, i, np.uint8) for i in range(3)]
+        slots, _ = producer.put(frames)
+        seg.status[shm.UP][slots[0][0]] = 0  # the consumer is done with frame 0
+        producer.status = _ReleasedWhileRead(seg.status[shm.UP], slots[1][0])
+        producer.put([np.full(shm.MIN_BYTES, 9, np.uint8)])
+        live = [e for _, _, e in producer.live]
+        assert len(live) == len(set(live)), ("two live frames share an entry", producer.live)
+        assert len(producer.free) == len(set(producer.free)), "an entry freed twice"
+        assert not set(live) & set(producer.free), (live, "both live and free")
+        # and no two live frames overlap in the region
+        spans = sorted((off, off + size) for off, size, _ in producer.live)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    finally:
+        seg.close()
+
+
 def fcntl_future_write(fd: int) -> bool:
     import fcntl
     return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & 0x10)

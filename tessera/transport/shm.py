@@ -406,10 +406,18 @@ class Producer:
         self.free = list(range(ENTRIES - 1, -1, -1))
 
     def _reclaim(self) -> None:
+        # Each entry's status is read once: the consumer releases entries concurrently
+        # (another process), and an entry read as live, then as released, used to land
+        # both in ``live`` and in ``free``; freed twice later, two frames then shared an
+        # entry, and the release of one handed the other's bytes to the next frame while
+        # the consumer still read them (a push applied with another partition's
+        # gradient, under load: shm_roundtrip's "same values: no").
         status = self.status
-        kept = [x for x in self.live if status[x[2]]]
-        if len(kept) != len(self.live):
-            self.free.extend(x[2] for x in self.live if not status[x[2]])
+        kept, freed = [], []
+        for x in self.live:
+            (kept if status[x[2]] else freed).append(x)
+        if freed:
+            self.free.extend(x[2] for x in freed)
             self.live = kept
 
     def put(self, frames) -> tuple[list, list]:
