@@ -28,6 +28,7 @@ already applied is not applied again.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Optional
@@ -131,7 +132,8 @@ class ParameterServer:
         self.stats["busy_s"] = 0.0
         self.stats["table_busy_s"] = 0.0  # the part of it serving table rows
         self._reply = self._answer  # bound once: every waiting request carries it
-        self._reply_push = self._answer_push
+        #: A push's reply: the pushing worker reads it before it pushes again (_frame).
+        self._reply_push = functools.partial(self._answer, shared=True)
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
 
@@ -740,15 +742,9 @@ class ParameterServer:
         if costs is not None:
             costs.lap("encode")
 
-    def _answer(self, w: Reply) -> None:
-        if w.run_clock >= 0:
-            gap = w.run_clock - min(st.clock for st in w.units)
-            self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
-        self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after)
-
-    def _answer_push(self, w: Reply) -> None:
+    def _answer(self, w: Reply, shared: bool = False) -> None:
         if w.run_clock >= 0:
             gap = w.run_clock - min(st.clock for st in w.units)
             self.stats["max_clock_gap"] = max(self.stats["max_clock_gap"], gap)
         self._send_params(w.peer, w.req, w.units, w.dtype, after=self._reply_after,
-                          shared=True)
+                          shared=shared)
