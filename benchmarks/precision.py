@@ -446,4 +446,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _machine import as_launched
+    as_launched()
     main()

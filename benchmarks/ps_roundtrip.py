@@ -16,10 +16,12 @@ new values (push and pull in one round trip). Systems measured:
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
   shard, the server applies SGD and returns the new shard.
-* ``tessera_malloc``: ``tessera`` with glibc's malloc told, in its processes
-  environment, to keep freed memory (:data:`MALLOC_ENV`: ``MALLOC_MMAP_THRESHOLD_`` 32 MiB,
-  ``MALLOC_TRIM_THRESHOLD_`` 512 MiB), so that a 4 MiB receive buffer freed after a push
-  is reused rather than unmapped and faulted in again. Only with ``--systems`` naming it.
+* ``tessera_glibc``: ``tessera`` with glibc's own malloc defaults, as before the
+  launcher set its variables: a 4 MiB receive buffer freed after a push is unmapped and the
+  next one faulted in again, page by page. Every process of this benchmark otherwise runs
+  with the environment Tessera's launcher gives a job's processes
+  (``tessera.config.env.MALLOC_DEFAULTS``, :func:`_machine.as_launched`), the alternatives'
+  processes included. Only with ``--systems`` naming it.
 * ``tessera_batched``: ``tessera`` with the worker's pushes of partitions under 256 KiB
   batched per server (``PSClient(batch_bytes=...)``, ``[ps] batch_kib``): one message per
   server and iteration where partitions are small (``--partition-mb``). Only with
@@ -53,21 +55,24 @@ import sys
 import time
 import traceback
 
+from tessera.config.env import MALLOC_DEFAULTS
+
 GB = 1e9
-#: The environment of tessera_malloc's processes (glibc reads it at start-up).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+#: The environment of tessera_glibc's processes (glibc reads it at start-up): the
+#: launcher's malloc variables unset.
+GLIBC_ENV = dict.fromkeys(MALLOC_DEFAULTS)
 PARTITION_MB = 4.0
 #: tessera_batched's PSClient batch_bytes ([ps] batch_kib's default).
 BATCH_BYTES = 256 * 1024
 #: The systems that run Tessera's servers and client, each in processes of its own.
-TESSERA_SYSTEMS = ("tessera", "tessera_malloc", "tessera_batched")
+TESSERA_SYSTEMS = ("tessera", "tessera_glibc", "tessera_batched")
 LR = 0.01
 
 
 # ------------------------------------------------------------------ helpers
 
 
-from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
+from _machine import as_launched as _as_launched, cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 
@@ -407,7 +412,11 @@ class Bench:
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_child, args=(fn, child, *args), name=name, daemon=True)
         saved = {k: os.environ.get(k) for k in env or {}}
-        os.environ.update(env or {})  # a spawned child starts with this environment
+        for k, v in (env or {}).items():  # a spawned child starts with this environment
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         try:
             p.start()
         finally:
@@ -468,7 +477,7 @@ class Bench:
         tess = [s for s in TESSERA_SYSTEMS if s in systems]
         t_servers, t_worker = {}, {}
         for s in tess:
-            env = MALLOC_ENV if s == "tessera_malloc" else None
+            env = GLIBC_ENV if s == "tessera_glibc" else None
             t_servers[s] = [self.spawn(f"{s}-server{r}", _tessera_server, r, self.secret,
                                        self.stop, a.profile, a.breakdown, env=env)
                             for r in range(max_s)]
@@ -623,9 +632,9 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
             row[f"{t}_server_apply_ms_per_iter"] = round(r[f"{t}_server_apply_ms_per_iter"], 2)
         if r.get(f"{t}_server_cpu_us_per_msg"):
             row[f"{t}_server_cpu_us_per_msg"] = r[f"{t}_server_cpu_us_per_msg"]
-    if "tessera_malloc_cpu_ms_per_iter" in row and "tessera_cpu_ms_per_iter" in row:
-        row["malloc_cpu_vs_tessera"] = round(row["tessera_malloc_cpu_ms_per_iter"]
-                                             / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
+    if "tessera_glibc_cpu_ms_per_iter" in row and "tessera_cpu_ms_per_iter" in row:
+        row["glibc_cpu_vs_tessera"] = round(row["tessera_glibc_cpu_ms_per_iter"]
+                                            / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
     if "tessera_batched_gbps" in row and "tessera_gbps" in row:
         row["batched_vs_tessera"] = round(row["tessera_batched_gbps"] / row["tessera_gbps"], 3)
     row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
@@ -654,7 +663,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
-                    help="comma-separated subset of tessera,tessera_malloc,tessera_batched,zmq,"
+                    help="comma-separated subset of tessera,tessera_glibc,tessera_batched,zmq,"
                          "rpc,gloo")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="servers without the per-request CPU breakdown (its clock reads cost "
@@ -704,4 +713,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _as_launched()
     sys.exit(main())

@@ -58,6 +58,7 @@ from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
+from _machine import as_launched as _as_launched  # noqa: E402
 
 LR = 0.01
 #: A client that has not had its reply this long after the run counts it as an error.
@@ -481,4 +482,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _as_launched()
     sys.exit(main())

@@ -36,7 +36,8 @@ import sys
 import time
 import traceback
 
-from _machine import busy_s, cpu_s, foreign_cpu_pct, log, own_s, recv as recv_from, watch_parent
+from _machine import as_launched, busy_s, cpu_s, foreign_cpu_pct, log, own_s
+from _machine import recv as recv_from, watch_parent
 from ps_roundtrip import PARTITION_MB, _plan, _zmq_echo  # the same plan and raw echo
 
 GB = 1e9
@@ -335,4 +336,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    as_launched()
     sys.exit(main())

@@ -82,6 +82,7 @@ from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
+from _machine import as_launched as _as_launched  # noqa: E402
 
 
 def zipf_batches(batch: int, count: int, seed: int):
@@ -664,4 +665,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _as_launched()
     sys.exit(main())

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import busy_s, cpu_s, foreign_cpu_pct, log, own_s, recv, watch_parent  # noqa: E402
+from _machine import as_launched  # noqa: E402
 
 DIM = 16
 BATCH = 65_536
@@ -359,4 +360,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    as_launched()
     main()

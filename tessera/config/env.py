@@ -66,7 +66,7 @@ OMP_NUM_THREADS = "OMP_NUM_THREADS"
 #: keep freed blocks under 32 MiB and up to 512 MiB of free heap for reuse: glibc's own
 #: defaults give a freed 4 MiB receive buffer back to the kernel (munmap) and fault the
 #: next one in again, page by page, once per partition per step
-#: (benchmarks/ps_roundtrip.py ``tessera_malloc``). A value the user set is kept.
+#: (benchmarks/ps_roundtrip.py ``tessera_glibc``). A value the user set is kept.
 MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
                    "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 RAY_ADDRESS = "RAY_ADDRESS"
