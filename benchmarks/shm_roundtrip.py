@@ -8,9 +8,12 @@ that alternate so that the machine's load hits them alike:
 
 * ``shm``: real :class:`tessera.ps.server.ParameterServer` processes whose
   ``ServerEndpoint`` offers shared memory (``[cluster] shm = "auto"``, the default),
-  one :class:`tessera.ps.client.PSClient` worker: pushes through a memfd segment, the
-  sync replies read from the server's master in its arena (no copy on the server),
-  headers over ZeroMQ;
+  one :class:`tessera.ps.client.PSClient` worker whose gradient lives in
+  ``PSClient.shared_zeros`` memory, as ``PSDataParallel``'s does: the server reads each
+  push there in place (lent, not copied into the segment), the sync replies are read from
+  the server's master in its arena (no copy on the server), headers over ZeroMQ; the
+  worker waits for the server to let go of the gradient each step (``wait_lent``), as
+  ``PSDataParallel.step`` does;
 * ``tcp``: the same with ``shm = "off"``: every byte over loopback TCP;
 * ``zmq``: raw pyzmq moving the same bytes in the same partitions (DEALER -> ROUTER
   echo, ``copy=False``, no update, no auth): the TCP transport's ceiling, for reference.
@@ -112,8 +115,11 @@ def _worker(conn, secret: str) -> None:
                               secret=secret, worker=0, timeout_s=60.0)
             client.connect()
             gen = torch.Generator().manual_seed(0)
+            grad = client.shared_zeros(n)  # as PSDataParallel keeps its gradients
+            if grad is None:
+                grad = torch.empty(n)
             client.init_params(torch.randn(n, generator=gen))
-            grad = torch.randn(n, generator=gen).mul_(1e-3)
+            grad.copy_(torch.randn(n, generator=gen).mul_(1e-3))
             values = torch.empty(n)
             state.update(client=client, grad=grad, values=values, parts=shard_map.partitions,
                          clock=0)
@@ -129,6 +135,7 @@ def _worker(conn, secret: str) -> None:
                 for p, h in zip(parts, handles):  # the values copied out, as a worker does
                     values[p.start:p.stop].copy_(h.wait()[p.id])
                     h.release()
+                client.wait_lent()  # before the gradient may be written again
                 times.append(time.perf_counter() - t0)
                 state["clock"] = clock + 1
             conn.send(times)

@@ -256,7 +256,7 @@ def test_a_segment_is_handed_only_to_our_uid_with_a_live_offer():
                  "os.setuid(int(sys.argv[3]))\n"
                  "s=socket.socket(socket.AF_UNIX);s.settimeout(5);s.connect('\\0'+sys.argv[1])\n"
                  "try:\n"
-                 "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+                 "    s.sendall(bytes.fromhex(sys.argv[2]) + bytes(8))\n"  # no arena lent
                  "    m,fds,_,_=socket.recv_fds(s,16,1)\n"
                  "except OSError:\n"
                  "    fds=[]\n"
@@ -361,6 +361,108 @@ def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies
         close()
     said = capfd.readouterr().err
     assert ("the masters stay in ordinary memory" in said) == (mode == "sync-no-arena"), said
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_lent_gradients_are_read_by_the_server_in_place_and_waited_for(ctx, mode,
+                                                                        monkeypatch):
+    """A client's gradients in ``shared_zeros`` memory are lent, not copied: the server
+    reads each push through a read-only mapping of the client's arena (``r--s``), the
+    values are exact every clock, and once ``wait_lent`` returned the server holds no
+    view of them, so the buffer may be written again."""
+    seen = []
+    receive_lent = shm.receive_lent
+
+    def recording(seg, lent, slot):
+        frame = receive_lent(seg, lent, slot)
+        seen.append(_mapping(frame.ctypes.data))
+        return frame
+    monkeypatch.setattr(shm, "receive_lent", recording)
+    numel = 400_000  # 2 partitions of 800 KB: through shared memory
+    client, shard_map, close = _ps(ctx, mode, numel)
+    try:
+        grads = client.shared_zeros(numel)  # before the segment is set up: it lends
+        assert grads is not None and not grads.any()
+        assert _mapping(grads.data_ptr()) == ("rw-s", "/memfd:tessera-lend (deleted)")
+        assert client.shared_zeros(10) is None  # one lending buffer per client
+        gen = torch.Generator().manual_seed(5)
+        expected = torch.randn(numel, generator=gen)
+        client.init_params(expected.clone())
+        for clock in range(6):
+            grads.copy_(torch.randn(numel, generator=gen))
+            expected.add_(grads, alpha=-0.5)
+            handles = [client.push(p.id, grads[p.start:p.stop], clock)
+                       for p in shard_map.partitions]
+            for p, h in zip(shard_map.partitions, handles):
+                assert torch.equal(h.wait()[p.id], expected[p.start:p.stop]), (clock, p.id)
+                h.release()
+            client.wait_lent()
+            assert sum(ep.lent() for ep in client.servers) == 0
+            grads.fill_(float("nan"))  # written right after: the next clock shows any misuse
+        # (the first push set the segment up: inline; every later one was lent)
+        assert len(seen) >= 2 * 5, seen
+        assert set(seen) == {("r--s", "/memfd:tessera-lend (deleted)")}, set(seen)
+    finally:
+        close()
+
+
+def test_a_lent_frame_is_outstanding_until_the_servers_last_view_is_gone():
+    import gc
+
+    seg = shm.Segment.create(region=1 << 22)
+    lend = shm.Arena(1 << 20, name="tessera-lend")
+    try:
+        producer = shm.Producer(seg, shm.UP, lend=lend)
+        grads = lend.empty(100_000)
+        grads[:] = 3.0
+        copied = np.full(shm.MIN_BYTES, 1, np.uint8)
+        slots, inline = producer.put([grads, copied])
+        assert not inline and slots[0][0] <= shm.LENT and slots[1][0] >= 0, slots
+        assert slots[0][1:] == (lend.offset_of(grads), grads.nbytes)
+        assert producer.outstanding() == 1
+        server_view = shm.attach_arena(os.dup(lend.fd), lend.size)
+        frame = shm.receive_lent(seg, server_view, slots[0])
+        values = frame_to_tensor(frame.buffer, "float32", 100_000)[:10]
+        assert values.eq(3.0).all()
+        del frame
+        gc.collect()
+        assert producer.outstanding() == 1  # a tensor over it is still alive
+        del values
+        gc.collect()
+        assert producer.outstanding() == 0
+        with pytest.raises(shm.ShmError):  # a slot past the client's arena
+            shm.receive_lent(seg, server_view, (shm.LENT, lend.size - 8, 64))
+        del server_view
+    finally:
+        seg.close()
+        lend.close()
+
+
+def test_the_server_maps_only_a_sealed_arena_a_client_lends():
+    """A client's arena without seals could shrink under the server's mapping (a fault
+    that kills it): the server hands no segment to such a client, which stays on TCP."""
+    import fcntl
+
+    class Unsealed:
+        size = 1 << 20
+
+        def __init__(self):
+            self.fd = os.memfd_create("tessera-lend", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.size)
+
+    host = shm.Host()
+    bad = Unsealed()
+    try:
+        with pytest.raises(shm.ShmError):
+            shm.Attached(host.open(b"peer-a"), bad)
+        good = shm.Arena(1 << 20, name="tessera-lend")
+        attached = shm.Attached(host.open(b"peer-b"), good)
+        assert fcntl.fcntl(good.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        attached.close()
+        good.close()
+    finally:
+        os.close(bad.fd)
+        host.close()
 
 
 def test_the_arena_is_sealed_and_reuses_freed_blocks_after_their_grace(monkeypatch):

@@ -15,6 +15,8 @@ worker counts the same steps.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -52,9 +54,12 @@ def flatten_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return initial, flat
 
 
-def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32
+def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32,
+                  grad_zeros: Optional[Callable[[int], Optional[torch.Tensor]]] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rebind every trainable parameter (and its grad) to views of two flat buffers.
+    ``grad_zeros(n)``: where the flat fp32 gradients of a CPU model live, when it
+    gives a buffer (``PSClient.shared_zeros``: memory its servers read in place).
 
     Returns ``(fp32 copy of the initial values, flat params, flat grads)``.
     """
@@ -64,7 +69,11 @@ def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float32
                if params else torch.zeros(0))
     total = initial.numel()
     flat = torch.empty(total, dtype=dtype, device=device)
-    flat_grad = torch.zeros(total, dtype=dtype, device=device)
+    flat_grad = None
+    if grad_zeros is not None and dtype == torch.float32 and device.type == "cpu" and total:
+        flat_grad = grad_zeros(total)
+    if flat_grad is None:
+        flat_grad = torch.zeros(total, dtype=dtype, device=device)
     off = 0
     with torch.no_grad():
         for p in params:

@@ -157,7 +157,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self.hparams_source = lambda: None
         self._step_hparams: Optional[list] = None
         names = [n for n, p in module.named_parameters() if p.requires_grad]
-        initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype)
+        # The gradients live where the servers on this host read them in place (lent
+        # to them, not copied: tessera.transport.shm); step() waits until they let go.
+        initial, self.flat, self.flat_grad = flatten_model(module, self.policy.param_dtype,
+                                                           client.shared_zeros)
         # Buffers (BatchNorm's statistics) follow the parameters; the servers average them.
         buffers_initial, self.flat_buffers = flatten_buffers(module)
         self._buffers_at = self.flat.numel()
@@ -374,6 +377,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited
         copy_start = prof.now()
+        self.client.wait_lent()  # the servers have let go of the gradients lent to them
         with torch.no_grad():
             self.flat_grad.zero_()
         if prof.enabled:
@@ -410,6 +414,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         return applied
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
+        self.client.wait_lent()
         self.flat_grad.zero_()
 
     @contextlib.contextmanager

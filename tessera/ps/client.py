@@ -40,7 +40,8 @@ from tessera.ps.elastic import MOVED, moved_pairs
 from tessera.ps.replication import NOT_PROMOTED, REPLACED, window
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
-from tessera.transport.endpoint import ClientEndpoint, TransportError
+from tessera.transport import shm
+from tessera.transport.endpoint import ClientEndpoint, PeerTimeout, TransportError
 from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
 
 
@@ -213,6 +214,8 @@ class PSClient:
         self.check = check
         self.servers = [ClientEndpoint(ctx, addr, secret, f"server {i}", sndtimeo_s=timeout_s)
                         for i, addr in enumerate(server_addresses)]
+        #: The arena :meth:`shared_zeros` lends gradients from (None: not made).
+        self.lend: Optional[shm.Arena] = None
         #: Elastic servers: (server rank -> address, servers scaled away), as last heard;
         #: a server started mid-job is connected to when a partition moves to it.
         self._elastic = elastic
@@ -476,6 +479,7 @@ class PSClient:
         for r in stale:
             ep = ClientEndpoint(self._ctx, addresses[r], self._secret, f"server {r}",
                                 sndtimeo_s=self.timeout_s)
+            ep.lend = self.lend
             ep.wait_connected(self.timeout_s, self.check)
             if r < len(self.servers):
                 self.servers[r].close()
@@ -513,6 +517,48 @@ class PSClient:
     def close(self) -> None:
         for ep in self.servers:
             ep.close()
+        if self.lend is not None:
+            self.lend.close()
+
+    # ---------------------------------------------------- lent gradients
+
+    def shared_zeros(self, n: int) -> Optional[torch.Tensor]:
+        """``n`` fp32 zeros in memory that a server on this host reads in place when a
+        slice of it is pushed (lent to it, not copied into the shared-memory segment:
+        :mod:`tessera.transport.shm`); None when this client has one already or the
+        memory cannot be made (then ordinary memory serves, and pushes are copied). The
+        bytes of a push must not be written again until :meth:`wait_lent` returned.
+        Segments set up before this call do not lend."""
+        if self.lend is not None or n <= 0:
+            return None
+        try:
+            self.lend = shm.Arena(-(-n * 4 // 4096) * 4096, name="tessera-lend")
+        except (OSError, ValueError, AttributeError):  # no memfd here (or ulimit -v)
+            return None
+        for ep in self.servers:
+            ep.lend = self.lend
+        return torch.from_numpy(self.lend.empty(n))  # a new memfd's pages read as zeros
+
+    def wait_lent(self, timeout_s: Optional[float] = None) -> None:
+        """Wait until every server has let go of the gradients lent to it (normally at
+        once: a server drops its views of a push before or just after answering it, a
+        replicated one once it was forwarded to the backup). A server that ended reads
+        nothing any more."""
+        if self.lend is None:
+            return
+        deadline, pause = 0.0, 0.0
+        for ep in self.servers:
+            while ep.lent():
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + (timeout_s or self.timeout_s)
+                elif now > deadline:
+                    raise PeerTimeout(f"{ep.peer_name} still reads gradients lent to it "
+                                      f"{timeout_s or self.timeout_s:g} s after answering "
+                                      f"their push")
+                self.check()
+                time.sleep(pause)
+                pause = min(1e-3, 2 * pause or 2e-5)
 
     # ----------------------------------------------------------------- calls
 

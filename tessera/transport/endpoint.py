@@ -310,10 +310,10 @@ def _nbytes(frame) -> int:
 
 
 def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list,
-             arena=None) -> tuple[list, str]:
+             arena=None, lent=None) -> tuple[list, str]:
     """The payload frames a prefix describes: views over ``seg`` (or, in a reply, the
-    server's ``arena``) for its slots, the inline ZeroMQ frames in their places; ("",
-    why) when it does not add up."""
+    server's ``arena``; in a request, the client's ``lent`` arena) for its slots, the
+    inline ZeroMQ frames in their places; ("", why) when it does not add up."""
     if len(slots) > MAX_FRAMES:
         return [], _too_many(len(slots))
     frames, k = [], 0
@@ -321,6 +321,8 @@ def _slotted(seg: "shm.Segment", direction: int, slots: list, inline: list,
         for slot in slots:
             if slot[0] == shm.ARENA:
                 frames.append(shm.receive_arena(arena, slot))
+            elif slot[0] <= shm.LENT:
+                frames.append(shm.receive_lent(seg, lent, slot))
             elif slot[0] < 0:
                 if k == len(inline):
                     return [], "a prefix names more inline frames than the message has"
@@ -453,7 +455,7 @@ class ServerEndpoint:
             s = self._shm.active(peer) if self._shm is not None else None
             if s is None or s.id != prefix.session:
                 return Received(peer, None, [], shm.SHM_LOST, req=req)
-            frames, why = _slotted(s.seg, shm.UP, prefix.slots, frames)
+            frames, why = _slotted(s.seg, shm.UP, prefix.slots, frames, lent=s.lent)
             if why:
                 return Received(peer, None, [], why, req=req)
             self.shm_bytes_in += sum(len(f) for f in frames if isinstance(f, shm.ShmFrame))
@@ -638,6 +640,9 @@ class ClientEndpoint:
         self._shm_sent: dict[int, tuple[bytes, Sequence, int]] = {}
         #: Payload bytes that went through shared memory, each way.
         self.shm_bytes_in = self.shm_bytes_out = 0
+        #: The arena our pushes' gradients may be lent from (``PSClient.shared_zeros``),
+        #: handed to the server with the next segment set up.
+        self.lend: Optional[shm.Arena] = None
 
     def wait_connected(self, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
         """Block until the handshake (authentication included) has succeeded.
@@ -764,8 +769,17 @@ class ClientEndpoint:
         slots, inline = state.producer.put(frames)
         if len(inline) == len(frames):
             return None, frames
-        self.shm_bytes_out += sum(n for e, _, n in slots if e >= 0)
+        self.shm_bytes_out += sum(n for e, _, n in slots if e != -1)  # copied or lent
         return shm.encode_prefix(shm.Prefix(session=state.id, slots=slots)), inline
+
+    def lent(self) -> int:
+        """Frames lent to the server from :attr:`lend` that it still reads (0 once it is
+        gone: nothing reads them then)."""
+        state = self._shm
+        if not isinstance(state, shm.Attached) or state.producer is None:
+            return 0
+        n = state.producer.outstanding()
+        return n if n == 0 or state.server_alive() else 0
 
     def _shm_after_failure(self) -> str:
         """"later" after a set-up failed for a reason that may pass (a timeout under
@@ -786,7 +800,7 @@ class ClientEndpoint:
         """The server's side of the set-up: an offer, or its verdict on our proof."""
         if prefix.offer is not None and self._shm == "asked":
             try:
-                self._shm = shm.Attached(prefix.offer)
+                self._shm = shm.Attached(prefix.offer, self.lend)
                 self._shm_prove = self._shm.seg.nonce.hex()
             except shm.ShmError as exc:  # another host (or namespace): TCP it is
                 self._shm, self._shm_decline = "declined", str(exc) or "cannot map it"

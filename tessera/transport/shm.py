@@ -56,6 +56,19 @@ worker pushes it only after it has read this reply (the condition that already l
 such a reply go over TCP without a copy; ``ParameterServer._frame``). Only the server
 marks a frame ``Shared``, and only then; any other frame over the arena is copied.
 
+Gradients *lent* to the server (``LENT`` slots): a client may keep its gradient buffer in
+an arena of its own (:class:`Arena` again; ``PSClient.shared_empty``), whose fd it hands
+the server with its offer id in step 2 (the server maps it read-only, checking the same
+seals). A pushed frame whose bytes lie in that arena is not copied into the segment: its
+slot names an up-direction status entry, marked 1 as for a copied frame, and the frame's
+place in the client's arena. The server reads the gradient in place and releases the
+entry when the last view of it is gone, as for any frame; until then the client must
+not write those bytes (:meth:`Producer.outstanding`; ``PSClient.wait_lent``, which
+``PSDataParallel.step`` calls before it zeroes the gradients). The client already waits
+for the push's reply before its next backward, and the server drops its views of a push
+before or just after answering it (a replicated one once it was forwarded), so that wait
+is normally over at once.
+
 Crashes leak nothing: a memfd segment disappears with its last fd and mapping, so
 ``kill -9`` of either side frees it with that process. The unix connection of
 step 2 stays open as a liveness line: when the client process ends, the server sees
@@ -97,6 +110,9 @@ ARENA_BYTES = 16 << 30
 ARENA_GRACE_S = 10.0
 #: A slot's entry that names the server's arena (a ``Shared`` reply), not the segment.
 ARENA = -2
+#: A slot's entry at or below this names a frame *lent* from the client's arena: entry
+#: ``LENT - e`` is up-direction status entry ``e``, released as for a copied frame.
+LENT = -3
 #: A pending offer not proved within this many seconds is dropped.
 OFFER_TTL_S = 30.0
 #: How long a client waits for the segment's fd on the unix socket.
@@ -115,6 +131,9 @@ _ALIGN = 64
 _SEALS_NEEDED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1; not in fcntl
 _ARENA_ALIGN = 4096
+#: What a client sends on the unix socket: its offer id and the size of the arena it
+#: lends gradients from (0: none; the fd rides along otherwise).
+_HELLO = 16 + 8
 UP, DOWN = 0, 1
 
 
@@ -143,7 +162,8 @@ class Offer(msgspec.Struct, forbid_unknown_fields=True):
 class Prefix(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What a prefix frame says. ``slots``: one ``(entry, offset, nbytes)`` per payload
     frame of the message, in order; entry -1: the next inline ZeroMQ frame; entry
-    :data:`ARENA` (replies only): at ``offset`` in the server's arena."""
+    :data:`ARENA` (replies only): at ``offset`` in the server's arena; entry ``LENT - e``
+    (requests only): at ``offset`` in the client's arena, status entry ``e``."""
 
     session: int = 0
     slots: list[tuple[int, int, int]] = []
@@ -294,11 +314,12 @@ class Shared(np.ndarray):
 
 
 class Arena:
-    """A server's masters in one memfd that its same-host clients map read-only."""
+    """A server's masters in one memfd that its same-host clients map read-only (or a
+    client's gradients, ``name`` ``tessera-lend``, that its servers map read-only)."""
 
-    def __init__(self, size: Optional[int] = None):
+    def __init__(self, size: Optional[int] = None, name: str = "tessera-arena"):
         self.size = size = ARENA_BYTES if size is None else size
-        self.fd = os.memfd_create("tessera-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
             self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
@@ -372,7 +393,8 @@ class Arena:
 
 
 def attach_arena(fd: int, size: int) -> mmap.mmap:
-    """Map a server's arena read-only (the fd is closed; the mapping stays)."""
+    """Map a peer's arena read-only (the fd is closed; the mapping stays): sealed against
+    resizing, so reading it can never fault."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         if seals & _SEALS_NEEDED != _SEALS_NEEDED:
@@ -386,6 +408,19 @@ def attach_arena(fd: int, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def receive_lent(seg: Segment, lent: Optional[mmap.mmap], slot: tuple[int, int, int]
+                 ) -> ShmFrame:
+    """A frame lent from the client's arena (``lent``, mapped read-only), as a view: its
+    up-direction status entry is released when the last view over it is gone."""
+    entry, off, n = LENT - slot[0], slot[1], slot[2]
+    if lent is None or not (0 <= entry < ENTRIES and 0 <= off and 0 <= n
+                            and off + n <= len(lent)):
+        raise ShmError(f"slot {slot} lies outside the client's arena")
+    arr = np.frombuffer(lent, np.uint8, n, off)
+    weakref.finalize(arr, _release, seg.status[UP], entry)
+    return arr.view(ShmFrame)
+
+
 def receive_arena(arena: Optional[mmap.mmap], slot: tuple[int, int, int]) -> ShmFrame:
     """A ``Shared`` reply's bytes in the server's arena, as a view (nothing to release)."""
     _, off, n = slot
@@ -396,13 +431,17 @@ def receive_arena(arena: Optional[mmap.mmap], slot: tuple[int, int, int]) -> Shm
 
 class Producer:
     """This side's writer into one direction of a segment: first-fit allocation of
-    frames, reclaimed once the consumer released them."""
+    frames, reclaimed once the consumer released them. ``arena``: the server's, whose
+    ``Shared`` frames go as their place there; ``lend``: the client's, whose frames go as
+    their place there, lent until the server releases them."""
 
-    def __init__(self, seg: Segment, direction: int, arena: Optional[Arena] = None):
-        self.seg, self.direction, self.arena = seg, direction, arena
+    def __init__(self, seg: Segment, direction: int, arena: Optional[Arena] = None,
+                 lend: Optional[Arena] = None):
+        self.seg, self.direction, self.arena, self.lend = seg, direction, arena, lend
         self.status = seg.status[direction]
         self.data = np.frombuffer(seg.mm, np.uint8, seg.region, seg.data_at[direction])
         self.live: list[tuple[int, int, int]] = []  # (offset, size, entry), by offset
+        self.lent: list[int] = []  # entries of lent frames (no bytes in the segment)
         self.free = list(range(ENTRIES - 1, -1, -1))
 
     def _reclaim(self) -> None:
@@ -419,6 +458,16 @@ class Producer:
         if freed:
             self.free.extend(x[2] for x in freed)
             self.live = kept
+        if self.lent:
+            lent, free = [], self.free
+            for e in self.lent:
+                (lent if status[e] else free).append(e)
+            self.lent = lent
+
+    def outstanding(self) -> int:
+        """Frames lent from the client's arena that the consumer has not released yet."""
+        self._reclaim()
+        return len(self.lent)
 
     def put(self, frames) -> tuple[list, list]:
         """(slots, inline frames): each frame of at least :data:`MIN_BYTES` copied into
@@ -432,6 +481,14 @@ class Producer:
             except (TypeError, ValueError):  # not a buffer: inline, where ZeroMQ refuses it
                 src = np.empty(0, np.uint8)
             n = src.nbytes
+            if self.lend is not None and n >= MIN_BYTES and self.free:
+                off = self.lend.offset_of(src)
+                if off >= 0:  # the client's own buffer: lent, not copied
+                    entry = self.free.pop()
+                    self.status[entry] = 1
+                    self.lent.append(entry)
+                    slots.append((LENT - entry, off, n))
+                    continue
             if type(src) is Shared and self.arena is not None and n >= MIN_BYTES:
                 off = self.arena.offset_of(src)
                 if off >= 0:
@@ -470,10 +527,13 @@ class Producer:
 
 
 class _Session:
-    __slots__ = ("id", "peer", "seg", "offer", "conn", "created", "producer", "active")
+    __slots__ = ("id", "peer", "seg", "offer", "conn", "created", "producer", "active",
+                 "lent")
 
     def __init__(self, sid: int, peer: bytes, seg: Segment):
         self.id, self.peer, self.seg = sid, peer, seg
+        #: The client's arena, mapped read-only, when it lends its gradients.
+        self.lent: Optional[mmap.mmap] = None
         self.offer = secrets.token_bytes(16)
         self.conn: Optional[socket.socket] = None
         self.created = time.monotonic()
@@ -572,6 +632,11 @@ class Host:
         if conn is not None:
             conn.close()
         s.seg.close()
+        if s.lent is not None:
+            try:
+                s.lent.close()
+            except BufferError:  # lent frames still read: unmapped when they are gone
+                pass
 
     def close(self) -> None:
         self._stop = True
@@ -614,18 +679,31 @@ class Host:
             conn, _ = self.listener.accept()
         except OSError:
             return
+        lent_fd = -1
         try:
             conn.settimeout(ATTACH_TIMEOUT_S)
             pid, uid, gid = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             if uid != os.getuid():
                 raise ShmError("another user")
-            offer = b""
-            while len(offer) < 16:
-                got = conn.recv(16 - len(offer))
-                if not got:
-                    raise ShmError("hung up")
-                offer += got
+            # The offer id, the size of the arena the client lends its gradients from
+            # (0: none) and, with a size, that arena's fd.
+            got, fds, _, _ = socket.recv_fds(conn, _HELLO, 1)
+            lent_fd = fds[0] if fds else -1
+            hello = got
+            while got and len(hello) < _HELLO:
+                got = conn.recv(_HELLO - len(hello))
+                hello += got
+            if len(hello) != _HELLO:
+                raise ShmError("hung up")
+            offer, (lent_size,) = hello[:16], struct.unpack("<Q", hello[16:])
+            if bool(lent_size) != (lent_fd >= 0):
+                raise ShmError("an arena's size without its fd, or an fd without a size")
+            if lent_fd >= 0:
+                lent_fd, fd = -1, lent_fd
+                lent = attach_arena(fd, lent_size)  # (closes fd)
+            else:
+                lent = None
             with self.lock:
                 s = self.by_offer.pop(offer, None)
                 if s is None or s.conn is not None or s.seg.fd < 0:
@@ -634,9 +712,11 @@ class Host:
                 socket.send_fds(conn, [b"ok"], fds)
                 s.seg.close_fd()  # handed out once; the mapping stays
                 conn.setblocking(False)
-                s.conn = conn
+                s.conn, s.lent = conn, lent
         except (OSError, ShmError):
             conn.close()
+            if lent_fd >= 0:
+                os.close(lent_fd)
 
 
 # ------------------------------------------------------------- client side
@@ -645,13 +725,19 @@ class Host:
 class Attached:
     """The client's side of a proved (or about to be proved) segment."""
 
-    def __init__(self, offer: Offer):
+    def __init__(self, offer: Offer, lend: Optional[Arena] = None):
         self.id = offer.session
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self.conn.settimeout(ATTACH_TIMEOUT_S)
             self.conn.connect("\0" + offer.socket)
-            self.conn.sendall(bytes.fromhex(offer.offer))
+            hello = bytes.fromhex(offer.offer) + struct.pack("<Q", lend.size if lend else 0)
+            if len(hello) != _HELLO:
+                raise ShmError("a malformed offer id")
+            if lend is not None:  # the server maps it read-only: lent frames are read there
+                socket.send_fds(self.conn, [hello], [lend.fd])
+            else:
+                self.conn.sendall(hello)
             msg, fds, _, _ = socket.recv_fds(self.conn, 16, 2)
             if msg != b"ok" or len(fds) != 1 + bool(offer.arena):
                 for fd in fds:
@@ -673,7 +759,7 @@ class Attached:
         except ShmError:
             self.conn.close()
             raise
-        self.producer = Producer(self.seg, UP)
+        self.producer = Producer(self.seg, UP, lend=lend)
         self.active = False
 
     def server_alive(self) -> bool:
