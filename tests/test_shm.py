@@ -294,7 +294,7 @@ def _mapping(addr: int) -> tuple[str, str]:
     return "", ""
 
 
-def _ps(ctx, mode: str, numel: int):
+def _ps(ctx, mode: str, numel: int, **options):
     """A real ParameterServer (SGD, one worker) in a thread on a shared-memory
     endpoint, and a PSClient that has set the segment up; -> (client, stop)."""
     from tessera.config.schema import OptimizerConfig
@@ -306,7 +306,8 @@ def _ps(ctx, mode: str, numel: int):
                             numel // 2)
     stop = threading.Event()
     endpoint = ServerEndpoint(ctx, "127.0.0.1", SECRET, shm=True)
-    server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode), endpoint=endpoint,
+    server = ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode, **options),
+                             endpoint=endpoint,
                              partitions=list(shard_map.on_server(0)),
                              optimizer=OptimizerConfig(name="sgd", lr=0.5),
                              hooks=ServerHooks(should_stop=stop.is_set))
@@ -363,13 +364,14 @@ def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies
     assert ("the masters stay in ordinary memory" in said) == (mode == "sync-no-arena"), said
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "sync-costs"])
 def test_lent_gradients_are_read_by_the_server_in_place_and_waited_for(ctx, mode,
                                                                         monkeypatch):
     """A client's gradients in ``shared_zeros`` memory are lent, not copied: the server
     reads each push through a read-only mapping of the client's arena (``r--s``), the
     values are exact every clock, and once ``wait_lent`` returned the server holds no
-    view of them, so the buffer may be written again."""
+    view of them, so the buffer may be written again (``costs``: with the per-request
+    CPU breakdown on, whose serve loop held the last request until the next came)."""
     seen = []
     receive_lent = shm.receive_lent
 
@@ -379,7 +381,9 @@ def test_lent_gradients_are_read_by_the_server_in_place_and_waited_for(ctx, mode
         return frame
     monkeypatch.setattr(shm, "receive_lent", recording)
     numel = 400_000  # 2 partitions of 800 KB: through shared memory
-    client, shard_map, close = _ps(ctx, mode, numel)
+    client, shard_map, close = _ps(ctx, mode.split("-")[0], numel,
+                                   cost_breakdown=mode.endswith("costs"))
+    client.timeout_s = 10.0  # (wait_lent's limit)
     try:
         grads = client.shared_zeros(numel)  # before the segment is set up: it lends
         assert grads is not None and not grads.any()

@@ -162,6 +162,9 @@ class ParameterServer:
                     costs.lap("decode")
                     self.handle(got)
                     costs.done(isinstance(got.msg, (wire.Push, wire.Pull)))
+                    # Its frames go now, not at the next message: a client waits for
+                    # frames it lent (tessera.transport.shm) to be let go of.
+                    got = None
                 else:
                     self.handle(self.endpoint.recv())
                 if replication.waiting():  # answers held for Acks: release them promptly
