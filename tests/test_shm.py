@@ -589,10 +589,18 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
             logs = {log.name: log.read_text()[-2000:] for log in (out / "logs").glob("server-*")}
             raise AssertionError(f"worker 1 maps {len(segments(pid['worker', 1]))} "
                                  f"segments; the servers said: {logs}") from None
+        # Its gradients lie in memory it lends both servers (read-only there).
+        lent1 = set(segments(pid["worker", 1], "tessera-lend"))
+        assert len(lent1) == 1, lent1
+        wait_for(lambda: all(lent1 <= set(segments(s, "tessera-lend")) for s in servers), 30,
+                 "both servers to map worker 1's gradients")
         os.kill(pid["worker", 1], signal.SIGKILL)
-        # The servers see its unix sockets close and drop its segments at once.
+        # The servers see its unix sockets close and drop its segments (and its lent
+        # gradients) at once.
         wait_for(lambda: not set(worker1) & _segments_of(servers), 10,
                  "the servers to drop the killed worker's segments")
+        wait_for(lambda: not any(lent1 & set(segments(s, "tessera-lend")) for s in servers),
+                 10, "the servers to unmap the killed worker's gradients")
         coordinator_log = out / "logs" / "coordinator-0.log"
         wait_for(lambda: "worker 1 rejoined" in coordinator_log.read_text(), 60,
                  "worker 1 to be restarted and rejoin")

@@ -57,7 +57,7 @@ such a reply go over TCP without a copy; ``ParameterServer._frame``). Only the s
 marks a frame ``Shared``, and only then; any other frame over the arena is copied.
 
 Gradients *lent* to the server (``LENT`` slots): a client may keep its gradient buffer in
-an arena of its own (:class:`Arena` again; ``PSClient.shared_empty``), whose fd it hands
+an arena of its own (:class:`Arena` again; ``PSClient.shared_zeros``), whose fd it hands
 the server with its offer id in step 2 (the server maps it read-only, checking the same
 seals). A pushed frame whose bytes lie in that arena is not copied into the segment: its
 slot names an up-direction status entry, marked 1 as for a copied frame, and the frame's
