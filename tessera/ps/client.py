@@ -546,16 +546,16 @@ class PSClient:
         nothing any more."""
         if self.lend is None:
             return
+        limit = timeout_s or self.timeout_s
         deadline, pause = 0.0, 0.0
         for ep in self.servers:
             while ep.lent():
                 now = time.monotonic()
                 if not deadline:
-                    deadline = now + (timeout_s or self.timeout_s)
+                    deadline = now + limit
                 elif now > deadline:
                     raise PeerTimeout(f"{ep.peer_name} still reads gradients lent to it "
-                                      f"{timeout_s or self.timeout_s:g} s after answering "
-                                      f"their push")
+                                      f"{limit:g} s after answering their push")
                 self.check()
                 time.sleep(pause)
                 pause = min(1e-3, 2 * pause or 2e-5)

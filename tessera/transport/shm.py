@@ -300,10 +300,16 @@ def receive(seg: Segment, direction: int, slot: tuple[int, int, int]) -> ShmFram
     entry, off, n = slot
     if not (0 <= entry < ENTRIES and 0 <= off and 0 <= n and off + n <= seg.region):
         raise ShmError(f"slot {slot} lies outside the segment")
+    return _held(seg.mm, seg.data_at[direction] + off, n, seg.status[direction], entry)
+
+
+def _held(mapping, at: int, n: int, status: np.ndarray, entry: int) -> ShmFrame:
+    """``n`` bytes at ``at`` of ``mapping`` as a view whose status ``entry`` is released
+    when the last view over it is gone."""
     # Made straight from the mmap: its base is no ndarray, so every NumPy view of it
     # (and every tensor over it) keeps *this* array alive, and the finalizer waits.
-    arr = np.frombuffer(seg.mm, np.uint8, n, seg.data_at[direction] + off)
-    weakref.finalize(arr, _release, seg.status[direction], entry)
+    arr = np.frombuffer(mapping, np.uint8, n, at)
+    weakref.finalize(arr, _release, status, entry)
     return arr.view(ShmFrame)
 
 
@@ -416,9 +422,7 @@ def receive_lent(seg: Segment, lent: Optional[mmap.mmap], slot: tuple[int, int, 
     if lent is None or not (0 <= entry < ENTRIES and 0 <= off and 0 <= n
                             and off + n <= len(lent)):
         raise ShmError(f"slot {slot} lies outside the client's arena")
-    arr = np.frombuffer(lent, np.uint8, n, off)
-    weakref.finalize(arr, _release, seg.status[UP], entry)
-    return arr.view(ShmFrame)
+    return _held(lent, off, n, seg.status[UP], entry)
 
 
 def receive_arena(arena: Optional[mmap.mmap], slot: tuple[int, int, int]) -> ShmFrame:
