@@ -617,6 +617,36 @@ def test_ps_data_parallel_equals_plain_sgd(make_cluster, partition_elems):
     torch.testing.assert_close(pull_all(client, clock=4), ddp.flat, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("workers, folded", [(4, True), (3, False)])
+def test_async_plain_sgd_scale_folded_or_not_is_torch_bit_for_bit(make_cluster, monkeypatch,
+                                                                   workers, folded):
+    """Async plain SGD: each push's 1/workers goes into the learning rate (one ``add_``,
+    ``TorchOptimRule.apply_folded``) where it is a power of two, else the gradient is
+    scaled first; either way the replies are torch.optim's SGD on ``g / workers``, bit
+    for bit, and the folded step ran exactly where it may."""
+    from tessera.ps.optim import TorchOptimRule
+    calls = []
+    real = TorchOptimRule.apply_folded
+    monkeypatch.setattr(TorchOptimRule, "apply_folded",
+                        lambda self, grad, scale: (calls.append(scale), real(self, grad, scale)))
+    cfg = OptimizerConfig(name="sgd", lr=0.05)
+    model, cluster, clients = start(make_cluster, mode="async", num_workers=workers,
+                                    optimizer=cfg)
+    smap = cluster.shard_map
+    ref = Reference(model, cfg)
+    gen = torch.Generator().manual_seed(5)
+    for clock in range(2):
+        for client in clients:
+            g = torch.randn(smap.total_elems, generator=gen) * 3
+            got = {}
+            for h in [client.push(p.id, g[p.start:p.stop], clock) for p in smap.partitions]:
+                got.update(h.wait())
+            ref.step(torch.mul(g, 1.0 / workers))
+            assert torch.equal(assemble(smap, got).view(torch.int32), ref.flat().view(torch.int32))
+    pushes = 2 * workers * len(smap.partitions)
+    assert calls == ([1.0 / workers] * pushes if folded else [])
+
+
 # ------------------------------------------------- batched pushes (issue 15)
 
 

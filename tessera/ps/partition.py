@@ -143,7 +143,8 @@ class PartitionState(Clocked):
     #: The fp32 buffer ``accum`` lives in, reused every clock (and async's scaled grad).
     scratch: Optional[torch.Tensor] = None
     #: ``scratch`` as a numpy array (the same memory), made once: async's small fp32
-    #: pushes are scaled into it by numpy (server.py, ``_scaled32``).
+    #: pushes are scaled into it by numpy (server.py, ``_scaled32``) where the scale
+    #: cannot go into plain SGD's learning rate (``_folds``).
     scratch_np: Optional[np.ndarray] = None
     replies: ReplyBuffers = field(default_factory=ReplyBuffers)
     #: sync: the wire dtype of the current clock's pushes (its replies go out in it).

@@ -155,22 +155,24 @@ class ParameterServer:
             # (whole milliseconds, as ZeroMQ polls: a shorter wait would be none, a spin)
             if not self._poll(0.1 if due is None else min(0.1, math.ceil(due * 1e3) / 1e3)):
                 continue
-            for _ in range(256):  # drain what is queued before checking health again
+            for i in range(256):  # drain what is queued before checking health again
                 if costs is not None:
                     costs.start()
-                    got = self.endpoint.recv()
+                # (the first one the poll saw; then None once the queue is empty)
+                got = self.endpoint.recv(wait=i == 0)
+                if got is None:
+                    break
+                if costs is not None:
                     costs.lap("decode")
                     self.handle(got)
                     costs.done(isinstance(got.msg, (wire.Push, wire.Pull)))
-                    # Its frames go now, not at the next message: a client waits for
-                    # frames it lent (tessera.transport.shm) to be let go of.
-                    got = None
                 else:
-                    self.handle(self.endpoint.recv())
+                    self.handle(got)
+                # Its frames go now, not at the next message: a client waits for
+                # frames it lent (tessera.transport.shm) to be let go of.
+                got = None
                 if replication.waiting():  # answers held for Acks: release them promptly
                     replication.take_acks()
-                if not self.endpoint.poll(0):
-                    break
         deadline = time.monotonic() + self.options.timeout_s
         replication.flush()
         while replication.pending() and time.monotonic() < deadline:  # answers held for Acks
@@ -422,8 +424,11 @@ class ParameterServer:
         # parameters as far as one sync step: the same lr serves both modes.
         scale = (1.0 / msg.scale) / self.options.num_workers
         fused = self._fuses_half(msg, states)
+        folded = not fused and self._folds(msg, states, scale)
         if fused:  # the bits as they came: the kernel widens and scales them
             grads = [np.frombuffer(f.buffer, np.uint16) for f in frames]
+        elif folded:  # read where they lie: the step scales them (TorchOptimRule.apply_folded)
+            grads = [frame_to_tensor(f.buffer, "float32", st.numel) for st, f in zip(states, frames)]
         elif msg.dtype == "float32" and scale != 1.0:
             grads = [self._scaled32(st, f, scale) for st, f in zip(states, frames)]
         else:
@@ -446,6 +451,9 @@ class ParameterServer:
         if costs is not None:
             costs.lap("validation")
         for st, grad, frame in zip(states, grads, frames):
+            if folded:
+                self._apply(st, grad, scale=scale)
+                continue
             if fused and self._update_half(st, msg.dtype, msg.dtype, grad, scale):
                 continue
             if fused:  # no reply buffer free: torch's three passes
@@ -459,6 +467,17 @@ class ParameterServer:
         policy.wait_or_answer(Reply(policy.push_clock(msg.clock), answer, self._reply_push, peer,
                                      msg.req, msg.dtype, run_clock=msg.clock + 1))
         policy.advance(states)
+
+    def _folds(self, msg: wire.Push, states: list[PartitionState], scale: float) -> bool:
+        """Whether an async/ssp push's fp32 partitions take plain SGD's step with the
+        scale folded into the learning rate (:meth:`TorchOptimRule.apply_folded`): a
+        power-of-two scale (1/workers, no loss scaling), no pending hyperparameters and no
+        backup (a backup is sent the scaled gradient it applies)."""
+        if msg.dtype != "float32" or msg.scale != 1.0 or msg.nonfinite or scale == 1.0:
+            return False
+        replication = self.replication
+        return all(st.hparams is None and st.rule.folds(scale) and not replication.backs_up(st)
+                   for st in states)
 
     @staticmethod
     def _scaled32(st: PartitionState, frame, scale: float) -> torch.Tensor:
@@ -690,10 +709,14 @@ class ParameterServer:
         if self.costs is not None:
             self.costs.lap("replicate")
 
-    def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1) -> None:
+    def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1,
+               scale: float = 1.0) -> None:
         t0 = time.perf_counter()
         start = self.profiler.now()
-        st.rule.apply(grad)
+        if scale == 1.0:
+            st.rule.apply(grad)
+        else:  # where _folds said so
+            st.rule.apply_folded(grad, scale)
         self._applied(st, pushes, start, time.perf_counter() - t0)
 
     def _applied(self, st: PartitionState, pushes: int, start: int, elapsed: float) -> None:

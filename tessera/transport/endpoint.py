@@ -286,11 +286,13 @@ class Received:
         self.peer, self.msg, self.frames, self.error, self.req = peer, msg, frames, error, req
 
 
-def _recv_bounded(sock: zmq.Socket, max_parts: int) -> tuple[list, int]:
+def _recv_bounded(sock: zmq.Socket, max_parts: int, flags: int = 0) -> tuple[list, int]:
     """One whole message, frame by frame: (its first ``max_parts`` frames, how many it
     had). Frames past ``max_parts`` are read and dropped one at a time, so a hostile
-    message costs no Python object per frame."""
-    parts = [sock.recv(copy=False)]
+    message costs no Python object per frame. ``flags`` of the first frame's recv
+    (``zmq.NOBLOCK``: ``zmq.Again`` when none is queued; ZeroMQ delivers a message's
+    frames together, so the others are there)."""
+    parts = [sock.recv(flags, copy=False)]
     while parts[-1].more:
         if len(parts) == max_parts:
             count = len(parts)
@@ -417,10 +419,17 @@ class ServerEndpoint:
             self._shm_reap()
         return bool(self._poller.poll(int(timeout_s * 1000)))
 
-    def recv(self) -> Received:
-        """Take one message (call after :meth:`poll` said there is one)."""
+    def recv(self, wait: bool = True) -> Optional[Received]:
+        """Take one message (call after :meth:`poll` said there is one). ``wait=False``:
+        None at once when none is queued, which costs less than asking :meth:`poll`
+        first (a server draining its queue asks after every message)."""
         # [routing id, (shm prefix,) header, payload frames...]
-        parts, count = _recv_bounded(self.sock, MAX_FRAMES + 3)
+        try:
+            parts, count = _recv_bounded(self.sock, MAX_FRAMES + 3, 0 if wait else zmq.NOBLOCK)
+        except zmq.Again:
+            if wait:
+                raise
+            return None
         self.messages_in += 1
         peer = parts[0].bytes
         if self._shm is not None:
