@@ -296,7 +296,7 @@ class ParameterServer:
     def _states(self, ids: list[int], frames: Optional[list], dtype: str) -> list[PartitionState]:
         if not ids:
             raise RequestError("request names no partitions")
-        if len(set(ids)) != len(ids):
+        if len(ids) > 1 and len(set(ids)) != len(ids):
             raise RequestError("request names a partition twice")
         if self.mover.moved_to:
             self.mover.check(ids)  # moved away (elastic): the client follows
@@ -367,7 +367,9 @@ class ParameterServer:
         if costs is not None:
             costs.lap("validation")
         policy = self.policy
-        if all(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
+        worker, seq = msg.worker, msg.seq
+        fresh = [seq > st.last_seq.get(worker, -1) for st in states]
+        if not any(fresh):
             # A retried push: not applied again. Answered as the original will be: at
             # once if its clock is done, else when it is.
             self.stats["retries"] += 1
@@ -378,13 +380,13 @@ class ParameterServer:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
         answer = None
-        if any(msg.seq <= st.last_seq.get(msg.worker, -1) for st in states):
+        if not all(fresh):
             # A re-sent batch (after a failover) that some of its partitions applied
             # already (the backup had their updates, not the others'): applied to the rest
             # only, answered with all.
             answer = states
-            fresh = [i for i, st in enumerate(states) if msg.seq > st.last_seq.get(msg.worker, -1)]
-            states, frames = [states[i] for i in fresh], [frames[i] for i in fresh]
+            kept = [i for i, new in enumerate(fresh) if new]
+            states, frames = [states[i] for i in kept], [frames[i] for i in kept]
         held = self.two_phase or msg.hold
         check_held(msg, states, held, policy)
         policy.report(msg.worker, msg.clock, msg.weight, msg.rate)  # balance (h-straggler)
