@@ -15,7 +15,11 @@ new values (push and pull in one round trip). Systems measured:
 * ``rpc``: a ``torch.distributed.rpc`` parameter server per server process (as in
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
-  shard, the server applies SGD and returns the new shard.
+  shard, the server applies SGD and returns the new shard. TensorPipe's defaults, as a
+  user gets them; but its same-host transport (shm) busy-polls about a core in every rpc
+  process even while idle (``sched_yield``, measured: 0.9 of a core each), so the rpc
+  processes are stopped (SIGSTOP) outside their own turns, or they would run beside
+  every other system's.
 * ``tessera_glibc``: ``tessera`` with glibc's own malloc defaults, as before the
   launcher set its variables: a 4 MiB receive buffer freed after a push is unmapped and the
   next one faulted in again, page by page. Every process of this benchmark otherwise runs
@@ -405,6 +409,7 @@ class Bench:
         self.deadline = time.monotonic() + args.timeout - 10
         self.secret = secrets.token_hex(16)
         self.stop = self.ctx.Event()  # ends a Tessera server's serve() loop
+        self.stopped: set[int] = set()  # pids held with SIGSTOP between their turns
 
     # ---------------------------------------------------------- processes
 
@@ -434,11 +439,34 @@ class Bench:
         conn.send(msg)
         return self.recv(conn, what)
 
+    def ask_woken(self, pids, conn, msg, what):
+        """:meth:`ask`, with ``pids`` woken (SIGCONT) for it and stopped (SIGSTOP) again
+        after: TensorPipe's default same-host transport busy-polls about a core in every
+        rpc process even while idle, which would otherwise run beside every other
+        system's turn."""
+        self.wake(pids)
+        try:
+            return self.ask(conn, msg, what)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            self.stopped.update(pids)
+
+    def wake(self, pids=None) -> None:
+        """SIGCONT to ``pids`` (all stopped ones: None)."""
+        for pid in list(self.stopped if pids is None else pids):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.stopped.discard(pid)
+
     def recv(self, conn, what):
         return _recv(conn, self.procs, self.deadline, what)
 
     def retire(self, conns, grace: float = 20.0) -> None:
         """Ask these children to quit and wait for them (killing any that hang)."""
+        self.wake()
         for c in conns:
             try:
                 c.send(("quit",))
@@ -458,6 +486,7 @@ class Bench:
 
     def cleanup(self) -> None:
         self.stop.set()
+        self.wake()
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
@@ -495,6 +524,7 @@ class Bench:
             rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port)
                          for r in range(max_s + 1)]
             rpc_worker = rpc_procs[0]
+            rpc_pids = [self.proc_of[c].pid for c in rpc_procs]
         longest = 0.0
         for servers in a.servers:
             for n in a.sizes:
@@ -525,8 +555,9 @@ class Bench:
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
                     pids["zmq"] = [self.proc_of[c].pid for c in [z_worker] + z_echo[:servers]]
                 if "rpc" in systems:
-                    self.ask(rpc_worker, ("open", n, servers), "rpc open")
-                    runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
+                    self.ask_woken(rpc_pids, rpc_worker, ("open", n, servers), "rpc open")
+                    runners["rpc"] = lambda k, t: self.ask_woken(rpc_pids, rpc_worker,
+                                                                 ("run", k, t), "rpc")
                     pids["rpc"] = [self.proc_of[c].pid for c in rpc_procs[:servers + 1]]
                 if "gloo" in systems:
                     for c in gloo:
@@ -576,7 +607,7 @@ class Bench:
                 if "zmq" in systems:
                     self.ask(z_worker, ("close",), "zmq close")
                 if "rpc" in systems:
-                    self.ask(rpc_worker, ("close",), "rpc close")
+                    self.ask_woken(rpc_pids, rpc_worker, ("close",), "rpc close")
                 if "gloo" in systems:
                     for c in gloo:
                         c.send(("close",))

@@ -26,7 +26,12 @@ Systems measured (same batches, same owner split, same client process):
   created lazily (uniform +-0.01), the same Adagrad arithmetic; the client
   ``rpc_async``-calls every server with the ids tensor and gets the rows back,
   then sends ``(ids, grads)``. With the same index on both sides, the ratio measures
-  the system around the table, not the index.
+  the system around the table, not the index. TensorPipe over its TCP transport
+  (``_transports=["uv"]``; payloads still go through its same-host channel): its default
+  same-host transport (shm) busy-polls about a core in every rpc process even while idle
+  (``sched_yield``, 0.9 of a core each), this client's process included, so it ran beside
+  the other systems' turns and slowed them by up to 5x (``--rpc-transport default``
+  measures rpc with it).
 * ``local`` (the local limit): the same table trained in this one process,
   ``nn.Embedding(V, 64, sparse=True)`` with ``torch.optim.Adagrad`` (lr 0.05, sparse
   gradients), the ids mapped beforehand (untimed) to a vocabulary of the V distinct ids
@@ -343,7 +348,12 @@ def _rpc_rows() -> int:
     return len(_TABLE["emb"].index)
 
 
-def _rpc_server(rank: int, world: int, port: int, conn) -> None:
+def _rpc_transports(transport: str) -> dict:
+    """TensorPipe's transports (module docstring): "uv" (TCP) or its defaults."""
+    return {} if transport == "default" else {"_transports": [transport]}
+
+
+def _rpc_server(rank: int, world: int, port: int, conn, transport: str) -> None:
     _watch_parent()
     try:
         import warnings
@@ -355,7 +365,7 @@ def _rpc_server(rank: int, world: int, port: int, conn) -> None:
         torch.set_num_threads(1)
         conn.send(os.getpid())
         opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
-                                               rpc_timeout=120)
+                                               rpc_timeout=120, **_rpc_transports(transport))
         rpc.init_rpc(f"ps{rank - 1}", rank=rank, world_size=world, rpc_backend_options=opts)
         _rpc_reset()
         rpc.shutdown()  # waits here until the worker is done
@@ -493,6 +503,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shm", choices=("auto", "off"), default="auto",
                     help="Tessera's payloads through shared memory, as a one-host job sends "
                          "them ([cluster] shm = \"auto\", the default), or all over TCP")
+    ap.add_argument("--rpc-transport", choices=("uv", "default"), default="uv",
+                    help="TensorPipe's transport for the rpc system: TCP (uv), or its "
+                         "defaults (shm on one host, which busy-polls a core per process "
+                         "between its turns too)")
     a = ap.parse_args(argv)
     if a.quick:
         a.batches, a.warmup, a.iters, a.rounds = [10_000], 1, 3, 1
@@ -536,7 +550,8 @@ def main(argv=None) -> int:
             port = _free_port()
             for r in range(1, world):
                 parent, child = mpctx.Pipe()
-                p = mpctx.Process(target=_rpc_server, args=(r, world, port, child),
+                p = mpctx.Process(target=_rpc_server, args=(r, world, port, child,
+                                                            a.rpc_transport),
                                   name=f"rpc-server-{r - 1}", daemon=True)
                 p.start()
                 child.close()
@@ -544,7 +559,8 @@ def main(argv=None) -> int:
                 rpc_conns.append(parent)
             rpc_pids = [_recv(c, rpc_procs, deadline, "rpc server start") for c in rpc_conns]
             opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
-                                                   rpc_timeout=120)
+                                                   rpc_timeout=120,
+                                                   **_rpc_transports(a.rpc_transport))
             rpc.init_rpc("worker", rank=0, world_size=world, rpc_backend_options=opts)
         for servers in a.servers:
             runners = {}
@@ -573,7 +589,7 @@ def main(argv=None) -> int:
                         timed[name].extend(run_iters(system, chunk, servers, grad_pool,
                                                      pids[name]))
                 row = {"bench": "sparse_embedding", "batch": b, "servers": servers,
-                       "shm": a.shm, "dim": DIM,
+                       "shm": a.shm, "rpc_transport": a.rpc_transport, "dim": DIM,
                        "zipf_a": ZIPF_A, "id_space": ID_SPACE,
                        "unique_rows": int(statistics.median(len(x) for x in bs)),
                        "optimizer": "adagrad", "mode": "async", "workers": 1}
