@@ -15,11 +15,12 @@ new values (push and pull in one round trip). Systems measured:
 * ``rpc``: a ``torch.distributed.rpc`` parameter server per server process (as in
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
-  shard, the server applies SGD and returns the new shard. TensorPipe's defaults, as a
-  user gets them; but its same-host transport (shm) busy-polls about a core in every rpc
-  process even while idle (``sched_yield``, measured: 0.9 of a core each), so the rpc
-  processes are stopped (SIGSTOP) outside their own turns, or they would run beside
-  every other system's.
+  shard, the server applies SGD and returns the new shard. TensorPipe over its TCP
+  transport (``_transports=["uv"]``; CPU tensors still go through its same-host channel,
+  cross-memory attach): its default same-host transport (shm) busy-polls about a core in
+  every rpc process even while idle (``sched_yield``: 0.9 of a core each, measured), so
+  the rpc processes ran beside every other system's turn; without them raw pyzmq's echo
+  ran up to 1.7x faster (``--rpc-transport default`` measures rpc with it).
 * ``tessera_glibc``: ``tessera`` with glibc's own malloc defaults, as before the
   launcher set its variables: a 4 MiB receive buffer freed after a push is unmapped and the
   next one faulted in again, page by page. Every process of this benchmark otherwise runs
@@ -313,13 +314,15 @@ def _rpc_push_pull(grad):
     return w
 
 
-def _rpc_proc(conn, rank: int, world: int, port: int) -> None:
-    """Rank 0 is the worker (takes commands); ranks 1.. are servers ps0, ps1, ..."""
+def _rpc_proc(conn, rank: int, world: int, port: int, transport: str) -> None:
+    """Rank 0 is the worker (takes commands); ranks 1.. are servers ps0, ps1, ...
+    ``transport``: TensorPipe's ("uv", TCP) or "default" (its own choice: shm here)."""
     import torch
     import torch.distributed.rpc as rpc
 
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
-                                           rpc_timeout=120)
+    opts = rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120,
+        **({} if transport == "default" else {"_transports": [transport]}))
     name = "worker" if rank == 0 else f"ps{rank - 1}"
     rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
     state = {}
@@ -409,7 +412,6 @@ class Bench:
         self.deadline = time.monotonic() + args.timeout - 10
         self.secret = secrets.token_hex(16)
         self.stop = self.ctx.Event()  # ends a Tessera server's serve() loop
-        self.stopped: set[int] = set()  # pids held with SIGSTOP between their turns
 
     # ---------------------------------------------------------- processes
 
@@ -439,34 +441,11 @@ class Bench:
         conn.send(msg)
         return self.recv(conn, what)
 
-    def ask_woken(self, pids, conn, msg, what):
-        """:meth:`ask`, with ``pids`` woken (SIGCONT) for it and stopped (SIGSTOP) again
-        after: TensorPipe's default same-host transport busy-polls about a core in every
-        rpc process even while idle, which would otherwise run beside every other
-        system's turn."""
-        self.wake(pids)
-        try:
-            return self.ask(conn, msg, what)
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
-            self.stopped.update(pids)
-
-    def wake(self, pids=None) -> None:
-        """SIGCONT to ``pids`` (all stopped ones: None)."""
-        for pid in list(self.stopped if pids is None else pids):
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            self.stopped.discard(pid)
-
     def recv(self, conn, what):
         return _recv(conn, self.procs, self.deadline, what)
 
     def retire(self, conns, grace: float = 20.0) -> None:
         """Ask these children to quit and wait for them (killing any that hang)."""
-        self.wake()
         for c in conns:
             try:
                 c.send(("quit",))
@@ -486,7 +465,6 @@ class Bench:
 
     def cleanup(self) -> None:
         self.stop.set()
-        self.wake()
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
@@ -521,10 +499,9 @@ class Bench:
             gloo = [self.spawn(f"gloo{r}", _gloo_proc, r, port) for r in range(2)]
         if "rpc" in systems:  # one world: the worker and max(servers) servers
             port = _free_port()
-            rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port)
+            rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port, a.rpc_transport)
                          for r in range(max_s + 1)]
             rpc_worker = rpc_procs[0]
-            rpc_pids = [self.proc_of[c].pid for c in rpc_procs]
         longest = 0.0
         for servers in a.servers:
             for n in a.sizes:
@@ -555,9 +532,8 @@ class Bench:
                     runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
                     pids["zmq"] = [self.proc_of[c].pid for c in [z_worker] + z_echo[:servers]]
                 if "rpc" in systems:
-                    self.ask_woken(rpc_pids, rpc_worker, ("open", n, servers), "rpc open")
-                    runners["rpc"] = lambda k, t: self.ask_woken(rpc_pids, rpc_worker,
-                                                                 ("run", k, t), "rpc")
+                    self.ask(rpc_worker, ("open", n, servers), "rpc open")
+                    runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
                     pids["rpc"] = [self.proc_of[c].pid for c in rpc_procs[:servers + 1]]
                 if "gloo" in systems:
                     for c in gloo:
@@ -607,7 +583,7 @@ class Bench:
                 if "zmq" in systems:
                     self.ask(z_worker, ("close",), "zmq close")
                 if "rpc" in systems:
-                    self.ask_woken(rpc_pids, rpc_worker, ("close",), "rpc close")
+                    self.ask(rpc_worker, ("close",), "rpc close")
                 if "gloo" in systems:
                     for c in gloo:
                         c.send(("close",))
@@ -642,7 +618,7 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     """The JSON line of one case (DESIGN.md: ``bench``, parameters, ``<system>_<unit>``)."""
     import torch
     row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
-           "mode": a.mode, "partition_mb": a.partition_mb,
+           "mode": a.mode, "partition_mb": a.partition_mb, "rpc_transport": a.rpc_transport,
            "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
     for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
         if key in r:
@@ -696,6 +672,9 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
                     help="comma-separated subset of tessera,tessera_glibc,tessera_batched,zmq,"
                          "rpc,gloo")
+    ap.add_argument("--rpc-transport", choices=("uv", "default"), default="uv",
+                    help="TensorPipe's transport for rpc: TCP (uv), or its defaults (shm on "
+                         "one host, which busy-polls a core per process between its turns)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="servers without the per-request CPU breakdown (its clock reads cost "
                          "~10-40 us per request: they matter with small partitions)")
