@@ -35,6 +35,13 @@ def log(*args) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s]", *args, file=sys.stderr, flush=True)
 
 
+def rpc_transports(transport: str) -> dict:
+    """``TensorPipeRpcBackendOptions`` keywords for ``--rpc-transport``: "uv" (TCP), or
+    "default" (TensorPipe's own choice, shm on one host, whose reactor busy-polls about a
+    core in every rpc process even while idle: benchmarks/HISTORY.md)."""
+    return {} if transport == "default" else {"_transports": [transport]}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -80,6 +80,7 @@ LR = 0.01
 from _machine import as_launched as _as_launched, cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
+from _machine import rpc_transports as _rpc_options  # noqa: E402
 
 
 def _child_setup(needs_torch: bool) -> None:
@@ -322,7 +323,7 @@ def _rpc_proc(conn, rank: int, world: int, port: int, transport: str) -> None:
 
     opts = rpc.TensorPipeRpcBackendOptions(
         init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120,
-        **({} if transport == "default" else {"_transports": [transport]}))
+        **_rpc_options(transport))
     name = "worker" if rank == 0 else f"ps{rank - 1}"
     rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
     state = {}

@@ -87,7 +87,7 @@ from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
-from _machine import as_launched as _as_launched  # noqa: E402
+from _machine import as_launched as _as_launched, rpc_transports as _rpc_options  # noqa: E402
 
 
 def zipf_batches(batch: int, count: int, seed: int):
@@ -348,11 +348,6 @@ def _rpc_rows() -> int:
     return len(_TABLE["emb"].index)
 
 
-def _rpc_transports(transport: str) -> dict:
-    """TensorPipe's transports (module docstring): "uv" (TCP) or its defaults."""
-    return {} if transport == "default" else {"_transports": [transport]}
-
-
 def _rpc_server(rank: int, world: int, port: int, conn, transport: str) -> None:
     _watch_parent()
     try:
@@ -365,7 +360,7 @@ def _rpc_server(rank: int, world: int, port: int, conn, transport: str) -> None:
         torch.set_num_threads(1)
         conn.send(os.getpid())
         opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
-                                               rpc_timeout=120, **_rpc_transports(transport))
+                                               rpc_timeout=120, **_rpc_options(transport))
         rpc.init_rpc(f"ps{rank - 1}", rank=rank, world_size=world, rpc_backend_options=opts)
         _rpc_reset()
         rpc.shutdown()  # waits here until the worker is done
@@ -560,7 +555,7 @@ def main(argv=None) -> int:
             rpc_pids = [_recv(c, rpc_procs, deadline, "rpc server start") for c in rpc_conns]
             opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
                                                    rpc_timeout=120,
-                                                   **_rpc_transports(a.rpc_transport))
+                                                   **_rpc_options(a.rpc_transport))
             rpc.init_rpc("worker", rank=0, world_size=world, rpc_backend_options=opts)
         for servers in a.servers:
             runners = {}

@@ -475,10 +475,18 @@ class ParameterServer:
         scale folded into the learning rate (:meth:`TorchOptimRule.apply_folded`): a
         power-of-two scale (1/workers, no loss scaling), no pending hyperparameters and no
         backup (a backup is sent the scaled gradient it applies)."""
-        if msg.dtype != "float32" or msg.scale != 1.0 or msg.nonfinite or scale == 1.0:
+        if msg.dtype != "float32" or scale == 1.0:
+            return False
+        return self._steps_plainly(msg, states, lambda rule: rule.folds(scale))
+
+    def _steps_plainly(self, msg: wire.Push, states: list[PartitionState], takes) -> bool:
+        """What both one-pass plain SGD steps of an async/ssp push (:meth:`_folds`,
+        :meth:`_fuses_half`) need: no loss scaling, and in every partition a rule that
+        ``takes(rule)`` says can, no pending hyperparameters and no backup."""
+        if msg.scale != 1.0 or msg.nonfinite:
             return False
         replication = self.replication
-        return all(st.hparams is None and st.rule.folds(scale) and not replication.backs_up(st)
+        return all(st.hparams is None and takes(st.rule) and not replication.backs_up(st)
                    for st in states)
 
     @staticmethod
@@ -678,11 +686,9 @@ class ParameterServer:
         """Whether an async/ssp push's partitions take the fused half-width step
         (:meth:`_update_half`): a bf16 or fp16 frame without loss scaling, plain SGD,
         compiled kernels, and no backup (a backup is sent the fp32 gradient it applies)."""
-        if msg.dtype == "float32" or msg.scale != 1.0 or msg.nonfinite or not kernels.ENABLED:
+        if msg.dtype == "float32" or not kernels.ENABLED:
             return False
-        replication = self.replication
-        return all(st.hparams is None and st.rule.fuses_half() and not replication.backs_up(st)
-                   for st in states)
+        return self._steps_plainly(msg, states, lambda rule: rule.fuses_half())
 
     def _update_half(self, st: PartitionState, reply_dtype: str, grad_dtype: str,
                      grad: np.ndarray, scale: float, pushes: int = 1) -> bool:
