@@ -124,3 +124,22 @@ def test_a_bags_row_gradients_are_the_same_bits_with_the_kernel(mode, shape, mon
     assert calls == [1]  # the first through the kernel, the second not
     assert torch.equal(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_gathered_rows_are_the_rows_asked_for_with_repeats(monkeypatch):
+    """The compiled gather (which asks for rows ahead of copying them) answers what
+    numpy's take does: every row, repeats and the last rows included, byte for byte."""
+    from tessera.ps.embedding_index import gather_rows
+    monkeypatch.setattr(kernels, "ENABLED", kernels.ENABLED)
+    rng = np.random.default_rng(5)
+    src = torch.from_numpy(rng.standard_normal((5000, 24)).astype(np.float32))
+    for n in (0, 1, kernels.AHEAD, kernels.AHEAD + 1, 3000):
+        slots = rng.integers(0, len(src), n).astype(np.int64)
+        if n > 2:
+            slots[-1] = slots[0]  # a repeat, at the end (no row fetched ahead of it)
+        kernels.ENABLED = True
+        fast = gather_rows(src, slots)
+        kernels.ENABLED = False
+        slow = gather_rows(src, slots)
+        assert fast.shape == (n, 24) and fast.dtype == torch.float32
+        assert torch.equal(fast, slow) and torch.equal(fast, src[torch.from_numpy(slots)])

@@ -76,6 +76,16 @@ def _jit(fn=None, *, contract: bool = False):
                       fastmath={"contract"} if contract else False)(fn)
 
 
+#: Rows ahead of the one a row kernel works on whose lines it asks the CPU for (a
+#: prefetch). A table far larger than the caches answers each row from memory: a
+#: loop that only touches a row when it reaches it waits that row's latency, row after
+#: row; asked 8 rows ahead, the loads overlap (an Adagrad step on 4,100 random rows of
+#: a 1.5M-row table: 0.54-0.88 ms plain, 0.38-0.43 prefetched on the 2-core test VM).
+AHEAD = 8
+#: Bytes per cache line (x86-64 and most ARM cores).
+LINE = 64
+
+
 @_jit
 def _home(key, bits):
     """The bucket an id's probe starts at: the top ``bits`` bits of its Fibonacci hash."""
@@ -98,14 +108,20 @@ def _bucket_of(table, key, bits):
 @_jit
 def find_buckets(table, ids, bits, out):
     """``out[i]``: the bucket holding ``ids[i]`` (:func:`_bucket_of`), -1 where absent."""
-    for i in range(ids.shape[0]):
+    n = ids.shape[0]
+    for i in range(n):
+        if i + AHEAD < n:  # a table larger than the caches: its home bucket, early
+            _prefetch(table, _home(ids[i + AHEAD], bits), 0, 0)
         out[i] = _bucket_of(table, ids[i], bits)
 
 
 @_jit
 def find_slots(table, ids, bits, out):
     """``out[i]``: the slot of ``ids[i]``, -1 where absent."""
-    for i in range(ids.shape[0]):
+    n = ids.shape[0]
+    for i in range(n):
+        if i + AHEAD < n:  # a table larger than the caches: its home bucket, early
+            _prefetch(table, _home(ids[i + AHEAD], bits), 0, 0)
         b = _bucket_of(table, ids[i], bits)
         out[i] = table[b, 1] if b >= 0 else -1
 
@@ -144,11 +160,43 @@ def fill_initial(row_key, columns, step, offset, scale, out):
             out[r, c] = unit * scale
 
 
+
+
+@_jit
+def _fetch(rows, s):
+    """Prefetch row ``s`` of ``rows`` (C-contiguous) to read it."""
+    for k in range(0, rows.strides[0], LINE):
+        _prefetch(rows, s, k, 0)
+
+
+@_jit
+def _fetch_w(rows, s):
+    """Prefetch row ``s`` of ``rows`` (C-contiguous) to write it."""
+    for k in range(0, rows.strides[0], LINE):
+        _prefetch(rows, s, k, 1)
+
+
+@_jit
+def gather(src, slots, out):
+    """``out[r] = src[slots[r]]``, row by row (repeats allowed), each row asked for
+    :data:`AHEAD` rows before it is copied: byte copies, the values unchanged."""
+    n = slots.shape[0]
+    for r in range(n):
+        if r + AHEAD < n:
+            _fetch(src, slots[r + AHEAD])
+        s = slots[r]
+        for c in range(src.shape[1]):
+            out[r, c] = src[s, c]
+
+
 @_jit(contract=True)
 def sgd_rows(values, slots, grad, neg_lr, weight_decay):
     """torch.optim.SGD (no momentum) on rows ``slots`` of ``values``: ``g + wd * p``
     when ``weight_decay``, then ``p + (-lr) * g``."""
-    for r in range(slots.shape[0]):
+    n = slots.shape[0]
+    for r in range(n):
+        if r + AHEAD < n:
+            _fetch_w(values, slots[r + AHEAD])
         s = slots[r]
         for c in range(values.shape[1]):
             p = values[s, c]
@@ -162,7 +210,11 @@ def sgd_rows(values, slots, grad, neg_lr, weight_decay):
 def adagrad_rows(values, slots, sums, state_slots, grad, neg_clr, eps, weight_decay):
     """torch.optim.Adagrad (``_single_tensor_adagrad``) on rows ``slots``:
     ``sum + g * g``, ``std = sqrt(sum) + eps``, ``p + ((-clr) * g) / std``."""
-    for r in range(slots.shape[0]):
+    n = slots.shape[0]
+    for r in range(n):
+        if r + AHEAD < n:
+            _fetch_w(values, slots[r + AHEAD])
+            _fetch_w(sums, state_slots[r + AHEAD])
         s, t = slots[r], state_slots[r]
         for c in range(values.shape[1]):
             p = values[s, c]
@@ -181,7 +233,12 @@ def adam_rows(values, slots, exp_avg, exp_avg_sq, state_slots, grad, one_minus_b
     """Lazy Adam, torch's ``_functional.sparse_adam`` on rows ``slots``, operation by
     operation: ``u = (g - m) * (1 - b1)``, ``m + u``; ``w = (g^2 - v) * (1 - b2)``,
     ``v + w``; ``p + (-step_size) * ((u + m) / (sqrt(w + v) + eps))``."""
-    for r in range(slots.shape[0]):
+    n = slots.shape[0]
+    for r in range(n):
+        if r + AHEAD < n:
+            _fetch_w(values, slots[r + AHEAD])
+            _fetch_w(exp_avg, state_slots[r + AHEAD])
+            _fetch_w(exp_avg_sq, state_slots[r + AHEAD])
         s, t = slots[r], state_slots[r]
         for c in range(values.shape[1]):
             g = grad[r, c]
@@ -193,6 +250,11 @@ def adam_rows(values, slots, exp_avg, exp_avg_sq, state_slots, grad, one_minus_b
             exp_avg_sq[t, c] = v + w
             denom = np.float32(np.sqrt(w + v)) + eps
             values[s, c] = values[s, c] + neg_step_size * ((u + m) / denom)
+
+
+def _llvm_version() -> tuple:
+    from llvmlite import binding
+    return tuple(binding.llvm_version_info)
 
 
 if ENABLED:
@@ -227,8 +289,36 @@ if ENABLED:
         def codegen(context, builder, sig, args):
             return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
         return numba.types.uint16(numba.types.float32), codegen
+
+    _PREFETCH = "llvm.prefetch.p0" if _llvm_version() >= (15,) else "llvm.prefetch.p0i8"
+
+    @_intrinsic
+    def _prefetch(typingctx, rows, row, offset, write):
+        """Ask the CPU to start loading byte ``offset`` of row ``row`` of the C-contiguous
+        array ``rows`` into its caches (LLVM's ``prefetch``: a hint that changes no value;
+        ``write``, a literal 0 or 1: the line will be written)."""
+        if not isinstance(write, numba.types.IntegerLiteral):
+            raise numba.core.errors.TypingError("_prefetch: write must be a literal 0 or 1")
+        rw = write.literal_value
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            stride = cgutils.unpack_tuple(builder, ary.strides)[0]
+            byte = _ir.IntType(8).as_pointer()
+            at = builder.add(builder.mul(args[1], stride), args[2])
+            ptr = builder.gep(builder.bitcast(ary.data, byte), [at])
+            i32 = _ir.IntType(32)
+            fn = cgutils.get_or_insert_function(
+                builder.module, _ir.FunctionType(_ir.VoidType(), [byte, i32, i32, i32]),
+                _PREFETCH)
+            # (address, read 0 / write 1, locality 3: keep in all cache levels, data)
+            builder.call(fn, [ptr, _ir.Constant(i32, rw), _ir.Constant(i32, 3),
+                              _ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return numba.types.void(rows, row, offset, write), codegen
 else:
-    _as_f32 = _as_u32 = _f16_to_f32 = _f32_to_f16 = None
+    _as_f32 = _as_u32 = _f16_to_f32 = _f32_to_f16 = _prefetch = None
 
 
 @_jit
@@ -466,3 +556,4 @@ def warm() -> None:
     sgd_rows(rows, at, grad, one, one)
     adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
     adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
+    gather(rows, at, grad)
