@@ -157,6 +157,14 @@ TABLES = [
               ("per table", "messages_per_step_per_table"),
               ("step ms batched", "batched_step_ms"), ("per table", "per_table_step_ms"),
               ("per table / batched", "batched_vs_per_table")]),
+    Table("sparse_embedding", "sparse_kernels", "The server's per-row loops on rows from "
+          "memory (4,100 random rows of a 1.5M-row table per call, dim 64)", [
+              ("loop", "kernel"), ("table rows", "table_rows"), ("calls", "calls"),
+              ("tessera µs", "tessera_us"), ("plain loop µs", "plain_loop_us"),
+              ("numpy take µs", "numpy_take_us"),
+              ("torch index_select µs", "torch_index_select_us"),
+              ("plain / tessera", "tessera_vs_plain"), ("numpy / tessera", "tessera_vs_numpy"),
+              ("torch / tessera", "tessera_vs_torch")]),
     Table("train_throughput", "train_throughput", "MNIST CNN, 2 workers: sync PS against DDP", [
         ("mode", "mode"), ("servers", "servers"), ("steps", "steps"),
         ("tessera samples/s", "tessera_samples_per_s"),

@@ -54,6 +54,14 @@ server count gets fresh servers (empty tables); batch sizes run in increasing
 order on the same tables, so the Zipf head is already stored and tail ids keep
 creating rows, in both systems alike.
 
+Then the server's per-row loops alone (``sparse_kernels`` lines, ``--kernel-calls``):
+4,100 random rows of a 1.5M-row table per call, fresh rows each call (from memory, as
+a table far larger than the caches serves them), each loop against what it replaces,
+interleaved call by call: the Adagrad step against the same loop without asking for rows
+ahead, the gather of a pull's rows against numpy's ``take`` and torch's
+``index_select``, an index lookup (2M ids) against the probe loop without asking ahead.
+``tessera_vs_*`` is the other's median time over Tessera's (above 1: Tessera faster).
+
 Output: one JSON object per line and case on stdout; progress on stderr.
 
     .venv/bin/python benchmarks/sparse_embedding.py            # 10k, 50k, 100k x 1, 2 servers
@@ -439,6 +447,101 @@ class LocalSystem:
         self.out = None
 
 
+# ------------------------------------------------------------ row kernels
+
+
+def kernels_case(calls: int, table_rows: int = 1_500_000, rows: int = 4100) -> list[dict]:
+    """The server's per-row loops on rows that come from memory: ``rows`` random rows of
+    a ``table_rows``-row table (dim 64; fresh rows every call, so they are not in the
+    caches), each loop against what it replaces, interleaved call by call: the Adagrad
+    step (:func:`tessera.ps.kernels.adagrad_rows`, which asks for rows ahead) against the
+    same loop without asking (the kernel before it did), the gather of a pull's rows
+    against numpy's ``take`` and torch's ``index_select``, and an index lookup (2M ids)
+    against the same probe loop without asking. Median microseconds per call."""
+    import numba
+    import numpy as np
+    import torch
+
+    from tessera.ps import kernels
+    from tessera.ps.embedding_index import IdIndex, gather_rows, rows_view
+    if not kernels.ENABLED:
+        return []
+    jit = numba.njit(cache=False, nogil=True, boundscheck=False, error_model="numpy",
+                     fastmath={"contract"})
+
+    @jit
+    def adagrad_plain(values, slots, sums, grad, neg_clr, eps):
+        for r in range(slots.shape[0]):
+            s = slots[r]
+            for c in range(values.shape[1]):
+                g = grad[r, c]
+                acc = sums[s, c] + g * g
+                sums[s, c] = acc
+                values[s, c] = values[s, c] + neg_clr * g / (np.float32(np.sqrt(acc)) + eps)
+
+    @jit
+    def find_plain(table, ids, bits, out):
+        mask = table.shape[0] - 1
+        for i in range(ids.shape[0]):
+            key = ids[i]
+            pos = np.int64((np.uint64(key) * np.uint64(kernels.HASH_MUL))
+                           >> np.uint64(64 - bits))
+            while table[pos, 0] != key and table[pos, 0] != -1:
+                pos = (pos + 1) & mask
+            out[i] = table[pos, 1] if table[pos, 0] == key else -1
+
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((table_rows, DIM), dtype=np.float32)
+    sums = np.full((table_rows, DIM), 0.1, dtype=np.float32)
+    grad = rng.standard_normal((rows, DIM), dtype=np.float32)
+    tv = torch.from_numpy(values)
+    lr, eps = np.float32(-LR), np.float32(EPS)
+    index = IdIndex()
+    stored = np.unique(rng.integers(0, 10**12, 2_000_000))
+    index.insert(stored, 0)
+    found = np.empty(rows, dtype=np.int64)
+    cases = {
+        "adagrad step": {
+            "tessera": lambda s: kernels.adagrad_rows(values, s, sums, s, grad, lr, eps,
+                                                      np.float32(0)),
+            "plain loop": lambda s: adagrad_plain(values, s, sums, grad, lr, eps)},
+        "gather": {
+            "tessera": lambda s: gather_rows(tv, s),
+            "numpy take": lambda s: np.take(rows_view(tv), s),
+            "torch index_select": lambda s: tv.index_select(0, torch.from_numpy(s))},
+        "index lookup": {
+            "tessera": lambda q: index.find(q),
+            "plain loop": lambda q: find_plain(index._table, q, index._bits, found)},
+    }
+    out = []
+    for name, systems in cases.items():
+        draw = ((lambda: np.sort(rng.choice(stored, rows, replace=False)))
+                if name == "index lookup" else
+                (lambda: np.sort(rng.choice(table_rows, rows, replace=False)).astype(np.int64)))
+        for fn in systems.values():
+            fn(draw())  # compiled, warm
+        times = {k: [] for k in systems}
+        for _ in range(calls):
+            for k, fn in systems.items():  # interleaved: the machine's phases hit each alike
+                arg = draw()
+                t0 = time.perf_counter()
+                fn(arg)
+                times[k].append(time.perf_counter() - t0)
+        row = {"bench": "sparse_kernels", "kernel": name, "rows": rows,
+               "table_rows": len(stored) if name == "index lookup" else table_rows,
+               "calls": calls}
+        for k, ts in times.items():
+            row[k.replace(" ", "_") + "_us"] = round(1e6 * statistics.median(ts), 1)
+        for k in systems:
+            if k != "tessera":
+                row["tessera_vs_" + k.split()[0]] = round(row[k.replace(" ", "_") + "_us"]
+                                                          / row["tessera_us"], 3)
+        out.append(row)
+        _log(f"  {name}: " + ", ".join(f"{k} {row[k.replace(' ', '_') + '_us']:.0f} us"
+                                       for k in systems))
+    return out
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -491,6 +594,8 @@ def main(argv=None) -> int:
                     help="subset of tessera,rpc,local")
     ap.add_argument("--tables-batch", type=int, default=2000,
                     help="ids per table per step in the several-tables case (0: skip it)")
+    ap.add_argument("--kernel-calls", type=int, default=300,
+                    help="calls per loop in the row-kernels case (0: skip it)")
     ap.add_argument("--timeout", type=float, default=280.0, help="hard limit for the run, s")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="cProfile Tessera's server loops into DIR/*.prof")
@@ -504,7 +609,7 @@ def main(argv=None) -> int:
                          "between its turns too)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.batches, a.warmup, a.iters, a.rounds = [10_000], 1, 3, 1
+        a.batches, a.warmup, a.iters, a.rounds, a.kernel_calls = [10_000], 1, 3, 1, 20
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
         a.profile = os.path.abspath(a.profile)
@@ -642,6 +747,9 @@ def main(argv=None) -> int:
                     rpc_rows = runners["rpc"].rows()
                     if sum(rpc_rows) != sum(rows):
                         raise RuntimeError(f"tables differ: tessera {rows} rows, rpc {rpc_rows}")
+        if a.kernel_calls and "tessera" in systems:
+            _log("row kernels on rows from memory (4,100 random rows of 1.5M):")
+            results.extend(kernels_case(a.kernel_calls))
     finally:
         signal.alarm(0)
         if tessera is not None:
