@@ -128,12 +128,13 @@ def gather_rows(src: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     """``src[slots]`` (rows, repeats allowed) as a new contiguous tensor: the compiled
     loop that asks for rows ahead (:func:`tessera.ps.kernels.gather`; a table larger
     than the caches answers each row from memory), else numpy's ``take``."""
-    if kernels.ENABLED and src.dim() == 2 and slots.dtype == np.int64:
-        out = np.empty((len(slots), src.shape[1]), dtype=src.numpy().dtype)
-        kernels.gather(src.numpy(), slots, out)
+    rows = src.numpy()
+    if kernels.ENABLED and rows.ndim == 2 and slots.dtype == np.int64:
+        out = np.empty((len(slots), rows.shape[1]), dtype=rows.dtype)
+        kernels.gather(rows, slots, out)
         return torch.from_numpy(out)
     out = np.take(rows_view(src), slots)
-    return torch.from_numpy(out.view(src.numpy().dtype).reshape(len(slots), src.shape[1]))
+    return torch.from_numpy(out.view(rows.dtype).reshape(len(slots), rows.shape[1]))
 
 
 def scatter_rows(dst: torch.Tensor, slots: np.ndarray, rows: torch.Tensor) -> None:
