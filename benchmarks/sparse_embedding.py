@@ -458,7 +458,6 @@ def kernels_case(calls: int, table_rows: int = 1_500_000, rows: int = 4100) -> l
     same loop without asking (the kernel before it did), the gather of a pull's rows
     against numpy's ``take`` and torch's ``index_select``, and an index lookup (2M ids)
     against the same probe loop without asking. Median microseconds per call."""
-    import numba
     import numpy as np
     import torch
 
@@ -466,6 +465,7 @@ def kernels_case(calls: int, table_rows: int = 1_500_000, rows: int = 4100) -> l
     from tessera.ps.embedding_index import IdIndex, gather_rows, rows_view
     if not kernels.ENABLED:
         return []
+    import numba
     jit = numba.njit(cache=False, nogil=True, boundscheck=False, error_model="numpy",
                      fastmath={"contract"})
 
@@ -480,15 +480,10 @@ def kernels_case(calls: int, table_rows: int = 1_500_000, rows: int = 4100) -> l
                 values[s, c] = values[s, c] + neg_clr * g / (np.float32(np.sqrt(acc)) + eps)
 
     @jit
-    def find_plain(table, ids, bits, out):
-        mask = table.shape[0] - 1
+    def find_plain(table, ids, bits, out):  # kernels.find_slots without asking ahead
         for i in range(ids.shape[0]):
-            key = ids[i]
-            pos = np.int64((np.uint64(key) * np.uint64(kernels.HASH_MUL))
-                           >> np.uint64(64 - bits))
-            while table[pos, 0] != key and table[pos, 0] != -1:
-                pos = (pos + 1) & mask
-            out[i] = table[pos, 1] if table[pos, 0] == key else -1
+            b = kernels._bucket_of(table, ids[i], bits)
+            out[i] = table[b, 1] if b >= 0 else -1
 
     rng = np.random.default_rng(3)
     values = rng.standard_normal((table_rows, DIM), dtype=np.float32)
@@ -530,15 +525,13 @@ def kernels_case(calls: int, table_rows: int = 1_500_000, rows: int = 4100) -> l
         row = {"bench": "sparse_kernels", "kernel": name, "rows": rows,
                "table_rows": len(stored) if name == "index lookup" else table_rows,
                "calls": calls}
-        for k, ts in times.items():
-            row[k.replace(" ", "_") + "_us"] = round(1e6 * statistics.median(ts), 1)
-        for k in systems:
+        us = {k: round(1e6 * statistics.median(ts), 1) for k, ts in times.items()}
+        for k, t in us.items():
+            row[k.replace(" ", "_") + "_us"] = t
             if k != "tessera":
-                row["tessera_vs_" + k.split()[0]] = round(row[k.replace(" ", "_") + "_us"]
-                                                          / row["tessera_us"], 3)
+                row["tessera_vs_" + k.split()[0]] = round(t / us["tessera"], 3)
         out.append(row)
-        _log(f"  {name}: " + ", ".join(f"{k} {row[k.replace(' ', '_') + '_us']:.0f} us"
-                                       for k in systems))
+        _log(f"  {name}: " + ", ".join(f"{k} {t:.0f} us" for k, t in us.items()))
     return out
 
 
