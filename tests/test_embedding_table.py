@@ -386,6 +386,65 @@ def test_id_index_matches_a_dict_through_inserts_and_evictions():
                                       [ref.get(i, -1) for i in probe.tolist()])
 
 
+def test_id_index_grows_its_buckets_in_place_and_finds_every_id():
+    """Past 8 MiB of buckets the index's table lives in a reserved mapping that a
+    rebuild into twice the buckets extends in place (the pages held are rewritten, only
+    the new half is faulted in): the same mapping before and after, and every id
+    found at its slot through the growths, removals and reinsertions."""
+    from tessera.ps.embedding_index import IdIndex
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.unique(rng.integers(0, 1 << 50, 400_000)))[:300_000]
+    index, areas, slot_of = IdIndex(), set(), {}
+    for start in range(0, len(ids), 6_000):
+        batch = ids[start:start + 6_000]
+        before = len(index._table)
+        for i, s in zip(batch.tolist(), index.insert(batch, start).tolist()):
+            slot_of[i] = s
+        if len(index._table) != before and hasattr(index._store, "_tessera_area"):
+            areas.add(id(index._store._tessera_area))
+    assert len(index._table) >= 4 * 250_000 and len(areas) == 1  # grew in place, twice+
+    assert index._table.ctypes.data == index._store.data_ptr()
+    np.testing.assert_array_equal(index.find(ids), [slot_of[i] for i in ids.tolist()])
+    gone = index.find(ids[::3])
+    index.remove(gone)
+    probe = np.concatenate([ids, rng.integers(0, 1 << 50, 1000)])
+    want = np.array([-1 if k % 3 == 0 else slot_of[i] for k, i in enumerate(ids.tolist())]
+                    + [slot_of.get(i, -1) for i in probe[len(ids):].tolist()])
+    np.testing.assert_array_equal(index.find(probe), want)
+    again = index.insert(ids[::3], 99)  # the freed slots, back in
+    np.testing.assert_array_equal(np.sort(again), np.sort(gone))
+    np.testing.assert_array_equal(index.find(ids[::3]), again)
+
+
+def test_prefault_makes_fresh_pages_present_and_changes_no_value():
+    """:func:`prefault` faults a fresh range's pages in with one system call, so the
+    loop that then writes the rows takes (almost) no page faults, where the same
+    writes into a range not prefaulted take one per page; the values, including the
+    rows before the range that share its first page, are unchanged."""
+    import resource
+
+    from tessera.ps.embedding_index import prefault, zero_rows
+    rows, dim = 40_000, 64  # 10 MiB: a lazily zeroed mapping
+    pages = rows * dim * 4 // 4096
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    t = zero_rows(rows, (dim,), torch.float32)
+    t[:3] = 7.0  # rows sharing the range's first page
+    if not prefault(t[3:]):
+        pytest.skip("no MADV_POPULATE_WRITE here (Linux < 5.14)")
+    assert torch.all(t[:3] == 7.0) and torch.all(t[3:] == 0)
+    before = faults()
+    t[3:] = 1.0
+    prefaulted = faults() - before
+    control = zero_rows(rows, (dim,), torch.float32)
+    before = faults()
+    control[3:] = 1.0
+    cold = faults() - before
+    assert prefaulted < pages // 20 and cold > pages // 2, (prefaulted, cold, pages)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_every_non_finite_gradient_is_refused(bad):
     shard = EmbeddingShard(table(), OptimizerConfig(name="adagrad", lr=0.1))

@@ -45,7 +45,8 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.bloom import CountingBloom
 from tessera.ps.embedding_ids import TableError, initial_rows
 from tessera.ps.embedding_index import (IdIndex, Slots, fill_rows, gather_rows, grown,
-                                         return_freed_memory, scatter_rows, zero_rows)
+                                         prefault, return_freed_memory, scatter_rows,
+                                         zero_rows)
 from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer, initial_state, sparse_step
 from tessera.ps.embedding_state import ShardState
 from tessera.transport.wire import TableSpec  # noqa: F401 - re-exported
@@ -211,6 +212,7 @@ class EmbeddingShard(ShardState):
         self._state_slot = grown(self._state_slot, end)
         spec = self.spec
         n = len(slots)
+        prefault(self._values[first_fresh:end])
         if n and slots[0] == first_fresh and end - first_fresh == n:
             # Only fresh slots, in order (no freed ones to reuse): the initial rows are
             # computed straight into their storage.
@@ -229,9 +231,9 @@ class EmbeddingShard(ShardState):
         """State slots of row ``slots``, allocating (initialised) ones where missing.
 
         New state rows are allocated in bulk: storage grows at most once per call, and
-        rows never used before are zero already (:func:`grown`), so only reused rows,
-        or any rows when the initial value is not 0 (adagrad's
-        ``initial_accumulator_value``), are filled."""
+        rows never used before are zero already (:func:`grown`; their pages are faulted
+        in here, at once, :func:`prefault`), so only reused rows, or any rows when the
+        initial value is not 0 (adagrad's ``initial_accumulator_value``), are filled."""
         missing = slots[self._state_slot[slots] < 0]
         if len(missing):
             first_fresh = self._state_slots.end
@@ -243,6 +245,9 @@ class EmbeddingShard(ShardState):
                 fill_at = new[new < first_fresh] if zero else new
                 if len(fill_at):
                     fill_rows(array, fill_at, fill)
+                fresh = array[first_fresh:self._state_slots.end]
+                if zero and not prefault(fresh):
+                    fresh.zero_()  # written once here, not read then written by the step
                 self._state[name] = array
             self._state_slot[missing] = new
             self._num_state_rows += len(new)

@@ -92,6 +92,40 @@ def return_freed_memory() -> None:
         pass
 
 
+#: ``madvise`` advice that write-faults a range's pages in one call (Linux 5.14+).
+_MADV_POPULATE_WRITE = 23
+_madvise = None  # libc's madvise, bound on first use; False where there is none
+
+
+def prefault(rows: torch.Tensor) -> bool:
+    """Make the pages under ``rows`` (a contiguous tensor of fresh, zero rows about to
+    be written) present and writable in one system call, ``MADV_POPULATE_WRITE``;
+    the values are unchanged. False where the kernel or platform has no such advice
+    (nothing done).
+
+    A fresh row of a growing table is otherwise faulted in by the first loop that
+    touches it, a page at a time, in the middle of its random accesses; and a loop
+    that *reads* a row first (the optimizer steps read their state) maps the zero page
+    and then faults again to write it. On the test VM (whose host takes back freed
+    pages) 1,400 fresh state rows a step cost the Adagrad step 1.6 against 0.55 ms
+    (``sparse_embedding.py``'s 10k-id case, in one process)."""
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _madvise = False
+    n = rows.numel() * rows.element_size()
+    if not _madvise or n == 0:
+        return False
+    start = rows.data_ptr()
+    page = mmap.PAGESIZE
+    first = start - start % page
+    return _madvise(first, start + n - first, _MADV_POPULATE_WRITE) == 0
+
+
 def grown(array, needed: int):
     """``array`` (numpy or torch, rows first) with at least ``needed`` rows, doubling;
     rows beyond those held are zero. A mapped tensor grows in place while its
@@ -206,6 +240,11 @@ class IdIndex:
         self.last = np.zeros(capacity, dtype=np.int64)    # clock of last touch
         self._count = 0
         self._used = 0  # live + removed buckets
+        # The buckets' storage: a fixed index's, allocated once; a growing one's, a
+        # reserved mapping that grows in place (:func:`grown`), so that a rebuild into
+        # twice the buckets faults in only the new half, not a whole new table.
+        self._store = zero_rows(buckets or _MIN_BUCKETS, (2,), torch.int64,
+                                growable=not capacity)
         self._rebuild(buckets or _MIN_BUCKETS, np.empty(0, dtype=np.int64))
 
     @staticmethod
@@ -246,7 +285,11 @@ class IdIndex:
         self._bits = buckets.bit_length() - 1
         self._mask = buckets - 1
         # Bucket b: (id, slot); one row, so one probe reads one cache line.
-        self._table = np.empty((buckets, 2), dtype=np.int64)
+        held = self._store.shape[0]
+        if held < buckets:
+            self._store = grown(self._store, buckets)
+            prefault(self._store[held:buckets])  # the pages this table adds, at once
+        self._table = self._store[:buckets].numpy()
         self._table[:, 0] = _EMPTY
         self._used = 0
         if len(slots):
