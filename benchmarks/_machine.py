@@ -31,6 +31,19 @@ def as_launched() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
 
 
+def ready_to_serve(tables=()) -> None:
+    """What a job's server process does before it serves
+    (``tessera.cluster.role.ready_to_serve``: its tables' row kernels compiled, its
+    start-up objects frozen out of the garbage collector), for a benchmark's server
+    built by hand; nothing with a Tessera that has no such step (an older commit run
+    for comparison)."""
+    try:
+        from tessera.cluster.role import ready_to_serve as ready
+    except ImportError:
+        return
+    ready(list(tables), own_process=True)
+
+
 def log(*args) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s]", *args, file=sys.stderr, flush=True)
 

@@ -80,7 +80,7 @@ LR = 0.01
 from _machine import as_launched as _as_launched, cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
-from _machine import rpc_transports as _rpc_options  # noqa: E402
+from _machine import ready_to_serve as _ready_to_serve, rpc_transports as _rpc_options  # noqa: E402
 
 
 def _child_setup(needs_torch: bool) -> None:
@@ -164,6 +164,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
                                  hooks=ServerHooks(should_stop=stop.is_set))
+        _ready_to_serve()
         conn.send(endpoint.address)
         prof = (os.path.join(profile_dir, f"tessera-server{rank}-{tag}.prof")
                 if profile_dir else None)

@@ -58,7 +58,7 @@ from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import log as _log, own_s as _own_s  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
-from _machine import as_launched as _as_launched  # noqa: E402
+from _machine import as_launched as _as_launched, ready_to_serve as _ready_to_serve  # noqa: E402
 
 LR = 0.01
 #: A client that has not had its reply this long after the run counts it as an error.
@@ -105,6 +105,7 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop,
                              endpoint=endpoint, partitions=parts,
                              optimizer=OptimizerConfig(name="sgd", lr=LR),
                              hooks=ServerHooks(should_stop=stop.is_set))
+    _ready_to_serve()
     conn.send(endpoint.address)
     server.serve()
     endpoint.close()

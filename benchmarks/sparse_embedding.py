@@ -94,6 +94,7 @@ TABLES = 4
 from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
+from _machine import ready_to_serve as _ready_to_serve  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
 from _machine import as_launched as _as_launched, rpc_transports as _rpc_options  # noqa: E402
 
@@ -136,12 +137,12 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path, shm: bool)
         spec = TableSpec(name="emb", dim=DIM, num_embeddings=None,
                          optimizer=OptimizerConfig(name="adagrad", lr=LR))
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, shm=shm)
+        tables = [spec] + [msgspec.structs.replace(spec, name=f"t{k}") for k in range(TABLES)]
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="async"),
                                  endpoint=endpoint, partitions=[],
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
-                                 tables=[spec] + [msgspec.structs.replace(spec, name=f"t{k}")
-                                                  for k in range(TABLES)],
-                                 hooks=ServerHooks(should_stop=stop.is_set))
+                                 tables=tables, hooks=ServerHooks(should_stop=stop.is_set))
+        _ready_to_serve(tables)
         conn.send(endpoint.address)
         if profile_path:
             import cProfile

@@ -143,3 +143,40 @@ def test_gathered_rows_are_the_rows_asked_for_with_repeats(monkeypatch):
         slow = gather_rows(src, slots)
         assert fast.shape == (n, 24) and fast.dtype == torch.float32
         assert torch.equal(fast, slow) and torch.equal(fast, src[torch.from_numpy(slots)])
+
+
+_READY = """
+import gc, sys
+from tessera.cluster.role import ready_to_serve
+from tessera.ps import kernels
+from tessera.ps.embedding import TableSpec
+from tessera.config.schema import OptimizerConfig
+names = [n for n in sys.argv[1].split(",") if n]
+tables = [TableSpec(name=f"t{i}", dim=8, num_embeddings=None,
+                    optimizer=OptimizerConfig(name=n, lr=0.1)) for i, n in enumerate(names)]
+ready_to_serve(tables, own_process=sys.argv[2] == "own")
+print(sorted(k for k in ("find_slots", "find_buckets", "place_ids", "fill_initial", "gather",
+                         "sgd_rows", "adagrad_rows", "adam_rows")
+             if getattr(kernels, k).signatures), gc.get_freeze_count() > 1000)
+"""
+
+
+@pytest.mark.parametrize("optimizers, process, compiled, frozen", [
+    ("sgd,adam,sgd", "own", ["adam_rows", "sgd_rows"], True),
+    ("adagrad", "threads", ["adagrad_rows"], False),
+    ("", "own", [], True),
+])
+def test_a_table_server_compiles_its_kernels_and_freezes_its_start_up_before_serving(
+        optimizers, process, compiled, frozen):
+    """role.ready_to_serve, between a server's start-up and its first request: the row
+    kernels its tables use (the index's, the initial rows', the gather, and the steps of
+    the tables' optimizers, no others) are compiled, so the first pull and push do not
+    wait for numba; in a process of its own, start-up's objects are frozen out of the
+    garbage collector, and in the in-process cluster (threads of the user's process)
+    nothing is frozen. Each case in a fresh process: compiled kernels are per process."""
+    out = subprocess.run([sys.executable, "-c", _READY, optimizers, process],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    common = ["fill_initial", "find_buckets", "find_slots", "gather", "place_ids"] \
+        if optimizers else []
+    assert out.stdout.strip() == f"{sorted(common + compiled)!r} {frozen}"

@@ -69,6 +69,31 @@ def warm_dense_kernels(cfg, optimizer) -> None:
                        steps=plain and not two_phase)
 
 
+def ready_to_serve(tables, own_process: bool) -> None:
+    """What a server does between building its state and serving its first request.
+
+    * The row kernels its ``tables`` (TableSpecs) use are compiled now
+      (:func:`tessera.ps.kernels.warm`): numba takes 0.1-0.3 s of CPU a kernel, and a
+      table server uses five or six; compiled at the first pull and push instead, they
+      stalled every worker's first step by 1-2 s.
+    * In a process of its own (not :mod:`tessera.cluster.inprocess`'s threads, whose
+      process is the user's), everything start-up made is frozen out of the garbage
+      collector (``gc.freeze``): 200-300k objects of torch, numba and the server's
+      start, which every full collection walked again. In a table server at 100k ids
+      a full collection took up to 0.16 s, twice in 3.5 s of serving (8% of it, and
+      each a stall of every request in flight); after the freeze, one of 23 ms
+      (benchmarks/HISTORY.md, "Pages and pauses"). The frozen objects live as long as
+      the process does, as they would anyway: a server's start-up state is its state.
+    """
+    import gc
+
+    from tessera.ps import kernels
+    if tables:
+        kernels.warm({t.optimizer.name for t in tables})
+    if own_process:
+        gc.freeze()
+
+
 def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = "",
                       generation: int = 0):
     """The job's coordinator, bound and announced in ``coordinator.json``; call its
@@ -114,9 +139,10 @@ def coordinator_main() -> None:
     os._exit(code)
 
 
-def serve(session) -> None:
+def serve(session, own_process: bool = False) -> None:
     """Be parameter server ``session.rank`` of the job until the coordinator says
-    shutdown: register, serve, report. The session stays open (its owner closes it)."""
+    shutdown: register, serve, report. The session stays open (its owner closes it).
+    ``own_process``: the process is this server's alone (:func:`ready_to_serve`)."""
     from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
     from tessera.config.env import process_environ, slow_server_ms
     from tessera.ps.sharding import partition_elems_for
@@ -242,6 +268,7 @@ def serve(session) -> None:
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "
               f"{view.restore.clock} from {view.restore.path}", flush=True)
+    ready_to_serve(view.tables, own_process)
     server.serve()
     server.mover.close()
     if server.agreement is not None:
@@ -342,7 +369,7 @@ def server_main() -> None:
 
     torch.set_num_threads(1)  # servers sum and step; workers need the cores
     session = Session.from_env(expect_role="server")
-    serve(session)
+    serve(session, own_process=True)
     session.close()
 
 

@@ -530,11 +530,16 @@ def array_of(tensor):
     return tensor.numpy()
 
 
-def warm() -> None:
-    """Compile every row kernel now, on tiny inputs (a process that measures its memory
-    before its table exists, the tests and benchmarks of ``table_memory``)."""
+def warm(optimizers=None) -> None:
+    """Compile the row kernels now, on tiny inputs: the id index's, the initial rows',
+    the gather's, and the steps of the sparse ``optimizers`` named (``"sgd"``,
+    ``"adagrad"``, ``"adam"``; None: all three). A table server calls it before it
+    serves (:func:`tessera.cluster.role.ready_to_serve`); so does a process that
+    measures its memory before its table exists (``table_memory``'s tests and
+    benchmark)."""
     if not ENABLED:
         return
+    names = {"sgd", "adagrad", "adam"} if optimizers is None else set(optimizers)
     f32, i64 = np.float32, np.int64
     table = np.full((8, 2), -1, dtype=i64)
     ids, slots = np.array([3], i64), np.zeros(1, i64)
@@ -544,7 +549,10 @@ def warm() -> None:
     rows, grad = np.zeros((1, 4), f32), np.zeros((1, 4), f32)
     fill_initial(np.zeros(1, np.uint64), np.zeros(4, np.uint64), f32(1), f32(0), f32(1), rows)
     at, one = np.zeros(1, i64), f32(1)
-    sgd_rows(rows, at, grad, one, one)
-    adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
-    adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
     gather(rows, at, grad)
+    if "sgd" in names:
+        sgd_rows(rows, at, grad, one, one)
+    if "adagrad" in names:
+        adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
+    if "adam" in names:
+        adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
