@@ -94,7 +94,20 @@ def return_freed_memory() -> None:
 
 #: ``madvise`` advice that write-faults a range's pages in one call (Linux 5.14+).
 _MADV_POPULATE_WRITE = 23
-_madvise = None  # libc's madvise, bound on first use; False where there is none
+
+
+def _libc_madvise():
+    """libc's ``madvise`` through ctypes, or None where there is none."""
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_MADVISE = _libc_madvise()
 
 
 def prefault(rows: torch.Tensor) -> bool:
@@ -109,21 +122,12 @@ def prefault(rows: torch.Tensor) -> bool:
     and then faults again to write it. On the test VM (whose host takes back freed
     pages) 1,400 fresh state rows a step cost the Adagrad step 1.6 against 0.55 ms
     (``sparse_embedding.py``'s 10k-id case, in one process)."""
-    global _madvise
-    if _madvise is None:
-        try:
-            import ctypes
-            _madvise = ctypes.CDLL(None, use_errno=True).madvise
-            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        except (OSError, AttributeError):
-            _madvise = False
     n = rows.numel() * rows.element_size()
-    if not _madvise or n == 0:
+    if _MADVISE is None or n == 0:
         return False
     start = rows.data_ptr()
-    page = mmap.PAGESIZE
-    first = start - start % page
-    return _madvise(first, start + n - first, _MADV_POPULATE_WRITE) == 0
+    first = start - start % mmap.PAGESIZE
+    return _MADVISE(first, start + n - first, _MADV_POPULATE_WRITE) == 0
 
 
 def grown(array, needed: int):
