@@ -442,7 +442,9 @@ def test_prefault_makes_fresh_pages_present_and_changes_no_value():
     before = faults()
     control[3:] = 1.0
     cold = faults() - before
-    assert prefaulted < pages // 20 and cold > pages // 2, (prefaulted, cold, pages)
+    # One fault a page (4 KiB pages), or one per 2 MiB where transparent huge pages are
+    # always on: either way the prefaulted writes take a tenth of the control's at most.
+    assert cold >= 4 and 10 * prefaulted <= cold, (prefaulted, cold, pages)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
