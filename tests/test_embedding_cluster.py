@@ -28,6 +28,14 @@ def test_movielens_rmse_at_most_095(tmp_path, flags):
     # (tiny side tables, e.g. gender's 2 rows, may all hash to one server)
     assert set(rows) >= {"user", "item"} and min(rows["user"]) > 0 and min(rows["item"]) > 0
     assert sum(rows["user"]) <= 943 and sum(rows["item"]) <= 1682
+    # The servers are forks of a fork server that compiled their tables' row kernels
+    # once, before forking them (tessera.train.standby.compile_ahead): none compiles
+    # them again (a server that does says so in its log: the hybrid test below).
+    logs = tmp_path / "run" / "logs"
+    assert "row kernels compiled for the job's tables (adagrad)" in \
+        (logs / "forkserver.log").read_text()
+    for rank in (0, 1):
+        assert "compiled the row kernels" not in (logs / f"server-{rank}.log").read_text()
 
 
 def test_clicks_at_scale_on_capped_servers(tmp_path):
@@ -46,6 +54,11 @@ def test_hybrid_dense_replicas_identical_after_every_step(tmp_path):
                             "--out", out, "--quiet",
                             ROOT / "tests" / "scripts" / "hybrid_replicas.py", 40], timeout_s=180)
     assert code == 0, output
+    # A user's program declares its tables as it runs: its servers compile their row
+    # kernels themselves, before serving (role.ready_to_serve), and say so.
+    for rank in (0, 1):
+        log = (out / "logs" / f"server-{rank}.log").read_text()
+        assert f"server {rank}: compiled the row kernels adagrad_rows, fill_initial" in log, log
     d0 = json.loads((out / "dense-0.json").read_text())
     d1 = json.loads((out / "dense-1.json").read_text())
     assert len(d0) == len(d1) == 40

@@ -7,6 +7,7 @@ SplitMix64, on both paths as well.)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,10 +155,33 @@ from tessera.config.schema import OptimizerConfig
 names = [n for n in sys.argv[1].split(",") if n]
 tables = [TableSpec(name=f"t{i}", dim=8, num_embeddings=None,
                     optimizer=OptimizerConfig(name=n, lr=0.1)) for i, n in enumerate(names)]
-ready_to_serve(tables, own_process=sys.argv[2] == "own")
-print(sorted(k for k in ("find_slots", "find_buckets", "place_ids", "fill_initial", "gather",
-                         "sgd_rows", "adagrad_rows", "adam_rows")
-             if getattr(kernels, k).signatures), gc.get_freeze_count() > 1000)
+compiled = ready_to_serve(tables, own_process=sys.argv[2] == "own")
+have = sorted(k for k in ("find_slots", "find_buckets", "place_ids", "fill_initial", "gather",
+                          "sgd_rows", "adagrad_rows", "adam_rows") if getattr(kernels, k).signatures)
+assert compiled == have, (compiled, have)  # a fresh process: it compiled every one it has
+print(have, gc.get_freeze_count() > 1000)
+"""
+
+_AHEAD = """
+import json, os, sys
+from tessera.config import config_to_dict
+from tessera.config.schema import JobConfig, DataConfig, ModelConfig
+from tessera.ps import kernels
+from tessera.train import standby
+run_dir, dataset, optimizer = sys.argv[1:4]
+cfg = JobConfig(data=DataConfig(dataset=dataset), model=ModelConfig(embedding_optimizer=optimizer))
+with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(config_to_dict(cfg), f)
+os.environ["TESSERA_RUN_DIR"] = run_dir
+print(json.dumps(standby.compile_ahead()))
+pid = os.fork()
+if pid == 0:  # a server forked afterwards: the kernels it finds compiled
+    print(json.dumps(sorted(k for k in ("find_slots", "find_buckets", "place_ids",
+                                        "fill_initial", "gather", "sgd_rows", "adagrad_rows",
+                                        "adam_rows") if getattr(kernels, k).signatures)))
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
 """
 
 
@@ -179,3 +203,25 @@ def test_a_table_server_compiles_its_kernels_and_freezes_its_start_up_before_ser
     common = ["fill_initial", "find_buckets", "find_slots", "gather", "place_ids"] \
         if optimizers else []
     assert out.stdout.strip() == f"{sorted(common + compiled)!r} {frozen}"
+
+
+@pytest.mark.parametrize("dataset, optimizer, ahead", [
+    ("movielens", "adagrad", "adagrad"),
+    ("clicks", "adam", "adam"),
+    ("digits", "sgd", ""),
+])
+def test_a_fork_server_compiles_the_tables_kernels_once_for_every_server_it_forks(
+        tmp_path, dataset, optimizer, ahead):
+    """standby.compile_ahead, which a fork server runs at its first server's order (and a
+    standby server at its start): for a built-in task with tables (MovieLens, clicks) the
+    row kernels of the job's embedding optimizer (and no other) are compiled in the fork
+    server, and a process forked from it finds them compiled; a task without tables
+    compiles nothing (its servers compile what their own tables need, ready_to_serve).
+    Each case in a fresh process (compiled code is per process)."""
+    out = subprocess.run([sys.executable, "-c", _AHEAD, str(tmp_path), dataset, optimizer],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ahead_line, fork_line = out.stdout.strip().splitlines()
+    assert json.loads(ahead_line) == ahead
+    common = ["fill_initial", "find_buckets", "find_slots", "gather", "place_ids"]
+    assert json.loads(fork_line) == (sorted(common + [f"{optimizer}_rows"]) if ahead else [])

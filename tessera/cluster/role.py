@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -69,7 +70,7 @@ def warm_dense_kernels(cfg, optimizer) -> None:
                        steps=plain and not two_phase)
 
 
-def ready_to_serve(tables, own_process: bool) -> None:
+def ready_to_serve(tables, own_process: bool) -> list[str]:
     """What a server does between building its state and serving its first request.
 
     * The row kernels its ``tables`` (TableSpecs) use are compiled now
@@ -84,14 +85,18 @@ def ready_to_serve(tables, own_process: bool) -> None:
       each a stall of every request in flight); after the freeze, one of 23 ms
       (benchmarks/HISTORY.md, "Pages and pauses"). The frozen objects live as long as
       the process does, as they would anyway: a server's start-up state is its state.
+
+    Returns the kernels compiled here: none where the fork server compiled them for
+    the built-in task's tables before forking this server
+    (:func:`tessera.train.standby.compile_ahead`).
     """
     import gc
 
     from tessera.ps import kernels
-    if tables:
-        kernels.warm({t.optimizer.name for t in tables})
+    compiled = kernels.warm({t.optimizer.name for t in tables}) if tables else []
     if own_process:
         gc.freeze()
+    return compiled
 
 
 def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = "",
@@ -268,7 +273,11 @@ def serve(session, own_process: bool = False) -> None:
         server.restore(view.restore)
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "
               f"{view.restore.clock} from {view.restore.path}", flush=True)
-    ready_to_serve(view.tables, own_process)
+    t0 = time.monotonic()
+    compiled = ready_to_serve(view.tables, own_process)
+    if compiled:
+        print(f"server {rank}: compiled the row kernels {', '.join(compiled)} in "
+              f"{time.monotonic() - t0:.1f} s", flush=True)
     server.serve()
     server.mover.close()
     if server.agreement is not None:

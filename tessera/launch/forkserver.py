@@ -42,8 +42,8 @@ from typing import IO, Optional
 
 from tessera.config import env as envvars
 from tessera.config import nopickle
-from tessera.launch.process import (LaunchError, PolledProcess, die_with_parent, spawn,
-                                    standby_runs)
+from tessera.launch.process import (ROLE_MODULE, LaunchError, PolledProcess, die_with_parent,
+                                    spawn, standby_runs)
 
 #: The module a launcher starts as its fork server.
 MODULE = "tessera.launch.forkserver"
@@ -229,7 +229,7 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
     os.dup2(2, 1)  # what this process prints goes to its log, not into the reports
     print(f"fork server ready (pid {os.getpid()}, roles {roles or ['worker']})", flush=True)
     ready = time.time()
-    data, loaded = None, False
+    data, loaded, compiled = None, False, False
     children: set[int] = set()
     buf, open_ = b"", True
     watched = [] if launcher is None else [launcher]
@@ -245,6 +245,12 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
                 order = json.loads(line)
                 if not loaded and order["cmd"][1:3] == ["-m", standby.TRAINER]:
                     data, loaded = standby.preload(), True  # once, for every worker
+                if not compiled and order["cmd"][1:4] == ["-m", ROLE_MODULE, "server"]:
+                    t0, compiled = time.monotonic(), True  # once, for every server
+                    names = standby.compile_ahead()
+                    if names:
+                        print(f"row kernels compiled for the job's tables ({names}) in "
+                              f"{time.monotonic() - t0:.1f} s", flush=True)
                 pid = os.fork()
                 if pid == 0:
                     if launcher is not None:

@@ -530,16 +530,23 @@ def array_of(tensor):
     return tensor.numpy()
 
 
-def warm(optimizers=None) -> None:
+def warm(optimizers=None) -> list[str]:
     """Compile the row kernels now, on tiny inputs: the id index's, the initial rows',
     the gather's, and the steps of the sparse ``optimizers`` named (``"sgd"``,
     ``"adagrad"``, ``"adam"``; None: all three). A table server calls it before it
     serves (:func:`tessera.cluster.role.ready_to_serve`); so does a process that
     measures its memory before its table exists (``table_memory``'s tests and
-    benchmark)."""
+    benchmark), and a fork server for the servers it will fork
+    (:func:`tessera.train.standby.compile_ahead`). Returns the kernels this call
+    compiled (those already compiled in this process, or inherited from the process it
+    was forked from, are not)."""
     if not ENABLED:
-        return
+        return []
     names = {"sgd", "adagrad", "adam"} if optimizers is None else set(optimizers)
+    kernels = {"place_ids": place_ids, "find_slots": find_slots, "find_buckets": find_buckets,
+               "fill_initial": fill_initial, "gather": gather, "sgd_rows": sgd_rows,
+               "adagrad_rows": adagrad_rows, "adam_rows": adam_rows}
+    before = {name: len(k.signatures) for name, k in kernels.items()}
     f32, i64 = np.float32, np.int64
     table = np.full((8, 2), -1, dtype=i64)
     ids, slots = np.array([3], i64), np.zeros(1, i64)
@@ -556,3 +563,4 @@ def warm(optimizers=None) -> None:
         adagrad_rows(rows, at, rows.copy(), at, grad, one, one, one)
     if "adam" in names:
         adam_rows(rows, at, rows.copy(), rows.copy(), at, grad, one, one, one, one)
+    return sorted(name for name, k in kernels.items() if len(k.signatures) > before[name])

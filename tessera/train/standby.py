@@ -53,18 +53,45 @@ WARM_BY_ROLE = {"": WARM,
 from tessera.config import env as envvars
 
 
+def _job_config():
+    """The job's configuration (``config.json`` in this process's run directory)."""
+    from tessera.config import config_from_dict
+    me = envvars.Identity.from_env(envvars.process_environ(), required=(envvars.RUN_DIR,))
+    with open(os.path.join(me.run_dir, "config.json")) as f:
+        return config_from_dict(json.load(f))
+
+
 def preload():
     """The job's dataset, loaded ahead for the built-in trainer (classification data,
     MovieLens); None when there is nothing to load ahead, or loading failed (the worker
     then loads it itself and reports what went wrong)."""
     try:
-        from tessera.config import config_from_dict
         from tessera.train.tasks import load_ahead
-        me = envvars.Identity.from_env(envvars.process_environ(), required=(envvars.RUN_DIR,))
-        with open(os.path.join(me.run_dir, "config.json")) as f:
-            return load_ahead(config_from_dict(json.load(f)))
+        return load_ahead(_job_config())
     except Exception:  # noqa: BLE001 - the worker will load (and report) it itself
         return None
+
+
+def compile_ahead() -> str:
+    """A server's row kernels, compiled ahead for the built-in task's tables
+    (:func:`tessera.train.tasks.table_optimizers`): numba's compiled code lives in the
+    process, so every server forked from this one (or this standby, once it becomes a
+    server) finds them compiled, and :func:`tessera.cluster.role.ready_to_serve` has
+    nothing left to do. Compiling them took a table server about 2 s of CPU before its
+    first request: paid once per fork server instead of once per server, and not at all
+    by a re-formed group's servers (``benchmarks/faults.py``'s worker-hybrid recovery).
+    Returns what was compiled, for the log ("" where nothing was, or compiling failed:
+    the server then compiles them itself, as one without a fork server does)."""
+    try:
+        from tessera.ps import kernels
+        from tessera.train.tasks import table_optimizers
+        names = table_optimizers(_job_config())
+        if not names or not kernels.ENABLED:
+            return ""
+        kernels.warm(names)
+        return ", ".join(sorted(names))
+    except Exception:  # noqa: BLE001 - each server compiles (and reports) for itself
+        return ""
 
 
 def become(order: dict, data=None) -> None:
@@ -104,6 +131,8 @@ def main(stdin=None, role: str = "") -> Optional[int]:
     for name in WARM_BY_ROLE.get(role, WARM):
         importlib.import_module(name)
     data = preload() if role in ("", "worker") else None
+    if role == "server":
+        compile_ahead()
     print(f"standby ready ({role or 'worker'}, pid {os.getpid()})", flush=True)
     ready = time.time()
     line = (stdin or sys.stdin).readline()

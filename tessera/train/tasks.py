@@ -307,6 +307,15 @@ def load_ahead(cfg: JobConfig):
     return None
 
 
+def table_optimizers(cfg: JobConfig) -> set[str]:
+    """The sparse optimizers of the built-in task's sharded tables (its recommendation
+    models: MovieLens, clicks); empty for a task without tables. A user's own program
+    (``tessera launch``) declares its tables as it runs: none are known ahead."""
+    if cfg.data.dataset in ("movielens", "clicks"):
+        return {cfg.model.embedding_optimizer}
+    return set()
+
+
 def make_task(cfg: JobConfig, rank: int, num_workers: int, data=None):
     """The task of ``cfg``; ``data``: what :func:`load_ahead` loaded for it (or None)."""
     if cfg.data.dataset == "shakespeare":
