@@ -32,7 +32,7 @@ def test_movielens_rmse_at_most_095(tmp_path, flags):
     # once, before forking them (tessera.train.standby.compile_ahead): none compiles
     # them again (a server that does says so in its log: the hybrid test below).
     logs = tmp_path / "run" / "logs"
-    assert "row kernels compiled for the job's tables (adagrad)" in \
+    assert "kernels compiled for the job's servers (tables: adagrad)" in \
         (logs / "forkserver.log").read_text()
     for rank in (0, 1):
         assert "compiled the row kernels" not in (logs / f"server-{rank}.log").read_text()

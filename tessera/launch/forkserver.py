@@ -249,7 +249,7 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
                     t0, compiled = time.monotonic(), True  # once, for every server
                     names = standby.compile_ahead()
                     if names:
-                        print(f"row kernels compiled for the job's tables ({names}) in "
+                        print(f"kernels compiled for the job's servers ({names}) in "
                               f"{time.monotonic() - t0:.1f} s", flush=True)
                 pid = os.fork()
                 if pid == 0:

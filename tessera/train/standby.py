@@ -73,23 +73,33 @@ def preload():
 
 
 def compile_ahead() -> str:
-    """A server's row kernels, compiled ahead for the built-in task's tables
-    (:func:`tessera.train.tasks.table_optimizers`): numba's compiled code lives in the
-    process, so every server forked from this one (or this standby, once it becomes a
-    server) finds them compiled, and :func:`tessera.cluster.role.ready_to_serve` has
-    nothing left to do. Compiling them took a table server about 2 s of CPU before its
-    first request: paid once per fork server instead of once per server, and not at all
-    by a re-formed group's servers (``benchmarks/faults.py``'s worker-hybrid recovery).
-    Returns what was compiled, for the log ("" where nothing was, or compiling failed:
-    the server then compiles them itself, as one without a fork server does)."""
+    """A server's compiled kernels, compiled ahead: the row kernels of the built-in
+    task's tables (:func:`tessera.train.tasks.table_optimizers`), and on a half-width
+    wire the dense ones (:func:`tessera.cluster.role.warm_dense_kernels`). numba's
+    compiled code lives in the process, so every server forked from this one (or this
+    standby, once it becomes a server) finds them compiled, and its own calls before it
+    serves have nothing left to do. The row kernels took a table server about 2 s of CPU
+    before its first request, the dense ones about 1 s: paid once per fork server
+    instead of once per server, and not at all by a re-formed group's servers
+    (``benchmarks/faults.py``'s worker-hybrid recovery). Returns what was compiled, for
+    the log ("" where nothing was, or compiling failed: the server then compiles them
+    itself, as one without a fork server does)."""
     try:
         from tessera.ps import kernels
         from tessera.train.tasks import table_optimizers
-        names = table_optimizers(_job_config())
-        if not names or not kernels.ENABLED:
+        if not kernels.ENABLED:
             return ""
-        kernels.warm(names)
-        return ", ".join(sorted(names))
+        cfg = _job_config()
+        done = []
+        names = table_optimizers(cfg)
+        if names:
+            kernels.warm(names)
+            done.append(f"tables: {', '.join(sorted(names))}")
+        if cfg.precision != "fp32" and cfg.ps.mode != "hybrid" and cfg.cluster.servers:
+            from tessera.cluster.role import warm_dense_kernels
+            warm_dense_kernels(cfg, None)  # (the optimizer is not known yet: plain SGD's too)
+            done.append(f"dense: {cfg.precision} wire")
+        return "; ".join(done)
     except Exception:  # noqa: BLE001 - each server compiles (and reports) for itself
         return ""
 
