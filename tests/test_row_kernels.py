@@ -169,12 +169,12 @@ from tessera.config.schema import JobConfig, DataConfig, ModelConfig
 from tessera.ps import kernels
 from tessera.train import standby
 run_dir, dataset, optimizer, precision = sys.argv[1:5]
-cfg = JobConfig(data=DataConfig(dataset=dataset), model=ModelConfig(embedding_optimizer=optimizer),
-                precision=precision)
+cfg = JobConfig(data=DataConfig(dataset=dataset, batch_size=256, num_fields=26),
+                model=ModelConfig(embedding_optimizer=optimizer), precision=precision)
 with open(os.path.join(run_dir, "config.json"), "w") as f:
     json.dump(config_to_dict(cfg), f)
 os.environ["TESSERA_RUN_DIR"] = run_dir
-print(json.dumps(standby.compile_ahead()))
+print(json.dumps([standby.compile_ahead("server"), standby.compile_ahead("worker")]))
 pid = os.fork()
 if pid == 0:  # a server forked afterwards: the kernels it finds compiled
     rows = [k for k in ("find_slots", "find_buckets", "place_ids", "fill_initial", "gather",
@@ -183,7 +183,8 @@ if pid == 0:  # a server forked afterwards: the kernels it finds compiled
                                                   ("SCALE_HALF", kernels.SCALE_HALF),
                                                   ("ADD_HALF", kernels.ADD_HALF))
              for key, k in table.items() if k.signatures]
-    print(json.dumps(sorted(rows) + sorted(dense)))
+    worker = ["unique_inverse"] if kernels._first_seen.signatures else []
+    print(json.dumps(sorted(rows) + sorted(dense) + worker))
     sys.stdout.flush()
     os._exit(0)
 os.waitpid(pid, 0)
@@ -210,29 +211,32 @@ def test_a_table_server_compiles_its_kernels_and_freezes_its_start_up_before_ser
     assert out.stdout.strip() == f"{sorted(common + compiled)!r} {frozen}"
 
 
-@pytest.mark.parametrize("dataset, optimizer, precision, ahead", [
-    ("movielens", "adagrad", "fp32", "tables: adagrad"),
-    ("clicks", "adam", "bf16", "tables: adam; dense: bf16 wire"),
-    ("digits", "sgd", "fp32", ""),
+@pytest.mark.parametrize("dataset, optimizer, precision, ahead, worker", [
+    ("movielens", "adagrad", "fp32", "tables: adagrad", ""),
+    ("clicks", "adam", "bf16", "tables: adam; dense: bf16 wire", "unique ids"),
+    ("digits", "sgd", "fp32", "", ""),
 ])
-def test_a_fork_server_compiles_its_servers_kernels_once_for_every_server_it_forks(
-        tmp_path, dataset, optimizer, precision, ahead):
-    """standby.compile_ahead, which a fork server runs at its first server's order (and a
-    standby server at its start): for a built-in task with tables (MovieLens, clicks) the
-    row kernels of the job's embedding optimizer (and no other), and on a half-width wire
-    the dense kernels of a sync job's servers (role.warm_dense_kernels), are compiled in
-    the fork server, and a process forked from it finds them compiled; an fp32 task
+def test_a_fork_server_compiles_its_processes_kernels_once_for_every_fork(
+        tmp_path, dataset, optimizer, precision, ahead, worker):
+    """standby.compile_ahead, which a fork server runs at its first server's and first
+    worker's order (and a standby at its start): for a built-in task with tables
+    (MovieLens, clicks) the row kernels of the job's embedding optimizer (and no other),
+    on a half-width wire the dense kernels of a sync job's servers
+    (role.warm_dense_kernels), and where a worker looks up WORKER_MIN_IDS ids or more a
+    step (clicks: 256 x 26 ids; MovieLens: 256) the worker's unique_inverse, are compiled
+    in the fork server, and a process forked from it finds them compiled; an fp32 task
     without tables compiles nothing (its servers compile what their own tables need,
     ready_to_serve). Each case in a fresh process (compiled code is per process)."""
     out = subprocess.run([sys.executable, "-c", _AHEAD, str(tmp_path), dataset, optimizer,
                           precision], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     ahead_line, fork_line = out.stdout.strip().splitlines()
-    assert json.loads(ahead_line) == ahead
+    assert json.loads(ahead_line) == [ahead, worker]
     rows = ["fill_initial", "find_buckets", "find_slots", "gather", "place_ids",
             f"{optimizer}_rows"] if "tables" in ahead else []
     # sync (the default mode), 2 workers: the clock's sums, and plain SGD's fused step
     # from their fp32 mean into the bf16 reply
     dense = ["ADD_HALF[bfloat16]", "SCALE_HALF[bfloat16]", "SGD_HALF[('float32', 'bfloat16')]"] \
         if "dense" in ahead else []
-    assert json.loads(fork_line) == sorted(rows) + sorted(dense)
+    assert json.loads(fork_line) == sorted(rows) + sorted(dense) + (
+        ["unique_inverse"] if worker else [])

@@ -245,12 +245,10 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
                 order = json.loads(line)
                 if not loaded and order["cmd"][1:3] == ["-m", standby.TRAINER]:
                     data, loaded = standby.preload(), True  # once, for every worker
+                    _compile_ahead("worker")
                 if not compiled and order["cmd"][1:4] == ["-m", ROLE_MODULE, "server"]:
-                    t0, compiled = time.monotonic(), True  # once, for every server
-                    names = standby.compile_ahead()
-                    if names:
-                        print(f"kernels compiled for the job's servers ({names}) in "
-                              f"{time.monotonic() - t0:.1f} s", flush=True)
+                    compiled = True  # once, for every server
+                    _compile_ahead("server")
                 pid = os.fork()
                 if pid == 0:
                     if launcher is not None:
@@ -269,6 +267,17 @@ def loop(roles: list[str], threads: int, launcher: Optional[int] = None
             reports.write(json.dumps({"pid": pid,
                                       "exit": os.waitstatus_to_exitcode(status)}) + "\n")
     return None
+
+
+def _compile_ahead(role: str) -> None:
+    """What the ``role`` processes of this job would compile, compiled here once before
+    forking the first of them (:func:`tessera.train.standby.compile_ahead`)."""
+    from tessera.train import standby
+    t0 = time.monotonic()
+    what = standby.compile_ahead(role)
+    if what:
+        print(f"kernels compiled for the job's {role}s ({what}) in "
+              f"{time.monotonic() - t0:.1f} s", flush=True)
 
 
 def finish(got: Optional[tuple[dict, object]]) -> None:

@@ -392,8 +392,10 @@ ADD_HALF = {d: _add_half(_WIDEN[d]) for d in _NARROW}
 # -- a worker's lookups: the batch's distinct ids, and a bag's row gradients --------
 
 #: A worker takes these kernels for lookups of at least this many ids. Their first
-#: compile costs about 1.3 s of CPU, once per process; at 8,192 Zipf ids they save
-#: 0.35 ms a step, so a job pays it back in about 4,000 steps, and smaller lookups later.
+#: compile costs about 1.3 s of CPU, once per process (once per fork server where the
+#: built-in task's lookups are this large: :func:`warm_worker`); at 8,192 Zipf ids they
+#: save 0.35 ms a step, so a job pays it back in about 4,000 steps, and smaller lookups
+#: later.
 WORKER_MIN_IDS = 4096
 _DIGIT_BITS = 11
 
@@ -493,6 +495,18 @@ def bag_sum_backward(inverse, starts, grad, out):
             row = inverse[i]
             for c in range(dim):
                 out[row, c] += grad[b, c]
+
+
+def warm_worker() -> bool:
+    """Compile now the kernel a worker uses on lookups of ``WORKER_MIN_IDS`` ids or more
+    (:func:`unique_inverse`, about 1.3 s of CPU): a fork server does it once for the
+    workers it forks where the built-in task's batches are that large
+    (:func:`tessera.train.standby.compile_ahead`). True where this call compiled it."""
+    if not ENABLED:
+        return False
+    before = len(_first_seen.signatures) + len(_sort_distinct.signatures)
+    unique_inverse(np.array([2, 1, 2], dtype=np.int64))
+    return len(_first_seen.signatures) + len(_sort_distinct.signatures) > before
 
 
 def warm_dense(wire_dtype: str, *, sync: bool, sums: bool, steps: bool) -> None:

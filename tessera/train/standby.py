@@ -72,7 +72,7 @@ def preload():
         return None
 
 
-def compile_ahead() -> str:
+def compile_ahead(role: str = "server") -> str:
     """A server's compiled kernels, compiled ahead: the row kernels of the built-in
     task's tables (:func:`tessera.train.tasks.table_optimizers`), and on a half-width
     wire the dense ones (:func:`tessera.cluster.role.warm_dense_kernels`). numba's
@@ -83,13 +83,22 @@ def compile_ahead() -> str:
     instead of once per server, and not at all by a re-formed group's servers
     (``benchmarks/faults.py``'s worker-hybrid recovery). Returns what was compiled, for
     the log ("" where nothing was, or compiling failed: the server then compiles them
-    itself, as one without a fork server does)."""
+    itself, as one without a fork server does).
+
+    ``role`` "worker": the kernel a worker compiles at its first large lookup
+    (:func:`tessera.ps.kernels.warm_worker`, about 1.3 s), where the built-in task
+    looks up that many ids a step (the click model: batch x fields)."""
     try:
         from tessera.ps import kernels
-        from tessera.train.tasks import table_optimizers
+        from tessera.train.tasks import table_optimizers, worker_ids_per_lookup
         if not kernels.ENABLED:
             return ""
         cfg = _job_config()
+        if role == "worker":
+            if worker_ids_per_lookup(cfg) >= kernels.WORKER_MIN_IDS:
+                kernels.warm_worker()
+                return "unique ids"
+            return ""
         done = []
         names = table_optimizers(cfg)
         if names:
@@ -141,8 +150,7 @@ def main(stdin=None, role: str = "") -> Optional[int]:
     for name in WARM_BY_ROLE.get(role, WARM):
         importlib.import_module(name)
     data = preload() if role in ("", "worker") else None
-    if role == "server":
-        compile_ahead()
+    compile_ahead("worker" if role in ("", "worker") else role)
     print(f"standby ready ({role or 'worker'}, pid {os.getpid()})", flush=True)
     ready = time.time()
     line = (stdin or sys.stdin).readline()

@@ -316,6 +316,16 @@ def table_optimizers(cfg: JobConfig) -> set[str]:
     return set()
 
 
+def worker_ids_per_lookup(cfg: JobConfig) -> int:
+    """Ids a worker of the built-in task looks up in one table per step (0: no tables):
+    the click model's one table takes every field of the batch at once."""
+    if cfg.data.dataset == "clicks":
+        return cfg.data.batch_size * cfg.data.num_fields
+    if cfg.data.dataset == "movielens":
+        return cfg.data.batch_size
+    return 0
+
+
 def make_task(cfg: JobConfig, rank: int, num_workers: int, data=None):
     """The task of ``cfg``; ``data``: what :func:`load_ahead` loaded for it (or None)."""
     if cfg.data.dataset == "shakespeare":
