@@ -240,3 +240,34 @@ def test_a_fork_server_compiles_its_processes_kernels_once_for_every_fork(
         if "dense" in ahead else []
     assert json.loads(fork_line) == sorted(rows) + sorted(dense) + (
         ["unique_inverse"] if worker else [])
+
+
+_STANDBY = """
+import io, json, os, sys
+from tessera.config import config_to_dict
+from tessera.config.schema import JobConfig, DataConfig
+from tessera.ps import kernels
+from tessera.train import standby
+run_dir = sys.argv[1]
+with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(config_to_dict(JobConfig(data=DataConfig(dataset="movielens"))), f)
+os.environ["TESSERA_RUN_DIR"] = run_dir
+names = ("find_slots", "place_ids", "fill_initial", "gather", "adagrad_rows")
+for role in ("coordinator", "server"):  # end of input: each standby ends at once
+    assert standby.main(stdin=io.StringIO(""), role=role) == 0
+    print(role, sorted(k for k in names if getattr(kernels, k).signatures), flush=True)
+"""
+
+
+def test_a_standby_server_compiles_its_tables_kernels_while_it_waits(tmp_path):
+    """Without a fork server (TESSERA_FORKSERVER=0), a re-formed allreduce/hybrid group's
+    processes are standbys started ahead (tessera/train/standby.py ROLE): a server's
+    compiles the MovieLens task's row kernels while it waits, so the server it becomes
+    has none left to compile; a coordinator's compiles nothing."""
+    out = subprocess.run([sys.executable, "-c", _STANDBY, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if not line.startswith("standby ready")]
+    assert lines == ["coordinator []",
+                     "server ['adagrad_rows', 'fill_initial', 'find_slots', 'gather', "
+                     "'place_ids']"], out.stdout

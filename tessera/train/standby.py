@@ -150,7 +150,8 @@ def main(stdin=None, role: str = "") -> Optional[int]:
     for name in WARM_BY_ROLE.get(role, WARM):
         importlib.import_module(name)
     data = preload() if role in ("", "worker") else None
-    compile_ahead("worker" if role in ("", "worker") else role)
+    if role in ("", "worker", "server"):  # (a coordinator compiles nothing)
+        compile_ahead("server" if role == "server" else "worker")
     print(f"standby ready ({role or 'worker'}, pid {os.getpid()})", flush=True)
     ready = time.time()
     line = (stdin or sys.stdin).readline()
