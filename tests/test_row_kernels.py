@@ -194,6 +194,7 @@ os.waitpid(pid, 0)
 @pytest.mark.parametrize("optimizers, process, compiled, frozen", [
     ("sgd,adam,sgd", "own", ["adam_rows", "sgd_rows"], True),
     ("adagrad", "threads", ["adagrad_rows"], False),
+    ("", "own", [], True),
 ])
 def test_a_table_server_compiles_its_kernels_and_freezes_its_start_up_before_serving(
         optimizers, process, compiled, frozen):
