@@ -19,11 +19,14 @@ coordinator and a server in threads, this thread the worker) trains the mnist CN
 (batch 32, sync) in blocks of ``--block`` steps, the worker's recorder switched
 between the no-op and a real one block by block, and compares this thread's CPU time
 per step (``time.thread_time``) of adjacent blocks: the cost of recording on the
-worker's step path, paired within seconds. Blocks are short (5 steps) and many (100),
-so that each pair is measured within a few tens of milliseconds. A third recorder in
-the rotation, a second no-op one, is paired with the first the same way
-(``control_cpu_overhead``): an A/A test, whose result is the method's noise floor on
-the machine at the time.
+worker's step path, paired within seconds. Blocks are short (5 steps) and many (300),
+so that each pair is measured within a few tens of milliseconds, and each block runs the
+recorders in one order and then in the reverse one (A B C C B A), so that the machine's
+speed drifting within the block costs each the same. A third recorder in the rotation, a
+second no-op one, is paired with the first the same way (``control_cpu_overhead``): an
+A/A test, whose result is the method's noise floor on the machine at the time.
+``cpu_overhead_se`` is the median's standard error from the pairs' spread: on a 2-vCPU
+cloud machine one block's CPU per step swings by ~8% with its neighbours' load.
 
     .venv/bin/python benchmarks/profiler_overhead.py [--quick] [--rounds 5] [--job examples/mnist.toml]
     .venv/bin/python benchmarks/profiler_overhead.py --inproc-only
@@ -110,19 +113,28 @@ def inproc(blocks: int, block: int) -> dict:
     run(block, OFF)  # warm-up
     times: dict[int, list[float]] = {id(OFF): [], id(rec): [], id(control): []}
     for b in range(blocks):
-        for prof in rotated((OFF, rec, control), b):  # each in each place alike
-            times[id(prof)].append(run(block, prof))
+        # Each in each place alike, and mirrored (A B C C B A): a drift of the machine's
+        # speed within the block, linear in time, costs each recorder the same.
+        order = rotated((OFF, rec, control), b)
+        got = dict.fromkeys(times, 0.0)
+        for prof in order + order[::-1]:
+            got[id(prof)] += run(block, prof) / 2
+        for key, ms in got.items():
+            times[key].append(ms)
     tessera.finish()
     off, on, aa = times[id(OFF)], times[id(rec)], times[id(control)]
     over = [b / a - 1 for a, b in zip(off, on)]
     over_aa = [b / a - 1 for a, b in zip(off, aa)]
+    # The median's standard error, from the pairs' spread (1.2533 sd / sqrt(n): normal)
+    se = 1.2533 * statistics.stdev(over) / len(over) ** 0.5
     return {"bench": "profiler_inproc", "model": "mnist cnn", "batch": 32,
             "blocks": blocks, "block_steps": block,
             "off_cpu_ms_per_step": round(statistics.median(off), 4),
             "profile_cpu_ms_per_step": round(statistics.median(on), 4),
             "cpu_overhead": round(statistics.median(over), 4),
+            "cpu_overhead_se": round(se, 4),
             "control_cpu_overhead": round(statistics.median(over_aa), 4),
-            "spans_per_step": round(len(rec.spans) / max(1, blocks * block), 2)}
+            "spans_per_step": round(len(rec.spans) / max(1, 2 * blocks * block), 2)}
 
 
 def main() -> None:
@@ -131,7 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="30 steps, 2 rounds")
-    ap.add_argument("--blocks", type=int, default=100, help="in-process: blocks each way")
+    ap.add_argument("--blocks", type=int, default=300, help="in-process: blocks each way")
     ap.add_argument("--block", type=int, default=5, help="in-process: steps per block")
     ap.add_argument("--inproc-only", action="store_true", help="only the in-process pairing")
     args = ap.parse_args()

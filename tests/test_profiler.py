@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+import tessera
+from tessera.config.schema import JobConfig, TrainConfig
+from tessera.launch.inprocess import run as run_in_process
+from tessera.profiler.recorder import OFF, SpanRecorder
 from tests.harness import ROOT, run_cli, run_job
 
 PHASES = {"B", "E", "X", "i", "I", "M", "C", "b", "e", "n", "s", "t", "f"}
@@ -139,3 +146,82 @@ def test_report_command_prints_the_table(straggler_run):
     assert "causes, by share of step time" in output and "straggler (worker 1)" in output
     code, output = run_cli(["report", straggler_run / "nope"], timeout_s=60)
     assert code == 2 and "--profile" in output
+
+
+# ------------------------------------------------------------ the recorder alone
+
+
+def test_the_recorder_gives_back_every_span_in_order_with_its_args(tmp_path):
+    rec = SpanRecorder("worker", 3, offset_ns=1_000)
+    with rec.span("outer", "compute"):
+        with rec.span("outer", "compute", depth=2):  # the same kind, nested
+            pass
+    rec.add("wait", "comm", 50, 7, clock=4)
+    wait, copy = rec.kinds((("wait", "comm"), ("copy", "optimizer")))
+    assert rec.kinds((("wait", "comm"), ("copy", "optimizer"))) == (wait, copy)
+    rec.put(copy, 60, 8)
+    rec.put(wait, 70, 9, {"clock": 5})
+    before = time.time_ns()
+    rec.instant("step", "step", step=1)
+    for i in range(5000):  # past any first allotment
+        rec.put(copy, 100 + i, i)
+    spans = rec.spans
+    assert len(spans) == 6 + 5000
+    inner, outer = spans[0], spans[1]  # a span is recorded when it ends
+    assert inner[:2] == outer[:2] == ("outer", "compute")
+    assert inner[4] == {"depth": 2} and outer[4] is None
+    assert outer[2] <= inner[2] and inner[2] + inner[3] <= outer[2] + outer[3]
+    assert spans[2:5] == [("wait", "comm", 50, 7, {"clock": 4}), ("copy", "optimizer", 60, 8, None),
+                          ("wait", "comm", 70, 9, {"clock": 5})]
+    name, cat, start, dur, args = spans[5]
+    assert (name, cat, dur, args) == ("step", "step", 0, {"step": 1})
+    assert before + 1_000 <= start <= time.time_ns() + 1_000  # on the aligned clock
+    assert spans[-1] == ("copy", "optimizer", 100 + 4999, 4999, None)
+    rec.dump(tmp_path / "w.json")
+    doc = json.loads((tmp_path / "w.json").read_text())
+    assert (doc["role"], doc["rank"], doc["offset_ns"]) == ("worker", 3, 1_000)
+    assert [tuple(s) for s in doc["spans"]] == spans
+
+
+def test_the_off_recorder_keeps_nothing(tmp_path):
+    with OFF.span("forward", "compute"):
+        OFF.add("wait", "comm", 1, 2, clock=3)
+        OFF.put(0, 1, 2)
+        OFF.instant("step")
+    assert OFF.spans == [] and not OFF.enabled
+    OFF.dump(tmp_path / "off.json")
+    assert not (tmp_path / "off.json").exists()
+
+
+def test_a_workers_step_spans_are_on_the_aligned_clock(tmp_path):
+    """PSDataParallel times its step with this process's clock and records it on the
+    coordinator's (the recorder's offset added): every span of three steps lies inside
+    the steps' own window on the aligned clock, and the pushes' bytes are the model's."""
+    offset = 10**15  # far from 0 either way: a span left unaligned lies outside the window
+    rec = SpanRecorder("worker", 0, offset_ns=offset)
+    window = []
+
+    def main() -> None:
+        tessera.init()
+        torch.manual_seed(0)
+        model = tessera.distribute(torch.nn.Linear(4, 2), "sgd", lr=0.1)
+        model.profiler = model.client.profiler = rec
+        window.append(time.time_ns() + offset)
+        for _ in range(3):
+            loss = F.mse_loss(model(torch.randn(8, 4)), torch.zeros(8, 2))
+            model.scale_loss(loss).backward()
+            model.step()
+        window.append(time.time_ns() + offset)
+        tessera.finish(eval_loss=loss.item(), steps=3)
+
+    cfg = JobConfig(name="aligned", out=str(tmp_path / "run"), train=TrainConfig(steps=3))
+    assert run_in_process(cfg, main, quiet=True) == 0
+    lo, hi = window
+    spans = rec.spans
+    assert sorted({s[0] for s in spans}) == ["backward", "copy", "forward", "in flight",
+                                             "send", "wait"]
+    for name, cat, start, dur, args in spans:
+        assert dur >= 0 and lo <= start and start + dur <= hi, (name, start - lo, dur, hi - lo)
+    flights = [s for s in spans if s[0] == "in flight"]
+    assert [s[4]["clock"] for s in flights] == [0, 1, 2]
+    assert all(s[4]["bytes"] == (4 * 2 + 2) * 4 for s in flights)

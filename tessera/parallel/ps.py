@@ -83,8 +83,16 @@ class PSComm:
     agree: bool = False
 
 
+#: The spans :meth:`PSDataParallel.step` records each step, (name, category).
+STEP_SPANS = (("backward", "compute"), ("send", "comm"), ("wait", "comm"),
+              ("copy", "optimizer"), ("in flight", "inflight"))
+
+
 class StepMarks:
-    """Profiling timestamps of the current step (aligned clock, ns)."""
+    """Profiling timestamps of the current step: this process's ``time.time_ns()``,
+    unaligned (:meth:`PSDataParallel.step` adds the recorder's offset when it records
+    them): taken in backward's hooks, one per parameter, they are a C call each, not a
+    Python one (benchmarks/profiler_overhead.py)."""
 
     __slots__ = ("first_push_ns", "backward_start_ns", "last_hook_ns", "send_ns")
 
@@ -206,8 +214,18 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
 
     def forward(self, *args, **kwargs):
         self.ensure_joined()
-        with self.profiler.span("forward", "compute"), self.autocast():
-            return self.module(*args, **kwargs)
+        # No context to enter and leave where nothing needs one (no autocast, no
+        # profiling): each is a few Python calls a step (benchmarks/profiler_overhead.py).
+        prof = self.profiler
+        start = time.time_ns() if prof.enabled else 0
+        try:
+            if self.policy.autocast_dtype is None:
+                return self.module(*args, **kwargs)
+            with self.autocast():
+                return self.module(*args, **kwargs)
+        finally:
+            if start:
+                prof.add("forward", "compute", start + prof.offset_ns, time.time_ns() - start)
 
     def autocast(self):
         return self.policy.autocast(self.flat.device.type)
@@ -224,7 +242,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             # tensor hook on the loss said the same a few microseconds later, at the cost
             # of an extra autograd node and a Python call every step: the profiler's
             # largest per-step cost, benchmarks/profiler_overhead.py.)
-            self._marks.backward_start_ns = self.profiler.now()
+            self._marks.backward_start_ns = time.time_ns()
         return scaled
 
     # --------------------------------------------------------------- phase 2
@@ -241,7 +259,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._fired.setdefault(index, len(self._fired))
             if self.profiler.enabled:
                 marks = self._marks
-                marks.last_hook_ns = self.profiler.now()
+                marks.last_hook_ns = time.time_ns()
                 if not marks.backward_start_ns:
                     marks.backward_start_ns = marks.last_hook_ns
             if not self._sync:
@@ -275,15 +293,15 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         if not self._handles:  # the step's first push
             self._step_hparams = self.hparams_source() if self.is_first else None
             if self.profiler.enabled:
-                self._marks.first_push_ns = self.profiler.now()
+                self._marks.first_push_ns = time.time_ns()
         hold = self.two_phase or self._hold
-        sent_from = self.profiler.now() if self.profiler.enabled else 0
+        sent_from = time.time_ns() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
             norm_type=self._norm_type if self._hold else 0.0)
         if sent_from:
-            self._marks.send_ns += self.profiler.now() - sent_from
+            self._marks.send_ns += time.time_ns() - sent_from
 
     # --------------------------------------------------------------- phase 3
 
@@ -326,7 +344,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         """Phase 3: push the rest, take every reply; whether the gradients were finite."""
         row_handles = self._send_rest()
         self._wait_t0 = time.perf_counter()
-        self._wait_start_ns = self.profiler.now()
+        self._wait_start_ns = time.time_ns()  # unaligned, as the StepMarks
         # Each reply's values are copied into the model as soon as it is taken, and
         # its receive buffer dropped: holding a whole model of buffers until the end
         # of the step cost ~9,000 page faults per 100 MB (benchmarks/ps_roundtrip).
@@ -376,27 +394,26 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         copy_s = self._copy_s
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited
-        copy_start = prof.now()
+        copy_start = time.time_ns()
         self.client.wait_lent()  # the servers have let go of the gradients lent to them
         with torch.no_grad():
             self.flat_grad.zero_()
-        if prof.enabled:
-            marks = self._marks
+        if prof.enabled:  # the step's spans, on the aligned clock (+ offset)
+            backward, send, wait, copy, flight = prof.kinds(STEP_SPANS)
+            marks, off, put = self._marks, prof.offset_ns, prof.put
             if marks.backward_start_ns:
                 during = max(0, marks.last_hook_ns - marks.backward_start_ns)
                 sent = min(marks.send_ns, during)  # pushes sent from backward's hooks
-                prof.add("backward", "compute", marks.backward_start_ns, during - sent)
-                prof.add("send", "comm", marks.backward_start_ns, sent)
+                put(backward, marks.backward_start_ns + off, during - sent)
+                put(send, marks.backward_start_ns + off, sent)
             marks.backward_start_ns = marks.send_ns = 0
-            prof.add("wait", "comm", wait_start, int(waited * 1e9), clock=self.clock)
-            prof.add("copy", "optimizer", copy_start,
-                     prof.now() - copy_start + int(copy_s * 1e9))
+            put(wait, wait_start + off, int(waited * 1e9), {"clock": self.clock})
+            put(copy, copy_start + off, time.time_ns() - copy_start + int(copy_s * 1e9))
             # Communication in flight: first push sent .. last reply sent by a server.
-            end = max(self.client.last_reply_ns, wait_start)
-            prof.add("in flight", "inflight", self._marks.first_push_ns,
-                     max(0, end - self._marks.first_push_ns), clock=self.clock,
-                     bytes=sum(self.client.parts[p].stop - self.client.parts[p].start
-                               for p in self._handles) * self._wire.itemsize)
+            first = marks.first_push_ns + off
+            end = max(self.client.last_reply_ns, wait_start + off)
+            put(flight, first, max(0, end - first),
+                {"clock": self.clock, "bytes": self._pushed_bytes()})
         self.scaler.update(found_inf=not applied)
         if not applied:
             self.skipped_steps += 1
@@ -468,6 +485,11 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         raise self.refuse("load_state_dict()", "the servers hold the parameters; resume a "
                           "job from its checkpoint with --resume")
+
+    def _pushed_bytes(self) -> int:
+        """Bytes this step's pushes carried (profiling: the "in flight" span's)."""
+        parts = self.client.parts
+        return sum(parts[p].stop - parts[p].start for p in self._handles) * self._wire.itemsize
 
     def _consume(self, handle: Handle, values: dict) -> float:
         t0 = time.perf_counter()

@@ -1,10 +1,12 @@
 """Span recording, cheap enough to leave on.
 
 A span is ``(name, category, start_ns, duration_ns, args)``. On the step path it costs
-a few stores into preallocated arrays (start and duration as int64, the (name,
-category) pair as a small id; ``args`` kept apart, only for the spans that have them):
-no tuple or list per span, no locks, no I/O until :meth:`SpanRecorder.dump` at the
-end. The arrays double when full (amortised, rare: 4,096 spans to start with).
+one ``extend`` of an int64 array by three numbers (start, duration, and the (name,
+category) pair as a small id; ``args`` kept apart, only for the spans that have them): no
+object kept per span, no locks, no I/O until :meth:`SpanRecorder.dump` at the end. Code that records
+the same spans every step looks their ids up once (:meth:`SpanRecorder.kinds`) and
+stores with :meth:`SpanRecorder.put`: a worker's step is ~7,000 Python bytecodes, and
+what profiling adds to it is what it costs (benchmarks/profiler_overhead.py).
 Timestamps are this process's ``time.time_ns()`` plus its estimated offset to the
 coordinator's clock (:func:`estimate_offset`), so spans from every process line up in
 one trace.
@@ -26,10 +28,6 @@ import time
 from array import array
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-#: Spans a recorder has room for before its arrays first grow.
-INITIAL_SPANS = 4096
-
 
 class _Span:
     """``with recorder.span(name, cat):`` records the block's duration on exit."""
@@ -71,13 +69,12 @@ class SpanRecorder:
         self.counters: dict[str, float] = {}
         #: Further JSON-able fields for this process's profile (e.g. torch operator events).
         self.extra: dict[str, Any] = {}
-        # Span storage: (start, duration) pairs, kind ids, and args by span index.
-        self._times = array("q", bytes(16 * INITIAL_SPANS))
-        self._kinds = array("i", bytes(4 * INITIAL_SPANS))
+        # Span storage: (start, duration, kind id) triples, and args by span index.
+        self._spans = array("q")
         self._args: dict[int, dict] = {}
-        self._n = 0
         self._kind_of: dict[tuple[str, str], int] = {}
         self._kind_names: list[tuple[str, str]] = []
+        self._groups: dict[tuple, tuple[int, ...]] = {}
 
     def now(self) -> int:
         return time.time_ns() + self.offset_ns
@@ -89,27 +86,39 @@ class SpanRecorder:
             self._kind_names.append((name, cat))
         return kind
 
-    def _put(self, kind: int, start_ns: int, dur_ns: int, args: Optional[dict]) -> None:
-        n = self._n
-        if n == len(self._kinds):  # full: double (amortised; never on most steps)
-            self._times.extend(array("q", bytes(16 * n)))
-            self._kinds.extend(array("i", bytes(4 * n)))
-        self._times[2 * n] = start_ns
-        self._times[2 * n + 1] = dur_ns
-        self._kinds[n] = kind
+    def kinds(self, pairs: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+        """The ids of ``pairs`` of (name, category), for :meth:`put` (looked up once)."""
+        ids = self._groups.get(pairs)
+        if ids is None:
+            ids = self._groups[pairs] = tuple(self._kind(name, cat) for name, cat in pairs)
+        return ids
+
+    def put(self, kind: int, start_ns: int, dur_ns: int, args: Optional[dict] = None) -> None:
+        """Record a span of a kind from :meth:`kinds` (``start_ns`` on the aligned clock)."""
+        self._spans.extend((start_ns, dur_ns, kind))
         if args:
-            self._args[n] = args
-        self._n = n + 1
+            self._args[len(self._spans) // 3 - 1] = args
+
+    _put = put
+
+    # span, add and instant look the kind up themselves (``_kind`` only for a new one):
+    # on a worker's step path each Python call costs 1-3 µs, not the fraction of one a
+    # timed loop shows (caches are cold after the step's kernels), and a step makes ~10
+    # of these (benchmarks/profiler_overhead.py).
 
     def span(self, name: str, cat: str = "", **args: Any) -> _Span:
-        return _Span(self, self._kind(name, cat), args)
+        kind = self._kind_of.get((name, cat))
+        return _Span(self, self._kind(name, cat) if kind is None else kind, args)
 
     def add(self, name: str, cat: str, start_ns: int, dur_ns: int, **args: Any) -> None:
         """Record a span measured elsewhere (``start_ns`` already on the aligned clock)."""
-        self._put(self._kind(name, cat), start_ns, dur_ns, args)
+        kind = self._kind_of.get((name, cat))
+        self._put(self._kind(name, cat) if kind is None else kind, start_ns, dur_ns, args)
 
     def instant(self, name: str, cat: str = "", **args: Any) -> None:
-        self._put(self._kind(name, cat), self.now(), 0, args)
+        kind = self._kind_of.get((name, cat))
+        self._put(self._kind(name, cat) if kind is None else kind,
+                  time.time_ns() + self.offset_ns, 0, args)
 
     def count(self, key: str, value: float = 1.0) -> None:
         self.counters[key] = self.counters.get(key, 0.0) + value
@@ -117,9 +126,9 @@ class SpanRecorder:
     @property
     def spans(self) -> list[tuple]:
         """Every span recorded so far, ``(name, cat, start_ns, dur_ns, args or None)``."""
-        names, times, kinds, args = self._kind_names, self._times, self._kinds, self._args
-        return [(*names[kinds[i]], times[2 * i], times[2 * i + 1], args.get(i))
-                for i in range(self._n)]
+        names, spans, args = self._kind_names, self._spans, self._args
+        return [(*names[spans[3 * i + 2]], spans[3 * i], spans[3 * i + 1], args.get(i))
+                for i in range(len(spans) // 3)]
 
     def dump(self, path: Path, extra: Optional[dict] = None) -> None:
         """Write this process's spans (JSON; nothing executable, nothing pickled)."""
@@ -140,12 +149,14 @@ class _Off(SpanRecorder):
 
     def __init__(self):
         super().__init__("", 0)
-        self._times, self._kinds = array("q"), array("i")  # nothing is ever stored
 
     def span(self, name: str, cat: str = "", **args: Any):
         return _NO_SPAN
 
     def add(self, *a, **k) -> None:
+        pass
+
+    def put(self, *a, **k) -> None:
         pass
 
     def instant(self, *a, **k) -> None:

@@ -678,7 +678,8 @@ class PSClient:
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                         norm_type=norm_type, hparams=hparams, weight=self.weight,
                         rate=self.rate,
-                        sent_ns=self.profiler.now() if self.profiler.enabled else 0)
+                        sent_ns=time.time_ns() + self.profiler.offset_ns
+                        if self.profiler.enabled else 0)
         ep.send(msg, frames)
         self.bytes_pushed += sum(f.nbytes for f in frames)
         what = f"push of partition {pids[0]}" if len(pids) == 1 else \
