@@ -19,7 +19,7 @@ coordinator and a server in threads, this thread the worker) trains the mnist CN
 (batch 32, sync) in blocks of ``--block`` steps, the worker's recorder switched
 between the no-op and a real one block by block, and compares this thread's CPU time
 per step (``time.thread_time``) of adjacent blocks: the cost of recording on the
-worker's step path, paired within seconds. Blocks are short (5 steps) and many (300),
+worker's step path, paired within seconds. Blocks are short (5 steps) and many (1,000),
 so that each pair is measured within a few tens of milliseconds, and each block runs the
 recorders in one order and then in the reverse one (A B C C B A), so that the machine's
 speed drifting within the block costs each the same. A third recorder in the rotation, a
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="30 steps, 2 rounds")
-    ap.add_argument("--blocks", type=int, default=300, help="in-process: blocks each way")
+    ap.add_argument("--blocks", type=int, default=1000, help="in-process: blocks each way")
     ap.add_argument("--block", type=int, default=5, help="in-process: steps per block")
     ap.add_argument("--inproc-only", action="store_true", help="only the in-process pairing")
     args = ap.parse_args()
