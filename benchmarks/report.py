@@ -196,6 +196,7 @@ TABLES = [
         ("model", "model"), ("blocks", "blocks"), ("steps/block", "block_steps"),
         ("CPU ms/step off", "off_cpu_ms_per_step"),
         ("on", "profile_cpu_ms_per_step"), ("CPU overhead", "cpu_overhead"),
+        ("its standard error", "cpu_overhead_se"),
         ("A/A control", "control_cpu_overhead"), ("spans/step", "spans_per_step")]),
     Table("allreduce_vs_ps", "allreduce_vs_ps", "All-reduce, sync and async PS against DDP", [
         ("workers", "workers"), ("steps", "steps"),
@@ -355,7 +356,10 @@ def _overhead(data):
     control = [r["control_cpu_overhead"] for r in inproc if "control_cpu_overhead" in r]
     def pct(vals):
         return ", ".join(f"{100 * v:+.2f}%" for v in vals)
-    parts = ([f"{pct(paired)} paired in one process"
+    se = [r["cpu_overhead_se"] for r in inproc if "cpu_overhead_se" in r]
+    parts = ([f"{pct(paired)}"
+              + (" ± " + ", ".join(f"{100 * v:.2f}" for v in se) if se else "")
+              + " paired in one process"
               + (f" (A/A control {pct(control)})" if control else "")] if paired else []) + \
         ([f"whole job {pct(whole)}"] if whole else [])
     if not parts:
