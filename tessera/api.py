@@ -409,3 +409,10 @@ def finish(**stats: Any) -> None:
     """Report this worker's counters and leave the job cleanly."""
     current().finish(**stats)
     _current.set(None)
+
+
+def forget_job() -> None:
+    """Drop this context's job, whatever became of it: an in-process run that ended
+    without ``finish()`` (its worker raised) must not hand its closed job, and the model
+    distributed in it, to the next ``tessera.init()`` of the same thread."""
+    _current.set(None)

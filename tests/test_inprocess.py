@@ -125,6 +125,11 @@ def test_exception_in_the_worker_ends_the_job(tmp_path):
     assert not _job_threads()
     assert not (tmp_path / "run" / "summary.json").exists()
     assert inprocess._pending.get() is None
+    # The same thread runs the next job (a notebook, pdb after the bug): its init() is a
+    # new job, not the one that failed with its model already distributed.
+    again = JobConfig(name="tiny", out=str(tmp_path / "again"), train=TrainConfig(steps=3))
+    assert run_in_process(again, _tiny_worker(), quiet=True) == 0
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["server_updates"] == [3]
 
 
 # ---------------------------------------------------- reference tests (processes)

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Callable
 
+from tessera import api
 from tessera.cluster.health import ClusterFailure
 from tessera.cluster.inprocess import InProcessJob, start
 from tessera.config.schema import JobConfig
@@ -42,6 +43,8 @@ def run(cfg: JobConfig, main: Callable[[], None], *, quiet: bool = False) -> int
     except BaseException as exc:
         _close_quietly(job, f"worker 0 raised {type(exc).__name__}: {exc}")
         raise
+    finally:
+        api.forget_job()  # a next run in this thread (a notebook, pdb) starts afresh
     print_summary(json.loads((job.run_dir / "summary.json").read_text()), job.run_dir,
                   quiet=quiet)
     return 0
