@@ -3,10 +3,9 @@
 A span is ``(name, category, start_ns, duration_ns, args)``. On the step path it costs
 one ``extend`` of an int64 array by three numbers (start, duration, and the (name,
 category) pair as a small id; ``args`` kept apart, only for the spans that have them): no
-object kept per span, no locks, no I/O until :meth:`SpanRecorder.dump` at the end. Code that records
-the same spans every step looks their ids up once (:meth:`SpanRecorder.kinds`) and
-stores with :meth:`SpanRecorder.put`: a worker's step is ~7,000 Python bytecodes, and
-what profiling adds to it is what it costs (benchmarks/profiler_overhead.py).
+object kept per span, no locks, no I/O until :meth:`SpanRecorder.dump` at the end. Code
+that records the same spans every step looks their ids up once
+(:meth:`SpanRecorder.kinds`) and stores with :meth:`SpanRecorder.put`.
 Timestamps are this process's ``time.time_ns()`` plus its estimated offset to the
 coordinator's clock (:func:`estimate_offset`), so spans from every process line up in
 one trace.
@@ -43,7 +42,7 @@ class _Span:
 
     def __exit__(self, *exc) -> bool:
         t0 = self.t0
-        self.rec._put(self.kind, t0 + self.rec.offset_ns, time.time_ns() - t0, self.args)
+        self.rec.put(self.kind, t0 + self.rec.offset_ns, time.time_ns() - t0, self.args)
         return False
 
 
@@ -99,26 +98,15 @@ class SpanRecorder:
         if args:
             self._args[len(self._spans) // 3 - 1] = args
 
-    _put = put
-
-    # span, add and instant look the kind up themselves (``_kind`` only for a new one):
-    # on a worker's step path each Python call costs 1-3 µs, not the fraction of one a
-    # timed loop shows (caches are cold after the step's kernels), and a step makes ~10
-    # of these (benchmarks/profiler_overhead.py).
-
     def span(self, name: str, cat: str = "", **args: Any) -> _Span:
-        kind = self._kind_of.get((name, cat))
-        return _Span(self, self._kind(name, cat) if kind is None else kind, args)
+        return _Span(self, self._kind(name, cat), args)
 
     def add(self, name: str, cat: str, start_ns: int, dur_ns: int, **args: Any) -> None:
         """Record a span measured elsewhere (``start_ns`` already on the aligned clock)."""
-        kind = self._kind_of.get((name, cat))
-        self._put(self._kind(name, cat) if kind is None else kind, start_ns, dur_ns, args)
+        self.put(self._kind(name, cat), start_ns, dur_ns, args)
 
     def instant(self, name: str, cat: str = "", **args: Any) -> None:
-        kind = self._kind_of.get((name, cat))
-        self._put(self._kind(name, cat) if kind is None else kind,
-                  time.time_ns() + self.offset_ns, 0, args)
+        self.put(self._kind(name, cat), self.now(), 0, args)
 
     def count(self, key: str, value: float = 1.0) -> None:
         self.counters[key] = self.counters.get(key, 0.0) + value
