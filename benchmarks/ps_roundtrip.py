@@ -37,7 +37,9 @@ new values (push and pull in one round trip). Systems measured:
 Bandwidth is (bytes pushed + bytes pulled) / seconds per iteration, i.e.
 ``2 * 4 * elements / t`` (for all-reduce: the tensor's bytes in and out of each
 rank, the same ``2 * 4 * elements``), in GB/s (1e9 bytes), median over the timed
-iterations after warm-up. Each system keeps its processes for all sizes; only one
+iterations after warm-up. A round is ``--iters`` iterations, or as many as last
+``--min-round-s`` by the system's warm-up (at 1M, 4 iterations take ~15 ms: medians of
+12 such moved the 1M ratios 0.5-0.9x between runs of the same code). Each system keeps its processes for all sizes; only one
 system is measured at a time; rounds of the systems are interleaved so that a
 slow phase of loopback TCP hits all of them alike.
 
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -557,16 +560,22 @@ class Bench:
                 times = {k: [] for k in runners}
                 cpu = {k: 0.0 for k in runners}
                 cpu_worker = {k: 0.0 for k in runners}  # the first pid is the worker's
+                # Each system's rounds last at least --min-round-s, measured on its
+                # warm-up: at 1M a round of 4 iterations is 15 ms, and a median over 12
+                # such iterations moved 0.5-0.9x between runs of the same code.
+                iters = {}
                 for name, fn in runners.items():
-                    fn(a.warmup, f"{tag}-warmup")
+                    warm = fn(a.warmup, f"{tag}-warmup")
+                    iters[name] = _iters_for(a, warm)
                 for rnd in range(a.rounds):
                     for name, fn in runners.items():
                         c0, w0 = _cpu_s(pids[name]), _cpu_s(pids[name][:1])
-                        times[name].extend(fn(a.iters, f"{tag}-r{rnd}"))
+                        times[name].extend(fn(iters[name], f"{tag}-r{rnd}"))
                         cpu[name] += _cpu_s(pids[name]) - c0
                         cpu_worker[name] += _cpu_s(pids[name][:1]) - w0
                 # Close the case.
                 row = results[(n, servers)] = {k: statistics.median(v) for k, v in times.items()}
+                row["timed_iters"] = {k: len(v) for k, v in times.items()}
                 row["cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k]) for k, v in cpu.items()}
                 row["worker_cpu_ms_per_iter"] = {k: 1e3 * v / len(times[k])
                                                  for k, v in cpu_worker.items()}
@@ -602,6 +611,15 @@ class Bench:
         # Everyone quits at once (each exit costs a second or two of CPU).
         self.retire([c for c in self.proc_of if self.proc_of[c] in self.procs])
         return results
+
+
+def _iters_for(a, warmup_times: list) -> int:
+    """Timed iterations per round for a system whose warm-up took ``warmup_times``:
+    ``--iters``, or more where that many would last under ``--min-round-s``."""
+    if not warmup_times or a.min_round_s <= 0:
+        return a.iters
+    per_iter = max(1e-6, statistics.median(warmup_times))
+    return max(a.iters, min(1000, math.ceil(a.min_round_s / per_iter)))
 
 
 def _merge_costs(stats: list[dict]) -> dict:
@@ -646,7 +664,7 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
                                             / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
     if "tessera_batched_gbps" in row and "tessera_gbps" in row:
         row["batched_vs_tessera"] = round(row["tessera_batched_gbps"] / row["tessera_gbps"], 3)
-    row.update(timed_iters=a.rounds * a.iters, foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
+    row.update(timed_iters=r["timed_iters"], foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
                torch=torch.__version__)
     return row
 
@@ -669,6 +687,9 @@ def main(argv=None) -> int:
                     help="Tessera consistency mode (sync with 1 worker, or async)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per case")
     ap.add_argument("--iters", type=int, default=4, help="timed iterations per round")
+    ap.add_argument("--min-round-s", type=float, default=0.3,
+                    help="more timed iterations per round where --iters would last less "
+                         "(from the warm-up's median; 0: exactly --iters)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
     ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
@@ -690,6 +711,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.sizes, a.warmup, a.iters, a.rounds = [1_000_000, 4_000_000], 1, 2, 2
+        a.min_round_s = 0.0
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
         a.profile = os.path.abspath(a.profile)
