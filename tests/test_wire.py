@@ -257,8 +257,8 @@ def test_send_parts_copies_small_frames_and_refuses_non_buffers_whole():
         b.connect("inproc://send-parts")
         small = np.arange(16, dtype=np.float32)
         large = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: above zmq.COPY_THRESHOLD
-        send_parts(a, [b"head", memoryview(small).cast("B"), zmq.Frame(b"frame"),
-                       memoryview(large).cast("B"), small])
+        send_parts(a, (b"head",), [memoryview(small).cast("B"), zmq.Frame(b"frame"),
+                                   memoryview(large).cast("B"), small])
         small[:] = -1  # sent already: copied when sent
         got = b.recv_multipart()
         assert got[0] == b"head" and got[2] == b"frame"
@@ -266,9 +266,11 @@ def test_send_parts_copies_small_frames_and_refuses_non_buffers_whole():
         assert np.array_equal(np.frombuffer(got[3], np.float32), large)
         assert np.array_equal(np.frombuffer(got[4], np.float32), np.arange(16, dtype=np.float32))
         with pytest.raises(TypeError):
-            send_parts(a, [b"head", "not a buffer"])
-        send_parts(a, [b"next"])
+            send_parts(a, (b"head",), [b"payload", "not a buffer"])
+        send_parts(a, (b"next",))
         assert b.recv_multipart() == [b"next"]  # nothing of the refused message went
+        send_parts(a, (b"id", b"header"), [b"x"])
+        assert b.recv_multipart() == [b"id", b"header", b"x"]
     finally:
         a.close(0)
         b.close(0)

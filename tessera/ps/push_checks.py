@@ -9,6 +9,8 @@ bound a peer could exceed is checked before it is used.
 
 from __future__ import annotations
 
+import math
+
 from tessera.ps.consistency import RequestError
 from tessera.transport import wire
 
@@ -26,7 +28,7 @@ def check_push(msg: wire.Push, states: list, num_workers: int) -> None:
         raise RequestError(f"push sequence numbers start at 0, got {msg.seq}")
     if msg.clock < 0:
         raise RequestError(f"push clocks start at 0, got {msg.clock}")
-    if not (0 < msg.scale < float("inf")):
+    if not (0 < msg.scale < math.inf):
         raise RequestError(f"loss scale must be a positive finite number, got {msg.scale}")
     if msg.checkpoint < 0 or msg.checkpoint > msg.clock + 1:
         raise RequestError(f"a push for clock {msg.clock} can only ask for a checkpoint at "

@@ -368,8 +368,12 @@ class ParameterServer:
             costs.lap("validation")
         policy = self.policy
         worker, seq = msg.worker, msg.seq
-        fresh = [seq > st.last_seq.get(worker, -1) for st in states]
-        if not any(fresh):
+        if len(states) == 1:  # most pushes: one partition, no list to build
+            all_fresh = any_fresh = seq > states[0].last_seq.get(worker, -1)
+        else:
+            fresh = [seq > st.last_seq.get(worker, -1) for st in states]
+            any_fresh, all_fresh = any(fresh), all(fresh)
+        if not any_fresh:
             # A retried push: not applied again. Answered as the original will be: at
             # once if its clock is done, else when it is.
             self.stats["retries"] += 1
@@ -380,7 +384,7 @@ class ParameterServer:
                 self._send_params(peer, msg.req, states, msg.dtype)
             return
         answer = None
-        if not all(fresh):
+        if not all_fresh:  # (several partitions: one alone is either)
             # A re-sent batch (after a failover) that some of its partitions applied
             # already (the backup had their updates, not the others'): applied to the rest
             # only, answered with all.
@@ -436,7 +440,8 @@ class ParameterServer:
         else:
             grads = [self._scaled(st, frame_to_tensor(f.buffer, msg.dtype, st.numel), scale)
                      for st, f in zip(states, frames)]
-        self.stats["bytes_received"] += sum(len(f) for f in frames)
+        self.stats["bytes_received"] += len(frames[0]) if len(frames) == 1 \
+            else sum(len(f) for f in frames)
         costs = self.costs
         if costs is not None:
             costs.lap("copy")
@@ -486,8 +491,10 @@ class ParameterServer:
         if msg.scale != 1.0 or msg.nonfinite:
             return False
         replication = self.replication
-        return all(st.hparams is None and takes(st.rule) and not replication.backs_up(st)
-                   for st in states)
+        for st in states:  # (a loop: a generator costs a small push a frame and two calls)
+            if st.hparams is not None or not takes(st.rule) or replication.backs_up(st):
+                return False
+        return True
 
     @staticmethod
     def _scaled32(st: PartitionState, frame, scale: float) -> torch.Tensor:
@@ -763,12 +770,19 @@ class ParameterServer:
         costs = self.costs
         if costs is not None:
             costs.lap("other")
-        frames = [self._frame(st, dtype, shared) for st in states]
-        self.stats["bytes_sent"] += sum(len(f) for f in frames)
+        if len(states) == 1:  # most replies: one partition, no comprehensions
+            st = states[0]
+            frames = [self._frame(st, dtype, shared)]
+            self.stats["bytes_sent"] += len(frames[0])
+            clock, ids = st.clock, [st.info.id]
+        else:
+            frames = [self._frame(st, dtype, shared) for st in states]
+            self.stats["bytes_sent"] += sum(len(f) for f in frames)
+            clock = min((st.clock for st in states), default=0)
+            ids = [st.info.id for st in states]
         if costs is not None:
             costs.lap("copy")
-        clock = min((st.clock for st in states), default=0)
-        self.replication.reply(peer, wire.Params(req=req, partitions=[st.info.id for st in states],
+        self.replication.reply(peer, wire.Params(req=req, partitions=ids,
                                              clock=clock, dtype=dtype, skipped=skipped,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
                                              else 0, rates=self.policy.rates(clock)),

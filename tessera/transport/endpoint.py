@@ -148,17 +148,27 @@ _SEND = zmq.backend.Socket.send
 _COPY_BELOW = zmq.COPY_THRESHOLD
 
 
-def send_parts(sock: zmq.Socket, parts: Sequence) -> None:
-    """``sock.send_multipart(parts, copy=False)``, at less Python cost per frame: frames
-    under ``zmq.COPY_THRESHOLD`` bytes are copied into ZeroMQ's message as they are sent
-    (as pyzmq does), larger ones and ``zmq.Frame`` objects go without a copy. Every part
-    is checked to be a buffer before any is sent (a TypeError then leaves nothing half
-    sent, as ``send_multipart`` does)."""
-    for part in parts:
+def send_parts(sock: zmq.Socket, head: Sequence[bytes], frames: Sequence = ()) -> None:
+    """``sock.send_multipart([*head, *frames], copy=False)``, at less Python cost per
+    frame. ``head``: the leading parts this module builds itself (a routing id, a shm
+    prefix, a header), small ``bytes``, copied into ZeroMQ's messages without a look.
+    ``frames``: the payload, whatever the caller gave; frames under
+    ``zmq.COPY_THRESHOLD`` bytes are copied as they are sent (as pyzmq does), larger ones
+    and ``zmq.Frame`` objects go without a copy. Every frame is checked to be a buffer
+    before any part is sent (a TypeError then leaves nothing half sent, as
+    ``send_multipart`` does)."""
+    for part in frames:
         if not isinstance(part, (bytes, memoryview, zmq.Frame)):
             memoryview(part)  # raises TypeError: not a buffer
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
+    if not frames:
+        last = len(head) - 1
+        for i, part in enumerate(head):
+            _SEND(sock, part, 0 if i == last else _SNDMORE, copy=True)
+        return
+    for part in head:
+        _SEND(sock, part, _SNDMORE, copy=True)
+    last = len(frames) - 1
+    for i, part in enumerate(frames):
         if isinstance(part, zmq.Frame):
             _SEND(sock, part, 0 if i == last else _SNDMORE, copy=False)
         else:
@@ -549,9 +559,9 @@ class ServerEndpoint:
         try:
             try:
                 if prefix is not None:
-                    send_parts(self.sock, [peer, prefix, header, *frames])
+                    send_parts(self.sock, (peer, prefix, header), frames)
                 else:
-                    send_parts(self.sock, [peer, header, *frames])
+                    send_parts(self.sock, (peer, header), frames)
             except (TypeError, ValueError) as exc:  # a frame pyzmq cannot send: nothing went
                 why = f"{type(msg).__name__} reply could not be sent: {exc}"
                 self.sock.send_multipart(
@@ -728,9 +738,9 @@ class ClientEndpoint:
                 self._shm_sent[getattr(msg, "req", 0)] = (header, frames, self._shm.id)
         try:
             if prefix is not None:
-                send_parts(self.sock, [prefix, header, *sent])
+                send_parts(self.sock, (prefix, header), sent)
             else:
-                send_parts(self.sock, [header, *frames])
+                send_parts(self.sock, (header,), frames)
         except zmq.Again:
             raise PeerTimeout(f"{self.peer_name} did not take our {what} "
                               f"request (send timed out)") from None
