@@ -106,10 +106,13 @@ def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path):
 
 def test_worker_0_restarted_near_the_end_leaves_a_true_strict_summary(tmp_path):
     out = tmp_path / "run"
+    # Server 0 sleeps 4 ms a request, so that the last 20 steps last 80 ms or more: on a
+    # fast machine the digits steps take ~1.5 ms, and a kill 10 steps from the end, read
+    # from metrics.jsonl every 20 ms, came after worker 0 had left its loop (no restart).
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--max-restarts", "1",
-               "--epochs", "12"], timeout_s=240)
+               "--epochs", "12"], timeout_s=240, env={"TESSERA_SLOW_SERVER": "0:4"})
     steps = planned_steps(job, out)
-    killed = kill_worker(job, out, 0, at_step=steps - 10)
+    killed = kill_worker(job, out, 0, at_step=steps - 20)
     finish(job)
     summary = strict_summary(out)  # no NaN: strict JSON
     first = metric_records(out)[0]
