@@ -453,6 +453,96 @@ def test_prefault_makes_fresh_pages_present_and_changes_no_value():
     assert cold > expected // 2 and 20 * prefaulted <= cold, (prefaulted, cold, expected)
 
 
+def _resident(t: torch.Tensor, first_row: int, rows: int) -> float:
+    """The share of the pages under rows ``first_row .. first_row + rows`` of ``t``'s
+    mapping that are in memory (``mincore``: the kernel's own count)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    row_bytes = t.shape[1] * t.element_size()
+    start = t.data_ptr() + first_row * row_bytes
+    first = start - start % mmap.PAGESIZE
+    n = start + rows * row_bytes - first
+    pages = -(-n // mmap.PAGESIZE)
+    vec = ctypes.create_string_buffer(pages)
+    assert libc.mincore(first, n, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw) / pages
+
+
+def _until_resident(t: torch.Tensor, first_row: int, rows: int, timeout: float = 10.0
+                    ) -> float:
+    import time
+    deadline = time.monotonic() + timeout
+    while (share := _resident(t, first_row, rows)) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return share
+
+
+def test_fault_ahead_makes_the_next_rows_present_on_another_thread_and_no_more():
+    """:func:`fault_ahead` has a background thread fault in the pages of the rows asked
+    for: they become resident without the calling thread touching them, its writes into
+    them then take (almost) no page faults of its own, the rows stay zero, and the pages
+    past the bound (``_AHEAD_BYTES``) are not taken."""
+    import resource
+
+    from tessera.ps import embedding_index
+    from tessera.ps.embedding_index import fault_ahead, prefault, zero_rows
+    rows, dim = 40_000, 64  # 10 MiB
+    t = zero_rows(rows, (dim,), torch.float32, growable=True)
+    if not prefault(t[:1]):
+        pytest.skip("no MADV_POPULATE_WRITE here (Linux < 5.14)")
+    assert _resident(t, 100, rows - 100) < 0.05
+    fault_ahead(t, 100, rows - 100)
+    assert _until_resident(t, 100, rows - 100) == 1.0
+    assert torch.all(t == 0)
+
+    def faults() -> int:  # this thread's own
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+    before = faults()
+    t[100:] = 1.0
+    ahead = faults() - before
+    control = zero_rows(rows, (dim,), torch.float32, growable=True)
+    before = faults()
+    control[100:] = 1.0
+    cold = faults() - before
+    assert 20 * ahead <= cold, (ahead, cold)
+
+    # Asked for far more than the bound: the bound is taken, the rest is not.
+    big = zero_rows(rows, (dim,), torch.float32, growable=True)
+    bound = embedding_index._AHEAD_BYTES // (dim * 4)
+    fault_ahead(big, 0, 4 * bound)
+    assert _until_resident(big, 0, bound) == 1.0
+    assert _resident(big, bound + 256, bound) < 0.05
+
+
+def test_a_growing_shard_has_its_next_rows_and_state_faulted_in_ahead():
+    """A shard without a byte cap that created n rows at a request has the pages of the
+    next 2n rows of its values and optimizer state faulted in ahead; a capped shard,
+    whose storage the cap holds, has none faulted past its rows."""
+    from tessera.ps.embedding_index import prefault, zero_rows
+    if not prefault(zero_rows(1, (1,), torch.float32)):
+        pytest.skip("no MADV_POPULATE_WRITE here (Linux < 5.14)")
+    n, dim = 40_000, 64  # 10 MiB of values: mapped storage
+    spec = TableSpec(name="items", dim=dim, num_embeddings=1 << 40, seed=SEED)
+    shard = EmbeddingShard(spec, OptimizerConfig(name="adagrad", lr=0.1))
+    ids = np.arange(n, dtype=np.int64) * 7 + 1
+    shard.apply(ids, torch.ones(n, dim), 0)
+    assert _until_resident(shard._values, n, 2 * n - 512) == 1.0
+    assert _until_resident(shard._state["sum"], n, 2 * n - 512) == 1.0
+    assert shard.lookup(ids[:5], 1).ne(0).any()  # the rows created are the table's
+
+    capped = EmbeddingShard(TableSpec(name="items", dim=dim, num_embeddings=1 << 40,
+                                      seed=SEED, memory_bytes=256 << 20),
+                            OptimizerConfig(name="adagrad", lr=0.1))
+    capped.apply(ids, torch.ones(n, dim), 0)
+    end = capped._rows.slots.end
+    import time
+    time.sleep(0.3)
+    assert _resident(capped._values, end + 512, n) < 0.05
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_every_non_finite_gradient_is_refused(bad):
     shard = EmbeddingShard(table(), OptimizerConfig(name="adagrad", lr=0.1))

@@ -44,8 +44,8 @@ import torch
 from tessera.config.schema import OptimizerConfig
 from tessera.ps.bloom import CountingBloom
 from tessera.ps.embedding_ids import TableError, initial_rows
-from tessera.ps.embedding_index import (IdIndex, Slots, fill_rows, gather_rows, grown,
-                                         prefault, return_freed_memory, scatter_rows,
+from tessera.ps.embedding_index import (IdIndex, Slots, fault_ahead, fill_rows, gather_rows,
+                                         grown, prefault, return_freed_memory, scatter_rows,
                                          zero_rows)
 from tessera.ps.embedding_optim import STATE_NAMES, check_sparse_optimizer, initial_state, sparse_step
 from tessera.ps.embedding_state import ShardState
@@ -213,6 +213,8 @@ class EmbeddingShard(ShardState):
         spec = self.spec
         n = len(slots)
         prefault(self._values[first_fresh:end])
+        if self.capacity is None:  # the next request's fresh rows, faulted in meanwhile
+            fault_ahead(self._values, end, 2 * (end - first_fresh))
         if n and slots[0] == first_fresh and end - first_fresh == n:
             # Only fresh slots, in order (no freed ones to reuse): the initial rows are
             # computed straight into their storage.
@@ -248,6 +250,9 @@ class EmbeddingShard(ShardState):
                 fresh = array[first_fresh:self._state_slots.end]
                 if zero and not prefault(fresh):
                     fresh.zero_()  # written once here, not read then written by the step
+                if self.capacity is None:
+                    fault_ahead(array, self._state_slots.end,
+                                2 * (self._state_slots.end - first_fresh))
                 self._state[name] = array
             self._state_slot[missing] = new
             self._num_state_rows += len(new)
