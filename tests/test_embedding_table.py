@@ -12,6 +12,8 @@ the numpy and torch path a process without numba takes.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -515,6 +517,35 @@ def test_fault_ahead_makes_the_next_rows_present_on_another_thread_and_no_more()
     fault_ahead(big, 0, 4 * bound)
     assert _until_resident(big, 0, bound) == 1.0
     assert _resident(big, bound + 256, bound) < 0.05
+
+
+def test_the_fault_ahead_thread_ends_when_idle_or_stopped_and_starts_again():
+    """The fault-ahead thread is per process, not per job: it ends after
+    ``_AHEAD_LINGER_S`` without work, :func:`stop_fault_ahead` ends it at once (an
+    in-process job ends its threads), and the next request starts one that works."""
+    import time
+
+    from tessera.ps import embedding_index
+    from tessera.ps.embedding_index import fault_ahead, prefault, stop_fault_ahead, zero_rows
+
+    def alive() -> bool:
+        return any(t.name == "tessera-fault-ahead" for t in threading.enumerate())
+
+    rows, dim = 40_000, 64  # 10 MiB: mapped (_MAPPED_BYTES)
+    t = zero_rows(rows, (dim,), torch.float32, growable=True)
+    if not prefault(t[:1]):
+        pytest.skip("no MADV_POPULATE_WRITE here (Linux < 5.14)")
+    fault_ahead(t, 0, rows // 2)
+    assert _until_resident(t, 0, rows // 2) == 1.0 and alive()
+    started = time.monotonic()
+    stop_fault_ahead(timeout=5.0)
+    assert not alive() and time.monotonic() - started < 1.0
+    fault_ahead(t, rows // 2, rows // 2)  # starts again
+    assert _until_resident(t, rows // 2, rows // 2) == 1.0
+    deadline = time.monotonic() + embedding_index._AHEAD_LINGER_S + 5.0
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
 
 
 def test_a_growing_shard_has_its_next_rows_and_state_faulted_in_ahead():

@@ -106,6 +106,11 @@ def _tiny_worker(fail: bool = False):
 
 
 def test_run_in_this_process_ends_its_threads(tmp_path):
+    # A table of an earlier job in this process left its fault-ahead thread running
+    # (the clean-clone run at ddc2098 failed here when test_embedding_table.py ran first).
+    from tessera.ps.embedding_index import fault_ahead, zero_rows
+    table = zero_rows(40_000, (64,), torch.float32, growable=True)  # mapped: 10 MiB
+    fault_ahead(table, 0, 40_000)
     cfg = JobConfig(name="tiny", out=str(tmp_path / "run"), train=TrainConfig(steps=3))
     assert run_in_process(cfg, _tiny_worker(), quiet=True) == 0
     assert not _job_threads()

@@ -52,6 +52,7 @@ from tessera.config import env as envvars
 from tessera.config import ConfigError, config_from_dict, config_to_dict
 from tessera.config.schema import ClusterConfig, JobConfig
 from tessera.errors import TesseraError, UsageError
+from tessera.ps.embedding_index import stop_fault_ahead
 from tessera.transport import wire
 from tessera.transport.address import INPROC
 
@@ -240,6 +241,9 @@ class InProcessJob:
         deadline = time.monotonic() + limit_s
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # A table's fault-ahead thread is per process, not per job; it ends here too
+        # (queued faults are only a head start) and starts again on the next job's use.
+        stop_fault_ahead(timeout=max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self._threads if t.is_alive()]
         if stuck:
             # Leave the context to the daemon threads; the process may still exit.

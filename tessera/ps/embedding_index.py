@@ -137,6 +137,8 @@ def prefault(rows: torch.Tensor) -> bool:
 _AHEAD_BYTES = 32 << 20
 #: ... in system calls of at most this many bytes.
 _AHEAD_PIECE = 1 << 20
+#: The thread ends after this long without work.
+_AHEAD_LINGER_S = 2.0
 
 
 class _FaultAhead:
@@ -157,6 +159,8 @@ class _FaultAhead:
         self._cond = threading.Condition()
         self._work: dict[int, list] = {}   # id(area) -> [area, base address, from, to]
         self._marks: dict[int, tuple] = {}  # id(area) -> (weakref to area, faulted to)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._pid = -1
 
     def request(self, t: torch.Tensor, used: int, rows: int) -> None:
@@ -182,17 +186,37 @@ class _FaultAhead:
                 queued[3] = want  # the range still queued grows
             else:
                 self._work[key] = [area, t.data_ptr(), start, want]
-            if self._pid != os.getpid():  # first use in this process (threads die in fork)
+            # Started on first use in this process (threads die in fork) and again after
+            # it ended for want of work.
+            if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="tessera-fault-ahead",
-                                 daemon=True).start()
+                self._thread = threading.Thread(target=self._run, name="tessera-fault-ahead",
+                                                daemon=True)
+                self._thread.start()
             self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drop the faults still queued and wait for the thread to end (a job run in
+        this process ends its threads: :class:`tessera.cluster.inprocess.InProcessJob`).
+        A later request starts it again."""
+        with self._cond:
+            thread = self._thread if self._pid == os.getpid() else None
+            self._work.clear()
+            self._marks.clear()  # what was dropped was not faulted in
+            self._stopping = thread is not None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._work:
-                    self._cond.wait()
+                if not self._work and not self._stopping:
+                    self._cond.wait(_AHEAD_LINGER_S)
+                if not self._work:  # idle or stopped: end; the next request starts one
+                    if self._thread is threading.current_thread():
+                        self._thread, self._stopping = None, False
+                    return
                 area, base, start, end = self._work.pop(next(iter(self._work)))  # oldest
             # In pieces: a fault holds the process's mmap lock for reading, and the serve
             # thread's allocations (mmap, brk) wait for it to write.
@@ -212,6 +236,11 @@ def fault_ahead(t: torch.Tensor, used: int, rows: int) -> None:
     ``t`` faulted in by a background thread (:class:`_FaultAhead`); nothing for a
     tensor that is not one."""
     _FAULT_AHEAD.request(t, used, rows)
+
+
+def stop_fault_ahead(timeout: float = 5.0) -> None:
+    """End the fault-ahead thread of this process, if one runs (see :meth:`_FaultAhead.stop`)."""
+    _FAULT_AHEAD.stop(timeout)
 
 
 def grown(array, needed: int):
