@@ -12,6 +12,8 @@ the numpy and torch path a process without numba takes.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -535,8 +537,14 @@ def test_the_fault_ahead_thread_ends_when_idle_or_stopped_and_starts_again():
     t = zero_rows(rows, (dim,), torch.float32, growable=True)
     if not prefault(t[:1]):
         pytest.skip("no MADV_POPULATE_WRITE here (Linux < 5.14)")
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     fault_ahead(t, 0, rows // 2)
     assert _until_resident(t, 0, rows // 2) == 1.0 and alive()
+    # It runs at the lowest priority, and only it: the calling thread keeps its own.
+    if sys.platform.startswith("linux"):
+        thread = next(th for th in threading.enumerate() if th.name == "tessera-fault-ahead")
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == embedding_index._AHEAD_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
     started = time.monotonic()
     stop_fault_ahead(timeout=5.0)
     assert not alive() and time.monotonic() - started < 1.0
