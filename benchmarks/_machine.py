@@ -48,11 +48,18 @@ def log(*args) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s]", *args, file=sys.stderr, flush=True)
 
 
-def rpc_transports(transport: str) -> dict:
+def rpc_transports(transport: str, channels: str = "default") -> dict:
     """``TensorPipeRpcBackendOptions`` keywords for ``--rpc-transport``: "uv" (TCP), or
     "default" (TensorPipe's own choice, shm on one host, whose reactor busy-polls about a
-    core in every rpc process even while idle: benchmarks/HISTORY.md)."""
-    return {} if transport == "default" else {"_transports": [transport]}
+    core in every rpc process even while idle: benchmarks/HISTORY.md); and for
+    ``--rpc-channels``, how tensors travel: "basic" (through the transport's connection,
+    as they would between hosts), or "default" (TensorPipe's choice: on one host its
+    same-host channel, cross-memory attach, which copies straight from the other
+    process's memory)."""
+    opts = {} if transport == "default" else {"_transports": [transport]}
+    if channels != "default":
+        opts["_channels"] = [channels]
+    return opts
 
 
 def free_port() -> int:

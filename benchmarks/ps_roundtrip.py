@@ -16,11 +16,16 @@ new values (push and pull in one round trip). Systems measured:
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
   shard, the server applies SGD and returns the new shard. TensorPipe over its TCP
-  transport (``_transports=["uv"]``; CPU tensors still go through its same-host channel,
-  cross-memory attach): its default same-host transport (shm) busy-polls about a core in
-  every rpc process even while idle (``sched_yield``: 0.9 of a core each, measured), so
-  the rpc processes ran beside every other system's turn; without them raw pyzmq's echo
-  ran up to 1.7x faster (``--rpc-transport default`` measures rpc with it).
+  transport (``_transports=["uv"]``) with its tensors over that connection too
+  (``_channels=["basic"]``), as Tessera's bytes go here: its default same-host transport
+  (shm) busy-polls about a core in every rpc process even while idle (``sched_yield``: 0.9
+  of a core each, measured), so the rpc processes ran beside every other system's turn;
+  without them raw pyzmq's echo ran up to 1.7x faster (``--rpc-transport default``
+  measures rpc with it). Its default *channel* on one host, cross-memory attach (one copy
+  straight out of the other process), is a same-host path like Tessera's shared memory,
+  which this benchmark leaves off: that pair is measured in ``shm_roundtrip.py``
+  (``--rpc-channels default`` measures it here; until 2026-12-04 it was on here, against
+  Tessera over TCP).
 * ``tessera_glibc``: ``tessera`` with glibc's own malloc defaults, as before the
   launcher set its variables: a 4 MiB receive buffer freed after a push is unmapped and the
   next one faulted in again, page by page. Every process of this benchmark otherwise runs
@@ -319,15 +324,18 @@ def _rpc_push_pull(grad):
     return w
 
 
-def _rpc_proc(conn, rank: int, world: int, port: int, transport: str) -> None:
+def _rpc_proc(conn, rank: int, world: int, port: int, transport: str,
+              channels: str = "basic") -> None:
     """Rank 0 is the worker (takes commands); ranks 1.. are servers ps0, ps1, ...
-    ``transport``: TensorPipe's ("uv", TCP) or "default" (its own choice: shm here)."""
+    ``transport``: TensorPipe's ("uv", TCP) or "default" (its own choice: shm here);
+    ``channels``: how tensors travel ("basic": over the transport; "default": its
+    same-host channel on one host, cross-memory attach)."""
     import torch
     import torch.distributed.rpc as rpc
 
     opts = rpc.TensorPipeRpcBackendOptions(
         init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120,
-        **_rpc_options(transport))
+        **_rpc_options(transport, channels))
     name = "worker" if rank == 0 else f"ps{rank - 1}"
     rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
     state = {}
@@ -504,7 +512,8 @@ class Bench:
             gloo = [self.spawn(f"gloo{r}", _gloo_proc, r, port) for r in range(2)]
         if "rpc" in systems:  # one world: the worker and max(servers) servers
             port = _free_port()
-            rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port, a.rpc_transport)
+            rpc_procs = [self.spawn(f"rpc{r}", _rpc_proc, r, max_s + 1, port, a.rpc_transport,
+                                    a.rpc_channels)
                          for r in range(max_s + 1)]
             rpc_worker = rpc_procs[0]
         longest = 0.0
@@ -639,7 +648,7 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     import torch
     row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
            "mode": a.mode, "partition_mb": a.partition_mb, "rpc_transport": a.rpc_transport,
-           "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
+           "rpc_channels": a.rpc_channels, "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
     for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
         if key in r:
             field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
@@ -698,6 +707,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rpc-transport", choices=("uv", "default"), default="uv",
                     help="TensorPipe's transport for rpc: TCP (uv), or its defaults (shm on "
                          "one host, which busy-polls a core per process between its turns)")
+    ap.add_argument("--rpc-channels", choices=("basic", "default"), default="basic",
+                    help="how rpc's tensors travel: over its transport's connection (basic, "
+                         "as Tessera's bytes do here), or TensorPipe's defaults (on one host "
+                         "cross-memory attach, a same-host path: compare it with Tessera's, "
+                         "shm_roundtrip.py)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="servers without the per-request CPU breakdown (its clock reads cost "
                          "~10-40 us per request: they matter with small partitions)")

@@ -17,6 +17,12 @@ that alternate so that the machine's load hits them alike:
 * ``tcp``: the same with ``shm = "off"``: every byte over loopback TCP;
 * ``zmq``: raw pyzmq moving the same bytes in the same partitions (DEALER -> ROUTER
   echo, ``copy=False``, no update, no auth): the TCP transport's ceiling, for reference.
+* ``rpc``: the ``torch.distributed.rpc`` parameter server of ``ps_roundtrip.py`` with
+  TensorPipe's same-host path: its tensors through its default channel on one host,
+  cross-memory attach (one copy straight out of the other process's memory), its
+  control over TCP (``_transports=["uv"]``: its shm transport busy-polls a core in every
+  process, ``ps_roundtrip.py``). The same-host alternative to Tessera's shared memory:
+  ``shm_vs_rpc``.
 
 Bandwidth is ``2 * 4 * elements / t`` (bytes pushed + pulled per iteration) in GB/s,
 median over the timed iterations. ``shm_vs_tcp`` is shm's bandwidth over tcp's; CPU
@@ -41,7 +47,8 @@ import traceback
 
 from _machine import as_launched, busy_s, cpu_s, foreign_cpu_pct, log, own_s
 from _machine import recv as recv_from, watch_parent
-from ps_roundtrip import PARTITION_MB, _plan, _zmq_echo  # the same plan and raw echo
+from _machine import free_port
+from ps_roundtrip import PARTITION_MB, _plan, _rpc_proc, _zmq_echo  # the same plan, echo, rpc
 
 GB = 1e9
 LR = 0.01
@@ -234,7 +241,7 @@ class Bench:
     def run(self) -> list:
         a = self.a
         top = max(a.servers)
-        systems = [s for s in ("shm", "tcp", "zmq") if s in a.systems]
+        systems = [s for s in ("shm", "tcp", "zmq", "rpc") if s in a.systems]
         servers = {s: [self.spawn(f"{s}-server{r}", _server, r, self.secret, s == "shm")
                        for r in range(top)] for s in ("shm", "tcp") if s in systems}
         workers = {s: self.spawn(f"{s}-worker", _worker, self.secret)
@@ -243,6 +250,11 @@ class Bench:
             echo = [self.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(top)]
             echo_at = [self.recv(c, "zmq echo start") for c in echo]
             workers["zmq"] = self.spawn("zmq-worker", _zmq_worker)
+        if "rpc" in systems:  # one world: the worker (rank 0) and `top` servers
+            port = free_port()
+            rpc = [self.spawn(f"rpc{r}", _rpc_proc, r, top + 1, port, "uv", "default")
+                   for r in range(top + 1)]
+            workers["rpc"] = rpc[0]
         rows = []
         for k in a.servers:
             for n in a.sizes:
@@ -263,6 +275,9 @@ class Bench:
                     parts = [(p.start, p.stop, p.server) for p in shard_map.partitions]
                     self.ask(workers["zmq"], ("open", n, echo_at[:k], parts), "zmq open")
                     pids["zmq"] = [self.of[c].pid for c in [workers["zmq"], *echo[:k]]]
+                if "rpc" in systems:
+                    self.ask(workers["rpc"], ("open", n, k), "rpc open")
+                    pids["rpc"] = [self.of[c].pid for c in rpc[:k + 1]]
                 times = {s: [] for s in systems}
                 cpu = {s: 0.0 for s in systems}
                 for s in systems:
@@ -278,8 +293,9 @@ class Bench:
                         stats[s] = self.ask(workers[s], ("close",), f"{s} close")
                         for c in servers[s][:k]:
                             self.ask(c, ("stop",), f"{s} server stop")
-                if "zmq" in systems:
-                    self.ask(workers["zmq"], ("close",), "zmq close")
+                for s in ("zmq", "rpc"):
+                    if s in systems:
+                        self.ask(workers[s], ("close",), f"{s} close")
                 wall = time.monotonic() - t0
                 row = {"bench": "shm_roundtrip", "elements": n, "servers": k, "workers": 1,
                        "mode": "sync", "partition_mb": PARTITION_MB,
@@ -296,6 +312,8 @@ class Bench:
                     row["same_values"] = stats["shm"]["checksum"] == stats["tcp"]["checksum"]
                 if "shm" in med and "zmq" in med:
                     row["shm_vs_zmq"] = round(med["zmq"] / med["shm"], 2)
+                if "shm" in med and "rpc" in med:
+                    row["shm_vs_rpc"] = round(med["rpc"] / med["shm"], 2)
                 if "tcp" in med and "zmq" in med:
                     row["tcp_vs_zmq"] = round(med["zmq"] / med["tcp"], 2)
                 if "shm" in stats:  # proof that the shm system used shared memory
@@ -319,9 +337,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
                     default=[1_000_000, 10_000_000, 25_000_000])
     ap.add_argument("--servers", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-    ap.add_argument("--systems", default="shm,tcp,zmq")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--systems", default="shm,tcp,zmq,rpc")
+    # rpc's first pushes of a size are slow (0.5-0.9 against 4 GB/s at 1M after 20):
+    # every system gets the same warm-up.
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--quick", action="store_true", help="1M and 4M elements, fewer rounds")
