@@ -648,7 +648,8 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     import torch
     row = {"bench": "ps_roundtrip", "elements": n, "servers": servers, "workers": 1,
            "mode": a.mode, "partition_mb": a.partition_mb, "rpc_transport": a.rpc_transport,
-           "rpc_channels": a.rpc_channels, "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
+           "rpc_channels": a.rpc_channels,
+           "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
     for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
         if key in r:
             field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"

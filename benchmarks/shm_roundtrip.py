@@ -45,9 +45,8 @@ import sys
 import time
 import traceback
 
-from _machine import as_launched, busy_s, cpu_s, foreign_cpu_pct, log, own_s
+from _machine import as_launched, busy_s, cpu_s, foreign_cpu_pct, free_port, log, own_s
 from _machine import recv as recv_from, watch_parent
-from _machine import free_port
 from ps_roundtrip import PARTITION_MB, _plan, _rpc_proc, _zmq_echo  # the same plan, echo, rpc
 
 GB = 1e9
