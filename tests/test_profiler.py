@@ -39,8 +39,9 @@ def validate_chrome_trace(doc: dict) -> None:
 
 @pytest.fixture(scope="module")
 def straggler_run(tmp_path_factory):
-    """Two planted causes of known size: worker 1 sleeps 12 ms in every forward, and
-    server 0 holds three quarters of the partitions (a hot server)."""
+    """Three planted causes of known size: worker 1 sleeps 12 ms in every forward,
+    server 0 holds three quarters of the partitions (a hot server), and worker 0
+    evaluates every 10 steps in its own loop (no gradients), 30 ms each time."""
     tmp = tmp_path_factory.mktemp("straggler")
     job = tmp / "job.toml"
     job.write_text("[ps]\npartition_mb = 0.005\nserver_weights = [3.0, 1.0]\n")
@@ -76,6 +77,14 @@ def test_report_names_the_straggler(straggler_run):
     slow = next(w for w in report["workers"] if w["rank"] == 1)
     fast = next(w for w in report["workers"] if w["rank"] == 0)
     assert slow["forward_ms"] > 10.0 > fast["forward_ms"]  # the 12 ms sleep is seen
+    # Worker 0's evaluation (3 ms a step on average) is evaluation, not its compute: its
+    # training forwards alone stay small (they took ~4 ms when the evaluation's forwards
+    # were counted with them), and it ranks below the straggler.
+    assert fast["forward_ms"] < 1.5 and 2.0 <= fast["evaluation_ms"] <= 6.0, fast
+    assert slow["evaluation_ms"] == 0.0
+    assert causes["evaluation"]["who"] == "worker 0", report["causes"]
+    assert 2.0 <= causes["evaluation"]["ms"] <= 6.0 < causes["straggler"]["ms"]
+    assert "| evaluation (worker 0) |" in (straggler_run / "report.md").read_text()
     # Worker 0 pays for it by waiting at the servers for worker 1's pushes.
     assert fast["waiting_ms"] > slow["waiting_ms"]
     assert {"rank", "bytes", "bytes_share", "queue_ms", "apply_ms", "hot_partitions"} <= \

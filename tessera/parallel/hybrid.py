@@ -54,6 +54,7 @@ from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, loa
 from tessera.parallel.embedding import push_tables
 from tessera.parallel.prefetch import send_named
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
+from tessera.profiler.recorder import EVAL_SPAN
 from tessera.ps.client import PSClient
 from tessera.ps.optim import torch_optimizer
 
@@ -129,9 +130,11 @@ class HybridParallel(DistributedModel):
         return loss * self.scaler.scale if self.scaler.enabled else loss
 
     def forward(self, *args, **kwargs):
-        with self.profiler.span("forward", "compute"), self.policy.autocast(self._device_type):
+        grads = torch.is_grad_enabled()
+        with self.profiler.span(*(("forward", "compute") if grads else EVAL_SPAN)), \
+                self.policy.autocast(self._device_type):
             # Evaluation (one worker, no gradients) must not enter DDP's collectives.
-            train = self.module.training and torch.is_grad_enabled()
+            train = self.module.training and grads
             return (self.dense if train else self.module)(*args, **kwargs)
 
     def dense_state(self) -> torch.Tensor:

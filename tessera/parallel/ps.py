@@ -61,6 +61,7 @@ from tessera.parallel.prefetch import send_named
 from tessera.parallel.flat import flatten_buffers, flatten_model
 from tessera.parallel.protocol import Amp, DistributedModel, Hooks
 from tessera.parallel.ps_faults import OverflowReport, Rejoin
+from tessera.profiler.recorder import EVAL_SPAN
 from tessera.ps.agreement import decide
 from tessera.ps.client import Handle, PSClient
 from tessera.ps.sharding import ShardMap
@@ -224,8 +225,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             with self.autocast():
                 return self.module(*args, **kwargs)
         finally:
-            if start:
-                prof.add("forward", "compute", start + prof.offset_ns, time.time_ns() - start)
+            if start:  # a forward without gradients is an evaluation, not the step's compute
+                name, cat = EVAL_SPAN if not torch.is_grad_enabled() else ("forward", "compute")
+                prof.add(name, cat, start + prof.offset_ns, time.time_ns() - start)
 
     def autocast(self):
         return self.policy.autocast(self.flat.device.type)

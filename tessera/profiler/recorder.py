@@ -28,6 +28,12 @@ from array import array
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+#: The span of a forward run without gradients (``torch.no_grad``, ``inference_mode``): a
+#: user's or the trainer's evaluation, which the profiler's report counts apart from the
+#: training step's forward (a worker that evaluates is not a straggler).
+EVAL_SPAN = ("evaluate", "eval")
+
+
 class _Span:
     """``with recorder.span(name, cat):`` records the block's duration on exit."""
 

@@ -24,7 +24,11 @@ step, prints every share, and names the largest:
 - communication: the rest of the exposed communication;
 - compute (forward and backward), data loading, optimizer/copy: the median
   worker's (the straggler's excess is counted above, not here);
-- other: what is left of the step (logging, evaluation windows, Python).
+- evaluation: the evaluating worker's evaluation time per step (the trainer's
+  ``eval`` windows, and every forward run without gradients, as a user's own
+  validation loop runs them). It is counted apart from compute: a worker that
+  evaluates is not a straggler, though in sync mode every worker waits for it;
+- other: what is left of the step (logging, Python).
 
 ``STRAGGLER_RATIO`` and ``HOT_SERVER_FACTOR`` only decide which workers and servers
 the report flags (``stragglers``, each server's ``hot``); they no longer pick the
@@ -39,12 +43,30 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
+from tessera.profiler.recorder import EVAL_SPAN
+
 STRAGGLER_RATIO = 1.3
+_EVAL_NAMES = ("eval", EVAL_SPAN[0])  # the trainer's window, a forward without gradients
 HOT_SERVER_FACTOR = 1.25
 
 
 def _sum(spans, name):
     return sum(s[3] for s in spans if s[0] == name) / 1e6  # ms
+
+
+def _union_ms(spans, names) -> float:
+    """The time covered by spans named in ``names``, nested or overlapping ones once
+    (a forward without gradients inside the trainer's ``eval`` window), in ms."""
+    marks = sorted((s[2], s[2] + s[3]) for s in spans if s[0] in names and s[3] > 0)
+    total, end = 0, None
+    for a, b in marks:
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e6
 
 
 def _overlap(spans) -> float:
@@ -76,6 +98,7 @@ def _worker_row(doc: dict, servers: list[dict]) -> dict:
     wall = ((max(s[2] + s[3] for s in train) - min(s[2] for s in train)) / 1e6 / steps
             if train else 0.0)
     compute = per["forward"] + per["backward"]
+    evaluation = _union_ms(spans, _EVAL_NAMES) / steps
     return {
         "rank": doc["rank"], "steps": steps, "step_ms": wall,
         "data_ms": per["data"], "forward_ms": per["forward"], "backward_ms": per["backward"],
@@ -84,8 +107,9 @@ def _worker_row(doc: dict, servers: list[dict]) -> dict:
         # pushes from backward's hooks (taken out of backward).
         "waiting_ms": barrier_ms,
         "communication_ms": max(0.0, per["wait"] - barrier_ms) + per["send"],
+        "evaluation_ms": evaluation,
         "other_ms": max(0.0, wall - compute - per["data"] - per["copy"] - per["wait"]
-                        - per["send"]),
+                        - per["send"] - evaluation),
         "overlap": _overlap(spans),
     }
 
@@ -188,9 +212,17 @@ def _causes(workers: list[dict], servers: list[dict]) -> list[dict]:
                              "workers"})
     causes.append({"cause": "optimizer", "who": "", "ms": med("optimizer_ms"),
                    "detail": "writing the pulled values into the model"})
+    judge = max(workers, key=lambda w: w["evaluation_ms"])
+    if judge["evaluation_ms"] > 0:  # (sync: every worker's step waits for it)
+        causes.append({"cause": "evaluation", "who": f"worker {judge['rank']}",
+                       "ms": judge["evaluation_ms"],
+                       "detail": f"worker {judge['rank']} evaluates in the training loop "
+                                 f"({judge['evaluation_ms']:.2f} ms per step on average); "
+                                 f"in sync mode the others' steps wait for it: evaluate less often "
+                                 f"(train.eval_every) or on fewer batches"})
     named = sum(c["ms"] for c in causes)
     causes.append({"cause": "other", "who": "", "ms": max(0.0, step - named),
-                   "detail": "the rest of the step: logging, evaluation windows, Python"})
+                   "detail": "the rest of the step: logging, Python"})
     for c in causes:
         c["ms"] = max(0.0, c["ms"])
         c["share"] = c["ms"] / step
@@ -227,12 +259,13 @@ def to_markdown(report: dict) -> str:
                   f"Clock alignment error: at most {report['clock_error_us_max']:.0f} µs.", ""]
     lines += ["## Workers (ms per step)", "",
               "| worker | step | data | forward | backward | optimizer | communication | "
-              "waiting for others | overlap | vs others |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "waiting for others | evaluation | overlap | vs others |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in report["workers"]:
         lines.append(f"| {w['rank']} | {w['step_ms']:.2f} | {w['data_ms']:.2f} | "
                      f"{w['forward_ms']:.2f} | {w['backward_ms']:.2f} | {w['optimizer_ms']:.2f} | "
-                     f"{w['communication_ms']:.2f} | {w['waiting_ms']:.2f} | {w['overlap']:.0%} | "
+                     f"{w['communication_ms']:.2f} | {w['waiting_ms']:.2f} | "
+                     f"{w['evaluation_ms']:.2f} | {w['overlap']:.0%} | "
                      f"{w['straggler_ratio']:.2f}x |")
     lines += ["", "Stragglers (slowest first): " +
               (", ".join(f"worker {r}" for r in report["stragglers"]) or "none"), "",
@@ -250,13 +283,14 @@ def to_markdown(report: dict) -> str:
 
 _COLORS = {"data": "#8dd3c7", "forward": "#80b1d3", "backward": "#bebada",
            "optimizer": "#fdb462", "communication": "#fb8072", "waiting": "#d9d9d9",
-           "other": "#f0f0f0", "queue": "#fb8072", "apply": "#fdb462"}
+           "evaluation": "#b3de69", "other": "#f0f0f0", "queue": "#fb8072", "apply": "#fdb462"}
 
 
 def to_html(report: dict) -> str:
     """Stacked bars per process, as a self-contained page (inline SVG, no scripts)."""
     rows = [(f"worker {w['rank']}", [(k, w[f"{k}_ms"]) for k in
-             ("data", "forward", "backward", "optimizer", "communication", "waiting", "other")])
+             ("data", "forward", "backward", "optimizer", "communication", "waiting",
+              "evaluation", "other")])
             for w in report["workers"]]
     steps = max((w["steps"] for w in report["workers"]), default=1)
     rows += [(f"server {s['rank']}", [("apply", s["apply_ms"] / steps),
@@ -280,11 +314,11 @@ def to_html(report: dict) -> str:
         svg.append(f'<text x="{x + 4:.1f}" y="{y + 17}">{sum(v for _, v in parts):.2f} ms</text>')
     y = 20 + len(rows) * (bar_h + 10)
     x = left
-    for key in ("data", "forward", "backward", "optimizer", "communication", "waiting", "apply",
-                "queue"):
+    for key in ("data", "forward", "backward", "optimizer", "communication", "waiting",
+                "evaluation", "apply", "queue"):
         svg.append(f'<rect x="{x}" y="{y}" width="12" height="12" fill="{_COLORS[key]}"/>'
                    f'<text x="{x + 16}" y="{y + 11}">{key}</text>')
-        x += 95
+        x += 28 + 7 * len(key)  # (about 7 px a character at 12 px)
     svg.append("</svg>")
     return ("<!doctype html><meta charset='utf-8'><title>Tessera profile</title>"
             "<body style='font-family:sans-serif;max-width:900px;margin:2em auto'>"
