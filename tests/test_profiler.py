@@ -234,3 +234,37 @@ def test_a_workers_step_spans_are_on_the_aligned_clock(tmp_path):
     flights = [s for s in spans if s[0] == "in flight"]
     assert [s[4]["clock"] for s in flights] == [0, 1, 2]
     assert all(s[4]["bytes"] == (4 * 2 + 2) * 4 for s in flights)
+
+
+def test_evaluation_is_counted_once_and_only_within_the_steps():
+    """The report's arithmetic on spans of known length: worker 0 evaluates for 50 ms in
+    the middle of 10 steps (the trainer's ``eval`` window holding forwards without
+    gradients: counted once) and for 500 ms after its last step (in no step: not
+    counted); its training forwards stay its compute."""
+    from tessera.profiler.report import analyze
+
+    ms = 1_000_000
+
+    def worker(rank: int, evaluates: bool) -> dict:
+        spans, t = [], 0
+        for step in range(10):
+            spans += [["forward", "compute", t, 2 * ms],
+                      ["backward", "compute", t + 2 * ms, 3 * ms],
+                      ["wait", "comm", t + 5 * ms, 1 * ms]]
+            t += 6 * ms
+            if evaluates and step == 4:
+                spans += [["eval", "eval", t, 50 * ms], ["evaluate", "eval", t + ms, 20 * ms],
+                          ["evaluate", "eval", t + 25 * ms, 20 * ms]]
+            t += 50 * ms if step == 4 else 0  # (both: worker 1 waits at its next step)
+        if evaluates:
+            spans.append(["eval", "eval", t + ms, 500 * ms])
+        return {"role": "worker", "rank": rank, "spans": spans, "counters": {}}
+
+    report = analyze([worker(0, True), worker(1, False)])
+    w0, w1 = report["workers"]
+    assert w0["forward_ms"] == pytest.approx(2.0) and w0["evaluation_ms"] == pytest.approx(5.0)
+    assert w1["evaluation_ms"] == 0.0 and report["stragglers"] == []
+    causes = {c["cause"]: c for c in report["causes"]}
+    assert causes["evaluation"]["who"] == "worker 0"
+    assert causes["evaluation"]["ms"] == pytest.approx(5.0)
+    assert causes["evaluation"]["share"] == pytest.approx(5.0 / 11.0, rel=1e-3)

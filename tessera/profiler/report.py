@@ -54,10 +54,12 @@ def _sum(spans, name):
     return sum(s[3] for s in spans if s[0] == name) / 1e6  # ms
 
 
-def _union_ms(spans, names) -> float:
-    """The time covered by spans named in ``names``, nested or overlapping ones once
-    (a forward without gradients inside the trainer's ``eval`` window), in ms."""
-    marks = sorted((s[2], s[2] + s[3]) for s in spans if s[0] in names and s[3] > 0)
+def _union_ms(spans, names, lo: int, hi: int) -> float:
+    """The time between ``lo`` and ``hi`` (ns) covered by spans named in ``names``, nested
+    or overlapping ones once (a forward without gradients inside the trainer's ``eval``
+    window), in ms."""
+    marks = sorted((max(lo, s[2]), min(hi, s[2] + s[3])) for s in spans
+                   if s[0] in names and s[3] > 0 and s[2] < hi and s[2] + s[3] > lo)
     total, end = 0, None
     for a, b in marks:
         if end is None or a > end:
@@ -95,10 +97,11 @@ def _worker_row(doc: dict, servers: list[dict]) -> dict:
         per_server.append(srv["counters"].get(f"barrier_ns.w{doc['rank']}", 0.0) / parts)
     barrier_ms = min(per["wait"], (statistics.mean(per_server) if per_server else 0.0) / 1e6 / steps)
     train = [s for s in spans if s[0] in ("data", "forward", "backward", "wait", "copy")]
-    wall = ((max(s[2] + s[3] for s in train) - min(s[2] for s in train)) / 1e6 / steps
-            if train else 0.0)
+    lo, hi = (min(s[2] for s in train), max(s[2] + s[3] for s in train)) if train else (0, 0)
+    wall = (hi - lo) / 1e6 / steps
     compute = per["forward"] + per["backward"]
-    evaluation = _union_ms(spans, _EVAL_NAMES) / steps
+    # Evaluation within the training steps (one after the last step is not in a step).
+    evaluation = _union_ms(spans, _EVAL_NAMES, lo, hi) / steps
     return {
         "rank": doc["rank"], "steps": steps, "step_ms": wall,
         "data_ms": per["data"], "forward_ms": per["forward"], "backward_ms": per["backward"],

@@ -45,7 +45,7 @@ for step in range(steps):
     loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
     model.scale_loss(loss).backward()
     model.step()
-    if tessera.rank() == 0 and step % EVAL_EVERY == EVAL_EVERY - 1:
+    if tessera.rank() == 0 and step % EVAL_EVERY == EVAL_EVERY // 2:  # within the steps
         model.eval()
         with torch.no_grad():
             accuracy = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
