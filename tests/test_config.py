@@ -186,3 +186,12 @@ def test_allreduce_with_servers_is_one_line_naming_the_flag(tmp_path):
     path = write(tmp_path, 'name = "ok"\n[ps]\nmode = "allreduce"\n[cluster]\nservers = 2\n')
     message = config_error(path)
     assert "--servers" in message and "--servers 0" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value", [50, 200_000, -1])
+def test_a_scheduler_slice_outside_the_kernels_range_is_named(tmp_path, value):
+    message = config_error(write(tmp_path, f"""
+        [cluster]
+        slice_us = {value}
+    """))
+    assert message.startswith("cluster") and "slice_us" in message and "100-100000" in message

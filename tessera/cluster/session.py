@@ -19,6 +19,7 @@ from typing import Any, Optional
 import zmq
 
 from tessera.cluster.health import ClusterFailure, Heartbeat
+from tessera.cluster.latency import apply_for_role
 from tessera.cluster.lives import LifeTally
 from tessera.cluster.topology import Topology
 from tessera.config import config_from_dict
@@ -53,6 +54,8 @@ class Session:
         self._coord = ClientEndpoint(self.ctx, coordinator, secret, "coordinator",
                                      sndtimeo_s=cl.timeout_s)
         self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
+        if self._owns_ctx and cl.slice_us:  # (a process of its own: not an in-process job)
+            apply_for_role(role, cl.slice_us)
         self.view: Optional[wire.ClusterView] = None
         #: Who is who in the job; set by :meth:`register`.
         self.topology: Optional[Topology] = None

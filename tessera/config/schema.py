@@ -350,6 +350,11 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     #: shared memory (a memfd segment per connection, set up over the authenticated
     #: channel); servers on other hosts stay on TCP. ``off``: TCP everywhere.
     shm: Literal["auto", "off"] = "auto"
+    #: Scheduler slice (µs) of the servers' and the coordinator's threads and of the
+    #: workers' ZeroMQ threads, so that a message is taken at once on a host whose cores
+    #: the workers' compute fills (Linux 6.12+; tessera.cluster.latency); 0: the
+    #: kernel's default (about 3 ms).
+    slice_us: int = 100
     #: ``local``: every process on this machine (the embedded default); ``ray``: the
     #: processes run as Ray actors, placed by a placement group (``tessera[ray]``).
     backend: Literal["local", "ray"] = "local"
@@ -362,6 +367,9 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.slice_us != 0 and not 100 <= self.slice_us <= 100_000:
+            raise ValueError(f"slice_us must be 0 (the kernel's default) or 100-100000 "
+                             f"(the kernel's range), got {self.slice_us}")
         if self.address is not None and self.backend != "ray":
             raise ValueError("address needs backend = 'ray' (--backend ray): it names the "
                              "Ray cluster to join")
