@@ -84,6 +84,9 @@ def _serve(n: int, secret: str, addr_q, stop, mode: str) -> None:
     torch.set_num_threads(1)
     shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], 1, partition_elems_for(4.0))
     ep = ServerEndpoint(zmq.Context(), "127.0.0.1", secret)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _machine import launched_threads
+    launched_threads("server")  # as a launched job's server
     addr_q.put(ep.address)
     ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode), endpoint=ep,
                     partitions=list(shard_map.partitions),
@@ -99,7 +102,7 @@ def wire_cases(n: int, iters: int, rounds: int, mode: str = "async") -> list[dic
     import zmq
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _machine import busy_s, cpu_s, foreign_cpu_pct, own_s
+    from _machine import busy_s, cpu_s, foreign_cpu_pct, launched_threads, own_s
 
     from tessera.ps.client import PSClient
     from tessera.ps.sharding import partition_elems_for, plan_shards
@@ -119,6 +122,7 @@ def wire_cases(n: int, iters: int, rounds: int, mode: str = "async") -> list[dic
         client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[address],
                           secret=SECRET, worker=0, timeout_s=60)
         client.connect()
+        launched_threads("worker")  # (this driver process is the worker)
         client.init_params(torch.zeros(n))
         base = torch.randn(n)
         grads = {d: base.to(torch_dtype(d)) for d in dtypes}  # gradients in the working dtype

@@ -89,6 +89,7 @@ from _machine import as_launched as _as_launched, cpu_s as _cpu_s, recv as _recv
 from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 from _machine import ready_to_serve as _ready_to_serve, rpc_transports as _rpc_options  # noqa: E402
+from _machine import launched_threads as _launched_threads  # noqa: E402
 
 
 def _child_setup(needs_torch: bool) -> None:
@@ -204,6 +205,7 @@ def _tessera_worker(conn, secret: str, profile_dir, batch_bytes: int = 0) -> Non
             client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=addresses,
                               secret=secret, worker=0, timeout_s=60.0, batch_bytes=batch_bytes)
             client.connect()
+            _launched_threads("worker")
             gen = torch.Generator().manual_seed(0)
             client.init_params(torch.randn(n, generator=gen))
             grad = torch.randn(n, generator=gen).mul_(1e-3)

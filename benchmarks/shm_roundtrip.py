@@ -46,7 +46,7 @@ import time
 import traceback
 
 from _machine import as_launched, busy_s, cpu_s, foreign_cpu_pct, free_port, log, own_s
-from _machine import recv as recv_from, watch_parent
+from _machine import launched_threads, recv as recv_from, watch_parent
 from ps_roundtrip import PARTITION_MB, _plan, _rpc_proc, _zmq_echo  # the same plan, echo, rpc
 
 GB = 1e9
@@ -87,6 +87,7 @@ def _server(conn, rank: int, secret: str, use_shm: bool) -> None:
         stop = threading.Event()
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame,
                                   shm=use_shm)
+        launched_threads("server")
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="sync"),
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),
@@ -120,6 +121,7 @@ def _worker(conn, secret: str) -> None:
             client = PSClient(ctx=ctx, shard_map=shard_map, server_addresses=addresses,
                               secret=secret, worker=0, timeout_s=60.0)
             client.connect()
+            launched_threads("worker")
             gen = torch.Generator().manual_seed(0)
             grad = client.shared_zeros(n)  # as PSDataParallel keeps its gradients
             if grad is None:

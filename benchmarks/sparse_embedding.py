@@ -94,6 +94,7 @@ TABLES = 4
 from _machine import cpu_s as _cpu_s, recv as _recv  # noqa: E402
 from _machine import busy_s as _busy_s  # noqa: E402
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
+from _machine import launched_threads as _launched_threads  # noqa: E402
 from _machine import ready_to_serve as _ready_to_serve  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
 from _machine import as_launched as _as_launched, rpc_transports as _rpc_options  # noqa: E402
@@ -233,6 +234,7 @@ class TesseraSystem:
                                server_addresses=addresses, secret=secret, worker=0,
                                timeout_s=60.0)
         self.client.connect()
+        _launched_threads("worker")
         self.clock = 0
         self.pids = [p.pid for p in self.procs]
 
