@@ -9,12 +9,14 @@ asks for a shorter slice, and a waking thread whose slice is shorter than the ru
 one's takes the CPU at once. It gets no larger share of the CPU: its fair share, in
 shorter turns. No privilege is needed, and threads a thread starts inherit its slice.
 
-Who gets it (:func:`apply_for_role`): every thread of a server and of the coordinator;
-of a worker, only ZeroMQ's I/O threads, which move its pushes and replies (its compute
-thread keeps the default, long turns). On examples/mnist.toml (2 workers, 2 servers,
-2 cores) a push waited 1.2-1.3 ms for server 0 to take it, 0.72-0.80 ms with these
-slices, and steps ran 4-10% faster (docs/architecture.md, "Scheduler slices").
-Elsewhere (an older kernel, another OS, a seccomp filter) nothing changes.
+Who gets it (:func:`apply_for_role`): a worker's ZeroMQ threads, which move its pushes
+and replies (its compute thread keeps the default, long turns). On examples/mnist.toml
+(2 workers, 2 servers, 2 cores) a push waited 1.2-1.3 ms for server 0 to take it,
+0.72-0.80 ms with these slices. Servers keep the kernel's slices: a server that is
+itself the bottleneck (64 clients' pushes, benchmarks/server_load.py) served 12-19%
+fewer pushes a second in 100 µs turns, and gave the mnist job no measurable gain
+(docs/architecture.md, "Scheduler slices"). Elsewhere (an older kernel, another OS, a
+seccomp filter) nothing changes.
 """
 
 from __future__ import annotations
@@ -70,6 +72,6 @@ def short_slices(slice_us: int, prefix: str = "") -> int:
 
 def apply_for_role(role: str, slice_us: int) -> int:
     """:func:`short_slices` for a launched process of ``role`` (``[cluster] slice_us``):
-    a worker's ZeroMQ threads (started by then: its context has a socket), every
-    thread of a server or the coordinator."""
-    return short_slices(slice_us, ZMQ_THREADS if role == "worker" else "")
+    a worker's ZeroMQ threads (started by then: its context has a socket); nothing for
+    the other roles."""
+    return short_slices(slice_us, ZMQ_THREADS) if role == "worker" else 0

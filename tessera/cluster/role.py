@@ -126,7 +126,6 @@ def start_coordinator(cfg, run_dir: Path, secret: str, ctx, *, bind: str = "",
 def coordinator_main() -> None:
     import zmq
 
-    from tessera.cluster.latency import apply_for_role
     from tessera.config import config_from_dict
     from tessera.config import env as envvars
 
@@ -134,7 +133,6 @@ def coordinator_main() -> None:
                                    required=(envvars.RUN_DIR, envvars.SECRET))
     run_dir = Path(me.run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    apply_for_role("coordinator", cfg.cluster.slice_us)
     ctx = zmq.Context()
     coord = start_coordinator(cfg, run_dir, me.secret, ctx, bind=me.coordinator_bind,
                               generation=me.generation)

@@ -55,7 +55,7 @@ class Session:
                                      sndtimeo_s=cl.timeout_s)
         self._coord.wait_connected(cl.timeout_s, self.heartbeat.check)
         if self._owns_ctx and cl.slice_us:  # (a process of its own: not an in-process job)
-            apply_for_role(role, cl.slice_us)
+            apply_for_role(role, cl.slice_us)  # (a worker's ZeroMQ threads)
         self.view: Optional[wire.ClusterView] = None
         #: Who is who in the job; set by :meth:`register`.
         self.topology: Optional[Topology] = None

@@ -350,10 +350,9 @@ class ClusterConfig(msgspec.Struct, **_STRICT):
     #: shared memory (a memfd segment per connection, set up over the authenticated
     #: channel); servers on other hosts stay on TCP. ``off``: TCP everywhere.
     shm: Literal["auto", "off"] = "auto"
-    #: Scheduler slice (µs) of the servers' and the coordinator's threads and of the
-    #: workers' ZeroMQ threads, so that a message is taken at once on a host whose cores
-    #: the workers' compute fills (Linux 6.12+; tessera.cluster.latency); 0: the
-    #: kernel's default (about 3 ms).
+    #: Scheduler slice (µs) of the workers' ZeroMQ threads, so that a push leaves at once
+    #: on a host whose cores the workers' compute fills (Linux 6.12+;
+    #: tessera.cluster.latency); 0: the kernel's default (1.4-3 ms).
     slice_us: int = 100
     #: ``local``: every process on this machine (the embedded default); ``ray``: the
     #: processes run as Ray actors, placed by a placement group (``tessera[ray]``).
