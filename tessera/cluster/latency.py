@@ -1,9 +1,9 @@
-"""Short scheduler slices for the threads whose work is answering others.
+"""Short scheduler slices for the threads that carry a worker's pushes and replies.
 
 On a host where workers' forward and backward fill every core (``tessera run``'s local
-cluster, or any node that runs servers beside workers), a server that is sent a push
-must first get a CPU. Linux (6.6 and later) schedules ordinary threads by EEVDF, and a
-thread that wakes waits until the running one has had its slice, about 3 ms by default
+cluster, or any node that runs servers beside workers), every thread a push wakes on its
+way must first get a CPU. Linux (6.6 and later) schedules ordinary threads by EEVDF, and
+a thread that wakes waits until the running one has had its slice, 1.4-3 ms by default
 ("run to parity"). With ``sched_setattr``'s ``sched_runtime`` (Linux 6.12+) a thread
 asks for a shorter slice, and a waking thread whose slice is shorter than the running
 one's takes the CPU at once. It gets no larger share of the CPU: its fair share, in
