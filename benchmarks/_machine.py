@@ -34,11 +34,9 @@ def as_launched() -> None:
 def ready_to_serve(tables=()) -> None:
     """What a job's server process does before it serves
     (``tessera.cluster.role.ready_to_serve``: its tables' row kernels compiled, its
-    start-up objects frozen out of the garbage collector; and any scheduler slices a
-    server's threads take, :func:`launched_threads`), for a benchmark's server built by
-    hand; nothing with a Tessera that has no such step (an older commit run for
-    comparison)."""
-    launched_threads("server")
+    start-up objects frozen out of the garbage collector), for a benchmark's server
+    built by hand; nothing with a Tessera that has no such step (an older commit run
+    for comparison)."""
     try:
         from tessera.cluster.role import ready_to_serve as ready
     except ImportError:
@@ -49,8 +47,8 @@ def ready_to_serve(tables=()) -> None:
 def launched_threads(role: str) -> None:
     """The scheduler slices a launched job's process of ``role`` gives its threads
     (``[cluster] slice_us``, tessera.cluster.latency: a worker's ZeroMQ threads, so call
-    it once the process's context has a socket; a server's none), for a benchmark's
-    process built by hand; nothing with a Tessera without them."""
+    it once the process's context has a socket; servers take none), for a benchmark's
+    worker built by hand; nothing with a Tessera without them."""
     try:
         from tessera.cluster.latency import apply_for_role
         from tessera.config.schema import ClusterConfig

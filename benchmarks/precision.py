@@ -84,9 +84,6 @@ def _serve(n: int, secret: str, addr_q, stop, mode: str) -> None:
     torch.set_num_threads(1)
     shard_map = plan_shards([ParamSpec(name="w", shape=[n], numel=n)], 1, partition_elems_for(4.0))
     ep = ServerEndpoint(zmq.Context(), "127.0.0.1", secret)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _machine import launched_threads
-    launched_threads("server")  # as a launched job's server
     addr_q.put(ep.address)
     ParameterServer(ServerOptions(rank=0, num_workers=1, mode=mode), endpoint=ep,
                     partitions=list(shard_map.partitions),

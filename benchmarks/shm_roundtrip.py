@@ -87,7 +87,6 @@ def _server(conn, rank: int, secret: str, use_shm: bool) -> None:
         stop = threading.Event()
         endpoint = ServerEndpoint(ctx, "127.0.0.1", secret, max_frame_bytes=max_frame,
                                   shm=use_shm)
-        launched_threads("server")
         server = ParameterServer(ServerOptions(rank=rank, num_workers=1, mode="sync"),
                                  endpoint=endpoint, partitions=partitions,
                                  optimizer=OptimizerConfig(name="sgd", lr=LR),

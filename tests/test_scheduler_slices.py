@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,9 @@ def _kernel_takes_slices() -> bool:
             has_field = "se.slice" in f.read()
     except OSError:
         return False
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return has_field and (major, minor) >= (6, 12)
+    version = re.match(r"(\d+)\.(\d+)", os.uname().release)  # e.g. 6.18.44-fc, 6.12-rc1
+    return has_field and version is not None and \
+        (int(version[1]), int(version[2])) >= (6, 12)
 
 
 pytestmark = pytest.mark.skipif(not _kernel_takes_slices(),

@@ -180,7 +180,8 @@ def report(run_dir: str) -> None:
     for w in rep["workers"]:
         table.add_row(str(w["rank"]), *(f"{w[k]:.2f}" for k in (
             "step_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms",
-            "communication_ms", "waiting_ms", "evaluation_ms")), f"{w['overlap']:.0%}", f"{w['straggler_ratio']:.2f}x")
+            "communication_ms", "waiting_ms", "evaluation_ms")), f"{w['overlap']:.0%}",
+            f"{w['straggler_ratio']:.2f}x")
     console.print(table)
     servers = Table(title="servers by load")
     for col in ("server", "MB received", "share", "queue ms", "optimizer ms", "hottest partition"):

@@ -46,8 +46,8 @@ from typing import Optional
 from tessera.profiler.recorder import EVAL_SPAN
 
 STRAGGLER_RATIO = 1.3
-_EVAL_NAMES = ("eval", EVAL_SPAN[0])  # the trainer's window, a forward without gradients
 HOT_SERVER_FACTOR = 1.25
+_EVAL_NAMES = ("eval", EVAL_SPAN[0])  # the trainer's window, a forward without gradients
 
 
 def _sum(spans, name):
@@ -221,8 +221,8 @@ def _causes(workers: list[dict], servers: list[dict]) -> list[dict]:
                        "ms": judge["evaluation_ms"],
                        "detail": f"worker {judge['rank']} evaluates in the training loop "
                                  f"({judge['evaluation_ms']:.2f} ms per step on average); "
-                                 f"in sync mode the others' steps wait for it: evaluate less often "
-                                 f"(train.eval_every) or on fewer batches"})
+                                 f"in sync mode the others' steps wait for it: evaluate "
+                                 f"less often (train.eval_every) or on fewer batches"})
     named = sum(c["ms"] for c in causes)
     causes.append({"cause": "other", "who": "", "ms": max(0.0, step - named),
                    "detail": "the rest of the step: logging, Python"})
