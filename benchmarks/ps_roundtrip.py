@@ -12,6 +12,11 @@ new values (push and pull in one round trip). Systems measured:
 * ``zmq``: raw pyzmq moving the same bytes in the same partitions to the same
   number of server processes: DEALER -> ROUTER echo, ``copy=False`` on both ends,
   no update, no auth. The transport's ceiling.
+* ``zmq_sgd``: the ``zmq`` echo, its server also stepping SGD (lr 0.01, one
+  ``add_`` into a master per partition, as Tessera's plain SGD does) and answering with the
+  master, zero-copy: the least a parameter server over this transport must do. Tessera
+  over it is Tessera's own cost; ``zmq`` over it, the update's on this machine (on two
+  cores the step's pass over the bytes competes with the transport's copies).
 * ``rpc``: a ``torch.distributed.rpc`` parameter server per server process (as in
   PyTorch's parameter-server tutorial): each holds its contiguous shard of the
   vector; the worker ``rpc_async``-calls every server with the gradient of its
@@ -79,6 +84,8 @@ PARTITION_MB = 4.0
 BATCH_BYTES = 256 * 1024
 #: The systems that run Tessera's servers and client, each in processes of its own.
 TESSERA_SYSTEMS = ("tessera", "tessera_glibc", "tessera_batched")
+#: Raw pyzmq: the echo, and the echo that steps SGD.
+ZMQ_SYSTEMS = ("zmq", "zmq_sgd")
 LR = 0.01
 
 
@@ -108,7 +115,7 @@ def _child_setup(needs_torch: bool) -> None:
 def _child(fn, conn, *args) -> None:
     """Run ``fn``; report an exception to the driver instead of dying silently."""
     try:
-        _child_setup(needs_torch=fn is not _zmq_echo)
+        _child_setup(needs_torch=fn is not _zmq_echo or bool(args[:1] and args[0]))  # sgd
         fn(conn, *args)
     except BaseException:  # noqa: BLE001 - the driver shows it
         try:
@@ -237,9 +244,13 @@ def _tessera_worker(conn, secret: str, profile_dir, batch_bytes: int = 0) -> Non
 # --------------------------------------------------------------- raw pyzmq
 
 
-def _zmq_echo(conn) -> None:
-    """A ROUTER that sends every message straight back (zero-copy both ways)."""
+def _zmq_echo(conn, sgd: bool = False) -> None:
+    """A ROUTER that sends every message straight back (zero-copy both ways); with
+    ``sgd``, it steps SGD on a master per partition and sends the master back instead."""
     import zmq
+    if sgd:
+        import torch
+    masters = {}  # sgd: partition id (the message's first part) -> its fp32 master
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -255,6 +266,15 @@ def _zmq_echo(conn) -> None:
             continue
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             parts = sock.recv_multipart(copy=False)
+            if sgd and len(parts) == 3 and len(parts[2]):  # [peer, id, gradient]
+                grad = torch.frombuffer(parts[2].buffer, dtype=torch.float32)
+                key = parts[1].bytes
+                master = masters.get(key)
+                if master is None or master.numel() != grad.numel():
+                    master = masters[key] = torch.zeros(grad.numel())
+                master.add_(grad, alpha=-LR)
+                # The master itself: the worker reads it before it pushes again.
+                parts = [parts[0], parts[1], memoryview(master.numpy()).cast("B")]
             sock.send_multipart(parts, copy=False)
     sock.close(linger=0)
     ctx.destroy(linger=0)
@@ -505,10 +525,13 @@ class Bench:
                             for r in range(max_s)]
             t_worker[s] = self.spawn(f"{s}-worker", _tessera_worker, self.secret, a.profile,
                                      BATCH_BYTES if s == "tessera_batched" else 0, env=env)
-        if "zmq" in systems:
-            z_echo = [self.spawn(f"zmq-echo{r}", _zmq_echo) for r in range(max_s)]
-            z_worker = self.spawn("zmq-worker", _zmq_worker)
-            echo_addrs = [self.recv(c, "zmq echo start") for c in z_echo]
+        z_echo, z_worker, echo_addrs = {}, {}, {}
+        for z in ZMQ_SYSTEMS:
+            if z in systems:
+                z_echo[z] = [self.spawn(f"{z}-echo{r}", _zmq_echo, z == "zmq_sgd")
+                             for r in range(max_s)]
+                z_worker[z] = self.spawn(f"{z}-worker", _zmq_worker)
+                echo_addrs[z] = [self.recv(c, f"{z} echo start") for c in z_echo[z]]
         if "gloo" in systems:
             port = _free_port()
             gloo = [self.spawn(f"gloo{r}", _gloo_proc, r, port) for r in range(2)]
@@ -541,12 +564,12 @@ class Bench:
                     runners[s] = lambda k, t, s=s: self.ask(t_worker[s], ("run", k, t), s)
                     pids[s] = [self.proc_of[c].pid
                                for c in [t_worker[s]] + t_servers[s][:servers]]
-                if "zmq" in systems:
+                for z in z_worker:
                     parts = [(p.start, p.stop, p.server) for p in shard_map.partitions]
-                    self.ask(z_worker, ("open", n, echo_addrs[:servers], parts),
-                             "zmq worker connect")
-                    runners["zmq"] = lambda k, t: self.ask(z_worker, ("run", k, t), "zmq")
-                    pids["zmq"] = [self.proc_of[c].pid for c in [z_worker] + z_echo[:servers]]
+                    self.ask(z_worker[z], ("open", n, echo_addrs[z][:servers], parts),
+                             f"{z} worker connect")
+                    runners[z] = lambda k, t, z=z: self.ask(z_worker[z], ("run", k, t), z)
+                    pids[z] = [self.proc_of[c].pid for c in [z_worker[z]] + z_echo[z][:servers]]
                 if "rpc" in systems:
                     self.ask(rpc_worker, ("open", n, servers), "rpc open")
                     runners["rpc"] = lambda k, t: self.ask(rpc_worker, ("run", k, t), "rpc")
@@ -602,8 +625,8 @@ class Bench:
                             1e3 * sum(st["apply_s"] for st in stats) / max(1.0, served))
                         row[f"{s}_server_cpu_us_per_msg"] = _merge_costs(stats)
                     self.stop.clear()
-                if "zmq" in systems:
-                    self.ask(z_worker, ("close",), "zmq close")
+                for z in z_worker:
+                    self.ask(z_worker[z], ("close",), f"{z} close")
                 if "rpc" in systems:
                     self.ask(rpc_worker, ("close",), "rpc close")
                 if "gloo" in systems:
@@ -652,11 +675,11 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
            "mode": a.mode, "partition_mb": a.partition_mb, "rpc_transport": a.rpc_transport,
            "rpc_channels": a.rpc_channels,
            "partitions": len(_plan(n, servers, a.partition_mb).partitions)}
-    for key in (*TESSERA_SYSTEMS, "zmq", "rpc", "gloo"):
+    for key in (*TESSERA_SYSTEMS, *ZMQ_SYSTEMS, "rpc", "gloo"):
         if key in r:
             field = "gloo_allreduce_gbps" if key == "gloo" else f"{key}_gbps"
             row[field] = round(_gbps(n, r[key]), 3)
-    for other in ("zmq", "rpc"):
+    for other in (*ZMQ_SYSTEMS, "rpc"):
         for t in TESSERA_SYSTEMS:
             if f"{t}_gbps" in row and f"{other}_gbps" in row:
                 row[f"{t}_vs_{other}"] = round(row[f"{t}_gbps"] / row[f"{other}_gbps"], 3)
@@ -664,7 +687,7 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     # system), the worker's share of it, and the servers' time in the optimizer step.
     for key, ms in r["cpu_ms_per_iter"].items():
         row[f"{key}_cpu_ms_per_iter"] = round(ms, 1)
-        if key in (*TESSERA_SYSTEMS, "zmq"):
+        if key in (*TESSERA_SYSTEMS, *ZMQ_SYSTEMS):
             row[f"{key}_worker_cpu_ms_per_iter"] = round(r["worker_cpu_ms_per_iter"][key], 1)
     for t in TESSERA_SYSTEMS:
         if f"{t}_server_apply_ms_per_iter" in r:
@@ -704,9 +727,9 @@ def main(argv=None) -> int:
                          "(from the warm-up's median; 0: exactly --iters)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
-    ap.add_argument("--systems", default="tessera,zmq,rpc,gloo",
+    ap.add_argument("--systems", default="tessera,zmq,zmq_sgd,rpc,gloo",
                     help="comma-separated subset of tessera,tessera_glibc,tessera_batched,zmq,"
-                         "rpc,gloo")
+                         "zmq_sgd,rpc,gloo")
     ap.add_argument("--rpc-transport", choices=("uv", "default"), default="uv",
                     help="TensorPipe's transport for rpc: TCP (uv), or its defaults (shm on "
                          "one host, which busy-polls a core per process between its turns)")

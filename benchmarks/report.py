@@ -106,7 +106,9 @@ TABLES = [
               ("elements", lambda r: f"{r['elements'] / 1e6:g}M"), ("servers", "servers"),
               ("tessera GB/s", "tessera_gbps"), ("zmq GB/s", "zmq_gbps"),
               ("rpc GB/s", "rpc_gbps"), ("gloo all-reduce GB/s", "gloo_allreduce_gbps"),
+              ("zmq + SGD GB/s", "zmq_sgd_gbps"),
               ("tessera / zmq", "tessera_vs_zmq"), ("tessera / rpc", "tessera_vs_rpc"),
+              ("tessera / zmq + SGD", "tessera_vs_zmq_sgd"),
               ("CPU ms/iter tessera (worker)", lambda r: f"{r['tessera_cpu_ms_per_iter']:.0f} "
                f"({r['tessera_worker_cpu_ms_per_iter']:.0f})"),
               ("CPU ms/iter zmq (worker)", lambda r: f"{r['zmq_cpu_ms_per_iter']:.0f} "
