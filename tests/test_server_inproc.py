@@ -240,6 +240,42 @@ def test_sync_updates_equal_torch_optim(make_cluster, name):
             assert state, f"{name}: no optimizer state on partition {part.info.id}"
 
 
+def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, monkeypatch):
+    """Sync replies are the master, zero-copy. Over TCP each partition's master goes as one
+    ``zmq.Frame`` made once and sent again for every reply (pyzmq shares its message),
+    not as a new zero-copy frame per reply, which cost an entry in pyzmq's garbage
+    collector and a wake of its thread each. The replies still carry every clock's new
+    values: the frame is the live master, never a stale copy."""
+    from zmq.utils.garbage import gc
+
+    n, part = 3 * (1 << 15), 1 << 15  # 3 partitions of 128 KiB: above pyzmq's copy size
+    cluster = make_cluster([wire.ParamSpec(name="w", shape=[n], numel=n)], num_servers=1,
+                           partition_elems=part, mode="sync", num_workers=1,
+                           optimizer=OptimizerConfig(name="sgd", lr=0.5))
+    client = cluster.client(0)
+    client.init_params(torch.zeros(n))
+    servers = set(cluster.threads)
+    made = []
+    real = gc.store
+
+    def store(obj, event=None):
+        if threading.current_thread() in servers:
+            made.append(obj)
+        return real(obj, event)
+
+    monkeypatch.setattr(gc, "store", store)
+    grad, smap = torch.ones(n), cluster.shard_map
+    assert len(smap.partitions) == 3
+    for clock in range(6):
+        got = {}
+        for h in [client.push(p.id, grad[p.start:p.stop], clock) for p in smap.partitions]:
+            got.update({pid: t.clone() for pid, t in h.wait().items()})
+            h.release()
+        torch.testing.assert_close(assemble(smap, got), torch.full((n,), -0.5 * (clock + 1)),
+                                   rtol=0, atol=0)
+    assert len(made) == 3, f"{len(made)} zero-copy frames made for 18 replies of 3 partitions"
+
+
 # -------------------------------------------------------- b. async == torch
 
 

@@ -50,13 +50,34 @@ _COPIED_BELOW = zmq.COPY_THRESHOLD
 class ReplyBuffers:
     """Reused send buffers of one partition's replies (see the module docstring)."""
 
-    __slots__ = ("_all", "_view")
+    __slots__ = ("_all", "_view", "_master")
 
     def __init__(self) -> None:
         #: [tensor, rule, steps, trackers] per buffer.
         self._all: list[list] = []
         #: (master, master as numpy) of the small fp32 replies: the view made once.
         self._view: Optional[tuple] = None
+        #: (master, a zero-copy zmq.Frame over it): sync's replies that are the master.
+        self._master: Optional[tuple] = None
+
+    def master(self, master: torch.Tensor):
+        """``master`` (fp32, updated in place) as a frame ZeroMQ sends without a copy,
+        made once and sent again for every reply: pyzmq sends a ``zmq.Frame`` by sharing
+        its message (a reference count), where a buffer sent as it is becomes a new
+        zero-copy frame each time, with an entry in pyzmq's garbage collector and a wake
+        of its thread once ZeroMQ is done (benchmarks/HISTORY.md, "The update's own
+        cost"). The caller's argument why ZeroMQ has sent the bytes before the master
+        changes is unchanged (server.py, ``_frame``). Below pyzmq's copy size: the view,
+        copied as it is sent."""
+        cached = self._master
+        if cached is not None and cached[0] is master:
+            return cached[1]
+        view = tensor_to_frame(master)
+        if len(view) < _COPIED_BELOW:
+            return view
+        frame = zmq.Frame(view, copy=False)
+        self._master = (master, frame)
+        return frame
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that

@@ -52,7 +52,7 @@ from tessera.ps.server_profile import MessageCosts, profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
 from tessera.transport.endpoint import ServerEndpoint
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.frames import frame_to_tensor, itemsize, torch_dtype
 from tessera.transport.shm import Shared
 
 #: Async/ssp pushes of fp32 frames below this many bytes are scaled with numpy (less
@@ -759,7 +759,7 @@ class ParameterServer:
                 # memory, later than ZeroMQ would have sent it: through the segment it
                 # goes as the master's place in the arena (tessera.transport.shm).
                 return st.rule.master.numpy().view(np.uint8).view(Shared)
-            return tensor_to_frame(st.rule.master)
+            return st.replies.master(st.rule.master)
         # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
         # with (its MessageTracker), or the one that already holds these values.
         return st.replies.frame(st.rule, dtype)
@@ -770,6 +770,8 @@ class ParameterServer:
         costs = self.costs
         if costs is not None:
             costs.lap("other")
+        if shared and not self.endpoint.shares_memory_with(peer):
+            shared = False  # over TCP: the master's frame made once (_frame)
         if len(states) == 1:  # most replies: one partition, no comprehensions
             st = states[0]
             frames = [self._frame(st, dtype, shared)]

@@ -534,6 +534,11 @@ class ServerEndpoint:
             if self._arena:
                 self._arena.reap()
 
+    def shares_memory_with(self, peer: bytes) -> bool:
+        """Whether ``peer`` (a client on this host) takes its payloads through a
+        shared-memory segment it mapped; False for a peer over TCP."""
+        return self._shm is not None and self._shm.active(peer) is not None
+
     def _shm_prefix(self, peer: bytes, frames: Sequence) -> tuple[Optional[bytes], Sequence]:
         """(prefix frame or None, the frames to send inline) for a message to ``peer``."""
         ctl = self._shm_ctl.pop(peer, None) if self._shm_ctl else None
