@@ -115,7 +115,7 @@ def _child_setup(needs_torch: bool) -> None:
 def _child(fn, conn, *args) -> None:
     """Run ``fn``; report an exception to the driver instead of dying silently."""
     try:
-        _child_setup(needs_torch=fn is not _zmq_echo or bool(args[:1] and args[0]))  # sgd
+        _child_setup(needs_torch=fn is not _zmq_echo)
         fn(conn, *args)
     except BaseException:  # noqa: BLE001 - the driver shows it
         try:
@@ -250,6 +250,7 @@ def _zmq_echo(conn, sgd: bool = False) -> None:
     import zmq
     if sgd:
         import torch
+        torch.set_num_threads(1)  # as every other server here (_child_setup)
     masters = {}  # sgd: partition id (the message's first part) -> its fp32 master
 
     ctx = zmq.Context()

@@ -57,7 +57,7 @@ class ReplyBuffers:
         self._all: list[list] = []
         #: (master, master as numpy) of the small fp32 replies: the view made once.
         self._view: Optional[tuple] = None
-        #: (master, a zero-copy zmq.Frame over it): sync's replies that are the master.
+        #: (master, what its replies send): sync's replies that are the master.
         self._master: Optional[tuple] = None
 
     def master(self, master: torch.Tensor):
@@ -68,16 +68,13 @@ class ReplyBuffers:
         of its thread once ZeroMQ is done (benchmarks/HISTORY.md, "The update's own
         cost"). The caller's argument why ZeroMQ has sent the bytes before the master
         changes is unchanged (server.py, ``_frame``). Below pyzmq's copy size: the view,
-        copied as it is sent."""
+        made once too, which ZeroMQ copies as it is sent (the values of that moment)."""
         cached = self._master
-        if cached is not None and cached[0] is master:
-            return cached[1]
-        view = tensor_to_frame(master)
-        if len(view) < _COPIED_BELOW:
-            return view
-        frame = zmq.Frame(view, copy=False)
-        self._master = (master, frame)
-        return frame
+        if cached is None or cached[0] is not master:
+            view = tensor_to_frame(master)
+            cached = self._master = (master, view if len(view) < _COPIED_BELOW
+                                     else zmq.Frame(view, copy=False))
+        return cached[1]
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
