@@ -124,12 +124,14 @@ TABLES = [
     Table("server_load", "server_load", "One server under many clients (async 16 KiB pushes)", [
         ("clients", "clients"), ("tessera ops/s", "tessera_ops_per_s"),
         ("zmq echo ops/s", "zmq_ops_per_s"), ("ops ratio", "tessera_ops_vs_zmq"),
+        ("zmq + SGD ops/s", "zmq_sgd_ops_per_s"), ("tessera / zmq + SGD", "tessera_ops_vs_zmq_sgd"),
         ("tessera p50 / p99 ms", lambda r: f"{r['tessera_p50_ms']:.2f} / "
          f"{r['tessera_p99_ms']:.2f}"),
         ("echo p50 / p99 ms", lambda r: f"{r['zmq_p50_ms']:.2f} / {r['zmq_p99_ms']:.2f}"),
         ("p99 ratio", "tessera_p99_vs_zmq"),
         ("server CPU µs/op tessera", "tessera_server_cpu_us_per_op"),
-        ("echo", "zmq_server_cpu_us_per_op"), ("lost updates", "tessera_lost_updates")]),
+        ("echo", "zmq_server_cpu_us_per_op"), ("zmq + SGD", "zmq_sgd_server_cpu_us_per_op"),
+        ("lost updates", "tessera_lost_updates")]),
     Table("server_costs", "server_load", "Where a push's server CPU goes (µs per request, "
           "by phase: `server_load.py --systems tessera_costs`)", [
               ("clients", "clients"),

@@ -22,6 +22,11 @@ Systems measured:
 * ``zmq``: a raw pyzmq ROUTER in a process of its own that sends every message
   straight back (``copy=False``), no update, no authentication: the same bytes per
   request and reply. The transport's ceiling.
+* ``zmq_sgd``: the ``zmq`` echo, its server also stepping SGD as Tessera's does here
+  (one ``add_`` of the gradient, scaled by lr/clients, into a master per client) and
+  answering with that master: the least a parameter server over this transport does
+  per push, as ``ps_roundtrip.py``'s system of that name. Tessera against it is
+  Tessera's own cost; ``zmq`` against it, the update's.
 
 Reported per system: latency percentiles p50/p90/p99/max of every request (ms, from
 send to the reply being taken by the client's loop), ``ops_per_s`` (replies per
@@ -113,9 +118,15 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop,
     conn.send(dict(server.stats))
 
 
-def _zmq_echo(conn, stop) -> None:
-    """A ROUTER that sends every message straight back (zero-copy both ways)."""
+def _zmq_echo(conn, stop, sgd: bool = False) -> None:
+    """A ROUTER that sends every message straight back (zero-copy both ways); with
+    ``sgd``, it steps SGD on a master per client (the header's second 8 bytes) and
+    answers with the master instead of the gradient."""
     import zmq
+    if sgd:
+        import torch
+        torch.set_num_threads(1)  # as Tessera's server here
+    masters = {}  # sgd: client id -> its fp32 master
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -128,7 +139,17 @@ def _zmq_echo(conn, stop) -> None:
         if not sock.poll(100):
             continue
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+            parts = sock.recv_multipart(copy=False)
+            if sgd and len(parts) == 3 and len(parts[2]):  # [peer, header, gradient]
+                grad = torch.frombuffer(parts[2].buffer, dtype=torch.float32)
+                key = parts[1].bytes[8:16]
+                master = masters.get(key)
+                if master is None:
+                    master = masters[key] = torch.zeros(grad.numel())
+                # (scaled by 1/clients, as Tessera's async step scales by 1/workers)
+                master.add_(grad, alpha=-LR / len(masters))
+                parts = [parts[0], parts[1], memoryview(master.numpy()).cast("B")]
+            sock.send_multipart(parts, copy=False)
     sock.close(linger=0)
     ctx.destroy(linger=0)
     conn.send({})
@@ -193,7 +214,8 @@ class _Echo:
 
     def send(self) -> None:
         self.seq += 1
-        header = self.seq.to_bytes(8, "little").ljust(self.header_len, b"\0")
+        header = (self.seq.to_bytes(8, "little") + self.pid.to_bytes(8, "little")).ljust(
+            self.header_len, b"\0")
         self.sock.send_multipart([header, self.payload], copy=False)
 
     def check(self, parts) -> str:
@@ -335,17 +357,18 @@ def run(a) -> dict:
     try:
         servers = {}
         for s in systems:
-            if s == "zmq":
-                servers[s] = spawn(f"{s}-echo", _zmq_echo, stops[s])
+            if s in ("zmq", "zmq_sgd"):
+                servers[s] = spawn(f"{s}-echo", _zmq_echo, stops[s], s == "zmq_sgd")
             else:
                 servers[s] = spawn(f"{s}-server", _tessera_server, secret[s], a.clients, elems,
                                    stops[s], s == "tessera_costs")
         ids = [list(range(a.clients))[i::a.procs] for i in range(a.procs)]
         clients = [spawn(f"clients{i}", _clients, ids[i], elems)[0] for i in range(a.procs)]
+        client_pids = [p.pid for p in procs[-a.procs:]]
         addresses = {s: _recv(conn, procs, deadline, f"{s} server start")
                      for s, (conn, _) in servers.items()}
         for s in systems:
-            if s != "zmq":
+            if s.startswith("tessera"):
                 _init_partitions(addresses[s], secret[s], a.clients, elems)
             for c in clients:
                 c.send(("open", s, addresses[s], secret.get(s, "")))
@@ -353,7 +376,8 @@ def run(a) -> dict:
                 _recv(c, procs, deadline, f"{s} clients connect")
         _log(f"{a.clients} clients in {a.procs} processes connected to {', '.join(systems)}")
 
-        results = {s: dict(latencies=[], errors=0, first_error="", acked=0, wall=0.0, cpu=0.0)
+        results = {s: dict(latencies=[], errors=0, first_error="", acked=0, wall=0.0, cpu=0.0,
+                        client_cpu=0.0)
                    for s in systems}
         busy0, own0 = _busy_s(), _own_s() + _cpu_s([p.pid for p in procs])
         t_all = time.monotonic()
@@ -362,12 +386,14 @@ def run(a) -> dict:
             for s in systems:
                 server_pid = servers[s][1].pid
                 cpu0, t0 = _cpu_s([server_pid]), time.monotonic()
+                ccpu0 = _cpu_s(client_pids)
                 for c in clients:
                     c.send(("run", s, per_round))
                 outs = [_recv(c, procs, deadline, f"{s} round {rnd}") for c in clients]
                 r = results[s]
                 r["wall"] += time.monotonic() - t0
                 r["cpu"] += _cpu_s([server_pid]) - cpu0
+                r["client_cpu"] += _cpu_s(client_pids) - ccpu0
                 for o in outs:
                     r["latencies"] += o["latencies"]
                     r["errors"] += o["errors"]
@@ -415,10 +441,11 @@ def run(a) -> dict:
                     f"{s}_max_ms": round(ms[-1], 3) if ms else None,
                     f"{s}_ops_per_s": round(n / r["wall"], 1),
                     f"{s}_errors": r["errors"],
-                    f"{s}_server_cpu_us_per_op": round(1e6 * r["cpu"] / max(1, n), 1)})
+                    f"{s}_server_cpu_us_per_op": round(1e6 * r["cpu"] / max(1, n), 1),
+                    f"{s}_client_cpu_us_per_op": round(1e6 * r["client_cpu"] / max(1, n), 1)})
         if r["first_error"]:
             row[f"{s}_first_error"] = r["first_error"][:300]
-        if s != "zmq":
+        if s.startswith("tessera"):
             updates = stats[s]["updates"]
             row.update({f"{s}_acked_pushes": r["acked"], f"{s}_server_updates": updates,
                         f"{s}_lost_updates": updates - r["acked"]})
@@ -430,6 +457,12 @@ def run(a) -> dict:
                 row[f"{s}_p50_vs_zmq"] = round(row[f"{s}_p50_ms"] / row["zmq_p50_ms"], 3)
                 row[f"{s}_p99_vs_zmq"] = round(row[f"{s}_p99_ms"] / row["zmq_p99_ms"], 3)
                 row[f"{s}_ops_vs_zmq"] = round(row[f"{s}_ops_per_s"] / row["zmq_ops_per_s"], 3)
+    if "zmq_sgd" in systems:  # Tessera's own cost: against the least a server that updates does
+        for s in systems:
+            if s.startswith("tessera"):
+                row[f"{s}_p99_vs_zmq_sgd"] = round(row[f"{s}_p99_ms"] / row["zmq_sgd_p99_ms"], 3)
+                row[f"{s}_ops_vs_zmq_sgd"] = round(row[f"{s}_ops_per_s"]
+                                                   / row["zmq_sgd_ops_per_s"], 3)
     row["foreign_cpu_pct"] = round(foreign_pct, 1)
     return row
 
@@ -443,18 +476,20 @@ def main(argv=None) -> int:
                     help="load time per system, split over the rounds (default 30)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the systems alternate")
     ap.add_argument("--partition-kib", type=int, default=16, help="partition size (default 16)")
-    ap.add_argument("--systems", default="tessera,tessera_curve,zmq",
-                    help="comma-separated subset of tessera,tessera_curve,tessera_costs,zmq "
-                         "(tessera_costs: tessera with the per-phase CPU breakdown on)")
+    ap.add_argument("--systems", default="tessera,tessera_curve,zmq,zmq_sgd",
+                    help="comma-separated subset of tessera,tessera_curve,tessera_costs,zmq,"
+                         "zmq_sgd (tessera_costs: tessera with the per-phase CPU breakdown on; "
+                         "zmq_sgd: the echo stepping SGD)")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
     ap.add_argument("--quick", action="store_true", help="smoke run: 5 s per system, 2 rounds")
     a = ap.parse_args(argv)
     if a.quick:
         a.seconds, a.rounds = 5.0, 2
-    unknown = set(a.systems.split(",")) - {"tessera", "tessera_curve", "tessera_costs", "zmq"}
+    unknown = set(a.systems.split(",")) - {"tessera", "tessera_curve", "tessera_costs", "zmq",
+                                           "zmq_sgd"}
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; choose from tessera, tessera_curve, "
-                 f"tessera_costs, zmq")
+                 f"tessera_costs, zmq, zmq_sgd")
 
     def on_alarm(signum, frame):
         raise TimeoutError(f"server_load: hard timeout of {a.timeout:.0f} s reached")

@@ -70,6 +70,13 @@ def warm_dense_kernels(cfg, optimizer) -> None:
                        steps=plain and not two_phase)
 
 
+def import_lazily_loaded() -> None:
+    """What torch imports at the first optimizer a process builds, imported now (for
+    :func:`ready_to_serve`'s freeze): ``torch._dynamo``, which torch's
+    ``_disable_dynamo`` wrapper imports at its first call."""
+    import torch._dynamo  # noqa: F401
+
+
 def ready_to_serve(tables, own_process: bool) -> list[str]:
     """What a server does between building its state and serving its first request.
 
@@ -85,6 +92,11 @@ def ready_to_serve(tables, own_process: bool) -> list[str]:
       each a stall of every request in flight); after the freeze, one of 23 ms
       (benchmarks/HISTORY.md, "Pages and pauses"). The frozen objects live as long as
       the process does, as they would anyway: a server's start-up state is its state.
+      Frozen with them: the modules ``torch._dynamo`` brings (sympy among them, about
+      800 modules and 120k objects), which torch imports at the first call of a
+      function it marks ``torch._disable_dynamo``, ``Optimizer.add_param_group`` among
+      them: at a server's first partition, after the freeze. Left unfrozen, every full
+      collection walked them again (server_load.py: 35-40 ms each, every 2-3 s).
 
     Returns the kernels compiled here: none where the fork server compiled them for
     the built-in task's tables before forking this server
@@ -95,6 +107,7 @@ def ready_to_serve(tables, own_process: bool) -> list[str]:
     from tessera.ps import kernels
     compiled = kernels.warm({t.optimizer.name for t in tables}) if tables else []
     if own_process:
+        import_lazily_loaded()
         gc.freeze()
     return compiled
 
