@@ -77,7 +77,7 @@ def import_lazily_loaded() -> None:
     import torch._dynamo  # noqa: F401
 
 
-def ready_to_serve(tables, own_process: bool) -> list[str]:
+def ready_to_serve(tables, own_process: bool, dense: bool = True) -> list[str]:
     """What a server does between building its state and serving its first request.
 
     * The row kernels its ``tables`` (TableSpecs) use are compiled now
@@ -96,7 +96,9 @@ def ready_to_serve(tables, own_process: bool) -> list[str]:
       800 modules and 120k objects), which torch imports at the first call of a
       function it marks ``torch._disable_dynamo``, ``Optimizer.add_param_group`` among
       them: at a server's first partition, after the freeze. Left unfrozen, every full
-      collection walked them again (server_load.py: 35-40 ms each, every 2-3 s).
+      collection walked them again (server_load.py: 35-40 ms each, every 2-3 s). A
+      server of table rows alone (``dense`` False: the job has no dense partitions)
+      builds no optimizer of torch's and imports nothing.
 
     Returns the kernels compiled here: none where the fork server compiled them for
     the built-in task's tables before forking this server
@@ -107,7 +109,8 @@ def ready_to_serve(tables, own_process: bool) -> list[str]:
     from tessera.ps import kernels
     compiled = kernels.warm({t.optimizer.name for t in tables}) if tables else []
     if own_process:
-        import_lazily_loaded()
+        if dense:  # (a server of table rows alone builds no torch optimizer)
+            import_lazily_loaded()
         gc.freeze()
     return compiled
 
@@ -287,7 +290,7 @@ def serve(session, own_process: bool = False) -> None:
         print(f"server {rank}: restored {len(server.parts)} partitions at clock "
               f"{view.restore.clock} from {view.restore.path}", flush=True)
     t0 = time.monotonic()
-    compiled = ready_to_serve(view.tables, own_process)
+    compiled = ready_to_serve(view.tables, own_process, dense=bool(view.partitions))
     if compiled:
         print(f"server {rank}: compiled the row kernels {', '.join(compiled)} in "
               f"{time.monotonic() - t0:.1f} s", flush=True)
