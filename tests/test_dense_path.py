@@ -94,12 +94,14 @@ def test_async_replies_held_by_zeromq_keep_their_values(make_cluster, dtype):
         sock.close(linger=0)
 
 
-def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster, dtype):
     """Sync: the reply is the master itself, zero-copy (docs/architecture.md: the master
     changes only once every worker pushed the next clock, which each does only after
-    receiving this reply). Worker 0 leaves its clock-0 reply unread in the server while
-    worker 1 takes its own and pushes clock 1; the clock-1 update must wait, and
-    worker 0's reply, read late, still holds the clock-0 values."""
+    receiving this reply); on a half-width wire, the one buffer the master is cast into
+    at each clock, by the same argument. Worker 0 leaves its clock-0 reply unread in the
+    server while worker 1 takes its own and pushes clock 1; the clock-1 update must
+    wait, and worker 0's reply, read late, still holds the clock-0 values."""
     cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
                            num_servers=1, partition_elems=ELEMS, mode="sync", num_workers=2,
                            optimizer=OptimizerConfig(name="sgd", lr=LR))
@@ -107,18 +109,19 @@ def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster):
     cluster.client(0).init_params(torch.zeros(ELEMS))
     sock = _slow_dealer(cluster.ctx, cluster.addresses[0])
     try:
-        g0, g1 = torch.full((ELEMS,), 2.0), torch.full((ELEMS,), 4.0)
-        _push(sock, 1, 0, 0, g0, "float32")
-        after0 = fast.push(0, g1, 0).wait()[0].clone()
+        kind = torch_dtype(dtype)
+        g0, g1 = torch.full((ELEMS,), 2.0, dtype=kind), torch.full((ELEMS,), 4.0, dtype=kind)
+        _push(sock, 1, 0, 0, g0, dtype)
+        after0 = fast.push(0, g1, 0, dtype=dtype).wait()[0].to(torch.float32)
         assert torch.equal(after0, torch.full((ELEMS,), -LR * 3.0))  # mean 3
-        h = fast.push(0, g1, 1)  # clock 1: must wait for worker 0's push
+        h = fast.push(0, g1, 1, dtype=dtype)  # clock 1: must wait for worker 0's push
         time.sleep(0.3)
         assert cluster.servers[0].stats["updates"] == 1
-        req, values = _reply(sock, "float32")
+        req, values = _reply(sock, dtype)
         assert req == 1 and torch.equal(values, after0)
-        _push(sock, 2, 0, 1, g0, "float32")
-        assert torch.equal(h.wait()[0], torch.full((ELEMS,), -LR * 6.0))
-        assert _reply(sock, "float32")[0] == 2
+        _push(sock, 2, 0, 1, g0, dtype)
+        assert torch.equal(h.wait()[0].to(torch.float32), torch.full((ELEMS,), -LR * 6.0))
+        assert _reply(sock, dtype)[0] == 2
     finally:
         sock.close(linger=0)
 

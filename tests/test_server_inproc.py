@@ -240,15 +240,21 @@ def test_sync_updates_equal_torch_optim(make_cluster, name):
             assert state, f"{name}: no optimizer state on partition {part.info.id}"
 
 
-def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, monkeypatch,
+                                                                dtype):
     """Sync replies are the master, zero-copy. Over TCP each partition's master goes as one
     ``zmq.Frame`` made once and sent again for every reply (pyzmq shares its message),
     not as a new zero-copy frame per reply, which cost an entry in pyzmq's garbage
     collector and a wake of its thread each. The replies still carry every clock's new
-    values: the frame is the live master, never a stale copy."""
+    values: the frame is the live master, never a stale copy. On a half-width wire the
+    same holds for the one buffer the master is cast into (or the fused step writes)
+    at each clock: before, a tracked frame per reply."""
     from zmq.utils.garbage import gc
 
-    n, part = 3 * (1 << 15), 1 << 15  # 3 partitions of 128 KiB: above pyzmq's copy size
+    # 3 partitions of 128 KiB in the wire dtype: above pyzmq's copy size
+    part = (1 << 15) if dtype == "float32" else (1 << 16)
+    n = 3 * part
     cluster = make_cluster([wire.ParamSpec(name="w", shape=[n], numel=n)], num_servers=1,
                            partition_elems=part, mode="sync", num_workers=1,
                            optimizer=OptimizerConfig(name="sgd", lr=0.5))
@@ -268,8 +274,9 @@ def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, mo
     assert len(smap.partitions) == 3
     for clock in range(6):
         got = {}
-        for h in [client.push(p.id, grad[p.start:p.stop], clock) for p in smap.partitions]:
-            got.update({pid: t.clone() for pid, t in h.wait().items()})
+        for h in [client.push(p.id, grad[p.start:p.stop], clock, dtype=dtype)
+                  for p in smap.partitions]:
+            got.update({pid: t.to(torch.float32) for pid, t in h.wait().items()})
             h.release()
         torch.testing.assert_close(assemble(smap, got), torch.full((n,), -0.5 * (clock + 1)),
                                    rtol=0, atol=0)

@@ -22,7 +22,10 @@ Replies in the wire dtype of a half-width wire, and every reply of async/ssp mod
 need a copy of the master that ZeroMQ sends from later: :class:`ReplyBuffers` keeps
 a few per partition and reuses one once its ``zmq.MessageTracker`` says ZeroMQ is
 done with it; a buffer holding the current values (same rule, same step count) is
-sent again as it is, so a sync clock's W replies cast the master once.
+sent again as it is. Sync replies (one phase) need none of that: the master changes
+only once every worker has received its reply (server.py, ``_frame``), so the fp32
+reply is the master itself and a half-width one is one buffer cast once a clock
+(:meth:`ReplyBuffers.master`, :meth:`ReplyBuffers.settled`), each sent as one frame.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _COPIED_BELOW = zmq.COPY_THRESHOLD
 class ReplyBuffers:
     """Reused send buffers of one partition's replies (see the module docstring)."""
 
-    __slots__ = ("_all", "_view", "_master")
+    __slots__ = ("_all", "_view", "_master", "_settled")
 
     def __init__(self) -> None:
         #: [tensor, rule, steps, trackers] per buffer.
@@ -59,6 +62,9 @@ class ReplyBuffers:
         self._view: Optional[tuple] = None
         #: (master, what its replies send): sync's replies that are the master.
         self._master: Optional[tuple] = None
+        #: Sync's half-width replies: {dtype: [tensor, rule, steps, zmq.Frame]}, one
+        #: buffer per wire dtype, sent as one frame made once (:meth:`settled`).
+        self._settled: dict = {}
 
     def master(self, master: torch.Tensor):
         """``master`` (fp32, updated in place) as a frame ZeroMQ sends without a copy,
@@ -75,6 +81,37 @@ class ReplyBuffers:
             cached = self._master = (master, view if len(view) < _COPIED_BELOW
                                      else zmq.Frame(view, copy=False))
         return cached[1]
+
+    def settled(self, rule, kind: torch.dtype, step=None):
+        """Sync's reply in a half-width ``kind``: one buffer per dtype holding
+        ``rule.master`` cast at its current step, sent as one ``zmq.Frame`` made once
+        over it (as :meth:`master`: no collector entry, no wake of pyzmq's collector
+        thread per reply; with trackers that was one per reply, W per clock). The buffer
+        is written in place when the master has changed, which the caller's argument
+        allows: a sync master changes only once every worker has received its previous
+        reply (server.py, ``_frame``), so ZeroMQ is done with the bytes. ``step``: write
+        the new values as the update makes them (:meth:`update_into`'s ``step``) instead
+        of casting the master (None, nothing run, below pyzmq's copy size). Below that
+        size: a copy, as :meth:`frame` makes."""
+        master = rule.master
+        if master.numel() * kind.itemsize < _COPIED_BELOW:
+            if step is not None:
+                return None
+            return zmq.Frame(tensor_to_frame(master.to(kind)))
+        entry = self._settled.get(kind)
+        if entry is None or entry[0].numel() != master.numel():
+            buf = torch.empty(master.numel(), dtype=kind)
+            entry = self._settled[kind] = [buf, None, 0, zmq.Frame(tensor_to_frame(buf),
+                                                                   copy=False)]
+        if step is not None:
+            entry[1] = None  # not the old values any more, whatever happens in step
+            step(entry[0])
+            entry[1], entry[2] = rule, rule.steps
+        elif entry[1] is not rule or entry[2] != rule.steps:
+            entry[1] = None
+            entry[0].copy_(master)
+            entry[1], entry[2] = rule, rule.steps
+        return entry[3]
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
@@ -117,11 +154,14 @@ class ReplyBuffers:
         self._all.append(entry)
         return entry
 
-    def update_into(self, rule, kind: torch.dtype, step) -> bool:
+    def update_into(self, rule, kind: torch.dtype, step, settled: bool = False) -> bool:
         """Run ``step(buffer)``, an update of ``rule.master`` that writes the new values
         in ``kind`` into ``buffer`` as it makes them (a fused kernel); the buffer then
-        answers :meth:`frame` for these values without a cast. False, with nothing run,
-        when no buffer is free or the partition is below the size ZeroMQ copies."""
+        answers :meth:`frame` (``settled``: :meth:`settled`, sync's one buffer) for these
+        values without a cast. False, with nothing run, when no buffer is free or the
+        partition is below the size ZeroMQ copies."""
+        if settled:
+            return self.settled(rule, kind, step) is not None
         master = rule.master
         if master.numel() * kind.itemsize < _COPIED_BELOW:
             return False

@@ -702,13 +702,14 @@ class ParameterServer:
         """:meth:`_update` in one pass, for replies in a half-width ``reply_dtype``: the
         plain SGD step from ``grad`` (a numpy array of ``grad_dtype``: a half-width push
         as it came, or a sync clock's fp32 mean) writes the reply into a free reply
-        buffer as it goes (:meth:`ReplyBuffers.update_into`); False, with nothing
-        applied, where no buffer is free or the partition is below pyzmq's copy size."""
+        buffer as it goes (:meth:`ReplyBuffers.update_into`; sync: its one buffer,
+        :meth:`_frame`); False, with nothing applied, where no buffer is free or the
+        partition is below pyzmq's copy size."""
         t0 = time.perf_counter()
         start = self.profiler.now()
         rule = st.rule
         if not st.replies.update_into(rule, torch_dtype(reply_dtype), lambda reply: rule.apply_half(
-                grad, grad_dtype, scale, reply, reply_dtype)):
+                grad, grad_dtype, scale, reply, reply_dtype), settled=self._shares_master):
             return False
         self._applied(st, pushes, start, time.perf_counter() - t0)
         return True
@@ -760,6 +761,9 @@ class ParameterServer:
                 # goes as the master's place in the arena (tessera.transport.shm).
                 return st.rule.master.numpy().view(np.uint8).view(Shared)
             return st.replies.master(st.rule.master)
+        if self._shares_master:  # a half-width wire: by the same argument, one buffer
+            # holding the master cast at this clock, written again at the next
+            return st.replies.settled(st.rule, torch_dtype(dtype))
         # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
         # with (its MessageTracker), or the one that already holds these values.
         return st.replies.frame(st.rule, dtype)
