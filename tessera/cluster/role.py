@@ -74,7 +74,8 @@ def import_lazily_loaded() -> None:
     """What torch imports at the first optimizer a process builds, imported now (for
     :func:`ready_to_serve`'s freeze): ``torch._dynamo``, which torch's
     ``_disable_dynamo`` wrapper imports at its first call."""
-    import torch._dynamo  # noqa: F401
+    import importlib
+    importlib.import_module("torch._dynamo")
 
 
 def ready_to_serve(tables, own_process: bool, dense: bool = True) -> list[str]:

@@ -99,7 +99,10 @@ class ReplyBuffers:
                 return None
             return zmq.Frame(tensor_to_frame(master.to(kind)))
         entry = self._settled.get(kind)
-        if entry is None or entry[0].numel() != master.numel():
+        # A new rule (a restore, a partition moved in) gets a new buffer: the clock
+        # argument is about one rule's steps, and the old frame may still be in flight.
+        if entry is None or entry[0].numel() != master.numel() or (
+                entry[1] is not None and entry[1] is not rule):
             buf = torch.empty(master.numel(), dtype=kind)
             entry = self._settled[kind] = [buf, None, 0, zmq.Frame(tensor_to_frame(buf),
                                                                    copy=False)]
