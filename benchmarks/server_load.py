@@ -363,8 +363,8 @@ def run(a) -> dict:
                 servers[s] = spawn(f"{s}-server", _tessera_server, secret[s], a.clients, elems,
                                    stops[s], s == "tessera_costs")
         ids = [list(range(a.clients))[i::a.procs] for i in range(a.procs)]
-        clients = [spawn(f"clients{i}", _clients, ids[i], elems)[0] for i in range(a.procs)]
-        client_pids = [p.pid for p in procs[-a.procs:]]
+        spawned = [spawn(f"clients{i}", _clients, ids[i], elems) for i in range(a.procs)]
+        clients, client_pids = [c for c, _ in spawned], [p.pid for _, p in spawned]
         addresses = {s: _recv(conn, procs, deadline, f"{s} server start")
                      for s, (conn, _) in servers.items()}
         for s in systems:

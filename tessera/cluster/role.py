@@ -70,14 +70,6 @@ def warm_dense_kernels(cfg, optimizer) -> None:
                        steps=plain and not two_phase)
 
 
-def import_lazily_loaded() -> None:
-    """What torch imports at the first optimizer a process builds, imported now (for
-    :func:`ready_to_serve`'s freeze): ``torch._dynamo``, which torch's
-    ``_disable_dynamo`` wrapper imports at its first call."""
-    import importlib
-    importlib.import_module("torch._dynamo")
-
-
 def ready_to_serve(tables, own_process: bool, dense: bool = True) -> list[str]:
     """What a server does between building its state and serving its first request.
 
@@ -106,12 +98,13 @@ def ready_to_serve(tables, own_process: bool, dense: bool = True) -> list[str]:
     (:func:`tessera.train.standby.compile_ahead`).
     """
     import gc
+    import importlib
 
     from tessera.ps import kernels
     compiled = kernels.warm({t.optimizer.name for t in tables}) if tables else []
     if own_process:
-        if dense:  # (a server of table rows alone builds no torch optimizer)
-            import_lazily_loaded()
+        if dense:  # what torch's first optimizer imports (a table server builds none)
+            importlib.import_module("torch._dynamo")
         gc.freeze()
     return compiled
 

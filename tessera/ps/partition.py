@@ -82,39 +82,36 @@ class ReplyBuffers:
                                      else zmq.Frame(view, copy=False))
         return cached[1]
 
-    def settled(self, rule, kind: torch.dtype, step=None):
-        """Sync's reply in a half-width ``kind``: one buffer per dtype holding
+    def settled(self, rule, dtype: str):
+        """Sync's reply in a half-width ``dtype``: one buffer per dtype holding
         ``rule.master`` cast at its current step, sent as one ``zmq.Frame`` made once
         over it (as :meth:`master`: no collector entry, no wake of pyzmq's collector
         thread per reply; with trackers that was one per reply, W per clock). The buffer
         is written in place when the master has changed, which the caller's argument
         allows: a sync master changes only once every worker has received its previous
-        reply (server.py, ``_frame``), so ZeroMQ is done with the bytes. ``step``: write
-        the new values as the update makes them (:meth:`update_into`'s ``step``) instead
-        of casting the master (None, nothing run, below pyzmq's copy size). Below that
-        size: a copy, as :meth:`frame` makes."""
-        master = rule.master
+        reply (server.py, ``_frame``), so ZeroMQ is done with the bytes. Below pyzmq's
+        copy size: :meth:`frame`'s copy."""
+        master, kind = rule.master, torch_dtype(dtype)
         if master.numel() * kind.itemsize < _COPIED_BELOW:
-            if step is not None:
-                return None
-            return zmq.Frame(tensor_to_frame(master.to(kind)))
-        entry = self._settled.get(kind)
-        # A new rule (a restore, a partition moved in) gets a new buffer: the clock
-        # argument is about one rule's steps, and the old frame may still be in flight.
-        if entry is None or entry[0].numel() != master.numel() or (
-                entry[1] is not None and entry[1] is not rule):
-            buf = torch.empty(master.numel(), dtype=kind)
-            entry = self._settled[kind] = [buf, None, 0, zmq.Frame(tensor_to_frame(buf),
-                                                                   copy=False)]
-        if step is not None:
-            entry[1] = None  # not the old values any more, whatever happens in step
-            step(entry[0])
-            entry[1], entry[2] = rule, rule.steps
-        elif entry[1] is not rule or entry[2] != rule.steps:
+            return self.frame(rule, dtype)
+        entry = self._settled_entry(rule, kind)
+        if entry[1] is not rule or entry[2] != rule.steps:
             entry[1] = None
             entry[0].copy_(master)
             entry[1], entry[2] = rule, rule.steps
         return entry[3]
+
+    def _settled_entry(self, rule, kind: torch.dtype) -> list:
+        """:meth:`settled`'s ``[tensor, rule, steps, zmq.Frame]`` for ``kind``. A new rule
+        (a restore, a partition moved in) gets a new buffer: the clock argument is about
+        one rule's steps, and the old frame may still be in flight."""
+        entry = self._settled.get(kind)
+        if entry is None or entry[0].numel() != rule.master.numel() or (
+                entry[1] is not None and entry[1] is not rule):
+            buf = torch.empty(rule.master.numel(), dtype=kind)
+            entry = self._settled[kind] = [buf, None, 0, zmq.Frame(tensor_to_frame(buf),
+                                                                   copy=False)]
+        return entry
 
     def frame(self, rule, dtype: str):
         """A frame holding ``rule.master`` in ``dtype``: a reused buffer, never one that
@@ -163,12 +160,10 @@ class ReplyBuffers:
         answers :meth:`frame` (``settled``: :meth:`settled`, sync's one buffer) for these
         values without a cast. False, with nothing run, when no buffer is free or the
         partition is below the size ZeroMQ copies."""
-        if settled:
-            return self.settled(rule, kind, step) is not None
         master = rule.master
         if master.numel() * kind.itemsize < _COPIED_BELOW:
             return False
-        entry = self._free(master.numel(), kind)
+        entry = self._settled_entry(rule, kind) if settled else self._free(master.numel(), kind)
         if entry is None:
             return False
         entry[1] = None  # not the old values any more, whatever happens in step

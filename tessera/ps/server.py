@@ -763,7 +763,7 @@ class ParameterServer:
             return st.replies.master(st.rule.master)
         if self._shares_master:  # a half-width wire: by the same argument, one buffer
             # holding the master cast at this clock, written again at the next
-            return st.replies.settled(st.rule, torch_dtype(dtype))
+            return st.replies.settled(st.rule, dtype)
         # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
         # with (its MessageTracker), or the one that already holds these values.
         return st.replies.frame(st.rule, dtype)
