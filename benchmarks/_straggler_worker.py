@@ -35,7 +35,6 @@ import argparse
 import fcntl
 import json
 import os
-import random
 import statistics
 import time
 
@@ -46,6 +45,8 @@ from torch import nn
 import tessera
 from tessera.config.schema import DataConfig
 from tessera.data.datasets import load_dataset
+
+from stragglers import transient_delayed  # (this script's directory is on sys.path)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=200)
@@ -65,9 +66,8 @@ args = ap.parse_args()
 
 def transient_pause(index: int) -> float:
     """Seconds this worker sleeps at global step ``index`` in the transient case: the
-    same draw on every worker (seeded by the step), so exactly one is delayed."""
-    draw = random.Random(index * 1_000_003 + 17)
-    delayed = draw.random() < args.transient and draw.randrange(workers) == rank
+    same draw on every worker (seeded by the step), so at most one is delayed."""
+    delayed = transient_delayed(index, args.transient, workers) == rank
     return (3.0 if delayed else 1.0) * args.base_ms / 1e3
 
 

@@ -223,7 +223,9 @@ TABLES = [
           "the balancing remedy", [*_STRAGGLER_COLS, ("samples per worker", "samples_per_worker"),
                                    ("slow factor", "slow_factor")]),
     Table("stragglers_transient", "stragglers", "Transient stragglers (p = 0.25, 3x)", [
-        *_STRAGGLER_COLS, ("delayed steps", "delayed_steps")]),
+        *_STRAGGLER_COLS, ("delayed steps", "delayed_steps"),
+        ("ssp's ceiling vs sync (these draws)", "ceiling_vs_sync"),
+        ("no bound's", "unbounded_ceiling_vs_sync"), ("measured / ceiling", "vs_ceiling")]),
     Table("pipeline", "pipeline", "Pipeline stages: GPipe and 1F1B", [
         ("stages", "stages"), ("microbatches", "microbatches"), ("batch", "batch"),
         ("one process s/step", "single_process_step_s"), ("ideal bubble", "ideal_bubble"),

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -64,6 +65,36 @@ BATCH = 32
 WORKERS, SERVERS = 2, 2
 
 from _machine import T0 as _T0, busy_s as _busy_s, log as _log  # noqa: E402
+
+
+def transient_delayed(index: int, p: float, workers: int) -> int:
+    """The transient case's worker delayed at global step ``index`` (-1: none). One draw
+    seeded by the step, made alike by every worker (_straggler_worker.py) and here."""
+    draw = random.Random(index * 1_000_003 + 17)
+    return draw.randrange(workers) if draw.random() < p else -1
+
+
+def ssp_ceiling(p: float, workers: int, steps: int, base_ms: float, other_ms: float,
+                staleness: int | None) -> float:
+    """What bounded staleness can gain over sync at best with the delays this run draws:
+    sync's time over ssp's when nothing but the steps themselves costs time. Every
+    worker's step ``t`` takes ``base_ms`` (3x where :func:`transient_delayed` names it)
+    plus ``other_ms`` (the measured rest of a step: the real forward, backward and
+    round trip); sync waits for the slowest worker at every step; ssp's worker starts
+    step ``t`` once every worker has finished step ``t - staleness - 1`` (None: never
+    waits). A replay of the same draws, not a model of Tessera: the figure to hold the
+    measured ratio against."""
+    ms = [[base_ms + other_ms] * workers for _ in range(steps)]
+    for t in range(steps):
+        w = transient_delayed(t, p, workers)
+        if w >= 0:
+            ms[t][w] = 3 * base_ms + other_ms
+    sync = sum(max(row) for row in ms)
+    done: list[list[float]] = []  # done[t][w]: when worker w finishes step t under ssp
+    for t, row in enumerate(ms):
+        gate = max(done[t - staleness - 1]) if staleness is not None and t > staleness else 0.0
+        done.append([max(done[t - 1][w] if t else 0.0, gate) + row[w] for w in range(workers)])
+    return sync / max(done[-1])
 
 
 def _children_s() -> float:
@@ -233,6 +264,13 @@ def main(argv=None) -> int:
                "loadavg_1m": round(load_before, 2),
                "foreign_cpu_pct": round(med(r["foreign_cpu_pct"] for r in rs), 1),
                "torch": torch.__version__}
+        if mode == "ssp" and a.transient:  # the same draws replayed: ssp's best, and no bound's
+            other = row["fast_step_ms"] - a.base_ms
+            row["ceiling_vs_sync"] = round(ssp_ceiling(a.transient, WORKERS, a.steps, a.base_ms,
+                                                       other, k), 3)
+            row["unbounded_ceiling_vs_sync"] = round(ssp_ceiling(
+                a.transient, WORKERS, a.steps, a.base_ms, other, None), 3)
+            row["vs_ceiling"] = round(row["vs_sync_samples_per_s"] / row["ceiling_vs_sync"], 3)
         if mode == "balance":
             row.update(remedy_vs_sync=row["vs_sync_samples_per_s"],
                        remedy_vs_sync_accuracy_points=row["vs_sync_accuracy_points"])
