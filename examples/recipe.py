@@ -36,6 +36,12 @@ parser.add_argument("--batch-size", type=int, default=32, help="per worker, per 
 parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step")
 parser.add_argument("--lr", type=float, default=3e-3)
 args = parser.parse_args()
+for flag, value in (("--epochs", args.epochs), ("--accumulate", args.accumulate)):
+    if value < 1:
+        parser.error(f"{flag} must be at least 1, got {value}")
+if args.batch_size < args.accumulate:
+    parser.error(f"--batch-size ({args.batch_size}) must be at least --accumulate "
+                 f"({args.accumulate}): each micro-batch needs a sample")
 
 torch.manual_seed(0)
 torch.set_num_threads(1)

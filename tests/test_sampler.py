@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tessera.data.sampler import ShardSampler
+from tessera.errors import UsageError
 
 
 def samplers(n, batch, workers, seed):
@@ -77,6 +78,16 @@ def test_global_batch_larger_than_dataset():
         ShardSampler(10, batch_size=4, num_workers=3, rank=0, seed=0)
     assert "12" in str(info.value) and "10" in str(info.value)
     ShardSampler(12, batch_size=4, num_workers=3, rank=2, seed=0)  # exactly one step is fine
+
+
+@pytest.mark.parametrize("batch", [0, -3, 2.5, "8", True])
+def test_a_batch_size_that_is_no_count_of_samples_is_a_usage_error(batch):
+    # (before: 0 divided by zero in the constructor, a traceback in the worker's log)
+    with pytest.raises(UsageError, match=r"batch_size must be a whole number"):
+        ShardSampler(100, batch_size=batch, num_workers=2, rank=0, seed=0)
+    with pytest.raises(UsageError, match=r"larger than the 10 training samples"):
+        ShardSampler(10, batch_size=np.int64(6), num_workers=2, rank=0, seed=0)
+    assert ShardSampler(10, batch_size=np.int64(5), num_workers=2, rank=1, seed=0).batch_size == 5
 
 
 def test_rank_out_of_range():

@@ -23,6 +23,8 @@ sample of the epoch is still seen exactly once.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from tessera.errors import UsageError
@@ -33,6 +35,11 @@ class ShardSampler:
                  seed: int):
         if not 0 <= rank < num_workers:
             raise ValueError(f"rank {rank} is outside 0..{num_workers - 1}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise UsageError(f"batch_size must be a whole number of samples, at least 1; "
+                             f"got {batch_size!r}")
+        batch_size = int(batch_size)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -41,9 +48,10 @@ class ShardSampler:
         self.global_batch = batch_size * num_workers
         self.steps_per_epoch = num_samples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"a global batch of {self.global_batch} samples ({num_workers} workers "
+            raise UsageError(f"a global batch of {self.global_batch} samples ({num_workers} workers "
                              f"x batch_size {batch_size}) is larger than the {num_samples} "
-                             f"training samples; lower data.batch_size or the worker count")
+                             f"training samples; lower the batch size (data.batch_size, or "
+                             f"tessera.shard's batch_size) or the worker count")
         self._epoch = -1
         self._perm: np.ndarray | None = None
         #: Balance: every worker's samples of the next step (None: batch_size each).
