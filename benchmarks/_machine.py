@@ -96,6 +96,17 @@ def own_s() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+def profile_dir(ap, path: str) -> str:
+    """``--profile DIR``: the directory, made if it is missing, as an absolute path; a path
+    that names something else is the argument parser's one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--profile {path}: cannot hold the profiles ({exc.strerror}); "
+                 f"give a directory")
+    return os.path.abspath(path)
+
+
 def rotated(items, by: int):
     """``items`` (a tuple) rotated left by ``by``: round r of an alternating benchmark runs
     its systems in ``rotated(systems, r)`` order, so each takes each place equally often."""

@@ -97,6 +97,7 @@ from _machine import busy_s as _busy_s, foreign_cpu_pct as _foreign_cpu_pct  # n
 from _machine import free_port as _free_port, log as _log, own_s as _own_s  # noqa: E402
 from _machine import ready_to_serve as _ready_to_serve, rpc_transports as _rpc_options  # noqa: E402
 from _machine import launched_threads as _launched_threads  # noqa: E402
+from _machine import profile_dir as _profile_dir  # noqa: E402
 
 
 def _child_setup(needs_torch: bool) -> None:
@@ -754,8 +755,7 @@ def main(argv=None) -> int:
         a.sizes, a.warmup, a.iters, a.rounds = [1_000_000, 4_000_000], 1, 2, 2
         a.min_round_s = 0.0
     if a.profile:
-        os.makedirs(a.profile, exist_ok=True)
-        a.profile = os.path.abspath(a.profile)
+        a.profile = _profile_dir(ap, a.profile)
     systems = set(a.systems.split(","))
 
     # Loopback only, for every library (Gloo and TensorPipe pick an interface otherwise).

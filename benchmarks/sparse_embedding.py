@@ -97,6 +97,7 @@ from _machine import free_port as _free_port, log as _log, own_s as _own_s  # no
 from _machine import launched_threads as _launched_threads  # noqa: E402
 from _machine import ready_to_serve as _ready_to_serve  # noqa: E402
 from _machine import watch_parent as _watch_parent  # noqa: E402
+from _machine import profile_dir as _profile_dir  # noqa: E402
 from _machine import as_launched as _as_launched, rpc_transports as _rpc_options  # noqa: E402
 
 
@@ -607,8 +608,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.batches, a.warmup, a.iters, a.rounds, a.kernel_calls = [10_000], 1, 3, 1, 20
     if a.profile:
-        os.makedirs(a.profile, exist_ok=True)
-        a.profile = os.path.abspath(a.profile)
+        a.profile = _profile_dir(ap, a.profile)
     systems = [s for s in ("tessera", "rpc", "local") if s in a.systems.split(",")]
     os.environ.update(GLOO_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                       OMP_NUM_THREADS="1")
