@@ -178,7 +178,7 @@ def _pipeline(session, model, opt, loss_fn, tables, device):
                          "last stage computes the loss of each micro-batch")
     if tables:
         raise UsageError("sharded embedding tables cannot be pipelined yet; drop --stages")
-    _join_process_group(session, device, opt=opt)
+    _join_process_group(session, device, opt=opt, p2p=True)
     wrapped = PipelineParallel(model, rank=session.rank, num_workers=session.num_workers,
                                plan=session.cfg.pipeline, optimizer=opt, loss_fn=loss_fn,
                                device=device, profiler=session.profiler,
@@ -242,7 +242,7 @@ def _batch_bytes(cfg) -> int:
     return int(cfg.ps.batch_kib * 1024)
 
 
-def _join_process_group(session, device, *, opt=None, tables=()):
+def _join_process_group(session, device, *, opt=None, tables=(), p2p=False):
     """Register, then init the torch.distributed group: rendezvous through the
     coordinator's authenticated store, Gloo pinned to this node's address
     (:mod:`tessera.parallel.rendezvous`)."""
@@ -254,5 +254,6 @@ def _join_process_group(session, device, *, opt=None, tables=()):
     session.collective_store = join_process_group(
         session.ctx, session.coordinator, session.secret,
         host=session.cfg.cluster.host, rank=session.rank, world_size=session.num_workers,
-        cuda=device.type == "cuda", timeout_s=session.cfg.cluster.timeout_s * 2,
+        cuda_device=device if device.type == "cuda" else None, p2p=p2p,
+        generation=session.generation, timeout_s=session.cfg.cluster.timeout_s * 2,
         check=session.check, log=_log)

@@ -156,3 +156,42 @@ def test_half_width_hook_all_reduces_in_half_width_on_gloo(tmp_path):
         assert not torch.equal(mean, mean.to(dtype).float()), wire  # fp32 would not give that
         # Three roundings of values below 4 in size (each half, then their sum).
         assert (grad - mean).abs().max() <= 4 * torch.finfo(dtype).eps, wire
+
+
+def test_cuda_workers_agree_on_a_backend_every_rank_can_use():
+    """NCCL refuses two ranks on one GPU; the choice is made from every rank's GPU."""
+    from tessera.parallel.rendezvous import choose_backend
+    assert choose_backend(["GPU-a", "GPU-b", "GPU-c"], p2p=True) == ("cpu:gloo,cuda:nccl", None)
+    assert choose_backend(["GPU-a", "GPU-b", "GPU-a"], p2p=False) == ("gloo", (0, 2))
+    with pytest.raises(UsageError, match=r"workers 1 and 2 run on the same GPU \(GPU-b\)"):
+        choose_backend(["GPU-a", "GPU-b", "GPU-b"], p2p=True)
+
+
+def test_the_gpus_are_exchanged_through_the_coordinator_store(ctx, coordinator):
+    """Each rank publishes its GPU through its own authenticated store connection and
+    reads the others': all ranks come out with the same backend, and rank 0 says why."""
+    from tessera.parallel.rendezvous import agree_backend
+    said: list[str] = []
+    got: dict[int, str] = {}
+
+    def rank(r, gpu, p2p=False):
+        got[r] = agree_backend(store(ctx, coordinator), r, 3, gpu, p2p=p2p, generation=0,
+                               log=said.append)
+
+    threads = [threading.Thread(target=rank, args=(r, g))
+               for r, g in enumerate(["GPU-x", "GPU-y", "GPU-x"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got == {0: "gloo", 1: "gloo", 2: "gloo"}
+    assert len(said) == 1 and "workers 0 and 2 share GPU GPU-x" in said[0]
+    # The next generation of the group publishes afresh; each has its own GPU now.
+    threads = [threading.Thread(target=lambda r=r: got.__setitem__(
+        r, agree_backend(store(ctx, coordinator), r, 2, f"GPU-{r}", p2p=True, generation=1)))
+        for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got[0] == got[1] == "cpu:gloo,cuda:nccl"

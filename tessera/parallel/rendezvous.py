@@ -1,7 +1,7 @@
 """Join the job's ``torch.distributed`` group without an open listener.
 
 The collective modes (allreduce, hybrid, pipeline) run Gloo (CPU) or NCCL (GPU)
-between the workers. Two things torch would otherwise do on its own are done here:
+between the workers. Three things torch would otherwise do on its own are done here:
 
 * **Rendezvous through the coordinator.** torch's usual rendezvous is a
   ``TCPStore`` hosted by rank 0 on all interfaces, which anyone who reaches the
@@ -21,6 +21,14 @@ between the workers. Two things torch would otherwise do on its own are done her
   for ``tessera node``), and :func:`tessera.config.env.pin_collectives` sets
   ``GLOO_SOCKET_IFNAME`` (and ``NCCL_SOCKET_IFNAME``) to it, so a local job's
   collective listeners are on loopback only.
+* **A backend every rank can use.** On CUDA, NCCL refuses two ranks on one GPU
+  ("Duplicate GPU detected"), which is what two workers on a one-GPU machine are.
+  Before the group forms, every worker publishes its GPU's UUID through the same
+  store and all choose alike (:func:`choose_backend`): ``cpu:gloo,cuda:nccl`` when
+  each has its own GPU (CPU tensors, such as the fp16 overflow flag, go over Gloo),
+  plain Gloo when some share one (DDP's all-reduce and broadcast take CUDA tensors
+  over Gloo through host memory), and a one-line error for pipeline stages, whose
+  point-to-point sends of CUDA tensors Gloo does not carry.
 
 What this does not do: Gloo's own data connections (rank to rank, on ports
 the OS picks, on that interface) are neither authenticated nor encrypted; see the
@@ -193,19 +201,73 @@ def interface_of(host: str) -> str:
 # ------------------------------------------------------------------ the group
 
 
+def gpu_identity(device) -> str:
+    """This process's GPU as peers on any node can compare it: the device's UUID (its host
+    and index where torch gives none)."""
+    import torch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+    return uuid or f"{socket.gethostname()} cuda:{index}"
+
+
+def choose_backend(gpus: list[str], *, p2p: bool, why_p2p: str = "pipeline stages"
+                   ) -> tuple[str, Optional[tuple[int, int]]]:
+    """The group's backend for CUDA workers whose GPUs are ``gpus`` (rank order), and the
+    first two ranks that share a GPU (None: none do). Every rank calls it on the same list,
+    so all choose alike. ``p2p``: the group sends tensors point to point, which Gloo does
+    not do for CUDA tensors, so a shared GPU is a :class:`UsageError`."""
+    first: dict[str, int] = {}
+    for rank, gpu in enumerate(gpus):
+        if gpu in first:
+            shared = (first[gpu], rank)
+            break
+        first[gpu] = rank
+    else:
+        return "cpu:gloo,cuda:nccl", None
+    if p2p:
+        raise UsageError(
+            f"workers {shared[0]} and {shared[1]} run on the same GPU ({gpus[shared[0]]}), and "
+            f"{why_p2p} send CUDA tensors over NCCL, which needs one GPU per worker: give each "
+            f"worker its own GPU (tessera sets LOCAL_RANK; use cuda:LOCAL_RANK), run fewer "
+            f"workers, or train on the CPU")
+    return "gloo", shared
+
+
+def agree_backend(store: dist.Store, rank: int, world_size: int, gpu: str, *, p2p: bool,
+                  generation: int = 0, log: Callable[[str], None] = lambda line: None) -> str:
+    """Publish this rank's GPU (``gpu``: :func:`gpu_identity`) in the store, read every
+    rank's (each read waits up to the store's timeout), and return the backend
+    :func:`choose_backend` picks from them: the same on every rank."""
+    key = f"tessera/gpu/{generation}/"
+    store.set(f"{key}{rank}", gpu.encode())
+    gpus = [store.get(f"{key}{r}").decode() for r in range(world_size)]
+    backend, shared = choose_backend(gpus, p2p=p2p)
+    if shared and rank == 0:
+        log(f"worker 0: workers {shared[0]} and {shared[1]} share GPU {gpus[shared[0]]}; "
+            f"NCCL needs one GPU per worker, so the group's collectives go over Gloo "
+            f"(through host memory: slower; give each worker its own GPU for NCCL)")
+    return backend
+
+
 def join_process_group(ctx: zmq.Context, coordinator: str, secret: str, *, host: str, rank: int,
-                       world_size: int, cuda: bool, timeout_s: float,
-                       check: Callable[[], None] = lambda: None,
+                       world_size: int, cuda_device=None, p2p: bool = False, generation: int = 0,
+                       timeout_s: float, check: Callable[[], None] = lambda: None,
                        log: Callable[[str], None] = lambda line: None) -> CoordinatorStore:
     """``dist.init_process_group`` for this worker, rendezvousing through the coordinator
-    and pinned to ``host``'s interface (module docstring); returns the store (the group
-    keeps using it for ``new_group``)."""
+    and pinned to ``host``'s interface, on a backend every rank can use (module docstring;
+    ``cuda_device``: this worker's ``torch.device`` when it trains on a GPU, ``p2p``: the
+    group sends point to point); returns the store (the group keeps using it for
+    ``new_group``)."""
     interface = interface_of(host)
     replaced = envvars.pin_collectives(interface)
     if replaced and rank == 0:
         log(f"worker 0: collectives bind to {interface} (cluster.host {host}), not "
             f"{', '.join(f'{k}={v}' for k, v in replaced.items())}")
     store = CoordinatorStore(ctx, coordinator, secret, timeout_s=timeout_s, check=check)
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    backend = "gloo"
+    if cuda_device is not None:
+        backend = agree_backend(store, rank, world_size, gpu_identity(cuda_device), p2p=p2p,
+                                generation=generation, log=log)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return store
