@@ -28,7 +28,7 @@ step sync $py -m tessera.cli.main launch --workers 2 --servers 2 --partition-mb 
 step allreduce $py -m tessera.cli.main launch --workers 2 --servers 0 --mode allreduce \
   --out "$out/run-ar" --quiet $r --steps 32 --device cuda --out "$out/allreduce.json"
 step plain1 $py $r --plain --workers 1 --steps 6 --optimizer nadam --device cuda --out "$out/plain1.json"
-step one $py $r --workers 1 --steps 6 --optimizer nadam --device cuda --out "$out/one.json"
+step one $py $r --workers 1 --steps 6 --optimizer nadam --device auto --out "$out/one.json"
 step bn $py -m tessera.cli.main launch --workers 2 --servers 2 --out "$out/run-bn" --quiet \
   $r --steps 10 --bn --device cuda --out "$out/bn.json"
 $py - "$out" <<'PY'

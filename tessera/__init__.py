@@ -8,7 +8,7 @@ checks) do not pay for importing it.
 __version__ = "0.1.0"
 
 _API = ("init", "distribute", "shard", "finish", "rank", "num_workers", "profiler", "current",
-        "Job", "DistributedSampler", "log")
+        "Job", "DistributedSampler", "log", "device")
 
 
 def __getattr__(name):

@@ -349,6 +349,19 @@ def num_workers() -> int:
     return current().num_workers
 
 
+def device() -> torch.device:
+    """The device this worker should train on (as Accelerate's ``accelerator.device`` and
+    Ray Train's ``get_device()`` give it): where GPUs are visible, its own one,
+    ``cuda:LOCAL_RANK`` modulo their count (the launchers set ``LOCAL_RANK`` per node, as
+    torchrun does; with ``[train] device = "cuda"`` each worker sees only its own GPU, so
+    that is ``cuda:0``); else the CPU. ``CUDA_VISIBLE_DEVICES=""`` keeps a job on the CPU.
+    Workers that end up sharing a GPU still train: their collectives go over Gloo."""
+    from tessera.config import env as envvars
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", envvars.local_rank() % torch.cuda.device_count())
+
+
 def distribute(model: torch.nn.Module,
                optimizer: str | OptimizerConfig | torch.optim.Optimizer = "sgd",
                loss_fn: Optional[Callable] = None, **optimizer_args: Any):

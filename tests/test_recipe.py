@@ -87,8 +87,30 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
 def test_allreduce_mode_runs_the_same_recipe(tmp_path):
     with _plain(tmp_path, "--workers", "2", "--steps", "12") as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
-                         "--steps", "12")
+                         "--steps", "12", "--device", "auto")
         _close(dist, plain())
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert dist["device"] == want  # tessera.device() under a launcher
+
+
+def test_each_worker_gets_its_own_gpu_by_its_local_rank(monkeypatch):
+    """tessera.device(): cuda:LOCAL_RANK modulo the visible GPUs, the CPU without one, and
+    one line for a LOCAL_RANK that is no index. (torch.cuda stubbed: no GPU here; the real
+    thing runs in benchmarks/gpu_recipe.sh.)"""
+    import tessera
+    from tessera.errors import TesseraError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for local, want in (("0", "cuda:0"), ("1", "cuda:1"), ("3", "cuda:1")):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert str(tessera.device()) == want
+    monkeypatch.delenv("LOCAL_RANK")
+    assert str(tessera.device()) == "cuda:0"  # a plain process
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    with pytest.raises(TesseraError, match="LOCAL_RANK='first' is not a worker's index"):
+        tessera.device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(tessera.device()) == "cpu"
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "adadelta", "rmsprop", "adamax",

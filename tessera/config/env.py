@@ -153,6 +153,21 @@ TORCHRUN_RANK, WORLD_SIZE = "RANK", "WORLD_SIZE"
 LOCAL_RANK, LOCAL_WORLD_SIZE = "LOCAL_RANK", "LOCAL_WORLD_SIZE"
 
 
+def local_rank(environ: Optional[Mapping[str, str]] = None) -> int:
+    """This worker's index among its node's workers (``LOCAL_RANK``, which every launcher
+    sets, as torchrun does); 0 outside a launcher."""
+    environ = process_environ() if environ is None else environ
+    value = environ.get(LOCAL_RANK, "").strip() or "0"
+    try:
+        index = int(value)
+    except ValueError:
+        index = -1
+    if index < 0:
+        raise TesseraError(f"{LOCAL_RANK}={environ.get(LOCAL_RANK)!r} is not a worker's index "
+                           f"on its node (0, 1, ...): unset it, or let the launcher set it")
+    return index
+
+
 def role_env(role: str, rank: int, num_workers: int = 0,
              local: Optional[tuple[int, int]] = None) -> dict[str, str]:
     """What tells one child of a launcher its role and rank. A worker also gets

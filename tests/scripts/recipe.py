@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--max-norm", type=float, default=1.0, help="clip_grad_norm_'s max_norm")
     ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, or auto: tessera.device() (this worker's own GPU, or the CPU)")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step (slow workers)")
     ap.add_argument("--out", required=True)
@@ -65,7 +66,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     x, y = digits_arrays()  # sklearn's load_digits(return_X_y=True)
-    device = torch.device(args.device)
+    device = tessera.device() if args.device == "auto" else torch.device(args.device)
     x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
     y = torch.tensor(y, device=device)
     train = TensorDataset(x[:1500], y[:1500], torch.arange(1500, device=device))
