@@ -163,8 +163,12 @@ def test_cuda_workers_agree_on_a_backend_every_rank_can_use():
     from tessera.parallel.rendezvous import choose_backend
     assert choose_backend(["GPU-a", "GPU-b", "GPU-c"], p2p=True) == ("cpu:gloo,cuda:nccl", None)
     assert choose_backend(["GPU-a", "GPU-b", "GPU-a"], p2p=False) == ("gloo", (0, 2))
+    assert choose_backend(["cpu", "cpu"], p2p=True) == ("gloo", None)
     with pytest.raises(UsageError, match=r"workers 1 and 2 run on the same GPU \(GPU-b\)"):
         choose_backend(["GPU-a", "GPU-b", "GPU-b"], p2p=True)
+    with pytest.raises(UsageError, match=r"worker 1 trains on a GPU \(GPU-b\) but worker 0 on "
+                                         r"the CPU"):
+        choose_backend(["cpu", "GPU-b"], p2p=False)
 
 
 def test_the_gpus_are_exchanged_through_the_coordinator_store(ctx, coordinator):

@@ -24,11 +24,12 @@ between the workers. Three things torch would otherwise do on its own are done h
 * **A backend every rank can use.** On CUDA, NCCL refuses two ranks on one GPU
   ("Duplicate GPU detected"), which is what two workers on a one-GPU machine are.
   Before the group forms, every worker publishes its GPU's UUID through the same
-  store and all choose alike (:func:`choose_backend`): ``cpu:gloo,cuda:nccl`` when
-  each has its own GPU (CPU tensors, such as the fp16 overflow flag, go over Gloo),
-  plain Gloo when some share one (DDP's all-reduce and broadcast take CUDA tensors
-  over Gloo through host memory), and a one-line error for pipeline stages, whose
-  point-to-point sends of CUDA tensors Gloo does not carry.
+  store (a CPU worker publishes ``cpu``) and all choose alike (:func:`choose_backend`):
+  Gloo on CPUs; ``cpu:gloo,cuda:nccl`` when each has its own GPU (CPU tensors, such
+  as the fp16 overflow flag, go over Gloo); plain Gloo when some share one (DDP's
+  all-reduce and broadcast take CUDA tensors over Gloo through host memory); and a
+  one-line error for pipeline stages on a shared GPU, whose point-to-point sends of
+  CUDA tensors Gloo does not carry, and for a group of CPU and GPU workers.
 
 What this does not do: Gloo's own data connections (rank to rank, on ports
 the OS picks, on that interface) are neither authenticated nor encrypted; see the
@@ -210,12 +211,25 @@ def gpu_identity(device) -> str:
     return uuid or f"{socket.gethostname()} cuda:{index}"
 
 
-def choose_backend(gpus: list[str], *, p2p: bool, why_p2p: str = "pipeline stages"
-                   ) -> tuple[str, Optional[tuple[int, int]]]:
-    """The group's backend for CUDA workers whose GPUs are ``gpus`` (rank order), and the
-    first two ranks that share a GPU (None: none do). Every rank calls it on the same list,
-    so all choose alike. ``p2p``: the group sends tensors point to point, which Gloo does
-    not do for CUDA tensors, so a shared GPU is a :class:`UsageError`."""
+#: What a worker that trains on the CPU publishes in place of a GPU's identity.
+CPU = "cpu"
+
+
+def choose_backend(gpus: list[str], *, p2p: bool) -> tuple[str, Optional[tuple[int, int]]]:
+    """The group's backend for workers whose devices are ``gpus`` (rank order: a GPU's
+    identity, or :data:`CPU`), and the first two ranks that share a GPU (None: none do).
+    Every rank calls it on the same list, so all choose alike. ``p2p``: the group sends
+    tensors point to point, which Gloo does not do for CUDA tensors, so a shared GPU is a
+    :class:`UsageError`; so is a group of CPU and GPU workers."""
+    on_cpu = [r for r, g in enumerate(gpus) if g == CPU]
+    if len(on_cpu) == len(gpus):
+        return "gloo", None
+    if on_cpu:
+        gpu = next(r for r, g in enumerate(gpus) if g != CPU)
+        raise UsageError(
+            f"worker {gpu} trains on a GPU ({gpus[gpu]}) but worker {on_cpu[0]} on the CPU: "
+            f"every worker of an all-reduce or pipeline group must use the same kind of device "
+            f"(tessera.device() gives each worker its own GPU, or the CPU where there is none)")
     first: dict[str, int] = {}
     for rank, gpu in enumerate(gpus):
         if gpu in first:
@@ -227,15 +241,15 @@ def choose_backend(gpus: list[str], *, p2p: bool, why_p2p: str = "pipeline stage
     if p2p:
         raise UsageError(
             f"workers {shared[0]} and {shared[1]} run on the same GPU ({gpus[shared[0]]}), and "
-            f"{why_p2p} send CUDA tensors over NCCL, which needs one GPU per worker: give each "
-            f"worker its own GPU (tessera sets LOCAL_RANK; use cuda:LOCAL_RANK), run fewer "
+            f"pipeline stages send CUDA tensors over NCCL, which needs one GPU per worker: give "
+            f"each worker its own GPU (tessera.device(), or cuda:LOCAL_RANK), run fewer "
             f"workers, or train on the CPU")
     return "gloo", shared
 
 
 def agree_backend(store: dist.Store, rank: int, world_size: int, gpu: str, *, p2p: bool,
                   generation: int = 0, log: Callable[[str], None] = lambda line: None) -> str:
-    """Publish this rank's GPU (``gpu``: :func:`gpu_identity`) in the store, read every
+    """Publish this rank's GPU (``gpu``: :func:`gpu_identity`, or :data:`CPU`) in the store, read every
     rank's (each read waits up to the store's timeout), and return the backend
     :func:`choose_backend` picks from them: the same on every rank."""
     key = f"tessera/gpu/{generation}/"
@@ -264,10 +278,9 @@ def join_process_group(ctx: zmq.Context, coordinator: str, secret: str, *, host:
         log(f"worker 0: collectives bind to {interface} (cluster.host {host}), not "
             f"{', '.join(f'{k}={v}' for k, v in replaced.items())}")
     store = CoordinatorStore(ctx, coordinator, secret, timeout_s=timeout_s, check=check)
-    backend = "gloo"
-    if cuda_device is not None:
-        backend = agree_backend(store, rank, world_size, gpu_identity(cuda_device), p2p=p2p,
-                                generation=generation, log=log)
+    gpu = CPU if cuda_device is None else gpu_identity(cuda_device)
+    backend = agree_backend(store, rank, world_size, gpu, p2p=p2p, generation=generation,
+                            log=log)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return store
