@@ -23,16 +23,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmar
 py=${PYTHON:-python3}
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$out/log.txt"; }
-if ls .whl/*.whl >/dev/null 2>&1; then $py -m pip install -q --no-deps --no-compile .whl/*.whl 2>&1 | tail -1; fi
-if ls .whl/*.tar.gz >/dev/null 2>&1; then
-  $py -m pip install -q --no-deps --no-build-isolation .whl/*.tar.gz 2>&1 | tail -1
-fi
 { lscpu | grep -E "Model name|^CPU\(s\)"
   grep -o -w -E "avx512_bf16|avx512_fp16|amx_bf16" /proc/cpuinfo | sort | uniq -c
   nvidia-smi -L; $py -c "import torch; print('torch', torch.__version__)"; } > "$out/cpu.txt" 2>&1
 cat "$out/cpu.txt"
-say "installed"
-# (gpu_check.sh and gpu_recipe.sh install .whl themselves too: already done, quick)
+# gpu_check.sh, first, installs the carried .whl/ packages that everything after it needs.
 timeout 220 bash benchmarks/gpu_check.sh /tmp/gpu-check >> "$out/log.txt" 2>&1
 say "gpu_check.sh exit $?"; cp /tmp/gpu-check/gpu.json "$out/" 2>/dev/null
 grep -E " exit |same GPU" "$out/log.txt" | tail -16
