@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 #: sched_setattr's system call number where Tessera runs (no libc wrapper exists).
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
@@ -70,8 +71,34 @@ def short_slices(slice_us: int, prefix: str = "") -> int:
     return done
 
 
+#: A context with a socket runs at least these ZeroMQ threads: its I/O thread and its reaper.
+_ZMQ_THREADS_AT_LEAST = 2
+#: How long :func:`apply_for_role` waits for them to be named.
+_NAMED_WITHIN_S = 1.0
+
+
+def _named(prefix: str) -> int:
+    """How many of this process's threads have a name starting with ``prefix``."""
+    count = 0
+    for name in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{name}/comm") as f:
+                count += f.read().startswith(prefix)
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
+
+
 def apply_for_role(role: str, slice_us: int) -> int:
     """:func:`short_slices` for a launched process of ``role`` (``[cluster] slice_us``):
-    a worker's ZeroMQ threads (started by then: its context has a socket); nothing for
-    the other roles."""
-    return short_slices(slice_us, ZMQ_THREADS) if role == "worker" else 0
+    a worker's ZeroMQ threads (its context has a socket by then); nothing for the other
+    roles. libzmq names each of its threads from inside it, once the thread first runs:
+    on a busy host a thread just started may not be named yet and would keep the
+    kernel's slice, so this waits (at most :data:`_NAMED_WITHIN_S`) until the I/O thread
+    and the reaper both are."""
+    if role != "worker" or slice_us <= 0 or not sys.platform.startswith("linux"):
+        return 0
+    deadline = time.monotonic() + _NAMED_WITHIN_S
+    while _named(ZMQ_THREADS) < _ZMQ_THREADS_AT_LEAST and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return short_slices(slice_us, ZMQ_THREADS)
