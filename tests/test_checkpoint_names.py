@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -149,13 +150,24 @@ def test_a_round_completed_after_a_newer_one_is_dropped_not_a_failure(tmp_path):
 
     # Handed over before the newer round's manifest (written first: one writer thread,
     # in order) pruned its files: its listing misses them, and it is dropped the same way.
+    # The writer is held at 29's listing until 28 is handed over too: otherwise, on a busy
+    # host, 29 may be written and collected first, and 28 is dropped by the path above.
+    held = threading.Event()
+    listing = rounds.missing_files
+
+    def missing_files(clock, *files):
+        if clock == 29:
+            held.wait(30)
+        return listing(clock, *files)
+    rounds.missing_files = missing_files
     write(28, 0)
     write(29, 0)
     write(29, 1)
     rounds.complete({0, 1}, manifest, lambda: done.append(True))  # 29 handed over
     write(28, 1)
     rounds.complete({0, 1}, manifest, lambda: done.append(True))  # 28 too, 29 not collected
-    assert 28 in rounds._inflight
+    assert rounds._inflight == {28, 29}
+    held.set()
     rounds.flush(10.0, lambda: done.append(True))
     assert rounds.completed == [27, 29] and not rounds.reports
     assert rounds.store.latest()["clock"] == 29
