@@ -41,24 +41,41 @@ class _SchedAttr(ctypes.Structure):
                 ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64)]
 
 
+def _setattr_call() -> int | None:
+    """sched_setattr's system call number here; None where there is none (not Linux,
+    or an architecture not in :data:`_SYS_SCHED_SETATTR`)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _SYS_SCHED_SETATTR.get(os.uname().machine)
+
+
+def _threads(prefix: str) -> list[int]:
+    """This process's thread ids whose name starts with ``prefix`` (every one for "")."""
+    tids = []
+    for name in os.listdir("/proc/self/task"):
+        if prefix:
+            try:
+                with open(f"/proc/self/task/{name}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+            except OSError:  # the thread ended meanwhile
+                continue
+        tids.append(int(name))
+    return tids
+
+
 def short_slices(slice_us: int, prefix: str = "") -> int:
     """Give this process's ordinary (``SCHED_OTHER``) threads whose name starts with
     ``prefix`` a ``slice_us`` scheduler slice, keeping each one's nice value. Returns
     how many took it: 0 where the platform has no such call (the kernel may also accept
     the call and, before 6.12, ignore the slice)."""
-    nr = _SYS_SCHED_SETATTR.get(os.uname().machine) if sys.platform.startswith("linux") \
-        else None
+    nr = _setattr_call()
     if nr is None or slice_us <= 0:
         return 0
     syscall = ctypes.CDLL(None, use_errno=True).syscall
     done = 0
-    for name in os.listdir("/proc/self/task"):
-        tid = int(name)
+    for tid in _threads(prefix):
         try:
-            if prefix:
-                with open(f"/proc/self/task/{name}/comm") as f:
-                    if not f.read().startswith(prefix):
-                        continue
             if os.sched_getscheduler(tid) != os.SCHED_OTHER:
                 continue  # (SCHED_BATCH, SCHED_IDLE: asked for by someone else)
             attr = _SchedAttr(size=ctypes.sizeof(_SchedAttr), sched_policy=os.SCHED_OTHER,
@@ -77,18 +94,6 @@ _ZMQ_THREADS_AT_LEAST = 2
 _NAMED_WITHIN_S = 1.0
 
 
-def _named(prefix: str) -> int:
-    """How many of this process's threads have a name starting with ``prefix``."""
-    count = 0
-    for name in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{name}/comm") as f:
-                count += f.read().startswith(prefix)
-        except OSError:  # the thread ended meanwhile
-            continue
-    return count
-
-
 def apply_for_role(role: str, slice_us: int) -> int:
     """:func:`short_slices` for a launched process of ``role`` (``[cluster] slice_us``):
     a worker's ZeroMQ threads (its context has a socket by then); nothing for the other
@@ -96,9 +101,9 @@ def apply_for_role(role: str, slice_us: int) -> int:
     on a busy host a thread just started may not be named yet and would keep the
     kernel's slice, so this waits (at most :data:`_NAMED_WITHIN_S`) until the I/O thread
     and the reaper both are."""
-    if role != "worker" or slice_us <= 0 or not sys.platform.startswith("linux"):
+    if role != "worker" or slice_us <= 0 or _setattr_call() is None:
         return 0
     deadline = time.monotonic() + _NAMED_WITHIN_S
-    while _named(ZMQ_THREADS) < _ZMQ_THREADS_AT_LEAST and time.monotonic() < deadline:
+    while len(_threads(ZMQ_THREADS)) < _ZMQ_THREADS_AT_LEAST and time.monotonic() < deadline:
         time.sleep(0.002)
     return short_slices(slice_us, ZMQ_THREADS)
