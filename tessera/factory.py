@@ -95,7 +95,7 @@ def _check_tables(tables) -> None:
 
 
 def _parameter_servers(session, model, opt, tables, amp, device):
-    from tessera.parallel.flat import param_layout
+    from tessera.parallel.flat import frozen_digests, param_layout
     from tessera.parallel.ps import PSComm, PSDataParallel, Start
     cfg = session.cfg
     first = session.rank == 0
@@ -109,7 +109,8 @@ def _parameter_servers(session, model, opt, tables, amp, device):
     spec = with_buffers(spec, params, sum(p.numel for p in layout))
     session.register(layout=layout if first else None,
                      optimizer=spec if first else None,
-                     tables=[t.spec for t in tables] if first else [])
+                     tables=[t.spec for t in tables] if first else [],
+                     frozen=frozen_digests(model))
     client = _connect_client(session, amp.policy)
     view, hb = session.view, session.heartbeat
     hooks = Hooks(log=_log, profiler=session.profiler,

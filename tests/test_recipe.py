@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 
@@ -72,11 +73,12 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     partitions), sync, against one process at batch W·b: eval_loss within 1e-4 after 32
     steps, and every step's returned norm the same. The servers decide each clipped
     clock among themselves (tessera.ps.agreement), so this holds their coefficient to
-    torch's; at 0.5 about half the steps clip (the norms are 0.37-0.73)."""
+    torch's; at 0.5 about half the steps clip (the norms are 0.37-0.73). The workers'
+    DataLoaders each fork 2 loader processes (num_workers=2), the plain one none."""
     with _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5") as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
                                     "--partition-mb", 0.004], "--steps", "32",
-                         "--max-norm", "0.5")
+                         "--max-norm", "0.5", "--loader-workers", "2")
         want = plain()
         _close(dist, want)
     assert dist["norms"] == pytest.approx(want["norms"], rel=1e-4)
@@ -85,10 +87,14 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
 
 
 def test_allreduce_mode_runs_the_same_recipe(tmp_path):
-    with _plain(tmp_path, "--workers", "2", "--steps", "12") as plain:
+    """The recipe, with its biases' param group added at step 4 (add_param_group reaches
+    the script's own optimizer, which steps here), against one process."""
+    with _plain(tmp_path, "--workers", "2", "--steps", "12", "--late-group", "4") as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
-                         "--steps", "12", "--device", "auto")
-        _close(dist, plain())
+                         "--steps", "12", "--device", "auto", "--late-group", "4")
+        want = plain()
+        _close(dist, want)
+    assert len(want["lr"]) == 2
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert dist["device"] == want  # tessera.device() under a launcher
 
@@ -121,6 +127,46 @@ def test_every_elementwise_optimizer_runs_on_the_servers(tmp_path, name):
     args = ("--optimizer", name, "--steps", "6", "--workers", "1")
     with _plain(tmp_path, *args) as plain:
         _close(_in_process(tmp_path, *args), plain())
+
+
+def test_a_parameter_no_worker_used_is_stepped_with_a_zero_gradient(tmp_path):
+    """The exception the README names: a parameter forward never used is pushed as zeros
+    and stepped (SGD's weight decay moves it), as one process that gives it a zero
+    gradient would; torch skips a parameter whose gradient is None and leaves it alone."""
+    args = ("--optimizer", "sgd", "--steps", "6", "--workers", "1", "--unused", "--no-clip")
+    with _plain(tmp_path, *args, "--zero-unused") as zeros:
+        dist = _in_process(tmp_path, *args)
+        zeros = zeros()
+    _close(dist, zeros)
+    assert dist["params"]["aux.weight"] == pytest.approx(zeros["params"]["aux.weight"],
+                                                         rel=1e-6)
+    (tmp_path / "default").mkdir()
+    with _plain(tmp_path / "default", *args) as skipped:
+        skipped = skipped()
+    moved = [abs(a - b) for a, b in zip(dist["params"]["aux.weight"],
+                                       skipped["params"]["aux.weight"])]
+    assert max(moved) > 1e-6  # torch skipped the head: the exception is real, and named
+
+
+def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
+    """A frozen layer stays each worker's own (the servers hold trainable parameters):
+    built alike, the job trains and exports it; built from each worker's own seed, the
+    job stops in one line naming the parameter, instead of training on different models."""
+    from safetensors.torch import load_file
+    frozen = ROOT / "tests" / "scripts" / "frozen.py"
+    code, output = run_cli(["launch", "--workers", "2", "--servers", "1", "--out",
+                            tmp_path / "same", "--quiet", frozen, "same"], timeout_s=240)
+    assert code == 0, output
+    final = load_file(tmp_path / "same" / "final.safetensors")
+    torch.manual_seed(0)
+    torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    assert torch.equal(final["0.weight"], torch.nn.Linear(4, 8).weight.detach())
+    code, output = run_cli(["launch", "--workers", "2", "--servers", "1", "--out",
+                            tmp_path / "differ", "--quiet", frozen, "differ"], timeout_s=240)
+    assert code != 0 and "Traceback" not in output, output
+    said = " ".join(output.split())  # the console wraps long lines
+    assert re.search(r"worker [01]'s frozen parameter '0\.weight' \(requires_grad=False\) "
+                     r"differs from worker [01]'s; .*torch\.manual_seed", said), output
 
 
 def test_batchnorm_statistics_are_averaged_and_exported(tmp_path):
@@ -279,7 +325,15 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("closure", "SGD.step(closure) cannot run on parameter servers"),
     ("optimizer_class", "tessera.distribute(model, optimizer): pass an optimizer object, e.g."),
     ("unknown_name", "tessera.distribute(model, 'sgdd', ...): Invalid enum value 'sgdd'"),
-    ("bad_setting", "tessera.distribute(model, 'sgd', ...): Expected `float`, got `SGD`")])
+    ("bad_setting", "tessera.distribute(model, 'sgd', ...): Expected `float`, got `SGD`"),
+    ("torch_clip", "the gradients were changed after backward() "
+                   "(torch.nn.utils.clip_grad_norm_ or another in-place change"),
+    ("clip_value", "the gradients were changed after backward() (torch.nn.utils.clip_grad_norm_"
+                   " or another in-place change of .grad?), but they left for the servers during "
+                   "backward, so the change would be lost: clip with model.clip_grad_norm_"),
+    ("unfreeze", "parameter 'bias' was frozen (requires_grad=False) at tessera.distribute and "
+                 "now requires grad"),
+    ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once")])
 def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
                            mistake], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -287,3 +341,12 @@ def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"tessera: worker 0: {says}" in proc.stderr or f"tessera: {says}" in proc.stderr, \
         proc.stderr
+
+
+def test_reading_gradients_after_backward_is_no_change(tmp_path):
+    """The refusal above watches changes only: a script that reads its gradients (a norm
+    to log) between backward and step trains on."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
+                           "read_grads"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -96,6 +96,8 @@ class Coordinator:
         self.procs: dict[tuple[str, int], wire.ProcessInfo] = {}
         self.held: list[tuple[bytes, int]] = []
         self.layout: Optional[list[wire.ParamSpec]] = None
+        #: The first worker's frozen parameters' digests (rank, name -> digest).
+        self.frozen: Optional[tuple[int, dict[str, str]]] = None
         self.optimizer: Optional[OptimizerConfig] = None
         self.tables: list[wire.TableSpec] = []
         self.view: Optional[wire.ClusterView] = None
@@ -408,6 +410,11 @@ class Coordinator:
             self.endpoint.send(peer, wire.Error(req=msg.req, message=(
                 f"coordinator: {msg.role} {msg.rank} is not part of this job ({roles})")))
             return
+        problem = self._frozen_problem(msg)
+        if problem:
+            self.endpoint.send(peer, wire.Error(req=msg.req, message=f"coordinator: {problem}"))
+            self._fail(problem)
+            return
         if key in self.lost_at and self.state == "running" and msg.role == "worker":
             self._rejoin(peer, msg)
             return
@@ -562,6 +569,23 @@ class Coordinator:
         view = self._view(msg.req)
         self.endpoint.send(peer, msgspec.structs.replace(view, restore=None, scaled_in=True))
         self.elastic.joined(msg.rank, self.owner, self.shard_owner)
+
+    def _frozen_problem(self, msg: wire.Register) -> str:
+        """Why a worker's frozen parameters differ from the first worker's ("" if not):
+        the servers hold only trainable ones, so a frozen one is each worker's own."""
+        if msg.role != "worker":
+            return ""
+        if self.frozen is None:
+            self.frozen = (msg.rank, dict(msg.frozen))
+            return ""
+        rank, want = self.frozen
+        if msg.frozen == want:
+            return ""
+        name = next((n for n in [*want, *msg.frozen] if want.get(n) != msg.frozen.get(n)))
+        return (f"worker {msg.rank}'s frozen parameter {name!r} (requires_grad=False) differs "
+                f"from worker {rank}'s; the servers hold only trainable parameters, so build "
+                f"frozen ones alike on every worker (torch.manual_seed before building the "
+                f"model, or load the same weights)")
 
     def _rejoin(self, peer: bytes, msg: wire.Register) -> None:
         key = (msg.role, msg.rank)

@@ -107,13 +107,14 @@ class Session:
 
     def register(self, *, address: str = "", layout=None,
                  optimizer: Optional[OptimizerConfig] = None,
-                 tables: Optional[list] = None) -> wire.ClusterView:
+                 tables: Optional[list] = None,
+                 frozen: Optional[dict] = None) -> wire.ClusterView:
         """Join the job; returns once everyone has joined (the cluster view)."""
         req = self._coord.new_req()
         msg, _ = self._coord.request(
             wire.Register(req=req, role=self.role, rank=self.rank, host=socket.gethostname(),
                           pid=os.getpid(), address=address, layout=layout, optimizer=optimizer,
-                          tables=tables or [], samples=self.data_samples),
+                          tables=tables or [], samples=self.data_samples, frozen=frozen or {}),
             timeout_s=self.cfg.cluster.startup_timeout_s, what="registration",
             check=self.heartbeat.check)
         if isinstance(msg, wire.Error):

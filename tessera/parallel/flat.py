@@ -37,6 +37,23 @@ def param_layout(model: nn.Module) -> list[ParamSpec]:
                for name, b in shared_buffers(model)])
 
 
+def frozen_digests(model: nn.Module) -> dict[str, str]:
+    """A short digest of each frozen parameter (``requires_grad=False``), by name.
+
+    The servers hold only trainable parameters, seeded by worker 0 and pulled by every
+    worker; a frozen one stays each worker's own. DDP broadcasts worker 0's at the start;
+    here every worker registers these digests and the coordinator refuses a worker whose
+    frozen parameters differ from another's, naming the first (a random layer built
+    without a common seed would otherwise differ on each worker without a word)."""
+    import hashlib
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            data = p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            out[name] = hashlib.blake2b(data, digest_size=8).hexdigest()
+    return out
+
+
 def flatten_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebind the shared buffers to views of one flat fp32 buffer (BatchNorm updates
     them in place there). Returns ``(fp32 copy of the initial values, the flat buffer)``."""

@@ -99,6 +99,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._sent: Optional[list[dict]] = None
         #: Whether the last step was applied (False: skipped on every worker, fp16).
         self.applied = True
+        self._built = True  # add_param_group() from here on is the script's
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, while ``__init__`` adds the script's groups; afterwards the script's
+        optimizer takes the group (all-reduce), and the servers refuse it: they build the
+        groups once, at ``tessera.distribute``, and hold only the parameters trainable then."""
+        if not getattr(self, "_built", False):
+            return super().add_param_group(param_group)
+        if not self.local:
+            raise UsageError(
+                f"{self.user_class}.add_param_group(): the servers build the optimizer's param "
+                f"groups once, at tessera.distribute; give the optimizer every group before it "
+                f"(a group with lr 0 stays still until a scheduler or your code raises it), or "
+                f"use --mode allreduce")
+        self.user.add_param_group(param_group)
+        if self.param_groups is not self.user.param_groups:
+            self.param_groups.append(self.user.param_groups[-1])
 
     def step(self, closure=None):  # noqa: D102 - see the module docstring
         if closure is not None:

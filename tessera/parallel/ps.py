@@ -162,6 +162,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._pulls: Optional[list[Handle]] = None
         #: This step's table-row handles, once the rest was pushed (phase 3).
         self._rest: Optional[list] = None
+        #: The flat gradient's version when backward last pushed (None: nothing pushed).
+        self._sent_version: Optional[int] = None
         #: Worker 0: the optimizer's changed hyperparameters, sent with a step's pushes.
         self.hparams_source = lambda: None
         self._step_hparams: Optional[list] = None
@@ -180,6 +182,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                              f"models")
         self._buffer_parts = {p.id for p in shard_map.partitions if p.start >= self._buffers_at}
         self._params = [p for p in module.parameters() if p.requires_grad]
+        #: Parameters frozen now: never on the servers, so never trainable later.
+        self._frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
         offsets = shard_map.param_offsets()
         self._views = [(p, offsets[i], p.numel()) for i, p in enumerate(self._params)]
         self._names = names
@@ -276,6 +280,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
                     self._push(pid)
+            # Gradients left during backward: any in-place change of them from here to
+            # phase 3 bumps the flat buffer's version counter (views share it).
+            self._sent_version = self.flat_grad._version
         return hook
 
     def _push(self, pid: int) -> None:
@@ -324,6 +331,21 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         """Phase 3 begins: push what backward did not (and the tables' rows); their handles."""
         if self._rest is not None:
             return self._rest
+        thawed = next((n for n, p in self._frozen if p.requires_grad), None)
+        if thawed is not None:
+            raise UsageError(
+                f"worker {self.client.worker}: parameter {thawed!r} was frozen "
+                f"(requires_grad=False) at tessera.distribute and now requires grad, but the "
+                f"servers hold only the parameters trainable then, so it would never train: "
+                f"leave it trainable at tessera.distribute, in a param group with lr 0 until "
+                f"you unfreeze it")
+        if self._sent_version is not None and self.flat_grad._version != self._sent_version:
+            raise UsageError(
+                f"worker {self.client.worker}: the gradients were changed after backward() "
+                f"(torch.nn.utils.clip_grad_norm_ or another in-place change of .grad?), but "
+                f"they left for the servers during backward, so the change would be lost: clip "
+                f"with model.clip_grad_norm_(max_norm) (--mode sync), or change gradients in a "
+                f"hook (param.register_hook) or in --mode allreduce")
         self._rest = push_tables(self.tables, self.clock,
                                  self.scaler.scale if self.scaler.enabled else 1.0)
         if self._next_lookups is not None:  # prefetch(): the next clock's rows, now
@@ -422,7 +444,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._handles.clear()
         self._fired.clear()
         self._verdicts = []
-        self._pulls, self._rest = None, None
+        self._pulls, self._rest, self._sent_version = None, None, None
         self._finite, self._copy_s = None, 0.0
         self._hold = self.mode == "sync" and self._clipped
         self._clipped, self._coef = False, 1.0

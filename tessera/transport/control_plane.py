@@ -150,6 +150,9 @@ class Register(msgspec.Struct, **MESSAGE):
     #: Worker 0: samples in its training set (0: unknown or a stream), so that the
     #: coordinator can record each worker's data position in checkpoints.
     samples: int = 0
+    #: Every worker in the parameter-server modes: a digest of each frozen parameter
+    #: (requires_grad=False) by name, which must be the same on every worker.
+    frozen: dict[str, str] = {}
 
 
 class Restore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

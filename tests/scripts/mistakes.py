@@ -16,13 +16,30 @@ if mistake == "unknown_name":
     tessera.distribute(model, "sgdd", lr=0.1)
 if mistake == "bad_setting":  # the string form with an optimizer object as a setting
     tessera.distribute(model, "sgd", lr=torch.optim.SGD(model.parameters(), lr=0.1))
+if mistake == "unfreeze":  # frozen at distribute, made trainable after it
+    model.bias.requires_grad_(False)
 optimizer = (torch.optim.LBFGS(model.parameters()) if mistake == "lbfgs"
              else torch.optim.SGD(model.parameters(), lr=0.1))
+net = model
 model, optimizer = tessera.distribute(model, optimizer)
+if mistake == "unfreeze":
+    net.bias.requires_grad_(True)
+if mistake == "add_group":
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)
 model(x).sum().backward()
 if mistake == "second_backward":
     model(x).sum().backward()
 if mistake == "closure":
     optimizer.step(lambda: 0.0)
+if mistake == "torch_clip":  # DDP's clipping: these gradients left during backward
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+if mistake == "clip_value":
+    torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+if mistake == "read_grads":  # not a mistake: reading them (a logged norm) changes nothing
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm > 0 and all(p.grad is not None for p in model.parameters())
+if mistake in ("torch_clip", "clip_value", "read_grads", "unfreeze"):
+    optimizer.step()
+    optimizer.zero_grad()
 tessera.finish()

@@ -29,12 +29,13 @@ import tessera
 from tessera.data.datasets import digits_arrays
 
 
-def build_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, late: bool = False) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     if name == "adamw":
-        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=3e-3)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}]
+                                 + ([] if late else [{"params": no_decay, "weight_decay": 0.0}]),
+                                 lr=3e-3)
     kwargs = {"sgd": dict(lr=0.05, momentum=0.9, nesterov=True), "adam": dict(lr=3e-3),
               "adagrad": dict(lr=0.05), "adadelta": dict(lr=1.0), "rmsprop": dict(lr=1e-3),
               "adamax": dict(lr=3e-3), "nadam": dict(lr=3e-3), "radam": dict(lr=3e-3),
@@ -57,6 +58,15 @@ def main() -> None:
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--max-norm", type=float, default=1.0, help="clip_grad_norm_'s max_norm")
     ap.add_argument("--bn", action="store_true", help="a BatchNorm layer (running statistics)")
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="the DataLoader's num_workers (processes forked from this worker)")
+    ap.add_argument("--late-group", type=int, default=0,
+                    help="adamw: add the biases' group with add_param_group at this step")
+    ap.add_argument("--unused", action="store_true",
+                    help="an extra head (`aux`) that forward never uses")
+    ap.add_argument("--zero-unused", action="store_true",
+                    help="with --plain: step a parameter without a gradient on zeros, as the "
+                         "servers do")
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, or auto: tessera.device() (this worker's own GPU, or the CPU)")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
@@ -72,8 +82,10 @@ def main() -> None:
     train = TensorDataset(x[:1500], y[:1500], torch.arange(1500, device=device))
     test_x, test_y = x[1500:], y[1500:]
     model = nn.Sequential(nn.Linear(64, 64), *([nn.BatchNorm1d(64)] if args.bn else []),
-                          nn.ReLU(), nn.Linear(64, 10)).to(device)
-    optimizer = build_optimizer(args.optimizer, model)
+                          nn.ReLU(), nn.Linear(64, 10))
+    model = (_WithUnused(model) if args.unused else model).to(device)
+    optimizer = build_optimizer(args.optimizer, model, late=args.late_group > 0)
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     if args.plain:
         sampler = torch.utils.data.DistributedSampler(train, num_replicas=1, rank=0, seed=0)
         micro = args.batch * args.workers // args.accum
@@ -84,7 +96,8 @@ def main() -> None:
     warmup, total = 5, args.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * 0.5 * (1 + math.cos(math.pi * s / total)))
-    loader = DataLoader(train, batch_size=micro, sampler=sampler, drop_last=True)
+    loader = DataLoader(train, batch_size=micro, sampler=sampler, drop_last=True,
+                        num_workers=args.loader_workers)
 
     rank = int(os.environ.get("RANK", "0"))  # torchrun's variable; every Tessera worker has it
     # A replacement worker (--max-restarts) starts at the job's step, its data where its
@@ -98,6 +111,11 @@ def main() -> None:
         for _ in range(len(loader) // args.accum):
             if step == args.steps:
                 break
+            if args.late_group and step == args.late_group:  # and the scheduler follows it
+                optimizer.add_param_group({"params": biases, "weight_decay": 0.0,
+                                           "initial_lr": 3e-3})
+                schedule.base_lrs.append(3e-3)
+                schedule.lr_lambdas.append(schedule.lr_lambdas[0])
             ids = []
             for k in range(args.accum):
                 xb, yb, ib = next(batches)
@@ -113,6 +131,10 @@ def main() -> None:
                 else:
                     norm = model.clip_grad_norm_(args.max_norm)
                 norms.append(float(norm))
+            if args.zero_unused:
+                for p in model.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad()
             schedule.step()
@@ -135,6 +157,17 @@ def main() -> None:
                    "device": str(next(model.parameters()).device)}, f)
     if not args.plain:
         tessera.finish()
+
+
+class _WithUnused(nn.Module):
+    """``body`` plus a head no forward uses (a branch not taken): it never has a gradient."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.aux = body, nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.body(x)
 
 
 class _nothing:
