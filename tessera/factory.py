@@ -73,7 +73,7 @@ def wrap(session: Session, model: torch.nn.Module,
         local = False
     if isinstance(opt, torch.optim.Optimizer):
         wrapped.optimizer_handle = DistributedOptimizer(opt, wrapped.step, wrapped.zero_grad,
-                                                        local=local)
+                                                        local=local, tables=bool(tables))
         if not local:
             wrapped.hparams_source = wrapped.optimizer_handle.changed_hparams
     return wrapped

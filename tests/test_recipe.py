@@ -86,15 +86,22 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     assert 0 < clipped < len(want["norms"]), want["norms"]  # the clip did something
 
 
-def test_allreduce_mode_runs_the_same_recipe(tmp_path):
-    """The recipe, with its biases' param group added at step 4 (add_param_group reaches
-    the script's own optimizer, which steps here), against one process."""
-    with _plain(tmp_path, "--workers", "2", "--steps", "12", "--late-group", "4") as plain:
+@pytest.mark.parametrize("clip", [True, False])
+def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
+    """The recipe with torch.amp.GradScaler (DDP's fp16 recipe: a scaled loss, then
+    ``scaler.unscale_`` before the clip, or without a clip ``scaler.step`` unscaling by
+    itself), against one process. A scale of 2^16 is taken out exactly. With the clip,
+    AdamW with its biases' param group added at step 4 (add_param_group reaches the
+    script's own optimizer, which steps here); without, SGD with momentum, which unlike
+    Adam would move 2^16 times too far on gradients the scaler did not unscale."""
+    args = ("--steps", "12", "--grad-scaler",
+            *(("--late-group", "4") if clip else ("--no-clip", "--optimizer", "sgd")))
+    with _plain(tmp_path, "--workers", "2", *args) as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
-                         "--steps", "12", "--device", "auto", "--late-group", "4")
+                         "--device", "auto", *args)
         want = plain()
         _close(dist, want)
-    assert len(want["lr"]) == 2
+    assert len(want["lr"]) == 2  # (SGD: two groups from the start)
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert dist["device"] == want  # tessera.device() under a launcher
 
@@ -333,7 +340,13 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
                    "backward, so the change would be lost: clip with model.clip_grad_norm_"),
     ("unfreeze", "parameter 'bias' was frozen (requires_grad=False) at tessera.distribute and "
                  "now requires grad"),
-    ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once")])
+    ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once"),
+    ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "
+                    "servers during backward() still multiplied by its loss scale (65536)"),
+    ("grad_scaler_async", "torch.amp.GradScaler cannot step this job: the gradients left"),
+    ("grad_scaler_unscaled", "torch.amp.GradScaler cannot step this job: the gradients left "
+                             "for the servers during backward() still multiplied by its loss "
+                             "scale, which")])
 def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
                            mistake], capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -88,11 +88,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
     """The optimizer a script steps while the servers run the real one (see module)."""
 
     def __init__(self, user: torch.optim.Optimizer, finish_step: Callable[[], bool],
-                 zero_grad: Callable[[], None], local: bool = False):
+                 zero_grad: Callable[[], None], local: bool = False, tables: bool = False):
         # The script's own group dicts: a scheduler built on either object moves them.
         super().__init__(user.param_groups, user.defaults)
         self.user = user
         self.local = local  # the script's optimizer steps here (all-reduce), not on servers
+        #: Gradients leave for servers during backward (server modes; tables' rows in
+        #: any mode): a torch.amp.GradScaler's scale would go with them (:meth:`step`).
+        self._pushes_scaled = not local or tables
+        self._tables = tables
+        if self._pushes_scaled:
+            # torch.amp.GradScaler.step then hands this step its scale and inf check
+            # (``grad_scale``, ``found_inf``) instead of unscaling the gradients itself:
+            # that is how step() learns a scaler is in use, before anything is applied.
+            self._step_supports_amp_scaling = True
         self.user_class = type(user).__name__
         self._finish_step = finish_step
         self._zero_grad = zero_grad
@@ -122,8 +131,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UsageError(f"{self.user_class}.step(closure) cannot run on parameter servers: "
                              f"a closure re-evaluates the whole model inside step(); call "
                              f"loss.backward() and optimizer.step() instead")
+        if self._pushes_scaled and (hasattr(self, "found_inf") or
+                                    getattr(self, "grad_scale", None) is not None):
+            self._refuse_grad_scaler()
         self.applied = self._finish_step()
         return None
+
+    def _refuse_grad_scaler(self) -> None:
+        """A ``torch.amp.GradScaler`` steps this optimizer (it set ``found_inf``): the
+        gradients went to the servers during backward still multiplied by its scale,
+        and each scaler decides on its own worker's gradients only, so the servers would
+        apply them scaled (or one worker would skip a step the others take). Refused
+        before the step is finished; in sync mode the servers still hold it."""
+        scale = getattr(self, "grad_scale", None)
+        scale = f" ({float(scale):g})" if isinstance(scale, torch.Tensor) else ""
+        what = "the tables' row gradients" if self.local else "the gradients"
+        instead = ("" if self.local and self._tables else
+                   "; or use --mode allreduce, where GradScaler works as with DDP")
+        raise UsageError(
+            f"torch.amp.GradScaler cannot step this job: {what} left for the servers during "
+            f"backward() still multiplied by its loss scale{scale}, which the servers would "
+            f"apply as it is; for fp16, use --precision fp16 (a loss scale every worker "
+            f"agrees on) and backward model.scale_loss(loss); for bf16 or fp32, leave the "
+            f"scaler out (GradScaler(enabled=False)){instead}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - grads are views
         self._zero_grad()

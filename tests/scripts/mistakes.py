@@ -9,6 +9,12 @@ from torch import nn
 import tessera
 
 mistake = sys.argv[1]
+if mistake == "grad_scaler_async":  # the same script in async mode
+    import msgspec
+
+    from tessera.cluster import inprocess
+    cfg = inprocess.script_config()
+    inprocess.start(msgspec.structs.replace(cfg, ps=msgspec.structs.replace(cfg.ps, mode="async")))
 model = nn.Linear(4, 2)
 if mistake == "optimizer_class":  # the class, not an object
     tessera.distribute(model, torch.optim.SGD)
@@ -27,6 +33,15 @@ if mistake == "unfreeze":
 if mistake == "add_group":
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)
+if mistake.startswith("grad_scaler"):  # torch's fp16 recipe: a scaled loss, scaler.step
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(x).sum()).backward()
+    if mistake == "grad_scaler_unscaled":  # unscaled before the step (to clip, say)
+        scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    tessera.finish()
+    sys.exit(0)
 model(x).sum().backward()
 if mistake == "second_backward":
     model(x).sum().backward()

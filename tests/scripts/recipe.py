@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--zero-unused", action="store_true",
                     help="with --plain: step a parameter without a gradient on zeros, as the "
                          "servers do")
+    ap.add_argument("--grad-scaler", action="store_true",
+                    help="torch.amp.GradScaler: a scaled loss, unscale_ before the clip, "
+                         "scaler.step (DDP's fp16 recipe; allreduce mode)")
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, or auto: tessera.device() (this worker's own GPU, or the CPU)")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
@@ -104,6 +107,7 @@ def main() -> None:
     # predecessor's last applied step left it (tessera.DistributedSampler).
     step, epoch = (0 if args.plain else model.start_step(args.steps)), 0
     norms = []  # clip_grad_norm_'s return value, per step
+    scaler = torch.amp.GradScaler(device.type, enabled=args.grad_scaler)
     seen = open(f"{args.samples_log}/worker-{rank}.jsonl", "a") if args.samples_log else None
     while step < args.steps:
         sampler.set_epoch(epoch)
@@ -124,8 +128,9 @@ def main() -> None:
                 ctx = model.no_sync() if (not args.plain and not last) else _nothing()
                 with ctx:
                     loss = F.cross_entropy(model(xb), yb) / args.accum
-                    loss.backward()
+                    scaler.scale(loss).backward()
             if not args.no_clip:
+                scaler.unscale_(optimizer)  # (a no-op without --grad-scaler)
                 if args.plain:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
                 else:
@@ -135,7 +140,8 @@ def main() -> None:
                 for p in model.parameters():
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step() without --grad-scaler
+            scaler.update()
             optimizer.zero_grad()
             schedule.step()
             step += 1
