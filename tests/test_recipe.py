@@ -341,6 +341,9 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("unfreeze", "parameter 'bias' was frozen (requires_grad=False) at tessera.distribute and "
                  "now requires grad"),
     ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once"),
+    ("load_after", "the model's parameters were changed in place after tessera.distribute "
+                   "(module.load_state_dict, an init or a clamp under torch.no_grad()?)"),
+    ("clamp", "the model's parameters were changed in place after tessera.distribute"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "
                     "servers during backward() still multiplied by its loss scale (65536)"),
     ("grad_scaler_async", "torch.amp.GradScaler cannot step this job: the gradients left"),

@@ -182,6 +182,12 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                              f"models")
         self._buffer_parts = {p.id for p in shard_map.partitions if p.start >= self._buffers_at}
         self._params = [p for p in module.parameters() if p.requires_grad]
+        #: The sum of the parameters' version counters. Tessera writes the servers' values
+        #: through ``flat`` (each parameter is rebound to a slice of it with ``.data =``, so
+        #: keeps a counter of its own), which moves none of them: a script's in-place change
+        #: of a parameter (load_state_dict, an init or a clamp under no_grad) moves it, and
+        #: would be overwritten unseen by the servers' next values.
+        self._param_version = self._versions()
         #: Parameters frozen now: never on the servers, so never trainable later.
         self._frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
         offsets = shard_map.param_offsets()
@@ -339,6 +345,14 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 f"servers hold only the parameters trainable then, so it would never train: "
                 f"leave it trainable at tessera.distribute, in a param group with lr 0 until "
                 f"you unfreeze it")
+        if self._versions() != self._param_version:
+            raise UsageError(
+                f"worker {self.client.worker}: the model's parameters were changed in place "
+                f"after tessera.distribute (module.load_state_dict, an init or a clamp under "
+                f"torch.no_grad()?), but the servers hold the parameters and each step's values "
+                f"overwrite the change: load "
+                f"or initialise them before tessera.distribute (worker 0's values seed the "
+                f"servers), resume with --resume, or use --mode allreduce")
         if self._sent_version is not None and self.flat_grad._version != self._sent_version:
             raise UsageError(
                 f"worker {self.client.worker}: the gradients were changed after backward() "
@@ -534,3 +548,6 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self.flat_buffers[info.start - at:info.stop - at].copy_(tensor)
             else:
                 self.flat[info.start:info.stop].copy_(tensor)
+
+    def _versions(self) -> int:
+        return sum(p._version for p in self._params)

@@ -30,6 +30,14 @@ net = model
 model, optimizer = tessera.distribute(model, optimizer)
 if mistake == "unfreeze":
     net.bias.requires_grad_(True)
+if mistake == "load_after":  # weights loaded into the module after distribute
+    net.load_state_dict({k: v + 1 for k, v in net.state_dict().items()})
+if mistake == "clamp":  # a step, then WGAN's weight clipping: the servers' next values win
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.clamp_(-0.01, 0.01)
 if mistake == "add_group":
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)
@@ -54,7 +62,7 @@ if mistake == "clip_value":
 if mistake == "read_grads":  # not a mistake: reading them (a logged norm) changes nothing
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm > 0 and all(p.grad is not None for p in model.parameters())
-if mistake in ("torch_clip", "clip_value", "read_grads", "unfreeze"):
+if mistake in ("torch_clip", "clip_value", "read_grads", "unfreeze", "load_after", "clamp"):
     optimizer.step()
     optimizer.zero_grad()
 tessera.finish()
