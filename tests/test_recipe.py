@@ -285,6 +285,22 @@ def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
+def test_hybrid_mode_refuses_a_grad_scaler_whose_scale_the_rows_carry(tmp_path):
+    """Hybrid mode: the dense part would take a torch.amp.GradScaler as DDP does, but the
+    table's row gradients leave for the servers during backward still scaled, so the
+    first scaler.step stops the job in one line (without the allreduce remedy, which has
+    no tables)."""
+    script = ROOT / "tests" / "scripts" / "recipe_tables.py"
+    code, output = run_cli(["launch", "--workers", 1, "--servers", 1, "--mode", "hybrid",
+                            "--out", tmp_path / "run", "--quiet", script,
+                            "--out", tmp_path / "dist.json", "--grad-scaler"], timeout_s=180)
+    assert code != 0
+    log = (tmp_path / "run" / "logs" / "worker-0.log").read_text()
+    assert "torch.amp.GradScaler cannot step this job: the tables' row gradients left for the " \
+           "servers during backward() still multiplied by its loss scale (65536)" in log, log
+    assert "--mode allreduce" not in log and "Traceback" not in log, log
+
+
 @pytest.mark.parametrize("cluster", [["--servers", 2], ["--servers", 0, "--mode", "allreduce"]],
                          ids=["sync", "allreduce"])
 def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--grad-scaler", action="store_true",
+                    help="torch.amp.GradScaler (refused in hybrid mode: the rows leave scaled)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -76,11 +78,13 @@ def main() -> None:
         optimizer, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     loader = DataLoader(train, batch_size=args.batch, sampler=sampler, drop_last=True)
     step = 0
+    scaler = torch.amp.GradScaler("cpu", enabled=args.grad_scaler)
     for xb, ib, yb in loader:
         if step == args.steps:
             break
-        F.cross_entropy(model(xb, ib), yb).backward()
-        optimizer.step()
+        scaler.scale(F.cross_entropy(model(xb, ib), yb)).backward()
+        scaler.step(optimizer)  # optimizer.step() without --grad-scaler
+        scaler.update()
         if args.plain:
             rows.step()
             rows.zero_grad()
