@@ -65,6 +65,10 @@ def _close(got: dict, want: dict, rel: float = 1e-4) -> None:
     assert got["steps"] == want["steps"]
     assert got["lr"] == pytest.approx(want["lr"], rel=1e-9)  # the scheduler moved the same way
     assert abs(got["eval_loss"] - want["eval_loss"]) <= rel * abs(want["eval_loss"]), (got, want)
+    if want.get("ema_eval_loss") is not None:  # --ema: AveragedModel(model) took every step
+        assert abs(got["ema_eval_loss"] - want["ema_eval_loss"]) <= \
+            rel * abs(want["ema_eval_loss"]), (got, want)
+        assert got["ema_eval_loss"] != got["eval_loss"]
 
 
 def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp_path):
@@ -74,11 +78,14 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     steps, and every step's returned norm the same. The servers decide each clipped
     clock among themselves (tessera.ps.agreement), so this holds their coefficient to
     torch's; at 0.5 about half the steps clip (the norms are 0.37-0.73). The workers'
-    DataLoaders each fork 2 loader processes (num_workers=2), the plain one none."""
-    with _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5") as plain:
+    DataLoaders each fork 2 loader processes (num_workers=2), the plain one none. An EMA
+    (``AveragedModel(model)``, built on the wrapper as a DDP recipe builds it on DDP:
+    ``copy.deepcopy`` gives the plain module) follows every step alike."""
+    with _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5",
+                "--ema") as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
                                     "--partition-mb", 0.004], "--steps", "32",
-                         "--max-norm", "0.5", "--loader-workers", "2")
+                         "--max-norm", "0.5", "--loader-workers", "2", "--ema")
         want = plain()
         _close(dist, want)
     assert dist["norms"] == pytest.approx(want["norms"], rel=1e-4)
@@ -93,8 +100,9 @@ def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
     itself), against one process. A scale of 2^16 is taken out exactly. With the clip,
     AdamW with its biases' param group added at step 4 (add_param_group reaches the
     script's own optimizer, which steps here); without, SGD with momentum, which unlike
-    Adam would move 2^16 times too far on gradients the scaler did not unscale."""
-    args = ("--steps", "12", "--grad-scaler",
+    Adam would move 2^16 times too far on gradients the scaler did not unscale. An EMA
+    (``AveragedModel`` of the wrapper) follows along."""
+    args = ("--steps", "12", "--grad-scaler", "--ema",
             *(("--late-group", "4") if clip else ("--no-clip", "--optimizer", "sgd")))
     with _plain(tmp_path, "--workers", "2", *args) as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
@@ -360,6 +368,8 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("load_after", "the model's parameters were changed in place after tessera.distribute "
                    "(module.load_state_dict, an init or a clamp under torch.no_grad()?)"),
     ("clamp", "the model's parameters were changed in place after tessera.distribute"),
+    ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
+                    "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "
                     "servers during backward() still multiplied by its loss scale (65536)"),
     ("grad_scaler_async", "torch.amp.GradScaler cannot step this job: the gradients left"),

@@ -39,6 +39,7 @@ The settings a factory hands a wrapper come in small frozen groups
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -170,6 +171,22 @@ class DistributedModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy(model)``: the plain module with the values this process holds, a
+        model of its own (its parameters fresh tensors, without gradients or hooks). DDP's
+        deepcopy is another DDP; a copy of this wrapper would share its sockets and
+        buffers. So a recipe's ``AveragedModel(model)`` (an EMA) or ``best =
+        copy.deepcopy(model)`` works as with DDP, and the copy's ``state_dict`` has the
+        wrapper's keys (the plain module's); ``update_parameters(model)`` reads the
+        wrapper's parameters, which are the module's, in the same order."""
+        if not self.whole_model:
+            raise self.refuse("copy.deepcopy(model)", "this process holds one stage of the "
+                              "model; copy the plain model before tessera.distribute")
+        if getattr(self, "tables", None):
+            raise self.refuse("copy.deepcopy(model)", "the sharded tables' rows live on the "
+                              "servers; copy the dense part (a submodule) instead")
+        return copy.deepcopy(self.module, memo)
 
     #: Whether this process holds the whole model (a pipeline stage holds a slice).
     whole_model = True

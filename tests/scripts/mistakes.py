@@ -15,6 +15,12 @@ if mistake == "grad_scaler_async":  # the same script in async mode
     from tessera.cluster import inprocess
     cfg = inprocess.script_config()
     inprocess.start(msgspec.structs.replace(cfg, ps=msgspec.structs.replace(cfg.ps, mode="async")))
+if mistake == "copy_tables":  # an EMA of a model whose table rows live on the servers
+    import copy
+
+    import tessera.nn
+    table = tessera.nn.ShardedEmbedding(10, 4, name="users", optimizer="sgd", lr=0.1)
+    copy.deepcopy(tessera.distribute(nn.Sequential(table), "sgd", lr=0.1))
 model = nn.Linear(4, 2)
 if mistake == "optimizer_class":  # the class, not an object
     tessera.distribute(model, torch.optim.SGD)

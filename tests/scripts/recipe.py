@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--grad-scaler", action="store_true",
                     help="torch.amp.GradScaler: a scaled loss, unscale_ before the clip, "
                          "scaler.step (DDP's fp16 recipe; allreduce mode)")
+    ap.add_argument("--ema", action="store_true",
+                    help="an EMA of the model: torch.optim.swa_utils.AveragedModel(model), "
+                         "updated after every step")
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, or auto: tessera.device() (this worker's own GPU, or the CPU)")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
@@ -96,6 +99,10 @@ def main() -> None:
         model, optimizer = tessera.distribute(model, optimizer)
         sampler = tessera.DistributedSampler(train, seed=0)
         micro = args.batch // args.accum
+    # (built on the wrapper, as a DDP recipe builds it on DDP: a deepcopy of the model)
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+        if args.ema else None)
     warmup, total = 5, args.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -144,6 +151,8 @@ def main() -> None:
             scaler.update()
             optimizer.zero_grad()
             schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             if seen is not None:  # applied: these samples count as seen
                 seen.write(json.dumps({"epoch": epoch, "step": step, "ids": ids}) + "\n")
@@ -154,10 +163,12 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         eval_loss = F.cross_entropy(model(test_x), test_y).item()
+        ema_loss = F.cross_entropy(ema(test_x), test_y).item() if ema is not None else None
     state = model.state_dict()
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     with open(out, "w") as f:
-        json.dump({"eval_loss": eval_loss, "steps": step, "norms": norms,
+        json.dump({"eval_loss": eval_loss, "ema_eval_loss": ema_loss, "steps": step,
+                   "norms": norms,
                    "lr": [g["lr"] for g in optimizer.param_groups],
                    "params": {k: v.reshape(-1).tolist() for k, v in state.items()},
                    "device": str(next(model.parameters()).device)}, f)
