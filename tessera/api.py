@@ -427,5 +427,10 @@ def finish(**stats: Any) -> None:
 def forget_job() -> None:
     """Drop this context's job, whatever became of it: an in-process run that ended
     without ``finish()`` (its worker raised) must not hand its closed job, and the model
-    distributed in it, to the next ``tessera.init()`` of the same thread."""
+    distributed in it, to the next ``tessera.init()`` of the same thread, nor the
+    workers' torch.distributed group it formed (tessera.parallel.collectives)."""
+    job = _current.get()
     _current.set(None)
+    if job is not None:
+        from tessera.parallel.collectives import leave
+        leave()

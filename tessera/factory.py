@@ -111,6 +111,7 @@ def _parameter_servers(session, model, opt, tables, amp, device):
                      optimizer=spec if first else None,
                      tables=[t.spec for t in tables] if first else [],
                      frozen=frozen_digests(model))
+    _join_store_group(session)
     client = _connect_client(session, amp.policy)
     view, hb = session.view, session.heartbeat
     hooks = Hooks(log=_log, profiler=session.profiler,
@@ -241,6 +242,28 @@ def _batch_bytes(cfg) -> int:
     a failover goes one push per partition (PSClient.reroute), each clock-checked and
     deduplicated on its own by its partition's new owner."""
     return int(cfg.ps.batch_kib * 1024)
+
+
+def _join_store_group(session) -> None:
+    """The server modes' ``torch.distributed`` group: the workers, their collectives
+    through the coordinator's authenticated store (:mod:`tessera.parallel.collectives`),
+    so a recipe's ``dist.get_rank()`` and metric ``all_reduce`` work as under DDP. A wait
+    lasts as long as Gloo's default (a worker may be far ahead in async mode) and ends at
+    once when the job fails."""
+    import torch.distributed as dist
+    from tessera.parallel import collectives
+    if not dist.is_available() or dist.is_initialized():
+        return  # the script made its own group
+    wait_s = max(2 * session.cfg.cluster.timeout_s, collectives.WAIT_S)
+    if session.num_workers == 1:
+        store = dist.HashStore()  # one worker: every collective is its own
+    else:
+        from tessera.parallel.rendezvous import CoordinatorStore
+        store = CoordinatorStore(session.ctx, session.coordinator, session.secret,
+                                 timeout_s=wait_s, check=session.check)
+        session.collective_store = store
+    collectives.join(store, rank=session.rank, world_size=session.num_workers,
+                     generation=session.generation, timeout_s=wait_s)
 
 
 def _join_process_group(session, device, *, opt=None, tables=(), p2p=False):

@@ -65,6 +65,12 @@ def _close(got: dict, want: dict, rel: float = 1e-4) -> None:
     assert got["steps"] == want["steps"]
     assert got["lr"] == pytest.approx(want["lr"], rel=1e-9)  # the scheduler moved the same way
     assert abs(got["eval_loss"] - want["eval_loss"]) <= rel * abs(want["eval_loss"]), (got, want)
+    if want.get("dist_eval") is not None:  # --dist-eval: the DDP recipe's own metric sums
+        got_d, want_d = got["dist_eval"], want["dist_eval"]
+        assert got_d["samples"] == want_d["samples"] == 297  # every test sample, once
+        assert abs(got_d["loss"] - want_d["loss"]) <= rel * want_d["loss"], (got_d, want_d)
+        assert got_d["accuracy"] == want_d["accuracy"]
+        assert got_d["loss"] == pytest.approx(got["eval_loss"], rel=1e-6)
     if want.get("ema_eval_loss") is not None:  # --ema: AveragedModel(model) took every step
         assert abs(got["ema_eval_loss"] - want["ema_eval_loss"]) <= \
             rel * abs(want["ema_eval_loss"]), (got, want)
@@ -80,14 +86,19 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     torch's; at 0.5 about half the steps clip (the norms are 0.37-0.73). The workers'
     DataLoaders each fork 2 loader processes (num_workers=2), the plain one none. An EMA
     (``AveragedModel(model)``, built on the wrapper as a DDP recipe builds it on DDP:
-    ``copy.deepcopy`` gives the plain module) follows every step alike."""
+    ``copy.deepcopy`` gives the plain module) follows every step alike. The evaluation is
+    a DDP recipe's (``--dist-eval``): ``dist.get_rank()``'s share of the test set, sums
+    ``dist.all_reduce``'d, a ``dist.barrier()``."""
     with _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5",
-                "--ema") as plain:
+                "--ema", "--dist-eval") as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
                                     "--partition-mb", 0.004], "--steps", "32",
-                         "--max-norm", "0.5", "--loader-workers", "2", "--ema")
+                         "--max-norm", "0.5", "--loader-workers", "2", "--ema", "--dist-eval")
         want = plain()
         _close(dist, want)
+    # The script's own torch.distributed calls (rank, all_reduce, barrier) ran on the
+    # workers' group that the server modes form through the coordinator.
+    assert (dist["dist_eval"]["world"], dist["dist_eval"]["backend"]) == (2, "tessera")
     assert dist["norms"] == pytest.approx(want["norms"], rel=1e-4)
     clipped = sum(n > 0.5 for n in want["norms"])
     assert 0 < clipped < len(want["norms"]), want["norms"]  # the clip did something
@@ -97,18 +108,20 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
 def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
     """The recipe with torch.amp.GradScaler (DDP's fp16 recipe: a scaled loss, then
     ``scaler.unscale_`` before the clip, or without a clip ``scaler.step`` unscaling by
-    itself), against one process. A scale of 2^16 is taken out exactly. With the clip,
+    itself), against one process. A scale of 2^16 is taken out exactly; the DDP-style
+    evaluation (``--dist-eval``) runs on allreduce mode's Gloo group. With the clip,
     AdamW with its biases' param group added at step 4 (add_param_group reaches the
     script's own optimizer, which steps here); without, SGD with momentum, which unlike
     Adam would move 2^16 times too far on gradients the scaler did not unscale. An EMA
     (``AveragedModel`` of the wrapper) follows along."""
-    args = ("--steps", "12", "--grad-scaler", "--ema",
+    args = ("--steps", "12", "--grad-scaler", "--ema", "--dist-eval",
             *(("--late-group", "4") if clip else ("--no-clip", "--optimizer", "sgd")))
     with _plain(tmp_path, "--workers", "2", *args) as plain:
         dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
                          "--device", "auto", *args)
         want = plain()
         _close(dist, want)
+    assert dist["dist_eval"]["backend"] == "gloo"
     assert len(want["lr"]) == 2  # (SGD: two groups from the start)
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert dist["device"] == want  # tessera.device() under a launcher
@@ -250,7 +263,7 @@ def test_killed_worker_continues_its_share_every_sample_seen_once(tmp_path):
     seen.mkdir()
     job = Job(["launch", "--workers", 2, "--servers", 2, "--max-restarts", 1, "--out", run,
                "--quiet", RECIPE, "--out", tmp_path / "dist.json", "--steps", 50, "--batch",
-               30, "--sleep", 0.1, "--samples-log", seen], timeout_s=240)
+               30, "--sleep", 0.1, "--samples-log", seen, "--dist-eval"], timeout_s=240)
     # 50 steps, though the assertions are about epoch 0 (25 steps): worker 0 runs on while
     # worker 1's replacement starts (a fork: milliseconds), and the replacement needs steps
     # left to finish its share of epoch 0 (with 30 steps and fresh processes it did not
@@ -268,6 +281,45 @@ def test_killed_worker_continues_its_share_every_sample_seen_once(tmp_path):
            for line in (seen / name).read_text().splitlines()
            for rec in [json.loads(line)] if rec["epoch"] == 0 for i in rec["ids"]]
     assert sorted(ids) == list(range(1500))  # every sample of epoch 0, each once
+    # The replacement's metric all_reduce (its first collective, its predecessor made none)
+    # paired with worker 0's: every test sample counted once.
+    assert json.loads((tmp_path / "dist.json").read_text())["dist_eval"]["samples"] == 297
+
+
+def test_a_replaced_worker_whose_predecessor_made_collectives_is_refused_in_one_line(tmp_path):
+    """A script's torch.distributed.barrier() right after distribute, then kill -9 of
+    worker 1 mid-training with --max-restarts 1: the replacement's script starts over at
+    that barrier while worker 0 trains on, so their calls cannot pair up. The replacement
+    says so in one line at once, and the job fails within seconds, not after the
+    collectives' half-hour wait (worker 0, waiting in its final all_reduce, is answered
+    when the job fails)."""
+    import os
+    import signal
+    import time
+
+    from tests.harness import Job, wait_for
+    from tests.test_faults import pid_of
+
+    seen, run = tmp_path / "seen", tmp_path / "run"
+    seen.mkdir()
+    job = Job(["launch", "--workers", 2, "--servers", 1, "--max-restarts", 1, "--out", run,
+               "--quiet", RECIPE, "--out", tmp_path / "dist.json", "--steps", 40, "--batch",
+               30, "--sleep", 0.05, "--samples-log", seen, "--dist-eval", "--barrier-first"],
+              timeout_s=120)
+    log = seen / "worker-1.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5
+             or job.proc.poll() is not None, 120, "worker 1's first steps")
+    assert job.proc.poll() is None, "the job ended before the kill"
+    os.kill(pid_of(run, "worker", 1), signal.SIGKILL)
+    killed = time.monotonic()
+    code, output = job.wait()
+    assert code != 0
+    assert time.monotonic() - killed < 60
+    says = ("torch.distributed.barrier (collective #1 of this job's workers): this worker "
+            "replaced one that had called torch.distributed collectives")
+    worker1 = (run / "logs" / "worker-1.log").read_text()
+    assert says in worker1, worker1
+    assert "Traceback" not in worker1
 
 
 def test_hybrid_mode_runs_the_recipe_with_a_table(tmp_path):
@@ -368,6 +420,11 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("load_after", "the model's parameters were changed in place after tessera.distribute "
                    "(module.load_state_dict, an init or a clamp under torch.no_grad()?)"),
     ("clamp", "the model's parameters were changed in place after tessera.distribute"),
+    ("collective_too_big", "torch.distributed.all_reduce of a (262144,) float32 tensor "
+                           "(1,048,576 bytes): in the server modes (sync, async, ssp) the "
+                           "workers' process group carries metrics-sized tensors"),
+    ("reduce_scatter", "torch.distributed.reduce_scatter is not supported by the server modes' "
+                       "process group"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
                     "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "
@@ -392,3 +449,43 @@ def test_reading_gradients_after_backward_is_no_change(tmp_path):
                            "read_grads"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+COLLECTIVES = ROOT / "tests" / "scripts" / "collectives.py"
+
+
+def test_a_scripts_torch_distributed_calls_work_in_a_server_mode(tmp_path):
+    """A DDP script's own torch.distributed calls, async mode, 2 workers: rank and world
+    size, all_reduce with every ReduceOp (fp32, int32, bf16), broadcast, all_gather,
+    reduce, gather, scatter, all_gather_object, async_op, barrier, and torch's own
+    DistributedSampler() without arguments. Worker 1 reaches them 2 s after worker 0,
+    which waits in the first."""
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--mode", "async",
+                            "--out", tmp_path / "run", "--quiet", COLLECTIVES, "--out",
+                            tmp_path / "got", "--late", 2], timeout_s=120)
+    assert code == 0, output
+    got = [json.loads((tmp_path / f"got.rank{r}").read_text()) for r in range(2)]
+    for r, g in enumerate(got):
+        assert (g["rank"], g["world"], g["backend"], g["tessera_rank"]) == (r, 2, "tessera", r)
+        assert g["sum"] == [3.0, (torch.tensor(0.1) + torch.tensor(0.2)).item()]  # fp32, 0+1
+        assert (g["max"], g["min"], g["avg"], g["product"], g["bor"]) == (3.0, 2.0, 2.5, 6.0, 3)
+        assert g["bf16"] == [3.0, 3.0, 3.0]
+        assert g["broadcast"] == 42.0
+        assert g["all_gather"] == [[0.0, 0.0], [1.0, 10.0]]
+        assert g["scatter"] == [float(r)] * 2
+        assert g["all_gather_object"] == [{"rank": 0}, {"rank": 1}]
+        assert g["async_op"] is True
+        assert g["sampler"] == [2, r, list(range(r, 10, 2))]
+    assert got[0]["sum"] == got[1]["sum"]  # the same bits on every worker
+    assert got[1]["reduce_at_1"] == 3.0 and got[0]["gather_at_0"] == [0.0, 5.0]
+
+
+def test_collectives_called_out_of_order_stop_the_job_in_one_line(tmp_path):
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--out",
+                            tmp_path / "run", "--quiet", COLLECTIVES, "--out", tmp_path / "got",
+                            "--mismatch"], timeout_s=120)
+    assert code != 0
+    logs = "".join((tmp_path / "run" / "logs" / f"worker-{r}.log").read_text() for r in (0, 1))
+    assert "worker 0 called all_reduce at this point, this worker broadcast with root 0: every " \
+           "worker must call the same collectives in the same order" in logs, logs
+    assert "Traceback" not in logs

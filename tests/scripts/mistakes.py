@@ -44,6 +44,12 @@ if mistake == "clamp":  # a step, then WGAN's weight clipping: the servers' next
     with torch.no_grad():
         for p in model.parameters():
             p.clamp_(-0.01, 0.01)
+if mistake == "collective_too_big":  # a model-sized all_reduce (DDP-style averaging)
+    import torch.distributed as dist
+    dist.all_reduce(torch.ones(1 << 18))
+if mistake == "reduce_scatter":  # a collective the server modes' group does not carry
+    import torch.distributed as dist
+    dist.reduce_scatter(torch.zeros(2), [torch.ones(2)])
 if mistake == "add_group":
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)

@@ -75,6 +75,11 @@ def main() -> None:
                          "updated after every step")
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, or auto: tessera.device() (this worker's own GPU, or the CPU)")
+    ap.add_argument("--dist-eval", action="store_true",
+                    help="evaluate as a DDP recipe does: each worker its torch.distributed "
+                         "rank's share of the test set, sums all_reduce'd")
+    ap.add_argument("--barrier-first", action="store_true",
+                    help="a torch.distributed.barrier() right after tessera.distribute")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step (slow workers)")
     ap.add_argument("--out", required=True)
@@ -99,6 +104,8 @@ def main() -> None:
         model, optimizer = tessera.distribute(model, optimizer)
         sampler = tessera.DistributedSampler(train, seed=0)
         micro = args.batch // args.accum
+        if args.barrier_first:  # (a DDP script's "rank 0 prepares, the others wait")
+            torch.distributed.barrier()
     # (built on the wrapper, as a DDP recipe builds it on DDP: a deepcopy of the model)
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
@@ -164,16 +171,38 @@ def main() -> None:
     with torch.no_grad():
         eval_loss = F.cross_entropy(model(test_x), test_y).item()
         ema_loss = F.cross_entropy(ema(test_x), test_y).item() if ema is not None else None
+    dist_eval = _dist_eval(model, test_x, test_y, args.plain) if args.dist_eval else None
     state = model.state_dict()
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     with open(out, "w") as f:
         json.dump({"eval_loss": eval_loss, "ema_eval_loss": ema_loss, "steps": step,
+                   "dist_eval": dist_eval,
                    "norms": norms,
                    "lr": [g["lr"] for g in optimizer.param_groups],
                    "params": {k: v.reshape(-1).tolist() for k, v in state.items()},
                    "device": str(next(model.parameters()).device)}, f)
     if not args.plain:
         tessera.finish()
+
+
+def _dist_eval(model, test_x, test_y, plain: bool) -> dict:
+    """A DDP recipe's evaluation, unchanged: torch.distributed says which share of the test
+    set is this worker's; the loss sum, the correct count and the sample count are summed
+    over the workers with ``dist.all_reduce``, then every worker holds the same figures."""
+    import torch.distributed as dist
+    rank, world = (0, 1) if plain else (dist.get_rank(), dist.get_world_size())
+    xs, ys = test_x[rank::world], test_y[rank::world]
+    model.eval()
+    with torch.no_grad():
+        logits = model(xs)
+        sums = torch.tensor([F.cross_entropy(logits, ys, reduction="sum").item(),
+                             (logits.argmax(1) == ys).sum().item(), len(ys)], dtype=torch.float64)
+    if not plain:
+        dist.all_reduce(sums)
+        dist.barrier()
+    return {"loss": sums[0].item() / sums[2].item(), "accuracy": sums[1].item() / sums[2].item(),
+            "samples": int(sums[2].item()), "world": world, "backend": (
+                None if plain else dist.get_backend())}
 
 
 class _WithUnused(nn.Module):
