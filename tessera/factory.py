@@ -102,6 +102,14 @@ def _parameter_servers(session, model, opt, tables, amp, device):
     if tables and two_phase(cfg):
         raise UsageError("sharded embedding tables with precision fp16 in sync mode are not "
                          "supported yet; use --precision bf16 (same wire savings, no loss scaling)")
+    sync_bn = next((n for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.SyncBatchNorm)), None)
+    if sync_bn is not None:
+        raise UsageError(
+            f"nn.SyncBatchNorm {sync_bn!r}: in --mode {cfg.ps.mode} the workers' "
+            f"torch.distributed group carries metrics, not a collective in every forward; "
+            f"use nn.BatchNorm (the servers average its running statistics over the workers "
+            f"every step) or --mode allreduce")
     layout = param_layout(model)
     spec = (spec_from_optimizer(opt, model) if isinstance(opt, torch.optim.Optimizer)
             else spec_from_config(opt))
@@ -263,7 +271,7 @@ def _join_store_group(session) -> None:
                                  timeout_s=wait_s, check=session.check)
         session.collective_store = store
     collectives.join(store, rank=session.rank, world_size=session.num_workers,
-                     generation=session.generation, timeout_s=wait_s)
+                     timeout_s=wait_s)
 
 
 def _join_process_group(session, device, *, opt=None, tables=(), p2p=False):

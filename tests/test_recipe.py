@@ -423,6 +423,8 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("collective_too_big", "torch.distributed.all_reduce of a (262144,) float32 tensor "
                            "(1,048,576 bytes): in the server modes (sync, async, ssp) the "
                            "workers' process group carries metrics-sized tensors"),
+    ("sync_batchnorm", "nn.SyncBatchNorm '1': in --mode sync the workers' torch.distributed "
+                       "group carries metrics, not a collective in every forward"),
     ("reduce_scatter", "torch.distributed.reduce_scatter is not supported by the server modes' "
                        "process group"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "

@@ -28,14 +28,13 @@ coordinator (about a millisecond on one host). Model-sized collectives belong to
 Exactness: every rank reduces the W contributions itself, in rank order, so every
 rank ends with the same bits (as Gloo's ring does not promise).
 
-Keys: ``tessera-pg/<generation>/<n>/<rank>`` for the n-th collective of this job's
+Keys: ``tessera-pg/<n>/<rank>`` for the n-th collective of this job's
 workers, deleted by the last worker to finish reading them (a counter beside them),
 so the store holds only collectives in flight.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Optional
 
@@ -374,41 +373,31 @@ class StoreGroup(dist.ProcessGroup):
         self._refuse("recv")
 
 
-_registered = threading.Lock()
+#: The group's keys in the store. A server-mode job never re-forms its workers (a dead
+#: worker is replaced alone), and a re-formed job starts a new coordinator with a new
+#: store, so one namespace per store is enough.
+PREFIX = "tessera-pg"
 
 
-def _register() -> None:
-    with _registered:
-        if not hasattr(dist.Backend, BACKEND.upper()):
-            dist.Backend.register_backend(BACKEND, _create, devices=["cpu", "cuda"])
+def _create(store, rank: int, world_size: int, timeout) -> StoreGroup:
+    """torch's backend hook (``dist.Backend.register_backend``): the group over the
+    store :func:`join` passed (torch hands it over wrapped in a ``PrefixStore``)."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return StoreGroup(store, rank, world_size, prefix=PREFIX,
+                      timeout_s=timeout.total_seconds())
 
 
-_pending: dict = {}
-
-
-def _create(store, rank, world_size, timeout):
-    """torch's backend hook: the group :func:`join` asked for (its store, not torch's
-    prefixed wrapper of it)."""
-    args = _pending.pop("args")
-    return StoreGroup(args["store"], rank, world_size, prefix=args["prefix"],
-                      timeout_s=args["timeout_s"])
-
-
-def join(store: dist.Store, *, rank: int, world_size: int, generation: int,
-         timeout_s: float) -> bool:
+def join(store: dist.Store, *, rank: int, world_size: int, timeout_s: float) -> bool:
     """Make the job's workers ``torch.distributed``'s default group (module docstring);
     False, doing nothing, when this process already has one (the script made its own)."""
+    import datetime
     if not dist.is_available() or dist.is_initialized():
         return False
-    _register()
-    import datetime
-    _pending["args"] = {"store": store, "prefix": f"tessera-pg/{generation}",
-                        "timeout_s": timeout_s}
-    try:
-        dist.init_process_group(BACKEND, store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=max(1.0, math.ceil(timeout_s))))
-    finally:
-        _pending.pop("args", None)
+    if not hasattr(dist.Backend, BACKEND.upper()):  # once per process
+        dist.Backend.register_backend(BACKEND, _create, devices=["cpu", "cuda"])
+    dist.init_process_group(BACKEND, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 

@@ -22,6 +22,9 @@ if mistake == "copy_tables":  # an EMA of a model whose table rows live on the s
     table = tessera.nn.ShardedEmbedding(10, 4, name="users", optimizer="sgd", lr=0.1)
     copy.deepcopy(tessera.distribute(nn.Sequential(table), "sgd", lr=0.1))
 model = nn.Linear(4, 2)
+if mistake == "sync_batchnorm":  # a DDP model converted with convert_sync_batchnorm
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(4, 4),
+                                                                  nn.BatchNorm1d(4)))
 if mistake == "optimizer_class":  # the class, not an object
     tessera.distribute(model, torch.optim.SGD)
 if mistake == "unknown_name":
