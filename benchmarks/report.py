@@ -219,6 +219,12 @@ TABLES = [
         ("test accuracy sync / allreduce / DDP", lambda r: " / ".join(
             _fmt(r[f"{k}_eval_accuracy"]) for k in ("tessera_sync", "tessera_allreduce",
                                                      "ddp")))]),
+    Table("metric_collectives", "metric_collectives", "A recipe's metric collectives: the "
+          "server modes' group against Gloo (µs per call, 2 workers)", [
+        ("call", "call"), ("calls", "calls"), ("rounds", "rounds"),
+        ("tessera (sync) µs", "tessera_us"), ("tessera allreduce mode (Gloo) µs",
+                                               "tessera_gloo_us"),
+        ("plain Gloo (DDP) µs", "gloo_us"), ("tessera / plain Gloo", "tessera_vs_gloo")]),
     Table("stragglers", "stragglers", "A persistent 3x straggler: sync, ssp K=2, async and "
           "the balancing remedy", [*_STRAGGLER_COLS, ("samples per worker", "samples_per_worker"),
                                    ("slow factor", "slow_factor")]),

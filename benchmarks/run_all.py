@@ -41,6 +41,7 @@ BENCHES: dict[str, list[str]] = {
     "profiler_overhead": ["profiler_overhead.py"],
     "allreduce_vs_ps": ["allreduce_vs_ps.py"],
     "recipe_throughput": ["recipe_throughput.py", "--steps", "600"],
+    "metric_collectives": ["metric_collectives.py"],
     "stragglers": ["stragglers.py", "--steps", "600"],
     "stragglers_transient": ["stragglers.py", "--transient", "0.25"],
     "pipeline": ["pipeline.py"],

@@ -111,6 +111,38 @@ def test_job_failure_ends_held_waits_with_the_reason(ctx, coordinator):
     assert time.monotonic() - t0 < 5
 
 
+def test_an_exchange_is_one_collective_in_one_round_trip_and_leaves_nothing(ctx, coordinator):
+    """The server modes' collectives (tessera.parallel.collectives): three ranks each
+    publish their part for the two others and get the others' parts, held until all are
+    there; each part is deleted once both of its readers have read it. A gather: only
+    rank 0 reads, so the others' parts go with its read, and rank 0 publishes nothing."""
+    ranks = [store(ctx, coordinator) for _ in range(3)]
+    got = {}
+
+    def one(r, delay):
+        time.sleep(delay)
+        got[r] = ranks[r].exchange([f"pg/0/{o}" for o in range(3) if o != r],
+                                   publish=f"pg/0/{r}", value=bytes([r]) * 3, readers=2)
+    threads = [threading.Thread(target=one, args=(r, 0.3 * r)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got == {0: [b"\x01" * 3, b"\x02" * 3], 1: [b"\x00" * 3, b"\x02" * 3],
+                   2: [b"\x00" * 3, b"\x01" * 3]}
+    assert ranks[0].num_keys() == 0 and coordinator.store.nbytes == 0
+    for r in (1, 2):
+        assert ranks[r].exchange([], publish=f"pg/1/{r}", value=b"g", readers=1) == []
+    assert ranks[0].exchange(["pg/1/1", "pg/1/2"]) == [b"g", b"g"]
+    assert ranks[0].num_keys() == 0 and not coordinator.store.readers
+    # A part nobody would read is refused (it would stay for ever); a missing one times out.
+    with pytest.raises(RendezvousError, match="publishes a key for at least one reader"):
+        ranks[1].exchange([], publish="pg/2/1", value=b"x", readers=0)
+    assert ranks[1].exchange(["pg/2/0"], wait_s=0.3) is None
+    for r in ranks:
+        r.close()
+
+
 def test_a_process_without_the_secret_cannot_reach_the_store(ctx, coordinator):
     with pytest.raises(AuthRefused):
         store(ctx, coordinator, secret="not-the-job-secret-0000")

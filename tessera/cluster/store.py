@@ -53,11 +53,15 @@ class RendezvousStore:
         self.data: dict[str, bytes] = {}
         self.nbytes = 0
         self.held: list[_Held] = []
+        #: Keys an exchange published: how many exchanges are still to read each.
+        self.readers: dict[str, int] = {}
 
     def handle(self, peer: bytes, msg: wire.StoreOp, now: float) -> list[tuple[bytes, Reply]]:
         """Serve ``msg``; returns the replies to send now (none when it is held, and
         possibly replies to held requests that a set has made answerable)."""
         op, keys, req = msg.call, msg.keys, msg.req
+        if op == "exchange":
+            return self._exchange(peer, msg, now)
         takes = "no keys" if op == "num_keys" else "one or more keys" if op in (
             "wait", "check") else "one key"
         if len(keys) != {"no keys": 0, "one key": 1}.get(takes, max(len(keys), 1)):
@@ -78,6 +82,7 @@ class RendezvousStore:
         if op == "num_keys":
             return [(peer, wire.StoreReply(req=req, number=len(self.data)))]
         if op == "delete_key":
+            self.readers.pop(key, None)
             old = self.data.pop(key, None)
             if old is not None:
                 self.nbytes -= len(key) + len(old)
@@ -130,14 +135,53 @@ class RendezvousStore:
         self.nbytes += grow
         return None
 
+    def _exchange(self, peer: bytes, msg: wire.StoreOp, now: float) -> list[tuple[bytes, Reply]]:
+        """Publish ``msg.publish`` (read by ``msg.amount`` exchanges, then deleted), then
+        answer with the values of ``msg.keys`` once all are set: one collective of the
+        server modes' group in one round trip (tessera.parallel.collectives)."""
+        req = msg.req
+        if msg.publish:
+            if msg.amount < 1:
+                return [(peer, wire.Error(req=req, message=(
+                    "coordinator: store exchange publishes a key for at least one reader")))]
+            refused = self._put(req, msg.publish, msg.value)
+            if refused is not None:
+                return [(peer, refused)]
+            self.readers[msg.publish] = msg.amount
+        replies: list[tuple[bytes, Reply]] = []
+        if all(k in self.data for k in msg.keys):
+            replies.append((peer, self._answer(msg)))
+        elif len(self.held) >= MAX_HELD:
+            replies.append((peer, wire.Error(req=req, message=(
+                f"coordinator: the rendezvous store holds {MAX_HELD} waiting requests already"))))
+        else:
+            self.held.append(_Held(peer, msg, now + min(max(msg.wait_s, 0.0), MAX_WAIT_S)))
+        return replies + (self._release() if msg.publish else [])
+
     def _answer(self, msg: wire.StoreOp) -> wire.StoreReply:
         if msg.call == "get":
             return wire.StoreReply(req=msg.req, value=self.data[msg.keys[0]])
+        if msg.call == "exchange":
+            values = [self.data[k] for k in msg.keys]
+            for k in msg.keys:  # read once more: the last reader deletes it
+                left = self.readers.get(k)
+                if left is not None:
+                    if left > 1:
+                        self.readers[k] = left - 1
+                    else:
+                        del self.readers[k]
+                        self.nbytes -= len(k) + len(self.data.pop(k))
+            return wire.StoreReply(req=msg.req, values=values)
         return wire.StoreReply(req=msg.req)
 
     def _release(self) -> list[tuple[bytes, Reply]]:
-        ready, waiting = [], []
+        """Answer the held requests whose keys are all set now, in arrival order (an
+        exchange answered may delete keys a later one waits for: that one stays held)."""
+        replies, waiting = [], []
         for h in self.held:
-            (ready if all(k in self.data for k in h.msg.keys) else waiting).append(h)
+            if all(k in self.data for k in h.msg.keys):
+                replies.append((h.peer, self._answer(h.msg)))
+            else:
+                waiting.append(h)
         self.held = waiting
-        return [(h.peer, self._answer(h.msg)) for h in ready]
+        return replies

@@ -21,16 +21,18 @@ with the reason).
 
 It is built for what recipes send through it: metrics, counts, a batch of
 predictions. Each worker's tensor is at most :func:`max_bytes` (the coordinator's
-messages are small by design), and a call costs a few round trips to the
-coordinator (about a millisecond on one host). Model-sized collectives belong to
+messages are small by design), and a call costs one round trip to the coordinator
+(``benchmarks/metric_collectives.py`` against Gloo). Model-sized collectives belong to
 ``--mode allreduce``; a larger tensor is refused in one line saying so.
 
 Exactness: every rank reduces the W contributions itself, in rank order, so every
 rank ends with the same bits (as Gloo's ring does not promise).
 
-Keys: ``tessera-pg/<n>/<rank>`` for the n-th collective of this job's
-workers, deleted by the last worker to finish reading them (a counter beside them),
-so the store holds only collectives in flight.
+One collective is one round trip per worker: a store ``exchange``
+(:mod:`tessera.cluster.store`) publishes this worker's part under
+``tessera-pg/<n>/<rank>`` (n: the collective's number) and answers with the other
+workers' parts once all are there; the coordinator deletes each part once the workers
+that read it have, so the store holds only collectives in flight.
 """
 
 from __future__ import annotations
@@ -160,18 +162,24 @@ class StoreGroup(dist.ProcessGroup):
         return torch.frombuffer(bytearray(part.data), dtype=torch.uint8).view(dtype).reshape(
             part.shape)
 
-    def _exchange(self, name: str, mine: Optional[_Part], senders, reads: bool,
+    def _exchange(self, name: str, mine: Optional[_Part], senders, readers,
                   root: int = -1) -> dict[int, _Part]:
-        """Publish ``mine`` (when this rank is in ``senders``) as the next collective,
-        read every sender's part (when ``reads``), then count this rank out; the last
-        rank out deletes the keys. Every rank calls it once per collective, in the same
-        order."""
+        """One collective: this rank publishes ``mine`` when it is one of ``senders`` and
+        another rank reads it, and, when it is one of ``readers``, gets every other
+        sender's part; in one round trip to the coordinator, which deletes each key once
+        its readers have read it. Every rank calls it once per collective, in order."""
         n = self._seq
         self._seq += 1
+        senders, readers = list(senders), list(readers)
+        reads = self._me in readers
+        got = {self._me: mine} if reads and mine is not None else {}
         if self._world == 1:
-            return {self._me: mine} if reads and mine is not None else {}
-        base = f"{self._prefix}/{n}"
+            return got
         what = f"torch.distributed.{name} (collective #{n + 1} of this job's workers)"
+        base = f"{self._prefix}/{n}"
+        others = sum(r != self._me for r in readers)
+        publish = self._me in senders and others > 0
+        want = [r for r in senders if r != self._me] if reads else []
         try:
             if n == 0 and self._store.add(f"{self._prefix}/lives/{self._me}", 1) > 1:
                 # A replacement (--max-restarts): its script starts over, the others'
@@ -181,41 +189,30 @@ class StoreGroup(dist.ProcessGroup):
                     f"collectives; its script starts over while the other workers' go on, so "
                     f"their calls cannot pair up. With --max-restarts in the server modes, "
                     f"log metrics with tessera.log (worker 0) instead of collectives")
-            if mine is not None:
-                self._store.set(f"{base}/{self._me}", _encoder.encode(mine))
-            got: dict[int, _Part] = {}
-            if reads:
-                for r in senders:
-                    if r == self._me and mine is not None:
-                        got[r] = mine
-                        continue
-                    try:
-                        raw = self._store.get(f"{base}/{r}")
-                    except TesseraError as exc:
-                        if "not published within" not in str(exc):
-                            raise
-                        raise CollectiveError(
-                            f"{what}: worker {r} did not reach it within {self._timeout_s:g} s. "
-                            f"In the server modes every worker must call the same "
-                            f"torch.distributed collectives in the same order (a worker "
-                            f"replaced by --max-restarts starts its count over)") from None
-                    part = _decoder.decode(raw)
-                    if part.op != name or part.root != root:
-                        theirs = part.op + (f" with root {part.root}" if part.root >= 0 else "")
-                        raise CollectiveError(
-                            f"{what}: worker {r} called {theirs} at this point, this worker "
-                            f"{name}" + (f" with root {root}" if root >= 0 else "") +
-                            ": every worker must call the same collectives in the same order")
-                    got[r] = part
-            if self._store.add(f"{base}/out", 1) == self._world:
-                for r in senders:
-                    self._store.delete_key(f"{base}/{r}")
-                self._store.delete_key(f"{base}/out")
-            return got
+            values = self._store.exchange(
+                [f"{base}/{r}" for r in want], publish=f"{base}/{self._me}" if publish else "",
+                value=_encoder.encode(mine) if publish else b"", readers=others,
+                wait_s=self._timeout_s)
+            if values is None:
+                missing = [r for r in want if not self._store.check([f"{base}/{r}"])]
+                raise CollectiveError(
+                    f"{what}: worker {', '.join(map(str, missing or want))} did not reach it "
+                    f"within {self._timeout_s:g} s. In the server modes every worker must call "
+                    f"the same torch.distributed collectives in the same order")
         except CollectiveError:
             raise
         except TesseraError as exc:  # the job failed, the coordinator is gone
             raise CollectiveError(f"{what}: {exc}") from None
+        for r, raw in zip(want, values):
+            part = _decoder.decode(raw)
+            if part.op != name or part.root != root:
+                theirs = part.op + (f" with root {part.root}" if part.root >= 0 else "")
+                raise CollectiveError(
+                    f"{what}: worker {r} called {theirs} at this point, this worker "
+                    f"{name}" + (f" with root {root}" if root >= 0 else "") +
+                    ": every worker must call the same collectives in the same order")
+            got[r] = part
+        return got
 
     def _same(self, name: str, parts: dict[int, _Part], want: _Part) -> None:
         for r, p in parts.items():
@@ -225,15 +222,15 @@ class StoreGroup(dist.ProcessGroup):
                     f"{p.dtype} tensor, this worker a {tuple(want.shape)} {want.dtype} "
                     f"tensor: every worker must pass the same shape and dtype")
 
-    def _reduce(self, name: str, t: torch.Tensor, op, root: int, reads: bool) -> None:
+    def _reduce(self, name: str, t: torch.Tensor, op, root: int, readers) -> None:
         kind = _reduction(op)
         if kind is None:
             raise UsageError(f"torch.distributed.{name}: this ReduceOp is not supported by the server "
                              f"modes' process group (SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, "
                              f"BXOR are); use --mode allreduce")
         mine = self._pack(name, t, root)
-        parts = self._exchange(name, mine, range(self._world), reads, root)
-        if not reads:
+        parts = self._exchange(name, mine, range(self._world), readers, root)
+        if self._me not in readers:
             return
         self._same(name, parts, mine)
         label, fold = kind
@@ -256,7 +253,7 @@ class StoreGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors, opts=None):
         for t in tensors:
-            self._call(self._reduce, "all_reduce", t, opts.reduceOp, -1, True)
+            self._call(self._reduce, "all_reduce", t, opts.reduceOp, -1, range(self._world))
         return _Done(tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
@@ -265,7 +262,7 @@ class StoreGroup(dist.ProcessGroup):
     def reduce(self, tensors, opts=None):
         root = opts.rootRank
         for t in tensors:
-            self._call(self._reduce, "reduce", t, opts.reduceOp, root, self._me == root)
+            self._call(self._reduce, "reduce", t, opts.reduceOp, root, [root])
         return _Done(tensors)
 
     def broadcast(self, tensors, opts=None):
@@ -273,7 +270,7 @@ class StoreGroup(dist.ProcessGroup):
 
         def one(t):
             mine = self._pack("broadcast", t, root) if self._me == root else None
-            parts = self._exchange("broadcast", mine, [root], self._me != root, root)
+            parts = self._exchange("broadcast", mine, [root], range(self._world), root)
             if self._me != root:
                 want = self._pack("broadcast", t, root)
                 self._same("broadcast", parts, want)
@@ -286,7 +283,7 @@ class StoreGroup(dist.ProcessGroup):
     def allgather(self, output_tensors, input_tensors, opts=None):
         def one(outs, t):
             mine = self._pack("all_gather", t)
-            parts = self._exchange("all_gather", mine, range(self._world), True)
+            parts = self._exchange("all_gather", mine, range(self._world), range(self._world))
             self._same("all_gather", parts, mine)
             if len(outs) != self._world:
                 raise UsageError(f"torch.distributed.all_gather: {len(outs)} output tensors "
@@ -303,7 +300,7 @@ class StoreGroup(dist.ProcessGroup):
 
         def one(t):
             mine = self._pack("gather", t, root)
-            parts = self._exchange("gather", mine, range(self._world), self._me == root, root)
+            parts = self._exchange("gather", mine, range(self._world), [root], root)
             if self._me == root:
                 self._same("gather", parts, mine)
                 with torch.no_grad():
@@ -333,7 +330,7 @@ class StoreGroup(dist.ProcessGroup):
                              data=_encoder.encode(packed))
             else:
                 mine = None
-            parts = self._exchange("scatter", mine, [root], True, root)
+            parts = self._exchange("scatter", mine, [root], range(self._world), root)
             own = msgspec.msgpack.decode(parts[root].data, type=list[_Part])[self._me]
             want = self._pack("scatter", out, root)
             self._same("scatter", {root: own}, want)
@@ -345,7 +342,7 @@ class StoreGroup(dist.ProcessGroup):
 
     def barrier(self, opts=None):
         self._call(lambda: self._exchange("barrier", _Part("barrier", "", [], -1, b""),
-                                          range(self._world), True))
+                                          range(self._world), range(self._world)))
         return _Done()
 
     def _refuse(self, name: str):

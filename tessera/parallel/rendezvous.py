@@ -129,6 +129,16 @@ class CoordinatorStore(dist.Store):
         if not self._call("wait", list(keys), wait_s=wait_s).found:
             raise self._missing(list(keys), wait_s)
 
+    def exchange(self, keys, *, publish: str = "", value: bytes = b"", readers: int = 0,
+                 wait_s: Optional[float] = None) -> Optional[list[bytes]]:
+        """Tessera's own call (not torch's): set ``publish`` to ``value`` for ``readers``
+        later exchanges, then the values of ``keys`` once all are set, in one round trip;
+        None when some were still missing after ``wait_s`` (tessera.parallel.collectives)."""
+        wait = self.timeout_s if wait_s is None else wait_s
+        reply = self._call("exchange", list(keys), publish=publish, value=value,
+                           amount=readers, wait_s=wait)
+        return list(reply.values) if reply.found else None
+
     def check(self, keys) -> bool:
         return bool(self._call("check", list(keys)).number)
 

@@ -336,15 +336,20 @@ class StoreOp(msgspec.Struct, **MESSAGE):
     req: int
     #: Which ``torch.distributed.Store`` method.
     call: Literal["set", "get", "add", "compare_set", "wait", "check", "delete_key",
-                  "num_keys"]
+                  "num_keys", "exchange"]
     keys: list[str] = []
-    #: set: the value; compare_set: the desired value.
+    #: set: the value; compare_set: the desired value; exchange: the value of ``publish``.
     value: bytes = b""
+    #: exchange (one collective of the server modes' torch.distributed group, in one round
+    #: trip): set this key to ``value`` (none when empty), then answer with the values of
+    #: ``keys`` once all are set; a key published with ``amount`` readers is deleted after
+    #: that many exchanges have read it.
+    publish: str = ""
     #: compare_set: the value expected now (empty: the key must not exist).
     expected: bytes = b""
-    #: add: the increment.
+    #: add: the increment; exchange: how many exchanges will read ``publish``.
     amount: int = 0
-    #: get and wait: how long the coordinator may hold the request for missing keys.
+    #: get, wait and exchange: how long the coordinator may hold the request for missing keys.
     wait_s: float = 0.0
 
 
@@ -352,7 +357,9 @@ class StoreReply(msgspec.Struct, **MESSAGE):
     req: int
     #: get: the value; compare_set: the value stored after the call.
     value: bytes = b""
+    #: exchange: the values of the keys asked for, in their order.
+    values: list[bytes] = []
     #: add: the new count; num_keys: the number of keys; check, delete_key: 1 or 0.
     number: int = 0
-    #: get and wait: False when keys were still missing after ``wait_s``.
+    #: get, wait and exchange: False when keys were still missing after ``wait_s``.
     found: bool = True
