@@ -28,15 +28,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_s, foreign_cpu_pct, free_port, log, own_s, rotated  # noqa: E402
-from recipe_throughput import _wait  # noqa: E402
+from _machine import busy_s, foreign_cpu_pct, log, own_s, rotated  # noqa: E402
+from recipe_throughput import run_pair  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_collectives_worker.py"
@@ -48,24 +47,9 @@ def measure(system: str, calls: int, warmup: int, deadline: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tessera-collectives-") as tmp:
         out = Path(tmp) / "result.json"
         script = [str(WORKER), "--calls", str(calls), "--warmup", str(warmup), "--out", str(out)]
-        common = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                      start_new_session=True)
-        if system == "gloo":
-            port = free_port()
-            procs = []
-            for rank in range(2):
-                env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-                procs.append(subprocess.Popen([sys.executable, *script, "--ddp"], env=env,
-                                              **common))
-        else:
-            servers = ["--servers", "1"] if system == "tessera" else [
-                "--servers", "0", "--mode", "allreduce"]
-            cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--workers", "2",
-                   *servers, "--quiet", "--out", str(Path(tmp) / "run"), *script]
-            procs = [subprocess.Popen(cmd, **common)]
-        _wait(procs, deadline)
+        launch = {"tessera": ["--servers", "1"], "tessera_gloo": ["--servers", "0", "--mode",
+                                                                  "allreduce"], "gloo": None}[system]
+        run_pair(script, launch, tmp, deadline)
         return json.loads(out.read_text())
 
 

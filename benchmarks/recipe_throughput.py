@@ -67,28 +67,35 @@ def _wait(procs: list, deadline: float) -> None:
                 p.wait(timeout=5)
 
 
+def run_pair(script: list, launch: list | None, tmp: str, deadline: float) -> None:
+    """Run a 2-worker script to its end: under ``tessera launch`` with ``launch``'s flags, or,
+    where ``launch`` is None, as plain DDP (2 processes given torchrun's environment, the
+    script called with ``--ddp``)."""
+    common = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                  start_new_session=True)
+    if launch is None:
+        port = free_port()
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen([sys.executable, *script, "--ddp"], env=env,
+                                          **common))
+    else:
+        cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--workers", "2", *launch,
+               "--quiet", "--out", str(Path(tmp) / "run"), *script]
+        procs = [subprocess.Popen(cmd, **common)]
+    _wait(procs, deadline)
+
+
 def measure(system: str, steps: int, warmup: int, deadline: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tessera-recipe-") as tmp:
         out = Path(tmp) / "result.json"
         script = [str(WORKER), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
-        common = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                      start_new_session=True)
-        if system == "ddp":
-            port = free_port()
-            procs = []
-            for rank in range(2):
-                env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-                procs.append(subprocess.Popen([sys.executable, *script, "--ddp"], env=env,
-                                              **common))
-        else:
-            servers = ["--servers", "2"] if system == "sync" else ["--servers", "0", "--mode",
-                                                                     "allreduce"]
-            cmd = [sys.executable, "-m", "tessera.cli.main", "launch", "--workers", "2",
-                   *servers, "--quiet", "--out", str(Path(tmp) / "run"), *script]
-            procs = [subprocess.Popen(cmd, **common)]
-        _wait(procs, deadline)
+        launch = {"sync": ["--servers", "2"], "allreduce": ["--servers", "0", "--mode",
+                                                            "allreduce"], "ddp": None}[system]
+        run_pair(script, launch, tmp, deadline)
         ranks = [json.loads(out.read_text()), json.loads(Path(f"{out}.rank1").read_text())]
     slowest = max(r["timed_s"] for r in ranks)
     return {"samples_per_s": sum(r["samples"] for r in ranks) / slowest,
