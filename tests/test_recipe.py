@@ -427,6 +427,8 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
                        "group carries metrics, not a collective in every forward"),
     ("reduce_scatter", "torch.distributed.reduce_scatter is not supported by the server modes' "
                        "process group"),
+    ("reduce_scatter_tensor", "torch.distributed.reduce_scatter_tensor is not supported by "
+                              "the server modes' process group"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
                     "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "
@@ -459,7 +461,7 @@ COLLECTIVES = ROOT / "tests" / "scripts" / "collectives.py"
 def test_a_scripts_torch_distributed_calls_work_in_a_server_mode(tmp_path):
     """A DDP script's own torch.distributed calls, async mode, 2 workers: rank and world
     size, all_reduce with every ReduceOp (fp32, int32, bf16), broadcast, all_gather,
-    reduce, gather, scatter, all_gather_object, async_op, barrier, and torch's own
+    all_gather_into_tensor (flat and stacked), reduce, gather, scatter, all_gather_object, async_op, barrier, and torch's own
     DistributedSampler() without arguments. Worker 1 reaches them 2 s after worker 0,
     which waits in the first."""
     code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--mode", "async",
@@ -474,6 +476,7 @@ def test_a_scripts_torch_distributed_calls_work_in_a_server_mode(tmp_path):
         assert g["bf16"] == [3.0, 3.0, 3.0]
         assert g["broadcast"] == 42.0
         assert g["all_gather"] == [[0.0, 0.0], [1.0, 10.0]]
+        assert g["all_gather_into_tensor"] == [[0.0, 0.0, 1.0, 10.0], [[0, 7], [1, 8]]]
         assert g["scatter"] == [float(r)] * 2
         assert g["all_gather_object"] == [{"rank": 0}, {"rank": 1}]
         assert g["async_op"] is True

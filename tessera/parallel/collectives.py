@@ -295,6 +295,33 @@ class StoreGroup(dist.ProcessGroup):
             self._call(one, outs, t)
         return _Done(output_tensors)
 
+    def all_gather_single(self, output_tensor, input_tensor, opts=None):
+        """``all_gather_into_tensor`` (torch 2.13 calls it ``all_gather_single``; older
+        torch ``_allgather_base``): every worker's tensor, in worker order, into one
+        output of ``world_size`` times as many elements (stacked or concatenated)."""
+        def one():
+            name = "all_gather_into_tensor"
+            if output_tensor.numel() != self._world * input_tensor.numel():
+                raise UsageError(
+                    f"torch.distributed.{name}: an output of {output_tensor.numel():,} elements "
+                    f"for {self._world} workers' {input_tensor.numel():,}; it must hold "
+                    f"world_size x the input's")
+            if output_tensor.dtype != input_tensor.dtype:
+                raise UsageError(f"torch.distributed.{name}: a {str(output_tensor.dtype)[6:]} "
+                                 f"output for a {str(input_tensor.dtype)[6:]} input")
+            mine = self._pack(name, input_tensor)
+            parts = self._exchange(name, mine, range(self._world), range(self._world))
+            self._same(name, parts, mine)
+            rows = output_tensor.view(self._world, -1)
+            with torch.no_grad():
+                for r in range(self._world):
+                    rows[r].copy_(self._unpack(parts[r]).reshape(-1))
+        self._call(one)
+        return _Done([output_tensor])
+
+    def _allgather_base(self, output_tensor, input_tensor, opts=None):
+        return self.all_gather_single(output_tensor, input_tensor, opts)
+
     def gather(self, output_tensors, input_tensors, opts=None):
         root = opts.rootRank
 
@@ -347,12 +374,18 @@ class StoreGroup(dist.ProcessGroup):
 
     def _refuse(self, name: str):
         raise UsageError(f"torch.distributed.{name} is not supported by the server modes' "
-                         f"process group (all_reduce, reduce, broadcast, all_gather, gather, "
-                         f"scatter, barrier and their *_object forms are); use --mode "
-                         f"allreduce for it")
+                         f"process group (all_reduce, reduce, broadcast, all_gather, "
+                         f"all_gather_into_tensor, gather, scatter, barrier and the *_object "
+                         f"forms are); use --mode allreduce for it")
 
     def reduce_scatter(self, *args, **kwargs):
         self._refuse("reduce_scatter")
+
+    def reduce_scatter_single(self, *args, **kwargs):
+        self._refuse("reduce_scatter_tensor")
+
+    def _reduce_scatter_base(self, *args, **kwargs):
+        self._refuse("reduce_scatter_tensor")
 
     def alltoall(self, *args, **kwargs):
         self._refuse("all_to_all")

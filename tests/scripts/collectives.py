@@ -55,6 +55,11 @@ got["broadcast"] = b.item()
 outs = [torch.zeros(2) for _ in range(world)]
 dist.all_gather(outs, torch.tensor([rank, rank * 10.0]))
 got["all_gather"] = [o.tolist() for o in outs]
+flat = torch.zeros(2 * world)
+dist.all_gather_into_tensor(flat, torch.tensor([rank, rank * 10.0]))
+stacked = torch.zeros(world, 2, dtype=torch.int64)
+dist.all_gather_into_tensor(stacked, torch.tensor([rank, rank + 7]))
+got["all_gather_into_tensor"] = [flat.tolist(), stacked.tolist()]
 r = torch.tensor([rank + 1.0])
 dist.reduce(r, dst=1)
 got["reduce_at_1"] = r.item() if rank == 1 else None

@@ -53,6 +53,9 @@ if mistake == "collective_too_big":  # a model-sized all_reduce (DDP-style avera
 if mistake == "reduce_scatter":  # a collective the server modes' group does not carry
     import torch.distributed as dist
     dist.reduce_scatter(torch.zeros(2), [torch.ones(2)])
+if mistake == "reduce_scatter_tensor":  # FSDP's collective, torch's flat form
+    import torch.distributed as dist
+    dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(2 * dist.get_world_size()))
 if mistake == "add_group":
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)
