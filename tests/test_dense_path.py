@@ -126,6 +126,55 @@ def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster, dtype):
         sock.close(linger=0)
 
 
+def _answer(sock: zmq.Socket, dtype: str):
+    """The next reply to the slow worker: a Verdict, or (req, values) of a Params."""
+    assert sock.poll(20_000), "no reply within 20 s"
+    header, *frames = sock.recv_multipart(copy=False)
+    msg = wire.decode(header.buffer)
+    if isinstance(msg, wire.Verdict):
+        return msg
+    assert isinstance(msg, wire.Params), msg
+    return msg.req, frame_to_tensor(frames[0].buffer, dtype, ELEMS).to(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_two_phase_clock_replies_without_copies_keep_their_values(make_cluster, dtype):
+    """Loss-scaled sync (two-phase: pushes held, answered with verdicts, applied when a
+    worker's pull brings the decision) shares the master, or its one half-width copy,
+    as one-phase sync does, by the same argument. Worker 0 leaves its pull of clock 1
+    unread in the server while worker 1 takes its own and holds clock 1; the clock-1
+    update must wait for worker 0's push, and worker 0's reply, read late, still holds
+    the values after clock 0."""
+    cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
+                           num_servers=1, partition_elems=ELEMS, mode="sync", num_workers=2,
+                           optimizer=OptimizerConfig(name="sgd", lr=LR), two_phase=True)
+    fast = cluster.client(1)
+    cluster.client(0).init_params(torch.zeros(ELEMS))
+    sock = _slow_dealer(cluster.ctx, cluster.addresses[0])
+    try:
+        kind = torch_dtype(dtype)
+        g0, g1 = torch.full((ELEMS,), 2.0, dtype=kind), torch.full((ELEMS,), 4.0, dtype=kind)
+        _push(sock, 1, 0, 0, g0, dtype)
+        verdict = fast.push(0, g1, 0, dtype=dtype).wait()
+        assert isinstance(verdict, wire.Verdict) and verdict.finite
+        after0 = fast.pull(clock=1, commit=True)[0].wait()[0].to(torch.float32)
+        assert torch.equal(after0, torch.full((ELEMS,), -LR * 3.0))  # mean 3
+        sock.send_multipart([wire.encode(wire.Pull(req=2, worker=0, partitions=[0], clock=1,
+                                                   dtype=dtype, commit=True))])
+        h = fast.push(0, g1, 1, dtype=dtype)  # clock 1: complete only with worker 0's push
+        time.sleep(0.3)
+        assert cluster.servers[0].stats["updates"] == 1
+        assert isinstance(_answer(sock, dtype), wire.Verdict)  # its clock-0 push
+        req, values = _answer(sock, dtype)  # its pull of clock 1, read late
+        assert req == 2 and torch.equal(values, after0)
+        _push(sock, 3, 0, 1, g0, dtype)
+        assert h.wait().finite
+        after1 = fast.pull(clock=2, commit=True)[0].wait()[0].to(torch.float32)
+        assert torch.equal(after1, torch.full((ELEMS,), -LR * 6.0))
+    finally:
+        sock.close(linger=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_plain_sgd_on_a_half_width_gradient_is_torch_sgd_bit_for_bit(dtype):
     """A bf16/fp16 gradient goes into plain SGD without a cast copy: the same bits as

@@ -80,8 +80,12 @@ class ParameterServer:
         self.policy = make_consistency(options.mode, options.num_workers, options.staleness)
         self.members = self.policy.members
         self.two_phase = options.two_phase and self.policy.sums_clock
-        #: Whether a push's reply may be the master itself (_frame): sync, one phase.
-        self._shares_master = self.policy.sums_clock and not self.two_phase
+        #: Whether a reply may be the master itself, or one half-width copy of it made once
+        #: a clock (_frame): sync, whether a clock is applied at once or held for the
+        #: cluster's decision (loss scaling, clipping). Either way a worker pushes clock c+1
+        #: only after it has received the values of clock c, and the master changes only
+        #: when every live worker has pushed (docs/architecture.md, "Replies without copies").
+        self._shares_master = self.policy.sums_clock
         self.parts = {p.id: PartitionState(info=p) for p in partitions}
         #: Copies this server keeps for its primary (replication).
         self.backups = {p.id: PartitionState(info=p) for p in replicas.backups}
