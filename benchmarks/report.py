@@ -387,7 +387,8 @@ def _straggle(data, file, mode, bar):
         return "not run", None
     speed = [r["vs_sync_samples_per_s"] for r in rows]
     pts = [r["vs_sync_accuracy_points"] for r in rows]
-    return (f"{_span(speed)}× at {_span(pts)} points",
+    more = " (more accurate)" if min(pts) > 0 else ""
+    return (f"{_span(speed)}× at {_span(pts)} accuracy points vs sync{more}",
             min(speed) >= bar and min(pts) >= -0.5)
 
 
