@@ -114,6 +114,18 @@ def rotated(items, by: int):
     return items[k:] + items[:k]
 
 
+def alternate(systems: tuple, rounds: int, measure, describe) -> dict:
+    """``{system: [measure(system) of each round]}``: ``rounds`` rounds, the systems of
+    round r in ``rotated(systems, r)`` order; each result logged as ``round R: SYSTEM``
+    followed by ``describe(result)``."""
+    runs: dict = {s: [] for s in systems}
+    for r in range(rounds):
+        for system in rotated(systems, r):
+            runs[system].append(measure(system))
+            log(f"round {r + 1}: {system}{describe(runs[system][-1])}")
+    return runs
+
+
 def foreign_cpu_pct(busy0: float, own0: float, wall: float) -> float:
     """Share of the machine's CPU that processes other than this benchmark used."""
     foreign = (busy_s() - busy0) - (own_s() - own0)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402  (the Tessera and DDP runners live there)
-from _machine import busy_s, foreign_cpu_pct, log, own_s, rotated  # noqa: E402
+from _machine import alternate, busy_s, foreign_cpu_pct, own_s  # noqa: E402
 
 SYSTEMS = ("allreduce", "sync", "async", "ddp")
 
@@ -64,11 +64,9 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     load = os.getloadavg()[0]
     t0, busy0, own0 = time.monotonic(), busy_s(), own_s()
-    rates: dict[str, list[float]] = {s: [] for s in SYSTEMS}
-    for r in range(args.rounds):
-        for system in rotated(SYSTEMS, r):
-            rates[system].append(round(measure(system, steps, batch, deadline), 1))
-            log(f"round {r + 1}: {system}: {rates[system][-1]:.0f} samples/s")
+    rates: dict[str, list[float]] = alternate(
+        SYSTEMS, args.rounds, lambda system: round(measure(system, steps, batch, deadline), 1),
+        lambda rate: f": {rate:.0f} samples/s")
     row = {"bench": "allreduce_vs_ps", "workers": 2, "batch_size": batch, "steps": steps,
            "rounds": args.rounds}
     for system in SYSTEMS:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_s, foreign_cpu_pct, log, own_s, rotated  # noqa: E402
+from _machine import alternate, busy_s, foreign_cpu_pct, own_s  # noqa: E402
 from recipe_throughput import run_pair  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +66,10 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     load = os.getloadavg()[0]
     t0, busy0, own0 = time.monotonic(), busy_s(), own_s()
-    runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for r in range(args.rounds):
-        for system in rotated(SYSTEMS, r):
-            got = measure(system, args.calls, args.warmup, deadline)
-            runs[system].append(got)
-            log(f"round {r + 1}: {system} ({got['backend']}): " + ", ".join(
-                f"{k} {got[f'{k}_us']:.0f} us" for k in KINDS))
+    runs: dict[str, list[dict]] = alternate(
+        SYSTEMS, args.rounds, lambda system: measure(system, args.calls, args.warmup, deadline),
+        lambda got: f" ({got['backend']}): " + ", ".join(
+            f"{k} {got[f'{k}_us']:.0f} us" for k in KINDS))
     foreign = round(foreign_cpu_pct(busy0, own0, time.monotonic() - t0), 1)
     for kind in KINDS:
         row = {"bench": "metric_collectives", "call": kind, "workers": 2, "calls": args.calls,

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_s, foreign_cpu_pct, free_port, log, own_s, rotated  # noqa: E402
+from _machine import alternate, busy_s, foreign_cpu_pct, free_port, own_s  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_recipe_worker.py"
@@ -115,12 +115,10 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     load = os.getloadavg()[0]
     t0, busy0, own0 = time.monotonic(), busy_s(), own_s()
-    runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for r in range(args.rounds):
-        for system in rotated(SYSTEMS, r):
-            runs[system].append(measure(system, args.steps, args.warmup, deadline))
-            log(f"round {r + 1}: {system}: {runs[system][-1]['samples_per_s']:.0f} samples/s, "
-                f"test accuracy {runs[system][-1]['eval_accuracy']:.4f}")
+    runs: dict[str, list[dict]] = alternate(
+        SYSTEMS, args.rounds, lambda system: measure(system, args.steps, args.warmup, deadline),
+        lambda got: f": {got['samples_per_s']:.0f} samples/s, "
+                    f"test accuracy {got['eval_accuracy']:.4f}")
     row = {"bench": "recipe_throughput", "recipe": "examples/recipe.py", "workers": 2,
            "batch_size": 32, "accumulate": 2, "steps": args.steps, "rounds": args.rounds}
     for system in SYSTEMS:

@@ -49,12 +49,32 @@ def _push(sock: zmq.Socket, req: int, worker: int, clock: int, grad: torch.Tenso
     sock.send_multipart([wire.encode(msg), tensor_to_frame(grad)], copy=False)
 
 
-def _reply(sock: zmq.Socket, dtype: str) -> tuple[int, torch.Tensor]:
+def _answer(sock: zmq.Socket, dtype: str):
+    """The next reply to the slow worker: a Verdict, or (req, values) of a Params."""
     assert sock.poll(20_000), "no reply within 20 s"
     header, *frames = sock.recv_multipart(copy=False)
     msg = wire.decode(header.buffer)
+    if isinstance(msg, wire.Verdict):
+        return msg
     assert isinstance(msg, wire.Params), msg
     return msg.req, frame_to_tensor(frames[0].buffer, dtype, ELEMS).to(torch.float32)
+
+
+def _reply(sock: zmq.Socket, dtype: str) -> tuple[int, torch.Tensor]:
+    got = _answer(sock, dtype)
+    assert not isinstance(got, wire.Verdict), got
+    return got
+
+
+def _sync_pair(make_cluster, two_phase: bool = False):
+    """A sync server for 2 workers: (cluster, worker 1's client, worker 0's slow socket);
+    worker 0's client has seeded the values (zeros)."""
+    cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
+                           num_servers=1, partition_elems=ELEMS, mode="sync", num_workers=2,
+                           optimizer=OptimizerConfig(name="sgd", lr=LR), two_phase=two_phase)
+    fast = cluster.client(1)
+    cluster.client(0).init_params(torch.zeros(ELEMS))
+    return cluster, fast, _slow_dealer(cluster.ctx, cluster.addresses[0])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -102,12 +122,7 @@ def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster, dtype):
     at each clock, by the same argument. Worker 0 leaves its clock-0 reply unread in the
     server while worker 1 takes its own and pushes clock 1; the clock-1 update must
     wait, and worker 0's reply, read late, still holds the clock-0 values."""
-    cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
-                           num_servers=1, partition_elems=ELEMS, mode="sync", num_workers=2,
-                           optimizer=OptimizerConfig(name="sgd", lr=LR))
-    fast = cluster.client(1)
-    cluster.client(0).init_params(torch.zeros(ELEMS))
-    sock = _slow_dealer(cluster.ctx, cluster.addresses[0])
+    cluster, fast, sock = _sync_pair(make_cluster)
     try:
         kind = torch_dtype(dtype)
         g0, g1 = torch.full((ELEMS,), 2.0, dtype=kind), torch.full((ELEMS,), 4.0, dtype=kind)
@@ -126,17 +141,6 @@ def test_sync_zero_copy_reply_waits_for_every_worker(make_cluster, dtype):
         sock.close(linger=0)
 
 
-def _answer(sock: zmq.Socket, dtype: str):
-    """The next reply to the slow worker: a Verdict, or (req, values) of a Params."""
-    assert sock.poll(20_000), "no reply within 20 s"
-    header, *frames = sock.recv_multipart(copy=False)
-    msg = wire.decode(header.buffer)
-    if isinstance(msg, wire.Verdict):
-        return msg
-    assert isinstance(msg, wire.Params), msg
-    return msg.req, frame_to_tensor(frames[0].buffer, dtype, ELEMS).to(torch.float32)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_two_phase_clock_replies_without_copies_keep_their_values(make_cluster, dtype):
     """Loss-scaled sync (two-phase: pushes held, answered with verdicts, applied when a
@@ -145,12 +149,7 @@ def test_two_phase_clock_replies_without_copies_keep_their_values(make_cluster, 
     unread in the server while worker 1 takes its own and holds clock 1; the clock-1
     update must wait for worker 0's push, and worker 0's reply, read late, still holds
     the values after clock 0."""
-    cluster = make_cluster([wire.ParamSpec(name="w", shape=[ELEMS], numel=ELEMS)],
-                           num_servers=1, partition_elems=ELEMS, mode="sync", num_workers=2,
-                           optimizer=OptimizerConfig(name="sgd", lr=LR), two_phase=True)
-    fast = cluster.client(1)
-    cluster.client(0).init_params(torch.zeros(ELEMS))
-    sock = _slow_dealer(cluster.ctx, cluster.addresses[0])
+    cluster, fast, sock = _sync_pair(make_cluster, two_phase=True)
     try:
         kind = torch_dtype(dtype)
         g0, g1 = torch.full((ELEMS,), 2.0, dtype=kind), torch.full((ELEMS,), 4.0, dtype=kind)

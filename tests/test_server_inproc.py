@@ -242,26 +242,11 @@ def test_sync_updates_equal_torch_optim(make_cluster, name):
             assert state, f"{name}: no optimizer state on partition {part.info.id}"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, monkeypatch,
-                                                                dtype):
-    """Sync replies are the master, zero-copy. Over TCP each partition's master goes as one
-    ``zmq.Frame`` made once and sent again for every reply (pyzmq shares its message),
-    not as a new zero-copy frame per reply, which cost an entry in pyzmq's garbage
-    collector and a wake of its thread each. The replies still carry every clock's new
-    values: the frame is the live master, never a stale copy. On a half-width wire the
-    same holds for the one buffer the master is cast into (or the fused step writes)
-    at each clock: before, a tracked frame per reply."""
+def _frames_made_by_servers(cluster: InprocCluster, monkeypatch) -> list:
+    """The zero-copy frames the cluster's server threads hand pyzmq's garbage collector
+    from now on (each one an entry there and a wake of its thread when ZeroMQ is done)."""
     from zmq.utils.garbage import gc
 
-    # 3 partitions of 128 KiB in the wire dtype: above pyzmq's copy size
-    part = (1 << 15) if dtype == "float32" else (1 << 16)
-    n = 3 * part
-    cluster = make_cluster([wire.ParamSpec(name="w", shape=[n], numel=n)], num_servers=1,
-                           partition_elems=part, mode="sync", num_workers=1,
-                           optimizer=OptimizerConfig(name="sgd", lr=0.5))
-    client = cluster.client(0)
-    client.init_params(torch.zeros(n))
     servers = set(cluster.threads)
     made = []
     real = gc.store
@@ -272,6 +257,28 @@ def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, mo
         return real(obj, event)
 
     monkeypatch.setattr(gc, "store", store)
+    return made
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sync_replies_over_tcp_send_each_master_frame_made_once(make_cluster, monkeypatch,
+                                                                dtype):
+    """Sync replies are the master, zero-copy. Over TCP each partition's master goes as one
+    ``zmq.Frame`` made once and sent again for every reply (pyzmq shares its message),
+    not as a new zero-copy frame per reply, which cost an entry in pyzmq's garbage
+    collector and a wake of its thread each. The replies still carry every clock's new
+    values: the frame is the live master, never a stale copy. On a half-width wire the
+    same holds for the one buffer the master is cast into (or the fused step writes)
+    at each clock: before, a tracked frame per reply."""
+    # 3 partitions of 128 KiB in the wire dtype: above pyzmq's copy size
+    part = (1 << 15) if dtype == "float32" else (1 << 16)
+    n = 3 * part
+    cluster = make_cluster([wire.ParamSpec(name="w", shape=[n], numel=n)], num_servers=1,
+                           partition_elems=part, mode="sync", num_workers=1,
+                           optimizer=OptimizerConfig(name="sgd", lr=0.5))
+    client = cluster.client(0)
+    client.init_params(torch.zeros(n))
+    made = _frames_made_by_servers(cluster, monkeypatch)
     grad, smap = torch.ones(n), cluster.shard_map
     assert len(smap.partitions) == 3
     for clock in range(6):
@@ -292,8 +299,6 @@ def test_two_phase_replies_send_each_master_frame_made_once(make_cluster, monkey
     values sent to the pull that brings the decision): one frame per partition made
     once, not a tracked frame per reply (which woke pyzmq's collector thread for every
     reply: 4% of a core on each server of precision.py's fp16 CNN job)."""
-    from zmq.utils.garbage import gc
-
     part = (1 << 15) if dtype == "float32" else (1 << 16)
     n = 3 * part
     cluster = make_cluster([wire.ParamSpec(name="w", shape=[n], numel=n)], num_servers=1,
@@ -302,16 +307,7 @@ def test_two_phase_replies_send_each_master_frame_made_once(make_cluster, monkey
     client = cluster.client(0)
     client.init_params(torch.zeros(n))
     client.wire_dtype = dtype  # pushes and the pulls' replies
-    servers = set(cluster.threads)
-    made = []
-    real = gc.store
-
-    def store(obj, event=None):
-        if threading.current_thread() in servers:
-            made.append(obj)
-        return real(obj, event)
-
-    monkeypatch.setattr(gc, "store", store)
+    made = _frames_made_by_servers(cluster, monkeypatch)
     grad, smap = torch.ones(n), cluster.shard_map
     for clock in range(6):
         for h in [client.push(p.id, grad[p.start:p.stop], clock, dtype=dtype)
