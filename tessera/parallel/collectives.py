@@ -280,43 +280,37 @@ class StoreGroup(dist.ProcessGroup):
             self._call(one, t)
         return _Done(tensors)
 
+    def _all_gather(self, name: str, outs, t) -> None:
+        mine = self._pack(name, t)
+        parts = self._exchange(name, mine, range(self._world), range(self._world))
+        self._same(name, parts, mine)
+        if len(outs) != self._world:
+            raise UsageError(f"torch.distributed.{name}: {len(outs)} output tensors "
+                             f"for {self._world} workers")
+        with torch.no_grad():
+            for r, out in enumerate(outs):
+                out.copy_(self._unpack(parts[r]))
+
     def allgather(self, output_tensors, input_tensors, opts=None):
-        def one(outs, t):
-            mine = self._pack("all_gather", t)
-            parts = self._exchange("all_gather", mine, range(self._world), range(self._world))
-            self._same("all_gather", parts, mine)
-            if len(outs) != self._world:
-                raise UsageError(f"torch.distributed.all_gather: {len(outs)} output tensors "
-                                 f"for {self._world} workers")
-            with torch.no_grad():
-                for r, out in enumerate(outs):
-                    out.copy_(self._unpack(parts[r]))
         for outs, t in zip(output_tensors, input_tensors):
-            self._call(one, outs, t)
+            self._call(self._all_gather, "all_gather", outs, t)
         return _Done(output_tensors)
 
     def all_gather_single(self, output_tensor, input_tensor, opts=None):
         """``all_gather_into_tensor`` (torch 2.13 calls it ``all_gather_single``; older
         torch ``_allgather_base``): every worker's tensor, in worker order, into one
         output of ``world_size`` times as many elements (stacked or concatenated)."""
-        def one():
-            name = "all_gather_into_tensor"
-            if output_tensor.numel() != self._world * input_tensor.numel():
-                raise UsageError(
-                    f"torch.distributed.{name}: an output of {output_tensor.numel():,} elements "
-                    f"for {self._world} workers' {input_tensor.numel():,}; it must hold "
-                    f"world_size x the input's")
-            if output_tensor.dtype != input_tensor.dtype:
-                raise UsageError(f"torch.distributed.{name}: a {str(output_tensor.dtype)[6:]} "
-                                 f"output for a {str(input_tensor.dtype)[6:]} input")
-            mine = self._pack(name, input_tensor)
-            parts = self._exchange(name, mine, range(self._world), range(self._world))
-            self._same(name, parts, mine)
-            rows = output_tensor.view(self._world, -1)
-            with torch.no_grad():
-                for r in range(self._world):
-                    rows[r].copy_(self._unpack(parts[r]).reshape(-1))
-        self._call(one)
+        name = "all_gather_into_tensor"
+        if output_tensor.numel() != self._world * input_tensor.numel():
+            raise UsageError(
+                f"torch.distributed.{name}: an output of {output_tensor.numel():,} elements "
+                f"for {self._world} workers' {input_tensor.numel():,}; it must hold "
+                f"world_size x the input's")
+        if output_tensor.dtype != input_tensor.dtype:
+            raise UsageError(f"torch.distributed.{name}: a {str(output_tensor.dtype)[6:]} "
+                             f"output for a {str(input_tensor.dtype)[6:]} input")
+        rows = list(output_tensor.view(self._world, *input_tensor.shape))
+        self._call(self._all_gather, name, rows, input_tensor)
         return _Done([output_tensor])
 
     def _allgather_base(self, output_tensor, input_tensor, opts=None):
