@@ -78,11 +78,16 @@ class Job:
 
     def distribute(self, model: torch.nn.Module,
                    optimizer: str | OptimizerConfig | torch.optim.Optimizer = "sgd",
-                   loss_fn: Optional[Callable] = None, **optimizer_args: Any):
+                   loss_fn: Optional[Callable] = None, *, find_unused_parameters: bool = False,
+                   **optimizer_args: Any):
         """Wrap ``model`` for the job's mode (see :func:`distribute`)."""
         from tessera.factory import wrap
         if self.model is not None:
-            raise UsageError("tessera.distribute() was already called in this process")
+            raise UsageError(
+                "tessera.distribute() was already called in this process: a job trains one "
+                "model with one optimizer (a second model with its own optimizer, as a GAN's "
+                "discriminator, is not supported yet); put modules trained together into one "
+                "nn.Module with one optimizer")
         if isinstance(optimizer, torch.optim.Optimizer):
             if optimizer_args:
                 raise UsageError(f"tessera.distribute(model, optimizer) takes the optimizer's "
@@ -92,7 +97,8 @@ class Job:
             opt = optimizer
         else:
             opt = _named_optimizer(optimizer, optimizer_args)
-        self.model = wrap(self.session, model, opt, loss_fn)
+        self.model = wrap(self.session, model, opt, loss_fn,
+                          find_unused_parameters=find_unused_parameters)
         for sampler in self.samplers:
             _seek(sampler, self.session.view)
         if hasattr(self.model, "on_clock"):  # PS and allreduce/hybrid: positions per step
@@ -364,7 +370,8 @@ def device() -> torch.device:
 
 def distribute(model: torch.nn.Module,
                optimizer: str | OptimizerConfig | torch.optim.Optimizer = "sgd",
-               loss_fn: Optional[Callable] = None, **optimizer_args: Any):
+               loss_fn: Optional[Callable] = None, *, find_unused_parameters: bool = False,
+               **optimizer_args: Any):
     """Wrap ``model`` for the job's mode (joining the job first if ``init()`` was not
     called): ``model, optimizer = tessera.distribute(model, optimizer)``.
 
@@ -380,8 +387,16 @@ def distribute(model: torch.nn.Module,
     ``nn.Sequential``, the optimizer is named, and ``loss_fn(output, target)`` is
     required; train with ``model.forward_backward(inputs, target, loss_fn)`` then
     ``model.step()``.
+
+    ``find_unused_parameters`` is DDP's: in allreduce and hybrid modes a model with
+    parameters that a step's forward may leave unused (a branch not taken, a head not
+    called) needs it, as under DDP, and then steps as one process does (such a
+    parameter's ``.grad`` stays None on every worker, and torch skips it); without it such
+    a step is refused in one line naming the parameters. The server modes need no flag
+    (README: such a parameter is stepped with a zero gradient there).
     """
-    return init().distribute(model, optimizer, loss_fn, **optimizer_args)
+    return init().distribute(model, optimizer, loss_fn,
+                             find_unused_parameters=find_unused_parameters, **optimizer_args)
 
 
 class DistributedSampler(ResumableSampler):

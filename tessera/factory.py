@@ -42,7 +42,8 @@ def two_phase(cfg) -> bool:
 
 def wrap(session: Session, model: torch.nn.Module,
          opt: Union[OptimizerConfig, torch.optim.Optimizer],
-         loss_fn: Optional[Callable] = None) -> DistributedModel:
+         loss_fn: Optional[Callable] = None, *,
+         find_unused_parameters: bool = False) -> DistributedModel:
     """This worker's wrapper of ``model``, for the job's mode (see the module docstring).
 
     ``opt`` is the script's own ``torch.optim`` optimizer (the wrapper's ``optimizer``
@@ -66,7 +67,8 @@ def wrap(session: Session, model: torch.nn.Module,
                              "\"adam\", lr=..., loss_fn=...)")
         return _pipeline(session, model, opt, loss_fn, tables, device)
     if cfg.ps.mode in ("hybrid", "allreduce"):
-        wrapped = _dense_replicas(session, model, opt, tables, amp, device)
+        wrapped = _dense_replicas(session, model, opt, tables, amp, device,
+                                  find_unused_parameters)
         local = True
     else:
         wrapped = _parameter_servers(session, model, opt, tables, amp, device)
@@ -133,7 +135,7 @@ def _parameter_servers(session, model, opt, tables, amp, device):
                           amp=amp, hooks=hooks, start=start, tables=tables, device=device)
 
 
-def _dense_replicas(session, model, opt, tables, amp, device):
+def _dense_replicas(session, model, opt, tables, amp, device, find_unused_parameters):
     from tessera.parallel.hybrid import HybridParallel
     cfg = session.cfg
     allreduce = cfg.ps.mode == "allreduce"
@@ -150,6 +152,7 @@ def _dense_replicas(session, model, opt, tables, amp, device):
     wrapped = HybridParallel(model, client, optimizer=opt, tables=tables, amp=amp,
                              hooks=Hooks(log=_log, profiler=session.profiler), device=device,
                              checkpoints=_dense_checkpoints(session),
+                             find_unused_parameters=find_unused_parameters,
                              push_ahead=bool(tables) and not cfg.ps.staleness
                              and cfg.ps.replication == 1)
     restore = session.view.restore

@@ -127,6 +127,35 @@ def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
     assert dist["device"] == want  # tessera.device() under a launcher
 
 
+def test_allreduce_mode_steps_a_branch_not_taken_as_torch_with_find_unused_parameters(tmp_path):
+    """A head that forward uses at every third step only: with DDP's flag passed through
+    ``tessera.distribute(..., find_unused_parameters=True)`` the job equals one process
+    (torch skips the head at the other steps: its gradient is None there, not zeros, so
+    AdamW's weight decay and moments leave it alone). Without the flag, DDP would stop
+    the job with its traceback at the next forward, after a step whose buckets were never
+    averaged: the job stops in one line instead, naming the parameters (a head never
+    used: at the first step, before it is applied) or the step, and the flag."""
+    args = ("--steps", "9", "--unused", "--no-clip")
+    flags = ["--workers", 2, "--servers", 0, "--mode", "allreduce"]
+    with _plain(tmp_path, "--workers", "2", *args, "--aux-every", "3") as plain:
+        dist = _launched(tmp_path, flags, *args, "--aux-every", "3", "--find-unused")
+        want = plain()
+    _close(dist, want)
+    for name in ("aux.weight", "body.0.weight"):
+        assert dist["params"][name] == pytest.approx(want["params"][name], rel=1e-5, abs=1e-7)
+    for case, extra, says in (
+            ("never", (), r"worker [01]: parameters aux\.weight, aux\.bias received no "
+                          r"gradient in step 1 .* find_unused_parameters=True"),
+            ("sometimes", ("--aux-every", "3"),
+             r"worker [01]: some parameters received no gradient in step 2 .* "
+             r"find_unused_parameters=True")):
+        code, output = run_cli(["launch", *flags, "--out", tmp_path / case, "--quiet", RECIPE,
+                                "--out", tmp_path / f"{case}.json", *args, *extra],
+                               timeout_s=240)
+        assert code != 0 and "Traceback" not in output, output
+        assert re.search(says, " ".join(output.split())), output
+
+
 def test_each_worker_gets_its_own_gpu_by_its_local_rank(monkeypatch):
     """tessera.device(): cuda:LOCAL_RANK modulo the visible GPUs, the CPU without one, and
     one line for a LOCAL_RANK that is no index. (torch.cuda stubbed: no GPU here; the real
@@ -429,6 +458,9 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
                        "process group"),
     ("reduce_scatter_tensor", "torch.distributed.reduce_scatter_tensor is not supported by "
                               "the server modes' process group"),
+    ("second_model", "tessera.distribute() was already called in this process: a job trains "
+                     "one model with one optimizer (a second model with its own optimizer, as "
+                     "a GAN's discriminator, is not supported yet)"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
                     "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "

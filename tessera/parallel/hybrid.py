@@ -50,6 +50,7 @@ from torch import nn
 
 from tessera.amp.finite import all_finite
 from tessera.config.schema import OptimizerConfig
+from tessera.errors import UsageError
 from tessera.parallel.dense_checkpoint import DenseCheckpoints, dense_state, load_dense, read_dense
 from tessera.parallel.embedding import push_tables
 from tessera.parallel.prefetch import send_named
@@ -70,7 +71,8 @@ class HybridParallel(DistributedModel):
     def __init__(self, module: nn.Module, client: Optional[PSClient], *,
                  optimizer: Union[OptimizerConfig, torch.optim.Optimizer], tables, amp: Optional[Amp] = None,
                  hooks: Hooks = Hooks(), device=None,
-                 checkpoints: Optional[DenseCheckpoints] = None, push_ahead: bool = False):
+                 checkpoints: Optional[DenseCheckpoints] = None, push_ahead: bool = False,
+                 find_unused_parameters: bool = False):
         super().__init__()
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -81,11 +83,18 @@ class HybridParallel(DistributedModel):
         params = [p for p in module.parameters() if p.requires_grad]
         import torch.distributed as dist
         world = dist.get_world_size() if dist.is_initialized() else 1
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
         # One worker: DDP's all-reduce of a group of one is the identity (x / 1), so the
         # replica trains bit for bit the same without its hooks (about 1 ms of CPU a step
         # on a small MLP). A half-width wire still goes through DDP: its hook rounds.
         half = self.policy.wire_dtype != "float32"
-        self.dense = DDP(module) if params and (world > 1 or half) else module
+        self.dense = (DDP(module, find_unused_parameters=find_unused_parameters)
+                      if params and (world > 1 or half) else module)
+        #: DDP waits for every parameter's gradient unless told some may have none.
+        self._needs_all_grads = self.dense is not module and not find_unused_parameters
+        #: With it, a step leaves a parameter no forward used alone, as torch does: its
+        #: gradient is None after each step (DDP keeps a globally unused one None).
+        self._grads_to_none = find_unused_parameters
         if params and half:
             from tessera.parallel.halfwidth import half_width_hook
             self.dense.register_comm_hook(None, half_width_hook(self.policy.wire_dtype))
@@ -135,7 +144,14 @@ class HybridParallel(DistributedModel):
                 self.policy.autocast(self._device_type):
             # Evaluation (one worker, no gradients) must not enter DDP's collectives.
             train = self.module.training and grads
-            return (self.dense if train else self.module)(*args, **kwargs)
+            if not (train and self._needs_all_grads):
+                return (self.dense if train else self.module)(*args, **kwargs)
+            try:
+                return self.dense(*args, **kwargs)
+            except RuntimeError as exc:  # a step whose unused gradients were zeros, not None
+                if "Expected to have finished reduction" not in str(exc):
+                    raise
+                raise self._unused_error("some parameters", self.clock) from None
 
     def dense_state(self) -> torch.Tensor:
         """The dense replica, flattened (tests compare it across workers)."""
@@ -166,7 +182,26 @@ class HybridParallel(DistributedModel):
         pushes (a forward ran and they have not left)."""
         return None if any(t._pending for t in self.tables) else self.clock
 
+    def _unused_error(self, names: str, step: int) -> UsageError:
+        return UsageError(
+            f"worker {self._rank}: {names} received no gradient in step {step} (a "
+            f"branch not taken, a head not called?), and DDP (--mode {self.mode}) cannot "
+            f"average such a step: pass tessera.distribute(model, optimizer, "
+            f"find_unused_parameters=True), DDP's flag, or freeze them (requires_grad=False "
+            f"before tessera.distribute)")
+
+    def _check_all_grads(self) -> None:
+        """Before the step changes anything: DDP without ``find_unused_parameters`` left
+        some parameters' gradients unaveraged (their buckets never completed)."""
+        missing = [n for n, p in zip(self._names, self._params) if p.grad is None]
+        if missing and len(missing) < len(self._params):  # (none at all: no backward ran)
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise self._unused_error(f"parameters {', '.join(missing[:3])}{more}",
+                                     self.clock + 1)
+
     def step(self) -> bool:
+        if self._needs_all_grads:
+            self._check_all_grads()
         prof = self.profiler
         t0 = time.perf_counter()
         start = prof.now()
@@ -178,7 +213,7 @@ class HybridParallel(DistributedModel):
             applied = self.unscale_()
             if applied:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad(set_to_none=self._grads_to_none)
             self.allreduce_bytes += self._allreduce_step_bytes
         self.scaler.update(found_inf=not applied)
         self._finite = None

@@ -47,6 +47,9 @@ if mistake == "clamp":  # a step, then WGAN's weight clipping: the servers' next
     with torch.no_grad():
         for p in model.parameters():
             p.clamp_(-0.01, 0.01)
+if mistake == "second_model":  # a GAN's discriminator with its own optimizer
+    critic = nn.Linear(2, 1)
+    tessera.distribute(critic, torch.optim.Adam(critic.parameters(), lr=1e-3))
 if mistake == "collective_too_big":  # a model-sized all_reduce (DDP-style averaging)
     import torch.distributed as dist
     dist.all_reduce(torch.ones(1 << 18))

@@ -9,7 +9,7 @@ so the union of W workers' k-th micro-batches is a contiguous slice of the
 epoch's order). Writes the final eval loss and parameters to ``--out``.
 
     python recipe.py --plain --workers 2 --out plain.json
-    tessera launch --workers 2 --servers 2 recipe.py -- --out dist.json
+    tessera launch --workers 2 --servers 2 recipe.py --out dist.json
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def main() -> None:
                     help="adamw: add the biases' group with add_param_group at this step")
     ap.add_argument("--unused", action="store_true",
                     help="an extra head (`aux`) that forward never uses")
+    ap.add_argument("--aux-every", type=int, default=0,
+                    help="with --unused: forward uses `aux` at the steps divisible by this")
+    ap.add_argument("--find-unused", action="store_true",
+                    help="tessera.distribute(..., find_unused_parameters=True), DDP's flag")
     ap.add_argument("--zero-unused", action="store_true",
                     help="with --plain: step a parameter without a gradient on zeros, as the "
                          "servers do")
@@ -95,13 +99,15 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 64), *([nn.BatchNorm1d(64)] if args.bn else []),
                           nn.ReLU(), nn.Linear(64, 10))
     model = (_WithUnused(model) if args.unused else model).to(device)
+    inner = model
     optimizer = build_optimizer(args.optimizer, model, late=args.late_group > 0)
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     if args.plain:
         sampler = torch.utils.data.DistributedSampler(train, num_replicas=1, rank=0, seed=0)
         micro = args.batch * args.workers // args.accum
     else:
-        model, optimizer = tessera.distribute(model, optimizer)
+        model, optimizer = tessera.distribute(model, optimizer,
+                                              find_unused_parameters=args.find_unused)
         sampler = tessera.DistributedSampler(train, seed=0)
         micro = args.batch // args.accum
         if args.barrier_first:  # (a DDP script's "rank 0 prepares, the others wait")
@@ -135,6 +141,8 @@ def main() -> None:
                 schedule.base_lrs.append(3e-3)
                 schedule.lr_lambdas.append(schedule.lr_lambdas[0])
             ids = []
+            if args.aux_every:
+                inner.use_aux = step % args.aux_every == 0
             for k in range(args.accum):
                 xb, yb, ib = next(batches)
                 ids += ib.tolist()
@@ -206,14 +214,17 @@ def _dist_eval(model, test_x, test_y, plain: bool) -> dict:
 
 
 class _WithUnused(nn.Module):
-    """``body`` plus a head no forward uses (a branch not taken): it never has a gradient."""
+    """``body`` plus a head forward uses only while ``use_aux`` (a branch not taken): it has
+    no gradient at the other steps."""
 
     def __init__(self, body: nn.Module):
         super().__init__()
         self.body, self.aux = body, nn.Linear(64, 10)
+        self.use_aux = False
 
     def forward(self, x):
-        return self.body(x)
+        out = self.body(x)
+        return out + 0.5 * self.aux(x) if self.use_aux else out
 
 
 class _nothing:
