@@ -78,7 +78,40 @@ def wrap(session: Session, model: torch.nn.Module,
                                                         local=local, tables=bool(tables))
         if not local:
             wrapped.hparams_source = wrapped.optimizer_handle.changed_hparams
+            handle = wrapped.optimizer_handle
+            handle.remote = _server_state(session, wrapped, model)
+            if any(opt.state.values()):  # loaded before distribute: the servers take it
+                handle.remote.send(opt.state, handle._params(), handle._check_kinds)
     return wrapped
+
+
+def _server_state(session, wrapped, model):
+    """The servers' optimizer state for ``optimizer.state_dict()``/``load_state_dict()``
+    (:mod:`tessera.parallel.optim_state`): only worker 0's load of a fresh job is sent."""
+    from tessera.parallel.optim_state import ServerState
+    from tessera.parallel.optimizer import trainable
+    offsets, at = {}, 0
+    for _, p in trainable(model):
+        offsets[id(p)] = (at, at + p.numel())
+        at += p.numel()
+    view, first_clock = session.view, wrapped.clock
+    said = []
+
+    def may_send():
+        if session.rank != 0:
+            return ""  # every worker loads the same file; worker 0's is sent
+        if (view.restore is not None or view.incarnation) and wrapped.clock == first_clock:
+            if said:
+                return ""
+            said.append(True)
+            how = "a restarted worker" if view.incarnation else "a resumed job"
+            return (f"worker 0: optimizer.load_state_dict(): this is {how}, so the servers "
+                    f"keep the job's optimizer state (as they keep its values); the loaded "
+                    f"state was not sent")
+        return None
+
+    parts = [p for p in session.shard_map().partitions if p.stop <= at]
+    return ServerState(wrapped.client, parts, offsets, may_send, _log)
 
 
 def _check_tables(tables) -> None:

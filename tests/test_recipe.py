@@ -156,6 +156,60 @@ def test_allreduce_mode_steps_a_branch_not_taken_as_torch_with_find_unused_param
         assert re.search(says, " ".join(output.split())), output
 
 
+OPTIM_STATE = ROOT / "tests" / "scripts" / "optim_state.py"
+
+
+def _state_close(got: dict, want: dict) -> None:
+    for name, values in want["params"].items():
+        assert got["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+    assert sorted(got["state"]) == sorted(want["state"]) == ["0", "1", "2", "3"]
+    for index, state in want["state"].items():
+        assert sorted(got["state"][index]) == sorted(state)
+        for key, values in state.items():
+            assert got["state"][index][key] == pytest.approx(values, rel=1e-5, abs=1e-9), key
+
+
+def test_a_scripts_own_checkpoint_carries_the_optimizer_state_the_servers_hold(tmp_path):
+    """A script saves ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}``
+    after 6 steps of one process and a sync job (2 workers, 2 servers, 5 partitions that
+    cut parameters across servers) loads it, the optimizer's after ``tessera.distribute``
+    as a DDP script does, and runs to step 12: it ends where one process running all 12
+    steps ends, and its ``optimizer.state_dict()`` (asked of the servers) holds the same
+    moments and step count (AdamW, two groups). Before, the state_dict carried the groups
+    only and a load kept the servers' fresh moments: the parameters differed. One process
+    (``python script.py``), loading before ``tessera.distribute``, with Rprop (elementwise
+    and scalar state): the same."""
+    def plain(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(OPTIM_STATE), "--plain", *args],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def done(*procs) -> None:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out
+
+    refs = [plain("--steps", "6", "--save", "a.pt"), plain("--steps", "12", "--out", "want.json"),
+            plain("--workers", "1", "--optimizer", "rprop", "--steps", "5", "--save", "r.pt"),
+            plain("--workers", "1", "--optimizer", "rprop", "--steps", "10", "--out", "rw.json")]
+    done(*refs)
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--partition-mb", 0.002,
+                            "--out", tmp_path / "run", "--quiet", OPTIM_STATE, "--load",
+                            tmp_path / "a.pt", "--steps", 12, "--out", tmp_path / "got.json"],
+                           timeout_s=240)
+    assert code == 0, output
+    parts = json.loads((tmp_path / "run" / "cluster.json").read_text())["partitions"]
+    assert len(parts) == 5 and {p["server"] for p in parts} == {0, 1}, parts
+    _state_close(json.loads((tmp_path / "got.json").read_text()),
+                 json.loads((tmp_path / "want.json").read_text()))
+    one = subprocess.run([sys.executable, str(OPTIM_STATE), "--optimizer", "rprop", "--load",
+                          "r.pt", "--load-before", "--steps", "10", "--out", "rg.json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stdout + one.stderr
+    _state_close(json.loads((tmp_path / "rg.json").read_text()),
+                 json.loads((tmp_path / "rw.json").read_text()))
+
+
 def test_each_worker_gets_its_own_gpu_by_its_local_rank(monkeypatch):
     """tessera.device(): cuda:LOCAL_RANK modulo the visible GPUs, the CPU without one, and
     one line for a LOCAL_RANK that is no index. (torch.cuda stubbed: no GPU here; the real
@@ -461,6 +515,9 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("second_model", "tessera.distribute() was already called in this process: a job trains "
                      "one model with one optimizer (a second model with its own optimizer, as "
                      "a GAN's discriminator, is not supported yet)"),
+    ("optim_state_other_class", "SGD.load_state_dict(): the state holds ['exp_avg', "
+                                "'exp_avg_sq', 'step'], but SGD with these settings keeps "
+                                "['momentum_buffer']"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
                     "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "

@@ -405,6 +405,46 @@ def test_sync_push_refusals(make_cluster):
     torch.testing.assert_close(first.wait()[0], flat_of(model) - 0.1 * g)
 
 
+def test_optimizer_state_round_trips_and_a_bad_load_changes_nothing(make_cluster):
+    """``optimizer.state_dict()``/``load_state_dict()``'s requests (tessera.ps.optim_state):
+    each partition's Adam state comes back as the servers step it, a load sets it on every
+    server, and a load with another class's names, a short frame or a partition not held
+    is refused in one line with the state left as it was (a server checks all it is sent
+    before it loads any: a good partition beside a bad one stays as it was too)."""
+    cfg = OptimizerConfig(name="adam", lr=0.01)
+    model, cluster, (c0,) = start(make_cluster, mode="sync", num_workers=1, optimizer=cfg)
+    n = cluster.shard_map.total_elems
+    for clock in range(2):
+        g = torch.randn(n)
+        for part in cluster.shard_map.partitions:
+            c0.push(part.id, g[part.start:part.stop], clock).wait()
+    state = c0.optim_state()
+    assert set(state) == {p.id for p in cluster.shard_map.partitions}
+    assert {p.server for p in cluster.shard_map.partitions} == {0, 1}
+    assert all(sorted(s) == ["exp_avg", "exp_avg_sq", "step"] and float(s["step"]) == 2
+               for s in state.values())
+    pid = min(state)
+    numel = state[pid]["exp_avg"].numel()
+    owner = {p.id: p.server for p in cluster.shard_map.partitions}
+    mate = next(p for p in state if p != pid and owner[p] == owner[pid])  # same server
+    bad = [({pid: {"momentum_buffer": torch.zeros(numel)}}, "is not what the servers' Adam keeps"),
+           ({pid: {**state[pid], "exp_avg": torch.zeros(numel - 1)}}, "bytes"),
+           ({pid: state[pid], mate: {"exp_avg": torch.zeros(1)}}, "is not what the servers")]
+    for states, says in bad:
+        with pytest.raises(ServerError, match=says):
+            c0.load_optim_state(states)
+    after = c0.optim_state()
+    for p in state:
+        for key in state[p]:
+            torch.testing.assert_close(after[p][key], state[p][key], rtol=0, atol=0)
+    moved = {p: {k: v + 1 for k, v in s.items()} for p, s in state.items()}
+    c0.load_optim_state(moved)
+    got = c0.optim_state()
+    for p in state:
+        for key in state[p]:
+            torch.testing.assert_close(got[p][key], moved[p][key], rtol=0, atol=0)
+
+
 # -------------------------------------------------------- d. wrong secret
 
 

@@ -20,8 +20,9 @@ every mode it is the handle on the wrapper's step; in the parameter-server modes
    and sends them with the push when they moved, so the servers apply a changed
    learning rate at the same step as one process would.
 4. ``state_dict()``/``load_state_dict()`` carry the param groups (what schedulers
-   and scripts change); the optimizer's per-element state lives on the servers
-   and travels in Tessera's checkpoints.
+   and scripts change) and the per-element state, which lives on the servers: asked
+   of them, or sent to them by worker 0 (:mod:`tessera.parallel.optim_state`). It
+   travels in Tessera's checkpoints too.
 
 With all-reduce (and hybrid) the script's optimizer itself steps the replica
 after DDP's averaged gradients, so ``state_dict()`` is the script's own.
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from tessera.errors import UsageError
-from tessera.ps.optim import check_optimizer_class, group_hparams
+from tessera.ps.optim import check_optimizer_class, group_hparams, state_kinds
 from tessera.transport.wire import OptimGroup, OptimSpec
 
 
@@ -108,6 +109,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._sent: Optional[list[dict]] = None
         #: Whether the last step was applied (False: skipped on every worker, fp16).
         self.applied = True
+        #: Server modes: the servers' optimizer state (:class:`ServerState`), set by
+        #: the factory; None: the script's optimizer holds its own (all-reduce).
+        self.remote = None
         self._built = True  # add_param_group() from here on is the script's
 
     def add_param_group(self, param_group: dict) -> None:
@@ -158,15 +162,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - grads are views
         self._zero_grad()
 
+    def _params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
+
     def state_dict(self) -> dict:
-        return self.user.state_dict() if self.local else super().state_dict()
+        if self.local:
+            return self.user.state_dict()
+        out = super().state_dict()
+        if self.remote is not None:  # torch numbers parameters in group order, first sight
+            index: dict[int, int] = {}
+            for p in self._params():
+                index.setdefault(id(p), len(index))
+            out["state"] = {index[id(p)]: v for p, v in self.remote.fetch(self._params()).items()}
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.local:
             self.user.load_state_dict(state_dict)
             self.param_groups = self.user.param_groups
-        else:
-            super().load_state_dict(state_dict)
+            return
+        super().load_state_dict(state_dict)  # checks the groups, keys state by parameter
+        loaded, self.state = self.state, type(self.state)()
+        if self.remote is not None:
+            self.remote.send(loaded, self._params(), self._check_kinds)
+
+    def _check_kinds(self, names: dict[str, bool]) -> None:
+        """A loaded state's names (True: a scalar) against what this class keeps."""
+        keeps = state_kinds(type(self.user), self.param_groups)
+        if names != keeps:
+            raise UsageError(f"{self.user_class}.load_state_dict(): the state holds "
+                             f"{sorted(names)}, but {self.user_class} with these settings "
+                             f"keeps {sorted(keeps)}: load a state_dict of the same optimizer "
+                             f"class and settings")
 
     def current_hparams(self) -> list[dict]:
         return [group_hparams(g, f"{self.user_class} param group {i}")

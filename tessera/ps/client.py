@@ -796,6 +796,65 @@ class PSClient:
         return (torch.from_numpy(np.concatenate(all_ids)),
                 torch.from_numpy(np.concatenate(all_rows)))
 
+    def _by_server(self, pids) -> dict[int, list[int]]:
+        self._route()
+        by_server: dict[int, list[int]] = {}
+        for pid in pids:
+            by_server.setdefault(self.owner[pid], []).append(pid)
+        return by_server
+
+    def optim_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every partition's optimizer state (name -> flat float32 tensor, or a 0-dim one
+        for a scalar), asked of the servers holding them (:mod:`tessera.ps.optim_state`)."""
+        asked = []
+        for server, ids in self._by_server(p.id for p in self.shard_map.partitions).items():
+            ep = self.servers[server]
+            req = ep.new_req()
+            ep.send(wire.OptimState(req=req, partitions=ids))
+            asked.append((server, req, ids))
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for server, req, ids in asked:
+            what = "the optimizer's state"
+            reply, frames = self._expect(server, req, what, None, wire.OptimState)
+            name = self.servers[server].peer_name
+            if reply.partitions != ids or len(reply.names) != len(ids) or \
+                    [len(n) for n in reply.names] != [len(s) for s in reply.scalar] or \
+                    len(frames) != sum(len(n) for n in reply.names):
+                raise ServerError(f"{name} answered {what} for partitions {ids} with "
+                                  f"{reply.partitions}, {len(frames)} frames")
+            at = 0
+            for pid, names, scalar in zip(ids, reply.names, reply.scalar):
+                part, state = self.parts[pid], {}
+                for key, is_scalar in zip(names, scalar):
+                    raw = frames[at].buffer if hasattr(frames[at], "buffer") else frames[at]
+                    try:
+                        t = frame_to_tensor(raw, "float32",
+                                            1 if is_scalar else part.stop - part.start).clone()
+                    except ValueError as exc:
+                        raise ServerError(f"{name} answered {what} of partition {pid} "
+                                          f"({key!r}): {exc}") from None
+                    state[key] = t.reshape(()) if is_scalar else t
+                    at += 1
+                out[pid] = state
+        return out
+
+    def load_optim_state(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Give the servers these partitions' optimizer state (as :meth:`optim_state`
+        returns it) and wait until every one holds it."""
+        asked = []
+        for server, ids in self._by_server(sorted(states)).items():
+            ep = self.servers[server]
+            tensors = [t.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+                       for pid in ids for t in states[pid].values()]
+            msg = wire.OptimState(req=ep.new_req(), partitions=ids, load=True,
+                                  names=[list(states[pid]) for pid in ids],
+                                  scalar=[[t.dim() == 0 for t in states[pid].values()]
+                                          for pid in ids])
+            ep.send(msg, [tensor_to_frame(t) for t in tensors])
+            asked.append((server, msg.req, tensors))
+        for server, req, _kept in asked:  # (the frames' tensors live until answered)
+            self._expect(server, req, "the loaded optimizer state", None, wire.Ack)
+
     def snapshot_tables(self, clock: int) -> None:
         """Hybrid mode: every server copies its tables into the checkpoint at ``clock``."""
         reqs = []

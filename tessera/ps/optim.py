@@ -400,6 +400,18 @@ class TorchOptimRule:
                 out[key][lo:hi] = value.reshape(-1)
         return out
 
+    @property
+    def class_name(self) -> str:
+        return type(self.optimizer).__name__ if self.optimizer is not None else "(no optimizer)"
+
+    def state_kinds(self) -> dict[str, bool]:
+        """The state names the class keeps for this partition's groups, each True for a
+        scalar (``step``): learned from one step of the class on a 2-element stand-in per
+        group (its state is made lazily, at the first step)."""
+        if self.optimizer is None:
+            return {}
+        return state_kinds(type(self.optimizer), self.optimizer.param_groups)
+
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint)."""
         self._plain = None
@@ -414,6 +426,23 @@ class TorchOptimRule:
                 else:
                     seg[key] = value.clone()
             self.optimizer.state[param] = seg
+
+
+def state_kinds(cls: type, groups: list[dict]) -> dict[str, bool]:
+    """The state names ``cls`` keeps for param groups with these settings, each True for
+    a scalar (``step``): learned from one step on a 2-element stand-in per group (a
+    class makes its state lazily, at the first step)."""
+    kinds: dict[str, bool] = {}
+    for group in groups:
+        stand_in = torch.nn.Parameter(torch.zeros(2))
+        stand_in.grad = torch.zeros(2)
+        opt = cls([{**{k: v for k, v in group.items() if k != "params"},
+                    "params": [stand_in]}])
+        opt.step()
+        for key, value in opt.state[stand_in].items():
+            if isinstance(value, torch.Tensor):
+                kinds[key] = value.dim() == 0
+    return kinds
 
 
 def _kernel(name: str) -> dict:

@@ -40,7 +40,7 @@ import zmq
 
 from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
-from tessera.ps import kernels
+from tessera.ps import kernels, optim_state
 from tessera.ps.agreement import Agreement, check_inputs
 from tessera.ps.consistency import NotABackup, RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
@@ -250,6 +250,8 @@ class ParameterServer:
                 self._on_pull(got.peer, msg, got.frames)
             elif isinstance(msg, wire.InitParams):
                 self._on_init(got.peer, msg, got.frames)
+            elif isinstance(msg, wire.OptimState):
+                self._on_optim_state(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Judged) and self.agreement is not None:
                 if got.frames:
                     raise RequestError("Judged carries no payload frames")
@@ -343,6 +345,19 @@ class ParameterServer:
             self.replication.forward("init", st, values)
         self.replication.reply(peer, wire.Ack(req=msg.req))
         self.policy.wake(states)
+
+    def _on_optim_state(self, peer: bytes, msg: wire.OptimState, frames: list) -> None:
+        """A worker's ``optimizer.state_dict()`` or ``load_state_dict()``
+        (:mod:`tessera.ps.optim_state`)."""
+        states = self._states(msg.partitions, None, "float32")
+        if not msg.load:
+            if frames:
+                raise RequestError("a request for optimizer state carries no payload frames")
+            reply, out = optim_state.answer(msg, states)
+            self.replication.reply(peer, reply, out)
+            return
+        optim_state.load(msg, states, frames, self.replication.backs_up)
+        self.replication.reply(peer, wire.Ack(req=msg.req))
 
     def _on_pull(self, peer: bytes, msg: wire.Pull, frames: list) -> None:
         if frames:

@@ -1,7 +1,8 @@
 """Data-plane messages: between workers and parameter servers (and server to backup).
 
 Dense partitions (:class:`InitParams`, :class:`Push`, :class:`Pull`,
-:class:`Params`, :class:`Verdict`, :class:`Judged`, :class:`Join`, :class:`Replicate`) and
+:class:`Params`, :class:`Verdict`, :class:`Judged`, :class:`Join`, :class:`Replicate`,
+:class:`OptimState`) and
 embedding-table rows (:class:`PullRows`, :class:`Rows`, :class:`PushRows`).
 Tensor payloads follow the header as raw frames (:mod:`tessera.transport.frames`).
 """
@@ -211,6 +212,23 @@ class Params(msgspec.Struct, **MESSAGE):
     #: (index: worker; zeros where unknown), the same in every reply at ``clock``; None
     #: when no worker reported a rate.
     rates: Optional[list[list[float]]] = None
+
+
+class OptimState(msgspec.Struct, **MESSAGE):
+    """Partitions' optimizer state: what the ``torch.optim`` class keeps per element
+    (Adam's ``exp_avg``, ...) and its scalars (``step``), float32. A worker's
+    ``optimizer.state_dict()`` asks for it (no ``names``, no frames) and is answered with
+    an ``OptimState``; worker 0's ``optimizer.load_state_dict()`` sends it (``load``),
+    answered with an Ack once every partition holds it. Frames: for each partition, for
+    each of its ``names``, the partition's elements, or one element for a name that
+    ``scalar`` marks."""
+
+    req: int
+    partitions: list[int]
+    load: bool = False
+    #: Per partition: its state's names, and whether each is a scalar.
+    names: list[list[str]] = []
+    scalar: list[list[bool]] = []
 
 
 class PullRows(msgspec.Struct, **MESSAGE):

@@ -25,6 +25,13 @@ model = nn.Linear(4, 2)
 if mistake == "sync_batchnorm":  # a DDP model converted with convert_sync_batchnorm
     model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(4, 4),
                                                                   nn.BatchNorm1d(4)))
+if mistake == "optim_state_other_class":  # Adam's moments loaded into the servers' SGD
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 4)).sum().backward()
+    adam.step()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd.load_state_dict(adam.state_dict())  # torch takes it (it checks only the groups)
+    tessera.distribute(model, sgd)
 if mistake == "optimizer_class":  # the class, not an object
     tessera.distribute(model, torch.optim.SGD)
 if mistake == "unknown_name":
