@@ -108,6 +108,10 @@ def _server_state(session, wrapped, model):
             return (f"worker 0: optimizer.load_state_dict(): this is {how}, so the servers "
                     f"keep the job's optimizer state (as they keep its values); the loaded "
                     f"state was not sent")
+        if session.cfg.ps.replication > 1:
+            raise UsageError("optimizer.load_state_dict(): a job with --replication 2 cannot "
+                             "load optimizer state yet (the backups would keep the old "
+                             "state); continue it with --resume, or run without replication")
         return None
 
     parts = [p for p in session.shard_map().partitions if p.stop <= at]
