@@ -244,6 +244,37 @@ def test_a_resumed_job_keeps_the_servers_optimizer_state_and_replication_refuses
         " ".join(output.split()), output
 
 
+SKIP_STEP = ROOT / "tests" / "scripts" / "skip_step.py"
+
+
+def test_a_step_skipped_after_backward_on_a_gradient_that_is_not_finite(tmp_path):
+    """``norm = model.clip_grad_norm_(...)``; ``if not torch.isfinite(norm):
+    optimizer.zero_grad(); continue``: worker 0's loss is NaN at step 5, the servers skip
+    that step on every worker (its averaged gradient is not finite), and ``zero_grad()``
+    finishes it without an update, so the job ends where one process ends that skips the
+    same step (2 workers, sync; before, the next backward stopped the job as a second
+    one). A script that skips a finite step after backward by its own rule is refused at
+    its ``zero_grad()`` in one line (the gradients left during backward), not at the next
+    backward with a message about accumulation."""
+    want = subprocess.Popen([sys.executable, str(SKIP_STEP), "--plain", "--out", "want.json"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--out", tmp_path / "run",
+                            "--quiet", SKIP_STEP, "--out", tmp_path / "got.json"], timeout_s=240)
+    assert code == 0, output
+    out, _ = want.communicate(timeout=120)
+    assert want.returncode == 0, out
+    got, want = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("got", "want"))
+    assert got["skipped"] == want["skipped"] == [4]
+    for name, values in want["params"].items():
+        assert got["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+    own = subprocess.run([sys.executable, str(SKIP_STEP), "--no-clip"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert own.returncode != 0 and "Traceback" not in own.stderr, own.stderr
+    assert "tessera: worker 0: optimizer.zero_grad() after backward() without optimizer.step() " \
+           "would skip step 4, but its gradients left for the servers" in own.stderr, own.stderr
+
+
 def test_each_worker_gets_its_own_gpu_by_its_local_rank(monkeypatch):
     """tessera.device(): cuda:LOCAL_RANK modulo the visible GPUs, the CPU without one, and
     one line for a LOCAL_RANK that is no index. (torch.cuda stubbed: no GPU here; the real

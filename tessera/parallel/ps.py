@@ -469,8 +469,28 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         return applied
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - grads are views
+        if self._handles:  # a backward pushed, and no step() took its replies
+            self._skip_pushed_step()
         self.client.wait_lent()
         self.flat_grad.zero_()
+
+    def _skip_pushed_step(self) -> None:
+        """``zero_grad()`` between backward and ``step()``: a script skipping this step.
+
+        The gradients left during backward, so the skip holds only where the servers skip
+        too: a step already known not finite (``clip_grad_norm_``'s norm in sync mode, or
+        fp16's verdicts), which every worker skips. That one is finished here (its
+        replies taken, the clock advanced, nothing applied); any other is refused before
+        a second backward would push on top of it."""
+        if self._finite is False:
+            self.step()
+            return
+        raise UsageError(
+            f"worker {self.client.worker}: optimizer.zero_grad() after backward() without "
+            f"optimizer.step() would skip step {self.clock + 1}, but its gradients left for "
+            f"the servers during backward, which apply them: skip before backward (a bad loss: `if not torch.isfinite(loss): continue`), let the servers "
+            f"skip a gradient that is not finite (model.clip_grad_norm_ in --mode sync, or "
+            f"--precision fp16: then zero_grad() skips it), or use --mode allreduce")
 
     @contextlib.contextmanager
     def no_sync(self):
