@@ -85,6 +85,28 @@ def wrap(session: Session, model: torch.nn.Module,
     return wrapped
 
 
+def _check_fp32(model, mode: str) -> None:
+    """The servers keep fp32 masters and the workers' parameters live in fp32 buffers: a
+    model cast to another dtype is refused in one line (it failed in the first forward,
+    its inputs in that dtype against fp32 weights, or trained in fp32 unasked)."""
+    from tessera.parallel.flat import shared_buffers
+    named = [("parameter", n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named += [("buffer", n, b) for n, b in shared_buffers(model)]
+    other = next(((kind, n, t.dtype) for kind, n, t in named if t.dtype != torch.float32), None)
+    if other is None:
+        return
+    kind, name, dtype = other
+    instead = ""
+    if dtype in (torch.bfloat16, torch.float16):
+        instead = (f"keep the model in float32 and train in {str(dtype)[6:]} with --precision "
+                   f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} (autocast on the "
+                   f"workers, a half-width wire, fp32 masters on the servers), or ")
+    raise UsageError(f"{kind} {name!r} is {str(dtype)[6:]}, but in --mode {mode} the "
+                     f"servers keep float32 masters and the workers float32 parameters: "
+                     f"{instead}use --mode allreduce, where DDP trains the model in its own "
+                     f"dtype")
+
+
 def _server_state(session, wrapped, model):
     """The servers' optimizer state for ``optimizer.state_dict()``/``load_state_dict()``
     (:mod:`tessera.parallel.optim_state`): only worker 0's load of a fresh job is sent."""
@@ -149,6 +171,7 @@ def _parameter_servers(session, model, opt, tables, amp, device):
             f"torch.distributed group carries metrics, not a collective in every forward; "
             f"use nn.BatchNorm (the servers average its running statistics over the workers "
             f"every step) or --mode allreduce")
+    _check_fp32(model, cfg.ps.mode)
     layout = param_layout(model)
     spec = (spec_from_optimizer(opt, model) if isinstance(opt, torch.optim.Optimizer)
             else spec_from_config(opt))

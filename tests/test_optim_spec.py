@@ -92,6 +92,30 @@ def test_hyperparameters_keep_their_kind():
     assert "NaN" in rule.check_hparams([{"lr": float("nan")}])
 
 
+def test_a_tensor_lr_travels_as_its_value_each_step():
+    """torch takes ``lr=torch.tensor(...)`` (a scheduler then fills it in place): the
+    servers get its value, and a change in place is a change of the hyperparameter (it
+    was refused as a Tensor); so do ``betas`` of tensors; any other tensor stays refused."""
+    from tessera.parallel.optimizer import DistributedOptimizer
+    model = nn.Linear(3, 2)
+    user = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.01))
+    spec = spec_from_optimizer(user, model)
+    assert spec.groups[0].hparams["lr"] == pytest.approx(0.01)
+    handle = DistributedOptimizer(user, lambda: True, lambda: None)
+    assert handle.changed_hparams()[0]["lr"] == pytest.approx(0.01)  # first: always sent
+    assert handle.changed_hparams() is None
+    user.param_groups[0]["lr"].fill_(0.005)
+    assert handle.changed_hparams()[0]["lr"] == pytest.approx(0.005)
+    betas = spec_from_optimizer(torch.optim.Adam(model.parameters(),
+                                                 betas=(torch.tensor(0.8), torch.tensor(0.9))),
+                                model).groups[0].hparams["betas"]
+    assert betas == pytest.approx([0.8, 0.9])
+    odd = torch.optim.SGD(model.parameters(), lr=0.1)
+    odd.param_groups[0]["mask"] = torch.zeros(3)
+    with pytest.raises(UsageError, match="'mask' is a Tensor"):
+        spec_from_optimizer(odd, model)
+
+
 def test_a_tensor_outside_the_model_is_named():
     model = nn.Linear(3, 2)
     stray = nn.Parameter(torch.zeros(4))

@@ -583,6 +583,12 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("optim_state_other_class", "SGD.load_state_dict(): the state holds ['exp_avg', "
                                 "'exp_avg_sq', 'step'], but SGD with these settings keeps "
                                 "['momentum_buffer']"),
+    ("bf16_model", "parameter 'weight' is bfloat16, but in --mode sync the servers keep "
+                   "float32 masters and the workers float32 parameters: keep the model in "
+                   "float32 and train in bfloat16 with --precision bf16"),
+    ("double_buffer", "buffer '1.running_mean' is float64, but in --mode sync the servers "
+                      "keep float32 masters and the workers float32 parameters: use --mode "
+                      "allreduce"),
     ("copy_tables", "--mode sync does not support copy.deepcopy(model) yet: the sharded "
                     "tables' rows live on the servers"),
     ("grad_scaler", "torch.amp.GradScaler cannot step this job: the gradients left for the "

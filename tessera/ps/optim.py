@@ -91,14 +91,23 @@ def check_optimizer_class(cls: type) -> str:
         f"every worker steps its own optimizer")
 
 
+def _number(value):
+    """A one-element floating-point Tensor (torch takes ``lr=torch.tensor(...)``, and
+    ``betas`` of tensors) as its value now; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        return float(value)
+    return value
+
+
 def group_hparams(group: dict, where: str) -> dict[str, HParam]:
     """A param group's hyperparameters in wire form (one line naming a bad value)."""
     out: dict[str, HParam] = {}
     for key, value in group.items():
         if key in _IMPLEMENTATION_KEYS:
             continue
+        value = _number(value)
         if isinstance(value, tuple):
-            value = list(value)
+            value = [_number(v) for v in value]
         ok = value is None or isinstance(value, (bool, int, float, str)) or (
             isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
         if not ok:

@@ -32,6 +32,11 @@ if mistake == "optim_state_other_class":  # Adam's moments loaded into the serve
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sgd.load_state_dict(adam.state_dict())  # torch takes it (it checks only the groups)
     tessera.distribute(model, sgd)
+if mistake == "bf16_model":  # a model cast to bf16 (pure bf16 training)
+    model = model.bfloat16()
+if mistake == "double_buffer":  # BatchNorm's statistics in float64
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].running_mean = model[1].running_mean.double()
 if mistake == "optimizer_class":  # the class, not an object
     tessera.distribute(model, torch.optim.SGD)
 if mistake == "unknown_name":
