@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -604,6 +605,24 @@ def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"tessera: worker 0: {says}" in proc.stderr or f"tessera: {says}" in proc.stderr, \
         proc.stderr
+
+
+def test_a_script_that_ends_without_joining_stops_the_job_at_once(tmp_path):
+    """A script that never calls tessera.distribute()/init() (a DDP script launched as it
+    is, or an early exit) left the others waiting for it until the start-up timeout (120 s)
+    and then said the job was interrupted: now its clean exit before the cluster is up
+    stops the job in one paragraph naming the worker and the cause."""
+    script = tmp_path / "never_joins.py"
+    script.write_text("print('trained elsewhere')\n")
+    start = time.monotonic()
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--out", tmp_path / "run",
+                            "--quiet", script], timeout_s=100)
+    said = " ".join(output.split())
+    assert code == 1 and "Traceback" not in output, output
+    assert re.search(r"worker [01] \(pid \d+\) exited with code 0 before it joined the job: "
+                     r"the script ended without calling tessera\.distribute\(\) or "
+                     r"tessera\.init\(\)", said), output
+    assert time.monotonic() - start < 60, "it waited for the start-up timeout"
 
 
 def test_reading_gradients_after_backward_is_no_change(tmp_path):

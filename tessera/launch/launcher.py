@@ -580,7 +580,7 @@ class Launcher:
     def watch(self, progress=None) -> Optional[str]:
         """Wait for the job; returns None on success, else the failure (one paragraph)."""
         first_failure: Optional[Child] = None
-        failed_at = 0.0
+        failed_at, unjoined = 0.0, False
         handled: set[int] = set()  # pids of deaths the job survived
         # After the first failure, the others get this long to stop on their own
         # (they learn from heartbeats within heartbeat_timeout_s).
@@ -599,6 +599,12 @@ class Launcher:
                 continue  # every process of this node is new: look again
             for c in list(self.children):
                 code = c.proc.poll()
+                if code == 0 and self._left_before_joining(c) and first_failure is None:
+                    # A script that ended without joining (an unmodified DDP script?):
+                    # the others would wait for it until the start-up timeout.
+                    first_failure, failed_at, unjoined = c, time.monotonic(), True
+                    self._departed(c)
+                    continue
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
                     continue
                 if self._job_complete():
@@ -629,8 +635,18 @@ class Launcher:
             return None
         self.stop_all()
         c = first_failure
-        return (f"{c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}; "
+        how = describe_exit(c.proc.returncode)
+        if unjoined:
+            how = (f"{how} before it joined the job: the script ended without calling "
+                   f"tessera.distribute() or tessera.init() (README: 'Your own script'), and "
+                   f"the others would have waited for it")
+        return (f"{c.name} (pid {c.proc.pid}) {how}; "
                 f"the job was stopped. Last lines of {c.log_path}:\n{tail(c.log_path)}")
+
+    def _left_before_joining(self, c) -> bool:
+        """Worker ``c`` ended before the cluster was up: ``cluster.json`` is written once
+        every process has registered (the run directory is cleared of it at the start)."""
+        return c.role == "worker" and not (self.run_dir / "cluster.json").exists()
 
     def run(self) -> int:
         """Start, watch, report. Returns the exit code for the CLI."""
