@@ -341,7 +341,19 @@ def _join_process_group(session, device, *, opt=None, tables=(), p2p=False):
     """Register, then init the torch.distributed group: rendezvous through the
     coordinator's authenticated store, Gloo pinned to this node's address
     (:mod:`tessera.parallel.rendezvous`)."""
+    import torch.distributed as dist
+
     from tessera.parallel.rendezvous import join_process_group
+    if dist.is_available() and dist.is_initialized():
+        cfg = session.cfg
+        where = (f"--stages {cfg.pipeline.stages}" if cfg.pipeline.stages > 1
+                 else f"--mode {cfg.ps.mode}")
+        raise UsageError(
+            f"the script called torch.distributed.init_process_group before "
+            f"tessera.distribute, but with {where} Tessera forms the workers' "
+            f"group itself (through the coordinator, and again when a worker is replaced): "
+            f"drop that call; dist.get_rank(), dist.all_reduce and the rest work after "
+            f"tessera.distribute")
     first = session.rank == 0
     spec = describe(opt) if isinstance(opt, torch.optim.Optimizer) else spec_from_config(opt)
     session.register(layout=[] if first else None, optimizer=spec if first else None,

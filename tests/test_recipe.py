@@ -625,6 +625,26 @@ def test_a_script_that_ends_without_joining_stops_the_job_at_once(tmp_path):
     assert time.monotonic() - start < 60, "it waited for the start-up timeout"
 
 
+def test_allreduce_refuses_a_group_the_script_made_itself_in_one_line(tmp_path):
+    """A DDP script's own ``dist.init_process_group`` before ``tessera.distribute``: in
+    allreduce mode Tessera forms the group (and forms it again when a worker is replaced),
+    so the call is refused in one line naming the remedy, where torch's "trying to
+    initialize the default process group twice" traceback ended the job."""
+    script = tmp_path / "own_group.py"
+    script.write_text(
+        "import os\nimport torch\nimport torch.distributed as dist\nimport tessera\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', "
+        "rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "tessera.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1))\n")
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 0, "--mode", "allreduce",
+                            "--out", tmp_path / "run", "--quiet", script], timeout_s=100)
+    assert code != 0 and "Traceback" not in output, output
+    assert "the script called torch.distributed.init_process_group before tessera.distribute, " \
+           "but with --mode allreduce Tessera forms the workers' group itself" in \
+           " ".join(output.split()), output
+
+
 def test_reading_gradients_after_backward_is_no_change(tmp_path):
     """The refusal above watches changes only: a script that reads its gradients (a norm
     to log) between backward and step trains on."""

@@ -644,9 +644,12 @@ class Launcher:
                 f"the job was stopped. Last lines of {c.log_path}:\n{tail(c.log_path)}")
 
     def _left_before_joining(self, c) -> bool:
-        """Worker ``c`` ended before the cluster was up: ``cluster.json`` is written once
-        every process has registered (the run directory is cleared of it at the start)."""
-        return c.role == "worker" and not (self.run_dir / "cluster.json").exists()
+        """Worker ``c`` ended before the cluster was up: the coordinator writes
+        ``cluster.json`` once every process has registered (the run directory is cleared of
+        it at the start). Known only where the coordinator runs under this launcher: on
+        the other nodes of a job its run directory is another one."""
+        return c.role == "worker" and any(o.role == "coordinator" for o in self.children) \
+            and not (self.run_dir / "cluster.json").exists()
 
     def run(self) -> int:
         """Start, watch, report. Returns the exit code for the CLI."""
