@@ -81,7 +81,7 @@ def wrap(session: Session, model: torch.nn.Module,
             handle = wrapped.optimizer_handle
             handle.remote = _server_state(session, wrapped, model)
             if any(opt.state.values()):  # loaded before distribute: the servers take it
-                handle.remote.send(opt.state, handle._params(), handle._check_kinds)
+                handle.remote.send(opt.state, handle.all_params(), handle.check_state_names)
     return wrapped
 
 
@@ -111,11 +111,9 @@ def _server_state(session, wrapped, model):
     """The servers' optimizer state for ``optimizer.state_dict()``/``load_state_dict()``
     (:mod:`tessera.parallel.optim_state`): only worker 0's load of a fresh job is sent."""
     from tessera.parallel.optim_state import ServerState
-    from tessera.parallel.optimizer import trainable
-    offsets, at = {}, 0
-    for _, p in trainable(model):
-        offsets[id(p)] = (at, at + p.numel())
-        at += p.numel()
+    from tessera.parallel.optimizer import flat_offsets
+    offsets = flat_offsets(model)
+    at = max((b for _, b in offsets.values()), default=0)
     view, first_clock = session.view, wrapped.clock
     said = []
 

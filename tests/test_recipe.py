@@ -160,6 +160,19 @@ def test_allreduce_mode_steps_a_branch_not_taken_as_torch_with_find_unused_param
 OPTIM_STATE = ROOT / "tests" / "scripts" / "optim_state.py"
 
 
+def _start_plain(tmp_path, script, *args) -> subprocess.Popen:
+    """``script --plain`` (one process, the reference), started at once in ``tmp_path``."""
+    return subprocess.Popen([sys.executable, str(script), "--plain", *map(str, args)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finished(*procs) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+
+
 def _state_close(got: dict, want: dict) -> None:
     for name, values in want["params"].items():
         assert got["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
@@ -181,19 +194,12 @@ def test_a_scripts_own_checkpoint_carries_the_optimizer_state_the_servers_hold(t
     (``python script.py``), loading before ``tessera.distribute``, with Rprop (elementwise
     and scalar state): the same."""
     def plain(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(OPTIM_STATE), "--plain", *args],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-
-    def done(*procs) -> None:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, out
+        return _start_plain(tmp_path, OPTIM_STATE, *args)
 
     refs = [plain("--steps", "6", "--save", "a.pt"), plain("--steps", "12", "--out", "want.json"),
             plain("--workers", "1", "--optimizer", "rprop", "--steps", "5", "--save", "r.pt"),
             plain("--workers", "1", "--optimizer", "rprop", "--steps", "10", "--out", "rw.json")]
-    done(*refs)
+    _finished(*refs)
     code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--partition-mb", 0.002,
                             "--out", tmp_path / "run", "--quiet", OPTIM_STATE, "--load",
                             tmp_path / "a.pt", "--steps", 12, "--out", tmp_path / "got.json"],
@@ -218,9 +224,7 @@ def test_a_resumed_job_keeps_the_servers_optimizer_state_and_replication_refuses
     loaded one was not sent) and still ends where one process running all the steps ends;
     a job with ``--replication 2`` stops in one line at the load (the backups would keep
     the old state)."""
-    want = subprocess.Popen([sys.executable, str(OPTIM_STATE), "--plain", "--steps", "9",
-                             "--out", "want.json"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    want = _start_plain(tmp_path, OPTIM_STATE, "--steps", 9, "--out", "want.json")
     common = ["--workers", 2, "--partition-mb", 0.002, "--quiet"]
     code, output = run_cli(["launch", *common, "--servers", 2, "--checkpoint-every", 3,
                             "--out", tmp_path / "first", OPTIM_STATE, "--steps", 6, "--save",
@@ -233,8 +237,7 @@ def test_a_resumed_job_keeps_the_servers_optimizer_state_and_replication_refuses
     assert code == 0, output
     log = (tmp_path / "resumed" / "logs" / "worker-0.log").read_text()
     assert "this is a resumed job, so the servers keep the job's optimizer state" in log, log
-    out, _ = want.communicate(timeout=120)
-    assert want.returncode == 0, out
+    _finished(want)
     _state_close(json.loads((tmp_path / "got.json").read_text()),
                  json.loads((tmp_path / "want.json").read_text()))
     code, output = run_cli(["launch", *common, "--servers", 3, "--replication", 2, "--out",
@@ -257,14 +260,11 @@ def test_a_step_skipped_after_backward_on_a_gradient_that_is_not_finite(tmp_path
     one). A script that skips a finite step after backward by its own rule is refused at
     its ``zero_grad()`` in one line (the gradients left during backward), not at the next
     backward with a message about accumulation."""
-    want = subprocess.Popen([sys.executable, str(SKIP_STEP), "--plain", "--out", "want.json"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    want = _start_plain(tmp_path, SKIP_STEP, "--out", "want.json")
     code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--out", tmp_path / "run",
                             "--quiet", SKIP_STEP, "--out", tmp_path / "got.json"], timeout_s=240)
     assert code == 0, output
-    out, _ = want.communicate(timeout=120)
-    assert want.returncode == 0, out
+    _finished(want)
     got, want = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("got", "want"))
     assert got["skipped"] == want["skipped"] == [4]
     for name, values in want["params"].items():

@@ -50,14 +50,20 @@ def describe(optimizer: torch.optim.Optimizer) -> OptimSpec:
     return OptimSpec(name=type(optimizer).__name__, groups=[])
 
 
-def spec_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimSpec:
-    """Describe ``optimizer`` (built on ``model``'s parameters) to the servers."""
-    name = check_optimizer_class(type(optimizer))
+def flat_offsets(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """``id(parameter)`` -> its ``[start, stop)`` in the flat vector the servers hold."""
     offsets: dict[int, tuple[int, int]] = {}
     at = 0
     for _, p in trainable(model):
         offsets[id(p)] = (at, at + p.numel())
         at += p.numel()
+    return offsets
+
+
+def spec_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimSpec:
+    """Describe ``optimizer`` (built on ``model``'s parameters) to the servers."""
+    name = check_optimizer_class(type(optimizer))
+    offsets = flat_offsets(model)
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         ranges = []
@@ -162,7 +168,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - grads are views
         self._zero_grad()
 
-    def _params(self) -> list:
+    def all_params(self) -> list:
         return [p for g in self.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict:
@@ -171,9 +177,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         out = super().state_dict()
         if self.remote is not None:  # torch numbers parameters in group order, first sight
             index: dict[int, int] = {}
-            for p in self._params():
+            for p in self.all_params():
                 index.setdefault(id(p), len(index))
-            out["state"] = {index[id(p)]: v for p, v in self.remote.fetch(self._params()).items()}
+            out["state"] = {index[id(p)]: v for p, v in self.remote.fetch(self.all_params()).items()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -184,9 +190,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)  # checks the groups, keys state by parameter
         loaded, self.state = self.state, type(self.state)()
         if self.remote is not None:
-            self.remote.send(loaded, self._params(), self._check_kinds)
+            self.remote.send(loaded, self.all_params(), self.check_state_names)
 
-    def _check_kinds(self, names: dict[str, bool]) -> None:
+    def check_state_names(self, names: dict[str, bool]) -> None:
         """A loaded state's names (True: a scalar) against what this class keeps."""
         keeps = state_kinds(type(self.user), self.param_groups)
         if names != keeps:
