@@ -30,6 +30,7 @@ after DDP's averaged gradients, so ``state_dict()`` is the script's own.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
@@ -174,13 +175,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         if self.local:
             return self.user.state_dict()
-        out = super().state_dict()
-        if self.remote is not None:  # torch numbers parameters in group order, first sight
-            index: dict[int, int] = {}
-            for p in self.all_params():
-                index.setdefault(id(p), len(index))
-            out["state"] = {index[id(p)]: v for p, v in self.remote.fetch(self.all_params()).items()}
-        return out
+        if self.remote is None:
+            return super().state_dict()
+        # The servers' state, keyed by parameter for the moment torch packs it (its own
+        # numbering); this object keeps none between calls.
+        self.state = defaultdict(dict, self.remote.fetch(self.all_params()))
+        try:
+            return super().state_dict()
+        finally:
+            self.state = defaultdict(dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.local:
@@ -188,7 +191,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.param_groups = self.user.param_groups
             return
         super().load_state_dict(state_dict)  # checks the groups, keys state by parameter
-        loaded, self.state = self.state, type(self.state)()
+        loaded, self.state = self.state, defaultdict(dict)
         if self.remote is not None:
             self.remote.send(loaded, self.all_params(), self.check_state_names)
 

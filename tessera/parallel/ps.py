@@ -488,9 +488,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         raise UsageError(
             f"worker {self.client.worker}: optimizer.zero_grad() after backward() without "
             f"optimizer.step() would skip step {self.clock + 1}, but its gradients left for "
-            f"the servers during backward, which apply them: skip before backward (a bad loss: `if not torch.isfinite(loss): continue`), let the servers "
-            f"skip a gradient that is not finite (model.clip_grad_norm_ in --mode sync, or "
-            f"--precision fp16: then zero_grad() skips it), or use --mode allreduce")
+            f"the servers during backward, which apply them: skip before backward (a bad "
+            f"loss: `if not torch.isfinite(loss): continue`), let the servers skip a gradient "
+            f"that is not finite (model.clip_grad_norm_ in --mode sync, or --precision fp16: "
+            f"then zero_grad() skips it), or use --mode allreduce")
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -439,6 +439,15 @@ class PSClient:
         handle._request = (msg, frames)
         self._outstanding[(server, new_req)] = handle
 
+    def _by_server(self, pids) -> dict[int, list[int]]:
+        """``pids`` grouped by the server holding each (routed first: the owners this
+        client knows now)."""
+        self._route()
+        by_server: dict[int, list[int]] = {}
+        for pid in pids:
+            by_server.setdefault(self.owner[pid], []).append(pid)
+        return by_server
+
     def _route(self) -> None:
         """Before sending: re-route first if the coordinator declared a server dead."""
         if self._news():
@@ -496,10 +505,7 @@ class PSClient:
         """A restarted worker joins at ``clock``: one handle per server; a handle's wait()
         raises ServerError when that server is already past ``clock``. With ``tables``,
         servers that hold only table rows are joined too."""
-        self._route()
-        by_server: dict[int, list[int]] = {}
-        for pid in self.parts:
-            by_server.setdefault(self.owner[pid], []).append(pid)
+        by_server = self._by_server(self.parts)
         if tables:
             for server in self.shard_owner:
                 if server >= 0:  # -1: no copy left (a row request names it)
@@ -566,10 +572,7 @@ class PSClient:
         """Send every partition's initial values (worker 0 only) and wait for the acks.
         A server that dies meanwhile: its backup gets them (the first init wins)."""
         flat = flat.detach().to("cpu", torch.float32).contiguous()
-        self._route()
-        by_server: dict[int, list[int]] = {}
-        for p in self.shard_map.partitions:
-            by_server.setdefault(self.owner[p.id], []).append(p.id)
+        by_server = self._by_server(p.id for p in self.shard_map.partitions)
         handles = []
         for server, ids in by_server.items():
             ep = self.servers[server]
@@ -590,10 +593,7 @@ class PSClient:
         (:mod:`tessera.ps.agreement`)."""
         ids = list(self.parts) if partitions is None else partitions
         self.flush()  # pushes before this pull go before it
-        self._route()
-        by_server: dict[int, list[int]] = {}
-        for pid in ids:
-            by_server.setdefault(self.owner[pid], []).append(pid)
+        by_server = self._by_server(ids)
         handles = []
         for server, pids in by_server.items():
             ep = self.servers[server]
@@ -795,13 +795,6 @@ class PSClient:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
         return (torch.from_numpy(np.concatenate(all_ids)),
                 torch.from_numpy(np.concatenate(all_rows)))
-
-    def _by_server(self, pids) -> dict[int, list[int]]:
-        self._route()
-        by_server: dict[int, list[int]] = {}
-        for pid in pids:
-            by_server.setdefault(self.owner[pid], []).append(pid)
-        return by_server
 
     def optim_state(self) -> dict[int, dict[str, torch.Tensor]]:
         """Every partition's optimizer state (name -> flat float32 tensor, or a 0-dim one
