@@ -153,3 +153,73 @@ def test_a_server_heard_of_later_is_sent_the_kept_verdicts():
     ranks.append(2)
     agreement.follow()
     assert sent[2:] == [(2, 5, [0], [0.5])]
+
+
+# ------------------------------------------------------------------ judged clocks
+
+
+def _judged_step(clients, smap, grads, clock, scale, words):
+    """Every worker: its pushes of every partition, fp16 at ``scale``, each with the
+    worker's word on its whole gradient (``Push.judged``); -> each worker's replies."""
+    handles = [[c.push(p.id, (g[p.start:p.stop] * scale).to(torch.float16), clock,
+                       scale=scale, nonfinite=word, judged=True) for p in smap.partitions]
+               for c, g, word in zip(clients, grads, words)]
+    return [[h for h in hs if h.wait() is not None] for hs in handles]
+
+
+def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_word(
+        make_cluster):
+    """Loss scaling in sync mode, a step not held: each push carries its worker's word on
+    the whole gradient, so the servers need no verdicts and no exchange (these do not
+    agree among themselves at all) and still skip a clock all alike, with the values as
+    the replies."""
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                    two_phase=True)
+    smap = cluster.shard_map
+    assert all(smap.on_server(s) for s in range(2)) and len(smap.partitions) > 2
+    for c in clients:
+        c.wire_dtype = "float16"
+    ref = Reference(model, ADAM)
+    gen = torch.Generator().manual_seed(5)
+    scale = 1024.0
+    for clock in range(3):
+        grads = [torch.randn(smap.total_elems, generator=gen) for _ in clients]
+        words = ("", "0.weight") if clock == 1 else ("", "")
+        if clock == 1:  # worker 1 overflowed in a partition of server 1 only
+            grads[1][smap.partitions[-1].start] = math.inf
+        before = pull_all(clients[0], clock=clock)
+        replies = _judged_step(clients, smap, grads, clock, scale, words)
+        if clock != 1:
+            ref.step(sum((g * scale).half().float() / scale for g in grads) / 2)
+        for hs in replies:  # answered with values, never a Verdict
+            assert all(isinstance(h.wait(), dict) for h in hs)
+            assert {h.skipped for h in hs} == {clock == 1}
+            got = assemble(smap, {pid: t.float() for h in hs for pid, t in h.wait().items()})
+            if clock == 1:  # skipped on every server: nothing moved, on either server
+                torch.testing.assert_close(got, before.half().float(), rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(got, ref.flat().half().float(), rtol=1e-3,
+                                           atol=1e-3)
+        if clock == 1:
+            for c in clients:  # the replies named who overflowed, and where
+                assert {(o.worker, o.param) for o in c.take_overflows()} == {(1, "0.weight")}
+    for ps in cluster.servers:
+        assert ps.stats["skipped"] == len(ps.parts) and ps.stats["errors"] == 0
+        assert all(st.clock == 3 for st in ps.parts.values())
+    clients[0].wire_dtype = "float32"  # the masters themselves: as torch's, to fp32 rounding
+    torch.testing.assert_close(pull_all(clients[0], clock=3), ref.flat(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, hold, says", [
+    ("sync", True, "the push asks to be held"),
+    ("async", False, "this server runs async"),
+])
+def test_a_judged_push_out_of_place_is_refused_in_one_line(make_cluster, mode, hold, says):
+    _, cluster, clients = start(make_cluster, mode=mode, num_workers=1, optimizer=ADAM,
+                                two_phase=True)
+    part = cluster.shard_map.partitions[0]
+    with pytest.raises(ServerError, match=says):
+        clients[0].push(part.id, torch.zeros(part.stop - part.start), 0, scale=8.0,
+                        judged=True, hold=hold).wait()
+    for ps in cluster.servers:
+        assert all(st.clock == 0 for st in ps.parts.values())

@@ -191,11 +191,12 @@ OPTIMIZERS = {
 
 
 def start(make_cluster, *, mode: str, num_workers: int, optimizer: OptimizerConfig,
-          num_servers: int = 2, partition_elems: int = 17, seed: int = 0, agree: bool = False):
+          num_servers: int = 2, partition_elems: int = 17, seed: int = 0, agree: bool = False,
+          two_phase: bool = False):
     model = small_model(seed)
     cluster = make_cluster(param_layout(model), num_servers=num_servers,
                            partition_elems=partition_elems, mode=mode, num_workers=num_workers,
-                           optimizer=optimizer, agree=agree)
+                           optimizer=optimizer, agree=agree, two_phase=two_phase)
     clients = [cluster.client(w) for w in range(num_workers)]
     clients[0].init_params(flat_of(model))
     return model, cluster, clients

@@ -16,7 +16,8 @@ Phases of one step (STYLE: numbered, as the code runs them):
    partition's last gradient has arrived, its slice of the flat gradient is
    pushed at once in the wire dtype, so pushes of the last layers overlap the
    backward of the first (DDP's bucketing, in the order the PS needs). Under loss
-   scaling the push also names the first parameter whose gradient overflowed.
+   scaling the push also names the first parameter whose gradient overflowed; in
+   sync mode such pushes wait for the end of backward, unless held (phase 3).
    Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
    the flat buffer (DDP's gradient accumulation), and the next backward outside
    it pushes the sum. Any other second backward before the step is refused.
@@ -24,6 +25,10 @@ Phases of one step (STYLE: numbered, as the code runs them):
    :meth:`PSDataParallel.step` pushes what backward did not touch (unused
    parameters push zeros) and waits for the replies:
    - for a plain push, each reply carries the partition's new values;
+   - for a *judged* push (sync mode under loss scaling, a step not held), too: each
+     carries this worker's word on its whole gradient (the first overflow, or
+     none), so every server applies or skips the clock as soon as every worker's
+     pushes are in, all alike, and says which in the replies;
    - for a *held* push (sync mode, under loss scaling or while the script clips
      its gradients), the server keeps the clock's mean gradient and answers with
      a verdict: is it finite, and its norm. The decision (skip if any partition
@@ -104,6 +109,15 @@ class StepMarks:
         self.send_ns = 0
 
 
+class _Judged:
+    """A judged step's push, kept until the whole gradient was tested (phase 3)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+
 @dataclass(frozen=True)
 class Start:
     """Where this worker starts: a fresh job, a resumed one, or a restarted worker."""
@@ -151,6 +165,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._wait_start_ns = 0
         self._copy_s = 0.0
         self._verdicts: list[Verdict] = []
+        #: Judged steps (loss scaling, sync, not held): this step's first overflow, sent
+        #: with each push once backward is done ("": none yet).
+        self._overflow = ""
         #: False inside no_sync(): gradients accumulate locally, nothing is pushed.
         self._sync = True
         #: This step's pushes are held for a verdict (sync: first step, or clipping).
@@ -309,7 +326,13 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._step_hparams = self.hparams_source() if self.is_first else None
             if self.profiler.enabled:
                 self._marks.first_push_ns = time.time_ns()
-        hold = self.two_phase or self._hold
+        hold = self._hold
+        if self.two_phase and not hold:  # judged: sent once the whole gradient is tested
+            if nonfinite and (not self._overflow or self._backward_rank(nonfinite)
+                              < self._backward_rank(self._overflow)):
+                self._overflow = nonfinite  # the first in backward order, as verdicts name it
+            self._handles[pid] = _Judged(grad)
+            return
         sent_from = time.time_ns() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
@@ -367,12 +390,30 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
+        if self.two_phase and not self._hold:
+            self._send_judged()
         return self._rest
+
+    def _send_judged(self) -> None:
+        """Loss scaling in sync mode, a step not held: the pushes kept since backward,
+        each with this worker's word on its whole gradient (``Push.judged``): the first
+        parameter that overflowed, or "". Every server gets every worker's word with its
+        pushes, so each applies or skips the clock at once, all alike, and the replies
+        carry the values: one round trip, as fp32's, where a held clock takes verdicts,
+        an exchange among the servers and a pull (docs/architecture.md, "Judged clocks")."""
+        if self.profiler.enabled:
+            self._marks.first_push_ns = time.time_ns()
+        for pid, kept in self._handles.items():
+            if type(kept) is _Judged:
+                self._handles[pid] = self.client.push(
+                    pid, kept.grad, self.clock, scale=self.scaler.scale,
+                    nonfinite=self._overflow, checkpoint=self._ckpt_flag, judged=True,
+                    hparams=self._step_hparams)
 
     def _pull_agreed(self, clip: float) -> None:
         """Servers that agree: send the pull of the next clock now, with what they need to
         decide this held clock (``clip``: the threshold, 0 for none), before any verdict."""
-        if self.agree and self._pulls is None and (self.two_phase or self._hold):
+        if self.agree and self._pulls is None and self._hold:
             self._send_rest()
             held = sum(1 for pid in self._handles if pid not in self._buffer_parts)
             self._pulls = self.client.pull(clock=self.clock + 1, agree=held, clip=clip,
@@ -394,9 +435,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._copy_s += self._consume(h, reply)
         for h in row_handles:
             h.wait()
-        if self.two_phase or self._hold:
+        if self._hold:
             return all(v.finite for v in self._verdicts)
-        if self.scaler.enabled:  # async: each push was applied or refused on its own
+        if self.scaler.enabled:  # sync, judged: every reply says skipped or none does;
+            # async: each push was applied or refused on its own
             return not any(h.skipped for h in self._handles.values())
         return True
 
@@ -418,17 +460,21 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         applied = self._collect() if self._finite is None else self._finite
         prof = self.profiler
         t0, wait_start, verdicts = self._wait_t0, self._wait_start_ns, self._verdicts
-        if self.two_phase or self._hold:  # the decision travels with the next clock's pull
+        if self._hold:  # the decision travels with the next clock's pull
             # (or the servers took it, and the pull left with the pushes: agree)
             pulls = self._pulls if self._pulls is not None else self.client.pull(
                 clock=self.clock + 1, commit=applied, coef=self._coef)
             for h in pulls:
                 self._copy_s += self._consume(h, h.wait())
             if not applied and self.two_phase:
-                self._report_overflow(verdicts)
+                self._report_overflow([o for v in verdicts for o in v.overflows],
+                                      [pid for v in verdicts if not v.finite
+                                       for pid in v.partitions])
             elif not applied:
                 self.log(f"worker {self.client.worker}: the averaged gradient of step "
                          f"{self.clock + 1} is not finite; the step was skipped on every worker")
+        elif not applied and self.two_phase:  # judged: the replies named the overflows
+            self._report_overflow(self.client.take_overflows(), [])
         copy_s = self._copy_s
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited
@@ -459,6 +505,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._fired.clear()
         self._verdicts = []
         self._pulls, self._rest, self._sent_version = None, None, None
+        self._overflow = ""
         self._finite, self._copy_s = None, 0.0
         self._hold = self.mode == "sync" and self._clipped
         self._clipped, self._coef = False, 1.0

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from tessera.amp.finite import all_finite
-from tessera.transport.wire import Verdict
+from tessera.transport.wire import Overflow
 
 
 class Rejoin:
@@ -99,12 +99,19 @@ class OverflowReport:
                 return self._names[index]
         return self._names[order[0]] if order else "?"
 
+    def _backward_rank(self, name: str) -> int:
+        """Where parameter ``name``'s gradient came in this backward (only on overflow)."""
+        return self._fired.get(self._names.index(name), 1 << 30) if name in self._names \
+            else 1 << 30
 
-    def _report_overflow(self, verdicts: list[Verdict]) -> None:
+
+    def _report_overflow(self, overflows: list[Overflow], bad: list[int]) -> None:
+        """Log a skipped fp16 step: who overflowed where (``overflows``, from the verdicts
+        or the replies), else the partitions whose sum was not finite (``bad``)."""
         # Every worker runs the same model, so this worker's backward order ranks the
         # parameters the others named: the first in backward order is reported first.
         order = {self._names[i]: k for i, k in self._fired.items()}
-        culprits = sorted((o for v in verdicts for o in v.overflows),
+        culprits = sorted({(o.worker, o.param): o for o in overflows}.values(),
                           key=lambda o: (order.get(o.param, 1 << 30), o.worker))
         old = self.scaler.scale
         new = old * self.scaler.backoff_factor
@@ -115,7 +122,6 @@ class OverflowReport:
             if others:
                 where += " (also " + ", ".join(f"worker {w} '{p}'" for w, p in others[:5]) + ")"
         else:
-            bad = [pid for v in verdicts if not v.finite for pid in v.partitions]
             where = f"in the sum of the workers' gradients of partitions {bad}"
         event = {"step": self.clock + 1, "where": where, "scale": old, "new_scale": new}
         self.overflows.append(event)

@@ -250,6 +250,7 @@ class PSClient:
         #: ``[ps] batch_kib``). A caller that drives several clients from one thread
         #: (tests) keeps it 0: a batch leaves at this client's wait(), not another's.
         self.batch_bytes = batch_bytes
+        self._overflows: list = []
         #: The batch still waiting, per server.
         self._batches: dict[int, _Batch] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
@@ -610,7 +611,7 @@ class PSClient:
     def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
              nonfinite: str = "", checkpoint: int = 0, hold: bool = False,
              norm_type: float = 0.0, hparams: Optional[list] = None,
-             dtype: Optional[str] = None) -> Handle:
+             dtype: Optional[str] = None, judged: bool = False) -> Handle:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
 
         ``grad`` may already be in the wire dtype (then it is sent without a copy).
@@ -629,12 +630,14 @@ class PSClient:
         self._route()
         server = self.owner[partition]
         if self.batch_bytes and payload.nbytes < self.batch_bytes and not hold \
-                and not nonfinite and scale == 1.0:
+                and (judged or (not nonfinite and scale == 1.0)):
             # A small partition waits for others to its server: one message, one header,
             # one reply for many (sent when the batch is full, when the push's fields
-            # change, or at the first wait() or pull()). Held or overflowing pushes, and
-            # loss-scaled ones (an async server refuses a scaled message whole), go alone.
-            fields = (dtype, checkpoint, norm_type, self.weight, self.rate)
+            # change, or at the first wait() or pull()). Held pushes, and loss-scaled or
+            # overflowing ones that are not judged (an async server refuses a scaled
+            # message whole), go alone.
+            fields = (dtype, checkpoint, norm_type, self.weight, self.rate, scale, nonfinite,
+                      judged)
             batch = self._batches.get(server)
             if batch is not None and not batch.takes(server, clock, fields, hparams):
                 self._send_batch(batch)
@@ -650,7 +653,13 @@ class PSClient:
             return part
         return self._send_push(server, [partition], [payload], clock, dtype, scale=scale,
                                nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
-                               norm_type=norm_type, hparams=hparams)
+                               norm_type=norm_type, hparams=hparams, judged=judged)
+
+    def take_overflows(self) -> list:
+        """The overflows the replies of a skipped judged clock named (``Push.judged``),
+        since the last call."""
+        out, self._overflows = self._overflows, []
+        return out
 
     def flush(self) -> None:
         """Send every batch of pushes still waiting (:meth:`push`)."""
@@ -659,15 +668,16 @@ class PSClient:
 
     def _send_batch(self, batch: _Batch) -> None:
         del self._batches[batch.server]
-        dtype, checkpoint, norm_type, _, _ = batch.fields
+        dtype, checkpoint, norm_type, _, _, scale, nonfinite, judged = batch.fields
         batch.handle = self._send_push(batch.server, batch.pids, batch.payloads, batch.clock,
                                        dtype, checkpoint=checkpoint, norm_type=norm_type,
-                                       hparams=batch.hparams)
+                                       hparams=batch.hparams, scale=scale, nonfinite=nonfinite,
+                                       judged=judged)
 
     def _send_push(self, server: int, pids: list[int], payloads: list, clock: int,
                    dtype: str, *, scale: float = 1.0, nonfinite: str = "", checkpoint: int = 0,
                    hold: bool = False, norm_type: float = 0.0,
-                   hparams: Optional[list] = None) -> Handle:
+                   hparams: Optional[list] = None, judged: bool = False) -> Handle:
         """One Push message of ``pids``' gradients (one frame each) to ``server``."""
         frames = [tensor_to_frame(p) for p in payloads]
         ep = self.servers[server]
@@ -677,7 +687,7 @@ class PSClient:
                         partitions=pids, dtype=dtype, scale=scale,
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                         norm_type=norm_type, hparams=hparams, weight=self.weight,
-                        rate=self.rate,
+                        rate=self.rate, judged=judged,
                         sent_ns=time.time_ns() + self.profiler.offset_ns
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)
@@ -1028,5 +1038,7 @@ class PSClient:
                                   f"which it does not hold")
             out[pid] = frame_to_tensor(frame.buffer, msg.dtype, info.stop - info.start)
             self.bytes_pulled += len(frame)
+        if msg.overflows:  # a judged clock skipped: who overflowed where (take_overflows)
+            self._overflows.extend(msg.overflows)
         return out, msg.skipped
 

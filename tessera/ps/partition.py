@@ -205,6 +205,11 @@ class PartitionState(Clocked):
     replies: ReplyBuffers = field(default_factory=ReplyBuffers)
     #: sync: the wire dtype of the current clock's pushes (its replies go out in it).
     wire_dtype: str = "float32"
+    #: Sync, judged pushes (``Push.judged``): the clock the partition reached by skipping
+    #: a clock some worker's gradient overflowed in (-1: none), and who overflowed where;
+    #: the replies at that clock say so.
+    skipped_clock: int = -1
+    skip_overflows: list[wire.Overflow] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:

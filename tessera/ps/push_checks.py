@@ -44,6 +44,10 @@ def check_held(msg: wire.Push, states: list, held: bool, policy) -> None:
     if held and not policy.sums_clock:
         raise RequestError(f"only sync mode holds a clock's gradient for a verdict "
                            f"(this server runs {policy.name})")
+    if msg.judged and (msg.hold or not policy.sums_clock):
+        raise RequestError(f"a judged push (the worker's own verdict on its whole gradient) "
+                           f"is a sync clock's, and not held (this server runs {policy.name}"
+                           f"{', the push asks to be held' if msg.hold else ''})")
     if msg.hparams is None:
         return
     if msg.worker != 0:

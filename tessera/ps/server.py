@@ -410,7 +410,7 @@ class ParameterServer:
             answer = states
             kept = [i for i, new in enumerate(fresh) if new]
             states, frames = [states[i] for i in kept], [frames[i] for i in kept]
-        held = self.two_phase or msg.hold
+        held = msg.hold or (self.two_phase and not msg.judged)
         check_held(msg, states, held, policy)
         policy.report(msg.worker, msg.clock, msg.weight, msg.rate)  # balance (h-straggler)
         if policy.stale_push(states, msg.worker, msg.clock):
@@ -544,7 +544,7 @@ class ParameterServer:
         A clock applied at once sums the pushes divided by the workers (the mean comes
         out directly); a held one keeps the sum its verdict is computed on."""
         unscale = msg.weight / msg.scale  # weight: balance (1.0 unless train.balance)
-        held = self.two_phase or msg.hold
+        held = msg.hold or (self.two_phase and not msg.judged)
         workers = 1 if held else self.options.num_workers
         direct = workers == 1 and not held
         for st, frame in zip(states, frames):
@@ -582,6 +582,10 @@ class ParameterServer:
                     self.agreement.judged(st.clock, st.info.id, verdict.finite, verdict.norm)
                     decide_at = st.clock
                 continue
+            if st.overflows:  # judged pushes: a worker's gradient overflowed somewhere
+                self._skip_judged(st)
+                advanced.append(st)
+                continue
             # The backup gets the mean this server applies (bit for bit the same update);
             # the replicator keeps it until the backup's Ack, and the answers to these
             # pushes wait for that Ack.
@@ -595,6 +599,17 @@ class ParameterServer:
             self._reply_after = None
         if decide_at is not None:
             self._decide(decide_at)
+
+    def _skip_judged(self, st: PartitionState) -> None:
+        """A clock of judged pushes (``Push.judged``) one of which names an overflow: every
+        worker sent its word on its whole gradient to every server, so every server
+        skips it; the replies at the next clock say so, and who overflowed where."""
+        st.skip_overflows = st.overflows
+        st.take_mean()
+        st.clock += 1
+        st.skipped_clock = st.clock
+        st.arrivals.clear()
+        self.stats["skipped"] += 1
 
     def _decide(self, clock: int) -> None:
         """Servers that agree: commit held ``clock`` once every server's verdicts and a
@@ -807,8 +822,12 @@ class ParameterServer:
             ids = [st.info.id for st in states]
         if costs is not None:
             costs.lap("copy")
+        overflows = []
+        if states and states[0].skipped_clock == clock:  # sync: a judged clock skipped
+            skipped, overflows = True, states[0].skip_overflows
         self.replication.reply(peer, wire.Params(req=req, partitions=ids,
                                              clock=clock, dtype=dtype, skipped=skipped,
+                                             overflows=overflows,
                                              sent_ns=self.profiler.now() if self.profiler.enabled
                                              else 0, rates=self.policy.rates(clock)),
                                  frames, after=after)

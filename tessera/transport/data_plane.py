@@ -55,7 +55,8 @@ class Push(msgspec.Struct, **MESSAGE):
 
     The reply is a :class:`Params` with the partitions' values after the update
     this push took part in (one round trip for push and pull, DESIGN.md), or,
-    when the job scales its loss (fp16) in sync mode, a :class:`Verdict`.
+    when it is held (``hold``: clipping, or loss scaling without ``judged``), a
+    :class:`Verdict`.
     """
 
     req: int
@@ -89,6 +90,14 @@ class Push(msgspec.Struct, **MESSAGE):
     weight: float = 1.0
     #: Balance: the sender's measured samples/s (0: none); echoed in :attr:`Params.rates`.
     rate: float = 0.0
+    #: Sync under loss scaling, not held: the sender tested its whole gradient of this
+    #: clock (every partition, for every server) before it sent any of it, and
+    #: ``nonfinite`` names its first overflow ("" where all was finite), the same in each
+    #: of its pushes. A clock none of whose pushes names one is applied at once, as an
+    #: fp32 clock is; else it is skipped, and every server skips it (each has every
+    #: worker's pushes, so every worker's word). Answered with :class:`Params`
+    #: (``skipped``, with the ``overflows``), never with a :class:`Verdict`.
+    judged: bool = False
 
 
 class Join(msgspec.Struct, **MESSAGE):
@@ -205,7 +214,10 @@ class Params(msgspec.Struct, **MESSAGE):
     clock: int
     dtype: str = "float32"
     #: Async mode: the push was not applied because its gradient was not finite.
+    #: Sync (:attr:`Push.judged`): the clock before ``clock`` was skipped, and
+    #: ``overflows`` names each worker whose gradient overflowed, and where.
     skipped: bool = False
+    overflows: list[Overflow] = []
     #: Server's aligned clock when it sent this reply (for the profiler's overlap figure).
     sent_ns: int = 0
     #: Balance (sync): every worker's ``[Push.rate, Push.weight]`` of clock ``clock - 1``
