@@ -9,6 +9,7 @@ and apply the clipped mean (or skip the clock everywhere), as torch would in one
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -223,3 +224,70 @@ def test_a_judged_push_out_of_place_is_refused_in_one_line(make_cluster, mode, h
                         judged=True, hold=hold).wait()
     for ps in cluster.servers:
         assert all(st.clock == 0 for st in ps.parts.values())
+
+
+@pytest.mark.parametrize("held_first", [True, False], ids=["held-first", "plain-first"])
+def test_a_clock_one_worker_holds_and_another_does_not_is_the_mean_clipped(make_cluster,
+                                                                            held_first):
+    """A restarted worker's first step is held (it cannot know whether the script clips),
+    the others' are not where the script does not clip: their clock is still the mean of
+    both gradients, clipped by its norm, whichever push came first (each push used to
+    choose its own division, so one worker's gradient counted twice)."""
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                    agree=True)
+    smap = cluster.shard_map
+    ref = Reference(model, ADAM)
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(smap.total_elems, generator=gen) * 3 for _ in clients]
+    mean = (grads[0] + grads[1]) / 2
+    clip = 0.5 * float(mean.norm())  # clips: the norm is the mean's, not the sum's
+
+    def plain():
+        return [clients[0].push(p.id, grads[0][p.start:p.stop], 0) for p in smap.partitions]
+
+    def held():
+        hs = [clients[1].push(p.id, grads[1][p.start:p.stop], 0, hold=True, norm_type=2.0)
+              for p in smap.partitions]
+        return hs, clients[1].pull(clock=1, agree=len(smap.partitions), clip=clip)
+
+    if held_first:
+        verdicts, pulls = held()
+        time.sleep(0.2)  # the servers took the held pushes first
+        answers = plain()
+    else:
+        answers = plain()
+        time.sleep(0.2)
+        verdicts, pulls = held()
+    norms = [h.wait() for h in verdicts]
+    _, _, total = decide({v.partitions[0]: (v.finite, v.norm) for v in norms}, clip, 2.0)
+    assert total == pytest.approx(float(mean.norm()), rel=1e-5)
+    ref.step(mean * min(1.0, clip / (total + 1e-6)))
+    got = [assemble(smap, {pid: t for h in hs for pid, t in h.wait().items()})
+           for hs in (answers, pulls)]
+    for values in got:
+        torch.testing.assert_close(values, ref.flat(), rtol=1e-6, atol=1e-7)
+    assert not any(h.skipped for h in answers)
+
+
+def test_a_skipped_clock_a_held_and_a_judged_push_share_says_so_to_both(make_cluster):
+    """fp16: a replacement's held first step beside a survivor's judged one, and the held
+    push overflowed: skipped on every server, and the survivor's replies say so (and
+    who overflowed), so both workers' loss scales halve together."""
+    _, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                agree=True, two_phase=True)
+    smap = cluster.shard_map
+    before = pull_all(clients[0])
+    g = torch.ones(smap.total_elems)
+    judged = [clients[0].push(p.id, g[p.start:p.stop], 0, scale=2.0, judged=True)
+              for p in smap.partitions]
+    held = [clients[1].push(p.id, g[p.start:p.stop], 0, scale=2.0, hold=True,
+                            nonfinite="2.bias") for p in smap.partitions]
+    pulls = clients[1].pull(clock=1, agree=len(smap.partitions))
+    assert not any(h.wait().finite for h in held)
+    for hs in (judged, pulls):
+        values = assemble(smap, {pid: t for h in hs for pid, t in h.wait().items()})
+        torch.testing.assert_close(values, before, rtol=0, atol=0)
+    assert all(h.skipped for h in judged)
+    assert {(o.worker, o.param) for o in clients[0].take_overflows()} == {(1, "2.bias")}
+    for ps in cluster.servers:
+        assert ps.stats["skipped"] == len(ps.parts)

@@ -20,6 +20,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -82,10 +83,14 @@ def assert_every_ack_counted(summary: dict) -> None:
     assert summary["pushes_unanswered"] <= summary["restarts"] * summary["partitions"], summary
 
 
-def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path, precision):
+    """fp16: the replacement's first step is held (verdicts), the survivor's is judged
+    (its word with its pushes): the clock they share is still one mean, skipped or
+    applied alike (tests/test_agreement.py holds the mixed clock itself)."""
     out = tmp_path / "run"
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--max-restarts", "1",
-               "--epochs", "20"], timeout_s=240)
+               "--epochs", "20", "--precision", precision], timeout_s=240)
     killed = kill_worker(job, out, 1, at_step=60)
     output = finish(job)
     summary = strict_summary(out)

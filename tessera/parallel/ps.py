@@ -437,10 +437,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             h.wait()
         if self._hold:
             return all(v.finite for v in self._verdicts)
-        if self.scaler.enabled:  # sync, judged: every reply says skipped or none does;
-            # async: each push was applied or refused on its own
-            return not any(h.skipped for h in self._handles.values())
-        return True
+        # sync: every reply says skipped or none does (a judged clock, or one a held push
+        # shared); async: each push was applied or refused on its own
+        return not any(h.skipped for h in self._handles.values())
 
     def _prefetch_clock(self) -> Optional[int]:
         """The clock a prefetch named now pulls for; None: send it with this step's
@@ -467,7 +466,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             for h in pulls:
                 self._copy_s += self._consume(h, h.wait())
             if not applied and self.two_phase:
-                self._report_overflow([o for v in verdicts for o in v.overflows],
+                self._report_overflow([o for v in verdicts for o in v.overflows]
+                                      + self.client.take_overflows(),
                                       [pid for v in verdicts if not v.finite
                                        for pid in v.partitions])
             elif not applied:
@@ -475,6 +475,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                          f"{self.clock + 1} is not finite; the step was skipped on every worker")
         elif not applied and self.two_phase:  # judged: the replies named the overflows
             self._report_overflow(self.client.take_overflows(), [])
+        elif not applied:  # a clock a restarted worker's held step shared, skipped
+            self.client.take_overflows()
         copy_s = self._copy_s
         waited = time.perf_counter() - t0 - copy_s
         self.comm_wait_s += waited

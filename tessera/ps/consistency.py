@@ -316,9 +316,11 @@ class Sync(Consistency):
         norm = 0.0
         if unit.norm_type and unit.verdict:
             # The norm of the mean: p-norms are homogeneous, so |sum| / n (one pass, and
-            # only for a clock a worker will clip).
+            # only for a clock a worker will clip); the sum was divided already where the
+            # clock's first push was not held.
             n = max(1, len(unit.pushed_by))
-            norm = float(torch.linalg.vector_norm(unit.accum, unit.norm_type)) / n
+            norm = float(torch.linalg.vector_norm(unit.accum, unit.norm_type)) \
+                * unit.divided_by / n
         return wire.Verdict(req=0, partitions=[unit.info.id], clock=unit.clock,
                             finite=unit.verdict, overflows=unit.overflows, norm=norm)
 

@@ -241,7 +241,11 @@ class PartitionState(Clocked):
         ``direct``: the job has one worker and the clock is applied at once, so an
         unscaled frame may be the mean itself (it is only read; a half-width one is cast
         when applied, unless the rule takes it as it is). ``wire_dtype``: the push's, in
-        which the clock's replies go out."""
+        which the clock's replies go out. A clock's sum is divided as its first push chose,
+        so that a held push and one that is not may share a clock (a restarted worker's
+        first step is held, the others' are not where the script does not clip)."""
+        if self.accum is not None:
+            workers = self.divided_by
         alpha = unscale / workers if workers > 1 else unscale
         self.wire_dtype = wire_dtype
         if self.accum is None:

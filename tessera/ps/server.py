@@ -634,11 +634,15 @@ class ParameterServer:
         clipping coefficient ``coef``) or skip."""
         due = self.policy.decided(states, clock, apply)
         for st in due:
+            overflows = st.overflows
             grad, n = st.take_mean()
             if apply:
                 self._update(st, st.rule.clip(grad, coef), pushes=n)
             else:
                 st.clock += 1
+                # the replies to pushes that were not held (a clock a restarted worker's
+                # held first step shares) say so, as a judged clock's do
+                st.skipped_clock, st.skip_overflows = st.clock, overflows
                 st.arrivals.clear()
                 self.stats["skipped"] += 1
         self.policy.wake(due)
