@@ -105,6 +105,29 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     assert 0 < clipped < len(want["norms"]), want["norms"]  # the clip did something
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_accumulation_without_no_sync_equals_one_process(tmp_path, mode):
+    """A plain accumulation loop (``loss.backward()`` per micro-batch, then
+    ``optimizer.step()``, no ``no_sync()``), valid under DDP: the first step finds the
+    second backward before anything left, and from then on each step's pushes leave at
+    ``step()`` with the summed gradient. 2 micro-batches, clipped, 2 workers: the same
+    eval loss as one process at batch W·b (sync), and a run that trains (async: each push
+    applied on arrival, so no equality to hold it to); each worker says so once."""
+    with _plain(tmp_path, "--workers", "2", "--steps", "16") as plain:
+        flags = ["--steps", "16", "--without-no-sync"] + (["--no-clip"] if mode == "async" else [])
+        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", mode,
+                                    "--partition-mb", 0.004], *flags)
+        want = plain()
+    if mode == "sync":
+        _close(dist, want)
+    else:
+        assert dist["steps"] == 16 and dist["eval_loss"] < 1.5 * want["eval_loss"], (dist, want)
+    for rank in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"worker-{rank}.log").read_text()
+        assert log.count("backward() ran more than once before optimizer.step() without "
+                         "no_sync()") == 1, log
+
+
 @pytest.mark.parametrize("clip", [True, False])
 def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
     """The recipe with torch.amp.GradScaler (DDP's fp16 recipe: a scaled loss, then

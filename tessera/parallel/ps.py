@@ -109,13 +109,9 @@ class StepMarks:
         self.send_ns = 0
 
 
-class _Judged:
-    """A judged step's push, kept until the whole gradient was tested (phase 3)."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self, grad: torch.Tensor):
-        self.grad = grad
+#: In ``PSDataParallel._handles``: a partition whose gradient backward finished, kept
+#: for phase 3 (accumulation without no_sync(), a first step, a judged fp16 step).
+_KEPT = object()
 
 
 @dataclass(frozen=True)
@@ -168,6 +164,13 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         #: Judged steps (loss scaling, sync, not held): this step's first overflow, sent
         #: with each push once backward is done ("": none yet).
         self._overflow = ""
+        #: This step's pushes wait for phase 3: the first step (it finds out whether the
+        #: script backwards more than once a step without no_sync()), and every step of a
+        #: script that does (``_accumulates``); ``_backwards_again``: this step did.
+        self._defer = True
+        self._accumulates = False
+        self._backwards_again = False
+        self._counted: set[int] = set()  # deferred steps: parameters counted down
         #: False inside no_sync(): gradients accumulate locally, nothing is pushed.
         self._sync = True
         #: This step's pushes are held for a verdict (sync: first step, or clipping).
@@ -293,13 +296,24 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                     marks.backward_start_ns = marks.last_hook_ns
             if not self._sync:
                 return  # no_sync(): accumulate; the next synced backward pushes the sum
+            if self._defer and not self.tables:
+                if index in self._counted:
+                    # A second backward without no_sync(): nothing has left yet, the pushes
+                    # wait for phase 3 and take the sum (and so every later step's).
+                    self._backwards_again = True
+                    self._sent_version = self.flat_grad._version
+                    return
+                self._counted.add(index)
             for pid in self._parts_of_param[index]:
                 if pid in self._handles:
                     raise UsageError(
                         f"worker {self.client.worker}: a second backward() before step() would "
                         f"push parameter '{self._names[index]}' twice: to accumulate gradients, "
-                        f"run all but the last micro-batch's backward inside `with "
-                        f"model.no_sync():`, or call optimizer.step() in between")
+                        f"backward every micro-batch of every step before step() (from the "
+                        f"first step on: then all leave at step()), or run all but the last "
+                        f"inside `with model.no_sync():`"
+                        + (" (sharded tables push their rows every backward)" if self.tables
+                           else ""))
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
                     self._push(pid)
@@ -316,23 +330,30 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 pid, self.flat_buffers[info.start - at:info.stop - at], self.clock,
                 checkpoint=self._ckpt_flag, dtype="float32")
             return
+        if not self._handles:  # the step's first push
+            self._step_hparams = self.hparams_source() if self.is_first else None
+            if self.profiler.enabled:
+                self._marks.first_push_ns = time.time_ns()
+        if self._defer or (self.two_phase and not self._hold):
+            self._handles[pid] = _KEPT  # sent in phase 3 (_send_kept)
+            return
+        self._send_grad(pid)
+
+    def _wire_grad(self, pid: int) -> tuple[torch.Tensor, str]:
+        """Partition ``pid``'s gradient as it goes on the wire, and under loss scaling the
+        first parameter (in backward order) whose cast overflowed ("" for none)."""
+        info = self.client.parts[pid]
         grad = self.flat_grad[info.start:info.stop]
         nonfinite = ""
         if self.scaler.enabled:
             grad = grad.to(self._wire)  # overflow happens here, at the cast
             if not all_finite(grad):
                 nonfinite = self._first_nonfinite(pid, grad)
-        if not self._handles:  # the step's first push
-            self._step_hparams = self.hparams_source() if self.is_first else None
-            if self.profiler.enabled:
-                self._marks.first_push_ns = time.time_ns()
+        return grad, nonfinite
+
+    def _send_grad(self, pid: int) -> None:
+        grad, nonfinite = self._wire_grad(pid)
         hold = self._hold
-        if self.two_phase and not hold:  # judged: sent once the whole gradient is tested
-            if nonfinite and (not self._overflow or self._backward_rank(nonfinite)
-                              < self._backward_rank(self._overflow)):
-                self._overflow = nonfinite  # the first in backward order, as verdicts name it
-            self._handles[pid] = _Judged(grad)
-            return
         sent_from = time.time_ns() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
@@ -390,25 +411,40 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         for pid, left in self._remaining.items():
             if left > 0 and pid not in self._handles:
                 self._push(pid)
-        if self.two_phase and not self._hold:
-            self._send_judged()
+        self._send_kept()
         return self._rest
 
-    def _send_judged(self) -> None:
-        """Loss scaling in sync mode, a step not held: the pushes kept since backward,
-        each with this worker's word on its whole gradient (``Push.judged``): the first
-        parameter that overflowed, or "". Every server gets every worker's word with its
-        pushes, so each applies or skips the clock at once, all alike, and the replies
-        carry the values: one round trip, as fp32's, where a held clock takes verdicts,
-        an exchange among the servers and a pull (docs/architecture.md, "Judged clocks")."""
+    def _send_kept(self) -> None:
+        """Phase 3: the pushes backward kept (:data:`_KEPT`), sent now.
+
+        - Accumulation without ``no_sync()`` (and every first step, which finds out): the
+          gradients summed over the step's backward calls, as they are now.
+        - Loss scaling in sync mode, a step not held (*judged*): each push carries this
+          worker's word on its whole gradient (``Push.judged``): the first parameter that
+          overflowed, or "". Every server gets every worker's word with its pushes, so each
+          applies or skips the clock at once, all alike, and the replies carry the values:
+          one round trip, as fp32's, where a held clock takes verdicts, an exchange among
+          the servers and a pull (docs/architecture.md, "Cluster-wide skipping")."""
+        kept = [pid for pid, h in self._handles.items() if h is _KEPT]
+        if not kept:
+            return
         if self.profiler.enabled:
             self._marks.first_push_ns = time.time_ns()
-        for pid, kept in self._handles.items():
-            if type(kept) is _Judged:
-                self._handles[pid] = self.client.push(
-                    pid, kept.grad, self.clock, scale=self.scaler.scale,
-                    nonfinite=self._overflow, checkpoint=self._ckpt_flag, judged=True,
-                    hparams=self._step_hparams)
+        if not (self.two_phase and not self._hold):
+            for pid in kept:
+                self._send_grad(pid)
+            return
+        grads = []
+        for pid in kept:  # the whole gradient tested before any of it leaves
+            grad, nonfinite = self._wire_grad(pid)
+            grads.append(grad)
+            if nonfinite and (not self._overflow or self._backward_rank(nonfinite)
+                              < self._backward_rank(self._overflow)):
+                self._overflow = nonfinite  # the first in backward order, as verdicts name it
+        for pid, grad in zip(kept, grads):
+            self._handles[pid] = self.client.push(
+                pid, grad, self.clock, scale=self.scaler.scale, nonfinite=self._overflow,
+                checkpoint=self._ckpt_flag, judged=True, hparams=self._step_hparams)
 
     def _pull_agreed(self, clip: float) -> None:
         """Servers that agree: send the pull of the next clock now, with what they need to
@@ -508,6 +544,14 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._verdicts = []
         self._pulls, self._rest, self._sent_version = None, None, None
         self._overflow = ""
+        if self._backwards_again and not self._accumulates:
+            self._accumulates = True
+            self.log(f"worker {self.client.worker}: backward() ran more than once before "
+                     f"optimizer.step() without no_sync(): the gradients accumulate here and "
+                     f"leave at step() (run all but the last micro-batch's backward inside "
+                     f"`with model.no_sync():` to send the last one's during backward)")
+        self._defer, self._backwards_again = self._accumulates, False
+        self._counted.clear()
         self._finite, self._copy_s = None, 0.0
         self._hold = self.mode == "sync" and self._clipped
         self._clipped, self._coef = False, 1.0

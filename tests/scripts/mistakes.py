@@ -83,9 +83,12 @@ if mistake.startswith("grad_scaler"):  # torch's fp16 recipe: a scaled loss, sca
     scaler.update()
     tessera.finish()
     sys.exit(0)
-model(x).sum().backward()
-if mistake == "second_backward":
+if mistake == "second_backward":  # accumulation that starts after the first step
     model(x).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(x).sum().backward()
+model(x).sum().backward()
 if mistake == "closure":
     optimizer.step(lambda: 0.0)
 if mistake == "torch_clip":  # DDP's clipping: these gradients left during backward

@@ -86,6 +86,8 @@ def main() -> None:
                     help="a torch.distributed.barrier() right after tessera.distribute")
     ap.add_argument("--samples-log", help="append each applied step's sample ids here")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step (slow workers)")
+    ap.add_argument("--without-no-sync", action="store_true",
+                    help="accumulate without model.no_sync(), as a plain loop does")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -147,7 +149,8 @@ def main() -> None:
                 xb, yb, ib = next(batches)
                 ids += ib.tolist()
                 last = k == args.accum - 1
-                ctx = model.no_sync() if (not args.plain and not last) else _nothing()
+                ctx = model.no_sync() if (not args.plain and not last
+                                          and not args.without_no_sync) else _nothing()
                 with ctx:
                     loss = F.cross_entropy(model(xb), yb) / args.accum
                     scaler.scale(loss).backward()
