@@ -20,7 +20,9 @@ Phases of one step (STYLE: numbered, as the code runs them):
    sync mode such pushes wait for the end of backward, unless held (phase 3).
    Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
    the flat buffer (DDP's gradient accumulation), and the next backward outside
-   it pushes the sum. Any other second backward before the step is refused.
+   it pushes the sum. The first step's pushes wait for phase 3 too: a second
+   backward in it (accumulation without ``no_sync()``) makes every step's pushes
+   wait for phase 3 and carry the sum; a second backward in a later step is refused.
 3. :meth:`PSDataParallel.unscale_`, :meth:`PSDataParallel.clip_grad_norm_` or
    :meth:`PSDataParallel.step` pushes what backward did not touch (unused
    parameters push zeros) and waits for the replies:
