@@ -174,15 +174,19 @@ def _no_shards():
     return ShardMap(layout=(), partitions=(), num_servers=0)
 
 
-def test_pipeline_replicas_start_from_replica_0_and_stay_equal(tmp_path):
+@pytest.mark.parametrize("branch", [False, True], ids=["plain", "branch"])
+def test_pipeline_replicas_start_from_replica_0_and_stay_equal(tmp_path, branch):
     """2 stages x 2 replicas, every worker built from its own seed and fed its replica's
     own batches: after 3 Adam steps stage s holds the same parameters, bit for bit, on
     both replicas (replica 0's are broadcast at the start, gradients averaged), which is
-    why replica 0's stage files are the whole job's checkpoint."""
+    why replica 0's stage files are the whole job's checkpoint. ``branch``: each replica
+    takes another of two layers, so each leaves one without a gradient (the replicas
+    used to all-reduce only their own, pairing one layer's gradient with the other's)."""
     out = tmp_path / "run"
     code, output = run_cli(["launch", "--mode", "allreduce", "--servers", 0, "--workers", 4,
                             "--stages", 2, "--microbatches", 2, "--batch-size", 16, "--out",
-                            out, "--quiet", ROOT / "tests" / "scripts" / "pipeline_replicas.py"],
+                            out, "--quiet", ROOT / "tests" / "scripts" / "pipeline_replicas.py",
+                            *(["branch"] if branch else [])],
                            timeout_s=180)
     assert code == 0, output
     digest = [json.loads((out / f"replica-{r}.json").read_text())["digest"] for r in range(4)]

@@ -289,11 +289,32 @@ class PipelineParallel(DistributedModel):
                 self.schedule.step()
         if self.num_replicas > 1:
             with self.profiler.span("allreduce", "comm"):
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=self.stage_group)
-                        p.grad.div_(self.num_replicas)
+                self._average_replicas()
         return float(torch.stack([x.detach() for x in losses]).mean()) if losses else None
+
+    def _average_replicas(self) -> None:
+        """Average this stage's gradients over its replicas: first which parameters have
+        one on any replica (a branch one replica's batches did not take leaves it None
+        there), then those, zeros where a replica has none, in one all-reduce per dtype,
+        as DDP with ``find_unused_parameters`` averages them. A parameter no replica used
+        keeps no gradient, as in one process. (Each replica all-reduced only its own
+        gradients that were not None, one collective each: where replicas differed, they
+        paired one parameter's gradient with another's, or waited on each other.)"""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.stage_group)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p, anywhere in zip(params, used.tolist()):
+            if anywhere:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.stage_group)
+            flat.div_(self.num_replicas)
+            for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
 
     def forward_backward(self, inputs: tuple, target: torch.Tensor,
                          loss_fn: Callable = None) -> Optional[torch.Tensor]:  # noqa: ARG002
