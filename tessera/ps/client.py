@@ -42,7 +42,8 @@ from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
 from tessera.transport import shm
 from tessera.transport.endpoint import ClientEndpoint, PeerTimeout, TransportError
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.frames import (frame_to_tensor, itemsize, raw, tensor_to_frame,
+                                      torch_dtype)
 
 
 #: Refusals that mean "not here (yet)": nothing was applied, so the client routes the
@@ -788,9 +789,9 @@ class PSClient:
             if len(frames) != 2 or len(frames[1]) % 8:
                 raise ServerError(f"{ep.peer_name} answered the export of table {table!r} "
                                   f"with {len(frames)} frames; expected rows and ids")
-            raw = [f.buffer if hasattr(f, "buffer") else f for f in frames]
-            ids = np.frombuffer(raw[1], dtype=np.int64).copy()
-            rows = np.frombuffer(raw[0], dtype=np.float32).copy()
+            raws = [raw(f) for f in frames]
+            ids = np.frombuffer(raws[1], dtype=np.int64).copy()
+            rows = np.frombuffer(raws[0], dtype=np.float32).copy()
             if len(ids):
                 if len(rows) % len(ids) or (dim and len(rows) // len(ids) != dim):
                     raise ServerError(f"{ep.peer_name} answered the export of table "
@@ -829,9 +830,9 @@ class PSClient:
             for pid, names, scalar in zip(ids, reply.names, reply.scalar):
                 part, state = self.parts[pid], {}
                 for key, is_scalar in zip(names, scalar):
-                    raw = frames[at].buffer if hasattr(frames[at], "buffer") else frames[at]
+                    got = raw(frames[at])
                     try:
-                        t = frame_to_tensor(raw, "float32",
+                        t = frame_to_tensor(got, "float32",
                                             1 if is_scalar else part.stop - part.start).clone()
                     except ValueError as exc:
                         raise ServerError(f"{name} answered {what} of partition {pid} "

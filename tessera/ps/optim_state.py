@@ -24,7 +24,7 @@ import torch
 
 from tessera.ps.consistency import RequestError
 from tessera.transport import wire
-from tessera.transport.frames import frame_to_tensor, tensor_to_frame
+from tessera.transport.frames import frame_to_tensor, raw, tensor_to_frame
 
 #: More state names than any torch.optim class keeps (Adam with amsgrad: 4).
 MAX_NAMES = 16
@@ -74,8 +74,7 @@ def load(msg: wire.OptimState, states: list, frames: list, backs_up) -> None:
         tensors = {}
         for name, is_scalar in zip(names, scalar):
             try:
-                t = frame_to_tensor(frames[at].buffer if hasattr(frames[at], "buffer")
-                                    else frames[at], "float32", 1 if is_scalar else st.numel)
+                t = frame_to_tensor(raw(frames[at]), "float32", 1 if is_scalar else st.numel)
             except ValueError as exc:
                 raise RequestError(f"partition {pid} state {name!r}: {exc}") from None
             tensors[name] = t.clone().reshape(()) if is_scalar else t.clone()

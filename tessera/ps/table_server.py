@@ -60,7 +60,7 @@ from tessera.ps.consistency import Clocked, Consistency, NotABackup, RequestErro
 from tessera.ps.embedding import EmbeddingShard, TableError
 from tessera.ps.replication import NOT_PROMOTED
 from tessera.transport import wire
-from tessera.transport.frames import frame_to_tensor, itemsize, tensor_to_frame, torch_dtype
+from tessera.transport.frames import frame_to_tensor, itemsize, raw, tensor_to_frame, torch_dtype
 
 #: The most bytes of rows one PullRows may be answered with (the client splits bigger
 #: pulls into chunks below it: :func:`ids_per_pull`).
@@ -101,7 +101,7 @@ class _RowReply(Waiter):
 
 
 def _ids_from(frame, table: str) -> np.ndarray:
-    buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+    buf = memoryview(raw(frame))
     if buf.nbytes % 8:
         raise RequestError(f"table {table!r}: ids payload of {buf.nbytes} bytes is not int64")
     return np.frombuffer(buf, dtype=np.int64)
@@ -552,11 +552,11 @@ class TableService:
             kind = getattr(torch, dtype.removesuffix("[]"), None)
             if not isinstance(kind, torch.dtype):
                 raise RequestError(f"copy of table {msg.table!r}: {dtype!r} is not a dtype")
-            raw = bytearray(frame.buffer if hasattr(frame, "buffer") else frame)
-            if len(raw) % kind.itemsize:
-                raise RequestError(f"copy of table {msg.table!r}: {name} is {len(raw)} bytes, "
+            data = bytearray(raw(frame))
+            if len(data) % kind.itemsize:
+                raise RequestError(f"copy of table {msg.table!r}: {name} is {len(data)} bytes, "
                                    f"not a whole number of {dtype} elements")
-            value = torch.frombuffer(raw, dtype=kind) if raw else torch.zeros(0, dtype=kind)
+            value = torch.frombuffer(data, dtype=kind) if data else torch.zeros(0, dtype=kind)
             if dtype.endswith("[]"):
                 value = value.reshape(())
             elif name in ("values",) or name.startswith("state."):
@@ -630,6 +630,6 @@ class TableService:
 
 def frame_to_tensor_checked(frame, dtype: str, numel: int, table: str) -> torch.Tensor:
     try:
-        return frame_to_tensor(frame.buffer if hasattr(frame, "buffer") else frame, dtype, numel)
+        return frame_to_tensor(raw(frame), dtype, numel)
     except ValueError as exc:
         raise RequestError(f"table {table!r}: {exc}") from None

@@ -37,6 +37,12 @@ def tensor_to_frame(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
+def raw(frame):
+    """A received frame's bytes: a ``zmq.Frame``'s buffer, or the frame itself (bytes, a
+    memoryview, a shared-memory view: :mod:`tessera.transport.shm`)."""
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
 def frame_to_tensor(buf, wire_dtype: str, numel: int) -> torch.Tensor:
     """A tensor over ``buf``'s bytes (no copy); raises ValueError on a length mismatch."""
     view = memoryview(buf)

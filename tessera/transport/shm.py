@@ -93,6 +93,8 @@ from typing import Optional
 import msgspec
 import numpy as np
 
+from tessera.transport.frames import raw
+
 #: First byte of a prefix frame. msgpack never uses 0xc1, so a Tessera header (a
 #: msgpack map) never starts with it: a message with a prefix is told apart at once.
 PREFIX = 0xC1
@@ -183,12 +185,12 @@ def encode_prefix(prefix: Prefix) -> bytes:
 
 
 def is_prefix(frame) -> bool:
-    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    buf = raw(frame)
     return len(buf) > 0 and buf[0] == PREFIX
 
 
 def decode_prefix(frame, max_bytes: int) -> Prefix:
-    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    buf = memoryview(raw(frame))
     if len(buf) > max_bytes:
         raise ShmError(f"prefix frame of {len(buf)} bytes exceeds the {max_bytes}-byte limit")
     try:
