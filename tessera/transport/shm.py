@@ -249,11 +249,11 @@ class Segment:
                 raise ShmError(f"the segment has {os.fstat(fd).st_size} bytes, "
                                f"the offer said {size}")
             with mmap.mmap(fd, _HEADER, mmap.MAP_SHARED, mmap.PROT_READ) as head:
-                raw = head[:len(_MAGIC) + 48]
-            if raw[:len(_MAGIC)] != _MAGIC:
+                header = head[:len(_MAGIC) + 48]
+            if header[:len(_MAGIC)] != _MAGIC:
                 raise ShmError("not a Tessera segment")
-            nonce = raw[len(_MAGIC):len(_MAGIC) + 32]
-            region, entries = struct.unpack("<QQ", raw[len(_MAGIC) + 32:])
+            nonce = header[len(_MAGIC):len(_MAGIC) + 32]
+            region, entries = struct.unpack("<QQ", header[len(_MAGIC) + 32:])
             if entries != ENTRIES or _layout(region)[0] != size:
                 raise ShmError("the segment's layout does not match its size")
             seg = cls(fd, nonce, region)
