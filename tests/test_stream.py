@@ -250,16 +250,31 @@ def test_interrupt_while_waiting_for_shards_at_a_checkpointed_clock(tmp_path):
 def test_delta_checkpoint_restores_what_a_full_one_holds(tmp_path):
     data, log = tmp_path / "data", ClickLog(num_fields=FIELDS, id_space=ID_SPACE, seed=5)
     data.mkdir()
-    for i in range(6):
+    for i in range(2):  # clocks 1-4: the first checkpoint (3), full
         _shard(data, i, log)
-    (data / END_MARKER).write_text("")
-    # The same job twice on one worker (bit-for-bit deterministic): deltas, and full.
+    # The same job twice on one worker (bit-for-bit deterministic): deltas, and full. The
+    # delta run follows the stream: the rest of it arrives once the first checkpoint's
+    # manifest is written, so the later checkpoints have a complete one to be deltas of
+    # (with every shard there at the start, a loaded machine could run all 12 clocks
+    # before the first manifest was written, and every checkpoint was full).
     runs = {}
     for name, delta_every in (("delta", 4), ("full", 0)):
         runs[name] = tmp_path / name
-        code, out = run_cli(["run", _job(tmp_path, data, workers=1, name=name,
-                                         delta_every=delta_every, every=3, servers=1),
-                             "--out", runs[name], "--quiet"], timeout_s=120)
+        job = Job(["run", _job(tmp_path, data, workers=1, name=name, delta_every=delta_every,
+                               every=3, servers=1), "--out", runs[name], "--quiet"],
+                  timeout_s=120)
+        try:
+            if name == "delta":
+                wait_for(lambda: (runs["delta"] / "checkpoints" / "clock-00000003" /
+                                  "manifest.json").exists() or job.proc.poll() is not None,
+                         90, "the first checkpoint's manifest")
+                for i in range(2, 6):
+                    _shard(data, i, log)
+                (data / END_MARKER).write_text("")
+            code, out = job.wait()
+        finally:
+            if job.proc.poll() is None:
+                job.kill()
         assert code == 0, out
     delta = CheckpointStore(str(runs["delta"] / "checkpoints"))
     full = CheckpointStore(str(runs["full"] / "checkpoints"))
