@@ -583,7 +583,7 @@ class ParameterServer:
                     decide_at = st.clock
                 continue
             if st.overflows:  # judged pushes: a worker's gradient overflowed somewhere
-                self._skip_judged(st)
+                self._skip(st)
                 advanced.append(st)
                 continue
             # The backup gets the mean this server applies (bit for bit the same update);
@@ -600,10 +600,12 @@ class ParameterServer:
         if decide_at is not None:
             self._decide(decide_at)
 
-    def _skip_judged(self, st: PartitionState) -> None:
-        """A clock of judged pushes (``Push.judged``) one of which names an overflow: every
-        worker sent its word on its whole gradient to every server, so every server
-        skips it; the replies at the next clock say so, and who overflowed where."""
+    def _skip(self, st: PartitionState) -> None:
+        """Skip ``st``'s current clock: a clock of judged pushes (``Push.judged``) one of
+        which names an overflow (every worker sent its word on its whole gradient to every
+        server, so every server skips it), or a held clock the cluster decided to skip.
+        The replies at the next clock say so, and who overflowed where (also to pushes
+        that were not held, where a restarted worker's held first step shared the clock)."""
         st.skip_overflows = st.overflows
         st.take_mean()
         st.clock += 1
@@ -634,17 +636,11 @@ class ParameterServer:
         clipping coefficient ``coef``) or skip."""
         due = self.policy.decided(states, clock, apply)
         for st in due:
-            overflows = st.overflows
+            if not apply:
+                self._skip(st)
+                continue
             grad, n = st.take_mean()
-            if apply:
-                self._update(st, st.rule.clip(grad, coef), pushes=n)
-            else:
-                st.clock += 1
-                # the replies to pushes that were not held (a clock a restarted worker's
-                # held first step shares) say so, as a judged clock's do
-                st.skipped_clock, st.skip_overflows = st.clock, overflows
-                st.arrivals.clear()
-                self.stats["skipped"] += 1
+            self._update(st, st.rule.clip(grad, coef), pushes=n)
         self.policy.wake(due)
 
     # ------------------------------------------------------------ membership
