@@ -392,8 +392,10 @@ def distribute(model: torch.nn.Module,
     parameters that a step's forward may leave unused (a branch not taken, a head not
     called) needs it, as under DDP, and then steps as one process does (such a
     parameter's ``.grad`` stays None on every worker, and torch skips it); without it such
-    a step is refused in one line naming the parameters. The server modes need no flag
-    (README: such a parameter is stepped with a zero gradient there).
+    a step is refused in one line naming the parameters. In the server modes, with the
+    flag, each push names the parameters the step gave no gradient and the servers leave
+    alone those no worker used (values, state and step count, as torch); without it such a
+    parameter is stepped with a zero gradient (README).
     """
     return init().distribute(model, optimizer, loss_fn,
                              find_unused_parameters=find_unused_parameters, **optimizer_args)

@@ -71,7 +71,8 @@ def wrap(session: Session, model: torch.nn.Module,
                                   find_unused_parameters)
         local = True
     else:
-        wrapped = _parameter_servers(session, model, opt, tables, amp, device)
+        wrapped = _parameter_servers(session, model, opt, tables, amp, device,
+                                     find_unused_parameters)
         local = False
     if isinstance(opt, torch.optim.Optimizer):
         wrapped.optimizer_handle = DistributedOptimizer(opt, wrapped.step, wrapped.zero_grad,
@@ -153,7 +154,7 @@ def _check_tables(tables) -> None:
             raise UsageError(str(exc)) from None
 
 
-def _parameter_servers(session, model, opt, tables, amp, device):
+def _parameter_servers(session, model, opt, tables, amp, device, find_unused_parameters):
     from tessera.parallel.flat import frozen_digests, param_layout
     from tessera.parallel.ps import PSComm, PSDataParallel, Start
     cfg = session.cfg
@@ -186,7 +187,8 @@ def _parameter_servers(session, model, opt, tables, amp, device):
                   checkpoint_wanted=lambda: hb.checkpoint_requested,
                   on_clock=lambda clock: setattr(hb, "clock", clock))
     comm = PSComm(mode=cfg.ps.mode, two_phase=two_phase(cfg),
-                  checkpoint_every=cfg.checkpoint.every, agree=agrees(cfg))
+                  checkpoint_every=cfg.checkpoint.every, agree=agrees(cfg),
+                  find_unused=find_unused_parameters)
     start = Start(clock=view.clock, incarnation=view.incarnation,
                   restored=view.restore is not None)
     return PSDataParallel(model, client, session.shard_map(), is_first=first, comm=comm,

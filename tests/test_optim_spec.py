@@ -68,6 +68,66 @@ def test_partitions_crossing_groups_step_like_torch(name):
     assert again.state_tensors().keys() == rules[1].state_tensors().keys()
 
 
+class _Branch(nn.Module):
+    """A body, and a head forward uses only while ``aux`` (a branch not taken)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+        self.head = nn.Linear(5, 3)
+        self.aux = False
+
+    def forward(self, x):
+        return self.body(x) + self.head(x) if self.aux else self.body(x)
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_a_parameter_no_worker_used_is_skipped_like_torch_and_restores_so(name):
+    """``find_unused_parameters``: the servers step the partitions with the ranges of the
+    parameters that got no gradient left alone (``keep``): torch skips a parameter whose
+    ``.grad`` is None, its values, state and step count alike. Each class, partitions
+    cutting parameters and groups, equals torch; a rule rebuilt mid-run from its
+    ``state_tensors`` (a checkpoint, a backup's copy) carries each parameter's own step
+    count on (Adam's bias correction reads it)."""
+    torch.manual_seed(0)
+    model = _Branch()
+    ref = copy.deepcopy(model)
+    cls, kw = ELEMENTWISE[name], KWARGS[name]
+    opt_ref = cls(_groups(ref, kw["lr"]), **kw)
+    spec = spec_from_optimizer(cls(_groups(model, kw["lr"]), **kw), model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    cuts = [0, 13, 37, 50, flat.numel()]  # the head (50..68) shares the last with a bias
+    rules = [make_rule(flat[a:b], spec, a, b) for a, b in zip(cuts, cuts[1:])]
+    saved: list = []
+    for step in range(8):
+        ref.aux = model.aux = step % 3 == 1
+        opt_ref.zero_grad(set_to_none=True)
+        ref(torch.randn(4, 5)).pow(2).sum().backward()
+        grads, unused, at = [], [], 0
+        for p in ref.parameters():
+            grads.append(torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1))
+            if p.grad is None:
+                unused.append((at, at + p.numel()))
+            at += p.numel()
+        grad = torch.cat(grads)
+        opt_ref.step()
+        if step == 4:  # rebuilt from their state, as a checkpoint restores them
+            rules = [make_rule(r.master, spec, a, b) for r, a, b in zip(rules, cuts, cuts[1:])]
+            for rule, old in zip(rules, saved):
+                rule.load_state(old)
+        for a, b, rule in zip(cuts, cuts[1:], rules):
+            keep = [x for lo, hi in unused if max(lo, a) < min(hi, b)
+                    for x in (max(lo, a) - a, min(hi, b) - a)]
+            rule.apply(grad[a:b].clone(), keep or None)
+        saved = [r.state_tensors() for r in rules]
+    want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    tol = 1e-6 if name in FUSED else 0.0
+    torch.testing.assert_close(torch.cat([r.master for r in rules]), want, rtol=tol, atol=tol)
+    if "step" in saved[-1]:  # the head's count is its own: 3 steps of 8 (at 1, 4, 7)
+        assert saved[-1]["step"].dim() == 1
+        assert saved[-1]["step"][-1] == 3 and saved[-1]["step"][0] == 8
+
+
 @pytest.mark.parametrize("cls", [torch.optim.LBFGS, torch.optim.SparseAdam,
                                  torch.optim.Adafactor])
 def test_other_optimizers_are_refused_in_one_line(cls):

@@ -348,6 +348,24 @@ def test_a_parameter_no_worker_used_is_stepped_with_a_zero_gradient(tmp_path):
     assert max(moved) > 1e-6  # torch skipped the head: the exception is real, and named
 
 
+def test_sync_servers_leave_a_branch_not_taken_alone_with_find_unused_parameters(tmp_path):
+    """DDP's flag in a server mode: a head forward uses at every third step only, AdamW
+    with two groups, 2 workers x 2 servers. Each worker's pushes name the head unused at
+    the other steps, and the servers skip it there as torch skips a parameter whose
+    ``.grad`` is None: values, moments and step count (``optimizer.state_dict()`` holds
+    the head's own, 3 of 9, as one process's does) equal one process at batch W·b."""
+    args = ("--steps", "9", "--unused", "--no-clip", "--aux-every", "3")
+    with _plain(tmp_path, "--workers", "2", *args) as plain:
+        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args,
+                         "--find-unused")
+        want = plain()
+    _close(dist, want, rel=1e-6)
+    for name, values in want["params"].items():
+        assert dist["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+    assert want["step_counts"]["aux.weight"] == 3 and want["step_counts"]["body.0.weight"] == 9
+    assert dist["step_counts"] == want["step_counts"]
+
+
 def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
     """A frozen layer stays each worker's own (the servers hold trainable parameters):
     built alike, the job trains and exports it; built from each worker's own seed, the

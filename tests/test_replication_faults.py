@@ -530,6 +530,40 @@ def test_the_updates_of_one_turn_reach_the_backup_as_one_batch(ctx):
             assert torch.equal(servers[1].backups[p.id].rule.master, old)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_backup_leaves_alone_what_its_primary_left_alone(ctx, mode):
+    """``find_unused_parameters``: pushes naming element ranges unused (``Push.unused``),
+    two workers in sync (a range left alone only where both named it) or one in async.
+    The backup is sent the ranges with each update and stays bit-identical to its
+    primary, the ranges no worker used unchanged on both."""
+    import torch
+
+    from tests.test_server_inproc import flat_of
+
+    workers = 2 if mode == "sync" else 1
+    with _async_pair(ctx, workers, lambda on_replicate: on_replicate, mode=mode) as (
+            model, shard_map, servers, stops, threads, membership, clients):
+        clients[0].init_params(flat_of(model))
+        part = shard_map.on_server(0)[0]
+        n = part.stop - part.start
+        start = servers[0].parts[part.id].rule.master.clone()
+        for clock in range(3):
+            handles = [c.push(part.id, torch.full((n,), 0.5 + w), clock,
+                              unused=[0, 4, 8, 12] if w == 0 else [2, 10])
+                       for w, c in enumerate(clients)]
+            for h in handles:
+                h.wait()
+        _wait_backup_acked(servers, "clock 2")
+        copy, primary = servers[1].backups[part.id], servers[0].parts[part.id]
+        torch.testing.assert_close(copy.rule.master, primary.rule.master, rtol=0, atol=0)
+        kept = [(2, 4), (8, 10)] if mode == "sync" else [(0, 4), (8, 12)]
+        moved = torch.ones(n, dtype=torch.bool)
+        for lo, hi in kept:
+            moved[lo:hi] = False
+        assert torch.equal(primary.rule.master[~moved], start[~moved])
+        assert not torch.isclose(primary.rule.master[moved], start[moved]).any()
+
+
 def test_async_answers_wait_for_the_update_a_window_back_and_failover_resends_the_window(ctx):
     """Async, answer_early, a 40 KB partition (window of 8 pushes): with the backup
     taking none of the updates from push 1 on, pushes 1-8 are still answered (each waits

@@ -643,6 +643,11 @@ def test_malformed_requests_are_refused_and_change_nothing(make_cluster):
     refused([wire.encode(wire.Push(req=77, worker=0, seq=1, clock=0,
                                    partitions=[held[0].id], dtype="float64")),
              b"\x00" * 8 * (held[0].stop - held[0].start)], 0)
+    n0 = held[0].stop - held[0].start
+    for unused in ([[3, 1]], [[0, n0 + 1]], [[0, 1, 2]], [[0, 1], [2, 3]]):  # Push.unused
+        refused([wire.encode(wire.Push(req=78, worker=0, seq=1, clock=0,
+                                       partitions=[held[0].id], unused=unused)),
+                 b"\x00" * 4 * n0], 78)
     # A re-sent init is acknowledged but changes nothing: first writer wins.
     ack, _ = ep.request(wire.InitParams(req=99, partitions=[p.id for p in held]),
                         [b"\x00" * 4 * (p.stop - p.start) for p in held], timeout_s=TIMEOUT_S)
@@ -737,6 +742,52 @@ def test_ps_data_parallel_equals_plain_sgd(make_cluster, partition_elems):
     assert cluster.servers[0].stats["updates"] == 4 * len(cluster.shard_map.partitions)
     # What the server holds is what the worker trains on.
     torch.testing.assert_close(pull_all(client, clock=4), ddp.flat, rtol=0, atol=0)
+
+
+class _Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 3), nn.Linear(5, 3), False
+
+    def forward(self, x):
+        return self.body(x) + self.head(x) if self.aux else self.body(x)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster, mode):
+    """``find_unused_parameters``: a head forward uses every third step only. Its pushes
+    name its ranges unused at the other steps (the wire's ``Push.unused``) and the server
+    skips it there as torch skips a parameter whose ``.grad`` is None (Adam's moments and
+    step count untouched): equal to torch at every step, where stepping it with a zero
+    gradient moves it (the last assertion)."""
+    from tessera.parallel.ps import PSComm
+    cfg = OptimizerConfig(name="adam", lr=0.05)
+    torch.manual_seed(0)
+    model = _Branch()
+    ref, zeros = copy.deepcopy(model), copy.deepcopy(model)
+    opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    opt_zeros = torch.optim.Adam(zeros.parameters(), lr=0.05)
+    cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=10,
+                           mode=mode, num_workers=1, optimizer=cfg)
+    ddp = PSDataParallel(model, cluster.client(0), cluster.shard_map, is_first=True,
+                         comm=PSComm(mode=mode, find_unused=True))
+    gen = torch.Generator().manual_seed(5)
+    for step in range(7):
+        x = torch.randn(16, 5, generator=gen)
+        ddp.module.aux = ref.aux = zeros.aux = step % 3 == 0
+        ddp.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        ddp.step()
+        for m, o in ((ref, opt), (zeros, opt_zeros)):
+            o.zero_grad(set_to_none=True)
+            m(x).pow(2).mean().backward()
+            if m is zeros:
+                for p in m.parameters():
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            o.step()
+        torch.testing.assert_close(list(ddp.module.parameters()), list(ref.parameters()),
+                                   msg=lambda m: f"step {step}: {m}")
+    assert not torch.allclose(zeros.head.weight, ref.head.weight)
 
 
 @pytest.mark.parametrize("workers, folded", [(4, True), (3, False)])

@@ -13,9 +13,11 @@ Only worker 0's load reaches the servers (every worker of a DDP script loads the
 same file), before its next pushes; a restarted worker or a resumed job
 (``--max-restarts``, ``--resume``) leaves the servers' state alone, as it does their
 values: theirs is the job's. The servers keep one scalar per partition where torch
-keeps one per parameter (they step every partition at every clock): a loaded state
-takes the first parameter's, and the state must cover every parameter the servers
-hold (a state_dict saved before a parameter's first step lacks it).
+keeps one per parameter (they step every partition at every clock; with
+``find_unused_parameters`` a parameter a step skipped keeps a count of its own, which
+:meth:`ServerState.fetch` gives it): a loaded state takes the first parameter's, and the
+state must cover every parameter the servers hold (a state_dict saved before a
+parameter's first step lacks it).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ class ServerState:
     def _overlapping(self, a: int, b: int) -> list:
         return [p for p in self.parts if p.start < b and p.stop > a]
 
-    def fetch(self, params: list) -> dict:
+    def fetch(self, params: list, scalars: frozenset = frozenset()) -> dict:
         """parameter -> {name: tensor}, as torch's ``optimizer.state`` (parameters the
-        servers have not stepped yet have none)."""
+        servers have not stepped yet have none). ``scalars``: the names the class keeps
+        as scalars, which a partition sends per element where its pieces' differ (a
+        parameter no worker used at some step, ``find_unused_parameters``: each
+        parameter's own count, :meth:`tessera.ps.optim.TorchOptimRule.state_tensors`)."""
         per_part = self.client.optim_state()
         out = {}
         for p in params:
@@ -63,7 +68,8 @@ class ServerState:
             for key, got in pieces.items():
                 flat = torch.cat(got)
                 if flat.numel() == b - a:
-                    entry[key] = flat.reshape(p.shape).clone()
+                    entry[key] = flat[0].clone() if key in scalars \
+                        else flat.reshape(p.shape).clone()
             if entry:
                 out[p] = entry
         return out

@@ -179,7 +179,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return super().state_dict()
         # The servers' state, keyed by parameter for the moment torch packs it (its own
         # numbering); this object keeps none between calls.
-        self.state = defaultdict(dict, self.remote.fetch(self.all_params()))
+        scalars = {k for k, scalar in state_kinds(type(self.user), self.param_groups).items()
+                   if scalar}
+        self.state = defaultdict(dict, self.remote.fetch(self.all_params(), scalars))
         try:
             return super().state_dict()
         finally:

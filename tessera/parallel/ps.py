@@ -89,6 +89,10 @@ class PSComm:
     #: sync: the servers decide a held clock among themselves, and the pull of the next
     #: clock leaves with the pushes (tessera.ps.agreement; tessera.cluster.role.agrees).
     agree: bool = False
+    #: ``tessera.distribute(..., find_unused_parameters=True)``: each push names the
+    #: parameters the step gave no gradient, which the servers leave alone where no
+    #: worker used them (``Push.unused``); else they are stepped with zeros.
+    find_unused: bool = False
 
 
 #: The spans :meth:`PSDataParallel.step` records each step, (name, category).
@@ -223,6 +227,12 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._needed[pid] += 1
                 self._params_of_part[pid].append(index)
         self._remaining = dict(self._needed)
+        #: find_unused: each partition's parameters, (index, lo, hi) relative to its start.
+        self._find_unused = comm.find_unused
+        self._ranges_of_part = {
+            p.id: [(i, max(off, p.start) - p.start, min(off + n, p.stop) - p.start)
+                   for i in self._params_of_part[p.id] if i < len(self._views)
+                   for _, off, n in (self._views[i],)] for p in shard_map.partitions}
         self._fired: dict[int, int] = {}  # param index -> order its gradient arrived in
         self._handles: dict[int, Handle] = {}
         self._wire = torch_dtype(client.wire_dtype)
@@ -353,6 +363,16 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 nonfinite = self._first_nonfinite(pid, grad)
         return grad, nonfinite
 
+    def _unused(self, pid: int) -> Optional[list[int]]:
+        """With ``find_unused``: partition ``pid``'s element ranges of the parameters this
+        step gave no gradient (their hooks never fired), flat ``lo, hi`` pairs; else None."""
+        if not self._find_unused:
+            return None
+        fired = self._fired
+        ranges = [x for i, lo, hi in self._ranges_of_part[pid] if i not in fired
+                  for x in (lo, hi)]
+        return ranges or None
+
     def _send_grad(self, pid: int) -> None:
         grad, nonfinite = self._wire_grad(pid)
         hold = self._hold
@@ -360,7 +380,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
-            norm_type=self._norm_type if self._hold else 0.0)
+            norm_type=self._norm_type if self._hold else 0.0, unused=self._unused(pid))
         if sent_from:
             self._marks.send_ns += time.time_ns() - sent_from
 
@@ -446,7 +466,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         for pid, grad in zip(kept, grads):
             self._handles[pid] = self.client.push(
                 pid, grad, self.clock, scale=self.scaler.scale, nonfinite=self._overflow,
-                checkpoint=self._ckpt_flag, judged=True, hparams=self._step_hparams)
+                checkpoint=self._ckpt_flag, judged=True, hparams=self._step_hparams,
+                unused=self._unused(pid))
 
     def _pull_agreed(self, clip: float) -> None:
         """Servers that agree: send the pull of the next clock now, with what they need to

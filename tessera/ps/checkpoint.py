@@ -380,10 +380,10 @@ def read_partition(store: CheckpointStore, restore, files: dict, start: int, sto
                 continue
             sub = key[len(prefix):]
             full = f.get(key)
-            if full.dim() == 0:  # a per-partition scalar (Adam's step): same everywhere
-                scalars.setdefault(sub, full.clone())
-            else:
-                state_pieces.setdefault(sub, []).append(full[a:b])
+            if full.dim() == 0:  # a per-partition scalar (Adam's step): same everywhere,
+                scalars.setdefault(sub, full.clone())  # but for pieces a step skipped:
+                full = full.expand(old.stop - old.start)  # (then saved per element)
+            state_pieces.setdefault(sub, []).append(full[a:b])
         covered = hi
     if covered != stop:
         raise CheckpointError(f"checkpoint {restore.path!r} does not cover elements "
@@ -391,7 +391,9 @@ def read_partition(store: CheckpointStore, restore, files: dict, start: int, sto
                               f"another model?")
     values = torch.cat(pieces).to(torch.float32).contiguous()
     state = {k: torch.cat(v).contiguous() for k, v in state_pieces.items()}
-    state.update(scalars)
+    for key, value in scalars.items():  # one value everywhere: a scalar again
+        if key in state and bool((state[key] == value).all()):
+            state[key] = value
     return values, state
 
 

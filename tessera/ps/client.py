@@ -192,6 +192,9 @@ def _piece(msg, frames: list, index: list[int]):
     """The request ``msg`` (with its payload ``frames``, one per partition, or none)
     restricted to its partitions at positions ``index``: (message, frames)."""
     pids = [msg.partitions[i] for i in index]
+    unused = getattr(msg, "unused", None)
+    if unused is not None:  # a Push naming unused ranges: theirs follow their partitions
+        msg = msgspec.structs.replace(msg, unused=[unused[i] for i in index])
     return (msgspec.structs.replace(msg, partitions=pids),
             [frames[i] for i in index] if frames else [])
 
@@ -612,8 +615,11 @@ class PSClient:
     def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
              nonfinite: str = "", checkpoint: int = 0, hold: bool = False,
              norm_type: float = 0.0, hparams: Optional[list] = None,
-             dtype: Optional[str] = None, judged: bool = False) -> Handle:
+             dtype: Optional[str] = None, judged: bool = False,
+             unused: Optional[list[int]] = None) -> Handle:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
+        ``unused``: the element ranges of parameters the step gave no gradient
+        (``Push.unused``; such a push goes alone, not in a batch).
 
         ``grad`` may already be in the wire dtype (then it is sent without a copy).
         The values are views of what was received: copy them out before ``release()``
@@ -631,7 +637,7 @@ class PSClient:
         self._route()
         server = self.owner[partition]
         if self.batch_bytes and payload.nbytes < self.batch_bytes and not hold \
-                and (judged or (not nonfinite and scale == 1.0)):
+                and not unused and (judged or (not nonfinite and scale == 1.0)):
             # A small partition waits for others to its server: one message, one header,
             # one reply for many (sent when the batch is full, when the push's fields
             # change, or at the first wait() or pull()). Held pushes, and loss-scaled or
@@ -654,7 +660,8 @@ class PSClient:
             return part
         return self._send_push(server, [partition], [payload], clock, dtype, scale=scale,
                                nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
-                               norm_type=norm_type, hparams=hparams, judged=judged)
+                               norm_type=norm_type, hparams=hparams, judged=judged,
+                               unused=[unused] if unused else None)
 
     def take_overflows(self) -> list:
         """The overflows the replies of a skipped judged clock named (``Push.judged``),
@@ -678,7 +685,8 @@ class PSClient:
     def _send_push(self, server: int, pids: list[int], payloads: list, clock: int,
                    dtype: str, *, scale: float = 1.0, nonfinite: str = "", checkpoint: int = 0,
                    hold: bool = False, norm_type: float = 0.0,
-                   hparams: Optional[list] = None, judged: bool = False) -> Handle:
+                   hparams: Optional[list] = None, judged: bool = False,
+                   unused: Optional[list[list[int]]] = None) -> Handle:
         """One Push message of ``pids``' gradients (one frame each) to ``server``."""
         frames = [tensor_to_frame(p) for p in payloads]
         ep = self.servers[server]
@@ -688,7 +696,7 @@ class PSClient:
                         partitions=pids, dtype=dtype, scale=scale,
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                         norm_type=norm_type, hparams=hparams, weight=self.weight,
-                        rate=self.rate, judged=judged,
+                        rate=self.rate, judged=judged, unused=unused,
                         sent_ns=time.time_ns() + self.profiler.offset_ns
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)

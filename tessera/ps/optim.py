@@ -247,6 +247,11 @@ class TorchOptimRule:
             param_groups.append({**hp, **_kernel(spec.name), "params": [param]})
             self._segments.append((lo, hi, index, param))
         self.optimizer = cls(param_groups, foreach=False) if param_groups else None
+        #: The optimizer's parameters, ``(lo, hi, param)`` in order: one per segment, until
+        #: an update leaves part of one alone (``keep``: a model parameter no worker used);
+        #: from then on that part is a piece of its own, with its own state and step count,
+        #: as torch keeps them per parameter (:meth:`_cut`).
+        self._pieces = [(lo, hi, param) for lo, hi, _, param in self._segments]
         #: A segment that is the whole partition takes the gradient without a slice.
         self._whole = len(self._segments) == 1 and self._segments[0][:2] == (0, self.master.numel())
         # The class's step without torch.optim's profiling wrapper (profile_hook_step:
@@ -255,7 +260,7 @@ class TorchOptimRule:
         # elements, and a replicated server steps twice per update (its own copy and
         # the one it backs up): benchmarks/replication_cost.py.
         step = type(self.optimizer).step if self.optimizer is not None else None
-        self._step = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) \
+        self._raw_step = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) \
             else None
         self.num_groups = sum(not g.average for g in spec.groups)
         self._initial = [dict(g.hparams) for g in spec.groups if not g.average]
@@ -286,14 +291,57 @@ class TorchOptimRule:
             plain = self._plain = self.takes_half()
         return plain
 
-    def apply(self, grad: torch.Tensor) -> None:
+    def apply(self, grad: torch.Tensor, keep: Optional[list[int]] = None) -> None:
         """One optimizer step with ``grad`` (fp32, same length as the partition; bf16 or
-        fp16 only where :meth:`takes_half` said so)."""
-        if grad.dtype != torch.float32:  # plain SGD: torch's own step, on the wire dtype
+        fp16 only where :meth:`takes_half` said so). ``keep``: element ranges (flat
+        ``lo, hi`` pairs, :attr:`tessera.transport.wire.Push.unused`) of parameters no
+        worker used this step: torch's step skips them (their ``.grad`` is None), values,
+        state and step count alike, as it skips a parameter whose ``.grad`` is None."""
+        if keep and self.optimizer is not None:
+            ranges = list(zip(keep[::2], keep[1::2]))
+            for lo, hi in ranges:
+                self._cut(lo)
+                self._cut(hi)
+            self._step(grad, ranges)
+            return
+        self._step(grad)
+
+    def _cut(self, at: int) -> None:
+        """Make ``at`` a boundary between pieces: the piece across it becomes two, each
+        with its slice of the piece's element-wise state and a copy of its scalars."""
+        for k, (lo, hi, param) in enumerate(self._pieces):
+            if lo < at < hi:
+                break
+        else:
+            return
+        halves = [(lo, at, torch.nn.Parameter(self.master[lo:at])),
+                  (at, hi, torch.nn.Parameter(self.master[at:hi]))]
+        state = self.optimizer.state.pop(param, None)
+        if state:
+            for a, b, half in halves:
+                self.optimizer.state[half] = {
+                    key: (value.view(-1)[a - lo:b - lo].clone()
+                          if value.dim() > 0 and value.numel() == hi - lo else value.clone())
+                    if isinstance(value, torch.Tensor) else value
+                    for key, value in state.items()}
+        for group in self.optimizer.param_groups:
+            params = group["params"]
+            for i, q in enumerate(params):
+                if q is param:
+                    params[i:i + 1] = [half for *_, half in halves]
+                    break
+        self._pieces[k:k + 1] = halves
+        self._whole, self._plain = False, None
+
+    def _step(self, grad: torch.Tensor, keep: tuple = ()) -> None:
+        """The step, pieces inside a ``keep`` range (``(lo, hi)`` pairs) without a gradient."""
+        if keep:
+            grad = grad.to(torch.float32)
+        elif grad.dtype != torch.float32:  # plain SGD: torch's own step, on the wire dtype
             self.master.add_(grad, alpha=-self.optimizer.param_groups[0]["lr"])
             self.steps += 1
             return
-        if self._is_plain():
+        elif self._is_plain():
             # Plain SGD: torch's step is this one add_ (_single_tensor_sgd without momentum,
             # weight decay or maximize), bit for bit, without the ~5 us of Python around it
             # that a small partition pays per push (benchmarks/server_load.py).
@@ -301,16 +349,17 @@ class TorchOptimRule:
             self.steps += 1
             return
         if self.optimizer is not None:
-            if self._whole:
-                self._segments[0][3].grad = grad
+            if self._whole and not keep:
+                self._pieces[0][2].grad = grad
             else:
-                for lo, hi, _, param in self._segments:
-                    param.grad = grad[lo:hi]
-            if self._step is not None:
-                self._step(self.optimizer)
+                for lo, hi, param in self._pieces:
+                    if not any(a <= lo and hi <= b for a, b in keep):
+                        param.grad = grad[lo:hi]
+            if self._raw_step is not None:
+                self._raw_step(self.optimizer)
             else:
                 self.optimizer.step()
-            for *_, param in self._segments:
+            for *_, param in self._pieces:
                 param.grad = None
         for lo, hi in self._averaged:
             if self._keep:
@@ -392,21 +441,32 @@ class TorchOptimRule:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer state as named tensors over the whole partition: element-wise
-        state concatenated over the segments (zeros where no group), scalars once."""
+        state concatenated over the pieces (zeros where no group), scalars once; where
+        the pieces' scalars differ (a piece skipped, :meth:`_cut`), one per element, each
+        its piece's (0 where a piece has none yet), which :meth:`load_state` cuts again."""
         if self.optimizer is None:
             return {}
         numel = self.master.numel()
         out: dict[str, torch.Tensor] = {}
-        for lo, hi, _, param in self._segments:
+        scalars: dict[str, list] = {}
+        for lo, hi, param in self._pieces:
             for key, value in self.optimizer.state.get(param, {}).items():
                 if not isinstance(value, torch.Tensor):
                     continue
                 if value.dim() == 0 or value.numel() != hi - lo:
                     out.setdefault(key, value)
+                    scalars.setdefault(key, []).append((lo, hi, value))
                     continue
                 if key not in out:
                     out[key] = torch.zeros(numel, dtype=value.dtype)
                 out[key][lo:hi] = value.reshape(-1)
+        for key, got in scalars.items():
+            first = got[0][2]
+            if first.dim() == 0 and (len(got) < len(self._pieces)
+                                     or any(not torch.equal(v, first) for *_, v in got)):
+                spread = out[key] = torch.zeros(numel, dtype=first.dtype)
+                for lo, hi, value in got:
+                    spread[lo:hi] = value
         return out
 
     @property
@@ -422,15 +482,26 @@ class TorchOptimRule:
         return state_kinds(type(self.optimizer), self.optimizer.param_groups)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint)."""
+        """Restore optimizer state saved by :meth:`state_tensors` (a checkpoint): a scalar
+        given per element (pieces' step counts that differ) cuts the pieces again where
+        it changes, and each piece takes its own."""
         self._plain = None
         if not state or self.optimizer is None:
             return
         numel = self.master.numel()
-        for lo, hi, _, param in self._segments:
+        kinds = self.state_kinds()
+        spread = {key for key, value in state.items()
+                  if kinds.get(key) and value.dim() == 1 and value.numel() == numel != 1}
+        for key in spread:
+            value = state[key]
+            for at in (torch.nonzero(value[1:] != value[:-1]).reshape(-1) + 1).tolist():
+                self._cut(at)
+        for lo, hi, param in self._pieces:
             seg = {}
             for key, value in state.items():
-                if value.dim() == 1 and value.numel() == numel and numel != 1:
+                if key in spread:
+                    seg[key] = value[lo].clone()
+                elif value.dim() == 1 and value.numel() == numel and numel != 1:
                     seg[key] = value[lo:hi].clone()
                 else:
                     seg[key] = value.clone()

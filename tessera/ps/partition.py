@@ -210,6 +210,9 @@ class PartitionState(Clocked):
     #: the replies at that clock say so.
     skipped_clock: int = -1
     skip_overflows: list[wire.Overflow] = field(default_factory=list)
+    #: Sync: the element ranges every push of the current clock named unused
+    #: (``Push.unused``; flat ``lo, hi`` pairs), which its update leaves alone.
+    unused: list[int] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -235,7 +238,8 @@ class PartitionState(Clocked):
         return self.scratch_np
 
     def add(self, grad: torch.Tensor, unscale: float, worker: int, nonfinite: str,
-            workers: int = 1, direct: bool = False, wire_dtype: str = "float32") -> None:
+            workers: int = 1, direct: bool = False, wire_dtype: str = "float32",
+            unused: Optional[list[int]] = None) -> None:
         """Sync: fold one worker's push into the clock's sum, divided by ``workers``
         (the clock's mean comes out directly) or not (``workers=1``: a held clock).
         ``direct``: the job has one worker and the clock is applied at once, so an
@@ -246,6 +250,10 @@ class PartitionState(Clocked):
         first step is held, the others' are not where the script does not clip)."""
         if self.accum is not None:
             workers = self.divided_by
+            if self.unused:  # left alone only where no worker used it
+                self.unused = intersect(self.unused, unused or [])
+        else:
+            self.unused = list(unused or [])
         alpha = unscale / workers if workers > 1 else unscale
         self.wire_dtype = wire_dtype
         if self.accum is None:
@@ -271,11 +279,13 @@ class PartitionState(Clocked):
         if nonfinite:
             self.overflows.append(wire.Overflow(worker=worker, param=nonfinite))
 
-    def take_mean(self) -> tuple[torch.Tensor, int]:
-        """Sync: the clock's mean gradient (in place) and its number of pushes; the
-        partition is then ready for the next clock's pushes. The mean aliases the
-        partition's buffer (or the received frame): apply it before the next clock."""
+    def take_mean(self) -> tuple[torch.Tensor, int, list[int]]:
+        """Sync: the clock's mean gradient (in place), its number of pushes and the ranges
+        no push used (:attr:`unused`); the partition is then ready for the next clock's
+        pushes. The mean aliases the partition's buffer (or the received frame): apply it
+        before the next clock."""
         n = max(1, len(self.pushed_by))
+        unused, self.unused = self.unused, []
         grad = self.accum
         if self.divided_by != n:  # a held clock (the sum), or a clock short of workers
             grad = grad.div_(n) if self.divided_by == 1 else grad.mul_(self.divided_by / n)
@@ -283,7 +293,22 @@ class PartitionState(Clocked):
         self.held, self.norm_type = False, 0.0
         self.pushed_by.clear()
         self.overflows = []
-        return grad, n
+        return grad, n, unused
+
+
+def intersect(a: list[int], b: list[int]) -> list[int]:
+    """The intersection of two sorted lists of disjoint ranges (flat ``lo, hi`` pairs)."""
+    out: list[int] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i], b[j]), min(a[i + 1], b[j + 1])
+        if lo < hi:
+            out += (lo, hi)
+        if a[i + 1] < b[j + 1]:
+            i += 2
+        else:
+            j += 2
+    return out
 
 
 @dataclass(eq=False)

@@ -35,6 +35,24 @@ def check_push(msg: wire.Push, states: list, num_workers: int) -> None:
                            f"clock {msg.clock + 1}, got {msg.checkpoint}")
     if msg.norm_type < 0 or msg.norm_type != msg.norm_type:
         raise RequestError(f"norm_type must be >= 0 (0: no norm), got {msg.norm_type}")
+    if msg.unused is not None:
+        if len(msg.unused) != len(states):
+            raise RequestError(f"unused names the ranges of {len(msg.unused)} partitions; "
+                               f"the push carries {len(states)}")
+        for st, ranges in zip(states, msg.unused):
+            check_ranges(ranges, st.numel, f"unused ranges of partition {st.info.id}")
+
+
+def check_ranges(ranges: list[int], numel: int, what: str) -> None:
+    """``ranges``: flat ``lo, hi`` pairs, sorted and disjoint, inside ``[0, numel)``."""
+    if len(ranges) % 2:
+        raise RequestError(f"{what}: an odd count ({len(ranges)}) of range ends")
+    at = 0
+    for lo, hi in zip(ranges[::2], ranges[1::2]):
+        if not at <= lo < hi <= numel:
+            raise RequestError(f"{what}: [{lo}, {hi}) is not a sorted, disjoint range of "
+                               f"the partition's {numel} elements")
+        at = hi
 
 
 def check_held(msg: wire.Push, states: list, held: bool, policy) -> None:

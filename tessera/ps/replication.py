@@ -52,6 +52,7 @@ import torch
 
 from tessera.ps.consistency import Consistency, NotABackup, RequestError
 from tessera.ps.options import ServerHooks, ServerOptions
+from tessera.ps.push_checks import check_ranges
 from tessera.transport import wire
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 
@@ -176,7 +177,8 @@ class Replicator:
         return self.peer is not None and st.info.id in self.replicated
 
     def forward(self, kind: str, st, tensor: torch.Tensor, pushes: int = 0, worker: int = -1,
-                seq: int = -1, hparams: Optional[list] = None) -> None:
+                seq: int = -1, hparams: Optional[list] = None,
+                skip: Optional[list[int]] = None) -> None:
         """Send the backup what the primary applies now, without waiting: answers sent
         from here on (:meth:`reply`) wait for its Ack (:meth:`take_acks`).
 
@@ -197,7 +199,7 @@ class Replicator:
         kept.append(keep)
         self._batch.append(wire.ReplicaUpdate(kind=kind, partition=st.info.id, clock=st.clock,
                                               pushes=pushes, worker=worker, seq=seq,
-                                              hparams=hparams))
+                                              hparams=hparams, keep=skip))
         self._batch_bytes += keep.numel() * keep.element_size()
         if worker >= 0:
             pushes_of = self._pushes_of.get(worker)
@@ -241,7 +243,8 @@ class Replicator:
         if len(batch) == 1:
             u = batch[0]
             msg = wire.Replicate(req=req, kind=u.kind, partitions=[u.partition], clock=u.clock,
-                                 pushes=u.pushes, worker=u.worker, seq=u.seq, hparams=u.hparams)
+                                 pushes=u.pushes, worker=u.worker, seq=u.seq, hparams=u.hparams,
+                                 keep=u.keep)
         else:  # one frame: through shared memory when it is large enough (same host)
             msg = wire.Replicate(req=req, kind="batch", partitions=[u.partition for u in batch],
                                  clock=batch[-1].clock, updates=batch)
@@ -470,7 +473,7 @@ class Replicator:
         else:
             updates = [wire.ReplicaUpdate(kind=msg.kind, partition=msg.partitions[0],
                                           clock=msg.clock, pushes=msg.pushes, worker=msg.worker,
-                                          seq=msg.seq, hparams=msg.hparams)]
+                                          seq=msg.seq, hparams=msg.hparams, keep=msg.keep)]
         # Every update is checked before any is applied: a refused batch changes nothing.
         inits = {u.partition for u in updates if u.kind == "init"}  # before a grad in a batch
         checked = [(u, self._replica_of(u, inits)) for u in updates]
@@ -498,6 +501,8 @@ class Replicator:
             raise RequestError(f"unknown replication kind {u.kind!r}")
         if u.kind != "init" and st.rule is None and u.partition not in inits:
             raise RequestError(f"partition {st.info.id} replica has no initial values")
+        if u.keep is not None:
+            check_ranges(u.keep, st.numel, f"replication of partition {st.info.id}: keep")
         return st
 
     def _apply_replica(self, u, st, buf) -> None:
@@ -513,7 +518,7 @@ class Replicator:
             grad = values.clone()
             if u.kind == "sum" and u.pushes > 1:  # the primary's take_mean, same op
                 grad.div_(u.pushes)
-            st.rule.apply(grad)
+            st.rule.apply(grad, u.keep)
             self.policy.replayed(st, u.clock)
             st.applied_pushes += u.pushes
             if u.seq >= 0:

@@ -476,7 +476,7 @@ class ParameterServer:
             return
         if costs is not None:
             costs.lap("validation")
-        for st, grad, frame in zip(states, grads, frames):
+        for i, (st, grad, frame) in enumerate(zip(states, grads, frames)):
             if folded:
                 self._apply(st, grad, scale=scale)
                 continue
@@ -485,7 +485,8 @@ class ParameterServer:
             if fused:  # no reply buffer free: torch's three passes
                 grad = self._scaled(st, frame_to_tensor(frame.buffer, msg.dtype, st.numel),
                                     scale)
-            self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq)
+            self._update(st, grad, pushes=1, worker=msg.worker, seq=msg.seq,
+                         keep=msg.unused[i] if msg.unused is not None else None)
         if policy.answers_at_once:
             self._send_params(peer, msg.req, answer, msg.dtype, after=mark)
             return
@@ -507,8 +508,8 @@ class ParameterServer:
         """What both one-pass plain SGD steps of an async/ssp push (:meth:`_folds`,
         :meth:`_fuses_half`) need: no loss scaling, and in every partition a rule that
         ``takes(rule)`` says can, no pending hyperparameters and no backup."""
-        if msg.scale != 1.0 or msg.nonfinite:
-            return False
+        if msg.scale != 1.0 or msg.nonfinite or msg.unused is not None:
+            return False  # (unused ranges: :meth:`_update` leaves them alone)
         replication = self.replication
         for st in states:  # (a loop: a generator costs a small push a frame and two calls)
             if st.hparams is not None or not takes(st.rule) or replication.backs_up(st):
@@ -547,10 +548,11 @@ class ParameterServer:
         held = msg.hold or (self.two_phase and not msg.judged)
         workers = 1 if held else self.options.num_workers
         direct = workers == 1 and not held
-        for st, frame in zip(states, frames):
+        for i, (st, frame) in enumerate(zip(states, frames)):
             self.stats["bytes_received"] += len(frame)
             st.add(frame_to_tensor(frame.buffer, msg.dtype, st.numel), unscale, msg.worker,
-                   msg.nonfinite, workers, direct, msg.dtype)
+                   msg.nonfinite, workers, direct, msg.dtype,
+                   msg.unused[i] if msg.unused is not None else None)
         if self.costs is not None:
             self.costs.lap("copy")
         if held:  # one partition (checked): answered with its verdict
@@ -589,8 +591,8 @@ class ParameterServer:
             # The backup gets the mean this server applies (bit for bit the same update);
             # the replicator keeps it until the backup's Ack, and the answers to these
             # pushes wait for that Ack.
-            grad, n = st.take_mean()
-            self._update(st, grad, pushes=n, reply_dtype=st.wire_dtype)
+            grad, n, unused = st.take_mean()
+            self._update(st, grad, pushes=n, reply_dtype=st.wire_dtype, keep=unused)
             advanced.append(st)
         self._reply_after = mark
         try:
@@ -639,8 +641,8 @@ class ParameterServer:
             if not apply:
                 self._skip(st)
                 continue
-            grad, n = st.take_mean()
-            self._update(st, st.rule.clip(grad, coef), pushes=n)
+            grad, n, unused = st.take_mean()
+            self._update(st, st.rule.clip(grad, coef), pushes=n, keep=unused)
         self.policy.wake(due)
 
     # ------------------------------------------------------------ membership
@@ -701,27 +703,29 @@ class ParameterServer:
         return make_rule(values, self.optimizer, info.start, info.stop, keep, alloc)
 
     def _update(self, st: PartitionState, grad: torch.Tensor, pushes: int, worker: int = -1,
-                seq: int = -1, reply_dtype: str = "float32") -> None:
+                seq: int = -1, reply_dtype: str = "float32",
+                keep: Optional[list[int]] = None) -> None:
         """Replicate, then apply, one update (with the hyperparameters worker 0 last sent).
         A half-width gradient (one worker, unscaled) is cast into the fp32 buffer first:
         a cast and an fp32 ``add_`` cost less than one mixed-dtype ``add_`` (torch 2.13 CPU,
         benchmarks/HISTORY.md, precision.py), with the same bits. Where the replies go out
         in a half-width ``reply_dtype`` (sync), the fused step may take it instead
-        (:meth:`_update_half`)."""
-        fusable = (reply_dtype != "float32" and kernels.ENABLED
+        (:meth:`_update_half`). ``keep``: ranges no worker used (``Push.unused``), left
+        alone (:meth:`TorchOptimRule.apply`)."""
+        fusable = (reply_dtype != "float32" and kernels.ENABLED and not keep
                    and not self.replication.backs_up(st))
         if grad.dtype != torch.float32 and not fusable:
             grad = st.buffer().copy_(grad)
             if self.costs is not None:
                 self.costs.lap("copy")
-        self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq)
+        self._replicate(st, "grad", grad, pushes=pushes, worker=worker, seq=seq, keep=keep)
         if fusable and st.rule.fuses_half():
             dtype = "float32" if grad.dtype == torch.float32 else reply_dtype
             if self._update_half(st, reply_dtype, dtype, kernels.array_of(grad), 1.0, pushes):
                 return
         if grad.dtype != torch.float32:
             grad = st.buffer().copy_(grad)
-        self._apply(st, grad, pushes=pushes)
+        self._apply(st, grad, pushes=pushes, keep=keep)
 
     def _fuses_half(self, msg: wire.Push, states: list[PartitionState]) -> bool:
         """Whether an async/ssp push's partitions take the fused half-width step
@@ -749,10 +753,10 @@ class ParameterServer:
         return True
 
     def _replicate(self, st: PartitionState, kind: str, tensor: torch.Tensor, pushes: int,
-                   worker: int = -1, seq: int = -1) -> None:
+                   worker: int = -1, seq: int = -1, keep: Optional[list[int]] = None) -> None:
         """Send the backup the update this server applies next (answers wait for its Ack)."""
         self.replication.forward(kind, st, tensor, pushes=pushes, worker=worker, seq=seq,
-                                 hparams=st.hparams)
+                                 hparams=st.hparams, skip=keep or None)
         if st.hparams is not None:
             st.rule.set_hparams(st.hparams)
             st.hparams = None
@@ -760,10 +764,12 @@ class ParameterServer:
             self.costs.lap("replicate")
 
     def _apply(self, st: PartitionState, grad: torch.Tensor, pushes: int = 1,
-               scale: float = 1.0) -> None:
+               scale: float = 1.0, keep: Optional[list[int]] = None) -> None:
         t0 = time.perf_counter()
         start = self.profiler.now()
-        if scale == 1.0:
+        if keep:
+            st.rule.apply(grad, keep)
+        elif scale == 1.0:
             st.rule.apply(grad)
         else:  # where _folds said so
             st.rule.apply_folded(grad, scale)

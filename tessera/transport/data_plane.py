@@ -98,6 +98,13 @@ class Push(msgspec.Struct, **MESSAGE):
     #: worker's pushes, so every worker's word). Answered with :class:`Params`
     #: (``skipped``, with the ``overflows``), never with a :class:`Verdict`.
     judged: bool = False
+    #: ``tessera.distribute(..., find_unused_parameters=True)``: for each partition (in
+    #: ``partitions``' order), the element ranges ``[lo, hi)`` (flat pairs, relative to
+    #: the partition's start, sorted) of the parameters the sender's step gave no
+    #: gradient (a branch not taken); None where it used them all. A sync clock leaves a
+    #: range alone where every push of the clock names it (no worker used it), as torch
+    #: skips a parameter whose ``.grad`` is None; async applies each push's own.
+    unused: Optional[list[list[int]]] = None
 
 
 class Join(msgspec.Struct, **MESSAGE):
@@ -124,6 +131,7 @@ class ReplicaUpdate(msgspec.Struct, forbid_unknown_fields=True, array_like=True)
     worker: int = -1
     seq: int = -1
     hparams: Optional[list[dict[str, HParam]]] = None
+    keep: Optional[list[int]] = None
 
 
 class Replicate(msgspec.Struct, **MESSAGE):
@@ -144,6 +152,9 @@ class Replicate(msgspec.Struct, **MESSAGE):
     seq: int = -1
     #: The param groups' hyperparameters the primary applied this update with.
     hparams: Optional[list[dict[str, HParam]]] = None
+    #: ``grad``/``sum``: the element ranges the update leaves alone (no worker used
+    #: them: :attr:`Push.unused`), as the primary did.
+    keep: Optional[list[int]] = None
     #: ``kind`` ``copy`` (re-replication: a full copy of a partition to a new backup):
     #: the primary's rank, the frames' names (``values``, then optimizer state) and
     #: dtypes (``[]`` appended: a 0-d tensor), and the primary's per-worker sequence

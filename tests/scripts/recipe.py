@@ -184,12 +184,17 @@ def main() -> None:
         ema_loss = F.cross_entropy(ema(test_x), test_y).item() if ema is not None else None
     dist_eval = _dist_eval(model, test_x, test_y, args.plain) if args.dist_eval else None
     state = model.state_dict()
+    # Each parameter's step count in optimizer.state_dict() (torch keeps one per parameter).
+    names = {id(p): n for n, p in inner.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    counts = {order[i]: float(s["step"]) for i, s in optimizer.state_dict()["state"].items()
+              if "step" in s}
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     with open(out, "w") as f:
         json.dump({"eval_loss": eval_loss, "ema_eval_loss": ema_loss, "steps": step,
                    "dist_eval": dist_eval,
                    "norms": norms,
-                   "lr": [g["lr"] for g in optimizer.param_groups],
+                   "lr": [g["lr"] for g in optimizer.param_groups], "step_counts": counts,
                    "params": {k: v.reshape(-1).tolist() for k, v in state.items()},
                    "device": str(next(model.parameters()).device)}, f)
     if not args.plain:
