@@ -150,6 +150,9 @@ class InProcessJob:
               flush=True)
         self.ctx = zmq.Context()
         self.coordinator = start_coordinator(self._copy(), self.run_dir, self.secret, self.ctx)
+        # Its threads' failures are one process's: no process of another host has to hear
+        # it from the coordinator, and none's exit code races the coordinator's.
+        self.coordinator.ends_when_told = True
         for name, target in (("tessera-coordinator", self._coordinate),
                              ("tessera-server-0", self._serve)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -182,6 +185,8 @@ class InProcessJob:
                               coordinator=self.coordinator.address, secret=self.secret,
                               ctx=self.ctx)
             serve(session)
+        except ClusterFailure as exc:  # the coordinator's word: nothing to tell it back
+            self.failures.append(f"server 0: {exc}")
         except TesseraError as exc:  # one line, as run_guarded prints it for a process
             self.failures.append(f"server 0: {exc}")
             self._depart("server", f"server 0 failed: {exc}")
