@@ -334,6 +334,10 @@ class Coordinator:
             self.endpoint.send(got.peer, wire.Ack(req=msg.req))
             if key in self.procs and key not in self.finished:
                 self._lost(key, msg.reason)
+            elif msg.final and key in self.expected and self.state == "starting":
+                # It never registered and will not be started again: the cluster cannot
+                # come up (the others would wait for it until the start-up timeout).
+                self._fail(f"{msg.reason} before it registered")
         elif isinstance(msg, (wire.CheckpointSaved, wire.Finished)) \
                 and (msg.role, msg.rank) not in self.procs:
             # Only from this coordinator's members: after a re-form across nodes, a process

@@ -392,12 +392,14 @@ class Launcher:
             started.append(rank)
         return started
 
-    def _departed(self, c: Child) -> bool:
-        """Tell the coordinator; False when it says the process had already finished."""
+    def _departed(self, c: Child, final: bool = False) -> bool:
+        """Tell the coordinator (``final``: it is not restarted); False when it says the
+        process had already finished."""
         from tessera.transport import wire
         reason = f"{c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}"
         reply = self._tell(lambda req: wire.Departed(req=req, role=c.role, rank=c.rank,
-                                                     reason=reason), 2.0, "departure notice")
+                                                     reason=reason, final=final),
+                           2.0, "departure notice")
         return not (isinstance(reply, wire.Error) and reply.message.endswith("had finished"))
 
     def _survivable(self, c: Child) -> bool:
@@ -603,7 +605,7 @@ class Launcher:
                     # A script that ended without joining (an unmodified DDP script?):
                     # the others would wait for it until the start-up timeout.
                     first_failure, failed_at, unjoined = c, time.monotonic(), True
-                    self._departed(c)
+                    self._departed(c, final=True)
                     continue
                 if code in (None, 0) or c.proc.pid in handled or first_failure is not None:
                     continue
@@ -622,7 +624,7 @@ class Launcher:
                 if not self._group_mode() or self.group_restarts_left <= 0:
                     # The coordinator fails the job now: the others hear it in their next
                     # heartbeat reply, not after their heartbeat timeout (5 s).
-                    self._departed(c)
+                    self._departed(c, final=True)
             running = [c for c in self.children if c.proc.poll() is None]
             if not running:
                 break

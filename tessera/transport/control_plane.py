@@ -255,6 +255,9 @@ class Departed(msgspec.Struct, **MESSAGE):
     role: str
     rank: int
     reason: str
+    #: The launcher will not start it again: where it never registered (it ended before
+    #: joining), the job cannot come up without it, and fails now.
+    final: bool = False
 
 
 class CheckpointNow(msgspec.Struct, **MESSAGE):
