@@ -604,6 +604,9 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("clip_value", "the gradients were changed after backward() (torch.nn.utils.clip_grad_norm_"
                    " or another in-place change of .grad?), but they left for the servers during "
                    "backward, so the change would be lost: clip with model.clip_grad_norm_"),
+    ("skip_first", "optimizer.zero_grad() after backward() without optimizer.step() would "
+                   "skip step 1, but its gradients are due at the servers, whose step waits "
+                   "for every worker's"),
     ("unfreeze", "parameter 'bias' was frozen (requires_grad=False) at tessera.distribute and "
                  "now requires grad"),
     ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once"),

@@ -108,14 +108,9 @@ class Coordinator:
         self.reason = ""
         self.started = time.monotonic()
         self.failed_at = 0.0
-        #: After a failure: who heard it in a heartbeat reply, and who left (Departed); and
-        #: every process (and node launcher) that ever sent a heartbeat.
-        self.told: set[tuple[str, int]] = set()
-        self.gone: set[tuple[str, int]] = set()
-        self.beating: set[tuple[str, int]] = set()
-        #: End a failed job once everyone heard (an in-process job): a launcher names the
-        #: first process that exited, which must not be this one.
-        self.ends_when_told = False
+        #: An in-process job's close(): its other threads have ended, so nobody is left to
+        #: hear a failure (the coordinator ends at once, not 2 intervals and a second later).
+        self.members_ended = False
         self.profiler: SpanRecorder = (SpanRecorder("coordinator", 0) if cfg.profile.enabled
                                        else OFF)
         # Membership under failures.
@@ -201,20 +196,13 @@ class Coordinator:
                     self._answer_checkpoint_at_end()
                     return 0
             # After a failure keep answering heartbeats long enough that every
-            # process hears about it (or until each has, or has left), then exit non-zero.
+            # process hears about it (or none is left), then exit non-zero.
             if self.state == "failed" and (now - self.failed_at > 2 * cl.heartbeat_interval_s + 1
-                                           or self.ends_when_told and self._everyone_told()):
+                                           or self.members_ended):
                 return 3
             # A re-form: node 0's launcher ends this process; if it does not, leave.
             if self.state == "regroup" and now - self.failed_at > cl.startup_timeout_s:
                 return 3
-
-    def _everyone_told(self) -> bool:
-        """Failed: every process that registered or beat has heard it in a heartbeat reply,
-        left, or was lost (an in-process job's failure then ends at once, not 2 intervals
-        and a second later)."""
-        return all(k in self.told or k in self.gone or k in self.lost_at
-                   for k in set(self.procs) | self.beating)
 
     def _lost(self, key: tuple[str, int], reason: str) -> None:
         """A process died: go on without it where the job allows, else fail."""
@@ -313,9 +301,6 @@ class Coordinator:
             state = "running" if self.state == "starting" else self.state
             if state == "regroup" and msg.role != "launcher":
                 state = "failed"
-            self.beating.add(key)
-            if state == "failed":
-                self.told.add(key)
             self.endpoint.send(got.peer, wire.HeartbeatAck(
                 req=msg.req, state=state, generation=self.generation,
                 reason=self.reason, checkpoint=bool(self.checkpoint_waiters),
@@ -326,7 +311,6 @@ class Coordinator:
                 finished=sorted(r for role, r in self.finished if role == "worker")))
         elif isinstance(msg, wire.Departed):
             key = (msg.role, msg.rank)
-            self.gone.add(key)
             if key in self.finished:  # it had reported: nothing to replace
                 self.endpoint.send(got.peer, wire.Error(req=msg.req, message=(
                     f"coordinator: {msg.role} {msg.rank} had finished")))

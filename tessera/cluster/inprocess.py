@@ -150,9 +150,6 @@ class InProcessJob:
               flush=True)
         self.ctx = zmq.Context()
         self.coordinator = start_coordinator(self._copy(), self.run_dir, self.secret, self.ctx)
-        # Its threads' failures are one process's: no process of another host has to hear
-        # it from the coordinator, and none's exit code races the coordinator's.
-        self.coordinator.ends_when_told = True
         for name, target in (("tessera-coordinator", self._coordinate),
                              ("tessera-server-0", self._serve)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -244,6 +241,10 @@ class InProcessJob:
         # returns; a server hears within an interval. Generous, for a busy machine.
         limit_s = cl.heartbeat_timeout_s + 4 * cl.heartbeat_interval_s + 5.0
         deadline = time.monotonic() + limit_s
+        for thread in self._threads[1:]:  # the server, which hears a failure within seconds
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # ...then nobody is left to hear it: the coordinator may end at once.
+        self.coordinator.members_ended = True
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         # A table's fault-ahead thread is per process, not per job; it ends here too

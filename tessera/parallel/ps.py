@@ -601,10 +601,15 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         if self._finite is False:
             self.step()
             return
+        # (In a deferred step, a job's first or an accumulating script's, nothing has left
+        # yet, but the servers' clock waits for this worker's gradients all the same.)
+        where = ("are due at the servers, whose step waits for every worker's"
+                 if all(h is _KEPT for h in self._handles.values())
+                 else "left for the servers during backward, which apply them")
         raise UsageError(
             f"worker {self.client.worker}: optimizer.zero_grad() after backward() without "
-            f"optimizer.step() would skip step {self.clock + 1}, but its gradients left for "
-            f"the servers during backward, which apply them: skip before backward (a bad "
+            f"optimizer.step() would skip step {self.clock + 1}, but its gradients {where}: "
+            f"skip before backward (a bad "
             f"loss: `if not torch.isfinite(loss): continue`), let the servers skip a gradient "
             f"that is not finite (model.clip_grad_norm_ in --mode sync, or --precision fp16: "
             f"then zero_grad() skips it), or use --mode allreduce")

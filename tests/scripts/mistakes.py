@@ -74,6 +74,9 @@ if mistake == "reduce_scatter_tensor":  # FSDP's collective, torch's flat form
 if mistake == "add_group":
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 x = torch.randn(8, 4)
+if mistake == "skip_first":  # the script's own rule skips the job's first step after backward
+    model(x).sum().backward()
+    optimizer.zero_grad()
 if mistake.startswith("grad_scaler"):  # torch's fp16 recipe: a scaled loss, scaler.step
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(model(x).sum()).backward()
