@@ -366,6 +366,22 @@ def test_sync_servers_leave_a_branch_not_taken_alone_with_find_unused_parameters
     assert dist["step_counts"] == want["step_counts"]
 
 
+def test_a_compiled_model_trains_as_one_process_in_sync_mode(tmp_path):
+    """``torch.compile`` on the wrapper, as a DDP recipe compiles ``DDP(model)`` (backend
+    aot_eager: dynamo and AOTAutograd without a C compiler): the whole recipe (AdamW
+    groups, schedule, clipping through the compiled module, 2 micro-batches) on 2 workers
+    x 2 servers equals one process that compiles its model the same way."""
+    args = ("--steps", "8", "--compile")
+    with _plain(tmp_path, "--workers", "2", *args) as plain:
+        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args)
+        want = plain()
+    _close(dist, want, rel=1e-6)
+    assert list(dist["params"]) == list(want["params"]) and \
+        all(k.startswith("_orig_mod.") for k in want["params"])  # compiled, both
+    for name, values in want["params"].items():
+        assert dist["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+
+
 def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
     """A frozen layer stays each worker's own (the servers hold trainable parameters):
     built alike, the job trains and exports it; built from each worker's own seed, the

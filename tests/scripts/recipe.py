@@ -66,6 +66,8 @@ def main() -> None:
                     help="an extra head (`aux`) that forward never uses")
     ap.add_argument("--aux-every", type=int, default=0,
                     help="with --unused: forward uses `aux` at the steps divisible by this")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the (wrapped) model, backend aot_eager (no compiler)")
     ap.add_argument("--find-unused", action="store_true",
                     help="tessera.distribute(..., find_unused_parameters=True), DDP's flag")
     ap.add_argument("--zero-unused", action="store_true",
@@ -114,6 +116,8 @@ def main() -> None:
         micro = args.batch // args.accum
         if args.barrier_first:  # (a DDP script's "rank 0 prepares, the others wait")
             torch.distributed.barrier()
+    if args.compile:  # as a DDP recipe compiles DDP(model): the wrapper
+        model = torch.compile(model, backend="aot_eager")
     # (built on the wrapper, as a DDP recipe builds it on DDP: a deepcopy of the model)
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
