@@ -382,6 +382,27 @@ def test_a_compiled_model_trains_as_one_process_in_sync_mode(tmp_path):
         assert dist["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
 
 
+def test_uneven_inputs_the_workers_left_train_on_without_the_one_that_ran_out(tmp_path):
+    """Worker 1's data runs out after 6 steps, worker 0's after 10 (DDP needs its Join
+    context for this; without it the job hangs). In sync mode every server stops waiting
+    for a worker once it has sent its final report, so steps 7-10 are worker 0's alone:
+    the values equal one process that averages both workers' gradients while both train,
+    then takes worker 0's. Before, worker 0's seventh push waited for worker 1 until its
+    30 s timeout failed the job. In ssp mode the finished worker no longer holds the
+    slowest count down: the job ends."""
+    uneven = ROOT / "tests" / "scripts" / "uneven.py"
+    plain = _start_plain(tmp_path, uneven, "--out", "plain.json")
+    for mode in ("sync", "ssp"):
+        code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--mode", mode,
+                                "--out", tmp_path / mode, "--quiet", uneven,
+                                "--out", tmp_path / f"{mode}.json"], timeout_s=120)
+        assert code == 0, output
+    _finished(plain)
+    want, got = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "sync"))
+    for name, values in want.items():
+        assert got[name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+
+
 def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
     """A frozen layer stays each worker's own (the servers hold trainable parameters):
     built alike, the job trains and exports it; built from each worker's own seed, the

@@ -262,6 +262,7 @@ def serve(session, own_process: bool = False) -> None:
         hooks=ServerHooks(check=session.check,
                           should_stop=stop_now,
                           membership=session.heartbeat.membership,
+                          finished=lambda: session.heartbeat.finished,
                           servers=session.heartbeat.servers,
                           on_checkpoint=session.report_checkpoint,
                           moves=lambda: session.heartbeat.moves,

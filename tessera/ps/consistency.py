@@ -127,6 +127,14 @@ class Membership:
         self.incarnations[worker] = max(self.incarnations.get(worker, 0), incarnation)
         self.live.add(worker)
 
+    def finish(self, worker: int) -> bool:
+        """Stop waiting for ``worker``: it sent its final report (its last pushes were
+        answered), so it pushes no more; False if already not waited for."""
+        if worker not in self.live:
+            return False
+        self.live.discard(worker)
+        return True
+
     def pushed(self, worker: int, clock: int) -> None:
         self.worker_clock[worker] = max(self.worker_clock.get(worker, 0), clock + 1)
 

@@ -70,6 +70,9 @@ class ServerHooks:
     should_stop: Callable[[], bool] = lambda: False
     #: The coordinator's latest word: ({worker: incarnation} departed, [dead servers]).
     membership: Callable[[], tuple[dict, list]] = lambda: ({}, [])
+    #: The workers that sent their final report (``tessera.finish()``): sync clocks and
+    #: ssp's slowest count stop waiting for them (uneven inputs: one ran out first).
+    finished: Callable[[], list] = lambda: []
     #: (dead servers, replaced servers -> times, moved partitions -> owner), from one
     #: heartbeat: a replaced server joins again as a backup (Replicator.follow_lives).
     servers: Callable[[], tuple[list, dict, dict]] = lambda: ([], {}, {})

@@ -651,8 +651,12 @@ class ParameterServer:
         """Apply the coordinator's latest word on dead workers and servers."""
         departed, dead_servers = self.hooks.membership()
         gone = [w for w, inc in departed.items() if self.members.depart(int(w), int(inc))]
-        if gone:
-            self.stats["departures"] += len(gone)
+        self.stats["departures"] += len(gone)
+        # A worker that finished while others go on (uneven inputs: its data ran out
+        # first) is not waited for either: the clocks after its last complete without it,
+        # as after a departure, the mean over the workers still training.
+        done = [w for w in self.hooks.finished() if self.members.finish(int(w))]
+        if gone or done:
             states = list(self.parts.values())
             self._complete(states)  # sync: clocks that waited only for them
             self.policy.advance(states)  # ssp: they no longer hold the slowest count down
