@@ -128,6 +128,33 @@ def test_a_parameter_no_worker_used_is_skipped_like_torch_and_restores_so(name):
         assert saved[-1]["step"][-1] == 3 and saved[-1]["step"][0] == 8
 
 
+def test_a_restored_partition_keeps_each_groups_own_scalars():
+    """ASGD's ``eta`` follows each group's lr, and its next step reads it: a partition
+    spanning two groups with different lrs, rebuilt from its ``state_tensors`` mid-run (a
+    checkpoint), steps on as the one never rebuilt. The state kept one scalar per
+    partition before, and the bias's group then took the weight's eta (0.057 off after 3
+    more steps)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.ASGD([{"params": [model.weight], "lr": 0.05},
+                            {"params": [model.bias], "lr": 0.1}], lr=0.05, t0=2)
+    spec = spec_from_optimizer(opt, model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    n = flat.numel()
+    kept, rebuilt = make_rule(flat.clone(), spec, 0, n), make_rule(flat.clone(), spec, 0, n)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        grad = torch.randn(n, generator=gen)
+        if step == 3:
+            state = rebuilt.state_tensors()
+            assert state["eta"].shape == (n,)  # one per element: the groups' differ
+            rebuilt = make_rule(rebuilt.master.clone(), spec, 0, n)
+            rebuilt.load_state(state)
+        kept.apply(grad.clone())
+        rebuilt.apply(grad.clone())
+    torch.testing.assert_close(rebuilt.master, kept.master, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", [torch.optim.LBFGS, torch.optim.SparseAdam,
                                  torch.optim.Adafactor])
 def test_other_optimizers_are_refused_in_one_line(cls):
