@@ -332,11 +332,46 @@ def _report_mistakes_in_one_line() -> None:
     def hook(kind, exc, tb):
         if issubclass(kind, TesseraError):
             print(f"tessera: {exc}", file=sys.stderr, flush=True)
-        else:
-            previous(kind, exc, tb)
+            return
+        uneven = _lost_to_a_finished_worker(exc)
+        if uneven:
+            print(f"tessera: {uneven}", file=sys.stderr, flush=True)
+            return
+        previous(kind, exc, tb)
 
     hook.tessera = True
     sys.excepthook = hook
+
+
+def _lost_to_a_finished_worker(exc: BaseException) -> str:
+    """Allreduce/hybrid: a collective that failed because another worker finished with
+    fewer steps (uneven inputs; its process ended, and Gloo says the peer closed): the one
+    line saying so, else "". The coordinator's word that it finished comes with this
+    worker's next heartbeat: waited for, a heartbeat interval or two."""
+    import time
+    job = _current.get()
+    session = getattr(job, "session", None)
+    if not isinstance(exc, RuntimeError) or session is None \
+            or session.cfg.ps.mode not in ("allreduce", "hybrid"):
+        return ""
+    heartbeat, me = session.heartbeat, session.rank
+    deadline = time.monotonic() + 3 * session.cfg.cluster.heartbeat_interval_s + 0.5
+    done: list = []
+    while heartbeat is not None and time.monotonic() < deadline:
+        done = sorted(set(heartbeat.finished) - {me})
+        if done:
+            break
+        time.sleep(0.05)
+    if not done:
+        return ""
+    who = ", ".join(str(w) for w in done)
+    said = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+    return (f"worker {me}: an all-reduce failed ({said}) after worker{'s' if len(done) > 1 else ''}"
+            f" {who} finished (tessera.finish()) with fewer steps than this one: in --mode "
+            f"{session.cfg.ps.mode} every worker runs every step, as under DDP; give every "
+            f"worker the same number of batches (tessera.DistributedSampler does), or train in "
+            f"a server mode (sync, async, ssp), where the others go on without a worker that "
+            f"finished")
 
 
 def current() -> Job:

@@ -403,6 +403,21 @@ def test_uneven_inputs_the_workers_left_train_on_without_the_one_that_ran_out(tm
         assert got[name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
 
 
+def test_uneven_inputs_in_allreduce_mode_stop_the_job_in_one_line(tmp_path):
+    """The same script in allreduce mode: DDP needs every worker in every step, so worker
+    0's seventh all-reduce fails once worker 1's process has ended; the job stops with one
+    line naming the worker that finished and the remedies, not Gloo's traceback."""
+    uneven = ROOT / "tests" / "scripts" / "uneven.py"
+    code, output = run_cli(["launch", "--workers", 2, "--servers", 0, "--mode", "allreduce",
+                            "--out", tmp_path / "run", "--quiet", uneven,
+                            "--out", tmp_path / "ar.json"], timeout_s=120)
+    said = " ".join(output.split())
+    assert code != 0 and "Traceback" not in output, output
+    assert re.search(r"worker 0: an all-reduce failed \(.+\) after worker 1 finished "
+                     r"\(tessera\.finish\(\)\) with fewer steps than this one: in --mode "
+                     r"allreduce every worker runs every step", said), output
+
+
 def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
     """A frozen layer stays each worker's own (the servers hold trainable parameters):
     built alike, the job trains and exports it; built from each worker's own seed, the
