@@ -227,12 +227,14 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._needed[pid] += 1
                 self._params_of_part[pid].append(index)
         self._remaining = dict(self._needed)
-        #: find_unused: each partition's parameters, (index, lo, hi) relative to its start.
+        #: find_unused: each partition's parameters, (index, lo, hi) relative to its start
+        #: (built only with the flag: a loop over every parameter at start-up).
         self._find_unused = comm.find_unused
         self._ranges_of_part = {
             p.id: [(i, max(off, p.start) - p.start, min(off + n, p.stop) - p.start)
                    for i in self._params_of_part[p.id] if i < len(self._views)
-                   for _, off, n in (self._views[i],)] for p in shard_map.partitions}
+                   for _, off, n in (self._views[i],)] for p in shard_map.partitions
+        } if comm.find_unused else {}
         self._fired: dict[int, int] = {}  # param index -> order its gradient arrived in
         self._handles: dict[int, Handle] = {}
         self._wire = torch_dtype(client.wire_dtype)

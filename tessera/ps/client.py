@@ -191,11 +191,11 @@ def _distinct(ids: list) -> tuple[list, list[int]]:
 def _piece(msg, frames: list, index: list[int]):
     """The request ``msg`` (with its payload ``frames``, one per partition, or none)
     restricted to its partitions at positions ``index``: (message, frames)."""
-    pids = [msg.partitions[i] for i in index]
+    fields = {"partitions": [msg.partitions[i] for i in index]}
     unused = getattr(msg, "unused", None)
     if unused is not None:  # a Push naming unused ranges: theirs follow their partitions
-        msg = msgspec.structs.replace(msg, unused=[unused[i] for i in index])
-    return (msgspec.structs.replace(msg, partitions=pids),
+        fields["unused"] = [unused[i] for i in index]
+    return (msgspec.structs.replace(msg, **fields),
             [frames[i] for i in index] if frames else [])
 
 
