@@ -767,8 +767,12 @@ def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster,
     ref, zeros = copy.deepcopy(model), copy.deepcopy(model)
     opt = torch.optim.Adam(ref.parameters(), lr=0.05)
     opt_zeros = torch.optim.Adam(zeros.parameters(), lr=0.05)
-    cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=10,
+    # Partitions of 12 elements: the middle one holds body.weight's end, body.bias and
+    # head.weight's start, so a step leaves part of a partition alone.
+    cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=12,
                            mode=mode, num_workers=1, optimizer=cfg)
+    assert [(p.start, p.stop) for p in cluster.shard_map.partitions] == [(0, 12), (12, 24),
+                                                                        (24, 36)]
     ddp = PSDataParallel(model, cluster.client(0), cluster.shard_map, is_first=True,
                          comm=PSComm(mode=mode, find_unused=True))
     gen = torch.Generator().manual_seed(5)
@@ -788,6 +792,32 @@ def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster,
         torch.testing.assert_close(list(ddp.module.parameters()), list(ref.parameters()),
                                    msg=lambda m: f"step {step}: {m}")
     assert not torch.allclose(zeros.head.weight, ref.head.weight)
+
+    # The script's own checkpoint (optimizer.state_dict() / load_state_dict()): each
+    # parameter's own step count, out and back in. The middle partition holds body and head
+    # parameters (7 and 3 steps), so a load must send its `step` per element.
+    from tessera.parallel.optim_state import ServerState
+    from tessera.parallel.optimizer import flat_offsets
+    params, refs = list(ddp.module.parameters()), list(ref.parameters())
+    remote = ServerState(ddp.client, cluster.shard_map.partitions, flat_offsets(ddp.module),
+                         may_send=lambda: None, log=print)
+    held = remote.fetch(params, frozenset({"step"}))
+    assert [int(held[p]["step"]) for p in params] == [int(opt.state[q]["step"]) for q in refs]
+    for q, step in zip(refs, (2, 2, 5, 5)):  # a state saved elsewhere: other counts
+        opt.state[q]["step"] = torch.tensor(float(step))
+    remote.send({p: opt.state[q] for p, q in zip(params, refs)}, params)
+    held = remote.fetch(params, frozenset({"step"}))
+    assert [int(held[p]["step"]) for p in params] == [2, 2, 5, 5]
+    for step in range(2):  # continued: Adam's bias correction reads each count
+        x = torch.randn(16, 5, generator=gen)
+        ddp.module.aux = ref.aux = step == 0
+        ddp.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        ddp.step()
+        opt.zero_grad(set_to_none=True)
+        ref(x).pow(2).mean().backward()
+        opt.step()
+        torch.testing.assert_close(params, refs, msg=lambda m: f"after the load: {m}")
 
 
 @pytest.mark.parametrize("workers, folded", [(4, True), (3, False)])

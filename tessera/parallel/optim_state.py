@@ -15,9 +15,9 @@ same file), before its next pushes; a restarted worker or a resumed job
 values: theirs is the job's. The servers keep one scalar per partition where torch
 keeps one per parameter (they step every partition at every clock; with
 ``find_unused_parameters`` a parameter a step skipped keeps a count of its own, which
-:meth:`ServerState.fetch` gives it): a loaded state takes the first parameter's, and the
-state must cover every parameter the servers hold (a state_dict saved before a
-parameter's first step lacks it).
+:meth:`ServerState.fetch` gives it, and a loaded state whose parameters' counts differ
+gives each its own), and the state must cover every parameter the servers hold (a
+state_dict saved before a parameter's first step lacks it).
 """
 
 from __future__ import annotations
@@ -116,7 +116,28 @@ class ServerState:
         for part in self.parts:
             if part.id not in stepped:
                 continue  # (a parameter trainable but in no param group: torch skips it)
-            per_part[part.id] = {k: (first[k].detach().to("cpu", torch.float32).reshape(())
-                                     if scalar else flat[k][part.start:part.stop])
+            per_part[part.id] = {k: (self._scalar(state, have, part, k) if scalar
+                                     else flat[k][part.start:part.stop])
                                  for k, scalar in kinds.items()}
         self.client.load_optim_state(per_part)
+
+    def _scalar(self, state: Mapping, have: list, part, key: str) -> torch.Tensor:
+        """Scalar ``key`` (``step``) of partition ``part``: one value where its parameters
+        agree; else one per element, each its parameter's (a state saved with
+        ``find_unused_parameters``, where a parameter some steps left alone counts fewer
+        steps), which the server cuts into pieces of their own
+        (:meth:`tessera.ps.optim.TorchOptimRule.load_state`)."""
+        values = []
+        for p in have:
+            a, b = self.offsets[id(p)]
+            if a < part.stop and b > part.start:
+                value = state[p][key].detach().to("cpu", torch.float32).reshape(())
+                values.append((max(a, part.start) - part.start,
+                               min(b, part.stop) - part.start, value))
+        first = values[0][2]
+        if all(torch.equal(v, first) for *_, v in values):
+            return first
+        spread = torch.full((part.stop - part.start,), float(first))
+        for lo, hi, value in values:
+            spread[lo:hi] = value
+        return spread

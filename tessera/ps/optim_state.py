@@ -14,7 +14,9 @@ peer): every partition named is held
 here and has its values, each partition's names are exactly those the class keeps for
 its groups (:meth:`~tessera.ps.optim.TorchOptimRule.state_kinds`: loading SGD's state
 into Adam is refused, not stepped into a KeyError later), and each frame has the
-partition's element count (one for a scalar). Not with ``--replication 2``: the backup
+partition's element count (one for a scalar; a scalar may come per element, where the
+parameters' counts differ, as :meth:`~tessera.ps.optim.TorchOptimRule.state_tensors`
+gives it). Not with ``--replication 2``: the backup
 would keep the old state.
 """
 
@@ -66,7 +68,9 @@ def load(msg: wire.OptimState, states: list, frames: list, backs_up) -> None:
             raise RequestError(f"partition {pid}: {len(names)} state names (distinct, at most "
                                f"{MAX_NAMES}) with {len(scalar)} scalar marks")
         kinds = st.rule.state_kinds()
-        if dict(zip(names, scalar)) != kinds:
+        # A scalar (``step``) may come per element: its parameters' counts differ.
+        if set(names) != set(kinds) or \
+                any(is_scalar and not kinds[n] for n, is_scalar in zip(names, scalar)):
             raise RequestError(
                 f"partition {pid}: optimizer state {sorted(names)} is not what the servers' "
                 f"{st.rule.class_name} keeps ({sorted(kinds)}): load a state_dict of the same "
