@@ -343,6 +343,19 @@ def _report_mistakes_in_one_line() -> None:
     sys.excepthook = hook
 
 
+def _collective_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure: torch's ``DistError`` kin, or the plain
+    RuntimeError Gloo raises when a peer's connection closed. A script's own RuntimeError
+    (a shape mismatch, a failed save) is not: its traceback is shown at once, as ever,
+    and never put down to a worker that finished."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset",
+                                  "broken pipe"))
+
+
 def _lost_to_a_finished_worker(exc: BaseException) -> str:
     """Allreduce/hybrid: a collective that failed because another worker finished with
     fewer steps (uneven inputs; its process ended, and Gloo says the peer closed): the one
@@ -351,7 +364,7 @@ def _lost_to_a_finished_worker(exc: BaseException) -> str:
     import time
     job = _current.get()
     session = getattr(job, "session", None)
-    if not isinstance(exc, RuntimeError) or session is None \
+    if not _collective_failed(exc) or session is None \
             or session.cfg.ps.mode not in ("allreduce", "hybrid"):
         return ""
     heartbeat, me = session.heartbeat, session.rank

@@ -418,6 +418,56 @@ def test_uneven_inputs_in_allreduce_mode_stop_the_job_in_one_line(tmp_path):
                      r"allreduce every worker runs every step", said), output
 
 
+def test_tied_weights_activation_checkpointing_and_one_cycle_equal_one_process(tmp_path):
+    """A language model's pieces (tests/scripts/recipe_lm.py): a decoder tied to the
+    embedding, reentrant activation checkpointing, OneCycleLR moving AdamW's lr and
+    betas[0] every step. One process of the server modes (worker, server and coordinator)
+    equals the script without Tessera, and its final.safetensors loads into the tied model."""
+    from safetensors.torch import load_file
+    script = ROOT / "tests" / "scripts" / "recipe_lm.py"
+    plain = _start_plain(tmp_path, script, "--out", "plain.json")
+    proc = subprocess.run([sys.executable, str(script), "--out", "one.json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _finished(plain)
+    got, want = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "plain.json"))
+    assert got["lr"] == want["lr"] and got["betas"] == want["betas"] != [0.95, 0.999]
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    assert sorted(got["params"]) == sorted(want["params"])  # both names of the tied weight
+    for name, values in want["params"].items():
+        assert got["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+    final = load_file(next((tmp_path / "runs").glob("recipe_lm-*/final.safetensors")))
+    assert torch.equal(final["head.weight"], final["emb.weight"])
+    assert final["emb.weight"].reshape(-1).tolist() == pytest.approx(
+        want["params"]["emb.weight"], rel=1e-5, abs=1e-7)
+
+
+def test_only_a_collectives_failure_is_put_down_to_a_worker_that_finished():
+    """The one line above is for a collective that failed (Gloo's closed connection, a
+    DistError); a script's own RuntimeError raised after another worker finished (a shape
+    mismatch in its evaluation, a failed save) keeps its traceback. One piece, on a
+    stand-in session whose heartbeat says worker 1 finished."""
+    import contextvars
+    from types import SimpleNamespace
+
+    from tessera import api
+
+    def said(exc, mode="allreduce"):
+        cfg = SimpleNamespace(ps=SimpleNamespace(mode=mode),
+                              cluster=SimpleNamespace(heartbeat_interval_s=0.01))
+        job = api.Job(SimpleNamespace(cfg=cfg, rank=0, heartbeat=SimpleNamespace(finished=[1])))
+        return contextvars.copy_context().run(
+            lambda: (api._current.set(job), api._lost_to_a_finished_worker(exc))[1])
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                        "closed by peer [127.0.0.1]:40811")
+    assert "after worker 1 finished (tessera.finish()) with fewer steps" in said(gloo)
+    assert "after worker 1 finished" in said(torch.distributed.DistBackendError("NCCL error"))
+    assert said(gloo, mode="sync") == ""
+    assert said(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)")) == ""
+    assert said(ValueError("Connection closed")) == ""
+
+
 def test_frozen_parameters_must_be_alike_on_every_worker(tmp_path):
     """A frozen layer stays each worker's own (the servers hold trainable parameters):
     built alike, the job trains and exports it; built from each worker's own seed, the
