@@ -711,6 +711,9 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
                    "for every worker's"),
     ("unfreeze", "parameter 'bias' was frozen (requires_grad=False) at tessera.distribute and "
                  "now requires grad"),
+    ("freeze_later", "parameter 'bias' was trainable at tessera.distribute and is frozen now "
+                     "(requires_grad=False), but without find_unused_parameters the servers "
+                     "would step it with a zero gradient"),
     ("add_group", "SGD.add_param_group(): the servers build the optimizer's param groups once"),
     ("load_after", "the model's parameters were changed in place after tessera.distribute "
                    "(module.load_state_dict, an init or a clamp under torch.no_grad()?)"),

@@ -820,6 +820,74 @@ def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster,
         torch.testing.assert_close(params, refs, msg=lambda m: f"after the load: {m}")
 
 
+def test_a_parameter_frozen_since_distribute_is_refused_without_find_unused(make_cluster):
+    """Without ``find_unused_parameters`` a parameter without a gradient is pushed zeros (a
+    branch not taken: the README's documented cost), but one frozen since (a fine-tuning
+    recipe's ``requires_grad_(False)`` mid-training) means to stay still, which a zero step
+    of Adam would not leave it: refused at the step, in one line naming it and the flag."""
+    from tessera.errors import UsageError
+    torch.manual_seed(0)
+    model = _Branch()
+    cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=12,
+                           mode="sync", num_workers=1, optimizer=OptimizerConfig(name="adam"))
+    ddp = PSDataParallel(model, cluster.client(0), cluster.shard_map, is_first=True)
+    x = torch.randn(4, 5)
+    for aux in (True, False):  # used, then not used: pushed zeros, as before
+        ddp.module.aux = aux
+        ddp.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        ddp.step()
+    ddp.module.aux = True
+    ddp.module.head.requires_grad_(False)
+    ddp.zero_grad()
+    ddp(x).pow(2).mean().backward()
+    with pytest.raises(UsageError, match=r"parameter 'head.weight' was trainable at "
+                                         r"tessera.distribute and is frozen now .* pass "
+                                         r"find_unused_parameters=True"):
+        ddp.step()
+
+
+def test_gradual_unfreezing_with_find_unused_parameters_is_torch(make_cluster):
+    """A fine-tuning recipe's gradual unfreezing: the head stays trainable at distribute
+    (with ``find_unused_parameters``), is frozen just after and unfrozen at step 3. The
+    servers leave it alone meanwhile, so Adam starts its state and step count for it when
+    unfrozen, as one process does: equal at every step, step counts {body 5, head 2}."""
+    from tessera.parallel.optim_state import ServerState
+    from tessera.parallel.optimizer import flat_offsets
+    from tessera.parallel.ps import PSComm
+    torch.manual_seed(0)
+    model = _Branch()
+    model.aux = True
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    cluster = make_cluster(param_layout(model), num_servers=1, partition_elems=12,
+                           mode="sync", num_workers=1, optimizer=OptimizerConfig(name="adam",
+                                                                                 lr=0.05))
+    ddp = PSDataParallel(model, cluster.client(0), cluster.shard_map, is_first=True,
+                         comm=PSComm(mode="sync", find_unused=True))
+    ddp.module.head.requires_grad_(False)
+    ref.head.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 3:
+            ddp.module.head.requires_grad_(True)
+            ref.head.requires_grad_(True)
+        x = torch.randn(16, 5, generator=gen)
+        ddp.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        ddp.step()
+        opt.zero_grad(set_to_none=True)
+        ref(x).pow(2).mean().backward()
+        opt.step()
+        torch.testing.assert_close(list(ddp.module.parameters()), list(ref.parameters()),
+                                   msg=lambda m: f"step {step}: {m}")
+    params = list(ddp.module.parameters())
+    remote = ServerState(ddp.client, cluster.shard_map.partitions, flat_offsets(ddp.module),
+                         may_send=lambda: None, log=print)
+    held = remote.fetch(params, frozenset({"step"}))
+    assert [int(held[p]["step"]) for p in params] == [5, 5, 2, 2]
+
+
 @pytest.mark.parametrize("workers, folded", [(4, True), (3, False)])
 def test_async_plain_sgd_scale_folded_or_not_is_torch_bit_for_bit(make_cluster, monkeypatch,
                                                                    workers, folded):

@@ -411,8 +411,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 f"worker {self.client.worker}: parameter {thawed!r} was frozen "
                 f"(requires_grad=False) at tessera.distribute and now requires grad, but the "
                 f"servers hold only the parameters trainable then, so it would never train: "
-                f"leave it trainable at tessera.distribute, in a param group with lr 0 until "
-                f"you unfreeze it")
+                f"leave it trainable at tessera.distribute (with find_unused_parameters=True) "
+                f"and freeze it just after; the servers leave it alone until you unfreeze it, "
+                f"as torch does")
         if self._versions() != self._param_version:
             raise UsageError(
                 f"worker {self.client.worker}: the model's parameters were changed in place "
@@ -432,11 +433,30 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                                  self.scaler.scale if self.scaler.enabled else 1.0)
         if self._next_lookups is not None:  # prefetch(): the next clock's rows, now
             send_named(self, self.clock + 1)
-        for pid, left in self._remaining.items():
-            if left > 0 and pid not in self._handles:
-                self._push(pid)
+        unpushed = [pid for pid, left in self._remaining.items()
+                    if left > 0 and pid not in self._handles]
+        if unpushed and not self._find_unused:
+            self._refuse_frozen_since()
+        for pid in unpushed:
+            self._push(pid)
         self._send_kept()
         return self._rest
+
+    def _refuse_frozen_since(self) -> None:
+        """Some partitions' parameters had no gradient this step. Without
+        ``find_unused_parameters`` they are pushed zeros (the README's documented cost of a
+        branch not taken); but a parameter frozen since ``tessera.distribute``
+        (``requires_grad_(False)`` mid-training) means to stay still, and a zero step would
+        move it (weight decay, momentum): refused in one line, as DDP stops there too."""
+        frozen = next((n for n, p in zip(self._names, self._params) if not p.requires_grad),
+                      None)
+        if frozen is not None:
+            raise UsageError(
+                f"worker {self.client.worker}: parameter {frozen!r} was trainable at "
+                f"tessera.distribute and is frozen now (requires_grad=False), but without "
+                f"find_unused_parameters the servers would step it with a zero gradient (weight "
+                f"decay and momentum would still move it): pass find_unused_parameters=True to "
+                f"tessera.distribute (DDP's flag), and the servers leave it alone as torch does")
 
     def _send_kept(self) -> None:
         """Phase 3: the pushes backward kept (:data:`_KEPT`), sent now.

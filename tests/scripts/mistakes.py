@@ -51,6 +51,8 @@ net = model
 model, optimizer = tessera.distribute(model, optimizer)
 if mistake == "unfreeze":
     net.bias.requires_grad_(True)
+if mistake == "freeze_later":  # frozen after distribute, without find_unused_parameters
+    net.bias.requires_grad_(False)
 if mistake == "load_after":  # weights loaded into the module after distribute
     net.load_state_dict({k: v + 1 for k, v in net.state_dict().items()})
 if mistake == "clamp":  # a step, then WGAN's weight clipping: the servers' next values win
@@ -101,7 +103,8 @@ if mistake == "clip_value":
 if mistake == "read_grads":  # not a mistake: reading them (a logged norm) changes nothing
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm > 0 and all(p.grad is not None for p in model.parameters())
-if mistake in ("torch_clip", "clip_value", "read_grads", "unfreeze", "load_after", "clamp"):
+if mistake in ("torch_clip", "clip_value", "read_grads", "unfreeze", "freeze_later",
+               "load_after", "clamp"):
     optimizer.step()
     optimizer.zero_grad()
 tessera.finish()
