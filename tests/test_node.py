@@ -236,6 +236,30 @@ def test_two_nodes_run_a_users_script(tmp_path, monkeypatch):
     assert "worker-1.log" in {p.name for p in (tmp_path / "node1" / "logs").iterdir()}
 
 
+def test_a_worker_ending_before_it_joined_on_another_node_stops_the_job(tmp_path, monkeypatch):
+    """Worker 1, on the node without the coordinator, ends (exit 0) before it joined: that
+    node's launcher cannot see the coordinator's cluster.json, but the worker's own life
+    tally (written when its registration returns) is missing, so it tells the coordinator
+    at once and both nodes stop naming it, not after the start-up timeout."""
+    monkeypatch.setenv("TESSERA_SECRET", SECRET)
+    for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    script = ROOT / "tests" / "scripts" / "leaves_on_node1.py"
+    common = [script, "--coordinator", f"127.0.0.1:{free_port()}", "--nodes", 2,
+              "--workers", 2, "--servers", 2, "--out", tmp_path / "node{node}", "--quiet"]
+    n1 = Job(["node", *common, "--node-rank", 1], timeout_s=150)
+    n0 = Job(["node", *common, "--node-rank", 0], timeout_s=150)
+    try:
+        code1, out1 = n1.wait()
+        code0, out0 = n0.wait()
+    finally:
+        n0.kill()
+        n1.kill()
+    said1, said0 = " ".join(out1.split()), " ".join(out0.split())
+    assert code1 != 0 and "worker 1 (pid" in said1 and "before it joined the job" in said1, out1
+    assert code0 != 0 and "worker 1" in said0, out0
+
+
 def test_interrupt_checkpoints_only_into_a_shared_location(tmp_path):
     """Node 0 of a multi-node job asks for a checkpoint on SIGTERM only when --checkpoint-dir
     gives one location for every node (tests/test_multihost.py runs it on two hosts)."""

@@ -648,10 +648,16 @@ class Launcher:
     def _left_before_joining(self, c) -> bool:
         """Worker ``c`` ended before the cluster was up: the coordinator writes
         ``cluster.json`` once every process has registered (the run directory is cleared of
-        it at the start). Known only where the coordinator runs under this launcher: on
-        the other nodes of a job its run directory is another one."""
-        return c.role == "worker" and any(o.role == "coordinator" for o in self.children) \
-            and not (self.run_dir / "cluster.json").exists()
+        it at the start). On the other nodes of a job (``tessera node``) the coordinator's
+        run directory is another one: there the worker's own life tally tells, which its
+        session writes under this run directory when its registration returns
+        (``cursors/worker-<rank>.tally``; a replacement finds its predecessor's, and is
+        then left to the start-up timeout, as before)."""
+        if c.role != "worker":
+            return False
+        if any(o.role == "coordinator" for o in self.children):
+            return not (self.run_dir / "cluster.json").exists()
+        return not (self.run_dir / "cursors" / f"worker-{c.rank}.tally").exists()
 
     def run(self) -> int:
         """Start, watch, report. Returns the exit code for the CLI."""
