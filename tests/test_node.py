@@ -182,9 +182,10 @@ def test_gpu_per_worker_without_torch(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ a whole job
 
 
-def _two_nodes(tmp_path, monkeypatch, target, *script_args) -> int:
+def _node_pair(tmp_path, monkeypatch, target, *script_args) -> tuple:
     """``tessera node TARGET`` as nodes 0 and 1 on loopback (2 workers, 2 servers, run
-    directories ``node0``/``node1``); asserts both exit 0 and returns the coordinator port."""
+    directories ``node0``/``node1``): the coordinator port, then each node's exit code and
+    output, ``(port, (code0, out0), (code1, out1))``."""
     monkeypatch.setenv("TESSERA_SECRET", SECRET)
     for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -196,11 +197,16 @@ def _two_nodes(tmp_path, monkeypatch, target, *script_args) -> int:
     n1 = Job(["node", *common, "--node-rank", 1, *tail], timeout_s=150)
     n0 = Job(["node", *common, "--node-rank", 0, *tail], timeout_s=150)
     try:
-        code0, out0 = n0.wait()
-        code1, out1 = n1.wait()
+        return port, n0.wait(), n1.wait()
     finally:
         n0.kill()
         n1.kill()
+
+
+def _two_nodes(tmp_path, monkeypatch, target, *script_args) -> int:
+    """:func:`_node_pair`, asserting both nodes exit 0; the coordinator port."""
+    port, (code0, out0), (code1, out1) = _node_pair(tmp_path, monkeypatch, target,
+                                                     *script_args)
     assert code0 == 0, out0
     assert code1 == 0, out1
     return port
@@ -241,20 +247,8 @@ def test_a_worker_ending_before_it_joined_on_another_node_stops_the_job(tmp_path
     node's launcher cannot see the coordinator's cluster.json, but the worker's own life
     tally (written when its registration returns) is missing, so it tells the coordinator
     at once and both nodes stop naming it, not after the start-up timeout."""
-    monkeypatch.setenv("TESSERA_SECRET", SECRET)
-    for name in ("TESSERA_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    script = ROOT / "tests" / "scripts" / "leaves_on_node1.py"
-    common = [script, "--coordinator", f"127.0.0.1:{free_port()}", "--nodes", 2,
-              "--workers", 2, "--servers", 2, "--out", tmp_path / "node{node}", "--quiet"]
-    n1 = Job(["node", *common, "--node-rank", 1], timeout_s=150)
-    n0 = Job(["node", *common, "--node-rank", 0], timeout_s=150)
-    try:
-        code1, out1 = n1.wait()
-        code0, out0 = n0.wait()
-    finally:
-        n0.kill()
-        n1.kill()
+    _, (code0, out0), (code1, out1) = _node_pair(
+        tmp_path, monkeypatch, ROOT / "tests" / "scripts" / "leaves_on_node1.py")
     said1, said0 = " ".join(out1.split()), " ".join(out0.split())
     assert code1 != 0 and "worker 1 (pid" in said1 and "before it joined the job" in said1, out1
     assert code0 != 0 and "worker 1" in said0, out0

@@ -753,6 +753,31 @@ class _Branch(nn.Module):
         return self.body(x) + self.head(x) if self.aux else self.body(x)
 
 
+def _step_alike(ddp, ref, opt, x) -> None:
+    """One step of the wrapped model and of torch's own optimizer on ``ref``, alike."""
+    ddp.zero_grad()
+    ddp(x).pow(2).mean().backward()
+    ddp.step()
+    opt.zero_grad(set_to_none=True)
+    ref(x).pow(2).mean().backward()
+    opt.step()
+
+
+def _held_steps(ddp, cluster) -> list[int]:
+    """Each parameter's Adam step count as the servers hold it (``optimizer.state_dict()``'s
+    view, :class:`~tessera.parallel.optim_state.ServerState`)."""
+    params = list(ddp.module.parameters())
+    held = _server_state(ddp, cluster).fetch(params, frozenset({"step"}))
+    return [int(held[p]["step"]) for p in params]
+
+
+def _server_state(ddp, cluster):
+    from tessera.parallel.optim_state import ServerState
+    from tessera.parallel.optimizer import flat_offsets
+    return ServerState(ddp.client, cluster.shard_map.partitions, flat_offsets(ddp.module),
+                       may_send=lambda: None, log=print)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster, mode):
     """``find_unused_parameters``: a head forward uses every third step only. Its pushes
@@ -796,27 +821,15 @@ def test_ps_data_parallel_leaves_a_branch_not_taken_alone_as_torch(make_cluster,
     # The script's own checkpoint (optimizer.state_dict() / load_state_dict()): each
     # parameter's own step count, out and back in. The middle partition holds body and head
     # parameters (7 and 3 steps), so a load must send its `step` per element.
-    from tessera.parallel.optim_state import ServerState
-    from tessera.parallel.optimizer import flat_offsets
     params, refs = list(ddp.module.parameters()), list(ref.parameters())
-    remote = ServerState(ddp.client, cluster.shard_map.partitions, flat_offsets(ddp.module),
-                         may_send=lambda: None, log=print)
-    held = remote.fetch(params, frozenset({"step"}))
-    assert [int(held[p]["step"]) for p in params] == [int(opt.state[q]["step"]) for q in refs]
+    assert _held_steps(ddp, cluster) == [int(opt.state[q]["step"]) for q in refs]
     for q, step in zip(refs, (2, 2, 5, 5)):  # a state saved elsewhere: other counts
         opt.state[q]["step"] = torch.tensor(float(step))
-    remote.send({p: opt.state[q] for p, q in zip(params, refs)}, params)
-    held = remote.fetch(params, frozenset({"step"}))
-    assert [int(held[p]["step"]) for p in params] == [2, 2, 5, 5]
+    _server_state(ddp, cluster).send({p: opt.state[q] for p, q in zip(params, refs)}, params)
+    assert _held_steps(ddp, cluster) == [2, 2, 5, 5]
     for step in range(2):  # continued: Adam's bias correction reads each count
-        x = torch.randn(16, 5, generator=gen)
         ddp.module.aux = ref.aux = step == 0
-        ddp.zero_grad()
-        ddp(x).pow(2).mean().backward()
-        ddp.step()
-        opt.zero_grad(set_to_none=True)
-        ref(x).pow(2).mean().backward()
-        opt.step()
+        _step_alike(ddp, ref, opt, torch.randn(16, 5, generator=gen))
         torch.testing.assert_close(params, refs, msg=lambda m: f"after the load: {m}")
 
 
@@ -852,8 +865,6 @@ def test_gradual_unfreezing_with_find_unused_parameters_is_torch(make_cluster):
     (with ``find_unused_parameters``), is frozen just after and unfrozen at step 3. The
     servers leave it alone meanwhile, so Adam starts its state and step count for it when
     unfrozen, as one process does: equal at every step, step counts {body 5, head 2}."""
-    from tessera.parallel.optim_state import ServerState
-    from tessera.parallel.optimizer import flat_offsets
     from tessera.parallel.ps import PSComm
     torch.manual_seed(0)
     model = _Branch()
@@ -872,20 +883,10 @@ def test_gradual_unfreezing_with_find_unused_parameters_is_torch(make_cluster):
         if step == 3:
             ddp.module.head.requires_grad_(True)
             ref.head.requires_grad_(True)
-        x = torch.randn(16, 5, generator=gen)
-        ddp.zero_grad()
-        ddp(x).pow(2).mean().backward()
-        ddp.step()
-        opt.zero_grad(set_to_none=True)
-        ref(x).pow(2).mean().backward()
-        opt.step()
+        _step_alike(ddp, ref, opt, torch.randn(16, 5, generator=gen))
         torch.testing.assert_close(list(ddp.module.parameters()), list(ref.parameters()),
                                    msg=lambda m: f"step {step}: {m}")
-    params = list(ddp.module.parameters())
-    remote = ServerState(ddp.client, cluster.shard_map.partitions, flat_offsets(ddp.module),
-                         may_send=lambda: None, log=print)
-    held = remote.fetch(params, frozenset({"step"}))
-    assert [int(held[p]["step"]) for p in params] == [5, 5, 2, 2]
+    assert _held_steps(ddp, cluster) == [5, 5, 2, 2]
 
 
 @pytest.mark.parametrize("workers, folded", [(4, True), (3, False)])
