@@ -330,14 +330,15 @@ def _report_mistakes_in_one_line() -> None:
         return
 
     def hook(kind, exc, tb):
-        if issubclass(kind, TesseraError):
-            print(f"tessera: {exc}", file=sys.stderr, flush=True)
+        line = str(exc) if issubclass(kind, TesseraError) else _lost_to_a_finished_worker(exc)
+        if not line:
+            previous(kind, exc, tb)
             return
-        uneven = _lost_to_a_finished_worker(exc)
-        if uneven:
-            print(f"tessera: {uneven}", file=sys.stderr, flush=True)
-            return
-        previous(kind, exc, tb)
+        print(f"tessera: {line}", file=sys.stderr, flush=True)
+        try:  # an in-process job's end (at exit, after this) names it, not repeats it
+            exc.tessera_reported = True
+        except AttributeError:
+            pass
 
     hook.tessera = True
     sys.excepthook = hook

@@ -268,12 +268,17 @@ class InProcessJob:
 
     def _at_exit(self) -> None:
         exc = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught one
-        why = f"raised {type(exc).__name__}: {exc}" if exc is not None else \
-            "ended without tessera.finish()"
+        # A mistake the script's excepthook already said in one line (tessera.api) is
+        # named, not said twice more (here and in the coordinator's line).
+        said = getattr(exc, "tessera_reported", False)
+        why = "ended without tessera.finish()" if exc is None else \
+            f"raised {type(exc).__name__}" + (" (its one line on stderr)" if said else f": {exc}")
+        failure = f"worker 0 (this process's main thread) {why}"
         try:
-            self.close(failure=f"worker 0 (this process's main thread) {why}")
+            self.close(failure=failure)
         except ClusterFailure as exc:
-            print(f"tessera: job failed: {exc}", file=sys.stderr, flush=True)
+            if not (said and str(exc) == failure):
+                print(f"tessera: job failed: {exc}", file=sys.stderr, flush=True)
 
 
 def start(cfg: Optional[JobConfig] = None) -> InProcessJob:
