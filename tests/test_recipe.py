@@ -3,19 +3,22 @@ its param groups, an lr scheduler, clipping, accumulation, DistributedSampler an
 DataLoader, against the same recipe in one plain process.
 
 ``tests/scripts/recipe.py`` is the recipe; ``--plain`` runs it without Tessera at
-batch W·b (the same samples per step, see its docstring). Real processes over real
-sockets for the multi-worker modes; one process (``python recipe.py``: one worker
-and one in-process server) for the per-optimizer sweep.
+batch W·b (the same samples per step, see its docstring), in the test's own process.
+Real processes over real sockets for the multi-worker modes; one fresh process
+(``python recipe.py``: one worker and one in-process server) per optimizer of the sweep
+and per mistake, a few at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
+import runpy
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import pytest
 import torch
@@ -25,25 +28,16 @@ from tests.harness import ROOT, run_cli
 RECIPE = ROOT / "tests" / "scripts" / "recipe.py"
 
 
-@contextlib.contextmanager
-def _plain(tmp_path, *args: str):
-    """The recipe without Tessera, started at once and run alongside the system under
-    test (both mostly wait on imports and start-up); yields a call that waits for it."""
+def _plain(tmp_path, *args: str) -> dict:
+    """The recipe without Tessera (``recipe.py --plain``, one process at batch W·b), run
+    here in the test's process: its imports are this one's, so the reference costs a
+    fraction of a second, not a process of its own (3 s of CPU beside the system under
+    test). The global RNG is left as it was."""
     out = tmp_path / "plain.json"
-    proc = subprocess.Popen([sys.executable, str(RECIPE), "--plain", "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def result() -> dict:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output
-        return json.loads(out.read_text())
-
-    try:
-        yield result
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with torch.random.fork_rng(), \
+            mock.patch.object(sys, "argv", [str(RECIPE), "--plain", "--out", str(out), *args]):
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    return json.loads(out.read_text())
 
 
 def _launched(tmp_path, flags: list, *args: str) -> dict:
@@ -90,13 +84,12 @@ def test_adamw_groups_schedule_clip_accumulation_sync_2x2_equals_one_process(tmp
     ``copy.deepcopy`` gives the plain module) follows every step alike. The evaluation is
     a DDP recipe's (``--dist-eval``): ``dist.get_rank()``'s share of the test set, sums
     ``dist.all_reduce``'d, a ``dist.barrier()``."""
-    with _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5",
-                "--ema", "--dist-eval") as plain:
-        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
-                                    "--partition-mb", 0.004], "--steps", "32",
-                         "--max-norm", "0.5", "--loader-workers", "2", "--ema", "--dist-eval")
-        want = plain()
-        _close(dist, want)
+    dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync",
+                                "--partition-mb", 0.004], "--steps", "32",
+                     "--max-norm", "0.5", "--loader-workers", "2", "--ema", "--dist-eval")
+    want = _plain(tmp_path, "--workers", "2", "--steps", "32", "--max-norm", "0.5",
+                  "--ema", "--dist-eval")
+    _close(dist, want)
     # The script's own torch.distributed calls (rank, all_reduce, barrier) ran on the
     # workers' group that the server modes form through the coordinator.
     assert (dist["dist_eval"]["world"], dist["dist_eval"]["backend"]) == (2, "tessera")
@@ -113,11 +106,10 @@ def test_accumulation_without_no_sync_equals_one_process(tmp_path, mode):
     ``step()`` with the summed gradient. 2 micro-batches, clipped, 2 workers: the same
     eval loss as one process at batch W·b (sync), and a run that trains (async: each push
     applied on arrival, so no equality to hold it to); each worker says so once."""
-    with _plain(tmp_path, "--workers", "2", "--steps", "16") as plain:
-        flags = ["--steps", "16", "--without-no-sync"] + (["--no-clip"] if mode == "async" else [])
-        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", mode,
-                                    "--partition-mb", 0.004], *flags)
-        want = plain()
+    flags = ["--steps", "16", "--without-no-sync"] + (["--no-clip"] if mode == "async" else [])
+    dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", mode,
+                                "--partition-mb", 0.004], *flags)
+    want = _plain(tmp_path, "--workers", "2", "--steps", "16")
     if mode == "sync":
         _close(dist, want)
     else:
@@ -140,11 +132,10 @@ def test_allreduce_mode_runs_the_same_recipe(tmp_path, clip):
     (``AveragedModel`` of the wrapper) follows along."""
     args = ("--steps", "12", "--grad-scaler", "--ema", "--dist-eval",
             *(("--late-group", "4") if clip else ("--no-clip", "--optimizer", "sgd")))
-    with _plain(tmp_path, "--workers", "2", *args) as plain:
-        dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
-                         "--device", "auto", *args)
-        want = plain()
-        _close(dist, want)
+    dist = _launched(tmp_path, ["--workers", 2, "--servers", 0, "--mode", "allreduce"],
+                     "--device", "auto", *args)
+    want = _plain(tmp_path, "--workers", "2", *args)
+    _close(dist, want)
     assert dist["dist_eval"]["backend"] == "gloo"
     assert len(want["lr"]) == 2  # (SGD: two groups from the start)
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -161,9 +152,8 @@ def test_allreduce_mode_steps_a_branch_not_taken_as_torch_with_find_unused_param
     used: at the first step, before it is applied) or the step, and the flag."""
     args = ("--steps", "9", "--unused", "--no-clip")
     flags = ["--workers", 2, "--servers", 0, "--mode", "allreduce"]
-    with _plain(tmp_path, "--workers", "2", *args, "--aux-every", "3") as plain:
-        dist = _launched(tmp_path, flags, *args, "--aux-every", "3", "--find-unused")
-        want = plain()
+    dist = _launched(tmp_path, flags, *args, "--aux-every", "3", "--find-unused")
+    want = _plain(tmp_path, "--workers", "2", *args, "--aux-every", "3")
     _close(dist, want)
     for name in ("aux.weight", "body.0.weight"):
         assert dist["params"][name] == pytest.approx(want["params"][name], rel=1e-5, abs=1e-7)
@@ -319,14 +309,46 @@ def test_each_worker_gets_its_own_gpu_by_its_local_rank(monkeypatch):
     assert str(tessera.device()) == "cpu"
 
 
+#: Plain processes run at once by :func:`_at_once` (each mostly its imports: 3.5 s of CPU
+#: in 4 s): two cores carry this many without waiting on each other.
+AT_ONCE = 3
+
+
+def _at_once(request, tmp_path_factory, test: str, param: str, run):
+    """A module fixture's body: ``run(value, cwd)`` for the value of ``param`` of every
+    selected case of ``test``, ``AT_ONCE`` at a time, each in a directory of its own,
+    started when the first case asks; yields value -> a future of what ``run`` returned."""
+    values = [item.callspec.params[param] for item in request.session.items
+              if getattr(item, "originalname", "") == test]
+    root = tmp_path_factory.mktemp(test[:40])
+
+    def in_own_dir(value):
+        cwd = root / str(value)
+        cwd.mkdir()
+        return run(value, cwd)
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        yield {value: pool.submit(in_own_dir, value) for value in values}
+
+
+@pytest.fixture(scope="module")
+def optimizer_runs(request, tmp_path_factory):
+    """``python recipe.py`` (one worker, the in-process server) with each selected class."""
+    yield from _at_once(request, tmp_path_factory,
+                        "test_every_elementwise_optimizer_runs_on_the_servers", "name",
+                        lambda name, cwd: _in_process(cwd, *_optimizer_args(name)))
+
+
+def _optimizer_args(name: str) -> tuple:
+    return ("--optimizer", name, "--steps", "6", "--workers", "1")
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "adadelta", "rmsprop", "adamax",
                                   "nadam", "radam", "asgd", "rprop"])
-def test_every_elementwise_optimizer_runs_on_the_servers(tmp_path, name):
+def test_every_elementwise_optimizer_runs_on_the_servers(optimizer_runs, tmp_path, name):
     """Each class with two param groups (weight decay on weights only), stepped by the
     in-process server (``python recipe.py``, one worker), equals plain torch."""
-    args = ("--optimizer", name, "--steps", "6", "--workers", "1")
-    with _plain(tmp_path, *args) as plain:
-        _close(_in_process(tmp_path, *args), plain())
+    _close(optimizer_runs[name].result(timeout=300), _plain(tmp_path, *_optimizer_args(name)))
 
 
 def test_a_parameter_no_worker_used_is_stepped_with_a_zero_gradient(tmp_path):
@@ -334,15 +356,13 @@ def test_a_parameter_no_worker_used_is_stepped_with_a_zero_gradient(tmp_path):
     and stepped (SGD's weight decay moves it), as one process that gives it a zero
     gradient would; torch skips a parameter whose gradient is None and leaves it alone."""
     args = ("--optimizer", "sgd", "--steps", "6", "--workers", "1", "--unused", "--no-clip")
-    with _plain(tmp_path, *args, "--zero-unused") as zeros:
-        dist = _in_process(tmp_path, *args)
-        zeros = zeros()
+    dist = _in_process(tmp_path, *args)
+    zeros = _plain(tmp_path, *args, "--zero-unused")
     _close(dist, zeros)
     assert dist["params"]["aux.weight"] == pytest.approx(zeros["params"]["aux.weight"],
                                                          rel=1e-6)
     (tmp_path / "default").mkdir()
-    with _plain(tmp_path / "default", *args) as skipped:
-        skipped = skipped()
+    skipped = _plain(tmp_path / "default", *args)
     moved = [abs(a - b) for a, b in zip(dist["params"]["aux.weight"],
                                        skipped["params"]["aux.weight"])]
     assert max(moved) > 1e-6  # torch skipped the head: the exception is real, and named
@@ -355,10 +375,9 @@ def test_sync_servers_leave_a_branch_not_taken_alone_with_find_unused_parameters
     ``.grad`` is None: values, moments and step count (``optimizer.state_dict()`` holds
     the head's own, 3 of 9, as one process's does) equal one process at batch W·b."""
     args = ("--steps", "9", "--unused", "--no-clip", "--aux-every", "3")
-    with _plain(tmp_path, "--workers", "2", *args) as plain:
-        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args,
-                         "--find-unused")
-        want = plain()
+    dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args,
+                     "--find-unused")
+    want = _plain(tmp_path, "--workers", "2", *args)
     _close(dist, want, rel=1e-6)
     for name, values in want["params"].items():
         assert dist["params"][name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
@@ -372,9 +391,8 @@ def test_a_compiled_model_trains_as_one_process_in_sync_mode(tmp_path):
     groups, schedule, clipping through the compiled module, 2 micro-batches) on 2 workers
     x 2 servers equals one process that compiles its model the same way."""
     args = ("--steps", "8", "--compile")
-    with _plain(tmp_path, "--workers", "2", *args) as plain:
-        dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args)
-        want = plain()
+    dist = _launched(tmp_path, ["--workers", 2, "--servers", 2, "--mode", "sync"], *args)
+    want = _plain(tmp_path, "--workers", "2", *args)
     _close(dist, want, rel=1e-6)
     assert list(dist["params"]) == list(want["params"]) and \
         all(k.startswith("_orig_mod.") for k in want["params"])  # compiled, both
@@ -694,7 +712,20 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     assert sorted(ids) == list(range(1500))
 
 
-@pytest.mark.parametrize("mistake, says", [
+@pytest.fixture(scope="module")
+def mistake_runs(request, tmp_path_factory):
+    """Every selected case of ``tests/scripts/mistakes.py``, each a fresh plain process:
+    name -> a future of its ``CompletedProcess``."""
+    def run(name, cwd):
+        return subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
+                               name], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+    yield from _at_once(request, tmp_path_factory,
+                        "test_a_recipe_mistake_is_one_line_not_a_traceback", "mistake", run)
+
+
+#: tests/scripts/mistakes.py NAME, and the line it must end with.
+MISTAKES = [
     ("lbfgs", "optimizer torch.optim.lbfgs.LBFGS cannot run on the parameter servers"),
     ("second_backward", "a second backward() before step() would push parameter"),
     ("closure", "SGD.step(closure) cannot run on parameter servers"),
@@ -746,14 +777,18 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
     ("grad_scaler_async", "torch.amp.GradScaler cannot step this job: the gradients left"),
     ("grad_scaler_unscaled", "torch.amp.GradScaler cannot step this job: the gradients left "
                              "for the servers during backward() still multiplied by its loss "
-                             "scale, which")])
-def test_a_recipe_mistake_is_one_line_not_a_traceback(tmp_path, mistake, says):
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
-                           mistake], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                             "scale, which")]
+
+
+@pytest.mark.parametrize("mistake, says", MISTAKES)
+def test_a_recipe_mistake_is_one_line_not_a_traceback(mistake_runs, mistake, says):
+    proc = mistake_runs[mistake].result(timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"tessera: worker 0: {says}" in proc.stderr or f"tessera: {says}" in proc.stderr, \
         proc.stderr
+    # Said once: the job's end (the coordinator's line, the last word) names it instead.
+    assert (proc.stdout + proc.stderr).count(says) == 1, proc.stdout + proc.stderr
 
 
 def test_a_script_that_ends_without_joining_stops_the_job_at_once(tmp_path):
@@ -809,9 +844,9 @@ COLLECTIVES = ROOT / "tests" / "scripts" / "collectives.py"
 def test_a_scripts_torch_distributed_calls_work_in_a_server_mode(tmp_path):
     """A DDP script's own torch.distributed calls, async mode, 2 workers: rank and world
     size, all_reduce with every ReduceOp (fp32, int32, bf16), broadcast, all_gather,
-    all_gather_into_tensor (flat and stacked), reduce, gather, scatter, all_gather_object, async_op, barrier, and torch's own
-    DistributedSampler() without arguments. Worker 1 reaches them 2 s after worker 0,
-    which waits in the first."""
+    all_gather_into_tensor (flat and stacked), reduce, gather, scatter, all_gather_object,
+    async_op, barrier, and torch's own DistributedSampler() without arguments. Worker 1
+    reaches them 2 s after worker 0, which waits in the first."""
     code, output = run_cli(["launch", "--workers", 2, "--servers", 1, "--mode", "async",
                             "--out", tmp_path / "run", "--quiet", COLLECTIVES, "--out",
                             tmp_path / "got", "--late", 2], timeout_s=120)
