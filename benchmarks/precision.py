@@ -24,7 +24,8 @@ precisions take turns over ``--train-rounds`` rounds in an order rotated each ro
 per precision the median ``samples_per_s`` (training loop, evaluation excluded) with
 every round's value, both workers' training-loop CPU per step (evaluation left out: the
 figure the machine's load blurs least), the CPU seconds of the whole job (every process,
-start-up included), bytes, and
+start-up included), bytes, what the workers computed in (``compute``: bf16 is float32
+compute with a bf16 wire on a CPU without bf16 arithmetic, ``amp.cpu_bf16 = "auto"``), and
 ``foreign_cpu_pct`` over the rounds.
 
 Then ``bench: precision_kernels`` (:func:`kernel_cases`, ``--kernels-only`` stops
@@ -33,9 +34,10 @@ the hardware puts on each precision.
 
 The first line (``bench: precision_cpu``) says whether this CPU has native bf16
 (the ``avx512_bf16`` or ``amx_bf16`` flags) and fp16 (``avx512_fp16``) arithmetic:
-bf16 compute pays off only with the former; fp16 compute on a CPU without the
-latter is far slower than fp32, which is why ``fp16`` on CPU means fp16 on the
-wire and fp32 compute.
+bf16 compute pays off only with the former, which is why ``bf16`` on a CPU without it
+means bf16 on the wire and fp32 compute (unless ``--cpu-bf16 compute``); fp16 compute on
+a CPU without the latter is far slower than fp32, which is why ``fp16`` on CPU means
+fp16 on the wire and fp32 compute.
 
     .venv/bin/python benchmarks/precision.py [--quick] [--wire-only | --train-only]
 """
@@ -361,6 +363,7 @@ def train_cases(model: str, job: Path, flags: list[str], precisions: tuple, step
     median samples/s (training loop, evaluation excluded) and each round's value."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _machine import busy_s, foreign_cpu_pct, log, own_s
+    from tessera.amp.policy import make_policy
 
     runs = {p: [] for p in precisions}
     busy0, own0, t0 = busy_s(), own_s(), time.monotonic()
@@ -378,7 +381,11 @@ def train_cases(model: str, job: Path, flags: list[str], precisions: tuple, step
         cpu = statistics.median(x["job_cpu_s"] for x in xs)
         wcpu = statistics.median(x["worker_cpu_ms_per_step"] for x in xs)
         last = xs[-1]
-        rows.append({"bench": "precision_train", "model": model, "precision": p, "steps": steps,
+        rows.append({"bench": "precision_train", "model": model, "precision": p,
+                     # what the workers computed in (bf16 on a CPU without bf16 arithmetic:
+                     # float32, cpu_bf16 = "auto"; tessera.amp.policy)
+                     "compute": str(make_policy(p, "cpu").param_dtype).removeprefix("torch."),
+                     "steps": steps,
                      "tessera_samples_per_s": round(rate, 1),
                      "rounds_samples_per_s": [round(x["samples_per_s"], 1) for x in xs],
                      "vs_fp32_samples_per_s": round(rate / base, 3),

@@ -181,7 +181,7 @@ TABLES = [
         ("time vs fp32", "vs_fp32_time"), ("CPU vs fp32", "vs_fp32_cpu"),
         ("bytes vs fp32", "vs_fp32_bytes")]),
     Table("precision", "precision_train", "Training under bf16 / fp16 (2 workers, sync PS)", [
-        ("model", "model"), ("precision", "precision"),
+        ("model", "model"), ("precision", "precision"), ("compute", "compute"),
         ("samples/s", "tessera_samples_per_s"), ("vs fp32", "vs_fp32_samples_per_s"),
         ("worker CPU vs fp32", "vs_fp32_worker_cpu"), ("eval loss", "eval_loss"),
         ("eval accuracy", "eval_accuracy")]),

@@ -50,7 +50,7 @@ def wrap(session: Session, model: torch.nn.Module,
     attribute is then its :class:`DistributedOptimizer`) or the string form's config."""
     cfg = session.cfg
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    policy = make_policy(cfg.precision, device.type)
+    policy = make_policy(cfg.precision, device.type, cfg.amp.cpu_bf16)
     if policy.note and session.rank == 0:
         print(f"worker 0: {policy.note}", flush=True)
     a = cfg.amp

@@ -93,15 +93,66 @@ def test_transformer_attends_in_fp32_for_half_inputs_on_cpu():
 
 
 def test_cnn_trains_under_bf16_as_well_as_fp32_on_a_cluster(tmp_path):
-    """The channels_last bf16 path on real workers and a server (sync, 2 + 1): the same
-    quality as fp32 within the tolerance the half-width tests allow, half the bytes. The
-    two jobs run side by side (their start-up is most of the time)."""
+    """The channels_last bf16 path on real workers and a server (sync, 2 + 1), forced
+    with ``--cpu-bf16 compute`` on any CPU, and the wire-only bf16 a CPU without bf16
+    arithmetic gets (``--cpu-bf16 wire``, fp32 compute): the same quality as fp32 within
+    the tolerance the half-width tests allow, half the bytes, and worker 0 says which it
+    computed in. The three jobs run side by side (their start-up is most of the time)."""
     flags = ("--steps", "40", "--workers", "2", "--servers", "1")
-    with ThreadPoolExecutor(2) as pool:
-        runs = {p: pool.submit(run_job, MNIST, tmp_path / p, *flags, "--precision", p,
-                               timeout_s=240) for p in ("fp32", "bf16")}
-        fp32, bf16 = runs["fp32"].result(), runs["bf16"].result()
-    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
-    assert bf16["eval_accuracy"] >= fp32["eval_accuracy"] - 0.03, (bf16, fp32)
-    assert abs(bf16["eval_loss"] - fp32["eval_loss"]) <= 0.1, (bf16, fp32)
-    assert bf16["bytes_pushed"] <= 0.55 * fp32["bytes_pushed"]
+    kinds = {"fp32": ("--precision", "fp32"),
+             "bf16": ("--precision", "bf16", "--cpu-bf16", "compute"),
+             "wire": ("--precision", "bf16", "--cpu-bf16", "wire")}
+    with ThreadPoolExecutor(3) as pool:
+        runs = {k: pool.submit(run_job, MNIST, tmp_path / k, *flags, *f, timeout_s=300)
+                for k, f in kinds.items()}
+        got = {k: run.result() for k, run in runs.items()}
+    fp32 = got["fp32"]
+    assert fp32["precision"] == "fp32"
+    for kind in ("bf16", "wire"):
+        half = got[kind]
+        assert half["precision"] == "bf16"
+        assert half["eval_accuracy"] >= fp32["eval_accuracy"] - 0.03, (kind, half, fp32)
+        assert abs(half["eval_loss"] - fp32["eval_loss"]) <= 0.1, (kind, half, fp32)
+        assert half["bytes_pushed"] <= 0.55 * fp32["bytes_pushed"], kind
+    said = {k: (tmp_path / k / "logs" / "worker-0.log").read_text() for k in ("bf16", "wire")}
+    assert "compute stays float32: as cpu_bf16 = \"wire\" asks" in said["wire"], said["wire"]
+    assert "compute stays float32" not in said["bf16"], said["bf16"]
+
+
+def test_bf16_computes_in_bf16_only_on_a_cpu_with_bf16_arithmetic(tmp_path):
+    """``cpu_bf16 = "auto"``: bf16 compute where /proc/cpuinfo names avx512_bf16,
+    amx_bf16 or Arm's bf16, else fp32 compute with the bf16 wire; where there is no
+    /proc/cpuinfo (macOS), bf16 compute. ``compute``/``wire`` choose; a GPU always
+    computes in bf16; a wrong value is refused naming the flag."""
+    from tessera.amp import policy
+    from tessera.config.load import ConfigError, load_config
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+                   "processor\t: 1\nflags\t\t: fpu avx512_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert policy.cpu_flags(str(x86)) == {"fpu", "sse4_2", "avx", "avx2", "fma"}  # the first
+    assert "bf16" in policy.cpu_flags(str(arm))
+    assert policy.cpu_flags(str(tmp_path / "none")) is None
+
+    def chosen(flags, choice="auto", device="cpu"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(policy, "cpu_flags", lambda: flags)
+            made = policy.make_policy("bf16", device, choice)
+        assert made.wire_dtype == "bfloat16" and not made.loss_scaling
+        return made.param_dtype, made.autocast_dtype, bool(made.note)
+
+    bf16 = (torch.bfloat16, torch.bfloat16, False)
+    wire = (torch.float32, None, True)
+    assert chosen(policy.cpu_flags(str(x86))) == wire
+    assert chosen(frozenset({"avx2", "avx512_bf16"})) == bf16
+    assert chosen(frozenset({"avx2", "amx_bf16"})) == bf16
+    assert chosen(policy.cpu_flags(str(arm))) == bf16
+    assert chosen(None) == bf16
+    assert chosen(frozenset({"avx2"}), "compute") == bf16
+    assert chosen(frozenset({"avx512_bf16"}), "wire") == wire
+    assert chosen(frozenset({"avx2"}), device="cuda") == bf16
+    assert load_config(MNIST, {"--cpu-bf16": "wire"}).amp.cpu_bf16 == "wire"
+    with pytest.raises(ConfigError, match="--cpu-bf16"):
+        load_config(MNIST, {"--cpu-bf16": "fast"})

@@ -59,6 +59,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--rebalance", "ps.rebalance", bool,
          "Move partitions off a server that stays hot (ps.rebalance)."),
     Flag("--precision", "precision", str, "fp32 | bf16 | fp16 (precision)."),
+    Flag("--cpu-bf16", "amp.cpu_bf16", str,
+         "bf16 on a CPU: auto (bf16 compute where the CPU has bf16 arithmetic, else "
+         "fp32 compute with bf16 on the wire) | compute | wire (amp.cpu_bf16)."),
     Flag("--tensorboard", "train.tensorboard", bool,
          "Also write metrics as TensorBoard scalars under <run dir>/tensorboard."),
     Flag("--balance", "train.balance", str,

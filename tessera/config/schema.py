@@ -220,7 +220,8 @@ class OptimizerConfig(msgspec.Struct, **_STRICT):
 
 
 class AmpConfig(msgspec.Struct, **_STRICT):
-    """Dynamic loss scaling for ``precision = "fp16"`` (GradScaler's defaults)."""
+    """Dynamic loss scaling for ``precision = "fp16"`` (GradScaler's defaults), and where
+    ``precision = "bf16"`` computes on a CPU."""
 
     #: First loss scale: 2^16, as torch.cuda.amp.GradScaler.
     init_scale: float = 65536.0
@@ -229,6 +230,11 @@ class AmpConfig(msgspec.Struct, **_STRICT):
     #: Scale multiplier after a step whose gradients overflowed (the step is skipped).
     backoff_factor: float = 0.5
     growth_interval: int = 2000
+    #: bf16 on a CPU: ``auto`` computes in bf16 where the CPU has bf16 arithmetic
+    #: (avx512_bf16, amx_bf16, Arm's bf16) and otherwise only sends bf16, computing in
+    #: fp32 (emulated bf16 ran ~5x slower than fp32); ``compute`` or ``wire`` chooses
+    #: (``tessera.amp.policy``). GPUs always compute in bf16.
+    cpu_bf16: Literal["auto", "compute", "wire"] = "auto"
 
     def __post_init__(self) -> None:
         if self.init_scale <= 0:
