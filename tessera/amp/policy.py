@@ -95,7 +95,7 @@ def make_policy(precision: str, device_type: str, cpu_bf16: str = "auto") -> Pre
             return PrecisionPolicy("bf16", torch.bfloat16, torch.bfloat16, "bfloat16", False)
         why = ("as cpu_bf16 = \"wire\" asks" if cpu_bf16 == "wire" else
                "this CPU has no bf16 arithmetic (no avx512_bf16, amx_bf16 or bf16 in "
-               "/proc/cpuinfo), and emulated bf16 ran ~5x slower than float32")
+               "/proc/cpuinfo), and emulated bf16 trained 6-8x slower than float32")
         return PrecisionPolicy(
             "bf16", torch.float32, None, "bfloat16", False,
             note=f"precision bf16 on CPU: gradients and parameters travel as bfloat16, but "

@@ -232,7 +232,7 @@ class AmpConfig(msgspec.Struct, **_STRICT):
     growth_interval: int = 2000
     #: bf16 on a CPU: ``auto`` computes in bf16 where the CPU has bf16 arithmetic
     #: (avx512_bf16, amx_bf16, Arm's bf16) and otherwise only sends bf16, computing in
-    #: fp32 (emulated bf16 ran ~5x slower than fp32); ``compute`` or ``wire`` chooses
+    #: fp32 (emulated bf16 trained 6-8x slower than fp32); ``compute`` or ``wire`` chooses
     #: (``tessera.amp.policy``). GPUs always compute in bf16.
     cpu_bf16: Literal["auto", "compute", "wire"] = "auto"
 
