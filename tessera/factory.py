@@ -21,6 +21,7 @@ from tessera.amp.policy import make_policy
 from tessera.amp.scaler import LossScaler
 from tessera.cluster.role import agrees, retain_window
 from tessera.cluster.session import Session
+from tessera.config import env as envvars
 from tessera.config.schema import OptimizerConfig
 from tessera.errors import UsageError
 from tessera.parallel.embedding import find_tables
@@ -51,8 +52,10 @@ def wrap(session: Session, model: torch.nn.Module,
     cfg = session.cfg
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     policy = make_policy(cfg.precision, device.type, cfg.amp.cpu_bf16)
-    if policy.note and session.rank == 0:
-        print(f"worker 0: {policy.note}", flush=True)
+    # Worker 0, and the first worker of every other host: each host decides from its
+    # own CPU (bf16 compute or wire-only), so each says what it chose.
+    if policy.note and (session.rank == 0 or envvars.local_rank() == 0):
+        print(f"worker {session.rank}: {policy.note}", flush=True)
     a = cfg.amp
     amp = Amp(policy, LossScaler(init_scale=a.init_scale, growth_factor=a.growth_factor,
                                  backoff_factor=a.backoff_factor,

@@ -94,7 +94,7 @@ def test_two_hosts_train_digits(hosts, tmp_path):
 # its hostname resolves to. What each job must reach, from its summary.json.
 COLLECTIVE = {
     "allreduce": (DIGITS, ["--mode", "allreduce", "--workers", 2, "--servers", 0,
-                           "--precision", "bf16", "--steps", 200],
+                           "--precision", "bf16", "--cpu-bf16", "wire", "--steps", 200],
                   lambda s: s["eval_accuracy"] >= 0.9 and s["allreduce_bytes"] > 0),
     "hybrid": (MOVIELENS, ["--mode", "hybrid", "--workers", 2, "--servers", 2, "--steps", 30],
                lambda s: s["eval_rmse"] < 1.2 and sum(s["server_bytes_received"]) > 0),
@@ -117,6 +117,10 @@ def test_two_hosts_collective_modes(hosts, tmp_path, mode):
     summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
     assert summary["workers"] == 2 and good(summary), summary
     assert json.loads((tmp_path / "node1" / "node.json").read_text())["host"] == "10.77.0.2"
+    if mode == "allreduce":  # bf16 wire-only: each host's first worker says so, in its log
+        for node, rank in (("node0", 0), ("node1", 1)):
+            log = (tmp_path / node / "logs" / f"worker-{rank}.log").read_text()
+            assert f"worker {rank}: precision bf16 on CPU" in log, (node, log)
     print(f"two hosts, {mode}: {time.monotonic() - t0:.1f} s")
 
 

@@ -22,7 +22,8 @@ through conversions: on an AVX2-only EPYC the same CNN ran at 0.17x fp32 and the
 transformer at 0.13x. So ``cpu_bf16 = "auto"`` (``[amp]``, ``--cpu-bf16``) computes in
 bf16 only where ``/proc/cpuinfo`` names such an extension (or the platform has no
 ``/proc/cpuinfo`` to ask: macOS, where Apple's M2 and later have it), and otherwise sends
-bf16 on the wire with fp32 compute, as CPU fp16 does, saying so once in the log;
+bf16 on the wire with fp32 compute, as CPU fp16 does, saying so in the log of
+worker 0 and of the first worker on every other host;
 ``"compute"`` and ``"wire"`` choose either way. Each host decides for its own workers; the
 wire, which the cluster agrees on, is bf16 on all of them.
 
