@@ -61,14 +61,8 @@ SECRET = secrets.token_hex(16)
 
 
 def cpu_flags() -> dict:
-    flags: set[str] = set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from tessera.amp.policy import cpu_flags as read_flags  # the policy's own reading
+    flags = read_flags() or frozenset()
     return {"bench": "precision_cpu", "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "avx512_fp16": "avx512_fp16" in flags}
 
