@@ -70,6 +70,16 @@ def run_job(job_file: str, out: Path, *flags, timeout_s: float = 180) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie of an unrelated parent counts as gone, and so does
+    a process exiting while its ``/proc`` entry is read: ESRCH)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

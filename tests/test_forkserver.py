@@ -12,21 +12,13 @@ import os
 import signal
 from pathlib import Path
 
-from tests.harness import Job, wait_for
+from tests.harness import Job, alive, wait_for
 from tests.test_faults import DIGITS, metric_lines
 
 
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith("PPid:")))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line for line in f)
-    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
-        return False
 
 
 def test_every_process_is_a_fork_and_a_killed_fork_server_ends_the_job(tmp_path: Path):
@@ -49,7 +41,7 @@ def test_every_process_is_a_fork_and_a_killed_fork_server_ends_the_job(tmp_path:
     os.kill(server, signal.SIGKILL)
     code, output = job.wait()
     assert code != 0 and "was killed by SIGKILL" in output, output
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 10, "the forks to be gone")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, "the forks to be gone")
 
 
 def test_forkserver_0_starts_every_process_afresh(tmp_path: Path):
@@ -83,9 +75,9 @@ def test_a_job_of_the_warm_pool_dies_with_its_launcher_and_a_refused_one_runs(
         assert os.getsid(server) == server and {os.getsid(p) for p in pids} == set(pids)
         os.kill(job.proc.pid, signal.SIGKILL)  # the launcher only
         job.proc.wait(timeout=10)
-        wait_for(lambda: not any(_alive(p) for p in [server, *pids]), 10,
+        wait_for(lambda: not any(alive(p) for p in [server, *pids]), 10,
                  "the fork server and its forks to be gone")
-        assert _alive(pool)  # the pool serves on
+        assert alive(pool)  # the pool serves on
     finally:
         job.kill()
     guarded = tmp_path / "guarded"

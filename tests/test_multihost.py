@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests import netns
-from tests.harness import ROOT, wait_for
+from tests.harness import ROOT, alive, wait_for
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
 MOVIELENS = str(ROOT / "examples" / "movielens.toml")
@@ -185,14 +185,6 @@ def _after_usr1(dead: list[dict], nodes, tmp_path) -> str:
     return "\n".join(lines)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
-        return False
-
-
 def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, tmp_path):
     """Every checkpoint of a 2-node job lands in --checkpoint-dir: both nodes' server files
     and node 0's manifest, on schedule and on SIGTERM to the launchers (as Slurm sends it);
@@ -249,7 +241,7 @@ def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, t
     for pid in pids:
         os.kill(pid, signal.SIGUSR1)
     time.sleep(0.5)
-    dead = [p for p in procs if not _alive(p["pid"])]
+    dead = [p for p in procs if not alive(p["pid"])]
     if dead or n0.poll() is not None or n1.poll() is not None:
         raise AssertionError(_after_usr1(dead, (n0, n1), tmp_path))
     for p in (n1, n0):
@@ -260,7 +252,7 @@ def test_two_hosts_checkpoint_to_one_shared_dir_interrupted_and_resumed(hosts, t
     mark("A node 1 ended")
     assert code0 == 130 and f"continue with --resume {ck}" in out0, out0
     assert code1 == 130, out1
-    wait_for(lambda: not any(_alive(p) for p in pids), 5, "every process of run A to end")
+    wait_for(lambda: not any(alive(p) for p in pids), 5, "every process of run A to end")
     last = store.latest()["clock"]
     assert last > periodic and f"checkpoint at clock {last} in {ck}" in out0, out0
     check_complete(last)

@@ -12,18 +12,9 @@ import time
 import pytest
 
 from tessera.launch.process import signals_interrupt
-from tests.harness import ROOT, Job, wait_for
+from tests.harness import ROOT, Job, alive, wait_for
 
 BLOCKED = str(ROOT / "tests" / "scripts" / "blocked.py")
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie of an unrelated parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def test_kill_9_of_the_launcher_ends_every_process_it_started(tmp_path):

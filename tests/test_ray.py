@@ -17,7 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="--backend ray needs Ray: pip install 'tessera[ray]'")
 
-from tests.harness import ROOT, TESSERA, Job, run_job, wait_for  # noqa: E402
+from tests.harness import ROOT, TESSERA, Job, alive, run_job, wait_for  # noqa: E402
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
 NAMESPACE = "tessera"  # tessera.launch.ray_backend.NAMESPACE
@@ -32,14 +32,6 @@ def ray_address():
         yield ctx.address_info["gcs_address"]
     finally:
         ray.shutdown()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_digits_on_ray_reaches_095(tmp_path):
