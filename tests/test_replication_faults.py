@@ -477,6 +477,85 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
         assert [servers[1].parts[p.id].applied_pushes for p in parts] == [3] * len(parts)
 
 
+def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
+    """Sync, answer_early: worker 1 rejoins at clock 2, which the primary answers once it
+    reached clock 2 while the backup still lacks clock 1's update. The primary dies.
+    Worker 1's first push (clock 2) reaches the promoted copy before worker 0's re-sent
+    push of clock 1: it was refused ("push for clock 2 but partition 0 is at clock 1"),
+    the worker exited, and the job waited for it (seen once in a whole clean-clone
+    run). Now it is sent again until the copy completed clock 1 with worker 0's re-sent
+    push: every clock is applied once, as torch.optim steps the same mean gradients."""
+    import threading
+
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.ps.client import PSClient
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, Reference, flat_of
+
+    lagging = threading.Event()
+
+    def intercept(on_replicate):
+        def drop_updates(peer, msg, frames):  # the primary's last clock: never on the backup
+            if not (lagging.is_set() and msg.kind in ("grad", "batch")):
+                on_replicate(peer, msg, frames)
+        return drop_updates
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports, not in a server
+    with _async_pair(ctx, 2, intercept, mode="sync") as (
+            model, shard_map, servers, stops, threads, membership, (w0, w1)):
+        ref = Reference(model, OptimizerConfig(name="sgd", lr=0.1))
+        w0.init_params(flat_of(model))
+        n = shard_map.total_elems
+        g0, g1 = torch.linspace(-1, 1, n), torch.linspace(2, 0, n)
+
+        def push(client, grad, clock):
+            return [client.push(p.id, grad[p.start:p.stop], clock) for p in shard_map.partitions]
+
+        def wait(handles):
+            return {pid: v for h in handles for pid, v in h.wait().items()}
+
+        h0, h1 = push(w0, g0, 0), push(w1, g1, 0)
+        wait(h0), wait(h1)
+        ref.step((g0 + g1) / 2)
+        _wait_backup_acked(servers, "clock 0")
+        membership.departed = {1: 0}  # worker 1 died; it restarts as incarnation 1
+        rejoined = PSClient(ctx=ctx, shard_map=shard_map,
+                            server_addresses=[s.endpoint.address for s in servers],
+                            secret=SECRET, worker=1, incarnation=1, timeout_s=TIMEOUT_S,
+                            retain=1, dead_servers=lambda: membership.dead)
+        try:
+            rejoined.connect()
+            joins = rejoined.join(2, incarnation=1)
+            lagging.set()  # clock 1's update of server 0's partitions never reaches server 1
+            wait(push(w0, g0, 1))  # clock 1: worker 0 alone (worker 1 counts from 2)
+            ref.step(g0)
+            wait(joins)  # answered at clock 2 by the primary
+            (part,) = shard_map.on_server(0)
+            assert servers[0].parts[part.id].clock == 2
+            assert servers[1].backups[part.id].clock == 1
+            stops[0].set()  # server 0 dies with clock 1's update unsent
+            threads[0].join(timeout=5)
+            membership.dead = [0]
+            lagging.clear()
+            first = push(rejoined, g1, 2)  # reaches the promoted copy, at clock 1
+            deadline = time.monotonic() + 20
+            while servers[1].stats["errors"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert servers[1].stats["errors"] >= 1, "the early push was not refused"
+            assert servers[1].parts[part.id].clock == 1
+            h0 = push(w0, g0, 2)  # re-sends worker 0's clock-1 push first
+            got1, got0 = wait(first), wait(h0)
+            ref.step((g0 + g1) / 2)
+            for p in shard_map.partitions:
+                want = ref.flat()[p.start:p.stop]
+                torch.testing.assert_close(got0[p.id], want)
+                torch.testing.assert_close(got1[p.id], want)
+                assert servers[1].parts[p.id].clock == 3
+        finally:
+            rejoined.close()
+
+
 def test_the_updates_of_one_turn_reach_the_backup_as_one_batch(ctx):
     """Sync, two small partitions pushed as one message: their clock completes in one
     turn of the primary's loop, and both updates travel to the backup as one ``batch``

@@ -36,6 +36,7 @@ import zmq
 
 from tessera.errors import TesseraError
 from tessera.profiler.recorder import OFF, SpanRecorder
+from tessera.ps.consistency import NOT_CAUGHT_UP
 from tessera.ps.elastic import MOVED, moved_pairs
 from tessera.ps.replication import NOT_PROMOTED, REPLACED, window
 from tessera.ps.sharding import ShardMap
@@ -48,8 +49,9 @@ from tessera.transport.frames import (frame_to_tensor, itemsize, raw, tensor_to_
 
 #: Refusals that mean "not here (yet)": nothing was applied, so the client routes the
 #: request again (:meth:`PSClient.reroute`) and retries it within its timeout. A backup
-#: not promoted yet, and a replacement server reached at its predecessor's address.
-RETRY_ELSEWHERE = (NOT_PROMOTED, REPLACED)
+#: not promoted yet, a replacement server reached at its predecessor's address, and a
+#: promoted copy a clock behind the primary that answered this worker (sync).
+RETRY_ELSEWHERE = (NOT_PROMOTED, REPLACED, NOT_CAUGHT_UP)
 #: For table rows also a table server's answer for rows it does not serve
 #: (tessera.ps.table_server: "the rows of server k are not held by server j"): asked
 #: there before this client heard that their server died or was replaced (a row pull

@@ -58,6 +58,15 @@ class RequestError(ValueError):
     """A request a server refuses; the message goes back to the sender."""
 
 
+#: In a sync refusal: a push for the clock after the unit's, from a worker the unit's
+#: clock does not wait for (it joined at the next clock, or pushed this one already).
+#: It is in turn for a copy that has not caught up yet: a backup promoted after its
+#: primary died may lack the primary's last clock (``answer_early`` answers a clock
+#: before its update is on the backup), which the other workers' re-sent pushes
+#: complete there. Nothing was applied; the client sends it again (PSClient).
+NOT_CAUGHT_UP = "has yet to complete that clock"
+
+
 class NotABackup(RequestError):
     """A Replicate for a partition or table shard this server holds no copy of. From a
     replacement server that holds no copies yet, the sender learns its backup died and
@@ -292,6 +301,15 @@ class Sync(Consistency):
         return False
 
     def check_turn(self, unit: Clocked, worker: int, clock: int) -> None:
+        if clock == unit.clock + 1 and (worker in unit.pushed_by or
+                                        worker not in self.members.expected(unit.clock)):
+            # A rejoined worker's first push to a promoted copy one clock behind the
+            # primary that answered its Join (NOT_CAUGHT_UP): in turn once the others'
+            # re-sent pushes complete clock ``unit.clock`` here.
+            where, name = unit.named()
+            raise RequestError(f"{where}push for clock {clock} but {name} is at clock "
+                               f"{unit.clock} and {NOT_CAUGHT_UP} (a copy taking over from "
+                               f"a server that died); sent again")
         if clock != unit.clock:
             where, name = unit.named()
             raise RequestError(f"{where}push for clock {clock} but {name} is at clock "
