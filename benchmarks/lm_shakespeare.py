@@ -7,7 +7,8 @@ AdamW, trained by:
 
 - ``ps_fp32``: Tessera sync parameter servers (2 servers), fp32 on the wire;
 - ``ps_bf16``: the same with ``--precision bf16`` (bf16 on the wire, and bf16
-  autocast on the workers; servers keep fp32 master weights);
+  autocast on the workers where the CPU has bf16 arithmetic, else fp32 compute:
+  ``ps_bf16_compute`` says which; servers keep fp32 master weights);
 - ``allreduce``: Tessera's ``--mode allreduce`` (DDP over Gloo inside the launcher);
 - ``ddp``: plain ``DistributedDataParallel`` over Gloo, 2 processes this script
   starts, the same model, data order and optimizer.
@@ -169,9 +170,13 @@ def main() -> None:
                 losses[system].append(res["final_loss"])
                 log(f"round {r + 1}: {system}: {res['samples_per_s']:.1f} samples/s, "
                     f"final loss {res['final_loss']}")
+    from tessera.amp.policy import make_policy
     row = {"bench": "lm_shakespeare", "parameters": params, "dim": a.dim, "layers": a.layers,
            "context": a.context, "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
-           "steps": a.steps, "rounds": a.rounds}
+           "steps": a.steps, "rounds": a.rounds,
+           # what ps_bf16's workers computed in: bfloat16 where the CPU has bf16
+           # arithmetic, else float32 (the bf16 is on the wire only; amp.cpu_bf16 = "auto")
+           "ps_bf16_compute": str(make_policy("bf16", "cpu").param_dtype).removeprefix("torch.")}
     for s in systems:
         row[f"{s}_samples_per_s"] = round(statistics.median(rates[s]), 2)
         row[f"{s}_rounds"] = rates[s]

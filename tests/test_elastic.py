@@ -276,19 +276,22 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     keep.write_text("[checkpoint]\nkeep = 100\n")
     flags = ["--workers", "2", "--servers", "2", "--quiet", "--checkpoint-every", "20",
              "--job", str(keep)]
-    # Steps long enough (sleeping: no more CPU) to train through a server's start.
+    # Steps slowed (sleeping: no more CPU) so that the job trains through a server's start
+    # and the moves, until the test has seen the job's last move (``fast``): then the rest
+    # go at full speed. With a fixed slow pace, the async job's scale-down and scale-up
+    # (two moves of a partition and a table shard each) outlasted 200, 300 and 400 steps
+    # on busy or slow machines (the job ended after the partition's move, before the
+    # shard's); now the moves happen while it trains however long they take.
+    fast = {a: tmp_path / "a.fast", asy: tmp_path / "async.fast"}
     script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.05"]
-    job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script], timeout_s=240)
-    reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, *script],
-                    timeout_s=240)  # never scaled
-    # The async job runs longer: on a busy machine its scale-down and scale-up (two moves of
-    # a partition and a table shard each) once outlasted 200 steps (the job ended after the
-    # partition's move, before the shard's), and in a clean-clone run on 2026-12-02 300 (the
-    # same way: the job ended before server 1's table shard had moved), and in one on
-    # 2026-12-06 on a half-speed machine 400 (the same way again).
-    async_steps = 600
+    job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script,
+               "--sleep-until", fast[a]], timeout_s=240)
+    reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, TABLE_JOB, "--steps",
+                     str(steps)], timeout_s=240)  # never scaled
+    async_steps = 800  # 32 s slowed at most, a few fast once the moves are done
     job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, TABLE_JOB, "--steps",
-                     str(async_steps), "--sleep", "0.04"], timeout_s=240)
+                     str(async_steps), "--sleep", "0.04", "--sleep-until", fast[asy]],
+                    timeout_s=240)
 
     def shard_moves(run: Path) -> int:
         return _text(run / "logs" / "coordinator-0.log").count(" moved table shards ")
@@ -308,6 +311,10 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
                 # completed after the move's log line may be of a clock saved before it
                 wait_for(lambda: _saved_by(run, 2) or proc.poll() is not None, 60,
                          "a checkpoint with server 2's file")
+        # The server scaled away has stopped too (its line in the coordinator's log)
+        wait_for(lambda: "stopped (scaled away)" in _text(run / "logs" / "coordinator-0.log")
+                 or proc.poll() is not None, 60, f"the scaled-away server of {run.name} to stop")
+        fast[run].touch()  # all of it happened while the job trained: the rest may go fast
 
     # Both jobs scaled at once (one after the other, the async job could finish first).
     failed = []

@@ -4,13 +4,15 @@ Digits features plus a categorical id (the sample's index mod 200) looked up in 
 8-wide ``tessera.nn.ShardedEmbedding`` (adagrad on the servers); an MLP on top (SGD
 with momentum on the servers). Written as a restartable loop (``model.start_step``),
 so ``--max-restarts`` and ``--resume`` continue it; ``--sleep`` slows each step so a
-test can kill a process while training runs; ``--prefetch`` names each next batch to
+test can kill a process while training runs (``--sleep-until FILE``: until the test
+made FILE, then the rest go fast); ``--prefetch`` names each next batch to
 ``model.prefetch`` (its rows pulled with the step's pushes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -40,6 +42,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--sleep-until", default="",
+                    help="sleep --sleep a step only until this file exists (a test that "
+                         "acts while training runs lets the rest of the steps go fast)")
     ap.add_argument("--dim", type=int, default=DIM, help="the table's row width")
     ap.add_argument("--memory-mb", type=float, default=0, help="the table's byte cap")
     ap.add_argument("--prefetch", action="store_true",
@@ -66,7 +71,7 @@ def main() -> None:
         model.step()
         if step % 5 == 4:
             tessera.log({"loss": loss.item()}, step=step + 1)
-        if args.sleep:
+        if args.sleep and not (args.sleep_until and os.path.exists(args.sleep_until)):
             time.sleep(args.sleep)
     model.eval()
     with torch.no_grad():
