@@ -521,10 +521,11 @@ def test_fault_ahead_makes_the_next_rows_present_on_another_thread_and_no_more()
     assert _resident(big, bound + 256, bound) < 0.05
 
 
-def test_the_fault_ahead_thread_ends_when_idle_or_stopped_and_starts_again():
+def test_the_fault_ahead_thread_ends_when_idle_or_stopped_and_starts_again(monkeypatch):
     """The fault-ahead thread is per process, not per job: it ends after
-    ``_AHEAD_LINGER_S`` without work, :func:`stop_fault_ahead` ends it at once (an
-    in-process job ends its threads), and the next request starts one that works."""
+    ``_AHEAD_LINGER_S`` without work (shortened here from 2 s), :func:`stop_fault_ahead`
+    ends it at once (an in-process job ends its threads), and the next request starts
+    one that works."""
     import time
 
     from tessera.ps import embedding_index
@@ -548,6 +549,7 @@ def test_the_fault_ahead_thread_ends_when_idle_or_stopped_and_starts_again():
     started = time.monotonic()
     stop_fault_ahead(timeout=5.0)
     assert not alive() and time.monotonic() - started < 1.0
+    monkeypatch.setattr(embedding_index, "_AHEAD_LINGER_S", 0.3)  # (read at each wait)
     fault_ahead(t, rows // 2, rows // 2)  # starts again
     assert _until_resident(t, rows // 2, rows // 2) == 1.0
     deadline = time.monotonic() + embedding_index._AHEAD_LINGER_S + 5.0
