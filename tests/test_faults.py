@@ -54,10 +54,11 @@ def finish(job: Job) -> str:
 def test_killed_worker_is_restarted_and_rejoins(tmp_path, mode):
     out = tmp_path / "run"
     extra = ["--staleness", "2"] if mode == "ssp" else []
-    # digits for 100 epochs (2,200 steps, 15-30 s): long enough for the restart (~5 s of
-    # imports) to happen mid-run.
+    # digits for 50 epochs (1,100 steps, 5-8 s on a slow 2-core machine): long enough for
+    # the restart (a fork of the warm fork server: 0.2-0.5 s, plus the second's delay
+    # below) to happen mid-run.
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", mode, "--max-restarts", "1",
-               "--epochs", "100", *extra], timeout_s=240)
+               "--epochs", "50", *extra], timeout_s=240)
     step_lines = random.Random(mode).randint(2, 5)  # a "random" step, reproducible per mode
     # A second later: the worker has reported its clock in a heartbeat (every 0.5 s), so
     # the restarted one resumes near where it died rather than at step 0.
