@@ -151,6 +151,7 @@ def main() -> None:
         sys.exit(f"lm_shakespeare.py: --systems: unknown {unknown}; choose from {SYSTEMS}")
     import torch
 
+    from tessera.amp.policy import make_policy
     from tessera.config import load_config
     from tessera.train.tasks import make_task
     load, t0, busy0, own0 = os.getloadavg()[0], time.monotonic(), busy_s(), own_s()
@@ -170,7 +171,6 @@ def main() -> None:
                 losses[system].append(res["final_loss"])
                 log(f"round {r + 1}: {system}: {res['samples_per_s']:.1f} samples/s, "
                     f"final loss {res['final_loss']}")
-    from tessera.amp.policy import make_policy
     row = {"bench": "lm_shakespeare", "parameters": params, "dim": a.dim, "layers": a.layers,
            "context": a.context, "workers": WORKERS, "servers": SERVERS, "batch_size": BATCH,
            "steps": a.steps, "rounds": a.rounds,

@@ -7,8 +7,9 @@ benchmark that fails is recorded and the next one runs. At the end `report.py` t
 JSON lines into the tables between the results markers of `benchmarks/README.md`.
 
 The sizes here are the ones the README's tables are made with: the whole set takes 45-90
-minutes on a quiet 2-core machine (88 on a 2-core AVX2 EPYC, 2026-12-06). Longer runs of single benchmarks (`faults.py --trials 20`,
-`table_memory.py --seconds 1500`) are written up in `benchmarks/HISTORY.md`.
+minutes on a quiet 2-core machine (88 on a 2-core AVX2 EPYC, 2026-12-06). Longer runs of
+single benchmarks (`faults.py --trials 20`, `table_memory.py --seconds 1500`) are written
+up in `benchmarks/HISTORY.md`.
 
     .venv/bin/python benchmarks/run_all.py                      # everything, then the report
     .venv/bin/python benchmarks/run_all.py --only ps_roundtrip,startup

@@ -491,6 +491,7 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
 
     from tessera.config.schema import OptimizerConfig
     from tessera.ps.client import PSClient
+    from tests.test_faults_inproc import values_of
     from tests.test_server_inproc import SECRET, TIMEOUT_S, Reference, flat_of
 
     lagging = threading.Event()
@@ -512,11 +513,8 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
         def push(client, grad, clock):
             return [client.push(p.id, grad[p.start:p.stop], clock) for p in shard_map.partitions]
 
-        def wait(handles):
-            return {pid: v for h in handles for pid, v in h.wait().items()}
-
         h0, h1 = push(w0, g0, 0), push(w1, g1, 0)
-        wait(h0), wait(h1)
+        values_of(h0), values_of(h1)
         ref.step((g0 + g1) / 2)
         _wait_backup_acked(servers, "clock 0")
         membership.departed = {1: 0}  # worker 1 died; it restarts as incarnation 1
@@ -528,9 +526,9 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
             rejoined.connect()
             joins = rejoined.join(2, incarnation=1)
             lagging.set()  # clock 1's update of server 0's partitions never reaches server 1
-            wait(push(w0, g0, 1))  # clock 1: worker 0 alone (worker 1 counts from 2)
+            values_of(push(w0, g0, 1))  # clock 1: worker 0 alone (worker 1 counts from 2)
             ref.step(g0)
-            wait(joins)  # answered at clock 2 by the primary
+            values_of(joins)  # answered at clock 2 by the primary
             (part,) = shard_map.on_server(0)
             assert servers[0].parts[part.id].clock == 2
             assert servers[1].backups[part.id].clock == 1
@@ -545,7 +543,7 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
             assert servers[1].stats["errors"] >= 1, "the early push was not refused"
             assert servers[1].parts[part.id].clock == 1
             h0 = push(w0, g0, 2)  # re-sends worker 0's clock-1 push first
-            got1, got0 = wait(first), wait(h0)
+            got1, got0 = values_of(first), values_of(h0)
             ref.step((g0 + g1) / 2)
             for p in shard_map.partitions:
                 want = ref.flat()[p.start:p.stop]
