@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/tessera run examples/digits.toml --workers 2 --servers 2 --mode sync
 
+# Two test files at a time (pytest-xdist; a file's tests stay together on one worker, the
+# slowest files first: tests/conftest.py). One at a time: `$(BIN)/python -m pytest -q`.
 test: setup
-	$(BIN)/python -m pytest -q --durations=40
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=40
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

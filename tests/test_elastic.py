@@ -281,14 +281,16 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
     # go at full speed. With a fixed slow pace, the async job's scale-down and scale-up
     # (two moves of a partition and a table shard each) outlasted 200, 300 and 400 steps
     # on busy or slow machines (the job ended after the partition's move, before the
-    # shard's); now the moves happen while it trains however long they take.
+    # shard's); now the moves happen while it trains however long they take, and the
+    # job's last step waits for ``fast`` (tests/scripts/table_job.py), so that it cannot
+    # end before its moves on a machine busy with other tests (it did once after 32 s).
     fast = {a: tmp_path / "a.fast", asy: tmp_path / "async.fast"}
     script = [TABLE_JOB, "--steps", str(steps), "--sleep", "0.05"]
     job = Job(["launch", *flags, "--mode", "sync", "--out", a, *script,
                "--sleep-until", fast[a]], timeout_s=240)
     reference = Job(["launch", *flags, "--mode", "sync", "--out", ref, TABLE_JOB, "--steps",
                      str(steps)], timeout_s=240)  # never scaled
-    async_steps = 800  # 32 s slowed at most, a few fast once the moves are done
+    async_steps = 800  # slowed until the moves are done, then fast
     job_async = Job(["launch", *flags, "--mode", "async", "--out", asy, TABLE_JOB, "--steps",
                      str(async_steps), "--sleep", "0.04", "--sleep-until", fast[asy]],
                     timeout_s=240)
@@ -325,6 +327,8 @@ def test_scale_moves_table_rows_live_in_sync_and_async_jobs_exactly(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
+    for marker in fast.values():  # (where a wait above failed: the jobs end now, not later)
+        marker.touch()
     assert failed == [None, None], failed
     finish(job)
     finish(reference)

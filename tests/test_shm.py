@@ -50,7 +50,9 @@ def segments(pid="self", name="tessera-shm") -> dict[str, tuple[int, int]]:
 
 def dev_shm() -> set[str]:
     """Shared-memory files in /dev/shm (not POSIX semaphores, ``sem.*``, which other
-    processes on a shared machine make and remove all the time)."""
+    processes on a shared machine make and remove all the time). The tests check that none
+    appeared, not that none went: another test's process (``make test`` runs two files at
+    once) may remove its own."""
     return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
 
 
@@ -127,7 +129,7 @@ def test_payloads_travel_through_one_segment_exactly_and_it_goes_with_the_client
         assert kind == "ShmFrame" and small_kind == "Frame", echo.seen
         assert any(lo <= addr < hi for lo, hi in mapped.values()), (hex(addr), mapped)
         assert echo.seen[0][0][0] == "Frame"  # the first push went before any segment
-        assert dev_shm() == before
+        assert not dev_shm() - before
     finally:
         client.close()
     # The client is gone: the server sees its unix socket close and drops the segment.
@@ -610,12 +612,12 @@ def test_kill_9_of_a_worker_then_a_server_leaves_no_segment(tmp_path):
         # the workers hold with server 0, and nothing appeared in /dev/shm.
         wait_for(lambda: steps_logged() > logged + 2, 90,
                  "training to go on after the server's death")
-        assert dev_shm() == before
+        assert not dev_shm() - before
         assert not any(holds_dev_shm(p) for p in [*pid.values(), job.proc.pid])
         assert job.proc.poll() is None
     finally:
         job.kill()
-    assert dev_shm() == before
+    assert not dev_shm() - before
     for p in cluster["processes"]:  # no segment, and no server's arena of masters
         wait_for(lambda p=p: not segments(p["pid"], "tessera-"), 15,
                  f"{p['role']} {p['rank']} to exit")

@@ -5,7 +5,8 @@ Digits features plus a categorical id (the sample's index mod 200) looked up in 
 with momentum on the servers). Written as a restartable loop (``model.start_step``),
 so ``--max-restarts`` and ``--resume`` continue it; ``--sleep`` slows each step so a
 test can kill a process while training runs (``--sleep-until FILE``: until the test
-made FILE, then the rest go fast); ``--prefetch`` names each next batch to
+made FILE, then the rest go fast; the last step waits for FILE, so that the job cannot end
+before the test has seen what it waits for, however slow the machine); ``--prefetch`` names each next batch to
 ``model.prefetch`` (its rows pulled with the step's pushes).
 """
 
@@ -44,7 +45,8 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--sleep-until", default="",
                     help="sleep --sleep a step only until this file exists (a test that "
-                         "acts while training runs lets the rest of the steps go fast)")
+                         "acts while training runs lets the rest of the steps go fast); "
+                         "the last step waits for it (at most 200 s)")
     ap.add_argument("--dim", type=int, default=DIM, help="the table's row width")
     ap.add_argument("--memory-mb", type=float, default=0, help="the table's byte cap")
     ap.add_argument("--prefetch", action="store_true",
@@ -62,6 +64,10 @@ def main() -> None:
     sampler = tessera.shard(1500, batch_size=args.batch)
     first = model.start_step(args.steps)
     for step in range(first, args.steps):
+        if args.sleep_until and step == args.steps - 1:
+            deadline = time.monotonic() + 200  # then it ends, and the test says what it missed
+            while not os.path.exists(args.sleep_until) and time.monotonic() < deadline:
+                time.sleep(0.05)
         idx = torch.from_numpy(sampler.indices(step))
         if args.prefetch and step + 1 < args.steps:  # sent with this step's pushes
             ahead = torch.from_numpy(sampler.indices(step + 1))
