@@ -46,10 +46,11 @@ def ctx():
 
 @pytest.fixture(scope="session", autouse=True)
 def warm_pool(tmp_path_factory):
-    """One warm pool (tessera/launch/warmpool.py) for the whole session: every job's fork
-    server is forked from it with its imports done, not started and importing torch
-    afresh (2-3 s of CPU per job). Tests of the fork server itself, and every job the pool
-    refuses (the no-pickle guard), start their own as without a pool."""
+    """One warm pool (tessera/launch/warmpool.py) for the whole session (for each xdist
+    worker under ``make test``): every job's fork server is forked from it with its
+    imports done, not started and importing torch afresh (2-3 s of CPU per job). Tests of
+    the fork server itself, and every job the pool refuses (the no-pickle guard), start
+    their own as without a pool."""
     import os
     import subprocess
     import sys

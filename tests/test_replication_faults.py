@@ -206,12 +206,12 @@ def test_a_replacement_answering_for_the_dead_backup_is_dropped_not_failed(ctx, 
 
 @contextlib.contextmanager
 def _async_pair(ctx, workers: int, intercept, mode: str = "async",
-                partition_elems: int = 10_000):
+                partition_elems: int = 10_000, tables: tuple = ()):
     """Two in-process servers (async unless ``mode``), each the other's backup
-    (``answer_early``), serving on threads; ``intercept(on_replicate)`` wraps server 1's
-    handler of forwarded updates. Yields (model, shard map, servers, stops, threads,
-    membership, clients of ``workers`` workers, connected, retaining their last answered
-    push)."""
+    (``answer_early``), serving on threads, with a shard of each of ``tables`` each;
+    ``intercept(on_replicate)`` wraps server 1's handler of forwarded updates. Yields
+    (model, shard map, servers, stops, threads, membership, clients of ``workers``
+    workers, connected, retaining their last answered push)."""
     import threading
 
     from tessera.config.schema import OptimizerConfig
@@ -233,7 +233,7 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
     servers = [ParameterServer(
         ServerOptions(rank=r, num_workers=workers, num_servers=2, mode=mode, timeout_s=3.0),
         endpoint=eps[r], partitions=shard_map.on_server(r),
-        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1), tables=list(tables) or None,
         hooks=ServerHooks(should_stop=stops[r].is_set, membership=membership),
         replicas=Replicas(backups=tuple(shard_map.on_server(1 - r)), peer=peers[r],
                           primary=1 - r, answer_early=True)) for r in range(2)]
@@ -550,6 +550,104 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
                 torch.testing.assert_close(got0[p.id], want)
                 torch.testing.assert_close(got1[p.id], want)
                 assert servers[1].parts[p.id].clock == 3
+        finally:
+            rejoined.close()
+
+
+def test_a_rejoined_workers_row_push_waits_for_a_promoted_table_copy_a_clock_behind(ctx):
+    """The test above for a table shard. Row updates are never answered early: worker 0's
+    clock-1 row push waits for the backup's Ack, which never comes (the backup drops
+    it), while the primary has applied clock 1 and answered worker 1's Join at clock 2.
+    The primary dies. Worker 1's clock-2 row push reaches the promoted copy, still at
+    clock 1, first: it is refused ("has yet to complete that clock"), nothing applied,
+    and sent again until worker 0's unanswered clock-1 push, sent again to the copy,
+    completed clock 1 there. The rows equal SGD stepping each clock's mean gradient."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from tessera.config.schema import OptimizerConfig
+    from tessera.ps.client import PSClient
+    from tessera.ps.embedding_ids import initial_rows, owner_of
+    from tessera.transport import wire
+    from tests.test_faults_inproc import values_of
+    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of
+
+    lagging = threading.Event()
+
+    def intercept(on_replicate):  # server 1's table service takes row updates
+        def drop_rows(peer, msg, frames):  # server 0's row updates: never on the backup
+            if not (lagging.is_set() and msg.kind == "rows"):
+                on_replicate(peer, msg, frames)
+        return drop_rows
+
+    dim, lr = 4, 0.1
+    spec = wire.TableSpec(name="items", dim=dim, init_scale=0.1, seed=3,
+                          optimizer=OptimizerConfig(name="sgd", lr=lr))
+    candidates = np.arange(64, dtype=np.int64)
+    ids = [candidates[owner_of(candidates, 2) == s][:5] for s in (0, 1)]  # per shard
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(5, dim, generator=gen) for _ in (0, 1)] for _ in (0, 1)]  # [w][s]
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports, not in a server
+    with _async_pair(ctx, 2, lambda on_replicate: on_replicate, mode="sync",
+                     tables=(spec,)) as (
+            model, shard_map, servers, stops, threads, membership, (w0, w1)):
+        servers[1].tables.on_replicate = intercept(servers[1].tables.on_replicate)
+        w0.init_params(flat_of(model))
+        n = shard_map.total_elems
+        dense = [torch.linspace(-1, 1, n), torch.linspace(2, 0, n)]
+
+        def push(client, w, clock, shards=(0, 1), rows=True, params=True):
+            handles = [client.push(p.id, dense[w][p.start:p.stop], clock)
+                       for p in shard_map.partitions] if params else []
+            return handles + ([client.push_tables(s, [("items", ids[s], grads[w][s])], clock)
+                               for s in shards] if rows else [])
+
+        for h in push(w0, 0, 0) + push(w1, 1, 0):
+            h.wait()
+        _wait_backup_acked(servers, "clock 0")
+        membership.departed = {1: 0}  # worker 1 died; it restarts as incarnation 1
+        rejoined = PSClient(ctx=ctx, shard_map=shard_map,
+                            server_addresses=[s.endpoint.address for s in servers],
+                            secret=SECRET, worker=1, incarnation=1, timeout_s=TIMEOUT_S,
+                            retain=1, dead_servers=lambda: membership.dead)
+        try:
+            rejoined.connect()
+            joins = rejoined.join(2, incarnation=1)
+            values_of(push(w0, 0, 1, rows=False))  # clock 1: worker 0 alone
+            values_of(joins)  # answered at clock 2 by the primary
+            lagging.set()  # clock 1's row update of shard 0 never reaches server 1
+            unanswered, other = push(w0, 0, 1, params=False)
+            other.wait()  # shard 1 (server 1's own): applied, acked by server 0, answered
+            shard0 = servers[0].tables.tables["items"]
+            deadline = time.monotonic() + 10
+            while shard0.clock < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert shard0.clock == 2 and servers[1].tables.backups["items"].clock == 1
+            # Server 0 dies with clock 1's row update unacked, its answer held. (A killed
+            # server says nothing more; this thread would refuse the held answer when the
+            # backup's Ack is 3 s late, while it stops.)
+            servers[0].replication.timeout_s = 600.0
+            stops[0].set()
+            threads[0].join(timeout=5)
+            membership.dead = [0]
+            lagging.clear()
+            errors = servers[1].stats["errors"]
+            first = push(rejoined, 1, 2, params=False)  # shard 0 reaches the copy at clock 1
+            deadline = time.monotonic() + 20
+            while servers[1].stats["errors"] == errors and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert servers[1].stats["errors"] > errors, "the early row push was not refused"
+            assert servers[1].tables.promoted[(0, "items")].clock == 1
+            later = push(w0, 0, 2, params=False)  # worker 0's clock-1 push goes again first
+            for h in [unanswered, *first, *later]:
+                h.wait()
+            assert servers[1].tables.promoted[(0, "items")].clock == 3
+            mean = (grads[0][0] + grads[1][0]) / 2
+            want = initial_rows(ids[0], dim, 3, 0.1) - lr * (mean + grads[0][0] + mean)
+            got = w0.pull_rows("items", 0, ids[0], clock=3, dim=dim).wait().reshape(5, dim)
+            torch.testing.assert_close(got, want)
         finally:
             rejoined.close()
 

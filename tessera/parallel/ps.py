@@ -575,7 +575,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 put(send, marks.backward_start_ns + off, sent)
             marks.backward_start_ns = marks.send_ns = 0
             put(wait, wait_start + off, int(waited * 1e9), {"clock": self.clock})
-            put(copy, copy_start + off, time.time_ns() - copy_start + int(copy_s * 1e9))
+            # The copying done while waiting (copy_s, out of ``waited``) is put before the
+            # rest: the span ends now, right after the wait's, not copy_s after the step.
+            copied_ns = int(copy_s * 1e9)
+            put(copy, copy_start - copied_ns + off, time.time_ns() - copy_start + copied_ns)
             # Communication in flight: first push sent .. last reply sent by a server.
             first = marks.first_push_ns + off
             end = max(self.client.last_reply_ns, wait_start + off)
