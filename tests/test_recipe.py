@@ -12,6 +12,7 @@ and per mistake, a few at a time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -48,10 +49,10 @@ def _launched(tmp_path, flags: list, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _in_process(tmp_path, *args: str) -> dict:
+def _in_process(tmp_path, *args: str, env: dict = None) -> dict:
     out = tmp_path / "one.json"
     proc = subprocess.run([sys.executable, str(RECIPE), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 
@@ -315,17 +316,25 @@ AT_ONCE = 3
 
 
 def _at_once(request, tmp_path_factory, test: str, param: str, run):
-    """A module fixture's body: ``run(value, cwd)`` for the value of ``param`` of every
-    selected case of ``test``, ``AT_ONCE`` at a time, each in a directory of its own,
-    started when the first case asks; yields value -> a future of what ``run`` returned."""
+    """A module fixture's body: ``run(value, cwd, env)`` for the value of ``param`` of
+    every selected case of ``test``, ``AT_ONCE`` at a time, each in a directory of its
+    own, started when the first case asks; yields value -> a future of what ``run``
+    returned.
+
+    ``env``: the environment as it is now, for the processes to start with. They start
+    from the pool's threads while this process runs the next tests, which may set
+    variables (an in-process job does): a process started with the live environment
+    (``env=None``) reads it in the child after ``vfork``, and one such start failed with
+    ``OSError: [Errno 14] Bad address`` (its environment array freed meanwhile)."""
     values = [item.callspec.params[param] for item in request.session.items
               if getattr(item, "originalname", "") == test]
     root = tmp_path_factory.mktemp(test[:40])
+    env = dict(os.environ)
 
     def in_own_dir(value):
         cwd = root / str(value)
         cwd.mkdir()
-        return run(value, cwd)
+        return run(value, cwd, env)
 
     with ThreadPoolExecutor(AT_ONCE) as pool:
         yield {value: pool.submit(in_own_dir, value) for value in values}
@@ -336,7 +345,8 @@ def optimizer_runs(request, tmp_path_factory):
     """``python recipe.py`` (one worker, the in-process server) with each selected class."""
     yield from _at_once(request, tmp_path_factory,
                         "test_every_elementwise_optimizer_runs_on_the_servers", "name",
-                        lambda name, cwd: _in_process(cwd, *_optimizer_args(name)))
+                        lambda name, cwd, env: _in_process(cwd, *_optimizer_args(name),
+                                                           env=env))
 
 
 def _optimizer_args(name: str) -> tuple:
@@ -562,7 +572,6 @@ def test_killed_worker_continues_its_share_every_sample_seen_once(tmp_path):
     """kill -9 of worker 1 mid-epoch with --max-restarts 1: its replacement continues
     its DistributedSampler share where the last applied step left it, so over the
     epoch every sample is trained on, and none twice (a lost step's are re-read)."""
-    import os
     import random
     import signal
 
@@ -603,7 +612,6 @@ def test_a_replaced_worker_whose_predecessor_made_collectives_is_refused_in_one_
     says so in one line at once, and the job fails within seconds, not after the
     collectives' half-hour wait (worker 0, waiting in its final all_reduce, is answered
     when the job fails)."""
-    import os
     import signal
     import time
 
@@ -716,9 +724,10 @@ def test_resume_continues_the_distributed_sampler_mid_epoch(tmp_path, cluster):
 def mistake_runs(request, tmp_path_factory):
     """Every selected case of ``tests/scripts/mistakes.py``, each a fresh plain process:
     name -> a future of its ``CompletedProcess``."""
-    def run(name, cwd):
+    def run(name, cwd, env):
         return subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mistakes.py"),
-                               name], capture_output=True, text=True, timeout=120, cwd=cwd)
+                               name], capture_output=True, text=True, timeout=120, cwd=cwd,
+                              env=env)
 
     yield from _at_once(request, tmp_path_factory,
                         "test_a_recipe_mistake_is_one_line_not_a_traceback", "mistake", run)
