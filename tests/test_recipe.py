@@ -325,7 +325,8 @@ def _at_once(request, tmp_path_factory, test: str, param: str, run):
     from the pool's threads while this process runs the next tests, which may set
     variables (an in-process job does): a process started with the live environment
     (``env=None``) reads it in the child after ``vfork``, and one such start failed with
-    ``OSError: [Errno 14] Bad address`` (its environment array freed meanwhile)."""
+    ``OSError: [Errno 14] Bad address`` (most likely its environment array, replaced
+    meanwhile by another thread)."""
     values = [item.callspec.params[param] for item in request.session.items
               if getattr(item, "originalname", "") == test]
     root = tmp_path_factory.mktemp(test[:40])

@@ -138,9 +138,9 @@ def test_async_worker_0_evaluates_after_every_push_and_counts_the_dead_life(tmp_
     out = tmp_path / "run"
     # Worker 1 is killed a quarter of the way by worker 0's steps (later, it may already
     # have finished: async workers run at their own pace, and on a machine busy with other
-    # tests it was done by worker 0's half-way step once); its replacement, which lost
-    # time, is often still pushing when worker 0 ends its loop, and worker 0 must wait for
-    # it before evaluating.
+    # tests it was done by worker 0's half-way step once: no restart); its replacement,
+    # which lost time, is often still pushing when worker 0 ends its loop, and worker 0
+    # must wait for it before evaluating.
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--mode", "async", "--max-restarts",
                "1", "--epochs", "12"], timeout_s=240)
     steps = planned_steps(job, out)

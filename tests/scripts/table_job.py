@@ -6,8 +6,8 @@ with momentum on the servers). Written as a restartable loop (``model.start_step
 so ``--max-restarts`` and ``--resume`` continue it; ``--sleep`` slows each step so a
 test can kill a process while training runs (``--sleep-until FILE``: until the test
 made FILE, then the rest go fast; the last step waits for FILE, so that the job cannot end
-before the test has seen what it waits for, however slow the machine); ``--prefetch`` names each next batch to
-``model.prefetch`` (its rows pulled with the step's pushes).
+before the test has seen what it waits for, however slow the machine); ``--prefetch``
+names each next batch to ``model.prefetch`` (its rows pulled with the step's pushes).
 """
 
 from __future__ import annotations
