@@ -477,6 +477,19 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
         assert [servers[1].parts[p.id].applied_pushes for p in parts] == [3] * len(parts)
 
 
+def _worker_1_restarted(ctx, shard_map, servers, membership):
+    """Worker 1 died (departed at clock 0): its restart, incarnation 1, as a client of
+    ``_async_pair``'s servers (not connected yet), keeping its last answered push."""
+    from tessera.ps.client import PSClient
+    from tests.test_server_inproc import SECRET, TIMEOUT_S
+
+    membership.departed = {1: 0}
+    return PSClient(ctx=ctx, shard_map=shard_map,
+                    server_addresses=[s.endpoint.address for s in servers], secret=SECRET,
+                    worker=1, incarnation=1, timeout_s=TIMEOUT_S, retain=1,
+                    dead_servers=lambda: membership.dead)
+
+
 def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
     """Sync, answer_early: worker 1 rejoins at clock 2, which the primary answers once it
     reached clock 2 while the backup still lacks clock 1's update. The primary dies.
@@ -490,9 +503,8 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
     import torch
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.client import PSClient
     from tests.test_faults_inproc import values_of
-    from tests.test_server_inproc import SECRET, TIMEOUT_S, Reference, flat_of
+    from tests.test_server_inproc import Reference, flat_of
 
     lagging = threading.Event()
 
@@ -517,11 +529,7 @@ def test_a_rejoined_workers_push_waits_for_a_promoted_copy_a_clock_behind(ctx):
         values_of(h0), values_of(h1)
         ref.step((g0 + g1) / 2)
         _wait_backup_acked(servers, "clock 0")
-        membership.departed = {1: 0}  # worker 1 died; it restarts as incarnation 1
-        rejoined = PSClient(ctx=ctx, shard_map=shard_map,
-                            server_addresses=[s.endpoint.address for s in servers],
-                            secret=SECRET, worker=1, incarnation=1, timeout_s=TIMEOUT_S,
-                            retain=1, dead_servers=lambda: membership.dead)
+        rejoined = _worker_1_restarted(ctx, shard_map, servers, membership)
         try:
             rejoined.connect()
             joins = rejoined.join(2, incarnation=1)
@@ -568,11 +576,10 @@ def test_a_rejoined_workers_row_push_waits_for_a_promoted_table_copy_a_clock_beh
     import torch
 
     from tessera.config.schema import OptimizerConfig
-    from tessera.ps.client import PSClient
     from tessera.ps.embedding_ids import initial_rows, owner_of
     from tessera.transport import wire
     from tests.test_faults_inproc import values_of
-    from tests.test_server_inproc import SECRET, TIMEOUT_S, flat_of
+    from tests.test_server_inproc import flat_of
 
     lagging = threading.Event()
 
@@ -607,11 +614,7 @@ def test_a_rejoined_workers_row_push_waits_for_a_promoted_table_copy_a_clock_beh
         for h in push(w0, 0, 0) + push(w1, 1, 0):
             h.wait()
         _wait_backup_acked(servers, "clock 0")
-        membership.departed = {1: 0}  # worker 1 died; it restarts as incarnation 1
-        rejoined = PSClient(ctx=ctx, shard_map=shard_map,
-                            server_addresses=[s.endpoint.address for s in servers],
-                            secret=SECRET, worker=1, incarnation=1, timeout_s=TIMEOUT_S,
-                            retain=1, dead_servers=lambda: membership.dead)
+        rejoined = _worker_1_restarted(ctx, shard_map, servers, membership)
         try:
             rejoined.connect()
             joins = rejoined.join(2, incarnation=1)
