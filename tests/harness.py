@@ -88,3 +88,22 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+#: The fault goals' bound on recovery: a killed process's replacement completes a step
+#: within this many seconds of the kill ...
+RECOVERY_S = 5.0
+#: ... unless the machine's 1-minute load is over this (other tests' processes beside it).
+BUSY_LOAD = 4.0
+
+
+def load_1m() -> float:
+    """The machine's 1-minute load average."""
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def recovered_in_time(seconds: float) -> bool:
+    """Whether a recovery of ``seconds`` meets the fault goals' bound (or the machine was
+    too busy for the bound to say anything)."""
+    return seconds <= RECOVERY_S or load_1m() > BUSY_LOAD

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tessera.config import config_from_dict
 from tessera.data.datasets import load_dataset
 from tessera.models import build_model
-from tests.harness import ROOT, Job, wait_for
+from tests.harness import ROOT, Job, load_1m, recovered_in_time, wait_for
 
 DIGITS = str(ROOT / "examples" / "digits.toml")
 
@@ -101,8 +101,7 @@ def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path, precis
     # tests/test_regroup.py allows them (4.1 s once with another test file beside it,
     # the rejoin itself 0.14 s of that), and said where its rejoin's time went.
     done = float(re.search(r"completed step \d+ at unix ([\d.]+)", log).group(1))
-    load = float(open("/proc/loadavg").read().split()[0])
-    assert done - killed <= 5.0 or load > 4, (done - killed, load, log[-1500:])
+    assert recovered_in_time(done - killed), (done - killed, load_1m(), log[-1500:])
     assert summary["worker_rejoin_s"][1] < 3.0, summary["worker_rejoin_s"]
     assert "rejoined the job at clock" in log and "registration" in log, log[-1500:]
     # So few clocks ran on survivors' half-batches that accuracy holds (0.97 without a
