@@ -184,11 +184,13 @@ class EmbeddingShard(ShardState):
         self.check_ids(ids)
         # Strictly increasing ids (what np.unique gives the callers) are unique
         # without sorting; otherwise sort and compare neighbours.
-        increasing = ids if bool(np.all(ids[1:] > ids[:-1])) else np.sort(ids)
-        num_distinct = len(ids) - int(np.count_nonzero(increasing[1:] == increasing[:-1]))
-        if num_distinct != len(ids):
-            raise TableError(f"{where}: apply() needs unique ids (sum the gradients of "
-                             f"repeated ids first); got {len(ids)} ids, {num_distinct} distinct")
+        if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+            ordered = np.sort(ids)
+            num_distinct = len(ids) - int(np.count_nonzero(ordered[1:] == ordered[:-1]))
+            if num_distinct != len(ids):
+                raise TableError(f"{where}: apply() needs unique ids (sum the gradients of "
+                                 f"repeated ids first); got {len(ids)} ids, {num_distinct} "
+                                 f"distinct")
         if not isinstance(grads, torch.Tensor) or grads.dtype != torch.float32:
             got = grads.dtype if isinstance(grads, torch.Tensor) else type(grads).__name__
             raise TableError(f"{where}: grads must be a float32 torch.Tensor, got {got}")

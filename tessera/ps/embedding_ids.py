@@ -19,6 +19,8 @@ or allocates rows up front. Two pure functions of the id replace both:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -30,15 +32,20 @@ _GAMMA = np.uint64(kernels.HASH_MUL)
 _MUL1, _MUL2 = np.uint64(kernels.MUL1), np.uint64(kernels.MUL2)
 
 
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 output for state ``x`` (uint64 array, wraps mod 2^64), in place."""
-    with np.errstate(over="ignore"):
-        x += _GAMMA
-        x ^= x >> np.uint64(30)
-        x *= _MUL1
-        x ^= x >> np.uint64(27)
-        x *= _MUL2
-        x ^= x >> np.uint64(31)
+    """SplitMix64 output for state ``x`` (a uint64 array of at least one dimension, wraps
+    mod 2^64), in place. numpy wraps integer *array* arithmetic silently (only scalar
+    arithmetic warns on overflow), so no ``np.errstate`` is needed: entering one cost
+    ~10 µs, a fifth of a one-row lookup's Python (benchmarks/HISTORY.md, session 49)."""
+    x += _GAMMA
+    x ^= x >> _S30
+    x *= _MUL1
+    x ^= x >> _S27
+    x *= _MUL2
+    x ^= x >> _S31
     return x
 
 
@@ -65,6 +72,17 @@ def owner_of(ids: np.ndarray, num_servers: int) -> np.ndarray:
 _INIT_BLOCK_ELEMENTS = 1 << 15
 
 
+@functools.lru_cache(maxsize=64)
+def _keys(seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A table's constants for :func:`initial_rows`, computed once per (seed, dim):
+    ``splitmix64(seed)`` and each column's state offset ``c * gamma`` (c = 1 .. dim:
+    SplitMix64's own ``+ gamma`` folded in). Read-only, as they are shared."""
+    seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    columns = np.arange(1, dim + 1, dtype=np.uint64) * _GAMMA
+    seed_key.flags.writeable = columns.flags.writeable = False
+    return seed_key, columns
+
+
 def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float,
                  out: np.ndarray | None = None) -> torch.Tensor:
     """The initial values of rows ``ids``: fp32 ``[len(ids), dim]``, uniform in
@@ -82,22 +100,20 @@ def initial_rows(ids: np.ndarray, dim: int, seed: int, scale: float,
     """
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
-    seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-    row_key = _splitmix64(_as_uint64(ids) ^ seed_key)
-    n = len(row_key)
+    seed_key, columns = _keys(seed, dim)
+    n = len(ids)
     if out is None:
         out = np.empty((n, dim), dtype=np.float32)
     elif out.shape != (n, dim) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {(n, dim)}, got {out.dtype} {out.shape}")
-    with np.errstate(over="ignore"):
-        # State of column c before mixing: row_key + c * gamma, plus splitmix's gamma.
-        columns = np.arange(1, dim + 1, dtype=np.uint64) * _GAMMA
     # (2k + 1 - 2^24) / 2^24 == k * 2^-23 + (2^-24 - 1): every term and the sum are
     # exact in fp32 (k < 2^24), so this equals the integer formula bit for bit.
     step, offset, fscale = np.float32(2.0 ** -23), np.float32(2.0 ** -24 - 1), np.float32(scale)
-    if kernels.ENABLED and n:
-        kernels.fill_initial(row_key, columns, step, offset, fscale, out)
+    if kernels.ENABLED and n:  # the row keys computed in the loop, no temporaries
+        kernels.fill_initial(np.ascontiguousarray(ids, np.int64).reshape(-1), seed_key[0],
+                             columns, step, offset, fscale, out)
         return torch.from_numpy(out)
+    row_key = _splitmix64(_as_uint64(ids) ^ seed_key)
     block = max(1, _INIT_BLOCK_ELEMENTS // dim)
     h_buf = np.empty((min(block, n), dim), dtype=np.uint64)
     t_buf = np.empty_like(h_buf)

@@ -145,13 +145,17 @@ def place_ids(table, ids, slots, bits):
 
 
 @_jit
-def fill_initial(row_key, columns, step, offset, scale, out):
-    """``out[r, c]``: the initial value of column ``c`` of the row whose SplitMix64 key
-    is ``row_key[r]`` (see :func:`tessera.ps.embedding_ids.initial_rows`)."""
-    mul1, mul2 = np.uint64(MUL1), np.uint64(MUL2)
-    s30, s27, s40 = np.uint64(30), np.uint64(27), np.uint64(40)
-    for r in range(row_key.shape[0]):
-        key = row_key[r]
+def fill_initial(ids, seed_key, columns, step, offset, scale, out):
+    """``out[r, c]``: the initial value of column ``c`` of row ``ids[r]`` (int64 ids,
+    non-negative), whose key is ``splitmix64(ids[r] xor seed_key)`` (see
+    :func:`tessera.ps.embedding_ids.initial_rows`)."""
+    gamma, mul1, mul2 = np.uint64(HASH_MUL), np.uint64(MUL1), np.uint64(MUL2)
+    s30, s27, s31, s40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
+    for r in range(ids.shape[0]):
+        key = (np.uint64(ids[r]) ^ seed_key) + gamma
+        key = (key ^ (key >> s30)) * mul1
+        key = (key ^ (key >> s27)) * mul2
+        key = key ^ (key >> s31)
         for c in range(columns.shape[0]):
             h = key + columns[c]
             h = (h ^ (h >> s30)) * mul1
@@ -568,7 +572,8 @@ def warm(optimizers=None) -> list[str]:
     find_slots(table, ids, 3, slots)
     find_buckets(table, ids, 3, slots)
     rows, grad = np.zeros((1, 4), f32), np.zeros((1, 4), f32)
-    fill_initial(np.zeros(1, np.uint64), np.zeros(4, np.uint64), f32(1), f32(0), f32(1), rows)
+    fill_initial(np.zeros(1, np.int64), np.uint64(0), np.zeros(4, np.uint64), f32(1), f32(0),
+                 f32(1), rows)
     at, one = np.zeros(1, i64), f32(1)
     gather(rows, at, grad)
     if "sgd" in names:
