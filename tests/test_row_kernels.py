@@ -167,6 +167,41 @@ torch.optim.SGD([torch.zeros(4, requires_grad=True)], lr=0.1)
 print(have, gc.get_freeze_count() > 1000, len(gc.get_objects()) < 20_000)
 """
 
+_SERVES_WARM = """
+import numpy as np, torch
+from tessera.config.schema import OptimizerConfig
+from tessera.ps import kernels
+from tessera.ps.embedding import EmbeddingShard, TableSpec
+kernels.warm()
+row_kernels = ("find_slots", "find_buckets", "place_ids", "fill_initial", "gather",
+               "sgd_rows", "adagrad_rows", "adam_rows")
+before = {k: len(getattr(kernels, k).signatures) for k in row_kernels}
+for name in ("sgd", "adagrad", "adam"):
+    for spec in (TableSpec(name="t", dim=16, num_embeddings=None,
+                           optimizer=OptimizerConfig(name=name, lr=0.1), seed=3),
+                 TableSpec(name="c", dim=16, num_embeddings=None, memory_bytes=1 << 20,
+                           optimizer=OptimizerConfig(name=name, lr=0.1))):
+        shard = EmbeddingShard(spec, spec.optimizer)
+        for clock in range(3):  # new rows (their initial values), then known ones
+            ids = np.arange(clock * 50, clock * 50 + 200, dtype=np.int64)
+            shard.lookup(ids, clock)
+            shard.apply(ids, torch.full((len(ids), 16), 0.01), clock)
+print(sorted(k for k in row_kernels if len(getattr(kernels, k).signatures) > before[k]))
+"""
+
+
+def test_warmed_kernels_serve_every_sparse_request_without_compiling_again():
+    """kernels.warm() compiles each row kernel for the argument types a shard passes it:
+    lookups that create rows (their initial values), lookups of known rows and every
+    optimizer's updates, with and without a byte cap, compile no further signature (one
+    that did would compile in the serve loop, a pause of tenths of a second at a table's
+    first request). A fresh process: compiled kernels are per process."""
+    out = subprocess.run([sys.executable, "-c", _SERVES_WARM], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 _AHEAD = """
 import json, os, sys
 from tessera.config import config_to_dict

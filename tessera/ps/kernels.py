@@ -572,8 +572,8 @@ def warm(optimizers=None) -> list[str]:
     find_slots(table, ids, 3, slots)
     find_buckets(table, ids, 3, slots)
     rows, grad = np.zeros((1, 4), f32), np.zeros((1, 4), f32)
-    fill_initial(np.zeros(1, np.int64), np.uint64(0), np.zeros(4, np.uint64), f32(1), f32(0),
-                 f32(1), rows)
+    from tessera.ps.embedding_ids import initial_rows  # (which imports this module)
+    initial_rows(np.zeros(1, i64), 4, 0, 1.0, out=rows)  # fill_initial, as a shard calls it
     at, one = np.zeros(1, i64), f32(1)
     gather(rows, at, grad)
     if "sgd" in names:
