@@ -572,8 +572,12 @@ def warm(optimizers=None) -> list[str]:
     find_slots(table, ids, 3, slots)
     find_buckets(table, ids, 3, slots)
     rows, grad = np.zeros((1, 4), f32), np.zeros((1, 4), f32)
-    from tessera.ps.embedding_ids import initial_rows  # (which imports this module)
-    initial_rows(np.zeros(1, i64), 4, 0, 1.0, out=rows)  # fill_initial, as a shard calls it
+    # fill_initial with the argument types initial_rows passes it (the column offsets it
+    # caches are read-only, and numba compiles a read-only array apart; held by
+    # tests/test_row_kernels.py, which drives a shard after warm() and compiles nothing)
+    columns = np.zeros(4, np.uint64)
+    columns.flags.writeable = False
+    fill_initial(np.zeros(1, i64), np.uint64(0), columns, f32(1), f32(0), f32(1), rows)
     at, one = np.zeros(1, i64), f32(1)
     gather(rows, at, grad)
     if "sgd" in names:
