@@ -654,3 +654,65 @@ def test_big_shards_on_mapped_storage_equal_small_storage(accumulator, reserve, 
     expected = torch.full((len(fresh), dim), accumulator).addcmul_(g, g, value=1)
     assert torch.equal(a["state.sum"][torch.from_numpy(at)], expected)
 
+
+
+@pytest.mark.parametrize("kind", ["stored", "admit", "capped"])
+def test_a_lookup_written_into_a_given_tensor_equals_a_fresh_answer(kind):
+    """``lookup(out=...)`` (a server gathers a pull's rows where the client reads them)
+    answers what a plain lookup answers: stored rows, rows not admitted yet (answered
+    with their initial value), repeated and unsorted ids, a capped table."""
+    extra = {"stored": {}, "admit": {"admit_after": 2},
+             "capped": {"memory_bytes": 64 << 10, "num_embeddings": 1 << 40}}[kind]
+    spec = TableSpec(**{**dict(name="items", dim=DIM, num_embeddings=NUM_ROWS,
+                               init_scale=SCALE, seed=SEED), **extra})
+    opt = OptimizerConfig(name="adagrad", lr=0.1)
+    a, b = EmbeddingShard(spec, opt), EmbeddingShard(spec, opt)
+    rng = np.random.default_rng(3)
+    for clock in range(6):
+        ids = rng.integers(0, NUM_ROWS, size=40)  # repeats, unsorted
+        if clock % 2:
+            ids = np.unique(ids)
+        out = torch.full((len(ids), DIM), float("nan"))
+        got = a.lookup(ids, clock, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(out, b.lookup(ids, clock)), (kind, clock)
+        push = np.unique(ids)
+        g = torch.from_numpy(rng.standard_normal((len(push), DIM), dtype=np.float32))
+        a.apply(push, g, clock)
+        b.apply(push, g, clock)
+
+
+def test_a_push_after_a_lookup_of_its_rows_steps_the_rows_a_probe_finds():
+    """The push that follows a lookup of the same rows takes that lookup's slots after
+    checking that each still holds its id (:meth:`EmbeddingShard._slots_of`). Through
+    evictions and freed slots taken by other ids in between, it steps exactly the rows
+    a probe of the index finds (a twin that always probes), bit for bit."""
+    spec = TableSpec(name="items", dim=DIM, num_embeddings=None, init_scale=SCALE, seed=SEED,
+                     evict_after=2)
+    opt = OptimizerConfig(name="adagrad", lr=0.1)
+    cached, probed = EmbeddingShard(spec, opt), EmbeddingShard(spec, opt)
+    rng = np.random.default_rng(8)
+    taken = held = 0
+    for clock in range(40):
+        ids = np.unique(rng.integers(0, 200, size=50))
+        for shard in (cached, probed):
+            shard.lookup(ids, clock)
+        looked_up = cached._looked_up
+        assert looked_up is not None
+        if clock % 3 == 1:  # the lookup's rows dropped and their slots given to others
+            other = np.unique(rng.integers(200, 400, size=60))
+            for shard in (cached, probed):
+                shard.evict(clock + 3)
+                shard.apply(other, torch.ones(len(other), DIM), clock)
+            cached._looked_up = looked_up  # as if the push had come right after the lookup
+            taken += bool(np.any((cached._rows.ids[looked_up] != ids)
+                                 & (cached._rows.ids[looked_up] >= 0)))
+        else:
+            held += bool(np.array_equal(cached._rows.ids[looked_up], ids))
+        probed._looked_up = None
+        g = torch.from_numpy(rng.standard_normal((len(ids), DIM), dtype=np.float32))
+        cached.apply(ids, g, clock)
+        probed.apply(ids, g, clock)
+        a, b = cached.export_state(), probed.export_state()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), clock
+    assert taken and held  # both ways through the check were taken

@@ -542,6 +542,45 @@ def test_an_entry_released_while_the_producer_reclaims_is_freed_once():
         seg.close()
 
 
+def test_a_reply_written_where_the_producer_reserved_goes_without_a_copy():
+    """Producer.reserve: a frame written in place goes as that place (the bytes are not
+    copied anywhere else in the region); dropped unsent, the place is freed; sent twice,
+    the second time it is copied like any frame."""
+    import gc
+    seg = shm.Segment.create(region=1 << 22)
+    try:
+        producer = shm.Producer(seg, shm.DOWN)
+        assert producer.reserve(shm.MIN_BYTES - 1) is None  # too small for the segment
+        buf = producer.reserve(3 * shm.MIN_BYTES)
+        at = buf.ctypes.data - producer.data.ctypes.data
+        rows = torch.from_numpy(buf.view(np.float32))
+        rows.copy_(torch.arange(len(rows), dtype=torch.float32))
+        # another frame meanwhile is placed elsewhere, not over the reserved bytes
+        other, _ = producer.put([np.full(shm.MIN_BYTES, 7, np.uint8)])
+        assert not at <= other[0][1] < at + 3 * shm.MIN_BYTES, (at, other)
+        slots, inline = producer.put([tensor_to_frame(rows)])
+        assert inline == [] and slots[0][1:] == (at, 3 * shm.MIN_BYTES), (slots, at)
+        got = shm.receive(seg, shm.DOWN, slots[0])  # what the consumer reads there
+        assert torch.equal(torch.from_numpy(got.view(np.float32)), rows)
+        assert len(producer.live) == 2 and not producer.reserved
+        again, _ = producer.put([tensor_to_frame(rows)])  # no longer reserved: a copy
+        assert again[0][1] != at and again[0][0] != slots[0][0], (again, slots)
+        # A reservation dropped unsent frees its place for the next frame.
+        unsent = producer.reserve(shm.MIN_BYTES)
+        assert unsent is not None and len(producer.live) == 4
+        del unsent
+        gc.collect()
+        assert not producer.reserved
+        for entry in (slots[0][0], other[0][0], again[0][0]):
+            seg.status[shm.DOWN][entry] = 0  # the consumer let go of the frames sent
+        del got
+        nxt, _ = producer.put([np.full(shm.MIN_BYTES, 1, np.uint8)])
+        assert nxt[0][1] == 0 and len(producer.live) == 1, (nxt, producer.live)
+        assert len(producer.free) + len(producer.live) == shm.ENTRIES  # no entry leaked
+    finally:
+        seg.close()
+
+
 def fcntl_future_write(fd: int) -> bool:
     import fcntl
     return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & 0x10)

@@ -176,3 +176,42 @@ def test_export_comes_in_pages_below_the_reply_limit(server, monkeypatch):
     assert ids.tolist() == touched.tolist()
     torch.testing.assert_close(rows, got_rows.reshape(len(touched), SPEC.dim))
     assert [m.start for m in sent] == [0, 3, 6, 9]  # four pages, none over the limit
+
+
+def test_rows_pulled_through_shared_memory_are_the_tables_and_pushes_step_them():
+    """A client on the server's host: its row pulls of 64 KiB and more come through the
+    shared-memory segment, gathered there by the server (tessera.transport.shm's
+    ``reserve``: no copy), and equal a shard in this process stepped with the same
+    pushes, bit for bit: rows created by the pull, rows stepped before, repeats."""
+    spec = wire.TableSpec(name="big", dim=64, num_embeddings=None, init_scale=0.1, seed=3,
+                          optimizer=OptimizerConfig(name="adagrad", lr=0.05))
+    ctx = zmq.Context()
+    ep = ServerEndpoint(ctx, "127.0.0.1", SECRET, shm=True)
+    stop = threading.Event()
+    srv = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"), endpoint=ep,
+                          partitions=[], optimizer=OptimizerConfig(), tables=[spec],
+                          hooks=ServerHooks(should_stop=stop.is_set))
+    t = threading.Thread(target=srv.serve, daemon=True)
+    t.start()
+    client = PSClient(ctx=ctx, shard_map=ShardMap(layout=(), partitions=(), num_servers=1),
+                      server_addresses=[ep.address], secret=SECRET, worker=0, timeout_s=10)
+    client.connect()
+    ref = EmbeddingShard(spec, spec.optimizer)
+    rng = np.random.default_rng(2)
+    try:
+        for clock in range(8):
+            ids = np.unique(rng.integers(0, 20_000, size=3000))  # ~700 KB of rows
+            got = client.pull_rows("big", 0, ids, clock).wait().reshape(len(ids), 64)
+            assert torch.equal(got, ref.lookup(ids, clock)), clock
+            del got  # the reply's place in the segment is let go of
+            g = torch.from_numpy(rng.standard_normal((len(ids), 64), dtype=np.float32))
+            client.push_rows("big", 0, ids, g, clock).wait()
+            ref.apply(ids, g, clock)
+        assert client.servers[0].shm_bytes_in >= 3 * 2500 * 64 * 4  # rows came that way
+        assert ep.shm_bytes_out == client.servers[0].shm_bytes_in
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        ep.close()
+        ctx.destroy(linger=0)

@@ -128,6 +128,10 @@ class EmbeddingShard(ShardState):
         #: victim scan looks at and the clock of the next expiry sweep.
         self.capacity: Capacity | None = None
         self._freq = np.empty(0, dtype=np.float32)
+        #: The slots the last lookup answered (each id's, all stored), which the push of
+        #: the same rows usually follows: :meth:`_slots_of` checks them instead of
+        #: probing the index again.
+        self._looked_up: np.ndarray | None = None
         self._bloom: CountingBloom | None = None
         self._hand = 0
         self._next_sweep = 0
@@ -277,8 +281,10 @@ class EmbeddingShard(ShardState):
 
     # ---- requests -----------------------------------------------------------------
 
-    def lookup(self, ids: np.ndarray, clock: int, checked: bool = False) -> torch.Tensor:
-        """Current rows of ``ids`` (repeats allowed): a new fp32 ``[len(ids), dim]``.
+    def lookup(self, ids: np.ndarray, clock: int, checked: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Current rows of ``ids`` (repeats allowed): a new fp32 ``[len(ids), dim]``, or
+        ``out`` (fp32 ``[len(ids), dim]``, contiguous) written with them.
 
         Unknown ids are created from :func:`initial_rows` once admitted. Each call
         counts one lookup per distinct id toward ``admit_after``; ids not yet
@@ -293,7 +299,7 @@ class EmbeddingShard(ShardState):
             unique, inverse = np.unique(ids, return_inverse=True)
             inverse = inverse.reshape(-1)
         if self.capacity is not None:
-            return self._lookup_capped(unique, inverse, clock)
+            return self._lookup_capped(unique, inverse, clock, out)
         slots = self._rows.find(unique)
         self._rows.touch(slots[slots >= 0], clock)
         absent = slots < 0
@@ -307,22 +313,35 @@ class EmbeddingShard(ShardState):
                 # an update creates them, evicting the least recently touched.
                 where = where[:max(0, budget - len(self._rows))]
             slots[where] = self._create(unique[where], clock)
-        return self._answer(unique, inverse, slots)
+            # (only where every row is stored: -1 is no slot to check)
+            self._looked_up = slots if len(where) == np.count_nonzero(absent) else None
+        else:
+            self._looked_up = slots
+        return self._answer(unique, inverse, slots, out)
 
-    def _answer(self, unique: np.ndarray, inverse, slots: np.ndarray) -> torch.Tensor:
+    def _answer(self, unique: np.ndarray, inverse, slots: np.ndarray,
+                into: torch.Tensor | None = None) -> torch.Tensor:
         """The rows of ``unique`` (stored at ``slots``, -1: not stored, answered with
-        the initial value), per position through ``inverse`` when given."""
+        the initial value), per position through ``inverse`` when given; written into
+        ``into`` when given."""
         stored = slots >= 0
         if stored.all():
             # Every row is stored: one gather of the rows straight into the answer
             # (slot per position, repeats included), no per-unique-id intermediate.
-            return gather_rows(self._values, slots if inverse is None else slots[inverse])
-        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32)
+            return gather_rows(self._values, slots if inverse is None else slots[inverse],
+                               into)
+        out = torch.empty((len(unique), self.spec.dim), dtype=torch.float32) \
+            if into is None or inverse is not None else into
         out[torch.from_numpy(stored)] = gather_rows(self._values, slots[stored])
         spec = self.spec
         out[torch.from_numpy(~stored)] = initial_rows(unique[~stored], spec.dim,
                                                       spec.seed, spec.init_scale)
-        return out if inverse is None else out[torch.from_numpy(inverse)]
+        if inverse is None:
+            return out
+        if into is None:
+            return out[torch.from_numpy(inverse)]
+        torch.index_select(out, 0, torch.from_numpy(inverse), out=into)
+        return into
 
     # ---- under a byte cap ----------------------------------------------------------
 
@@ -340,7 +359,8 @@ class EmbeddingShard(ShardState):
                 slots[old] = -1
         return slots
 
-    def _lookup_capped(self, unique: np.ndarray, inverse, clock: int) -> torch.Tensor:
+    def _lookup_capped(self, unique: np.ndarray, inverse, clock: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         slots = self._find_live(unique, clock)
         found = slots[slots >= 0]
         if len(found):
@@ -364,7 +384,7 @@ class EmbeddingShard(ShardState):
                 slots[where] = self._create(unique[where], clock)
                 if len(self._freq):
                     self._freq[slots[where]] = seen
-        return self._answer(unique, inverse, slots)
+        return self._answer(unique, inverse, slots, out)
 
     def _count(self, slots: np.ndarray, clock: int, add: float) -> None:
         """LFU: decay the lookup counts of ``slots`` to ``clock``, then add ``add``."""
@@ -486,7 +506,7 @@ class EmbeddingShard(ShardState):
             self.check_update(ids, grads)
         self.steps += 1
         capped = self.capacity is not None
-        slots = self._find_live(ids, clock) if capped else self._rows.find(ids)
+        slots = self._find_live(ids, clock) if capped else self._slots_of(ids)
         missing = slots < 0
         if missing.any() and self.spec.admit_after == 1:
             where = np.flatnonzero(missing)
@@ -508,6 +528,18 @@ class EmbeddingShard(ShardState):
             self._sweep(clock)
         else:
             self.evict(clock)
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """``self._rows.find(ids)``. Where the last lookup answered the same number of
+        ids, its slots are checked first: if each still holds its id (the index's
+        slot -> id array says so), they are the answer, as a probe would have found
+        them (an id is stored in one slot at most); otherwise the index is probed. One
+        gather and compare of ``len(ids)`` ids against a probe per id."""
+        last, self._looked_up = self._looked_up, None
+        if last is not None and len(last) == len(ids) and \
+                np.array_equal(self._rows.ids[last], ids):
+            return last
+        return self._rows.find(ids)
 
     def _step(self, slots: np.ndarray, grad: torch.Tensor) -> None:
         state_index = self._state_of(slots) if self._state else None

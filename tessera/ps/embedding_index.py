@@ -295,17 +295,21 @@ def rows_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy().view(np.dtype((np.void, t.shape[1] * t.element_size()))).reshape(-1)
 
 
-def gather_rows(src: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
-    """``src[slots]`` (rows, repeats allowed) as a new contiguous tensor: the compiled
-    loop that asks for rows ahead (:func:`tessera.ps.kernels.gather`; a table larger
-    than the caches answers each row from memory), else numpy's ``take``."""
+def gather_rows(src: torch.Tensor, slots: np.ndarray,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``src[slots]`` (rows, repeats allowed) as a new contiguous tensor, or written into
+    ``out`` (contiguous, ``[len(slots), width]`` of ``src``'s dtype): the compiled loop
+    that asks for rows ahead (:func:`tessera.ps.kernels.gather`; a table larger than the
+    caches answers each row from memory), else numpy's ``take``."""
     rows = src.numpy()
     if kernels.ENABLED and rows.ndim == 2 and slots.dtype == np.int64:
-        out = np.empty((len(slots), rows.shape[1]), dtype=rows.dtype)
-        kernels.gather(rows, slots, out)
-        return torch.from_numpy(out)
-    out = np.take(rows_view(src), slots)
-    return torch.from_numpy(out.view(rows.dtype).reshape(len(slots), rows.shape[1]))
+        into = np.empty((len(slots), rows.shape[1]), dtype=rows.dtype) if out is None \
+            else out.numpy()
+        kernels.gather(rows, slots, into)
+        return torch.from_numpy(into) if out is None else out
+    got = np.take(rows_view(src), slots)
+    got = torch.from_numpy(got.view(rows.dtype).reshape(len(slots), rows.shape[1]))
+    return got if out is None else out.copy_(got)
 
 
 def scatter_rows(dst: torch.Tensor, slots: np.ndarray, rows: torch.Tensor) -> None:

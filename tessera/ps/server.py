@@ -111,7 +111,8 @@ class ParameterServer:
             self.tables = TableService(rank=options.rank, tables=tables, policy=self.policy,
                                        send=self.replication.reply, ack=endpoint.send,
                                        stats=self.stats, replicate=self.replication.send_rows,
-                                       backup_of=backup_of, own=not replacement)
+                                       backup_of=backup_of, own=not replacement,
+                                       reply_buffer=endpoint.reply_buffer)
             self.replication.tables = self.tables  # re-replication copies its shards too
             self.tables.follow_dead = lambda: self.replication.follow(
                 self.replication.membership()[1])

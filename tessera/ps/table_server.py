@@ -118,7 +118,8 @@ class TableService:
 
     def __init__(self, *, rank: int, tables: list[wire.TableSpec], policy: Consistency,
                  send: Callable, stats: dict, replicate: Optional[Callable] = None,
-                 backup_of: int = -1, ack: Optional[Callable] = None, own: bool = True):
+                 backup_of: int = -1, ack: Optional[Callable] = None, own: bool = True,
+                 reply_buffer: Optional[Callable] = None):
         self.rank = rank
         self.specs = {t.name: t for t in tables}
         #: This server's own shard of each table; none on a replacement server (``own``
@@ -142,6 +143,9 @@ class TableService:
         #: Acks of our primary's Replicate requests: sent at once (two servers backing
         #: each other up would otherwise wait on each other).
         self.ack = ack or send
+        #: reply_buffer(peer, nbytes): writable bytes in ``peer``'s shared-memory segment
+        #: that a pull's rows are gathered into, sent without a copy; or None (over TCP).
+        self.reply_buffer = reply_buffer or (lambda peer, nbytes: None)
         self.stats = stats
         #: replicate(unit, ids, grads, pushes, worker, seq): the backup applies it first.
         self.replicate = replicate
@@ -341,7 +345,12 @@ class TableService:
         many = isinstance(w.ids, list)
         frames = []
         for st, ids in zip(w.units, w.ids if many else [w.ids]):
-            rows = st.shard.lookup(ids, st.clock, checked=True).to(torch_dtype(msg.dtype))
+            out = None
+            if msg.dtype == "float32":  # gathered where the peer reads them (same host)
+                buf = self.reply_buffer(w.peer, len(ids) * st.spec.dim * 4)
+                if buf is not None:
+                    out = torch.from_numpy(buf.view(np.float32).reshape(len(ids), st.spec.dim))
+            rows = st.shard.lookup(ids, st.clock, checked=True, out=out).to(torch_dtype(msg.dtype))
             self.stats["rows_pulled"] += len(ids)
             self.stats["bytes_sent"] += rows.numel() * itemsize(msg.dtype)
             frames.append(tensor_to_frame(rows.contiguous()))

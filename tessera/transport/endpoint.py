@@ -94,6 +94,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import zmq
 import zmq.auth.thread
 from zmq.utils import z85
@@ -434,6 +435,8 @@ class ServerEndpoint:
         None at once when none is queued, which costs less than asking :meth:`poll`
         first (a server draining its queue asks after every message)."""
         # [routing id, (shm prefix,) header, payload frames...]
+        if not wait and not self.sock.get(zmq.EVENTS) & _POLLIN:
+            return None  # (asking costs ~1 µs; a recv raising zmq.Again, several)
         try:
             parts, count = _recv_bounded(self.sock, MAX_FRAMES + 3, 0 if wait else zmq.NOBLOCK)
         except zmq.Again:
@@ -525,6 +528,15 @@ class ServerEndpoint:
             return None
         arena = self._ensure_arena()
         return arena.empty(count) if arena is not None else None
+
+    def reply_buffer(self, peer: bytes, nbytes: int) -> Optional[np.ndarray]:
+        """``nbytes`` writable bytes (uint8) in the shared-memory segment of ``peer``, for
+        a reply frame written in place: :meth:`send` then sends it as its place in the
+        segment, with no copy (:meth:`tessera.transport.shm.Producer.reserve`). None for
+        a peer over TCP, a frame too small to go through the segment, or no room: the
+        caller allocates as usual."""
+        s = self._shm.active(peer) if self._shm is not None else None
+        return s.producer.reserve(nbytes) if s is not None else None
 
     def _shm_reap(self) -> None:
         now = time.monotonic()

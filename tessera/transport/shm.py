@@ -449,6 +449,9 @@ class Producer:
         self.live: list[tuple[int, int, int]] = []  # (offset, size, entry), by offset
         self.lent: list[int] = []  # entries of lent frames (no bytes in the segment)
         self.free = list(range(ENTRIES - 1, -1, -1))
+        #: Places handed out by :meth:`reserve` and not sent yet: offset -> (bytes, entry).
+        self.reserved: dict[int, tuple[int, int]] = {}
+        self._base = self.data.ctypes.data
 
     def _reclaim(self) -> None:
         # Each entry's status is read once: the consumer releases entries concurrently
@@ -475,10 +478,48 @@ class Producer:
         self._reclaim()
         return len(self.lent)
 
+    def reserve(self, n: int) -> Optional[np.ndarray]:
+        """``n`` writable bytes (uint8) in this direction's data region, for a frame to be
+        written in place and then sent (:meth:`put` sends it as its place there, without
+        a copy); None where ``n`` is under :data:`MIN_BYTES` or there is no room (the
+        caller allocates as usual). Dropped unsent, the place is freed again."""
+        if n < MIN_BYTES or not self.free:
+            return None
+        self._reclaim()
+        at = self._place(n)
+        if at < 0:
+            return None
+        entry = self.free.pop()
+        self.status[entry] = 1  # held from now on: no other frame is placed here
+        self._insert((at, -(-n // _ALIGN) * _ALIGN, entry))
+        self.reserved[at] = (n, entry)
+        view = self.data[at:at + n]
+        # (every array or tensor made from ``view`` keeps it alive: the place is freed
+        # when the last of them is gone, unless it was sent)
+        weakref.finalize(view, self._unsent, self.reserved, self.status, at, entry)
+        return view
+
+    @staticmethod
+    def _unsent(reserved: dict, status: np.ndarray, at: int, entry: int) -> None:
+        if reserved.get(at, (0, -1))[1] == entry:
+            del reserved[at]
+            status[entry] = 0  # reclaimed at the next put, as a released frame
+
+    def _reserved_slot(self, src: np.ndarray) -> Optional[tuple[int, int, int]]:
+        """The slot of ``src`` when it is a place :meth:`reserve` handed out (all of
+        it or its first bytes), taken off the reserved places; else None."""
+        at = src.ctypes.data - self._base
+        got = self.reserved.get(at)
+        if got is None or src.nbytes > got[0] or not src.flags.c_contiguous:
+            return None
+        del self.reserved[at]
+        return got[1], at, src.nbytes
+
     def put(self, frames) -> tuple[list, list]:
         """(slots, inline frames): each frame of at least :data:`MIN_BYTES` copied into
         the segment if there is room, the rest left to go inline. A ``Shared`` frame in
-        the arena goes as its place there, without a copy."""
+        the arena goes as its place there, and a frame written where :meth:`reserve`
+        said as that place, both without a copy."""
         self._reclaim()
         slots, inline = [], []
         for frame in frames:
@@ -487,6 +528,11 @@ class Producer:
             except (TypeError, ValueError):  # not a buffer: inline, where ZeroMQ refuses it
                 src = np.empty(0, np.uint8)
             n = src.nbytes
+            if self.reserved and n >= MIN_BYTES:
+                slot = self._reserved_slot(src)
+                if slot is not None:
+                    slots.append(slot)
+                    continue
             if self.lend is not None and n >= MIN_BYTES and self.free:
                 off = self.lend.offset_of(src)
                 if off >= 0:  # the client's own buffer: lent, not copied
