@@ -146,8 +146,8 @@ def place_ids(table, ids, slots, bits):
 
 @_jit
 def fill_initial(ids, seed_key, columns, step, offset, scale, out):
-    """``out[r, c]``: the initial value of column ``c`` of row ``ids[r]`` (int64 ids,
-    non-negative), whose key is ``splitmix64(ids[r] xor seed_key)`` (see
+    """``out[r, c]``: the initial value of column ``c`` of row ``ids[r]`` (int64 ids, any
+    sign: their two's-complement bits), whose key is ``splitmix64(ids[r] xor seed_key)`` (see
     :func:`tessera.ps.embedding_ids.initial_rows`)."""
     gamma, mul1, mul2 = np.uint64(HASH_MUL), np.uint64(MUL1), np.uint64(MUL2)
     s30, s27, s31, s40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
