@@ -145,21 +145,24 @@ def place_ids(table, ids, slots, bits):
 
 
 @_jit
+def _mix(z):
+    """SplitMix64's two multiply rounds on state ``z`` (uint64, its ``+ gamma`` already
+    added), without the final ``z ^ (z >> 31)``."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MUL1)
+    return (z ^ (z >> np.uint64(27))) * np.uint64(MUL2)
+
+
+@_jit
 def fill_initial(ids, seed_key, columns, step, offset, scale, out):
     """``out[r, c]``: the initial value of column ``c`` of row ``ids[r]`` (int64 ids, any
     sign: their two's-complement bits), whose key is ``splitmix64(ids[r] xor seed_key)`` (see
     :func:`tessera.ps.embedding_ids.initial_rows`)."""
-    gamma, mul1, mul2 = np.uint64(HASH_MUL), np.uint64(MUL1), np.uint64(MUL2)
-    s30, s27, s31, s40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
+    gamma, s31, s40 = np.uint64(HASH_MUL), np.uint64(31), np.uint64(40)
     for r in range(ids.shape[0]):
-        key = (np.uint64(ids[r]) ^ seed_key) + gamma
-        key = (key ^ (key >> s30)) * mul1
-        key = (key ^ (key >> s27)) * mul2
+        key = _mix((np.uint64(ids[r]) ^ seed_key) + gamma)
         key = key ^ (key >> s31)
         for c in range(columns.shape[0]):
-            h = key + columns[c]
-            h = (h ^ (h >> s30)) * mul1
-            h = (h ^ (h >> s27)) * mul2
+            h = _mix(key + columns[c])
             unit = np.float32(np.int64(h >> s40)) * step
             unit = unit + offset
             out[r, c] = unit * scale
