@@ -182,7 +182,7 @@ def test_rows_pulled_through_shared_memory_are_the_tables_and_pushes_step_them()
     """A client on the server's host: its row pulls of 64 KiB and more come through the
     shared-memory segment, gathered there by the server (tessera.transport.shm's
     ``reserve``: no copy), and equal a shard in this process stepped with the same
-    pushes, bit for bit: rows created by the pull, rows stepped before, repeats."""
+    pushes, bit for bit: rows the pull creates, and rows pulled again after their steps."""
     spec = wire.TableSpec(name="big", dim=64, num_embeddings=None, init_scale=0.1, seed=3,
                           optimizer=OptimizerConfig(name="adagrad", lr=0.05))
     ctx = zmq.Context()
