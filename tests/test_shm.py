@@ -324,6 +324,7 @@ def _ps(ctx, mode: str, numel: int, **options):
         stop.set()
         thread.join(timeout=10)
         endpoint.close()
+    close.server = server
     return client, shard_map, close
 
 
@@ -333,7 +334,8 @@ def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies
     """Sync: a push's reply is the master itself, read in the server's arena through a
     read-only mapping (``r--s``: no client can write the master; no copy into the
     segment); async, where the master moves on at
-    any time, the reply is a copy in the segment. The values are exact either way."""
+    any time, the reply is a copy in the segment, made there once (not in a reply buffer
+    first). The values are exact either way."""
     numel = 400_000  # 2 partitions of 800 KB: through shared memory
     if mode == "sync-no-arena":  # an arena that cannot be made (as under ulimit -v)
         monkeypatch.setattr(shm, "ARENA_BYTES", 1 << 62)
@@ -360,6 +362,9 @@ def test_sync_replies_are_read_from_the_servers_master_and_async_ones_are_copies
         else:  # copies in the segment; without an arena the masters stay where they were
             assert ("rw-s", "/memfd:tessera-shm (deleted)") in where, where
             assert not any("arena" in name for _, name in where), where
+        if mode == "async":  # copied once, straight into the segment: no reply buffer
+            for st in close.server.parts.values():  # holds the last values (Producer.reserve)
+                assert all(e[2] != st.rule.steps for e in st.replies._all), st.info.id
     finally:
         close()
     said = capfd.readouterr().err

@@ -791,10 +791,10 @@ class ParameterServer:
         if self.costs is not None:
             self.costs.lap("apply")
 
-    def _frame(self, st: PartitionState, dtype: str, shared: bool = False):
+    def _frame(self, st: PartitionState, dtype: str, shared: bool = False, peer: bytes = b""):
         """A reply frame of ``st``'s values in ``dtype``, without a fresh allocation.
         ``shared``: the reply to a worker's push, which that worker reads before it
-        pushes this partition again."""
+        pushes this partition again. ``peer``: the client it goes to."""
         if self._shares_master and dtype == "float32":
             # The master itself, zero-copy: in sync mode the master changes only once
             # every live worker has pushed the next clock, and each worker pushes it
@@ -809,6 +809,15 @@ class ParameterServer:
         if self._shares_master:  # a half-width wire: by the same argument, one buffer
             # holding the master cast at this clock, written again at the next
             return st.replies.settled(st.rule, dtype)
+        if dtype == "float32" and peer:
+            # A client on this host: the values copied once, into the place in its
+            # shared-memory segment it reads them from (not into a reply buffer that
+            # the segment's producer then copies again); None over TCP or when small.
+            master = st.rule.master
+            place = self.endpoint.reply_buffer(peer, master.numel() * 4)
+            if place is not None:
+                torch.from_numpy(place.view(np.float32)).copy_(master)
+                return place
         # ZeroMQ sends later and the master moves on: a reused buffer that ZeroMQ is done
         # with (its MessageTracker), or the one that already holds these values.
         return st.replies.frame(st.rule, dtype)
@@ -823,11 +832,11 @@ class ParameterServer:
             shared = False  # over TCP: the master's frame made once (_frame)
         if len(states) == 1:  # most replies: one partition, no comprehensions
             st = states[0]
-            frames = [self._frame(st, dtype, shared)]
+            frames = [self._frame(st, dtype, shared, peer)]
             self.stats["bytes_sent"] += len(frames[0])
             clock, ids = st.clock, [st.info.id]
         else:
-            frames = [self._frame(st, dtype, shared) for st in states]
+            frames = [self._frame(st, dtype, shared, peer) for st in states]
             self.stats["bytes_sent"] += sum(len(f) for f in frames)
             clock = min((st.clock for st in states), default=0)
             ids = [st.info.id for st in states]
