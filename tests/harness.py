@@ -9,11 +9,13 @@ ports taken from the OS by the processes themselves, and the launcher's output
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,3 +109,37 @@ def recovered_in_time(seconds: float) -> bool:
     """Whether a recovery of ``seconds`` meets the fault goals' bound (or the machine was
     too busy for the bound to say anything)."""
     return seconds <= RECOVERY_S or load_1m() > BUSY_LOAD
+
+
+@contextlib.contextmanager
+def table_server(ctx, tables: list, *, workers: int = 1, mode: str = "sync",
+                 secret: str = "secret", shm: bool = False):
+    """One ParameterServer holding ``tables`` (no dense partitions) in a thread of this
+    process, on a real endpoint (``shm``: offering shared memory), and a connected
+    PSClient per worker; -> (server, endpoint, clients). Stopped and closed on exit."""
+    from tessera.config.schema import OptimizerConfig
+    from tessera.ps.client import PSClient
+    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
+    from tessera.ps.sharding import ShardMap
+    from tessera.transport.endpoint import ServerEndpoint
+
+    ep = ServerEndpoint(ctx, "127.0.0.1", secret, shm=shm)
+    stop = threading.Event()
+    srv = ParameterServer(ServerOptions(rank=0, num_workers=workers, mode=mode), endpoint=ep,
+                          partitions=[], optimizer=OptimizerConfig(), tables=tables,
+                          hooks=ServerHooks(should_stop=stop.is_set))
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    shard_map = ShardMap(layout=(), partitions=(), num_servers=1)
+    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[ep.address],
+                        secret=secret, worker=w, timeout_s=10) for w in range(workers)]
+    try:
+        for c in clients:
+            c.connect()
+        yield srv, ep, clients
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for c in clients:
+            c.close()
+        ep.close()

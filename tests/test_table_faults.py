@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from tessera.ps.checkpoint import CheckpointStore
+from tests import harness
 from tests.harness import ROOT, Job, wait_for
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "table_job.py")
@@ -196,30 +196,13 @@ def table_server(ctx, monkeypatch):
     per server, and a reply limit of 64 rows so that the test's pulls are small."""
     from tessera.config.schema import OptimizerConfig
     from tessera.ps import table_server as ts
-    from tessera.ps.client import PSClient
-    from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-    from tessera.ps.sharding import ShardMap
     from tessera.transport import wire
-    from tessera.transport.endpoint import ServerEndpoint
 
     monkeypatch.setattr(ts, "MAX_ROWS_REPLY_BYTES", 64 * 4 * 4)
     spec = wire.TableSpec(name="items", dim=4, num_embeddings=None, init_scale=0.1, seed=3,
                           max_rows=100, optimizer=OptimizerConfig(name="sgd", lr=0.5))
-    ep = ServerEndpoint(ctx, "127.0.0.1", "secret")
-    stop = threading.Event()
-    srv = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="sync"), endpoint=ep,
-                          partitions=[], optimizer=OptimizerConfig(), tables=[spec],
-                          hooks=ServerHooks(should_stop=stop.is_set))
-    thread = threading.Thread(target=srv.serve, daemon=True)
-    thread.start()
-    client = PSClient(ctx=ctx, shard_map=ShardMap(layout=(), partitions=(), num_servers=1),
-                      server_addresses=[ep.address], secret="secret", worker=0, timeout_s=10)
-    client.connect()
-    yield srv, client
-    stop.set()
-    thread.join(timeout=5)
-    client.close()
-    ep.close()
+    with harness.table_server(ctx, [spec]) as (srv, _, (client,)):
+        yield srv, client
 
 
 def test_a_huge_row_pull_is_refused_split_and_bounded(table_server):

@@ -4,7 +4,6 @@ gradient applied once; bad ids and wrong dtypes are refused and change nothing."
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -12,13 +11,11 @@ import torch
 import zmq
 
 from tessera.config.schema import OptimizerConfig
-from tessera.ps.client import PSClient, ServerError
+from tessera.ps.client import ServerError
 from tessera.ps.embedding import EmbeddingShard
 from tessera.ps.embedding_ids import initial_rows
-from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
-from tessera.transport.endpoint import ServerEndpoint
+from tests.harness import table_server
 
 SECRET = "table-test"
 SPEC = wire.TableSpec(name="items", dim=4, num_embeddings=100, init_scale=0.1, seed=5,
@@ -28,24 +25,8 @@ SPEC = wire.TableSpec(name="items", dim=4, num_embeddings=100, init_scale=0.1, s
 @pytest.fixture
 def server():
     ctx = zmq.Context()
-    ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
-    stop = threading.Event()
-    srv = ParameterServer(ServerOptions(rank=0, num_workers=2, mode="sync"), endpoint=ep,
-                          partitions=[], optimizer=OptimizerConfig(), tables=[SPEC],
-                          hooks=ServerHooks(should_stop=stop.is_set))
-    t = threading.Thread(target=srv.serve, daemon=True)
-    t.start()
-    shard_map = ShardMap(layout=(), partitions=(), num_servers=1)
-    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[ep.address],
-                        secret=SECRET, worker=w, timeout_s=10) for w in (0, 1)]
-    for c in clients:
-        c.connect()
-    yield srv, clients
-    stop.set()
-    t.join(timeout=5)
-    for c in clients:
-        c.close()
-    ep.close()
+    with table_server(ctx, [SPEC], workers=2, secret=SECRET) as (srv, _, clients):
+        yield srv, clients
     ctx.destroy(linger=0)
 
 
@@ -186,32 +167,20 @@ def test_rows_pulled_through_shared_memory_are_the_tables_and_pushes_step_them()
     spec = wire.TableSpec(name="big", dim=64, num_embeddings=None, init_scale=0.1, seed=3,
                           optimizer=OptimizerConfig(name="adagrad", lr=0.05))
     ctx = zmq.Context()
-    ep = ServerEndpoint(ctx, "127.0.0.1", SECRET, shm=True)
-    stop = threading.Event()
-    srv = ParameterServer(ServerOptions(rank=0, num_workers=1, mode="async"), endpoint=ep,
-                          partitions=[], optimizer=OptimizerConfig(), tables=[spec],
-                          hooks=ServerHooks(should_stop=stop.is_set))
-    t = threading.Thread(target=srv.serve, daemon=True)
-    t.start()
-    client = PSClient(ctx=ctx, shard_map=ShardMap(layout=(), partitions=(), num_servers=1),
-                      server_addresses=[ep.address], secret=SECRET, worker=0, timeout_s=10)
-    client.connect()
     ref = EmbeddingShard(spec, spec.optimizer)
     rng = np.random.default_rng(2)
     try:
-        for clock in range(8):
-            ids = np.unique(rng.integers(0, 20_000, size=3000))  # ~700 KB of rows
-            got = client.pull_rows("big", 0, ids, clock).wait().reshape(len(ids), 64)
-            assert torch.equal(got, ref.lookup(ids, clock)), clock
-            del got  # the reply's place in the segment is let go of
-            g = torch.from_numpy(rng.standard_normal((len(ids), 64), dtype=np.float32))
-            client.push_rows("big", 0, ids, g, clock).wait()
-            ref.apply(ids, g, clock)
-        assert client.servers[0].shm_bytes_in >= 3 * 2500 * 64 * 4  # rows came that way
-        assert ep.shm_bytes_out == client.servers[0].shm_bytes_in
+        with table_server(ctx, [spec], mode="async", secret=SECRET, shm=True) as \
+                (_, ep, (client,)):
+            for clock in range(8):
+                ids = np.unique(rng.integers(0, 20_000, size=3000))  # ~700 KB of rows
+                got = client.pull_rows("big", 0, ids, clock).wait().reshape(len(ids), 64)
+                assert torch.equal(got, ref.lookup(ids, clock)), clock
+                del got  # the reply's place in the segment is let go of
+                g = torch.from_numpy(rng.standard_normal((len(ids), 64), dtype=np.float32))
+                client.push_rows("big", 0, ids, g, clock).wait()
+                ref.apply(ids, g, clock)
+            assert client.servers[0].shm_bytes_in >= 3 * 2500 * 64 * 4  # rows came that way
+            assert ep.shm_bytes_out == client.servers[0].shm_bytes_in
     finally:
-        stop.set()
-        t.join(timeout=5)
-        client.close()
-        ep.close()
         ctx.destroy(linger=0)

@@ -483,10 +483,10 @@ class Producer:
         written in place and then sent (:meth:`put` sends it as its place there, without
         a copy); None where ``n`` is under :data:`MIN_BYTES` or there is no room (the
         caller allocates as usual). Dropped unsent, the place is freed again."""
-        if n < MIN_BYTES or not self.free:
+        if n < MIN_BYTES:
             return None
-        self._reclaim()
-        at = self._place(n)
+        self._reclaim()  # (as put does: entries the consumer released are free again)
+        at = self._place(n) if self.free else -1
         if at < 0:
             return None
         entry = self.free.pop()
