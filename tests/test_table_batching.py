@@ -5,7 +5,7 @@ a re-sent batched push is applied once; malformed batches are refused whole."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
 
 import numpy as np
 import pytest
@@ -13,12 +13,10 @@ import torch
 import zmq
 
 from tessera.config.schema import OptimizerConfig
-from tessera.ps.client import PSClient, ServerError
+from tessera.ps.client import ServerError
 from tessera.ps.embedding import EmbeddingShard
-from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
-from tessera.transport.endpoint import ServerEndpoint
+from tests import harness
 
 SECRET = "batch-test"
 USERS = wire.TableSpec(name="users", dim=4, num_embeddings=None, init_scale=0.1, seed=1,
@@ -29,25 +27,12 @@ BIAS = wire.TableSpec(name="user_bias", dim=1, num_embeddings=None, init_scale=0
 
 def start(mode: str, workers: int):
     ctx = zmq.Context()
-    ep = ServerEndpoint(ctx, "127.0.0.1", SECRET)
-    stop = threading.Event()
-    srv = ParameterServer(ServerOptions(rank=0, num_workers=workers, mode=mode), endpoint=ep,
-                          partitions=[], optimizer=OptimizerConfig(), tables=[USERS, BIAS],
-                          hooks=ServerHooks(should_stop=stop.is_set))
-    t = threading.Thread(target=srv.serve, daemon=True)
-    t.start()
-    shard_map = ShardMap(layout=(), partitions=(), num_servers=1)
-    clients = [PSClient(ctx=ctx, shard_map=shard_map, server_addresses=[ep.address],
-                        secret=SECRET, worker=w, timeout_s=10) for w in range(workers)]
-    for c in clients:
-        c.connect()
+    stack = contextlib.ExitStack()
+    srv, _, clients = stack.enter_context(harness.table_server(
+        ctx, [USERS, BIAS], workers=workers, mode=mode, secret=SECRET))
 
     def close():
-        stop.set()
-        t.join(timeout=5)
-        for c in clients:
-            c.close()
-        ep.close()
+        stack.close()
         ctx.destroy(linger=0)
     return srv, clients, close
 
