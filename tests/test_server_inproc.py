@@ -957,3 +957,48 @@ def test_a_resent_batch_is_applied_only_where_it_was_not(make_cluster):
     ps = cluster.servers[0]
     assert ps.parts[p].applied_pushes == 1 and ps.parts[q].applied_pushes == 1
     assert ps.stats["errors"] == 0
+
+
+def test_a_servers_batch_leaves_with_its_last_partition_during_backward(make_cluster):
+    """Pushes of small partitions batched per server (``[ps] batch_kib``) leave as soon as
+    backward has produced the last partition of their server, not at step(): the servers
+    apply the clock before the worker calls step() (before, a batch waited for step()'s
+    first wait, so its round trip no longer overlapped the rest of backward: a bf16 wire
+    halves a partition and puts it under the batching threshold). Still one message per
+    server and step, and still torch's SGD."""
+    cfg = OptimizerConfig(name="sgd", lr=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))  # 75 elements
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), **cfg.torch_kwargs())
+    cluster = make_cluster(param_layout(model), num_servers=2, partition_elems=10,
+                           mode="sync", num_workers=1, optimizer=cfg)
+    client = cluster.client(0)
+    client.batch_bytes = 256 << 10  # the default [ps] batch_kib
+    ddp = PSDataParallel(model, client, cluster.shard_map, is_first=True)
+    parts = [len(cluster.shard_map.on_server(s)) for s in range(2)]
+    assert min(parts) >= 3, parts
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        x = torch.randn(16, 5, generator=gen)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        ddp.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        assert not client._batches, "a batch still waits for step()"
+        # (The first step's pushes wait for step() anyway: it finds out whether backward
+        # runs more than once a step.)
+        deadline = time.monotonic() + TIMEOUT_S
+        while step and any(ps.stats["updates"] < (step + 1) * n
+                           for ps, n in zip(cluster.servers, parts)):
+            assert time.monotonic() < deadline, \
+                [ps.stats["updates"] for ps in cluster.servers]  # nothing left before step()
+            time.sleep(0.002)
+        ddp.step()
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+        torch.testing.assert_close(list(ddp.module.parameters()), list(ref.parameters()))
+        if step == 0:
+            first = [ps.stats["pushes"] for ps in cluster.servers]
+    # steps 1 and 2: one message a step to each server, all its partitions
+    assert [ps.stats["pushes"] - n for ps, n in zip(cluster.servers, first)] == [2, 2]

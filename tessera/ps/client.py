@@ -671,8 +671,14 @@ class PSClient:
         out, self._overflows = self._overflows, []
         return out
 
-    def flush(self) -> None:
-        """Send every batch of pushes still waiting (:meth:`push`)."""
+    def flush(self, server: Optional[int] = None) -> None:
+        """Send every batch of pushes still waiting (:meth:`push`), or only the one for
+        ``server`` (nothing when none waits for it)."""
+        if server is not None:
+            batch = self._batches.get(server)
+            if batch is not None:
+                self._send_batch(batch)
+            return
         while self._batches:
             self._send_batch(next(iter(self._batches.values())))
 
