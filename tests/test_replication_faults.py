@@ -477,6 +477,43 @@ def test_a_batch_whose_partitions_reached_the_backup_at_two_clocks_is_resent_per
         assert [servers[1].parts[p.id].applied_pushes for p in parts] == [3] * len(parts)
 
 
+def test_a_batch_still_waiting_when_its_server_dies_goes_to_the_backup(ctx):
+    """A batch of small partitions opened before its server died and sent after the
+    client followed the failover (the death heard of at a later push of the same step):
+    it goes to the partitions' owners now, not to the dead server, where nothing would
+    send it again (the wait timed out: faults.py's server-tables case, 2026-12-07)."""
+    import torch
+
+    from tests.test_server_inproc import flat_of
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # (see above)
+    with _async_pair(ctx, 1, lambda on_replicate: on_replicate, mode="sync",
+                     partition_elems=26) as (
+            model, shard_map, servers, stops, threads, membership, (client,)):
+        client.batch_bytes = 1 << 20  # small partitions to a server go as one message
+        client.init_params(flat_of(model))
+        parts = shard_map.on_server(0)
+        assert len(parts) >= 2, shard_map
+        grads = {p.id: torch.full((p.stop - p.start,), 0.5) for p in parts}
+        for h in [client.push(p.id, grads[p.id], 0) for p in parts]:
+            h.wait()
+        _wait_backup_acked(servers, "clock 0")
+        first = client.push(parts[0].id, grads[parts[0].id], 1)  # waits in server 0's batch
+        stops[0].set()
+        threads[0].join(timeout=5)
+        membership.dead = [0]
+        rest = [client.push(p.id, grads[p.id], 1) for p in parts[1:]]  # hears of the death
+        got = {}
+        for h in [first, *rest]:
+            got.update(h.wait())
+        initial = flat_of(model)
+        for p in parts:  # two steps of plain SGD (lr 0.1) with a gradient of 0.5
+            expected = initial[p.start:p.stop] - 2 * 0.1 * 0.5
+            torch.testing.assert_close(got[p.id], expected)
+            assert servers[1].parts[p.id].applied_pushes == 2
+        assert client.pushes_acked == 2 * len(parts)
+
+
 def _worker_1_restarted(ctx, shard_map, servers, membership):
     """Worker 1 died (departed at clock 0): its restart, incarnation 1, as a client of
     ``_async_pair``'s servers (not connected yet), keeping its last answered push."""
