@@ -685,23 +685,23 @@ class PSClient:
     def _send_batch(self, batch: _Batch) -> None:
         del self._batches[batch.server]
         dtype, checkpoint, norm_type, _, _, scale, nonfinite, judged = batch.fields
-        kw = dict(checkpoint=checkpoint, norm_type=norm_type, hparams=batch.hparams,
-                  scale=scale, nonfinite=nonfinite, judged=judged)
-        # A server's death heard of since the batch opened moved some of its partitions:
-        # sent to the dead server after the failover was followed, nothing would re-send it.
-        self._route()
-        if all(self.owner[pid] == batch.server for pid in batch.pids):
-            batch.handle = self._send_push(batch.server, batch.pids, batch.payloads,
-                                           batch.clock, dtype, **kw)
+        payload = dict(zip(batch.pids, batch.payloads))
+        # Routed as it leaves: a server's death heard of since the batch opened moved some
+        # of its partitions, and sent to the dead server after the failover was followed,
+        # nothing would re-send it. Never sent before, it goes whole to each owner now.
+        handles = [self._send_push(server, pids, [payload[pid] for pid in pids], batch.clock,
+                                   dtype, checkpoint=checkpoint, norm_type=norm_type,
+                                   hparams=batch.hparams, scale=scale, nonfinite=nonfinite,
+                                   judged=judged)
+                   for server, pids in self._by_server(batch.pids).items()]
+        if len(handles) == 1:
+            batch.handle = handles[0]
             return
-        # One push per partition to its owner now, their answers joined (as reroute()
-        # splits a batch that was sent before the death).
-        handle = Handle(self, batch.server, -1,
-                        f"push of partitions {batch.pids} at clock {batch.clock}")
-        handle._parts = [self._send_push(self.owner[pid], [pid], [payload], batch.clock, dtype,
-                                         **kw)
-                         for pid, payload in zip(batch.pids, batch.payloads)]
-        batch.handle = handle
+        # Its partitions now on several servers: their answers joined, as reroute() joins
+        # the pieces of a batch split after it was sent.
+        batch.handle = Handle(self, batch.server, -1,
+                              f"push of partitions {batch.pids} at clock {batch.clock}")
+        batch.handle._parts = handles
 
     def _send_push(self, server: int, pids: list[int], payloads: list, clock: int,
                    dtype: str, *, scale: float = 1.0, nonfinite: str = "", checkpoint: int = 0,
