@@ -24,6 +24,7 @@ from tests.test_server_inproc import Reference, assemble, pull_all, start
 make_cluster = test_server_inproc.make_cluster  # its fixture: servers in threads, on loopback
 
 ADAM = OptimizerConfig(name="adam", lr=0.01)
+SGD = OptimizerConfig(name="sgd", lr=0.1)
 
 
 def _step(clients, smap, grads, clock, clip, nonfinite=("", "")):
@@ -209,6 +210,139 @@ def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_w
         assert all(st.clock == 3 for st in ps.parts.values())
     clients[0].wire_dtype = "float32"  # the masters themselves: as torch's, to fp32 rounding
     torch.testing.assert_close(pull_all(clients[0], clock=3), ref.flat(), rtol=1e-5, atol=1e-6)
+
+
+def _until(cond, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _pending_pushes(client, smap, grad, clock, scale, bad_pid=None, bad=""):
+    """One worker's judged pushes of every partition as backward sends them: pending,
+    each naming its own partitions' overflow (``bad`` in partition ``bad_pid``)."""
+    return [client.push(p.id, (grad[p.start:p.stop] * scale).to(torch.float16), clock,
+                        scale=scale, judged=True, pending=True,
+                        nonfinite=bad if p.id == bad_pid else "") for p in smap.partitions]
+
+
+def test_pending_judged_pushes_complete_with_every_workers_word(make_cluster):
+    """fp16, sync: pushes that left during backward (``pending``) are summed at once, and
+    their clock waits for every worker's word (``Word``). A worker whose gradient overflowed
+    in a partition of server 1 only tells server 0 by its word alone, and both skip."""
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
+                                    two_phase=True)
+    smap = cluster.shard_map
+    assert all(smap.on_server(s) for s in range(2)) and len(smap.partitions) > 2
+    last = smap.partitions[-1]
+    assert last in smap.on_server(1) and last not in smap.on_server(0)
+    for c in clients:
+        c.wire_dtype = "float16"
+    ref = Reference(model, ADAM)
+    gen = torch.Generator().manual_seed(9)
+    scale = 512.0
+    for clock in range(3):
+        grads = [torch.randn(smap.total_elems, generator=gen) for _ in clients]
+        word = "2.bias" if clock == 1 else ""
+        if clock == 1:  # worker 1 overflowed in the last partition, on server 1 only
+            grads[1][last.start] = math.inf
+        before = pull_all(clients[0], clock=clock)
+        handles = [_pending_pushes(c, smap, g, clock, scale, last.id, word if w else "")
+                   for w, (c, g) in enumerate(zip(clients, grads))]
+        states = [st for ps in cluster.servers for st in ps.parts.values()]
+        _until(lambda: all(st.awaiting == {0, 1} for st in states),
+               "every partition sums both pushes and awaits both words")
+        for server in range(2):
+            clients[0].word(server, clock, "").wait()
+        _until(lambda: all(st.awaiting == {1} for st in states), "worker 0's words are in")
+        assert all(st.clock == clock for st in states)  # none completed without worker 1's
+        for server in range(2):
+            clients[1].word(server, clock, word).wait()
+        if clock != 1:
+            ref.step(sum((g * scale).half().float() / scale for g in grads) / 2)
+        for hs in handles:
+            got = assemble(smap, {pid: t.float() for h in hs for pid, t in h.wait().items()})
+            assert {h.skipped for h in hs} == {clock == 1}
+            expected = before.half().float() if clock == 1 else ref.flat().half().float()
+            torch.testing.assert_close(got, expected, rtol=0 if clock == 1 else 1e-3,
+                                       atol=0 if clock == 1 else 1e-3)
+        if clock == 1:
+            for c in clients:  # server 0's replies too: it learned of it from the word
+                assert (1, "2.bias") in {(o.worker, o.param) for o in c.take_overflows()}
+    for ps in cluster.servers:
+        assert ps.stats["skipped"] == len(ps.parts) and ps.stats["errors"] == 0
+        assert all(st.clock == 3 and not st.awaiting for st in ps.parts.values())
+    clients[0].wire_dtype = "float32"
+    torch.testing.assert_close(pull_all(clients[0], clock=3), ref.flat(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_dead_before_its_word_leaves_its_pending_pushes_in_the_clock(make_cluster):
+    """A worker declared dead after its pending pushes and before its words: no server
+    waits for them; its pushes stay in the clock's sum (as any push a worker sent before
+    it died), and the one partition its own push named an overflow in skips the clock."""
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=SGD,
+                                    two_phase=True)
+    smap = cluster.shard_map
+    last = smap.partitions[-1]
+    before = pull_all(clients[0])
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(smap.total_elems, generator=gen) for _ in clients]
+    grads[1][last.start] = math.inf  # worker 1's own overflow, in the last partition
+    survivor = _pending_pushes(clients[0], smap, grads[0], 0, 1.0)
+    _pending_pushes(clients[1], smap, grads[1], 0, 1.0, last.id, "2.bias")
+    for server in range(2):
+        clients[0].word(server, 0, "").wait()
+    states = [st for ps in cluster.servers for st in ps.parts.values()]
+    _until(lambda: all(st.awaiting == {1} for st in states), "worker 1's words awaited")
+    cluster.departed[1] = 0  # the coordinator's word: worker 1 (incarnation 0) died
+    got = {pid: t.float() for h in survivor for pid, t in h.wait().items()}
+    ref = Reference(model, SGD)
+    ref.step(sum(g.half().float() for g in grads) / 2)
+    for p in smap.partitions:
+        expected = (before if p.id == last.id else ref.flat())[p.start:p.stop]
+        torch.testing.assert_close(got[p.id], expected, rtol=1e-6, atol=1e-6)
+    assert any(h.skipped for h in survivor)  # the last partition's reply says so
+    for ps in cluster.servers:
+        assert all(st.clock == 1 and not st.awaiting for st in ps.parts.values())
+        assert ps.stats["errors"] == 0
+
+
+def test_a_pending_push_after_its_word_is_not_kept_waiting(make_cluster):
+    """A pending push that reaches a server after its worker's word (sent again on a
+    reconnect) finds the word kept there: its clock completes without another."""
+    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=SGD,
+                                    two_phase=True)
+    smap = cluster.shard_map
+    gen = torch.Generator().manual_seed(13)
+    grads = [torch.randn(smap.total_elems, generator=gen) for _ in clients]
+    for server in range(2):
+        clients[0].word(server, 0, "").wait()
+    handles = _pending_pushes(clients[0], smap, grads[0], 0, 1.0)
+    handles += [clients[1].push(p.id, grads[1][p.start:p.stop].half(), 0, judged=True)
+                for p in smap.partitions]
+    ref = Reference(model, SGD)
+    ref.step(sum(g.half().float() for g in grads) / 2)
+    got = {pid: t.float() for h in handles[:len(smap.partitions)] for pid, t in h.wait().items()}
+    torch.testing.assert_close(assemble(smap, got), ref.flat(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("two_phase, says", [
+    (False, "is for sync mode under loss scaling"),
+    (True, None),
+])
+def test_a_word_or_a_pending_push_out_of_place_is_refused_in_one_line(make_cluster, two_phase,
+                                                                      says):
+    _, cluster, clients = start(make_cluster, mode="sync", num_workers=1, optimizer=SGD,
+                                two_phase=two_phase)
+    part = cluster.shard_map.partitions[0]
+    if says:
+        with pytest.raises(ServerError, match=says):
+            clients[0].word(0, 0, "").wait()
+    with pytest.raises(ServerError, match="must be judged"):
+        clients[0].push(part.id, torch.zeros(part.stop - part.start), 0, pending=True).wait()
+    for ps in cluster.servers:
+        assert all(st.clock == 0 and not st.awaiting for st in ps.parts.values())
 
 
 @pytest.mark.parametrize("mode, hold, says", [

@@ -20,13 +20,19 @@ def fp32_run(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_matches_fp32_quality_with_half_the_bytes(tmp_path, fp32_run, precision):
-    half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision)
+    half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision,
+                   *(["--profile"] if precision == "fp16" else []))
     assert half["precision"] == precision and fp32_run["precision"] == "fp32"
     assert half["eval_accuracy"] >= fp32_run["eval_accuracy"] - 0.01, (half, fp32_run)
     assert half["bytes_pushed"] <= 0.55 * fp32_run["bytes_pushed"]
     assert half["bytes_pulled"] <= 0.55 * fp32_run["bytes_pulled"]
     if precision == "fp16":
         assert half["skipped_steps"] == 0 and half["loss_scale"] == 65536.0
+        # Its judged pushes leave during backward (pending, the word after them), as fp32's
+        # do: the second layer's partition is on the wire while the first's gradient is
+        # computed (they waited for the end of backward before: overlap 0%).
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert all(w["overlap"] > 0.01 for w in report["workers"]), report["workers"]
 
 
 def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path):

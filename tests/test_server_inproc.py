@@ -61,13 +61,17 @@ class InprocCluster:
         self.threads: list[threading.Thread] = []
         self.server_endpoints: list[ServerEndpoint] = []
         self.endpoints: list = []  # client side, closed at teardown
+        #: The coordinator's word on dead workers ({worker: incarnation}), as a test sets it.
+        self.departed: dict[int, int] = {}
         for rank in range(num_servers):
             ep = ServerEndpoint(self.ctx, "127.0.0.1", SECRET)
             ps = ParameterServer(ServerOptions(rank=rank, num_workers=num_workers,
                                                num_servers=num_servers, mode=mode, agree=agree,
                                                two_phase=two_phase),
                                  endpoint=ep, partitions=self.shard_map.on_server(rank),
-                                 optimizer=optimizer, hooks=ServerHooks(should_stop=self.stop.is_set),
+                                 optimizer=optimizer,
+                                 hooks=ServerHooks(should_stop=self.stop.is_set,
+                                                   membership=lambda: (dict(self.departed), [])),
                                  replicas=Replicas(partitions=tuple(self.shard_map.partitions),
                                                    connect=self._peer))
             self.servers.append(ps)

@@ -16,8 +16,9 @@ Phases of one step (STYLE: numbered, as the code runs them):
    partition's last gradient has arrived, its slice of the flat gradient is
    pushed at once in the wire dtype, so pushes of the last layers overlap the
    backward of the first (DDP's bucketing, in the order the PS needs). Under loss
-   scaling the push also names the first parameter whose gradient overflowed; in
-   sync mode such pushes wait for the end of backward, unless held (phase 3).
+   scaling the push also names the first parameter whose gradient overflowed (in
+   its own partitions); in sync mode it leaves *pending* (``Push.pending``): the
+   worker's word on its whole gradient follows at the end of backward (phase 3).
    Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
    the flat buffer (DDP's gradient accumulation), and the next backward outside
    it pushes the sum. The first step's pushes wait for phase 3 too: a second
@@ -27,10 +28,11 @@ Phases of one step (STYLE: numbered, as the code runs them):
    :meth:`PSDataParallel.step` pushes what backward did not touch (unused
    parameters push zeros) and waits for the replies:
    - for a plain push, each reply carries the partition's new values;
-   - for a *judged* push (sync mode under loss scaling, a step not held), too: each
-     carries this worker's word on its whole gradient (the first overflow, or
-     none), so every server applies or skips the clock as soon as every worker's
-     pushes are in, all alike, and says which in the replies;
+   - for a *judged* push (sync mode under loss scaling, a step not held), too: the
+     worker sends its word on its whole gradient (the first overflow, or none) to
+     every server it pushed to during backward (``Word``; a push left later carries
+     it), so every server applies or skips the clock as soon as every worker's
+     pushes and words are in, all alike, and says which in the replies;
    - for a *held* push (sync mode, under loss scaling or while the script clips
      its gradients), the server keeps the clock's mean gradient and answers with
      a verdict: is it finite, and its norm. The decision (skip if any partition
@@ -167,9 +169,12 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._wait_start_ns = 0
         self._copy_s = 0.0
         self._verdicts: list[Verdict] = []
-        #: Judged steps (loss scaling, sync, not held): this step's first overflow, sent
-        #: with each push once backward is done ("": none yet).
+        #: Judged steps (loss scaling, sync, not held): this step's first overflow so far
+        #: ("": none), the word sent once backward is done; the partitions pushed during
+        #: backward (their word follows, ``Word``) and the Words' handles.
         self._overflow = ""
+        self._word_due: set[int] = set()
+        self._word_handles: list[Handle] = []
         #: This step's pushes wait for phase 3: the first step (it finds out whether the
         #: script backwards more than once a step without no_sync()), and every step of a
         #: script that does (``_accumulates``); ``_backwards_again``: this step did.
@@ -352,7 +357,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._step_hparams = self.hparams_source() if self.is_first else None
             if self.profiler.enabled:
                 self._marks.first_push_ns = time.time_ns()
-        if self._defer or (self.two_phase and not self._hold):
+        if self._defer:
             self._handles[pid] = _KEPT  # sent in phase 3 (_send_kept)
             return
         self._send_grad(pid)
@@ -382,11 +387,21 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
     def _send_grad(self, pid: int) -> None:
         grad, nonfinite = self._wire_grad(pid)
         hold = self._hold
+        judged = pending = False
+        if self.two_phase and not hold:  # judged: the word on the whole gradient goes too
+            judged = True
+            self._note_overflow(nonfinite)
+            pending = self._rest is None  # backward is not done: the word follows (a Word)
+            if pending:
+                self._word_due.add(pid)
+            else:
+                nonfinite = self._overflow
         sent_from = time.time_ns() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
             checkpoint=self._ckpt_flag, hold=hold, hparams=self._step_hparams,
-            norm_type=self._norm_type if self._hold else 0.0, unused=self._unused(pid))
+            norm_type=self._norm_type if self._hold else 0.0, judged=judged, pending=pending,
+            unused=self._unused(pid))
         if self.client.batch_bytes:
             self._flush_if_last(pid)
         if sent_from:
@@ -464,6 +479,10 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         for pid in unpushed:
             self._push(pid)
         self._send_kept()
+        if self._word_due:  # judged pushes left during backward: the word follows them
+            owner = self.client.owner
+            self._word_handles = [self.client.word(server, self.clock, self._overflow)
+                                  for server in sorted({owner[p] for p in self._word_due})]
         return self._rest
 
     def _refuse_frozen_since(self) -> None:
@@ -487,12 +506,15 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
 
         - Accumulation without ``no_sync()`` (and every first step, which finds out): the
           gradients summed over the step's backward calls, as they are now.
-        - Loss scaling in sync mode, a step not held (*judged*): each push carries this
-          worker's word on its whole gradient (``Push.judged``): the first parameter that
-          overflowed, or "". Every server gets every worker's word with its pushes, so each
-          applies or skips the clock at once, all alike, and the replies carry the values:
-          one round trip, as fp32's, where a held clock takes verdicts, an exchange among
-          the servers and a pull (docs/architecture.md, "Cluster-wide skipping")."""
+        - Loss scaling in sync mode, a deferred step not held (*judged*): the whole
+          gradient is tested before any of it leaves, and each push carries this worker's
+          word on it (``Push.judged``): the first parameter that overflowed, or "". (A step
+          not deferred sends its judged pushes during backward, pending, and the word
+          after them: :meth:`_send_grad`, :meth:`_send_rest`.) Every server gets every
+          worker's word, so each applies or skips the clock at once, all alike, and the
+          replies carry the values: one round trip, as fp32's, where a held clock takes
+          verdicts, an exchange among the servers and a pull (docs/architecture.md,
+          "Cluster-wide skipping")."""
         kept = [pid for pid, h in self._handles.items() if h is _KEPT]
         if not kept:
             return
@@ -506,14 +528,19 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         for pid in kept:  # the whole gradient tested before any of it leaves
             grad, nonfinite = self._wire_grad(pid)
             grads.append(grad)
-            if nonfinite and (not self._overflow or self._backward_rank(nonfinite)
-                              < self._backward_rank(self._overflow)):
-                self._overflow = nonfinite  # the first in backward order, as verdicts name it
+            self._note_overflow(nonfinite)
         for pid, grad in zip(kept, grads):
             self._handles[pid] = self.client.push(
                 pid, grad, self.clock, scale=self.scaler.scale, nonfinite=self._overflow,
                 checkpoint=self._ckpt_flag, judged=True, hparams=self._step_hparams,
                 unused=self._unused(pid))
+
+    def _note_overflow(self, nonfinite: str) -> None:
+        """A judged step's word: the first parameter that overflowed, in backward order
+        (as verdicts name it), over the partitions tested so far."""
+        if nonfinite and (not self._overflow or self._backward_rank(nonfinite)
+                          < self._backward_rank(self._overflow)):
+            self._overflow = nonfinite
 
     def _pull_agreed(self, clip: float) -> None:
         """Servers that agree: send the pull of the next clock now, with what they need to
@@ -539,6 +566,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             else:
                 self._copy_s += self._consume(h, reply)
         for h in row_handles:
+            h.wait()
+        for h in self._word_handles:
             h.wait()
         if self._hold:
             return all(v.finite for v in self._verdicts)
@@ -616,6 +645,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._verdicts = []
         self._pulls, self._rest, self._sent_version = None, None, None
         self._overflow = ""
+        self._word_due.clear()
+        self._word_handles = []
         if self._backwards_again and not self._accumulates:
             self._accumulates = True
             self.log(f"worker {self.client.worker}: backward() ran more than once before "

@@ -257,6 +257,9 @@ class PSClient:
         #: (tests) keeps it 0: a batch leaves at this client's wait(), not another's.
         self.batch_bytes = batch_bytes
         self._overflows: list = []
+        #: The words this worker sent on its last clocks' gradients (:meth:`word`), which a
+        #: pending push sent again carries (:meth:`_resend`).
+        self._words: dict[int, str] = {}
         #: The batch still waiting, per server.
         self._batches: dict[int, _Batch] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
@@ -439,6 +442,10 @@ class PSClient:
         msg, frames = handle._request
         ep = self.servers[server]
         new_req = ep.new_req()
+        if isinstance(msg, wire.Push) and msg.pending and msg.clock in self._words:
+            # Its word is known now, and went to the server the push went to first: the
+            # push carries it (rerouted, the partition's new owner would wait for a Word).
+            msg = msgspec.structs.replace(msg, pending=False, nonfinite=self._words[msg.clock])
         msg = msgspec.structs.replace(msg, req=new_req)
         ep.send(msg, frames)
         self._outstanding.pop((handle._server, handle._req), None)
@@ -617,9 +624,11 @@ class PSClient:
     def push(self, partition: int, grad: torch.Tensor, clock: int, *, scale: float = 1.0,
              nonfinite: str = "", checkpoint: int = 0, hold: bool = False,
              norm_type: float = 0.0, hparams: Optional[list] = None,
-             dtype: Optional[str] = None, judged: bool = False,
+             dtype: Optional[str] = None, judged: bool = False, pending: bool = False,
              unused: Optional[list[int]] = None) -> Handle:
         """Send one partition's gradient for ``clock``; the handle yields the new values.
+        ``judged``/``pending``: :class:`~tessera.transport.wire.Push`'s (a pending push's
+        word follows, :meth:`word`).
         ``unused``: the element ranges of parameters the step gave no gradient
         (``Push.unused``; such a push goes alone, not in a batch).
 
@@ -646,7 +655,7 @@ class PSClient:
             # overflowing ones that are not judged (an async server refuses a scaled
             # message whole), go alone.
             fields = (dtype, checkpoint, norm_type, self.weight, self.rate, scale, nonfinite,
-                      judged)
+                      judged, pending)
             batch = self._batches.get(server)
             if batch is not None and not batch.takes(server, clock, fields, hparams):
                 self._send_batch(batch)
@@ -663,7 +672,22 @@ class PSClient:
         return self._send_push(server, [partition], [payload], clock, dtype, scale=scale,
                                nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                                norm_type=norm_type, hparams=hparams, judged=judged,
-                               unused=[unused] if unused else None)
+                               pending=pending, unused=[unused] if unused else None)
+
+    def word(self, server: int, clock: int, overflow: str) -> Handle:
+        """This worker's word on its whole gradient of ``clock`` (``overflow``: the first
+        parameter that overflowed, "" for none) to ``server``, after the pending pushes it
+        completes (:class:`~tessera.transport.wire.Word`); wait() -> True once answered."""
+        self.flush(server)  # (a batch of those pushes waiting: it goes first)
+        ep = self.servers[server]
+        req = ep.new_req()
+        msg = wire.Word(req=req, worker=self.worker, clock=clock, overflow=overflow)
+        self._words[clock] = overflow
+        while len(self._words) > 2:
+            del self._words[min(self._words)]
+        ep.send(msg)
+        return self._track(Handle(self, server, req, f"word on clock {clock}",
+                                  request=(msg, [])))
 
     def take_overflows(self) -> list:
         """The overflows the replies of a skipped judged clock named (``Push.judged``),
@@ -684,7 +708,7 @@ class PSClient:
 
     def _send_batch(self, batch: _Batch) -> None:
         del self._batches[batch.server]
-        dtype, checkpoint, norm_type, _, _, scale, nonfinite, judged = batch.fields
+        dtype, checkpoint, norm_type, _, _, scale, nonfinite, judged, pending = batch.fields
         payload = dict(zip(batch.pids, batch.payloads))
         # Routed as it leaves: a server's death heard of since the batch opened moved some
         # of its partitions, and sent to the dead server after the failover was followed,
@@ -692,7 +716,7 @@ class PSClient:
         handles = [self._send_push(server, pids, [payload[pid] for pid in pids], batch.clock,
                                    dtype, checkpoint=checkpoint, norm_type=norm_type,
                                    hparams=batch.hparams, scale=scale, nonfinite=nonfinite,
-                                   judged=judged)
+                                   judged=judged, pending=pending)
                    for server, pids in self._by_server(batch.pids).items()]
         if len(handles) == 1:
             batch.handle = handles[0]
@@ -707,7 +731,7 @@ class PSClient:
                    dtype: str, *, scale: float = 1.0, nonfinite: str = "", checkpoint: int = 0,
                    hold: bool = False, norm_type: float = 0.0,
                    hparams: Optional[list] = None, judged: bool = False,
-                   unused: Optional[list[list[int]]] = None) -> Handle:
+                   pending: bool = False, unused: Optional[list[list[int]]] = None) -> Handle:
         """One Push message of ``pids``' gradients (one frame each) to ``server``."""
         frames = [tensor_to_frame(p) for p in payloads]
         ep = self.servers[server]
@@ -717,7 +741,7 @@ class PSClient:
                         partitions=pids, dtype=dtype, scale=scale,
                         nonfinite=nonfinite, checkpoint=checkpoint, hold=hold,
                         norm_type=norm_type, hparams=hparams, weight=self.weight,
-                        rate=self.rate, judged=judged, unused=unused,
+                        rate=self.rate, judged=judged, pending=pending, unused=unused,
                         sent_ns=time.time_ns() + self.profiler.offset_ns
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)

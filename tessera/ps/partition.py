@@ -213,6 +213,10 @@ class PartitionState(Clocked):
     #: Sync: the element ranges every push of the current clock named unused
     #: (``Push.unused``; flat ``lo, hi`` pairs), which its update leaves alone.
     unused: list[int] = field(default_factory=list)
+    #: Sync, judged pushes that left during backward (``Push.pending``): the workers
+    #: whose push of the current clock is summed here but whose :class:`~tessera.
+    #: transport.wire.Word` has not come; the clock completes once it is empty.
+    awaiting: set[int] = field(default_factory=set)
 
     @property
     def ready(self) -> bool:

@@ -66,6 +66,8 @@ def check_held(msg: wire.Push, states: list, held: bool, policy) -> None:
         raise RequestError(f"a judged push (the worker's own verdict on its whole gradient) "
                            f"is a sync clock's, and not held (this server runs {policy.name}"
                            f"{', the push asks to be held' if msg.hold else ''})")
+    if msg.pending and not msg.judged:
+        raise RequestError("a push whose word is pending (a Word follows) must be judged")
     if msg.hparams is None:
         return
     if msg.worker != 0:

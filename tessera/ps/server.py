@@ -41,7 +41,7 @@ import zmq
 from tessera.amp.finite import all_finite
 from tessera.profiler.recorder import OFF, SpanRecorder
 from tessera.ps import kernels, optim_state
-from tessera.ps.agreement import Agreement, check_inputs
+from tessera.ps.agreement import KEEP_CLOCKS, Agreement, check_inputs
 from tessera.ps.consistency import NotABackup, RequestError, make_consistency
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.optim import as_spec, make_rule
@@ -141,6 +141,9 @@ class ParameterServer:
         self._reply_push = functools.partial(self._answer, shared=True)
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
+        #: Sync under loss scaling: the workers' words (``Word``) by clock, kept a few
+        #: clocks for a pending push sent again after its word (a reconnect).
+        self._words: dict[int, dict[int, str]] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -258,6 +261,8 @@ class ParameterServer:
                     raise RequestError("Judged carries no payload frames")
                 self.agreement.heard(msg)
                 self._decide(msg.clock)
+            elif isinstance(msg, wire.Word):
+                self._on_word(got.peer, msg, got.frames)
             elif isinstance(msg, wire.Join):
                 self._on_join(got.peer, msg)
             elif isinstance(msg, wire.Replicate) and msg.kind == "move":
@@ -556,6 +561,8 @@ class ParameterServer:
                    msg.unused[i] if msg.unused is not None else None)
         if self.costs is not None:
             self.costs.lap("copy")
+        if msg.pending:  # its sender's word on the whole gradient follows (a Word)
+            self._await_word(msg.worker, msg.clock, states)
         if held:  # one partition (checked): answered with its verdict
             states[0].held = True
             states[0].norm_type = max(states[0].norm_type, msg.norm_type)
@@ -572,7 +579,7 @@ class ParameterServer:
         decide_at = None  # a held clock judged here: the servers may decide it now
         mark = self.replication.mark()  # answer_early: the answers wait for the clock before
         for st in states:
-            if st.verdict is not None or not self.policy.complete(st):
+            if st.verdict is not None or st.awaiting or not self.policy.complete(st):
                 continue
             if len(st.pushed_by) < self.options.num_workers:
                 self.stats["short_clocks"] += 1
@@ -602,6 +609,50 @@ class ParameterServer:
             self._reply_after = None
         if decide_at is not None:
             self._decide(decide_at)
+
+    def _await_word(self, worker: int, clock: int, states: list[PartitionState]) -> None:
+        """Pending judged pushes (``Push.pending``) of ``worker`` at ``clock``, summed into
+        ``states``: their clock waits for the worker's :class:`~tessera.transport.wire.Word`
+        (here already where the push was sent again after it)."""
+        word = self._words.get(clock, {}).get(worker)
+        for st in states:
+            if word is None:
+                st.awaiting.add(worker)
+            elif word:
+                st.overflows.append(wire.Overflow(worker=worker, param=word))
+
+    def _on_word(self, peer: bytes, msg: wire.Word, frames: list) -> None:
+        """A worker's word on its whole gradient of ``msg.clock``: the clocks of its pending
+        pushes complete with it, skipped everywhere where it names an overflow."""
+        if frames:
+            raise RequestError("Word carries no payload frames")
+        if not self.two_phase:
+            raise RequestError("a Word (a worker's word on its gradient) is for sync mode "
+                               "under loss scaling (--precision fp16)")
+        if not 0 <= msg.worker < self.options.num_workers:
+            raise RequestError(f"worker {msg.worker} is not in this job")
+        words = self._words.setdefault(msg.clock, {})
+        words.setdefault(msg.worker, msg.overflow)
+        while len(self._words) > KEEP_CLOCKS:  # a worker is at most a clock ahead of another
+            del self._words[min(self._words)]
+        due = [st for st in self.parts.values()
+               if msg.worker in st.awaiting and st.clock == msg.clock]
+        for st in due:
+            st.awaiting.discard(msg.worker)
+            if msg.overflow:
+                st.overflows.append(wire.Overflow(worker=msg.worker, param=msg.overflow))
+        self.endpoint.send(peer, wire.Ack(req=msg.req))
+        if due:
+            self._complete(due)
+
+    def _drop_awaiting(self, workers) -> None:
+        """Workers declared dead, finished or joined again (a new incarnation): no word
+        will come from the process that sent their pending pushes. Those pushes stay in
+        their clock's sum, as any push a worker sent before it died does; an overflow in
+        their own partitions skips that partition's clock (``Push.nonfinite``)."""
+        for st in self.parts.values():
+            if st.awaiting:
+                st.awaiting.difference_update(workers)
 
     def _skip(self, st: PartitionState) -> None:
         """Skip ``st``'s current clock: a clock of judged pushes (``Push.judged``) one of
@@ -658,6 +709,7 @@ class ParameterServer:
         # as after a departure, the mean over the workers still training.
         done = [w for w in self.hooks.finished() if self.members.finish(int(w))]
         if gone or done:
+            self._drop_awaiting({int(w) for w in (*gone, *done)})
             states = list(self.parts.values())
             self._complete(states)  # sync: clocks that waited only for them
             self.policy.advance(states)  # ssp: they no longer hold the slowest count down
@@ -681,6 +733,7 @@ class ParameterServer:
         tables = self.tables.units() if self.tables is not None else []
         wait = self.policy.join([*states, *tables], msg.worker, msg.clock)
         self.members.join(msg.worker, msg.incarnation)
+        self._drop_awaiting({msg.worker})
         self.replication.forward_join(msg.worker, msg.incarnation,
                                       self.members.joined_at.get(msg.worker, 0))
         self.stats["joins"] += 1

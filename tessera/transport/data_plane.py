@@ -90,14 +90,18 @@ class Push(msgspec.Struct, **MESSAGE):
     weight: float = 1.0
     #: Balance: the sender's measured samples/s (0: none); echoed in :attr:`Params.rates`.
     rate: float = 0.0
-    #: Sync under loss scaling, not held: the sender tested its whole gradient of this
-    #: clock (every partition, for every server) before it sent any of it, and
-    #: ``nonfinite`` names its first overflow ("" where all was finite), the same in each
-    #: of its pushes. A clock none of whose pushes names one is applied at once, as an
-    #: fp32 clock is; else it is skipped, and every server skips it (each has every
-    #: worker's pushes, so every worker's word). Answered with :class:`Params`
-    #: (``skipped``, with the ``overflows``), never with a :class:`Verdict`.
+    #: Sync under loss scaling, not held: the sender's *word* on its whole gradient of
+    #: this clock (every partition, for every server) travels with its pushes:
+    #: ``nonfinite`` names its first overflow ("" where all was finite). A clock none of
+    #: whose words names one is applied at once, as an fp32 clock is; else it is skipped,
+    #: and every server skips it (each has every worker's word). Answered with
+    #: :class:`Params` (``skipped``, with the ``overflows``), never with a :class:`Verdict`.
     judged: bool = False
+    #: With ``judged``: the push left during backward, before the sender knew its word
+    #: (``nonfinite`` then names the first overflow of this push's own partitions); the
+    #: word follows in a :class:`Word` once backward is done. The server sums the push at
+    #: once and completes the clock once every worker's word is in.
+    pending: bool = False
     #: ``tessera.distribute(..., find_unused_parameters=True)``: for each partition (in
     #: ``partitions``' order), the element ranges ``[lo, hi)`` (flat pairs, relative to
     #: the partition's start, sorted) of the parameters the sender's step gave no
@@ -201,6 +205,17 @@ class Verdict(msgspec.Struct, **MESSAGE):
     overflows: list[Overflow] = []
     #: The ``norm_type``-norm of the partition's mean gradient (0 when not asked).
     norm: float = 0.0
+
+
+class Word(msgspec.Struct, **MESSAGE):
+    """Worker -> each server it sent a ``pending`` judged push of ``clock``: its word on
+    its whole gradient of that clock, ``overflow`` the first parameter (in backward order)
+    whose gradient overflowed, "" where all was finite. Answered with :class:`Ack`."""
+
+    req: int
+    worker: int
+    clock: int
+    overflow: str = ""
 
 
 class Judged(msgspec.Struct, **MESSAGE):

@@ -29,7 +29,7 @@ from tessera.transport.control_plane import (HParam, OptimGroup, OptimSpec, Para
     Register, Restore, ClusterView, Heartbeat, HeartbeatAck, Departed, CheckpointNow,
     CheckpointSaved, Replicated, Scale, Moved, TimeSync, TimeSyncAck, Finished, StoreOp, StoreReply)
 from tessera.transport.data_plane import (InitParams, Pull, Push, Join, Replicate, ReplicaUpdate, Overflow,
-    Verdict, Judged, Params, OptimState, PullRows, Rows, PushRows, DumpRows, SnapshotTables)
+    Verdict, Judged, Word, Params, OptimState, PullRows, Rows, PushRows, DumpRows, SnapshotTables)
 from tessera.transport.header import MAX_HEADER_BYTES, WIRE_DTYPES, Ack, Error
 
 __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGroup",
@@ -37,14 +37,14 @@ __all__ = ["MAX_HEADER_BYTES", "WIRE_DTYPES", "Ack", "Error", "HParam", "OptimGr
            "ProcessInfo", "PartitionInfo", "Register", "Restore", "ClusterView", "Heartbeat",
            "HeartbeatAck", "Departed", "CheckpointNow", "CheckpointSaved", "Replicated", "Scale", "Moved", "TimeSync",
            "TimeSyncAck", "Finished", "StoreOp", "StoreReply", "InitParams", "Pull", "Push", "Join", "Replicate", "ReplicaUpdate",
-           "Overflow", "Verdict", "Judged", "Params", "OptimState", "PullRows", "Rows", "PushRows", "DumpRows", "SnapshotTables", "Message",
+           "Overflow", "Verdict", "Judged", "Word", "Params", "OptimState", "PullRows", "Rows", "PushRows", "DumpRows", "SnapshotTables", "Message",
            "WireError", "encode", "decode"]
 
 Message = Union[Register, ClusterView, Heartbeat, HeartbeatAck, Finished, Ack, Error,
                 InitParams, Pull, Push, Params, Verdict, TimeSync, TimeSyncAck,
                 PullRows, Rows, PushRows, Departed, CheckpointNow, CheckpointSaved, Join,
                 Replicate, DumpRows, StoreOp, StoreReply, SnapshotTables, Replicated, Scale,
-                Moved, Judged, OptimState]
+                Moved, Judged, Word, OptimState]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
