@@ -18,7 +18,8 @@ Phases of one step (STYLE: numbered, as the code runs them):
    backward of the first (DDP's bucketing, in the order the PS needs). Under loss
    scaling the push also names the first parameter whose gradient overflowed (in
    its own partitions); in sync mode it leaves *pending* (``Push.pending``): the
-   worker's word on its whole gradient follows at the end of backward (phase 3).
+   worker's word on its whole gradient follows, with the push of the partition
+   backward finishes last, and in phase 3 to the other servers.
    Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
    the flat buffer (DDP's gradient accumulation), and the next backward outside
    it pushes the sum. The first step's pushes wait for phase 3 too: a second
@@ -29,9 +30,10 @@ Phases of one step (STYLE: numbered, as the code runs them):
    parameters push zeros) and waits for the replies:
    - for a plain push, each reply carries the partition's new values;
    - for a *judged* push (sync mode under loss scaling, a step not held), too: the
-     worker sends its word on its whole gradient (the first overflow, or none) to
-     every server it pushed to during backward (``Word``; a push left later carries
-     it), so every server applies or skips the clock as soon as every worker's
+     worker's word on its whole gradient (the first overflow, or none) goes to
+     every server it pushed to during backward (the last push of backward carries
+     it; a ``Word`` to the others), so every server applies or skips the clock as
+     soon as every worker's
      pushes and words are in, all alike, and says which in the replies;
    - for a *held* push (sync mode, under loss scaling or while the script clips
      its gradients), the server keeps the clock's mean gradient and answers with
@@ -170,11 +172,11 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._copy_s = 0.0
         self._verdicts: list[Verdict] = []
         #: Judged steps (loss scaling, sync, not held): this step's first overflow so far
-        #: ("": none), the word sent once backward is done; the partitions pushed during
-        #: backward (their word follows, ``Word``) and the Words' handles.
+        #: ("": none), the word once backward is done; the partitions pushed during
+        #: backward (their word follows) and the servers a push carried the word to.
         self._overflow = ""
         self._word_due: set[int] = set()
-        self._word_handles: list[Handle] = []
+        self._word_sent: set[int] = set()
         #: This step's pushes wait for phase 3: the first step (it finds out whether the
         #: script backwards more than once a step without no_sync()), and every step of a
         #: script that does (``_accumulates``); ``_backwards_again``: this step did.
@@ -232,6 +234,8 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._needed[pid] += 1
                 self._params_of_part[pid].append(index)
         self._remaining = dict(self._needed)
+        #: This step's partitions whose every gradient backward has made.
+        self._finished_parts = 0
         #: The partitions whose gradients backward pushes (buffers leave at step()), and
         #: this step's count of them per server still to go (:meth:`_flush_if_last`).
         self._backward_parts = [pid for pid in self._needed if pid not in self._buffer_parts]
@@ -339,6 +343,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                            else ""))
                 self._remaining[pid] -= 1
                 if self._remaining[pid] == 0:
+                    self._finished_parts += 1
                     self._push(pid)
             # Gradients left during backward: any in-place change of them from here to
             # phase 3 bumps the flat buffer's version counter (views share it).
@@ -391,11 +396,15 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         if self.two_phase and not hold:  # judged: the word on the whole gradient goes too
             judged = True
             self._note_overflow(nonfinite)
-            pending = self._rest is None  # backward is not done: the word follows (a Word)
+            # Backward is not done: the word follows. The last partition backward finishes
+            # carries it, and so does each push of phase 3.
+            pending = self._rest is None and \
+                self._finished_parts < len(self._backward_parts)
             if pending:
                 self._word_due.add(pid)
             else:
                 nonfinite = self._overflow
+                self._word_sent.add(self.client.owner[pid])
         sent_from = time.time_ns() if self.profiler.enabled else 0
         self._handles[pid] = self.client.push(
             pid, grad, self.clock, scale=self.scaler.scale, nonfinite=nonfinite,
@@ -480,9 +489,9 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._push(pid)
         self._send_kept()
         if self._word_due:  # judged pushes left during backward: the word follows them
-            owner = self.client.owner
-            self._word_handles = [self.client.word(server, self.clock, self._overflow)
-                                  for server in sorted({owner[p] for p in self._word_due})]
+            owner = self.client.owner  # (to the servers no push carried it to)
+            for server in sorted({owner[p] for p in self._word_due} - self._word_sent):
+                self.client.word(server, self.clock, self._overflow)
         return self._rest
 
     def _refuse_frozen_since(self) -> None:
@@ -567,8 +576,6 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
                 self._copy_s += self._consume(h, reply)
         for h in row_handles:
             h.wait()
-        for h in self._word_handles:
-            h.wait()
         if self._hold:
             return all(v.finite for v in self._verdicts)
         # sync: every reply says skipped or none does (a judged clock, or one a held push
@@ -646,7 +653,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._pulls, self._rest, self._sent_version = None, None, None
         self._overflow = ""
         self._word_due.clear()
-        self._word_handles = []
+        self._word_sent.clear()
         if self._backwards_again and not self._accumulates:
             self._accumulates = True
             self.log(f"worker {self.client.worker}: backward() ran more than once before "
@@ -659,6 +666,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
         self._hold = self.mode == "sync" and self._clipped
         self._clipped, self._coef = False, 1.0
         self._remaining = dict(self._needed)
+        self._finished_parts = 0
         self._left_of_server = None
         self.clock += 1
         self.on_clock(self.clock)

@@ -442,10 +442,13 @@ class PSClient:
         msg, frames = handle._request
         ep = self.servers[server]
         new_req = ep.new_req()
-        if isinstance(msg, wire.Push) and msg.pending and msg.clock in self._words:
-            # Its word is known now, and went to the server the push went to first: the
-            # push carries it (rerouted, the partition's new owner would wait for a Word).
-            msg = msgspec.structs.replace(msg, pending=False, nonfinite=self._words[msg.clock])
+        if isinstance(msg, wire.Push) and msg.judged:
+            word = self._words.get(msg.clock) if msg.pending else msg.nonfinite
+            if word is not None:
+                if msg.pending:  # its word is known now: the push carries it
+                    msg = msgspec.structs.replace(msg, pending=False, nonfinite=word)
+                if server != handle._server:  # rerouted: the server it left may hold
+                    self._send_word(handle._server, msg.clock, word)  # pending pushes
         msg = msgspec.structs.replace(msg, req=new_req)
         ep.send(msg, frames)
         self._outstanding.pop((handle._server, handle._req), None)
@@ -674,20 +677,20 @@ class PSClient:
                                norm_type=norm_type, hparams=hparams, judged=judged,
                                pending=pending, unused=[unused] if unused else None)
 
-    def word(self, server: int, clock: int, overflow: str) -> Handle:
+    def word(self, server: int, clock: int, overflow: str) -> None:
         """This worker's word on its whole gradient of ``clock`` (``overflow``: the first
         parameter that overflowed, "" for none) to ``server``, after the pending pushes it
-        completes (:class:`~tessera.transport.wire.Word`); wait() -> True once answered."""
+        completes there (:class:`~tessera.transport.wire.Word`, one-way: the pushes'
+        replies answer it)."""
         self.flush(server)  # (a batch of those pushes waiting: it goes first)
-        ep = self.servers[server]
-        req = ep.new_req()
-        msg = wire.Word(req=req, worker=self.worker, clock=clock, overflow=overflow)
+        self._send_word(server, clock, overflow)
+
+    def _send_word(self, server: int, clock: int, overflow: str) -> None:
         self._words[clock] = overflow
         while len(self._words) > 2:
             del self._words[min(self._words)]
-        ep.send(msg)
-        return self._track(Handle(self, server, req, f"word on clock {clock}",
-                                  request=(msg, [])))
+        ep = self.servers[server]
+        ep.send(wire.Word(req=ep.new_req(), worker=self.worker, clock=clock, overflow=overflow))
 
     def take_overflows(self) -> list:
         """The overflows the replies of a skipped judged clock named (``Push.judged``),
@@ -745,6 +748,8 @@ class PSClient:
                         sent_ns=time.time_ns() + self.profiler.offset_ns
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)
+        if judged and not pending:  # the word it carries (_resend: a re-sent pending push)
+            self._words[clock] = nonfinite
         self.bytes_pushed += sum(f.nbytes for f in frames)
         what = f"push of partition {pids[0]}" if len(pids) == 1 else \
             f"push of partitions {pids}"

@@ -144,6 +144,8 @@ class ParameterServer:
         #: Sync under loss scaling: the workers' words (``Word``) by clock, kept a few
         #: clocks for a pending push sent again after its word (a reconnect).
         self._words: dict[int, dict[int, str]] = {}
+        #: (clock, worker) -> the partitions summing its pending pushes, awaiting its word.
+        self._awaiting: dict[tuple[int, int], list[PartitionState]] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -561,8 +563,11 @@ class ParameterServer:
                    msg.unused[i] if msg.unused is not None else None)
         if self.costs is not None:
             self.costs.lap("copy")
-        if msg.pending:  # its sender's word on the whole gradient follows (a Word)
+        released = []
+        if msg.pending:  # its sender's word on the whole gradient follows
             self._await_word(msg.worker, msg.clock, states)
+        elif msg.judged:  # it carries the word: for the sender's pending pushes here too
+            released = self._word_in(msg.worker, msg.clock, msg.nonfinite)
         if held:  # one partition (checked): answered with its verdict
             states[0].held = True
             states[0].norm_type = max(states[0].norm_type, msg.norm_type)
@@ -571,7 +576,7 @@ class ParameterServer:
             self.policy.wait_or_answer(Reply(self.policy.push_clock(msg.clock),
                                              answer or states, self._reply_push, peer, msg.req,
                                              msg.dtype))
-        self._complete(states)
+        self._complete(states + released if released else states)
 
     def _complete(self, states: list[PartitionState]) -> None:
         """Sync: apply (or, under loss scaling, judge) every clock all live workers pushed."""
@@ -612,18 +617,39 @@ class ParameterServer:
 
     def _await_word(self, worker: int, clock: int, states: list[PartitionState]) -> None:
         """Pending judged pushes (``Push.pending``) of ``worker`` at ``clock``, summed into
-        ``states``: their clock waits for the worker's :class:`~tessera.transport.wire.Word`
-        (here already where the push was sent again after it)."""
+        ``states``: their clock waits for the worker's word (a :class:`~tessera.transport.
+        wire.Word`, or a judged push that is not pending), unless it came already (the
+        push was sent again after it)."""
         word = self._words.get(clock, {}).get(worker)
-        for st in states:
-            if word is None:
+        if word is None:
+            for st in states:
                 st.awaiting.add(worker)
-            elif word:
+            self._awaiting.setdefault((clock, worker), []).extend(states)
+        elif word:
+            for st in states:
                 st.overflows.append(wire.Overflow(worker=worker, param=word))
 
-    def _on_word(self, peer: bytes, msg: wire.Word, frames: list) -> None:
-        """A worker's word on its whole gradient of ``msg.clock``: the clocks of its pending
-        pushes complete with it, skipped everywhere where it names an overflow."""
+    def _word_in(self, worker: int, clock: int, word: str) -> list[PartitionState]:
+        """``worker``'s word on its whole gradient of ``clock`` (``word``: its first
+        overflow, "" for none), from a Word or a judged push that is not pending: kept a
+        few clocks, and given to its pending pushes here; -> the partitions it released."""
+        words = self._words.get(clock)
+        if words is None:
+            words = self._words[clock] = {}
+            while len(self._words) > KEEP_CLOCKS:  # a worker is at most a clock ahead
+                del self._words[min(self._words)]
+        words.setdefault(worker, word)
+        due = [st for st in self._awaiting.pop((clock, worker), ())
+               if st.clock == clock and worker in st.awaiting]
+        for st in due:
+            st.awaiting.discard(worker)
+            if word:
+                st.overflows.append(wire.Overflow(worker=worker, param=word))
+        return due
+
+    def _on_word(self, peer: bytes, msg: wire.Word, frames: list) -> None:  # noqa: ARG002
+        """A worker's word on its whole gradient of ``msg.clock`` (one-way): the clocks of
+        its pending pushes here complete with it, skipped where it names an overflow."""
         if frames:
             raise RequestError("Word carries no payload frames")
         if not self.two_phase:
@@ -631,28 +657,18 @@ class ParameterServer:
                                "under loss scaling (--precision fp16)")
         if not 0 <= msg.worker < self.options.num_workers:
             raise RequestError(f"worker {msg.worker} is not in this job")
-        words = self._words.setdefault(msg.clock, {})
-        words.setdefault(msg.worker, msg.overflow)
-        while len(self._words) > KEEP_CLOCKS:  # a worker is at most a clock ahead of another
-            del self._words[min(self._words)]
-        due = [st for st in self.parts.values()
-               if msg.worker in st.awaiting and st.clock == msg.clock]
-        for st in due:
-            st.awaiting.discard(msg.worker)
-            if msg.overflow:
-                st.overflows.append(wire.Overflow(worker=msg.worker, param=msg.overflow))
-        self.endpoint.send(peer, wire.Ack(req=msg.req))
+        due = self._word_in(msg.worker, msg.clock, msg.overflow)
         if due:
             self._complete(due)
 
-    def _drop_awaiting(self, workers) -> None:
+    def _drop_awaiting(self, workers: set[int]) -> None:
         """Workers declared dead, finished or joined again (a new incarnation): no word
         will come from the process that sent their pending pushes. Those pushes stay in
         their clock's sum, as any push a worker sent before it died does; an overflow in
         their own partitions skips that partition's clock (``Push.nonfinite``)."""
-        for st in self.parts.values():
-            if st.awaiting:
-                st.awaiting.difference_update(workers)
+        for key in [k for k in self._awaiting if k[1] in workers]:
+            for st in self._awaiting.pop(key):
+                st.awaiting.discard(key[1])
 
     def _skip(self, st: PartitionState) -> None:
         """Skip ``st``'s current clock: a clock of judged pushes (``Push.judged``) one of

@@ -99,8 +99,8 @@ class Push(msgspec.Struct, **MESSAGE):
     judged: bool = False
     #: With ``judged``: the push left during backward, before the sender knew its word
     #: (``nonfinite`` then names the first overflow of this push's own partitions); the
-    #: word follows in a :class:`Word` once backward is done. The server sums the push at
-    #: once and completes the clock once every worker's word is in.
+    #: word follows, in a later judged push that is not pending or in a :class:`Word`. The
+    #: server sums the push at once and completes the clock once every worker's word is in.
     pending: bool = False
     #: ``tessera.distribute(..., find_unused_parameters=True)``: for each partition (in
     #: ``partitions``' order), the element ranges ``[lo, hi)`` (flat pairs, relative to
@@ -208,9 +208,10 @@ class Verdict(msgspec.Struct, **MESSAGE):
 
 
 class Word(msgspec.Struct, **MESSAGE):
-    """Worker -> each server it sent a ``pending`` judged push of ``clock``: its word on
-    its whole gradient of that clock, ``overflow`` the first parameter (in backward order)
-    whose gradient overflowed, "" where all was finite. Answered with :class:`Ack`."""
+    """Worker -> each server it sent a ``pending`` judged push of ``clock`` and no push
+    carrying its word: its word on its whole gradient of that clock, ``overflow`` the
+    first parameter (in backward order) whose gradient overflowed, "" where all was
+    finite. Not answered (the pushes' replies are)."""
 
     req: int
     worker: int
