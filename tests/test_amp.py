@@ -21,25 +21,30 @@ def fp32_run(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_matches_fp32_quality_with_half_the_bytes(tmp_path, fp32_run, precision):
     half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision,
-                   *(["--profile"] if precision == "fp16" else []))
+                   *(["--profile", "--shm", "off"] if precision == "fp16" else []))
     assert half["precision"] == precision and fp32_run["precision"] == "fp32"
     assert half["eval_accuracy"] >= fp32_run["eval_accuracy"] - 0.01, (half, fp32_run)
     assert half["bytes_pushed"] <= 0.55 * fp32_run["bytes_pushed"]
     assert half["bytes_pulled"] <= 0.55 * fp32_run["bytes_pulled"]
     if precision == "fp16":
         assert half["skipped_steps"] == 0 and half["loss_scale"] == 65536.0
-        # Its judged pushes leave during backward (pending, the word after them), as fp32's
-        # do: the second layer's partition is on the wire while the first's gradient is
-        # computed (they waited for the end of backward before: overlap 0%).
+        # Over TCP (--shm off: as to a server on another host) its judged pushes leave
+        # during backward (pending, the word after them), as fp32's do: the second layer's
+        # partition is on the wire while the first's gradient is computed (they waited for
+        # the end of backward before: overlap 0%, as they still do through shared memory).
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         assert all(w["overlap"] > 0.01 for w in report["workers"]), report["workers"]
 
 
-def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path):
+@pytest.mark.parametrize("shm", ["auto", "off"])
+def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path, shm):
+    """Through shared memory a judged step's pushes leave at the end of backward with the
+    worker's word; over TCP (``off``: as to servers on other hosts) they leave during
+    backward, pending, and the word follows: the step is skipped everywhere either way."""
     out = tmp_path / "run"
     code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--precision", "fp16",
-                            "--out", out, "--quiet", ROOT / "tests" / "scripts" / "poison.py", 40],
-                           timeout_s=180)
+                            "--shm", shm, "--out", out, "--quiet",
+                            ROOT / "tests" / "scripts" / "poison.py", 40], timeout_s=180)
     assert code == 0, output
     records = [json.loads((out / f"poison-{r}.json").read_text()) for r in (0, 1)]
     for rec in records:

@@ -19,7 +19,9 @@ Phases of one step (STYLE: numbered, as the code runs them):
    scaling the push also names the first parameter whose gradient overflowed (in
    its own partitions); in sync mode it leaves *pending* (``Push.pending``): the
    worker's word on its whole gradient follows, with the push of the partition
-   backward finishes last, and in phase 3 to the other servers.
+   backward finishes last, and in phase 3 to the other servers (from a CPU worker
+   to a server on its host, through shared memory, the push waits for phase 3 and
+   carries the word: :meth:`PSDataParallel._keeps_judged`).
    Inside ``with model.no_sync():`` nothing is pushed: gradients accumulate in
    the flat buffer (DDP's gradient accumulation), and the next backward outside
    it pushes the sum. The first step's pushes wait for phase 3 too: a second
@@ -362,10 +364,19 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             self._step_hparams = self.hparams_source() if self.is_first else None
             if self.profiler.enabled:
                 self._marks.first_push_ns = time.time_ns()
-        if self._defer:
+        if self._defer or (self.two_phase and not self._hold and self._keeps_judged(pid)):
             self._handles[pid] = _KEPT  # sent in phase 3 (_send_kept)
             return
         self._send_grad(pid)
+
+    def _keeps_judged(self, pid: int) -> bool:
+        """Whether a judged push of ``pid`` waits for the end of backward (and carries the
+        word) rather than leaving pending: on a CPU worker whose server shares its memory
+        (same host), where there is no transfer to hide behind backward and the push's
+        CPU competes with it (on 2 cores: 0.89x the samples/s; docs/architecture.md,
+        "Cluster-wide skipping")."""
+        return self.flat_grad.device.type == "cpu" and \
+            self.client.servers[self.client.owner[pid]].shares_memory
 
     def _wire_grad(self, pid: int) -> tuple[torch.Tensor, str]:
         """Partition ``pid``'s gradient as it goes on the wire, and under loss scaling the
@@ -539,6 +550,7 @@ class PSDataParallel(Rejoin, OverflowReport, DistributedModel):
             grads.append(grad)
             self._note_overflow(nonfinite)
         for pid, grad in zip(kept, grads):
+            self._word_sent.add(self.client.owner[pid])
             self._handles[pid] = self.client.push(
                 pid, grad, self.clock, scale=self.scaler.scale, nonfinite=self._overflow,
                 checkpoint=self._ckpt_flag, judged=True, hparams=self._step_hparams,

@@ -680,6 +680,13 @@ class ClientEndpoint:
         #: handed to the server with the next segment set up.
         self.lend: Optional[shm.Arena] = None
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether large payloads to this server go through shared memory now (it runs
+        on this host, and the segment is set up: :mod:`tessera.transport.shm`)."""
+        state = self._shm
+        return isinstance(state, shm.Attached) and state.active
+
     def wait_connected(self, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
         """Block until the handshake (authentication included) has succeeded.
 
