@@ -214,8 +214,9 @@ class PartitionState(Clocked):
     #: (``Push.unused``; flat ``lo, hi`` pairs), which its update leaves alone.
     unused: list[int] = field(default_factory=list)
     #: Sync, judged pushes that left during backward (``Push.pending``): the workers
-    #: whose push of the current clock is summed here but whose :class:`~tessera.
-    #: transport.wire.Word` has not come; the clock completes once it is empty.
+    #: whose push of the current clock is summed here but whose word on their whole
+    #: gradient has not come (a ``Word``, or a judged push that is not pending); the
+    #: clock completes once it is empty.
     awaiting: set[int] = field(default_factory=set)
 
     @property

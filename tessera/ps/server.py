@@ -665,10 +665,14 @@ class ParameterServer:
         """Workers declared dead, finished or joined again (a new incarnation): no word
         will come from the process that sent their pending pushes. Those pushes stay in
         their clock's sum, as any push a worker sent before it died does; an overflow in
-        their own partitions skips that partition's clock (``Push.nonfinite``)."""
+        their own partitions skips that partition's clock (``Push.nonfinite``). Their kept
+        words go too: a next incarnation's pushes wait for its own."""
         for key in [k for k in self._awaiting if k[1] in workers]:
             for st in self._awaiting.pop(key):
                 st.awaiting.discard(key[1])
+        for words in self._words.values():
+            for worker in workers:
+                words.pop(worker, None)
 
     def _skip(self, st: PartitionState) -> None:
         """Skip ``st``'s current clock: a clock of judged pushes (``Push.judged``) one of
