@@ -21,19 +21,26 @@ def fp32_run(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_matches_fp32_quality_with_half_the_bytes(tmp_path, fp32_run, precision):
     half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision,
-                   *(["--profile", "--shm", "off"] if precision == "fp16" else []))
+                   *(["--shm", "off"] if precision == "fp16" else []))  # fp16: pending pushes
     assert half["precision"] == precision and fp32_run["precision"] == "fp32"
     assert half["eval_accuracy"] >= fp32_run["eval_accuracy"] - 0.01, (half, fp32_run)
     assert half["bytes_pushed"] <= 0.55 * fp32_run["bytes_pushed"]
     assert half["bytes_pulled"] <= 0.55 * fp32_run["bytes_pulled"]
     if precision == "fp16":
         assert half["skipped_steps"] == 0 and half["loss_scale"] == 65536.0
-        # Over TCP (--shm off: as to a server on another host) its judged pushes leave
-        # during backward (pending, the word after them), as fp32's do: the second layer's
-        # partition is on the wire while the first's gradient is computed (they waited for
-        # the end of backward before: overlap 0%, as they still do through shared memory).
-        report = json.loads((tmp_path / "run" / "report.json").read_text())
-        assert all(w["overlap"] > 0.01 for w in report["workers"]), report["workers"]
+
+
+def test_fp16_sync_pushes_overlap_backward_over_tcp(tmp_path):
+    """Over TCP (--shm off: as to servers on other hosts) a sync step's fp16 pushes leave
+    during backward (pending, the worker's word after them), as fp32's do: the CNN's later
+    layers' partition is on the wire while the convolutions' gradients are computed. They
+    waited for the end of backward before (overlap 0%; 27-41% now, by hand)."""
+    run = run_job(str(ROOT / "examples" / "mnist.toml"), tmp_path / "run", "--steps", "60",
+                  "--precision", "fp16", "--shm", "off", "--profile")
+    assert run["skipped_steps"] <= 3  # the first scale, 65536, overflows the CNN twice
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert all(w["overlap"] > 0.05 for w in report["workers"]), \
+        [(w["rank"], w["overlap"]) for w in report["workers"]]
 
 
 @pytest.mark.parametrize("shm", ["auto", "off"])
