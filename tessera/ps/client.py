@@ -686,11 +686,15 @@ class PSClient:
         self._send_word(server, clock, overflow)
 
     def _send_word(self, server: int, clock: int, overflow: str) -> None:
+        self._keep_word(clock, overflow)
+        ep = self.servers[server]
+        ep.send(wire.Word(req=ep.new_req(), worker=self.worker, clock=clock, overflow=overflow))
+
+    def _keep_word(self, clock: int, overflow: str) -> None:
+        """This worker's word on ``clock``, kept for its last two clocks (:meth:`_resend`)."""
         self._words[clock] = overflow
         while len(self._words) > 2:
             del self._words[min(self._words)]
-        ep = self.servers[server]
-        ep.send(wire.Word(req=ep.new_req(), worker=self.worker, clock=clock, overflow=overflow))
 
     def take_overflows(self) -> list:
         """The overflows the replies of a skipped judged clock named (``Push.judged``),
@@ -749,7 +753,7 @@ class PSClient:
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)
         if judged and not pending:  # the word it carries (_resend: a re-sent pending push)
-            self._words[clock] = nonfinite
+            self._keep_word(clock, nonfinite)
         self.bytes_pushed += sum(f.nbytes for f in frames)
         what = f"push of partition {pids[0]}" if len(pids) == 1 else \
             f"push of partitions {pids}"
