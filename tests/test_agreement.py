@@ -169,19 +169,38 @@ def _judged_step(clients, smap, grads, clock, scale, words):
     return [[h for h in hs if h.wait() is not None] for hs in handles]
 
 
-def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_word(
-        make_cluster):
-    """Loss scaling in sync mode, a step not held: each push carries its worker's word on
-    the whole gradient, so the servers need no verdicts and no exchange (these do not
-    agree among themselves at all) and still skip a clock all alike, with the values as
-    the replies."""
+def _fp16_two_servers(make_cluster):
+    """Two workers and two servers under loss scaling, every partition's clients on an
+    fp16 wire, partitions on both servers; torch's Adam on the unsplit model beside them."""
     model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
                                     two_phase=True)
     smap = cluster.shard_map
     assert all(smap.on_server(s) for s in range(2)) and len(smap.partitions) > 2
     for c in clients:
         c.wire_dtype = "float16"
-    ref = Reference(model, ADAM)
+    return cluster, clients, smap, Reference(model, ADAM)
+
+
+def _assert_clock_answered(handles, smap, skipped: bool, before, ref) -> None:
+    """Every worker's replies to one judged clock: values, never a Verdict; all skipped or
+    none; the values unmoved where skipped, else torch's step (to fp16 rounding)."""
+    for hs in handles:
+        assert all(isinstance(h.wait(), dict) for h in hs)
+        assert {h.skipped for h in hs} == {skipped}
+        got = assemble(smap, {pid: t.float() for h in hs for pid, t in h.wait().items()})
+        if skipped:  # nothing moved, on either server
+            torch.testing.assert_close(got, before.half().float(), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, ref.flat().half().float(), rtol=1e-3, atol=1e-3)
+
+
+def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_word(
+        make_cluster):
+    """Loss scaling in sync mode, a step not held: each push carries its worker's word on
+    the whole gradient, so the servers need no verdicts and no exchange (these do not
+    agree among themselves at all) and still skip a clock all alike, with the values as
+    the replies."""
+    cluster, clients, smap, ref = _fp16_two_servers(make_cluster)
     gen = torch.Generator().manual_seed(5)
     scale = 1024.0
     for clock in range(3):
@@ -193,15 +212,7 @@ def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_w
         replies = _judged_step(clients, smap, grads, clock, scale, words)
         if clock != 1:
             ref.step(sum((g * scale).half().float() / scale for g in grads) / 2)
-        for hs in replies:  # answered with values, never a Verdict
-            assert all(isinstance(h.wait(), dict) for h in hs)
-            assert {h.skipped for h in hs} == {clock == 1}
-            got = assemble(smap, {pid: t.float() for h in hs for pid, t in h.wait().items()})
-            if clock == 1:  # skipped on every server: nothing moved, on either server
-                torch.testing.assert_close(got, before.half().float(), rtol=0, atol=0)
-            else:
-                torch.testing.assert_close(got, ref.flat().half().float(), rtol=1e-3,
-                                           atol=1e-3)
+        _assert_clock_answered(replies, smap, clock == 1, before, ref)
         if clock == 1:
             for c in clients:  # the replies named who overflowed, and where
                 assert {(o.worker, o.param) for o in c.take_overflows()} == {(1, "0.weight")}
@@ -233,15 +244,9 @@ def test_pending_judged_pushes_complete_with_every_workers_word(make_cluster):
     """fp16, sync: pushes that left during backward (``pending``) are summed at once, and
     their clock waits for every worker's word (``Word``). A worker whose gradient overflowed
     in a partition of server 1 only tells server 0 by its word alone, and both skip."""
-    model, cluster, clients = start(make_cluster, mode="sync", num_workers=2, optimizer=ADAM,
-                                    two_phase=True)
-    smap = cluster.shard_map
-    assert all(smap.on_server(s) for s in range(2)) and len(smap.partitions) > 2
+    cluster, clients, smap, ref = _fp16_two_servers(make_cluster)
     last = smap.partitions[-1]
     assert last in smap.on_server(1) and last not in smap.on_server(0)
-    for c in clients:
-        c.wire_dtype = "float16"
-    ref = Reference(model, ADAM)
     gen = torch.Generator().manual_seed(9)
     scale = 512.0
     for clock in range(3):
@@ -263,12 +268,7 @@ def test_pending_judged_pushes_complete_with_every_workers_word(make_cluster):
             clients[1].word(server, clock, word)
         if clock != 1:
             ref.step(sum((g * scale).half().float() / scale for g in grads) / 2)
-        for hs in handles:
-            got = assemble(smap, {pid: t.float() for h in hs for pid, t in h.wait().items()})
-            assert {h.skipped for h in hs} == {clock == 1}
-            expected = before.half().float() if clock == 1 else ref.flat().half().float()
-            torch.testing.assert_close(got, expected, rtol=0 if clock == 1 else 1e-3,
-                                       atol=0 if clock == 1 else 1e-3)
+        _assert_clock_answered(handles, smap, clock == 1, before, ref)
         if clock == 1:
             for c in clients:  # server 0's replies too: it learned of it from the word
                 assert (1, "2.bias") in {(o.worker, o.param) for o in c.take_overflows()}
