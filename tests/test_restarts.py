@@ -85,9 +85,12 @@ def assert_every_ack_counted(summary: dict) -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path, precision):
-    """fp16: the replacement's first step is held (verdicts), the survivor's is judged
-    (its word with its pushes): the clock they share is still one mean, skipped or
-    applied alike (tests/test_agreement.py holds the mixed clock itself)."""
+    """fp16: the replacement's first step is held (verdicts), the survivor's is judged:
+    the clock they share is still one mean, skipped or applied alike
+    (tests/test_agreement.py holds the mixed clock itself). digits' partitions are too
+    small for shared memory, so fp16's pushes leave during backward, pending, the
+    worker's word after them: the kill may land between the two, and the clock then
+    completes without the word (``words_lost``), the dead worker's pushes in its sum."""
     out = tmp_path / "run"
     job = Job(["run", DIGITS, "--out", out, "--quiet", "--max-restarts", "1",
                "--epochs", "20", "--precision", precision], timeout_s=240)
@@ -109,6 +112,9 @@ def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path, precis
     assert max(summary["short_clocks"]) < 0.1 * summary["steps"], summary
     assert summary["eval_accuracy"] >= 0.96, summary
     assert_every_ack_counted(summary)
+    # The path fp16 took: pending pushes (none in fp32, whose pushes need no word).
+    assert (summary["pending_pushes"] > 0) == (precision == "fp16"), summary
+    assert summary["words_lost"] <= summary["restarts"], summary
 
 
 def test_worker_0_restarted_near_the_end_leaves_a_true_strict_summary(tmp_path):

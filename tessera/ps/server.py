@@ -94,7 +94,7 @@ class ParameterServer:
         self.stats = dict(bytes_received=0, bytes_sent=0, pushes=0, updates=0, pulls=0,
                           errors=0, skipped=0, apply_s=0.0, max_clock_gap=0, short_clocks=0,
                           departures=0, joins=0, replicated=0, promoted=0, checkpoints=0,
-                          stale_pushes=0, retries=0)
+                          stale_pushes=0, retries=0, pending_pushes=0, words_lost=0)
         self.tables = None
         shared = dict(parts=self.parts, backups=self.backups, policy=self.policy,
                       new_rule=self._new_rule, stats=self.stats)
@@ -565,6 +565,7 @@ class ParameterServer:
             self.costs.lap("copy")
         released = []
         if msg.pending:  # its sender's word on the whole gradient follows
+            self.stats["pending_pushes"] += 1
             self._await_word(msg.worker, msg.clock, states)
         elif msg.judged:  # it carries the word: for the sender's pending pushes here too
             released = self._word_in(msg.worker, msg.clock, msg.nonfinite)
@@ -668,6 +669,7 @@ class ParameterServer:
         their own partitions skips that partition's clock (``Push.nonfinite``). Their kept
         words go too: a next incarnation's pushes wait for its own."""
         for key in [k for k in self._awaiting if k[1] in workers]:
+            self.stats["words_lost"] += 1
             for st in self._awaiting.pop(key):
                 st.awaiting.discard(key[1])
         for words in self._words.values():
