@@ -220,7 +220,6 @@ def test_judged_clocks_are_applied_or_skipped_by_every_server_from_the_workers_w
         assert ps.stats["skipped"] == len(ps.parts) and ps.stats["errors"] == 0
         assert all(st.clock == 3 for st in ps.parts.values())
         assert len(ps._words) <= KEEP_CLOCKS  # the words kept: a few clocks', not a run's
-    assert all(len(c._words) <= 2 for c in clients)
     clients[0].wire_dtype = "float32"  # the masters themselves: as torch's, to fp32 rounding
     torch.testing.assert_close(pull_all(clients[0], clock=3), ref.flat(), rtol=1e-5, atol=1e-6)
 

@@ -257,9 +257,6 @@ class PSClient:
         #: (tests) keeps it 0: a batch leaves at this client's wait(), not another's.
         self.batch_bytes = batch_bytes
         self._overflows: list = []
-        #: The words this worker sent on its last clocks' gradients (:meth:`word`), which a
-        #: pending push sent again carries (:meth:`_resend`).
-        self._words: dict[int, str] = {}
         #: The batch still waiting, per server.
         self._batches: dict[int, _Batch] = {}
         # A restarted worker's sequence numbers start above all of its earlier lives'.
@@ -442,13 +439,8 @@ class PSClient:
         msg, frames = handle._request
         ep = self.servers[server]
         new_req = ep.new_req()
-        if isinstance(msg, wire.Push) and msg.judged:
-            word = self._words.get(msg.clock) if msg.pending else msg.nonfinite
-            if word is not None:
-                if msg.pending:  # its word is known now: the push carries it
-                    msg = msgspec.structs.replace(msg, pending=False, nonfinite=word)
-                if server != handle._server:  # rerouted: the server it left may hold
-                    self._send_word(handle._server, msg.clock, word)  # pending pushes
+        # (Never a judged push: fp16 sync jobs refuse --replication 2 and tessera scale,
+        # the paths that re-send one; tessera.cluster.elastic.scale_problem.)
         msg = msgspec.structs.replace(msg, req=new_req)
         ep.send(msg, frames)
         self._outstanding.pop((handle._server, handle._req), None)
@@ -683,18 +675,8 @@ class PSClient:
         completes there (:class:`~tessera.transport.wire.Word`, one-way: the pushes'
         replies answer it)."""
         self.flush(server)  # (a batch of those pushes waiting: it goes first)
-        self._send_word(server, clock, overflow)
-
-    def _send_word(self, server: int, clock: int, overflow: str) -> None:
-        self._keep_word(clock, overflow)
         ep = self.servers[server]
         ep.send(wire.Word(req=ep.new_req(), worker=self.worker, clock=clock, overflow=overflow))
-
-    def _keep_word(self, clock: int, overflow: str) -> None:
-        """This worker's word on ``clock``, kept for its last two clocks (:meth:`_resend`)."""
-        self._words[clock] = overflow
-        while len(self._words) > 2:
-            del self._words[min(self._words)]
 
     def take_overflows(self) -> list:
         """The overflows the replies of a skipped judged clock named (``Push.judged``),
@@ -752,8 +734,6 @@ class PSClient:
                         sent_ns=time.time_ns() + self.profiler.offset_ns
                         if self.profiler.enabled else 0)
         ep.send(msg, frames)
-        if judged and not pending:  # the word it carries (_resend: a re-sent pending push)
-            self._keep_word(clock, nonfinite)
         self.bytes_pushed += sum(f.nbytes for f in frames)
         what = f"push of partition {pids[0]}" if len(pids) == 1 else \
             f"push of partitions {pids}"

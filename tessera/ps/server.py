@@ -142,7 +142,9 @@ class ParameterServer:
         #: While a completed clock wakes its waiters: the request their answers wait for.
         self._reply_after: Optional[int] = None
         #: Sync under loss scaling: the workers' words (``Word``) by clock, kept a few
-        #: clocks for a pending push sent again after its word (a reconnect).
+        #: clocks, so that a pending push after its word completes instead of waiting for
+        #: good (Tessera's client never sends one: its pushes and words share a socket,
+        #: in order, and no judged push is sent again; a guard, not a path).
         self._words: dict[int, dict[int, str]] = {}
         #: (clock, worker) -> the partitions summing its pending pushes, awaiting its word.
         self._awaiting: dict[tuple[int, int], list[PartitionState]] = {}
@@ -619,8 +621,8 @@ class ParameterServer:
     def _await_word(self, worker: int, clock: int, states: list[PartitionState]) -> None:
         """Pending judged pushes (``Push.pending``) of ``worker`` at ``clock``, summed into
         ``states``: their clock waits for the worker's word (a :class:`~tessera.transport.
-        wire.Word`, or a judged push that is not pending), unless it came already (the
-        push was sent again after it)."""
+        wire.Word`, or a judged push that is not pending), unless it came already
+        (``_words``)."""
         word = self._words.get(clock, {}).get(worker)
         if word is None:
             for st in states:
