@@ -114,7 +114,9 @@ def test_sync_replacement_rejoins_in_seconds_and_keeps_accuracy(tmp_path, precis
     assert_every_ack_counted(summary)
     # The path fp16 took: pending pushes (none in fp32, whose pushes need no word).
     assert (summary["pending_pushes"] > 0) == (precision == "fp16"), summary
-    assert summary["words_lost"] <= summary["restarts"], summary
+    # A server completes at most one clock without the dead worker's word (the one it
+    # died in), once per restart.
+    assert max(summary["words_lost"]) <= summary["restarts"], summary
 
 
 def test_worker_0_restarted_near_the_end_leaves_a_true_strict_summary(tmp_path):

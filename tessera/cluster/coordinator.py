@@ -731,10 +731,10 @@ class Coordinator:
             "worker_rejoined_at_unix": [w.get("rejoined_at_unix") for w in workers],
             "departures": self.departures,
             "short_clocks": [int(s.get("short_clocks", 0)) for s in servers],
-            # fp16 sync: pushes that left during backward (Push.pending), and the clocks a
-            # server completed without their sender's word (it died before sending it).
+            # fp16 sync: pushes that left during backward (Push.pending), and per server
+            # the clocks it completed without a worker's word (the worker died first).
             "pending_pushes": sum(int(s.get("pending_pushes", 0)) for s in servers),
-            "words_lost": sum(int(s.get("words_lost", 0)) for s in servers),
+            "words_lost": [int(s.get("words_lost", 0)) for s in servers],
             "dead_servers": sorted(self.dead_servers),
             "servers_replaced": {str(r): n for r, n in sorted(self.server_lives.items())},
             "checkpoints": self.rounds.completed,
