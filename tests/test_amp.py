@@ -20,14 +20,16 @@ def fp32_run(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_matches_fp32_quality_with_half_the_bytes(tmp_path, fp32_run, precision):
-    half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision,
-                   *(["--shm", "off"] if precision == "fp16" else []))  # fp16: pending pushes
+    half = run_job(DIGITS, tmp_path / "run", "--steps", STEPS, "--precision", precision)
     assert half["precision"] == precision and fp32_run["precision"] == "fp32"
     assert half["eval_accuracy"] >= fp32_run["eval_accuracy"] - 0.01, (half, fp32_run)
     assert half["bytes_pushed"] <= 0.55 * fp32_run["bytes_pushed"]
     assert half["bytes_pulled"] <= 0.55 * fp32_run["bytes_pulled"]
     if precision == "fp16":
         assert half["skipped_steps"] == 0 and half["loss_scale"] == 65536.0
+        # digits' partitions are under shared memory's 64 KiB: its pushes go by TCP and
+        # leave during backward, pending, the worker's word after them.
+        assert half["pending_pushes"] > 0, half
 
 
 def test_fp16_sync_pushes_overlap_backward_over_tcp(tmp_path):
@@ -47,7 +49,8 @@ def test_fp16_sync_pushes_overlap_backward_over_tcp(tmp_path):
 def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path, shm):
     """Through shared memory a judged step's pushes leave at the end of backward with the
     worker's word; over TCP (``off``: as to servers on other hosts) they leave during
-    backward, pending, and the word follows: the step is skipped everywhere either way."""
+    backward, pending, and the word follows: the step is skipped everywhere either way.
+    (poison.py's two partitions are 300 KB each, over shared memory's 64 KiB.)"""
     out = tmp_path / "run"
     code, output = run_cli(["launch", "--workers", 2, "--servers", 2, "--precision", "fp16",
                             "--shm", shm, "--out", out, "--quiet",
@@ -67,6 +70,13 @@ def test_fp16_overflow_on_one_worker_skips_the_step_everywhere(tmp_path, shm):
     assert records[0]["next"] == records[1]["next"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
+    # The path each took: pending pushes over TCP (one a step and worker: the other
+    # partition's push carries the word), none through shared memory but those of the
+    # first steps, before the segment is set up.
+    if shm == "off":
+        assert summary["pending_pushes"] >= 30 * 2, summary["pending_pushes"]
+    else:
+        assert summary["pending_pushes"] < 10, summary["pending_pushes"]
     # Every server skipped every partition it holds, exactly once.
     cluster = json.loads((out / "cluster.json").read_text())
     per_server = [sum(p["server"] == s for p in cluster["partitions"]) for s in (0, 1)]

@@ -21,7 +21,9 @@ session = tessera.init()
 torch.set_num_threads(1)
 data = load_dataset(DataConfig(dataset="digits"))
 torch.manual_seed(0)
-model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+# Wide enough that each of its two partitions (one per server, ~300 KB) goes through shared
+# memory on one host (payloads of 64 KiB or more): tests/test_amp.py runs it both ways.
+model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 10))
 model = tessera.distribute(model, "sgd", lr=0.1, momentum=0.9)
 sampler = tessera.shard(len(data.train), batch_size=32)
 
