@@ -214,6 +214,7 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
     workers, connected, retaining their last answered push)."""
     import threading
 
+    from tessera.cluster.role import ready_to_serve
     from tessera.config.schema import OptimizerConfig
     from tessera.parallel.flat import param_layout
     from tessera.ps.client import PSClient
@@ -239,6 +240,10 @@ def _async_pair(ctx, workers: int, intercept, mode: str = "async",
                           primary=1 - r, answer_early=True)) for r in range(2)]
     backup = servers[1].replication
     backup.on_replicate = intercept(backup.on_replicate)
+    # What a server does before it serves: compile its tables' row kernels. Compiled at
+    # the first row push instead (on a loaded 2-core CI machine, seconds), the backup's
+    # Ack came later than the servers' 3 s replication timeout (CI, session 55).
+    ready_to_serve(tables, own_process=False)
     threads = [threading.Thread(target=ps.serve, daemon=True) for ps in servers]
     for t in threads:
         t.start()
