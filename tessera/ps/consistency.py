@@ -105,7 +105,11 @@ class Waiter:
     reply: Callable[["Waiter"], None]
 
     def ready(self) -> bool:
-        return all(u.ready and u.clock >= self.clock for u in self.units)
+        clock = self.clock
+        for u in self.units:  # (a loop: a generator costs each reply a frame and calls)
+            if not (u.ready and u.clock >= clock):
+                return False
+        return True
 
 
 class Membership:
@@ -290,7 +294,10 @@ class Sync(Consistency):
         if worker not in self.members.live:
             raise RequestError(f"worker {worker} left the job (declared dead); a "
                                f"restarted worker joins again with a Join request")
-        if all(clock < u.clock for u in units):
+        for u in units:
+            if clock >= u.clock:
+                break
+        else:  # every unit is past this clock
             return True
         for u in units:
             if u.verdict is not None:

@@ -54,6 +54,7 @@ from tessera.ps.consistency import Consistency, NotABackup, RequestError
 from tessera.ps.options import ServerHooks, ServerOptions
 from tessera.ps.push_checks import check_ranges
 from tessera.transport import wire
+from tessera.transport.endpoint import TransportError
 from tessera.transport.frames import frame_to_tensor, tensor_to_frame
 
 #: In a refusal: the server backs the partition up and will own it once the coordinator's
@@ -276,7 +277,6 @@ class Replicator:
         self._put(msg, tensors)
 
     def _put(self, msg: wire.Replicate, tensors: list) -> None:
-        from tessera.transport.endpoint import TransportError
         try:
             self.peer.send(msg, [tensor_to_frame(t) for t in tensors])
         except TransportError as exc:
@@ -339,7 +339,6 @@ class Replicator:
 
     def take_acks(self) -> None:
         """Take the backup's Acks that have arrived; send the answers they release."""
-        from tessera.transport.endpoint import TransportError
         self._flush_if_due()
         peer = self.peer
         while self._unacked and peer is not None:

@@ -98,6 +98,7 @@ import numpy as np
 import zmq
 import zmq.auth.thread
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from tessera.errors import TesseraError
 from tessera.transport import address as addresses
@@ -693,7 +694,6 @@ class ClientEndpoint:
         An inproc peer is connected once ``connect`` returns (it is bound: see
         :func:`tessera.transport.address.unreachable`); there is no handshake to await.
         """
-        from zmq.utils.monitor import recv_monitor_message
         if self._inproc:
             check()
             return
@@ -740,19 +740,19 @@ class ClientEndpoint:
         return req
 
     def send(self, msg: Message, frames: Sequence = ()) -> None:
-        what = type(msg).__name__
         if len(frames) > MAX_FRAMES:
+            what = type(msg).__name__
             raise TransportError(f"cannot send {what} to {self.peer_name}: "
                                  f"{_too_many(len(frames))} (use larger partitions: "
                                  f"--partition-mb)")
         try:
             header = encode(msg)
         except Exception as exc:  # msgspec.EncodeError, OverflowError, TypeError, ...
-            raise TransportError(f"cannot send {what} to {self.peer_name}: it does not "
-                                 f"encode: {exc}") from None
+            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: it "
+                                 f"does not encode: {exc}") from None
         self._follow_connection()
         if self._dropped:
-            self._check_closed(f"sending {what}")
+            self._check_closed(f"sending {type(msg).__name__}")
         prefix, sent = None, frames
         if self._shm != "off":
             prefix, sent = self._shm_prefix(frames)
@@ -766,13 +766,14 @@ class ClientEndpoint:
             else:
                 send_parts(self.sock, (header,), frames)
         except zmq.Again:
-            raise PeerTimeout(f"{self.peer_name} did not take our {what} "
+            raise PeerTimeout(f"{self.peer_name} did not take our {type(msg).__name__} "
                               f"request (send timed out)") from None
         except zmq.ZMQError as exc:
-            raise TransportError(f"cannot send {what} to {self.peer_name}: "
+            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: "
                                  f"{exc.strerror}") from None
         except (TypeError, ValueError) as exc:  # a frame that is not a buffer
-            raise TransportError(f"cannot send {what} to {self.peer_name}: {exc}") from None
+            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: "
+                                 f"{exc}") from None
         req = getattr(msg, "req", None)
         if isinstance(req, int):
             if len(self._sent_on) >= MAX_FRAMES:  # requests nobody waits for: forget them
@@ -862,7 +863,6 @@ class ClientEndpoint:
         """Take the monitor's news: count handshakes, note drops (never blocks)."""
         if self._inproc:
             return
-        from zmq.utils.monitor import recv_monitor_message
         while self._monitor.get(zmq.EVENTS) & _POLLIN:
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:

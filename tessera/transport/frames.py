@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,16 +24,22 @@ def itemsize(wire_dtype: str) -> int:
 
 
 def tensor_to_frame(t: torch.Tensor) -> memoryview:
-    """A zero-copy view of ``t``'s bytes. ``t`` must stay alive until sent."""
-    if t.device.type != "cpu":
+    """A zero-copy view of ``t``'s bytes. ``t`` must stay alive until sent.
+
+    Few torch calls on purpose: a worker and a server make one per partition per step,
+    and on the test VM code that has not run for a few milliseconds (a round trip's
+    wait) runs 5-7 times slower than in a loop, so each call counts several times over
+    (benchmarks/HISTORY.md, "Session 55")."""
+    if not t.is_cpu:
         t = t.to("cpu")
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: same bytes, as int16
         t = t.view(torch.int16)
-    return memoryview(t.reshape(-1).numpy()).cast("B")
+    if t.numel() == 0:
+        return memoryview(b"")
+    # (a C-contiguous array of any shape casts to its bytes: no reshape needed)
+    return memoryview(t.numpy()).cast("B")
 
 
 def raw(frame):
@@ -52,10 +57,24 @@ def frame_to_tensor(buf, wire_dtype: str, numel: int) -> torch.Tensor:
                          f"elements ({expected} bytes) were expected")
     if numel == 0:
         return torch.empty(0, dtype=_TORCH[wire_dtype])
-    if not view.readonly:
+    if not view.readonly or _READONLY_WARNED:
         return torch.frombuffer(view, dtype=_TORCH[wire_dtype])
-    # ZeroMQ hands out read-only buffers; torch warns on those, numpy does not.
-    arr = np.frombuffer(view, dtype=np.uint8)
+    return _first_readonly(view, _TORCH[wire_dtype])
+
+
+#: Whether torch has given its one warning about a read-only buffer in this process.
+_READONLY_WARNED = False
+
+
+def _first_readonly(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`frame_to_tensor` of the process's first read-only buffer (ZeroMQ hands out
+    read-only frames). torch warns that it does not support non-writable tensors once
+    per process (``TORCH_WARN_ONCE``): that one warning is silenced here, and later
+    buffers skip ``warnings.catch_warnings``, which copies the warning filters on every
+    use (2 µs in a loop; one frame per partition per message on both ends)."""
+    global _READONLY_WARNED
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(arr, dtype=_TORCH[wire_dtype])
+        tensor = torch.frombuffer(view, dtype=dtype)
+    _READONLY_WARNED = True
+    return tensor
