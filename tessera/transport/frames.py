@@ -28,7 +28,7 @@ def tensor_to_frame(t: torch.Tensor) -> memoryview:
 
     Few torch calls on purpose: a worker and a server make one per partition per step,
     and on the test VM code that has not run for a few milliseconds (a round trip's
-    wait) runs 5-7 times slower than in a loop, so each call counts several times over
+    wait) runs 5-8 times slower than in a loop, so each call counts several times over
     (benchmarks/HISTORY.md, "Session 55")."""
     if not t.is_cpu:
         t = t.to("cpu")
