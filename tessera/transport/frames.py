@@ -57,24 +57,22 @@ def frame_to_tensor(buf, wire_dtype: str, numel: int) -> torch.Tensor:
                          f"elements ({expected} bytes) were expected")
     if numel == 0:
         return torch.empty(0, dtype=_TORCH[wire_dtype])
-    if not view.readonly or _READONLY_WARNED:
-        return torch.frombuffer(view, dtype=_TORCH[wire_dtype])
-    return _first_readonly(view, _TORCH[wire_dtype])
+    if view.readonly and torch.is_warn_always_enabled():
+        return _quietly(view, _TORCH[wire_dtype])
+    return torch.frombuffer(view, dtype=_TORCH[wire_dtype])
 
 
-#: Whether torch has given its one warning about a read-only buffer in this process.
-_READONLY_WARNED = False
-
-
-def _first_readonly(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`frame_to_tensor` of the process's first read-only buffer (ZeroMQ hands out
-    read-only frames). torch warns that it does not support non-writable tensors once
-    per process (``TORCH_WARN_ONCE``): that one warning is silenced here, and later
-    buffers skip ``warnings.catch_warnings``, which copies the warning filters on every
-    use (2 µs in a loop; one frame per partition per message on both ends)."""
-    global _READONLY_WARNED
+def _quietly(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.frombuffer`` of a read-only buffer (ZeroMQ hands out read-only frames)
+    without torch's warning that it does not support non-writable tensors."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.frombuffer(view, dtype=dtype)
-    _READONLY_WARNED = True
-    return tensor
+        return torch.frombuffer(view, dtype=dtype)
+
+
+# torch gives that warning once per process (``TORCH_WARN_ONCE``), unless
+# ``torch.set_warn_always(True)``: it is given here, silenced, at import, so that
+# :func:`frame_to_tensor` need not enter ``warnings.catch_warnings`` for every frame
+# (it copies the warning filters on every use: 2 µs in a loop, one frame per partition
+# per message on both ends).
+_quietly(memoryview(bytes(4)), torch.float32)
