@@ -740,19 +740,19 @@ class ClientEndpoint:
         return req
 
     def send(self, msg: Message, frames: Sequence = ()) -> None:
+        what = type(msg).__name__
         if len(frames) > MAX_FRAMES:
-            what = type(msg).__name__
             raise TransportError(f"cannot send {what} to {self.peer_name}: "
                                  f"{_too_many(len(frames))} (use larger partitions: "
                                  f"--partition-mb)")
         try:
             header = encode(msg)
         except Exception as exc:  # msgspec.EncodeError, OverflowError, TypeError, ...
-            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: it "
-                                 f"does not encode: {exc}") from None
+            raise TransportError(f"cannot send {what} to {self.peer_name}: it does not "
+                                 f"encode: {exc}") from None
         self._follow_connection()
         if self._dropped:
-            self._check_closed(f"sending {type(msg).__name__}")
+            self._check_closed(f"sending {what}")
         prefix, sent = None, frames
         if self._shm != "off":
             prefix, sent = self._shm_prefix(frames)
@@ -766,14 +766,13 @@ class ClientEndpoint:
             else:
                 send_parts(self.sock, (header,), frames)
         except zmq.Again:
-            raise PeerTimeout(f"{self.peer_name} did not take our {type(msg).__name__} "
+            raise PeerTimeout(f"{self.peer_name} did not take our {what} "
                               f"request (send timed out)") from None
         except zmq.ZMQError as exc:
-            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: "
+            raise TransportError(f"cannot send {what} to {self.peer_name}: "
                                  f"{exc.strerror}") from None
         except (TypeError, ValueError) as exc:  # a frame that is not a buffer
-            raise TransportError(f"cannot send {type(msg).__name__} to {self.peer_name}: "
-                                 f"{exc}") from None
+            raise TransportError(f"cannot send {what} to {self.peer_name}: {exc}") from None
         req = getattr(msg, "req", None)
         if isinstance(req, int):
             if len(self._sent_on) >= MAX_FRAMES:  # requests nobody waits for: forget them
