@@ -1006,3 +1006,59 @@ def test_a_servers_batch_leaves_with_its_last_partition_during_backward(make_clu
             first = [ps.stats["pushes"] for ps in cluster.servers]
     # steps 1 and 2: one message a step to each server, all its partitions
     assert [ps.stats["pushes"] - n for ps, n in zip(cluster.servers, first)] == [2, 2]
+
+
+# ------------------------------------------------- g. replies held while draining
+
+
+def test_held_replies_go_in_order_with_the_values_they_were_sent_with():
+    """ServerEndpoint.hold: small replies wait for release(), or go before a large one,
+    in the order given, each with its payload as it was when sent; without hold a reply
+    goes at once."""
+    import numpy as np
+
+    ctx = zmq.Context()
+    server = ServerEndpoint(ctx, "127.0.0.1", SECRET)
+    client = ClientEndpoint(ctx, server.address, SECRET, "server", sndtimeo_s=TIMEOUT_S)
+
+    def params(req):
+        return wire.Params(req=req, partitions=[0], clock=req, dtype="float32")
+
+    def replies(n):
+        got = []
+        for _ in range(n):
+            assert client.sock.poll(int(TIMEOUT_S * 1000)), f"{len(got)} of {n} replies came"
+            parts = client.sock.recv_multipart()
+            got.append((wire.decode(parts[0]).req,
+                        [np.frombuffer(p, np.float32).copy() for p in parts[1:]]))
+        return got
+
+    try:
+        client.wait_connected(TIMEOUT_S)
+        client.send(wire.Pull(req=1, worker=0, partitions=[0]))
+        assert server.poll(TIMEOUT_S)
+        peer = server.recv().peer
+        values = np.arange(16, dtype=np.float32)
+        large = np.full(1 << 15, 3.0, dtype=np.float32)  # 128 KiB: above zmq.COPY_THRESHOLD
+        server.hold()
+        assert server.send(peer, params(1), [values])
+        values[:] = -1  # after it was sent: not what reply 1 carries
+        assert server.send(peer, params(2), [memoryview(values).cast("B")])
+        assert not client.sock.poll(200), "a held reply went before release"
+        server.send(peer, params(3), [large])  # a large reply: the held ones go first
+        (r1, v1), (r2, v2), (r3, v3) = replies(3)
+        assert (r1, r2, r3) == (1, 2, 3)
+        assert np.array_equal(v1[0], np.arange(16, dtype=np.float32))
+        assert np.array_equal(v2[0], np.full(16, -1.0, dtype=np.float32))
+        assert np.array_equal(v3[0], large)
+        server.hold()
+        server.send(peer, wire.Ack(req=4))
+        assert not client.sock.poll(200), "a held reply went before release"
+        server.release()
+        assert [r for r, _ in replies(1)] == [4]
+        server.send(peer, wire.Ack(req=5))  # not holding: at once
+        assert [r for r, _ in replies(1)] == [5]
+    finally:
+        client.close()
+        server.close()
+        ctx.destroy(linger=0)

@@ -58,6 +58,20 @@ from tessera.transport.shm import Shared
 #: Async/ssp pushes of fp32 frames below this many bytes are scaled with numpy (less
 #: per-call overhead than torch, the same result bit for bit); larger ones with torch.
 _NUMPY_BELOW = 1 << 20
+#: The requests whose small replies wait while the server drains its queue
+#: (``ServerEndpoint.hold``: one wake of ZeroMQ's I/O thread for the batch).
+_HELD = (wire.Push, wire.Pull)
+#: The longest handling time, in seconds, a held reply waits for before it is sent.
+HOLD_S = 0.001
+
+
+def _small(frames: list) -> bool:
+    """Whether every payload frame of a request is under ZeroMQ's copy size (a push
+    whose step is quick: the replies held before it wait for it)."""
+    for frame in frames:
+        if len(frame) >= zmq.COPY_THRESHOLD:
+            return False
+    return True
 
 
 class ParameterServer:
@@ -156,6 +170,7 @@ class ParameterServer:
         deferred = self.replication.deferred
         replication = self.replication
         costs = self.costs
+        endpoint = self.endpoint
         while not self.hooks.should_stop():
             self.hooks.check()
             self._follow_membership()
@@ -167,24 +182,10 @@ class ParameterServer:
             # (whole milliseconds, as ZeroMQ polls: a shorter wait would be none, a spin)
             if not self._poll(0.1 if due is None else min(0.1, math.ceil(due * 1e3) / 1e3)):
                 continue
-            for i in range(256):  # drain what is queued before checking health again
-                if costs is not None:
-                    costs.start()
-                # (the first one the poll saw; then None once the queue is empty)
-                got = self.endpoint.recv(wait=i == 0)
-                if got is None:
-                    break
-                if costs is not None:
-                    costs.lap("decode")
-                    self.handle(got)
-                    costs.done(isinstance(got.msg, (wire.Push, wire.Pull)))
-                else:
-                    self.handle(got)
-                # Its frames go now, not at the next message: a client waits for
-                # frames it lent (tessera.transport.shm) to be let go of.
-                got = None
-                if replication.waiting():  # answers held for Acks: release them promptly
-                    replication.take_acks()
+            try:
+                self._drain(costs)
+            finally:  # nothing held while the server waits, or once it stops
+                endpoint.release()
         deadline = time.monotonic() + self.options.timeout_s
         replication.flush()
         while replication.pending() and time.monotonic() < deadline:  # answers held for Acks
@@ -200,6 +201,41 @@ class ParameterServer:
             if self.profiler.enabled:
                 for phase, ns in costs.ns.items():
                     self.profiler.count(f"cpu_ns.{phase}", ns)
+
+    def _drain(self, costs) -> None:
+        """Handle what is queued (after a poll said something is), up to 256 messages
+        before the loop checks health again. The small replies to small pushes and to
+        pulls are held while it drains, and sent together (``ServerEndpoint.hold``) when
+        the queue is empty, before any other request or a large push is handled, or once
+        they have waited :data:`HOLD_S` of handling."""
+        endpoint, replication = self.endpoint, self.replication
+        held_s = 0.0
+        for i in range(256):
+            if costs is not None:
+                costs.start()
+            # (the first one the poll saw; then None once the queue is empty)
+            got = endpoint.recv(wait=i == 0)
+            if got is None:
+                return
+            if isinstance(got.msg, _HELD) and _small(got.frames):
+                endpoint.hold()
+            else:  # (an order, a move, table rows, a large push: what is held goes first)
+                endpoint.release()
+                held_s = 0.0
+            if costs is not None:
+                costs.lap("decode")
+                held_s += self.handle(got)
+                costs.done(isinstance(got.msg, _HELD))
+            else:
+                held_s += self.handle(got)
+            # Its frames go now, not at the next message: a client waits for
+            # frames it lent (tessera.transport.shm) to be let go of.
+            got = None
+            if held_s > HOLD_S:
+                endpoint.release()
+                held_s = 0.0
+            if replication.waiting():  # answers held for Acks: release them promptly
+                replication.take_acks()
 
     def _on_snapshot_tables(self, peer: bytes, msg: wire.SnapshotTables) -> None:
         """Hybrid mode: copy the tables into the checkpoint at ``msg.clock`` (worker 0 asks
@@ -223,7 +259,8 @@ class ParameterServer:
         self.snapshots.restore(restore)
         self.snapshots.maybe()  # written (if due) before a lookup changes a table
 
-    def handle(self, got) -> None:
+    def handle(self, got) -> float:
+        """Handle one message; the seconds it took."""
         started = time.perf_counter()
         try:
             self._handle(got)
@@ -233,6 +270,7 @@ class ParameterServer:
             self.stats["busy_s"] += took
             if isinstance(got.msg, (wire.PullRows, wire.PushRows)):
                 self.stats["table_busy_s"] += took
+        return took
 
     def _slow(self, msg) -> None:
         """TESSERA_SLOW_SERVER: a server made hot on purpose (benchmarks, tests)."""

@@ -379,6 +379,24 @@ def _encode_or_error(msg: Message, frames: Sequence) -> tuple[bytes, Sequence, s
     return encode(Error(req=req, message=why)), (), why
 
 
+def _copied_if_small(frames: Sequence) -> Optional[list]:
+    """``frames`` as ``zmq.Frame`` copies (pyzmq copies a buffer under its copy size when
+    it makes a frame of it), or None when one is at least that large or is no buffer."""
+    kept = []
+    for part in frames:
+        if not isinstance(part, zmq.Frame):
+            if _nbytes(part) >= _COPY_BELOW:
+                return None
+            try:
+                part = zmq.Frame(part)
+            except (TypeError, ValueError):
+                return None
+        if len(part) >= _COPY_BELOW:
+            return None
+        kept.append(part)
+    return kept
+
+
 class ServerEndpoint:
     """A bound ROUTER socket that only authenticated peers can reach.
 
@@ -418,6 +436,9 @@ class ServerEndpoint:
         self._shm: Optional[shm.Host] = None
         self._shm_ctl: dict[bytes, shm.Prefix] = {}
         self._shm_reaped = 0.0
+        #: Small replies held while the server drains its queue (:meth:`hold`), as
+        #: (head, frames copied, message, why replaced); None: every reply goes at once.
+        self._held: Optional[list] = None
         #: The masters' arena (:class:`tessera.transport.shm.Arena`), made with the first
         #: segment or master, whichever comes first; False where it cannot be made.
         self._arena = None
@@ -569,27 +590,55 @@ class ServerEndpoint:
         """Send a reply; False when it could not be delivered. A reply that cannot
         go out as it is (not encodable, too many frames, a frame that is no buffer)
         goes out as an ``Error`` with its req, so the peer fails now rather than at
-        its timeout; a peer that is gone (ROUTER_MANDATORY) is logged on stderr."""
+        its timeout; a peer that is gone (ROUTER_MANDATORY) is logged on stderr.
+        While replies are held (:meth:`hold`), a small one is kept, its payload copied
+        as ZeroMQ would copy it now, and True returned."""
         header, frames, why = _encode_or_error(msg, frames)
         prefix = None
         if self._shm is not None:
             prefix, frames = self._shm_prefix(peer, frames)
+        head = (peer, header) if prefix is None else (peer, prefix, header)
+        if self._held is not None:
+            kept = _copied_if_small(frames)
+            if kept is not None:
+                self._held.append((head, kept, msg, why))
+                return True
+            self.release()  # (a large reply: what is held goes first, in order)
+        return self._send_now(head, frames, msg, why)
+
+    def hold(self) -> None:
+        """Keep small replies until :meth:`release`, to send them together. A send to a
+        ROUTER wakes ZeroMQ's I/O thread through a kernel call unless it is awake
+        already; a server that answers each of many queued requests as it takes them
+        pays that wake-up per reply (~7 µs of its ~60 here: benchmarks/HISTORY.md,
+        "Session 56"), one that answers a drained batch together pays it about once.
+        Only replies whose payload frames are all under ZeroMQ's copy size are held,
+        copied as they are held (as ZeroMQ would copy them when sent): what a caller
+        changes afterwards is not what the peer reads, and nothing large waits."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Send the held replies, in the order they were given, and stop holding."""
+        held, self._held = self._held, None
+        if held:
+            for head, frames, msg, why in held:
+                self._send_now(head, frames, msg, why)
+
+    def _send_now(self, head: tuple, frames: Sequence, msg: Message, why: str) -> bool:
         try:
             try:
-                if prefix is not None:
-                    send_parts(self.sock, (peer, prefix, header), frames)
-                else:
-                    send_parts(self.sock, (peer, header), frames)
+                send_parts(self.sock, head, frames)
             except (TypeError, ValueError) as exc:  # a frame pyzmq cannot send: nothing went
                 why = f"{type(msg).__name__} reply could not be sent: {exc}"
                 self.sock.send_multipart(
-                    [peer, encode(Error(req=getattr(msg, "req", 0), message=why))])
+                    [head[0], encode(Error(req=getattr(msg, "req", 0), message=why))])
         except zmq.ZMQError as exc:
             self.undelivered += 1
             gone = " (it disconnected)" if exc.errno == zmq.EHOSTUNREACH else ""
             self._log("undelivered", f"could not deliver a {type(msg).__name__} reply "
-                      f"(req {getattr(msg, 'req', '?')}) to peer {peer.hex()}: {exc.strerror}"
-                      f"{gone}")
+                      f"(req {getattr(msg, 'req', '?')}) to peer {head[0].hex()}: "
+                      f"{exc.strerror}{gone}")
             return False
         if why:
             self._log("replaced", f"answered Error instead of {type(msg).__name__}: {why}")
