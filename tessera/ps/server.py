@@ -51,7 +51,7 @@ from tessera.ps.replication import REPLACED, Replicas, Replicator, window
 from tessera.ps.server_profile import MessageCosts, profile_apply, profile_push
 from tessera.ps.snapshots import Snapshots
 from tessera.transport import wire
-from tessera.transport.endpoint import ServerEndpoint
+from tessera.transport.endpoint import ServerEndpoint, small_frames
 from tessera.transport.frames import frame_to_tensor, itemsize, torch_dtype
 from tessera.transport.shm import Shared
 
@@ -63,15 +63,6 @@ _NUMPY_BELOW = 1 << 20
 _HELD = (wire.Push, wire.Pull)
 #: The longest handling time, in seconds, a held reply waits for before it is sent.
 HOLD_S = 0.001
-
-
-def _small(frames: list) -> bool:
-    """Whether every payload frame of a request is under ZeroMQ's copy size (a push
-    whose step is quick: the replies held before it wait for it)."""
-    for frame in frames:
-        if len(frame) >= zmq.COPY_THRESHOLD:
-            return False
-    return True
 
 
 class ParameterServer:
@@ -217,7 +208,7 @@ class ParameterServer:
             got = endpoint.recv(wait=i == 0)
             if got is None:
                 return
-            if isinstance(got.msg, _HELD) and _small(got.frames):
+            if isinstance(got.msg, _HELD) and small_frames(got.frames):
                 endpoint.hold()
             else:  # (an order, a move, table rows, a large push: what is held goes first)
                 endpoint.release()

@@ -379,20 +379,25 @@ def _encode_or_error(msg: Message, frames: Sequence) -> tuple[bytes, Sequence, s
     return encode(Error(req=req, message=why)), (), why
 
 
-def _copied_if_small(frames: Sequence) -> Optional[list]:
-    """``frames`` as ``zmq.Frame`` copies (pyzmq copies a buffer under its copy size when
-    it makes a frame of it), or None when one is at least that large or is no buffer."""
+def small_frames(frames: Sequence) -> bool:
+    """Whether every frame is under ZeroMQ's copy size (one that is no buffer counts as
+    small here: sending it fails, or holding it, as it would unheld)."""
+    for part in frames:
+        if _nbytes(part) >= _COPY_BELOW:
+            return False
+    return True
+
+
+def _copied(frames: Sequence) -> Optional[list]:
+    """Small ``frames`` as ``zmq.Frame`` copies (pyzmq copies a buffer under its copy
+    size when it makes a frame of it), or None when one is no buffer."""
     kept = []
     for part in frames:
         if not isinstance(part, zmq.Frame):
-            if _nbytes(part) >= _COPY_BELOW:
-                return None
             try:
                 part = zmq.Frame(part)
             except (TypeError, ValueError):
                 return None
-        if len(part) >= _COPY_BELOW:
-            return None
         kept.append(part)
     return kept
 
@@ -594,16 +599,20 @@ class ServerEndpoint:
         While replies are held (:meth:`hold`), a small one is kept, its payload copied
         as ZeroMQ would copy it now, and True returned."""
         header, frames, why = _encode_or_error(msg, frames)
+        if self._held is not None and not small_frames(frames):
+            # A large reply goes now, through shared memory or not (its peer can start
+            # on it while the server goes on), after what is held, in order.
+            self.release()
         prefix = None
         if self._shm is not None:
             prefix, frames = self._shm_prefix(peer, frames)
         head = (peer, header) if prefix is None else (peer, prefix, header)
         if self._held is not None:
-            kept = _copied_if_small(frames)
+            kept = _copied(frames)
             if kept is not None:
                 self._held.append((head, kept, msg, why))
                 return True
-            self.release()  # (a large reply: what is held goes first, in order)
+            self.release()  # (a frame that is no buffer: what is held goes first)
         return self._send_now(head, frames, msg, why)
 
     def hold(self) -> None:
