@@ -482,8 +482,8 @@ class ServerEndpoint:
             return Received(peer, None, [], "empty message: expected a header frame")
         # (the header's buffer asked once: each ask makes a memoryview)
         head = parts[1].buffer
-        if count >= 3 and len(head) and head[0] == shm.PREFIX:  # (shm.is_prefix)
-            return self._recv_prefixed(peer, parts, count)  # a prefix, then a header
+        if count >= 3 and shm.is_prefix(head):  # a prefix is followed by a header
+            return self._recv_prefixed(peer, parts, count)
         if count > MAX_FRAMES + 2:
             return Received(peer, None, [], _too_many(count - 2), req=_req_of(parts[1]))
         try:

@@ -44,8 +44,11 @@ def tensor_to_frame(t: torch.Tensor) -> memoryview:
 
 def raw(frame):
     """A received frame's bytes: a ``zmq.Frame``'s buffer, or the frame itself (bytes, a
-    memoryview, a shared-memory view: :mod:`tessera.transport.shm`)."""
-    return frame.buffer if hasattr(frame, "buffer") else frame
+    memoryview, a shared-memory view: :mod:`tessera.transport.shm`). A buffer is taken
+    as it is, and a ``zmq.Frame`` asked once: each ask makes a new memoryview."""
+    if isinstance(frame, (bytes, memoryview)):
+        return frame
+    return getattr(frame, "buffer", frame)
 
 
 def frame_to_tensor(buf, wire_dtype: str, numel: int) -> torch.Tensor:
