@@ -165,7 +165,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
     from tessera.config.schema import OptimizerConfig
     from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.ps.sharding import partition_elems_for
-    from tessera.transport.endpoint import ServerEndpoint
+    from tessera.transport.endpoint import ServerEndpoint, close_context
 
     ctx = zmq.Context()
     max_frame = partition_elems_for(PARTITION_MB) * 4 + (1 << 20)  # as tessera.cluster.role
@@ -189,7 +189,7 @@ def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
             server.serve()
         endpoint.close()
         conn.send(dict(server.stats))
-    ctx.destroy(linger=0)
+    close_context(ctx)
 
 
 def _tessera_worker(conn, secret: str, profile_dir, batch_bytes: int = 0) -> None:

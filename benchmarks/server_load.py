@@ -93,7 +93,7 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop,
 
     from tessera.config.schema import OptimizerConfig
     from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-    from tessera.transport.endpoint import ServerEndpoint
+    from tessera.transport.endpoint import ServerEndpoint, close_context
     from tessera.transport.wire import PartitionInfo
 
     torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def _tessera_server(conn, secret: str, clients: int, elems: int, stop,
     conn.send(endpoint.address)
     server.serve()
     endpoint.close()
-    ctx.destroy(linger=0)
+    close_context(ctx)
     conn.send(dict(server.stats))
 
 

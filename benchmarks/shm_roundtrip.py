@@ -75,7 +75,7 @@ def _server(conn, rank: int, secret: str, use_shm: bool) -> None:
     from tessera.config.schema import OptimizerConfig
     from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
     from tessera.ps.sharding import partition_elems_for
-    from tessera.transport.endpoint import ServerEndpoint
+    from tessera.transport.endpoint import ServerEndpoint, close_context
 
     ctx = zmq.Context()
     max_frame = partition_elems_for(PARTITION_MB) * 4 + (1 << 20)  # as tessera.cluster.role
@@ -99,7 +99,7 @@ def _server(conn, rank: int, secret: str, use_shm: bool) -> None:
         thread.join()
         conn.send(dict(shm_in=endpoint.shm_bytes_in, shm_out=endpoint.shm_bytes_out))
         endpoint.close()
-    ctx.destroy(linger=0)
+    close_context(ctx)
 
 
 def _worker(conn, secret: str) -> None:

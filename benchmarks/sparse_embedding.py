@@ -131,7 +131,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path, shm: bool)
 
         from tessera.config.schema import OptimizerConfig
         from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-        from tessera.transport.endpoint import ServerEndpoint
+        from tessera.transport.endpoint import ServerEndpoint, close_context
         from tessera.transport.wire import TableSpec
 
         torch.set_num_threads(1)
@@ -158,7 +158,7 @@ def _tessera_server(rank: int, secret: str, conn, stop, profile_path, shm: bool)
         stats = dict(server.stats)
         stats.update(server.tables.table_stats())
         endpoint.close()
-        ctx.destroy(linger=0)
+        close_context(ctx)
         conn.send(("stats", stats))
     except BaseException:  # noqa: BLE001 - the driver shows it
         conn.send(("error", traceback.format_exc()))

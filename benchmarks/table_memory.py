@@ -85,7 +85,7 @@ def _server(name: str, secret: str, conn, stop, spec_kw: dict) -> None:
 
         from tessera.config.schema import OptimizerConfig
         from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
-        from tessera.transport.endpoint import ServerEndpoint
+        from tessera.transport.endpoint import ServerEndpoint, close_context
         from tessera.transport.wire import TableSpec
 
         torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def _server(name: str, secret: str, conn, stop, spec_kw: dict) -> None:
                  "evictions": shard.evictions, "nbytes": shard.nbytes,
                  "capacity_rows": shard.capacity.rows if shard.capacity else None}
         endpoint.close()
-        ctx.destroy(linger=0)
+        close_context(ctx)
         conn.send(("stats", stats))
     except BaseException:  # noqa: BLE001 - the driver shows it
         conn.send(("error", f"{name}: " + traceback.format_exc()))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tessera.transport.endpoint import _Auth
+from tessera.transport.endpoint import close_context
 
 #: The files that take longest (seconds on a 2-core machine, one at a time), run first.
 #: ``make test`` runs two files at once (pytest-xdist, ``--dist loadfile``: a file's tests
@@ -40,8 +40,7 @@ def pytest_collection_modifyitems(config, items):
 def ctx():
     context = zmq.Context()
     yield context
-    _Auth.stop(context)
-    context.destroy(linger=0)
+    close_context(context)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.client import PSClient
 from tessera.ps.server import ParameterServer, ServerHooks, ServerOptions
 from tessera.ps.sharding import plan_shards
-from tessera.transport.endpoint import ServerEndpoint
+from tessera.transport.endpoint import ServerEndpoint, close_context
 from tessera.transport.wire import ParamSpec
 
 U_BF16 = 2.0 ** -8
@@ -68,7 +68,7 @@ def _train(wire_dtype: str, w0: torch.Tensor, grads: list[torch.Tensor], lr: flo
         client.close()
         for ep in endpoints:
             ep.close()
-        ctx.destroy(linger=0)
+        close_context(ctx)
 
 
 def test_bf16_wire_with_fp32_master_equals_fp32_within_rounding_bound():

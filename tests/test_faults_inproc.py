@@ -22,7 +22,7 @@ from tessera.ps.client import PSClient
 from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOptions
 from tessera.ps.sharding import plan_shards
 from tessera.transport import wire
-from tessera.transport.endpoint import PeerTimeout, ServerEndpoint, _Auth
+from tessera.transport.endpoint import PeerTimeout, ServerEndpoint, close_context
 from tests.test_server_inproc import (SECRET, TIMEOUT_S, Reference, assemble, flat_of,
                                       small_model)
 
@@ -105,8 +105,7 @@ class Cluster:
             c.close()
         for ep in self.peers + self.endpoints:
             ep.close()
-        _Auth.stop(self.ctx)
-        self.ctx.destroy(linger=0)
+        close_context(self.ctx)
         self.check()
 
 

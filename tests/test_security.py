@@ -48,7 +48,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tessera.transport import wire
 from tessera.transport.endpoint import (CLIENT_MAX_FRAME_BYTES, MAX_FRAMES, RCV_HWM, AuthRefused,
-                                        ClientEndpoint, ServerEndpoint, TransportError, _keys)
+                                        ClientEndpoint, ServerEndpoint, TransportError, _keys,
+                                        close_context)
 from tests.scripts.lone_server import initial_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,6 +327,37 @@ def test_one_context_serves_secrets_apart(ctx):
             client.close()
     for server in servers.values():
         server.close()
+
+
+def test_closing_a_context_ends_its_zap_handler():
+    """Whoever owns a context that served (a job's session, the coordinator, an
+    in-process cluster) closes it with close_context: the ZAP handler thread ends
+    first. Destroying the context under it closed the sockets it polls: the thread
+    stayed alive, one per context, and now and then died with a ZMQError."""
+    from zmq.auth.thread import AuthenticationThread
+
+    def handlers() -> set:
+        return {t for t in threading.enumerate() if isinstance(t, AuthenticationThread)}
+    died, hook = [], threading.excepthook
+    threading.excepthook = died.append
+    try:
+        for secret in (PLAIN_SECRET, CURVE_SECRET) * 4:
+            before = handlers()
+            ctx = zmq.Context()
+            server = ServerEndpoint(ctx, "127.0.0.1", secret)
+            client = ClientEndpoint(ctx, server.address, secret, "server 0",
+                                    sndtimeo_s=TIMEOUT_S)
+            client.wait_connected(TIMEOUT_S)  # the handler answered for this peer
+            assert handlers() - before, "no ZAP handler ran"
+            client.close()
+            server.close()
+            t0 = time.monotonic()
+            close_context(ctx)
+            assert time.monotonic() - t0 < FAST_S
+            assert not handlers() - before, "the ZAP handler outlived its context"
+    finally:
+        threading.excepthook = hook
+    assert not died, [f"{d.thread.name}: {d.exc_value!r}" for d in died]
 
 
 @pytest.mark.parametrize("secret", ["", "curve:"])
@@ -899,7 +931,7 @@ def test_live_server_survives_hostile_messages(lone_server):
         values = _pull_all(ctx, server)
         after = server.memory_kb()
     finally:
-        ctx.destroy(linger=0)
+        close_context(ctx)
     stats = server.stop()
     answered = sum(n for kind, n in counts.items() if kind != "oversize")
     print(f"\n{answered} hostile messages answered with errors in {fuzz_s:.1f} s; "
@@ -1348,7 +1380,7 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
         if worker_pid is not None:
             os.kill(worker_pid, signal.SIGCONT)
         job.kill()
-        _Auth_stop(ctx)
+        close_context(ctx)
     answered = sum(counts.values())
     print(f"\n{answered} hostile messages refused by a live --encrypt sync server with "
           f"{len(names)} tables in {fuzz_s:.1f} s ({answered / fuzz_s:.0f}/s); by kind: {counts}; "
@@ -1368,12 +1400,6 @@ def test_whole_encrypted_sync_job_with_tables_survives_hostile_messages(tmp_path
     assert summary["pushes_acked"] == summary["pushes_applied"] \
         == JOB_STEPS * (len(parts) + len(names)), summary
     assert summary["eval_rmse"] < 1.1, summary
-
-
-def _Auth_stop(ctx) -> None:
-    from tessera.transport.endpoint import _Auth
-    _Auth.stop(ctx)
-    ctx.destroy(linger=0)
 
 
 def assert_oversize_sender_cut(sock, address: str, frames: list, wait_s: float,

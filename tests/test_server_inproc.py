@@ -30,7 +30,7 @@ from tessera.ps.server import ParameterServer, Replicas, ServerHooks, ServerOpti
 from tessera.ps.sharding import ShardMap, plan_shards
 from tessera.transport import wire
 from tessera.transport.endpoint import (AuthRefused, ClientEndpoint, PeerTimeout, ServerEndpoint,
-                                        TransportError, _Auth)
+                                        TransportError, close_context)
 
 SECRET = "test-secret-7f3a"
 #: Only failing tests ever wait this long; generous because the machine may be busy.
@@ -125,8 +125,7 @@ class InprocCluster:
         alive = [t.name for t in self.threads if t.is_alive()]
         for ep in self.endpoints + self.server_endpoints:
             ep.close()
-        _Auth.stop(self.ctx)
-        self.ctx.term()
+        close_context(self.ctx)
         assert not alive, f"{alive} did not stop within 5 s of should_stop"
         self.check()
 
@@ -1061,4 +1060,4 @@ def test_held_replies_go_in_order_with_the_values_they_were_sent_with():
     finally:
         client.close()
         server.close()
-        ctx.destroy(linger=0)
+        close_context(ctx)

@@ -16,6 +16,7 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.client import ServerError
 from tessera.ps.embedding import EmbeddingShard
 from tessera.transport import wire
+from tessera.transport.endpoint import close_context
 from tests import harness
 
 SECRET = "batch-test"
@@ -33,7 +34,7 @@ def start(mode: str, workers: int):
 
     def close():
         stack.close()
-        ctx.destroy(linger=0)
+        close_context(ctx)
     return srv, clients, close
 
 

@@ -29,6 +29,7 @@ from tessera.config.schema import OptimizerConfig
 from tessera.ps.checkpoint import CheckpointStore
 from tessera.ps.embedding import EmbeddingShard
 from tessera.ps.embedding_ids import TableError
+from tessera.transport.endpoint import close_context
 from tessera.transport.wire import TableSpec
 from tests.harness import ROOT, Job, run_cli
 
@@ -71,7 +72,7 @@ def _serve(secret: str, conn, stop, spec_kw: dict) -> None:
     conn.send({"rows": shard.num_rows, "evictions": shard.evictions,
                "capacity": shard.capacity.rows if shard.capacity else None})
     endpoint.close()
-    ctx.destroy(linger=0)
+    close_context(ctx)
 
 
 def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp_path):
@@ -127,7 +128,7 @@ def test_a_capped_server_stays_within_its_bytes_where_an_unbounded_one_grows(tmp
             s["stop"].set()
             stats[name] = s["conn"].recv() if s["conn"].poll(60) else None
             s["proc"].join(30)
-            s["ctx"].destroy(linger=0)
+            close_context(s["ctx"])
     capped = stats["capped"]
     assert capped["rows"] == capped["capacity"] and capped["evictions"] > 0, stats
     # Bounded: 100k more distinct ids into the full table add nothing but noise (the

@@ -15,6 +15,7 @@ from tessera.ps.client import ServerError
 from tessera.ps.embedding import EmbeddingShard
 from tessera.ps.embedding_ids import initial_rows
 from tessera.transport import wire
+from tessera.transport.endpoint import close_context
 from tests.harness import table_server
 
 SECRET = "table-test"
@@ -27,7 +28,7 @@ def server():
     ctx = zmq.Context()
     with table_server(ctx, [SPEC], workers=2, secret=SECRET) as (srv, _, clients):
         yield srv, clients
-    ctx.destroy(linger=0)
+    close_context(ctx)
 
 
 def test_sync_row_pushes_merge_to_the_mean_applied_once(server):
@@ -183,4 +184,4 @@ def test_rows_pulled_through_shared_memory_are_the_tables_and_pushes_step_them()
             assert client.servers[0].shm_bytes_in >= 3 * 2500 * 64 * 4  # rows came that way
             assert ep.shm_bytes_out == client.servers[0].shm_bytes_in
     finally:
-        ctx.destroy(linger=0)
+        close_context(ctx)

@@ -55,6 +55,7 @@ from tessera.errors import TesseraError, UsageError
 from tessera.ps.embedding_index import stop_fault_ahead
 from tessera.transport import wire
 from tessera.transport.address import INPROC
+from tessera.transport.endpoint import close_context
 
 #: The modes whose workers talk only to parameter servers (the others form a
 #: torch.distributed group, which needs a rendezvous address, not threads).
@@ -255,7 +256,7 @@ class InProcessJob:
             # Leave the context to the daemon threads; the process may still exit.
             self.failures.append(f"{', '.join(stuck)} did not stop within {limit_s:.0f} s")
         else:
-            self.ctx.destroy(linger=0)
+            close_context(self.ctx)
         if self.coordinator_code not in (0, None) and not failure:
             self.failures.append(f"the coordinator ended the job with code "
                                  f"{self.coordinator_code}")

@@ -138,6 +138,7 @@ def coordinator_main() -> None:
 
     from tessera.config import config_from_dict
     from tessera.config import env as envvars
+    from tessera.transport.endpoint import close_context
 
     me = envvars.Identity.from_env(envvars.process_environ(),
                                    required=(envvars.RUN_DIR, envvars.SECRET))
@@ -149,7 +150,7 @@ def coordinator_main() -> None:
     code = coord.run()
     # Its last answers (the launcher's checkpoint, a worker's Finished) go out first;
     # answers to peers that are gone are dropped at once (a ROUTER socket's way).
-    ctx.destroy(linger=1000)
+    close_context(ctx, linger_ms=1000)
     sys.stdout.flush()
     os._exit(code)
 

@@ -29,7 +29,7 @@ from tessera.config.schema import JobConfig, OptimizerConfig
 from tessera.profiler.recorder import OFF, SpanRecorder, estimate_offset
 from tessera.ps.sharding import ShardMap
 from tessera.transport import wire
-from tessera.transport.endpoint import ClientEndpoint
+from tessera.transport.endpoint import ClientEndpoint, close_context
 
 __all__ = ["Session", "NotLaunched"]
 
@@ -191,4 +191,4 @@ class Session:
         self.heartbeat.stop()
         self._coord.close()
         if self._owns_ctx:
-            self.ctx.destroy(linger=0)
+            close_context(self.ctx)

@@ -272,13 +272,44 @@ class _Auth:
             auth.domains.add(keys.domain)
 
     @classmethod
-    def stop(cls, ctx: zmq.Context) -> None:
+    def stop(cls, ctx: zmq.Context, timeout_s: float = 5.0) -> bool:
+        """End the handler thread, waiting at most ``timeout_s`` (pyzmq's own ``stop()``
+        waits forever). False if it is still running then: its sockets are left to the
+        context's ``destroy``, as they were before there was a stop."""
         auth = cls.of(ctx)
         with auth.lock:
-            thread, auth.thread = auth.thread, None
+            handler, auth.thread = auth.thread, None
             auth.domains.clear()
-        if thread is not None:
-            thread.stop()
+        if handler is None:
+            return True
+        pipe, worker = handler.pipe, handler.thread
+        if pipe is not None:
+            try:
+                pipe.send(b"TERMINATE", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            if worker is not None:
+                worker.join(timeout_s)
+                if worker.is_alive():
+                    # Nothing more to close from here: closing its sockets under a running
+                    # thread is what this stop exists to avoid. pyzmq's __del__ would join
+                    # it without a limit, so it is told there is nothing left to stop.
+                    handler.pipe = handler.thread = handler.zap_socket = None
+                    return False
+            handler.thread = None
+            pipe.close()
+            handler.pipe = None
+        zmq.auth.Authenticator.stop(handler)  # the ZAP socket, now that nobody polls it
+        return True
+
+
+def close_context(ctx: zmq.Context, linger_ms: int = 0) -> None:
+    """Destroy ``ctx`` after ending its ZAP handler thread (bounded). Destroying the
+    context under that thread closes the sockets it is polling: the thread then stays
+    alive, one per context, and may die with a ZMQError. Every owner of a context
+    that bound a server closes it here."""
+    _Auth.stop(ctx)
+    ctx.destroy(linger=linger_ms)
 
 
 def _quiet_logger():
