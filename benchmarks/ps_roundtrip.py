@@ -31,6 +31,12 @@ new values (push and pull in one round trip). Systems measured:
   which this benchmark leaves off: that pair is measured in ``shm_roundtrip.py``
   (``--rpc-channels default`` measures it here; until 2026-12-04 it was on here, against
   Tessera over TCP).
+* ``tessera_costs``: ``tessera`` with the servers' per-request CPU breakdown on
+  (``ServerOptions.cost_breakdown``): the serve thread's CPU by phase (decode, validation,
+  dedup, copy, replicate, apply, encode), printed as ``tessera_costs_server_cpu_us_per_msg``.
+  Its ~9 reads of the thread's CPU clock a request cost the server time a job's servers do
+  not spend (they run without it), so ``tessera``'s figures and ratios are taken with it
+  off, as ``server_load.py`` takes its own (until 2026-12-08 they were taken with it on).
 * ``tessera_glibc``: ``tessera`` with glibc's own malloc defaults, as before the
   launcher set its variables: a 4 MiB receive buffer freed after a push is unmapped and the
   next one faulted in again, page by page. Every process of this benchmark otherwise runs
@@ -83,7 +89,7 @@ PARTITION_MB = 4.0
 #: tessera_batched's PSClient batch_bytes ([ps] batch_kib's default).
 BATCH_BYTES = 256 * 1024
 #: The systems that run Tessera's servers and client, each in processes of its own.
-TESSERA_SYSTEMS = ("tessera", "tessera_glibc", "tessera_batched")
+TESSERA_SYSTEMS = ("tessera", "tessera_costs", "tessera_glibc", "tessera_batched")
 #: Raw pyzmq: the echo, and the echo that steps SGD.
 ZMQ_SYSTEMS = ("zmq", "zmq_sgd")
 LR = 0.01
@@ -159,7 +165,7 @@ def _breakdown(options_cls) -> dict:
 
 
 def _tessera_server(conn, rank: int, secret: str, stop, profile_dir,
-                    breakdown: bool = True) -> None:
+                    breakdown: bool = False) -> None:
     import zmq
 
     from tessera.config.schema import OptimizerConfig
@@ -524,7 +530,7 @@ class Bench:
         for s in tess:
             env = GLIBC_ENV if s == "tessera_glibc" else None
             t_servers[s] = [self.spawn(f"{s}-server{r}", _tessera_server, r, self.secret,
-                                       self.stop, a.profile, a.breakdown, env=env)
+                                       self.stop, a.profile, s == "tessera_costs", env=env)
                             for r in range(max_s)]
             t_worker[s] = self.spawn(f"{s}-worker", _tessera_worker, self.secret, a.profile,
                                      BATCH_BYTES if s == "tessera_batched" else 0, env=env)
@@ -684,7 +690,7 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
             row[field] = round(_gbps(n, r[key]), 3)
     for other in (*ZMQ_SYSTEMS, "rpc"):
         for t in TESSERA_SYSTEMS:
-            if f"{t}_gbps" in row and f"{other}_gbps" in row:
+            if t != "tessera_costs" and f"{t}_gbps" in row and f"{other}_gbps" in row:
                 row[f"{t}_vs_{other}"] = round(row[f"{t}_gbps"] / row[f"{other}_gbps"], 3)
     # Diagnostics: CPU time of each system's processes per iteration (all threads, user +
     # system), the worker's share of it, and the servers' time in the optimizer step.
@@ -700,6 +706,8 @@ def _row(a, n: int, servers: int, r: dict) -> dict:
     if "tessera_glibc_cpu_ms_per_iter" in row and "tessera_cpu_ms_per_iter" in row:
         row["glibc_cpu_vs_tessera"] = round(row["tessera_glibc_cpu_ms_per_iter"]
                                             / max(0.1, row["tessera_cpu_ms_per_iter"]), 3)
+    if "tessera_costs_gbps" in row and "tessera_gbps" in row:  # what the breakdown costs
+        row["costs_vs_tessera"] = round(row["tessera_costs_gbps"] / row["tessera_gbps"], 3)
     if "tessera_batched_gbps" in row and "tessera_gbps" in row:
         row["batched_vs_tessera"] = round(row["tessera_batched_gbps"] / row["tessera_gbps"], 3)
     row.update(timed_iters=r["timed_iters"], foreign_cpu_pct=round(r["foreign_cpu_pct"], 1),
@@ -730,9 +738,9 @@ def main(argv=None) -> int:
                          "(from the warm-up's median; 0: exactly --iters)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per case; Tessera and zmq alternate round by round")
-    ap.add_argument("--systems", default="tessera,zmq,zmq_sgd,rpc,gloo",
-                    help="comma-separated subset of tessera,tessera_glibc,tessera_batched,zmq,"
-                         "zmq_sgd,rpc,gloo")
+    ap.add_argument("--systems", default="tessera,tessera_costs,zmq,zmq_sgd,rpc,gloo",
+                    help="comma-separated subset of tessera,tessera_costs,tessera_glibc,"
+                         "tessera_batched,zmq,zmq_sgd,rpc,gloo")
     ap.add_argument("--rpc-transport", choices=("uv", "default"), default="uv",
                     help="TensorPipe's transport for rpc: TCP (uv), or its defaults (shm on "
                          "one host, which busy-polls a core per process between its turns)")
@@ -741,9 +749,6 @@ def main(argv=None) -> int:
                          "as Tessera's bytes do here), or TensorPipe's defaults (on one host "
                          "cross-memory attach, a same-host path: compare it with Tessera's, "
                          "shm_roundtrip.py)")
-    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                    help="servers without the per-request CPU breakdown (its clock reads cost "
-                         "~10-40 us per request: they matter with small partitions)")
     ap.add_argument("--partition-mb", type=float, default=PARTITION_MB,
                     help=f"partition size in MiB (default {PARTITION_MB}, as tessera run)")
     ap.add_argument("--timeout", type=float, default=230.0, help="hard limit for the whole run, s")
