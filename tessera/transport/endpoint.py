@@ -272,16 +272,16 @@ class _Auth:
             auth.domains.add(keys.domain)
 
     @classmethod
-    def stop(cls, ctx: zmq.Context, timeout_s: float = 5.0) -> bool:
+    def stop(cls, ctx: zmq.Context, timeout_s: float = 5.0) -> None:
         """End the handler thread, waiting at most ``timeout_s`` (pyzmq's own ``stop()``
-        waits forever). False if it is still running then: its sockets are left to the
-        context's ``destroy``, as they were before there was a stop."""
+        waits forever). A thread still running then keeps its sockets: they are left to
+        the context's ``destroy``, as they were before there was a stop."""
         auth = cls.of(ctx)
         with auth.lock:
             handler, auth.thread = auth.thread, None
             auth.domains.clear()
         if handler is None:
-            return True
+            return
         pipe, worker = handler.pipe, handler.thread
         if pipe is not None:
             try:
@@ -295,12 +295,11 @@ class _Auth:
                     # thread is what this stop exists to avoid. pyzmq's __del__ would join
                     # it without a limit, so it is told there is nothing left to stop.
                     handler.pipe = handler.thread = handler.zap_socket = None
-                    return False
+                    return
             handler.thread = None
             pipe.close()
             handler.pipe = None
         zmq.auth.Authenticator.stop(handler)  # the ZAP socket, now that nobody polls it
-        return True
 
 
 def close_context(ctx: zmq.Context, linger_ms: int = 0) -> None:
